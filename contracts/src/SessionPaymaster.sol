@@ -1,0 +1,146 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.28;
+
+import "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
+import "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
+import "entrypoint/core/BasePaymaster.sol";
+import "entrypoint/core/Helpers.sol";
+import "entrypoint/core/UserOperationLib.sol";
+
+/**
+ * @title SessionPaymaster
+ * @notice Verifying paymaster for session-paymaster: pays for a user operation when one of its
+ *         signers (the off-chain service) signed it for a validity window.
+ *
+ * The same source builds against EntryPoint v0.7 and v0.8: `entrypoint/` is remapped per
+ * Foundry profile (see foundry.toml).
+ *
+ * paymasterAndData layout (129 bytes, DESIGN §3):
+ *   [0:20]   paymaster address
+ *   [20:36]  paymasterVerificationGasLimit (uint128)
+ *   [36:52]  paymasterPostOpGasLimit       (uint128)
+ *   [52:58]  validUntil (uint48)
+ *   [58:64]  validAfter (uint48)
+ *   [64:129] signature (r, s, v) over toEthSignedMessageHash(getHash(op, validUntil, validAfter))
+ *
+ * ERC-7562: validation reads `isSigner`, a storage slot of this contract that is not associated
+ * with the sender. Bundlers accept that only from a staked paymaster, so production deployments
+ * must `addStake` (see docs/operations.md).
+ */
+contract SessionPaymaster is BasePaymaster {
+
+    uint256 private constant VALID_UNTIL_OFFSET = PAYMASTER_DATA_OFFSET; // 52
+    uint256 private constant VALID_AFTER_OFFSET = VALID_UNTIL_OFFSET + 6; // 58
+    uint256 private constant SIGNATURE_OFFSET = VALID_AFTER_OFFSET + 6; // 64
+    uint256 private constant SIGNATURE_LENGTH = 65;
+    /// @notice Exact length of a well-formed paymasterAndData for this paymaster.
+    uint256 public constant PAYMASTER_AND_DATA_LENGTH = SIGNATURE_OFFSET + SIGNATURE_LENGTH; // 129
+
+    /// @notice Addresses whose signatures this paymaster honours.
+    mapping(address => bool) public isSigner;
+
+    /// @notice A signer was authorised.
+    event SignerAdded(address indexed signer);
+    /// @notice A signer was de-authorised.
+    event SignerRemoved(address indexed signer);
+
+    /// @notice paymasterAndData is not exactly PAYMASTER_AND_DATA_LENGTH bytes long.
+    error InvalidPaymasterDataLength(uint256 length);
+    /// @notice The zero address can never be a signer (ecrecover failures yield it).
+    error InvalidSigner();
+
+    /**
+     * @param _entryPoint the EntryPoint this paymaster serves.
+     * @param _owner      manages signers, stake and deposit. Explicit (not msg.sender) so that a
+     *                    deterministic CREATE2 deployment does not leave the deployer proxy as owner.
+     * @param _signers    initial signer set.
+     */
+    constructor(IEntryPoint _entryPoint, address _owner, address[] memory _signers) BasePaymaster(_entryPoint) {
+        _transferOwnership(_owner);
+        for (uint256 i = 0; i < _signers.length; i++) {
+            _addSigner(_signers[i]);
+        }
+    }
+
+    /// @notice Authorise `signer` (owner only). Used to rotate keys without redeploying.
+    function addSigner(address signer) external onlyOwner {
+        _addSigner(signer);
+    }
+
+    /// @notice De-authorise `signer` (owner only). Signatures it made stop validating at once.
+    function removeSigner(address signer) external onlyOwner {
+        if (isSigner[signer]) {
+            isSigner[signer] = false;
+            emit SignerRemoved(signer);
+        }
+    }
+
+    function _addSigner(address signer) internal {
+        if (signer == address(0)) revert InvalidSigner();
+        if (!isSigner[signer]) {
+            isSigner[signer] = true;
+            emit SignerAdded(signer);
+        }
+    }
+
+    /**
+     * @notice The hash the service signs (EIP-191 prefixed) for `userOp` and a validity window.
+     * Same construction as eth-infinitism's VerifyingPaymaster; it covers every op field except
+     * the paymaster data itself (which carries the signature) and binds chain and paymaster.
+     */
+    function getHash(PackedUserOperation calldata userOp, uint48 validUntil, uint48 validAfter)
+        public
+        view
+        returns (bytes32)
+    {
+        return keccak256(
+            abi.encode(
+                userOp.sender,
+                userOp.nonce,
+                keccak256(userOp.initCode),
+                keccak256(userOp.callData),
+                userOp.accountGasLimits,
+                uint256(bytes32(userOp.paymasterAndData[PAYMASTER_VALIDATION_GAS_OFFSET:PAYMASTER_DATA_OFFSET])),
+                userOp.preVerificationGas,
+                userOp.gasFees,
+                block.chainid,
+                address(this),
+                validUntil,
+                validAfter
+            )
+        );
+    }
+
+    /// @notice Split paymasterAndData into its validity window and signature; reverts on a bad length.
+    function parsePaymasterAndData(bytes calldata paymasterAndData)
+        public
+        pure
+        returns (uint48 validUntil, uint48 validAfter, bytes calldata signature)
+    {
+        if (paymasterAndData.length != PAYMASTER_AND_DATA_LENGTH) {
+            revert InvalidPaymasterDataLength(paymasterAndData.length);
+        }
+        validUntil = uint48(bytes6(paymasterAndData[VALID_UNTIL_OFFSET:VALID_AFTER_OFFSET]));
+        validAfter = uint48(bytes6(paymasterAndData[VALID_AFTER_OFFSET:SIGNATURE_OFFSET]));
+        signature = paymasterAndData[SIGNATURE_OFFSET:];
+    }
+
+    /**
+     * A bad signature never reverts: it returns SIG_VALIDATION_FAILED packed with the window, so
+     * that gas estimation with the service's stub signature takes the same path (ERC-7677 stub
+     * data) and bundlers can tell a signature failure from a malformed op.
+     */
+    function _validatePaymasterUserOp(PackedUserOperation calldata userOp, bytes32, uint256)
+        internal
+        view
+        override
+        returns (bytes memory context, uint256 validationData)
+    {
+        (uint48 validUntil, uint48 validAfter, bytes calldata signature) =
+            parsePaymasterAndData(userOp.paymasterAndData);
+        bytes32 hash = MessageHashUtils.toEthSignedMessageHash(getHash(userOp, validUntil, validAfter));
+        (address recovered, ECDSA.RecoverError err,) = ECDSA.tryRecover(hash, signature);
+        bool failed = err != ECDSA.RecoverError.NoError || !isSigner[recovered];
+        return ("", _packValidationData(failed, validUntil, validAfter));
+    }
+}

@@ -1,0 +1,333 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.28;
+
+import "@openzeppelin/contracts/access/Ownable.sol";
+import "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
+import "entrypoint/interfaces/IEntryPoint.sol";
+import "../src/SessionPaymaster.sol";
+import "./TestBase.sol";
+
+interface ISimpleAccountFactory {
+    function createAccount(address owner, uint256 salt) external returns (address);
+    function getAddress(address owner, uint256 salt) external view returns (address);
+}
+
+interface ISimpleAccount {
+    function execute(address dest, uint256 value, bytes calldata func) external;
+}
+
+contract Counter {
+    mapping(address => uint256) public count;
+
+    function increment() external {
+        count[msg.sender] += 1;
+    }
+}
+
+/// Runs against the real EntryPoint (deployed from the official npm artifacts) of the version the
+/// Foundry profile selects: `forge test` for v0.7, `FOUNDRY_PROFILE=v08 forge test` for v0.8.
+contract SessionPaymasterTest is TestBase {
+    /// Mirrors `PAYMASTER_VERIFICATION_GAS` in src/userop/paymaster_data.rs.
+    uint128 internal constant PM_VERIFICATION_GAS = 40_000;
+    bytes32 internal constant USER_OPERATION_EVENT =
+        keccak256("UserOperationEvent(bytes32,address,address,uint256,bool,uint256,uint256)");
+
+    uint256 internal constant SIGNER_KEY = 0x5E55;
+    uint256 internal constant OTHER_KEY = 0xBAD;
+    uint256 internal constant ACCOUNT_OWNER_KEY = 0xA11CE;
+    address internal constant PM_OWNER = address(0x0DD);
+    address payable internal constant BUNDLER = payable(address(0xB0D1E5));
+
+    IEntryPoint internal ep;
+    ISimpleAccountFactory internal factory;
+    SessionPaymaster internal pm;
+    Counter internal counter;
+
+    function setUp() public {
+        vm.warp(1_700_000_000);
+        ep = IEntryPoint(deploy(artifact("EntryPoint")));
+        factory = ISimpleAccountFactory(deploy(abi.encodePacked(artifact("SimpleAccountFactory"), abi.encode(ep))));
+        address[] memory signers = new address[](1);
+        signers[0] = vm.addr(SIGNER_KEY);
+        pm = new SessionPaymaster(ep, PM_OWNER, signers);
+        vm.deal(address(this), 100 ether);
+        pm.deposit{value: 10 ether}();
+        counter = new Counter();
+    }
+
+    // ---------------------------------------------------------------- helpers
+
+    function _op() internal view returns (PackedUserOperation memory op) {
+        address owner = vm.addr(ACCOUNT_OWNER_KEY);
+        op.sender = factory.getAddress(owner, 0);
+        op.nonce = 0;
+        op.initCode = abi.encodePacked(address(factory), abi.encodeCall(ISimpleAccountFactory.createAccount, (owner, 0)));
+        op.callData = abi.encodeCall(ISimpleAccount.execute, (address(counter), 0, abi.encodeCall(Counter.increment, ())));
+        op.accountGasLimits = _pack(600_000, 100_000);
+        op.preVerificationGas = 60_000;
+        op.gasFees = _pack(1 gwei, 2 gwei);
+        op.paymasterAndData = _pmData(PM_VERIFICATION_GAS, 0, 0, 0, new bytes(65));
+    }
+
+    function _pack(uint256 hi, uint256 lo) internal pure returns (bytes32) {
+        return bytes32((hi << 128) | lo);
+    }
+
+    function _pmData(uint128 vgl, uint128 postOp, uint48 validUntil, uint48 validAfter, bytes memory sig)
+        internal
+        view
+        returns (bytes memory)
+    {
+        return abi.encodePacked(address(pm), vgl, postOp, validUntil, validAfter, sig);
+    }
+
+    /// What the off-chain service does: sign getHash with an EIP-191 prefix.
+    function _sponsor(PackedUserOperation memory op, uint48 validUntil, uint48 validAfter, uint256 key)
+        internal
+        view
+    {
+        op.paymasterAndData =
+            _pmData(uint128(bytes16(_slice(op.paymasterAndData, 20, 16))), 0, validUntil, validAfter, new bytes(65));
+        bytes32 digest = MessageHashUtils.toEthSignedMessageHash(pm.getHash(op, validUntil, validAfter));
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(key, digest);
+        op.paymasterAndData = abi.encodePacked(_slice(op.paymasterAndData, 0, 64), r, s, v);
+    }
+
+    /// validAfter lies in the past: v0.8 requires `block.timestamp > validAfter` (v0.7 `>=`).
+    function _sponsor(PackedUserOperation memory op) internal view {
+        _sponsor(op, uint48(block.timestamp + 600), uint48(block.timestamp - 60), SIGNER_KEY);
+    }
+
+    /// What the account owner does. v0.7 SimpleAccount checks an EIP-191 signature of the
+    /// userOpHash; v0.8 SimpleAccount the raw (EIP-712) userOpHash.
+    function _signAccount(PackedUserOperation memory op) internal view {
+        bytes32 h = ep.getUserOpHash(op);
+        if (!isV08()) h = MessageHashUtils.toEthSignedMessageHash(h);
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(ACCOUNT_OWNER_KEY, h);
+        op.signature = abi.encodePacked(r, s, v);
+    }
+
+    function _handle(PackedUserOperation memory op) internal {
+        PackedUserOperation[] memory ops = new PackedUserOperation[](1);
+        ops[0] = op;
+        vm.prank(BUNDLER, BUNDLER);
+        ep.handleOps(ops, BUNDLER);
+    }
+
+    function _expectFailedOp(string memory reason) internal {
+        vm.expectRevert(abi.encodeWithSelector(IEntryPoint.FailedOp.selector, 0, reason));
+    }
+
+    function _slice(bytes memory b, uint256 start, uint256 len) internal pure returns (bytes memory out) {
+        out = new bytes(len);
+        for (uint256 i = 0; i < len; i++) {
+            out[i] = b[start + i];
+        }
+    }
+
+    function _validationData(bool failed, uint48 validUntil, uint48 validAfter) internal pure returns (uint256) {
+        return (failed ? 1 : 0) | (uint256(validUntil) << 160) | (uint256(validAfter) << 208);
+    }
+
+    // ---------------------------------------------------------------- handleOps, end to end
+
+    function test_validSignature_paysAndExecutes() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op);
+        _signAccount(op);
+        uint256 depositBefore = pm.getDeposit();
+
+        vm.recordLogs();
+        _handle(op);
+
+        vm.assertEq(counter.count(op.sender), 1, "call executed");
+        Vm.Log[] memory logs = vm.getRecordedLogs();
+        bool seen;
+        for (uint256 i = 0; i < logs.length; i++) {
+            if (logs[i].emitter != address(ep) || logs[i].topics[0] != USER_OPERATION_EVENT) continue;
+            seen = true;
+            vm.assertEq(logs[i].topics[1], ep.getUserOpHash(op), "userOpHash");
+            vm.assertEq(address(uint160(uint256(logs[i].topics[3]))), address(pm), "paymaster");
+            (, bool success, uint256 actualGasCost,) = abi.decode(logs[i].data, (uint256, bool, uint256, uint256));
+            vm.assertTrue(success, "op succeeded");
+            vm.assertEq(depositBefore - pm.getDeposit(), actualGasCost, "paymaster paid actualGasCost");
+        }
+        vm.assertTrue(seen, "UserOperationEvent emitted");
+    }
+
+    function test_wrongSigner_AA34() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op, uint48(block.timestamp + 600), uint48(block.timestamp - 60), OTHER_KEY);
+        _signAccount(op);
+        _expectFailedOp("AA34 signature error");
+        _handle(op);
+    }
+
+    function test_tamperedFields_AA34() public {
+        for (uint256 field = 0; field < 8; field++) {
+            PackedUserOperation memory op = _op();
+            _sponsor(op);
+            if (field == 0) op.callData[op.callData.length - 1] ^= 0x01;
+            else if (field == 1) op.nonce = 1 << 64; // another nonce key, still a valid nonce
+            else if (field == 2) op.accountGasLimits = _pack(600_001, 100_000);
+            else if (field == 3) op.accountGasLimits = _pack(600_000, 100_001);
+            else if (field == 4) op.gasFees = _pack(1 gwei, 2 gwei + 1);
+            else if (field == 5) op.preVerificationGas += 1;
+            else if (field == 6) op.paymasterAndData[35] ^= 0x01; // paymasterVerificationGasLimit
+            else op.paymasterAndData[57] ^= 0x01; // validUntil
+            _signAccount(op); // the account owner re-signs: only the paymaster signature is stale
+            _expectFailedOp("AA34 signature error");
+            _handle(op);
+        }
+    }
+
+    function test_expired_AA32() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op, uint48(block.timestamp - 1), uint48(block.timestamp - 600), SIGNER_KEY);
+        _signAccount(op);
+        _expectFailedOp("AA32 paymaster expired or not due");
+        _handle(op);
+    }
+
+    function test_notYetValid_AA32() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op, uint48(block.timestamp + 600), uint48(block.timestamp + 60), SIGNER_KEY);
+        _signAccount(op);
+        _expectFailedOp("AA32 paymaster expired or not due");
+        _handle(op);
+    }
+
+    // ---------------------------------------------------------------- validatePaymasterUserOp directly
+
+    function test_validationData_carriesWindow() public {
+        uint48 until = uint48(block.timestamp + 300);
+        uint48 afterTs = uint48(block.timestamp - 5);
+        PackedUserOperation memory op = _op();
+        _sponsor(op, until, afterTs, SIGNER_KEY);
+        vm.prank(address(ep));
+        (bytes memory context, uint256 data) = pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
+        vm.assertEq(context.length, 0, "no context: no postOp");
+        vm.assertEq(data, _validationData(false, until, afterTs), "valid, with window");
+
+        _sponsor(op, until, afterTs, OTHER_KEY);
+        vm.prank(address(ep));
+        (, data) = pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
+        vm.assertEq(data, _validationData(true, until, afterTs), "sig failure, window kept");
+    }
+
+    function test_garbageSignature_failsWithoutRevert() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op);
+        bytes memory pmd = op.paymasterAndData;
+        for (uint256 i = 64; i < 129; i++) pmd[i] = 0xff; // s above n/2, v = 255: tryRecover errors
+        vm.prank(address(ep));
+        (, uint256 data) = pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
+        vm.assertEq(data & 1, 1, "SIG_VALIDATION_FAILED");
+    }
+
+    function test_onlyEntryPointValidates() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op);
+        vm.expectRevert(bytes("Sender not EntryPoint"));
+        pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
+    }
+
+    function test_malformedLengths_revert() public {
+        uint256[5] memory lengths = [uint256(52), 64, 128, 130, 200];
+        for (uint256 i = 0; i < lengths.length; i++) {
+            PackedUserOperation memory op = _op();
+            _sponsor(op);
+            bytes memory pmd = new bytes(lengths[i]);
+            for (uint256 j = 0; j < lengths[i] && j < 129; j++) pmd[j] = op.paymasterAndData[j];
+            op.paymasterAndData = pmd;
+            bytes memory err = abi.encodeWithSelector(SessionPaymaster.InvalidPaymasterDataLength.selector, lengths[i]);
+
+            vm.prank(address(ep));
+            vm.expectRevert(err);
+            pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
+
+            _signAccount(op);
+            vm.expectRevert(abi.encodeWithSelector(IEntryPoint.FailedOpWithRevert.selector, 0, "AA33 reverted", err));
+            _handle(op);
+        }
+    }
+
+    // ---------------------------------------------------------------- signer set
+
+    function test_signerRotation() public {
+        address newSigner = vm.addr(OTHER_KEY);
+        vm.prank(PM_OWNER);
+        pm.addSigner(newSigner);
+        vm.assertTrue(pm.isSigner(newSigner), "new signer added");
+        vm.prank(PM_OWNER);
+        pm.removeSigner(vm.addr(SIGNER_KEY));
+        vm.assertFalse(pm.isSigner(vm.addr(SIGNER_KEY)), "old signer removed");
+
+        PackedUserOperation memory op = _op();
+        _sponsor(op); // old key
+        _signAccount(op);
+        _expectFailedOp("AA34 signature error");
+        _handle(op);
+
+        _sponsor(op, uint48(block.timestamp + 600), uint48(block.timestamp - 60), OTHER_KEY);
+        _signAccount(op);
+        _handle(op);
+        vm.assertEq(counter.count(op.sender), 1, "new signer's op executed");
+    }
+
+    function test_onlyOwnerManagesSigners() public {
+        address stranger = address(0x5157);
+        vm.prank(stranger);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, stranger));
+        pm.addSigner(stranger);
+        vm.prank(stranger);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, stranger));
+        pm.removeSigner(vm.addr(SIGNER_KEY));
+        vm.prank(PM_OWNER);
+        vm.expectRevert(SessionPaymaster.InvalidSigner.selector);
+        pm.addSigner(address(0));
+        vm.assertEq(pm.owner(), PM_OWNER, "owner is the constructor argument, not the deployer");
+    }
+
+    // ---------------------------------------------------------------- deposit
+
+    function test_depositAndWithdraw() public {
+        uint256 before = pm.getDeposit();
+        pm.deposit{value: 1 ether}();
+        vm.assertEq(pm.getDeposit(), before + 1 ether, "deposit credited");
+
+        address payable to = payable(address(0x7E57));
+        vm.prank(PM_OWNER);
+        pm.withdrawTo(to, 0.5 ether);
+        vm.assertEq(to.balance, 0.5 ether, "withdrawn to recipient");
+        vm.assertEq(pm.getDeposit(), before + 0.5 ether, "deposit debited");
+
+        vm.prank(to);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, to));
+        pm.withdrawTo(to, 0.1 ether);
+    }
+
+    // ---------------------------------------------------------------- gas
+
+    /// validatePaymasterUserOp gas, cold storage, for callData of 0 B .. 16 KiB (hashing it is
+    /// the only part that grows). The service's default paymasterVerificationGasLimit must cover
+    /// the largest with margin; `forge test -vv --match-test Gas` prints the measurements.
+    function test_validationGas_fitsServiceDefault() public {
+        uint256[4] memory sizes = [uint256(16384), 4096, 1024, 0]; // largest first: measured cold
+        for (uint256 i = 0; i < sizes.length; i++) {
+            PackedUserOperation memory op = _op();
+            op.callData = new bytes(sizes[i]);
+            _sponsor(op);
+            vm.prank(address(ep));
+            uint256 start = gasleft();
+            pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
+            uint256 used = start - gasleft();
+            emit ValidationGas(sizes[i], used);
+            vm.assertLt(used, PM_VERIFICATION_GAS, "validation gas under the service default");
+        }
+    }
+
+    event ValidationGas(uint256 callDataBytes, uint256 gasUsed);
+
+    receive() external payable {}
+}
