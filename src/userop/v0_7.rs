@@ -1,0 +1,309 @@
+//! The v0.7 user operation (also used by v0.8): RPC form, parsing and packing.
+//!
+//! RPC form fields per ERC-4337 (`eth_sendUserOperation` for v0.7): `sender, nonce, factory,
+//! factoryData, callData, callGasLimit, verificationGasLimit, preVerificationGas, maxFeePerGas,
+//! maxPriorityFeePerGas, paymaster, paymasterVerificationGasLimit, paymasterPostOpGasLimit,
+//! paymasterData, signature`. ERC-7677 stub requests may omit gas and fee fields (viem sends
+//! `0x0` or nothing before estimation), so those default to zero here and the signing methods
+//! check them with [`UserOperation::require_gas_limits`].
+
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::sol;
+use serde_json::Value;
+
+use super::paymaster_data::PaymasterGas;
+use crate::wire::{self, FieldError};
+
+sol! {
+    /// The packed user operation the v0.7 and v0.8 EntryPoints take (`PackedUserOperation.sol`).
+    #[derive(Debug, PartialEq, Eq)]
+    struct PackedUserOperation {
+        address sender;
+        uint256 nonce;
+        bytes initCode;
+        bytes callData;
+        bytes32 accountGasLimits;
+        uint256 preVerificationGas;
+        bytes32 gasFees;
+        bytes paymasterAndData;
+        bytes signature;
+    }
+}
+
+/// A user operation in the RPC (unpacked) form, parsed and typed.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct UserOperation {
+    /// The smart account.
+    pub sender: Address,
+    /// 192-bit key ‖ 64-bit sequence.
+    pub nonce: U256,
+    /// Account factory for a counterfactual account, with its calldata.
+    pub factory: Option<Address>,
+    /// Calldata for `factory` (empty without one).
+    pub factory_data: Bytes,
+    /// What the EntryPoint calls on the account.
+    pub call_data: Bytes,
+    /// Gas for the account's execution call.
+    pub call_gas_limit: u128,
+    /// Gas for the account's validation (and deployment).
+    pub verification_gas_limit: u128,
+    /// Gas paid to the bundler for overhead.
+    pub pre_verification_gas: U256,
+    /// EIP-1559 fee cap.
+    pub max_fee_per_gas: u128,
+    /// EIP-1559 tip cap.
+    pub max_priority_fee_per_gas: u128,
+    /// The paymaster fields the client sent (stub or stale); ignored when we sign our own.
+    pub paymaster: Option<PaymasterFields>,
+    /// The account's signature (a placeholder until the user signs).
+    pub signature: Bytes,
+}
+
+/// The paymaster part of a v0.7 operation.
+#[derive(Debug, Clone, PartialEq, Eq, Default)]
+pub struct PaymasterFields {
+    /// Paymaster contract.
+    pub paymaster: Address,
+    /// Gas limits the EntryPoint gives the paymaster.
+    pub gas: PaymasterGas,
+    /// Paymaster-specific data after the static fields.
+    pub data: Bytes,
+}
+
+impl UserOperation {
+    /// Parse the RPC form. Unknown fields are ignored (clients add their own, e.g. `eip7702Auth`
+    /// or a dummy `signature`); every error names the field.
+    pub fn from_json(value: &Value) -> Result<Self, FieldError> {
+        let obj = value
+            .as_object()
+            .ok_or_else(|| FieldError::invalid("userOp", "expected a JSON object"))?;
+        let q128 = |field: &str| -> Result<u128, FieldError> {
+            wire::optional(obj, field).map_or(Ok(0), |v| wire::quantity_u128(field, v))
+        };
+        let data = |field: &str| -> Result<Bytes, FieldError> {
+            wire::optional(obj, field).map_or(Ok(Bytes::new()), |v| wire::data(field, v))
+        };
+
+        let factory = match wire::optional(obj, "factory") {
+            None => None,
+            Some(v) => {
+                let bytes = wire::data("factory", v)?;
+                match bytes.len() {
+                    0 => None,
+                    // ERC-7702 marker `0x7702` (v0.8): the packing of such initCode differs
+                    // between clients, so we refuse it rather than sign a hash that may not match.
+                    20 => Some(Address::from_slice(&bytes)),
+                    n => {
+                        return Err(FieldError::invalid(
+                            "factory",
+                            format!("expected a 20-byte address, got {n} bytes (EIP-7702 operations are not supported)"),
+                        ));
+                    }
+                }
+            }
+        };
+        let factory_data = data("factoryData")?;
+        if factory.is_none() && !factory_data.is_empty() {
+            return Err(FieldError::invalid("factoryData", "set without `factory`"));
+        }
+
+        let paymaster = match wire::optional(obj, "paymaster") {
+            None => None,
+            Some(v) => Some(PaymasterFields {
+                paymaster: wire::address("paymaster", v)?,
+                gas: PaymasterGas {
+                    verification: q128("paymasterVerificationGasLimit")?,
+                    post_op: q128("paymasterPostOpGasLimit")?,
+                },
+                data: data("paymasterData")?,
+            }),
+        };
+
+        Ok(Self {
+            sender: wire::address("sender", wire::required(obj, "sender")?)?,
+            nonce: wire::quantity("nonce", wire::required(obj, "nonce")?, 256)?,
+            factory,
+            factory_data,
+            call_data: wire::data("callData", wire::required(obj, "callData")?)?,
+            call_gas_limit: q128("callGasLimit")?,
+            verification_gas_limit: q128("verificationGasLimit")?,
+            pre_verification_gas: wire::optional(obj, "preVerificationGas")
+                .map_or(Ok(U256::ZERO), |v| wire::quantity("preVerificationGas", v, 256))?,
+            max_fee_per_gas: q128("maxFeePerGas")?,
+            max_priority_fee_per_gas: q128("maxPriorityFeePerGas")?,
+            paymaster,
+            signature: data("signature")?,
+        })
+    }
+
+    /// Final paymaster data commits to every gas and fee field, so they must be set before we
+    /// sign it; ERC-7677 stub requests are exempt (they come before estimation).
+    pub fn require_gas_limits(&self) -> Result<(), FieldError> {
+        let zero = |field: &str| {
+            Err(FieldError::invalid(
+                field,
+                "zero or missing: set gas limits and fees before asking for final paymaster data \
+                 (estimate with pm_getPaymasterStubData first)",
+            ))
+        };
+        if self.verification_gas_limit == 0 {
+            return zero("verificationGasLimit");
+        }
+        if self.call_gas_limit == 0 {
+            return zero("callGasLimit");
+        }
+        if self.pre_verification_gas.is_zero() {
+            return zero("preVerificationGas");
+        }
+        if self.max_fee_per_gas == 0 {
+            return zero("maxFeePerGas");
+        }
+        if self.max_priority_fee_per_gas > self.max_fee_per_gas {
+            return Err(FieldError::invalid("maxPriorityFeePerGas", "exceeds maxFeePerGas"));
+        }
+        Ok(())
+    }
+
+    /// `factory ‖ factoryData`, empty for a deployed account.
+    pub fn init_code(&self) -> Bytes {
+        match self.factory {
+            None => Bytes::new(),
+            Some(factory) => [factory.as_slice(), &self.factory_data].concat().into(),
+        }
+    }
+
+    /// `verificationGasLimit(16) ‖ callGasLimit(16)`.
+    pub fn account_gas_limits(&self) -> B256 {
+        pack_u128s(self.verification_gas_limit, self.call_gas_limit)
+    }
+
+    /// `maxPriorityFeePerGas(16) ‖ maxFeePerGas(16)`.
+    pub fn gas_fees(&self) -> B256 {
+        pack_u128s(self.max_priority_fee_per_gas, self.max_fee_per_gas)
+    }
+
+    /// Worst-case cost in wei if sponsored with `gas` (DESIGN §3): what the ledger reserves.
+    pub fn max_cost(&self, gas: PaymasterGas) -> U256 {
+        let total_gas = self.pre_verification_gas
+            + U256::from(self.verification_gas_limit)
+            + U256::from(self.call_gas_limit)
+            + U256::from(gas.verification)
+            + U256::from(gas.post_op);
+        total_gas.saturating_mul(U256::from(self.max_fee_per_gas))
+    }
+
+    /// The packed form, with `paymaster` in place of the client's paymaster fields.
+    pub fn pack(&self, paymaster: Option<&PaymasterFields>) -> PackedUserOperation {
+        let paymaster = paymaster.or(self.paymaster.as_ref());
+        PackedUserOperation {
+            sender: self.sender,
+            nonce: self.nonce,
+            initCode: self.init_code(),
+            callData: self.call_data.clone(),
+            accountGasLimits: self.account_gas_limits(),
+            preVerificationGas: self.pre_verification_gas,
+            gasFees: self.gas_fees(),
+            paymasterAndData: paymaster.map_or_else(Bytes::new, PaymasterFields::pack),
+            signature: self.signature.clone(),
+        }
+    }
+}
+
+impl PaymasterFields {
+    /// `paymaster(20) ‖ verificationGasLimit(16) ‖ postOpGasLimit(16) ‖ data`.
+    pub fn pack(&self) -> Bytes {
+        let mut out = Vec::with_capacity(52 + self.data.len());
+        out.extend_from_slice(self.paymaster.as_slice());
+        out.extend_from_slice(&self.gas.verification.to_be_bytes());
+        out.extend_from_slice(&self.gas.post_op.to_be_bytes());
+        out.extend_from_slice(&self.data);
+        out.into()
+    }
+}
+
+/// `hi(16) ‖ lo(16)` as the EntryPoint packs gas limits and fees.
+pub(crate) fn pack_u128s(hi: u128, lo: u128) -> B256 {
+    let mut out = [0u8; 32];
+    out[..16].copy_from_slice(&hi.to_be_bytes());
+    out[16..].copy_from_slice(&lo.to_be_bytes());
+    B256::from(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn sample() -> Value {
+        json!({
+            "sender": "0x1111111111111111111111111111111111111111",
+            "nonce": "0x0",
+            "factory": "0x2222222222222222222222222222222222222222",
+            "factoryData": "0xdeadbeef",
+            "callData": "0xb61d27f6",
+            "callGasLimit": "0x186a0",
+            "verificationGasLimit": "0x30d40",
+            "preVerificationGas": "0xc350",
+            "maxFeePerGas": "0x77359400",
+            "maxPriorityFeePerGas": "0x3b9aca00",
+            "signature": "0x",
+            "eip7702Auth": null,
+            "someWalletField": {"x": 1}
+        })
+    }
+
+    #[test]
+    fn parses_rpc_form_and_packs() -> Result<(), FieldError> {
+        let op = UserOperation::from_json(&sample())?;
+        assert_eq!(op.call_gas_limit, 100_000);
+        assert_eq!(op.verification_gas_limit, 200_000);
+        let packed = op.pack(None);
+        assert_eq!(&packed.initCode[..20], &[0x22; 20]);
+        assert_eq!(&packed.initCode[20..], &[0xde, 0xad, 0xbe, 0xef]);
+        assert_eq!(packed.accountGasLimits, pack_u128s(200_000, 100_000));
+        assert_eq!(packed.gasFees, pack_u128s(1_000_000_000, 2_000_000_000));
+        assert!(packed.paymasterAndData.is_empty());
+        op.require_gas_limits()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        for (field, bad) in [
+            ("sender", json!("0x12")),
+            ("nonce", json!(5)),
+            ("callData", json!("0xabc")),
+            ("callGasLimit", json!("100")),
+            ("maxFeePerGas", json!(format!("0x1{}", "0".repeat(32)))),
+            ("factory", json!("0x7702")),
+            ("paymaster", json!("0x")),
+        ] {
+            let mut v = sample();
+            v[field] = bad;
+            let err = UserOperation::from_json(&v).unwrap_err();
+            assert_eq!(err.field(), field, "{err}");
+        }
+        let mut v = sample();
+        v.as_object_mut().map(|o| o.remove("sender"));
+        assert_eq!(UserOperation::from_json(&v).unwrap_err(), FieldError::Missing("sender".into()));
+    }
+
+    #[test]
+    fn stub_requests_may_omit_gas_but_signing_may_not() -> Result<(), FieldError> {
+        let mut v = sample();
+        for f in ["callGasLimit", "verificationGasLimit", "preVerificationGas", "maxFeePerGas"] {
+            v.as_object_mut().map(|o| o.remove(f));
+        }
+        let op = UserOperation::from_json(&v)?;
+        assert_eq!(op.require_gas_limits().unwrap_err().field(), "verificationGasLimit");
+        Ok(())
+    }
+
+    #[test]
+    fn max_cost_sums_every_gas_field() -> Result<(), FieldError> {
+        let op = UserOperation::from_json(&sample())?;
+        let gas = PaymasterGas { verification: 40_000, post_op: 0 };
+        let expected = U256::from(50_000u64 + 200_000 + 100_000 + 40_000) * U256::from(2_000_000_000u64);
+        assert_eq!(op.max_cost(gas), expected);
+        Ok(())
+    }
+}
