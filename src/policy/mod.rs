@@ -1,0 +1,296 @@
+//! Sponsorship policies: which operations we pay for (DESIGN §5, §6).
+//!
+//! A policy is loaded from a file ([`file`]), the operation's callData is decoded into calls
+//! ([`calldata`]), and [`Policy::check`] accepts the operation or names the first rule it
+//! breaks. Sessions (which narrow a policy) and budgets (which the ledger enforces) build on
+//! this.
+
+pub mod calldata;
+pub mod file;
+
+use std::time::Duration;
+
+use alloy::primitives::{Address, FixedBytes, U256};
+
+use self::calldata::Call;
+use crate::userop::{EntryPointVersion, UserOperation};
+
+/// A loaded, validated policy.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Policy {
+    /// Unique id (`sponsorshipPolicyId` in request contexts).
+    pub id: String,
+    /// Free text for humans.
+    pub description: String,
+    /// Chain ids it sponsors on.
+    pub chains: Vec<u64>,
+    /// EntryPoint versions it sponsors for.
+    pub entry_points: Vec<EntryPointVersion>,
+    /// Only operations made under a session grant (sessions are not served yet: such a policy
+    /// sponsors nothing until they are).
+    pub require_session: bool,
+    /// Longest signature lifetime it grants.
+    pub max_validity: Duration,
+    /// Unix time after which it sponsors nothing (and no signature outlives it).
+    pub active_until: Option<u64>,
+    /// Per-operation caps.
+    pub per_op: PerOpLimits,
+    /// What the operation may call: every call must match one rule.
+    pub allow: Vec<AllowRule>,
+}
+
+/// Caps on a single operation, in wei.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct PerOpLimits {
+    /// Worst-case cost (DESIGN §3).
+    pub max_cost: Option<U256>,
+    /// `maxFeePerGas` cap.
+    pub max_fee_per_gas: Option<U256>,
+    /// `maxPriorityFeePerGas` cap.
+    pub max_priority_fee_per_gas: Option<U256>,
+}
+
+/// One `[[allow]]` rule.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AllowRule {
+    /// Contract the account may call.
+    pub target: Address,
+    /// Functions it may call there.
+    pub functions: FunctionFilter,
+    /// Most native value per call.
+    pub max_value: U256,
+}
+
+/// Which functions a rule allows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum FunctionFilter {
+    /// `"*"`: any function, and plain value transfers.
+    Any,
+    /// These selectors, with the text they were written as.
+    Selectors(Vec<(FixedBytes<4>, String)>),
+}
+
+/// Why a policy does not sponsor an operation. `reason` is a stable code listed in
+/// docs/rpc.md; `rule` points at the policy setting that decided.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Rejection {
+    /// Stable machine-readable reason.
+    pub reason: &'static str,
+    /// The policy and setting, e.g. `game.allow` or `game.per_op.max_fee_per_gas`.
+    pub rule: String,
+    /// Human-readable detail.
+    pub detail: String,
+    /// Index of the offending call in the decoded batch.
+    pub call_index: Option<usize>,
+}
+
+/// Everything a policy looks at.
+#[derive(Debug)]
+pub struct OpContext<'a> {
+    /// Chain the operation is for.
+    pub chain_id: u64,
+    /// EntryPoint version.
+    pub version: EntryPointVersion,
+    /// The operation.
+    pub op: &'a UserOperation,
+    /// Its decoded calls.
+    pub calls: &'a [Call],
+    /// Its worst-case cost with our paymaster gas.
+    pub max_cost: U256,
+    /// Unix time now.
+    pub now: u64,
+}
+
+impl Policy {
+    /// Accept the operation or name the first rule it breaks.
+    pub fn check(&self, ctx: &OpContext<'_>) -> Result<(), Rejection> {
+        let reject = |reason, setting: &str, detail: String| Rejection {
+            reason,
+            rule: format!("{}.{setting}", self.id),
+            detail,
+            call_index: None,
+        };
+        if !self.chains.contains(&ctx.chain_id) {
+            return Err(reject("chain_not_allowed", "chains", format!("chain {} is not in {:?}", ctx.chain_id, self.chains)));
+        }
+        if !self.entry_points.contains(&ctx.version) {
+            return Err(reject("entry_point_not_allowed", "entry_points", format!("EntryPoint v{} is not allowed", ctx.version)));
+        }
+        if let Some(until) = self.active_until {
+            if ctx.now >= until {
+                return Err(reject("policy_inactive", "active_until", format!("the policy ended at unix time {until}")));
+            }
+        }
+        let caps = [
+            ("fee_too_high", "per_op.max_fee_per_gas", U256::from(ctx.op.max_fee_per_gas), self.per_op.max_fee_per_gas),
+            (
+                "priority_fee_too_high",
+                "per_op.max_priority_fee_per_gas",
+                U256::from(ctx.op.max_priority_fee_per_gas),
+                self.per_op.max_priority_fee_per_gas,
+            ),
+            ("cost_too_high", "per_op.max_cost", ctx.max_cost, self.per_op.max_cost),
+        ];
+        for (reason, setting, value, cap) in caps {
+            if let Some(cap) = cap.filter(|cap| value > *cap) {
+                return Err(reject(reason, setting, format!("{value} wei exceeds the cap of {cap} wei")));
+            }
+        }
+        for (i, call) in ctx.calls.iter().enumerate() {
+            self.check_call(call).map_err(|(reason, setting, detail)| Rejection {
+                call_index: Some(i),
+                ..reject(reason, &setting, detail)
+            })?;
+        }
+        Ok(())
+    }
+
+    fn check_call(&self, call: &Call) -> Result<(), (&'static str, String, String)> {
+        let Some((i, rule)) = self.allow.iter().enumerate().find(|(_, r)| r.target == call.target) else {
+            return Err(("target_not_allowed", "allow".into(), format!("no rule allows calls to {}", call.target)));
+        };
+        let allowed = match (&rule.functions, call.selector()) {
+            (FunctionFilter::Any, _) => true,
+            (FunctionFilter::Selectors(list), Some(sel)) => list.iter().any(|(s, _)| *s == sel),
+            (FunctionFilter::Selectors(_), None) => false,
+        };
+        if !allowed {
+            let what = call.selector().map_or_else(|| "a call without a selector".to_owned(), |s| format!("selector {s}"));
+            return Err(("function_not_allowed", format!("allow[{i}].functions"), format!("{what} on {} is not allowed", call.target)));
+        }
+        if call.value > rule.max_value {
+            return Err((
+                "value_too_high",
+                format!("allow[{i}].max_value"),
+                format!("value {} wei exceeds {} wei", call.value, rule.max_value),
+            ));
+        }
+        Ok(())
+    }
+}
+
+/// The loaded policies, by id.
+#[derive(Debug, Clone, Default)]
+pub struct PolicySet {
+    policies: Vec<Policy>,
+}
+
+impl PolicySet {
+    /// A set from policies with distinct ids (sorted by id).
+    pub fn new(mut policies: Vec<Policy>) -> Self {
+        policies.sort_by(|a, b| a.id.cmp(&b.id));
+        Self { policies }
+    }
+
+    /// The policy with this id.
+    pub fn get(&self, id: &str) -> Option<&Policy> {
+        self.policies.iter().find(|p| p.id == id)
+    }
+
+    /// Every policy, by id.
+    pub fn iter(&self) -> impl Iterator<Item = &Policy> {
+        self.policies.iter()
+    }
+
+    /// How many policies are loaded.
+    pub fn len(&self) -> usize {
+        self.policies.len()
+    }
+
+    /// Whether no policy is loaded.
+    pub fn is_empty(&self) -> bool {
+        self.policies.is_empty()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::{Bytes, keccak256};
+
+    const TARGET: Address = Address::repeat_byte(0x11);
+
+    fn policy() -> Policy {
+        Policy {
+            id: "p".into(),
+            description: String::new(),
+            chains: vec![31337],
+            entry_points: vec![EntryPointVersion::V0_7],
+            require_session: false,
+            max_validity: Duration::from_secs(600),
+            active_until: Some(2_000),
+            per_op: PerOpLimits {
+                max_cost: Some(U256::from(1_000_000u64)),
+                max_fee_per_gas: Some(U256::from(100u64)),
+                max_priority_fee_per_gas: Some(U256::from(10u64)),
+            },
+            allow: vec![AllowRule {
+                target: TARGET,
+                functions: FunctionFilter::Selectors(vec![(
+                    FixedBytes::from_slice(&keccak256("increment()")[..4]),
+                    "increment()".into(),
+                )]),
+                max_value: U256::from(5u64),
+            }],
+        }
+    }
+
+    fn call(target: Address, sig: &str, value: u64) -> Call {
+        Call { target, value: U256::from(value), data: Bytes::copy_from_slice(&keccak256(sig)[..4]) }
+    }
+
+    /// Each row: a change to a good context, and the reason (and call index) it must produce.
+    #[test]
+    fn rule_table() {
+        type Mutate = fn(&mut UserOperation, &mut Vec<Call>, &mut u64, &mut u64, &mut U256);
+        let rows: Vec<(&str, Mutate, Option<(&str, Option<usize>)>)> = vec![
+            ("good", |_, _, _, _, _| {}, None),
+            ("chain", |_, _, chain, _, _| *chain = 1, Some(("chain_not_allowed", None))),
+            ("ended", |_, _, _, now, _| *now = 2_000, Some(("policy_inactive", None))),
+            ("fee", |op, _, _, _, _| op.max_fee_per_gas = 101, Some(("fee_too_high", None))),
+            ("tip", |op, _, _, _, _| op.max_priority_fee_per_gas = 11, Some(("priority_fee_too_high", None))),
+            ("cost", |_, _, _, _, cost| *cost = U256::from(1_000_001u64), Some(("cost_too_high", None))),
+            (
+                "target",
+                |_, calls, _, _, _| calls.push(call(Address::repeat_byte(0x22), "increment()", 0)),
+                Some(("target_not_allowed", Some(1))),
+            ),
+            (
+                "function",
+                |_, calls, _, _, _| calls[0] = call(TARGET, "drain()", 0),
+                Some(("function_not_allowed", Some(0))),
+            ),
+            (
+                "no selector",
+                |_, calls, _, _, _| calls[0].data = Bytes::new(),
+                Some(("function_not_allowed", Some(0))),
+            ),
+            ("value", |_, calls, _, _, _| calls[0].value = U256::from(6u64), Some(("value_too_high", Some(0)))),
+        ];
+        for (name, mutate, expected) in rows {
+            let mut op = UserOperation { max_fee_per_gas: 100, max_priority_fee_per_gas: 10, ..Default::default() };
+            let mut calls = vec![call(TARGET, "increment()", 5)];
+            let (mut chain, mut now, mut cost) = (31337, 1_000, U256::from(1_000_000u64));
+            mutate(&mut op, &mut calls, &mut chain, &mut now, &mut cost);
+            let ctx = OpContext {
+                chain_id: chain,
+                version: EntryPointVersion::V0_7,
+                op: &op,
+                calls: &calls,
+                max_cost: cost,
+                now,
+            };
+            let got = policy().check(&ctx).err().map(|r| (r.reason, r.call_index));
+            assert_eq!(got, expected, "{name}");
+        }
+        let ctx_v08 = OpContext {
+            chain_id: 31337,
+            version: EntryPointVersion::V0_8,
+            op: &UserOperation::default(),
+            calls: &[],
+            max_cost: U256::ZERO,
+            now: 0,
+        };
+        assert_eq!(policy().check(&ctx_v08).err().map(|r| r.reason), Some("entry_point_not_allowed"));
+    }
+}
