@@ -1,1 +1,247 @@
-fn main() {}
+//! `session-paymaster`: parse the command line, then call the library.
+
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use alloy::primitives::{Address, U256};
+use alloy::providers::{Provider, ProviderBuilder};
+use clap::{Parser, Subcommand};
+use session_paymaster::app::{self, AppState};
+use session_paymaster::chain::deploy::{Artifacts, deploy_dev_stack};
+use session_paymaster::config::{Config, ServeArgs};
+use session_paymaster::policy::file::load_dir;
+use session_paymaster::signer;
+
+#[derive(Parser)]
+#[command(
+    name = "session-paymaster",
+    version,
+    about = "ERC-4337 paymaster for session-key operations"
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run the JSON-RPC sponsorship service.
+    Serve(ServeArgs),
+    /// Write a new signer key file (mode 0600, never overwritten) and print its address.
+    Keygen {
+        /// Where to write the key.
+        #[arg(long)]
+        out: PathBuf,
+    },
+    /// Deploy a local stack on a development node (anvil): both EntryPoints at their canonical
+    /// addresses, SimpleAccountFactory, SessionPaymaster with a deposit, and the demo Counter.
+    /// Prints the addresses as one JSON line. Sends from the node's first unlocked account.
+    DeployDev {
+        /// Node RPC URL.
+        #[arg(long, default_value = "http://127.0.0.1:8545")]
+        rpc_url: String,
+        /// The repository's contracts directory (npm artifacts and forge output).
+        #[arg(long, default_value = "contracts")]
+        contracts: PathBuf,
+        /// Address authorised to sign for the paymasters (the service's signer).
+        #[arg(long)]
+        signer: Address,
+        /// Deposit per paymaster, in wei.
+        #[arg(long, default_value = "10000000000000000000")]
+        deposit_wei: U256,
+    },
+    /// Work with policy files.
+    Policies {
+        #[command(subcommand)]
+        command: PoliciesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum PoliciesCommand {
+    /// Check every policy file in DIR; print every problem, or one line per valid policy.
+    Check {
+        /// Policy directory.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+    },
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match cli.command {
+        Command::Serve(args) => serve(args),
+        Command::Keygen { out } => match signer::keygen(&out) {
+            Ok(address) => {
+                println!("{address}");
+                eprintln!(
+                    "wrote {} (mode 0600); add {address} to SessionPaymaster's signers",
+                    out.display()
+                );
+                ExitCode::SUCCESS
+            }
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
+        Command::DeployDev {
+            rpc_url,
+            contracts,
+            signer,
+            deposit_wei,
+        } => deploy_dev(&rpc_url, contracts, signer, deposit_wei),
+        Command::Policies {
+            command: PoliciesCommand::Check { dir },
+        } => match load_dir(&dir) {
+            Ok(set) => {
+                for p in set.iter() {
+                    println!(
+                        "{}: chains {:?}, entry points {:?}, {} allow rule(s)",
+                        p.id,
+                        p.chains,
+                        p.entry_points
+                            .iter()
+                            .map(ToString::to_string)
+                            .collect::<Vec<_>>(),
+                        p.allow.len()
+                    );
+                }
+                ExitCode::SUCCESS
+            }
+            Err(errors) => {
+                for e in &errors {
+                    eprintln!("{e}");
+                }
+                eprintln!("{} problem(s)", errors.len());
+                ExitCode::FAILURE
+            }
+        },
+    }
+}
+
+fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let url = rpc_url
+                    .parse()
+                    .map_err(|e| format!("invalid --rpc-url: {e}"))?;
+                let provider = ProviderBuilder::new().connect_http(url).erased();
+                let from = *provider
+                    .get_accounts()
+                    .await
+                    .map_err(|e| e.to_string())?
+                    .first()
+                    .ok_or("the node has no unlocked account")?;
+                deploy_dev_stack(
+                    &provider,
+                    &Artifacts::new(contracts),
+                    from,
+                    from,
+                    &[signer],
+                    deposit,
+                )
+                .await
+                .map_err(|e| e.to_string())
+            })
+        });
+    match result.and_then(|stack| serde_json::to_string(&stack).map_err(|e| e.to_string())) {
+        Ok(json) => {
+            println!("{json}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn serve(args: ServeArgs) -> ExitCode {
+    init_tracing(&args.log_format);
+    let config = Config::from(&args);
+    let state = match AppState::build(&config) {
+        Ok(s) => Arc::new(s),
+        Err(e) => {
+            tracing::error!("cannot start: {e}");
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let signer = state.sponsor.signer();
+    if signer.is_ephemeral() {
+        tracing::warn!(
+            address = %signer.address(),
+            "using an EPHEMERAL development signer: its key dies with this process. NOT FOR PRODUCTION: \
+             configure --signer-key-file or --signer-key-env"
+        );
+    }
+    for ep in state.sponsor.entry_points() {
+        match ep.paymaster {
+            Some(pm) => {
+                tracing::info!(version = %ep.version, entry_point = %ep.address, paymaster = %pm, "serving")
+            }
+            None => {
+                tracing::warn!(version = %ep.version, entry_point = %ep.address, "no paymaster configured: sponsorship for this EntryPoint is refused")
+            }
+        }
+    }
+    tracing::info!(policies = state.sponsor.policies().len(), signer = %signer.address(), chain_id = config.chain_id, "loaded");
+
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let result = runtime.block_on(async move {
+        let listener = tokio::net::TcpListener::bind(args.listen).await?;
+        tracing::info!(address = %listener.local_addr()?, "listening");
+        app::run(listener, state, shutdown_signal()).await
+    });
+    match result {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("server error: {e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn shutdown_signal() {
+    let ctrl_c = async {
+        let _ = tokio::signal::ctrl_c().await;
+    };
+    #[cfg(unix)]
+    let term = async {
+        if let Ok(mut s) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        {
+            s.recv().await;
+        }
+    };
+    #[cfg(not(unix))]
+    let term = std::future::pending::<()>();
+    tokio::select! {
+        () = ctrl_c => {},
+        () = term => {},
+    }
+    tracing::info!("shutting down");
+}
+
+fn init_tracing(format: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_env("SP_LOG")
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new("info"));
+    let builder = tracing_subscriber::fmt()
+        .with_env_filter(filter)
+        .with_writer(std::io::stderr);
+    if format == "json" {
+        builder.json().init();
+    } else {
+        builder.init();
+    }
+}

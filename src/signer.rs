@@ -70,7 +70,10 @@ pub struct Signer {
 
 impl fmt::Debug for Signer {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.debug_struct("Signer").field("address", &self.address).field("key", &"***").finish()
+        f.debug_struct("Signer")
+            .field("address", &self.address)
+            .field("key", &"***")
+            .finish()
     }
 }
 
@@ -79,20 +82,28 @@ impl Signer {
     pub fn load(source: KeySource) -> Result<Self, SignerError> {
         let key = match &source {
             KeySource::File(path) => {
-                let text = Zeroizing::new(
-                    std::fs::read_to_string(path)
-                        .map_err(|source| SignerError::Read { path: path.clone(), source })?,
-                );
+                let text = Zeroizing::new(std::fs::read_to_string(path).map_err(|source| {
+                    SignerError::Read {
+                        path: path.clone(),
+                        source,
+                    }
+                })?);
                 parse_hex_key(&text, &path.display().to_string())?
             }
             KeySource::Env(var) => {
-                let text = Zeroizing::new(std::env::var(var).map_err(|_| SignerError::EnvMissing(var.clone()))?);
+                let text = Zeroizing::new(
+                    std::env::var(var).map_err(|_| SignerError::EnvMissing(var.clone()))?,
+                );
                 parse_hex_key(&text, var)?
             }
             KeySource::Ephemeral => random_key()?,
         };
         let address = Address::from_private_key(&key);
-        Ok(Self { key, address, source })
+        Ok(Self {
+            key,
+            address,
+            source,
+        })
     }
 
     /// The address SessionPaymaster must list as a signer.
@@ -109,7 +120,10 @@ impl Signer {
     /// (`MessageHashUtils.toEthSignedMessageHash`): `r ‖ s ‖ v`, low s, v ∈ {27, 28}.
     pub fn sign_eip191(&self, hash: B256) -> Result<[u8; 65], SignerError> {
         let digest = eip191_hash_message(hash);
-        let (sig, recid) = self.key.sign_prehash_recoverable(digest.as_slice()).map_err(|_| SignerError::Sign)?;
+        let (sig, recid) = self
+            .key
+            .sign_prehash_recoverable(digest.as_slice())
+            .map_err(|_| SignerError::Sign)?;
         let mut out = [0u8; 65];
         out[..64].copy_from_slice(&sig.to_bytes());
         out[64] = 27 + u8::from(recid.is_y_odd());
@@ -118,7 +132,9 @@ impl Signer {
 }
 
 fn parse_hex_key(text: &str, origin: &str) -> Result<SigningKey, SignerError> {
-    let invalid = || SignerError::Invalid { origin: origin.to_owned() };
+    let invalid = || SignerError::Invalid {
+        origin: origin.to_owned(),
+    };
     let trimmed = text.trim();
     let digits = trimmed.strip_prefix("0x").unwrap_or(trimmed);
     if digits.len() != 64 {
@@ -144,7 +160,10 @@ fn random_key() -> Result<SigningKey, SignerError> {
 pub fn keygen(path: &Path) -> Result<Address, SignerError> {
     let key = random_key()?;
     let hex_key = Zeroizing::new(format!("0x{}\n", hex::encode(key.to_bytes())));
-    let write_err = |source| SignerError::Write { path: path.to_owned(), source };
+    let write_err = |source| SignerError::Write {
+        path: path.to_owned(),
+        source,
+    };
     let mut options = std::fs::OpenOptions::new();
     options.write(true).create_new(true);
     #[cfg(unix)]
@@ -164,7 +183,10 @@ mod tests {
     #[test]
     fn signatures_recover_to_the_address_with_low_s() -> Result<(), Box<dyn std::error::Error>> {
         let signer = Signer::load(KeySource::Ephemeral)?;
-        let half_n = U256::from_str_radix("7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0", 16)?;
+        let half_n = U256::from_str_radix(
+            "7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0",
+            16,
+        )?;
         for i in 0u32..64 {
             let hash = keccak256(i.to_be_bytes());
             let sig = signer.sign_eip191(hash)?;
@@ -191,14 +213,23 @@ mod tests {
         let signer = Signer::load(KeySource::File(path.clone()))?;
         assert_eq!(signer.address(), address);
         let debug = format!("{signer:?}");
-        assert!(!debug.contains(text.trim().trim_start_matches("0x")), "{debug}");
+        assert!(
+            !debug.contains(text.trim().trim_start_matches("0x")),
+            "{debug}"
+        );
         assert!(debug.contains("***"));
         #[cfg(unix)]
         {
             use std::os::unix::fs::PermissionsExt;
-            assert_eq!(std::fs::metadata(&path)?.permissions().mode() & 0o777, 0o600);
+            assert_eq!(
+                std::fs::metadata(&path)?.permissions().mode() & 0o777,
+                0o600
+            );
         }
-        assert!(matches!(keygen(&path), Err(SignerError::Write { .. })), "never overwrites");
+        assert!(
+            matches!(keygen(&path), Err(SignerError::Write { .. })),
+            "never overwrites"
+        );
         std::fs::remove_dir_all(&dir)?;
         Ok(())
     }

@@ -25,7 +25,10 @@ pub enum FieldError {
 
 impl FieldError {
     pub(crate) fn invalid(field: &str, reason: impl Into<String>) -> Self {
-        Self::Invalid { field: field.to_owned(), reason: reason.into() }
+        Self::Invalid {
+            field: field.to_owned(),
+            reason: reason.into(),
+        }
     }
 
     /// The name of the offending field.
@@ -56,12 +59,25 @@ pub fn quantity(field: &str, value: &Value, bits: usize) -> Result<U256, FieldEr
     }
     let significant = digits.trim_start_matches('0');
     if significant.len() > 64 {
-        return Err(FieldError::invalid(field, format!("does not fit in {bits} bits")));
+        return Err(FieldError::invalid(
+            field,
+            format!("does not fit in {bits} bits"),
+        ));
     }
-    let n = U256::from_str_radix(if significant.is_empty() { "0" } else { significant }, 16)
-        .map_err(|e| FieldError::invalid(field, e.to_string()))?;
+    let n = U256::from_str_radix(
+        if significant.is_empty() {
+            "0"
+        } else {
+            significant
+        },
+        16,
+    )
+    .map_err(|e| FieldError::invalid(field, e.to_string()))?;
     if n.bit_len() > bits {
-        return Err(FieldError::invalid(field, format!("does not fit in {bits} bits")));
+        return Err(FieldError::invalid(
+            field,
+            format!("does not fit in {bits} bits"),
+        ));
     }
     Ok(n)
 }
@@ -91,7 +107,10 @@ pub fn data(field: &str, value: &Value) -> Result<Bytes, FieldError> {
 pub fn address(field: &str, value: &Value) -> Result<Address, FieldError> {
     let bytes = data(field, value)?;
     if bytes.len() != 20 {
-        return Err(FieldError::invalid(field, format!("expected 20 bytes, got {}", bytes.len())));
+        return Err(FieldError::invalid(
+            field,
+            format!("expected 20 bytes, got {}", bytes.len()),
+        ));
     }
     Ok(Address::from_slice(&bytes))
 }
@@ -100,7 +119,10 @@ pub fn address(field: &str, value: &Value) -> Result<Address, FieldError> {
 pub fn bytes32(field: &str, value: &Value) -> Result<B256, FieldError> {
     let bytes = data(field, value)?;
     if bytes.len() != 32 {
-        return Err(FieldError::invalid(field, format!("expected 32 bytes, got {}", bytes.len())));
+        return Err(FieldError::invalid(
+            field,
+            format!("expected 32 bytes, got {}", bytes.len()),
+        ));
     }
     Ok(B256::from_slice(&bytes))
 }
@@ -116,8 +138,8 @@ pub fn required<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a Valu
 }
 
 /// Format a number as a QUANTITY (`0x0`, `0x1a`), as JSON-RPC results carry them.
-pub fn to_quantity(n: impl Into<U256>) -> String {
-    format!("{:#x}", n.into())
+pub fn to_quantity(n: impl std::fmt::LowerHex) -> String {
+    format!("{n:#x}")
 }
 
 #[cfg(test)]
@@ -129,12 +151,23 @@ mod tests {
     fn quantities_are_strict_and_name_the_field() {
         assert_eq!(quantity_u128("x", &json!("0x0")).ok(), Some(0));
         assert_eq!(quantity_u128("x", &json!("0x00ff")).ok(), Some(255));
-        for bad in [json!("ff"), json!("0x"), json!("0xg1"), json!(12), json!("0x-1")] {
+        for bad in [
+            json!("ff"),
+            json!("0x"),
+            json!("0xg1"),
+            json!(12),
+            json!("0x-1"),
+        ] {
             let err = quantity_u128("callGasLimit", &bad).unwrap_err();
             assert_eq!(err.field(), "callGasLimit", "{bad}");
         }
         let too_big = json!(format!("0x1{}", "0".repeat(32)));
-        assert!(quantity_u128("g", &too_big).unwrap_err().to_string().contains("128 bits"));
+        assert!(
+            quantity_u128("g", &too_big)
+                .unwrap_err()
+                .to_string()
+                .contains("128 bits")
+        );
         assert!(quantity("n", &json!(format!("0x1{}", "0".repeat(64))), 256).is_err());
         assert_eq!(to_quantity(U256::from(26)), "0x1a");
         assert_eq!(to_quantity(U256::ZERO), "0x0");
@@ -144,8 +177,16 @@ mod tests {
     fn data_and_addresses() {
         assert_eq!(data("d", &json!("0x")).ok(), Some(Bytes::new()));
         assert!(data("d", &json!("0xabc")).is_err());
-        assert!(address("a", &json!("0x1234")).unwrap_err().to_string().contains("20 bytes"));
+        assert!(
+            address("a", &json!("0x1234"))
+                .unwrap_err()
+                .to_string()
+                .contains("20 bytes")
+        );
         let a = address("a", &json!("0x0000000071727De22E5E9d8BAf0edAc6f37da032"));
-        assert_eq!(a.ok().map(|a| a.to_string()), Some("0x0000000071727De22E5E9d8BAf0edAc6f37da032".into()));
+        assert_eq!(
+            a.ok().map(|a| a.to_string()),
+            Some("0x0000000071727De22E5E9d8BAf0edAc6f37da032".into())
+        );
     }
 }

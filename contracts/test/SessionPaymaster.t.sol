@@ -5,6 +5,7 @@ import "@openzeppelin/contracts/access/Ownable.sol";
 import "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
 import "entrypoint/interfaces/IEntryPoint.sol";
 import "../src/SessionPaymaster.sol";
+import "../src/demo/Counter.sol";
 import "./TestBase.sol";
 
 interface ISimpleAccountFactory {
@@ -14,14 +15,6 @@ interface ISimpleAccountFactory {
 
 interface ISimpleAccount {
     function execute(address dest, uint256 value, bytes calldata func) external;
-}
-
-contract Counter {
-    mapping(address => uint256) public count;
-
-    function increment() external {
-        count[msg.sender] += 1;
-    }
 }
 
 /// Runs against the real EntryPoint (deployed from the official npm artifacts) of the version the

@@ -67,20 +67,33 @@ pub enum CalldataError {
 }
 
 fn malformed(shape: &'static str) -> impl Fn(alloy::sol_types::Error) -> CalldataError {
-    move |e| CalldataError::Malformed { shape, reason: e.to_string() }
+    move |e| CalldataError::Malformed {
+        shape,
+        reason: e.to_string(),
+    }
 }
 
 /// Decode an account's `callData` into the calls it makes.
 pub fn decode(call_data: &[u8]) -> Result<Vec<Call>, CalldataError> {
     let selector: [u8; 4] = match call_data.get(..4) {
         Some(s) => [s[0], s[1], s[2], s[3]],
-        None => return Err(CalldataError::UnknownAccountCall(format!("0x{}", hex::encode(call_data)))),
+        None => {
+            return Err(CalldataError::UnknownAccountCall(format!(
+                "0x{}",
+                hex::encode(call_data)
+            )));
+        }
     };
     // Strict (validating) decoding: an encoding the account might read differently is refused.
     match selector {
         SimpleAccount::executeCall::SELECTOR => {
-            let c = SimpleAccount::executeCall::abi_decode_validate(call_data).map_err(malformed("execute"))?;
-            Ok(vec![Call { target: c.dest, value: c.value, data: c.func }])
+            let c = SimpleAccount::executeCall::abi_decode_validate(call_data)
+                .map_err(malformed("execute"))?;
+            Ok(vec![Call {
+                target: c.dest,
+                value: c.value,
+                data: c.func,
+            }])
         }
         SimpleAccountV06::executeBatchCall::SELECTOR => {
             let c = SimpleAccountV06::executeBatchCall::abi_decode_validate(call_data)
@@ -88,33 +101,61 @@ pub fn decode(call_data: &[u8]) -> Result<Vec<Call>, CalldataError> {
             if c.dest.len() != c.func.len() {
                 return Err(lengths("executeBatch(address[],bytes[])"));
             }
-            Ok(c.dest.into_iter().zip(c.func).map(|(target, data)| Call { target, value: U256::ZERO, data }).collect())
+            Ok(c.dest
+                .into_iter()
+                .zip(c.func)
+                .map(|(target, data)| Call {
+                    target,
+                    value: U256::ZERO,
+                    data,
+                })
+                .collect())
         }
         SimpleAccountV07::executeBatchCall::SELECTOR => {
             let shape = "executeBatch(address[],uint256[],bytes[])";
-            let c = SimpleAccountV07::executeBatchCall::abi_decode_validate(call_data).map_err(malformed(shape))?;
+            let c = SimpleAccountV07::executeBatchCall::abi_decode_validate(call_data)
+                .map_err(malformed(shape))?;
             // SimpleAccount v0.7: `value.length == 0 || value.length == func.length`.
-            if c.dest.len() != c.func.len() || !(c.value.is_empty() || c.value.len() == c.func.len()) {
+            if c.dest.len() != c.func.len()
+                || !(c.value.is_empty() || c.value.len() == c.func.len())
+            {
                 return Err(lengths(shape));
             }
             Ok(c.dest
                 .into_iter()
                 .zip(c.func)
                 .enumerate()
-                .map(|(i, (target, data))| Call { target, value: c.value.get(i).copied().unwrap_or_default(), data })
+                .map(|(i, (target, data))| Call {
+                    target,
+                    value: c.value.get(i).copied().unwrap_or_default(),
+                    data,
+                })
                 .collect())
         }
         SimpleAccountV08::executeBatchCall::SELECTOR => {
             let c = SimpleAccountV08::executeBatchCall::abi_decode_validate(call_data)
                 .map_err(malformed("executeBatch((address,uint256,bytes)[])"))?;
-            Ok(c.calls.into_iter().map(|c| Call { target: c.target, value: c.value, data: c.data }).collect())
+            Ok(c.calls
+                .into_iter()
+                .map(|c| Call {
+                    target: c.target,
+                    value: c.value,
+                    data: c.data,
+                })
+                .collect())
         }
-        other => Err(CalldataError::UnknownAccountCall(format!("0x{}", hex::encode(other)))),
+        other => Err(CalldataError::UnknownAccountCall(format!(
+            "0x{}",
+            hex::encode(other)
+        ))),
     }
 }
 
 fn lengths(shape: &'static str) -> CalldataError {
-    CalldataError::Malformed { shape, reason: "array lengths differ".into() }
+    CalldataError::Malformed {
+        shape,
+        reason: "array lengths differ".into(),
+    }
 }
 
 #[cfg(test)]
@@ -124,31 +165,68 @@ mod tests {
 
     #[test]
     fn selectors_match_design() {
-        assert_eq!(hex::encode(SimpleAccount::executeCall::SELECTOR), "b61d27f6");
-        assert_eq!(hex::encode(SimpleAccountV06::executeBatchCall::SELECTOR), "18dfb3c7");
-        assert_eq!(hex::encode(SimpleAccountV07::executeBatchCall::SELECTOR), "47e1da2a");
-        assert_eq!(hex::encode(SimpleAccountV08::executeBatchCall::SELECTOR), "34fcd5be");
+        assert_eq!(
+            hex::encode(SimpleAccount::executeCall::SELECTOR),
+            "b61d27f6"
+        );
+        assert_eq!(
+            hex::encode(SimpleAccountV06::executeBatchCall::SELECTOR),
+            "18dfb3c7"
+        );
+        assert_eq!(
+            hex::encode(SimpleAccountV07::executeBatchCall::SELECTOR),
+            "47e1da2a"
+        );
+        assert_eq!(
+            hex::encode(SimpleAccountV08::executeBatchCall::SELECTOR),
+            "34fcd5be"
+        );
     }
 
     #[test]
     fn rejects_unknown_and_malformed() {
-        assert!(matches!(decode(&[]), Err(CalldataError::UnknownAccountCall(_))));
-        assert!(matches!(decode(&[1, 2, 3, 4, 5]), Err(CalldataError::UnknownAccountCall(_))));
-        let mut truncated = SimpleAccount::executeCall { dest: Address::ZERO, value: U256::ZERO, func: Bytes::new() }.abi_encode();
+        assert!(matches!(
+            decode(&[]),
+            Err(CalldataError::UnknownAccountCall(_))
+        ));
+        assert!(matches!(
+            decode(&[1, 2, 3, 4, 5]),
+            Err(CalldataError::UnknownAccountCall(_))
+        ));
+        let mut truncated = SimpleAccount::executeCall {
+            dest: Address::ZERO,
+            value: U256::ZERO,
+            func: Bytes::new(),
+        }
+        .abi_encode();
         truncated.truncate(40);
-        assert!(matches!(decode(&truncated), Err(CalldataError::Malformed { .. })));
+        assert!(matches!(
+            decode(&truncated),
+            Err(CalldataError::Malformed { .. })
+        ));
         let mismatched = SimpleAccountV07::executeBatchCall {
             dest: vec![Address::ZERO; 2],
             value: vec![U256::ZERO],
             func: vec![Bytes::new(), Bytes::new()],
         }
         .abi_encode();
-        assert!(matches!(decode(&mismatched), Err(CalldataError::Malformed { .. })));
+        assert!(matches!(
+            decode(&mismatched),
+            Err(CalldataError::Malformed { .. })
+        ));
     }
 
     fn arb_call() -> impl Strategy<Value = Call> {
-        (any::<[u8; 20]>(), any::<u64>(), prop::collection::vec(any::<u8>(), 0..80))
-            .prop_map(|(a, v, d)| Call { target: Address::from(a), value: U256::from(v), data: d.into() })
+        (
+            any::<[u8; 20]>(),
+            any::<u64>(),
+            prop::collection::vec(any::<u8>(), 0..80),
+        )
+            .prop_map(|(a, v, d)| Call {
+                target: Address::from(a),
+                value: U256::from(v),
+                data: d.into(),
+            })
     }
 
     proptest! {

@@ -82,19 +82,37 @@ pub struct PolicyFileError {
 
 impl fmt::Display for PolicyFileError {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}:{}:{}: {}", self.file.display(), self.line, self.column, self.message)
+        write!(
+            f,
+            "{}:{}:{}: {}",
+            self.file.display(),
+            self.line,
+            self.column,
+            self.message
+        )
     }
 }
 
 /// Load every `*.toml` in `dir` (sorted by name) into a policy set, or every problem found.
 pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
-    let whole = |message: String| PolicyFileError { file: dir.to_owned(), line: 0, column: 0, message };
-    let entries = std::fs::read_dir(dir).map_err(|e| vec![whole(format!("cannot read policy directory: {e}"))])?;
+    let whole = |message: String| PolicyFileError {
+        file: dir.to_owned(),
+        line: 0,
+        column: 0,
+        message,
+    };
+    let entries = std::fs::read_dir(dir)
+        .map_err(|e| vec![whole(format!("cannot read policy directory: {e}"))])?;
     let mut paths: Vec<PathBuf> = entries
         .filter_map(|e| e.ok().map(|e| e.path()))
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     paths.sort();
+    if paths.is_empty() {
+        return Err(vec![whole(
+            "no policy files (*.toml) in this directory: nothing could be sponsored".into(),
+        )]);
+    }
 
     let mut errors = Vec::new();
     let mut policies: BTreeMap<String, (PathBuf, Policy)> = BTreeMap::new();
@@ -102,7 +120,12 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
         let src = match std::fs::read_to_string(&path) {
             Ok(s) => s,
             Err(e) => {
-                errors.push(PolicyFileError { file: path, line: 0, column: 0, message: format!("cannot read: {e}") });
+                errors.push(PolicyFileError {
+                    file: path,
+                    line: 0,
+                    column: 0,
+                    message: format!("cannot read: {e}"),
+                });
                 continue;
             }
         };
@@ -113,7 +136,11 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
                         file: path.clone(),
                         line: 1,
                         column: 1,
-                        message: format!("policy id `{}` is already defined in {}", policy.id, first.display()),
+                        message: format!(
+                            "policy id `{}` is already defined in {}",
+                            policy.id,
+                            first.display()
+                        ),
                     });
                 } else {
                     policies.insert(policy.id.clone(), (path, policy));
@@ -123,7 +150,9 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
         }
     }
     if errors.is_empty() {
-        Ok(PolicySet::new(policies.into_values().map(|(_, p)| p).collect()))
+        Ok(PolicySet::new(
+            policies.into_values().map(|(_, p)| p).collect(),
+        ))
     } else {
         Err(errors)
     }
@@ -133,7 +162,12 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
 pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
     let at = |span: std::ops::Range<usize>, message: String| {
         let (line, column) = line_col(src, span.start);
-        PolicyFileError { file: path.to_owned(), line, column, message }
+        PolicyFileError {
+            file: path.to_owned(),
+            line,
+            column,
+            message,
+        }
     };
     let file: PolicyFile = toml::from_str(src).map_err(|e| {
         let span = e.span().unwrap_or(0..0);
@@ -148,11 +182,21 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
     };
 
     let id = file.id.get_ref().clone();
-    if id.is_empty() || !id.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_') {
-        check(Err(at(file.id.span(), format!("policy id `{id}` must be non-empty and use only letters, digits, `-` and `_`"))));
+    if id.is_empty()
+        || !id
+            .bytes()
+            .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
+    {
+        check(Err(at(
+            file.id.span(),
+            format!("policy id `{id}` must be non-empty and use only letters, digits, `-` and `_`"),
+        )));
     }
     if file.chains.is_empty() {
-        check(Err(at(0..0, "`chains` must name at least one chain id".into())));
+        check(Err(at(
+            0..0,
+            "`chains` must name at least one chain id".into(),
+        )));
     }
 
     let mut entry_points = Vec::new();
@@ -163,7 +207,10 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         }
     }
     if file.entry_points.is_empty() {
-        check(Err(at(0..0, "`entry_points` must name at least one version (\"0.7\", \"0.8\")".into())));
+        check(Err(at(
+            0..0,
+            "`entry_points` must name at least one version (\"0.7\", \"0.8\")".into(),
+        )));
     }
 
     let max_validity = match &file.max_validity {
@@ -175,21 +222,31 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
                 DEFAULT_MAX_VALIDITY
             }
             Err(e) => {
-                check(Err(at(s.span(), format!("invalid duration `{}`: {e}", s.get_ref()))));
+                check(Err(at(
+                    s.span(),
+                    format!("invalid duration `{}`: {e}", s.get_ref()),
+                )));
                 DEFAULT_MAX_VALIDITY
             }
         },
     };
 
-    let active_until = file.active_until.as_ref().and_then(|d| {
-        match humantime::parse_rfc3339_weak(&d.get_ref().to_string()) {
-            Ok(t) => t.duration_since(std::time::UNIX_EPOCH).ok().map(|d| d.as_secs()),
-            Err(e) => {
-                check(Err(at(d.span(), format!("active_until must be an RFC 3339 date-time: {e}"))));
-                None
+    let active_until =
+        file.active_until.as_ref().and_then(|d| {
+            match humantime::parse_rfc3339_weak(&d.get_ref().to_string()) {
+                Ok(t) => t
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .ok()
+                    .map(|d| d.as_secs()),
+                Err(e) => {
+                    check(Err(at(
+                        d.span(),
+                        format!("active_until must be an RFC 3339 date-time: {e}"),
+                    )));
+                    None
+                }
             }
-        }
-    });
+        });
 
     let mut amount = |a: &Option<Spanned<Amount>>, what: &str| -> Option<U256> {
         let a = a.as_ref()?;
@@ -204,7 +261,10 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
     let per_op = PerOpLimits {
         max_cost: amount(&file.per_op.max_cost, "max_cost"),
         max_fee_per_gas: amount(&file.per_op.max_fee_per_gas, "max_fee_per_gas"),
-        max_priority_fee_per_gas: amount(&file.per_op.max_priority_fee_per_gas, "max_priority_fee_per_gas"),
+        max_priority_fee_per_gas: amount(
+            &file.per_op.max_priority_fee_per_gas,
+            "max_priority_fee_per_gas",
+        ),
     };
     let mut allow: Vec<AllowRule> = Vec::new();
     let mut rule_errors = Vec::new();
@@ -212,12 +272,21 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         let target = match rule.target.get_ref().parse::<Address>() {
             Ok(a) if rule.target.get_ref().len() == 42 => a,
             _ => {
-                rule_errors.push(at(rule.target.span(), format!("target `{}` is not a 0x-prefixed 20-byte address", rule.target.get_ref())));
+                rule_errors.push(at(
+                    rule.target.span(),
+                    format!(
+                        "target `{}` is not a 0x-prefixed 20-byte address",
+                        rule.target.get_ref()
+                    ),
+                ));
                 continue;
             }
         };
         if let Some(prev) = allow.iter().position(|r| r.target == target) {
-            rule_errors.push(at(rule.target.span(), format!("target {target} already has a rule (allow[{prev}]): merge them into one")));
+            rule_errors.push(at(
+                rule.target.span(),
+                format!("target {target} already has a rule (allow[{prev}]): merge them into one"),
+            ));
             continue;
         }
         let functions = match parse_functions(rule.functions.get_ref()) {
@@ -228,7 +297,10 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
             }
         };
         if rule.functions.get_ref().is_empty() {
-            rule_errors.push(at(rule.functions.span(), "functions is empty: list signatures, selectors, or \"*\"".into()));
+            rule_errors.push(at(
+                rule.functions.span(),
+                "functions is empty: list signatures, selectors, or \"*\"".into(),
+            ));
             continue;
         }
         let max_value = match &rule.max_value {
@@ -241,17 +313,27 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
                 }
             },
         };
-        allow.push(AllowRule { target, functions, max_value });
+        allow.push(AllowRule {
+            target,
+            functions,
+            max_value,
+        });
     }
     errors.append(&mut rule_errors);
 
-    if let (Some(fee), Some(tip)) = (per_op.max_fee_per_gas, per_op.max_priority_fee_per_gas) {
-        if tip > fee {
-            errors.push(at(0..0, "per_op: max_priority_fee_per_gas exceeds max_fee_per_gas".into()));
-        }
+    if let (Some(fee), Some(tip)) = (per_op.max_fee_per_gas, per_op.max_priority_fee_per_gas)
+        && tip > fee
+    {
+        errors.push(at(
+            0..0,
+            "per_op: max_priority_fee_per_gas exceeds max_fee_per_gas".into(),
+        ));
     }
     if allow.is_empty() && errors.is_empty() {
-        errors.push(at(0..0, "no [[allow]] rule: the policy would sponsor nothing".into()));
+        errors.push(at(
+            0..0,
+            "no [[allow]] rule: the policy would sponsor nothing".into(),
+        ));
     }
 
     if !errors.is_empty() {
@@ -270,20 +352,30 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
     })
 }
 
-fn parse_functions(items: &[Spanned<String>]) -> Result<FunctionFilter, (std::ops::Range<usize>, String)> {
+fn parse_functions(
+    items: &[Spanned<String>],
+) -> Result<FunctionFilter, (std::ops::Range<usize>, String)> {
     let mut selectors = Vec::new();
     for item in items {
         let s = item.get_ref();
         if s == "*" {
             if items.len() > 1 {
-                return Err((item.span(), "\"*\" allows every function: list nothing else beside it".into()));
+                return Err((
+                    item.span(),
+                    "\"*\" allows every function: list nothing else beside it".into(),
+                ));
             }
             return Ok(FunctionFilter::Any);
         }
         let selector = if let Some(hex_sel) = s.strip_prefix("0x") {
             match hex::decode(hex_sel) {
                 Ok(b) if b.len() == 4 => FixedBytes::<4>::from_slice(&b),
-                _ => return Err((item.span(), format!("selector `{s}` must be 4 bytes of hex, e.g. 0xa9059cbb"))),
+                _ => {
+                    return Err((
+                        item.span(),
+                        format!("selector `{s}` must be 4 bytes of hex, e.g. 0xa9059cbb"),
+                    ));
+                }
             }
         } else {
             validate_signature(s).map_err(|m| (item.span(), m))?;
@@ -303,19 +395,29 @@ fn validate_signature(s: &str) -> Result<(), String> {
     let open = s.find('(').filter(|_| s.ends_with(')'));
     let name_ok = |n: &str| {
         !n.is_empty()
-            && n.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
+            && n.bytes()
+                .all(|b| b.is_ascii_alphanumeric() || b == b'_' || b == b'$')
             && !n.as_bytes()[0].is_ascii_digit()
     };
     let Some(open) = open.filter(|&i| name_ok(&s[..i])) else {
-        return Err(format!("`{s}` is not a function signature like `transfer(address,uint256)` or a selector like `0xa9059cbb`"));
+        return Err(format!(
+            "`{s}` is not a function signature like `transfer(address,uint256)` or a selector like `0xa9059cbb`"
+        ));
     };
     if s.contains(char::is_whitespace) {
-        return Err(format!("`{s}`: remove the spaces (the selector hashes the exact text)"));
+        return Err(format!(
+            "`{s}`: remove the spaces (the selector hashes the exact text)"
+        ));
     }
     let args = &s[open + 1..s.len() - 1];
-    for ty in args.split([',', '(', ')', '[', ']']).filter(|t| !t.is_empty() && !t.bytes().all(|b| b.is_ascii_digit())) {
+    for ty in args
+        .split([',', '(', ')', '[', ']'])
+        .filter(|t| !t.is_empty() && !t.bytes().all(|b| b.is_ascii_digit()))
+    {
         if ty == "uint" || ty == "int" || ty == "byte" || ty == "fixed" || ty == "ufixed" {
-            return Err(format!("`{s}`: write `{ty}256`/canonical types; aliases change the selector"));
+            return Err(format!(
+                "`{s}`: write `{ty}256`/canonical types; aliases change the selector"
+            ));
         }
     }
     Ok(())
@@ -335,17 +437,25 @@ fn parse_amount(amount: &Amount) -> Result<U256, String> {
                 "wei" => 0,
                 "gwei" => 9,
                 "ether" | "eth" => 18,
-                other => return Err(format!("unknown unit `{other}` in `{text}` (use wei, gwei or ether)")),
+                other => {
+                    return Err(format!(
+                        "unknown unit `{other}` in `{text}` (use wei, gwei or ether)"
+                    ));
+                }
             },
         ),
     };
     let (int, frac) = number.split_once('.').unwrap_or((number, ""));
     let digits_ok = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
     if int.is_empty() || !digits_ok(int) || !digits_ok(frac) {
-        return Err(format!("`{text}` is not an amount like \"0.1 ether\", \"30 gwei\" or \"1000\""));
+        return Err(format!(
+            "`{text}` is not an amount like \"0.1 ether\", \"30 gwei\" or \"1000\""
+        ));
     }
     if frac.len() > decimals as usize {
-        return Err(format!("`{text}` has more decimals than its unit allows (fractions of a wei)"));
+        return Err(format!(
+            "`{text}` has more decimals than its unit allows (fractions of a wei)"
+        ));
     }
     let scaled = format!("{int}{frac:0<width$}", width = decimals as usize);
     U256::from_str_radix(&scaled, 10).map_err(|_| format!("`{text}` is too large"))
@@ -354,7 +464,10 @@ fn parse_amount(amount: &Amount) -> Result<U256, String> {
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
     let before = &src[..offset.min(src.len())];
     let line = before.matches('\n').count() + 1;
-    let column = before.rfind('\n').map_or(before.len(), |i| before.len() - i - 1) + 1;
+    let column = before
+        .rfind('\n')
+        .map_or(before.len(), |i| before.len() - i - 1)
+        + 1;
     (line, column)
 }
 
@@ -363,7 +476,12 @@ mod tests {
     use super::*;
 
     fn errors(src: &str) -> Vec<String> {
-        parse(Path::new("p.toml"), src).err().unwrap_or_default().iter().map(ToString::to_string).collect()
+        parse(Path::new("p.toml"), src)
+            .err()
+            .unwrap_or_default()
+            .iter()
+            .map(ToString::to_string)
+            .collect()
     }
 
     const GOOD: &str = r#"
@@ -389,11 +507,22 @@ max_value = "0"
         let p = parse(Path::new("p.toml"), GOOD)?;
         assert_eq!(p.max_validity, Duration::from_secs(300));
         assert_eq!(p.active_until, Some(1_893_456_000));
-        assert_eq!(p.per_op.max_cost, Some(U256::from(2_000_000_000_000_000u64)));
-        assert_eq!(p.per_op.max_priority_fee_per_gas, Some(U256::from(3_000_000_000u64)));
-        let FunctionFilter::Selectors(sel) = &p.allow[0].functions else { panic!("selectors") };
+        assert_eq!(
+            p.per_op.max_cost,
+            Some(U256::from(2_000_000_000_000_000u64))
+        );
+        assert_eq!(
+            p.per_op.max_priority_fee_per_gas,
+            Some(U256::from(3_000_000_000u64))
+        );
+        let FunctionFilter::Selectors(sel) = &p.allow[0].functions else {
+            panic!("selectors")
+        };
         assert_eq!(hex::encode(sel[1].0), "a9059cbb");
-        assert_eq!(sel[0].0, FixedBytes::<4>::from_slice(&keccak256("makeMove(uint256,uint8)")[..4]));
+        assert_eq!(
+            sel[0].0,
+            FixedBytes::<4>::from_slice(&keccak256("makeMove(uint256,uint8)")[..4])
+        );
         Ok(())
     }
 
@@ -413,18 +542,41 @@ max_value = "0"
             .replace("\"5m\"", "\"soon\"");
         let errs = errors(&src);
         assert_eq!(errs.len(), 3, "{errs:?}");
-        assert!(errs.iter().any(|e| e.starts_with("p.toml:5:16:") && e.contains("soon")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.starts_with("p.toml:5:16:") && e.contains("soon")),
+            "{errs:?}"
+        );
         assert!(errs.iter().any(|e| e.contains("bananas")), "{errs:?}");
-        assert!(errs.iter().any(|e| e.contains("0x1234") && e.starts_with("p.toml:14:")), "{errs:?}");
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("0x1234") && e.starts_with("p.toml:14:")),
+            "{errs:?}"
+        );
     }
 
     #[test]
     fn contradictions_and_overlaps_are_errors() {
-        let dup = format!("{GOOD}\n[[allow]]\ntarget = \"0x1111111111111111111111111111111111111111\"\nfunctions = [\"*\"]\n");
-        assert!(errors(&dup).iter().any(|e| e.contains("already has a rule")));
+        let dup = format!(
+            "{GOOD}\n[[allow]]\ntarget = \"0x1111111111111111111111111111111111111111\"\nfunctions = [\"*\"]\n"
+        );
+        assert!(
+            errors(&dup)
+                .iter()
+                .any(|e| e.contains("already has a rule"))
+        );
         let tip = GOOD.replace("3000000000", "\"200 gwei\"");
-        assert!(errors(&tip).iter().any(|e| e.contains("exceeds max_fee_per_gas")));
-        for bad in ["transfer(address, uint256)", "transfer(address,uint)", "transfer", "0x1234"] {
+        assert!(
+            errors(&tip)
+                .iter()
+                .any(|e| e.contains("exceeds max_fee_per_gas"))
+        );
+        for bad in [
+            "transfer(address, uint256)",
+            "transfer(address,uint)",
+            "transfer",
+            "0x1234",
+        ] {
             let src = GOOD.replace("makeMove(uint256,uint8)", bad);
             assert_eq!(errors(&src).len(), 1, "{bad}");
         }
@@ -437,7 +589,15 @@ max_value = "0"
         assert_eq!(t("1.5 gwei"), Ok(U256::from(1_500_000_000u64)));
         assert_eq!(t("0.1 ether"), Ok(U256::from(100_000_000_000_000_000u64)));
         assert_eq!(t("42"), Ok(U256::from(42)));
-        for bad in ["", "1.5", "1.5 wei", "-1 gwei", "1 finney", "1e18", "0.0000000001 gwei"] {
+        for bad in [
+            "",
+            "1.5",
+            "1.5 wei",
+            "-1 gwei",
+            "1 finney",
+            "1e18",
+            "0.0000000001 gwei",
+        ] {
             assert!(t(bad).is_err(), "{bad}");
         }
     }

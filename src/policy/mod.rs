@@ -111,43 +111,79 @@ impl Policy {
             call_index: None,
         };
         if !self.chains.contains(&ctx.chain_id) {
-            return Err(reject("chain_not_allowed", "chains", format!("chain {} is not in {:?}", ctx.chain_id, self.chains)));
+            return Err(reject(
+                "chain_not_allowed",
+                "chains",
+                format!("chain {} is not in {:?}", ctx.chain_id, self.chains),
+            ));
         }
         if !self.entry_points.contains(&ctx.version) {
-            return Err(reject("entry_point_not_allowed", "entry_points", format!("EntryPoint v{} is not allowed", ctx.version)));
+            return Err(reject(
+                "entry_point_not_allowed",
+                "entry_points",
+                format!("EntryPoint v{} is not allowed", ctx.version),
+            ));
         }
-        if let Some(until) = self.active_until {
-            if ctx.now >= until {
-                return Err(reject("policy_inactive", "active_until", format!("the policy ended at unix time {until}")));
-            }
+        if let Some(until) = self.active_until
+            && ctx.now >= until
+        {
+            return Err(reject(
+                "policy_inactive",
+                "active_until",
+                format!("the policy ended at unix time {until}"),
+            ));
         }
         let caps = [
-            ("fee_too_high", "per_op.max_fee_per_gas", U256::from(ctx.op.max_fee_per_gas), self.per_op.max_fee_per_gas),
+            (
+                "fee_too_high",
+                "per_op.max_fee_per_gas",
+                U256::from(ctx.op.max_fee_per_gas),
+                self.per_op.max_fee_per_gas,
+            ),
             (
                 "priority_fee_too_high",
                 "per_op.max_priority_fee_per_gas",
                 U256::from(ctx.op.max_priority_fee_per_gas),
                 self.per_op.max_priority_fee_per_gas,
             ),
-            ("cost_too_high", "per_op.max_cost", ctx.max_cost, self.per_op.max_cost),
+            (
+                "cost_too_high",
+                "per_op.max_cost",
+                ctx.max_cost,
+                self.per_op.max_cost,
+            ),
         ];
         for (reason, setting, value, cap) in caps {
             if let Some(cap) = cap.filter(|cap| value > *cap) {
-                return Err(reject(reason, setting, format!("{value} wei exceeds the cap of {cap} wei")));
+                return Err(reject(
+                    reason,
+                    setting,
+                    format!("{value} wei exceeds the cap of {cap} wei"),
+                ));
             }
         }
         for (i, call) in ctx.calls.iter().enumerate() {
-            self.check_call(call).map_err(|(reason, setting, detail)| Rejection {
-                call_index: Some(i),
-                ..reject(reason, &setting, detail)
-            })?;
+            self.check_call(call)
+                .map_err(|(reason, setting, detail)| Rejection {
+                    call_index: Some(i),
+                    ..reject(reason, &setting, detail)
+                })?;
         }
         Ok(())
     }
 
     fn check_call(&self, call: &Call) -> Result<(), (&'static str, String, String)> {
-        let Some((i, rule)) = self.allow.iter().enumerate().find(|(_, r)| r.target == call.target) else {
-            return Err(("target_not_allowed", "allow".into(), format!("no rule allows calls to {}", call.target)));
+        let Some((i, rule)) = self
+            .allow
+            .iter()
+            .enumerate()
+            .find(|(_, r)| r.target == call.target)
+        else {
+            return Err((
+                "target_not_allowed",
+                "allow".into(),
+                format!("no rule allows calls to {}", call.target),
+            ));
         };
         let allowed = match (&rule.functions, call.selector()) {
             (FunctionFilter::Any, _) => true,
@@ -155,8 +191,15 @@ impl Policy {
             (FunctionFilter::Selectors(_), None) => false,
         };
         if !allowed {
-            let what = call.selector().map_or_else(|| "a call without a selector".to_owned(), |s| format!("selector {s}"));
-            return Err(("function_not_allowed", format!("allow[{i}].functions"), format!("{what} on {} is not allowed", call.target)));
+            let what = call.selector().map_or_else(
+                || "a call without a selector".to_owned(),
+                |s| format!("selector {s}"),
+            );
+            return Err((
+                "function_not_allowed",
+                format!("allow[{i}].functions"),
+                format!("{what} on {} is not allowed", call.target),
+            ));
         }
         if call.value > rule.max_value {
             return Err((
@@ -236,20 +279,45 @@ mod tests {
     }
 
     fn call(target: Address, sig: &str, value: u64) -> Call {
-        Call { target, value: U256::from(value), data: Bytes::copy_from_slice(&keccak256(sig)[..4]) }
+        Call {
+            target,
+            value: U256::from(value),
+            data: Bytes::copy_from_slice(&keccak256(sig)[..4]),
+        }
     }
 
     /// Each row: a change to a good context, and the reason (and call index) it must produce.
     #[test]
     fn rule_table() {
         type Mutate = fn(&mut UserOperation, &mut Vec<Call>, &mut u64, &mut u64, &mut U256);
-        let rows: Vec<(&str, Mutate, Option<(&str, Option<usize>)>)> = vec![
+        type Expected = Option<(&'static str, Option<usize>)>;
+        let rows: Vec<(&str, Mutate, Expected)> = vec![
             ("good", |_, _, _, _, _| {}, None),
-            ("chain", |_, _, chain, _, _| *chain = 1, Some(("chain_not_allowed", None))),
-            ("ended", |_, _, _, now, _| *now = 2_000, Some(("policy_inactive", None))),
-            ("fee", |op, _, _, _, _| op.max_fee_per_gas = 101, Some(("fee_too_high", None))),
-            ("tip", |op, _, _, _, _| op.max_priority_fee_per_gas = 11, Some(("priority_fee_too_high", None))),
-            ("cost", |_, _, _, _, cost| *cost = U256::from(1_000_001u64), Some(("cost_too_high", None))),
+            (
+                "chain",
+                |_, _, chain, _, _| *chain = 1,
+                Some(("chain_not_allowed", None)),
+            ),
+            (
+                "ended",
+                |_, _, _, now, _| *now = 2_000,
+                Some(("policy_inactive", None)),
+            ),
+            (
+                "fee",
+                |op, _, _, _, _| op.max_fee_per_gas = 101,
+                Some(("fee_too_high", None)),
+            ),
+            (
+                "tip",
+                |op, _, _, _, _| op.max_priority_fee_per_gas = 11,
+                Some(("priority_fee_too_high", None)),
+            ),
+            (
+                "cost",
+                |_, _, _, _, cost| *cost = U256::from(1_000_001u64),
+                Some(("cost_too_high", None)),
+            ),
             (
                 "target",
                 |_, calls, _, _, _| calls.push(call(Address::repeat_byte(0x22), "increment()", 0)),
@@ -265,10 +333,18 @@ mod tests {
                 |_, calls, _, _, _| calls[0].data = Bytes::new(),
                 Some(("function_not_allowed", Some(0))),
             ),
-            ("value", |_, calls, _, _, _| calls[0].value = U256::from(6u64), Some(("value_too_high", Some(0)))),
+            (
+                "value",
+                |_, calls, _, _, _| calls[0].value = U256::from(6u64),
+                Some(("value_too_high", Some(0))),
+            ),
         ];
         for (name, mutate, expected) in rows {
-            let mut op = UserOperation { max_fee_per_gas: 100, max_priority_fee_per_gas: 10, ..Default::default() };
+            let mut op = UserOperation {
+                max_fee_per_gas: 100,
+                max_priority_fee_per_gas: 10,
+                ..Default::default()
+            };
             let mut calls = vec![call(TARGET, "increment()", 5)];
             let (mut chain, mut now, mut cost) = (31337, 1_000, U256::from(1_000_000u64));
             mutate(&mut op, &mut calls, &mut chain, &mut now, &mut cost);
@@ -291,6 +367,9 @@ mod tests {
             max_cost: U256::ZERO,
             now: 0,
         };
-        assert_eq!(policy().check(&ctx_v08).err().map(|r| r.reason), Some("entry_point_not_allowed"));
+        assert_eq!(
+            policy().check(&ctx_v08).err().map(|r| r.reason),
+            Some("entry_point_not_allowed")
+        );
     }
 }

@@ -20,7 +20,12 @@ const PACKED_USEROP_TYPEHASH: B256 =
 /// v0.7: `keccak256(abi.encode(keccak256(encode(op)), entryPoint, chainId))`.
 /// v0.8: EIP-712, domain `{name: "ERC4337", version: "1", chainId, verifyingContract: entryPoint}`.
 /// (v0.8's EIP-7702 initCode override is not needed: such operations are refused at parsing.)
-pub fn user_op_hash(version: EntryPointVersion, op: &PackedUserOperation, entry_point: Address, chain_id: u64) -> B256 {
+pub fn user_op_hash(
+    version: EntryPointVersion,
+    op: &PackedUserOperation,
+    entry_point: Address,
+    chain_id: u64,
+) -> B256 {
     let fields = (
         op.sender,
         op.nonce,
@@ -38,7 +43,8 @@ pub fn user_op_hash(version: EntryPointVersion, op: &PackedUserOperation, entry_
         }
         EntryPointVersion::V0_8 => {
             let (s, n, ic, cd, agl, pvg, fees, pmd) = fields;
-            let struct_hash = keccak256((PACKED_USEROP_TYPEHASH, s, n, ic, cd, agl, pvg, fees, pmd).abi_encode());
+            let struct_hash =
+                keccak256((PACKED_USEROP_TYPEHASH, s, n, ic, cd, agl, pvg, fees, pmd).abi_encode());
             eip712_digest(&v0_8_domain(entry_point, chain_id), struct_hash)
         }
     }
@@ -55,7 +61,14 @@ fn v0_8_domain(entry_point: Address, chain_id: u64) -> Eip712Domain {
 
 /// EIP-712 digest: `keccak256(0x1901 ‖ domainSeparator ‖ structHash)`.
 fn eip712_digest(domain: &Eip712Domain, struct_hash: B256) -> B256 {
-    keccak256([&[0x19, 0x01][..], domain.separator().as_slice(), struct_hash.as_slice()].concat())
+    keccak256(
+        [
+            &[0x19, 0x01][..],
+            domain.separator().as_slice(),
+            struct_hash.as_slice(),
+        ]
+        .concat(),
+    )
 }
 
 /// `SessionPaymaster.getHash(op, validUntil, validAfter)` for `op` carrying our paymaster gas

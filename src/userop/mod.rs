@@ -13,7 +13,7 @@ use std::str::FromStr;
 
 use alloy::primitives::{Address, address};
 
-pub use v0_7::{PackedUserOperation, UserOperation};
+pub use v0_7::{IEntryPoint, ISessionPaymaster, PackedUserOperation, UserOperation};
 
 /// The EntryPoint versions this service sponsors for.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -53,7 +53,9 @@ impl FromStr for EntryPointVersion {
         match s.trim_start_matches('v') {
             "0.7" => Ok(Self::V0_7),
             "0.8" => Ok(Self::V0_8),
-            other => Err(format!("unsupported EntryPoint version `{other}` (supported: 0.7, 0.8)")),
+            other => Err(format!(
+                "unsupported EntryPoint version `{other}` (supported: 0.7, 0.8)"
+            )),
         }
     }
 }

@@ -51,7 +51,10 @@ impl PaymasterGas {
     pub fn for_op_size(hashed_bytes: usize) -> Self {
         let words = (hashed_bytes.saturating_sub(16 * 1024) as u128).div_ceil(32);
         let extra = 2 * (9 * words + words * words / 512);
-        Self { verification: PAYMASTER_VERIFICATION_GAS + extra, post_op: PAYMASTER_POST_OP_GAS }
+        Self {
+            verification: PAYMASTER_VERIFICATION_GAS + extra,
+            post_op: PAYMASTER_POST_OP_GAS,
+        }
     }
 }
 
@@ -88,9 +91,15 @@ impl ValidityWindow {
     /// A window, checked: `0 <= valid_after < valid_until <= uint48 max`.
     pub fn new(valid_after: u64, valid_until: u64) -> Result<Self, PaymasterDataError> {
         if valid_until == 0 || valid_until > MAX_UINT48 || valid_after >= valid_until {
-            return Err(PaymasterDataError::Window { valid_after, valid_until });
+            return Err(PaymasterDataError::Window {
+                valid_after,
+                valid_until,
+            });
         }
-        Ok(Self { valid_until, valid_after })
+        Ok(Self {
+            valid_until,
+            valid_after,
+        })
     }
 }
 
@@ -106,7 +115,10 @@ pub struct PaymasterData {
 impl PaymasterData {
     /// Stub data for gas estimation: final length, final window, [`STUB_SIGNATURE`].
     pub fn stub(window: ValidityWindow) -> Self {
-        Self { window, signature: STUB_SIGNATURE }
+        Self {
+            window,
+            signature: STUB_SIGNATURE,
+        }
     }
 
     /// `validUntil(6) ‖ validAfter(6) ‖ signature(65)`.
@@ -149,7 +161,10 @@ mod tests {
         assert_eq!(hex::encode(STUB_SIGNATURE), hex::encode(expected));
 
         // Low s (EIP-2 / OpenZeppelin ECDSA) and v in {27, 28}: ecrecover succeeds.
-        let half_n = U256::from_str_radix("7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0", 16)?;
+        let half_n = U256::from_str_radix(
+            "7fffffffffffffffffffffffffffffff5d576e7357a4501ddfe92f46681b20a0",
+            16,
+        )?;
         assert!(U256::from_be_slice(&STUB_SIGNATURE[32..64]) <= half_n);
         let sig = Signature::from_slice(&STUB_SIGNATURE[..64])?;
         let recid = RecoveryId::from_byte(STUB_SIGNATURE[64] - 27).ok_or("bad v")?;
@@ -168,21 +183,33 @@ mod tests {
     #[test]
     fn decode_rejects_wrong_lengths() {
         for len in [0, 12, 76, 78, 129] {
-            assert_eq!(PaymasterData::decode(&vec![0; len]), Err(PaymasterDataError::Length(len)));
+            assert_eq!(
+                PaymasterData::decode(&vec![0; len]),
+                Err(PaymasterDataError::Length(len))
+            );
         }
     }
 
     #[test]
     fn gas_grows_only_past_16_kib() {
-        assert_eq!(PaymasterGas::for_op_size(0).verification, PAYMASTER_VERIFICATION_GAS);
-        assert_eq!(PaymasterGas::for_op_size(16 * 1024).verification, PAYMASTER_VERIFICATION_GAS);
+        assert_eq!(
+            PaymasterGas::for_op_size(0).verification,
+            PAYMASTER_VERIFICATION_GAS
+        );
+        assert_eq!(
+            PaymasterGas::for_op_size(16 * 1024).verification,
+            PAYMASTER_VERIFICATION_GAS
+        );
         // A cost model of validation (measured 10.3k base; calldata copy + keccak + memory
         // expansion for every word hashed) stays under the limit with at least 1.5x margin.
         for kib in [1usize, 16, 17, 64, 128, 256] {
             let words = (kib * 1024 / 32) as u128;
             let model = 10_300 + 12 * words + words * words / 512;
             let limit = PaymasterGas::for_op_size(kib * 1024).verification;
-            assert!(limit * 2 >= model * 3, "{kib} KiB: limit {limit}, model {model}");
+            assert!(
+                limit * 2 >= model * 3,
+                "{kib} KiB: limit {limit}, model {model}"
+            );
         }
     }
 

@@ -28,6 +28,30 @@ sol! {
         bytes paymasterAndData;
         bytes signature;
     }
+
+    /// What this service uses of the v0.7 and v0.8 EntryPoint (`IEntryPoint.sol`, `IStakeManager.sol`).
+    #[sol(rpc)]
+    interface IEntryPoint {
+        event UserOperationEvent(bytes32 indexed userOpHash, address indexed sender, address indexed paymaster, uint256 nonce, bool success, uint256 actualGasCost, uint256 actualGasUsed);
+        error FailedOp(uint256 opIndex, string reason);
+        error FailedOpWithRevert(uint256 opIndex, string reason, bytes inner);
+        function handleOps(PackedUserOperation[] calldata ops, address payable beneficiary) external;
+        function getUserOpHash(PackedUserOperation calldata userOp) external view returns (bytes32);
+        function balanceOf(address account) external view returns (uint256);
+        function getNonce(address sender, uint192 key) external view returns (uint256 nonce);
+    }
+
+    /// `contracts/src/SessionPaymaster.sol`.
+    #[sol(rpc)]
+    interface ISessionPaymaster {
+        error InvalidPaymasterDataLength(uint256 length);
+        function getHash(PackedUserOperation calldata userOp, uint48 validUntil, uint48 validAfter) external view returns (bytes32);
+        function isSigner(address signer) external view returns (bool);
+        function addSigner(address signer) external;
+        function deposit() external payable;
+        function getDeposit() external view returns (uint256);
+        function owner() external view returns (address);
+    }
 }
 
 /// A user operation in the RPC (unpacked) form, parsed and typed.
@@ -96,7 +120,9 @@ impl UserOperation {
                     n => {
                         return Err(FieldError::invalid(
                             "factory",
-                            format!("expected a 20-byte address, got {n} bytes (EIP-7702 operations are not supported)"),
+                            format!(
+                                "expected a 20-byte address, got {n} bytes (EIP-7702 operations are not supported)"
+                            ),
                         ));
                     }
                 }
@@ -128,7 +154,9 @@ impl UserOperation {
             call_gas_limit: q128("callGasLimit")?,
             verification_gas_limit: q128("verificationGasLimit")?,
             pre_verification_gas: wire::optional(obj, "preVerificationGas")
-                .map_or(Ok(U256::ZERO), |v| wire::quantity("preVerificationGas", v, 256))?,
+                .map_or(Ok(U256::ZERO), |v| {
+                    wire::quantity("preVerificationGas", v, 256)
+                })?,
             max_fee_per_gas: q128("maxFeePerGas")?,
             max_priority_fee_per_gas: q128("maxPriorityFeePerGas")?,
             paymaster,
@@ -159,7 +187,10 @@ impl UserOperation {
             return zero("maxFeePerGas");
         }
         if self.max_priority_fee_per_gas > self.max_fee_per_gas {
-            return Err(FieldError::invalid("maxPriorityFeePerGas", "exceeds maxFeePerGas"));
+            return Err(FieldError::invalid(
+                "maxPriorityFeePerGas",
+                "exceeds maxFeePerGas",
+            ));
         }
         Ok(())
     }
@@ -170,6 +201,12 @@ impl UserOperation {
             None => Bytes::new(),
             Some(factory) => [factory.as_slice(), &self.factory_data].concat().into(),
         }
+    }
+
+    /// Bytes the paymaster hashes during validation (`initCode` and `callData`): what its
+    /// verification gas grows with.
+    pub fn hashed_len(&self) -> usize {
+        self.factory.map_or(0, |_| 20 + self.factory_data.len()) + self.call_data.len()
     }
 
     /// `verificationGasLimit(16) ‖ callGasLimit(16)`.
@@ -284,25 +321,40 @@ mod tests {
         }
         let mut v = sample();
         v.as_object_mut().map(|o| o.remove("sender"));
-        assert_eq!(UserOperation::from_json(&v).unwrap_err(), FieldError::Missing("sender".into()));
+        assert_eq!(
+            UserOperation::from_json(&v).unwrap_err(),
+            FieldError::Missing("sender".into())
+        );
     }
 
     #[test]
     fn stub_requests_may_omit_gas_but_signing_may_not() -> Result<(), FieldError> {
         let mut v = sample();
-        for f in ["callGasLimit", "verificationGasLimit", "preVerificationGas", "maxFeePerGas"] {
+        for f in [
+            "callGasLimit",
+            "verificationGasLimit",
+            "preVerificationGas",
+            "maxFeePerGas",
+        ] {
             v.as_object_mut().map(|o| o.remove(f));
         }
         let op = UserOperation::from_json(&v)?;
-        assert_eq!(op.require_gas_limits().unwrap_err().field(), "verificationGasLimit");
+        assert_eq!(
+            op.require_gas_limits().unwrap_err().field(),
+            "verificationGasLimit"
+        );
         Ok(())
     }
 
     #[test]
     fn max_cost_sums_every_gas_field() -> Result<(), FieldError> {
         let op = UserOperation::from_json(&sample())?;
-        let gas = PaymasterGas { verification: 40_000, post_op: 0 };
-        let expected = U256::from(50_000u64 + 200_000 + 100_000 + 40_000) * U256::from(2_000_000_000u64);
+        let gas = PaymasterGas {
+            verification: 40_000,
+            post_op: 0,
+        };
+        let expected =
+            U256::from(50_000u64 + 200_000 + 100_000 + 40_000) * U256::from(2_000_000_000u64);
         assert_eq!(op.max_cost(gas), expected);
         Ok(())
     }

@@ -1,0 +1,113 @@
+//! Service configuration: command-line flags, each with an `SP_*` environment variable and a
+//! default that runs the embedded development setup (docs/operations.md lists them all).
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+
+use alloy::primitives::Address;
+use clap::Args;
+
+use crate::signer::KeySource;
+use crate::userop::EntryPointVersion;
+
+/// Flags of `serve`.
+#[derive(Debug, Clone, Args)]
+pub struct ServeArgs {
+    /// Address to listen on for JSON-RPC.
+    #[arg(long, env = "SP_LISTEN", default_value = "127.0.0.1:4337")]
+    pub listen: SocketAddr,
+
+    /// Chain id this instance sponsors on.
+    #[arg(long, env = "SP_CHAIN_ID", default_value_t = 31337)]
+    pub chain_id: u64,
+
+    /// EntryPoint v0.7 address.
+    #[arg(long, env = "SP_ENTRY_POINT_V07", default_value_t = EntryPointVersion::V0_7.canonical_address())]
+    pub entry_point_v07: Address,
+
+    /// EntryPoint v0.8 address.
+    #[arg(long, env = "SP_ENTRY_POINT_V08", default_value_t = EntryPointVersion::V0_8.canonical_address())]
+    pub entry_point_v08: Address,
+
+    /// SessionPaymaster deployed for the v0.7 EntryPoint (without it, v0.7 requests are refused).
+    #[arg(long, env = "SP_PAYMASTER_V07")]
+    pub paymaster_v07: Option<Address>,
+
+    /// SessionPaymaster deployed for the v0.8 EntryPoint (without it, v0.8 requests are refused).
+    #[arg(long, env = "SP_PAYMASTER_V08")]
+    pub paymaster_v08: Option<Address>,
+
+    /// File holding the signer's private key as hex (see `keygen`).
+    #[arg(long, env = "SP_SIGNER_KEY_FILE", conflicts_with = "signer_key_env")]
+    pub signer_key_file: Option<PathBuf>,
+
+    /// Name of an environment variable holding the signer's private key as hex.
+    #[arg(long, env = "SP_SIGNER_KEY_ENV")]
+    pub signer_key_env: Option<String>,
+
+    /// Directory of policy files (`*.toml`).
+    #[arg(long, env = "SP_POLICIES", default_value = "policies")]
+    pub policies: PathBuf,
+
+    /// Sponsor name shown to wallets (ERC-7677 `sponsor.name`).
+    #[arg(long, env = "SP_SPONSOR_NAME", default_value = "session-paymaster")]
+    pub sponsor_name: String,
+
+    /// Log format: `text` or `json`.
+    #[arg(long, env = "SP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
+    pub log_format: String,
+}
+
+/// One EntryPoint this instance serves, and our paymaster for it.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct EntryPointConfig {
+    /// Protocol version.
+    pub version: EntryPointVersion,
+    /// EntryPoint address.
+    pub address: Address,
+    /// SessionPaymaster deployed for it, if any.
+    pub paymaster: Option<Address>,
+}
+
+/// What the service needs to build its state.
+#[derive(Debug, Clone)]
+pub struct Config {
+    /// Chain id.
+    pub chain_id: u64,
+    /// EntryPoints served.
+    pub entry_points: Vec<EntryPointConfig>,
+    /// Where the signing key comes from.
+    pub signer: KeySource,
+    /// Policy directory.
+    pub policies_dir: PathBuf,
+    /// ERC-7677 sponsor name.
+    pub sponsor_name: String,
+}
+
+impl From<&ServeArgs> for Config {
+    fn from(args: &ServeArgs) -> Self {
+        let signer = match (&args.signer_key_file, &args.signer_key_env) {
+            (Some(path), _) => KeySource::File(path.clone()),
+            (None, Some(var)) => KeySource::Env(var.clone()),
+            (None, None) => KeySource::Ephemeral,
+        };
+        Self {
+            chain_id: args.chain_id,
+            entry_points: vec![
+                EntryPointConfig {
+                    version: EntryPointVersion::V0_7,
+                    address: args.entry_point_v07,
+                    paymaster: args.paymaster_v07,
+                },
+                EntryPointConfig {
+                    version: EntryPointVersion::V0_8,
+                    address: args.entry_point_v08,
+                    paymaster: args.paymaster_v08,
+                },
+            ],
+            signer,
+            policies_dir: args.policies.clone(),
+            sponsor_name: args.sponsor_name.clone(),
+        }
+    }
+}

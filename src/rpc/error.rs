@@ -1,0 +1,149 @@
+//! The one table from internal errors to JSON-RPC errors. Nowhere else invents a code.
+//!
+//! | code   | meaning                                   | `data`                                  |
+//! |--------|-------------------------------------------|-----------------------------------------|
+//! | -32700 | parse error (body is not JSON)            |                                         |
+//! | -32600 | invalid request (not a JSON-RPC 2.0 call) |                                         |
+//! | -32601 | method not found                          | `{method}`                              |
+//! | -32602 | invalid params                            | `{field, reason}`                       |
+//! | -32603 | internal error                            | `{requestId}` only, details in the log  |
+//! | -32001 | unsupported chain or EntryPoint           | `{reason, supported}`                   |
+//! | -32002 | no paymaster configured for the EntryPoint| `{reason, entryPointVersion}`           |
+//! | -32003 | sponsorship rejected                      | `{reason, rule, detail, callIndex?}`    |
+//!
+//! docs/rpc.md documents the same table for clients.
+
+use serde_json::{Value, json};
+
+use crate::sponsor::SponsorError;
+use crate::wire::FieldError;
+
+/// JSON-RPC 2.0 parse error.
+pub const PARSE_ERROR: i64 = -32700;
+/// JSON-RPC 2.0 invalid request.
+pub const INVALID_REQUEST: i64 = -32600;
+/// JSON-RPC 2.0 method not found.
+pub const METHOD_NOT_FOUND: i64 = -32601;
+/// JSON-RPC 2.0 invalid params.
+pub const INVALID_PARAMS: i64 = -32602;
+/// JSON-RPC 2.0 internal error.
+pub const INTERNAL_ERROR: i64 = -32603;
+/// Chain or EntryPoint not served.
+pub const UNSUPPORTED: i64 = -32001;
+/// EntryPoint served but no paymaster deployed for it.
+pub const NOT_CONFIGURED: i64 = -32002;
+/// A policy (or the decoder) refused the operation.
+pub const REJECTED: i64 = -32003;
+
+/// A JSON-RPC error object.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RpcError {
+    /// Error code.
+    pub code: i64,
+    /// Short message.
+    pub message: String,
+    /// Structured detail.
+    pub data: Option<Value>,
+}
+
+impl RpcError {
+    /// An error without data.
+    pub fn new(code: i64, message: impl Into<String>) -> Self {
+        Self {
+            code,
+            message: message.into(),
+            data: None,
+        }
+    }
+
+    /// The error object as JSON.
+    pub fn to_json(&self) -> Value {
+        let mut v = json!({ "code": self.code, "message": self.message });
+        if let Some(data) = &self.data {
+            v["data"] = data.clone();
+        }
+        v
+    }
+
+    /// `-32601`.
+    pub fn method_not_found(method: &str) -> Self {
+        Self {
+            data: Some(json!({ "method": method })),
+            ..Self::new(METHOD_NOT_FOUND, format!("method `{method}` not found"))
+        }
+    }
+
+    /// `-32603`: the client learns only the request id; the cause goes to the log.
+    pub fn internal(request_id: &str, cause: &dyn std::fmt::Display) -> Self {
+        tracing::error!(request_id, error = %cause, "internal error");
+        Self {
+            data: Some(json!({ "requestId": request_id })),
+            ..Self::new(INTERNAL_ERROR, "internal error")
+        }
+    }
+
+    /// Map a sponsorship error.
+    pub fn from_sponsor(
+        err: SponsorError,
+        request_id: &str,
+        supported_entry_points: &[String],
+    ) -> Self {
+        match err {
+            SponsorError::InvalidParams(e) => e.into(),
+            SponsorError::UnsupportedChain { served, .. } => Self {
+                data: Some(
+                    json!({ "reason": "unsupported_chain", "supported": [format!("{served:#x}")] }),
+                ),
+                ..Self::new(UNSUPPORTED, err.to_string())
+            },
+            SponsorError::UnsupportedEntryPoint(_) => Self {
+                data: Some(
+                    json!({ "reason": "unsupported_entry_point", "supported": supported_entry_points }),
+                ),
+                ..Self::new(UNSUPPORTED, err.to_string())
+            },
+            SponsorError::PaymasterNotConfigured(version) => Self {
+                data: Some(
+                    json!({ "reason": "paymaster_not_configured", "entryPointVersion": version.to_string() }),
+                ),
+                ..Self::new(NOT_CONFIGURED, err.to_string())
+            },
+            SponsorError::UnknownPolicy(_) => Self {
+                data: Some(
+                    json!({ "reason": "unknown_policy", "rule": "context.sponsorshipPolicyId", "detail": err.to_string() }),
+                ),
+                ..Self::new(REJECTED, err.to_string())
+            },
+            SponsorError::Rejected(r) => {
+                let mut data = json!({ "reason": r.reason, "rule": r.rule, "detail": r.detail });
+                if let Some(i) = r.call_index {
+                    data["callIndex"] = json!(i);
+                }
+                Self {
+                    data: Some(data),
+                    ..Self::new(REJECTED, format!("sponsorship rejected: {}", r.reason))
+                }
+            }
+            SponsorError::Window(e) => Self {
+                data: Some(
+                    json!({ "reason": "empty_validity_window", "rule": "validity", "detail": e.to_string() }),
+                ),
+                ..Self::new(REJECTED, "sponsorship rejected: empty_validity_window")
+            },
+            SponsorError::Signer(e) => Self::internal(request_id, &e),
+        }
+    }
+}
+
+impl From<FieldError> for RpcError {
+    fn from(e: FieldError) -> Self {
+        let reason = match &e {
+            FieldError::Missing(_) => "missing".to_owned(),
+            FieldError::Invalid { reason, .. } => reason.clone(),
+        };
+        Self {
+            data: Some(json!({ "field": e.field(), "reason": reason })),
+            ..Self::new(INVALID_PARAMS, e.to_string())
+        }
+    }
+}

@@ -1,0 +1,362 @@
+//! One sponsorship, start to finish (DESIGN §1): entry point and chain, gas limits, calldata
+//! decoding, policy, validity window, signature. No I/O: the hot path is pure computation
+//! plus one signature (the ledger issue adds one Redis round trip between policy and signer).
+
+use alloy::primitives::{Address, B256};
+use serde_json::Value;
+
+use crate::config::EntryPointConfig;
+use crate::policy::calldata::{self, CalldataError};
+use crate::policy::{OpContext, Policy, PolicySet, Rejection};
+use crate::signer::{Signer, SignerError};
+use crate::userop::hash::paymaster_hash;
+use crate::userop::paymaster_data::{
+    PaymasterData, PaymasterDataError, PaymasterGas, ValidityWindow,
+};
+use crate::userop::{EntryPointVersion, UserOperation};
+use crate::wire::{self, FieldError};
+
+/// How far in the past `validAfter` is put. v0.8 requires `block.timestamp > validAfter`, so
+/// "now" would fail for an op mined in the same second; and block timestamps may trail our
+/// clock. Starting a minute early gives nothing away: `validUntil` is what bounds a signature.
+pub const VALID_AFTER_SKEW_SECS: u64 = 60;
+
+/// Stub (ERC-7677 `pm_getPaymasterStubData`, for gas estimation) or final signed data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Same checks, final length, a dummy signature; signs nothing.
+    Stub,
+    /// Signed paymaster data.
+    Final,
+}
+
+/// One request to the pipeline.
+#[derive(Debug, Clone, Copy)]
+pub struct SponsorRequest<'a> {
+    /// The operation.
+    pub op: &'a UserOperation,
+    /// The EntryPoint it is for.
+    pub entry_point: Address,
+    /// The request context.
+    pub context: &'a RequestContext,
+    /// Stub or final.
+    pub mode: Mode,
+    /// Sign over the paymaster gas limits the operation already carries (when it names our
+    /// paymaster) instead of choosing them. ERC-7677 `pm_getPaymasterData` returns no gas
+    /// limits, so the client keeps the ones it has (from the stub, or from a bundler's
+    /// estimate), and a signature over other values would fail with AA34.
+    pub keep_client_gas: bool,
+}
+
+/// The request context: third param of `pm_sponsorUserOperation`, fourth of ERC-7677 methods.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    /// Session grant to sponsor under.
+    pub session_id: Option<B256>,
+    /// Policy to sponsor under (Pimlico's name, so existing clients work).
+    pub sponsorship_policy_id: Option<String>,
+    /// Shorter signature lifetime than the policy's.
+    pub valid_for_seconds: Option<u64>,
+}
+
+impl RequestContext {
+    /// Parse the context object; `null`/absent is empty. Unknown keys are ignored (wallets add
+    /// their own) and logged at debug.
+    pub fn from_json(value: Option<&Value>) -> Result<Self, FieldError> {
+        let Some(obj) = value.filter(|v| !v.is_null()) else {
+            return Ok(Self::default());
+        };
+        let obj = obj
+            .as_object()
+            .ok_or_else(|| FieldError::invalid("context", "expected a JSON object"))?;
+        for key in obj.keys() {
+            if !matches!(
+                key.as_str(),
+                "sessionId" | "sponsorshipPolicyId" | "validForSeconds" | "sessionProof"
+            ) {
+                tracing::debug!(key, "ignoring unknown context key");
+            }
+        }
+        let valid_for_seconds = match wire::optional(obj, "validForSeconds") {
+            None => None,
+            Some(v) => Some(v.as_u64().filter(|&n| n > 0).ok_or_else(|| {
+                FieldError::invalid("context.validForSeconds", "expected a positive integer")
+            })?),
+        };
+        let sponsorship_policy_id = match wire::optional(obj, "sponsorshipPolicyId") {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| {
+                        FieldError::invalid("context.sponsorshipPolicyId", "expected a string")
+                    })?
+                    .to_owned(),
+            ),
+        };
+        Ok(Self {
+            session_id: wire::optional(obj, "sessionId")
+                .map(|v| wire::bytes32("context.sessionId", v))
+                .transpose()?,
+            sponsorship_policy_id,
+            valid_for_seconds,
+        })
+    }
+}
+
+/// A granted sponsorship.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sponsorship {
+    /// Our paymaster contract for the request's EntryPoint.
+    pub paymaster: Address,
+    /// Gas limits the signature commits to.
+    pub gas: PaymasterGas,
+    /// Window and signature (a stub signature in [`Mode::Stub`]).
+    pub data: PaymasterData,
+    /// The policy that accepted the operation.
+    pub policy_id: String,
+}
+
+/// Why an operation is not sponsored.
+#[derive(Debug, thiserror::Error)]
+pub enum SponsorError {
+    /// A parameter is malformed.
+    #[error(transparent)]
+    InvalidParams(#[from] FieldError),
+    /// The request names a chain we do not serve.
+    #[error("chain {requested} is not supported (this instance serves chain {served})")]
+    UnsupportedChain {
+        /// Asked for.
+        requested: u64,
+        /// Served.
+        served: u64,
+    },
+    /// The request names an EntryPoint we do not serve.
+    #[error("EntryPoint {0} is not supported")]
+    UnsupportedEntryPoint(Address),
+    /// We serve the EntryPoint but have no paymaster deployed for it.
+    #[error("no paymaster is configured for EntryPoint v{0}")]
+    PaymasterNotConfigured(EntryPointVersion),
+    /// `sponsorshipPolicyId` names no loaded policy.
+    #[error("unknown sponsorship policy `{0}`")]
+    UnknownPolicy(String),
+    /// A policy (or the calldata decoder) refused the operation.
+    #[error("{}: {}", .0.reason, .0.detail)]
+    Rejected(Rejection),
+    /// The window computed from policy and context is empty.
+    #[error(transparent)]
+    Window(#[from] PaymasterDataError),
+    /// The signer failed: internal.
+    #[error(transparent)]
+    Signer(#[from] SignerError),
+}
+
+/// The sponsorship pipeline and what it needs.
+#[derive(Debug)]
+pub struct Sponsor {
+    chain_id: u64,
+    entry_points: Vec<EntryPointConfig>,
+    policies: PolicySet,
+    signer: Signer,
+}
+
+impl Sponsor {
+    /// Assemble the pipeline.
+    pub fn new(
+        chain_id: u64,
+        entry_points: Vec<EntryPointConfig>,
+        policies: PolicySet,
+        signer: Signer,
+    ) -> Self {
+        Self {
+            chain_id,
+            entry_points,
+            policies,
+            signer,
+        }
+    }
+
+    /// Chain id served.
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    /// EntryPoints served.
+    pub fn entry_points(&self) -> &[EntryPointConfig] {
+        &self.entry_points
+    }
+
+    /// The signer (its address goes into SessionPaymaster's signer set).
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// Loaded policies.
+    pub fn policies(&self) -> &PolicySet {
+        &self.policies
+    }
+
+    /// Refuse a request for another chain (ERC-7677 passes the chain id explicitly).
+    pub fn check_chain(&self, requested: u64) -> Result<(), SponsorError> {
+        if requested == self.chain_id {
+            Ok(())
+        } else {
+            Err(SponsorError::UnsupportedChain {
+                requested,
+                served: self.chain_id,
+            })
+        }
+    }
+
+    /// Decide, and in [`Mode::Final`] sign, the paymaster data for `op` at `now` (unix seconds).
+    pub fn sponsor(&self, req: SponsorRequest<'_>, now: u64) -> Result<Sponsorship, SponsorError> {
+        let SponsorRequest {
+            op,
+            entry_point,
+            context,
+            mode,
+            keep_client_gas,
+        } = req;
+        let ep = self
+            .entry_points
+            .iter()
+            .find(|e| e.address == entry_point)
+            .ok_or(SponsorError::UnsupportedEntryPoint(entry_point))?;
+        let paymaster = ep
+            .paymaster
+            .ok_or(SponsorError::PaymasterNotConfigured(ep.version))?;
+        if mode == Mode::Final {
+            op.require_gas_limits()?;
+        }
+        if context.session_id.is_some() {
+            return Err(SponsorError::Rejected(Rejection {
+                reason: "session_not_found",
+                rule: "context.sessionId".into(),
+                detail: "this instance has no session grants".into(),
+                call_index: None,
+            }));
+        }
+
+        let calls = calldata::decode(&op.call_data).map_err(|e| {
+            SponsorError::Rejected(Rejection {
+                reason: match e {
+                    CalldataError::UnknownAccountCall(_) => "unknown_account_call",
+                    CalldataError::Malformed { .. } => "malformed_calldata",
+                },
+                rule: "callData".into(),
+                detail: e.to_string(),
+                call_index: None,
+            })
+        })?;
+        let needed = PaymasterGas::for_op_size(op.hashed_len());
+        let client_gas = op
+            .paymaster
+            .as_ref()
+            .filter(|p| keep_client_gas && p.paymaster == paymaster)
+            .map(|p| p.gas);
+        let gas = match client_gas {
+            Some(g) if g.verification >= needed.verification => g,
+            Some(g) if g.verification > 0 => {
+                return Err(FieldError::invalid(
+                    "paymasterVerificationGasLimit",
+                    format!(
+                        "{} is below the {} this paymaster needs for this operation",
+                        g.verification, needed.verification
+                    ),
+                )
+                .into());
+            }
+            _ => needed,
+        };
+        let ctx = OpContext {
+            chain_id: self.chain_id,
+            version: ep.version,
+            op,
+            calls: &calls,
+            max_cost: op.max_cost(gas),
+            now,
+        };
+        let policy = self.select_policy(context, &ctx)?;
+
+        let mut valid_until = now.saturating_add(policy.max_validity.as_secs());
+        if let Some(end) = policy.active_until {
+            valid_until = valid_until.min(end);
+        }
+        if let Some(secs) = context.valid_for_seconds {
+            valid_until = valid_until.min(now.saturating_add(secs));
+        }
+        let window = ValidityWindow::new(now.saturating_sub(VALID_AFTER_SKEW_SECS), valid_until)?;
+
+        let data = match mode {
+            Mode::Stub => PaymasterData::stub(window),
+            Mode::Final => {
+                let hash = paymaster_hash(op, gas, paymaster, self.chain_id, window);
+                PaymasterData {
+                    window,
+                    signature: self.signer.sign_eip191(hash)?,
+                }
+            }
+        };
+        Ok(Sponsorship {
+            paymaster,
+            gas,
+            data,
+            policy_id: policy.id.clone(),
+        })
+    }
+
+    /// The named policy, or the first (by id) that accepts the operation.
+    fn select_policy(
+        &self,
+        context: &RequestContext,
+        ctx: &OpContext<'_>,
+    ) -> Result<&Policy, SponsorError> {
+        if let Some(id) = &context.sponsorship_policy_id {
+            let policy = self
+                .policies
+                .get(id)
+                .ok_or_else(|| SponsorError::UnknownPolicy(id.clone()))?;
+            if policy.require_session {
+                return Err(session_required(policy));
+            }
+            policy.check(ctx).map_err(SponsorError::Rejected)?;
+            return Ok(policy);
+        }
+        let mut rejections = Vec::new();
+        for policy in self.policies.iter().filter(|p| !p.require_session) {
+            match policy.check(ctx) {
+                Ok(()) => return Ok(policy),
+                Err(r) => rejections.push(r),
+            }
+        }
+        Err(SponsorError::Rejected(match rejections.len() {
+            0 => Rejection {
+                reason: "no_policy",
+                rule: "policies".into(),
+                detail: "no policy sponsors operations without a session".into(),
+                call_index: None,
+            },
+            // One candidate: its own reason is the most useful answer.
+            1 => rejections.remove(0),
+            _ => Rejection {
+                reason: "no_matching_policy",
+                rule: "policies".into(),
+                detail: rejections
+                    .iter()
+                    .map(|r| format!("{}: {} ({})", r.rule, r.reason, r.detail))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+                call_index: None,
+            },
+        }))
+    }
+}
+
+fn session_required(policy: &Policy) -> SponsorError {
+    SponsorError::Rejected(Rejection {
+        reason: "session_required",
+        rule: format!("{}.require_session", policy.id),
+        detail: "this policy sponsors only operations made under a session (context.sessionId)"
+            .into(),
+        call_index: None,
+    })
+}

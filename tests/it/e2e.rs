@@ -1,0 +1,369 @@
+//! End to end on anvil with the real EntryPoints: a counterfactual SimpleAccount operation,
+//! sponsored over HTTP, executes in `handleOps` and is paid by our paymaster; tampering with
+//! any signed field afterwards makes the EntryPoint refuse it with AA34.
+
+use alloy::network::TransactionBuilder;
+use alloy::primitives::{Address, B256, Bytes, U256};
+use alloy::providers::Provider;
+use alloy::rpc::types::TransactionRequest;
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol;
+use alloy::sol_types::{SolCall, SolEvent};
+use serde_json::{Value, json};
+use session_paymaster::userop::hash::user_op_hash;
+use session_paymaster::userop::paymaster_data::PaymasterData;
+use session_paymaster::userop::{EntryPointVersion, IEntryPoint, UserOperation};
+
+use crate::helpers::{Stack, TestResult};
+
+sol! {
+    #[sol(rpc)]
+    interface ISimpleAccountFactory {
+        function getAddress(address owner, uint256 salt) external view returns (address);
+        function createAccount(address owner, uint256 salt) external returns (address);
+    }
+    interface ISimpleAccount {
+        function execute(address dest, uint256 value, bytes func) external;
+    }
+    #[sol(rpc)]
+    interface ICounter {
+        function increment() external;
+        function count(address who) external view returns (uint256);
+    }
+}
+
+/// A wallet-side user: owner key, counterfactual account, and the ops it builds.
+struct User<'a> {
+    stack: &'a Stack,
+    version: EntryPointVersion,
+    owner: PrivateKeySigner,
+    sender: Address,
+}
+
+impl<'a> User<'a> {
+    async fn new(stack: &'a Stack, version: EntryPointVersion) -> TestResult<Self> {
+        let owner = PrivateKeySigner::random();
+        let factory = ISimpleAccountFactory::new(
+            stack.version(version).simple_account_factory,
+            &stack.anvil.provider,
+        );
+        let sender = factory
+            .getAddress(owner.address(), U256::ZERO)
+            .call()
+            .await?;
+        Ok(Self {
+            stack,
+            version,
+            owner,
+            sender,
+        })
+    }
+
+    /// The RPC form a client sends: deploys the account and calls Counter.increment().
+    fn op_json(&self) -> Value {
+        let factory_data = ISimpleAccountFactory::createAccountCall {
+            owner: self.owner.address(),
+            salt: U256::ZERO,
+        }
+        .abi_encode();
+        let call_data = ISimpleAccount::executeCall {
+            dest: self.stack.deployed.counter,
+            value: U256::ZERO,
+            func: ICounter::incrementCall {}.abi_encode().into(),
+        }
+        .abi_encode();
+        json!({
+            "sender": self.sender,
+            "nonce": "0x0",
+            "factory": self.stack.version(self.version).simple_account_factory,
+            "factoryData": Bytes::from(factory_data),
+            "callData": Bytes::from(call_data),
+            "callGasLimit": "0x30d40",
+            "verificationGasLimit": "0x7a120",
+            "preVerificationGas": "0xea60",
+            "maxFeePerGas": "0x2540be400",
+            "maxPriorityFeePerGas": "0x3b9aca00",
+            "signature": "0x"
+        })
+    }
+
+    fn entry_point(&self) -> Address {
+        self.stack.version(self.version).entry_point
+    }
+
+    /// Apply paymaster fields to the op and sign it as the account owner.
+    fn finish(&self, op: &mut UserOperation) -> TestResult<()> {
+        let hash = user_op_hash(self.version, &op.pack(None), self.entry_point(), 31337);
+        // v0.7 SimpleAccount checks an EIP-191 signature of the userOpHash, v0.8 the raw hash.
+        let sig = match self.version {
+            EntryPointVersion::V0_7 => self.owner.sign_message_sync(hash.as_slice())?,
+            EntryPointVersion::V0_8 => self.owner.sign_hash_sync(&hash)?,
+        };
+        op.signature = sig.as_bytes().to_vec().into();
+        Ok(())
+    }
+
+    fn handle_ops_tx(&self, op: &UserOperation) -> TransactionRequest {
+        let call = IEntryPoint::handleOpsCall {
+            ops: vec![op.pack(None)],
+            beneficiary: self.stack.bundler,
+        };
+        TransactionRequest::default()
+            .with_from(self.stack.bundler)
+            .with_to(self.entry_point())
+            .with_input(call.abi_encode())
+    }
+
+    /// Submit as a bundler would; returns the UserOperationEvent.
+    async fn submit(&self, op: &UserOperation) -> TestResult<IEntryPoint::UserOperationEvent> {
+        let receipt = self
+            .stack
+            .anvil
+            .provider
+            .send_transaction(self.handle_ops_tx(op))
+            .await?
+            .get_receipt()
+            .await?;
+        assert!(receipt.status(), "handleOps reverted");
+        let event = receipt
+            .inner
+            .logs()
+            .iter()
+            .filter(|l| l.address() == self.entry_point())
+            .find_map(|l| IEntryPoint::UserOperationEvent::decode_log(&l.inner).ok())
+            .ok_or("no UserOperationEvent")?;
+        Ok(event.data)
+    }
+
+    /// Simulate handleOps and return the EntryPoint's FailedOp reason.
+    async fn failed_op_reason(&self, op: &UserOperation) -> TestResult<String> {
+        let err = match self.stack.anvil.provider.call(self.handle_ops_tx(op)).await {
+            Ok(_) => return Err("handleOps succeeded".into()),
+            Err(e) => e,
+        };
+        let payload = err
+            .as_error_resp()
+            .ok_or_else(|| format!("not a revert: {err}"))?;
+        match payload.as_decoded_interface_error::<IEntryPoint::IEntryPointErrors>() {
+            Some(IEntryPoint::IEntryPointErrors::FailedOp(f)) => Ok(f.reason),
+            Some(IEntryPoint::IEntryPointErrors::FailedOpWithRevert(f)) => Ok(f.reason),
+            None => Err(format!("undecoded revert: {payload:?}").into()),
+        }
+    }
+
+    async fn counter(&self) -> TestResult<U256> {
+        Ok(
+            ICounter::new(self.stack.deployed.counter, &self.stack.anvil.provider)
+                .count(self.sender)
+                .call()
+                .await?,
+        )
+    }
+}
+
+fn set_paymaster(op: &mut Value, result: &Value) {
+    for f in [
+        "paymaster",
+        "paymasterData",
+        "paymasterVerificationGasLimit",
+        "paymasterPostOpGasLimit",
+    ] {
+        if !result[f].is_null() {
+            op[f] = result[f].clone();
+        }
+    }
+}
+
+async fn sponsored_op_executes(version: EntryPointVersion, erc7677: bool) -> TestResult {
+    let stack = Stack::start().await?;
+    let user = User::new(&stack, version).await?;
+    let mut op_json = user.op_json();
+    let ep = user.entry_point();
+
+    if erc7677 {
+        // The wallet flow (viem): stub data for estimation, then final data for the same op.
+        let stub = stack
+            .app
+            .result(
+                "pm_getPaymasterStubData",
+                json!([op_json, ep, "0x7a69", {}]),
+            )
+            .await?;
+        assert_eq!(stub["isFinal"], json!(false));
+        set_paymaster(&mut op_json, &stub);
+        let data = stack
+            .app
+            .result("pm_getPaymasterData", json!([op_json, ep, "0x7a69", {}]))
+            .await?;
+        assert_eq!(
+            data["paymasterVerificationGasLimit"],
+            stub["paymasterVerificationGasLimit"]
+        );
+        set_paymaster(&mut op_json, &data);
+    } else {
+        let result = stack
+            .app
+            .result("pm_sponsorUserOperation", json!([op_json, ep]))
+            .await?;
+        assert_eq!(
+            result["callGasLimit"], op_json["callGasLimit"],
+            "echoes the op's gas"
+        );
+        set_paymaster(&mut op_json, &result);
+    }
+    let mut op = UserOperation::from_json(&op_json)?;
+    let pm = op.paymaster.clone().ok_or("no paymaster")?;
+    assert_eq!(pm.paymaster, stack.version(version).paymaster);
+    let window = PaymasterData::decode(&pm.data)?.window;
+    user.finish(&mut op)?;
+
+    let deposit_before = stack.anvil.provider.get_balance(pm.paymaster).await?; // contract holds no ETH
+    let ep_contract = IEntryPoint::new(ep, &stack.anvil.provider);
+    let pm_deposit_before = ep_contract.balanceOf(pm.paymaster).call().await?;
+    // Our Rust userOpHash equals the EntryPoint's.
+    let onchain_hash: B256 = ep_contract.getUserOpHash(op.pack(None)).call().await?;
+    assert_eq!(
+        onchain_hash,
+        user_op_hash(version, &op.pack(None), ep, 31337)
+    );
+
+    let event = user.submit(&op).await?;
+    assert!(event.success, "op succeeded");
+    assert_eq!(event.paymaster, pm.paymaster, "our paymaster paid");
+    assert_eq!(event.sender, user.sender);
+    assert_eq!(event.userOpHash, onchain_hash);
+    assert_eq!(user.counter().await?, U256::from(1), "the call ran");
+    let pm_deposit_after = ep_contract.balanceOf(pm.paymaster).call().await?;
+    assert_eq!(
+        pm_deposit_before - pm_deposit_after,
+        event.actualGasCost,
+        "deposit paid actualGasCost"
+    );
+    assert_eq!(
+        stack.anvil.provider.get_balance(pm.paymaster).await?,
+        deposit_before
+    );
+    assert!(window.valid_until > window.valid_after);
+    Ok(())
+}
+
+#[tokio::test]
+async fn v07_sponsor_user_operation_executes() -> TestResult {
+    sponsored_op_executes(EntryPointVersion::V0_7, false).await
+}
+
+#[tokio::test]
+async fn v08_sponsor_user_operation_executes() -> TestResult {
+    sponsored_op_executes(EntryPointVersion::V0_8, false).await
+}
+
+#[tokio::test]
+async fn v07_erc7677_stub_then_data_executes() -> TestResult {
+    sponsored_op_executes(EntryPointVersion::V0_7, true).await
+}
+
+#[tokio::test]
+async fn v08_erc7677_stub_then_data_executes() -> TestResult {
+    sponsored_op_executes(EntryPointVersion::V0_8, true).await
+}
+
+/// Every field the signature covers, changed by one unit after signing (and the account
+/// signature redone, as an attacker holding the account key would): AA34.
+async fn tampering_is_refused(version: EntryPointVersion) -> TestResult {
+    let stack = Stack::start().await?;
+    let user = User::new(&stack, version).await?;
+    let mut op_json = user.op_json();
+    let result = stack
+        .app
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op_json, user.entry_point()]),
+        )
+        .await?;
+    set_paymaster(&mut op_json, &result);
+    let signed = UserOperation::from_json(&op_json)?;
+
+    type Tamper = fn(&mut UserOperation);
+    let tampers: Vec<(&str, Tamper)> = vec![
+        ("callData", |op| {
+            let mut d = op.call_data.to_vec();
+            let last = d.len() - 1;
+            d[last] ^= 1;
+            op.call_data = d.into();
+        }),
+        ("nonce", |op| op.nonce = U256::from(1) << 64), // another key: still a valid nonce
+        ("callGasLimit", |op| op.call_gas_limit += 1),
+        ("verificationGasLimit", |op| op.verification_gas_limit += 1),
+        ("preVerificationGas", |op| {
+            op.pre_verification_gas += U256::from(1)
+        }),
+        ("maxFeePerGas", |op| op.max_fee_per_gas += 1),
+        ("maxPriorityFeePerGas", |op| {
+            op.max_priority_fee_per_gas -= 1
+        }),
+        ("paymasterVerificationGasLimit", |op| {
+            if let Some(p) = op.paymaster.as_mut() {
+                p.gas.verification += 1;
+            }
+        }),
+        ("validUntil", |op| {
+            if let Some(p) = op.paymaster.as_mut() {
+                let mut d = p.data.to_vec();
+                d[5] ^= 1;
+                p.data = d.into();
+            }
+        }),
+    ];
+    // The untampered op passes simulation, so each failure below is the tampering's doing.
+    let mut good = signed.clone();
+    user.finish(&mut good)?;
+    stack.anvil.provider.call(user.handle_ops_tx(&good)).await?;
+    for (field, tamper) in tampers {
+        let mut op = signed.clone();
+        tamper(&mut op);
+        user.finish(&mut op)?;
+        assert_eq!(
+            user.failed_op_reason(&op).await?,
+            "AA34 signature error",
+            "tampered {field}"
+        );
+    }
+    Ok(())
+}
+
+#[tokio::test]
+async fn v07_tampering_after_signing_is_aa34() -> TestResult {
+    tampering_is_refused(EntryPointVersion::V0_7).await
+}
+
+#[tokio::test]
+async fn v08_tampering_after_signing_is_aa34() -> TestResult {
+    tampering_is_refused(EntryPointVersion::V0_8).await
+}
+
+/// The stub data estimates with a signature that fails validation without reverting.
+#[tokio::test]
+async fn stub_data_fails_signature_check_without_reverting() -> TestResult {
+    let stack = Stack::start().await?;
+    for version in EntryPointVersion::ALL {
+        let user = User::new(&stack, version).await?;
+        let mut op_json = user.op_json();
+        let stub = stack
+            .app
+            .result(
+                "pm_getPaymasterStubData",
+                json!([op_json, user.entry_point(), "0x7a69"]),
+            )
+            .await?;
+        set_paymaster(&mut op_json, &stub);
+        let mut op = UserOperation::from_json(&op_json)?;
+        user.finish(&mut op)?;
+        assert_eq!(
+            user.failed_op_reason(&op).await?,
+            "AA34 signature error",
+            "v{version}"
+        );
+    }
+    Ok(())
+}

@@ -1,0 +1,267 @@
+//! Real dependencies on free ports, stopped on drop: anvil (from contracts/node_modules), the
+//! service itself over HTTP on 127.0.0.1:0, and the deployed local stack.
+
+use std::net::TcpListener as StdListener;
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, U256};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use serde_json::{Value, json};
+use session_paymaster::app::{self, AppState};
+use session_paymaster::chain::deploy::{Artifacts, DevStack, deploy_dev_stack};
+use session_paymaster::config::{Config, EntryPointConfig};
+use session_paymaster::signer::{KeySource, keygen};
+use session_paymaster::userop::EntryPointVersion;
+use tokio::sync::oneshot;
+
+pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
+
+pub fn repo_dir() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+pub fn contracts_dir() -> PathBuf {
+    repo_dir().join("contracts")
+}
+
+fn free_port() -> u16 {
+    StdListener::bind("127.0.0.1:0")
+        .and_then(|l| l.local_addr())
+        .map(|a| a.port())
+        .unwrap_or(0)
+}
+
+/// A private temporary directory, removed on drop.
+pub struct TempDir(pub PathBuf);
+
+impl TempDir {
+    pub fn new(tag: &str) -> Self {
+        static SEQ: std::sync::atomic::AtomicU32 = std::sync::atomic::AtomicU32::new(0);
+        let n = SEQ.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let dir = std::env::temp_dir().join(format!("sp-it-{tag}-{}-{n}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap_or_else(|e| panic!("temp dir {}: {e}", dir.display()));
+        Self(dir)
+    }
+}
+
+impl Drop for TempDir {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir_all(&self.0);
+    }
+}
+
+/// anvil on a free port, killed on drop.
+pub struct TestAnvil {
+    child: Child,
+    pub provider: DynProvider,
+}
+
+impl TestAnvil {
+    pub async fn start() -> TestResult<Self> {
+        let bin = contracts_dir().join("node_modules/.bin/anvil");
+        assert!(
+            bin.exists(),
+            "{} is missing: run scripts/setup-contracts (scripts/test does)",
+            bin.display()
+        );
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new(&bin)
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--host",
+                    "127.0.0.1",
+                    "--silent",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            let url = format!("http://127.0.0.1:{port}");
+            let provider = ProviderBuilder::new().connect_http(url.parse()?).erased();
+            let mut anvil = Self { child, provider };
+            let deadline = Instant::now() + Duration::from_secs(20);
+            while Instant::now() < deadline {
+                match anvil.provider.get_chain_id().await {
+                    Ok(_) => return Ok(anvil),
+                    Err(e) => last_err = e.to_string(),
+                }
+                if let Ok(Some(_)) = anvil.child.try_wait() {
+                    break; // port taken between probe and bind: try another
+                }
+                tokio::time::sleep(Duration::from_millis(50)).await;
+            }
+        }
+        Err(format!("anvil did not start: {last_err}").into())
+    }
+
+    /// The node's first unlocked account (bundler, deployer).
+    pub async fn account(&self) -> TestResult<Address> {
+        Ok(*self
+            .provider
+            .get_accounts()
+            .await?
+            .first()
+            .ok_or("no accounts")?)
+    }
+}
+
+impl Drop for TestAnvil {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The service on 127.0.0.1:0, stopped on drop.
+pub struct TestApp {
+    pub url: String,
+    pub state: Arc<AppState>,
+    client: reqwest::Client,
+    _shutdown: oneshot::Sender<()>,
+}
+
+impl TestApp {
+    pub async fn spawn(config: Config) -> TestResult<Self> {
+        let state = Arc::new(AppState::build(&config)?);
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let (tx, rx) = oneshot::channel::<()>();
+        let serve_state = state.clone();
+        tokio::spawn(async move {
+            let _ = app::run(listener, serve_state, async {
+                let _ = rx.await;
+            })
+            .await;
+        });
+        Ok(Self {
+            url,
+            state,
+            client: reqwest::Client::new(),
+            _shutdown: tx,
+        })
+    }
+
+    /// POST a raw body; returns status and parsed JSON (Null for an empty body).
+    pub async fn post(&self, body: &str) -> TestResult<(u16, Value)> {
+        let resp = self
+            .client
+            .post(&self.url)
+            .header("content-type", "application/json")
+            .body(body.to_owned())
+            .send()
+            .await?;
+        let status = resp.status().as_u16();
+        let text = resp.text().await?;
+        Ok((
+            status,
+            if text.is_empty() {
+                Value::Null
+            } else {
+                serde_json::from_str(&text)?
+            },
+        ))
+    }
+
+    /// One JSON-RPC call; returns the whole response object.
+    pub async fn call(&self, method: &str, params: Value) -> TestResult<Value> {
+        let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+        let (status, v) = self.post(&body.to_string()).await?;
+        assert_eq!(status, 200, "{v}");
+        assert_eq!(v["id"], json!(1), "{v}");
+        Ok(v)
+    }
+
+    /// One JSON-RPC call that must succeed; returns `result`.
+    pub async fn result(&self, method: &str, params: Value) -> TestResult<Value> {
+        let v = self.call(method, params).await?;
+        if v.get("error").is_some() {
+            return Err(format!("{method} failed: {v}").into());
+        }
+        Ok(v["result"].clone())
+    }
+
+    /// One JSON-RPC call that must fail; returns `error`.
+    pub async fn error(&self, method: &str, params: Value) -> TestResult<Value> {
+        let v = self.call(method, params).await?;
+        v.get("error")
+            .cloned()
+            .ok_or_else(|| format!("{method} succeeded: {v}").into())
+    }
+}
+
+/// Config of the embedded defaults, with the given paymasters and a key file.
+pub fn config(paymasters: [Option<Address>; 2], signer: KeySource) -> Config {
+    Config {
+        chain_id: 31337,
+        entry_points: EntryPointVersion::ALL
+            .iter()
+            .zip(paymasters)
+            .map(|(&version, paymaster)| EntryPointConfig {
+                version,
+                address: version.canonical_address(),
+                paymaster,
+            })
+            .collect(),
+        signer,
+        policies_dir: repo_dir().join("policies"),
+        sponsor_name: "test sponsor".into(),
+    }
+}
+
+/// anvil with the local stack deployed, and the service pointed at it.
+pub struct Stack {
+    pub anvil: TestAnvil,
+    pub deployed: DevStack,
+    pub app: TestApp,
+    pub bundler: Address,
+    _keys: TempDir,
+}
+
+impl Stack {
+    pub async fn start() -> TestResult<Self> {
+        let anvil = TestAnvil::start().await?;
+        let keys = TempDir::new("stack");
+        let key_file = keys.0.join("signer.key");
+        let signer = keygen(&key_file)?;
+        let bundler = anvil.account().await?;
+        let deployed = deploy_dev_stack(
+            &anvil.provider,
+            &Artifacts::new(contracts_dir()),
+            bundler,
+            bundler,
+            &[signer],
+            U256::from(10u64).pow(U256::from(19u64)),
+        )
+        .await?;
+        let pms = [
+            Some(deployed.entry_points[0].paymaster),
+            Some(deployed.entry_points[1].paymaster),
+        ];
+        let app = TestApp::spawn(config(pms, KeySource::File(key_file))).await?;
+        Ok(Self {
+            anvil,
+            deployed,
+            app,
+            bundler,
+            _keys: keys,
+        })
+    }
+
+    pub fn version(
+        &self,
+        v: EntryPointVersion,
+    ) -> session_paymaster::chain::deploy::VersionDeployment {
+        *self
+            .deployed
+            .entry_points
+            .iter()
+            .find(|d| d.version == v)
+            .unwrap_or_else(|| panic!("{v} deployed"))
+    }
+}

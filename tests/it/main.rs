@@ -1,0 +1,10 @@
+//! The integration tests: one binary, real dependencies (anvil with the canonical EntryPoints,
+//! the service over HTTP on port 0).
+
+// Helpers are `pub` for the sibling test modules of this one binary.
+#![allow(unreachable_pub)]
+
+mod e2e;
+mod hashes;
+mod helpers;
+mod rpc;

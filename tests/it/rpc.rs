@@ -1,0 +1,399 @@
+//! The JSON-RPC surface over HTTP, without a chain: envelopes, methods, and every error code.
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use serde_json::{Value, json};
+use session_paymaster::signer::KeySource;
+use session_paymaster::sponsor::VALID_AFTER_SKEW_SECS;
+use session_paymaster::userop::hash::paymaster_hash;
+use session_paymaster::userop::paymaster_data::{PaymasterData, STUB_SIGNATURE};
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+use crate::helpers::{TestApp, TestResult, config};
+
+sol! {
+    interface ISimpleAccount {
+        function execute(address dest, uint256 value, bytes func) external;
+    }
+}
+
+const PM07: Address = Address::repeat_byte(0x07);
+const PM08: Address = Address::repeat_byte(0x08);
+/// policies/dev-counter.toml's target.
+const COUNTER: &str = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3";
+
+async fn app() -> TestResult<TestApp> {
+    TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await
+}
+
+fn ep07() -> String {
+    EntryPointVersion::V0_7
+        .canonical_address()
+        .to_checksum(None)
+}
+
+fn execute(target: &str, func: &str, value: u64) -> String {
+    let call = ISimpleAccount::executeCall {
+        dest: target.parse().unwrap_or_default(),
+        value: U256::from(value),
+        func: keccak256(func)[..4].to_vec().into(),
+    };
+    format!("0x{}", hex::encode(call.abi_encode()))
+}
+
+fn op() -> Value {
+    json!({
+        "sender": "0x1111111111111111111111111111111111111111",
+        "nonce": "0x5",
+        "callData": execute(COUNTER, "increment()", 0),
+        "callGasLimit": "0x186a0",
+        "verificationGasLimit": "0x30d40",
+        "preVerificationGas": "0xc350",
+        "maxFeePerGas": "0x77359400",
+        "maxPriorityFeePerGas": "0x3b9aca00",
+        "signature": "0x"
+    })
+}
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+#[tokio::test]
+async fn chain_id_and_entry_points() -> TestResult {
+    let app = app().await?;
+    assert_eq!(app.result("eth_chainId", json!([])).await?, json!("0x7a69"));
+    assert_eq!(
+        app.result("pm_supportedEntryPoints", json!([])).await?,
+        json!([
+            "0x0000000071727De22E5E9d8BAf0edAc6f37da032",
+            "0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"
+        ])
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn sponsor_signs_the_paymaster_hash_with_the_policy_window() -> TestResult {
+    let app = app().await?;
+    let before = now();
+    let r = app
+        .result("pm_sponsorUserOperation", json!([op(), ep07()]))
+        .await?;
+    assert_eq!(r["paymaster"], json!(PM07));
+    assert_eq!(r["paymasterVerificationGasLimit"], json!("0x9c40"));
+    assert_eq!(r["paymasterPostOpGasLimit"], json!("0x0"));
+    assert_eq!(r["preVerificationGas"], json!("0xc350"));
+    assert_eq!(r["verificationGasLimit"], json!("0x30d40"));
+    assert_eq!(r["callGasLimit"], json!("0x186a0"));
+
+    let data = session_paymaster::wire::data("paymasterData", &r["paymasterData"])?;
+    let pd = PaymasterData::decode(&data)?;
+    // policies/dev-counter.toml: max_validity = "10m".
+    let after = now();
+    assert!(
+        pd.window.valid_until >= before + 600 && pd.window.valid_until <= after + 600,
+        "{:?}",
+        pd.window
+    );
+    assert!(
+        pd.window.valid_after + VALID_AFTER_SKEW_SECS >= before
+            && pd.window.valid_after + VALID_AFTER_SKEW_SECS <= after
+    );
+
+    // The signature recovers to the service's signer over the paymaster hash.
+    let mut signed = op();
+    signed["paymaster"] = r["paymaster"].clone();
+    signed["paymasterVerificationGasLimit"] = r["paymasterVerificationGasLimit"].clone();
+    signed["paymasterPostOpGasLimit"] = r["paymasterPostOpGasLimit"].clone();
+    let parsed = UserOperation::from_json(&signed)?;
+    let gas = parsed.paymaster.as_ref().ok_or("pm")?.gas;
+    let hash = paymaster_hash(&parsed, gas, PM07, 31337, pd.window);
+    let sig = alloy::primitives::Signature::from_raw(&pd.signature)?;
+    let recovered = sig.recover_address_from_msg(hash.as_slice())?;
+    assert_eq!(recovered, app.state.sponsor.signer().address());
+
+    // validForSeconds shortens the window, never lengthens it.
+    let r = app
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), {"validForSeconds": 30}]),
+        )
+        .await?;
+    let pd = PaymasterData::decode(&session_paymaster::wire::data("d", &r["paymasterData"])?)?;
+    assert!(pd.window.valid_until <= now() + 30);
+    let r = app
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), {"validForSeconds": 100000}]),
+        )
+        .await?;
+    let pd = PaymasterData::decode(&session_paymaster::wire::data("d", &r["paymasterData"])?)?;
+    assert!(pd.window.valid_until <= now() + 600);
+    Ok(())
+}
+
+#[tokio::test]
+async fn erc7677_stub_has_final_length_and_sponsor() -> TestResult {
+    let app = app().await?;
+    // viem sends `0x0` gas before estimation and may omit fees.
+    let mut unestimated = op();
+    for f in ["callGasLimit", "verificationGasLimit", "preVerificationGas"] {
+        unestimated[f] = json!("0x0");
+    }
+    unestimated
+        .as_object_mut()
+        .map(|o| o.remove("maxFeePerGas"));
+    unestimated
+        .as_object_mut()
+        .map(|o| o.remove("maxPriorityFeePerGas"));
+    let ep08 = EntryPointVersion::V0_8.canonical_address();
+    let r = app
+        .result(
+            "pm_getPaymasterStubData",
+            json!([unestimated, ep08, "0x7a69", null]),
+        )
+        .await?;
+    assert_eq!(r["paymaster"], json!(PM08));
+    assert_eq!(r["isFinal"], json!(false));
+    assert_eq!(r["sponsor"], json!({"name": "test sponsor"}));
+    assert_eq!(r["paymasterPostOpGasLimit"], json!("0x0"));
+    let data = session_paymaster::wire::data("paymasterData", &r["paymasterData"])?;
+    assert_eq!(data.len(), 77, "stub has the final length");
+    assert_eq!(&data[12..], &STUB_SIGNATURE[..]);
+
+    // Final data needs the gas limits the signature commits to.
+    let err = app
+        .error(
+            "pm_getPaymasterData",
+            json!([unestimated, ep08, "0x7a69", {}]),
+        )
+        .await?;
+    assert_eq!(err["code"], json!(-32602));
+    assert_eq!(err["data"]["field"], json!("verificationGasLimit"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn get_paymaster_data_signs_over_the_clients_paymaster_gas() -> TestResult {
+    let app = app().await?;
+    let mut o = op();
+    o["paymaster"] = json!(PM07);
+    o["paymasterVerificationGasLimit"] = json!("0x11170"); // 70000: e.g. a bundler's estimate
+    o["paymasterPostOpGasLimit"] = json!("0x0");
+    let r = app
+        .result("pm_getPaymasterData", json!([o, ep07(), "0x7a69", {}]))
+        .await?;
+    assert_eq!(r["paymasterVerificationGasLimit"], json!("0x11170"));
+
+    o["paymasterVerificationGasLimit"] = json!("0x2710"); // 10000: too little to validate
+    let err = app
+        .error("pm_getPaymasterData", json!([o, ep07(), "0x7a69", {}]))
+        .await?;
+    assert_eq!(err["data"]["field"], json!("paymasterVerificationGasLimit"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn unsupported_chain_entry_point_and_missing_paymaster() -> TestResult {
+    let app = app().await?;
+    let err = app
+        .error("pm_getPaymasterStubData", json!([op(), ep07(), "0x1", {}]))
+        .await?;
+    assert_eq!(err["code"], json!(-32001));
+    assert_eq!(err["data"]["reason"], json!("unsupported_chain"));
+
+    let v06 = "0x5FF137D4b0FDCD49DcA30c7CF57E578a026d2789";
+    let err = app
+        .error("pm_sponsorUserOperation", json!([op(), v06]))
+        .await?;
+    assert_eq!(err["code"], json!(-32001));
+    assert_eq!(err["data"]["reason"], json!("unsupported_entry_point"));
+    assert_eq!(err["data"]["supported"].as_array().map(Vec::len), Some(2));
+
+    let unconfigured = TestApp::spawn(config([None, None], KeySource::Ephemeral)).await?;
+    let err = unconfigured
+        .error("pm_sponsorUserOperation", json!([op(), ep07()]))
+        .await?;
+    assert_eq!(err["code"], json!(-32002));
+    assert_eq!(err["data"]["reason"], json!("paymaster_not_configured"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn policy_rejections_name_reason_rule_and_call() -> TestResult {
+    let app = app().await?;
+    let cases = [
+        (
+            execute(
+                "0x2222222222222222222222222222222222222222",
+                "increment()",
+                0,
+            ),
+            "target_not_allowed",
+            Some(0),
+        ),
+        (
+            execute(COUNTER, "reset()", 0),
+            "function_not_allowed",
+            Some(0),
+        ),
+        (
+            execute(COUNTER, "increment()", 1),
+            "value_too_high",
+            Some(0),
+        ),
+        ("0xdeadbeef".to_owned(), "unknown_account_call", None),
+        ("0xb61d27f6".to_owned(), "malformed_calldata", None),
+    ];
+    for (call_data, reason, call_index) in cases {
+        let mut o = op();
+        o["callData"] = json!(call_data);
+        let err = app
+            .error("pm_sponsorUserOperation", json!([o, ep07()]))
+            .await?;
+        assert_eq!(err["code"], json!(-32003), "{reason}: {err}");
+        assert_eq!(err["data"]["reason"], json!(reason), "{err}");
+        assert_eq!(
+            err["data"].get("callIndex").and_then(Value::as_u64),
+            call_index.map(|i| i as u64),
+            "{err}"
+        );
+        // The stub runs the same checks, so wallets fail early.
+        let err = app
+            .error("pm_getPaymasterStubData", json!([o, ep07(), "0x7a69", {}]))
+            .await?;
+        assert_eq!(err["data"]["reason"], json!(reason));
+    }
+
+    let mut o = op();
+    o["maxFeePerGas"] = json!("0x2e90edd001"); // 201 gwei > 200 gwei cap
+    let err = app
+        .error("pm_sponsorUserOperation", json!([o, ep07()]))
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("fee_too_high"));
+    assert_eq!(
+        err["data"]["rule"],
+        json!("dev-counter.per_op.max_fee_per_gas")
+    );
+
+    let err = app
+        .error(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), {"sponsorshipPolicyId": "nope"}]),
+        )
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("unknown_policy"));
+    let ok = app
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), {"sponsorshipPolicyId": "dev-counter"}]),
+        )
+        .await?;
+    assert_eq!(ok["paymaster"], json!(PM07));
+
+    let session = format!("{}", B256::repeat_byte(1));
+    let err = app
+        .error(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), {"sessionId": session}]),
+        )
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("session_not_found"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn invalid_params_name_the_field() -> TestResult {
+    let app = app().await?;
+    for (field, bad) in [
+        ("callGasLimit", json!("100")),
+        ("sender", json!("0x12")),
+        ("nonce", json!(null)),
+    ] {
+        let mut o = op();
+        o[field] = bad;
+        let err = app
+            .error("pm_sponsorUserOperation", json!([o, ep07()]))
+            .await?;
+        assert_eq!(err["code"], json!(-32602));
+        assert_eq!(err["data"]["field"], json!(field), "{err}");
+    }
+    let err = app.error("pm_sponsorUserOperation", json!([op()])).await?;
+    assert_eq!(err["data"]["field"], json!("entryPoint"));
+    let err = app
+        .error(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), {"validForSeconds": -1}]),
+        )
+        .await?;
+    assert_eq!(err["data"]["field"], json!("context.validForSeconds"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn json_rpc_envelope_errors_and_batches() -> TestResult {
+    let app = app().await?;
+    let (status, v) = app.post("{not json").await?;
+    assert_eq!(
+        (status, v["error"]["code"].clone(), v["id"].clone()),
+        (200, json!(-32700), Value::Null)
+    );
+
+    let (_, v) = app
+        .post(r#"{"jsonrpc":"1.0","id":7,"method":"eth_chainId"}"#)
+        .await?;
+    assert_eq!(
+        (v["error"]["code"].clone(), v["id"].clone()),
+        (json!(-32600), json!(7))
+    );
+    let (_, v) = app.post("[]").await?;
+    assert_eq!(v["error"]["code"], json!(-32600));
+    let (_, v) = app
+        .post(r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":{}}"#)
+        .await?;
+    assert_eq!(v["error"]["code"], json!(-32600));
+
+    let err = app.error("eth_sendTransaction", json!([])).await?;
+    assert_eq!(err["code"], json!(-32601));
+
+    // A batch answers in order, each call with its own result or error; notifications get none.
+    let batch = json!([
+        {"jsonrpc": "2.0", "id": "a", "method": "eth_chainId"},
+        {"jsonrpc": "2.0", "id": 2, "method": "nope"},
+        {"jsonrpc": "2.0", "method": "eth_chainId"},
+        5,
+        {"jsonrpc": "2.0", "id": 3, "method": "pm_sponsorUserOperation", "params": [op(), ep07()]}
+    ]);
+    let (status, v) = app.post(&batch.to_string()).await?;
+    assert_eq!(status, 200);
+    let items = v.as_array().ok_or("batch answer is an array")?;
+    assert_eq!(items.len(), 4, "{v}");
+    assert_eq!(
+        (items[0]["id"].clone(), items[0]["result"].clone()),
+        (json!("a"), json!("0x7a69"))
+    );
+    assert_eq!(
+        (items[1]["id"].clone(), items[1]["error"]["code"].clone()),
+        (json!(2), json!(-32601))
+    );
+    assert_eq!(
+        (items[2]["id"].clone(), items[2]["error"]["code"].clone()),
+        (Value::Null, json!(-32600))
+    );
+    assert_eq!(items[3]["id"], json!(3));
+    assert_eq!(items[3]["result"]["paymaster"], json!(PM07));
+
+    let (status, v) = app
+        .post(r#"{"jsonrpc":"2.0","method":"eth_chainId"}"#)
+        .await?;
+    assert_eq!(
+        (status, v),
+        (204, Value::Null),
+        "a lone notification gets no body"
+    );
+    Ok(())
+}
