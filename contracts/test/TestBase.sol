@@ -23,6 +23,10 @@ interface Vm {
     function envOr(string calldata name, string calldata defaultValue) external view returns (string memory);
     function recordLogs() external;
     function getRecordedLogs() external returns (Log[] memory);
+    function startBroadcast() external;
+    function stopBroadcast() external;
+    function envAddress(string calldata name) external view returns (address);
+    function envOr(string calldata name, uint256 defaultValue) external view returns (uint256);
     function assertEq(uint256 left, uint256 right, string calldata error) external pure;
     function assertEq(address left, address right, string calldata error) external pure;
     function assertEq(bytes32 left, bytes32 right, string calldata error) external pure;

@@ -115,6 +115,34 @@ impl Artifacts {
         ))
     }
 
+    /// Init code of SessionPaymaster(entryPoint, owner, signers) for `version`: with salt 0
+    /// through [`CREATE2_DEPLOYER`] it lands at [`Self::session_paymaster_address`], as
+    /// `contracts/script/Deploy.s.sol` does.
+    pub fn session_paymaster_init_code(
+        &self,
+        version: EntryPointVersion,
+        entry_point: Address,
+        owner: Address,
+        signers: &[Address],
+    ) -> Result<Bytes, DeployError> {
+        let args = (entry_point, owner, signers.to_vec()).abi_encode_params();
+        Ok([self.session_paymaster(version)?.as_ref(), &args]
+            .concat()
+            .into())
+    }
+
+    /// The deterministic address of SessionPaymaster(entryPoint, owner, signers).
+    pub fn session_paymaster_address(
+        &self,
+        version: EntryPointVersion,
+        entry_point: Address,
+        owner: Address,
+        signers: &[Address],
+    ) -> Result<Address, DeployError> {
+        let init_code = self.session_paymaster_init_code(version, entry_point, owner, signers)?;
+        Ok(CREATE2_DEPLOYER.create2(B256::ZERO, keccak256(init_code)))
+    }
+
     /// Creation bytecode of the demo Counter.
     pub fn counter(&self) -> Result<Bytes, DeployError> {
         self.bytecode("out/v07/Counter.sol/Counter.json")

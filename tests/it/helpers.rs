@@ -57,6 +57,7 @@ impl Drop for TempDir {
 /// anvil on a free port, killed on drop.
 pub struct TestAnvil {
     child: Child,
+    pub url: String,
     pub provider: DynProvider,
 }
 
@@ -84,7 +85,11 @@ impl TestAnvil {
                 .spawn()?;
             let url = format!("http://127.0.0.1:{port}");
             let provider = ProviderBuilder::new().connect_http(url.parse()?).erased();
-            let mut anvil = Self { child, provider };
+            let mut anvil = Self {
+                child,
+                url,
+                provider,
+            };
             let deadline = Instant::now() + Duration::from_secs(20);
             while Instant::now() < deadline {
                 match anvil.provider.get_chain_id().await {
