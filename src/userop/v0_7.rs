@@ -12,7 +12,7 @@ use alloy::sol;
 use serde_json::Value;
 
 use super::paymaster_data::PaymasterGas;
-use crate::wire::{self, FieldError};
+use crate::wire::{self, FieldError, to_quantity};
 
 sol! {
     /// The packed user operation the v0.7 and v0.8 EntryPoints take (`PackedUserOperation.sol`).
@@ -164,6 +164,34 @@ impl UserOperation {
         })
     }
 
+    /// The RPC form, as [`Self::from_json`] reads it (e.g. to send to a bundler). Absent
+    /// optional fields are omitted.
+    pub fn to_json(&self) -> Value {
+        let mut v = serde_json::json!({
+            "sender": self.sender,
+            "nonce": to_quantity(self.nonce),
+            "callData": self.call_data,
+            "callGasLimit": to_quantity(self.call_gas_limit),
+            "verificationGasLimit": to_quantity(self.verification_gas_limit),
+            "preVerificationGas": to_quantity(self.pre_verification_gas),
+            "maxFeePerGas": to_quantity(self.max_fee_per_gas),
+            "maxPriorityFeePerGas": to_quantity(self.max_priority_fee_per_gas),
+            "signature": self.signature,
+        });
+        if let Some(factory) = self.factory {
+            v["factory"] = serde_json::json!(factory);
+            v["factoryData"] = serde_json::json!(self.factory_data);
+        }
+        if let Some(pm) = &self.paymaster {
+            v["paymaster"] = serde_json::json!(pm.paymaster);
+            v["paymasterVerificationGasLimit"] =
+                serde_json::json!(to_quantity(pm.gas.verification));
+            v["paymasterPostOpGasLimit"] = serde_json::json!(to_quantity(pm.gas.post_op));
+            v["paymasterData"] = serde_json::json!(pm.data);
+        }
+        v
+    }
+
     /// Final paymaster data commits to every gas and fee field, so they must be set before we
     /// sign it; ERC-7677 stub requests are exempt (they come before estimation).
     pub fn require_gas_limits(&self) -> Result<(), FieldError> {
@@ -269,7 +297,70 @@ pub(crate) fn pack_u128s(hi: u128, lo: u128) -> B256 {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use proptest::prelude::*;
     use serde_json::json;
+
+    prop_compose! {
+        fn arb_op()(
+            sender in any::<[u8; 20]>(),
+            nonce in any::<[u8; 32]>(),
+            factory in prop::option::of(any::<[u8; 20]>()),
+            factory_data in prop::collection::vec(any::<u8>(), 0..64),
+            call_data in prop::collection::vec(any::<u8>(), 0..256),
+            gas in any::<[u128; 4]>(),
+            pvg in any::<[u8; 32]>(),
+            paymaster in prop::option::of((any::<[u8; 20]>(), any::<[u128; 2]>(), prop::collection::vec(any::<u8>(), 0..100))),
+            signature in prop::collection::vec(any::<u8>(), 0..70),
+        ) -> UserOperation {
+            UserOperation {
+                sender: Address::from(sender),
+                nonce: U256::from_be_bytes(nonce),
+                factory: factory.map(Address::from),
+                factory_data: if factory.is_some() { factory_data.into() } else { Bytes::new() },
+                call_data: call_data.into(),
+                call_gas_limit: gas[0],
+                verification_gas_limit: gas[1],
+                pre_verification_gas: U256::from_be_bytes(pvg),
+                max_fee_per_gas: gas[2],
+                max_priority_fee_per_gas: gas[3],
+                paymaster: paymaster.map(|(a, g, d)| PaymasterFields {
+                    paymaster: Address::from(a),
+                    gas: PaymasterGas { verification: g[0], post_op: g[1] },
+                    data: d.into(),
+                }),
+                signature: signature.into(),
+            }
+        }
+    }
+
+    proptest! {
+        #[test]
+        fn rpc_form_round_trips(op in arb_op()) {
+            prop_assert_eq!(UserOperation::from_json(&op.to_json())?, op);
+        }
+
+        /// Packing places every field where the EntryPoint reads it (UserOperationLib).
+        #[test]
+        fn packing_round_trips(op in arb_op()) {
+            let p = op.pack(None);
+            prop_assert_eq!(u128::from_be_bytes(p.accountGasLimits[..16].try_into()?), op.verification_gas_limit);
+            prop_assert_eq!(u128::from_be_bytes(p.accountGasLimits[16..].try_into()?), op.call_gas_limit);
+            prop_assert_eq!(u128::from_be_bytes(p.gasFees[..16].try_into()?), op.max_priority_fee_per_gas);
+            prop_assert_eq!(u128::from_be_bytes(p.gasFees[16..].try_into()?), op.max_fee_per_gas);
+            prop_assert_eq!(p.initCode.len(), op.factory.map_or(0, |_| 20 + op.factory_data.len()));
+            prop_assert_eq!(op.hashed_len(), p.initCode.len() + p.callData.len());
+            match &op.paymaster {
+                None => prop_assert!(p.paymasterAndData.is_empty()),
+                Some(pm) => {
+                    let pmd = &p.paymasterAndData;
+                    prop_assert_eq!(&pmd[..20], pm.paymaster.as_slice());
+                    prop_assert_eq!(u128::from_be_bytes(pmd[20..36].try_into()?), pm.gas.verification);
+                    prop_assert_eq!(u128::from_be_bytes(pmd[36..52].try_into()?), pm.gas.post_op);
+                    prop_assert_eq!(&pmd[52..], &pm.data[..]);
+                }
+            }
+        }
+    }
 
     fn sample() -> Value {
         json!({

@@ -1,0 +1,121 @@
+//! Cost of one sponsorship, as a ratio to its floor measured in the same run: one bare k256
+//! ECDSA signature (DESIGN §1: the hot path is one signature plus decoding and checks).
+//! Run with `scripts/bench`. Prints medians of several batches; asserts nothing.
+
+use std::hint::black_box;
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use k256::ecdsa::SigningKey;
+use session_paymaster::config::EntryPointConfig;
+use session_paymaster::policy::file::load_dir;
+use session_paymaster::signer::{KeySource, Signer};
+use session_paymaster::sponsor::{Mode, RequestContext, Sponsor, SponsorRequest};
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+const BATCHES: usize = 7;
+const PER_BATCH: u32 = 2_000;
+
+/// Median over batches of the mean time per call.
+fn measure(mut f: impl FnMut()) -> Duration {
+    for _ in 0..PER_BATCH / 10 {
+        f(); // warm up
+    }
+    let mut batches: Vec<Duration> = (0..BATCHES)
+        .map(|_| {
+            let start = Instant::now();
+            for _ in 0..PER_BATCH {
+                f();
+            }
+            start.elapsed() / PER_BATCH
+        })
+        .collect();
+    batches.sort();
+    batches[BATCHES / 2]
+}
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let policies = load_dir(&std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("policies"))
+        .map_err(|e| format!("{e:?}"))?;
+    let entry_points = EntryPointVersion::ALL
+        .iter()
+        .map(|&version| EntryPointConfig {
+            version,
+            address: version.canonical_address(),
+            paymaster: Some(Address::repeat_byte(0x77)),
+        })
+        .collect();
+    let sponsor = Sponsor::new(
+        31337,
+        entry_points,
+        policies,
+        Signer::load(KeySource::Ephemeral)?,
+    );
+    let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3".parse()?;
+    let op = UserOperation {
+        sender: Address::repeat_byte(0x11),
+        nonce: U256::from(7),
+        call_data: executeCall {
+            dest: counter,
+            value: U256::ZERO,
+            func: keccak256("increment()")[..4].to_vec().into(),
+        }
+        .abi_encode()
+        .into(),
+        call_gas_limit: 100_000,
+        verification_gas_limit: 200_000,
+        pre_verification_gas: U256::from(50_000),
+        max_fee_per_gas: 2_000_000_000,
+        max_priority_fee_per_gas: 1_000_000_000,
+        ..Default::default()
+    };
+    let context = RequestContext::default();
+    let now = 1_800_000_000;
+    let request = |mode| SponsorRequest {
+        op: &op,
+        entry_point: EntryPointVersion::V0_7.canonical_address(),
+        context: &context,
+        mode,
+        keep_client_gas: false,
+    };
+    sponsor.sponsor(request(Mode::Final), now)?; // fails loudly here, not inside the loop
+
+    let key = SigningKey::from_slice(keccak256("bench key").as_slice())?;
+    let hash = B256::repeat_byte(0xab);
+    let bare = measure(|| {
+        black_box(
+            key.sign_prehash_recoverable(black_box(hash.as_slice()))
+                .ok(),
+        );
+    });
+    let final_data = measure(|| {
+        black_box(sponsor.sponsor(black_box(request(Mode::Final)), now).ok());
+    });
+    let stub = measure(|| {
+        black_box(sponsor.sponsor(black_box(request(Mode::Stub)), now).ok());
+    });
+    let parse_json = op.to_json();
+    let parse = measure(|| {
+        black_box(UserOperation::from_json(black_box(&parse_json)).ok());
+    });
+
+    println!("limit  bare k256 signature           {:>9.1?}", bare);
+    for (name, t) in [
+        ("sponsor (final, signed)", final_data),
+        ("sponsor (stub, no signature)", stub),
+        ("parse RPC user op", parse),
+    ] {
+        println!(
+            "{name:<32} {:>9.1?}  {:.2}x limit",
+            t,
+            t.as_secs_f64() / bare.as_secs_f64()
+        );
+    }
+    Ok(())
+}
