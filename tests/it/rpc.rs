@@ -270,7 +270,7 @@ async fn policy_rejections_name_reason_rule_and_call() -> TestResult {
     }
 
     let mut o = op();
-    o["maxFeePerGas"] = json!("0x2e90edd001"); // 201 gwei > 200 gwei cap
+    o["maxFeePerGas"] = json!("0x74a5ed5200"); // 501 gwei > 500 gwei cap
     let err = app
         .error("pm_sponsorUserOperation", json!([o, ep07()]))
         .await?;

@@ -1,0 +1,67 @@
+// Real clients against the service: permissionless' SimpleAccount, viem's ERC-7677 paymaster
+// client (pm_getPaymasterStubData, then pm_getPaymasterData) and the Alto bundler
+// (eth_estimateUserOperationGas, eth_sendUserOperation), on anvil with both EntryPoints.
+// Input: the JSON line of scripts/dev in STACK, the bundler URL in BUNDLER_URL.
+import assert from 'node:assert/strict';
+import { createPublicClient, http, parseAbi, getAddress } from 'viem';
+import { foundry } from 'viem/chains';
+import { createBundlerClient, createPaymasterClient } from 'viem/account-abstraction';
+import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts';
+import { toSimpleSmartAccount } from 'permissionless/accounts';
+
+const stack = JSON.parse(process.env.STACK);
+const counterAbi = parseAbi(['function increment()', 'function reset()', 'function count(address) view returns (uint256)']);
+const client = createPublicClient({ chain: foundry, transport: http(stack.rpcUrl) });
+const paymaster = createPaymasterClient({ transport: http(stack.paymasterUrl) });
+
+let passed = 0;
+let failed = 0;
+async function test(name, fn) {
+  try {
+    await fn();
+    passed++;
+    console.log(`ok   ${name}`);
+  } catch (e) {
+    failed++;
+    console.log(`FAIL ${name}\n${e?.stack ?? e}`);
+  }
+}
+
+async function user(ep) {
+  const owner = privateKeyToAccount(generatePrivateKey());
+  const account = await toSimpleSmartAccount({ client, owner, entryPoint: { address: getAddress(ep.entryPoint), version: ep.version } });
+  const bundler = createBundlerClient({ account, client, paymaster, transport: http(process.env.BUNDLER_URL) });
+  return { account, bundler };
+}
+
+for (const ep of stack.entryPoints) {
+  await test(`v${ep.version}: sponsored counterfactual SimpleAccount op lands through Alto`, async () => {
+    const { account, bundler } = await user(ep);
+    const hash = await bundler.sendUserOperation({ calls: [{ to: stack.counter, abi: counterAbi, functionName: 'increment' }] });
+    const receipt = await bundler.waitForUserOperationReceipt({ hash, timeout: 60_000 });
+    assert.equal(receipt.success, true);
+    assert.equal(getAddress(receipt.paymaster), getAddress(ep.paymaster));
+    assert.equal(getAddress(receipt.sender), getAddress(account.address));
+    const count = await client.readContract({ address: stack.counter, abi: counterAbi, functionName: 'count', args: [account.address] });
+    assert.equal(count, 1n);
+
+    // A second op from the deployed account (no factory).
+    const hash2 = await bundler.sendUserOperation({ calls: [{ to: stack.counter, abi: counterAbi, functionName: 'increment' }] });
+    assert.equal((await bundler.waitForUserOperationReceipt({ hash: hash2, timeout: 60_000 })).success, true);
+  });
+
+  await test(`v${ep.version}: a call outside the policy is refused by the paymaster`, async () => {
+    const { bundler } = await user(ep);
+    await assert.rejects(
+      bundler.sendUserOperation({ calls: [{ to: stack.counter, abi: counterAbi, functionName: 'reset' }] }),
+      (e) => {
+        const text = `${e?.message} ${JSON.stringify(e?.walk?.((x) => x?.data) ?? {})}`;
+        assert.match(text, /function_not_allowed/);
+        return true;
+      },
+    );
+  });
+}
+
+console.log(`viem: ${passed} passed, ${failed} failed`);
+process.exit(failed === 0 && passed > 0 ? 0 : 1);
