@@ -236,11 +236,13 @@ impl Sponsor {
             }));
         }
 
-        let calls = calldata::decode(&op.call_data).map_err(|e| {
+        let calls = calldata::decode(&op.call_data, op.sender).map_err(|e| {
             SponsorError::Rejected(Rejection {
                 reason: match e {
                     CalldataError::UnknownAccountCall(_) => "unknown_account_call",
-                    CalldataError::Malformed { .. } => "malformed_calldata",
+                    CalldataError::Malformed { .. } | CalldataError::TooDeep => {
+                        "malformed_calldata"
+                    }
                 },
                 rule: "callData".into(),
                 detail: e.to_string(),

@@ -1,9 +1,12 @@
 //! What an operation really calls: the account's `callData` decoded into calls (DESIGN §6).
 //!
-//! This slice knows the SimpleAccount shapes of every EntryPoint version. An outer selector it
-//! does not know is rejected, never guessed (ERC-7579 and Safe arrive with the policy issue).
+//! Shapes decoded: SimpleAccount `execute` and `executeBatch` (v0.6, v0.7, v0.8 / Coinbase Smart
+//! Wallet), ERC-7579 `execute(bytes32,bytes)` (single, batch, static, delegatecall), Safe4337Module
+//! `executeUserOp[WithErrorString]`, and the canonical Safe MultiSend contracts reached through a
+//! delegatecall. A call from the account to itself is decoded again (nested batches), to a bounded
+//! depth. Anything else is rejected, never guessed.
 
-use alloy::primitives::{Address, Bytes, FixedBytes, U256};
+use alloy::primitives::{Address, Bytes, FixedBytes, U256, address};
 use alloy::sol;
 use alloy::sol_types::SolCall;
 
@@ -20,7 +23,8 @@ sol! {
     interface SimpleAccountV07 {
         function executeBatch(address[] dest, uint256[] value, bytes[] func);
     }
-    /// `BaseAccount.Call`, as SimpleAccount v0.8 and Coinbase Smart Wallet batch it.
+    /// `BaseAccount.Call` (SimpleAccount v0.8, Coinbase Smart Wallet) and ERC-7579 `Execution`:
+    /// the same ABI tuple.
     struct BatchCall {
         address target;
         uint256 value;
@@ -30,6 +34,48 @@ sol! {
     interface SimpleAccountV08 {
         function executeBatch(BatchCall[] calls);
     }
+    /// ERC-7579 modular accounts.
+    interface Erc7579Account {
+        function execute(bytes32 mode, bytes executionCalldata);
+    }
+    /// Safe4337Module, called on the Safe through its fallback handler.
+    interface Safe4337Module {
+        function executeUserOp(address to, uint256 value, bytes data, uint8 operation);
+        function executeUserOpWithErrorString(address to, uint256 value, bytes data, uint8 operation);
+    }
+    /// Safe MultiSend / MultiSendCallOnly.
+    interface MultiSend {
+        function multiSend(bytes transactions);
+    }
+    /// ERC-20 functions whose amounts count against token spend limits.
+    interface Erc20 {
+        function transfer(address to, uint256 amount);
+        function transferFrom(address from, address to, uint256 amount);
+        function approve(address spender, uint256 amount);
+    }
+}
+
+/// The canonical MultiSend deployments (Safe v1.3.0 and v1.4.1, same address on every chain).
+/// Only these are decoded through a delegatecall: other code run by delegatecall could do anything.
+pub const KNOWN_MULTISEND: [Address; 4] = [
+    address!("0x40A2aCCbd92BCA938b02010E17A5b8929b49130D"), // MultiSendCallOnly 1.3.0
+    address!("0xA238CBeb142c10Ef7Ad8442C6D1f9E89e07e7761"), // MultiSend 1.3.0
+    address!("0x9641d764fc13c8B624c04430C7356C1C7C8102e2"), // MultiSendCallOnly 1.4.1
+    address!("0x38869bf66a61cF6bDB996A6aE40D5853Fd43B526"), // MultiSend 1.4.1
+];
+
+/// How deep self-calls and MultiSend are followed.
+pub const MAX_DEPTH: usize = 4;
+
+/// How the account calls.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// An ordinary call.
+    Call,
+    /// A static call: cannot change state.
+    StaticCall,
+    /// A delegatecall: the target's code runs as the account. Denied unless a rule allows it.
+    DelegateCall,
 }
 
 /// One call the account makes.
@@ -41,12 +87,65 @@ pub struct Call {
     pub value: U256,
     /// Calldata (empty for a plain transfer).
     pub data: Bytes,
+    /// Call, static call or delegatecall.
+    pub kind: CallKind,
+}
+
+/// An ERC-20 amount a call moves or approves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct TokenSpend {
+    /// The token contract.
+    pub token: Address,
+    /// `transfer`/`transferFrom` amount or `approve` allowance.
+    pub amount: U256,
+    /// Whether it is an allowance (`approve`).
+    pub approval: bool,
 }
 
 impl Call {
+    /// An ordinary call.
+    pub fn new(target: Address, value: U256, data: Bytes) -> Self {
+        Self {
+            target,
+            value,
+            data,
+            kind: CallKind::Call,
+        }
+    }
+
     /// The 4-byte function selector, if the calldata has one.
     pub fn selector(&self) -> Option<FixedBytes<4>> {
         self.data.get(..4).map(FixedBytes::<4>::from_slice)
+    }
+
+    /// The ERC-20 amount this call spends or approves, if it is `transfer`, `transferFrom` or
+    /// `approve` and decodes as such.
+    pub fn token_spend(&self) -> Option<TokenSpend> {
+        if self.kind != CallKind::Call {
+            return None;
+        }
+        let spend = |amount, approval| {
+            Some(TokenSpend {
+                token: self.target,
+                amount,
+                approval,
+            })
+        };
+        match self.selector()?.0 {
+            Erc20::transferCall::SELECTOR => spend(
+                Erc20::transferCall::abi_decode(&self.data).ok()?.amount,
+                false,
+            ),
+            Erc20::transferFromCall::SELECTOR => spend(
+                Erc20::transferFromCall::abi_decode(&self.data).ok()?.amount,
+                false,
+            ),
+            Erc20::approveCall::SELECTOR => spend(
+                Erc20::approveCall::abi_decode(&self.data).ok()?.amount,
+                true,
+            ),
+            _ => None,
+        }
     }
 }
 
@@ -56,7 +155,7 @@ pub enum CalldataError {
     /// The outer selector is no account shape we decode.
     #[error("unknown account call {0}: not an account shape this paymaster decodes")]
     UnknownAccountCall(String),
-    /// A known selector with arguments that do not decode, or arrays of different lengths.
+    /// A known shape whose arguments do not decode, or arrays of different lengths.
     #[error("malformed {shape} calldata: {reason}")]
     Malformed {
         /// The account function.
@@ -64,6 +163,9 @@ pub enum CalldataError {
         /// What is wrong.
         reason: String,
     },
+    /// Self-calls or MultiSend nested deeper than [`MAX_DEPTH`].
+    #[error("calls nested deeper than {MAX_DEPTH} levels")]
+    TooDeep,
 }
 
 fn malformed(shape: &'static str) -> impl Fn(alloy::sol_types::Error) -> CalldataError {
@@ -73,95 +175,262 @@ fn malformed(shape: &'static str) -> impl Fn(alloy::sol_types::Error) -> Calldat
     }
 }
 
-/// Decode an account's `callData` into the calls it makes.
-pub fn decode(call_data: &[u8]) -> Result<Vec<Call>, CalldataError> {
-    let selector: [u8; 4] = match call_data.get(..4) {
-        Some(s) => [s[0], s[1], s[2], s[3]],
-        None => {
-            return Err(CalldataError::UnknownAccountCall(format!(
-                "0x{}",
-                hex::encode(call_data)
-            )));
-        }
+fn bad(shape: &'static str, reason: &str) -> CalldataError {
+    CalldataError::Malformed {
+        shape,
+        reason: reason.to_owned(),
+    }
+}
+
+/// Decode the `callData` an account `sender` receives from the EntryPoint into the calls it makes.
+pub fn decode(call_data: &[u8], sender: Address) -> Result<Vec<Call>, CalldataError> {
+    let mut out = Vec::new();
+    decode_account_call(call_data, sender, 0, &mut out)?;
+    Ok(out)
+}
+
+/// Strict (validating) ABI decoding throughout: an encoding the account might read differently
+/// is refused.
+fn decode_account_call(
+    data: &[u8],
+    sender: Address,
+    depth: usize,
+    out: &mut Vec<Call>,
+) -> Result<(), CalldataError> {
+    if depth > MAX_DEPTH {
+        return Err(CalldataError::TooDeep);
+    }
+    let Some(selector) = data.get(..4).map(|s| [s[0], s[1], s[2], s[3]]) else {
+        return Err(CalldataError::UnknownAccountCall(format!(
+            "0x{}",
+            hex::encode(data)
+        )));
     };
-    // Strict (validating) decoding: an encoding the account might read differently is refused.
-    match selector {
+    let calls: Vec<Call> = match selector {
         SimpleAccount::executeCall::SELECTOR => {
-            let c = SimpleAccount::executeCall::abi_decode_validate(call_data)
+            let c = SimpleAccount::executeCall::abi_decode_validate(data)
                 .map_err(malformed("execute"))?;
-            Ok(vec![Call {
-                target: c.dest,
-                value: c.value,
-                data: c.func,
-            }])
+            vec![Call::new(c.dest, c.value, c.func)]
         }
         SimpleAccountV06::executeBatchCall::SELECTOR => {
-            let c = SimpleAccountV06::executeBatchCall::abi_decode_validate(call_data)
-                .map_err(malformed("executeBatch(address[],bytes[])"))?;
+            let shape = "executeBatch(address[],bytes[])";
+            let c = SimpleAccountV06::executeBatchCall::abi_decode_validate(data)
+                .map_err(malformed(shape))?;
             if c.dest.len() != c.func.len() {
-                return Err(lengths("executeBatch(address[],bytes[])"));
+                return Err(bad(shape, "array lengths differ"));
             }
-            Ok(c.dest
+            c.dest
                 .into_iter()
                 .zip(c.func)
-                .map(|(target, data)| Call {
-                    target,
-                    value: U256::ZERO,
-                    data,
-                })
-                .collect())
+                .map(|(t, d)| Call::new(t, U256::ZERO, d))
+                .collect()
         }
         SimpleAccountV07::executeBatchCall::SELECTOR => {
             let shape = "executeBatch(address[],uint256[],bytes[])";
-            let c = SimpleAccountV07::executeBatchCall::abi_decode_validate(call_data)
+            let c = SimpleAccountV07::executeBatchCall::abi_decode_validate(data)
                 .map_err(malformed(shape))?;
             // SimpleAccount v0.7: `value.length == 0 || value.length == func.length`.
             if c.dest.len() != c.func.len()
                 || !(c.value.is_empty() || c.value.len() == c.func.len())
             {
-                return Err(lengths(shape));
+                return Err(bad(shape, "array lengths differ"));
             }
-            Ok(c.dest
+            let values = c.value;
+            c.dest
                 .into_iter()
                 .zip(c.func)
                 .enumerate()
-                .map(|(i, (target, data))| Call {
-                    target,
-                    value: c.value.get(i).copied().unwrap_or_default(),
-                    data,
-                })
-                .collect())
+                .map(|(i, (t, d))| Call::new(t, values.get(i).copied().unwrap_or_default(), d))
+                .collect()
         }
         SimpleAccountV08::executeBatchCall::SELECTOR => {
-            let c = SimpleAccountV08::executeBatchCall::abi_decode_validate(call_data)
+            let c = SimpleAccountV08::executeBatchCall::abi_decode_validate(data)
                 .map_err(malformed("executeBatch((address,uint256,bytes)[])"))?;
-            Ok(c.calls
+            c.calls
                 .into_iter()
-                .map(|c| Call {
-                    target: c.target,
-                    value: c.value,
-                    data: c.data,
-                })
+                .map(|c| Call::new(c.target, c.value, c.data))
+                .collect()
+        }
+        Erc7579Account::executeCall::SELECTOR => {
+            let c = Erc7579Account::executeCall::abi_decode_validate(data)
+                .map_err(malformed("ERC-7579 execute"))?;
+            decode_7579(c.mode, &c.executionCalldata)?
+        }
+        Safe4337Module::executeUserOpCall::SELECTOR => {
+            let c = Safe4337Module::executeUserOpCall::abi_decode_validate(data)
+                .map_err(malformed("Safe executeUserOp"))?;
+            vec![safe_call(
+                c.to,
+                c.value,
+                c.data,
+                c.operation,
+                "Safe executeUserOp",
+            )?]
+        }
+        Safe4337Module::executeUserOpWithErrorStringCall::SELECTOR => {
+            let c = Safe4337Module::executeUserOpWithErrorStringCall::abi_decode_validate(data)
+                .map_err(malformed("Safe executeUserOpWithErrorString"))?;
+            vec![safe_call(
+                c.to,
+                c.value,
+                c.data,
+                c.operation,
+                "Safe executeUserOpWithErrorString",
+            )?]
+        }
+        other => {
+            return Err(CalldataError::UnknownAccountCall(format!(
+                "0x{}",
+                hex::encode(other)
+            )));
+        }
+    };
+    for call in calls {
+        expand(call, sender, depth, out)?;
+    }
+    Ok(())
+}
+
+/// A self-call re-enters the account: decode what it runs. A delegatecall to a known MultiSend
+/// runs its packed transactions as the account. Everything else is a leaf.
+fn expand(
+    call: Call,
+    sender: Address,
+    depth: usize,
+    out: &mut Vec<Call>,
+) -> Result<(), CalldataError> {
+    if call.target == sender
+        && call.kind == CallKind::Call
+        && call.value.is_zero()
+        && call.data.len() >= 4
+    {
+        return decode_account_call(&call.data, sender, depth + 1, out);
+    }
+    if call.kind == CallKind::DelegateCall
+        && KNOWN_MULTISEND.contains(&call.target)
+        && call
+            .selector()
+            .is_some_and(|s| s.0 == MultiSend::multiSendCall::SELECTOR)
+    {
+        if depth + 1 > MAX_DEPTH {
+            return Err(CalldataError::TooDeep);
+        }
+        let m = MultiSend::multiSendCall::abi_decode_validate(&call.data)
+            .map_err(malformed("multiSend"))?;
+        for inner in decode_multisend(&m.transactions)? {
+            expand(inner, sender, depth + 1, out)?;
+        }
+        return Ok(());
+    }
+    out.push(call);
+    Ok(())
+}
+
+/// ERC-7579 mode: byte 0 call type (0x00 single, 0x01 batch, 0xfe static, 0xff delegatecall),
+/// byte 1 exec type (0x00 revert, 0x01 try); the rest selects account-specific modes, which
+/// we do not decode unless zero.
+fn decode_7579(mode: FixedBytes<32>, exec: &[u8]) -> Result<Vec<Call>, CalldataError> {
+    const SHAPE: &str = "ERC-7579 execute";
+    if mode[1] > 0x01 {
+        return Err(bad(SHAPE, "unknown exec type"));
+    }
+    if mode[2..6] != [0; 4] || mode[6..10] != [0; 4] {
+        return Err(bad(SHAPE, "unsupported mode selector"));
+    }
+    let single = |kind: CallKind| -> Result<Vec<Call>, CalldataError> {
+        // abi.encodePacked(target, value, callData)
+        if exec.len() < 52 {
+            return Err(bad(SHAPE, "single execution shorter than 52 bytes"));
+        }
+        let target = Address::from_slice(&exec[..20]);
+        let value = U256::from_be_slice(&exec[20..52]);
+        Ok(vec![Call {
+            target,
+            value,
+            data: Bytes::copy_from_slice(&exec[52..]),
+            kind,
+        }])
+    };
+    match mode[0] {
+        0x00 => single(CallKind::Call),
+        0xfe => single(CallKind::StaticCall),
+        0x01 => {
+            let calls = <alloy::sol_types::sol_data::Array<BatchCall> as alloy::sol_types::SolType>::abi_decode_validate(exec)
+                .map_err(malformed(SHAPE))?;
+            Ok(calls
+                .into_iter()
+                .map(|c| Call::new(c.target, c.value, c.data))
                 .collect())
         }
-        other => Err(CalldataError::UnknownAccountCall(format!(
-            "0x{}",
-            hex::encode(other)
-        ))),
+        0xff => {
+            // abi.encodePacked(target, callData): no value.
+            if exec.len() < 20 {
+                return Err(bad(SHAPE, "delegatecall execution shorter than 20 bytes"));
+            }
+            let target = Address::from_slice(&exec[..20]);
+            Ok(vec![Call {
+                target,
+                value: U256::ZERO,
+                data: Bytes::copy_from_slice(&exec[20..]),
+                kind: CallKind::DelegateCall,
+            }])
+        }
+        other => Err(bad(SHAPE, &format!("unknown call type 0x{other:02x}"))),
     }
 }
 
-fn lengths(shape: &'static str) -> CalldataError {
-    CalldataError::Malformed {
-        shape,
-        reason: "array lengths differ".into(),
+fn safe_call(
+    to: Address,
+    value: U256,
+    data: Bytes,
+    operation: u8,
+    shape: &'static str,
+) -> Result<Call, CalldataError> {
+    let kind = match operation {
+        0 => CallKind::Call,
+        1 => CallKind::DelegateCall,
+        _ => return Err(bad(shape, "operation must be 0 (call) or 1 (delegatecall)")),
+    };
+    if kind == CallKind::DelegateCall && !value.is_zero() {
+        return Err(bad(shape, "delegatecall with value"));
     }
+    Ok(Call {
+        target: to,
+        value,
+        data,
+        kind,
+    })
+}
+
+/// MultiSend's packed transactions: `operation(1) ‖ to(20) ‖ value(32) ‖ dataLength(32) ‖ data`.
+fn decode_multisend(mut packed: &[u8]) -> Result<Vec<Call>, CalldataError> {
+    const SHAPE: &str = "multiSend";
+    let mut calls = Vec::new();
+    while !packed.is_empty() {
+        if packed.len() < 85 {
+            return Err(bad(SHAPE, "truncated transaction header"));
+        }
+        let to = Address::from_slice(&packed[1..21]);
+        let value = U256::from_be_slice(&packed[21..53]);
+        let len = U256::from_be_slice(&packed[53..85]);
+        let len = usize::try_from(len)
+            .ok()
+            .filter(|&l| l <= packed.len() - 85)
+            .ok_or_else(|| bad(SHAPE, "data length past the end"))?;
+        let data = Bytes::copy_from_slice(&packed[85..85 + len]);
+        calls.push(safe_call(to, value, data, packed[0], SHAPE)?);
+        packed = &packed[85 + len..];
+    }
+    Ok(calls)
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
+    use alloy::sol_types::SolValue;
     use proptest::prelude::*;
+
+    const SENDER: Address = Address::repeat_byte(0xaa);
 
     #[test]
     fn selectors_match_design() {
@@ -181,16 +450,32 @@ mod tests {
             hex::encode(SimpleAccountV08::executeBatchCall::SELECTOR),
             "34fcd5be"
         );
+        assert_eq!(
+            hex::encode(Erc7579Account::executeCall::SELECTOR),
+            "e9ae5c53"
+        );
+        assert_eq!(
+            hex::encode(Safe4337Module::executeUserOpCall::SELECTOR),
+            "7bb37428"
+        );
+        assert_eq!(
+            hex::encode(Safe4337Module::executeUserOpWithErrorStringCall::SELECTOR),
+            "541d63c8"
+        );
+        assert_eq!(hex::encode(MultiSend::multiSendCall::SELECTOR), "8d80ff0a");
+        assert_eq!(hex::encode(Erc20::transferCall::SELECTOR), "a9059cbb");
+        assert_eq!(hex::encode(Erc20::transferFromCall::SELECTOR), "23b872dd");
+        assert_eq!(hex::encode(Erc20::approveCall::SELECTOR), "095ea7b3");
     }
 
     #[test]
     fn rejects_unknown_and_malformed() {
         assert!(matches!(
-            decode(&[]),
+            decode(&[], SENDER),
             Err(CalldataError::UnknownAccountCall(_))
         ));
         assert!(matches!(
-            decode(&[1, 2, 3, 4, 5]),
+            decode(&[1, 2, 3, 4, 5], SENDER),
             Err(CalldataError::UnknownAccountCall(_))
         ));
         let mut truncated = SimpleAccount::executeCall {
@@ -201,7 +486,7 @@ mod tests {
         .abi_encode();
         truncated.truncate(40);
         assert!(matches!(
-            decode(&truncated),
+            decode(&truncated, SENDER),
             Err(CalldataError::Malformed { .. })
         ));
         let mismatched = SimpleAccountV07::executeBatchCall {
@@ -211,9 +496,208 @@ mod tests {
         }
         .abi_encode();
         assert!(matches!(
-            decode(&mismatched),
+            decode(&mismatched, SENDER),
             Err(CalldataError::Malformed { .. })
         ));
+    }
+
+    fn mode(call_type: u8) -> FixedBytes<32> {
+        let mut m = [0u8; 32];
+        m[0] = call_type;
+        m.into()
+    }
+
+    #[test]
+    fn erc7579_single_static_delegate_and_bad_modes() {
+        let target = Address::repeat_byte(0x12);
+        let packed = [
+            target.as_slice(),
+            &U256::from(5).to_be_bytes::<32>(),
+            &[0xde, 0xad, 0xbe, 0xef],
+        ]
+        .concat();
+        for (ct, kind) in [(0x00, CallKind::Call), (0xfe, CallKind::StaticCall)] {
+            let data = Erc7579Account::executeCall {
+                mode: mode(ct),
+                executionCalldata: packed.clone().into(),
+            }
+            .abi_encode();
+            let calls = decode(&data, SENDER).unwrap();
+            assert_eq!(
+                calls,
+                vec![Call {
+                    target,
+                    value: U256::from(5),
+                    data: vec![0xde, 0xad, 0xbe, 0xef].into(),
+                    kind
+                }]
+            );
+        }
+        let dc = [target.as_slice(), &[1, 2, 3, 4]].concat();
+        let data = Erc7579Account::executeCall {
+            mode: mode(0xff),
+            executionCalldata: dc.into(),
+        }
+        .abi_encode();
+        assert_eq!(
+            decode(&data, SENDER).unwrap()[0].kind,
+            CallKind::DelegateCall
+        );
+        for bad_mode in [
+            mode(0x02),
+            {
+                let mut m = mode(0);
+                m[1] = 2;
+                m
+            },
+            {
+                let mut m = mode(0);
+                m[7] = 1;
+                m
+            },
+        ] {
+            let data = Erc7579Account::executeCall {
+                mode: bad_mode,
+                executionCalldata: packed.clone().into(),
+            }
+            .abi_encode();
+            assert!(
+                matches!(decode(&data, SENDER), Err(CalldataError::Malformed { .. })),
+                "{bad_mode}"
+            );
+        }
+        let short = Erc7579Account::executeCall {
+            mode: mode(0),
+            executionCalldata: vec![0; 51].into(),
+        }
+        .abi_encode();
+        assert!(decode(&short, SENDER).is_err());
+    }
+
+    fn multisend(calls: &[(u8, Call)]) -> Bytes {
+        let mut packed = Vec::new();
+        for (op, c) in calls {
+            packed.push(*op);
+            packed.extend_from_slice(c.target.as_slice());
+            packed.extend_from_slice(&c.value.to_be_bytes::<32>());
+            packed.extend_from_slice(&U256::from(c.data.len()).to_be_bytes::<32>());
+            packed.extend_from_slice(&c.data);
+        }
+        MultiSend::multiSendCall {
+            transactions: packed.into(),
+        }
+        .abi_encode()
+        .into()
+    }
+
+    #[test]
+    fn safe_multisend_through_delegatecall_is_expanded() {
+        let a = Call::new(
+            Address::repeat_byte(1),
+            U256::from(1),
+            vec![1, 2, 3, 4].into(),
+        );
+        let b = Call::new(Address::repeat_byte(2), U256::ZERO, Bytes::new());
+        let ms = multisend(&[(0, a.clone()), (0, b.clone())]);
+        let data = Safe4337Module::executeUserOpCall {
+            to: KNOWN_MULTISEND[2],
+            value: U256::ZERO,
+            data: ms.clone(),
+            operation: 1,
+        }
+        .abi_encode();
+        assert_eq!(decode(&data, SENDER).unwrap(), vec![a.clone(), b]);
+
+        // An unknown contract reached by delegatecall stays a delegatecall leaf (denied by policy
+        // unless a rule allows it).
+        let other = Address::repeat_byte(9);
+        let data = Safe4337Module::executeUserOpCall {
+            to: other,
+            value: U256::ZERO,
+            data: ms,
+            operation: 1,
+        }
+        .abi_encode();
+        assert_eq!(
+            decode(&data, SENDER).unwrap()[0].kind,
+            CallKind::DelegateCall
+        );
+
+        // Truncated packed transactions, bad operations.
+        let mut broken = multisend(&[(0, a.clone())]).to_vec();
+        broken.truncate(broken.len() - 40);
+        let bad = MultiSend::multiSendCall::abi_decode(&broken).map(|m| m.transactions);
+        if let Ok(t) = bad {
+            assert!(decode_multisend(&t[..t.len().saturating_sub(3)]).is_err());
+        }
+        assert!(decode_multisend(&multisend(&[(2, a)])[68..]).is_err());
+    }
+
+    #[test]
+    fn self_calls_are_decoded_and_bounded() {
+        let leaf = Call::new(Address::repeat_byte(3), U256::ZERO, vec![9, 9, 9, 9].into());
+        let mut data = SimpleAccount::executeCall {
+            dest: leaf.target,
+            value: leaf.value,
+            func: leaf.data.clone(),
+        }
+        .abi_encode();
+        for _ in 0..MAX_DEPTH {
+            data = SimpleAccount::executeCall {
+                dest: SENDER,
+                value: U256::ZERO,
+                func: data.into(),
+            }
+            .abi_encode();
+        }
+        assert_eq!(decode(&data, SENDER).unwrap(), vec![leaf]);
+        let deeper = SimpleAccount::executeCall {
+            dest: SENDER,
+            value: U256::ZERO,
+            func: data.into(),
+        }
+        .abi_encode();
+        assert_eq!(decode(&deeper, SENDER), Err(CalldataError::TooDeep));
+    }
+
+    #[test]
+    fn token_spends() {
+        let token = Address::repeat_byte(0x70);
+        let t = |data: Vec<u8>| Call::new(token, U256::ZERO, data.into()).token_spend();
+        let to = Address::repeat_byte(1);
+        assert_eq!(
+            t(Erc20::transferCall {
+                to,
+                amount: U256::from(7)
+            }
+            .abi_encode()),
+            Some(TokenSpend {
+                token,
+                amount: U256::from(7),
+                approval: false
+            })
+        );
+        assert_eq!(
+            t(Erc20::transferFromCall {
+                from: to,
+                to,
+                amount: U256::from(8)
+            }
+            .abi_encode())
+            .map(|s| s.amount),
+            Some(U256::from(8))
+        );
+        assert_eq!(
+            t(Erc20::approveCall {
+                spender: to,
+                amount: U256::MAX
+            }
+            .abi_encode())
+            .map(|s| s.approval),
+            Some(true)
+        );
+        assert_eq!(t(vec![1, 2, 3, 4]), None);
+        let _ = (to, U256::from(1)).abi_encode();
     }
 
     fn arb_call() -> impl Strategy<Value = Call> {
@@ -222,39 +706,48 @@ mod tests {
             any::<u64>(),
             prop::collection::vec(any::<u8>(), 0..80),
         )
-            .prop_map(|(a, v, d)| Call {
-                target: Address::from(a),
-                value: U256::from(v),
-                data: d.into(),
-            })
+            .prop_map(|(a, v, d)| Call::new(Address::from(a), U256::from(v), d.into()))
+            .prop_filter("not a self-call", |c| c.target != SENDER)
     }
 
     proptest! {
         /// Random batches, encoded by the ABI encoder in every shape, decode to the calls that built them.
         #[test]
         fn batches_round_trip(calls in prop::collection::vec(arb_call(), 0..6)) {
-            let v08 = SimpleAccountV08::executeBatchCall {
-                calls: calls.iter().map(|c| BatchCall { target: c.target, value: c.value, data: c.data.clone() }).collect(),
-            }.abi_encode();
-            prop_assert_eq!(decode(&v08)?, calls.clone());
+            let tuples: Vec<BatchCall> = calls.iter().map(|c| BatchCall { target: c.target, value: c.value, data: c.data.clone() }).collect();
+            let v08 = SimpleAccountV08::executeBatchCall { calls: tuples.clone() }.abi_encode();
+            prop_assert_eq!(decode(&v08, SENDER)?, calls.clone());
+
+            let erc7579 = Erc7579Account::executeCall { mode: mode(0x01), executionCalldata: tuples.abi_encode().into() }.abi_encode();
+            prop_assert_eq!(decode(&erc7579, SENDER)?, calls.clone());
 
             let v07 = SimpleAccountV07::executeBatchCall {
                 dest: calls.iter().map(|c| c.target).collect(),
                 value: calls.iter().map(|c| c.value).collect(),
                 func: calls.iter().map(|c| c.data.clone()).collect(),
             }.abi_encode();
-            prop_assert_eq!(decode(&v07)?, calls.clone());
+            prop_assert_eq!(decode(&v07, SENDER)?, calls.clone());
 
             let zero_values: Vec<Call> = calls.iter().map(|c| Call { value: U256::ZERO, ..c.clone() }).collect();
             let v06 = SimpleAccountV06::executeBatchCall {
                 dest: calls.iter().map(|c| c.target).collect(),
                 func: calls.iter().map(|c| c.data.clone()).collect(),
             }.abi_encode();
-            prop_assert_eq!(decode(&v06)?, zero_values);
+            prop_assert_eq!(decode(&v06, SENDER)?, zero_values);
+
+            let ms = multisend(&calls.iter().map(|c| (0u8, c.clone())).collect::<Vec<_>>());
+            let safe = Safe4337Module::executeUserOpCall { to: KNOWN_MULTISEND[0], value: U256::ZERO, data: ms, operation: 1 }.abi_encode();
+            prop_assert_eq!(decode(&safe, SENDER)?, calls.clone());
+
+            // Nested: a v0.8 batch whose first call re-enters the account with a v0.7 batch.
+            let nested = SimpleAccountV08::executeBatchCall {
+                calls: vec![BatchCall { target: SENDER, value: U256::ZERO, data: v07.into() }],
+            }.abi_encode();
+            prop_assert_eq!(decode(&nested, SENDER)?, calls.clone());
 
             if let Some(c) = calls.first() {
                 let single = SimpleAccount::executeCall { dest: c.target, value: c.value, func: c.data.clone() }.abi_encode();
-                prop_assert_eq!(decode(&single)?, vec![c.clone()]);
+                prop_assert_eq!(decode(&single, SENDER)?, vec![c.clone()]);
             }
         }
     }

@@ -57,6 +57,8 @@ struct AllowFile {
     functions: Spanned<Vec<Spanned<String>>>,
     #[serde(default)]
     max_value: Option<Spanned<Amount>>,
+    #[serde(default)]
+    delegatecall: bool,
 }
 
 /// An amount as written: a wei integer or a string with an optional unit.
@@ -317,6 +319,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
             target,
             functions,
             max_value,
+            delegatecall: rule.delegatecall,
         });
     }
     errors.append(&mut rule_errors);

@@ -12,7 +12,7 @@ use std::time::Duration;
 
 use alloy::primitives::{Address, FixedBytes, U256};
 
-use self::calldata::Call;
+use self::calldata::{Call, CallKind};
 use crate::userop::{EntryPointVersion, UserOperation};
 
 /// A loaded, validated policy.
@@ -59,6 +59,9 @@ pub struct AllowRule {
     pub functions: FunctionFilter,
     /// Most native value per call.
     pub max_value: U256,
+    /// Whether the account may delegatecall the target (its code then runs as the account:
+    /// allow only audited library contracts).
+    pub delegatecall: bool,
 }
 
 /// Which functions a rule allows.
@@ -201,6 +204,13 @@ impl Policy {
                 format!("{what} on {} is not allowed", call.target),
             ));
         }
+        if call.kind == CallKind::DelegateCall && !rule.delegatecall {
+            return Err((
+                "delegatecall_not_allowed",
+                format!("allow[{i}].delegatecall"),
+                format!("delegatecall to {} is not allowed", call.target),
+            ));
+        }
         if call.value > rule.max_value {
             return Err((
                 "value_too_high",
@@ -274,16 +284,17 @@ mod tests {
                     "increment()".into(),
                 )]),
                 max_value: U256::from(5u64),
+                delegatecall: false,
             }],
         }
     }
 
     fn call(target: Address, sig: &str, value: u64) -> Call {
-        Call {
+        Call::new(
             target,
-            value: U256::from(value),
-            data: Bytes::copy_from_slice(&keccak256(sig)[..4]),
-        }
+            U256::from(value),
+            Bytes::copy_from_slice(&keccak256(sig)[..4]),
+        )
     }
 
     /// Each row: a change to a good context, and the reason (and call index) it must produce.
@@ -337,6 +348,11 @@ mod tests {
                 "value",
                 |_, calls, _, _, _| calls[0].value = U256::from(6u64),
                 Some(("value_too_high", Some(0))),
+            ),
+            (
+                "delegatecall",
+                |_, calls, _, _, _| calls[0].kind = CallKind::DelegateCall,
+                Some(("delegatecall_not_allowed", Some(0))),
             ),
         ];
         for (name, mutate, expected) in rows {
