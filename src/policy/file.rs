@@ -13,7 +13,9 @@ use alloy::primitives::{Address, FixedBytes, U256, keccak256};
 use serde::Deserialize;
 use toml::Spanned;
 
-use super::{AllowRule, FunctionFilter, PerOpLimits, Policy, PolicySet};
+use super::{
+    AllowRule, Budget, Budgets, FunctionFilter, PerOpLimits, Policy, PolicySet, Rate, SenderLists,
+};
 use crate::userop::EntryPointVersion;
 
 /// Default signature lifetime when a policy sets no `max_validity`.
@@ -30,13 +32,59 @@ struct PolicyFile {
     #[serde(default)]
     require_session: bool,
     #[serde(default)]
+    require_session_proof: bool,
+    #[serde(default)]
     max_validity: Option<Spanned<String>>,
     #[serde(default)]
     active_until: Option<Spanned<toml::value::Datetime>>,
     #[serde(default)]
     per_op: PerOpFile,
     #[serde(default)]
+    budgets: BudgetsFile,
+    #[serde(default)]
+    rate: RateFile,
+    #[serde(default)]
+    senders: SendersFile,
+    #[serde(default)]
     allow: Vec<AllowFile>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct BudgetsFile {
+    #[serde(default)]
+    session: Option<Spanned<BudgetFile>>,
+    #[serde(default)]
+    sender: Option<Spanned<BudgetFile>>,
+    #[serde(default)]
+    policy: Option<Spanned<BudgetFile>>,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct BudgetFile {
+    #[serde(default)]
+    cost: Option<Spanned<Amount>>,
+    #[serde(default)]
+    ops: Option<u64>,
+    #[serde(default)]
+    period: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct RateFile {
+    #[serde(default)]
+    per_sender: Option<Spanned<String>>,
+}
+
+#[derive(Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+struct SendersFile {
+    #[serde(default)]
+    allow: Vec<Spanned<String>>,
+    #[serde(default)]
+    deny: Vec<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -48,6 +96,10 @@ struct PerOpFile {
     max_fee_per_gas: Option<Spanned<Amount>>,
     #[serde(default)]
     max_priority_fee_per_gas: Option<Spanned<Amount>>,
+    #[serde(default)]
+    max_verification_gas_limit: Option<u64>,
+    #[serde(default)]
+    max_call_gas_limit: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -261,6 +313,8 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         }
     };
     let per_op = PerOpLimits {
+        max_verification_gas_limit: file.per_op.max_verification_gas_limit,
+        max_call_gas_limit: file.per_op.max_call_gas_limit,
         max_cost: amount(&file.per_op.max_cost, "max_cost"),
         max_fee_per_gas: amount(&file.per_op.max_fee_per_gas, "max_fee_per_gas"),
         max_priority_fee_per_gas: amount(
@@ -271,9 +325,9 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
     let mut allow: Vec<AllowRule> = Vec::new();
     let mut rule_errors = Vec::new();
     for rule in &file.allow {
-        let target = match rule.target.get_ref().parse::<Address>() {
-            Ok(a) if rule.target.get_ref().len() == 42 => a,
-            _ => {
+        let target = match parse_address(rule.target.get_ref()) {
+            Some(a) => a,
+            None => {
                 rule_errors.push(at(
                     rule.target.span(),
                     format!(
@@ -332,6 +386,106 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
             "per_op: max_priority_fee_per_gas exceeds max_fee_per_gas".into(),
         ));
     }
+    let mut budget =
+        |b: &Option<Spanned<BudgetFile>>, scope: &str, periodic: bool| -> Option<Budget> {
+            let b = b.as_ref()?;
+            let (span, b) = (b.span(), b.get_ref());
+            let cost = b
+                .cost
+                .as_ref()
+                .and_then(|a| match parse_amount(a.get_ref()) {
+                    Ok(v) => Some(v),
+                    Err(e) => {
+                        errors.push(at(a.span(), format!("budgets.{scope}.cost: {e}")));
+                        None
+                    }
+                });
+            let period = match (&b.period, periodic) {
+                (None, _) => None,
+                (Some(p), false) => {
+                    errors.push(at(
+                        p.span(),
+                        format!("budgets.{scope} lasts as long as the session: it takes no period"),
+                    ));
+                    None
+                }
+                (Some(p), true) => match humantime::parse_duration(p.get_ref()) {
+                    Ok(d) if d.as_secs() > 0 => Some(d),
+                    _ => {
+                        errors.push(at(
+                            p.span(),
+                            format!(
+                                "budgets.{scope}.period `{}` is not a duration like \"1d\"",
+                                p.get_ref()
+                            ),
+                        ));
+                        None
+                    }
+                },
+            };
+            if b.cost.is_none() && b.ops.is_none() {
+                errors.push(at(
+                    span,
+                    format!("budgets.{scope} sets neither cost nor ops"),
+                ));
+            }
+            Some(Budget {
+                cost,
+                ops: b.ops,
+                period,
+            })
+        };
+    let budgets = Budgets {
+        session: budget(&file.budgets.session, "session", false),
+        sender: budget(&file.budgets.sender, "sender", true),
+        policy: budget(&file.budgets.policy, "policy", true),
+    };
+    let rate_per_sender =
+        file.rate
+            .per_sender
+            .as_ref()
+            .and_then(|r| match parse_rate(r.get_ref()) {
+                Ok(rate) => Some(rate),
+                Err(e) => {
+                    errors.push(at(r.span(), e));
+                    None
+                }
+            });
+    let mut address_list = |items: &[Spanned<String>], what: &str| -> Vec<Address> {
+        items
+            .iter()
+            .filter_map(|a| match parse_address(a.get_ref()) {
+                Some(addr) => Some(addr),
+                None => {
+                    errors.push(at(
+                        a.span(),
+                        format!(
+                            "{what}: `{}` is not a 0x-prefixed 20-byte address",
+                            a.get_ref()
+                        ),
+                    ));
+                    None
+                }
+            })
+            .collect()
+    };
+    let senders = SenderLists {
+        allow: address_list(&file.senders.allow, "senders.allow"),
+        deny: address_list(&file.senders.deny, "senders.deny"),
+    };
+    if let Some(both) = senders.allow.iter().find(|a| senders.deny.contains(a)) {
+        errors.push(at(
+            0..0,
+            format!("senders: {both} is both allowed and denied"),
+        ));
+    }
+    if file.require_session_proof && !file.require_session {
+        errors.push(at(
+            0..0,
+            "require_session_proof needs require_session = true".into(),
+        ));
+    }
+
     if allow.is_empty() && errors.is_empty() {
         errors.push(at(
             0..0,
@@ -348,9 +502,13 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         chains: file.chains,
         entry_points,
         require_session: file.require_session,
+        require_session_proof: file.require_session_proof,
         max_validity,
         active_until,
         per_op,
+        budgets,
+        rate_per_sender,
+        senders,
         allow,
     })
 }
@@ -462,6 +620,30 @@ fn parse_amount(amount: &Amount) -> Result<U256, String> {
     }
     let scaled = format!("{int}{frac:0<width$}", width = decimals as usize);
     U256::from_str_radix(&scaled, 10).map_err(|_| format!("`{text}` is too large"))
+}
+
+fn parse_address(s: &str) -> Option<Address> {
+    (s.len() == 42 && s.starts_with("0x"))
+        .then(|| s.parse().ok())
+        .flatten()
+}
+
+/// `"20/min"`, `"5/s"`, `"1000/h"`, `"10/1m"`: at most N operations per window.
+fn parse_rate(s: &str) -> Result<Rate, String> {
+    let err = || format!("rate `{s}` is not like \"20/min\" (per s, min, h, d, or a duration)");
+    let (n, per) = s.split_once('/').ok_or_else(err)?;
+    let count: u32 = n.trim().parse().ok().filter(|&c| c > 0).ok_or_else(err)?;
+    let per = match per.trim() {
+        "s" | "sec" | "second" => Duration::from_secs(1),
+        "min" | "minute" => Duration::from_secs(60),
+        "h" | "hour" => Duration::from_secs(3600),
+        "d" | "day" => Duration::from_secs(86_400),
+        other => humantime::parse_duration(other)
+            .ok()
+            .filter(|d| !d.is_zero())
+            .ok_or_else(err)?,
+    };
+    Ok(Rate { count, per })
 }
 
 fn line_col(src: &str, offset: usize) -> (usize, usize) {
@@ -583,6 +765,53 @@ max_value = "0"
             let src = GOOD.replace("makeMove(uint256,uint8)", bad);
             assert_eq!(errors(&src).len(), 1, "{bad}");
         }
+    }
+
+    #[test]
+    fn budgets_rates_and_senders() -> Result<(), Vec<PolicyFileError>> {
+        let src = format!(
+            "{GOOD}\n[budgets]\nsession = {{ cost = \"0.02 ether\", ops = 500 }}\n\
+             sender = {{ cost = \"0.05 ether\", ops = 2000, period = \"1d\" }}\npolicy = {{ cost = \"10 ether\", period = \"30d\" }}\n\
+             [rate]\nper_sender = \"20/min\"\n[senders]\ndeny = [\"0x2222222222222222222222222222222222222222\"]\n"
+        );
+        let p = parse(Path::new("p.toml"), &src)?;
+        assert_eq!(p.budgets.session.as_ref().and_then(|b| b.ops), Some(500));
+        assert_eq!(
+            p.budgets.sender.as_ref().and_then(|b| b.period),
+            Some(Duration::from_secs(86_400))
+        );
+        assert_eq!(
+            p.budgets.policy.as_ref().and_then(|b| b.cost),
+            Some(U256::from(10u64) * U256::from(10u64).pow(U256::from(18u64)))
+        );
+        assert_eq!(
+            p.rate_per_sender,
+            Some(super::super::Rate {
+                count: 20,
+                per: Duration::from_secs(60)
+            })
+        );
+        assert_eq!(p.senders.deny.len(), 1);
+
+        let bad = src
+            .replace("ops = 500 }", "ops = 500, period = \"1d\" }")
+            .replace("20/min", "often")
+            .replace(
+                "deny = [",
+                "allow = [\"0x2222222222222222222222222222222222222222\"]\ndeny = [",
+            );
+        let errs = errors(&bad);
+        assert_eq!(errs.len(), 3, "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("takes no period")),
+            "{errs:?}"
+        );
+        assert!(errs.iter().any(|e| e.contains("often")), "{errs:?}");
+        assert!(
+            errs.iter().any(|e| e.contains("both allowed and denied")),
+            "{errs:?}"
+        );
+        Ok(())
     }
 
     #[test]

@@ -26,22 +26,74 @@ pub struct Policy {
     pub chains: Vec<u64>,
     /// EntryPoint versions it sponsors for.
     pub entry_points: Vec<EntryPointVersion>,
-    /// Only operations made under a session grant (sessions are not served yet: such a policy
-    /// sponsors nothing until they are).
+    /// Only operations made under a session grant (`context.sessionId`).
     pub require_session: bool,
+    /// Sessions must also prove the session key signed the request (`context.sessionProof`).
+    pub require_session_proof: bool,
     /// Longest signature lifetime it grants.
     pub max_validity: Duration,
     /// Unix time after which it sponsors nothing (and no signature outlives it).
     pub active_until: Option<u64>,
     /// Per-operation caps.
     pub per_op: PerOpLimits,
+    /// Spending budgets per scope (enforced by the budget ledger).
+    pub budgets: Budgets,
+    /// Most operations per sender per window (enforced by the rate limiter).
+    pub rate_per_sender: Option<Rate>,
+    /// Senders always refused, or the only ones served.
+    pub senders: SenderLists,
     /// What the operation may call: every call must match one rule.
     pub allow: Vec<AllowRule>,
 }
 
-/// Caps on a single operation, in wei.
+/// A budget: worst-case cost and operation count, over a fixed UTC window (`period`) or, for
+/// sessions, the session's lifetime.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Budget {
+    /// Wei.
+    pub cost: Option<U256>,
+    /// Operations.
+    pub ops: Option<u64>,
+    /// Window length; `None`: no reset.
+    pub period: Option<Duration>,
+}
+
+/// Budgets by scope.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Budgets {
+    /// Each session (the most a session grant may ask for).
+    pub session: Option<Budget>,
+    /// Each sender.
+    pub sender: Option<Budget>,
+    /// The whole policy.
+    pub policy: Option<Budget>,
+}
+
+/// At most `count` per `per`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Rate {
+    /// Operations.
+    pub count: u32,
+    /// Window.
+    pub per: Duration,
+}
+
+/// Sender allow and deny lists.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct SenderLists {
+    /// When non-empty, only these senders.
+    pub allow: Vec<Address>,
+    /// Never these senders.
+    pub deny: Vec<Address>,
+}
+
+/// Caps on a single operation (fees and cost in wei).
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct PerOpLimits {
+    /// `verificationGasLimit` cap.
+    pub max_verification_gas_limit: Option<u64>,
+    /// `callGasLimit` cap.
+    pub max_call_gas_limit: Option<u64>,
     /// Worst-case cost (DESIGN §3).
     pub max_cost: Option<U256>,
     /// `maxFeePerGas` cap.
@@ -135,6 +187,42 @@ impl Policy {
                 "active_until",
                 format!("the policy ended at unix time {until}"),
             ));
+        }
+        let sender = ctx.op.sender;
+        if self.senders.deny.contains(&sender) {
+            return Err(reject(
+                "sender_denied",
+                "senders.deny",
+                format!("sender {sender} is denied"),
+            ));
+        }
+        if !self.senders.allow.is_empty() && !self.senders.allow.contains(&sender) {
+            return Err(reject(
+                "sender_not_allowed",
+                "senders.allow",
+                format!("sender {sender} is not on the allow list"),
+            ));
+        }
+        let gas_caps = [
+            (
+                "per_op.max_verification_gas_limit",
+                ctx.op.verification_gas_limit,
+                self.per_op.max_verification_gas_limit,
+            ),
+            (
+                "per_op.max_call_gas_limit",
+                ctx.op.call_gas_limit,
+                self.per_op.max_call_gas_limit,
+            ),
+        ];
+        for (setting, value, cap) in gas_caps {
+            if let Some(cap) = cap.filter(|&cap| value > u128::from(cap)) {
+                return Err(reject(
+                    "gas_limit_too_high",
+                    setting,
+                    format!("{value} gas exceeds the cap of {cap}"),
+                ));
+            }
         }
         let caps = [
             (
@@ -270,12 +358,21 @@ mod tests {
             chains: vec![31337],
             entry_points: vec![EntryPointVersion::V0_7],
             require_session: false,
+            require_session_proof: false,
             max_validity: Duration::from_secs(600),
             active_until: Some(2_000),
             per_op: PerOpLimits {
                 max_cost: Some(U256::from(1_000_000u64)),
                 max_fee_per_gas: Some(U256::from(100u64)),
                 max_priority_fee_per_gas: Some(U256::from(10u64)),
+                max_verification_gas_limit: Some(500),
+                max_call_gas_limit: Some(600),
+            },
+            budgets: Budgets::default(),
+            rate_per_sender: None,
+            senders: SenderLists {
+                allow: vec![],
+                deny: vec![Address::repeat_byte(0xdd)],
             },
             allow: vec![AllowRule {
                 target: TARGET,
@@ -348,6 +445,21 @@ mod tests {
                 "value",
                 |_, calls, _, _, _| calls[0].value = U256::from(6u64),
                 Some(("value_too_high", Some(0))),
+            ),
+            (
+                "denied sender",
+                |op, _, _, _, _| op.sender = Address::repeat_byte(0xdd),
+                Some(("sender_denied", None)),
+            ),
+            (
+                "verification gas",
+                |op, _, _, _, _| op.verification_gas_limit = 501,
+                Some(("gas_limit_too_high", None)),
+            ),
+            (
+                "call gas",
+                |op, _, _, _, _| op.call_gas_limit = 601,
+                Some(("gas_limit_too_high", None)),
             ),
             (
                 "delegatecall",
