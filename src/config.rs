@@ -4,7 +4,9 @@
 use std::net::SocketAddr;
 use std::path::PathBuf;
 
-use alloy::primitives::Address;
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256};
 use clap::Args;
 
 use crate::signer::KeySource;
@@ -53,6 +55,25 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_SPONSOR_NAME", default_value = "session-paymaster")]
     pub sponsor_name: String,
 
+    /// Redis URL for session grants (e.g. `redis://127.0.0.1:6379`). Without it, sessions live
+    /// in this process only (development).
+    #[arg(long, env = "SP_REDIS_URL")]
+    pub redis_url: Option<String>,
+
+    /// Redis connect and response timeout; slower answers fail the request closed.
+    #[arg(long, env = "SP_REDIS_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
+    pub redis_timeout: Duration,
+
+    /// SHA-256 (hex) of the admin API bearer token (see `admin-token`). Without it the admin
+    /// API answers 401 to everything.
+    #[arg(long, env = "SP_ADMIN_TOKEN_SHA256")]
+    pub admin_token_sha256: Option<B256>,
+
+    /// Serve the admin API on this address (e.g. an internal interface) instead of the main
+    /// listener.
+    #[arg(long, env = "SP_ADMIN_LISTEN")]
+    pub admin_listen: Option<SocketAddr>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "SP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -82,6 +103,14 @@ pub struct Config {
     pub policies_dir: PathBuf,
     /// ERC-7677 sponsor name.
     pub sponsor_name: String,
+    /// Redis for session grants; `None`: in memory.
+    pub redis_url: Option<String>,
+    /// Redis timeout.
+    pub redis_timeout: Duration,
+    /// SHA-256 of the admin token; `None`: admin API closed.
+    pub admin_token_sha256: Option<B256>,
+    /// Whether the admin API is served on the main listener (no separate admin address).
+    pub admin_on_main: bool,
 }
 
 impl From<&ServeArgs> for Config {
@@ -108,6 +137,10 @@ impl From<&ServeArgs> for Config {
             signer,
             policies_dir: args.policies.clone(),
             sponsor_name: args.sponsor_name.clone(),
+            redis_url: args.redis_url.clone(),
+            redis_timeout: args.redis_timeout,
+            admin_token_sha256: args.admin_token_sha256,
+            admin_on_main: args.admin_listen.is_none(),
         }
     }
 }

@@ -6,21 +6,25 @@
 //! (`contracts/`) verifies.
 //!
 //! # Layout
+//! - [`admin`]: the admin REST API (session grants), behind a bearer token.
 //! - [`app`]: state built from config, `router(state)`, `run(listener, shutdown)`.
 //! - [`chain`]: deterministic deployment of the contracts (local stacks, tests).
 //! - [`config`]: flags and `SP_*` environment variables of `serve`.
 //! - [`rpc`]: JSON-RPC envelope, methods, and the one error-code table.
 //! - [`sponsor`]: one sponsorship from request to signature.
 //! - [`policy`]: policy files, calldata decoding, and the checks an operation must pass.
+//! - [`session`]: session grants, their stores (memory, Redis), and their checks.
 //! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing.
 //! - [`userop`]: user operations (RPC and packed forms), hashes, paymaster data.
 //! - [`wire`]: strict parsing of JSON-RPC hex quantities, data and addresses.
 
+pub mod admin;
 pub mod app;
 pub mod chain;
 pub mod config;
 pub mod policy;
 pub mod rpc;
+pub mod session;
 pub mod signer;
 pub mod sponsor;
 pub mod userop;

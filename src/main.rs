@@ -12,6 +12,7 @@ use session_paymaster::chain::deploy::{Artifacts, deploy_dev_stack};
 use session_paymaster::config::{Config, ServeArgs};
 use session_paymaster::policy::file::load_dir;
 use session_paymaster::signer;
+use sha2::Digest;
 
 #[derive(Parser)]
 #[command(
@@ -27,7 +28,7 @@ struct Cli {
 #[derive(Subcommand)]
 enum Command {
     /// Run the JSON-RPC sponsorship service.
-    Serve(ServeArgs),
+    Serve(Box<ServeArgs>),
     /// Write a new signer key file (mode 0600, never overwritten) and print its address.
     Keygen {
         /// Where to write the key.
@@ -51,6 +52,8 @@ enum Command {
         #[arg(long, default_value = "10000000000000000000")]
         deposit_wei: U256,
     },
+    /// Create an admin API token: prints the token (once) and the SHA-256 the config takes.
+    AdminToken,
     /// Work with policy files.
     Policies {
         #[command(subcommand)]
@@ -71,7 +74,8 @@ enum PoliciesCommand {
 fn main() -> ExitCode {
     let cli = Cli::parse();
     match cli.command {
-        Command::Serve(args) => serve(args),
+        Command::Serve(args) => serve(*args),
+        Command::AdminToken => admin_token(),
         Command::Keygen { out } => match signer::keygen(&out) {
             Ok(address) => {
                 println!("{address}");
@@ -121,6 +125,22 @@ fn main() -> ExitCode {
     }
 }
 
+fn admin_token() -> ExitCode {
+    let mut bytes = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut bytes) {
+        eprintln!("error: random number generator: {e}");
+        return ExitCode::FAILURE;
+    }
+    let token = zeroize::Zeroizing::new(hex::encode(bytes));
+    let hash = sha2::Sha256::digest(token.as_bytes());
+    println!(
+        "token (shown once; clients send `Authorization: Bearer <token>`):\n{}",
+        token.as_str()
+    );
+    println!("config:\nSP_ADMIN_TOKEN_SHA256=0x{}", hex::encode(hash));
+    ExitCode::SUCCESS
+}
+
 fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256) -> ExitCode {
     let result = tokio::runtime::Runtime::new()
         .map_err(|e| e.to_string())
@@ -162,15 +182,72 @@ fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256)
 
 fn serve(args: ServeArgs) -> ExitCode {
     init_tracing(&args.log_format);
-    let config = Config::from(&args);
-    let state = match AppState::build(&config) {
-        Ok(s) => Arc::new(s),
+    let runtime = match tokio::runtime::Runtime::new() {
+        Ok(r) => r,
         Err(e) => {
-            tracing::error!("cannot start: {e}");
-            eprintln!("error: {e}");
+            eprintln!("error: cannot start the async runtime: {e}");
             return ExitCode::FAILURE;
         }
     };
+    match runtime.block_on(serve_async(args)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            tracing::error!("{e}");
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn serve_async(args: ServeArgs) -> Result<(), String> {
+    let config = Config::from(&args);
+    let state = Arc::new(
+        AppState::build(&config)
+            .await
+            .map_err(|e| format!("cannot start: {e}"))?,
+    );
+    log_startup(&state, &config);
+
+    let listener = tokio::net::TcpListener::bind(args.listen)
+        .await
+        .map_err(|e| format!("bind {}: {e}", args.listen))?;
+    tracing::info!(address = %args.listen, "listening");
+    // One shutdown signal for every listener.
+    let (stop_tx, stop_rx) = tokio::sync::watch::channel(false);
+    tokio::spawn(async move {
+        shutdown_signal().await;
+        let _ = stop_tx.send(true);
+    });
+    let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
+        let _ = rx.wait_for(|stop| *stop).await;
+    };
+    let admin = match args.admin_listen {
+        None => None,
+        Some(addr) => {
+            let admin_listener = tokio::net::TcpListener::bind(addr)
+                .await
+                .map_err(|e| format!("bind admin {addr}: {e}"))?;
+            tracing::info!(address = %addr, "admin API listening");
+            Some(tokio::spawn(app::run(
+                admin_listener,
+                app::admin_router(state.clone()),
+                stopped(stop_rx.clone()),
+            )))
+        }
+    };
+    app::run(listener, app::router(state), stopped(stop_rx))
+        .await
+        .map_err(|e| format!("server: {e}"))?;
+    if let Some(admin) = admin {
+        admin
+            .await
+            .map_err(|e| format!("admin server: {e}"))?
+            .map_err(|e| format!("admin server: {e}"))?;
+    }
+    Ok(())
+}
+
+fn log_startup(state: &AppState, config: &Config) {
     let signer = state.sponsor.signer();
     if signer.is_ephemeral() {
         tracing::warn!(
@@ -184,33 +261,34 @@ fn serve(args: ServeArgs) -> ExitCode {
             Some(pm) => {
                 tracing::info!(version = %ep.version, entry_point = %ep.address, paymaster = %pm, "serving")
             }
-            None => {
-                tracing::warn!(version = %ep.version, entry_point = %ep.address, "no paymaster configured: sponsorship for this EntryPoint is refused")
-            }
+            None => tracing::warn!(
+                version = %ep.version,
+                entry_point = %ep.address,
+                "no paymaster configured: sponsorship for this EntryPoint is refused"
+            ),
         }
+    }
+    for p in state.sponsor.policies().iter() {
+        let b = &p.budgets;
+        if b.session.is_some()
+            || b.sender.is_some()
+            || b.policy.is_some()
+            || p.rate_per_sender.is_some()
+        {
+            tracing::warn!(policy = %p.id, "budgets and rates are parsed but not enforced yet (budget ledger and rate limiter are pending)");
+        }
+    }
+    if config.redis_url.is_none() {
+        tracing::warn!(
+            "sessions are kept in memory: they do not survive a restart and are not shared between replicas (set --redis-url)"
+        );
+    }
+    if config.admin_token_sha256.is_none() {
+        tracing::warn!(
+            "admin API closed: no --admin-token-sha256 (create one with `session-paymaster admin-token`)"
+        );
     }
     tracing::info!(policies = state.sponsor.policies().len(), signer = %signer.address(), chain_id = config.chain_id, "loaded");
-
-    let runtime = match tokio::runtime::Runtime::new() {
-        Ok(r) => r,
-        Err(e) => {
-            eprintln!("error: cannot start the async runtime: {e}");
-            return ExitCode::FAILURE;
-        }
-    };
-    let result = runtime.block_on(async move {
-        let listener = tokio::net::TcpListener::bind(args.listen).await?;
-        tracing::info!(address = %listener.local_addr()?, "listening");
-        app::run(listener, state, shutdown_signal()).await
-    });
-    match result {
-        Ok(()) => ExitCode::SUCCESS,
-        Err(e) => {
-            tracing::error!("server error: {e}");
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
 }
 
 async fn shutdown_signal() {

@@ -2,12 +2,13 @@
 //! decoding, policy, validity window, signature. No I/O: the hot path is pure computation
 //! plus one signature (the ledger issue adds one Redis round trip between policy and signer).
 
-use alloy::primitives::{Address, B256};
+use alloy::primitives::{Address, B256, Bytes};
 use serde_json::Value;
 
 use crate::config::EntryPointConfig;
 use crate::policy::calldata::{self, CalldataError};
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
+use crate::session::{SessionGrant, SessionStore, StoreError};
 use crate::signer::{Signer, SignerError};
 use crate::userop::hash::paymaster_hash;
 use crate::userop::paymaster_data::{
@@ -57,6 +58,8 @@ pub struct RequestContext {
     pub sponsorship_policy_id: Option<String>,
     /// Shorter signature lifetime than the policy's.
     pub valid_for_seconds: Option<u64>,
+    /// The session key's signature over the request (policies with `require_session_proof`).
+    pub session_proof: Option<Bytes>,
 }
 
 impl RequestContext {
@@ -99,6 +102,9 @@ impl RequestContext {
                 .transpose()?,
             sponsorship_policy_id,
             valid_for_seconds,
+            session_proof: wire::optional(obj, "sessionProof")
+                .map(|v| wire::data("context.sessionProof", v))
+                .transpose()?,
         })
     }
 }
@@ -148,6 +154,9 @@ pub enum SponsorError {
     /// The signer failed: internal.
     #[error(transparent)]
     Signer(#[from] SignerError),
+    /// The session store failed: nothing is signed; the client may retry.
+    #[error(transparent)]
+    Store(#[from] StoreError),
 }
 
 /// The sponsorship pipeline and what it needs.
@@ -157,6 +166,7 @@ pub struct Sponsor {
     entry_points: Vec<EntryPointConfig>,
     policies: PolicySet,
     signer: Signer,
+    sessions: SessionStore,
 }
 
 impl Sponsor {
@@ -166,13 +176,20 @@ impl Sponsor {
         entry_points: Vec<EntryPointConfig>,
         policies: PolicySet,
         signer: Signer,
+        sessions: SessionStore,
     ) -> Self {
         Self {
             chain_id,
             entry_points,
             policies,
             signer,
+            sessions,
         }
+    }
+
+    /// Session grants.
+    pub fn sessions(&self) -> &SessionStore {
+        &self.sessions
     }
 
     /// Chain id served.
@@ -208,7 +225,11 @@ impl Sponsor {
     }
 
     /// Decide, and in [`Mode::Final`] sign, the paymaster data for `op` at `now` (unix seconds).
-    pub fn sponsor(&self, req: SponsorRequest<'_>, now: u64) -> Result<Sponsorship, SponsorError> {
+    pub async fn sponsor(
+        &self,
+        req: SponsorRequest<'_>,
+        now: u64,
+    ) -> Result<Sponsorship, SponsorError> {
         let SponsorRequest {
             op,
             entry_point,
@@ -227,15 +248,6 @@ impl Sponsor {
         if mode == Mode::Final {
             op.require_gas_limits()?;
         }
-        if context.session_id.is_some() {
-            return Err(SponsorError::Rejected(Rejection {
-                reason: "session_not_found",
-                rule: "context.sessionId".into(),
-                detail: "this instance has no session grants".into(),
-                call_index: None,
-            }));
-        }
-
         let calls = calldata::decode(&op.call_data, op.sender).map_err(|e| {
             SponsorError::Rejected(Rejection {
                 reason: match e {
@@ -277,9 +289,26 @@ impl Sponsor {
             max_cost: op.max_cost(gas),
             now,
         };
-        let policy = self.select_policy(context, &ctx)?;
+        // The one store read of the hot path, after the checks that need no I/O.
+        let session = match context.session_id {
+            None => None,
+            Some(id) => Some(self.sessions.get(id).await?.ok_or_else(|| {
+                rejected(
+                    "session_not_found",
+                    "context.sessionId",
+                    format!("no session {id}"),
+                )
+            })?),
+        };
+        let policy = match &session {
+            Some(grant) => self.check_session(grant, context, &ctx, entry_point)?,
+            None => self.select_policy(context, &ctx)?,
+        };
 
         let mut valid_until = now.saturating_add(policy.max_validity.as_secs());
+        if let Some(grant) = &session {
+            valid_until = valid_until.min(grant.valid_until);
+        }
         if let Some(end) = policy.active_until {
             valid_until = valid_until.min(end);
         }
@@ -306,6 +335,62 @@ impl Sponsor {
         })
     }
 
+    /// The session's policy, after the policy's checks, the session's, and its proof.
+    fn check_session(
+        &self,
+        grant: &SessionGrant,
+        context: &RequestContext,
+        ctx: &OpContext<'_>,
+        entry_point: Address,
+    ) -> Result<&Policy, SponsorError> {
+        if grant.chain_id != self.chain_id {
+            return Err(rejected(
+                "session_chain_mismatch",
+                "session.chainId",
+                format!("the session is for chain {}", grant.chain_id),
+            ));
+        }
+        let policy = self.policies.get(&grant.policy).ok_or_else(|| {
+            rejected(
+                "unknown_policy",
+                "session.policy",
+                format!("the session's policy `{}` is not loaded", grant.policy),
+            )
+        })?;
+        if let Some(id) = context
+            .sponsorship_policy_id
+            .as_ref()
+            .filter(|id| **id != grant.policy)
+        {
+            return Err(rejected(
+                "policy_mismatch",
+                "context.sponsorshipPolicyId",
+                format!(
+                    "the session is granted under `{}`, not `{id}`",
+                    grant.policy
+                ),
+            ));
+        }
+        policy.check(ctx).map_err(SponsorError::Rejected)?;
+        grant
+            .check_op(ctx.op, ctx.calls, ctx.now)
+            .map_err(SponsorError::Rejected)?;
+        if policy.require_session_proof {
+            let valid = context
+                .session_proof
+                .as_ref()
+                .is_some_and(|proof| grant.proof_is_valid(proof, entry_point, ctx.op));
+            if !valid {
+                return Err(rejected(
+                    "invalid_session_proof",
+                    &format!("{}.require_session_proof", policy.id),
+                    "context.sessionProof is missing or not signed by the session key".into(),
+                ));
+            }
+        }
+        Ok(policy)
+    }
+
     /// The named policy, or the first (by id) that accepts the operation.
     fn select_policy(
         &self,
@@ -324,7 +409,14 @@ impl Sponsor {
             return Ok(policy);
         }
         let mut rejections = Vec::new();
-        for policy in self.policies.iter().filter(|p| !p.require_session) {
+        // Candidates: policies without sessions for this chain and EntryPoint version (a policy
+        // for another chain is no answer to why this operation was refused).
+        let candidates = self.policies.iter().filter(|p| {
+            !p.require_session
+                && p.chains.contains(&ctx.chain_id)
+                && p.entry_points.contains(&ctx.version)
+        });
+        for policy in candidates {
             match policy.check(ctx) {
                 Ok(()) => return Ok(policy),
                 Err(r) => rejections.push(r),
@@ -334,7 +426,9 @@ impl Sponsor {
             0 => Rejection {
                 reason: "no_policy",
                 rule: "policies".into(),
-                detail: "no policy sponsors operations without a session".into(),
+                detail:
+                    "no policy sponsors operations without a session on this chain and EntryPoint"
+                        .into(),
                 call_index: None,
             },
             // One candidate: its own reason is the most useful answer.
@@ -351,6 +445,15 @@ impl Sponsor {
             },
         }))
     }
+}
+
+fn rejected(reason: &'static str, rule: &str, detail: String) -> SponsorError {
+    SponsorError::Rejected(Rejection {
+        reason,
+        rule: rule.to_owned(),
+        detail,
+        call_index: None,
+    })
 }
 
 fn session_required(policy: &Policy) -> SponsorError {

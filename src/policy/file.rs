@@ -586,10 +586,15 @@ fn validate_signature(s: &str) -> Result<(), String> {
 
 /// Parse `"0.1 ether"`, `"30 gwei"`, `"123 wei"`, `"123"` or a TOML integer into wei.
 fn parse_amount(amount: &Amount) -> Result<U256, String> {
-    let text = match amount {
-        Amount::Wei(n) => return Ok(U256::from(*n)),
-        Amount::Text(t) => t.trim(),
-    };
+    match amount {
+        Amount::Wei(n) => Ok(U256::from(*n)),
+        Amount::Text(t) => parse_amount_text(t),
+    }
+}
+
+/// Parse `"0.1 ether"`, `"30 gwei"`, `"123 wei"` or `"123"` into wei.
+pub(crate) fn parse_amount_text(text: &str) -> Result<U256, String> {
+    let text = text.trim();
     let (number, decimals) = match text.rsplit_once(' ') {
         None => (text, 0u32),
         Some((n, unit)) => (

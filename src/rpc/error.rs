@@ -10,6 +10,7 @@
 //! | -32001 | unsupported chain or EntryPoint           | `{reason, supported}`                   |
 //! | -32002 | no paymaster configured for the EntryPoint| `{reason, entryPointVersion}`           |
 //! | -32003 | sponsorship rejected                      | `{reason, rule, detail, callIndex?}`    |
+//! | -32004 | a dependency failed, nothing was signed   | `{reason, retryable: true, requestId}`  |
 //!
 //! docs/rpc.md documents the same table for clients.
 
@@ -34,6 +35,8 @@ pub const UNSUPPORTED: i64 = -32001;
 pub const NOT_CONFIGURED: i64 = -32002;
 /// A policy (or the decoder) refused the operation.
 pub const REJECTED: i64 = -32003;
+/// A dependency (Redis) failed: nothing was signed; retry.
+pub const UNAVAILABLE: i64 = -32004;
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq)]
@@ -131,6 +134,18 @@ impl RpcError {
                 ..Self::new(REJECTED, "sponsorship rejected: empty_validity_window")
             },
             SponsorError::Signer(e) => Self::internal(request_id, &e),
+            SponsorError::Store(e) => {
+                tracing::warn!(request_id, error = %e, "failing closed");
+                Self {
+                    data: Some(
+                        json!({ "reason": "store_unavailable", "retryable": true, "requestId": request_id }),
+                    ),
+                    ..Self::new(
+                        UNAVAILABLE,
+                        "temporarily unavailable: nothing was signed, retry",
+                    )
+                }
+            }
         }
     }
 }

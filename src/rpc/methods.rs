@@ -5,13 +5,15 @@ use alloy::primitives::Address;
 use serde_json::{Value, json};
 
 use super::error::RpcError;
-use crate::app::AppState;
-use crate::sponsor::{Mode, RequestContext, SponsorRequest, Sponsorship};
+use crate::app::{AppState, unix_now};
+use crate::policy::Rejection;
+use crate::session::SessionStatus;
+use crate::sponsor::{Mode, RequestContext, SponsorError, SponsorRequest, Sponsorship};
 use crate::userop::UserOperation;
 use crate::wire::{self, FieldError, to_quantity};
 
 /// Run `method` with `params`; `request_id` tags internal errors.
-pub(crate) fn call(
+pub(crate) async fn call(
     state: &AppState,
     method: &str,
     params: &[Value],
@@ -23,15 +25,14 @@ pub(crate) fn call(
         "pm_sponsorUserOperation" => {
             let (op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;
-            let s = sponsor(
-                state,
-                &op,
+            let req = SponsorRequest {
+                op: &op,
                 entry_point,
-                &context,
-                Mode::Final,
-                false,
-                request_id,
-            )?;
+                context: &context,
+                mode: Mode::Final,
+                keep_client_gas: false,
+            };
+            let s = sponsor(state, req, request_id).await?;
             Ok(json!({
                 "paymaster": s.paymaster,
                 "paymasterData": s.data.encode(),
@@ -44,15 +45,14 @@ pub(crate) fn call(
         }
         "pm_getPaymasterStubData" => {
             let (op, entry_point, context) = erc7677_params(state, params)?;
-            let s = sponsor(
-                state,
-                &op,
+            let req = SponsorRequest {
+                op: &op,
                 entry_point,
-                &context,
-                Mode::Stub,
-                false,
-                request_id,
-            )?;
+                context: &context,
+                mode: Mode::Stub,
+                keep_client_gas: false,
+            };
+            let s = sponsor(state, req, request_id).await?;
             Ok(json!({
                 "paymaster": s.paymaster,
                 "paymasterData": s.data.encode(),
@@ -64,15 +64,14 @@ pub(crate) fn call(
         }
         "pm_getPaymasterData" => {
             let (op, entry_point, context) = erc7677_params(state, params)?;
-            let s = sponsor(
-                state,
-                &op,
+            let req = SponsorRequest {
+                op: &op,
                 entry_point,
-                &context,
-                Mode::Final,
-                true,
-                request_id,
-            )?;
+                context: &context,
+                mode: Mode::Final,
+                keep_client_gas: true,
+            };
+            let s = sponsor(state, req, request_id).await?;
             Ok(json!({
                 "paymaster": s.paymaster,
                 "paymasterData": s.data.encode(),
@@ -80,8 +79,60 @@ pub(crate) fn call(
                 "paymasterPostOpGasLimit": to_quantity(s.gas.post_op),
             }))
         }
+        "pm_getSessionStatus" => session_status(state, params, request_id).await,
         other => Err(RpcError::method_not_found(other)),
     }
+}
+
+/// `[sessionId]` → the grant's status, window, policy and effective permissions.
+async fn session_status(
+    state: &AppState,
+    params: &[Value],
+    request_id: &str,
+) -> Result<Value, RpcError> {
+    let id = wire::bytes32("sessionId", param(params, 0, "sessionId")?)?;
+    let grant = state
+        .sponsor
+        .sessions()
+        .get(id)
+        .await
+        .map_err(|e| RpcError::from_sponsor(e.into(), request_id, &[]))?
+        .ok_or_else(|| {
+            RpcError::from_sponsor(
+                SponsorError::Rejected(Rejection {
+                    reason: "session_not_found",
+                    rule: "sessionId".into(),
+                    detail: format!("no session {id}"),
+                    call_index: None,
+                }),
+                request_id,
+                &[],
+            )
+        })?;
+    let now = unix_now();
+    let status = match grant.status {
+        SessionStatus::Revoked => "revoked",
+        SessionStatus::Active if now >= grant.valid_until => "expired",
+        SessionStatus::Active if now < grant.valid_after => "pending",
+        SessionStatus::Active => "active",
+    };
+    let permissions = state
+        .sponsor
+        .policies()
+        .get(&grant.policy)
+        .map(|p| grant.effective_permissions(p));
+    Ok(json!({
+        "sessionId": grant.session_id,
+        "status": status,
+        "account": grant.account,
+        "sessionKey": grant.session_key,
+        "chainId": to_quantity(grant.chain_id),
+        "policy": grant.policy,
+        "validAfter": grant.valid_after,
+        "validUntil": grant.valid_until,
+        "effectivePermissions": permissions,
+        "budget": grant.budget,
+    }))
 }
 
 fn supported_entry_points(state: &AppState) -> Vec<String> {
@@ -93,32 +144,22 @@ fn supported_entry_points(state: &AppState) -> Vec<String> {
         .collect()
 }
 
-fn sponsor(
+async fn sponsor(
     state: &AppState,
-    op: &UserOperation,
-    entry_point: Address,
-    context: &RequestContext,
-    mode: Mode,
-    keep_client_gas: bool,
+    req: SponsorRequest<'_>,
     request_id: &str,
 ) -> Result<Sponsorship, RpcError> {
-    let req = SponsorRequest {
-        op,
-        entry_point,
-        context,
-        mode,
-        keep_client_gas,
-    };
     let sponsorship = state
         .sponsor
         .sponsor(req, unix_now())
+        .await
         .map_err(|e| RpcError::from_sponsor(e, request_id, &supported_entry_points(state)))?;
     tracing::info!(
         request_id,
-        sender = %op.sender,
-        nonce = %op.nonce,
+        sender = %req.op.sender,
+        nonce = %req.op.nonce,
         policy = %sponsorship.policy_id,
-        ?mode,
+        mode = ?req.mode,
         valid_until = sponsorship.data.window.valid_until,
         "sponsored"
     );
@@ -151,10 +192,4 @@ fn erc7677_params(
         .map_err(|e| RpcError::from_sponsor(e, "", &supported_entry_points(state)))?;
     let context = RequestContext::from_json(params.get(3))?;
     Ok((op, entry_point, context))
-}
-
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

@@ -37,13 +37,13 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>, body: Bytes) -> R
             )))
         }
         Value::Array(calls) => {
-            let out: Vec<Value> = calls
-                .iter()
-                .filter_map(|c| handle_call(&state, c, &request_id))
-                .collect();
+            let mut out = Vec::with_capacity(calls.len());
+            for call in &calls {
+                out.extend(handle_call(&state, call, &request_id).await);
+            }
             reply((!out.is_empty()).then_some(Value::Array(out)))
         }
-        call => reply(handle_call(&state, &call, &request_id)),
+        call => reply(handle_call(&state, &call, &request_id).await),
     }
 }
 
@@ -58,7 +58,7 @@ fn error_response(id: Value, err: RpcError) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": err.to_json() })
 }
 
-fn handle_call(state: &AppState, call: &Value, request_id: &str) -> Option<Value> {
+async fn handle_call(state: &AppState, call: &Value, request_id: &str) -> Option<Value> {
     let invalid = |id: Value, why: &str| {
         Some(error_response(
             id,
@@ -86,7 +86,7 @@ fn handle_call(state: &AppState, call: &Value, request_id: &str) -> Option<Value
         Some(Value::Array(p)) => p,
         Some(_) => return invalid(reply_id, "`params` must be an array (positional)"),
     };
-    let outcome = methods::call(state, method, params, request_id);
+    let outcome = methods::call(state, method, params, request_id).await;
     if let Err(e) = &outcome {
         tracing::debug!(request_id, method, code = e.code, message = %e.message, "call failed");
     }

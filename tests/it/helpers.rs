@@ -7,7 +7,7 @@ use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, U256};
+use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use serde_json::{Value, json};
 use session_paymaster::app::{self, AppState};
@@ -15,6 +15,7 @@ use session_paymaster::chain::deploy::{Artifacts, DevStack, deploy_dev_stack};
 use session_paymaster::config::{Config, EntryPointConfig};
 use session_paymaster::signer::{KeySource, keygen};
 use session_paymaster::userop::EntryPointVersion;
+use sha2::{Digest, Sha256};
 use tokio::sync::oneshot;
 
 pub type TestResult<T = ()> = Result<T, Box<dyn std::error::Error + Send + Sync>>;
@@ -133,13 +134,13 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(config: Config) -> TestResult<Self> {
-        let state = Arc::new(AppState::build(&config)?);
+        let state = Arc::new(AppState::build(&config).await?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel::<()>();
         let serve_state = state.clone();
         tokio::spawn(async move {
-            let _ = app::run(listener, serve_state, async {
+            let _ = app::run(listener, app::router(serve_state), async {
                 let _ = rx.await;
             })
             .await;
@@ -200,6 +201,9 @@ impl TestApp {
     }
 }
 
+/// The admin bearer token every test app accepts.
+pub const ADMIN_TOKEN: &str = "test-admin-token";
+
 /// Config of the embedded defaults, with the given paymasters and a key file.
 pub fn config(paymasters: [Option<Address>; 2], signer: KeySource) -> Config {
     Config {
@@ -216,6 +220,10 @@ pub fn config(paymasters: [Option<Address>; 2], signer: KeySource) -> Config {
         signer,
         policies_dir: repo_dir().join("policies"),
         sponsor_name: "test sponsor".into(),
+        redis_url: None,
+        redis_timeout: Duration::from_millis(500),
+        admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),
+        admin_on_main: true,
     }
 }
 
@@ -268,5 +276,67 @@ impl Stack {
             .iter()
             .find(|d| d.version == v)
             .unwrap_or_else(|| panic!("{v} deployed"))
+    }
+}
+
+/// redis-server on a free port (no persistence), killed on drop.
+pub struct TestRedis {
+    child: Child,
+    pub url: String,
+}
+
+impl TestRedis {
+    pub async fn start() -> TestResult<Self> {
+        let mut last_err = String::new();
+        for _ in 0..5 {
+            let port = free_port();
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()
+                .map_err(|e| format!("redis-server: {e} (scripts/test installs it)"))?;
+            let mut redis = Self {
+                child,
+                url: format!("redis://127.0.0.1:{port}"),
+            };
+            let deadline = Instant::now() + Duration::from_secs(10);
+            while Instant::now() < deadline {
+                match redis::Client::open(redis.url.as_str())?
+                    .get_multiplexed_async_connection()
+                    .await
+                {
+                    Ok(mut c) => {
+                        let pong: redis::RedisResult<String> =
+                            redis::cmd("PING").query_async(&mut c).await;
+                        if pong.is_ok() {
+                            return Ok(redis);
+                        }
+                    }
+                    Err(e) => last_err = e.to_string(),
+                }
+                if let Ok(Some(_)) = redis.child.try_wait() {
+                    break;
+                }
+                tokio::time::sleep(Duration::from_millis(25)).await;
+            }
+        }
+        Err(format!("redis-server did not start: {last_err}").into())
+    }
+}
+
+impl Drop for TestRedis {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
     }
 }

@@ -9,3 +9,4 @@ mod e2e;
 mod hashes;
 mod helpers;
 mod rpc;
+mod sessions;

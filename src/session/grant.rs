@@ -1,0 +1,728 @@
+//! The session grant: model, admin-request parsing, narrowing against the policy, and the
+//! checks every sponsored operation under the session must pass.
+
+use alloy::primitives::{Address, B256, FixedBytes, Signature, U256, keccak256};
+use alloy::sol_types::SolValue;
+use serde::{Deserialize, Serialize};
+use serde_json::{Map, Value, json};
+
+use crate::policy::calldata::Call;
+use crate::policy::file::parse_amount_text;
+use crate::policy::{FunctionFilter, Policy, Rejection};
+use crate::userop::UserOperation;
+
+/// Whether a session may still be used.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum SessionStatus {
+    /// Usable within its window.
+    Active,
+    /// Revoked: refused from the next request on.
+    Revoked,
+}
+
+/// A session grant.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionGrant {
+    /// Id clients send as `context.sessionId` (e.g. an ERC-7579 Smart Sessions permission id).
+    pub session_id: B256,
+    /// The smart account (`userOp.sender`).
+    pub account: Address,
+    /// The session key (signs session proofs).
+    pub session_key: Address,
+    /// Chain it is valid on.
+    pub chain_id: u64,
+    /// Policy it narrows.
+    pub policy: String,
+    /// Unix time it starts.
+    pub valid_after: u64,
+    /// Unix time it ends.
+    pub valid_until: u64,
+    /// Active or revoked.
+    pub status: SessionStatus,
+    /// Narrower permissions than the policy's, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub permissions: Option<Permissions>,
+    /// Smaller budget than the policy's session budget, if any.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub budget: Option<SessionBudget>,
+    /// Unix time it was created.
+    pub created_at: u64,
+}
+
+/// What the session key may do beyond (within) the policy.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Permissions {
+    /// Only these calls; `None` inherits the policy's rules.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub allow: Option<Vec<SessionAllow>>,
+    /// ERC-20 spend caps per token (per operation until the budget ledger tracks them across
+    /// operations).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub spend: Vec<SpendLimit>,
+}
+
+/// One allowed target of a session.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionAllow {
+    /// Contract.
+    pub target: Address,
+    /// Canonical signatures or `0x` selectors; `["*"]` for any the policy allows.
+    pub functions: Vec<String>,
+    /// Most native value per call, in wei.
+    #[serde(with = "decimal")]
+    pub max_value: U256,
+}
+
+/// An ERC-20 spend cap.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SpendLimit {
+    /// Token contract.
+    pub token: Address,
+    /// Most the session may transfer or approve, in the token's base units.
+    #[serde(with = "decimal")]
+    pub limit: U256,
+}
+
+/// A session's own budget.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SessionBudget {
+    /// Worst-case cost in wei.
+    #[serde(default, skip_serializing_if = "Option::is_none", with = "decimal_opt")]
+    pub cost: Option<U256>,
+    /// Operations.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub ops: Option<u64>,
+}
+
+/// U256 as a decimal string: readable wei amounts.
+mod decimal {
+    use alloy::primitives::U256;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(v)
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<U256, D::Error> {
+        let s = String::deserialize(d)?;
+        U256::from_str_radix(&s, 10).map_err(serde::de::Error::custom)
+    }
+}
+
+mod decimal_opt {
+    use alloy::primitives::U256;
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub(super) fn serialize<S: Serializer>(v: &Option<U256>, s: S) -> Result<S::Ok, S::Error> {
+        match v {
+            Some(v) => s.collect_str(v),
+            None => s.serialize_none(),
+        }
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<U256>, D::Error> {
+        Option::<String>::deserialize(d)?
+            .map(|s| U256::from_str_radix(&s, 10).map_err(serde::de::Error::custom))
+            .transpose()
+    }
+}
+
+/// A problem with one field of an admin request, by JSON path (`$.permissions.allow[0].target`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+pub struct FieldIssue {
+    /// JSON path of the field.
+    pub path: String,
+    /// What is wrong.
+    pub message: String,
+}
+
+fn issue(path: impl Into<String>, message: impl Into<String>) -> FieldIssue {
+    FieldIssue {
+        path: path.into(),
+        message: message.into(),
+    }
+}
+
+/// Reads fields of a JSON object, collecting every problem instead of stopping at the first.
+struct Fields<'a> {
+    obj: &'a Map<String, Value>,
+    path: String,
+    issues: &'a mut Vec<FieldIssue>,
+}
+
+impl Fields<'_> {
+    fn at(&self, key: &str) -> String {
+        format!("{}.{key}", self.path)
+    }
+
+    fn get(&mut self, key: &str, required: bool) -> Option<&Value> {
+        match self.obj.get(key).filter(|v| !v.is_null()) {
+            Some(v) => Some(v),
+            None => {
+                if required {
+                    let path = self.at(key);
+                    self.issues.push(issue(path, "required"));
+                }
+                None
+            }
+        }
+    }
+
+    fn address(&mut self, key: &str, required: bool) -> Option<Address> {
+        let path = self.at(key);
+        let v = self.get(key, required)?;
+        match v
+            .as_str()
+            .filter(|s| s.len() == 42 && s.starts_with("0x"))
+            .and_then(|s| s.parse().ok())
+        {
+            Some(a) => Some(a),
+            None => {
+                self.issues
+                    .push(issue(path, "expected a 0x-prefixed 20-byte address"));
+                None
+            }
+        }
+    }
+
+    fn u64(&mut self, key: &str, required: bool) -> Option<u64> {
+        let path = self.at(key);
+        let v = self.get(key, required)?;
+        match v.as_u64() {
+            Some(n) => Some(n),
+            None => {
+                self.issues
+                    .push(issue(path, "expected a non-negative integer"));
+                None
+            }
+        }
+    }
+
+    fn amount(&mut self, key: &str, required: bool) -> Option<U256> {
+        let path = self.at(key);
+        let v = self.get(key, required)?;
+        let parsed = match v {
+            Value::Number(n) => n
+                .as_u64()
+                .map(U256::from)
+                .ok_or_else(|| "expected a non-negative integer".to_owned()),
+            Value::String(s) => parse_amount_text(s),
+            _ => Err(
+                "expected wei as a string or integer, or an amount like \"0.1 ether\"".to_owned(),
+            ),
+        };
+        parsed.map_err(|e| self.issues.push(issue(path, e))).ok()
+    }
+}
+
+fn object<'a>(
+    v: &'a Value,
+    path: &str,
+    issues: &mut Vec<FieldIssue>,
+) -> Option<&'a Map<String, Value>> {
+    let obj = v.as_object();
+    if obj.is_none() {
+        issues.push(issue(path, "expected an object"));
+    }
+    obj
+}
+
+/// Reject keys we do not know: a typo must not silently widen or drop a restriction.
+fn known_keys(obj: &Map<String, Value>, path: &str, keys: &[&str], issues: &mut Vec<FieldIssue>) {
+    for k in obj.keys().filter(|k| !keys.contains(&k.as_str())) {
+        issues.push(issue(format!("{path}.{k}"), "unknown field"));
+    }
+}
+
+impl SessionGrant {
+    /// Parse `POST /admin/sessions`. `new_id` supplies an id when the request has none.
+    pub fn from_request(
+        body: &Value,
+        now: u64,
+        new_id: impl FnOnce() -> B256,
+    ) -> Result<Self, Vec<FieldIssue>> {
+        let mut issues = Vec::new();
+        let Some(obj) = object(body, "$", &mut issues) else {
+            return Err(issues);
+        };
+        known_keys(
+            obj,
+            "$",
+            &[
+                "sessionId",
+                "account",
+                "sessionKey",
+                "chainId",
+                "policy",
+                "validAfter",
+                "validUntil",
+                "permissions",
+                "budget",
+            ],
+            &mut issues,
+        );
+        let mut f = Fields {
+            obj,
+            path: "$".into(),
+            issues: &mut issues,
+        };
+        let session_id = match f.get("sessionId", false).cloned() {
+            None => None,
+            Some(v) => match v
+                .as_str()
+                .and_then(|s| s.parse::<B256>().ok())
+                .filter(|_| v.as_str().is_some_and(|s| s.len() == 66))
+            {
+                Some(id) => Some(id),
+                None => {
+                    f.issues.push(issue(
+                        "$.sessionId",
+                        "expected a 0x-prefixed 32-byte hex string",
+                    ));
+                    None
+                }
+            },
+        };
+        let account = f.address("account", true);
+        let session_key = f.address("sessionKey", true);
+        let chain_id = f.u64("chainId", true);
+        let policy = match f.get("policy", true) {
+            None => None,
+            Some(v) => match v.as_str() {
+                Some(s) => Some(s.to_owned()),
+                None => {
+                    f.issues.push(issue("$.policy", "expected a policy id"));
+                    None
+                }
+            },
+        };
+        let valid_after = f.u64("validAfter", true);
+        let valid_until = f.u64("validUntil", true);
+        if let (Some(a), Some(u)) = (valid_after, valid_until) {
+            if u <= a {
+                f.issues
+                    .push(issue("$.validUntil", "must be after validAfter"));
+            } else if u <= now {
+                f.issues.push(issue("$.validUntil", "is in the past"));
+            }
+        }
+        let permissions = f
+            .get("permissions", false)
+            .cloned()
+            .and_then(|v| parse_permissions(&v, f.issues));
+        let budget = f
+            .get("budget", false)
+            .cloned()
+            .and_then(|v| parse_budget(&v, f.issues));
+
+        match (
+            account,
+            session_key,
+            chain_id,
+            policy,
+            valid_after,
+            valid_until,
+        ) {
+            (
+                Some(account),
+                Some(session_key),
+                Some(chain_id),
+                Some(policy),
+                Some(valid_after),
+                Some(valid_until),
+            ) if issues.is_empty() => Ok(Self {
+                session_id: session_id.unwrap_or_else(new_id),
+                account,
+                session_key,
+                chain_id,
+                policy,
+                valid_after,
+                valid_until,
+                status: SessionStatus::Active,
+                permissions,
+                budget,
+                created_at: now,
+            }),
+            _ => Err(issues),
+        }
+    }
+
+    /// A grant may only narrow its policy: every field wider than the policy is an issue.
+    pub fn check_within(&self, policy: &Policy) -> Result<(), Vec<FieldIssue>> {
+        let mut issues = Vec::new();
+        if !policy.chains.contains(&self.chain_id) {
+            issues.push(issue(
+                "$.chainId",
+                format!(
+                    "policy `{}` does not sponsor chain {}",
+                    policy.id, self.chain_id
+                ),
+            ));
+        }
+        if let Some(end) = policy.active_until.filter(|&end| self.valid_until > end) {
+            issues.push(issue(
+                "$.validUntil",
+                format!("past the policy's end ({end})"),
+            ));
+        }
+        if let Some(allow) = self.permissions.as_ref().and_then(|p| p.allow.as_ref()) {
+            for (i, rule) in allow.iter().enumerate() {
+                let path = format!("$.permissions.allow[{i}]");
+                let Some(p_rule) = policy.allow.iter().find(|r| r.target == rule.target) else {
+                    issues.push(issue(
+                        format!("{path}.target"),
+                        format!("policy `{}` does not allow {}", policy.id, rule.target),
+                    ));
+                    continue;
+                };
+                if rule.max_value > p_rule.max_value {
+                    issues.push(issue(
+                        format!("{path}.maxValue"),
+                        format!("above the policy's {} wei", p_rule.max_value),
+                    ));
+                }
+                for (j, func) in rule.functions.iter().enumerate() {
+                    let ok = match (&p_rule.functions, func.as_str()) {
+                        (FunctionFilter::Any, _) => true,
+                        (FunctionFilter::Selectors(_), "*") => false,
+                        (FunctionFilter::Selectors(list), f) => {
+                            selector_of(f).is_some_and(|sel| list.iter().any(|(s, _)| *s == sel))
+                        }
+                    };
+                    if !ok {
+                        issues.push(issue(
+                            format!("{path}.functions[{j}]"),
+                            format!("`{func}` is not allowed by the policy on {}", rule.target),
+                        ));
+                    }
+                }
+            }
+        }
+        if let Some(b) = &self.budget {
+            let cap = policy.budgets.session.as_ref();
+            if let (Some(cost), Some(max)) = (b.cost, cap.and_then(|c| c.cost))
+                && cost > max
+            {
+                issues.push(issue(
+                    "$.budget.cost",
+                    format!("above the policy's session budget of {max} wei"),
+                ));
+            }
+            if let (Some(ops), Some(max)) = (b.ops, cap.and_then(|c| c.ops))
+                && ops > max
+            {
+                issues.push(issue(
+                    "$.budget.ops",
+                    format!("above the policy's session budget of {max} operations"),
+                ));
+            }
+        }
+        if issues.is_empty() {
+            Ok(())
+        } else {
+            Err(issues)
+        }
+    }
+
+    /// Checks on every operation sponsored under this session (after the policy's own).
+    pub fn check_op(&self, op: &UserOperation, calls: &[Call], now: u64) -> Result<(), Rejection> {
+        let reject = |reason, rule: &str, detail: String, call_index| Rejection {
+            reason,
+            rule: format!("session.{rule}"),
+            detail,
+            call_index,
+        };
+        match self.status {
+            SessionStatus::Revoked => {
+                return Err(reject(
+                    "session_revoked",
+                    "status",
+                    "the session was revoked".into(),
+                    None,
+                ));
+            }
+            SessionStatus::Active => {}
+        }
+        if now < self.valid_after {
+            return Err(reject(
+                "session_not_yet_valid",
+                "validAfter",
+                format!("starts at {}", self.valid_after),
+                None,
+            ));
+        }
+        if now >= self.valid_until {
+            return Err(reject(
+                "session_expired",
+                "validUntil",
+                format!("ended at {}", self.valid_until),
+                None,
+            ));
+        }
+        if op.sender != self.account {
+            return Err(reject(
+                "session_account_mismatch",
+                "account",
+                format!("the session belongs to {}, not {}", self.account, op.sender),
+                None,
+            ));
+        }
+        let Some(perms) = &self.permissions else {
+            return Ok(());
+        };
+        if let Some(allow) = &perms.allow {
+            for (i, call) in calls.iter().enumerate() {
+                let Some((j, rule)) = allow
+                    .iter()
+                    .enumerate()
+                    .find(|(_, r)| r.target == call.target)
+                else {
+                    return Err(reject(
+                        "session_target_not_allowed",
+                        "permissions.allow",
+                        format!("the session does not allow calls to {}", call.target),
+                        Some(i),
+                    ));
+                };
+                let func_ok = rule.functions.iter().any(|f| {
+                    f == "*"
+                        || call
+                            .selector()
+                            .is_some_and(|sel| selector_of(f) == Some(sel))
+                });
+                if !func_ok {
+                    return Err(reject(
+                        "session_function_not_allowed",
+                        &format!("permissions.allow[{j}].functions"),
+                        format!(
+                            "the session does not allow this function on {}",
+                            call.target
+                        ),
+                        Some(i),
+                    ));
+                }
+                if call.value > rule.max_value {
+                    return Err(reject(
+                        "session_value_too_high",
+                        &format!("permissions.allow[{j}].maxValue"),
+                        format!("value {} wei exceeds {} wei", call.value, rule.max_value),
+                        Some(i),
+                    ));
+                }
+            }
+        }
+        for (j, limit) in perms.spend.iter().enumerate() {
+            let mut total = U256::ZERO;
+            for (i, spend) in calls
+                .iter()
+                .enumerate()
+                .filter_map(|(i, c)| c.token_spend().map(|s| (i, s)))
+            {
+                if spend.token != limit.token {
+                    continue;
+                }
+                if spend.approval && spend.amount == U256::MAX {
+                    return Err(reject(
+                        "unlimited_approval",
+                        &format!("permissions.spend[{j}]"),
+                        format!(
+                            "unlimited approval of {} while the session has a spend limit",
+                            limit.token
+                        ),
+                        Some(i),
+                    ));
+                }
+                total = total.saturating_add(spend.amount);
+                if total > limit.limit {
+                    return Err(reject(
+                        "spend_limit_exceeded",
+                        &format!("permissions.spend[{j}]"),
+                        format!(
+                            "{total} of {} exceeds the limit of {}",
+                            limit.token, limit.limit
+                        ),
+                        Some(i),
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// Whether `proof` is the session key's EIP-191 signature over
+    /// `keccak256(abi.encode(chainId, entryPoint, sender, nonce, keccak256(callData), sessionId))`
+    /// (DESIGN §5): without it a leaked API key could spend a user's session budget.
+    pub fn proof_is_valid(&self, proof: &[u8], entry_point: Address, op: &UserOperation) -> bool {
+        let digest = proof_digest(self.chain_id, entry_point, op, self.session_id);
+        Signature::from_raw(proof)
+            .ok()
+            .and_then(|sig| sig.recover_address_from_msg(digest.as_slice()).ok())
+            .is_some_and(|signer| signer == self.session_key)
+    }
+
+    /// The permissions in force: the session's own rules where it set them, else the policy's.
+    pub fn effective_permissions(&self, policy: &Policy) -> Value {
+        let allow = match self.permissions.as_ref().and_then(|p| p.allow.as_ref()) {
+            Some(rules) => json!(rules),
+            None => json!(policy
+                .allow
+                .iter()
+                .map(|r| json!({
+                    "target": r.target,
+                    "functions": match &r.functions {
+                        FunctionFilter::Any => vec!["*".to_owned()],
+                        FunctionFilter::Selectors(list) => list.iter().map(|(_, text)| text.clone()).collect(),
+                    },
+                    "maxValue": r.max_value.to_string(),
+                }))
+                .collect::<Vec<_>>()),
+        };
+        let spend = self
+            .permissions
+            .as_ref()
+            .map(|p| json!(p.spend))
+            .unwrap_or_else(|| json!([]));
+        json!({ "allow": allow, "spend": spend })
+    }
+}
+
+/// The digest a session proof signs (before the EIP-191 prefix).
+pub fn proof_digest(
+    chain_id: u64,
+    entry_point: Address,
+    op: &UserOperation,
+    session_id: B256,
+) -> B256 {
+    keccak256(
+        (
+            U256::from(chain_id),
+            entry_point,
+            op.sender,
+            op.nonce,
+            keccak256(&op.call_data),
+            session_id,
+        )
+            .abi_encode(),
+    )
+}
+
+/// The selector a function entry names: `0x12345678` or a canonical signature.
+fn selector_of(f: &str) -> Option<FixedBytes<4>> {
+    match f.strip_prefix("0x") {
+        Some(h) => hex::decode(h)
+            .ok()
+            .filter(|b| b.len() == 4)
+            .map(|b| FixedBytes::from_slice(&b)),
+        None => f
+            .contains('(')
+            .then(|| FixedBytes::from_slice(&keccak256(f.as_bytes())[..4])),
+    }
+}
+
+fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissions> {
+    let obj = object(v, "$.permissions", issues)?;
+    known_keys(obj, "$.permissions", &["allow", "spend"], issues);
+    let mut perms = Permissions::default();
+    if let Some(allow) = obj.get("allow").filter(|v| !v.is_null()) {
+        let Some(items) = allow.as_array() else {
+            issues.push(issue("$.permissions.allow", "expected an array"));
+            return None;
+        };
+        if items.is_empty() {
+            issues.push(issue(
+                "$.permissions.allow",
+                "empty: omit it to inherit the policy's rules",
+            ));
+        }
+        let mut rules = Vec::new();
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("$.permissions.allow[{i}]");
+            let Some(o) = object(item, &path, issues) else {
+                continue;
+            };
+            known_keys(o, &path, &["target", "functions", "maxValue"], issues);
+            let mut f = Fields {
+                obj: o,
+                path: path.clone(),
+                issues,
+            };
+            let target = f.address("target", true);
+            let max_value = f.amount("maxValue", false).unwrap_or_default();
+            let functions: Vec<String> = match f.get("functions", true).cloned() {
+                Some(Value::Array(fs)) if !fs.is_empty() => fs
+                    .iter()
+                    .enumerate()
+                    .filter_map(|(j, x)| {
+                        let s = x.as_str().filter(|s| *s == "*" || selector_of(s).is_some());
+                        if s.is_none() {
+                            f.issues.push(issue(format!("{path}.functions[{j}]"), "expected a signature like `transfer(address,uint256)`, a selector, or \"*\""));
+                        }
+                        s.map(str::to_owned)
+                    })
+                    .collect(),
+                Some(_) => {
+                    f.issues.push(issue(format!("{path}.functions"), "expected a non-empty array"));
+                    Vec::new()
+                }
+                None => Vec::new(),
+            };
+            if let Some(target) = target {
+                if rules.iter().any(|r: &SessionAllow| r.target == target) {
+                    issues.push(issue(
+                        format!("{path}.target"),
+                        "listed twice: merge the rules",
+                    ));
+                }
+                rules.push(SessionAllow {
+                    target,
+                    functions,
+                    max_value,
+                });
+            }
+        }
+        perms.allow = Some(rules);
+    }
+    if let Some(spend) = obj.get("spend").filter(|v| !v.is_null()) {
+        let Some(items) = spend.as_array() else {
+            issues.push(issue("$.permissions.spend", "expected an array"));
+            return None;
+        };
+        for (i, item) in items.iter().enumerate() {
+            let path = format!("$.permissions.spend[{i}]");
+            let Some(o) = object(item, &path, issues) else {
+                continue;
+            };
+            known_keys(o, &path, &["token", "limit"], issues);
+            let mut f = Fields {
+                obj: o,
+                path,
+                issues,
+            };
+            if let (Some(token), Some(limit)) = (f.address("token", true), f.amount("limit", true))
+            {
+                perms.spend.push(SpendLimit { token, limit });
+            }
+        }
+    }
+    Some(perms)
+}
+
+fn parse_budget(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<SessionBudget> {
+    let obj = object(v, "$.budget", issues)?;
+    known_keys(obj, "$.budget", &["cost", "ops"], issues);
+    let mut f = Fields {
+        obj,
+        path: "$.budget".into(),
+        issues,
+    };
+    Some(SessionBudget {
+        cost: f.amount("cost", false),
+        ops: f.u64("ops", false),
+    })
+}

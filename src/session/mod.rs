@@ -1,0 +1,84 @@
+//! Session grants: what a session key may do for an account, stored where every replica sees
+//! it (DESIGN §5). A grant can only narrow its policy: the effective allow-list is policy ∩
+//! grant, budgets the smaller of both. Revocation is a status change that the very next
+//! request reads.
+//!
+//! - [`grant`]: the model, parsing of admin requests (errors with JSON paths), narrowing
+//!   checks against the policy, and the per-operation checks.
+//! - [`memory`] and [`redis`]: the two stores behind [`SessionStore`].
+
+pub mod grant;
+pub mod memory;
+pub mod redis;
+
+use alloy::primitives::{Address, B256};
+
+pub use self::grant::{SessionGrant, SessionStatus};
+
+/// A store failure: the request fails closed (no signature), retryably.
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    /// Redis unreachable, too slow, or answered an error.
+    #[error("session store unavailable: {0}")]
+    Unavailable(String),
+    /// A stored record does not parse (written by an incompatible version?).
+    #[error("session {0} is stored in an unreadable form")]
+    Corrupt(B256),
+}
+
+/// One page of an account's sessions.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Page {
+    /// Sessions, oldest first.
+    pub sessions: Vec<SessionGrant>,
+    /// Pass as `cursor` for the next page; `None` on the last.
+    pub next_cursor: Option<u64>,
+}
+
+/// Where grants live: in this process (embedded default) or in Redis (shared by replicas).
+#[derive(Debug)]
+pub enum SessionStore {
+    /// In memory: one process only.
+    Memory(memory::MemorySessions),
+    /// Redis.
+    Redis(redis::RedisSessions),
+}
+
+impl SessionStore {
+    /// Store a new grant; `false` when the id is taken (nothing is overwritten).
+    pub async fn create(&self, grant: &SessionGrant) -> Result<bool, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.create(grant)),
+            Self::Redis(r) => r.create(grant).await,
+        }
+    }
+
+    /// The grant with this id.
+    pub async fn get(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.get(id)),
+            Self::Redis(r) => r.get(id).await,
+        }
+    }
+
+    /// Mark revoked; the updated grant, or `None` if unknown. Idempotent.
+    pub async fn revoke(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.revoke(id)),
+            Self::Redis(r) => r.revoke(id).await,
+        }
+    }
+
+    /// An account's sessions, oldest first, `limit` at a time from `cursor`.
+    pub async fn list_by_account(
+        &self,
+        account: Address,
+        cursor: u64,
+        limit: usize,
+    ) -> Result<Page, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.list_by_account(account, cursor, limit)),
+            Self::Redis(r) => r.list_by_account(account, cursor, limit).await,
+        }
+    }
+}

@@ -1,0 +1,573 @@
+//! Session grants end to end: the admin API, sponsorship under a session (narrowing, proof,
+//! revocation), the same store tests against memory and a real Redis, revocation seen by a
+//! second instance sharing Redis, and failing closed when Redis is gone.
+
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::signers::SignerSync;
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use serde_json::{Value, json};
+use session_paymaster::session::SessionStore;
+use session_paymaster::session::grant::{SessionGrant, SessionStatus, proof_digest};
+use session_paymaster::session::memory::MemorySessions;
+use session_paymaster::session::redis::RedisSessions;
+use session_paymaster::signer::KeySource;
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+use crate::helpers::{ADMIN_TOKEN, TestApp, TestRedis, TestResult, config};
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+const COUNTER: Address = Address::new(alloy::primitives::hex!(
+    "CF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
+));
+const PM07: Address = Address::repeat_byte(0x07);
+
+fn now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+async fn app(redis: Option<&TestRedis>) -> TestResult<TestApp> {
+    let mut c = config([Some(PM07), None], KeySource::Ephemeral);
+    c.redis_url = redis.map(|r| r.url.clone());
+    TestApp::spawn(c).await
+}
+
+/// An admin request; returns status and JSON body (Null when empty).
+async fn admin(
+    app: &TestApp,
+    method: &str,
+    path: &str,
+    body: Option<Value>,
+    token: Option<&str>,
+) -> TestResult<(u16, Value)> {
+    let client = reqwest::Client::new();
+    let url = format!("{}{path}", app.url);
+    let mut req = match method {
+        "POST" => client.post(&url),
+        "DELETE" => client.delete(&url),
+        _ => client.get(&url),
+    };
+    if let Some(t) = token {
+        req = req.header("authorization", format!("Bearer {t}"));
+    }
+    if let Some(b) = body {
+        req = req.json(&b);
+    }
+    let resp = req.send().await?;
+    let status = resp.status().as_u16();
+    let text = resp.text().await?;
+    Ok((
+        status,
+        if text.is_empty() {
+            Value::Null
+        } else {
+            serde_json::from_str(&text)?
+        },
+    ))
+}
+
+fn grant_request(account: Address, key: Address, policy: &str) -> Value {
+    json!({
+        "account": account,
+        "sessionKey": key,
+        "chainId": 31337,
+        "policy": policy,
+        "validAfter": now() - 10,
+        "validUntil": now() + 3600,
+        "budget": { "cost": "0.01 ether", "ops": 10 }
+    })
+}
+
+async fn create_session(app: &TestApp, body: Value) -> TestResult<B256> {
+    let (status, v) = admin(
+        app,
+        "POST",
+        "/admin/sessions",
+        Some(body),
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 201, "{v}");
+    Ok(v["sessionId"].as_str().ok_or("sessionId")?.parse()?)
+}
+
+fn op(sender: Address, func: &str) -> UserOperation {
+    UserOperation {
+        sender,
+        nonce: U256::from(3),
+        call_data: executeCall {
+            dest: COUNTER,
+            value: U256::ZERO,
+            func: keccak256(func)[..4].to_vec().into(),
+        }
+        .abi_encode()
+        .into(),
+        call_gas_limit: 100_000,
+        verification_gas_limit: 200_000,
+        pre_verification_gas: U256::from(50_000),
+        max_fee_per_gas: 2_000_000_000,
+        max_priority_fee_per_gas: 1_000_000_000,
+        ..Default::default()
+    }
+}
+
+fn proof(key: &PrivateKeySigner, op: &UserOperation, session: B256) -> TestResult<String> {
+    let digest = proof_digest(
+        31337,
+        EntryPointVersion::V0_7.canonical_address(),
+        op,
+        session,
+    );
+    Ok(format!(
+        "0x{}",
+        hex::encode(key.sign_message_sync(digest.as_slice())?.as_bytes())
+    ))
+}
+
+async fn sponsor(app: &TestApp, op: &UserOperation, context: Value) -> TestResult<Value> {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+        "params": [op.to_json(), EntryPointVersion::V0_7.canonical_address(), context]
+    });
+    Ok(app.post(&body.to_string()).await?.1)
+}
+
+fn reason(v: &Value) -> &str {
+    v["error"]["data"]["reason"].as_str().unwrap_or("")
+}
+
+#[tokio::test]
+async fn admin_api_authenticates_validates_and_narrows() -> TestResult {
+    let app = app(None).await?;
+    let (account, key) = (Address::repeat_byte(0xa1), Address::repeat_byte(0xb2));
+    let body = grant_request(account, key, "game-moves");
+
+    for token in [None, Some("wrong"), Some("")] {
+        let (status, v) = admin(&app, "POST", "/admin/sessions", Some(body.clone()), token).await?;
+        assert_eq!(
+            (status, v),
+            (401, Value::Null),
+            "no detail about which check failed"
+        );
+    }
+    let (status, _) = admin(&app, "GET", "/admin/sessions?account=0x00", None, None).await?;
+    assert_eq!(status, 401);
+
+    // Every bad field is reported, by JSON path.
+    let mut bad = body.clone();
+    bad["account"] = json!("0x12");
+    bad["chainId"] = json!("x");
+    bad["extra"] = json!(1);
+    bad["permissions"] = json!({ "allow": [{ "target": "nope", "functions": [] }], "spend": [{ "token": COUNTER }] });
+    let (status, v) = admin(
+        &app,
+        "POST",
+        "/admin/sessions",
+        Some(bad),
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 400, "{v}");
+    let paths: Vec<&str> = v["issues"]
+        .as_array()
+        .ok_or("issues")?
+        .iter()
+        .filter_map(|i| i["path"].as_str())
+        .collect();
+    for expected in [
+        "$.account",
+        "$.chainId",
+        "$.extra",
+        "$.permissions.allow[0].target",
+        "$.permissions.allow[0].functions",
+        "$.permissions.spend[0].limit",
+    ] {
+        assert!(paths.contains(&expected), "{expected} in {paths:?}");
+    }
+
+    // Wider than the policy: refused, not clipped.
+    let cases = [
+        (
+            json!({ "permissions": { "allow": [{ "target": Address::repeat_byte(9), "functions": ["*"] }] } }),
+            "$.permissions.allow[0].target",
+        ),
+        (
+            json!({ "permissions": { "allow": [{ "target": COUNTER, "functions": ["reset()"] }] } }),
+            "$.permissions.allow[0].functions[0]",
+        ),
+        (
+            json!({ "permissions": { "allow": [{ "target": COUNTER, "functions": ["increment()"], "maxValue": "1" }] } }),
+            "$.permissions.allow[0].maxValue",
+        ),
+        (json!({ "budget": { "cost": "1 ether" } }), "$.budget.cost"),
+        (json!({ "budget": { "ops": 501 } }), "$.budget.ops"),
+        (json!({ "chainId": 1 }), "$.chainId"),
+    ];
+    for (patch, path) in cases {
+        let mut wide = body.clone();
+        for (k, v) in patch.as_object().ok_or("patch")? {
+            wide[k] = v.clone();
+        }
+        let (status, v) = admin(
+            &app,
+            "POST",
+            "/admin/sessions",
+            Some(wide),
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+        assert_eq!(status, 400, "{path}: {v}");
+        assert_eq!(v["issues"][0]["path"], json!(path), "{v}");
+    }
+
+    // Created (id generated), fetched, listed page by page, revoked.
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(create_session(&app, body.clone()).await?);
+    }
+    let (status, v) = admin(
+        &app,
+        "GET",
+        &format!("/admin/sessions/{}", ids[0]),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(
+        (status, v["status"].clone(), v["account"].clone()),
+        (200, json!("active"), json!(account))
+    );
+    let mut chosen = body.clone();
+    chosen["sessionId"] = json!(ids[0]);
+    let (status, _) = admin(
+        &app,
+        "POST",
+        "/admin/sessions",
+        Some(chosen),
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 409, "an existing id is never overwritten");
+
+    let (_, page1) = admin(
+        &app,
+        "GET",
+        &format!("/admin/sessions?account={account}&limit=2"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(page1["sessions"].as_array().map(Vec::len), Some(2));
+    assert_eq!(page1["nextCursor"], json!(2));
+    let (_, page2) = admin(
+        &app,
+        "GET",
+        &format!("/admin/sessions?account={account}&limit=2&cursor=2"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(page2["sessions"][0]["sessionId"], json!(ids[2]));
+    assert_eq!(page2["nextCursor"], Value::Null);
+
+    let (status, v) = admin(
+        &app,
+        "DELETE",
+        &format!("/admin/sessions/{}", ids[1]),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!((status, v["status"].clone()), (200, json!("revoked")));
+    let missing = B256::repeat_byte(0xee);
+    let (status, _) = admin(
+        &app,
+        "DELETE",
+        &format!("/admin/sessions/{missing}"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 404);
+    let (status, _) = admin(
+        &app,
+        "GET",
+        "/admin/sessions/0x1234",
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 400);
+    Ok(())
+}
+
+#[tokio::test]
+async fn sponsorship_under_a_session_checks_grant_proof_and_revocation() -> TestResult {
+    let app = app(None).await?;
+    let key = PrivateKeySigner::random();
+    let account = Address::repeat_byte(0xa2);
+    let session = create_session(&app, grant_request(account, key.address(), "game-moves")).await?;
+    let ctx = |proof: Option<String>| json!({ "sessionId": session, "sessionProof": proof });
+    let good = op(account, "increment()");
+
+    // game-moves requires the session key's proof.
+    assert_eq!(
+        reason(&sponsor(&app, &good, ctx(None)).await?),
+        "invalid_session_proof"
+    );
+    let other = PrivateKeySigner::random();
+    assert_eq!(
+        reason(&sponsor(&app, &good, ctx(Some(proof(&other, &good, session)?))).await?),
+        "invalid_session_proof"
+    );
+    let ok = sponsor(&app, &good, ctx(Some(proof(&key, &good, session)?))).await?;
+    assert_eq!(ok["result"]["paymaster"], json!(PM07), "{ok}");
+    // A proof binds the nonce: replaying it for another op fails.
+    let mut next = good.clone();
+    next.nonce = U256::from(4);
+    assert_eq!(
+        reason(&sponsor(&app, &next, ctx(Some(proof(&key, &good, session)?))).await?),
+        "invalid_session_proof"
+    );
+
+    // The policy still applies under a session, and the grant is bound to its account.
+    let reset = op(account, "reset()");
+    assert_eq!(
+        reason(&sponsor(&app, &reset, ctx(Some(proof(&key, &reset, session)?))).await?),
+        "function_not_allowed"
+    );
+    let stranger = op(Address::repeat_byte(0xa3), "increment()");
+    assert_eq!(
+        reason(&sponsor(&app, &stranger, ctx(Some(proof(&key, &stranger, session)?))).await?),
+        "session_account_mismatch"
+    );
+    // A session-only policy named without a session.
+    assert_eq!(
+        reason(&sponsor(&app, &good, json!({ "sponsorshipPolicyId": "game-moves" })).await?),
+        "session_required"
+    );
+
+    let status = app.result("pm_getSessionStatus", json!([session])).await?;
+    assert_eq!(status["status"], json!("active"));
+    assert_eq!(status["policy"], json!("game-moves"));
+    assert_eq!(
+        status["effectivePermissions"]["allow"][0]["functions"],
+        json!(["increment()"])
+    );
+
+    let (code, _) = admin(
+        &app,
+        "DELETE",
+        &format!("/admin/sessions/{session}"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(code, 200);
+    assert_eq!(
+        reason(&sponsor(&app, &good, ctx(Some(proof(&key, &good, session)?))).await?),
+        "session_revoked"
+    );
+    assert_eq!(
+        app.result("pm_getSessionStatus", json!([session])).await?["status"],
+        json!("revoked")
+    );
+    let err = app
+        .error("pm_getSessionStatus", json!([B256::repeat_byte(7)]))
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("session_not_found"));
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_session_narrows_a_policy_that_needs_none() -> TestResult {
+    let app = app(None).await?;
+    let account = Address::repeat_byte(0xa4);
+    let mut body = grant_request(account, Address::repeat_byte(0xb4), "dev-counter");
+    body["validAfter"] = json!(now() + 3000);
+    let future = create_session(&app, body.clone()).await?;
+    let good = op(account, "increment()");
+    assert_eq!(
+        reason(&sponsor(&app, &good, json!({ "sessionId": future })).await?),
+        "session_not_yet_valid"
+    );
+
+    body["validAfter"] = json!(now() - 10);
+    body["validUntil"] = json!(now() + 60);
+    let short = create_session(&app, body).await?;
+    let r = sponsor(&app, &good, json!({ "sessionId": short })).await?;
+    let data = session_paymaster::wire::data("paymasterData", &r["result"]["paymasterData"])?;
+    let window = session_paymaster::userop::paymaster_data::PaymasterData::decode(&data)?.window;
+    assert!(
+        window.valid_until <= now() + 60,
+        "the signature does not outlive the session"
+    );
+    assert_eq!(
+        reason(
+            &sponsor(
+                &app,
+                &good,
+                json!({ "sessionId": short, "sponsorshipPolicyId": "game-moves" })
+            )
+            .await?
+        ),
+        "policy_mismatch"
+    );
+    Ok(())
+}
+
+fn grant(id: u8, account: Address, created_at: u64) -> SessionGrant {
+    SessionGrant {
+        session_id: B256::repeat_byte(id),
+        account,
+        session_key: Address::repeat_byte(0x5e),
+        chain_id: 31337,
+        policy: "dev-counter".into(),
+        valid_after: 1,
+        valid_until: 2,
+        status: SessionStatus::Active,
+        permissions: None,
+        budget: None,
+        created_at,
+    }
+}
+
+/// The same behaviour from both stores.
+async fn store_contract(store: SessionStore) -> TestResult {
+    let account = Address::repeat_byte(0x42);
+    let g = grant(1, account, 10);
+    assert!(store.create(&g).await?);
+    assert!(
+        !store
+            .create(&SessionGrant {
+                policy: "other".into(),
+                ..g.clone()
+            })
+            .await?,
+        "no overwrite"
+    );
+    assert_eq!(store.get(g.session_id).await?, Some(g.clone()));
+    assert_eq!(store.get(B256::repeat_byte(9)).await?, None);
+    for (i, id) in [2u8, 3, 4].into_iter().enumerate() {
+        store.create(&grant(id, account, 11 + i as u64)).await?;
+    }
+    store
+        .create(&grant(5, Address::repeat_byte(0x43), 1))
+        .await?;
+    let p1 = store.list_by_account(account, 0, 3).await?;
+    assert_eq!(
+        p1.sessions
+            .iter()
+            .map(|s| s.session_id[0])
+            .collect::<Vec<_>>(),
+        vec![1, 2, 3]
+    );
+    assert_eq!(p1.next_cursor, Some(3));
+    let p2 = store.list_by_account(account, 3, 3).await?;
+    assert_eq!(
+        p2.sessions
+            .iter()
+            .map(|s| s.session_id[0])
+            .collect::<Vec<_>>(),
+        vec![4]
+    );
+    assert_eq!(p2.next_cursor, None);
+    let revoked = store.revoke(g.session_id).await?.ok_or("revoked")?;
+    assert_eq!(revoked.status, SessionStatus::Revoked);
+    assert_eq!(
+        store.get(g.session_id).await?.map(|s| s.status),
+        Some(SessionStatus::Revoked)
+    );
+    assert_eq!(
+        store.revoke(B256::repeat_byte(9)).await?,
+        None,
+        "unknown ids are not created"
+    );
+    assert_eq!(store.get(B256::repeat_byte(9)).await?, None);
+    Ok(())
+}
+
+#[tokio::test]
+async fn memory_store_contract() -> TestResult {
+    store_contract(SessionStore::Memory(MemorySessions::new())).await
+}
+
+#[tokio::test]
+async fn redis_store_contract() -> TestResult {
+    let redis = TestRedis::start().await?;
+    store_contract(SessionStore::Redis(
+        RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?,
+    ))
+    .await
+}
+
+#[tokio::test]
+async fn revocation_is_seen_by_another_instance_sharing_redis() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (one, two) = (app(Some(&redis)).await?, app(Some(&redis)).await?);
+    let account = Address::repeat_byte(0xa5);
+    let session = create_session(
+        &one,
+        grant_request(account, Address::repeat_byte(0xb5), "dev-counter"),
+    )
+    .await?;
+    let good = op(account, "increment()");
+    assert!(sponsor(&two, &good, json!({ "sessionId": session })).await?["result"].is_object());
+    let (code, _) = admin(
+        &one,
+        "DELETE",
+        &format!("/admin/sessions/{session}"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(code, 200);
+    assert_eq!(
+        reason(&sponsor(&two, &good, json!({ "sessionId": session })).await?),
+        "session_revoked"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn redis_outage_fails_closed() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let app = app(Some(&redis)).await?;
+    let account = Address::repeat_byte(0xa6);
+    let session = create_session(
+        &app,
+        grant_request(account, Address::repeat_byte(0xb6), "dev-counter"),
+    )
+    .await?;
+    drop(redis);
+    let r = sponsor(
+        &app,
+        &op(account, "increment()"),
+        json!({ "sessionId": session }),
+    )
+    .await?;
+    assert_eq!(r["error"]["code"], json!(-32004), "{r}");
+    assert_eq!(r["error"]["data"]["retryable"], json!(true));
+    assert!(r.get("result").is_none(), "nothing signed");
+    let (code, _) = admin(
+        &app,
+        "POST",
+        "/admin/sessions",
+        Some(grant_request(account, account, "dev-counter")),
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(code, 503);
+    // Without a session the hot path needs no Redis.
+    let r = sponsor(&app, &op(account, "increment()"), Value::Null).await?;
+    assert!(r["result"].is_object(), "{r}");
+    Ok(())
+}
