@@ -726,3 +726,188 @@ fn parse_budget(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<SessionBudget
         ops: f.u64("ops", false),
     })
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::policy::calldata::Erc20;
+    use alloy::sol_types::SolCall;
+
+    const TOKEN: Address = Address::repeat_byte(0x70);
+    const GAME: Address = Address::repeat_byte(0x60);
+    const ACCOUNT: Address = Address::repeat_byte(0xac);
+
+    fn grant() -> SessionGrant {
+        SessionGrant {
+            session_id: B256::repeat_byte(1),
+            account: ACCOUNT,
+            session_key: Address::repeat_byte(0x5e),
+            chain_id: 31337,
+            policy: "p".into(),
+            valid_after: 100,
+            valid_until: 200,
+            status: SessionStatus::Active,
+            permissions: Some(Permissions {
+                allow: Some(vec![
+                    SessionAllow {
+                        target: GAME,
+                        functions: vec!["move(uint8)".into()],
+                        max_value: U256::ZERO,
+                    },
+                    SessionAllow {
+                        target: TOKEN,
+                        functions: vec!["*".into()],
+                        max_value: U256::ZERO,
+                    },
+                ]),
+                spend: vec![SpendLimit {
+                    token: TOKEN,
+                    limit: U256::from(100),
+                }],
+            }),
+            budget: None,
+            created_at: 0,
+        }
+    }
+
+    fn transfer(amount: u64) -> Call {
+        Call::new(
+            TOKEN,
+            U256::ZERO,
+            Erc20::transferCall {
+                to: ACCOUNT,
+                amount: U256::from(amount),
+            }
+            .abi_encode()
+            .into(),
+        )
+    }
+
+    #[test]
+    fn op_checks() {
+        let op = UserOperation {
+            sender: ACCOUNT,
+            ..Default::default()
+        };
+        let game_move = Call::new(
+            GAME,
+            U256::ZERO,
+            keccak256("move(uint8)")[..4].to_vec().into(),
+        );
+        let approve = |amount| {
+            Call::new(
+                TOKEN,
+                U256::ZERO,
+                Erc20::approveCall {
+                    spender: ACCOUNT,
+                    amount,
+                }
+                .abi_encode()
+                .into(),
+            )
+        };
+        let rows: Vec<(&str, Vec<Call>, u64, Option<(&str, Option<usize>)>)> = vec![
+            ("move", vec![game_move.clone()], 150, None),
+            ("spend within", vec![transfer(60), transfer(40)], 150, None),
+            (
+                "spend over, summed",
+                vec![transfer(60), transfer(41)],
+                150,
+                Some(("spend_limit_exceeded", Some(1))),
+            ),
+            (
+                "unlimited approval",
+                vec![approve(U256::MAX)],
+                150,
+                Some(("unlimited_approval", Some(0))),
+            ),
+            (
+                "bounded approval",
+                vec![approve(U256::from(100))],
+                150,
+                None,
+            ),
+            (
+                "other target",
+                vec![Call::new(
+                    Address::ZERO,
+                    U256::ZERO,
+                    vec![1, 2, 3, 4].into(),
+                )],
+                150,
+                Some(("session_target_not_allowed", Some(0))),
+            ),
+            (
+                "other function",
+                vec![Call::new(GAME, U256::ZERO, vec![1, 2, 3, 4].into())],
+                150,
+                Some(("session_function_not_allowed", Some(0))),
+            ),
+            (
+                "value",
+                vec![Call::new(GAME, U256::from(1), game_move.data.clone())],
+                150,
+                Some(("session_value_too_high", Some(0))),
+            ),
+            (
+                "early",
+                vec![game_move.clone()],
+                99,
+                Some(("session_not_yet_valid", None)),
+            ),
+            (
+                "late",
+                vec![game_move.clone()],
+                200,
+                Some(("session_expired", None)),
+            ),
+        ];
+        for (name, calls, now, expected) in rows {
+            let got = grant()
+                .check_op(&op, &calls, now)
+                .err()
+                .map(|r| (r.reason, r.call_index));
+            assert_eq!(got, expected, "{name}");
+        }
+        let revoked = SessionGrant {
+            status: SessionStatus::Revoked,
+            ..grant()
+        };
+        assert_eq!(
+            revoked.check_op(&op, &[], 150).err().map(|r| r.reason),
+            Some("session_revoked")
+        );
+    }
+
+    #[test]
+    fn stored_form_round_trips() -> Result<(), serde_json::Error> {
+        let g = SessionGrant {
+            budget: Some(SessionBudget {
+                cost: Some(U256::from(10).pow(U256::from(18))),
+                ops: Some(5),
+            }),
+            ..grant()
+        };
+        let json = serde_json::to_string(&g)?;
+        assert!(json.contains("\"cost\":\"1000000000000000000\""), "{json}");
+        assert_eq!(serde_json::from_str::<SessionGrant>(&json)?, g);
+        Ok(())
+    }
+
+    #[test]
+    fn request_parsing_generates_ids_and_checks_windows() {
+        let body = json!({
+            "account": ACCOUNT, "sessionKey": ACCOUNT, "chainId": 31337, "policy": "p",
+            "validAfter": 10, "validUntil": 5
+        });
+        let issues = SessionGrant::from_request(&body, 0, || B256::ZERO).unwrap_err();
+        assert_eq!(issues[0].path, "$.validUntil");
+        let mut ok = body.clone();
+        ok["validUntil"] = json!(50);
+        let g = SessionGrant::from_request(&ok, 0, || B256::repeat_byte(3)).unwrap();
+        assert_eq!(
+            (g.session_id, g.status),
+            (B256::repeat_byte(3), SessionStatus::Active)
+        );
+    }
+}
