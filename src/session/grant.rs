@@ -806,7 +806,8 @@ mod tests {
                 .into(),
             )
         };
-        let rows: Vec<(&str, Vec<Call>, u64, Option<(&str, Option<usize>)>)> = vec![
+        type Expected = Option<(&'static str, Option<usize>)>;
+        let rows: Vec<(&str, Vec<Call>, u64, Expected)> = vec![
             ("move", vec![game_move.clone()], 150, None),
             ("spend within", vec![transfer(60), transfer(40)], 150, None),
             (
