@@ -4,15 +4,25 @@ use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
 use alloy::primitives::B256;
 use axum::Router;
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
+use redis::aio::ConnectionManager;
+use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::config::Config;
-use crate::policy::file::{PolicyFileError, load_dir};
+use crate::policy::file::{PolicyFileError, load_sources, read_dir_sources, version_of};
+use crate::policy::publish;
 use crate::rpc;
+use crate::session;
 use crate::session::memory::MemorySessions;
 use crate::session::redis::RedisSessions;
 use crate::session::{SessionStore, StoreError};
@@ -29,6 +39,9 @@ pub struct AppState {
     /// SHA-256 of the admin bearer token; `None`: admin API closed.
     pub admin_token_sha256: Option<B256>,
     admin_on_main: bool,
+    /// Shared Redis connection, when configured.
+    redis: Option<ConnectionManager>,
+    policies_dir: PathBuf,
     request_seq: AtomicU64,
 }
 
@@ -50,7 +63,9 @@ impl AppState {
     /// Load the signer and the policies named by `config`, and connect the session store.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
         let signer = Signer::load(config.signer.clone())?;
-        let policies = load_dir(&config.policies_dir).map_err(StartupError::Policies)?;
+        let sources = read_dir_sources(&config.policies_dir).map_err(StartupError::Policies)?;
+        let policies =
+            load_sources(&config.policies_dir, sources.clone()).map_err(StartupError::Policies)?;
         let mut seed = [0u8; 8];
         // Request ids only correlate logs: a clock seed is enough if the OS RNG fails.
         if getrandom::fill(&mut seed).is_err() {
@@ -59,12 +74,19 @@ impl AppState {
                 .map_or(0, |d| d.as_nanos() as u64)
                 .to_be_bytes();
         }
-        let sessions = match &config.redis_url {
-            None => SessionStore::Memory(MemorySessions::new()),
-            Some(url) => {
-                SessionStore::Redis(RedisSessions::connect(url, config.redis_timeout).await?)
-            }
+        let redis = match &config.redis_url {
+            None => None,
+            Some(url) => Some(session::redis::connect(url, config.redis_timeout).await?),
         };
+        let sessions = match &redis {
+            None => SessionStore::Memory(MemorySessions::new()),
+            Some(conn) => SessionStore::Redis(RedisSessions::new(conn.clone())),
+        };
+        // With Redis, this replica's valid directory becomes the published set every replica
+        // serves (as `policies push` would); the watcher keeps them in step afterwards.
+        if let Some(conn) = &redis {
+            publish::push(conn, policies.version(), &sources).await?;
+        }
         Ok(Self {
             sponsor: Sponsor::new(
                 config.chain_id,
@@ -76,6 +98,8 @@ impl AppState {
             sponsor_name: config.sponsor_name.clone(),
             admin_token_sha256: config.admin_token_sha256,
             admin_on_main: config.admin_on_main,
+            redis,
+            policies_dir: config.policies_dir.clone(),
             request_seq: AtomicU64::new(u64::from_be_bytes(seed) >> 16),
         })
     }
@@ -86,11 +110,106 @@ impl AppState {
     }
 }
 
+impl AppState {
+    /// Keep the policy set in step: poll the published version in Redis (every replica then
+    /// serves the same set), or the policy directory under the embedded default. A set that
+    /// does not load completely never replaces the working one.
+    pub fn spawn_policy_watcher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        let state = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                state.refresh_policies().await;
+            }
+        })
+    }
+
+    /// One poll of the policy source (see [`Self::spawn_policy_watcher`]).
+    pub async fn refresh_policies(&self) {
+        let live = self.sponsor.live_policies();
+        let current = live.current().version();
+        match &self.redis {
+            None => match read_dir_sources(&self.policies_dir) {
+                // Back to the set in force (e.g. a broken edit undone): nothing is refused any more.
+                Ok(sources) if version_of(&sources) == current => live.clear_error(),
+                Ok(sources) => {
+                    live.offer(load_sources(&self.policies_dir, sources));
+                }
+                Err(e) => {
+                    live.offer(Err(e));
+                }
+            },
+            Some(conn) => {
+                let published = match publish::current_version(conn).await {
+                    Ok(Some(v)) if v != current => v,
+                    Ok(_) => return,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "cannot read the published policy version");
+                        return;
+                    }
+                };
+                match publish::fetch(conn, published).await {
+                    Ok(Some(sources)) => {
+                        live.offer(load_sources(Path::new("redis"), sources));
+                    }
+                    Ok(None) => {
+                        tracing::warn!(version = %published, "published policy set is missing")
+                    }
+                    Err(e) => tracing::warn!(error = %e, "cannot fetch the published policy set"),
+                }
+            }
+        }
+    }
+
+    /// `/readyz`: Redis reachable (when configured), the policy set in force and any refused
+    /// one, the signer.
+    async fn readiness(&self) -> (bool, Value) {
+        let redis = match &self.redis {
+            None => json!("not configured"),
+            Some(conn) => {
+                let mut conn = conn.clone();
+                match redis::cmd("PING").query_async::<String>(&mut conn).await {
+                    Ok(_) => json!("ok"),
+                    Err(e) => json!(format!("unreachable: {e}")),
+                }
+            }
+        };
+        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
+        let policies = self.sponsor.policies();
+        (
+            ready,
+            json!({
+                "ready": ready,
+                "redis": redis,
+                "policies": {
+                    "version": policies.version(),
+                    "count": policies.len(),
+                    "refusedSet": self.sponsor.live_policies().last_error(),
+                },
+                "signer": self.sponsor.signer().address(),
+            }),
+        )
+    }
+}
+
+async fn readyz(State(state): State<Arc<AppState>>) -> Response {
+    let (ready, body) = state.readiness().await;
+    let status = if ready {
+        StatusCode::OK
+    } else {
+        StatusCode::SERVICE_UNAVAILABLE
+    };
+    (status, axum::Json(body)).into_response()
+}
+
 /// The whole HTTP surface: JSON-RPC, health, and the admin API unless it has its own listener.
 pub fn router(state: Arc<AppState>) -> Router {
     let router = Router::new()
         .route("/", post(rpc::handle))
-        .route("/healthz", get(|| async { "ok" }));
+        .route("/healthz", get(|| async { "ok" }))
+        .route("/readyz", get(readyz));
     let router = if state.admin_on_main {
         router.merge(admin::router(state.clone()))
     } else {

@@ -74,6 +74,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// How often the policy set is checked for changes (the directory, or the set published in
+    /// Redis).
+    #[arg(long, env = "SP_POLICY_POLL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub policy_poll: Duration,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "SP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -10,7 +10,8 @@ use clap::{Parser, Subcommand};
 use session_paymaster::app::{self, AppState};
 use session_paymaster::chain::deploy::{Artifacts, deploy_dev_stack};
 use session_paymaster::config::{Config, ServeArgs};
-use session_paymaster::policy::file::load_dir;
+use session_paymaster::policy::file::{PolicyFileError, load_dir, load_sources, read_dir_sources};
+use session_paymaster::policy::publish;
 use session_paymaster::signer;
 use sha2::Digest;
 
@@ -63,6 +64,15 @@ enum Command {
 
 #[derive(Subcommand)]
 enum PoliciesCommand {
+    /// Validate DIR and publish it to Redis as the set every replica serves.
+    Push {
+        /// Policy directory.
+        #[arg(default_value = "policies")]
+        dir: PathBuf,
+        /// Redis URL.
+        #[arg(long, env = "SP_REDIS_URL")]
+        redis_url: String,
+    },
     /// Check every policy file in DIR; print every problem, or one line per valid policy.
     Check {
         /// Policy directory.
@@ -112,16 +122,63 @@ fn main() -> ExitCode {
                         p.allow.len()
                     );
                 }
+                println!("version {}", set.version());
                 ExitCode::SUCCESS
             }
-            Err(errors) => {
-                for e in &errors {
-                    eprintln!("{e}");
-                }
-                eprintln!("{} problem(s)", errors.len());
-                ExitCode::FAILURE
-            }
+            Err(errors) => report(&errors),
         },
+        Command::Policies {
+            command: PoliciesCommand::Push { dir, redis_url },
+        } => policies_push(&dir, &redis_url),
+    }
+}
+
+fn report(errors: &[PolicyFileError]) -> ExitCode {
+    for e in errors {
+        eprintln!("{e}");
+    }
+    eprintln!("{} problem(s)", errors.len());
+    ExitCode::FAILURE
+}
+
+/// Validate and publish: a set with any problem is never published.
+fn policies_push(dir: &std::path::Path, redis_url: &str) -> ExitCode {
+    let sources = match read_dir_sources(dir) {
+        Ok(s) => s,
+        Err(errors) => return report(&errors),
+    };
+    let set = match load_sources(dir, sources.clone()) {
+        Ok(set) => set,
+        Err(errors) => return report(&errors),
+    };
+    let pushed = tokio::runtime::Runtime::new()
+        .map_err(|e| e.to_string())
+        .and_then(|rt| {
+            rt.block_on(async {
+                let conn = session_paymaster::session::redis::connect(
+                    redis_url,
+                    std::time::Duration::from_secs(5),
+                )
+                .await
+                .map_err(|e| e.to_string())?;
+                publish::push(&conn, set.version(), &sources)
+                    .await
+                    .map_err(|e| e.to_string())
+            })
+        });
+    match pushed {
+        Ok(()) => {
+            println!(
+                "published {} policies as version {}",
+                set.len(),
+                set.version()
+            );
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
     }
 }
 
@@ -207,6 +264,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot start: {e}"))?,
     );
     log_startup(&state, &config);
+    state.spawn_policy_watcher(args.policy_poll);
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

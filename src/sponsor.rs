@@ -2,11 +2,14 @@
 //! decoding, policy, validity window, signature. No I/O: the hot path is pure computation
 //! plus one signature (the ledger issue adds one Redis round trip between policy and signer).
 
+use std::sync::Arc;
+
 use alloy::primitives::{Address, B256, Bytes};
 use serde_json::Value;
 
 use crate::config::EntryPointConfig;
 use crate::policy::calldata::{self, CalldataError};
+use crate::policy::live::LivePolicies;
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
 use crate::session::{SessionGrant, SessionStore, StoreError};
 use crate::signer::{Signer, SignerError};
@@ -164,7 +167,7 @@ pub enum SponsorError {
 pub struct Sponsor {
     chain_id: u64,
     entry_points: Vec<EntryPointConfig>,
-    policies: PolicySet,
+    policies: LivePolicies,
     signer: Signer,
     sessions: SessionStore,
 }
@@ -181,7 +184,7 @@ impl Sponsor {
         Self {
             chain_id,
             entry_points,
-            policies,
+            policies: LivePolicies::new(policies),
             signer,
             sessions,
         }
@@ -207,8 +210,13 @@ impl Sponsor {
         &self.signer
     }
 
-    /// Loaded policies.
-    pub fn policies(&self) -> &PolicySet {
+    /// The policy set in force (a snapshot).
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.current()
+    }
+
+    /// The live policy set, to offer new sets to.
+    pub fn live_policies(&self) -> &LivePolicies {
         &self.policies
     }
 
@@ -300,9 +308,10 @@ impl Sponsor {
                 )
             })?),
         };
+        let policies = self.policies.current();
         let policy = match &session {
-            Some(grant) => self.check_session(grant, context, &ctx, entry_point)?,
-            None => self.select_policy(context, &ctx)?,
+            Some(grant) => self.check_session(&policies, grant, context, &ctx, entry_point)?,
+            None => select_policy(&policies, context, &ctx)?,
         };
 
         let mut valid_until = now.saturating_add(policy.max_validity.as_secs());
@@ -336,13 +345,14 @@ impl Sponsor {
     }
 
     /// The session's policy, after the policy's checks, the session's, and its proof.
-    fn check_session(
+    fn check_session<'p>(
         &self,
+        policies: &'p PolicySet,
         grant: &SessionGrant,
         context: &RequestContext,
         ctx: &OpContext<'_>,
         entry_point: Address,
-    ) -> Result<&Policy, SponsorError> {
+    ) -> Result<&'p Policy, SponsorError> {
         if grant.chain_id != self.chain_id {
             return Err(rejected(
                 "session_chain_mismatch",
@@ -350,7 +360,7 @@ impl Sponsor {
                 format!("the session is for chain {}", grant.chain_id),
             ));
         }
-        let policy = self.policies.get(&grant.policy).ok_or_else(|| {
+        let policy = policies.get(&grant.policy).ok_or_else(|| {
             rejected(
                 "unknown_policy",
                 "session.policy",
@@ -390,61 +400,59 @@ impl Sponsor {
         }
         Ok(policy)
     }
+}
 
-    /// The named policy, or the first (by id) that accepts the operation.
-    fn select_policy(
-        &self,
-        context: &RequestContext,
-        ctx: &OpContext<'_>,
-    ) -> Result<&Policy, SponsorError> {
-        if let Some(id) = &context.sponsorship_policy_id {
-            let policy = self
-                .policies
-                .get(id)
-                .ok_or_else(|| SponsorError::UnknownPolicy(id.clone()))?;
-            if policy.require_session {
-                return Err(session_required(policy));
-            }
-            policy.check(ctx).map_err(SponsorError::Rejected)?;
-            return Ok(policy);
+/// The named policy, or the first (by id) that accepts the operation.
+fn select_policy<'p>(
+    policies: &'p PolicySet,
+    context: &RequestContext,
+    ctx: &OpContext<'_>,
+) -> Result<&'p Policy, SponsorError> {
+    if let Some(id) = &context.sponsorship_policy_id {
+        let policy = policies
+            .get(id)
+            .ok_or_else(|| SponsorError::UnknownPolicy(id.clone()))?;
+        if policy.require_session {
+            return Err(session_required(policy));
         }
-        let mut rejections = Vec::new();
-        // Candidates: policies without sessions for this chain and EntryPoint version (a policy
-        // for another chain is no answer to why this operation was refused).
-        let candidates = self.policies.iter().filter(|p| {
-            !p.require_session
-                && p.chains.contains(&ctx.chain_id)
-                && p.entry_points.contains(&ctx.version)
-        });
-        for policy in candidates {
-            match policy.check(ctx) {
-                Ok(()) => return Ok(policy),
-                Err(r) => rejections.push(r),
-            }
-        }
-        Err(SponsorError::Rejected(match rejections.len() {
-            0 => Rejection {
-                reason: "no_policy",
-                rule: "policies".into(),
-                detail:
-                    "no policy sponsors operations without a session on this chain and EntryPoint"
-                        .into(),
-                call_index: None,
-            },
-            // One candidate: its own reason is the most useful answer.
-            1 => rejections.remove(0),
-            _ => Rejection {
-                reason: "no_matching_policy",
-                rule: "policies".into(),
-                detail: rejections
-                    .iter()
-                    .map(|r| format!("{}: {} ({})", r.rule, r.reason, r.detail))
-                    .collect::<Vec<_>>()
-                    .join("; "),
-                call_index: None,
-            },
-        }))
+        policy.check(ctx).map_err(SponsorError::Rejected)?;
+        return Ok(policy);
     }
+    let mut rejections = Vec::new();
+    // Candidates: policies without sessions for this chain and EntryPoint version (a policy
+    // for another chain is no answer to why this operation was refused).
+    let candidates = policies.iter().filter(|p| {
+        !p.require_session
+            && p.chains.contains(&ctx.chain_id)
+            && p.entry_points.contains(&ctx.version)
+    });
+    for policy in candidates {
+        match policy.check(ctx) {
+            Ok(()) => return Ok(policy),
+            Err(r) => rejections.push(r),
+        }
+    }
+    Err(SponsorError::Rejected(match rejections.len() {
+        0 => Rejection {
+            reason: "no_policy",
+            rule: "policies".into(),
+            detail: "no policy sponsors operations without a session on this chain and EntryPoint"
+                .into(),
+            call_index: None,
+        },
+        // One candidate: its own reason is the most useful answer.
+        1 => rejections.remove(0),
+        _ => Rejection {
+            reason: "no_matching_policy",
+            rule: "policies".into(),
+            detail: rejections
+                .iter()
+                .map(|r| format!("{}: {} ({})", r.rule, r.reason, r.detail))
+                .collect::<Vec<_>>()
+                .join("; "),
+            call_index: None,
+        },
+    }))
 }
 
 fn rejected(reason: &'static str, rule: &str, detail: String) -> SponsorError {

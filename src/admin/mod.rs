@@ -103,7 +103,8 @@ async fn create(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
         Ok(g) => g,
         Err(issues) => return invalid(issues),
     };
-    let Some(policy) = state.sponsor.policies().get(&grant.policy) else {
+    let policies = state.sponsor.policies();
+    let Some(policy) = policies.get(&grant.policy) else {
         return invalid(vec![FieldIssue {
             path: "$.policy".into(),
             message: format!("unknown policy `{}`", grant.policy),

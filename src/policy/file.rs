@@ -9,7 +9,7 @@ use std::fmt;
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
-use alloy::primitives::{Address, FixedBytes, U256, keccak256};
+use alloy::primitives::{Address, B256, FixedBytes, U256, keccak256};
 use serde::Deserialize;
 use toml::Spanned;
 
@@ -147,8 +147,12 @@ impl fmt::Display for PolicyFileError {
     }
 }
 
-/// Load every `*.toml` in `dir` (sorted by name) into a policy set, or every problem found.
-pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
+/// The policy files of a set: `(file name, TOML text)`, sorted by name. What is published to
+/// Redis, so every replica parses the same text with the same code.
+pub type Sources = Vec<(String, String)>;
+
+/// Read every `*.toml` in `dir`, sorted by name.
+pub fn read_dir_sources(dir: &Path) -> Result<Sources, Vec<PolicyFileError>> {
     let whole = |message: String| PolicyFileError {
         file: dir.to_owned(),
         line: 0,
@@ -162,28 +166,50 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
         .filter(|p| p.extension().is_some_and(|x| x == "toml"))
         .collect();
     paths.sort();
-    if paths.is_empty() {
-        return Err(vec![whole(
-            "no policy files (*.toml) in this directory: nothing could be sponsored".into(),
-        )]);
+    let mut sources = Vec::with_capacity(paths.len());
+    let mut errors = Vec::new();
+    for path in paths {
+        let name = path
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        match std::fs::read_to_string(&path) {
+            Ok(text) => sources.push((name, text)),
+            Err(e) => errors.push(PolicyFileError {
+                file: path,
+                line: 0,
+                column: 0,
+                message: format!("cannot read: {e}"),
+            }),
+        }
     }
+    if errors.is_empty() {
+        Ok(sources)
+    } else {
+        Err(errors)
+    }
+}
 
+/// Load every `*.toml` in `dir` (sorted by name) into a policy set, or every problem found.
+pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
+    load_sources(dir, read_dir_sources(dir)?)
+}
+
+/// Parse a set of policy files (`dir` only labels errors), or report every problem of every file.
+pub fn load_sources(dir: &Path, sources: Sources) -> Result<PolicySet, Vec<PolicyFileError>> {
+    if sources.is_empty() {
+        return Err(vec![PolicyFileError {
+            file: dir.to_owned(),
+            line: 0,
+            column: 0,
+            message: "no policy files (*.toml): nothing could be sponsored".into(),
+        }]);
+    }
     let mut errors = Vec::new();
     let mut policies: BTreeMap<String, (PathBuf, Policy)> = BTreeMap::new();
-    for path in paths {
-        let src = match std::fs::read_to_string(&path) {
-            Ok(s) => s,
-            Err(e) => {
-                errors.push(PolicyFileError {
-                    file: path,
-                    line: 0,
-                    column: 0,
-                    message: format!("cannot read: {e}"),
-                });
-                continue;
-            }
-        };
-        match parse(&path, &src) {
+    for (name, src) in &sources {
+        let path = dir.join(name);
+        match parse(&path, src) {
             Ok(policy) => {
                 if let Some((first, _)) = policies.get(&policy.id) {
                     errors.push(PolicyFileError {
@@ -206,10 +232,24 @@ pub fn load_dir(dir: &Path) -> Result<PolicySet, Vec<PolicyFileError>> {
     if errors.is_empty() {
         Ok(PolicySet::new(
             policies.into_values().map(|(_, p)| p).collect(),
+            version_of(&sources),
         ))
     } else {
         Err(errors)
     }
+}
+
+/// The version of a set: keccak256 over its file names and texts, so identical sets on two
+/// replicas have the same version.
+pub fn version_of(sources: &Sources) -> B256 {
+    let mut buf = Vec::new();
+    for (name, text) in sources {
+        for part in [name.as_bytes(), text.as_bytes()] {
+            buf.extend_from_slice(&(part.len() as u64).to_be_bytes());
+            buf.extend_from_slice(part);
+        }
+    }
+    keccak256(buf)
 }
 
 /// Parse one policy file's text; `path` is only used in errors.

@@ -7,10 +7,13 @@
 
 pub mod calldata;
 pub mod file;
+pub mod live;
+pub mod publish;
 
+use std::ops::ControlFlow;
 use std::time::Duration;
 
-use alloy::primitives::{Address, FixedBytes, U256};
+use alloy::primitives::{Address, B256, FixedBytes, U256};
 
 use self::calldata::{Call, CallKind};
 use crate::userop::{EntryPointVersion, UserOperation};
@@ -159,108 +162,172 @@ pub struct OpContext<'a> {
 impl Policy {
     /// Accept the operation or name the first rule it breaks.
     pub fn check(&self, ctx: &OpContext<'_>) -> Result<(), Rejection> {
+        let mut first = Ok(());
+        self.evaluate(ctx, &mut |_, outcome| match outcome {
+            Ok(()) => ControlFlow::Continue(()),
+            Err(r) => {
+                first = Err(r);
+                ControlFlow::Break(())
+            }
+        });
+        first
+    }
+
+    /// Every check and its outcome, without stopping at the first failure
+    /// (`pm_explainSponsorship`).
+    pub fn explain(&self, ctx: &OpContext<'_>) -> Vec<(String, Result<(), Rejection>)> {
+        let mut all = Vec::new();
+        self.evaluate(ctx, &mut |name, outcome| {
+            all.push((name, outcome));
+            ControlFlow::Continue(())
+        });
+        all
+    }
+
+    /// Run the checks in order, handing each outcome to `visit`, which may stop the run.
+    fn evaluate(
+        &self,
+        ctx: &OpContext<'_>,
+        visit: &mut dyn FnMut(String, Result<(), Rejection>) -> ControlFlow<()>,
+    ) {
         let reject = |reason, setting: &str, detail: String| Rejection {
             reason,
             rule: format!("{}.{setting}", self.id),
             detail,
             call_index: None,
         };
-        if !self.chains.contains(&ctx.chain_id) {
-            return Err(reject(
-                "chain_not_allowed",
-                "chains",
-                format!("chain {} is not in {:?}", ctx.chain_id, self.chains),
-            ));
+        let ok_or = |pass: bool, r: &dyn Fn() -> Rejection| if pass { Ok(()) } else { Err(r()) };
+        macro_rules! visit {
+            ($name:expr, $outcome:expr) => {
+                if visit($name.into(), $outcome).is_break() {
+                    return;
+                }
+            };
         }
-        if !self.entry_points.contains(&ctx.version) {
-            return Err(reject(
-                "entry_point_not_allowed",
-                "entry_points",
-                format!("EntryPoint v{} is not allowed", ctx.version),
-            ));
-        }
-        if let Some(until) = self.active_until
-            && ctx.now >= until
-        {
-            return Err(reject(
-                "policy_inactive",
-                "active_until",
-                format!("the policy ended at unix time {until}"),
-            ));
-        }
+        visit!(
+            "chain",
+            ok_or(self.chains.contains(&ctx.chain_id), &|| {
+                reject(
+                    "chain_not_allowed",
+                    "chains",
+                    format!("chain {} is not in {:?}", ctx.chain_id, self.chains),
+                )
+            })
+        );
+        visit!(
+            "entry_point",
+            ok_or(self.entry_points.contains(&ctx.version), &|| {
+                reject(
+                    "entry_point_not_allowed",
+                    "entry_points",
+                    format!("EntryPoint v{} is not allowed", ctx.version),
+                )
+            })
+        );
+        visit!(
+            "active",
+            ok_or(
+                self.active_until.is_none_or(|until| ctx.now < until),
+                &|| {
+                    reject(
+                        "policy_inactive",
+                        "active_until",
+                        format!("the policy ended at unix time {:?}", self.active_until),
+                    )
+                }
+            )
+        );
         let sender = ctx.op.sender;
-        if self.senders.deny.contains(&sender) {
-            return Err(reject(
-                "sender_denied",
-                "senders.deny",
-                format!("sender {sender} is denied"),
-            ));
-        }
-        if !self.senders.allow.is_empty() && !self.senders.allow.contains(&sender) {
-            return Err(reject(
-                "sender_not_allowed",
-                "senders.allow",
-                format!("sender {sender} is not on the allow list"),
-            ));
-        }
+        visit!(
+            "sender",
+            if self.senders.deny.contains(&sender) {
+                Err(reject(
+                    "sender_denied",
+                    "senders.deny",
+                    format!("sender {sender} is denied"),
+                ))
+            } else if !self.senders.allow.is_empty() && !self.senders.allow.contains(&sender) {
+                Err(reject(
+                    "sender_not_allowed",
+                    "senders.allow",
+                    format!("sender {sender} is not on the allow list"),
+                ))
+            } else {
+                Ok(())
+            }
+        );
         let gas_caps = [
             (
+                "verification_gas_limit",
                 "per_op.max_verification_gas_limit",
                 ctx.op.verification_gas_limit,
                 self.per_op.max_verification_gas_limit,
             ),
             (
+                "call_gas_limit",
                 "per_op.max_call_gas_limit",
                 ctx.op.call_gas_limit,
                 self.per_op.max_call_gas_limit,
             ),
         ];
-        for (setting, value, cap) in gas_caps {
-            if let Some(cap) = cap.filter(|&cap| value > u128::from(cap)) {
-                return Err(reject(
-                    "gas_limit_too_high",
-                    setting,
-                    format!("{value} gas exceeds the cap of {cap}"),
-                ));
-            }
+        for (name, setting, value, cap) in gas_caps {
+            visit!(
+                name,
+                match cap.filter(|&cap| value > u128::from(cap)) {
+                    Some(cap) => Err(reject(
+                        "gas_limit_too_high",
+                        setting,
+                        format!("{value} gas exceeds the cap of {cap}")
+                    )),
+                    None => Ok(()),
+                }
+            );
         }
         let caps = [
             (
+                "max_fee_per_gas",
                 "fee_too_high",
                 "per_op.max_fee_per_gas",
                 U256::from(ctx.op.max_fee_per_gas),
                 self.per_op.max_fee_per_gas,
             ),
             (
+                "max_priority_fee_per_gas",
                 "priority_fee_too_high",
                 "per_op.max_priority_fee_per_gas",
                 U256::from(ctx.op.max_priority_fee_per_gas),
                 self.per_op.max_priority_fee_per_gas,
             ),
             (
+                "max_cost",
                 "cost_too_high",
                 "per_op.max_cost",
                 ctx.max_cost,
                 self.per_op.max_cost,
             ),
         ];
-        for (reason, setting, value, cap) in caps {
-            if let Some(cap) = cap.filter(|cap| value > *cap) {
-                return Err(reject(
-                    reason,
-                    setting,
-                    format!("{value} wei exceeds the cap of {cap} wei"),
-                ));
-            }
+        for (name, reason, setting, value, cap) in caps {
+            visit!(
+                name,
+                match cap.filter(|cap| value > *cap) {
+                    Some(cap) => Err(reject(
+                        reason,
+                        setting,
+                        format!("{value} wei exceeds the cap of {cap} wei")
+                    )),
+                    None => Ok(()),
+                }
+            );
         }
         for (i, call) in ctx.calls.iter().enumerate() {
-            self.check_call(call)
+            let outcome = self
+                .check_call(call)
                 .map_err(|(reason, setting, detail)| Rejection {
                     call_index: Some(i),
                     ..reject(reason, &setting, detail)
-                })?;
+                });
+            visit!(format!("calls[{i}]"), outcome);
         }
-        Ok(())
     }
 
     fn check_call(&self, call: &Call) -> Result<(), (&'static str, String, String)> {
@@ -314,13 +381,19 @@ impl Policy {
 #[derive(Debug, Clone, Default)]
 pub struct PolicySet {
     policies: Vec<Policy>,
+    version: B256,
 }
 
 impl PolicySet {
-    /// A set from policies with distinct ids (sorted by id).
-    pub fn new(mut policies: Vec<Policy>) -> Self {
+    /// A set from policies with distinct ids (sorted by id), with the version of its sources.
+    pub fn new(mut policies: Vec<Policy>, version: B256) -> Self {
         policies.sort_by(|a, b| a.id.cmp(&b.id));
-        Self { policies }
+        Self { policies, version }
+    }
+
+    /// Hash of the files it was loaded from ([`file::version_of`]).
+    pub fn version(&self) -> B256 {
+        self.version
     }
 
     /// The policy with this id.

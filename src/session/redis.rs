@@ -38,22 +38,32 @@ fn account_key(account: Address) -> String {
     format!("sp:account-sessions:{account}")
 }
 
+/// Connect to Redis at `url`; every command fails (closed) after `timeout`. The connection
+/// reconnects by itself and is shared (cheap clones) by the stores that use Redis.
+pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+    let client = redis::Client::open(url).map_err(unavailable)?;
+    let config = ConnectionManagerConfig::new()
+        .set_connection_timeout(Some(timeout))
+        .set_response_timeout(Some(timeout))
+        .set_number_of_retries(1);
+    client
+        .get_connection_manager_with_config(config)
+        .await
+        .map_err(unavailable)
+}
+
 impl RedisSessions {
-    /// Connect to `url`; every command fails (closed) after `timeout`.
-    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
-        let client = redis::Client::open(url).map_err(unavailable)?;
-        let config = ConnectionManagerConfig::new()
-            .set_connection_timeout(Some(timeout))
-            .set_response_timeout(Some(timeout))
-            .set_number_of_retries(1);
-        let conn = client
-            .get_connection_manager_with_config(config)
-            .await
-            .map_err(unavailable)?;
-        Ok(Self {
+    /// Sessions on `conn`.
+    pub fn new(conn: ConnectionManager) -> Self {
+        Self {
             conn,
             revoke: redis::Script::new(include_str!("revoke.lua")),
-        })
+        }
+    }
+
+    /// Connect to `url` (see [`connect`]).
+    pub async fn connect(url: &str, timeout: Duration) -> Result<Self, StoreError> {
+        Ok(Self::new(connect(url, timeout).await?))
     }
 
     pub(super) async fn create(&self, grant: &SessionGrant) -> Result<bool, StoreError> {

@@ -8,5 +8,6 @@ mod deploy;
 mod e2e;
 mod hashes;
 mod helpers;
+mod policies;
 mod rpc;
 mod sessions;

@@ -1,0 +1,56 @@
+//! Policy sets published to Redis, so every replica serves the same set (DESIGN §5).
+//!
+//! `sp:policies:set:<version>` holds the files (JSON `[[name, toml], …]`, written once);
+//! `sp:policies:current` names the version in force. Publishing writes the set, then switches
+//! `current`; replicas poll `current` and load a new version only if it parses completely.
+
+use alloy::primitives::B256;
+use redis::AsyncCommands;
+use redis::aio::ConnectionManager;
+
+use super::file::Sources;
+use crate::session::StoreError;
+
+const CURRENT: &str = "sp:policies:current";
+
+fn set_key(version: B256) -> String {
+    format!("sp:policies:set:{version}")
+}
+
+fn unavailable(e: impl std::fmt::Display) -> StoreError {
+    StoreError::Unavailable(e.to_string())
+}
+
+/// Publish `sources` (already validated) as `version` and make it current.
+pub async fn push(
+    conn: &ConnectionManager,
+    version: B256,
+    sources: &Sources,
+) -> Result<(), StoreError> {
+    let mut conn = conn.clone();
+    let json = serde_json::to_string(sources).map_err(unavailable)?;
+    let _: () = conn
+        .set(set_key(version), json)
+        .await
+        .map_err(unavailable)?;
+    let _: () = conn
+        .set(CURRENT, version.to_string())
+        .await
+        .map_err(unavailable)?;
+    Ok(())
+}
+
+/// The version in force, if any was published.
+pub async fn current_version(conn: &ConnectionManager) -> Result<Option<B256>, StoreError> {
+    let mut conn = conn.clone();
+    let v: Option<String> = conn.get(CURRENT).await.map_err(unavailable)?;
+    Ok(v.and_then(|v| v.parse().ok()))
+}
+
+/// The files of a published version.
+pub async fn fetch(conn: &ConnectionManager, version: B256) -> Result<Option<Sources>, StoreError> {
+    let mut conn = conn.clone();
+    let json: Option<String> = conn.get(set_key(version)).await.map_err(unavailable)?;
+    json.map(|j| serde_json::from_str(&j).map_err(unavailable))
+        .transpose()
+}

@@ -1,0 +1,181 @@
+//! Policy sets at run time: edits to the directory reload (embedded default), replicas follow
+//! the set published in Redis, and a set with errors never replaces the working one.
+
+use alloy::primitives::{Address, U256, keccak256};
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use serde_json::{Value, json};
+use session_paymaster::policy::file::{load_sources, read_dir_sources};
+use session_paymaster::policy::publish;
+use session_paymaster::signer::KeySource;
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+use crate::helpers::{TempDir, TestApp, TestRedis, TestResult, config, repo_dir};
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+const COUNTER: Address = Address::new(alloy::primitives::hex!(
+    "CF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
+));
+
+/// A private copy of the shipped policies.
+fn policy_dir() -> TestResult<TempDir> {
+    let dir = TempDir::new("policies");
+    for entry in std::fs::read_dir(repo_dir().join("policies"))? {
+        let path = entry?.path();
+        std::fs::copy(&path, dir.0.join(path.file_name().ok_or("name")?))?;
+    }
+    Ok(dir)
+}
+
+fn edit(dir: &TempDir, file: &str, from: &str, to: &str) -> TestResult {
+    let path = dir.0.join(file);
+    let text = std::fs::read_to_string(&path)?;
+    assert!(text.contains(from), "{from} in {file}");
+    std::fs::write(&path, text.replace(from, to))?;
+    Ok(())
+}
+
+async fn app(dir: &TempDir, redis: Option<&TestRedis>) -> TestResult<TestApp> {
+    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    c.policies_dir = dir.0.clone();
+    c.redis_url = redis.map(|r| r.url.clone());
+    TestApp::spawn(c).await
+}
+
+/// The rejection reason for a call of `func` on the Counter, or "" when sponsored.
+async fn outcome(app: &TestApp, func: &str) -> TestResult<String> {
+    let op = UserOperation {
+        sender: Address::repeat_byte(0x11),
+        call_data: executeCall {
+            dest: COUNTER,
+            value: U256::ZERO,
+            func: keccak256(func)[..4].to_vec().into(),
+        }
+        .abi_encode()
+        .into(),
+        call_gas_limit: 100_000,
+        verification_gas_limit: 200_000,
+        pre_verification_gas: U256::from(50_000),
+        max_fee_per_gas: 2_000_000_000,
+        ..Default::default()
+    };
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+        "params": [op.to_json(), EntryPointVersion::V0_7.canonical_address()]
+    });
+    let v = app.post(&body.to_string()).await?.1;
+    Ok(v["error"]["data"]["reason"]
+        .as_str()
+        .unwrap_or("")
+        .to_owned())
+}
+
+async fn readyz(app: &TestApp) -> TestResult<(u16, Value)> {
+    let resp = reqwest::get(format!("{}/readyz", app.url)).await?;
+    Ok((resp.status().as_u16(), resp.json().await?))
+}
+
+#[tokio::test]
+async fn directory_edits_reload_and_a_broken_set_never_replaces_the_working_one() -> TestResult {
+    let dir = policy_dir()?;
+    let app = app(&dir, None).await?;
+    assert_eq!(outcome(&app, "increment()").await?, "");
+    let v1 = app.state.sponsor.policies().version();
+
+    edit(
+        &dir,
+        "dev-counter.toml",
+        "functions = [\"increment()\"]",
+        "functions = [\"reset()\"]",
+    )?;
+    app.state.refresh_policies().await;
+    assert_eq!(outcome(&app, "increment()").await?, "function_not_allowed");
+    assert_eq!(outcome(&app, "reset()").await?, "");
+    let v2 = app.state.sponsor.policies().version();
+    assert_ne!(v1, v2);
+
+    // A typo in any file: the whole new set is refused, the working set stays, /readyz says why.
+    edit(&dir, "game-moves.toml", "max_validity", "max_validty")?;
+    app.state.refresh_policies().await;
+    assert_eq!(app.state.sponsor.policies().version(), v2);
+    assert_eq!(outcome(&app, "reset()").await?, "");
+    let (status, ready) = readyz(&app).await?;
+    assert_eq!(status, 200, "the working set still serves");
+    assert!(
+        ready["policies"]["refusedSet"]
+            .as_str()
+            .is_some_and(|e| e.contains("max_validty")),
+        "{ready}"
+    );
+
+    edit(&dir, "game-moves.toml", "max_validty", "max_validity")?;
+    app.state.refresh_policies().await;
+    let (_, ready) = readyz(&app).await?;
+    assert_eq!(ready["policies"]["refusedSet"], Value::Null);
+    assert_eq!(
+        ready["policies"]["version"],
+        json!(app.state.sponsor.policies().version())
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn replicas_follow_the_set_published_in_redis() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (dir_a, dir_b) = (policy_dir()?, policy_dir()?);
+    let a = app(&dir_a, Some(&redis)).await?;
+    assert_eq!(outcome(&a, "increment()").await?, "");
+
+    // Replica b starts with an edited directory: it publishes that set; a follows.
+    edit(
+        &dir_b,
+        "dev-counter.toml",
+        "functions = [\"increment()\"]",
+        "functions = [\"reset()\"]",
+    )?;
+    let b = app(&dir_b, Some(&redis)).await?;
+    a.state.refresh_policies().await;
+    assert_eq!(
+        a.state.sponsor.policies().version(),
+        b.state.sponsor.policies().version()
+    );
+    assert_eq!(outcome(&a, "increment()").await?, "function_not_allowed");
+
+    // A published set that does not load (written by hand, bypassing `policies push`) is
+    // refused by every replica, which keep serving the working set.
+    let mut broken = read_dir_sources(&dir_b.0).map_err(|e| format!("{e:?}"))?;
+    broken[0].1.push_str("\nnot_a_key = 1\n");
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, std::time::Duration::from_secs(2))
+            .await?;
+    publish::push(&conn, alloy::primitives::B256::repeat_byte(9), &broken).await?;
+    a.state.refresh_policies().await;
+    assert_eq!(
+        a.state.sponsor.policies().version(),
+        b.state.sponsor.policies().version()
+    );
+    assert!(readyz(&a).await?.1["policies"]["refusedSet"].is_string());
+
+    // `policies push` of a valid set switches every replica.
+    let sources = read_dir_sources(&dir_a.0).map_err(|e| format!("{e:?}"))?;
+    let set = load_sources(&dir_a.0, sources.clone()).map_err(|e| format!("{e:?}"))?;
+    publish::push(&conn, set.version(), &sources).await?;
+    for replica in [&a, &b] {
+        replica.state.refresh_policies().await;
+        assert_eq!(replica.state.sponsor.policies().version(), set.version());
+        assert_eq!(outcome(replica, "increment()").await?, "");
+    }
+
+    drop(redis);
+    let (status, ready) = readyz(&a).await?;
+    assert_eq!(status, 503, "{ready}");
+    assert!(
+        ready["redis"]
+            .as_str()
+            .is_some_and(|s| s.starts_with("unreachable"))
+    );
+    Ok(())
+}
