@@ -5,10 +5,10 @@
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, Bytes};
-use serde_json::Value;
+use serde_json::{Value, json};
 
 use crate::config::EntryPointConfig;
-use crate::policy::calldata::{self, CalldataError};
+use crate::policy::calldata::{self, Call, CalldataError};
 use crate::policy::live::LivePolicies;
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
 use crate::session::{SessionGrant, SessionStore, StoreError};
@@ -162,6 +162,27 @@ pub enum SponsorError {
     Store(#[from] StoreError),
 }
 
+/// What the I/O-free checks produce.
+struct Prepared {
+    version: EntryPointVersion,
+    paymaster: Address,
+    gas: PaymasterGas,
+    calls: Vec<Call>,
+}
+
+impl Prepared {
+    fn context<'a>(&'a self, chain_id: u64, op: &'a UserOperation, now: u64) -> OpContext<'a> {
+        OpContext {
+            chain_id,
+            version: self.version,
+            op,
+            calls: &self.calls,
+            max_cost: op.max_cost(self.gas),
+            now,
+        }
+    }
+}
+
 /// The sponsorship pipeline and what it needs.
 #[derive(Debug)]
 pub struct Sponsor {
@@ -238,12 +259,112 @@ impl Sponsor {
         req: SponsorRequest<'_>,
         now: u64,
     ) -> Result<Sponsorship, SponsorError> {
+        let prepared = self.prepare(req)?;
+        let (policy_id, window) = self.decide(req, &prepared, now).await?;
+        let data = match req.mode {
+            Mode::Stub => PaymasterData::stub(window),
+            Mode::Final => {
+                let hash = paymaster_hash(
+                    req.op,
+                    prepared.gas,
+                    prepared.paymaster,
+                    self.chain_id,
+                    window,
+                );
+                PaymasterData {
+                    window,
+                    signature: self.signer.sign_eip191(hash)?,
+                }
+            }
+        };
+        Ok(Sponsorship {
+            paymaster: prepared.paymaster,
+            gas: prepared.gas,
+            data,
+            policy_id,
+        })
+    }
+
+    /// What [`Self::sponsor`] would decide and why: the decoded calls, every check of every
+    /// candidate policy (and of the session), and the decision. Signs and reserves nothing.
+    pub async fn explain(&self, req: SponsorRequest<'_>, now: u64) -> Value {
+        let prepared = match self.prepare(req) {
+            Ok(p) => p,
+            Err(e) => {
+                return json!({ "decision": "rejected", "error": e.to_string(), "rejection": rejection_json(&e) });
+            }
+        };
+        let ctx = prepared.context(self.chain_id, req.op, now);
+        let policies = self.policies.current();
+        let named = req.context.sponsorship_policy_id.as_deref();
+        let session = match req.context.session_id {
+            Some(id) => self.sessions.get(id).await.ok().flatten(),
+            None => None,
+        };
+        let checked: Vec<&Policy> = match (&session, named) {
+            (Some(grant), _) => policies.get(&grant.policy).into_iter().collect(),
+            (None, Some(id)) => policies.get(id).into_iter().collect(),
+            (None, None) => candidates(&policies, &ctx).collect(),
+        };
+        let checks: Vec<Value> = checked
+            .iter()
+            .flat_map(|p| {
+                p.explain(&ctx).into_iter().map(|(check, outcome)| {
+                    let mut v =
+                        json!({ "policy": p.id, "check": check, "passed": outcome.is_ok() });
+                    if let Err(r) = outcome {
+                        v["rejection"] = rejection_fields(&r);
+                    }
+                    v
+                })
+            })
+            .collect();
+        let calls: Vec<Value> = prepared
+            .calls
+            .iter()
+            .map(|c| {
+                let mut v = json!({
+                    "target": c.target,
+                    "value": c.value.to_string(),
+                    "selector": c.selector(),
+                    "kind": format!("{:?}", c.kind).to_lowercase(),
+                });
+                if let Some(spend) = c.token_spend() {
+                    v["tokenSpend"] = json!({ "token": spend.token, "amount": spend.amount.to_string(), "approval": spend.approval });
+                }
+                v
+            })
+            .collect();
+        let mut out = json!({
+            "calls": calls,
+            "paymasterVerificationGasLimit": prepared.gas.verification.to_string(),
+            "maxCost": ctx.max_cost.to_string(),
+            "checks": checks,
+        });
+        match self.decide(req, &prepared, now).await {
+            Ok((policy, window)) => {
+                out["decision"] = json!("sponsored");
+                out["policy"] = json!(policy);
+                out["validUntil"] = json!(window.valid_until);
+                out["validAfter"] = json!(window.valid_after);
+            }
+            Err(e) => {
+                out["decision"] = json!("rejected");
+                out["error"] = json!(e.to_string());
+                out["rejection"] = rejection_json(&e);
+            }
+        }
+        out
+    }
+
+    /// The checks that need no I/O: EntryPoint, paymaster, gas fields, calldata, paymaster gas.
+    fn prepare(&self, req: SponsorRequest<'_>) -> Result<Prepared, SponsorError> {
         let SponsorRequest {
             op,
             entry_point,
-            context,
             mode,
             keep_client_gas,
+            ..
         } = req;
         let ep = self
             .entry_points
@@ -257,17 +378,16 @@ impl Sponsor {
             op.require_gas_limits()?;
         }
         let calls = calldata::decode(&op.call_data, op.sender).map_err(|e| {
-            SponsorError::Rejected(Rejection {
-                reason: match e {
+            rejected(
+                match e {
                     CalldataError::UnknownAccountCall(_) => "unknown_account_call",
                     CalldataError::Malformed { .. } | CalldataError::TooDeep => {
                         "malformed_calldata"
                     }
                 },
-                rule: "callData".into(),
-                detail: e.to_string(),
-                call_index: None,
-            })
+                "callData",
+                e.to_string(),
+            )
         })?;
         let needed = PaymasterGas::for_op_size(op.hashed_len());
         let client_gas = op
@@ -289,14 +409,28 @@ impl Sponsor {
             }
             _ => needed,
         };
-        let ctx = OpContext {
-            chain_id: self.chain_id,
+        Ok(Prepared {
             version: ep.version,
+            paymaster,
+            gas,
+            calls,
+        })
+    }
+
+    /// Session, policy and validity window.
+    async fn decide(
+        &self,
+        req: SponsorRequest<'_>,
+        prepared: &Prepared,
+        now: u64,
+    ) -> Result<(String, ValidityWindow), SponsorError> {
+        let SponsorRequest {
             op,
-            calls: &calls,
-            max_cost: op.max_cost(gas),
-            now,
-        };
+            entry_point,
+            context,
+            ..
+        } = req;
+        let ctx = prepared.context(self.chain_id, op, now);
         // The one store read of the hot path, after the checks that need no I/O.
         let session = match context.session_id {
             None => None,
@@ -325,23 +459,7 @@ impl Sponsor {
             valid_until = valid_until.min(now.saturating_add(secs));
         }
         let window = ValidityWindow::new(now.saturating_sub(VALID_AFTER_SKEW_SECS), valid_until)?;
-
-        let data = match mode {
-            Mode::Stub => PaymasterData::stub(window),
-            Mode::Final => {
-                let hash = paymaster_hash(op, gas, paymaster, self.chain_id, window);
-                PaymasterData {
-                    window,
-                    signature: self.signer.sign_eip191(hash)?,
-                }
-            }
-        };
-        Ok(Sponsorship {
-            paymaster,
-            gas,
-            data,
-            policy_id: policy.id.clone(),
-        })
+        Ok((policy.id.clone(), window))
     }
 
     /// The session's policy, after the policy's checks, the session's, and its proof.
@@ -453,6 +571,34 @@ fn select_policy<'p>(
             call_index: None,
         },
     }))
+}
+
+/// Policies that may sponsor without a session on this chain and EntryPoint version (a policy
+/// for another chain is no answer to why an operation was refused).
+fn candidates<'p>(
+    policies: &'p PolicySet,
+    ctx: &OpContext<'_>,
+) -> impl Iterator<Item = &'p Policy> {
+    let (chain, version) = (ctx.chain_id, ctx.version);
+    policies.iter().filter(move |p| {
+        !p.require_session && p.chains.contains(&chain) && p.entry_points.contains(&version)
+    })
+}
+
+/// `{reason, rule, detail, callIndex?}`: how a rejection is shown to clients.
+pub(crate) fn rejection_fields(r: &Rejection) -> Value {
+    let mut v = json!({ "reason": r.reason, "rule": r.rule, "detail": r.detail });
+    if let Some(i) = r.call_index {
+        v["callIndex"] = json!(i);
+    }
+    v
+}
+
+fn rejection_json(e: &SponsorError) -> Value {
+    match e {
+        SponsorError::Rejected(r) => rejection_fields(r),
+        _ => Value::Null,
+    }
 }
 
 fn rejected(reason: &'static str, rule: &str, detail: String) -> SponsorError {

@@ -16,7 +16,7 @@
 
 use serde_json::{Value, json};
 
-use crate::sponsor::SponsorError;
+use crate::sponsor::{SponsorError, rejection_fields};
 use crate::wire::FieldError;
 
 /// JSON-RPC 2.0 parse error.
@@ -117,16 +117,10 @@ impl RpcError {
                 ),
                 ..Self::new(REJECTED, err.to_string())
             },
-            SponsorError::Rejected(r) => {
-                let mut data = json!({ "reason": r.reason, "rule": r.rule, "detail": r.detail });
-                if let Some(i) = r.call_index {
-                    data["callIndex"] = json!(i);
-                }
-                Self {
-                    data: Some(data),
-                    ..Self::new(REJECTED, format!("sponsorship rejected: {}", r.reason))
-                }
-            }
+            SponsorError::Rejected(r) => Self {
+                data: Some(rejection_fields(&r)),
+                ..Self::new(REJECTED, format!("sponsorship rejected: {}", r.reason))
+            },
             SponsorError::Window(e) => Self {
                 data: Some(
                     json!({ "reason": "empty_validity_window", "rule": "validity", "detail": e.to_string() }),

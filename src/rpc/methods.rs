@@ -80,6 +80,18 @@ pub(crate) async fn call(
             }))
         }
         "pm_getSessionStatus" => session_status(state, params, request_id).await,
+        "pm_explainSponsorship" => {
+            let (op, entry_point) = op_and_entry_point(params)?;
+            let context = RequestContext::from_json(params.get(2))?;
+            let req = SponsorRequest {
+                op: &op,
+                entry_point,
+                context: &context,
+                mode: Mode::Final,
+                keep_client_gas: false,
+            };
+            Ok(state.sponsor.explain(req, unix_now()).await)
+        }
         other => Err(RpcError::method_not_found(other)),
     }
 }

@@ -397,3 +397,46 @@ async fn json_rpc_envelope_errors_and_batches() -> TestResult {
     );
     Ok(())
 }
+
+#[tokio::test]
+async fn explain_lists_every_check_and_the_decoded_calls() -> TestResult {
+    let app = app().await?;
+    let v = app
+        .result("pm_explainSponsorship", json!([op(), ep07()]))
+        .await?;
+    assert_eq!(v["decision"], json!("sponsored"), "{v}");
+    assert_eq!(v["policy"], json!("dev-counter"));
+    assert_eq!(v["calls"][0]["target"], json!(COUNTER.parse::<Address>()?));
+    assert_eq!(v["calls"][0]["kind"], json!("call"));
+    assert!(
+        v["checks"]
+            .as_array()
+            .is_some_and(|c| c.iter().all(|c| c["passed"] == json!(true))),
+        "{v}"
+    );
+
+    // Several failures at once: all are listed, the decision names the first. 501 gwei breaks
+    // the fee cap and, times the op's gas, the 0.05 ether cost cap.
+    let mut bad = op();
+    bad["maxFeePerGas"] = json!("0x74a5ed5200"); // 501 gwei
+    bad["callData"] = json!(execute(COUNTER, "reset()", 0));
+    let v = app
+        .result("pm_explainSponsorship", json!([bad, ep07()]))
+        .await?;
+    assert_eq!(v["decision"], json!("rejected"));
+    assert_eq!(v["rejection"]["reason"], json!("fee_too_high"));
+    let failed: Vec<&str> = v["checks"]
+        .as_array()
+        .ok_or("checks")?
+        .iter()
+        .filter(|c| c["passed"] == json!(false))
+        .filter_map(|c| c["rejection"]["reason"].as_str())
+        .collect();
+    assert_eq!(
+        failed,
+        vec!["fee_too_high", "cost_too_high", "function_not_allowed"]
+    );
+    // Nothing was signed: no paymasterData in an explanation.
+    assert!(v.get("paymasterData").is_none());
+    Ok(())
+}
