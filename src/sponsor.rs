@@ -11,7 +11,7 @@ use crate::config::EntryPointConfig;
 use crate::policy::calldata::{self, Call, CalldataError};
 use crate::policy::live::LivePolicies;
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
-use crate::session::{SessionGrant, SessionStore, StoreError};
+use crate::session::{SessionGrant, SessionStore, SpendCommit, StoreError};
 use crate::signer::{Signer, SignerError};
 use crate::userop::hash::paymaster_hash;
 use crate::userop::paymaster_data::{
@@ -183,6 +183,14 @@ impl Prepared {
     }
 }
 
+/// What the pipeline decided, before signing.
+struct Decision {
+    policy_id: String,
+    window: ValidityWindow,
+    /// Token spending to record under the session.
+    spend: Option<SpendCommit>,
+}
+
 /// The sponsorship pipeline and what it needs.
 #[derive(Debug)]
 pub struct Sponsor {
@@ -260,7 +268,9 @@ impl Sponsor {
         now: u64,
     ) -> Result<Sponsorship, SponsorError> {
         let prepared = self.prepare(req)?;
-        let (policy_id, window) = self.decide(req, &prepared, now).await?;
+        let decision = self.decide_and_record(req, &prepared, now).await?;
+        let window = decision.window;
+        let policy_id = decision.policy_id;
         let data = match req.mode {
             Mode::Stub => PaymasterData::stub(window),
             Mode::Final => {
@@ -283,6 +293,35 @@ impl Sponsor {
             data,
             policy_id,
         })
+    }
+
+    /// Decide; in [`Mode::Final`], also record the session's token spending before anything is
+    /// signed (fail closed: a failure after this point over-counts, never under-counts). The
+    /// record is a compare-and-set; when a concurrent sponsorship of the same session won, the
+    /// decision is taken again on fresh totals, a few times, then the client is asked to retry.
+    async fn decide_and_record(
+        &self,
+        req: SponsorRequest<'_>,
+        prepared: &Prepared,
+        now: u64,
+    ) -> Result<Decision, SponsorError> {
+        const ATTEMPTS: usize = 4;
+        for _ in 0..ATTEMPTS {
+            let decision = self.decide(req, prepared, now).await?;
+            match (req.mode, &decision.spend) {
+                (Mode::Final, Some(commit)) => {
+                    if self.sessions.commit_spend(commit).await? {
+                        return Ok(decision);
+                    }
+                }
+                _ => return Ok(decision),
+            }
+        }
+        Err(rejected(
+            "spend_conflict",
+            "session.permissions.spend",
+            "concurrent sponsorships kept changing this session's spending: retry".into(),
+        ))
     }
 
     /// What [`Self::sponsor`] would decide and why: the decoded calls, every check of every
@@ -342,11 +381,11 @@ impl Sponsor {
             "checks": checks,
         });
         match self.decide(req, &prepared, now).await {
-            Ok((policy, window)) => {
+            Ok(d) => {
                 out["decision"] = json!("sponsored");
-                out["policy"] = json!(policy);
-                out["validUntil"] = json!(window.valid_until);
-                out["validAfter"] = json!(window.valid_after);
+                out["policy"] = json!(d.policy_id);
+                out["validUntil"] = json!(d.window.valid_until);
+                out["validAfter"] = json!(d.window.valid_after);
             }
             Err(e) => {
                 out["decision"] = json!("rejected");
@@ -423,7 +462,7 @@ impl Sponsor {
         req: SponsorRequest<'_>,
         prepared: &Prepared,
         now: u64,
-    ) -> Result<(String, ValidityWindow), SponsorError> {
+    ) -> Result<Decision, SponsorError> {
         let SponsorRequest {
             op,
             entry_point,
@@ -459,7 +498,13 @@ impl Sponsor {
             valid_until = valid_until.min(now.saturating_add(secs));
         }
         let window = ValidityWindow::new(now.saturating_sub(VALID_AFTER_SKEW_SECS), valid_until)?;
-        Ok((policy.id.clone(), window))
+        Ok(Decision {
+            policy_id: policy.id.clone(),
+            window,
+            spend: session
+                .as_ref()
+                .and_then(|g| g.spend_commit(&prepared.calls)),
+        })
     }
 
     /// The session's policy, after the policy's checks, the session's, and its proof.

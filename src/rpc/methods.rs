@@ -144,6 +144,7 @@ async fn session_status(
         "validUntil": grant.valid_until,
         "effectivePermissions": permissions,
         "budget": grant.budget,
+        "spent": grant.spent.iter().map(|(token, amount)| (token.to_string(), json!(amount.to_string()))).collect::<serde_json::Map<_, _>>(),
     }))
 }
 

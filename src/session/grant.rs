@@ -1,6 +1,8 @@
 //! The session grant: model, admin-request parsing, narrowing against the policy, and the
 //! checks every sponsored operation under the session must pass.
 
+use std::collections::BTreeMap;
+
 use alloy::primitives::{Address, B256, FixedBytes, Signature, U256, keccak256};
 use alloy::sol_types::SolValue;
 use serde::{Deserialize, Serialize};
@@ -49,6 +51,20 @@ pub struct SessionGrant {
     pub budget: Option<SessionBudget>,
     /// Unix time it was created.
     pub created_at: u64,
+    /// ERC-20 amounts already signed for under this session, per limited token: read with the
+    /// grant, never part of the stored grant itself.
+    #[serde(skip)]
+    pub spent: BTreeMap<Address, U256>,
+}
+
+/// What a sponsorship adds to a session's token spending: per token, the total before (for
+/// the store's compare-and-set) and after.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendCommit {
+    /// The session.
+    pub session_id: B256,
+    /// `(token, spent before, spent after)`.
+    pub entries: Vec<(Address, U256, U256)>,
 }
 
 /// What the session key may do beyond (within) the policy.
@@ -348,6 +364,7 @@ impl SessionGrant {
                 permissions,
                 budget,
                 created_at: now,
+                spent: BTreeMap::new(),
             }),
             _ => Err(issues),
         }
@@ -518,7 +535,8 @@ impl SessionGrant {
             }
         }
         for (j, limit) in perms.spend.iter().enumerate() {
-            let mut total = U256::ZERO;
+            // Spending is cumulative over the session: what earlier sponsorships signed for counts.
+            let mut total = self.spent.get(&limit.token).copied().unwrap_or_default();
             for (i, spend) in calls
                 .iter()
                 .enumerate()
@@ -544,7 +562,7 @@ impl SessionGrant {
                         "spend_limit_exceeded",
                         &format!("permissions.spend[{j}]"),
                         format!(
-                            "{total} of {} exceeds the limit of {}",
+                            "{total} of {} (this session's spending so far included) exceeds the limit of {}",
                             limit.token, limit.limit
                         ),
                         Some(i),
@@ -553,6 +571,28 @@ impl SessionGrant {
             }
         }
         Ok(())
+    }
+
+    /// The spending these calls add to the session's limited tokens (after [`Self::check_op`]
+    /// accepted them); `None` when there is nothing to record.
+    pub fn spend_commit(&self, calls: &[Call]) -> Option<SpendCommit> {
+        let limits = &self.permissions.as_ref()?.spend;
+        let mut entries = Vec::new();
+        for limit in limits {
+            let added = calls
+                .iter()
+                .filter_map(Call::token_spend)
+                .filter(|s| s.token == limit.token)
+                .fold(U256::ZERO, |acc, s| acc.saturating_add(s.amount));
+            if !added.is_zero() {
+                let before = self.spent.get(&limit.token).copied().unwrap_or_default();
+                entries.push((limit.token, before, before.saturating_add(added)));
+            }
+        }
+        (!entries.is_empty()).then_some(SpendCommit {
+            session_id: self.session_id,
+            entries,
+        })
     }
 
     /// Whether `proof` is the session key's EIP-191 signature over
@@ -767,6 +807,7 @@ mod tests {
             }),
             budget: None,
             created_at: 0,
+            spent: BTreeMap::new(),
         }
     }
 

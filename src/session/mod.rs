@@ -13,7 +13,7 @@ pub mod redis;
 
 use alloy::primitives::{Address, B256};
 
-pub use self::grant::{SessionGrant, SessionStatus};
+pub use self::grant::{SessionGrant, SessionStatus, SpendCommit};
 
 /// A store failure: the request fails closed (no signature), retryably.
 #[derive(Debug, thiserror::Error)]
@@ -66,6 +66,15 @@ impl SessionStore {
         match self {
             Self::Memory(m) => Ok(m.revoke(id)),
             Self::Redis(r) => r.revoke(id).await,
+        }
+    }
+
+    /// Record a sponsorship's token spending, atomically and only if nothing else changed the
+    /// session's totals since they were read (`false`: re-read and re-check).
+    pub async fn commit_spend(&self, commit: &SpendCommit) -> Result<bool, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.commit_spend(commit)),
+            Self::Redis(r) => r.commit_spend(commit).await,
         }
     }
 

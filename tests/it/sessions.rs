@@ -437,6 +437,7 @@ fn grant(id: u8, account: Address, created_at: u64) -> SessionGrant {
         permissions: None,
         budget: None,
         created_at,
+        spent: Default::default(),
     }
 }
 
@@ -570,4 +571,155 @@ async fn redis_outage_fails_closed() -> TestResult {
     let r = sponsor(&app, &op(account, "increment()"), Value::Null).await?;
     assert!(r["result"].is_object(), "{r}");
     Ok(())
+}
+
+sol! {
+    function transfer(address to, uint256 amount);
+}
+
+const TOKEN: Address = Address::repeat_byte(0x70);
+
+/// A session-only policy on the local chain for a token, so spend limits can be exercised.
+fn token_policy_dir() -> TestResult<crate::helpers::TempDir> {
+    let dir = crate::helpers::TempDir::new("token-policy");
+    std::fs::write(
+        dir.0.join("token.toml"),
+        format!(
+            "id = \"token\"\nchains = [31337]\nentry_points = [\"0.7\"]\nrequire_session = true\n\n\
+             [[allow]]\ntarget = \"{TOKEN}\"\nfunctions = [\"transfer(address,uint256)\"]\n"
+        ),
+    )?;
+    Ok(dir)
+}
+
+fn transfer_op(account: Address, amount: u64, nonce: u64) -> UserOperation {
+    let inner = transferCall {
+        to: Address::repeat_byte(0x99),
+        amount: U256::from(amount),
+    }
+    .abi_encode();
+    UserOperation {
+        nonce: U256::from(nonce),
+        call_data: executeCall {
+            dest: TOKEN,
+            value: U256::ZERO,
+            func: inner.into(),
+        }
+        .abi_encode()
+        .into(),
+        ..op(account, "transfer(address,uint256)")
+    }
+}
+
+async fn spend_limits_are_cumulative(redis: Option<&TestRedis>) -> TestResult {
+    let dir = token_policy_dir()?;
+    let mut c = config([Some(PM07), None], KeySource::Ephemeral);
+    c.policies_dir = dir.0.clone();
+    c.redis_url = redis.map(|r| r.url.clone());
+    let app = TestApp::spawn(c).await?;
+    let account = Address::repeat_byte(0xa7);
+    let mut body = grant_request(account, Address::repeat_byte(0xb7), "token");
+    body.as_object_mut().map(|o| o.remove("budget"));
+    body["permissions"] = json!({ "spend": [{ "token": TOKEN, "limit": "100" }] });
+    let session = create_session(&app, body).await?;
+    let ctx = json!({ "sessionId": session });
+
+    assert!(sponsor(&app, &transfer_op(account, 60, 1), ctx.clone()).await?["result"].is_object());
+    assert_eq!(
+        reason(&sponsor(&app, &transfer_op(account, 50, 2), ctx.clone()).await?),
+        "spend_limit_exceeded"
+    );
+    assert!(sponsor(&app, &transfer_op(account, 40, 3), ctx.clone()).await?["result"].is_object());
+    let status = app.result("pm_getSessionStatus", json!([session])).await?;
+    assert_eq!(status["spent"][TOKEN.to_string()], json!("100"), "{status}");
+    // The stub runs the same check, counting what was already signed for.
+    let stub = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "pm_getPaymasterStubData",
+        "params": [transfer_op(account, 1, 4).to_json(), EntryPointVersion::V0_7.canonical_address(), "0x7a69", ctx]
+    });
+    assert_eq!(
+        reason(&app.post(&stub.to_string()).await?.1),
+        "spend_limit_exceeded"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn spend_limits_are_cumulative_in_memory() -> TestResult {
+    spend_limits_are_cumulative(None).await
+}
+
+#[tokio::test]
+async fn spend_limits_are_cumulative_in_redis() -> TestResult {
+    let redis = TestRedis::start().await?;
+    spend_limits_are_cumulative(Some(&redis)).await
+}
+
+/// Concurrent sponsorships never spend the same remainder twice.
+#[tokio::test]
+async fn concurrent_spending_never_exceeds_the_limit() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = token_policy_dir()?;
+    let mut c = config([Some(PM07), None], KeySource::Ephemeral);
+    c.policies_dir = dir.0.clone();
+    c.redis_url = Some(redis.url.clone());
+    let (one, two) = (TestApp::spawn(c.clone()).await?, TestApp::spawn(c).await?);
+    let account = Address::repeat_byte(0xa8);
+    let mut body = grant_request(account, Address::repeat_byte(0xb8), "token");
+    body.as_object_mut().map(|o| o.remove("budget"));
+    body["permissions"] = json!({ "spend": [{ "token": TOKEN, "limit": "100" }] });
+    let session = create_session(&one, body).await?;
+
+    let requests = (0..40u64).map(|i| {
+        let url = if i % 2 == 0 { one.url.clone() } else { two.url.clone() };
+        let body = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+            "params": [transfer_op(account, 10, 100 + i).to_json(), EntryPointVersion::V0_7.canonical_address(), { "sessionId": session }]
+        });
+        async move {
+            let resp = reqwest::Client::new().post(url).json(&body).send().await?;
+            resp.json::<Value>().await
+        }
+    });
+    let answers = futures_join_all(requests).await;
+    let mut signed = 0u64;
+    for a in answers {
+        let a = a?;
+        if a["result"].is_object() {
+            signed += 1;
+        } else {
+            assert!(
+                matches!(reason(&a), "spend_limit_exceeded" | "spend_conflict"),
+                "{a}"
+            );
+        }
+    }
+    let status = one.result("pm_getSessionStatus", json!([session])).await?;
+    assert!(
+        signed <= 10,
+        "at most 100 / 10 transfers signed, got {signed}"
+    );
+    assert_eq!(
+        status["spent"][TOKEN.to_string()],
+        json!((signed * 10).to_string()),
+        "totals equal what was signed"
+    );
+    Ok(())
+}
+
+/// Run futures concurrently on the test runtime.
+async fn futures_join_all<F: std::future::Future + Send + 'static>(
+    futs: impl Iterator<Item = F>,
+) -> Vec<F::Output>
+where
+    F::Output: Send + 'static,
+{
+    let handles: Vec<_> = futs.map(tokio::spawn).collect();
+    let mut out = Vec::new();
+    for h in handles {
+        if let Ok(v) = h.await {
+            out.push(v);
+        }
+    }
+    out
 }
