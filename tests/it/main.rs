@@ -9,5 +9,6 @@ mod e2e;
 mod hashes;
 mod helpers;
 mod policies;
+mod rejections;
 mod rpc;
 mod sessions;
