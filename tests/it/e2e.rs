@@ -26,6 +26,17 @@ sol! {
     interface ISimpleAccount {
         function execute(address dest, uint256 value, bytes func) external;
     }
+    interface ISimpleAccountV07 {
+        function executeBatch(address[] dest, uint256[] value, bytes[] func) external;
+    }
+    struct Call {
+        address target;
+        uint256 value;
+        bytes data;
+    }
+    interface ISimpleAccountV08 {
+        function executeBatch(Call[] calls) external;
+    }
     #[sol(rpc)]
     interface ICounter {
         function increment() external;
@@ -86,6 +97,34 @@ impl<'a> User<'a> {
             "maxPriorityFeePerGas": "0x3b9aca00",
             "signature": "0x"
         })
+    }
+
+    /// The same op with a batch of `n` Counter.increment() calls, in this version's batch shape.
+    fn batch_op_json(&self, n: usize) -> Value {
+        let inc: Bytes = ICounter::incrementCall {}.abi_encode().into();
+        let counter = self.stack.deployed.counter;
+        let call_data = match self.version {
+            EntryPointVersion::V0_7 => ISimpleAccountV07::executeBatchCall {
+                dest: vec![counter; n],
+                value: vec![U256::ZERO; n],
+                func: vec![inc; n],
+            }
+            .abi_encode(),
+            EntryPointVersion::V0_8 => ISimpleAccountV08::executeBatchCall {
+                calls: vec![
+                    Call {
+                        target: counter,
+                        value: U256::ZERO,
+                        data: inc
+                    };
+                    n
+                ],
+            }
+            .abi_encode(),
+        };
+        let mut op = self.op_json();
+        op["callData"] = json!(Bytes::from(call_data));
+        op
     }
 
     fn entry_point(&self) -> Address {
@@ -363,6 +402,41 @@ async fn stub_data_fails_signature_check_without_reverting() -> TestResult {
             user.failed_op_reason(&op).await?,
             "AA34 signature error",
             "v{version}"
+        );
+    }
+    Ok(())
+}
+
+/// The decoder reads a batch as the real SimpleAccount executes it: the calls we checked are
+/// the calls that ran.
+#[tokio::test]
+async fn batches_decode_to_the_calls_the_account_executes() -> TestResult {
+    let stack = Stack::start().await?;
+    for version in EntryPointVersion::ALL {
+        let user = User::new(&stack, version).await?;
+        let mut op_json = user.batch_op_json(3);
+        let decoded = session_paymaster::policy::calldata::decode(
+            &session_paymaster::wire::data("callData", &op_json["callData"])?,
+            user.sender,
+        )?;
+        assert_eq!(decoded.len(), 3);
+        assert!(decoded.iter().all(|c| c.target == stack.deployed.counter));
+
+        let result = stack
+            .app
+            .result(
+                "pm_sponsorUserOperation",
+                json!([op_json, user.entry_point()]),
+            )
+            .await?;
+        set_paymaster(&mut op_json, &result);
+        let mut op = UserOperation::from_json(&op_json)?;
+        user.finish(&mut op)?;
+        assert!(user.submit(&op).await?.success, "v{version}");
+        assert_eq!(
+            user.counter().await?,
+            U256::from(3),
+            "v{version}: every decoded call ran"
         );
     }
     Ok(())
