@@ -25,72 +25,48 @@ pub(crate) async fn call(
         "pm_sponsorUserOperation" => {
             let (op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;
-            let req = SponsorRequest {
-                op: &op,
-                entry_point,
-                context: &context,
-                mode: Mode::Final,
-                keep_client_gas: false,
-            };
-            let s = sponsor(state, req, request_id).await?;
-            Ok(json!({
-                "paymaster": s.paymaster,
-                "paymasterData": s.data.encode(),
-                "paymasterVerificationGasLimit": to_quantity(s.gas.verification),
-                "paymasterPostOpGasLimit": to_quantity(s.gas.post_op),
-                "preVerificationGas": to_quantity(op.pre_verification_gas),
-                "verificationGasLimit": to_quantity(op.verification_gas_limit),
-                "callGasLimit": to_quantity(op.call_gas_limit),
-            }))
+            let s = sponsor(
+                state,
+                request(&op, entry_point, &context, Mode::Final),
+                request_id,
+            )
+            .await?;
+            // Pimlico's shape: the paymaster fields, and the op's gas limits echoed.
+            let mut result = paymaster_fields(&s);
+            result["preVerificationGas"] = json!(to_quantity(op.pre_verification_gas));
+            result["verificationGasLimit"] = json!(to_quantity(op.verification_gas_limit));
+            result["callGasLimit"] = json!(to_quantity(op.call_gas_limit));
+            Ok(result)
         }
         "pm_getPaymasterStubData" => {
             let (op, entry_point, context) = erc7677_params(state, params)?;
-            let req = SponsorRequest {
-                op: &op,
-                entry_point,
-                context: &context,
-                mode: Mode::Stub,
-                keep_client_gas: false,
-            };
-            let s = sponsor(state, req, request_id).await?;
-            Ok(json!({
-                "paymaster": s.paymaster,
-                "paymasterData": s.data.encode(),
-                "paymasterVerificationGasLimit": to_quantity(s.gas.verification),
-                "paymasterPostOpGasLimit": to_quantity(s.gas.post_op),
-                "isFinal": false,
-                "sponsor": { "name": state.sponsor_name },
-            }))
+            let s = sponsor(
+                state,
+                request(&op, entry_point, &context, Mode::Stub),
+                request_id,
+            )
+            .await?;
+            let mut result = paymaster_fields(&s);
+            result["isFinal"] = json!(false);
+            result["sponsor"] = json!({ "name": state.sponsor_name });
+            Ok(result)
         }
         "pm_getPaymasterData" => {
             let (op, entry_point, context) = erc7677_params(state, params)?;
             let req = SponsorRequest {
-                op: &op,
-                entry_point,
-                context: &context,
-                mode: Mode::Final,
                 keep_client_gas: true,
+                ..request(&op, entry_point, &context, Mode::Final)
             };
-            let s = sponsor(state, req, request_id).await?;
-            Ok(json!({
-                "paymaster": s.paymaster,
-                "paymasterData": s.data.encode(),
-                "paymasterVerificationGasLimit": to_quantity(s.gas.verification),
-                "paymasterPostOpGasLimit": to_quantity(s.gas.post_op),
-            }))
+            Ok(paymaster_fields(&sponsor(state, req, request_id).await?))
         }
         "pm_getSessionStatus" => session_status(state, params, request_id).await,
         "pm_explainSponsorship" => {
             let (op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;
-            let req = SponsorRequest {
-                op: &op,
-                entry_point,
-                context: &context,
-                mode: Mode::Final,
-                keep_client_gas: false,
-            };
-            Ok(state.sponsor.explain(req, unix_now()).await)
+            Ok(state
+                .sponsor
+                .explain(request(&op, entry_point, &context, Mode::Final), unix_now())
+                .await)
         }
         other => Err(RpcError::method_not_found(other)),
     }
@@ -146,6 +122,31 @@ async fn session_status(
         "budget": grant.budget,
         "spent": grant.spent.iter().map(|(token, amount)| (token.to_string(), json!(amount.to_string()))).collect::<serde_json::Map<_, _>>(),
     }))
+}
+
+fn request<'a>(
+    op: &'a UserOperation,
+    entry_point: Address,
+    context: &'a RequestContext,
+    mode: Mode,
+) -> SponsorRequest<'a> {
+    SponsorRequest {
+        op,
+        entry_point,
+        context,
+        mode,
+        keep_client_gas: false,
+    }
+}
+
+/// The paymaster fields every sponsorship method returns (v0.7/v0.8 unpacked form).
+fn paymaster_fields(s: &Sponsorship) -> Value {
+    json!({
+        "paymaster": s.paymaster,
+        "paymasterData": s.data.encode(),
+        "paymasterVerificationGasLimit": to_quantity(s.gas.verification),
+        "paymasterPostOpGasLimit": to_quantity(s.gas.post_op),
+    })
 }
 
 fn supported_entry_points(state: &AppState) -> Vec<String> {
