@@ -10,6 +10,8 @@ use alloy::sol;
 use alloy::sol_types::SolCall;
 use k256::ecdsa::SigningKey;
 use session_paymaster::config::EntryPointConfig;
+use session_paymaster::ledger::Ledger;
+use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::policy::file::load_dir;
 use session_paymaster::session::SessionStore;
 use session_paymaster::session::memory::MemorySessions;
@@ -72,6 +74,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         policies,
         Signer::load(KeySource::Ephemeral)?,
         SessionStore::Memory(MemorySessions::new()),
+        Ledger::Memory(MemoryLedger::new()),
     );
     let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3".parse()?;
     let op = UserOperation {

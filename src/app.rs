@@ -19,6 +19,9 @@ use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::ledger::memory::MemoryLedger;
+use crate::ledger::redis::RedisLedger;
 use crate::policy::file::{PolicyFileError, load_sources, read_dir_sources, version_of};
 use crate::policy::publish;
 use crate::rpc;
@@ -78,9 +81,15 @@ impl AppState {
             None => None,
             Some(url) => Some(session::redis::connect(url, config.redis_timeout).await?),
         };
-        let sessions = match &redis {
-            None => SessionStore::Memory(MemorySessions::new()),
-            Some(conn) => SessionStore::Redis(RedisSessions::new(conn.clone())),
+        let (sessions, ledger) = match &redis {
+            None => (
+                SessionStore::Memory(MemorySessions::new()),
+                Ledger::Memory(MemoryLedger::new()),
+            ),
+            Some(conn) => (
+                SessionStore::Redis(RedisSessions::new(conn.clone())),
+                Ledger::Redis(RedisLedger::new(conn.clone())),
+            ),
         };
         // With Redis, this replica's valid directory becomes the published set every replica
         // serves (as `policies push` would); the watcher keeps them in step afterwards.
@@ -94,6 +103,7 @@ impl AppState {
                 policies,
                 signer,
                 sessions,
+                ledger,
             ),
             sponsor_name: config.sponsor_name.clone(),
             admin_token_sha256: config.admin_token_sha256,

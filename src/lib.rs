@@ -12,6 +12,7 @@
 //! - [`config`]: flags and `SP_*` environment variables of `serve`.
 //! - [`rpc`]: JSON-RPC envelope, methods, and the one error-code table.
 //! - [`sponsor`]: one sponsorship from request to signature.
+//! - [`ledger`]: budgets: atomic reservations in every scope (memory, Redis).
 //! - [`policy`]: policy files, calldata decoding, and the checks an operation must pass.
 //! - [`session`]: session grants, their stores (memory, Redis), and their checks.
 //! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing.
@@ -22,6 +23,7 @@ pub mod admin;
 pub mod app;
 pub mod chain;
 pub mod config;
+pub mod ledger;
 pub mod policy;
 pub mod rpc;
 pub mod session;

@@ -326,15 +326,8 @@ fn log_startup(state: &AppState, config: &Config) {
             ),
         }
     }
-    for p in state.sponsor.policies().iter() {
-        let b = &p.budgets;
-        if b.session.is_some()
-            || b.sender.is_some()
-            || b.policy.is_some()
-            || p.rate_per_sender.is_some()
-        {
-            tracing::warn!(policy = %p.id, "budgets and rates are parsed but not enforced yet (budget ledger and rate limiter are pending)");
-        }
+    for p in state.sponsor.policies().iter().filter(|p| p.rate_per_sender.is_some()) {
+        tracing::warn!(policy = %p.id, "[rate] is parsed but not enforced yet (rate limiting is pending)");
     }
     if config.redis_url.is_none() {
         tracing::warn!(

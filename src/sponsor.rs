@@ -4,10 +4,14 @@
 
 use std::sync::Arc;
 
-use alloy::primitives::{Address, B256, Bytes};
+use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
+use alloy::sol_types::SolValue;
 use serde_json::{Value, json};
 
 use crate::config::EntryPointConfig;
+use crate::ledger::{
+    Exhausted, GRACE_SECS, Ledger, Outcome, Reservation, Scope, wei_to_gwei_ceil, wei_to_gwei_floor,
+};
 use crate::policy::calldata::{self, Call, CalldataError};
 use crate::policy::live::LivePolicies;
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
@@ -157,6 +161,9 @@ pub enum SponsorError {
     /// The signer failed: internal.
     #[error(transparent)]
     Signer(#[from] SignerError),
+    /// A budget would be exceeded.
+    #[error("budget exhausted: {} {} of {} (used {}, requested {})", .0.scope, .0.resource, .0.limit, .0.used, .0.requested)]
+    BudgetExhausted(Exhausted),
     /// The session store failed: nothing is signed; the client may retry.
     #[error(transparent)]
     Store(#[from] StoreError),
@@ -187,6 +194,8 @@ impl Prepared {
 struct Decision {
     policy_id: String,
     window: ValidityWindow,
+    /// Budget scopes to reserve in.
+    scopes: Vec<Scope>,
     /// Token spending to record under the session.
     spend: Option<SpendCommit>,
 }
@@ -199,6 +208,7 @@ pub struct Sponsor {
     policies: LivePolicies,
     signer: Signer,
     sessions: SessionStore,
+    ledger: Ledger,
 }
 
 impl Sponsor {
@@ -209,6 +219,7 @@ impl Sponsor {
         policies: PolicySet,
         signer: Signer,
         sessions: SessionStore,
+        ledger: Ledger,
     ) -> Self {
         Self {
             chain_id,
@@ -216,7 +227,13 @@ impl Sponsor {
             policies: LivePolicies::new(policies),
             signer,
             sessions,
+            ledger,
         }
+    }
+
+    /// Budgets.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
     }
 
     /// Session grants.
@@ -270,7 +287,6 @@ impl Sponsor {
         let prepared = self.prepare(req)?;
         let decision = self.decide_and_record(req, &prepared, now).await?;
         let window = decision.window;
-        let policy_id = decision.policy_id;
         let data = match req.mode {
             Mode::Stub => PaymasterData::stub(window),
             Mode::Final => {
@@ -287,12 +303,94 @@ impl Sponsor {
                 }
             }
         };
-        Ok(Sponsorship {
+        let sponsorship = Sponsorship {
             paymaster: prepared.paymaster,
             gas: prepared.gas,
             data,
-            policy_id,
-        })
+            policy_id: decision.policy_id,
+        };
+        if decision.scopes.is_empty() {
+            return Ok(sponsorship);
+        }
+        // One atomic ledger step: the signature leaves this process only if the budgets took
+        // its worst case. A stub checks the budgets and reserves nothing.
+        let reservation = Reservation {
+            policy: sponsorship.policy_id.clone(),
+            op_key: idempotency_key(self.chain_id, req.entry_point, req.op, prepared.gas),
+            cost_gwei: wei_to_gwei_ceil(req.op.max_cost(prepared.gas)),
+            scopes: decision.scopes,
+            payload: stored_answer(&sponsorship),
+            expires_at: window.valid_until.saturating_add(GRACE_SECS),
+        };
+        match self
+            .ledger
+            .reserve(&reservation, req.mode == Mode::Stub, now)
+            .await?
+        {
+            Outcome::Reserved => Ok(sponsorship),
+            // The same operation again: the answer already signed for it, nothing reserved twice.
+            Outcome::Existing(payload) if req.mode == Mode::Final => stored_sponsorship(&payload)
+                .ok_or_else(|| {
+                    StoreError::Unavailable("unreadable reservation record".into()).into()
+                }),
+            Outcome::Existing(_) => Ok(sponsorship),
+            Outcome::Exhausted(e) => Err(SponsorError::BudgetExhausted(e)),
+        }
+    }
+
+    /// The budget scopes an operation is charged to: the session (the smaller of the grant's
+    /// and the policy's session budget), the sender per period, the whole policy per period.
+    fn scopes(
+        policy: &Policy,
+        session: Option<&SessionGrant>,
+        sender: Address,
+        now: u64,
+    ) -> Vec<Scope> {
+        let gwei = |c: Option<U256>| c.map(wei_to_gwei_floor);
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut scopes = Vec::new();
+        if let Some(grant) = session {
+            let p = policy.budgets.session.as_ref();
+            let g = grant.budget.as_ref();
+            let cost = min(gwei(p.and_then(|b| b.cost)), gwei(g.and_then(|b| b.cost)));
+            let ops = min(p.and_then(|b| b.ops), g.and_then(|b| b.ops));
+            if cost.is_some() || ops.is_some() {
+                scopes.push(Scope {
+                    name: format!("session:{}", grant.session_id),
+                    rule: format!("{}.budgets.session", policy.id),
+                    cost_limit: cost,
+                    ops_limit: ops,
+                    expires_at: grant.valid_until.saturating_add(GRACE_SECS),
+                });
+            }
+        }
+        let windowed = |budget: &crate::policy::Budget, base: String, rule: &str| {
+            let (name, expires_at) = match budget.period.map(|p| p.as_secs().max(1)) {
+                Some(p) => (
+                    format!("{base}:{}", now / p),
+                    (now / p + 1).saturating_mul(p).saturating_add(GRACE_SECS),
+                ),
+                // No period: the budget never resets; keep its counter for ten years.
+                None => (base, now.saturating_add(10 * 365 * 86_400)),
+            };
+            Scope {
+                name,
+                rule: format!("{}.budgets.{rule}", policy.id),
+                cost_limit: gwei(budget.cost),
+                ops_limit: budget.ops,
+                expires_at,
+            }
+        };
+        if let Some(b) = &policy.budgets.sender {
+            scopes.push(windowed(b, format!("sender:{sender}"), "sender"));
+        }
+        if let Some(b) = &policy.budgets.policy {
+            scopes.push(windowed(b, "policy".into(), "policy"));
+        }
+        scopes
     }
 
     /// Decide; in [`Mode::Final`], also record the session's token spending before anything is
@@ -501,6 +599,7 @@ impl Sponsor {
         Ok(Decision {
             policy_id: policy.id.clone(),
             window,
+            scopes: Self::scopes(policy, session.as_ref(), op.sender, now),
             spend: session
                 .as_ref()
                 .and_then(|g| g.spend_commit(&prepared.calls)),
@@ -616,6 +715,58 @@ fn select_policy<'p>(
             call_index: None,
         },
     }))
+}
+
+/// Idempotency key of an operation (DESIGN §5): chain, EntryPoint, and the operation without
+/// its paymaster data and signature, but with the paymaster gas limits the answer commits to.
+pub fn idempotency_key(
+    chain_id: u64,
+    entry_point: Address,
+    op: &UserOperation,
+    gas: PaymasterGas,
+) -> B256 {
+    keccak256(
+        (
+            U256::from(chain_id),
+            entry_point,
+            op.sender,
+            op.nonce,
+            keccak256(op.init_code()),
+            keccak256(&op.call_data),
+            op.account_gas_limits(),
+            op.pre_verification_gas,
+            op.gas_fees(),
+            U256::from(gas.verification),
+            U256::from(gas.post_op),
+        )
+            .abi_encode(),
+    )
+}
+
+/// What a repeat of the same operation gets back.
+fn stored_answer(s: &Sponsorship) -> String {
+    json!({
+        "paymaster": s.paymaster,
+        "data": s.data.encode(),
+        "verification": s.gas.verification.to_string(),
+        "postOp": s.gas.post_op.to_string(),
+        "policy": s.policy_id,
+    })
+    .to_string()
+}
+
+fn stored_sponsorship(payload: &str) -> Option<Sponsorship> {
+    let v: Value = serde_json::from_str(payload).ok()?;
+    let data = hex::decode(v["data"].as_str()?.trim_start_matches("0x")).ok()?;
+    Some(Sponsorship {
+        paymaster: v["paymaster"].as_str()?.parse().ok()?,
+        gas: PaymasterGas {
+            verification: v["verification"].as_str()?.parse().ok()?,
+            post_op: v["postOp"].as_str()?.parse().ok()?,
+        },
+        data: PaymasterData::decode(&data).ok()?,
+        policy_id: v["policy"].as_str()?.to_owned(),
+    })
 }
 
 /// Policies that may sponsor without a session on this chain and EntryPoint version (a policy

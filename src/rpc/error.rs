@@ -121,6 +121,19 @@ impl RpcError {
                 data: Some(rejection_fields(&r)),
                 ..Self::new(REJECTED, format!("sponsorship rejected: {}", r.reason))
             },
+            SponsorError::BudgetExhausted(e) => Self {
+                data: Some(json!({
+                    "reason": "budget_exhausted",
+                    "rule": e.rule,
+                    "detail": format!("{} {} limit {} reached (used {}, this operation {})", e.scope, e.resource, e.limit, e.used, e.requested),
+                    "scope": e.scope,
+                    "resource": if e.resource == "cost" { "costGwei" } else { "ops" },
+                    "limit": e.limit,
+                    "used": e.used,
+                    "requested": e.requested,
+                })),
+                ..Self::new(REJECTED, "sponsorship rejected: budget_exhausted")
+            },
             SponsorError::Window(e) => Self {
                 data: Some(
                     json!({ "reason": "empty_validity_window", "rule": "validity", "detail": e.to_string() }),

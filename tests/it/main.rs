@@ -8,6 +8,7 @@ mod deploy;
 mod e2e;
 mod hashes;
 mod helpers;
+mod ledger;
 mod policies;
 mod rejections;
 mod rpc;

@@ -1,0 +1,302 @@
+//! The budget ledger: one suite against memory and a real Redis, then over HTTP: 200
+//! concurrent sponsorships against a budget for K sign exactly K, on one instance and on two
+//! sharing Redis; a repeated operation gets the same answer and reserves nothing more.
+
+use std::time::Duration;
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use serde_json::{Value, json};
+use session_paymaster::ledger::memory::MemoryLedger;
+use session_paymaster::ledger::redis::RedisLedger;
+use session_paymaster::ledger::{Exhausted, Ledger, Outcome, Reservation, Scope};
+use session_paymaster::signer::KeySource;
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+use crate::helpers::{TempDir, TestApp, TestRedis, TestResult, config};
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+const COUNTER: Address = Address::new(alloy::primitives::hex!(
+    "CF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
+));
+const NOW: u64 = 1_800_000_000;
+
+fn scope(name: &str, cost: Option<u64>, ops: Option<u64>) -> Scope {
+    Scope {
+        name: name.into(),
+        rule: format!("p.budgets.{name}"),
+        cost_limit: cost,
+        ops_limit: ops,
+        expires_at: NOW + 3600,
+    }
+}
+
+fn reservation(op: u8, cost: u64, scopes: Vec<Scope>) -> Reservation {
+    Reservation {
+        policy: "p".into(),
+        op_key: B256::repeat_byte(op),
+        cost_gwei: cost,
+        scopes,
+        payload: format!("answer-{op}"),
+        expires_at: NOW + 600,
+    }
+}
+
+async fn ledger_contract(ledger: Ledger) -> TestResult {
+    let scopes = || {
+        vec![
+            scope("sender", Some(100), None),
+            scope("policy", None, Some(3)),
+        ]
+    };
+    assert_eq!(
+        ledger
+            .reserve(&reservation(1, 60, scopes()), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    // Check-only (stub) changes nothing.
+    assert_eq!(
+        ledger
+            .reserve(&reservation(2, 40, scopes()), true, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.usage("p", "sender").await?, (60, 1));
+    // Over the cost limit: named precisely, and no scope keeps a partial reservation.
+    assert_eq!(
+        ledger
+            .reserve(&reservation(3, 41, scopes()), false, NOW)
+            .await?,
+        Outcome::Exhausted(Exhausted {
+            scope: "sender".into(),
+            rule: "p.budgets.sender".into(),
+            resource: "cost".into(),
+            limit: 100,
+            used: 60,
+            requested: 41
+        })
+    );
+    assert_eq!(
+        ledger.usage("p", "policy").await?,
+        (60, 1),
+        "no partial reservation"
+    );
+    // The same operation again: its stored answer, nothing reserved twice.
+    assert_eq!(
+        ledger
+            .reserve(&reservation(1, 60, scopes()), false, NOW)
+            .await?,
+        Outcome::Existing("answer-1".into())
+    );
+    assert_eq!(ledger.usage("p", "sender").await?, (60, 1));
+    // Op-count limit.
+    assert_eq!(
+        ledger
+            .reserve(&reservation(4, 40, scopes()), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    let r = ledger
+        .reserve(&reservation(5, 0, scopes()), false, NOW)
+        .await?;
+    assert_eq!(r, Outcome::Reserved);
+    let Outcome::Exhausted(e) = ledger
+        .reserve(&reservation(6, 0, scopes()), false, NOW)
+        .await?
+    else {
+        return Err("fourth op must exceed ops = 3".into());
+    };
+    assert_eq!(
+        (e.scope.as_str(), e.resource.as_str(), e.limit, e.used),
+        ("policy", "ops", 3, 3)
+    );
+    // Large amounts (gwei beyond 32 bits) are exact.
+    let big = vec![scope("big", Some(5_000_000_000_000), None)];
+    assert_eq!(
+        ledger
+            .reserve(&reservation(7, 4_999_999_999_999, big.clone()), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    let Outcome::Exhausted(e) = ledger.reserve(&reservation(8, 2, big), false, NOW).await? else {
+        return Err("over the big limit".into());
+    };
+    assert_eq!((e.used, e.requested), (4_999_999_999_999, 2));
+    Ok(())
+}
+
+#[tokio::test]
+async fn memory_ledger_contract() -> TestResult {
+    ledger_contract(Ledger::Memory(MemoryLedger::new())).await
+}
+
+#[tokio::test]
+async fn redis_ledger_contract() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    ledger_contract(Ledger::Redis(RedisLedger::new(conn))).await
+}
+
+const K: u64 = 7;
+
+fn budget_dir() -> TestResult<TempDir> {
+    let dir = TempDir::new("budgets");
+    std::fs::write(
+        dir.0.join("budgeted.toml"),
+        format!(
+            "id = \"budgeted\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\n[budgets]\npolicy = {{ ops = {K}, period = \"1d\" }}\n\n\
+             [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
+        ),
+    )?;
+    Ok(dir)
+}
+
+fn op_json(nonce: u64) -> Value {
+    UserOperation {
+        sender: Address::repeat_byte(0x11),
+        nonce: U256::from(nonce),
+        call_data: executeCall {
+            dest: COUNTER,
+            value: U256::ZERO,
+            func: keccak256("increment()")[..4].to_vec().into(),
+        }
+        .abi_encode()
+        .into(),
+        call_gas_limit: 100_000,
+        verification_gas_limit: 200_000,
+        pre_verification_gas: U256::from(50_000),
+        max_fee_per_gas: 2_000_000_000,
+        max_priority_fee_per_gas: 1_000_000_000,
+        ..Default::default()
+    }
+    .to_json()
+}
+
+async fn apps(n: usize, redis: Option<&TestRedis>, dir: &TempDir) -> TestResult<Vec<TestApp>> {
+    let mut out = Vec::new();
+    for _ in 0..n {
+        let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+        c.policies_dir = dir.0.clone();
+        c.redis_url = redis.map(|r| r.url.clone());
+        out.push(TestApp::spawn(c).await?);
+    }
+    Ok(out)
+}
+
+/// 200 distinct sponsorships at once against a budget of K operations.
+async fn exactly_k_of_200(apps: &[TestApp]) -> TestResult {
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            let url = apps[i as usize % apps.len()].url.clone();
+            let body = json!({
+                "jsonrpc": "2.0", "id": i, "method": "pm_sponsorUserOperation",
+                "params": [op_json(i), EntryPointVersion::V0_7.canonical_address()]
+            });
+            tokio::spawn(async move {
+                reqwest::Client::new()
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .json::<Value>()
+                    .await
+            })
+        })
+        .collect();
+    let (mut signed, mut exhausted) = (0u64, 0u64);
+    for t in tasks {
+        let v = t.await??;
+        if v["result"]["paymasterData"].is_string() {
+            signed += 1;
+        } else {
+            assert_eq!(
+                v["error"]["data"]["reason"],
+                json!("budget_exhausted"),
+                "{v}"
+            );
+            assert_eq!(v["error"]["data"]["limit"], json!(K));
+            exhausted += 1;
+        }
+    }
+    assert_eq!((signed, exhausted), (K, 200 - K));
+    let day = session_paymaster::app::unix_now() / 86_400;
+    let (_, ops) = apps[0]
+        .state
+        .sponsor
+        .ledger()
+        .usage("budgeted", &format!("policy:{day}"))
+        .await?;
+    assert_eq!(ops, K, "ledger totals equal the signed operations");
+    Ok(())
+}
+
+#[tokio::test]
+async fn concurrent_sponsorships_sign_exactly_the_budget_in_memory() -> TestResult {
+    let dir = budget_dir()?;
+    exactly_k_of_200(&apps(1, None, &dir).await?).await
+}
+
+#[tokio::test]
+async fn concurrent_sponsorships_sign_exactly_the_budget_on_two_instances_sharing_redis()
+-> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = budget_dir()?;
+    exactly_k_of_200(&apps(2, Some(&redis), &dir).await?).await
+}
+
+#[tokio::test]
+async fn a_repeated_operation_gets_the_same_answer_and_reserves_once() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = budget_dir()?;
+    let apps = apps(2, Some(&redis), &dir).await?;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let stub = apps[0]
+        .result(
+            "pm_getPaymasterStubData",
+            json!([op_json(1), ep, "0x7a69", {}]),
+        )
+        .await?;
+    assert!(stub["paymasterData"].is_string());
+    let first = apps[0]
+        .result("pm_sponsorUserOperation", json!([op_json(1), ep]))
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1100)).await; // a later second would change the window
+    let again = apps[1]
+        .result("pm_sponsorUserOperation", json!([op_json(1), ep]))
+        .await?;
+    assert_eq!(first, again, "same paymasterData from either replica");
+    let day = session_paymaster::app::unix_now() / 86_400;
+    let (_, ops) = apps[0]
+        .state
+        .sponsor
+        .ledger()
+        .usage("budgeted", &format!("policy:{day}"))
+        .await?;
+    assert_eq!(
+        ops, 1,
+        "the stub reserved nothing and the repeat reserved nothing more"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn ledger_outage_fails_closed() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = budget_dir()?;
+    let apps = apps(1, Some(&redis), &dir).await?;
+    drop(redis);
+    let err = apps[0]
+        .error(
+            "pm_sponsorUserOperation",
+            json!([op_json(1), EntryPointVersion::V0_7.canonical_address()]),
+        )
+        .await?;
+    assert_eq!(err["code"], json!(-32004), "{err}");
+    Ok(())
+}
