@@ -326,7 +326,12 @@ fn log_startup(state: &AppState, config: &Config) {
             ),
         }
     }
-    for p in state.sponsor.policies().iter().filter(|p| p.rate_per_sender.is_some()) {
+    for p in state
+        .sponsor
+        .policies()
+        .iter()
+        .filter(|p| p.rate_per_sender.is_some())
+    {
         tracing::warn!(policy = %p.id, "[rate] is parsed but not enforced yet (rate limiting is pending)");
     }
     if config.redis_url.is_none() {

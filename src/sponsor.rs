@@ -17,10 +17,11 @@ use crate::policy::live::LivePolicies;
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
 use crate::session::{SessionGrant, SessionStore, SpendCommit, StoreError};
 use crate::signer::{Signer, SignerError};
-use crate::userop::hash::paymaster_hash;
+use crate::userop::hash::{paymaster_hash, user_op_hash};
 use crate::userop::paymaster_data::{
     PaymasterData, PaymasterDataError, PaymasterGas, ValidityWindow,
 };
+use crate::userop::v0_7::PaymasterFields;
 use crate::userop::{EntryPointVersion, UserOperation};
 use crate::wire::{self, FieldError};
 
@@ -320,6 +321,18 @@ impl Sponsor {
             cost_gwei: wei_to_gwei_ceil(req.op.max_cost(prepared.gas)),
             scopes: decision.scopes,
             payload: stored_answer(&sponsorship),
+            // The hash the op will have on chain: ours is its only paymaster data.
+            user_op_hash: user_op_hash(
+                prepared.version,
+                &req.op.pack(Some(&PaymasterFields {
+                    paymaster: sponsorship.paymaster,
+                    gas: sponsorship.gas,
+                    data: sponsorship.data.encode(),
+                })),
+                req.entry_point,
+                self.chain_id,
+            ),
+            valid_until: window.valid_until,
             expires_at: window.valid_until.saturating_add(GRACE_SECS),
         };
         match self

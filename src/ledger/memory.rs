@@ -3,6 +3,8 @@
 use std::collections::HashMap;
 use std::sync::Mutex;
 
+use alloy::primitives::B256;
+
 use super::{Exhausted, Outcome, Reservation};
 
 /// Budget counters and reservation records behind one lock: a reservation is one critical
@@ -16,8 +18,20 @@ pub struct MemoryLedger {
 struct Inner {
     /// `(policy, scope)` → (cost gwei, ops, expires_at).
     counters: HashMap<(String, String), (u64, u64, u64)>,
-    /// `(policy, op key)` → (payload, expires_at).
-    reservations: HashMap<(String, alloy::primitives::B256), (String, u64)>,
+    /// `(policy, op key)` → the reservation.
+    reservations: HashMap<(String, B256), Record>,
+    /// userOpHash → `(policy, op key)`.
+    by_user_op_hash: HashMap<B256, (String, B256)>,
+}
+
+#[derive(Debug)]
+struct Record {
+    payload: String,
+    cost: u64,
+    scopes: Vec<String>,
+    valid_until: u64,
+    open: bool,
+    expires_at: u64,
 }
 
 impl MemoryLedger {
@@ -33,9 +47,9 @@ impl MemoryLedger {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         inner.counters.retain(|_, (_, _, exp)| *exp > now);
-        inner.reservations.retain(|_, (_, exp)| *exp > now);
-        if let Some((payload, _)) = inner.reservations.get(&(r.policy.clone(), r.op_key)) {
-            return Outcome::Existing(payload.clone());
+        inner.reservations.retain(|_, rec| rec.expires_at > now);
+        if let Some(rec) = inner.reservations.get(&(r.policy.clone(), r.op_key)) {
+            return Outcome::Existing(rec.payload.clone());
         }
         for s in &r.scopes {
             let (cost, ops, _) = inner
@@ -77,9 +91,69 @@ impl MemoryLedger {
         }
         inner.reservations.insert(
             (r.policy.clone(), r.op_key),
-            (r.payload.clone(), r.expires_at),
+            Record {
+                payload: r.payload.clone(),
+                cost: r.cost_gwei,
+                scopes: r.scopes.iter().map(|s| s.name.clone()).collect(),
+                valid_until: r.valid_until,
+                open: true,
+                expires_at: r.expires_at,
+            },
         );
+        inner
+            .by_user_op_hash
+            .insert(r.user_op_hash, (r.policy.clone(), r.op_key));
         Outcome::Reserved
+    }
+
+    /// Settle (`Some(actual)`) or release (`None`) the reservation of `user_op_hash`, once.
+    pub(super) fn close(&self, user_op_hash: B256, actual: Option<u64>) -> bool {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let Some(key) = inner.by_user_op_hash.get(&user_op_hash).cloned() else {
+            return false;
+        };
+        Self::close_record(&mut inner, &key, actual)
+    }
+
+    fn close_record(inner: &mut Inner, key: &(String, B256), actual: Option<u64>) -> bool {
+        let Some(rec) = inner.reservations.get_mut(key).filter(|r| r.open) else {
+            return false;
+        };
+        rec.open = false;
+        let (reserved, scopes) = (rec.cost, rec.scopes.clone());
+        for scope in scopes {
+            if let Some(c) = inner.counters.get_mut(&(key.0.clone(), scope)) {
+                c.0 =
+                    c.0.saturating_sub(reserved)
+                        .saturating_add(actual.unwrap_or(0));
+                if actual.is_none() {
+                    c.1 = c.1.saturating_sub(1);
+                }
+            }
+        }
+        true
+    }
+
+    pub(super) fn release_expired(&self, policies: &[String], confirmed_time: u64) -> usize {
+        let mut inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        let expired: Vec<(String, B256)> = inner
+            .reservations
+            .iter()
+            .filter(|((policy, _), r)| {
+                r.open && r.valid_until < confirmed_time && policies.contains(policy)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        expired
+            .iter()
+            .filter(|k| Self::close_record(&mut inner, k, None))
+            .count()
     }
 
     pub(super) fn usage(&self, policy: &str, scope: &str) -> (u64, u64) {

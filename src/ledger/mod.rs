@@ -7,8 +7,10 @@
 //! Periods are fixed UTC windows, `floor(now / period)`. A repeated request for the same
 //! operation returns the answer already signed for it and reserves nothing more.
 //!
-//! Until settlement from the chain lands, a reservation stays counted at its worst case
-//! (DESIGN: "with no chain watcher, settle at worst case"): budgets never under-count.
+//! A reservation is closed once: settled to the `actualGasCost` of its `UserOperationEvent`
+//! (the chain watcher), or released when a confirmed block is past its `validUntil` without
+//! it (the operation can no longer land). Without a chain watcher it stays at its worst case
+//! (DESIGN: "settle at worst case"): budgets never under-count.
 //!
 //! [`memory`] and [`redis`] implement the same semantics; `tests/it/ledger.rs` runs one suite
 //! against both.
@@ -56,6 +58,10 @@ pub struct Reservation {
     pub policy: String,
     /// Idempotency key of the operation.
     pub op_key: B256,
+    /// The userOpHash the operation will have on chain (settlement finds it by this).
+    pub user_op_hash: B256,
+    /// The signature's validUntil: once a confirmed block is later, the op can never land.
+    pub valid_until: u64,
     /// Worst-case cost, gwei.
     pub cost_gwei: u64,
     /// Scopes charged.
@@ -115,6 +121,28 @@ impl Ledger {
         match self {
             Self::Memory(m) => Ok(m.reserve(r, check_only, now)),
             Self::Redis(l) => l.reserve(r, check_only, now).await,
+        }
+    }
+
+    /// Settle the reservation of `user_op_hash` to `actual_gwei`. `false` if unknown (not ours,
+    /// or the record expired) or already closed: settling twice changes nothing.
+    pub async fn settle(&self, user_op_hash: B256, actual_gwei: u64) -> Result<bool, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.close(user_op_hash, Some(actual_gwei))),
+            Self::Redis(l) => l.settle(user_op_hash, actual_gwei).await,
+        }
+    }
+
+    /// Release every open reservation of `policies` whose `validUntil` is before
+    /// `confirmed_time` (a confirmed block's timestamp). Returns how many were released.
+    pub async fn release_expired(
+        &self,
+        policies: &[String],
+        confirmed_time: u64,
+    ) -> Result<usize, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.release_expired(policies, confirmed_time)),
+            Self::Redis(l) => l.release_expired(policies, confirmed_time).await,
         }
     }
 

@@ -3,6 +3,8 @@
 //! and `sp:{<policy>}:op:<op key>` (the reservation record); the shared `{policy}` hash tag
 //! keeps one reservation's keys in one Cluster slot.
 
+use alloy::primitives::B256;
+use redis::AsyncCommands;
 use redis::aio::ConnectionManager;
 
 use super::{Exhausted, Outcome, Reservation};
@@ -13,6 +15,7 @@ use crate::session::StoreError;
 pub struct RedisLedger {
     conn: ConnectionManager,
     reserve: redis::Script,
+    settle: redis::Script,
 }
 
 impl std::fmt::Debug for RedisLedger {
@@ -29,8 +32,16 @@ fn budget_key(policy: &str, scope: &str) -> String {
     format!("sp:{{{policy}}}:budget:{scope}")
 }
 
-fn op_key(policy: &str, op: alloy::primitives::B256) -> String {
+fn op_key(policy: &str, op: B256) -> String {
     format!("sp:{{{policy}}}:op:{op}")
+}
+
+fn open_key(policy: &str) -> String {
+    format!("sp:{{{policy}}}:open")
+}
+
+fn user_op_key(user_op_hash: B256) -> String {
+    format!("sp:userop:{user_op_hash}")
 }
 
 impl RedisLedger {
@@ -39,6 +50,7 @@ impl RedisLedger {
         Self {
             conn,
             reserve: redis::Script::new(include_str!("reserve.lua")),
+            settle: redis::Script::new(include_str!("settle.lua")),
         }
     }
 
@@ -51,13 +63,15 @@ impl RedisLedger {
         let mut conn = self.conn.clone();
         let ttl = |at: u64| at.saturating_sub(now).max(1);
         let mut inv = self.reserve.key(op_key(&r.policy, r.op_key));
+        inv.key(open_key(&r.policy));
         for s in &r.scopes {
             inv.key(budget_key(&r.policy, &s.name));
         }
         inv.arg(if check_only { "1" } else { "0" })
-            .arg(r.cost_gwei)
+            .arg(r.cost_gwei.to_string())
             .arg(&r.payload)
-            .arg(ttl(r.expires_at));
+            .arg(ttl(r.expires_at))
+            .arg(r.valid_until);
         let limit = |l: Option<u64>| l.map_or(-1i128, i128::from);
         for s in &r.scopes {
             inv.arg(limit(s.cost_limit).to_string())
@@ -82,6 +96,22 @@ impl RedisLedger {
             redis::from_redis_value(reply.first().cloned().unwrap_or(redis::Value::Nil))
                 .map_err(unavailable)?;
         match code {
+            0 if !check_only => {
+                // Where settlement finds the record. Written after the reservation (a separate
+                // key, not in the policy's slot): if this fails, the reservation simply stays at
+                // its worst case, which never under-counts.
+                let index: redis::RedisResult<()> = redis::cmd("SET")
+                    .arg(user_op_key(r.user_op_hash))
+                    .arg(format!("{}\n{}", r.policy, op_key(&r.policy, r.op_key)))
+                    .arg("EX")
+                    .arg(ttl(r.expires_at))
+                    .query_async(&mut conn)
+                    .await;
+                if let Err(e) = index {
+                    tracing::warn!(error = %e, "reservation not indexed for settlement; it stays at its worst case");
+                }
+                Ok(Outcome::Reserved)
+            }
             0 => Ok(Outcome::Reserved),
             1 => Ok(Outcome::Existing(text(1)?)),
             2 => {
@@ -105,6 +135,80 @@ impl RedisLedger {
                 "unexpected reply {other} from reserve.lua"
             ))),
         }
+    }
+
+    pub(super) async fn settle(
+        &self,
+        user_op_hash: B256,
+        actual_gwei: u64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let index: Option<String> = conn
+            .get(user_op_key(user_op_hash))
+            .await
+            .map_err(unavailable)?;
+        let Some((policy, record)) = index.as_deref().and_then(|i| i.split_once('\n')) else {
+            return Ok(false);
+        };
+        self.close(policy, record, "settle", actual_gwei).await
+    }
+
+    /// Close one record: its scope keys are read first, so the script declares every key it
+    /// touches (required on Redis Cluster).
+    async fn close(
+        &self,
+        policy: &str,
+        record: &str,
+        mode: &str,
+        actual_gwei: u64,
+    ) -> Result<bool, StoreError> {
+        let mut conn = self.conn.clone();
+        let scopes: Option<String> = conn.hget(record, "scopes").await.map_err(unavailable)?;
+        let Some(scopes) = scopes else {
+            return Ok(false);
+        };
+        let mut inv = self.settle.key(record);
+        inv.key(open_key(policy));
+        for scope in scopes.split('\n').filter(|s| !s.is_empty()) {
+            inv.key(scope);
+        }
+        inv.arg(mode).arg(actual_gwei.to_string());
+        let closed: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        Ok(closed == 1)
+    }
+
+    pub(super) async fn release_expired(
+        &self,
+        policies: &[String],
+        confirmed_time: u64,
+    ) -> Result<usize, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut released = 0;
+        for policy in policies {
+            // validUntil < confirmed_time: the EntryPoint can no longer accept the operation.
+            let records: Vec<String> = redis::cmd("ZRANGEBYSCORE")
+                .arg(open_key(policy))
+                .arg("-inf")
+                .arg(format!("({confirmed_time}"))
+                .arg("LIMIT")
+                .arg(0)
+                .arg(1000)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            for record in records {
+                if self.close(policy, &record, "release", 0).await? {
+                    released += 1;
+                } else {
+                    // Expired or already closed record still listed: drop it from the set.
+                    let _: () = conn
+                        .zrem(open_key(policy), &record)
+                        .await
+                        .map_err(unavailable)?;
+                }
+            }
+        }
+        Ok(released)
     }
 
     pub(super) async fn usage(&self, policy: &str, scope: &str) -> Result<(u64, u64), StoreError> {

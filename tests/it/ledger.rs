@@ -42,7 +42,9 @@ fn reservation(op: u8, cost: u64, scopes: Vec<Scope>) -> Reservation {
         cost_gwei: cost,
         scopes,
         payload: format!("answer-{op}"),
-        expires_at: NOW + 600,
+        user_op_hash: B256::repeat_byte(op ^ 0x80),
+        valid_until: NOW + 600,
+        expires_at: NOW + 4200,
     }
 }
 
@@ -127,6 +129,56 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
         return Err("over the big limit".into());
     };
     assert_eq!((e.used, e.requested), (4_999_999_999_999, 2));
+
+    // Settlement to the chain's cost, once; release of what can no longer land, once.
+    let q = |op: u8, cost: u64| Reservation {
+        policy: "q".into(),
+        ..reservation(op, cost, vec![scope("s", Some(1000), None)])
+    };
+    assert_eq!(
+        ledger.reserve(&q(10, 100), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger.reserve(&q(11, 50), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.usage("q", "s").await?, (150, 2));
+    assert!(ledger.settle(B256::repeat_byte(10 ^ 0x80), 30).await?);
+    assert_eq!(
+        ledger.usage("q", "s").await?,
+        (80, 2),
+        "settled to the actual cost"
+    );
+    assert!(
+        !ledger.settle(B256::repeat_byte(10 ^ 0x80), 30).await?,
+        "never twice"
+    );
+    assert!(
+        !ledger.settle(B256::repeat_byte(0x42), 1).await?,
+        "unknown ops are not ours"
+    );
+    let policies = vec!["q".to_owned()];
+    assert_eq!(
+        ledger.release_expired(&policies, NOW + 600).await?,
+        0,
+        "still valid at validUntil"
+    );
+    assert_eq!(
+        ledger.release_expired(&policies, NOW + 601).await?,
+        1,
+        "only the open one"
+    );
+    assert_eq!(
+        ledger.usage("q", "s").await?,
+        (30, 1),
+        "released: neither cost nor op counts"
+    );
+    assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 0);
+    assert!(
+        !ledger.settle(B256::repeat_byte(11 ^ 0x80), 50).await?,
+        "a released op is closed"
+    );
     Ok(())
 }
 
