@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::admin;
+use crate::chain::watcher::Watcher;
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::ledger::memory::MemoryLedger;
@@ -132,6 +133,42 @@ impl AppState {
             loop {
                 tick.tick().await;
                 state.refresh_policies().await;
+            }
+        })
+    }
+
+    /// The shared Redis connection, when configured.
+    pub fn redis(&self) -> Option<&ConnectionManager> {
+        self.redis.as_ref()
+    }
+
+    /// Poll `watcher` every `every`, forever; failures are logged and retried on the next tick
+    /// (reservations then stay at their worst case meanwhile, never under-counted).
+    pub fn spawn_watcher(
+        self: &Arc<Self>,
+        watcher: Watcher,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let state = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                match watcher.poll_once(&state.sponsor).await {
+                    Ok(p) if p.settled + p.released > 0 => {
+                        tracing::info!(
+                            block = p.to_block,
+                            settled = p.settled,
+                            released = p.released,
+                            "settlement"
+                        )
+                    }
+                    Ok(_) => {}
+                    Err(e) => {
+                        tracing::warn!(error = %e, "settlement watcher poll failed; retrying")
+                    }
+                }
             }
         })
     }

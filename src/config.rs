@@ -79,6 +79,24 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_POLICY_POLL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub policy_poll: Duration,
 
+    /// Chain RPC URL. With it, a watcher settles budget reservations from the paymasters'
+    /// `UserOperationEvent`s and releases those that can no longer land; without it they stay
+    /// counted at their worst case. Never used on the sponsorship path.
+    #[arg(long, env = "SP_RPC_URL")]
+    pub rpc_url: Option<String>,
+
+    /// Blocks a log must be deep before it settles a reservation.
+    #[arg(long, env = "SP_CONFIRMATIONS", default_value_t = 2)]
+    pub confirmations: u64,
+
+    /// How often the watcher polls the chain.
+    #[arg(long, env = "SP_WATCH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
+    pub watch_interval: Duration,
+
+    /// First block to read when no cursor is stored yet (default: the confirmed head).
+    #[arg(long, env = "SP_WATCH_FROM_BLOCK")]
+    pub watch_from_block: Option<u64>,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "SP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,

@@ -9,6 +9,7 @@ use alloy::providers::{Provider, ProviderBuilder};
 use clap::{Parser, Subcommand};
 use session_paymaster::app::{self, AppState};
 use session_paymaster::chain::deploy::{Artifacts, deploy_dev_stack};
+use session_paymaster::chain::watcher::{Cursor, Watcher};
 use session_paymaster::config::{Config, ServeArgs};
 use session_paymaster::policy::file::{PolicyFileError, load_dir, load_sources, read_dir_sources};
 use session_paymaster::policy::publish;
@@ -265,6 +266,31 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     );
     log_startup(&state, &config);
     state.spawn_policy_watcher(args.policy_poll);
+    match &args.rpc_url {
+        Some(url) => {
+            let url = url.parse().map_err(|e| format!("invalid --rpc-url: {e}"))?;
+            let provider = ProviderBuilder::new().connect_http(url).erased();
+            let cursor = match state.redis() {
+                Some(conn) => Cursor::redis(conn.clone(), config.chain_id),
+                None => Cursor::memory(),
+            };
+            let watcher = Watcher::new(
+                provider,
+                &state.sponsor,
+                args.confirmations,
+                args.watch_from_block,
+                cursor,
+            );
+            state.spawn_watcher(watcher, args.watch_interval);
+            tracing::info!(
+                confirmations = args.confirmations,
+                "settlement watcher started"
+            );
+        }
+        None => tracing::warn!(
+            "no --rpc-url: budget reservations stay counted at their worst case (no settlement)"
+        ),
+    }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
         .await

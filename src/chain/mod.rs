@@ -1,4 +1,6 @@
-//! Talking to the chain. Today: deterministic deployment of the contracts ([`deploy`]) for
-//! local stacks and tests. The ledger issue adds the `UserOperationEvent` watcher here.
+//! Talking to the chain: deterministic deployment of the contracts for local stacks and tests
+//! ([`deploy`]), and settlement of budget reservations from `UserOperationEvent`s ([`watcher`]).
+//! Neither is on the sponsorship hot path.
 
 pub mod deploy;
+pub mod watcher;

@@ -441,3 +441,113 @@ async fn batches_decode_to_the_calls_the_account_executes() -> TestResult {
     }
     Ok(())
 }
+
+/// Budgets settle to what the chain charged: an executed op to its event's actualGasCost, an
+/// op never submitted released once a block is past its validUntil; a restarted watcher
+/// resumes from its cursor and settles nothing twice.
+#[tokio::test]
+async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
+    use session_paymaster::chain::watcher::{Cursor, Watcher};
+    use session_paymaster::ledger::wei_to_gwei_ceil;
+
+    let redis = crate::helpers::TestRedis::start().await?;
+    let dir = crate::helpers::TempDir::new("settle");
+    for entry in std::fs::read_dir(crate::helpers::repo_dir().join("policies"))? {
+        let path = entry?.path();
+        std::fs::copy(&path, dir.0.join(path.file_name().ok_or("name")?))?;
+    }
+    let policy_file = dir.0.join("dev-counter.toml");
+    let mut text = std::fs::read_to_string(&policy_file)?;
+    text.push_str("\n[budgets]\npolicy = { cost = \"1 ether\", ops = 100, period = \"1d\" }\n");
+    std::fs::write(&policy_file, text)?;
+    let stack = Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
+    let sponsor = &stack.app.state.sponsor;
+    let scope = format!("policy:{}", session_paymaster::app::unix_now() / 86_400);
+
+    let mut worst = 0u64;
+    let mut sponsored = Vec::new();
+    for version in EntryPointVersion::ALL {
+        let user = User::new(&stack, version).await?;
+        let mut op_json = user.op_json();
+        let result = stack
+            .app
+            .result(
+                "pm_sponsorUserOperation",
+                json!([op_json, user.entry_point()]),
+            )
+            .await?;
+        set_paymaster(&mut op_json, &result);
+        let mut op = UserOperation::from_json(&op_json)?;
+        worst += wei_to_gwei_ceil(op.max_cost(op.paymaster.clone().ok_or("pm")?.gas));
+        user.finish(&mut op)?;
+        sponsored.push((user, op));
+    }
+    assert_eq!(
+        sponsor.ledger().usage("dev-counter", &scope).await?,
+        (worst, 2),
+        "both reserved at worst case"
+    );
+
+    // Only the v0.7 op lands.
+    let (user, op) = &sponsored[0];
+    let event = user.submit(op).await?;
+    let actual = wei_to_gwei_ceil(event.actualGasCost);
+    let never_sent = wei_to_gwei_ceil(
+        sponsored[1]
+            .1
+            .max_cost(sponsored[1].1.paymaster.clone().ok_or("pm")?.gas),
+    );
+
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, std::time::Duration::from_secs(2))
+            .await?;
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        Some(0),
+        Cursor::redis(conn.clone(), 31337),
+    );
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.released), (1, 0), "{poll:?}");
+    assert_eq!(
+        sponsor.ledger().usage("dev-counter", &scope).await?,
+        (actual + never_sent, 2)
+    );
+    assert_eq!(
+        watcher.poll_once(sponsor).await?.settled,
+        0,
+        "nothing twice"
+    );
+
+    // A restarted watcher resumes from the stored cursor: nothing re-read, nothing re-settled.
+    let restarted = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        Some(0),
+        Cursor::redis(conn, 31337),
+    );
+    let poll = restarted.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.ignored), (0, 0), "{poll:?}");
+
+    // Past the unsent op's validUntil (10 minutes), it can no longer land: released.
+    let _: Value = stack
+        .anvil
+        .provider
+        .raw_request("evm_increaseTime".into(), (700u64,))
+        .await?;
+    let _: Value = stack
+        .anvil
+        .provider
+        .raw_request("evm_mine".into(), ())
+        .await?;
+    let poll = restarted.poll_once(sponsor).await?;
+    assert_eq!(poll.released, 1, "{poll:?}");
+    assert_eq!(
+        sponsor.ledger().usage("dev-counter", &scope).await?,
+        (actual, 1),
+        "spent equals the sum of the events' costs"
+    );
+    Ok(())
+}

@@ -238,6 +238,14 @@ pub struct Stack {
 
 impl Stack {
     pub async fn start() -> TestResult<Self> {
+        Self::start_with(None, None).await
+    }
+
+    /// A stack whose service uses `policies` (default: the repository's) and Redis at `redis_url`.
+    pub async fn start_with(
+        policies: Option<PathBuf>,
+        redis_url: Option<String>,
+    ) -> TestResult<Self> {
         let anvil = TestAnvil::start().await?;
         let keys = TempDir::new("stack");
         let key_file = keys.0.join("signer.key");
@@ -256,7 +264,12 @@ impl Stack {
             Some(deployed.entry_points[0].paymaster),
             Some(deployed.entry_points[1].paymaster),
         ];
-        let app = TestApp::spawn(config(pms, KeySource::File(key_file))).await?;
+        let mut c = config(pms, KeySource::File(key_file));
+        if let Some(dir) = policies {
+            c.policies_dir = dir;
+        }
+        c.redis_url = redis_url;
+        let app = TestApp::spawn(c).await?;
         Ok(Self {
             anvil,
             deployed,
