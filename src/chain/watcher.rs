@@ -151,6 +151,7 @@ impl Watcher {
             to_block: from.saturating_sub(1),
             ..Poll::default()
         };
+        let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
         while from <= confirmed && !self.entry_points.is_empty() {
             let to = confirmed.min(from + MAX_BLOCK_RANGE - 1);
             let filter = Filter::new()
@@ -166,7 +167,7 @@ impl Watcher {
                 let e = event.inner.data;
                 let settled = sponsor
                     .ledger()
-                    .settle(e.userOpHash, wei_to_gwei_ceil(e.actualGasCost))
+                    .settle(&policies, e.userOpHash, wei_to_gwei_ceil(e.actualGasCost))
                     .await
                     .map_err(|e| WatchError::Store(e.to_string()))?;
                 if settled {
@@ -187,7 +188,6 @@ impl Watcher {
             .await
             .map_err(rpc)?;
         if let Some(block) = block {
-            let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
             poll.released = sponsor
                 .ledger()
                 .release_expired(&policies, block.header.timestamp)

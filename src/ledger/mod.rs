@@ -126,10 +126,16 @@ impl Ledger {
 
     /// Settle the reservation of `user_op_hash` to `actual_gwei`. `false` if unknown (not ours,
     /// or the record expired) or already closed: settling twice changes nothing.
-    pub async fn settle(&self, user_op_hash: B256, actual_gwei: u64) -> Result<bool, StoreError> {
+    /// `policies` are the ids whose reservations may hold it.
+    pub async fn settle(
+        &self,
+        policies: &[String],
+        user_op_hash: B256,
+        actual_gwei: u64,
+    ) -> Result<bool, StoreError> {
         match self {
             Self::Memory(m) => Ok(m.close(user_op_hash, Some(actual_gwei))),
-            Self::Redis(l) => l.settle(user_op_hash, actual_gwei).await,
+            Self::Redis(l) => l.settle(policies, user_op_hash, actual_gwei).await,
         }
     }
 

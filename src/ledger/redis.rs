@@ -1,7 +1,8 @@
 //! The ledger in Redis: one `EVALSHA` of `reserve.lua` per sponsorship (the `redis` crate
-//! reloads the script on `NOSCRIPT`). Keys: `sp:{<policy>}:budget:<scope>` (hash: cost, ops)
-//! and `sp:{<policy>}:op:<op key>` (the reservation record); the shared `{policy}` hash tag
-//! keeps one reservation's keys in one Cluster slot.
+//! reloads the script on `NOSCRIPT`). Keys: `sp:{<policy>}:budget:<scope>` (hash: cost, ops),
+//! `sp:{<policy>}:op:<op key>` (the reservation record), `sp:{<policy>}:open` (open records by
+//! validUntil) and `sp:{<policy>}:userop:<userOpHash>` (settlement index); the shared
+//! `{policy}` hash tag keeps one reservation's keys in one Cluster slot.
 
 use alloy::primitives::B256;
 use redis::AsyncCommands;
@@ -40,8 +41,8 @@ fn open_key(policy: &str) -> String {
     format!("sp:{{{policy}}}:open")
 }
 
-fn user_op_key(user_op_hash: B256) -> String {
-    format!("sp:userop:{user_op_hash}")
+fn user_op_key(policy: &str, user_op_hash: B256) -> String {
+    format!("sp:{{{policy}}}:userop:{user_op_hash}")
 }
 
 impl RedisLedger {
@@ -64,6 +65,7 @@ impl RedisLedger {
         let ttl = |at: u64| at.saturating_sub(now).max(1);
         let mut inv = self.reserve.key(op_key(&r.policy, r.op_key));
         inv.key(open_key(&r.policy));
+        inv.key(user_op_key(&r.policy, r.user_op_hash));
         for s in &r.scopes {
             inv.key(budget_key(&r.policy, &s.name));
         }
@@ -96,22 +98,6 @@ impl RedisLedger {
             redis::from_redis_value(reply.first().cloned().unwrap_or(redis::Value::Nil))
                 .map_err(unavailable)?;
         match code {
-            0 if !check_only => {
-                // Where settlement finds the record. Written after the reservation (a separate
-                // key, not in the policy's slot): if this fails, the reservation simply stays at
-                // its worst case, which never under-counts.
-                let index: redis::RedisResult<()> = redis::cmd("SET")
-                    .arg(user_op_key(r.user_op_hash))
-                    .arg(format!("{}\n{}", r.policy, op_key(&r.policy, r.op_key)))
-                    .arg("EX")
-                    .arg(ttl(r.expires_at))
-                    .query_async(&mut conn)
-                    .await;
-                if let Err(e) = index {
-                    tracing::warn!(error = %e, "reservation not indexed for settlement; it stays at its worst case");
-                }
-                Ok(Outcome::Reserved)
-            }
             0 => Ok(Outcome::Reserved),
             1 => Ok(Outcome::Existing(text(1)?)),
             2 => {
@@ -137,20 +123,26 @@ impl RedisLedger {
         }
     }
 
+    /// The index of a userOpHash lives in its policy's slot (written by `reserve.lua` in the
+    /// same atomic step), so settlement looks in each policy's: off the hot path, and the
+    /// policies are few.
     pub(super) async fn settle(
         &self,
+        policies: &[String],
         user_op_hash: B256,
         actual_gwei: u64,
     ) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let index: Option<String> = conn
-            .get(user_op_key(user_op_hash))
-            .await
-            .map_err(unavailable)?;
-        let Some((policy, record)) = index.as_deref().and_then(|i| i.split_once('\n')) else {
-            return Ok(false);
-        };
-        self.close(policy, record, "settle", actual_gwei).await
+        for policy in policies {
+            let record: Option<String> = conn
+                .get(user_op_key(policy, user_op_hash))
+                .await
+                .map_err(unavailable)?;
+            if let Some(record) = record {
+                return self.close(policy, &record, "settle", actual_gwei).await;
+            }
+        }
+        Ok(false)
     }
 
     /// Close one record: its scope keys are read first, so the script declares every key it

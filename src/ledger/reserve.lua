@@ -2,7 +2,8 @@
 --
 -- KEYS[1]   reservation record of this operation (idempotency key)
 -- KEYS[2]   the policy's set of open reservations (score: validUntil), for release on expiry
--- KEYS[3..] one hash per budget scope, fields `cost` (gwei) and `ops`
+-- KEYS[3]   index from the op's userOpHash to its record, for settlement
+-- KEYS[4..] one hash per budget scope, fields `cost` (gwei) and `ops`
 -- ARGV[1]   "1": check only (ERC-7677 stub), reserve nothing
 -- ARGV[2]   cost to reserve, gwei (rounded up from wei), an integer string
 -- ARGV[3]   payload to store for an idempotent repeat (the signed answer)
@@ -20,8 +21,8 @@ if existing then
   return {1, existing}
 end
 local cost = tonumber(ARGV[2])
-for i = 3, #KEYS do
-  local base = 5 + (i - 3) * 4
+for i = 4, #KEYS do
+  local base = 5 + (i - 4) * 4
   local cost_limit = tonumber(ARGV[base + 1])
   local ops_limit = tonumber(ARGV[base + 2])
   local used_cost = tonumber(redis.call('HGET', KEYS[i], 'cost') or '0')
@@ -37,8 +38,8 @@ if ARGV[1] == '1' then
   return {0}
 end
 local scopes = {}
-for i = 3, #KEYS do
-  local base = 5 + (i - 3) * 4
+for i = 4, #KEYS do
+  local base = 5 + (i - 4) * 4
   redis.call('HINCRBY', KEYS[i], 'cost', ARGV[2])
   redis.call('HINCRBY', KEYS[i], 'ops', 1)
   redis.call('EXPIRE', KEYS[i], ARGV[base + 3])
@@ -48,4 +49,5 @@ redis.call('HSET', KEYS[1], 'payload', ARGV[3], 'cost', ARGV[2], 'state', 'open'
   'validUntil', ARGV[5], 'scopes', table.concat(scopes, '\n'))
 redis.call('EXPIRE', KEYS[1], ARGV[4])
 redis.call('ZADD', KEYS[2], ARGV[5], KEYS[1])
+redis.call('SET', KEYS[3], KEYS[1], 'EX', ARGV[4])
 return {0}

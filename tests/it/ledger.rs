@@ -2,6 +2,7 @@
 //! concurrent sponsorships against a budget for K sign exactly K, on one instance and on two
 //! sharing Redis; a repeated operation gets the same answer and reserves nothing more.
 
+use std::collections::BTreeMap;
 use std::time::Duration;
 
 use alloy::primitives::{Address, B256, U256, keccak256};
@@ -144,18 +145,25 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
         Outcome::Reserved
     );
     assert_eq!(ledger.usage("q", "s").await?, (150, 2));
-    assert!(ledger.settle(B256::repeat_byte(10 ^ 0x80), 30).await?);
+    let all = vec!["p".to_owned(), "q".to_owned()];
+    assert!(
+        ledger
+            .settle(&all, B256::repeat_byte(10 ^ 0x80), 30)
+            .await?
+    );
     assert_eq!(
         ledger.usage("q", "s").await?,
         (80, 2),
         "settled to the actual cost"
     );
     assert!(
-        !ledger.settle(B256::repeat_byte(10 ^ 0x80), 30).await?,
+        !ledger
+            .settle(&all, B256::repeat_byte(10 ^ 0x80), 30)
+            .await?,
         "never twice"
     );
     assert!(
-        !ledger.settle(B256::repeat_byte(0x42), 1).await?,
+        !ledger.settle(&all, B256::repeat_byte(0x42), 1).await?,
         "unknown ops are not ours"
     );
     let policies = vec!["q".to_owned()];
@@ -176,7 +184,9 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     );
     assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 0);
     assert!(
-        !ledger.settle(B256::repeat_byte(11 ^ 0x80), 50).await?,
+        !ledger
+            .settle(&all, B256::repeat_byte(11 ^ 0x80), 50)
+            .await?,
         "a released op is closed"
     );
     Ok(())
@@ -350,5 +360,75 @@ async fn ledger_outage_fails_closed() -> TestResult {
         )
         .await?;
     assert_eq!(err["code"], json!(-32004), "{err}");
+    Ok(())
+}
+
+/// DESIGN §1: a sponsorship without a session costs Redis exactly one EVALSHA and nothing else.
+/// Redis counts the commands a script runs too, so the expected counts are those of one
+/// `reserve.lua` run per sponsorship (one budget scope); a client command anywhere would add to them.
+#[tokio::test]
+async fn a_sponsorship_is_one_evalsha() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = budget_dir()?;
+    let apps = apps(1, Some(&redis), &dir).await?;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    // The first call loads the script (NOSCRIPT, SCRIPT LOAD, EVALSHA); later calls do not.
+    apps[0]
+        .result("pm_sponsorUserOperation", json!([op_json(999), ep]))
+        .await?;
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let parse = |info: &str| -> BTreeMap<String, u64> {
+        info.lines()
+            .filter_map(|l| l.strip_prefix("cmdstat_"))
+            .filter_map(|l| {
+                let (cmd, rest) = l.split_once(':')?;
+                Some((
+                    cmd.to_owned(),
+                    rest.split("calls=")
+                        .nth(1)?
+                        .split(',')
+                        .next()?
+                        .parse()
+                        .ok()?,
+                ))
+            })
+            .filter(|(cmd, _)| cmd != "info")
+            .collect()
+    };
+    let before = parse(
+        &redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async::<String>(&mut conn)
+            .await?,
+    );
+    for i in 0..5 {
+        apps[0]
+            .result("pm_sponsorUserOperation", json!([op_json(1000 + i), ep]))
+            .await?;
+    }
+    let after = parse(
+        &redis::cmd("INFO")
+            .arg("commandstats")
+            .query_async::<String>(&mut conn)
+            .await?,
+    );
+    let delta: BTreeMap<&str, u64> = after
+        .iter()
+        .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
+        .filter(|(_, d)| *d > 0)
+        .collect();
+    // Per run of reserve.lua with one scope: HGET record, HGET cost+ops, HINCRBY x2, EXPIRE
+    // scope, HSET record, EXPIRE record, ZADD open, SET index.
+    let expected = BTreeMap::from([
+        ("evalsha", 5),
+        ("hget", 15),
+        ("hincrby", 10),
+        ("expire", 10),
+        ("hset", 5),
+        ("zadd", 5),
+        ("set", 5),
+    ]);
+    assert_eq!(delta, expected, "Redis commands for 5 sponsorships");
     Ok(())
 }

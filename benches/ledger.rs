@@ -1,0 +1,201 @@
+//! Budget reservations on a real Redis, as ratios to the floor measured in the same run: one
+//! bare `EVALSHA` round trip of a trivial script. Also counts the `EVALSHA`s a sponsorship
+//! makes (DESIGN §1: exactly one, plus at most one session read). Run with `scripts/bench`;
+//! starts its own redis-server on a free port. Asserts nothing.
+
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use session_paymaster::config::EntryPointConfig;
+use session_paymaster::ledger::redis::RedisLedger;
+use session_paymaster::ledger::{Ledger, Reservation, Scope};
+use session_paymaster::policy::file::load_dir;
+use session_paymaster::session::SessionStore;
+use session_paymaster::session::memory::MemorySessions;
+use session_paymaster::signer::{KeySource, Signer};
+use session_paymaster::sponsor::{Mode, RequestContext, Sponsor, SponsorRequest};
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+const SAMPLES: usize = 3_000;
+
+fn percentiles(mut v: Vec<Duration>) -> (Duration, Duration) {
+    v.sort();
+    (v[v.len() / 2], v[v.len() * 99 / 100])
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    a.as_secs_f64() / b.as_secs_f64()
+}
+
+#[tokio::main(flavor = "current_thread")]
+async fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port();
+    let mut server = Command::new("redis-server")
+        .args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+            "--appendonly",
+            "no",
+        ])
+        .stdout(Stdio::null())
+        .spawn()?;
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let url = format!("redis://127.0.0.1:{port}");
+    let result = run(&url).await;
+    let _ = server.kill();
+    let _ = server.wait();
+    result
+}
+
+async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
+    let conn = session_paymaster::session::redis::connect(url, Duration::from_secs(2)).await?;
+
+    // The floor: one EVALSHA round trip of a script that does nothing.
+    let trivial = redis::Script::new("return 1");
+    let mut c = conn.clone();
+    let _: i64 = trivial.invoke_async(&mut c).await?;
+    let mut bare = Vec::with_capacity(SAMPLES);
+    for _ in 0..SAMPLES {
+        let t = Instant::now();
+        let _: i64 = trivial.invoke_async(&mut c).await?;
+        bare.push(t.elapsed());
+    }
+    let (bare50, bare99) = percentiles(bare);
+
+    // A reservation in three scopes.
+    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let scope = |name: &str| Scope {
+        name: name.into(),
+        rule: name.into(),
+        cost_limit: Some(u64::MAX / 4),
+        ops_limit: None,
+        expires_at: 4_000_000_000,
+    };
+    let mut reserve = Vec::with_capacity(SAMPLES);
+    for i in 0..SAMPLES {
+        let r = Reservation {
+            policy: "bench".into(),
+            op_key: keccak256(i.to_be_bytes()),
+            cost_gwei: 123_456,
+            scopes: vec![
+                scope("session:1"),
+                scope("sender:0x11:1"),
+                scope("policy:1"),
+            ],
+            payload: "x".repeat(300),
+            user_op_hash: B256::ZERO,
+            valid_until: 4_000_000_000,
+            expires_at: 4_000_000_000,
+        };
+        let t = Instant::now();
+        ledger.reserve(&r, false, 1_800_000_000).await?;
+        reserve.push(t.elapsed());
+    }
+    let (res50, res99) = percentiles(reserve);
+
+    // Whole sponsorships (decode, policy, sign, reserve) of a budgeted policy, counting EVALSHAs.
+    let dir = std::env::temp_dir().join(format!("sp-bench-{}", std::process::id()));
+    std::fs::create_dir_all(&dir)?;
+    let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3".parse()?;
+    std::fs::write(
+        dir.join("b.toml"),
+        format!(
+            "id = \"b\"\nchains = [31337]\nentry_points = [\"0.7\"]\n[budgets]\nsender = {{ cost = \"1000 ether\", period = \"1d\" }}\n\
+             policy = {{ cost = \"1000000 ether\", period = \"1d\" }}\n[[allow]]\ntarget = \"{counter}\"\nfunctions = [\"increment()\"]\n"
+        ),
+    )?;
+    let policies = load_dir(&dir).map_err(|e| format!("{e:?}"))?;
+    let _ = std::fs::remove_dir_all(&dir);
+    let ep = EntryPointConfig {
+        version: EntryPointVersion::V0_7,
+        address: EntryPointVersion::V0_7.canonical_address(),
+        paymaster: Some(Address::repeat_byte(7)),
+    };
+    let sponsor = Sponsor::new(
+        31337,
+        vec![ep],
+        policies,
+        Signer::load(KeySource::Ephemeral)?,
+        SessionStore::Memory(MemorySessions::new()),
+        ledger,
+    );
+    let context = RequestContext::default();
+    let evalsha_calls = |info: &str| -> u64 {
+        info.lines()
+            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .and_then(|l| l.split("calls=").nth(1))
+            .and_then(|s| s.split(',').next())
+            .and_then(|n| n.parse().ok())
+            .unwrap_or(0)
+    };
+    let mut c = conn.clone();
+    let before: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await?;
+    let n = SAMPLES / 3;
+    let mut whole = Vec::with_capacity(n);
+    for i in 0..n {
+        let op = UserOperation {
+            sender: Address::repeat_byte(0x11),
+            nonce: U256::from(i),
+            call_data: executeCall {
+                dest: counter,
+                value: U256::ZERO,
+                func: keccak256("increment()")[..4].to_vec().into(),
+            }
+            .abi_encode()
+            .into(),
+            call_gas_limit: 100_000,
+            verification_gas_limit: 200_000,
+            pre_verification_gas: U256::from(50_000),
+            max_fee_per_gas: 2_000_000_000,
+            ..Default::default()
+        };
+        let req = SponsorRequest {
+            op: &op,
+            entry_point: ep.address,
+            context: &context,
+            mode: Mode::Final,
+            keep_client_gas: false,
+        };
+        let t = Instant::now();
+        sponsor
+            .sponsor(req, session_paymaster::app::unix_now())
+            .await?;
+        whole.push(t.elapsed());
+    }
+    let after: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(&mut c)
+        .await?;
+    let (whole50, whole99) = percentiles(whole);
+    let per_op = (evalsha_calls(&after) - evalsha_calls(&before)) as f64 / n as f64;
+
+    println!("limit  bare EVALSHA round trip        p50 {bare50:>8.1?}  p99 {bare99:>8.1?}");
+    println!(
+        "reserve (3 scopes)                  p50 {res50:>8.1?}  p99 {res99:>8.1?}  {:.2}x / {:.2}x limit",
+        ratio(res50, bare50),
+        ratio(res99, bare99)
+    );
+    println!(
+        "sponsorship with budgets, signed    p50 {whole50:>8.1?}  p99 {whole99:>8.1?}  {:.2}x / {:.2}x limit",
+        ratio(whole50, bare50),
+        ratio(whole99, bare99)
+    );
+    println!("EVALSHA per sponsorship             {per_op:.2}");
+    Ok(())
+}
