@@ -292,64 +292,110 @@ impl Stack {
     }
 }
 
-/// redis-server on a free port (no persistence), killed on drop.
+/// redis-server on a free port, killed on drop. `persistent` ones keep an append-only file
+/// (fsync on every write) in their own directory and can be restarted on the same port.
 pub struct TestRedis {
     child: Child,
     pub url: String,
+    port: u16,
+    data: Option<TempDir>,
 }
 
 impl TestRedis {
     pub async fn start() -> TestResult<Self> {
+        Self::spawn(None).await
+    }
+
+    /// With an append-only file.
+    pub async fn start_persistent() -> TestResult<Self> {
+        Self::spawn(Some(TempDir::new("redis-aof"))).await
+    }
+
+    async fn spawn(data: Option<TempDir>) -> TestResult<Self> {
         let mut last_err = String::new();
         for _ in 0..5 {
             let port = free_port();
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()
-                .map_err(|e| format!("redis-server: {e} (scripts/test installs it)"))?;
-            let mut redis = Self {
-                child,
-                url: format!("redis://127.0.0.1:{port}"),
-            };
-            let deadline = Instant::now() + Duration::from_secs(10);
-            while Instant::now() < deadline {
-                match redis::Client::open(redis.url.as_str())?
-                    .get_multiplexed_async_connection()
-                    .await
-                {
-                    Ok(mut c) => {
-                        let pong: redis::RedisResult<String> =
-                            redis::cmd("PING").query_async(&mut c).await;
-                        if pong.is_ok() {
+            match Self::launch(port, data.as_ref()) {
+                Ok(child) => {
+                    let mut redis = Self {
+                        child,
+                        url: format!("redis://127.0.0.1:{port}"),
+                        port,
+                        data: None,
+                    };
+                    match redis.wait_ready().await {
+                        Ok(()) => {
+                            redis.data = data;
                             return Ok(redis);
                         }
+                        Err(e) => last_err = e.to_string(),
                     }
-                    Err(e) => last_err = e.to_string(),
                 }
-                if let Ok(Some(_)) = redis.child.try_wait() {
-                    break;
-                }
-                tokio::time::sleep(Duration::from_millis(25)).await;
+                Err(e) => last_err = e.to_string(),
             }
         }
         Err(format!("redis-server did not start: {last_err}").into())
+    }
+
+    fn launch(port: u16, data: Option<&TempDir>) -> TestResult<Child> {
+        let mut cmd = Command::new("redis-server");
+        cmd.args([
+            "--port",
+            &port.to_string(),
+            "--bind",
+            "127.0.0.1",
+            "--save",
+            "",
+        ]);
+        match data {
+            Some(dir) => cmd
+                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
+                .arg(&dir.0),
+            None => cmd.args(["--appendonly", "no"]),
+        };
+        Ok(cmd
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()
+            .map_err(|e| format!("redis-server: {e} (scripts/test installs it)"))?)
+    }
+
+    async fn wait_ready(&mut self) -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            if let Ok(mut c) = redis::Client::open(self.url.as_str())?
+                .get_multiplexed_async_connection()
+                .await
+            {
+                let pong: redis::RedisResult<String> = redis::cmd("PING").query_async(&mut c).await;
+                if pong.is_ok() {
+                    return Ok(());
+                }
+            }
+            if let Ok(Some(_)) = self.child.try_wait() {
+                return Err("redis-server exited".into());
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err("redis-server not ready".into())
+    }
+
+    /// Kill the server (as a crash would).
+    pub fn kill(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+
+    /// Start it again on the same port, with the same append-only file.
+    pub async fn restart(&mut self) -> TestResult {
+        self.kill();
+        self.child = Self::launch(self.port, self.data.as_ref())?;
+        self.wait_ready().await
     }
 }
 
 impl Drop for TestRedis {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        self.kill();
     }
 }

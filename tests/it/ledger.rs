@@ -432,3 +432,62 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
     assert_eq!(delta, expected, "Redis commands for 5 sponsorships");
     Ok(())
 }
+
+/// Redis crashes mid-run and comes back from its append-only file: requests during the outage
+/// fail closed (nothing signed), and the budgets after the restart are those before it.
+#[tokio::test]
+async fn redis_restart_with_aof_keeps_budgets_and_fails_closed_meanwhile() -> TestResult {
+    let mut redis = TestRedis::start_persistent().await?;
+    let dir = budget_dir()?;
+    let apps = apps(1, Some(&redis), &dir).await?;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    for i in 0..3 {
+        apps[0]
+            .result("pm_sponsorUserOperation", json!([op_json(i), ep]))
+            .await?;
+    }
+    let scope = format!("policy:{}", session_paymaster::app::unix_now() / 86_400);
+    let ledger = apps[0].state.sponsor.ledger();
+    assert_eq!(ledger.usage("budgeted", &scope).await?.1, 3);
+
+    redis.kill();
+    let err = apps[0]
+        .error("pm_sponsorUserOperation", json!([op_json(3), ep]))
+        .await?;
+    assert_eq!(
+        err["code"],
+        json!(-32004),
+        "fail closed while Redis is down: {err}"
+    );
+
+    redis.restart().await?;
+    // The connection reconnects by itself; the first request may still see the old socket.
+    let mut usage = None;
+    for _ in 0..20 {
+        if let Ok(u) = ledger.usage("budgeted", &scope).await {
+            usage = Some(u.1);
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(
+        usage,
+        Some(3),
+        "budgets after the restart equal those before"
+    );
+    let mut signed = 3;
+    for i in 10..20 {
+        if apps[0]
+            .call("pm_sponsorUserOperation", json!([op_json(i), ep]))
+            .await?["result"]
+            .is_object()
+        {
+            signed += 1;
+        }
+    }
+    assert_eq!(
+        signed, K,
+        "the budget still holds exactly K after the restart"
+    );
+    Ok(())
+}
