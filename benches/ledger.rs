@@ -83,6 +83,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         cost_limit: Some(u64::MAX / 4),
         ops_limit: None,
         expires_at: 4_000_000_000,
+        resets_at: None,
     };
     let mut reserve = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES {

@@ -353,7 +353,7 @@ impl Sponsor {
 
     /// The budget scopes an operation is charged to: the session (the smaller of the grant's
     /// and the policy's session budget), the sender per period, the whole policy per period.
-    fn scopes(
+    pub fn scopes(
         policy: &Policy,
         session: Option<&SessionGrant>,
         sender: Address,
@@ -377,17 +377,22 @@ impl Sponsor {
                     cost_limit: cost,
                     ops_limit: ops,
                     expires_at: grant.valid_until.saturating_add(GRACE_SECS),
+                    resets_at: None,
                 });
             }
         }
         let windowed = |budget: &crate::policy::Budget, base: String, rule: &str| {
-            let (name, expires_at) = match budget.period.map(|p| p.as_secs().max(1)) {
-                Some(p) => (
-                    format!("{base}:{}", now / p),
-                    (now / p + 1).saturating_mul(p).saturating_add(GRACE_SECS),
-                ),
+            let (name, resets_at, expires_at) = match budget.period.map(|p| p.as_secs().max(1)) {
+                Some(p) => {
+                    let end = (now / p + 1).saturating_mul(p);
+                    (
+                        format!("{base}:{}", now / p),
+                        Some(end),
+                        end.saturating_add(GRACE_SECS),
+                    )
+                }
                 // No period: the budget never resets; keep its counter for ten years.
-                None => (base, now.saturating_add(10 * 365 * 86_400)),
+                None => (base, None, now.saturating_add(10 * 365 * 86_400)),
             };
             Scope {
                 name,
@@ -395,6 +400,7 @@ impl Sponsor {
                 cost_limit: gwei(budget.cost),
                 ops_limit: budget.ops,
                 expires_at,
+                resets_at,
             }
         };
         if let Some(b) = &policy.budgets.sender {

@@ -49,6 +49,8 @@ pub struct Scope {
     pub ops_limit: Option<u64>,
     /// Unix time the counter may be forgotten (end of its window or session, plus grace).
     pub expires_at: u64,
+    /// Unix time a periodic budget starts afresh (`None`: it never resets).
+    pub resets_at: Option<u64>,
 }
 
 /// A reservation request.

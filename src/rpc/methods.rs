@@ -8,7 +8,7 @@ use super::error::RpcError;
 use crate::app::{AppState, unix_now};
 use crate::policy::Rejection;
 use crate::session::SessionStatus;
-use crate::sponsor::{Mode, RequestContext, SponsorError, SponsorRequest, Sponsorship};
+use crate::sponsor::{Mode, RequestContext, Sponsor, SponsorError, SponsorRequest, Sponsorship};
 use crate::userop::UserOperation;
 use crate::wire::{self, FieldError, to_quantity};
 
@@ -104,11 +104,30 @@ async fn session_status(
         SessionStatus::Active if now < grant.valid_after => "pending",
         SessionStatus::Active => "active",
     };
-    let permissions = state
-        .sponsor
-        .policies()
-        .get(&grant.policy)
-        .map(|p| grant.effective_permissions(p));
+    let policies = state.sponsor.policies();
+    let policy = policies.get(&grant.policy);
+    let permissions = policy.map(|p| grant.effective_permissions(p));
+    // The budgets this session's next operation would be charged to, and how much is left.
+    let mut budgets = Vec::new();
+    for scope in policy
+        .map(|p| Sponsor::scopes(p, Some(&grant), grant.account, now))
+        .unwrap_or_default()
+    {
+        let (used_cost, used_ops) = state
+            .sponsor
+            .ledger()
+            .usage(&grant.policy, &scope.name)
+            .await
+            .map_err(|e| RpcError::from_sponsor(e.into(), request_id, &[]))?;
+        let amount = |limit: Option<u64>, used: u64| json!({ "limit": limit, "used": used, "remaining": limit.map(|l| l.saturating_sub(used)) });
+        budgets.push(json!({
+            "scope": scope.name,
+            "rule": scope.rule,
+            "costGwei": amount(scope.cost_limit, used_cost),
+            "ops": amount(scope.ops_limit, used_ops),
+            "resetsAt": scope.resets_at,
+        }));
+    }
     Ok(json!({
         "sessionId": grant.session_id,
         "status": status,
@@ -120,6 +139,7 @@ async fn session_status(
         "validUntil": grant.valid_until,
         "effectivePermissions": permissions,
         "budget": grant.budget,
+        "budgets": budgets,
         "spent": grant.spent.iter().map(|(token, amount)| (token.to_string(), json!(amount.to_string()))).collect::<serde_json::Map<_, _>>(),
     }))
 }

@@ -33,6 +33,7 @@ fn scope(name: &str, cost: Option<u64>, ops: Option<u64>) -> Scope {
         cost_limit: cost,
         ops_limit: ops,
         expires_at: NOW + 3600,
+        resets_at: None,
     }
 }
 
@@ -489,5 +490,60 @@ async fn redis_restart_with_aof_keeps_budgets_and_fails_closed_meanwhile() -> Te
         signed, K,
         "the budget still holds exactly K after the restart"
     );
+    Ok(())
+}
+
+/// pm_getSessionStatus shows each budget the session is charged to: limit, used, remaining.
+#[tokio::test]
+async fn session_status_shows_budgets() -> TestResult {
+    let dir = budget_dir()?;
+    let policy = dir.0.join("budgeted.toml");
+    let text = std::fs::read_to_string(&policy)?
+        .replace("[budgets]\n", "[budgets]\nsession = { ops = 4 }\n");
+    std::fs::write(&policy, text)?;
+    let apps = apps(1, None, &dir).await?;
+    let account = Address::repeat_byte(0x11);
+    let now = session_paymaster::app::unix_now();
+    let body = json!({
+        "account": account, "sessionKey": account, "chainId": 31337, "policy": "budgeted",
+        "validAfter": now - 5, "validUntil": now + 3600, "budget": { "ops": 3 }
+    });
+    let resp = reqwest::Client::new()
+        .post(format!("{}/admin/sessions", apps[0].url))
+        .header(
+            "authorization",
+            format!("Bearer {}", crate::helpers::ADMIN_TOKEN),
+        )
+        .json(&body)
+        .send()
+        .await?;
+    assert_eq!(resp.status().as_u16(), 201);
+    let session = resp.json::<Value>().await?["sessionId"].clone();
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    apps[0]
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op_json(1), ep, { "sessionId": session }]),
+        )
+        .await?;
+    let status = apps[0]
+        .result("pm_getSessionStatus", json!([session]))
+        .await?;
+    let budgets = status["budgets"].as_array().ok_or("budgets")?;
+    assert_eq!(
+        budgets[0]["scope"],
+        json!(format!("session:{}", session.as_str().ok_or("id")?))
+    );
+    assert_eq!(
+        budgets[0]["ops"],
+        json!({ "limit": 3, "used": 1, "remaining": 2 }),
+        "the smaller of grant and policy"
+    );
+    assert_eq!(budgets[0]["resetsAt"], Value::Null);
+    assert_eq!(
+        budgets[1]["ops"],
+        json!({ "limit": K, "used": 1, "remaining": K - 1 })
+    );
+    assert_eq!(budgets[1]["resetsAt"], json!((now / 86_400 + 1) * 86_400));
     Ok(())
 }
