@@ -7,13 +7,13 @@ use std::sync::atomic::{AtomicU64, Ordering};
 use std::path::{Path, PathBuf};
 use std::time::Duration;
 
+use crate::session::redis::RedisConn;
 use alloy::primitives::B256;
 use axum::Router;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
-use redis::aio::ConnectionManager;
 use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
@@ -44,7 +44,7 @@ pub struct AppState {
     pub admin_token_sha256: Option<B256>,
     admin_on_main: bool,
     /// Shared Redis connection, when configured.
-    redis: Option<ConnectionManager>,
+    redis: Option<RedisConn>,
     policies_dir: PathBuf,
     request_seq: AtomicU64,
 }
@@ -138,7 +138,7 @@ impl AppState {
     }
 
     /// The shared Redis connection, when configured.
-    pub fn redis(&self) -> Option<&ConnectionManager> {
+    pub fn redis(&self) -> Option<&RedisConn> {
         self.redis.as_ref()
     }
 

@@ -9,12 +9,12 @@
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use crate::session::redis::RedisConn;
 use alloy::primitives::{Address, B256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use crate::ledger::wei_to_gwei_ceil;
 use crate::sponsor::Sponsor;
@@ -40,12 +40,12 @@ pub enum Cursor {
     /// In this process (the embedded default).
     Memory(AtomicU64),
     /// In Redis, under this key: survives restarts, shared by replicas.
-    Redis(ConnectionManager, String),
+    Redis(RedisConn, String),
 }
 
 impl Cursor {
     /// A cursor in Redis for `chain_id`.
-    pub fn redis(conn: ConnectionManager, chain_id: u64) -> Self {
+    pub fn redis(conn: RedisConn, chain_id: u64) -> Self {
         Self::Redis(conn, format!("sp:watcher:{chain_id}:cursor"))
     }
 

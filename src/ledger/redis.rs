@@ -4,9 +4,9 @@
 //! validUntil) and `sp:{<policy>}:userop:<userOpHash>` (settlement index); the shared
 //! `{policy}` hash tag keeps one reservation's keys in one Cluster slot.
 
+use crate::session::redis::RedisConn;
 use alloy::primitives::B256;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use super::{Exhausted, Outcome, Reservation};
 use crate::session::StoreError;
@@ -14,7 +14,7 @@ use crate::session::StoreError;
 /// Redis-backed ledger.
 #[derive(Clone)]
 pub struct RedisLedger {
-    conn: ConnectionManager,
+    conn: RedisConn,
     reserve: redis::Script,
     settle: redis::Script,
 }
@@ -47,7 +47,7 @@ fn user_op_key(policy: &str, user_op_hash: B256) -> String {
 
 impl RedisLedger {
     /// A ledger on `conn`.
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
             reserve: redis::Script::new(include_str!("reserve.lua")),

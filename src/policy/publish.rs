@@ -4,9 +4,9 @@
 //! `sp:policies:current` names the version in force. Publishing writes the set, then switches
 //! `current`; replicas poll `current` and load a new version only if it parses completely.
 
+use crate::session::redis::RedisConn;
 use alloy::primitives::B256;
 use redis::AsyncCommands;
-use redis::aio::ConnectionManager;
 
 use super::file::Sources;
 use crate::session::StoreError;
@@ -22,11 +22,7 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 }
 
 /// Publish `sources` (already validated) as `version` and make it current.
-pub async fn push(
-    conn: &ConnectionManager,
-    version: B256,
-    sources: &Sources,
-) -> Result<(), StoreError> {
+pub async fn push(conn: &RedisConn, version: B256, sources: &Sources) -> Result<(), StoreError> {
     let mut conn = conn.clone();
     let json = serde_json::to_string(sources).map_err(unavailable)?;
     let _: () = conn
@@ -41,14 +37,14 @@ pub async fn push(
 }
 
 /// The version in force, if any was published.
-pub async fn current_version(conn: &ConnectionManager) -> Result<Option<B256>, StoreError> {
+pub async fn current_version(conn: &RedisConn) -> Result<Option<B256>, StoreError> {
     let mut conn = conn.clone();
     let v: Option<String> = conn.get(CURRENT).await.map_err(unavailable)?;
     Ok(v.and_then(|v| v.parse().ok()))
 }
 
 /// The files of a published version.
-pub async fn fetch(conn: &ConnectionManager, version: B256) -> Result<Option<Sources>, StoreError> {
+pub async fn fetch(conn: &RedisConn, version: B256) -> Result<Option<Sources>, StoreError> {
     let mut conn = conn.clone();
     let json: Option<String> = conn.get(set_key(version)).await.map_err(unavailable)?;
     json.map(|j| serde_json::from_str(&j).map_err(unavailable))

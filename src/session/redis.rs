@@ -12,13 +12,14 @@ use std::collections::HashMap;
 use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
+use redis::cluster_async::ClusterConnection;
 
 use super::{Page, SessionGrant, SessionStatus, SpendCommit, StoreError};
 
 /// Redis-backed session store.
 #[derive(Clone)]
 pub struct RedisSessions {
-    conn: ConnectionManager,
+    conn: RedisConn,
     revoke: redis::Script,
     spend: redis::Script,
 }
@@ -48,23 +49,91 @@ fn account_key(account: Address) -> String {
     format!("sp:account-sessions:{account}")
 }
 
-/// Connect to Redis at `url`; every command fails (closed) after `timeout`. The connection
-/// reconnects by itself and is shared (cheap clones) by the stores that use Redis.
-pub async fn connect(url: &str, timeout: Duration) -> Result<ConnectionManager, StoreError> {
+/// The shared Redis connection: one node (reconnecting by itself) or a Cluster (commands
+/// routed by key slot; every multi-key script here keeps its keys in one slot).
+#[derive(Clone)]
+pub enum RedisConn {
+    /// A single Redis.
+    Single(ConnectionManager),
+    /// A Redis Cluster.
+    Cluster(ClusterConnection),
+}
+
+impl std::fmt::Debug for RedisConn {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(match self {
+            Self::Single(_) => "RedisConn::Single",
+            Self::Cluster(_) => "RedisConn::Cluster",
+        })
+    }
+}
+
+impl redis::aio::ConnectionLike for RedisConn {
+    fn req_packed_command<'a>(
+        &'a mut self,
+        cmd: &'a redis::Cmd,
+    ) -> redis::RedisFuture<'a, redis::Value> {
+        match self {
+            Self::Single(c) => c.req_packed_command(cmd),
+            Self::Cluster(c) => c.req_packed_command(cmd),
+        }
+    }
+
+    fn req_packed_commands<'a>(
+        &'a mut self,
+        cmd: &'a redis::Pipeline,
+        offset: usize,
+        count: usize,
+    ) -> redis::RedisFuture<'a, Vec<redis::Value>> {
+        match self {
+            Self::Single(c) => c.req_packed_commands(cmd, offset, count),
+            Self::Cluster(c) => c.req_packed_commands(cmd, offset, count),
+        }
+    }
+
+    fn get_db(&self) -> i64 {
+        match self {
+            Self::Single(c) => c.get_db(),
+            Self::Cluster(c) => c.get_db(),
+        }
+    }
+}
+
+/// Connect to Redis at `url`, or to a Cluster when `url` lists several nodes separated by
+/// commas; every command fails (closed) after `timeout`. The connection is shared (cheap
+/// clones) by the stores that use Redis.
+pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
+    if url.contains(',') {
+        let nodes: Vec<&str> = url
+            .split(',')
+            .map(str::trim)
+            .filter(|n| !n.is_empty())
+            .collect();
+        let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .connection_timeout(timeout)
+            .response_timeout(timeout)
+            .build()
+            .map_err(unavailable)?;
+        return Ok(RedisConn::Cluster(
+            client.get_async_connection().await.map_err(unavailable)?,
+        ));
+    }
     let client = redis::Client::open(url).map_err(unavailable)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
         .set_number_of_retries(1);
-    client
-        .get_connection_manager_with_config(config)
-        .await
-        .map_err(unavailable)
+    Ok(RedisConn::Single(
+        client
+            .get_connection_manager_with_config(config)
+            .await
+            .map_err(unavailable)?,
+    ))
 }
 
 impl RedisSessions {
     /// Sessions on `conn`.
-    pub fn new(conn: ConnectionManager) -> Self {
+    pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
             revoke: redis::Script::new(include_str!("revoke.lua")),
@@ -94,17 +163,18 @@ impl RedisSessions {
             SessionStatus::Revoked => "revoked",
         };
         // A concurrent create of the same id lost the HSETNX above, so only this writer sets
-        // the status; the index is idempotent.
-        let _: () = redis::pipe()
+        // the status; the index is idempotent. Two commands, not a pipeline: the keys live in
+        // different Cluster slots (this is the admin path, not the sponsorship path).
+        let _: () = conn
             .hset(&key, "status", status)
-            .ignore()
+            .await
+            .map_err(unavailable)?;
+        let _: () = conn
             .zadd(
                 account_key(grant.account),
                 grant.session_id.to_string(),
                 grant.created_at,
             )
-            .ignore()
-            .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
         Ok(true)

@@ -399,3 +399,99 @@ impl Drop for TestRedis {
         self.kill();
     }
 }
+
+/// A three-master Redis Cluster on free ports, made with `redis-cli --cluster create`, stopped
+/// on drop.
+pub struct TestRedisCluster {
+    nodes: Vec<Child>,
+    _data: TempDir,
+    /// Comma-separated node URLs, as `--redis-url` takes a Cluster.
+    pub url: String,
+}
+
+impl TestRedisCluster {
+    pub async fn start() -> TestResult<Self> {
+        let data = TempDir::new("redis-cluster");
+        let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
+        let mut nodes = Vec::new();
+        for port in &ports {
+            let child = Command::new("redis-server")
+                .args([
+                    "--port",
+                    &port.to_string(),
+                    "--bind",
+                    "127.0.0.1",
+                    "--save",
+                    "",
+                    "--appendonly",
+                    "no",
+                ])
+                .args([
+                    "--cluster-enabled",
+                    "yes",
+                    "--cluster-config-file",
+                    &format!("nodes-{port}.conf"),
+                ])
+                .arg("--dir")
+                .arg(&data.0)
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?;
+            nodes.push(child);
+        }
+        let mut cluster = Self {
+            nodes,
+            _data: data,
+            url: ports
+                .iter()
+                .map(|p| format!("redis://127.0.0.1:{p}"))
+                .collect::<Vec<_>>()
+                .join(","),
+        };
+        for port in &ports {
+            cluster.wait_for(*port, "PING", "PONG").await?;
+        }
+        let out = Command::new("redis-cli")
+            .args(["--cluster", "create"])
+            .args(ports.iter().map(|p| format!("127.0.0.1:{p}")))
+            .args(["--cluster-replicas", "0", "--cluster-yes"])
+            .output()?;
+        if !out.status.success() {
+            return Err(format!(
+                "redis-cli --cluster create: {}",
+                String::from_utf8_lossy(&out.stdout)
+            )
+            .into());
+        }
+        for port in &ports {
+            cluster
+                .wait_for(*port, "CLUSTER INFO", "cluster_state:ok")
+                .await?;
+        }
+        Ok(cluster)
+    }
+
+    async fn wait_for(&mut self, port: u16, command: &str, expect: &str) -> TestResult {
+        let deadline = Instant::now() + Duration::from_secs(20);
+        while Instant::now() < deadline {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(command.split(' '))
+                .output()?;
+            if String::from_utf8_lossy(&out.stdout).contains(expect) {
+                return Ok(());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("redis node {port}: `{command}` never answered {expect}").into())
+    }
+}
+
+impl Drop for TestRedisCluster {
+    fn drop(&mut self) {
+        for node in &mut self.nodes {
+            let _ = node.kill();
+            let _ = node.wait();
+        }
+    }
+}

@@ -206,6 +206,27 @@ async fn redis_ledger_contract() -> TestResult {
     ledger_contract(Ledger::Redis(RedisLedger::new(conn))).await
 }
 
+#[tokio::test]
+async fn redis_cluster_ledger_contract() -> TestResult {
+    let cluster = crate::helpers::TestRedisCluster::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&cluster.url, Duration::from_secs(2)).await?;
+    ledger_contract(Ledger::Redis(RedisLedger::new(conn))).await
+}
+
+/// The whole service on a 3-master Cluster: 200 concurrent sponsorships against a budget for
+/// K sign exactly K.
+#[tokio::test]
+async fn concurrent_sponsorships_sign_exactly_the_budget_on_redis_cluster() -> TestResult {
+    let cluster = crate::helpers::TestRedisCluster::start().await?;
+    let dir = budget_dir()?;
+    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    c.policies_dir = dir.0.clone();
+    c.redis_url = Some(cluster.url.clone());
+    let apps = vec![TestApp::spawn(c.clone()).await?, TestApp::spawn(c).await?];
+    exactly_k_of_200(&apps).await
+}
+
 const K: u64 = 7;
 
 fn budget_dir() -> TestResult<TempDir> {

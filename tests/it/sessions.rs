@@ -511,6 +511,15 @@ async fn redis_store_contract() -> TestResult {
 }
 
 #[tokio::test]
+async fn redis_cluster_store_contract() -> TestResult {
+    let cluster = crate::helpers::TestRedisCluster::start().await?;
+    store_contract(SessionStore::Redis(
+        RedisSessions::connect(&cluster.url, Duration::from_secs(2)).await?,
+    ))
+    .await
+}
+
+#[tokio::test]
 async fn revocation_is_seen_by_another_instance_sharing_redis() -> TestResult {
     let redis = TestRedis::start().await?;
     let (one, two) = (app(Some(&redis)).await?, app(Some(&redis)).await?);
