@@ -16,12 +16,20 @@ pub struct MemoryLedger {
 
 #[derive(Debug, Default)]
 struct Inner {
-    /// `(policy, scope)` → (cost gwei, ops, expires_at).
-    counters: HashMap<(String, String), (u64, u64, u64)>,
+    /// `(policy, scope)` → the counter.
+    counters: HashMap<(String, String), Counter>,
     /// `(policy, op key)` → the reservation.
     reservations: HashMap<(String, B256), Record>,
     /// userOpHash → `(policy, op key)`.
     by_user_op_hash: HashMap<B256, (String, B256)>,
+}
+
+#[derive(Debug, Default, Clone, Copy)]
+struct Counter {
+    cost: u64,
+    open: u64,
+    ops: u64,
+    expires_at: u64,
 }
 
 #[derive(Debug)]
@@ -46,13 +54,13 @@ impl MemoryLedger {
             .inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        inner.counters.retain(|_, (_, _, exp)| *exp > now);
+        inner.counters.retain(|_, c| c.expires_at > now);
         inner.reservations.retain(|_, rec| rec.expires_at > now);
         if let Some(rec) = inner.reservations.get(&(r.policy.clone(), r.op_key)) {
             return Outcome::Existing(rec.payload.clone());
         }
         for s in &r.scopes {
-            let (cost, ops, _) = inner
+            let Counter { cost, ops, .. } = inner
                 .counters
                 .get(&(r.policy.clone(), s.name.clone()))
                 .copied()
@@ -81,13 +89,14 @@ impl MemoryLedger {
             return Outcome::Reserved;
         }
         for s in &r.scopes {
-            let entry = inner
+            let c = inner
                 .counters
                 .entry((r.policy.clone(), s.name.clone()))
-                .or_insert((0, 0, s.expires_at));
-            entry.0 = entry.0.saturating_add(r.cost_gwei);
-            entry.1 = entry.1.saturating_add(1);
-            entry.2 = s.expires_at;
+                .or_default();
+            c.cost = c.cost.saturating_add(r.cost_gwei);
+            c.open = c.open.saturating_add(r.cost_gwei);
+            c.ops = c.ops.saturating_add(1);
+            c.expires_at = s.expires_at;
         }
         inner.reservations.insert(
             (r.policy.clone(), r.op_key),
@@ -126,11 +135,13 @@ impl MemoryLedger {
         let (reserved, scopes) = (rec.cost, rec.scopes.clone());
         for scope in scopes {
             if let Some(c) = inner.counters.get_mut(&(key.0.clone(), scope)) {
-                c.0 =
-                    c.0.saturating_sub(reserved)
-                        .saturating_add(actual.unwrap_or(0));
+                c.cost = c
+                    .cost
+                    .saturating_sub(reserved)
+                    .saturating_add(actual.unwrap_or(0));
+                c.open = c.open.saturating_sub(reserved);
                 if actual.is_none() {
-                    c.1 = c.1.saturating_sub(1);
+                    c.ops = c.ops.saturating_sub(1);
                 }
             }
         }
@@ -164,6 +175,17 @@ impl MemoryLedger {
         inner
             .counters
             .get(&(policy.to_owned(), scope.to_owned()))
-            .map_or((0, 0), |(c, o, _)| (*c, *o))
+            .map_or((0, 0), |c| (c.cost, c.ops))
+    }
+
+    pub(super) fn open(&self, policy: &str, scope: &str) -> u64 {
+        let inner = self
+            .inner
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner);
+        inner
+            .counters
+            .get(&(policy.to_owned(), scope.to_owned()))
+            .map_or(0, |c| c.open)
     }
 }

@@ -154,6 +154,15 @@ impl Ledger {
         }
     }
 
+    /// The part of a scope's used cost (gwei) that is still open reservations at their worst
+    /// case (the rest is settled, actual cost).
+    pub async fn open(&self, policy: &str, scope: &str) -> Result<u64, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.open(policy, scope)),
+            Self::Redis(l) => l.open(policy, scope).await,
+        }
+    }
+
     /// Used cost (gwei) and ops of a scope of `policy`, for status and tests.
     pub async fn usage(&self, policy: &str, scope: &str) -> Result<(u64, u64), StoreError> {
         match self {

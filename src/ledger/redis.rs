@@ -203,6 +203,15 @@ impl RedisLedger {
         Ok(released)
     }
 
+    pub(super) async fn open(&self, policy: &str, scope: &str) -> Result<u64, StoreError> {
+        let mut conn = self.conn.clone();
+        let open: Option<u64> = conn
+            .hget(budget_key(policy, scope), "open")
+            .await
+            .map_err(unavailable)?;
+        Ok(open.unwrap_or(0))
+    }
+
     pub(super) async fn usage(&self, policy: &str, scope: &str) -> Result<(u64, u64), StoreError> {
         let mut conn = self.conn.clone();
         let (cost, ops): (Option<u64>, Option<u64>) = redis::cmd("HMGET")

@@ -3,7 +3,8 @@
 -- KEYS[1]   reservation record of this operation (idempotency key)
 -- KEYS[2]   the policy's set of open reservations (score: validUntil), for release on expiry
 -- KEYS[3]   index from the op's userOpHash to its record, for settlement
--- KEYS[4..] one hash per budget scope, fields `cost` (gwei) and `ops`
+-- KEYS[4..] one hash per budget scope: `cost` (gwei: open reservations at their worst case
+--           plus settled ones at their actual cost), `ops`, and `open` (the open part of cost)
 -- ARGV[1]   "1": check only (ERC-7677 stub), reserve nothing
 -- ARGV[2]   cost to reserve, gwei (rounded up from wei), an integer string
 -- ARGV[3]   payload to store for an idempotent repeat (the signed answer)
@@ -41,6 +42,7 @@ local scopes = {}
 for i = 4, #KEYS do
   local base = 5 + (i - 4) * 4
   redis.call('HINCRBY', KEYS[i], 'cost', ARGV[2])
+  redis.call('HINCRBY', KEYS[i], 'open', ARGV[2])
   redis.call('HINCRBY', KEYS[i], 'ops', 1)
   redis.call('EXPIRE', KEYS[i], ARGV[base + 3])
   scopes[#scopes + 1] = KEYS[i]

@@ -19,6 +19,7 @@ end
 local delta = string.format('%d', actual - reserved)
 for i = 3, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'cost', delta)
+  redis.call('HINCRBY', KEYS[i], 'open', string.format('%d', -reserved))
   if ARGV[1] == 'release' then
     -- The operation never ran: it does not count against operation limits either.
     redis.call('HINCRBY', KEYS[i], 'ops', -1)

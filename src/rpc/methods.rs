@@ -113,17 +113,24 @@ async fn session_status(
         .map(|p| Sponsor::scopes(p, Some(&grant), grant.account, now))
         .unwrap_or_default()
     {
-        let (used_cost, used_ops) = state
-            .sponsor
-            .ledger()
+        let ledger = state.sponsor.ledger();
+        let failed =
+            |e: crate::session::StoreError| RpcError::from_sponsor(e.into(), request_id, &[]);
+        let (used_cost, used_ops) = ledger
             .usage(&grant.policy, &scope.name)
             .await
-            .map_err(|e| RpcError::from_sponsor(e.into(), request_id, &[]))?;
+            .map_err(failed)?;
+        let reserved = ledger
+            .open(&grant.policy, &scope.name)
+            .await
+            .map_err(failed)?;
         let amount = |limit: Option<u64>, used: u64| json!({ "limit": limit, "used": used, "remaining": limit.map(|l| l.saturating_sub(used)) });
         budgets.push(json!({
             "scope": scope.name,
             "rule": scope.rule,
             "costGwei": amount(scope.cost_limit, used_cost),
+            "reservedGwei": reserved,
+            "spentGwei": used_cost.saturating_sub(reserved),
             "ops": amount(scope.ops_limit, used_ops),
             "resetsAt": scope.resets_at,
         }));

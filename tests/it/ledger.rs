@@ -147,10 +147,16 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     );
     assert_eq!(ledger.usage("q", "s").await?, (150, 2));
     let all = vec!["p".to_owned(), "q".to_owned()];
+    assert_eq!(ledger.open("q", "s").await?, 150, "all open");
     assert!(
         ledger
             .settle(&all, B256::repeat_byte(10 ^ 0x80), 30)
             .await?
+    );
+    assert_eq!(
+        ledger.open("q", "s").await?,
+        50,
+        "the settled one left the open part"
     );
     assert_eq!(
         ledger.usage("q", "s").await?,
@@ -183,6 +189,7 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
         (30, 1),
         "released: neither cost nor op counts"
     );
+    assert_eq!(ledger.open("q", "s").await?, 0);
     assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 0);
     assert!(
         !ledger
@@ -440,12 +447,12 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, d)| *d > 0)
         .collect();
-    // Per run of reserve.lua with one scope: HGET record, HGET cost+ops, HINCRBY x2, EXPIRE
-    // scope, HSET record, EXPIRE record, ZADD open, SET index.
+    // Per run of reserve.lua with one scope: HGET record, HGET cost+ops, HINCRBY cost, open
+    // and ops, EXPIRE scope, HSET record, EXPIRE record, ZADD open, SET index.
     let expected = BTreeMap::from([
         ("evalsha", 5),
         ("hget", 15),
-        ("hincrby", 10),
+        ("hincrby", 15),
         ("expire", 10),
         ("hset", 5),
         ("zadd", 5),
@@ -561,6 +568,11 @@ async fn session_status_shows_budgets() -> TestResult {
         "the smaller of grant and policy"
     );
     assert_eq!(budgets[0]["resetsAt"], Value::Null);
+    let reserved = budgets[0]["reservedGwei"].as_u64().ok_or("reserved")?;
+    assert!(
+        reserved > 0 && budgets[0]["spentGwei"] == json!(0),
+        "open until settled: {status}"
+    );
     assert_eq!(
         budgets[1]["ops"],
         json!({ "limit": K, "used": 1, "remaining": K - 1 })
