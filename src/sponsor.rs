@@ -1,6 +1,8 @@
 //! One sponsorship, start to finish (DESIGN §1): entry point and chain, gas limits, calldata
-//! decoding, policy, validity window, signature. No I/O: the hot path is pure computation
-//! plus one signature (the ledger issue adds one Redis round trip between policy and signer).
+//! decoding (no I/O); then the session grant (one read, only under a session), the policy,
+//! the validity window; then the signature, and the budget reservation (one `EVALSHA`, only
+//! when budgets apply) that must succeed before the signature is returned. ERC-20 spending
+//! under a session is recorded by compare-and-set before signing. No chain RPC.
 
 use std::sync::Arc;
 
