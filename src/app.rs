@@ -10,7 +10,7 @@ use std::time::Duration;
 use crate::session::redis::RedisConn;
 use alloy::primitives::B256;
 use axum::Router;
-use axum::extract::State;
+use axum::extract::{DefaultBodyLimit, State};
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
@@ -40,6 +40,8 @@ pub struct AppState {
     pub sponsor: Sponsor,
     /// ERC-7677 `sponsor.name`.
     pub sponsor_name: String,
+    /// Largest JSON-RPC request body accepted.
+    pub max_body_bytes: usize,
     /// SHA-256 of the admin bearer token; `None`: admin API closed.
     pub admin_token_sha256: Option<B256>,
     admin_on_main: bool,
@@ -107,6 +109,7 @@ impl AppState {
                 ledger,
             ),
             sponsor_name: config.sponsor_name.clone(),
+            max_body_bytes: config.max_body_bytes,
             admin_token_sha256: config.admin_token_sha256,
             admin_on_main: config.admin_on_main,
             redis,
@@ -254,7 +257,8 @@ async fn readyz(State(state): State<Arc<AppState>>) -> Response {
 /// The whole HTTP surface: JSON-RPC, health, and the admin API unless it has its own listener.
 pub fn router(state: Arc<AppState>) -> Router {
     let router = Router::new()
-        .route("/", post(rpc::handle))
+        // The handler enforces its own (JSON-RPC shaped) limit.
+        .route("/", post(rpc::handle).layer(DefaultBodyLimit::disable()))
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz));
     let router = if state.admin_on_main {

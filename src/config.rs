@@ -97,6 +97,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_WATCH_FROM_BLOCK")]
     pub watch_from_block: Option<u64>,
 
+    /// Largest JSON-RPC request body, in bytes (larger ones get a JSON-RPC error, HTTP 413).
+    #[arg(long, env = "SP_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
+    pub max_body_bytes: usize,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "SP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -126,6 +130,8 @@ pub struct Config {
     pub policies_dir: PathBuf,
     /// ERC-7677 sponsor name.
     pub sponsor_name: String,
+    /// Largest JSON-RPC request body.
+    pub max_body_bytes: usize,
     /// Redis for session grants; `None`: in memory.
     pub redis_url: Option<String>,
     /// Redis timeout.
@@ -160,6 +166,7 @@ impl From<&ServeArgs> for Config {
             signer,
             policies_dir: args.policies.clone(),
             sponsor_name: args.sponsor_name.clone(),
+            max_body_bytes: args.max_body_bytes,
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
             admin_token_sha256: args.admin_token_sha256,

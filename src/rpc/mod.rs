@@ -6,11 +6,12 @@ mod methods;
 
 use std::sync::Arc;
 
-use axum::body::Bytes;
+use axum::body::Body;
 use axum::extract::State;
 use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
+use tracing::Instrument;
 
 use self::error::{INVALID_REQUEST, PARSE_ERROR, RpcError};
 use crate::app::AppState;
@@ -19,9 +20,29 @@ use crate::app::AppState;
 pub const MAX_BATCH: usize = 100;
 
 /// `POST /`: one call or a batch. Each call of a batch gets its own result or error, in order;
-/// notifications (no `id`) get none.
-pub(crate) async fn handle(State(state): State<Arc<AppState>>, body: Bytes) -> Response {
+/// notifications (no `id`) get none. Every log line of the request carries its id.
+pub(crate) async fn handle(State(state): State<Arc<AppState>>, body: Body) -> Response {
     let request_id = state.next_request_id();
+    let span = tracing::info_span!("request", id = %request_id);
+    handle_body(&state, body, &request_id)
+        .instrument(span)
+        .await
+}
+
+async fn handle_body(state: &AppState, body: Body, request_id: &str) -> Response {
+    // A body over the limit gets a JSON-RPC error (HTTP 413), not a dropped connection.
+    let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
+        Ok(b) => b,
+        Err(_) => {
+            let msg = format!("invalid request: body over {} bytes", state.max_body_bytes);
+            let mut resp = reply(Some(error_response(
+                Value::Null,
+                RpcError::new(INVALID_REQUEST, msg),
+            )));
+            *resp.status_mut() = StatusCode::PAYLOAD_TOO_LARGE;
+            return resp;
+        }
+    };
     let Ok(value) = serde_json::from_slice::<Value>(&body) else {
         return reply(Some(error_response(
             Value::Null,
@@ -39,11 +60,11 @@ pub(crate) async fn handle(State(state): State<Arc<AppState>>, body: Bytes) -> R
         Value::Array(calls) => {
             let mut out = Vec::with_capacity(calls.len());
             for call in &calls {
-                out.extend(handle_call(&state, call, &request_id).await);
+                out.extend(handle_call(state, call, request_id).await);
             }
             reply((!out.is_empty()).then_some(Value::Array(out)))
         }
-        call => reply(handle_call(&state, &call, &request_id).await),
+        call => reply(handle_call(state, &call, request_id).await),
     }
 }
 

@@ -440,3 +440,26 @@ async fn explain_lists_every_check_and_the_decoded_calls() -> TestResult {
     assert!(v.get("paymasterData").is_none());
     Ok(())
 }
+
+#[tokio::test]
+async fn a_body_over_the_limit_gets_a_json_rpc_error() -> TestResult {
+    let app = app().await?;
+    let mut big = op();
+    big["callData"] = json!(format!("0x{}", "00".repeat(300 * 1024)));
+    let body = json!({ "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation", "params": [big, ep07()] });
+    let (status, v) = app.post(&body.to_string()).await?;
+    assert_eq!(status, 413);
+    assert_eq!(v["error"]["code"], json!(-32600), "{v}");
+    assert!(
+        v["error"]["message"]
+            .as_str()
+            .is_some_and(|m| m.contains("262144")),
+        "{v}"
+    );
+    // Just under the limit is parsed and judged on its merits.
+    let (status, v) = app
+        .post(&json!({ "jsonrpc": "2.0", "id": 2, "method": "eth_chainId" }).to_string())
+        .await?;
+    assert_eq!((status, v["result"].clone()), (200, json!("0x7a69")));
+    Ok(())
+}
