@@ -172,6 +172,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
             context: &context,
             mode: Mode::Final,
             keep_client_gas: false,
+            allowed_policies: None,
         };
         let t = Instant::now();
         sponsor

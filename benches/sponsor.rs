@@ -102,6 +102,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         context: &context,
         mode,
         keep_client_gas: false,
+        allowed_policies: None,
     };
     now_or_never(sponsor.sponsor(request(Mode::Final), now)).ok_or("sponsorship awaited I/O")??; // fails loudly here, not in the loop
 

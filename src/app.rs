@@ -18,6 +18,7 @@ use serde_json::{Value, json};
 use tokio::net::TcpListener;
 
 use crate::admin;
+use crate::apikey::ApiKeys;
 use crate::chain::watcher::Watcher;
 use crate::config::Config;
 use crate::ledger::Ledger;
@@ -42,6 +43,8 @@ pub struct AppState {
     pub sponsor_name: String,
     /// Largest JSON-RPC request body accepted.
     pub max_body_bytes: usize,
+    /// API keys; empty: keyless (loopback only).
+    pub api_keys: ApiKeys,
     /// SHA-256 of the admin bearer token; `None`: admin API closed.
     pub admin_token_sha256: Option<B256>,
     admin_on_main: bool,
@@ -110,6 +113,7 @@ impl AppState {
             ),
             sponsor_name: config.sponsor_name.clone(),
             max_body_bytes: config.max_body_bytes,
+            api_keys: ApiKeys::new(config.api_keys.clone()),
             admin_token_sha256: config.admin_token_sha256,
             admin_on_main: config.admin_on_main,
             redis,

@@ -9,6 +9,7 @@ use std::time::Duration;
 use alloy::primitives::{Address, B256};
 use clap::Args;
 
+use crate::apikey::ApiKey;
 use crate::signer::KeySource;
 use crate::userop::EntryPointVersion;
 
@@ -97,6 +98,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_WATCH_FROM_BLOCK")]
     pub watch_from_block: Option<u64>,
 
+    /// An API key: `name:sha256hex[:policy,policy]` (see `apikey new`); repeat for more, or
+    /// separate them with `;` in the environment. Without any, the service is keyless and
+    /// refuses to listen anywhere but loopback.
+    #[arg(long = "api-key", env = "SP_API_KEYS", value_delimiter = ';')]
+    pub api_keys: Vec<ApiKey>,
+
     /// Largest JSON-RPC request body, in bytes (larger ones get a JSON-RPC error, HTTP 413).
     #[arg(long, env = "SP_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
@@ -132,6 +139,8 @@ pub struct Config {
     pub sponsor_name: String,
     /// Largest JSON-RPC request body.
     pub max_body_bytes: usize,
+    /// API keys.
+    pub api_keys: Vec<ApiKey>,
     /// Redis for session grants; `None`: in memory.
     pub redis_url: Option<String>,
     /// Redis timeout.
@@ -167,6 +176,7 @@ impl From<&ServeArgs> for Config {
             policies_dir: args.policies.clone(),
             sponsor_name: args.sponsor_name.clone(),
             max_body_bytes: args.max_body_bytes,
+            api_keys: args.api_keys.clone(),
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
             admin_token_sha256: args.admin_token_sha256,

@@ -7,6 +7,7 @@
 //!
 //! # Layout
 //! - [`admin`]: the admin REST API (session grants), behind a bearer token.
+//! - [`apikey`]: API keys of dapp backends (SHA-256 hashes, policies each may use).
 //! - [`app`]: state built from config, `router(state)`, `run(listener, shutdown)`.
 //! - [`chain`]: deterministic deployment of the contracts (local stacks, tests).
 //! - [`config`]: flags and `SP_*` environment variables of `serve`.
@@ -20,6 +21,7 @@
 //! - [`wire`]: strict parsing of JSON-RPC hex quantities, data and addresses.
 
 pub mod admin;
+pub mod apikey;
 pub mod app;
 pub mod chain;
 pub mod config;

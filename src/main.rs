@@ -56,10 +56,28 @@ enum Command {
     },
     /// Create an admin API token: prints the token (once) and the SHA-256 the config takes.
     AdminToken,
+    /// Work with API keys of dapp backends.
+    Apikey {
+        #[command(subcommand)]
+        command: ApikeyCommand,
+    },
     /// Work with policy files.
     Policies {
         #[command(subcommand)]
         command: PoliciesCommand,
+    },
+}
+
+#[derive(Subcommand)]
+enum ApikeyCommand {
+    /// Create a key: prints it once, and the `--api-key` value the config takes (its hash).
+    New {
+        /// Name shown in logs.
+        #[arg(long)]
+        name: String,
+        /// Policies it may use (comma-separated); all when omitted.
+        #[arg(long, value_delimiter = ',')]
+        policies: Vec<String>,
     },
 }
 
@@ -87,6 +105,9 @@ fn main() -> ExitCode {
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::AdminToken => admin_token(),
+        Command::Apikey {
+            command: ApikeyCommand::New { name, policies },
+        } => apikey_new(&name, &policies),
         Command::Keygen { out } => match signer::keygen(&out) {
             Ok(address) => {
                 println!("{address}");
@@ -183,6 +204,31 @@ fn policies_push(dir: &std::path::Path, redis_url: &str) -> ExitCode {
     }
 }
 
+fn apikey_new(name: &str, policies: &[String]) -> ExitCode {
+    if name.is_empty() || name.contains([':', ';']) {
+        eprintln!("error: --name must be non-empty, without `:` or `;`");
+        return ExitCode::FAILURE;
+    }
+    let mut bytes = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut bytes) {
+        eprintln!("error: random number generator: {e}");
+        return ExitCode::FAILURE;
+    }
+    let key = zeroize::Zeroizing::new(format!("sp_{}", hex::encode(bytes)));
+    let hash = hex::encode(sha2::Sha256::digest(key.as_bytes()));
+    let scope = if policies.is_empty() {
+        String::new()
+    } else {
+        format!(":{}", policies.join(","))
+    };
+    println!(
+        "key (shown once; clients send `Authorization: Bearer <key>` or `?apikey=<key>`):\n{}",
+        key.as_str()
+    );
+    println!("config:\n--api-key {name}:0x{hash}{scope}");
+    ExitCode::SUCCESS
+}
+
 fn admin_token() -> ExitCode {
     let mut bytes = [0u8; 32];
     if let Err(e) = getrandom::fill(&mut bytes) {
@@ -259,6 +305,12 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 async fn serve_async(args: ServeArgs) -> Result<(), String> {
     let config = Config::from(&args);
+    if config.api_keys.is_empty() && !args.listen.ip().is_loopback() {
+        return Err(format!(
+            "no API key configured: refusing to serve {} keyless; configure --api-key (see `session-paymaster apikey new`) or listen on loopback",
+            args.listen
+        ));
+    }
     let state = Arc::new(
         AppState::build(&config)
             .await
@@ -364,6 +416,13 @@ fn log_startup(state: &AppState, config: &Config) {
         tracing::warn!(
             "sessions are kept in memory: they do not survive a restart and are not shared between replicas (set --redis-url)"
         );
+    }
+    if config.api_keys.is_empty() {
+        tracing::warn!(
+            "keyless mode: JSON-RPC answers anyone who can reach this loopback address (configure --api-key)"
+        );
+    } else {
+        tracing::info!(keys = config.api_keys.len(), "API keys required");
     }
     if config.admin_token_sha256.is_none() {
         tracing::warn!(

@@ -57,6 +57,8 @@ pub struct SponsorRequest<'a> {
     /// limits, so the client keeps the ones it has (from the stub, or from a bundler's
     /// estimate), and a signature over other values would fail with AA34.
     pub keep_client_gas: bool,
+    /// Policies the caller's API key may use (`None`: any).
+    pub allowed_policies: Option<&'a [String]>,
 }
 
 /// The request context: third param of `pm_sponsorUserOperation`, fourth of ERC-7677 methods.
@@ -462,7 +464,9 @@ impl Sponsor {
         let checked: Vec<&Policy> = match (&session, named) {
             (Some(grant), _) => policies.get(&grant.policy).into_iter().collect(),
             (None, Some(id)) => policies.get(id).into_iter().collect(),
-            (None, None) => candidates(&policies, &ctx).collect(),
+            (None, None) => candidates(&policies, &ctx)
+                .filter(|p| req.allowed_policies.is_none_or(|ids| ids.contains(&p.id)))
+                .collect(),
         };
         let checks: Vec<Value> = checked
             .iter()
@@ -602,8 +606,12 @@ impl Sponsor {
         };
         let policies = self.policies.current();
         let policy = match &session {
-            Some(grant) => self.check_session(&policies, grant, context, &ctx, entry_point)?,
-            None => select_policy(&policies, context, &ctx)?,
+            Some(grant) => {
+                let policy = self.check_session(&policies, grant, context, &ctx, entry_point)?;
+                check_allowed(policy, req.allowed_policies)?;
+                policy
+            }
+            None => select_policy(&policies, context, &ctx, req.allowed_policies)?,
         };
 
         let mut valid_until = now.saturating_add(policy.max_validity.as_secs());
@@ -690,11 +698,13 @@ fn select_policy<'p>(
     policies: &'p PolicySet,
     context: &RequestContext,
     ctx: &OpContext<'_>,
+    allowed: Option<&[String]>,
 ) -> Result<&'p Policy, SponsorError> {
     if let Some(id) = &context.sponsorship_policy_id {
         let policy = policies
             .get(id)
             .ok_or_else(|| SponsorError::UnknownPolicy(id.clone()))?;
+        check_allowed(policy, allowed)?;
         if policy.require_session {
             return Err(session_required(policy));
         }
@@ -702,13 +712,8 @@ fn select_policy<'p>(
         return Ok(policy);
     }
     let mut rejections = Vec::new();
-    // Candidates: policies without sessions for this chain and EntryPoint version (a policy
-    // for another chain is no answer to why this operation was refused).
-    let candidates = policies.iter().filter(|p| {
-        !p.require_session
-            && p.chains.contains(&ctx.chain_id)
-            && p.entry_points.contains(&ctx.version)
-    });
+    let candidates =
+        candidates(policies, ctx).filter(|p| allowed.is_none_or(|ids| ids.contains(&p.id)));
     for policy in candidates {
         match policy.check(ctx) {
             Ok(()) => return Ok(policy),
@@ -815,6 +820,18 @@ fn rejection_json(e: &SponsorError) -> Value {
     match e {
         SponsorError::Rejected(r) => rejection_fields(r),
         _ => Value::Null,
+    }
+}
+
+/// An API key may be limited to some policies.
+fn check_allowed(policy: &Policy, allowed: Option<&[String]>) -> Result<(), SponsorError> {
+    match allowed {
+        Some(ids) if !ids.contains(&policy.id) => Err(rejected(
+            "policy_not_allowed",
+            "apiKey.policies",
+            format!("this API key may not use policy `{}`", policy.id),
+        )),
+        _ => Ok(()),
     }
 }
 

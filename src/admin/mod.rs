@@ -21,8 +21,8 @@ use axum::response::{IntoResponse, Response};
 use axum::routing::get;
 use serde::Deserialize;
 use serde_json::{Value, json};
-use sha2::{Digest, Sha256};
 
+use crate::apikey::sha256_matches;
 use crate::app::{AppState, unix_now};
 use crate::session::StoreError;
 use crate::session::grant::{FieldIssue, SessionGrant};
@@ -38,17 +38,6 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route_layer(middleware::from_fn_with_state(state, authenticate))
 }
 
-/// SHA-256 of `token`, compared with the configured hash in constant time.
-pub fn token_matches(token: &str, expected_sha256: &B256) -> bool {
-    let digest = Sha256::digest(token.as_bytes());
-    // Constant time: every byte is compared whatever the first difference.
-    digest
-        .iter()
-        .zip(expected_sha256.iter())
-        .fold(0u8, |acc, (a, b)| acc | (a ^ b))
-        == 0
-}
-
 async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
     let token = req
         .headers()
@@ -56,7 +45,7 @@ async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Ne
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
     match (token, &state.admin_token_sha256) {
-        (Some(token), Some(expected)) if token_matches(token, expected) => next.run(req).await,
+        (Some(token), Some(expected)) if sha256_matches(token, expected) => next.run(req).await,
         _ => StatusCode::UNAUTHORIZED.into_response(),
     }
 }
@@ -197,17 +186,4 @@ fn random_id() -> B256 {
         id[..16].copy_from_slice(&nanos.to_be_bytes());
     }
     B256::from(id)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn token_hash_comparison() {
-        let expected = B256::from_slice(&Sha256::digest(b"s3cret"));
-        assert!(token_matches("s3cret", &expected));
-        assert!(!token_matches("s3cre", &expected));
-        assert!(!token_matches("", &expected));
-    }
 }

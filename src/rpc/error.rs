@@ -11,6 +11,7 @@
 //! | -32002 | no paymaster configured for the EntryPoint| `{reason, entryPointVersion}`           |
 //! | -32003 | sponsorship rejected                      | `{reason, rule, detail, callIndex?}`    |
 //! | -32004 | a dependency failed, nothing was signed   | `{reason, retryable: true, requestId}`  |
+//! | -32005 | missing or unknown API key (HTTP 401)     | `{reason: \"unauthorized\"}`              |
 //!
 //! docs/rpc.md documents the same table for clients.
 
@@ -37,6 +38,8 @@ pub const NOT_CONFIGURED: i64 = -32002;
 pub const REJECTED: i64 = -32003;
 /// A dependency (Redis) failed: nothing was signed; retry.
 pub const UNAVAILABLE: i64 = -32004;
+/// Missing or unknown API key (HTTP 401).
+pub const UNAUTHORIZED: i64 = -32005;
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq)]

@@ -5,6 +5,7 @@ use alloy::primitives::Address;
 use serde_json::{Value, json};
 
 use super::error::RpcError;
+use crate::apikey::ApiKey;
 use crate::app::{AppState, unix_now};
 use crate::policy::Rejection;
 use crate::session::SessionStatus;
@@ -15,6 +16,7 @@ use crate::wire::{self, FieldError, to_quantity};
 /// Run `method` with `params`; `request_id` tags internal errors.
 pub(crate) async fn call(
     state: &AppState,
+    key: Option<&ApiKey>,
     method: &str,
     params: &[Value],
     request_id: &str,
@@ -27,7 +29,7 @@ pub(crate) async fn call(
             let context = RequestContext::from_json(params.get(2))?;
             let s = sponsor(
                 state,
-                request(&op, entry_point, &context, Mode::Final),
+                request(key, &op, entry_point, &context, Mode::Final),
                 request_id,
             )
             .await?;
@@ -42,7 +44,7 @@ pub(crate) async fn call(
             let (op, entry_point, context) = erc7677_params(state, params)?;
             let s = sponsor(
                 state,
-                request(&op, entry_point, &context, Mode::Stub),
+                request(key, &op, entry_point, &context, Mode::Stub),
                 request_id,
             )
             .await?;
@@ -55,7 +57,7 @@ pub(crate) async fn call(
             let (op, entry_point, context) = erc7677_params(state, params)?;
             let req = SponsorRequest {
                 keep_client_gas: true,
-                ..request(&op, entry_point, &context, Mode::Final)
+                ..request(key, &op, entry_point, &context, Mode::Final)
             };
             Ok(paymaster_fields(&sponsor(state, req, request_id).await?))
         }
@@ -65,7 +67,10 @@ pub(crate) async fn call(
             let context = RequestContext::from_json(params.get(2))?;
             Ok(state
                 .sponsor
-                .explain(request(&op, entry_point, &context, Mode::Final), unix_now())
+                .explain(
+                    request(key, &op, entry_point, &context, Mode::Final),
+                    unix_now(),
+                )
                 .await)
         }
         other => Err(RpcError::method_not_found(other)),
@@ -152,6 +157,7 @@ async fn session_status(
 }
 
 fn request<'a>(
+    key: Option<&'a ApiKey>,
     op: &'a UserOperation,
     entry_point: Address,
     context: &'a RequestContext,
@@ -163,6 +169,7 @@ fn request<'a>(
         context,
         mode,
         keep_client_gas: false,
+        allowed_policies: key.and_then(|k| k.policies.as_deref()),
     }
 }
 

@@ -7,13 +7,14 @@ mod methods;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::{RawQuery, State};
+use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use self::error::{INVALID_REQUEST, PARSE_ERROR, RpcError};
+use self::error::{INVALID_REQUEST, PARSE_ERROR, RpcError, UNAUTHORIZED};
+use crate::apikey::ApiKey;
 use crate::app::AppState;
 
 /// Most calls one batch may carry.
@@ -21,15 +22,55 @@ pub const MAX_BATCH: usize = 100;
 
 /// `POST /`: one call or a batch. Each call of a batch gets its own result or error, in order;
 /// notifications (no `id`) get none. Every log line of the request carries its id.
-pub(crate) async fn handle(State(state): State<Arc<AppState>>, body: Body) -> Response {
+pub(crate) async fn handle(
+    State(state): State<Arc<AppState>>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
     let request_id = state.next_request_id();
     let span = tracing::info_span!("request", id = %request_id);
-    handle_body(&state, body, &request_id)
-        .instrument(span)
-        .await
+    async {
+        let key = if state.api_keys.is_empty() {
+            None // keyless: only ever served on loopback (checked at start)
+        } else {
+            match api_key(&headers, query.as_deref()).and_then(|t| state.api_keys.authenticate(t)) {
+                Some(key) => Some(key),
+                None => {
+                    let err = RpcError {
+                        data: Some(json!({ "reason": "unauthorized" })),
+                        ..RpcError::new(UNAUTHORIZED, "unauthorized: missing or unknown API key")
+                    };
+                    let mut resp = reply(Some(error_response(Value::Null, err)));
+                    *resp.status_mut() = StatusCode::UNAUTHORIZED;
+                    return resp;
+                }
+            }
+        };
+        if let Some(key) = key {
+            tracing::debug!(api_key = %key.name, "authenticated");
+        }
+        handle_body(&state, key, body, &request_id).await
+    }
+    .instrument(span)
+    .await
 }
 
-async fn handle_body(state: &AppState, body: Body, request_id: &str) -> Response {
+/// `Authorization: Bearer <key>`, else `?apikey=<key>`.
+fn api_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str> {
+    headers
+        .get(header::AUTHORIZATION)
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| v.strip_prefix("Bearer "))
+        .or_else(|| query?.split('&').find_map(|kv| kv.strip_prefix("apikey=")))
+}
+
+async fn handle_body(
+    state: &AppState,
+    key: Option<&ApiKey>,
+    body: Body,
+    request_id: &str,
+) -> Response {
     // A body over the limit gets a JSON-RPC error (HTTP 413), not a dropped connection.
     let body = match axum::body::to_bytes(body, state.max_body_bytes).await {
         Ok(b) => b,
@@ -60,11 +101,11 @@ async fn handle_body(state: &AppState, body: Body, request_id: &str) -> Response
         Value::Array(calls) => {
             let mut out = Vec::with_capacity(calls.len());
             for call in &calls {
-                out.extend(handle_call(state, call, request_id).await);
+                out.extend(handle_call(state, key, call, request_id).await);
             }
             reply((!out.is_empty()).then_some(Value::Array(out)))
         }
-        call => reply(handle_call(state, &call, request_id).await),
+        call => reply(handle_call(state, key, &call, request_id).await),
     }
 }
 
@@ -79,7 +120,12 @@ fn error_response(id: Value, err: RpcError) -> Value {
     json!({ "jsonrpc": "2.0", "id": id, "error": err.to_json() })
 }
 
-async fn handle_call(state: &AppState, call: &Value, request_id: &str) -> Option<Value> {
+async fn handle_call(
+    state: &AppState,
+    key: Option<&ApiKey>,
+    call: &Value,
+    request_id: &str,
+) -> Option<Value> {
     let invalid = |id: Value, why: &str| {
         Some(error_response(
             id,
@@ -107,7 +153,7 @@ async fn handle_call(state: &AppState, call: &Value, request_id: &str) -> Option
         Some(Value::Array(p)) => p,
         Some(_) => return invalid(reply_id, "`params` must be an array (positional)"),
     };
-    let outcome = methods::call(state, method, params, request_id).await;
+    let outcome = methods::call(state, key, method, params, request_id).await;
     if let Err(e) = &outcome {
         tracing::debug!(request_id, method, code = e.code, message = %e.message, "call failed");
     }

@@ -4,6 +4,7 @@
 // Helpers are `pub` for the sibling test modules of this one binary.
 #![allow(unreachable_pub)]
 
+mod apikeys;
 mod deploy;
 mod e2e;
 mod hashes;

@@ -1,0 +1,151 @@
+//! API keys: required when configured (Bearer header or `?apikey=`), limited to their policies,
+//! created by `apikey new`; keyless mode refuses to serve anywhere but loopback.
+
+use std::process::Command;
+
+use alloy::primitives::{Address, U256, keccak256};
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use serde_json::{Value, json};
+use session_paymaster::apikey::ApiKey;
+use session_paymaster::signer::KeySource;
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+use crate::helpers::{TestApp, TestResult, config};
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+/// `apikey new`, run as an operator would; returns (key, config value).
+fn new_key(name: &str, policies: &str) -> TestResult<(String, String)> {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
+    cmd.args(["apikey", "new", "--name", name]);
+    if !policies.is_empty() {
+        cmd.args(["--policies", policies]);
+    }
+    let out = cmd.output()?;
+    assert!(out.status.success());
+    let text = String::from_utf8(out.stdout)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let key = lines.get(1).ok_or("key line")?.to_string();
+    let config = lines
+        .get(3)
+        .and_then(|l| l.strip_prefix("--api-key "))
+        .ok_or("config line")?
+        .to_string();
+    Ok((key, config))
+}
+
+fn op_json() -> Value {
+    let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
+        .parse()
+        .unwrap_or_default();
+    UserOperation {
+        sender: Address::repeat_byte(0x11),
+        call_data: executeCall {
+            dest: counter,
+            value: U256::ZERO,
+            func: keccak256("increment()")[..4].to_vec().into(),
+        }
+        .abi_encode()
+        .into(),
+        call_gas_limit: 100_000,
+        verification_gas_limit: 200_000,
+        pre_verification_gas: U256::from(50_000),
+        max_fee_per_gas: 2_000_000_000,
+        ..Default::default()
+    }
+    .to_json()
+}
+
+async fn post(url: &str, bearer: Option<&str>, body: &Value) -> TestResult<(u16, Value)> {
+    let mut req = reqwest::Client::new().post(url).json(body);
+    if let Some(b) = bearer {
+        req = req.header("authorization", format!("Bearer {b}"));
+    }
+    let resp = req.send().await?;
+    Ok((resp.status().as_u16(), resp.json().await?))
+}
+
+#[tokio::test]
+async fn keys_are_required_and_limited_to_their_policies() -> TestResult {
+    let (shop_key, shop_cfg) = new_key("shop", "dev-counter")?;
+    let (ops_key, ops_cfg) = new_key("ops", "")?;
+    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    c.api_keys = vec![shop_cfg.parse::<ApiKey>()?, ops_cfg.parse::<ApiKey>()?];
+    let app = TestApp::spawn(c).await?;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let sponsor = |ctx: Value| json!({ "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation", "params": [op_json(), ep, ctx] });
+
+    for bearer in [None, Some("sp_wrong"), Some("")] {
+        let (status, v) = post(&app.url, bearer, &sponsor(Value::Null)).await?;
+        assert_eq!(
+            (status, v["error"]["code"].clone()),
+            (401, json!(-32005)),
+            "{v}"
+        );
+        assert!(v.get("result").is_none());
+    }
+    let batch = json!([sponsor(Value::Null), sponsor(Value::Null)]);
+    assert_eq!(
+        post(&app.url, None, &batch).await?.0,
+        401,
+        "a batch without a key is refused whole"
+    );
+
+    let (status, v) = post(&app.url, Some(&shop_key), &sponsor(Value::Null)).await?;
+    assert_eq!(status, 200);
+    assert!(v["result"]["paymasterData"].is_string(), "{v}");
+    let (_, v) = post(
+        &format!("{}/?apikey={ops_key}", app.url),
+        None,
+        &sponsor(Value::Null),
+    )
+    .await?;
+    assert!(
+        v["result"]["paymasterData"].is_string(),
+        "viem's http transport puts the key in the URL: {v}"
+    );
+
+    // The shop key may use dev-counter only.
+    let (_, v) = post(
+        &app.url,
+        Some(&shop_key),
+        &sponsor(json!({ "sponsorshipPolicyId": "game-moves" })),
+    )
+    .await?;
+    assert_eq!(
+        v["error"]["data"]["reason"],
+        json!("policy_not_allowed"),
+        "{v}"
+    );
+    let (_, v) = post(
+        &app.url,
+        Some(&ops_key),
+        &sponsor(json!({ "sponsorshipPolicyId": "game-moves" })),
+    )
+    .await?;
+    assert_eq!(
+        v["error"]["data"]["reason"],
+        json!("session_required"),
+        "an unrestricted key reaches the policy: {v}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn keyless_mode_refuses_to_listen_beyond_loopback() -> TestResult {
+    let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args(["serve", "--listen", "0.0.0.0:0", "--policies"])
+        .arg(crate::helpers::repo_dir().join("policies"))
+        .env_remove("SP_API_KEYS")
+        .output()?;
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("no API key configured"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
