@@ -62,6 +62,40 @@ pub(crate) async fn call(
             Ok(paymaster_fields(&sponsor(state, req, request_id).await?))
         }
         "pm_getSessionStatus" => session_status(state, params, request_id).await,
+        "pm_validateSponsorshipPolicies" => {
+            // Pimlico's method: which of the named policies would sponsor this operation.
+            let (op, entry_point) = op_and_entry_point(params)?;
+            let ids = param(params, 2, "sponsorshipPolicyIds")?
+                .as_array()
+                .ok_or_else(|| {
+                    FieldError::invalid("sponsorshipPolicyIds", "expected an array of policy ids")
+                })?;
+            let policies = state.sponsor.policies();
+            let mut willing = Vec::new();
+            for id in ids {
+                let id = id.as_str().ok_or_else(|| {
+                    FieldError::invalid("sponsorshipPolicyIds", "expected strings")
+                })?;
+                let context = RequestContext {
+                    sponsorship_policy_id: Some(id.to_owned()),
+                    ..RequestContext::default()
+                };
+                // A stub run: every check, the budgets checked but nothing reserved or signed.
+                let req = request(key, &op, entry_point, &context, Mode::Stub);
+                if state.sponsor.sponsor(req, unix_now()).await.is_ok() {
+                    willing.push(json!({
+                        "sponsorshipPolicyId": id,
+                        "data": {
+                            "name": id,
+                            "author": state.sponsor_name,
+                            "icon": null,
+                            "description": policies.get(id).map(|p| p.description.clone()),
+                        }
+                    }));
+                }
+            }
+            Ok(json!(willing))
+        }
         "pm_explainSponsorship" => {
             let (op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;

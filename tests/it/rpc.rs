@@ -463,3 +463,34 @@ async fn a_body_over_the_limit_gets_a_json_rpc_error() -> TestResult {
     assert_eq!((status, v["result"].clone()), (200, json!("0x7a69")));
     Ok(())
 }
+
+#[tokio::test]
+async fn validate_sponsorship_policies_lists_the_willing_ones() -> TestResult {
+    let app = app().await?;
+    let v = app
+        .result(
+            "pm_validateSponsorshipPolicies",
+            json!([op(), ep07(), ["dev-counter", "game-moves", "nope"]]),
+        )
+        .await?;
+    assert_eq!(v.as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v[0]["sponsorshipPolicyId"], json!("dev-counter"));
+    assert_eq!(v[0]["data"]["author"], json!("test sponsor"));
+    let mut outside = op();
+    outside["callData"] = json!(execute(COUNTER, "reset()", 0));
+    let v = app
+        .result(
+            "pm_validateSponsorshipPolicies",
+            json!([outside, ep07(), ["dev-counter"]]),
+        )
+        .await?;
+    assert_eq!(v, json!([]));
+    let err = app
+        .error(
+            "pm_validateSponsorshipPolicies",
+            json!([op(), ep07(), "dev-counter"]),
+        )
+        .await?;
+    assert_eq!(err["data"]["field"], json!("sponsorshipPolicyIds"));
+    Ok(())
+}
