@@ -132,6 +132,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         Signer::load(KeySource::Ephemeral)?,
         SessionStore::Memory(MemorySessions::new()),
         ledger,
+        session_paymaster::ratelimit::RateLimits::new(None),
     );
     let context = RequestContext::default();
     let evalsha_calls = |info: &str| -> u64 {

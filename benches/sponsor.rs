@@ -75,6 +75,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Signer::load(KeySource::Ephemeral)?,
         SessionStore::Memory(MemorySessions::new()),
         Ledger::Memory(MemoryLedger::new()),
+        session_paymaster::ratelimit::RateLimits::new(None),
     );
     let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3".parse()?;
     let op = UserOperation {

@@ -26,6 +26,7 @@ use crate::ledger::memory::MemoryLedger;
 use crate::ledger::redis::RedisLedger;
 use crate::policy::file::{PolicyFileError, load_sources, read_dir_sources, version_of};
 use crate::policy::publish;
+use crate::ratelimit::RateLimits;
 use crate::rpc;
 use crate::session;
 use crate::session::memory::MemorySessions;
@@ -110,6 +111,7 @@ impl AppState {
                 signer,
                 sessions,
                 ledger,
+                RateLimits::new(config.rate_per_key),
             ),
             sponsor_name: config.sponsor_name.clone(),
             max_body_bytes: config.max_body_bytes,
@@ -140,6 +142,21 @@ impl AppState {
             loop {
                 tick.tick().await;
                 state.refresh_policies().await;
+            }
+        })
+    }
+
+    /// Forget rate-limit keys that are whole again, every `every` (bounds their memory).
+    pub fn spawn_rate_limit_eviction(
+        self: &Arc<Self>,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let state = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            loop {
+                tick.tick().await;
+                state.sponsor.limits().evict_stale();
             }
         })
     }

@@ -10,6 +10,7 @@ use alloy::primitives::{Address, B256};
 use clap::Args;
 
 use crate::apikey::ApiKey;
+use crate::policy::Rate;
 use crate::signer::KeySource;
 use crate::userop::EntryPointVersion;
 
@@ -104,6 +105,10 @@ pub struct ServeArgs {
     #[arg(long = "api-key", env = "SP_API_KEYS", value_delimiter = ';')]
     pub api_keys: Vec<ApiKey>,
 
+    /// Most JSON-RPC calls per API key, e.g. `100/s` (per instance); unlimited when absent.
+    #[arg(long, env = "SP_RATE_PER_KEY", value_parser = crate::policy::file::parse_rate)]
+    pub rate_per_key: Option<Rate>,
+
     /// Largest JSON-RPC request body, in bytes (larger ones get a JSON-RPC error, HTTP 413).
     #[arg(long, env = "SP_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
@@ -141,6 +146,8 @@ pub struct Config {
     pub max_body_bytes: usize,
     /// API keys.
     pub api_keys: Vec<ApiKey>,
+    /// Per-API-key rate.
+    pub rate_per_key: Option<Rate>,
     /// Redis for session grants; `None`: in memory.
     pub redis_url: Option<String>,
     /// Redis timeout.
@@ -177,6 +184,7 @@ impl From<&ServeArgs> for Config {
             sponsor_name: args.sponsor_name.clone(),
             max_body_bytes: args.max_body_bytes,
             api_keys: args.api_keys.clone(),
+            rate_per_key: args.rate_per_key,
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
             admin_token_sha256: args.admin_token_sha256,

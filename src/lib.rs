@@ -11,6 +11,7 @@
 //! - [`app`]: state built from config, `router(state)`, `run(listener, shutdown)`.
 //! - [`chain`]: deterministic deployment of the contracts (local stacks, tests).
 //! - [`config`]: flags and `SP_*` environment variables of `serve`.
+//! - [`ratelimit`]: rate limits per API key, sender and session (in memory, bounded).
 //! - [`rpc`]: JSON-RPC envelope, methods, and the one error-code table.
 //! - [`sponsor`]: one sponsorship from request to signature.
 //! - [`ledger`]: budgets: atomic reservations in every scope (memory, Redis).
@@ -27,6 +28,7 @@ pub mod chain;
 pub mod config;
 pub mod ledger;
 pub mod policy;
+pub mod ratelimit;
 pub mod rpc;
 pub mod session;
 pub mod signer;

@@ -318,6 +318,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     );
     log_startup(&state, &config);
     state.spawn_policy_watcher(args.policy_poll);
+    state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
     match &args.rpc_url {
         Some(url) => {
             let url = url.parse().map_err(|e| format!("invalid --rpc-url: {e}"))?;
@@ -404,17 +405,9 @@ fn log_startup(state: &AppState, config: &Config) {
             ),
         }
     }
-    for p in state
-        .sponsor
-        .policies()
-        .iter()
-        .filter(|p| p.rate_per_sender.is_some())
-    {
-        tracing::warn!(policy = %p.id, "[rate] is parsed but not enforced yet (rate limiting is pending)");
-    }
     if config.redis_url.is_none() {
         tracing::warn!(
-            "sessions are kept in memory: they do not survive a restart and are not shared between replicas (set --redis-url)"
+            "sessions and budgets are kept in memory: they do not survive a restart and are not shared between replicas (set --redis-url)"
         );
     }
     if config.api_keys.is_empty() {

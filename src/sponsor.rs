@@ -17,6 +17,7 @@ use crate::ledger::{
 use crate::policy::calldata::{self, Call, CalldataError};
 use crate::policy::live::LivePolicies;
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
+use crate::ratelimit::{Limited, RateLimits};
 use crate::session::{SessionGrant, SessionStore, SpendCommit, StoreError};
 use crate::signer::{Signer, SignerError};
 use crate::userop::hash::{paymaster_hash, user_op_hash};
@@ -166,6 +167,9 @@ pub enum SponsorError {
     /// The signer failed: internal.
     #[error(transparent)]
     Signer(#[from] SignerError),
+    /// A rate limit was hit.
+    #[error("rate limited by {}: retry in {:?}", .0.scope, .0.retry_after)]
+    RateLimited(Limited),
     /// A budget would be exceeded.
     #[error("budget exhausted: {} {} of {} (used {}, requested {})", .0.scope, .0.resource, .0.limit, .0.used, .0.requested)]
     BudgetExhausted(Exhausted),
@@ -214,6 +218,7 @@ pub struct Sponsor {
     signer: Signer,
     sessions: SessionStore,
     ledger: Ledger,
+    limits: RateLimits,
 }
 
 impl Sponsor {
@@ -225,6 +230,7 @@ impl Sponsor {
         signer: Signer,
         sessions: SessionStore,
         ledger: Ledger,
+        limits: RateLimits,
     ) -> Self {
         Self {
             chain_id,
@@ -233,12 +239,18 @@ impl Sponsor {
             signer,
             sessions,
             ledger,
+            limits,
         }
     }
 
     /// Budgets.
     pub fn ledger(&self) -> &Ledger {
         &self.ledger
+    }
+
+    /// Rate limits.
+    pub fn limits(&self) -> &RateLimits {
+        &self.limits
     }
 
     /// Session grants.
@@ -291,6 +303,14 @@ impl Sponsor {
     ) -> Result<Sponsorship, SponsorError> {
         let prepared = self.prepare(req)?;
         let decision = self.decide_and_record(req, &prepared, now).await?;
+        // Rate limits count signed sponsorships (stubs and explanations are free).
+        if req.mode == Mode::Final
+            && let Some(policy) = self.policies.current().get(&decision.policy_id)
+        {
+            self.limits
+                .check_policy(policy, req.op.sender, req.context.session_id)
+                .map_err(SponsorError::RateLimited)?;
+        }
         let window = decision.window;
         let data = match req.mode {
             Mode::Stub => PaymasterData::stub(window),

@@ -76,6 +76,8 @@ struct BudgetFile {
 struct RateFile {
     #[serde(default)]
     per_sender: Option<Spanned<String>>,
+    #[serde(default)]
+    per_session: Option<Spanned<String>>,
 }
 
 #[derive(Deserialize, Default)]
@@ -480,17 +482,17 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         sender: budget(&file.budgets.sender, "sender", true),
         policy: budget(&file.budgets.policy, "policy", true),
     };
-    let rate_per_sender =
-        file.rate
-            .per_sender
-            .as_ref()
-            .and_then(|r| match parse_rate(r.get_ref()) {
-                Ok(rate) => Some(rate),
-                Err(e) => {
-                    errors.push(at(r.span(), e));
-                    None
-                }
-            });
+    let mut rate = |r: &Option<Spanned<String>>| {
+        r.as_ref().and_then(|r| match parse_rate(r.get_ref()) {
+            Ok(rate) => Some(rate),
+            Err(e) => {
+                errors.push(at(r.span(), e));
+                None
+            }
+        })
+    };
+    let rate_per_sender = rate(&file.rate.per_sender);
+    let rate_per_session = rate(&file.rate.per_session);
     let mut address_list = |items: &[Spanned<String>], what: &str| -> Vec<Address> {
         items
             .iter()
@@ -548,6 +550,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         per_op,
         budgets,
         rate_per_sender,
+        rate_per_session,
         senders,
         allow,
     })
@@ -674,7 +677,7 @@ fn parse_address(s: &str) -> Option<Address> {
 }
 
 /// `"20/min"`, `"5/s"`, `"1000/h"`, `"10/1m"`: at most N operations per window.
-fn parse_rate(s: &str) -> Result<Rate, String> {
+pub fn parse_rate(s: &str) -> Result<Rate, String> {
     let err = || format!("rate `{s}` is not like \"20/min\" (per s, min, h, d, or a duration)");
     let (n, per) = s.split_once('/').ok_or_else(err)?;
     let count: u32 = n.trim().parse().ok().filter(|&c| c > 0).ok_or_else(err)?;

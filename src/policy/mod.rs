@@ -41,8 +41,10 @@ pub struct Policy {
     pub per_op: PerOpLimits,
     /// Spending budgets per scope (enforced by the budget ledger).
     pub budgets: Budgets,
-    /// Most operations per sender per window (enforced by the rate limiter).
+    /// Most signed sponsorships per sender per window.
     pub rate_per_sender: Option<Rate>,
+    /// Most signed sponsorships per session per window.
+    pub rate_per_session: Option<Rate>,
     /// Senders always refused, or the only ones served.
     pub senders: SenderLists,
     /// What the operation may call: every call must match one rule.
@@ -73,7 +75,7 @@ pub struct Budgets {
 }
 
 /// At most `count` per `per`.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash)]
 pub struct Rate {
     /// Operations.
     pub count: u32,
@@ -443,6 +445,7 @@ mod tests {
             },
             budgets: Budgets::default(),
             rate_per_sender: None,
+            rate_per_session: None,
             senders: SenderLists {
                 allow: vec![],
                 deny: vec![Address::repeat_byte(0xdd)],

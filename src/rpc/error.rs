@@ -12,6 +12,7 @@
 //! | -32003 | sponsorship rejected                      | `{reason, rule, detail, callIndex?}`    |
 //! | -32004 | a dependency failed, nothing was signed   | `{reason, retryable: true, requestId}`  |
 //! | -32005 | missing or unknown API key (HTTP 401)     | `{reason: \"unauthorized\"}`              |
+//! | -32006 | rate limited (HTTP 429 for a single call)  | `{reason, scope, retryAfterMs}`         |
 //!
 //! docs/rpc.md documents the same table for clients.
 
@@ -40,6 +41,8 @@ pub const REJECTED: i64 = -32003;
 pub const UNAVAILABLE: i64 = -32004;
 /// Missing or unknown API key (HTTP 401).
 pub const UNAUTHORIZED: i64 = -32005;
+/// A rate limit was hit (HTTP 429 for a single call).
+pub const RATE_LIMITED: i64 = -32006;
 
 /// A JSON-RPC error object.
 #[derive(Debug, Clone, PartialEq)]
@@ -69,6 +72,18 @@ impl RpcError {
             v["data"] = data.clone();
         }
         v
+    }
+
+    /// `-32006`.
+    pub fn rate_limited(l: &crate::ratelimit::Limited) -> Self {
+        Self {
+            data: Some(json!({
+                "reason": "rate_limited",
+                "scope": l.scope,
+                "retryAfterMs": u64::try_from(l.retry_after.as_millis()).unwrap_or(u64::MAX).max(1),
+            })),
+            ..Self::new(RATE_LIMITED, format!("rate limited by {}", l.scope))
+        }
     }
 
     /// `-32601`.
@@ -124,6 +139,7 @@ impl RpcError {
                 data: Some(rejection_fields(&r)),
                 ..Self::new(REJECTED, format!("sponsorship rejected: {}", r.reason))
             },
+            SponsorError::RateLimited(l) => Self::rate_limited(&l),
             SponsorError::BudgetExhausted(e) => Self {
                 data: Some(json!({
                     "reason": "budget_exhausted",

@@ -13,7 +13,7 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use self::error::{INVALID_REQUEST, PARSE_ERROR, RpcError, UNAUTHORIZED};
+use self::error::{INVALID_REQUEST, PARSE_ERROR, RATE_LIMITED, RpcError, UNAUTHORIZED};
 use crate::apikey::ApiKey;
 use crate::app::AppState;
 
@@ -105,7 +105,17 @@ async fn handle_body(
             }
             reply((!out.is_empty()).then_some(Value::Array(out)))
         }
-        call => reply(handle_call(state, key, &call, request_id).await),
+        call => {
+            let answer = handle_call(state, key, &call, request_id).await;
+            let limited = answer
+                .as_ref()
+                .is_some_and(|a| a["error"]["code"] == json!(RATE_LIMITED));
+            let mut resp = reply(answer);
+            if limited {
+                *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
+            }
+            resp
+        }
     }
 }
 
@@ -153,7 +163,10 @@ async fn handle_call(
         Some(Value::Array(p)) => p,
         Some(_) => return invalid(reply_id, "`params` must be an array (positional)"),
     };
-    let outcome = methods::call(state, key, method, params, request_id).await;
+    let outcome = match key.map(|k| state.sponsor.limits().check_api_key(&k.name)) {
+        Some(Err(limited)) => Err(RpcError::rate_limited(&limited)),
+        _ => methods::call(state, key, method, params, request_id).await,
+    };
     if let Err(e) = &outcome {
         tracing::debug!(request_id, method, code = e.code, message = %e.message, "call failed");
     }
