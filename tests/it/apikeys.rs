@@ -3,19 +3,13 @@
 
 use std::process::Command;
 
-use alloy::primitives::{Address, U256, keccak256};
-use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::primitives::Address;
 use serde_json::{Value, json};
 use session_paymaster::apikey::ApiKey;
 use session_paymaster::signer::KeySource;
-use session_paymaster::userop::{EntryPointVersion, UserOperation};
+use session_paymaster::userop::EntryPointVersion;
 
-use crate::helpers::{TestApp, TestResult, config};
-
-sol! {
-    function execute(address dest, uint256 value, bytes func);
-}
+use crate::helpers::{TestApp, TestResult, config, counter_op};
 
 /// `apikey new`, run as an operator would; returns (key, config value).
 fn new_key(name: &str, policies: &str) -> TestResult<(String, String)> {
@@ -38,25 +32,7 @@ fn new_key(name: &str, policies: &str) -> TestResult<(String, String)> {
 }
 
 fn op_json() -> Value {
-    let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
-        .parse()
-        .unwrap_or_default();
-    UserOperation {
-        sender: Address::repeat_byte(0x11),
-        call_data: executeCall {
-            dest: counter,
-            value: U256::ZERO,
-            func: keccak256("increment()")[..4].to_vec().into(),
-        }
-        .abi_encode()
-        .into(),
-        call_gas_limit: 100_000,
-        verification_gas_limit: 200_000,
-        pre_verification_gas: U256::from(50_000),
-        max_fee_per_gas: 2_000_000_000,
-        ..Default::default()
-    }
-    .to_json()
+    counter_op(Address::repeat_byte(0x11), 0, "increment()").to_json()
 }
 
 async fn post(url: &str, bearer: Option<&str>, body: &Value) -> TestResult<(u16, Value)> {

@@ -201,6 +201,41 @@ impl TestApp {
     }
 }
 
+alloy::sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+/// The demo Counter's deterministic address (`policies/dev-counter.toml` allows it).
+pub const COUNTER: Address =
+    alloy::primitives::address!("0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3");
+
+/// A SimpleAccount operation of `sender` calling `func` (a signature) on the Counter, with
+/// gas limits and fees every example policy accepts.
+pub fn counter_op(
+    sender: Address,
+    nonce: u64,
+    func: &str,
+) -> session_paymaster::userop::UserOperation {
+    use alloy::sol_types::SolCall;
+    session_paymaster::userop::UserOperation {
+        sender,
+        nonce: U256::from(nonce),
+        call_data: executeCall {
+            dest: COUNTER,
+            value: U256::ZERO,
+            func: alloy::primitives::keccak256(func)[..4].to_vec().into(),
+        }
+        .abi_encode()
+        .into(),
+        call_gas_limit: 100_000,
+        verification_gas_limit: 200_000,
+        pre_verification_gas: U256::from(50_000),
+        max_fee_per_gas: 2_000_000_000,
+        max_priority_fee_per_gas: 1_000_000_000,
+        ..Default::default()
+    }
+}
+
 /// The admin bearer token every test app accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 

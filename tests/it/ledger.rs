@@ -5,25 +5,16 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, U256, keccak256};
-use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::primitives::{Address, B256};
 use serde_json::{Value, json};
 use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::ledger::redis::RedisLedger;
 use session_paymaster::ledger::{Exhausted, Ledger, Outcome, Reservation, Scope};
 use session_paymaster::signer::KeySource;
-use session_paymaster::userop::{EntryPointVersion, UserOperation};
+use session_paymaster::userop::EntryPointVersion;
 
-use crate::helpers::{TempDir, TestApp, TestRedis, TestResult, config};
+use crate::helpers::{COUNTER, TempDir, TestApp, TestRedis, TestResult, config, counter_op};
 
-sol! {
-    function execute(address dest, uint256 value, bytes func);
-}
-
-const COUNTER: Address = Address::new(alloy::primitives::hex!(
-    "CF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
-));
 const NOW: u64 = 1_800_000_000;
 
 fn scope(name: &str, cost: Option<u64>, ops: Option<u64>) -> Scope {
@@ -249,24 +240,7 @@ fn budget_dir() -> TestResult<TempDir> {
 }
 
 fn op_json(nonce: u64) -> Value {
-    UserOperation {
-        sender: Address::repeat_byte(0x11),
-        nonce: U256::from(nonce),
-        call_data: executeCall {
-            dest: COUNTER,
-            value: U256::ZERO,
-            func: keccak256("increment()")[..4].to_vec().into(),
-        }
-        .abi_encode()
-        .into(),
-        call_gas_limit: 100_000,
-        verification_gas_limit: 200_000,
-        pre_verification_gas: U256::from(50_000),
-        max_fee_per_gas: 2_000_000_000,
-        max_priority_fee_per_gas: 1_000_000_000,
-        ..Default::default()
-    }
-    .to_json()
+    counter_op(Address::repeat_byte(0x11), nonce, "increment()").to_json()
 }
 
 async fn apps(n: usize, redis: Option<&TestRedis>, dir: &TempDir) -> TestResult<Vec<TestApp>> {

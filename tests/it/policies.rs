@@ -1,24 +1,14 @@
 //! Policy sets at run time: edits to the directory reload (embedded default), replicas follow
 //! the set published in Redis, and a set with errors never replaces the working one.
 
-use alloy::primitives::{Address, U256, keccak256};
-use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::primitives::Address;
 use serde_json::{Value, json};
 use session_paymaster::policy::file::{load_sources, read_dir_sources};
 use session_paymaster::policy::publish;
 use session_paymaster::signer::KeySource;
-use session_paymaster::userop::{EntryPointVersion, UserOperation};
+use session_paymaster::userop::EntryPointVersion;
 
-use crate::helpers::{TempDir, TestApp, TestRedis, TestResult, config, repo_dir};
-
-sol! {
-    function execute(address dest, uint256 value, bytes func);
-}
-
-const COUNTER: Address = Address::new(alloy::primitives::hex!(
-    "CF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
-));
+use crate::helpers::{TempDir, TestApp, TestRedis, TestResult, config, counter_op, repo_dir};
 
 /// A private copy of the shipped policies.
 fn policy_dir() -> TestResult<TempDir> {
@@ -47,21 +37,7 @@ async fn app(dir: &TempDir, redis: Option<&TestRedis>) -> TestResult<TestApp> {
 
 /// The rejection reason for a call of `func` on the Counter, or "" when sponsored.
 async fn outcome(app: &TestApp, func: &str) -> TestResult<String> {
-    let op = UserOperation {
-        sender: Address::repeat_byte(0x11),
-        call_data: executeCall {
-            dest: COUNTER,
-            value: U256::ZERO,
-            func: keccak256(func)[..4].to_vec().into(),
-        }
-        .abi_encode()
-        .into(),
-        call_gas_limit: 100_000,
-        verification_gas_limit: 200_000,
-        pre_verification_gas: U256::from(50_000),
-        max_fee_per_gas: 2_000_000_000,
-        ..Default::default()
-    };
+    let op = counter_op(Address::repeat_byte(0x11), 0, func);
     let body = json!({
         "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
         "params": [op.to_json(), EntryPointVersion::V0_7.canonical_address()]

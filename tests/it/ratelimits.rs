@@ -3,43 +3,18 @@
 
 use std::time::Duration;
 
-use alloy::primitives::{Address, U256, keccak256};
-use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::primitives::Address;
 use serde_json::{Value, json};
 use session_paymaster::apikey::ApiKey;
 use session_paymaster::policy::Rate;
 use session_paymaster::signer::KeySource;
-use session_paymaster::userop::{EntryPointVersion, UserOperation};
+use session_paymaster::userop::EntryPointVersion;
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{TempDir, TestApp, TestResult, config, repo_dir};
-
-sol! {
-    function execute(address dest, uint256 value, bytes func);
-}
+use crate::helpers::{TempDir, TestApp, TestResult, config, counter_op, repo_dir};
 
 fn op_json(sender: u8, nonce: u64) -> Value {
-    let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
-        .parse()
-        .unwrap_or_default();
-    UserOperation {
-        sender: Address::repeat_byte(sender),
-        nonce: U256::from(nonce),
-        call_data: executeCall {
-            dest: counter,
-            value: U256::ZERO,
-            func: keccak256("increment()")[..4].to_vec().into(),
-        }
-        .abi_encode()
-        .into(),
-        call_gas_limit: 100_000,
-        verification_gas_limit: 200_000,
-        pre_verification_gas: U256::from(50_000),
-        max_fee_per_gas: 2_000_000_000,
-        ..Default::default()
-    }
-    .to_json()
+    counter_op(Address::repeat_byte(sender), nonce, "increment()").to_json()
 }
 
 fn sponsor(sender: u8, nonce: u64) -> Value {

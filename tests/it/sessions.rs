@@ -4,7 +4,7 @@
 
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::primitives::{Address, B256, U256};
 use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
@@ -17,7 +17,7 @@ use session_paymaster::session::redis::RedisSessions;
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
-use crate::helpers::{ADMIN_TOKEN, TestApp, TestRedis, TestResult, config};
+use crate::helpers::{ADMIN_TOKEN, TestApp, TestRedis, TestResult, config, counter_op};
 
 sol! {
     function execute(address dest, uint256 value, bytes func);
@@ -100,23 +100,7 @@ async fn create_session(app: &TestApp, body: Value) -> TestResult<B256> {
 }
 
 fn op(sender: Address, func: &str) -> UserOperation {
-    UserOperation {
-        sender,
-        nonce: U256::from(3),
-        call_data: executeCall {
-            dest: COUNTER,
-            value: U256::ZERO,
-            func: keccak256(func)[..4].to_vec().into(),
-        }
-        .abi_encode()
-        .into(),
-        call_gas_limit: 100_000,
-        verification_gas_limit: 200_000,
-        pre_verification_gas: U256::from(50_000),
-        max_fee_per_gas: 2_000_000_000,
-        max_priority_fee_per_gas: 1_000_000_000,
-        ..Default::default()
-    }
+    counter_op(sender, 3, func)
 }
 
 fn proof(key: &PrivateKeySigner, op: &UserOperation, session: B256) -> TestResult<String> {
