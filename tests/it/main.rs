@@ -11,6 +11,7 @@ mod hashes;
 mod helpers;
 mod ledger;
 mod policies;
+mod process;
 mod ratelimits;
 mod rejections;
 mod rpc;

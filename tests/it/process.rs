@@ -1,0 +1,153 @@
+//! The real binary: graceful stop on SIGTERM with requests in flight, and no secret (signer
+//! key, API key, admin token) in its logs, even at debug level.
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::{Value, json};
+use sha2::{Digest, Sha256};
+
+use crate::helpers::{ADMIN_TOKEN, TempDir, TestResult, counter_op, repo_dir};
+
+fn free_port() -> TestResult<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+#[tokio::test]
+async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestResult {
+    let dir = TempDir::new("process");
+    let key_file = dir.0.join("signer.key");
+    session_paymaster::signer::keygen(&key_file)?;
+    let signer_key = std::fs::read_to_string(&key_file)?
+        .trim()
+        .trim_start_matches("0x")
+        .to_owned();
+    let api_key = "sp_process_test_key_0123456789";
+    let port = free_port()?;
+    let log_path = dir.0.join("serve.log");
+    let mut child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--policies")
+        .arg(repo_dir().join("policies"))
+        .arg("--signer-key-file")
+        .arg(&key_file)
+        .args([
+            "--paymaster-v07",
+            "0x0707070707070707070707070707070707070707",
+        ])
+        .args([
+            "--api-key",
+            &format!("test:0x{}", hex::encode(Sha256::digest(api_key))),
+        ])
+        .args([
+            "--admin-token-sha256",
+            &format!("0x{}", hex::encode(Sha256::digest(ADMIN_TOKEN))),
+        ])
+        .env("SP_LOG", "debug")
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log_path)?)
+        .spawn()?;
+    let url = format!("http://127.0.0.1:{port}");
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client.get(format!("{url}/healthz")).send().await.is_err() {
+        assert!(
+            Instant::now() < deadline,
+            "service did not start: {}",
+            std::fs::read_to_string(&log_path)?
+        );
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+
+    // Traffic that touches every secret: good and bad API keys, admin calls, signatures.
+    let ep = session_paymaster::userop::EntryPointVersion::V0_7.canonical_address();
+    let body = |n: u64| {
+        json!({ "jsonrpc": "2.0", "id": n, "method": "pm_sponsorUserOperation",
+        "params": [counter_op(alloy::primitives::Address::repeat_byte(0x11), n, "increment()").to_json(), ep] })
+    };
+    for bearer in [api_key, "sp_wrong_key", ADMIN_TOKEN] {
+        let _ = client
+            .post(&url)
+            .bearer_auth(bearer)
+            .json(&body(0))
+            .send()
+            .await?;
+    }
+    let _ = client
+        .get(format!(
+            "{url}/admin/sessions?account=0x1111111111111111111111111111111111111111"
+        ))
+        .bearer_auth(ADMIN_TOKEN)
+        .send()
+        .await?;
+    let _ = client
+        .get(format!("{url}/admin/sessions/0x12"))
+        .bearer_auth(api_key)
+        .send()
+        .await?;
+
+    // Requests in flight when SIGTERM arrives all get complete answers. SIGTERM goes out once
+    // the first answer is back, so the stop lands in the middle of the burst.
+    let done = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let tasks: Vec<_> = (1..=200u64)
+        .map(|n| {
+            let (client, url, body, done) = (client.clone(), url.clone(), body(n), done.clone());
+            tokio::spawn(async move {
+                let resp = client
+                    .post(&url)
+                    .bearer_auth(api_key)
+                    .json(&body)
+                    .send()
+                    .await
+                    .ok()?;
+                let answer = (resp.status().as_u16(), resp.json::<Value>().await.ok()?);
+                done.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+                Some(answer)
+            })
+        })
+        .collect();
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while done.load(std::sync::atomic::Ordering::SeqCst) == 0 {
+        assert!(Instant::now() < deadline, "no answer");
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let status = Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()?;
+    assert!(status.success());
+    let mut answered = 0;
+    for t in tasks {
+        // A request either completed with a full answer or was never accepted (connection
+        // refused after the stop): never a torn or failed answer.
+        if let Some((code, v)) = t.await? {
+            assert_eq!(code, 200, "{v}");
+            assert!(v["result"]["paymasterData"].is_string(), "{v}");
+            answered += 1;
+        }
+    }
+    let deadline = Instant::now() + Duration::from_secs(10);
+    let exit = loop {
+        if let Some(s) = child.try_wait()? {
+            break s;
+        }
+        assert!(Instant::now() < deadline, "did not stop after SIGTERM");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    assert!(exit.success(), "exit status {exit}");
+    assert!(answered > 0, "some requests were in flight");
+
+    let mut logs = String::new();
+    std::fs::File::open(&log_path)?.read_to_string(&mut logs)?;
+    assert!(logs.contains("shutting down"), "{logs}");
+    for (what, secret) in [
+        ("signer key", signer_key.as_str()),
+        ("API key", api_key),
+        ("admin token", ADMIN_TOKEN),
+    ] {
+        assert!(!logs.contains(secret), "the {what} appears in the logs");
+    }
+    Ok(())
+}
