@@ -265,6 +265,21 @@ impl AppState {
     }
 }
 
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let text = state
+        .sponsor
+        .metrics()
+        .render(state.sponsor.policies().len(), state.sponsor.limits().len());
+    (
+        [(
+            axum::http::header::CONTENT_TYPE,
+            "text/plain; version=0.0.4",
+        )],
+        text,
+    )
+        .into_response()
+}
+
 async fn readyz(State(state): State<Arc<AppState>>) -> Response {
     let (ready, body) = state.readiness().await;
     let status = if ready {
@@ -281,7 +296,8 @@ pub fn router(state: Arc<AppState>) -> Router {
         // The handler enforces its own (JSON-RPC shaped) limit.
         .route("/", post(rpc::handle).layer(DefaultBodyLimit::disable()))
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz));
+        .route("/readyz", get(readyz))
+        .route("/metrics", get(metrics));
     let router = if state.admin_on_main {
         router.merge(admin::router(state.clone()))
     } else {

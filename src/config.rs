@@ -95,6 +95,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_WATCH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub watch_interval: Duration,
 
+    /// Paymaster deposits below this many wei are reported low (metric and warning).
+    #[arg(long, env = "SP_LOW_DEPOSIT_WEI", default_value = "100000000000000000")]
+    pub low_deposit_wei: alloy::primitives::U256,
+
     /// First block to read when no cursor is stored yet (default: the confirmed head).
     #[arg(long, env = "SP_WATCH_FROM_BLOCK")]
     pub watch_from_block: Option<u64>,

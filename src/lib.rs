@@ -15,6 +15,7 @@
 //! - [`rpc`]: JSON-RPC envelope, methods, and the one error-code table.
 //! - [`sponsor`]: one sponsorship from request to signature.
 //! - [`ledger`]: budgets: atomic reservations in every scope (memory, Redis).
+//! - [`metrics`]: Prometheus metrics (`/metrics`).
 //! - [`policy`]: policy files, calldata decoding, and the checks an operation must pass.
 //! - [`session`]: session grants, their stores (memory, Redis), and their checks.
 //! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing.
@@ -27,6 +28,7 @@ pub mod app;
 pub mod chain;
 pub mod config;
 pub mod ledger;
+pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
 pub mod rpc;

@@ -333,7 +333,8 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
                 args.confirmations,
                 args.watch_from_block,
                 cursor,
-            );
+            )
+            .with_low_deposit(args.low_deposit_wei);
             state.spawn_watcher(watcher, args.watch_interval);
             tracing::info!(
                 confirmations = args.confirmations,

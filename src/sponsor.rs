@@ -5,6 +5,7 @@
 //! under a session is recorded by compare-and-set before signing. No chain RPC.
 
 use std::sync::Arc;
+use std::time::Instant;
 
 use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
 use alloy::sol_types::SolValue;
@@ -14,6 +15,7 @@ use crate::config::EntryPointConfig;
 use crate::ledger::{
     Exhausted, GRACE_SECS, Ledger, Outcome, Reservation, Scope, wei_to_gwei_ceil, wei_to_gwei_floor,
 };
+use crate::metrics::Metrics;
 use crate::policy::calldata::{self, Call, CalldataError};
 use crate::policy::live::LivePolicies;
 use crate::policy::{OpContext, Policy, PolicySet, Rejection};
@@ -219,6 +221,7 @@ pub struct Sponsor {
     sessions: SessionStore,
     ledger: Ledger,
     limits: RateLimits,
+    metrics: Metrics,
 }
 
 impl Sponsor {
@@ -240,6 +243,7 @@ impl Sponsor {
             sessions,
             ledger,
             limits,
+            metrics: Metrics::default(),
         }
     }
 
@@ -251,6 +255,11 @@ impl Sponsor {
     /// Rate limits.
     pub fn limits(&self) -> &RateLimits {
         &self.limits
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
     }
 
     /// Session grants.
@@ -322,10 +331,10 @@ impl Sponsor {
                     self.chain_id,
                     window,
                 );
-                PaymasterData {
-                    window,
-                    signature: self.signer.sign_eip191(hash)?,
-                }
+                let started = Instant::now();
+                let signature = self.signer.sign_eip191(hash)?;
+                self.metrics.sign_seconds.observe(started.elapsed());
+                PaymasterData { window, signature }
             }
         };
         let sponsorship = Sponsorship {
@@ -359,11 +368,13 @@ impl Sponsor {
             valid_until: window.valid_until,
             expires_at: window.valid_until.saturating_add(GRACE_SECS),
         };
-        match self
+        let started = Instant::now();
+        let outcome = self
             .ledger
             .reserve(&reservation, req.mode == Mode::Stub, now)
-            .await?
-        {
+            .await;
+        self.metrics.reserve_seconds.observe(started.elapsed());
+        match outcome? {
             Outcome::Reserved => Ok(sponsorship),
             // The same operation again: the answer already signed for it, nothing reserved twice.
             Outcome::Existing(payload) if req.mode == Mode::Final => stored_sponsorship(&payload)

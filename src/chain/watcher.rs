@@ -10,7 +10,7 @@
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::session::redis::RedisConn;
-use alloy::primitives::{Address, B256};
+use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
@@ -18,6 +18,7 @@ use redis::AsyncCommands;
 
 use crate::ledger::wei_to_gwei_ceil;
 use crate::sponsor::Sponsor;
+use crate::userop::IEntryPoint;
 use crate::userop::IEntryPoint::UserOperationEvent;
 
 /// Most blocks one `eth_getLogs` spans.
@@ -101,6 +102,9 @@ pub struct Watcher {
     provider: DynProvider,
     entry_points: Vec<Address>,
     paymasters: Vec<B256>,
+    /// (EntryPoint, our paymaster) pairs, for deposits.
+    pairs: Vec<(Address, Address)>,
+    low_deposit: U256,
     confirmations: u64,
     start_block: Option<u64>,
     cursor: Cursor,
@@ -133,10 +137,42 @@ impl Watcher {
                 .filter_map(|e| e.paymaster)
                 .map(|p| p.into_word())
                 .collect(),
+            pairs: with_paymaster
+                .iter()
+                .filter_map(|e| Some((e.address, e.paymaster?)))
+                .collect(),
+            low_deposit: U256::ZERO,
             confirmations,
             start_block,
             cursor,
         }
+    }
+
+    /// Report deposits below `wei` as low (`sp_paymaster_deposit_low`, and a warning).
+    pub fn with_low_deposit(mut self, wei: U256) -> Self {
+        self.low_deposit = wei;
+        self
+    }
+
+    /// Read each paymaster's deposit into the metrics.
+    async fn read_deposits(&self, sponsor: &Sponsor) -> Result<(), WatchError> {
+        for (entry_point, paymaster) in &self.pairs {
+            let wei = IEntryPoint::new(*entry_point, &self.provider)
+                .balanceOf(*paymaster)
+                .call()
+                .await
+                .map_err(rpc)?;
+            let low = wei < self.low_deposit;
+            if low {
+                tracing::warn!(%entry_point, %paymaster, deposit = %wei, threshold = %self.low_deposit, "paymaster deposit is low: top it up");
+            }
+            sponsor.metrics().deposit(
+                &entry_point.to_string(),
+                u128::try_from(wei).unwrap_or(u128::MAX),
+                low,
+            );
+        }
+        Ok(())
     }
 
     /// Read the confirmed blocks since the cursor, settle, release, advance the cursor.
@@ -194,6 +230,7 @@ impl Watcher {
                 .await
                 .map_err(|e| WatchError::Store(e.to_string()))?;
         }
+        self.read_deposits(sponsor).await?;
         Ok(poll)
     }
 }

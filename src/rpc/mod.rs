@@ -163,10 +163,21 @@ async fn handle_call(
         Some(Value::Array(p)) => p,
         Some(_) => return invalid(reply_id, "`params` must be an array (positional)"),
     };
+    let started = std::time::Instant::now();
     let outcome = match key.map(|k| state.sponsor.limits().check_api_key(&k.name)) {
         Some(Err(limited)) => Err(RpcError::rate_limited(&limited)),
         _ => methods::call(state, key, method, params, request_id).await,
     };
+    let metrics = state.sponsor.metrics();
+    match &outcome {
+        Ok(_) => metrics.request(method, "ok", started.elapsed()),
+        Err(e) => {
+            metrics.request(method, &e.code.to_string(), started.elapsed());
+            if let Some(reason) = e.data.as_ref().and_then(|d| d["reason"].as_str()) {
+                metrics.rejection(reason);
+            }
+        }
+    }
     if let Err(e) = &outcome {
         tracing::debug!(request_id, method, code = e.code, message = %e.message, "call failed");
     }

@@ -507,7 +507,8 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
         0,
         Some(0),
         Cursor::redis(conn.clone(), 31337),
-    );
+    )
+    .with_low_deposit(U256::from(10u64).pow(U256::from(20u64)));
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!((poll.settled, poll.released), (1, 0), "{poll:?}");
     assert_eq!(

@@ -494,3 +494,45 @@ async fn validate_sponsorship_policies_lists_the_willing_ones() -> TestResult {
     assert_eq!(err["data"]["field"], json!("sponsorshipPolicyIds"));
     Ok(())
 }
+
+#[tokio::test]
+async fn metrics_count_requests_rejections_and_latency() -> TestResult {
+    let app = app().await?;
+    let scrape = || async {
+        let text = reqwest::get(format!("{}/metrics", app.url))
+            .await?
+            .text()
+            .await?;
+        Ok::<String, reqwest::Error>(text)
+    };
+    let count = |text: &str, series: &str| -> u64 {
+        text.lines()
+            .find(|l| l.starts_with(series))
+            .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+            .unwrap_or(0)
+    };
+    let before = scrape().await?;
+    app.result("pm_sponsorUserOperation", json!([op(), ep07()]))
+        .await?;
+    app.result("pm_sponsorUserOperation", json!([op(), ep07()]))
+        .await?;
+    let mut bad = op();
+    bad["callData"] = json!(execute(COUNTER, "reset()", 0));
+    app.error("pm_sponsorUserOperation", json!([bad, ep07()]))
+        .await?;
+    let after = scrape().await?;
+    let ok = "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"ok\"}";
+    let rejected = "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"-32003\"}";
+    assert_eq!(count(&after, ok) - count(&before, ok), 2, "{after}");
+    assert_eq!(count(&after, rejected) - count(&before, rejected), 1);
+    let reason = "sp_rejections_total{reason=\"function_not_allowed\"}";
+    assert_eq!(count(&after, reason) - count(&before, reason), 1);
+    let signs = "sp_sign_seconds_count";
+    assert_eq!(
+        count(&after, signs) - count(&before, signs),
+        2,
+        "one signature per signed sponsorship"
+    );
+    assert_eq!(count(&after, "sp_policies "), 4);
+    Ok(())
+}
