@@ -1,8 +1,9 @@
 //! Service configuration: command-line flags, each with an `SP_*` environment variable and a
 //! default that runs the embedded development setup (docs/operations.md lists them all).
 
+use std::ffi::OsString;
 use std::net::SocketAddr;
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 
 use std::time::Duration;
 
@@ -17,6 +18,16 @@ use crate::userop::EntryPointVersion;
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
+    /// Configuration file (TOML, keys named like the flags: `chain_id = 8453`). Default:
+    /// `session-paymaster.toml` in the working directory, if present. Precedence: defaults <
+    /// file < `SP_*` environment < flags.
+    #[arg(long, env = "SP_CONFIG")]
+    pub config: Option<PathBuf>,
+
+    /// Print the effective configuration (secrets masked) and exit.
+    #[arg(long)]
+    pub print_config: bool,
+
     /// Address to listen on for JSON-RPC.
     #[arg(long, env = "SP_LISTEN", default_value = "127.0.0.1:4337")]
     pub listen: SocketAddr,
@@ -194,5 +205,179 @@ impl From<&ServeArgs> for Config {
             admin_token_sha256: args.admin_token_sha256,
             admin_on_main: args.admin_listen.is_none(),
         }
+    }
+}
+
+/// The default configuration file, read when present.
+pub const DEFAULT_CONFIG_FILE: &str = "session-paymaster.toml";
+
+/// Insert the configuration file's settings into `serve`'s command line, below the
+/// environment and the flags: a key becomes `--flag value` only when neither its `SP_*`
+/// variable nor the flag itself is given. Unknown keys are errors. Other commands pass through.
+pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
+    let Some(serve_at) = argv.iter().position(|a| a == "serve") else {
+        return Ok(argv);
+    };
+    let user: Vec<String> = argv[serve_at + 1..]
+        .iter()
+        .map(|a| a.to_string_lossy().into_owned())
+        .collect();
+    let flag_value = |flag: &str| {
+        user.iter()
+            .position(|a| a == flag)
+            .and_then(|i| user.get(i + 1).cloned())
+            .or_else(|| {
+                user.iter()
+                    .find_map(|a| a.strip_prefix(&format!("{flag}=")).map(str::to_owned))
+            })
+    };
+    let path = match flag_value("--config").or_else(|| std::env::var("SP_CONFIG").ok()) {
+        Some(p) => PathBuf::from(p),
+        None if Path::new(DEFAULT_CONFIG_FILE).exists() => PathBuf::from(DEFAULT_CONFIG_FILE),
+        None => return Ok(argv),
+    };
+    let text = std::fs::read_to_string(&path)
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+    let table: toml::Table = text
+        .parse()
+        .map_err(|e| format!("config file {}: {e}", path.display()))?;
+
+    let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
+    let mut injected: Vec<OsString> = Vec::new();
+    for (key, value) in &table {
+        let long = key.replace('_', "-");
+        let arg = command
+            .get_arguments()
+            .find(|a| {
+                a.get_long() == Some(long.as_str()) && long != "config" && long != "print-config"
+            })
+            .ok_or_else(|| format!("config file {}: unknown key `{key}`", path.display()))?;
+        let env_set = arg.get_env().is_some_and(|e| std::env::var_os(e).is_some());
+        let flag = format!("--{long}");
+        let flag_given = user
+            .iter()
+            .any(|a| *a == flag || a.starts_with(&format!("{flag}=")));
+        if env_set || flag_given {
+            continue;
+        }
+        let values: Vec<String> = match value {
+            toml::Value::Array(items) => items.iter().map(toml_scalar).collect::<Result<_, _>>(),
+            v => toml_scalar(v).map(|s| vec![s]),
+        }
+        .map_err(|e| format!("config file {}: `{key}`: {e}", path.display()))?;
+        for v in values {
+            injected.push(flag.clone().into());
+            injected.push(v.into());
+        }
+    }
+    let mut out = argv;
+    // Right after `serve`: the user's flags come later and are distinct, so nothing conflicts.
+    out.splice(serve_at + 1..serve_at + 1, injected);
+    Ok(out)
+}
+
+fn toml_scalar(v: &toml::Value) -> Result<String, String> {
+    match v {
+        toml::Value::String(s) => Ok(s.clone()),
+        toml::Value::Integer(i) => Ok(i.to_string()),
+        toml::Value::Boolean(b) => Ok(b.to_string()),
+        toml::Value::Float(f) => Ok(f.to_string()),
+        other => Err(format!(
+            "expected a string, number or boolean, got {}",
+            other.type_str()
+        )),
+    }
+}
+
+impl ServeArgs {
+    /// The effective configuration as TOML, secrets masked (a Redis password), for
+    /// `--print-config`: the same keys the configuration file takes.
+    pub fn effective(&self) -> String {
+        let mask_url = |u: &str| match (u.find("://"), u.rfind('@')) {
+            (Some(s), Some(at)) if at > s => format!("{}***{}", &u[..s + 3], &u[at..]),
+            _ => u.to_owned(),
+        };
+        let mut t = toml::Table::new();
+        let mut put = |k: &str, v: toml::Value| {
+            t.insert(k.to_owned(), v);
+        };
+        let s = |v: String| toml::Value::String(v);
+        put("listen", s(self.listen.to_string()));
+        put(
+            "chain_id",
+            toml::Value::Integer(i64::try_from(self.chain_id).unwrap_or(i64::MAX)),
+        );
+        put("entry_point_v07", s(self.entry_point_v07.to_string()));
+        put("entry_point_v08", s(self.entry_point_v08.to_string()));
+        if let Some(p) = self.paymaster_v07 {
+            put("paymaster_v07", s(p.to_string()));
+        }
+        if let Some(p) = self.paymaster_v08 {
+            put("paymaster_v08", s(p.to_string()));
+        }
+        if let Some(p) = &self.signer_key_file {
+            put("signer_key_file", s(p.display().to_string()));
+        }
+        if let Some(v) = &self.signer_key_env {
+            put("signer_key_env", s(v.clone()));
+        }
+        put("policies", s(self.policies.display().to_string()));
+        put("sponsor_name", s(self.sponsor_name.clone()));
+        if let Some(u) = &self.redis_url {
+            put("redis_url", s(mask_url(u)));
+        }
+        put(
+            "redis_timeout",
+            s(humantime::format_duration(self.redis_timeout).to_string()),
+        );
+        if let Some(h) = self.admin_token_sha256 {
+            put("admin_token_sha256", s(h.to_string()));
+        }
+        if let Some(a) = self.admin_listen {
+            put("admin_listen", s(a.to_string()));
+        }
+        put(
+            "policy_poll",
+            s(humantime::format_duration(self.policy_poll).to_string()),
+        );
+        if let Some(u) = &self.rpc_url {
+            put("rpc_url", s(mask_url(u)));
+        }
+        put(
+            "confirmations",
+            toml::Value::Integer(i64::try_from(self.confirmations).unwrap_or(i64::MAX)),
+        );
+        put(
+            "watch_interval",
+            s(humantime::format_duration(self.watch_interval).to_string()),
+        );
+        put("low_deposit_wei", s(self.low_deposit_wei.to_string()));
+        if let Some(b) = self.watch_from_block {
+            put(
+                "watch_from_block",
+                toml::Value::Integer(i64::try_from(b).unwrap_or(i64::MAX)),
+            );
+        }
+        let keys = self.api_keys.iter().map(|k| {
+            let scope = k
+                .policies
+                .as_ref()
+                .map(|p| format!(":{}", p.join(",")))
+                .unwrap_or_default();
+            s(format!("{}:{}{scope}", k.name, k.sha256))
+        });
+        put("api_key", toml::Value::Array(keys.collect()));
+        if let Some(r) = self.rate_per_key {
+            put(
+                "rate_per_key",
+                s(format!("{}/{}", r.count, humantime::format_duration(r.per))),
+            );
+        }
+        put(
+            "max_body_bytes",
+            toml::Value::Integer(i64::try_from(self.max_body_bytes).unwrap_or(i64::MAX)),
+        );
+        put("log_format", s(self.log_format.clone()));
+        t.to_string()
     }
 }

@@ -101,7 +101,14 @@ enum PoliciesCommand {
 }
 
 fn main() -> ExitCode {
-    let cli = Cli::parse();
+    let argv = match session_paymaster::config::with_config_file(std::env::args_os().collect()) {
+        Ok(argv) => argv,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Serve(args) => serve(*args),
         Command::AdminToken => admin_token(),
@@ -285,6 +292,10 @@ fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256)
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
+    if args.print_config {
+        print!("{}", args.effective());
+        return ExitCode::SUCCESS;
+    }
     init_tracing(&args.log_format);
     let runtime = match tokio::runtime::Runtime::new() {
         Ok(r) => r,

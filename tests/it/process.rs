@@ -151,3 +151,77 @@ async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestRe
     }
     Ok(())
 }
+
+/// defaults < configuration file < `SP_*` environment < flags, seen through `--print-config`;
+/// secrets masked; unknown keys refused.
+#[test]
+fn configuration_layers_and_print_config() -> TestResult {
+    let dir = TempDir::new("config");
+    let file = dir.0.join("sp.toml");
+    std::fs::write(
+        &file,
+        "chain_id = 8453\nsponsor_name = \"file\"\nlisten = \"127.0.0.1:5555\"\nredis_url = \"redis://user:hunter2@localhost:6379\"\n\
+         api_key = [\"a:0x1111111111111111111111111111111111111111111111111111111111111111\"]\n",
+    )?;
+    let run = |extra_env: &[(&str, &str)], args: &[&str]| -> TestResult<(bool, String, String)> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
+        cmd.arg("serve")
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .arg("--print-config");
+        for var in [
+            "SP_CHAIN_ID",
+            "SP_SPONSOR_NAME",
+            "SP_LISTEN",
+            "SP_REDIS_URL",
+            "SP_API_KEYS",
+            "SP_CONFIG",
+        ] {
+            cmd.env_remove(var);
+        }
+        for (k, v) in extra_env {
+            cmd.env(k, v);
+        }
+        let out = cmd.output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
+    };
+    let (ok, printed, err) = run(&[("SP_CHAIN_ID", "10")], &["--sponsor-name", "flag"])?;
+    assert!(ok, "{err}");
+    let effective: toml::Table = printed.parse()?;
+    assert_eq!(
+        effective["chain_id"].as_integer(),
+        Some(10),
+        "env beats file"
+    );
+    assert_eq!(
+        effective["sponsor_name"].as_str(),
+        Some("flag"),
+        "flag beats file"
+    );
+    assert_eq!(
+        effective["listen"].as_str(),
+        Some("127.0.0.1:5555"),
+        "file beats default"
+    );
+    assert_eq!(
+        effective["confirmations"].as_integer(),
+        Some(2),
+        "defaults fill the rest"
+    );
+    assert_eq!(
+        effective["redis_url"].as_str(),
+        Some("redis://***@localhost:6379")
+    );
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert_eq!(effective["api_key"].as_array().map(Vec::len), Some(1));
+
+    std::fs::write(&file, "chain_idd = 1\n")?;
+    let (ok, _, err) = run(&[], &[])?;
+    assert!(!ok && err.contains("unknown key `chain_idd`"), "{err}");
+    Ok(())
+}
