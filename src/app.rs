@@ -46,6 +46,8 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// API keys; empty: keyless (loopback only).
     pub api_keys: ApiKeys,
+    /// Bundler that estimates gas for operations sent without limits.
+    pub bundler: Option<alloy::rpc::client::RpcClient>,
     /// SHA-256 of the admin bearer token; `None`: admin API closed.
     pub admin_token_sha256: Option<B256>,
     admin_on_main: bool,
@@ -64,6 +66,9 @@ pub enum StartupError {
     /// One or more policy files are invalid.
     #[error("invalid policies:\n{}", .0.iter().map(|e| format!("  {e}")).collect::<Vec<_>>().join("\n"))]
     Policies(Vec<PolicyFileError>),
+    /// A setting is invalid.
+    #[error("{0}")]
+    Config(String),
     /// Redis could not be reached.
     #[error("{0}")]
     Store(#[from] StoreError),
@@ -116,6 +121,14 @@ impl AppState {
             sponsor_name: config.sponsor_name.clone(),
             max_body_bytes: config.max_body_bytes,
             api_keys: ApiKeys::new(config.api_keys.clone()),
+            bundler: match &config.bundler_url {
+                None => None,
+                Some(url) => Some(
+                    alloy::rpc::client::ClientBuilder::default().http(url.parse().map_err(
+                        |e| StartupError::Config(format!("invalid --bundler-url: {e}")),
+                    )?),
+                ),
+            },
             admin_token_sha256: config.admin_token_sha256,
             admin_on_main: config.admin_on_main,
             redis,

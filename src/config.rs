@@ -124,6 +124,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_RATE_PER_KEY", value_parser = crate::policy::file::parse_rate)]
     pub rate_per_key: Option<Rate>,
 
+    /// Bundler JSON-RPC URL: `pm_sponsorUserOperation` for an op without gas limits estimates
+    /// them there (`eth_estimateUserOperationGas`) with our stub data, then signs.
+    #[arg(long, env = "SP_BUNDLER_URL")]
+    pub bundler_url: Option<String>,
+
     /// Largest JSON-RPC request body, in bytes (larger ones get a JSON-RPC error, HTTP 413).
     #[arg(long, env = "SP_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
@@ -163,6 +168,8 @@ pub struct Config {
     pub api_keys: Vec<ApiKey>,
     /// Per-API-key rate.
     pub rate_per_key: Option<Rate>,
+    /// Bundler for gas estimation.
+    pub bundler_url: Option<String>,
     /// Redis for session grants; `None`: in memory.
     pub redis_url: Option<String>,
     /// Redis timeout.
@@ -200,6 +207,7 @@ impl From<&ServeArgs> for Config {
             max_body_bytes: args.max_body_bytes,
             api_keys: args.api_keys.clone(),
             rate_per_key: args.rate_per_key,
+            bundler_url: args.bundler_url.clone(),
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
             admin_token_sha256: args.admin_token_sha256,
@@ -372,6 +380,9 @@ impl ServeArgs {
                 "rate_per_key",
                 s(format!("{}/{}", r.count, humantime::format_duration(r.per))),
             );
+        }
+        if let Some(u) = &self.bundler_url {
+            put("bundler_url", s(mask_url(u)));
         }
         put(
             "max_body_bytes",

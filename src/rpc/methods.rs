@@ -1,7 +1,7 @@
 //! The JSON-RPC methods: positional params parsed into types, results formatted for clients.
 //! Param and result shapes are documented in docs/rpc.md.
 
-use alloy::primitives::Address;
+use alloy::primitives::{Address, U256};
 use serde_json::{Value, json};
 
 use super::error::RpcError;
@@ -11,6 +11,7 @@ use crate::policy::Rejection;
 use crate::session::SessionStatus;
 use crate::sponsor::{Mode, RequestContext, Sponsor, SponsorError, SponsorRequest, Sponsorship};
 use crate::userop::UserOperation;
+use crate::userop::v0_7::PaymasterFields;
 use crate::wire::{self, FieldError, to_quantity};
 
 /// Run `method` with `params`; `request_id` tags internal errors.
@@ -25,8 +26,11 @@ pub(crate) async fn call(
         "eth_chainId" => Ok(json!(to_quantity(state.sponsor.chain_id()))),
         "pm_supportedEntryPoints" => Ok(json!(supported_entry_points(state))),
         "pm_sponsorUserOperation" => {
-            let (op, entry_point) = op_and_entry_point(params)?;
+            let (mut op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;
+            if needs_estimate(&op) {
+                estimate_gas(state, key, &mut op, entry_point, &context, request_id).await?;
+            }
             let s = sponsor(
                 state,
                 request(key, &op, entry_point, &context, Mode::Final),
@@ -188,6 +192,73 @@ async fn session_status(
         "budgets": budgets,
         "spent": grant.spent.iter().map(|(token, amount)| (token.to_string(), json!(amount.to_string()))).collect::<serde_json::Map<_, _>>(),
     }))
+}
+
+/// Gas limits absent or zero: the op was not estimated yet.
+fn needs_estimate(op: &UserOperation) -> bool {
+    op.verification_gas_limit == 0 || op.call_gas_limit == 0 || op.pre_verification_gas.is_zero()
+}
+
+/// Fill the op's gas limits from the configured bundler's `eth_estimateUserOperationGas`, run
+/// with our stub paymaster data (same length and validation path as the final data). The stub
+/// runs every check first, so nothing outside the policies is sent to the bundler.
+async fn estimate_gas(
+    state: &AppState,
+    key: Option<&ApiKey>,
+    op: &mut UserOperation,
+    entry_point: Address,
+    context: &RequestContext,
+    request_id: &str,
+) -> Result<(), RpcError> {
+    let Some(bundler) = &state.bundler else {
+        return Err(FieldError::invalid(
+            "callGasLimit",
+            "gas limits are missing: set verificationGasLimit, callGasLimit and preVerificationGas \
+             (this service has no bundler configured to estimate them)",
+        )
+        .into());
+    };
+    let stub = sponsor(
+        state,
+        request(key, op, entry_point, context, Mode::Stub),
+        request_id,
+    )
+    .await?;
+    let mut probe = op.clone();
+    probe.paymaster = Some(PaymasterFields {
+        paymaster: stub.paymaster,
+        gas: stub.gas,
+        data: stub.data.encode(),
+    });
+    let estimate: Value = bundler
+        .request(
+            "eth_estimateUserOperationGas",
+            (probe.to_json(), entry_point),
+        )
+        .await
+        .map_err(|e| {
+            let reason = e
+                .as_error_resp()
+                .map_or_else(|| e.to_string(), |p| p.message.to_string());
+            RpcError {
+                data: Some(json!({ "reason": "estimation_failed", "detail": reason })),
+                ..RpcError::new(
+                    super::error::REJECTED,
+                    "gas estimation by the bundler failed",
+                )
+            }
+        })?;
+    let quantity = |field: &str, bits| -> Result<U256, RpcError> {
+        let v = estimate.get(field).ok_or_else(|| {
+            RpcError::internal(request_id, &format!("bundler estimate lacks {field}"))
+        })?;
+        wire::quantity(field, v, bits).map_err(|e| RpcError::internal(request_id, &e))
+    };
+    op.pre_verification_gas = quantity("preVerificationGas", 256)?;
+    op.verification_gas_limit = quantity("verificationGasLimit", 128)?.to::<u128>();
+    op.call_gas_limit = quantity("callGasLimit", 128)?.to::<u128>();
+    tracing::debug!(request_id, "gas estimated by the bundler");
+    Ok(())
 }
 
 fn request<'a>(

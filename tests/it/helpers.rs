@@ -258,6 +258,7 @@ pub fn config(paymasters: [Option<Address>; 2], signer: KeySource) -> Config {
         max_body_bytes: 256 * 1024,
         api_keys: Vec::new(),
         rate_per_key: None,
+        bundler_url: None,
         redis_url: None,
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),

@@ -536,3 +536,23 @@ async fn metrics_count_requests_rejections_and_latency() -> TestResult {
     assert_eq!(count(&after, "sp_policies "), 4);
     Ok(())
 }
+
+#[tokio::test]
+async fn sponsoring_without_gas_limits_needs_a_bundler() -> TestResult {
+    let app = app().await?;
+    let mut unestimated = op();
+    for f in ["callGasLimit", "verificationGasLimit", "preVerificationGas"] {
+        unestimated.as_object_mut().map(|o| o.remove(f));
+    }
+    let err = app
+        .error("pm_sponsorUserOperation", json!([unestimated, ep07()]))
+        .await?;
+    assert_eq!(err["code"], json!(-32602));
+    assert!(
+        err["data"]["reason"]
+            .as_str()
+            .is_some_and(|r| r.contains("no bundler")),
+        "{err}"
+    );
+    Ok(())
+}

@@ -63,5 +63,45 @@ for (const ep of stack.entryPoints) {
   });
 }
 
+// pm_sponsorUserOperation without gas limits: the service estimates them through the bundler
+// (SP_BUNDLER_URL, set by ./run) with its stub data, then signs; the op lands as returned.
+for (const ep of stack.entryPoints) {
+  await test(`v${ep.version}: pm_sponsorUserOperation estimates missing gas through the bundler`, async () => {
+    const { account, bundler } = await user(ep);
+    const factory = await account.getFactoryArgs();
+    const fees = await client.estimateFeesPerGas();
+    const hex = (n) => `0x${BigInt(n).toString(16)}`;
+    const op = {
+      sender: account.address,
+      nonce: hex(await account.getNonce()),
+      factory: factory.factory,
+      factoryData: factory.factoryData,
+      callData: await account.encodeCalls([{ to: stack.counter, data: '0xd09de08a' }]),
+      maxFeePerGas: hex(fees.maxFeePerGas),
+      maxPriorityFeePerGas: hex(fees.maxPriorityFeePerGas),
+      signature: await account.getStubSignature(),
+    };
+    const res = await fetch(stack.paymasterUrl, {
+      method: 'POST',
+      headers: { 'content-type': 'application/json' },
+      body: JSON.stringify({ jsonrpc: '2.0', id: 1, method: 'pm_sponsorUserOperation', params: [op, ep.entryPoint] }),
+    }).then((r) => r.json());
+    assert.ok(res.result, JSON.stringify(res));
+    const sponsored = { ...op, ...res.result };
+    assert.ok(BigInt(sponsored.callGasLimit) > 0n && BigInt(sponsored.verificationGasLimit) > 0n);
+    // viem signs the unpacked form with bigint quantities.
+    const quantities = ['nonce', 'callGasLimit', 'verificationGasLimit', 'preVerificationGas', 'maxFeePerGas',
+      'maxPriorityFeePerGas', 'paymasterVerificationGasLimit', 'paymasterPostOpGasLimit'];
+    const unpacked = { ...sponsored };
+    for (const k of quantities) unpacked[k] = BigInt(sponsored[k]);
+    unpacked.signature = await account.signUserOperation(unpacked);
+    const final = { ...sponsored, signature: unpacked.signature };
+    const hash = await bundler.request({ method: 'eth_sendUserOperation', params: [final, ep.entryPoint] });
+    const receipt = await bundler.waitForUserOperationReceipt({ hash, timeout: 60_000 });
+    assert.equal(receipt.success, true);
+    assert.equal(getAddress(receipt.paymaster), getAddress(ep.paymaster));
+  });
+}
+
 console.log(`viem: ${passed} passed, ${failed} failed`);
 process.exit(failed === 0 && passed > 0 ? 0 : 1);
