@@ -46,6 +46,10 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// API keys; empty: keyless (loopback only).
     pub api_keys: ApiKeys,
+    /// When the settlement watcher last polled successfully (unix seconds; 0: no watcher), and
+    /// how stale that may get before `/readyz` fails.
+    watcher_ok_at: AtomicU64,
+    watcher_max_lag: AtomicU64,
     /// Bundler that estimates gas for operations sent without limits.
     pub bundler: Option<alloy::rpc::client::RpcClient>,
     /// SHA-256 of the admin bearer token; `None`: admin API closed.
@@ -121,6 +125,8 @@ impl AppState {
             sponsor_name: config.sponsor_name.clone(),
             max_body_bytes: config.max_body_bytes,
             api_keys: ApiKeys::new(config.api_keys.clone()),
+            watcher_ok_at: AtomicU64::new(0),
+            watcher_max_lag: AtomicU64::new(0),
             bundler: match &config.bundler_url {
                 None => None,
                 Some(url) => Some(
@@ -187,12 +193,20 @@ impl AppState {
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let state = Arc::clone(self);
+        // Ready while a poll succeeded within ten intervals (at least a minute).
+        self.watcher_max_lag
+            .store((every.as_secs() * 10).max(60), Ordering::Relaxed);
+        self.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                match watcher.poll_once(&state.sponsor).await {
+                let polled = watcher.poll_once(&state.sponsor).await;
+                if polled.is_ok() {
+                    state.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
+                }
+                match polled {
                     Ok(p) if p.settled + p.released > 0 => {
                         tracing::info!(
                             block = p.to_block,
@@ -260,7 +274,16 @@ impl AppState {
                 }
             }
         };
-        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
+        let ok_at = self.watcher_ok_at.load(Ordering::Relaxed);
+        let max_lag = self.watcher_max_lag.load(Ordering::Relaxed);
+        let watcher = if ok_at == 0 {
+            json!("not configured")
+        } else {
+            let ago = unix_now().saturating_sub(ok_at);
+            json!({ "lastSuccessSecsAgo": ago, "ok": ago <= max_lag })
+        };
+        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"))
+            && watcher["ok"] != json!(false);
         let policies = self.sponsor.policies();
         (
             ready,
@@ -273,16 +296,47 @@ impl AppState {
                     "refusedSet": self.sponsor.live_policies().last_error(),
                 },
                 "signer": self.sponsor.signer().address(),
+                "watcher": watcher,
             }),
         )
     }
 }
 
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let text = state
-        .sponsor
+    let sponsor = &state.sponsor;
+    let policies = sponsor.policies();
+    let mut text = sponsor
         .metrics()
-        .render(state.sponsor.policies().len(), state.sponsor.limits().len());
+        .render(policies.len(), sponsor.limits().len());
+    // What is left of each policy-wide budget in its current window (a store failure leaves
+    // the series out rather than failing the scrape).
+    text.push_str(
+        "# HELP sp_budget_remaining What is left of each policy budget in its current window.\n",
+    );
+    text.push_str("# TYPE sp_budget_remaining gauge\n");
+    let now = unix_now();
+    for policy in policies.iter() {
+        let scopes = Sponsor::scopes(policy, None, alloy::primitives::Address::ZERO, now);
+        for scope in scopes.iter().filter(|s| s.name.starts_with("policy")) {
+            let Ok((cost, ops)) = sponsor.ledger().usage(&policy.id, &scope.name).await else {
+                continue;
+            };
+            if let Some(limit) = scope.cost_limit {
+                text.push_str(&format!(
+                    "sp_budget_remaining{{policy=\"{}\",resource=\"costGwei\"}} {}\n",
+                    policy.id,
+                    limit.saturating_sub(cost)
+                ));
+            }
+            if let Some(limit) = scope.ops_limit {
+                text.push_str(&format!(
+                    "sp_budget_remaining{{policy=\"{}\",resource=\"ops\"}} {}\n",
+                    policy.id,
+                    limit.saturating_sub(ops)
+                ));
+            }
+        }
+    }
     (
         [(
             axum::http::header::CONTENT_TYPE,

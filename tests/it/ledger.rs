@@ -554,3 +554,28 @@ async fn session_status_shows_budgets() -> TestResult {
     assert_eq!(budgets[1]["resetsAt"], json!((now / 86_400 + 1) * 86_400));
     Ok(())
 }
+
+/// `/metrics` shows what is left of each policy-wide budget.
+#[tokio::test]
+async fn metrics_show_budget_remaining() -> TestResult {
+    let dir = budget_dir()?;
+    let apps = apps(1, None, &dir).await?;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    for i in 0..2 {
+        apps[0]
+            .result("pm_sponsorUserOperation", json!([op_json(i), ep]))
+            .await?;
+    }
+    let text = reqwest::get(format!("{}/metrics", apps[0].url))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.contains(&format!(
+            "sp_budget_remaining{{policy=\"budgeted\",resource=\"ops\"}} {}",
+            K - 2
+        )),
+        "{text}"
+    );
+    Ok(())
+}
