@@ -556,3 +556,41 @@ async fn sponsoring_without_gas_limits_needs_a_bundler() -> TestResult {
     );
     Ok(())
 }
+
+/// An internal failure (here: a bundler whose estimate lacks fields) answers -32603 with a
+/// request id only: no internals reach the client.
+#[tokio::test]
+async fn internal_errors_answer_a_request_id_only() -> TestResult {
+    // A broken "bundler": every call answers an empty estimate.
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bundler_url = format!("http://{}", listener.local_addr()?);
+    let broken = axum::Router::new().route(
+        "/",
+        axum::routing::post(|body: axum::Json<Value>| async move {
+            axum::Json(json!({ "jsonrpc": "2.0", "id": body.0["id"].clone(), "result": { "secretInternalDetail": 1 } }))
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, broken).await;
+    });
+    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    c.bundler_url = Some(bundler_url);
+    let app = TestApp::spawn(c).await?;
+    let mut unestimated = op();
+    unestimated
+        .as_object_mut()
+        .map(|o| o.remove("callGasLimit"));
+    let err = app
+        .error("pm_sponsorUserOperation", json!([unestimated, ep07()]))
+        .await?;
+    assert_eq!(err["code"], json!(-32603), "{err}");
+    assert_eq!(err["message"], json!("internal error"));
+    assert!(err["data"]["requestId"].is_string());
+    assert_eq!(
+        err["data"].as_object().map(|o| o.len()),
+        Some(1),
+        "nothing but the request id: {err}"
+    );
+    assert!(!err.to_string().contains("preVerificationGas") && !err.to_string().contains("secret"));
+    Ok(())
+}
