@@ -1,24 +1,27 @@
 //! session-paymaster: an ERC-4337 paymaster service that sponsors session-key operations.
 //!
-//! A JSON-RPC request ([`rpc`]) carries a user operation ([`userop`]); the sponsorship
-//! pipeline ([`sponsor`]) decodes what it calls and checks it against the policies
-//! ([`policy`]), then signs paymaster data ([`signer`]) that the on-chain SessionPaymaster
-//! (`contracts/`) verifies.
+//! A JSON-RPC request ([`rpc`], authenticated by [`apikey`], limited by [`ratelimit`])
+//! carries a user operation ([`userop`]). The sponsorship pipeline ([`sponsor`]) decodes what
+//! it calls and checks it against the policies ([`policy`]) and the session grant
+//! ([`session`]), reserves its worst case in the budgets ([`ledger`]), and signs paymaster
+//! data ([`signer`]) that the on-chain SessionPaymaster (`contracts/`) verifies. A watcher
+//! ([`chain`]) settles the budgets from the chain.
 //!
 //! # Layout
 //! - [`admin`]: the admin REST API (session grants), behind a bearer token.
 //! - [`apikey`]: API keys of dapp backends (SHA-256 hashes, policies each may use).
-//! - [`app`]: state built from config, `router(state)`, `run(listener, shutdown)`.
-//! - [`chain`]: deterministic deployment of the contracts (local stacks, tests).
-//! - [`config`]: flags and `SP_*` environment variables of `serve`.
+//! - [`app`]: state built from config, `router(state)`, `run(listener, router, shutdown)`,
+//!   background tasks (policy watcher, settlement watcher, rate-limit eviction).
+//! - [`chain`]: deterministic deployment of the contracts; the settlement watcher.
+//! - [`config`]: `serve`'s options: flags, `SP_*` environment, configuration file.
+//! - [`ledger`]: budgets: atomic reservations in every scope, settlement (memory, Redis).
+//! - [`metrics`]: Prometheus metrics (`/metrics`).
+//! - [`policy`]: policy files, calldata decoding, the checks, live and published sets.
 //! - [`ratelimit`]: rate limits per API key, sender and session (in memory, bounded).
 //! - [`rpc`]: JSON-RPC envelope, methods, and the one error-code table.
-//! - [`sponsor`]: one sponsorship from request to signature.
-//! - [`ledger`]: budgets: atomic reservations in every scope (memory, Redis).
-//! - [`metrics`]: Prometheus metrics (`/metrics`).
-//! - [`policy`]: policy files, calldata decoding, and the checks an operation must pass.
-//! - [`session`]: session grants, their stores (memory, Redis), and their checks.
+//! - [`session`]: session grants, their stores (memory, Redis, the shared Redis connection).
 //! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing.
+//! - [`sponsor`]: one sponsorship from request to signature.
 //! - [`userop`]: user operations (RPC and packed forms), hashes, paymaster data.
 //! - [`wire`]: strict parsing of JSON-RPC hex quantities, data and addresses.
 
