@@ -1,6 +1,6 @@
 //! Sponsorship policies: which operations we pay for (DESIGN §5, §6).
 //!
-//! A policy is loaded from a file ([`file`]), the operation's callData is decoded into calls
+//! A policy is loaded from a file ([`file`](mod@file)), the operation's callData is decoded into calls
 //! ([`calldata`]), and [`Policy::check`] accepts the operation or names the first rule it
 //! breaks. Sessions (which narrow a policy) and budgets (which the ledger enforces) build on
 //! this.
@@ -393,7 +393,7 @@ impl PolicySet {
         Self { policies, version }
     }
 
-    /// Hash of the files it was loaded from ([`file::version_of`]).
+    /// Hash of the files it was loaded from (`file::version_of`).
     pub fn version(&self) -> B256 {
         self.version
     }

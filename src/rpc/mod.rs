@@ -1,4 +1,4 @@
-//! JSON-RPC 2.0 over HTTP POST: envelope, batches, dispatch. Methods live in [`methods`],
+//! JSON-RPC 2.0 over HTTP POST: envelope, batches, dispatch. Methods live in `methods`,
 //! the error table in [`error`].
 
 pub mod error;
