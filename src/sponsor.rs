@@ -203,6 +203,9 @@ impl Prepared {
 
 /// What the pipeline decided, before signing.
 struct Decision {
+    /// The policy set the decision was taken on (so later steps use the same one, without
+    /// reading the live set again).
+    policies: Arc<PolicySet>,
     policy_id: String,
     window: ValidityWindow,
     /// Budget scopes to reserve in.
@@ -314,7 +317,7 @@ impl Sponsor {
         let decision = self.decide_and_record(req, &prepared, now).await?;
         // Rate limits count signed sponsorships (stubs and explanations are free).
         if req.mode == Mode::Final
-            && let Some(policy) = self.policies.current().get(&decision.policy_id)
+            && let Some(policy) = decision.policies.get(&decision.policy_id)
         {
             self.limits
                 .check_policy(policy, req.op.sender, req.context.session_id)
@@ -656,13 +659,16 @@ impl Sponsor {
             valid_until = valid_until.min(now.saturating_add(secs));
         }
         let window = ValidityWindow::new(now.saturating_sub(VALID_AFTER_SKEW_SECS), valid_until)?;
+        let policy_id = policy.id.clone();
+        let scopes = Self::scopes(policy, session.as_ref(), op.sender, now);
         Ok(Decision {
-            policy_id: policy.id.clone(),
+            policy_id,
             window,
-            scopes: Self::scopes(policy, session.as_ref(), op.sender, now),
+            scopes,
             spend: session
                 .as_ref()
                 .and_then(|g| g.spend_commit(&prepared.calls)),
+            policies,
         })
     }
 
