@@ -190,34 +190,33 @@ impl Fields<'_> {
         }
     }
 
-    fn address(&mut self, key: &str, required: bool) -> Option<Address> {
+    /// The field `key` read by `read`, or an issue saying what was `expected`.
+    fn typed<T>(
+        &mut self,
+        key: &str,
+        required: bool,
+        expected: &str,
+        read: impl Fn(&Value) -> Option<T>,
+    ) -> Option<T> {
         let path = self.at(key);
-        let v = self.get(key, required)?;
-        match v
-            .as_str()
-            .filter(|s| s.len() == 42 && s.starts_with("0x"))
-            .and_then(|s| s.parse().ok())
-        {
-            Some(a) => Some(a),
-            None => {
-                self.issues
-                    .push(issue(path, "expected a 0x-prefixed 20-byte address"));
-                None
-            }
+        let parsed = read(self.get(key, required)?);
+        if parsed.is_none() {
+            self.issues
+                .push(issue(path, format!("expected {expected}")));
         }
+        parsed
+    }
+
+    fn address(&mut self, key: &str, required: bool) -> Option<Address> {
+        self.typed(key, required, "a 0x-prefixed 20-byte address", |v| {
+            v.as_str()
+                .filter(|s| s.len() == 42 && s.starts_with("0x"))
+                .and_then(|s| s.parse().ok())
+        })
     }
 
     fn u64(&mut self, key: &str, required: bool) -> Option<u64> {
-        let path = self.at(key);
-        let v = self.get(key, required)?;
-        match v.as_u64() {
-            Some(n) => Some(n),
-            None => {
-                self.issues
-                    .push(issue(path, "expected a non-negative integer"));
-                None
-            }
-        }
+        self.typed(key, required, "a non-negative integer", Value::as_u64)
     }
 
     fn amount(&mut self, key: &str, required: bool) -> Option<U256> {
@@ -288,36 +287,22 @@ impl SessionGrant {
             path: "$".into(),
             issues: &mut issues,
         };
-        let session_id = match f.get("sessionId", false).cloned() {
-            None => None,
-            Some(v) => match v
-                .as_str()
-                .and_then(|s| s.parse::<B256>().ok())
-                .filter(|_| v.as_str().is_some_and(|s| s.len() == 66))
-            {
-                Some(id) => Some(id),
-                None => {
-                    f.issues.push(issue(
-                        "$.sessionId",
-                        "expected a 0x-prefixed 32-byte hex string",
-                    ));
-                    None
-                }
+        let session_id = f.typed(
+            "sessionId",
+            false,
+            "a 0x-prefixed 32-byte hex string",
+            |v| {
+                v.as_str()
+                    .filter(|s| s.len() == 66)
+                    .and_then(|s| s.parse::<B256>().ok())
             },
-        };
+        );
         let account = f.address("account", true);
         let session_key = f.address("sessionKey", true);
         let chain_id = f.u64("chainId", true);
-        let policy = match f.get("policy", true) {
-            None => None,
-            Some(v) => match v.as_str() {
-                Some(s) => Some(s.to_owned()),
-                None => {
-                    f.issues.push(issue("$.policy", "expected a policy id"));
-                    None
-                }
-            },
-        };
+        let policy = f.typed("policy", true, "a policy id", |v| {
+            v.as_str().map(str::to_owned)
+        });
         let valid_after = f.u64("validAfter", true);
         let valid_until = f.u64("validUntil", true);
         if let (Some(a), Some(u)) = (valid_after, valid_until) {
