@@ -17,6 +17,7 @@ use session_paymaster::session::SessionStore;
 use session_paymaster::session::memory::MemorySessions;
 use session_paymaster::signer::{KeySource, Signer};
 use session_paymaster::sponsor::{Mode, RequestContext, Sponsor, SponsorRequest};
+use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
 sol! {
@@ -96,10 +97,14 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
                 scope("sender:0x11:1"),
                 scope("policy:1"),
             ],
-            payload: "x".repeat(300),
+            landing_key: keccak256((i as u64 ^ u64::MAX).to_be_bytes()),
             user_op_hash: B256::ZERO,
-            valid_until: 4_000_000_000,
-            expires_at: 4_000_000_000,
+            answer: PaymasterData {
+                window: ValidityWindow::new(1_799_999_940, 1_800_000_600)?,
+                signature: [7; 65],
+            },
+            session: None,
+            expires_at: 1_800_004_200,
         };
         let t = Instant::now();
         ledger.reserve(&r, false, 1_800_000_000).await?;

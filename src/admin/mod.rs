@@ -130,7 +130,7 @@ async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> R
     let Some(id) = parse_id(&id) else {
         return bad_id();
     };
-    match state.sponsor.sessions().revoke(id).await {
+    match state.sponsor.revoke_session(id, unix_now()).await {
         Ok(Some(grant)) => {
             tracing::info!(session = %id, "session revoked");
             axum::Json(grant).into_response()

@@ -1,5 +1,6 @@
 //! Settlement from the chain (DESIGN §1): read `UserOperationEvent`s whose paymaster is ours
-//! from each EntryPoint, settle each reservation to its `actualGasCost`, and release the
+//! from each EntryPoint, settle each reservation to its `actualGasCost` (found by the event's
+//! EntryPoint, sender and nonce, see [`crate::ledger::Ledger::settle`]), and release the
 //! reservations of operations that can no longer land (a confirmed block is past their
 //! `validUntil`).
 //!
@@ -16,7 +17,7 @@ use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
-use crate::ledger::wei_to_gwei_ceil;
+use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil};
 use crate::sponsor::Sponsor;
 use crate::userop::IEntryPoint;
 use crate::userop::IEntryPoint::UserOperationEvent;
@@ -92,6 +93,8 @@ pub struct Poll {
     pub settled: usize,
     /// Events of ours that closed nothing (already settled, or not reserved).
     pub ignored: usize,
+    /// Other reservations of a nonce that landed, released: they can never land.
+    pub superseded: usize,
     /// Reservations released as expired.
     pub released: usize,
 }
@@ -197,20 +200,30 @@ impl Watcher {
                 .from_block(from)
                 .to_block(to);
             for log in self.provider.get_logs(&filter).await.map_err(rpc)? {
+                let entry_point = log.address();
                 let Ok(event) = log.log_decode::<UserOperationEvent>() else {
                     continue;
                 };
                 let e = event.inner.data;
-                let settled = sponsor
+                // Matched by (EntryPoint, sender, nonce): a nonce lands once, whatever hash
+                // the EntryPoint computed (DESIGN §3).
+                let landing = Landing {
+                    landing_key: landing_key(sponsor.chain_id(), entry_point, e.sender, e.nonce),
+                    user_op_hash: e.userOpHash,
+                    actual_gwei: wei_to_gwei_ceil(e.actualGasCost),
+                };
+                let done = sponsor
                     .ledger()
-                    .settle(&policies, e.userOpHash, wei_to_gwei_ceil(e.actualGasCost))
+                    .settle(&policies, &landing)
                     .await
                     .map_err(|e| WatchError::Store(e.to_string()))?;
-                if settled {
-                    poll.settled += 1;
-                } else {
+                if done.settled == 0 {
                     poll.ignored += 1;
+                } else if !done.hash_matched {
+                    tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, settled = done.settled, "landed operation's hash matches none we reserved: settled every reservation of its nonce at its cost");
                 }
+                poll.settled += done.settled;
+                poll.superseded += done.released;
             }
             // The cursor moves only after the range's settlements are stored.
             self.cursor.set(to).await?;

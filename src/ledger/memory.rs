@@ -1,27 +1,35 @@
-//! The ledger in this process: the embedded default, with the Redis ledger's semantics.
+//! The ledger in this process: the embedded default, with the Redis ledger's semantics
+//! (`tests/it/ledger.rs` runs one suite against both).
 
-use std::collections::HashMap;
-use std::sync::Mutex;
+use std::collections::{BTreeMap, HashMap};
+use std::sync::{Mutex, MutexGuard};
 
-use alloy::primitives::B256;
+use alloy::primitives::{Address, B256, U256};
 
-use super::{Exhausted, Outcome, Reservation};
+use super::{
+    Exhausted, Landing, Outcome, REFRESH_MARGIN_SECS, Reservation, Settled, SpendExceeded,
+};
+use crate::userop::paymaster_data::PaymasterData;
 
-/// Budget counters and reservation records behind one lock: a reservation is one critical
-/// section, as the Redis script is one atomic step.
+/// Budget counters, reservation records and session states behind one lock: a reservation is
+/// one critical section, as the Redis script is one atomic step.
 #[derive(Debug, Default)]
 pub struct MemoryLedger {
     inner: Mutex<Inner>,
 }
+
+type PolicyKey = (String, B256);
 
 #[derive(Debug, Default)]
 struct Inner {
     /// `(policy, scope)` → the counter.
     counters: HashMap<(String, String), Counter>,
     /// `(policy, op key)` → the reservation.
-    reservations: HashMap<(String, B256), Record>,
-    /// userOpHash → `(policy, op key)`.
-    by_user_op_hash: HashMap<B256, (String, B256)>,
+    reservations: HashMap<PolicyKey, Record>,
+    /// `(policy, landing key)` → the op keys reserved for that nonce.
+    landings: HashMap<PolicyKey, Vec<B256>>,
+    /// `(policy, session id)` → what reservations check and record on the session.
+    sessions: HashMap<PolicyKey, SessionState>,
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -32,13 +40,29 @@ struct Counter {
     expires_at: u64,
 }
 
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum State {
+    Open,
+    Settled,
+    Released,
+}
+
 #[derive(Debug)]
 struct Record {
-    payload: String,
+    state: State,
     cost: u64,
     scopes: Vec<String>,
-    valid_until: u64,
-    open: bool,
+    answer: PaymasterData,
+    user_op_hash: B256,
+    session: Option<B256>,
+    spend: Vec<(Address, U256)>,
+    expires_at: u64,
+}
+
+#[derive(Debug, Default)]
+struct SessionState {
+    revoked: bool,
+    spent: BTreeMap<Address, U256>,
     expires_at: u64,
 }
 
@@ -48,23 +72,60 @@ impl MemoryLedger {
         Self::default()
     }
 
-    pub(super) fn reserve(&self, r: &Reservation, check_only: bool, now: u64) -> Outcome {
-        // A panic inside cannot leave a half-applied reservation (checks precede all writes).
-        let mut inner = self
-            .inner
+    fn lock(&self) -> MutexGuard<'_, Inner> {
+        // Every operation checks before it writes, so a panic inside cannot leave a
+        // half-applied reservation: a poisoned lock is still consistent.
+        self.inner
             .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        inner.counters.retain(|_, c| c.expires_at > now);
-        inner.reservations.retain(|_, rec| rec.expires_at > now);
-        if let Some(rec) = inner.reservations.get(&(r.policy.clone(), r.op_key)) {
-            return Outcome::Existing(rec.payload.clone());
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    pub(super) fn reserve(&self, r: &Reservation, check_only: bool, now: u64) -> Outcome {
+        let mut inner = self.lock();
+        inner.prune(now);
+        let key = (r.policy.clone(), r.op_key);
+        let existing = inner.reservations.get(&key).map(|rec| {
+            (
+                rec.state,
+                rec.answer.clone(),
+                rec.cost,
+                rec.scopes.clone(),
+                rec.spend.clone(),
+            )
+        });
+        // What a stored answer about to expire gives back when it is replaced below.
+        let (mut refund_cost, mut refund_ops, mut refund_scopes, mut refund_spend) =
+            (0, 0, Vec::new(), Vec::new());
+        match existing {
+            Some((State::Settled, answer, ..)) => return Outcome::Existing(answer),
+            Some((State::Open, answer, ..))
+                if answer.window.valid_until >= now.saturating_add(REFRESH_MARGIN_SECS) =>
+            {
+                return Outcome::Existing(answer);
+            }
+            Some((State::Open, _, cost, scopes, spend)) => {
+                (refund_cost, refund_ops, refund_scopes, refund_spend) = (cost, 1, scopes, spend);
+            }
+            Some((State::Released, ..)) | None => {}
+        }
+        let session = r.session.as_ref().map(|s| (r.policy.clone(), s.id));
+        if let Some(state) = session.as_ref().and_then(|k| inner.sessions.get(k))
+            && state.revoked
+        {
+            return Outcome::SessionRevoked;
         }
         for s in &r.scopes {
-            let Counter { cost, ops, .. } = inner
+            let Counter {
+                mut cost, mut ops, ..
+            } = inner
                 .counters
                 .get(&(r.policy.clone(), s.name.clone()))
                 .copied()
                 .unwrap_or_default();
+            if refund_scopes.contains(&s.name) {
+                cost = cost.saturating_sub(refund_cost);
+                ops = ops.saturating_sub(refund_ops);
+            }
             let exhausted = |resource: &str, limit, used, requested| {
                 Outcome::Exhausted(Exhausted {
                     scope: s.name.clone(),
@@ -85,8 +146,38 @@ impl MemoryLedger {
                 return exhausted("ops", limit, ops, 1);
             }
         }
+        if let Some(charge) = &r.session {
+            let spent_now = |token: Address| {
+                let spent = session
+                    .as_ref()
+                    .and_then(|k| inner.sessions.get(k))
+                    .and_then(|s| s.spent.get(&token))
+                    .copied()
+                    .unwrap_or_default();
+                let refund = refund_spend
+                    .iter()
+                    .filter(|(t, _)| *t == token)
+                    .fold(U256::ZERO, |acc, (_, a)| acc.saturating_add(*a));
+                spent.saturating_sub(refund)
+            };
+            for t in &charge.spend {
+                let spent = spent_now(t.token);
+                if spent.saturating_add(t.amount) > t.limit {
+                    return Outcome::SpendExceeded(SpendExceeded {
+                        token: t.token,
+                        rule: t.rule.clone(),
+                        limit: t.limit,
+                        spent,
+                        requested: t.amount,
+                    });
+                }
+            }
+        }
         if check_only {
             return Outcome::Reserved;
+        }
+        if refund_ops > 0 {
+            inner.close(&key, None);
         }
         for s in &r.scopes {
             let c = inner
@@ -98,43 +189,166 @@ impl MemoryLedger {
             c.ops = c.ops.saturating_add(1);
             c.expires_at = s.expires_at;
         }
+        let mut spend = Vec::new();
+        if let (Some(charge), Some(k)) = (&r.session, session) {
+            let state = inner.sessions.entry(k).or_default();
+            state.expires_at = charge.expires_at;
+            for t in &charge.spend {
+                let total = state.spent.entry(t.token).or_default();
+                *total = total.saturating_add(t.amount);
+                spend.push((t.token, t.amount));
+            }
+        }
         inner.reservations.insert(
-            (r.policy.clone(), r.op_key),
+            key,
             Record {
-                payload: r.payload.clone(),
+                state: State::Open,
                 cost: r.cost_gwei,
                 scopes: r.scopes.iter().map(|s| s.name.clone()).collect(),
-                valid_until: r.valid_until,
-                open: true,
+                answer: r.answer.clone(),
+                user_op_hash: r.user_op_hash,
+                session: r.session.as_ref().map(|s| s.id),
+                spend,
                 expires_at: r.expires_at,
             },
         );
-        inner
-            .by_user_op_hash
-            .insert(r.user_op_hash, (r.policy.clone(), r.op_key));
+        let ops = inner
+            .landings
+            .entry((r.policy.clone(), r.landing_key))
+            .or_default();
+        if !ops.contains(&r.op_key) {
+            ops.push(r.op_key);
+        }
         Outcome::Reserved
     }
 
-    /// Settle (`Some(actual)`) or release (`None`) the reservation of `user_op_hash`, once.
-    pub(super) fn close(&self, user_op_hash: B256, actual: Option<u64>) -> bool {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let Some(key) = inner.by_user_op_hash.get(&user_op_hash).cloned() else {
-            return false;
+    pub(super) fn settle(&self, policies: &[String], landing: &Landing) -> Settled {
+        let mut inner = self.lock();
+        let open: Vec<PolicyKey> = policies
+            .iter()
+            .flat_map(|policy| {
+                inner
+                    .landings
+                    .get(&(policy.clone(), landing.landing_key))
+                    .into_iter()
+                    .flatten()
+                    .map(move |op| (policy.clone(), *op))
+            })
+            .filter(|k| {
+                inner
+                    .reservations
+                    .get(k)
+                    .is_some_and(|r| r.state == State::Open)
+            })
+            .collect();
+        let matched = open
+            .iter()
+            .find(|k| {
+                inner
+                    .reservations
+                    .get(k)
+                    .is_some_and(|r| r.user_op_hash == landing.user_op_hash)
+            })
+            .cloned();
+        let mut out = Settled {
+            hash_matched: matched.is_some(),
+            ..Settled::default()
         };
-        Self::close_record(&mut inner, &key, actual)
+        for k in &open {
+            if matched.as_ref().is_none_or(|m| m == k) {
+                out.settled += usize::from(inner.close(k, Some(landing.actual_gwei)));
+            } else {
+                out.released += usize::from(inner.close(k, None));
+            }
+        }
+        out
     }
 
-    fn close_record(inner: &mut Inner, key: &(String, B256), actual: Option<u64>) -> bool {
-        let Some(rec) = inner.reservations.get_mut(key).filter(|r| r.open) else {
+    pub(super) fn release_expired(&self, policies: &[String], confirmed_time: u64) -> usize {
+        let mut inner = self.lock();
+        let expired: Vec<PolicyKey> = inner
+            .reservations
+            .iter()
+            .filter(|((policy, _), r)| {
+                r.state == State::Open
+                    && r.answer.window.valid_until < confirmed_time
+                    && policies.contains(policy)
+            })
+            .map(|(k, _)| k.clone())
+            .collect();
+        expired.iter().filter(|k| inner.close(k, None)).count()
+    }
+
+    pub(super) fn revoke_session(&self, policy: &str, session: B256, expires_at: u64) {
+        let mut inner = self.lock();
+        let state = inner
+            .sessions
+            .entry((policy.to_owned(), session))
+            .or_default();
+        state.revoked = true;
+        state.expires_at = state.expires_at.max(expires_at);
+    }
+
+    pub(super) fn session_spent(&self, policy: &str, session: B256) -> BTreeMap<Address, U256> {
+        self.lock()
+            .sessions
+            .get(&(policy.to_owned(), session))
+            .map(|s| {
+                s.spent
+                    .iter()
+                    .filter(|(_, a)| !a.is_zero())
+                    .map(|(t, a)| (*t, *a))
+                    .collect()
+            })
+            .unwrap_or_default()
+    }
+
+    pub(super) fn usage(&self, policy: &str, scope: &str) -> (u64, u64) {
+        self.lock()
+            .counters
+            .get(&(policy.to_owned(), scope.to_owned()))
+            .map_or((0, 0), |c| (c.cost, c.ops))
+    }
+
+    pub(super) fn open(&self, policy: &str, scope: &str) -> u64 {
+        self.lock()
+            .counters
+            .get(&(policy.to_owned(), scope.to_owned()))
+            .map_or(0, |c| c.open)
+    }
+}
+
+impl Inner {
+    /// Forget what has outlived what it accounts for (as Redis TTLs do).
+    fn prune(&mut self, now: u64) {
+        self.counters.retain(|_, c| c.expires_at > now);
+        self.reservations.retain(|_, rec| rec.expires_at > now);
+        self.sessions.retain(|_, s| s.expires_at > now);
+        let reservations = &self.reservations;
+        self.landings.retain(|(policy, _), ops| {
+            ops.retain(|op| reservations.contains_key(&(policy.clone(), *op)));
+            !ops.is_empty()
+        });
+    }
+
+    /// Settle (`Some(actual)`) or release (`None`) an open reservation, once.
+    fn close(&mut self, key: &PolicyKey, actual: Option<u64>) -> bool {
+        let Some(rec) = self
+            .reservations
+            .get_mut(key)
+            .filter(|r| r.state == State::Open)
+        else {
             return false;
         };
-        rec.open = false;
+        rec.state = if actual.is_some() {
+            State::Settled
+        } else {
+            State::Released
+        };
         let (reserved, scopes) = (rec.cost, rec.scopes.clone());
+        let (session, spend) = (rec.session, rec.spend.clone());
         for scope in scopes {
-            if let Some(c) = inner.counters.get_mut(&(key.0.clone(), scope)) {
+            if let Some(c) = self.counters.get_mut(&(key.0.clone(), scope)) {
                 c.cost = c
                     .cost
                     .saturating_sub(reserved)
@@ -145,47 +359,15 @@ impl MemoryLedger {
                 }
             }
         }
+        if actual.is_none()
+            && let Some(state) = session.and_then(|id| self.sessions.get_mut(&(key.0.clone(), id)))
+        {
+            for (token, amount) in spend {
+                if let Some(total) = state.spent.get_mut(&token) {
+                    *total = total.saturating_sub(amount);
+                }
+            }
+        }
         true
-    }
-
-    pub(super) fn release_expired(&self, policies: &[String], confirmed_time: u64) -> usize {
-        let mut inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        let expired: Vec<(String, B256)> = inner
-            .reservations
-            .iter()
-            .filter(|((policy, _), r)| {
-                r.open && r.valid_until < confirmed_time && policies.contains(policy)
-            })
-            .map(|(k, _)| k.clone())
-            .collect();
-        expired
-            .iter()
-            .filter(|k| Self::close_record(&mut inner, k, None))
-            .count()
-    }
-
-    pub(super) fn usage(&self, policy: &str, scope: &str) -> (u64, u64) {
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        inner
-            .counters
-            .get(&(policy.to_owned(), scope.to_owned()))
-            .map_or((0, 0), |c| (c.cost, c.ops))
-    }
-
-    pub(super) fn open(&self, policy: &str, scope: &str) -> u64 {
-        let inner = self
-            .inner
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner);
-        inner
-            .counters
-            .get(&(policy.to_owned(), scope.to_owned()))
-            .map_or(0, |c| c.open)
     }
 }

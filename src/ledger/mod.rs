@@ -5,12 +5,21 @@
 //! Amounts are kept in gwei, rounded up from wei (a reservation over-counts by less than one
 //! gwei, never under-counts; budgets up to 9·10⁶ ether stay exact in Redis and Lua numbers).
 //! Periods are fixed UTC windows, `floor(now / period)`. A repeated request for the same
-//! operation returns the answer already signed for it and reserves nothing more.
+//! operation returns the answer already signed for it and reserves nothing more, unless that
+//! signature expires within [`REFRESH_MARGIN_SECS`]: then the old reservation is released and a
+//! new one made in the same step.
+//!
+//! Under a session the same atomic step also refuses a revoked session (so a revocation that
+//! has answered is never followed by a signature) and records the operation's ERC-20 spending
+//! against the session's caps (uint256 totals, kept as decimal strings).
 //!
 //! A reservation is closed once: settled to the `actualGasCost` of its `UserOperationEvent`
 //! (the chain watcher), or released when a confirmed block is past its `validUntil` without
-//! it (the operation can no longer land). Without a chain watcher it stays at its worst case
-//! (DESIGN: "settle at worst case"): budgets never under-count.
+//! it (the operation can no longer land). Events are matched by (EntryPoint, sender, nonce), not
+//! by our hash alone (DESIGN §3, §8): when a nonce lands, every other reservation of it is
+//! released, and a cost is never forgotten because the EntryPoint hashed the op differently.
+//! Without a chain watcher reservations stay at their worst case (DESIGN: "settle at worst
+//! case"): budgets never under-count. Releasing also gives back the token spending.
 //!
 //! [`memory`] and [`redis`] implement the same semantics; `tests/it/ledger.rs` runs one suite
 //! against both.
@@ -18,9 +27,13 @@
 pub mod memory;
 pub mod redis;
 
-use alloy::primitives::{B256, U256};
+use std::collections::BTreeMap;
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::sol_types::SolValue;
 
 use crate::session::StoreError;
+use crate::userop::paymaster_data::PaymasterData;
 
 /// How long reservation records and budget counters outlive the window they count.
 pub const GRACE_SECS: u64 = 3600;
@@ -53,6 +66,12 @@ pub struct Scope {
     pub resets_at: Option<u64>,
 }
 
+/// How long before its `validUntil` a stored answer is still handed out again. A repeat of an
+/// operation whose signature expires sooner gets a fresh window (and signature) instead: the old
+/// reservation is released and a new one made, in the same atomic step, so the operation is
+/// never reserved twice nor left unreserved.
+pub const REFRESH_MARGIN_SECS: u64 = 30;
+
 /// A reservation request.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Reservation {
@@ -60,18 +79,94 @@ pub struct Reservation {
     pub policy: String,
     /// Idempotency key of the operation.
     pub op_key: B256,
-    /// The userOpHash the operation will have on chain (settlement finds it by this).
+    /// Key of `(chain, EntryPoint, sender, nonce)`: a nonce lands once, so settlement finds the
+    /// reservations of a landed operation by it, whatever hash the EntryPoint computed
+    /// (see [`landing_key`]).
+    pub landing_key: B256,
+    /// The userOpHash we expect on chain: among the reservations of one nonce, the one whose
+    /// hash the event names is the one that landed.
     pub user_op_hash: B256,
-    /// The signature's validUntil: once a confirmed block is later, the op can never land.
-    pub valid_until: u64,
+    /// The signed answer: what a repeat of the operation gets back. Its `valid_until`: once a
+    /// confirmed block is later, the op can never land.
+    pub answer: PaymasterData,
     /// Worst-case cost, gwei.
     pub cost_gwei: u64,
     /// Scopes charged.
     pub scopes: Vec<Scope>,
-    /// The answer to return for a repeat of this operation.
-    pub payload: String,
+    /// The session it is made under: its status is checked and its token spending recorded in
+    /// the same atomic step.
+    pub session: Option<SessionCharge>,
     /// Unix time the reservation record may be forgotten (signature expiry plus grace).
     pub expires_at: u64,
+}
+
+/// What a reservation under a session checks and records on the session.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SessionCharge {
+    /// The session.
+    pub id: B256,
+    /// Unix time the session's state may be forgotten (its end plus grace).
+    pub expires_at: u64,
+    /// ERC-20 amounts the operation moves or approves, per capped token.
+    pub spend: Vec<TokenCharge>,
+}
+
+/// One capped token's amount in an operation.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct TokenCharge {
+    /// The token.
+    pub token: Address,
+    /// What this operation moves or approves (summed over its calls).
+    pub amount: U256,
+    /// The session's cap on the total.
+    pub limit: U256,
+    /// The grant setting that decided, e.g. `session.permissions.spend[0]`.
+    pub rule: String,
+}
+
+/// A token cap that would be exceeded.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct SpendExceeded {
+    /// The token.
+    pub token: Address,
+    /// The grant setting.
+    pub rule: String,
+    /// The cap.
+    pub limit: U256,
+    /// Signed for so far under the session (open and settled reservations).
+    pub spent: U256,
+    /// This operation's amount.
+    pub requested: U256,
+}
+
+/// The key that identifies where an operation lands: `keccak256(abi.encode(chainId,
+/// entryPoint, sender, nonce))`. `UserOperationEvent` carries sender and nonce, and the
+/// EntryPoint accepts a (sender, nonce) once.
+pub fn landing_key(chain_id: u64, entry_point: Address, sender: Address, nonce: U256) -> B256 {
+    keccak256((U256::from(chain_id), entry_point, sender, nonce).abi_encode())
+}
+
+/// A `UserOperationEvent` of our paymaster, to settle.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Landing {
+    /// [`landing_key`] of the event's EntryPoint, sender and nonce.
+    pub landing_key: B256,
+    /// The event's userOpHash.
+    pub user_op_hash: B256,
+    /// `actualGasCost`, gwei (rounded up).
+    pub actual_gwei: u64,
+}
+
+/// What settling one event did.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Settled {
+    /// Reservations settled to the event's cost: 1 when its hash names one; every open
+    /// reservation of the nonce when none matches (over-count rather than forget a cost).
+    pub settled: usize,
+    /// Other reservations of the same nonce, released: they can never land now.
+    pub released: usize,
+    /// Whether one reservation's userOpHash equals the event's.
+    pub hash_matched: bool,
 }
 
 /// A budget that would be exceeded.
@@ -96,10 +191,15 @@ pub struct Exhausted {
 pub enum Outcome {
     /// Reserved in every scope (or, checking only, would fit).
     Reserved,
-    /// Already reserved earlier: the stored answer.
-    Existing(String),
+    /// Already reserved earlier, and its signature is valid long enough (or it landed): the
+    /// answer stored with it.
+    Existing(PaymasterData),
     /// Over budget: nothing changed.
     Exhausted(Exhausted),
+    /// The session was revoked (seen inside the atomic step): nothing changed.
+    SessionRevoked,
+    /// A session token cap would be exceeded: nothing changed.
+    SpendExceeded(SpendExceeded),
 }
 
 /// Where budgets are kept.
@@ -126,18 +226,47 @@ impl Ledger {
         }
     }
 
-    /// Settle the reservation of `user_op_hash` to `actual_gwei`. `false` if unknown (not ours,
-    /// or the record expired) or already closed: settling twice changes nothing.
-    /// `policies` are the ids whose reservations may hold it.
+    /// Settle an operation that landed: the open reservations of its nonce in `policies` are
+    /// closed, the one whose userOpHash the event names at the event's cost and the others
+    /// released. Closing is once: an event read twice settles nothing twice.
     pub async fn settle(
         &self,
         policies: &[String],
-        user_op_hash: B256,
-        actual_gwei: u64,
-    ) -> Result<bool, StoreError> {
+        landing: &Landing,
+    ) -> Result<Settled, StoreError> {
         match self {
-            Self::Memory(m) => Ok(m.close(user_op_hash, Some(actual_gwei))),
-            Self::Redis(l) => l.settle(policies, user_op_hash, actual_gwei).await,
+            Self::Memory(m) => Ok(m.settle(policies, landing)),
+            Self::Redis(l) => l.settle(policies, landing).await,
+        }
+    }
+
+    /// Mark a session revoked where reservations see it: every reservation after this returns
+    /// [`Outcome::SessionRevoked`]. `expires_at`: the session's end plus grace.
+    pub async fn revoke_session(
+        &self,
+        policy: &str,
+        session: B256,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        match self {
+            Self::Memory(m) => {
+                m.revoke_session(policy, session, expires_at);
+                Ok(())
+            }
+            Self::Redis(l) => l.revoke_session(policy, session, expires_at, now).await,
+        }
+    }
+
+    /// The token amounts signed for under a session (open and settled reservations).
+    pub async fn session_spent(
+        &self,
+        policy: &str,
+        session: B256,
+    ) -> Result<BTreeMap<Address, U256>, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.session_spent(policy, session)),
+            Self::Redis(l) => l.session_spent(policy, session).await,
         }
     }
 

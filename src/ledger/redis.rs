@@ -1,15 +1,24 @@
 //! The ledger in Redis: one `EVALSHA` of `reserve.lua` per sponsorship (the `redis` crate
-//! reloads the script on `NOSCRIPT`). Keys: `sp:{<policy>}:budget:<scope>` (hash: cost, ops),
-//! `sp:{<policy>}:op:<op key>` (the reservation record), `sp:{<policy>}:open` (open records by
-//! validUntil) and `sp:{<policy>}:userop:<userOpHash>` (settlement index); the shared
-//! `{policy}` hash tag keeps one reservation's keys in one Cluster slot.
+//! reloads the script on `NOSCRIPT`). Keys, all under the policy's `{policy}` hash tag so one
+//! reservation's keys share one Cluster slot:
+//!
+//! | key | type | holds |
+//! |---|---|---|
+//! | `sp:{<policy>}:budget:<scope>` | hash | `cost`, `open` (gwei), `ops` |
+//! | `sp:{<policy>}:op:<op key>` | hash | the reservation record: state, cost, the signed answer (window, raw signature), userOpHash, scopes, session and spend |
+//! | `sp:{<policy>}:open` | sorted set | open records by validUntil, for release on expiry |
+//! | `sp:{<policy>}:landing:<landing key>` | set | records reserved for one (EntryPoint, sender, nonce), for settlement |
+//! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations) and `spent:<token>` totals |
 
-use crate::session::redis::RedisConn;
-use alloy::primitives::B256;
+use std::collections::BTreeMap;
+
+use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
 
-use super::{Exhausted, Outcome, Reservation};
+use super::{Exhausted, Landing, Outcome, Reservation, Settled, SpendExceeded};
 use crate::session::StoreError;
+use crate::session::redis::RedisConn;
+use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
 
 /// Redis-backed ledger.
 #[derive(Clone)]
@@ -17,6 +26,7 @@ pub struct RedisLedger {
     conn: RedisConn,
     reserve: redis::Script,
     settle: redis::Script,
+    release: redis::Script,
 }
 
 impl std::fmt::Debug for RedisLedger {
@@ -41,8 +51,22 @@ fn open_key(policy: &str) -> String {
     format!("sp:{{{policy}}}:open")
 }
 
-fn user_op_key(policy: &str, user_op_hash: B256) -> String {
-    format!("sp:{{{policy}}}:userop:{user_op_hash}")
+fn landing_key(policy: &str, landing: B256) -> String {
+    format!("sp:{{{policy}}}:landing:{landing}")
+}
+
+fn session_key(policy: &str, session: B256) -> String {
+    format!("sp:{{{policy}}}:session:{session}")
+}
+
+/// Hash field of a session's total of `token`.
+fn spent_field(token: Address) -> String {
+    format!("spent:{token}")
+}
+
+/// A script with the shared helpers of `lib.lua` in front.
+fn script(body: &str) -> redis::Script {
+    redis::Script::new(&[include_str!("lib.lua"), body].concat())
 }
 
 impl RedisLedger {
@@ -50,8 +74,9 @@ impl RedisLedger {
     pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
-            reserve: redis::Script::new(include_str!("reserve.lua")),
-            settle: redis::Script::new(include_str!("settle.lua")),
+            reserve: script(include_str!("reserve.lua")),
+            settle: script(include_str!("settle.lua")),
+            release: script(include_str!("release.lua")),
         }
     }
 
@@ -63,17 +88,38 @@ impl RedisLedger {
     ) -> Result<Outcome, StoreError> {
         let mut conn = self.conn.clone();
         let ttl = |at: u64| at.saturating_sub(now).max(1);
-        let mut inv = self.reserve.key(op_key(&r.policy, r.op_key));
+        let record = op_key(&r.policy, r.op_key);
+        let mut inv = self.reserve.key(&record);
         inv.key(open_key(&r.policy));
-        inv.key(user_op_key(&r.policy, r.user_op_hash));
+        inv.key(landing_key(&r.policy, r.landing_key));
+        match &r.session {
+            Some(s) => inv.key(session_key(&r.policy, s.id)),
+            None => inv.key(&record),
+        };
         for s in &r.scopes {
             inv.key(budget_key(&r.policy, &s.name));
         }
+        let spend = r
+            .session
+            .as_ref()
+            .map(|s| s.spend.as_slice())
+            .unwrap_or_default();
         inv.arg(if check_only { "1" } else { "0" })
             .arg(r.cost_gwei.to_string())
-            .arg(&r.payload)
             .arg(ttl(r.expires_at))
-            .arg(r.valid_until);
+            .arg(r.answer.window.valid_until)
+            .arg(r.answer.window.valid_after)
+            .arg(r.answer.signature.as_slice())
+            .arg(now.saturating_add(super::REFRESH_MARGIN_SECS))
+            .arg(r.user_op_hash.to_string())
+            .arg(if r.session.is_some() { "1" } else { "0" })
+            .arg(r.session.as_ref().map_or(1, |s| ttl(s.expires_at)))
+            .arg(spend.len());
+        for t in spend {
+            inv.arg(spent_field(t.token))
+                .arg(t.amount.to_string())
+                .arg(t.limit.to_string());
+        }
         let limit = |l: Option<u64>| l.map_or(-1i128, i128::from);
         for s in &r.scopes {
             inv.arg(limit(s.cost_limit).to_string())
@@ -94,12 +140,25 @@ impl RedisLedger {
                 .or_else(|_| t.parse::<f64>().map(|f| f as u64))
                 .map_err(unavailable)
         };
+        let amount = |i: usize| -> Result<U256, StoreError> {
+            U256::from_str_radix(&text(i)?, 10).map_err(unavailable)
+        };
         let code: i64 =
             redis::from_redis_value(reply.first().cloned().unwrap_or(redis::Value::Nil))
                 .map_err(unavailable)?;
         match code {
             0 => Ok(Outcome::Reserved),
-            1 => Ok(Outcome::Existing(text(1)?)),
+            1 => {
+                let signature: Vec<u8> =
+                    redis::from_redis_value(reply.get(3).cloned().unwrap_or(redis::Value::Nil))
+                        .map_err(unavailable)?;
+                Ok(Outcome::Existing(PaymasterData {
+                    window: ValidityWindow::new(number(2)?, number(1)?).map_err(unavailable)?,
+                    signature: signature
+                        .try_into()
+                        .map_err(|_| unavailable("a stored signature is not 65 bytes"))?,
+                }))
+            }
             2 => {
                 let scope = text(1)?;
                 let rule = r
@@ -117,56 +176,68 @@ impl RedisLedger {
                     requested: number(5)?,
                 }))
             }
+            3 => Ok(Outcome::SessionRevoked),
+            4 => {
+                let field = text(1)?;
+                let charge = spend
+                    .iter()
+                    .find(|t| spent_field(t.token) == field)
+                    .ok_or_else(|| unavailable(format!("reserve.lua named {field}")))?;
+                Ok(Outcome::SpendExceeded(SpendExceeded {
+                    token: charge.token,
+                    rule: charge.rule.clone(),
+                    limit: amount(2)?,
+                    spent: amount(3)?,
+                    requested: amount(4)?,
+                }))
+            }
             other => Err(unavailable(format!(
                 "unexpected reply {other} from reserve.lua"
             ))),
         }
     }
 
-    /// The index of a userOpHash lives in its policy's slot (written by `reserve.lua` in the
-    /// same atomic step), so settlement looks in each policy's: off the hot path, and the
-    /// policies are few.
+    /// The landing index of a nonce lives in each policy's slot (written by `reserve.lua` in
+    /// the same atomic step), so settlement looks in each policy's: first whether any holds the
+    /// event's hash, then to settle and release. Off the hot path, and the policies are few.
     pub(super) async fn settle(
         &self,
         policies: &[String],
-        user_op_hash: B256,
-        actual_gwei: u64,
-    ) -> Result<bool, StoreError> {
+        landing: &Landing,
+    ) -> Result<Settled, StoreError> {
         let mut conn = self.conn.clone();
+        let mut out = Settled::default();
         for policy in policies {
-            let record: Option<String> = conn
-                .get(user_op_key(policy, user_op_hash))
+            let found: i64 = self
+                .settle
+                .key(landing_key(policy, landing.landing_key))
+                .key(open_key(policy))
+                .arg("probe")
+                .arg(landing.user_op_hash.to_string())
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            if let Some(record) = record {
-                return self.close(policy, &record, "settle", actual_gwei).await;
+            if found == 1 {
+                out.hash_matched = true;
+                break;
             }
         }
-        Ok(false)
-    }
-
-    /// Close one record: its scope keys are read first, so the script declares every key it
-    /// touches (required on Redis Cluster).
-    async fn close(
-        &self,
-        policy: &str,
-        record: &str,
-        mode: &str,
-        actual_gwei: u64,
-    ) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let scopes: Option<String> = conn.hget(record, "scopes").await.map_err(unavailable)?;
-        let Some(scopes) = scopes else {
-            return Ok(false);
-        };
-        let mut inv = self.settle.key(record);
-        inv.key(open_key(policy));
-        for scope in scopes.split('\n').filter(|s| !s.is_empty()) {
-            inv.key(scope);
+        for policy in policies {
+            let (settled, released): (usize, usize) = self
+                .settle
+                .key(landing_key(policy, landing.landing_key))
+                .key(open_key(policy))
+                .arg("settle")
+                .arg(landing.user_op_hash.to_string())
+                .arg(landing.actual_gwei)
+                .arg(if out.hash_matched { "1" } else { "0" })
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            out.settled += settled;
+            out.released += released;
         }
-        inv.arg(mode).arg(actual_gwei.to_string());
-        let closed: i64 = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
-        Ok(closed == 1)
+        Ok(out)
     }
 
     pub(super) async fn release_expired(
@@ -189,18 +260,62 @@ impl RedisLedger {
                 .await
                 .map_err(unavailable)?;
             for record in records {
-                if self.close(policy, &record, "release", 0).await? {
-                    released += 1;
-                } else {
-                    // Expired or already closed record still listed: drop it from the set.
-                    let _: () = conn
-                        .zrem(open_key(policy), &record)
-                        .await
-                        .map_err(unavailable)?;
-                }
+                let closed: i64 = self
+                    .release
+                    .key(&record)
+                    .key(open_key(policy))
+                    .invoke_async(&mut conn)
+                    .await
+                    .map_err(unavailable)?;
+                released += usize::from(closed == 1);
             }
         }
         Ok(released)
+    }
+
+    /// Written before the grant's own status, so that once a revocation has answered no
+    /// reservation under the session can succeed.
+    pub(super) async fn revoke_session(
+        &self,
+        policy: &str,
+        session: B256,
+        expires_at: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
+        let mut conn = self.conn.clone();
+        let key = session_key(policy, session);
+        // Status first: a key left without its TTL by a failure in between is harmless.
+        let _: () = conn
+            .hset(&key, "status", "revoked")
+            .await
+            .map_err(unavailable)?;
+        let ttl = i64::try_from(expires_at.saturating_sub(now).max(1)).unwrap_or(i64::MAX);
+        let _: () = conn.expire(&key, ttl).await.map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn session_spent(
+        &self,
+        policy: &str,
+        session: B256,
+    ) -> Result<BTreeMap<Address, U256>, StoreError> {
+        let mut conn = self.conn.clone();
+        let fields: BTreeMap<String, String> = conn
+            .hgetall(session_key(policy, session))
+            .await
+            .map_err(unavailable)?;
+        let mut out = BTreeMap::new();
+        for (field, value) in fields {
+            if let Some(token) = field.strip_prefix("spent:") {
+                let token: Address = token.parse().map_err(|_| StoreError::Corrupt(session))?;
+                let amount =
+                    U256::from_str_radix(&value, 10).map_err(|_| StoreError::Corrupt(session))?;
+                if !amount.is_zero() {
+                    out.insert(token, amount);
+                }
+            }
+        }
+        Ok(out)
     }
 
     pub(super) async fn open(&self, policy: &str, scope: &str) -> Result<u64, StoreError> {

@@ -133,15 +133,21 @@ impl Call {
         };
         match self.selector()?.0 {
             Erc20::transferCall::SELECTOR => spend(
-                Erc20::transferCall::abi_decode(&self.data).ok()?.amount,
+                Erc20::transferCall::abi_decode_validate(&self.data)
+                    .ok()?
+                    .amount,
                 false,
             ),
             Erc20::transferFromCall::SELECTOR => spend(
-                Erc20::transferFromCall::abi_decode(&self.data).ok()?.amount,
+                Erc20::transferFromCall::abi_decode_validate(&self.data)
+                    .ok()?
+                    .amount,
                 false,
             ),
             Erc20::approveCall::SELECTOR => spend(
-                Erc20::approveCall::abi_decode(&self.data).ok()?.amount,
+                Erc20::approveCall::abi_decode_validate(&self.data)
+                    .ok()?
+                    .amount,
                 true,
             ),
             _ => None,

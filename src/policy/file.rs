@@ -46,6 +46,8 @@ struct PolicyFile {
     #[serde(default)]
     senders: SendersFile,
     #[serde(default)]
+    factories: Vec<Spanned<String>>,
+    #[serde(default)]
     allow: Vec<AllowFile>,
 }
 
@@ -515,6 +517,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         allow: address_list(&file.senders.allow, "senders.allow"),
         deny: address_list(&file.senders.deny, "senders.deny"),
     };
+    let factories = address_list(&file.factories, "factories");
     if let Some(both) = senders.allow.iter().find(|a| senders.deny.contains(a)) {
         errors.push(at(
             0..0,
@@ -552,6 +555,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         rate_per_sender,
         rate_per_session,
         senders,
+        factories,
         allow,
     })
 }

@@ -16,6 +16,7 @@ use std::time::Duration;
 use alloy::primitives::{Address, B256, FixedBytes, U256};
 
 use self::calldata::{Call, CallKind};
+use crate::sponsor::{Reason, Rejection};
 use crate::userop::{EntryPointVersion, UserOperation};
 
 /// A loaded, validated policy.
@@ -47,6 +48,10 @@ pub struct Policy {
     pub rate_per_session: Option<Rate>,
     /// Senders always refused, or the only ones served.
     pub senders: SenderLists,
+    /// Account factories it pays deployments through (`factory` of an operation with
+    /// `initCode`). Empty: it sponsors no deployment, since a factory call runs code no
+    /// `[[allow]]` rule sees.
+    pub factories: Vec<Address>,
     /// What the operation may call: every call must match one rule.
     pub allow: Vec<AllowRule>,
 }
@@ -130,20 +135,6 @@ pub enum FunctionFilter {
     Selectors(Vec<(FixedBytes<4>, String)>),
 }
 
-/// Why a policy does not sponsor an operation. `reason` is a stable code listed in
-/// docs/rpc.md; `rule` points at the policy setting that decided.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct Rejection {
-    /// Stable machine-readable reason.
-    pub reason: &'static str,
-    /// The policy and setting, e.g. `game.allow` or `game.per_op.max_fee_per_gas`.
-    pub rule: String,
-    /// Human-readable detail.
-    pub detail: String,
-    /// Index of the offending call in the decoded batch.
-    pub call_index: Option<usize>,
-}
-
 /// Everything a policy looks at.
 #[derive(Debug)]
 pub struct OpContext<'a> {
@@ -192,11 +183,8 @@ impl Policy {
         ctx: &OpContext<'_>,
         visit: &mut dyn FnMut(String, Result<(), Rejection>) -> ControlFlow<()>,
     ) {
-        let reject = |reason, setting: &str, detail: String| Rejection {
-            reason,
-            rule: format!("{}.{setting}", self.id),
-            detail,
-            call_index: None,
+        let reject = |reason, setting: &str, detail: String| {
+            Rejection::new(reason, format!("{}.{setting}", self.id), detail)
         };
         let ok_or = |pass: bool, r: &dyn Fn() -> Rejection| if pass { Ok(()) } else { Err(r()) };
         macro_rules! visit {
@@ -210,7 +198,7 @@ impl Policy {
             "chain",
             ok_or(self.chains.contains(&ctx.chain_id), &|| {
                 reject(
-                    "chain_not_allowed",
+                    Reason::ChainNotAllowed,
                     "chains",
                     format!("chain {} is not in {:?}", ctx.chain_id, self.chains),
                 )
@@ -220,7 +208,7 @@ impl Policy {
             "entry_point",
             ok_or(self.entry_points.contains(&ctx.version), &|| {
                 reject(
-                    "entry_point_not_allowed",
+                    Reason::EntryPointNotAllowed,
                     "entry_points",
                     format!("EntryPoint v{} is not allowed", ctx.version),
                 )
@@ -232,7 +220,7 @@ impl Policy {
                 self.active_until.is_none_or(|until| ctx.now < until),
                 &|| {
                     reject(
-                        "policy_inactive",
+                        Reason::PolicyInactive,
                         "active_until",
                         format!("the policy ended at unix time {:?}", self.active_until),
                     )
@@ -244,18 +232,29 @@ impl Policy {
             "sender",
             if self.senders.deny.contains(&sender) {
                 Err(reject(
-                    "sender_denied",
+                    Reason::SenderDenied,
                     "senders.deny",
                     format!("sender {sender} is denied"),
                 ))
             } else if !self.senders.allow.is_empty() && !self.senders.allow.contains(&sender) {
                 Err(reject(
-                    "sender_not_allowed",
+                    Reason::SenderNotAllowed,
                     "senders.allow",
                     format!("sender {sender} is not on the allow list"),
                 ))
             } else {
                 Ok(())
+            }
+        );
+        visit!(
+            "factory",
+            match ctx.op.factory {
+                Some(factory) if !self.factories.contains(&factory) => Err(reject(
+                    Reason::FactoryNotAllowed,
+                    "factories",
+                    format!("deployment through factory {factory} is not sponsored"),
+                )),
+                _ => Ok(()),
             }
         );
         let gas_caps = [
@@ -277,7 +276,7 @@ impl Policy {
                 name,
                 match cap.filter(|&cap| value > u128::from(cap)) {
                     Some(cap) => Err(reject(
-                        "gas_limit_too_high",
+                        Reason::GasLimitTooHigh,
                         setting,
                         format!("{value} gas exceeds the cap of {cap}")
                     )),
@@ -288,21 +287,21 @@ impl Policy {
         let caps = [
             (
                 "max_fee_per_gas",
-                "fee_too_high",
+                Reason::FeeTooHigh,
                 "per_op.max_fee_per_gas",
                 U256::from(ctx.op.max_fee_per_gas),
                 self.per_op.max_fee_per_gas,
             ),
             (
                 "max_priority_fee_per_gas",
-                "priority_fee_too_high",
+                Reason::PriorityFeeTooHigh,
                 "per_op.max_priority_fee_per_gas",
                 U256::from(ctx.op.max_priority_fee_per_gas),
                 self.per_op.max_priority_fee_per_gas,
             ),
             (
                 "max_cost",
-                "cost_too_high",
+                Reason::CostTooHigh,
                 "per_op.max_cost",
                 ctx.max_cost,
                 self.per_op.max_cost,
@@ -332,7 +331,7 @@ impl Policy {
         }
     }
 
-    fn check_call(&self, call: &Call) -> Result<(), (&'static str, String, String)> {
+    fn check_call(&self, call: &Call) -> Result<(), (Reason, String, String)> {
         let Some((i, rule)) = self
             .allow
             .iter()
@@ -340,7 +339,7 @@ impl Policy {
             .find(|(_, r)| r.target == call.target)
         else {
             return Err((
-                "target_not_allowed",
+                Reason::TargetNotAllowed,
                 "allow".into(),
                 format!("no rule allows calls to {}", call.target),
             ));
@@ -356,21 +355,21 @@ impl Policy {
                 |s| format!("selector {s}"),
             );
             return Err((
-                "function_not_allowed",
+                Reason::FunctionNotAllowed,
                 format!("allow[{i}].functions"),
                 format!("{what} on {} is not allowed", call.target),
             ));
         }
         if call.kind == CallKind::DelegateCall && !rule.delegatecall {
             return Err((
-                "delegatecall_not_allowed",
+                Reason::DelegatecallNotAllowed,
                 format!("allow[{i}].delegatecall"),
                 format!("delegatecall to {} is not allowed", call.target),
             ));
         }
         if call.value > rule.max_value {
             return Err((
-                "value_too_high",
+                Reason::ValueTooHigh,
                 format!("allow[{i}].max_value"),
                 format!("value {} wei exceeds {} wei", call.value, rule.max_value),
             ));
@@ -425,6 +424,7 @@ mod tests {
     use alloy::primitives::{Bytes, keccak256};
 
     const TARGET: Address = Address::repeat_byte(0x11);
+    const FACTORY: Address = Address::repeat_byte(0xfa);
 
     fn policy() -> Policy {
         Policy {
@@ -450,6 +450,7 @@ mod tests {
                 allow: vec![],
                 deny: vec![Address::repeat_byte(0xdd)],
             },
+            factories: vec![FACTORY],
             allow: vec![AllowRule {
                 target: TARGET,
                 functions: FunctionFilter::Selectors(vec![(
@@ -474,73 +475,83 @@ mod tests {
     #[test]
     fn rule_table() {
         type Mutate = fn(&mut UserOperation, &mut Vec<Call>, &mut u64, &mut u64, &mut U256);
-        type Expected = Option<(&'static str, Option<usize>)>;
+        type Expected = Option<(Reason, Option<usize>)>;
         let rows: Vec<(&str, Mutate, Expected)> = vec![
             ("good", |_, _, _, _, _| {}, None),
             (
                 "chain",
                 |_, _, chain, _, _| *chain = 1,
-                Some(("chain_not_allowed", None)),
+                Some((Reason::ChainNotAllowed, None)),
             ),
             (
                 "ended",
                 |_, _, _, now, _| *now = 2_000,
-                Some(("policy_inactive", None)),
+                Some((Reason::PolicyInactive, None)),
             ),
             (
                 "fee",
                 |op, _, _, _, _| op.max_fee_per_gas = 101,
-                Some(("fee_too_high", None)),
+                Some((Reason::FeeTooHigh, None)),
             ),
             (
                 "tip",
                 |op, _, _, _, _| op.max_priority_fee_per_gas = 11,
-                Some(("priority_fee_too_high", None)),
+                Some((Reason::PriorityFeeTooHigh, None)),
             ),
             (
                 "cost",
                 |_, _, _, _, cost| *cost = U256::from(1_000_001u64),
-                Some(("cost_too_high", None)),
+                Some((Reason::CostTooHigh, None)),
             ),
             (
                 "target",
                 |_, calls, _, _, _| calls.push(call(Address::repeat_byte(0x22), "increment()", 0)),
-                Some(("target_not_allowed", Some(1))),
+                Some((Reason::TargetNotAllowed, Some(1))),
             ),
             (
                 "function",
                 |_, calls, _, _, _| calls[0] = call(TARGET, "drain()", 0),
-                Some(("function_not_allowed", Some(0))),
+                Some((Reason::FunctionNotAllowed, Some(0))),
             ),
             (
                 "no selector",
                 |_, calls, _, _, _| calls[0].data = Bytes::new(),
-                Some(("function_not_allowed", Some(0))),
+                Some((Reason::FunctionNotAllowed, Some(0))),
             ),
             (
                 "value",
                 |_, calls, _, _, _| calls[0].value = U256::from(6u64),
-                Some(("value_too_high", Some(0))),
+                Some((Reason::ValueTooHigh, Some(0))),
+            ),
+            (
+                "listed factory",
+                |op, _, _, _, _| op.factory = Some(FACTORY),
+                None,
+            ),
+            (
+                "unlisted factory",
+                |op, _, _, _, _| op.factory = Some(Address::repeat_byte(0xfb)),
+                Some((Reason::FactoryNotAllowed, None)),
             ),
             (
                 "denied sender",
                 |op, _, _, _, _| op.sender = Address::repeat_byte(0xdd),
-                Some(("sender_denied", None)),
+                Some((Reason::SenderDenied, None)),
             ),
             (
                 "verification gas",
                 |op, _, _, _, _| op.verification_gas_limit = 501,
-                Some(("gas_limit_too_high", None)),
+                Some((Reason::GasLimitTooHigh, None)),
             ),
             (
                 "call gas",
                 |op, _, _, _, _| op.call_gas_limit = 601,
-                Some(("gas_limit_too_high", None)),
+                Some((Reason::GasLimitTooHigh, None)),
             ),
             (
                 "delegatecall",
                 |_, calls, _, _, _| calls[0].kind = CallKind::DelegateCall,
-                Some(("delegatecall_not_allowed", Some(0))),
+                Some((Reason::DelegatecallNotAllowed, Some(0))),
             ),
         ];
         for (name, mutate, expected) in rows {
@@ -573,7 +584,7 @@ mod tests {
         };
         assert_eq!(
             policy().check(&ctx_v08).err().map(|r| r.reason),
-            Some("entry_point_not_allowed")
+            Some(Reason::EntryPointNotAllowed)
         );
     }
 }

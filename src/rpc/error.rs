@@ -18,7 +18,7 @@
 
 use serde_json::{Value, json};
 
-use crate::sponsor::{SponsorError, rejection_fields};
+use crate::sponsor::{Reason, SponsorError, rejection_fields};
 use crate::wire::FieldError;
 
 /// JSON-RPC 2.0 parse error.
@@ -131,7 +131,7 @@ impl RpcError {
             },
             SponsorError::UnknownPolicy(_) => Self {
                 data: Some(
-                    json!({ "reason": "unknown_policy", "rule": "context.sponsorshipPolicyId", "detail": err.to_string() }),
+                    json!({ "reason": Reason::UnknownPolicy.as_str(), "rule": "context.sponsorshipPolicyId", "detail": err.to_string() }),
                 ),
                 ..Self::new(REJECTED, err.to_string())
             },
@@ -142,7 +142,7 @@ impl RpcError {
             SponsorError::RateLimited(l) => Self::rate_limited(&l),
             SponsorError::BudgetExhausted(e) => Self {
                 data: Some(json!({
-                    "reason": "budget_exhausted",
+                    "reason": Reason::BudgetExhausted.as_str(),
                     "rule": e.rule,
                     "detail": format!("{} {} limit {} reached (used {}, this operation {})", e.scope, e.resource, e.limit, e.used, e.requested),
                     "scope": e.scope,
@@ -155,7 +155,7 @@ impl RpcError {
             },
             SponsorError::Window(e) => Self {
                 data: Some(
-                    json!({ "reason": "empty_validity_window", "rule": "validity", "detail": e.to_string() }),
+                    json!({ "reason": Reason::EmptyValidityWindow.as_str(), "rule": "validity", "detail": e.to_string() }),
                 ),
                 ..Self::new(REJECTED, "sponsorship rejected: empty_validity_window")
             },

@@ -7,9 +7,10 @@ use serde_json::{Value, json};
 use super::error::RpcError;
 use crate::apikey::ApiKey;
 use crate::app::{AppState, unix_now};
-use crate::policy::Rejection;
 use crate::session::SessionStatus;
-use crate::sponsor::{Mode, RequestContext, Sponsor, SponsorError, SponsorRequest, Sponsorship};
+use crate::sponsor::{
+    Mode, Reason, Rejection, RequestContext, Sponsor, SponsorError, SponsorRequest, Sponsorship,
+};
 use crate::userop::UserOperation;
 use crate::userop::v0_7::PaymasterFields;
 use crate::wire::{self, FieldError, to_quantity};
@@ -130,12 +131,11 @@ async fn session_status(
         .map_err(|e| RpcError::from_sponsor(e.into(), request_id, &[]))?
         .ok_or_else(|| {
             RpcError::from_sponsor(
-                SponsorError::Rejected(Rejection {
-                    reason: "session_not_found",
-                    rule: "sessionId".into(),
-                    detail: format!("no session {id}"),
-                    call_index: None,
-                }),
+                SponsorError::Rejected(Rejection::new(
+                    Reason::SessionNotFound,
+                    "sessionId",
+                    format!("no session {id}"),
+                )),
                 request_id,
                 &[],
             )
@@ -178,6 +178,12 @@ async fn session_status(
             "resetsAt": scope.resets_at,
         }));
     }
+    let spent = state
+        .sponsor
+        .ledger()
+        .session_spent(&grant.policy, grant.session_id)
+        .await
+        .map_err(|e| RpcError::from_sponsor(e.into(), request_id, &[]))?;
     Ok(json!({
         "sessionId": grant.session_id,
         "status": status,
@@ -190,7 +196,7 @@ async fn session_status(
         "effectivePermissions": permissions,
         "budget": grant.budget,
         "budgets": budgets,
-        "spent": grant.spent.iter().map(|(token, amount)| (token.to_string(), json!(amount.to_string()))).collect::<serde_json::Map<_, _>>(),
+        "spent": spent.iter().map(|(token, amount)| (token.to_string(), json!(amount.to_string()))).collect::<serde_json::Map<_, _>>(),
     }))
 }
 

@@ -1,16 +1,16 @@
 //! The session grant: model, admin-request parsing, narrowing against the policy, and the
 //! checks every sponsored operation under the session must pass.
 
-use std::collections::BTreeMap;
-
 use alloy::primitives::{Address, B256, FixedBytes, Signature, U256, keccak256};
 use alloy::sol_types::SolValue;
 use serde::{Deserialize, Serialize};
 use serde_json::{Map, Value, json};
 
+use crate::ledger::TokenCharge;
 use crate::policy::calldata::Call;
 use crate::policy::file::parse_amount_text;
-use crate::policy::{FunctionFilter, Policy, Rejection};
+use crate::policy::{FunctionFilter, Policy};
+use crate::sponsor::{Reason, Rejection};
 use crate::userop::UserOperation;
 
 /// Whether a session may still be used.
@@ -51,20 +51,6 @@ pub struct SessionGrant {
     pub budget: Option<SessionBudget>,
     /// Unix time it was created.
     pub created_at: u64,
-    /// ERC-20 amounts already signed for under this session, per limited token: read with the
-    /// grant, never part of the stored grant itself.
-    #[serde(skip)]
-    pub spent: BTreeMap<Address, U256>,
-}
-
-/// What a sponsorship adds to a session's token spending: per token, the total before (for
-/// the store's compare-and-set) and after.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub struct SpendCommit {
-    /// The session.
-    pub session_id: B256,
-    /// `(token, spent before, spent after)`.
-    pub entries: Vec<(Address, U256, U256)>,
 }
 
 /// What the session key may do beyond (within) the policy.
@@ -74,8 +60,7 @@ pub struct Permissions {
     /// Only these calls; `None` inherits the policy's rules.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub allow: Option<Vec<SessionAllow>>,
-    /// ERC-20 spend caps per token (per operation until the budget ledger tracks them across
-    /// operations).
+    /// ERC-20 spend caps per token, over the whole session (the ledger keeps the totals).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub spend: Vec<SpendLimit>,
 }
@@ -349,7 +334,6 @@ impl SessionGrant {
                 permissions,
                 budget,
                 created_at: now,
-                spent: BTreeMap::new(),
             }),
             _ => Err(issues),
         }
@@ -432,47 +416,42 @@ impl SessionGrant {
         }
     }
 
-    /// Checks on every operation sponsored under this session (after the policy's own).
+    /// Checks on every operation sponsored under this session (after the policy's own). Token
+    /// caps are checked here for this operation alone; its total with what the session already
+    /// spent is checked and recorded by the ledger, atomically with the reservation.
     pub fn check_op(&self, op: &UserOperation, calls: &[Call], now: u64) -> Result<(), Rejection> {
-        let reject = |reason, rule: &str, detail: String, call_index| Rejection {
-            reason,
-            rule: format!("session.{rule}"),
-            detail,
-            call_index,
+        let reject = |reason, rule: &str, detail: String| {
+            Rejection::new(reason, format!("session.{rule}"), detail)
         };
         match self.status {
             SessionStatus::Revoked => {
                 return Err(reject(
-                    "session_revoked",
+                    Reason::SessionRevoked,
                     "status",
                     "the session was revoked".into(),
-                    None,
                 ));
             }
             SessionStatus::Active => {}
         }
         if now < self.valid_after {
             return Err(reject(
-                "session_not_yet_valid",
+                Reason::SessionNotYetValid,
                 "validAfter",
                 format!("starts at {}", self.valid_after),
-                None,
             ));
         }
         if now >= self.valid_until {
             return Err(reject(
-                "session_expired",
+                Reason::SessionExpired,
                 "validUntil",
                 format!("ended at {}", self.valid_until),
-                None,
             ));
         }
         if op.sender != self.account {
             return Err(reject(
-                "session_account_mismatch",
+                Reason::SessionAccountMismatch,
                 "account",
                 format!("the session belongs to {}, not {}", self.account, op.sender),
-                None,
             ));
         }
         let Some(perms) = &self.permissions else {
@@ -486,11 +465,11 @@ impl SessionGrant {
                     .find(|(_, r)| r.target == call.target)
                 else {
                     return Err(reject(
-                        "session_target_not_allowed",
+                        Reason::SessionTargetNotAllowed,
                         "permissions.allow",
                         format!("the session does not allow calls to {}", call.target),
-                        Some(i),
-                    ));
+                    )
+                    .at_call(i));
                 };
                 let func_ok = rule.functions.iter().any(|f| {
                     f == "*"
@@ -500,91 +479,111 @@ impl SessionGrant {
                 });
                 if !func_ok {
                     return Err(reject(
-                        "session_function_not_allowed",
+                        Reason::SessionFunctionNotAllowed,
                         &format!("permissions.allow[{j}].functions"),
                         format!(
                             "the session does not allow this function on {}",
                             call.target
                         ),
-                        Some(i),
-                    ));
+                    )
+                    .at_call(i));
                 }
                 if call.value > rule.max_value {
                     return Err(reject(
-                        "session_value_too_high",
+                        Reason::SessionValueTooHigh,
                         &format!("permissions.allow[{j}].maxValue"),
                         format!("value {} wei exceeds {} wei", call.value, rule.max_value),
-                        Some(i),
-                    ));
+                    )
+                    .at_call(i));
                 }
             }
         }
         for (j, limit) in perms.spend.iter().enumerate() {
-            // Spending is cumulative over the session: what earlier sponsorships signed for counts.
-            let mut total = self.spent.get(&limit.token).copied().unwrap_or_default();
-            for (i, spend) in calls
-                .iter()
-                .enumerate()
-                .filter_map(|(i, c)| c.token_spend().map(|s| (i, s)))
-            {
-                if spend.token != limit.token {
+            let rule = format!("permissions.spend[{j}]");
+            let mut total = U256::ZERO;
+            for (i, call) in calls.iter().enumerate() {
+                if call.target != limit.token {
                     continue;
                 }
+                // On a capped token only a plain call to `transfer`, `transferFrom` or `approve`
+                // whose arguments decode is counted; anything else on it could move tokens
+                // without counting (`increaseAllowance`, `permit`, `transferAndCall`, …).
+                let Some(spend) = call.token_spend() else {
+                    return Err(reject(
+                        Reason::TokenCallNotAllowed,
+                        &rule,
+                        format!(
+                            "the session caps {}: only transfer, transferFrom and approve with \
+                             well-formed arguments may be called on it",
+                            limit.token
+                        ),
+                    )
+                    .at_call(i));
+                };
                 if spend.approval && spend.amount == U256::MAX {
                     return Err(reject(
-                        "unlimited_approval",
-                        &format!("permissions.spend[{j}]"),
+                        Reason::UnlimitedApproval,
+                        &rule,
                         format!(
                             "unlimited approval of {} while the session has a spend limit",
                             limit.token
                         ),
-                        Some(i),
-                    ));
+                    )
+                    .at_call(i));
                 }
                 total = total.saturating_add(spend.amount);
                 if total > limit.limit {
                     return Err(reject(
-                        "spend_limit_exceeded",
-                        &format!("permissions.spend[{j}]"),
+                        Reason::SpendLimitExceeded,
+                        &rule,
                         format!(
-                            "{total} of {} (this session's spending so far included) exceeds the limit of {}",
+                            "{total} of {} in this operation exceeds the session's limit of {}",
                             limit.token, limit.limit
                         ),
-                        Some(i),
-                    ));
+                    )
+                    .at_call(i));
                 }
             }
         }
         Ok(())
     }
 
-    /// The spending these calls add to the session's limited tokens (after [`Self::check_op`]
-    /// accepted them); `None` when there is nothing to record.
-    pub fn spend_commit(&self, calls: &[Call]) -> Option<SpendCommit> {
-        let limits = &self.permissions.as_ref()?.spend;
-        let mut entries = Vec::new();
-        for limit in limits {
-            let added = calls
-                .iter()
-                .filter_map(Call::token_spend)
-                .filter(|s| s.token == limit.token)
-                .fold(U256::ZERO, |acc, s| acc.saturating_add(s.amount));
-            if !added.is_zero() {
-                let before = self.spent.get(&limit.token).copied().unwrap_or_default();
-                entries.push((limit.token, before, before.saturating_add(added)));
-            }
-        }
-        (!entries.is_empty()).then_some(SpendCommit {
-            session_id: self.session_id,
-            entries,
-        })
+    /// Per capped token, what these calls move or approve (after [`Self::check_op`] accepted
+    /// them): what the ledger adds to the session's totals.
+    pub fn token_charges(&self, calls: &[Call]) -> Vec<TokenCharge> {
+        let Some(perms) = &self.permissions else {
+            return Vec::new();
+        };
+        perms
+            .spend
+            .iter()
+            .enumerate()
+            .filter_map(|(j, limit)| {
+                let amount = calls
+                    .iter()
+                    .filter(|c| c.target == limit.token)
+                    .filter_map(Call::token_spend)
+                    .fold(U256::ZERO, |acc, s| acc.saturating_add(s.amount));
+                (!amount.is_zero()).then(|| TokenCharge {
+                    token: limit.token,
+                    amount,
+                    limit: limit.limit,
+                    rule: format!("session.permissions.spend[{j}]"),
+                })
+            })
+            .collect()
     }
 
-    /// Whether `proof` is the session key's EIP-191 signature over
-    /// `keccak256(abi.encode(chainId, entryPoint, sender, nonce, keccak256(callData), sessionId))`
-    /// (DESIGN §5): without it a leaked API key could spend a user's session budget.
-    pub fn proof_is_valid(&self, proof: &[u8], entry_point: Address, op: &UserOperation) -> bool {
-        let digest = proof_digest(self.chain_id, entry_point, op, self.session_id);
+    /// Whether `proof` is the session key's EIP-191 signature over [`proof_digest`] (DESIGN §5):
+    /// without it a leaked API key could spend a user's session budget.
+    pub fn proof_is_valid(
+        &self,
+        proof: &[u8],
+        entry_point: Address,
+        op: &UserOperation,
+        deadline: u64,
+    ) -> bool {
+        let digest = proof_digest(self.chain_id, entry_point, op, self.session_id, deadline);
         Signature::from_raw(proof)
             .ok()
             .and_then(|sig| sig.recover_address_from_msg(digest.as_slice()).ok())
@@ -617,12 +616,22 @@ impl SessionGrant {
     }
 }
 
-/// The digest a session proof signs (before the EIP-191 prefix).
+/// The digest a session proof signs (before the EIP-191 prefix): every field of the operation
+/// the paymaster signature covers, except the paymaster's own, and a deadline (unix seconds)
+/// after which the proof is refused and which no signature made with it outlives:
+///
+/// ```text
+/// keccak256(abi.encode(chainId, entryPoint, sender, nonce, keccak256(initCode),
+///   keccak256(callData), accountGasLimits, preVerificationGas, gasFees, sessionId, deadline))
+/// ```
+///
+/// So an observed proof cannot be replayed with other fees, gas limits or factory, nor later.
 pub fn proof_digest(
     chain_id: u64,
     entry_point: Address,
     op: &UserOperation,
     session_id: B256,
+    deadline: u64,
 ) -> B256 {
     keccak256(
         (
@@ -630,8 +639,13 @@ pub fn proof_digest(
             entry_point,
             op.sender,
             op.nonce,
+            keccak256(op.init_code()),
             keccak256(&op.call_data),
+            op.account_gas_limits(),
+            op.pre_verification_gas,
+            op.gas_fees(),
             session_id,
+            U256::from(deadline),
         )
             .abi_encode(),
     )
@@ -792,7 +806,6 @@ mod tests {
             }),
             budget: None,
             created_at: 0,
-            spent: BTreeMap::new(),
         }
     }
 
@@ -832,7 +845,7 @@ mod tests {
                 .into(),
             )
         };
-        type Expected = Option<(&'static str, Option<usize>)>;
+        type Expected = Option<(Reason, Option<usize>)>;
         let rows: Vec<(&str, Vec<Call>, u64, Expected)> = vec![
             ("move", vec![game_move.clone()], 150, None),
             ("spend within", vec![transfer(60), transfer(40)], 150, None),
@@ -840,19 +853,41 @@ mod tests {
                 "spend over, summed",
                 vec![transfer(60), transfer(41)],
                 150,
-                Some(("spend_limit_exceeded", Some(1))),
+                Some((Reason::SpendLimitExceeded, Some(1))),
             ),
             (
                 "unlimited approval",
                 vec![approve(U256::MAX)],
                 150,
-                Some(("unlimited_approval", Some(0))),
+                Some((Reason::UnlimitedApproval, Some(0))),
             ),
             (
                 "bounded approval",
                 vec![approve(U256::from(100))],
                 150,
                 None,
+            ),
+            (
+                "other function on a capped token",
+                vec![Call::new(
+                    TOKEN,
+                    U256::ZERO,
+                    keccak256("increaseAllowance(address,uint256)")[..4]
+                        .to_vec()
+                        .into(),
+                )],
+                150,
+                Some((Reason::TokenCallNotAllowed, Some(0))),
+            ),
+            (
+                "transfer that does not decode",
+                vec![Call::new(
+                    TOKEN,
+                    U256::ZERO,
+                    transfer(1).data[..36].to_vec().into(),
+                )],
+                150,
+                Some((Reason::TokenCallNotAllowed, Some(0))),
             ),
             (
                 "other target",
@@ -862,31 +897,31 @@ mod tests {
                     vec![1, 2, 3, 4].into(),
                 )],
                 150,
-                Some(("session_target_not_allowed", Some(0))),
+                Some((Reason::SessionTargetNotAllowed, Some(0))),
             ),
             (
                 "other function",
                 vec![Call::new(GAME, U256::ZERO, vec![1, 2, 3, 4].into())],
                 150,
-                Some(("session_function_not_allowed", Some(0))),
+                Some((Reason::SessionFunctionNotAllowed, Some(0))),
             ),
             (
                 "value",
                 vec![Call::new(GAME, U256::from(1), game_move.data.clone())],
                 150,
-                Some(("session_value_too_high", Some(0))),
+                Some((Reason::SessionValueTooHigh, Some(0))),
             ),
             (
                 "early",
                 vec![game_move.clone()],
                 99,
-                Some(("session_not_yet_valid", None)),
+                Some((Reason::SessionNotYetValid, None)),
             ),
             (
                 "late",
                 vec![game_move.clone()],
                 200,
-                Some(("session_expired", None)),
+                Some((Reason::SessionExpired, None)),
             ),
         ];
         for (name, calls, now, expected) in rows {
@@ -902,7 +937,7 @@ mod tests {
         };
         assert_eq!(
             revoked.check_op(&op, &[], 150).err().map(|r| r.reason),
-            Some("session_revoked")
+            Some(Reason::SessionRevoked)
         );
     }
 

@@ -5,7 +5,7 @@ use std::sync::RwLock;
 
 use alloy::primitives::{Address, B256};
 
-use super::{Page, SessionGrant, SessionStatus, SpendCommit};
+use super::{Page, SessionGrant, SessionStatus};
 
 /// Grants by id, and per account in creation order.
 #[derive(Debug, Default)]
@@ -62,22 +62,6 @@ impl MemorySessions {
         let grant = inner.by_id.get_mut(&id)?;
         grant.status = SessionStatus::Revoked;
         Some(grant.clone())
-    }
-
-    pub(super) fn commit_spend(&self, commit: &SpendCommit) -> bool {
-        let mut inner = self.write();
-        let Some(grant) = inner.by_id.get_mut(&commit.session_id) else {
-            return false;
-        };
-        let unchanged = commit.entries.iter().all(|(token, before, _)| {
-            grant.spent.get(token).copied().unwrap_or_default() == *before
-        });
-        if unchanged {
-            for (token, _, after) in &commit.entries {
-                grant.spent.insert(*token, *after);
-            }
-        }
-        unchanged
     }
 
     pub(super) fn list_by_account(&self, account: Address, cursor: u64, limit: usize) -> Page {

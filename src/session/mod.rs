@@ -1,7 +1,9 @@
 //! Session grants: what a session key may do for an account, stored where every replica sees
 //! it (DESIGN §5). A grant can only narrow its policy: the effective allow-list is policy ∩
 //! grant, budgets the smaller of both. Revocation is a status change that the very next
-//! request reads.
+//! request reads; the ledger keeps its own copy of it (and the session's token totals) where
+//! the reservation script sees it, so a request that read the grant before a revocation is
+//! still refused after it.
 //!
 //! - [`grant`]: the model, parsing of admin requests (errors with JSON paths), narrowing
 //!   checks against the policy, and the per-operation checks.
@@ -13,7 +15,7 @@ pub mod redis;
 
 use alloy::primitives::{Address, B256};
 
-pub use self::grant::{SessionGrant, SessionStatus, SpendCommit};
+pub use self::grant::{SessionGrant, SessionStatus};
 
 /// A store failure: the request fails closed (no signature), retryably.
 #[derive(Debug, thiserror::Error)]
@@ -66,15 +68,6 @@ impl SessionStore {
         match self {
             Self::Memory(m) => Ok(m.revoke(id)),
             Self::Redis(r) => r.revoke(id).await,
-        }
-    }
-
-    /// Record a sponsorship's token spending, atomically and only if nothing else changed the
-    /// session's totals since they were read (`false`: re-read and re-check).
-    pub async fn commit_spend(&self, commit: &SpendCommit) -> Result<bool, StoreError> {
-        match self {
-            Self::Memory(m) => Ok(m.commit_spend(commit)),
-            Self::Redis(r) => r.commit_spend(commit).await,
         }
     }
 

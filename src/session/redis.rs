@@ -9,19 +9,18 @@ use std::time::Duration;
 
 use std::collections::HashMap;
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
-use super::{Page, SessionGrant, SessionStatus, SpendCommit, StoreError};
+use super::{Page, SessionGrant, SessionStatus, StoreError};
 
 /// Redis-backed session store.
 #[derive(Clone)]
 pub struct RedisSessions {
     conn: RedisConn,
     revoke: redis::Script,
-    spend: redis::Script,
 }
 
 impl std::fmt::Debug for RedisSessions {
@@ -36,13 +35,6 @@ fn unavailable(e: redis::RedisError) -> StoreError {
 
 fn session_key(id: B256) -> String {
     format!("sp:session:{{{id}}}")
-}
-
-/// Hash field of a session's spending total of `token`.
-const SPENT_PREFIX: &str = "spent:";
-
-fn spent_field(token: Address) -> String {
-    format!("{SPENT_PREFIX}{token}")
 }
 
 fn account_key(account: Address) -> String {
@@ -137,7 +129,6 @@ impl RedisSessions {
         Self {
             conn,
             revoke: redis::Script::new(include_str!("revoke.lua")),
-            spend: redis::Script::new(include_str!("spend.lua")),
         }
     }
 
@@ -182,7 +173,7 @@ impl RedisSessions {
 
     pub(super) async fn get(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
         let mut conn = self.conn.clone();
-        // Grant, status and spending totals in one round trip.
+        // Grant and status in one round trip.
         let mut fields: HashMap<String, String> =
             conn.hgetall(session_key(id)).await.map_err(unavailable)?;
         let Some(grant) = fields.remove("grant") else {
@@ -195,31 +186,7 @@ impl RedisSessions {
             Some("active") => SessionStatus::Active,
             _ => SessionStatus::Revoked,
         };
-        for (field, value) in &fields {
-            if let Some(token) = field.strip_prefix(SPENT_PREFIX) {
-                let token: Address = token.parse().map_err(|_| StoreError::Corrupt(id))?;
-                let amount =
-                    U256::from_str_radix(value, 10).map_err(|_| StoreError::Corrupt(id))?;
-                grant.spent.insert(token, amount);
-            }
-        }
         Ok(Some(grant))
-    }
-
-    pub(super) async fn commit_spend(&self, commit: &SpendCommit) -> Result<bool, StoreError> {
-        let mut conn = self.conn.clone();
-        let mut invocation = self.spend.key(session_key(commit.session_id));
-        for (token, before, after) in &commit.entries {
-            invocation
-                .arg(spent_field(*token))
-                .arg(before.to_string())
-                .arg(after.to_string());
-        }
-        let recorded: i64 = invocation
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok(recorded == 1)
     }
 
     pub(super) async fn revoke(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {

@@ -112,17 +112,22 @@ impl UserOperation {
             None => None,
             Some(v) => {
                 let bytes = wire::data("factory", v)?;
+                if is_eip7702_marker(&bytes) {
+                    // The v0.8 EntryPoint hashes such an op with the sender's delegate in place
+                    // of keccak(initCode), and may call `initEip7702Sender`: until that is
+                    // supported end to end, it is refused (DESIGN §8, ledger escape).
+                    return Err(FieldError::invalid(
+                        "factory",
+                        "the EIP-7702 initCode marker (0x7702) is not supported",
+                    ));
+                }
                 match bytes.len() {
                     0 => None,
-                    // ERC-7702 marker `0x7702` (v0.8): the packing of such initCode differs
-                    // between clients, so we refuse it rather than sign a hash that may not match.
                     20 => Some(Address::from_slice(&bytes)),
                     n => {
                         return Err(FieldError::invalid(
                             "factory",
-                            format!(
-                                "expected a 20-byte address, got {n} bytes (EIP-7702 operations are not supported)"
-                            ),
+                            format!("expected a 20-byte address, got {n} bytes"),
                         ));
                     }
                 }
@@ -286,6 +291,21 @@ impl PaymasterFields {
     }
 }
 
+/// Whether `factory` is the EIP-7702 initCode marker in any padding: `0x7702`, the 20 bytes the
+/// v0.8 EntryPoint matches (`bytes20(bytes2(0x7702))`, `Eip7702Support._isEip7702InitCode`), or
+/// the address-style `0x…7702`.
+pub fn is_eip7702_marker(factory: &[u8]) -> bool {
+    let start = factory
+        .iter()
+        .position(|&b| b != 0)
+        .unwrap_or(factory.len());
+    let end = factory
+        .iter()
+        .rposition(|&b| b != 0)
+        .map_or(start, |i| i + 1);
+    factory.get(start..end) == Some(&[0x77, 0x02][..])
+}
+
 /// `hi(16) ‖ lo(16)` as the EntryPoint packs gas limits and fees.
 pub(crate) fn pack_u128s(hi: u128, lo: u128) -> B256 {
     let mut out = [0u8; 32];
@@ -416,6 +436,23 @@ mod tests {
             UserOperation::from_json(&v).unwrap_err(),
             FieldError::Missing("sender".into())
         );
+    }
+
+    #[test]
+    fn the_eip7702_marker_is_refused_in_any_padding() {
+        let marker_right = format!("0x7702{}", "00".repeat(18));
+        let marker_left = format!("0x{}7702", "00".repeat(18));
+        for bad in ["0x7702", "0x770200", &marker_right, &marker_left] {
+            let mut v = sample();
+            v["factory"] = json!(bad);
+            v["factoryData"] = json!("0x");
+            let err = UserOperation::from_json(&v).unwrap_err();
+            assert_eq!(err.field(), "factory", "{bad}: {err}");
+            assert!(err.to_string().contains("7702"), "{bad}: {err}");
+        }
+        // An ordinary factory whose address merely contains 7702 is not the marker.
+        assert!(!is_eip7702_marker(&[0x77, 0x02, 0x01]));
+        assert!(!is_eip7702_marker(&[0x07, 0x70, 0x20]));
     }
 
     #[test]

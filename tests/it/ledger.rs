@@ -5,13 +5,17 @@
 use std::collections::BTreeMap;
 use std::time::Duration;
 
-use alloy::primitives::{Address, B256};
+use alloy::primitives::{Address, B256, U256};
 use serde_json::{Value, json};
 use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::ledger::redis::RedisLedger;
-use session_paymaster::ledger::{Exhausted, Ledger, Outcome, Reservation, Scope};
+use session_paymaster::ledger::{
+    Exhausted, Landing, Ledger, Outcome, Reservation, Scope, SessionCharge, Settled, SpendExceeded,
+    TokenCharge,
+};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::EntryPointVersion;
+use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 
 use crate::helpers::{COUNTER, TempDir, TestApp, TestRedis, TestResult, config, counter_op};
 
@@ -28,16 +32,46 @@ fn scope(name: &str, cost: Option<u64>, ops: Option<u64>) -> Scope {
     }
 }
 
+/// The signed answer of op `op` (a signature that is just its number) valid until `valid_until`.
+fn answer(op: u8, valid_until: u64) -> PaymasterData {
+    PaymasterData {
+        window: ValidityWindow {
+            valid_after: NOW - 60,
+            valid_until,
+        },
+        signature: [op; 65],
+    }
+}
+
+/// Op `op` (its own nonce unless a test shares one), valid for ten minutes.
 fn reservation(op: u8, cost: u64, scopes: Vec<Scope>) -> Reservation {
     Reservation {
         policy: "p".into(),
         op_key: B256::repeat_byte(op),
+        landing_key: B256::repeat_byte(op ^ 0x40),
         cost_gwei: cost,
         scopes,
-        payload: format!("answer-{op}"),
         user_op_hash: B256::repeat_byte(op ^ 0x80),
-        valid_until: NOW + 600,
+        answer: answer(op, NOW + 600),
+        session: None,
         expires_at: NOW + 4200,
+    }
+}
+
+/// The event of op `op` landing at `actual` gwei, with the hash we expect for it.
+fn landing(op: u8, actual: u64) -> Landing {
+    Landing {
+        landing_key: B256::repeat_byte(op ^ 0x40),
+        user_op_hash: B256::repeat_byte(op ^ 0x80),
+        actual_gwei: actual,
+    }
+}
+
+fn settled(settled: usize, released: usize, hash_matched: bool) -> Settled {
+    Settled {
+        settled,
+        released,
+        hash_matched,
     }
 }
 
@@ -86,7 +120,7 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
         ledger
             .reserve(&reservation(1, 60, scopes()), false, NOW)
             .await?,
-        Outcome::Existing("answer-1".into())
+        Outcome::Existing(answer(1, NOW + 600))
     );
     assert_eq!(ledger.usage("p", "sender").await?, (60, 1));
     // Op-count limit.
@@ -139,10 +173,9 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     assert_eq!(ledger.usage("q", "s").await?, (150, 2));
     let all = vec!["p".to_owned(), "q".to_owned()];
     assert_eq!(ledger.open("q", "s").await?, 150, "all open");
-    assert!(
-        ledger
-            .settle(&all, B256::repeat_byte(10 ^ 0x80), 30)
-            .await?
+    assert_eq!(
+        ledger.settle(&all, &landing(10, 30)).await?,
+        settled(1, 0, true)
     );
     assert_eq!(
         ledger.open("q", "s").await?,
@@ -154,14 +187,14 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
         (80, 2),
         "settled to the actual cost"
     );
-    assert!(
-        !ledger
-            .settle(&all, B256::repeat_byte(10 ^ 0x80), 30)
-            .await?,
+    assert_eq!(
+        ledger.settle(&all, &landing(10, 30)).await?,
+        settled(0, 0, false),
         "never twice"
     );
-    assert!(
-        !ledger.settle(&all, B256::repeat_byte(0x42), 1).await?,
+    assert_eq!(
+        ledger.settle(&all, &landing(0x42, 1)).await?,
+        settled(0, 0, false),
         "unknown ops are not ours"
     );
     let policies = vec!["q".to_owned()];
@@ -182,11 +215,212 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     );
     assert_eq!(ledger.open("q", "s").await?, 0);
     assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 0);
-    assert!(
-        !ledger
-            .settle(&all, B256::repeat_byte(11 ^ 0x80), 50)
-            .await?,
+    assert_eq!(
+        ledger.settle(&all, &landing(11, 50)).await?,
+        settled(0, 0, false),
         "a released op is closed"
+    );
+    landings_by_nonce(&ledger).await?;
+    expiring_answers_are_replaced(&ledger).await?;
+    sessions_in_the_atomic_step(&ledger).await
+}
+
+/// Several reservations of one nonce (the same sender and nonce with other fees, or under
+/// another policy): the one the event's hash names is settled and the rest released; when the
+/// EntryPoint's hash matches none (an EIP-7702 op hashes its delegate), every one is settled at
+/// the event's cost rather than released later as if it never landed.
+async fn landings_by_nonce(ledger: &Ledger) -> TestResult {
+    let one_nonce = |op: u8, policy: &str| Reservation {
+        policy: policy.into(),
+        landing_key: B256::repeat_byte(0x33),
+        ..reservation(op, 100, vec![scope("n", None, None)])
+    };
+    let all = vec!["n1".to_owned(), "n2".to_owned()];
+    for (op, policy) in [(20, "n1"), (21, "n1"), (22, "n2")] {
+        assert_eq!(
+            ledger.reserve(&one_nonce(op, policy), false, NOW).await?,
+            Outcome::Reserved
+        );
+    }
+    let event = Landing {
+        landing_key: B256::repeat_byte(0x33),
+        ..landing(21, 40)
+    };
+    assert_eq!(ledger.settle(&all, &event).await?, settled(1, 2, true));
+    assert_eq!(
+        ledger.usage("n1", "n").await?,
+        (40, 1),
+        "21 settled, 20 released"
+    );
+    assert_eq!(ledger.usage("n2", "n").await?, (0, 0), "22 released");
+    assert_eq!(ledger.open("n1", "n").await?, 0);
+
+    for (op, policy) in [(23, "n1"), (24, "n2")] {
+        let r = Reservation {
+            landing_key: B256::repeat_byte(0x34),
+            ..one_nonce(op, policy)
+        };
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    }
+    let unmatched = Landing {
+        landing_key: B256::repeat_byte(0x34),
+        user_op_hash: B256::repeat_byte(0xee),
+        actual_gwei: 70,
+    };
+    assert_eq!(ledger.settle(&all, &unmatched).await?, settled(2, 0, false));
+    assert_eq!(ledger.usage("n1", "n").await?, (110, 2));
+    assert_eq!(ledger.usage("n2", "n").await?, (70, 1));
+    assert_eq!(
+        ledger.release_expired(&all, NOW + 10_000).await?,
+        0,
+        "nothing of a landed nonce is left to release"
+    );
+    Ok(())
+}
+
+/// A repeat whose stored signature expires within the margin gets a fresh window: the old
+/// reservation is released and a new one made, in one step (counted once throughout).
+async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
+    let short = |valid_until: u64| Reservation {
+        policy: "r".into(),
+        answer: answer(30, valid_until),
+        ..reservation(30, 100, vec![scope("s", Some(150), Some(5))])
+    };
+    assert_eq!(
+        ledger.reserve(&short(NOW + 1), false, NOW).await?,
+        Outcome::Reserved
+    );
+    let later = NOW + 3;
+    assert_eq!(
+        ledger.reserve(&short(later + 600), false, later).await?,
+        Outcome::Reserved,
+        "expired: a fresh reservation, within a budget that holds only one"
+    );
+    assert_eq!(ledger.usage("r", "s").await?, (100, 1), "counted once");
+    assert_eq!(
+        ledger.reserve(&short(later + 900), false, later).await?,
+        Outcome::Existing(answer(30, later + 600)),
+        "valid long enough: the stored answer"
+    );
+    // It lands: a repeat gets the stored answer, never a new reservation for a used nonce.
+    assert_eq!(
+        ledger
+            .settle(&["r".to_owned()], &landing(30, 0))
+            .await?
+            .settled,
+        1
+    );
+    assert_eq!(
+        ledger
+            .reserve(&short(later + 900), false, later + 700)
+            .await?,
+        Outcome::Existing(answer(30, later + 600))
+    );
+    assert_eq!(ledger.usage("r", "s").await?, (0, 1));
+    Ok(())
+}
+
+/// Under a session: revocation is seen by the reservation itself, and token spending is
+/// cumulative (uint256, beyond any integer Redis or Lua has), checked and recorded in the same
+/// step, given back when the reservation is released, kept when it is settled.
+async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
+    let token = Address::repeat_byte(0x70);
+    let id = B256::repeat_byte(0x5e);
+    let unit = U256::from(10u64).pow(U256::from(24u64));
+    let limit = unit * U256::from(3u64);
+    let under = |op: u8, amount: U256| Reservation {
+        policy: "s".into(),
+        session: Some(SessionCharge {
+            id,
+            expires_at: NOW + 7200,
+            spend: vec![TokenCharge {
+                token,
+                amount,
+                limit,
+                rule: "session.permissions.spend[0]".into(),
+            }],
+        }),
+        ..reservation(op, 10, vec![])
+    };
+    let policies = vec!["s".to_owned()];
+    assert_eq!(
+        ledger
+            .reserve(&under(40, unit * U256::from(2u64)), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger
+            .reserve(&under(40, unit * U256::from(2u64)), false, NOW)
+            .await?,
+        Outcome::Existing(answer(40, NOW + 600)),
+        "a repeat is answered before any cap is checked, and counts nothing"
+    );
+    assert_eq!(
+        ledger
+            .reserve(&under(41, unit + U256::from(1u64)), false, NOW)
+            .await?,
+        Outcome::SpendExceeded(SpendExceeded {
+            token,
+            rule: "session.permissions.spend[0]".into(),
+            limit,
+            spent: unit * U256::from(2u64),
+            requested: unit + U256::from(1u64),
+        })
+    );
+    assert_eq!(
+        ledger.reserve(&under(41, unit), true, NOW).await?,
+        Outcome::Reserved,
+        "exactly the limit fits"
+    );
+    assert_eq!(
+        ledger.session_spent("s", id).await?,
+        BTreeMap::from([(token, unit * U256::from(2u64))]),
+        "refusals and checks record nothing"
+    );
+    // An op that never lands gives its spending back.
+    let mut short_lived = Reservation {
+        answer: answer(42, NOW + 10),
+        ..under(42, unit)
+    };
+    assert_eq!(
+        ledger.reserve(&short_lived, false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger.session_spent("s", id).await?,
+        BTreeMap::from([(token, limit)])
+    );
+    assert_eq!(ledger.release_expired(&policies, NOW + 11).await?, 1);
+    assert_eq!(
+        ledger.session_spent("s", id).await?,
+        BTreeMap::from([(token, unit * U256::from(2u64))])
+    );
+    short_lived.op_key = B256::repeat_byte(43);
+    assert_eq!(
+        ledger.reserve(&short_lived, false, NOW).await?,
+        Outcome::Reserved
+    );
+    // The same nonce and hash as the released one, which is skipped: the open one settles.
+    assert_eq!(
+        ledger.settle(&policies, &landing(42, 1)).await?,
+        settled(1, 0, true),
+        "settled: the spending stays"
+    );
+    assert_eq!(
+        ledger.session_spent("s", id).await?,
+        BTreeMap::from([(token, limit)])
+    );
+    // Revoked: the very next reservation under it is refused, even one that fits.
+    ledger.revoke_session("s", id, NOW + 7200, NOW).await?;
+    assert_eq!(
+        ledger.reserve(&under(44, U256::ZERO), false, NOW).await?,
+        Outcome::SessionRevoked
+    );
+    assert_eq!(
+        ledger.reserve(&under(44, U256::ZERO), true, NOW).await?,
+        Outcome::SessionRevoked,
+        "stubs too"
     );
     Ok(())
 }
@@ -421,16 +655,17 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, d)| *d > 0)
         .collect();
-    // Per run of reserve.lua with one scope: HGET record, HGET cost+ops, HINCRBY cost, open
-    // and ops, EXPIRE scope, HSET record, EXPIRE record, ZADD open, SET index.
+    // Per run of reserve.lua with one scope and no session: HMGET record, HMGET cost+ops,
+    // HINCRBY cost, open and ops, EXPIRE scope, HSET record, EXPIRE record, ZADD open, SADD
+    // and EXPIRE landing index.
     let expected = BTreeMap::from([
         ("evalsha", 5),
-        ("hget", 15),
+        ("hmget", 10),
         ("hincrby", 15),
-        ("expire", 10),
+        ("expire", 15),
         ("hset", 5),
         ("zadd", 5),
-        ("set", 5),
+        ("sadd", 5),
     ]);
     assert_eq!(delta, expected, "Redis commands for 5 sponsorships");
     Ok(())

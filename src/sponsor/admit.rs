@@ -1,0 +1,17 @@
+//! Step 6: rate limits (per API key at the HTTP layer; here per sender and per session, from
+//! the policy's `[rate]`). Only signed sponsorships count: stubs and explanations are free.
+//! Checked before the reservation, so a limited request changes no budget and no token total.
+
+use super::{Sponsor, SponsorError, SponsorRequest};
+use crate::policy::Policy;
+
+pub(super) fn admit(
+    sponsor: &Sponsor,
+    policy: &Policy,
+    req: SponsorRequest<'_>,
+) -> Result<(), SponsorError> {
+    sponsor
+        .limits
+        .check_policy(policy, req.op.sender, req.context.session_id)
+        .map_err(SponsorError::RateLimited)
+}

@@ -1,0 +1,108 @@
+//! `pm_explainSponsorship`: the pipeline run with a [`Trace`] that records what each step
+//! found, every check of every policy tried (not only the first failure), and the decision.
+
+use serde_json::{Value, json};
+
+use super::decode::Decoded;
+use super::{Rejection, SponsorError, Sponsorship};
+
+/// What a run records (nothing unless on).
+#[derive(Debug, Default)]
+pub(super) struct Trace {
+    on: bool,
+    decoded: Option<Value>,
+    checks: Vec<Value>,
+}
+
+impl Trace {
+    pub(super) fn off() -> Self {
+        Self::default()
+    }
+
+    pub(super) fn on() -> Self {
+        Self {
+            on: true,
+            ..Self::default()
+        }
+    }
+
+    /// Explaining: record everything; reserve, rate-limit and sign nothing.
+    pub(super) fn is_on(&self) -> bool {
+        self.on
+    }
+
+    pub(super) fn decoded(&mut self, d: &Decoded) {
+        if !self.on {
+            return;
+        }
+        let calls: Vec<Value> = d
+            .calls
+            .iter()
+            .map(|c| {
+                let mut v = json!({
+                    "target": c.target,
+                    "value": c.value.to_string(),
+                    "selector": c.selector(),
+                    "kind": format!("{:?}", c.kind).to_lowercase(),
+                });
+                if let Some(spend) = c.token_spend() {
+                    v["tokenSpend"] = json!({ "token": spend.token, "amount": spend.amount.to_string(), "approval": spend.approval });
+                }
+                v
+            })
+            .collect();
+        self.decoded = Some(json!({
+            "calls": calls,
+            "paymasterVerificationGasLimit": d.gas.verification.to_string(),
+            "maxCost": d.max_cost.to_string(),
+        }));
+    }
+
+    pub(super) fn record(&mut self, policy: &str, check: &str, outcome: &Result<(), Rejection>) {
+        if !self.on {
+            return;
+        }
+        let mut v = json!({ "policy": policy, "check": check, "passed": outcome.is_ok() });
+        if let Err(r) = outcome {
+            v["rejection"] = rejection_fields(r);
+        }
+        self.checks.push(v);
+    }
+
+    /// The answer: what decoding found (when it succeeded), the checks, and the decision.
+    pub(super) fn into_json(self, outcome: Result<Sponsorship, SponsorError>) -> Value {
+        let mut out = match self.decoded {
+            Some(mut decoded) => {
+                decoded["checks"] = json!(self.checks);
+                decoded
+            }
+            None => json!({}),
+        };
+        match outcome {
+            Ok(s) => {
+                out["decision"] = json!("sponsored");
+                out["policy"] = json!(s.policy_id);
+                out["validUntil"] = json!(s.data.window.valid_until);
+                out["validAfter"] = json!(s.data.window.valid_after);
+            }
+            Err(e) => {
+                out["decision"] = json!("rejected");
+                out["error"] = json!(e.to_string());
+                out["rejection"] = match &e {
+                    SponsorError::Rejected(r) => rejection_fields(r),
+                    _ => Value::Null,
+                };
+            }
+        }
+        out
+    }
+}
+
+/// `{reason, rule, detail, callIndex?}`: how a rejection is shown to clients.
+pub(crate) fn rejection_fields(r: &Rejection) -> Value {
+    let mut v = json!({ "reason": r.reason.as_str(), "rule": r.rule, "detail": r.detail });
+    if let Some(i) = r.call_index {
+        v["callIndex"] = json!(i);
+    }
+    v
+}

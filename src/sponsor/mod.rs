@@ -1,0 +1,394 @@
+//! One sponsorship, start to finish (DESIGN §1), as a pipeline of named steps, one file each,
+//! run in this order by [`Sponsor::sponsor`] and, without reserving or signing, by
+//! [`Sponsor::explain`] and `pm_validateSponsorshipPolicies` (a stub run):
+//!
+//! 1. [`decode`]: EntryPoint and paymaster, gas fields, paymaster gas, calldata into calls (no I/O).
+//! 2. [`session`]: the session grant, when the context names one (the one store read).
+//! 3. [`select`]: the policy (the session's, the named one, or the first candidate that accepts)
+//!    and its rules ([`rules`]).
+//! 4. [`session`] again: the grant's own checks (narrowing the policy) and its proof.
+//! 5. [`window`]: the signature's validity window.
+//! 6. [`admit`]: rate limits (signed sponsorships only).
+//! 7. [`sign`]: the paymaster signature (before the reservation, which records the userOpHash
+//!    that covers it).
+//! 8. [`reserve`]: one atomic ledger step: idempotency, the session's status and token caps,
+//!    the worst case in every budget scope. The signature leaves the process only if this
+//!    step took the reservation (or found the one made for the same operation).
+//!
+//! Refusals carry a [`Reason`] ([`rejection`]). No chain RPC anywhere.
+
+mod admit;
+mod decode;
+mod explain;
+pub mod rejection;
+mod reserve;
+mod rules;
+mod select;
+mod session;
+mod sign;
+mod window;
+
+use std::sync::Arc;
+
+use alloy::primitives::{Address, B256, Bytes};
+use serde_json::Value;
+
+pub use self::rejection::{Reason, Rejection};
+pub use self::reserve::idempotency_key;
+pub use self::window::VALID_AFTER_SKEW_SECS;
+use crate::config::EntryPointConfig;
+use crate::ledger::{Exhausted, GRACE_SECS, Ledger};
+use crate::metrics::Metrics;
+use crate::policy::PolicySet;
+use crate::policy::live::LivePolicies;
+use crate::ratelimit::{Limited, RateLimits};
+use crate::session::{SessionGrant, SessionStore, StoreError};
+use crate::signer::{Signer, SignerError};
+use crate::userop::paymaster_data::{PaymasterData, PaymasterDataError, PaymasterGas};
+use crate::userop::{EntryPointVersion, UserOperation};
+use crate::wire::{self, FieldError};
+use explain::Trace;
+pub(crate) use explain::rejection_fields;
+
+/// Stub (ERC-7677 `pm_getPaymasterStubData`, for gas estimation) or final signed data.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Same checks, final length, a dummy signature; signs nothing, reserves nothing, and
+    /// needs no session proof (there is nothing yet for it to bind).
+    Stub,
+    /// Signed paymaster data.
+    Final,
+}
+
+/// One request to the pipeline.
+#[derive(Debug, Clone, Copy)]
+pub struct SponsorRequest<'a> {
+    /// The operation.
+    pub op: &'a UserOperation,
+    /// The EntryPoint it is for.
+    pub entry_point: Address,
+    /// The request context.
+    pub context: &'a RequestContext,
+    /// Stub or final.
+    pub mode: Mode,
+    /// Sign over the paymaster gas limits the operation already carries (when it names our
+    /// paymaster) instead of choosing them. ERC-7677 `pm_getPaymasterData` returns no gas
+    /// limits, so the client keeps the ones it has (from the stub, or from a bundler's
+    /// estimate), and a signature over other values would fail with AA34.
+    pub keep_client_gas: bool,
+    /// Policies the caller's API key may use (`None`: any).
+    pub allowed_policies: Option<&'a [String]>,
+}
+
+/// The request context: third param of `pm_sponsorUserOperation`, fourth of ERC-7677 methods.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RequestContext {
+    /// Session grant to sponsor under.
+    pub session_id: Option<B256>,
+    /// Policy to sponsor under (Pimlico's name, so existing clients work).
+    pub sponsorship_policy_id: Option<String>,
+    /// Shorter signature lifetime than the policy's.
+    pub valid_for_seconds: Option<u64>,
+    /// The session key's signature over the operation (policies with `require_session_proof`;
+    /// see [`crate::session::grant::proof_digest`]).
+    pub session_proof: Option<Bytes>,
+    /// Unix time after which `session_proof` is refused; signed by it, and no paymaster
+    /// signature made with the proof outlives it.
+    pub session_proof_deadline: Option<u64>,
+}
+
+impl RequestContext {
+    /// Parse the context object; `null`/absent is empty. Unknown keys are ignored (wallets add
+    /// their own) and logged at debug.
+    pub fn from_json(value: Option<&Value>) -> Result<Self, FieldError> {
+        let Some(obj) = value.filter(|v| !v.is_null()) else {
+            return Ok(Self::default());
+        };
+        let obj = obj
+            .as_object()
+            .ok_or_else(|| FieldError::invalid("context", "expected a JSON object"))?;
+        for key in obj.keys() {
+            if !matches!(
+                key.as_str(),
+                "sessionId"
+                    | "sponsorshipPolicyId"
+                    | "validForSeconds"
+                    | "sessionProof"
+                    | "sessionProofDeadline"
+            ) {
+                tracing::debug!(key, "ignoring unknown context key");
+            }
+        }
+        let positive = |field: &str, name: &str| -> Result<Option<u64>, FieldError> {
+            wire::optional(obj, field)
+                .map(|v| {
+                    v.as_u64()
+                        .filter(|&n| n > 0)
+                        .ok_or_else(|| FieldError::invalid(name, "expected a positive integer"))
+                })
+                .transpose()
+        };
+        let sponsorship_policy_id = match wire::optional(obj, "sponsorshipPolicyId") {
+            None => None,
+            Some(v) => Some(
+                v.as_str()
+                    .ok_or_else(|| {
+                        FieldError::invalid("context.sponsorshipPolicyId", "expected a string")
+                    })?
+                    .to_owned(),
+            ),
+        };
+        Ok(Self {
+            session_id: wire::optional(obj, "sessionId")
+                .map(|v| wire::bytes32("context.sessionId", v))
+                .transpose()?,
+            sponsorship_policy_id,
+            valid_for_seconds: positive("validForSeconds", "context.validForSeconds")?,
+            session_proof: wire::optional(obj, "sessionProof")
+                .map(|v| wire::data("context.sessionProof", v))
+                .transpose()?,
+            session_proof_deadline: positive(
+                "sessionProofDeadline",
+                "context.sessionProofDeadline",
+            )?,
+        })
+    }
+}
+
+/// A granted sponsorship.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sponsorship {
+    /// Our paymaster contract for the request's EntryPoint.
+    pub paymaster: Address,
+    /// Gas limits the signature commits to.
+    pub gas: PaymasterGas,
+    /// Window and signature (a stub signature in [`Mode::Stub`]).
+    pub data: PaymasterData,
+    /// The policy that accepted the operation.
+    pub policy_id: String,
+}
+
+/// Why an operation is not sponsored.
+#[derive(Debug, thiserror::Error)]
+pub enum SponsorError {
+    /// A parameter is malformed.
+    #[error(transparent)]
+    InvalidParams(#[from] FieldError),
+    /// The request names a chain we do not serve.
+    #[error("chain {requested} is not supported (this instance serves chain {served})")]
+    UnsupportedChain {
+        /// Asked for.
+        requested: u64,
+        /// Served.
+        served: u64,
+    },
+    /// The request names an EntryPoint we do not serve.
+    #[error("EntryPoint {0} is not supported")]
+    UnsupportedEntryPoint(Address),
+    /// We serve the EntryPoint but have no paymaster deployed for it.
+    #[error("no paymaster is configured for EntryPoint v{0}")]
+    PaymasterNotConfigured(EntryPointVersion),
+    /// `sponsorshipPolicyId` names no loaded policy.
+    #[error("unknown sponsorship policy `{0}`")]
+    UnknownPolicy(String),
+    /// A step of the pipeline refused the operation.
+    #[error("{}: {}", .0.reason, .0.detail)]
+    Rejected(Rejection),
+    /// The window computed from policy and context is empty.
+    #[error(transparent)]
+    Window(#[from] PaymasterDataError),
+    /// The signer failed: internal.
+    #[error(transparent)]
+    Signer(#[from] SignerError),
+    /// A rate limit was hit.
+    #[error("rate limited by {}: retry in {:?}", .0.scope, .0.retry_after)]
+    RateLimited(Limited),
+    /// A budget would be exceeded.
+    #[error("budget exhausted: {} {} of {} (used {}, requested {})", .0.scope, .0.resource, .0.limit, .0.used, .0.requested)]
+    BudgetExhausted(Exhausted),
+    /// The session store failed: nothing is signed; the client may retry.
+    #[error(transparent)]
+    Store(#[from] StoreError),
+}
+
+impl From<Rejection> for SponsorError {
+    fn from(r: Rejection) -> Self {
+        Self::Rejected(r)
+    }
+}
+
+/// The sponsorship pipeline and what its steps use.
+#[derive(Debug)]
+pub struct Sponsor {
+    chain_id: u64,
+    entry_points: Vec<EntryPointConfig>,
+    policies: LivePolicies,
+    signer: Signer,
+    sessions: SessionStore,
+    ledger: Ledger,
+    limits: RateLimits,
+    metrics: Metrics,
+}
+
+impl Sponsor {
+    /// Assemble the pipeline.
+    pub fn new(
+        chain_id: u64,
+        entry_points: Vec<EntryPointConfig>,
+        policies: PolicySet,
+        signer: Signer,
+        sessions: SessionStore,
+        ledger: Ledger,
+        limits: RateLimits,
+    ) -> Self {
+        Self {
+            chain_id,
+            entry_points,
+            policies: LivePolicies::new(policies),
+            signer,
+            sessions,
+            ledger,
+            limits,
+            metrics: Metrics::default(),
+        }
+    }
+
+    /// Budgets.
+    pub fn ledger(&self) -> &Ledger {
+        &self.ledger
+    }
+
+    /// Rate limits.
+    pub fn limits(&self) -> &RateLimits {
+        &self.limits
+    }
+
+    /// Metrics.
+    pub fn metrics(&self) -> &Metrics {
+        &self.metrics
+    }
+
+    /// Session grants.
+    pub fn sessions(&self) -> &SessionStore {
+        &self.sessions
+    }
+
+    /// Chain id served.
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
+    }
+
+    /// EntryPoints served.
+    pub fn entry_points(&self) -> &[EntryPointConfig] {
+        &self.entry_points
+    }
+
+    /// The signer (its address goes into SessionPaymaster's signer set).
+    pub fn signer(&self) -> &Signer {
+        &self.signer
+    }
+
+    /// The policy set in force (a snapshot).
+    pub fn policies(&self) -> Arc<PolicySet> {
+        self.policies.current()
+    }
+
+    /// The live policy set, to offer new sets to.
+    pub fn live_policies(&self) -> &LivePolicies {
+        &self.policies
+    }
+
+    /// Refuse a request for another chain (ERC-7677 passes the chain id explicitly).
+    pub fn check_chain(&self, requested: u64) -> Result<(), SponsorError> {
+        if requested == self.chain_id {
+            Ok(())
+        } else {
+            Err(SponsorError::UnsupportedChain {
+                requested,
+                served: self.chain_id,
+            })
+        }
+    }
+
+    /// Decide, and in [`Mode::Final`] sign, the paymaster data for `op` at `now` (unix seconds).
+    pub async fn sponsor(
+        &self,
+        req: SponsorRequest<'_>,
+        now: u64,
+    ) -> Result<Sponsorship, SponsorError> {
+        self.run(req, now, &mut Trace::off()).await
+    }
+
+    /// What [`Self::sponsor`] would decide and why: the decoded calls, every check of every
+    /// policy considered (and of the session), and the decision; budgets and token caps are
+    /// checked, nothing is reserved or signed.
+    pub async fn explain(&self, req: SponsorRequest<'_>, now: u64) -> Value {
+        let mut trace = Trace::on();
+        let outcome = self.run(req, now, &mut trace).await;
+        trace.into_json(outcome)
+    }
+
+    /// Revoke a session: first where reservations see it (so no signature follows once this
+    /// returns, even for a request that read the grant before), then the grant itself. The
+    /// updated grant, or `None` if unknown.
+    pub async fn revoke_session(
+        &self,
+        id: B256,
+        now: u64,
+    ) -> Result<Option<SessionGrant>, StoreError> {
+        let Some(grant) = self.sessions.get(id).await? else {
+            return Ok(None);
+        };
+        self.ledger
+            .revoke_session(
+                &grant.policy,
+                id,
+                grant.valid_until.saturating_add(GRACE_SECS),
+                now,
+            )
+            .await?;
+        self.sessions.revoke(id).await
+    }
+
+    /// The pipeline (module doc). With `trace` on (explain), every check is recorded, the
+    /// budgets are checked without reserving, and nothing is rate-limited or signed.
+    async fn run(
+        &self,
+        req: SponsorRequest<'_>,
+        now: u64,
+        trace: &mut Trace,
+    ) -> Result<Sponsorship, SponsorError> {
+        let decoded = decode::decode(self, req)?;
+        trace.decoded(&decoded);
+        let ctx = decoded.context(self.chain_id, req.op, now);
+        let grant = session::load(self, req.context).await?;
+        let policies = self.policies.current();
+        let policy = select::choose(&policies, req, grant.as_ref(), &ctx, trace)?;
+        if let Some(grant) = &grant {
+            session::check(grant, policy, req, &ctx, trace)?;
+        }
+        let window = window::window(policy, grant.as_ref(), req.context, now)?;
+        let signing = req.mode == Mode::Final && !trace.is_on();
+        if signing {
+            admit::admit(self, policy, req)?;
+        }
+        let data = sign::sign(self, req, &decoded, window, signing)?;
+        let data = reserve::reserve(
+            self,
+            req,
+            &decoded,
+            policy,
+            grant.as_ref(),
+            data,
+            now,
+            !signing,
+        )
+        .await?;
+        Ok(Sponsorship {
+            paymaster: decoded.paymaster,
+            gas: decoded.gas,
+            data,
+            policy_id: policy.id.clone(),
+        })
+    }
+}

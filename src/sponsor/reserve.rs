@@ -1,0 +1,187 @@
+//! Step 8: the one atomic ledger step (DESIGN §1, §5). In one `EVALSHA` (or one critical
+//! section in memory): the answer already given for the same operation, if still valid long
+//! enough; the session's status (a revocation that has answered is never followed by a
+//! signature); the worst-case cost in every budget scope; the operation's ERC-20 spending
+//! against the session's caps. Stubs and explanations check and reserve nothing.
+
+use std::time::Instant;
+
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::sol_types::SolValue;
+
+use super::decode::Decoded;
+use super::{Reason, Rejection, Sponsor, SponsorError, SponsorRequest};
+use crate::ledger::{
+    GRACE_SECS, Outcome, Reservation, Scope, SessionCharge, landing_key, wei_to_gwei_ceil,
+    wei_to_gwei_floor,
+};
+use crate::policy::{Budget, Policy};
+use crate::session::SessionGrant;
+use crate::userop::UserOperation;
+use crate::userop::hash::user_op_hash;
+use crate::userop::paymaster_data::{PaymasterData, PaymasterGas};
+use crate::userop::v0_7::PaymasterFields;
+
+/// Reserve for the signed `data` and return what to answer: `data`, or, for a repeat of the
+/// same operation, the answer signed for it before.
+#[allow(clippy::too_many_arguments)]
+pub(super) async fn reserve(
+    sponsor: &Sponsor,
+    req: SponsorRequest<'_>,
+    decoded: &Decoded,
+    policy: &Policy,
+    grant: Option<&SessionGrant>,
+    data: PaymasterData,
+    now: u64,
+    check_only: bool,
+) -> Result<PaymasterData, SponsorError> {
+    let scopes = Sponsor::scopes(policy, grant, req.op.sender, now);
+    // Without budgets and without a session there is nothing to count or to re-check.
+    if scopes.is_empty() && grant.is_none() {
+        return Ok(data);
+    }
+    let reservation = Reservation {
+        policy: policy.id.clone(),
+        op_key: idempotency_key(sponsor.chain_id, req.entry_point, req.op, decoded.gas),
+        landing_key: landing_key(
+            sponsor.chain_id,
+            req.entry_point,
+            req.op.sender,
+            req.op.nonce,
+        ),
+        // The hash the op will have on chain: ours is its only paymaster data.
+        user_op_hash: user_op_hash(
+            decoded.version,
+            &req.op.pack(Some(&PaymasterFields {
+                paymaster: decoded.paymaster,
+                gas: decoded.gas,
+                data: data.encode(),
+            })),
+            req.entry_point,
+            sponsor.chain_id,
+        ),
+        answer: data.clone(),
+        cost_gwei: wei_to_gwei_ceil(decoded.max_cost),
+        scopes,
+        session: grant.map(|g| SessionCharge {
+            id: g.session_id,
+            expires_at: g.valid_until.saturating_add(GRACE_SECS),
+            spend: g.token_charges(&decoded.calls),
+        }),
+        expires_at: data.window.valid_until.saturating_add(GRACE_SECS),
+    };
+    let started = Instant::now();
+    let outcome = sponsor.ledger.reserve(&reservation, check_only, now).await;
+    sponsor.metrics.reserve_seconds.observe(started.elapsed());
+    match outcome? {
+        Outcome::Reserved => Ok(data),
+        // The same operation again: the answer signed for it, nothing reserved twice.
+        Outcome::Existing(_) if check_only => Ok(data),
+        Outcome::Existing(answer) => Ok(answer),
+        Outcome::Exhausted(e) => Err(SponsorError::BudgetExhausted(e)),
+        Outcome::SessionRevoked => Err(Rejection::new(
+            Reason::SessionRevoked,
+            "session.status",
+            "the session was revoked",
+        )
+        .into()),
+        Outcome::SpendExceeded(e) => Err(Rejection::new(
+            Reason::SpendLimitExceeded,
+            e.rule,
+            format!(
+                "{} more of {} on top of {} already signed for under this session exceeds its limit of {}",
+                e.requested, e.token, e.spent, e.limit
+            ),
+        )
+        .into()),
+    }
+}
+
+impl Sponsor {
+    /// The budget scopes an operation is charged to: the session (the smaller of the grant's
+    /// and the policy's session budget), the sender per period, the whole policy per period.
+    pub fn scopes(
+        policy: &Policy,
+        session: Option<&SessionGrant>,
+        sender: Address,
+        now: u64,
+    ) -> Vec<Scope> {
+        let gwei = |c: Option<U256>| c.map(wei_to_gwei_floor);
+        let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        };
+        let mut scopes = Vec::new();
+        if let Some(grant) = session {
+            let p = policy.budgets.session.as_ref();
+            let g = grant.budget.as_ref();
+            let cost = min(gwei(p.and_then(|b| b.cost)), gwei(g.and_then(|b| b.cost)));
+            let ops = min(p.and_then(|b| b.ops), g.and_then(|b| b.ops));
+            if cost.is_some() || ops.is_some() {
+                scopes.push(Scope {
+                    name: format!("session:{}", grant.session_id),
+                    rule: format!("{}.budgets.session", policy.id),
+                    cost_limit: cost,
+                    ops_limit: ops,
+                    expires_at: grant.valid_until.saturating_add(GRACE_SECS),
+                    resets_at: None,
+                });
+            }
+        }
+        let windowed = |budget: &Budget, base: String, rule: &str| {
+            let (name, resets_at, expires_at) = match budget.period.map(|p| p.as_secs().max(1)) {
+                Some(p) => {
+                    let end = (now / p + 1).saturating_mul(p);
+                    (
+                        format!("{base}:{}", now / p),
+                        Some(end),
+                        end.saturating_add(GRACE_SECS),
+                    )
+                }
+                // No period: the budget never resets; keep its counter for ten years.
+                None => (base, None, now.saturating_add(10 * 365 * 86_400)),
+            };
+            Scope {
+                name,
+                rule: format!("{}.budgets.{rule}", policy.id),
+                cost_limit: gwei(budget.cost),
+                ops_limit: budget.ops,
+                expires_at,
+                resets_at,
+            }
+        };
+        if let Some(b) = &policy.budgets.sender {
+            scopes.push(windowed(b, format!("sender:{sender}"), "sender"));
+        }
+        if let Some(b) = &policy.budgets.policy {
+            scopes.push(windowed(b, "policy".into(), "policy"));
+        }
+        scopes
+    }
+}
+
+/// Idempotency key of an operation (DESIGN §5): chain, EntryPoint, and the operation without
+/// its paymaster data and signature, but with the paymaster gas limits the answer commits to.
+pub fn idempotency_key(
+    chain_id: u64,
+    entry_point: Address,
+    op: &UserOperation,
+    gas: PaymasterGas,
+) -> B256 {
+    keccak256(
+        (
+            U256::from(chain_id),
+            entry_point,
+            op.sender,
+            op.nonce,
+            keccak256(op.init_code()),
+            keccak256(&op.call_data),
+            op.account_gas_limits(),
+            op.pre_verification_gas,
+            op.gas_fees(),
+            U256::from(gas.verification),
+            U256::from(gas.post_op),
+        )
+            .abi_encode(),
+    )
+}
