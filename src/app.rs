@@ -207,10 +207,11 @@ impl AppState {
                     state.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
                 }
                 match polled {
-                    Ok(p) if p.settled + p.released > 0 => {
+                    Ok(p) if p.settled + p.superseded + p.released > 0 => {
                         tracing::info!(
                             block = p.to_block,
                             settled = p.settled,
+                            superseded = p.superseded,
                             released = p.released,
                             "settlement"
                         )

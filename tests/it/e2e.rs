@@ -45,7 +45,7 @@ sol! {
 }
 
 /// A wallet-side user: owner key, counterfactual account, and the ops it builds.
-struct User<'a> {
+pub(crate) struct User<'a> {
     stack: &'a Stack,
     version: EntryPointVersion,
     owner: PrivateKeySigner,
@@ -53,7 +53,7 @@ struct User<'a> {
 }
 
 impl<'a> User<'a> {
-    async fn new(stack: &'a Stack, version: EntryPointVersion) -> TestResult<Self> {
+    pub(crate) async fn new(stack: &'a Stack, version: EntryPointVersion) -> TestResult<Self> {
         let owner = PrivateKeySigner::random();
         let factory = ISimpleAccountFactory::new(
             stack.version(version).simple_account_factory,
@@ -72,7 +72,7 @@ impl<'a> User<'a> {
     }
 
     /// The RPC form a client sends: deploys the account and calls Counter.increment().
-    fn op_json(&self) -> Value {
+    pub(crate) fn op_json(&self) -> Value {
         let factory_data = ISimpleAccountFactory::createAccountCall {
             owner: self.owner.address(),
             salt: U256::ZERO,
@@ -127,12 +127,12 @@ impl<'a> User<'a> {
         op
     }
 
-    fn entry_point(&self) -> Address {
+    pub(crate) fn entry_point(&self) -> Address {
         self.stack.version(self.version).entry_point
     }
 
     /// Apply paymaster fields to the op and sign it as the account owner.
-    fn finish(&self, op: &mut UserOperation) -> TestResult<()> {
+    pub(crate) fn finish(&self, op: &mut UserOperation) -> TestResult<()> {
         let hash = user_op_hash(self.version, &op.pack(None), self.entry_point(), 31337);
         // v0.7 SimpleAccount checks an EIP-191 signature of the userOpHash, v0.8 the raw hash.
         let sig = match self.version {
@@ -155,7 +155,10 @@ impl<'a> User<'a> {
     }
 
     /// Submit as a bundler would; returns the UserOperationEvent.
-    async fn submit(&self, op: &UserOperation) -> TestResult<IEntryPoint::UserOperationEvent> {
+    pub(crate) async fn submit(
+        &self,
+        op: &UserOperation,
+    ) -> TestResult<IEntryPoint::UserOperationEvent> {
         let receipt = self
             .stack
             .anvil
@@ -201,7 +204,7 @@ impl<'a> User<'a> {
     }
 }
 
-fn set_paymaster(op: &mut Value, result: &Value) {
+pub(crate) fn set_paymaster(op: &mut Value, result: &Value) {
     for f in [
         "paymaster",
         "paymasterData",

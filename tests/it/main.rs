@@ -9,6 +9,7 @@ mod deploy;
 mod e2e;
 mod hashes;
 mod helpers;
+mod hostile;
 mod ledger;
 mod policies;
 mod process;

@@ -41,7 +41,7 @@ async fn app(redis: Option<&TestRedis>) -> TestResult<TestApp> {
 }
 
 /// An admin request; returns status and JSON body (Null when empty).
-async fn admin(
+pub(crate) async fn admin(
     app: &TestApp,
     method: &str,
     path: &str,
@@ -74,7 +74,7 @@ async fn admin(
     ))
 }
 
-fn grant_request(account: Address, key: Address, policy: &str) -> Value {
+pub(crate) fn grant_request(account: Address, key: Address, policy: &str) -> Value {
     json!({
         "account": account,
         "sessionKey": key,
@@ -86,7 +86,7 @@ fn grant_request(account: Address, key: Address, policy: &str) -> Value {
     })
 }
 
-async fn create_session(app: &TestApp, body: Value) -> TestResult<B256> {
+pub(crate) async fn create_session(app: &TestApp, body: Value) -> TestResult<B256> {
     let (status, v) = admin(
         app,
         "POST",
@@ -586,7 +586,7 @@ sol! {
     function transfer(address to, uint256 amount);
 }
 
-const TOKEN: Address = Address::repeat_byte(0x70);
+pub(crate) const TOKEN: Address = Address::repeat_byte(0x70);
 
 /// A session-only policy on the local chain for a token, so spend limits can be exercised.
 fn token_policy_dir() -> TestResult<crate::helpers::TempDir> {
@@ -601,7 +601,7 @@ fn token_policy_dir() -> TestResult<crate::helpers::TempDir> {
     Ok(dir)
 }
 
-fn transfer_op(account: Address, amount: u64, nonce: u64) -> UserOperation {
+pub(crate) fn transfer_op(account: Address, amount: u64, nonce: u64) -> UserOperation {
     let inner = transferCall {
         to: Address::repeat_byte(0x99),
         amount: U256::from(amount),

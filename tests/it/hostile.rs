@@ -1,0 +1,761 @@
+//! One test per attack, named after it (docs/security.md lists them with what the service does).
+//! Before its fix, each of these got an operation paid that no policy meant to pay, made the
+//! ledger forget a cost, or handed a client something unusable. Everything goes through the
+//! service's HTTP surface, with Redis (the atomic script is what must hold) and, for
+//! settlement, anvil with the real EntryPoint.
+
+use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
+use alloy::signers::local::PrivateKeySigner;
+use alloy::sol;
+use alloy::sol_types::{SolCall, SolValue};
+use serde_json::{Value, json};
+use session_paymaster::app::unix_now;
+use session_paymaster::ledger::{GRACE_SECS, Outcome, Reservation, SessionCharge, landing_key};
+use session_paymaster::signer::KeySource;
+use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+use crate::helpers::{
+    ADMIN_TOKEN, COUNTER, Stack, TempDir, TestApp, TestRedis, TestResult, config, counter_op,
+    repo_dir,
+};
+use crate::sessions::{
+    TOKEN, admin, create_session, grant_request, proof, proof_until, transfer_op,
+};
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+    struct Call { address target; uint256 value; bytes data; }
+    function increaseAllowance(address spender, uint256 added);
+    function createAccount(address owner, uint256 salt);
+}
+
+const PM07: Address = Address::repeat_byte(0x07);
+const PM08: Address = Address::repeat_byte(0x08);
+const SENDER: Address = Address::repeat_byte(0x5e);
+/// SimpleAccountFactory of the v0.7 samples: listed by the shipped policies.
+const FACTORY07: Address = Address::new(alloy::primitives::hex!(
+    "91E60e0613810449d098b0b5Ec8b51A0FE8c8985"
+));
+
+fn ep(v: EntryPointVersion) -> Address {
+    v.canonical_address()
+}
+
+fn reason(v: &Value) -> &str {
+    v["error"]["data"]["reason"].as_str().unwrap_or("")
+}
+
+async fn sponsor(app: &TestApp, op: &Value, entry_point: Address, ctx: Value) -> TestResult<Value> {
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+        "params": [op, entry_point, ctx]
+    });
+    Ok(app.post(&body.to_string()).await?.1)
+}
+
+/// The repository's policies plus `extra` files, served with Redis.
+async fn app_with(redis: &TestRedis, extra: &[(String, String)]) -> TestResult<(TestApp, TempDir)> {
+    let dir = TempDir::new("hostile");
+    for entry in std::fs::read_dir(repo_dir().join("policies"))? {
+        let path = entry?.path();
+        std::fs::copy(&path, dir.0.join(path.file_name().ok_or("name")?))?;
+    }
+    for (name, text) in extra {
+        std::fs::write(dir.0.join(name), text)?;
+    }
+    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    c.policies_dir = dir.0.clone();
+    c.redis_url = Some(redis.url.clone());
+    Ok((TestApp::spawn(c).await?, dir))
+}
+
+/// dev-counter with a budget, so that sponsorships are reserved.
+fn budgeted_counter() -> (String, String) {
+    (
+        "budgeted.toml".into(),
+        format!(
+            "id = \"budgeted\"\nchains = [31337]\nentry_points = [\"0.7\", \"0.8\"]\n\
+             factories = [\"{FACTORY07}\"]\n\
+             [budgets]\npolicy = {{ cost = \"1 ether\", ops = 100, period = \"1d\" }}\n\
+             [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
+        ),
+    )
+}
+
+/// A session-only policy whose sessions may call anything on TOKEN, with `extra` settings.
+fn token_policy(id: &str, extra: &str) -> (String, String) {
+    (
+        format!("{id}.toml"),
+        format!(
+            "id = \"{id}\"\nchains = [31337]\nentry_points = [\"0.7\"]\nrequire_session = true\n{extra}\n\
+             [[allow]]\ntarget = \"{TOKEN}\"\nfunctions = [\"*\"]\n"
+        ),
+    )
+}
+
+/// A session of `account` under `policy` that may move at most `limit` of TOKEN.
+async fn capped_session(
+    app: &TestApp,
+    account: Address,
+    policy: &str,
+    limit: u64,
+) -> TestResult<B256> {
+    let mut body = grant_request(account, Address::repeat_byte(0xb1), policy);
+    body.as_object_mut().map(|o| o.remove("budget"));
+    body["permissions"] = json!({ "spend": [{ "token": TOKEN, "limit": limit.to_string() }] });
+    create_session(app, body).await
+}
+
+async fn spent(app: &TestApp, session: B256) -> TestResult<Value> {
+    Ok(
+        app.result("pm_getSessionStatus", json!([session])).await?["spent"][TOKEN.to_string()]
+            .clone(),
+    )
+}
+
+/// An op of SENDER whose callData is `call_data` (gas and fees set).
+fn op_calling(call_data: Vec<u8>, nonce: u64) -> Value {
+    UserOperation {
+        call_data: call_data.into(),
+        ..counter_op(SENDER, nonce, "increment()")
+    }
+    .to_json()
+}
+
+// 1. EIP-7702 marker escapes the ledger ------------------------------------------------------
+
+/// `factory = 0x7702…` parsed as an ordinary factory was signed; the v0.8 EntryPoint hashes such
+/// an op with the sender's delegate, so its event never matched the reservation, which was
+/// then released although the deposit paid. Refused in every padding, on both EntryPoints.
+#[tokio::test]
+async fn eip7702_marker_factory_is_refused() -> TestResult {
+    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let padded = format!("0x7702{}", "00".repeat(18));
+    let address_style = format!("0x{}7702", "00".repeat(18));
+    for version in EntryPointVersion::ALL {
+        for factory in [padded.as_str(), "0x7702", address_style.as_str()] {
+            for factory_data in ["0x", "0xc0ffee"] {
+                let mut op = counter_op(SENDER, 0, "increment()").to_json();
+                op["factory"] = json!(factory);
+                op["factoryData"] = json!(factory_data);
+                for (method, params) in [
+                    ("pm_sponsorUserOperation", json!([op, ep(version)])),
+                    (
+                        "pm_getPaymasterStubData",
+                        json!([op, ep(version), "0x7a69", {}]),
+                    ),
+                    (
+                        "pm_getPaymasterData",
+                        json!([op, ep(version), "0x7a69", {}]),
+                    ),
+                ] {
+                    let err = app.error(method, params).await?;
+                    assert_eq!(
+                        (err["code"].clone(), err["data"]["field"].clone()),
+                        (json!(-32602), json!("factory")),
+                        "{method} v{version} {factory}: {err}"
+                    );
+                }
+            }
+        }
+    }
+    Ok(())
+}
+
+/// Settlement matched events by our userOpHash alone: any op the EntryPoint hashed otherwise, or
+/// a second sponsorship of the same nonce, stayed open and was released at expiry although a
+/// cost was paid. Now an event closes every reservation of its (EntryPoint, sender, nonce):
+/// the one it names is settled, the others released at once. (When no hash matches, every
+/// reservation of the nonce is settled at the event's cost: `ledger::landings_by_nonce`.)
+#[tokio::test]
+async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
+    use crate::e2e::{User, set_paymaster};
+    use session_paymaster::chain::watcher::{Cursor, Watcher};
+    use session_paymaster::ledger::wei_to_gwei_ceil;
+
+    let redis = TestRedis::start().await?;
+    let dir = TempDir::new("landed-nonce");
+    let (name, text) = budgeted_counter();
+    std::fs::write(dir.0.join(name), text)?;
+    let stack = Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
+    let sponsor = &stack.app.state.sponsor;
+    let scope = format!("policy:{}", unix_now() / 86_400);
+    let user = User::new(&stack, EntryPointVersion::V0_7).await?;
+
+    // Two sponsorships of one nonce: the op, and the op with another fee.
+    let mut ops = Vec::new();
+    for tip in [1_000_000_000u64, 1_000_000_001] {
+        let mut op_json = user.op_json();
+        op_json["maxPriorityFeePerGas"] = json!(format!("{tip:#x}"));
+        let result = stack
+            .app
+            .result(
+                "pm_sponsorUserOperation",
+                json!([op_json, user.entry_point()]),
+            )
+            .await?;
+        set_paymaster(&mut op_json, &result);
+        let mut op = UserOperation::from_json(&op_json)?;
+        user.finish(&mut op)?;
+        ops.push(op);
+    }
+    assert_eq!(sponsor.ledger().usage("budgeted", &scope).await?.1, 2);
+
+    let event = user.submit(&ops[1]).await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, std::time::Duration::from_secs(2))
+            .await?;
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        Some(0),
+        Cursor::redis(conn, 31337),
+    );
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.superseded), (1, 1), "{poll:?}");
+    assert_eq!(
+        sponsor.ledger().usage("budgeted", &scope).await?,
+        (wei_to_gwei_ceil(event.actualGasCost), 1),
+        "the landed op at its cost; the other, which can never land, released"
+    );
+    assert_eq!(sponsor.ledger().open("budgeted", &scope).await?, 0);
+    Ok(())
+}
+
+// 2. Operations with no calls pass every policy -----------------------------------------------
+
+/// "Every call matches a rule" is true of an empty batch: such ops were signed, and with a
+/// factory that paid for deploying anything. Refused in every account shape, nested too.
+#[tokio::test]
+async fn an_operation_without_calls_is_refused() -> TestResult {
+    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let mut batch_7579 = [0u8; 32];
+    batch_7579[0] = 0x01;
+    let empty_v07 = [
+        &keccak256("executeBatch(address[],uint256[],bytes[])")[..4],
+        &(
+            Vec::<Address>::new(),
+            Vec::<U256>::new(),
+            Vec::<Bytes>::new(),
+        )
+            .abi_encode_params(),
+    ]
+    .concat();
+    let shapes: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "executeBatch v0.6",
+            [
+                &keccak256("executeBatch(address[],bytes[])")[..4],
+                &(Vec::<Address>::new(), Vec::<Bytes>::new()).abi_encode_params(),
+            ]
+            .concat(),
+        ),
+        ("executeBatch v0.7", empty_v07.clone()),
+        (
+            "executeBatch v0.8",
+            [
+                &keccak256("executeBatch((address,uint256,bytes)[])")[..4],
+                &(Vec::<Call>::new(),).abi_encode_params(),
+            ]
+            .concat(),
+        ),
+        (
+            "ERC-7579 batch",
+            [
+                &keccak256("execute(bytes32,bytes)")[..4],
+                &(
+                    B256::from(batch_7579),
+                    Bytes::from(Vec::<Call>::new().abi_encode()),
+                )
+                    .abi_encode_params(),
+            ]
+            .concat(),
+        ),
+        (
+            "self-call of an empty batch",
+            executeCall {
+                dest: SENDER,
+                value: U256::ZERO,
+                func: empty_v07.clone().into(),
+            }
+            .abi_encode(),
+        ),
+    ];
+    for (shape, call_data) in shapes {
+        for with_factory in [false, true] {
+            let mut op = op_calling(call_data.clone(), 0);
+            if with_factory {
+                op["factory"] = json!(FACTORY07);
+                op["factoryData"] = json!(Bytes::from(
+                    createAccountCall {
+                        owner: SENDER,
+                        salt: U256::ZERO
+                    }
+                    .abi_encode()
+                ));
+            }
+            let v = sponsor(&app, &op, ep(EntryPointVersion::V0_7), Value::Null).await?;
+            assert_eq!(
+                reason(&v),
+                "no_calls",
+                "{shape}, factory {with_factory}: {v}"
+            );
+        }
+    }
+    Ok(())
+}
+
+/// A factory runs code no `[[allow]]` rule sees: deployments are paid only through the
+/// factories a policy lists.
+#[tokio::test]
+async fn deployment_through_an_unlisted_factory_is_refused() -> TestResult {
+    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let with_factory = |factory: Address| {
+        let mut op = counter_op(SENDER, 0, "increment()").to_json();
+        op["factory"] = json!(factory);
+        op["factoryData"] = json!(Bytes::from(
+            createAccountCall {
+                owner: SENDER,
+                salt: U256::ZERO
+            }
+            .abi_encode()
+        ));
+        op
+    };
+    let v = sponsor(
+        &app,
+        &with_factory(Address::repeat_byte(0xfa)),
+        ep(EntryPointVersion::V0_7),
+        Value::Null,
+    )
+    .await?;
+    assert_eq!(reason(&v), "factory_not_allowed", "{v}");
+    assert_eq!(v["error"]["data"]["rule"], json!("dev-counter.factories"));
+    let v = sponsor(
+        &app,
+        &with_factory(FACTORY07),
+        ep(EntryPointVersion::V0_7),
+        Value::Null,
+    )
+    .await?;
+    assert!(
+        v["result"]["paymasterData"].is_string(),
+        "a listed factory is paid: {v}"
+    );
+    Ok(())
+}
+
+// 3. ERC-20 spend recorded in the wrong place --------------------------------------------------
+
+/// Spend was committed before the rate limit: a limited request still used up the allowance.
+#[tokio::test]
+async fn a_rate_limited_request_spends_no_token_allowance() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(
+        &redis,
+        &[token_policy("tokens", "[rate]\nper_session = \"1/min\"")],
+    )
+    .await?;
+    let account = Address::repeat_byte(0xa1);
+    let session = capped_session(&app, account, "tokens", 100).await?;
+    let ctx = json!({ "sessionId": session });
+    let ep07 = ep(EntryPointVersion::V0_7);
+    assert!(
+        sponsor(
+            &app,
+            &transfer_op(account, 60, 1).to_json(),
+            ep07,
+            ctx.clone()
+        )
+        .await?["result"]
+            .is_object()
+    );
+    let limited = sponsor(&app, &transfer_op(account, 30, 2).to_json(), ep07, ctx).await?;
+    assert_eq!(
+        limited["error"]["data"]["reason"],
+        json!("rate_limited"),
+        "{limited}"
+    );
+    assert_eq!(spent(&app, session).await?, json!("60"));
+    Ok(())
+}
+
+/// Spend was committed before the budget reservation: a refused request used up the allowance.
+#[tokio::test]
+async fn a_budget_refused_request_spends_no_token_allowance() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(
+        &redis,
+        &[token_policy("tokens", "[budgets]\nsession = { ops = 1 }")],
+    )
+    .await?;
+    let account = Address::repeat_byte(0xa2);
+    let session = capped_session(&app, account, "tokens", 100).await?;
+    let ctx = json!({ "sessionId": session });
+    let ep07 = ep(EntryPointVersion::V0_7);
+    assert!(
+        sponsor(
+            &app,
+            &transfer_op(account, 10, 1).to_json(),
+            ep07,
+            ctx.clone()
+        )
+        .await?["result"]
+            .is_object()
+    );
+    let refused = sponsor(&app, &transfer_op(account, 10, 2).to_json(), ep07, ctx).await?;
+    assert_eq!(reason(&refused), "budget_exhausted", "{refused}");
+    assert_eq!(spent(&app, session).await?, json!("10"));
+    Ok(())
+}
+
+/// Spend was committed before the idempotency lookup: a retry counted twice, or was refused
+/// `spend_limit_exceeded` instead of getting its stored answer.
+#[tokio::test]
+async fn a_repeated_operation_counts_its_token_spend_once() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[token_policy("tokens", "")]).await?;
+    let account = Address::repeat_byte(0xa3);
+    let session = capped_session(&app, account, "tokens", 100).await?;
+    let ctx = json!({ "sessionId": session });
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let op = transfer_op(account, 60, 1).to_json();
+    let first = sponsor(&app, &op, ep07, ctx.clone()).await?;
+    let again = sponsor(&app, &op, ep07, ctx).await?;
+    assert!(first["result"]["paymasterData"].is_string(), "{first}");
+    assert_eq!(
+        again["result"], first["result"],
+        "the stored answer: {again}"
+    );
+    assert_eq!(spent(&app, session).await?, json!("60"));
+    Ok(())
+}
+
+/// Only `transfer`/`transferFrom`/`approve` amounts were counted: any other function on a
+/// capped token (or a spend call that does not decode) moved tokens without counting.
+#[tokio::test]
+async fn other_functions_on_a_capped_token_are_refused() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[token_policy("tokens", "")]).await?;
+    let account = Address::repeat_byte(0xa4);
+    let session = capped_session(&app, account, "tokens", 100).await?;
+    let on_token = |data: Vec<u8>| UserOperation {
+        call_data: executeCall {
+            dest: TOKEN,
+            value: U256::ZERO,
+            func: data.into(),
+        }
+        .abi_encode()
+        .into(),
+        ..transfer_op(account, 1, 7)
+    };
+    let transfer = transfer_op(account, 1, 7);
+    let inner = &executeCall::abi_decode(&transfer.call_data)?.func;
+    let calls: Vec<(&str, Vec<u8>)> = vec![
+        (
+            "increaseAllowance",
+            increaseAllowanceCall {
+                spender: account,
+                added: U256::from(1_000_000u64),
+            }
+            .abi_encode(),
+        ),
+        (
+            "permit",
+            [
+                &keccak256("permit(address,address,uint256,uint256,uint8,bytes32,bytes32)")[..4],
+                &[0u8; 224][..],
+            ]
+            .concat(),
+        ),
+        (
+            "transferAndCall",
+            [
+                &keccak256("transferAndCall(address,uint256,bytes)")[..4],
+                &[0u8; 128][..],
+            ]
+            .concat(),
+        ),
+        (
+            "multicall",
+            [&keccak256("multicall(bytes[])")[..4], &[0u8; 64][..]].concat(),
+        ),
+        ("a truncated transfer", inner[..36].to_vec()),
+    ];
+    for (what, data) in calls {
+        let v = sponsor(
+            &app,
+            &on_token(data).to_json(),
+            ep(EntryPointVersion::V0_7),
+            json!({ "sessionId": session }),
+        )
+        .await?;
+        assert_eq!(reason(&v), "token_call_not_allowed", "{what}: {v}");
+    }
+    assert_eq!(spent(&app, session).await?, Value::Null, "nothing counted");
+    Ok(())
+}
+
+// 4. A session proof replayed with other gas ---------------------------------------------------
+
+/// The proof signed only chain, EntryPoint, sender, nonce, callData and sessionId: anyone who
+/// saw it could send variants with other fees, gas or factory, each reserving up to the
+/// per-op maximum. It now binds every field the paymaster signs (but its own) and a deadline.
+#[tokio::test]
+async fn a_session_proof_cannot_be_replayed_with_other_gas_or_later() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[]).await?;
+    let key = PrivateKeySigner::random();
+    let account = Address::repeat_byte(0xa5);
+    let session = create_session(&app, grant_request(account, key.address(), "game-moves")).await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let good = counter_op(account, 3, "increment()");
+    let ctx = |proof: Value| {
+        let mut c = proof;
+        c["sessionId"] = json!(session);
+        c
+    };
+    let observed = proof(&key, &good, session)?;
+    let variants: Vec<(&str, UserOperation)> = vec![
+        (
+            "maxFeePerGas",
+            UserOperation {
+                max_fee_per_gas: good.max_fee_per_gas + 1,
+                ..good.clone()
+            },
+        ),
+        (
+            "maxPriorityFeePerGas",
+            UserOperation {
+                max_priority_fee_per_gas: good.max_priority_fee_per_gas - 1,
+                ..good.clone()
+            },
+        ),
+        (
+            "callGasLimit",
+            UserOperation {
+                call_gas_limit: good.call_gas_limit + 1,
+                ..good.clone()
+            },
+        ),
+        (
+            "verificationGasLimit",
+            UserOperation {
+                verification_gas_limit: good.verification_gas_limit + 1,
+                ..good.clone()
+            },
+        ),
+        (
+            "preVerificationGas",
+            UserOperation {
+                pre_verification_gas: good.pre_verification_gas + U256::from(1),
+                ..good.clone()
+            },
+        ),
+        (
+            "factory",
+            UserOperation {
+                factory: Some(FACTORY07),
+                factory_data: createAccountCall {
+                    owner: account,
+                    salt: U256::ZERO,
+                }
+                .abi_encode()
+                .into(),
+                ..good.clone()
+            },
+        ),
+    ];
+    for (field, variant) in variants {
+        let v = sponsor(&app, &variant.to_json(), ep07, ctx(observed.clone())).await?;
+        assert_eq!(reason(&v), "invalid_session_proof", "{field}: {v}");
+    }
+    let mut later = observed.clone();
+    later["sessionProofDeadline"] = json!(
+        observed["sessionProofDeadline"]
+            .as_u64()
+            .ok_or("deadline")?
+            + 3600
+    );
+    let v = sponsor(&app, &good.to_json(), ep07, ctx(later)).await?;
+    assert_eq!(
+        reason(&v),
+        "invalid_session_proof",
+        "a deadline it did not sign: {v}"
+    );
+    let past = proof_until(&key, &good, session, unix_now() - 1)?;
+    let v = sponsor(&app, &good.to_json(), ep07, ctx(past)).await?;
+    assert_eq!(
+        reason(&v),
+        "invalid_session_proof",
+        "a deadline that has passed: {v}"
+    );
+
+    // The proof's deadline bounds the signature made with it.
+    let deadline = unix_now() + 20;
+    let v = sponsor(
+        &app,
+        &good.to_json(),
+        ep07,
+        ctx(proof_until(&key, &good, session, deadline)?),
+    )
+    .await?;
+    let data = v["result"]["paymasterData"]
+        .as_str()
+        .ok_or_else(|| format!("signed: {v}"))?;
+    let valid_until = u64::from_str_radix(&data[2..14], 16)?;
+    assert_eq!(valid_until, deadline, "{v}");
+    Ok(())
+}
+
+// 5. A repeat returned an expired signature -----------------------------------------------------
+
+/// A stored answer was handed out again until its record expired, an hour after its
+/// `validUntil`. One that expires within 30 s is now replaced, counted once.
+#[tokio::test]
+async fn a_repeat_never_returns_a_signature_about_to_expire() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[budgeted_counter()]).await?;
+    let op = counter_op(SENDER, 9, "increment()").to_json();
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = json!({ "sponsorshipPolicyId": "budgeted" });
+    let mut short = ctx.clone();
+    short["validForSeconds"] = json!(1);
+    let first = sponsor(&app, &op, ep07, short).await?;
+    let repeat = sponsor(&app, &op, ep07, ctx.clone()).await?;
+    let valid_until = |v: &Value| -> TestResult<u64> {
+        let data = v["result"]["paymasterData"]
+            .as_str()
+            .ok_or_else(|| format!("signed: {v}"))?;
+        Ok(u64::from_str_radix(&data[2..14], 16)?)
+    };
+    assert!(valid_until(&first)? <= unix_now() + 1);
+    let fresh = valid_until(&repeat)?;
+    assert!(
+        fresh > unix_now() + 30,
+        "a fresh signature, valid until {fresh}"
+    );
+    assert_eq!(
+        sponsor(&app, &op, ep07, ctx).await?["result"],
+        repeat["result"],
+        "now stored"
+    );
+    let scope = format!("policy:{}", unix_now() / 86_400);
+    assert_eq!(
+        app.state
+            .sponsor
+            .ledger()
+            .usage("budgeted", &scope)
+            .await?
+            .1,
+        1,
+        "counted once"
+    );
+    Ok(())
+}
+
+// 6. Client-chosen paymaster gas -------------------------------------------------------------
+
+/// `pm_getPaymasterData` signed any paymaster gas the client kept: a postOp limit (we have no
+/// postOp) only pays the EntryPoint's unused-gas penalty to the bundler, and a huge
+/// verification limit inflates the worst case.
+#[tokio::test]
+async fn client_chosen_paymaster_gas_is_bounded() -> TestResult {
+    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let with_gas = |verification: u64, post_op: u64| {
+        let mut op = counter_op(SENDER, 0, "increment()").to_json();
+        op["paymaster"] = json!(PM07);
+        op["paymasterVerificationGasLimit"] = json!(format!("{verification:#x}"));
+        op["paymasterPostOpGasLimit"] = json!(format!("{post_op:#x}"));
+        op["paymasterData"] = json!("0x");
+        json!([op, ep(EntryPointVersion::V0_7), "0x7a69", {}])
+    };
+    let err = app
+        .error("pm_getPaymasterData", with_gas(40_000, 0x10000))
+        .await?;
+    assert_eq!(
+        err["data"]["field"],
+        json!("paymasterPostOpGasLimit"),
+        "{err}"
+    );
+    let err = app
+        .error("pm_getPaymasterData", with_gas(80_001, 0))
+        .await?;
+    assert_eq!(
+        err["data"]["field"],
+        json!("paymasterVerificationGasLimit"),
+        "{err}"
+    );
+    let ok = app
+        .result("pm_getPaymasterData", with_gas(80_000, 0))
+        .await?;
+    assert_eq!(
+        ok["paymasterVerificationGasLimit"],
+        json!("0x13880"),
+        "kept: {ok}"
+    );
+    assert_eq!(ok["paymasterPostOpGasLimit"], json!("0x0"));
+    Ok(())
+}
+
+// 7. Revocation race ---------------------------------------------------------------------------
+
+/// The reservation did not re-check the session: a request that had read the grant before
+/// `DELETE` could still be signed after `DELETE` answered. The revocation is now written where
+/// the reservation script reads it, before the admin API answers: a reservation built from a
+/// grant read before the revocation (a request in flight) is refused after it.
+#[tokio::test]
+async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[token_policy("tokens", "")]).await?;
+    let account = Address::repeat_byte(0xa6);
+    let session = capped_session(&app, account, "tokens", 100).await?;
+    let sponsor = &app.state.sponsor;
+    // The in-flight request has read the grant: active.
+    let grant = sponsor.sessions().get(session).await?.ok_or("grant")?;
+    let (status, _) = admin(
+        &app,
+        "DELETE",
+        &format!("/admin/sessions/{session}"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    // It now reaches the atomic step with what it read.
+    let now = unix_now();
+    let op = transfer_op(account, 1, 1);
+    let reservation = Reservation {
+        policy: grant.policy.clone(),
+        op_key: B256::repeat_byte(1),
+        landing_key: landing_key(31337, ep(EntryPointVersion::V0_7), account, op.nonce),
+        user_op_hash: B256::repeat_byte(2),
+        answer: PaymasterData {
+            window: ValidityWindow::new(now - 60, now + 600)?,
+            signature: [1; 65],
+        },
+        cost_gwei: 1,
+        scopes: vec![],
+        session: Some(SessionCharge {
+            id: grant.session_id,
+            expires_at: grant.valid_until + GRACE_SECS,
+            spend: vec![],
+        }),
+        expires_at: now + 600 + GRACE_SECS,
+    };
+    assert_eq!(
+        sponsor.ledger().reserve(&reservation, false, now).await?,
+        Outcome::SessionRevoked
+    );
+    let v = crate::hostile::sponsor(
+        &app,
+        &op.to_json(),
+        ep(EntryPointVersion::V0_7),
+        json!({ "sessionId": session }),
+    )
+    .await?;
+    assert_eq!(reason(&v), "session_revoked", "{v}");
+    Ok(())
+}
