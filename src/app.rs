@@ -52,6 +52,8 @@ pub struct AppState {
     watcher_max_lag: AtomicU64,
     /// Bundler that estimates gas for operations sent without limits.
     pub bundler: Option<alloy::rpc::client::RpcClient>,
+    /// How long estimation waits for it.
+    pub bundler_timeout: std::time::Duration,
     /// SHA-256 of the admin bearer token; `None`: admin API closed.
     pub admin_token_sha256: Option<B256>,
     admin_on_main: bool,
@@ -127,6 +129,7 @@ impl AppState {
             api_keys: ApiKeys::new(config.api_keys.clone()),
             watcher_ok_at: AtomicU64::new(0),
             watcher_max_lag: AtomicU64::new(0),
+            bundler_timeout: config.bundler_timeout,
             bundler: match &config.bundler_url {
                 None => None,
                 Some(url) => Some(

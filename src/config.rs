@@ -129,6 +129,10 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_BUNDLER_URL")]
     pub bundler_url: Option<String>,
 
+    /// How long gas estimation waits for the bundler; then the request fails (nothing signed).
+    #[arg(long, env = "SP_BUNDLER_TIMEOUT", default_value = "10s", value_parser = humantime::parse_duration)]
+    pub bundler_timeout: Duration,
+
     /// Largest JSON-RPC request body, in bytes (larger ones get a JSON-RPC error, HTTP 413).
     #[arg(long, env = "SP_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
@@ -170,6 +174,8 @@ pub struct Config {
     pub rate_per_key: Option<Rate>,
     /// Bundler for gas estimation.
     pub bundler_url: Option<String>,
+    /// How long estimation waits for the bundler.
+    pub bundler_timeout: Duration,
     /// Redis for session grants; `None`: in memory.
     pub redis_url: Option<String>,
     /// Redis timeout.
@@ -208,6 +214,7 @@ impl From<&ServeArgs> for Config {
             api_keys: args.api_keys.clone(),
             rate_per_key: args.rate_per_key,
             bundler_url: args.bundler_url.clone(),
+            bundler_timeout: args.bundler_timeout,
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
             admin_token_sha256: args.admin_token_sha256,
@@ -381,6 +388,10 @@ impl ServeArgs {
                 s(format!("{}/{}", r.count, humantime::format_duration(r.per))),
             );
         }
+        put(
+            "bundler_timeout",
+            s(humantime::format_duration(self.bundler_timeout).to_string()),
+        );
         if let Some(u) = &self.bundler_url {
             put("bundler_url", s(mask_url(u)));
         }

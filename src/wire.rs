@@ -137,6 +137,18 @@ pub fn required<'a>(obj: &'a Map<String, Value>, field: &str) -> Result<&'a Valu
     optional(obj, field).ok_or_else(|| FieldError::Missing(field.to_owned()))
 }
 
+/// Most characters of a client's own text echoed back in an error.
+pub const ECHO_MAX_CHARS: usize = 64;
+
+/// A client's text as errors echo it: at most [`ECHO_MAX_CHARS`] characters, so an answer never
+/// grows with what was sent (a 100 KiB policy id or method name).
+pub fn echo(text: &str) -> String {
+    match text.char_indices().nth(ECHO_MAX_CHARS) {
+        Some((cut, _)) => format!("{}…", &text[..cut]),
+        None => text.to_owned(),
+    }
+}
+
 /// Format a number as a QUANTITY (`0x0`, `0x1a`), as JSON-RPC results carry them.
 pub fn to_quantity(n: impl std::fmt::LowerHex) -> String {
     format!("{n:#x}")

@@ -88,6 +88,7 @@ impl RpcError {
 
     /// `-32601`.
     pub fn method_not_found(method: &str) -> Self {
+        let method = crate::wire::echo(method);
         Self {
             data: Some(json!({ "method": method })),
             ..Self::new(METHOD_NOT_FOUND, format!("method `{method}` not found"))

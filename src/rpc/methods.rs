@@ -15,6 +15,9 @@ use crate::userop::UserOperation;
 use crate::userop::v0_7::PaymasterFields;
 use crate::wire::{self, FieldError, to_quantity};
 
+/// Most policy ids one `pm_validateSponsorshipPolicies` call may name (each is a full check).
+pub(crate) const MAX_VALIDATE_POLICIES: usize = 20;
+
 /// Run `method` with `params`; `request_id` tags internal errors.
 pub(crate) async fn call(
     state: &AppState,
@@ -66,7 +69,7 @@ pub(crate) async fn call(
             };
             Ok(paymaster_fields(&sponsor(state, req, request_id).await?))
         }
-        "pm_getSessionStatus" => session_status(state, params, request_id).await,
+        "pm_getSessionStatus" => session_status(state, key, params, request_id).await,
         "pm_validateSponsorshipPolicies" => {
             // Pimlico's method: which of the named policies would sponsor this operation.
             let (op, entry_point) = op_and_entry_point(params)?;
@@ -75,12 +78,30 @@ pub(crate) async fn call(
                 .ok_or_else(|| {
                     FieldError::invalid("sponsorshipPolicyIds", "expected an array of policy ids")
                 })?;
+            if ids.len() > MAX_VALIDATE_POLICIES {
+                return Err(FieldError::invalid(
+                    "sponsorshipPolicyIds",
+                    format!("at most {MAX_VALIDATE_POLICIES} ids per call"),
+                )
+                .into());
+            }
             let policies = state.sponsor.policies();
             let mut willing = Vec::new();
-            for id in ids {
+            for (i, id) in ids.iter().enumerate() {
                 let id = id.as_str().ok_or_else(|| {
                     FieldError::invalid("sponsorshipPolicyIds", "expected strings")
                 })?;
+                // Each id is a full check: each counts against the key's rate, as a call would
+                // (the first was counted with the call itself).
+                if i > 0
+                    && let Some(k) = key
+                {
+                    state
+                        .sponsor
+                        .limits()
+                        .check_api_key(&k.name)
+                        .map_err(|l| RpcError::rate_limited(&l))?;
+                }
                 let context = RequestContext {
                     sponsorship_policy_id: Some(id.to_owned()),
                     ..RequestContext::default()
@@ -116,19 +137,23 @@ pub(crate) async fn call(
     }
 }
 
-/// `[sessionId]` → the grant's status, window, policy and effective permissions.
+/// `[sessionId]` → the grant's status, window, policy and effective permissions. A session under
+/// a policy the API key may not use is, to that key, no session at all.
 async fn session_status(
     state: &AppState,
+    key: Option<&ApiKey>,
     params: &[Value],
     request_id: &str,
 ) -> Result<Value, RpcError> {
     let id = wire::bytes32("sessionId", param(params, 0, "sessionId")?)?;
+    let allowed = key.and_then(|k| k.policies.as_deref());
     let grant = state
         .sponsor
         .sessions()
         .get(id)
         .await
         .map_err(|e| RpcError::from_sponsor(e.into(), request_id, &[]))?
+        .filter(|g| allowed.is_none_or(|ids| ids.contains(&g.policy)))
         .ok_or_else(|| {
             RpcError::from_sponsor(
                 SponsorError::Rejected(Rejection::new(
@@ -236,24 +261,32 @@ async fn estimate_gas(
         gas: stub.gas,
         data: stub.data.encode(),
     });
-    let estimate: Value = bundler
-        .request(
+    let estimate = tokio::time::timeout(
+        state.bundler_timeout,
+        bundler.request::<_, Value>(
             "eth_estimateUserOperationGas",
             (probe.to_json(), entry_point),
-        )
-        .await
-        .map_err(|e| {
-            let reason = e
-                .as_error_resp()
-                .map_or_else(|| e.to_string(), |p| p.message.to_string());
-            RpcError {
-                data: Some(json!({ "reason": "estimation_failed", "detail": reason })),
-                ..RpcError::new(
-                    super::error::REJECTED,
-                    "gas estimation by the bundler failed",
-                )
-            }
-        })?;
+        ),
+    )
+    .await
+    .unwrap_or_else(|_| {
+        Err(alloy::transports::TransportErrorKind::custom_str(&format!(
+            "no answer within {:?}",
+            state.bundler_timeout
+        )))
+    });
+    let estimate: Value = estimate.map_err(|e| {
+        let reason = e
+            .as_error_resp()
+            .map_or_else(|| e.to_string(), |p| p.message.to_string());
+        RpcError {
+            data: Some(json!({ "reason": Reason::EstimationFailed.as_str(), "detail": reason })),
+            ..RpcError::new(
+                super::error::REJECTED,
+                "gas estimation by the bundler failed",
+            )
+        }
+    })?;
     let quantity = |field: &str, bits| -> Result<U256, RpcError> {
         let v = estimate.get(field).ok_or_else(|| {
             RpcError::internal(request_id, &format!("bundler estimate lacks {field}"))

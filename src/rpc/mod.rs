@@ -13,7 +13,9 @@ use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
 use tracing::Instrument;
 
-use self::error::{INVALID_REQUEST, PARSE_ERROR, RATE_LIMITED, RpcError, UNAUTHORIZED};
+use self::error::{
+    INVALID_PARAMS, INVALID_REQUEST, PARSE_ERROR, RATE_LIMITED, RpcError, UNAUTHORIZED,
+};
 use crate::apikey::ApiKey;
 use crate::app::AppState;
 
@@ -161,7 +163,19 @@ async fn handle_call(
     let params: &[Value] = match obj.get("params") {
         None | Some(Value::Null) => &[],
         Some(Value::Array(p)) => p,
-        Some(_) => return invalid(reply_id, "`params` must be an array (positional)"),
+        // Named params are a valid JSON-RPC shape that these methods do not take.
+        Some(Value::Object(_)) => {
+            return id.map(|id| {
+                error_response(
+                    id,
+                    RpcError::new(
+                        INVALID_PARAMS,
+                        "invalid params: these methods take positional params (an array)",
+                    ),
+                )
+            });
+        }
+        Some(_) => return invalid(reply_id, "`params` must be an array or an object"),
     };
     let started = std::time::Instant::now();
     let outcome = match key.map(|k| state.sponsor.limits().check_api_key(&k.name)) {

@@ -83,11 +83,13 @@ pub enum Reason {
     BudgetExhausted,
     /// Policy and context leave no time for the signature to be valid.
     EmptyValidityWindow,
+    /// The bundler could not estimate the operation's gas (it refused, or did not answer).
+    EstimationFailed,
 }
 
 impl Reason {
     /// Every reason, in docs order.
-    pub const ALL: [Self; 38] = [
+    pub const ALL: [Self; 39] = [
         Self::UnknownAccountCall,
         Self::MalformedCalldata,
         Self::NoCalls,
@@ -126,6 +128,7 @@ impl Reason {
         Self::NoMatchingPolicy,
         Self::BudgetExhausted,
         Self::EmptyValidityWindow,
+        Self::EstimationFailed,
     ];
 
     /// The wire name.
@@ -169,6 +172,7 @@ impl Reason {
             Self::NoMatchingPolicy => "no_matching_policy",
             Self::BudgetExhausted => "budget_exhausted",
             Self::EmptyValidityWindow => "empty_validity_window",
+            Self::EstimationFailed => "estimation_failed",
         }
     }
 }

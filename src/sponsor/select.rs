@@ -18,14 +18,24 @@ pub(super) fn choose<'p>(
     let named = req.context.sponsorship_policy_id.as_deref();
     let policy = match (grant, named) {
         (Some(grant), _) => {
-            let policy = session_policy(policies, grant, named, ctx.chain_id)?;
-            check_allowed(policy, req.allowed_policies)?;
-            policy
+            // Another tenant's session is, to this API key, no session at all.
+            if req
+                .allowed_policies
+                .is_some_and(|ids| !ids.contains(&grant.policy))
+            {
+                return Err(Rejection::new(
+                    Reason::SessionNotFound,
+                    "context.sessionId",
+                    format!("no session {}", grant.session_id),
+                )
+                .into());
+            }
+            session_policy(policies, grant, named, ctx.chain_id)?
         }
         (None, Some(id)) => {
             let policy = policies
                 .get(id)
-                .ok_or_else(|| SponsorError::UnknownPolicy(id.to_owned()))?;
+                .ok_or_else(|| SponsorError::UnknownPolicy(crate::wire::echo(id)))?;
             check_allowed(policy, req.allowed_policies)?;
             if policy.require_session {
                 return Err(Rejection::new(

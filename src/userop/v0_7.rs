@@ -133,6 +133,11 @@ impl UserOperation {
                 }
             }
         };
+        // EIP-7702 operations are refused (see `factory`); an authorization that is not even an
+        // object is a malformed request, not a field to ignore.
+        if wire::optional(obj, "eip7702Auth").is_some_and(|v| !v.is_object()) {
+            return Err(FieldError::invalid("eip7702Auth", "expected an object"));
+        }
         let factory_data = data("factoryData")?;
         if factory.is_none() && !factory_data.is_empty() {
             return Err(FieldError::invalid("factoryData", "set without `factory`"));
@@ -424,6 +429,7 @@ mod tests {
             ("maxFeePerGas", json!(format!("0x1{}", "0".repeat(32)))),
             ("factory", json!("0x7702")),
             ("paymaster", json!("0x")),
+            ("eip7702Auth", json!("0x1234")),
         ] {
             let mut v = sample();
             v[field] = bad;

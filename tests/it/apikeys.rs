@@ -125,3 +125,137 @@ async fn keyless_mode_refuses_to_listen_beyond_loopback() -> TestResult {
     );
     Ok(())
 }
+
+/// A key limited to some policies reads and uses nothing of the others: another tenant's
+/// session is no session to it (status, sponsorship, explanation), and neither explain nor
+/// validate shows another policy's rules.
+#[tokio::test]
+async fn a_key_reads_nothing_of_other_tenants() -> TestResult {
+    use crate::sessions::{create_session, grant_request};
+
+    let (shop_key, shop_cfg) = new_key("shop", "dev-counter")?;
+    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    c.api_keys = vec![shop_cfg.parse::<ApiKey>()?];
+    let app = TestApp::spawn(c).await?;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let account = Address::repeat_byte(0x11);
+    let session = create_session(
+        &app,
+        grant_request(account, Address::repeat_byte(0x12), "game-moves"),
+    )
+    .await?;
+    let call = |method: &str, params: Value| json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
+
+    let (_, v) = post(
+        &app.url,
+        Some(&shop_key),
+        &call("pm_getSessionStatus", json!([session])),
+    )
+    .await?;
+    assert_eq!(
+        v["error"]["data"]["reason"],
+        json!("session_not_found"),
+        "{v}"
+    );
+    assert!(v.get("result").is_none(), "{v}");
+    for method in ["pm_sponsorUserOperation", "pm_explainSponsorship"] {
+        let (_, v) = post(
+            &app.url,
+            Some(&shop_key),
+            &call(method, json!([op_json(), ep, { "sessionId": session }])),
+        )
+        .await?;
+        let text = v.to_string();
+        assert!(text.contains("session_not_found"), "{method}: {v}");
+        assert!(
+            !text.contains("game-moves"),
+            "{method} names the other tenant's policy: {v}"
+        );
+    }
+    let (_, v) = post(
+        &app.url,
+        Some(&shop_key),
+        &call(
+            "pm_explainSponsorship",
+            json!([op_json(), ep, { "sponsorshipPolicyId": "game-moves" }]),
+        ),
+    )
+    .await?;
+    assert_eq!(
+        v["result"]["rejection"]["reason"],
+        json!("policy_not_allowed"),
+        "{v}"
+    );
+    assert_eq!(
+        v["result"]["checks"],
+        json!([]),
+        "no rule of another policy shown: {v}"
+    );
+    let (_, v) = post(
+        &app.url,
+        Some(&shop_key),
+        &call(
+            "pm_validateSponsorshipPolicies",
+            json!([op_json(), ep, ["game-moves", "dev-counter"]]),
+        ),
+    )
+    .await?;
+    assert_eq!(v["result"].as_array().map(Vec::len), Some(1), "{v}");
+    assert_eq!(v["result"][0]["sponsorshipPolicyId"], json!("dev-counter"));
+    Ok(())
+}
+
+/// `pm_validateSponsorshipPolicies` runs one full check per id: the list is capped, and every id
+/// counts against the key's rate as a call would.
+#[tokio::test]
+async fn validating_many_policies_costs_as_many_calls() -> TestResult {
+    use session_paymaster::policy::Rate;
+
+    let (key, cfg) = new_key("shop", "")?;
+    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    c.api_keys = vec![cfg.parse::<ApiKey>()?];
+    c.rate_per_key = Some(Rate {
+        count: 5,
+        per: std::time::Duration::from_secs(3600),
+    });
+    let app = TestApp::spawn(c).await?;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let validate = |ids: Vec<String>| json!({ "jsonrpc": "2.0", "id": 1, "method": "pm_validateSponsorshipPolicies", "params": [op_json(), ep, ids] });
+    let (_, v) = post(
+        &app.url,
+        Some(&key),
+        &validate(vec!["dev-counter".into(); 21]),
+    )
+    .await?;
+    assert_eq!(
+        (
+            v["error"]["code"].clone(),
+            v["error"]["data"]["field"].clone()
+        ),
+        (json!(-32602), json!("sponsorshipPolicyIds")),
+        "{v}"
+    );
+    let (_, v) = post(
+        &app.url,
+        Some(&key),
+        &validate(vec!["dev-counter".into(); 4]),
+    )
+    .await?;
+    assert_eq!(
+        v["result"].as_array().map(Vec::len),
+        Some(4),
+        "four of five: {v}"
+    );
+    let (status, v) = post(
+        &app.url,
+        Some(&key),
+        &validate(vec!["dev-counter".into(); 2]),
+    )
+    .await?;
+    assert_eq!(
+        (status, v["error"]["data"]["reason"].clone()),
+        (429, json!("rate_limited")),
+        "{v}"
+    );
+    Ok(())
+}

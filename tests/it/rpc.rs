@@ -334,6 +334,48 @@ async fn invalid_params_name_the_field() -> TestResult {
     Ok(())
 }
 
+/// An error echoes at most a short prefix of what the client sent: a 100 KiB policy id or
+/// method name does not come back whole (it made a 205 KB answer).
+#[tokio::test]
+async fn errors_echo_a_short_prefix_of_client_text() -> TestResult {
+    let app = app().await?;
+    let huge = "p".repeat(100 * 1024);
+    let err = app
+        .error(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), { "sponsorshipPolicyId": huge }]),
+        )
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("unknown_policy"), "{err}");
+    assert!(
+        err.to_string().len() < 1024,
+        "{} bytes",
+        err.to_string().len()
+    );
+    let body = json!({ "jsonrpc": "2.0", "id": 1, "method": format!("pm_{huge}"), "params": [] });
+    let (_, v) = app.post(&body.to_string()).await?;
+    assert_eq!(v["error"]["code"], json!(-32601));
+    assert!(v.to_string().len() < 1024, "{} bytes", v.to_string().len());
+    Ok(())
+}
+
+/// `eip7702Auth` that is not an object is a malformed request, not a field to ignore.
+#[tokio::test]
+async fn a_malformed_eip7702_auth_is_invalid_params() -> TestResult {
+    let app = app().await?;
+    let mut bad = op();
+    bad["eip7702Auth"] = json!("0x01");
+    let err = app
+        .error("pm_sponsorUserOperation", json!([bad, ep07()]))
+        .await?;
+    assert_eq!(
+        (err["code"].clone(), err["data"]["field"].clone()),
+        (json!(-32602), json!("eip7702Auth")),
+        "{err}"
+    );
+    Ok(())
+}
+
 #[tokio::test]
 async fn json_rpc_envelope_errors_and_batches() -> TestResult {
     let app = app().await?;
@@ -352,8 +394,16 @@ async fn json_rpc_envelope_errors_and_batches() -> TestResult {
     );
     let (_, v) = app.post("[]").await?;
     assert_eq!(v["error"]["code"], json!(-32600));
+    // Named params are a valid JSON-RPC shape these methods do not take: invalid params.
     let (_, v) = app
         .post(r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":{}}"#)
+        .await?;
+    assert_eq!(
+        (v["error"]["code"].clone(), v["id"].clone()),
+        (json!(-32602), json!(1))
+    );
+    let (_, v) = app
+        .post(r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":"x"}"#)
         .await?;
     assert_eq!(v["error"]["code"], json!(-32600));
 
@@ -592,5 +642,39 @@ async fn internal_errors_answer_a_request_id_only() -> TestResult {
         "nothing but the request id: {err}"
     );
     assert!(!err.to_string().contains("preVerificationGas") && !err.to_string().contains("secret"));
+    Ok(())
+}
+
+/// A bundler that accepts the connection and never answers does not hold the request (nor its
+/// task) forever: estimation gives up after `--bundler-timeout`, nothing signed.
+#[tokio::test]
+async fn a_silent_bundler_times_out() -> TestResult {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bundler_url = format!("http://{}", listener.local_addr()?);
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            held.push(socket);
+        }
+    });
+    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    c.bundler_url = Some(bundler_url);
+    c.bundler_timeout = std::time::Duration::from_millis(300);
+    let app = TestApp::spawn(c).await?;
+    let mut unestimated = op();
+    unestimated
+        .as_object_mut()
+        .map(|o| o.remove("callGasLimit"));
+    let started = std::time::Instant::now();
+    let err = app
+        .error("pm_sponsorUserOperation", json!([unestimated, ep07()]))
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("estimation_failed"), "{err}");
+    assert!(
+        started.elapsed() < std::time::Duration::from_secs(5),
+        "{:?}",
+        started.elapsed()
+    );
+    silent.abort();
     Ok(())
 }
