@@ -18,10 +18,12 @@
 //! - [`metrics`]: Prometheus metrics (`/metrics`).
 //! - [`policy`]: policy files, calldata decoding, the checks, live and published sets.
 //! - [`ratelimit`]: rate limits per API key, sender and session (in memory, bounded).
+//! - [`rejection`]: why an operation is refused: the [`rejection::Reason`] enum, one wire
+//!   name and one docs row each.
 //! - [`rpc`]: JSON-RPC envelope, methods, and the one error-code table.
 //! - [`session`]: session grants, their stores (memory, Redis, the shared Redis connection).
 //! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing.
-//! - [`sponsor`]: one sponsorship from request to signature.
+//! - [`sponsor`]: one sponsorship from request to signature, as a pipeline of named steps.
 //! - [`userop`]: user operations (RPC and packed forms), hashes, paymaster data.
 //! - [`wire`]: strict parsing of JSON-RPC hex quantities, data and addresses.
 
@@ -34,6 +36,7 @@ pub mod ledger;
 pub mod metrics;
 pub mod policy;
 pub mod ratelimit;
+pub mod rejection;
 pub mod rpc;
 pub mod session;
 pub mod signer;

@@ -223,7 +223,7 @@ impl Watcher {
                     tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, settled = done.settled, "landed operation's hash matches none we reserved: settled every reservation of its nonce at its cost");
                 }
                 poll.settled += done.settled;
-                poll.superseded += done.released;
+                poll.superseded += done.superseded;
             }
             // The cursor moves only after the range's settlements are stored.
             self.cursor.set(to).await?;

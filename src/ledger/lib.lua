@@ -1,5 +1,5 @@
--- Shared by reserve.lua and settle.lua (prepended to each when loaded): uint256 amounts as
--- decimal strings, and closing one reservation record.
+-- Shared by reserve.lua, settle.lua and release.lua (prepended to each when loaded): uint256
+-- amounts as decimal strings, key lifetimes, and closing one reservation record.
 --
 -- Token amounts are uint256: they do not fit Redis integers or Lua numbers, so they are kept as
 -- decimal strings without leading zeros ("0" for zero) and added, subtracted and compared here.
@@ -52,6 +52,14 @@ local function dec_sub(a, b)
   return dec_trim(out)
 end
 
+-- Set a key's TTL to `ttl` seconds unless it already lives longer: a key shared by several
+-- records (a nonce's landing index) lives as long as the longest-lived of them.
+local function extend_ttl(key, ttl)
+  if redis.call('TTL', key) < tonumber(ttl) then
+    redis.call('EXPIRE', key, ttl)
+  end
+end
+
 local function lines(text)
   local out = {}
   for line in string.gmatch(text or '', '[^\n]+') do
@@ -75,13 +83,16 @@ local function close_record(record, open_key, mode, actual)
   end
   local delta = string.format('%d', actual - reserved)
   for _, scope in ipairs(lines(f[3])) do
-    redis.call('HINCRBY', scope, 'cost', delta)
-    redis.call('HINCRBY', scope, 'open', string.format('%d', -reserved))
-    if mode ~= 'settle' then
-      redis.call('HINCRBY', scope, 'ops', -1)
+    -- A counter whose window is over and forgotten is not brought back (with no TTL).
+    if redis.call('EXISTS', scope) == 1 then
+      redis.call('HINCRBY', scope, 'cost', delta)
+      redis.call('HINCRBY', scope, 'open', string.format('%d', -reserved))
+      if mode ~= 'settle' then
+        redis.call('HINCRBY', scope, 'ops', -1)
+      end
     end
   end
-  if mode ~= 'settle' and f[4] then
+  if mode ~= 'settle' and f[4] and redis.call('EXISTS', f[4]) == 1 then
     for _, entry in ipairs(lines(f[5])) do
       local field, amount = string.match(entry, '^(%S+) (%d+)$')
       local spent = redis.call('HGET', f[4], field) or '0'

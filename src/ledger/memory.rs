@@ -7,7 +7,8 @@ use std::sync::{Mutex, MutexGuard};
 use alloy::primitives::{Address, B256, U256};
 
 use super::{
-    Exhausted, Landing, Outcome, REFRESH_MARGIN_SECS, Reservation, Settled, SpendExceeded,
+    Exhausted, Landing, MAX_OPEN_PER_NONCE, Outcome, REFRESH_MARGIN_SECS, Reservation, Resource,
+    Settled, SpendExceeded,
 };
 use crate::userop::paymaster_data::PaymasterData;
 
@@ -53,7 +54,8 @@ struct Record {
     cost: u64,
     scopes: Vec<String>,
     answer: PaymasterData,
-    user_op_hash: B256,
+    /// The userOpHash of every answer the reservation was extended to.
+    user_op_hashes: Vec<B256>,
     session: Option<B256>,
     spend: Vec<(Address, U256)>,
     expires_at: u64,
@@ -84,29 +86,19 @@ impl MemoryLedger {
         let mut inner = self.lock();
         inner.prune(now);
         let key = (r.policy.clone(), r.op_key);
-        let existing = inner.reservations.get(&key).map(|rec| {
-            (
-                rec.state,
-                rec.answer.clone(),
-                rec.cost,
-                rec.scopes.clone(),
-                rec.spend.clone(),
-            )
-        });
-        // What a stored answer about to expire gives back when it is replaced below.
-        let (mut refund_cost, mut refund_ops, mut refund_scopes, mut refund_spend) =
-            (0, 0, Vec::new(), Vec::new());
-        match existing {
-            Some((State::Settled, answer, ..)) => return Outcome::Existing(answer),
-            Some((State::Open, answer, ..))
-                if answer.window.valid_until >= now.saturating_add(REFRESH_MARGIN_SECS) =>
+        let existing = inner
+            .reservations
+            .get(&key)
+            .map(|rec| (rec.state, rec.answer.clone()));
+        match &existing {
+            Some((State::Settled, answer)) => return Outcome::Existing(answer.clone()),
+            Some((State::Open, answer))
+                if answer.window.valid_until >= now.saturating_add(REFRESH_MARGIN_SECS)
+                    || answer.window.valid_until >= r.answer.window.valid_until =>
             {
-                return Outcome::Existing(answer);
+                return Outcome::Existing(answer.clone());
             }
-            Some((State::Open, _, cost, scopes, spend)) => {
-                (refund_cost, refund_ops, refund_scopes, refund_spend) = (cost, 1, scopes, spend);
-            }
-            Some((State::Released, ..)) | None => {}
+            _ => {}
         }
         let session = r.session.as_ref().map(|s| (r.policy.clone(), s.id));
         if let Some(state) = session.as_ref().and_then(|k| inner.sessions.get(k))
@@ -114,23 +106,42 @@ impl MemoryLedger {
         {
             return Outcome::SessionRevoked;
         }
+        if let Some((State::Open, _)) = existing {
+            // About to expire: extend this reservation to the fresh answer (see reserve.lua).
+            if !check_only && let Some(rec) = inner.reservations.get_mut(&key) {
+                rec.answer = r.answer.clone();
+                rec.user_op_hashes.push(r.user_op_hash);
+                rec.expires_at = rec.expires_at.max(r.expires_at);
+            }
+            return Outcome::Reserved;
+        }
+        let open = inner
+            .landings
+            .get(&(r.policy.clone(), r.landing_key))
+            .into_iter()
+            .flatten()
+            .filter(|op| **op != r.op_key)
+            .filter(|op| {
+                inner
+                    .reservations
+                    .get(&(r.policy.clone(), **op))
+                    .is_some_and(|rec| rec.state == State::Open)
+            })
+            .count();
+        if open >= MAX_OPEN_PER_NONCE {
+            return Outcome::NoncePending;
+        }
         for s in &r.scopes {
-            let Counter {
-                mut cost, mut ops, ..
-            } = inner
+            let Counter { cost, ops, .. } = inner
                 .counters
                 .get(&(r.policy.clone(), s.name.clone()))
                 .copied()
                 .unwrap_or_default();
-            if refund_scopes.contains(&s.name) {
-                cost = cost.saturating_sub(refund_cost);
-                ops = ops.saturating_sub(refund_ops);
-            }
-            let exhausted = |resource: &str, limit, used, requested| {
+            let exhausted = |resource, limit, used, requested| {
                 Outcome::Exhausted(Exhausted {
                     scope: s.name.clone(),
                     rule: s.rule.clone(),
-                    resource: resource.into(),
+                    resource,
                     limit,
                     used,
                     requested,
@@ -140,28 +151,19 @@ impl MemoryLedger {
                 .cost_limit
                 .filter(|&l| cost.saturating_add(r.cost_gwei) > l)
             {
-                return exhausted("cost", limit, cost, r.cost_gwei);
+                return exhausted(Resource::Cost, limit, cost, r.cost_gwei);
             }
             if let Some(limit) = s.ops_limit.filter(|&l| ops.saturating_add(1) > l) {
-                return exhausted("ops", limit, ops, 1);
+                return exhausted(Resource::Ops, limit, ops, 1);
             }
         }
         if let Some(charge) = &r.session {
-            let spent_now = |token: Address| {
-                let spent = session
-                    .as_ref()
-                    .and_then(|k| inner.sessions.get(k))
-                    .and_then(|s| s.spent.get(&token))
+            let spent = session.as_ref().and_then(|k| inner.sessions.get(k));
+            for t in &charge.spend {
+                let spent = spent
+                    .and_then(|s| s.spent.get(&t.token))
                     .copied()
                     .unwrap_or_default();
-                let refund = refund_spend
-                    .iter()
-                    .filter(|(t, _)| *t == token)
-                    .fold(U256::ZERO, |acc, (_, a)| acc.saturating_add(*a));
-                spent.saturating_sub(refund)
-            };
-            for t in &charge.spend {
-                let spent = spent_now(t.token);
                 if spent.saturating_add(t.amount) > t.limit {
                     return Outcome::SpendExceeded(SpendExceeded {
                         token: t.token,
@@ -175,9 +177,6 @@ impl MemoryLedger {
         }
         if check_only {
             return Outcome::Reserved;
-        }
-        if refund_ops > 0 {
-            inner.close(&key, None);
         }
         for s in &r.scopes {
             let c = inner
@@ -206,7 +205,7 @@ impl MemoryLedger {
                 cost: r.cost_gwei,
                 scopes: r.scopes.iter().map(|s| s.name.clone()).collect(),
                 answer: r.answer.clone(),
-                user_op_hash: r.user_op_hash,
+                user_op_hashes: vec![r.user_op_hash],
                 session: r.session.as_ref().map(|s| s.id),
                 spend,
                 expires_at: r.expires_at,
@@ -247,7 +246,7 @@ impl MemoryLedger {
                 inner
                     .reservations
                     .get(k)
-                    .is_some_and(|r| r.user_op_hash == landing.user_op_hash)
+                    .is_some_and(|r| r.user_op_hashes.contains(&landing.user_op_hash))
             })
             .cloned();
         let mut out = Settled {
@@ -258,7 +257,7 @@ impl MemoryLedger {
             if matched.as_ref().is_none_or(|m| m == k) {
                 out.settled += usize::from(inner.close(k, Some(landing.actual_gwei)));
             } else {
-                out.released += usize::from(inner.close(k, None));
+                out.superseded += usize::from(inner.close(k, None));
             }
         }
         out

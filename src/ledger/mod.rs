@@ -6,8 +6,8 @@
 //! gwei, never under-counts; budgets up to 9·10⁶ ether stay exact in Redis and Lua numbers).
 //! Periods are fixed UTC windows, `floor(now / period)`. A repeated request for the same
 //! operation returns the answer already signed for it and reserves nothing more, unless that
-//! signature expires within [`REFRESH_MARGIN_SECS`]: then the old reservation is released and a
-//! new one made in the same step.
+//! signature expires within [`REFRESH_MARGIN_SECS`]: then the reservation is extended to a
+//! fresh answer (never released while a signature of it is still valid).
 //!
 //! Under a session the same atomic step also refuses a revoked session (so a revocation that
 //! has answered is never followed by a signature) and records the operation's ERC-20 spending
@@ -67,10 +67,15 @@ pub struct Scope {
 }
 
 /// How long before its `validUntil` a stored answer is still handed out again. A repeat of an
-/// operation whose signature expires sooner gets a fresh window (and signature) instead: the old
-/// reservation is released and a new one made, in the same atomic step, so the operation is
-/// never reserved twice nor left unreserved.
+/// operation whose signature expires sooner gets a fresh answer instead (when that one is valid
+/// longer), and the reservation is extended to it in the same atomic step: one charge covers
+/// both signatures (they are for one nonce, which lands once), kept until the later expires.
 pub const REFRESH_MARGIN_SECS: u64 = 30;
+
+/// Most open reservations one (EntryPoint, sender, nonce) may have at once: only one of them
+/// can land, so more would only hold budget (variants of one operation with other fees or
+/// paymaster gas, made to tie up a session's or a sender's budget).
+pub const MAX_OPEN_PER_NONCE: usize = 4;
 
 /// A reservation request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -164,9 +169,42 @@ pub struct Settled {
     /// reservation of the nonce when none matches (over-count rather than forget a cost).
     pub settled: usize,
     /// Other reservations of the same nonce, released: they can never land now.
-    pub released: usize,
+    pub superseded: usize,
     /// Whether one reservation's userOpHash equals the event's.
     pub hash_matched: bool,
+}
+
+/// What a budget counts.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Resource {
+    /// Worst-case cost, gwei.
+    Cost,
+    /// Operations.
+    Ops,
+}
+
+impl Resource {
+    /// As the reservation script names it.
+    pub const fn as_str(self) -> &'static str {
+        match self {
+            Self::Cost => "cost",
+            Self::Ops => "ops",
+        }
+    }
+
+    /// As clients see it (`data.resource` of `budget_exhausted`).
+    pub const fn wire_name(self) -> &'static str {
+        match self {
+            Self::Cost => "costGwei",
+            Self::Ops => "ops",
+        }
+    }
+}
+
+impl std::fmt::Display for Resource {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str(self.as_str())
+    }
 }
 
 /// A budget that would be exceeded.
@@ -176,8 +214,8 @@ pub struct Exhausted {
     pub scope: String,
     /// Setting that decided.
     pub rule: String,
-    /// `cost` (gwei) or `ops`.
-    pub resource: String,
+    /// What ran out.
+    pub resource: Resource,
     /// The limit.
     pub limit: u64,
     /// Used so far.
@@ -200,6 +238,9 @@ pub enum Outcome {
     SessionRevoked,
     /// A session token cap would be exceeded: nothing changed.
     SpendExceeded(SpendExceeded),
+    /// The operation's nonce already has [`MAX_OPEN_PER_NONCE`] open reservations: nothing
+    /// changed.
+    NoncePending,
 }
 
 /// Where budgets are kept.

@@ -15,7 +15,7 @@ use std::collections::BTreeMap;
 use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
 
-use super::{Exhausted, Landing, Outcome, Reservation, Settled, SpendExceeded};
+use super::{Exhausted, Landing, Outcome, Reservation, Resource, Settled, SpendExceeded};
 use crate::session::StoreError;
 use crate::session::redis::RedisConn;
 use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
@@ -51,7 +51,7 @@ fn open_key(policy: &str) -> String {
     format!("sp:{{{policy}}}:open")
 }
 
-fn landing_key(policy: &str, landing: B256) -> String {
+fn landing_index_key(policy: &str, landing: B256) -> String {
     format!("sp:{{{policy}}}:landing:{landing}")
 }
 
@@ -91,7 +91,7 @@ impl RedisLedger {
         let record = op_key(&r.policy, r.op_key);
         let mut inv = self.reserve.key(&record);
         inv.key(open_key(&r.policy));
-        inv.key(landing_key(&r.policy, r.landing_key));
+        inv.key(landing_index_key(&r.policy, r.landing_key));
         match &r.session {
             Some(s) => inv.key(session_key(&r.policy, s.id)),
             None => inv.key(&record),
@@ -114,6 +114,7 @@ impl RedisLedger {
             .arg(r.user_op_hash.to_string())
             .arg(if r.session.is_some() { "1" } else { "0" })
             .arg(r.session.as_ref().map_or(1, |s| ttl(s.expires_at)))
+            .arg(super::MAX_OPEN_PER_NONCE)
             .arg(spend.len());
         for t in spend {
             inv.arg(spent_field(t.token))
@@ -132,14 +133,9 @@ impl RedisLedger {
             redis::from_redis_value(reply.get(i).cloned().unwrap_or(redis::Value::Nil))
                 .map_err(unavailable)
         };
-        let number = |i: usize| -> Result<u64, StoreError> {
-            // Lua numbers come back as decimal strings (tostring), possibly with an exponent
-            // for very large values: parse through f64 only as a fallback.
-            let t = text(i)?;
-            t.parse::<u64>()
-                .or_else(|_| t.parse::<f64>().map(|f| f as u64))
-                .map_err(unavailable)
-        };
+        // The script returns numbers as decimal strings written with %d.
+        let number =
+            |i: usize| -> Result<u64, StoreError> { text(i)?.parse::<u64>().map_err(unavailable) };
         let amount = |i: usize| -> Result<U256, StoreError> {
             U256::from_str_radix(&text(i)?, 10).map_err(unavailable)
         };
@@ -170,13 +166,18 @@ impl RedisLedger {
                 Ok(Outcome::Exhausted(Exhausted {
                     scope,
                     rule,
-                    resource: text(2)?,
+                    resource: match text(2)?.as_str() {
+                        "cost" => Resource::Cost,
+                        "ops" => Resource::Ops,
+                        other => return Err(unavailable(format!("reserve.lua named `{other}`"))),
+                    },
                     limit: number(3)?,
                     used: number(4)?,
                     requested: number(5)?,
                 }))
             }
             3 => Ok(Outcome::SessionRevoked),
+            5 => Ok(Outcome::NoncePending),
             4 => {
                 let field = text(1)?;
                 let charge = spend
@@ -210,7 +211,7 @@ impl RedisLedger {
         for policy in policies {
             let found: i64 = self
                 .settle
-                .key(landing_key(policy, landing.landing_key))
+                .key(landing_index_key(policy, landing.landing_key))
                 .key(open_key(policy))
                 .arg("probe")
                 .arg(landing.user_op_hash.to_string())
@@ -223,9 +224,9 @@ impl RedisLedger {
             }
         }
         for policy in policies {
-            let (settled, released): (usize, usize) = self
+            let (settled, superseded): (usize, usize) = self
                 .settle
-                .key(landing_key(policy, landing.landing_key))
+                .key(landing_index_key(policy, landing.landing_key))
                 .key(open_key(policy))
                 .arg("settle")
                 .arg(landing.user_op_hash.to_string())
@@ -235,7 +236,7 @@ impl RedisLedger {
                 .await
                 .map_err(unavailable)?;
             out.settled += settled;
-            out.released += released;
+            out.superseded += superseded;
         }
         Ok(out)
     }

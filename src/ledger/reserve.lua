@@ -15,13 +15,14 @@
 -- ARGV[4]   validUntil of the signature (after it, the operation can no longer land)
 -- ARGV[5]   validAfter of the signature
 -- ARGV[6]   the signature (65 raw bytes): with the window, the answer a repeat gets
--- ARGV[7]   refresh bound: a stored answer whose validUntil is below it is not handed out
---           again (its reservation is released and a fresh one made)
+-- ARGV[7]   refresh bound: a stored answer whose validUntil is below it (and below the fresh
+--           one's) is not handed out again; the reservation is extended to the fresh answer
 -- ARGV[8]   the userOpHash we expect on chain
 -- ARGV[9]   "1" under a session
 -- ARGV[10]  session state TTL, seconds
--- ARGV[11]  number of token caps T
--- ARGV[12..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
+-- ARGV[11]  most open reservations one (EntryPoint, sender, nonce) may have
+-- ARGV[12]  number of token caps T
+-- ARGV[13..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 -- then      per scope, four values: cost limit (-1: none), ops limit (-1: none), TTL, name
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
@@ -29,14 +30,18 @@
 -- answer is still good (or it landed): nothing changes;
 -- {2, scope, resource, limit, used, requested} when a budget would be exceeded;
 -- {3} when the session is revoked; {4, field, limit, spent, requested} when a token cap would
--- be exceeded. Only {0} outside check-only mode changes anything.
--- Numbers of gwei stay below 2^53, exact in Lua; they are written back with %d, never as floats.
+-- be exceeded; {5, open} when the nonce already has that many open reservations.
+-- Only {0} outside check-only mode changes anything.
+-- Numbers of gwei stay below 2^53 (the caller refuses larger costs), exact in Lua; they are
+-- written back with %d, never as floats.
 local check_only = ARGV[1] == '1'
-local existing = redis.call('HMGET', KEYS[1], 'state', 'validUntil', 'validAfter', 'sig',
-  'cost', 'scopes', 'spend')
+local existing = redis.call('HMGET', KEYS[1], 'state', 'validUntil', 'validAfter', 'sig')
 local state = existing[1]
-if state == 'settled' or (state == 'open' and tonumber(existing[2]) >= tonumber(ARGV[7])) then
-  -- Landed (a repeat can change nothing), or still valid long enough: the same answer.
+local stored_until = tonumber(existing[2] or '0')
+if state == 'settled' or (state == 'open' and (stored_until >= tonumber(ARGV[7])
+    or stored_until >= tonumber(ARGV[4]))) then
+  -- Landed (a repeat can change nothing), still valid long enough, or valid longer than a
+  -- fresh answer would be: the same answer.
   return {1, existing[2], existing[3], existing[4]}
 end
 
@@ -45,20 +50,35 @@ if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
   return {3}
 end
 
--- An open answer about to expire is replaced below: its own cost, op and spending do not
--- count against the fresh one.
-local refund_cost, refund_ops, refund_spend, refund_scopes = 0, 0, {}, ''
 if state == 'open' then
-  refund_cost, refund_ops = tonumber(existing[5]), 1
-  refund_scopes = '\n' .. (existing[6] or '') .. '\n'
-  for _, entry in ipairs(lines(existing[7])) do
-    local field, amount = string.match(entry, '^(%S+) (%d+)$')
-    refund_spend[field] = amount
+  -- The stored answer is about to expire: extend this reservation to a fresh one. Both
+  -- signatures stay valid for a while, but they are for one operation and one nonce, so one
+  -- charge covers both; it is released only once the later has expired, and the event of
+  -- either settles it (the record keeps both hashes).
+  if check_only then
+    return {0}
   end
+  redis.call('HSET', KEYS[1], 'validUntil', ARGV[4], 'validAfter', ARGV[5], 'sig', ARGV[6],
+    'hash', redis.call('HGET', KEYS[1], 'hash') .. '\n' .. ARGV[8])
+  redis.call('ZADD', KEYS[2], ARGV[4], KEYS[1])
+  extend_ttl(KEYS[1], ARGV[3])
+  extend_ttl(KEYS[3], ARGV[3])
+  return {0}
 end
 
-local spend_count = tonumber(ARGV[11])
-local scope_base = 12 + spend_count * 3
+-- Only one reservation of a nonce can land: more open ones only hold budget.
+local open = 0
+for _, record in ipairs(redis.call('SMEMBERS', KEYS[3])) do
+  if record ~= KEYS[1] and redis.call('HGET', record, 'state') == 'open' then
+    open = open + 1
+  end
+end
+if open >= tonumber(ARGV[11]) then
+  return {5, string.format('%d', open)}
+end
+
+local spend_count = tonumber(ARGV[12])
+local scope_base = 13 + spend_count * 3
 local cost = tonumber(ARGV[2])
 for i = 5, #KEYS do
   local base = scope_base + (i - 5) * 4
@@ -67,9 +87,6 @@ for i = 5, #KEYS do
   local used = redis.call('HMGET', KEYS[i], 'cost', 'ops')
   local used_cost = tonumber(used[1] or '0')
   local used_ops = tonumber(used[2] or '0')
-  if refund_ops > 0 and string.find(refund_scopes, '\n' .. KEYS[i] .. '\n', 1, true) then
-    used_cost, used_ops = used_cost - refund_cost, used_ops - refund_ops
-  end
   if cost_limit >= 0 and used_cost + cost > cost_limit then
     return {2, ARGV[base + 3], 'cost', string.format('%d', cost_limit), string.format('%d', used_cost), ARGV[2]}
   end
@@ -80,8 +97,8 @@ end
 
 local totals = {}
 for t = 0, spend_count - 1 do
-  local field, amount, limit = ARGV[12 + t * 3], ARGV[13 + t * 3], ARGV[14 + t * 3]
-  local spent = dec_sub(redis.call('HGET', KEYS[4], field) or '0', refund_spend[field] or '0')
+  local field, amount, limit = ARGV[13 + t * 3], ARGV[14 + t * 3], ARGV[15 + t * 3]
+  local spent = redis.call('HGET', KEYS[4], field) or '0'
   local total = dec_add(spent, amount)
   if dec_cmp(total, limit) > 0 then
     return {4, field, limit, spent, amount}
@@ -91,10 +108,6 @@ end
 
 if check_only then
   return {0}
-end
-
-if state == 'open' then
-  close_record(KEYS[1], KEYS[2], 'release', 0)
 end
 
 local scopes = {}
@@ -107,6 +120,7 @@ for i = 5, #KEYS do
   scopes[#scopes + 1] = KEYS[i]
 end
 if state then
+  -- A released record (its signature expired unused): this is a new reservation.
   redis.call('DEL', KEYS[1])
 end
 redis.call('HSET', KEYS[1], 'state', 'open', 'cost', ARGV[2], 'validUntil', ARGV[4],
@@ -114,8 +128,6 @@ redis.call('HSET', KEYS[1], 'state', 'open', 'cost', ARGV[2], 'validUntil', ARGV
 if session then
   local spend_lines = {}
   for _, t in ipairs(totals) do
-    -- The total was computed above net of a replaced answer's refund, which close_record has
-    -- now given back: the stored total is exactly it.
     redis.call('HSET', KEYS[4], t[1], t[3])
     spend_lines[#spend_lines + 1] = t[1] .. ' ' .. t[2]
   end
@@ -125,5 +137,5 @@ end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], KEYS[1])
 redis.call('SADD', KEYS[3], KEYS[1])
-redis.call('EXPIRE', KEYS[3], ARGV[3])
+extend_ttl(KEYS[3], ARGV[3])
 return {0}

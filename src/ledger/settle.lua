@@ -24,8 +24,11 @@ for _, record in ipairs(redis.call('SMEMBERS', KEYS[1])) do
   local f = redis.call('HMGET', record, 'state', 'hash')
   if f[1] == 'open' then
     open[#open + 1] = record
-    if f[2] == ARGV[2] then
-      match = record
+    -- `hash` lists the userOpHash of every answer the record was extended to.
+    for _, hash in ipairs(lines(f[2])) do
+      if hash == ARGV[2] then
+        match = record
+      end
     end
   end
 end

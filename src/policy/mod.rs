@@ -16,7 +16,7 @@ use std::time::Duration;
 use alloy::primitives::{Address, B256, FixedBytes, U256};
 
 use self::calldata::{Call, CallKind};
-use crate::sponsor::{Reason, Rejection};
+use crate::rejection::{Reason, Rejection};
 use crate::userop::{EntryPointVersion, UserOperation};
 
 /// A loaded, validated policy.

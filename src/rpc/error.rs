@@ -18,7 +18,7 @@
 
 use serde_json::{Value, json};
 
-use crate::sponsor::{Reason, SponsorError, rejection_fields};
+use crate::sponsor::SponsorError;
 use crate::wire::FieldError;
 
 /// JSON-RPC 2.0 parse error.
@@ -130,36 +130,19 @@ impl RpcError {
                 ),
                 ..Self::new(NOT_CONFIGURED, err.to_string())
             },
-            SponsorError::UnknownPolicy(_) => Self {
-                data: Some(
-                    json!({ "reason": Reason::UnknownPolicy.as_str(), "rule": "context.sponsorshipPolicyId", "detail": err.to_string() }),
-                ),
-                ..Self::new(REJECTED, err.to_string())
-            },
-            SponsorError::Rejected(r) => Self {
-                data: Some(rejection_fields(&r)),
-                ..Self::new(REJECTED, format!("sponsorship rejected: {}", r.reason))
-            },
+            SponsorError::Rejected(_) | SponsorError::BudgetExhausted(_) => {
+                let data = err.rejection_fields();
+                let reason = data
+                    .as_ref()
+                    .and_then(|d| d["reason"].as_str())
+                    .unwrap_or_default()
+                    .to_owned();
+                Self {
+                    data,
+                    ..Self::new(REJECTED, format!("sponsorship rejected: {reason}"))
+                }
+            }
             SponsorError::RateLimited(l) => Self::rate_limited(&l),
-            SponsorError::BudgetExhausted(e) => Self {
-                data: Some(json!({
-                    "reason": Reason::BudgetExhausted.as_str(),
-                    "rule": e.rule,
-                    "detail": format!("{} {} limit {} reached (used {}, this operation {})", e.scope, e.resource, e.limit, e.used, e.requested),
-                    "scope": e.scope,
-                    "resource": if e.resource == "cost" { "costGwei" } else { "ops" },
-                    "limit": e.limit,
-                    "used": e.used,
-                    "requested": e.requested,
-                })),
-                ..Self::new(REJECTED, "sponsorship rejected: budget_exhausted")
-            },
-            SponsorError::Window(e) => Self {
-                data: Some(
-                    json!({ "reason": Reason::EmptyValidityWindow.as_str(), "rule": "validity", "detail": e.to_string() }),
-                ),
-                ..Self::new(REJECTED, "sponsorship rejected: empty_validity_window")
-            },
             SponsorError::Signer(e) => Self::internal(request_id, &e),
             SponsorError::Store(e) => {
                 tracing::warn!(request_id, error = %e, "failing closed");

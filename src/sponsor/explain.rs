@@ -88,10 +88,7 @@ impl Trace {
             Err(e) => {
                 out["decision"] = json!("rejected");
                 out["error"] = json!(e.to_string());
-                out["rejection"] = match &e {
-                    SponsorError::Rejected(r) => rejection_fields(r),
-                    _ => Value::Null,
-                };
+                out["rejection"] = e.rejection_fields().unwrap_or(Value::Null);
             }
         }
         out

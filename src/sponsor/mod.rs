@@ -8,19 +8,19 @@
 //!    and its rules ([`rules`]).
 //! 4. [`session`] again: the grant's own checks (narrowing the policy) and its proof.
 //! 5. [`window`]: the signature's validity window.
-//! 6. [`admit`]: rate limits (signed sponsorships only).
+//! 6. [`rate`]: rate limits (signed sponsorships only). Before the reservation, so a limited
+//!    request changes no budget or token total; a repeat of an operation counts as a call.
 //! 7. [`sign`]: the paymaster signature (before the reservation, which records the userOpHash
 //!    that covers it).
 //! 8. [`reserve`]: one atomic ledger step: idempotency, the session's status and token caps,
 //!    the worst case in every budget scope. The signature leaves the process only if this
 //!    step took the reservation (or found the one made for the same operation).
 //!
-//! Refusals carry a [`Reason`] ([`rejection`]). No chain RPC anywhere.
+//! Refusals carry a [`Reason`] ([`crate::rejection`]). No chain RPC anywhere.
 
-mod admit;
 mod decode;
 mod explain;
-pub mod rejection;
+mod rate;
 mod reserve;
 mod rules;
 mod select;
@@ -33,18 +33,17 @@ use std::sync::Arc;
 use alloy::primitives::{Address, B256, Bytes};
 use serde_json::Value;
 
-pub use self::rejection::{Reason, Rejection};
-pub use self::reserve::idempotency_key;
 pub use self::window::VALID_AFTER_SKEW_SECS;
 use crate::config::EntryPointConfig;
 use crate::ledger::{Exhausted, GRACE_SECS, Ledger};
 use crate::metrics::Metrics;
-use crate::policy::PolicySet;
 use crate::policy::live::LivePolicies;
+use crate::policy::{Policy, PolicySet};
 use crate::ratelimit::{Limited, RateLimits};
+pub use crate::rejection::{Reason, Rejection};
 use crate::session::{SessionGrant, SessionStore, StoreError};
 use crate::signer::{Signer, SignerError};
-use crate::userop::paymaster_data::{PaymasterData, PaymasterDataError, PaymasterGas};
+use crate::userop::paymaster_data::{PaymasterData, PaymasterGas, ValidityWindow};
 use crate::userop::{EntryPointVersion, UserOperation};
 use crate::wire::{self, FieldError};
 use explain::Trace;
@@ -188,15 +187,9 @@ pub enum SponsorError {
     /// We serve the EntryPoint but have no paymaster deployed for it.
     #[error("no paymaster is configured for EntryPoint v{0}")]
     PaymasterNotConfigured(EntryPointVersion),
-    /// `sponsorshipPolicyId` names no loaded policy.
-    #[error("unknown sponsorship policy `{0}`")]
-    UnknownPolicy(String),
     /// A step of the pipeline refused the operation.
     #[error("{}: {}", .0.reason, .0.detail)]
     Rejected(Rejection),
-    /// The window computed from policy and context is empty.
-    #[error(transparent)]
-    Window(#[from] PaymasterDataError),
     /// The signer failed: internal.
     #[error(transparent)]
     Signer(#[from] SignerError),
@@ -209,6 +202,28 @@ pub enum SponsorError {
     /// The session store failed: nothing is signed; the client may retry.
     #[error(transparent)]
     Store(#[from] StoreError),
+}
+
+impl SponsorError {
+    /// How a refusal by a step of the pipeline is shown to clients: `error.data` of a -32003
+    /// answer and `rejection` of an explanation, `{reason, rule, detail, callIndex?}` (a budget
+    /// adds `scope, resource, limit, used, requested`). `None` for errors that are not refusals.
+    pub fn rejection_fields(&self) -> Option<Value> {
+        match self {
+            Self::Rejected(r) => Some(rejection_fields(r)),
+            Self::BudgetExhausted(e) => Some(serde_json::json!({
+                "reason": Reason::BudgetExhausted.as_str(),
+                "rule": e.rule,
+                "detail": format!("{} {} limit {} reached (used {}, this operation {})", e.scope, e.resource, e.limit, e.used, e.requested),
+                "scope": e.scope,
+                "resource": e.resource.wire_name(),
+                "limit": e.limit,
+                "used": e.used,
+                "requested": e.requested,
+            })),
+            _ => None,
+        }
+    }
 }
 
 impl From<Rejection> for SponsorError {
@@ -316,7 +331,11 @@ impl Sponsor {
         req: SponsorRequest<'_>,
         now: u64,
     ) -> Result<Sponsorship, SponsorError> {
-        self.run(req, now, &mut Trace::off()).await
+        let run = match req.mode {
+            Mode::Final => Run::Sign,
+            Mode::Stub => Run::Stub,
+        };
+        self.run(req, now, run, &mut Trace::off()).await
     }
 
     /// What [`Self::sponsor`] would decide and why: the decoded calls, every check of every
@@ -324,7 +343,7 @@ impl Sponsor {
     /// checked, nothing is reserved or signed.
     pub async fn explain(&self, req: SponsorRequest<'_>, now: u64) -> Value {
         let mut trace = Trace::on();
-        let outcome = self.run(req, now, &mut trace).await;
+        let outcome = self.run(req, now, Run::Explain, &mut trace).await;
         trace.into_json(outcome)
     }
 
@@ -350,12 +369,13 @@ impl Sponsor {
         self.sessions.revoke(id).await
     }
 
-    /// The pipeline (module doc). With `trace` on (explain), every check is recorded, the
-    /// budgets are checked without reserving, and nothing is rate-limited or signed.
+    /// The pipeline (module doc), to the end `run` asks for; `trace` records what each step
+    /// found (explain).
     async fn run(
         &self,
         req: SponsorRequest<'_>,
         now: u64,
+        run: Run,
         trace: &mut Trace,
     ) -> Result<Sponsorship, SponsorError> {
         let decoded = decode::decode(self, req)?;
@@ -367,23 +387,16 @@ impl Sponsor {
         if let Some(grant) = &grant {
             session::check(grant, policy, req, &ctx, trace)?;
         }
-        let window = window::window(policy, grant.as_ref(), req.context, now)?;
-        let signing = req.mode == Mode::Final && !trace.is_on();
-        if signing {
-            admit::admit(self, policy, req)?;
-        }
-        let data = sign::sign(self, req, &decoded, window, signing)?;
-        let data = reserve::reserve(
-            self,
-            req,
-            &decoded,
+        let decision = Decision {
             policy,
-            grant.as_ref(),
-            data,
-            now,
-            !signing,
-        )
-        .await?;
+            grant: grant.as_ref(),
+            window: window::window(policy, grant.as_ref(), req.context, now)?,
+        };
+        if run == Run::Sign {
+            rate::check(self, policy, req)?;
+        }
+        let data = sign::sign(self, req, &decoded, decision.window, run)?;
+        let data = reserve::reserve(self, req, &decoded, &decision, data, now, run).await?;
         Ok(Sponsorship {
             paymaster: decoded.paymaster,
             gas: decoded.gas,
@@ -391,4 +404,23 @@ impl Sponsor {
             policy_id: policy.id.clone(),
         })
     }
+}
+
+/// How far a run goes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Run {
+    /// Every step; the signature is made and the reservation taken.
+    Sign,
+    /// Every check; stub data, budgets checked, nothing reserved (ERC-7677 stub, validate).
+    Stub,
+    /// As a stub, with every check recorded (`pm_explainSponsorship`).
+    Explain,
+}
+
+/// What steps 3 to 5 decided.
+#[derive(Debug)]
+struct Decision<'a> {
+    policy: &'a Policy,
+    grant: Option<&'a SessionGrant>,
+    window: ValidityWindow,
 }

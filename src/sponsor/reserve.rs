@@ -2,7 +2,8 @@
 //! section in memory): the answer already given for the same operation, if still valid long
 //! enough; the session's status (a revocation that has answered is never followed by a
 //! signature); the worst-case cost in every budget scope; the operation's ERC-20 spending
-//! against the session's caps. Stubs and explanations check and reserve nothing.
+//! against the session's caps. Stubs and explanations run the same step to check, and reserve
+//! nothing.
 
 use std::time::Instant;
 
@@ -10,11 +11,12 @@ use alloy::primitives::{Address, B256, U256, keccak256};
 use alloy::sol_types::SolValue;
 
 use super::decode::Decoded;
-use super::{Reason, Rejection, Sponsor, SponsorError, SponsorRequest};
+use super::{Decision, Reason, Rejection, Run, Sponsor, SponsorError, SponsorRequest};
 use crate::ledger::{
-    GRACE_SECS, Outcome, Reservation, Scope, SessionCharge, landing_key, wei_to_gwei_ceil,
-    wei_to_gwei_floor,
+    GRACE_SECS, MAX_OPEN_PER_NONCE, Outcome, Reservation, Scope, SessionCharge, TokenCharge,
+    landing_key, wei_to_gwei_ceil, wei_to_gwei_floor,
 };
+use crate::policy::calldata::Call;
 use crate::policy::{Budget, Policy};
 use crate::session::SessionGrant;
 use crate::userop::UserOperation;
@@ -22,23 +24,35 @@ use crate::userop::hash::user_op_hash;
 use crate::userop::paymaster_data::{PaymasterData, PaymasterGas};
 use crate::userop::v0_7::PaymasterFields;
 
+/// The largest cost (gwei) the ledger takes: its counters are exact integers in Lua below 2^53.
+/// Larger only comes from absurd gas fields under a policy without a cost cap.
+const MAX_COST_GWEI: u64 = (1 << 53) - 1;
+
 /// Reserve for the signed `data` and return what to answer: `data`, or, for a repeat of the
 /// same operation, the answer signed for it before.
-#[allow(clippy::too_many_arguments)]
 pub(super) async fn reserve(
     sponsor: &Sponsor,
     req: SponsorRequest<'_>,
     decoded: &Decoded,
-    policy: &Policy,
-    grant: Option<&SessionGrant>,
+    decision: &Decision<'_>,
     data: PaymasterData,
     now: u64,
-    check_only: bool,
+    run: Run,
 ) -> Result<PaymasterData, SponsorError> {
+    let Decision { policy, grant, .. } = *decision;
     let scopes = Sponsor::scopes(policy, grant, req.op.sender, now);
     // Without budgets and without a session there is nothing to count or to re-check.
     if scopes.is_empty() && grant.is_none() {
         return Ok(data);
+    }
+    let cost_gwei = wei_to_gwei_ceil(decoded.max_cost);
+    if cost_gwei > MAX_COST_GWEI {
+        return Err(Rejection::new(
+            Reason::CostTooHigh,
+            "budgets",
+            format!("a worst case of {cost_gwei} gwei is more than any budget counts"),
+        )
+        .into());
     }
     let reservation = Reservation {
         policy: policy.id.clone(),
@@ -61,15 +75,16 @@ pub(super) async fn reserve(
             sponsor.chain_id,
         ),
         answer: data.clone(),
-        cost_gwei: wei_to_gwei_ceil(decoded.max_cost),
+        cost_gwei,
         scopes,
         session: grant.map(|g| SessionCharge {
             id: g.session_id,
             expires_at: g.valid_until.saturating_add(GRACE_SECS),
-            spend: g.token_charges(&decoded.calls),
+            spend: token_charges(g, &decoded.calls),
         }),
         expires_at: data.window.valid_until.saturating_add(GRACE_SECS),
     };
+    let check_only = run != Run::Sign;
     let started = Instant::now();
     let outcome = sponsor.ledger.reserve(&reservation, check_only, now).await;
     sponsor.metrics.reserve_seconds.observe(started.elapsed());
@@ -94,7 +109,45 @@ pub(super) async fn reserve(
             ),
         )
         .into()),
+        Outcome::NoncePending => Err(Rejection::new(
+            Reason::NoncePending,
+            "ledger",
+            format!(
+                "sender {} already has {MAX_OPEN_PER_NONCE} sponsorships of nonce {} that may still land",
+                req.op.sender, req.op.nonce
+            ),
+        )
+        .into()),
     }
+}
+
+/// Per token the session caps, what these calls move or approve (summed over the calls;
+/// `check_op` has refused any other call to a capped token): what the ledger adds to the
+/// session's totals, against its cap. A token listed twice counts once, against the lower cap.
+fn token_charges(grant: &SessionGrant, calls: &[Call]) -> Vec<TokenCharge> {
+    let Some(perms) = &grant.permissions else {
+        return Vec::new();
+    };
+    let mut charges: Vec<TokenCharge> = Vec::new();
+    for (j, limit) in perms.spend.iter().enumerate() {
+        if let Some(c) = charges.iter_mut().find(|c| c.token == limit.token) {
+            c.limit = c.limit.min(limit.limit);
+            continue;
+        }
+        let amount = calls
+            .iter()
+            .filter(|c| c.target == limit.token)
+            .filter_map(Call::token_spend)
+            .fold(U256::ZERO, |acc, s| acc.saturating_add(s.amount));
+        charges.push(TokenCharge {
+            token: limit.token,
+            amount,
+            limit: limit.limit,
+            rule: format!("session.permissions.spend[{j}]"),
+        });
+    }
+    charges.retain(|c| !c.amount.is_zero());
+    charges
 }
 
 impl Sponsor {
@@ -162,7 +215,7 @@ impl Sponsor {
 
 /// Idempotency key of an operation (DESIGN §5): chain, EntryPoint, and the operation without
 /// its paymaster data and signature, but with the paymaster gas limits the answer commits to.
-pub fn idempotency_key(
+fn idempotency_key(
     chain_id: u64,
     entry_point: Address,
     op: &UserOperation,

@@ -33,9 +33,13 @@ pub(super) fn choose<'p>(
             session_policy(policies, grant, named, ctx.chain_id)?
         }
         (None, Some(id)) => {
-            let policy = policies
-                .get(id)
-                .ok_or_else(|| SponsorError::UnknownPolicy(crate::wire::echo(id)))?;
+            let policy = policies.get(id).ok_or_else(|| {
+                Rejection::new(
+                    Reason::UnknownPolicy,
+                    "context.sponsorshipPolicyId",
+                    format!("unknown sponsorship policy `{}`", crate::wire::echo(id)),
+                )
+            })?;
             check_allowed(policy, req.allowed_policies)?;
             if policy.require_session {
                 return Err(Rejection::new(

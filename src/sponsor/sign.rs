@@ -5,7 +5,7 @@
 use std::time::Instant;
 
 use super::decode::Decoded;
-use super::{Sponsor, SponsorError, SponsorRequest};
+use super::{Run, Sponsor, SponsorError, SponsorRequest};
 use crate::userop::hash::paymaster_hash;
 use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
 
@@ -14,9 +14,9 @@ pub(super) fn sign(
     req: SponsorRequest<'_>,
     decoded: &Decoded,
     window: ValidityWindow,
-    signing: bool,
+    run: Run,
 ) -> Result<PaymasterData, SponsorError> {
-    if !signing {
+    if run != Run::Sign {
         return Ok(PaymasterData::stub(window));
     }
     let hash = paymaster_hash(

@@ -2,7 +2,7 @@
 //! session's end, the policy's `active_until`, the context's `validForSeconds` and, under a
 //! policy that requires session proofs, the proof's deadline.
 
-use super::{RequestContext, SponsorError};
+use super::{Reason, Rejection, RequestContext, SponsorError};
 use crate::policy::Policy;
 use crate::session::SessionGrant;
 use crate::userop::paymaster_data::ValidityWindow;
@@ -33,8 +33,6 @@ pub(super) fn window(
     {
         valid_until = valid_until.min(deadline);
     }
-    Ok(ValidityWindow::new(
-        now.saturating_sub(VALID_AFTER_SKEW_SECS),
-        valid_until,
-    )?)
+    ValidityWindow::new(now.saturating_sub(VALID_AFTER_SKEW_SECS), valid_until)
+        .map_err(|e| Rejection::new(Reason::EmptyValidityWindow, "validity", e.to_string()).into())
 }

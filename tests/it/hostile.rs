@@ -1,8 +1,9 @@
 //! One test per attack, named after it (docs/security.md lists them with what the service does).
 //! Before its fix, each of these got an operation paid that no policy meant to pay, made the
-//! ledger forget a cost, or handed a client something unusable. Everything goes through the
-//! service's HTTP surface, with Redis (the atomic script is what must hold) and, for
-//! settlement, anvil with the real EntryPoint.
+//! ledger forget a cost, or handed a client something unusable. Requests go through the
+//! service's HTTP surface, with Redis where the atomic script is what must hold; settlement
+//! runs the watcher against anvil with the real EntryPoint; the revocation race, which HTTP
+//! cannot time, hands the ledger a grant read before the revocation.
 
 use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
 use alloy::signers::local::PrivateKeySigner;
@@ -167,7 +168,8 @@ async fn eip7702_marker_factory_is_refused() -> TestResult {
 /// a second sponsorship of the same nonce, stayed open and was released at expiry although a
 /// cost was paid. Now an event closes every reservation of its (EntryPoint, sender, nonce):
 /// the one it names is settled, the others released at once. (When no hash matches, every
-/// reservation of the nonce is settled at the event's cost: `ledger::landings_by_nonce`.)
+/// reservation of the nonce is settled at the event's cost: the ledger suite in
+/// tests/it/ledger.rs, `landings_by_nonce`, on memory, Redis and a Cluster.)
 #[tokio::test]
 async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
     use crate::e2e::{User, set_paymaster};
@@ -749,6 +751,8 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
         sponsor.ledger().reserve(&reservation, false, now).await?,
         Outcome::SessionRevoked
     );
+    // A request that starts after the revocation reads the revoked grant: refused too, but that
+    // alone would not show the race.
     let v = crate::hostile::sponsor(
         &app,
         &op.to_json(),
@@ -757,5 +761,98 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
     )
     .await?;
     assert_eq!(reason(&v), "session_revoked", "{v}");
+    Ok(())
+}
+
+/// Found in review: a repeat of an answer about to expire released its reservation (and could
+/// make a new one that expired first) while the first signature could still land, uncounted.
+/// The reservation is now extended to the fresh answer, and released only after every
+/// signature of it expired.
+#[tokio::test]
+async fn a_refreshed_answer_keeps_every_signature_of_it_reserved() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[budgeted_counter()]).await?;
+    let op = counter_op(SENDER, 11, "increment()").to_json();
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = |secs: u64| json!({ "sponsorshipPolicyId": "budgeted", "validForSeconds": secs });
+    let first = sponsor(&app, &op, ep07, ctx(29)).await?;
+    assert!(first["result"]["paymasterData"].is_string(), "{first}");
+    let shorter = sponsor(&app, &op, ep07, ctx(1)).await?;
+    assert_eq!(
+        shorter["result"], first["result"],
+        "a shorter answer is no refresh"
+    );
+    let fresh = sponsor(&app, &op, ep07, ctx(600)).await?;
+    assert_ne!(fresh["result"], first["result"], "a fresh answer");
+    let ledger = app.state.sponsor.ledger();
+    let scope = format!("policy:{}", unix_now() / 86_400);
+    assert_eq!(ledger.usage("budgeted", &scope).await?.1, 1, "counted once");
+    // A confirmed block past the first answer's end releases nothing: the fresh one is valid.
+    let policies = vec!["budgeted".to_owned()];
+    assert_eq!(ledger.release_expired(&policies, unix_now() + 35).await?, 0);
+    assert_eq!(ledger.usage("budgeted", &scope).await?.1, 1);
+    Ok(())
+}
+
+/// Found in review: variants of one operation (other fees, or other paymaster gas kept by the
+/// client) each reserved their worst case, though only one can land: one proof or one API key
+/// could tie up a whole budget. One nonce holds at most four open reservations.
+#[tokio::test]
+async fn variants_of_one_nonce_hold_a_bounded_budget() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[budgeted_counter()]).await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = json!({ "sponsorshipPolicyId": "budgeted" });
+    let variant = |tip: u64| {
+        let mut op = counter_op(SENDER, 12, "increment()").to_json();
+        op["maxPriorityFeePerGas"] = json!(format!("{tip:#x}"));
+        op
+    };
+    for tip in 1..=4 {
+        let v = sponsor(&app, &variant(tip), ep07, ctx.clone()).await?;
+        assert!(
+            v["result"]["paymasterData"].is_string(),
+            "variant {tip}: {v}"
+        );
+    }
+    let v = sponsor(&app, &variant(5), ep07, ctx.clone()).await?;
+    assert_eq!(reason(&v), "nonce_pending", "{v}");
+    let other_nonce = counter_op(SENDER, 13, "increment()").to_json();
+    assert!(sponsor(&app, &other_nonce, ep07, ctx).await?["result"].is_object());
+    Ok(())
+}
+
+/// Found in review: under a policy with op-count budgets but no cost cap, an absurd gas field
+/// made a worst case beyond what the ledger's counters hold (2^53 gwei); the next reservations
+/// of the scope then overflowed Redis integers and failed for the rest of the period.
+#[tokio::test]
+async fn an_absurd_worst_case_cannot_break_the_counters() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let policy = format!(
+        "id = \"ops-only\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+         [budgets]\npolicy = {{ ops = 100, period = \"1d\" }}\n\
+         [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
+    );
+    let (app, _dir) = app_with(&redis, &[("ops-only.toml".into(), policy)]).await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = json!({ "sponsorshipPolicyId": "ops-only" });
+    // 6·10^17 gas at 2 gwei: 1.2·10^18 gwei, past 2^53 and below 2^63.
+    let mut absurd = counter_op(SENDER, 14, "increment()").to_json();
+    absurd["preVerificationGas"] = json!(format!("{:#x}", 600_000_000_000_000_000u64));
+    let v = sponsor(&app, &absurd, ep07, ctx.clone()).await?;
+    assert_eq!(reason(&v), "cost_too_high", "{v}");
+    for nonce in 15..18 {
+        let v = sponsor(
+            &app,
+            &counter_op(SENDER, nonce, "increment()").to_json(),
+            ep07,
+            ctx.clone(),
+        )
+        .await?;
+        assert!(
+            v["result"]["paymasterData"].is_string(),
+            "the scope still works: {v}"
+        );
+    }
     Ok(())
 }

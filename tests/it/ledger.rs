@@ -10,8 +10,8 @@ use serde_json::{Value, json};
 use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::ledger::redis::RedisLedger;
 use session_paymaster::ledger::{
-    Exhausted, Landing, Ledger, Outcome, Reservation, Scope, SessionCharge, Settled, SpendExceeded,
-    TokenCharge,
+    Exhausted, Landing, Ledger, MAX_OPEN_PER_NONCE, Outcome, Reservation, Resource, Scope,
+    SessionCharge, Settled, SpendExceeded, TokenCharge,
 };
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::EntryPointVersion;
@@ -67,10 +67,10 @@ fn landing(op: u8, actual: u64) -> Landing {
     }
 }
 
-fn settled(settled: usize, released: usize, hash_matched: bool) -> Settled {
+fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     Settled {
         settled,
-        released,
+        superseded,
         hash_matched,
     }
 }
@@ -104,7 +104,7 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
         Outcome::Exhausted(Exhausted {
             scope: "sender".into(),
             rule: "p.budgets.sender".into(),
-            resource: "cost".into(),
+            resource: Resource::Cost,
             limit: 100,
             used: 60,
             requested: 41
@@ -278,45 +278,78 @@ async fn landings_by_nonce(ledger: &Ledger) -> TestResult {
     Ok(())
 }
 
-/// A repeat whose stored signature expires within the margin gets a fresh window: the old
-/// reservation is released and a new one made, in one step (counted once throughout).
+/// A repeat whose stored signature expires within the margin gets a fresh answer, and the
+/// reservation is extended to it: counted once, never released while either signature is
+/// valid, and settled by the event of either.
 async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
-    let short = |valid_until: u64| Reservation {
+    let policies = vec!["r".to_owned()];
+    let short = |valid_until: u64, hash: u8| Reservation {
         policy: "r".into(),
         answer: answer(30, valid_until),
+        user_op_hash: B256::repeat_byte(hash),
         ..reservation(30, 100, vec![scope("s", Some(150), Some(5))])
     };
     assert_eq!(
-        ledger.reserve(&short(NOW + 1), false, NOW).await?,
+        ledger.reserve(&short(NOW + 20, 0xa1), false, NOW).await?,
         Outcome::Reserved
     );
     let later = NOW + 3;
     assert_eq!(
-        ledger.reserve(&short(later + 600), false, later).await?,
+        ledger
+            .reserve(&short(later + 600, 0xa2), false, later)
+            .await?,
         Outcome::Reserved,
-        "expired: a fresh reservation, within a budget that holds only one"
+        "about to expire: a fresh answer, within a budget that holds only one"
     );
     assert_eq!(ledger.usage("r", "s").await?, (100, 1), "counted once");
     assert_eq!(
-        ledger.reserve(&short(later + 900), false, later).await?,
+        ledger
+            .reserve(&short(later + 900, 0xa3), false, later)
+            .await?,
         Outcome::Existing(answer(30, later + 600)),
         "valid long enough: the stored answer"
     );
-    // It lands: a repeat gets the stored answer, never a new reservation for a used nonce.
     assert_eq!(
-        ledger
-            .settle(&["r".to_owned()], &landing(30, 0))
-            .await?
-            .settled,
-        1
+        ledger.release_expired(&policies, NOW + 21).await?,
+        0,
+        "not released while the fresh signature is valid"
     );
+    // The first signature lands (before its validUntil): the reservation settles.
+    let first = Landing {
+        user_op_hash: B256::repeat_byte(0xa1),
+        ..landing(30, 7)
+    };
+    assert_eq!(ledger.settle(&policies, &first).await?, settled(1, 0, true));
     assert_eq!(
         ledger
-            .reserve(&short(later + 900), false, later + 700)
+            .reserve(&short(later + 900, 0xa3), false, later + 700)
             .await?,
-        Outcome::Existing(answer(30, later + 600))
+        Outcome::Existing(answer(30, later + 600)),
+        "landed: a repeat gets the stored answer, never a new reservation"
     );
-    assert_eq!(ledger.usage("r", "s").await?, (0, 1));
+    assert_eq!(ledger.usage("r", "s").await?, (7, 1));
+
+    // One nonce holds at most MAX_OPEN_PER_NONCE open reservations.
+    let variant = |op: u8| Reservation {
+        policy: "r".into(),
+        landing_key: B256::repeat_byte(0x77),
+        ..reservation(op, 1, vec![])
+    };
+    for op in 50..50 + MAX_OPEN_PER_NONCE as u8 {
+        assert_eq!(
+            ledger.reserve(&variant(op), false, NOW).await?,
+            Outcome::Reserved
+        );
+    }
+    assert_eq!(
+        ledger.reserve(&variant(60), false, NOW).await?,
+        Outcome::NoncePending
+    );
+    assert_eq!(
+        ledger.reserve(&variant(50), false, NOW).await?,
+        Outcome::Existing(answer(50, NOW + 600)),
+        "a repeat of one of them is still answered"
+    );
     Ok(())
 }
 
@@ -655,14 +688,16 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, d)| *d > 0)
         .collect();
-    // Per run of reserve.lua with one scope and no session: HMGET record, HMGET cost+ops,
-    // HINCRBY cost, open and ops, EXPIRE scope, HSET record, EXPIRE record, ZADD open, SADD
-    // and EXPIRE landing index.
+    // Per run of reserve.lua with one scope and no session: HMGET record, SMEMBERS landing
+    // index (open reservations of the nonce), HMGET cost+ops, HINCRBY cost, open and ops,
+    // EXPIRE scope, HSET record, EXPIRE record, ZADD open, SADD, TTL and EXPIRE landing index.
     let expected = BTreeMap::from([
         ("evalsha", 5),
         ("hmget", 10),
+        ("smembers", 5),
         ("hincrby", 15),
         ("expire", 15),
+        ("ttl", 5),
         ("hset", 5),
         ("zadd", 5),
         ("sadd", 5),
