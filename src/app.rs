@@ -188,42 +188,60 @@ impl AppState {
         self.redis.as_ref()
     }
 
-    /// Poll `watcher` every `every`, forever; failures are logged and retried on the next tick
-    /// (reservations then stay at their worst case meanwhile, never under-counted).
+    /// Poll `watcher` every `every`, forever. A failed poll is retried with backoff (doubling
+    /// up to a minute) and logged when it starts failing, then at 2, 4, 8… failures, and when it
+    /// recovers; reservations stay at their worst case meanwhile, never under-counted.
+    /// Sponsorship does not need the chain, so a lagging watcher never makes this replica
+    /// unready: `/readyz` and `sp_watcher_lag_seconds` report it.
     pub fn spawn_watcher(
         self: &Arc<Self>,
         watcher: Watcher,
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let state = Arc::clone(self);
-        // Ready while a poll succeeded within ten intervals (at least a minute).
+        // Reported as lagging when no poll succeeded for ten intervals (at least a second).
         self.watcher_max_lag
-            .store((every.as_secs() * 10).max(60), Ordering::Relaxed);
+            .store(every.saturating_mul(10).as_secs().max(1), Ordering::Relaxed);
         self.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
         tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            let mut failures: u32 = 0;
             loop {
-                tick.tick().await;
                 let polled = watcher.poll_once(&state.sponsor).await;
-                if polled.is_ok() {
-                    state.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
-                }
+                let metrics = state.sponsor.metrics();
                 match polled {
-                    Ok(p) if p.settled + p.superseded + p.released > 0 => {
-                        tracing::info!(
-                            block = p.to_block,
-                            settled = p.settled,
-                            superseded = p.superseded,
-                            released = p.released,
-                            "settlement"
-                        )
+                    Ok(p) => {
+                        state.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
+                        if failures > 0 {
+                            tracing::info!(failures, "settlement watcher recovered");
+                        }
+                        failures = 0;
+                        metrics.watcher_ignored(p.ignored);
+                        if p.ignored > 0 {
+                            tracing::warn!(
+                                events = p.ignored,
+                                block = p.to_block,
+                                "events of our paymaster matched no open reservation"
+                            );
+                        }
+                        if p.settled + p.superseded + p.released > 0 {
+                            tracing::info!(
+                                block = p.to_block,
+                                settled = p.settled,
+                                superseded = p.superseded,
+                                released = p.released,
+                                "settlement"
+                            );
+                        }
                     }
-                    Ok(_) => {}
                     Err(e) => {
-                        tracing::warn!(error = %e, "settlement watcher poll failed; retrying")
+                        failures = failures.saturating_add(1);
+                        metrics.watcher_failed();
+                        if failures.is_power_of_two() {
+                            tracing::warn!(error = %e, failures, "settlement watcher poll failed; backing off");
+                        }
                     }
                 }
+                tokio::time::sleep(watcher_delay(every, failures)).await;
             }
         })
     }
@@ -280,14 +298,15 @@ impl AppState {
         };
         let ok_at = self.watcher_ok_at.load(Ordering::Relaxed);
         let max_lag = self.watcher_max_lag.load(Ordering::Relaxed);
+        // Reported, never failing readiness: sponsorship does not need the chain, and a chain
+        // RPC outage must not take every replica out of service.
         let watcher = if ok_at == 0 {
             json!("not configured")
         } else {
             let ago = unix_now().saturating_sub(ok_at);
-            json!({ "lastSuccessSecsAgo": ago, "ok": ago <= max_lag })
+            json!({ "lastSuccessSecsAgo": ago, "lagging": ago > max_lag })
         };
-        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"))
-            && watcher["ok"] != json!(false);
+        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
         let policies = self.sponsor.policies();
         (
             ready,
@@ -306,19 +325,20 @@ impl AppState {
     }
 }
 
+/// The wait before the next watcher poll: `every`, doubled per consecutive failure up to a
+/// minute (or `every`, if longer).
+fn watcher_delay(every: Duration, failures: u32) -> Duration {
+    let cap = every.max(Duration::from_secs(60));
+    every.saturating_mul(1 << failures.min(16)).min(cap)
+}
+
 async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     let sponsor = &state.sponsor;
     let policies = sponsor.policies();
-    let mut text = sponsor
-        .metrics()
-        .render(policies.len(), sponsor.limits().len());
     // What is left of each policy-wide budget in its current window (a store failure leaves
     // the series out rather than failing the scrape).
-    text.push_str(
-        "# HELP sp_budget_remaining What is left of each policy budget in its current window.\n",
-    );
-    text.push_str("# TYPE sp_budget_remaining gauge\n");
     let now = unix_now();
+    let mut budgets = Vec::new();
     for policy in policies.iter() {
         let scopes = Sponsor::scopes(policy, None, alloy::primitives::Address::ZERO, now);
         for scope in scopes.iter().filter(|s| s.name.starts_with("policy")) {
@@ -326,25 +346,25 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
                 continue;
             };
             if let Some(limit) = scope.cost_limit {
-                text.push_str(&format!(
-                    "sp_budget_remaining{{policy=\"{}\",resource=\"costGwei\"}} {}\n",
-                    policy.id,
-                    limit.saturating_sub(cost)
-                ));
+                budgets.push((policy.id.clone(), "costGwei", limit.saturating_sub(cost)));
             }
             if let Some(limit) = scope.ops_limit {
-                text.push_str(&format!(
-                    "sp_budget_remaining{{policy=\"{}\",resource=\"ops\"}} {}\n",
-                    policy.id,
-                    limit.saturating_sub(ops)
-                ));
+                budgets.push((policy.id.clone(), "ops", limit.saturating_sub(ops)));
             }
         }
     }
+    let ok_at = state.watcher_ok_at.load(Ordering::Relaxed);
+    let watcher_lag = (ok_at != 0).then(|| now.saturating_sub(ok_at));
+    let text = sponsor.metrics().render(
+        policies.len(),
+        sponsor.limits().len(),
+        watcher_lag,
+        &budgets,
+    );
     (
         [(
             axum::http::header::CONTENT_TYPE,
-            "text/plain; version=0.0.4",
+            "application/openmetrics-text; version=1.0.0; charset=utf-8",
         )],
         text,
     )

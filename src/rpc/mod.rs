@@ -184,10 +184,16 @@ async fn handle_call(
     };
     let metrics = state.sponsor.metrics();
     match &outcome {
-        Ok(_) => metrics.request(method, "ok", started.elapsed()),
+        Ok(_) => metrics.request(method, None, started.elapsed()),
         Err(e) => {
-            metrics.request(method, &e.code.to_string(), started.elapsed());
-            if let Some(reason) = e.data.as_ref().and_then(|d| d["reason"].as_str()) {
+            metrics.request(method, Some(e.code), started.elapsed());
+            // An invalid-params `reason` is prose about the client's value, not a code.
+            let reason = if e.code == INVALID_PARAMS {
+                Some("invalid_params")
+            } else {
+                e.data.as_ref().and_then(|d| d["reason"].as_str())
+            };
+            if let Some(reason) = reason {
                 metrics.rejection(reason);
             }
         }

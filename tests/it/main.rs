@@ -17,3 +17,4 @@ mod ratelimits;
 mod rejections;
 mod rpc;
 mod sessions;
+mod watcher;

@@ -678,3 +678,45 @@ async fn a_silent_bundler_times_out() -> TestResult {
     silent.abort();
     Ok(())
 }
+
+/// Invented method names and client values never become metric labels (measured before: 100
+/// invented `pm_*` methods grew `/metrics` from 5 KB to 395 KB, for good).
+#[tokio::test]
+async fn invented_methods_do_not_grow_the_metrics() -> TestResult {
+    let app = app().await?;
+    let scrape = || async {
+        reqwest::get(format!("{}/metrics", app.url))
+            .await?
+            .text()
+            .await
+    };
+    // Every series that can appear once exists first.
+    app.error("pm_nope", json!([])).await?;
+    app.error(
+        "pm_sponsorUserOperation",
+        json!([{ "sender": "0x12" }, ep07()]),
+    )
+    .await?;
+    let before = scrape().await?.len();
+    let batch: Vec<Value> = (0..100)
+        .map(|i| json!({ "jsonrpc": "2.0", "id": i, "method": format!("pm_invented{i}"), "params": [] }))
+        .collect();
+    app.post(&Value::Array(batch).to_string()).await?;
+    for i in 0..20 {
+        let mut bad = op();
+        bad["callGasLimit"] = json!(format!("0x{i}zz"));
+        app.error("pm_sponsorUserOperation", json!([bad, ep07()]))
+            .await?;
+    }
+    let after = scrape().await?;
+    assert!(
+        after.len() < before + 64,
+        "grew from {before} to {} bytes:\n{after}",
+        after.len()
+    );
+    assert!(
+        after.contains("sp_requests_total{method=\"other\",outcome=\"-32601\"} 101"),
+        "{after}"
+    );
+    Ok(())
+}
