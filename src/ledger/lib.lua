@@ -4,6 +4,12 @@
 -- Token amounts are uint256: they do not fit Redis integers or Lua numbers, so they are kept as
 -- decimal strings without leading zeros ("0" for zero) and added, subtracted and compared here.
 
+-- The largest integer Lua numbers (doubles) hold exactly: budget counters stay below it.
+local MAX_EXACT = 9007199254740991
+
+-- How many userOpHashes a reservation extended many times keeps (the latest).
+local MAX_HASHES = 8
+
 local function dec_cmp(a, b)
   if #a ~= #b then
     return #a < #b and -1 or 1

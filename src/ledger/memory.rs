@@ -4,11 +4,12 @@
 use std::collections::{BTreeMap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, U256, keccak256};
+use alloy::sol_types::SolValue;
 
 use super::{
-    Exhausted, Landing, MAX_OPEN_PER_NONCE, Outcome, REFRESH_MARGIN_SECS, Reservation, Resource,
-    Settled, SpendExceeded,
+    Exhausted, Landing, MAX_EXACT_GWEI, MAX_HASHES, MAX_OPEN_PER_NONCE, Outcome,
+    REFRESH_MARGIN_SECS, Reservation, Resource, Settled, SpendExceeded,
 };
 use crate::userop::paymaster_data::PaymasterData;
 
@@ -106,30 +107,55 @@ impl MemoryLedger {
         {
             return Outcome::SessionRevoked;
         }
-        if let Some((State::Open, _)) = existing {
-            // About to expire: extend this reservation to the fresh answer (see reserve.lua).
-            if !check_only && let Some(rec) = inner.reservations.get_mut(&key) {
-                rec.answer = r.answer.clone();
-                rec.user_op_hashes.push(r.user_op_hash);
-                rec.expires_at = rec.expires_at.max(r.expires_at);
+        let scope_names: Vec<String> = r.scopes.iter().map(|s| s.name.clone()).collect();
+        let charge_session = r.session.as_ref().map(|s| s.id);
+        if let Some((State::Open, stored)) = existing {
+            let same = inner
+                .reservations
+                .get(&key)
+                .is_some_and(|rec| rec.scopes == scope_names && rec.session == charge_session);
+            if same {
+                // About to expire: extend this reservation to the fresh answer (see reserve.lua).
+                if !check_only && let Some(rec) = inner.reservations.get_mut(&key) {
+                    rec.answer = r.answer.clone();
+                    rec.user_op_hashes.push(r.user_op_hash);
+                    let excess = rec.user_op_hashes.len().saturating_sub(MAX_HASHES);
+                    rec.user_op_hashes.drain(..excess);
+                    rec.expires_at = rec.expires_at.max(r.expires_at);
+                }
+                return Outcome::Reserved;
             }
-            return Outcome::Reserved;
+            // Another window or session: the reservation stays as it is under a key of its own,
+            // and this request is a new one (see reserve.lua).
+            if !check_only && let Some(rec) = inner.reservations.remove(&key) {
+                let kept = (
+                    r.policy.clone(),
+                    keccak256((r.op_key, U256::from(stored.window.valid_until)).abi_encode()),
+                );
+                if let Some(ops) = inner.landings.get_mut(&(r.policy.clone(), r.landing_key)) {
+                    ops.retain(|op| *op != r.op_key);
+                    ops.push(kept.1);
+                }
+                inner.reservations.insert(kept, rec);
+            }
         }
-        let open = inner
-            .landings
-            .get(&(r.policy.clone(), r.landing_key))
-            .into_iter()
-            .flatten()
-            .filter(|op| **op != r.op_key)
-            .filter(|op| {
-                inner
-                    .reservations
-                    .get(&(r.policy.clone(), **op))
-                    .is_some_and(|rec| rec.state == State::Open)
-            })
-            .count();
-        if open >= MAX_OPEN_PER_NONCE {
-            return Outcome::NoncePending;
+        if let Some(id) = charge_session {
+            let open = inner
+                .landings
+                .get(&(r.policy.clone(), r.landing_key))
+                .into_iter()
+                .flatten()
+                .filter(|op| **op != r.op_key)
+                .filter(|op| {
+                    inner
+                        .reservations
+                        .get(&(r.policy.clone(), **op))
+                        .is_some_and(|rec| rec.state == State::Open && rec.session == Some(id))
+                })
+                .count();
+            if open >= MAX_OPEN_PER_NONCE {
+                return Outcome::NoncePending;
+            }
         }
         for s in &r.scopes {
             let Counter { cost, ops, .. } = inner
@@ -147,10 +173,11 @@ impl MemoryLedger {
                     requested,
                 })
             };
-            if let Some(limit) = s
+            // As in Redis: counters stay exact integers in Lua numbers.
+            let limit = s
                 .cost_limit
-                .filter(|&l| cost.saturating_add(r.cost_gwei) > l)
-            {
+                .map_or(MAX_EXACT_GWEI, |l| l.min(MAX_EXACT_GWEI));
+            if cost.saturating_add(r.cost_gwei) > limit {
                 return exhausted(Resource::Cost, limit, cost, r.cost_gwei);
             }
             if let Some(limit) = s.ops_limit.filter(|&l| ops.saturating_add(1) > l) {
@@ -203,7 +230,7 @@ impl MemoryLedger {
             Record {
                 state: State::Open,
                 cost: r.cost_gwei,
-                scopes: r.scopes.iter().map(|s| s.name.clone()).collect(),
+                scopes: scope_names,
                 answer: r.answer.clone(),
                 user_op_hashes: vec![r.user_op_hash],
                 session: r.session.as_ref().map(|s| s.id),

@@ -72,10 +72,19 @@ pub struct Scope {
 /// both signatures (they are for one nonce, which lands once), kept until the later expires.
 pub const REFRESH_MARGIN_SECS: u64 = 30;
 
-/// Most open reservations one (EntryPoint, sender, nonce) may have at once: only one of them
-/// can land, so more would only hold budget (variants of one operation with other fees or
-/// paymaster gas, made to tie up a session's or a sender's budget).
+/// Most open reservations one (EntryPoint, sender, nonce) may have at once under one session:
+/// only one of them can land, so more would only hold its budget (variants of one operation
+/// with other fees or paymaster gas, made by a stranger who saw one session proof). Without a
+/// session there is no cap: anyone could then lock a sender's nonce with four requests.
 pub const MAX_OPEN_PER_NONCE: usize = 4;
+
+/// How many userOpHashes a reservation extended many times keeps (the latest): an event that
+/// matches none settles every open reservation of its nonce, so a dropped one over-counts.
+pub const MAX_HASHES: usize = 8;
+
+/// Budget counters stay below this many gwei (2^53 − 1), the largest integer Lua numbers hold
+/// exactly: a reservation that would pass it is refused as an exhausted budget.
+pub const MAX_EXACT_GWEI: u64 = (1 << 53) - 1;
 
 /// A reservation request.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -238,8 +247,8 @@ pub enum Outcome {
     SessionRevoked,
     /// A session token cap would be exceeded: nothing changed.
     SpendExceeded(SpendExceeded),
-    /// The operation's nonce already has [`MAX_OPEN_PER_NONCE`] open reservations: nothing
-    /// changed.
+    /// The operation's nonce already has [`MAX_OPEN_PER_NONCE`] open reservations under the
+    /// session: nothing changed.
     NoncePending,
 }
 

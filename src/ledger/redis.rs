@@ -265,6 +265,7 @@ impl RedisLedger {
                     .release
                     .key(&record)
                     .key(open_key(policy))
+                    .arg(confirmed_time)
                     .invoke_async(&mut conn)
                     .await
                     .map_err(unavailable)?;

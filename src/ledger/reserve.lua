@@ -20,7 +20,7 @@
 -- ARGV[8]   the userOpHash we expect on chain
 -- ARGV[9]   "1" under a session
 -- ARGV[10]  session state TTL, seconds
--- ARGV[11]  most open reservations one (EntryPoint, sender, nonce) may have
+-- ARGV[11]  most open reservations one (EntryPoint, sender, nonce) may have under one session
 -- ARGV[12]  number of token caps T
 -- ARGV[13..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 -- then      per scope, four values: cost limit (-1: none), ops limit (-1: none), TTL, name
@@ -30,10 +30,11 @@
 -- answer is still good (or it landed): nothing changes;
 -- {2, scope, resource, limit, used, requested} when a budget would be exceeded;
 -- {3} when the session is revoked; {4, field, limit, spent, requested} when a token cap would
--- be exceeded; {5, open} when the nonce already has that many open reservations.
+-- be exceeded; {5, open} when the nonce already has that many open reservations under the
+-- session.
 -- Only {0} outside check-only mode changes anything.
--- Numbers of gwei stay below 2^53 (the caller refuses larger costs), exact in Lua; they are
--- written back with %d, never as floats.
+-- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
+-- exact in Lua; they are written back with %d, never as floats.
 local check_only = ARGV[1] == '1'
 local existing = redis.call('HMGET', KEYS[1], 'state', 'validUntil', 'validAfter', 'sig')
 local state = existing[1]
@@ -50,27 +51,60 @@ if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
   return {3}
 end
 
+local scope_list = {}
+for i = 5, #KEYS do
+  scope_list[#scope_list + 1] = KEYS[i]
+end
+scope_list = table.concat(scope_list, '\n')
+local session_key = session and KEYS[4] or false
+
 if state == 'open' then
-  -- The stored answer is about to expire: extend this reservation to a fresh one. Both
-  -- signatures stay valid for a while, but they are for one operation and one nonce, so one
-  -- charge covers both; it is released only once the later has expired, and the event of
-  -- either settles it (the record keeps both hashes).
-  if check_only then
+  local mine = redis.call('HMGET', KEYS[1], 'scopes', 'session', 'hash')
+  if mine[1] == scope_list and mine[2] == session_key then
+    -- The stored answer is about to expire: extend this reservation to a fresh one. Both
+    -- signatures stay valid for a while, but they are for one operation and one nonce, so one
+    -- charge covers both; it is released only once the later has expired, and the event of
+    -- either settles it (the record keeps the latest MAX_HASHES hashes; an event matching none
+    -- settles every open reservation of its nonce, so a dropped hash over-counts, never under).
+    if check_only then
+      return {0}
+    end
+    local hashes = lines(mine[3])
+    hashes[#hashes + 1] = ARGV[8]
+    while #hashes > MAX_HASHES do
+      table.remove(hashes, 1)
+    end
+    redis.call('HSET', KEYS[1], 'validUntil', ARGV[4], 'validAfter', ARGV[5], 'sig', ARGV[6],
+      'hash', table.concat(hashes, '\n'))
+    redis.call('ZADD', KEYS[2], ARGV[4], KEYS[1])
+    extend_ttl(KEYS[1], ARGV[3])
+    extend_ttl(KEYS[3], ARGV[3])
     return {0}
   end
-  redis.call('HSET', KEYS[1], 'validUntil', ARGV[4], 'validAfter', ARGV[5], 'sig', ARGV[6],
-    'hash', redis.call('HGET', KEYS[1], 'hash') .. '\n' .. ARGV[8])
-  redis.call('ZADD', KEYS[2], ARGV[4], KEYS[1])
-  extend_ttl(KEYS[1], ARGV[3])
-  extend_ttl(KEYS[3], ARGV[3])
-  return {0}
+  -- Another budget window or another session than the reservation was made in: it stays as it
+  -- is (its signature may still land) under a key of its own, and this request is a new
+  -- reservation, checked and charged where it is made now.
+  if not check_only then
+    local kept = KEYS[1] .. ':' .. existing[2]
+    redis.call('RENAME', KEYS[1], kept)
+    redis.call('ZREM', KEYS[2], KEYS[1])
+    redis.call('ZADD', KEYS[2], existing[2], kept)
+    redis.call('SREM', KEYS[3], KEYS[1])
+    redis.call('SADD', KEYS[3], kept)
+  end
 end
 
--- Only one reservation of a nonce can land: more open ones only hold budget.
+-- Only one reservation of a nonce can land: under a session (whose proof a stranger may have
+-- seen), more open ones of that session only hold its budget. Closed entries are pruned here.
 local open = 0
 for _, record in ipairs(redis.call('SMEMBERS', KEYS[3])) do
-  if record ~= KEYS[1] and redis.call('HGET', record, 'state') == 'open' then
-    open = open + 1
+  local f = redis.call('HMGET', record, 'state', 'session')
+  if f[1] == 'open' then
+    if session and record ~= KEYS[1] and f[2] == KEYS[4] then
+      open = open + 1
+    end
+  elseif f[1] ~= 'settled' then
+    redis.call('SREM', KEYS[3], record)
   end
 end
 if open >= tonumber(ARGV[11]) then
@@ -87,6 +121,10 @@ for i = 5, #KEYS do
   local used = redis.call('HMGET', KEYS[i], 'cost', 'ops')
   local used_cost = tonumber(used[1] or '0')
   local used_ops = tonumber(used[2] or '0')
+  -- Counters stay exact integers in Lua (below 2^53), whatever the limits.
+  if used_cost + cost > MAX_EXACT then
+    return {2, ARGV[base + 3], 'cost', string.format('%d', MAX_EXACT), string.format('%d', used_cost), ARGV[2]}
+  end
   if cost_limit >= 0 and used_cost + cost > cost_limit then
     return {2, ARGV[base + 3], 'cost', string.format('%d', cost_limit), string.format('%d', used_cost), ARGV[2]}
   end
@@ -110,21 +148,19 @@ if check_only then
   return {0}
 end
 
-local scopes = {}
 for i = 5, #KEYS do
   local base = scope_base + (i - 5) * 4
   redis.call('HINCRBY', KEYS[i], 'cost', ARGV[2])
   redis.call('HINCRBY', KEYS[i], 'open', ARGV[2])
   redis.call('HINCRBY', KEYS[i], 'ops', 1)
   redis.call('EXPIRE', KEYS[i], ARGV[base + 2])
-  scopes[#scopes + 1] = KEYS[i]
 end
-if state then
+if state == 'released' then
   -- A released record (its signature expired unused): this is a new reservation.
   redis.call('DEL', KEYS[1])
 end
 redis.call('HSET', KEYS[1], 'state', 'open', 'cost', ARGV[2], 'validUntil', ARGV[4],
-  'validAfter', ARGV[5], 'sig', ARGV[6], 'hash', ARGV[8], 'scopes', table.concat(scopes, '\n'))
+  'validAfter', ARGV[5], 'sig', ARGV[6], 'hash', ARGV[8], 'scopes', scope_list)
 if session then
   local spend_lines = {}
   for _, t in ipairs(totals) do

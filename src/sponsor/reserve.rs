@@ -13,8 +13,8 @@ use alloy::sol_types::SolValue;
 use super::decode::Decoded;
 use super::{Decision, Reason, Rejection, Run, Sponsor, SponsorError, SponsorRequest};
 use crate::ledger::{
-    GRACE_SECS, MAX_OPEN_PER_NONCE, Outcome, Reservation, Scope, SessionCharge, TokenCharge,
-    landing_key, wei_to_gwei_ceil, wei_to_gwei_floor,
+    GRACE_SECS, MAX_EXACT_GWEI, MAX_OPEN_PER_NONCE, Outcome, Reservation, Scope, SessionCharge,
+    TokenCharge, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor,
 };
 use crate::policy::calldata::Call;
 use crate::policy::{Budget, Policy};
@@ -23,10 +23,6 @@ use crate::userop::UserOperation;
 use crate::userop::hash::user_op_hash;
 use crate::userop::paymaster_data::{PaymasterData, PaymasterGas};
 use crate::userop::v0_7::PaymasterFields;
-
-/// The largest cost (gwei) the ledger takes: its counters are exact integers in Lua below 2^53.
-/// Larger only comes from absurd gas fields under a policy without a cost cap.
-const MAX_COST_GWEI: u64 = (1 << 53) - 1;
 
 /// Reserve for the signed `data` and return what to answer: `data`, or, for a repeat of the
 /// same operation, the answer signed for it before.
@@ -46,7 +42,8 @@ pub(super) async fn reserve(
         return Ok(data);
     }
     let cost_gwei = wei_to_gwei_ceil(decoded.max_cost);
-    if cost_gwei > MAX_COST_GWEI {
+    // Only absurd gas fields under a policy without a cost cap get here.
+    if cost_gwei > MAX_EXACT_GWEI {
         return Err(Rejection::new(
             Reason::CostTooHigh,
             "budgets",
@@ -113,7 +110,7 @@ pub(super) async fn reserve(
             Reason::NoncePending,
             "ledger",
             format!(
-                "sender {} already has {MAX_OPEN_PER_NONCE} sponsorships of nonce {} that may still land",
+                "sender {} already has {MAX_OPEN_PER_NONCE} sponsorships of nonce {} under this session that may still land",
                 req.op.sender, req.op.nonce
             ),
         )

@@ -794,19 +794,24 @@ async fn a_refreshed_answer_keeps_every_signature_of_it_reserved() -> TestResult
     Ok(())
 }
 
-/// Found in review: variants of one operation (other fees, or other paymaster gas kept by the
-/// client) each reserved their worst case, though only one can land: one proof or one API key
-/// could tie up a whole budget. One nonce holds at most four open reservations.
+/// Found in review: variants of one operation under a session (other fees, or other paymaster
+/// gas kept by the client; one observed proof is enough) each reserved their worst case,
+/// though only one can land: they could tie up the whole session budget. One nonce holds at
+/// most four open reservations per session.
 #[tokio::test]
 async fn variants_of_one_nonce_hold_a_bounded_budget() -> TestResult {
     let redis = TestRedis::start().await?;
-    let (app, _dir) = app_with(&redis, &[budgeted_counter()]).await?;
+    let (app, _dir) = app_with(&redis, &[token_policy("tokens", "")]).await?;
+    let account = Address::repeat_byte(0xa9);
+    let session = capped_session(&app, account, "tokens", 1_000).await?;
     let ep07 = ep(EntryPointVersion::V0_7);
-    let ctx = json!({ "sponsorshipPolicyId": "budgeted" });
-    let variant = |tip: u64| {
-        let mut op = counter_op(SENDER, 12, "increment()").to_json();
-        op["maxPriorityFeePerGas"] = json!(format!("{tip:#x}"));
-        op
+    let ctx = json!({ "sessionId": session });
+    let variant = |tip: u128| {
+        UserOperation {
+            max_priority_fee_per_gas: tip,
+            ..transfer_op(account, 1, 12)
+        }
+        .to_json()
     };
     for tip in 1..=4 {
         let v = sponsor(&app, &variant(tip), ep07, ctx.clone()).await?;
@@ -817,8 +822,10 @@ async fn variants_of_one_nonce_hold_a_bounded_budget() -> TestResult {
     }
     let v = sponsor(&app, &variant(5), ep07, ctx.clone()).await?;
     assert_eq!(reason(&v), "nonce_pending", "{v}");
-    let other_nonce = counter_op(SENDER, 13, "increment()").to_json();
-    assert!(sponsor(&app, &other_nonce, ep07, ctx).await?["result"].is_object());
+    assert!(
+        sponsor(&app, &transfer_op(account, 1, 13).to_json(), ep07, ctx).await?["result"]
+            .is_object()
+    );
     Ok(())
 }
 

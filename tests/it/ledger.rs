@@ -329,27 +329,103 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     );
     assert_eq!(ledger.usage("r", "s").await?, (7, 1));
 
-    // One nonce holds at most MAX_OPEN_PER_NONCE open reservations.
-    let variant = |op: u8| Reservation {
+    // Under one session, one nonce holds at most MAX_OPEN_PER_NONCE open reservations; without
+    // a session (where anyone could lock a sender's nonce) there is no cap.
+    let variant = |op: u8, session: Option<u8>| Reservation {
         policy: "r".into(),
         landing_key: B256::repeat_byte(0x77),
+        session: session.map(|id| SessionCharge {
+            id: B256::repeat_byte(id),
+            expires_at: NOW + 7200,
+            spend: vec![],
+        }),
         ..reservation(op, 1, vec![])
     };
     for op in 50..50 + MAX_OPEN_PER_NONCE as u8 {
         assert_eq!(
-            ledger.reserve(&variant(op), false, NOW).await?,
+            ledger.reserve(&variant(op, Some(1)), false, NOW).await?,
             Outcome::Reserved
         );
     }
     assert_eq!(
-        ledger.reserve(&variant(60), false, NOW).await?,
+        ledger.reserve(&variant(60, Some(1)), false, NOW).await?,
         Outcome::NoncePending
     );
     assert_eq!(
-        ledger.reserve(&variant(50), false, NOW).await?,
+        ledger.reserve(&variant(50, Some(1)), false, NOW).await?,
         Outcome::Existing(answer(50, NOW + 600)),
         "a repeat of one of them is still answered"
     );
+    assert_eq!(
+        ledger.reserve(&variant(61, Some(2)), false, NOW).await?,
+        Outcome::Reserved,
+        "another session"
+    );
+    assert_eq!(
+        ledger.reserve(&variant(62, None), false, NOW).await?,
+        Outcome::Reserved,
+        "no session"
+    );
+
+    // A repeat in another budget window (or under another session) than its reservation: the
+    // reservation stays open as it is (its signature may land) and the repeat is a new one.
+    let in_window = |window: &str, valid_until: u64, hash: u8| Reservation {
+        policy: "w".into(),
+        answer: answer(70, valid_until),
+        user_op_hash: B256::repeat_byte(hash),
+        ..reservation(70, 10, vec![scope(window, None, None)])
+    };
+    assert_eq!(
+        ledger
+            .reserve(&in_window("day1", NOW + 20, 0xb1), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger
+            .reserve(&in_window("day2", NOW + 600, 0xb2), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger.usage("w", "day1").await?,
+        (10, 1),
+        "the first stays charged"
+    );
+    assert_eq!(
+        ledger.usage("w", "day2").await?,
+        (10, 1),
+        "the second is charged where it is made"
+    );
+    let first_lands = Landing {
+        landing_key: B256::repeat_byte(70 ^ 0x40),
+        user_op_hash: B256::repeat_byte(0xb1),
+        actual_gwei: 4,
+    };
+    assert_eq!(
+        ledger.settle(&["w".to_owned()], &first_lands).await?,
+        settled(1, 1, true)
+    );
+    assert_eq!(ledger.usage("w", "day1").await?, (4, 1));
+    assert_eq!(
+        ledger.usage("w", "day2").await?,
+        (0, 0),
+        "the other can never land"
+    );
+
+    // Counters stay exact: past 2^53 gwei a reservation is refused as an exhausted budget.
+    let huge = |op: u8| Reservation {
+        policy: "x".into(),
+        ..reservation(op, 5_000_000_000_000_000, vec![scope("x", None, Some(10))])
+    };
+    assert_eq!(
+        ledger.reserve(&huge(80), false, NOW).await?,
+        Outcome::Reserved
+    );
+    let Outcome::Exhausted(e) = ledger.reserve(&huge(81), false, NOW).await? else {
+        return Err("past 2^53".into());
+    };
+    assert_eq!((e.resource, e.limit), (Resource::Cost, (1 << 53) - 1));
     Ok(())
 }
 
