@@ -110,9 +110,19 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_LOW_DEPOSIT_WEI", default_value = "100000000000000000")]
     pub low_deposit_wei: alloy::primitives::U256,
 
-    /// First block to read when no cursor is stored yet (default: the confirmed head).
+    /// First block to read when no cursor is stored yet (default: before the oldest open
+    /// reservation, or the confirmed head when none is open).
     #[arg(long, env = "SP_WATCH_FROM_BLOCK")]
     pub watch_from_block: Option<u64>,
+
+    /// The block whose time releases reservations whose signatures expired unused: `finalized`
+    /// (the node's finalized block) or a number of blocks behind the head.
+    #[arg(long, env = "SP_FINALITY", default_value = "finalized")]
+    pub finality: crate::chain::watcher::Finality,
+
+    /// Most blocks one `eth_getLogs` spans; halved while the node refuses, grown back after.
+    #[arg(long, env = "SP_LOG_RANGE", default_value_t = crate::chain::watcher::MAX_BLOCK_RANGE)]
+    pub log_range: u64,
 
     /// An API key: `name:sha256hex[:policy,policy]` (see `apikey new`); repeat for more, or
     /// separate them with `;` in the environment. Without any, the service is keyless and
@@ -367,6 +377,17 @@ impl ServeArgs {
             s(humantime::format_duration(self.watch_interval).to_string()),
         );
         put("low_deposit_wei", s(self.low_deposit_wei.to_string()));
+        put(
+            "finality",
+            s(match self.finality {
+                crate::chain::watcher::Finality::Finalized => "finalized".to_owned(),
+                crate::chain::watcher::Finality::Depth(n) => n.to_string(),
+            }),
+        );
+        put(
+            "log_range",
+            toml::Value::Integer(i64::try_from(self.log_range).unwrap_or(i64::MAX)),
+        );
         if let Some(b) = self.watch_from_block {
             put(
                 "watch_from_block",

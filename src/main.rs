@@ -345,7 +345,9 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
                 args.watch_from_block,
                 cursor,
             )
-            .with_low_deposit(args.low_deposit_wei);
+            .with_low_deposit(args.low_deposit_wei)
+            .with_finality(args.finality)
+            .with_max_range(args.log_range);
             state.spawn_watcher(watcher, args.watch_interval);
             tracing::info!(
                 confirmations = args.confirmations,

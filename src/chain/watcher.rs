@@ -1,16 +1,27 @@
 //! Settlement from the chain (DESIGN §1): read `UserOperationEvent`s whose paymaster is ours
 //! from each EntryPoint, settle each reservation to its `actualGasCost` (found by the event's
 //! EntryPoint, sender and nonce, see [`crate::ledger::Ledger::settle`]), and release the
-//! reservations of operations that can no longer land (a confirmed block is past their
-//! `validUntil`).
+//! reservations of operations that can no longer land.
 //!
-//! Only blocks `confirmations` deep are read, and the cursor (the last block read) is kept in
-//! Redis when configured, so a restart resumes where it stopped; a block read twice settles
-//! nothing twice (a reservation closes once).
+//! - Logs are read `confirmations` deep, in ranges of at most `max_range` blocks, halved
+//!   while the node refuses (providers cap ranges and results) and grown back after successes.
+//! - The cursor (last block read, and its hash) is kept in Redis when configured, so a restart
+//!   resumes where it stopped. When the cursor block's hash changed (a reorg deeper than
+//!   `confirmations`), the watcher reads again from further back; a block read twice settles
+//!   nothing twice (a reservation closes once).
+//! - Without a cursor (a first start against a Redis that already holds reservations, or an
+//!   evicted key), it starts from the block of the oldest open reservation's time, not at the
+//!   head: events of operations that landed before it started are not missed.
+//! - Reservations are released only by the time of a block that cannot be reorganised away:
+//!   the node's `finalized` block, or one `depth` blocks behind the head. If one is released and
+//!   its operation lands after all, the event charges its cost back.
+//! - Deposits are read on their own, so low-deposit alerts go on while logs fail.
 
+use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::session::redis::RedisConn;
+use alloy::eips::BlockNumberOrTag;
 use alloy::primitives::{Address, B256, U256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::Filter;
@@ -18,12 +29,15 @@ use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
 use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil};
-use crate::sponsor::Sponsor;
+use crate::sponsor::{Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
 use crate::userop::IEntryPoint::UserOperationEvent;
 
-/// Most blocks one `eth_getLogs` spans.
+/// Default for the most blocks one `eth_getLogs` spans (`--log-range`).
 pub const MAX_BLOCK_RANGE: u64 = 1000;
+
+/// How far back the watcher reads again when the cursor block was reorganised away.
+pub const REORG_REWIND: u64 = 128;
 
 /// What can go wrong polling.
 #[derive(Debug, thiserror::Error)]
@@ -36,11 +50,20 @@ pub enum WatchError {
     Store(String),
 }
 
+/// The last block read: its number and hash.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Mark {
+    /// Block number.
+    pub number: u64,
+    /// Its hash when read (`None` from a cursor stored by an older version).
+    pub hash: Option<B256>,
+}
+
 /// Where the watcher's cursor lives.
 #[derive(Debug)]
 pub enum Cursor {
     /// In this process (the embedded default).
-    Memory(AtomicU64),
+    Memory(Mutex<Option<Mark>>),
     /// In Redis, under this key: survives restarts, shared by replicas.
     Redis(RedisConn, String),
 }
@@ -53,33 +76,69 @@ impl Cursor {
 
     /// A cursor in this process.
     pub fn memory() -> Self {
-        Self::Memory(AtomicU64::new(u64::MAX))
+        Self::Memory(Mutex::new(None))
     }
 
-    async fn get(&self) -> Result<Option<u64>, WatchError> {
+    async fn get(&self) -> Result<Option<Mark>, WatchError> {
         match self {
-            Self::Memory(a) => Ok(Some(a.load(Ordering::Acquire)).filter(|&b| b != u64::MAX)),
+            Self::Memory(m) => Ok(*m.lock().unwrap_or_else(std::sync::PoisonError::into_inner)),
             Self::Redis(conn, key) => {
                 let mut conn = conn.clone();
-                conn.get(key)
+                let text: Option<String> = conn
+                    .get(key)
+                    .await
+                    .map_err(|e| WatchError::Store(e.to_string()))?;
+                // `number:hash`, or a bare number from an older version.
+                Ok(text.and_then(|t| {
+                    let (number, hash) = t.split_once(':').unwrap_or((&t, ""));
+                    Some(Mark {
+                        number: number.parse().ok()?,
+                        hash: hash.parse().ok(),
+                    })
+                }))
+            }
+        }
+    }
+
+    async fn set(&self, mark: Mark) -> Result<(), WatchError> {
+        match self {
+            Self::Memory(m) => {
+                *m.lock().unwrap_or_else(std::sync::PoisonError::into_inner) = Some(mark);
+                Ok(())
+            }
+            Self::Redis(conn, key) => {
+                let mut conn = conn.clone();
+                let text = match mark.hash {
+                    Some(h) => format!("{}:{h}", mark.number),
+                    None => mark.number.to_string(),
+                };
+                conn.set(key, text)
                     .await
                     .map_err(|e| WatchError::Store(e.to_string()))
             }
         }
     }
+}
 
-    async fn set(&self, block: u64) -> Result<(), WatchError> {
-        match self {
-            Self::Memory(a) => {
-                a.store(block, Ordering::Release);
-                Ok(())
-            }
-            Self::Redis(conn, key) => {
-                let mut conn = conn.clone();
-                conn.set(key, block)
-                    .await
-                    .map_err(|e| WatchError::Store(e.to_string()))
-            }
+/// Which block's time releases reservations whose signatures expired unused.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Finality {
+    /// The node's `finalized` block.
+    Finalized,
+    /// The block this many blocks behind the head.
+    Depth(u64),
+}
+
+impl std::str::FromStr for Finality {
+    type Err = String;
+
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "finalized" => Ok(Self::Finalized),
+            n => n
+                .parse()
+                .map(Self::Depth)
+                .map_err(|_| format!("`{s}` is neither `finalized` nor a number of blocks")),
         }
     }
 }
@@ -95,8 +154,12 @@ pub struct Poll {
     pub ignored: usize,
     /// Other reservations of a nonce that landed, released: they can never land.
     pub superseded: usize,
+    /// Released reservations whose operation landed after all: their cost charged back.
+    pub charged_back: usize,
     /// Reservations released as expired.
     pub released: usize,
+    /// Whether the cursor block had been reorganised away (logs read again from further back).
+    pub reorg: bool,
 }
 
 /// The settlement watcher of one chain.
@@ -109,7 +172,11 @@ pub struct Watcher {
     pairs: Vec<(Address, Address)>,
     low_deposit: U256,
     confirmations: u64,
+    finality: Finality,
     start_block: Option<u64>,
+    max_range: u64,
+    /// Blocks the next `eth_getLogs` spans (halved on refusals, grown back on successes).
+    range: AtomicU64,
     cursor: Cursor,
 }
 
@@ -117,9 +184,14 @@ fn rpc(e: impl std::fmt::Display) -> WatchError {
     WatchError::Rpc(e.to_string())
 }
 
+fn store(e: impl std::fmt::Display) -> WatchError {
+    WatchError::Store(e.to_string())
+}
+
 impl Watcher {
     /// Watch the EntryPoints and paymasters `sponsor` serves. Without a stored cursor, start at
-    /// `start_block`, or at the current confirmed head.
+    /// `start_block`, else before the oldest open reservation, else at the confirmed head.
+    /// Releases go by the `finalized` block unless [`Self::with_finality`] says otherwise.
     pub fn new(
         provider: DynProvider,
         sponsor: &Sponsor,
@@ -146,7 +218,10 @@ impl Watcher {
                 .collect(),
             low_deposit: U256::ZERO,
             confirmations,
+            finality: Finality::Finalized,
             start_block,
+            max_range: MAX_BLOCK_RANGE,
+            range: AtomicU64::new(MAX_BLOCK_RANGE),
             cursor,
         }
     }
@@ -154,6 +229,19 @@ impl Watcher {
     /// Report deposits below `wei` as low (`sp_paymaster_deposit_low`, and a warning).
     pub fn with_low_deposit(mut self, wei: U256) -> Self {
         self.low_deposit = wei;
+        self
+    }
+
+    /// Release by this block's time.
+    pub fn with_finality(mut self, finality: Finality) -> Self {
+        self.finality = finality;
+        self
+    }
+
+    /// At most `blocks` per `eth_getLogs` (at least 1).
+    pub fn with_max_range(mut self, blocks: u64) -> Self {
+        self.max_range = blocks.max(1);
+        self.range = AtomicU64::new(self.max_range);
         self
     }
 
@@ -178,28 +266,63 @@ impl Watcher {
         Ok(())
     }
 
-    /// Read the confirmed blocks since the cursor, settle, release, advance the cursor.
+    /// Deposits, then the confirmed blocks since the cursor (settle), then releases. A deposit
+    /// failure does not stop settlement, nor a log failure the deposits.
     pub async fn poll_once(&self, sponsor: &Sponsor) -> Result<Poll, WatchError> {
+        let deposits = self.read_deposits(sponsor).await;
+        let mut poll = self.read_logs(sponsor).await?;
+        poll.released = self.release(sponsor).await?;
+        deposits?;
+        Ok(poll)
+    }
+
+    async fn read_logs(&self, sponsor: &Sponsor) -> Result<Poll, WatchError> {
         let head = self.provider.get_block_number().await.map_err(rpc)?;
         let confirmed = head.saturating_sub(self.confirmations);
-        let mut from = match self.cursor.get().await? {
-            Some(done) => done + 1,
-            None => self.start_block.unwrap_or(confirmed),
-        };
-        let mut poll = Poll {
-            to_block: from.saturating_sub(1),
-            ..Poll::default()
-        };
         let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
+        let mut poll = Poll::default();
+        let mut from = match self.cursor.get().await? {
+            Some(mark) if self.reorganised(mark).await? => {
+                poll.reorg = true;
+                let from = mark.number.saturating_sub(REORG_REWIND);
+                tracing::warn!(
+                    cursor = mark.number,
+                    from,
+                    "the watcher's last block was reorganised away: reading again from further back"
+                );
+                from
+            }
+            Some(mark) => mark.number + 1,
+            None => self.first_block(sponsor, &policies, confirmed).await?,
+        };
+        poll.to_block = from.saturating_sub(1);
         while from <= confirmed && !self.entry_points.is_empty() {
-            let to = confirmed.min(from + MAX_BLOCK_RANGE - 1);
+            let span = self.range.load(Ordering::Relaxed).clamp(1, self.max_range);
+            let to = confirmed.min(from + span - 1);
             let filter = Filter::new()
                 .address(self.entry_points.clone())
                 .event_signature(UserOperationEvent::SIGNATURE_HASH)
                 .topic3(self.paymasters.clone())
                 .from_block(from)
                 .to_block(to);
-            for log in self.provider.get_logs(&filter).await.map_err(rpc)? {
+            let logs = match self.provider.get_logs(&filter).await {
+                Ok(logs) => {
+                    self.range.store(
+                        span.saturating_mul(2).min(self.max_range),
+                        Ordering::Relaxed,
+                    );
+                    logs
+                }
+                // Providers refuse ranges or results over their caps, each with its own
+                // message: narrow the range until one block, then give up for this poll.
+                Err(e) if span > 1 => {
+                    tracing::debug!(error = %e, from, to, "eth_getLogs refused: halving the range");
+                    self.range.store(span / 2, Ordering::Relaxed);
+                    continue;
+                }
+                Err(e) => return Err(rpc(e)),
+            };
+            for log in logs {
                 let entry_point = log.address();
                 let Ok(event) = log.log_decode::<UserOperationEvent>() else {
                     continue;
@@ -216,34 +339,121 @@ impl Watcher {
                     .ledger()
                     .settle(&policies, &landing)
                     .await
-                    .map_err(|e| WatchError::Store(e.to_string()))?;
-                if done.settled == 0 {
+                    .map_err(store)?;
+                if done.settled + done.charged_back == 0 {
                     poll.ignored += 1;
                 } else if !done.hash_matched {
                     tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, settled = done.settled, "landed operation's hash matches none we reserved: settled every reservation of its nonce at its cost");
                 }
+                if done.charged_back > 0 {
+                    tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, "an operation whose reservation was released landed after all: its cost is charged back");
+                }
                 poll.settled += done.settled;
                 poll.superseded += done.superseded;
+                poll.charged_back += done.charged_back;
             }
             // The cursor moves only after the range's settlements are stored.
-            self.cursor.set(to).await?;
+            let hash = self
+                .provider
+                .get_block_by_number(to.into())
+                .await
+                .map_err(rpc)?
+                .map(|b| b.header.hash);
+            self.cursor.set(Mark { number: to, hash }).await?;
             poll.to_block = to;
             from = to + 1;
         }
-        // Operations whose validUntil is before the confirmed head's time can no longer land.
+        Ok(poll)
+    }
+
+    /// Whether the block the cursor names now has another hash.
+    async fn reorganised(&self, mark: Mark) -> Result<bool, WatchError> {
+        let Some(hash) = mark.hash else {
+            return Ok(false);
+        };
         let block = self
             .provider
-            .get_block_by_number(confirmed.into())
+            .get_block_by_number(mark.number.into())
             .await
             .map_err(rpc)?;
-        if let Some(block) = block {
-            poll.released = sponsor
-                .ledger()
-                .release_expired(&policies, block.header.timestamp)
-                .await
-                .map_err(|e| WatchError::Store(e.to_string()))?;
+        Ok(block.is_none_or(|b| b.header.hash != hash))
+    }
+
+    /// Where a watcher without a cursor starts: `start_block` if given; else the first block
+    /// at or after the time the oldest open reservation can have been made (its `validUntil`
+    /// less the longest validity any policy grants, and the `validAfter` skew); else, with
+    /// nothing open, the confirmed head.
+    async fn first_block(
+        &self,
+        sponsor: &Sponsor,
+        policies: &[String],
+        confirmed: u64,
+    ) -> Result<u64, WatchError> {
+        if let Some(block) = self.start_block {
+            return Ok(block);
         }
-        self.read_deposits(sponsor).await?;
-        Ok(poll)
+        let Some(oldest) = sponsor
+            .ledger()
+            .oldest_open(policies)
+            .await
+            .map_err(store)?
+        else {
+            return Ok(confirmed);
+        };
+        let longest = sponsor
+            .policies()
+            .iter()
+            .map(|p| p.max_validity.as_secs())
+            .max()
+            .unwrap_or(0);
+        let since = oldest.saturating_sub(longest + VALID_AFTER_SKEW_SECS);
+        let block = self.block_at(since, confirmed).await?;
+        tracing::info!(
+            block,
+            since,
+            "no watcher cursor: starting before the oldest open reservation"
+        );
+        Ok(block)
+    }
+
+    /// The first block in `0..=upto` whose timestamp is at least `time` (binary search).
+    async fn block_at(&self, time: u64, upto: u64) -> Result<u64, WatchError> {
+        let (mut lo, mut hi) = (0, upto);
+        while lo < hi {
+            let mid = lo + (hi - lo) / 2;
+            let ts = self
+                .provider
+                .get_block_by_number(mid.into())
+                .await
+                .map_err(rpc)?
+                .map_or(u64::MAX, |b| b.header.timestamp);
+            if ts >= time {
+                hi = mid;
+            } else {
+                lo = mid + 1;
+            }
+        }
+        Ok(lo)
+    }
+
+    /// Release the reservations whose `validUntil` is before the time of the block that
+    /// cannot be reorganised away.
+    async fn release(&self, sponsor: &Sponsor) -> Result<usize, WatchError> {
+        let tag = match self.finality {
+            Finality::Finalized => BlockNumberOrTag::Finalized,
+            Finality::Depth(depth) => {
+                let head = self.provider.get_block_number().await.map_err(rpc)?;
+                BlockNumberOrTag::Number(head.saturating_sub(depth))
+            }
+        };
+        let Some(block) = self.provider.get_block_by_number(tag).await.map_err(rpc)? else {
+            return Ok(0);
+        };
+        let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
+        sponsor
+            .ledger()
+            .release_expired(&policies, block.header.timestamp)
+            .await
+            .map_err(store)
     }
 }

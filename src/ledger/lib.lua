@@ -111,3 +111,27 @@ local function close_record(record, open_key, mode, actual)
   return 1
 end
 
+
+-- A released reservation whose operation landed after all (the release went by a block time
+-- that a reorg undid, or the watcher came late): charge its cost back, once. Returns 1 if
+-- charged now, 0 if the record is not released.
+local function charge_back(record, actual)
+  local f = redis.call('HMGET', record, 'state', 'scopes', 'session', 'spend')
+  if f[1] ~= 'released' then
+    return 0
+  end
+  for _, scope in ipairs(lines(f[2])) do
+    if redis.call('EXISTS', scope) == 1 then
+      redis.call('HINCRBY', scope, 'cost', string.format('%d', actual))
+      redis.call('HINCRBY', scope, 'ops', 1)
+    end
+  end
+  if f[3] and redis.call('EXISTS', f[3]) == 1 then
+    for _, entry in ipairs(lines(f[4])) do
+      local field, amount = string.match(entry, '^(%S+) (%d+)$')
+      redis.call('HSET', f[3], field, dec_add(redis.call('HGET', f[3], field) or '0', amount))
+    end
+  end
+  redis.call('HSET', record, 'state', 'settled', 'actual', string.format('%d', actual))
+  return 1
+end

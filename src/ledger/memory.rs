@@ -250,7 +250,7 @@ impl MemoryLedger {
 
     pub(super) fn settle(&self, policies: &[String], landing: &Landing) -> Settled {
         let mut inner = self.lock();
-        let open: Vec<PolicyKey> = policies
+        let records: Vec<PolicyKey> = policies
             .iter()
             .flat_map(|policy| {
                 inner
@@ -260,31 +260,41 @@ impl MemoryLedger {
                     .flatten()
                     .map(move |op| (policy.clone(), *op))
             })
-            .filter(|k| {
-                inner
-                    .reservations
-                    .get(k)
-                    .is_some_and(|r| r.state == State::Open)
-            })
             .collect();
-        let matched = open
+        let state_of = |k: &PolicyKey| inner.reservations.get(k).map(|r| r.state);
+        let matches = |k: &PolicyKey| {
+            inner
+                .reservations
+                .get(k)
+                .is_some_and(|r| r.user_op_hashes.contains(&landing.user_op_hash))
+        };
+        let open: Vec<PolicyKey> = records
             .iter()
-            .find(|k| {
-                inner
-                    .reservations
-                    .get(k)
-                    .is_some_and(|r| r.user_op_hashes.contains(&landing.user_op_hash))
-            })
+            .filter(|k| state_of(k) == Some(State::Open))
+            .cloned()
+            .collect();
+        let matched = open.iter().find(|k| matches(k)).cloned();
+        let released_match = records
+            .iter()
+            .find(|k| state_of(k) == Some(State::Released) && matches(k))
             .cloned();
         let mut out = Settled {
             hash_matched: matched.is_some(),
             ..Settled::default()
         };
+        // See settle.lua: the open match settles; else a released match is charged back; else
+        // every open reservation of the nonce settles.
+        if matched.is_none()
+            && let Some(k) = released_match
+        {
+            out.charged_back += usize::from(inner.charge_back(&k, landing.actual_gwei));
+            out.hash_matched = true;
+        }
         for k in &open {
-            if matched.as_ref().is_none_or(|m| m == k) {
-                out.settled += usize::from(inner.close(k, Some(landing.actual_gwei)));
-            } else {
+            if out.hash_matched && matched.as_ref() != Some(k) {
                 out.superseded += usize::from(inner.close(k, None));
+            } else {
+                out.settled += usize::from(inner.close(k, Some(landing.actual_gwei)));
             }
         }
         out
@@ -303,6 +313,15 @@ impl MemoryLedger {
             .map(|(k, _)| k.clone())
             .collect();
         expired.iter().filter(|k| inner.close(k, None)).count()
+    }
+
+    pub(super) fn oldest_open(&self, policies: &[String]) -> Option<u64> {
+        self.lock()
+            .reservations
+            .iter()
+            .filter(|((policy, _), r)| r.state == State::Open && policies.contains(policy))
+            .map(|(_, r)| r.answer.window.valid_until)
+            .min()
     }
 
     pub(super) fn revoke_session(&self, policy: &str, session: B256, expires_at: u64) {
@@ -355,6 +374,32 @@ impl Inner {
             ops.retain(|op| reservations.contains_key(&(policy.clone(), *op)));
             !ops.is_empty()
         });
+    }
+
+    /// Charge back a released reservation whose operation landed after all, once.
+    fn charge_back(&mut self, key: &PolicyKey, actual: u64) -> bool {
+        let Some(rec) = self
+            .reservations
+            .get_mut(key)
+            .filter(|r| r.state == State::Released)
+        else {
+            return false;
+        };
+        rec.state = State::Settled;
+        let (scopes, session, spend) = (rec.scopes.clone(), rec.session, rec.spend.clone());
+        for scope in scopes {
+            if let Some(c) = self.counters.get_mut(&(key.0.clone(), scope)) {
+                c.cost = c.cost.saturating_add(actual);
+                c.ops = c.ops.saturating_add(1);
+            }
+        }
+        if let Some(state) = session.and_then(|id| self.sessions.get_mut(&(key.0.clone(), id))) {
+            for (token, amount) in spend {
+                let total = state.spent.entry(token).or_default();
+                *total = total.saturating_add(amount);
+            }
+        }
+        true
     }
 
     /// Settle (`Some(actual)`) or release (`None`) an open reservation, once.

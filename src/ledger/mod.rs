@@ -179,6 +179,9 @@ pub struct Settled {
     pub settled: usize,
     /// Other reservations of the same nonce, released: they can never land now.
     pub superseded: usize,
+    /// Released reservations whose operation landed after all (their release went by a block
+    /// time a reorg undid, or the watcher came late): their cost charged back.
+    pub charged_back: usize,
     /// Whether one reservation's userOpHash equals the event's.
     pub hash_matched: bool,
 }
@@ -330,6 +333,15 @@ impl Ledger {
         match self {
             Self::Memory(m) => Ok(m.release_expired(policies, confirmed_time)),
             Self::Redis(l) => l.release_expired(policies, confirmed_time).await,
+        }
+    }
+
+    /// The earliest `validUntil` of the open reservations of `policies`: a watcher starting
+    /// without a cursor must read the chain from before the oldest of them was made.
+    pub async fn oldest_open(&self, policies: &[String]) -> Result<Option<u64>, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.oldest_open(policies)),
+            Self::Redis(l) => l.oldest_open(policies).await,
         }
     }
 

@@ -208,6 +208,7 @@ impl RedisLedger {
     ) -> Result<Settled, StoreError> {
         let mut conn = self.conn.clone();
         let mut out = Settled::default();
+        let mut released_match = false;
         for policy in policies {
             let found: i64 = self
                 .settle
@@ -218,26 +219,31 @@ impl RedisLedger {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            if found == 1 {
-                out.hash_matched = true;
-                break;
-            }
+            out.hash_matched |= found == 1;
+            released_match |= found == 2;
         }
+        let found = match (out.hash_matched, released_match) {
+            (true, _) => "open",
+            (false, true) => "released",
+            (false, false) => "none",
+        };
         for policy in policies {
-            let (settled, superseded): (usize, usize) = self
+            let (settled, superseded, charged): (usize, usize, usize) = self
                 .settle
                 .key(landing_index_key(policy, landing.landing_key))
                 .key(open_key(policy))
                 .arg("settle")
                 .arg(landing.user_op_hash.to_string())
                 .arg(landing.actual_gwei)
-                .arg(if out.hash_matched { "1" } else { "0" })
+                .arg(found)
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
             out.settled += settled;
             out.superseded += superseded;
+            out.charged_back += charged;
         }
+        out.hash_matched |= out.charged_back > 0;
         Ok(out)
     }
 
@@ -318,6 +324,21 @@ impl RedisLedger {
             }
         }
         Ok(out)
+    }
+
+    pub(super) async fn oldest_open(&self, policies: &[String]) -> Result<Option<u64>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut oldest: Option<u64> = None;
+        for policy in policies {
+            let first: Vec<(String, u64)> = conn
+                .zrange_withscores(open_key(policy), 0, 0)
+                .await
+                .map_err(unavailable)?;
+            if let Some((_, valid_until)) = first.first() {
+                oldest = Some(oldest.map_or(*valid_until, |o| o.min(*valid_until)));
+            }
+        }
+        Ok(oldest)
     }
 
     pub(super) async fn open(&self, policy: &str, scope: &str) -> Result<u64, StoreError> {

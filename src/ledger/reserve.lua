@@ -95,7 +95,8 @@ if state == 'open' then
 end
 
 -- Only one reservation of a nonce can land: under a session (whose proof a stranger may have
--- seen), more open ones of that session only hold its budget. Closed entries are pruned here.
+-- seen), more open ones of that session only hold its budget. Entries whose record is gone are
+-- pruned here (released ones stay: a late event may still charge them back).
 local open = 0
 for _, record in ipairs(redis.call('SMEMBERS', KEYS[3])) do
   local f = redis.call('HMGET', record, 'state', 'session')
@@ -103,7 +104,7 @@ for _, record in ipairs(redis.call('SMEMBERS', KEYS[3])) do
     if session and record ~= KEYS[1] and f[2] == KEYS[4] then
       open = open + 1
     end
-  elseif f[1] ~= 'settled' then
+  elseif not f[1] then
     redis.call('SREM', KEYS[3], record)
   end
 end

@@ -450,7 +450,7 @@ async fn batches_decode_to_the_calls_the_account_executes() -> TestResult {
 /// resumes from its cursor and settles nothing twice.
 #[tokio::test]
 async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
-    use session_paymaster::chain::watcher::{Cursor, Watcher};
+    use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
     use session_paymaster::ledger::wei_to_gwei_ceil;
 
     let redis = crate::helpers::TestRedis::start().await?;
@@ -511,6 +511,7 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
         Some(0),
         Cursor::redis(conn.clone(), 31337),
     )
+    .with_finality(Finality::Depth(0))
     .with_low_deposit(U256::from(10u64).pow(U256::from(20u64)));
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!((poll.settled, poll.released), (1, 0), "{poll:?}");
@@ -531,7 +532,8 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
         0,
         Some(0),
         Cursor::redis(conn, 31337),
-    );
+    )
+    .with_finality(Finality::Depth(0));
     let poll = restarted.poll_once(sponsor).await?;
     assert_eq!((poll.settled, poll.ignored), (0, 0), "{poll:?}");
 

@@ -173,7 +173,7 @@ async fn eip7702_marker_factory_is_refused() -> TestResult {
 #[tokio::test]
 async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
     use crate::e2e::{User, set_paymaster};
-    use session_paymaster::chain::watcher::{Cursor, Watcher};
+    use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
     use session_paymaster::ledger::wei_to_gwei_ceil;
 
     let redis = TestRedis::start().await?;
@@ -214,7 +214,8 @@ async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
         0,
         Some(0),
         Cursor::redis(conn, 31337),
-    );
+    )
+    .with_finality(Finality::Depth(0));
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!((poll.settled, poll.superseded), (1, 1), "{poll:?}");
     assert_eq!(

@@ -72,6 +72,7 @@ fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
         settled,
         superseded,
         hash_matched,
+        charged_back: 0,
     }
 }
 
@@ -216,13 +217,43 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     assert_eq!(ledger.open("q", "s").await?, 0);
     assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 0);
     assert_eq!(
-        ledger.settle(&all, &landing(11, 50)).await?,
-        settled(0, 0, false),
-        "a released op is closed"
+        ledger.settle(&all, &landing(11, 50)).await?.charged_back,
+        1,
+        "a released op that lands after all is charged back"
     );
+    assert_eq!(ledger.usage("q", "s").await?, (80, 2));
+    late_events_charge_back(&ledger).await?;
     landings_by_nonce(&ledger).await?;
     expiring_answers_are_replaced(&ledger).await?;
     sessions_in_the_atomic_step(&ledger).await
+}
+
+/// A reservation released as expired whose operation lands after all (a reorg undid the block
+/// whose time released it, or the watcher came late) has its cost charged back, once.
+async fn late_events_charge_back(ledger: &Ledger) -> TestResult {
+    let policies = vec!["late".to_owned()];
+    let r = Reservation {
+        policy: "late".into(),
+        answer: answer(90, NOW + 10),
+        ..reservation(90, 50, vec![scope("l", None, None)])
+    };
+    assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    assert_eq!(ledger.oldest_open(&policies).await?, Some(NOW + 10));
+    assert_eq!(ledger.release_expired(&policies, NOW + 11).await?, 1);
+    assert_eq!(ledger.oldest_open(&policies).await?, None);
+    assert_eq!(ledger.usage("late", "l").await?, (0, 0));
+    let late = ledger.settle(&policies, &landing(90, 9)).await?;
+    assert_eq!((late.charged_back, late.settled), (1, 0), "{late:?}");
+    assert_eq!(ledger.usage("late", "l").await?, (9, 1), "charged back");
+    assert_eq!(
+        ledger
+            .settle(&policies, &landing(90, 9))
+            .await?
+            .charged_back,
+        0,
+        "once"
+    );
+    Ok(())
 }
 
 /// Several reservations of one nonce (the same sender and nonce with other fees, or under

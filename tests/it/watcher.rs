@@ -35,7 +35,7 @@ async fn a_chain_rpc_outage_keeps_replicas_ready_and_backs_off() -> TestResult {
         .erased();
     let watcher = Watcher::new(provider, &app.state.sponsor, 0, None, Cursor::memory());
     let _task = app.state.spawn_watcher(watcher, Duration::from_millis(50));
-    tokio::time::sleep(Duration::from_millis(1600)).await;
+    tokio::time::sleep(Duration::from_millis(2300)).await;
 
     let resp = reqwest::get(format!("{}/readyz", app.url)).await?;
     let status = resp.status().as_u16();
@@ -59,8 +59,207 @@ async fn a_chain_rpc_outage_keeps_replicas_ready_and_backs_off() -> TestResult {
         .text()
         .await?;
     let failed = metric(&text, "sp_watcher_polls_failed_total");
-    // 50 ms doubling: about 5 polls in 1.6 s (32 without backoff).
+    // 50 ms doubling: about 6 polls in 2.3 s (46 without backoff).
     assert!((2..=8).contains(&failed), "{failed} failed polls:\n{text}");
     assert!(metric(&text, "sp_watcher_lag_seconds") >= 1, "{text}");
+    Ok(())
+}
+
+/// anvil with the local stack, Redis, and dev-counter with a policy budget (so sponsorships are
+/// reserved); one operation of a v0.7 user sponsored and landed.
+async fn landed_op(
+    redis: &crate::helpers::TestRedis,
+) -> TestResult<(crate::helpers::Stack, crate::helpers::TempDir, u64)> {
+    use crate::e2e::{User, set_paymaster};
+    use session_paymaster::userop::UserOperation;
+
+    let dir = crate::helpers::TempDir::new("watcher");
+    for entry in std::fs::read_dir(crate::helpers::repo_dir().join("policies"))? {
+        let path = entry?.path();
+        std::fs::copy(&path, dir.0.join(path.file_name().ok_or("name")?))?;
+    }
+    let policy_file = dir.0.join("dev-counter.toml");
+    let mut text = std::fs::read_to_string(&policy_file)?;
+    text.push_str("\n[budgets]\npolicy = { cost = \"1 ether\", ops = 100, period = \"1d\" }\n");
+    std::fs::write(&policy_file, text)?;
+    let stack =
+        crate::helpers::Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
+    let actual = {
+        let user = User::new(&stack, EntryPointVersion::V0_7).await?;
+        let mut op_json = user.op_json();
+        let result = stack
+            .app
+            .result(
+                "pm_sponsorUserOperation",
+                json!([op_json, user.entry_point()]),
+            )
+            .await?;
+        set_paymaster(&mut op_json, &result);
+        let mut op = UserOperation::from_json(&op_json)?;
+        user.finish(&mut op)?;
+        let event = user.submit(&op).await?;
+        session_paymaster::ledger::wei_to_gwei_ceil(event.actualGasCost)
+    };
+    Ok((stack, dir, actual))
+}
+
+async fn mine(stack: &crate::helpers::Stack, blocks: u64) -> TestResult {
+    let _: Value = stack
+        .anvil
+        .provider
+        .raw_request("anvil_mine".into(), (format!("{blocks:#x}"),))
+        .await?;
+    Ok(())
+}
+
+fn policy_scope() -> String {
+    format!("policy:{}", session_paymaster::app::unix_now() / 86_400)
+}
+
+/// A watcher started without a cursor (the first `--rpc-url` against a Redis that already holds
+/// reservations, or an evicted key) started at the head: it missed the events of operations
+/// that landed before it, and then released their reservations. It now starts before the
+/// oldest open reservation.
+#[tokio::test]
+async fn a_watcher_without_cursor_starts_before_the_oldest_open_reservation() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let (stack, _dir, actual) = landed_op(&redis).await?;
+    mine(&stack, 50).await?;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        2,
+        None,
+        Cursor::memory(),
+    )
+    .with_finality(session_paymaster::chain::watcher::Finality::Depth(2));
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!(poll.settled, 1, "{poll:?}");
+    assert_eq!(
+        sponsor
+            .ledger()
+            .usage("dev-counter", &policy_scope())
+            .await?,
+        (actual, 1)
+    );
+    Ok(())
+}
+
+/// A JSON-RPC proxy in front of anvil that refuses `eth_getLogs` over `max_blocks` blocks (as
+/// hosted providers do), or every `eth_getLogs` when `max_blocks` is 0.
+async fn capped_proxy(upstream: String, max_blocks: u64) -> TestResult<String> {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let url = format!("http://{}", listener.local_addr()?);
+    let client = reqwest::Client::new();
+    let app = axum::Router::new().route(
+        "/",
+        axum::routing::post(move |body: axum::Json<Value>| {
+            let (client, upstream) = (client.clone(), upstream.clone());
+            async move {
+                let body = body.0;
+                if body["method"] == json!("eth_getLogs") {
+                    let q = |f: &str| {
+                        body["params"][0][f]
+                            .as_str()
+                            .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+                            .unwrap_or(0)
+                    };
+                    let span = q("toBlock").saturating_sub(q("fromBlock")) + 1;
+                    if max_blocks == 0 || span > max_blocks {
+                        return axum::Json(json!({
+                            "jsonrpc": "2.0", "id": body["id"],
+                            "error": { "code": -32005, "message": format!("query exceeds max block range {max_blocks}") }
+                        }));
+                    }
+                }
+                let answer = match client.post(&upstream).json(&body).send().await {
+                    Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
+                    Err(_) => Value::Null,
+                };
+                axum::Json(answer)
+            }
+        }),
+    );
+    tokio::spawn(async move {
+        let _ = axum::serve(listener, app).await;
+    });
+    Ok(url)
+}
+
+/// `eth_getLogs` spanned a fixed 1,000 blocks; providers that cap ranges or results refused
+/// every poll. The range now halves while refused (and grows back after successes).
+#[tokio::test]
+async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let (stack, _dir, actual) = landed_op(&redis).await?;
+    mine(&stack, 30).await?;
+    let proxy = capped_proxy(stack.anvil.url.clone(), 4).await?;
+    let provider = ProviderBuilder::new().connect_http(proxy.parse()?).erased();
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(provider, sponsor, 0, Some(0), Cursor::memory())
+        .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!(poll.settled, 1, "{poll:?}");
+    assert_eq!(
+        sponsor
+            .ledger()
+            .usage("dev-counter", &policy_scope())
+            .await?,
+        (actual, 1)
+    );
+    Ok(())
+}
+
+/// Deposits were read only after a successful log pass: low-deposit alerts stopped while logs
+/// failed. They are read on their own now.
+#[tokio::test]
+async fn deposits_are_read_while_logs_fail() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let (stack, _dir, _) = landed_op(&redis).await?;
+    let proxy = capped_proxy(stack.anvil.url.clone(), 0).await?;
+    let provider = ProviderBuilder::new().connect_http(proxy.parse()?).erased();
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(provider, sponsor, 0, Some(0), Cursor::memory())
+        .with_low_deposit(alloy::primitives::U256::MAX);
+    assert!(watcher.poll_once(sponsor).await.is_err(), "logs fail");
+    let text = reqwest::get(format!("{}/metrics", stack.app.url))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.lines()
+            .any(|l| l.starts_with("sp_paymaster_deposit_low{") && l.ends_with(" 1")),
+        "{text}"
+    );
+    Ok(())
+}
+
+/// A reorg deeper than the confirmations replaced the block the cursor names: the watcher reads
+/// again from further back instead of going on from a block that no longer exists.
+#[tokio::test]
+async fn a_reorganised_cursor_block_is_read_again() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let (stack, _dir, _) = landed_op(&redis).await?;
+    let provider = &stack.anvil.provider;
+    let snapshot: Value = provider.raw_request("evm_snapshot".into(), ()).await?;
+    mine(&stack, 3).await?;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(provider.clone(), sponsor, 0, Some(0), Cursor::memory())
+        .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    assert!(!watcher.poll_once(sponsor).await?.reorg);
+    let _: Value = provider
+        .raw_request("evm_revert".into(), (snapshot,))
+        .await?;
+    let _: Value = provider
+        .raw_request("evm_increaseTime".into(), (7u64,))
+        .await?;
+    mine(&stack, 4).await?;
+    let poll = watcher.poll_once(sponsor).await?;
+    assert!(poll.reorg, "{poll:?}");
+    assert_eq!(
+        poll.settled, 0,
+        "read again, settled nothing twice: {poll:?}"
+    );
     Ok(())
 }
