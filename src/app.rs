@@ -123,7 +123,8 @@ impl AppState {
                 sessions,
                 ledger,
                 RateLimits::new(config.rate_per_key),
-            ),
+            )
+            .with_deposit_margin(config.deposit_margin),
             sponsor_name: config.sponsor_name.clone(),
             max_body_bytes: config.max_body_bytes,
             api_keys: ApiKeys::new(config.api_keys.clone()),

@@ -106,6 +106,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_WATCH_INTERVAL", default_value = "2s", value_parser = humantime::parse_duration)]
     pub watch_interval: Duration,
 
+    /// Share of each paymaster's EntryPoint deposit (per cent) kept free of open reservations:
+    /// with the watcher, a sponsorship whose worst case would pass the rest is refused
+    /// (`deposit_low`).
+    #[arg(long, env = "SP_DEPOSIT_MARGIN", default_value_t = crate::sponsor::deposit::DEFAULT_MARGIN_PERCENT, value_parser = clap::value_parser!(u64).range(0..=100))]
+    pub deposit_margin: u64,
+
+    /// Without `--rpc-url`, serve with Redis and budgets anyway: reservations then stay counted
+    /// at their worst case for good (nothing settles or releases them).
+    #[arg(long, env = "SP_NO_SETTLEMENT")]
+    pub no_settlement: bool,
+
     /// Paymaster deposits below this many wei are reported low (metric and warning).
     #[arg(long, env = "SP_LOW_DEPOSIT_WEI", default_value = "100000000000000000")]
     pub low_deposit_wei: alloy::primitives::U256,
@@ -184,6 +195,8 @@ pub struct Config {
     pub rate_per_key: Option<Rate>,
     /// Bundler for gas estimation.
     pub bundler_url: Option<String>,
+    /// Share of each deposit (per cent) kept free of open reservations.
+    pub deposit_margin: u64,
     /// How long estimation waits for the bundler.
     pub bundler_timeout: Duration,
     /// Redis for session grants; `None`: in memory.
@@ -224,6 +237,7 @@ impl From<&ServeArgs> for Config {
             api_keys: args.api_keys.clone(),
             rate_per_key: args.rate_per_key,
             bundler_url: args.bundler_url.clone(),
+            deposit_margin: args.deposit_margin,
             bundler_timeout: args.bundler_timeout,
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
@@ -377,6 +391,11 @@ impl ServeArgs {
             s(humantime::format_duration(self.watch_interval).to_string()),
         );
         put("low_deposit_wei", s(self.low_deposit_wei.to_string()));
+        put(
+            "deposit_margin",
+            toml::Value::Integer(i64::try_from(self.deposit_margin).unwrap_or(i64::MAX)),
+        );
+        put("no_settlement", toml::Value::Boolean(self.no_settlement));
         put(
             "finality",
             s(match self.finality {

@@ -328,6 +328,20 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             .map_err(|e| format!("cannot start: {e}"))?,
     );
     log_startup(&state, &config);
+    // Reservations in Redis that nothing settles stay at their worst case for good: say so at
+    // start rather than find the budgets full later. The embedded default (memory) keeps
+    // starting, with its warning below.
+    let budgets = state.sponsor.policies().iter().any(|p| {
+        p.budgets.session.is_some() || p.budgets.sender.is_some() || p.budgets.policy.is_some()
+    });
+    if config.redis_url.is_some() && budgets && args.rpc_url.is_none() && !args.no_settlement {
+        return Err(
+            "policies with budgets on Redis but no --rpc-url: nothing would settle or release \
+             reservations, which would stay at their worst case for good; give --rpc-url, or \
+             --no-settlement to accept that"
+                .into(),
+        );
+    }
     state.spawn_policy_watcher(args.policy_poll);
     state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
     match &args.rpc_url {

@@ -109,6 +109,7 @@ pub struct Metrics {
     budget_remaining: Family<BudgetLabels, Gauge>,
     deposit_wei: Family<EntryPointLabels, Gauge<f64, AtomicU64>>,
     deposit_low: Family<EntryPointLabels, Gauge>,
+    open_gwei: Family<EntryPointLabels, Gauge>,
     watcher_polls_failed: Counter,
     watcher_ignored_events: Counter,
     watcher_lag_seconds: Gauge,
@@ -128,6 +129,7 @@ impl Default for Metrics {
             budget_remaining: Family::default(),
             deposit_wei: Family::default(),
             deposit_low: Family::default(),
+            open_gwei: Family::default(),
             watcher_polls_failed: Counter::default(),
             watcher_ignored_events: Counter::default(),
             watcher_lag_seconds: Gauge::default(),
@@ -178,6 +180,11 @@ impl Default for Metrics {
             "sp_paymaster_deposit_low",
             "1 when the deposit is below --low-deposit-wei",
             m.deposit_low.clone(),
+        );
+        r.register(
+            "sp_paymaster_open_gwei",
+            "Worst cases of the open reservations charged to the paymaster's deposit",
+            m.open_gwei.clone(),
         );
         r.register(
             "sp_watcher_polls_failed",
@@ -235,14 +242,17 @@ impl Metrics {
             .inc();
     }
 
-    /// The paymaster deposit of `entry_point` as last read from the chain, and whether it is
-    /// below the configured threshold.
-    pub fn deposit(&self, entry_point: &str, wei: u128, low: bool) {
+    /// The paymaster deposit of `entry_point` as last read from the chain, whether it is
+    /// below the configured threshold, and the open worst cases charged to it (gwei).
+    pub fn deposit(&self, entry_point: &str, wei: u128, low: bool, open_gwei: u64) {
         let labels = EntryPointLabels {
             entry_point: entry_point.to_owned(),
         };
         self.deposit_wei.get_or_create(&labels).set(wei as f64);
         self.deposit_low.get_or_create(&labels).set(i64::from(low));
+        self.open_gwei
+            .get_or_create(&labels)
+            .set(i64::try_from(open_gwei).unwrap_or(i64::MAX));
     }
 
     /// A watcher poll failed.
@@ -301,7 +311,7 @@ mod tests {
         m.request("pm_sponsorUserOperation", None, Duration::from_millis(3));
         m.request("evil\"name", Some(-32601), Duration::from_micros(50));
         m.rejection("fee_too_high");
-        m.deposit("0xabc", 5, true);
+        m.deposit("0xabc", 5, true, 3);
         let text = m.render(4, 7, Some(3), &[("p".into(), "ops", 9)]);
         for line in [
             "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"ok\"} 2",

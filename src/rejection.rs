@@ -104,6 +104,9 @@ reasons! {
     NoMatchingPolicy => "no_matching_policy",
     /// A budget would be exceeded.
     BudgetExhausted => "budget_exhausted",
+    /// The paymaster's EntryPoint deposit would not cover the operation on top of the open
+    /// reservations.
+    DepositLow => "deposit_low",
     /// The operation's sender and nonce already have as many open sponsorships as allowed.
     NoncePending => "nonce_pending",
     /// Policy and context leave no time for the signature to be valid.

@@ -28,7 +28,8 @@ use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
-use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil};
+use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
+use crate::sponsor::deposit::paymaster_scope;
 use crate::sponsor::{Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
 use crate::userop::IEntryPoint::UserOperationEvent;
@@ -199,6 +200,8 @@ impl Watcher {
         start_block: Option<u64>,
         cursor: Cursor,
     ) -> Self {
+        // From now on every sponsorship is counted against its paymaster's deposit.
+        sponsor.deposits().track();
         let with_paymaster: Vec<_> = sponsor
             .entry_points()
             .iter()
@@ -245,22 +248,41 @@ impl Watcher {
         self
     }
 
-    /// Read each paymaster's deposit into the metrics.
+    /// Read each paymaster's deposit, and sum the open worst cases charged to it, for
+    /// admission (see [`crate::sponsor::deposit`]) and the metrics.
     async fn read_deposits(&self, sponsor: &Sponsor) -> Result<(), WatchError> {
+        let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
         for (entry_point, paymaster) in &self.pairs {
             let wei = IEntryPoint::new(*entry_point, &self.provider)
                 .balanceOf(*paymaster)
                 .call()
                 .await
                 .map_err(rpc)?;
+            let mut open = 0u64;
+            for policy in &policies {
+                open = open.saturating_add(
+                    sponsor
+                        .ledger()
+                        .open(policy, &paymaster_scope(*entry_point))
+                        .await
+                        .map_err(store)?,
+                );
+            }
+            let deposit = wei_to_gwei_floor(wei);
+            sponsor.deposits().observe(*entry_point, deposit, open);
             let low = wei < self.low_deposit;
             if low {
                 tracing::warn!(%entry_point, %paymaster, deposit = %wei, threshold = %self.low_deposit, "paymaster deposit is low: top it up");
+            }
+            // Alert well before admission starts refusing (at the deposit less the margin).
+            if open > deposit / 2 {
+                tracing::warn!(%entry_point, %paymaster, deposit_gwei = deposit, open_gwei = open, "open reservations hold over half of the paymaster's deposit: top it up");
             }
             sponsor.metrics().deposit(
                 &entry_point.to_string(),
                 u128::try_from(wei).unwrap_or(u128::MAX),
                 low,
+                open,
             );
         }
         Ok(())

@@ -19,6 +19,7 @@
 //! Refusals carry a [`Reason`] ([`crate::rejection`]). No chain RPC anywhere.
 
 mod decode;
+pub mod deposit;
 mod explain;
 mod rate;
 mod reserve;
@@ -46,6 +47,7 @@ use crate::signer::{Signer, SignerError};
 use crate::userop::paymaster_data::{PaymasterData, PaymasterGas, ValidityWindow};
 use crate::userop::{EntryPointVersion, UserOperation};
 use crate::wire::{self, FieldError};
+use deposit::DepositGuard;
 use explain::Trace;
 pub(crate) use explain::rejection_fields;
 
@@ -243,6 +245,7 @@ pub struct Sponsor {
     ledger: Ledger,
     limits: RateLimits,
     metrics: Metrics,
+    deposits: DepositGuard,
 }
 
 impl Sponsor {
@@ -256,8 +259,13 @@ impl Sponsor {
         ledger: Ledger,
         limits: RateLimits,
     ) -> Self {
+        let deposits = DepositGuard::new(
+            entry_points.iter().map(|e| e.address),
+            deposit::DEFAULT_MARGIN_PERCENT,
+        );
         Self {
             chain_id,
+            deposits,
             entry_points,
             policies: LivePolicies::new(policies),
             signer,
@@ -266,6 +274,18 @@ impl Sponsor {
             limits,
             metrics: Metrics::default(),
         }
+    }
+
+    /// Keep `percent` of each paymaster's deposit free of open reservations (default
+    /// [`deposit::DEFAULT_MARGIN_PERCENT`]).
+    pub fn with_deposit_margin(mut self, percent: u64) -> Self {
+        self.deposits = DepositGuard::new(self.entry_points.iter().map(|e| e.address), percent);
+        self
+    }
+
+    /// The paymasters' deposits, as admission sees them (the watcher fills them in).
+    pub fn deposits(&self) -> &DepositGuard {
+        &self.deposits
     }
 
     /// Budgets.

@@ -11,6 +11,7 @@ use alloy::primitives::{Address, B256, U256, keccak256};
 use alloy::sol_types::SolValue;
 
 use super::decode::Decoded;
+use super::deposit::paymaster_scope;
 use super::{Decision, Reason, Rejection, Run, Sponsor, SponsorError, SponsorRequest};
 use crate::ledger::{
     GRACE_SECS, MAX_EXACT_GWEI, MAX_OPEN_PER_NONCE, Outcome, Reservation, Scope, SessionCharge,
@@ -36,12 +37,37 @@ pub(super) async fn reserve(
     run: Run,
 ) -> Result<PaymasterData, SponsorError> {
     let Decision { policy, grant, .. } = *decision;
-    let scopes = Sponsor::scopes(policy, grant, req.op.sender, now);
-    // Without budgets and without a session there is nothing to count or to re-check.
-    if scopes.is_empty() && grant.is_none() {
+    let mut scopes = Sponsor::scopes(policy, grant, req.op.sender, now);
+    let tracking_deposit = sponsor.deposits.tracking();
+    // Without budgets, a session or a watched deposit there is nothing to count or re-check.
+    if scopes.is_empty() && grant.is_none() && !tracking_deposit {
         return Ok(data);
     }
     let cost_gwei = wei_to_gwei_ceil(decoded.max_cost);
+    if tracking_deposit {
+        sponsor
+            .deposits
+            .admit(req.entry_point, cost_gwei)
+            .map_err(|short| {
+                Rejection::new(
+                    Reason::DepositLow,
+                    "paymaster.deposit",
+                    format!(
+                        "the paymaster's EntryPoint deposit ({} gwei) less its margin does not cover \
+                         this operation ({} gwei) on top of the open reservations ({} gwei)",
+                        short.deposit, short.requested, short.open
+                    ),
+                )
+            })?;
+        scopes.push(Scope {
+            name: paymaster_scope(req.entry_point),
+            rule: "paymaster.deposit".into(),
+            cost_limit: None,
+            ops_limit: None,
+            expires_at: now.saturating_add(10 * 365 * 86_400),
+            resets_at: None,
+        });
+    }
     // Only absurd gas fields under a policy without a cost cap get here.
     if cost_gwei > MAX_EXACT_GWEI {
         return Err(Rejection::new(
@@ -86,7 +112,12 @@ pub(super) async fn reserve(
     let outcome = sponsor.ledger.reserve(&reservation, check_only, now).await;
     sponsor.metrics.reserve_seconds.observe(started.elapsed());
     match outcome? {
-        Outcome::Reserved => Ok(data),
+        Outcome::Reserved => {
+            if !check_only && tracking_deposit {
+                sponsor.deposits.reserved(req.entry_point, cost_gwei);
+            }
+            Ok(data)
+        }
         // The same operation again: the answer signed for it, nothing reserved twice.
         Outcome::Existing(_) if check_only => Ok(data),
         Outcome::Existing(answer) => Ok(answer),

@@ -260,6 +260,7 @@ pub fn config(paymasters: [Option<Address>; 2], signer: KeySource) -> Config {
         rate_per_key: None,
         bundler_url: None,
         bundler_timeout: Duration::from_secs(10),
+        deposit_margin: 10,
         redis_url: None,
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),

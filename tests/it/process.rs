@@ -225,3 +225,60 @@ fn configuration_layers_and_print_config() -> TestResult {
     assert!(!ok && err.contains("unknown key `chain_idd`"), "{err}");
     Ok(())
 }
+
+/// With Redis and budgets but no chain RPC, nothing would ever settle or release a reservation:
+/// `serve` refuses to start unless `--no-settlement` says that is meant.
+#[tokio::test]
+async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let dir = TempDir::new("no-settlement");
+    std::fs::write(
+        dir.0.join("budgeted.toml"),
+        format!(
+            "id = \"budgeted\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+             [budgets]\npolicy = {{ ops = 5, period = \"1d\" }}\n\
+             [[allow]]\ntarget = \"{}\"\nfunctions = [\"increment()\"]\n",
+            crate::helpers::COUNTER
+        ),
+    )?;
+    let serve = |extra: &[&str], port: u16| {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
+        cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+            .arg("--policies")
+            .arg(&dir.0)
+            .args(["--redis-url", &redis.url])
+            .args(extra)
+            .env_remove("SP_RPC_URL")
+            .stdout(Stdio::null())
+            .stderr(Stdio::piped());
+        cmd
+    };
+    let out = serve(&[], free_port()?).output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(stderr.contains("--no-settlement"), "{stderr}");
+
+    let port = free_port()?;
+    let mut child = serve(&["--no-settlement"], port).spawn()?;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let client = reqwest::Client::new();
+    while client
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_string(&mut err)?;
+            }
+            return Err(format!("did not start with --no-settlement: {err}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}

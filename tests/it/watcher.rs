@@ -263,3 +263,78 @@ async fn a_reorganised_cursor_block_is_read_again() -> TestResult {
     );
     Ok(())
 }
+
+alloy::sol! {
+    #[sol(rpc)]
+    interface IWithdraw {
+        function withdrawTo(address payable withdrawAddress, uint256 withdrawAmount) external;
+    }
+}
+
+/// Bundlers refuse a paymaster whose deposit does not cover its pending operations, and a
+/// dry deposit strands every signed one: with the watcher reading the deposit, sponsorships
+/// whose worst case would pass the deposit less its margin are refused (`deposit_low`).
+#[tokio::test]
+async fn sponsorship_stops_before_the_deposit_runs_dry() -> TestResult {
+    use alloy::primitives::U256;
+    use session_paymaster::ledger::wei_to_gwei_ceil;
+    use session_paymaster::userop::paymaster_data::PaymasterGas;
+
+    let stack = crate::helpers::Stack::start().await?;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        None,
+        Cursor::memory(),
+    )
+    .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let op = |nonce: u64| counter_op(Address::repeat_byte(0x11), nonce, "increment()");
+    let worst = wei_to_gwei_ceil(op(0).max_cost(PaymasterGas::for_op_size(op(0).hashed_len())));
+    // Leave a deposit whose 90 % holds two and a half worst cases.
+    let keep = U256::from(worst * 25 / 9 + 1) * U256::from(1_000_000_000u64);
+    let paymaster = stack.version(EntryPointVersion::V0_7).paymaster;
+    let deposit = U256::from(10u64).pow(U256::from(19u64));
+    IWithdraw::new(paymaster, &stack.anvil.provider)
+        .withdrawTo(stack.bundler, deposit - keep)
+        .from(stack.bundler)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    watcher.poll_once(sponsor).await?;
+
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    for nonce in 0..2 {
+        let ok = stack
+            .app
+            .result("pm_sponsorUserOperation", json!([op(nonce).to_json(), ep]))
+            .await?;
+        assert!(ok["paymasterData"].is_string(), "{ok}");
+    }
+    let err = stack
+        .app
+        .error("pm_sponsorUserOperation", json!([op(2).to_json(), ep]))
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("deposit_low"), "{err}");
+    // The next poll sums the open reservations (replacing this replica's own count): still full.
+    watcher.poll_once(sponsor).await?;
+    let err = stack
+        .app
+        .error("pm_sponsorUserOperation", json!([op(3).to_json(), ep]))
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("deposit_low"), "{err}");
+    let text = reqwest::get(format!("{}/metrics", stack.app.url))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.contains(&format!(
+            "sp_paymaster_open_gwei{{entry_point=\"{ep}\"}} {}",
+            2 * worst
+        )),
+        "{text}"
+    );
+    Ok(())
+}
