@@ -24,6 +24,7 @@ use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::ledger::memory::MemoryLedger;
 use crate::ledger::redis::RedisLedger;
+use crate::metrics::Scrape;
 use crate::policy::file::{PolicyFileError, load_sources, read_dir_sources, version_of};
 use crate::policy::publish;
 use crate::ratelimit::RateLimits;
@@ -60,6 +61,8 @@ pub struct AppState {
     /// Shared Redis connection, when configured.
     redis: Option<RedisConn>,
     policies_dir: PathBuf,
+    /// Version of the set in this replica's own directory at start.
+    directory_version: alloy::primitives::B256,
     request_seq: AtomicU64,
 }
 
@@ -109,10 +112,27 @@ impl AppState {
                 Ledger::Redis(RedisLedger::new(conn.clone())),
             ),
         };
-        // With Redis, this replica's valid directory becomes the published set every replica
-        // serves (as `policies push` would); the watcher keeps them in step afterwards.
+        // With Redis, every replica serves the published set. This replica's valid directory
+        // becomes it only if none is published yet, or when told to (`--publish-policies`, as
+        // `policies push` would): a replica started with an older directory must not revert a
+        // push for the whole cluster. A directory that differs is reported on /readyz.
+        let directory_version = policies.version();
+        let mut policies = policies;
         if let Some(conn) = &redis {
-            publish::push(conn, policies.version(), &sources).await?;
+            let current = if config.publish_policies {
+                publish::push(conn, directory_version, &sources).await?;
+                directory_version
+            } else {
+                publish::push_if_none(conn, directory_version, &sources).await?
+            };
+            if current != directory_version {
+                let published = publish::fetch(conn, current).await?.ok_or_else(|| {
+                    StartupError::Config(format!("published policy set {current} is missing"))
+                })?;
+                policies =
+                    load_sources(Path::new("redis"), published).map_err(StartupError::Policies)?;
+                tracing::warn!(published = %current, directory = %directory_version, "the policy directory differs from the published set: serving the published set (see /readyz; --publish-policies or `policies push` to publish the directory)");
+            }
         }
         Ok(Self {
             sponsor: Sponsor::new(
@@ -143,6 +163,7 @@ impl AppState {
             admin_on_main: config.admin_on_main,
             redis,
             policies_dir: config.policies_dir.clone(),
+            directory_version,
             request_seq: AtomicU64::new(u64::from_be_bytes(seed) >> 16),
         })
     }
@@ -182,6 +203,12 @@ impl AppState {
                 state.sponsor.limits().evict_stale();
             }
         })
+    }
+
+    /// Whether this replica serves a published set other than its own directory's (with Redis;
+    /// without, the directory is the set).
+    pub fn directory_differs(&self) -> bool {
+        self.redis.is_some() && self.sponsor.policies().version() != self.directory_version
     }
 
     /// The shared Redis connection, when configured.
@@ -318,6 +345,8 @@ impl AppState {
                     "version": policies.version(),
                     "count": policies.len(),
                     "refusedSet": self.sponsor.live_policies().last_error(),
+                    "directoryVersion": self.directory_version,
+                    "directoryDiffers": self.directory_differs(),
                 },
                 "signer": self.sponsor.signer().address(),
                 "watcher": watcher,
@@ -356,12 +385,13 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     }
     let ok_at = state.watcher_ok_at.load(Ordering::Relaxed);
     let watcher_lag = (ok_at != 0).then(|| now.saturating_sub(ok_at));
-    let text = sponsor.metrics().render(
-        policies.len(),
-        sponsor.limits().len(),
+    let text = sponsor.metrics().render(&Scrape {
+        policies: policies.len(),
+        rate_limit_keys: sponsor.limits().len(),
         watcher_lag,
-        &budgets,
-    );
+        budgets,
+        directory_differs: state.directory_differs(),
+    });
     (
         [(
             axum::http::header::CONTENT_TYPE,

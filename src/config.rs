@@ -112,6 +112,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_DEPOSIT_MARGIN", default_value_t = crate::sponsor::deposit::DEFAULT_MARGIN_PERCENT, value_parser = clap::value_parser!(u64).range(0..=100))]
     pub deposit_margin: u64,
 
+    /// With Redis, publish this replica's policy directory at start even when another set is
+    /// published (as `policies push` would); without it, the directory is published only if
+    /// nothing is, and a directory that differs is reported (`/readyz`, a metric).
+    #[arg(long, env = "SP_PUBLISH_POLICIES")]
+    pub publish_policies: bool,
+
     /// Without `--rpc-url`, serve with Redis and budgets anyway: reservations then stay counted
     /// at their worst case for good (nothing settles or releases them).
     #[arg(long, env = "SP_NO_SETTLEMENT")]
@@ -197,6 +203,8 @@ pub struct Config {
     pub bundler_url: Option<String>,
     /// Share of each deposit (per cent) kept free of open reservations.
     pub deposit_margin: u64,
+    /// Publish the policy directory at start even over another published set.
+    pub publish_policies: bool,
     /// How long estimation waits for the bundler.
     pub bundler_timeout: Duration,
     /// Redis for session grants; `None`: in memory.
@@ -238,6 +246,7 @@ impl From<&ServeArgs> for Config {
             rate_per_key: args.rate_per_key,
             bundler_url: args.bundler_url.clone(),
             deposit_margin: args.deposit_margin,
+            publish_policies: args.publish_policies,
             bundler_timeout: args.bundler_timeout,
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
@@ -396,6 +405,10 @@ impl ServeArgs {
             toml::Value::Integer(i64::try_from(self.deposit_margin).unwrap_or(i64::MAX)),
         );
         put("no_settlement", toml::Value::Boolean(self.no_settlement));
+        put(
+            "publish_policies",
+            toml::Value::Boolean(self.publish_policies),
+        );
         put(
             "finality",
             s(match self.finality {

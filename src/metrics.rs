@@ -75,6 +75,21 @@ struct BudgetLabels {
     resource: &'static str,
 }
 
+/// What `/metrics` reads at scrape time.
+#[derive(Debug, Default)]
+pub struct Scrape {
+    /// Policies in force.
+    pub policies: usize,
+    /// Keys tracked by the rate limiters.
+    pub rate_limit_keys: usize,
+    /// Seconds since the watcher's last successful poll, when it runs.
+    pub watcher_lag: Option<u64>,
+    /// Per policy-wide budget: `(policy, resource, remaining)`.
+    pub budgets: Vec<(String, &'static str, u64)>,
+    /// Whether this replica's policy directory differs from the published set it serves.
+    pub directory_differs: bool,
+}
+
 /// A latency histogram in seconds.
 #[derive(Debug, Clone)]
 pub struct Latency(Histogram);
@@ -113,6 +128,7 @@ pub struct Metrics {
     watcher_polls_failed: Counter,
     watcher_ignored_events: Counter,
     watcher_lag_seconds: Gauge,
+    directory_differs: Gauge,
 }
 
 impl Default for Metrics {
@@ -133,6 +149,7 @@ impl Default for Metrics {
             watcher_polls_failed: Counter::default(),
             watcher_ignored_events: Counter::default(),
             watcher_lag_seconds: Gauge::default(),
+            directory_differs: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -195,6 +212,11 @@ impl Default for Metrics {
             "sp_watcher_ignored_events",
             "UserOperationEvents of our paymaster that matched no open reservation",
             m.watcher_ignored_events.clone(),
+        );
+        r.register(
+            "sp_policy_directory_differs",
+            "1 when this replica's policy directory differs from the published set it serves",
+            m.directory_differs.clone(),
         );
         r.register(
             "sp_watcher_lag_seconds",
@@ -266,25 +288,20 @@ impl Metrics {
             .inc_by(u64::try_from(events).unwrap_or(u64::MAX));
     }
 
-    /// The exposition, with the gauges the caller reads at scrape time: policies in force,
-    /// rate-limit keys, seconds since the watcher's last success (when it runs), and per
-    /// policy what is left of its budget (`(policy, resource, remaining)`).
-    pub fn render(
-        &self,
-        policies: usize,
-        rate_limit_keys: usize,
-        watcher_lag: Option<u64>,
-        budgets: &[(String, &'static str, u64)],
-    ) -> String {
+    /// The exposition, with the gauges read at scrape time.
+    pub fn render(&self, scrape: &Scrape) -> String {
         let gauge = |n: u64| i64::try_from(n).unwrap_or(i64::MAX);
-        self.policies.set(gauge(policies as u64));
-        self.rate_limit_keys.set(gauge(rate_limit_keys as u64));
-        if let Some(lag) = watcher_lag {
+        self.policies.set(gauge(scrape.policies as u64));
+        self.rate_limit_keys
+            .set(gauge(scrape.rate_limit_keys as u64));
+        self.directory_differs
+            .set(i64::from(scrape.directory_differs));
+        if let Some(lag) = scrape.watcher_lag {
             self.watcher_lag_seconds.set(gauge(lag));
         }
         // A policy removed since the last scrape has no budget any more.
         self.budget_remaining.clear();
-        for (policy, resource, remaining) in budgets {
+        for (policy, resource, remaining) in &scrape.budgets {
             self.budget_remaining
                 .get_or_create(&BudgetLabels {
                     policy: policy.clone(),
@@ -312,7 +329,13 @@ mod tests {
         m.request("evil\"name", Some(-32601), Duration::from_micros(50));
         m.rejection("fee_too_high");
         m.deposit("0xabc", 5, true, 3);
-        let text = m.render(4, 7, Some(3), &[("p".into(), "ops", 9)]);
+        let text = m.render(&Scrape {
+            policies: 4,
+            rate_limit_keys: 7,
+            watcher_lag: Some(3),
+            budgets: vec![("p".into(), "ops", 9)],
+            directory_differs: true,
+        });
         for line in [
             "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"ok\"} 2",
             "sp_requests_total{method=\"other\",outcome=\"-32601\"} 1",
@@ -324,6 +347,7 @@ mod tests {
             "sp_paymaster_deposit_low{entry_point=\"0xabc\"} 1",
             "sp_budget_remaining{policy=\"p\",resource=\"ops\"} 9",
             "sp_watcher_lag_seconds 3",
+            "sp_policy_directory_differs 1",
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }
@@ -339,9 +363,9 @@ mod tests {
             m.rejection(&format!("expected a hex quantity, got {i}"));
         };
         invent(0);
-        let first = m.render(0, 0, None, &[]).len();
+        let first = m.render(&Scrape::default()).len();
         (1..100).for_each(invent);
-        let text = m.render(0, 0, None, &[]);
+        let text = m.render(&Scrape::default());
         assert!(text.contains("sp_requests_total{method=\"other\",outcome=\"-32601\"} 100"));
         assert!(text.contains("sp_rejections_total{reason=\"other\"} 100"));
         assert!(

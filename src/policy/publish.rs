@@ -3,6 +3,8 @@
 //! `sp:policies:set:<version>` holds the files (JSON `[[name, toml], …]`, written once);
 //! `sp:policies:current` names the version in force. Publishing writes the set, then switches
 //! `current`; replicas poll `current` and load a new version only if it parses completely.
+//! A replica starting with its own directory publishes it only if nothing is published yet
+//! (or when told to, `--publish-policies`): an older directory never reverts a push.
 
 use crate::session::redis::RedisConn;
 use alloy::primitives::B256;
@@ -34,6 +36,26 @@ pub async fn push(conn: &RedisConn, version: B256, sources: &Sources) -> Result<
         .await
         .map_err(unavailable)?;
     Ok(())
+}
+
+/// Publish `sources` as `version` only if no set is published yet; the version in force
+/// afterwards (this one, or the one already published).
+pub async fn push_if_none(
+    conn: &RedisConn,
+    version: B256,
+    sources: &Sources,
+) -> Result<B256, StoreError> {
+    let mut conn = conn.clone();
+    let json = serde_json::to_string(sources).map_err(unavailable)?;
+    let _: () = conn
+        .set(set_key(version), json)
+        .await
+        .map_err(unavailable)?;
+    let _: bool = conn
+        .set_nx(CURRENT, version.to_string())
+        .await
+        .map_err(unavailable)?;
+    Ok(current_version(&conn).await?.unwrap_or(version))
 }
 
 /// The version in force, if any was published.

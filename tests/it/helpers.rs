@@ -261,6 +261,7 @@ pub fn config(paymasters: [Option<Address>; 2], signer: KeySource) -> Config {
         bundler_url: None,
         bundler_timeout: Duration::from_secs(10),
         deposit_margin: 10,
+        publish_policies: false,
         redis_url: None,
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),

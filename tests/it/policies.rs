@@ -105,7 +105,9 @@ async fn replicas_follow_the_set_published_in_redis() -> TestResult {
     let a = app(&dir_a, Some(&redis)).await?;
     assert_eq!(outcome(&a, "increment()").await?, "");
 
-    // Replica b starts with an edited directory: it publishes that set; a follows.
+    // Replica b starts with an edited (older, say) directory: measured before, it published
+    // that set and the whole cluster reverted to it within seconds. It now serves the
+    // published set and says its directory differs.
     edit(
         &dir_b,
         "dev-counter.toml",
@@ -113,6 +115,42 @@ async fn replicas_follow_the_set_published_in_redis() -> TestResult {
         "functions = [\"reset()\"]",
     )?;
     let b = app(&dir_b, Some(&redis)).await?;
+    a.state.refresh_policies().await;
+    assert_eq!(
+        a.state.sponsor.policies().version(),
+        b.state.sponsor.policies().version()
+    );
+    assert_eq!(outcome(&a, "increment()").await?, "", "nothing reverted");
+    assert_eq!(
+        outcome(&b, "increment()").await?,
+        "",
+        "b serves the published set"
+    );
+    let (_, ready) = readyz(&b).await?;
+    assert_eq!(
+        ready["policies"]["directoryDiffers"],
+        json!(true),
+        "{ready}"
+    );
+    assert_eq!(
+        readyz(&a).await?.1["policies"]["directoryDiffers"],
+        json!(false)
+    );
+    let metrics = reqwest::get(format!("{}/metrics", b.url))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        metrics.contains("sp_policy_directory_differs 1"),
+        "{metrics}"
+    );
+
+    // Told to (`--publish-policies`), a replica publishes its directory; every replica follows.
+    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    c.policies_dir = dir_b.0.clone();
+    c.redis_url = Some(redis.url.clone());
+    c.publish_policies = true;
+    let b = TestApp::spawn(c).await?;
     a.state.refresh_policies().await;
     assert_eq!(
         a.state.sponsor.policies().version(),
