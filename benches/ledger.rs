@@ -205,5 +205,60 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         ratio(whole99, bare99)
     );
     println!("EVALSHA per sponsorship             {per_op:.2}");
+    memory_flatness();
     Ok(())
+}
+
+/// The embedded ledger's cost per reservation does not grow with the records it keeps: the
+/// median of 20k reservations into an empty ledger against 20k more after 500k (every record
+/// still live, as within a signature's lifetime).
+fn memory_flatness() {
+    use session_paymaster::ledger::memory::MemoryLedger;
+
+    let ledger = MemoryLedger::new();
+    let scope = |name: &str| Scope {
+        name: name.into(),
+        rule: "bench".into(),
+        cost_limit: Some(u64::MAX / 4),
+        ops_limit: None,
+        expires_at: 4_000_000_000,
+        resets_at: None,
+    };
+    let reservation = |i: u64| Reservation {
+        policy: "bench".into(),
+        op_key: keccak256(i.to_be_bytes()),
+        landing_key: keccak256((i ^ u64::MAX).to_be_bytes()),
+        cost_gwei: 1,
+        scopes: vec![scope("sender"), scope("policy")],
+        user_op_hash: B256::ZERO,
+        answer: PaymasterData {
+            window: ValidityWindow {
+                valid_after: 1_799_999_940,
+                valid_until: 1_800_000_600 + i % 600,
+            },
+            signature: [7; 65],
+        },
+        session: None,
+        expires_at: 1_800_004_200 + i % 600,
+    };
+    let median = |from: u64| {
+        let mut v: Vec<Duration> = (from..from + 20_000)
+            .map(|i| {
+                let t = Instant::now();
+                ledger.reserve_now(&reservation(i), 1_800_000_000);
+                t.elapsed()
+            })
+            .collect();
+        v.sort();
+        v[v.len() / 2]
+    };
+    let first = median(0);
+    for i in 20_000..500_000 {
+        ledger.reserve_now(&reservation(i), 1_800_000_000);
+    }
+    let later = median(500_000);
+    println!(
+        "memory ledger reservation           p50 {first:>8.1?} empty, {later:>8.1?} after 500k records  ({:.2}x)",
+        ratio(later, first)
+    );
 }

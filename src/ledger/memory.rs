@@ -1,7 +1,8 @@
 //! The ledger in this process: the embedded default, with the Redis ledger's semantics
 //! (`tests/it/ledger.rs` runs one suite against both).
 
-use std::collections::{BTreeMap, HashMap};
+use std::cmp::Reverse;
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use alloy::primitives::{Address, B256, U256, keccak256};
@@ -32,6 +33,20 @@ struct Inner {
     landings: HashMap<PolicyKey, Vec<B256>>,
     /// `(policy, session id)` → what reservations check and record on the session.
     sessions: HashMap<PolicyKey, SessionState>,
+    /// Open reservations per policy, by validUntil: release on expiry and the oldest open one
+    /// without a scan.
+    open_index: HashMap<String, BTreeSet<(u64, B256)>>,
+    /// When each counter, record and session state may be forgotten (as Redis TTLs). Lazy: an
+    /// entry whose item was extended or removed since is skipped when it comes up.
+    expiry: BinaryHeap<Reverse<(u64, Expiring)>>,
+}
+
+/// What an expiry entry forgets.
+#[derive(Debug, Clone, PartialEq, Eq, PartialOrd, Ord)]
+enum Expiring {
+    Counter(String, String),
+    Reservation(String, B256),
+    Session(String, B256),
 }
 
 #[derive(Debug, Default, Clone, Copy)]
@@ -52,6 +67,7 @@ enum State {
 #[derive(Debug)]
 struct Record {
     state: State,
+    landing_key: B256,
     cost: u64,
     scopes: Vec<String>,
     answer: PaymasterData,
@@ -81,6 +97,11 @@ impl MemoryLedger {
         self.inner
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+
+    /// A reservation at `now` (benches measure it without the async wrapper).
+    pub fn reserve_now(&self, r: &Reservation, now: u64) -> Outcome {
+        self.reserve(r, false, now)
     }
 
     pub(super) fn reserve(&self, r: &Reservation, check_only: bool, now: u64) -> Outcome {
@@ -117,11 +138,22 @@ impl MemoryLedger {
             if same {
                 // About to expire: extend this reservation to the fresh answer (see reserve.lua).
                 if !check_only && let Some(rec) = inner.reservations.get_mut(&key) {
+                    let before = rec.answer.window.valid_until;
                     rec.answer = r.answer.clone();
                     rec.user_op_hashes.push(r.user_op_hash);
                     let excess = rec.user_op_hashes.len().saturating_sub(MAX_HASHES);
                     rec.user_op_hashes.drain(..excess);
                     rec.expires_at = rec.expires_at.max(r.expires_at);
+                    let expires_at = rec.expires_at;
+                    inner.open_move(
+                        &r.policy,
+                        (before, r.op_key),
+                        (r.answer.window.valid_until, r.op_key),
+                    );
+                    inner.expire_at(
+                        expires_at,
+                        Expiring::Reservation(r.policy.clone(), r.op_key),
+                    );
                 }
                 return Outcome::Reserved;
             }
@@ -136,6 +168,12 @@ impl MemoryLedger {
                     ops.retain(|op| *op != r.op_key);
                     ops.push(kept.1);
                 }
+                let valid_until = stored.window.valid_until;
+                inner.open_move(&r.policy, (valid_until, r.op_key), (valid_until, kept.1));
+                inner.expire_at(
+                    rec.expires_at,
+                    Expiring::Reservation(kept.0.clone(), kept.1),
+                );
                 inner.reservations.insert(kept, rec);
             }
         }
@@ -213,22 +251,42 @@ impl MemoryLedger {
             c.cost = c.cost.saturating_add(r.cost_gwei);
             c.open = c.open.saturating_add(r.cost_gwei);
             c.ops = c.ops.saturating_add(1);
-            c.expires_at = s.expires_at;
+            if c.expires_at != s.expires_at {
+                c.expires_at = s.expires_at;
+                inner.expire_at(
+                    s.expires_at,
+                    Expiring::Counter(r.policy.clone(), s.name.clone()),
+                );
+            }
         }
         let mut spend = Vec::new();
         if let (Some(charge), Some(k)) = (&r.session, session) {
-            let state = inner.sessions.entry(k).or_default();
+            let state = inner.sessions.entry(k.clone()).or_default();
+            let extended = state.expires_at != charge.expires_at;
             state.expires_at = charge.expires_at;
             for t in &charge.spend {
                 let total = state.spent.entry(t.token).or_default();
                 *total = total.saturating_add(t.amount);
                 spend.push((t.token, t.amount));
             }
+            if extended {
+                inner.expire_at(charge.expires_at, Expiring::Session(k.0, k.1));
+            }
         }
+        inner.open_move(
+            &r.policy,
+            (0, B256::ZERO),
+            (r.answer.window.valid_until, r.op_key),
+        );
+        inner.expire_at(
+            r.expires_at,
+            Expiring::Reservation(r.policy.clone(), r.op_key),
+        );
         inner.reservations.insert(
             key,
             Record {
                 state: State::Open,
+                landing_key: r.landing_key,
                 cost: r.cost_gwei,
                 scopes: scope_names,
                 answer: r.answer.clone(),
@@ -302,25 +360,23 @@ impl MemoryLedger {
 
     pub(super) fn release_expired(&self, policies: &[String], confirmed_time: u64) -> usize {
         let mut inner = self.lock();
-        let expired: Vec<PolicyKey> = inner
-            .reservations
+        // validUntil < confirmed_time: the EntryPoint can no longer accept the operation.
+        let expired: Vec<PolicyKey> = policies
             .iter()
-            .filter(|((policy, _), r)| {
-                r.state == State::Open
-                    && r.answer.window.valid_until < confirmed_time
-                    && policies.contains(policy)
+            .filter_map(|policy| Some((policy, inner.open_index.get(policy)?)))
+            .flat_map(|(policy, open)| {
+                open.range(..(confirmed_time, B256::ZERO))
+                    .map(move |(_, op)| (policy.clone(), *op))
             })
-            .map(|(k, _)| k.clone())
             .collect();
         expired.iter().filter(|k| inner.close(k, None)).count()
     }
 
     pub(super) fn oldest_open(&self, policies: &[String]) -> Option<u64> {
-        self.lock()
-            .reservations
+        let inner = self.lock();
+        policies
             .iter()
-            .filter(|((policy, _), r)| r.state == State::Open && policies.contains(policy))
-            .map(|(_, r)| r.answer.window.valid_until)
+            .filter_map(|p| inner.open_index.get(p)?.first().map(|(at, _)| *at))
             .min()
     }
 
@@ -332,6 +388,8 @@ impl MemoryLedger {
             .or_default();
         state.revoked = true;
         state.expires_at = state.expires_at.max(expires_at);
+        let expires_at = state.expires_at;
+        inner.expire_at(expires_at, Expiring::Session(policy.to_owned(), session));
     }
 
     pub(super) fn session_spent(&self, policy: &str, session: B256) -> BTreeMap<Address, U256> {
@@ -364,16 +422,74 @@ impl MemoryLedger {
 }
 
 impl Inner {
-    /// Forget what has outlived what it accounts for (as Redis TTLs do).
+    /// Forget what has outlived what it accounts for (as Redis TTLs do): only what is due,
+    /// in expiry order, so a reservation costs the same however many records are kept.
     fn prune(&mut self, now: u64) {
-        self.counters.retain(|_, c| c.expires_at > now);
-        self.reservations.retain(|_, rec| rec.expires_at > now);
-        self.sessions.retain(|_, s| s.expires_at > now);
-        let reservations = &self.reservations;
-        self.landings.retain(|(policy, _), ops| {
-            ops.retain(|op| reservations.contains_key(&(policy.clone(), *op)));
-            !ops.is_empty()
-        });
+        while let Some(Reverse((at, _))) = self.expiry.peek()
+            && *at <= now
+        {
+            let Some(Reverse((_, item))) = self.expiry.pop() else {
+                break;
+            };
+            match item {
+                Expiring::Counter(policy, scope) => {
+                    let key = (policy, scope);
+                    if self.counters.get(&key).is_some_and(|c| c.expires_at <= now) {
+                        self.counters.remove(&key);
+                    }
+                }
+                Expiring::Session(policy, id) => {
+                    let key = (policy, id);
+                    if self.sessions.get(&key).is_some_and(|s| s.expires_at <= now) {
+                        self.sessions.remove(&key);
+                    }
+                }
+                Expiring::Reservation(policy, op) => {
+                    let key = (policy, op);
+                    // Only a record still due (not extended since) is forgotten.
+                    if self
+                        .reservations
+                        .get(&key)
+                        .is_none_or(|r| r.expires_at > now)
+                    {
+                        continue;
+                    }
+                    let Some(rec) = self.reservations.remove(&key) else {
+                        continue;
+                    };
+                    if rec.state == State::Open {
+                        self.open_move(
+                            &key.0,
+                            (rec.answer.window.valid_until, op),
+                            (0, B256::ZERO),
+                        );
+                    }
+                    let landing = (key.0, rec.landing_key);
+                    if let Some(ops) = self.landings.get_mut(&landing) {
+                        ops.retain(|o| *o != op);
+                        if ops.is_empty() {
+                            self.landings.remove(&landing);
+                        }
+                    }
+                }
+            }
+        }
+    }
+
+    fn expire_at(&mut self, at: u64, item: Expiring) {
+        self.expiry.push(Reverse((at, item)));
+    }
+
+    /// Move an entry of `policy`'s open index from `from` to `to`; a zero validUntil stands
+    /// for "none" on either side.
+    fn open_move(&mut self, policy: &str, from: (u64, B256), to: (u64, B256)) {
+        let open = self.open_index.entry(policy.to_owned()).or_default();
+        if from.0 != 0 {
+            open.remove(&from);
+        }
+        if to.0 != 0 {
+            open.insert(to);
+        }
     }
 
     /// Charge back a released reservation whose operation landed after all, once.
@@ -416,8 +532,10 @@ impl Inner {
         } else {
             State::Released
         };
+        let valid_until = rec.answer.window.valid_until;
         let (reserved, scopes) = (rec.cost, rec.scopes.clone());
         let (session, spend) = (rec.session, rec.spend.clone());
+        self.open_move(&key.0, (valid_until, key.1), (0, B256::ZERO));
         for scope in scopes {
             if let Some(c) = self.counters.get_mut(&(key.0.clone(), scope)) {
                 c.cost = c
