@@ -115,6 +115,7 @@ impl RedisLedger {
             .arg(if r.session.is_some() { "1" } else { "0" })
             .arg(r.session.as_ref().map_or(1, |s| ttl(s.expires_at)))
             .arg(super::MAX_OPEN_PER_NONCE)
+            .arg(now.saturating_sub(super::GRACE_SECS))
             .arg(spend.len());
         for t in spend {
             inv.arg(spent_field(t.token))

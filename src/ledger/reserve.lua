@@ -21,8 +21,11 @@
 -- ARGV[9]   "1" under a session
 -- ARGV[10]  session state TTL, seconds
 -- ARGV[11]  most open reservations one (EntryPoint, sender, nonce) may have under one session
--- ARGV[12]  number of token caps T
--- ARGV[13..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
+-- ARGV[12]  trim bound: open-set entries whose validUntil is below it are gone (their records
+--           expired an hour after it) and are dropped, so the set stays bounded without a
+--           watcher
+-- ARGV[13]  number of token caps T
+-- ARGV[14..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 -- then      per scope, four values: cost limit (-1: none), ops limit (-1: none), TTL, name
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
@@ -112,8 +115,8 @@ if open >= tonumber(ARGV[11]) then
   return {5, string.format('%d', open)}
 end
 
-local spend_count = tonumber(ARGV[12])
-local scope_base = 13 + spend_count * 3
+local spend_count = tonumber(ARGV[13])
+local scope_base = 14 + spend_count * 3
 local cost = tonumber(ARGV[2])
 for i = 5, #KEYS do
   local base = scope_base + (i - 5) * 4
@@ -136,7 +139,7 @@ end
 
 local totals = {}
 for t = 0, spend_count - 1 do
-  local field, amount, limit = ARGV[13 + t * 3], ARGV[14 + t * 3], ARGV[15 + t * 3]
+  local field, amount, limit = ARGV[14 + t * 3], ARGV[15 + t * 3], ARGV[16 + t * 3]
   local spent = redis.call('HGET', KEYS[4], field) or '0'
   local total = dec_add(spent, amount)
   if dec_cmp(total, limit) > 0 then
@@ -173,6 +176,7 @@ if session then
 end
 redis.call('EXPIRE', KEYS[1], ARGV[3])
 redis.call('ZADD', KEYS[2], ARGV[4], KEYS[1])
+redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[12])
 redis.call('SADD', KEYS[3], KEYS[1])
 extend_ttl(KEYS[3], ARGV[3])
 return {0}

@@ -219,8 +219,17 @@ impl Sponsor {
                         end.saturating_add(GRACE_SECS),
                     )
                 }
-                // No period: the budget never resets; keep its counter for ten years.
-                None => (base, None, now.saturating_add(10 * 365 * 86_400)),
+                // No period: the budget never resets; its counter lives as long as the policy
+                // (ten years when it sets no end).
+                None => (
+                    base,
+                    None,
+                    policy
+                        .active_until
+                        .map_or(now.saturating_add(10 * 365 * 86_400), |end| {
+                            end.saturating_add(GRACE_SECS)
+                        }),
+                ),
             };
             Scope {
                 name,

@@ -446,44 +446,64 @@ impl Drop for TestRedis {
 /// on drop.
 pub struct TestRedisCluster {
     nodes: Vec<Child>,
-    _data: TempDir,
+    ports: Vec<u16>,
+    persistent: bool,
+    data: TempDir,
     /// Comma-separated node URLs, as `--redis-url` takes a Cluster.
     pub url: String,
 }
 
 impl TestRedisCluster {
     pub async fn start() -> TestResult<Self> {
+        Self::start_with(false).await
+    }
+
+    /// Nodes with an append-only file: a node restarted keeps its keys.
+    pub async fn start_persistent() -> TestResult<Self> {
+        Self::start_with(true).await
+    }
+
+    fn spawn_node(data: &TempDir, port: u16, persistent: bool) -> TestResult<Child> {
+        Ok(Command::new("redis-server")
+            .args([
+                "--port",
+                &port.to_string(),
+                "--bind",
+                "127.0.0.1",
+                "--save",
+                "",
+                "--appendonly",
+                if persistent { "yes" } else { "no" },
+                "--appendfilename",
+                &format!("aof-{port}"),
+                "--appenddirname",
+                &format!("aof-{port}"),
+            ])
+            .args([
+                "--cluster-enabled",
+                "yes",
+                "--cluster-config-file",
+                &format!("nodes-{port}.conf"),
+            ])
+            .arg("--dir")
+            .arg(&data.0)
+            .stdout(Stdio::null())
+            .stderr(Stdio::null())
+            .spawn()?)
+    }
+
+    async fn start_with(persistent: bool) -> TestResult<Self> {
         let data = TempDir::new("redis-cluster");
         let ports: Vec<u16> = (0..3).map(|_| free_port()).collect();
         let mut nodes = Vec::new();
         for port in &ports {
-            let child = Command::new("redis-server")
-                .args([
-                    "--port",
-                    &port.to_string(),
-                    "--bind",
-                    "127.0.0.1",
-                    "--save",
-                    "",
-                    "--appendonly",
-                    "no",
-                ])
-                .args([
-                    "--cluster-enabled",
-                    "yes",
-                    "--cluster-config-file",
-                    &format!("nodes-{port}.conf"),
-                ])
-                .arg("--dir")
-                .arg(&data.0)
-                .stdout(Stdio::null())
-                .stderr(Stdio::null())
-                .spawn()?;
-            nodes.push(child);
+            nodes.push(Self::spawn_node(&data, *port, persistent)?);
         }
         let mut cluster = Self {
             nodes,
-            _data: data,
+            ports: ports.clone(),
+            persistent,
+            data,
             url: ports
                 .iter()
                 .map(|p| format!("redis://127.0.0.1:{p}"))
@@ -511,6 +531,52 @@ impl TestRedisCluster {
                 .await?;
         }
         Ok(cluster)
+    }
+
+    /// The index of the node that serves `key`'s slot.
+    pub fn owner_of(&self, key: &str) -> TestResult<usize> {
+        let cli = |port: u16, args: &[&str]| -> TestResult<String> {
+            let out = Command::new("redis-cli")
+                .args(["-p", &port.to_string()])
+                .args(args)
+                .output()?;
+            Ok(String::from_utf8_lossy(&out.stdout).into_owned())
+        };
+        let slot: u16 = cli(self.ports[0], &["CLUSTER", "KEYSLOT", key])?
+            .trim()
+            .parse()?;
+        for (i, port) in self.ports.iter().enumerate() {
+            let nodes = cli(*port, &["CLUSTER", "NODES"])?;
+            let mine = nodes
+                .lines()
+                .find(|l| l.contains("myself"))
+                .ok_or("no myself line")?;
+            let serves = mine.split(' ').skip(8).any(|range| {
+                let (a, b) = range.split_once('-').unwrap_or((range, range));
+                matches!((a.parse::<u16>(), b.parse::<u16>()), (Ok(a), Ok(b)) if a <= slot && slot <= b)
+            });
+            if serves {
+                return Ok(i);
+            }
+        }
+        Err(format!("no node serves slot {slot}").into())
+    }
+
+    /// Kill node `i` outright.
+    pub fn kill(&mut self, i: usize) -> TestResult {
+        self.nodes[i].kill()?;
+        self.nodes[i].wait()?;
+        Ok(())
+    }
+
+    /// Start node `i` again (same port, data and cluster config) and wait until the cluster
+    /// is whole.
+    pub async fn restart(&mut self, i: usize) -> TestResult {
+        let port = self.ports[i];
+        self.nodes[i] = Self::spawn_node(&self.data, port, self.persistent)?;
+        self.wait_for(port, "PING", "PONG").await?;
+        self.wait_for(port, "CLUSTER INFO", "cluster_state:ok")
+            .await
     }
 
     async fn wait_for(&mut self, port: u16, command: &str, expect: &str) -> TestResult {

@@ -797,7 +797,8 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         .collect();
     // Per run of reserve.lua with one scope and no session: HMGET record, SMEMBERS landing
     // index (open reservations of the nonce), HMGET cost+ops, HINCRBY cost, open and ops,
-    // EXPIRE scope, HSET record, EXPIRE record, ZADD open, SADD, TTL and EXPIRE landing index.
+    // EXPIRE scope, HSET record, EXPIRE record, ZADD and trim open, SADD, TTL and EXPIRE
+    // landing index.
     let expected = BTreeMap::from([
         ("evalsha", 5),
         ("hmget", 10),
@@ -807,6 +808,7 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         ("ttl", 5),
         ("hset", 5),
         ("zadd", 5),
+        ("zremrangebyscore", 5),
         ("sadd", 5),
     ]);
     assert_eq!(delta, expected, "Redis commands for 5 sponsorships");
@@ -954,5 +956,40 @@ async fn metrics_show_budget_remaining() -> TestResult {
         )),
         "{text}"
     );
+    Ok(())
+}
+
+/// Without a watcher nothing released reservations, and `sp:{policy}:open` grew for good: each
+/// reservation now drops the entries whose records have expired.
+#[tokio::test]
+async fn the_open_set_is_trimmed_without_a_watcher() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    for op in 1..=5u8 {
+        assert_eq!(
+            ledger
+                .reserve(&reservation(op, 1, vec![]), false, NOW)
+                .await?,
+            Outcome::Reserved
+        );
+    }
+    let later = NOW + 600 + session_paymaster::ledger::GRACE_SECS + 1;
+    let live = Reservation {
+        answer: answer(6, later + 600),
+        expires_at: later + 600 + session_paymaster::ledger::GRACE_SECS,
+        ..reservation(6, 1, vec![])
+    };
+    assert_eq!(
+        ledger.reserve(&live, false, later).await?,
+        Outcome::Reserved
+    );
+    let mut c = conn.clone();
+    let open: u64 = redis::cmd("ZCARD")
+        .arg("sp:{p}:open")
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(open, 1, "only the live one is left");
     Ok(())
 }

@@ -7,6 +7,8 @@
 mod apikeys;
 mod deploy;
 mod e2e;
+mod faults;
+mod fuzz;
 mod hashes;
 mod helpers;
 mod hostile;
