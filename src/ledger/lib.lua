@@ -1,5 +1,5 @@
 -- Shared by reserve.lua, settle.lua and release.lua (prepended to each when loaded): uint256
--- amounts as decimal strings, key lifetimes, and closing one reservation record.
+-- amounts as decimal strings, key lifetimes, the packed reservation record, and closing one.
 --
 -- Token amounts are uint256: they do not fit Redis integers or Lua numbers, so they are kept as
 -- decimal strings without leading zeros ("0" for zero) and added, subtracted and compared here.
@@ -59,79 +59,174 @@ local function dec_sub(a, b)
 end
 
 -- Set a key's TTL to `ttl` seconds unless it already lives longer: a key shared by several
--- records (a nonce's landing index) lives as long as the longest-lived of them.
+-- records (a nonce's hash, an expiry bucket) lives as long as the longest-lived of them.
 local function extend_ttl(key, ttl)
   if redis.call('TTL', key) < tonumber(ttl) then
     redis.call('EXPIRE', key, ttl)
   end
 end
 
-local function lines(text)
-  local out = {}
-  for line in string.gmatch(text or '', '[^\n]+') do
-    out[#out + 1] = line
+-- The reservations of one (EntryPoint, sender, nonce) live in one string key,
+-- `sp:{P}:n:<20-byte landing id>`: a sequence of entries `id length u8 ‖ id ‖ record length u16
+-- ‖ record`, the id being the operation's 20-byte idempotency id (26 bytes for a reservation
+-- kept aside, see reserve.lua). A string, not a hash: records are longer than a hash keeps
+-- compact, and most nonces have one. A record is packed (big-endian):
+--   state u8 (0 open, 1 settled, 2 released), cost u64 (gwei), validUntil u48,
+--   validUntil − validAfter u32, signature [65], n u8 + n userOpHash prefixes [8] (the
+--   latest MAX_HASHES; 64 bits tell a nonce's few reservations apart),
+--   n u8 + n scope names (u8 length + bytes; the budget key is `sp:{P}:budget:<name>`),
+--   session u8; with a session: its state key (u8 length + bytes), then n u8 + n token
+--   amounts (field and decimal amount, each u8 length + bytes).
+local OPEN, SETTLED, RELEASED = 0, 1, 2
+
+-- Seconds of validUntil one expiry bucket covers (ledger::redis::BUCKET_SECS).
+local BUCKET_SECS = 10
+
+local function unpack_record(data)
+  local r, n, pos = {}, 0, 1
+  local span
+  r.state, r.cost, r.valid_until, span, r.sig, n, pos = struct.unpack('>BI8I6I4c65B', data)
+  r.valid_after = r.valid_until - span
+  r.hashes = {}
+  for i = 1, n do
+    r.hashes[i], pos = struct.unpack('>c8', data, pos)
   end
-  return out
+  n, pos = struct.unpack('>B', data, pos)
+  r.scopes = {}
+  for i = 1, n do
+    r.scopes[i], pos = struct.unpack('>Bc0', data, pos)
+  end
+  local session
+  session, pos = struct.unpack('>B', data, pos)
+  r.spend = {}
+  if session == 1 then
+    r.session, pos = struct.unpack('>Bc0', data, pos)
+    n, pos = struct.unpack('>B', data, pos)
+    for i = 1, n do
+      local field, amount
+      field, pos = struct.unpack('>Bc0', data, pos)
+      amount, pos = struct.unpack('>Bc0', data, pos)
+      r.spend[i] = {field, amount}
+    end
+  end
+  return r
 end
 
--- Close an open reservation record, once: 'settle' it to `actual` gwei (the operation ran),
--- or 'release' it (it never will: its cost, its op count and its token spending come back).
--- Every key it touches carries the record's {policy} hash tag (one Cluster slot). Returns 1
--- if closed now, 0 if unknown or already closed.
-local function close_record(record, open_key, mode, actual)
-  local f = redis.call('HMGET', record, 'state', 'cost', 'scopes', 'session', 'spend')
-  if f[1] ~= 'open' then
+local function pack_record(r)
+  local parts = {struct.pack('>BI8I6I4c65B', r.state, r.cost, r.valid_until,
+    r.valid_until - r.valid_after, r.sig, #r.hashes)}
+  for _, h in ipairs(r.hashes) do
+    parts[#parts + 1] = h
+  end
+  parts[#parts + 1] = struct.pack('>B', #r.scopes)
+  for _, name in ipairs(r.scopes) do
+    parts[#parts + 1] = struct.pack('>Bc0', #name, name)
+  end
+  if r.session then
+    parts[#parts + 1] = struct.pack('>BBc0B', 1, #r.session, r.session, #r.spend)
+    for _, t in ipairs(r.spend) do
+      parts[#parts + 1] = struct.pack('>Bc0Bc0', #t[1], t[1], #t[2], t[2])
+    end
+  else
+    parts[#parts + 1] = struct.pack('>B', 0)
+  end
+  return table.concat(parts)
+end
+
+-- `sp:{P}:` of any key of policy P.
+local function policy_prefix(key)
+  return string.match(key, '^(sp:{[^}]*}:)')
+end
+
+local function has_hash(r, hash)
+  for _, h in ipairs(r.hashes) do
+    if h == hash then
+      return true
+    end
+  end
+  return false
+end
+
+-- The entries of a nonce's key: a list of {id, record} (records unpacked).
+local function load_nonce(key)
+  local data = redis.call('GET', key)
+  local entries, pos = {}, 1
+  if not data then
+    return entries
+  end
+  while pos <= #data do
+    local id, body
+    id, pos = struct.unpack('>Bc0', data, pos)
+    body, pos = struct.unpack('>Hc0', data, pos)
+    entries[#entries + 1] = {id, unpack_record(body)}
+  end
+  return entries
+end
+
+-- Write the entries back, keeping the key's TTL.
+local function save_nonce(key, entries)
+  local parts = {}
+  for _, e in ipairs(entries) do
+    local body = pack_record(e[2])
+    parts[#parts + 1] = struct.pack('>Bc0Hc0', #e[1], e[1], #body, body)
+  end
+  redis.call('SET', key, table.concat(parts), 'KEEPTTL')
+end
+
+-- Close an open reservation record (unpacked; the caller saves it), once: 'settle' it to
+-- `actual` gwei (the operation ran), or 'release' it (it never will: its cost, its op count and
+-- its token spending come back). Every key it touches carries the {policy} hash tag of `key`
+-- (one Cluster slot). Returns 1 if closed now, 0 if already closed.
+local function close_record(key, r, mode, actual)
+  if r.state ~= OPEN then
     return 0
   end
-  local reserved = tonumber(f[2])
   if mode ~= 'settle' then
     actual = 0
   end
-  local delta = string.format('%d', actual - reserved)
-  for _, scope in ipairs(lines(f[3])) do
+  local budget = policy_prefix(key) .. 'budget:'
+  local delta = string.format('%d', actual - r.cost)
+  for _, name in ipairs(r.scopes) do
+    local scope = budget .. name
     -- A counter whose window is over and forgotten is not brought back (with no TTL).
     if redis.call('EXISTS', scope) == 1 then
       redis.call('HINCRBY', scope, 'cost', delta)
-      redis.call('HINCRBY', scope, 'open', string.format('%d', -reserved))
+      redis.call('HINCRBY', scope, 'open', string.format('%d', -r.cost))
       if mode ~= 'settle' then
         redis.call('HINCRBY', scope, 'ops', -1)
       end
     end
   end
-  if mode ~= 'settle' and f[4] and redis.call('EXISTS', f[4]) == 1 then
-    for _, entry in ipairs(lines(f[5])) do
-      local field, amount = string.match(entry, '^(%S+) (%d+)$')
-      local spent = redis.call('HGET', f[4], field) or '0'
-      redis.call('HSET', f[4], field, dec_sub(spent, amount))
+  if mode ~= 'settle' and r.session and redis.call('EXISTS', r.session) == 1 then
+    for _, t in ipairs(r.spend) do
+      local spent = redis.call('HGET', r.session, t[1]) or '0'
+      redis.call('HSET', r.session, t[1], dec_sub(spent, t[2]))
     end
   end
-  redis.call('HSET', record, 'state', mode == 'settle' and 'settled' or 'released',
-    'actual', string.format('%d', actual))
-  redis.call('ZREM', open_key, record)
+  r.state = (mode == 'settle') and SETTLED or RELEASED
   return 1
 end
 
-
 -- A released reservation whose operation landed after all (the release went by a block time
--- that a reorg undid, or the watcher came late): charge its cost back, once. Returns 1 if
--- charged now, 0 if the record is not released.
-local function charge_back(record, actual)
-  local f = redis.call('HMGET', record, 'state', 'scopes', 'session', 'spend')
-  if f[1] ~= 'released' then
+-- that a reorg undid, or the watcher came late): charge its cost back, once (the caller saves
+-- it). Returns 1 if charged now, 0 if the record is not released.
+local function charge_back(key, r, actual)
+  if r.state ~= RELEASED then
     return 0
   end
-  for _, scope in ipairs(lines(f[2])) do
+  local budget = policy_prefix(key) .. 'budget:'
+  for _, name in ipairs(r.scopes) do
+    local scope = budget .. name
     if redis.call('EXISTS', scope) == 1 then
       redis.call('HINCRBY', scope, 'cost', string.format('%d', actual))
       redis.call('HINCRBY', scope, 'ops', 1)
     end
   end
-  if f[3] and redis.call('EXISTS', f[3]) == 1 then
-    for _, entry in ipairs(lines(f[4])) do
-      local field, amount = string.match(entry, '^(%S+) (%d+)$')
-      redis.call('HSET', f[3], field, dec_add(redis.call('HGET', f[3], field) or '0', amount))
+  if r.session and redis.call('EXISTS', r.session) == 1 then
+    for _, t in ipairs(r.spend) do
+      redis.call('HSET', r.session, t[1], dec_add(redis.call('HGET', r.session, t[1]) or '0', t[2]))
     end
   end
-  redis.call('HSET', record, 'state', 'settled', 'actual', string.format('%d', actual))
+  r.state = SETTLED
   return 1
 end

@@ -5,10 +5,16 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `sp:{<policy>}:budget:<scope>` | hash | `cost`, `open` (gwei), `ops` |
-//! | `sp:{<policy>}:op:<op key>` | hash | the reservation record: state, cost, the signed answer (window, raw signature), userOpHash, scopes, session and spend |
-//! | `sp:{<policy>}:open` | sorted set | open records by validUntil, for release on expiry |
-//! | `sp:{<policy>}:landing:<landing key>` | set | records reserved for one (EntryPoint, sender, nonce), for settlement |
+//! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
+//! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
+//! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
 //! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations) and `spent:<token>` totals |
+//!
+//! Ids and hashes are raw bytes: landing ids and idempotency ids are the first 20 bytes of
+//! their keccak keys, userOpHashes their first 8 (they only tell the few reservations of one
+//! nonce apart). A reservation without a session, charged to a sender and a policy budget,
+//! takes under 400 bytes: its entry in the nonce's string and 20 bytes of a bucket
+//! (`cargo test --test it ledger::a_reservation_takes_at_most_400_bytes`).
 
 use std::collections::BTreeMap;
 
@@ -43,16 +49,22 @@ fn budget_key(policy: &str, scope: &str) -> String {
     format!("sp:{{{policy}}}:budget:{scope}")
 }
 
-fn op_key(policy: &str, op: B256) -> String {
-    format!("sp:{{{policy}}}:op:{op}")
+/// Seconds of validUntil one expiry bucket covers (`BUCKET_SECS` in `lib.lua`).
+pub const BUCKET_SECS: u64 = 10;
+
+/// Most nonce ids one `release.lua` call reads from a bucket.
+const RELEASE_SLICE: usize = 2000;
+
+fn nonce_key(policy: &str, landing: B256) -> Vec<u8> {
+    [format!("sp:{{{policy}}}:n:").as_bytes(), &landing[..20]].concat()
 }
 
-fn open_key(policy: &str) -> String {
-    format!("sp:{{{policy}}}:open")
+fn index_key(policy: &str) -> String {
+    format!("sp:{{{policy}}}:x")
 }
 
-fn landing_index_key(policy: &str, landing: B256) -> String {
-    format!("sp:{{{policy}}}:landing:{landing}")
+fn bucket_key(policy: &str, bucket: u64) -> String {
+    format!("sp:{{{policy}}}:x:{bucket}")
 }
 
 fn session_key(policy: &str, session: B256) -> String {
@@ -88,13 +100,14 @@ impl RedisLedger {
     ) -> Result<Outcome, StoreError> {
         let mut conn = self.conn.clone();
         let ttl = |at: u64| at.saturating_sub(now).max(1);
-        let record = op_key(&r.policy, r.op_key);
-        let mut inv = self.reserve.key(&record);
-        inv.key(open_key(&r.policy));
-        inv.key(landing_index_key(&r.policy, r.landing_key));
+        let nonce = nonce_key(&r.policy, r.landing_key);
+        let bucket = r.answer.window.valid_until / BUCKET_SECS;
+        let mut inv = self.reserve.key(&nonce);
+        inv.key(index_key(&r.policy));
+        inv.key(bucket_key(&r.policy, bucket));
         match &r.session {
-            Some(s) => inv.key(session_key(&r.policy, s.id)),
-            None => inv.key(&record),
+            Some(s) => inv.key(session_key(&r.policy, s.id).into_bytes()),
+            None => inv.key(&nonce),
         };
         for s in &r.scopes {
             inv.key(budget_key(&r.policy, &s.name));
@@ -104,18 +117,22 @@ impl RedisLedger {
             .as_ref()
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
-        inv.arg(if check_only { "1" } else { "0" })
+        inv.arg(&r.op_key[..20])
+            .arg(if check_only { "1" } else { "0" })
             .arg(r.cost_gwei.to_string())
             .arg(ttl(r.expires_at))
             .arg(r.answer.window.valid_until)
             .arg(r.answer.window.valid_after)
             .arg(r.answer.signature.as_slice())
             .arg(now.saturating_add(super::REFRESH_MARGIN_SECS))
-            .arg(r.user_op_hash.to_string())
+            .arg(&r.user_op_hash[..8])
             .arg(if r.session.is_some() { "1" } else { "0" })
             .arg(r.session.as_ref().map_or(1, |s| ttl(s.expires_at)))
             .arg(super::MAX_OPEN_PER_NONCE)
-            .arg(now.saturating_sub(super::GRACE_SECS))
+            .arg(&r.landing_key[..20])
+            .arg(bucket)
+            .arg(ttl((bucket + 1) * BUCKET_SECS + super::GRACE_SECS))
+            .arg(now.saturating_sub(super::GRACE_SECS) / BUCKET_SECS)
             .arg(spend.len());
         for t in spend {
             inv.arg(spent_field(t.token))
@@ -213,10 +230,9 @@ impl RedisLedger {
         for policy in policies {
             let found: i64 = self
                 .settle
-                .key(landing_index_key(policy, landing.landing_key))
-                .key(open_key(policy))
+                .key(nonce_key(policy, landing.landing_key))
                 .arg("probe")
-                .arg(landing.user_op_hash.to_string())
+                .arg(&landing.user_op_hash[..8])
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
@@ -231,10 +247,9 @@ impl RedisLedger {
         for policy in policies {
             let (settled, superseded, charged): (usize, usize, usize) = self
                 .settle
-                .key(landing_index_key(policy, landing.landing_key))
-                .key(open_key(policy))
+                .key(nonce_key(policy, landing.landing_key))
                 .arg("settle")
-                .arg(landing.user_op_hash.to_string())
+                .arg(&landing.user_op_hash[..8])
                 .arg(landing.actual_gwei)
                 .arg(found)
                 .invoke_async(&mut conn)
@@ -256,27 +271,30 @@ impl RedisLedger {
         let mut conn = self.conn.clone();
         let mut released = 0;
         for policy in policies {
-            // validUntil < confirmed_time: the EntryPoint can no longer accept the operation.
-            let records: Vec<String> = redis::cmd("ZRANGEBYSCORE")
-                .arg(open_key(policy))
-                .arg("-inf")
-                .arg(format!("({confirmed_time}"))
-                .arg("LIMIT")
-                .arg(0)
-                .arg(1000)
-                .query_async(&mut conn)
+            // Buckets that may hold a validUntil < confirmed_time: the EntryPoint can no longer
+            // accept those operations.
+            let buckets: Vec<u64> = conn
+                .zrangebyscore(index_key(policy), "-inf", confirmed_time / BUCKET_SECS)
                 .await
                 .map_err(unavailable)?;
-            for record in records {
-                let closed: i64 = self
-                    .release
-                    .key(&record)
-                    .key(open_key(policy))
-                    .arg(confirmed_time)
-                    .invoke_async(&mut conn)
-                    .await
-                    .map_err(unavailable)?;
-                released += usize::from(closed == 1);
+            for bucket in buckets {
+                let (mut offset, mut left) = (0i64, 0i64);
+                while offset >= 0 {
+                    let (n, next, still): (usize, i64, i64) = self
+                        .release
+                        .key(bucket_key(policy, bucket))
+                        .key(index_key(policy))
+                        .arg(confirmed_time)
+                        .arg(bucket)
+                        .arg(offset)
+                        .arg(RELEASE_SLICE)
+                        .arg(left)
+                        .invoke_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    released += n;
+                    (offset, left) = (next, still);
+                }
             }
         }
         Ok(released)
@@ -327,16 +345,19 @@ impl RedisLedger {
         Ok(out)
     }
 
+    /// From the expiry index: the start of the earliest bucket that still lists an open
+    /// reservation (a lower bound of its validUntil: a watcher starts early, never late).
     pub(super) async fn oldest_open(&self, policies: &[String]) -> Result<Option<u64>, StoreError> {
         let mut conn = self.conn.clone();
         let mut oldest: Option<u64> = None;
         for policy in policies {
             let first: Vec<(String, u64)> = conn
-                .zrange_withscores(open_key(policy), 0, 0)
+                .zrange_withscores(index_key(policy), 0, 0)
                 .await
                 .map_err(unavailable)?;
-            if let Some((_, valid_until)) = first.first() {
-                oldest = Some(oldest.map_or(*valid_until, |o| o.min(*valid_until)));
+            if let Some((_, bucket)) = first.first() {
+                let at = bucket * BUCKET_SECS;
+                oldest = Some(oldest.map_or(at, |o| o.min(at)));
             }
         }
         Ok(oldest)

@@ -5,11 +5,10 @@
 -- first asks every policy whether one of its records carries the event's userOpHash
 -- ('probe'), then settles in each ('settle') knowing where the match is.
 --
--- KEYS[1]   the landing index of the event's (EntryPoint, sender, nonce): the set of records
---           reserved for that nonce under this policy
--- KEYS[2]   the policy's set of open reservations
+-- KEYS[1]   the key of the event's (EntryPoint, sender, nonce) under this policy: its
+--           reservation records (see lib.lua)
 -- ARGV[1]   'probe' or 'settle'
--- ARGV[2]   the event's userOpHash
+-- ARGV[2]   the event's userOpHash (its first 8 bytes)
 -- ARGV[3]   actual cost, gwei
 -- ARGV[4]   where some policy holds the event's hash: 'open' (an open record), 'released' (only
 --           a released one), or 'none'
@@ -23,23 +22,18 @@
 -- of the nonce is settled to the actual cost, a cost counted more than once rather than
 -- forgotten. Returns {settled, released, charged back}. Closed records are skipped: reading an
 -- event twice changes nothing.
+local entries = load_nonce(KEYS[1])
 local open, match, released_match = {}, nil, nil
-for _, record in ipairs(redis.call('SMEMBERS', KEYS[1])) do
-  local f = redis.call('HMGET', record, 'state', 'hash')
-  -- `hash` lists the userOpHash of every answer the record was extended to.
-  local matches = false
-  for _, hash in ipairs(lines(f[2])) do
-    if hash == ARGV[2] then
-      matches = true
-    end
-  end
-  if f[1] == 'open' then
-    open[#open + 1] = record
+for _, e in ipairs(entries) do
+  -- A record keeps the userOpHash of every answer it was extended to.
+  local matches = has_hash(e[2], ARGV[2])
+  if e[2].state == OPEN then
+    open[#open + 1] = e
     if matches then
-      match = record
+      match = e
     end
-  elseif f[1] == 'released' and matches then
-    released_match = record
+  elseif e[2].state == RELEASED and matches then
+    released_match = e
   end
 end
 if ARGV[1] == 'probe' then
@@ -51,13 +45,16 @@ end
 local actual = tonumber(ARGV[3])
 local settled, released, charged = 0, 0, 0
 if ARGV[4] == 'released' and released_match then
-  charged = charge_back(released_match, actual)
+  charged = charge_back(KEYS[1], released_match[2], actual)
 end
-for _, record in ipairs(open) do
-  if ARGV[4] == 'none' or record == match then
-    settled = settled + close_record(record, KEYS[2], 'settle', actual)
+for _, e in ipairs(open) do
+  if ARGV[4] == 'none' or e == match then
+    settled = settled + close_record(KEYS[1], e[2], 'settle', actual)
   else
-    released = released + close_record(record, KEYS[2], 'release', 0)
+    released = released + close_record(KEYS[1], e[2], 'release', 0)
   end
+end
+if settled + released + charged > 0 then
+  save_nonce(KEYS[1], entries)
 end
 return {settled, released, charged}
