@@ -308,6 +308,20 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         if env_set || flag_given {
             continue;
         }
+        // A switch (`--no-settlement`) takes no value: `true` is the flag, `false` its absence.
+        if matches!(arg.get_action(), clap::ArgAction::SetTrue) {
+            match value {
+                toml::Value::Boolean(true) => injected.push(flag.into()),
+                toml::Value::Boolean(false) => {}
+                _ => {
+                    return Err(format!(
+                        "config file {}: `{key}`: expected true or false",
+                        path.display()
+                    ));
+                }
+            }
+            continue;
+        }
         let values: Vec<String> = match value {
             toml::Value::Array(items) => items.iter().map(toml_scalar).collect::<Result<_, _>>(),
             v => toml_scalar(v).map(|s| vec![s]),

@@ -76,11 +76,43 @@ end
 --   latest MAX_HASHES; 64 bits tell a nonce's few reservations apart),
 --   n u8 + n scope names (u8 length + bytes; the budget key is `sp:{P}:budget:<name>`),
 --   session u8; with a session: its state key (u8 length + bytes), then n u8 + n token
---   amounts (field and decimal amount, each u8 length + bytes).
+--   amounts (field and decimal amount, each u8 length + bytes). Names are packed by pack_name.
 local OPEN, SETTLED, RELEASED = 0, 1, 2
 
 -- Seconds of validUntil one expiry bucket covers (ledger::redis::BUCKET_SECS).
 local BUCKET_SECS = 10
+
+-- Names (scope names, the session key, token fields) are stored with each lowercase `0x` +
+-- 40 or 64 hex digits (an address, a session id) as a marker byte 1 or 2 and its raw bytes.
+local function pack_name(name)
+  return (string.gsub(name, '0x(%x+)', function(h)
+    if (#h == 40 or #h == 64) and h == string.lower(h) then
+      local raw = string.gsub(h, '..', function(b)
+        return string.char(tonumber(b, 16))
+      end)
+      return string.char(#h == 40 and 1 or 2) .. raw
+    end
+  end))
+end
+
+local function unpack_name(s)
+  local out, i = {}, 1
+  while i <= #s do
+    local c = string.byte(s, i)
+    if c == 1 or c == 2 then
+      local n = (c == 1) and 20 or 32
+      local hex = string.gsub(string.sub(s, i + 1, i + n), '.', function(ch)
+        return string.format('%02x', string.byte(ch))
+      end)
+      out[#out + 1] = '0x' .. hex
+      i = i + 1 + n
+    else
+      out[#out + 1] = string.char(c)
+      i = i + 1
+    end
+  end
+  return table.concat(out)
+end
 
 local function unpack_record(data)
   local r, n, pos = {}, 0, 1
@@ -94,22 +126,34 @@ local function unpack_record(data)
   n, pos = struct.unpack('>B', data, pos)
   r.scopes = {}
   for i = 1, n do
-    r.scopes[i], pos = struct.unpack('>Bc0', data, pos)
+    local name
+    name, pos = struct.unpack('>Bc0', data, pos)
+    r.scopes[i] = unpack_name(name)
   end
   local session
   session, pos = struct.unpack('>B', data, pos)
   r.spend = {}
   if session == 1 then
-    r.session, pos = struct.unpack('>Bc0', data, pos)
+    local key
+    key, pos = struct.unpack('>Bc0', data, pos)
+    r.session = unpack_name(key)
     n, pos = struct.unpack('>B', data, pos)
     for i = 1, n do
       local field, amount
       field, pos = struct.unpack('>Bc0', data, pos)
       amount, pos = struct.unpack('>Bc0', data, pos)
-      r.spend[i] = {field, amount}
+      r.spend[i] = {unpack_name(field), amount}
     end
   end
   return r
+end
+
+-- A u8-length-prefixed string; refuses (a script error, nothing written) what does not fit.
+local function short(text)
+  if #text > 255 then
+    error('ledger record field over 255 bytes')
+  end
+  return struct.pack('>Bc0', #text, text)
 end
 
 local function pack_record(r)
@@ -119,13 +163,17 @@ local function pack_record(r)
     parts[#parts + 1] = h
   end
   parts[#parts + 1] = struct.pack('>B', #r.scopes)
+  if #r.scopes > 255 or #r.spend > 255 then
+    error('ledger record with over 255 scopes or token amounts')
+  end
   for _, name in ipairs(r.scopes) do
-    parts[#parts + 1] = struct.pack('>Bc0', #name, name)
+    parts[#parts + 1] = short(pack_name(name))
   end
   if r.session then
-    parts[#parts + 1] = struct.pack('>BBc0B', 1, #r.session, r.session, #r.spend)
+    parts[#parts + 1] = struct.pack('>B', 1) .. short(pack_name(r.session))
+      .. struct.pack('>B', #r.spend)
     for _, t in ipairs(r.spend) do
-      parts[#parts + 1] = struct.pack('>Bc0Bc0', #t[1], t[1], #t[2], t[2])
+      parts[#parts + 1] = short(pack_name(t[1])) .. short(t[2])
     end
   else
     parts[#parts + 1] = struct.pack('>B', 0)
@@ -168,7 +216,10 @@ local function save_nonce(key, entries)
   local parts = {}
   for _, e in ipairs(entries) do
     local body = pack_record(e[2])
-    parts[#parts + 1] = struct.pack('>Bc0Hc0', #e[1], e[1], #body, body)
+    if #body > 65535 then
+      error('ledger record over 65535 bytes')
+    end
+    parts[#parts + 1] = short(e[1]) .. struct.pack('>Hc0', #body, body)
   end
   redis.call('SET', key, table.concat(parts), 'KEEPTTL')
 end

@@ -9,8 +9,8 @@ use alloy::primitives::{Address, B256, U256, keccak256};
 use alloy::sol_types::SolValue;
 
 use super::{
-    Exhausted, Landing, MAX_EXACT_GWEI, MAX_HASHES, MAX_OPEN_PER_NONCE, Outcome,
-    REFRESH_MARGIN_SECS, Reservation, Resource, Settled, SpendExceeded,
+    Exhausted, Landing, MAX_EXACT_GWEI, MAX_HASHES, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY,
+    Outcome, REFRESH_MARGIN_SECS, Reservation, Resource, Settled, SpendExceeded,
 };
 use crate::userop::paymaster_data::PaymasterData;
 
@@ -177,23 +177,28 @@ impl MemoryLedger {
                 inner.reservations.insert(kept, rec);
             }
         }
-        if let Some(id) = charge_session {
-            let open = inner
-                .landings
-                .get(&(r.policy.clone(), r.landing_key))
-                .into_iter()
-                .flatten()
-                .filter(|op| **op != r.op_key)
-                .filter(|op| {
-                    inner
-                        .reservations
-                        .get(&(r.policy.clone(), **op))
-                        .is_some_and(|rec| rec.state == State::Open && rec.session == Some(id))
-                })
-                .count();
-            if open >= MAX_OPEN_PER_NONCE {
-                return Outcome::NoncePending;
-            }
+        // As reserve.lua: a nonce holds at most so many open reservations, and fewer per session.
+        let open_sessions: Vec<Option<B256>> = inner
+            .landings
+            .get(&(r.policy.clone(), r.landing_key))
+            .into_iter()
+            .flatten()
+            .filter(|op| **op != r.op_key)
+            .filter_map(|op| {
+                inner
+                    .reservations
+                    .get(&(r.policy.clone(), *op))
+                    .filter(|rec| rec.state == State::Open)
+                    .map(|rec| rec.session)
+            })
+            .collect();
+        if open_sessions.len() >= MAX_OPEN_PER_NONCE_ANY {
+            return Outcome::NoncePending;
+        }
+        if let Some(id) = charge_session
+            && open_sessions.iter().filter(|s| **s == Some(id)).count() >= MAX_OPEN_PER_NONCE
+        {
+            return Outcome::NoncePending;
         }
         for s in &r.scopes {
             let Counter { cost, ops, .. } = inner
@@ -251,7 +256,8 @@ impl MemoryLedger {
             c.cost = c.cost.saturating_add(r.cost_gwei);
             c.open = c.open.saturating_add(r.cost_gwei);
             c.ops = c.ops.saturating_add(1);
-            if c.expires_at != s.expires_at {
+            // A counter's lifetime only ever grows (as extend_ttl in Redis).
+            if s.expires_at > c.expires_at {
                 c.expires_at = s.expires_at;
                 inner.expire_at(
                     s.expires_at,
@@ -308,53 +314,61 @@ impl MemoryLedger {
 
     pub(super) fn settle(&self, policies: &[String], landing: &Landing) -> Settled {
         let mut inner = self.lock();
-        let records: Vec<PolicyKey> = policies
-            .iter()
-            .flat_map(|policy| {
-                inner
-                    .landings
-                    .get(&(policy.clone(), landing.landing_key))
-                    .into_iter()
-                    .flatten()
-                    .map(move |op| (policy.clone(), *op))
-            })
-            .collect();
-        let state_of = |k: &PolicyKey| inner.reservations.get(k).map(|r| r.state);
-        let matches = |k: &PolicyKey| {
+        let records = |inner: &Inner, policy: &String| -> Vec<PolicyKey> {
             inner
-                .reservations
-                .get(k)
-                .is_some_and(|r| r.user_op_hashes.contains(&landing.user_op_hash))
+                .landings
+                .get(&(policy.clone(), landing.landing_key))
+                .into_iter()
+                .flatten()
+                .map(|op| (policy.clone(), *op))
+                .collect()
         };
-        let open: Vec<PolicyKey> = records
-            .iter()
-            .filter(|k| state_of(k) == Some(State::Open))
-            .cloned()
-            .collect();
-        let matched = open.iter().find(|k| matches(k)).cloned();
-        let released_match = records
-            .iter()
-            .find(|k| state_of(k) == Some(State::Released) && matches(k))
-            .cloned();
+        let first = |inner: &Inner, keys: &[PolicyKey], state: State| {
+            keys.iter()
+                .find(|k| {
+                    inner.reservations.get(k).is_some_and(|r| {
+                        r.state == state && r.user_op_hashes.contains(&landing.user_op_hash)
+                    })
+                })
+                .cloned()
+        };
+        // As settle.lua: where the event's hash is (an open record anywhere, else only a
+        // released one, else nowhere) decides, then each policy settles.
+        let all: Vec<PolicyKey> = policies.iter().flat_map(|p| records(&inner, p)).collect();
+        let open_found = first(&inner, &all, State::Open).is_some();
+        let released_found = first(&inner, &all, State::Released).is_some();
+        let none = !open_found && !released_found;
         let mut out = Settled {
-            hash_matched: matched.is_some(),
+            hash_matched: open_found,
             ..Settled::default()
         };
-        // See settle.lua: the open match settles; else a released match is charged back; else
-        // every open reservation of the nonce settles.
-        if matched.is_none()
-            && let Some(k) = released_match
-        {
-            out.charged_back += usize::from(inner.charge_back(&k, landing.actual_gwei));
-            out.hash_matched = true;
-        }
-        for k in &open {
-            if out.hash_matched && matched.as_ref() != Some(k) {
-                out.superseded += usize::from(inner.close(k, None));
-            } else {
-                out.settled += usize::from(inner.close(k, Some(landing.actual_gwei)));
+        for policy in policies {
+            let keys = records(&inner, policy);
+            let matched = first(&inner, &keys, State::Open);
+            if matched.is_none()
+                && !none
+                && let Some(k) = first(&inner, &keys, State::Released)
+            {
+                out.charged_back += usize::from(inner.charge_back(&k, landing.actual_gwei));
+            }
+            let open: Vec<PolicyKey> = keys
+                .into_iter()
+                .filter(|k| {
+                    inner
+                        .reservations
+                        .get(k)
+                        .is_some_and(|r| r.state == State::Open)
+                })
+                .collect();
+            for k in &open {
+                if none || matched.as_ref() == Some(k) {
+                    out.settled += usize::from(inner.close(k, Some(landing.actual_gwei)));
+                } else {
+                    out.superseded += usize::from(inner.close(k, None));
+                }
             }
         }
+        out.hash_matched |= out.charged_back > 0;
         out
     }
 

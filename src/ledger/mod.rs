@@ -78,6 +78,12 @@ pub const REFRESH_MARGIN_SECS: u64 = 30;
 /// session there is no cap: anyone could then lock a sender's nonce with four requests.
 pub const MAX_OPEN_PER_NONCE: usize = 4;
 
+/// Most open reservations one (EntryPoint, sender, nonce) may have at once, whatever the
+/// session: they share one Redis key, which each reservation reads and writes whole. Anyone
+/// with an API key could hold a sender's nonce with this many (for a signature's lifetime);
+/// fewer would make that cheaper, more would let one key grow.
+pub const MAX_OPEN_PER_NONCE_ANY: usize = 16;
+
 /// How many userOpHashes a reservation extended many times keeps (the latest): an event that
 /// matches none settles every open reservation of its nonce, so a dropped one over-counts.
 pub const MAX_HASHES: usize = 8;

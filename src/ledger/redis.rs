@@ -72,8 +72,9 @@ fn session_key(policy: &str, session: B256) -> String {
 }
 
 /// Hash field of a session's total of `token`.
+/// Lowercase hex: the ledger stores an address in a name as its 20 bytes.
 fn spent_field(token: Address) -> String {
-    format!("spent:{token}")
+    format!("spent:0x{}", hex::encode(token))
 }
 
 /// A script with the shared helpers of `lib.lua` in front.
@@ -133,6 +134,8 @@ impl RedisLedger {
             .arg(bucket)
             .arg(ttl((bucket + 1) * BUCKET_SECS + super::GRACE_SECS))
             .arg(now.saturating_sub(super::GRACE_SECS) / BUCKET_SECS)
+            .arg(now.saturating_sub(super::GRACE_SECS))
+            .arg(super::MAX_OPEN_PER_NONCE_ANY)
             .arg(spend.len());
         for t in spend {
             inv.arg(spent_field(t.token))

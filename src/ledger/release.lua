@@ -19,23 +19,29 @@ local nonces = policy_prefix(KEYS[1]) .. 'n:'
 local confirmed = tonumber(ARGV[1])
 local bucket = tonumber(ARGV[2])
 local released, left = 0, tonumber(ARGV[5])
+-- A nonce listed twice in the bucket (several signatures in these 10 s) is read once.
+local seen = {}
 for i = 1, #slice - 19, 20 do
-  local nonce = nonces .. string.sub(slice, i, i + 19)
-  local entries, closed = load_nonce(nonce), 0
-  for _, e in ipairs(entries) do
-    local r = e[2]
-    if r.state == OPEN then
-      if r.valid_until < confirmed then
-        closed = closed + close_record(nonce, r, 'release', 0)
-      elseif math.floor(r.valid_until / BUCKET_SECS) <= bucket then
-        -- Still valid, and listed here (a later validUntil is listed in its own bucket).
-        left = left + 1
+  local id = string.sub(slice, i, i + 19)
+  if not seen[id] then
+    seen[id] = true
+    local nonce = nonces .. id
+    local entries, closed = load_nonce(nonce), 0
+    for _, e in ipairs(entries) do
+      local r = e[2]
+      if r.state == OPEN then
+        if r.valid_until < confirmed then
+          closed = closed + close_record(nonce, r, 'release', 0)
+        elseif math.floor(r.valid_until / BUCKET_SECS) <= bucket then
+          -- Still valid, and listed here (a later validUntil is listed in its own bucket).
+          left = left + 1
+        end
       end
     end
-  end
-  if closed > 0 then
-    save_nonce(nonce, entries)
-    released = released + closed
+    if closed > 0 then
+      save_nonce(nonce, entries)
+      released = released + closed
+    end
   end
 end
 if #slice < tonumber(ARGV[4]) * 20 then

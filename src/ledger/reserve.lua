@@ -28,8 +28,11 @@
 -- ARGV[15]  TTL of the expiry bucket, seconds
 -- ARGV[16]  trim bound: expiry buckets below it are gone (their records expired) and leave
 --           the index, so it stays bounded without a watcher
--- ARGV[17]  number of token caps T
--- ARGV[18..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
+-- ARGV[17]  expiry bound: records whose validUntil is below it have outlived their grace and
+--           are dropped from the nonce's key (as the memory ledger forgets them)
+-- ARGV[18]  most open reservations one nonce may have, whatever the session
+-- ARGV[19]  number of token caps T
+-- ARGV[20..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 -- then      per scope, four values: cost limit (-1: none), ops limit (-1: none), TTL, name
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
@@ -37,17 +40,30 @@
 -- answer is still good (or it landed): nothing changes;
 -- {2, scope, resource, limit, used, requested} when a budget would be exceeded;
 -- {3} when the session is revoked; {4, field, limit, spent, requested} when a token cap would
--- be exceeded; {5, open} when the nonce already has that many open reservations under the
--- session. Only {0} outside check-only mode changes anything.
+-- be exceeded; {5, open} when the nonce already has that many open reservations (under the
+-- session, or at all). Only {0} outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; they are written back with %d, never as floats.
 local check_only = ARGV[2] == '1'
 local valid_until = tonumber(ARGV[5])
-local entries = load_nonce(KEYS[1])
+-- Records past their grace are forgotten (any still open was never released: its charge stays,
+-- counted over rather than under), so a nonce's key holds only live ones.
+local entries = {}
+for _, e in ipairs(load_nonce(KEYS[1])) do
+  if e[2].valid_until >= tonumber(ARGV[17]) then
+    entries[#entries + 1] = e
+  end
+end
 local mine, rec = nil, nil
+local listed = false
 for i, e in ipairs(entries) do
   if e[1] == ARGV[1] then
     mine, rec = i, e[2]
+  end
+  -- The nonce is already listed in this signature's expiry bucket (and, with an open record
+  -- there, the bucket cannot have been dropped).
+  if e[2].state == OPEN and math.floor(e[2].valid_until / BUCKET_SECS) == tonumber(ARGV[14]) then
+    listed = true
   end
 end
 if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= tonumber(ARGV[8])
@@ -73,7 +89,9 @@ local session_key = session and KEYS[4] or nil
 -- long enough.
 local function schedule()
   save_nonce(KEYS[1], entries)
-  redis.call('APPEND', KEYS[3], ARGV[13])
+  if not listed then
+    redis.call('APPEND', KEYS[3], ARGV[13])
+  end
   extend_ttl(KEYS[3], ARGV[15])
   redis.call('ZADD', KEYS[2], ARGV[14], ARGV[14])
   redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[16])
@@ -107,22 +125,26 @@ if rec and rec.state == OPEN then
   end
 end
 
--- Only one reservation of a nonce can land: under a session (whose proof a stranger may have
--- seen), more open ones of that session only hold its budget.
-if session then
-  local open = 0
-  for _, e in ipairs(entries) do
-    if e[1] ~= ARGV[1] and e[2].state == OPEN and e[2].session == KEYS[4] then
-      open = open + 1
+-- Only one reservation of a nonce can land: more open ones only hold budget (under a session
+-- whose proof a stranger may have seen, its budget), and make the nonce's key longer.
+local open, open_mine = 0, 0
+for _, e in ipairs(entries) do
+  if e[1] ~= ARGV[1] and e[2].state == OPEN then
+    open = open + 1
+    if session and e[2].session == KEYS[4] then
+      open_mine = open_mine + 1
     end
   end
-  if open >= tonumber(ARGV[12]) then
-    return {5, string.format('%d', open)}
-  end
+end
+if open >= tonumber(ARGV[18]) then
+  return {5, string.format('%d', open)}
+end
+if session and open_mine >= tonumber(ARGV[12]) then
+  return {5, string.format('%d', open_mine)}
 end
 
-local spend_count = tonumber(ARGV[17])
-local scope_base = 18 + spend_count * 3
+local spend_count = tonumber(ARGV[19])
+local scope_base = 20 + spend_count * 3
 local cost = tonumber(ARGV[3])
 for i = 5, #KEYS do
   local base = scope_base + (i - 5) * 4
@@ -145,7 +167,7 @@ end
 
 local totals = {}
 for t = 0, spend_count - 1 do
-  local field, amount, limit = ARGV[18 + t * 3], ARGV[19 + t * 3], ARGV[20 + t * 3]
+  local field, amount, limit = ARGV[20 + t * 3], ARGV[21 + t * 3], ARGV[22 + t * 3]
   local spent = redis.call('HGET', KEYS[4], field) or '0'
   local total = dec_add(spent, amount)
   if dec_cmp(total, limit) > 0 then
@@ -163,7 +185,7 @@ for i = 5, #KEYS do
   redis.call('HINCRBY', KEYS[i], 'cost', ARGV[3])
   redis.call('HINCRBY', KEYS[i], 'open', ARGV[3])
   redis.call('HINCRBY', KEYS[i], 'ops', 1)
-  redis.call('EXPIRE', KEYS[i], ARGV[base + 2])
+  extend_ttl(KEYS[i], ARGV[base + 2])
 end
 local spend = {}
 if session then

@@ -18,7 +18,7 @@
 -- settle, by ARGV[4]: 'open': the matching record is settled to the actual cost and every other
 -- open record of the nonce released; 'released': the matching released record (its signature
 -- was thought expired, yet it landed) has its cost charged back, and the open ones are
--- released; 'none' (the EntryPoint hashed the operation differently from us): every open record
+-- released (also under 'open', for a match released since the probe); 'none' (the EntryPoint hashed the operation differently from us): every open record
 -- of the nonce is settled to the actual cost, a cost counted more than once rather than
 -- forgotten. Returns {settled, released, charged back}. Closed records are skipped: reading an
 -- event twice changes nothing.
@@ -29,10 +29,10 @@ for _, e in ipairs(entries) do
   local matches = has_hash(e[2], ARGV[2])
   if e[2].state == OPEN then
     open[#open + 1] = e
-    if matches then
+    if matches and not match then
       match = e
     end
-  elseif e[2].state == RELEASED and matches then
+  elseif e[2].state == RELEASED and matches and not released_match then
     released_match = e
   end
 end
@@ -44,7 +44,9 @@ if ARGV[1] == 'probe' then
 end
 local actual = tonumber(ARGV[3])
 local settled, released, charged = 0, 0, 0
-if ARGV[4] == 'released' and released_match then
+-- A released record with the event's hash landed after all: charged back, also when the probe
+-- saw it open (another replica's watcher released it since).
+if released_match and not match and ARGV[4] ~= 'none' then
   charged = charge_back(KEYS[1], released_match[2], actual)
 end
 for _, e in ipairs(open) do

@@ -18,6 +18,9 @@ use super::{
 };
 use crate::userop::EntryPointVersion;
 
+/// Longest policy id: it names every Redis key of the policy (and is packed into records).
+pub const MAX_POLICY_ID_LEN: usize = 64;
+
 /// Default signature lifetime when a policy sets no `max_validity`.
 pub const DEFAULT_MAX_VALIDITY: Duration = Duration::from_secs(600);
 
@@ -281,13 +284,16 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
 
     let id = file.id.get_ref().clone();
     if id.is_empty()
+        || id.len() > MAX_POLICY_ID_LEN
         || !id
             .bytes()
             .all(|b| b.is_ascii_alphanumeric() || b == b'-' || b == b'_')
     {
         check(Err(at(
             file.id.span(),
-            format!("policy id `{id}` must be non-empty and use only letters, digits, `-` and `_`"),
+            format!(
+                "policy id `{id}` must be 1 to {MAX_POLICY_ID_LEN} letters, digits, `-` and `_`"
+            ),
         )));
     }
     if file.chains.is_empty() {

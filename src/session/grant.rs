@@ -12,6 +12,9 @@ use crate::policy::{FunctionFilter, Policy};
 use crate::rejection::{Reason, Rejection};
 use crate::userop::UserOperation;
 
+/// Most tokens one grant may cap.
+pub const MAX_SPEND_LIMITS: usize = 32;
+
 /// Whether a session may still be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -692,6 +695,14 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
             issues.push(issue("$.permissions.spend", "expected an array"));
             return None;
         };
+        // Each reservation under the session records an amount per capped token.
+        if items.len() > MAX_SPEND_LIMITS {
+            issues.push(issue(
+                "$.permissions.spend",
+                format!("at most {MAX_SPEND_LIMITS} tokens"),
+            ));
+            return None;
+        }
         for (i, item) in items.iter().enumerate() {
             let path = format!("$.permissions.spend[{i}]");
             let Some(o) = object(item, &path, issues) else {

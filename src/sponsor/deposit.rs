@@ -120,9 +120,11 @@ impl DepositGuard {
 }
 
 /// The scope every reservation on `entry_point`'s paymaster is also charged to (no limit):
-/// its `open` part, summed over the policies, is what the deposit must cover.
+/// its `open` part, summed over the policies, is what the deposit must cover. Named by the
+/// EntryPoint's first 6 bytes (`pm:0000000071727de2…` is v0.7's): short, as every reservation
+/// record names it.
 pub fn paymaster_scope(entry_point: Address) -> String {
-    format!("paymaster:{entry_point}")
+    format!("pm:{}", hex::encode(&entry_point[..6]))
 }
 
 #[cfg(test)]

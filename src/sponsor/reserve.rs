@@ -59,12 +59,14 @@ pub(super) async fn reserve(
                     ),
                 )
             })?;
+        // It lives as long as the reservations it sums (the ledger only ever extends a scope's
+        // lifetime).
         scopes.push(Scope {
             name: paymaster_scope(req.entry_point),
             rule: "paymaster.deposit".into(),
             cost_limit: None,
             ops_limit: None,
-            expires_at: now.saturating_add(10 * 365 * 86_400),
+            expires_at: data.window.valid_until.saturating_add(GRACE_SECS),
             resets_at: None,
         });
     }
@@ -241,7 +243,9 @@ impl Sponsor {
             }
         };
         if let Some(b) = &policy.budgets.sender {
-            scopes.push(windowed(b, format!("sender:{sender}"), "sender"));
+            // Lowercase hex: the ledger stores an address in a scope name as its 20 bytes.
+            let sender = hex::encode(sender);
+            scopes.push(windowed(b, format!("sender:0x{sender}"), "sender"));
         }
         if let Some(b) = &policy.budgets.policy {
             scopes.push(windowed(b, "policy".into(), "policy"));

@@ -161,7 +161,8 @@ fn configuration_layers_and_print_config() -> TestResult {
     std::fs::write(
         &file,
         "chain_id = 8453\nsponsor_name = \"file\"\nlisten = \"127.0.0.1:5555\"\nredis_url = \"redis://user:hunter2@localhost:6379\"\n\
-         api_key = [\"a:0x1111111111111111111111111111111111111111111111111111111111111111\"]\n",
+         api_key = [\"a:0x1111111111111111111111111111111111111111111111111111111111111111\"]\n\
+         no_settlement = true\npublish_policies = false\n",
     )?;
     let run = |extra_env: &[(&str, &str)], args: &[&str]| -> TestResult<(bool, String, String)> {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
@@ -177,6 +178,8 @@ fn configuration_layers_and_print_config() -> TestResult {
             "SP_REDIS_URL",
             "SP_API_KEYS",
             "SP_CONFIG",
+            "SP_NO_SETTLEMENT",
+            "SP_PUBLISH_POLICIES",
         ] {
             cmd.env_remove(var);
         }
@@ -219,6 +222,18 @@ fn configuration_layers_and_print_config() -> TestResult {
     );
     assert!(!printed.contains("hunter2"), "{printed}");
     assert_eq!(effective["api_key"].as_array().map(Vec::len), Some(1));
+    assert_eq!(
+        effective["no_settlement"].as_bool(),
+        Some(true),
+        "a switch set in the file"
+    );
+    assert_eq!(effective["publish_policies"].as_bool(), Some(false));
+
+    // What --print-config prints is a configuration file serve takes back.
+    std::fs::write(&file, &printed)?;
+    let (ok, again, err) = run(&[], &[])?;
+    assert!(ok, "{err}");
+    assert_eq!(again.parse::<toml::Table>()?, effective);
 
     std::fs::write(&file, "chain_idd = 1\n")?;
     let (ok, _, err) = run(&[], &[])?;
