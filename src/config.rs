@@ -138,7 +138,7 @@ pub struct ServeArgs {
     pub finality: crate::chain::watcher::Finality,
 
     /// Most blocks one `eth_getLogs` spans; halved while the node refuses, grown back after.
-    #[arg(long, env = "SP_LOG_RANGE", default_value_t = crate::chain::watcher::MAX_BLOCK_RANGE)]
+    #[arg(long, env = "SP_LOG_RANGE", default_value_t = crate::chain::watcher::DEFAULT_LOG_RANGE)]
     pub log_range: u64,
 
     /// An API key: `name:sha256hex[:policy,policy]` (see `apikey new`); repeat for more, or

@@ -124,7 +124,7 @@ pub struct Metrics {
     budget_remaining: Family<BudgetLabels, Gauge>,
     deposit_wei: Family<EntryPointLabels, Gauge<f64, AtomicU64>>,
     deposit_low: Family<EntryPointLabels, Gauge>,
-    open_gwei: Family<EntryPointLabels, Gauge>,
+    open_wei: Family<EntryPointLabels, Gauge<f64, AtomicU64>>,
     watcher_polls_failed: Counter,
     watcher_ignored_events: Counter,
     watcher_lag_seconds: Gauge,
@@ -145,7 +145,7 @@ impl Default for Metrics {
             budget_remaining: Family::default(),
             deposit_wei: Family::default(),
             deposit_low: Family::default(),
-            open_gwei: Family::default(),
+            open_wei: Family::default(),
             watcher_polls_failed: Counter::default(),
             watcher_ignored_events: Counter::default(),
             watcher_lag_seconds: Gauge::default(),
@@ -199,9 +199,9 @@ impl Default for Metrics {
             m.deposit_low.clone(),
         );
         r.register(
-            "sp_paymaster_open_gwei",
+            "sp_paymaster_open_wei",
             "Worst cases of the open reservations charged to the paymaster's deposit",
-            m.open_gwei.clone(),
+            m.open_wei.clone(),
         );
         r.register(
             "sp_watcher_polls_failed",
@@ -272,9 +272,9 @@ impl Metrics {
         };
         self.deposit_wei.get_or_create(&labels).set(wei as f64);
         self.deposit_low.get_or_create(&labels).set(i64::from(low));
-        self.open_gwei
+        self.open_wei
             .get_or_create(&labels)
-            .set(i64::try_from(open_gwei).unwrap_or(i64::MAX));
+            .set(open_gwei as f64 * 1e9);
     }
 
     /// A watcher poll failed.

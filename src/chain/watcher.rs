@@ -34,8 +34,8 @@ use crate::sponsor::{Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
 use crate::userop::IEntryPoint::UserOperationEvent;
 
-/// Default for the most blocks one `eth_getLogs` spans (`--log-range`).
-pub const MAX_BLOCK_RANGE: u64 = 1000;
+/// Default for `--log-range`: the most blocks one `eth_getLogs` spans at first.
+pub const DEFAULT_LOG_RANGE: u64 = 1000;
 
 /// How far back the watcher reads again when the cursor block was reorganised away.
 pub const REORG_REWIND: u64 = 128;
@@ -151,7 +151,7 @@ pub struct Poll {
     pub to_block: u64,
     /// Reservations settled to their event's cost.
     pub settled: usize,
-    /// Events of ours that closed nothing (already settled, or not reserved).
+    /// Events of ours that no reservation knows (not reserved, or forgotten).
     pub ignored: usize,
     /// Other reservations of a nonce that landed, released: they can never land.
     pub superseded: usize,
@@ -223,8 +223,8 @@ impl Watcher {
             confirmations,
             finality: Finality::Finalized,
             start_block,
-            max_range: MAX_BLOCK_RANGE,
-            range: AtomicU64::new(MAX_BLOCK_RANGE),
+            max_range: DEFAULT_LOG_RANGE,
+            range: AtomicU64::new(DEFAULT_LOG_RANGE),
             cursor,
         }
     }
@@ -335,10 +335,11 @@ impl Watcher {
                     );
                     logs
                 }
-                // Providers refuse ranges or results over their caps, each with its own
-                // message: narrow the range until one block, then give up for this poll.
-                Err(e) if span > 1 => {
-                    tracing::debug!(error = %e, from, to, "eth_getLogs refused: halving the range");
+                // Providers refuse ranges or results over their caps with an error answer, each
+                // with its own message: narrow the range until one block, then give up for
+                // this poll. A transport failure (no answer) is not a refusal.
+                Err(e) if span > 1 && e.as_error_resp().is_some() => {
+                    tracing::info!(error = %e, from, to, span = span / 2, "eth_getLogs refused: halving the range");
                     self.range.store(span / 2, Ordering::Relaxed);
                     continue;
                 }
@@ -362,9 +363,11 @@ impl Watcher {
                     .settle(&policies, &landing)
                     .await
                     .map_err(store)?;
-                if done.settled + done.charged_back == 0 {
+                // Already closed (read again after a rewind, or by another replica's watcher)
+                // is not news; an event that no reservation of ours knows is.
+                if done.settled + done.charged_back == 0 && !done.known {
                     poll.ignored += 1;
-                } else if !done.hash_matched {
+                } else if done.settled > 0 && !done.hash_matched {
                     tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, settled = done.settled, "landed operation's hash matches none we reserved: settled every reservation of its nonce at its cost");
                 }
                 if done.charged_back > 0 {

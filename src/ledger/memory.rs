@@ -340,6 +340,7 @@ impl MemoryLedger {
         let none = !open_found && !released_found;
         let mut out = Settled {
             hash_matched: open_found,
+            known: all.iter().any(|k| inner.reservations.contains_key(k)),
             ..Settled::default()
         };
         for policy in policies {

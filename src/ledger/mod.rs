@@ -74,8 +74,8 @@ pub const REFRESH_MARGIN_SECS: u64 = 30;
 
 /// Most open reservations one (EntryPoint, sender, nonce) may have at once under one session:
 /// only one of them can land, so more would only hold its budget (variants of one operation
-/// with other fees or paymaster gas, made by a stranger who saw one session proof). Without a
-/// session there is no cap: anyone could then lock a sender's nonce with four requests.
+/// with other fees or paymaster gas, made by a stranger who saw one session proof). See also
+/// [`MAX_OPEN_PER_NONCE_ANY`].
 pub const MAX_OPEN_PER_NONCE: usize = 4;
 
 /// Most open reservations one (EntryPoint, sender, nonce) may have at once, whatever the
@@ -190,6 +190,8 @@ pub struct Settled {
     pub charged_back: usize,
     /// Whether one reservation's userOpHash equals the event's.
     pub hash_matched: bool,
+    /// Whether any reservation (open or closed) of the event's nonce is known.
+    pub known: bool,
 }
 
 /// What a budget counts.

@@ -231,7 +231,7 @@ impl RedisLedger {
         let mut out = Settled::default();
         let mut released_match = false;
         for policy in policies {
-            let found: i64 = self
+            let (found, records): (i64, i64) = self
                 .settle
                 .key(nonce_key(policy, landing.landing_key))
                 .arg("probe")
@@ -241,6 +241,7 @@ impl RedisLedger {
                 .map_err(unavailable)?;
             out.hash_matched |= found == 1;
             released_match |= found == 2;
+            out.known |= records > 0;
         }
         let found = match (out.hash_matched, released_match) {
             (true, _) => "open",

@@ -13,8 +13,8 @@
 -- ARGV[4]   where some policy holds the event's hash: 'open' (an open record), 'released' (only
 --           a released one), or 'none'
 --
--- probe: returns 1 if an open record here has the event's hash, 2 if only a released one has,
--- else 0.
+-- probe: returns {1 if an open record here has the event's hash, 2 if only a released one has,
+-- else 0; how many records of the nonce are here}.
 -- settle, by ARGV[4]: 'open': the matching record is settled to the actual cost and every other
 -- open record of the nonce released; 'released': the matching released record (its signature
 -- was thought expired, yet it landed) has its cost charged back, and the open ones are
@@ -37,10 +37,13 @@ for _, e in ipairs(entries) do
   end
 end
 if ARGV[1] == 'probe' then
+  local found = 0
   if match then
-    return 1
+    found = 1
+  elseif released_match then
+    found = 2
   end
-  return released_match and 2 or 0
+  return {found, #entries}
 end
 local actual = tonumber(ARGV[3])
 local settled, released, charged = 0, 0, 0

@@ -1,8 +1,9 @@
 //! Fuzz targets, proptest-driven so they run on the stable toolchain: every parser a stranger
 //! reaches, fed arbitrary and mutated input, must answer with a typed error, never a panic or a
 //! 500. `scripts/test` runs them at proptest's default case count; `scripts/fuzz` runs each for
-//! a bounded time with many more. A failure is saved under `proptest-regressions/` (commit it:
-//! it becomes a regression case replayed first on every run).
+//! a bounded time with many more. A failure of a `proptest!` target is shrunk and saved in
+//! `tests/it/fuzz.proptest-regressions` (commit it: it is replayed first on every run); the
+//! HTTP target prints the failing body, to be added to `tests/it/rpc.rs` as a case.
 
 use std::path::Path;
 

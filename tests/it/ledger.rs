@@ -67,12 +67,14 @@ fn landing(op: u8, actual: u64) -> Landing {
     }
 }
 
+/// What settling an event of a nonce we know did.
 fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     Settled {
         settled,
         superseded,
         hash_matched,
         charged_back: 0,
+        known: true,
     }
 }
 
@@ -195,7 +197,7 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     );
     assert_eq!(
         ledger.settle(&all, &landing(0x42, 1)).await?,
-        settled(0, 0, false),
+        Settled::default(),
         "unknown ops are not ours"
     );
     let policies = vec!["q".to_owned()];
@@ -360,8 +362,7 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     );
     assert_eq!(ledger.usage("r", "s").await?, (7, 1));
 
-    // Under one session, one nonce holds at most MAX_OPEN_PER_NONCE open reservations; without
-    // a session (where anyone could lock a sender's nonce) there is no cap.
+    // Under one session, one nonce holds at most MAX_OPEN_PER_NONCE open reservations.
     let variant = |op: u8, session: Option<u8>| Reservation {
         policy: "r".into(),
         landing_key: B256::repeat_byte(0x77),
