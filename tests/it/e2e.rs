@@ -465,7 +465,7 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
     std::fs::write(&policy_file, text)?;
     let stack = Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
     let sponsor = &stack.app.state.sponsor;
-    let scope = format!("policy:{}", session_paymaster::app::unix_now() / 86_400);
+    let scope = crate::helpers::policy_day_scope();
 
     let mut worst = 0u64;
     let mut sponsored = Vec::new();

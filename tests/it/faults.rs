@@ -5,7 +5,7 @@
 
 use std::process::{Child, Command, Stdio};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
 use alloy::primitives::Address;
@@ -15,12 +15,6 @@ use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
 use session_paymaster::userop::EntryPointVersion;
 
 use crate::helpers::{COUNTER, TempDir, TestRedis, TestResult, counter_op};
-
-fn free_port() -> TestResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
 
 fn budgeted_dir() -> TestResult<TempDir> {
     let dir = TempDir::new("faults");
@@ -35,13 +29,32 @@ fn budgeted_dir() -> TestResult<TempDir> {
     Ok(dir)
 }
 
-/// The real binary on Redis, serving `dir`.
-async fn serve(
-    dir: &TempDir,
-    redis: &str,
-    key_file: &std::path::Path,
-) -> TestResult<(Child, String)> {
-    let port = free_port()?;
+/// The real binary, killed outright on drop (or by [`Service::kill`]).
+struct Service {
+    child: Child,
+    url: String,
+}
+
+impl Service {
+    /// `kill -9`: no shutdown, nothing flushed.
+    fn kill(&mut self) -> TestResult {
+        self.child.kill()?;
+        self.child.wait()?;
+        Ok(())
+    }
+}
+
+impl Drop for Service {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// The real binary on Redis, serving `dir`; its log goes to `dir/serve.log`.
+async fn serve(dir: &TempDir, redis: &str, key_file: &std::path::Path) -> TestResult<Service> {
+    let port = crate::helpers::free_port();
+    let log = dir.0.join("serve.log");
     let child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--policies")
@@ -55,17 +68,27 @@ async fn serve(
         ])
         .env_remove("SP_RPC_URL")
         .stdout(Stdio::null())
-        .stderr(Stdio::null())
+        .stderr(std::fs::File::create(&log)?)
         .spawn()?;
-    let url = format!("http://127.0.0.1:{port}");
+    let mut service = Service {
+        child,
+        url: format!("http://127.0.0.1:{port}"),
+    };
     let deadline = Instant::now() + Duration::from_secs(20);
-    while reqwest::get(format!("{url}/healthz")).await.is_err() {
-        if Instant::now() > deadline {
-            return Err("service did not start".into());
+    while reqwest::get(format!("{}/healthz", service.url))
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline || service.child.try_wait()?.is_some() {
+            return Err(format!(
+                "service did not start: {}",
+                std::fs::read_to_string(&log).unwrap_or_default()
+            )
+            .into());
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    Ok((child, url))
+    Ok(service)
 }
 
 fn sponsor_body(nonce: u64) -> Value {
@@ -84,7 +107,8 @@ async fn kill_9_mid_burst_leaves_no_signature_without_its_reservation() -> TestR
     let keys = TempDir::new("faults-key");
     let key_file = keys.0.join("signer.key");
     session_paymaster::signer::keygen(&key_file)?;
-    let (mut child, url) = serve(&dir, &redis.url, &key_file).await?;
+    let mut service = serve(&dir, &redis.url, &key_file).await?;
+    let url = service.url.clone();
 
     let client = reqwest::Client::new();
     let signed = Arc::new(std::sync::Mutex::new(Vec::new()));
@@ -108,8 +132,7 @@ async fn kill_9_mid_burst_leaves_no_signature_without_its_reservation() -> TestR
     while signed.lock().map(|s| s.len()).unwrap_or(0) < 20 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    child.kill()?;
-    child.wait()?;
+    service.kill()?;
     for t in tasks {
         let _ = t.await;
     }
@@ -120,13 +143,14 @@ async fn kill_9_mid_burst_leaves_no_signature_without_its_reservation() -> TestR
         signed.len()
     );
 
-    let (mut child, url) = serve(&dir, &redis.url, &key_file).await?;
+    let service = serve(&dir, &redis.url, &key_file).await?;
+    let url = service.url.clone();
     let conn =
         session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
     let ledger = session_paymaster::ledger::Ledger::Redis(
         session_paymaster::ledger::redis::RedisLedger::new(conn),
     );
-    let scope = format!("policy:{}", session_paymaster::app::unix_now() / 86_400);
+    let scope = crate::helpers::policy_day_scope();
     let (_, reserved) = ledger.usage("budgeted", &scope).await?;
     assert!(
         reserved >= signed.len() as u64,
@@ -148,8 +172,6 @@ async fn kill_9_mid_burst_leaves_no_signature_without_its_reservation() -> TestR
         reserved,
         "re-sends counted nothing more"
     );
-    child.kill()?;
-    child.wait()?;
     Ok(())
 }
 
@@ -163,32 +185,12 @@ async fn the_watcher_catches_up_after_a_chain_rpc_outage() -> TestResult {
     let redis = TestRedis::start().await?;
     let stack = crate::helpers::Stack::start_with(None, Some(redis.url.clone())).await?;
     // The chain RPC the watcher uses, behind a switch.
-    let up = Arc::new(AtomicBool::new(true));
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let proxy = format!("http://{}", listener.local_addr()?);
-    let (upstream, switch) = (stack.anvil.url.clone(), up.clone());
-    let client = reqwest::Client::new();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |body: axum::Json<Value>| {
-            let (client, upstream, switch) = (client.clone(), upstream.clone(), switch.clone());
-            async move {
-                if !switch.load(Ordering::Relaxed) {
-                    return (axum::http::StatusCode::BAD_GATEWAY, axum::Json(Value::Null));
-                }
-                let answer = match client.post(&upstream).json(&body.0).send().await {
-                    Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
-                    Err(_) => Value::Null,
-                };
-                (axum::http::StatusCode::OK, axum::Json(answer))
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
+    let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
+    let up = proxy.up.clone();
     let sponsor = &stack.app.state.sponsor;
-    let provider = ProviderBuilder::new().connect_http(proxy.parse()?).erased();
+    let provider = ProviderBuilder::new()
+        .connect_http(proxy.url.parse()?)
+        .erased();
     let watcher = Watcher::new(provider, sponsor, 0, None, Cursor::memory())
         .with_finality(Finality::Depth(0));
     watcher.poll_once(sponsor).await?;
@@ -258,7 +260,7 @@ async fn a_cluster_master_killed_fails_closed_then_recovers() -> TestResult {
         tokio::time::sleep(Duration::from_millis(200)).await;
     };
     assert!(v["result"]["paymasterData"].is_string(), "recovered: {v}");
-    let scope = format!("policy:{}", session_paymaster::app::unix_now() / 86_400);
+    let scope = crate::helpers::policy_day_scope();
     assert_eq!(
         app.state
             .sponsor

@@ -28,11 +28,17 @@ pub fn contracts_dir() -> PathBuf {
     repo_dir().join("contracts")
 }
 
-fn free_port() -> u16 {
+/// A port free on loopback now (0 if none could be found: the bind then fails loudly).
+pub fn free_port() -> u16 {
     StdListener::bind("127.0.0.1:0")
         .and_then(|l| l.local_addr())
         .map(|a| a.port())
         .unwrap_or(0)
+}
+
+/// The scope of a policy-wide daily budget today (`policy:<day>`).
+pub fn policy_day_scope() -> String {
+    format!("policy:{}", session_paymaster::app::unix_now() / 86_400)
 }
 
 /// A private temporary directory, removed on drop.
@@ -601,5 +607,68 @@ impl Drop for TestRedisCluster {
             let _ = node.kill();
             let _ = node.wait();
         }
+    }
+}
+
+/// A JSON-RPC proxy in front of a node, for watcher tests: it can be down (answers 502), and
+/// can refuse `eth_getLogs` over a number of blocks as hosted providers do (0: every one).
+pub struct RpcProxy {
+    pub url: String,
+    pub up: Arc<std::sync::atomic::AtomicBool>,
+    pub max_log_blocks: Arc<std::sync::atomic::AtomicU64>,
+}
+
+impl RpcProxy {
+    pub async fn start(upstream: String) -> TestResult<Self> {
+        use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let url = format!("http://{}", listener.local_addr()?);
+        let up = Arc::new(AtomicBool::new(true));
+        let max_log_blocks = Arc::new(AtomicU64::new(u64::MAX));
+        let (up2, max2) = (up.clone(), max_log_blocks.clone());
+        let client = reqwest::Client::new();
+        let app = axum::Router::new().route(
+            "/",
+            axum::routing::post(move |body: axum::Json<Value>| {
+                let (client, upstream) = (client.clone(), upstream.clone());
+                let (up, max) = (up2.clone(), max2.load(Ordering::Relaxed));
+                async move {
+                    let body = body.0;
+                    if !up.load(Ordering::Relaxed) {
+                        return (axum::http::StatusCode::BAD_GATEWAY, axum::Json(Value::Null));
+                    }
+                    if body["method"] == json!("eth_getLogs") {
+                        let block = |f: &str| {
+                            body["params"][0][f]
+                                .as_str()
+                                .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
+                                .unwrap_or(0)
+                        };
+                        let span = block("toBlock").saturating_sub(block("fromBlock")) + 1;
+                        if span > max {
+                            let refusal = json!({
+                                "jsonrpc": "2.0", "id": body["id"],
+                                "error": { "code": -32005, "message": format!("query exceeds max block range {max}") }
+                            });
+                            return (axum::http::StatusCode::OK, axum::Json(refusal));
+                        }
+                    }
+                    let answer = match client.post(&upstream).json(&body).send().await {
+                        Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
+                        Err(_) => Value::Null,
+                    };
+                    (axum::http::StatusCode::OK, axum::Json(answer))
+                }
+            }),
+        );
+        tokio::spawn(async move {
+            let _ = axum::serve(listener, app).await;
+        });
+        Ok(Self {
+            url,
+            up,
+            max_log_blocks,
+        })
     }
 }

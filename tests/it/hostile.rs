@@ -182,7 +182,7 @@ async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
     std::fs::write(dir.0.join(name), text)?;
     let stack = Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
     let sponsor = &stack.app.state.sponsor;
-    let scope = format!("policy:{}", unix_now() / 86_400);
+    let scope = crate::helpers::policy_day_scope();
     let user = User::new(&stack, EntryPointVersion::V0_7).await?;
 
     // Two sponsorships of one nonce: the op, and the op with another fee.
@@ -645,7 +645,7 @@ async fn a_repeat_never_returns_a_signature_about_to_expire() -> TestResult {
         repeat["result"],
         "now stored"
     );
-    let scope = format!("policy:{}", unix_now() / 86_400);
+    let scope = crate::helpers::policy_day_scope();
     assert_eq!(
         app.state
             .sponsor
@@ -786,7 +786,7 @@ async fn a_refreshed_answer_keeps_every_signature_of_it_reserved() -> TestResult
     let fresh = sponsor(&app, &op, ep07, ctx(600)).await?;
     assert_ne!(fresh["result"], first["result"], "a fresh answer");
     let ledger = app.state.sponsor.ledger();
-    let scope = format!("policy:{}", unix_now() / 86_400);
+    let scope = crate::helpers::policy_day_scope();
     assert_eq!(ledger.usage("budgeted", &scope).await?.1, 1, "counted once");
     // A confirmed block past the first answer's end releases nothing: the fresh one is valid.
     let policies = vec!["budgeted".to_owned()];

@@ -841,7 +841,7 @@ async fn redis_restart_with_aof_keeps_budgets_and_fails_closed_meanwhile() -> Te
             .result("pm_sponsorUserOperation", json!([op_json(i), ep]))
             .await?;
     }
-    let scope = format!("policy:{}", session_paymaster::app::unix_now() / 86_400);
+    let scope = crate::helpers::policy_day_scope();
     let ledger = apps[0].state.sponsor.ledger();
     assert_eq!(ledger.usage("budgeted", &scope).await?.1, 3);
 

@@ -10,12 +10,6 @@ use sha2::{Digest, Sha256};
 
 use crate::helpers::{ADMIN_TOKEN, TempDir, TestResult, counter_op, repo_dir};
 
-fn free_port() -> TestResult<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port())
-}
-
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestResult {
     let dir = TempDir::new("process");
@@ -26,7 +20,7 @@ async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestRe
         .trim_start_matches("0x")
         .to_owned();
     let api_key = "sp_process_test_key_0123456789";
-    let port = free_port()?;
+    let port = crate::helpers::free_port();
     let log_path = dir.0.join("serve.log");
     let mut child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
@@ -268,12 +262,12 @@ async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResu
             .stderr(Stdio::piped());
         cmd
     };
-    let out = serve(&[], free_port()?).output()?;
+    let out = serve(&[], crate::helpers::free_port()).output()?;
     let stderr = String::from_utf8_lossy(&out.stderr);
     assert!(!out.status.success(), "{stderr}");
     assert!(stderr.contains("--no-settlement"), "{stderr}");
 
-    let port = free_port()?;
+    let port = crate::helpers::free_port();
     let mut child = serve(&["--no-settlement"], port).spawn()?;
     let deadline = Instant::now() + Duration::from_secs(20);
     let client = reqwest::Client::new();

@@ -113,10 +113,6 @@ async fn mine(stack: &crate::helpers::Stack, blocks: u64) -> TestResult {
     Ok(())
 }
 
-fn policy_scope() -> String {
-    format!("policy:{}", session_paymaster::app::unix_now() / 86_400)
-}
-
 /// A watcher started without a cursor (the first `--rpc-url` against a Redis that already holds
 /// reservations, or an evicted key) started at the head: it missed the events of operations
 /// that landed before it, and then released their reservations. It now starts before the
@@ -140,52 +136,11 @@ async fn a_watcher_without_cursor_starts_before_the_oldest_open_reservation() ->
     assert_eq!(
         sponsor
             .ledger()
-            .usage("dev-counter", &policy_scope())
+            .usage("dev-counter", &crate::helpers::policy_day_scope())
             .await?,
         (actual, 1)
     );
     Ok(())
-}
-
-/// A JSON-RPC proxy in front of anvil that refuses `eth_getLogs` over `max_blocks` blocks (as
-/// hosted providers do), or every `eth_getLogs` when `max_blocks` is 0.
-async fn capped_proxy(upstream: String, max_blocks: u64) -> TestResult<String> {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
-    let url = format!("http://{}", listener.local_addr()?);
-    let client = reqwest::Client::new();
-    let app = axum::Router::new().route(
-        "/",
-        axum::routing::post(move |body: axum::Json<Value>| {
-            let (client, upstream) = (client.clone(), upstream.clone());
-            async move {
-                let body = body.0;
-                if body["method"] == json!("eth_getLogs") {
-                    let q = |f: &str| {
-                        body["params"][0][f]
-                            .as_str()
-                            .and_then(|h| u64::from_str_radix(h.trim_start_matches("0x"), 16).ok())
-                            .unwrap_or(0)
-                    };
-                    let span = q("toBlock").saturating_sub(q("fromBlock")) + 1;
-                    if max_blocks == 0 || span > max_blocks {
-                        return axum::Json(json!({
-                            "jsonrpc": "2.0", "id": body["id"],
-                            "error": { "code": -32005, "message": format!("query exceeds max block range {max_blocks}") }
-                        }));
-                    }
-                }
-                let answer = match client.post(&upstream).json(&body).send().await {
-                    Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
-                    Err(_) => Value::Null,
-                };
-                axum::Json(answer)
-            }
-        }),
-    );
-    tokio::spawn(async move {
-        let _ = axum::serve(listener, app).await;
-    });
-    Ok(url)
 }
 
 /// `eth_getLogs` spanned a fixed 1,000 blocks; providers that cap ranges or results refused
@@ -195,8 +150,13 @@ async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
     let (stack, _dir, actual) = landed_op(&redis).await?;
     mine(&stack, 30).await?;
-    let proxy = capped_proxy(stack.anvil.url.clone(), 4).await?;
-    let provider = ProviderBuilder::new().connect_http(proxy.parse()?).erased();
+    let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
+    proxy
+        .max_log_blocks
+        .store(4, std::sync::atomic::Ordering::Relaxed);
+    let provider = ProviderBuilder::new()
+        .connect_http(proxy.url.parse()?)
+        .erased();
     let sponsor = &stack.app.state.sponsor;
     let watcher = Watcher::new(provider, sponsor, 0, Some(0), Cursor::memory())
         .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
@@ -205,7 +165,7 @@ async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
     assert_eq!(
         sponsor
             .ledger()
-            .usage("dev-counter", &policy_scope())
+            .usage("dev-counter", &crate::helpers::policy_day_scope())
             .await?,
         (actual, 1)
     );
@@ -218,8 +178,13 @@ async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
 async fn deposits_are_read_while_logs_fail() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
     let (stack, _dir, _) = landed_op(&redis).await?;
-    let proxy = capped_proxy(stack.anvil.url.clone(), 0).await?;
-    let provider = ProviderBuilder::new().connect_http(proxy.parse()?).erased();
+    let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
+    proxy
+        .max_log_blocks
+        .store(0, std::sync::atomic::Ordering::Relaxed);
+    let provider = ProviderBuilder::new()
+        .connect_http(proxy.url.parse()?)
+        .erased();
     let sponsor = &stack.app.state.sponsor;
     let watcher = Watcher::new(provider, sponsor, 0, Some(0), Cursor::memory())
         .with_low_deposit(alloy::primitives::U256::MAX);
