@@ -303,3 +303,88 @@ async fn sponsorship_stops_before_the_deposit_runs_dry() -> TestResult {
     assert_eq!(open, (2 * worst) as f64 * 1e9, "{text}");
     Ok(())
 }
+
+/// Reservations were released by the time of a block `confirmations` deep: a reorg could undo
+/// it and make a landed operation look unlanded. They are released only by the finalized block.
+#[tokio::test]
+async fn releases_wait_for_the_finalized_block() -> TestResult {
+    use session_paymaster::sponsor::deposit::paymaster_scope;
+
+    let stack = crate::helpers::Stack::start().await?;
+    mine(&stack, 70).await?;
+    let sponsor = &stack.app.state.sponsor;
+    // Finality::Finalized is the default; anvil finalizes 64 blocks behind its head.
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        None,
+        Cursor::memory(),
+    );
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let op = counter_op(Address::repeat_byte(0x11), 0, "increment()").to_json();
+    stack
+        .app
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op, ep, { "validForSeconds": 5 }]),
+        )
+        .await?;
+    let scope = paymaster_scope(ep);
+    assert!(
+        sponsor.ledger().open("dev-counter", &scope).await? > 0,
+        "reserved"
+    );
+
+    let _: Value = stack
+        .anvil
+        .provider
+        .raw_request("evm_increaseTime".into(), (100u64,))
+        .await?;
+    mine(&stack, 1).await?;
+    assert_eq!(
+        watcher.poll_once(sponsor).await?.released,
+        0,
+        "the head is past it, not the finalized block"
+    );
+    mine(&stack, 64).await?;
+    assert_eq!(watcher.poll_once(sponsor).await?.released, 1, "finalized");
+    assert_eq!(sponsor.ledger().open("dev-counter", &scope).await?, 0);
+    Ok(())
+}
+
+/// An event of our paymaster that no reservation knows (an operation sponsored before the
+/// watcher counted anything) is reported, not silently dropped; one already closed is not.
+#[tokio::test]
+async fn events_no_reservation_knows_are_counted() -> TestResult {
+    use crate::e2e::{User, set_paymaster};
+    use session_paymaster::userop::UserOperation;
+
+    let stack = crate::helpers::Stack::start().await?;
+    // Sponsored without budgets and before any watcher: nothing is reserved.
+    let user = User::new(&stack, EntryPointVersion::V0_7).await?;
+    let mut op_json = user.op_json();
+    let result = stack
+        .app
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op_json, user.entry_point()]),
+        )
+        .await?;
+    set_paymaster(&mut op_json, &result);
+    let mut op = UserOperation::from_json(&op_json)?;
+    user.finish(&mut op)?;
+    user.submit(&op).await?;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        Some(0),
+        Cursor::memory(),
+    )
+    .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.ignored, poll.settled), (1, 0), "{poll:?}");
+    Ok(())
+}
