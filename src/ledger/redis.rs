@@ -219,7 +219,7 @@ impl RedisLedger {
         }
     }
 
-    /// The landing index of a nonce lives in each policy's slot (written by `reserve.lua` in
+    /// The records of a nonce live in each policy's slot (written by `reserve.lua` in
     /// the same atomic step), so settlement looks in each policy's: first whether any holds the
     /// event's hash, then to settle and release. Off the hot path, and the policies are few.
     pub(super) async fn settle(

@@ -12,8 +12,9 @@
 //!    request changes no budget or token total; a repeat of an operation counts as a call.
 //! 7. [`sign`]: the paymaster signature (before the reservation, which records the userOpHash
 //!    that covers it).
-//! 8. [`reserve`]: one atomic ledger step: idempotency, the session's status and token caps,
-//!    the worst case in every budget scope. The signature leaves the process only if this
+//! 8. [`reserve`]: the paymaster's deposit ([`deposit`], with a watcher), then one atomic
+//!    ledger step: idempotency, the session's status and token caps, the worst case in every
+//!    budget scope. The signature leaves the process only if this
 //!    step took the reservation (or found the one made for the same operation).
 //!
 //! Refusals carry a [`Reason`] ([`crate::rejection`]). No chain RPC anywhere.
