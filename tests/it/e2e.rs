@@ -127,6 +127,23 @@ impl<'a> User<'a> {
         op
     }
 
+    /// `op_json` sponsored by `pm_sponsorUserOperation`, with its paymaster fields and the
+    /// user's signature: ready to submit.
+    pub(crate) async fn sponsored(&self, mut op_json: Value) -> TestResult<UserOperation> {
+        let result = self
+            .stack
+            .app
+            .result(
+                "pm_sponsorUserOperation",
+                json!([op_json, self.entry_point()]),
+            )
+            .await?;
+        set_paymaster(&mut op_json, &result);
+        let mut op = UserOperation::from_json(&op_json)?;
+        self.finish(&mut op)?;
+        Ok(op)
+    }
+
     pub(crate) fn entry_point(&self) -> Address {
         self.stack.version(self.version).entry_point
     }
@@ -471,18 +488,8 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
     let mut sponsored = Vec::new();
     for version in EntryPointVersion::ALL {
         let user = User::new(&stack, version).await?;
-        let mut op_json = user.op_json();
-        let result = stack
-            .app
-            .result(
-                "pm_sponsorUserOperation",
-                json!([op_json, user.entry_point()]),
-            )
-            .await?;
-        set_paymaster(&mut op_json, &result);
-        let mut op = UserOperation::from_json(&op_json)?;
+        let op = user.sponsored(user.op_json()).await?;
         worst += wei_to_gwei_ceil(op.max_cost(op.paymaster.clone().ok_or("pm")?.gas));
-        user.finish(&mut op)?;
         sponsored.push((user, op));
     }
     assert_eq!(

@@ -179,8 +179,7 @@ async fn kill_9_mid_burst_leaves_no_signature_without_its_reservation() -> TestR
 /// and once it is back the watcher catches up and settles what landed meanwhile.
 #[tokio::test]
 async fn the_watcher_catches_up_after_a_chain_rpc_outage() -> TestResult {
-    use crate::e2e::{User, set_paymaster};
-    use session_paymaster::userop::UserOperation;
+    use crate::e2e::User;
 
     let redis = TestRedis::start().await?;
     let stack = crate::helpers::Stack::start_with(None, Some(redis.url.clone())).await?;
@@ -202,18 +201,7 @@ async fn the_watcher_catches_up_after_a_chain_rpc_outage() -> TestResult {
     );
     // Meanwhile an operation is sponsored (no chain needed) and lands.
     let user = User::new(&stack, EntryPointVersion::V0_7).await?;
-    let mut op_json = user.op_json();
-    let result = stack
-        .app
-        .result(
-            "pm_sponsorUserOperation",
-            json!([op_json, user.entry_point()]),
-        )
-        .await?;
-    set_paymaster(&mut op_json, &result);
-    let mut op = UserOperation::from_json(&op_json)?;
-    user.finish(&mut op)?;
-    user.submit(&op).await?;
+    user.submit(&user.sponsored(user.op_json()).await?).await?;
     assert!(watcher.poll_once(sponsor).await.is_err());
 
     up.store(true, Ordering::Relaxed);

@@ -172,7 +172,7 @@ async fn eip7702_marker_factory_is_refused() -> TestResult {
 /// tests/it/ledger.rs, `landings_by_nonce`, on memory, Redis and a Cluster.)
 #[tokio::test]
 async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
-    use crate::e2e::{User, set_paymaster};
+    use crate::e2e::User;
     use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
     use session_paymaster::ledger::wei_to_gwei_ceil;
 
@@ -190,17 +190,7 @@ async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
     for tip in [1_000_000_000u64, 1_000_000_001] {
         let mut op_json = user.op_json();
         op_json["maxPriorityFeePerGas"] = json!(format!("{tip:#x}"));
-        let result = stack
-            .app
-            .result(
-                "pm_sponsorUserOperation",
-                json!([op_json, user.entry_point()]),
-            )
-            .await?;
-        set_paymaster(&mut op_json, &result);
-        let mut op = UserOperation::from_json(&op_json)?;
-        user.finish(&mut op)?;
-        ops.push(op);
+        ops.push(user.sponsored(op_json).await?);
     }
     assert_eq!(sponsor.ledger().usage("budgeted", &scope).await?.1, 2);
 

@@ -71,8 +71,7 @@ async fn a_chain_rpc_outage_keeps_replicas_ready_and_backs_off() -> TestResult {
 async fn landed_op(
     redis: &crate::helpers::TestRedis,
 ) -> TestResult<(crate::helpers::Stack, crate::helpers::TempDir, u64)> {
-    use crate::e2e::{User, set_paymaster};
-    use session_paymaster::userop::UserOperation;
+    use crate::e2e::User;
 
     let dir = crate::helpers::TempDir::new("watcher");
     for entry in std::fs::read_dir(crate::helpers::repo_dir().join("policies"))? {
@@ -87,18 +86,7 @@ async fn landed_op(
         crate::helpers::Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
     let actual = {
         let user = User::new(&stack, EntryPointVersion::V0_7).await?;
-        let mut op_json = user.op_json();
-        let result = stack
-            .app
-            .result(
-                "pm_sponsorUserOperation",
-                json!([op_json, user.entry_point()]),
-            )
-            .await?;
-        set_paymaster(&mut op_json, &result);
-        let mut op = UserOperation::from_json(&op_json)?;
-        user.finish(&mut op)?;
-        let event = user.submit(&op).await?;
+        let event = user.submit(&user.sponsored(user.op_json()).await?).await?;
         session_paymaster::ledger::wei_to_gwei_ceil(event.actualGasCost)
     };
     Ok((stack, dir, actual))
@@ -357,24 +345,12 @@ async fn releases_wait_for_the_finalized_block() -> TestResult {
 /// watcher counted anything) is reported, not silently dropped; one already closed is not.
 #[tokio::test]
 async fn events_no_reservation_knows_are_counted() -> TestResult {
-    use crate::e2e::{User, set_paymaster};
-    use session_paymaster::userop::UserOperation;
+    use crate::e2e::User;
 
     let stack = crate::helpers::Stack::start().await?;
     // Sponsored without budgets and before any watcher: nothing is reserved.
     let user = User::new(&stack, EntryPointVersion::V0_7).await?;
-    let mut op_json = user.op_json();
-    let result = stack
-        .app
-        .result(
-            "pm_sponsorUserOperation",
-            json!([op_json, user.entry_point()]),
-        )
-        .await?;
-    set_paymaster(&mut op_json, &result);
-    let mut op = UserOperation::from_json(&op_json)?;
-    user.finish(&mut op)?;
-    user.submit(&op).await?;
+    user.submit(&user.sponsored(user.op_json()).await?).await?;
     let sponsor = &stack.app.state.sponsor;
     let watcher = Watcher::new(
         stack.anvil.provider.clone(),
