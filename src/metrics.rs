@@ -18,22 +18,11 @@ use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
 use crate::rejection::Reason;
+use crate::rpc::METHODS;
 
 /// Upper bounds of the latency buckets, seconds.
 const BUCKETS: [f64; 12] = [
     0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 1.0,
-];
-
-/// The methods served, as labels; anything else is `other`.
-const METHODS: [&str; 8] = [
-    "eth_chainId",
-    "pm_supportedEntryPoints",
-    "pm_sponsorUserOperation",
-    "pm_getPaymasterStubData",
-    "pm_getPaymasterData",
-    "pm_getSessionStatus",
-    "pm_validateSponsorshipPolicies",
-    "pm_explainSponsorship",
 ];
 
 /// Outcomes: `ok` and the error codes of `rpc::error`.

@@ -385,3 +385,23 @@ fn erc7677_params(
     let context = RequestContext::from_json(params.get(3))?;
     Ok((op, entry_point, context))
 }
+
+#[cfg(test)]
+mod tests {
+    /// Every method in `rpc::METHODS` is dispatched, and no other: a name the list lacks would
+    /// be labelled `other` in the metrics, one it has but `call` lacks would be a lie.
+    #[test]
+    fn the_method_list_is_what_call_dispatches() {
+        let source = include_str!("methods.rs");
+        let dispatched: Vec<&str> = source
+            .lines()
+            .filter_map(|l| {
+                l.trim()
+                    .strip_prefix('"')?
+                    .split_once("\" =>")
+                    .map(|(m, _)| m)
+            })
+            .collect();
+        assert_eq!(dispatched, super::super::METHODS.to_vec());
+    }
+}

@@ -19,6 +19,19 @@ use self::error::{
 use crate::apikey::ApiKey;
 use crate::app::AppState;
 
+/// The methods served (what `methods::call` dispatches; anything else is -32601). Metrics label
+/// calls by these names, and `other` for the rest.
+pub const METHODS: [&str; 8] = [
+    "eth_chainId",
+    "pm_supportedEntryPoints",
+    "pm_sponsorUserOperation",
+    "pm_getPaymasterStubData",
+    "pm_getPaymasterData",
+    "pm_getSessionStatus",
+    "pm_validateSponsorshipPolicies",
+    "pm_explainSponsorship",
+];
+
 /// Most calls one batch may carry.
 pub const MAX_BATCH: usize = 100;
 

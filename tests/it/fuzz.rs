@@ -187,16 +187,7 @@ async fn json_rpc_bodies_never_get_a_500() -> crate::helpers::TestResult {
         session_paymaster::signer::KeySource::Ephemeral,
     ))
     .await?;
-    let methods = [
-        "eth_chainId",
-        "pm_supportedEntryPoints",
-        "pm_sponsorUserOperation",
-        "pm_getPaymasterStubData",
-        "pm_getPaymasterData",
-        "pm_getSessionStatus",
-        "pm_validateSponsorshipPolicies",
-        "pm_explainSponsorship",
-    ];
+    let methods = session_paymaster::rpc::METHODS;
     let body = prop_oneof![
         prop::collection::vec(any::<u8>(), 0..200)
             .prop_map(|b| String::from_utf8_lossy(&b).into_owned()),
