@@ -193,6 +193,8 @@ impl Watcher {
     /// Watch the EntryPoints and paymasters `sponsor` serves. Without a stored cursor, start at
     /// `start_block`, else before the oldest open reservation, else at the confirmed head.
     /// Releases go by the `finalized` block unless [`Self::with_finality`] says otherwise.
+    /// From now on `sponsor` counts every sponsorship against its paymaster's deposit, which
+    /// this watcher reads (see [`crate::sponsor::deposit`]).
     pub fn new(
         provider: DynProvider,
         sponsor: &Sponsor,
