@@ -598,15 +598,7 @@ pub fn proof_digest(
 ) -> B256 {
     keccak256(
         (
-            U256::from(chain_id),
-            entry_point,
-            op.sender,
-            op.nonce,
-            keccak256(op.init_code()),
-            keccak256(&op.call_data),
-            op.account_gas_limits(),
-            op.pre_verification_gas,
-            op.gas_fees(),
+            op.bound_fields(chain_id, entry_point),
             session_id,
             U256::from(deadline),
         )
@@ -911,6 +903,43 @@ mod tests {
             revoked.check_op(&op, &[], 150).err().map(|r| r.reason),
             Some(Reason::SessionRevoked)
         );
+    }
+
+    /// The proof digest is a wire format wallets compute: the flat `abi.encode` of docs/rpc.md,
+    /// whatever helper builds it.
+    #[test]
+    fn proof_digest_is_the_documented_flat_encoding() {
+        let op = UserOperation {
+            sender: ACCOUNT,
+            nonce: U256::from(7),
+            factory: Some(Address::repeat_byte(0xfa)),
+            factory_data: vec![1, 2].into(),
+            call_data: vec![3, 4, 5].into(),
+            call_gas_limit: 11,
+            verification_gas_limit: 12,
+            pre_verification_gas: U256::from(13),
+            max_fee_per_gas: 14,
+            max_priority_fee_per_gas: 15,
+            ..Default::default()
+        };
+        let (ep, id) = (Address::repeat_byte(0xee), B256::repeat_byte(0x1d));
+        let flat = keccak256(
+            (
+                U256::from(31337u64),
+                ep,
+                op.sender,
+                op.nonce,
+                keccak256(op.init_code()),
+                keccak256(&op.call_data),
+                op.account_gas_limits(),
+                op.pre_verification_gas,
+                op.gas_fees(),
+                id,
+                U256::from(99u64),
+            )
+                .abi_encode(),
+        );
+        assert_eq!(proof_digest(31337, ep, &op, id, 99), flat);
     }
 
     #[test]

@@ -264,15 +264,7 @@ fn idempotency_key(
 ) -> B256 {
     keccak256(
         (
-            U256::from(chain_id),
-            entry_point,
-            op.sender,
-            op.nonce,
-            keccak256(op.init_code()),
-            keccak256(&op.call_data),
-            op.account_gas_limits(),
-            op.pre_verification_gas,
-            op.gas_fees(),
+            op.bound_fields(chain_id, entry_point),
             U256::from(gas.verification),
             U256::from(gas.post_op),
         )

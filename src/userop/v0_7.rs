@@ -247,6 +247,29 @@ impl UserOperation {
         self.factory.map_or(0, |_| 20 + self.factory_data.len()) + self.call_data.len()
     }
 
+    /// Every field the paymaster signature covers except the paymaster's own (and the account's
+    /// signature), with the chain and EntryPoint: what the idempotency key and a session proof
+    /// bind. A tuple of static ABI types, so nested in a larger tuple it encodes inline (as if
+    /// its fields were listed there).
+    #[allow(clippy::type_complexity)]
+    pub fn bound_fields(
+        &self,
+        chain_id: u64,
+        entry_point: Address,
+    ) -> (U256, Address, Address, U256, B256, B256, B256, U256, B256) {
+        (
+            U256::from(chain_id),
+            entry_point,
+            self.sender,
+            self.nonce,
+            alloy::primitives::keccak256(self.init_code()),
+            alloy::primitives::keccak256(&self.call_data),
+            self.account_gas_limits(),
+            self.pre_verification_gas,
+            self.gas_fees(),
+        )
+    }
+
     /// `verificationGasLimit(16) ‖ callGasLimit(16)`.
     pub fn account_gas_limits(&self) -> B256 {
         pack_u128s(self.verification_gas_limit, self.call_gas_limit)
