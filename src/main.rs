@@ -16,6 +16,10 @@ use session_paymaster::policy::publish;
 use session_paymaster::signer;
 use sha2::Digest;
 
+/// mimalloc: `scripts/bench` found glibc's malloc and free at a tenth of a sponsorship's CPU.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 #[derive(Parser)]
 #[command(
     name = "session-paymaster",

@@ -1,0 +1,877 @@
+//! The service as a client meets it: JSON-RPC over real HTTP, budgets in a real Redis, driven
+//! by a real load generator (`wrk`, one thread, 64 connections, every body a distinct
+//! operation). CPU is read from `/proc` for the service and for redis-server before and after
+//! each load, and printed per sponsorship as a ratio to two limits measured in the same run:
+//! one bare k256 signature (F, the floor of a signed sponsorship; both the service's and
+//! redis-server's CPU are given in F) and one bare `EVALSHA` of an empty script under the same
+//! kind of load (redis-server's floor per script call, also given as its own ratio).
+//! Latency at half the measured maximum comes from an open-loop schedule (requests are sent
+//! at fixed times whatever the answers do, and latency counts from the planned send time, so
+//! a stall is not hidden by the generator waiting for it).
+//!
+//! Run with `scripts/bench`; knobs (environment): `SECS` per load (default 8), `GRANTS`
+//! (session grants created before the session load, default 20000), `MEMORY_FILL`
+//! (sponsorships made on the embedded default before its second window, default 200000),
+//! `ONLY` and `RATE` (see `main`), `DEBUG_STALLS` (print each open-loop request over 10 ms with
+//! its due time, to see whether slow answers come in bursts).
+//! Asserts nothing; prints one table and one `BENCH_JSON` line.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use alloy::primitives::{Address, U256, keccak256};
+use alloy::sol;
+use alloy::sol_types::SolCall;
+use k256::ecdsa::SigningKey;
+use serde_json::{Value, json};
+use session_paymaster::userop::UserOperation;
+use sha2::Digest;
+
+sol! {
+    function execute(address dest, uint256 value, bytes func);
+}
+
+type Error = Box<dyn std::error::Error + Send + Sync>;
+
+const CONNECTIONS: u32 = 64;
+const ADMIN_TOKEN: &str = "bench-admin-token";
+const SIGNER_KEY: &str = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318";
+const PAYMASTER: &str = "0x7777777777777777777777777777777777777777";
+const ENTRY_POINT_V07: &str = "0x0000000071727De22E5E9d8BAf0edAc6f37da032";
+const COUNTER: &str = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3";
+
+/// The bench's policy: sender, policy and session budgets large enough never to refuse, so
+/// every request is a full signed, budgeted sponsorship.
+const POLICY: &str = r#"
+id = "bench"
+chains = [31337]
+entry_points = ["0.7", "0.8"]
+max_validity = "10m"
+
+[per_op]
+max_cost = "0.05 ether"
+
+[budgets]
+session = { cost = "1000000 ether", ops = 1000000 }
+sender  = { cost = "1000000 ether", ops = 1000000, period = "1d" }
+policy  = { cost = "100000000 ether", period = "30d" }
+
+[[allow]]
+target = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3"
+functions = ["increment()"]
+"#;
+
+fn env_u64(name: &str, default: u64) -> u64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn free_port() -> Result<u16, Error> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?
+        .local_addr()?
+        .port())
+}
+
+/// A child process killed when dropped.
+struct Proc(Child);
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+impl Proc {
+    /// CPU time (user + system, every thread) the process has used so far.
+    fn cpu(&self) -> Result<Duration, Error> {
+        cpu_of(&self.0.id().to_string())
+    }
+}
+
+/// CPU time of process `pid` (`self`: this one) from `/proc/<pid>/stat`.
+fn cpu_of(pid: &str) -> Result<Duration, Error> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat"))?;
+    // Fields after the command name (which may hold spaces) start at its closing ')'.
+    let rest = stat.rsplit_once(')').ok_or("odd /proc stat")?.1;
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    let ticks: u64 = f[11].parse::<u64>()? + f[12].parse::<u64>()?;
+    Ok(Duration::from_secs_f64(ticks as f64 / clock_ticks()?))
+}
+
+/// Clock ticks per second of `/proc` times (`getconf CLK_TCK`, read once).
+fn clock_ticks() -> Result<f64, Error> {
+    static TICKS: std::sync::OnceLock<f64> = std::sync::OnceLock::new();
+    if let Some(t) = TICKS.get() {
+        return Ok(*t);
+    }
+    let out = Command::new("getconf").arg("CLK_TCK").output()?;
+    let t: f64 = String::from_utf8(out.stdout)?.trim().parse()?;
+    Ok(*TICKS.get_or_init(|| t))
+}
+
+/// One load's outcome.
+#[derive(Debug, Default, Clone)]
+struct Load {
+    requests: u64,
+    errors: u64,
+    secs: f64,
+    p50_us: f64,
+    p99_us: f64,
+    p999_us: f64,
+    service_cpu: Duration,
+    redis_cpu: Duration,
+    /// CPU of the load generator in this process (the open loop; wrk runs apart).
+    generator_cpu: Duration,
+    redis_bytes: i64,
+}
+
+impl Load {
+    fn rate(&self) -> f64 {
+        self.requests as f64 / self.secs
+    }
+    fn per_request(&self, cpu: Duration) -> Duration {
+        cpu / u32::try_from(self.requests.max(1)).unwrap_or(u32::MAX)
+    }
+    fn json(&self, floor: Duration, evalsha: Duration) -> Value {
+        let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
+        json!({
+            "requests": self.requests, "errors": self.errors, "rps": self.rate().round(),
+            "p50_us": self.p50_us, "p99_us": self.p99_us, "p999_us": self.p999_us,
+            "service_cpu_us": us(self.per_request(self.service_cpu)),
+            "service_cpu_x_floor": ratio(self.per_request(self.service_cpu), floor),
+            "redis_cpu_us": us(self.per_request(self.redis_cpu)),
+            "redis_cpu_x_floor": ratio(self.per_request(self.redis_cpu), floor),
+            "redis_cpu_x_evalsha": ratio(self.per_request(self.redis_cpu), evalsha),
+            "redis_bytes_per_request": self.redis_bytes / i64::try_from(self.requests.max(1)).unwrap_or(1),
+            "generator_cpu_us": us(self.per_request(self.generator_cpu)),
+        })
+    }
+}
+
+fn ratio(a: Duration, b: Duration) -> f64 {
+    (a.as_secs_f64() / b.as_secs_f64() * 100.0).round() / 100.0
+}
+
+/// The floor: median over batches of one bare k256 recoverable signature of a prehash. Measured
+/// at the start, between the loads and at the end; F is the median of the three (a shared
+/// machine's speed drifts within a run).
+fn k256_floor() -> Result<Duration, Error> {
+    let key = SigningKey::from_slice(keccak256("bench key").as_slice())?;
+    let mut batches: Vec<Duration> = (0..9)
+        .map(|i| {
+            // CPU time of this thread, like the /proc times it is compared with (a wall clock
+            // would count the time the scheduler gave others).
+            let start = thread_cpu()?;
+            for j in 0..2_000u32 {
+                let hash = keccak256([i as u8, (j >> 8) as u8, j as u8]);
+                std::hint::black_box(key.sign_prehash_recoverable(hash.as_slice()).ok());
+            }
+            Ok((thread_cpu()? - start) / 2_000)
+        })
+        .collect::<Result<_, Error>>()?;
+    batches.sort();
+    Ok(batches[4])
+}
+
+/// CPU time of the calling thread (nanoseconds, from `/proc/thread-self/schedstat`).
+fn thread_cpu() -> Result<Duration, Error> {
+    let stat = std::fs::read_to_string("/proc/thread-self/schedstat")?;
+    let ns: u64 = stat
+        .split_whitespace()
+        .next()
+        .ok_or("empty schedstat")?
+        .parse()?;
+    Ok(Duration::from_nanos(ns))
+}
+
+struct Redis {
+    proc: Proc,
+    port: u16,
+}
+
+impl Redis {
+    fn start() -> Result<Self, Error> {
+        let port = free_port()?;
+        let child = Command::new("redis-server")
+            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args([
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--maxmemory-policy",
+                "noeviction",
+            ])
+            .stdout(Stdio::null())
+            .spawn()?;
+        let redis = Self {
+            proc: Proc(child),
+            port,
+        };
+        for _ in 0..100 {
+            if redis.cli(&["PING"]).map(|o| o == "PONG").unwrap_or(false) {
+                return Ok(redis);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("redis-server did not start".into())
+    }
+
+    fn url(&self) -> String {
+        format!("redis://127.0.0.1:{}", self.port)
+    }
+
+    fn cli(&self, args: &[&str]) -> Result<String, Error> {
+        let out = Command::new("redis-cli")
+            .args(["-p", &self.port.to_string()])
+            .args(args)
+            .output()?;
+        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+    }
+
+    fn used_memory(&self) -> Result<i64, Error> {
+        let info = self.cli(&["INFO", "memory"])?;
+        info.lines()
+            .find_map(|l| l.strip_prefix("used_memory:"))
+            .ok_or("no used_memory")?
+            .trim()
+            .parse()
+            .map_err(Into::into)
+    }
+
+    /// The Redis limit: redis-server CPU per `EVALSHA` of an empty script, driven by
+    /// `redis-benchmark` with as many connections as the HTTP loads use.
+    fn evalsha_floor(&self) -> Result<Duration, Error> {
+        let sha = self.cli(&["SCRIPT", "LOAD", "return 1"])?;
+        let n = 200_000u32;
+        let before = self.proc.cpu()?;
+        let status = Command::new("redis-benchmark")
+            .args(["-p", &self.port.to_string(), "-c", &CONNECTIONS.to_string()])
+            .args(["-n", &n.to_string(), "-q", "EVALSHA", &sha, "0"])
+            .stdout(Stdio::null())
+            .status()?;
+        if !status.success() {
+            return Err("redis-benchmark failed".into());
+        }
+        Ok((self.proc.cpu()? - before) / n)
+    }
+}
+
+struct Service {
+    proc: Proc,
+    port: u16,
+}
+
+impl Service {
+    fn start(policies: &Path, redis: Option<&Redis>) -> Result<Self, Error> {
+        let port = free_port()?;
+        let token_hash = hex::encode(sha2::Sha256::digest(ADMIN_TOKEN));
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
+        cmd.arg("serve")
+            .args(["--listen", &format!("127.0.0.1:{port}")])
+            .args(["--policies", &policies.display().to_string()])
+            .args(["--paymaster-v07", PAYMASTER, "--paymaster-v08", PAYMASTER])
+            .args(["--signer-key-env", "SP_BENCH_SIGNER_KEY"])
+            .args(["--admin-token-sha256", &token_hash])
+            .args(["--redis-timeout", "2s"])
+            .env("SP_BENCH_SIGNER_KEY", SIGNER_KEY)
+            .env(
+                "SP_LOG",
+                std::env::var("SP_LOG").unwrap_or_else(|_| "warn".into()),
+            )
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit());
+        if let Some(redis) = redis {
+            cmd.args(["--redis-url", &redis.url(), "--no-settlement"]);
+        }
+        let service = Self {
+            proc: Proc(cmd.spawn()?),
+            port,
+        };
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+                return Ok(service);
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        Err("the service did not start".into())
+    }
+
+    fn url(&self) -> String {
+        format!("http://127.0.0.1:{}/", self.port)
+    }
+}
+
+/// The JSON-RPC body of a sponsorship, as a Lua `string.format` template (`0x%s` the sender's
+/// 40 hex digits, `0x%x` the nonce, `%s` the context object) and the order of those three
+/// (`sender`, `nonce`, `ctx`) in it.
+struct Template {
+    format: String,
+    order: Vec<&'static str>,
+}
+
+fn sponsorship_template() -> Result<Template, Error> {
+    let counter: Address = COUNTER.parse()?;
+    let op = UserOperation {
+        sender: Address::repeat_byte(0x11),
+        nonce: U256::from(7),
+        call_data: executeCall {
+            dest: counter,
+            value: U256::ZERO,
+            func: keccak256("increment()")[..4].to_vec().into(),
+        }
+        .abi_encode()
+        .into(),
+        call_gas_limit: 100_000,
+        verification_gas_limit: 200_000,
+        pre_verification_gas: U256::from(50_000),
+        max_fee_per_gas: 2_000_000_000,
+        max_priority_fee_per_gas: 1_000_000_000,
+        ..Default::default()
+    };
+    let mut op = op.to_json();
+    op["sender"] = json!("SENDER");
+    op["nonce"] = json!("NONCE");
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+        "params": [op, ENTRY_POINT_V07, "CONTEXT"],
+    })
+    .to_string()
+    .replace('%', "%%");
+    let mut order = [
+        ("\"SENDER\"", "sender"),
+        ("\"NONCE\"", "nonce"),
+        ("\"CONTEXT\"", "ctx"),
+    ]
+    .map(|(token, name)| (body.find(token).unwrap_or(usize::MAX), name));
+    order.sort();
+    Ok(Template {
+        format: body
+            .replace("\"SENDER\"", "\"0x%s\"")
+            .replace("\"NONCE\"", "\"0x%x\"")
+            .replace("\"CONTEXT\"", "%s"),
+        order: order.iter().map(|(_, name)| *name).collect(),
+    })
+}
+
+impl Template {
+    /// The body of operation `i` (what the Lua script sends), for the open-loop generator.
+    fn body(&self, i: u64, grants: u64) -> String {
+        let (sender, ctx) = op_of(i, grants);
+        let mut out = self.format.clone();
+        for name in &self.order {
+            let (spec, value) = match *name {
+                "sender" => ("%s", sender.clone()),
+                "nonce" => ("%x", format!("{i:x}")),
+                _ => ("%s", ctx.clone()),
+            };
+            if let Some(at) = out.find(spec) {
+                out.replace_range(at..at + 2, &value);
+            }
+        }
+        out.replace("%%", "%")
+    }
+
+    /// A template of a fixed body (no operation in it).
+    fn fixed(body: &str) -> Self {
+        Self {
+            format: body.replace('%', "%%"),
+            order: Vec::new(),
+        }
+    }
+}
+
+/// Sender and context of operation `i`: without grants, sender `i` under the named policy;
+/// with `grants`, the session `i % grants` (its account is the sender).
+const LUA_OP: &str = r#"
+function op(i)
+  if grants > 0 then
+    local g = i % grants + 1
+    return string.format("%040x", g), string.format('{"sessionId":"0x%064x"}', g)
+  end
+  return string.format("%040x", i), '{"sponsorshipPolicyId":"bench"}'
+end
+"#;
+
+/// Drive `url` with wrk for `secs`, each request operation `base + n` (n counting from 1).
+fn wrk(url: &str, body: &Template, base: u64, grants: u64, secs: u64) -> Result<Load, Error> {
+    let script = std::env::temp_dir().join(format!("sp-bench-{}.lua", std::process::id()));
+    let mut f = std::fs::File::create(&script)?;
+    writeln!(f, "local template = [==[{}]==]", body.format)?;
+    let args: String = body.order.iter().map(|a| format!(", {a}")).collect();
+    writeln!(
+        f,
+        "function fill(sender, nonce, ctx) return string.format(template{args}) end"
+    )?;
+    writeln!(f, "base = {base}\ngrants = {grants}\n{LUA_OP}")?;
+    f.write_all(
+        br#"
+local n = 0
+local threads = {}
+wrk.method = "POST"
+wrk.headers["Content-Type"] = "application/json"
+function setup(thread) table.insert(threads, thread) end
+function init(args) errors = 0 end
+function request()
+  n = n + 1
+  local sender, ctx = op(base + n)
+  return wrk.format(nil, nil, nil, fill(sender, base + n, ctx))
+end
+function response(status, headers, body)
+  if status ~= 200 or string.find(body, '"error"', 1, true) then errors = errors + 1 end
+end
+-- Errors: answers counted by response() (not 200, or a JSON-RPC error) plus failed sockets
+-- (not wrk's status count: response() has those). One thread (-t1), so threads[1] has them all.
+function done(summary, latency, requests)
+  local e = summary.errors
+  io.write(string.format('BENCH {"requests":%d,"errors":%d,"secs":%f,"p50":%d,"p99":%d,"p999":%d}\n',
+    summary.requests, threads[1]:get("errors") + e.connect + e.read + e.write + e.timeout,
+    summary.duration / 1e6, latency:percentile(50), latency:percentile(99), latency:percentile(99.9)))
+end
+"#,
+    )?;
+    drop(f);
+    let out = Command::new("wrk")
+        .args([
+            "-t1",
+            &format!("-c{CONNECTIONS}"),
+            &format!("-d{secs}s"),
+            "--timeout",
+            "10s",
+        ])
+        .arg("-s")
+        .arg(&script)
+        .arg(url)
+        .output()?;
+    let _ = std::fs::remove_file(&script);
+    let text = String::from_utf8(out.stdout)?;
+    let line = text
+        .lines()
+        .find_map(|l| l.strip_prefix("BENCH "))
+        .ok_or_else(|| {
+            format!(
+                "wrk printed no result: {text}{}",
+                String::from_utf8_lossy(&out.stderr)
+            )
+        })?;
+    let v: Value = serde_json::from_str(line)?;
+    Ok(Load {
+        requests: v["requests"].as_u64().unwrap_or(0),
+        errors: v["errors"].as_u64().unwrap_or(0),
+        secs: v["secs"].as_f64().unwrap_or(1.0),
+        p50_us: v["p50"].as_f64().unwrap_or(0.0),
+        p99_us: v["p99"].as_f64().unwrap_or(0.0),
+        p999_us: v["p999"].as_f64().unwrap_or(0.0),
+        ..Load::default()
+    })
+}
+
+/// Open-loop load, as wrk2 makes it: request `k` is due at `start + k / rate`, whatever earlier
+/// answers do; each of `CONNECTIONS` kept-alive connections takes the next due request when it
+/// is free, and a request's latency counts from its due time (so time spent waiting for a free
+/// connection behind a stall counts too). Raw HTTP/1.1 on its own thread, to cost the machine
+/// as little as wrk does.
+fn open_loop(
+    port: u16,
+    body: &Template,
+    base: u64,
+    grants: u64,
+    rate: f64,
+    secs: u64,
+) -> Result<Load, Error> {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+
+    let total = (rate * secs as f64) as u64;
+    let next = Arc::new(AtomicU64::new(0));
+    let debug_stalls = std::env::var("DEBUG_STALLS").is_ok();
+    let runtime = tokio::runtime::Builder::new_current_thread()
+        .enable_all()
+        .build()?;
+    let started = Instant::now();
+    let per_connection = runtime.block_on(async {
+        let start = tokio::time::Instant::now() + Duration::from_millis(20);
+        let mut tasks = tokio::task::JoinSet::new();
+        for _ in 0..CONNECTIONS {
+            let next = next.clone();
+            let format = body.format.clone();
+            let order = body.order.clone();
+            tasks.spawn(async move {
+                let template = Template { format, order };
+                let mut stream = tokio::net::TcpStream::connect(("127.0.0.1", port)).await?;
+                stream.set_nodelay(true)?;
+                let (mut latencies, mut errors) = (Vec::new(), 0u64);
+                let mut buf = Vec::with_capacity(4096);
+                loop {
+                    let k = next.fetch_add(1, Ordering::Relaxed);
+                    if k >= total {
+                        return Ok::<_, std::io::Error>((latencies, errors));
+                    }
+                    let due = start + Duration::from_secs_f64(k as f64 / rate);
+                    tokio::time::sleep_until(due).await;
+                    let payload = template.body(base + k + 1, grants);
+                    let request = format!(
+                        "POST / HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n{payload}",
+                        payload.len()
+                    );
+                    stream.write_all(request.as_bytes()).await?;
+                    // Read the head, then the body its Content-Length announces.
+                    buf.clear();
+                    let (head_end, length) = loop {
+                        let mut chunk = [0u8; 4096];
+                        let n = stream.read(&mut chunk).await?;
+                        if n == 0 {
+                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                        if let Some(at) = buf.windows(4).position(|w| w == b"\r\n\r\n") {
+                            let head = String::from_utf8_lossy(&buf[..at]).to_ascii_lowercase();
+                            let length = head
+                                .lines()
+                                .find_map(|l| l.strip_prefix("content-length:"))
+                                .and_then(|v| v.trim().parse::<usize>().ok())
+                                .unwrap_or(0);
+                            break (at + 4, length);
+                        }
+                    };
+                    while buf.len() < head_end + length {
+                        let mut chunk = [0u8; 4096];
+                        let n = stream.read(&mut chunk).await?;
+                        if n == 0 {
+                            return Err(std::io::ErrorKind::UnexpectedEof.into());
+                        }
+                        buf.extend_from_slice(&chunk[..n]);
+                    }
+                    latencies.push(due.elapsed());
+                    if debug_stalls && due.elapsed() > Duration::from_millis(10) {
+                        eprintln!("stall {:?} at {:?}", due.elapsed(), due - start);
+                    }
+                    let ok = buf.starts_with(b"HTTP/1.1 200")
+                        && !String::from_utf8_lossy(&buf[head_end..]).contains("\"error\"");
+                    if !ok {
+                        errors += 1;
+                    }
+                }
+            });
+        }
+        let mut all = Vec::new();
+        while let Some(r) = tasks.join_next().await {
+            all.push(r);
+        }
+        all
+    });
+    let mut latencies = Vec::with_capacity(total as usize);
+    let mut errors = 0;
+    for r in per_connection {
+        let (l, e) = r??;
+        latencies.extend(l);
+        errors += e;
+    }
+    latencies.sort();
+    if latencies.is_empty() {
+        return Err("the open-loop load sent nothing".into());
+    }
+    let at = |q: f64| {
+        latencies[((latencies.len() as f64 * q) as usize).min(latencies.len() - 1)].as_secs_f64()
+            * 1e6
+    };
+    Ok(Load {
+        requests: latencies.len() as u64,
+        errors,
+        secs: started.elapsed().as_secs_f64(),
+        p50_us: at(0.50),
+        p99_us: at(0.99),
+        p999_us: at(0.999),
+        ..Load::default()
+    })
+}
+
+/// `LUA_OP` in Rust, for the open-loop generator.
+fn op_of(i: u64, grants: u64) -> (String, String) {
+    if grants > 0 {
+        let g = i % grants + 1;
+        (
+            format!("{g:040x}"),
+            format!("{{\"sessionId\":\"0x{g:064x}\"}}"),
+        )
+    } else {
+        (
+            format!("{i:040x}"),
+            "{\"sponsorshipPolicyId\":\"bench\"}".into(),
+        )
+    }
+}
+
+/// Run `load` and add the CPU the service and redis-server used meanwhile, and Redis' growth.
+fn measured(
+    service: &Service,
+    redis: Option<&Redis>,
+    load: impl FnOnce() -> Result<Load, Error>,
+) -> Result<Load, Error> {
+    let svc0 = service.proc.cpu()?;
+    let own0 = cpu_of("self")?;
+    let (r0, m0) = match redis {
+        Some(r) => (r.proc.cpu()?, r.used_memory()?),
+        None => (Duration::ZERO, 0),
+    };
+    let mut load = load()?;
+    load.service_cpu = service.proc.cpu()? - svc0;
+    load.generator_cpu = cpu_of("self")? - own0;
+    if let Some(r) = redis {
+        load.redis_cpu = r.proc.cpu()? - r0;
+        load.redis_bytes = r.used_memory()? - m0;
+    }
+    Ok(load)
+}
+
+/// Create grants `1..=n`: session `g` for account `g`, under the bench policy.
+async fn create_grants(service: &Service, n: u64) -> Result<(), Error> {
+    let client = reqwest::Client::new();
+    let url = format!("{}admin/sessions", service.url());
+    let next = Arc::new(AtomicU64::new(1));
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let mut workers = tokio::task::JoinSet::new();
+    for _ in 0..CONNECTIONS {
+        let (client, url, next) = (client.clone(), url.clone(), next.clone());
+        workers.spawn(async move {
+            loop {
+                let g = next.fetch_add(1, Ordering::Relaxed);
+                if g > n {
+                    return Ok::<(), String>(());
+                }
+                let grant = json!({
+                    "sessionId": format!("0x{g:064x}"), "account": format!("0x{g:040x}"),
+                    "sessionKey": format!("0x{:040x}", g + (1 << 60)), "chainId": 31337,
+                    "policy": "bench", "validAfter": now - 60, "validUntil": now + 86_400,
+                });
+                let resp = client
+                    .post(&url)
+                    .bearer_auth(ADMIN_TOKEN)
+                    .json(&grant)
+                    .send()
+                    .await
+                    .map_err(|e| e.to_string())?;
+                if resp.status() != 201 {
+                    return Err(format!("grant {g}: {}", resp.status()));
+                }
+            }
+        });
+    }
+    while let Some(r) = workers.join_next().await {
+        r??;
+    }
+    Ok(())
+}
+
+fn row(name: &str, l: &Load, floor: Duration, evalsha: Duration) {
+    let per = |d: Duration| l.per_request(d);
+    let us = |d: Duration| per(d).as_secs_f64() * 1e6;
+    // Without Redis (the embedded default) its columns are blank.
+    let redis = if l.redis_cpu > Duration::ZERO || l.redis_bytes != 0 {
+        format!(
+            "redis {:>5.1}us = {:>4.2}x F = {:>4.1}x EVALSHA  {:>5} B/op",
+            us(l.redis_cpu),
+            ratio(per(l.redis_cpu), floor),
+            ratio(per(l.redis_cpu), evalsha),
+            l.redis_bytes / i64::try_from(l.requests.max(1)).unwrap_or(1),
+        )
+    } else {
+        format!("{:<52}", "redis -")
+    };
+    let generator = if l.generator_cpu > Duration::ZERO {
+        format!("  (generator {:.1}us)", us(l.generator_cpu))
+    } else {
+        String::new()
+    };
+    println!(
+        "{name:<44} {:>6.0} req/s  p50 {:>6.0}us p99 {:>6.0}us p999 {:>6.0}us  service {:>6.1}us = {:>4.2}x F  {redis}  errors {}{}{generator}",
+        l.rate(),
+        l.p50_us,
+        l.p99_us,
+        l.p999_us,
+        us(l.service_cpu),
+        ratio(per(l.service_cpu), floor),
+        l.errors,
+        // CPU per answer means little when answers failed.
+        if l.errors > 0 {
+            " (ratios not comparable)"
+        } else {
+            ""
+        },
+    );
+}
+
+#[tokio::main]
+async fn main() -> Result<(), Error> {
+    for tool in ["wrk", "redis-server", "redis-benchmark"] {
+        if Command::new("which").arg(tool).output()?.stdout.is_empty() {
+            return Err(format!("{tool} is needed (scripts/bench installs it)").into());
+        }
+    }
+    let secs = env_u64("SECS", 8);
+    let grants = env_u64("GRANTS", 20_000);
+    let memory_fill = env_u64("MEMORY_FILL", 200_000);
+    // `ONLY=open,session` runs those loads alone (names: chainid, sponsor, open, session,
+    // embedded); `RATE` fixes the open loop's rate (default: half of what `sponsor` reached).
+    let only = std::env::var("ONLY").unwrap_or_default();
+    let want = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
+    let policies: PathBuf =
+        std::env::temp_dir().join(format!("sp-bench-policies-{}", std::process::id()));
+    std::fs::create_dir_all(&policies)?;
+    std::fs::write(policies.join("bench.toml"), POLICY)?;
+    let template = sponsorship_template()?;
+    let chain_id =
+        Template::fixed(r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}"#);
+
+    let mut floors = vec![k256_floor()?];
+    let mut rows: Vec<(String, &str, Load)> = Vec::new();
+    let redis = Redis::start()?;
+    let evalsha = redis.evalsha_floor()?;
+    let mut results = serde_json::Map::new();
+    let service = Service::start(&policies, Some(&redis))?;
+    let url = service.url();
+
+    // The HTTP + JSON floor of this service: eth_chainId, one fixed body.
+    if want("chainid") {
+        let l = measured(&service, Some(&redis), || wrk(&url, &chain_id, 0, 0, secs))?;
+        rows.push((
+            "eth_chainId (HTTP + JSON floor)".to_string(),
+            "eth_chainId",
+            l.clone(),
+        ));
+    }
+
+    // Signed sponsorships, sender + policy budgets in Redis, every op a new sender.
+    let mut base = 0;
+    let mut rate = std::env::var("RATE")
+        .ok()
+        .and_then(|r| r.parse::<f64>().ok());
+    if want("sponsor") || (want("open") && rate.is_none()) {
+        let full = measured(&service, Some(&redis), || {
+            wrk(&url, &template, base, 0, secs)
+        })?;
+        base += full.requests + 1;
+        rows.push((
+            "sponsor, Redis budgets (sender, policy)".to_string(),
+            "sponsor_redis",
+            full.clone(),
+        ));
+        rate = rate.or(Some(full.rate() / 2.0));
+    }
+    if let (true, Some(rate)) = (want("open"), rate) {
+        let half = measured(&service, Some(&redis), || {
+            std::thread::scope(|s| {
+                s.spawn(|| open_loop(service.port, &template, base, 0, rate, secs))
+                    .join()
+                    .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
+            })
+        })?;
+        base += half.requests + 1;
+        rows.push((
+            format!("  same, open loop at {rate:.0}/s"),
+            "sponsor_redis_open_loop",
+            half.clone(),
+        ));
+        // The same open loop of eth_chainId: the latency of any request at this rate on this
+        // machine (waking idle threads and cores), which a sponsorship's latency includes.
+        let control = measured(&service, Some(&redis), || {
+            std::thread::scope(|s| {
+                s.spawn(|| open_loop(service.port, &chain_id, 0, 0, rate, secs))
+                    .join()
+                    .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
+            })
+        })?;
+        rows.push((
+            format!("  eth_chainId, open loop at {rate:.0}/s"),
+            "eth_chainId_open_loop",
+            control.clone(),
+        ));
+    }
+
+    floors.push(k256_floor()?);
+
+    // Under session grants: session + sender + policy budgets, grant read from Redis.
+    if want("session") {
+        let m0 = redis.used_memory()?;
+        let t = Instant::now();
+        create_grants(&service, grants).await?;
+        let per_grant = (redis.used_memory()? - m0) / i64::try_from(grants.max(1))?;
+        println!(
+            "created {grants} session grants in {:.1?}: {per_grant} B of Redis memory per grant",
+            t.elapsed()
+        );
+        results.insert(
+            "grants".into(),
+            json!({ "count": grants, "bytes_per_grant": per_grant }),
+        );
+        let sess = measured(&service, Some(&redis), || {
+            wrk(&url, &template, base, grants, secs)
+        })?;
+        rows.push((
+            format!("sponsor under sessions ({grants} grants)"),
+            "sponsor_session",
+            sess.clone(),
+        ));
+    }
+    drop(service);
+
+    // The embedded default (memory ledger and sessions): first window, fill, second window.
+    if want("embedded") {
+        let service = Service::start(&policies, None)?;
+        let url = service.url();
+        let first = measured(&service, None, || wrk(&url, &template, 0, 0, secs))?;
+        rows.push((
+            "embedded default, first ops".into(),
+            "embedded_first",
+            first.clone(),
+        ));
+        let fill_from = first.requests + 1;
+        let mut filled = 0;
+        while filled < memory_fill {
+            let l = wrk(&url, &template, fill_from + filled, 0, 10)?;
+            filled += l.requests + 1;
+        }
+        let later = measured(&service, None, || {
+            wrk(&url, &template, fill_from + filled, 0, secs)
+        })?;
+        rows.push((
+            format!("embedded default, after {filled} more"),
+            "embedded_after_fill",
+            later,
+        ));
+        results.insert("embedded_filled".into(), json!(filled));
+    }
+
+    floors.push(k256_floor()?);
+    floors.sort();
+    let floor = floors[1];
+    let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
+    println!(
+        "limits: F = one bare k256 signature {:.1}us (median of {:.1?}); one bare EVALSHA costs redis-server {:.1}us = {:.2}x F; {cores} cores",
+        floor.as_secs_f64() * 1e6,
+        floors,
+        evalsha.as_secs_f64() * 1e6,
+        ratio(evalsha, floor),
+    );
+    for (label, key, load) in &rows {
+        row(label, load, floor, evalsha);
+        results.insert((*key).into(), load.json(floor, evalsha));
+    }
+    results.insert("floor_k256_us".into(), json!(floor.as_secs_f64() * 1e6));
+    results.insert(
+        "evalsha_redis_cpu_us".into(),
+        json!(evalsha.as_secs_f64() * 1e6),
+    );
+    results.insert("cores".into(), json!(cores));
+    println!("BENCH_JSON {}", Value::Object(results));
+    let _ = std::fs::remove_dir_all(&policies);
+    Ok(())
+}
