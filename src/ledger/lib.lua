@@ -77,6 +77,8 @@ end
 --   n u8 + n scope names (u8 length + bytes; the budget key is `sp:{P}:budget:<name>`),
 --   session u8; with a session: its state key (u8 length + bytes), then n u8 + n token
 --   amounts (field and decimal amount, each u8 length + bytes). Names are packed by pack_name.
+-- The service packs a new reservation's record the same way (ledger::redis::pack_record and
+-- pack_name mirror pack_record and pack_name here; a test compares them byte for byte).
 local OPEN, SETTLED, RELEASED = 0, 1, 2
 
 -- Seconds of validUntil one expiry bucket covers (ledger::redis::BUCKET_SECS).
@@ -211,15 +213,20 @@ local function load_nonce(key)
   return entries
 end
 
--- Write the entries back, keeping the key's TTL.
+-- One entry of a nonce's key: the id and the packed record.
+local function entry(id, body)
+  if #body > 65535 then
+    error('ledger record over 65535 bytes')
+  end
+  return short(id) .. struct.pack('>Hc0', #body, body)
+end
+
+-- Write the entries back, keeping the key's TTL. A record given packed (`{packed = bytes}`, a
+-- new one from reserve.lua) is written as it is.
 local function save_nonce(key, entries)
   local parts = {}
   for _, e in ipairs(entries) do
-    local body = pack_record(e[2])
-    if #body > 65535 then
-      error('ledger record over 65535 bytes')
-    end
-    parts[#parts + 1] = short(e[1]) .. struct.pack('>Hc0', #body, body)
+    parts[#parts + 1] = entry(e[1], e[2].packed or pack_record(e[2]))
   end
   redis.call('SET', key, table.concat(parts), 'KEEPTTL')
 end

@@ -77,6 +77,92 @@ fn spent_field(token: Address) -> String {
     format!("spent:0x{}", hex::encode(token))
 }
 
+/// A name as `lib.lua`'s `pack_name` stores it: each lowercase `0x` + 40 or 64 hex digits (an
+/// address, a session id) as a marker byte (1 or 2) and its raw bytes; the rest as it is.
+fn pack_name(name: &str) -> Vec<u8> {
+    let bytes = name.as_bytes();
+    let mut out = Vec::with_capacity(bytes.len());
+    let mut i = 0;
+    while i < bytes.len() {
+        if bytes[i] == b'0' && bytes.get(i + 1) == Some(&b'x') {
+            // Lua's `0x(%x+)`: the longest run of hex digits after `0x`, at least one.
+            let run = bytes[i + 2..]
+                .iter()
+                .take_while(|b| b.is_ascii_hexdigit())
+                .count();
+            if run > 0 {
+                let hex = &bytes[i + 2..i + 2 + run];
+                let lower = !hex.iter().any(u8::is_ascii_uppercase);
+                match hex::decode(hex) {
+                    Ok(raw) if lower && (run == 40 || run == 64) => {
+                        out.push(if run == 40 { 1 } else { 2 });
+                        out.extend_from_slice(&raw);
+                    }
+                    _ => out.extend_from_slice(&bytes[i..i + 2 + run]),
+                }
+                i += 2 + run;
+                continue;
+            }
+        }
+        out.push(bytes[i]);
+        i += 1;
+    }
+    out
+}
+
+/// A u8-length-prefixed field of a packed record (`short` in `lib.lua`).
+fn short(out: &mut Vec<u8>, field: &[u8]) -> Result<(), StoreError> {
+    let len =
+        u8::try_from(field.len()).map_err(|_| unavailable("ledger record field over 255 bytes"))?;
+    out.push(len);
+    out.extend_from_slice(field);
+    Ok(())
+}
+
+/// The open record of a new reservation, packed as `lib.lua`'s `pack_record` packs it: the
+/// script stores it as it is, so the hot path packs nothing in Lua. The two packers must agree
+/// byte for byte (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of each
+/// shape in Lua and compares); settlement, release and extension unpack it in Lua.
+fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
+    let window = r.answer.window;
+    let span = u32::try_from(window.valid_until.saturating_sub(window.valid_after))
+        .map_err(|_| unavailable("a validity window over 2^32 seconds"))?;
+    if window.valid_until >= 1 << 48 {
+        return Err(unavailable("validUntil over 2^48"));
+    }
+    let mut out = Vec::with_capacity(160);
+    out.push(0); // open
+    out.extend_from_slice(&r.cost_gwei.to_be_bytes());
+    out.extend_from_slice(&window.valid_until.to_be_bytes()[2..]);
+    out.extend_from_slice(&span.to_be_bytes());
+    out.extend_from_slice(&r.answer.signature);
+    out.push(1); // one userOpHash so far
+    out.extend_from_slice(&r.user_op_hash[..8]);
+    out.push(u8::try_from(r.scopes.len()).map_err(|_| unavailable("over 255 scopes"))?);
+    for s in &r.scopes {
+        short(&mut out, &pack_name(&s.name))?;
+    }
+    match &r.session {
+        Some(session) => {
+            out.push(1);
+            short(&mut out, &pack_name(&session_key(&r.policy, session.id)))?;
+            out.push(
+                u8::try_from(session.spend.len())
+                    .map_err(|_| unavailable("over 255 token caps"))?,
+            );
+            for t in &session.spend {
+                short(&mut out, &pack_name(&spent_field(t.token)))?;
+                short(&mut out, t.amount.to_string().as_bytes())?;
+            }
+        }
+        None => out.push(0),
+    }
+    if out.len() > usize::from(u16::MAX) {
+        return Err(unavailable("ledger record over 65535 bytes"));
+    }
+    Ok(out)
+}
+
 /// A script with the shared helpers of `lib.lua` in front.
 fn script(body: &str) -> redis::Script {
     redis::Script::new(&[include_str!("lib.lua"), body].concat())
@@ -118,9 +204,10 @@ impl RedisLedger {
             .as_ref()
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
+        let record = pack_record(r)?;
         inv.arg(&r.op_key[..20])
             .arg(if check_only { "1" } else { "0" })
-            .arg(r.cost_gwei.to_string())
+            .arg(r.cost_gwei)
             .arg(ttl(r.expires_at))
             .arg(r.answer.window.valid_until)
             .arg(r.answer.window.valid_after)
@@ -136,6 +223,7 @@ impl RedisLedger {
             .arg(now.saturating_sub(super::GRACE_SECS) / BUCKET_SECS)
             .arg(now.saturating_sub(super::GRACE_SECS))
             .arg(super::MAX_OPEN_PER_NONCE_ANY)
+            .arg(record)
             .arg(spend.len());
         for t in spend {
             inv.arg(spent_field(t.token))

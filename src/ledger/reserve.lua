@@ -31,9 +31,14 @@
 -- ARGV[17]  expiry bound: records whose validUntil is below it have outlived their grace and
 --           are dropped from the nonce's key (as the memory ledger forgets them)
 -- ARGV[18]  most open reservations one nonce may have, whatever the session
--- ARGV[19]  number of token caps T
--- ARGV[20..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
+-- ARGV[19]  the new open record, packed by the service as pack_record would pack it (lib.lua)
+-- ARGV[20]  number of token caps T
+-- ARGV[21..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 -- then      per scope, four values: cost limit (-1: none), ops limit (-1: none), TTL, name
+--
+-- The common case, a new operation of a new nonce, runs few commands: GET, per scope HMGET,
+-- HSET and EXPIRE, then SET and APPEND (the bucket's TTL and index entry are written by the
+-- reservation that creates the bucket, once per 10 s per policy).
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
@@ -48,8 +53,10 @@ local check_only = ARGV[2] == '1'
 local valid_until = tonumber(ARGV[5])
 -- Records past their grace are forgotten (any still open was never released: its charge stays,
 -- counted over rather than under), so a nonce's key holds only live ones.
+local stored = load_nonce(KEYS[1])
+local fresh_key = #stored == 0
 local entries = {}
-for _, e in ipairs(load_nonce(KEYS[1])) do
+for _, e in ipairs(stored) do
   if e[2].valid_until >= tonumber(ARGV[17]) then
     entries[#entries + 1] = e
   end
@@ -86,16 +93,21 @@ end
 local session_key = session and KEYS[4] or nil
 
 -- Write the nonce's records; its expiry bucket lists it, the bucket is indexed, all live
--- long enough.
+-- long enough. A bucket's TTL is the same for every record in it (its end plus grace), so the
+-- reservation that creates it sets it and indexes it (and trims the index); release.lua deletes
+-- a bucket and its index entry together, so an existing bucket is always indexed.
 local function schedule()
-  save_nonce(KEYS[1], entries)
-  if not listed then
-    redis.call('APPEND', KEYS[3], ARGV[13])
+  if fresh_key then
+    redis.call('SET', KEYS[1], entry(ARGV[1], ARGV[19]), 'EX', ARGV[4])
+  else
+    save_nonce(KEYS[1], entries)
+    extend_ttl(KEYS[1], ARGV[4])
   end
-  extend_ttl(KEYS[3], ARGV[15])
-  redis.call('ZADD', KEYS[2], ARGV[14], ARGV[14])
-  redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[16])
-  extend_ttl(KEYS[1], ARGV[4])
+  if not listed and redis.call('APPEND', KEYS[3], ARGV[13]) == #ARGV[13] then
+    redis.call('EXPIRE', KEYS[3], ARGV[15])
+    redis.call('ZADD', KEYS[2], ARGV[14], ARGV[14])
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[16])
+  end
 end
 
 if rec and rec.state == OPEN then
@@ -143,16 +155,18 @@ if session and open_mine >= tonumber(ARGV[12]) then
   return {5, string.format('%d', open_mine)}
 end
 
-local spend_count = tonumber(ARGV[19])
-local scope_base = 20 + spend_count * 3
+local spend_count = tonumber(ARGV[20])
+local scope_base = 21 + spend_count * 3
 local cost = tonumber(ARGV[3])
+local counters = {}
 for i = 5, #KEYS do
   local base = scope_base + (i - 5) * 4
   local cost_limit = tonumber(ARGV[base])
   local ops_limit = tonumber(ARGV[base + 1])
-  local used = redis.call('HMGET', KEYS[i], 'cost', 'ops')
+  local used = redis.call('HMGET', KEYS[i], 'cost', 'ops', 'open')
   local used_cost = tonumber(used[1] or '0')
   local used_ops = tonumber(used[2] or '0')
+  counters[i] = {used_cost, used_ops, tonumber(used[3] or '0'), used[1] == false and used[2] == false}
   -- Counters stay exact integers in Lua (below 2^53), whatever the limits.
   if used_cost + cost > MAX_EXACT then
     return {2, ARGV[base + 3], 'cost', string.format('%d', MAX_EXACT), string.format('%d', used_cost), ARGV[3]}
@@ -167,7 +181,7 @@ end
 
 local totals = {}
 for t = 0, spend_count - 1 do
-  local field, amount, limit = ARGV[20 + t * 3], ARGV[21 + t * 3], ARGV[22 + t * 3]
+  local field, amount, limit = ARGV[21 + t * 3], ARGV[22 + t * 3], ARGV[23 + t * 3]
   local spent = redis.call('HGET', KEYS[4], field) or '0'
   local total = dec_add(spent, amount)
   if dec_cmp(total, limit) > 0 then
@@ -182,24 +196,26 @@ end
 
 for i = 5, #KEYS do
   local base = scope_base + (i - 5) * 4
-  redis.call('HINCRBY', KEYS[i], 'cost', ARGV[3])
-  redis.call('HINCRBY', KEYS[i], 'open', ARGV[3])
-  redis.call('HINCRBY', KEYS[i], 'ops', 1)
-  extend_ttl(KEYS[i], ARGV[base + 2])
+  local c = counters[i]
+  redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
+    'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost))
+  -- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
+  -- window's end is not in its name alone: a policy republished with another period may name
+  -- the same counter with a later end).
+  if c[4] then
+    redis.call('EXPIRE', KEYS[i], ARGV[base + 2])
+  else
+    redis.call('EXPIRE', KEYS[i], ARGV[base + 2], 'GT')
+  end
 end
-local spend = {}
 if session then
   for _, t in ipairs(totals) do
     redis.call('HSET', KEYS[4], t[1], t[3])
-    spend[#spend + 1] = {t[1], t[2]}
   end
   redis.call('EXPIRE', KEYS[4], ARGV[11])
 end
-local record = {
-  state = OPEN, cost = cost, valid_until = valid_until, valid_after = tonumber(ARGV[6]),
-  sig = ARGV[7], hashes = {ARGV[9]}, scopes = scope_names, session = session_key,
-  spend = spend,
-}
+-- The new record is ARGV[19], packed by the service; save_nonce writes it as it is.
+local record = {packed = ARGV[19]}
 if mine then
   -- A released record of this operation (its signature expired unused): replaced.
   entries[mine][2] = record
