@@ -5,7 +5,7 @@ use std::sync::RwLock;
 
 use alloy::primitives::{Address, B256};
 
-use super::{Page, SessionGrant, SessionStatus};
+use super::{Page, SessionGrant, SessionStatus, forgotten, unix_now};
 
 /// Grants by id, and per account in creation order.
 #[derive(Debug, Default)]
@@ -17,6 +17,25 @@ pub struct MemorySessions {
 struct Inner {
     by_id: HashMap<B256, SessionGrant>,
     by_account: BTreeMap<Address, Vec<B256>>,
+}
+
+impl Inner {
+    /// Forget `account`'s grants past the time they are kept, as the Redis store does when the
+    /// account gets a new grant (only that account's: another account's listing keeps its
+    /// offsets).
+    fn prune(&mut self, account: Address, now: u64) {
+        let Some(ids) = self.by_account.get_mut(&account) else {
+            return;
+        };
+        let by_id = &mut self.by_id;
+        ids.retain(|id| {
+            let gone = by_id.get(id).is_none_or(|g| forgotten(g, now));
+            if gone {
+                by_id.remove(id);
+            }
+            !gone
+        });
+    }
 }
 
 impl MemorySessions {
@@ -41,6 +60,7 @@ impl MemorySessions {
 
     pub(super) fn create(&self, grant: &SessionGrant) -> bool {
         let mut inner = self.write();
+        inner.prune(grant.account, unix_now());
         if inner.by_id.contains_key(&grant.session_id) {
             return false;
         }
@@ -54,12 +74,17 @@ impl MemorySessions {
     }
 
     pub(super) fn get(&self, id: B256) -> Option<SessionGrant> {
-        self.read().by_id.get(&id).cloned()
+        let inner = self.read();
+        let grant = inner.by_id.get(&id)?;
+        (!forgotten(grant, unix_now())).then(|| grant.clone())
     }
 
     pub(super) fn revoke(&self, id: B256) -> Option<SessionGrant> {
         let mut inner = self.write();
         let grant = inner.by_id.get_mut(&id)?;
+        if forgotten(grant, unix_now()) {
+            return None;
+        }
         grant.status = SessionStatus::Revoked;
         Some(grant.clone())
     }
@@ -73,10 +98,13 @@ impl MemorySessions {
             .unwrap_or_default();
         let start = usize::try_from(cursor).unwrap_or(usize::MAX).min(ids.len());
         let end = start.saturating_add(limit).min(ids.len());
+        let now = unix_now();
         Page {
             sessions: ids[start..end]
                 .iter()
-                .filter_map(|id| inner.by_id.get(id).cloned())
+                .filter_map(|id| inner.by_id.get(id))
+                .filter(|g| !forgotten(g, now))
+                .cloned()
                 .collect(),
             next_cursor: (end < ids.len()).then_some(end as u64),
         }

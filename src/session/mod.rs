@@ -7,8 +7,10 @@
 //!
 //! - [`grant`]: the model, parsing of admin requests (errors with JSON paths), narrowing
 //!   checks against the policy, and the per-operation checks.
-//! - [`memory`] and [`redis`]: the two stores behind [`SessionStore`].
+//! - [`memory`] and [`redis`]: the two stores behind [`SessionStore`]; `codec`: a grant as Redis
+//!   stores it.
 
+mod codec;
 pub mod grant;
 pub mod memory;
 pub mod redis;
@@ -16,6 +18,22 @@ pub mod redis;
 use alloy::primitives::{Address, B256};
 
 pub use self::grant::{SessionGrant, SessionStatus};
+
+/// How long a grant is kept after it ends (`validUntil`): the admin API still shows an ended
+/// grant for a day; then both stores forget it (its id is unknown, refused like any unknown id).
+pub const RETAIN_SECS: u64 = 86_400;
+
+/// Unix time now.
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
+}
+
+/// Whether `grant` is past the time it is kept.
+fn forgotten(grant: &SessionGrant, now: u64) -> bool {
+    grant.valid_until.saturating_add(RETAIN_SECS) < now
+}
 
 /// A store failure: the request fails closed (no signature), retryably.
 #[derive(Debug, thiserror::Error)]

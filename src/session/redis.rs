@@ -1,26 +1,36 @@
 //! Sessions in Redis, shared by every replica: a revocation is seen by the next request on
-//! any of them, since each sponsorship reads the grant (one round trip: `HGETALL`).
+//! any of them, since each sponsorship reads the grant (one round trip: `GET`).
 //!
-//! Layout: `sp:session:{<id>}` is a hash with `grant` (JSON, written once) and `status`
-//! (changed by revocation without rewriting the grant); `sp:account-sessions:<account>` is a
-//! sorted set of the account's session ids by creation time, for listing.
-
-use std::time::Duration;
+//! | key | type | holds |
+//! |---|---|---|
+//! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
+//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants; expired members leave as grants are added to the bucket (`index.lua`) |
+//!
+//! About 330 bytes of Redis per grant over a million of them (`scripts/bench`,
+//! docs/performance.md). Grants written by 0.1 (`sp:session:{<id>}` hashes of JSON,
+//! `sp:account-sessions:<account>` sorted sets) are still read, revoked and listed (an
+//! account's old grants first: they are older), at the cost of one more round trip for ids
+//! unknown in the new layout; docs/operations.md has the upgrade notes. 0.3 drops that path.
 
 use std::collections::HashMap;
+use std::time::Duration;
 
-use alloy::primitives::{Address, B256};
+use alloy::primitives::{Address, B256, keccak256};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
-use super::{Page, SessionGrant, SessionStatus, StoreError};
+use super::{
+    Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError, codec, forgotten, unix_now,
+};
 
 /// Redis-backed session store.
 #[derive(Clone)]
 pub struct RedisSessions {
     conn: RedisConn,
     revoke: redis::Script,
+    revoke_legacy: redis::Script,
+    index: redis::Script,
 }
 
 impl std::fmt::Debug for RedisSessions {
@@ -33,11 +43,35 @@ fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-fn session_key(id: B256) -> String {
+fn grant_key(id: B256) -> Vec<u8> {
+    [b"sp:g:".as_slice(), id.as_slice()].concat()
+}
+
+/// The account's index bucket: by a hash of the account, so that addresses sharing a prefix
+/// (vanity or counterfactual ones) do not crowd one bucket.
+fn index_key(account: Address) -> Vec<u8> {
+    [b"sp:ga:".as_slice(), &keccak256(account)[..2]].concat()
+}
+
+/// The grant's member in its account's index bucket (see the module's table).
+fn index_member(grant: &SessionGrant, expires_at: u64) -> Vec<u8> {
+    let u32_of = |t: u64| u32::try_from(t).unwrap_or(u32::MAX).to_be_bytes();
+    [
+        grant.account.as_slice(),
+        &u32_of(grant.created_at),
+        &u32_of(expires_at),
+        grant.session_id.as_slice(),
+    ]
+    .concat()
+}
+
+/// Layout before 0.2: a hash of `grant` (JSON) and `status`.
+fn legacy_session_key(id: B256) -> String {
     format!("sp:session:{{{id}}}")
 }
 
-fn account_key(account: Address) -> String {
+/// Layout before 0.2: a sorted set of the account's session ids by creation time.
+fn legacy_account_key(account: Address) -> String {
     format!("sp:account-sessions:{account}")
 }
 
@@ -93,8 +127,67 @@ impl redis::aio::ConnectionLike for RedisConn {
 
 /// Connect to Redis at `url`, or to a Cluster when `url` lists several nodes separated by
 /// commas; every command fails (closed) after `timeout`. The connection is shared (cheap
-/// clones) by the stores that use Redis.
+/// clones) by the stores that use Redis. Redis older than 7.0 is refused: the scripts use
+/// `EXPIRE … GT` (7.0), and a script that fails half-way keeps what it wrote.
 pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
+    let mut conn = open(url, timeout).await?;
+    let info: redis::Value = redis::cmd("INFO")
+        .arg("server")
+        .query_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    check_version(&info)?;
+    Ok(conn)
+}
+
+/// The Redis 7.0 check of [`connect`], on every node's `INFO server` answer `info` holds.
+fn check_version(info: &redis::Value) -> Result<(), StoreError> {
+    let mut texts = Vec::new();
+    collect_text(info, &mut texts);
+    let versions: Vec<&str> = texts
+        .iter()
+        .flat_map(|t| t.lines())
+        .filter_map(|l| l.strip_prefix("redis_version:"))
+        .map(str::trim)
+        .collect();
+    if versions.is_empty() {
+        return Err(StoreError::Unavailable(
+            "INFO server named no redis_version".into(),
+        ));
+    }
+    for v in versions {
+        let major: u32 = v
+            .split('.')
+            .next()
+            .and_then(|m| m.parse().ok())
+            .unwrap_or(0);
+        if major < 7 {
+            return Err(StoreError::Unavailable(format!(
+                "Redis {v} is too old: 7.0 or later is needed (the scripts use EXPIRE GT)"
+            )));
+        }
+    }
+    Ok(())
+}
+
+fn collect_text(v: &redis::Value, out: &mut Vec<String>) {
+    match v {
+        redis::Value::BulkString(b) => out.push(String::from_utf8_lossy(b).into_owned()),
+        redis::Value::SimpleString(s) | redis::Value::VerbatimString { text: s, .. } => {
+            out.push(s.clone())
+        }
+        redis::Value::Array(items) | redis::Value::Set(items) => {
+            items.iter().for_each(|i| collect_text(i, out))
+        }
+        redis::Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
+            collect_text(k, out);
+            collect_text(v, out);
+        }),
+        _ => {}
+    }
+}
+
+async fn open(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
     if url.contains(',') {
         let nodes: Vec<&str> = url
             .split(',')
@@ -129,6 +222,8 @@ impl RedisSessions {
         Self {
             conn,
             revoke: redis::Script::new(include_str!("revoke.lua")),
+            revoke_legacy: redis::Script::new(include_str!("revoke_legacy.lua")),
+            index: redis::Script::new(include_str!("index.lua")),
         }
     }
 
@@ -139,43 +234,64 @@ impl RedisSessions {
 
     pub(super) async fn create(&self, grant: &SessionGrant) -> Result<bool, StoreError> {
         let mut conn = self.conn.clone();
-        let json =
-            serde_json::to_string(grant).map_err(|_| StoreError::Corrupt(grant.session_id))?;
-        let key = session_key(grant.session_id);
-        let created: bool = conn
-            .hset_nx(&key, "grant", json)
+        let now = unix_now();
+        let expires_at = grant.valid_until.saturating_add(RETAIN_SECS);
+        // A TTL Redis takes (a `validUntil` centuries ahead is kept for a century).
+        let ttl = expires_at.saturating_sub(now).clamp(1, 100 * 365 * 86_400);
+        // An id a grant of the old layout still holds is taken too.
+        let legacy: bool = conn
+            .exists(legacy_session_key(grant.session_id))
             .await
             .map_err(unavailable)?;
-        if !created {
+        if legacy {
             return Ok(false);
         }
-        let status = match grant.status {
-            SessionStatus::Active => "active",
-            SessionStatus::Revoked => "revoked",
-        };
-        // A concurrent create of the same id lost the HSETNX above, so only this writer sets
-        // the status; the index is idempotent. Two commands, not a pipeline: the keys live in
-        // different Cluster slots (this is the admin path, not the sponsorship path).
-        let _: () = conn
-            .hset(&key, "status", status)
+        // Listed first: a member whose grant was never stored (this SET NX lost, or failed) is
+        // harmless, since a listing shows only grants whose account and creation time match
+        // their member; a grant stored but not listed would be live and out of sight.
+        let _: i64 = self
+            .index
+            .key(index_key(grant.account))
+            .arg(index_member(grant, expires_at))
+            .arg(now)
+            .arg(ttl)
+            .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        let _: () = conn
-            .zadd(
-                account_key(grant.account),
-                grant.session_id.to_string(),
-                grant.created_at,
-            )
+        // SET NX: a concurrent create of the same id loses here, and nothing is overwritten.
+        let created: Option<String> = redis::cmd("SET")
+            .arg(grant_key(grant.session_id))
+            .arg(codec::encode(grant)?)
+            .arg("NX")
+            .arg("EX")
+            .arg(ttl)
+            .query_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if created.is_none() {
+            return Ok(false);
+        }
         Ok(true)
     }
 
     pub(super) async fn get(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
         let mut conn = self.conn.clone();
-        // Grant and status in one round trip.
-        let mut fields: HashMap<String, String> =
-            conn.hgetall(session_key(id)).await.map_err(unavailable)?;
+        let data: Option<Vec<u8>> = conn.get(grant_key(id)).await.map_err(unavailable)?;
+        let grant = match data {
+            Some(data) => Some(codec::decode(id, &data)?),
+            None => self.get_legacy(id).await?,
+        };
+        // Its key may outlive it by up to a second (a TTL is at least one).
+        Ok(grant.filter(|g| !forgotten(g, unix_now())))
+    }
+
+    /// A grant of the layout before 0.2 (one more round trip, for unknown ids only).
+    async fn get_legacy(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
+        let mut conn = self.conn.clone();
+        let mut fields: HashMap<String, String> = conn
+            .hgetall(legacy_session_key(id))
+            .await
+            .map_err(unavailable)?;
         let Some(grant) = fields.remove("grant") else {
             return Ok(None);
         };
@@ -191,12 +307,20 @@ impl RedisSessions {
 
     pub(super) async fn revoke(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
         let mut conn = self.conn.clone();
-        let found: i64 = self
+        let mut found: i64 = self
             .revoke
-            .key(session_key(id))
+            .key(grant_key(id))
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if found == 0 {
+            found = self
+                .revoke_legacy
+                .key(legacy_session_key(id))
+                .invoke_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        }
         if found == 0 {
             return Ok(None);
         }
@@ -210,18 +334,50 @@ impl RedisSessions {
         limit: usize,
     ) -> Result<Page, StoreError> {
         let mut conn = self.conn.clone();
-        let start = isize::try_from(cursor).unwrap_or(isize::MAX);
-        let stop = start.saturating_add(isize::try_from(limit).unwrap_or(isize::MAX));
-        // One more than asked tells whether another page follows.
-        let ids: Vec<String> = conn
-            .zrange(account_key(account), start, stop)
+        // Grants of the old layout (older than any new one) come first.
+        let legacy: Vec<String> = conn
+            .zrange(legacy_account_key(account), 0, -1)
             .await
             .map_err(unavailable)?;
+        let skip_legacy = usize::try_from(cursor).unwrap_or(usize::MAX);
+        // (id, creation time its index member names: None for the old layout's list).
+        let mut ids: Vec<(B256, Option<u64>)> = legacy
+            .iter()
+            .skip(skip_legacy)
+            .filter_map(|id| id.parse().ok().map(|id| (id, None)))
+            .take(limit.saturating_add(1))
+            .collect();
+        if ids.len() <= limit {
+            // One more than asked tells whether another page follows.
+            let offset = cursor.saturating_sub(legacy.len() as u64);
+            let want = limit.saturating_add(1) - ids.len();
+            let min = [b"[".as_slice(), account.as_slice()].concat();
+            let max = [b"[".as_slice(), account.as_slice(), &[0xff; 40]].concat();
+            let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
+                .arg(index_key(account))
+                .arg(min)
+                .arg(max)
+                .arg("BYLEX")
+                .arg("LIMIT")
+                .arg(offset)
+                .arg(want)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            ids.extend(members.iter().filter(|m| m.len() == 60).map(|m| {
+                let created = u32::from_be_bytes([m[20], m[21], m[22], m[23]]);
+                (B256::from_slice(&m[28..]), Some(u64::from(created)))
+            }));
+        }
         let more = ids.len() > limit;
-        let mut sessions = Vec::with_capacity(limit);
-        for id in ids.iter().take(limit) {
-            let Ok(id) = id.parse::<B256>() else { continue };
-            if let Some(grant) = self.get(id).await? {
+        let mut sessions = Vec::with_capacity(limit.min(ids.len()));
+        for (id, created) in ids.into_iter().take(limit) {
+            // Only the grant its member was written for: not one stored under a reused id for
+            // another account, nor a member left by a create that lost its SET NX.
+            if let Some(grant) = self.get(id).await?
+                && grant.account == account
+                && created.is_none_or(|c| c == grant.created_at.min(u64::from(u32::MAX)))
+            {
                 sessions.push(grant);
             }
         }
@@ -229,5 +385,36 @@ impl RedisSessions {
             sessions,
             next_cursor: more.then_some(cursor + limit as u64),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use redis::Value;
+
+    use super::*;
+
+    fn info(version: &str) -> Value {
+        Value::BulkString(
+            format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n")
+                .into_bytes(),
+        )
+    }
+
+    #[test]
+    fn redis_older_than_7_is_refused_on_any_node() {
+        assert!(check_version(&info("7.0.15")).is_ok());
+        assert!(check_version(&info("8.2.1")).is_ok());
+        assert!(check_version(&info("6.2.14")).is_err());
+        // A Cluster answers per node: every node must do.
+        let nodes = |a: &str, b: &str| {
+            Value::Map(vec![
+                (Value::SimpleString("n1".into()), info(a)),
+                (Value::SimpleString("n2".into()), info(b)),
+            ])
+        };
+        assert!(check_version(&nodes("7.2.4", "7.0.0")).is_ok());
+        assert!(check_version(&nodes("7.2.4", "6.0.16")).is_err());
+        assert!(check_version(&Value::Nil).is_err(), "no version named");
     }
 }

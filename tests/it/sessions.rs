@@ -433,7 +433,7 @@ fn grant(id: u8, account: Address, created_at: u64) -> SessionGrant {
         chain_id: 31337,
         policy: "dev-counter".into(),
         valid_after: 1,
-        valid_until: 2,
+        valid_until: 4_000_000_000,
         status: SessionStatus::Active,
         permissions: None,
         budget: None,
@@ -493,6 +493,22 @@ async fn store_contract(store: SessionStore) -> TestResult {
         "unknown ids are not created"
     );
     assert_eq!(store.get(B256::repeat_byte(9)).await?, None);
+    // A grant a day past its end is forgotten: unknown to reads, revocation and listings
+    // (Redis expires its key; the memory store prunes it).
+    let ended = SessionGrant {
+        valid_until: 1_000_000,
+        ..grant(6, Address::repeat_byte(0x44), 12)
+    };
+    assert!(store.create(&ended).await?, "stored, and forgotten at once");
+    assert_eq!(store.get(ended.session_id).await?, None);
+    assert_eq!(store.revoke(ended.session_id).await?, None);
+    assert!(
+        store
+            .list_by_account(ended.account, 0, 10)
+            .await?
+            .sessions
+            .is_empty()
+    );
     Ok(())
 }
 
@@ -508,6 +524,59 @@ async fn redis_store_contract() -> TestResult {
         RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?,
     ))
     .await
+}
+
+/// Grants written before 0.2 (a hash of JSON and status per grant, a sorted set per account)
+/// are still read, revoked (the revocation is seen) and listed, before the account's new ones.
+#[tokio::test]
+async fn grants_of_the_old_layout_are_read_revoked_and_listed() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let store =
+        SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let account = Address::repeat_byte(0x42);
+    let old = grant(1, account, 10);
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut c = client.get_multiplexed_async_connection().await?;
+    let key = format!("sp:session:{{{}}}", old.session_id);
+    // The JSON 0.1 wrote (a literal: not today's serialiser).
+    let json = format!(
+        r#"{{"sessionId":"{}","account":"{account}","sessionKey":"{}","chainId":31337,"policy":"dev-counter","validAfter":1,"validUntil":4000000000,"status":"active","createdAt":10}}"#,
+        old.session_id, old.session_key
+    );
+    let _: () = redis::cmd("HSET")
+        .arg(&key)
+        .arg("grant")
+        .arg(json)
+        .arg("status")
+        .arg("active")
+        .query_async(&mut c)
+        .await?;
+    let _: () = redis::cmd("ZADD")
+        .arg(format!("sp:account-sessions:{account}"))
+        .arg(10)
+        .arg(old.session_id.to_string())
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(store.get(old.session_id).await?, Some(old.clone()));
+    assert!(!store.create(&old).await?, "its id is taken");
+    store.create(&grant(2, account, 11)).await?;
+    let ids = |p: session_paymaster::session::Page| -> Vec<u8> {
+        p.sessions.iter().map(|s| s.session_id[0]).collect()
+    };
+    assert_eq!(
+        ids(store.list_by_account(account, 0, 10).await?),
+        vec![1, 2]
+    );
+    let page = store.list_by_account(account, 0, 1).await?;
+    assert_eq!((ids(page.clone()), page.next_cursor), (vec![1], Some(1)));
+    assert_eq!(ids(store.list_by_account(account, 1, 1).await?), vec![2]);
+    let revoked = store.revoke(old.session_id).await?.ok_or("known")?;
+    assert_eq!(revoked.status, SessionStatus::Revoked);
+    assert_eq!(
+        store.get(old.session_id).await?.map(|g| g.status),
+        Some(SessionStatus::Revoked)
+    );
+    Ok(())
 }
 
 #[tokio::test]
