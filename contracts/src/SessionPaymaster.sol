@@ -3,7 +3,7 @@ pragma solidity ^0.8.28;
 
 import "@openzeppelin/contracts/utils/cryptography/ECDSA.sol";
 import "@openzeppelin/contracts/utils/cryptography/MessageHashUtils.sol";
-import "entrypoint/core/BasePaymaster.sol";
+import "paymaster-base/TwoStepBasePaymaster.sol";
 import "entrypoint/core/Helpers.sol";
 import "entrypoint/core/UserOperationLib.sol";
 
@@ -12,8 +12,8 @@ import "entrypoint/core/UserOperationLib.sol";
  * @notice Verifying paymaster for session-paymaster: pays for a user operation when one of its
  *         signers (the off-chain service) signed it for a validity window.
  *
- * The same source builds against EntryPoint v0.7 and v0.8: `entrypoint/` is remapped per
- * Foundry profile (see foundry.toml).
+ * The same source builds against EntryPoint v0.7 and v0.8: `entrypoint/` and `paymaster-base/`
+ * are remapped per Foundry profile (see foundry.toml).
  *
  * paymasterAndData layout (129 bytes, DESIGN §3):
  *   [0:20]   paymaster address
@@ -26,8 +26,12 @@ import "entrypoint/core/UserOperationLib.sol";
  * ERC-7562: validation reads `isSigner`, a storage slot of this contract that is not associated
  * with the sender. Bundlers accept that only from a staked paymaster, so production deployments
  * must `addStake` (see docs/operations.md).
+ *
+ * Ownership (signers, stake, deposit) moves in two steps (`transferOwnership`, then
+ * `acceptOwnership` by the new owner) and can never be renounced: a paymaster without an owner
+ * could neither rotate a leaked signer out nor get its deposit and stake back.
  */
-contract SessionPaymaster is BasePaymaster {
+contract SessionPaymaster is TwoStepBasePaymaster {
 
     uint256 private constant VALID_UNTIL_OFFSET = PAYMASTER_DATA_OFFSET; // 52
     uint256 private constant VALID_AFTER_OFFSET = VALID_UNTIL_OFFSET + 6; // 58
@@ -48,6 +52,10 @@ contract SessionPaymaster is BasePaymaster {
     error InvalidPaymasterDataLength(uint256 length);
     /// @notice The zero address can never be a signer (ecrecover failures yield it).
     error InvalidSigner();
+    /// @notice The zero address can never own the paymaster.
+    error InvalidOwner();
+    /// @notice Ownership cannot be renounced (see the contract's notes).
+    error RenounceDisabled();
 
     /**
      * @param _entryPoint the EntryPoint this paymaster serves.
@@ -55,11 +63,17 @@ contract SessionPaymaster is BasePaymaster {
      *                    deterministic CREATE2 deployment does not leave the deployer proxy as owner.
      * @param _signers    initial signer set.
      */
-    constructor(IEntryPoint _entryPoint, address _owner, address[] memory _signers) BasePaymaster(_entryPoint) {
+    constructor(IEntryPoint _entryPoint, address _owner, address[] memory _signers) TwoStepBasePaymaster(_entryPoint) {
+        if (_owner == address(0)) revert InvalidOwner();
         _transferOwnership(_owner);
         for (uint256 i = 0; i < _signers.length; i++) {
             _addSigner(_signers[i]);
         }
+    }
+
+    /// @notice Always reverts: see the contract's notes on ownership.
+    function renounceOwnership() public view override onlyOwner {
+        revert RenounceDisabled();
     }
 
     /// @notice Authorise `signer` (owner only). Used to rotate keys without redeploying.

@@ -156,22 +156,95 @@ contract SessionPaymasterTest is TestBase {
         _handle(op);
     }
 
+    /// Every field the paymaster signature covers, changed after signing: refused.
     function test_tamperedFields_AA34() public {
-        for (uint256 field = 0; field < 8; field++) {
+        for (uint256 field = 0; field < 12; field++) {
             PackedUserOperation memory op = _op();
             _sponsor(op);
             if (field == 0) op.callData[op.callData.length - 1] ^= 0x01;
             else if (field == 1) op.nonce = 1 << 64; // another nonce key, still a valid nonce
             else if (field == 2) op.accountGasLimits = _pack(600_001, 100_000);
             else if (field == 3) op.accountGasLimits = _pack(600_000, 100_001);
-            else if (field == 4) op.gasFees = _pack(1 gwei, 2 gwei + 1);
+            else if (field == 4) op.gasFees = _pack(1 gwei, 2 gwei + 1); // maxFeePerGas
             else if (field == 5) op.preVerificationGas += 1;
             else if (field == 6) op.paymasterAndData[35] ^= 0x01; // paymasterVerificationGasLimit
-            else op.paymasterAndData[57] ^= 0x01; // validUntil
+            else if (field == 7) op.paymasterAndData[57] ^= 0x01; // validUntil
+            else if (field == 8) op.gasFees = _pack(1 gwei + 1, 2 gwei); // maxPriorityFeePerGas
+            else if (field == 9) op.paymasterAndData[63] ^= 0x01; // validAfter (still past)
+            else if (field == 10) {
+                // Another sender (and the initCode that deploys it).
+                address owner = vm.addr(ACCOUNT_OWNER_KEY);
+                op.sender = factory.getAddress(owner, 1);
+                op.initCode =
+                    abi.encodePacked(address(factory), abi.encodeCall(ISimpleAccountFactory.createAccount, (owner, 1)));
+            } else {
+                // initCode with a trailing byte: the factory ignores it and returns the same
+                // sender, so only the paymaster sees the change.
+                op.initCode = abi.encodePacked(op.initCode, uint8(1));
+            }
             _signAccount(op); // the account owner re-signs: only the paymaster signature is stale
             _expectFailedOp("AA34 signature error");
             _handle(op);
         }
+    }
+
+    /// paymasterPostOpGasLimit is signed too; the service always sends 0 (no postOp), so any
+    /// other value is both unsigned and refused.
+    function test_tamperedPostOpGas_AA34() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op);
+        op.paymasterAndData[51] = 0x01;
+        _signAccount(op);
+        _expectFailedOp("AA34 signature error");
+        _handle(op);
+    }
+
+    /// A signature made for one chain is refused on another (getHash binds block.chainid).
+    function test_wrongChainId_AA34() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op);
+        vm.chainId(block.chainid + 1);
+        _signAccount(op); // the account signs for the new chain: only the paymaster's is stale
+        _expectFailedOp("AA34 signature error");
+        _handle(op);
+    }
+
+    /// A signature for this paymaster does not pay through another one with the same signer.
+    function test_wrongPaymaster_AA34() public {
+        address[] memory signers = new address[](1);
+        signers[0] = vm.addr(SIGNER_KEY);
+        SessionPaymaster twin = new SessionPaymaster(ep, PM_OWNER, signers);
+        twin.deposit{value: 1 ether}();
+        PackedUserOperation memory op = _op();
+        _sponsor(op);
+        bytes memory pmd = op.paymasterAndData;
+        bytes20 twinAddress = bytes20(address(twin));
+        for (uint256 i = 0; i < 20; i++) pmd[i] = twinAddress[i];
+        _signAccount(op);
+        _expectFailedOp("AA34 signature error");
+        _handle(op);
+    }
+
+    /// The high-s twin of a valid signature (s' = n - s, v flipped) recovers the same signer
+    /// in bare ecrecover; OpenZeppelin's ECDSA refuses it, so a signature has one form only.
+    function test_highSTwin_refused() public {
+        PackedUserOperation memory op = _op();
+        _sponsor(op);
+        bytes memory pmd = op.paymasterAndData;
+        uint256 n = 0xFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFFEBAAEDCE6AF48A03BBFD25E8CD0364141;
+        uint256 s;
+        assembly {
+            s := mload(add(pmd, add(0x20, 96)))
+        }
+        bytes32 twinS = bytes32(n - s);
+        for (uint256 i = 0; i < 32; i++) pmd[96 + i] = twinS[i];
+        pmd[128] = pmd[128] == bytes1(uint8(27)) ? bytes1(uint8(28)) : bytes1(uint8(27));
+        vm.prank(address(ep));
+        (, uint256 data) = pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
+        vm.assertEq(data & 1, 1, "SIG_VALIDATION_FAILED for the high-s twin");
+        _signAccount(op);
+        _expectFailedOp("AA34 signature error");
+        _handle(op);
     }
 
     function test_expired_AA32() public {
@@ -282,7 +355,41 @@ contract SessionPaymasterTest is TestBase {
         vm.assertEq(pm.owner(), PM_OWNER, "owner is the constructor argument, not the deployer");
     }
 
-    // ---------------------------------------------------------------- deposit
+    // ---------------------------------------------------------------- ownership
+
+    function test_zeroOwner_refused() public {
+        address[] memory signers = new address[](1);
+        signers[0] = vm.addr(SIGNER_KEY);
+        vm.expectRevert(SessionPaymaster.InvalidOwner.selector);
+        new SessionPaymaster(ep, address(0), signers);
+    }
+
+    function test_renounceOwnership_disabled() public {
+        vm.prank(PM_OWNER);
+        vm.expectRevert(SessionPaymaster.RenounceDisabled.selector);
+        pm.renounceOwnership();
+        vm.assertEq(pm.owner(), PM_OWNER, "still owned");
+    }
+
+    function test_ownershipMovesInTwoSteps() public {
+        address next = address(0x4E57);
+        address stranger = address(0x5157);
+        vm.prank(PM_OWNER);
+        pm.transferOwnership(next);
+        vm.assertEq(pm.owner(), PM_OWNER, "unchanged until accepted");
+        vm.assertEq(pm.pendingOwner(), next, "pending");
+        vm.prank(stranger);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, stranger));
+        pm.acceptOwnership();
+        vm.prank(next);
+        pm.acceptOwnership();
+        vm.assertEq(pm.owner(), next, "accepted");
+        vm.prank(PM_OWNER);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, PM_OWNER));
+        pm.addSigner(address(0x1234));
+    }
+
+    // ---------------------------------------------------------------- deposit and stake
 
     function test_depositAndWithdraw() public {
         uint256 before = pm.getDeposit();
@@ -298,6 +405,31 @@ contract SessionPaymasterTest is TestBase {
         vm.prank(to);
         vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, to));
         pm.withdrawTo(to, 0.1 ether);
+    }
+
+    function test_onlyOwnerStakesAndWithdrawsStake() public {
+        address stranger = address(0x5157);
+        vm.deal(stranger, 2 ether);
+        vm.deal(PM_OWNER, 2 ether);
+        vm.prank(stranger);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, stranger));
+        pm.addStake{value: 1 ether}(86_400);
+        vm.prank(PM_OWNER);
+        pm.addStake{value: 1 ether}(86_400);
+        vm.assertEq(ep.getDepositInfo(address(pm)).stake, 1 ether, "staked by the owner");
+        vm.prank(stranger);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, stranger));
+        pm.unlockStake();
+        vm.prank(PM_OWNER);
+        pm.unlockStake();
+        vm.warp(block.timestamp + 86_401);
+        address payable to = payable(address(0x7E57));
+        vm.prank(stranger);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, stranger));
+        pm.withdrawStake(to);
+        vm.prank(PM_OWNER);
+        pm.withdrawStake(to);
+        vm.assertEq(to.balance, 1 ether, "stake withdrawn by the owner to the recipient");
     }
 
     // ---------------------------------------------------------------- gas

@@ -16,6 +16,7 @@ interface Vm {
     function prank(address msgSender, address txOrigin) external;
     function deal(address account, uint256 newBalance) external;
     function warp(uint256 newTimestamp) external;
+    function chainId(uint256 newChainId) external;
     function expectRevert(bytes calldata revertData) external;
     function expectRevert() external;
     function expectRevert(bytes4 revertData) external;

@@ -1,0 +1,20 @@
+// SPDX-License-Identifier: MIT
+pragma solidity ^0.8.28;
+
+import "@openzeppelin/contracts/access/Ownable2Step.sol";
+import "entrypoint/core/BasePaymaster.sol";
+
+/// @dev EntryPoint v0.7's BasePaymaster is Ownable; this adds the two-step transfer that v0.8's
+///      has already (`base/v08`). foundry.toml remaps `paymaster-base/` per profile, as it
+///      remaps `entrypoint/`, so SessionPaymaster is one source for both.
+abstract contract TwoStepBasePaymaster is BasePaymaster, Ownable2Step {
+    constructor(IEntryPoint _entryPoint) BasePaymaster(_entryPoint) {}
+
+    function transferOwnership(address newOwner) public virtual override(Ownable, Ownable2Step) {
+        Ownable2Step.transferOwnership(newOwner);
+    }
+
+    function _transferOwnership(address newOwner) internal virtual override(Ownable, Ownable2Step) {
+        Ownable2Step._transferOwnership(newOwner);
+    }
+}
