@@ -453,6 +453,51 @@ contract SessionPaymasterTest is TestBase {
     }
 
     event ValidationGas(uint256 callDataBytes, uint256 gasUsed);
+    event ValidationGasThroughHandleOps(uint256 callDataBytes, uint256 smallestLimit);
+
+    /// The same, as the EntryPoint counts it: the smallest paymasterVerificationGasLimit with
+    /// which handleOps takes an op of 16 KiB callData (below it: AA33 out of gas, or AA36 over
+    /// the limit: the EntryPoint counts the paymaster's whole validation step), found by
+    /// bisection with the paymaster, the EntryPoint and the account cold again before each try.
+    /// The service's default must exceed it by a fifth.
+    function test_validationGas_throughHandleOps_fitsServiceDefault() public {
+        PackedUserOperation memory first = _op(); // deploys the account
+        _sponsor(first);
+        _signAccount(first);
+        _handle(first);
+        uint256 key = 1;
+        vm.assertTrue(_handleOpsTakes(PM_VERIFICATION_GAS, key++), "the default is enough");
+        uint256 lo = 1_000;
+        uint256 hi = PM_VERIFICATION_GAS;
+        vm.assertFalse(_handleOpsTakes(lo, key++), "a tiny limit is refused");
+        while (hi - lo > 50) {
+            uint256 mid = (lo + hi) / 2;
+            if (_handleOpsTakes(mid, key++)) hi = mid;
+            else lo = mid;
+        }
+        emit ValidationGasThroughHandleOps(16384, hi);
+        vm.assertLt(hi * 6 / 5, PM_VERIFICATION_GAS, "the default is 20 % above what handleOps needs");
+    }
+
+    /// Whether handleOps takes a sponsored 16 KiB-callData op (nonce key `key`, the account
+    /// deployed) with paymasterVerificationGasLimit `limit`.
+    function _handleOpsTakes(uint256 limit, uint256 key) internal returns (bool) {
+        PackedUserOperation memory op = _op();
+        op.initCode = "";
+        op.nonce = key << 64;
+        op.callData = abi.encodePacked(op.callData, new bytes(16384)); // ignored by execute()
+        op.paymasterAndData = _pmData(uint128(limit), 0, 0, 0, new bytes(65));
+        _sponsor(op);
+        _signAccount(op);
+        PackedUserOperation[] memory ops = new PackedUserOperation[](1);
+        ops[0] = op;
+        vm.cool(address(pm));
+        vm.cool(address(ep));
+        vm.cool(op.sender);
+        vm.prank(BUNDLER, BUNDLER);
+        (bool ok,) = address(ep).call(abi.encodeCall(IEntryPoint.handleOps, (ops, BUNDLER)));
+        return ok;
+    }
 
     receive() external payable {}
 }

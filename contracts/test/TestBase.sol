@@ -17,6 +17,7 @@ interface Vm {
     function deal(address account, uint256 newBalance) external;
     function warp(uint256 newTimestamp) external;
     function chainId(uint256 newChainId) external;
+    function cool(address target) external;
     function expectRevert(bytes calldata revertData) external;
     function expectRevert() external;
     function expectRevert(bytes4 revertData) external;
