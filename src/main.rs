@@ -35,6 +35,10 @@ struct Cli {
 enum Command {
     /// Run the JSON-RPC sponsorship service.
     Serve(Box<ServeArgs>),
+    /// Print, for each configured paymaster, its deposit, stake, owner, whether the configured
+    /// signer is authorised, and the open reservations held against its deposit (with Redis),
+    /// as JSON. Takes the same configuration as `serve` (needs `--rpc-url`); reads only.
+    Status(Box<ServeArgs>),
     /// Write a new signer key file (mode 0600, never overwritten) and print its address.
     Keygen {
         /// Where to write the key.
@@ -58,6 +62,12 @@ enum Command {
         #[arg(long, default_value = "10000000000000000000")]
         deposit_wei: U256,
     },
+    /// Deploy SessionPaymaster for one EntryPoint to a real chain, or find it deployed: through
+    /// the CREATE2 deployer at an address predicted from (EntryPoint, owner, signers), its
+    /// deposit and stake topped up to the amounts asked. Prints the plan (and, after sending,
+    /// the `serve` configuration lines) as JSON. The sending key comes from an environment
+    /// variable or a file, never from a flag's value.
+    Deploy(Box<DeployArgs>),
     /// Create an admin API token: prints the token (once) and the SHA-256 the config takes.
     AdminToken,
     /// Work with API keys of dapp backends.
@@ -70,6 +80,61 @@ enum Command {
         #[command(subcommand)]
         command: PoliciesCommand,
     },
+}
+
+#[derive(clap::Args)]
+struct DeployArgs {
+    /// Chain RPC URL.
+    #[arg(long, env = "SP_RPC_URL")]
+    rpc_url: String,
+    /// EntryPoint version: 0.7 or 0.8.
+    #[arg(long)]
+    entry_point: session_paymaster::userop::EntryPointVersion,
+    /// EntryPoint address (default: the version's canonical address).
+    #[arg(long)]
+    entry_point_address: Option<Address>,
+    /// Owner of the paymaster (signers, stake, deposit): a multisig in production. May differ
+    /// from the sender; then staking is left to the owner (printed as `ownerTransactions`).
+    #[arg(long)]
+    owner: Address,
+    /// A signer to authorise (the service's address, see `keygen`); repeat for more.
+    #[arg(long = "signer", required = true)]
+    signers: Vec<Address>,
+    /// Deposit to have at the EntryPoint, e.g. `1ether`, `0.5 ether`, `10 gwei` (topped up).
+    #[arg(long, default_value = "0", value_parser = parse_amount)]
+    deposit: U256,
+    /// Stake to have, e.g. `1ether` (topped up; staking is the owner's).
+    #[arg(long, default_value = "0", value_parser = parse_amount)]
+    stake: U256,
+    /// Unstake delay of the stake, e.g. `1d`.
+    #[arg(long, default_value = "1d")]
+    unstake_delay: humantime::Duration,
+    /// Environment variable holding the sending key (hex).
+    #[arg(long, default_value = "SP_DEPLOYER_KEY")]
+    key_env: String,
+    /// File holding the sending key (hex) instead of the environment.
+    #[arg(long)]
+    key_file: Option<PathBuf>,
+    /// Print the plan (transactions, predicted address) and send nothing; no key needed.
+    #[arg(long)]
+    dry_run: bool,
+    /// Sender to plan for with --dry-run and no key (default: the owner).
+    #[arg(long)]
+    from: Option<Address>,
+    /// The repository's contracts directory (forge output of SessionPaymaster).
+    #[arg(long, default_value = "contracts")]
+    contracts: PathBuf,
+}
+
+/// An amount of wei: `1ether`, `0.5 ether`, `30 gwei`, `1000`.
+fn parse_amount(text: &str) -> Result<U256, String> {
+    let text = text.trim();
+    let split = text
+        .find(|c: char| c.is_ascii_alphabetic())
+        .map_or(text.to_owned(), |at| {
+            format!("{} {}", text[..at].trim(), &text[at..])
+        });
+    session_paymaster::policy::file::parse_amount_text(&split)
 }
 
 #[derive(Subcommand)]
@@ -115,6 +180,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Serve(args) => serve(*args),
+        Command::Status(args) => status(*args),
+        Command::Deploy(args) => deploy(*args),
         Command::AdminToken => admin_token(),
         Command::Apikey {
             command: ApikeyCommand::New { name, policies },
@@ -293,6 +360,200 @@ fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256)
             ExitCode::FAILURE
         }
     }
+}
+
+fn deploy(args: DeployArgs) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(deploy_async(args)));
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn deploy_async(args: DeployArgs) -> Result<String, String> {
+    use alloy::network::EthereumWallet;
+    use alloy::signers::local::PrivateKeySigner;
+    use session_paymaster::chain::deploy::{PaymasterTarget, execute, plan_paymaster};
+
+    let url: alloy::transports::http::reqwest::Url = args
+        .rpc_url
+        .parse()
+        .map_err(|e| format!("invalid --rpc-url: {e}"))?;
+    // The key: from a file or the environment, never a flag's value (shell history, ps).
+    let key = match (&args.key_file, std::env::var(&args.key_env)) {
+        (Some(path), _) => Some(
+            std::fs::read_to_string(path)
+                .map_err(|e| format!("--key-file {}: {e}", path.display()))?,
+        ),
+        (None, Ok(hex)) => Some(hex),
+        (None, Err(_)) => None,
+    };
+    let wallet = match key {
+        Some(hex) => Some(
+            hex.trim()
+                .parse::<PrivateKeySigner>()
+                .map_err(|_| "the sending key is not a hex private key".to_owned())?,
+        ),
+        None if args.dry_run => None,
+        None => {
+            return Err(format!(
+                "no sending key: set {} (hex) or give --key-file (or use --dry-run)",
+                args.key_env
+            ));
+        }
+    };
+    let from = wallet
+        .as_ref()
+        .map(|w| w.address())
+        .or(args.from)
+        .unwrap_or(args.owner);
+    let provider = match wallet {
+        Some(w) => ProviderBuilder::new()
+            .wallet(EthereumWallet::from(w))
+            .connect_http(url)
+            .erased(),
+        None => ProviderBuilder::new().connect_http(url).erased(),
+    };
+    let chain_id = provider
+        .get_chain_id()
+        .await
+        .map_err(|e| format!("chain RPC: {e}"))?;
+    let target = PaymasterTarget {
+        version: args.entry_point,
+        entry_point: args
+            .entry_point_address
+            .unwrap_or(args.entry_point.canonical_address()),
+        owner: args.owner,
+        signers: args.signers.clone(),
+        deposit: args.deposit,
+        stake: args.stake,
+        unstake_delay_secs: u32::try_from(args.unstake_delay.as_secs())
+            .map_err(|_| "--unstake-delay over 2^32 seconds".to_owned())?,
+    };
+    let artifacts = Artifacts::new(&args.contracts);
+    let plan = plan_paymaster(&provider, &artifacts, from, &target)
+        .await
+        .map_err(|e| e.to_string())?;
+    let flag = match args.entry_point {
+        session_paymaster::userop::EntryPointVersion::V0_7 => "v07",
+        session_paymaster::userop::EntryPointVersion::V0_8 => "v08",
+    };
+    let serve_config = [
+        format!("chain_id = {chain_id}"),
+        format!("entry_point_{flag} = \"{}\"", target.entry_point),
+        format!("paymaster_{flag} = \"{}\"", plan.paymaster),
+    ];
+    if !args.dry_run {
+        execute(&provider, from, &plan)
+            .await
+            .map_err(|e| e.to_string())?;
+    }
+    serde_json::to_string_pretty(&serde_json::json!({
+        "chainId": chain_id,
+        "from": from,
+        "dryRun": args.dry_run,
+        "sent": !args.dry_run,
+        "plan": plan,
+        "serveConfig": serve_config,
+    }))
+    .map_err(|e| e.to_string())
+}
+
+fn status(args: ServeArgs) -> ExitCode {
+    let result = tokio::runtime::Runtime::new()
+        .map_err(|e| format!("cannot start the async runtime: {e}"))
+        .and_then(|runtime| runtime.block_on(status_async(args)));
+    match result {
+        Ok(report) => {
+            println!("{report}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn status_async(args: ServeArgs) -> Result<String, String> {
+    use session_paymaster::chain::status::paymaster_status;
+    use session_paymaster::ledger::Ledger;
+    use session_paymaster::ledger::redis::RedisLedger;
+    use session_paymaster::signer::{KeySource, Signer};
+    use session_paymaster::sponsor::deposit::paymaster_scope;
+
+    let config = Config::from(&args);
+    let url = args
+        .rpc_url
+        .as_deref()
+        .ok_or("status reads the chain: give --rpc-url (or rpc_url in the config)")?
+        .parse()
+        .map_err(|e| format!("invalid --rpc-url: {e}"))?;
+    let provider = ProviderBuilder::new().connect_http(url).erased();
+    let chain_id = provider
+        .get_chain_id()
+        .await
+        .map_err(|e| format!("chain RPC: {e}"))?;
+    if chain_id != config.chain_id {
+        return Err(format!(
+            "--rpc-url serves chain {chain_id}, the configuration chain {}",
+            config.chain_id
+        ));
+    }
+    // The configured key's address only (a dev signer is random: nothing to check).
+    let signer = match &config.signer {
+        KeySource::Ephemeral => None,
+        source => Some(
+            Signer::load(source.clone())
+                .map_err(|e| e.to_string())?
+                .address(),
+        ),
+    };
+    let ledger = match &config.redis_url {
+        Some(url) => Some(Ledger::Redis(RedisLedger::new(
+            session_paymaster::session::redis::connect(url, config.redis_timeout)
+                .await
+                .map_err(|e| e.to_string())?,
+        ))),
+        None => None,
+    };
+    let policies: Vec<String> = load_dir(&config.policies_dir)
+        .map(|set| set.iter().map(|p| p.id.clone()).collect())
+        .map_err(|e| format!("policies: {e:?}"))?;
+    let mut report = Vec::new();
+    for ep in &config.entry_points {
+        let Some(paymaster) = ep.paymaster else {
+            continue;
+        };
+        let open = match &ledger {
+            Some(ledger) => {
+                let mut open = 0u64;
+                for policy in &policies {
+                    open = open.saturating_add(
+                        ledger
+                            .open(policy, &paymaster_scope(ep.address))
+                            .await
+                            .map_err(|e| e.to_string())?,
+                    );
+                }
+                Some(open)
+            }
+            None => None,
+        };
+        report.push(
+            paymaster_status(&provider, ep.version, ep.address, paymaster, signer, open).await?,
+        );
+    }
+    serde_json::to_string_pretty(&serde_json::json!({ "chainId": chain_id, "paymasters": report }))
+        .map_err(|e| e.to_string())
 }
 
 fn serve(args: ServeArgs) -> ExitCode {

@@ -2,9 +2,11 @@
 //! official `@account-abstraction/contracts` artifacts, SessionPaymaster and the demo Counter
 //! from `forge build`, all through the CREATE2 deployer so they land at fixed addresses.
 //!
-//! Transactions are sent with `eth_sendTransaction` from an account the node unlocks (anvil's
-//! dev accounts): this path is for local stacks and tests. Production deployments of
-//! SessionPaymaster use `contracts/script/Deploy.s.sol` with the operator's own key.
+//! `deploy-dev` sends with `eth_sendTransaction` from an account the node unlocks (anvil's dev
+//! accounts). `session-paymaster deploy` (production) plans a paymaster's deployment
+//! ([`plan_paymaster`]: the CREATE2 deployment unless its code is there, the deposit and stake
+//! topped up to what was asked) and sends it ([`execute`]) through a provider that signs with
+//! the operator's key; `deploy-dev` runs the same plan for its paymasters.
 
 use std::path::{Path, PathBuf};
 
@@ -15,7 +17,7 @@ use alloy::rpc::types::TransactionRequest;
 use alloy::sol_types::SolValue;
 use serde::Serialize;
 
-use crate::userop::{EntryPointVersion, ISessionPaymaster};
+use crate::userop::{EntryPointVersion, IEntryPoint, ISessionPaymaster};
 
 /// The deterministic deployment proxy (Arachnid's), present on anvil and most chains.
 pub const CREATE2_DEPLOYER: Address = address!("0x4e59b44847b379578588920cA78FbF26c0B4956C");
@@ -302,20 +304,20 @@ pub async fn deploy_dev_stack(
             "SimpleAccountFactory",
         )
         .await?;
-        let args = (entry_point, owner, signers.to_vec()).abi_encode_params();
-        let init_code: Bytes = [artifacts.session_paymaster(version)?.as_ref(), &args]
-            .concat()
-            .into();
-        let paymaster = create2(provider, from, B256::ZERO, &init_code, "SessionPaymaster").await?;
-        if !deposit.is_zero() {
-            let call = ISessionPaymaster::depositCall {};
-            let tx = TransactionRequest::default()
-                .with_from(from)
-                .with_to(paymaster)
-                .with_value(deposit)
-                .with_input(alloy::sol_types::SolCall::abi_encode(&call));
-            send(provider, tx).await?;
-        }
+        // The same plan as `deploy`: a second run finds the paymaster and tops its deposit up
+        // to `deposit` rather than adding it again.
+        let target = PaymasterTarget {
+            version,
+            entry_point,
+            owner,
+            signers: signers.to_vec(),
+            deposit,
+            stake: U256::ZERO,
+            unstake_delay_secs: 0,
+        };
+        let plan = plan_paymaster(provider, artifacts, from, &target).await?;
+        execute(provider, from, &plan).await?;
+        let paymaster = plan.paymaster;
         entry_points.push(VersionDeployment {
             version,
             entry_point,
@@ -329,4 +331,171 @@ pub async fn deploy_dev_stack(
         entry_points,
         counter,
     })
+}
+
+/// What `deploy` is asked for one paymaster.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct PaymasterTarget {
+    /// EntryPoint version (selects the build of SessionPaymaster).
+    pub version: EntryPointVersion,
+    /// The EntryPoint it serves.
+    pub entry_point: Address,
+    /// Its owner (may differ from the sender).
+    pub owner: Address,
+    /// Its initial signers.
+    pub signers: Vec<Address>,
+    /// Deposit to have at the EntryPoint, wei (topped up to it, never above).
+    pub deposit: U256,
+    /// Stake to have, wei (topped up to it; 0: none asked).
+    pub stake: U256,
+    /// Unstake delay of the stake, seconds.
+    pub unstake_delay_secs: u32,
+}
+
+/// One transaction of a plan.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PlannedTx {
+    /// What it does.
+    pub what: String,
+    /// Recipient.
+    pub to: Address,
+    /// Value, wei (decimal).
+    pub value: String,
+    /// Calldata.
+    pub data: Bytes,
+}
+
+/// What deploying one paymaster takes from where the chain is now.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct PaymasterPlan {
+    /// EntryPoint version.
+    #[serde(serialize_with = "serialize_display")]
+    pub version: EntryPointVersion,
+    /// The EntryPoint.
+    pub entry_point: Address,
+    /// Its address: predicted from (EntryPoint, owner, signers) and the build.
+    pub paymaster: Address,
+    /// Whether code is already there (then it is reused).
+    pub deployed: bool,
+    /// The sender's transactions, in order (none: nothing to do).
+    pub transactions: Vec<PlannedTx>,
+    /// Transactions only the owner may send (staking, when the sender is not the owner).
+    pub owner_transactions: Vec<PlannedTx>,
+}
+
+/// Plan `target` for a sender `from`: deploy through the CREATE2 deployer unless the predicted
+/// address has code, deposit what is missing of `target.deposit`, stake what is missing of
+/// `target.stake` (the owner's step). Reads the chain; sends nothing.
+pub async fn plan_paymaster(
+    provider: &DynProvider,
+    artifacts: &Artifacts,
+    from: Address,
+    target: &PaymasterTarget,
+) -> Result<PaymasterPlan, DeployError> {
+    let init_code = artifacts.session_paymaster_init_code(
+        target.version,
+        target.entry_point,
+        target.owner,
+        &target.signers,
+    )?;
+    let paymaster = CREATE2_DEPLOYER.create2(B256::ZERO, keccak256(&init_code));
+    let deployed = !provider
+        .get_code_at(paymaster)
+        .await
+        .map_err(rpc_err)?
+        .is_empty();
+    let mut plan = PaymasterPlan {
+        version: target.version,
+        entry_point: target.entry_point,
+        paymaster,
+        deployed,
+        transactions: Vec::new(),
+        owner_transactions: Vec::new(),
+    };
+    let (deposit, stake, delay) = if deployed {
+        let info = IEntryPoint::new(target.entry_point, provider)
+            .getDepositInfo(paymaster)
+            .call()
+            .await
+            .map_err(rpc_err)?;
+        (info.deposit, U256::from(info.stake), info.unstakeDelaySec)
+    } else {
+        if provider
+            .get_code_at(CREATE2_DEPLOYER)
+            .await
+            .map_err(rpc_err)?
+            .is_empty()
+        {
+            return Err(DeployError::NoDeployer);
+        }
+        plan.transactions.push(PlannedTx {
+            what: "deploy SessionPaymaster through the CREATE2 deployer (salt 0)".into(),
+            to: CREATE2_DEPLOYER,
+            value: "0".into(),
+            data: [B256::ZERO.as_slice(), &init_code].concat().into(),
+        });
+        (U256::ZERO, U256::ZERO, 0)
+    };
+    if target.deposit > deposit {
+        let top_up = target.deposit - deposit;
+        plan.transactions.push(PlannedTx {
+            what: format!("deposit {top_up} wei (to {} wei)", target.deposit),
+            to: paymaster,
+            value: top_up.to_string(),
+            data: alloy::sol_types::SolCall::abi_encode(&ISessionPaymaster::depositCall {}).into(),
+        });
+    }
+    if !target.stake.is_zero() && (target.stake > stake || target.unstake_delay_secs > delay) {
+        let top_up = target.stake.saturating_sub(stake);
+        let step = PlannedTx {
+            what: format!(
+                "addStake({}) with {top_up} wei (to {} wei)",
+                target.unstake_delay_secs, target.stake
+            ),
+            to: paymaster,
+            value: top_up.to_string(),
+            data: alloy::sol_types::SolCall::abi_encode(&ISessionPaymaster::addStakeCall {
+                unstakeDelaySec: target.unstake_delay_secs,
+            })
+            .into(),
+        };
+        if from == target.owner {
+            plan.transactions.push(step);
+        } else {
+            plan.owner_transactions.push(step);
+        }
+    }
+    Ok(plan)
+}
+
+/// Send the sender's transactions of `plan` from `from`, in order, each waited for; checks the
+/// paymaster's code is there after its deployment. The owner's transactions are not sent.
+pub async fn execute(
+    provider: &DynProvider,
+    from: Address,
+    plan: &PaymasterPlan,
+) -> Result<(), DeployError> {
+    for tx in &plan.transactions {
+        let value = U256::from_str_radix(&tx.value, 10).map_err(rpc_err)?;
+        let request = TransactionRequest::default()
+            .with_from(from)
+            .with_to(tx.to)
+            .with_value(value)
+            .with_input(tx.data.clone());
+        send(provider, request).await?;
+    }
+    if provider
+        .get_code_at(plan.paymaster)
+        .await
+        .map_err(rpc_err)?
+        .is_empty()
+    {
+        return Err(DeployError::NoCode {
+            what: "SessionPaymaster".into(),
+            address: plan.paymaster,
+        });
+    }
+    Ok(())
 }

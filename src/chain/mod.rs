@@ -1,6 +1,8 @@
 //! Talking to the chain: deterministic deployment of the contracts for local stacks and tests
-//! ([`deploy`]), and settlement of budget reservations from `UserOperationEvent`s ([`watcher`]).
+//! ([`deploy`]), settlement of budget reservations from `UserOperationEvent`s ([`watcher`]),
+//! and the paymasters' on-chain state for `session-paymaster status` ([`status`]).
 //! Neither is on the sponsorship hot path.
 
 pub mod deploy;
+pub mod status;
 pub mod watcher;

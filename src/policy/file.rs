@@ -646,7 +646,7 @@ fn parse_amount(amount: &Amount) -> Result<U256, String> {
 }
 
 /// Parse `"0.1 ether"`, `"30 gwei"`, `"123 wei"` or `"123"` into wei.
-pub(crate) fn parse_amount_text(text: &str) -> Result<U256, String> {
+pub fn parse_amount_text(text: &str) -> Result<U256, String> {
     let text = text.trim();
     let (number, decimals) = match text.rsplit_once(' ') {
         None => (text, 0u32),

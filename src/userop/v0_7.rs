@@ -39,6 +39,16 @@ sol! {
         function getUserOpHash(PackedUserOperation calldata userOp) external view returns (bytes32);
         function balanceOf(address account) external view returns (uint256);
         function getNonce(address sender, uint192 key) external view returns (uint256 nonce);
+        function getDepositInfo(address account) external view returns (DepositInfo memory info);
+    }
+
+    /// `IStakeManager.DepositInfo`.
+    struct DepositInfo {
+        uint256 deposit;
+        bool staked;
+        uint112 stake;
+        uint32 unstakeDelaySec;
+        uint48 withdrawTime;
     }
 
     /// `contracts/src/SessionPaymaster.sol`.
@@ -51,6 +61,8 @@ sol! {
         function deposit() external payable;
         function getDeposit() external view returns (uint256);
         function owner() external view returns (address);
+        function pendingOwner() external view returns (address);
+        function addStake(uint32 unstakeDelaySec) external payable;
     }
 }
 

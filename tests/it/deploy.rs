@@ -70,3 +70,241 @@ async fn forge_deploy_script_lands_at_the_predicted_address() -> TestResult {
     }
     Ok(())
 }
+
+/// `session-paymaster status`, the binary against anvil: each configured paymaster's deposit
+/// (what deploy-dev put there), owner, the configured signer authorised, no stake (warned);
+/// after the owner stakes, the stake and its delay; with a key the paymasters do not know, a
+/// warning that its sponsorships would fail.
+#[tokio::test]
+async fn status_reports_deposit_stake_owner_and_signer() -> TestResult {
+    let anvil = TestAnvil::start().await?;
+    let keys = crate::helpers::TempDir::new("status");
+    let key_file = keys.0.join("signer.key");
+    let signer = session_paymaster::signer::keygen(&key_file)?;
+    let from = anvil.account().await?;
+    let deployed = session_paymaster::chain::deploy::deploy_dev_stack(
+        &anvil.provider,
+        &Artifacts::new(contracts_dir()),
+        from,
+        from,
+        &[signer],
+        U256::from(10u64).pow(U256::from(19u64)),
+    )
+    .await?;
+    let (pm07, pm08) = (
+        deployed.entry_points[0].paymaster,
+        deployed.entry_points[1].paymaster,
+    );
+    let status = |key: &std::path::Path| -> TestResult<serde_json::Value> {
+        let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+            .args(["status", "--rpc-url", &anvil.url])
+            .args(["--paymaster-v07", &pm07.to_string()])
+            .args(["--paymaster-v08", &pm08.to_string()])
+            .arg("--signer-key-file")
+            .arg(key)
+            .output()?;
+        assert!(
+            out.status.success(),
+            "{}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+        Ok(serde_json::from_slice(&out.stdout)?)
+    };
+    let report = status(&key_file)?;
+    assert_eq!(report["chainId"], 31337);
+    let pms = report["paymasters"].as_array().ok_or("paymasters")?;
+    assert_eq!(pms.len(), 2);
+    for (pm, expected) in pms.iter().zip([pm07, pm08]) {
+        assert_eq!(pm["paymaster"], format!("{expected:#x}"));
+        assert_eq!(pm["deployed"], true);
+        assert_eq!(pm["depositWei"], "10000000000000000000");
+        assert_eq!(pm["owner"], format!("{from:#x}"));
+        assert_eq!(pm["signer"]["address"], format!("{signer:#x}"));
+        assert_eq!(pm["signer"]["authorised"], true);
+        assert_eq!(pm["staked"], false);
+        assert!(pm["openReservationsWei"].is_null(), "no Redis configured");
+        let warnings = pm["warnings"].to_string();
+        assert!(warnings.contains("not staked"), "{warnings}");
+    }
+
+    let receipt = ISessionPaymaster::new(pm07, &anvil.provider)
+        .addStake(86_400)
+        .value(U256::from(10u64).pow(U256::from(18u64)))
+        .from(from)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert!(receipt.status());
+    let other_key = keys.0.join("other.key");
+    let other = session_paymaster::signer::keygen(&other_key)?;
+    let report = status(&other_key)?;
+    let v07 = &report["paymasters"][0];
+    assert_eq!(v07["staked"], true);
+    assert_eq!(v07["stakeWei"], "1000000000000000000");
+    assert_eq!(v07["unstakeDelaySecs"], 86_400);
+    assert_eq!(v07["signer"]["address"], format!("{other:#x}"));
+    assert_eq!(v07["signer"]["authorised"], false);
+    let warnings = v07["warnings"].to_string();
+    assert!(
+        warnings.contains("AA34") && !warnings.contains("not staked"),
+        "{warnings}"
+    );
+    Ok(())
+}
+
+/// `session-paymaster deploy` against anvil, as an operator runs it: the key from the
+/// environment; the paymaster lands at the address predicted from (EntryPoint, owner,
+/// signers), deposited and staked; a second run finds it and sends nothing; a larger deposit
+/// is topped up by the difference; `--dry-run` for another owner sends nothing and leaves the
+/// stake to that owner; without a key it refuses.
+#[tokio::test]
+async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
+    use alloy::network::TransactionBuilder;
+    use alloy::signers::local::PrivateKeySigner;
+
+    let anvil = TestAnvil::start().await?;
+    let unlocked = anvil.account().await?;
+    let artifacts = Artifacts::new(contracts_dir());
+    let version = EntryPointVersion::V0_7;
+    let ep = create2(
+        &anvil.provider,
+        unlocked,
+        entry_point_salt(version),
+        &artifacts.entry_point(version)?,
+        "EntryPoint",
+    )
+    .await?;
+    // A fresh operator key, funded by the node's account.
+    let operator = PrivateKeySigner::random();
+    let ether = U256::from(10u64).pow(U256::from(18u64));
+    let fund = alloy::rpc::types::TransactionRequest::default()
+        .with_from(unlocked)
+        .with_to(operator.address())
+        .with_value(ether * U256::from(10u64));
+    session_paymaster::chain::deploy::send(&anvil.provider, fund).await?;
+    let key_hex = hex::encode(operator.to_bytes());
+    let signer = Address::repeat_byte(0x5e);
+    let deploy =
+        |extra: &[&str], key: Option<&str>| -> TestResult<(bool, serde_json::Value, String)> {
+            let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
+            cmd.args(["deploy", "--rpc-url", &anvil.url, "--entry-point", "0.7"])
+                .args(["--signer", &signer.to_string()])
+                .arg("--contracts")
+                .arg(contracts_dir())
+                .args(extra)
+                .env_remove("SP_DEPLOYER_KEY");
+            if let Some(k) = key {
+                cmd.env("SP_DEPLOYER_KEY", k);
+            }
+            let out = cmd.output()?;
+            let json = serde_json::from_slice(&out.stdout).unwrap_or(serde_json::Value::Null);
+            Ok((
+                out.status.success(),
+                json,
+                String::from_utf8_lossy(&out.stderr).into(),
+            ))
+        };
+    let owner = operator.address().to_string();
+    let asked = [
+        "--owner",
+        &owner,
+        "--deposit",
+        "1ether",
+        "--stake",
+        "1 ether",
+        "--unstake-delay",
+        "1d",
+    ];
+
+    let (ok, first, err) = deploy(&asked, Some(&key_hex))?;
+    assert!(ok, "{err}");
+    let predicted =
+        artifacts.session_paymaster_address(version, ep, operator.address(), &[signer])?;
+    assert_eq!(first["plan"]["paymaster"], format!("{predicted:#x}"));
+    assert_eq!(first["plan"]["deployed"], false);
+    assert_eq!(
+        first["plan"]["transactions"].as_array().map(Vec::len),
+        Some(3),
+        "{first}"
+    );
+    assert!(
+        first["serveConfig"]
+            .to_string()
+            .contains(&format!("paymaster_v07 = \\\"{predicted}\\\"")),
+        "{first}"
+    );
+    let info = session_paymaster::userop::IEntryPoint::new(ep, &anvil.provider)
+        .getDepositInfo(predicted)
+        .call()
+        .await?;
+    assert_eq!(info.deposit, ether);
+    assert!(info.staked);
+    assert_eq!(U256::from(info.stake), ether);
+    assert_eq!(info.unstakeDelaySec, 86_400);
+    let pm = ISessionPaymaster::new(predicted, &anvil.provider);
+    assert_eq!(pm.owner().call().await?, operator.address());
+    assert!(pm.isSigner(signer).call().await?);
+
+    // Again: found, nothing to send.
+    let (ok, again, err) = deploy(&asked, Some(&key_hex))?;
+    assert!(ok, "{err}");
+    assert_eq!(again["plan"]["deployed"], true);
+    assert_eq!(again["plan"]["transactions"], serde_json::json!([]));
+
+    // A larger deposit: topped up by the difference only.
+    let more = ["--owner", &owner, "--deposit", "3ether"];
+    let (ok, top_up, err) = deploy(&more, Some(&key_hex))?;
+    assert!(ok, "{err}");
+    assert_eq!(
+        top_up["plan"]["transactions"][0]["value"],
+        (ether * U256::from(2u64)).to_string()
+    );
+    let info = session_paymaster::userop::IEntryPoint::new(ep, &anvil.provider)
+        .getDepositInfo(predicted)
+        .call()
+        .await?;
+    assert_eq!(info.deposit, ether * U256::from(3u64));
+
+    // Another owner, dry run for the operator as sender, no key: the plan only; staking is
+    // the owner's.
+    let other = Address::repeat_byte(0x0d).to_string();
+    let dry = [
+        "--owner",
+        &other,
+        "--from",
+        &owner,
+        "--deposit",
+        "1ether",
+        "--stake",
+        "1ether",
+        "--dry-run",
+    ];
+    let (ok, plan, err) = deploy(&dry, None)?;
+    assert!(ok, "{err}");
+    let elsewhere: Address = plan["plan"]["paymaster"]
+        .as_str()
+        .ok_or("address")?
+        .parse()?;
+    assert_ne!(elsewhere, predicted, "the owner is part of the address");
+    assert_eq!(
+        plan["plan"]["transactions"].as_array().map(Vec::len),
+        Some(2),
+        "{plan}"
+    );
+    assert_eq!(
+        plan["plan"]["ownerTransactions"].as_array().map(Vec::len),
+        Some(1),
+        "{plan}"
+    );
+    assert!(
+        anvil.provider.get_code_at(elsewhere).await?.is_empty(),
+        "nothing sent"
+    );
+
+    // No key, not a dry run: refused, nothing sent.
+    let (ok, _, err) = deploy(&["--owner", &other], None)?;
+    assert!(!ok);
+    assert!(err.contains("SP_DEPLOYER_KEY"), "{err}");
+    Ok(())
+}
