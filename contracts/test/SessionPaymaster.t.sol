@@ -239,6 +239,15 @@ contract SessionPaymasterTest is TestBase {
         bytes32 twinS = bytes32(n - s);
         for (uint256 i = 0; i < 32; i++) pmd[96 + i] = twinS[i];
         pmd[128] = pmd[128] == bytes1(uint8(27)) ? bytes1(uint8(28)) : bytes1(uint8(27));
+        // The twin is a valid signature of the signer for bare ecrecover...
+        bytes32 r;
+        assembly {
+            r := mload(add(pmd, add(0x20, 64)))
+        }
+        (uint48 until, uint48 afterTs,) = pm.parsePaymasterAndData(pmd);
+        bytes32 digest = MessageHashUtils.toEthSignedMessageHash(pm.getHash(op, until, afterTs));
+        vm.assertEq(ecrecover(digest, uint8(pmd[128]), r, twinS), vm.addr(SIGNER_KEY), "the twin recovers the signer");
+        // ...and the paymaster refuses it.
         vm.prank(address(ep));
         (, uint256 data) = pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
         vm.assertEq(data & 1, 1, "SIG_VALIDATION_FAILED for the high-s twin");
@@ -374,6 +383,9 @@ contract SessionPaymasterTest is TestBase {
     function test_ownershipMovesInTwoSteps() public {
         address next = address(0x4E57);
         address stranger = address(0x5157);
+        vm.prank(stranger);
+        vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, stranger));
+        pm.transferOwnership(stranger);
         vm.prank(PM_OWNER);
         pm.transferOwnership(next);
         vm.assertEq(pm.owner(), PM_OWNER, "unchanged until accepted");
@@ -384,6 +396,7 @@ contract SessionPaymasterTest is TestBase {
         vm.prank(next);
         pm.acceptOwnership();
         vm.assertEq(pm.owner(), next, "accepted");
+        vm.assertEq(pm.pendingOwner(), address(0), "nothing pending once accepted");
         vm.prank(PM_OWNER);
         vm.expectRevert(abi.encodeWithSelector(Ownable.OwnableUnauthorizedAccount.selector, PM_OWNER));
         pm.addSigner(address(0x1234));
