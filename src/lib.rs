@@ -12,7 +12,8 @@
 //! - [`apikey`]: API keys of dapp backends (SHA-256 hashes, policies each may use).
 //! - [`app`]: state built from config, `router(state)`, `run(listener, router, shutdown)`,
 //!   background tasks (policy watcher, settlement watcher, rate-limit eviction).
-//! - [`chain`]: deterministic deployment of the contracts; the settlement watcher.
+//! - [`chain`]: deployment of the contracts (local stacks, and `deploy` for real chains); the
+//!   settlement watcher; `status`, what the chain says of the paymasters.
 //! - [`config`]: `serve`'s options: flags, `SP_*` environment, configuration file.
 //! - [`ledger`]: budgets: atomic reservations in every scope, settlement (memory, Redis).
 //! - [`metrics`]: Prometheus metrics (`/metrics`).

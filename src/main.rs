@@ -87,6 +87,10 @@ struct DeployArgs {
     /// Chain RPC URL.
     #[arg(long, env = "SP_RPC_URL")]
     rpc_url: String,
+    /// The chain to deploy on: the RPC must serve it (a wrong URL spends on another chain).
+    /// Needed to send; optional with --dry-run.
+    #[arg(long)]
+    chain_id: Option<u64>,
     /// EntryPoint version: 0.7 or 0.8.
     #[arg(long)]
     entry_point: session_paymaster::userop::EntryPointVersion,
@@ -109,7 +113,7 @@ struct DeployArgs {
     /// Unstake delay of the stake, e.g. `1d`.
     #[arg(long, default_value = "1d")]
     unstake_delay: humantime::Duration,
-    /// Environment variable holding the sending key (hex).
+    /// Name of the environment variable holding the sending key (hex).
     #[arg(long, default_value = "SP_DEPLOYER_KEY")]
     key_env: String,
     /// File holding the sending key (hex) instead of the environment.
@@ -426,6 +430,19 @@ async fn deploy_async(args: DeployArgs) -> Result<String, String> {
         .get_chain_id()
         .await
         .map_err(|e| format!("chain RPC: {e}"))?;
+    match args.chain_id {
+        Some(asked) if asked != chain_id => {
+            return Err(format!(
+                "--rpc-url serves chain {chain_id}, not --chain-id {asked}: nothing sent"
+            ));
+        }
+        None if !args.dry_run => {
+            return Err(format!(
+                "give --chain-id (the RPC serves chain {chain_id}) to send; nothing sent"
+            ));
+        }
+        _ => {}
+    }
     let target = PaymasterTarget {
         version: args.entry_point,
         entry_point: args
@@ -451,16 +468,18 @@ async fn deploy_async(args: DeployArgs) -> Result<String, String> {
         format!("entry_point_{flag} = \"{}\"", target.entry_point),
         format!("paymaster_{flag} = \"{}\"", plan.paymaster),
     ];
-    if !args.dry_run {
+    let sent = if args.dry_run {
+        0
+    } else {
         execute(&provider, from, &plan)
             .await
-            .map_err(|e| e.to_string())?;
-    }
+            .map_err(|e| e.to_string())?
+    };
     serde_json::to_string_pretty(&serde_json::json!({
         "chainId": chain_id,
         "from": from,
         "dryRun": args.dry_run,
-        "sent": !args.dry_run,
+        "transactionsSent": sent,
         "plan": plan,
         "serveConfig": serve_config,
     }))

@@ -22,6 +22,11 @@ use crate::userop::{EntryPointVersion, IEntryPoint, ISessionPaymaster};
 /// The deterministic deployment proxy (Arachnid's), present on anvil and most chains.
 pub const CREATE2_DEPLOYER: Address = address!("0x4e59b44847b379578588920cA78FbF26c0B4956C");
 
+/// keccak256 of the deterministic deployment proxy's runtime code (the same on every chain it
+/// is on): any other code at [`CREATE2_DEPLOYER`] would not put ours at the predicted address.
+pub const CREATE2_DEPLOYER_CODE_HASH: B256 =
+    b256!("0x2fa86add0aed31f33a762c9d88e807c475bd51d0f52bd0955754b2608f7e4989");
+
 /// Salt of the canonical EntryPoint deployments (DESIGN §7).
 pub const fn entry_point_salt(version: EntryPointVersion) -> B256 {
     match version {
@@ -51,6 +56,9 @@ pub enum DeployError {
     /// The chain has no CREATE2 deployer at [`CREATE2_DEPLOYER`].
     #[error("no CREATE2 deployer at {CREATE2_DEPLOYER} on this chain")]
     NoDeployer,
+    /// The chain is not as a deployment needs it (see the message); nothing was sent.
+    #[error("refused: {0}")]
+    Refused(String),
     /// A deployment transaction did not leave code at the expected address.
     #[error("deployment of {what} left no code at {address}")]
     NoCode {
@@ -261,6 +269,10 @@ fn serialize_display<S: serde::Serializer>(v: &EntryPointVersion, s: S) -> Resul
     s.collect_str(v)
 }
 
+fn serialize_decimal<S: serde::Serializer>(v: &U256, s: S) -> Result<S::Ok, S::Error> {
+    s.collect_str(v)
+}
+
 /// A local stack: both EntryPoint versions with factory and paymaster, and the demo Counter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
@@ -360,8 +372,9 @@ pub struct PlannedTx {
     pub what: String,
     /// Recipient.
     pub to: Address,
-    /// Value, wei (decimal).
-    pub value: String,
+    /// Value, wei (a decimal string in JSON).
+    #[serde(serialize_with = "serialize_decimal")]
+    pub value: U256,
     /// Calldata.
     pub data: Bytes,
 }
@@ -414,88 +427,149 @@ pub async fn plan_paymaster(
         transactions: Vec::new(),
         owner_transactions: Vec::new(),
     };
-    let (deposit, stake, delay) = if deployed {
-        let info = IEntryPoint::new(target.entry_point, provider)
-            .getDepositInfo(paymaster)
-            .call()
-            .await
-            .map_err(rpc_err)?;
-        (info.deposit, U256::from(info.stake), info.unstakeDelaySec)
+    if deployed {
+        // CREATE2 fixes how it started, not who runs it now: refuse to fund a paymaster whose
+        // owner, EntryPoint or signers have changed since.
+        check_deployed(provider, target, paymaster).await?;
     } else {
-        if provider
+        // Only the deterministic deployment proxy puts our code at the predicted address.
+        let deployer = provider
             .get_code_at(CREATE2_DEPLOYER)
             .await
-            .map_err(rpc_err)?
-            .is_empty()
-        {
+            .map_err(rpc_err)?;
+        if deployer.is_empty() {
             return Err(DeployError::NoDeployer);
+        }
+        if keccak256(&deployer) != CREATE2_DEPLOYER_CODE_HASH {
+            return Err(DeployError::Refused(format!(
+                "the code at {CREATE2_DEPLOYER} is not the deterministic deployment proxy"
+            )));
         }
         plan.transactions.push(PlannedTx {
             what: "deploy SessionPaymaster through the CREATE2 deployer (salt 0)".into(),
             to: CREATE2_DEPLOYER,
-            value: "0".into(),
+            value: U256::ZERO,
             data: [B256::ZERO.as_slice(), &init_code].concat().into(),
         });
-        (U256::ZERO, U256::ZERO, 0)
-    };
-    if target.deposit > deposit {
-        let top_up = target.deposit - deposit;
-        plan.transactions.push(PlannedTx {
-            what: format!("deposit {top_up} wei (to {} wei)", target.deposit),
-            to: paymaster,
-            value: top_up.to_string(),
-            data: alloy::sol_types::SolCall::abi_encode(&ISessionPaymaster::depositCall {}).into(),
-        });
     }
-    if !target.stake.is_zero() && (target.stake > stake || target.unstake_delay_secs > delay) {
-        let top_up = target.stake.saturating_sub(stake);
-        let step = PlannedTx {
+    // Read whatever the case: anyone may deposit to an address before code lands there.
+    let info = IEntryPoint::new(target.entry_point, provider)
+        .getDepositInfo(paymaster)
+        .call()
+        .await
+        .map_err(rpc_err)?;
+    if target.deposit > info.deposit {
+        let top_up = target.deposit - info.deposit;
+        plan.transactions.push(PlannedTx {
             what: format!(
-                "addStake({}) with {top_up} wei (to {} wei)",
-                target.unstake_delay_secs, target.stake
+                "depositTo(paymaster) {top_up} wei (to {} wei)",
+                target.deposit
             ),
-            to: paymaster,
-            value: top_up.to_string(),
-            data: alloy::sol_types::SolCall::abi_encode(&ISessionPaymaster::addStakeCall {
-                unstakeDelaySec: target.unstake_delay_secs,
+            to: target.entry_point,
+            value: top_up,
+            data: alloy::sol_types::SolCall::abi_encode(&IEntryPoint::depositToCall {
+                account: paymaster,
             })
             .into(),
-        };
-        if from == target.owner {
-            plan.transactions.push(step);
-        } else {
-            plan.owner_transactions.push(step);
+        });
+    }
+    if !target.stake.is_zero() {
+        if target.unstake_delay_secs == 0 {
+            return Err(DeployError::Refused(
+                "a stake needs an unstake delay above zero".into(),
+            ));
+        }
+        // The EntryPoint never lets the delay shrink; an unlocked stake is locked again.
+        let stake = U256::from(info.stake);
+        let delay = target.unstake_delay_secs.max(info.unstakeDelaySec);
+        if target.stake > stake || delay > info.unstakeDelaySec || !info.staked {
+            let top_up = target.stake.saturating_sub(stake);
+            let step = PlannedTx {
+                what: format!(
+                    "addStake({delay}) with {top_up} wei (to {} wei)",
+                    target.stake
+                ),
+                to: paymaster,
+                value: top_up,
+                data: alloy::sol_types::SolCall::abi_encode(&ISessionPaymaster::addStakeCall {
+                    unstakeDelaySec: delay,
+                })
+                .into(),
+            };
+            if from == target.owner {
+                plan.transactions.push(step);
+            } else {
+                plan.owner_transactions.push(step);
+            }
         }
     }
     Ok(plan)
 }
 
-/// Send the sender's transactions of `plan` from `from`, in order, each waited for; checks the
-/// paymaster's code is there after its deployment. The owner's transactions are not sent.
+/// Send the sender's transactions of `plan` from `from`, in order, each waited for; no
+/// transaction carrying value is sent before the paymaster's code is there. The owner's
+/// transactions are not sent. Returns how many were sent.
 pub async fn execute(
     provider: &DynProvider,
     from: Address,
     plan: &PaymasterPlan,
-) -> Result<(), DeployError> {
+) -> Result<usize, DeployError> {
+    let has_code = || async {
+        Ok::<bool, DeployError>(
+            !provider
+                .get_code_at(plan.paymaster)
+                .await
+                .map_err(rpc_err)?
+                .is_empty(),
+        )
+    };
+    let mut sent = 0;
     for tx in &plan.transactions {
-        let value = U256::from_str_radix(&tx.value, 10).map_err(rpc_err)?;
+        // Nothing of value leaves before the paymaster's code is there.
+        if !tx.value.is_zero() && !has_code().await? {
+            return Err(DeployError::NoCode {
+                what: "SessionPaymaster".into(),
+                address: plan.paymaster,
+            });
+        }
         let request = TransactionRequest::default()
             .with_from(from)
             .with_to(tx.to)
-            .with_value(value)
+            .with_value(tx.value)
             .with_input(tx.data.clone());
         send(provider, request).await?;
+        sent += 1;
     }
-    if provider
-        .get_code_at(plan.paymaster)
-        .await
-        .map_err(rpc_err)?
-        .is_empty()
-    {
+    if !has_code().await? {
         return Err(DeployError::NoCode {
             what: "SessionPaymaster".into(),
             address: plan.paymaster,
         });
+    }
+    Ok(sent)
+}
+
+/// A deployed paymaster must be the one asked for: its EntryPoint, owner (no transfer under
+/// way) and every signer.
+async fn check_deployed(
+    provider: &DynProvider,
+    target: &PaymasterTarget,
+    paymaster: Address,
+) -> Result<(), DeployError> {
+    let pm = ISessionPaymaster::new(paymaster, provider);
+    let refused = |why: String| Err(DeployError::Refused(format!("{paymaster}: {why}")));
+    let entry_point = pm.entryPoint().call().await.map_err(rpc_err)?;
+    if entry_point != target.entry_point {
+        return refused(format!("serves EntryPoint {entry_point}"));
+    }
+    let owner = pm.owner().call().await.map_err(rpc_err)?;
+    if owner != target.owner {
+        return refused(format!("is owned by {owner} now"));
+    }
+    for signer in &target.signers {
+        if !pm.isSigner(*signer).call().await.map_err(rpc_err)? {
+            return refused(format!("{signer} is no longer one of its signers"));
+        }
     }
     Ok(())
 }

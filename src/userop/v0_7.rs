@@ -40,6 +40,7 @@ sol! {
         function balanceOf(address account) external view returns (uint256);
         function getNonce(address sender, uint192 key) external view returns (uint256 nonce);
         function getDepositInfo(address account) external view returns (DepositInfo memory info);
+        function depositTo(address account) external payable;
     }
 
     /// `IStakeManager.DepositInfo`.
@@ -58,11 +59,13 @@ sol! {
         function getHash(PackedUserOperation calldata userOp, uint48 validUntil, uint48 validAfter) external view returns (bytes32);
         function isSigner(address signer) external view returns (bool);
         function addSigner(address signer) external;
+        function removeSigner(address signer) external;
         function deposit() external payable;
         function getDeposit() external view returns (uint256);
         function owner() external view returns (address);
         function pendingOwner() external view returns (address);
         function addStake(uint32 unstakeDelaySec) external payable;
+        function entryPoint() external view returns (address);
     }
 }
 

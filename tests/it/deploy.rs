@@ -153,6 +153,13 @@ async fn status_reports_deposit_stake_owner_and_signer() -> TestResult {
     Ok(())
 }
 
+alloy::sol! {
+    #[sol(rpc)]
+    interface IStakeUnlock {
+        function unlockStake() external;
+    }
+}
+
 /// `session-paymaster deploy` against anvil, as an operator runs it: the key from the
 /// environment; the paymaster lands at the address predicted from (EntryPoint, owner,
 /// signers), deposited and staked; a second run finds it and sends nothing; a larger deposit
@@ -194,6 +201,9 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
                 .arg(contracts_dir())
                 .args(extra)
                 .env_remove("SP_DEPLOYER_KEY");
+            if !extra.contains(&"--chain-id") {
+                cmd.args(["--chain-id", "31337"]);
+            }
             if let Some(k) = key {
                 cmd.env("SP_DEPLOYER_KEY", k);
             }
@@ -251,6 +261,8 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
     assert!(ok, "{err}");
     assert_eq!(again["plan"]["deployed"], true);
     assert_eq!(again["plan"]["transactions"], serde_json::json!([]));
+    assert_eq!(again["plan"]["ownerTransactions"], serde_json::json!([]));
+    assert_eq!(again["transactionsSent"], 0);
 
     // A larger deposit: topped up by the difference only.
     let more = ["--owner", &owner, "--deposit", "3ether"];
@@ -301,6 +313,53 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
         anvil.provider.get_code_at(elsewhere).await?.is_empty(),
         "nothing sent"
     );
+
+    // The owner unlocks the stake: a run asking for the stake locks it again (staked, the
+    // same amount, nothing added).
+    // (The operator's key is not one the node unlocks: its transactions are signed here, by a
+    // provider made for each, since the binary sends from the same key in between.)
+    let operator_provider = || -> TestResult<alloy::providers::DynProvider> {
+        Ok(alloy::providers::ProviderBuilder::new()
+            .wallet(alloy::network::EthereumWallet::from(operator.clone()))
+            .connect_http(anvil.url.parse()?)
+            .erased())
+    };
+    let receipt = IStakeUnlock::new(predicted, &operator_provider()?)
+        .unlockStake()
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert!(receipt.status());
+    let (ok, relock, err) = deploy(&asked, Some(&key_hex))?;
+    assert!(ok, "{err}");
+    assert_eq!(
+        relock["plan"]["transactions"].as_array().map(Vec::len),
+        Some(1),
+        "{relock}"
+    );
+    assert_eq!(relock["plan"]["transactions"][0]["value"], "0");
+    let info = session_paymaster::userop::IEntryPoint::new(ep, &anvil.provider)
+        .getDepositInfo(predicted)
+        .call()
+        .await?;
+    assert!(info.staked, "locked again");
+    assert_eq!(U256::from(info.stake), ether);
+
+    // The owner hands the paymaster on: a run for the old owner refuses to fund it.
+    let receipt = ISessionPaymaster::new(predicted, &operator_provider()?)
+        .removeSigner(signer)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert!(receipt.status());
+    let (ok, _, err) = deploy(&more, Some(&key_hex))?;
+    assert!(!ok && err.contains("no longer one of its signers"), "{err}");
+
+    // A chain id the RPC does not serve: refused before anything is planned or sent.
+    let (ok, _, err) = deploy(&["--owner", &owner, "--chain-id", "1"], Some(&key_hex))?;
+    assert!(!ok && err.contains("not --chain-id 1"), "{err}");
 
     // No key, not a dry run: refused, nothing sent.
     let (ok, _, err) = deploy(&["--owner", &other], None)?;
