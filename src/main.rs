@@ -184,8 +184,8 @@ fn main() -> ExitCode {
     let cli = Cli::parse_from(argv);
     match cli.command {
         Command::Serve(args) => serve(*args),
-        Command::Status(args) => status(*args),
-        Command::Deploy(args) => deploy(*args),
+        Command::Status(args) => run_printing(status_async(*args)),
+        Command::Deploy(args) => run_printing(deploy_async(*args)),
         Command::AdminToken => admin_token(),
         Command::Apikey {
             command: ApikeyCommand::New { name, policies },
@@ -366,10 +366,11 @@ fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256)
     }
 }
 
-fn deploy(args: DeployArgs) -> ExitCode {
+/// Run a one-shot command on a fresh runtime: its report to stdout, or its error to stderr.
+fn run_printing(command: impl std::future::Future<Output = Result<String, String>>) -> ExitCode {
     let result = tokio::runtime::Runtime::new()
         .map_err(|e| format!("cannot start the async runtime: {e}"))
-        .and_then(|runtime| runtime.block_on(deploy_async(args)));
+        .and_then(|runtime| runtime.block_on(command));
     match result {
         Ok(report) => {
             println!("{report}");
@@ -486,28 +487,12 @@ async fn deploy_async(args: DeployArgs) -> Result<String, String> {
     .map_err(|e| e.to_string())
 }
 
-fn status(args: ServeArgs) -> ExitCode {
-    let result = tokio::runtime::Runtime::new()
-        .map_err(|e| format!("cannot start the async runtime: {e}"))
-        .and_then(|runtime| runtime.block_on(status_async(args)));
-    match result {
-        Ok(report) => {
-            println!("{report}");
-            ExitCode::SUCCESS
-        }
-        Err(e) => {
-            eprintln!("error: {e}");
-            ExitCode::FAILURE
-        }
-    }
-}
-
 async fn status_async(args: ServeArgs) -> Result<String, String> {
     use session_paymaster::chain::status::paymaster_status;
     use session_paymaster::ledger::Ledger;
     use session_paymaster::ledger::redis::RedisLedger;
     use session_paymaster::signer::{KeySource, Signer};
-    use session_paymaster::sponsor::deposit::paymaster_scope;
+    use session_paymaster::sponsor::deposit::open_against_deposit;
 
     let config = Config::from(&args);
     let url = args
@@ -553,18 +538,11 @@ async fn status_async(args: ServeArgs) -> Result<String, String> {
             continue;
         };
         let open = match &ledger {
-            Some(ledger) => {
-                let mut open = 0u64;
-                for policy in &policies {
-                    open = open.saturating_add(
-                        ledger
-                            .open(policy, &paymaster_scope(ep.address))
-                            .await
-                            .map_err(|e| e.to_string())?,
-                    );
-                }
-                Some(open)
-            }
+            Some(ledger) => Some(
+                open_against_deposit(ledger, &policies, ep.address)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
             None => None,
         };
         report.push(

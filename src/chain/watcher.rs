@@ -29,7 +29,7 @@ use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
 use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
-use crate::sponsor::deposit::paymaster_scope;
+use crate::sponsor::deposit::open_against_deposit;
 use crate::sponsor::{Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
 use crate::userop::IEntryPoint::UserOperationEvent;
@@ -260,16 +260,9 @@ impl Watcher {
                 .call()
                 .await
                 .map_err(rpc)?;
-            let mut open = 0u64;
-            for policy in &policies {
-                open = open.saturating_add(
-                    sponsor
-                        .ledger()
-                        .open(policy, &paymaster_scope(*entry_point))
-                        .await
-                        .map_err(store)?,
-                );
-            }
+            let open = open_against_deposit(sponsor.ledger(), &policies, *entry_point)
+                .await
+                .map_err(store)?;
             let deposit = wei_to_gwei_floor(wei);
             sponsor.deposits().observe(*entry_point, deposit, open);
             let low = wei < self.low_deposit;

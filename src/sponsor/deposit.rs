@@ -14,6 +14,20 @@ use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use alloy::primitives::Address;
 
+/// The worst cases of the open reservations charged to the paymaster of `entry_point`, over
+/// `policies`, gwei (what the watcher and `status` hold against its deposit).
+pub async fn open_against_deposit(
+    ledger: &crate::ledger::Ledger,
+    policies: &[String],
+    entry_point: Address,
+) -> Result<u64, crate::session::StoreError> {
+    let mut open = 0u64;
+    for policy in policies {
+        open = open.saturating_add(ledger.open(policy, &paymaster_scope(entry_point)).await?);
+    }
+    Ok(open)
+}
+
 /// Default share of a deposit (per cent) kept free of open reservations (`--deposit-margin`).
 pub const DEFAULT_MARGIN_PERCENT: u64 = 10;
 
