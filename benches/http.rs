@@ -23,17 +23,12 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, U256, keccak256};
-use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::primitives::{Address, keccak256};
 use k256::ecdsa::SigningKey;
 use serde_json::{Value, json};
-use session_paymaster::userop::UserOperation;
 use sha2::Digest;
 
-sol! {
-    function execute(address dest, uint256 value, bytes func);
-}
+mod common;
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
@@ -42,7 +37,6 @@ const ADMIN_TOKEN: &str = "bench-admin-token";
 const SIGNER_KEY: &str = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318";
 const PAYMASTER: &str = "0x7777777777777777777777777777777777777777";
 const ENTRY_POINT_V07: &str = "0x0000000071727De22E5E9d8BAf0edAc6f37da032";
-const COUNTER: &str = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3";
 
 /// The bench's policy: sender, policy and session budgets large enough never to refuse, so
 /// every request is a full signed, budgeted sponsorship.
@@ -318,24 +312,7 @@ struct Template {
 }
 
 fn sponsorship_template() -> Result<Template, Error> {
-    let counter: Address = COUNTER.parse()?;
-    let op = UserOperation {
-        sender: Address::repeat_byte(0x11),
-        nonce: U256::from(7),
-        call_data: executeCall {
-            dest: counter,
-            value: U256::ZERO,
-            func: keccak256("increment()")[..4].to_vec().into(),
-        }
-        .abi_encode()
-        .into(),
-        call_gas_limit: 100_000,
-        verification_gas_limit: 200_000,
-        pre_verification_gas: U256::from(50_000),
-        max_fee_per_gas: 2_000_000_000,
-        max_priority_fee_per_gas: 1_000_000_000,
-        ..Default::default()
-    };
+    let op = common::counter_op(Address::repeat_byte(0x11), 7);
     let mut op = op.to_json();
     op["sender"] = json!("SENDER");
     op["nonce"] = json!("NONCE");

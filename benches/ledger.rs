@@ -6,9 +6,7 @@
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, B256, U256, keccak256};
-use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::primitives::{Address, B256, keccak256};
 use session_paymaster::config::EntryPointConfig;
 use session_paymaster::ledger::redis::RedisLedger;
 use session_paymaster::ledger::{Ledger, Reservation, Scope};
@@ -20,9 +18,7 @@ use session_paymaster::sponsor::{Mode, RequestContext, Sponsor, SponsorRequest};
 use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
-sol! {
-    function execute(address dest, uint256 value, bytes func);
-}
+mod common;
 
 const SAMPLES: usize = 3_000;
 
@@ -157,20 +153,8 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     let mut whole = Vec::with_capacity(n);
     for i in 0..n {
         let op = UserOperation {
-            sender: Address::repeat_byte(0x11),
-            nonce: U256::from(i),
-            call_data: executeCall {
-                dest: counter,
-                value: U256::ZERO,
-                func: keccak256("increment()")[..4].to_vec().into(),
-            }
-            .abi_encode()
-            .into(),
-            call_gas_limit: 100_000,
-            verification_gas_limit: 200_000,
-            pre_verification_gas: U256::from(50_000),
-            max_fee_per_gas: 2_000_000_000,
-            ..Default::default()
+            max_priority_fee_per_gas: 0,
+            ..common::counter_op(Address::repeat_byte(0x11), i as u64)
         };
         let req = SponsorRequest {
             op: &op,

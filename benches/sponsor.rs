@@ -5,9 +5,7 @@
 use std::hint::black_box;
 use std::time::{Duration, Instant};
 
-use alloy::primitives::{Address, B256, U256, keccak256};
-use alloy::sol;
-use alloy::sol_types::SolCall;
+use alloy::primitives::{Address, B256, keccak256};
 use k256::ecdsa::SigningKey;
 use session_paymaster::config::EntryPointConfig;
 use session_paymaster::ledger::Ledger;
@@ -19,9 +17,7 @@ use session_paymaster::signer::{KeySource, Signer};
 use session_paymaster::sponsor::{Mode, RequestContext, Sponsor, SponsorRequest};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
-sol! {
-    function execute(address dest, uint256 value, bytes func);
-}
+mod common;
 
 const BATCHES: usize = 7;
 const PER_BATCH: u32 = 2_000;
@@ -77,24 +73,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         Ledger::Memory(MemoryLedger::new()),
         session_paymaster::ratelimit::RateLimits::new(None),
     );
-    let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3".parse()?;
-    let op = UserOperation {
-        sender: Address::repeat_byte(0x11),
-        nonce: U256::from(7),
-        call_data: executeCall {
-            dest: counter,
-            value: U256::ZERO,
-            func: keccak256("increment()")[..4].to_vec().into(),
-        }
-        .abi_encode()
-        .into(),
-        call_gas_limit: 100_000,
-        verification_gas_limit: 200_000,
-        pre_verification_gas: U256::from(50_000),
-        max_fee_per_gas: 2_000_000_000,
-        max_priority_fee_per_gas: 1_000_000_000,
-        ..Default::default()
-    };
+    let op = common::counter_op(Address::repeat_byte(0x11), 7);
     let context = RequestContext::default();
     let now = 1_800_000_000;
     let request = |mode| SponsorRequest {
