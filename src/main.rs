@@ -392,7 +392,16 @@ async fn deploy_async(args: DeployArgs) -> Result<String, String> {
         .rpc_url
         .parse()
         .map_err(|e| format!("invalid --rpc-url: {e}"))?;
-    // The key: from a file or the environment, never a flag's value (shell history, ps).
+    // The key: from a file or the environment, never a flag's value (shell history, ps). A
+    // --key-env that is not a variable name may be a key pasted by mistake: never echoed.
+    let is_name = !args.key_env.is_empty()
+        && args
+            .key_env
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if !is_name {
+        return Err("--key-env takes the NAME of an environment variable (A-Z, 0-9, _)".into());
+    }
     let key = match (&args.key_file, std::env::var(&args.key_env)) {
         (Some(path), _) => Some(
             std::fs::read_to_string(path)

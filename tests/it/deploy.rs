@@ -361,6 +361,15 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
     let (ok, _, err) = deploy(&["--owner", &owner, "--chain-id", "1"], Some(&key_hex))?;
     assert!(!ok && err.contains("not --chain-id 1"), "{err}");
 
+    // A key pasted as --key-env by mistake: refused, and not echoed.
+    let pasted = format!("0x{key_hex}");
+    let (ok, _, err) = deploy(&["--owner", &owner, "--key-env", &pasted], None)?;
+    assert!(
+        !ok && err.contains("NAME of an environment variable"),
+        "{err}"
+    );
+    assert!(!err.contains(&key_hex), "the key is never echoed");
+
     // No key, not a dry run: refused, nothing sent.
     let (ok, _, err) = deploy(&["--owner", &other], None)?;
     assert!(!ok);
