@@ -4,7 +4,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
-//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants; expired members leave as grants are added to the bucket (`index.lua`) |
+//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants; an account's ended grants leave when it gets a new one (`index.lua`) |
 //!
 //! About 330 bytes of Redis per grant over a million of them (`scripts/bench`,
 //! docs/performance.md). Grants written by 0.1 (`sp:session:{<id>}` hashes of JSON,
