@@ -384,182 +384,41 @@ fn run_printing(command: impl std::future::Future<Output = Result<String, String
 }
 
 async fn deploy_async(args: DeployArgs) -> Result<String, String> {
-    use alloy::network::EthereumWallet;
-    use alloy::signers::local::PrivateKeySigner;
-    use session_paymaster::chain::deploy::{PaymasterTarget, execute, plan_paymaster};
+    use session_paymaster::chain::deploy::{DeployRequest, PaymasterTarget, deploy_key, run};
 
-    let url: alloy::transports::http::reqwest::Url = args
-        .rpc_url
-        .parse()
-        .map_err(|e| format!("invalid --rpc-url: {e}"))?;
-    // The key: from a file or the environment, never a flag's value (shell history, ps). A
-    // --key-env that is not a variable name may be a key pasted by mistake: never echoed.
-    let is_name = !args.key_env.is_empty()
-        && args
-            .key_env
-            .bytes()
-            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-    if !is_name {
-        return Err("--key-env takes the NAME of an environment variable (A-Z, 0-9, _)".into());
-    }
-    let key = match (&args.key_file, std::env::var(&args.key_env)) {
-        (Some(path), _) => Some(
-            std::fs::read_to_string(path)
-                .map_err(|e| format!("--key-file {}: {e}", path.display()))?,
-        ),
-        (None, Ok(hex)) => Some(hex),
-        (None, Err(_)) => None,
+    let key = deploy_key(args.key_file.as_deref(), &args.key_env).map_err(|e| e.to_string())?;
+    let request = DeployRequest {
+        rpc_url: args.rpc_url,
+        chain_id: args.chain_id,
+        target: PaymasterTarget {
+            version: args.entry_point,
+            entry_point: args
+                .entry_point_address
+                .unwrap_or(args.entry_point.canonical_address()),
+            owner: args.owner,
+            signers: args.signers,
+            deposit: args.deposit,
+            stake: args.stake,
+            unstake_delay_secs: u32::try_from(args.unstake_delay.as_secs())
+                .map_err(|_| "--unstake-delay over 2^32 seconds".to_owned())?,
+        },
+        key,
+        from: args.from,
+        dry_run: args.dry_run,
+        artifacts: Artifacts::new(&args.contracts),
     };
-    let wallet = match key {
-        Some(hex) => Some(
-            hex.trim()
-                .parse::<PrivateKeySigner>()
-                .map_err(|_| "the sending key is not a hex private key".to_owned())?,
-        ),
-        None if args.dry_run => None,
-        None => {
-            return Err(format!(
-                "no sending key: set {} (hex) or give --key-file (or use --dry-run)",
-                args.key_env
-            ));
-        }
-    };
-    let from = wallet
-        .as_ref()
-        .map(|w| w.address())
-        .or(args.from)
-        .unwrap_or(args.owner);
-    let provider = match wallet {
-        Some(w) => ProviderBuilder::new()
-            .wallet(EthereumWallet::from(w))
-            .connect_http(url)
-            .erased(),
-        None => ProviderBuilder::new().connect_http(url).erased(),
-    };
-    let chain_id = provider
-        .get_chain_id()
-        .await
-        .map_err(|e| format!("chain RPC: {e}"))?;
-    match args.chain_id {
-        Some(asked) if asked != chain_id => {
-            return Err(format!(
-                "--rpc-url serves chain {chain_id}, not --chain-id {asked}: nothing sent"
-            ));
-        }
-        None if !args.dry_run => {
-            return Err(format!(
-                "give --chain-id (the RPC serves chain {chain_id}) to send; nothing sent"
-            ));
-        }
-        _ => {}
-    }
-    let target = PaymasterTarget {
-        version: args.entry_point,
-        entry_point: args
-            .entry_point_address
-            .unwrap_or(args.entry_point.canonical_address()),
-        owner: args.owner,
-        signers: args.signers.clone(),
-        deposit: args.deposit,
-        stake: args.stake,
-        unstake_delay_secs: u32::try_from(args.unstake_delay.as_secs())
-            .map_err(|_| "--unstake-delay over 2^32 seconds".to_owned())?,
-    };
-    let artifacts = Artifacts::new(&args.contracts);
-    let plan = plan_paymaster(&provider, &artifacts, from, &target)
-        .await
-        .map_err(|e| e.to_string())?;
-    let flag = match args.entry_point {
-        session_paymaster::userop::EntryPointVersion::V0_7 => "v07",
-        session_paymaster::userop::EntryPointVersion::V0_8 => "v08",
-    };
-    let serve_config = [
-        format!("chain_id = {chain_id}"),
-        format!("entry_point_{flag} = \"{}\"", target.entry_point),
-        format!("paymaster_{flag} = \"{}\"", plan.paymaster),
-    ];
-    let sent = if args.dry_run {
-        0
-    } else {
-        execute(&provider, from, &plan)
-            .await
-            .map_err(|e| e.to_string())?
-    };
-    serde_json::to_string_pretty(&serde_json::json!({
-        "chainId": chain_id,
-        "from": from,
-        "dryRun": args.dry_run,
-        "transactionsSent": sent,
-        "plan": plan,
-        "serveConfig": serve_config,
-    }))
-    .map_err(|e| e.to_string())
+    let report = run(request).await.map_err(|e| e.to_string())?;
+    serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
 }
 
 async fn status_async(args: ServeArgs) -> Result<String, String> {
-    use session_paymaster::chain::status::paymaster_status;
-    use session_paymaster::ledger::Ledger;
-    use session_paymaster::ledger::redis::RedisLedger;
-    use session_paymaster::signer::{KeySource, Signer};
-    use session_paymaster::sponsor::deposit::open_against_deposit;
-
     let config = Config::from(&args);
-    let url = args
+    let rpc_url = args
         .rpc_url
         .as_deref()
-        .ok_or("status reads the chain: give --rpc-url (or rpc_url in the config)")?
-        .parse()
-        .map_err(|e| format!("invalid --rpc-url: {e}"))?;
-    let provider = ProviderBuilder::new().connect_http(url).erased();
-    let chain_id = provider
-        .get_chain_id()
-        .await
-        .map_err(|e| format!("chain RPC: {e}"))?;
-    if chain_id != config.chain_id {
-        return Err(format!(
-            "--rpc-url serves chain {chain_id}, the configuration chain {}",
-            config.chain_id
-        ));
-    }
-    // The configured key's address only (a dev signer is random: nothing to check).
-    let signer = match &config.signer {
-        KeySource::Ephemeral => None,
-        source => Some(
-            Signer::load(source.clone())
-                .map_err(|e| e.to_string())?
-                .address(),
-        ),
-    };
-    let ledger = match &config.redis_url {
-        Some(url) => Some(Ledger::Redis(RedisLedger::new(
-            session_paymaster::session::redis::connect(url, config.redis_timeout)
-                .await
-                .map_err(|e| e.to_string())?,
-        ))),
-        None => None,
-    };
-    let policies: Vec<String> = load_dir(&config.policies_dir)
-        .map(|set| set.iter().map(|p| p.id.clone()).collect())
-        .map_err(|e| format!("policies: {e:?}"))?;
-    let mut report = Vec::new();
-    for ep in &config.entry_points {
-        let Some(paymaster) = ep.paymaster else {
-            continue;
-        };
-        let open = match &ledger {
-            Some(ledger) => Some(
-                open_against_deposit(ledger, &policies, ep.address)
-                    .await
-                    .map_err(|e| e.to_string())?,
-            ),
-            None => None,
-        };
-        report.push(
-            paymaster_status(&provider, ep.version, ep.address, paymaster, signer, open).await?,
-        );
-    }
-    serde_json::to_string_pretty(&serde_json::json!({ "chainId": chain_id, "paymasters": report }))
-        .map_err(|e| e.to_string())
+        .ok_or("status reads the chain: give --rpc-url (or rpc_url in the config)")?;
+    let report = session_paymaster::chain::status::report(&config, rpc_url).await?;
+    serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
 }
 
 fn serve(args: ServeArgs) -> ExitCode {

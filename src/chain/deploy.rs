@@ -56,6 +56,9 @@ pub enum DeployError {
     /// The chain has no CREATE2 deployer at [`CREATE2_DEPLOYER`].
     #[error("no CREATE2 deployer at {CREATE2_DEPLOYER} on this chain")]
     NoDeployer,
+    /// The sending key or an argument is unusable (the message never holds key material).
+    #[error("{0}")]
+    Key(String),
     /// The chain is not as a deployment needs it (see the message); nothing was sent.
     #[error("refused: {0}")]
     Refused(String),
@@ -94,13 +97,6 @@ impl Artifacts {
         }
     }
 
-    fn profile(version: EntryPointVersion) -> &'static str {
-        match version {
-            EntryPointVersion::V0_7 => "v07",
-            EntryPointVersion::V0_8 => "v08",
-        }
-    }
-
     /// Creation bytecode of the canonical EntryPoint.
     pub fn entry_point(&self, version: EntryPointVersion) -> Result<Bytes, DeployError> {
         self.bytecode(&format!(
@@ -121,7 +117,7 @@ impl Artifacts {
     pub fn session_paymaster(&self, version: EntryPointVersion) -> Result<Bytes, DeployError> {
         self.bytecode(&format!(
             "out/{}/SessionPaymaster.sol/SessionPaymaster.json",
-            Self::profile(version)
+            version.flag_suffix()
         ))
     }
 
@@ -572,4 +568,138 @@ async fn check_deployed(
         }
     }
     Ok(())
+}
+
+/// A `deploy` run: where, what, and with which key.
+#[derive(Debug)]
+pub struct DeployRequest {
+    /// Chain RPC URL.
+    pub rpc_url: String,
+    /// The chain the operator means (needed to send: a wrong URL would spend on another).
+    pub chain_id: Option<u64>,
+    /// The paymaster asked for.
+    pub target: PaymasterTarget,
+    /// The sending key (`None`: a dry run only).
+    pub key: Option<alloy::signers::local::PrivateKeySigner>,
+    /// The sender to plan for without a key (default: the owner).
+    pub from: Option<Address>,
+    /// Plan only: send nothing.
+    pub dry_run: bool,
+    /// Where SessionPaymaster's build is.
+    pub artifacts: Artifacts,
+}
+
+/// What a `deploy` run planned and did.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct DeployReport {
+    /// The chain the RPC serves.
+    pub chain_id: u64,
+    /// The sender planned for.
+    pub from: Address,
+    /// Whether nothing was to be sent.
+    pub dry_run: bool,
+    /// Transactions sent.
+    pub transactions_sent: usize,
+    /// The plan.
+    pub plan: PaymasterPlan,
+    /// The `serve` configuration lines for this paymaster.
+    pub serve_config: Vec<String>,
+}
+
+/// The sending key of `deploy`: from `key_file`, else the environment variable named
+/// `key_env` (`None` when neither holds one), never a flag's value (shell history, `ps`). A
+/// `key_env` that is not a variable name may be a key pasted by mistake: refused, not echoed.
+pub fn deploy_key(
+    key_file: Option<&Path>,
+    key_env: &str,
+) -> Result<Option<alloy::signers::local::PrivateKeySigner>, DeployError> {
+    let is_name = !key_env.is_empty()
+        && key_env
+            .bytes()
+            .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
+    if !is_name {
+        return Err(DeployError::Key(
+            "--key-env takes the NAME of an environment variable (A-Z, 0-9, _)".into(),
+        ));
+    }
+    let hex = match key_file {
+        Some(path) => zeroize::Zeroizing::new(
+            std::fs::read_to_string(path)
+                .map_err(|e| DeployError::Key(format!("--key-file {}: {e}", path.display())))?,
+        ),
+        None => match std::env::var(key_env) {
+            Ok(hex) => zeroize::Zeroizing::new(hex),
+            Err(_) => return Ok(None),
+        },
+    };
+    hex.trim()
+        .parse()
+        .map(Some)
+        .map_err(|_| DeployError::Key("the sending key is not a hex private key".into()))
+}
+
+/// Plan `req.target` from where the chain is and, unless a dry run, send the sender's part.
+pub async fn run(req: DeployRequest) -> Result<DeployReport, DeployError> {
+    use alloy::network::EthereumWallet;
+    use alloy::providers::ProviderBuilder;
+
+    let url: alloy::transports::http::reqwest::Url = req
+        .rpc_url
+        .parse()
+        .map_err(|e| DeployError::Key(format!("invalid --rpc-url: {e}")))?;
+    if req.key.is_none() && !req.dry_run {
+        return Err(DeployError::Key(
+            "no sending key: set SP_DEPLOYER_KEY (or the variable --key-env names) or give \
+             --key-file (or use --dry-run)"
+                .into(),
+        ));
+    }
+    let from = req
+        .key
+        .as_ref()
+        .map(|k| k.address())
+        .or(req.from)
+        .unwrap_or(req.target.owner);
+    let provider = match req.key {
+        Some(key) => ProviderBuilder::new()
+            .wallet(EthereumWallet::from(key))
+            .connect_http(url)
+            .erased(),
+        None => ProviderBuilder::new().connect_http(url).erased(),
+    };
+    let chain_id = provider.get_chain_id().await.map_err(rpc_err)?;
+    match req.chain_id {
+        Some(asked) if asked != chain_id => {
+            return Err(DeployError::Refused(format!(
+                "--rpc-url serves chain {chain_id}, not --chain-id {asked}: nothing sent"
+            )));
+        }
+        None if !req.dry_run => {
+            return Err(DeployError::Refused(format!(
+                "give --chain-id (the RPC serves chain {chain_id}) to send; nothing sent"
+            )));
+        }
+        _ => {}
+    }
+    let plan = plan_paymaster(&provider, &req.artifacts, from, &req.target).await?;
+    let flag = req.target.version.flag_suffix();
+    let serve_config = vec![
+        format!("chain_id = {chain_id}"),
+        format!("entry_point_{flag} = \"{}\"", req.target.entry_point),
+        format!("paymaster_{flag} = \"{}\"", plan.paymaster),
+    ];
+    let transactions_sent = if req.dry_run {
+        0
+    } else {
+        execute(&provider, from, &plan).await?
+    };
+    Ok(DeployReport {
+        chain_id,
+        from,
+        dry_run: req.dry_run,
+        transactions_sent,
+        plan,
+        serve_config,
+    })
 }

@@ -3,9 +3,15 @@
 //! against its deposit (the open reservations' worst cases). Read-only; not on the hot path.
 
 use alloy::primitives::{Address, U256};
-use alloy::providers::{DynProvider, Provider};
+use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use serde::Serialize;
 
+use crate::config::Config;
+use crate::ledger::Ledger;
+use crate::ledger::redis::RedisLedger;
+use crate::policy::file::load_dir;
+use crate::signer::{KeySource, Signer};
+use crate::sponsor::deposit::open_against_deposit;
 use crate::userop::{EntryPointVersion, IEntryPoint, ISessionPaymaster};
 
 /// One paymaster, as the chain sees it.
@@ -126,4 +132,80 @@ pub async fn paymaster_status(
             .push("open reservations hold over half the deposit: top it up".into());
     }
     Ok(status)
+}
+
+/// What `status` prints: the chain and each configured paymaster.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub struct StatusReport {
+    /// The chain the RPC serves (the configuration's).
+    pub chain_id: u64,
+    /// One per configured paymaster.
+    pub paymasters: Vec<PaymasterStatus>,
+}
+
+/// Read every paymaster `config` names through `rpc_url`: the chain must be the
+/// configuration's; the signer is the configured key's (none for a dev signer); the open
+/// reservations come from Redis when configured, over the policies of the policy directory.
+pub async fn report(config: &Config, rpc_url: &str) -> Result<StatusReport, String> {
+    let url = rpc_url
+        .parse()
+        .map_err(|e| format!("invalid --rpc-url: {e}"))?;
+    let provider = ProviderBuilder::new().connect_http(url).erased();
+    let chain_id = provider
+        .get_chain_id()
+        .await
+        .map_err(|e| format!("chain RPC: {e}"))?;
+    if chain_id != config.chain_id {
+        return Err(format!(
+            "--rpc-url serves chain {chain_id}, the configuration chain {}",
+            config.chain_id
+        ));
+    }
+    // The configured key's address only (a dev signer is random: nothing to check).
+    let signer = match &config.signer {
+        KeySource::Ephemeral => None,
+        source => Some(
+            Signer::load(source.clone())
+                .map_err(|e| e.to_string())?
+                .address(),
+        ),
+    };
+    let ledger = match &config.redis_url {
+        Some(url) => Some(Ledger::Redis(RedisLedger::new(
+            crate::session::redis::connect(url, config.redis_timeout)
+                .await
+                .map_err(|e| e.to_string())?,
+        ))),
+        None => None,
+    };
+    let policies: Vec<String> = load_dir(&config.policies_dir)
+        .map(|set| set.iter().map(|p| p.id.clone()).collect())
+        .map_err(|_| {
+            format!(
+                "the policies in {} do not load",
+                config.policies_dir.display()
+            )
+        })?;
+    let mut paymasters = Vec::new();
+    for ep in &config.entry_points {
+        let Some(paymaster) = ep.paymaster else {
+            continue;
+        };
+        let open = match &ledger {
+            Some(ledger) => Some(
+                open_against_deposit(ledger, &policies, ep.address)
+                    .await
+                    .map_err(|e| e.to_string())?,
+            ),
+            None => None,
+        };
+        paymasters.push(
+            paymaster_status(&provider, ep.version, ep.address, paymaster, signer, open).await?,
+        );
+    }
+    Ok(StatusReport {
+        chain_id,
+        paymasters,
+    })
 }

@@ -35,6 +35,15 @@ impl EntryPointVersion {
             Self::V0_8 => address!("0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"),
         }
     }
+
+    /// The suffix of this version's configuration keys and flags (`paymaster_v07`,
+    /// `--paymaster-v08`).
+    pub const fn flag_suffix(self) -> &'static str {
+        match self {
+            Self::V0_7 => "v07",
+            Self::V0_8 => "v08",
+        }
+    }
 }
 
 impl fmt::Display for EntryPointVersion {
