@@ -23,14 +23,24 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
 
-/// Publish `sources` (already validated) as `version` and make it current.
-pub async fn push(conn: &RedisConn, version: B256, sources: &Sources) -> Result<(), StoreError> {
+/// Store `sources` under `version` (not yet current); the connection, for what follows.
+async fn store(
+    conn: &RedisConn,
+    version: B256,
+    sources: &Sources,
+) -> Result<RedisConn, StoreError> {
     let mut conn = conn.clone();
     let json = serde_json::to_string(sources).map_err(unavailable)?;
     let _: () = conn
         .set(set_key(version), json)
         .await
         .map_err(unavailable)?;
+    Ok(conn)
+}
+
+/// Publish `sources` (already validated) as `version` and make it current.
+pub async fn push(conn: &RedisConn, version: B256, sources: &Sources) -> Result<(), StoreError> {
+    let mut conn = store(conn, version, sources).await?;
     let _: () = conn
         .set(CURRENT, version.to_string())
         .await
@@ -45,12 +55,7 @@ pub async fn push_if_none(
     version: B256,
     sources: &Sources,
 ) -> Result<B256, StoreError> {
-    let mut conn = conn.clone();
-    let json = serde_json::to_string(sources).map_err(unavailable)?;
-    let _: () = conn
-        .set(set_key(version), json)
-        .await
-        .map_err(unavailable)?;
+    let mut conn = store(conn, version, sources).await?;
     let _: bool = conn
         .set_nx(CURRENT, version.to_string())
         .await
