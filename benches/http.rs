@@ -185,49 +185,24 @@ fn thread_cpu() -> Result<Duration, Error> {
     Ok(Duration::from_nanos(ns))
 }
 
-struct Redis {
-    proc: Proc,
-    port: u16,
-}
+/// The bench's redis-server (see `common::RedisServer`), with what the loads read of it.
+struct Redis(common::RedisServer);
 
 impl Redis {
     fn start() -> Result<Self, Error> {
-        let port = free_port()?;
-        let child = Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args([
-                "--save",
-                "",
-                "--appendonly",
-                "no",
-                "--maxmemory-policy",
-                "noeviction",
-            ])
-            .stdout(Stdio::null())
-            .spawn()?;
-        let redis = Self {
-            proc: Proc(child),
-            port,
-        };
-        for _ in 0..100 {
-            if redis.cli(&["PING"]).map(|o| o == "PONG").unwrap_or(false) {
-                return Ok(redis);
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
-        Err("redis-server did not start".into())
+        common::RedisServer::start().map(Self)
     }
 
     fn url(&self) -> String {
-        format!("redis://127.0.0.1:{}", self.port)
+        self.0.url()
     }
 
     fn cli(&self, args: &[&str]) -> Result<String, Error> {
-        let out = Command::new("redis-cli")
-            .args(["-p", &self.port.to_string()])
-            .args(args)
-            .output()?;
-        Ok(String::from_utf8(out.stdout)?.trim().to_string())
+        self.0.cli(args)
+    }
+
+    fn cpu(&self) -> Result<Duration, Error> {
+        cpu_of(&self.0.pid().to_string())
     }
 
     fn used_memory(&self) -> Result<i64, Error> {
@@ -245,16 +220,21 @@ impl Redis {
     fn evalsha_floor(&self) -> Result<Duration, Error> {
         let sha = self.cli(&["SCRIPT", "LOAD", "return 1"])?;
         let n = 200_000u32;
-        let before = self.proc.cpu()?;
+        let before = self.cpu()?;
         let status = Command::new("redis-benchmark")
-            .args(["-p", &self.port.to_string(), "-c", &CONNECTIONS.to_string()])
+            .args([
+                "-p",
+                &self.0.port().to_string(),
+                "-c",
+                &CONNECTIONS.to_string(),
+            ])
             .args(["-n", &n.to_string(), "-q", "EVALSHA", &sha, "0"])
             .stdout(Stdio::null())
             .status()?;
         if !status.success() {
             return Err("redis-benchmark failed".into());
         }
-        Ok((self.proc.cpu()? - before) / n)
+        Ok((self.cpu()? - before) / n)
     }
 }
 
@@ -594,14 +574,14 @@ fn measured(
     let svc0 = service.proc.cpu()?;
     let own0 = cpu_of("self")?;
     let (r0, m0) = match redis {
-        Some(r) => (r.proc.cpu()?, r.used_memory()?),
+        Some(r) => (r.cpu()?, r.used_memory()?),
         None => (Duration::ZERO, 0),
     };
     let mut load = load()?;
     load.service_cpu = service.proc.cpu()? - svc0;
     load.generator_cpu = cpu_of("self")? - own0;
     if let Some(r) = redis {
-        load.redis_cpu = r.proc.cpu()? - r0;
+        load.redis_cpu = r.cpu()? - r0;
         load.redis_bytes = r.used_memory()? - m0;
     }
     Ok(load)

@@ -3,7 +3,6 @@
 //! makes (DESIGN §1: exactly one, plus at most one session read). Run with `scripts/bench`;
 //! starts its own redis-server on a free port. Asserts nothing.
 
-use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, keccak256};
@@ -33,28 +32,9 @@ fn ratio(a: Duration, b: Duration) -> f64 {
 
 #[tokio::main(flavor = "current_thread")]
 async fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")?
-        .local_addr()?
-        .port();
-    let mut server = Command::new("redis-server")
-        .args([
-            "--port",
-            &port.to_string(),
-            "--bind",
-            "127.0.0.1",
-            "--save",
-            "",
-            "--appendonly",
-            "no",
-        ])
-        .stdout(Stdio::null())
-        .spawn()?;
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let url = format!("redis://127.0.0.1:{port}");
-    let result = run(&url).await;
-    let _ = server.kill();
-    let _ = server.wait();
-    result
+    // Killed when `redis` drops, after the run.
+    let redis = common::RedisServer::start().map_err(|e| e.to_string())?;
+    run(&redis.url()).await
 }
 
 async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
