@@ -62,6 +62,17 @@ pub enum DeployError {
     /// The chain is not as a deployment needs it (see the message); nothing was sent.
     #[error("refused: {0}")]
     Refused(String),
+    /// A transaction was sent but no receipt came within [`RECEIPT_TIMEOUT`] (underpriced, or
+    /// the node dropped it): look it up by hash before running `deploy` again.
+    #[error(
+        "transaction {hash} not mined within {secs} s; check it on the chain before running again"
+    )]
+    NotMined {
+        /// The transaction.
+        hash: B256,
+        /// How long we waited.
+        secs: u64,
+    },
     /// A deployment transaction did not leave code at the expected address.
     #[error("deployment of {what} left no code at {address}")]
     NoCode {
@@ -228,15 +239,26 @@ pub async fn create2(
     Ok(address)
 }
 
-/// Send a transaction from an unlocked account and wait for a successful receipt.
+/// How long [`send`] waits for a transaction's receipt.
+pub const RECEIPT_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(300);
+
+/// Send a transaction and wait (at most [`RECEIPT_TIMEOUT`]) for a successful receipt.
 pub async fn send(provider: &DynProvider, tx: TransactionRequest) -> Result<B256, DeployError> {
-    let receipt = provider
-        .send_transaction(tx)
-        .await
-        .map_err(rpc_err)?
+    let pending = provider.send_transaction(tx).await.map_err(rpc_err)?;
+    let hash = *pending.tx_hash();
+    let receipt = pending
+        .with_timeout(Some(RECEIPT_TIMEOUT))
         .get_receipt()
         .await
-        .map_err(rpc_err)?;
+        .map_err(|e| match e {
+            alloy::providers::PendingTransactionError::TxWatcher(
+                alloy::providers::WatchTxError::Timeout,
+            ) => DeployError::NotMined {
+                hash,
+                secs: RECEIPT_TIMEOUT.as_secs(),
+            },
+            e => rpc_err(e),
+        })?;
     if !receipt.status() {
         return Err(DeployError::Rpc(format!(
             "transaction {} reverted",
