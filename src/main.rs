@@ -5,7 +5,7 @@ use std::process::ExitCode;
 use std::sync::Arc;
 
 use alloy::primitives::{Address, U256};
-use alloy::providers::{Provider, ProviderBuilder};
+use alloy::providers::Provider;
 use clap::{Parser, Subcommand};
 use session_paymaster::app::{self, AppState};
 use session_paymaster::chain::deploy::{Artifacts, deploy_dev_stack};
@@ -332,10 +332,7 @@ fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256)
         .map_err(|e| e.to_string())
         .and_then(|rt| {
             rt.block_on(async {
-                let url = rpc_url
-                    .parse()
-                    .map_err(|e| format!("invalid --rpc-url: {e}"))?;
-                let provider = ProviderBuilder::new().connect_http(url).erased();
+                let provider = session_paymaster::chain::rpc::provider(rpc_url)?;
                 let from = *provider
                     .get_accounts()
                     .await
@@ -476,8 +473,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
     match &args.rpc_url {
         Some(url) => {
-            let url = url.parse().map_err(|e| format!("invalid --rpc-url: {e}"))?;
-            let provider = ProviderBuilder::new().connect_http(url).erased();
+            let provider = session_paymaster::chain::rpc::provider(url)?;
             let cursor = match state.redis() {
                 Some(conn) => Cursor::redis(conn.clone(), config.chain_id),
                 None => Cursor::memory(),

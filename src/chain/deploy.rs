@@ -83,8 +83,8 @@ pub enum DeployError {
     },
 }
 
-fn rpc_err(e: impl std::fmt::Display) -> DeployError {
-    DeployError::Rpc(e.to_string())
+fn rpc_err(e: impl std::error::Error + 'static) -> DeployError {
+    DeployError::Rpc(super::rpc::error_chain(&e))
 }
 
 /// Compiled contracts: the npm artifacts and `forge build` output under a contracts directory.
@@ -666,10 +666,7 @@ pub async fn run(req: DeployRequest) -> Result<DeployReport, DeployError> {
     use alloy::network::EthereumWallet;
     use alloy::providers::ProviderBuilder;
 
-    let url: alloy::transports::http::reqwest::Url = req
-        .rpc_url
-        .parse()
-        .map_err(|e| DeployError::Key(format!("invalid --rpc-url: {e}")))?;
+    let client = super::rpc::client(&req.rpc_url).map_err(DeployError::Key)?;
     if req.key.is_none() && !req.dry_run {
         return Err(DeployError::Key(
             "no sending key: set SP_DEPLOYER_KEY (or the variable --key-env names) or give \
@@ -686,9 +683,9 @@ pub async fn run(req: DeployRequest) -> Result<DeployReport, DeployError> {
     let provider = match req.key {
         Some(key) => ProviderBuilder::new()
             .wallet(EthereumWallet::from(key))
-            .connect_http(url)
+            .connect_client(client)
             .erased(),
-        None => ProviderBuilder::new().connect_http(url).erased(),
+        None => ProviderBuilder::new().connect_client(client).erased(),
     };
     let chain_id = provider.get_chain_id().await.map_err(rpc_err)?;
     match req.chain_id {

@@ -3,9 +3,10 @@
 //! against its deposit (the open reservations' worst cases). Read-only; not on the hot path.
 
 use alloy::primitives::{Address, U256};
-use alloy::providers::{DynProvider, Provider, ProviderBuilder};
+use alloy::providers::{DynProvider, Provider};
 use serde::Serialize;
 
+use super::rpc::error_chain;
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::ledger::redis::RedisLedger;
@@ -69,11 +70,11 @@ pub async fn paymaster_status(
     signer: Option<Address>,
     open_gwei: Option<u64>,
 ) -> Result<PaymasterStatus, String> {
-    let rpc = |e: alloy::contract::Error| format!("chain RPC: {e}");
+    let rpc = |e: alloy::contract::Error| format!("chain RPC: {}", error_chain(&e));
     let deployed = !provider
         .get_code_at(paymaster)
         .await
-        .map_err(|e| format!("chain RPC: {e}"))?
+        .map_err(|e| format!("chain RPC: {}", error_chain(&e)))?
         .is_empty();
     let info = IEntryPoint::new(entry_point, provider)
         .getDepositInfo(paymaster)
@@ -148,14 +149,11 @@ pub struct StatusReport {
 /// configuration's; the signer is the configured key's (none for a dev signer); the open
 /// reservations come from Redis when configured, over the policies of the policy directory.
 pub async fn report(config: &Config, rpc_url: &str) -> Result<StatusReport, String> {
-    let url = rpc_url
-        .parse()
-        .map_err(|e| format!("invalid --rpc-url: {e}"))?;
-    let provider = ProviderBuilder::new().connect_http(url).erased();
+    let provider = super::rpc::provider(rpc_url)?;
     let chain_id = provider
         .get_chain_id()
         .await
-        .map_err(|e| format!("chain RPC: {e}"))?;
+        .map_err(|e| format!("chain RPC: {}", error_chain(&e)))?;
     if chain_id != config.chain_id {
         return Err(format!(
             "--rpc-url serves chain {chain_id}, the configuration chain {}",
@@ -175,7 +173,7 @@ pub async fn report(config: &Config, rpc_url: &str) -> Result<StatusReport, Stri
         Some(url) => Some(Ledger::Redis(RedisLedger::new(
             crate::session::redis::connect(url, config.redis_timeout)
                 .await
-                .map_err(|e| e.to_string())?,
+                .map_err(|e| format!("Redis: {}", error_chain(&e)))?,
         ))),
         None => None,
     };

@@ -8,7 +8,7 @@ use alloy::providers::Provider;
 use session_paymaster::chain::deploy::{Artifacts, create2, entry_point_salt};
 use session_paymaster::userop::{EntryPointVersion, ISessionPaymaster};
 
-use crate::helpers::{TestAnvil, TestResult, contracts_dir};
+use crate::helpers::{TestAnvil, TestRedis, TestResult, TlsForwarder, contracts_dir};
 
 #[tokio::test]
 async fn forge_deploy_script_lands_at_the_predicted_address() -> TestResult {
@@ -374,5 +374,82 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
     let (ok, _, err) = deploy(&["--owner", &other], None)?;
     assert!(!ok);
     assert!(err.contains("SP_DEPLOYER_KEY"), "{err}");
+    Ok(())
+}
+
+/// A production chain RPC is `https://` and a managed Redis often `rediss://`: `status` reads
+/// both through TLS, verifies the certificates against the system store (`SSL_CERT_FILE`, as an
+/// operator's private CA would be), and refuses one it cannot verify, naming why.
+#[tokio::test]
+async fn status_reads_the_chain_over_https_and_redis_over_tls() -> TestResult {
+    let anvil = TestAnvil::start().await?;
+    let redis = TestRedis::start().await?;
+    let keys = crate::helpers::TempDir::new("status-tls");
+    let key_file = keys.0.join("signer.key");
+    let signer = session_paymaster::signer::keygen(&key_file)?;
+    let from = anvil.account().await?;
+    let deployed = session_paymaster::chain::deploy::deploy_dev_stack(
+        &anvil.provider,
+        &Artifacts::new(contracts_dir()),
+        from,
+        from,
+        &[signer],
+        U256::from(7u64),
+    )
+    .await?;
+    let plain = |url: &str| -> TestResult<std::net::SocketAddr> {
+        Ok(url.split("://").nth(1).ok_or("url")?.parse()?)
+    };
+    let https = TlsForwarder::start(plain(&anvil.url)?).await?;
+    let rediss = TlsForwarder::start(plain(&redis.url)?).await?;
+    let bundle = keys.0.join("ca.pem");
+    std::fs::write(
+        &bundle,
+        [std::fs::read(&https.cert)?, std::fs::read(&rediss.cert)?].concat(),
+    )?;
+    // The forwarders run on this test's runtime: the command waits off it.
+    let status = async |ca: Option<&std::path::Path>| -> TestResult<std::process::Output> {
+        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
+        cmd.args([
+            "status",
+            "--rpc-url",
+            &format!("https://localhost:{}", https.port),
+        ])
+        .args([
+            "--redis-url",
+            &format!("rediss://localhost:{}", rediss.port),
+        ])
+        .args([
+            "--paymaster-v07",
+            &deployed.entry_points[0].paymaster.to_string(),
+        ])
+        .arg("--signer-key-file")
+        .arg(&key_file)
+        .env_remove("SSL_CERT_DIR");
+        match ca {
+            Some(ca) => cmd.env("SSL_CERT_FILE", ca),
+            None => cmd.env("SSL_CERT_FILE", "/nonexistent"),
+        };
+        Ok(tokio::task::spawn_blocking(move || cmd.output()).await??)
+    };
+
+    let out = status(Some(&bundle)).await?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    assert_eq!(report["chainId"], 31337);
+    let pm = &report["paymasters"][0];
+    assert_eq!(pm["depositWei"], "7");
+    assert_eq!(pm["signer"]["authorised"], true);
+    assert_eq!(pm["openReservationsWei"], "0", "read from Redis over TLS");
+
+    // A certificate nobody vouches for is refused, and the operator is told why.
+    let out = status(None).await?;
+    assert!(!out.status.success());
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(stderr.contains("certificate"), "{stderr}");
     Ok(())
 }

@@ -672,3 +672,71 @@ impl RpcProxy {
         })
     }
 }
+
+/// A TLS endpoint in front of a plain TCP one (anvil, redis-server), with a self-signed
+/// certificate for `localhost` made by `openssl`: `https://`/`rediss://` to the real thing.
+/// Clients trust it through `SSL_CERT_FILE=<cert>`, as an operator's private CA would be.
+pub struct TlsForwarder {
+    pub port: u16,
+    pub cert: PathBuf,
+    _dir: TempDir,
+}
+
+impl TlsForwarder {
+    pub async fn start(upstream: std::net::SocketAddr) -> TestResult<Self> {
+        use tokio_rustls::rustls::pki_types::pem::PemObject;
+        use tokio_rustls::rustls::pki_types::{CertificateDer, PrivateKeyDer};
+
+        let dir = TempDir::new("tls");
+        let (cert, key) = (dir.0.join("cert.pem"), dir.0.join("key.pem"));
+        let out = Command::new("openssl")
+            .args([
+                "req",
+                "-x509",
+                "-newkey",
+                "ec",
+                "-pkeyopt",
+                "ec_paramgen_curve:P-256",
+            ])
+            .args(["-nodes", "-days", "1", "-subj", "/CN=localhost"])
+            .args(["-addext", "subjectAltName=DNS:localhost"])
+            .args(["-addext", "basicConstraints=critical,CA:FALSE"])
+            .args(["-addext", "extendedKeyUsage=serverAuth"])
+            .arg("-keyout")
+            .arg(&key)
+            .arg("-out")
+            .arg(&cert)
+            .output()
+            .map_err(|e| format!("openssl: {e}"))?;
+        if !out.status.success() {
+            return Err(format!("openssl: {}", String::from_utf8_lossy(&out.stderr)).into());
+        }
+        let config = tokio_rustls::rustls::ServerConfig::builder()
+            .with_no_client_auth()
+            .with_single_cert(
+                vec![CertificateDer::from_pem_file(&cert)?],
+                PrivateKeyDer::from_pem_file(&key)?,
+            )?;
+        let acceptor = tokio_rustls::TlsAcceptor::from(Arc::new(config));
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+        let port = listener.local_addr()?.port();
+        tokio::spawn(async move {
+            while let Ok((socket, _)) = listener.accept().await {
+                let acceptor = acceptor.clone();
+                tokio::spawn(async move {
+                    let Ok(mut tls) = acceptor.accept(socket).await else {
+                        return;
+                    };
+                    if let Ok(mut plain) = tokio::net::TcpStream::connect(upstream).await {
+                        let _ = tokio::io::copy_bidirectional(&mut tls, &mut plain).await;
+                    }
+                });
+            }
+        });
+        Ok(Self {
+            port,
+            cert,
+            _dir: dir,
+        })
+    }
+}
