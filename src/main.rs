@@ -70,6 +70,14 @@ enum Command {
     Deploy(Box<DeployArgs>),
     /// Create an admin API token: prints the token (once) and the SHA-256 the config takes.
     AdminToken,
+    /// Probe a running service's `/healthz` (the container's HEALTHCHECK: the image has no
+    /// curl). Exits 0 when it answers 200 within 3 s, 1 otherwise.
+    Healthcheck {
+        /// The service's listen address; an unspecified one (`0.0.0.0`, `::`) is probed on
+        /// loopback.
+        #[arg(long, env = "SP_LISTEN", default_value = "127.0.0.1:4337")]
+        listen: std::net::SocketAddr,
+    },
     /// Work with API keys of dapp backends.
     Apikey {
         #[command(subcommand)]
@@ -117,8 +125,15 @@ struct DeployArgs {
     #[arg(long, default_value = "SP_DEPLOYER_KEY")]
     key_env: String,
     /// File holding the sending key (hex) instead of the environment.
-    #[arg(long)]
+    #[arg(long, conflicts_with = "keystore")]
     key_file: Option<PathBuf>,
+    /// Encrypted JSON keystore holding the sending key (`cast wallet import`, geth), instead
+    /// of the environment; its password from the variable --password-env names.
+    #[arg(long)]
+    keystore: Option<PathBuf>,
+    /// Name of the environment variable holding the --keystore password.
+    #[arg(long, default_value = "SP_DEPLOYER_KEYSTORE_PASSWORD")]
+    password_env: String,
     /// Print the plan (transactions, predicted address) and send nothing; no key needed.
     #[arg(long)]
     dry_run: bool,
@@ -187,6 +202,13 @@ fn main() -> ExitCode {
         Command::Status(args) => run_printing(status_async(*args)),
         Command::Deploy(args) => run_printing(deploy_async(*args)),
         Command::AdminToken => admin_token(),
+        Command::Healthcheck { listen } => match healthcheck(listen) {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("unhealthy: {e}");
+                ExitCode::FAILURE
+            }
+        },
         Command::Apikey {
             command: ApikeyCommand::New { name, policies },
         } => apikey_new(&name, &policies),
@@ -234,6 +256,40 @@ fn main() -> ExitCode {
         Command::Policies {
             command: PoliciesCommand::Push { dir, redis_url },
         } => policies_push(&dir, &redis_url),
+    }
+}
+
+/// `GET /healthz` over a plain socket, every step bounded: 200 or an error saying what failed.
+fn healthcheck(mut addr: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let limit = std::time::Duration::from_secs(3);
+    let mut stream =
+        TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(limit))
+        .and_then(|()| stream.set_write_timeout(Some(limit)))
+        .and_then(|()| {
+            stream
+                .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        })
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = stream
+        .read(&mut head)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let status_line = String::from_utf8_lossy(&head[..n]);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    match status_line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        _ => Err(format!("{addr}/healthz answered {status_line:?}")),
     }
 }
 
@@ -381,9 +437,19 @@ fn run_printing(command: impl std::future::Future<Output = Result<String, String
 }
 
 async fn deploy_async(args: DeployArgs) -> Result<String, String> {
-    use session_paymaster::chain::deploy::{DeployRequest, PaymasterTarget, deploy_key, run};
+    use session_paymaster::chain::deploy::{
+        DeployRequest, KeyFrom, PaymasterTarget, deploy_key, run,
+    };
 
-    let key = deploy_key(args.key_file.as_deref(), &args.key_env).map_err(|e| e.to_string())?;
+    let from = match (&args.keystore, &args.key_file) {
+        (Some(path), _) => KeyFrom::Keystore {
+            path,
+            password_env: &args.password_env,
+        },
+        (None, Some(path)) => KeyFrom::File(path),
+        (None, None) => KeyFrom::Env(&args.key_env),
+    };
+    let key = deploy_key(from).map_err(|e| e.to_string())?;
     let request = DeployRequest {
         rpc_url: args.rpc_url,
         chain_id: args.chain_id,

@@ -629,36 +629,94 @@ pub struct DeployReport {
     pub serve_config: Vec<String>,
 }
 
-/// The sending key of `deploy`: from `key_file`, else the environment variable named
-/// `key_env` (`None` when neither holds one), never a flag's value (shell history, `ps`). A
-/// `key_env` that is not a variable name may be a key pasted by mistake: refused, not echoed.
-pub fn deploy_key(
-    key_file: Option<&Path>,
-    key_env: &str,
-) -> Result<Option<alloy::signers::local::PrivateKeySigner>, DeployError> {
-    let is_name = !key_env.is_empty()
-        && key_env
+/// Where `deploy`'s sending key comes from; never a flag's value (shell history, `ps`).
+#[derive(Debug, Clone, Copy)]
+pub enum KeyFrom<'a> {
+    /// The environment variable of this name, holding the key as hex (`None` when unset).
+    Env(&'a str),
+    /// A file holding the key as hex.
+    File(&'a Path),
+    /// An encrypted JSON keystore (Web3 Secret Storage, as `cast wallet import` and geth write
+    /// it), its password in the environment variable `password_env`.
+    Keystore {
+        /// The keystore file.
+        path: &'a Path,
+        /// Name of the variable holding its password.
+        password_env: &'a str,
+    },
+}
+
+/// A name of an environment variable (A-Z, 0-9, _): anything else may be a secret pasted by
+/// mistake, refused without being echoed.
+fn env_name(flag: &str, name: &str) -> Result<(), DeployError> {
+    let is_name = !name.is_empty()
+        && name
             .bytes()
             .all(|b| b.is_ascii_uppercase() || b.is_ascii_digit() || b == b'_');
-    if !is_name {
-        return Err(DeployError::Key(
-            "--key-env takes the NAME of an environment variable (A-Z, 0-9, _)".into(),
-        ));
+    if is_name {
+        Ok(())
+    } else {
+        Err(DeployError::Key(format!(
+            "{flag} takes the NAME of an environment variable (A-Z, 0-9, _)"
+        )))
     }
-    let hex = match key_file {
-        Some(path) => zeroize::Zeroizing::new(
+}
+
+/// The sending key of `deploy` (`None`: the variable of [`KeyFrom::Env`] is unset). The hex
+/// text and the password are wiped from memory once parsed; no message holds key material.
+pub fn deploy_key(
+    from: KeyFrom<'_>,
+) -> Result<Option<alloy::signers::local::PrivateKeySigner>, DeployError> {
+    let hex = match from {
+        KeyFrom::Env(name) => {
+            env_name("--key-env", name)?;
+            match std::env::var(name) {
+                Ok(hex) => zeroize::Zeroizing::new(hex),
+                Err(_) => return Ok(None),
+            }
+        }
+        KeyFrom::File(path) => zeroize::Zeroizing::new(
             std::fs::read_to_string(path)
                 .map_err(|e| DeployError::Key(format!("--key-file {}: {e}", path.display())))?,
         ),
-        None => match std::env::var(key_env) {
-            Ok(hex) => zeroize::Zeroizing::new(hex),
-            Err(_) => return Ok(None),
-        },
+        KeyFrom::Keystore { path, password_env } => {
+            env_name("--password-env", password_env)?;
+            let password = zeroize::Zeroizing::new(std::env::var(password_env).map_err(|_| {
+                DeployError::Key(format!(
+                    "--keystore needs its password in the environment variable {password_env}"
+                ))
+            })?);
+            if !path.is_file() {
+                return Err(DeployError::Key(format!(
+                    "--keystore {}: no such file",
+                    path.display()
+                )));
+            }
+            return alloy::signers::local::PrivateKeySigner::decrypt_keystore(path, &*password)
+                .map(Some)
+                .map_err(|e| {
+                    DeployError::Key(format!(
+                        "--keystore {}: cannot decrypt ({}; wrong password?)",
+                        path.display(),
+                        keystore_reason(&e)
+                    ))
+                });
+        }
     };
     hex.trim()
         .parse()
         .map(Some)
         .map_err(|_| DeployError::Key("the sending key is not a hex private key".into()))
+}
+
+/// Why a keystore did not open, in words that never carry key material.
+fn keystore_reason(e: &alloy::signers::local::LocalSignerError) -> &'static str {
+    use alloy::signers::local::LocalSignerError;
+    match e {
+        LocalSignerError::EthKeystoreError(_) => "not a keystore, or the MAC does not match",
+        LocalSignerError::IoError(_) => "unreadable",
+        _ => "not a key",
+    }
 }
 
 /// Plan `req.target` from where the chain is and, unless a dry run, send the sender's part.

@@ -163,8 +163,8 @@ alloy::sol! {
 /// `session-paymaster deploy` against anvil, as an operator runs it: the key from the
 /// environment; the paymaster lands at the address predicted from (EntryPoint, owner,
 /// signers), deposited and staked; a second run finds it and sends nothing; a larger deposit
-/// is topped up by the difference; `--dry-run` for another owner sends nothing and leaves the
-/// stake to that owner; without a key it refuses.
+/// is topped up by the difference, also with the key from an encrypted keystore; `--dry-run`
+/// for another owner sends nothing and leaves the stake to that owner; without a key it refuses.
 #[tokio::test]
 async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
     use alloy::network::TransactionBuilder;
@@ -277,6 +277,50 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
         .call()
         .await?;
     assert_eq!(info.deposit, ether * U256::from(3u64));
+
+    // The key from an encrypted keystore (as `cast wallet import` writes it), its password
+    // from the environment: a wrong password is refused, echoing neither it nor the key; the
+    // right one tops the deposit up.
+    let keystores = crate::helpers::TempDir::new("keystore");
+    let out = Command::new(contracts_dir().join("node_modules/.bin/cast"))
+        .args(["wallet", "import", "operator", "--private-key", &key_hex])
+        .args(["--unsafe-password", "correct horse", "--keystore-dir"])
+        .arg(&keystores.0)
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let with_keystore = |password: &str| -> TestResult<(bool, String)> {
+        let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+            .args(["deploy", "--rpc-url", &anvil.url, "--entry-point", "0.7"])
+            .args(["--chain-id", "31337", "--signer", &signer.to_string()])
+            .args(["--owner", &owner, "--deposit", "4ether", "--contracts"])
+            .arg(contracts_dir())
+            .arg("--keystore")
+            .arg(keystores.0.join("operator"))
+            .env_remove("SP_DEPLOYER_KEY")
+            .env("SP_DEPLOYER_KEYSTORE_PASSWORD", password)
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8_lossy(&out.stderr).into(),
+        ))
+    };
+    let (ok, err) = with_keystore("wrong horse")?;
+    assert!(!ok && err.contains("cannot decrypt"), "{err}");
+    assert!(
+        !err.contains("wrong horse") && !err.contains(&key_hex),
+        "{err}"
+    );
+    let (ok, err) = with_keystore("correct horse")?;
+    assert!(ok, "{err}");
+    let info = session_paymaster::userop::IEntryPoint::new(ep, &anvil.provider)
+        .getDepositInfo(predicted)
+        .call()
+        .await?;
+    assert_eq!(info.deposit, ether * U256::from(4u64));
 
     // Another owner, dry run for the operator as sender, no key: the plan only; staking is
     // the owner's.
