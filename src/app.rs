@@ -154,9 +154,8 @@ impl AppState {
             bundler: match &config.bundler_url {
                 None => None,
                 Some(url) => Some(
-                    alloy::rpc::client::ClientBuilder::default().http(url.parse().map_err(
-                        |e| StartupError::Config(format!("invalid --bundler-url: {e}")),
-                    )?),
+                    crate::chain::client::json_rpc(url, "--bundler-url")
+                        .map_err(StartupError::Config)?,
                 ),
             },
             admin_token_sha256: config.admin_token_sha256,
@@ -449,4 +448,40 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
         .map_or(0, |d| d.as_secs())
+}
+
+/// `session-paymaster healthcheck`, the container's HEALTHCHECK: `GET /healthz` of the service
+/// listening on `addr` (an unspecified address probed on loopback) over a plain socket, every
+/// step bounded to 3 s: `Ok` on a 200, else what failed.
+pub fn healthcheck(mut addr: std::net::SocketAddr) -> Result<(), String> {
+    use std::io::{Read, Write};
+    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
+
+    if addr.ip().is_unspecified() {
+        addr.set_ip(match addr.ip() {
+            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
+            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
+        });
+    }
+    let limit = std::time::Duration::from_secs(3);
+    let mut stream =
+        TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connect {addr}: {e}"))?;
+    stream
+        .set_read_timeout(Some(limit))
+        .and_then(|()| stream.set_write_timeout(Some(limit)))
+        .and_then(|()| {
+            stream
+                .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        })
+        .map_err(|e| format!("send to {addr}: {e}"))?;
+    let mut head = [0u8; 64];
+    let n = stream
+        .read(&mut head)
+        .map_err(|e| format!("read from {addr}: {e}"))?;
+    let status_line = String::from_utf8_lossy(&head[..n]);
+    let status_line = status_line.lines().next().unwrap_or_default();
+    match status_line.split(' ').nth(1) {
+        Some("200") => Ok(()),
+        _ => Err(format!("{addr}/healthz answered {status_line:?}")),
+    }
 }

@@ -29,7 +29,7 @@ pub struct ServeArgs {
     pub print_config: bool,
 
     /// Address to listen on for JSON-RPC.
-    #[arg(long, env = "SP_LISTEN", default_value = "127.0.0.1:4337")]
+    #[arg(long, env = "SP_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
     /// Chain id this instance sponsors on.
@@ -258,6 +258,9 @@ impl From<&ServeArgs> for Config {
 
 /// The default configuration file, read when present.
 pub const DEFAULT_CONFIG_FILE: &str = "session-paymaster.toml";
+
+/// Where `serve` listens, and `healthcheck` probes, unless told otherwise.
+pub const DEFAULT_LISTEN: &str = "127.0.0.1:4337";
 
 /// Insert the configuration file's settings into `serve`'s command line, below the
 /// environment and the flags: a key becomes `--flag value` only when neither its `SP_*`

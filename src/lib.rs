@@ -13,7 +13,8 @@
 //! - [`app`]: state built from config, `router(state)`, `run(listener, router, shutdown)`,
 //!   background tasks (policy watcher, settlement watcher, rate-limit eviction).
 //! - [`chain`]: deployment of the contracts (local stacks, and `deploy` for real chains); the
-//!   settlement watcher; `status`, what the chain says of the paymasters.
+//!   settlement watcher; `status`, what the chain says of the paymasters; the one outgoing
+//!   JSON-RPC client (chain nodes, bundlers).
 //! - [`config`]: `serve`'s options: flags, `SP_*` environment, configuration file.
 //! - [`ledger`]: budgets: atomic reservations in every scope, settlement (memory, Redis).
 //! - [`metrics`]: Prometheus metrics (`/metrics`).

@@ -75,7 +75,7 @@ enum Command {
     Healthcheck {
         /// The service's listen address; an unspecified one (`0.0.0.0`, `::`) is probed on
         /// loopback.
-        #[arg(long, env = "SP_LISTEN", default_value = "127.0.0.1:4337")]
+        #[arg(long, env = "SP_LISTEN", default_value = session_paymaster::config::DEFAULT_LISTEN)]
         listen: std::net::SocketAddr,
     },
     /// Work with API keys of dapp backends.
@@ -202,7 +202,7 @@ fn main() -> ExitCode {
         Command::Status(args) => run_printing(status_async(*args)),
         Command::Deploy(args) => run_printing(deploy_async(*args)),
         Command::AdminToken => admin_token(),
-        Command::Healthcheck { listen } => match healthcheck(listen) {
+        Command::Healthcheck { listen } => match session_paymaster::app::healthcheck(listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
                 eprintln!("unhealthy: {e}");
@@ -256,40 +256,6 @@ fn main() -> ExitCode {
         Command::Policies {
             command: PoliciesCommand::Push { dir, redis_url },
         } => policies_push(&dir, &redis_url),
-    }
-}
-
-/// `GET /healthz` over a plain socket, every step bounded: 200 or an error saying what failed.
-fn healthcheck(mut addr: std::net::SocketAddr) -> Result<(), String> {
-    use std::io::{Read, Write};
-    use std::net::{IpAddr, Ipv4Addr, Ipv6Addr, TcpStream};
-
-    if addr.ip().is_unspecified() {
-        addr.set_ip(match addr.ip() {
-            IpAddr::V4(_) => IpAddr::V4(Ipv4Addr::LOCALHOST),
-            IpAddr::V6(_) => IpAddr::V6(Ipv6Addr::LOCALHOST),
-        });
-    }
-    let limit = std::time::Duration::from_secs(3);
-    let mut stream =
-        TcpStream::connect_timeout(&addr, limit).map_err(|e| format!("connect {addr}: {e}"))?;
-    stream
-        .set_read_timeout(Some(limit))
-        .and_then(|()| stream.set_write_timeout(Some(limit)))
-        .and_then(|()| {
-            stream
-                .write_all(b"GET /healthz HTTP/1.0\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        })
-        .map_err(|e| format!("send to {addr}: {e}"))?;
-    let mut head = [0u8; 64];
-    let n = stream
-        .read(&mut head)
-        .map_err(|e| format!("read from {addr}: {e}"))?;
-    let status_line = String::from_utf8_lossy(&head[..n]);
-    let status_line = status_line.lines().next().unwrap_or_default();
-    match status_line.split(' ').nth(1) {
-        Some("200") => Ok(()),
-        _ => Err(format!("{addr}/healthz answered {status_line:?}")),
     }
 }
 
@@ -388,7 +354,7 @@ fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256)
         .map_err(|e| e.to_string())
         .and_then(|rt| {
             rt.block_on(async {
-                let provider = session_paymaster::chain::rpc::provider(rpc_url)?;
+                let provider = session_paymaster::chain::client::provider(rpc_url)?;
                 let from = *provider
                     .get_accounts()
                     .await
@@ -539,7 +505,20 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
     match &args.rpc_url {
         Some(url) => {
-            let provider = session_paymaster::chain::rpc::provider(url)?;
+            let provider = session_paymaster::chain::client::provider(url)?;
+            // A node of another chain is refused now if it answers; if it does not yet, the
+            // watcher checks before it reads anything.
+            if let Ok(Ok(serves)) =
+                tokio::time::timeout(std::time::Duration::from_secs(5), provider.get_chain_id())
+                    .await
+                && serves != config.chain_id
+            {
+                return Err(format!(
+                    "--rpc-url serves chain {serves}, not --chain-id {}: settlement would read \
+                     another chain",
+                    config.chain_id
+                ));
+            }
             let cursor = match state.redis() {
                 Some(conn) => Cursor::redis(conn.clone(), config.chain_id),
                 None => Cursor::memory(),

@@ -84,7 +84,7 @@ pub enum DeployError {
 }
 
 fn rpc_err(e: impl std::error::Error + 'static) -> DeployError {
-    DeployError::Rpc(super::rpc::error_chain(&e))
+    DeployError::Rpc(super::client::error_chain(&e))
 }
 
 /// Compiled contracts: the npm artifacts and `forge build` output under a contracts directory.
@@ -346,7 +346,7 @@ pub async fn deploy_dev_stack(
             unstake_delay_secs: 0,
         };
         let plan = plan_paymaster(provider, artifacts, from, &target).await?;
-        execute(provider, from, &plan).await?;
+        execute(provider, chain_id, from, &plan).await?;
         let paymaster = plan.paymaster;
         entry_points.push(VersionDeployment {
             version,
@@ -524,11 +524,13 @@ pub async fn plan_paymaster(
     Ok(plan)
 }
 
-/// Send the sender's transactions of `plan` from `from`, in order, each waited for; no
+/// Send the sender's transactions of `plan` from `from`, in order, each waited for, each
+/// signed for `chain_id` (the chain checked, not whatever the RPC says when signing); no
 /// transaction carrying value is sent before the paymaster's code is there. The owner's
 /// transactions are not sent. Returns how many were sent.
 pub async fn execute(
     provider: &DynProvider,
+    chain_id: u64,
     from: Address,
     plan: &PaymasterPlan,
 ) -> Result<usize, DeployError> {
@@ -551,6 +553,7 @@ pub async fn execute(
             });
         }
         let request = TransactionRequest::default()
+            .with_chain_id(chain_id)
             .with_from(from)
             .with_to(tx.to)
             .with_value(tx.value)
@@ -583,6 +586,13 @@ async fn check_deployed(
     let owner = pm.owner().call().await.map_err(rpc_err)?;
     if owner != target.owner {
         return refused(format!("is owned by {owner} now"));
+    }
+    // Offered to another owner, who may accept and withdraw what is topped up now.
+    let pending = pm.pendingOwner().call().await.map_err(rpc_err)?;
+    if !pending.is_zero() {
+        return refused(format!(
+            "its ownership is being transferred to {pending}; accept or cancel that first"
+        ));
     }
     for signer in &target.signers {
         if !pm.isSigner(*signer).call().await.map_err(rpc_err)? {
@@ -724,11 +734,11 @@ pub async fn run(req: DeployRequest) -> Result<DeployReport, DeployError> {
     use alloy::network::EthereumWallet;
     use alloy::providers::ProviderBuilder;
 
-    let client = super::rpc::client(&req.rpc_url).map_err(DeployError::Key)?;
+    let client = super::client::json_rpc(&req.rpc_url, "--rpc-url").map_err(DeployError::Key)?;
     if req.key.is_none() && !req.dry_run {
         return Err(DeployError::Key(
-            "no sending key: set SP_DEPLOYER_KEY (or the variable --key-env names) or give \
-             --key-file (or use --dry-run)"
+            "no sending key: set SP_DEPLOYER_KEY (or the variable --key-env names), or give \
+             --key-file or --keystore (or use --dry-run)"
                 .into(),
         ));
     }
@@ -769,7 +779,7 @@ pub async fn run(req: DeployRequest) -> Result<DeployReport, DeployError> {
     let transactions_sent = if req.dry_run {
         0
     } else {
-        execute(&provider, from, &plan).await?
+        execute(&provider, chain_id, from, &plan).await?
     };
     Ok(DeployReport {
         chain_id,

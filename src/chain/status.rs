@@ -6,7 +6,7 @@ use alloy::primitives::{Address, U256};
 use alloy::providers::{DynProvider, Provider};
 use serde::Serialize;
 
-use super::rpc::error_chain;
+use super::client::error_chain;
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::ledger::redis::RedisLedger;
@@ -149,7 +149,7 @@ pub struct StatusReport {
 /// configuration's; the signer is the configured key's (none for a dev signer); the open
 /// reservations come from Redis when configured, over the policies of the policy directory.
 pub async fn report(config: &Config, rpc_url: &str) -> Result<StatusReport, String> {
-    let provider = super::rpc::provider(rpc_url)?;
+    let provider = super::client::provider(rpc_url)?;
     let chain_id = provider
         .get_chain_id()
         .await

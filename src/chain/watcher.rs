@@ -18,7 +18,7 @@
 //! - Deposits are read on their own, so low-deposit alerts go on while logs fail.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use crate::session::redis::RedisConn;
 use alloy::eips::BlockNumberOrTag;
@@ -49,6 +49,17 @@ pub enum WatchError {
     /// The cursor or ledger store failed.
     #[error("store: {0}")]
     Store(String),
+    /// The node serves another chain than the service signs for: its events and deposits say
+    /// nothing of ours, so nothing is read, settled or released until it does.
+    #[error(
+        "the chain RPC serves chain {serves}, not {expected}: nothing is settled or released until it does"
+    )]
+    WrongChain {
+        /// What the node says.
+        serves: u64,
+        /// The configured chain.
+        expected: u64,
+    },
 }
 
 /// The last block read: its number and hash.
@@ -179,10 +190,13 @@ pub struct Watcher {
     /// Blocks the next `eth_getLogs` spans (halved on refusals, grown back on successes).
     range: AtomicU64,
     cursor: Cursor,
+    /// The configured chain, and whether the node was seen to serve it.
+    chain_id: u64,
+    chain_checked: AtomicBool,
 }
 
-fn rpc(e: impl std::fmt::Display) -> WatchError {
-    WatchError::Rpc(e.to_string())
+fn rpc(e: impl std::error::Error + 'static) -> WatchError {
+    WatchError::Rpc(super::client::error_chain(&e))
 }
 
 fn store(e: impl std::fmt::Display) -> WatchError {
@@ -228,7 +242,27 @@ impl Watcher {
             max_range: DEFAULT_LOG_RANGE,
             range: AtomicU64::new(DEFAULT_LOG_RANGE),
             cursor,
+            chain_id: sponsor.chain_id(),
+            chain_checked: AtomicBool::new(false),
         }
+    }
+
+    /// The node must serve the configured chain before anything it says is believed: the
+    /// paymaster has the same address on every chain, and another chain's silence would
+    /// release reservations whose operations landed here. Checked once per watcher.
+    pub async fn check_chain(&self) -> Result<(), WatchError> {
+        if self.chain_checked.load(Ordering::Relaxed) {
+            return Ok(());
+        }
+        let serves = self.provider.get_chain_id().await.map_err(rpc)?;
+        if serves != self.chain_id {
+            return Err(WatchError::WrongChain {
+                serves,
+                expected: self.chain_id,
+            });
+        }
+        self.chain_checked.store(true, Ordering::Relaxed);
+        Ok(())
     }
 
     /// Report deposits below `wei` as low (`sp_paymaster_deposit_low`, and a warning).
@@ -286,6 +320,7 @@ impl Watcher {
     /// Deposits, then the confirmed blocks since the cursor (settle), then releases. A deposit
     /// failure does not stop settlement, nor a log failure the deposits.
     pub async fn poll_once(&self, sponsor: &Sponsor) -> Result<Poll, WatchError> {
+        self.check_chain().await?;
         let deposits = self.read_deposits(sponsor).await;
         let mut poll = self.read_logs(sponsor).await?;
         poll.released = self.release(sponsor).await?;

@@ -276,9 +276,15 @@ async fn estimate_gas(
         )))
     });
     let estimate: Value = estimate.map_err(|e| {
-        let reason = e
-            .as_error_resp()
-            .map_or_else(|| e.to_string(), |p| p.message.to_string());
+        // The bundler's own refusal is the client's to read; a transport failure is ours
+        // (its text may carry the bundler URL and key): logged, and named only by kind.
+        let reason = match e.as_error_resp() {
+            Some(refusal) => refusal.message.to_string(),
+            None => {
+                tracing::warn!(request_id, error = %crate::chain::client::error_chain(&e), "the bundler did not answer");
+                format!("the bundler did not answer (request {request_id})")
+            }
+        };
         RpcError {
             data: Some(json!({ "reason": Reason::EstimationFailed.as_str(), "detail": reason })),
             ..RpcError::new(

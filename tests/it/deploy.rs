@@ -71,6 +71,31 @@ async fn forge_deploy_script_lands_at_the_predicted_address() -> TestResult {
     Ok(())
 }
 
+/// A new signer key at `key_file`, and the dev stack on `anvil` with paymasters of both
+/// versions owned by the node's account, `deposit` each: (signer, owner, [v0.7, v0.8]).
+async fn paymasters_with_a_signer(
+    anvil: &TestAnvil,
+    key_file: &std::path::Path,
+    deposit: U256,
+) -> TestResult<(Address, Address, [Address; 2])> {
+    let signer = session_paymaster::signer::keygen(key_file)?;
+    let from = anvil.account().await?;
+    let deployed = session_paymaster::chain::deploy::deploy_dev_stack(
+        &anvil.provider,
+        &Artifacts::new(contracts_dir()),
+        from,
+        from,
+        &[signer],
+        deposit,
+    )
+    .await?;
+    let paymasters = [
+        deployed.entry_points[0].paymaster,
+        deployed.entry_points[1].paymaster,
+    ];
+    Ok((signer, from, paymasters))
+}
+
 /// `session-paymaster status`, the binary against anvil: each configured paymaster's deposit
 /// (what deploy-dev put there), owner, the configured signer authorised, no stake (warned);
 /// after the owner stakes, the stake and its delay; with a key the paymasters do not know, a
@@ -80,21 +105,8 @@ async fn status_reports_deposit_stake_owner_and_signer() -> TestResult {
     let anvil = TestAnvil::start().await?;
     let keys = crate::helpers::TempDir::new("status");
     let key_file = keys.0.join("signer.key");
-    let signer = session_paymaster::signer::keygen(&key_file)?;
-    let from = anvil.account().await?;
-    let deployed = session_paymaster::chain::deploy::deploy_dev_stack(
-        &anvil.provider,
-        &Artifacts::new(contracts_dir()),
-        from,
-        from,
-        &[signer],
-        U256::from(10u64).pow(U256::from(19u64)),
-    )
-    .await?;
-    let (pm07, pm08) = (
-        deployed.entry_points[0].paymaster,
-        deployed.entry_points[1].paymaster,
-    );
+    let deposit = U256::from(10u64).pow(U256::from(19u64));
+    let (signer, from, [pm07, pm08]) = paymasters_with_a_signer(&anvil, &key_file, deposit).await?;
     let status = |key: &std::path::Path| -> TestResult<serde_json::Value> {
         let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
             .args(["status", "--rpc-url", &anvil.url])
@@ -157,6 +169,7 @@ alloy::sol! {
     #[sol(rpc)]
     interface IStakeUnlock {
         function unlockStake() external;
+        function transferOwnership(address newOwner) external;
     }
 }
 
@@ -401,6 +414,26 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
     let (ok, _, err) = deploy(&more, Some(&key_hex))?;
     assert!(!ok && err.contains("no longer one of its signers"), "{err}");
 
+    // Offered to a new owner (who may accept, then withdraw): a run for the signer still
+    // there refuses to fund it.
+    let signer_again = ["--owner", &owner, "--deposit", "5ether"];
+    let receipt = IStakeUnlock::new(predicted, &operator_provider()?)
+        .transferOwnership(Address::repeat_byte(0x77))
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert!(receipt.status());
+    let receipt = ISessionPaymaster::new(predicted, &operator_provider()?)
+        .addSigner(signer)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert!(receipt.status());
+    let (ok, _, err) = deploy(&signer_again, Some(&key_hex))?;
+    assert!(!ok && err.contains("being transferred"), "{err}");
+
     // A chain id the RPC does not serve: refused before anything is planned or sent.
     let (ok, _, err) = deploy(&["--owner", &owner, "--chain-id", "1"], Some(&key_hex))?;
     assert!(!ok && err.contains("not --chain-id 1"), "{err}");
@@ -430,17 +463,7 @@ async fn status_reads_the_chain_over_https_and_redis_over_tls() -> TestResult {
     let redis = TestRedis::start().await?;
     let keys = crate::helpers::TempDir::new("status-tls");
     let key_file = keys.0.join("signer.key");
-    let signer = session_paymaster::signer::keygen(&key_file)?;
-    let from = anvil.account().await?;
-    let deployed = session_paymaster::chain::deploy::deploy_dev_stack(
-        &anvil.provider,
-        &Artifacts::new(contracts_dir()),
-        from,
-        from,
-        &[signer],
-        U256::from(7u64),
-    )
-    .await?;
+    let (_, _, [pm07, _]) = paymasters_with_a_signer(&anvil, &key_file, U256::from(7u64)).await?;
     let plain = |url: &str| -> TestResult<std::net::SocketAddr> {
         Ok(url.split("://").nth(1).ok_or("url")?.parse()?)
     };
@@ -463,10 +486,7 @@ async fn status_reads_the_chain_over_https_and_redis_over_tls() -> TestResult {
             "--redis-url",
             &format!("rediss://localhost:{}", rediss.port),
         ])
-        .args([
-            "--paymaster-v07",
-            &deployed.entry_points[0].paymaster.to_string(),
-        ])
+        .args(["--paymaster-v07", &pm07.to_string()])
         .arg("--signer-key-file")
         .arg(&key_file)
         .env_remove("SSL_CERT_DIR");

@@ -364,3 +364,79 @@ async fn events_no_reservation_knows_are_counted() -> TestResult {
     assert_eq!((poll.ignored, poll.settled), (1, 0), "{poll:?}");
     Ok(())
 }
+
+/// The paymaster has the same address on every chain: a watcher whose RPC serves another
+/// chain (a testnet URL in production's config) would see none of our operations land and
+/// release reservations whose costs were paid here. It reads nothing of such a node, and
+/// `serve` refuses one at start.
+#[tokio::test]
+async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
+    use session_paymaster::chain::watcher::WatchError;
+    use session_paymaster::sponsor::deposit::paymaster_scope;
+
+    let stack = crate::helpers::Stack::start().await?;
+    let sponsor = &stack.app.state.sponsor;
+    // (From a watcher's making on, sponsorships are counted against the paymaster's deposit.)
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        None,
+        Cursor::memory(),
+    );
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let op = counter_op(Address::repeat_byte(0x12), 0, "increment()").to_json();
+    stack
+        .app
+        .result(
+            "pm_sponsorUserOperation",
+            json!([op, ep, { "validForSeconds": 5 }]),
+        )
+        .await?;
+    let scope = paymaster_scope(ep);
+    let open = sponsor.ledger().open("dev-counter", &scope).await?;
+    assert!(open > 0, "reserved");
+
+    // The node now says it is chain 5; the signature has long expired and blocks are final.
+    let _: Value = stack
+        .anvil
+        .provider
+        .raw_request("anvil_setChainId".into(), (5u64,))
+        .await?;
+    let _: Value = stack
+        .anvil
+        .provider
+        .raw_request("evm_increaseTime".into(), (100u64,))
+        .await?;
+    mine(&stack, 70).await?;
+    match watcher.poll_once(sponsor).await {
+        Err(WatchError::WrongChain {
+            serves: 5,
+            expected: 31337,
+        }) => {}
+        other => return Err(format!("expected WrongChain, got {other:?}").into()),
+    }
+    assert_eq!(
+        sponsor.ledger().open("dev-counter", &scope).await?,
+        open,
+        "nothing released"
+    );
+
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rpc-url",
+            &stack.anvil.url,
+        ])
+        .current_dir(crate::helpers::repo_dir())
+        .output()?;
+    let stderr = String::from_utf8_lossy(&out.stderr);
+    assert!(!out.status.success(), "{stderr}");
+    assert!(
+        stderr.contains("serves chain 5, not --chain-id 31337"),
+        "{stderr}"
+    );
+    Ok(())
+}
