@@ -40,8 +40,11 @@ contract SessionPaymaster is TwoStepBasePaymaster {
     /// @notice Exact length of a well-formed paymasterAndData for this paymaster.
     uint256 public constant PAYMASTER_AND_DATA_LENGTH = SIGNATURE_OFFSET + SIGNATURE_LENGTH; // 129
 
-    /// @notice Addresses whose signatures this paymaster honours.
+    /// @notice Addresses whose signatures this paymaster honours (what validation reads).
     mapping(address => bool) public isSigner;
+    /// @dev The same set as a list, for `signers()`; position + 1 of each in it.
+    address[] private _signerList;
+    mapping(address => uint256) private _signerPosition;
 
     /// @notice A signer was authorised.
     event SignerAdded(address indexed signer);
@@ -85,14 +88,28 @@ contract SessionPaymaster is TwoStepBasePaymaster {
     function removeSigner(address signer) external onlyOwner {
         if (isSigner[signer]) {
             isSigner[signer] = false;
+            uint256 position = _signerPosition[signer];
+            address last = _signerList[_signerList.length - 1];
+            _signerList[position - 1] = last;
+            _signerPosition[last] = position;
+            _signerList.pop();
+            delete _signerPosition[signer];
             emit SignerRemoved(signer);
         }
+    }
+
+    /// @notice Every address whose signatures this paymaster honours, in no set order (an
+    ///         operator checks that a rotated-out key is gone: `session-paymaster status`).
+    function signers() external view returns (address[] memory) {
+        return _signerList;
     }
 
     function _addSigner(address signer) internal {
         if (signer == address(0)) revert InvalidSigner();
         if (!isSigner[signer]) {
             isSigner[signer] = true;
+            _signerList.push(signer);
+            _signerPosition[signer] = _signerList.length;
             emit SignerAdded(signer);
         }
     }

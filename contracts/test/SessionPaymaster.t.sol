@@ -350,6 +350,48 @@ contract SessionPaymasterTest is TestBase {
         vm.assertEq(counter.count(op.sender), 1, "new signer's op executed");
     }
 
+    function test_signersListsTheSetThroughAddsAndRemoves() public {
+        address a = vm.addr(SIGNER_KEY);
+        address b = vm.addr(OTHER_KEY);
+        address c = address(0xC0FFEE);
+        _asOwner(abi.encodeCall(pm.addSigner, (b)));
+        _asOwner(abi.encodeCall(pm.addSigner, (b))); // again: listed once
+        _asOwner(abi.encodeCall(pm.addSigner, (c)));
+        _assertSigners(_three(a, b, c), 3);
+        _asOwner(abi.encodeCall(pm.removeSigner, (a))); // the first: the last takes its place
+        _assertSigners(_three(c, b, address(0)), 2);
+        _asOwner(abi.encodeCall(pm.removeSigner, (a))); // not a signer: nothing changes
+        _asOwner(abi.encodeCall(pm.removeSigner, (b)));
+        _assertSigners(_three(c, address(0), address(0)), 1);
+        _asOwner(abi.encodeCall(pm.removeSigner, (c)));
+        _assertSigners(_three(address(0), address(0), address(0)), 0);
+        _asOwner(abi.encodeCall(pm.addSigner, (a)));
+        _assertSigners(_three(a, address(0), address(0)), 1);
+        address[3] memory all = [a, b, c];
+        address[] memory listed = pm.signers();
+        for (uint256 i = 0; i < 3; i++) {
+            bool found = false;
+            for (uint256 j = 0; j < listed.length; j++) found = found || listed[j] == all[i];
+            vm.assertTrue(found == pm.isSigner(all[i]), "the list and isSigner agree");
+        }
+    }
+
+    function _asOwner(bytes memory call) private {
+        vm.prank(PM_OWNER);
+        (bool ok,) = address(pm).call(call);
+        vm.assertTrue(ok, "owner call");
+    }
+
+    function _three(address x, address y, address z) private pure returns (address[3] memory) {
+        return [x, y, z];
+    }
+
+    function _assertSigners(address[3] memory expected, uint256 n) private view {
+        address[] memory got = pm.signers();
+        vm.assertEq(got.length, n, "number of signers");
+        for (uint256 i = 0; i < n; i++) vm.assertEq(got[i], expected[i], "signer in place");
+    }
+
     function test_onlyOwnerManagesSigners() public {
         address stranger = address(0x5157);
         vm.prank(stranger);

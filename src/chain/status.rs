@@ -43,6 +43,9 @@ pub struct PaymasterStatus {
     pub withdraw_time: u64,
     /// The service's signer and whether the paymaster honours it (`None`: no key configured).
     pub signer: Option<SignerStatus>,
+    /// Every signer the paymaster honours (`None`: a build without `signers()`): a key
+    /// rotated out must be gone from here.
+    pub signers: Option<Vec<Address>>,
     /// Worst cases of the open reservations charged to this paymaster, wei (`None`: no Redis).
     pub open_reservations_wei: Option<String>,
     /// What to look at: an undeployed paymaster, an unauthorised signer, no stake, open
@@ -95,6 +98,7 @@ pub async fn paymaster_status(
         unstake_delay_secs: info.unstakeDelaySec,
         withdraw_time: info.withdrawTime.to::<u64>(),
         signer: None,
+        signers: None,
         open_reservations_wei: open_wei.map(|w| w.to_string()),
         warnings: Vec::new(),
     };
@@ -119,6 +123,16 @@ pub async fn paymaster_status(
             address,
             authorised,
         });
+    }
+    // A paymaster deployed before the signer list has no signers(): left out.
+    status.signers = pm.signers().call().await.ok();
+    if let (Some(all), Some(SignerStatus { address, .. })) = (&status.signers, &status.signer) {
+        let others = all.iter().filter(|a| *a != address).count();
+        if others > 0 {
+            status.warnings.push(format!(
+                "{others} other signer(s) can sign for this paymaster: remove any no replica uses (docs/operations.md, key rotation)"
+            ));
+        }
     }
     if !info.staked {
         status

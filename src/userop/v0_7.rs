@@ -58,6 +58,7 @@ sol! {
         error InvalidPaymasterDataLength(uint256 length);
         function getHash(PackedUserOperation calldata userOp, uint48 validUntil, uint48 validAfter) external view returns (bytes32);
         function isSigner(address signer) external view returns (bool);
+        function signers() external view returns (address[] memory);
         function addSigner(address signer) external;
         function removeSigner(address signer) external;
         function deposit() external payable;

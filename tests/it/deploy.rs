@@ -133,10 +133,14 @@ async fn status_reports_deposit_stake_owner_and_signer() -> TestResult {
         assert_eq!(pm["owner"], format!("{from:#x}"));
         assert_eq!(pm["signer"]["address"], format!("{signer:#x}"));
         assert_eq!(pm["signer"]["authorised"], true);
+        assert_eq!(pm["signers"], serde_json::json!([format!("{signer:#x}")]));
         assert_eq!(pm["staked"], false);
         assert!(pm["openReservationsWei"].is_null(), "no Redis configured");
         let warnings = pm["warnings"].to_string();
-        assert!(warnings.contains("not staked"), "{warnings}");
+        assert!(
+            warnings.contains("not staked") && !warnings.contains("other signer"),
+            "{warnings}"
+        );
     }
 
     let receipt = ISessionPaymaster::new(pm07, &anvil.provider)
@@ -161,6 +165,28 @@ async fn status_reports_deposit_stake_owner_and_signer() -> TestResult {
     assert!(
         warnings.contains("AA34") && !warnings.contains("not staked"),
         "{warnings}"
+    );
+
+    // A second signer (a rotation half done): listed, and named as one to remove if unused.
+    let receipt = ISessionPaymaster::new(pm07, &anvil.provider)
+        .addSigner(other)
+        .from(from)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    assert!(receipt.status());
+    let report = status(&key_file)?;
+    let v07 = &report["paymasters"][0];
+    let listed = v07["signers"].as_array().ok_or("signers")?;
+    assert_eq!(listed.len(), 2, "{v07}");
+    assert!(
+        listed.contains(&serde_json::json!(format!("{other:#x}"))),
+        "{v07}"
+    );
+    assert!(
+        v07["warnings"].to_string().contains("1 other signer(s)"),
+        "{v07}"
     );
     Ok(())
 }
