@@ -358,7 +358,7 @@ fn deploy_dev(rpc_url: &str, contracts: PathBuf, signer: Address, deposit: U256)
                 let from = *provider
                     .get_accounts()
                     .await
-                    .map_err(|e| e.to_string())?
+                    .map_err(|e| session_paymaster::chain::client::error_chain(&e))?
                     .first()
                     .ok_or("the node has no unlocked account")?;
                 deploy_dev_stack(

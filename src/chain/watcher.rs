@@ -18,7 +18,7 @@
 //! - Deposits are read on their own, so low-deposit alerts go on while logs fail.
 
 use std::sync::Mutex;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use crate::session::redis::RedisConn;
 use alloy::eips::BlockNumberOrTag;
@@ -190,9 +190,8 @@ pub struct Watcher {
     /// Blocks the next `eth_getLogs` spans (halved on refusals, grown back on successes).
     range: AtomicU64,
     cursor: Cursor,
-    /// The configured chain, and whether the node was seen to serve it.
+    /// The configured chain.
     chain_id: u64,
-    chain_checked: AtomicBool,
 }
 
 fn rpc(e: impl std::error::Error + 'static) -> WatchError {
@@ -243,17 +242,14 @@ impl Watcher {
             range: AtomicU64::new(DEFAULT_LOG_RANGE),
             cursor,
             chain_id: sponsor.chain_id(),
-            chain_checked: AtomicBool::new(false),
         }
     }
 
     /// The node must serve the configured chain before anything it says is believed: the
     /// paymaster has the same address on every chain, and another chain's silence would
-    /// release reservations whose operations landed here. Checked once per watcher.
+    /// release reservations whose operations landed here. Checked on every poll (one
+    /// `eth_chainId`): the endpoint behind a URL can change.
     pub async fn check_chain(&self) -> Result<(), WatchError> {
-        if self.chain_checked.load(Ordering::Relaxed) {
-            return Ok(());
-        }
         let serves = self.provider.get_chain_id().await.map_err(rpc)?;
         if serves != self.chain_id {
             return Err(WatchError::WrongChain {
@@ -261,7 +257,6 @@ impl Watcher {
                 expected: self.chain_id,
             });
         }
-        self.chain_checked.store(true, Ordering::Relaxed);
         Ok(())
     }
 

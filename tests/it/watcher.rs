@@ -422,7 +422,8 @@ async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
         "nothing released"
     );
 
-    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+    // (Bounded: were the check to miss, serve would run on.)
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
         .args([
             "serve",
             "--listen",
@@ -431,9 +432,23 @@ async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
             &stack.anvil.url,
         ])
         .current_dir(crate::helpers::repo_dir())
-        .output()?;
-    let stderr = String::from_utf8_lossy(&out.stderr);
-    assert!(!out.status.success(), "{stderr}");
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().ok_or("stderr")?, &mut stderr)?;
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
     assert!(
         stderr.contains("serves chain 5, not --chain-id 31337"),
         "{stderr}"
