@@ -645,6 +645,38 @@ async fn internal_errors_answer_a_request_id_only() -> TestResult {
     Ok(())
 }
 
+/// A bundler URL carries its provider's API key (`/rpc?apikey=…`): when the bundler cannot be
+/// reached, the client learns that it did not answer, never the URL or its key.
+#[tokio::test]
+async fn an_unreachable_bundlers_url_and_key_stay_ours() -> TestResult {
+    let closed = crate::helpers::free_port();
+    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    c.bundler_url = Some(format!(
+        "http://127.0.0.1:{closed}/rpc?apikey=bundler-secret-key"
+    ));
+    let app = TestApp::spawn(c).await?;
+    let mut unestimated = op();
+    unestimated
+        .as_object_mut()
+        .map(|o| o.remove("callGasLimit"));
+    let err = app
+        .error("pm_sponsorUserOperation", json!([unestimated, ep07()]))
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("estimation_failed"), "{err}");
+    assert!(
+        err["data"]["detail"]
+            .as_str()
+            .is_some_and(|d| d.starts_with("the bundler did not answer")),
+        "{err}"
+    );
+    let text = err.to_string();
+    assert!(
+        !text.contains("bundler-secret-key") && !text.contains(&closed.to_string()),
+        "{text}"
+    );
+    Ok(())
+}
+
 /// A bundler that accepts the connection and never answers does not hold the request (nor its
 /// task) forever: estimation gives up after `--bundler-timeout`, nothing signed.
 #[tokio::test]

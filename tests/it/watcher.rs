@@ -236,14 +236,8 @@ async fn sponsorship_stops_before_the_deposit_runs_dry() -> TestResult {
 
     let stack = crate::helpers::Stack::start().await?;
     let sponsor = &stack.app.state.sponsor;
-    let watcher = Watcher::new(
-        stack.anvil.provider.clone(),
-        sponsor,
-        0,
-        None,
-        Cursor::memory(),
-    )
-    .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let watcher =
+        memory_watcher(&stack).with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
     let op = |nonce: u64| counter_op(Address::repeat_byte(0x11), nonce, "increment()");
     let worst = wei_to_gwei_ceil(op(0).max_cost(PaymasterGas::for_op_size(op(0).hashed_len())));
     // Leave a deposit whose 90 % holds two and a half worst cases.
@@ -292,25 +286,25 @@ async fn sponsorship_stops_before_the_deposit_runs_dry() -> TestResult {
     Ok(())
 }
 
-/// Reservations were released by the time of a block `confirmations` deep: a reorg could undo
-/// it and make a landed operation look unlanded. They are released only by the finalized block.
-#[tokio::test]
-async fn releases_wait_for_the_finalized_block() -> TestResult {
-    use session_paymaster::sponsor::deposit::paymaster_scope;
-
-    let stack = crate::helpers::Stack::start().await?;
-    mine(&stack, 70).await?;
-    let sponsor = &stack.app.state.sponsor;
-    // Finality::Finalized is the default; anvil finalizes 64 blocks behind its head.
-    let watcher = Watcher::new(
+/// A watcher on the stack's node (its cursor in memory): from its making on, sponsorships are
+/// counted against the paymaster's deposit.
+fn memory_watcher(stack: &crate::helpers::Stack) -> Watcher {
+    Watcher::new(
         stack.anvil.provider.clone(),
-        sponsor,
+        &stack.app.state.sponsor,
         0,
         None,
         Cursor::memory(),
-    );
+    )
+}
+
+/// Sponsor one counter op of `sender` on v0.7, valid for 5 s: what it holds open against the
+/// paymaster's deposit (asserted above zero) and that scope.
+async fn sponsor_briefly(stack: &crate::helpers::Stack, sender: u8) -> TestResult<(u64, String)> {
+    use session_paymaster::sponsor::deposit::paymaster_scope;
+
     let ep = EntryPointVersion::V0_7.canonical_address();
-    let op = counter_op(Address::repeat_byte(0x11), 0, "increment()").to_json();
+    let op = counter_op(Address::repeat_byte(sender), 0, "increment()").to_json();
     stack
         .app
         .result(
@@ -319,10 +313,27 @@ async fn releases_wait_for_the_finalized_block() -> TestResult {
         )
         .await?;
     let scope = paymaster_scope(ep);
-    assert!(
-        sponsor.ledger().open("dev-counter", &scope).await? > 0,
-        "reserved"
-    );
+    let open = stack
+        .app
+        .state
+        .sponsor
+        .ledger()
+        .open("dev-counter", &scope)
+        .await?;
+    assert!(open > 0, "reserved");
+    Ok((open, scope))
+}
+
+/// Reservations were released by the time of a block `confirmations` deep: a reorg could undo
+/// it and make a landed operation look unlanded. They are released only by the finalized block.
+#[tokio::test]
+async fn releases_wait_for_the_finalized_block() -> TestResult {
+    let stack = crate::helpers::Stack::start().await?;
+    mine(&stack, 70).await?;
+    let sponsor = &stack.app.state.sponsor;
+    // Finality::Finalized is the default; anvil finalizes 64 blocks behind its head.
+    let watcher = memory_watcher(&stack);
+    let (_, scope) = sponsor_briefly(&stack, 0x11).await?;
 
     let _: Value = stack
         .anvil
@@ -372,30 +383,11 @@ async fn events_no_reservation_knows_are_counted() -> TestResult {
 #[tokio::test]
 async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
     use session_paymaster::chain::watcher::WatchError;
-    use session_paymaster::sponsor::deposit::paymaster_scope;
 
     let stack = crate::helpers::Stack::start().await?;
     let sponsor = &stack.app.state.sponsor;
-    // (From a watcher's making on, sponsorships are counted against the paymaster's deposit.)
-    let watcher = Watcher::new(
-        stack.anvil.provider.clone(),
-        sponsor,
-        0,
-        None,
-        Cursor::memory(),
-    );
-    let ep = EntryPointVersion::V0_7.canonical_address();
-    let op = counter_op(Address::repeat_byte(0x12), 0, "increment()").to_json();
-    stack
-        .app
-        .result(
-            "pm_sponsorUserOperation",
-            json!([op, ep, { "validForSeconds": 5 }]),
-        )
-        .await?;
-    let scope = paymaster_scope(ep);
-    let open = sponsor.ledger().open("dev-counter", &scope).await?;
-    assert!(open > 0, "reserved");
+    let watcher = memory_watcher(&stack);
+    let (open, scope) = sponsor_briefly(&stack, 0x12).await?;
 
     // The node now says it is chain 5; the signature has long expired and blocks are final.
     let _: Value = stack
