@@ -187,6 +187,13 @@ fn collect_text(v: &redis::Value, out: &mut Vec<String>) {
     }
 }
 
+/// `TCP_NODELAY` (redis-rs leaves it off): calls are pipelined on one connection, and with
+/// Nagle's algorithm a call written while an earlier one is unacknowledged would wait for the
+/// server's delayed ACK (40 ms on Linux) on a network, if not on loopback.
+fn tcp_settings() -> redis::io::tcp::TcpSettings {
+    redis::io::tcp::TcpSettings::default().set_nodelay(true)
+}
+
 async fn open(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
     if url.contains(',') {
         let nodes: Vec<&str> = url
@@ -195,6 +202,7 @@ async fn open(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
             .filter(|n| !n.is_empty())
             .collect();
         let client = redis::cluster::ClusterClientBuilder::new(nodes)
+            .tcp_settings(tcp_settings())
             .connection_timeout(timeout)
             .response_timeout(timeout)
             .build()
@@ -203,7 +211,8 @@ async fn open(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
             client.get_async_connection().await.map_err(unavailable)?,
         ));
     }
-    let client = redis::Client::open(url).map_err(unavailable)?;
+    let info = redis::IntoConnectionInfo::into_connection_info(url).map_err(unavailable)?;
+    let client = redis::Client::open(info.set_tcp_settings(tcp_settings())).map_err(unavailable)?;
     let config = ConnectionManagerConfig::new()
         .set_connection_timeout(Some(timeout))
         .set_response_timeout(Some(timeout))
