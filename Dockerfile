@@ -49,9 +49,13 @@ RUN apt-get update \
  && mkdir -p /etc/session-paymaster/policies
 COPY --from=build /usr/local/bin/session-paymaster /usr/local/bin/session-paymaster
 WORKDIR /etc/session-paymaster
+# MIMALLOC_ALLOW_THP=0: no transparent huge pages for the heap, even on a host whose
+# transparent_hugepage is `always` (a 2 MiB page fault stalls every request behind it;
+# docs/performance.md).
 ENV SP_LISTEN=0.0.0.0:4337 \
     SP_POLICIES=/etc/session-paymaster/policies \
-    SP_LOG_FORMAT=json
+    SP_LOG_FORMAT=json \
+    MIMALLOC_ALLOW_THP=0
 USER 10001:10001
 EXPOSE 4337
 # The binary probes its own /healthz: the image has no curl.
