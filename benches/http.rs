@@ -3,8 +3,10 @@
 //! operation). CPU is read from `/proc` for the service and for redis-server before and after
 //! each load, and printed per sponsorship as a ratio to two limits measured in the same run:
 //! one bare k256 signature (F, the floor of a signed sponsorship; both the service's and
-//! redis-server's CPU are given in F) and one bare `EVALSHA` of an empty script under the same
-//! kind of load (redis-server's floor per script call, also given as its own ratio).
+//! redis-server's CPU are given in F; measured just before and just after each load, whose
+//! row uses their mean, since a shared machine's speed drifts by a third within a run) and one
+//! bare `EVALSHA` of an empty script under the same kind of load (redis-server's floor per
+//! script call, also given as its own ratio).
 //! Latency at half the measured maximum comes from an open-loop schedule (requests are sent
 //! at fixed times whatever the answers do, and latency counts from the planned send time, so
 //! a stall is not hidden by the generator waiting for it).
@@ -124,6 +126,9 @@ struct Load {
     /// CPU of the load generator in this process (the open loop; wrk runs apart).
     generator_cpu: Duration,
     redis_bytes: i64,
+    /// F measured just before and just after this load (their mean): the ratios of this row
+    /// are to it, so that the machine's speed drifting over a run moves both sides alike.
+    floor: Duration,
 }
 
 impl Load {
@@ -133,7 +138,8 @@ impl Load {
     fn per_request(&self, cpu: Duration) -> Duration {
         cpu / u32::try_from(self.requests.max(1)).unwrap_or(u32::MAX)
     }
-    fn json(&self, floor: Duration, evalsha: Duration) -> Value {
+    fn json(&self, evalsha: Duration) -> Value {
+        let floor = self.floor;
         let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
         json!({
             "requests": self.requests, "errors": self.errors, "rps": self.rate().round(),
@@ -145,6 +151,7 @@ impl Load {
             "redis_cpu_x_evalsha": ratio(self.per_request(self.redis_cpu), evalsha),
             "redis_bytes_per_request": self.redis_bytes / i64::try_from(self.requests.max(1)).unwrap_or(1),
             "generator_cpu_us": us(self.per_request(self.generator_cpu)),
+            "floor_k256_us": us(floor),
         })
     }
 }
@@ -507,7 +514,14 @@ fn open_loop(
                     }
                     latencies.push(due.elapsed());
                     if debug_stalls && due.elapsed() > Duration::from_millis(10) {
-                        eprintln!("stall {:?} at {:?}", due.elapsed(), due - start);
+                        eprintln!(
+                            "stall {:?} at {:?} (unix {:.3})",
+                            due.elapsed(),
+                            due - start,
+                            std::time::SystemTime::now()
+                                .duration_since(std::time::UNIX_EPOCH)
+                                .map_or(0.0, |d| d.as_secs_f64())
+                        );
                     }
                     let ok = buf.starts_with(b"HTTP/1.1 200")
                         && !String::from_utf8_lossy(&buf[head_end..]).contains("\"error\"");
@@ -549,6 +563,78 @@ fn open_loop(
     })
 }
 
+/// The open loop's control for the machine: an HTTP server in this process (two tokio workers,
+/// like the service on two cores) whose every answer burns `spin` of CPU, the service's and
+/// redis-server's CPU per sponsorship together, then answers a body of a sponsorship's size.
+/// What latency it shows at the same rate is what this machine gives any server that costs as
+/// much, whatever its code. Stops when dropped.
+struct Burner {
+    port: u16,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    thread: Option<std::thread::JoinHandle<()>>,
+}
+
+impl Burner {
+    fn start(spin: Duration) -> Result<Self, Error> {
+        let listener = std::net::TcpListener::bind("127.0.0.1:0")?;
+        listener.set_nonblocking(true)?;
+        let port = listener.local_addr()?.port();
+        let (stop, stopped) = tokio::sync::oneshot::channel::<()>();
+        let answer = format!(
+            r#"{{"jsonrpc":"2.0","id":1,"result":{{"paymasterAndData":"0x{}"}}}}"#,
+            "ab".repeat(250)
+        );
+        let thread = std::thread::spawn(move || {
+            let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
+                .worker_threads(2)
+                .enable_all()
+                .build()
+            else {
+                return;
+            };
+            runtime.block_on(async move {
+                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
+                    return;
+                };
+                let app = axum::Router::new().route(
+                    "/",
+                    axum::routing::post(move |_body: axum::body::Bytes| {
+                        let answer = answer.clone();
+                        async move {
+                            let until = Instant::now() + spin;
+                            while Instant::now() < until {
+                                std::hint::spin_loop();
+                            }
+                            ([("content-type", "application/json")], answer)
+                        }
+                    }),
+                );
+                let _ = axum::serve(listener, app)
+                    .with_graceful_shutdown(async {
+                        let _ = stopped.await;
+                    })
+                    .await;
+            });
+        });
+        Ok(Self {
+            port,
+            stop: Some(stop),
+            thread: Some(thread),
+        })
+    }
+}
+
+impl Drop for Burner {
+    fn drop(&mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        if let Some(t) = self.thread.take() {
+            let _ = t.join();
+        }
+    }
+}
+
 /// `LUA_OP` in Rust, for the open-loop generator.
 fn op_of(i: u64, grants: u64) -> (String, String) {
     if grants > 0 {
@@ -571,6 +657,7 @@ fn measured(
     redis: Option<&Redis>,
     load: impl FnOnce() -> Result<Load, Error>,
 ) -> Result<Load, Error> {
+    let f0 = k256_floor()?;
     let svc0 = service.proc.cpu()?;
     let own0 = cpu_of("self")?;
     let (r0, m0) = match redis {
@@ -584,6 +671,7 @@ fn measured(
         load.redis_cpu = r.cpu()? - r0;
         load.redis_bytes = r.used_memory()? - m0;
     }
+    load.floor = (f0 + k256_floor()?) / 2;
     Ok(load)
 }
 
@@ -628,7 +716,8 @@ async fn create_grants(service: &Service, n: u64) -> Result<(), Error> {
     Ok(())
 }
 
-fn row(name: &str, l: &Load, floor: Duration, evalsha: Duration) {
+fn row(name: &str, l: &Load, evalsha: Duration) {
+    let floor = l.floor;
     let per = |d: Duration| l.per_request(d);
     let us = |d: Duration| per(d).as_secs_f64() * 1e6;
     // Without Redis (the embedded default) its columns are blank.
@@ -649,7 +738,7 @@ fn row(name: &str, l: &Load, floor: Duration, evalsha: Duration) {
         String::new()
     };
     println!(
-        "{name:<44} {:>6.0} req/s  p50 {:>6.0}us p99 {:>6.0}us p999 {:>6.0}us  service {:>6.1}us = {:>4.2}x F  {redis}  errors {}{}{generator}",
+        "{name:<44} {:>6.0} req/s  p50 {:>6.0}us p99 {:>6.0}us p999 {:>6.0}us  service {:>6.1}us = {:>4.2}x F  {redis}  errors {}{}  F {:.1}us{generator}",
         l.rate(),
         l.p50_us,
         l.p99_us,
@@ -663,6 +752,7 @@ fn row(name: &str, l: &Load, floor: Duration, evalsha: Duration) {
         } else {
             ""
         },
+        floor.as_secs_f64() * 1e6,
     );
 }
 
@@ -751,6 +841,43 @@ async fn main() -> Result<(), Error> {
             "eth_chainId_open_loop",
             control.clone(),
         ));
+        // The same open loop against a server that only burns the CPU one sponsorship costs.
+        let spin = half.per_request(half.service_cpu + half.redis_cpu);
+        let burner = Burner::start(spin)?;
+        let f0 = k256_floor()?;
+        let t0 = cpu_of("self")?;
+        let mut burned = std::thread::scope(|s| {
+            s.spawn(|| open_loop(burner.port, &template, base, 0, rate, secs))
+                .join()
+                .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
+        })?;
+        // Generator and server share this process: their CPU together, in the service column.
+        burned.service_cpu = cpu_of("self")? - t0;
+        burned.floor = (f0 + k256_floor()?) / 2;
+        drop(burner);
+        rows.push((
+            format!(
+                "  a server burning {:.0}us a request, same loop",
+                spin.as_secs_f64() * 1e6
+            ),
+            "burner_open_loop",
+            burned,
+        ));
+        // The same loop against the embedded default: the service without Redis.
+        let embedded = Service::start(&policies, None)?;
+        let alone = measured(&embedded, None, || {
+            std::thread::scope(|s| {
+                s.spawn(|| open_loop(embedded.port, &template, 0, 0, rate, secs))
+                    .join()
+                    .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
+            })
+        })?;
+        drop(embedded);
+        rows.push((
+            "  embedded default (no Redis), same loop".to_string(),
+            "embedded_open_loop",
+            alone,
+        ));
     }
 
     floors.push(k256_floor()?);
@@ -812,15 +939,15 @@ async fn main() -> Result<(), Error> {
     let floor = floors[1];
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "limits: F = one bare k256 signature {:.1}us (median of {:.1?}); one bare EVALSHA costs redis-server {:.1}us = {:.2}x F; {cores} cores",
+        "limits: F = one bare k256 signature {:.1}us (median of {:.1?}; each row's ratios use the F measured around its load, its last column); one bare EVALSHA costs redis-server {:.1}us = {:.2}x F; {cores} cores",
         floor.as_secs_f64() * 1e6,
         floors,
         evalsha.as_secs_f64() * 1e6,
         ratio(evalsha, floor),
     );
     for (label, key, load) in &rows {
-        row(label, load, floor, evalsha);
-        results.insert((*key).into(), load.json(floor, evalsha));
+        row(label, load, evalsha);
+        results.insert((*key).into(), load.json(evalsha));
     }
     results.insert("floor_k256_us".into(), json!(floor.as_secs_f64() * 1e6));
     results.insert(
