@@ -439,8 +439,8 @@ pub async fn run(
     shutdown: impl Future<Output = ()> + Send + 'static,
 ) -> std::io::Result<()> {
     use axum::serve::ListenerExt;
-    // Answers go out as they are written: with Nagle's algorithm a response written while the
-    // client had not yet acknowledged the last one waited for its delayed ACK.
+    // Answers go out as they are written: with Nagle's algorithm a response written in two
+    // parts, or while the client has not yet acknowledged the last one, can wait for its ACK.
     let listener = listener.tap_io(|tcp| {
         if let Err(e) = tcp.set_nodelay(true) {
             tracing::debug!("TCP_NODELAY not set on an accepted connection: {e}");
@@ -449,6 +449,21 @@ pub async fn run(
     axum::serve(listener, router)
         .with_graceful_shutdown(shutdown)
         .await
+}
+
+/// Whether this process's heap gets transparent huge pages: the kernel gives them to every
+/// mapping (`thp_enabled`, `/sys/kernel/mm/transparent_hugepage/enabled`, reads `[always]`)
+/// and mimalloc's `MIMALLOC_ALLOW_THP` (`allow_thp`) does not turn them off. mimalloc, built
+/// with `no_thp`, no longer asks for them; under `always` they come anyway, and a huge-page
+/// fault stalls every request behind it (docs/performance.md).
+pub fn heap_gets_huge_pages(thp_enabled: &str, allow_thp: Option<&str>) -> bool {
+    // mimalloc reads an option's value case-insensitively: 0, false, no and off turn it off.
+    let off = allow_thp.is_some_and(|v| {
+        ["0", "false", "no", "off"]
+            .iter()
+            .any(|o| v.trim().eq_ignore_ascii_case(o))
+    });
+    thp_enabled.contains("[always]") && !off
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).
@@ -491,5 +506,26 @@ pub fn healthcheck(mut addr: std::net::SocketAddr) -> Result<(), String> {
     match status_line.split(' ').nth(1) {
         Some("200") => Ok(()),
         _ => Err(format!("{addr}/healthz answered {status_line:?}")),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::heap_gets_huge_pages;
+
+    #[test]
+    fn huge_pages_are_flagged_only_under_always_without_the_opt_out() {
+        let always = "[always] madvise never\n";
+        let madvise = "always [madvise] never\n";
+        assert!(heap_gets_huge_pages(always, None));
+        assert!(heap_gets_huge_pages(always, Some("1")));
+        assert!(heap_gets_huge_pages(always, Some("")));
+        for off in ["0", "false", "OFF", " no "] {
+            assert!(!heap_gets_huge_pages(always, Some(off)), "{off}");
+        }
+        assert!(!heap_gets_huge_pages(madvise, None));
+        assert!(!heap_gets_huge_pages("always madvise [never]", None));
+        // No THP support in the kernel: the file is missing, read as empty.
+        assert!(!heap_gets_huge_pages("", None));
     }
 }

@@ -621,6 +621,15 @@ fn log_startup(state: &AppState, config: &Config) {
             "admin API closed: no --admin-token-sha256 (create one with `session-paymaster admin-token`)"
         );
     }
+    let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");
+    if app::heap_gets_huge_pages(
+        &thp.unwrap_or_default(),
+        std::env::var("MIMALLOC_ALLOW_THP").ok().as_deref(),
+    ) {
+        tracing::warn!(
+            "transparent huge pages are `always` on this host: run with MIMALLOC_ALLOW_THP=0 (a huge-page fault of the heap stalls every request behind it)"
+        );
+    }
     tracing::info!(policies = state.sponsor.policies().len(), signer = %signer.address(), chain_id = config.chain_id, "loaded");
 }
 
