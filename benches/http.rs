@@ -9,13 +9,18 @@
 //! script call, also given as its own ratio).
 //! Latency at half the measured maximum comes from an open-loop schedule (requests are sent
 //! at fixed times whatever the answers do, and latency counts from the planned send time, so
-//! a stall is not hidden by the generator waiting for it).
+//! a stall is not hidden by the generator waiting for it), with three controls at the same
+//! rate: `eth_chainId`, a server in this process that only spins for a sponsorship's CPU
+//! ([`Burner`]), and the embedded default (no Redis).
 //!
-//! Run with `scripts/bench`; knobs (environment): `SECS` per load (default 8), `GRANTS`
-//! (session grants created before the session load, default 20000), `MEMORY_FILL`
-//! (sponsorships made on the embedded default before its second window, default 200000),
-//! `ONLY` and `RATE` (see `main`), `DEBUG_STALLS` (print each open-loop request over 10 ms with
-//! its due time, to see whether slow answers come in bursts).
+//! Loads, in order (`ONLY=name,...` picks some): `chainid`, `sponsor` (closed loop, Redis
+//! budgets), `open` (the open loop and its controls), `session` (under session grants),
+//! `embedded` (the embedded default before and after a fill). Knobs (environment): `SECS` per
+//! load (default 8), `GRANTS` (session grants created before the session load, default
+//! 20000), `MEMORY_FILL` (sponsorships made on the embedded default before its second window,
+//! default 200000), `RATE` (the open loop's rate; default half of what `sponsor` reached),
+//! `DEBUG_STALLS` (print each open-loop answer over 10 ms with its due time and wall-clock
+//! time, to see whether slow answers come in bursts). Run with `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
 
 use std::io::Write;
@@ -156,13 +161,18 @@ impl Load {
     }
 }
 
+/// `a / b`, two decimals; NaN (`null` in JSON) when `b` was not measured.
 fn ratio(a: Duration, b: Duration) -> f64 {
+    if b.is_zero() {
+        return f64::NAN;
+    }
     (a.as_secs_f64() / b.as_secs_f64() * 100.0).round() / 100.0
 }
 
 /// The floor: median over batches of one bare k256 recoverable signature of a prehash. Measured
-/// at the start, between the loads and at the end; F is the median of the three (a shared
-/// machine's speed drifts within a run).
+/// just before and just after each load (a row's ratios are to their mean: a shared machine's
+/// speed drifts within a run), and at the start, between the loads and at the end for the
+/// `limits` line (the median of those three).
 fn k256_floor() -> Result<Duration, Error> {
     let key = SigningKey::from_slice(keccak256("bench key").as_slice())?;
     let mut batches: Vec<Duration> = (0..9)
@@ -440,9 +450,29 @@ end
 /// Open-loop load, as wrk2 makes it: request `k` is due at `start + k / rate`, whatever earlier
 /// answers do; each of `CONNECTIONS` kept-alive connections takes the next due request when it
 /// is free, and a request's latency counts from its due time (so time spent waiting for a free
-/// connection behind a stall counts too). Raw HTTP/1.1 on its own thread, to cost the machine
-/// as little as wrk does.
+/// connection behind a stall counts too). Raw HTTP/1.1 on a thread of its own, to cost the
+/// machine as little as wrk does; the load's `generator_cpu` is that thread's CPU.
 fn open_loop(
+    port: u16,
+    body: &Template,
+    base: u64,
+    grants: u64,
+    rate: f64,
+    secs: u64,
+) -> Result<Load, Error> {
+    std::thread::scope(|s| {
+        s.spawn(|| {
+            let t0 = thread_cpu()?;
+            let mut load = open_loop_here(port, body, base, grants, rate, secs)?;
+            load.generator_cpu = thread_cpu()? - t0;
+            Ok(load)
+        })
+        .join()
+        .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
+    })
+}
+
+fn open_loop_here(
     port: u16,
     body: &Template,
     base: u64,
@@ -564,10 +594,11 @@ fn open_loop(
 }
 
 /// The open loop's control for the machine: an HTTP server in this process (two tokio workers,
-/// like the service on two cores) whose every answer burns `spin` of CPU, the service's and
-/// redis-server's CPU per sponsorship together, then answers a body of a sponsorship's size.
-/// What latency it shows at the same rate is what this machine gives any server that costs as
-/// much, whatever its code. Stops when dropped.
+/// like the service on two cores) that spins for `spin` before every answer (the service's and
+/// redis-server's CPU per sponsorship together; wall-clock time, so a worker preempted
+/// meanwhile burns less), then answers a body of a sponsorship's size. Its latency at the
+/// same rate is what this machine gives a server that costs about as much, whatever its code.
+/// Stops when dropped.
 struct Burner {
     port: u16,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
@@ -584,18 +615,16 @@ impl Burner {
             r#"{{"jsonrpc":"2.0","id":1,"result":{{"paymasterAndData":"0x{}"}}}}"#,
             "ab".repeat(250)
         );
+        let runtime = tokio::runtime::Builder::new_multi_thread()
+            .worker_threads(2)
+            .enable_all()
+            .build()?;
+        let listener = {
+            let _in = runtime.enter();
+            tokio::net::TcpListener::from_std(listener)?
+        };
         let thread = std::thread::spawn(move || {
-            let Ok(runtime) = tokio::runtime::Builder::new_multi_thread()
-                .worker_threads(2)
-                .enable_all()
-                .build()
-            else {
-                return;
-            };
             runtime.block_on(async move {
-                let Ok(listener) = tokio::net::TcpListener::from_std(listener) else {
-                    return;
-                };
                 let app = axum::Router::new().route(
                     "/",
                     axum::routing::post(move |_body: axum::body::Bytes| {
@@ -609,11 +638,14 @@ impl Burner {
                         }
                     }),
                 );
-                let _ = axum::serve(listener, app)
+                let served = axum::serve(listener, app)
                     .with_graceful_shutdown(async {
                         let _ = stopped.await;
                     })
                     .await;
+                if let Err(e) = served {
+                    eprintln!("the control server stopped: {e}");
+                }
             });
         });
         Ok(Self {
@@ -657,21 +689,28 @@ fn measured(
     redis: Option<&Redis>,
     load: impl FnOnce() -> Result<Load, Error>,
 ) -> Result<Load, Error> {
-    let f0 = k256_floor()?;
-    let svc0 = service.proc.cpu()?;
-    let own0 = cpu_of("self")?;
-    let (r0, m0) = match redis {
-        Some(r) => (r.cpu()?, r.used_memory()?),
-        None => (Duration::ZERO, 0),
-    };
+    bracketed(|| {
+        let svc0 = service.proc.cpu()?;
+        let (r0, m0) = match redis {
+            Some(r) => (r.cpu()?, r.used_memory()?),
+            None => (Duration::ZERO, 0),
+        };
+        let mut load = load()?;
+        load.service_cpu = service.proc.cpu()? - svc0;
+        if let Some(r) = redis {
+            load.redis_cpu = r.cpu()? - r0;
+            load.redis_bytes = r.used_memory()? - m0;
+        }
+        Ok(load)
+    })
+}
+
+/// Run `load` between two measurements of F: its ratios are to their mean (measured outside
+/// the CPU the load reads).
+fn bracketed(load: impl FnOnce() -> Result<Load, Error>) -> Result<Load, Error> {
+    let before = k256_floor()?;
     let mut load = load()?;
-    load.service_cpu = service.proc.cpu()? - svc0;
-    load.generator_cpu = cpu_of("self")? - own0;
-    if let Some(r) = redis {
-        load.redis_cpu = r.cpu()? - r0;
-        load.redis_bytes = r.used_memory()? - m0;
-    }
-    load.floor = (f0 + k256_floor()?) / 2;
+    load.floor = (before + k256_floor()?) / 2;
     Ok(load)
 }
 
@@ -815,11 +854,7 @@ async fn main() -> Result<(), Error> {
     }
     if let (true, Some(rate)) = (want("open"), rate) {
         let half = measured(&service, Some(&redis), || {
-            std::thread::scope(|s| {
-                s.spawn(|| open_loop(service.port, &template, base, 0, rate, secs))
-                    .join()
-                    .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
-            })
+            open_loop(service.port, &template, base, 0, rate, secs)
         })?;
         base += half.requests + 1;
         rows.push((
@@ -830,34 +865,27 @@ async fn main() -> Result<(), Error> {
         // The same open loop of eth_chainId: the latency of any request at this rate on this
         // machine (waking idle threads and cores), which a sponsorship's latency includes.
         let control = measured(&service, Some(&redis), || {
-            std::thread::scope(|s| {
-                s.spawn(|| open_loop(service.port, &chain_id, 0, 0, rate, secs))
-                    .join()
-                    .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
-            })
+            open_loop(service.port, &chain_id, 0, 0, rate, secs)
         })?;
         rows.push((
             format!("  eth_chainId, open loop at {rate:.0}/s"),
             "eth_chainId_open_loop",
             control.clone(),
         ));
-        // The same open loop against a server that only burns the CPU one sponsorship costs.
+        // The same open loop against a server that only spins for the CPU one sponsorship costs.
         let spin = half.per_request(half.service_cpu + half.redis_cpu);
         let burner = Burner::start(spin)?;
-        let f0 = k256_floor()?;
-        let t0 = cpu_of("self")?;
-        let mut burned = std::thread::scope(|s| {
-            s.spawn(|| open_loop(burner.port, &template, base, 0, rate, secs))
-                .join()
-                .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
+        let burned = bracketed(|| {
+            let t0 = cpu_of("self")?;
+            let mut l = open_loop(burner.port, &template, base, 0, rate, secs)?;
+            // The server shares this process with the generator: the process less its thread.
+            l.service_cpu = (cpu_of("self")? - t0).saturating_sub(l.generator_cpu);
+            Ok(l)
         })?;
-        // Generator and server share this process: their CPU together, in the service column.
-        burned.service_cpu = cpu_of("self")? - t0;
-        burned.floor = (f0 + k256_floor()?) / 2;
         drop(burner);
         rows.push((
             format!(
-                "  a server burning {:.0}us a request, same loop",
+                "  a server spinning {:.0}us a request, same loop",
                 spin.as_secs_f64() * 1e6
             ),
             "burner_open_loop",
@@ -866,11 +894,7 @@ async fn main() -> Result<(), Error> {
         // The same loop against the embedded default: the service without Redis.
         let embedded = Service::start(&policies, None)?;
         let alone = measured(&embedded, None, || {
-            std::thread::scope(|s| {
-                s.spawn(|| open_loop(embedded.port, &template, 0, 0, rate, secs))
-                    .join()
-                    .unwrap_or_else(|_| Err("the open-loop thread panicked".into()))
-            })
+            open_loop(embedded.port, &template, 0, 0, rate, secs)
         })?;
         drop(embedded);
         rows.push((

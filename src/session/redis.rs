@@ -188,8 +188,8 @@ fn collect_text(v: &redis::Value, out: &mut Vec<String>) {
 }
 
 /// `TCP_NODELAY` (redis-rs leaves it off): calls are pipelined on one connection, and with
-/// Nagle's algorithm a call written while an earlier one is unacknowledged would wait for the
-/// server's delayed ACK (40 ms on Linux) on a network, if not on loopback.
+/// Nagle's algorithm a call written while an earlier one is unacknowledged can wait for that
+/// ACK: the reply, or the server's delayed ACK (40 ms or more on Linux).
 fn tcp_settings() -> redis::io::tcp::TcpSettings {
     redis::io::tcp::TcpSettings::default().set_nodelay(true)
 }
