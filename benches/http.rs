@@ -619,9 +619,17 @@ impl Burner {
             .worker_threads(2)
             .enable_all()
             .build()?;
-        let listener = {
+        let registered = {
             let _in = runtime.enter();
-            tokio::net::TcpListener::from_std(listener)?
+            tokio::net::TcpListener::from_std(listener)
+        };
+        let listener = match registered {
+            Ok(l) => l,
+            Err(e) => {
+                // Dropped here, inside the bench's own runtime, it would panic.
+                runtime.shutdown_background();
+                return Err(e.into());
+            }
         };
         let thread = std::thread::spawn(move || {
             runtime.block_on(async move {

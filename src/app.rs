@@ -457,11 +457,13 @@ pub async fn run(
 /// with `no_thp`, no longer asks for them; under `always` they come anyway, and a huge-page
 /// fault stalls every request behind it (docs/performance.md).
 pub fn heap_gets_huge_pages(thp_enabled: &str, allow_thp: Option<&str>) -> bool {
-    // mimalloc reads an option's value case-insensitively: 0, false, no and off turn it off.
+    // As mimalloc reads an option: 0, false, no or off in any case, or a number that is 0,
+    // turn it off; anything else (spaces around a word included) leaves it on.
     let off = allow_thp.is_some_and(|v| {
         ["0", "false", "no", "off"]
             .iter()
-            .any(|o| v.trim().eq_ignore_ascii_case(o))
+            .any(|o| v.eq_ignore_ascii_case(o))
+            || v.trim_start().parse::<i64>() == Ok(0)
     });
     thp_enabled.contains("[always]") && !off
 }
@@ -520,9 +522,11 @@ mod tests {
         assert!(heap_gets_huge_pages(always, None));
         assert!(heap_gets_huge_pages(always, Some("1")));
         assert!(heap_gets_huge_pages(always, Some("")));
-        for off in ["0", "false", "OFF", " no "] {
+        for off in ["0", "false", "OFF", "No", "00", " 0"] {
             assert!(!heap_gets_huge_pages(always, Some(off)), "{off}");
         }
+        // mimalloc does not trim a word: " no " is an invalid value, and THP stays on.
+        assert!(heap_gets_huge_pages(always, Some(" no ")));
         assert!(!heap_gets_huge_pages(madvise, None));
         assert!(!heap_gets_huge_pages("always madvise [never]", None));
         // No THP support in the kernel: the file is missing, read as empty.
