@@ -56,6 +56,15 @@ fn op() -> Value {
     })
 }
 
+/// An operation without `callGasLimit`: sponsoring it asks the bundler to estimate.
+fn unestimated_op() -> Value {
+    let mut op = op();
+    if let Some(o) = op.as_object_mut() {
+        o.remove("callGasLimit");
+    }
+    op
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -626,10 +635,7 @@ async fn internal_errors_answer_a_request_id_only() -> TestResult {
     let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
     c.bundler_url = Some(bundler_url);
     let app = TestApp::spawn(c).await?;
-    let mut unestimated = op();
-    unestimated
-        .as_object_mut()
-        .map(|o| o.remove("callGasLimit"));
+    let unestimated = unestimated_op();
     let err = app
         .error("pm_sponsorUserOperation", json!([unestimated, ep07()]))
         .await?;
@@ -655,10 +661,7 @@ async fn an_unreachable_bundlers_url_and_key_stay_ours() -> TestResult {
         "http://127.0.0.1:{closed}/rpc?apikey=bundler-secret-key"
     ));
     let app = TestApp::spawn(c).await?;
-    let mut unestimated = op();
-    unestimated
-        .as_object_mut()
-        .map(|o| o.remove("callGasLimit"));
+    let unestimated = unestimated_op();
     let err = app
         .error("pm_sponsorUserOperation", json!([unestimated, ep07()]))
         .await?;
@@ -693,10 +696,7 @@ async fn a_silent_bundler_times_out() -> TestResult {
     c.bundler_url = Some(bundler_url);
     c.bundler_timeout = std::time::Duration::from_millis(300);
     let app = TestApp::spawn(c).await?;
-    let mut unestimated = op();
-    unestimated
-        .as_object_mut()
-        .map(|o| o.remove("callGasLimit"));
+    let unestimated = unestimated_op();
     let started = std::time::Instant::now();
     let err = app
         .error("pm_sponsorUserOperation", json!([unestimated, ep07()]))
