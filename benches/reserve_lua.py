@@ -1,0 +1,139 @@
+#!/usr/bin/env python3
+"""Where redis-server's time per sponsorship goes: reserve.lua inside a bare redis-server.
+
+Starts redis-server on a free port, loads lib.lua + reserve.lua as the service does, sends N
+distinct new operations (a new sender each, one shared policy counter: the bench's sponsor
+load) pipelined 100 at a time, and prints redis-server's microseconds per EVALSHA and per
+nested command (INFO commandstats), then the same for an empty script given the same
+arguments. docs/performance.md ("Redis CPU") quotes it.
+
+    python3 benches/reserve_lua.py [N=50000]
+"""
+import os, socket, struct, subprocess, sys, tempfile, time
+
+N = int(sys.argv[1]) if len(sys.argv) > 1 else 50000
+LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
+
+
+def free_port():
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        return s.getsockname()[1]
+
+
+class Redis:
+    def __init__(self, port):
+        for _ in range(100):
+            try:
+                self.sock = socket.create_connection(('127.0.0.1', port))
+                break
+            except OSError:
+                time.sleep(0.05)
+        self.f = self.sock.makefile('rb')
+
+    @staticmethod
+    def enc(*args):
+        out = [b'*%d\r\n' % len(args)]
+        for a in args:
+            a = a if isinstance(a, bytes) else str(a).encode()
+            out.append(b'$%d\r\n%s\r\n' % (len(a), a))
+        return b''.join(out)
+
+    def read(self):
+        line = self.f.readline()
+        kind, rest = line[:1], line[1:-2]
+        if kind == b'-':
+            raise RuntimeError(rest.decode())
+        if kind in b'+:':
+            return rest
+        if kind == b'$':
+            return None if int(rest) < 0 else self.f.read(int(rest) + 2)[:-2]
+        return [self.read() for _ in range(int(rest))]
+
+    def call(self, *args):
+        self.sock.sendall(self.enc(*args))
+        return self.read()
+
+    def pipelined(self, commands):
+        """Sends the commands 100 at a time; returns how many did not answer {0} (reserved)."""
+        refused = 0
+        for i in range(0, len(commands), 100):
+            batch = commands[i:i + 100]
+            self.sock.sendall(b''.join(self.enc(*c) for c in batch))
+            for _ in batch:
+                refused += self.read() != [b'0']
+        return refused
+
+
+def short(b):
+    return bytes([len(b)]) + b
+
+
+def operations(sha, n):
+    """The arguments ledger::redis::reserve sends for a new operation of a new sender."""
+    now = int(time.time())
+    valid_until, valid_after = now + 600, now - 60
+    sig = bytes(range(65))
+    out = []
+    for i in range(n):
+        op_id = struct.pack('>Q', i) + b'\x01' * 12
+        landing = struct.pack('>Q', i) + b'\x02' * 12
+        nonce = b'sp:{bench}:n:' + landing
+        sender = b'\x01' + struct.pack('>Q', i + 1).rjust(20, b'\x00')  # pack_name of 0x<40 hex>
+        scopes = [(b'sender:0x%040x:20789' % (i + 1), b'sender:' + sender + b':20789'),
+                  (b'policy:692', b'policy:692')]
+        record = (b'\x00' + struct.pack('>Q', 780000) + struct.pack('>Q', valid_until)[2:]
+                  + struct.pack('>I', valid_until - valid_after) + sig + b'\x01' + op_id[:8]
+                  + bytes([len(scopes)]) + b''.join(short(packed) for _, packed in scopes) + b'\x00')
+        bucket = valid_until // 10
+        keys = [nonce, b'sp:{bench}:x', b'sp:{bench}:x:%d' % bucket, nonce]
+        keys += [b'sp:{bench}:budget:' + name for name, _ in scopes]
+        args = [op_id, 0, 780000, 4200, valid_until, valid_after, sig, now + 30, op_id[:8], 0,
+                86400, 4, landing, bucket, 4209, (now - 3600) // 10, now - 3600, 16, record, 0]
+        for name, _ in scopes:
+            args += [10**15, 10**6, 62399, name]
+        out.append(['EVALSHA', sha, len(keys)] + keys + args)
+    return out
+
+
+def commandstats(r):
+    stats = {}
+    for line in r.call('INFO', 'commandstats').decode().split('\r\n'):
+        if line.startswith('cmdstat_'):
+            name, fields = line[8:].split(':', 1)
+            f = dict(kv.split('=') for kv in fields.split(','))
+            stats[name] = (int(f['calls']), float(f['usec_per_call']))
+    return stats
+
+
+def main():
+    port = free_port()
+    with tempfile.TemporaryDirectory() as d:
+        server = subprocess.Popen(['redis-server', '--port', str(port), '--save', '',
+                                   '--appendonly', 'no', '--dir', d],
+                                  stdout=subprocess.DEVNULL)
+        try:
+            r = Redis(port)
+            script = open(os.path.join(LUA, 'lib.lua'), 'rb').read() + \
+                open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
+            for label, body in (('reserve.lua', script), ('an empty script, same arguments', b'return {0}'),
+                                ('lib.lua alone, same arguments',
+                                 open(os.path.join(LUA, 'lib.lua'), 'rb').read() + b'return {0}')):
+                r.call('FLUSHALL')
+                r.call('CONFIG', 'RESETSTAT')
+                sha = r.call('SCRIPT', 'LOAD', body)
+                refused = r.pipelined(operations(sha, N))
+                if refused:
+                    sys.exit('%s: %d operations not reserved' % (label, refused))
+                stats = commandstats(r)
+                print('%-34s %6.2f us per EVALSHA (%d calls)' % (label, stats['evalsha'][1], stats['evalsha'][0]))
+                for name, (calls, us) in sorted(stats.items()):
+                    if name not in ('evalsha', 'config|resetstat', 'script|load', 'flushall', 'info'):
+                        print('    %-18s %6.2f us x %.2f per operation' % (name, us, calls / N))
+        finally:
+            server.terminate()
+            server.wait()
+
+
+if __name__ == '__main__':
+    main()
