@@ -13,6 +13,7 @@ import "../test/TestBase.sol";
  *   ENTRY_POINT=0x0000000071727De22E5E9d8BAf0edAc6f37da032 PAYMASTER_OWNER=0x… PAYMASTER_SIGNER=0x… \
  *   [PAYMASTER_DEPOSIT_WEI=…] forge script script/Deploy.s.sol --rpc-url $RPC --broadcast --ledger
  *   FOUNDRY_PROFILE=v08 ENTRY_POINT=0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108 … (for v0.8)
+ *   FOUNDRY_PROFILE=v09 ENTRY_POINT=<the chain's v0.9 EntryPoint> … (for v0.9; docs/operations.md)
  *
  * Then stake it (`addStake`, owner only): validation reads the signer set, which ERC-7562
  * allows only for staked paymasters (docs/operations.md).

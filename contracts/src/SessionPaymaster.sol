@@ -12,8 +12,8 @@ import "entrypoint/core/UserOperationLib.sol";
  * @notice Verifying paymaster for session-paymaster: pays for a user operation when one of its
  *         signers (the off-chain service) signed it for a validity window.
  *
- * The same source builds against EntryPoint v0.7 and v0.8: `entrypoint/` and `paymaster-base/`
- * are remapped per Foundry profile (see foundry.toml).
+ * The same source builds against EntryPoint v0.7, v0.8 and v0.9: `entrypoint/` and
+ * `paymaster-base/` are remapped per Foundry profile (see foundry.toml).
  *
  * paymasterAndData layout (129 bytes, DESIGN §3):
  *   [0:20]   paymaster address
@@ -22,6 +22,14 @@ import "entrypoint/core/UserOperationLib.sol";
  *   [52:58]  validUntil (uint48)
  *   [58:64]  validAfter (uint48)
  *   [64:129] signature (r, s, v) over toEthSignedMessageHash(getHash(op, validUntil, validAfter))
+ * On v0.9 the signature may instead come in the paymaster-signature suffix, outside the
+ * userOpHash, so that the account can sign first (139 bytes):
+ *   [0:64]    as above
+ *   [64:129]  signature
+ *   [129:131] uint16 65
+ *   [131:139] PAYMASTER_SIG_MAGIC
+ * getHash covers neither the signature nor the window bytes (the window is its argument), so
+ * both layouts sign the same hash.
  *
  * ERC-7562: validation reads `isSigner`, a storage slot of this contract that is not associated
  * with the sender. Bundlers accept that only from a staked paymaster, so production deployments
@@ -39,6 +47,9 @@ contract SessionPaymaster is TwoStepBasePaymaster {
     uint256 private constant SIGNATURE_LENGTH = 65;
     /// @notice Exact length of a well-formed paymasterAndData for this paymaster.
     uint256 public constant PAYMASTER_AND_DATA_LENGTH = SIGNATURE_OFFSET + SIGNATURE_LENGTH; // 129
+    /// @notice Exact length with the signature in v0.9's paymaster-signature suffix
+    ///         (signature, uint16 length, 8-byte magic).
+    uint256 public constant PAYMASTER_AND_DATA_WITH_SUFFIX_LENGTH = PAYMASTER_AND_DATA_LENGTH + 2 + 8; // 139
 
     /// @notice Addresses whose signatures this paymaster honours (what validation reads).
     mapping(address => bool) public isSigner;
@@ -142,18 +153,27 @@ contract SessionPaymaster is TwoStepBasePaymaster {
         );
     }
 
-    /// @notice Split paymasterAndData into its validity window and signature; reverts on a bad length.
+    /// @notice Split paymasterAndData into its validity window and signature (inline, or on
+    ///         v0.9 in the paymaster-signature suffix); reverts on any other length.
     function parsePaymasterAndData(bytes calldata paymasterAndData)
         public
         pure
         returns (uint48 validUntil, uint48 validAfter, bytes calldata signature)
     {
-        if (paymasterAndData.length != PAYMASTER_AND_DATA_LENGTH) {
-            revert InvalidPaymasterDataLength(paymasterAndData.length);
+        (bytes calldata signedPart, bytes calldata suffixSignature) = _splitPaymasterSignature(paymasterAndData);
+        if (suffixSignature.length == 0) {
+            if (paymasterAndData.length != PAYMASTER_AND_DATA_LENGTH) {
+                revert InvalidPaymasterDataLength(paymasterAndData.length);
+            }
+            signature = paymasterAndData[SIGNATURE_OFFSET:];
+        } else {
+            if (signedPart.length != SIGNATURE_OFFSET || suffixSignature.length != SIGNATURE_LENGTH) {
+                revert InvalidPaymasterDataLength(paymasterAndData.length);
+            }
+            signature = suffixSignature;
         }
         validUntil = uint48(bytes6(paymasterAndData[VALID_UNTIL_OFFSET:VALID_AFTER_OFFSET]));
         validAfter = uint48(bytes6(paymasterAndData[VALID_AFTER_OFFSET:SIGNATURE_OFFSET]));
-        signature = paymasterAndData[SIGNATURE_OFFSET:];
     }
 
     /**

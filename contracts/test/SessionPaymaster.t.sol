@@ -18,7 +18,8 @@ interface ISimpleAccount {
 }
 
 /// Runs against the real EntryPoint (deployed from the official npm artifacts) of the version the
-/// Foundry profile selects: `forge test` for v0.7, `FOUNDRY_PROFILE=v08 forge test` for v0.8.
+/// Foundry profile selects: `forge test` for v0.7, `FOUNDRY_PROFILE=v08 forge test` for v0.8,
+/// `FOUNDRY_PROFILE=v09 forge test` for v0.9.
 contract SessionPaymasterTest is TestBase {
     /// Mirrors `PAYMASTER_VERIFICATION_GAS` in src/userop/paymaster_data.rs.
     uint128 internal constant PM_VERIFICATION_GAS = 40_000;
@@ -92,10 +93,10 @@ contract SessionPaymasterTest is TestBase {
     }
 
     /// What the account owner does. v0.7 SimpleAccount checks an EIP-191 signature of the
-    /// userOpHash; v0.8 SimpleAccount the raw (EIP-712) userOpHash.
+    /// userOpHash; v0.8 and v0.9 SimpleAccount the raw (EIP-712) userOpHash.
     function _signAccount(PackedUserOperation memory op) internal view {
         bytes32 h = ep.getUserOpHash(op);
-        if (!isV08()) h = MessageHashUtils.toEthSignedMessageHash(h);
+        if (entryPointVersion() == 7) h = MessageHashUtils.toEthSignedMessageHash(h);
         (uint8 v, bytes32 r, bytes32 s) = vm.sign(ACCOUNT_OWNER_KEY, h);
         op.signature = abi.encodePacked(r, s, v);
     }
@@ -303,7 +304,15 @@ contract SessionPaymasterTest is TestBase {
     function test_onlyEntryPointValidates() public {
         PackedUserOperation memory op = _op();
         _sponsor(op);
-        vm.expectRevert(bytes("Sender not EntryPoint"));
+        if (entryPointVersion() < 9) {
+            vm.expectRevert(bytes("Sender not EntryPoint"));
+        } else {
+            vm.expectRevert(
+                abi.encodeWithSignature(
+                    "NotFromEntryPoint(address,address,address)", address(this), address(pm), address(ep)
+                )
+            );
+        }
         pm.validatePaymasterUserOp(op, bytes32(0), 1 ether);
     }
 
@@ -325,6 +334,79 @@ contract SessionPaymasterTest is TestBase {
             vm.expectRevert(abi.encodeWithSelector(IEntryPoint.FailedOpWithRevert.selector, 0, "AA33 reverted", err));
             _handle(op);
         }
+    }
+
+    // ---------------------------------------------------------------- v0.9 paymaster-signature suffix
+
+    /// `signedPart ‖ signature ‖ uint16(len) ‖ PAYMASTER_SIG_MAGIC` (UserOperationLib).
+    function _withSuffix(bytes memory signedPart, bytes memory signature) internal pure returns (bytes memory) {
+        return abi.encodePacked(signedPart, signature, uint16(signature.length), bytes8(0x22e325a297439656));
+    }
+
+    /// v0.9: the account signs first (the userOpHash leaves the suffix out), the paymaster's
+    /// signature is appended after, and the op pays and executes.
+    function test_v09_signatureInSuffix_accountSignsFirst() public {
+        if (entryPointVersion() < 9) return;
+        PackedUserOperation memory op = _op();
+        uint48 until = uint48(block.timestamp + 600);
+        uint48 afterTs = uint48(block.timestamp - 60);
+        bytes memory signedPart = abi.encodePacked(address(pm), PM_VERIFICATION_GAS, uint128(0), until, afterTs);
+        op.paymasterAndData = _withSuffix(signedPart, new bytes(65));
+        _signAccount(op);
+        bytes32 userOpHash = ep.getUserOpHash(op);
+
+        bytes32 digest = MessageHashUtils.toEthSignedMessageHash(pm.getHash(op, until, afterTs));
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(SIGNER_KEY, digest);
+        op.paymasterAndData = _withSuffix(signedPart, abi.encodePacked(r, s, v));
+        vm.assertEq(op.paymasterAndData.length, pm.PAYMASTER_AND_DATA_WITH_SUFFIX_LENGTH(), "139 bytes");
+        vm.assertEq(ep.getUserOpHash(op), userOpHash, "the paymaster signature is outside the userOpHash");
+
+        vm.prank(address(ep));
+        (, uint256 data) = pm.validatePaymasterUserOp(op, userOpHash, 1 ether);
+        vm.assertEq(data, _validationData(false, until, afterTs), "valid, window kept");
+        _handle(op);
+        vm.assertEq(counter.count(op.sender), 1, "call executed");
+    }
+
+    /// v0.9: a wrong signature in the suffix fails like an inline one (AA34, no revert).
+    function test_v09_wrongSignatureInSuffix_AA34() public {
+        if (entryPointVersion() < 9) return;
+        PackedUserOperation memory op = _op();
+        uint48 until = uint48(block.timestamp + 600);
+        uint48 afterTs = uint48(block.timestamp - 60);
+        bytes memory signedPart = abi.encodePacked(address(pm), PM_VERIFICATION_GAS, uint128(0), until, afterTs);
+        op.paymasterAndData = _withSuffix(signedPart, new bytes(65));
+        _signAccount(op);
+        bytes32 digest = MessageHashUtils.toEthSignedMessageHash(pm.getHash(op, until, afterTs));
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(OTHER_KEY, digest);
+        op.paymasterAndData = _withSuffix(signedPart, abi.encodePacked(r, s, v));
+        _expectFailedOp("AA34 signature error");
+        _handle(op);
+    }
+
+    /// A suffix whose parts are not (64-byte signed part, 65-byte signature) is malformed; and
+    /// before v0.9 no suffix is read at all, so the 139-byte form is just a wrong length.
+    function test_suffixLayouts_refusedUnlessExact() public {
+        PackedUserOperation memory op = _op();
+        bytes memory head = abi.encodePacked(address(pm), PM_VERIFICATION_GAS, uint128(0), uint48(1), uint48(0));
+        bytes[4] memory bad = [
+            _withSuffix(head, new bytes(64)),
+            _withSuffix(abi.encodePacked(head, bytes1(0)), new bytes(65)),
+            _withSuffix(_slice(head, 0, 63), new bytes(65)),
+            _withSuffix(abi.encodePacked(head, new bytes(65)), new bytes(65))
+        ];
+        for (uint256 i = 0; i < bad.length; i++) {
+            vm.expectRevert(abi.encodeWithSelector(SessionPaymaster.InvalidPaymasterDataLength.selector, bad[i].length));
+            pm.parsePaymasterAndData(bad[i]);
+        }
+        op.paymasterAndData = _withSuffix(head, new bytes(65));
+        if (entryPointVersion() < 9) {
+            vm.expectRevert(abi.encodeWithSelector(SessionPaymaster.InvalidPaymasterDataLength.selector, 139));
+            pm.parsePaymasterAndData(op.paymasterAndData);
+            return;
+        }
+        (uint48 until, uint48 afterTs,) = pm.parsePaymasterAndData(op.paymasterAndData);
+        vm.assertEq(uint256(until) * 1000 + afterTs, 1000, "window read from the signed part");
     }
 
     // ---------------------------------------------------------------- signer set

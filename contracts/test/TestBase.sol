@@ -40,15 +40,19 @@ interface Vm {
 abstract contract TestBase {
     Vm internal constant vm = Vm(address(uint160(uint256(keccak256("hevm cheat code")))));
 
-    /// @dev The EntryPoint version this run builds against: the v08 Foundry profile remaps
-    ///      `entrypoint/` to the 0.8.0 contracts package, the default profile to 0.7.0.
-    function isV08() internal view returns (bool) {
-        return keccak256(bytes(vm.envOr("FOUNDRY_PROFILE", string("default")))) == keccak256("v08");
+    /// @dev The EntryPoint minor version this run builds against (7, 8 or 9): the `v08` and `v09`
+    ///      Foundry profiles remap `entrypoint/` to the 0.8.0 and 0.9.0-rc.1 contracts packages,
+    ///      the default profile to 0.7.0.
+    function entryPointVersion() internal view returns (uint256) {
+        bytes32 profile = keccak256(bytes(vm.envOr("FOUNDRY_PROFILE", string("default"))));
+        if (profile == keccak256("v08")) return 8;
+        if (profile == keccak256("v09")) return 9;
+        return 7;
     }
 
     function artifact(string memory name) internal view returns (bytes memory) {
-        string memory dir = isV08() ? "node_modules/aa08/artifacts/" : "node_modules/aa07/artifacts/";
-        return vm.getCode(string.concat(dir, name, ".json"));
+        string memory package = ["aa07", "aa08", "aa09"][entryPointVersion() - 7];
+        return vm.getCode(string.concat("node_modules/", package, "/artifacts/", name, ".json"));
     }
 
     function deploy(bytes memory initCode) internal returns (address deployed) {

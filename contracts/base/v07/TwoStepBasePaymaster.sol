@@ -17,4 +17,14 @@ abstract contract TwoStepBasePaymaster is BasePaymaster, Ownable2Step {
     function _transferOwnership(address newOwner) internal virtual override(Ownable, Ownable2Step) {
         Ownable2Step._transferOwnership(newOwner);
     }
+
+    /// @dev EntryPoints before v0.9 hash all of paymasterAndData into the userOpHash: there is no
+    ///      paymaster-signature suffix (`base/v09`), the whole of it is the signed part.
+    function _splitPaymasterSignature(bytes calldata paymasterAndData)
+        internal
+        pure
+        returns (bytes calldata signedPart, bytes calldata paymasterSignature)
+    {
+        return (paymasterAndData, paymasterAndData[0:0]);
+    }
 }

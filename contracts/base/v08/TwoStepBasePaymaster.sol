@@ -6,4 +6,14 @@ import "entrypoint/core/BasePaymaster.sol";
 /// @dev EntryPoint v0.8's BasePaymaster is Ownable2Step already (see `base/v07`).
 abstract contract TwoStepBasePaymaster is BasePaymaster {
     constructor(IEntryPoint _entryPoint) BasePaymaster(_entryPoint) {}
+
+    /// @dev EntryPoints before v0.9 hash all of paymasterAndData into the userOpHash: there is no
+    ///      paymaster-signature suffix (`base/v09`), the whole of it is the signed part.
+    function _splitPaymasterSignature(bytes calldata paymasterAndData)
+        internal
+        pure
+        returns (bytes calldata signedPart, bytes calldata paymasterSignature)
+    {
+        return (paymasterAndData, paymasterAndData[0:0]);
+    }
 }
