@@ -86,6 +86,7 @@ pub enum StartupError {
 impl AppState {
     /// Load the signer and the policies named by `config`, and connect the session store.
     pub async fn build(config: &Config) -> Result<Self, StartupError> {
+        config.check_entry_points().map_err(StartupError::Config)?;
         let signer = Signer::load(config.signer.clone())?;
         let sources = read_dir_sources(&config.policies_dir).map_err(StartupError::Policies)?;
         let policies =

@@ -44,6 +44,11 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_ENTRY_POINT_V08", default_value_t = EntryPointVersion::V0_8.canonical_address())]
     pub entry_point_v08: Address,
 
+    /// EntryPoint v0.9 address (the canonical v0.9.0 one by default; a chain may run another
+    /// build, e.g. 0.9.0-rc.1 on a local stack: docs/operations.md).
+    #[arg(long, env = "SP_ENTRY_POINT_V09", default_value_t = EntryPointVersion::V0_9.canonical_address())]
+    pub entry_point_v09: Address,
+
     /// SessionPaymaster deployed for the v0.7 EntryPoint (without it, v0.7 requests are refused).
     #[arg(long, env = "SP_PAYMASTER_V07")]
     pub paymaster_v07: Option<Address>,
@@ -51,6 +56,10 @@ pub struct ServeArgs {
     /// SessionPaymaster deployed for the v0.8 EntryPoint (without it, v0.8 requests are refused).
     #[arg(long, env = "SP_PAYMASTER_V08")]
     pub paymaster_v08: Option<Address>,
+
+    /// SessionPaymaster deployed for the v0.9 EntryPoint (without it, v0.9 requests are refused).
+    #[arg(long, env = "SP_PAYMASTER_V09")]
+    pub paymaster_v09: Option<Address>,
 
     /// File holding the signer's private key as hex (see `keygen`).
     #[arg(long, env = "SP_SIGNER_KEY_FILE", conflicts_with = "signer_key_env")]
@@ -217,6 +226,31 @@ pub struct Config {
     pub admin_on_main: bool,
 }
 
+impl Config {
+    /// Each EntryPoint and each paymaster serves one version: requests name the EntryPoint by
+    /// address, so two versions at one address would sign with the other version's rules.
+    pub fn check_entry_points(&self) -> Result<(), String> {
+        for (i, a) in self.entry_points.iter().enumerate() {
+            for b in &self.entry_points[i + 1..] {
+                if a.address == b.address {
+                    return Err(format!(
+                        "EntryPoint v{} and v{} are both configured at {}",
+                        a.version, b.version, a.address
+                    ));
+                }
+                if a.paymaster.is_some() && a.paymaster == b.paymaster {
+                    return Err(format!(
+                        "the paymaster for EntryPoint v{} and v{} is the same contract; each \
+                         SessionPaymaster serves one EntryPoint",
+                        a.version, b.version
+                    ));
+                }
+            }
+        }
+        Ok(())
+    }
+}
+
 impl From<&ServeArgs> for Config {
     fn from(args: &ServeArgs) -> Self {
         let signer = match (&args.signer_key_file, &args.signer_key_env) {
@@ -236,6 +270,11 @@ impl From<&ServeArgs> for Config {
                     version: EntryPointVersion::V0_8,
                     address: args.entry_point_v08,
                     paymaster: args.paymaster_v08,
+                },
+                EntryPointConfig {
+                    version: EntryPointVersion::V0_9,
+                    address: args.entry_point_v09,
+                    paymaster: args.paymaster_v09,
                 },
             ],
             signer,
@@ -374,11 +413,15 @@ impl ServeArgs {
         );
         put("entry_point_v07", s(self.entry_point_v07.to_string()));
         put("entry_point_v08", s(self.entry_point_v08.to_string()));
-        if let Some(p) = self.paymaster_v07 {
-            put("paymaster_v07", s(p.to_string()));
-        }
-        if let Some(p) = self.paymaster_v08 {
-            put("paymaster_v08", s(p.to_string()));
+        put("entry_point_v09", s(self.entry_point_v09.to_string()));
+        for (key, paymaster) in [
+            ("paymaster_v07", self.paymaster_v07),
+            ("paymaster_v08", self.paymaster_v08),
+            ("paymaster_v09", self.paymaster_v09),
+        ] {
+            if let Some(p) = paymaster {
+                put(key, s(p.to_string()));
+            }
         }
         if let Some(p) = &self.signer_key_file {
             put("signer_key_file", s(p.display().to_string()));

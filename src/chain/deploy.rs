@@ -27,16 +27,9 @@ pub const CREATE2_DEPLOYER: Address = address!("0x4e59b44847b379578588920cA78FbF
 pub const CREATE2_DEPLOYER_CODE_HASH: B256 =
     b256!("0x2fa86add0aed31f33a762c9d88e807c475bd51d0f52bd0955754b2608f7e4989");
 
-/// Salt of the canonical EntryPoint deployments (DESIGN §7).
+/// Salt with which the EntryPoint artifact of `version` is deployed (DESIGN §7).
 pub const fn entry_point_salt(version: EntryPointVersion) -> B256 {
-    match version {
-        EntryPointVersion::V0_7 => {
-            b256!("0x90d8084deab30c2a37c45e8d47f49f2f7965183cb6990a98943ef94940681de3")
-        }
-        EntryPointVersion::V0_8 => {
-            b256!("0x0a59dbff790c23c976a548690c27297883cc66b4c67024f9117b0238995e35e9")
-        }
-    }
+    version.spec().entry_point_salt
 }
 
 /// What can go wrong deploying.
@@ -102,13 +95,10 @@ impl Artifacts {
     }
 
     fn package(version: EntryPointVersion) -> &'static str {
-        match version {
-            EntryPointVersion::V0_7 => "aa07",
-            EntryPointVersion::V0_8 => "aa08",
-        }
+        version.spec().package
     }
 
-    /// Creation bytecode of the canonical EntryPoint.
+    /// Creation bytecode of the EntryPoint of `version` (its npm package's artifact).
     pub fn entry_point(&self, version: EntryPointVersion) -> Result<Bytes, DeployError> {
         self.bytecode(&format!(
             "node_modules/{}/artifacts/EntryPoint.json",
@@ -272,7 +262,7 @@ pub async fn send(provider: &DynProvider, tx: TransactionRequest) -> Result<B256
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct VersionDeployment {
-    /// EntryPoint version ("0.7", "0.8").
+    /// EntryPoint version ("0.7", "0.8", "0.9").
     #[serde(serialize_with = "serialize_display")]
     pub version: EntryPointVersion,
     /// EntryPoint address.
@@ -291,7 +281,7 @@ fn serialize_decimal<S: serde::Serializer>(v: &U256, s: S) -> Result<S::Ok, S::E
     s.collect_str(v)
 }
 
-/// A local stack: both EntryPoint versions with factory and paymaster, and the demo Counter.
+/// A local stack: every EntryPoint version with factory and paymaster, and the demo Counter.
 #[derive(Debug, Clone, PartialEq, Eq, Serialize)]
 #[serde(rename_all = "camelCase")]
 pub struct DevStack {

@@ -12,7 +12,6 @@ use crate::sponsor::{
     Mode, Reason, Rejection, RequestContext, Sponsor, SponsorError, SponsorRequest, Sponsorship,
 };
 use crate::userop::UserOperation;
-use crate::userop::v0_7::PaymasterFields;
 use crate::wire::{self, FieldError, to_quantity};
 
 /// Most policy ids one `pm_validateSponsorshipPolicies` call may name (each is a full check).
@@ -256,11 +255,7 @@ async fn estimate_gas(
     )
     .await?;
     let mut probe = op.clone();
-    probe.paymaster = Some(PaymasterFields {
-        paymaster: stub.paymaster,
-        gas: stub.gas,
-        data: stub.data.encode(),
-    });
+    probe.paymaster = Some(stub.data.fields(stub.paymaster, stub.gas));
     let estimate = tokio::time::timeout(
         state.bundler_timeout,
         bundler.request::<_, Value>(

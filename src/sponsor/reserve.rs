@@ -23,7 +23,6 @@ use crate::session::SessionGrant;
 use crate::userop::UserOperation;
 use crate::userop::hash::user_op_hash;
 use crate::userop::paymaster_data::{PaymasterData, PaymasterGas};
-use crate::userop::v0_7::PaymasterFields;
 
 /// Reserve for the signed `data` and return what to answer: `data`, or, for a repeat of the
 /// same operation, the answer signed for it before.
@@ -91,11 +90,8 @@ pub(super) async fn reserve(
         // The hash the op will have on chain: ours is its only paymaster data.
         user_op_hash: user_op_hash(
             decoded.version,
-            &req.op.pack(Some(&PaymasterFields {
-                paymaster: decoded.paymaster,
-                gas: decoded.gas,
-                data: data.encode(),
-            })),
+            &req.op
+                .pack(Some(&data.fields(decoded.paymaster, decoded.gas))),
             req.entry_point,
             sponsor.chain_id,
         ),

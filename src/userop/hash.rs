@@ -1,74 +1,26 @@
 //! The hashes: userOpHash per EntryPoint version, and the paymaster hash our signer signs.
 //!
-//! Both are cross-checked against the contracts on anvil (`tests/it/hashes.rs`): v0.7
-//! `EntryPoint.getUserOpHash`, v0.8's EIP-712 one, and `SessionPaymaster.getHash`.
+//! Both are cross-checked against the contracts on anvil (`tests/it/hashes.rs`):
+//! `EntryPoint.getUserOpHash` of v0.7, v0.8 and v0.9, and `SessionPaymaster.getHash`.
 
 use alloy::primitives::{Address, B256, U256, keccak256};
-use alloy::sol_types::{Eip712Domain, SolValue, eip712_domain};
+use alloy::sol_types::SolValue;
 
 use super::EntryPointVersion;
+use super::operation::{PackedUserOperation, UserOperation};
 use super::paymaster_data::{PaymasterGas, ValidityWindow};
-use super::v0_7::{PackedUserOperation, UserOperation};
 
-/// `keccak256("PackedUserOperation(address sender,uint256 nonce,bytes initCode,bytes callData,bytes32 accountGasLimits,uint256 preVerificationGas,bytes32 gasFees,bytes paymasterAndData)")`
-/// (v0.8 `UserOperationLib.PACKED_USEROP_TYPEHASH`).
-const PACKED_USEROP_TYPEHASH: B256 =
-    alloy::primitives::b256!("0x29a0bca4af4be3421398da00295e58e6d7de38cb492214754cb6a47507dd6f8e");
-
-/// The hash the EntryPoint of `version` at `entry_point` on `chain_id` gives `op`.
-///
-/// v0.7: `keccak256(abi.encode(keccak256(encode(op)), entryPoint, chainId))`.
-/// v0.8: EIP-712, domain `{name: "ERC4337", version: "1", chainId, verifyingContract: entryPoint}`.
-/// (v0.8's EIP-7702 initCode override is not needed: such operations are refused at parsing.)
+/// The hash the EntryPoint of `version` at `entry_point` on `chain_id` gives `op`
+/// (`EntryPoint.getUserOpHash`; each version's module says how).
+/// (The EIP-7702 initCode override of v0.8 and v0.9 is not needed: such operations are refused
+/// at parsing.)
 pub fn user_op_hash(
     version: EntryPointVersion,
     op: &PackedUserOperation,
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
-    let fields = (
-        op.sender,
-        op.nonce,
-        keccak256(&op.initCode),
-        keccak256(&op.callData),
-        op.accountGasLimits,
-        op.preVerificationGas,
-        op.gasFees,
-        keccak256(&op.paymasterAndData),
-    );
-    match version {
-        EntryPointVersion::V0_7 => {
-            let inner = keccak256(fields.abi_encode());
-            keccak256((inner, entry_point, U256::from(chain_id)).abi_encode())
-        }
-        EntryPointVersion::V0_8 => {
-            let (s, n, ic, cd, agl, pvg, fees, pmd) = fields;
-            let struct_hash =
-                keccak256((PACKED_USEROP_TYPEHASH, s, n, ic, cd, agl, pvg, fees, pmd).abi_encode());
-            eip712_digest(&v0_8_domain(entry_point, chain_id), struct_hash)
-        }
-    }
-}
-
-fn v0_8_domain(entry_point: Address, chain_id: u64) -> Eip712Domain {
-    eip712_domain! {
-        name: "ERC4337",
-        version: "1",
-        chain_id: chain_id,
-        verifying_contract: entry_point,
-    }
-}
-
-/// EIP-712 digest: `keccak256(0x1901 ‖ domainSeparator ‖ structHash)`.
-fn eip712_digest(domain: &Eip712Domain, struct_hash: B256) -> B256 {
-    keccak256(
-        [
-            &[0x19, 0x01][..],
-            domain.separator().as_slice(),
-            struct_hash.as_slice(),
-        ]
-        .concat(),
-    )
+    (version.spec().user_op_hash)(op, entry_point, chain_id)
 }
 
 /// `SessionPaymaster.getHash(op, validUntil, validAfter)` for `op` carrying our paymaster gas
@@ -106,17 +58,16 @@ mod tests {
     use super::*;
 
     #[test]
-    fn typehash_matches_its_definition() {
-        let def = "PackedUserOperation(address sender,uint256 nonce,bytes initCode,bytes callData,bytes32 accountGasLimits,uint256 preVerificationGas,bytes32 gasFees,bytes paymasterAndData)";
-        assert_eq!(keccak256(def), PACKED_USEROP_TYPEHASH);
-    }
-
-    #[test]
     fn versions_and_chains_give_different_hashes() {
         let op = UserOperation::default().pack(None);
         let ep = EntryPointVersion::V0_7.canonical_address();
         let a = user_op_hash(EntryPointVersion::V0_7, &op, ep, 1);
         assert_ne!(a, user_op_hash(EntryPointVersion::V0_8, &op, ep, 1));
         assert_ne!(a, user_op_hash(EntryPointVersion::V0_7, &op, ep, 2));
+        // v0.9 differs from v0.8 only for an operation with a paymaster signature suffix.
+        assert_eq!(
+            user_op_hash(EntryPointVersion::V0_8, &op, ep, 1),
+            user_op_hash(EntryPointVersion::V0_9, &op, ep, 1)
+        );
     }
 }

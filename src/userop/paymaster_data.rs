@@ -5,7 +5,9 @@
 //! paymasterData    = validUntil(6) ‖ validAfter(6) ‖ signature(65)
 //! ```
 
-use alloy::primitives::{Bytes, hex};
+use alloy::primitives::{Address, Bytes, hex};
+
+use super::operation::PaymasterFields;
 
 /// Length of `paymasterData` (what ERC-7677 and `pm_sponsorUserOperation` return).
 pub const PAYMASTER_DATA_LEN: usize = 6 + 6 + 65;
@@ -128,6 +130,16 @@ impl PaymasterData {
         out.extend_from_slice(&self.window.valid_after.to_be_bytes()[2..]);
         out.extend_from_slice(&self.signature);
         out.into()
+    }
+
+    /// Our paymaster fields in an operation, as the EntryPoint reads them.
+    pub fn fields(&self, paymaster: Address, gas: PaymasterGas) -> PaymasterFields {
+        PaymasterFields {
+            paymaster,
+            gas,
+            data: self.encode(),
+            signature: None,
+        }
     }
 
     /// Inverse of [`Self::encode`].

@@ -110,17 +110,20 @@ impl<'a> User<'a> {
                 func: vec![inc; n],
             }
             .abi_encode(),
-            EntryPointVersion::V0_8 => ISimpleAccountV08::executeBatchCall {
-                calls: vec![
-                    Call {
-                        target: counter,
-                        value: U256::ZERO,
-                        data: inc
-                    };
-                    n
-                ],
+            // v0.9's SimpleAccount batches as v0.8's does.
+            EntryPointVersion::V0_8 | EntryPointVersion::V0_9 => {
+                ISimpleAccountV08::executeBatchCall {
+                    calls: vec![
+                        Call {
+                            target: counter,
+                            value: U256::ZERO,
+                            data: inc
+                        };
+                        n
+                    ],
+                }
+                .abi_encode()
             }
-            .abi_encode(),
         };
         let mut op = self.op_json();
         op["callData"] = json!(Bytes::from(call_data));
@@ -151,10 +154,13 @@ impl<'a> User<'a> {
     /// Apply paymaster fields to the op and sign it as the account owner.
     pub(crate) fn finish(&self, op: &mut UserOperation) -> TestResult<()> {
         let hash = user_op_hash(self.version, &op.pack(None), self.entry_point(), 31337);
-        // v0.7 SimpleAccount checks an EIP-191 signature of the userOpHash, v0.8 the raw hash.
+        // v0.7 SimpleAccount checks an EIP-191 signature of the userOpHash, v0.8 and v0.9 the
+        // raw hash.
         let sig = match self.version {
             EntryPointVersion::V0_7 => self.owner.sign_message_sync(hash.as_slice())?,
-            EntryPointVersion::V0_8 => self.owner.sign_hash_sync(&hash)?,
+            EntryPointVersion::V0_8 | EntryPointVersion::V0_9 => {
+                self.owner.sign_hash_sync(&hash)?
+            }
         };
         op.signature = sig.as_bytes().to_vec().into();
         Ok(())
@@ -318,6 +324,11 @@ async fn v08_sponsor_user_operation_executes() -> TestResult {
 }
 
 #[tokio::test]
+async fn v09_sponsor_user_operation_executes() -> TestResult {
+    sponsored_op_executes(EntryPointVersion::V0_9, false).await
+}
+
+#[tokio::test]
 async fn v07_erc7677_stub_then_data_executes() -> TestResult {
     sponsored_op_executes(EntryPointVersion::V0_7, true).await
 }
@@ -392,6 +403,11 @@ async fn tampering_is_refused(version: EntryPointVersion) -> TestResult {
 }
 
 #[tokio::test]
+async fn v09_erc7677_stub_then_data_executes() -> TestResult {
+    sponsored_op_executes(EntryPointVersion::V0_9, true).await
+}
+
+#[tokio::test]
 async fn v07_tampering_after_signing_is_aa34() -> TestResult {
     tampering_is_refused(EntryPointVersion::V0_7).await
 }
@@ -399,6 +415,11 @@ async fn v07_tampering_after_signing_is_aa34() -> TestResult {
 #[tokio::test]
 async fn v08_tampering_after_signing_is_aa34() -> TestResult {
     tampering_is_refused(EntryPointVersion::V0_8).await
+}
+
+#[tokio::test]
+async fn v09_tampering_after_signing_is_aa34() -> TestResult {
+    tampering_is_refused(EntryPointVersion::V0_9).await
 }
 
 /// The stub data estimates with a signature that fails validation without reverting.
@@ -494,14 +515,15 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
     }
     assert_eq!(
         sponsor.ledger().usage("dev-counter", &scope).await?,
-        (worst, 2),
-        "both reserved at worst case"
+        (worst, 3),
+        "every version's op reserved at worst case"
     );
 
-    // Only the v0.7 op lands.
-    let (user, op) = &sponsored[0];
-    let event = user.submit(op).await?;
-    let actual = wei_to_gwei_ceil(event.actualGasCost);
+    // The v0.7 and v0.9 ops land; the v0.8 one is never sent.
+    let mut actual = 0;
+    for (user, op) in [&sponsored[0], &sponsored[2]] {
+        actual += wei_to_gwei_ceil(user.submit(op).await?.actualGasCost);
+    }
     let never_sent = wei_to_gwei_ceil(
         sponsored[1]
             .1
@@ -521,10 +543,10 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
     .with_finality(Finality::Depth(0))
     .with_low_deposit(U256::from(10u64).pow(U256::from(20u64)));
     let poll = watcher.poll_once(sponsor).await?;
-    assert_eq!((poll.settled, poll.released), (1, 0), "{poll:?}");
+    assert_eq!((poll.settled, poll.released), (2, 0), "{poll:?}");
     assert_eq!(
         sponsor.ledger().usage("dev-counter", &scope).await?,
-        (actual + never_sent, 2)
+        (actual + never_sent, 3)
     );
     assert_eq!(
         watcher.poll_once(sponsor).await?.settled,
@@ -559,7 +581,7 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
     assert_eq!(poll.released, 1, "{poll:?}");
     assert_eq!(
         sponsor.ledger().usage("dev-counter", &scope).await?,
-        (actual, 1),
+        (actual, 2),
         "spent equals the sum of the events' costs"
     );
     Ok(())

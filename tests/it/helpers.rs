@@ -245,8 +245,9 @@ pub fn counter_op(
 /// The admin bearer token every test app accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
-/// Config of the embedded defaults, with the given paymasters and a key file.
-pub fn config(paymasters: [Option<Address>; 2], signer: KeySource) -> Config {
+/// Config of the embedded defaults, with the given paymasters and a key file: one EntryPoint
+/// (at its canonical address) per paymaster given, in the order of `EntryPointVersion::ALL`.
+pub fn config<const N: usize>(paymasters: [Option<Address>; N], signer: KeySource) -> Config {
     Config {
         chain_id: 31337,
         entry_points: EntryPointVersion::ALL
@@ -308,11 +309,17 @@ impl Stack {
             U256::from(10u64).pow(U256::from(19u64)),
         )
         .await?;
-        let pms = [
-            Some(deployed.entry_points[0].paymaster),
-            Some(deployed.entry_points[1].paymaster),
-        ];
-        let mut c = config(pms, KeySource::File(key_file));
+        let mut c = config([None; 3], KeySource::File(key_file));
+        // Where the stack put them: 0.9.0-rc.1 is not at the canonical v0.9 address.
+        c.entry_points = deployed
+            .entry_points
+            .iter()
+            .map(|d| EntryPointConfig {
+                version: d.version,
+                address: d.entry_point,
+                paymaster: Some(d.paymaster),
+            })
+            .collect();
         if let Some(dir) = policies {
             c.policies_dir = dir;
         }

@@ -56,6 +56,25 @@ async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestRe
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 
+    // A default `serve` offers every version at its canonical address.
+    let supported: Value = client
+        .post(&url)
+        .bearer_auth(api_key)
+        .json(&json!({ "jsonrpc": "2.0", "id": 1, "method": "pm_supportedEntryPoints", "params": [] }))
+        .send()
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        supported["result"],
+        json!([
+            "0x0000000071727De22E5E9d8BAf0edAc6f37da032",
+            "0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108",
+            "0x433709009B8330FDa32311DF1C2AFA402eD8D009"
+        ]),
+        "{supported}"
+    );
+
     // Traffic that touches every secret: good and bad API keys, admin calls, signatures.
     let ep = session_paymaster::userop::EntryPointVersion::V0_7.canonical_address();
     let body = |n: u64| {

@@ -20,6 +20,7 @@ sol! {
 
 const PM07: Address = Address::repeat_byte(0x07);
 const PM08: Address = Address::repeat_byte(0x08);
+const PM09: Address = Address::repeat_byte(0x09);
 /// policies/dev-counter.toml's target.
 const COUNTER: &str = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3";
 
@@ -82,6 +83,33 @@ async fn chain_id_and_entry_points() -> TestResult {
             "0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"
         ])
     );
+    Ok(())
+}
+
+/// Requests name the EntryPoint by address, so one address (or one paymaster) for two versions
+/// would sign under the wrong version's rules: refused at start.
+#[tokio::test]
+async fn two_versions_at_one_address_do_not_start() -> TestResult {
+    let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
+    c.entry_points[2].address = c.entry_points[1].address;
+    let err = session_paymaster::app::AppState::build(&c)
+        .await
+        .err()
+        .ok_or("started")?;
+    assert!(
+        err.to_string()
+            .contains("v0.8 and v0.9 are both configured at"),
+        "{err}"
+    );
+
+    let mut c = config([Some(PM07), Some(PM08), Some(PM08)], KeySource::Ephemeral);
+    let err = session_paymaster::app::AppState::build(&c)
+        .await
+        .err()
+        .ok_or("started")?;
+    assert!(err.to_string().contains("is the same contract"), "{err}");
+    c.entry_points[2].paymaster = Some(PM09);
+    assert!(session_paymaster::app::AppState::build(&c).await.is_ok());
     Ok(())
 }
 

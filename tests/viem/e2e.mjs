@@ -1,6 +1,6 @@
 // Real clients against the service: permissionless' SimpleAccount, viem's ERC-7677 paymaster
 // client (pm_getPaymasterStubData, then pm_getPaymasterData) and the Alto bundler
-// (eth_estimateUserOperationGas, eth_sendUserOperation), on anvil with both EntryPoints.
+// (eth_estimateUserOperationGas, eth_sendUserOperation), on anvil with the v0.7 and v0.8 EntryPoints.
 // Input: the JSON line of scripts/dev in STACK, the bundler URL in BUNDLER_URL.
 import assert from 'node:assert/strict';
 import { createPublicClient, http, parseAbi, getAddress } from 'viem';
@@ -10,6 +10,11 @@ import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts';
 import { toSimpleSmartAccount } from 'permissionless/accounts';
 
 const stack = JSON.parse(process.env.STACK);
+// v0.9 is not run here yet: permissionless 0.4.1's SimpleAccount knows 0.6-0.8 only, and Alto
+// 0.0.20 takes an EntryPoint for v0.9 only at an address starting 0x433709, where the npm
+// 0.9.0-rc.1 build does not land (DESIGN §7). The Rust e2e and forge tests cover v0.9.
+const entryPoints = stack.entryPoints.filter((ep) => ep.version !== '0.9');
+assert.ok(entryPoints.length >= 2, 'v0.7 and v0.8 in the stack');
 const counterAbi = parseAbi(['function increment()', 'function reset()', 'function count(address) view returns (uint256)']);
 const client = createPublicClient({ chain: foundry, transport: http(stack.rpcUrl) });
 const paymaster = createPaymasterClient({ transport: http(stack.paymasterUrl) });
@@ -34,7 +39,7 @@ async function user(ep) {
   return { account, bundler };
 }
 
-for (const ep of stack.entryPoints) {
+for (const ep of entryPoints) {
   await test(`v${ep.version}: sponsored counterfactual SimpleAccount op lands through Alto`, async () => {
     const { account, bundler } = await user(ep);
     const hash = await bundler.sendUserOperation({ calls: [{ to: stack.counter, abi: counterAbi, functionName: 'increment' }] });
@@ -65,7 +70,7 @@ for (const ep of stack.entryPoints) {
 
 // pm_sponsorUserOperation without gas limits: the service estimates them through the bundler
 // (SP_BUNDLER_URL, set by ./run) with its stub data, then signs; the op lands as returned.
-for (const ep of stack.entryPoints) {
+for (const ep of entryPoints) {
   await test(`v${ep.version}: pm_sponsorUserOperation estimates missing gas through the bundler`, async () => {
     const { account, bundler } = await user(ep);
     const factory = await account.getFactoryArgs();
