@@ -255,7 +255,7 @@ async fn estimate_gas(
     )
     .await?;
     let mut probe = op.clone();
-    probe.paymaster = Some(stub.data.fields(stub.paymaster, stub.gas));
+    probe.paymaster = Some(stub.data.fields(stub.paymaster, stub.gas, stub.layout));
     let estimate = tokio::time::timeout(
         state.bundler_timeout,
         bundler.request::<_, Value>(
@@ -318,14 +318,20 @@ fn request<'a>(
     }
 }
 
-/// The paymaster fields every sponsorship method returns (v0.7/v0.8 unpacked form).
+/// The paymaster fields every sponsorship method returns (unpacked form; with
+/// `paymasterSignature` in the v0.9 suffix layout).
 fn paymaster_fields(s: &Sponsorship) -> Value {
-    json!({
-        "paymaster": s.paymaster,
-        "paymasterData": s.data.encode(),
-        "paymasterVerificationGasLimit": to_quantity(s.gas.verification),
-        "paymasterPostOpGasLimit": to_quantity(s.gas.post_op),
-    })
+    let fields = s.data.fields(s.paymaster, s.gas, s.layout);
+    let mut v = json!({
+        "paymaster": fields.paymaster,
+        "paymasterData": fields.data,
+        "paymasterVerificationGasLimit": to_quantity(fields.gas.verification),
+        "paymasterPostOpGasLimit": to_quantity(fields.gas.post_op),
+    });
+    if let Some(signature) = fields.signature {
+        v["paymasterSignature"] = json!(signature);
+    }
+    v
 }
 
 fn supported_entry_points(state: &AppState) -> Vec<String> {

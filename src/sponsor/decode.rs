@@ -6,7 +6,7 @@ use alloy::primitives::{Address, U256};
 use super::{Mode, Reason, Rejection, Sponsor, SponsorError, SponsorRequest};
 use crate::policy::OpContext;
 use crate::policy::calldata::{self, Call, CalldataError};
-use crate::userop::paymaster_data::PaymasterGas;
+use crate::userop::paymaster_data::{PaymasterGas, PaymasterLayout};
 use crate::userop::{EntryPointVersion, UserOperation};
 use crate::wire::FieldError;
 
@@ -62,6 +62,19 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
         .ok_or(SponsorError::PaymasterNotConfigured(ep.version))?;
     if mode == Mode::Final {
         op.require_gas_limits()?;
+    }
+    if req.context.layout == PaymasterLayout::Suffix
+        && !ep.version.spec().paymaster_signature_suffix
+    {
+        return Err(FieldError::invalid(
+            "context.paymasterSignature",
+            format!(
+                "EntryPoint v{} hashes all of paymasterAndData: the signature can only be inline \
+                 (a suffix needs v0.9)",
+                ep.version
+            ),
+        )
+        .into());
     }
     let calls = calldata::decode(&op.call_data, op.sender).map_err(|e| {
         let reason = match e {

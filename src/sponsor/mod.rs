@@ -45,7 +45,7 @@ use crate::ratelimit::{Limited, RateLimits};
 pub use crate::rejection::{Reason, Rejection};
 use crate::session::{SessionGrant, SessionStore, StoreError};
 use crate::signer::{Signer, SignerError};
-use crate::userop::paymaster_data::{PaymasterData, PaymasterGas, ValidityWindow};
+use crate::userop::paymaster_data::{PaymasterData, PaymasterGas, PaymasterLayout, ValidityWindow};
 use crate::userop::{EntryPointVersion, UserOperation};
 use crate::wire::{self, FieldError};
 use deposit::DepositGuard;
@@ -97,6 +97,9 @@ pub struct RequestContext {
     /// Unix time after which `session_proof` is refused; signed by it, and no paymaster
     /// signature made with the proof outlives it.
     pub session_proof_deadline: Option<u64>,
+    /// `paymasterSignature: "suffix"` (v0.9): the signature outside the userOpHash, so the
+    /// account can sign in parallel; `"inline"` (default): inside `paymasterData`.
+    pub layout: PaymasterLayout,
 }
 
 impl RequestContext {
@@ -117,6 +120,7 @@ impl RequestContext {
                     | "validForSeconds"
                     | "sessionProof"
                     | "sessionProofDeadline"
+                    | "paymasterSignature"
             ) {
                 tracing::debug!(key, "ignoring unknown context key");
             }
@@ -153,6 +157,16 @@ impl RequestContext {
                 "sessionProofDeadline",
                 "context.sessionProofDeadline",
             )?,
+            layout: match wire::optional(obj, "paymasterSignature").map(Value::as_str) {
+                None | Some(Some("inline")) => PaymasterLayout::Inline,
+                Some(Some("suffix")) => PaymasterLayout::Suffix,
+                Some(_) => {
+                    return Err(FieldError::invalid(
+                        "context.paymasterSignature",
+                        "expected \"inline\" or \"suffix\"",
+                    ));
+                }
+            },
         })
     }
 }
@@ -166,6 +180,8 @@ pub struct Sponsorship {
     pub gas: PaymasterGas,
     /// Window and signature (a stub signature in [`Mode::Stub`]).
     pub data: PaymasterData,
+    /// Where the signature goes (the request's, checked against the EntryPoint version).
+    pub layout: PaymasterLayout,
     /// The policy that accepted the operation.
     pub policy_id: String,
 }
@@ -411,7 +427,7 @@ impl Sponsor {
         let decision = Decision {
             policy,
             grant: grant.as_ref(),
-            window: window::window(policy, grant.as_ref(), req.context, now)?,
+            window: window::window(policy, grant.as_ref(), req, &decoded, now)?,
         };
         if run == Run::Sign {
             rate::check(self, policy, req)?;
@@ -422,6 +438,7 @@ impl Sponsor {
             paymaster: decoded.paymaster,
             gas: decoded.gas,
             data,
+            layout: req.context.layout,
             policy_id: policy.id.clone(),
         })
     }

@@ -87,11 +87,15 @@ pub(super) async fn reserve(
             req.op.sender,
             req.op.nonce,
         ),
-        // The hash the op will have on chain: ours is its only paymaster data.
+        // The hash the op will have on chain: ours is its only paymaster data, in the layout
+        // the client asked for (on v0.9 a suffix leaves the signature out of the hash).
         user_op_hash: user_op_hash(
             decoded.version,
-            &req.op
-                .pack(Some(&data.fields(decoded.paymaster, decoded.gas))),
+            &req.op.pack(Some(&data.fields(
+                decoded.paymaster,
+                decoded.gas,
+                req.context.layout,
+            ))),
             req.entry_point,
             sponsor.chain_id,
         ),

@@ -4,13 +4,20 @@
 //! paymasterAndData = paymaster(20) ‖ pmVerificationGasLimit(16) ‖ pmPostOpGasLimit(16) ‖ paymasterData
 //! paymasterData    = validUntil(6) ‖ validAfter(6) ‖ signature(65)
 //! ```
+//!
+//! On v0.9 a client may ask for [`PaymasterLayout::Suffix`]: `paymasterData` is then the window
+//! alone and the signature travels as `paymasterSignature`, packed after it outside the
+//! userOpHash (see [`super::v0_9`]). The signed hash is the same in both layouts.
 
 use alloy::primitives::{Address, Bytes, hex};
 
 use super::operation::PaymasterFields;
 
 /// Length of `paymasterData` (what ERC-7677 and `pm_sponsorUserOperation` return).
-pub const PAYMASTER_DATA_LEN: usize = 6 + 6 + 65;
+pub const PAYMASTER_DATA_LEN: usize = WINDOW_LEN + 65;
+
+/// `validUntil(6) ‖ validAfter(6)`: all of `paymasterData` in [`PaymasterLayout::Suffix`].
+pub const WINDOW_LEN: usize = 6 + 6;
 
 /// The largest timestamp a `uint48` holds.
 pub const MAX_UINT48: u64 = (1 << 48) - 1;
@@ -87,6 +94,9 @@ pub enum PaymasterDataError {
     /// Not [`PAYMASTER_DATA_LEN`] bytes.
     #[error("paymasterData must be {PAYMASTER_DATA_LEN} bytes, got {0}")]
     Length(usize),
+    /// Not [`WINDOW_LEN`] bytes where only a window is expected.
+    #[error("paymasterData must be the {WINDOW_LEN}-byte window, got {0} bytes")]
+    WindowLength(usize),
 }
 
 impl ValidityWindow {
@@ -103,6 +113,17 @@ impl ValidityWindow {
             valid_after,
         })
     }
+}
+
+/// Where our signature goes in `paymasterAndData`.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub enum PaymasterLayout {
+    /// At the end of `paymasterData`, inside the userOpHash: the account signs after us.
+    #[default]
+    Inline,
+    /// v0.9: in the paymaster-signature suffix, outside the userOpHash: the account may sign
+    /// as soon as it knows the window (`paymasterData`), in parallel with us.
+    Suffix,
 }
 
 /// Decoded `paymasterData`.
@@ -132,14 +153,36 @@ impl PaymasterData {
         out.into()
     }
 
-    /// Our paymaster fields in an operation, as the EntryPoint reads them.
-    pub fn fields(&self, paymaster: Address, gas: PaymasterGas) -> PaymasterFields {
+    /// Our paymaster fields in an operation, in `layout`.
+    pub fn fields(
+        &self,
+        paymaster: Address,
+        gas: PaymasterGas,
+        layout: PaymasterLayout,
+    ) -> PaymasterFields {
+        let (data, signature) = match layout {
+            PaymasterLayout::Inline => (self.encode(), None),
+            PaymasterLayout::Suffix => (
+                self.encode()[..WINDOW_LEN].to_vec().into(),
+                Some(self.signature.to_vec().into()),
+            ),
+        };
         PaymasterFields {
             paymaster,
             gas,
-            data: self.encode(),
-            signature: None,
+            data,
+            signature,
         }
+    }
+
+    /// The window of a [`PaymasterLayout::Suffix`] `paymasterData` (exactly [`WINDOW_LEN`]
+    /// bytes, checked as [`ValidityWindow::new`] checks).
+    pub fn decode_window(data: &[u8]) -> Result<ValidityWindow, PaymasterDataError> {
+        if data.len() != WINDOW_LEN {
+            return Err(PaymasterDataError::WindowLength(data.len()));
+        }
+        let u48 = |b: &[u8]| b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
+        ValidityWindow::new(u48(&data[6..12]), u48(&data[0..6]))
     }
 
     /// Inverse of [`Self::encode`].
@@ -147,10 +190,9 @@ impl PaymasterData {
         if data.len() != PAYMASTER_DATA_LEN {
             return Err(PaymasterDataError::Length(data.len()));
         }
-        let u48 = |b: &[u8]| b.iter().fold(0u64, |acc, &x| (acc << 8) | u64::from(x));
-        let window = ValidityWindow::new(u48(&data[6..12]), u48(&data[0..6]))?;
+        let window = Self::decode_window(&data[..WINDOW_LEN])?;
         let mut signature = [0u8; 65];
-        signature.copy_from_slice(&data[12..]);
+        signature.copy_from_slice(&data[WINDOW_LEN..]);
         Ok(Self { window, signature })
     }
 }

@@ -233,6 +233,7 @@ pub(crate) fn set_paymaster(op: &mut Value, result: &Value) {
         "paymasterData",
         "paymasterVerificationGasLimit",
         "paymasterPostOpGasLimit",
+        "paymasterSignature",
     ] {
         if !result[f].is_null() {
             op[f] = result[f].clone();
@@ -405,6 +406,110 @@ async fn tampering_is_refused(version: EntryPointVersion) -> TestResult {
 #[tokio::test]
 async fn v09_erc7677_stub_then_data_executes() -> TestResult {
     sponsored_op_executes(EntryPointVersion::V0_9, true).await
+}
+
+/// v0.9 parallel signing: with `paymasterSignature: "suffix"` the stub's window is the final
+/// `paymasterData`, so the account signs right after estimation; our signature, asked for in
+/// parallel, goes in the suffix outside the userOpHash, and the op lands with both.
+#[tokio::test]
+async fn v09_account_signs_before_the_paymaster() -> TestResult {
+    let stack = Stack::start().await?;
+    let user = User::new(&stack, EntryPointVersion::V0_9).await?;
+    let ep = user.entry_point();
+    let ctx = json!({ "paymasterSignature": "suffix" });
+    let mut op_json = user.op_json();
+    let stub = stack
+        .app
+        .result(
+            "pm_getPaymasterStubData",
+            json!([op_json, ep, "0x7a69", ctx]),
+        )
+        .await?;
+    set_paymaster(&mut op_json, &stub);
+    let window_bytes = stub["paymasterData"].clone();
+    assert_eq!(
+        serde_json::from_value::<Bytes>(window_bytes.clone())?.len(),
+        12,
+        "paymasterData is the window alone: {stub}"
+    );
+    assert_eq!(
+        serde_json::from_value::<Bytes>(stub["paymasterSignature"].clone())?.len(),
+        65
+    );
+
+    // The account signs now: the userOpHash leaves the (stub) paymaster signature out.
+    let mut op = UserOperation::from_json(&op_json)?;
+    user.finish(&mut op)?;
+    let ep_contract = IEntryPoint::new(ep, &stack.anvil.provider);
+    let signed_hash: B256 = ep_contract.getUserOpHash(op.pack(None)).call().await?;
+    assert_eq!(
+        signed_hash,
+        user_op_hash(EntryPointVersion::V0_9, &op.pack(None), ep, 31337)
+    );
+
+    // Later (here: a second later), the final paymaster data for the same op.
+    tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
+    let data = stack
+        .app
+        .result("pm_getPaymasterData", json!([op_json, ep, "0x7a69", ctx]))
+        .await?;
+    assert_eq!(
+        data["paymasterData"], window_bytes,
+        "the stub's window is kept"
+    );
+    assert_ne!(data["paymasterSignature"], stub["paymasterSignature"]);
+    set_paymaster(&mut op_json, &data);
+    let account_signature = op.signature.clone();
+    let mut op = UserOperation::from_json(&op_json)?;
+    op.signature = account_signature;
+    assert_eq!(
+        ep_contract.getUserOpHash(op.pack(None)).call().await?,
+        signed_hash,
+        "the account's signature still covers the op"
+    );
+    let event = user.submit(&op).await?;
+    assert!(event.success);
+    assert_eq!(event.userOpHash, signed_hash);
+    assert_eq!(user.counter().await?, U256::from(1), "the call ran");
+
+    // A window the policy would not give (longer than max_validity) is not kept.
+    let mut long = op_json.clone();
+    let now = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_secs();
+    let far = now + 100_000;
+    let mut w = [0u8; 12];
+    w[..6].copy_from_slice(&far.to_be_bytes()[2..]);
+    long["paymasterData"] = json!(Bytes::from(w.to_vec()));
+    long["nonce"] = json!("0x1");
+    let data = stack
+        .app
+        .result("pm_getPaymasterData", json!([long, ep, "0x7a69", ctx]))
+        .await?;
+    let until = PaymasterData::decode_window(&serde_json::from_value::<Bytes>(
+        data["paymasterData"].clone(),
+    )?)?
+    .valid_until;
+    assert!(until <= now + 600 + 5, "max_validity 10m, not {until}");
+
+    // Before v0.9 there is no suffix: asking for one is an invalid parameter, not a silent inline.
+    let v08 = User::new(&stack, EntryPointVersion::V0_8).await?;
+    let err = stack
+        .app
+        .error(
+            "pm_getPaymasterStubData",
+            json!([v08.op_json(), v08.entry_point(), "0x7a69", ctx]),
+        )
+        .await?;
+    assert_eq!(err["code"], json!(-32602), "{err}");
+    assert!(
+        err["message"]
+            .as_str()
+            .unwrap_or("")
+            .contains("context.paymasterSignature"),
+        "{err}"
+    );
+    Ok(())
 }
 
 #[tokio::test]

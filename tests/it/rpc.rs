@@ -368,6 +368,31 @@ async fn invalid_params_name_the_field() -> TestResult {
         )
         .await?;
     assert_eq!(err["data"]["field"], json!("context.validForSeconds"));
+    for layout in [json!("Suffix"), json!(true), json!(1)] {
+        let err = app
+            .error(
+                "pm_sponsorUserOperation",
+                json!([op(), ep07(), { "paymasterSignature": layout }]),
+            )
+            .await?;
+        assert_eq!(
+            err["data"]["field"],
+            json!("context.paymasterSignature"),
+            "{err}"
+        );
+    }
+    // A suffix needs v0.9: v0.7 hashes all of paymasterAndData.
+    let err = app
+        .error(
+            "pm_sponsorUserOperation",
+            json!([op(), ep07(), { "paymasterSignature": "suffix" }]),
+        )
+        .await?;
+    assert_eq!(
+        err["data"]["field"],
+        json!("context.paymasterSignature"),
+        "{err}"
+    );
     Ok(())
 }
 
