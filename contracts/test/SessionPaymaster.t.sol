@@ -343,6 +343,23 @@ contract SessionPaymasterTest is TestBase {
         return abi.encodePacked(signedPart, signature, uint16(signature.length), bytes8(0x22e325a297439656));
     }
 
+    /// An op whose paymasterAndData has the signature in the suffix: the account signs first,
+    /// over the window and a placeholder signature (outside the userOpHash), then `key` signs
+    /// getHash and its signature replaces the placeholder. Returns the account-signed hash.
+    function _sponsorInSuffix(PackedUserOperation memory op, uint48 until, uint48 afterTs, uint256 key)
+        internal
+        view
+        returns (bytes32 userOpHash)
+    {
+        bytes memory signedPart = abi.encodePacked(address(pm), PM_VERIFICATION_GAS, uint128(0), until, afterTs);
+        op.paymasterAndData = _withSuffix(signedPart, new bytes(65));
+        _signAccount(op);
+        userOpHash = ep.getUserOpHash(op);
+        bytes32 digest = MessageHashUtils.toEthSignedMessageHash(pm.getHash(op, until, afterTs));
+        (uint8 v, bytes32 r, bytes32 s) = vm.sign(key, digest);
+        op.paymasterAndData = _withSuffix(signedPart, abi.encodePacked(r, s, v));
+    }
+
     /// v0.9: the account signs first (the userOpHash leaves the suffix out), the paymaster's
     /// signature is appended after, and the op pays and executes.
     function test_v09_signatureInSuffix_accountSignsFirst() public {
@@ -350,14 +367,7 @@ contract SessionPaymasterTest is TestBase {
         PackedUserOperation memory op = _op();
         uint48 until = uint48(block.timestamp + 600);
         uint48 afterTs = uint48(block.timestamp - 60);
-        bytes memory signedPart = abi.encodePacked(address(pm), PM_VERIFICATION_GAS, uint128(0), until, afterTs);
-        op.paymasterAndData = _withSuffix(signedPart, new bytes(65));
-        _signAccount(op);
-        bytes32 userOpHash = ep.getUserOpHash(op);
-
-        bytes32 digest = MessageHashUtils.toEthSignedMessageHash(pm.getHash(op, until, afterTs));
-        (uint8 v, bytes32 r, bytes32 s) = vm.sign(SIGNER_KEY, digest);
-        op.paymasterAndData = _withSuffix(signedPart, abi.encodePacked(r, s, v));
+        bytes32 userOpHash = _sponsorInSuffix(op, until, afterTs, SIGNER_KEY);
         vm.assertEq(op.paymasterAndData.length, pm.PAYMASTER_AND_DATA_WITH_SUFFIX_LENGTH(), "139 bytes");
         vm.assertEq(ep.getUserOpHash(op), userOpHash, "the paymaster signature is outside the userOpHash");
 
@@ -372,14 +382,7 @@ contract SessionPaymasterTest is TestBase {
     function test_v09_wrongSignatureInSuffix_AA34() public {
         if (entryPointVersion() < 9) return;
         PackedUserOperation memory op = _op();
-        uint48 until = uint48(block.timestamp + 600);
-        uint48 afterTs = uint48(block.timestamp - 60);
-        bytes memory signedPart = abi.encodePacked(address(pm), PM_VERIFICATION_GAS, uint128(0), until, afterTs);
-        op.paymasterAndData = _withSuffix(signedPart, new bytes(65));
-        _signAccount(op);
-        bytes32 digest = MessageHashUtils.toEthSignedMessageHash(pm.getHash(op, until, afterTs));
-        (uint8 v, bytes32 r, bytes32 s) = vm.sign(OTHER_KEY, digest);
-        op.paymasterAndData = _withSuffix(signedPart, abi.encodePacked(r, s, v));
+        _sponsorInSuffix(op, uint48(block.timestamp + 600), uint48(block.timestamp - 60), OTHER_KEY);
         _expectFailedOp("AA34 signature error");
         _handle(op);
     }
