@@ -74,7 +74,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
                 scope("policy:1"),
             ],
             landing_key: keccak256((i as u64 ^ u64::MAX).to_be_bytes()),
-            user_op_hash: B256::ZERO,
+            user_op_hashes: vec![B256::ZERO],
             answer: PaymasterData {
                 window: ValidityWindow::new(1_799_999_940, 1_800_000_600)?,
                 signature: [7; 65],
@@ -194,7 +194,7 @@ fn memory_flatness() {
         landing_key: keccak256((i ^ u64::MAX).to_be_bytes()),
         cost_gwei: 1,
         scopes: vec![scope("sender"), scope("policy")],
-        user_op_hash: B256::ZERO,
+        user_op_hashes: vec![B256::ZERO],
         answer: PaymasterData {
             window: ValidityWindow {
                 valid_after: 1_799_999_940,

@@ -140,7 +140,7 @@ impl MemoryLedger {
                 if !check_only && let Some(rec) = inner.reservations.get_mut(&key) {
                     let before = rec.answer.window.valid_until;
                     rec.answer = r.answer.clone();
-                    rec.user_op_hashes.push(r.user_op_hash);
+                    rec.user_op_hashes.extend(&r.user_op_hashes);
                     let excess = rec.user_op_hashes.len().saturating_sub(MAX_HASHES);
                     rec.user_op_hashes.drain(..excess);
                     rec.expires_at = rec.expires_at.max(r.expires_at);
@@ -296,7 +296,7 @@ impl MemoryLedger {
                 cost: r.cost_gwei,
                 scopes: scope_names,
                 answer: r.answer.clone(),
-                user_op_hashes: vec![r.user_op_hash],
+                user_op_hashes: r.user_op_hashes.clone(),
                 session: r.session.as_ref().map(|s| s.id),
                 spend,
                 expires_at: r.expires_at,

@@ -103,9 +103,10 @@ pub struct Reservation {
     /// reservations of a landed operation by it, whatever hash the EntryPoint computed
     /// (see [`landing_key`]).
     pub landing_key: B256,
-    /// The userOpHash we expect on chain: among the reservations of one nonce, the one whose
-    /// hash the event names is the one that landed.
-    pub user_op_hash: B256,
+    /// The userOpHashes the answer may land with: among the reservations of one nonce, the one
+    /// whose hash the event names is the one that landed. One, or on EntryPoint v0.9 two: the
+    /// same signature is valid inline and in the suffix, which the userOpHash leaves out.
+    pub user_op_hashes: Vec<B256>,
     /// The signed answer: what a repeat of the operation gets back. Its `valid_until`: once a
     /// confirmed block is later, the op can never land.
     pub answer: PaymasterData,

@@ -136,8 +136,10 @@ fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
     out.extend_from_slice(&window.valid_until.to_be_bytes()[2..]);
     out.extend_from_slice(&span.to_be_bytes());
     out.extend_from_slice(&r.answer.signature);
-    out.push(1); // one userOpHash so far
-    out.extend_from_slice(&r.user_op_hash[..8]);
+    out.push(u8::try_from(r.user_op_hashes.len()).map_err(|_| unavailable("over 255 hashes"))?);
+    for h in &r.user_op_hashes {
+        out.extend_from_slice(&h[..8]);
+    }
     out.push(u8::try_from(r.scopes.len()).map_err(|_| unavailable("over 255 scopes"))?);
     for s in &r.scopes {
         short(&mut out, &pack_name(&s.name))?;
@@ -213,7 +215,12 @@ impl RedisLedger {
             .arg(r.answer.window.valid_after)
             .arg(r.answer.signature.as_slice())
             .arg(now.saturating_add(super::REFRESH_MARGIN_SECS))
-            .arg(&r.user_op_hash[..8])
+            .arg(
+                r.user_op_hashes
+                    .iter()
+                    .flat_map(|h| h[..8].to_vec())
+                    .collect::<Vec<u8>>(),
+            )
             .arg(if r.session.is_some() { "1" } else { "0" })
             .arg(r.session.as_ref().map_or(1, |s| ttl(s.expires_at)))
             .arg(super::MAX_OPEN_PER_NONCE)

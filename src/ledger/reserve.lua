@@ -19,7 +19,8 @@
 -- ARGV[7]   the signature (65 bytes): with the window, the answer a repeat gets
 -- ARGV[8]   refresh bound: a stored answer whose validUntil is below it (and below the fresh
 --           one's) is not handed out again; the reservation is extended to the fresh answer
--- ARGV[9]   the userOpHash we expect on chain (its first 8 bytes)
+-- ARGV[9]   the userOpHashes the answer may land with, 8 bytes (their first) each: one, or on
+--           EntryPoint v0.9 two (the signature inline or in the suffix)
 -- ARGV[10]  "1" under a session
 -- ARGV[11]  session state TTL, seconds
 -- ARGV[12]  most open reservations one nonce may have under one session
@@ -120,7 +121,9 @@ if rec and rec.state == OPEN then
     if check_only then
       return {0}
     end
-    rec.hashes[#rec.hashes + 1] = ARGV[9]
+    for i = 1, #ARGV[9], 8 do
+      rec.hashes[#rec.hashes + 1] = string.sub(ARGV[9], i, i + 7)
+    end
     while #rec.hashes > MAX_HASHES do
       table.remove(rec.hashes, 1)
     end

@@ -20,9 +20,10 @@ use crate::ledger::{
 use crate::policy::calldata::Call;
 use crate::policy::{Budget, Policy};
 use crate::session::SessionGrant;
+use crate::userop::EntryPointVersion;
 use crate::userop::UserOperation;
 use crate::userop::hash::user_op_hash;
-use crate::userop::paymaster_data::{PaymasterData, PaymasterGas};
+use crate::userop::paymaster_data::{PaymasterData, PaymasterGas, PaymasterLayout};
 
 /// Reserve for the signed `data` and return what to answer: `data`, or, for a repeat of the
 /// same operation, the answer signed for it before.
@@ -87,18 +88,22 @@ pub(super) async fn reserve(
             req.op.sender,
             req.op.nonce,
         ),
-        // The hash the op will have on chain: ours is its only paymaster data, in the layout
-        // the client asked for (on v0.9 a suffix leaves the signature out of the hash).
-        user_op_hash: user_op_hash(
-            decoded.version,
-            &req.op.pack(Some(&data.fields(
-                decoded.paymaster,
-                decoded.gas,
-                req.context.layout,
-            ))),
-            req.entry_point,
-            sponsor.chain_id,
-        ),
+        // The hashes the op may have on chain: ours is its only paymaster data. On v0.9 the
+        // same signature is valid inline and in the suffix, whichever the client asked for, and
+        // the suffix is outside the hash: both are recorded, or an op landed in the other
+        // layout would match no reservation.
+        user_op_hashes: layouts(decoded.version)
+            .iter()
+            .map(|&layout| {
+                user_op_hash(
+                    decoded.version,
+                    &req.op
+                        .pack(Some(&data.fields(decoded.paymaster, decoded.gas, layout))),
+                    req.entry_point,
+                    sponsor.chain_id,
+                )
+            })
+            .collect(),
         answer: data.clone(),
         cost_gwei,
         scopes,
@@ -270,4 +275,13 @@ fn idempotency_key(
         )
             .abi_encode(),
     )
+}
+
+/// Where a signature of ours may sit in an operation of `version`.
+fn layouts(version: EntryPointVersion) -> &'static [PaymasterLayout] {
+    if version.spec().paymaster_signature_suffix {
+        &[PaymasterLayout::Inline, PaymasterLayout::Suffix]
+    } else {
+        &[PaymasterLayout::Inline]
+    }
 }

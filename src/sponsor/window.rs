@@ -4,13 +4,16 @@
 //! signature in the suffix keeps the window it already has (and may have signed) when that
 //! window lies within this one.
 
+use alloy::primitives::Address;
+
 use super::decode::Decoded;
 use super::{Reason, Rejection, SponsorError, SponsorRequest};
 use crate::policy::Policy;
 use crate::session::SessionGrant;
+use crate::userop::PaymasterFields;
 use crate::userop::paymaster_data::{PaymasterData, PaymasterLayout, ValidityWindow};
 
-/// How far in the past `validAfter` is put. v0.8 requires `block.timestamp > validAfter`, so
+/// How far in the past `validAfter` is put. v0.8 and later require `block.timestamp > validAfter`, so
 /// "now" would fail for an op mined in the same second; and block timestamps may trail our
 /// clock. Starting a minute early gives nothing away: `validUntil` is what bounds a signature.
 pub const VALID_AFTER_SKEW_SECS: u64 = 60;
@@ -40,27 +43,75 @@ pub(super) fn window(
     }
     let ours = ValidityWindow::new(now.saturating_sub(VALID_AFTER_SKEW_SECS), valid_until)
         .map_err(|e| Rejection::new(Reason::EmptyValidityWindow, "validity", e.to_string()))?;
-    Ok(kept_client_window(req, decoded, now, ours).unwrap_or(ours))
+    let sent = (req.context.layout == PaymasterLayout::Suffix)
+        .then_some(req.op.paymaster.as_ref())
+        .flatten();
+    Ok(kept_client_window(sent, decoded.paymaster, now, ours).unwrap_or(ours))
 }
 
+/// How old a kept window's start may be: the stub came a little before the final request.
+const MAX_KEPT_WINDOW_AGE_SECS: u64 = 3600;
+
 /// In the suffix layout the account signs the userOpHash, which covers `paymasterData` (the
-/// window), possibly before asking us for the signature: the window it sent with our paymaster
-/// is kept when it ends no later than ours and is still open. Its start may be anything: an
-/// earlier one opens nothing (the op cannot land in the past), a later one only delays it. Its
-/// end bounds it below 2^47, so it is never read as a v0.9 block range (top bit of both ends).
+/// window), possibly before asking us for the signature: the window `sent` with our
+/// `paymaster` is kept when it ends no later than `ours` and has not ended, and started at most
+/// [`MAX_KEPT_WINDOW_AGE_SECS`] ago (not in the future: a start below 2^47 is never read as a
+/// v0.9 block range, which takes the top bit of both ends). An earlier start than ours opens
+/// nothing: the op cannot land in the past.
 fn kept_client_window(
-    req: SponsorRequest<'_>,
-    decoded: &Decoded,
+    sent: Option<&PaymasterFields>,
+    paymaster: Address,
     now: u64,
     ours: ValidityWindow,
 ) -> Option<ValidityWindow> {
-    if req.context.layout != PaymasterLayout::Suffix {
-        return None;
-    }
-    let sent = req.op.paymaster.as_ref()?;
-    if sent.paymaster != decoded.paymaster {
-        return None;
-    }
+    let sent = sent.filter(|s| s.paymaster == paymaster)?;
     let theirs = PaymasterData::decode_window(&sent.data).ok()?;
-    (theirs.valid_until <= ours.valid_until && theirs.valid_until > now).then_some(theirs)
+    let open = theirs.valid_until > now && theirs.valid_until <= ours.valid_until;
+    let recent = theirs.valid_after <= now
+        && theirs.valid_after.saturating_add(MAX_KEPT_WINDOW_AGE_SECS) >= now;
+    (open && recent).then_some(theirs)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use alloy::primitives::Bytes;
+
+    const NOW: u64 = 1_800_000_000;
+
+    fn sent(paymaster: Address, after: u64, until: u64) -> PaymasterFields {
+        let mut data = until.to_be_bytes()[2..].to_vec();
+        data.extend_from_slice(&after.to_be_bytes()[2..]);
+        PaymasterFields {
+            paymaster,
+            data: Bytes::from(data),
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn a_clients_window_is_kept_only_within_ours() -> Result<(), Box<dyn std::error::Error>> {
+        let pm = Address::repeat_byte(9);
+        let ours = ValidityWindow::new(NOW - 60, NOW + 600)?;
+        let keep = |s: &PaymasterFields| kept_client_window(Some(s), pm, NOW, ours);
+        // The stub's window of a few seconds ago: kept.
+        let stub = sent(pm, NOW - 65, NOW + 595);
+        assert_eq!(keep(&stub), Some(ValidityWindow::new(NOW - 65, NOW + 595)?));
+        assert_eq!(keep(&sent(pm, NOW - 60, NOW + 600)), Some(ours));
+        for (why, s) in [
+            ("ends after ours", sent(pm, NOW - 60, NOW + 601)),
+            ("ended", sent(pm, NOW - 600, NOW)),
+            ("starts in the future", sent(pm, NOW + 1, NOW + 600)),
+            ("started too long ago", sent(pm, NOW - 3601, NOW + 600)),
+            ("v0.9 block range", sent(pm, (1 << 47) + 1, (1 << 47) + 2)),
+            ("another paymaster", sent(Address::repeat_byte(8), NOW - 60, NOW + 600)),
+        ] {
+            assert_eq!(keep(&s), None, "{why}");
+        }
+        let mut inline = stub.clone();
+        inline.data = [stub.data.to_vec(), vec![0; 65]].concat().into();
+        assert_eq!(keep(&inline), None, "not a bare window");
+        assert_eq!(kept_client_window(None, pm, NOW, ours), None);
+        Ok(())
+    }
 }

@@ -724,7 +724,7 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
         policy: grant.policy.clone(),
         op_key: B256::repeat_byte(1),
         landing_key: landing_key(31337, ep(EntryPointVersion::V0_7), account, op.nonce),
-        user_op_hash: B256::repeat_byte(2),
+        user_op_hashes: vec![B256::repeat_byte(2)],
         answer: PaymasterData {
             window: ValidityWindow::new(now - 60, now + 600)?,
             signature: [1; 65],

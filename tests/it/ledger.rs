@@ -51,7 +51,7 @@ fn reservation(op: u8, cost: u64, scopes: Vec<Scope>) -> Reservation {
         landing_key: B256::repeat_byte(op ^ 0x40),
         cost_gwei: cost,
         scopes,
-        user_op_hash: B256::repeat_byte(op ^ 0x80),
+        user_op_hashes: vec![B256::repeat_byte(op ^ 0x80)],
         answer: answer(op, NOW + 600),
         session: None,
         expires_at: NOW + 4200,
@@ -308,6 +308,34 @@ async fn landings_by_nonce(ledger: &Ledger) -> TestResult {
         0,
         "nothing of a landed nonce is left to release"
     );
+
+    // A v0.9 answer may land with either of two hashes (signature inline or in the suffix):
+    // the second one names its reservation as well as the first.
+    let two = |op: u8| Reservation {
+        landing_key: B256::repeat_byte(0x35),
+        user_op_hashes: vec![B256::repeat_byte(0xc0 ^ op), B256::repeat_byte(0xd0 ^ op)],
+        ..one_nonce(op, "n1")
+    };
+    for op in [25, 26] {
+        assert_eq!(
+            ledger.reserve(&two(op), false, NOW).await?,
+            Outcome::Reserved
+        );
+    }
+    let second_layout = Landing {
+        landing_key: B256::repeat_byte(0x35),
+        user_op_hash: B256::repeat_byte(0xd0 ^ 26),
+        actual_gwei: 5,
+    };
+    assert_eq!(
+        ledger.settle(&all, &second_layout).await?,
+        settled(1, 1, true)
+    );
+    assert_eq!(
+        ledger.usage("n1", "n").await?,
+        (115, 3),
+        "26 settled at 5, 25 released"
+    );
     Ok(())
 }
 
@@ -319,7 +347,7 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     let short = |valid_until: u64, hash: u8| Reservation {
         policy: "r".into(),
         answer: answer(30, valid_until),
-        user_op_hash: B256::repeat_byte(hash),
+        user_op_hashes: vec![B256::repeat_byte(hash)],
         ..reservation(30, 100, vec![scope("s", Some(150), Some(5))])
     };
     assert_eq!(
@@ -412,7 +440,7 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     let in_window = |window: &str, valid_until: u64, hash: u8| Reservation {
         policy: "w".into(),
         answer: answer(70, valid_until),
-        user_op_hash: B256::repeat_byte(hash),
+        user_op_hashes: vec![B256::repeat_byte(hash)],
         ..reservation(70, 10, vec![scope(window, None, None)])
     };
     assert_eq!(
@@ -1054,7 +1082,7 @@ async fn a_reservation_takes_at_most_400_bytes() -> TestResult {
             policy: "dev-counter".into(),
             op_key: alloy::primitives::keccak256(i.to_be_bytes()),
             landing_key: alloy::primitives::keccak256((i ^ u64::MAX).to_be_bytes()),
-            user_op_hash: alloy::primitives::keccak256((i ^ 7).to_be_bytes()),
+            user_op_hashes: vec![alloy::primitives::keccak256((i ^ 7).to_be_bytes())],
             answer: answer(7, NOW + 600),
             ..reservation(0, 123_456, scopes.clone())
         };
@@ -1088,6 +1116,8 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
                 rule: "session.permissions.spend[0]".into(),
             }],
         }),
+        // Two hashes: a v0.9 answer (signature inline or in the suffix).
+        user_op_hashes: vec![B256::repeat_byte(0xa1), B256::repeat_byte(0xa2)],
         ..reservation(
             9,
             123_456_789,
