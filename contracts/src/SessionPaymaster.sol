@@ -47,9 +47,6 @@ contract SessionPaymaster is TwoStepBasePaymaster {
     uint256 private constant SIGNATURE_LENGTH = 65;
     /// @notice Exact length of a well-formed paymasterAndData for this paymaster.
     uint256 public constant PAYMASTER_AND_DATA_LENGTH = SIGNATURE_OFFSET + SIGNATURE_LENGTH; // 129
-    /// @notice Exact length with the signature in v0.9's paymaster-signature suffix
-    ///         (signature, uint16 length, 8-byte magic).
-    uint256 public constant PAYMASTER_AND_DATA_WITH_SUFFIX_LENGTH = PAYMASTER_AND_DATA_LENGTH + 2 + 8; // 139
 
     /// @notice Addresses whose signatures this paymaster honours (what validation reads).
     mapping(address => bool) public isSigner;
@@ -160,20 +157,34 @@ contract SessionPaymaster is TwoStepBasePaymaster {
         pure
         returns (uint48 validUntil, uint48 validAfter, bytes calldata signature)
     {
-        (bytes calldata signedPart, bytes calldata suffixSignature) = _splitPaymasterSignature(paymasterAndData);
-        if (suffixSignature.length == 0) {
-            if (paymasterAndData.length != PAYMASTER_AND_DATA_LENGTH) {
-                revert InvalidPaymasterDataLength(paymasterAndData.length);
-            }
-            signature = paymasterAndData[SIGNATURE_OFFSET:];
-        } else {
-            if (signedPart.length != SIGNATURE_OFFSET || suffixSignature.length != SIGNATURE_LENGTH) {
-                revert InvalidPaymasterDataLength(paymasterAndData.length);
-            }
-            signature = suffixSignature;
+        // A constant per build (`paymaster-base/`): false before v0.9, where this branch is
+        // compiled out and the v0.7/v0.8 bytecode stays what it was before v0.9 existed, so
+        // `deploy` still finds paymasters deployed earlier at their predicted addresses.
+        if (PAYMASTER_SIGNATURE_SUFFIX && paymasterAndData.length != PAYMASTER_AND_DATA_LENGTH) {
+            return _parseWithSuffix(paymasterAndData);
+        }
+        if (paymasterAndData.length != PAYMASTER_AND_DATA_LENGTH) {
+            revert InvalidPaymasterDataLength(paymasterAndData.length);
         }
         validUntil = uint48(bytes6(paymasterAndData[VALID_UNTIL_OFFSET:VALID_AFTER_OFFSET]));
         validAfter = uint48(bytes6(paymasterAndData[VALID_AFTER_OFFSET:SIGNATURE_OFFSET]));
+        signature = paymasterAndData[SIGNATURE_OFFSET:];
+    }
+
+    /// @dev v0.9: `paymaster ‖ gas ‖ validUntil ‖ validAfter` signed by the account, then our
+    ///      signature in the suffix (139 bytes in all); nothing else.
+    function _parseWithSuffix(bytes calldata paymasterAndData)
+        private
+        pure
+        returns (uint48 validUntil, uint48 validAfter, bytes calldata signature)
+    {
+        (bytes calldata signedPart, bytes calldata suffixSignature) = _splitPaymasterSignature(paymasterAndData);
+        if (signedPart.length != SIGNATURE_OFFSET || suffixSignature.length != SIGNATURE_LENGTH) {
+            revert InvalidPaymasterDataLength(paymasterAndData.length);
+        }
+        validUntil = uint48(bytes6(paymasterAndData[VALID_UNTIL_OFFSET:VALID_AFTER_OFFSET]));
+        validAfter = uint48(bytes6(paymasterAndData[VALID_AFTER_OFFSET:SIGNATURE_OFFSET]));
+        signature = suffixSignature;
     }
 
     /**

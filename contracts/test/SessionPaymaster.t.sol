@@ -368,7 +368,7 @@ contract SessionPaymasterTest is TestBase {
         uint48 until = uint48(block.timestamp + 600);
         uint48 afterTs = uint48(block.timestamp - 60);
         bytes32 userOpHash = _sponsorInSuffix(op, until, afterTs, SIGNER_KEY);
-        vm.assertEq(op.paymasterAndData.length, pm.PAYMASTER_AND_DATA_WITH_SUFFIX_LENGTH(), "139 bytes");
+        vm.assertEq(op.paymasterAndData.length, 139, "139 bytes");
         vm.assertEq(ep.getUserOpHash(op), userOpHash, "the paymaster signature is outside the userOpHash");
 
         vm.prank(address(ep));

@@ -10,6 +10,34 @@ use session_paymaster::userop::{EntryPointVersion, ISessionPaymaster};
 
 use crate::helpers::{TestAnvil, TestRedis, TestResult, TlsForwarder, contracts_dir};
 
+/// `deploy` predicts a paymaster's address from its build: a change to the bytecode of a
+/// version already in production makes it plan a second paymaster (with a second deposit and
+/// stake) beside the one operators run. v0.9's signature suffix is compiled out of the v0.7 and
+/// v0.8 builds; these are the builds of before it. Changing them on purpose means telling
+/// operators (docs/operations.md) and updating the hashes here.
+#[test]
+fn the_v07_and_v08_builds_are_unchanged() -> TestResult {
+    let artifacts = Artifacts::new(contracts_dir());
+    for (version, expected) in [
+        (
+            EntryPointVersion::V0_7,
+            "0xe532dbe581548e8e4f915db883d42baddbbc70956885ff9967d22ee5aa9fa20b",
+        ),
+        (
+            EntryPointVersion::V0_8,
+            "0x1e6b593746fbb64b9999e56ef18afd3646b3bd580cffe05d8fc62edaf088804e",
+        ),
+    ] {
+        let code = artifacts.session_paymaster(version)?;
+        assert_eq!(
+            alloy::primitives::keccak256(&code).to_string(),
+            expected,
+            "SessionPaymaster's v{version} bytecode changed"
+        );
+    }
+    Ok(())
+}
+
 #[tokio::test]
 async fn forge_deploy_script_lands_at_the_predicted_address() -> TestResult {
     for version in EntryPointVersion::ALL {

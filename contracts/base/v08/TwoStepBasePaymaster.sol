@@ -8,7 +8,11 @@ abstract contract TwoStepBasePaymaster is BasePaymaster {
     constructor(IEntryPoint _entryPoint) BasePaymaster(_entryPoint) {}
 
     /// @dev EntryPoints before v0.9 hash all of paymasterAndData into the userOpHash: there is no
-    ///      paymaster-signature suffix (`base/v09`), the whole of it is the signed part.
+    ///      paymaster-signature suffix (`base/v09`). With the constant false, SessionPaymaster's
+    ///      suffix branch and this function are compiled out.
+    bool internal constant PAYMASTER_SIGNATURE_SUFFIX = false;
+
+    /// @dev Never called (see PAYMASTER_SIGNATURE_SUFFIX): the whole of it is the signed part.
     function _splitPaymasterSignature(bytes calldata paymasterAndData)
         internal
         pure

@@ -10,6 +10,9 @@ import "entrypoint/core/UserOperationLib.sol";
 abstract contract TwoStepBasePaymaster is BasePaymaster {
     constructor(IEntryPoint _entryPoint) BasePaymaster(_entryPoint, msg.sender) {}
 
+    /// @dev See `base/v07`: v0.9 reads a paymaster-signature suffix.
+    bool internal constant PAYMASTER_SIGNATURE_SUFFIX = true;
+
     /// @dev v0.9 lets paymasterAndData end with `paymasterSignature ‖ uint16 length ‖
     ///      PAYMASTER_SIG_MAGIC`, outside the userOpHash (UserOperationLib.getPaymasterSignature),
     ///      so the account can sign before the paymaster. Returns the part before that suffix
