@@ -232,17 +232,18 @@ impl Config {
     pub fn check_entry_points(&self) -> Result<(), String> {
         for (i, a) in self.entry_points.iter().enumerate() {
             for b in &self.entry_points[i + 1..] {
+                let (fa, fb) = (a.version.flag_suffix(), b.version.flag_suffix());
                 if a.address == b.address {
                     return Err(format!(
-                        "EntryPoint v{} and v{} are both configured at {}",
-                        a.version, b.version, a.address
+                        "--entry-point-{fa} and --entry-point-{fb} are both {}: one EntryPoint \
+                         serves one version",
+                        a.address
                     ));
                 }
-                if a.paymaster.is_some() && a.paymaster == b.paymaster {
+                if let Some(pm) = a.paymaster.filter(|_| a.paymaster == b.paymaster) {
                     return Err(format!(
-                        "the paymaster for EntryPoint v{} and v{} is the same contract; each \
-                         SessionPaymaster serves one EntryPoint",
-                        a.version, b.version
+                        "--paymaster-{fa} and --paymaster-{fb} are both {pm}: each \
+                         SessionPaymaster serves one EntryPoint"
                     ));
                 }
             }

@@ -45,8 +45,9 @@ enum Command {
         #[arg(long)]
         out: PathBuf,
     },
-    /// Deploy a local stack on a development node (anvil): both EntryPoints at their canonical
-    /// addresses, SimpleAccountFactory, SessionPaymaster with a deposit, and the demo Counter.
+    /// Deploy a local stack on a development node (anvil): every EntryPoint version from its npm
+    /// package (v0.7 and v0.8 at their canonical addresses, v0.9's 0.9.0-rc.1 where it lands),
+    /// SimpleAccountFactory, SessionPaymaster with a deposit, and the demo Counter.
     /// Prints the addresses as one JSON line. Sends from the node's first unlocked account.
     DeployDev {
         /// Node RPC URL.
@@ -99,7 +100,7 @@ struct DeployArgs {
     /// Needed to send; optional with --dry-run.
     #[arg(long)]
     chain_id: Option<u64>,
-    /// EntryPoint version: 0.7 or 0.8.
+    /// EntryPoint version: 0.7, 0.8 or 0.9.
     #[arg(long)]
     entry_point: session_paymaster::userop::EntryPointVersion,
     /// EntryPoint address (default: the version's canonical address).

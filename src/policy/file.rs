@@ -313,7 +313,12 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
     if file.entry_points.is_empty() {
         check(Err(at(
             0..0,
-            "`entry_points` must name at least one version (\"0.7\", \"0.8\", \"0.9\")".into(),
+            format!(
+                "`entry_points` must name at least one version ({})",
+                EntryPointVersion::ALL
+                    .map(|v| format!("\"{v}\""))
+                    .join(", ")
+            ),
         )));
     }
 

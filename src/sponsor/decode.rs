@@ -70,8 +70,14 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
             "context.paymasterSignature",
             format!(
                 "EntryPoint v{} hashes all of paymasterAndData: the signature can only be inline \
-                 (a suffix needs v0.9)",
-                ep.version
+                 (a suffix needs {})",
+                ep.version,
+                EntryPointVersion::ALL
+                    .iter()
+                    .filter(|v| v.spec().paymaster_signature_suffix)
+                    .map(|v| format!("v{v}"))
+                    .collect::<Vec<_>>()
+                    .join(" or ")
             ),
         )
         .into());

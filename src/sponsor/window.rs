@@ -104,7 +104,10 @@ mod tests {
             ("starts in the future", sent(pm, NOW + 1, NOW + 600)),
             ("started too long ago", sent(pm, NOW - 3601, NOW + 600)),
             ("v0.9 block range", sent(pm, (1 << 47) + 1, (1 << 47) + 2)),
-            ("another paymaster", sent(Address::repeat_byte(8), NOW - 60, NOW + 600)),
+            (
+                "another paymaster",
+                sent(Address::repeat_byte(8), NOW - 60, NOW + 600),
+            ),
         ] {
             assert_eq!(keep(&s), None, "{why}");
         }

@@ -3,8 +3,8 @@
 //! Both are cross-checked against the contracts on anvil (`tests/it/hashes.rs`):
 //! `EntryPoint.getUserOpHash` of v0.7, v0.8 and v0.9, and `SessionPaymaster.getHash`.
 
-use alloy::primitives::{Address, B256, U256, keccak256};
-use alloy::sol_types::SolValue;
+use alloy::primitives::{Address, B256, U256, b256, keccak256};
+use alloy::sol_types::{SolValue, eip712_domain};
 
 use super::EntryPointVersion;
 use super::operation::{PackedUserOperation, UserOperation};
@@ -21,6 +21,57 @@ pub fn user_op_hash(
     chain_id: u64,
 ) -> B256 {
     (version.spec().user_op_hash)(op, entry_point, chain_id)
+}
+
+/// The fields `UserOperationLib.encode` hashes, with `paymasterAndData`'s hash given (v0.9 hashes
+/// it without its paymaster signature): what every version's userOpHash is built from.
+pub(super) fn hashed_fields(
+    op: &PackedUserOperation,
+    paymaster_and_data_hash: B256,
+) -> (Address, U256, B256, B256, B256, U256, B256, B256) {
+    (
+        op.sender,
+        op.nonce,
+        keccak256(&op.initCode),
+        keccak256(&op.callData),
+        op.accountGasLimits,
+        op.preVerificationGas,
+        op.gasFees,
+        paymaster_and_data_hash,
+    )
+}
+
+/// `keccak256("PackedUserOperation(address sender,uint256 nonce,bytes initCode,bytes callData,bytes32 accountGasLimits,uint256 preVerificationGas,bytes32 gasFees,bytes paymasterAndData)")`
+/// (`UserOperationLib.PACKED_USEROP_TYPEHASH` of v0.8 and v0.9).
+const PACKED_USEROP_TYPEHASH: B256 =
+    b256!("0x29a0bca4af4be3421398da00295e58e6d7de38cb492214754cb6a47507dd6f8e");
+
+/// The EIP-712 userOpHash (v0.8 and later): domain `{name: "ERC4337", version: "1", chainId,
+/// verifyingContract: entryPoint}`, `paymasterAndData`'s hash given.
+pub(super) fn eip712_user_op_hash(
+    op: &PackedUserOperation,
+    paymaster_and_data_hash: B256,
+    entry_point: Address,
+    chain_id: u64,
+) -> B256 {
+    let (s, n, ic, cd, agl, pvg, fees, pmd) = hashed_fields(op, paymaster_and_data_hash);
+    let struct_hash =
+        keccak256((PACKED_USEROP_TYPEHASH, s, n, ic, cd, agl, pvg, fees, pmd).abi_encode());
+    let domain = eip712_domain! {
+        name: "ERC4337",
+        version: "1",
+        chain_id: chain_id,
+        verifying_contract: entry_point,
+    };
+    // keccak256(0x1901 ‖ domainSeparator ‖ structHash)
+    keccak256(
+        [
+            &[0x19, 0x01][..],
+            domain.separator().as_slice(),
+            struct_hash.as_slice(),
+        ]
+        .concat(),
+    )
 }
 
 /// `SessionPaymaster.getHash(op, validUntil, validAfter)` for `op` carrying our paymaster gas
@@ -56,6 +107,12 @@ pub fn paymaster_hash(
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn typehash_matches_its_definition() {
+        let def = "PackedUserOperation(address sender,uint256 nonce,bytes initCode,bytes callData,bytes32 accountGasLimits,uint256 preVerificationGas,bytes32 gasFees,bytes paymasterAndData)";
+        assert_eq!(keccak256(def), PACKED_USEROP_TYPEHASH);
+    }
 
     #[test]
     fn versions_and_chains_give_different_hashes() {

@@ -4,8 +4,14 @@
 //! v0.7, v0.8 and v0.9 share one operation shape ([`operation`]). What differs by EntryPoint
 //! version lives in one module each ([`v0_7`], [`v0_8`], [`v0_9`]) as a [`VersionSpec`]:
 //! addresses, artifacts, the userOpHash, whether paymasterAndData may carry a paymaster
-//! signature outside it. [`EntryPointVersion`] selects one; a new version is a new module, a
-//! variant here, and its tests.
+//! signature outside it. [`EntryPointVersion`] selects one.
+//!
+//! A new version takes: its module and a variant here; its npm package as an alias in
+//! `contracts/package.json`; a Foundry profile in `contracts/foundry.toml` with its
+//! `contracts/base/vNN/` (and `TestBase.entryPointVersion`); its build and forge run in
+//! `scripts/setup-contracts` and `scripts/test`; `--entry-point-vNN`/`--paymaster-vNN` in
+//! `config.rs`; and policies that name it. The tests that iterate `EntryPointVersion::ALL`
+//! (hashes against the contracts, end to end) then cover it.
 
 pub mod hash;
 pub mod operation;
@@ -42,12 +48,17 @@ pub struct VersionSpec {
     /// `v07`: the suffix of configuration keys and flags (`paymaster_v07`, `--paymaster-v07`)
     /// and the Foundry profile's output directory (`contracts/out/v07`).
     pub flag_suffix: &'static str,
+    /// The Foundry profile that builds SessionPaymaster for it (`FOUNDRY_PROFILE`).
+    pub forge_profile: &'static str,
     /// The address the canonical deployment has on every chain (DESIGN §3).
     pub canonical_address: Address,
     /// The npm alias of its `@account-abstraction/contracts` package in `contracts/package.json`.
     pub package: &'static str,
     /// CREATE2 salt with which the package's EntryPoint artifact is deployed (DESIGN §7).
     pub entry_point_salt: B256,
+    /// Where that deployment lands: the canonical address, unless the package holds another
+    /// build than the canonical one (v0.9: 0.9.0-rc.1).
+    pub package_entry_point: Address,
     /// `EntryPoint.getUserOpHash(op)` at `entry_point` on `chain_id`.
     pub user_op_hash: fn(&PackedUserOperation, Address, u64) -> B256,
     /// Whether paymasterAndData may end with a paymaster signature that the userOpHash leaves

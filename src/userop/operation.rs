@@ -355,7 +355,9 @@ impl PaymasterFields {
         out.extend_from_slice(&self.data);
         match &self.signature {
             // Parsing caps the length at a uint16, so the suffix always encodes.
-            Some(sig) => super::v0_9::with_paymaster_signature(&out, sig).unwrap_or(out.into()),
+            Some(sig) => {
+                super::paymaster_data::with_paymaster_signature(&out, sig).unwrap_or(out.into())
+            }
             None => out.into(),
         }
     }
@@ -452,7 +454,7 @@ mod tests {
                     match &pm.signature {
                         None => prop_assert!(suffix.is_empty()),
                         Some(sig) => {
-                            prop_assert_eq!(super::super::v0_9::paymaster_signature_len(pmd), Some(sig.len()));
+                            prop_assert_eq!(crate::userop::paymaster_data::paymaster_signature_len(pmd), Some(sig.len()));
                             prop_assert_eq!(&suffix[..sig.len()], &sig[..]);
                         }
                     }

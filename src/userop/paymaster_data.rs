@@ -69,7 +69,7 @@ impl PaymasterGas {
 
 /// Timestamps between which the EntryPoint accepts our signature.
 ///
-/// v0.7 accepts `validAfter <= block.timestamp <= validUntil`; v0.8 requires
+/// v0.7 accepts `validAfter <= block.timestamp <= validUntil`; v0.8 and later require
 /// `block.timestamp > validAfter` (EntryPoint.sol `_getValidationData`), so callers put
 /// `valid_after` in the past rather than at "now".
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -113,6 +113,50 @@ impl ValidityWindow {
             valid_after,
         })
     }
+}
+
+/// `keccak256("PaymasterSignature")[:8]`, the last 8 bytes of a `paymasterAndData` that carries
+/// a paymaster signature in a suffix (v0.9 `UserOperationLib.PAYMASTER_SIG_MAGIC`).
+pub const PAYMASTER_SIG_MAGIC: [u8; 8] = hex!("22e325a297439656");
+
+/// `uint16 length ‖ PAYMASTER_SIG_MAGIC`, after the paymaster signature.
+pub const PAYMASTER_SIG_SUFFIX_LEN: usize = 2 + PAYMASTER_SIG_MAGIC.len();
+
+/// The paymaster's static fields (address and two gas limits) and the suffix, at least.
+const MIN_LEN_WITH_SUFFIX: usize = 52 + PAYMASTER_SIG_SUFFIX_LEN;
+
+/// The length of the paymaster signature at the end of `paymaster_and_data` (0: none), as
+/// v0.9 `UserOperationLib.getPaymasterSignatureLength` reads it; `None` where that reverts (a
+/// length reaching into the static fields), so no such operation can be hashed or land.
+pub fn paymaster_signature_len(paymaster_and_data: &[u8]) -> Option<usize> {
+    let len = paymaster_and_data.len();
+    if len < MIN_LEN_WITH_SUFFIX || paymaster_and_data[len - 8..] != PAYMASTER_SIG_MAGIC {
+        return Some(0);
+    }
+    let at = len - PAYMASTER_SIG_SUFFIX_LEN;
+    let sig_len = usize::from(u16::from_be_bytes([
+        paymaster_and_data[at],
+        paymaster_and_data[at + 1],
+    ]));
+    (sig_len <= len - MIN_LEN_WITH_SUFFIX).then_some(sig_len)
+}
+
+/// `signed_part ‖ signature ‖ uint16(len) ‖ PAYMASTER_SIG_MAGIC`; `None` for a signature
+/// longer than a `uint16`. (`UserOperationLib.encodePaymasterSignature` writes nothing for an
+/// empty signature; this writes a zero length, which the EntryPoint reads as no suffix and
+/// hashes whole: parsing turns an empty `paymasterSignature` into none.)
+pub fn with_paymaster_signature(signed_part: &[u8], signature: &[u8]) -> Option<Bytes> {
+    let len = u16::try_from(signature.len()).ok()?;
+    Some(
+        [
+            signed_part,
+            signature,
+            &len.to_be_bytes(),
+            &PAYMASTER_SIG_MAGIC,
+        ]
+        .concat()
+        .into(),
+    )
 }
 
 /// Where our signature goes in `paymasterAndData`.
@@ -224,6 +268,32 @@ mod tests {
         let recid = RecoveryId::from_byte(STUB_SIGNATURE[64] - 27).ok_or("bad v")?;
         VerifyingKey::recover_from_prehash(B256::from(digest).as_slice(), &sig, recid)?;
         Ok(())
+    }
+
+    #[test]
+    fn magic_is_keccak_of_its_name() {
+        assert_eq!(keccak256("PaymasterSignature")[..8], PAYMASTER_SIG_MAGIC);
+    }
+
+    #[test]
+    fn suffix_is_read_as_the_entry_point_reads_it() {
+        let head = [7u8; 64];
+        let sig = [9u8; 65];
+        let pad = with_paymaster_signature(&head, &sig).unwrap_or_default();
+        assert_eq!(pad.len(), 64 + 65 + 10);
+        assert_eq!(paymaster_signature_len(&pad), Some(65));
+        // Without the magic, or with a length of 0, there is no suffix.
+        assert_eq!(paymaster_signature_len(&pad[..pad.len() - 1]), Some(0));
+        let zero = with_paymaster_signature(&head, &[]).unwrap_or_default();
+        assert_eq!(paymaster_signature_len(&zero), Some(0));
+        // A length reaching into the static fields: the EntryPoint reverts.
+        let mut long = pad.to_vec();
+        let n = long.len();
+        long[n - 10..n - 8].copy_from_slice(&u16::try_from(n - 61).unwrap_or(0).to_be_bytes());
+        assert_eq!(paymaster_signature_len(&long), None);
+        long[n - 10..n - 8].copy_from_slice(&u16::try_from(n - 62).unwrap_or(0).to_be_bytes());
+        assert_eq!(paymaster_signature_len(&long), Some(n - 62));
+        assert!(with_paymaster_signature(&head, &vec![0; 65_536]).is_none());
     }
 
     #[test]

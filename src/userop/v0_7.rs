@@ -1,39 +1,23 @@
-//! EntryPoint v0.7: `PackedUserOperation`, userOpHash
-//! `keccak256(abi.encode(keccak256(encode(op)), entryPoint, chainId))`.
+//! EntryPoint v0.7: userOpHash `keccak256(abi.encode(keccak256(encode(op)), entryPoint, chainId))`.
 
 use alloy::primitives::{Address, B256, U256, address, b256, keccak256};
 use alloy::sol_types::SolValue;
 
+use super::hash::hashed_fields;
 use super::{PackedUserOperation, VersionSpec};
 
 /// v0.7.
 pub const SPEC: VersionSpec = VersionSpec {
     name: "0.7",
     flag_suffix: "v07",
+    forge_profile: "default",
     canonical_address: address!("0x0000000071727De22E5E9d8BAf0edAc6f37da032"),
     package: "aa07",
     entry_point_salt: b256!("0x90d8084deab30c2a37c45e8d47f49f2f7965183cb6990a98943ef94940681de3"),
+    package_entry_point: address!("0x0000000071727De22E5E9d8BAf0edAc6f37da032"),
     user_op_hash,
     paymaster_signature_suffix: false,
 };
-
-/// The fields `UserOperationLib.encode` hashes, with `paymasterAndData`'s hash given (v0.9
-/// hashes it differently).
-pub(super) fn hashed_fields(
-    op: &PackedUserOperation,
-    paymaster_and_data_hash: B256,
-) -> (Address, U256, B256, B256, B256, U256, B256, B256) {
-    (
-        op.sender,
-        op.nonce,
-        keccak256(&op.initCode),
-        keccak256(&op.callData),
-        op.accountGasLimits,
-        op.preVerificationGas,
-        op.gasFees,
-        paymaster_and_data_hash,
-    )
-}
 
 fn user_op_hash(op: &PackedUserOperation, entry_point: Address, chain_id: u64) -> B256 {
     let inner = keccak256(hashed_fields(op, keccak256(&op.paymasterAndData)).abi_encode());

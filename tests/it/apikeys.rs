@@ -48,7 +48,10 @@ async fn post(url: &str, bearer: Option<&str>, body: &Value) -> TestResult<(u16,
 async fn keys_are_required_and_limited_to_their_policies() -> TestResult {
     let (shop_key, shop_cfg) = new_key("shop", "dev-counter")?;
     let (ops_key, ops_cfg) = new_key("ops", "")?;
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.api_keys = vec![shop_cfg.parse::<ApiKey>()?, ops_cfg.parse::<ApiKey>()?];
     let app = TestApp::spawn(c).await?;
     let ep = EntryPointVersion::V0_7.canonical_address();
@@ -134,7 +137,10 @@ async fn a_key_reads_nothing_of_other_tenants() -> TestResult {
     use crate::sessions::{create_session, grant_request};
 
     let (shop_key, shop_cfg) = new_key("shop", "dev-counter")?;
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.api_keys = vec![shop_cfg.parse::<ApiKey>()?];
     let app = TestApp::spawn(c).await?;
     let ep = EntryPointVersion::V0_7.canonical_address();
@@ -212,7 +218,10 @@ async fn validating_many_policies_costs_as_many_calls() -> TestResult {
     use session_paymaster::policy::Rate;
 
     let (key, cfg) = new_key("shop", "")?;
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.api_keys = vec![cfg.parse::<ApiKey>()?];
     c.rate_per_key = Some(Rate {
         count: 5,

@@ -52,19 +52,19 @@ async fn forge_deploy_script_lands_at_the_predicted_address() -> TestResult {
             "EntryPoint",
         )
         .await?;
-        // 0.9.0-rc.1 is not the build deployed at the canonical v0.9 address (DESIGN §7).
-        let expected = match version {
-            EntryPointVersion::V0_9 => session_paymaster::userop::v0_9::RC1_ENTRY_POINT,
-            _ => version.canonical_address(),
-        };
-        assert_eq!(ep, expected, "EntryPoint v{version}");
+        assert_eq!(
+            ep,
+            version.spec().package_entry_point,
+            "EntryPoint v{version}"
+        );
+        if version != EntryPointVersion::V0_9 {
+            // 0.9.0-rc.1 is not the build deployed at the canonical v0.9 address (DESIGN §7).
+            assert_eq!(ep, version.canonical_address());
+        }
 
         let (owner, signer) = (Address::repeat_byte(0x0d), Address::repeat_byte(0x5e));
         let predicted = artifacts.session_paymaster_address(version, ep, owner, &[signer])?;
-        let profile = match version {
-            EntryPointVersion::V0_7 => "default",
-            other => other.flag_suffix(),
-        };
+        let profile = version.spec().forge_profile;
         let out = Command::new(contracts_dir().join("node_modules/.bin/forge"))
             .current_dir(contracts_dir())
             .args([

@@ -447,7 +447,8 @@ async fn v09_account_signs_before_the_paymaster() -> TestResult {
         user_op_hash(EntryPointVersion::V0_9, &op.pack(None), ep, 31337)
     );
 
-    // Later (here: a second later), the final paymaster data for the same op.
+    // Later, the final paymaster data for the same op: a second later, so that the window the
+    // service would compute now differs from the stub's and keeping the stub's is observable.
     tokio::time::sleep(std::time::Duration::from_millis(1100)).await;
     let data = stack
         .app
@@ -490,6 +491,7 @@ async fn v09_account_signs_before_the_paymaster() -> TestResult {
         data["paymasterData"].clone(),
     )?)?
     .valid_until;
+    assert_ne!(until, far, "the client's window is not signed");
     assert!(until <= now + 600 + 5, "max_validity 10m, not {until}");
 
     // Before v0.9 there is no suffix: asking for one is an invalid parameter, not a silent inline.

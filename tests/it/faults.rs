@@ -217,7 +217,7 @@ async fn a_cluster_master_killed_fails_closed_then_recovers() -> TestResult {
     let mut cluster = crate::helpers::TestRedisCluster::start_persistent().await?;
     let dir = budgeted_dir()?;
     let mut c = crate::helpers::config(
-        [Some(Address::repeat_byte(7)), None],
+        [Some(Address::repeat_byte(7)), None, None],
         session_paymaster::signer::KeySource::Ephemeral,
     );
     c.policies_dir = dir.0.clone();

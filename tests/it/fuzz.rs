@@ -183,7 +183,7 @@ async fn json_rpc_bodies_never_get_a_500() -> crate::helpers::TestResult {
     use proptest::test_runner::{Config, TestRunner};
 
     let app = crate::helpers::TestApp::spawn(crate::helpers::config(
-        [Some(Address::repeat_byte(7)), None],
+        [Some(Address::repeat_byte(7)), None, None],
         session_paymaster::signer::KeySource::Ephemeral,
     ))
     .await?;

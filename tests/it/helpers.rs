@@ -245,9 +245,9 @@ pub fn counter_op(
 /// The admin bearer token every test app accepts.
 pub const ADMIN_TOKEN: &str = "test-admin-token";
 
-/// Config of the embedded defaults, with the given paymasters and a key file: one EntryPoint
-/// (at its canonical address) per paymaster given, in the order of `EntryPointVersion::ALL`.
-pub fn config<const N: usize>(paymasters: [Option<Address>; N], signer: KeySource) -> Config {
+/// Config of the embedded defaults, with the given paymasters (in the order of
+/// `EntryPointVersion::ALL`, each EntryPoint at its canonical address) and a key file.
+pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
     Config {
         chain_id: 31337,
         entry_points: EntryPointVersion::ALL

@@ -33,6 +33,7 @@ sol! {
 
 const PM07: Address = Address::repeat_byte(0x07);
 const PM08: Address = Address::repeat_byte(0x08);
+const PM09: Address = Address::repeat_byte(0x09);
 const SENDER: Address = Address::repeat_byte(0x5e);
 /// SimpleAccountFactory of the v0.7 samples: listed by the shipped policies.
 const FACTORY07: Address = Address::new(alloy::primitives::hex!(
@@ -65,7 +66,7 @@ async fn app_with(redis: &TestRedis, extra: &[(String, String)]) -> TestResult<(
     for (name, text) in extra {
         std::fs::write(dir.0.join(name), text)?;
     }
-    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.policies_dir = dir.0.clone();
     c.redis_url = Some(redis.url.clone());
     Ok((TestApp::spawn(c).await?, dir))
@@ -128,10 +129,14 @@ fn op_calling(call_data: Vec<u8>, nonce: u64) -> Value {
 
 /// `factory = 0x7702…` parsed as an ordinary factory was signed; the v0.8 EntryPoint hashes such
 /// an op with the sender's delegate, so its event never matched the reservation, which was
-/// then released although the deposit paid. Refused in every padding, on both EntryPoints.
+/// then released although the deposit paid. Refused in every padding, on every EntryPoint.
 #[tokio::test]
 async fn eip7702_marker_factory_is_refused() -> TestResult {
-    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let app = TestApp::spawn(config(
+        [Some(PM07), Some(PM08), Some(PM09)],
+        KeySource::Ephemeral,
+    ))
+    .await?;
     let padded = format!("0x7702{}", "00".repeat(18));
     let address_style = format!("0x{}7702", "00".repeat(18));
     for version in EntryPointVersion::ALL {
@@ -223,7 +228,11 @@ async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
 /// factory that paid for deploying anything. Refused in every account shape, nested too.
 #[tokio::test]
 async fn an_operation_without_calls_is_refused() -> TestResult {
-    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let app = TestApp::spawn(config(
+        [Some(PM07), Some(PM08), Some(PM09)],
+        KeySource::Ephemeral,
+    ))
+    .await?;
     let mut batch_7579 = [0u8; 32];
     batch_7579[0] = 0x01;
     let empty_v07 = [
@@ -304,7 +313,11 @@ async fn an_operation_without_calls_is_refused() -> TestResult {
 /// factories a policy lists.
 #[tokio::test]
 async fn deployment_through_an_unlisted_factory_is_refused() -> TestResult {
-    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let app = TestApp::spawn(config(
+        [Some(PM07), Some(PM08), Some(PM09)],
+        KeySource::Ephemeral,
+    ))
+    .await?;
     let with_factory = |factory: Address| {
         let mut op = counter_op(SENDER, 0, "increment()").to_json();
         op["factory"] = json!(factory);
@@ -656,7 +669,11 @@ async fn a_repeat_never_returns_a_signature_about_to_expire() -> TestResult {
 /// verification limit inflates the worst case.
 #[tokio::test]
 async fn client_chosen_paymaster_gas_is_bounded() -> TestResult {
-    let app = TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await?;
+    let app = TestApp::spawn(config(
+        [Some(PM07), Some(PM08), Some(PM09)],
+        KeySource::Ephemeral,
+    ))
+    .await?;
     let with_gas = |verification: u64, post_op: u64| {
         let mut op = counter_op(SENDER, 0, "increment()").to_json();
         op["paymaster"] = json!(PM07);

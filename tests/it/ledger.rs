@@ -629,7 +629,10 @@ async fn redis_cluster_ledger_contract() -> TestResult {
 async fn concurrent_sponsorships_sign_exactly_the_budget_on_redis_cluster() -> TestResult {
     let cluster = crate::helpers::TestRedisCluster::start().await?;
     let dir = budget_dir()?;
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.policies_dir = dir.0.clone();
     c.redis_url = Some(cluster.url.clone());
     // The claim is exactness under contention, not latency: 200 requests at once on two
@@ -660,7 +663,10 @@ fn op_json(nonce: u64) -> Value {
 async fn apps(n: usize, redis: Option<&TestRedis>, dir: &TempDir) -> TestResult<Vec<TestApp>> {
     let mut out = Vec::new();
     for _ in 0..n {
-        let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+        let mut c = config(
+            [Some(Address::repeat_byte(7)), None, None],
+            KeySource::Ephemeral,
+        );
         c.policies_dir = dir.0.clone();
         c.redis_url = redis.map(|r| r.url.clone());
         c.redis_timeout = Duration::from_secs(5);

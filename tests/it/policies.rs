@@ -29,7 +29,10 @@ fn edit(dir: &TempDir, file: &str, from: &str, to: &str) -> TestResult {
 }
 
 async fn app(dir: &TempDir, redis: Option<&TestRedis>) -> TestResult<TestApp> {
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.policies_dir = dir.0.clone();
     c.redis_url = redis.map(|r| r.url.clone());
     TestApp::spawn(c).await
@@ -146,7 +149,10 @@ async fn replicas_follow_the_set_published_in_redis() -> TestResult {
     );
 
     // Told to (`--publish-policies`), a replica publishes its directory; every replica follows.
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.policies_dir = dir_b.0.clone();
     c.redis_url = Some(redis.url.clone());
     c.publish_policies = true;

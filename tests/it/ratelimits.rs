@@ -33,7 +33,10 @@ async fn rate_limited_app(per_sender: &str) -> TestResult<(TestApp, TempDir)> {
     let mut text = std::fs::read_to_string(dir.0.join("dev-counter.toml"))?;
     text.push_str(&format!("\n[rate]\nper_sender = \"{per_sender}\"\n"));
     std::fs::write(dir.0.join("dev-counter.toml"), text)?;
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.policies_dir = dir.0.clone();
     Ok((TestApp::spawn(c).await?, dir))
 }
@@ -82,7 +85,10 @@ async fn per_sender_limit_is_hit_and_recovers() -> TestResult {
 #[tokio::test]
 async fn per_api_key_limit() -> TestResult {
     let key = "sp_test_key";
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.api_keys = vec![format!("shop:0x{}", hex::encode(Sha256::digest(key))).parse::<ApiKey>()?];
     c.rate_per_key = Some(Rate {
         count: 3,

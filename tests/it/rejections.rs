@@ -106,7 +106,11 @@ fn good() -> UserOperation {
 async fn every_policy_rejection_reason_over_http() -> TestResult {
     let dir = policies()?;
     let mut c = config(
-        [Some(Address::repeat_byte(7)), Some(Address::repeat_byte(8))],
+        [
+            Some(Address::repeat_byte(7)),
+            Some(Address::repeat_byte(8)),
+            Some(Address::repeat_byte(9)),
+        ],
         KeySource::Ephemeral,
     );
     c.policies_dir = dir.0.clone();
@@ -284,7 +288,10 @@ async fn every_policy_rejection_reason_over_http() -> TestResult {
     for id in ["strict", "allowlist", "ended", "v08only"] {
         std::fs::remove_file(dir.0.join(format!("{id}.toml")))?;
     }
-    let mut c = config([Some(Address::repeat_byte(7)), None], KeySource::Ephemeral);
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
     c.policies_dir = dir.0.clone();
     let bare = TestApp::spawn(c).await?;
     let err = bare

@@ -25,7 +25,11 @@ const PM09: Address = Address::repeat_byte(0x09);
 const COUNTER: &str = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3";
 
 async fn app() -> TestResult<TestApp> {
-    TestApp::spawn(config([Some(PM07), Some(PM08)], KeySource::Ephemeral)).await
+    TestApp::spawn(config(
+        [Some(PM07), Some(PM08), Some(PM09)],
+        KeySource::Ephemeral,
+    ))
+    .await
 }
 
 fn ep07() -> String {
@@ -80,7 +84,8 @@ async fn chain_id_and_entry_points() -> TestResult {
         app.result("pm_supportedEntryPoints", json!([])).await?,
         json!([
             "0x0000000071727De22E5E9d8BAf0edAc6f37da032",
-            "0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"
+            "0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108",
+            "0x433709009B8330FDa32311DF1C2AFA402eD8D009"
         ])
     );
     Ok(())
@@ -98,7 +103,7 @@ async fn two_versions_at_one_address_do_not_start() -> TestResult {
         .ok_or("started")?;
     assert!(
         err.to_string()
-            .contains("v0.8 and v0.9 are both configured at"),
+            .contains("--entry-point-v08 and --entry-point-v09 are both 0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"),
         "{err}"
     );
 
@@ -107,7 +112,12 @@ async fn two_versions_at_one_address_do_not_start() -> TestResult {
         .await
         .err()
         .ok_or("started")?;
-    assert!(err.to_string().contains("is the same contract"), "{err}");
+    assert!(
+        err.to_string().contains(&format!(
+            "--paymaster-v08 and --paymaster-v09 are both {PM08}"
+        )),
+        "{err}"
+    );
     c.entry_points[2].paymaster = Some(PM09);
     assert!(session_paymaster::app::AppState::build(&c).await.is_ok());
     Ok(())
@@ -249,9 +259,9 @@ async fn unsupported_chain_entry_point_and_missing_paymaster() -> TestResult {
         .await?;
     assert_eq!(err["code"], json!(-32001));
     assert_eq!(err["data"]["reason"], json!("unsupported_entry_point"));
-    assert_eq!(err["data"]["supported"].as_array().map(Vec::len), Some(2));
+    assert_eq!(err["data"]["supported"].as_array().map(Vec::len), Some(3));
 
-    let unconfigured = TestApp::spawn(config([None, None], KeySource::Ephemeral)).await?;
+    let unconfigured = TestApp::spawn(config([None, None, None], KeySource::Ephemeral)).await?;
     let err = unconfigured
         .error("pm_sponsorUserOperation", json!([op(), ep07()]))
         .await?;
@@ -685,7 +695,7 @@ async fn internal_errors_answer_a_request_id_only() -> TestResult {
     tokio::spawn(async move {
         let _ = axum::serve(listener, broken).await;
     });
-    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.bundler_url = Some(bundler_url);
     let app = TestApp::spawn(c).await?;
     let unestimated = unestimated_op();
@@ -709,7 +719,7 @@ async fn internal_errors_answer_a_request_id_only() -> TestResult {
 #[tokio::test]
 async fn an_unreachable_bundlers_url_and_key_stay_ours() -> TestResult {
     let closed = crate::helpers::free_port();
-    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.bundler_url = Some(format!(
         "http://127.0.0.1:{closed}/rpc?apikey=bundler-secret-key"
     ));
@@ -745,7 +755,7 @@ async fn a_silent_bundler_times_out() -> TestResult {
             held.push(socket);
         }
     });
-    let mut c = config([Some(PM07), Some(PM08)], KeySource::Ephemeral);
+    let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.bundler_url = Some(bundler_url);
     c.bundler_timeout = std::time::Duration::from_millis(300);
     let app = TestApp::spawn(c).await?;

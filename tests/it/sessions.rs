@@ -35,7 +35,7 @@ fn now() -> u64 {
 }
 
 async fn app(redis: Option<&TestRedis>) -> TestResult<TestApp> {
-    let mut c = config([Some(PM07), None], KeySource::Ephemeral);
+    let mut c = config([Some(PM07), None, None], KeySource::Ephemeral);
     c.redis_url = redis.map(|r| r.url.clone());
     TestApp::spawn(c).await
 }
@@ -691,7 +691,7 @@ pub(crate) fn transfer_op(account: Address, amount: u64, nonce: u64) -> UserOper
 
 async fn spend_limits_are_cumulative(redis: Option<&TestRedis>) -> TestResult {
     let dir = token_policy_dir()?;
-    let mut c = config([Some(PM07), None], KeySource::Ephemeral);
+    let mut c = config([Some(PM07), None, None], KeySource::Ephemeral);
     c.policies_dir = dir.0.clone();
     c.redis_url = redis.map(|r| r.url.clone());
     let app = TestApp::spawn(c).await?;
@@ -738,7 +738,7 @@ async fn spend_limits_are_cumulative_in_redis() -> TestResult {
 async fn concurrent_spending_never_exceeds_the_limit() -> TestResult {
     let redis = TestRedis::start().await?;
     let dir = token_policy_dir()?;
-    let mut c = config([Some(PM07), None], KeySource::Ephemeral);
+    let mut c = config([Some(PM07), None, None], KeySource::Ephemeral);
     c.policies_dir = dir.0.clone();
     c.redis_url = Some(redis.url.clone());
     let (one, two) = (TestApp::spawn(c.clone()).await?, TestApp::spawn(c).await?);

@@ -25,7 +25,7 @@ fn metric(text: &str, series: &str) -> u64 {
 #[tokio::test]
 async fn a_chain_rpc_outage_keeps_replicas_ready_and_backs_off() -> TestResult {
     let app = TestApp::spawn(config(
-        [Some(Address::repeat_byte(7)), None],
+        [Some(Address::repeat_byte(7)), None, None],
         KeySource::Ephemeral,
     ))
     .await?;
