@@ -38,6 +38,8 @@ reasons! {
     NoCalls => "no_calls",
     /// The operation deploys its account through a factory the policy does not list.
     FactoryNotAllowed => "factory_not_allowed",
+    /// An EIP-7702 account delegating to an implementation the policy does not list.
+    DelegateNotAllowed => "delegate_not_allowed",
     /// The policy does not list the chain.
     ChainNotAllowed => "chain_not_allowed",
     /// The policy does not list the EntryPoint version.

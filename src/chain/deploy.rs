@@ -114,6 +114,33 @@ impl Artifacts {
         ))
     }
 
+    /// Init code of the sample Simple7702Account, an EIP-7702 delegate, for an EntryPoint of
+    /// `version` at `entry_point` (0.8.0's names the canonical EntryPoint itself; 0.9's takes it
+    /// as its constructor's argument); `None` for a version without EIP-7702 accounts.
+    pub fn simple_7702_account(
+        &self,
+        version: EntryPointVersion,
+        entry_point: Address,
+    ) -> Result<Option<Bytes>, DeployError> {
+        if !version.spec().eip7702 {
+            return Ok(None);
+        }
+        let relative = format!(
+            "node_modules/{}/artifacts/Simple7702Account.json",
+            Self::package(version)
+        );
+        let code = self.bytecode(&relative)?;
+        let takes_entry_point = self.read(&relative)?["abi"]
+            .as_array()
+            .and_then(|abi| abi.iter().find(|item| item["type"] == "constructor"))
+            .is_some_and(|c| c["inputs"].as_array().is_some_and(|i| i.len() == 1));
+        Ok(Some(if takes_entry_point {
+            [code.as_ref(), &entry_point.abi_encode()].concat().into()
+        } else {
+            code
+        }))
+    }
+
     /// Creation bytecode of SessionPaymaster built against `version`.
     pub fn session_paymaster(&self, version: EntryPointVersion) -> Result<Bytes, DeployError> {
         self.bytecode(&format!(
@@ -155,8 +182,8 @@ impl Artifacts {
         self.bytecode("out/v07/Counter.sol/Counter.json")
     }
 
-    /// `bytecode` of a Hardhat artifact (a hex string) or a Foundry one (`{object}`).
-    fn bytecode(&self, relative: &str) -> Result<Bytes, DeployError> {
+    /// An artifact's JSON.
+    fn read(&self, relative: &str) -> Result<serde_json::Value, DeployError> {
         let path = self.dir.join(relative);
         let err = |reason: String| DeployError::Artifact {
             path: path.clone(),
@@ -164,8 +191,17 @@ impl Artifacts {
         };
         let text = std::fs::read_to_string(&path)
             .map_err(|e| err(format!("{e} (run scripts/setup-contracts)")))?;
-        let json: serde_json::Value =
-            serde_json::from_str(&text).map_err(|e| err(e.to_string()))?;
+        serde_json::from_str(&text).map_err(|e| err(e.to_string()))
+    }
+
+    /// `bytecode` of a Hardhat artifact (a hex string) or a Foundry one (`{object}`).
+    fn bytecode(&self, relative: &str) -> Result<Bytes, DeployError> {
+        let path = self.dir.join(relative);
+        let err = |reason: String| DeployError::Artifact {
+            path: path.clone(),
+            reason,
+        };
+        let json = self.read(relative)?;
         let code = json["bytecode"]
             .as_str()
             .or_else(|| json["bytecode"]["object"].as_str())
@@ -269,6 +305,9 @@ pub struct VersionDeployment {
     pub entry_point: Address,
     /// SimpleAccountFactory for it.
     pub simple_account_factory: Address,
+    /// Simple7702Account for it, the delegate of EIP-7702 accounts (v0.8 and later).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub simple_7702_account: Option<Address>,
     /// SessionPaymaster for it.
     pub paymaster: Address,
 }
@@ -338,10 +377,17 @@ pub async fn deploy_dev_stack(
         let plan = plan_paymaster(provider, artifacts, from, &target).await?;
         execute(provider, chain_id, from, &plan).await?;
         let paymaster = plan.paymaster;
+        let simple_7702_account = match artifacts.simple_7702_account(version, entry_point)? {
+            None => None,
+            Some(code) => {
+                Some(create2(provider, from, B256::ZERO, &code, "Simple7702Account").await?)
+            }
+        };
         entry_points.push(VersionDeployment {
             version,
             entry_point,
             simple_account_factory: factory,
+            simple_7702_account,
             paymaster,
         });
     }

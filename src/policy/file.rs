@@ -51,6 +51,8 @@ struct PolicyFile {
     #[serde(default)]
     factories: Vec<Spanned<String>>,
     #[serde(default)]
+    delegates: Vec<Spanned<String>>,
+    #[serde(default)]
     allow: Vec<AllowFile>,
 }
 
@@ -529,6 +531,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         deny: address_list(&file.senders.deny, "senders.deny"),
     };
     let factories = address_list(&file.factories, "factories");
+    let delegates = address_list(&file.delegates, "delegates");
     if let Some(both) = senders.allow.iter().find(|a| senders.deny.contains(a)) {
         errors.push(at(
             0..0,
@@ -567,6 +570,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         rate_per_session,
         senders,
         factories,
+        delegates,
         allow,
     })
 }

@@ -52,6 +52,10 @@ pub struct Policy {
     /// `initCode`). Empty: it sponsors no deployment, since a factory call runs code no
     /// `[[allow]]` rule sees.
     pub factories: Vec<Address>,
+    /// EIP-7702 implementations it pays for (the `eip7702Auth.address` of an operation with
+    /// `factory = 0x7702`). Empty: it sponsors no EIP-7702 delegation, since the delegate is the
+    /// code that runs the calls the rules check.
+    pub delegates: Vec<Address>,
     /// What the operation may call: every call must match one rule.
     pub allow: Vec<AllowRule>,
 }
@@ -257,6 +261,17 @@ impl Policy {
                 _ => Ok(()),
             }
         );
+        visit!(
+            "delegate",
+            match ctx.op.eip7702.as_ref().map(|e| e.auth.address) {
+                Some(delegate) if !self.delegates.contains(&delegate) => Err(reject(
+                    Reason::DelegateNotAllowed,
+                    "delegates",
+                    format!("EIP-7702 delegation to {delegate} is not sponsored"),
+                )),
+                _ => Ok(()),
+            }
+        );
         let gas_caps = [
             (
                 "verification_gas_limit",
@@ -425,6 +440,21 @@ mod tests {
 
     const TARGET: Address = Address::repeat_byte(0x11);
     const FACTORY: Address = Address::repeat_byte(0xfa);
+    const DELEGATE: Address = Address::repeat_byte(0xd1);
+
+    fn eip7702(delegate: Address) -> crate::userop::eip7702::Eip7702 {
+        crate::userop::eip7702::Eip7702 {
+            marker: Bytes::from_static(&[0x77, 0x02]),
+            auth: crate::userop::eip7702::Eip7702Auth {
+                address: delegate,
+                chain_id: U256::ZERO,
+                nonce: 0,
+                r: U256::from(1u64),
+                s: U256::from(1u64),
+                y_parity: 0,
+            },
+        }
+    }
 
     fn policy() -> Policy {
         Policy {
@@ -451,6 +481,7 @@ mod tests {
                 deny: vec![Address::repeat_byte(0xdd)],
             },
             factories: vec![FACTORY],
+            delegates: vec![DELEGATE],
             allow: vec![AllowRule {
                 target: TARGET,
                 functions: FunctionFilter::Selectors(vec![(
@@ -532,6 +563,16 @@ mod tests {
                 "unlisted factory",
                 |op, _, _, _, _| op.factory = Some(Address::repeat_byte(0xfb)),
                 Some((Reason::FactoryNotAllowed, None)),
+            ),
+            (
+                "listed delegate",
+                |op, _, _, _, _| op.eip7702 = Some(eip7702(DELEGATE)),
+                None,
+            ),
+            (
+                "unlisted delegate",
+                |op, _, _, _, _| op.eip7702 = Some(eip7702(Address::repeat_byte(0xde))),
+                Some((Reason::DelegateNotAllowed, None)),
             ),
             (
                 "denied sender",

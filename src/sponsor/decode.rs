@@ -63,6 +63,17 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
     if mode == Mode::Final {
         op.require_gas_limits()?;
     }
+    if op.eip7702.is_some() && !ep.version.spec().eip7702 {
+        return Err(FieldError::invalid(
+            "factory",
+            format!(
+                "EntryPoint v{} has no EIP-7702 accounts (factory 0x7702): use {}",
+                ep.version,
+                EntryPointVersion::names_where(|s| s.eip7702)
+            ),
+        )
+        .into());
+    }
     if req.context.layout == PaymasterLayout::Suffix
         && !ep.version.spec().paymaster_signature_suffix
     {
@@ -72,12 +83,7 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
                 "EntryPoint v{} hashes all of paymasterAndData: the signature can only be inline \
                  (a suffix needs {})",
                 ep.version,
-                EntryPointVersion::ALL
-                    .iter()
-                    .filter(|v| v.spec().paymaster_signature_suffix)
-                    .map(|v| format!("v{v}"))
-                    .collect::<Vec<_>>()
-                    .join(" or ")
+                EntryPointVersion::names_where(|s| s.paymaster_signature_suffix)
             ),
         )
         .into());

@@ -97,8 +97,8 @@ pub(super) async fn reserve(
             .map(|&layout| {
                 user_op_hash(
                     decoded.version,
-                    &req.op
-                        .pack(Some(&data.fields(decoded.paymaster, decoded.gas, layout))),
+                    req.op,
+                    Some(&data.fields(decoded.paymaster, decoded.gas, layout)),
                     req.entry_point,
                     sponsor.chain_id,
                 )

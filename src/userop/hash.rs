@@ -7,32 +7,39 @@ use alloy::primitives::{Address, B256, U256, b256, keccak256};
 use alloy::sol_types::{SolValue, eip712_domain};
 
 use super::EntryPointVersion;
-use super::operation::{PackedUserOperation, UserOperation};
+use super::operation::{PackedUserOperation, PaymasterFields, UserOperation};
 use super::paymaster_data::{PaymasterGas, ValidityWindow};
 
-/// The hash the EntryPoint of `version` at `entry_point` on `chain_id` gives `op`
-/// (`EntryPoint.getUserOpHash`; each version's module says how).
-/// (The EIP-7702 initCode override of v0.8 and v0.9 is not needed: such operations are refused
-/// at parsing.)
+/// The hash the EntryPoint of `version` at `entry_point` on `chain_id` gives `op` with
+/// `paymaster` in place of its own paymaster fields (`EntryPoint.getUserOpHash`; each version's
+/// module says how). An EIP-7702 account is hashed with the delegate its authorization names.
 pub fn user_op_hash(
     version: EntryPointVersion,
-    op: &PackedUserOperation,
+    op: &UserOperation,
+    paymaster: Option<&PaymasterFields>,
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
-    (version.spec().user_op_hash)(op, entry_point, chain_id)
+    (version.spec().user_op_hash)(
+        &op.pack(paymaster),
+        op.user_op_init_code_hash(),
+        entry_point,
+        chain_id,
+    )
 }
 
-/// The fields `UserOperationLib.encode` hashes, with `paymasterAndData`'s hash given (v0.9 hashes
-/// it without its paymaster signature): what every version's userOpHash is built from.
+/// The fields `UserOperationLib.encode` hashes, with the initCode's hash (an EIP-7702 account's
+/// is its delegate's) and `paymasterAndData`'s (v0.9 leaves its paymaster signature out) given:
+/// what every version's userOpHash is built from.
 pub(super) fn hashed_fields(
     op: &PackedUserOperation,
+    init_code_hash: B256,
     paymaster_and_data_hash: B256,
 ) -> (Address, U256, B256, B256, B256, U256, B256, B256) {
     (
         op.sender,
         op.nonce,
-        keccak256(&op.initCode),
+        init_code_hash,
         keccak256(&op.callData),
         op.accountGasLimits,
         op.preVerificationGas,
@@ -50,11 +57,13 @@ const PACKED_USEROP_TYPEHASH: B256 =
 /// verifyingContract: entryPoint}`, `paymasterAndData`'s hash given.
 pub(super) fn eip712_user_op_hash(
     op: &PackedUserOperation,
+    init_code_hash: B256,
     paymaster_and_data_hash: B256,
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
-    let (s, n, ic, cd, agl, pvg, fees, pmd) = hashed_fields(op, paymaster_and_data_hash);
+    let (s, n, ic, cd, agl, pvg, fees, pmd) =
+        hashed_fields(op, init_code_hash, paymaster_and_data_hash);
     let struct_hash =
         keccak256((PACKED_USEROP_TYPEHASH, s, n, ic, cd, agl, pvg, fees, pmd).abi_encode());
     let domain = eip712_domain! {
@@ -116,15 +125,15 @@ mod tests {
 
     #[test]
     fn versions_and_chains_give_different_hashes() {
-        let op = UserOperation::default().pack(None);
+        let op = UserOperation::default();
         let ep = EntryPointVersion::V0_7.canonical_address();
-        let a = user_op_hash(EntryPointVersion::V0_7, &op, ep, 1);
-        assert_ne!(a, user_op_hash(EntryPointVersion::V0_8, &op, ep, 1));
-        assert_ne!(a, user_op_hash(EntryPointVersion::V0_7, &op, ep, 2));
+        let a = user_op_hash(EntryPointVersion::V0_7, &op, None, ep, 1);
+        assert_ne!(a, user_op_hash(EntryPointVersion::V0_8, &op, None, ep, 1));
+        assert_ne!(a, user_op_hash(EntryPointVersion::V0_7, &op, None, ep, 2));
         // v0.9 differs from v0.8 only for an operation with a paymaster signature suffix.
         assert_eq!(
-            user_op_hash(EntryPointVersion::V0_8, &op, ep, 1),
-            user_op_hash(EntryPointVersion::V0_9, &op, ep, 1)
+            user_op_hash(EntryPointVersion::V0_8, &op, None, ep, 1),
+            user_op_hash(EntryPointVersion::V0_9, &op, None, ep, 1)
         );
     }
 }

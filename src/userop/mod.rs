@@ -13,6 +13,7 @@
 //! `config.rs`; and policies that name it. The tests that iterate `EntryPointVersion::ALL`
 //! (hashes against the contracts, end to end) then cover it.
 
+pub mod eip7702;
 pub mod hash;
 pub mod operation;
 pub mod paymaster_data;
@@ -59,8 +60,11 @@ pub struct VersionSpec {
     /// Where that deployment lands: the canonical address, unless the package holds another
     /// build than the canonical one (v0.9: 0.9.0-rc.1).
     pub package_entry_point: Address,
-    /// `EntryPoint.getUserOpHash(op)` at `entry_point` on `chain_id`.
-    pub user_op_hash: fn(&PackedUserOperation, Address, u64) -> B256,
+    /// `EntryPoint.getUserOpHash(op)` at `entry_point` on `chain_id`, given the hash it puts
+    /// for the initCode (an EIP-7702 account's delegate's: [`UserOperation::user_op_init_code_hash`]).
+    pub user_op_hash: fn(&PackedUserOperation, B256, Address, u64) -> B256,
+    /// Whether it takes EIP-7702 accounts (`factory = 0x7702` and `eip7702Auth`).
+    pub eip7702: bool,
     /// Whether paymasterAndData may end with a paymaster signature that the userOpHash leaves
     /// out (v0.9 `UserOperationLib.getPaymasterSignature`).
     pub paymaster_signature_suffix: bool,
@@ -77,6 +81,16 @@ impl EntryPointVersion {
             Self::V0_8 => &v0_8::SPEC,
             Self::V0_9 => &v0_9::SPEC,
         }
+    }
+
+    /// The versions whose spec has `feature`, as `v0.8 or v0.9` (for messages).
+    pub fn names_where(feature: fn(&VersionSpec) -> bool) -> String {
+        Self::ALL
+            .iter()
+            .filter(|v| feature(v.spec()))
+            .map(|v| format!("v{v}"))
+            .collect::<Vec<_>>()
+            .join(" or ")
     }
 
     /// See [`VersionSpec::canonical_address`].

@@ -12,6 +12,7 @@ use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::sol;
 use serde_json::Value;
 
+use super::eip7702::{self, Eip7702, Eip7702Auth};
 use super::paymaster_data::PaymasterGas;
 use crate::wire::{self, FieldError, to_quantity};
 
@@ -82,6 +83,9 @@ pub struct UserOperation {
     pub factory: Option<Address>,
     /// Calldata for `factory` (empty without one).
     pub factory_data: Bytes,
+    /// An EIP-7702 account's marker and authorization (`factory = 0x7702`, `eip7702Auth`);
+    /// `factory` is `None` then.
+    pub eip7702: Option<Eip7702>,
     /// What the EntryPoint calls on the account.
     pub call_data: Bytes,
     /// Gas for the account's execution call.
@@ -115,8 +119,8 @@ pub struct PaymasterFields {
 }
 
 impl UserOperation {
-    /// Parse the RPC form. Unknown fields are ignored (clients add their own, e.g. `eip7702Auth`
-    /// or a dummy `signature`); every error names the field.
+    /// Parse the RPC form. Unknown fields are ignored (clients add their own); every error names
+    /// the field.
     pub fn from_json(value: &Value) -> Result<Self, FieldError> {
         let obj = value
             .as_object()
@@ -128,38 +132,64 @@ impl UserOperation {
             wire::optional(obj, field).map_or(Ok(Bytes::new()), |v| wire::data(field, v))
         };
 
+        let mut eip7702_marker = None;
         let factory = match wire::optional(obj, "factory") {
             None => None,
             Some(v) => {
                 let bytes = wire::data("factory", v)?;
-                if is_eip7702_marker(&bytes) {
-                    // The v0.8 EntryPoint hashes such an op with the sender's delegate in place
-                    // of keccak(initCode), and may call `initEip7702Sender`: until that is
-                    // supported end to end, it is refused (DESIGN §8, ledger escape).
+                if eip7702::is_marker(&bytes) {
+                    eip7702_marker = Some(bytes);
+                    None
+                } else if eip7702::looks_like_marker(&bytes) {
+                    // 0x…7702 is no marker to the EntryPoint: it would be called as a factory.
                     return Err(FieldError::invalid(
                         "factory",
-                        "the EIP-7702 initCode marker (0x7702) is not supported",
+                        "the EIP-7702 marker is 0x7702, padded on the right to at most 20 bytes",
                     ));
-                }
-                match bytes.len() {
-                    0 => None,
-                    20 => Some(Address::from_slice(&bytes)),
-                    n => {
-                        return Err(FieldError::invalid(
-                            "factory",
-                            format!("expected a 20-byte address, got {n} bytes"),
-                        ));
+                } else {
+                    match bytes.len() {
+                        0 => None,
+                        20 => Some(Address::from_slice(&bytes)),
+                        n => {
+                            return Err(FieldError::invalid(
+                                "factory",
+                                format!("expected a 20-byte address, got {n} bytes"),
+                            ));
+                        }
                     }
                 }
             }
         };
-        // EIP-7702 operations are refused (see `factory`); an authorization that is not even an
-        // object is a malformed request, not a field to ignore.
-        if wire::optional(obj, "eip7702Auth").is_some_and(|v| !v.is_object()) {
-            return Err(FieldError::invalid("eip7702Auth", "expected an object"));
-        }
         let factory_data = data("factoryData")?;
-        if factory.is_none() && !factory_data.is_empty() {
+        let eip7702 = match (eip7702_marker, wire::optional(obj, "eip7702Auth")) {
+            (None, None) => None,
+            (None, Some(_)) => {
+                return Err(FieldError::invalid(
+                    "eip7702Auth",
+                    "set without the EIP-7702 marker (factory 0x7702): the bundler would delegate \
+                     the account to code the operation does not name",
+                ));
+            }
+            (Some(_), None) => {
+                // The EntryPoint hashes the delegate, which only the authorization names here.
+                return Err(FieldError::Missing("eip7702Auth".into()));
+            }
+            (Some(marker), Some(auth)) => {
+                if !factory_data.is_empty() {
+                    // initCode longer than 20 bytes: the EntryPoint calls the account with the
+                    // rest (`initEip7702Sender`), code no policy sees.
+                    return Err(FieldError::invalid(
+                        "factoryData",
+                        "must be empty for an EIP-7702 account",
+                    ));
+                }
+                Some(Eip7702 {
+                    marker,
+                    auth: Eip7702Auth::from_json(auth)?,
+                })
+            }
+        };
+        if factory.is_none() && eip7702.is_none() && !factory_data.is_empty() {
             return Err(FieldError::invalid("factoryData", "set without `factory`"));
         }
 
@@ -194,6 +224,7 @@ impl UserOperation {
             nonce: wire::quantity("nonce", wire::required(obj, "nonce")?, 256)?,
             factory,
             factory_data,
+            eip7702,
             call_data: wire::data("callData", wire::required(obj, "callData")?)?,
             call_gas_limit: q128("callGasLimit")?,
             verification_gas_limit: q128("verificationGasLimit")?,
@@ -225,6 +256,11 @@ impl UserOperation {
         if let Some(factory) = self.factory {
             v["factory"] = serde_json::json!(factory);
             v["factoryData"] = serde_json::json!(self.factory_data);
+        }
+        if let Some(e) = &self.eip7702 {
+            v["factory"] = serde_json::json!(e.marker);
+            v["factoryData"] = serde_json::json!(Bytes::new());
+            v["eip7702Auth"] = e.auth.to_json();
         }
         if let Some(pm) = &self.paymaster {
             v["paymaster"] = serde_json::json!(pm.paymaster);
@@ -270,18 +306,29 @@ impl UserOperation {
         Ok(())
     }
 
-    /// `factory ‖ factoryData`, empty for a deployed account.
+    /// `factory ‖ factoryData` (the EIP-7702 marker for such an account), empty for a deployed
+    /// account.
     pub fn init_code(&self) -> Bytes {
-        match self.factory {
-            None => Bytes::new(),
-            Some(factory) => [factory.as_slice(), &self.factory_data].concat().into(),
+        match (self.factory, &self.eip7702) {
+            (_, Some(e)) => e.marker.clone(),
+            (None, None) => Bytes::new(),
+            (Some(factory), None) => [factory.as_slice(), &self.factory_data].concat().into(),
         }
+    }
+
+    /// What the EntryPoint's userOpHash puts for the initCode: its hash, or for an EIP-7702
+    /// account its delegate's (see [`Eip7702::init_code_hash`]).
+    pub fn user_op_init_code_hash(&self) -> B256 {
+        self.eip7702.as_ref().map_or_else(
+            || alloy::primitives::keccak256(self.init_code()),
+            Eip7702::init_code_hash,
+        )
     }
 
     /// Bytes the paymaster hashes during validation (`initCode` and `callData`): what its
     /// verification gas grows with.
     pub fn hashed_len(&self) -> usize {
-        self.factory.map_or(0, |_| 20 + self.factory_data.len()) + self.call_data.len()
+        self.init_code().len() + self.call_data.len()
     }
 
     /// Every field the paymaster signature covers except the paymaster's own (and the account's
@@ -363,21 +410,6 @@ impl PaymasterFields {
     }
 }
 
-/// Whether `factory` is the EIP-7702 initCode marker in any padding: `0x7702`, the 20 bytes the
-/// v0.8 EntryPoint matches (`bytes20(bytes2(0x7702))`, `Eip7702Support._isEip7702InitCode`), or
-/// the address-style `0x…7702`.
-pub fn is_eip7702_marker(factory: &[u8]) -> bool {
-    let start = factory
-        .iter()
-        .position(|&b| b != 0)
-        .unwrap_or(factory.len());
-    let end = factory
-        .iter()
-        .rposition(|&b| b != 0)
-        .map_or(start, |i| i + 1);
-    factory.get(start..end) == Some(&[0x77, 0x02][..])
-}
-
 /// `hi(16) ‖ lo(16)` as the EntryPoint packs gas limits and fees.
 pub(crate) fn pack_u128s(hi: u128, lo: u128) -> B256 {
     let mut out = [0u8; 32];
@@ -403,12 +435,30 @@ mod tests {
             pvg in any::<[u8; 32]>(),
             paymaster in prop::option::of((any::<[u8; 20]>(), any::<[u128; 2]>(), prop::collection::vec(any::<u8>(), 0..100), prop::option::of(prop::collection::vec(any::<u8>(), 1..70)))),
             signature in prop::collection::vec(any::<u8>(), 0..70),
+            delegate in prop::option::of((any::<[u8; 20]>(), 2usize..=20, any::<u64>())),
         ) -> UserOperation {
+            // An EIP-7702 account has no factory.
+            let factory = factory.filter(|_| delegate.is_none());
             UserOperation {
                 sender: Address::from(sender),
                 nonce: U256::from_be_bytes(nonce),
                 factory: factory.map(Address::from),
                 factory_data: if factory.is_some() { factory_data.into() } else { Bytes::new() },
+                eip7702: delegate.map(|(d, marker_len, n)| {
+                    let mut marker = vec![0u8; marker_len];
+                    marker[..2].copy_from_slice(&[0x77, 0x02]);
+                    Eip7702 {
+                        marker: marker.into(),
+                        auth: Eip7702Auth {
+                            address: Address::from(d),
+                            chain_id: U256::from(n % 3),
+                            nonce: n,
+                            r: U256::from(n),
+                            s: U256::from(n / 2),
+                            y_parity: (n % 2) as u8,
+                        },
+                    }
+                }),
                 call_data: call_data.into(),
                 call_gas_limit: gas[0],
                 verification_gas_limit: gas[1],
@@ -440,7 +490,11 @@ mod tests {
             prop_assert_eq!(u128::from_be_bytes(p.accountGasLimits[16..].try_into()?), op.call_gas_limit);
             prop_assert_eq!(u128::from_be_bytes(p.gasFees[..16].try_into()?), op.max_priority_fee_per_gas);
             prop_assert_eq!(u128::from_be_bytes(p.gasFees[16..].try_into()?), op.max_fee_per_gas);
-            prop_assert_eq!(p.initCode.len(), op.factory.map_or(0, |_| 20 + op.factory_data.len()));
+            prop_assert_eq!(
+                p.initCode.len(),
+                op.factory.map_or(0, |_| 20 + op.factory_data.len())
+                    + op.eip7702.as_ref().map_or(0, |e| e.marker.len())
+            );
             prop_assert_eq!(op.hashed_len(), p.initCode.len() + p.callData.len());
             match &op.paymaster {
                 None => prop_assert!(p.paymasterAndData.is_empty()),
@@ -503,7 +557,7 @@ mod tests {
             ("callData", json!("0xabc")),
             ("callGasLimit", json!("100")),
             ("maxFeePerGas", json!(format!("0x1{}", "0".repeat(32)))),
-            ("factory", json!("0x7702")),
+            ("factory", json!(format!("0x{}7702", "00".repeat(18)))),
             ("paymaster", json!("0x")),
             ("eip7702Auth", json!("0x1234")),
         ] {
@@ -520,21 +574,61 @@ mod tests {
         );
     }
 
+    fn auth() -> Value {
+        json!({
+            "address": "0xe6Cae83BdE06E4c305530e199D7217f42808555B",
+            "chainId": "0x7a69", "nonce": "0x0",
+            "r": "0x1", "s": "0x2", "yParity": "0x0"
+        })
+    }
+
     #[test]
-    fn the_eip7702_marker_is_refused_in_any_padding() {
+    fn eip7702_accounts_need_the_marker_and_an_authorization() -> Result<(), FieldError> {
+        let delegate: Address = "0xe6Cae83BdE06E4c305530e199D7217f42808555B"
+            .parse()
+            .map_err(|_| FieldError::invalid("test", "address"))?;
         let marker_right = format!("0x7702{}", "00".repeat(18));
-        let marker_left = format!("0x{}7702", "00".repeat(18));
-        for bad in ["0x7702", "0x770200", &marker_right, &marker_left] {
+        for marker in ["0x7702", "0x770200", marker_right.as_str()] {
             let mut v = sample();
-            v["factory"] = json!(bad);
+            v["factory"] = json!(marker);
             v["factoryData"] = json!("0x");
-            let err = UserOperation::from_json(&v).unwrap_err();
-            assert_eq!(err.field(), "factory", "{bad}: {err}");
-            assert!(err.to_string().contains("7702"), "{bad}: {err}");
+            v["eip7702Auth"] = auth();
+            let op = UserOperation::from_json(&v)?;
+            assert_eq!(op.factory, None);
+            assert_eq!(op.init_code().to_string(), marker, "the marker as sent");
+            assert_eq!(
+                op.user_op_init_code_hash(),
+                alloy::primitives::keccak256(delegate),
+                "the EntryPoint hashes the delegate"
+            );
+            assert_eq!(UserOperation::from_json(&op.to_json())?, op);
+
+            v.as_object_mut().map(|o| o.remove("eip7702Auth"));
+            assert_eq!(
+                UserOperation::from_json(&v).unwrap_err(),
+                FieldError::Missing("eip7702Auth".into())
+            );
+            v["eip7702Auth"] = auth();
+            v["factoryData"] = json!("0xc0ffee");
+            assert_eq!(
+                UserOperation::from_json(&v).unwrap_err().field(),
+                "factoryData"
+            );
         }
-        // An ordinary factory whose address merely contains 7702 is not the marker.
-        assert!(!is_eip7702_marker(&[0x77, 0x02, 0x01]));
-        assert!(!is_eip7702_marker(&[0x07, 0x70, 0x20]));
+        // 0x…7702 is no marker to the EntryPoint (it would call it as a factory).
+        let mut v = sample();
+        v["factory"] = json!(format!("0x{}7702", "00".repeat(18)));
+        v["factoryData"] = json!("0x");
+        v["eip7702Auth"] = auth();
+        assert_eq!(UserOperation::from_json(&v).unwrap_err().field(), "factory");
+        // An authorization without the marker would delegate the account unseen.
+        let mut v = sample();
+        v["eip7702Auth"] = auth();
+        assert_eq!(
+            UserOperation::from_json(&v).unwrap_err().field(),
+            "eip7702Auth"
+        );
+        Ok(())
     }
 
     #[test]

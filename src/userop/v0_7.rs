@@ -16,10 +16,17 @@ pub const SPEC: VersionSpec = VersionSpec {
     entry_point_salt: b256!("0x90d8084deab30c2a37c45e8d47f49f2f7965183cb6990a98943ef94940681de3"),
     package_entry_point: address!("0x0000000071727De22E5E9d8BAf0edAc6f37da032"),
     user_op_hash,
+    eip7702: false,
     paymaster_signature_suffix: false,
 };
 
-fn user_op_hash(op: &PackedUserOperation, entry_point: Address, chain_id: u64) -> B256 {
-    let inner = keccak256(hashed_fields(op, keccak256(&op.paymasterAndData)).abi_encode());
+fn user_op_hash(
+    op: &PackedUserOperation,
+    init_code_hash: B256,
+    entry_point: Address,
+    chain_id: u64,
+) -> B256 {
+    let pmd = keccak256(&op.paymasterAndData);
+    let inner = keccak256(hashed_fields(op, init_code_hash, pmd).abi_encode());
     keccak256((inner, entry_point, U256::from(chain_id)).abi_encode())
 }

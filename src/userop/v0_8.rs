@@ -15,9 +15,16 @@ pub const SPEC: VersionSpec = VersionSpec {
     entry_point_salt: b256!("0x0a59dbff790c23c976a548690c27297883cc66b4c67024f9117b0238995e35e9"),
     package_entry_point: address!("0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"),
     user_op_hash,
+    eip7702: true,
     paymaster_signature_suffix: false,
 };
 
-fn user_op_hash(op: &PackedUserOperation, entry_point: Address, chain_id: u64) -> B256 {
-    eip712_user_op_hash(op, keccak256(&op.paymasterAndData), entry_point, chain_id)
+fn user_op_hash(
+    op: &PackedUserOperation,
+    init_code_hash: B256,
+    entry_point: Address,
+    chain_id: u64,
+) -> B256 {
+    let pmd = keccak256(&op.paymasterAndData);
+    eip712_user_op_hash(op, init_code_hash, pmd, entry_point, chain_id)
 }

@@ -35,6 +35,7 @@ pub const SPEC: VersionSpec = VersionSpec {
     entry_point_salt: B256::ZERO,
     package_entry_point: address!("0x51c9fc6D0502B128dB22762bBa2b9c422Bc41C9B"),
     user_op_hash,
+    eip7702: true,
     paymaster_signature_suffix: true,
 };
 
@@ -52,13 +53,14 @@ fn paymaster_and_data_hash(paymaster_and_data: &[u8]) -> B256 {
     }
 }
 
-fn user_op_hash(op: &PackedUserOperation, entry_point: Address, chain_id: u64) -> B256 {
-    eip712_user_op_hash(
-        op,
-        paymaster_and_data_hash(&op.paymasterAndData),
-        entry_point,
-        chain_id,
-    )
+fn user_op_hash(
+    op: &PackedUserOperation,
+    init_code_hash: B256,
+    entry_point: Address,
+    chain_id: u64,
+) -> B256 {
+    let pmd = paymaster_and_data_hash(&op.paymasterAndData);
+    eip712_user_op_hash(op, init_code_hash, pmd, entry_point, chain_id)
 }
 
 #[cfg(test)]

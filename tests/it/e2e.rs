@@ -2,7 +2,8 @@
 //! sponsored over HTTP, executes in `handleOps` and is paid by our paymaster; tampering with
 //! any signed field afterwards makes the EntryPoint refuse it with AA34.
 
-use alloy::network::TransactionBuilder;
+use alloy::eips::eip7702::{Authorization, SignedAuthorization};
+use alloy::network::{TransactionBuilder, TransactionBuilder7702};
 use alloy::primitives::{Address, B256, Bytes, U256};
 use alloy::providers::Provider;
 use alloy::rpc::types::TransactionRequest;
@@ -153,7 +154,7 @@ impl<'a> User<'a> {
 
     /// Apply paymaster fields to the op and sign it as the account owner.
     pub(crate) fn finish(&self, op: &mut UserOperation) -> TestResult<()> {
-        let hash = user_op_hash(self.version, &op.pack(None), self.entry_point(), 31337);
+        let hash = user_op_hash(self.version, op, None, self.entry_point(), 31337);
         // v0.7 SimpleAccount checks an EIP-191 signature of the userOpHash, v0.8 and v0.9 the
         // raw hash.
         let sig = match self.version {
@@ -182,11 +183,25 @@ impl<'a> User<'a> {
         &self,
         op: &UserOperation,
     ) -> TestResult<IEntryPoint::UserOperationEvent> {
+        self.submit_with(op, Vec::new()).await
+    }
+
+    /// Submit with EIP-7702 authorizations in the transaction (a type-4 transaction when any),
+    /// as a bundler does for an op carrying `eip7702Auth`.
+    async fn submit_with(
+        &self,
+        op: &UserOperation,
+        authorizations: Vec<SignedAuthorization>,
+    ) -> TestResult<IEntryPoint::UserOperationEvent> {
+        let mut tx = self.handle_ops_tx(op);
+        if !authorizations.is_empty() {
+            tx = tx.with_authorization_list(authorizations);
+        }
         let receipt = self
             .stack
             .anvil
             .provider
-            .send_transaction(self.handle_ops_tx(op))
+            .send_transaction(tx)
             .await?
             .get_receipt()
             .await?;
@@ -289,10 +304,7 @@ async fn sponsored_op_executes(version: EntryPointVersion, erc7677: bool) -> Tes
     let pm_deposit_before = ep_contract.balanceOf(pm.paymaster).call().await?;
     // Our Rust userOpHash equals the EntryPoint's.
     let onchain_hash: B256 = ep_contract.getUserOpHash(op.pack(None)).call().await?;
-    assert_eq!(
-        onchain_hash,
-        user_op_hash(version, &op.pack(None), ep, 31337)
-    );
+    assert_eq!(onchain_hash, user_op_hash(version, &op, None, ep, 31337));
 
     let event = user.submit(&op).await?;
     assert!(event.success, "op succeeded");
@@ -444,7 +456,7 @@ async fn v09_account_signs_before_the_paymaster() -> TestResult {
     let signed_hash: B256 = ep_contract.getUserOpHash(op.pack(None)).call().await?;
     assert_eq!(
         signed_hash,
-        user_op_hash(EntryPointVersion::V0_9, &op.pack(None), ep, 31337)
+        user_op_hash(EntryPointVersion::V0_9, &op, None, ep, 31337)
     );
 
     // Later, the final paymaster data for the same op: a second later, so that the window the
@@ -590,6 +602,102 @@ async fn batches_decode_to_the_calls_the_account_executes() -> TestResult {
     Ok(())
 }
 
+/// The policy directory with a daily budget on dev-counter, so that sponsorships reserve (a
+/// policy without budgets, sessions or a watched deposit has nothing to count).
+fn budgeted_policies() -> TestResult<crate::helpers::TempDir> {
+    let dir = crate::helpers::TempDir::new("budgeted");
+    for entry in std::fs::read_dir(crate::helpers::repo_dir().join("policies"))? {
+        let path = entry?.path();
+        std::fs::copy(&path, dir.0.join(path.file_name().ok_or("name")?))?;
+    }
+    let policy_file = dir.0.join("dev-counter.toml");
+    let mut text = std::fs::read_to_string(&policy_file)?;
+    text.push_str("\n[budgets]\npolicy = { cost = \"1 ether\", ops = 100, period = \"1d\" }\n");
+    std::fs::write(&policy_file, text)?;
+    Ok(dir)
+}
+
+/// An EOA delegated to the real Simple7702Account by a real authorization (in the bundler's
+/// type-4 transaction): sponsored with `factory = 0x7702` and `eip7702Auth`, it lands; the
+/// userOpHash we reserved under is the EntryPoint's (the delegate in place of the initCode), so
+/// the event settles that reservation by its hash (a second variant of the nonce is released,
+/// not settled too).
+async fn eip7702_account_lands_and_settles(version: EntryPointVersion) -> TestResult {
+    use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
+
+    let dir = budgeted_policies()?;
+    let stack = Stack::start_with(Some(dir.0.clone()), None).await?;
+    let owner = PrivateKeySigner::random();
+    let user = User {
+        stack: &stack,
+        version,
+        owner: owner.clone(),
+        sender: owner.address(),
+    };
+    let delegate = stack
+        .version(version)
+        .simple_7702_account
+        .ok_or("no Simple7702Account")?;
+    let authorization = Authorization {
+        chain_id: U256::from(31337),
+        address: delegate,
+        nonce: 0,
+    };
+    let signature = owner.sign_hash_sync(&authorization.signature_hash())?;
+    let signed = authorization.into_signed(signature);
+    let mut op_json = user.op_json();
+    op_json["factory"] = json!("0x7702");
+    op_json["factoryData"] = json!("0x");
+    op_json["eip7702Auth"] = json!({
+        "address": delegate,
+        "chainId": "0x7a69",
+        "nonce": "0x0",
+        "r": B256::from(signed.r()),
+        "s": B256::from(signed.s()),
+        "yParity": format!("{:#x}", signed.y_parity()),
+    });
+    let op = user.sponsored(op_json.clone()).await?;
+    // A variant of the same nonce (another fee): a second reservation, never sent.
+    let mut variant = op_json;
+    variant["maxPriorityFeePerGas"] = json!("0x3b9aca01");
+    user.sponsored(variant).await?;
+
+    let event = user.submit_with(&op, vec![signed]).await?;
+    assert!(event.success, "op succeeded");
+    assert_eq!(user.counter().await?, U256::from(1), "the call ran");
+    let ep = IEntryPoint::new(user.entry_point(), &stack.anvil.provider);
+    let hash = user_op_hash(version, &op, None, user.entry_point(), 31337);
+    assert_eq!(event.userOpHash, hash, "our hash is the EntryPoint's");
+    assert_eq!(ep.getUserOpHash(op.pack(None)).call().await?, hash);
+
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        0,
+        Some(0),
+        Cursor::memory(),
+    )
+    .with_finality(Finality::Depth(0));
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!(
+        (poll.settled, poll.superseded, poll.ignored),
+        (1, 1, 0),
+        "settled by its hash: {poll:?}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn v08_eip7702_account_lands_and_settles() -> TestResult {
+    eip7702_account_lands_and_settles(EntryPointVersion::V0_8).await
+}
+
+#[tokio::test]
+async fn v09_eip7702_account_lands_and_settles() -> TestResult {
+    eip7702_account_lands_and_settles(EntryPointVersion::V0_9).await
+}
+
 /// Budgets settle to what the chain charged: an executed op to its event's actualGasCost, an
 /// op never submitted released once a block is past its validUntil; a restarted watcher
 /// resumes from its cursor and settles nothing twice.
@@ -599,15 +707,7 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
     use session_paymaster::ledger::wei_to_gwei_ceil;
 
     let redis = crate::helpers::TestRedis::start().await?;
-    let dir = crate::helpers::TempDir::new("settle");
-    for entry in std::fs::read_dir(crate::helpers::repo_dir().join("policies"))? {
-        let path = entry?.path();
-        std::fs::copy(&path, dir.0.join(path.file_name().ok_or("name")?))?;
-    }
-    let policy_file = dir.0.join("dev-counter.toml");
-    let mut text = std::fs::read_to_string(&policy_file)?;
-    text.push_str("\n[budgets]\npolicy = { cost = \"1 ether\", ops = 100, period = \"1d\" }\n");
-    std::fs::write(&policy_file, text)?;
+    let dir = budgeted_policies()?;
     let stack = Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
     let sponsor = &stack.app.state.sponsor;
     let scope = crate::helpers::policy_day_scope();

@@ -64,6 +64,7 @@ fn random_op(rng: &mut Rng) -> UserOperation {
         max_priority_fee_per_gas: rng.u128(),
         paymaster: None,
         signature: rng.bytes(70),
+        eip7702: None,
     }
 }
 
@@ -99,7 +100,7 @@ async fn hashes_match_the_contracts_for_random_ops() -> TestResult {
 
             let onchain = ep.getUserOpHash(packed.clone()).call().await?;
             assert_eq!(
-                user_op_hash(version, &packed, d.entry_point, 31337),
+                user_op_hash(version, &op, None, d.entry_point, 31337),
                 onchain,
                 "userOpHash, {ctx}"
             );

@@ -34,6 +34,7 @@ sol! {
 const PM07: Address = Address::repeat_byte(0x07);
 const PM08: Address = Address::repeat_byte(0x08);
 const PM09: Address = Address::repeat_byte(0x09);
+const PM_FOR: [Address; 3] = [PM07, PM08, PM09];
 const SENDER: Address = Address::repeat_byte(0x5e);
 /// SimpleAccountFactory of the v0.7 samples: listed by the shipped policies.
 const FACTORY07: Address = Address::new(alloy::primitives::hex!(
@@ -129,22 +130,74 @@ fn op_calling(call_data: Vec<u8>, nonce: u64) -> Value {
 
 /// `factory = 0x7702…` parsed as an ordinary factory was signed; the v0.8 EntryPoint hashes such
 /// an op with the sender's delegate, so its event never matched the reservation, which was
-/// then released although the deposit paid. Refused in every padding, on every EntryPoint.
+/// then released although the deposit paid. EIP-7702 accounts are now sponsored, but only in
+/// the form the EntryPoint reads as one and whose delegate we know: the marker with an
+/// authorization naming the delegate (hashed as the EntryPoint hashes it), no `factoryData`
+/// (which the EntryPoint would call the account with), on v0.8 and later, and a delegate the
+/// policy lists. Everything else is refused on every method.
 #[tokio::test]
-async fn eip7702_marker_factory_is_refused() -> TestResult {
+async fn eip7702_operations_only_in_the_form_the_entry_point_hashes() -> TestResult {
     let app = TestApp::spawn(config(
         [Some(PM07), Some(PM08), Some(PM09)],
         KeySource::Ephemeral,
     ))
     .await?;
+    let auth = |delegate: &str| {
+        json!({ "address": delegate, "chainId": "0x7a69", "nonce": "0x0",
+                "r": "0x1", "s": "0x1", "yParity": "0x0" })
+    };
+    // policies/dev-counter.toml lists the v0.8 Simple7702Account.
+    let listed = auth("0xe6Cae83BdE06E4c305530e199D7217f42808555B");
     let padded = format!("0x7702{}", "00".repeat(18));
     let address_style = format!("0x{}7702", "00".repeat(18));
+    let refusals: Vec<(&str, Value, Value, &str)> = vec![
+        (
+            "no authorization",
+            json!("0x7702"),
+            Value::Null,
+            "eip7702Auth",
+        ),
+        (
+            "no authorization, padded",
+            json!(padded),
+            Value::Null,
+            "eip7702Auth",
+        ),
+        (
+            "left-padded marker",
+            json!(address_style),
+            listed.clone(),
+            "factory",
+        ),
+        (
+            "authorization without marker",
+            Value::Null,
+            listed.clone(),
+            "eip7702Auth",
+        ),
+    ];
     for version in EntryPointVersion::ALL {
-        for factory in [padded.as_str(), "0x7702", address_style.as_str()] {
+        let mut cases = refusals.clone();
+        if version == EntryPointVersion::V0_7 {
+            cases.push((
+                "v0.7 has no EIP-7702",
+                json!("0x7702"),
+                listed.clone(),
+                "factory",
+            ));
+        }
+        for (why, factory, eip7702_auth, field) in cases {
             for factory_data in ["0x", "0xc0ffee"] {
                 let mut op = counter_op(SENDER, 0, "increment()").to_json();
-                op["factory"] = json!(factory);
+                op["factory"] = factory.clone();
                 op["factoryData"] = json!(factory_data);
+                op["eip7702Auth"] = eip7702_auth.clone();
+                // Parsing refuses factoryData with the marker before the version is looked at.
+                let field = if why.starts_with("v0.7") && factory_data != "0x" {
+                    "factoryData"
+                } else {
+                    field
+                };
                 for (method, params) in [
                     ("pm_sponsorUserOperation", json!([op, ep(version)])),
                     (
@@ -159,12 +212,38 @@ async fn eip7702_marker_factory_is_refused() -> TestResult {
                     let err = app.error(method, params).await?;
                     assert_eq!(
                         (err["code"].clone(), err["data"]["field"].clone()),
-                        (json!(-32602), json!("factory")),
-                        "{method} v{version} {factory}: {err}"
+                        (json!(-32602), json!(field)),
+                        "{why}, {method} v{version}: {err}"
                     );
                 }
             }
         }
+    }
+    for version in [EntryPointVersion::V0_8, EntryPointVersion::V0_9] {
+        let mut op = counter_op(SENDER, 0, "increment()").to_json();
+        op["factory"] = json!("0x7702");
+        op["factoryData"] = json!("0xc0ffee");
+        op["eip7702Auth"] = listed.clone();
+        let err = app
+            .error("pm_sponsorUserOperation", json!([op, ep(version)]))
+            .await?;
+        assert_eq!(err["data"]["field"], json!("factoryData"), "{err}");
+
+        // The well-formed account: sponsored for a listed delegate, refused for another.
+        op["factoryData"] = json!("0x");
+        let ok = app
+            .result("pm_sponsorUserOperation", json!([op, ep(version)]))
+            .await?;
+        assert_eq!(ok["paymaster"], json!(PM_FOR[version as usize]), "{ok}");
+        op["eip7702Auth"] = auth("0x00000000000000000000000000000000000bad00");
+        let err = app
+            .error("pm_sponsorUserOperation", json!([op, ep(version)]))
+            .await?;
+        assert_eq!(
+            err["data"]["reason"],
+            json!("delegate_not_allowed"),
+            "{err}"
+        );
     }
     Ok(())
 }
