@@ -5,7 +5,7 @@
 import assert from 'node:assert/strict';
 import { createPublicClient, http, parseAbi, getAddress } from 'viem';
 import { foundry } from 'viem/chains';
-import { createBundlerClient, createPaymasterClient } from 'viem/account-abstraction';
+import { createBundlerClient, createPaymasterClient, toSimple7702SmartAccount } from 'viem/account-abstraction';
 import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts';
 import { toSimpleSmartAccount } from 'permissionless/accounts';
 
@@ -105,6 +105,33 @@ for (const ep of entryPoints) {
     const receipt = await bundler.waitForUserOperationReceipt({ hash, timeout: 60_000 });
     assert.equal(receipt.success, true);
     assert.equal(getAddress(receipt.paymaster), getAddress(ep.paymaster));
+  });
+}
+
+// EIP-7702: a fresh EOA delegated to the v0.8 Simple7702Account by the authorization it signs,
+// sent with the op (viem puts it in eip7702Auth; Alto in its type-4 transaction). The service
+// hashes it with that delegate and checks the policy's `delegates`; it lands sponsored, and
+// the EOA's code is the delegation afterwards.
+for (const ep of entryPoints.filter((e) => e.version === '0.8')) {
+  await test(`v${ep.version}: EIP-7702 account (toSimple7702SmartAccount) lands through Alto`, async () => {
+    const owner = privateKeyToAccount(generatePrivateKey());
+    const account = await toSimple7702SmartAccount({ client, owner, implementation: getAddress(ep.simple7702Account) });
+    const bundler = createBundlerClient({ account, client, paymaster, transport: http(process.env.BUNDLER_URL) });
+    const authorization = await owner.signAuthorization({
+      address: getAddress(ep.simple7702Account),
+      chainId: foundry.id,
+      nonce: await client.getTransactionCount({ address: owner.address }),
+    });
+    const hash = await bundler.sendUserOperation({
+      calls: [{ to: stack.counter, abi: counterAbi, functionName: 'increment' }],
+      authorization,
+    });
+    const receipt = await bundler.waitForUserOperationReceipt({ hash, timeout: 60_000 });
+    assert.equal(receipt.success, true);
+    assert.equal(getAddress(receipt.paymaster), getAddress(ep.paymaster));
+    assert.equal(await client.readContract({ address: stack.counter, abi: counterAbi, functionName: 'count', args: [owner.address] }), 1n);
+    const code = await client.getCode({ address: owner.address });
+    assert.equal(code?.toLowerCase(), `0xef0100${ep.simple7702Account.slice(2).toLowerCase()}`);
   });
 }
 
