@@ -15,7 +15,7 @@
 //! Checked against 0.9.0-rc.1 only (the npm package; `tests/it/hashes.rs`, forge): the final
 //! v0.9.0 at the canonical address is not on npm. Check it again when it is.
 
-use alloy::primitives::{Address, B256, address, keccak256};
+use alloy::primitives::{Address, B256, address, b256, keccak256};
 
 use super::hash::eip712_user_op_hash;
 use super::paymaster_data::{
@@ -24,16 +24,18 @@ use super::paymaster_data::{
 use super::{PackedUserOperation, VersionSpec};
 
 /// v0.9. The canonical address is that of the final v0.9.0 (viem's `entryPoint09Address`);
-/// the npm package is 0.9.0-rc.1, whose EntryPoint deployed with salt 0 lands elsewhere
-/// (DESIGN §7): local stacks use that one.
+/// the npm package is 0.9.0-rc.1, another build, which cannot land there (DESIGN §7): local
+/// stacks deploy it with a salt mined so that its address starts `0x433709` as the canonical one
+/// does, which is how Alto 0.0.20 tells a v0.9 EntryPoint (`isVersion09`). (With salt 0 it
+/// lands at 0x51c9fc6D0502B128dB22762bBa2b9c422Bc41C9B.)
 pub const SPEC: VersionSpec = VersionSpec {
     name: "0.9",
     flag_suffix: "v09",
     forge_profile: "v09",
     canonical_address: address!("0x433709009B8330FDa32311DF1C2AFA402eD8D009"),
     package: "aa09",
-    entry_point_salt: B256::ZERO,
-    package_entry_point: address!("0x51c9fc6D0502B128dB22762bBa2b9c422Bc41C9B"),
+    entry_point_salt: b256!("0x0000000000000000000000000000000000000000000000000000000001f1b89c"),
+    package_entry_point: address!("0x4337094f419c192972BEe2A9448C5ce0cf1ad932"),
     user_op_hash,
     eip7702: true,
     paymaster_signature_suffix: true,

@@ -5,16 +5,17 @@
 import assert from 'node:assert/strict';
 import { createPublicClient, http, parseAbi, getAddress } from 'viem';
 import { foundry } from 'viem/chains';
-import { createBundlerClient, createPaymasterClient, toSimple7702SmartAccount } from 'viem/account-abstraction';
+import { createBundlerClient, createPaymasterClient, entryPoint09Abi, toSimple7702SmartAccount } from 'viem/account-abstraction';
 import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts';
 import { toSimpleSmartAccount } from 'permissionless/accounts';
 
 const stack = JSON.parse(process.env.STACK);
-// v0.9 is not run here yet: permissionless 0.4.1's SimpleAccount knows 0.6-0.8 only, and Alto
-// 0.0.20 takes an EntryPoint for v0.9 only at an address starting 0x433709, where the npm
-// 0.9.0-rc.1 build does not land (DESIGN §7). The Rust e2e and forge tests cover v0.9.
+// permissionless 0.4.1's SimpleAccount knows EntryPoint 0.6-0.8 only: v0.9 runs below as an
+// EIP-7702 account (viem's own toSimple7702SmartAccount). Alto 0.0.20 takes the local v0.9 (the
+// npm 0.9.0-rc.1 build) as v0.9 because its address starts 0x433709 (src/userop/v0_9.rs).
 const entryPoints = stack.entryPoints.filter((ep) => ep.version !== '0.9');
-assert.ok(entryPoints.length >= 2, 'v0.7 and v0.8 in the stack');
+assert.equal(entryPoints.length, 2, 'v0.7 and v0.8 in the stack');
+assert.ok(stack.entryPoints.some((ep) => ep.version === '0.9'), 'v0.9 in the stack');
 const counterAbi = parseAbi(['function increment()', 'function reset()', 'function count(address) view returns (uint256)']);
 const client = createPublicClient({ chain: foundry, transport: http(stack.rpcUrl) });
 const paymaster = createPaymasterClient({ transport: http(stack.paymasterUrl) });
@@ -108,14 +109,17 @@ for (const ep of entryPoints) {
   });
 }
 
-// EIP-7702: a fresh EOA delegated to the v0.8 Simple7702Account by the authorization it signs,
+// EIP-7702: a fresh EOA delegated to the version's Simple7702Account by the authorization it signs,
 // sent with the op (viem puts it in eip7702Auth; Alto in its type-4 transaction). The service
 // hashes it with that delegate and checks the policy's `delegates`; it lands sponsored, and
 // the EOA's code is the delegation afterwards.
-for (const ep of entryPoints.filter((e) => e.version === '0.8')) {
+for (const ep of stack.entryPoints.filter((e) => e.simple7702Account)) {
   await test(`v${ep.version}: EIP-7702 account (toSimple7702SmartAccount) lands through Alto`, async () => {
     const owner = privateKeyToAccount(generatePrivateKey());
-    const account = await toSimple7702SmartAccount({ client, owner, implementation: getAddress(ep.simple7702Account) });
+    const entryPoint = ep.version === '0.9'
+      ? { address: getAddress(ep.entryPoint), version: '0.9', abi: entryPoint09Abi }
+      : undefined;
+    const account = await toSimple7702SmartAccount({ client, owner, entryPoint, implementation: getAddress(ep.simple7702Account) });
     const bundler = createBundlerClient({ account, client, paymaster, transport: http(process.env.BUNDLER_URL) });
     const authorization = await owner.signAuthorization({
       address: getAddress(ep.simple7702Account),
