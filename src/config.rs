@@ -235,15 +235,20 @@ impl Config {
                 let (fa, fb) = (a.version.flag_suffix(), b.version.flag_suffix());
                 if a.address == b.address {
                     return Err(format!(
-                        "--entry-point-{fa} and --entry-point-{fb} are both {}: one EntryPoint \
-                         serves one version",
+                        "--entry-point-{fa} and --entry-point-{fb} (SP_ENTRY_POINT_{}, \
+                         SP_ENTRY_POINT_{}) are both {}: one EntryPoint serves one version",
+                        fa.to_uppercase(),
+                        fb.to_uppercase(),
                         a.address
                     ));
                 }
                 if let Some(pm) = a.paymaster.filter(|_| a.paymaster == b.paymaster) {
                     return Err(format!(
-                        "--paymaster-{fa} and --paymaster-{fb} are both {pm}: each \
-                         SessionPaymaster serves one EntryPoint"
+                        "--paymaster-{fa} and --paymaster-{fb} (SP_PAYMASTER_{}, \
+                         SP_PAYMASTER_{}) are both {pm}: each SessionPaymaster serves one \
+                         EntryPoint",
+                        fa.to_uppercase(),
+                        fb.to_uppercase()
                     ));
                 }
             }

@@ -46,8 +46,9 @@ enum Command {
         out: PathBuf,
     },
     /// Deploy a local stack on a development node (anvil): every EntryPoint version from its npm
-    /// package (v0.7 and v0.8 at their canonical addresses, v0.9's 0.9.0-rc.1 where it lands),
-    /// SimpleAccountFactory, SessionPaymaster with a deposit, and the demo Counter.
+    /// package (v0.7 and v0.8 at their canonical addresses, v0.9's 0.9.0-rc.1 at a mined
+    /// 0x433709… address), SimpleAccountFactory, Simple7702Account (v0.8 on), SessionPaymaster
+    /// with a deposit, and the demo Counter.
     /// Prints the addresses as one JSON line. Sends from the node's first unlocked account.
     DeployDev {
         /// Node RPC URL.

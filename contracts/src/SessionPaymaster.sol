@@ -31,6 +31,10 @@ import "entrypoint/core/UserOperationLib.sol";
  * getHash covers neither the signature nor the window bytes (the window is its argument), so
  * both layouts sign the same hash.
  *
+ * The hash the service signs is `getHash(userOp, validUntil, validAfter)`, from `paymaster-base/`:
+ * the same fields in every build, with an EIP-7702 account's delegate in place of its initCode
+ * from v0.8 on (`base/eip7702/DelegateBoundHash.sol`).
+ *
  * ERC-7562: validation reads `isSigner`, a storage slot of this contract that is not associated
  * with the sender. Bundlers accept that only from a staked paymaster, so production deployments
  * must `addStake` (see docs/operations.md).
@@ -120,34 +124,6 @@ contract SessionPaymaster is TwoStepBasePaymaster {
             _signerPosition[signer] = _signerList.length;
             emit SignerAdded(signer);
         }
-    }
-
-    /**
-     * @notice The hash the service signs (EIP-191 prefixed) for `userOp` and a validity window.
-     * Same construction as eth-infinitism's VerifyingPaymaster; it covers every op field except
-     * the paymaster data itself (which carries the signature) and binds chain and paymaster.
-     */
-    function getHash(PackedUserOperation calldata userOp, uint48 validUntil, uint48 validAfter)
-        public
-        view
-        returns (bytes32)
-    {
-        return keccak256(
-            abi.encode(
-                userOp.sender,
-                userOp.nonce,
-                keccak256(userOp.initCode),
-                keccak256(userOp.callData),
-                userOp.accountGasLimits,
-                uint256(bytes32(userOp.paymasterAndData[PAYMASTER_VALIDATION_GAS_OFFSET:PAYMASTER_DATA_OFFSET])),
-                userOp.preVerificationGas,
-                userOp.gasFees,
-                block.chainid,
-                address(this),
-                validUntil,
-                validAfter
-            )
-        );
     }
 
     /// @notice Split paymasterAndData into its validity window and signature (inline, or on

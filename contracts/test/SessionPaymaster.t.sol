@@ -414,6 +414,40 @@ contract SessionPaymasterTest is TestBase {
         vm.assertEq(keccak256(signature), keccak256(new bytes(65)), "the signature from the suffix");
     }
 
+    // ---------------------------------------------------------------- EIP-7702 accounts
+
+    /// From v0.8 on, getHash puts an EIP-7702 account's delegate (read from its code) where the
+    /// initCode's hash goes, as the EntryPoint's userOpHash does: the signature binds the code
+    /// that runs. v0.7 has no such accounts: the marker is hashed as any initCode.
+    function test_eip7702_delegateBindsTheHash() public {
+        PackedUserOperation memory op = _op();
+        address eoa = vm.addr(ACCOUNT_OWNER_KEY);
+        op.sender = eoa;
+        op.initCode = hex"7702";
+        address delegate = address(0xD1);
+        vm.etch(eoa, abi.encodePacked(hex"ef0100", delegate));
+        bytes32 h = pm.getHash(op, 1, 0);
+        bytes32 initCodeHash = entryPointVersion() < 8 ? keccak256(op.initCode) : keccak256(abi.encodePacked(delegate));
+        bytes32 expected = keccak256(
+            abi.encode(
+                op.sender, op.nonce, initCodeHash, keccak256(op.callData), op.accountGasLimits,
+                uint256(bytes32(_slice(op.paymasterAndData, 20, 32))), op.preVerificationGas, op.gasFees,
+                block.chainid, address(pm), uint48(1), uint48(0)
+            )
+        );
+        vm.assertEq(h, expected, "delegate in place of the initCode");
+        vm.etch(eoa, abi.encodePacked(hex"ef0100", address(0xD2)));
+        if (entryPointVersion() < 8) {
+            vm.assertEq(pm.getHash(op, 1, 0), h, "v0.7: the marker is plain initCode");
+            return;
+        }
+        vm.assertTrue(pm.getHash(op, 1, 0) != h, "another delegate, another hash");
+        // A marker on an account that delegates nowhere: no hash, as getUserOpHash has none.
+        vm.etch(eoa, "");
+        vm.expectRevert(); // v0.8: "sender has no code"; v0.9: Eip7702SenderWithoutCode
+        pm.getHash(op, 1, 0);
+    }
+
     // ---------------------------------------------------------------- signer set
 
     function test_signerRotation() public {

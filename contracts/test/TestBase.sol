@@ -36,6 +36,7 @@ interface Vm {
     function assertFalse(bool condition, string calldata error) external pure;
     function assertLt(uint256 left, uint256 right, string calldata error) external pure;
     function skip(bool skipTest) external;
+    function etch(address target, bytes calldata newRuntimeBytecode) external;
 }
 
 abstract contract TestBase {

@@ -1,5 +1,6 @@
-//! Deterministic deployment (DESIGN §4, §7): EntryPoint and SimpleAccountFactory from the
-//! official `@account-abstraction/contracts` artifacts, SessionPaymaster and the demo Counter
+//! Deterministic deployment (DESIGN §4, §7): EntryPoint, SimpleAccountFactory and (v0.8 on)
+//! Simple7702Account from the official `@account-abstraction/contracts` artifacts of each
+//! version (at the salts its `VersionSpec` names), SessionPaymaster and the demo Counter
 //! from `forge build`, all through the CREATE2 deployer so they land at fixed addresses.
 //!
 //! `deploy-dev` sends with `eth_sendTransaction` from an account the node unlocks (anvil's dev
@@ -76,6 +77,11 @@ pub enum DeployError {
     },
 }
 
+/// Creation code followed by its one constructor argument, an address.
+fn with_constructor_arg(code: &Bytes, arg: Address) -> Bytes {
+    [code.as_ref(), &arg.abi_encode()].concat().into()
+}
+
 fn rpc_err(e: impl std::error::Error + 'static) -> DeployError {
     DeployError::Rpc(super::client::error_chain(&e))
 }
@@ -129,13 +135,14 @@ impl Artifacts {
             "node_modules/{}/artifacts/Simple7702Account.json",
             Self::package(version)
         );
-        let code = self.bytecode(&relative)?;
-        let takes_entry_point = self.read(&relative)?["abi"]
+        let json = self.read(&relative)?;
+        let code = self.code_of(&relative, &json)?;
+        let takes_entry_point = json["abi"]
             .as_array()
             .and_then(|abi| abi.iter().find(|item| item["type"] == "constructor"))
             .is_some_and(|c| c["inputs"].as_array().is_some_and(|i| i.len() == 1));
         Ok(Some(if takes_entry_point {
-            [code.as_ref(), &entry_point.abi_encode()].concat().into()
+            with_constructor_arg(&code, entry_point)
         } else {
             code
         }))
@@ -196,12 +203,16 @@ impl Artifacts {
 
     /// `bytecode` of a Hardhat artifact (a hex string) or a Foundry one (`{object}`).
     fn bytecode(&self, relative: &str) -> Result<Bytes, DeployError> {
+        self.code_of(relative, &self.read(relative)?)
+    }
+
+    /// `bytecode` of the artifact `json` read from `relative`.
+    fn code_of(&self, relative: &str, json: &serde_json::Value) -> Result<Bytes, DeployError> {
         let path = self.dir.join(relative);
         let err = |reason: String| DeployError::Artifact {
             path: path.clone(),
             reason,
         };
-        let json = self.read(relative)?;
         let code = json["bytecode"]
             .as_str()
             .or_else(|| json["bytecode"]["object"].as_str())
@@ -353,13 +364,20 @@ pub async fn deploy_dev_stack(
             "EntryPoint",
         )
         .await?;
-        let with_ep =
-            |code: Bytes| -> Bytes { [code.as_ref(), &entry_point.abi_encode()].concat().into() };
+        if entry_point != version.spec().package_entry_point {
+            // The policies and docs name the addresses that follow from it.
+            return Err(DeployError::Refused(format!(
+                "EntryPoint v{version} from {} landed at {entry_point}, not at {}: the npm \
+                 artifact is not the one VersionSpec describes",
+                version.spec().package,
+                version.spec().package_entry_point
+            )));
+        }
         let factory = create2(
             provider,
             from,
             B256::ZERO,
-            &with_ep(artifacts.simple_account_factory(version)?),
+            &with_constructor_arg(&artifacts.simple_account_factory(version)?, entry_point),
             "SimpleAccountFactory",
         )
         .await?;

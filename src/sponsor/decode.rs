@@ -74,6 +74,22 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
         )
         .into());
     }
+    if mode == Mode::Final
+        && let Some(e) = &op.eip7702
+        && e.auth.authority(sponsor.chain_id) != Some(op.sender)
+    {
+        // Whoever else signed it cannot delegate the sender: the bundler's transaction would
+        // skip it and the account would run whatever code it has. Stubs are exempt (wallets
+        // estimate with a dummy-signed authorization, and a stub signs nothing).
+        return Err(FieldError::invalid(
+            "eip7702Auth",
+            format!(
+                "not an authorization by the sender {} for chain {} (or 0)",
+                op.sender, sponsor.chain_id
+            ),
+        )
+        .into());
+    }
     if req.context.layout == PaymasterLayout::Suffix
         && !ep.version.spec().paymaster_signature_suffix
     {

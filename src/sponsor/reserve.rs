@@ -260,7 +260,8 @@ impl Sponsor {
 }
 
 /// Idempotency key of an operation (DESIGN §5): chain, EntryPoint, and the operation without
-/// its paymaster data and signature, but with the paymaster gas limits the answer commits to.
+/// its paymaster data and signature (an EIP-7702 account's delegate included), but with the
+/// paymaster gas limits the answer commits to.
 fn idempotency_key(
     chain_id: u64,
     entry_point: Address,

@@ -6,7 +6,8 @@
 //! `keccak256(initCode)` (`Eip7702Support._getEip7702InitCodeHashOverride`), reading the delegate
 //! from the sender's code; we take it from the authorization, with no chain read.
 
-use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
+use alloy::eips::eip7702::Authorization;
+use alloy::primitives::{Address, B256, Bytes, Signature, U256, keccak256};
 use serde_json::{Map, Value};
 
 use crate::wire::{self, FieldError, to_quantity};
@@ -42,7 +43,7 @@ pub struct Eip7702 {
 impl Eip7702 {
     /// What the EntryPoint hashes in place of `keccak256(initCode)`: `keccak256(delegate)` (the
     /// marker is at most 20 bytes, so nothing follows the delegate).
-    pub fn init_code_hash(&self) -> B256 {
+    pub fn delegate_hash(&self) -> B256 {
         keccak256(self.auth.address)
     }
 }
@@ -69,6 +70,26 @@ pub fn looks_like_marker(factory: &[u8]) -> bool {
 }
 
 impl Eip7702Auth {
+    /// The address that signed the authorization, if `chain_id` is 0 or `chain`; `None` for a
+    /// signature that does not recover (or a high `s`), or another chain's authorization.
+    pub fn authority(&self, chain: u64) -> Option<Address> {
+        if !self.chain_id.is_zero() && self.chain_id != U256::from(chain) {
+            return None;
+        }
+        let signature = Signature::new(self.r, self.s, self.y_parity == 1);
+        // EIP-7702 refuses a high `s`, as EIP-2 does for transactions.
+        if signature.normalize_s().is_some() {
+            return None;
+        }
+        let digest = Authorization {
+            chain_id: self.chain_id,
+            address: self.address,
+            nonce: self.nonce,
+        }
+        .signature_hash();
+        signature.recover_address_from_prehash(&digest).ok()
+    }
+
     /// Parse `eip7702Auth`: `{address, chainId, nonce, r, s, yParity}` (hex quantities; viem pads
     /// `r`, `s` to 32 bytes and `yParity` to one).
     pub fn from_json(value: &Value) -> Result<Self, FieldError> {
@@ -86,8 +107,16 @@ impl Eip7702Auth {
                 "expected 0 or 1",
             ));
         }
+        let address = wire::address("eip7702Auth.address", field("address")?)?;
+        if address.is_zero() {
+            // Delegating to 0 clears a delegation: the account would run no code of anyone's.
+            return Err(FieldError::invalid(
+                "eip7702Auth.address",
+                "the zero address clears a delegation; name the delegate",
+            ));
+        }
         Ok(Self {
-            address: wire::address("eip7702Auth.address", field("address")?)?,
+            address,
             chain_id: wire::quantity("eip7702Auth.chainId", field("chainId")?, 256)?,
             nonce: wire::quantity_u64("eip7702Auth.nonce", field("nonce")?)?,
             r: wire::quantity("eip7702Auth.r", field("r")?, 256)?,
@@ -131,6 +160,45 @@ mod tests {
     }
 
     #[test]
+    fn the_authority_is_who_signed_for_this_chain() -> Result<(), Box<dyn std::error::Error>> {
+        use alloy::signers::SignerSync;
+        use alloy::signers::local::PrivateKeySigner;
+        let key = PrivateKeySigner::random();
+        let sign = |chain: u64| -> Result<Eip7702Auth, Box<dyn std::error::Error>> {
+            let a = Authorization {
+                chain_id: U256::from(chain),
+                address: Address::repeat_byte(0xd1),
+                nonce: 7,
+            };
+            let sig = key.sign_hash_sync(&a.signature_hash())?;
+            Ok(Eip7702Auth {
+                address: a.address,
+                chain_id: a.chain_id,
+                nonce: a.nonce,
+                r: sig.r(),
+                s: sig.s(),
+                y_parity: u8::from(sig.v()),
+            })
+        };
+        assert_eq!(sign(31337)?.authority(31337), Some(key.address()));
+        assert_eq!(sign(0)?.authority(31337), Some(key.address()), "any chain");
+        assert_eq!(sign(1)?.authority(31337), None, "another chain's");
+        let mut other_delegate = sign(31337)?;
+        other_delegate.address = Address::repeat_byte(0xd2);
+        assert_ne!(other_delegate.authority(31337), Some(key.address()));
+        // The high-s twin of a valid signature recovers the same key: refused.
+        let mut twin = sign(31337)?;
+        let n = U256::from_str_radix(
+            "fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141",
+            16,
+        )?;
+        twin.s = n - twin.s;
+        twin.y_parity ^= 1;
+        assert_eq!(twin.authority(31337), None);
+        Ok(())
+    }
+
+    #[test]
     fn authorizations_parse_as_viem_writes_them() -> Result<(), FieldError> {
         let viem = json!({
             "address": "0xe6Cae83BdE06E4c305530e199D7217f42808555B",
@@ -146,6 +214,7 @@ mod tests {
         assert_eq!(Eip7702Auth::from_json(&auth.to_json())?, auth);
         for (name, bad) in [
             ("address", json!("0x12")),
+            ("address", json!(format!("0x{}", "00".repeat(20)))),
             ("yParity", json!("0x2")),
             ("nonce", json!(format!("0x1{}", "0".repeat(16)))),
             ("r", json!(5)),

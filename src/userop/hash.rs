@@ -20,12 +20,14 @@ pub fn user_op_hash(
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
-    (version.spec().user_op_hash)(
-        &op.pack(paymaster),
-        op.user_op_init_code_hash(),
-        entry_point,
-        chain_id,
-    )
+    let spec = version.spec();
+    let packed = op.pack(paymaster);
+    let init_code_hash = if spec.eip7702 {
+        op.entry_point_init_code_hash()
+    } else {
+        keccak256(&packed.initCode)
+    };
+    (spec.user_op_hash)(&packed, init_code_hash, entry_point, chain_id)
 }
 
 /// The fields `UserOperationLib.encode` hashes, with the initCode's hash (an EIP-7702 account's
@@ -84,7 +86,9 @@ pub(super) fn eip712_user_op_hash(
 }
 
 /// `SessionPaymaster.getHash(op, validUntil, validAfter)` for `op` carrying our paymaster gas
-/// limits (DESIGN §3). The signer signs its EIP-191 form.
+/// limits (DESIGN §3). The signer signs its EIP-191 form. An EIP-7702 account's delegate stands
+/// for its initCode (the v0.8 and later builds read it from the sender's code; v0.7 takes no
+/// such account).
 pub fn paymaster_hash(
     op: &UserOperation,
     gas: PaymasterGas,
@@ -98,7 +102,7 @@ pub fn paymaster_hash(
         (
             op.sender,
             op.nonce,
-            keccak256(op.init_code()),
+            op.entry_point_init_code_hash(),
             keccak256(&op.call_data),
             op.account_gas_limits(),
             paymaster_gas,

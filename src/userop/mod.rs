@@ -1,16 +1,19 @@
 //! ERC-4337 user operations: the RPC (unpacked) form clients send, the packed form the
 //! EntryPoint hashes, the hashes we sign, and the paymaster data we return.
 //!
-//! v0.7, v0.8 and v0.9 share one operation shape ([`operation`]). What differs by EntryPoint
-//! version lives in one module each ([`v0_7`], [`v0_8`], [`v0_9`]) as a [`VersionSpec`]:
-//! addresses, artifacts, the userOpHash, whether paymasterAndData may carry a paymaster
-//! signature outside it. [`EntryPointVersion`] selects one.
+//! v0.7, v0.8 and v0.9 share one operation shape ([`operation`], with EIP-7702 accounts in
+//! [`eip7702`]). What differs by EntryPoint version lives in one module each ([`v0_7`],
+//! [`v0_8`], [`v0_9`]) as a [`VersionSpec`]: addresses, artifacts, the userOpHash, whether it
+//! takes EIP-7702 accounts, whether paymasterAndData may carry a paymaster signature outside the
+//! userOpHash. [`EntryPointVersion`] selects one.
 //!
-//! A new version takes: its module and a variant here; its npm package as an alias in
-//! `contracts/package.json`; a Foundry profile in `contracts/foundry.toml` with its
-//! `contracts/base/vNN/` (and `TestBase.entryPointVersion`); its build and forge run in
+//! A new version takes: its module (a `VersionSpec`: names, Foundry profile, addresses, salt)
+//! and a variant here; its npm package as an alias in `contracts/package.json`; a Foundry
+//! profile in `contracts/foundry.toml` with its `contracts/base/vNN/` (ownership, signature
+//! suffix, getHash; and `TestBase.entryPointVersion`); its build and forge run in
 //! `scripts/setup-contracts` and `scripts/test`; `--entry-point-vNN`/`--paymaster-vNN` in
-//! `config.rs`; and policies that name it. The tests that iterate `EntryPointVersion::ALL`
+//! `config.rs` (and `scripts/dev`, `scripts/compose-dev-setup`); and the example policies'
+//! `entry_points`, `factories` and `delegates` for its local stack. The tests that iterate `EntryPointVersion::ALL`
 //! (hashes against the contracts, end to end) then cover it.
 
 pub mod eip7702;
@@ -61,7 +64,7 @@ pub struct VersionSpec {
     /// build than the canonical one (v0.9: 0.9.0-rc.1).
     pub package_entry_point: Address,
     /// `EntryPoint.getUserOpHash(op)` at `entry_point` on `chain_id`, given the hash it puts
-    /// for the initCode (an EIP-7702 account's delegate's: [`UserOperation::user_op_init_code_hash`]).
+    /// for the initCode (an EIP-7702 account's delegate's: [`UserOperation::entry_point_init_code_hash`]).
     pub user_op_hash: fn(&PackedUserOperation, B256, Address, u64) -> B256,
     /// Whether it takes EIP-7702 accounts (`factory = 0x7702` and `eip7702Auth`).
     pub eip7702: bool,

@@ -172,7 +172,11 @@ impl UserOperation {
             }
             (Some(_), None) => {
                 // The EntryPoint hashes the delegate, which only the authorization names here.
-                return Err(FieldError::Missing("eip7702Auth".into()));
+                return Err(FieldError::invalid(
+                    "eip7702Auth",
+                    "required with factory 0x7702: it names the delegate the EntryPoint hashes \
+                     (an EOA already delegated sends no factory)",
+                ));
             }
             (Some(marker), Some(auth)) => {
                 if !factory_data.is_empty() {
@@ -316,12 +320,13 @@ impl UserOperation {
         }
     }
 
-    /// What the EntryPoint's userOpHash puts for the initCode: its hash, or for an EIP-7702
-    /// account its delegate's (see [`Eip7702::init_code_hash`]).
-    pub fn user_op_init_code_hash(&self) -> B256 {
+    /// What the EntryPoint's userOpHash (v0.8 and later) and `SessionPaymaster.getHash` put for
+    /// the initCode: its hash, or for an EIP-7702 account its delegate's (see
+    /// [`Eip7702::delegate_hash`]), so that the signature binds the code that will run.
+    pub fn entry_point_init_code_hash(&self) -> B256 {
         self.eip7702.as_ref().map_or_else(
             || alloy::primitives::keccak256(self.init_code()),
-            Eip7702::init_code_hash,
+            Eip7702::delegate_hash,
         )
     }
 
@@ -346,7 +351,7 @@ impl UserOperation {
             entry_point,
             self.sender,
             self.nonce,
-            alloy::primitives::keccak256(self.init_code()),
+            self.entry_point_init_code_hash(),
             alloy::primitives::keccak256(&self.call_data),
             self.account_gas_limits(),
             self.pre_verification_gas,
@@ -597,7 +602,7 @@ mod tests {
             assert_eq!(op.factory, None);
             assert_eq!(op.init_code().to_string(), marker, "the marker as sent");
             assert_eq!(
-                op.user_op_init_code_hash(),
+                op.entry_point_init_code_hash(),
                 alloy::primitives::keccak256(delegate),
                 "the EntryPoint hashes the delegate"
             );
@@ -605,8 +610,8 @@ mod tests {
 
             v.as_object_mut().map(|o| o.remove("eip7702Auth"));
             assert_eq!(
-                UserOperation::from_json(&v).unwrap_err(),
-                FieldError::Missing("eip7702Auth".into())
+                UserOperation::from_json(&v).unwrap_err().field(),
+                "eip7702Auth"
             );
             v["eip7702Auth"] = auth();
             v["factoryData"] = json!("0xc0ffee");

@@ -1,9 +1,13 @@
 //! Our hashes against the contracts: for random operations, `EntryPoint.getUserOpHash` (v0.7
-//! plain, v0.8 EIP-712) and `SessionPaymaster.getHash` on anvil equal the Rust computation.
+//! plain, v0.8 and v0.9 EIP-712; v0.9 with and without a paymaster signature suffix; EIP-7702
+//! accounts from v0.8 on) and `SessionPaymaster.getHash` on anvil equal the Rust computation.
 
 use alloy::primitives::aliases::U48;
 use alloy::primitives::{Address, Bytes, U256};
+use alloy::providers::Provider;
+use serde_json::Value;
 use session_paymaster::userop::PaymasterFields;
+use session_paymaster::userop::eip7702::{Eip7702, Eip7702Auth};
 use session_paymaster::userop::hash::{paymaster_hash, user_op_hash};
 use session_paymaster::userop::paymaster_data::{PaymasterGas, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, IEntryPoint, ISessionPaymaster, UserOperation};
@@ -81,6 +85,32 @@ async fn hashes_match_the_contracts_for_random_ops() -> TestResult {
         let pm = ISessionPaymaster::new(d.paymaster, &stack.anvil.provider);
         for i in 0..OPS_PER_VERSION {
             let mut op = random_op(&mut rng);
+            // Every other op on v0.8 and later: an EIP-7702 account, delegated on anvil to a
+            // random address (its code is the designator the EntryPoint and getHash read).
+            if version.spec().eip7702 && i % 2 == 1 {
+                let delegate = rng.address();
+                let code = [&[0xef, 0x01, 0x00][..], delegate.as_slice()].concat();
+                let _: Value = stack
+                    .anvil
+                    .provider
+                    .raw_request("anvil_setCode".into(), (op.sender, Bytes::from(code)))
+                    .await?;
+                let mut marker = vec![0u8; 2 + (rng.next() % 19) as usize];
+                marker[..2].copy_from_slice(&[0x77, 0x02]);
+                op.factory = None;
+                op.factory_data = Bytes::new();
+                op.eip7702 = Some(Eip7702 {
+                    marker: marker.into(),
+                    auth: Eip7702Auth {
+                        address: delegate,
+                        chain_id: U256::from(31337),
+                        nonce: 0,
+                        r: U256::from(1),
+                        s: U256::from(1),
+                        y_parity: 0,
+                    },
+                });
+            }
             let gas = PaymasterGas {
                 verification: rng.u128(),
                 post_op: rng.u128(),

@@ -5,7 +5,9 @@
 //! runs the watcher against anvil with the real EntryPoint; the revocation race, which HTTP
 //! cannot time, hands the ledger a grant read before the revocation.
 
+use alloy::eips::eip7702::Authorization;
 use alloy::primitives::{Address, B256, Bytes, U256, keccak256};
+use alloy::signers::SignerSync;
 use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use alloy::sol_types::{SolCall, SolValue};
@@ -34,7 +36,6 @@ sol! {
 const PM07: Address = Address::repeat_byte(0x07);
 const PM08: Address = Address::repeat_byte(0x08);
 const PM09: Address = Address::repeat_byte(0x09);
-const PM_FOR: [Address; 3] = [PM07, PM08, PM09];
 const SENDER: Address = Address::repeat_byte(0x5e);
 /// SimpleAccountFactory of the v0.7 samples: listed by the shipped policies.
 const FACTORY07: Address = Address::new(alloy::primitives::hex!(
@@ -126,6 +127,17 @@ fn op_calling(call_data: Vec<u8>, nonce: u64) -> Value {
     .to_json()
 }
 
+/// The paymaster `app` serves `version` with.
+fn ep_config(app: &TestApp, version: EntryPointVersion) -> TestResult<Address> {
+    app.state
+        .sponsor
+        .entry_points()
+        .iter()
+        .find(|e| e.version == version)
+        .and_then(|e| e.paymaster)
+        .ok_or_else(|| format!("no paymaster for v{version}").into())
+}
+
 // 1. EIP-7702 marker escapes the ledger ------------------------------------------------------
 
 /// `factory = 0x7702…` parsed as an ordinary factory was signed; the v0.8 EntryPoint hashes such
@@ -178,9 +190,9 @@ async fn eip7702_operations_only_in_the_form_the_entry_point_hashes() -> TestRes
     ];
     for version in EntryPointVersion::ALL {
         let mut cases = refusals.clone();
-        if version == EntryPointVersion::V0_7 {
+        if !version.spec().eip7702 {
             cases.push((
-                "v0.7 has no EIP-7702",
+                "no EIP-7702 before v0.8",
                 json!("0x7702"),
                 listed.clone(),
                 "factory",
@@ -193,7 +205,7 @@ async fn eip7702_operations_only_in_the_form_the_entry_point_hashes() -> TestRes
                 op["factoryData"] = json!(factory_data);
                 op["eip7702Auth"] = eip7702_auth.clone();
                 // Parsing refuses factoryData with the marker before the version is looked at.
-                let field = if why.starts_with("v0.7") && factory_data != "0x" {
+                let field = if why.starts_with("no EIP-7702") && factory_data != "0x" {
                     "factoryData"
                 } else {
                     field
@@ -219,23 +231,49 @@ async fn eip7702_operations_only_in_the_form_the_entry_point_hashes() -> TestRes
             }
         }
     }
-    for version in [EntryPointVersion::V0_8, EntryPointVersion::V0_9] {
-        let mut op = counter_op(SENDER, 0, "increment()").to_json();
+    // A real authorization by the sender, for this chain or any (0); the sender's own key.
+    let eoa = PrivateKeySigner::random();
+    let signed = |key: &PrivateKeySigner, delegate: Address, chain: u64| -> TestResult<Value> {
+        let a = Authorization {
+            chain_id: U256::from(chain),
+            address: delegate,
+            nonce: 0,
+        };
+        let sig = key.sign_hash_sync(&a.signature_hash())?;
+        let s = a.into_signed(sig);
+        Ok(
+            json!({ "address": delegate, "chainId": format!("{chain:#x}"), "nonce": "0x0",
+                   "r": B256::from(s.r()), "s": B256::from(s.s()),
+                   "yParity": format!("{:#x}", s.y_parity()) }),
+        )
+    };
+    let v08_delegate: Address = "0xe6Cae83BdE06E4c305530e199D7217f42808555B".parse()?;
+    let stranger = PrivateKeySigner::random();
+    for version in EntryPointVersion::ALL
+        .into_iter()
+        .filter(|v| v.spec().eip7702)
+    {
+        let pm = ep_config(&app, version)?;
+        let mut op = counter_op(eoa.address(), 0, "increment()").to_json();
         op["factory"] = json!("0x7702");
         op["factoryData"] = json!("0xc0ffee");
-        op["eip7702Auth"] = listed.clone();
+        op["eip7702Auth"] = signed(&eoa, v08_delegate, 31337)?;
         let err = app
             .error("pm_sponsorUserOperation", json!([op, ep(version)]))
             .await?;
         assert_eq!(err["data"]["field"], json!("factoryData"), "{err}");
 
-        // The well-formed account: sponsored for a listed delegate, refused for another.
+        // The well-formed account: sponsored for a listed delegate (by an authorization for
+        // this chain or any), refused for another delegate.
         op["factoryData"] = json!("0x");
-        let ok = app
-            .result("pm_sponsorUserOperation", json!([op, ep(version)]))
-            .await?;
-        assert_eq!(ok["paymaster"], json!(PM_FOR[version as usize]), "{ok}");
-        op["eip7702Auth"] = auth("0x00000000000000000000000000000000000bad00");
+        for chain in [31337, 0] {
+            op["eip7702Auth"] = signed(&eoa, v08_delegate, chain)?;
+            let ok = app
+                .result("pm_sponsorUserOperation", json!([op, ep(version)]))
+                .await?;
+            assert_eq!(ok["paymaster"], json!(pm), "{ok}");
+        }
+        op["eip7702Auth"] = signed(&eoa, Address::repeat_byte(0xba), 31337)?;
         let err = app
             .error("pm_sponsorUserOperation", json!([op, ep(version)]))
             .await?;
@@ -244,6 +282,42 @@ async fn eip7702_operations_only_in_the_form_the_entry_point_hashes() -> TestRes
             json!("delegate_not_allowed"),
             "{err}"
         );
+
+        // An authorization the bundler's transaction would skip (someone else's signature, a
+        // made-up one, another chain's) delegates nothing: the account would run whatever code
+        // it has. Refused on final requests; a stub (wallets estimate with a dummy-signed
+        // authorization) only checks the policy.
+        for (why, forged) in [
+            ("another key", signed(&stranger, v08_delegate, 31337)?),
+            ("another chain", signed(&eoa, v08_delegate, 1)?),
+            (
+                "made up",
+                auth("0xe6Cae83BdE06E4c305530e199D7217f42808555B"),
+            ),
+        ] {
+            op["eip7702Auth"] = forged;
+            for (method, params) in [
+                ("pm_sponsorUserOperation", json!([op, ep(version)])),
+                (
+                    "pm_getPaymasterData",
+                    json!([op, ep(version), "0x7a69", {}]),
+                ),
+            ] {
+                let err = app.error(method, params).await?;
+                assert_eq!(
+                    err["data"]["field"],
+                    json!("eip7702Auth"),
+                    "{why}, {method}: {err}"
+                );
+            }
+            let stub = app
+                .result(
+                    "pm_getPaymasterStubData",
+                    json!([op, ep(version), "0x7a69", {}]),
+                )
+                .await?;
+            assert_eq!(stub["paymaster"], json!(pm), "{why}: {stub}");
+        }
     }
     Ok(())
 }

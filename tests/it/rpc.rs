@@ -103,7 +103,7 @@ async fn two_versions_at_one_address_do_not_start() -> TestResult {
         .ok_or("started")?;
     assert!(
         err.to_string()
-            .contains("--entry-point-v08 and --entry-point-v09 are both 0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"),
+            .contains("--entry-point-v08 and --entry-point-v09 (SP_ENTRY_POINT_V08, SP_ENTRY_POINT_V09) are both 0x4337084D9E255Ff0702461CF8895CE9E3b5Ff108"),
         "{err}"
     );
 
@@ -114,7 +114,7 @@ async fn two_versions_at_one_address_do_not_start() -> TestResult {
         .ok_or("started")?;
     assert!(
         err.to_string().contains(&format!(
-            "--paymaster-v08 and --paymaster-v09 are both {PM08}"
+            "--paymaster-v08 and --paymaster-v09 (SP_PAYMASTER_V08, SP_PAYMASTER_V09) are both {PM08}"
         )),
         "{err}"
     );

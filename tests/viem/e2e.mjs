@@ -1,6 +1,7 @@
-// Real clients against the service: permissionless' SimpleAccount, viem's ERC-7677 paymaster
-// client (pm_getPaymasterStubData, then pm_getPaymasterData) and the Alto bundler
-// (eth_estimateUserOperationGas, eth_sendUserOperation), on anvil with the v0.7 and v0.8 EntryPoints.
+// Real clients against the service: permissionless' SimpleAccount (EntryPoint v0.7, v0.8) and
+// viem's EIP-7702 Simple7702Account (v0.8, v0.9), viem's ERC-7677 paymaster client
+// (pm_getPaymasterStubData, then pm_getPaymasterData) and the Alto bundler
+// (eth_estimateUserOperationGas, eth_sendUserOperation), on anvil.
 // Input: the JSON line of scripts/dev in STACK, the bundler URL in BUNDLER_URL.
 import assert from 'node:assert/strict';
 import { createPublicClient, http, parseAbi, getAddress } from 'viem';
@@ -113,7 +114,9 @@ for (const ep of entryPoints) {
 // sent with the op (viem puts it in eip7702Auth; Alto in its type-4 transaction). The service
 // hashes it with that delegate and checks the policy's `delegates`; it lands sponsored, and
 // the EOA's code is the delegation afterwards.
-for (const ep of stack.entryPoints.filter((e) => e.simple7702Account)) {
+const with7702 = stack.entryPoints.filter((e) => e.simple7702Account);
+assert.deepEqual(with7702.map((e) => e.version), ['0.8', '0.9'], 'Simple7702Account for v0.8 and v0.9');
+for (const ep of with7702) {
   await test(`v${ep.version}: EIP-7702 account (toSimple7702SmartAccount) lands through Alto`, async () => {
     const owner = privateKeyToAccount(generatePrivateKey());
     const entryPoint = ep.version === '0.9'

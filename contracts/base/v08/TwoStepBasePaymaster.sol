@@ -2,9 +2,10 @@
 pragma solidity ^0.8.28;
 
 import "entrypoint/core/BasePaymaster.sol";
+import "../eip7702/DelegateBoundHash.sol";
 
 /// @dev EntryPoint v0.8's BasePaymaster is Ownable2Step already (see `base/v07`).
-abstract contract TwoStepBasePaymaster is BasePaymaster {
+abstract contract TwoStepBasePaymaster is BasePaymaster, DelegateBoundHash {
     constructor(IEntryPoint _entryPoint) BasePaymaster(_entryPoint) {}
 
     /// @dev EntryPoints before v0.9 hash all of paymasterAndData into the userOpHash: there is no

@@ -2,12 +2,13 @@
 pragma solidity ^0.8.28;
 
 import "entrypoint/core/BasePaymaster.sol";
+import "../eip7702/DelegateBoundHash.sol";
 import "entrypoint/core/UserOperationLib.sol";
 
 /// @dev EntryPoint v0.9's BasePaymaster is Ownable2Step already (through Stakeable) and takes an
 ///      initial owner; SessionPaymaster's constructor sets the real owner right after, so the
 ///      deployer (a CREATE2 proxy, for deterministic deployments) never keeps it.
-abstract contract TwoStepBasePaymaster is BasePaymaster {
+abstract contract TwoStepBasePaymaster is BasePaymaster, DelegateBoundHash {
     constructor(IEntryPoint _entryPoint) BasePaymaster(_entryPoint, msg.sender) {}
 
     /// @dev See `base/v07`: v0.9 reads a paymaster-signature suffix.
