@@ -142,7 +142,8 @@ pub struct ServeArgs {
     pub watch_from_block: Option<u64>,
 
     /// The block whose time releases reservations whose signatures expired unused: `finalized`
-    /// (the node's finalized block) or a number of blocks behind the head.
+    /// (the node's finalized block) or a number of blocks behind the head; never a block the
+    /// watcher has not read the logs of (`--confirmations`).
     #[arg(long, env = "SP_FINALITY", default_value = "finalized")]
     pub finality: crate::chain::watcher::Finality,
 

@@ -318,7 +318,7 @@ impl Watcher {
         self.check_chain().await?;
         let deposits = self.read_deposits(sponsor).await;
         let mut poll = self.read_logs(sponsor).await?;
-        poll.released = self.release(sponsor).await?;
+        poll.released = self.release(sponsor, poll.to_block).await?;
         deposits?;
         Ok(poll)
     }
@@ -487,8 +487,9 @@ impl Watcher {
     }
 
     /// Release the reservations whose `validUntil` is before the time of the block that
-    /// cannot be reorganised away.
-    async fn release(&self, sponsor: &Sponsor) -> Result<usize, WatchError> {
+    /// cannot be reorganised away, and whose logs were read (up to `read_to`): an operation that
+    /// landed before that time has then been settled, not released, whatever its hash.
+    async fn release(&self, sponsor: &Sponsor, read_to: u64) -> Result<usize, WatchError> {
         let tag = match self.finality {
             Finality::Finalized => BlockNumberOrTag::Finalized,
             Finality::Depth(depth) => {
@@ -496,9 +497,20 @@ impl Watcher {
                 BlockNumberOrTag::Number(head.saturating_sub(depth))
             }
         };
-        let Some(block) = self.provider.get_block_by_number(tag).await.map_err(rpc)? else {
+        let Some(mut block) = self.provider.get_block_by_number(tag).await.map_err(rpc)? else {
             return Ok(0);
         };
+        if block.header.number > read_to {
+            let Some(read) = self
+                .provider
+                .get_block_by_number(BlockNumberOrTag::Number(read_to))
+                .await
+                .map_err(rpc)?
+            else {
+                return Ok(0);
+            };
+            block = read;
+        }
         let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
         sponsor
             .ledger()

@@ -352,6 +352,40 @@ async fn releases_wait_for_the_finalized_block() -> TestResult {
     Ok(())
 }
 
+/// With `--finality` shallower than `--confirmations`, reservations were released by a block
+/// whose earlier blocks had not been read yet: an operation that landed there was released
+/// first (its cost given back until its event was read, and forgotten if its hash matched no
+/// reservation). Releases now wait for the blocks the watcher has read.
+#[tokio::test]
+async fn releases_wait_for_the_blocks_read() -> TestResult {
+    let stack = crate::helpers::Stack::start().await?;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor,
+        3,
+        Some(0),
+        Cursor::memory(),
+    )
+    .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let (_, scope) = sponsor_briefly(&stack, 0x12).await?;
+    let _: Value = stack
+        .anvil
+        .provider
+        .raw_request("evm_increaseTime".into(), (100u64,))
+        .await?;
+    mine(&stack, 1).await?;
+    assert_eq!(
+        watcher.poll_once(sponsor).await?.released,
+        0,
+        "the head is past it, not the blocks read (3 behind)"
+    );
+    mine(&stack, 3).await?;
+    assert_eq!(watcher.poll_once(sponsor).await?.released, 1, "read");
+    assert_eq!(sponsor.ledger().open("dev-counter", &scope).await?, 0);
+    Ok(())
+}
+
 /// An event of our paymaster that no reservation knows (an operation sponsored before the
 /// watcher counted anything) is reported, not silently dropped; one already closed is not.
 #[tokio::test]
