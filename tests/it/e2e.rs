@@ -604,7 +604,7 @@ async fn batches_decode_to_the_calls_the_account_executes() -> TestResult {
 
 /// The policy directory with a daily budget on dev-counter, so that sponsorships reserve (a
 /// policy without budgets, sessions or a watched deposit has nothing to count).
-fn budgeted_policies() -> TestResult<crate::helpers::TempDir> {
+pub(crate) fn budgeted_policies() -> TestResult<crate::helpers::TempDir> {
     let dir = crate::helpers::TempDir::new("budgeted");
     for entry in std::fs::read_dir(crate::helpers::repo_dir().join("policies"))? {
         let path = entry?.path();

@@ -73,15 +73,7 @@ async fn landed_op(
 ) -> TestResult<(crate::helpers::Stack, crate::helpers::TempDir, u64)> {
     use crate::e2e::User;
 
-    let dir = crate::helpers::TempDir::new("watcher");
-    for entry in std::fs::read_dir(crate::helpers::repo_dir().join("policies"))? {
-        let path = entry?.path();
-        std::fs::copy(&path, dir.0.join(path.file_name().ok_or("name")?))?;
-    }
-    let policy_file = dir.0.join("dev-counter.toml");
-    let mut text = std::fs::read_to_string(&policy_file)?;
-    text.push_str("\n[budgets]\npolicy = { cost = \"1 ether\", ops = 100, period = \"1d\" }\n");
-    std::fs::write(&policy_file, text)?;
+    let dir = crate::e2e::budgeted_policies()?;
     let stack =
         crate::helpers::Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
     let actual = {
