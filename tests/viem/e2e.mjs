@@ -4,9 +4,9 @@
 // (eth_estimateUserOperationGas, eth_sendUserOperation), on anvil.
 // Input: the JSON line of scripts/dev in STACK, the bundler URL in BUNDLER_URL.
 import assert from 'node:assert/strict';
-import { createPublicClient, http, parseAbi, getAddress } from 'viem';
+import { createPublicClient, http, parseAbi, parseGwei, getAddress } from 'viem';
 import { foundry } from 'viem/chains';
-import { createBundlerClient, createPaymasterClient, entryPoint09Abi, toSimple7702SmartAccount } from 'viem/account-abstraction';
+import { createBundlerClient, createPaymasterClient, entryPoint09Abi, formatUserOperationRequest, toSimple7702SmartAccount } from 'viem/account-abstraction';
 import { generatePrivateKey, privateKeyToAccount } from 'viem/accounts';
 import { toSimpleSmartAccount } from 'permissionless/accounts';
 
@@ -139,6 +139,65 @@ for (const ep of with7702) {
     assert.equal(await client.readContract({ address: stack.counter, abi: counterAbi, functionName: 'count', args: [owner.address] }), 1n);
     const code = await client.getCode({ address: owner.address });
     assert.equal(code?.toLowerCase(), `0xef0100${ep.simple7702Account.slice(2).toLowerCase()}`);
+  });
+}
+
+// v0.9, the account signs before the paymaster: with context paymasterSignature "suffix" the
+// service answers the window as paymasterData and its signature as paymasterSignature, which
+// the userOpHash leaves out. The wallet estimates with the stub, then signs and asks for the
+// final data at the same time; the final data keeps the stub's window, so the account's
+// signature stays valid, and Alto packs the signature after it (viem's toPackedUserOperation).
+async function service(method, params) {
+  const res = await fetch(stack.paymasterUrl, {
+    method: 'POST',
+    headers: { 'content-type': 'application/json' },
+    body: JSON.stringify({ jsonrpc: '2.0', id: 1, method, params }),
+  });
+  const body = await res.json();
+  if (body.error) throw new Error(`${method}: ${JSON.stringify(body.error)}`);
+  return body.result;
+}
+for (const ep of stack.entryPoints.filter((e) => e.version === '0.9')) {
+  await test('v0.9: the account signs in parallel with the paymaster (signature suffix) through Alto', async () => {
+    const owner = privateKeyToAccount(generatePrivateKey());
+    const entryPoint = { address: getAddress(ep.entryPoint), version: '0.9', abi: entryPoint09Abi };
+    const account = await toSimple7702SmartAccount({ client, owner, entryPoint, implementation: getAddress(ep.simple7702Account) });
+    const bundler = createBundlerClient({ account, client, transport: http(process.env.BUNDLER_URL) });
+    const authorization = await owner.signAuthorization({
+      address: getAddress(ep.simple7702Account),
+      chainId: foundry.id,
+      nonce: await client.getTransactionCount({ address: owner.address }),
+    });
+    const context = { paymasterSignature: 'suffix' };
+    const ask = (method) => async (p) => {
+      const { chainId, entryPointAddress, context: _, ...op } = p;
+      const r = await service(method, [formatUserOperationRequest(op), entryPointAddress, `0x${chainId.toString(16)}`, context]);
+      assert.equal(r.paymasterData.length, 2 + 2 * 12, 'the window alone');
+      return { ...r, paymasterVerificationGasLimit: BigInt(r.paymasterVerificationGasLimit), paymasterPostOpGasLimit: BigInt(r.paymasterPostOpGasLimit) };
+    };
+    // Estimated with the stub (its window and a stub signature in the suffix).
+    const fees = await client.estimateFeesPerGas();
+    const prepared = await bundler.prepareUserOperation({
+      calls: [{ to: stack.counter, abi: counterAbi, functionName: 'increment' }],
+      authorization,
+      // Within dev-counter's caps (100 gwei tip), whatever the node suggests after the runs above.
+      maxFeePerGas: fees.maxFeePerGas + parseGwei('1'),
+      maxPriorityFeePerGas: parseGwei('1'),
+      paymaster: { getPaymasterStubData: ask('pm_getPaymasterStubData'), getPaymasterData: ask('pm_getPaymasterStubData') },
+    });
+    // In parallel: the account's signature and the paymaster's.
+    const [signature, final] = await Promise.all([
+      account.signUserOperation(prepared),
+      ask('pm_getPaymasterData')({ ...prepared, chainId: foundry.id, entryPointAddress: entryPoint.address }),
+    ]);
+    assert.equal(final.paymasterData, prepared.paymasterData, 'the stub window is kept');
+    assert.notEqual(final.paymasterSignature, prepared.paymasterSignature);
+    const op = { ...prepared, paymasterSignature: final.paymasterSignature, signature };
+    const hash = await bundler.request({ method: 'eth_sendUserOperation', params: [formatUserOperationRequest(op), entryPoint.address] });
+    const receipt = await bundler.waitForUserOperationReceipt({ hash, timeout: 60_000 });
+    assert.equal(receipt.success, true);
+    assert.equal(getAddress(receipt.paymaster), getAddress(ep.paymaster));
+    assert.equal(await client.readContract({ address: stack.counter, abi: counterAbi, functionName: 'count', args: [owner.address] }), 1n);
   });
 }
 
