@@ -196,6 +196,15 @@ impl UserOperation {
         if factory.is_none() && eip7702.is_none() && !factory_data.is_empty() {
             return Err(FieldError::invalid("factoryData", "set without `factory`"));
         }
+        if factory.is_some() && factory_data.is_empty() {
+            // A factory is called with its data (an empty call reaches only a fallback); and
+            // `keccak256(factory)` alone is what an EIP-7702 account delegated to that address
+            // hashes: a signature for the one would do for the other.
+            return Err(FieldError::invalid(
+                "factoryData",
+                "empty: a factory is called with the data that deploys the account",
+            ));
+        }
 
         let paymaster = match wire::optional(obj, "paymaster") {
             None => None,
@@ -434,7 +443,7 @@ mod tests {
             sender in any::<[u8; 20]>(),
             nonce in any::<[u8; 32]>(),
             factory in prop::option::of(any::<[u8; 20]>()),
-            factory_data in prop::collection::vec(any::<u8>(), 0..64),
+            factory_data in prop::collection::vec(any::<u8>(), 1..64),
             call_data in prop::collection::vec(any::<u8>(), 0..256),
             gas in any::<[u128; 4]>(),
             pvg in any::<[u8; 32]>(),
@@ -620,6 +629,13 @@ mod tests {
                 "factoryData"
             );
         }
+        // A factory without data: refused (keccak256(factory) is also a delegate's hash).
+        let mut v = sample();
+        v["factoryData"] = json!("0x");
+        assert_eq!(
+            UserOperation::from_json(&v).unwrap_err().field(),
+            "factoryData"
+        );
         // 0x…7702 is no marker to the EntryPoint (it would call it as a factory).
         let mut v = sample();
         v["factory"] = json!(format!("0x{}7702", "00".repeat(18)));
