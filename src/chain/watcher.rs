@@ -37,7 +37,8 @@ use crate::userop::IEntryPoint::UserOperationEvent;
 /// Default for `--log-range`: the most blocks one `eth_getLogs` spans at first.
 pub const DEFAULT_LOG_RANGE: u64 = 1000;
 
-/// How far back the watcher reads again when the cursor block was reorganised away.
+/// How far back the watcher reads again when the cursor block was reorganised away (at least:
+/// back to the block after the final one when that is further back).
 pub const REORG_REWIND: u64 = 128;
 
 /// What can go wrong polling.
@@ -331,7 +332,14 @@ impl Watcher {
         let mut from = match self.cursor.get().await? {
             Some(mark) if self.reorganised(mark).await? => {
                 poll.reorg = true;
-                let from = mark.number.saturating_sub(REORG_REWIND);
+                // The fork may be deeper than the rewind, but not below the final block: read
+                // again from there when it is further back, or a landed operation in the
+                // blocks between would never be read (and its reservation released).
+                let final_block = self.final_block_number(head).await?;
+                let from = mark
+                    .number
+                    .saturating_sub(REORG_REWIND)
+                    .min(final_block.saturating_add(1));
                 tracing::warn!(
                     cursor = mark.number,
                     from,
@@ -484,6 +492,19 @@ impl Watcher {
             }
         }
         Ok(lo)
+    }
+
+    /// The number of the block that cannot be reorganised away (`--finality`), given the head.
+    async fn final_block_number(&self, head: u64) -> Result<u64, WatchError> {
+        Ok(match self.finality {
+            Finality::Depth(depth) => head.saturating_sub(depth),
+            Finality::Finalized => self
+                .provider
+                .get_block_by_number(BlockNumberOrTag::Finalized)
+                .await
+                .map_err(rpc)?
+                .map_or(0, |b| b.header.number),
+        })
     }
 
     /// Release the reservations whose `validUntil` is before the time of the block that

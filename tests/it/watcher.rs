@@ -344,6 +344,38 @@ async fn releases_wait_for_the_finalized_block() -> TestResult {
     Ok(())
 }
 
+/// A reorganisation deeper than the rewind (128 blocks) but above the final block: the watcher
+/// read again only the last 128 blocks, so an operation that landed further back in the new
+/// chain was never read, and its reservation would have been released. It now reads again from
+/// the block after the final one.
+#[tokio::test]
+async fn a_reorganisation_deeper_than_the_rewind_is_read_again() -> TestResult {
+    use crate::e2e::User;
+    use session_paymaster::chain::watcher::{Finality, REORG_REWIND};
+
+    let dir = crate::e2e::budgeted_policies()?;
+    let stack = crate::helpers::Stack::start_with(Some(dir.0.clone()), None).await?;
+    let provider = &stack.anvil.provider;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = Watcher::new(provider.clone(), sponsor, 0, Some(0), Cursor::memory())
+        .with_finality(Finality::Depth(1000));
+    let snapshot: Value = provider.raw_request("evm_snapshot".into(), ()).await?;
+    mine(&stack, REORG_REWIND + 72).await?;
+    assert!(!watcher.poll_once(sponsor).await?.reorg);
+
+    // The new chain: the operation lands in its first block, then it outgrows the old one.
+    let _: Value = provider
+        .raw_request("evm_revert".into(), (snapshot,))
+        .await?;
+    let user = User::new(&stack, EntryPointVersion::V0_7).await?;
+    user.submit(&user.sponsored(user.op_json()).await?).await?;
+    mine(&stack, REORG_REWIND + 90).await?;
+    let poll = watcher.poll_once(sponsor).await?;
+    assert!(poll.reorg, "{poll:?}");
+    assert_eq!(poll.settled, 1, "the landed operation was read: {poll:?}");
+    Ok(())
+}
+
 /// With `--finality` shallower than `--confirmations`, reservations were released by a block
 /// whose earlier blocks had not been read yet: an operation that landed there was released
 /// first (its cost given back until its event was read, and forgotten if its hash matched no
