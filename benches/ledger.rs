@@ -107,8 +107,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         paymaster: Some(Address::repeat_byte(7)),
     };
     let sponsor = Sponsor::new(
-        31337,
-        vec![ep],
+        vec![(31337, vec![ep])],
         policies,
         Signer::load(KeySource::Ephemeral)?,
         SessionStore::Memory(MemorySessions::new()),
@@ -137,6 +136,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
             ..common::counter_op(Address::repeat_byte(0x11), i as u64)
         };
         let req = SponsorRequest {
+            chain_id: 31337,
             op: &op,
             entry_point: ep.address,
             context: &context,

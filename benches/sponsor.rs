@@ -65,8 +65,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         })
         .collect();
     let sponsor = Sponsor::new(
-        31337,
-        entry_points,
+        vec![(31337, entry_points)],
         policies,
         Signer::load(KeySource::Ephemeral)?,
         SessionStore::Memory(MemorySessions::new()),
@@ -77,6 +76,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let context = RequestContext::default();
     let now = 1_800_000_000;
     let request = |mode| SponsorRequest {
+        chain_id: 31337,
         op: &op,
         entry_point: EntryPointVersion::V0_7.canonical_address(),
         context: &context,

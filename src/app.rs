@@ -47,12 +47,12 @@ pub struct AppState {
     pub max_body_bytes: usize,
     /// API keys; empty: keyless (loopback only).
     pub api_keys: ApiKeys,
-    /// When the settlement watcher last polled successfully (unix seconds; 0: no watcher), and
-    /// how stale that may get before `/readyz` fails.
-    watcher_ok_at: AtomicU64,
-    watcher_max_lag: AtomicU64,
-    /// Bundler that estimates gas for operations sent without limits.
-    pub bundler: Option<alloy::rpc::client::RpcClient>,
+    /// Per chain served (in configuration order): when its settlement watcher last polled
+    /// successfully (unix seconds; 0: no watcher), and how stale that may get before it is
+    /// reported lagging.
+    watchers: Vec<WatcherHealth>,
+    /// Per chain, the bundler that estimates gas for operations sent without limits.
+    pub bundlers: Vec<(u64, alloy::rpc::client::RpcClient)>,
     /// How long estimation waits for it.
     pub bundler_timeout: std::time::Duration,
     /// SHA-256 of the admin bearer token; `None`: admin API closed.
@@ -64,6 +64,14 @@ pub struct AppState {
     /// Version of the set in this replica's own directory at start.
     directory_version: alloy::primitives::B256,
     request_seq: AtomicU64,
+}
+
+/// One chain's settlement watcher, as `/readyz` and the metrics report it.
+#[derive(Debug)]
+struct WatcherHealth {
+    chain_id: u64,
+    ok_at: AtomicU64,
+    max_lag: AtomicU64,
 }
 
 /// Why the service cannot start.
@@ -135,10 +143,21 @@ impl AppState {
                 tracing::warn!(published = %current, directory = %directory_version, "the policy directory differs from the published set: serving the published set (see /readyz; --publish-policies or `policies push` to publish the directory)");
             }
         }
+        let mut bundlers = Vec::new();
+        for chain in &config.chains {
+            if let Some(url) = &chain.bundler_url {
+                let client = crate::chain::client::json_rpc(url, "--bundler-url")
+                    .map_err(StartupError::Config)?;
+                bundlers.push((chain.chain_id, client));
+            }
+        }
         Ok(Self {
             sponsor: Sponsor::new(
-                config.chain_id,
-                config.entry_points.clone(),
+                config
+                    .chains
+                    .iter()
+                    .map(|c| (c.chain_id, c.entry_points.clone()))
+                    .collect(),
                 policies,
                 signer,
                 sessions,
@@ -149,16 +168,17 @@ impl AppState {
             sponsor_name: config.sponsor_name.clone(),
             max_body_bytes: config.max_body_bytes,
             api_keys: ApiKeys::new(config.api_keys.clone()),
-            watcher_ok_at: AtomicU64::new(0),
-            watcher_max_lag: AtomicU64::new(0),
+            watchers: config
+                .chains
+                .iter()
+                .map(|c| WatcherHealth {
+                    chain_id: c.chain_id,
+                    ok_at: AtomicU64::new(0),
+                    max_lag: AtomicU64::new(0),
+                })
+                .collect(),
             bundler_timeout: config.bundler_timeout,
-            bundler: match &config.bundler_url {
-                None => None,
-                Some(url) => Some(
-                    crate::chain::client::json_rpc(url, "--bundler-url")
-                        .map_err(StartupError::Config)?,
-                ),
-            },
+            bundlers,
             admin_token_sha256: config.admin_token_sha256,
             admin_on_main: config.admin_on_main,
             redis,
@@ -227,10 +247,14 @@ impl AppState {
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
         let state = Arc::clone(self);
+        let chain_id = watcher.chain_id();
+        let slot = self.watchers.iter().position(|w| w.chain_id == chain_id);
         // Reported as lagging when no poll succeeded for ten intervals (at least a second).
-        self.watcher_max_lag
-            .store(every.saturating_mul(10).as_secs().max(1), Ordering::Relaxed);
-        self.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
+        if let Some(w) = slot.map(|i| &self.watchers[i]) {
+            w.max_lag
+                .store(every.saturating_mul(10).as_secs().max(1), Ordering::Relaxed);
+            w.ok_at.store(unix_now(), Ordering::Relaxed);
+        }
         tokio::spawn(async move {
             let mut failures: u32 = 0;
             loop {
@@ -238,14 +262,17 @@ impl AppState {
                 let metrics = state.sponsor.metrics();
                 match polled {
                     Ok(p) => {
-                        state.watcher_ok_at.store(unix_now(), Ordering::Relaxed);
+                        if let Some(w) = slot.map(|i| &state.watchers[i]) {
+                            w.ok_at.store(unix_now(), Ordering::Relaxed);
+                        }
                         if failures > 0 {
-                            tracing::info!(failures, "settlement watcher recovered");
+                            tracing::info!(chain_id, failures, "settlement watcher recovered");
                         }
                         failures = 0;
                         metrics.watcher_ignored(p.ignored);
                         if p.ignored > 0 {
                             tracing::warn!(
+                                chain_id,
                                 events = p.ignored,
                                 block = p.to_block,
                                 "events of our paymaster matched no open reservation"
@@ -253,6 +280,7 @@ impl AppState {
                         }
                         if p.settled + p.superseded + p.released > 0 {
                             tracing::info!(
+                                chain_id,
                                 block = p.to_block,
                                 settled = p.settled,
                                 superseded = p.superseded,
@@ -265,7 +293,7 @@ impl AppState {
                         failures = failures.saturating_add(1);
                         metrics.watcher_failed();
                         if failures.is_power_of_two() {
-                            tracing::warn!(error = %e, failures, "settlement watcher poll failed; backing off");
+                            tracing::warn!(chain_id, error = %e, failures, "settlement watcher poll failed; backing off");
                         }
                     }
                 }
@@ -324,15 +352,25 @@ impl AppState {
                 }
             }
         };
-        let ok_at = self.watcher_ok_at.load(Ordering::Relaxed);
-        let max_lag = self.watcher_max_lag.load(Ordering::Relaxed);
         // Reported, never failing readiness: sponsorship does not need the chain, and a chain
         // RPC outage must not take every replica out of service.
-        let watcher = if ok_at == 0 {
-            json!("not configured")
-        } else {
-            let ago = unix_now().saturating_sub(ok_at);
-            json!({ "lastSuccessSecsAgo": ago, "lagging": ago > max_lag })
+        let health = |w: &WatcherHealth| {
+            let ok_at = w.ok_at.load(Ordering::Relaxed);
+            if ok_at == 0 {
+                json!("not configured")
+            } else {
+                let ago = unix_now().saturating_sub(ok_at);
+                json!({ "lastSuccessSecsAgo": ago, "lagging": ago > w.max_lag.load(Ordering::Relaxed) })
+            }
+        };
+        // One chain: its watcher; several: one per chain id.
+        let watcher = match self.watchers.as_slice() {
+            [one] => health(one),
+            many => Value::Object(
+                many.iter()
+                    .map(|w| (w.chain_id.to_string(), health(w)))
+                    .collect(),
+            ),
         };
         let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
         let policies = self.sponsor.policies();
@@ -383,8 +421,14 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             }
         }
     }
-    let ok_at = state.watcher_ok_at.load(Ordering::Relaxed);
-    let watcher_lag = (ok_at != 0).then(|| now.saturating_sub(ok_at));
+    // The most lagging chain's.
+    let watcher_lag = state
+        .watchers
+        .iter()
+        .map(|w| w.ok_at.load(Ordering::Relaxed))
+        .filter(|&ok_at| ok_at != 0)
+        .map(|ok_at| now.saturating_sub(ok_at))
+        .max();
     let text = sponsor.metrics().render(&Scrape {
         policies: policies.len(),
         rate_limit_keys: sponsor.limits().len(),
@@ -417,6 +461,15 @@ pub fn router(state: Arc<AppState>) -> Router {
     let router = Router::new()
         // The handler enforces its own (JSON-RPC shaped) limit.
         .route("/", post(rpc::handle).layer(DefaultBodyLimit::disable()))
+        // One URL per chain (clients configured per chain): `/8453`, `/rpc/8453`.
+        .route(
+            "/{chain}",
+            post(rpc::handle_chain).layer(DefaultBodyLimit::disable()),
+        )
+        .route(
+            "/rpc/{chain}",
+            post(rpc::handle_chain).layer(DefaultBodyLimit::disable()),
+        )
         .route("/healthz", get(|| async { "ok" }))
         .route("/readyz", get(readyz))
         .route("/metrics", get(metrics));

@@ -32,9 +32,24 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_LISTEN", default_value = DEFAULT_LISTEN)]
     pub listen: SocketAddr,
 
-    /// Chain id this instance sponsors on.
+    /// Chain id this instance sponsors on (single-chain form; see `--chain`).
     #[arg(long, env = "SP_CHAIN_ID", default_value_t = 31337)]
     pub chain_id: u64,
+
+    /// Serve several chains: one per flag (the configuration file's `[[chains]]` tables), a
+    /// JSON object `{"chain_id": 8453, "paymaster_v07": "0x…", "rpc_url": "…"}` with the keys
+    /// of the single-chain settings it replaces (`chain_id`, `entry_point_v07`…`v09`,
+    /// `paymaster_v07`…`v09`, `rpc_url`, `bundler_url`). Clients name the chain by path
+    /// (`POST /{chainId}`, `/rpc/{chainId}`) or by ERC-7677's `chainId`.
+    #[arg(
+        long = "chain",
+        value_parser = parse_chain,
+        conflicts_with_all = [
+            "chain_id", "entry_point_v07", "entry_point_v08", "entry_point_v09",
+            "paymaster_v07", "paymaster_v08", "paymaster_v09", "rpc_url", "bundler_url",
+        ],
+    )]
+    pub chains: Vec<ChainArg>,
 
     /// EntryPoint v0.7 address.
     #[arg(long, env = "SP_ENTRY_POINT_V07", default_value_t = EntryPointVersion::V0_7.canonical_address())]
@@ -190,13 +205,24 @@ pub struct EntryPointConfig {
     pub paymaster: Option<Address>,
 }
 
+/// One chain served: its id, its EntryPoints with our paymasters, and the nodes it talks to.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct ChainConfig {
+    /// Chain id.
+    pub chain_id: u64,
+    /// EntryPoints served on it.
+    pub entry_points: Vec<EntryPointConfig>,
+    /// Its node, for the settlement watcher (never on the sponsorship path).
+    pub rpc_url: Option<String>,
+    /// Its bundler, for gas estimation.
+    pub bundler_url: Option<String>,
+}
+
 /// What the service needs to build its state.
 #[derive(Debug, Clone)]
 pub struct Config {
-    /// Chain id.
-    pub chain_id: u64,
-    /// EntryPoints served.
-    pub entry_points: Vec<EntryPointConfig>,
+    /// The chains served (at least one; `POST /` serves the first when it is the only one).
+    pub chains: Vec<ChainConfig>,
     /// Where the signing key comes from.
     pub signer: KeySource,
     /// Policy directory.
@@ -209,8 +235,6 @@ pub struct Config {
     pub api_keys: Vec<ApiKey>,
     /// Per-API-key rate.
     pub rate_per_key: Option<Rate>,
-    /// Bundler for gas estimation.
-    pub bundler_url: Option<String>,
     /// Share of each deposit (per cent) kept free of open reservations.
     pub deposit_margin: u64,
     /// Publish the policy directory at start even over another published set.
@@ -230,9 +254,28 @@ pub struct Config {
 impl Config {
     /// Each EntryPoint and each paymaster serves one version: requests name the EntryPoint by
     /// address, so two versions at one address would sign with the other version's rules.
+    /// Chains are named once each.
     pub fn check_entry_points(&self) -> Result<(), String> {
-        for (i, a) in self.entry_points.iter().enumerate() {
-            for b in &self.entry_points[i + 1..] {
+        if self.chains.is_empty() {
+            return Err("no chain configured".into());
+        }
+        for (i, c) in self.chains.iter().enumerate() {
+            if self.chains[i + 1..]
+                .iter()
+                .any(|d| d.chain_id == c.chain_id)
+            {
+                return Err(format!("chain {} is configured twice", c.chain_id));
+            }
+            check_chain_entry_points(&c.entry_points)?;
+        }
+        Ok(())
+    }
+}
+
+fn check_chain_entry_points(entry_points: &[EntryPointConfig]) -> Result<(), String> {
+    {
+        for (i, a) in entry_points.iter().enumerate() {
+            for b in &entry_points[i + 1..] {
                 let (fa, fb) = (a.version.flag_suffix(), b.version.flag_suffix());
                 if a.address == b.address {
                     return Err(format!(
@@ -258,6 +301,76 @@ impl Config {
     }
 }
 
+/// One chain of `--chain` / `[[chains]]`: the single-chain settings' keys; EntryPoints left out
+/// are at their canonical addresses.
+#[derive(Debug, Clone, PartialEq, Eq, serde::Deserialize, serde::Serialize)]
+#[serde(deny_unknown_fields)]
+pub struct ChainArg {
+    /// Chain id.
+    pub chain_id: u64,
+    /// EntryPoint v0.7 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point_v07: Option<Address>,
+    /// EntryPoint v0.8 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point_v08: Option<Address>,
+    /// EntryPoint v0.9 address.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub entry_point_v09: Option<Address>,
+    /// SessionPaymaster for v0.7.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paymaster_v07: Option<Address>,
+    /// SessionPaymaster for v0.8.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paymaster_v08: Option<Address>,
+    /// SessionPaymaster for v0.9.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub paymaster_v09: Option<Address>,
+    /// Its node, for the settlement watcher.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rpc_url: Option<String>,
+    /// Its bundler, for gas estimation.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub bundler_url: Option<String>,
+}
+
+fn parse_chain(s: &str) -> Result<ChainArg, String> {
+    serde_json::from_str(s).map_err(|e| format!("a chain is a JSON object of chain settings: {e}"))
+}
+
+impl ChainArg {
+    fn config(&self) -> ChainConfig {
+        let ep =
+            |version: EntryPointVersion, address: Option<Address>, paymaster| EntryPointConfig {
+                version,
+                address: address.unwrap_or(version.canonical_address()),
+                paymaster,
+            };
+        ChainConfig {
+            chain_id: self.chain_id,
+            entry_points: vec![
+                ep(
+                    EntryPointVersion::V0_7,
+                    self.entry_point_v07,
+                    self.paymaster_v07,
+                ),
+                ep(
+                    EntryPointVersion::V0_8,
+                    self.entry_point_v08,
+                    self.paymaster_v08,
+                ),
+                ep(
+                    EntryPointVersion::V0_9,
+                    self.entry_point_v09,
+                    self.paymaster_v09,
+                ),
+            ],
+            rpc_url: self.rpc_url.clone(),
+            bundler_url: self.bundler_url.clone(),
+        }
+    }
+}
+
 impl From<&ServeArgs> for Config {
     fn from(args: &ServeArgs) -> Self {
         let signer = match (&args.signer_key_file, &args.signer_key_env) {
@@ -265,32 +378,32 @@ impl From<&ServeArgs> for Config {
             (None, Some(var)) => KeySource::Env(var.clone()),
             (None, None) => KeySource::Ephemeral,
         };
+        let chains = if args.chains.is_empty() {
+            vec![
+                ChainArg {
+                    chain_id: args.chain_id,
+                    entry_point_v07: Some(args.entry_point_v07),
+                    entry_point_v08: Some(args.entry_point_v08),
+                    entry_point_v09: Some(args.entry_point_v09),
+                    paymaster_v07: args.paymaster_v07,
+                    paymaster_v08: args.paymaster_v08,
+                    paymaster_v09: args.paymaster_v09,
+                    rpc_url: args.rpc_url.clone(),
+                    bundler_url: args.bundler_url.clone(),
+                }
+                .config(),
+            ]
+        } else {
+            args.chains.iter().map(ChainArg::config).collect()
+        };
         Self {
-            chain_id: args.chain_id,
-            entry_points: vec![
-                EntryPointConfig {
-                    version: EntryPointVersion::V0_7,
-                    address: args.entry_point_v07,
-                    paymaster: args.paymaster_v07,
-                },
-                EntryPointConfig {
-                    version: EntryPointVersion::V0_8,
-                    address: args.entry_point_v08,
-                    paymaster: args.paymaster_v08,
-                },
-                EntryPointConfig {
-                    version: EntryPointVersion::V0_9,
-                    address: args.entry_point_v09,
-                    paymaster: args.paymaster_v09,
-                },
-            ],
+            chains,
             signer,
             policies_dir: args.policies.clone(),
             sponsor_name: args.sponsor_name.clone(),
             max_body_bytes: args.max_body_bytes,
             api_keys: args.api_keys.clone(),
             rate_per_key: args.rate_per_key,
-            bundler_url: args.bundler_url.clone(),
             deposit_margin: args.deposit_margin,
             publish_policies: args.publish_policies,
             bundler_timeout: args.bundler_timeout,
@@ -342,6 +455,28 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
     let command = <ServeArgs as clap::Args>::augment_args(clap::Command::new("serve"));
     let mut injected: Vec<OsString> = Vec::new();
     for (key, value) in &table {
+        if key == "chains" {
+            // `[[chains]]` tables: one `--chain <json>` each, unless given on the command line.
+            if user
+                .iter()
+                .any(|a| a == "--chain" || a.starts_with("--chain="))
+            {
+                continue;
+            }
+            let tables = value.as_array().ok_or_else(|| {
+                format!(
+                    "config file {}: `chains` must be [[chains]] tables",
+                    path.display()
+                )
+            })?;
+            for t in tables {
+                let json = serde_json::to_string(t)
+                    .map_err(|e| format!("config file {}: `chains`: {e}", path.display()))?;
+                injected.push("--chain".into());
+                injected.push(json.into());
+            }
+            continue;
+        }
         let long = key.replace('_', "-");
         let arg = command
             .get_arguments()
@@ -414,21 +549,39 @@ impl ServeArgs {
         };
         let s = |v: String| toml::Value::String(v);
         put("listen", s(self.listen.to_string()));
-        put(
-            "chain_id",
-            toml::Value::Integer(i64::try_from(self.chain_id).unwrap_or(i64::MAX)),
-        );
-        put("entry_point_v07", s(self.entry_point_v07.to_string()));
-        put("entry_point_v08", s(self.entry_point_v08.to_string()));
-        put("entry_point_v09", s(self.entry_point_v09.to_string()));
-        for (key, paymaster) in [
-            ("paymaster_v07", self.paymaster_v07),
-            ("paymaster_v08", self.paymaster_v08),
-            ("paymaster_v09", self.paymaster_v09),
-        ] {
-            if let Some(p) = paymaster {
-                put(key, s(p.to_string()));
+        if self.chains.is_empty() {
+            put(
+                "chain_id",
+                toml::Value::Integer(i64::try_from(self.chain_id).unwrap_or(i64::MAX)),
+            );
+            put("entry_point_v07", s(self.entry_point_v07.to_string()));
+            put("entry_point_v08", s(self.entry_point_v08.to_string()));
+            put("entry_point_v09", s(self.entry_point_v09.to_string()));
+            for (key, paymaster) in [
+                ("paymaster_v07", self.paymaster_v07),
+                ("paymaster_v08", self.paymaster_v08),
+                ("paymaster_v09", self.paymaster_v09),
+            ] {
+                if let Some(p) = paymaster {
+                    put(key, s(p.to_string()));
+                }
             }
+            if let Some(u) = &self.rpc_url {
+                put("rpc_url", s(mask_url(u)));
+            }
+            if let Some(u) = &self.bundler_url {
+                put("bundler_url", s(mask_url(u)));
+            }
+        } else {
+            let tables = self.chains.iter().map(|c| {
+                let masked = ChainArg {
+                    rpc_url: c.rpc_url.as_deref().map(mask_url),
+                    bundler_url: c.bundler_url.as_deref().map(mask_url),
+                    ..c.clone()
+                };
+                toml::Value::try_from(masked).unwrap_or(toml::Value::Table(toml::Table::new()))
+            });
+            put("chains", toml::Value::Array(tables.collect()));
         }
         if let Some(p) = &self.signer_key_file {
             put("signer_key_file", s(p.display().to_string()));
@@ -455,9 +608,6 @@ impl ServeArgs {
             "policy_poll",
             s(humantime::format_duration(self.policy_poll).to_string()),
         );
-        if let Some(u) = &self.rpc_url {
-            put("rpc_url", s(mask_url(u)));
-        }
         put(
             "confirmations",
             toml::Value::Integer(i64::try_from(self.confirmations).unwrap_or(i64::MAX)),
@@ -512,9 +662,6 @@ impl ServeArgs {
             "bundler_timeout",
             s(humantime::format_duration(self.bundler_timeout).to_string()),
         );
-        if let Some(u) = &self.bundler_url {
-            put("bundler_url", s(mask_url(u)));
-        }
         put(
             "max_body_bytes",
             toml::Value::Integer(i64::try_from(self.max_body_bytes).unwrap_or(i64::MAX)),

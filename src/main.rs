@@ -444,12 +444,20 @@ async fn deploy_async(args: DeployArgs) -> Result<String, String> {
 
 async fn status_async(args: ServeArgs) -> Result<String, String> {
     let config = Config::from(&args);
-    let rpc_url = args
-        .rpc_url
-        .as_deref()
-        .ok_or("status reads the chain: give --rpc-url (or rpc_url in the config)")?;
-    let report = session_paymaster::chain::status::report(&config, rpc_url).await?;
-    serde_json::to_string_pretty(&report).map_err(|e| e.to_string())
+    let mut reports = Vec::new();
+    for chain in &config.chains {
+        let rpc_url = chain.rpc_url.as_deref().ok_or(format!(
+            "status reads the chain: give chain {}'s rpc_url (--rpc-url, or rpc_url in the config)",
+            chain.chain_id
+        ))?;
+        reports.push(session_paymaster::chain::status::report(&config, chain, rpc_url).await?);
+    }
+    // One chain: its report; several: one per chain.
+    match reports.as_slice() {
+        [one] => serde_json::to_string_pretty(one),
+        many => serde_json::to_string_pretty(many),
+    }
+    .map_err(|e| e.to_string())
 }
 
 fn serve(args: ServeArgs) -> ExitCode {
@@ -495,55 +503,65 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     let budgets = state.sponsor.policies().iter().any(|p| {
         p.budgets.session.is_some() || p.budgets.sender.is_some() || p.budgets.policy.is_some()
     });
-    if config.redis_url.is_some() && budgets && args.rpc_url.is_none() && !args.no_settlement {
-        return Err(
-            "policies with budgets on Redis but no --rpc-url: nothing would settle or release \
-             reservations, which would stay at their worst case for good; give --rpc-url, or \
-             --no-settlement to accept that"
-                .into(),
-        );
+    if config.redis_url.is_some()
+        && budgets
+        && !args.no_settlement
+        && let Some(chain) = config.chains.iter().find(|c| c.rpc_url.is_none())
+    {
+        return Err(format!(
+            "policies with budgets on Redis but no --rpc-url for chain {}: nothing would settle \
+             or release its reservations, which would stay at their worst case for good; give \
+             its rpc_url, or --no-settlement to accept that",
+            chain.chain_id
+        ));
     }
     state.spawn_policy_watcher(args.policy_poll);
     state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
-    match &args.rpc_url {
-        Some(url) => {
-            let provider = session_paymaster::chain::client::provider(url)?;
-            // A node of another chain is refused now if it answers; if it does not yet, the
-            // watcher checks before it reads anything.
-            if let Ok(Ok(serves)) =
-                tokio::time::timeout(std::time::Duration::from_secs(5), provider.get_chain_id())
-                    .await
-                && serves != config.chain_id
-            {
-                return Err(format!(
-                    "--rpc-url serves chain {serves}, not --chain-id {}: settlement would read \
-                     another chain",
-                    config.chain_id
-                ));
-            }
-            let cursor = match state.redis() {
-                Some(conn) => Cursor::redis(conn.clone(), config.chain_id),
-                None => Cursor::memory(),
-            };
-            let watcher = Watcher::new(
-                provider,
-                &state.sponsor,
-                args.confirmations,
-                args.watch_from_block,
-                cursor,
-            )
-            .with_low_deposit(args.low_deposit_wei)
-            .with_finality(args.finality)
-            .with_max_range(args.log_range);
-            state.spawn_watcher(watcher, args.watch_interval);
-            tracing::info!(
-                confirmations = args.confirmations,
-                "settlement watcher started"
+    for chain in &config.chains {
+        let Some(url) = &chain.rpc_url else {
+            tracing::warn!(
+                chain_id = chain.chain_id,
+                "no --rpc-url: budget reservations stay counted at their worst case (no settlement)"
             );
+            continue;
+        };
+        let provider = session_paymaster::chain::client::provider(url)?;
+        // A node of another chain is refused now if it answers; if it does not yet, the
+        // watcher checks before it reads anything.
+        if let Ok(Ok(serves)) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), provider.get_chain_id()).await
+            && serves != chain.chain_id
+        {
+            return Err(format!(
+                "the rpc_url (--rpc-url) of chain {c} serves chain {serves}, not {c}: settlement \
+                 would read another chain",
+                c = chain.chain_id
+            ));
         }
-        None => tracing::warn!(
-            "no --rpc-url: budget reservations stay counted at their worst case (no settlement)"
-        ),
+        let cursor = match state.redis() {
+            Some(conn) => Cursor::redis(conn.clone(), chain.chain_id),
+            None => Cursor::memory(),
+        };
+        let served = state
+            .sponsor
+            .chain(chain.chain_id)
+            .map_err(|e| e.to_string())?;
+        let watcher = Watcher::new(
+            provider,
+            served,
+            args.confirmations,
+            args.watch_from_block,
+            cursor,
+        )
+        .with_low_deposit(args.low_deposit_wei)
+        .with_finality(args.finality)
+        .with_max_range(args.log_range);
+        state.spawn_watcher(watcher, args.watch_interval);
+        tracing::info!(
+            chain_id = chain.chain_id,
+            confirmations = args.confirmations,
+            "settlement watcher started"
+        );
     }
 
     let listener = tokio::net::TcpListener::bind(args.listen)
@@ -594,16 +612,19 @@ fn log_startup(state: &AppState, config: &Config) {
              configure --signer-key-file or --signer-key-env"
         );
     }
-    for ep in state.sponsor.entry_points() {
-        match ep.paymaster {
-            Some(pm) => {
-                tracing::info!(version = %ep.version, entry_point = %ep.address, paymaster = %pm, "serving")
+    for chain in state.sponsor.chains() {
+        for ep in &chain.entry_points {
+            match ep.paymaster {
+                Some(pm) => {
+                    tracing::info!(chain_id = chain.chain_id, version = %ep.version, entry_point = %ep.address, paymaster = %pm, "serving")
+                }
+                None => tracing::warn!(
+                    chain_id = chain.chain_id,
+                    version = %ep.version,
+                    entry_point = %ep.address,
+                    "no paymaster configured: sponsorship for this EntryPoint is refused"
+                ),
             }
-            None => tracing::warn!(
-                version = %ep.version,
-                entry_point = %ep.address,
-                "no paymaster configured: sponsorship for this EntryPoint is refused"
-            ),
         }
     }
     if config.redis_url.is_none() {
@@ -632,7 +653,8 @@ fn log_startup(state: &AppState, config: &Config) {
             "transparent huge pages are `always` on this host: run with MIMALLOC_ALLOW_THP=0 (a huge-page fault of the heap stalls every request behind it)"
         );
     }
-    tracing::info!(policies = state.sponsor.policies().len(), signer = %signer.address(), chain_id = config.chain_id, "loaded");
+    let chains: Vec<u64> = config.chains.iter().map(|c| c.chain_id).collect();
+    tracing::info!(policies = state.sponsor.policies().len(), signer = %signer.address(), ?chains, "loaded");
 }
 
 async fn shutdown_signal() {

@@ -55,6 +55,7 @@ struct ReasonLabels {
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct EntryPointLabels {
+    chain: u64,
     entry_point: String,
 }
 
@@ -255,8 +256,9 @@ impl Metrics {
 
     /// The paymaster deposit of `entry_point` as last read from the chain, whether it is
     /// below the configured threshold, and the open worst cases charged to it (gwei).
-    pub fn deposit(&self, entry_point: &str, wei: u128, low: bool, open_gwei: u64) {
+    pub fn deposit(&self, chain: u64, entry_point: &str, wei: u128, low: bool, open_gwei: u64) {
         let labels = EntryPointLabels {
+            chain,
             entry_point: entry_point.to_owned(),
         };
         self.deposit_wei.get_or_create(&labels).set(wei as f64);
@@ -317,7 +319,7 @@ mod tests {
         m.request("pm_sponsorUserOperation", None, Duration::from_millis(3));
         m.request("evil\"name", Some(-32601), Duration::from_micros(50));
         m.rejection("fee_too_high");
-        m.deposit("0xabc", 5, true, 3);
+        m.deposit(8453, "0xabc", 5, true, 3);
         let text = m.render(&Scrape {
             policies: 4,
             rate_limit_keys: 7,
@@ -333,7 +335,7 @@ mod tests {
             "sp_request_seconds_bucket{le=\"+Inf\"} 3",
             "sp_policies 4",
             "sp_rate_limit_keys 7",
-            "sp_paymaster_deposit_low{entry_point=\"0xabc\"} 1",
+            "sp_paymaster_deposit_low{chain=\"8453\",entry_point=\"0xabc\"} 1",
             "sp_budget_remaining{policy=\"p\",resource=\"ops\"} 9",
             "sp_watcher_lag_seconds 3",
             "sp_policy_directory_differs 1",

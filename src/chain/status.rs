@@ -7,7 +7,7 @@ use alloy::providers::{DynProvider, Provider};
 use serde::Serialize;
 
 use super::client::error_chain;
-use crate::config::Config;
+use crate::config::{ChainConfig, Config};
 use crate::ledger::Ledger;
 use crate::ledger::redis::RedisLedger;
 use crate::policy::file::load_dir;
@@ -159,19 +159,23 @@ pub struct StatusReport {
     pub paymasters: Vec<PaymasterStatus>,
 }
 
-/// Read every paymaster `config` names through `rpc_url`: the chain must be the
-/// configuration's; the signer is the configured key's (none for a dev signer); the open
+/// Read every paymaster `chain` (one of `config`'s) names through `rpc_url`: the node must
+/// serve that chain; the signer is the configured key's (none for a dev signer); the open
 /// reservations come from Redis when configured, over the policies of the policy directory.
-pub async fn report(config: &Config, rpc_url: &str) -> Result<StatusReport, String> {
+pub async fn report(
+    config: &Config,
+    chain: &ChainConfig,
+    rpc_url: &str,
+) -> Result<StatusReport, String> {
     let provider = super::client::provider(rpc_url)?;
     let chain_id = provider
         .get_chain_id()
         .await
         .map_err(|e| format!("chain RPC: {}", error_chain(&e)))?;
-    if chain_id != config.chain_id {
+    if chain_id != chain.chain_id {
         return Err(format!(
-            "--rpc-url serves chain {chain_id}, the configuration chain {}",
-            config.chain_id
+            "the RPC serves chain {chain_id}, the configuration's is {}",
+            chain.chain_id
         ));
     }
     // The configured key's address only (a dev signer is random: nothing to check).
@@ -200,13 +204,13 @@ pub async fn report(config: &Config, rpc_url: &str) -> Result<StatusReport, Stri
             )
         })?;
     let mut paymasters = Vec::new();
-    for ep in &config.entry_points {
+    for ep in &chain.entry_points {
         let Some(paymaster) = ep.paymaster else {
             continue;
         };
         let open = match &ledger {
             Some(ledger) => Some(
-                open_against_deposit(ledger, &policies, ep.address)
+                open_against_deposit(ledger, &policies, chain.chain_id, ep.address)
                     .await
                     .map_err(|e| e.to_string())?,
             ),

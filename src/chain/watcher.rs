@@ -30,7 +30,7 @@ use redis::AsyncCommands;
 
 use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
 use crate::sponsor::deposit::open_against_deposit;
-use crate::sponsor::{Sponsor, VALID_AFTER_SKEW_SECS};
+use crate::sponsor::{ChainServed, Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
 use crate::userop::IEntryPoint::UserOperationEvent;
 
@@ -204,22 +204,22 @@ fn store(e: impl std::fmt::Display) -> WatchError {
 }
 
 impl Watcher {
-    /// Watch the EntryPoints and paymasters `sponsor` serves. Without a stored cursor, start at
-    /// `start_block`, else before the oldest open reservation, else at the confirmed head.
-    /// Releases go by the `finalized` block unless [`Self::with_finality`] says otherwise.
-    /// From now on `sponsor` counts every sponsorship against its paymaster's deposit, which
-    /// this watcher reads (see [`crate::sponsor::deposit`]).
+    /// Watch the EntryPoints and paymasters of `chain`, one the pipeline serves, through
+    /// `provider` (a node of that chain). Without a stored cursor, start at `start_block`, else
+    /// before the oldest open reservation, else at the confirmed head. Releases go by the
+    /// `finalized` block unless [`Self::with_finality`] says otherwise. From now on every
+    /// sponsorship on `chain` is counted against its paymaster's deposit, which this watcher
+    /// reads (see [`crate::sponsor::deposit`]).
     pub fn new(
         provider: DynProvider,
-        sponsor: &Sponsor,
+        chain: &ChainServed,
         confirmations: u64,
         start_block: Option<u64>,
         cursor: Cursor,
     ) -> Self {
-        // From now on every sponsorship is counted against its paymaster's deposit.
-        sponsor.deposits().track();
-        let with_paymaster: Vec<_> = sponsor
-            .entry_points()
+        chain.deposits.track();
+        let with_paymaster: Vec<_> = chain
+            .entry_points
             .iter()
             .filter(|e| e.paymaster.is_some())
             .collect();
@@ -242,8 +242,13 @@ impl Watcher {
             max_range: DEFAULT_LOG_RANGE,
             range: AtomicU64::new(DEFAULT_LOG_RANGE),
             cursor,
-            chain_id: sponsor.chain_id(),
+            chain_id: chain.chain_id,
         }
+    }
+
+    /// The chain it watches.
+    pub fn chain_id(&self) -> u64 {
+        self.chain_id
     }
 
     /// The node must serve the configured chain before anything it says is believed: the
@@ -290,11 +295,14 @@ impl Watcher {
                 .call()
                 .await
                 .map_err(rpc)?;
-            let open = open_against_deposit(sponsor.ledger(), &policies, *entry_point)
-                .await
-                .map_err(store)?;
+            let open =
+                open_against_deposit(sponsor.ledger(), &policies, self.chain_id, *entry_point)
+                    .await
+                    .map_err(store)?;
             let deposit = wei_to_gwei_floor(wei);
-            sponsor.deposits().observe(*entry_point, deposit, open);
+            if let Ok(chain) = sponsor.chain(self.chain_id) {
+                chain.deposits.observe(*entry_point, deposit, open);
+            }
             let low = wei < self.low_deposit;
             if low {
                 tracing::warn!(%entry_point, %paymaster, deposit = %wei, threshold = %self.low_deposit, "paymaster deposit is low: top it up");
@@ -304,6 +312,7 @@ impl Watcher {
                 tracing::warn!(%entry_point, %paymaster, deposit_gwei = deposit, open_gwei = open, "open reservations hold over half of the paymaster's deposit: top it up");
             }
             sponsor.metrics().deposit(
+                self.chain_id,
                 &entry_point.to_string(),
                 u128::try_from(wei).unwrap_or(u128::MAX),
                 low,
@@ -387,7 +396,7 @@ impl Watcher {
                 // Matched by (EntryPoint, sender, nonce): a nonce lands once, whatever hash
                 // the EntryPoint computed (DESIGN §3).
                 let landing = Landing {
-                    landing_key: landing_key(sponsor.chain_id(), entry_point, e.sender, e.nonce),
+                    landing_key: landing_key(self.chain_id, entry_point, e.sender, e.nonce),
                     user_op_hash: e.userOpHash,
                     actual_gwei: wei_to_gwei_ceil(e.actualGasCost),
                 };

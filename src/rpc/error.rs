@@ -112,10 +112,11 @@ impl RpcError {
     ) -> Self {
         match err {
             SponsorError::InvalidParams(e) => e.into(),
-            SponsorError::UnsupportedChain { served, .. } => Self {
-                data: Some(
-                    json!({ "reason": "unsupported_chain", "supported": [format!("{served:#x}")] }),
-                ),
+            SponsorError::UnsupportedChain { ref served, .. } => Self {
+                data: Some(json!({
+                    "reason": "unsupported_chain",
+                    "supported": served.iter().map(|c| format!("{c:#x}")).collect::<Vec<_>>(),
+                })),
                 ..Self::new(UNSUPPORTED, err.to_string())
             },
             SponsorError::UnsupportedEntryPoint(_) => Self {

@@ -17,26 +17,33 @@ use crate::wire::{self, FieldError, to_quantity};
 /// Most policy ids one `pm_validateSponsorshipPolicies` call may name (each is a full check).
 pub(crate) const MAX_VALIDATE_POLICIES: usize = 20;
 
-/// Run `method` with `params`; `request_id` tags internal errors.
+/// Run `method` with `params` on the chain the path names (`path_chain`, or none); `request_id`
+/// tags internal errors.
 pub(crate) async fn call(
     state: &AppState,
     key: Option<&ApiKey>,
+    path_chain: Option<u64>,
     method: &str,
     params: &[Value],
     request_id: &str,
 ) -> Result<Value, RpcError> {
     match method {
-        "eth_chainId" => Ok(json!(to_quantity(state.sponsor.chain_id()))),
-        "pm_supportedEntryPoints" => Ok(json!(supported_entry_points(state))),
+        "eth_chainId" => Ok(json!(to_quantity(chain_of(state, path_chain)?))),
+        "pm_supportedEntryPoints" => Ok(json!(supported_entry_points(
+            state,
+            chain_of(state, path_chain)?
+        ))),
         "pm_sponsorUserOperation" => {
+            let chain = chain_of(state, path_chain)?;
             let (mut op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;
             if needs_estimate(&op) {
-                estimate_gas(state, key, &mut op, entry_point, &context, request_id).await?;
+                let at = (chain, entry_point);
+                estimate_gas(state, key, &mut op, at, &context, request_id).await?;
             }
             let s = sponsor(
                 state,
-                request(key, &op, entry_point, &context, Mode::Final),
+                request(key, chain, &op, entry_point, &context, Mode::Final),
                 request_id,
             )
             .await?;
@@ -48,10 +55,10 @@ pub(crate) async fn call(
             Ok(result)
         }
         "pm_getPaymasterStubData" => {
-            let (op, entry_point, context) = erc7677_params(state, params)?;
+            let (chain, op, entry_point, context) = erc7677_params(state, path_chain, params)?;
             let s = sponsor(
                 state,
-                request(key, &op, entry_point, &context, Mode::Stub),
+                request(key, chain, &op, entry_point, &context, Mode::Stub),
                 request_id,
             )
             .await?;
@@ -61,16 +68,17 @@ pub(crate) async fn call(
             Ok(result)
         }
         "pm_getPaymasterData" => {
-            let (op, entry_point, context) = erc7677_params(state, params)?;
+            let (chain, op, entry_point, context) = erc7677_params(state, path_chain, params)?;
             let req = SponsorRequest {
                 keep_client_gas: true,
-                ..request(key, &op, entry_point, &context, Mode::Final)
+                ..request(key, chain, &op, entry_point, &context, Mode::Final)
             };
             Ok(paymaster_fields(&sponsor(state, req, request_id).await?))
         }
         "pm_getSessionStatus" => session_status(state, key, params, request_id).await,
         "pm_validateSponsorshipPolicies" => {
             // Pimlico's method: which of the named policies would sponsor this operation.
+            let chain = chain_of(state, path_chain)?;
             let (op, entry_point) = op_and_entry_point(params)?;
             let ids = param(params, 2, "sponsorshipPolicyIds")?
                 .as_array()
@@ -106,7 +114,7 @@ pub(crate) async fn call(
                     ..RequestContext::default()
                 };
                 // A stub run: every check, the budgets checked but nothing reserved or signed.
-                let req = request(key, &op, entry_point, &context, Mode::Stub);
+                let req = request(key, chain, &op, entry_point, &context, Mode::Stub);
                 if state.sponsor.sponsor(req, unix_now()).await.is_ok() {
                     willing.push(json!({
                         "sponsorshipPolicyId": id,
@@ -122,12 +130,13 @@ pub(crate) async fn call(
             Ok(json!(willing))
         }
         "pm_explainSponsorship" => {
+            let chain = chain_of(state, path_chain)?;
             let (op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;
             Ok(state
                 .sponsor
                 .explain(
-                    request(key, &op, entry_point, &context, Mode::Final),
+                    request(key, chain, &op, entry_point, &context, Mode::Final),
                     unix_now(),
                 )
                 .await)
@@ -236,21 +245,21 @@ async fn estimate_gas(
     state: &AppState,
     key: Option<&ApiKey>,
     op: &mut UserOperation,
-    entry_point: Address,
+    (chain, entry_point): (u64, Address),
     context: &RequestContext,
     request_id: &str,
 ) -> Result<(), RpcError> {
-    let Some(bundler) = &state.bundler else {
+    let Some((_, bundler)) = state.bundlers.iter().find(|(c, _)| *c == chain) else {
         return Err(FieldError::invalid(
             "callGasLimit",
             "gas limits are missing: set verificationGasLimit, callGasLimit and preVerificationGas \
-             (this service has no bundler configured to estimate them)",
+             (this service has no bundler configured to estimate them on this chain)",
         )
         .into());
     };
     let stub = sponsor(
         state,
-        request(key, op, entry_point, context, Mode::Stub),
+        request(key, chain, op, entry_point, context, Mode::Stub),
         request_id,
     )
     .await?;
@@ -303,12 +312,14 @@ async fn estimate_gas(
 
 fn request<'a>(
     key: Option<&'a ApiKey>,
+    chain_id: u64,
     op: &'a UserOperation,
     entry_point: Address,
     context: &'a RequestContext,
     mode: Mode,
 ) -> SponsorRequest<'a> {
     SponsorRequest {
+        chain_id,
         op,
         entry_point,
         context,
@@ -334,13 +345,39 @@ fn paymaster_fields(s: &Sponsorship) -> Value {
     v
 }
 
-fn supported_entry_points(state: &AppState) -> Vec<String> {
-    state
-        .sponsor
-        .entry_points()
-        .iter()
-        .map(|e| e.address.to_checksum(None))
-        .collect()
+/// The EntryPoints served on `chain` (none on a chain not served).
+fn supported_entry_points(state: &AppState, chain: u64) -> Vec<String> {
+    state.sponsor.chain(chain).map_or_else(
+        |_| Vec::new(),
+        |c| {
+            c.entry_points
+                .iter()
+                .map(|e| e.address.to_checksum(None))
+                .collect()
+        },
+    )
+}
+
+/// The chain a method without a chain parameter is for: the path's, which must be served, or
+/// the only one served.
+fn chain_of(state: &AppState, path_chain: Option<u64>) -> Result<u64, RpcError> {
+    let chains = state.sponsor.chains();
+    match (path_chain, chains) {
+        (Some(chain), _) => state
+            .sponsor
+            .chain(chain)
+            .map(|c| c.chain_id)
+            .map_err(|e| RpcError::from_sponsor(e, "", &[])),
+        (None, [only]) => Ok(only.chain_id),
+        (None, many) => Err(FieldError::invalid(
+            "chainId",
+            format!(
+                "this service serves chains {:?}: send the request to /{{chainId}}",
+                many.iter().map(|c| c.chain_id).collect::<Vec<_>>()
+            ),
+        )
+        .into()),
+    }
 }
 
 async fn sponsor(
@@ -348,11 +385,9 @@ async fn sponsor(
     req: SponsorRequest<'_>,
     request_id: &str,
 ) -> Result<Sponsorship, RpcError> {
-    let sponsorship = state
-        .sponsor
-        .sponsor(req, unix_now())
-        .await
-        .map_err(|e| RpcError::from_sponsor(e, request_id, &supported_entry_points(state)))?;
+    let sponsorship = state.sponsor.sponsor(req, unix_now()).await.map_err(|e| {
+        RpcError::from_sponsor(e, request_id, &supported_entry_points(state, req.chain_id))
+    })?;
     tracing::info!(
         request_id,
         sender = %req.op.sender,
@@ -379,18 +414,29 @@ fn op_and_entry_point(params: &[Value]) -> Result<(UserOperation, Address), Fiel
 }
 
 /// ERC-7677 params: `[userOp, entryPoint, chainId, context]` (context may be absent or null).
+/// The chain must be served, and be the path's when the path names one.
 fn erc7677_params(
     state: &AppState,
+    path_chain: Option<u64>,
     params: &[Value],
-) -> Result<(UserOperation, Address, RequestContext), RpcError> {
+) -> Result<(u64, UserOperation, Address, RequestContext), RpcError> {
     let (op, entry_point) = op_and_entry_point(params)?;
     let chain_id = wire::quantity_u64("chainId", param(params, 2, "chainId")?)?;
+    if let Some(path) = path_chain
+        && path != chain_id
+    {
+        return Err(FieldError::invalid(
+            "chainId",
+            format!("{chain_id:#x}, but the request was sent to chain {path}'s path"),
+        )
+        .into());
+    }
     state
         .sponsor
-        .check_chain(chain_id)
-        .map_err(|e| RpcError::from_sponsor(e, "", &supported_entry_points(state)))?;
+        .chain(chain_id)
+        .map_err(|e| RpcError::from_sponsor(e, "", &[]))?;
     let context = RequestContext::from_json(params.get(3))?;
-    Ok((op, entry_point, context))
+    Ok((chain_id, op, entry_point, context))
 }
 
 #[cfg(test)]

@@ -7,7 +7,7 @@ mod methods;
 use std::sync::Arc;
 
 use axum::body::Body;
-use axum::extract::{RawQuery, State};
+use axum::extract::{Path, RawQuery, State};
 use axum::http::{HeaderMap, StatusCode, header};
 use axum::response::{IntoResponse, Response};
 use serde_json::{Value, json};
@@ -36,11 +36,49 @@ pub const METHODS: [&str; 8] = [
 pub const MAX_BATCH: usize = 100;
 
 /// `POST /`: one call or a batch. Each call of a batch gets its own result or error, in order;
-/// notifications (no `id`) get none. Every log line of the request carries its id.
+/// notifications (no `id`) get none. Every log line of the request carries its id. Methods
+/// without a chain parameter serve the one chain configured (with several, a path must name it).
 pub(crate) async fn handle(
     State(state): State<Arc<AppState>>,
     headers: HeaderMap,
     RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    serve(state, None, headers, query, body).await
+}
+
+/// `POST /{chainId}` and `POST /rpc/{chainId}` (decimal, or `0x` hex): as `POST /`, for that
+/// chain (clients that take one URL per chain).
+pub(crate) async fn handle_chain(
+    State(state): State<Arc<AppState>>,
+    Path(segment): Path<String>,
+    headers: HeaderMap,
+    RawQuery(query): RawQuery,
+    body: Body,
+) -> Response {
+    let chain = match segment.strip_prefix("0x") {
+        Some(hex) => u64::from_str_radix(hex, 16).ok(),
+        None => segment.parse::<u64>().ok(),
+    };
+    match chain {
+        Some(chain) => serve(state, Some(chain), headers, query, body).await,
+        None => {
+            let err = RpcError::new(
+                INVALID_REQUEST,
+                "invalid request: the path names a chain id (decimal or 0x hex)",
+            );
+            let mut resp = reply(Some(error_response(Value::Null, err)));
+            *resp.status_mut() = StatusCode::NOT_FOUND;
+            resp
+        }
+    }
+}
+
+async fn serve(
+    state: Arc<AppState>,
+    chain: Option<u64>,
+    headers: HeaderMap,
+    query: Option<String>,
     body: Body,
 ) -> Response {
     let request_id = state.next_request_id();
@@ -65,7 +103,7 @@ pub(crate) async fn handle(
         if let Some(key) = key {
             tracing::debug!(api_key = %key.name, "authenticated");
         }
-        handle_body(&state, key, body, &request_id).await
+        handle_body(&state, key, chain, body, &request_id).await
     }
     .instrument(span)
     .await
@@ -83,6 +121,7 @@ fn api_key<'a>(headers: &'a HeaderMap, query: Option<&'a str>) -> Option<&'a str
 async fn handle_body(
     state: &AppState,
     key: Option<&ApiKey>,
+    chain: Option<u64>,
     body: Body,
     request_id: &str,
 ) -> Response {
@@ -116,12 +155,12 @@ async fn handle_body(
         Value::Array(calls) => {
             let mut out = Vec::with_capacity(calls.len());
             for call in &calls {
-                out.extend(handle_call(state, key, call, request_id).await);
+                out.extend(handle_call(state, key, chain, call, request_id).await);
             }
             reply((!out.is_empty()).then_some(Value::Array(out)))
         }
         call => {
-            let answer = handle_call(state, key, &call, request_id).await;
+            let answer = handle_call(state, key, chain, &call, request_id).await;
             let limited = answer
                 .as_ref()
                 .is_some_and(|a| a["error"]["code"] == json!(RATE_LIMITED));
@@ -148,6 +187,7 @@ fn error_response(id: Value, err: RpcError) -> Value {
 async fn handle_call(
     state: &AppState,
     key: Option<&ApiKey>,
+    chain: Option<u64>,
     call: &Value,
     request_id: &str,
 ) -> Option<Value> {
@@ -193,7 +233,7 @@ async fn handle_call(
     let started = std::time::Instant::now();
     let outcome = match key.map(|k| state.sponsor.limits().check_api_key(&k.name)) {
         Some(Err(limited)) => Err(RpcError::rate_limited(&limited)),
-        _ => methods::call(state, key, method, params, request_id).await,
+        _ => methods::call(state, key, chain, method, params, request_id).await,
     };
     let metrics = state.sponsor.metrics();
     match &outcome {

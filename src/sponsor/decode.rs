@@ -53,6 +53,7 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
         ..
     } = req;
     let ep = sponsor
+        .chain(req.chain_id)?
         .entry_points
         .iter()
         .find(|e| e.address == entry_point)
@@ -76,7 +77,7 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
     }
     if mode == Mode::Final
         && let Some(e) = &op.eip7702
-        && e.auth.authority(sponsor.chain_id) != Some(op.sender)
+        && e.auth.authority(req.chain_id) != Some(op.sender)
     {
         // Whoever else signed it cannot delegate the sender: the bundler's transaction would
         // skip it and the account would run whatever code it has. Stubs are exempt (wallets
@@ -85,7 +86,7 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
             "eip7702Auth",
             format!(
                 "not an authorization by the sender {} for chain {} (or 0)",
-                op.sender, sponsor.chain_id
+                op.sender, req.chain_id
             ),
         )
         .into());

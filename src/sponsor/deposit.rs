@@ -19,11 +19,13 @@ use alloy::primitives::Address;
 pub async fn open_against_deposit(
     ledger: &crate::ledger::Ledger,
     policies: &[String],
+    chain_id: u64,
     entry_point: Address,
 ) -> Result<u64, crate::session::StoreError> {
+    let scope = paymaster_scope(chain_id, entry_point);
     let mut open = 0u64;
     for policy in policies {
-        open = open.saturating_add(ledger.open(policy, &paymaster_scope(entry_point)).await?);
+        open = open.saturating_add(ledger.open(policy, &scope).await?);
     }
     Ok(open)
 }
@@ -133,12 +135,13 @@ impl DepositGuard {
     }
 }
 
-/// The scope every reservation on `entry_point`'s paymaster is also charged to (no limit):
-/// its `open` part, summed over the policies, is what the deposit must cover. Named by the
-/// EntryPoint's first 6 bytes (`pm:0000000071727de2…` is v0.7's): short, as every reservation
-/// record names it.
-pub fn paymaster_scope(entry_point: Address) -> String {
-    format!("pm:{}", hex::encode(&entry_point[..6]))
+/// The scope every reservation on `entry_point`'s paymaster on `chain_id` is also charged to
+/// (no limit): its `open` part, summed over the policies, is what the deposit must cover. Named
+/// by the chain and the EntryPoint's first 6 bytes (`pm:8453:0000000071727de2…` is v0.7's on
+/// Base): short, as every reservation record names it; the chain, since the EntryPoint and our
+/// paymaster have the same addresses on every chain, and a deposit is one chain's.
+pub fn paymaster_scope(chain_id: u64, entry_point: Address) -> String {
+    format!("pm:{chain_id}:{}", hex::encode(&entry_point[..6]))
 }
 
 #[cfg(test)]

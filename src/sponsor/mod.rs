@@ -65,6 +65,8 @@ pub enum Mode {
 /// One request to the pipeline.
 #[derive(Debug, Clone, Copy)]
 pub struct SponsorRequest<'a> {
+    /// The chain it is for (one the pipeline serves: [`Sponsor::chain`]).
+    pub chain_id: u64,
     /// The operation.
     pub op: &'a UserOperation,
     /// The EntryPoint it is for.
@@ -193,12 +195,12 @@ pub enum SponsorError {
     #[error(transparent)]
     InvalidParams(#[from] FieldError),
     /// The request names a chain we do not serve.
-    #[error("chain {requested} is not supported (this instance serves chain {served})")]
+    #[error("chain {requested} is not supported (this instance serves {served:?})")]
     UnsupportedChain {
         /// Asked for.
         requested: u64,
         /// Served.
-        served: u64,
+        served: Vec<u64>,
     },
     /// The request names an EntryPoint we do not serve.
     #[error("EntryPoint {0} is not supported")]
@@ -251,39 +253,53 @@ impl From<Rejection> for SponsorError {
     }
 }
 
-/// The sponsorship pipeline and what its steps use.
+/// The sponsorship pipeline and what its steps use: one for every chain served (sessions,
+/// policies, budgets and the signer are shared; EntryPoints, paymasters and their deposits are
+/// each chain's).
 #[derive(Debug)]
 pub struct Sponsor {
-    chain_id: u64,
-    entry_points: Vec<EntryPointConfig>,
+    chains: Vec<ChainServed>,
     policies: LivePolicies,
     signer: Signer,
     sessions: SessionStore,
     ledger: Ledger,
     limits: RateLimits,
     metrics: Metrics,
-    deposits: DepositGuard,
+}
+
+/// One chain the pipeline serves.
+#[derive(Debug)]
+pub struct ChainServed {
+    /// Its id.
+    pub chain_id: u64,
+    /// Its EntryPoints and our paymaster for each.
+    pub entry_points: Vec<EntryPointConfig>,
+    /// The paymasters' deposits, as admission sees them (its watcher fills them in).
+    pub deposits: DepositGuard,
 }
 
 impl Sponsor {
-    /// Assemble the pipeline.
+    /// Assemble the pipeline for `chains` (each with its EntryPoints).
     pub fn new(
-        chain_id: u64,
-        entry_points: Vec<EntryPointConfig>,
+        chains: Vec<(u64, Vec<EntryPointConfig>)>,
         policies: PolicySet,
         signer: Signer,
         sessions: SessionStore,
         ledger: Ledger,
         limits: RateLimits,
     ) -> Self {
-        let deposits = DepositGuard::new(
-            entry_points.iter().map(|e| e.address),
-            deposit::DEFAULT_MARGIN_PERCENT,
-        );
         Self {
-            chain_id,
-            deposits,
-            entry_points,
+            chains: chains
+                .into_iter()
+                .map(|(chain_id, entry_points)| ChainServed {
+                    chain_id,
+                    deposits: DepositGuard::new(
+                        entry_points.iter().map(|e| e.address),
+                        deposit::DEFAULT_MARGIN_PERCENT,
+                    ),
+                    entry_points,
+                })
+                .collect(),
             policies: LivePolicies::new(policies),
             signer,
             sessions,
@@ -296,13 +312,11 @@ impl Sponsor {
     /// Keep `percent` of each paymaster's deposit free of open reservations (default
     /// [`deposit::DEFAULT_MARGIN_PERCENT`]).
     pub fn with_deposit_margin(mut self, percent: u64) -> Self {
-        self.deposits = DepositGuard::new(self.entry_points.iter().map(|e| e.address), percent);
+        for chain in &mut self.chains {
+            chain.deposits =
+                DepositGuard::new(chain.entry_points.iter().map(|e| e.address), percent);
+        }
         self
-    }
-
-    /// The paymasters' deposits, as admission sees them (the watcher fills them in).
-    pub fn deposits(&self) -> &DepositGuard {
-        &self.deposits
     }
 
     /// Budgets.
@@ -325,14 +339,20 @@ impl Sponsor {
         &self.sessions
     }
 
-    /// Chain id served.
-    pub fn chain_id(&self) -> u64 {
-        self.chain_id
+    /// The chains served, in configuration order.
+    pub fn chains(&self) -> &[ChainServed] {
+        &self.chains
     }
 
-    /// EntryPoints served.
-    pub fn entry_points(&self) -> &[EntryPointConfig] {
-        &self.entry_points
+    /// The chain `chain_id`, or why it is not served.
+    pub fn chain(&self, chain_id: u64) -> Result<&ChainServed, SponsorError> {
+        self.chains
+            .iter()
+            .find(|c| c.chain_id == chain_id)
+            .ok_or_else(|| SponsorError::UnsupportedChain {
+                requested: chain_id,
+                served: self.chains.iter().map(|c| c.chain_id).collect(),
+            })
     }
 
     /// The signer (its address goes into SessionPaymaster's signer set).
@@ -348,18 +368,6 @@ impl Sponsor {
     /// The live policy set, to offer new sets to.
     pub fn live_policies(&self) -> &LivePolicies {
         &self.policies
-    }
-
-    /// Refuse a request for another chain (ERC-7677 passes the chain id explicitly).
-    pub fn check_chain(&self, requested: u64) -> Result<(), SponsorError> {
-        if requested == self.chain_id {
-            Ok(())
-        } else {
-            Err(SponsorError::UnsupportedChain {
-                requested,
-                served: self.chain_id,
-            })
-        }
     }
 
     /// Decide, and in [`Mode::Final`] sign, the paymaster data for `op` at `now` (unix seconds).
@@ -417,7 +425,7 @@ impl Sponsor {
     ) -> Result<Sponsorship, SponsorError> {
         let decoded = decode::decode(self, req)?;
         trace.decoded(&decoded);
-        let ctx = decoded.context(self.chain_id, req.op, now);
+        let ctx = decoded.context(req.chain_id, req.op, now);
         let grant = session::load(self, req.context).await?;
         let policies = self.policies.current();
         let policy = select::choose(&policies, req, grant.as_ref(), &ctx, trace)?;

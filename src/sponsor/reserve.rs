@@ -38,15 +38,15 @@ pub(super) async fn reserve(
 ) -> Result<PaymasterData, SponsorError> {
     let Decision { policy, grant, .. } = *decision;
     let mut scopes = Sponsor::scopes(policy, grant, req.op.sender, now);
-    let tracking_deposit = sponsor.deposits.tracking();
+    let deposits = &sponsor.chain(req.chain_id)?.deposits;
+    let tracking_deposit = deposits.tracking();
     // Without budgets, a session or a watched deposit there is nothing to count or re-check.
     if scopes.is_empty() && grant.is_none() && !tracking_deposit {
         return Ok(data);
     }
     let cost_gwei = wei_to_gwei_ceil(decoded.max_cost);
     if tracking_deposit {
-        sponsor
-            .deposits
+        deposits
             .admit(req.entry_point, cost_gwei)
             .map_err(|short| {
                 Rejection::new(
@@ -62,7 +62,7 @@ pub(super) async fn reserve(
         // It lives as long as the reservations it sums (the ledger only ever extends a scope's
         // lifetime).
         scopes.push(Scope {
-            name: paymaster_scope(req.entry_point),
+            name: paymaster_scope(req.chain_id, req.entry_point),
             rule: "paymaster.deposit".into(),
             cost_limit: None,
             ops_limit: None,
@@ -81,13 +81,8 @@ pub(super) async fn reserve(
     }
     let reservation = Reservation {
         policy: policy.id.clone(),
-        op_key: idempotency_key(sponsor.chain_id, req.entry_point, req.op, decoded.gas),
-        landing_key: landing_key(
-            sponsor.chain_id,
-            req.entry_point,
-            req.op.sender,
-            req.op.nonce,
-        ),
+        op_key: idempotency_key(req.chain_id, req.entry_point, req.op, decoded.gas),
+        landing_key: landing_key(req.chain_id, req.entry_point, req.op.sender, req.op.nonce),
         // The hashes the op may have on chain: ours is its only paymaster data. On v0.9 the
         // same signature is valid inline and in the suffix, whichever the client asked for, and
         // the suffix is outside the hash: both are recorded, or an op landed in the other
@@ -100,7 +95,7 @@ pub(super) async fn reserve(
                     req.op,
                     Some(&data.fields(decoded.paymaster, decoded.gas, layout)),
                     req.entry_point,
-                    sponsor.chain_id,
+                    req.chain_id,
                 )
             })
             .collect(),
@@ -121,7 +116,7 @@ pub(super) async fn reserve(
     match outcome? {
         Outcome::Reserved => {
             if !check_only && tracking_deposit {
-                sponsor.deposits.reserved(req.entry_point, cost_gwei);
+                deposits.reserved(req.entry_point, cost_gwei);
             }
             Ok(data)
         }

@@ -19,13 +19,7 @@ pub(super) fn sign(
     if run != Run::Sign {
         return Ok(PaymasterData::stub(window));
     }
-    let hash = paymaster_hash(
-        req.op,
-        decoded.gas,
-        decoded.paymaster,
-        sponsor.chain_id,
-        window,
-    );
+    let hash = paymaster_hash(req.op, decoded.gas, decoded.paymaster, req.chain_id, window);
     let started = Instant::now();
     let signature = sponsor.signer.sign_eip191(hash)?;
     sponsor.metrics.sign_seconds.observe(started.elapsed());

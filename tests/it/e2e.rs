@@ -154,7 +154,8 @@ impl<'a> User<'a> {
 
     /// Apply paymaster fields to the op and sign it as the account owner.
     pub(crate) fn finish(&self, op: &mut UserOperation) -> TestResult<()> {
-        let hash = user_op_hash(self.version, op, None, self.entry_point(), 31337);
+        let chain = self.stack.deployed.chain_id;
+        let hash = user_op_hash(self.version, op, None, self.entry_point(), chain);
         // v0.7 SimpleAccount checks an EIP-191 signature of the userOpHash, v0.8 and v0.9 the
         // raw hash.
         let sig = match self.version {
@@ -232,7 +233,7 @@ impl<'a> User<'a> {
         }
     }
 
-    async fn counter(&self) -> TestResult<U256> {
+    pub(crate) async fn counter(&self) -> TestResult<U256> {
         Ok(
             ICounter::new(self.stack.deployed.counter, &self.stack.anvil.provider)
                 .count(self.sender)
@@ -673,7 +674,7 @@ async fn eip7702_account_lands_and_settles(version: EntryPointVersion) -> TestRe
     let sponsor = &stack.app.state.sponsor;
     let watcher = Watcher::new(
         stack.anvil.provider.clone(),
-        sponsor,
+        sponsor.chain(31337)?,
         0,
         Some(0),
         Cursor::memory(),
@@ -742,7 +743,7 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
             .await?;
     let watcher = Watcher::new(
         stack.anvil.provider.clone(),
-        sponsor,
+        sponsor.chain(31337)?,
         0,
         Some(0),
         Cursor::redis(conn.clone(), 31337),
@@ -764,7 +765,7 @@ async fn reservations_settle_from_the_chain_and_expire() -> TestResult {
     // A restarted watcher resumes from the stored cursor: nothing re-read, nothing re-settled.
     let restarted = Watcher::new(
         stack.anvil.provider.clone(),
-        sponsor,
+        sponsor.chain(31337)?,
         0,
         Some(0),
         Cursor::redis(conn, 31337),

@@ -190,7 +190,7 @@ async fn the_watcher_catches_up_after_a_chain_rpc_outage() -> TestResult {
     let provider = ProviderBuilder::new()
         .connect_http(proxy.url.parse()?)
         .erased();
-    let watcher = Watcher::new(provider, sponsor, 0, None, Cursor::memory())
+    let watcher = Watcher::new(provider, sponsor.chain(31337)?, 0, None, Cursor::memory())
         .with_finality(Finality::Depth(0));
     watcher.poll_once(sponsor).await?;
 

@@ -12,7 +12,7 @@ use alloy::providers::{DynProvider, Provider, ProviderBuilder};
 use serde_json::{Value, json};
 use session_paymaster::app::{self, AppState};
 use session_paymaster::chain::deploy::{Artifacts, DevStack, deploy_dev_stack};
-use session_paymaster::config::{Config, EntryPointConfig};
+use session_paymaster::config::{ChainConfig, Config, EntryPointConfig};
 use session_paymaster::signer::{KeySource, keygen};
 use session_paymaster::userop::EntryPointVersion;
 use sha2::{Digest, Sha256};
@@ -70,6 +70,11 @@ pub struct TestAnvil {
 
 impl TestAnvil {
     pub async fn start() -> TestResult<Self> {
+        Self::start_on(31337).await
+    }
+
+    /// anvil serving chain `chain_id`.
+    pub async fn start_on(chain_id: u64) -> TestResult<Self> {
         let bin = contracts_dir().join("node_modules/.bin/anvil");
         assert!(
             bin.exists(),
@@ -85,6 +90,8 @@ impl TestAnvil {
                     &port.to_string(),
                     "--host",
                     "127.0.0.1",
+                    "--chain-id",
+                    &chain_id.to_string(),
                     "--silent",
                 ])
                 .stdout(Stdio::null())
@@ -161,9 +168,14 @@ impl TestApp {
 
     /// POST a raw body; returns status and parsed JSON (Null for an empty body).
     pub async fn post(&self, body: &str) -> TestResult<(u16, Value)> {
+        self.post_at("", body).await
+    }
+
+    /// POST a raw body to `path` (`/8453`); returns status and parsed JSON.
+    pub async fn post_at(&self, path: &str, body: &str) -> TestResult<(u16, Value)> {
         let resp = self
             .client
-            .post(&self.url)
+            .post(format!("{}{path}", self.url))
             .header("content-type", "application/json")
             .body(body.to_owned())
             .send()
@@ -182,8 +194,13 @@ impl TestApp {
 
     /// One JSON-RPC call; returns the whole response object.
     pub async fn call(&self, method: &str, params: Value) -> TestResult<Value> {
+        self.call_at("", method, params).await
+    }
+
+    /// One JSON-RPC call to `path` (`""` is `/`); returns the whole response object.
+    pub async fn call_at(&self, path: &str, method: &str, params: Value) -> TestResult<Value> {
         let body = json!({ "jsonrpc": "2.0", "id": 1, "method": method, "params": params });
-        let (status, v) = self.post(&body.to_string()).await?;
+        let (status, v) = self.post_at(path, &body.to_string()).await?;
         assert_eq!(status, 200, "{v}");
         assert_eq!(v["id"], json!(1), "{v}");
         Ok(v)
@@ -191,7 +208,12 @@ impl TestApp {
 
     /// One JSON-RPC call that must succeed; returns `result`.
     pub async fn result(&self, method: &str, params: Value) -> TestResult<Value> {
-        let v = self.call(method, params).await?;
+        self.result_at("", method, params).await
+    }
+
+    /// [`Self::result`] at `path`.
+    pub async fn result_at(&self, path: &str, method: &str, params: Value) -> TestResult<Value> {
+        let v = self.call_at(path, method, params).await?;
         if v.get("error").is_some() {
             return Err(format!("{method} failed: {v}").into());
         }
@@ -200,7 +222,12 @@ impl TestApp {
 
     /// One JSON-RPC call that must fail; returns `error`.
     pub async fn error(&self, method: &str, params: Value) -> TestResult<Value> {
-        let v = self.call(method, params).await?;
+        self.error_at("", method, params).await
+    }
+
+    /// [`Self::error`] at `path`.
+    pub async fn error_at(&self, path: &str, method: &str, params: Value) -> TestResult<Value> {
+        let v = self.call_at(path, method, params).await?;
         v.get("error")
             .cloned()
             .ok_or_else(|| format!("{method} succeeded: {v}").into())
@@ -249,23 +276,26 @@ pub const ADMIN_TOKEN: &str = "test-admin-token";
 /// `EntryPointVersion::ALL`, each EntryPoint at its canonical address) and a key file.
 pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
     Config {
-        chain_id: 31337,
-        entry_points: EntryPointVersion::ALL
-            .iter()
-            .zip(paymasters)
-            .map(|(&version, paymaster)| EntryPointConfig {
-                version,
-                address: version.canonical_address(),
-                paymaster,
-            })
-            .collect(),
+        chains: vec![ChainConfig {
+            chain_id: 31337,
+            entry_points: EntryPointVersion::ALL
+                .iter()
+                .zip(paymasters)
+                .map(|(&version, paymaster)| EntryPointConfig {
+                    version,
+                    address: version.canonical_address(),
+                    paymaster,
+                })
+                .collect(),
+            rpc_url: None,
+            bundler_url: None,
+        }],
         signer,
         policies_dir: repo_dir().join("policies"),
         sponsor_name: "test sponsor".into(),
         max_body_bytes: 256 * 1024,
         api_keys: Vec::new(),
         rate_per_key: None,
-        bundler_url: None,
         bundler_timeout: Duration::from_secs(10),
         deposit_margin: 10,
         publish_policies: false,
@@ -273,6 +303,25 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),
         admin_on_main: true,
+    }
+}
+
+/// The chain a stack deployed, as the service configures it: its EntryPoints where the stack put
+/// them (0.9.0-rc.1 is not at the canonical v0.9 address) with its paymasters.
+pub fn chain_config(deployed: &DevStack) -> ChainConfig {
+    ChainConfig {
+        chain_id: deployed.chain_id,
+        entry_points: deployed
+            .entry_points
+            .iter()
+            .map(|d| EntryPointConfig {
+                version: d.version,
+                address: d.entry_point,
+                paymaster: Some(d.paymaster),
+            })
+            .collect(),
+        rpc_url: None,
+        bundler_url: None,
     }
 }
 
@@ -295,10 +344,24 @@ impl Stack {
         policies: Option<PathBuf>,
         redis_url: Option<String>,
     ) -> TestResult<Self> {
-        let anvil = TestAnvil::start().await?;
         let keys = TempDir::new("stack");
         let key_file = keys.0.join("signer.key");
-        let signer = keygen(&key_file)?;
+        keygen(&key_file)?;
+        Self::start_on(31337, policies, redis_url, key_file, keys).await
+    }
+
+    /// A stack on chain `chain_id` whose paymasters trust the signer in `key_file` (kept with
+    /// `keys`): stacks of several chains can share one signer.
+    pub async fn start_on(
+        chain_id: u64,
+        policies: Option<PathBuf>,
+        redis_url: Option<String>,
+        key_file: PathBuf,
+        keys: TempDir,
+    ) -> TestResult<Self> {
+        let anvil = TestAnvil::start_on(chain_id).await?;
+        let signer =
+            session_paymaster::signer::Signer::load(KeySource::File(key_file.clone()))?.address();
         let bundler = anvil.account().await?;
         let deployed = deploy_dev_stack(
             &anvil.provider,
@@ -310,16 +373,7 @@ impl Stack {
         )
         .await?;
         let mut c = config([None; 3], KeySource::File(key_file));
-        // Where the stack put them: 0.9.0-rc.1 is not at the canonical v0.9 address.
-        c.entry_points = deployed
-            .entry_points
-            .iter()
-            .map(|d| EntryPointConfig {
-                version: d.version,
-                address: d.entry_point,
-                paymaster: Some(d.paymaster),
-            })
-            .collect();
+        c.chains = vec![chain_config(&deployed)];
         if let Some(dir) = policies {
             c.policies_dir = dir;
         }

@@ -131,7 +131,8 @@ fn op_calling(call_data: Vec<u8>, nonce: u64) -> Value {
 fn ep_config(app: &TestApp, version: EntryPointVersion) -> TestResult<Address> {
     app.state
         .sponsor
-        .entry_points()
+        .chain(31337)?
+        .entry_points
         .iter()
         .find(|e| e.version == version)
         .and_then(|e| e.paymaster)
@@ -358,7 +359,7 @@ async fn a_landed_nonce_closes_every_reservation_of_it() -> TestResult {
             .await?;
     let watcher = Watcher::new(
         stack.anvil.provider.clone(),
-        sponsor,
+        sponsor.chain(31337)?,
         0,
         Some(0),
         Cursor::redis(conn, 31337),

@@ -1071,6 +1071,7 @@ async fn a_reservation_takes_at_most_400_bytes() -> TestResult {
         scope("policy:20833", Some(1 << 50), None),
         scope(
             &session_paymaster::sponsor::deposit::paymaster_scope(
+                31337,
                 EntryPointVersion::V0_7.canonical_address(),
             ),
             None,

@@ -5,6 +5,7 @@
 #![allow(unreachable_pub)]
 
 mod apikeys;
+mod chains;
 mod deploy;
 mod e2e;
 mod faults;

@@ -254,6 +254,62 @@ fn configuration_layers_and_print_config() -> TestResult {
     Ok(())
 }
 
+/// Several chains come from `[[chains]]` tables of the configuration file (or `--chain` JSON
+/// flags), in place of the single-chain settings; `--print-config` prints them back as tables,
+/// URLs masked, and they load again.
+#[test]
+fn chains_from_the_config_file() -> TestResult {
+    let dir = TempDir::new("chains-config");
+    let file = dir.0.join("sp.toml");
+    std::fs::write(
+        &file,
+        "[[chains]]\nchain_id = 8453\npaymaster_v07 = \"0x0707070707070707070707070707070707070707\"\n\
+         rpc_url = \"https://user:hunter2@base.example/v2/key\"\n\
+         [[chains]]\nchain_id = 10\nentry_point_v09 = \"0x0909090909090909090909090909090909090909\"\n",
+    )?;
+    let run = |args: &[&str]| -> TestResult<(bool, String, String)> {
+        let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+            .arg("serve")
+            .arg("--config")
+            .arg(&file)
+            .args(args)
+            .arg("--print-config")
+            .env_remove("SP_CHAIN_ID")
+            .env_remove("SP_RPC_URL")
+            .output()?;
+        Ok((
+            out.status.success(),
+            String::from_utf8(out.stdout)?,
+            String::from_utf8(out.stderr)?,
+        ))
+    };
+    let (ok, printed, err) = run(&[])?;
+    assert!(ok, "{err}");
+    let effective: toml::Table = printed.parse()?;
+    let chains = effective["chains"].as_array().ok_or("chains")?;
+    assert_eq!(chains.len(), 2, "{printed}");
+    assert_eq!(chains[0]["chain_id"].as_integer(), Some(8453));
+    assert_eq!(
+        chains[0]["rpc_url"].as_str(),
+        Some("https://***@base.example/v2/key")
+    );
+    assert_eq!(
+        chains[1]["entry_point_v09"].as_str(),
+        Some("0x0909090909090909090909090909090909090909")
+    );
+    assert!(!printed.contains("hunter2"), "{printed}");
+    assert!(effective.get("chain_id").is_none(), "{printed}");
+    std::fs::write(&file, &printed)?;
+    let (ok, again, err) = run(&[])?;
+    assert!(ok, "{err}");
+    assert_eq!(again.parse::<toml::Table>()?, effective);
+
+    // The single-chain settings do not mix with chains.
+    let (ok, _, err) = run(&["--chain-id", "5"])?;
+    assert!(!ok && err.contains("--chain-id"), "{err}");
+    Ok(())
+}
+
 /// With Redis and budgets but no chain RPC, nothing would ever settle or release a reservation:
 /// `serve` refuses to start unless `--no-settlement` says that is meant.
 #[tokio::test]

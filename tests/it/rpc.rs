@@ -96,7 +96,7 @@ async fn chain_id_and_entry_points() -> TestResult {
 #[tokio::test]
 async fn two_versions_at_one_address_do_not_start() -> TestResult {
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
-    c.entry_points[2].address = c.entry_points[1].address;
+    c.chains[0].entry_points[2].address = c.chains[0].entry_points[1].address;
     let err = session_paymaster::app::AppState::build(&c)
         .await
         .err()
@@ -118,8 +118,18 @@ async fn two_versions_at_one_address_do_not_start() -> TestResult {
         )),
         "{err}"
     );
-    c.entry_points[2].paymaster = Some(PM09);
+    c.chains[0].entry_points[2].paymaster = Some(PM09);
     assert!(session_paymaster::app::AppState::build(&c).await.is_ok());
+    // One chain twice: which one a request is for would be a guess.
+    c.chains.push(c.chains[0].clone());
+    let err = session_paymaster::app::AppState::build(&c)
+        .await
+        .err()
+        .ok_or("started")?;
+    assert!(
+        err.to_string().contains("chain 31337 is configured twice"),
+        "{err}"
+    );
     Ok(())
 }
 
@@ -696,7 +706,7 @@ async fn internal_errors_answer_a_request_id_only() -> TestResult {
         let _ = axum::serve(listener, broken).await;
     });
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
-    c.bundler_url = Some(bundler_url);
+    c.chains[0].bundler_url = Some(bundler_url);
     let app = TestApp::spawn(c).await?;
     let unestimated = unestimated_op();
     let err = app
@@ -720,7 +730,7 @@ async fn internal_errors_answer_a_request_id_only() -> TestResult {
 async fn an_unreachable_bundlers_url_and_key_stay_ours() -> TestResult {
     let closed = crate::helpers::free_port();
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
-    c.bundler_url = Some(format!(
+    c.chains[0].bundler_url = Some(format!(
         "http://127.0.0.1:{closed}/rpc?apikey=bundler-secret-key"
     ));
     let app = TestApp::spawn(c).await?;
@@ -756,7 +766,7 @@ async fn a_silent_bundler_times_out() -> TestResult {
         }
     });
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
-    c.bundler_url = Some(bundler_url);
+    c.chains[0].bundler_url = Some(bundler_url);
     c.bundler_timeout = std::time::Duration::from_millis(300);
     let app = TestApp::spawn(c).await?;
     let unestimated = unestimated_op();

@@ -1,0 +1,186 @@
+//! Several chains in one process: each chain's EntryPoints, paymasters, deposits and
+//! settlement; the chain named by the path (`POST /{chainId}`, `/rpc/{chainId}`) or by ERC-7677's
+//! `chainId`; `POST /` only where one chain is served.
+
+use serde_json::json;
+use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
+use session_paymaster::ledger::wei_to_gwei_ceil;
+use session_paymaster::signer::{KeySource, keygen};
+use session_paymaster::sponsor::deposit::paymaster_scope;
+use session_paymaster::userop::{EntryPointVersion, UserOperation};
+
+use crate::e2e::{User, budgeted_policies, set_paymaster};
+use crate::helpers::{Stack, TempDir, TestApp, TestResult, chain_config, config};
+
+const BASE: u64 = 8453;
+
+/// Two anvils (chains 31337 and 8453), each with the local stack and paymasters that trust one
+/// signer; one service for both.
+#[tokio::test]
+async fn one_process_serves_two_chains() -> TestResult {
+    let dir = budgeted_policies()?;
+    let policy = dir.0.join("dev-counter.toml");
+    let text =
+        std::fs::read_to_string(&policy)?.replace("chains = [31337]", "chains = [31337, 8453]");
+    std::fs::write(&policy, text)?;
+    let keys = TempDir::new("chains");
+    let key_file = keys.0.join("signer.key");
+    keygen(&key_file)?;
+    let (dev, base) = (
+        Stack::start_on(
+            31337,
+            Some(dir.0.clone()),
+            None,
+            key_file.clone(),
+            TempDir::new("a"),
+        )
+        .await?,
+        Stack::start_on(
+            BASE,
+            Some(dir.0.clone()),
+            None,
+            key_file.clone(),
+            TempDir::new("b"),
+        )
+        .await?,
+    );
+    let mut c = config([None; 3], KeySource::File(key_file));
+    c.chains = vec![chain_config(&dev.deployed), chain_config(&base.deployed)];
+    c.policies_dir = dir.0.clone();
+    let app = TestApp::spawn(c).await?;
+    let sponsor = &app.state.sponsor;
+
+    // The path names the chain; `/` serves none of two.
+    for (path, chain) in [
+        ("/31337", "0x7a69"),
+        ("/8453", "0x2105"),
+        ("/rpc/8453", "0x2105"),
+        ("/0x2105", "0x2105"),
+    ] {
+        assert_eq!(
+            app.result_at(path, "eth_chainId", json!([])).await?,
+            json!(chain),
+            "{path}"
+        );
+    }
+    let err = app.error("eth_chainId", json!([])).await?;
+    assert_eq!(
+        (err["code"].clone(), err["data"]["field"].clone()),
+        (json!(-32602), json!("chainId")),
+        "{err}"
+    );
+    let err = app.error_at("/1", "eth_chainId", json!([])).await?;
+    assert_eq!(err["data"]["reason"], json!("unsupported_chain"), "{err}");
+    assert_eq!(
+        err["data"]["supported"],
+        json!(["0x7a69", "0x2105"]),
+        "{err}"
+    );
+    let (status, v) = app
+        .post_at(
+            "/base",
+            r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId","params":[]}"#,
+        )
+        .await?;
+    assert_eq!(status, 404, "{v}");
+    let v09 = |s: &Stack| {
+        s.version(EntryPointVersion::V0_9)
+            .entry_point
+            .to_checksum(None)
+    };
+    let supported = app
+        .result_at("/8453", "pm_supportedEntryPoints", json!([]))
+        .await?;
+    assert_eq!(supported[2], json!(v09(&base)), "{supported}");
+
+    // A watcher per chain, before anything is sponsored: deposits are then tracked per chain.
+    let watcher = |s: &Stack, chain: u64| -> TestResult<Watcher> {
+        Ok(Watcher::new(
+            s.anvil.provider.clone(),
+            sponsor.chain(chain)?,
+            0,
+            Some(0),
+            Cursor::memory(),
+        )
+        .with_finality(Finality::Depth(0)))
+    };
+    let (dev_watcher, base_watcher) = (watcher(&dev, 31337)?, watcher(&base, BASE)?);
+
+    // The same op shape on each chain, sponsored there and landed there.
+    let mut landed = Vec::new();
+    for (stack, path, chain) in [(&dev, "/31337", 31337), (&base, "/8453", BASE)] {
+        let user = User::new(stack, EntryPointVersion::V0_7).await?;
+        let ep = user.entry_point();
+        let mut op_json = user.op_json();
+        let result = app
+            .result_at(path, "pm_sponsorUserOperation", json!([op_json, ep]))
+            .await?;
+        assert_eq!(
+            result["paymaster"],
+            json!(stack.version(EntryPointVersion::V0_7).paymaster),
+            "{result}"
+        );
+        set_paymaster(&mut op_json, &result);
+        let mut op = UserOperation::from_json(&op_json)?;
+        user.finish(&mut op)?;
+        let open = sponsor
+            .ledger()
+            .open("dev-counter", &paymaster_scope(chain, ep))
+            .await?;
+        assert_eq!(
+            open,
+            wei_to_gwei_ceil(op.max_cost(op.paymaster.clone().ok_or("pm")?.gas)),
+            "chain {chain}'s deposit holds its op"
+        );
+        let event = user.submit(&op).await?;
+        assert!(event.success);
+        assert_eq!(user.counter().await?, alloy::primitives::U256::from(1));
+        landed.push(wei_to_gwei_ceil(event.actualGasCost));
+    }
+
+    // ERC-7677 names the chain itself: on `/`, and on its own path; another chain's path is
+    // refused rather than signed for the wrong chain.
+    let user = User::new(&base, EntryPointVersion::V0_8).await?;
+    let ep = user.entry_point();
+    let stub = app
+        .result(
+            "pm_getPaymasterStubData",
+            json!([user.op_json(), ep, "0x2105", {}]),
+        )
+        .await?;
+    assert_eq!(
+        stub["paymaster"],
+        json!(base.version(EntryPointVersion::V0_8).paymaster),
+        "{stub}"
+    );
+    app.result_at(
+        "/8453",
+        "pm_getPaymasterStubData",
+        json!([user.op_json(), ep, "0x2105", {}]),
+    )
+    .await?;
+    let err = app
+        .error_at(
+            "/31337",
+            "pm_getPaymasterStubData",
+            json!([user.op_json(), ep, "0x2105", {}]),
+        )
+        .await?;
+    assert_eq!(err["data"]["field"], json!("chainId"), "{err}");
+
+    // Each watcher settles its own chain's event, and nothing of the other's.
+    for w in [&dev_watcher, &base_watcher] {
+        let poll = w.poll_once(sponsor).await?;
+        assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
+    }
+    // The policy's budget is the policy's, whichever chain spent it.
+    assert_eq!(
+        sponsor
+            .ledger()
+            .usage("dev-counter", &crate::helpers::policy_day_scope())
+            .await?,
+        (landed[0] + landed[1], 2)
+    );
+    drop(keys);
+    Ok(())
+}
