@@ -93,6 +93,16 @@ async fn one_process_serves_two_chains() -> TestResult {
         .await?;
     assert_eq!(supported[2], json!(v09(&base)), "{supported}");
 
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", app.url))
+        .await?
+        .json()
+        .await?;
+    assert_eq!(
+        ready["watcher"],
+        json!({ "31337": "not configured", "8453": "not configured" }),
+        "one entry per chain: {ready}"
+    );
+
     // A watcher per chain, before anything is sponsored: deposits are then tracked per chain.
     let watcher = |s: &Stack, chain: u64| -> TestResult<Watcher> {
         Ok(Watcher::new(
@@ -181,6 +191,49 @@ async fn one_process_serves_two_chains() -> TestResult {
             .await?,
         (landed[0] + landed[1], 2)
     );
+
+    // `status` reads every chain through its own rpc_url: one report each.
+    let chain_flag = |s: &Stack| {
+        json!({
+            "chain_id": s.deployed.chain_id,
+            "entry_point_v09": s.version(EntryPointVersion::V0_9).entry_point,
+            "paymaster_v07": s.version(EntryPointVersion::V0_7).paymaster,
+            "rpc_url": s.anvil.url,
+        })
+        .to_string()
+    };
+    let out = std::process::Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args([
+            "status",
+            "--chain",
+            &chain_flag(&dev),
+            "--chain",
+            &chain_flag(&base),
+        ])
+        .arg("--signer-key-file")
+        .arg(keys.0.join("signer.key"))
+        .output()?;
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let reports: serde_json::Value = serde_json::from_slice(&out.stdout)?;
+    let chains: Vec<_> = reports
+        .as_array()
+        .ok_or("one report per chain")?
+        .iter()
+        .map(|r| r["chainId"].clone())
+        .collect();
+    assert_eq!(chains, vec![json!(31337), json!(BASE)]);
+    for r in reports.as_array().ok_or("reports")? {
+        assert_eq!(r["paymasters"][0]["deployed"], json!(true), "{r}");
+        assert_eq!(
+            r["paymasters"][0]["signer"]["authorised"],
+            json!(true),
+            "{r}"
+        );
+    }
     drop(keys);
     Ok(())
 }
