@@ -146,8 +146,14 @@ impl AppState {
         let mut bundlers = Vec::new();
         for chain in &config.chains {
             if let Some(url) = &chain.bundler_url {
-                let client = crate::chain::client::json_rpc(url, "--bundler-url")
-                    .map_err(StartupError::Config)?;
+                let client = crate::chain::client::json_rpc(
+                    url,
+                    &format!(
+                        "the bundler_url (--bundler-url) of chain {}",
+                        chain.chain_id
+                    ),
+                )
+                .map_err(StartupError::Config)?;
                 bundlers.push((chain.chain_id, client));
             }
         }

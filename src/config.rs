@@ -272,33 +272,32 @@ impl Config {
     }
 }
 
+/// Each EntryPoint and each paymaster of one chain serves one version.
 fn check_chain_entry_points(entry_points: &[EntryPointConfig]) -> Result<(), String> {
-    {
-        for (i, a) in entry_points.iter().enumerate() {
-            for b in &entry_points[i + 1..] {
-                let (fa, fb) = (a.version.flag_suffix(), b.version.flag_suffix());
-                if a.address == b.address {
-                    return Err(format!(
-                        "--entry-point-{fa} and --entry-point-{fb} (SP_ENTRY_POINT_{}, \
-                         SP_ENTRY_POINT_{}) are both {}: one EntryPoint serves one version",
-                        fa.to_uppercase(),
-                        fb.to_uppercase(),
-                        a.address
-                    ));
-                }
-                if let Some(pm) = a.paymaster.filter(|_| a.paymaster == b.paymaster) {
-                    return Err(format!(
-                        "--paymaster-{fa} and --paymaster-{fb} (SP_PAYMASTER_{}, \
-                         SP_PAYMASTER_{}) are both {pm}: each SessionPaymaster serves one \
-                         EntryPoint",
-                        fa.to_uppercase(),
-                        fb.to_uppercase()
-                    ));
-                }
+    for (i, a) in entry_points.iter().enumerate() {
+        for b in &entry_points[i + 1..] {
+            let (fa, fb) = (a.version.flag_suffix(), b.version.flag_suffix());
+            if a.address == b.address {
+                return Err(format!(
+                    "--entry-point-{fa} and --entry-point-{fb} (SP_ENTRY_POINT_{}, \
+                     SP_ENTRY_POINT_{}) are both {}: one EntryPoint serves one version",
+                    fa.to_uppercase(),
+                    fb.to_uppercase(),
+                    a.address
+                ));
+            }
+            if let Some(pm) = a.paymaster.filter(|_| a.paymaster == b.paymaster) {
+                return Err(format!(
+                    "--paymaster-{fa} and --paymaster-{fb} (SP_PAYMASTER_{}, \
+                     SP_PAYMASTER_{}) are both {pm}: each SessionPaymaster serves one \
+                     EntryPoint",
+                    fa.to_uppercase(),
+                    fb.to_uppercase()
+                ));
             }
         }
-        Ok(())
     }
+    Ok(())
 }
 
 /// One chain of `--chain` / `[[chains]]`: the single-chain settings' keys; EntryPoints left out
@@ -566,17 +565,20 @@ impl ServeArgs {
                     put(key, s(p.to_string()));
                 }
             }
+            // Node and bundler URLs carry provider keys in the path or query too.
+            let redact = crate::chain::client::redact_urls;
             if let Some(u) = &self.rpc_url {
-                put("rpc_url", s(mask_url(u)));
+                put("rpc_url", s(redact(u)));
             }
             if let Some(u) = &self.bundler_url {
-                put("bundler_url", s(mask_url(u)));
+                put("bundler_url", s(redact(u)));
             }
         } else {
             let tables = self.chains.iter().map(|c| {
+                let redact = crate::chain::client::redact_urls;
                 let masked = ChainArg {
-                    rpc_url: c.rpc_url.as_deref().map(mask_url),
-                    bundler_url: c.bundler_url.as_deref().map(mask_url),
+                    rpc_url: c.rpc_url.as_deref().map(redact),
+                    bundler_url: c.bundler_url.as_deref().map(redact),
                     ..c.clone()
                 };
                 toml::Value::try_from(masked).unwrap_or(toml::Value::Table(toml::Table::new()))

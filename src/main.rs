@@ -9,7 +9,7 @@ use alloy::providers::Provider;
 use clap::{Parser, Subcommand};
 use session_paymaster::app::{self, AppState};
 use session_paymaster::chain::deploy::{Artifacts, deploy_dev_stack};
-use session_paymaster::chain::watcher::{Cursor, Watcher};
+use session_paymaster::chain::watcher::{Cursor, ReleaseClock, Watcher};
 use session_paymaster::config::{Config, ServeArgs};
 use session_paymaster::policy::file::{PolicyFileError, load_dir, load_sources, read_dir_sources};
 use session_paymaster::policy::publish;
@@ -517,11 +517,20 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     }
     state.spawn_policy_watcher(args.policy_poll);
     state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
-    for chain in &config.chains {
+    if config.chains.len() > 1 && args.watch_from_block.is_some() {
+        return Err(
+            "--watch-from-block is a block number of one chain: with several chains, leave it \
+             out (each watcher starts before its chain's oldest open reservation)"
+                .into(),
+        );
+    }
+    // Releases wait for every chain's watcher (see ReleaseClock).
+    let clock = ReleaseClock::new(config.chains.len());
+    for (slot, chain) in config.chains.iter().enumerate() {
         let Some(url) = &chain.rpc_url else {
             tracing::warn!(
                 chain_id = chain.chain_id,
-                "no --rpc-url: budget reservations stay counted at their worst case (no settlement)"
+                "no --rpc-url: budget reservations stay counted at their worst case (no settlement), on every chain served"
             );
             continue;
         };
@@ -555,7 +564,8 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
         )
         .with_low_deposit(args.low_deposit_wei)
         .with_finality(args.finality)
-        .with_max_range(args.log_range);
+        .with_max_range(args.log_range)
+        .with_release_clock(clock.clone(), slot);
         state.spawn_watcher(watcher, args.watch_interval);
         tracing::info!(
             chain_id = chain.chain_id,

@@ -17,8 +17,8 @@
 //!   its operation lands after all, the event charges its cost back.
 //! - Deposits are read on their own, so low-deposit alerts go on while logs fail.
 
-use std::sync::Mutex;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
 
 use crate::session::redis::RedisConn;
 use alloy::eips::BlockNumberOrTag;
@@ -193,6 +193,37 @@ pub struct Watcher {
     cursor: Cursor,
     /// The configured chain.
     chain_id: u64,
+    /// Shared with the other chains' watchers (and its slot in it): releases go by the earliest
+    /// time every chain has read up to.
+    clock: ReleaseClock,
+    slot: usize,
+}
+
+/// Per chain watched by one process, the time up to which its logs were read and are final.
+/// The ledger indexes open reservations by policy and expiry, not by chain, so a release is for
+/// every chain at once: it goes by the earliest of these times, and not before every chain has
+/// one. An operation that landed before that time on any chain has then been read and settled,
+/// not released (a chain whose watcher lags holds every release back; one without a watcher,
+/// all of them).
+#[derive(Debug, Clone)]
+pub struct ReleaseClock(Arc<Vec<AtomicU64>>);
+
+impl ReleaseClock {
+    /// A clock for `chains` watched chains (0 each: nothing read yet).
+    pub fn new(chains: usize) -> Self {
+        Self(Arc::new((0..chains).map(|_| AtomicU64::new(0)).collect()))
+    }
+
+    fn read_up_to(&self, slot: usize, time: u64) -> u64 {
+        if let Some(t) = self.0.get(slot) {
+            t.store(time, Ordering::Relaxed);
+        }
+        self.0
+            .iter()
+            .map(|t| t.load(Ordering::Relaxed))
+            .min()
+            .unwrap_or(0)
+    }
 }
 
 fn rpc(e: impl std::error::Error + 'static) -> WatchError {
@@ -243,6 +274,8 @@ impl Watcher {
             range: AtomicU64::new(DEFAULT_LOG_RANGE),
             cursor,
             chain_id: chain.chain_id,
+            clock: ReleaseClock::new(1),
+            slot: 0,
         }
     }
 
@@ -275,6 +308,14 @@ impl Watcher {
     /// Release by this block's time.
     pub fn with_finality(mut self, finality: Finality) -> Self {
         self.finality = finality;
+        self
+    }
+
+    /// Release by `clock`, shared with the watchers of the process's other chains, where this
+    /// chain is `slot` (see [`ReleaseClock`]); alone, a watcher releases by its own chain.
+    pub fn with_release_clock(mut self, clock: ReleaseClock, slot: usize) -> Self {
+        self.clock = clock;
+        self.slot = slot;
         self
     }
 
@@ -541,10 +582,14 @@ impl Watcher {
             };
             block = read;
         }
+        let time = self.clock.read_up_to(self.slot, block.header.timestamp);
+        if time == 0 {
+            return Ok(0);
+        }
         let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
         sponsor
             .ledger()
-            .release_expired(&policies, block.header.timestamp)
+            .release_expired(&policies, time)
             .await
             .map_err(store)
     }

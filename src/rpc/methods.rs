@@ -27,6 +27,13 @@ pub(crate) async fn call(
     params: &[Value],
     request_id: &str,
 ) -> Result<Value, RpcError> {
+    // A path that names a chain not served is refused whatever the method.
+    if let Some(chain) = path_chain {
+        state
+            .sponsor
+            .chain(chain)
+            .map_err(|e| RpcError::from_sponsor(e, "", &[]))?;
+    }
     match method {
         "eth_chainId" => Ok(json!(to_quantity(chain_of(state, path_chain)?))),
         "pm_supportedEntryPoints" => Ok(json!(supported_entry_points(
@@ -252,8 +259,11 @@ async fn estimate_gas(
     let Some((_, bundler)) = state.bundlers.iter().find(|(c, _)| *c == chain) else {
         return Err(FieldError::invalid(
             "callGasLimit",
-            "gas limits are missing: set verificationGasLimit, callGasLimit and preVerificationGas \
-             (this service has no bundler configured to estimate them on this chain)",
+            format!(
+                "gas limits are missing: set verificationGasLimit, callGasLimit and \
+                 preVerificationGas (this service has no bundler configured to estimate them on \
+                 chain {chain})"
+            ),
         )
         .into());
     };

@@ -57,8 +57,13 @@ pub(crate) async fn handle_chain(
     body: Body,
 ) -> Response {
     let chain = match segment.strip_prefix("0x") {
-        Some(hex) => u64::from_str_radix(hex, 16).ok(),
-        None => segment.parse::<u64>().ok(),
+        Some(hex) if !hex.is_empty() && hex.bytes().all(|b| b.is_ascii_hexdigit()) => {
+            u64::from_str_radix(hex, 16).ok()
+        }
+        None if !segment.is_empty() && segment.bytes().all(|b| b.is_ascii_digit()) => {
+            segment.parse::<u64>().ok()
+        }
+        _ => None,
     };
     match chain {
         Some(chain) => serve(state, Some(chain), headers, query, body).await,

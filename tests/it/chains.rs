@@ -2,8 +2,9 @@
 //! settlement; the chain named by the path (`POST /{chainId}`, `/rpc/{chainId}`) or by ERC-7677's
 //! `chainId`; `POST /` only where one chain is served.
 
+use alloy::providers::Provider;
 use serde_json::json;
-use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
+use session_paymaster::chain::watcher::{Cursor, Finality, ReleaseClock, Watcher};
 use session_paymaster::ledger::wei_to_gwei_ceil;
 use session_paymaster::signer::{KeySource, keygen};
 use session_paymaster::sponsor::deposit::paymaster_scope;
@@ -103,8 +104,10 @@ async fn one_process_serves_two_chains() -> TestResult {
         "one entry per chain: {ready}"
     );
 
-    // A watcher per chain, before anything is sponsored: deposits are then tracked per chain.
-    let watcher = |s: &Stack, chain: u64| -> TestResult<Watcher> {
+    // A watcher per chain, before anything is sponsored: deposits are then tracked per chain;
+    // releases wait for both (one clock).
+    let clock = ReleaseClock::new(2);
+    let watcher = |s: &Stack, chain: u64, slot: usize| -> TestResult<Watcher> {
         Ok(Watcher::new(
             s.anvil.provider.clone(),
             sponsor.chain(chain)?,
@@ -112,9 +115,10 @@ async fn one_process_serves_two_chains() -> TestResult {
             Some(0),
             Cursor::memory(),
         )
-        .with_finality(Finality::Depth(0)))
+        .with_finality(Finality::Depth(0))
+        .with_release_clock(clock.clone(), slot))
     };
-    let (dev_watcher, base_watcher) = (watcher(&dev, 31337)?, watcher(&base, BASE)?);
+    let (dev_watcher, base_watcher) = (watcher(&dev, 31337, 0)?, watcher(&base, BASE, 1)?);
 
     // The same op shape on each chain, sponsored there and landed there.
     let mut landed = Vec::new();
@@ -191,6 +195,43 @@ async fn one_process_serves_two_chains() -> TestResult {
             .await?,
         (landed[0] + landed[1], 2)
     );
+
+    // A reservation expires on chain 8453: the ledger releases by time, for every chain at
+    // once, so 31337's watcher alone releases nothing while 8453's has not read past it.
+    let user = User::new(&base, EntryPointVersion::V0_7).await?;
+    let ep = user.entry_point();
+    let params = json!([user.op_json(), ep, { "validForSeconds": 5 }]);
+    app.result_at("/8453", "pm_sponsorUserOperation", params)
+        .await?;
+    for s in [&dev, &base] {
+        let p = &s.anvil.provider;
+        let _: serde_json::Value = p.raw_request("evm_increaseTime".into(), (100u64,)).await?;
+        let _: serde_json::Value = p.raw_request("evm_mine".into(), ()).await?;
+    }
+    let scope = paymaster_scope(BASE, ep);
+    assert!(sponsor.ledger().open("dev-counter", &scope).await? > 0);
+    assert_eq!(
+        dev_watcher.poll_once(sponsor).await?.released,
+        0,
+        "8453 not read past it"
+    );
+    assert!(sponsor.ledger().open("dev-counter", &scope).await? > 0);
+    assert_eq!(
+        base_watcher.poll_once(sponsor).await?.released,
+        1,
+        "both read past it"
+    );
+    assert_eq!(sponsor.ledger().open("dev-counter", &scope).await?, 0);
+
+    // A path naming a chain not served is refused whatever the method.
+    let err = app
+        .error_at(
+            "/999",
+            "pm_getSessionStatus",
+            json!([format!("0x{}", "11".repeat(32))]),
+        )
+        .await?;
+    assert_eq!(err["data"]["reason"], json!("unsupported_chain"), "{err}");
 
     // `status` reads every chain through its own rpc_url: one report each.
     let chain_flag = |s: &Stack| {
