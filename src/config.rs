@@ -333,6 +333,16 @@ pub struct ChainArg {
     pub bundler_url: Option<String>,
 }
 
+/// A node or bundler URL as `--print-config` shows it: scheme, host and port (provider keys
+/// hide in credentials, path and query); all of it hidden when it has no scheme.
+fn redact_url(url: &str) -> String {
+    if url.contains("://") {
+        crate::chain::client::redact_urls(url)
+    } else {
+        "***".into()
+    }
+}
+
 fn parse_chain(s: &str) -> Result<ChainArg, String> {
     serde_json::from_str(s).map_err(|e| format!("a chain is a JSON object of chain settings: {e}"))
 }
@@ -566,7 +576,7 @@ impl ServeArgs {
                 }
             }
             // Node and bundler URLs carry provider keys in the path or query too.
-            let redact = crate::chain::client::redact_urls;
+            let redact = redact_url;
             if let Some(u) = &self.rpc_url {
                 put("rpc_url", s(redact(u)));
             }
@@ -575,7 +585,7 @@ impl ServeArgs {
             }
         } else {
             let tables = self.chains.iter().map(|c| {
-                let redact = crate::chain::client::redact_urls;
+                let redact = redact_url;
                 let masked = ChainArg {
                     rpc_url: c.rpc_url.as_deref().map(redact),
                     bundler_url: c.bundler_url.as_deref().map(redact),

@@ -215,9 +215,11 @@ impl ReleaseClock {
     }
 
     fn read_up_to(&self, slot: usize, time: u64) -> u64 {
-        if let Some(t) = self.0.get(slot) {
-            t.store(time, Ordering::Relaxed);
-        }
+        let Some(t) = self.0.get(slot) else {
+            // A watcher outside the clock cannot vouch for its chain: release nothing.
+            return 0;
+        };
+        t.store(time, Ordering::Relaxed);
         self.0
             .iter()
             .map(|t| t.load(Ordering::Relaxed))
