@@ -413,17 +413,29 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
     // the series out rather than failing the scrape).
     let now = unix_now();
     let mut budgets = Vec::new();
+    let served: Vec<u64> = sponsor.chains().iter().map(|c| c.chain_id).collect();
+    let mut pairs = Vec::new();
     for policy in policies.iter() {
-        let scopes = Sponsor::scopes(policy, None, alloy::primitives::Address::ZERO, now);
+        for &chain in served.iter().filter(|c| policy.chains.contains(c)) {
+            pairs.push((policy, chain));
+        }
+    }
+    for (policy, chain) in pairs {
+        let scopes = Sponsor::scopes(policy, None, alloy::primitives::Address::ZERO, chain, now);
         for scope in scopes.iter().filter(|s| s.name.starts_with("policy")) {
             let Ok((cost, ops)) = sponsor.ledger().usage(&policy.id, &scope.name).await else {
                 continue;
             };
             if let Some(limit) = scope.cost_limit {
-                budgets.push((policy.id.clone(), "costGwei", limit.saturating_sub(cost)));
+                budgets.push((
+                    policy.id.clone(),
+                    chain,
+                    "costGwei",
+                    limit.saturating_sub(cost),
+                ));
             }
             if let Some(limit) = scope.ops_limit {
-                budgets.push((policy.id.clone(), "ops", limit.saturating_sub(ops)));
+                budgets.push((policy.id.clone(), chain, "ops", limit.saturating_sub(ops)));
             }
         }
     }

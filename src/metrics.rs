@@ -62,6 +62,7 @@ struct EntryPointLabels {
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BudgetLabels {
     policy: String,
+    chain: u64,
     resource: &'static str,
 }
 
@@ -75,7 +76,7 @@ pub struct Scrape {
     /// Seconds since the watcher's last successful poll, when it runs.
     pub watcher_lag: Option<u64>,
     /// Per policy-wide budget: `(policy, resource, remaining)`.
-    pub budgets: Vec<(String, &'static str, u64)>,
+    pub budgets: Vec<(String, u64, &'static str, u64)>,
     /// Whether this replica's policy directory differs from the published set it serves.
     pub directory_differs: bool,
 }
@@ -292,10 +293,11 @@ impl Metrics {
         }
         // A policy removed since the last scrape has no budget any more.
         self.budget_remaining.clear();
-        for (policy, resource, remaining) in &scrape.budgets {
+        for (policy, chain, resource, remaining) in &scrape.budgets {
             self.budget_remaining
                 .get_or_create(&BudgetLabels {
                     policy: policy.clone(),
+                    chain: *chain,
                     resource,
                 })
                 .set(gauge(*remaining));
@@ -324,7 +326,7 @@ mod tests {
             policies: 4,
             rate_limit_keys: 7,
             watcher_lag: Some(3),
-            budgets: vec![("p".into(), "ops", 9)],
+            budgets: vec![("p".into(), 8453, "ops", 9)],
             directory_differs: true,
         });
         for line in [
@@ -336,7 +338,7 @@ mod tests {
             "sp_policies 4",
             "sp_rate_limit_keys 7",
             "sp_paymaster_deposit_low{chain=\"8453\",entry_point=\"0xabc\"} 1",
-            "sp_budget_remaining{policy=\"p\",resource=\"ops\"} 9",
+            "sp_budget_remaining{policy=\"p\",chain=\"8453\",resource=\"ops\"} 9",
             "sp_watcher_lag_seconds 3",
             "sp_policy_directory_differs 1",
         ] {

@@ -193,7 +193,7 @@ async fn session_status(
     // The budgets this session's next operation would be charged to, and how much is left.
     let mut budgets = Vec::new();
     for scope in policy
-        .map(|p| Sponsor::scopes(p, Some(&grant), grant.account, now))
+        .map(|p| Sponsor::scopes(p, Some(&grant), grant.account, grant.chain_id, now))
         .unwrap_or_default()
     {
         let ledger = state.sponsor.ledger();

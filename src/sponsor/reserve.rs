@@ -37,7 +37,7 @@ pub(super) async fn reserve(
     run: Run,
 ) -> Result<PaymasterData, SponsorError> {
     let Decision { policy, grant, .. } = *decision;
-    let mut scopes = Sponsor::scopes(policy, grant, req.op.sender, now);
+    let mut scopes = Sponsor::scopes(policy, grant, req.op.sender, req.chain_id, now);
     let deposits = &sponsor.chain(req.chain_id)?.deposits;
     let tracking_deposit = deposits.tracking();
     // Without budgets, a session or a watched deposit there is nothing to count or re-check.
@@ -187,8 +187,19 @@ impl Sponsor {
         policy: &Policy,
         session: Option<&SessionGrant>,
         sender: Address,
+        chain_id: u64,
         now: u64,
     ) -> Vec<Scope> {
+        // Budgets are per chain: a policy of several chains names the chain in its sender and
+        // policy scopes (one of a single chain keeps the names it always had; a session is one
+        // chain's already).
+        let on_chain = |base: String| {
+            if policy.chains.len() > 1 {
+                format!("{base}:c{chain_id}")
+            } else {
+                base
+            }
+        };
         let gwei = |c: Option<U256>| c.map(wei_to_gwei_floor);
         let min = |a: Option<u64>, b: Option<u64>| match (a, b) {
             (Some(a), Some(b)) => Some(a.min(b)),
@@ -245,10 +256,14 @@ impl Sponsor {
         if let Some(b) = &policy.budgets.sender {
             // Lowercase hex: the ledger stores an address in a scope name as its 20 bytes.
             let sender = hex::encode(sender);
-            scopes.push(windowed(b, format!("sender:0x{sender}"), "sender"));
+            scopes.push(windowed(
+                b,
+                on_chain(format!("sender:0x{sender}")),
+                "sender",
+            ));
         }
         if let Some(b) = &policy.budgets.policy {
-            scopes.push(windowed(b, "policy".into(), "policy"));
+            scopes.push(windowed(b, on_chain("policy".into()), "policy"));
         }
         scopes
     }

@@ -1,4 +1,4 @@
-//! Several chains in one process: each chain's EntryPoints, paymasters, deposits and
+//! Several chains in one process: each chain's EntryPoints, paymasters, deposits, budgets and
 //! settlement; the chain named by the path (`POST /{chainId}`, `/rpc/{chainId}`) or by ERC-7677's
 //! `chainId`; `POST /` only where one chain is served.
 
@@ -187,14 +187,17 @@ async fn one_process_serves_two_chains() -> TestResult {
         let poll = w.poll_once(sponsor).await?;
         assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
     }
-    // The policy's budget is the policy's, whichever chain spent it.
-    assert_eq!(
-        sponsor
-            .ledger()
-            .usage("dev-counter", &crate::helpers::policy_day_scope())
-            .await?,
-        (landed[0] + landed[1], 2)
-    );
+    // Budgets are per chain: a policy of two chains counts each on its own.
+    let day = crate::helpers::policy_day_scope();
+    let day = day.strip_prefix("policy:").ok_or("policy scope")?;
+    for (chain, cost) in [(31337, landed[0]), (BASE, landed[1])] {
+        let scope = format!("policy:c{chain}:{day}");
+        assert_eq!(
+            sponsor.ledger().usage("dev-counter", &scope).await?,
+            (cost, 1),
+            "{scope}"
+        );
+    }
 
     // A reservation expires on chain 8453: the ledger releases by time, for every chain at
     // once, so 31337's watcher alone releases nothing while 8453's has not read past it.

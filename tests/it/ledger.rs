@@ -1001,7 +1001,7 @@ async fn metrics_show_budget_remaining() -> TestResult {
         .await?;
     assert!(
         text.contains(&format!(
-            "sp_budget_remaining{{policy=\"budgeted\",resource=\"ops\"}} {}",
+            "sp_budget_remaining{{policy=\"budgeted\",chain=\"31337\",resource=\"ops\"}} {}",
             K - 2
         )),
         "{text}"
