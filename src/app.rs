@@ -255,57 +255,67 @@ impl AppState {
         let state = Arc::clone(self);
         let chain_id = watcher.chain_id();
         let slot = self.watchers.iter().position(|w| w.chain_id == chain_id);
+        if slot.is_none() {
+            tracing::warn!(
+                chain_id,
+                "a watcher of a chain this service does not serve: /readyz will not report it"
+            );
+        }
         // Reported as lagging when no poll succeeded for ten intervals (at least a second).
         if let Some(w) = slot.map(|i| &self.watchers[i]) {
             w.max_lag
                 .store(every.saturating_mul(10).as_secs().max(1), Ordering::Relaxed);
             w.ok_at.store(unix_now(), Ordering::Relaxed);
         }
-        tokio::spawn(async move {
-            let mut failures: u32 = 0;
-            loop {
-                let polled = watcher.poll_once(&state.sponsor).await;
-                let metrics = state.sponsor.metrics();
-                match polled {
-                    Ok(p) => {
-                        if let Some(w) = slot.map(|i| &state.watchers[i]) {
-                            w.ok_at.store(unix_now(), Ordering::Relaxed);
+        let span = tracing::info_span!("watcher", chain_id);
+        tokio::spawn(tracing::Instrument::instrument(
+            async move {
+                let mut failures: u32 = 0;
+                loop {
+                    let polled = watcher.poll_once(&state.sponsor).await;
+                    let metrics = state.sponsor.metrics();
+                    match polled {
+                        Ok(p) => {
+                            if let Some(w) = slot.map(|i| &state.watchers[i]) {
+                                w.ok_at.store(unix_now(), Ordering::Relaxed);
+                            }
+                            if failures > 0 {
+                                tracing::info!(chain_id, failures, "settlement watcher recovered");
+                            }
+                            failures = 0;
+                            metrics.watcher_ignored(p.ignored);
+                            if p.ignored > 0 {
+                                tracing::warn!(
+                                    chain_id,
+                                    events = p.ignored,
+                                    block = p.to_block,
+                                    "events of our paymaster matched no open reservation"
+                                );
+                            }
+                            if p.settled + p.superseded + p.released > 0 {
+                                tracing::info!(
+                                    chain_id,
+                                    block = p.to_block,
+                                    settled = p.settled,
+                                    superseded = p.superseded,
+                                    released = p.released,
+                                    "settlement"
+                                );
+                            }
                         }
-                        if failures > 0 {
-                            tracing::info!(chain_id, failures, "settlement watcher recovered");
-                        }
-                        failures = 0;
-                        metrics.watcher_ignored(p.ignored);
-                        if p.ignored > 0 {
-                            tracing::warn!(
-                                chain_id,
-                                events = p.ignored,
-                                block = p.to_block,
-                                "events of our paymaster matched no open reservation"
-                            );
-                        }
-                        if p.settled + p.superseded + p.released > 0 {
-                            tracing::info!(
-                                chain_id,
-                                block = p.to_block,
-                                settled = p.settled,
-                                superseded = p.superseded,
-                                released = p.released,
-                                "settlement"
-                            );
+                        Err(e) => {
+                            failures = failures.saturating_add(1);
+                            metrics.watcher_failed();
+                            if failures.is_power_of_two() {
+                                tracing::warn!(chain_id, error = %e, failures, "settlement watcher poll failed; backing off");
+                            }
                         }
                     }
-                    Err(e) => {
-                        failures = failures.saturating_add(1);
-                        metrics.watcher_failed();
-                        if failures.is_power_of_two() {
-                            tracing::warn!(chain_id, error = %e, failures, "settlement watcher poll failed; backing off");
-                        }
-                    }
+                    tokio::time::sleep(watcher_delay(every, failures)).await;
                 }
-                tokio::time::sleep(watcher_delay(every, failures)).await;
-            }
-        })
+            },
+            span,
+        ))
     }
 
     /// One poll of the policy source (see [`Self::spawn_policy_watcher`]).

@@ -266,7 +266,14 @@ impl Config {
             {
                 return Err(format!("chain {} is configured twice", c.chain_id));
             }
-            check_chain_entry_points(&c.entry_points)?;
+            let several = self.chains.len() > 1;
+            check_chain_entry_points(&c.entry_points).map_err(|e| {
+                if several {
+                    format!("chain {}: {e}", c.chain_id)
+                } else {
+                    e
+                }
+            })?;
         }
         Ok(())
     }
@@ -526,7 +533,8 @@ pub fn with_config_file(argv: Vec<OsString>) -> Result<Vec<OsString>, String> {
         }
     }
     let mut out = argv;
-    // Right after `serve`: the user's flags come later and are distinct, so nothing conflicts.
+    // Right after `serve`: the user's flags come later and are distinct. (Chains and the
+    // single-chain settings conflict whatever layer gives them: clap refuses the mix.)
     out.splice(serve_at + 1..serve_at + 1, injected);
     Ok(out)
 }

@@ -491,6 +491,14 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             args.listen
         ));
     }
+    // Refused before anything is built (or published to Redis).
+    if config.chains.len() > 1 && args.watch_from_block.is_some() {
+        return Err(
+            "--watch-from-block is a block number of one chain: with several chains, leave it \
+             out (each watcher starts before its chain's oldest open reservation)"
+                .into(),
+        );
+    }
     let state = Arc::new(
         AppState::build(&config)
             .await
@@ -517,13 +525,6 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     }
     state.spawn_policy_watcher(args.policy_poll);
     state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
-    if config.chains.len() > 1 && args.watch_from_block.is_some() {
-        return Err(
-            "--watch-from-block is a block number of one chain: with several chains, leave it \
-             out (each watcher starts before its chain's oldest open reservation)"
-                .into(),
-        );
-    }
     // Releases wait for every chain's watcher (see ReleaseClock).
     let clock = ReleaseClock::new(config.chains.len());
     for (slot, chain) in config.chains.iter().enumerate() {

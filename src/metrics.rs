@@ -73,9 +73,10 @@ pub struct Scrape {
     pub policies: usize,
     /// Keys tracked by the rate limiters.
     pub rate_limit_keys: usize,
-    /// Seconds since the watcher's last successful poll, when it runs.
+    /// Seconds since the watcher's last successful poll, when it runs (of several chains', the
+    /// most lagging one's).
     pub watcher_lag: Option<u64>,
-    /// Per policy-wide budget: `(policy, resource, remaining)`.
+    /// Per policy-wide budget: `(policy, chain, resource, remaining)`.
     pub budgets: Vec<(String, u64, &'static str, u64)>,
     /// Whether this replica's policy directory differs from the published set it serves.
     pub directory_differs: bool,

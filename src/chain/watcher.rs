@@ -343,9 +343,11 @@ impl Watcher {
                     .await
                     .map_err(store)?;
             let deposit = wei_to_gwei_floor(wei);
-            if let Ok(chain) = sponsor.chain(self.chain_id) {
-                chain.deposits.observe(*entry_point, deposit, open);
-            }
+            sponsor
+                .chain(self.chain_id)
+                .map_err(|e| WatchError::Store(e.to_string()))?
+                .deposits
+                .observe(*entry_point, deposit, open);
             let low = wei < self.low_deposit;
             if low {
                 tracing::warn!(%entry_point, %paymaster, deposit = %wei, threshold = %self.low_deposit, "paymaster deposit is low: top it up");

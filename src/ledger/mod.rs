@@ -52,7 +52,8 @@ pub fn wei_to_gwei_floor(wei: U256) -> u64 {
 /// One budget counter an operation is charged to.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Scope {
-    /// Stable name for errors and keys, e.g. `sender:0x…:20451` or `policy:20451`.
+    /// Stable name for errors and keys, e.g. `sender:0x…:20451`, `policy:20451`, or for a
+    /// policy of several chains `policy:c8453:20451`.
     pub name: String,
     /// Which setting it comes from, e.g. `mint.budgets.sender`.
     pub rule: String,

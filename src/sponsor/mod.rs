@@ -2,7 +2,8 @@
 //! run in this order by [`Sponsor::sponsor`] and, without reserving or signing, by
 //! [`Sponsor::explain`] and `pm_validateSponsorshipPolicies` (a stub run):
 //!
-//! 1. [`decode`]: EntryPoint and paymaster, gas fields, paymaster gas, calldata into calls (no I/O).
+//! 1. [`decode`]: the request's chain, its EntryPoint and paymaster, gas fields, paymaster gas,
+//!    calldata into calls (no I/O).
 //! 2. [`session`]: the session grant, when the context names one (the one store read).
 //! 3. [`select`]: the policy (the session's, the named one, or the first candidate that accepts)
 //!    and its rules ([`rules`]).

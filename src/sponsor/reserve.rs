@@ -181,8 +181,9 @@ fn token_charges(grant: &SessionGrant, calls: &[Call]) -> Vec<TokenCharge> {
 }
 
 impl Sponsor {
-    /// The budget scopes an operation is charged to: the session (the smaller of the grant's
-    /// and the policy's session budget), the sender per period, the whole policy per period.
+    /// The budget scopes an operation on `chain_id` is charged to: the session (the smaller of
+    /// the grant's and the policy's session budget), the sender per period, the whole policy per
+    /// period; the last two per chain for a policy of several chains (`policy:c8453:20451`).
     pub fn scopes(
         policy: &Policy,
         session: Option<&SessionGrant>,

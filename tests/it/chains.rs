@@ -21,8 +21,10 @@ const BASE: u64 = 8453;
 async fn one_process_serves_two_chains() -> TestResult {
     let dir = budgeted_policies()?;
     let policy = dir.0.join("dev-counter.toml");
-    let text =
-        std::fs::read_to_string(&policy)?.replace("chains = [31337]", "chains = [31337, 8453]");
+    // Two operations a day per chain (`budgeted_policies` allows 100).
+    let text = std::fs::read_to_string(&policy)?
+        .replace("chains = [31337]", "chains = [31337, 8453]")
+        .replace("ops = 100", "ops = 2");
     std::fs::write(&policy, text)?;
     let keys = TempDir::new("chains");
     let key_file = keys.0.join("signer.key");
@@ -226,6 +228,26 @@ async fn one_process_serves_two_chains() -> TestResult {
     );
     assert_eq!(sponsor.ledger().open("dev-counter", &scope).await?, 0);
 
+    // Each chain has its own budget: 31337 spends its two operations and is refused a third,
+    // while 8453 (one landed, one released) still sponsors.
+    let sponsor_on = async |s: &Stack, path: &str| -> TestResult<serde_json::Value> {
+        let user = User::new(s, EntryPointVersion::V0_7).await?;
+        let params = json!([user.op_json(), user.entry_point()]);
+        app.call_at(path, "pm_sponsorUserOperation", params).await
+    };
+    assert!(sponsor_on(&dev, "/31337").await?.get("result").is_some());
+    let refused = sponsor_on(&dev, "/31337").await?;
+    assert_eq!(
+        refused["error"]["data"]["reason"],
+        json!("budget_exhausted"),
+        "{refused}"
+    );
+    let other = sponsor_on(&base, "/8453").await?;
+    assert!(
+        other.get("result").is_some(),
+        "8453's budget is its own: {other}"
+    );
+
     // A path naming a chain not served is refused whatever the method.
     let err = app
         .error_at(
@@ -277,6 +299,27 @@ async fn one_process_serves_two_chains() -> TestResult {
             json!(true),
             "{r}"
         );
+    }
+    // Watchers run by the service: `/readyz` reports each chain's.
+    for (s, chain) in [(&dev, 31337), (&base, BASE)] {
+        let w = Watcher::new(
+            s.anvil.provider.clone(),
+            sponsor.chain(chain)?,
+            0,
+            Some(0),
+            Cursor::memory(),
+        );
+        let _task = app
+            .state
+            .spawn_watcher(w, std::time::Duration::from_millis(50));
+    }
+    tokio::time::sleep(std::time::Duration::from_millis(300)).await;
+    let ready: serde_json::Value = reqwest::get(format!("{}/readyz", app.url))
+        .await?
+        .json()
+        .await?;
+    for chain in ["31337", "8453"] {
+        assert_eq!(ready["watcher"][chain]["lagging"], json!(false), "{ready}");
     }
     drop(keys);
     Ok(())
