@@ -4,7 +4,7 @@
 
 use alloy::providers::Provider;
 use serde_json::json;
-use session_paymaster::chain::watcher::{Cursor, Finality, ReleaseClock, Watcher};
+use session_paymaster::chain::watcher::{Cursor, ReleaseClock, Watcher};
 use session_paymaster::ledger::wei_to_gwei_ceil;
 use session_paymaster::signer::{KeySource, keygen};
 use session_paymaster::sponsor::deposit::paymaster_scope;
@@ -110,15 +110,10 @@ async fn one_process_serves_two_chains() -> TestResult {
     // releases wait for both (one clock).
     let clock = ReleaseClock::new(2);
     let watcher = |s: &Stack, chain: u64, slot: usize| -> TestResult<Watcher> {
-        Ok(Watcher::new(
-            s.anvil.provider.clone(),
-            sponsor.chain(chain)?,
-            0,
-            Some(0),
-            Cursor::memory(),
+        Ok(
+            crate::helpers::dev_watcher(s.anvil.provider.clone(), sponsor.chain(chain)?)
+                .with_release_clock(clock.clone(), slot),
         )
-        .with_finality(Finality::Depth(0))
-        .with_release_clock(clock.clone(), slot))
     };
     let (dev_watcher, base_watcher) = (watcher(&dev, 31337, 0)?, watcher(&base, BASE, 1)?);
 

@@ -624,8 +624,6 @@ pub(crate) fn budgeted_policies() -> TestResult<crate::helpers::TempDir> {
 /// the event settles that reservation by its hash (a second variant of the nonce is released,
 /// not settled too).
 async fn eip7702_account_lands_and_settles(version: EntryPointVersion) -> TestResult {
-    use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
-
     let dir = budgeted_policies()?;
     let stack = Stack::start_with(Some(dir.0.clone()), None).await?;
     let owner = PrivateKeySigner::random();
@@ -672,14 +670,7 @@ async fn eip7702_account_lands_and_settles(version: EntryPointVersion) -> TestRe
     assert_eq!(ep.getUserOpHash(op.pack(None)).call().await?, hash);
 
     let sponsor = &stack.app.state.sponsor;
-    let watcher = Watcher::new(
-        stack.anvil.provider.clone(),
-        sponsor.chain(31337)?,
-        0,
-        Some(0),
-        Cursor::memory(),
-    )
-    .with_finality(Finality::Depth(0));
+    let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!(
         (poll.settled, poll.superseded, poll.ignored),

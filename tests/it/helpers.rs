@@ -801,3 +801,13 @@ impl TlsForwarder {
         })
     }
 }
+
+/// A settlement watcher as on a dev chain: every block read as soon as mined and final at once
+/// (no confirmations, finality depth 0), from block 0, with its cursor in memory.
+pub fn dev_watcher(
+    provider: DynProvider,
+    chain: &session_paymaster::sponsor::ChainServed,
+) -> session_paymaster::chain::watcher::Watcher {
+    use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
+    Watcher::new(provider, chain, 0, Some(0), Cursor::memory()).with_finality(Finality::Depth(0))
+}

@@ -144,14 +144,7 @@ async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
         .connect_http(proxy.url.parse()?)
         .erased();
     let sponsor = &stack.app.state.sponsor;
-    let watcher = Watcher::new(
-        provider,
-        sponsor.chain(31337)?,
-        0,
-        Some(0),
-        Cursor::memory(),
-    )
-    .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let watcher = crate::helpers::dev_watcher(provider, sponsor.chain(31337)?);
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!(poll.settled, 1, "{poll:?}");
     assert_eq!(
@@ -209,14 +202,7 @@ async fn a_reorganised_cursor_block_is_read_again() -> TestResult {
     let snapshot: Value = provider.raw_request("evm_snapshot".into(), ()).await?;
     mine(&stack, 3).await?;
     let sponsor = &stack.app.state.sponsor;
-    let watcher = Watcher::new(
-        provider.clone(),
-        sponsor.chain(31337)?,
-        0,
-        Some(0),
-        Cursor::memory(),
-    )
-    .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let watcher = crate::helpers::dev_watcher(provider.clone(), sponsor.chain(31337)?);
     assert!(!watcher.poll_once(sponsor).await?.reorg);
     let _: Value = provider
         .raw_request("evm_revert".into(), (snapshot,))
@@ -350,24 +336,38 @@ async fn sponsor_briefly(stack: &crate::helpers::Stack, sender: u8) -> TestResul
 async fn releases_wait_for_the_finalized_block() -> TestResult {
     let stack = crate::helpers::Stack::start().await?;
     mine(&stack, 70).await?;
-    let sponsor = &stack.app.state.sponsor;
     // Finality::Finalized is the default; anvil finalizes 64 blocks behind its head.
-    let watcher = memory_watcher(&stack)?;
-    let (_, scope) = sponsor_briefly(&stack, 0x11).await?;
+    released_only_after(&stack, &memory_watcher(&stack)?, 0x11, 64).await
+}
 
+/// Sponsor an operation of `sender` valid for 5 s and move the chain 100 s on: `watcher`
+/// releases nothing while the new head is all it has, and releases it once `blocks` more are
+/// mined (its finality or its confirmations behind).
+async fn released_only_after(
+    stack: &crate::helpers::Stack,
+    watcher: &Watcher,
+    sender: u8,
+    blocks: u64,
+) -> TestResult {
+    let sponsor = &stack.app.state.sponsor;
+    let (_, scope) = sponsor_briefly(stack, sender).await?;
     let _: Value = stack
         .anvil
         .provider
         .raw_request("evm_increaseTime".into(), (100u64,))
         .await?;
-    mine(&stack, 1).await?;
+    mine(stack, 1).await?;
     assert_eq!(
         watcher.poll_once(sponsor).await?.released,
         0,
-        "the head is past it, not the finalized block"
+        "the head is past it, not the block releases go by"
     );
-    mine(&stack, 64).await?;
-    assert_eq!(watcher.poll_once(sponsor).await?.released, 1, "finalized");
+    mine(stack, blocks).await?;
+    assert_eq!(
+        watcher.poll_once(sponsor).await?.released,
+        1,
+        "{blocks} blocks on"
+    );
     assert_eq!(sponsor.ledger().open("dev-counter", &scope).await?, 0);
     Ok(())
 }
@@ -417,31 +417,15 @@ async fn a_reorganisation_deeper_than_the_rewind_is_read_again() -> TestResult {
 #[tokio::test]
 async fn releases_wait_for_the_blocks_read() -> TestResult {
     let stack = crate::helpers::Stack::start().await?;
-    let sponsor = &stack.app.state.sponsor;
     let watcher = Watcher::new(
         stack.anvil.provider.clone(),
-        sponsor.chain(31337)?,
+        stack.app.state.sponsor.chain(31337)?,
         3,
         Some(0),
         Cursor::memory(),
     )
     .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
-    let (_, scope) = sponsor_briefly(&stack, 0x12).await?;
-    let _: Value = stack
-        .anvil
-        .provider
-        .raw_request("evm_increaseTime".into(), (100u64,))
-        .await?;
-    mine(&stack, 1).await?;
-    assert_eq!(
-        watcher.poll_once(sponsor).await?.released,
-        0,
-        "the head is past it, not the blocks read (3 behind)"
-    );
-    mine(&stack, 3).await?;
-    assert_eq!(watcher.poll_once(sponsor).await?.released, 1, "read");
-    assert_eq!(sponsor.ledger().open("dev-counter", &scope).await?, 0);
-    Ok(())
+    released_only_after(&stack, &watcher, 0x12, 3).await
 }
 
 /// An event of our paymaster that no reservation knows (an operation sponsored before the
@@ -455,14 +439,7 @@ async fn events_no_reservation_knows_are_counted() -> TestResult {
     let user = User::new(&stack, EntryPointVersion::V0_7).await?;
     user.submit(&user.sponsored(user.op_json()).await?).await?;
     let sponsor = &stack.app.state.sponsor;
-    let watcher = Watcher::new(
-        stack.anvil.provider.clone(),
-        sponsor.chain(31337)?,
-        0,
-        Some(0),
-        Cursor::memory(),
-    )
-    .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!((poll.ignored, poll.settled), (1, 0), "{poll:?}");
     Ok(())
