@@ -268,7 +268,7 @@ impl Service {
         cmd.arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--policies", &policies.display().to_string()])
-            .args(["--paymaster-v07", PAYMASTER, "--paymaster-v08", PAYMASTER])
+            .args(["--paymaster-v07", PAYMASTER])
             .args(["--signer-key-env", "SP_BENCH_SIGNER_KEY"])
             .args(["--admin-token-sha256", &token_hash])
             .args(["--redis-timeout", "2s"])

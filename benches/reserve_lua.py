@@ -88,10 +88,13 @@ def operations(sha, n):
         bucket = valid_until // 10
         keys = [nonce, b'sp:{bench}:x', b'sp:{bench}:x:%d' % bucket, nonce]
         keys += [b'sp:{bench}:budget:' + name for name, _ in scopes]
-        args = [op_id, 0, 780000, 4200, valid_until, valid_after, sig, now + 30, op_id[:8], 0,
-                86400, 4, landing, bucket, 4209, (now - 3600) // 10, now - 3600, 16, record, 0]
-        for name, _ in scopes:
-            args += [10**15, 10**6, 62399, name]
+        # reserve.lua's NUMBERS: check_only, cost, nonce TTL, window, refresh bound, session,
+        # session TTL, most open under a session, bucket, bucket TTL, trim and expiry bounds,
+        # most open per nonce.
+        numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30, 0,
+                              86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
+        limits = b''.join(struct.pack('>4Q', 10**15, 10**6, 62399, now + 62399) for _ in scopes)
+        args = [op_id, numbers, sig, op_id[:8], landing, record, limits]
         out.append(['EVALSHA', sha, len(keys)] + keys + args)
     return out
 

@@ -207,42 +207,52 @@ impl RedisLedger {
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
         let record = pack_record(r)?;
+        // reserve.lua's NUMBERS, in its order: big-endian u64s that Lua unpacks without parsing.
+        let numbers: Vec<u8> = [
+            u64::from(check_only),
+            r.cost_gwei,
+            ttl(r.expires_at),
+            r.answer.window.valid_until,
+            r.answer.window.valid_after,
+            now.saturating_add(super::REFRESH_MARGIN_SECS),
+            u64::from(r.session.is_some()),
+            r.session.as_ref().map_or(1, |s| ttl(s.expires_at)),
+            super::MAX_OPEN_PER_NONCE as u64,
+            bucket,
+            ttl((bucket + 1) * BUCKET_SECS + super::GRACE_SECS),
+            now.saturating_sub(super::GRACE_SECS) / BUCKET_SECS,
+            now.saturating_sub(super::GRACE_SECS),
+            super::MAX_OPEN_PER_NONCE_ANY as u64,
+        ]
+        .iter()
+        .flat_map(|n| n.to_be_bytes())
+        .collect();
+        // Per scope: cost limit, ops limit (u64::MAX: none), TTL, expiry.
+        let scopes: Vec<u8> = r
+            .scopes
+            .iter()
+            .flat_map(|s| {
+                [
+                    s.cost_limit.unwrap_or(u64::MAX),
+                    s.ops_limit.unwrap_or(u64::MAX),
+                    ttl(s.expires_at),
+                    s.expires_at,
+                ]
+            })
+            .flat_map(u64::to_be_bytes)
+            .collect();
+        let hashes: Vec<u8> = r.user_op_hashes.iter().flat_map(|h| h[..8].to_vec()).collect();
         inv.arg(&r.op_key[..20])
-            .arg(if check_only { "1" } else { "0" })
-            .arg(r.cost_gwei)
-            .arg(ttl(r.expires_at))
-            .arg(r.answer.window.valid_until)
-            .arg(r.answer.window.valid_after)
+            .arg(numbers)
             .arg(r.answer.signature.as_slice())
-            .arg(now.saturating_add(super::REFRESH_MARGIN_SECS))
-            .arg(
-                r.user_op_hashes
-                    .iter()
-                    .flat_map(|h| h[..8].to_vec())
-                    .collect::<Vec<u8>>(),
-            )
-            .arg(if r.session.is_some() { "1" } else { "0" })
-            .arg(r.session.as_ref().map_or(1, |s| ttl(s.expires_at)))
-            .arg(super::MAX_OPEN_PER_NONCE)
+            .arg(hashes)
             .arg(&r.landing_key[..20])
-            .arg(bucket)
-            .arg(ttl((bucket + 1) * BUCKET_SECS + super::GRACE_SECS))
-            .arg(now.saturating_sub(super::GRACE_SECS) / BUCKET_SECS)
-            .arg(now.saturating_sub(super::GRACE_SECS))
-            .arg(super::MAX_OPEN_PER_NONCE_ANY)
             .arg(record)
-            .arg(spend.len());
+            .arg(scopes);
         for t in spend {
             inv.arg(spent_field(t.token))
                 .arg(t.amount.to_string())
                 .arg(t.limit.to_string());
-        }
-        let limit = |l: Option<u64>| l.map_or(-1i128, i128::from);
-        for s in &r.scopes {
-            inv.arg(limit(s.cost_limit).to_string())
-                .arg(limit(s.ops_limit).to_string())
-                .arg(ttl(s.expires_at))
-                .arg(&s.name);
         }
         let reply: Vec<redis::Value> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
         let text = |i: usize| -> Result<String, StoreError> {

@@ -8,38 +8,42 @@
 -- KEYS[4]   the session's state (hash: `status`, `spent:<token>` decimal totals), or, without
 --           a session, KEYS[1] again (unused)
 -- KEYS[5..] one hash per budget scope (`sp:{P}:budget:<name>`): `cost` (gwei: open
---           reservations at their worst case plus settled ones at their actual cost), `ops`, and
---           `open` (the open part of cost)
+--           reservations at their worst case plus settled ones at their actual cost), `ops`,
+--           `open` (the open part of cost), and `until` (the expiry, unix seconds, the key was
+--           last given: a reservation whose counter lives long enough sets no TTL)
 -- ARGV[1]   the operation's idempotency id (20 bytes)
--- ARGV[2]   "1": check only (ERC-7677 stub), reserve nothing
--- ARGV[3]   cost to reserve, gwei (rounded up from wei), an integer string
--- ARGV[4]   TTL of the nonce's key: this record's expiry (validUntil plus grace), seconds
--- ARGV[5]   validUntil of the signature (after it, the operation can no longer land)
--- ARGV[6]   validAfter of the signature
--- ARGV[7]   the signature (65 bytes): with the window, the answer a repeat gets
--- ARGV[8]   refresh bound: a stored answer whose validUntil is below it (and below the fresh
---           one's) is not handed out again; the reservation is extended to the fresh answer
--- ARGV[9]   the userOpHashes the answer may land with, 8 bytes (their first) each: one, or on
+-- ARGV[2]   the numbers, each a big-endian u64 (NUMBERS below; struct.unpack reads them
+--           without parsing decimals, which cost more than the commands they feed):
+--             check_only  1: check only (ERC-7677 stub), reserve nothing
+--             cost        gwei to reserve (rounded up from wei)
+--             nonce_ttl   TTL of the nonce's key: this record's expiry (validUntil plus grace), s
+--             valid_until, valid_after   the signature's window
+--             refresh     a stored answer whose validUntil is below it (and below the fresh
+--                         one's) is not handed out again; the reservation is extended to the
+--                         fresh answer
+--             session     1 under a session
+--             session_ttl TTL of the session's state, s
+--             max_mine    most open reservations one nonce may have under one session
+--             bucket      this signature's expiry bucket number
+--             bucket_ttl  TTL of the expiry bucket, s
+--             trim        expiry buckets below it are gone (their records expired) and leave the
+--                         index, so it stays bounded without a watcher
+--             expired     records whose validUntil is below it have outlived their grace and
+--                         are dropped from the nonce's key (as the memory ledger forgets them)
+--             max_open    most open reservations one nonce may have, whatever the session
+-- ARGV[3]   the signature (65 bytes): with the window, the answer a repeat gets
+-- ARGV[4]   the userOpHashes the answer may land with, 8 bytes (their first) each: one, or on
 --           EntryPoint v0.9 two (the signature inline or in the suffix)
--- ARGV[10]  "1" under a session
--- ARGV[11]  session state TTL, seconds
--- ARGV[12]  most open reservations one nonce may have under one session
--- ARGV[13]  the nonce's 20-byte id (what the expiry bucket lists)
--- ARGV[14]  this signature's expiry bucket number
--- ARGV[15]  TTL of the expiry bucket, seconds
--- ARGV[16]  trim bound: expiry buckets below it are gone (their records expired) and leave
---           the index, so it stays bounded without a watcher
--- ARGV[17]  expiry bound: records whose validUntil is below it have outlived their grace and
---           are dropped from the nonce's key (as the memory ledger forgets them)
--- ARGV[18]  most open reservations one nonce may have, whatever the session
--- ARGV[19]  the new open record, packed by the service as pack_record would pack it (lib.lua)
--- ARGV[20]  number of token caps T
--- ARGV[21..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
--- then      per scope, four values: cost limit (-1: none), ops limit (-1: none), TTL, name
+-- ARGV[5]   the nonce's 20-byte id (what the expiry bucket lists)
+-- ARGV[6]   the new open record, packed by the service as pack_record would pack it (lib.lua)
+-- ARGV[7]   per scope (in KEYS order), four big-endian u64: cost limit and ops limit (2^64 - 1:
+--           none; a counter never reaches it), TTL (s) and expiry (unix s) of the counter
+-- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
--- The common case, a new operation of a new nonce, runs few commands: GET, per scope HMGET,
--- HSET and EXPIRE, then SET and APPEND (the bucket's TTL and index entry are written by the
--- reservation that creates the bucket, once per 10 s per policy).
+-- The common case, a new operation of a new nonce, runs few commands: GET, per scope HMGET and
+-- HSET (and EXPIRE when the counter is new or its expiry moves later), then SET and APPEND
+-- (the bucket's TTL and index entry are written by the reservation that creates the bucket,
+-- once per 10 s per policy).
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
@@ -50,15 +54,17 @@
 -- session, or at all). Only {0} outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; they are written back with %d, never as floats.
-local check_only = ARGV[2] == '1'
-local valid_until = tonumber(ARGV[5])
+local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session, session_ttl,
+  max_mine, bucket, bucket_ttl, trim, expired, max_open =
+  struct.unpack('>I8I8I8I8I8I8I8I8I8I8I8I8I8I8', ARGV[2])
+check_only, session = check_only == 1, session == 1
 -- Records past their grace are forgotten (any still open was never released: its charge stays,
 -- counted over rather than under), so a nonce's key holds only live ones.
 local stored = load_nonce(KEYS[1])
 local fresh_key = #stored == 0
 local entries = {}
 for _, e in ipairs(stored) do
-  if e[2].valid_until >= tonumber(ARGV[17]) then
+  if e[2].valid_until >= expired then
     entries[#entries + 1] = e
   end
 end
@@ -70,28 +76,26 @@ for i, e in ipairs(entries) do
   end
   -- The nonce is already listed in this signature's expiry bucket (and, with an open record
   -- there, the bucket cannot have been dropped).
-  if e[2].state == OPEN and math.floor(e[2].valid_until / BUCKET_SECS) == tonumber(ARGV[14]) then
+  if e[2].state == OPEN and math.floor(e[2].valid_until / BUCKET_SECS) == bucket then
     listed = true
   end
 end
-if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= tonumber(ARGV[8])
+if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= refresh
     or rec.valid_until >= valid_until))) then
   -- Landed (a repeat can change nothing), still valid long enough, or valid longer than a
   -- fresh answer would be: the same answer.
   return {1, string.format('%d', rec.valid_until), string.format('%d', rec.valid_after), rec.sig}
 end
 
-local session = ARGV[10] == '1'
 if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
   return {3}
 end
-
-local budget_prefix = policy_prefix(KEYS[1]) .. 'budget:'
-local scope_names = {}
-for i = 5, #KEYS do
-  scope_names[#scope_names + 1] = string.sub(KEYS[i], #budget_prefix + 1)
-end
 local session_key = session and KEYS[4] or nil
+
+-- The scope names of KEYS[5..] (what a record lists, and an exhausted budget is reported by).
+local function scope_name(i)
+  return string.sub(KEYS[i], #policy_prefix(KEYS[1]) + #'budget:' + 1)
+end
 
 -- Write the nonce's records; its expiry bucket lists it, the bucket is indexed, all live
 -- long enough. A bucket's TTL is the same for every record in it (its end plus grace), so the
@@ -99,20 +103,24 @@ local session_key = session and KEYS[4] or nil
 -- a bucket and its index entry together, so an existing bucket is always indexed.
 local function schedule()
   if fresh_key then
-    redis.call('SET', KEYS[1], entry(ARGV[1], ARGV[19]), 'EX', ARGV[4])
+    redis.call('SET', KEYS[1], entry(ARGV[1], ARGV[6]), 'EX', nonce_ttl)
   else
     save_nonce(KEYS[1], entries)
-    extend_ttl(KEYS[1], ARGV[4])
+    extend_ttl(KEYS[1], nonce_ttl)
   end
-  if not listed and redis.call('APPEND', KEYS[3], ARGV[13]) == #ARGV[13] then
-    redis.call('EXPIRE', KEYS[3], ARGV[15])
-    redis.call('ZADD', KEYS[2], ARGV[14], ARGV[14])
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. ARGV[16])
+  if not listed and redis.call('APPEND', KEYS[3], ARGV[5]) == #ARGV[5] then
+    redis.call('EXPIRE', KEYS[3], bucket_ttl)
+    redis.call('ZADD', KEYS[2], bucket, bucket)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', trim))
   end
 end
 
 if rec and rec.state == OPEN then
-  if table.concat(rec.scopes, '\n') == table.concat(scope_names, '\n') and rec.session == session_key then
+  local same_scopes = #rec.scopes == #KEYS - 4
+  for i = 5, #KEYS do
+    same_scopes = same_scopes and rec.scopes[i - 4] == scope_name(i)
+  end
+  if same_scopes and rec.session == session_key then
     -- The stored answer is about to expire: extend this reservation to a fresh one. Both
     -- signatures stay valid for a while, but they are for one operation and one nonce, so one
     -- charge covers both; it is released only once the later has expired, and the event of
@@ -121,13 +129,13 @@ if rec and rec.state == OPEN then
     if check_only then
       return {0}
     end
-    for i = 1, #ARGV[9], 8 do
-      rec.hashes[#rec.hashes + 1] = string.sub(ARGV[9], i, i + 7)
+    for i = 1, #ARGV[4], 8 do
+      rec.hashes[#rec.hashes + 1] = string.sub(ARGV[4], i, i + 7)
     end
     while #rec.hashes > MAX_HASHES do
       table.remove(rec.hashes, 1)
     end
-    rec.valid_until, rec.valid_after, rec.sig = valid_until, tonumber(ARGV[6]), ARGV[7]
+    rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, ARGV[3]
     schedule()
     return {0}
   end
@@ -151,40 +159,38 @@ for _, e in ipairs(entries) do
     end
   end
 end
-if open >= tonumber(ARGV[18]) then
+if open >= max_open then
   return {5, string.format('%d', open)}
 end
-if session and open_mine >= tonumber(ARGV[12]) then
+if session and open_mine >= max_mine then
   return {5, string.format('%d', open_mine)}
 end
 
-local spend_count = tonumber(ARGV[20])
-local scope_base = 21 + spend_count * 3
-local cost = tonumber(ARGV[3])
 local counters = {}
+local pos = 1
 for i = 5, #KEYS do
-  local base = scope_base + (i - 5) * 4
-  local cost_limit = tonumber(ARGV[base])
-  local ops_limit = tonumber(ARGV[base + 1])
-  local used = redis.call('HMGET', KEYS[i], 'cost', 'ops', 'open')
+  local cost_limit, ops_limit, ttl, expiry
+  cost_limit, ops_limit, ttl, expiry, pos = struct.unpack('>I8I8I8I8', ARGV[7], pos)
+  local used = redis.call('HMGET', KEYS[i], 'cost', 'ops', 'open', 'until')
   local used_cost = tonumber(used[1] or '0')
   local used_ops = tonumber(used[2] or '0')
-  counters[i] = {used_cost, used_ops, tonumber(used[3] or '0'), used[1] == false and used[2] == false}
-  -- Counters stay exact integers in Lua (below 2^53), whatever the limits.
-  if used_cost + cost > MAX_EXACT then
-    return {2, ARGV[base + 3], 'cost', string.format('%d', MAX_EXACT), string.format('%d', used_cost), ARGV[3]}
+  counters[i] = {used_cost, used_ops, tonumber(used[3] or '0'), ttl, expiry,
+    used[1] == false and used[2] == false, tonumber(used[4] or '0')}
+  -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
+  -- (none) is never reached.
+  local cost_cap = math.min(cost_limit, MAX_EXACT)
+  if used_cost + cost > cost_cap then
+    return {2, scope_name(i), 'cost', string.format('%d', cost_cap), string.format('%d', used_cost),
+      string.format('%d', cost)}
   end
-  if cost_limit >= 0 and used_cost + cost > cost_limit then
-    return {2, ARGV[base + 3], 'cost', string.format('%d', cost_limit), string.format('%d', used_cost), ARGV[3]}
-  end
-  if ops_limit >= 0 and used_ops + 1 > ops_limit then
-    return {2, ARGV[base + 3], 'ops', string.format('%d', ops_limit), string.format('%d', used_ops), '1'}
+  if used_ops + 1 > ops_limit then
+    return {2, scope_name(i), 'ops', string.format('%d', ops_limit), string.format('%d', used_ops), '1'}
   end
 end
 
 local totals = {}
-for t = 0, spend_count - 1 do
-  local field, amount, limit = ARGV[21 + t * 3], ARGV[22 + t * 3], ARGV[23 + t * 3]
+for t = 8, #ARGV, 3 do
+  local field, amount, limit = ARGV[t], ARGV[t + 1], ARGV[t + 2]
   local spent = redis.call('HGET', KEYS[4], field) or '0'
   local total = dec_add(spent, amount)
   if dec_cmp(total, limit) > 0 then
@@ -198,27 +204,34 @@ if check_only then
 end
 
 for i = 5, #KEYS do
-  local base = scope_base + (i - 5) * 4
   local c = counters[i]
-  redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
-    'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost))
   -- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
   -- window's end is not in its name alone: a policy republished with another period may name
-  -- the same counter with a later end).
-  if c[4] then
-    redis.call('EXPIRE', KEYS[i], ARGV[base + 2])
+  -- the same counter with a later end). `until` says how long it was last made to live, so
+  -- the common case, a counter already living long enough, sets no TTL.
+  if c[6] then
+    redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
+      'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost),
+      'until', string.format('%d', c[5]))
+    redis.call('EXPIRE', KEYS[i], c[4])
+  elseif c[5] > c[7] then
+    redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
+      'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost),
+      'until', string.format('%d', c[5]))
+    redis.call('EXPIRE', KEYS[i], c[4], 'GT')
   else
-    redis.call('EXPIRE', KEYS[i], ARGV[base + 2], 'GT')
+    redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
+      'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost))
   end
 end
 if session then
   for _, t in ipairs(totals) do
     redis.call('HSET', KEYS[4], t[1], t[3])
   end
-  redis.call('EXPIRE', KEYS[4], ARGV[11])
+  redis.call('EXPIRE', KEYS[4], session_ttl)
 end
--- The new record is ARGV[19], packed by the service; save_nonce writes it as it is.
-local record = {packed = ARGV[19]}
+-- The new record is ARGV[6], packed by the service; save_nonce writes it as it is.
+local record = {packed = ARGV[6]}
 if mine then
   -- A released record of this operation (its signature expired unused): replaced.
   entries[mine][2] = record

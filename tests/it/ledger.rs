@@ -843,10 +843,11 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         .filter(|(_, d)| *d > 0)
         .collect();
     // Per run of reserve.lua with one scope and no session, a new nonce: GET the nonce's
-    // records (none), HMGET the scope's counters, HSET them, EXPIRE the scope (GT: it only ever
-    // lives longer), SET the new record with its TTL, APPEND the nonce to its expiry bucket.
-    // The bucket exists (the first call made it, with its TTL and index entry), unless a 10 s
-    // boundary passed meanwhile: then one call makes the next (EXPIRE it, ZADD it, trim).
+    // records (none), HMGET the scope's counters, HSET them, SET the new record with its TTL,
+    // APPEND the nonce to its expiry bucket. No EXPIRE of the scope: the first call gave it its
+    // TTL and noted it (`until`), and these live no longer. The bucket exists (the first call
+    // made it, with its TTL and index entry), unless a 10 s boundary passed meanwhile: then one
+    // call makes the next (EXPIRE it, ZADD it, trim).
     let new_bucket = delta.get("zadd").copied().unwrap_or(0);
     assert!(new_bucket <= 1, "{delta:?}");
     let mut expected = BTreeMap::from([
@@ -854,12 +855,11 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         ("get", 5),
         ("hmget", 5),
         ("hset", 5),
-        ("expire", 5 + new_bucket),
         ("set", 5),
         ("append", 5),
     ]);
     if new_bucket == 1 {
-        expected.extend([("zadd", 1), ("zremrangebyscore", 1)]);
+        expected.extend([("expire", 1), ("zadd", 1), ("zremrangebyscore", 1)]);
     }
     assert_eq!(delta, expected, "Redis commands for 5 sponsorships");
     Ok(())
@@ -1042,6 +1042,45 @@ async fn the_open_set_is_trimmed_without_a_watcher() -> TestResult {
         .query_async(&mut c)
         .await?;
     assert_eq!(open, 1, "only the live one is left");
+    Ok(())
+}
+
+/// A budget counter lives until the latest end any reservation gave it (a policy republished
+/// with a later window may name the same counter), never shorter; a reservation whose counter
+/// already lives long enough sets no TTL (reserve.lua notes the expiry as `until`), and a
+/// counter without that note (written by an earlier version) is still extended.
+#[tokio::test]
+async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let mut c = conn.clone();
+    let key = "sp:{p}:budget:w";
+    let mut ttl_after = async |op: u8, lives: u64| -> TestResult<i64> {
+        let w = Scope {
+            expires_at: NOW + lives,
+            ..scope("w", None, None)
+        };
+        assert_eq!(
+            ledger.reserve(&reservation(op, 1, vec![w]), false, NOW).await?,
+            Outcome::Reserved
+        );
+        Ok(redis::cmd("TTL").arg(key).query_async(&mut c).await?)
+    };
+    let new = ttl_after(1, 100).await?;
+    assert!((95..=100).contains(&new), "a new counter gets its TTL: {new}");
+    let later = ttl_after(2, 1000).await?;
+    assert!((995..=1000).contains(&later), "a later end extends it: {later}");
+    let earlier = ttl_after(3, 50).await?;
+    assert!((990..=1000).contains(&earlier), "an earlier end leaves it: {earlier}");
+    assert_eq!(ledger.usage("p", "w").await?, (3, 3));
+    // As an earlier version left it: no `until`, a shorter TTL.
+    let mut c2 = conn.clone();
+    redis::cmd("HDEL").arg(key).arg("until").query_async::<i64>(&mut c2).await?;
+    redis::cmd("EXPIRE").arg(key).arg(10).query_async::<i64>(&mut c2).await?;
+    let upgraded = ttl_after(4, 1000).await?;
+    assert!((995..=1000).contains(&upgraded), "extended without a note: {upgraded}");
     Ok(())
 }
 
