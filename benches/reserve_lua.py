@@ -93,7 +93,7 @@ def operations(sha, n):
         # most open per nonce.
         numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30, 0,
                               86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
-        limits = b''.join(struct.pack('>4Q', 10**15, 10**6, 62399, now + 62399) for _ in scopes)
+        limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) for _ in scopes)
         args = [op_id, numbers, sig, op_id[:8], landing, record, limits]
         out.append(['EVALSHA', sha, len(keys)] + keys + args)
     return out

@@ -4,7 +4,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `sp:{<policy>}:budget:<scope>` | hash | `cost`, `open` (gwei), `ops` |
+//! | `sp:{<policy>}:budget:<scope>` | hash | `cost`, `open` (gwei), `ops`, and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
@@ -188,7 +188,10 @@ impl RedisLedger {
         now: u64,
     ) -> Result<Outcome, StoreError> {
         let mut conn = self.conn.clone();
-        let ttl = |at: u64| at.saturating_sub(now).max(1);
+        // Seconds from now to `at`, at least one; at most a century (Redis refuses an EXPIRE
+        // past about 2^63 ms, and a script failing after its first write would keep a charge
+        // with no TTL and no record).
+        let ttl = |at: u64| at.saturating_sub(now).clamp(1, 100 * 365 * 86_400);
         let nonce = nonce_key(&r.policy, r.landing_key);
         let bucket = r.answer.window.valid_until / BUCKET_SECS;
         let mut inv = self.reserve.key(&nonce);
@@ -207,8 +210,8 @@ impl RedisLedger {
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
         let record = pack_record(r)?;
-        // reserve.lua's NUMBERS, in its order: big-endian u64s that Lua unpacks without parsing.
-        let numbers: Vec<u8> = [
+        // reserve.lua's ARGV[2], in its order: big-endian u64s that Lua unpacks without parsing.
+        let numbers: [u64; 14] = [
             u64::from(check_only),
             r.cost_gwei,
             ttl(r.expires_at),
@@ -223,11 +226,9 @@ impl RedisLedger {
             now.saturating_sub(super::GRACE_SECS) / BUCKET_SECS,
             now.saturating_sub(super::GRACE_SECS),
             super::MAX_OPEN_PER_NONCE_ANY as u64,
-        ]
-        .iter()
-        .flat_map(|n| n.to_be_bytes())
-        .collect();
-        // Per scope: cost limit, ops limit (u64::MAX: none), TTL, expiry.
+        ];
+        let numbers: Vec<u8> = numbers.iter().flat_map(|n| n.to_be_bytes()).collect();
+        // ARGV[7], per scope: cost limit, ops limit (u64::MAX: none), TTL.
         let scopes: Vec<u8> = r
             .scopes
             .iter()
@@ -236,12 +237,15 @@ impl RedisLedger {
                     s.cost_limit.unwrap_or(u64::MAX),
                     s.ops_limit.unwrap_or(u64::MAX),
                     ttl(s.expires_at),
-                    s.expires_at,
                 ]
             })
             .flat_map(u64::to_be_bytes)
             .collect();
-        let hashes: Vec<u8> = r.user_op_hashes.iter().flat_map(|h| h[..8].to_vec()).collect();
+        let hashes: Vec<u8> = r
+            .user_op_hashes
+            .iter()
+            .flat_map(|h| h[..8].to_vec())
+            .collect();
         inv.arg(&r.op_key[..20])
             .arg(numbers)
             .arg(r.answer.signature.as_slice())
@@ -289,17 +293,22 @@ impl RedisLedger {
                     .find(|s| s.name == scope)
                     .map(|s| s.rule.clone())
                     .unwrap_or_default();
+                let resource = match text(2)?.as_str() {
+                    "cost" => Resource::Cost,
+                    "ops" => Resource::Ops,
+                    other => return Err(unavailable(format!("reserve.lua named `{other}`"))),
+                };
                 Ok(Outcome::Exhausted(Exhausted {
                     scope,
                     rule,
-                    resource: match text(2)?.as_str() {
-                        "cost" => Resource::Cost,
-                        "ops" => Resource::Ops,
-                        other => return Err(unavailable(format!("reserve.lua named `{other}`"))),
-                    },
                     limit: number(3)?,
                     used: number(4)?,
-                    requested: number(5)?,
+                    // What was asked, exactly (Lua holds it as a double).
+                    requested: match resource {
+                        Resource::Cost => r.cost_gwei,
+                        Resource::Ops => 1,
+                    },
+                    resource,
                 }))
             }
             3 => Ok(Outcome::SessionRevoked),

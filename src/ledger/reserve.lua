@@ -9,62 +9,75 @@
 --           a session, KEYS[1] again (unused)
 -- KEYS[5..] one hash per budget scope (`sp:{P}:budget:<name>`): `cost` (gwei: open
 --           reservations at their worst case plus settled ones at their actual cost), `ops`,
---           `open` (the open part of cost), and `until` (the expiry, unix seconds, the key was
---           last given: a reservation whose counter lives long enough sets no TTL)
+--           `open` (the open part of cost), and `until`: when the key was last made to expire,
+--           by Redis' clock (TIME + TTL), so that a reservation whose counter already lives long
+--           enough sets no TTL (see EXTEND_SLACK)
 -- ARGV[1]   the operation's idempotency id (20 bytes)
--- ARGV[2]   the numbers, each a big-endian u64 (NUMBERS below; struct.unpack reads them
---           without parsing decimals, which cost more than the commands they feed):
---             check_only  1: check only (ERC-7677 stub), reserve nothing
---             cost        gwei to reserve (rounded up from wei)
---             nonce_ttl   TTL of the nonce's key: this record's expiry (validUntil plus grace), s
---             valid_until, valid_after   the signature's window
---             refresh     a stored answer whose validUntil is below it (and below the fresh
---                         one's) is not handed out again; the reservation is extended to the
---                         fresh answer
---             session     1 under a session
---             session_ttl TTL of the session's state, s
---             max_mine    most open reservations one nonce may have under one session
---             bucket      this signature's expiry bucket number
---             bucket_ttl  TTL of the expiry bucket, s
---             trim        expiry buckets below it are gone (their records expired) and leave the
---                         index, so it stays bounded without a watcher
---             expired     records whose validUntil is below it have outlived their grace and
---                         are dropped from the nonce's key (as the memory ledger forgets them)
---             max_open    most open reservations one nonce may have, whatever the session
+-- ARGV[2]   14 numbers, each a big-endian u64, in this order (struct.unpack reads them
+--           without parsing decimals, which cost Lua more than the commands they feed):
+--             check_only    1: check only (ERC-7677 stub), reserve nothing
+--             cost          gwei to reserve (rounded up from wei)
+--             nonce_ttl     TTL of the nonce's key: this record's expiry (validUntil plus grace), s
+--             valid_until   the signature's window
+--             valid_after
+--             refresh       a stored answer whose validUntil is below it (and below the fresh
+--                           one's) is not handed out again; the reservation is extended to the
+--                           fresh answer
+--             session       1 under a session
+--             session_ttl   TTL of the session's state, s
+--             max_mine      most open reservations one nonce may have under one session
+--             bucket        this signature's expiry bucket number
+--             bucket_ttl    TTL of the expiry bucket, s
+--             trim_below    expiry buckets below it are gone (their records expired) and leave
+--                           the index, so it stays bounded without a watcher
+--             forget_below  records whose validUntil is below it have outlived their grace and
+--                           are dropped from the nonce's key (as the memory ledger forgets them)
+--             max_open      most open reservations one nonce may have, whatever the session
 -- ARGV[3]   the signature (65 bytes): with the window, the answer a repeat gets
 -- ARGV[4]   the userOpHashes the answer may land with, 8 bytes (their first) each: one, or on
 --           EntryPoint v0.9 two (the signature inline or in the suffix)
 -- ARGV[5]   the nonce's 20-byte id (what the expiry bucket lists)
 -- ARGV[6]   the new open record, packed by the service as pack_record would pack it (lib.lua)
--- ARGV[7]   per scope (in KEYS order), four big-endian u64: cost limit and ops limit (2^64 - 1:
---           none; a counter never reaches it), TTL (s) and expiry (unix s) of the counter
+-- ARGV[7]   per scope (in KEYS order), three big-endian u64: cost limit and ops limit (2^64 - 1:
+--           none; a counter never reaches it), and the counter's TTL (s)
 -- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET, per scope HMGET and
--- HSET (and EXPIRE when the counter is new or its expiry moves later), then SET and APPEND
--- (the bucket's TTL and index entry are written by the reservation that creates the bucket,
--- once per 10 s per policy).
+-- HSET (and, when some counter is new or is to live longer, TIME and its EXPIRE), then SET and
+-- APPEND (the bucket's TTL and index entry are written by the reservation that creates the
+-- bucket, once per 10 s per policy).
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
 -- answer is still good (or it landed): nothing changes;
--- {2, scope, resource, limit, used, requested} when a budget would be exceeded;
+-- {2, scope, resource, limit, used} when a budget would be exceeded (the service knows what it
+-- asked);
 -- {3} when the session is revoked; {4, field, limit, spent, requested} when a token cap would
 -- be exceeded; {5, open} when the nonce already has that many open reservations (under the
 -- session, or at all). Only {0} outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; they are written back with %d, never as floats.
-local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session, session_ttl,
-  max_mine, bucket, bucket_ttl, trim, expired, max_open =
-  struct.unpack('>I8I8I8I8I8I8I8I8I8I8I8I8I8I8', ARGV[2])
-check_only, session = check_only == 1, session == 1
+-- A counter is made to live longer only when that gains more than this many seconds: the
+-- TTLs the service sends for one end differ by a second from one call to the next, and some
+-- ends move every second (the deposit's, a budget's without an end). Its life may fall short
+-- of the latest end by this much; every end already has an hour of grace.
+local EXTEND_SLACK = 60
+
+local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
+  session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
+  struct.unpack('>' .. string.rep('I8', 14), ARGV[2])
+check_only = check_only == 1
+local session = session_flag == 1
+if #ARGV[7] ~= 24 * (#KEYS - 4) then
+  error('reserve.lua: ' .. #ARGV[7] .. ' bytes of scope limits for ' .. (#KEYS - 4) .. ' scopes')
+end
 -- Records past their grace are forgotten (any still open was never released: its charge stays,
 -- counted over rather than under), so a nonce's key holds only live ones.
 local stored = load_nonce(KEYS[1])
 local fresh_key = #stored == 0
 local entries = {}
 for _, e in ipairs(stored) do
-  if e[2].valid_until >= expired then
+  if e[2].valid_until >= forget_below then
     entries[#entries + 1] = e
   end
 end
@@ -111,7 +124,7 @@ local function schedule()
   if not listed and redis.call('APPEND', KEYS[3], ARGV[5]) == #ARGV[5] then
     redis.call('EXPIRE', KEYS[3], bucket_ttl)
     redis.call('ZADD', KEYS[2], bucket, bucket)
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', trim))
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', trim_below))
   end
 end
 
@@ -169,22 +182,26 @@ end
 local counters = {}
 local pos = 1
 for i = 5, #KEYS do
-  local cost_limit, ops_limit, ttl, expiry
-  cost_limit, ops_limit, ttl, expiry, pos = struct.unpack('>I8I8I8I8', ARGV[7], pos)
+  local cost_limit, ops_limit, ttl
+  cost_limit, ops_limit, ttl, pos = struct.unpack('>I8I8I8', ARGV[7], pos)
   local used = redis.call('HMGET', KEYS[i], 'cost', 'ops', 'open', 'until')
-  local used_cost = tonumber(used[1] or '0')
-  local used_ops = tonumber(used[2] or '0')
-  counters[i] = {used_cost, used_ops, tonumber(used[3] or '0'), ttl, expiry,
-    used[1] == false and used[2] == false, tonumber(used[4] or '0')}
+  local c = {
+    cost = tonumber(used[1] or '0'),
+    ops = tonumber(used[2] or '0'),
+    open = tonumber(used[3] or '0'),
+    noted = tonumber(used[4] or '0'), -- `until`: 0 for a counter an earlier version wrote
+    new = used[1] == false and used[2] == false,
+    ttl = ttl,
+  }
+  counters[i] = c
   -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
   -- (none) is never reached.
   local cost_cap = math.min(cost_limit, MAX_EXACT)
-  if used_cost + cost > cost_cap then
-    return {2, scope_name(i), 'cost', string.format('%d', cost_cap), string.format('%d', used_cost),
-      string.format('%d', cost)}
+  if c.cost + cost > cost_cap then
+    return {2, scope_name(i), 'cost', string.format('%d', cost_cap), string.format('%d', c.cost)}
   end
-  if used_ops + 1 > ops_limit then
-    return {2, scope_name(i), 'ops', string.format('%d', ops_limit), string.format('%d', used_ops), '1'}
+  if c.ops + 1 > ops_limit then
+    return {2, scope_name(i), 'ops', string.format('%d', ops_limit), string.format('%d', c.ops)}
   end
 end
 
@@ -203,25 +220,32 @@ if check_only then
   return {0}
 end
 
+-- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
+-- window's end is not in its name alone: a policy republished with another period may name
+-- the same counter with a later end). `until` says how long it was last made to live, on
+-- Redis' clock (a replica's clock does not decide how long a counter lives), so the common
+-- case, a counter already living long enough, sets no TTL.
+local redis_now = nil
 for i = 5, #KEYS do
   local c = counters[i]
-  -- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
-  -- window's end is not in its name alone: a policy republished with another period may name
-  -- the same counter with a later end). `until` says how long it was last made to live, so
-  -- the common case, a counter already living long enough, sets no TTL.
-  if c[6] then
-    redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
-      'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost),
-      'until', string.format('%d', c[5]))
-    redis.call('EXPIRE', KEYS[i], c[4])
-  elseif c[5] > c[7] then
-    redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
-      'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost),
-      'until', string.format('%d', c[5]))
-    redis.call('EXPIRE', KEYS[i], c[4], 'GT')
+  local cost_s, ops_s, open_s = string.format('%d', c.cost + cost),
+    string.format('%d', c.ops + 1), string.format('%d', c.open + cost)
+  local extend = c.new or c.noted == 0
+  if not extend then
+    redis_now = redis_now or tonumber(redis.call('TIME')[1])
+    extend = redis_now + c.ttl > c.noted + EXTEND_SLACK
+  end
+  if extend then
+    redis_now = redis_now or tonumber(redis.call('TIME')[1])
+    redis.call('HSET', KEYS[i], 'cost', cost_s, 'ops', ops_s, 'open', open_s,
+      'until', string.format('%d', redis_now + c.ttl))
+    if c.new then
+      redis.call('EXPIRE', KEYS[i], c.ttl)
+    else
+      redis.call('EXPIRE', KEYS[i], c.ttl, 'GT')
+    end
   else
-    redis.call('HSET', KEYS[i], 'cost', string.format('%d', c[1] + cost),
-      'ops', string.format('%d', c[2] + 1), 'open', string.format('%d', c[3] + cost))
+    redis.call('HSET', KEYS[i], 'cost', cost_s, 'ops', ops_s, 'open', open_s)
   end
 end
 if session then

@@ -843,23 +843,31 @@ async fn a_sponsorship_is_one_evalsha() -> TestResult {
         .filter(|(_, d)| *d > 0)
         .collect();
     // Per run of reserve.lua with one scope and no session, a new nonce: GET the nonce's
-    // records (none), HMGET the scope's counters, HSET them, SET the new record with its TTL,
-    // APPEND the nonce to its expiry bucket. No EXPIRE of the scope: the first call gave it its
-    // TTL and noted it (`until`), and these live no longer. The bucket exists (the first call
+    // records (none), HMGET the scope's counters, TIME (Redis' clock, to see whether the
+    // counter lives long enough), HSET the counters, SET the new record with its TTL, APPEND
+    // the nonce to its expiry bucket. No EXPIRE of the scope: the first call gave it its TTL
+    // and noted it (`until`), and these need it no longer. The bucket exists (the first call
     // made it, with its TTL and index entry), unless a 10 s boundary passed meanwhile: then one
-    // call makes the next (EXPIRE it, ZADD it, trim).
+    // call makes the next (EXPIRE it, ZADD it, trim). The budget's day may end meanwhile too:
+    // then one call makes the next day's counter (its EXPIRE).
     let new_bucket = delta.get("zadd").copied().unwrap_or(0);
     assert!(new_bucket <= 1, "{delta:?}");
+    let expire = delta.get("expire").copied().unwrap_or(0);
+    assert!((new_bucket..=new_bucket + 1).contains(&expire), "{delta:?}");
     let mut expected = BTreeMap::from([
         ("evalsha", 5),
         ("get", 5),
         ("hmget", 5),
+        ("time", 5),
         ("hset", 5),
         ("set", 5),
         ("append", 5),
     ]);
+    if expire > 0 {
+        expected.insert("expire", expire);
+    }
     if new_bucket == 1 {
-        expected.extend([("expire", 1), ("zadd", 1), ("zremrangebyscore", 1)]);
+        expected.extend([("zadd", 1), ("zremrangebyscore", 1)]);
     }
     assert_eq!(delta, expected, "Redis commands for 5 sponsorships");
     Ok(())
@@ -1047,40 +1055,99 @@ async fn the_open_set_is_trimmed_without_a_watcher() -> TestResult {
 
 /// A budget counter lives until the latest end any reservation gave it (a policy republished
 /// with a later window may name the same counter), never shorter; a reservation whose counter
-/// already lives long enough sets no TTL (reserve.lua notes the expiry as `until`), and a
-/// counter without that note (written by an earlier version) is still extended.
+/// already lives long enough sets no TTL (reserve.lua notes the expiry, on Redis' clock, as
+/// `until`), and a counter without that note (written by an earlier version) is still extended.
 #[tokio::test]
 async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
     let redis = TestRedis::start().await?;
     let conn =
         session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
     let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
-    let mut c = conn.clone();
     let key = "sp:{p}:budget:w";
-    let mut ttl_after = async |op: u8, lives: u64| -> TestResult<i64> {
+    // TTL, `until` less Redis' clock (how long the counter was noted to live), and how many
+    // EXPIREs Redis has run so far.
+    let state =
+        async |mut c: session_paymaster::session::redis::RedisConn| -> TestResult<(i64, i64, u64)> {
+            let ttl: i64 = redis::cmd("TTL").arg(key).query_async(&mut c).await?;
+            let noted: Option<i64> = redis::cmd("HGET")
+                .arg(key)
+                .arg("until")
+                .query_async(&mut c)
+                .await?;
+            let (now, _): (i64, i64) = redis::cmd("TIME").query_async(&mut c).await?;
+            let stats: String = redis::cmd("INFO")
+                .arg("commandstats")
+                .query_async(&mut c)
+                .await?;
+            let expires = stats
+                .lines()
+                .find_map(|l| l.strip_prefix("cmdstat_expire:calls="))
+                .and_then(|v| v.split(',').next()?.parse().ok())
+                .unwrap_or(0);
+            Ok((ttl, noted.map_or(-1, |u| u - now), expires))
+        };
+    let reserve = async |op: u8, lives: u64| -> TestResult {
         let w = Scope {
             expires_at: NOW + lives,
             ..scope("w", None, None)
         };
-        assert_eq!(
-            ledger.reserve(&reservation(op, 1, vec![w]), false, NOW).await?,
-            Outcome::Reserved
-        );
-        Ok(redis::cmd("TTL").arg(key).query_async(&mut c).await?)
+        let outcome = ledger
+            .reserve(&reservation(op, 1, vec![w]), false, NOW)
+            .await?;
+        assert_eq!(outcome, Outcome::Reserved);
+        Ok(())
     };
-    let new = ttl_after(1, 100).await?;
-    assert!((95..=100).contains(&new), "a new counter gets its TTL: {new}");
-    let later = ttl_after(2, 1000).await?;
-    assert!((995..=1000).contains(&later), "a later end extends it: {later}");
-    let earlier = ttl_after(3, 50).await?;
-    assert!((990..=1000).contains(&earlier), "an earlier end leaves it: {earlier}");
-    assert_eq!(ledger.usage("p", "w").await?, (3, 3));
+    reserve(1, 1000).await?;
+    let (ttl, noted, expires) = state(conn.clone()).await?;
+    assert!(
+        (995..=1000).contains(&ttl),
+        "a new counter gets its TTL: {ttl}"
+    );
+    assert!((995..=1001).contains(&noted), "and notes it: {noted}");
+    // An end within EXTEND_SLACK (60 s) of the noted one, or earlier: no EXPIRE, nothing noted.
+    reserve(2, 1050).await?;
+    reserve(3, 50).await?;
+    let (ttl, noted_after, expires_after) = state(conn.clone()).await?;
+    assert_eq!(
+        expires_after, expires,
+        "no EXPIRE for a counter living long enough"
+    );
+    assert!(
+        (990..=1000).contains(&ttl),
+        "an earlier end leaves it: {ttl}"
+    );
+    assert!(
+        (noted - 5..=noted).contains(&noted_after),
+        "{noted_after} vs {noted}"
+    );
+    // A later end extends it, and is noted.
+    reserve(4, 5000).await?;
+    let (ttl, noted, _) = state(conn.clone()).await?;
+    assert!(
+        (4995..=5000).contains(&ttl),
+        "a later end extends it: {ttl}"
+    );
+    assert!((4995..=5001).contains(&noted), "{noted}");
+    assert_eq!(ledger.usage("p", "w").await?, (4, 4));
     // As an earlier version left it: no `until`, a shorter TTL.
-    let mut c2 = conn.clone();
-    redis::cmd("HDEL").arg(key).arg("until").query_async::<i64>(&mut c2).await?;
-    redis::cmd("EXPIRE").arg(key).arg(10).query_async::<i64>(&mut c2).await?;
-    let upgraded = ttl_after(4, 1000).await?;
-    assert!((995..=1000).contains(&upgraded), "extended without a note: {upgraded}");
+    let mut c = conn.clone();
+    redis::cmd("HDEL")
+        .arg(key)
+        .arg("until")
+        .query_async::<i64>(&mut c)
+        .await?;
+    redis::cmd("EXPIRE")
+        .arg(key)
+        .arg(10)
+        .query_async::<i64>(&mut c)
+        .await?;
+    reserve(5, 5000).await?;
+    let (ttl, noted, _) = state(conn.clone()).await?;
+    assert!(
+        (4995..=5000).contains(&ttl),
+        "extended without a note: {ttl}"
+    );
+    assert!((4995..=5001).contains(&noted), "and noted: {noted}");
     Ok(())
 }
 
