@@ -15,7 +15,8 @@
 //!
 //! Loads, in order (`ONLY=name,...` picks some): `chainid`, `sponsor` (closed loop, Redis
 //! budgets), `open` (the open loop and its controls), `session` (under session grants),
-//! `embedded` (the embedded default before and after a fill). Knobs (environment): `SECS` per
+//! `pimlico` (ERC-7677 `pm_getPaymasterData`, ours and `@pimlico/mock-paymaster`'s, the same
+//! bodies; skipped without node), `embedded` (the embedded default before and after a fill). Knobs (environment): `SECS` per
 //! load (default 8), `GRANTS` (session grants created before the session load, default
 //! 20000), `MEMORY_FILL` (sponsorships made on the embedded default before its second window,
 //! default 200000), `RATE` (the open loop's rate; default half of what `sponsor` reached),
@@ -44,6 +45,8 @@ const ADMIN_TOKEN: &str = "bench-admin-token";
 const SIGNER_KEY: &str = "0x4c0883a69102937d6231471b5dbb6204fe5129617082792ae468d01a3f362318";
 const PAYMASTER: &str = "0x7777777777777777777777777777777777777777";
 const ENTRY_POINT_V07: &str = "0x0000000071727De22E5E9d8BAf0edAc6f37da032";
+/// The chain the bench's policy, the service's default and the comparison's anvil share.
+const CHAIN_ID: u64 = 31337;
 
 /// The bench's policy: sender, policy and session budgets large enough never to refuse, so
 /// every request is a full signed, budgeted sponsorship.
@@ -300,6 +303,81 @@ impl Service {
     }
 }
 
+/// @pimlico/mock-paymaster (`benches/pimlico/serve.mjs`) over an anvil of its own: the same
+/// load's comparison. Its CPU per request is node's and anvil's together (its handler asks
+/// anvil for `getHash` and the chain id on every request).
+struct MockPaymaster {
+    node: Proc,
+    anvil: Proc,
+    port: u16,
+}
+
+impl MockPaymaster {
+    /// Started, or why not (a missing tool is a skipped row, not a failed bench).
+    fn start() -> Result<Result<Self, String>, Error> {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR"));
+        let anvil_bin = root.join("contracts/node_modules/.bin/anvil");
+        let serve = root.join("benches/pimlico/serve.mjs");
+        if Command::new("which")
+            .arg("node")
+            .output()?
+            .stdout
+            .is_empty()
+        {
+            return Ok(Err("node is not installed".into()));
+        }
+        for needed in [&anvil_bin, &root.join("benches/pimlico/node_modules")] {
+            if !needed.exists() {
+                return Ok(Err(format!(
+                    "{} is missing (scripts/bench installs it)",
+                    needed.display()
+                )));
+            }
+        }
+        let anvil_port = free_port()?;
+        let anvil = Proc(
+            Command::new(&anvil_bin)
+                .args([
+                    "--port",
+                    &anvil_port.to_string(),
+                    "--chain-id",
+                    &CHAIN_ID.to_string(),
+                ])
+                .arg("--silent")
+                .stdout(Stdio::null())
+                .stderr(Stdio::null())
+                .spawn()?,
+        );
+        let rpc = format!("http://127.0.0.1:{anvil_port}");
+        for _ in 0..200 {
+            if std::net::TcpStream::connect(("127.0.0.1", anvil_port)).is_ok() {
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(50));
+        }
+        let port = free_port()?;
+        let mut child = Command::new("node")
+            .arg(&serve)
+            .args([rpc.as_str(), &port.to_string()])
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()?;
+        let stdout = child.stdout.take().ok_or("no stdout of node")?;
+        let node = Proc(child);
+        // `ready <paymaster>` once it deployed its paymaster and listens.
+        let mut line = String::new();
+        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
+        if !line.starts_with("ready ") {
+            return Err(format!("mock-paymaster did not start: {line:?}").into());
+        }
+        Ok(Ok(Self { node, anvil, port }))
+    }
+
+    fn cpu(&self) -> Result<Duration, Error> {
+        Ok(self.node.cpu()? + self.anvil.cpu()?)
+    }
+}
+
 /// The JSON-RPC body of a sponsorship, as a Lua `string.format` template (`0x%s` the sender's
 /// 40 hex digits, `0x%x` the nonce, `%s` the context object) and the order of those three
 /// (`sender`, `nonce`, `ctx`) in it.
@@ -309,13 +387,28 @@ struct Template {
 }
 
 fn sponsorship_template() -> Result<Template, Error> {
+    op_template("pm_sponsorUserOperation", |op| {
+        json!([op, ENTRY_POINT_V07, "CONTEXT"])
+    })
+}
+
+/// ERC-7677's final data for the same operation: what a wallet asks any paymaster, ours or
+/// @pimlico/mock-paymaster.
+fn paymaster_data_template() -> Result<Template, Error> {
+    op_template("pm_getPaymasterData", |op| {
+        json!([op, ENTRY_POINT_V07, format!("{CHAIN_ID:#x}"), "CONTEXT"])
+    })
+}
+
+/// A body of `method` whose params `params` makes of the operation.
+fn op_template(method: &str, params: impl FnOnce(Value) -> Value) -> Result<Template, Error> {
     let op = common::counter_op(Address::repeat_byte(0x11), 7);
     let mut op = op.to_json();
     op["sender"] = json!("SENDER");
     op["nonce"] = json!("NONCE");
     let body = json!({
-        "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
-        "params": [op, ENTRY_POINT_V07, "CONTEXT"],
+        "jsonrpc": "2.0", "id": 1, "method": method,
+        "params": params(op),
     })
     .to_string()
     .replace('%', "%%");
@@ -814,7 +907,7 @@ async fn main() -> Result<(), Error> {
     let grants = env_u64("GRANTS", 20_000);
     let memory_fill = env_u64("MEMORY_FILL", 200_000);
     // `ONLY=open,session` runs those loads alone (names: chainid, sponsor, open, session,
-    // embedded); `RATE` fixes the open loop's rate (default: half of what `sponsor` reached).
+    // pimlico, embedded); `RATE` fixes the open loop's rate (default: half of what `sponsor` reached).
     let only = std::env::var("ONLY").unwrap_or_default();
     let want = |name: &str| only.is_empty() || only.split(',').any(|n| n == name);
     let policies: PathBuf =
@@ -940,6 +1033,37 @@ async fn main() -> Result<(), Error> {
             sess.clone(),
         ));
     }
+    // ERC-7677's pm_getPaymasterData, ours (sender and policy budgets in Redis) and
+    // @pimlico/mock-paymaster's, the same bodies under the same load.
+    let mut comparison = None;
+    if want("pimlico") {
+        let data = paymaster_data_template()?;
+        let ours = measured(&service, Some(&redis), || wrk(&url, &data, base, 0, secs))?;
+        base += ours.requests + 1;
+        rows.push((
+            "pm_getPaymasterData, Redis budgets".to_string(),
+            "paymaster_data_redis",
+            ours.clone(),
+        ));
+        match MockPaymaster::start()? {
+            Ok(mock) => {
+                let mock_url = format!("http://127.0.0.1:{}/", mock.port);
+                let theirs = bracketed(|| {
+                    let cpu0 = mock.cpu()?;
+                    let mut load = wrk(&mock_url, &data, base, 0, secs)?;
+                    load.service_cpu = mock.cpu()? - cpu0;
+                    Ok(load)
+                })?;
+                rows.push((
+                    "  @pimlico/mock-paymaster (node + anvil)".to_string(),
+                    "paymaster_data_pimlico_mock",
+                    theirs.clone(),
+                ));
+                comparison = Some((ours, theirs));
+            }
+            Err(why) => println!("pimlico: skipped, {why}"),
+        }
+    }
     drop(service);
 
     // The embedded default (memory ledger and sessions): first window, fill, second window.
@@ -983,6 +1107,21 @@ async fn main() -> Result<(), Error> {
     for (label, key, load) in &rows {
         row(label, load, evalsha);
         results.insert((*key).into(), load.json(evalsha));
+    }
+    if let Some((ours, theirs)) = comparison {
+        // Ours counts redis-server too; theirs node and anvil. Each per answer, each in its own
+        // row's F (the machine's speed then).
+        let per_f = |l: &Load, cpu: Duration| ratio(l.per_request(cpu), l.floor);
+        let cpu =
+            per_f(&theirs, theirs.service_cpu) / per_f(&ours, ours.service_cpu + ours.redis_cpu);
+        let rate = ours.rate() / theirs.rate().max(f64::MIN_POSITIVE);
+        println!(
+            "pm_getPaymasterData: @pimlico/mock-paymaster takes {cpu:.1}x our CPU per answer (ours with redis-server's), and we answer {rate:.1}x as many per second"
+        );
+        results.insert(
+            "pimlico_mock_vs_ours".into(),
+            json!({ "cpu_per_answer": cpu, "answers_per_second": rate }),
+        );
     }
     results.insert("floor_k256_us".into(), json!(floor.as_secs_f64() * 1e6));
     results.insert(
