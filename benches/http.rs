@@ -85,6 +85,21 @@ fn free_port() -> Result<u16, Error> {
 /// A child process killed when dropped.
 struct Proc(Child);
 
+/// Whether `proc` listens on `port` within `within` (false: it exited, or never did).
+fn listening(proc: &mut Proc, port: u16, within: Duration) -> Result<bool, Error> {
+    let deadline = Instant::now() + within;
+    while Instant::now() < deadline {
+        if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
+            return Ok(true);
+        }
+        if proc.0.try_wait()?.is_some() {
+            return Ok(false);
+        }
+        std::thread::sleep(Duration::from_millis(50));
+    }
+    Ok(false)
+}
+
 impl Drop for Proc {
     fn drop(&mut self) {
         let _ = self.0.kill();
@@ -285,15 +300,12 @@ impl Service {
         if let Some(redis) = redis {
             cmd.args(["--redis-url", &redis.url(), "--no-settlement"]);
         }
-        let service = Self {
+        let mut service = Self {
             proc: Proc(cmd.spawn()?),
             port,
         };
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", port)).is_ok() {
-                return Ok(service);
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if listening(&mut service.proc, port, Duration::from_secs(10))? {
+            return Ok(service);
         }
         Err("the service did not start".into())
     }
@@ -313,7 +325,8 @@ struct MockPaymaster {
 }
 
 impl MockPaymaster {
-    /// Started, or why not (a missing tool is a skipped row, not a failed bench).
+    /// Started, or why not: a missing tool or a mock that does not come up is a skipped row
+    /// (said so), not a failed bench.
     fn start() -> Result<Result<Self, String>, Error> {
         let root = Path::new(env!("CARGO_MANIFEST_DIR"));
         let anvil_bin = root.join("contracts/node_modules/.bin/anvil");
@@ -326,7 +339,9 @@ impl MockPaymaster {
         {
             return Ok(Err("node is not installed".into()));
         }
-        for needed in [&anvil_bin, &root.join("benches/pimlico/node_modules")] {
+        let package =
+            root.join("benches/pimlico/node_modules/@pimlico/mock-paymaster/package.json");
+        for needed in [&anvil_bin, &package] {
             if !needed.exists() {
                 return Ok(Err(format!(
                     "{} is missing (scripts/bench installs it)",
@@ -335,40 +350,44 @@ impl MockPaymaster {
             }
         }
         let anvil_port = free_port()?;
-        let anvil = Proc(
+        let mut anvil = Proc(
             Command::new(&anvil_bin)
-                .args([
-                    "--port",
-                    &anvil_port.to_string(),
-                    "--chain-id",
-                    &CHAIN_ID.to_string(),
-                ])
-                .arg("--silent")
+                .args(["--port", &anvil_port.to_string()])
+                .args(["--chain-id", &CHAIN_ID.to_string(), "--silent"])
                 .stdout(Stdio::null())
                 .stderr(Stdio::null())
                 .spawn()?,
         );
-        let rpc = format!("http://127.0.0.1:{anvil_port}");
-        for _ in 0..200 {
-            if std::net::TcpStream::connect(("127.0.0.1", anvil_port)).is_ok() {
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(50));
+        if !listening(&mut anvil, anvil_port, Duration::from_secs(20))? {
+            return Ok(Err("anvil did not start".into()));
         }
         let port = free_port()?;
-        let mut child = Command::new("node")
-            .arg(&serve)
-            .args([rpc.as_str(), &port.to_string()])
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()?;
-        let stdout = child.stdout.take().ok_or("no stdout of node")?;
-        let node = Proc(child);
-        // `ready <paymaster>` once it deployed its paymaster and listens.
-        let mut line = String::new();
-        std::io::BufRead::read_line(&mut std::io::BufReader::new(stdout), &mut line)?;
-        if !line.starts_with("ready ") {
-            return Err(format!("mock-paymaster did not start: {line:?}").into());
+        let mut node = Proc(
+            Command::new("node")
+                .arg(&serve)
+                .args([format!("http://127.0.0.1:{anvil_port}"), port.to_string()])
+                .stdout(Stdio::piped())
+                .stderr(Stdio::inherit())
+                .spawn()?,
+        );
+        let stdout = node.0.stdout.take().ok_or("no stdout of node")?;
+        // `ready <paymaster>` once it deployed its paymaster and listens; its stdout is then
+        // drained for as long as it runs (the mock logs each failed request there, and writing
+        // to a closed pipe would end it).
+        let (ready_tx, ready) = std::sync::mpsc::channel();
+        std::thread::spawn(move || {
+            let mut lines = std::io::BufRead::lines(std::io::BufReader::new(stdout));
+            let first = lines.next().and_then(Result::ok).unwrap_or_default();
+            let _ = ready_tx.send(first);
+            for _ in lines.map_while(Result::ok) {}
+        });
+        match ready.recv_timeout(Duration::from_secs(60)) {
+            Ok(line) if line.starts_with("ready ") => {}
+            Ok(line) => return Ok(Err(format!("the mock did not start: {line:?}"))),
+            Err(_) => return Ok(Err("the mock did not start within 60 s".into())),
+        }
+        if !listening(&mut node, port, Duration::from_secs(10))? {
+            return Ok(Err("the mock does not listen".into()));
         }
         Ok(Ok(Self { node, anvil, port }))
     }
@@ -1048,6 +1067,9 @@ async fn main() -> Result<(), Error> {
         match MockPaymaster::start()? {
             Ok(mock) => {
                 let mock_url = format!("http://127.0.0.1:{}/", mock.port);
+                // Warmed up as ours was by the loads before (node compiles as it goes).
+                let warm = wrk(&mock_url, &data, base, 0, 2)?;
+                base += warm.requests + 1;
                 let theirs = bracketed(|| {
                     let cpu0 = mock.cpu()?;
                     let mut load = wrk(&mock_url, &data, base, 0, secs)?;
@@ -1109,19 +1131,30 @@ async fn main() -> Result<(), Error> {
         results.insert((*key).into(), load.json(evalsha));
     }
     if let Some((ours, theirs)) = comparison {
-        // Ours counts redis-server too; theirs node and anvil. Each per answer, each in its own
-        // row's F (the machine's speed then).
-        let per_f = |l: &Load, cpu: Duration| ratio(l.per_request(cpu), l.floor);
-        let cpu =
-            per_f(&theirs, theirs.service_cpu) / per_f(&ours, ours.service_cpu + ours.redis_cpu);
-        let rate = ours.rate() / theirs.rate().max(f64::MIN_POSITIVE);
-        println!(
-            "pm_getPaymasterData: @pimlico/mock-paymaster takes {cpu:.1}x our CPU per answer (ours with redis-server's), and we answer {rate:.1}x as many per second"
-        );
-        results.insert(
-            "pimlico_mock_vs_ours".into(),
-            json!({ "cpu_per_answer": cpu, "answers_per_second": rate }),
-        );
+        if ours.errors > 0 || theirs.errors > 0 || ours.requests == 0 || theirs.requests == 0 {
+            println!(
+                "pm_getPaymasterData: not comparable ({} errors in {} answers ours, {} in {} the mock's)",
+                ours.errors, ours.requests, theirs.errors, theirs.requests
+            );
+            results.insert("pimlico_mock_vs_ours".into(), Value::Null);
+        } else {
+            // Ours counts redis-server too; theirs node and anvil. Per answer, in µs and in each
+            // row's F (the machine's speed while it ran).
+            let secs = |l: &Load, cpu: Duration| l.per_request(cpu).as_secs_f64();
+            let theirs_cpu = secs(&theirs, theirs.service_cpu);
+            let ours_cpu = secs(&ours, ours.service_cpu + ours.redis_cpu);
+            let cpu = theirs_cpu / ours_cpu;
+            let cpu_in_f =
+                (theirs_cpu / theirs.floor.as_secs_f64()) / (ours_cpu / ours.floor.as_secs_f64());
+            let rate = ours.rate() / theirs.rate();
+            println!(
+                "pm_getPaymasterData: @pimlico/mock-paymaster takes {cpu:.0}x our CPU per answer ({cpu_in_f:.0}x in each row's F; ours with redis-server's), and we answer {rate:.0}x as many per second"
+            );
+            results.insert(
+                "pimlico_mock_vs_ours".into(),
+                json!({ "cpu_per_answer": cpu, "cpu_per_answer_in_f": cpu_in_f, "answers_per_second": rate }),
+            );
+        }
     }
     results.insert("floor_k256_us".into(), json!(floor.as_secs_f64() * 1e6));
     results.insert(

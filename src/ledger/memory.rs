@@ -10,7 +10,7 @@ use alloy::sol_types::SolValue;
 
 use super::{
     Exhausted, Landing, MAX_EXACT_GWEI, MAX_HASHES, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY,
-    Outcome, REFRESH_MARGIN_SECS, Reservation, Resource, Settled, SpendExceeded,
+    Outcome, REFRESH_MARGIN_SECS, Reservation, Resource, Scope, Settled, SpendExceeded,
 };
 use crate::userop::paymaster_data::PaymasterData;
 
@@ -154,6 +154,10 @@ impl MemoryLedger {
                         expires_at,
                         Expiring::Reservation(r.policy.clone(), r.op_key),
                     );
+                    // Its counters live as long as it now does (as reserve.lua's refresh).
+                    for s in &r.scopes {
+                        inner.extend_counter(&r.policy, s);
+                    }
                 }
                 return Outcome::Reserved;
             }
@@ -256,14 +260,7 @@ impl MemoryLedger {
             c.cost = c.cost.saturating_add(r.cost_gwei);
             c.open = c.open.saturating_add(r.cost_gwei);
             c.ops = c.ops.saturating_add(1);
-            // A counter's lifetime only ever grows (as extend_ttl in Redis).
-            if s.expires_at > c.expires_at {
-                c.expires_at = s.expires_at;
-                inner.expire_at(
-                    s.expires_at,
-                    Expiring::Counter(r.policy.clone(), s.name.clone()),
-                );
-            }
+            inner.extend_counter(&r.policy, s);
         }
         let mut spend = Vec::new();
         if let (Some(charge), Some(k)) = (&r.session, session) {
@@ -488,6 +485,19 @@ impl Inner {
                     }
                 }
             }
+        }
+    }
+
+    /// A counter's lifetime only ever grows (as `EXPIRE … GT` in Redis); a counter gone is not
+    /// brought back.
+    fn extend_counter(&mut self, policy: &str, s: &Scope) {
+        let key = (policy.to_owned(), s.name.clone());
+        let Some(c) = self.counters.get_mut(&key) else {
+            return;
+        };
+        if s.expires_at > c.expires_at {
+            c.expires_at = s.expires_at;
+            self.expire_at(s.expires_at, Expiring::Counter(key.0, key.1));
         }
     }
 

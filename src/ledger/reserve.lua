@@ -43,7 +43,7 @@
 -- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET, per scope HMGET and
--- HSET (and, when some counter is new or is to live longer, TIME and its EXPIRE), then SET and
+-- HSET (and EXPIRE when the counter is new or is to live longer), TIME once, then SET and
 -- APPEND (the bucket's TTL and index entry are written by the reservation that creates the
 -- bucket, once per 10 s per policy).
 --
@@ -110,6 +110,19 @@ local function scope_name(i)
   return string.sub(KEYS[i], #policy_prefix(KEYS[1]) + #'budget:' + 1)
 end
 
+-- A counter is made to live `ttl` seconds more, by Redis' clock (a replica's clock does not
+-- decide how long a counter lives), when it is new, or when that is more than EXTEND_SLACK
+-- past `noted`, its `until` (how long it was last made to live; 0 when an earlier version
+-- wrote it). Returns its new `until` (a string), or nil: it lives long enough, no TTL to set.
+local redis_now = nil
+local function extension(new, noted, ttl)
+  redis_now = redis_now or tonumber(redis.call('TIME')[1])
+  if not new and redis_now + ttl <= noted + EXTEND_SLACK then
+    return nil
+  end
+  return string.format('%d', redis_now + ttl)
+end
+
 -- Write the nonce's records; its expiry bucket lists it, the bucket is indexed, all live
 -- long enough. A bucket's TTL is the same for every record in it (its end plus grace), so the
 -- reservation that creates it sets it and indexes it (and trims the index); release.lua deletes
@@ -149,6 +162,19 @@ if rec and rec.state == OPEN then
       table.remove(rec.hashes, 1)
     end
     rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, ARGV[3]
+    -- Its counters live as long as it now may land (and settle), a counter gone is not
+    -- brought back (nothing is charged here).
+    local pos = 1
+    for i = 5, #KEYS do
+      local ttl
+      ttl, pos = struct.unpack('>I8', ARGV[7], pos + 16)
+      local c = redis.call('HMGET', KEYS[i], 'cost', 'until')
+      local noted = c[1] and extension(false, tonumber(c[2] or '0'), ttl)
+      if noted then
+        redis.call('HSET', KEYS[i], 'until', noted)
+        redis.call('EXPIRE', KEYS[i], ttl, 'GT')
+      end
+    end
     schedule()
     return {0}
   end
@@ -222,23 +248,15 @@ end
 
 -- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
 -- window's end is not in its name alone: a policy republished with another period may name
--- the same counter with a later end). `until` says how long it was last made to live, on
--- Redis' clock (a replica's clock does not decide how long a counter lives), so the common
--- case, a counter already living long enough, sets no TTL.
-local redis_now = nil
+-- the same counter with a later end), and, in the common case of a counter already living
+-- long enough, gets none (see extension).
 for i = 5, #KEYS do
   local c = counters[i]
   local cost_s, ops_s, open_s = string.format('%d', c.cost + cost),
     string.format('%d', c.ops + 1), string.format('%d', c.open + cost)
-  local extend = c.new or c.noted == 0
-  if not extend then
-    redis_now = redis_now or tonumber(redis.call('TIME')[1])
-    extend = redis_now + c.ttl > c.noted + EXTEND_SLACK
-  end
-  if extend then
-    redis_now = redis_now or tonumber(redis.call('TIME')[1])
-    redis.call('HSET', KEYS[i], 'cost', cost_s, 'ops', ops_s, 'open', open_s,
-      'until', string.format('%d', redis_now + c.ttl))
+  local noted = extension(c.new, c.noted, c.ttl)
+  if noted then
+    redis.call('HSET', KEYS[i], 'cost', cost_s, 'ops', ops_s, 'open', open_s, 'until', noted)
     if c.new then
       redis.call('EXPIRE', KEYS[i], c.ttl)
     else

@@ -1105,7 +1105,7 @@ async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
     );
     assert!((995..=1001).contains(&noted), "and notes it: {noted}");
     // An end within EXTEND_SLACK (60 s) of the noted one, or earlier: no EXPIRE, nothing noted.
-    reserve(2, 1050).await?;
+    reserve(2, 1020).await?;
     reserve(3, 50).await?;
     let (ttl, noted_after, expires_after) = state(conn.clone()).await?;
     assert_eq!(
@@ -1129,7 +1129,7 @@ async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
     );
     assert!((4995..=5001).contains(&noted), "{noted}");
     assert_eq!(ledger.usage("p", "w").await?, (4, 4));
-    // As an earlier version left it: no `until`, a shorter TTL.
+    // As an earlier version left it: no `until`; extended (GT) to a later end, never shortened.
     let mut c = conn.clone();
     redis::cmd("HDEL")
         .arg(key)
@@ -1148,6 +1148,89 @@ async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
         "extended without a note: {ttl}"
     );
     assert!((4995..=5001).contains(&noted), "and noted: {noted}");
+    redis::cmd("HDEL")
+        .arg(key)
+        .arg("until")
+        .query_async::<i64>(&mut c)
+        .await?;
+    redis::cmd("EXPIRE")
+        .arg(key)
+        .arg(10_000)
+        .query_async::<i64>(&mut c)
+        .await?;
+    reserve(6, 5000).await?;
+    let (ttl, _, _) = state(conn.clone()).await?;
+    assert!((9990..=10_000).contains(&ttl), "not shortened: {ttl}");
+    // A note below the key's real life (GT refused an earlier extension) shortens nothing.
+    redis::cmd("HSET")
+        .arg(key)
+        .arg("until")
+        .arg(0)
+        .query_async::<i64>(&mut c)
+        .await?;
+    reserve(7, 5000).await?;
+    let (ttl, _, _) = state(conn.clone()).await?;
+    assert!((9990..=10_000).contains(&ttl), "not shortened: {ttl}");
+    assert_eq!(ledger.usage("p", "w").await?, (7, 7));
+    Ok(())
+}
+
+/// A reservation extended to a fresh answer (its signature about to expire) keeps its counters
+/// alive as long as it may now land and settle (the deposit's counter lives only as long as the
+/// answers it sums); a counter already gone is not brought back.
+#[tokio::test]
+async fn an_extended_reservation_extends_its_counters() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let mut c = conn.clone();
+    let key = "sp:{p}:budget:pm";
+    let pm = |lives: u64| Scope {
+        expires_at: NOW + lives,
+        ..scope("pm", None, None)
+    };
+    assert_eq!(
+        ledger
+            .reserve(&reservation(1, 5, vec![pm(600 + 3600)]), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    let ttl: i64 = redis::cmd("TTL").arg(key).query_async(&mut c).await?;
+    assert!((4195..=4200).contains(&ttl), "{ttl}");
+    // Ten seconds before its answer expires, the same operation gets a fresh one, valid 1600 s
+    // more (so its counter is to live 1000 s longer than it was made to).
+    let later = NOW + 590;
+    let fresh = Reservation {
+        answer: answer(1, later + 1600),
+        expires_at: later + 1600 + session_paymaster::ledger::GRACE_SECS,
+        ..reservation(1, 5, vec![pm(590 + 1600 + 3600)])
+    };
+    assert_eq!(
+        ledger.reserve(&fresh, false, later).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.usage("p", "pm").await?, (5, 1), "charged once");
+    let ttl: i64 = redis::cmd("TTL").arg(key).query_async(&mut c).await?;
+    assert!(
+        (5195..=5200).contains(&ttl),
+        "extended with the answer: {ttl}"
+    );
+    // Gone meanwhile: an extension does not bring it back.
+    redis::cmd("DEL")
+        .arg(key)
+        .query_async::<i64>(&mut c)
+        .await?;
+    let again = Reservation {
+        answer: answer(1, later + 2200),
+        ..fresh.clone()
+    };
+    assert_eq!(
+        ledger.reserve(&again, false, later + 1590).await?,
+        Outcome::Reserved
+    );
+    let exists: i64 = redis::cmd("EXISTS").arg(key).query_async(&mut c).await?;
+    assert_eq!(exists, 0);
     Ok(())
 }
 
