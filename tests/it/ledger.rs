@@ -1234,6 +1234,50 @@ async fn an_extended_reservation_extends_its_counters() -> TestResult {
     Ok(())
 }
 
+/// The same in memory: a counter extended with its refreshed reservation outlives the first
+/// answer's end (without the extension it was forgotten, and the next charge started afresh).
+#[tokio::test]
+async fn an_extended_reservation_extends_its_counters_in_memory() -> TestResult {
+    let ledger = Ledger::Memory(MemoryLedger::new());
+    let pm = |lives: u64| Scope {
+        expires_at: NOW + lives,
+        ..scope("pm", None, None)
+    };
+    assert_eq!(
+        ledger
+            .reserve(&reservation(1, 5, vec![pm(4200)]), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    let later = NOW + 590;
+    let fresh = Reservation {
+        answer: answer(1, later + 1600),
+        expires_at: later + 1600 + session_paymaster::ledger::GRACE_SECS,
+        ..reservation(1, 5, vec![pm(590 + 1600 + 3600)])
+    };
+    assert_eq!(
+        ledger.reserve(&fresh, false, later).await?,
+        Outcome::Reserved
+    );
+    // Past the first answer's end plus grace, within the fresh one's.
+    let after = NOW + 4300;
+    let next = Reservation {
+        answer: answer(2, after + 600),
+        expires_at: after + 600 + session_paymaster::ledger::GRACE_SECS,
+        ..reservation(2, 7, vec![pm(4300 + 600 + 3600)])
+    };
+    assert_eq!(
+        ledger.reserve(&next, false, after).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger.usage("p", "pm").await?,
+        (12, 2),
+        "the counter lived on"
+    );
+    Ok(())
+}
+
 /// Redis held 1,750 bytes per reservation (three keys each, measured: used_memory over 10k
 /// reservations); at 10k sponsorships/s kept an hour that is tens of GB. An entry in its
 /// nonce's string and 20 bytes of an expiry bucket now, measured the same way: at most 400.
