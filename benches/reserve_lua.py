@@ -8,10 +8,16 @@ nested command (INFO commandstats), then the same for an empty script given the 
 arguments. docs/performance.md ("Redis CPU") quotes it.
 
     python3 benches/reserve_lua.py [N=50000]
-"""
-import os, socket, struct, subprocess, sys, tempfile, time
+    python3 benches/reserve_lua.py parts [N=20000]
 
-N = int(sys.argv[1]) if len(sys.argv) > 1 else 50000
+`parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
+load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
+"""
+import os, socket, statistics, struct, subprocess, sys, tempfile, time
+
+PARTS = len(sys.argv) > 1 and sys.argv[1] == 'parts'
+ARGS = sys.argv[2:] if PARTS else sys.argv[1:]
+N = int(ARGS[0]) if ARGS else (20000 if PARTS else 50000)
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
@@ -109,6 +115,36 @@ def commandstats(r):
     return stats
 
 
+# Scripts that run one piece of reserve.lua's work on the sponsor load's keys and arguments.
+FMT = "string.format('%d', 123456 + i)"
+PIECES = [
+    ('an empty script, no arguments', b'return {0}', False),
+    ('an empty script, the 7 arguments', b'return {0}', True),
+    ('9 redis.call GET of a missing key', b"for i = 1, 9 do redis.call('GET', KEYS[1]) end return {0}", True),
+    ('8 string.format %d', ("local s for i = 1, 8 do s = %s end return {0}" % FMT).encode(), True),
+    ('8 tonumber of a decimal', b"local s for i = 1, 8 do s = tonumber('1000000000000000') end return {0}", True),
+    ('HSET of an existing key', b"redis.call('HSET', KEYS[6], 'cost', '1', 'ops', '1', 'open', '1') return {0}", True),
+    ('HSET creating a key', b"redis.call('HSET', KEYS[5], 'cost', '1', 'ops', '1', 'open', '1') return {0}", True),
+    ('SET EX creating a key', b"redis.call('SET', KEYS[1], ARGV[6], 'EX', 1000) return {0}", True),
+]
+
+
+def parts(r):
+    ops = operations(r.call('SCRIPT', 'LOAD', b'return {0}'), N)
+    results = {}
+    for _ in range(4):
+        for label, body, with_args in PIECES:
+            sha = r.call('SCRIPT', 'LOAD', body)
+            # The policy counter (KEYS[6]) exists, as in the sponsor load; the rest is new.
+            r.call('FLUSHALL')
+            r.call('HSET', ops[0][3 + 5], 'cost', '0')
+            r.call('CONFIG', 'RESETSTAT')
+            r.pipelined([['EVALSHA', sha] + op[2:] if with_args else ['EVALSHA', sha, 0] for op in ops])
+            results.setdefault(label, []).append(commandstats(r)['evalsha'][1])
+    for label, runs in results.items():
+        print('%-36s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
+
+
 def main():
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
@@ -117,6 +153,8 @@ def main():
                                   stdout=subprocess.DEVNULL)
         try:
             r = Redis(port)
+            if PARTS:
+                return parts(r)
             script = open(os.path.join(LUA, 'lib.lua'), 'rb').read() + \
                 open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, body in (('reserve.lua', script), ('an empty script, same arguments', b'return {0}'),

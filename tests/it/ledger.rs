@@ -78,6 +78,48 @@ fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     }
 }
 
+/// A Redis ledger on `redis`, and a connection of its own for looking at the keys.
+async fn redis_ledger(
+    redis: &TestRedis,
+) -> TestResult<(Ledger, session_paymaster::session::redis::RedisConn)> {
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    Ok((Ledger::Redis(RedisLedger::new(conn.clone())), conn))
+}
+
+/// The counter `pm` (as the deposit's: it lives as long as the answers it sums), to live
+/// `lives` seconds past NOW.
+fn pm(lives: u64) -> Scope {
+    Scope {
+        expires_at: NOW + lives,
+        ..scope("pm", None, None)
+    }
+}
+
+/// Op 1 reserved at NOW, its counter `pm` to live 4200 s; then, ten seconds before its answer
+/// expires, extended to a fresh answer valid 1600 s more (its counter to live 1000 s longer).
+/// `between` looks at the ledger in between. Returns the fresh reservation and when it was made.
+async fn reserve_then_refresh(
+    ledger: &Ledger,
+    between: impl AsyncFnOnce() -> TestResult,
+) -> TestResult<(Reservation, u64)> {
+    let first = reservation(1, 5, vec![pm(600 + 3600)]);
+    assert_eq!(ledger.reserve(&first, false, NOW).await?, Outcome::Reserved);
+    between().await?;
+    let later = NOW + 590;
+    let fresh = Reservation {
+        answer: answer(1, later + 1600),
+        expires_at: later + 1600 + session_paymaster::ledger::GRACE_SECS,
+        ..reservation(1, 5, vec![pm(590 + 1600 + 3600)])
+    };
+    assert_eq!(
+        ledger.reserve(&fresh, false, later).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.usage("p", "pm").await?, (5, 1), "charged once");
+    Ok((fresh, later))
+}
+
 async fn ledger_contract(ledger: Ledger) -> TestResult {
     let scopes = || {
         vec![
@@ -610,9 +652,7 @@ async fn memory_ledger_contract() -> TestResult {
 #[tokio::test]
 async fn redis_ledger_contract() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    ledger_contract(Ledger::Redis(RedisLedger::new(conn))).await
+    ledger_contract(redis_ledger(&redis).await?.0).await
 }
 
 #[tokio::test]
@@ -1022,9 +1062,7 @@ async fn metrics_show_budget_remaining() -> TestResult {
 #[tokio::test]
 async fn the_open_set_is_trimmed_without_a_watcher() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let (ledger, conn) = redis_ledger(&redis).await?;
     for op in 1..=5u8 {
         assert_eq!(
             ledger
@@ -1060,9 +1098,7 @@ async fn the_open_set_is_trimmed_without_a_watcher() -> TestResult {
 #[tokio::test]
 async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let (ledger, conn) = redis_ledger(&redis).await?;
     let key = "sp:{p}:budget:w";
     // TTL, `until` less Redis' clock (how long the counter was noted to live), and how many
     // EXPIREs Redis has run so far.
@@ -1181,36 +1217,18 @@ async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
 #[tokio::test]
 async fn an_extended_reservation_extends_its_counters() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let (ledger, conn) = redis_ledger(&redis).await?;
     let mut c = conn.clone();
     let key = "sp:{p}:budget:pm";
-    let pm = |lives: u64| Scope {
-        expires_at: NOW + lives,
-        ..scope("pm", None, None)
-    };
-    assert_eq!(
-        ledger
-            .reserve(&reservation(1, 5, vec![pm(600 + 3600)]), false, NOW)
-            .await?,
-        Outcome::Reserved
-    );
-    let ttl: i64 = redis::cmd("TTL").arg(key).query_async(&mut c).await?;
-    assert!((4195..=4200).contains(&ttl), "{ttl}");
-    // Ten seconds before its answer expires, the same operation gets a fresh one, valid 1600 s
-    // more (so its counter is to live 1000 s longer than it was made to).
-    let later = NOW + 590;
-    let fresh = Reservation {
-        answer: answer(1, later + 1600),
-        expires_at: later + 1600 + session_paymaster::ledger::GRACE_SECS,
-        ..reservation(1, 5, vec![pm(590 + 1600 + 3600)])
-    };
-    assert_eq!(
-        ledger.reserve(&fresh, false, later).await?,
-        Outcome::Reserved
-    );
-    assert_eq!(ledger.usage("p", "pm").await?, (5, 1), "charged once");
+    let (fresh, later) = reserve_then_refresh(&ledger, async || {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(key)
+            .query_async(&mut c.clone())
+            .await?;
+        assert!((4195..=4200).contains(&ttl), "{ttl}");
+        Ok(())
+    })
+    .await?;
     let ttl: i64 = redis::cmd("TTL").arg(key).query_async(&mut c).await?;
     assert!(
         (5195..=5200).contains(&ttl),
@@ -1223,7 +1241,7 @@ async fn an_extended_reservation_extends_its_counters() -> TestResult {
         .await?;
     let again = Reservation {
         answer: answer(1, later + 2200),
-        ..fresh.clone()
+        ..fresh
     };
     assert_eq!(
         ledger.reserve(&again, false, later + 1590).await?,
@@ -1239,26 +1257,7 @@ async fn an_extended_reservation_extends_its_counters() -> TestResult {
 #[tokio::test]
 async fn an_extended_reservation_extends_its_counters_in_memory() -> TestResult {
     let ledger = Ledger::Memory(MemoryLedger::new());
-    let pm = |lives: u64| Scope {
-        expires_at: NOW + lives,
-        ..scope("pm", None, None)
-    };
-    assert_eq!(
-        ledger
-            .reserve(&reservation(1, 5, vec![pm(4200)]), false, NOW)
-            .await?,
-        Outcome::Reserved
-    );
-    let later = NOW + 590;
-    let fresh = Reservation {
-        answer: answer(1, later + 1600),
-        expires_at: later + 1600 + session_paymaster::ledger::GRACE_SECS,
-        ..reservation(1, 5, vec![pm(590 + 1600 + 3600)])
-    };
-    assert_eq!(
-        ledger.reserve(&fresh, false, later).await?,
-        Outcome::Reserved
-    );
+    reserve_then_refresh(&ledger, async || Ok(())).await?;
     // Past the first answer's end plus grace, within the fresh one's.
     let after = NOW + 4300;
     let next = Reservation {
@@ -1284,9 +1283,7 @@ async fn an_extended_reservation_extends_its_counters_in_memory() -> TestResult 
 #[tokio::test]
 async fn a_reservation_takes_at_most_400_bytes() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let (ledger, conn) = redis_ledger(&redis).await?;
     let mut c = conn.clone();
     let used = |info: String| -> u64 {
         info.lines()
@@ -1341,9 +1338,7 @@ async fn a_reservation_takes_at_most_400_bytes() -> TestResult {
 #[tokio::test]
 async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let (ledger, conn) = redis_ledger(&redis).await?;
     let under_session = Reservation {
         policy: "p".into(),
         session: Some(SessionCharge {
