@@ -598,7 +598,7 @@ pub fn proof_digest(
 ) -> B256 {
     keccak256(
         (
-            op.bound_fields(chain_id, entry_point),
+            op.bound_fields(chain_id, entry_point, &op.digests()),
             session_id,
             U256::from(deadline),
         )

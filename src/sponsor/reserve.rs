@@ -21,9 +21,9 @@ use crate::policy::calldata::Call;
 use crate::policy::{Budget, Policy};
 use crate::session::SessionGrant;
 use crate::userop::EntryPointVersion;
-use crate::userop::UserOperation;
-use crate::userop::hash::user_op_hash;
+use crate::userop::hash::user_op_hash_with;
 use crate::userop::paymaster_data::{PaymasterData, PaymasterGas, PaymasterLayout};
+use crate::userop::{OpDigests, UserOperation};
 
 /// Reserve for the signed `data` and return what to answer: `data`, or, for a repeat of the
 /// same operation, the answer signed for it before.
@@ -81,7 +81,13 @@ pub(super) async fn reserve(
     }
     let reservation = Reservation {
         policy: policy.id.clone(),
-        op_key: idempotency_key(req.chain_id, req.entry_point, req.op, decoded.gas),
+        op_key: idempotency_key(
+            req.chain_id,
+            req.entry_point,
+            req.op,
+            decoded.digests(req.op),
+            decoded.gas,
+        ),
         landing_key: landing_key(req.chain_id, req.entry_point, req.op.sender, req.op.nonce),
         // The hashes the op may have on chain: ours is its only paymaster data. On v0.9 the
         // same signature is valid inline and in the suffix, whichever the client asked for, and
@@ -90,9 +96,10 @@ pub(super) async fn reserve(
         user_op_hashes: layouts(decoded.version)
             .iter()
             .map(|&layout| {
-                user_op_hash(
+                user_op_hash_with(
                     decoded.version,
                     req.op,
+                    decoded.digests(req.op),
                     Some(&data.fields(decoded.paymaster, decoded.gas, layout)),
                     req.entry_point,
                     req.chain_id,
@@ -277,11 +284,12 @@ fn idempotency_key(
     chain_id: u64,
     entry_point: Address,
     op: &UserOperation,
+    digests: &OpDigests,
     gas: PaymasterGas,
 ) -> B256 {
     keccak256(
         (
-            op.bound_fields(chain_id, entry_point),
+            op.bound_fields(chain_id, entry_point, digests),
             U256::from(gas.verification),
             U256::from(gas.post_op),
         )

@@ -6,7 +6,7 @@ use std::time::Instant;
 
 use super::decode::Decoded;
 use super::{Run, Sponsor, SponsorError, SponsorRequest};
-use crate::userop::hash::paymaster_hash;
+use crate::userop::hash::paymaster_hash_with;
 use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
 
 pub(super) fn sign(
@@ -19,7 +19,14 @@ pub(super) fn sign(
     if run != Run::Sign {
         return Ok(PaymasterData::stub(window));
     }
-    let hash = paymaster_hash(req.op, decoded.gas, decoded.paymaster, req.chain_id, window);
+    let hash = paymaster_hash_with(
+        req.op,
+        decoded.digests(req.op),
+        decoded.gas,
+        decoded.paymaster,
+        req.chain_id,
+        window,
+    );
     let started = Instant::now();
     let signature = sponsor.signer.sign_eip191(hash)?;
     sponsor.metrics.sign_seconds.observe(started.elapsed());

@@ -7,7 +7,7 @@ use alloy::primitives::{Address, B256, U256, b256, keccak256};
 use alloy::sol_types::{SolValue, eip712_domain};
 
 use super::EntryPointVersion;
-use super::operation::{PackedUserOperation, PaymasterFields, UserOperation};
+use super::operation::{OpDigests, PackedUserOperation, PaymasterFields, UserOperation};
 use super::paymaster_data::{PaymasterGas, ValidityWindow};
 
 /// The hash the EntryPoint of `version` at `entry_point` on `chain_id` gives `op` with
@@ -20,29 +20,48 @@ pub fn user_op_hash(
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
-    let spec = version.spec();
-    let packed = op.pack(paymaster);
-    let init_code_hash = if spec.eip7702 {
-        op.entry_point_init_code_hash()
-    } else {
-        keccak256(&packed.initCode)
-    };
-    (spec.user_op_hash)(&packed, init_code_hash, entry_point, chain_id)
+    user_op_hash_with(version, op, &op.digests(), paymaster, entry_point, chain_id)
 }
 
-/// The fields `UserOperationLib.encode` hashes, with the initCode's hash (an EIP-7702 account's
-/// is its delegate's) and `paymasterAndData`'s (v0.9 leaves its paymaster signature out) given:
-/// what every version's userOpHash is built from.
+/// [`user_op_hash`] with `op`'s [`digests`](UserOperation::digests) already computed.
+pub fn user_op_hash_with(
+    version: EntryPointVersion,
+    op: &UserOperation,
+    digests: &OpDigests,
+    paymaster: Option<&PaymasterFields>,
+    entry_point: Address,
+    chain_id: u64,
+) -> B256 {
+    let spec = version.spec();
+    let packed = op.pack(paymaster);
+    // A version without EIP-7702 hashes such an account's marker as plain initCode bytes
+    // (decoding refuses the operation; this is the hash that EntryPoint would give it).
+    let plain;
+    let digests = if !spec.eip7702 && op.eip7702.is_some() {
+        plain = OpDigests {
+            init_code: keccak256(&packed.initCode),
+            ..*digests
+        };
+        &plain
+    } else {
+        digests
+    };
+    (spec.user_op_hash)(&packed, digests, entry_point, chain_id)
+}
+
+/// The fields `UserOperationLib.encode` hashes, with the initCode's and callData's hashes (an
+/// EIP-7702 account's initCode hash is its delegate's) and `paymasterAndData`'s (v0.9 leaves
+/// its paymaster signature out) given: what every version's userOpHash is built from.
 pub(super) fn hashed_fields(
     op: &PackedUserOperation,
-    init_code_hash: B256,
+    digests: &OpDigests,
     paymaster_and_data_hash: B256,
 ) -> (Address, U256, B256, B256, B256, U256, B256, B256) {
     (
         op.sender,
         op.nonce,
-        init_code_hash,
-        keccak256(&op.callData),
+        digests.init_code,
+        digests.call_data,
         op.accountGasLimits,
         op.preVerificationGas,
         op.gasFees,
@@ -59,13 +78,12 @@ const PACKED_USEROP_TYPEHASH: B256 =
 /// verifyingContract: entryPoint}`, `paymasterAndData`'s hash given.
 pub(super) fn eip712_user_op_hash(
     op: &PackedUserOperation,
-    init_code_hash: B256,
+    digests: &OpDigests,
     paymaster_and_data_hash: B256,
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
-    let (s, n, ic, cd, agl, pvg, fees, pmd) =
-        hashed_fields(op, init_code_hash, paymaster_and_data_hash);
+    let (s, n, ic, cd, agl, pvg, fees, pmd) = hashed_fields(op, digests, paymaster_and_data_hash);
     let struct_hash =
         keccak256((PACKED_USEROP_TYPEHASH, s, n, ic, cd, agl, pvg, fees, pmd).abi_encode());
     let domain = eip712_domain! {
@@ -96,14 +114,26 @@ pub fn paymaster_hash(
     chain_id: u64,
     window: ValidityWindow,
 ) -> B256 {
+    paymaster_hash_with(op, &op.digests(), gas, paymaster, chain_id, window)
+}
+
+/// [`paymaster_hash`] with `op`'s [`digests`](UserOperation::digests) already computed.
+pub fn paymaster_hash_with(
+    op: &UserOperation,
+    digests: &OpDigests,
+    gas: PaymasterGas,
+    paymaster: Address,
+    chain_id: u64,
+    window: ValidityWindow,
+) -> B256 {
     // abi.encode(uint256(bytes32(paymasterAndData[20:52]))): the two uint128 gas limits as one word.
     let paymaster_gas = (U256::from(gas.verification) << 128) | U256::from(gas.post_op);
     keccak256(
         (
             op.sender,
             op.nonce,
-            op.entry_point_init_code_hash(),
-            keccak256(&op.call_data),
+            digests.init_code,
+            digests.call_data,
             op.account_gas_limits(),
             paymaster_gas,
             op.pre_verification_gas,

@@ -30,7 +30,7 @@ use std::str::FromStr;
 use alloy::primitives::{Address, B256};
 
 pub use operation::{
-    IEntryPoint, ISessionPaymaster, PackedUserOperation, PaymasterFields, UserOperation,
+    IEntryPoint, ISessionPaymaster, OpDigests, PackedUserOperation, PaymasterFields, UserOperation,
 };
 
 /// The EntryPoint versions this service sponsors for.
@@ -63,9 +63,10 @@ pub struct VersionSpec {
     /// Where that deployment lands: the canonical address, unless the package holds another
     /// build than the canonical one (v0.9: 0.9.0-rc.1).
     pub package_entry_point: Address,
-    /// `EntryPoint.getUserOpHash(op)` at `entry_point` on `chain_id`, given the hash it puts
-    /// for the initCode (an EIP-7702 account's delegate's: [`UserOperation::entry_point_init_code_hash`]).
-    pub user_op_hash: fn(&PackedUserOperation, B256, Address, u64) -> B256,
+    /// `EntryPoint.getUserOpHash(op)` at `entry_point` on `chain_id`, given the hashes it puts
+    /// for the initCode (an EIP-7702 account's delegate's: [`UserOperation::entry_point_init_code_hash`])
+    /// and the callData ([`UserOperation::digests`]).
+    pub user_op_hash: fn(&PackedUserOperation, &OpDigests, Address, u64) -> B256,
     /// Whether it takes EIP-7702 accounts (`factory = 0x7702` and `eip7702Auth`).
     pub eip7702: bool,
     /// Whether paymasterAndData may end with a paymaster signature that the userOpHash leaves

@@ -72,6 +72,16 @@ sol! {
     }
 }
 
+/// An operation's initCode and callData hashes ([`UserOperation::digests`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OpDigests {
+    /// [`UserOperation::entry_point_init_code_hash`]: `keccak256(initCode)`, or an EIP-7702
+    /// account's delegate's hash.
+    pub init_code: B256,
+    /// `keccak256(callData)`.
+    pub call_data: B256,
+}
+
 /// A user operation in the RPC (unpacked) form, parsed and typed.
 #[derive(Debug, Clone, PartialEq, Eq, Default)]
 pub struct UserOperation {
@@ -345,6 +355,16 @@ impl UserOperation {
         self.init_code().len() + self.call_data.len()
     }
 
+    /// The hashes of its initCode (as the EntryPoint puts it) and callData: what every digest
+    /// of the operation takes in place of those bytes. A sponsorship computes them once and
+    /// hands them to each (the idempotency key, the userOpHash, the paymaster hash).
+    pub fn digests(&self) -> OpDigests {
+        OpDigests {
+            init_code: self.entry_point_init_code_hash(),
+            call_data: alloy::primitives::keccak256(&self.call_data),
+        }
+    }
+
     /// Every field the paymaster signature covers except the paymaster's own (and the account's
     /// signature), with the chain and EntryPoint: what the idempotency key and a session proof
     /// bind. A tuple of static ABI types, so nested in a larger tuple it encodes inline (as if
@@ -354,14 +374,15 @@ impl UserOperation {
         &self,
         chain_id: u64,
         entry_point: Address,
+        digests: &OpDigests,
     ) -> (U256, Address, Address, U256, B256, B256, B256, U256, B256) {
         (
             U256::from(chain_id),
             entry_point,
             self.sender,
             self.nonce,
-            self.entry_point_init_code_hash(),
-            alloy::primitives::keccak256(&self.call_data),
+            digests.init_code,
+            digests.call_data,
             self.account_gas_limits(),
             self.pre_verification_gas,
             self.gas_fees(),

@@ -4,7 +4,7 @@ use alloy::primitives::{Address, B256, U256, address, b256, keccak256};
 use alloy::sol_types::SolValue;
 
 use super::hash::hashed_fields;
-use super::{PackedUserOperation, VersionSpec};
+use super::{OpDigests, PackedUserOperation, VersionSpec};
 
 /// v0.7.
 pub const SPEC: VersionSpec = VersionSpec {
@@ -22,11 +22,11 @@ pub const SPEC: VersionSpec = VersionSpec {
 
 fn user_op_hash(
     op: &PackedUserOperation,
-    init_code_hash: B256,
+    digests: &OpDigests,
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
     let pmd = keccak256(&op.paymasterAndData);
-    let inner = keccak256(hashed_fields(op, init_code_hash, pmd).abi_encode());
+    let inner = keccak256(hashed_fields(op, digests, pmd).abi_encode());
     keccak256((inner, entry_point, U256::from(chain_id)).abi_encode())
 }

@@ -3,7 +3,7 @@
 use alloy::primitives::{Address, B256, address, b256, keccak256};
 
 use super::hash::eip712_user_op_hash;
-use super::{PackedUserOperation, VersionSpec};
+use super::{OpDigests, PackedUserOperation, VersionSpec};
 
 /// v0.8.
 pub const SPEC: VersionSpec = VersionSpec {
@@ -21,10 +21,10 @@ pub const SPEC: VersionSpec = VersionSpec {
 
 fn user_op_hash(
     op: &PackedUserOperation,
-    init_code_hash: B256,
+    digests: &OpDigests,
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
     let pmd = keccak256(&op.paymasterAndData);
-    eip712_user_op_hash(op, init_code_hash, pmd, entry_point, chain_id)
+    eip712_user_op_hash(op, digests, pmd, entry_point, chain_id)
 }

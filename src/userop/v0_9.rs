@@ -21,7 +21,7 @@ use super::hash::eip712_user_op_hash;
 use super::paymaster_data::{
     PAYMASTER_SIG_MAGIC, PAYMASTER_SIG_SUFFIX_LEN, paymaster_signature_len,
 };
-use super::{PackedUserOperation, VersionSpec};
+use super::{OpDigests, PackedUserOperation, VersionSpec};
 
 /// v0.9. The canonical address is that of the final v0.9.0 (viem's `entryPoint09Address`);
 /// the npm package is 0.9.0-rc.1, another build, which cannot land there (DESIGN §7): local
@@ -57,12 +57,12 @@ fn paymaster_and_data_hash(paymaster_and_data: &[u8]) -> B256 {
 
 fn user_op_hash(
     op: &PackedUserOperation,
-    init_code_hash: B256,
+    digests: &OpDigests,
     entry_point: Address,
     chain_id: u64,
 ) -> B256 {
     let pmd = paymaster_and_data_hash(&op.paymasterAndData);
-    eip712_user_op_hash(op, init_code_hash, pmd, entry_point, chain_id)
+    eip712_user_op_hash(op, digests, pmd, entry_point, chain_id)
 }
 
 #[cfg(test)]
