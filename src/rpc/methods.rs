@@ -56,9 +56,9 @@ pub(crate) async fn call(
             .await?;
             // Pimlico's shape: the paymaster fields, and the op's gas limits echoed.
             let mut result = paymaster_fields(&s);
-            result["preVerificationGas"] = json!(to_quantity(op.pre_verification_gas));
-            result["verificationGasLimit"] = json!(to_quantity(op.verification_gas_limit));
-            result["callGasLimit"] = json!(to_quantity(op.call_gas_limit));
+            result["preVerificationGas"] = Value::String(to_quantity(op.pre_verification_gas));
+            result["verificationGasLimit"] = Value::String(to_quantity(op.verification_gas_limit));
+            result["callGasLimit"] = Value::String(to_quantity(op.call_gas_limit));
             Ok(result)
         }
         "pm_getPaymasterStubData" => {
@@ -343,16 +343,19 @@ fn request<'a>(
 /// `paymasterSignature` in the v0.9 suffix layout).
 fn paymaster_fields(s: &Sponsorship) -> Value {
     let fields = s.data.fields(s.paymaster, s.gas, s.layout);
-    let mut v = json!({
-        "paymaster": fields.paymaster,
-        "paymasterData": fields.data,
-        "paymasterVerificationGasLimit": to_quantity(fields.gas.verification),
-        "paymasterPostOpGasLimit": to_quantity(fields.gas.post_op),
-    });
+    let mut v = serde_json::Map::new();
+    let mut put = |name: &str, value: String| v.insert(name.to_owned(), Value::String(value));
+    put("paymaster", format!("{:#x}", fields.paymaster));
+    put("paymasterData", fields.data.to_string());
+    put(
+        "paymasterVerificationGasLimit",
+        to_quantity(fields.gas.verification),
+    );
+    put("paymasterPostOpGasLimit", to_quantity(fields.gas.post_op));
     if let Some(signature) = fields.signature {
-        v["paymasterSignature"] = json!(signature);
+        put("paymasterSignature", signature.to_string());
     }
-    v
+    Value::Object(v)
 }
 
 /// The EntryPoints served on `chain` (none on a chain not served).

@@ -186,7 +186,16 @@ fn reply(body: Option<Value>) -> Response {
 }
 
 fn error_response(id: Value, err: RpcError) -> Value {
-    json!({ "jsonrpc": "2.0", "id": id, "error": err.to_json() })
+    envelope(id, "error", err.to_json())
+}
+
+/// `{"jsonrpc": "2.0", "id": id, <member>: body}`, `body` moved in (`json!` would copy it).
+fn envelope(id: Value, member: &str, body: Value) -> Value {
+    let mut obj = serde_json::Map::new();
+    obj.insert("jsonrpc".to_owned(), Value::String("2.0".to_owned()));
+    obj.insert("id".to_owned(), id);
+    obj.insert(member.to_owned(), body);
+    Value::Object(obj)
 }
 
 async fn handle_call(
@@ -262,7 +271,7 @@ async fn handle_call(
     // A notification (no `id`) gets no response (JSON-RPC 2.0 §4.1).
     let id = id?;
     Some(match outcome {
-        Ok(result) => json!({ "jsonrpc": "2.0", "id": id, "result": result }),
+        Ok(result) => envelope(id, "result", result),
         Err(e) => error_response(id, e),
     })
 }
