@@ -108,6 +108,13 @@ impl MemoryLedger {
         let mut inner = self.lock();
         inner.prune(now);
         let key = (r.policy.clone(), r.op_key);
+        // A revoked session gets nothing, not even an answer given before (reserve.lua).
+        let session = r.session.as_ref().map(|s| (r.policy.clone(), s.id));
+        if let Some(state) = session.as_ref().and_then(|k| inner.sessions.get(k))
+            && state.revoked
+        {
+            return Outcome::SessionRevoked;
+        }
         let existing = inner
             .reservations
             .get(&key)
@@ -121,12 +128,6 @@ impl MemoryLedger {
                 return Outcome::Existing(answer.clone());
             }
             _ => {}
-        }
-        let session = r.session.as_ref().map(|s| (r.policy.clone(), s.id));
-        if let Some(state) = session.as_ref().and_then(|k| inner.sessions.get(k))
-            && state.revoked
-        {
-            return Outcome::SessionRevoked;
         }
         let scope_names: Vec<String> = r.scopes.iter().map(|s| s.name.clone()).collect();
         let charge_session = r.session.as_ref().map(|s| s.id);

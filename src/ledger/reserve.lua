@@ -93,6 +93,11 @@ for i, e in ipairs(entries) do
     listed = true
   end
 end
+-- A revoked session gets nothing, not even the answer an operation of it was given before
+-- (replicas serve grants from copies that may not show the revocation yet: this is the check).
+if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
+  return {3}
+end
 if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= refresh
     or rec.valid_until >= valid_until))) then
   -- Landed (a repeat can change nothing), still valid long enough, or valid longer than a
@@ -100,9 +105,6 @@ if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= r
   return {1, string.format('%d', rec.valid_until), string.format('%d', rec.valid_after), rec.sig}
 end
 
-if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
-  return {3}
-end
 local session_key = session and KEYS[4] or nil
 
 -- The scope names of KEYS[5..] (what a record lists, and an exhausted budget is reported by).

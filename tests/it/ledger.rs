@@ -630,10 +630,22 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
         ledger.session_spent("s", id).await?,
         BTreeMap::from([(token, limit)])
     );
+    let open = under(45, U256::ZERO);
+    assert_eq!(ledger.reserve(&open, false, NOW).await?, Outcome::Reserved);
     // Revoked: the very next reservation under it is refused, even one that fits.
     ledger.revoke_session("s", id, NOW + 7200, NOW).await?;
     assert_eq!(
         ledger.reserve(&under(44, U256::ZERO), false, NOW).await?,
+        Outcome::SessionRevoked
+    );
+    // A repeat too, of an operation still open or landed: the answer given before is not
+    // handed out again (a replica whose copy of the grant predates the revocation gets here).
+    assert_eq!(
+        ledger.reserve(&open, false, NOW).await?,
+        Outcome::SessionRevoked
+    );
+    assert_eq!(
+        ledger.reserve(&short_lived, false, NOW).await?,
         Outcome::SessionRevoked
     );
     assert_eq!(
