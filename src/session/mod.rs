@@ -10,10 +10,13 @@
 //! - [`memory`] and [`redis`]: the two stores behind [`SessionStore`]; `codec`: a grant as Redis
 //!   stores it.
 
+pub mod cache;
 mod codec;
 pub mod grant;
 pub mod memory;
 pub mod redis;
+
+use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
 
@@ -78,6 +81,18 @@ impl SessionStore {
         match self {
             Self::Memory(m) => Ok(m.get(id)),
             Self::Redis(r) => r.get(id).await,
+        }
+    }
+
+    /// The grant with this id, for a sponsorship: from Redis, a copy of this replica's when it
+    /// is recent enough ([`cache`]: the ledger step, not this read, refuses a revoked session).
+    pub async fn get_for_sponsorship(
+        &self,
+        id: B256,
+    ) -> Result<Option<Arc<SessionGrant>>, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.get(id).map(Arc::new)),
+            Self::Redis(r) => r.get_for_sponsorship(id).await,
         }
     }
 

@@ -13,13 +13,15 @@
 //! unknown in the new layout; docs/operations.md has the upgrade notes. 0.3 drops that path.
 
 use std::collections::HashMap;
-use std::time::Duration;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, keccak256};
 use redis::AsyncCommands;
 use redis::aio::{ConnectionManager, ConnectionManagerConfig};
 use redis::cluster_async::ClusterConnection;
 
+use super::cache::GrantCache;
 use super::{
     Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError, codec, forgotten, unix_now,
 };
@@ -28,6 +30,8 @@ use super::{
 #[derive(Clone)]
 pub struct RedisSessions {
     conn: RedisConn,
+    /// The sponsorship path's copies of grants ([`GrantCache`]).
+    cache: Arc<GrantCache>,
     revoke: redis::Script,
     revoke_legacy: redis::Script,
     index: redis::Script,
@@ -230,6 +234,7 @@ impl RedisSessions {
     pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
+            cache: Arc::default(),
             revoke: redis::Script::new(include_str!("revoke.lua")),
             revoke_legacy: redis::Script::new(include_str!("revoke_legacy.lua")),
             index: redis::Script::new(include_str!("index.lua")),
@@ -294,6 +299,26 @@ impl RedisSessions {
         Ok(grant.filter(|g| !forgotten(g, unix_now())))
     }
 
+    /// The grant with this id for a sponsorship: this replica's copy when it read it within
+    /// [`MAX_AGE`](super::cache::MAX_AGE), else [`Self::get`] (and a copy kept). Why a stale
+    /// copy costs no money: [`super::cache`].
+    pub(super) async fn get_for_sponsorship(
+        &self,
+        id: B256,
+    ) -> Result<Option<Arc<SessionGrant>>, StoreError> {
+        // Its age counts from before the read: a revocation that answered before then is in it.
+        let read_at = Instant::now();
+        if let Some(grant) = self.cache.get(id, read_at) {
+            return Ok(Some(grant).filter(|g| !forgotten(g, unix_now())));
+        }
+        let Some(grant) = self.get(id).await? else {
+            return Ok(None);
+        };
+        let grant = Arc::new(grant);
+        self.cache.insert(grant.clone(), read_at);
+        Ok(Some(grant))
+    }
+
     /// A grant of the layout before 0.2 (one more round trip, for unknown ids only).
     async fn get_legacy(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
         let mut conn = self.conn.clone();
@@ -315,6 +340,8 @@ impl RedisSessions {
     }
 
     pub(super) async fn revoke(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
+        // A read in flight may put a copy back: the ledger refuses the session whatever it says.
+        self.cache.forget(id);
         let mut conn = self.conn.clone();
         let mut found: i64 = self
             .revoke

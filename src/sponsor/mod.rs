@@ -428,15 +428,16 @@ impl Sponsor {
         trace.decoded(&decoded);
         let ctx = decoded.context(req.chain_id, req.op, now);
         let grant = session::load(self, req.context).await?;
+        let grant = grant.as_deref();
         let policies = self.policies.current();
-        let policy = select::choose(&policies, req, grant.as_ref(), &ctx, trace)?;
-        if let Some(grant) = &grant {
+        let policy = select::choose(&policies, req, grant, &ctx, trace)?;
+        if let Some(grant) = grant {
             session::check(grant, policy, req, &ctx, trace)?;
         }
         let decision = Decision {
             policy,
-            grant: grant.as_ref(),
-            window: window::window(policy, grant.as_ref(), req, &decoded, now)?,
+            grant,
+            window: window::window(policy, grant, req, &decoded, now)?,
         };
         if run == Run::Sign {
             rate::check(self, policy, req)?;

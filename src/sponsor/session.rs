@@ -1,6 +1,8 @@
 //! Steps 2 and 4: the session grant the context names (the one store read of the hot path),
 //! then, once its policy is chosen, the grant's own checks and the session key's proof.
 
+use std::sync::Arc;
+
 use super::explain::Trace;
 use super::{Mode, Reason, Rejection, RequestContext, Sponsor, SponsorError, SponsorRequest};
 use crate::policy::{OpContext, Policy};
@@ -9,17 +11,21 @@ use crate::session::SessionGrant;
 pub(super) async fn load(
     sponsor: &Sponsor,
     context: &RequestContext,
-) -> Result<Option<SessionGrant>, SponsorError> {
+) -> Result<Option<Arc<SessionGrant>>, SponsorError> {
     let Some(id) = context.session_id else {
         return Ok(None);
     };
-    let grant = sponsor.sessions.get(id).await?.ok_or_else(|| {
-        Rejection::new(
-            Reason::SessionNotFound,
-            "context.sessionId",
-            format!("no session {id}"),
-        )
-    })?;
+    let grant = sponsor
+        .sessions
+        .get_for_sponsorship(id)
+        .await?
+        .ok_or_else(|| {
+            Rejection::new(
+                Reason::SessionNotFound,
+                "context.sessionId",
+                format!("no session {id}"),
+            )
+        })?;
     Ok(Some(grant))
 }
 

@@ -14,6 +14,7 @@ use alloy::sol_types::{SolCall, SolValue};
 use serde_json::{Value, json};
 use session_paymaster::app::unix_now;
 use session_paymaster::ledger::{GRACE_SECS, Outcome, Reservation, SessionCharge, landing_key};
+use session_paymaster::session::SessionStatus;
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
@@ -923,6 +924,56 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
     )
     .await?;
     assert_eq!(reason(&v), "session_revoked", "{v}");
+    Ok(())
+}
+
+/// A replica keeps a copy of each grant it read (`session::cache`, for up to 30 s), so it does
+/// not see another replica's revocation at once. Its copy must not decide: the ledger step reads
+/// the revocation, and every request under a grant runs it, signed ones and stubs alike. (Before
+/// the copies, each request read the grant from Redis.)
+#[tokio::test]
+async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let policies = [token_policy("tokens", "")];
+    let (a, _dir_a) = app_with(&redis, &policies).await?;
+    let (b, _dir_b) = app_with(&redis, &policies).await?;
+    let account = Address::repeat_byte(0xa7);
+    let session = capped_session(&a, account, "tokens", 100).await?;
+    let ctx = json!({ "sessionId": session });
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let v = sponsor(&a, &transfer_op(account, 1, 1).to_json(), ep07, ctx.clone()).await?;
+    assert!(v["result"]["paymasterData"].is_string(), "{v}");
+
+    let (status, _) = admin(
+        &b,
+        "DELETE",
+        &format!("/admin/sessions/{session}"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 200);
+    // Replica a still holds its copy, active: without the ledger's check it would sign.
+    let copy = a
+        .state
+        .sponsor
+        .sessions()
+        .get_for_sponsorship(session)
+        .await?
+        .ok_or("a's copy")?;
+    assert_eq!(copy.status, SessionStatus::Active);
+
+    let v = sponsor(&a, &transfer_op(account, 1, 2).to_json(), ep07, ctx.clone()).await?;
+    assert_eq!(reason(&v), "session_revoked", "{v}");
+    let stub = a
+        .error(
+            "pm_getPaymasterStubData",
+            json!([transfer_op(account, 1, 3).to_json(), ep07, "0x7a69", ctx]),
+        )
+        .await?;
+    assert_eq!(stub["data"]["reason"], json!("session_revoked"), "{stub}");
+    // Nothing was spent under it after the revocation: the first transfer's 1 only.
+    assert_eq!(spent(&b, session).await?, json!("1"));
     Ok(())
 }
 
