@@ -9,8 +9,9 @@
 //! signature expires within [`REFRESH_MARGIN_SECS`]: then the reservation is extended to a
 //! fresh answer (never released while a signature of it is still valid).
 //!
-//! Under a session the same atomic step also refuses a revoked session (so a revocation that
-//! has answered is never followed by a signature) and records the operation's ERC-20 spending
+//! Under a session the same atomic step first refuses a revoked session (so a revocation that
+//! has answered is never followed by a signature, nor by an answer given before it: a replica
+//! may sponsor from a copy of the grant that predates the revocation) and records the operation's ERC-20 spending
 //! against the session's caps (uint256 totals, kept as decimal strings).
 //!
 //! A reservation is closed once: settled to the `actualGasCost` of its `UserOperationEvent`

@@ -41,6 +41,13 @@ impl std::fmt::Debug for RedisLedger {
     }
 }
 
+/// Seconds from `now` to `at` for an `EXPIRE`: at least one, at most a century (Redis refuses
+/// an EXPIRE past about 2^63 ms, and a script failing after its first write would keep a
+/// charge with no TTL and no record; a revocation would answer 503 after the ledger's half).
+fn ttl_secs(at: u64, now: u64) -> u64 {
+    at.saturating_sub(now).clamp(1, 100 * 365 * 86_400)
+}
+
 fn unavailable(e: impl std::fmt::Display) -> StoreError {
     StoreError::Unavailable(e.to_string())
 }
@@ -188,10 +195,7 @@ impl RedisLedger {
         now: u64,
     ) -> Result<Outcome, StoreError> {
         let mut conn = self.conn.clone();
-        // Seconds from now to `at`, at least one; at most a century (Redis refuses an EXPIRE
-        // past about 2^63 ms, and a script failing after its first write would keep a charge
-        // with no TTL and no record).
-        let ttl = |at: u64| at.saturating_sub(now).clamp(1, 100 * 365 * 86_400);
+        let ttl = |at: u64| ttl_secs(at, now);
         let nonce = nonce_key(&r.policy, r.landing_key);
         let bucket = r.answer.window.valid_until / BUCKET_SECS;
         let mut inv = self.reserve.key(&nonce);
@@ -434,7 +438,7 @@ impl RedisLedger {
             .hset(&key, "status", "revoked")
             .await
             .map_err(unavailable)?;
-        let ttl = i64::try_from(expires_at.saturating_sub(now).max(1)).unwrap_or(i64::MAX);
+        let ttl = i64::try_from(ttl_secs(expires_at, now)).unwrap_or(i64::MAX);
         let _: () = conn.expire(&key, ttl).await.map_err(unavailable)?;
         Ok(())
     }

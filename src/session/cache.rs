@@ -1,19 +1,26 @@
 //! The sponsorship path's copies of grants it read from Redis, so that a session key's next
 //! operations skip the grant's round trip (a `GET` per sponsorship otherwise).
 //!
-//! A copy may be stale in one way only, and that way costs no money:
+//! A copy never decides whether money is spent under a grant:
 //! - A grant never changes once written (its id is taken with `SET NX`) except by revocation,
-//!   and its key is only ever gone after the grant is [`forgotten`](super::forgotten), which a
-//!   copy checks on every read (a re-created id is thus never served from an old copy).
+//!   and its key expires only after the grant is [`forgotten`](super::forgotten), which a copy
+//!   is checked for on every read (window and status checks also run on every request).
 //! - A revocation is written first where the reservation script reads it (the ledger's session
-//!   state, `Sponsor::revoke_session`), and every request under a grant runs that script, stubs
-//!   and explanations included: a revoked session is refused there whatever the copy says.
-//!   A copy only changes which step refuses it. This replica forgets its copy when it revokes;
-//!   another replica's copy lives at most [`MAX_AGE`].
+//!   state, `Sponsor::revoke_session`), and every request under a grant runs that script,
+//!   stubs and explanations included, before anything else it does (even handing back an
+//!   answer given before): a revoked session is refused there whatever the copy says.
+//!
+//! What a copy older than a revocation does change, for at most [`MAX_AGE`] on a replica that
+//! did not revoke (the one that did forgets its copy): the request passes the grant's own
+//! checks, counts against its rate limits and is signed (the signature is dropped when the
+//! ledger refuses) before `session_revoked` comes back, and an explanation shows the grant's
+//! checks as passed. Two things the ledger does not see also wait up to [`MAX_AGE`]: a grant
+//! key deleted by hand (revoke instead: docs/operations.md), and, on a Redis Cluster, a
+//! revocation whose ledger write a failover lost while the grant's own write survived.
 //!
 //! Bounded: at most [`CAPACITY`] grants, in two generations (a grant read again moves to the
-//! newer; when the newer is full the older is dropped), each copy at most [`MAX_AGE`] old.
-//! Unknown ids are not remembered: they cost their round trip every time, and cannot fill it.
+//! newer one, keeping its age; when the newer is full the older is dropped). Unknown ids are not
+//! remembered: they cost their round trip every time, and cannot fill it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -24,15 +31,14 @@ use alloy::primitives::B256;
 use super::SessionGrant;
 
 /// Most grants kept (both generations together).
-pub const CAPACITY: usize = 65_536;
+pub(crate) const CAPACITY: usize = 65_536;
 
-/// Longest a copy is served: how long another replica's revocation may go unseen before the
-/// ledger step (which sees it at once).
-pub const MAX_AGE: Duration = Duration::from_secs(30);
+/// Longest a copy is served (see the module doc for what a stale one changes).
+pub(crate) const MAX_AGE: Duration = Duration::from_secs(10);
 
 /// Copies of grants by id (see the module doc).
 #[derive(Debug)]
-pub struct GrantCache {
+pub(crate) struct GrantCache {
     generations: Mutex<Generations>,
     /// Grants per generation.
     per_generation: usize,
@@ -57,8 +63,8 @@ impl Default for GrantCache {
 }
 
 impl GrantCache {
-    /// A cache of at most `capacity` grants (at least two).
-    pub fn with_capacity(capacity: usize) -> Self {
+    /// A cache of at most `capacity` grants (rounded down to an even number, at least 2).
+    pub(crate) fn with_capacity(capacity: usize) -> Self {
         Self {
             generations: Mutex::default(),
             per_generation: (capacity / 2).max(1),
@@ -66,7 +72,7 @@ impl GrantCache {
     }
 
     /// The copy of grant `id` read at most [`MAX_AGE`] before `now`.
-    pub fn get(&self, id: B256, now: Instant) -> Option<Arc<SessionGrant>> {
+    pub(crate) fn get(&self, id: B256, now: Instant) -> Option<Arc<SessionGrant>> {
         let mut g = self.lock();
         let fresh = |c: &Kept| now.saturating_duration_since(c.read_at) <= MAX_AGE;
         if let Some(c) = g.newer.get(&id) {
@@ -82,29 +88,30 @@ impl GrantCache {
         Some(grant)
     }
 
-    /// Keep a copy of `grant`, read from the store at `read_at`.
-    pub fn insert(&self, grant: Arc<SessionGrant>, read_at: Instant) {
-        let id = grant.session_id;
+    /// Keep a copy of grant `id`, read from the store at `read_at`.
+    pub(crate) fn insert(&self, id: B256, grant: Arc<SessionGrant>, read_at: Instant) {
         let mut g = self.lock();
         g.older.remove(&id);
         self.put(&mut g, id, Kept { grant, read_at });
     }
 
-    /// Drop the copy of grant `id` (this replica revoked it).
-    pub fn forget(&self, id: B256) {
+    /// Drop the copy of grant `id` (this replica revokes or creates it).
+    pub(crate) fn forget(&self, id: B256) {
         let mut g = self.lock();
         g.newer.remove(&id);
         g.older.remove(&id);
     }
 
     /// Copies kept (both generations).
-    pub fn len(&self) -> usize {
+    #[cfg(test)]
+    fn len(&self) -> usize {
         let g = self.lock();
         g.newer.len() + g.older.len()
     }
 
     /// Whether no copy is kept.
-    pub fn is_empty(&self) -> bool {
+    #[cfg(test)]
+    fn is_empty(&self) -> bool {
         self.len() == 0
     }
 
@@ -149,7 +156,7 @@ mod tests {
     fn a_copy_is_served_until_it_is_too_old() {
         let cache = GrantCache::default();
         let t0 = Instant::now();
-        cache.insert(grant(1), t0);
+        cache.insert(B256::repeat_byte(1), grant(1), t0);
         assert_eq!(
             cache
                 .get(B256::repeat_byte(1), t0 + MAX_AGE)
@@ -173,7 +180,7 @@ mod tests {
         let cache = GrantCache::with_capacity(4);
         let t0 = Instant::now();
         for n in 0..100 {
-            cache.insert(grant(n), t0);
+            cache.insert(B256::repeat_byte(n), grant(n), t0);
             // Grant 0 is read between inserts: it stays however many others pass through.
             assert!(cache.get(B256::repeat_byte(0), t0).is_some(), "after {n}");
             assert!(cache.len() <= 4, "{} copies after {n}", cache.len());
@@ -183,11 +190,37 @@ mod tests {
     }
 
     #[test]
-    fn a_revoked_grant_is_forgotten() {
-        let cache = GrantCache::default();
+    fn a_copy_read_often_still_ages() {
+        let cache = GrantCache::with_capacity(4);
         let t0 = Instant::now();
-        cache.insert(grant(1), t0);
+        let id = B256::repeat_byte(1);
+        cache.insert(id, grant(1), t0);
+        for (i, n) in (2..=9).enumerate() {
+            // Others pass through; the copy moves between generations as it is read.
+            cache.insert(B256::repeat_byte(n), grant(n), t0);
+            let at = t0 + MAX_AGE / 10 * u32::try_from(i).unwrap_or(0);
+            assert!(cache.get(id, at).is_some(), "read {i}");
+        }
+        assert!(
+            cache
+                .get(id, t0 + MAX_AGE + Duration::from_millis(1))
+                .is_none(),
+            "its age counts from the store read, not from the last hit"
+        );
+    }
+
+    #[test]
+    fn a_forgotten_copy_is_gone_from_either_generation() {
+        let cache = GrantCache::with_capacity(4);
+        let t0 = Instant::now();
+        for n in 1..=3 {
+            cache.insert(B256::repeat_byte(n), grant(n), t0);
+        }
+        // 1 and 2 are in the older generation now, 3 in the newer.
         cache.forget(B256::repeat_byte(1));
+        cache.forget(B256::repeat_byte(3));
         assert!(cache.get(B256::repeat_byte(1), t0).is_none());
+        assert!(cache.get(B256::repeat_byte(3), t0).is_none());
+        assert!(cache.get(B256::repeat_byte(2), t0).is_some());
     }
 }

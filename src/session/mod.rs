@@ -3,14 +3,14 @@
 //! grant, budgets the smaller of both. Revocation is a status change that the very next
 //! request reads; the ledger keeps its own copy of it (and the session's token totals) where
 //! the reservation script sees it, so a request that read the grant before a revocation is
-//! still refused after it.
+//! still refused after it, as is one served from a replica's copy of the grant.
 //!
 //! - [`grant`]: the model, parsing of admin requests (errors with JSON paths), narrowing
 //!   checks against the policy, and the per-operation checks.
 //! - [`memory`] and [`redis`]: the two stores behind [`SessionStore`]; `codec`: a grant as Redis
-//!   stores it.
+//!   stores it; [`cache`]: the copies of grants a replica keeps for sponsorships.
 
-pub mod cache;
+pub(crate) mod cache;
 mod codec;
 pub mod grant;
 pub mod memory;

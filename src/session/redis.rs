@@ -1,5 +1,6 @@
-//! Sessions in Redis, shared by every replica: a revocation is seen by the next request on
-//! any of them, since each sponsorship reads the grant (one round trip: `GET`).
+//! Sessions in Redis, shared by every replica. A sponsorship reads its grant with one `GET`,
+//! or takes this replica's copy of it read within 10 s ([`super::cache`]); a revocation is
+//! seen by the next request on any replica all the same, since the ledger step reads it.
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -30,7 +31,7 @@ use super::{
 #[derive(Clone)]
 pub struct RedisSessions {
     conn: RedisConn,
-    /// The sponsorship path's copies of grants ([`GrantCache`]).
+    /// The sponsorship path's copies of grants ([`super::cache`]).
     cache: Arc<GrantCache>,
     revoke: redis::Script,
     revoke_legacy: redis::Script,
@@ -285,6 +286,8 @@ impl RedisSessions {
         if created.is_none() {
             return Ok(false);
         }
+        // A copy of an earlier grant of this id (its key deleted by hand) is not served here.
+        self.cache.forget(grant.session_id);
         Ok(true)
     }
 
@@ -314,8 +317,13 @@ impl RedisSessions {
         let Some(grant) = self.get(id).await? else {
             return Ok(None);
         };
+        // The id asked for is the one the ledger's session state and the copy are kept under
+        // (an old-layout grant carries its id in its JSON, which could say another).
+        if grant.session_id != id {
+            return Err(StoreError::Corrupt(id));
+        }
         let grant = Arc::new(grant);
-        self.cache.insert(grant.clone(), read_at);
+        self.cache.insert(id, grant.clone(), read_at);
         Ok(Some(grant))
     }
 

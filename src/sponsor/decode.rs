@@ -1,8 +1,6 @@
 //! Step 1, no I/O: the EntryPoint and our paymaster for it, the gas fields, the paymaster gas
 //! limits the signature will commit to, and what the operation really calls.
 
-use std::sync::OnceLock;
-
 use alloy::primitives::{Address, U256};
 
 use super::{Mode, Reason, Rejection, Sponsor, SponsorError, SponsorRequest};
@@ -25,17 +23,12 @@ pub(super) struct Decoded {
     pub(super) calls: Vec<Call>,
     /// Worst-case cost with `gas` (DESIGN §3).
     pub(super) max_cost: U256,
-    /// The operation's initCode and callData hashes, computed by the first step that needs
-    /// them (signing and reserving; a stub needs none).
-    digests: OnceLock<OpDigests>,
+    /// The operation's initCode and callData hashes, for every digest of it (the paymaster
+    /// hash, the idempotency key, the userOpHash).
+    pub(super) digests: OpDigests,
 }
 
 impl Decoded {
-    /// `op`'s [`OpDigests`], computed once: `op` is the request's, which this was decoded from.
-    pub(super) fn digests(&self, op: &UserOperation) -> &OpDigests {
-        self.digests.get_or_init(|| op.digests())
-    }
-
     /// What the policy checks look at.
     pub(super) fn context<'a>(
         &'a self,
@@ -139,7 +132,7 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
         gas,
         calls,
         max_cost: op.max_cost(gas),
-        digests: OnceLock::new(),
+        digests: op.digests(),
     })
 }
 

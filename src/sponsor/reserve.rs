@@ -1,7 +1,7 @@
 //! Step 8: the one atomic ledger step (DESIGN §1, §5). In one `EVALSHA` (or one critical
-//! section in memory): the answer already given for the same operation, if still valid long
-//! enough; the session's status (a revocation that has answered is never followed by a
-//! signature); the worst-case cost in every budget scope; the operation's ERC-20 spending
+//! section in memory): the session's status (a revocation that has answered is never followed
+//! by a signature, nor by an answer given before it); the answer already given for the same
+//! operation, if still valid long enough; the worst-case cost in every budget scope; the operation's ERC-20 spending
 //! against the session's caps. Stubs and explanations run the same step to check, and reserve
 //! nothing.
 
@@ -85,7 +85,7 @@ pub(super) async fn reserve(
             req.chain_id,
             req.entry_point,
             req.op,
-            decoded.digests(req.op),
+            &decoded.digests,
             decoded.gas,
         ),
         landing_key: landing_key(req.chain_id, req.entry_point, req.op.sender, req.op.nonce),
@@ -99,7 +99,7 @@ pub(super) async fn reserve(
                 user_op_hash_with(
                     decoded.version,
                     req.op,
-                    decoded.digests(req.op),
+                    &decoded.digests,
                     Some(&data.fields(decoded.paymaster, decoded.gas, layout)),
                     req.entry_point,
                     req.chain_id,

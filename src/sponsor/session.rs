@@ -1,5 +1,6 @@
-//! Steps 2 and 4: the session grant the context names (the one store read of the hot path),
-//! then, once its policy is chosen, the grant's own checks and the session key's proof.
+//! Steps 2 and 4: the session grant the context names (the one store read of the hot path, or
+//! this replica's recent copy: [`crate::session::cache`]), then, once its policy is chosen, the
+//! grant's own checks and the session key's proof.
 
 use std::sync::Arc;
 

@@ -21,7 +21,7 @@ pub(super) fn sign(
     }
     let hash = paymaster_hash_with(
         req.op,
-        decoded.digests(req.op),
+        &decoded.digests,
         decoded.gas,
         decoded.paymaster,
         req.chain_id,

@@ -929,8 +929,9 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
 
 /// A replica keeps a copy of each grant it read (`session::cache`, for up to 30 s), so it does
 /// not see another replica's revocation at once. Its copy must not decide: the ledger step reads
-/// the revocation, and every request under a grant runs it, signed ones and stubs alike. (Before
-/// the copies, each request read the grant from Redis.)
+/// the revocation, and every request under a grant runs it, signed ones, stubs and explanations
+/// alike, before it hands back even an answer given earlier. A guard written with the copies
+/// (before them, each request read the grant from Redis): without the ledger's check it fails.
 #[tokio::test]
 async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -972,6 +973,21 @@ async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestRes
         )
         .await?;
     assert_eq!(stub["data"]["reason"], json!("session_revoked"), "{stub}");
+    let explained = a
+        .result(
+            "pm_explainSponsorship",
+            json!([transfer_op(account, 1, 3).to_json(), ep07, ctx.clone()]),
+        )
+        .await?;
+    assert_eq!(explained["decision"], json!("rejected"), "{explained}");
+    assert_eq!(
+        explained["rejection"]["reason"],
+        json!("session_revoked"),
+        "{explained}"
+    );
+    // The operation signed before the revocation, asked again: not handed out again either.
+    let v = sponsor(&a, &transfer_op(account, 1, 1).to_json(), ep07, ctx).await?;
+    assert_eq!(reason(&v), "session_revoked", "{v}");
     // Nothing was spent under it after the revocation: the first transfer's 1 only.
     assert_eq!(spent(&b, session).await?, json!("1"));
     Ok(())
