@@ -834,6 +834,21 @@ fn bracketed(load: impl FnOnce() -> Result<Load, Error>) -> Result<Load, Error> 
     Ok(load)
 }
 
+/// The service's `sp_session_grant_reads_total` so far: (from copies, from the store).
+async fn grant_reads(service: &Service) -> Result<(u64, u64), Error> {
+    let text = reqwest::get(format!("{}metrics", service.url()))
+        .await?
+        .text()
+        .await?;
+    let count = |source: &str| {
+        let prefix = format!("sp_session_grant_reads_total{{source=\"{source}\"}} ");
+        text.lines()
+            .find_map(|l| l.strip_prefix(prefix.as_str()))
+            .map_or(Ok(0), str::parse)
+    };
+    Ok((count("copy")?, count("store")?))
+}
+
 /// Create grants `1..=n`: session `g` for account `g`, under the bench policy.
 async fn create_grants(service: &Service, n: u64) -> Result<(), Error> {
     let client = reqwest::Client::new();
@@ -1026,7 +1041,8 @@ async fn main() -> Result<(), Error> {
 
     floors.push(k256_floor()?);
 
-    // Under session grants: session + sender + policy budgets, grant read from Redis.
+    // Under session grants: session + sender + policy budgets, the grant read from Redis or
+    // from the service's copy of it.
     if want("session") {
         // On an empty keyspace: grown by the loads before, its table would double during the
         // grants (a step of megabytes that says nothing about a grant).
@@ -1043,9 +1059,22 @@ async fn main() -> Result<(), Error> {
             "grants".into(),
             json!({ "count": grants, "bytes_per_grant": per_grant }),
         );
+        let reads0 = grant_reads(&service).await?;
         let sess = measured(&service, Some(&redis), || {
             wrk(&url, &template, base, grants, secs)
         })?;
+        // Each replica keeps copies of the grants it read (session::cache, 10 s each): under
+        // this load a grant comes round every GRANTS / rate seconds.
+        let reads = grant_reads(&service).await?;
+        let (copies, store) = (reads.0 - reads0.0, reads.1 - reads0.1);
+        println!(
+            "grants of the session load read from this replica's copies: {:.0} % ({copies} copies, {store} from Redis)",
+            100.0 * copies as f64 / (copies + store).max(1) as f64
+        );
+        results.insert(
+            "grant_reads".into(),
+            json!({ "copy": copies, "store": store }),
+        );
         rows.push((
             format!("sponsor under sessions ({grants} grants)"),
             "sponsor_session",

@@ -19,6 +19,7 @@ use prometheus_client::registry::Registry;
 
 use crate::rejection::Reason;
 use crate::rpc::METHODS;
+use crate::session::GrantSource;
 
 /// Upper bounds of the latency buckets, seconds.
 const BUCKETS: [f64; 12] = [
@@ -46,6 +47,11 @@ const OTHER_REASONS: [&str; 7] = [
 struct RequestLabels {
     method: &'static str,
     outcome: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct SourceLabels {
+    source: &'static str,
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
@@ -111,6 +117,7 @@ pub struct Metrics {
     pub reserve_seconds: Latency,
     /// Signatures.
     pub sign_seconds: Latency,
+    grant_reads: Family<SourceLabels, Counter>,
     policies: Gauge,
     rate_limit_keys: Gauge,
     budget_remaining: Family<BudgetLabels, Gauge>,
@@ -132,6 +139,7 @@ impl Default for Metrics {
             request_seconds: Latency::default(),
             reserve_seconds: Latency::default(),
             sign_seconds: Latency::default(),
+            grant_reads: Family::default(),
             policies: Gauge::default(),
             rate_limit_keys: Gauge::default(),
             budget_remaining: Family::default(),
@@ -168,6 +176,11 @@ impl Default for Metrics {
             "sp_sign_seconds",
             "Signing latency",
             m.sign_seconds.0.clone(),
+        );
+        r.register(
+            "sp_session_grant_reads",
+            "Session grants read for sponsorships, by source: this replica's copy or the store",
+            m.grant_reads.clone(),
         );
         r.register("sp_policies", "Policies in force", m.policies.clone());
         r.register(
@@ -242,6 +255,17 @@ impl Metrics {
             .get_or_create(&RequestLabels { method, outcome })
             .inc();
         self.request_seconds.observe(took);
+    }
+
+    /// A sponsorship read its session grant from this replica's copy or from the store.
+    pub fn grant_read(&self, from: GrantSource) {
+        let source = match from {
+            GrantSource::Copy => "copy",
+            GrantSource::Store => "store",
+        };
+        self.grant_reads
+            .get_or_create(&SourceLabels { source })
+            .inc();
     }
 
     /// A call was refused for `reason` (the `reason` of its error data); anything not in the

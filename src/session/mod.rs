@@ -49,6 +49,15 @@ pub enum StoreError {
     Corrupt(B256),
 }
 
+/// Where a sponsorship's grant came from (`sp_session_grant_reads`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GrantSource {
+    /// This replica's copy ([`cache`]).
+    Copy,
+    /// The store (Redis, or this process' memory).
+    Store,
+}
+
 /// One page of an account's sessions.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Page {
@@ -84,14 +93,15 @@ impl SessionStore {
         }
     }
 
-    /// The grant with this id, for a sponsorship: from Redis, a copy of this replica's when it
-    /// is recent enough ([`cache`]: the ledger step, not this read, refuses a revoked session).
+    /// The grant with this id, for a sponsorship, and where it came from: from Redis, a copy
+    /// of this replica's when it is recent enough ([`cache`]: the ledger step, not this read,
+    /// refuses a revoked session).
     pub async fn get_for_sponsorship(
         &self,
         id: B256,
-    ) -> Result<Option<Arc<SessionGrant>>, StoreError> {
+    ) -> Result<(Option<Arc<SessionGrant>>, GrantSource), StoreError> {
         match self {
-            Self::Memory(m) => Ok(m.get(id).map(Arc::new)),
+            Self::Memory(m) => Ok((m.get(id).map(Arc::new), GrantSource::Store)),
             Self::Redis(r) => r.get_for_sponsorship(id).await,
         }
     }

@@ -24,7 +24,8 @@ use redis::cluster_async::ClusterConnection;
 
 use super::cache::GrantCache;
 use super::{
-    Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError, codec, forgotten, unix_now,
+    GrantSource, Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError, codec, forgotten,
+    unix_now,
 };
 
 /// Redis-backed session store.
@@ -308,14 +309,15 @@ impl RedisSessions {
     pub(super) async fn get_for_sponsorship(
         &self,
         id: B256,
-    ) -> Result<Option<Arc<SessionGrant>>, StoreError> {
+    ) -> Result<(Option<Arc<SessionGrant>>, GrantSource), StoreError> {
         // Its age counts from before the read: a revocation that answered before then is in it.
         let read_at = Instant::now();
         if let Some(grant) = self.cache.get(id, read_at) {
-            return Ok(Some(grant).filter(|g| !forgotten(g, unix_now())));
+            let live = Some(grant).filter(|g| !forgotten(g, unix_now()));
+            return Ok((live, GrantSource::Copy));
         }
         let Some(grant) = self.get(id).await? else {
-            return Ok(None);
+            return Ok((None, GrantSource::Store));
         };
         // The id asked for is the one the ledger's session state and the copy are kept under
         // (an old-layout grant carries its id in its JSON, which could say another).
@@ -324,7 +326,7 @@ impl RedisSessions {
         }
         let grant = Arc::new(grant);
         self.cache.insert(id, grant.clone(), read_at);
-        Ok(Some(grant))
+        Ok((Some(grant), GrantSource::Store))
     }
 
     /// A grant of the layout before 0.2 (one more round trip, for unknown ids only).

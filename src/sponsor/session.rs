@@ -16,17 +16,15 @@ pub(super) async fn load(
     let Some(id) = context.session_id else {
         return Ok(None);
     };
-    let grant = sponsor
-        .sessions
-        .get_for_sponsorship(id)
-        .await?
-        .ok_or_else(|| {
-            Rejection::new(
-                Reason::SessionNotFound,
-                "context.sessionId",
-                format!("no session {id}"),
-            )
-        })?;
+    let (grant, source) = sponsor.sessions.get_for_sponsorship(id).await?;
+    sponsor.metrics.grant_read(source);
+    let grant = grant.ok_or_else(|| {
+        Rejection::new(
+            Reason::SessionNotFound,
+            "context.sessionId",
+            format!("no session {id}"),
+        )
+    })?;
     Ok(Some(grant))
 }
 

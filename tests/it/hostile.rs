@@ -14,7 +14,7 @@ use alloy::sol_types::{SolCall, SolValue};
 use serde_json::{Value, json};
 use session_paymaster::app::unix_now;
 use session_paymaster::ledger::{GRACE_SECS, Outcome, Reservation, SessionCharge, landing_key};
-use session_paymaster::session::SessionStatus;
+use session_paymaster::session::{GrantSource, SessionStatus};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
@@ -955,14 +955,14 @@ async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestRes
     .await?;
     assert_eq!(status, 200);
     // Replica a still holds its copy, active: without the ledger's check it would sign.
-    let copy = a
+    let (copy, source) = a
         .state
         .sponsor
         .sessions()
         .get_for_sponsorship(session)
-        .await?
-        .ok_or("a's copy")?;
-    assert_eq!(copy.status, SessionStatus::Active);
+        .await?;
+    assert_eq!(source, GrantSource::Copy);
+    assert_eq!(copy.ok_or("a's copy")?.status, SessionStatus::Active);
 
     let v = sponsor(&a, &transfer_op(account, 1, 2).to_json(), ep07, ctx.clone()).await?;
     assert_eq!(reason(&v), "session_revoked", "{v}");
@@ -990,6 +990,17 @@ async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestRes
     assert_eq!(reason(&v), "session_revoked", "{v}");
     // Nothing was spent under it after the revocation: the first transfer's 1 only.
     assert_eq!(spent(&b, session).await?, json!("1"));
+    // The first request read the grant from Redis; the four after the revocation, a's copy.
+    let text = reqwest::get(format!("{}/metrics", a.url))
+        .await?
+        .text()
+        .await?;
+    for line in [
+        "sp_session_grant_reads_total{source=\"store\"} 1",
+        "sp_session_grant_reads_total{source=\"copy\"} 4",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
+    }
     Ok(())
 }
 
