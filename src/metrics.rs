@@ -259,12 +259,10 @@ impl Metrics {
 
     /// A sponsorship read its session grant from this replica's copy or from the store.
     pub fn grant_read(&self, from: GrantSource) {
-        let source = match from {
-            GrantSource::Copy => "copy",
-            GrantSource::Store => "store",
-        };
         self.grant_reads
-            .get_or_create(&SourceLabels { source })
+            .get_or_create(&SourceLabels {
+                source: from.as_str(),
+            })
             .inc();
     }
 

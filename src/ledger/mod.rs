@@ -11,8 +11,9 @@
 //!
 //! Under a session the same atomic step first refuses a revoked session (so a revocation that
 //! has answered is never followed by a signature, nor by an answer given before it: a replica
-//! may sponsor from a copy of the grant that predates the revocation) and records the operation's ERC-20 spending
-//! against the session's caps (uint256 totals, kept as decimal strings).
+//! may sponsor from a copy of the grant that predates the revocation) and records the
+//! operation's ERC-20 spending against the session's caps (uint256 totals, kept as decimal
+//! strings).
 //!
 //! A reservation is closed once: settled to the `actualGasCost` of its `UserOperationEvent`
 //! (the chain watcher), or released when a confirmed block is past its `validUntil` without

@@ -43,18 +43,18 @@
 -- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
--- HGET of its status), per scope HMGET and HSET (and EXPIRE when the counter is new or is to live longer), TIME once, then SET and
--- APPEND (the bucket's TTL and index entry are written by the reservation that creates the
--- bucket, once per 10 s per policy).
+-- HGET of its status), per scope HMGET and HSET (and EXPIRE when the counter is new or is to
+-- live longer), TIME once, then SET and APPEND (the bucket's TTL and index entry are written by
+-- the reservation that creates the bucket, once per 10 s per policy).
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
--- answer is still good (or it landed), and its session (if any) is not revoked: nothing changes;
--- {2, scope, resource, limit, used} when a budget would be exceeded (the service knows what it
--- asked);
--- {3} when the session is revoked (checked before anything else); {4, field, limit, spent, requested} when a token cap would
--- be exceeded; {5, open} when the nonce already has that many open reservations (under the
--- session, or at all). Only {0} outside check-only mode changes anything.
+-- answer is still good (or it landed), and its session (if any) is not revoked: nothing
+-- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the service knows
+-- what it asked); {3} when the session is revoked (checked before anything else);
+-- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
+-- nonce already has that many open reservations (under the session, or at all). Only {0}
+-- outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; they are written back with %d, never as floats.
 -- A counter is made to live longer only when that gains more than this many seconds: the

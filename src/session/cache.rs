@@ -10,8 +10,9 @@
 //!   stubs and explanations included, before anything else it does (even handing back an
 //!   answer given before): a revoked session is refused there whatever the copy says.
 //!
-//! What a copy older than a revocation does change, for at most [`MAX_AGE`] on a replica that
-//! did not revoke (the one that did forgets its copy): the request passes the grant's own
+//! What a copy older than a revocation does change, for at most [`MAX_AGE`] (the replica that
+//! revoked forgets its copy once the status is written; a read in flight then may leave one):
+//! the request passes the grant's own
 //! checks, counts against its rate limits and is signed (the signature is dropped when the
 //! ledger refuses) before `session_revoked` comes back, and an explanation shows the grant's
 //! checks as passed. Two things the ledger does not see also wait up to [`MAX_AGE`]: a grant
@@ -195,11 +196,13 @@ mod tests {
         let t0 = Instant::now();
         let id = B256::repeat_byte(1);
         cache.insert(id, grant(1), t0);
-        for (i, n) in (2..=9).enumerate() {
+        for (n, tenth) in (2u8..=9).zip(0u32..) {
             // Others pass through; the copy moves between generations as it is read.
             cache.insert(B256::repeat_byte(n), grant(n), t0);
-            let at = t0 + MAX_AGE / 10 * u32::try_from(i).unwrap_or(0);
-            assert!(cache.get(id, at).is_some(), "read {i}");
+            assert!(
+                cache.get(id, t0 + MAX_AGE / 10 * tenth).is_some(),
+                "read {n}"
+            );
         }
         assert!(
             cache

@@ -54,8 +54,18 @@ pub enum StoreError {
 pub enum GrantSource {
     /// This replica's copy ([`cache`]).
     Copy,
-    /// The store (Redis, or this process' memory).
+    /// The store (Redis, or this process' memory), including ids it does not know.
     Store,
+}
+
+impl GrantSource {
+    /// Its label value: `copy` or `store`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Copy => "copy",
+            Self::Store => "store",
+        }
+    }
 }
 
 /// One page of an account's sessions.

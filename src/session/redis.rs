@@ -1,5 +1,5 @@
 //! Sessions in Redis, shared by every replica. A sponsorship reads its grant with one `GET`,
-//! or takes this replica's copy of it read within 10 s ([`super::cache`]); a revocation is
+//! or takes this replica's recent copy of it ([`super::cache`]); a revocation is
 //! seen by the next request on any replica all the same, since the ledger step reads it.
 //!
 //! | key | type | holds |
@@ -319,11 +319,6 @@ impl RedisSessions {
         let Some(grant) = self.get(id).await? else {
             return Ok((None, GrantSource::Store));
         };
-        // The id asked for is the one the ledger's session state and the copy are kept under
-        // (an old-layout grant carries its id in its JSON, which could say another).
-        if grant.session_id != id {
-            return Err(StoreError::Corrupt(id));
-        }
         let grant = Arc::new(grant);
         self.cache.insert(id, grant.clone(), read_at);
         Ok((Some(grant), GrantSource::Store))
@@ -341,6 +336,10 @@ impl RedisSessions {
         };
         let mut grant: SessionGrant =
             serde_json::from_str(&grant).map_err(|_| StoreError::Corrupt(id))?;
+        // The id asked for is the one the ledger's session state and a copy are kept under.
+        if grant.session_id != id {
+            return Err(StoreError::Corrupt(id));
+        }
         // Fail closed: anything but an explicit "active" is treated as revoked.
         grant.status = match fields.get("status").map(String::as_str) {
             Some("active") => SessionStatus::Active,
@@ -350,8 +349,6 @@ impl RedisSessions {
     }
 
     pub(super) async fn revoke(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {
-        // A read in flight may put a copy back: the ledger refuses the session whatever it says.
-        self.cache.forget(id);
         let mut conn = self.conn.clone();
         let mut found: i64 = self
             .revoke
@@ -367,6 +364,8 @@ impl RedisSessions {
                 .await
                 .map_err(unavailable)?;
         }
+        // Once the status is written (a read in flight before then may still leave a copy).
+        self.cache.forget(id);
         if found == 0 {
             return Ok(None);
         }

@@ -5,7 +5,7 @@
 //! 1. [`decode`]: the request's chain, its EntryPoint and paymaster, gas fields, paymaster gas,
 //!    calldata into calls (no I/O).
 //! 2. [`session`]: the session grant, when the context names one (the one store read, or a
-//!    copy of it this replica read within 10 s).
+//!    copy of it this replica read recently: [`crate::session::cache`]).
 //! 3. [`select`]: the policy (the session's, the named one, or the first candidate that accepts)
 //!    and its rules ([`rules`]).
 //! 4. [`session`] again: the grant's own checks (narrowing the policy) and its proof.
@@ -15,9 +15,10 @@
 //! 7. [`sign`]: the paymaster signature (before the reservation, which records the userOpHash
 //!    that covers it).
 //! 8. [`reserve`]: the paymaster's deposit ([`deposit`], with a watcher), then one atomic
-//!    ledger step: the session's status, idempotency, the session's token caps, the worst case
-//!    in every budget scope. The signature leaves the process only if this
-//!    step took the reservation (or found the one made for the same operation).
+//!    ledger step: the session's status, idempotency, the open reservations of the nonce, the
+//!    worst case in every budget scope, the session's token caps. The signature leaves the
+//!    process only if this step took the reservation (or found the one made for the same
+//!    operation).
 //!
 //! Refusals carry a [`Reason`] ([`crate::rejection`]). No chain RPC anywhere.
 

@@ -927,7 +927,7 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
     Ok(())
 }
 
-/// A replica keeps a copy of each grant it read (`session::cache`, for up to 30 s), so it does
+/// A replica keeps a copy of each grant it read (`session::cache`, for up to 10 s), so it does
 /// not see another replica's revocation at once. Its copy must not decide: the ledger step reads
 /// the revocation, and every request under a grant runs it, signed ones, stubs and explanations
 /// alike, before it hands back even an answer given earlier. A guard written with the copies

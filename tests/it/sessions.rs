@@ -10,10 +10,10 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use alloy::sol_types::SolCall;
 use serde_json::{Value, json};
-use session_paymaster::session::SessionStore;
 use session_paymaster::session::grant::{SessionGrant, SessionStatus, proof_digest};
 use session_paymaster::session::memory::MemorySessions;
 use session_paymaster::session::redis::RedisSessions;
+use session_paymaster::session::{SessionStore, StoreError};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
@@ -546,7 +546,7 @@ async fn grants_of_the_old_layout_are_read_revoked_and_listed() -> TestResult {
     let _: () = redis::cmd("HSET")
         .arg(&key)
         .arg("grant")
-        .arg(json)
+        .arg(&json)
         .arg("status")
         .arg("active")
         .query_async(&mut c)
@@ -576,6 +576,22 @@ async fn grants_of_the_old_layout_are_read_revoked_and_listed() -> TestResult {
         store.get(old.session_id).await?.map(|g| g.status),
         Some(SessionStatus::Revoked)
     );
+    // A record whose JSON names another id than its key is unreadable, not that other grant
+    // (the ledger's session state and a replica's copy are kept under the id asked for).
+    let elsewhere = B256::repeat_byte(0x77);
+    let _: () = redis::cmd("HSET")
+        .arg(format!("sp:session:{{{elsewhere}}}"))
+        .arg("grant")
+        .arg(&json)
+        .arg("status")
+        .arg("active")
+        .query_async(&mut c)
+        .await?;
+    assert!(matches!(store.get(elsewhere).await, Err(StoreError::Corrupt(id)) if id == elsewhere));
+    assert!(matches!(
+        store.get_for_sponsorship(elsewhere).await,
+        Err(StoreError::Corrupt(_))
+    ));
     Ok(())
 }
 
