@@ -12,10 +12,9 @@
 //!
 //! What a copy older than a revocation does change, for at most [`MAX_AGE`] (the replica that
 //! revoked forgets its copy once the status is written; a read in flight then may leave one):
-//! the request passes the grant's own
-//! checks, counts against its rate limits and is signed (the signature is dropped when the
-//! ledger refuses) before `session_revoked` comes back, and an explanation shows the grant's
-//! checks as passed. Two things the ledger does not see also wait up to [`MAX_AGE`]: a grant
+//! the request passes the grant's own checks, counts against its rate limits and is signed (the
+//! signature is dropped when the ledger refuses) before `session_revoked` comes back, and an
+//! explanation shows the grant's checks as passed. Two things the ledger does not see also wait up to [`MAX_AGE`]: a grant
 //! key deleted by hand (revoke instead: docs/operations.md), and, on a Redis Cluster, a
 //! revocation whose ledger write a failover lost while the grant's own write survived.
 //!
@@ -85,7 +84,9 @@ impl GrantCache {
         }
         let c = g.older.remove(&id).filter(fresh)?;
         let grant = c.grant.clone();
-        self.put(&mut g, id, c);
+        let dropped = self.put(&mut g, id, c);
+        drop(g);
+        drop(dropped);
         Some(grant)
     }
 
@@ -93,7 +94,9 @@ impl GrantCache {
     pub(crate) fn insert(&self, id: B256, grant: Arc<SessionGrant>, read_at: Instant) {
         let mut g = self.lock();
         g.older.remove(&id);
-        self.put(&mut g, id, Kept { grant, read_at });
+        let dropped = self.put(&mut g, id, Kept { grant, read_at });
+        drop(g);
+        drop(dropped);
     }
 
     /// Drop the copy of grant `id` (this replica revokes or creates it).
@@ -116,11 +119,18 @@ impl GrantCache {
         self.len() == 0
     }
 
-    fn put(&self, g: &mut Generations, id: B256, copy: Kept) {
+    /// Put `copy` in the newer generation; when that is full it becomes the older one, and the
+    /// older one is returned, to be freed once the lock is released (tens of thousands of
+    /// grants: no request waits on that).
+    #[must_use]
+    fn put(&self, g: &mut Generations, id: B256, copy: Kept) -> Option<HashMap<B256, Kept>> {
+        let mut dropped = None;
         if g.newer.len() >= self.per_generation && !g.newer.contains_key(&id) {
-            g.older = std::mem::take(&mut g.newer);
+            let newer = std::mem::take(&mut g.newer);
+            dropped = Some(std::mem::replace(&mut g.older, newer));
         }
         g.newer.insert(id, copy);
+        dropped
     }
 
     /// A copy is only ever replaced whole, so a panic elsewhere while it was locked leaves
