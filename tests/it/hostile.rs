@@ -20,11 +20,10 @@ use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
 use crate::helpers::{
-    ADMIN_TOKEN, COUNTER, Stack, TempDir, TestApp, TestRedis, TestResult, config, counter_op,
-    repo_dir,
+    COUNTER, Stack, TempDir, TestApp, TestRedis, TestResult, config, counter_op, repo_dir,
 };
 use crate::sessions::{
-    TOKEN, admin, create_session, grant_request, proof, proof_until, transfer_op,
+    TOKEN, create_session, grant_request, proof, proof_until, revoke, transfer_op,
 };
 
 sol! {
@@ -880,14 +879,7 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
     let sponsor = &app.state.sponsor;
     // The in-flight request has read the grant: active.
     let grant = sponsor.sessions().get(session).await?.ok_or("grant")?;
-    let (status, _) = admin(
-        &app,
-        "DELETE",
-        &format!("/admin/sessions/{session}"),
-        None,
-        Some(ADMIN_TOKEN),
-    )
-    .await?;
+    let (status, _) = revoke(&app, session).await?;
     assert_eq!(status, 200);
     // It now reaches the atomic step with what it read.
     let now = unix_now();
@@ -945,14 +937,7 @@ async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestRes
     let v = sponsor(&a, &transfer_op(account, 1, 1).to_json(), ep07, ctx.clone()).await?;
     assert!(v["result"]["paymasterData"].is_string(), "{v}");
 
-    let (status, _) = admin(
-        &b,
-        "DELETE",
-        &format!("/admin/sessions/{session}"),
-        None,
-        Some(ADMIN_TOKEN),
-    )
-    .await?;
+    let (status, _) = revoke(&b, session).await?;
     assert_eq!(status, 200);
     // Replica a still holds its copy, active: without the ledger's check it would sign.
     let (copy, source) = a

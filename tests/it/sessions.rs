@@ -40,6 +40,18 @@ async fn app(redis: Option<&TestRedis>) -> TestResult<TestApp> {
     TestApp::spawn(c).await
 }
 
+/// `DELETE /admin/sessions/{session}` with the admin token: (status, body).
+pub(crate) async fn revoke(app: &TestApp, session: B256) -> TestResult<(u16, Value)> {
+    admin(
+        app,
+        "DELETE",
+        &format!("/admin/sessions/{session}"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await
+}
+
 /// An admin request; returns status and JSON body (Null when empty).
 pub(crate) async fn admin(
     app: &TestApp,
@@ -364,14 +376,7 @@ async fn sponsorship_under_a_session_checks_grant_proof_and_revocation() -> Test
         json!(["increment()"])
     );
 
-    let (code, _) = admin(
-        &app,
-        "DELETE",
-        &format!("/admin/sessions/{session}"),
-        None,
-        Some(ADMIN_TOKEN),
-    )
-    .await?;
+    let (code, _) = revoke(&app, session).await?;
     assert_eq!(code, 200);
     assert_eq!(
         reason(&sponsor(&app, &good, ctx(Some(proof(&key, &good, session)?))).await?),
@@ -537,20 +542,22 @@ async fn grants_of_the_old_layout_are_read_revoked_and_listed() -> TestResult {
     let old = grant(1, account, 10);
     let client = redis::Client::open(redis.url.as_str())?;
     let mut c = client.get_multiplexed_async_connection().await?;
-    let key = format!("sp:session:{{{}}}", old.session_id);
     // The JSON 0.1 wrote (a literal: not today's serialiser).
     let json = format!(
         r#"{{"sessionId":"{}","account":"{account}","sessionKey":"{}","chainId":31337,"policy":"dev-counter","validAfter":1,"validUntil":4000000000,"status":"active","createdAt":10}}"#,
         old.session_id, old.session_key
     );
-    let _: () = redis::cmd("HSET")
-        .arg(&key)
-        .arg("grant")
-        .arg(&json)
-        .arg("status")
-        .arg("active")
-        .query_async(&mut c)
-        .await?;
+    // 0.1's record of a grant: its JSON and status in a hash keyed by `id`.
+    let put_old = |id: B256| {
+        let mut cmd = redis::cmd("HSET");
+        cmd.arg(format!("sp:session:{{{id}}}"))
+            .arg("grant")
+            .arg(&json)
+            .arg("status")
+            .arg("active");
+        cmd
+    };
+    let _: () = put_old(old.session_id).query_async(&mut c).await?;
     let _: () = redis::cmd("ZADD")
         .arg(format!("sp:account-sessions:{account}"))
         .arg(10)
@@ -579,14 +586,7 @@ async fn grants_of_the_old_layout_are_read_revoked_and_listed() -> TestResult {
     // A record whose JSON names another id than its key is unreadable, not that other grant
     // (the ledger's session state and a replica's copy are kept under the id asked for).
     let elsewhere = B256::repeat_byte(0x77);
-    let _: () = redis::cmd("HSET")
-        .arg(format!("sp:session:{{{elsewhere}}}"))
-        .arg("grant")
-        .arg(&json)
-        .arg("status")
-        .arg("active")
-        .query_async(&mut c)
-        .await?;
+    let _: () = put_old(elsewhere).query_async(&mut c).await?;
     assert!(matches!(store.get(elsewhere).await, Err(StoreError::Corrupt(id)) if id == elsewhere));
     assert!(matches!(
         store.get_for_sponsorship(elsewhere).await,
@@ -616,14 +616,7 @@ async fn revocation_is_seen_by_another_instance_sharing_redis() -> TestResult {
     .await?;
     let good = op(account, "increment()");
     assert!(sponsor(&two, &good, json!({ "sessionId": session })).await?["result"].is_object());
-    let (code, _) = admin(
-        &one,
-        "DELETE",
-        &format!("/admin/sessions/{session}"),
-        None,
-        Some(ADMIN_TOKEN),
-    )
-    .await?;
+    let (code, _) = revoke(&one, session).await?;
     assert_eq!(code, 200);
     assert_eq!(
         reason(&sponsor(&two, &good, json!({ "sessionId": session })).await?),
