@@ -9,15 +9,18 @@ arguments. docs/performance.md ("Redis CPU") quotes it.
 
     python3 benches/reserve_lua.py [N=50000]
     python3 benches/reserve_lua.py parts [N=20000]
+    python3 benches/reserve_lua.py cuts [N=20000]
 
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
+`cuts` runs reserve.lua itself cut short after each of its steps (a return there), on the
+same operations, each median of 3 interleaved rounds: what each step adds.
 """
 import os, socket, statistics, struct, subprocess, sys, tempfile, time
 
-PARTS = len(sys.argv) > 1 and sys.argv[1] == 'parts'
-ARGS = sys.argv[2:] if PARTS else sys.argv[1:]
-N = int(ARGS[0]) if ARGS else (20000 if PARTS else 50000)
+MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ('parts', 'cuts') else None
+ARGS = sys.argv[2:] if MODE else sys.argv[1:]
+N = int(ARGS[0]) if ARGS else (20000 if MODE else 50000)
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
@@ -145,6 +148,35 @@ def parts(r):
         print('%-36s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
 
 
+# reserve.lua cut after these steps (the text before each marker runs, then `return {0}`).
+CUTS = [
+    ('arguments unpacked', 'local stored = load_nonce'),
+    ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
+    ('the session status and a repeat checked', "-- The scope names of KEYS[5..]"),
+    ('open reservations counted', 'local counters = {}'),
+    ('counters read and checked (HMGET, tonumber)', 'local totals = {}'),
+    ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session then\n  for _, t in ipairs(totals)'),
+    ('the record written (SET, APPEND): the whole script', None),
+]
+
+
+def cuts(r):
+    lib = open(os.path.join(LUA, 'lib.lua')).read()
+    script = open(os.path.join(LUA, 'reserve.lua')).read()
+    results = {}
+    for _ in range(3):
+        for label, marker in CUTS:
+            body = lib + (script if marker is None else
+                          script[:script.index(marker)] + '\ndo return {0} end\n')
+            sha = r.call('SCRIPT', 'LOAD', body.encode())
+            r.call('FLUSHALL')
+            r.call('CONFIG', 'RESETSTAT')
+            r.pipelined(operations(sha, N))
+            results.setdefault(label, []).append(commandstats(r)['evalsha'][1])
+    for label, runs in results.items():
+        print('%-52s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
+
+
 def main():
     port = free_port()
     with tempfile.TemporaryDirectory() as d:
@@ -153,8 +185,10 @@ def main():
                                   stdout=subprocess.DEVNULL)
         try:
             r = Redis(port)
-            if PARTS:
+            if MODE == 'parts':
                 return parts(r)
+            if MODE == 'cuts':
+                return cuts(r)
             script = open(os.path.join(LUA, 'lib.lua'), 'rb').read() + \
                 open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, body in (('reserve.lua', script), ('an empty script, same arguments', b'return {0}'),

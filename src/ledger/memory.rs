@@ -23,14 +23,79 @@ pub struct MemoryLedger {
 
 type PolicyKey = (String, B256);
 
+/// A map in [`PARTS`] parts, each key in the part its [`Part::part`] names. A part grows (and
+/// copies its entries into a larger table) on its own: one map of half a million reservations
+/// did so in one go, and every request waited the 0.4-0.6 s it took (`scripts/bench http`, the
+/// embedded default's second window, when it crossed 458,752 records: docs/performance.md).
+#[derive(Debug)]
+struct Parts<K, V>(Box<[HashMap<K, V>]>);
+
+/// How many parts a [`Parts`] has.
+const PARTS: usize = 64;
+
+/// Which part of a [`Parts`] a key is in.
+trait Part {
+    fn part(&self) -> usize;
+}
+
+impl Part for PolicyKey {
+    /// Op and landing keys are hashes: their first byte is spread evenly.
+    fn part(&self) -> usize {
+        usize::from(self.1[0]) % PARTS
+    }
+}
+
+impl Part for (String, String) {
+    /// Scope names share long prefixes and suffixes (`sender:0x…:20789`): all of it is hashed.
+    fn part(&self) -> usize {
+        use std::hash::{Hash, Hasher};
+        let mut h = std::hash::DefaultHasher::new();
+        self.1.hash(&mut h);
+        // Any bits of the hash pick a part as well as the others.
+        (h.finish() % PARTS as u64) as usize
+    }
+}
+
+impl<K, V> Default for Parts<K, V> {
+    fn default() -> Self {
+        Self((0..PARTS).map(|_| HashMap::new()).collect())
+    }
+}
+
+impl<K: Part + Eq + std::hash::Hash, V> Parts<K, V> {
+    fn get(&self, key: &K) -> Option<&V> {
+        self.0[key.part()].get(key)
+    }
+
+    fn get_mut(&mut self, key: &K) -> Option<&mut V> {
+        self.0[key.part()].get_mut(key)
+    }
+
+    fn contains_key(&self, key: &K) -> bool {
+        self.0[key.part()].contains_key(key)
+    }
+
+    fn insert(&mut self, key: K, value: V) -> Option<V> {
+        self.0[key.part()].insert(key, value)
+    }
+
+    fn remove(&mut self, key: &K) -> Option<V> {
+        self.0[key.part()].remove(key)
+    }
+
+    fn entry(&mut self, key: K) -> std::collections::hash_map::Entry<'_, K, V> {
+        self.0[key.part()].entry(key)
+    }
+}
+
 #[derive(Debug, Default)]
 struct Inner {
     /// `(policy, scope)` → the counter.
-    counters: HashMap<(String, String), Counter>,
+    counters: Parts<(String, String), Counter>,
     /// `(policy, op key)` → the reservation.
-    reservations: HashMap<PolicyKey, Record>,
+    reservations: Parts<PolicyKey, Record>,
     /// `(policy, landing key)` → the op keys reserved for that nonce.
-    landings: HashMap<PolicyKey, Vec<B256>>,
+    landings: Parts<PolicyKey, Vec<B256>>,
     /// `(policy, session id)` → what reservations check and record on the session.
     sessions: HashMap<PolicyKey, SessionState>,
     /// Open reservations per policy, by validUntil: release on expiry and the oldest open one
