@@ -1179,18 +1179,22 @@ async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
     );
     assert!((4995..=5001).contains(&noted), "{noted}");
     assert_eq!(ledger.usage("p", "w").await?, (4, 4));
+    // The counter as another writer left it: its `until` (`None`: absent), its TTL if given.
+    let leave = async |until: Option<i64>, ttl: Option<i64>| -> TestResult {
+        let mut p = redis::pipe();
+        match until {
+            None => p.hdel(key, "until"),
+            Some(u) => p.hset(key, "until", u),
+        }
+        .ignore();
+        if let Some(t) = ttl {
+            p.expire(key, t).ignore();
+        }
+        p.query_async::<()>(&mut conn.clone()).await?;
+        Ok(())
+    };
     // As an earlier version left it: no `until`; extended (GT) to a later end, never shortened.
-    let mut c = conn.clone();
-    redis::cmd("HDEL")
-        .arg(key)
-        .arg("until")
-        .query_async::<i64>(&mut c)
-        .await?;
-    redis::cmd("EXPIRE")
-        .arg(key)
-        .arg(10)
-        .query_async::<i64>(&mut c)
-        .await?;
+    leave(None, Some(10)).await?;
     reserve(5, 5000).await?;
     let (ttl, noted, _) = state(conn.clone()).await?;
     assert!(
@@ -1198,26 +1202,12 @@ async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
         "extended without a note: {ttl}"
     );
     assert!((4995..=5001).contains(&noted), "and noted: {noted}");
-    redis::cmd("HDEL")
-        .arg(key)
-        .arg("until")
-        .query_async::<i64>(&mut c)
-        .await?;
-    redis::cmd("EXPIRE")
-        .arg(key)
-        .arg(10_000)
-        .query_async::<i64>(&mut c)
-        .await?;
+    leave(None, Some(10_000)).await?;
     reserve(6, 5000).await?;
     let (ttl, _, _) = state(conn.clone()).await?;
     assert!((9990..=10_000).contains(&ttl), "not shortened: {ttl}");
     // A note below the key's real life (GT refused an earlier extension) shortens nothing.
-    redis::cmd("HSET")
-        .arg(key)
-        .arg("until")
-        .arg(0)
-        .query_async::<i64>(&mut c)
-        .await?;
+    leave(Some(0), None).await?;
     reserve(7, 5000).await?;
     let (ttl, _, _) = state(conn.clone()).await?;
     assert!((9990..=10_000).contains(&ttl), "not shortened: {ttl}");
