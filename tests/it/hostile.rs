@@ -989,6 +989,34 @@ async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestRes
     Ok(())
 }
 
+/// Session ids a stranger makes up must not fill a replica's grant copies: only grants found are
+/// kept (`session::cache`), so an unknown id is looked up in Redis every time and leaves nothing.
+#[tokio::test]
+async fn made_up_session_ids_are_not_remembered() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[token_policy("tokens", "")]).await?;
+    let op = transfer_op(Address::repeat_byte(0xa8), 1, 1).to_json();
+    for n in [1u8, 2, 1, 2] {
+        let ctx = json!({ "sessionId": B256::repeat_byte(n) });
+        let v = sponsor(&app, &op, ep(EntryPointVersion::V0_7), ctx).await?;
+        assert_eq!(reason(&v), "session_not_found", "{v}");
+    }
+    let text = reqwest::get(format!("{}/metrics", app.url))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.lines()
+            .any(|l| l == "sp_session_grant_reads_total{source=\"store\"} 4"),
+        "each lookup went to Redis:\n{text}"
+    );
+    assert!(
+        !text.contains("source=\"copy\"} "),
+        "no copy served:\n{text}"
+    );
+    Ok(())
+}
+
 /// Found in review: a repeat of an answer about to expire released its reservation (and could
 /// make a new one that expired first) while the first signature could still land, uncounted.
 /// The reservation is now extended to the fresh answer, and released only after every
