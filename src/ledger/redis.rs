@@ -248,7 +248,7 @@ impl RedisLedger {
         let hashes: Vec<u8> = r
             .user_op_hashes
             .iter()
-            .flat_map(|h| h[..8].to_vec())
+            .flat_map(|h| h[..8].iter().copied())
             .collect();
         inv.arg(&r.op_key[..20])
             .arg(numbers)
