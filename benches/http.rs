@@ -149,6 +149,9 @@ struct Load {
     /// CPU of the load generator in this process (the open loop; wrk runs apart).
     generator_cpu: Duration,
     redis_bytes: i64,
+    /// Reads redis-server made off its sockets (`total_reads_processed`): below one per request
+    /// when the service's commands reach it several to a read (pipelined on its connection).
+    redis_reads: u64,
     /// F measured just before and just after this load (their mean): the ratios of this row
     /// are to it, so that the machine's speed drifting over a run moves both sides alike.
     floor: Duration,
@@ -160,6 +163,9 @@ impl Load {
     }
     fn per_request(&self, cpu: Duration) -> Duration {
         cpu / u32::try_from(self.requests.max(1)).unwrap_or(u32::MAX)
+    }
+    fn reads_per_request(&self) -> f64 {
+        (self.redis_reads as f64 / self.requests.max(1) as f64 * 100.0).round() / 100.0
     }
     fn json(&self, evalsha: Duration) -> Value {
         let floor = self.floor;
@@ -173,6 +179,7 @@ impl Load {
             "redis_cpu_x_floor": ratio(self.per_request(self.redis_cpu), floor),
             "redis_cpu_x_evalsha": ratio(self.per_request(self.redis_cpu), evalsha),
             "redis_bytes_per_request": self.redis_bytes / i64::try_from(self.requests.max(1)).unwrap_or(1),
+            "redis_reads_per_request": self.reads_per_request(),
             "generator_cpu_us": us(self.per_request(self.generator_cpu)),
             "floor_k256_us": us(floor),
         })
@@ -241,10 +248,20 @@ impl Redis {
     }
 
     fn used_memory(&self) -> Result<i64, Error> {
-        let info = self.cli(&["INFO", "memory"])?;
+        self.info_field("memory", "used_memory")
+    }
+
+    fn reads(&self) -> Result<u64, Error> {
+        Ok(u64::try_from(
+            self.info_field("stats", "total_reads_processed")?,
+        )?)
+    }
+
+    fn info_field(&self, section: &str, field: &str) -> Result<i64, Error> {
+        let info = self.cli(&["INFO", section])?;
         info.lines()
-            .find_map(|l| l.strip_prefix("used_memory:"))
-            .ok_or("no used_memory")?
+            .find_map(|l| l.strip_prefix(field)?.strip_prefix(':'))
+            .ok_or_else(|| format!("no {field} in INFO {section}"))?
             .trim()
             .parse()
             .map_err(Into::into)
@@ -811,15 +828,16 @@ fn measured(
 ) -> Result<Load, Error> {
     bracketed(|| {
         let svc0 = service.proc.cpu()?;
-        let (r0, m0) = match redis {
-            Some(r) => (r.cpu()?, r.used_memory()?),
-            None => (Duration::ZERO, 0),
+        let (r0, m0, reads0) = match redis {
+            Some(r) => (r.cpu()?, r.used_memory()?, r.reads()?),
+            None => (Duration::ZERO, 0, 0),
         };
         let mut load = load()?;
         load.service_cpu = service.proc.cpu()? - svc0;
         if let Some(r) = redis {
             load.redis_cpu = r.cpu()? - r0;
             load.redis_bytes = r.used_memory()? - m0;
+            load.redis_reads = r.reads()? - reads0;
         }
         Ok(load)
     })
@@ -897,14 +915,15 @@ fn row(name: &str, l: &Load, evalsha: Duration) {
     // Without Redis (the embedded default) its columns are blank.
     let redis = if l.redis_cpu > Duration::ZERO || l.redis_bytes != 0 {
         format!(
-            "redis {:>5.1}us = {:>4.2}x F = {:>4.1}x EVALSHA  {:>5} B/op",
+            "redis {:>5.1}us = {:>4.2}x F = {:>4.1}x EVALSHA  {:>5} B/op {:>4.2} reads/op",
             us(l.redis_cpu),
             ratio(per(l.redis_cpu), floor),
             ratio(per(l.redis_cpu), evalsha),
             l.redis_bytes / i64::try_from(l.requests.max(1)).unwrap_or(1),
+            l.reads_per_request(),
         )
     } else {
-        format!("{:<52}", "redis -")
+        format!("{:<66}", "redis -")
     };
     let generator = if l.generator_cpu > Duration::ZERO {
         format!("  (generator {:.1}us)", us(l.generator_cpu))
