@@ -10,17 +10,27 @@ arguments. docs/performance.md ("Redis CPU") quotes it.
     python3 benches/reserve_lua.py [N=50000]
     python3 benches/reserve_lua.py parts [N=20000]
     python3 benches/reserve_lua.py cuts [N=20000]
+    python3 benches/reserve_lua.py ab DIR_A DIR_B [N=10000]
 
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
 `cuts` runs reserve.lua itself cut short after each of its steps (a return there), on the
 same operations, each median of 3 interleaved rounds: what each step adds.
+`ab` times the reserve.lua of two checkouts (e.g. a `git worktree` of another commit), each
+with its own copy of this file's `operations` (a change may change the arguments), in turn in
+one redis-server pinned to core 1 (this driver on core 0), 9 rounds: the medians decide, one
+round moves by about 15 %.
 """
 import os, socket, statistics, struct, subprocess, sys, tempfile, time
 
-MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ('parts', 'cuts') else None
+MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ('parts', 'cuts', 'ab') else None
 ARGS = sys.argv[2:] if MODE else sys.argv[1:]
-N = int(ARGS[0]) if ARGS else (20000 if MODE else 50000)
+AB_DIRS = ARGS[:2] if MODE == 'ab' else []
+if MODE == 'ab':
+    if len(AB_DIRS) != 2:
+        sys.exit('usage: reserve_lua.py ab DIR_A DIR_B [N]')
+    ARGS = ARGS[2:]
+N = int(ARGS[0]) if ARGS else ({'ab': 10000}.get(MODE, 20000) if MODE else 50000)
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
@@ -177,11 +187,45 @@ def cuts(r):
         print('%-52s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
 
 
+def ab(r):
+    import importlib.util
+    versions = []
+    for i, d in enumerate(AB_DIRS):
+        spec = importlib.util.spec_from_file_location(
+            'reserve_lua_%d' % i, os.path.join(d, 'benches', 'reserve_lua.py'))
+        module = importlib.util.module_from_spec(spec)
+        argv, sys.argv = sys.argv, sys.argv[:1]  # it reads its own arguments when loaded
+        try:
+            spec.loader.exec_module(module)
+        finally:
+            sys.argv = argv
+        body = b''.join(open(os.path.join(d, 'src', 'ledger', f), 'rb').read()
+                        for f in ('lib.lua', 'reserve.lua'))
+        versions.append((d, module, body))
+    results = {}
+    for _ in range(9):
+        for d, module, body in versions:
+            sha = r.call('SCRIPT', 'LOAD', body)
+            r.call('FLUSHALL')
+            r.call('CONFIG', 'RESETSTAT')
+            refused = r.pipelined(module.operations(sha, N))
+            if refused:
+                sys.exit('%s: %d operations not reserved' % (d, refused))
+            results.setdefault(d, []).append(commandstats(r)['evalsha'][1])
+    for d, runs in results.items():
+        print('%-40s %6.2f us per EVALSHA (median of %s)' % (d, statistics.median(runs), runs))
+
+
 def main():
     port = free_port()
+    # `ab` pins redis-server and this driver to a core each (where taskset is).
+    pin = MODE == 'ab' and subprocess.run(['which', 'taskset'], capture_output=True).returncode == 0
+    if pin:
+        os.sched_setaffinity(0, {0})
     with tempfile.TemporaryDirectory() as d:
-        server = subprocess.Popen(['redis-server', '--port', str(port), '--save', '',
-                                   '--appendonly', 'no', '--dir', d],
+        server = subprocess.Popen((['taskset', '-c', '1'] if pin else [])
+                                  + ['redis-server', '--port', str(port), '--save', '',
+                                     '--appendonly', 'no', '--dir', d],
                                   stdout=subprocess.DEVNULL)
         try:
             r = Redis(port)
@@ -189,6 +233,8 @@ def main():
                 return parts(r)
             if MODE == 'cuts':
                 return cuts(r)
+            if MODE == 'ab':
+                return ab(r)
             script = open(os.path.join(LUA, 'lib.lua'), 'rb').read() + \
                 open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, body in (('reserve.lua', script), ('an empty script, same arguments', b'return {0}'),
