@@ -837,7 +837,10 @@ fn measured(
         if let Some(r) = redis {
             load.redis_cpu = r.cpu()? - r0;
             load.redis_bytes = r.used_memory()? - m0;
-            load.redis_reads = r.reads()? - reads0;
+            load.redis_reads = r
+                .reads()?
+                .checked_sub(reads0)
+                .ok_or("redis-server's read count went back during a load (restarted?)")?;
         }
         Ok(load)
     })
@@ -923,7 +926,7 @@ fn row(name: &str, l: &Load, evalsha: Duration) {
             l.reads_per_request(),
         )
     } else {
-        format!("{:<66}", "redis -")
+        format!("{:<65}", "redis -")
     };
     let generator = if l.generator_cpu > Duration::ZERO {
         format!("  (generator {:.1}us)", us(l.generator_cpu))

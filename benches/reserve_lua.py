@@ -18,10 +18,11 @@ load's arguments (or none) that only run a piece, each median of 4 interleaved r
 same operations, each median of 3 interleaved rounds: what each step adds.
 `ab` times the reserve.lua of two checkouts (e.g. a `git worktree` of another commit), each
 with its own copy of this file's `operations` (a change may change the arguments), in turn in
-one redis-server pinned to core 1 (this driver on core 0), 9 rounds: the medians decide, one
-round moves by about 15 %.
+one redis-server, 9 rounds, the order swapped every round; where two cores are allowed,
+redis-server is pinned to one and this driver to another. One round moves by about 15 %, and
+the same script against itself has given medians 13 % apart: smaller differences are noise.
 """
-import os, socket, statistics, struct, subprocess, sys, tempfile, time
+import os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
 
 MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ('parts', 'cuts', 'ab') else None
 ARGS = sys.argv[2:] if MODE else sys.argv[1:]
@@ -48,6 +49,8 @@ class Redis:
                 break
             except OSError:
                 time.sleep(0.05)
+        else:
+            sys.exit('redis-server did not answer on port %d' % port)
         self.f = self.sock.makefile('rb')
 
     @staticmethod
@@ -187,43 +190,61 @@ def cuts(r):
         print('%-52s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
 
 
-def ab(r):
+def ab_versions():
+    """Each checkout's (dir, operations, lib.lua + reserve.lua), or exits saying what is missing."""
     import importlib.util
+    sys.dont_write_bytecode = True  # no __pycache__ left in the checkouts
     versions = []
     for i, d in enumerate(AB_DIRS):
-        spec = importlib.util.spec_from_file_location(
-            'reserve_lua_%d' % i, os.path.join(d, 'benches', 'reserve_lua.py'))
+        paths = [os.path.join(d, *p) for p in (('benches', 'reserve_lua.py'),
+                                               ('src', 'ledger', 'lib.lua'),
+                                               ('src', 'ledger', 'reserve.lua'))]
+        missing = [p for p in paths if not os.path.isfile(p)]
+        if missing:
+            sys.exit('ab: %s has no %s' % (d, ', '.join(missing)))
+        spec = importlib.util.spec_from_file_location('reserve_lua_%d' % i, paths[0])
         module = importlib.util.module_from_spec(spec)
-        argv, sys.argv = sys.argv, sys.argv[:1]  # it reads its own arguments when loaded
+        argv, sys.argv = sys.argv, sys.argv[:1]  # older copies read their arguments when loaded
         try:
             spec.loader.exec_module(module)
         finally:
             sys.argv = argv
-        body = b''.join(open(os.path.join(d, 'src', 'ledger', f), 'rb').read()
-                        for f in ('lib.lua', 'reserve.lua'))
-        versions.append((d, module, body))
+        if not hasattr(module, 'operations'):
+            sys.exit('ab: %s has no operations() to build arguments with' % paths[0])
+        body = b''.join(open(p, 'rb').read() for p in paths[1:])
+        versions.append(('%s (%s)' % ('AB'[i], d), module.operations, body))
+    return versions
+
+
+def ab(r, versions):
     results = {}
-    for _ in range(9):
-        for d, module, body in versions:
+    for round_ in range(9):
+        # The order swapped every round: what runs first in a fresh keyspace gains nothing.
+        for label, operations, body in (versions if round_ % 2 == 0 else versions[::-1]):
             sha = r.call('SCRIPT', 'LOAD', body)
             r.call('FLUSHALL')
             r.call('CONFIG', 'RESETSTAT')
-            refused = r.pipelined(module.operations(sha, N))
+            refused = r.pipelined(operations(sha, N))
             if refused:
-                sys.exit('%s: %d operations not reserved' % (d, refused))
-            results.setdefault(d, []).append(commandstats(r)['evalsha'][1])
-    for d, runs in results.items():
-        print('%-40s %6.2f us per EVALSHA (median of %s)' % (d, statistics.median(runs), runs))
+                sys.exit('%s: %d operations not reserved' % (label, refused))
+            results.setdefault(label, []).append(commandstats(r)['evalsha'][1])
+    for label, runs in results.items():
+        print('%-40s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
 
 
 def main():
     port = free_port()
-    # `ab` pins redis-server and this driver to a core each (where taskset is).
-    pin = MODE == 'ab' and subprocess.run(['which', 'taskset'], capture_output=True).returncode == 0
+    versions = ab_versions() if MODE == 'ab' else None
+    # `ab` pins redis-server and this driver to a core each, where two are allowed and taskset is.
+    cores = sorted(os.sched_getaffinity(0))
+    pin = MODE == 'ab' and len(cores) >= 2 and shutil.which('taskset') is not None
     if pin:
-        os.sched_setaffinity(0, {0})
+        os.sched_setaffinity(0, {cores[0]})
+    if MODE == 'ab':
+        print('redis-server on core %d, this driver on core %d' % (cores[1], cores[0]) if pin
+              else 'not pinned (one core allowed, or no taskset)')
     with tempfile.TemporaryDirectory() as d:
-        server = subprocess.Popen((['taskset', '-c', '1'] if pin else [])
+        server = subprocess.Popen((['taskset', '-c', str(cores[1])] if pin else [])
                                   + ['redis-server', '--port', str(port), '--save', '',
                                      '--appendonly', 'no', '--dir', d],
                                   stdout=subprocess.DEVNULL)
@@ -234,7 +255,7 @@ def main():
             if MODE == 'cuts':
                 return cuts(r)
             if MODE == 'ab':
-                return ab(r)
+                return ab(r, versions)
             script = open(os.path.join(LUA, 'lib.lua'), 'rb').read() + \
                 open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, body in (('reserve.lua', script), ('an empty script, same arguments', b'return {0}'),
