@@ -10,6 +10,11 @@ For every sample whose stack holds a frame containing ANCHOR, the frame just bel
 such frame (toward the leaf) is counted; the output is each such frame's share of all samples,
 and the anchor's own share. DEPTH (third argument, default 1) looks further down.
 
+    python3 benches/perf_by_caller.py svc.txt __GI___writev --leaves
+
+counts instead the leaf (where the time was spent) of every sample under ANCHOR, as a share of
+those samples: what the response's `writev` spends its time on.
+
     perf report -i svc.perf --no-children --sort symbol --stdio -g none > self.txt
     python3 benches/perf_by_caller.py self.txt --crates
 
@@ -64,10 +69,24 @@ def crates(path):
         print('%5.1f %% %s' % (share, name))
 
 
+def leaves(path, anchor):
+    total, hits, leaf = 0, 0, collections.Counter()
+    for stack in samples(path):
+        total += 1
+        if any(anchor in frame for frame in stack):
+            hits += 1
+            leaf[stack[0][:150]] += 1
+    print('%d samples, %.1f %% under %s; their leaves:' % (total, 100 * hits / max(total, 1), anchor))
+    for frame, n in leaf.most_common(25):
+        print('%5.1f %% %s' % (100 * n / max(hits, 1), frame))
+
+
 def main():
     if sys.argv[2] == '--crates':
         return crates(sys.argv[1])
     path, anchor = sys.argv[1], sys.argv[2]
+    if sys.argv[3:] == ['--leaves']:
+        return leaves(path, anchor)
     depth = int(sys.argv[3]) if len(sys.argv) > 3 else 1
     total, hits, below = 0, 0, collections.Counter()
     for stack in samples(path):
