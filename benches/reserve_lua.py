@@ -191,7 +191,7 @@ def cuts(r):
 
 
 def ab_versions():
-    """Each checkout's (dir, operations, lib.lua + reserve.lua), or exits saying what is missing."""
+    """Each checkout's (label, operations, lib.lua + reserve.lua), or exits saying what is missing."""
     import importlib.util
     sys.dont_write_bytecode = True  # no __pycache__ left in the checkouts
     versions = []
