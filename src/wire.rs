@@ -98,9 +98,14 @@ pub fn data(field: &str, value: &Value) -> Result<Bytes, FieldError> {
     if digits.len() % 2 != 0 {
         return Err(FieldError::invalid(field, "odd number of hex digits"));
     }
-    hex::decode(digits)
-        .map(Bytes::from)
-        .map_err(|_| FieldError::invalid(field, "not hex"))
+    // const-hex's vectorised decoder: callData is the longest field of every request (the `hex`
+    // crate's byte-at-a-time decoder was 2 % of the service's CPU per sponsorship). It would
+    // also strip a second `0x`: the output sized from all the digits refuses that (its length
+    // no longer matches).
+    let mut out = vec![0u8; digits.len() / 2];
+    alloy::hex::decode_to_slice(digits, &mut out)
+        .map_err(|_| FieldError::invalid(field, "not hex"))?;
+    Ok(Bytes::from(out))
 }
 
 /// Parse a 20-byte address (checksum not enforced: clients send lowercase too).
@@ -188,7 +193,19 @@ mod tests {
     #[test]
     fn data_and_addresses() {
         assert_eq!(data("d", &json!("0x")).ok(), Some(Bytes::new()));
+        assert_eq!(
+            data("d", &json!("0X00aBff")).ok(),
+            Some(Bytes::from(vec![0x00, 0xab, 0xff]))
+        );
         assert!(data("d", &json!("0xabc")).is_err());
+        // Whatever the decoder forgives: a second prefix, a sign, spaces, non-ASCII digits.
+        for bad in ["0x0x12", "0x0X1234", "0x+1", "0x 1", "0xgg", "0x１２"] {
+            assert_eq!(
+                data("d", &json!(bad)).map_err(|e| e.to_string()),
+                Err("invalid field `d`: not hex".to_owned()),
+                "{bad}"
+            );
+        }
         assert!(
             address("a", &json!("0x1234"))
                 .unwrap_err()
