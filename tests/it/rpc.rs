@@ -370,6 +370,11 @@ async fn invalid_params_name_the_field() -> TestResult {
         ("callGasLimit", json!("100")),
         ("sender", json!("0x12")),
         ("nonce", json!(null)),
+        // DATA a lenient hex decoder would take: a second prefix, non-hex, non-ASCII digits.
+        ("callData", json!("0x0x12")),
+        ("callData", json!("0xgg")),
+        ("signature", json!("0x１２")),
+        ("factoryData", json!("0x+1")),
     ] {
         let mut o = op();
         o[field] = bad;
