@@ -31,7 +31,7 @@ if MODE == 'ab':
     if len(AB_DIRS) != 2:
         sys.exit('usage: reserve_lua.py ab DIR_A DIR_B [N]')
     ARGS = ARGS[2:]
-N = int(ARGS[0]) if ARGS else ({'ab': 10000}.get(MODE, 20000) if MODE else 50000)
+N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab': 10000}[MODE]
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
