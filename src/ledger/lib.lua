@@ -183,6 +183,46 @@ local function pack_record(r)
   return table.concat(parts)
 end
 
+-- A budget counter (`sp:{P}:budget:<scope>`, a hash) keeps its totals packed in one field,
+-- COUNTER: cost (gwei), ops and open (gwei), each a big-endian signed 64-bit integer, so a
+-- reservation reads and writes one field, with no decimals to parse or format. Versions before
+-- 0.3 kept them as decimal fields `cost`, `ops` and `open` (LEGACY), which a replica of such a
+-- version may still be writing during an upgrade: a counter's totals are the packed ones plus
+-- the legacy ones. This version reads both and writes only the packed field (which a closing
+-- of a reservation the legacy fields counted may take below zero: the sum stays right).
+local COUNTER = 'c'
+local COUNTER_FORMAT = '>i8i8i8'
+
+-- The totals of a counter from HMGET key COUNTER 'cost' 'ops' 'open' (`v`, from index `at`):
+-- the packed part and the sum with the legacy fields, each as {cost, ops, open}.
+local function counter_totals(v, at)
+  local own = {0, 0, 0}
+  if v[at] then
+    own[1], own[2], own[3] = struct.unpack(COUNTER_FORMAT, v[at])
+  end
+  local sum = {own[1], own[2], own[3]}
+  for k = 1, 3 do
+    if v[at + k] then
+      sum[k] = sum[k] + tonumber(v[at + k])
+    end
+  end
+  return own, sum
+end
+
+local function counter_pack(own)
+  return struct.pack(COUNTER_FORMAT, own[1], own[2], own[3])
+end
+
+-- Add `cost`, `ops` and `open` to an existing counter's packed totals.
+local function counter_add(key, cost, ops, open)
+  local v = redis.call('HGET', key, COUNTER)
+  local own = {0, 0, 0}
+  if v then
+    own[1], own[2], own[3] = struct.unpack(COUNTER_FORMAT, v)
+  end
+  redis.call('HSET', key, COUNTER, counter_pack({own[1] + cost, own[2] + ops, own[3] + open}))
+end
+
 -- `sp:{P}:` of any key of policy P.
 local function policy_prefix(key)
   return string.match(key, '^(sp:{[^}]*}:)')
@@ -243,16 +283,12 @@ local function close_record(key, r, mode, actual)
     actual = 0
   end
   local budget = policy_prefix(key) .. 'budget:'
-  local delta = string.format('%d', actual - r.cost)
+  local ops = (mode == 'settle') and 0 or -1
   for _, name in ipairs(r.scopes) do
     local scope = budget .. name
     -- A counter whose window is over and forgotten is not brought back (with no TTL).
     if redis.call('EXISTS', scope) == 1 then
-      redis.call('HINCRBY', scope, 'cost', delta)
-      redis.call('HINCRBY', scope, 'open', string.format('%d', -r.cost))
-      if mode ~= 'settle' then
-        redis.call('HINCRBY', scope, 'ops', -1)
-      end
+      counter_add(scope, actual - r.cost, ops, -r.cost)
     end
   end
   if mode ~= 'settle' and r.session and redis.call('EXISTS', r.session) == 1 then
@@ -276,8 +312,7 @@ local function charge_back(key, r, actual)
   for _, name in ipairs(r.scopes) do
     local scope = budget .. name
     if redis.call('EXISTS', scope) == 1 then
-      redis.call('HINCRBY', scope, 'cost', string.format('%d', actual))
-      redis.call('HINCRBY', scope, 'ops', 1)
+      counter_add(scope, actual, 1, 0)
     end
   end
   if r.session and redis.call('EXISTS', r.session) == 1 then

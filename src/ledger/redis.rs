@@ -4,7 +4,7 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `sp:{<policy>}:budget:<scope>` | hash | `cost`, `open` (gwei), `ops`, and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
+//! | `sp:{<policy>}:budget:<scope>` | hash | `c`: cost (gwei), ops and open (gwei), packed as three big-endian i64 (plus the decimal `cost`, `ops` and `open` of versions before 0.3, see `COUNTER` in `lib.lua`), and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
@@ -486,23 +486,60 @@ impl RedisLedger {
     }
 
     pub(super) async fn open(&self, policy: &str, scope: &str) -> Result<u64, StoreError> {
-        let mut conn = self.conn.clone();
-        let open: Option<u64> = conn
-            .hget(budget_key(policy, scope), "open")
-            .await
-            .map_err(unavailable)?;
-        Ok(open.unwrap_or(0))
+        Ok(self.counter(policy, scope).await?.open)
     }
 
     pub(super) async fn usage(&self, policy: &str, scope: &str) -> Result<(u64, u64), StoreError> {
-        let mut conn = self.conn.clone();
-        let (cost, ops): (Option<u64>, Option<u64>) = redis::cmd("HMGET")
-            .arg(budget_key(policy, scope))
-            .arg("cost")
-            .arg("ops")
-            .query_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
-        Ok((cost.unwrap_or(0), ops.unwrap_or(0)))
+        let c = self.counter(policy, scope).await?;
+        Ok((c.cost, c.ops))
     }
+
+    /// A budget counter's totals: its packed field plus the legacy decimal fields an earlier
+    /// version may still be writing (`counter_totals` in `lib.lua`).
+    async fn counter(&self, policy: &str, scope: &str) -> Result<Counter, StoreError> {
+        let mut conn = self.conn.clone();
+        let (packed, cost, ops, open): (Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>) =
+            redis::cmd("HMGET")
+                .arg(budget_key(policy, scope))
+                .arg("c")
+                .arg("cost")
+                .arg("ops")
+                .arg("open")
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+        let own = match packed {
+            Some(p) => unpack_counter(&p).ok_or_else(|| {
+                unavailable(format!("budget counter {scope}: {} bytes, not 24", p.len()))
+            })?,
+            None => [0; 3],
+        };
+        // Below zero only while a closing has not met its charge (see COUNTER in lib.lua).
+        let total = |i: usize, legacy: Option<i64>| {
+            u64::try_from(own[i].saturating_add(legacy.unwrap_or(0))).unwrap_or(0)
+        };
+        Ok(Counter {
+            cost: total(0, cost),
+            ops: total(1, ops),
+            open: total(2, open),
+        })
+    }
+}
+
+/// A budget counter's totals.
+struct Counter {
+    cost: u64,
+    ops: u64,
+    open: u64,
+}
+
+/// `lib.lua`'s COUNTER field: cost, ops, open as three big-endian i64.
+fn unpack_counter(packed: &[u8]) -> Option<[i64; 3]> {
+    let packed: &[u8; 24] = packed.try_into().ok()?;
+    let word = |i: usize| {
+        let mut w = [0; 8];
+        w.copy_from_slice(&packed[i * 8..i * 8 + 8]);
+        i64::from_be_bytes(w)
+    };
+    Some([word(0), word(1), word(2)])
 }

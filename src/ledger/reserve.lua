@@ -7,9 +7,9 @@
 -- KEYS[3]   the expiry bucket of this signature's validUntil: a string of 20-byte nonce ids
 -- KEYS[4]   the session's state (hash: `status`, `spent:<token>` decimal totals), or, without
 --           a session, KEYS[1] again (unused)
--- KEYS[5..] one hash per budget scope (`sp:{P}:budget:<name>`): `cost` (gwei: open
---           reservations at their worst case plus settled ones at their actual cost), `ops`,
---           `open` (the open part of cost), and `until`: when the key was last made to expire,
+-- KEYS[5..] one hash per budget scope (`sp:{P}:budget:<name>`): the packed totals (COUNTER in
+--           lib.lua: cost, gwei: open reservations at their worst case plus settled ones at
+--           their actual cost; ops; open, the open part of cost), and `until`: when the key was last made to expire,
 --           by Redis' clock (TIME + TTL), so that a reservation whose counter already lives long
 --           enough sets no TTL (see EXTEND_SLACK)
 -- ARGV[1]   the operation's idempotency id (20 bytes)
@@ -43,7 +43,7 @@
 -- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
--- HGET of its status), per scope HMGET and HSET (and EXPIRE when the counter is new or is to
+-- HGET of its status), per scope HMGET and HSET (of one packed field) (and EXPIRE when the counter is new or is to
 -- live longer), TIME once, then SET and APPEND (the bucket's TTL and index entry are written by
 -- the reservation that creates the bucket, once per 10 s per policy).
 --
@@ -56,7 +56,8 @@
 -- nonce already has that many open reservations (under the session, or at all). Only {0}
 -- outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
--- exact in Lua; they are written back with %d, never as floats.
+-- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
+-- as floats.
 -- A counter is made to live longer only when that gains more than this many seconds: the
 -- TTLs the service sends for one end differ by a second from one call to the next, and some
 -- ends move every second (the deposit's, a budget's without an end). Its life may fall short
@@ -170,8 +171,8 @@ if rec and rec.state == OPEN then
     for i = 5, #KEYS do
       local ttl
       ttl, pos = struct.unpack('>I8', ARGV[7], pos + 16)
-      local c = redis.call('HMGET', KEYS[i], 'cost', 'until')
-      local noted = c[1] and extension(false, tonumber(c[2] or '0'), ttl)
+      local c = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost')
+      local noted = (c[2] or c[3]) and extension(false, tonumber(c[1] or '0'), ttl)
       if noted then
         redis.call('HSET', KEYS[i], 'until', noted)
         redis.call('EXPIRE', KEYS[i], ttl, 'GT')
@@ -212,13 +213,14 @@ local pos = 1
 for i = 5, #KEYS do
   local cost_limit, ops_limit, ttl
   cost_limit, ops_limit, ttl, pos = struct.unpack('>I8I8I8', ARGV[7], pos)
-  local used = redis.call('HMGET', KEYS[i], 'cost', 'ops', 'open', 'until')
+  local used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
+  local own, sum = counter_totals(used, 2)
   local c = {
-    cost = tonumber(used[1] or '0'),
-    ops = tonumber(used[2] or '0'),
-    open = tonumber(used[3] or '0'),
-    noted = tonumber(used[4] or '0'), -- `until`: 0 for a counter an earlier version wrote
-    new = used[1] == false and used[2] == false,
+    own = own,
+    cost = sum[1],
+    ops = sum[2],
+    noted = tonumber(used[1] or '0'), -- `until`: 0 for a counter an earlier version wrote
+    new = not (used[2] or used[3] or used[4]),
     ttl = ttl,
   }
   counters[i] = c
@@ -254,18 +256,17 @@ end
 -- long enough, gets none (see extension).
 for i = 5, #KEYS do
   local c = counters[i]
-  local cost_s, ops_s, open_s = string.format('%d', c.cost + cost),
-    string.format('%d', c.ops + 1), string.format('%d', c.open + cost)
+  local packed = counter_pack({c.own[1] + cost, c.own[2] + 1, c.own[3] + cost})
   local noted = extension(c.new, c.noted, c.ttl)
   if noted then
-    redis.call('HSET', KEYS[i], 'cost', cost_s, 'ops', ops_s, 'open', open_s, 'until', noted)
+    redis.call('HSET', KEYS[i], COUNTER, packed, 'until', noted)
     if c.new then
       redis.call('EXPIRE', KEYS[i], c.ttl)
     else
       redis.call('EXPIRE', KEYS[i], c.ttl, 'GT')
     end
   else
-    redis.call('HSET', KEYS[i], 'cost', cost_s, 'ops', ops_s, 'open', open_s)
+    redis.call('HSET', KEYS[i], COUNTER, packed)
   end
 end
 if session then

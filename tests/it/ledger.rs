@@ -1215,6 +1215,76 @@ async fn a_budget_counter_lives_to_the_latest_end_it_was_given() -> TestResult {
     Ok(())
 }
 
+/// Versions before 0.3 kept a counter's totals as decimal fields `cost`, `ops` and `open`; this
+/// one packs them in one field `c`. A counter such a version wrote (or, in a rolling upgrade,
+/// is still writing) counts: its totals are the sum of both, against limits and in usage, and
+/// settling or releasing a reservation it counted leaves the sum right.
+#[tokio::test]
+async fn a_counter_an_earlier_version_wrote_still_counts() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let key = "sp:{old}:budget:s";
+    let old = |op: u8, cost: u64| Reservation {
+        policy: "old".into(),
+        ..reservation(op, cost, vec![scope("s", Some(250), None)])
+    };
+    assert_eq!(
+        ledger.reserve(&old(1, 100), false, NOW).await?,
+        Outcome::Reserved
+    );
+    // As 0.2 left it after reserving op 1: its record as it is, its totals in decimal fields.
+    redis::pipe()
+        .hdel(key, "c")
+        .ignore()
+        .hset_multiple(key, &[("cost", "100"), ("ops", "1"), ("open", "100")])
+        .ignore()
+        .query_async::<()>(&mut c)
+        .await?;
+    assert_eq!(ledger.usage("old", "s").await?, (100, 1));
+    assert_eq!(ledger.open("old", "s").await?, 100);
+    assert_eq!(
+        ledger.reserve(&old(2, 100), false, NOW).await?,
+        Outcome::Reserved
+    );
+    let Outcome::Exhausted(e) = ledger.reserve(&old(3, 100), false, NOW).await? else {
+        return Err("the legacy fields count against the limit".into());
+    };
+    assert_eq!((e.used, e.limit, e.requested), (200, 250, 100));
+    // A 0.2 replica charging meanwhile: seen too.
+    redis::cmd("HINCRBY")
+        .arg(key)
+        .arg("cost")
+        .arg(20)
+        .query_async::<i64>(&mut c)
+        .await?;
+    assert_eq!(ledger.usage("old", "s").await?, (220, 2));
+    let policies = vec!["old".to_owned()];
+    assert_eq!(
+        ledger.settle(&policies, &landing(1, 30)).await?,
+        settled(1, 0, true)
+    );
+    assert_eq!(
+        ledger.usage("old", "s").await?,
+        (150, 2),
+        "op 1 at its actual cost"
+    );
+    assert_eq!(ledger.open("old", "s").await?, 100, "op 2 still open");
+    assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 1);
+    assert_eq!(ledger.usage("old", "s").await?, (50, 1), "op 2 released");
+    assert_eq!(ledger.open("old", "s").await?, 0);
+    // The legacy fields are left as they were: a 0.2 replica reads and writes them alone.
+    let legacy: (i64, i64, i64) = redis::cmd("HMGET")
+        .arg(key)
+        .arg("cost")
+        .arg("ops")
+        .arg("open")
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(legacy, (120, 1, 100));
+    Ok(())
+}
+
 /// A reservation extended to a fresh answer (its signature about to expire) keeps its counters
 /// alive as long as it may now land and settle (the deposit's counter lives only as long as the
 /// answers it sums); a counter already gone is not brought back.
