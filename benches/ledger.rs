@@ -61,6 +61,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         ops_limit: None,
         expires_at: 4_000_000_000,
         resets_at: None,
+        starts_at: None,
     };
     let mut reserve = Vec::with_capacity(SAMPLES);
     for i in 0..SAMPLES {
@@ -187,6 +188,7 @@ fn memory_flatness() {
         ops_limit: None,
         expires_at: 4_000_000_000,
         resets_at: None,
+        starts_at: None,
     };
     let reservation = |i: u64| Reservation {
         policy: "bench".into(),

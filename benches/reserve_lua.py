@@ -32,6 +32,8 @@ if MODE == 'ab':
         sys.exit('usage: reserve_lua.py ab DIR_A DIR_B [N]')
     ARGS = ARGS[2:]
 N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab': 10000}[MODE]
+# `ab`'s rounds (each runs both checkouts): ROUNDS=21 in the environment for finer ratios.
+ROUNDS = int(os.environ.get('ROUNDS', '9'))
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
@@ -109,14 +111,22 @@ def operations(sha, n):
                   + bytes([len(scopes)]) + b''.join(short(packed) for _, packed in scopes) + b'\x00')
         bucket = valid_until // 10
         keys = [nonce, b'sp:{bench}:x', b'sp:{bench}:x:%d' % bucket, nonce]
-        keys += [b'sp:{bench}:budget:' + name for name, _ in scopes]
+        # Where each counter lives (ledger::redis::counter_slot): the sender's is its field in
+        # the window's hash (a window begun after the layout's first start: the key it had
+        # before 0.3 is not read), the policy's its own.
+        raw_sender = struct.pack('>Q', i + 1).rjust(20, b'\x00')
+        slots = [(b'sp:{bench}:budget:sender:20789', raw_sender, scopes[0][0]),
+                 (b'sp:{bench}:budget:policy:692', b'c', scopes[1][0])]
+        keys += [key for key, _, _ in slots]
         # reserve.lua's NUMBERS: check_only, cost, nonce TTL, window, refresh bound, session,
         # session TTL, most open under a session, bucket, bucket TTL, trim and expiry bounds,
         # most open per nonce.
         numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30, 0,
                               86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
-        limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) for _ in scopes)
-        args = [op_id, numbers, sig, op_id[:8], landing, record, limits]
+        limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) + short(field) + short(name)
+                          + b'\x00' for _, field, name in slots)
+        entry = short(op_id) + struct.pack('>H', len(record)) + record
+        args = [op_id, numbers, sig, op_id[:8], landing, entry, limits]
         out.append(['EVALSHA', sha, len(keys)] + keys + args)
     return out
 
@@ -216,20 +226,37 @@ def ab_versions():
     return versions
 
 
-def ab(r, versions):
-    results = {}
-    for round_ in range(9):
+def cpu_ns(pid):
+    """Nanoseconds the process has run on a CPU (/proc/<pid>/schedstat's first field)."""
+    with open('/proc/%d/schedstat' % pid) as f:
+        return int(f.read().split()[0])
+
+
+def ab(r, versions, pid, rounds=ROUNDS):
+    results, cpu = {}, {}
+    for round_ in range(rounds):
         # The order swapped every round: what runs first in a fresh keyspace gains nothing.
         for label, operations, body in (versions if round_ % 2 == 0 else versions[::-1]):
             sha = r.call('SCRIPT', 'LOAD', body)
             r.call('FLUSHALL')
+            ops = operations(sha, N)
             r.call('CONFIG', 'RESETSTAT')
-            refused = r.pipelined(operations(sha, N))
+            before = cpu_ns(pid)
+            refused = r.pipelined(ops)
+            used = cpu_ns(pid) - before
             if refused:
                 sys.exit('%s: %d operations not reserved' % (label, refused))
             results.setdefault(label, []).append(commandstats(r)['evalsha'][1])
+            cpu.setdefault(label, []).append(round(used / 1000 / N, 2))
     for label, runs in results.items():
         print('%-40s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
+        print('%-40s %6.2f us of redis-server CPU per operation (median of %s)'
+              % ('', statistics.median(cpu[label]), cpu[label]))
+    # Each round ran both, one after the other: their ratio cancels what drifts between rounds.
+    (a, ca), (b, cb) = cpu.items()
+    ratios = sorted(y / x for x, y in zip(ca, cb))
+    print('B / A, redis-server CPU, paired by round: median %.3f (middle half %.3f-%.3f)'
+          % (statistics.median(ratios), ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]))
 
 
 def main():
@@ -255,7 +282,7 @@ def main():
             if MODE == 'cuts':
                 return cuts(r)
             if MODE == 'ab':
-                return ab(r, versions)
+                return ab(r, versions, server.pid)
             script = open(os.path.join(LUA, 'lib.lua'), 'rb').read() + \
                 open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, body in (('reserve.lua', script), ('an empty script, same arguments', b'return {0}'),

@@ -118,7 +118,7 @@ impl AppState {
             ),
             Some(conn) => (
                 SessionStore::Redis(RedisSessions::new(conn.clone())),
-                Ledger::Redis(RedisLedger::new(conn.clone())),
+                Ledger::Redis(RedisLedger::connect(conn.clone()).await?),
             ),
         };
         // With Redis, every replica serves the published set. This replica's valid directory

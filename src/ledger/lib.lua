@@ -193,34 +193,62 @@ end
 local COUNTER = 'c'
 local COUNTER_FORMAT = '>i8i8i8'
 
--- The totals of a counter from HMGET key COUNTER 'cost' 'ops' 'open' (`v`, from index `at`):
--- the packed part and the sum with the legacy fields, each as {cost, ops, open}.
-local function counter_totals(v, at)
-  local own = {0, 0, 0}
-  if v[at] then
-    own[1], own[2], own[3] = struct.unpack(COUNTER_FORMAT, v[at])
+-- A counter's packed totals (cost, ops, open), zeros for none (`v` false or nil).
+local function counter_unpack(v)
+  if v then
+    local cost, ops, open = struct.unpack(COUNTER_FORMAT, v)
+    return cost, ops, open
   end
-  local sum = {own[1], own[2], own[3]}
-  for k = 1, 3 do
-    if v[at + k] then
-      sum[k] = sum[k] + tonumber(v[at + k])
+  return 0, 0, 0
+end
+
+-- A total plus a legacy decimal field (false or nil: none).
+local function plus(total, decimal)
+  if decimal then
+    return total + tonumber(decimal)
+  end
+  return total
+end
+
+-- Where the counter of scope `name` of the policy whose keys start with `prefix` lives (as
+-- ledger::redis::counter_slot, which must agree): a sender's (`sender:0x<40 hex>…`) is a field,
+-- the address's 20 bytes, of one hash per window shared by every sender (the name without the
+-- address); any other scope's is field COUNTER of its own hash. The third value is the key
+-- versions before 0.3 kept a sender's counter in (its own hash, decimal fields), or nil.
+local function counter_of(prefix, name)
+  local digits, rest = string.match(name, '^sender:0x(%x+)(.*)$')
+  if digits and #digits == 40 then
+    local raw = string.gsub(digits, '..', function(b)
+      return string.char(tonumber(b, 16))
+    end)
+    return prefix .. 'budget:sender' .. rest, raw, prefix .. 'budget:' .. name
+  end
+  return prefix .. 'budget:' .. name, COUNTER, nil
+end
+
+-- Add `cost`, `ops` and `open` to the counter of scope `name` (closing or charging back a
+-- reservation it counted). A counter whose window is over and forgotten is not brought back
+-- (with no TTL). A sender with no field in its window's hash was counted (by an earlier
+-- version) in the key it kept: that one gets the change, in its format, if it is still there.
+local function counter_add(prefix, name, cost, ops, open)
+  local key, field, legacy = counter_of(prefix, name)
+  local v = redis.call('HGET', key, field)
+  if not v then
+    if legacy then
+      if redis.call('EXISTS', legacy) == 1 then
+        redis.call('HINCRBY', legacy, 'cost', string.format('%d', cost))
+        redis.call('HINCRBY', legacy, 'ops', string.format('%d', ops))
+        redis.call('HINCRBY', legacy, 'open', string.format('%d', open))
+      end
+      return
+    end
+    -- A counter an earlier version wrote has only decimal fields: the packed ones start here.
+    if redis.call('EXISTS', key) == 0 then
+      return
     end
   end
-  return own, sum
-end
-
-local function counter_pack(own)
-  return struct.pack(COUNTER_FORMAT, own[1], own[2], own[3])
-end
-
--- Add `cost`, `ops` and `open` to an existing counter's packed totals.
-local function counter_add(key, cost, ops, open)
-  local v = redis.call('HGET', key, COUNTER)
-  local own = {0, 0, 0}
-  if v then
-    own[1], own[2], own[3] = struct.unpack(COUNTER_FORMAT, v)
-  end
-  redis.call('HSET', key, COUNTER, counter_pack({own[1] + cost, own[2] + ops, own[3] + open}))
+  local c, o, p = counter_unpack(v)
+  redis.call('HSET', key, field, struct.pack(COUNTER_FORMAT, c + cost, o + ops, p + open))
 end
 
 -- `sp:{P}:` of any key of policy P.
@@ -261,12 +289,12 @@ local function entry(id, body)
   return short(id) .. struct.pack('>Hc0', #body, body)
 end
 
--- Write the entries back, keeping the key's TTL. A record given packed (`{packed = bytes}`, a
--- new one from reserve.lua) is written as it is.
+-- Write the entries back, keeping the key's TTL. A new record from reserve.lua, given as its
+-- whole entry (`{entry = bytes}`), is written as it is.
 local function save_nonce(key, entries)
   local parts = {}
   for _, e in ipairs(entries) do
-    parts[#parts + 1] = entry(e[1], e[2].packed or pack_record(e[2]))
+    parts[#parts + 1] = e[2].entry or entry(e[1], pack_record(e[2]))
   end
   redis.call('SET', key, table.concat(parts), 'KEEPTTL')
 end
@@ -282,14 +310,10 @@ local function close_record(key, r, mode, actual)
   if mode ~= 'settle' then
     actual = 0
   end
-  local budget = policy_prefix(key) .. 'budget:'
+  local prefix = policy_prefix(key)
   local ops = (mode == 'settle') and 0 or -1
   for _, name in ipairs(r.scopes) do
-    local scope = budget .. name
-    -- A counter whose window is over and forgotten is not brought back (with no TTL).
-    if redis.call('EXISTS', scope) == 1 then
-      counter_add(scope, actual - r.cost, ops, -r.cost)
-    end
+    counter_add(prefix, name, actual - r.cost, ops, -r.cost)
   end
   if mode ~= 'settle' and r.session and redis.call('EXISTS', r.session) == 1 then
     for _, t in ipairs(r.spend) do
@@ -308,12 +332,9 @@ local function charge_back(key, r, actual)
   if r.state ~= RELEASED then
     return 0
   end
-  local budget = policy_prefix(key) .. 'budget:'
+  local prefix = policy_prefix(key)
   for _, name in ipairs(r.scopes) do
-    local scope = budget .. name
-    if redis.call('EXISTS', scope) == 1 then
-      counter_add(scope, actual, 1, 0)
-    end
+    counter_add(prefix, name, actual, 1, 0)
   end
   if r.session and redis.call('EXISTS', r.session) == 1 then
     for _, t in ipairs(r.spend) do

@@ -67,6 +67,10 @@ pub struct Scope {
     pub expires_at: u64,
     /// Unix time a periodic budget starts afresh (`None`: it never resets).
     pub resets_at: Option<u64>,
+    /// Unix time the current window of a periodic budget began (`None`: no period). The Redis
+    /// ledger reads a sender's counter as versions before 0.3 kept it only for windows begun
+    /// before the first replica of 0.3 ran (`RedisLedger::connect`).
+    pub starts_at: Option<u64>,
 }
 
 /// How long before its `validUntil` a stored answer is still handed out again. A repeat of an

@@ -4,7 +4,9 @@
 //!
 //! | key | type | holds |
 //! |---|---|---|
-//! | `sp:{<policy>}:budget:<scope>` | hash | `c`: cost (gwei), ops and open (gwei), packed as three big-endian i64 (plus the decimal `cost`, `ops` and `open` of versions before 0.3, see `COUNTER` in `lib.lua`), and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
+//! | `sp:{<policy>}:budget:<scope>` | hash | a scope's counter, field `c`: cost (gwei), ops and open (gwei), packed as three big-endian i64 (plus the decimal `cost`, `ops` and `open` of versions before 0.3, see `COUNTER` in `lib.lua`), and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
+//! | `sp:{<policy>}:budget:sender[:c<chain>][:<window>]` | hash | every sender's counter of a window: field the sender's 20 bytes, packed as `c` above; and `until` (see `counter_slot`; before 0.3, a hash per sender, `…:budget:sender:0x<sender>…`) |
+//! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock): windows begun before it may have senders counted the old way |
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
@@ -33,7 +35,19 @@ pub struct RedisLedger {
     reserve: redis::Script,
     settle: redis::Script,
     release: redis::Script,
+    /// A sender's counter in a window begun before this time (Redis' clock, unix seconds, less
+    /// `LEGACY_MARGIN_SECS`) may also be in the key versions before 0.3 kept it in, which
+    /// `reserve.lua` then reads too (`counter_slot`). `u64::MAX`: every window.
+    legacy_before: u64,
 }
+
+/// Where Redis keeps the time the first replica of this ledger layout ran (`RedisLedger::connect`).
+pub const LAYOUT_SINCE_KEY: &str = "sp:ledger:sender-windows-since";
+
+/// How much earlier than `legacy_before` a window may have begun by the service's clock and
+/// still not be read as one an earlier version wrote to: the replicas' clocks and Redis'
+/// differ by less.
+const LEGACY_MARGIN_SECS: u64 = 300;
 
 impl std::fmt::Debug for RedisLedger {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -54,6 +68,38 @@ fn unavailable(e: impl std::fmt::Display) -> StoreError {
 
 fn budget_key(policy: &str, scope: &str) -> String {
     format!("sp:{{{policy}}}:budget:{scope}")
+}
+
+/// Where a scope's counter lives (`counter_of` in `lib.lua`, which must agree): a sender's
+/// (`sender:0x<40 hex>…`) is a field, the address's 20 bytes, of one hash per policy and window
+/// shared by every sender (`sp:{P}:budget:sender…`, the name without the address), so a new
+/// sender makes no key and sets no TTL; every other scope is field `c` of its own hash. Before
+/// 0.3 a sender's counter was a hash of its own under its full name: `legacy`.
+struct CounterSlot {
+    key: String,
+    field: Vec<u8>,
+    legacy: Option<String>,
+}
+
+fn counter_slot(policy: &str, name: &str) -> CounterSlot {
+    let sender = name.strip_prefix("sender:0x").and_then(|rest| {
+        // Lua's `0x(%x+)`: exactly 40 hex digits, then no further digit.
+        let digits = rest.bytes().take_while(u8::is_ascii_hexdigit).count();
+        let raw = (digits == 40).then(|| hex::decode(&rest[..40]).ok())??;
+        Some((raw, &rest[40..]))
+    });
+    match sender {
+        Some((raw, rest)) => CounterSlot {
+            key: format!("sp:{{{policy}}}:budget:sender{rest}"),
+            field: raw,
+            legacy: Some(budget_key(policy, name)),
+        },
+        None => CounterSlot {
+            key: budget_key(policy, name),
+            field: b"c".to_vec(),
+            legacy: None,
+        },
+    }
 }
 
 /// Seconds of validUntil one expiry bucket covers (`BUCKET_SECS` in `lib.lua`).
@@ -178,14 +224,37 @@ fn script(body: &str) -> redis::Script {
 }
 
 impl RedisLedger {
-    /// A ledger on `conn`.
+    /// A ledger on `conn` that reads, besides each sender's counter, the key versions before
+    /// 0.3 kept it in, in every window: for tools and tests. The service opens its ledger with
+    /// [`RedisLedger::connect`].
     pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
             reserve: script(include_str!("reserve.lua")),
             settle: script(include_str!("settle.lua")),
             release: script(include_str!("release.lua")),
+            legacy_before: u64::MAX,
         }
+    }
+
+    /// The service's ledger on `conn`. The first replica of this layout to run notes Redis'
+    /// time in [`LAYOUT_SINCE_KEY`]; a replica of an earlier version, running beside it during
+    /// an upgrade, counts senders in keys of their own, which are read only in the windows
+    /// begun before that time (and the margin): a replica of an earlier version still running
+    /// when the next window begins is not seen by this one (docs/operations.md: upgrading).
+    pub async fn connect(conn: RedisConn) -> Result<Self, StoreError> {
+        let since: u64 = redis::Script::new(
+            "local now = redis.call('TIME')[1] \
+             return tonumber(redis.call('SET', KEYS[1], now, 'NX', 'GET') or now)",
+        )
+        .key(LAYOUT_SINCE_KEY)
+        .invoke_async(&mut conn.clone())
+        .await
+        .map_err(unavailable)?;
+        Ok(Self {
+            legacy_before: since.saturating_add(LEGACY_MARGIN_SECS),
+            ..Self::new(conn)
+        })
     }
 
     pub(super) async fn reserve(
@@ -205,15 +274,40 @@ impl RedisLedger {
             Some(s) => inv.key(session_key(&r.policy, s.id).into_bytes()),
             None => inv.key(&nonce),
         };
+        // ARGV[7], per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
+        // and the scope's name (u8-length-prefixed), and 1 if the key an earlier version kept
+        // a sender's counter in is to be read too.
+        let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
         for s in &r.scopes {
-            inv.key(budget_key(&r.policy, &s.name));
+            let mut slot = counter_slot(&r.policy, &s.name);
+            if s.starts_at.is_some_and(|start| start >= self.legacy_before) {
+                slot.legacy = None;
+            }
+            inv.key(slot.key);
+            for n in [
+                s.cost_limit.unwrap_or(u64::MAX),
+                s.ops_limit.unwrap_or(u64::MAX),
+                ttl(s.expires_at),
+            ] {
+                scopes.extend_from_slice(&n.to_be_bytes());
+            }
+            short(&mut scopes, &slot.field)?;
+            short(&mut scopes, s.name.as_bytes())?;
+            scopes.push(u8::from(slot.legacy.is_some()));
         }
         let spend = r
             .session
             .as_ref()
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
+        // ARGV[6]: the new record's whole entry in the nonce's key (`entry` in `lib.lua`).
         let record = pack_record(r)?;
+        let mut entry = Vec::with_capacity(record.len() + 23);
+        short(&mut entry, &r.op_key[..20])?;
+        let len = u16::try_from(record.len())
+            .map_err(|_| unavailable("ledger record over 65535 bytes"))?;
+        entry.extend_from_slice(&len.to_be_bytes());
+        entry.extend_from_slice(&record);
         // reserve.lua's ARGV[2], in its order: big-endian u64s that Lua unpacks without parsing.
         let numbers: [u64; 14] = [
             u64::from(check_only),
@@ -232,19 +326,6 @@ impl RedisLedger {
             super::MAX_OPEN_PER_NONCE_ANY as u64,
         ];
         let numbers: Vec<u8> = numbers.iter().flat_map(|n| n.to_be_bytes()).collect();
-        // ARGV[7], per scope: cost limit, ops limit (u64::MAX: none), TTL.
-        let scopes: Vec<u8> = r
-            .scopes
-            .iter()
-            .flat_map(|s| {
-                [
-                    s.cost_limit.unwrap_or(u64::MAX),
-                    s.ops_limit.unwrap_or(u64::MAX),
-                    ttl(s.expires_at),
-                ]
-            })
-            .flat_map(u64::to_be_bytes)
-            .collect();
         let hashes: Vec<u8> = r
             .user_op_hashes
             .iter()
@@ -255,7 +336,7 @@ impl RedisLedger {
             .arg(r.answer.signature.as_slice())
             .arg(hashes)
             .arg(&r.landing_key[..20])
-            .arg(record)
+            .arg(entry)
             .arg(scopes);
         for t in spend {
             inv.arg(spent_field(t.token))
@@ -494,20 +575,24 @@ impl RedisLedger {
         Ok((c.cost, c.ops))
     }
 
-    /// A budget counter's totals: its packed field plus the legacy decimal fields an earlier
-    /// version may still be writing (`counter_totals` in `lib.lua`).
+    /// A budget counter's totals: its packed field plus the decimal fields an earlier version
+    /// may still be writing, in the same hash or, for a sender, the key it kept the sender's
+    /// counter in (`counter_totals` in `lib.lua`).
     async fn counter(&self, policy: &str, scope: &str) -> Result<Counter, StoreError> {
         let mut conn = self.conn.clone();
-        let (packed, cost, ops, open): (Option<Vec<u8>>, Option<i64>, Option<i64>, Option<i64>) =
-            redis::cmd("HMGET")
-                .arg(budget_key(policy, scope))
-                .arg("c")
-                .arg("cost")
-                .arg("ops")
-                .arg("open")
-                .query_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+        let slot = counter_slot(policy, scope);
+        let legacy = slot.legacy.as_deref().unwrap_or(&slot.key);
+        type Legacy = (Option<i64>, Option<i64>, Option<i64>);
+        let (packed, (cost, ops, open)): (Option<Vec<u8>>, Legacy) = redis::pipe()
+            .hget(&slot.key, &slot.field)
+            .cmd("HMGET")
+            .arg(legacy)
+            .arg("cost")
+            .arg("ops")
+            .arg("open")
+            .query_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
         let own = match packed {
             Some(p) => unpack_counter(&p).ok_or_else(|| {
                 unavailable(format!("budget counter {scope}: {} bytes, not 24", p.len()))

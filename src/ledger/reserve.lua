@@ -7,9 +7,11 @@
 -- KEYS[3]   the expiry bucket of this signature's validUntil: a string of 20-byte nonce ids
 -- KEYS[4]   the session's state (hash: `status`, `spent:<token>` decimal totals), or, without
 --           a session, KEYS[1] again (unused)
--- KEYS[5..] one hash per budget scope (`sp:{P}:budget:<name>`): the packed totals (COUNTER in
---           lib.lua: cost, gwei: open reservations at their worst case plus settled ones at
---           their actual cost; ops; open, the open part of cost), and `until`: when the key was last made to expire,
+-- KEYS[5..] per budget scope, the hash its counter is a field of (counter_of in lib.lua: a
+--           sender's window's hash, shared by its senders, or the scope's own): the packed
+--           totals (COUNTER in lib.lua: cost, gwei: open reservations at their worst case
+--           plus settled ones at their actual cost; ops; open, the open part of cost), and
+--           `until`: when the key was last made to expire,
 --           by Redis' clock (TIME + TTL), so that a reservation whose counter already lives long
 --           enough sets no TTL (see EXTEND_SLACK)
 -- ARGV[1]   the operation's idempotency id (20 bytes)
@@ -37,15 +39,21 @@
 -- ARGV[4]   the userOpHashes the answer may land with, 8 bytes (their first) each: one, or on
 --           EntryPoint v0.9 two (the signature inline or in the suffix)
 -- ARGV[5]   the nonce's 20-byte id (what the expiry bucket lists)
--- ARGV[6]   the new open record, packed by the service as pack_record would pack it (lib.lua)
+-- ARGV[6]   the new open record's entry (ARGV[1] and the record, framed as lib.lua's `entry`
+--           frames them), packed by the service as pack_record would pack it
 -- ARGV[7]   per scope (in KEYS order), three big-endian u64: cost limit and ops limit (2^64 - 1:
---           none; a counter never reaches it), and the counter's TTL (s)
+--           none; a counter never reaches it), and the counter's TTL (s); two u8-length-
+--           prefixed strings: the counter's field and the scope's name; and a u8, 1 for a
+--           sender whose counter versions before 0.3 may have kept in `sp:{P}:budget:<name>`
+--           (read and summed), else 0
 -- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
--- HGET of its status), per scope HMGET and HSET (of one packed field) (and EXPIRE when the counter is new or is to
--- live longer), TIME once, then SET and APPEND (the bucket's TTL and index entry are written by
--- the reservation that creates the bucket, once per 10 s per policy).
+-- HGET of its status), per scope HMGET and HSET of one field (and EXPIRE when the counter's
+-- hash is new or is to live longer: a new sender makes a field, not a key), TIME once, then
+-- SET and APPEND (the bucket's TTL and index entry are written by the reservation that
+-- creates the bucket, once per 10 s per policy). In a window begun before the first replica
+-- of 0.3 ran, a sender's counter also has an HMGET of the key an earlier version kept.
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
@@ -69,7 +77,17 @@ local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_fl
   struct.unpack('>' .. string.rep('I8', 14), ARGV[2])
 check_only = check_only == 1
 local session = session_flag == 1
-if #ARGV[7] ~= 24 * (#KEYS - 4) then
+local scopes, at = {}, 1
+for i = 5, #KEYS do
+  local s, legacy = {}, 0
+  s.cost_limit, s.ops_limit, s.ttl, s.field, s.name, legacy, at =
+    struct.unpack('>I8I8I8Bc0Bc0B', ARGV[7], at)
+  if legacy == 1 then
+    s.legacy = policy_prefix(KEYS[1]) .. 'budget:' .. s.name
+  end
+  scopes[i] = s
+end
+if at ~= #ARGV[7] + 1 then
   error('reserve.lua: ' .. #ARGV[7] .. ' bytes of scope limits for ' .. (#KEYS - 4) .. ' scopes')
 end
 -- Records past their grace are forgotten (any still open was never released: its charge stays,
@@ -110,20 +128,21 @@ local session_key = session and KEYS[4] or nil
 
 -- The scope names of KEYS[5..] (what a record lists, and an exhausted budget is reported by).
 local function scope_name(i)
-  return string.sub(KEYS[i], #policy_prefix(KEYS[1]) + #'budget:' + 1)
+  return scopes[i].name
 end
 
 -- A counter is made to live `ttl` seconds more, by Redis' clock (a replica's clock does not
 -- decide how long a counter lives), when it is new, or when that is more than EXTEND_SLACK
 -- past `noted`, its `until` (how long it was last made to live; 0 when an earlier version
--- wrote it). Returns its new `until` (a string), or nil: it lives long enough, no TTL to set.
+-- wrote it). Returns its new `until` (a number: Redis writes an integer below 2^53 as all its
+-- digits), or nil: it lives long enough, no TTL to set.
 local redis_now = nil
 local function extension(new, noted, ttl)
   redis_now = redis_now or tonumber(redis.call('TIME')[1])
   if not new and redis_now + ttl <= noted + EXTEND_SLACK then
     return nil
   end
-  return string.format('%d', redis_now + ttl)
+  return redis_now + ttl
 end
 
 -- Write the nonce's records; its expiry bucket lists it, the bucket is indexed, all live
@@ -132,7 +151,7 @@ end
 -- a bucket and its index entry together, so an existing bucket is always indexed.
 local function schedule()
   if fresh_key then
-    redis.call('SET', KEYS[1], entry(ARGV[1], ARGV[6]), 'EX', nonce_ttl)
+    redis.call('SET', KEYS[1], ARGV[6], 'EX', nonce_ttl)
   else
     save_nonce(KEYS[1], entries)
     extend_ttl(KEYS[1], nonce_ttl)
@@ -167,15 +186,17 @@ if rec and rec.state == OPEN then
     rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, ARGV[3]
     -- Its counters live as long as it now may land (and settle), a counter gone is not
     -- brought back (nothing is charged here).
-    local pos = 1
     for i = 5, #KEYS do
-      local ttl
-      ttl, pos = struct.unpack('>I8', ARGV[7], pos + 16)
-      local c = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost')
-      local noted = (c[2] or c[3]) and extension(false, tonumber(c[1] or '0'), ttl)
+      local s = scopes[i]
+      -- (`cost`: a counter an earlier version wrote in its own format.)
+      local c = redis.call('HMGET', KEYS[i], 'until', s.field, 'cost')
+      local noted = (c[2] or c[3]) and extension(false, tonumber(c[1] or '0'), s.ttl)
       if noted then
         redis.call('HSET', KEYS[i], 'until', noted)
-        redis.call('EXPIRE', KEYS[i], ttl, 'GT')
+        redis.call('EXPIRE', KEYS[i], s.ttl, 'GT')
+      elseif not c[2] and s.legacy then
+        -- A sender counted by an earlier version, in the key it kept (if still there).
+        redis.call('EXPIRE', s.legacy, s.ttl, 'GT')
       end
     end
     schedule()
@@ -209,21 +230,38 @@ if session and open_mine >= max_mine then
 end
 
 local counters = {}
-local pos = 1
 for i = 5, #KEYS do
-  local cost_limit, ops_limit, ttl
-  cost_limit, ops_limit, ttl, pos = struct.unpack('>I8I8I8', ARGV[7], pos)
-  local used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
-  local own, sum = counter_totals(used, 2)
+  local s = scopes[i]
+  local used, new
+  if s.field == COUNTER then
+    -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
+    used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
+    new = not (used[2] or used[3] or used[4])
+  else
+    -- A sender: its field in the window's hash (new when the hash has no `until`), plus what
+    -- an earlier version counted in the key it kept (a replica of it may still be running).
+    used = redis.call('HMGET', KEYS[i], 'until', s.field)
+    new = not used[1]
+    if s.legacy then
+      local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops', 'open')
+      used[3], used[4], used[5] = legacy[1], legacy[2], legacy[3]
+    end
+  end
+  local own_cost, own_ops, own_open = counter_unpack(used[2])
   local c = {
-    own = own,
-    cost = sum[1],
-    ops = sum[2],
+    own_cost = own_cost,
+    own_ops = own_ops,
+    own_open = own_open,
+    -- The totals, with the decimal fields of an earlier version.
+    cost = plus(own_cost, used[3]),
+    ops = plus(own_ops, used[4]),
     noted = tonumber(used[1] or '0'), -- `until`: 0 for a counter an earlier version wrote
-    new = not (used[2] or used[3] or used[4]),
-    ttl = ttl,
+    new = new,
+    field = s.field,
+    ttl = s.ttl,
   }
   counters[i] = c
+  local cost_limit, ops_limit = s.cost_limit, s.ops_limit
   -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
   -- (none) is never reached.
   local cost_cap = math.min(cost_limit, MAX_EXACT)
@@ -256,17 +294,17 @@ end
 -- long enough, gets none (see extension).
 for i = 5, #KEYS do
   local c = counters[i]
-  local packed = counter_pack({c.own[1] + cost, c.own[2] + 1, c.own[3] + cost})
+  local packed = struct.pack(COUNTER_FORMAT, c.own_cost + cost, c.own_ops + 1, c.own_open + cost)
   local noted = extension(c.new, c.noted, c.ttl)
   if noted then
-    redis.call('HSET', KEYS[i], COUNTER, packed, 'until', noted)
+    redis.call('HSET', KEYS[i], c.field, packed, 'until', noted)
     if c.new then
       redis.call('EXPIRE', KEYS[i], c.ttl)
     else
       redis.call('EXPIRE', KEYS[i], c.ttl, 'GT')
     end
   else
-    redis.call('HSET', KEYS[i], COUNTER, packed)
+    redis.call('HSET', KEYS[i], c.field, packed)
   end
 end
 if session then
@@ -275,8 +313,8 @@ if session then
   end
   redis.call('EXPIRE', KEYS[4], session_ttl)
 end
--- The new record is ARGV[6], packed by the service; save_nonce writes it as it is.
-local record = {packed = ARGV[6]}
+-- The new record's entry is ARGV[6], made by the service; save_nonce writes it as it is.
+local record = {entry = ARGV[6]}
 if mine then
   -- A released record of this operation (its signature expired unused): replaced.
   entries[mine][2] = record

@@ -68,6 +68,7 @@ pub(super) async fn reserve(
             ops_limit: None,
             expires_at: data.window.valid_until.saturating_add(GRACE_SECS),
             resets_at: None,
+            starts_at: None,
         });
     }
     // Only absurd gas fields under a policy without a cost cap get here.
@@ -227,16 +228,17 @@ impl Sponsor {
                     ops_limit: ops,
                     expires_at: grant.valid_until.saturating_add(GRACE_SECS),
                     resets_at: None,
+                    starts_at: None,
                 });
             }
         }
         let windowed = |budget: &Budget, base: String, rule: &str| {
-            let (name, resets_at, expires_at) = match budget.period.map(|p| p.as_secs().max(1)) {
+            let (name, window, expires_at) = match budget.period.map(|p| p.as_secs().max(1)) {
                 Some(p) => {
                     let end = (now / p + 1).saturating_mul(p);
                     (
                         format!("{base}:{}", now / p),
-                        Some(end),
+                        Some((now / p * p, end)),
                         end.saturating_add(GRACE_SECS),
                     )
                 }
@@ -258,7 +260,8 @@ impl Sponsor {
                 cost_limit: gwei(budget.cost),
                 ops_limit: budget.ops,
                 expires_at,
-                resets_at,
+                starts_at: window.map(|(start, _)| start),
+                resets_at: window.map(|(_, end)| end),
             }
         };
         if let Some(b) = &policy.budgets.sender {

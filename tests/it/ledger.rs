@@ -29,6 +29,7 @@ fn scope(name: &str, cost: Option<u64>, ops: Option<u64>) -> Scope {
         ops_limit: ops,
         expires_at: NOW + 3600,
         resets_at: None,
+        starts_at: None,
     }
 }
 
@@ -1285,6 +1286,162 @@ async fn a_counter_an_earlier_version_wrote_still_counts() -> TestResult {
     Ok(())
 }
 
+/// A sender's counter is its field in a hash its window shares with every sender; each
+/// sender's is its own (a test of `counter_slot` and `lib.lua`'s `counter_of` agreeing:
+/// reserved by the service's key and field, settled and released by the script's), for a
+/// window, a chain's window and a budget without a period.
+#[tokio::test]
+async fn sender_counters_share_their_windows_hash() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let a = "0x1111111111111111111111111111111111111111";
+    let b = "0xabcdefabcdefabcdefabcdefabcdefabcdefabcd";
+    let policies = vec!["p".to_owned()];
+    for (op, rest) in [(1u8, ":20833"), (5, ":c8453:20833"), (9, "")] {
+        let sender = |who: &str| scope(&format!("sender:{who}{rest}"), Some(250), None);
+        for (i, who) in [a, b].into_iter().enumerate() {
+            let r = reservation(op + i as u8, 100, vec![sender(who)]);
+            assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        }
+        let r = reservation(op + 2, 100, vec![sender(a)]);
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        let Outcome::Exhausted(e) = ledger
+            .reserve(&reservation(op + 3, 100, vec![sender(a)]), false, NOW)
+            .await?
+        else {
+            return Err(format!("{a}{rest} is over its budget").into());
+        };
+        assert_eq!((e.scope.as_str(), e.used), (sender(a).name.as_str(), 200));
+        // One hash for the window, a field per sender, no key per sender.
+        let key = format!("sp:{{p}}:budget:sender{rest}");
+        let fields: i64 = redis::cmd("HLEN").arg(&key).query_async(&mut c).await?;
+        assert_eq!(fields, 3, "{key}: two senders and `until`");
+        let own: i64 = redis::cmd("EXISTS")
+            .arg(format!("sp:{{p}}:budget:sender:{a}{rest}"))
+            .query_async(&mut c)
+            .await?;
+        assert_eq!(own, 0);
+        let usage = async |who: &str| ledger.usage("p", &sender(who).name).await;
+        assert_eq!(
+            ledger.settle(&policies, &landing(op, 30)).await?,
+            settled(1, 0, true)
+        );
+        assert_eq!(usage(a).await?, (130, 2), "{rest}: settled by the script");
+        assert_eq!(
+            usage(b).await?,
+            (100, 1),
+            "{rest}: the other sender untouched"
+        );
+        assert_eq!(ledger.open("p", &sender(a).name).await?, 100);
+    }
+    assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 6);
+    for rest in [":20833", ":c8453:20833", ""] {
+        let name = |who: &str| format!("sender:{who}{rest}");
+        assert_eq!(
+            ledger.usage("p", &name(a)).await?,
+            (30, 1),
+            "{rest}: released"
+        );
+        assert_eq!(
+            ledger.usage("p", &name(b)).await?,
+            (0, 0),
+            "{rest}: released"
+        );
+    }
+    Ok(())
+}
+
+/// Before 0.3 a sender's counter was a hash of its own (`sp:{P}:budget:sender:0x…:<window>`,
+/// decimal fields). In a window begun before the first replica of 0.3 ran, a replica of an
+/// earlier version may have counted (or, during the upgrade, still count) the sender there:
+/// that key is read and summed, and a reservation counted there is closed there. In a window
+/// begun later, only the window's hash is read.
+#[tokio::test]
+async fn a_sender_counter_an_earlier_version_kept_still_counts() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let mut c = conn.clone();
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    let since: u64 = redis::cmd("GET")
+        .arg(session_paymaster::ledger::redis::LAYOUT_SINCE_KEY)
+        .query_async(&mut c)
+        .await?;
+    // Noted once: a replica started later reads the first one's time.
+    redis::cmd("INCRBY")
+        .arg(session_paymaster::ledger::redis::LAYOUT_SINCE_KEY)
+        .arg(-100)
+        .query_async::<i64>(&mut c)
+        .await?;
+    let _again = RedisLedger::connect(conn.clone()).await?;
+    let kept: u64 = redis::cmd("GET")
+        .arg(session_paymaster::ledger::redis::LAYOUT_SINCE_KEY)
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(kept, since - 100);
+    let name = "sender:0x1111111111111111111111111111111111111111:20833";
+    let legacy = format!("sp:{{p}}:budget:{name}");
+    let sender = |starts_at: u64| Scope {
+        starts_at: Some(starts_at),
+        ..scope(name, Some(250), None)
+    };
+    // Op 1 as a 0.2 replica counted it: its record as it is, its charge in the old key.
+    let before = sender(since - 3600);
+    assert_eq!(
+        ledger
+            .reserve(&reservation(1, 100, vec![before.clone()]), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    redis::pipe()
+        .hdel("sp:{p}:budget:sender:20833", &[0x11u8; 20][..])
+        .ignore()
+        .hset_multiple(&legacy, &[("cost", "100"), ("ops", "1"), ("open", "100")])
+        .ignore()
+        .expire(&legacy, 4000)
+        .ignore()
+        .query_async::<()>(&mut c)
+        .await?;
+    assert_eq!(ledger.usage("p", name).await?, (100, 1));
+    // Closed where it was counted: the window's hash has no field for it.
+    let policies = vec!["p".to_owned()];
+    assert_eq!(
+        ledger.settle(&policies, &landing(1, 30)).await?,
+        settled(1, 0, true)
+    );
+    let (cost, open): (i64, i64) = redis::cmd("HMGET")
+        .arg(&legacy)
+        .arg("cost")
+        .arg("open")
+        .query_async(&mut c)
+        .await?;
+    assert_eq!((cost, open), (30, 0), "op 1 settled in the old key");
+    assert_eq!(
+        ledger
+            .reserve(&reservation(2, 100, vec![before.clone()]), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.usage("p", name).await?, (130, 2));
+    // 100 in the window's hash and 30 in the old key: 150 more is over 250.
+    let Outcome::Exhausted(e) = ledger
+        .reserve(&reservation(3, 150, vec![before]), false, NOW)
+        .await?
+    else {
+        return Err("the old key counts in a window begun before".into());
+    };
+    assert_eq!((e.scope.as_str(), e.used), (name, 130));
+    // A window begun after the first 0.3 replica ran (and the margin): the old key is not read.
+    assert_eq!(
+        ledger
+            .reserve(&reservation(3, 150, vec![sender(since + 600)]), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    Ok(())
+}
+
 /// A reservation extended to a fresh answer (its signature about to expire) keeps its counters
 /// alive as long as it may now land and settle (the deposit's counter lives only as long as the
 /// answers it sums); a counter already gone is not brought back.
@@ -1354,24 +1511,26 @@ async fn an_extended_reservation_extends_its_counters_in_memory() -> TestResult 
 /// Redis held 1,750 bytes per reservation (three keys each, measured: used_memory over 10k
 /// reservations); at 10k sponsorships/s kept an hour that is tens of GB. An entry in its
 /// nonce's string and 20 bytes of an expiry bucket now, measured the same way: at most 400.
+/// A reservation of a sender new in the window adds the sender's counter: a key of its own
+/// until 0.3 (650 bytes in all), a field of the window's hash now (430-510 measured, as the
+/// hash's and the keyspace's tables double).
 #[tokio::test]
 async fn a_reservation_takes_at_most_400_bytes() -> TestResult {
     let redis = TestRedis::start().await?;
     let (ledger, conn) = redis_ledger(&redis).await?;
     let mut c = conn.clone();
-    let used = |info: String| -> u64 {
-        info.lines()
+    let mut used = async || -> TestResult<u64> {
+        let info: String = redis::cmd("INFO").arg("memory").query_async(&mut c).await?;
+        Ok(info
+            .lines()
             .find_map(|l| l.strip_prefix("used_memory:"))
             .and_then(|v| v.trim().parse().ok())
-            .unwrap_or(0)
+            .unwrap_or(0))
     };
     // A sender and a policy budget, and (with the watcher) the paymaster's deposit.
+    let sender = |i: u64| format!("sender:0x{:040x}:20833", i);
     let scopes = vec![
-        scope(
-            "sender:0x1111111111111111111111111111111111111111:20833",
-            Some(1 << 50),
-            None,
-        ),
+        scope(&sender(0), Some(1 << 50), None),
         scope("policy:20833", Some(1 << 50), None),
         scope(
             &session_paymaster::sponsor::deposit::paymaster_scope(
@@ -1382,27 +1541,41 @@ async fn a_reservation_takes_at_most_400_bytes() -> TestResult {
             None,
         ),
     ];
-    // The scope counters are shared; what grows is per reservation.
-    ledger
-        .reserve(&reservation(0, 1, scopes.clone()), false, NOW)
-        .await?;
-    let before = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await?);
     let n = 10_000u64;
-    for i in 1..=n {
-        let r = Reservation {
-            policy: "dev-counter".into(),
-            op_key: alloy::primitives::keccak256(i.to_be_bytes()),
-            landing_key: alloy::primitives::keccak256((i ^ u64::MAX).to_be_bytes()),
-            user_op_hashes: vec![alloy::primitives::keccak256((i ^ 7).to_be_bytes())],
-            answer: answer(7, NOW + 600),
-            ..reservation(0, 123_456, scopes.clone())
-        };
-        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
-    }
-    let after = used(redis::cmd("INFO").arg("memory").query_async(&mut c).await?);
-    let per = (after - before) / n;
-    eprintln!("{per} bytes per reservation");
+    // Ops `from..from + count`, of sender 0 or each of a new sender.
+    let reserve_many = async |from: u64, count: u64, new_senders: bool| -> TestResult {
+        for i in from..from + count {
+            let mut scopes = scopes.clone();
+            if new_senders {
+                scopes[0].name = sender(i);
+            }
+            let r = Reservation {
+                policy: "dev-counter".into(),
+                op_key: alloy::primitives::keccak256(i.to_be_bytes()),
+                landing_key: alloy::primitives::keccak256((i ^ u64::MAX).to_be_bytes()),
+                user_op_hashes: vec![alloy::primitives::keccak256((i ^ 7).to_be_bytes())],
+                answer: answer(7, NOW + 600),
+                ..reservation(0, 123_456, scopes)
+            };
+            assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        }
+        Ok(())
+    };
+    // The scope counters are shared; what grows is per reservation (and, as the keys grow in
+    // number, the keyspace's tables: each batch doubles them once).
+    reserve_many(0, 1, false).await?;
+    let before = used().await?;
+    reserve_many(1, n, false).await?;
+    let middle = used().await?;
+    reserve_many(n + 1, n, true).await?;
+    let after = used().await?;
+    let (per, per_new) = ((middle - before) / n, (after - middle) / n);
+    eprintln!("{per} bytes per reservation, {per_new} with a new sender each");
     assert!(per <= 400, "{per} bytes per reservation");
+    assert!(
+        per_new <= 550,
+        "{per_new} bytes per reservation of a new sender"
+    );
     Ok(())
 }
 
