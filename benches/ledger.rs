@@ -1,6 +1,6 @@
 //! Budget reservations on a real Redis, as ratios to the floor measured in the same run: one
-//! bare `EVALSHA` round trip of a trivial script. Also counts the `EVALSHA`s a sponsorship
-//! makes (DESIGN §1: exactly one, plus at most one session read). Run with `scripts/bench`;
+//! bare `EVALSHA` round trip of a trivial script. Also counts the calls of the ledger's scripts
+//! (`FCALL`) a sponsorship makes (DESIGN §1: exactly one, plus at most one session read). Run with `scripts/bench`;
 //! starts its own redis-server on a free port. Asserts nothing.
 
 use std::time::{Duration, Instant};
@@ -71,7 +71,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
             cost_gwei: 123_456,
             scopes: vec![
                 scope("session:1"),
-                scope("sender:0x11:1"),
+                scope("sender:0x1111111111111111111111111111111111111111:1"),
                 scope("policy:1"),
             ],
             landing_key: keccak256((i as u64 ^ u64::MAX).to_be_bytes()),
@@ -89,7 +89,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     }
     let (res50, res99) = percentiles(reserve);
 
-    // Whole sponsorships (decode, policy, sign, reserve) of a budgeted policy, counting EVALSHAs.
+    // Whole sponsorships (decode, policy, sign, reserve) of a budgeted policy, counting FCALLs.
     let dir = std::env::temp_dir().join(format!("sp-bench-{}", std::process::id()));
     std::fs::create_dir_all(&dir)?;
     let counter: Address = "0xCF3b87F3D9d62cdF4723D97D8139156c6b2AB4B3".parse()?;
@@ -116,9 +116,9 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         session_paymaster::ratelimit::RateLimits::new(None),
     );
     let context = RequestContext::default();
-    let evalsha_calls = |info: &str| -> u64 {
+    let fcalls = |info: &str| -> u64 {
         info.lines()
-            .find(|l| l.starts_with("cmdstat_evalsha:"))
+            .find(|l| l.starts_with("cmdstat_fcall:"))
             .and_then(|l| l.split("calls=").nth(1))
             .and_then(|s| s.split(',').next())
             .and_then(|n| n.parse().ok())
@@ -156,7 +156,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         .query_async(&mut c)
         .await?;
     let (whole50, whole99) = percentiles(whole);
-    let per_op = (evalsha_calls(&after) - evalsha_calls(&before)) as f64 / n as f64;
+    let per_op = (fcalls(&after) - fcalls(&before)) as f64 / n as f64;
 
     println!("limit  bare EVALSHA round trip        p50 {bare50:>8.1?}  p99 {bare99:>8.1?}");
     println!(
@@ -169,7 +169,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         ratio(whole50, bare50),
         ratio(whole99, bare99)
     );
-    println!("EVALSHA per sponsorship             {per_op:.2}");
+    println!("FCALL per sponsorship               {per_op:.2}");
     memory_flatness();
     Ok(())
 }

@@ -1,11 +1,12 @@
 #!/usr/bin/env python3
 """Where redis-server's time per sponsorship goes: reserve.lua inside a bare redis-server.
 
-Starts redis-server on a free port, loads lib.lua + reserve.lua as the service does, sends N
-distinct new operations (a new sender each, one shared policy counter: the bench's sponsor
-load) pipelined 100 at a time, and prints redis-server's microseconds per EVALSHA and per
-nested command (INFO commandstats), then the same for an empty script given the same
-arguments. docs/performance.md ("Redis CPU") quotes it.
+Starts redis-server on a free port, loads lib.lua + reserve.lua as the service does (a library
+of Redis Functions since 0.3, see ledger::redis::library), sends N distinct new operations (a
+new sender each, one shared policy counter: the bench's sponsor load) pipelined 100 at a time,
+and prints redis-server's microseconds per call and per nested command (INFO commandstats),
+then the same for an empty script given the same arguments. docs/performance.md ("Redis CPU")
+quotes it.
 
     python3 benches/reserve_lua.py [N=50000]
     python3 benches/reserve_lua.py parts [N=20000]
@@ -15,12 +16,18 @@ arguments. docs/performance.md ("Redis CPU") quotes it.
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
 `cuts` runs reserve.lua itself cut short after each of its steps (a return there), on the
-same operations, each median of 3 interleaved rounds: what each step adds.
+same operations, each median of 3 interleaved rounds: what each step adds. Both run their
+scripts with EVALSHA, lib.lua's helpers made on every call (a function's are made once).
 `ab` times the reserve.lua of two checkouts (e.g. a `git worktree` of another commit), each
 with its own copy of this file's `operations` (a change may change the arguments), in turn in
 one redis-server, 9 rounds, the order swapped every round; where two cores are allowed,
-redis-server is pinned to one and this driver to another. One round moves by about 15 %, and
-the same script against itself has given medians 13 % apart: smaller differences are noise.
+redis-server is pinned to one and this driver to another (ROUNDS=21 in the environment for
+more rounds). One round moves by about 15 %, and the same script against itself has given
+medians 13 % apart: smaller differences in the medians are noise.
+It also prints redis-server's CPU time per operation (/proc/<pid>/schedstat) and the ratio of
+the two checkouts' in each round (both ran in it, one after the other, so what drifts between
+rounds cancels), which resolves differences of a few percent. A checkout whose ledger is a
+library of Redis Functions runs as one (FCALL), an earlier one with EVALSHA.
 """
 import os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
 
@@ -104,7 +111,8 @@ def operations(sha, n):
         landing = struct.pack('>Q', i) + b'\x02' * 12
         nonce = b'sp:{bench}:n:' + landing
         sender = b'\x01' + struct.pack('>Q', i + 1).rjust(20, b'\x00')  # pack_name of 0x<40 hex>
-        scopes = [(b'sender:0x%040x:20789' % (i + 1), b'sender:' + sender + b':20789'),
+        # Each scope's name in records (ledger::redis::record_name: `s:0x…` a sender's), packed.
+        scopes = [(b's:0x%040x:20789' % (i + 1), b's:' + sender + b':20789'),
                   (b'policy:692', b'policy:692')]
         record = (b'\x00' + struct.pack('>Q', 780000) + struct.pack('>Q', valid_until)[2:]
                   + struct.pack('>I', valid_until - valid_after) + sig + b'\x01' + op_id[:8]
@@ -131,6 +139,24 @@ def operations(sha, n):
     return out
 
 
+def uses_functions(root):
+    """Whether the checkout at `root` runs its ledger scripts as Redis Functions (0.3 on)."""
+    path = os.path.join(root, 'src', 'ledger', 'redis.rs')
+    return os.path.isfile(path) and 'register_function' in open(path).read()
+
+
+def load(r, lib, reserve, function):
+    """Loads lib.lua + reserve.lua as a checkout's service runs them: as a function of a library
+    (as ledger::redis::library builds it) or as a script. Returns the command's first two words,
+    to put in place of operations()' `EVALSHA sha`."""
+    if function:
+        r.call('FUNCTION', 'LOAD', 'REPLACE', b'#!lua name=sp_bench\n' + lib
+               + b"\nredis.register_function('sp_bench_reserve', function(KEYS, ARGV)\n"
+               + reserve + b'\nend)\n')
+        return ['FCALL', 'sp_bench_reserve']
+    return ['EVALSHA', r.call('SCRIPT', 'LOAD', lib + reserve)]
+
+
 def commandstats(r):
     stats = {}
     for line in r.call('INFO', 'commandstats').decode().split('\r\n'):
@@ -150,7 +176,7 @@ PIECES = [
     ('8 string.format %d', ("local s for i = 1, 8 do s = %s end return {0}" % FMT).encode(), True),
     ('8 tonumber of a decimal', b"local s for i = 1, 8 do s = tonumber('1000000000000000') end return {0}", True),
     ('HSET of an existing key', b"redis.call('HSET', KEYS[6], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
-    ('HSET creating a key', b"redis.call('HSET', KEYS[5], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
+    ('HSET creating a key', b"redis.call('HSET', KEYS[1], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
     ('SET EX creating a key', b"redis.call('SET', KEYS[1], ARGV[6], 'EX', 1000) return {0}", True),
 ]
 
@@ -161,7 +187,8 @@ def parts(r):
     for _ in range(4):
         for label, body, with_args in PIECES:
             sha = r.call('SCRIPT', 'LOAD', body)
-            # The policy counter (KEYS[6]) exists, as in the sponsor load; the rest is new.
+            # The policy counter (KEYS[6]) exists, as in the sponsor load; the rest is new (but
+            # the senders' window hash, KEYS[5], after the first operation).
             r.call('FLUSHALL')
             r.call('HSET', ops[0][3 + 5], 'c', struct.pack('>3q', 0, 0, 0))
             r.call('CONFIG', 'RESETSTAT')
@@ -175,9 +202,9 @@ def parts(r):
 CUTS = [
     ('arguments unpacked', 'local stored = load_nonce'),
     ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
-    ('the session status and a repeat checked', "-- The scope names of KEYS[5..]"),
+    ('the session status and a repeat checked', 'local session_key = session and KEYS[4] or nil'),
     ('open reservations counted', 'local counters = {}'),
-    ('counters read and checked (HMGET, tonumber)', 'local totals = {}'),
+    ('counters read and checked (HMGET, unpack)', 'local totals = {}'),
     ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session then\n  for _, t in ipairs(totals)'),
     ('the record written (SET, APPEND): the whole script', None),
 ]
@@ -221,35 +248,44 @@ def ab_versions():
             sys.argv = argv
         if not hasattr(module, 'operations'):
             sys.exit('ab: %s has no operations() to build arguments with' % paths[0])
-        body = b''.join(open(p, 'rb').read() for p in paths[1:])
-        versions.append(('%s (%s)' % ('AB'[i], d), module.operations, body))
+        lib, reserve = (open(p, 'rb').read() for p in paths[1:])
+        versions.append(('%s (%s)' % ('AB'[i], d), module.operations, lib, reserve,
+                         uses_functions(d)))
     return versions
 
 
 def cpu_ns(pid):
-    """Nanoseconds the process has run on a CPU (/proc/<pid>/schedstat's first field)."""
-    with open('/proc/%d/schedstat' % pid) as f:
-        return int(f.read().split()[0])
+    """Nanoseconds the process's main thread has run on a CPU (/proc/<pid>/schedstat's first
+    field), or, on a kernel without schedstats, the whole process's user and system time
+    (/proc/<pid>/stat, in clock ticks)."""
+    try:
+        with open('/proc/%d/schedstat' % pid) as f:
+            return int(f.read().split()[0])
+    except OSError:
+        with open('/proc/%d/stat' % pid) as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) * 10**9 // os.sysconf('SC_CLK_TCK')
 
 
 def ab(r, versions, pid, rounds=ROUNDS):
     results, cpu = {}, {}
     for round_ in range(rounds):
         # The order swapped every round: what runs first in a fresh keyspace gains nothing.
-        for label, operations, body in (versions if round_ % 2 == 0 else versions[::-1]):
-            sha = r.call('SCRIPT', 'LOAD', body)
+        for label, operations, lib, reserve, function in (versions if round_ % 2 == 0
+                                                          else versions[::-1]):
+            head = load(r, lib, reserve, function)
             r.call('FLUSHALL')
-            ops = operations(sha, N)
+            ops = [head + op[2:] for op in operations('unused', N)]
             r.call('CONFIG', 'RESETSTAT')
             before = cpu_ns(pid)
             refused = r.pipelined(ops)
             used = cpu_ns(pid) - before
             if refused:
                 sys.exit('%s: %d operations not reserved' % (label, refused))
-            results.setdefault(label, []).append(commandstats(r)['evalsha'][1])
+            results.setdefault(label, []).append(commandstats(r)[head[0].lower()][1])
             cpu.setdefault(label, []).append(round(used / 1000 / N, 2))
     for label, runs in results.items():
-        print('%-40s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
+        print('%-40s %6.2f us per call (median of %s)' % (label, statistics.median(runs), runs))
         print('%-40s %6.2f us of redis-server CPU per operation (median of %s)'
               % ('', statistics.median(cpu[label]), cpu[label]))
     # Each round ran both, one after the other: their ratio cancels what drifts between rounds.
@@ -283,21 +319,25 @@ def main():
                 return cuts(r)
             if MODE == 'ab':
                 return ab(r, versions, server.pid)
-            script = open(os.path.join(LUA, 'lib.lua'), 'rb').read() + \
-                open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
-            for label, body in (('reserve.lua', script), ('an empty script, same arguments', b'return {0}'),
-                                ('lib.lua alone, same arguments',
-                                 open(os.path.join(LUA, 'lib.lua'), 'rb').read() + b'return {0}')):
+            lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
+            reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
+            for label, head_lib, body, function in (
+                    ('reserve.lua', lib, reserve, uses_functions(os.path.join(LUA, '..', '..'))),
+                    ('an empty script, same arguments', b'', b'return {0}', False),
+                    ('lib.lua alone, same arguments', lib, b'return {0}', False)):
                 r.call('FLUSHALL')
+                head = load(r, head_lib, body, function)
                 r.call('CONFIG', 'RESETSTAT')
-                sha = r.call('SCRIPT', 'LOAD', body)
-                refused = r.pipelined(operations(sha, N))
+                refused = r.pipelined([head + op[2:] for op in operations('unused', N)])
                 if refused:
                     sys.exit('%s: %d operations not reserved' % (label, refused))
                 stats = commandstats(r)
-                print('%-34s %6.2f us per EVALSHA (%d calls)' % (label, stats['evalsha'][1], stats['evalsha'][0]))
+                kind = head[0].lower()
+                print('%-34s %6.2f us per %s (%d calls)' % (label, stats[kind][1], head[0],
+                                                             stats[kind][0]))
                 for name, (calls, us) in sorted(stats.items()):
-                    if name not in ('evalsha', 'config|resetstat', 'script|load', 'flushall', 'info'):
+                    if name not in (kind, 'config|resetstat', 'script|load', 'function|load',
+                                    'flushall', 'info'):
                         print('    %-18s %6.2f us x %.2f per operation' % (name, us, calls / N))
         finally:
             server.terminate()

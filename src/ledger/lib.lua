@@ -84,15 +84,19 @@ local OPEN, SETTLED, RELEASED = 0, 1, 2
 -- Seconds of validUntil one expiry bucket covers (ledger::redis::BUCKET_SECS).
 local BUCKET_SECS = 10
 
+-- The bytes of an even number of hex digits.
+local function unhex(digits)
+  return (string.gsub(digits, '..', function(b)
+    return string.char(tonumber(b, 16))
+  end))
+end
+
 -- Names (scope names, the session key, token fields) are stored with each lowercase `0x` +
 -- 40 or 64 hex digits (an address, a session id) as a marker byte 1 or 2 and its raw bytes.
 local function pack_name(name)
   return (string.gsub(name, '0x(%x+)', function(h)
     if (#h == 40 or #h == 64) and h == string.lower(h) then
-      local raw = string.gsub(h, '..', function(b)
-        return string.char(tonumber(b, 16))
-      end)
-      return string.char(#h == 40 and 1 or 2) .. raw
+      return string.char(#h == 40 and 1 or 2) .. unhex(h)
     end
   end))
 end
@@ -183,13 +187,14 @@ local function pack_record(r)
   return table.concat(parts)
 end
 
--- A budget counter (`sp:{P}:budget:<scope>`, a hash) keeps its totals packed in one field,
--- COUNTER: cost (gwei), ops and open (gwei), each a big-endian signed 64-bit integer, so a
--- reservation reads and writes one field, with no decimals to parse or format. Versions before
--- 0.3 kept them as decimal fields `cost`, `ops` and `open` (LEGACY), which a replica of such a
--- version may still be writing during an upgrade: a counter's totals are the packed ones plus
--- the legacy ones. This version reads both and writes only the packed field (which a closing
--- of a reservation the legacy fields counted may take below zero: the sum stays right).
+-- A budget counter keeps its totals packed in one field: COUNTER of a scope's own hash
+-- (`sp:{P}:budget:<scope>`), or a sender's 20 bytes in its window's hash (see counter_of):
+-- cost (gwei), ops and open (gwei), each a big-endian signed 64-bit integer, so a reservation
+-- reads and writes one field, with no decimals to parse or format. Versions before 0.3 kept
+-- them as decimal fields `cost`, `ops` and `open` (a sender's in a hash of its own): a
+-- counter's totals are the packed ones plus those, which this version reads and leaves as
+-- they are. Closing a reservation such a version made in a scope's own hash goes to the packed
+-- field, which may so go below zero: the sum stays right.
 local COUNTER = 'c'
 local COUNTER_FORMAT = '>i8i8i8'
 
@@ -210,42 +215,42 @@ local function plus(total, decimal)
   return total
 end
 
--- Where the counter of scope `name` of the policy whose keys start with `prefix` lives (as
--- ledger::redis::counter_slot, which must agree): a sender's (`sender:0x<40 hex>…`) is a field,
--- the address's 20 bytes, of one hash per window shared by every sender (the name without the
--- address); any other scope's is field COUNTER of its own hash. The third value is the key
--- versions before 0.3 kept a sender's counter in (its own hash, decimal fields), or nil.
+-- Where a record's scope `name` (of the policy whose keys start with `prefix`) was counted,
+-- as ledger::redis::counter_slot says (the two must agree): a sender counted since 0.3
+-- (`s:0x<40 hex>…`) in its field, the address's 20 bytes, of one hash per window shared
+-- by every sender (`sender` and what follows the address); a sender counted by an earlier
+-- version (`sender:0x<40 hex>…`) in a hash of its own under its name, decimal fields (the field
+-- is nil); any other scope in field COUNTER of its own hash.
 local function counter_of(prefix, name)
-  local digits, rest = string.match(name, '^sender:0x(%x+)(.*)$')
+  local digits, rest = string.match(name, '^s:0x(%x+)(.*)$')
   if digits and #digits == 40 then
-    local raw = string.gsub(digits, '..', function(b)
-      return string.char(tonumber(b, 16))
-    end)
-    return prefix .. 'budget:sender' .. rest, raw, prefix .. 'budget:' .. name
+    return prefix .. 'budget:sender' .. rest, unhex(digits)
   end
-  return prefix .. 'budget:' .. name, COUNTER, nil
+  digits = string.match(name, '^sender:0x(%x+)')
+  if digits and #digits == 40 then
+    return prefix .. 'budget:' .. name, nil
+  end
+  return prefix .. 'budget:' .. name, COUNTER
 end
 
--- Add `cost`, `ops` and `open` to the counter of scope `name` (closing or charging back a
--- reservation it counted). A counter whose window is over and forgotten is not brought back
--- (with no TTL). A sender with no field in its window's hash was counted (by an earlier
--- version) in the key it kept: that one gets the change, in its format, if it is still there.
+-- Add `cost`, `ops` and `open` to the counter a record's scope `name` was counted in (closing
+-- or charging back the reservation), where it was counted. A counter whose window is over and
+-- forgotten is not brought back (with no TTL).
 local function counter_add(prefix, name, cost, ops, open)
-  local key, field, legacy = counter_of(prefix, name)
+  local key, field = counter_of(prefix, name)
+  if not field then
+    if redis.call('EXISTS', key) == 1 then
+      redis.call('HINCRBY', key, 'cost', string.format('%d', cost))
+      redis.call('HINCRBY', key, 'ops', string.format('%d', ops))
+      redis.call('HINCRBY', key, 'open', string.format('%d', open))
+    end
+    return
+  end
   local v = redis.call('HGET', key, field)
-  if not v then
-    if legacy then
-      if redis.call('EXISTS', legacy) == 1 then
-        redis.call('HINCRBY', legacy, 'cost', string.format('%d', cost))
-        redis.call('HINCRBY', legacy, 'ops', string.format('%d', ops))
-        redis.call('HINCRBY', legacy, 'open', string.format('%d', open))
-      end
-      return
-    end
-    -- A counter an earlier version wrote has only decimal fields: the packed ones start here.
-    if redis.call('EXISTS', key) == 0 then
-      return
-    end
+  -- A sender's field is gone with its window's hash; a counter an earlier version wrote has
+  -- only decimal fields, and the packed field starts here.
+  if not v and (field ~= COUNTER or redis.call('EXISTS', key) == 0) then
+    return
   end
   local c, o, p = counter_unpack(v)
   redis.call('HSET', key, field, struct.pack(COUNTER_FORMAT, c + cost, o + ops, p + open))

@@ -1,22 +1,25 @@
-//! The ledger in Redis: one `EVALSHA` of `reserve.lua` per sponsorship (the `redis` crate
-//! reloads the script on `NOSCRIPT`). Keys, all under the policy's `{policy}` hash tag so one
+//! The ledger in Redis: one `FCALL` of `reserve.lua` per sponsorship. The three scripts are one
+//! library of Redis Functions (see `library`), loaded when the service connects and again
+//! whenever a Redis answers that it has no such function (a restart without persistence, a new
+//! Cluster node). Keys, all but the last under the policy's `{policy}` hash tag so one
 //! reservation's keys share one Cluster slot:
 //!
 //! | key | type | holds |
 //! |---|---|---|
 //! | `sp:{<policy>}:budget:<scope>` | hash | a scope's counter, field `c`: cost (gwei), ops and open (gwei), packed as three big-endian i64 (plus the decimal `cost`, `ops` and `open` of versions before 0.3, see `COUNTER` in `lib.lua`), and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
 //! | `sp:{<policy>}:budget:sender[:c<chain>][:<window>]` | hash | every sender's counter of a window: field the sender's 20 bytes, packed as `c` above; and `until` (see `counter_slot`; before 0.3, a hash per sender, `…:budget:sender:0x<sender>…`) |
-//! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock): windows begun before it may have senders counted the old way |
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
 //! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations) and `spent:<token>` totals |
+//! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock): windows begun before it may have senders counted the old way ([`LAYOUT_SINCE_KEY`]) |
 //!
 //! Ids and hashes are raw bytes: landing ids and idempotency ids are the first 20 bytes of
 //! their keccak keys, userOpHashes their first 8 (they only tell the few reservations of one
 //! nonce apart). A reservation without a session, charged to a sender and a policy budget,
-//! takes under 400 bytes: its entry in the nonce's string and 20 bytes of a bucket
-//! (`cargo test --test it ledger::a_reservation_takes_at_most_400_bytes`).
+//! takes under 400 bytes: its entry in the nonce's string and 20 bytes of a bucket; with a
+//! sender new in the window, its field of the window's hash too, about 510 in all (`cargo test
+//! --test it ledger::a_reservation_takes_at_most_400_bytes`).
 
 use std::collections::BTreeMap;
 
@@ -32,21 +35,19 @@ use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
 #[derive(Clone)]
 pub struct RedisLedger {
     conn: RedisConn,
-    reserve: redis::Script,
-    settle: redis::Script,
-    release: redis::Script,
-    /// A sender's counter in a window begun before this time (Redis' clock, unix seconds, less
-    /// `LEGACY_MARGIN_SECS`) may also be in the key versions before 0.3 kept it in, which
-    /// `reserve.lua` then reads too (`counter_slot`). `u64::MAX`: every window.
+    /// A sender's counter in a window begun before this time (unix seconds: the time in
+    /// [`LAYOUT_SINCE_KEY`] plus `LEGACY_MARGIN_SECS`), or in a budget without a period, may
+    /// also be in the key a version before 0.3 kept it in (`legacy_key`), which `reserve.lua`
+    /// then reads too. `u64::MAX`: every window.
     legacy_before: u64,
 }
 
 /// Where Redis keeps the time the first replica of this ledger layout ran (`RedisLedger::connect`).
 pub const LAYOUT_SINCE_KEY: &str = "sp:ledger:sender-windows-since";
 
-/// How much earlier than `legacy_before` a window may have begun by the service's clock and
-/// still not be read as one an earlier version wrote to: the replicas' clocks and Redis'
-/// differ by less.
+/// How long after the time in [`LAYOUT_SINCE_KEY`] (Redis' clock) a window may begin (by a
+/// replica's clock) and still be read as one an earlier version may have written to: the
+/// replicas' clocks and Redis' differ by less.
 const LEGACY_MARGIN_SECS: u64 = 300;
 
 impl std::fmt::Debug for RedisLedger {
@@ -70,34 +71,64 @@ fn budget_key(policy: &str, scope: &str) -> String {
     format!("sp:{{{policy}}}:budget:{scope}")
 }
 
-/// Where a scope's counter lives (`counter_of` in `lib.lua`, which must agree): a sender's
-/// (`sender:0x<40 hex>…`) is a field, the address's 20 bytes, of one hash per policy and window
-/// shared by every sender (`sp:{P}:budget:sender…`, the name without the address), so a new
-/// sender makes no key and sets no TTL; every other scope is field `c` of its own hash. Before
-/// 0.3 a sender's counter was a hash of its own under its full name: `legacy`.
+/// Where a scope's counter lives: a sender's (`sender:0x<40 hex>…`) is a field, the address's
+/// 20 bytes, of one hash per policy and window shared by every sender (`sp:{P}:budget:sender…`,
+/// the name without the address), so a new sender makes no key and sets no TTL; every other
+/// scope's is field `c` of its own hash. Before 0.3 a sender's counter was a hash of its own
+/// under its full name (`legacy_key`). A record lists the scopes it was counted in by `record`
+/// names, which tell apart a sender counted this way (`s:0x…`, short: a record is stored per
+/// reservation) from one counted in its own key (`sender:0x…`, a record of 0.2), so that each
+/// is closed where it was counted (`counter_of` in `lib.lua`, which must agree).
 struct CounterSlot {
     key: String,
     field: Vec<u8>,
-    legacy: Option<String>,
+    /// A sender's: `legacy_key` is where a version before 0.3 kept it.
+    sender: bool,
+    record: String,
+}
+
+/// The packed totals' field of a scope's own hash (`COUNTER` in `lib.lua`).
+const COUNTER_FIELD: &[u8] = b"c";
+
+/// A sender scope's address bytes and what follows them (`:c<chain>`, `:<window>`).
+fn sender_scope(name: &str) -> Option<(Vec<u8>, &str)> {
+    let rest = name.strip_prefix("sender:0x")?;
+    // Lua's `0x(%x+)`: exactly 40 hex digits, then no further digit.
+    let digits = rest.bytes().take_while(u8::is_ascii_hexdigit).count();
+    if digits != 40 {
+        return None;
+    }
+    let raw = hex::decode(&rest[..40]).ok()?;
+    Some((raw, &rest[40..]))
+}
+
+/// Where a version before 0.3 kept sender scope `name`'s counter: a hash of its own, decimal
+/// fields.
+fn legacy_key(policy: &str, name: &str) -> String {
+    budget_key(policy, name)
+}
+
+/// The name a record lists scope `name` by (see [`CounterSlot`]).
+fn record_name(name: &str) -> std::borrow::Cow<'_, str> {
+    match sender_scope(name) {
+        Some(_) => format!("s{}", &name["sender".len()..]).into(),
+        None => name.into(),
+    }
 }
 
 fn counter_slot(policy: &str, name: &str) -> CounterSlot {
-    let sender = name.strip_prefix("sender:0x").and_then(|rest| {
-        // Lua's `0x(%x+)`: exactly 40 hex digits, then no further digit.
-        let digits = rest.bytes().take_while(u8::is_ascii_hexdigit).count();
-        let raw = (digits == 40).then(|| hex::decode(&rest[..40]).ok())??;
-        Some((raw, &rest[40..]))
-    });
-    match sender {
+    match sender_scope(name) {
         Some((raw, rest)) => CounterSlot {
             key: format!("sp:{{{policy}}}:budget:sender{rest}"),
             field: raw,
-            legacy: Some(budget_key(policy, name)),
+            sender: true,
+            record: record_name(name).into_owned(),
         },
         None => CounterSlot {
             key: budget_key(policy, name),
-            field: b"c".to_vec(),
-            legacy: None,
+            field: COUNTER_FIELD.to_vec(),
+            sender: false,
+            record: name.to_owned(),
         },
     }
 }
@@ -195,7 +226,7 @@ fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
     }
     out.push(u8::try_from(r.scopes.len()).map_err(|_| unavailable("over 255 scopes"))?);
     for s in &r.scopes {
-        short(&mut out, &pack_name(&s.name))?;
+        short(&mut out, &pack_name(&record_name(&s.name)))?;
     }
     match &r.session {
         Some(session) => {
@@ -218,9 +249,87 @@ fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
     Ok(out)
 }
 
-/// A script with the shared helpers of `lib.lua` in front.
-fn script(body: &str) -> redis::Script {
-    redis::Script::new(&[include_str!("lib.lua"), body].concat())
+/// The ledger's scripts as one library of Redis Functions: `lib.lua`'s helpers, then each of
+/// `reserve.lua`, `settle.lua` and `release.lua` as a function of `(KEYS, ARGV)`. A library's
+/// helpers are made once, when it loads; an `EVALSHA` ran the whole text, helpers included, on
+/// every call, and took 14 % more of redis-server's CPU per reservation (paired rounds of the
+/// same operations, docs/performance.md). The names carry a hash of the code, so replicas of
+/// different versions on one Redis each call their own.
+struct Library {
+    /// The library's code, for `FUNCTION LOAD`.
+    code: String,
+    /// The functions: `reserve.lua`, `settle.lua` and `release.lua`.
+    reserve: String,
+    settle: String,
+    release: String,
+}
+
+/// The ledger's library of Redis Functions.
+fn library() -> &'static Library {
+    static LIBRARY: std::sync::OnceLock<Library> = std::sync::OnceLock::new();
+    LIBRARY.get_or_init(|| {
+        let lib = include_str!("lib.lua");
+        let bodies = [
+            include_str!("reserve.lua"),
+            include_str!("settle.lua"),
+            include_str!("release.lua"),
+        ];
+        let digest = alloy::primitives::keccak256([lib, bodies[0], bodies[1], bodies[2]].concat());
+        let tag = hex::encode(&digest[..6]);
+        let names = ["reserve", "settle", "release"].map(|f| format!("sp_{f}_{tag}"));
+        let mut code = format!("#!lua name=sp_ledger_{tag}\n{lib}\n");
+        for (name, body) in names.iter().zip(bodies) {
+            code.push_str(&format!(
+                "redis.register_function('{name}', function(KEYS, ARGV)\n{body}\nend)\n"
+            ));
+        }
+        let [reserve, settle, release] = names;
+        Library {
+            code,
+            reserve,
+            settle,
+            release,
+        }
+    })
+}
+
+/// `FCALL function numkeys keys… args…`.
+fn fcall(function: &str, keys: &[&[u8]]) -> redis::Cmd {
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(function).arg(keys.len());
+    for k in keys {
+        cmd.arg(*k);
+    }
+    cmd
+}
+
+/// Run a call of the ledger's library; where Redis has no such function (never loaded, lost in
+/// a restart without persistence, a new Cluster node), load the library on every primary and
+/// call again (the call did nothing: it never ran).
+async fn call<T: redis::FromRedisValue>(
+    conn: &mut RedisConn,
+    cmd: &redis::Cmd,
+) -> Result<T, StoreError> {
+    match cmd.query_async(conn).await {
+        Err(e) if e.to_string().contains("Function not found") => {
+            load_library(conn).await?;
+            cmd.query_async(conn).await.map_err(unavailable)
+        }
+        other => other.map_err(unavailable),
+    }
+}
+
+/// `FUNCTION LOAD REPLACE` of the ledger's library (on every primary of a Cluster). Replacing
+/// it with the same code changes nothing for calls in flight elsewhere.
+async fn load_library(conn: &mut RedisConn) -> Result<(), StoreError> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg("REPLACE")
+        .arg(&library().code)
+        .query_async::<redis::Value>(conn)
+        .await
+        .map(drop)
+        .map_err(unavailable)
 }
 
 impl RedisLedger {
@@ -230,9 +339,6 @@ impl RedisLedger {
     pub fn new(conn: RedisConn) -> Self {
         Self {
             conn,
-            reserve: script(include_str!("reserve.lua")),
-            settle: script(include_str!("settle.lua")),
-            release: script(include_str!("release.lua")),
             legacy_before: u64::MAX,
         }
     }
@@ -243,14 +349,22 @@ impl RedisLedger {
     /// begun before that time (and the margin): a replica of an earlier version still running
     /// when the next window begins is not seen by this one (docs/operations.md: upgrading).
     pub async fn connect(conn: RedisConn) -> Result<Self, StoreError> {
-        let since: u64 = redis::Script::new(
-            "local now = redis.call('TIME')[1] \
-             return tonumber(redis.call('SET', KEYS[1], now, 'NX', 'GET') or now)",
-        )
-        .key(LAYOUT_SINCE_KEY)
-        .invoke_async(&mut conn.clone())
-        .await
-        .map_err(unavailable)?;
+        let mut c = conn.clone();
+        let (now, _): (u64, u64) = redis::cmd("TIME")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        // The first replica's time stays: NX, and GET answers what was there.
+        let noted: Option<u64> = redis::cmd("SET")
+            .arg(LAYOUT_SINCE_KEY)
+            .arg(now)
+            .arg("NX")
+            .arg("GET")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let since = noted.unwrap_or(now);
+        load_library(&mut conn.clone()).await?;
         Ok(Self {
             legacy_before: since.saturating_add(LEGACY_MARGIN_SECS),
             ..Self::new(conn)
@@ -267,23 +381,18 @@ impl RedisLedger {
         let ttl = |at: u64| ttl_secs(at, now);
         let nonce = nonce_key(&r.policy, r.landing_key);
         let bucket = r.answer.window.valid_until / BUCKET_SECS;
-        let mut inv = self.reserve.key(&nonce);
-        inv.key(index_key(&r.policy));
-        inv.key(bucket_key(&r.policy, bucket));
-        match &r.session {
-            Some(s) => inv.key(session_key(&r.policy, s.id).into_bytes()),
-            None => inv.key(&nonce),
-        };
+        let index = index_key(&r.policy);
+        let bucket_key = bucket_key(&r.policy, bucket);
+        let session = r.session.as_ref().map(|s| session_key(&r.policy, s.id));
+        let mut slots = Vec::with_capacity(r.scopes.len());
         // ARGV[7], per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
-        // and the scope's name (u8-length-prefixed), and 1 if the key an earlier version kept
-        // a sender's counter in is to be read too.
+        // and the scope's name in records (u8-length-prefixed), and 1 if the key an earlier
+        // version kept a sender's counter in is to be read too.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
         for s in &r.scopes {
-            let mut slot = counter_slot(&r.policy, &s.name);
-            if s.starts_at.is_some_and(|start| start >= self.legacy_before) {
-                slot.legacy = None;
-            }
-            inv.key(slot.key);
+            let slot = counter_slot(&r.policy, &s.name);
+            // A window begun since the first replica of 0.3 ran has no sender counted the old way.
+            let legacy = slot.sender && s.starts_at.is_none_or(|start| start < self.legacy_before);
             for n in [
                 s.cost_limit.unwrap_or(u64::MAX),
                 s.ops_limit.unwrap_or(u64::MAX),
@@ -292,9 +401,18 @@ impl RedisLedger {
                 scopes.extend_from_slice(&n.to_be_bytes());
             }
             short(&mut scopes, &slot.field)?;
-            short(&mut scopes, s.name.as_bytes())?;
-            scopes.push(u8::from(slot.legacy.is_some()));
+            short(&mut scopes, slot.record.as_bytes())?;
+            scopes.push(u8::from(legacy));
+            slots.push(slot.key);
         }
+        let mut keys: Vec<&[u8]> = vec![
+            &nonce,
+            index.as_bytes(),
+            bucket_key.as_bytes(),
+            session.as_deref().map_or(&nonce[..], str::as_bytes),
+        ];
+        keys.extend(slots.iter().map(String::as_bytes));
+        let mut cmd = fcall(&library().reserve, &keys);
         let spend = r
             .session
             .as_ref()
@@ -331,7 +449,7 @@ impl RedisLedger {
             .iter()
             .flat_map(|h| h[..8].iter().copied())
             .collect();
-        inv.arg(&r.op_key[..20])
+        cmd.arg(&r.op_key[..20])
             .arg(numbers)
             .arg(r.answer.signature.as_slice())
             .arg(hashes)
@@ -339,11 +457,11 @@ impl RedisLedger {
             .arg(entry)
             .arg(scopes);
         for t in spend {
-            inv.arg(spent_field(t.token))
+            cmd.arg(spent_field(t.token))
                 .arg(t.amount.to_string())
                 .arg(t.limit.to_string());
         }
-        let reply: Vec<redis::Value> = inv.invoke_async(&mut conn).await.map_err(unavailable)?;
+        let reply: Vec<redis::Value> = call(&mut conn, &cmd).await?;
         let text = |i: usize| -> Result<String, StoreError> {
             redis::from_redis_value(reply.get(i).cloned().unwrap_or(redis::Value::Nil))
                 .map_err(unavailable)
@@ -371,13 +489,12 @@ impl RedisLedger {
                 }))
             }
             2 => {
-                let scope = text(1)?;
-                let rule = r
-                    .scopes
-                    .iter()
-                    .find(|s| s.name == scope)
-                    .map(|s| s.rule.clone())
-                    .unwrap_or_default();
+                // The scope's place in r.scopes.
+                let scope = usize::try_from(number(1)?)
+                    .ok()
+                    .and_then(|i| r.scopes.get(i))
+                    .ok_or_else(|| unavailable("reserve.lua named no scope of ours"))?;
+                let (scope, rule) = (scope.name.clone(), scope.rule.clone());
                 let resource = match text(2)?.as_str() {
                     "cost" => Resource::Cost,
                     "ops" => Resource::Ops,
@@ -430,14 +547,12 @@ impl RedisLedger {
         let mut out = Settled::default();
         let mut released_match = false;
         for policy in policies {
-            let (found, records): (i64, i64) = self
-                .settle
-                .key(nonce_key(policy, landing.landing_key))
-                .arg("probe")
-                .arg(&landing.user_op_hash[..8])
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+            let mut cmd = fcall(
+                &library().settle,
+                &[&nonce_key(policy, landing.landing_key)],
+            );
+            cmd.arg("probe").arg(&landing.user_op_hash[..8]);
+            let (found, records): (i64, i64) = call(&mut conn, &cmd).await?;
             out.hash_matched |= found == 1;
             released_match |= found == 2;
             out.known |= records > 0;
@@ -448,16 +563,16 @@ impl RedisLedger {
             (false, false) => "none",
         };
         for policy in policies {
-            let (settled, superseded, charged): (usize, usize, usize) = self
-                .settle
-                .key(nonce_key(policy, landing.landing_key))
-                .arg("settle")
+            let mut cmd = fcall(
+                &library().settle,
+                &[&nonce_key(policy, landing.landing_key)],
+            );
+            cmd.arg("settle")
                 .arg(&landing.user_op_hash[..8])
                 .arg(landing.actual_gwei)
-                .arg(found)
-                .invoke_async(&mut conn)
-                .await
-                .map_err(unavailable)?;
+                .arg(found);
+            let (settled, superseded, charged): (usize, usize, usize) =
+                call(&mut conn, &cmd).await?;
             out.settled += settled;
             out.superseded += superseded;
             out.charged_back += charged;
@@ -483,18 +598,19 @@ impl RedisLedger {
             for bucket in buckets {
                 let (mut offset, mut left) = (0i64, 0i64);
                 while offset >= 0 {
-                    let (n, next, still): (usize, i64, i64) = self
-                        .release
-                        .key(bucket_key(policy, bucket))
-                        .key(index_key(policy))
-                        .arg(confirmed_time)
+                    let mut cmd = fcall(
+                        &library().release,
+                        &[
+                            bucket_key(policy, bucket).as_bytes(),
+                            index_key(policy).as_bytes(),
+                        ],
+                    );
+                    cmd.arg(confirmed_time)
                         .arg(bucket)
                         .arg(offset)
                         .arg(RELEASE_SLICE)
-                        .arg(left)
-                        .invoke_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
+                        .arg(left);
+                    let (n, next, still): (usize, i64, i64) = call(&mut conn, &cmd).await?;
                     released += n;
                     (offset, left) = (next, still);
                 }
@@ -576,17 +692,20 @@ impl RedisLedger {
     }
 
     /// A budget counter's totals: its packed field plus the decimal fields an earlier version
-    /// may still be writing, in the same hash or, for a sender, the key it kept the sender's
-    /// counter in (`counter_totals` in `lib.lua`).
+    /// wrote, in the same hash or, for a sender, in the key it kept the sender's counter in
+    /// (read here in every window: what reserve.lua reads or more, never less).
     async fn counter(&self, policy: &str, scope: &str) -> Result<Counter, StoreError> {
         let mut conn = self.conn.clone();
         let slot = counter_slot(policy, scope);
-        let legacy = slot.legacy.as_deref().unwrap_or(&slot.key);
+        let legacy = match slot.sender {
+            true => legacy_key(policy, scope),
+            false => slot.key.clone(),
+        };
         type Legacy = (Option<i64>, Option<i64>, Option<i64>);
         let (packed, (cost, ops, open)): (Option<Vec<u8>>, Legacy) = redis::pipe()
             .hget(&slot.key, &slot.field)
             .cmd("HMGET")
-            .arg(legacy)
+            .arg(&legacy)
             .arg("cost")
             .arg("ops")
             .arg("open")
@@ -627,4 +746,76 @@ fn unpack_counter(packed: &[u8]) -> Option<[i64; 3]> {
         i64::from_be_bytes(w)
     };
     Some([word(0), word(1), word(2)])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Where each kind of scope name is counted, and what a record lists it by (`counter_of` in
+    /// `lib.lua` reads the record names back: `ledger::sender_counters_share_their_windows_hash`
+    /// checks the two agree on Redis).
+    #[test]
+    fn scopes_are_counted_where_their_names_say() {
+        let a = "1111111111111111111111111111111111111111";
+        for (name, key, field, record) in [
+            (
+                format!("sender:0x{a}:20833"),
+                "sp:{p}:budget:sender:20833",
+                vec![0x11; 20],
+                format!("s:0x{a}:20833"),
+            ),
+            (
+                format!("sender:0x{a}:c8453:20833"),
+                "sp:{p}:budget:sender:c8453:20833",
+                vec![0x11; 20],
+                format!("s:0x{a}:c8453:20833"),
+            ),
+            (
+                format!("sender:0x{a}"),
+                "sp:{p}:budget:sender",
+                vec![0x11; 20],
+                format!("s:0x{a}"),
+            ),
+        ] {
+            let slot = counter_slot("p", &name);
+            assert_eq!(
+                (slot.key.as_str(), slot.field, slot.sender, slot.record),
+                (key, field, true, record)
+            );
+        }
+        // Not a sender's: 41 or 39 digits, no `0x`, another scope.
+        for name in [
+            format!("sender:0x{a}1:20833"),
+            format!("sender:0x{}:20833", &a[1..]),
+            format!("sender:{a}:20833"),
+            "policy:20833".to_owned(),
+            format!("session:0x{a}{a}0000"),
+        ] {
+            let slot = counter_slot("p", &name);
+            assert_eq!(
+                (slot.key, slot.field, slot.sender, slot.record.as_str()),
+                (
+                    budget_key("p", &name),
+                    COUNTER_FIELD.to_vec(),
+                    false,
+                    name.as_str()
+                )
+            );
+        }
+    }
+
+    #[test]
+    fn a_counter_is_three_big_endian_i64s() {
+        let mut packed = Vec::new();
+        for n in [-70i64, 1, 9_007_199_254_740_991] {
+            packed.extend_from_slice(&n.to_be_bytes());
+        }
+        assert_eq!(
+            unpack_counter(&packed),
+            Some([-70, 1, 9_007_199_254_740_991])
+        );
+        assert_eq!(unpack_counter(&packed[..23]), None);
+        assert_eq!(unpack_counter(&[packed.clone(), vec![0]].concat()), None);
+    }
 }

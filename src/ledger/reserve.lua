@@ -43,9 +43,9 @@
 --           frames them), packed by the service as pack_record would pack it
 -- ARGV[7]   per scope (in KEYS order), three big-endian u64: cost limit and ops limit (2^64 - 1:
 --           none; a counter never reaches it), and the counter's TTL (s); two u8-length-
---           prefixed strings: the counter's field and the scope's name; and a u8, 1 for a
---           sender whose counter versions before 0.3 may have kept in `sp:{P}:budget:<name>`
---           (read and summed), else 0
+--           prefixed strings: the counter's field and the scope's name in records (counter_of
+--           in lib.lua); and a u8, 1 for a sender whose counter a version before 0.3 may have
+--           kept in a key of its own (`sp:{P}:budget:sender:0x…`: read and summed), else 0
 -- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
@@ -58,7 +58,8 @@
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
 -- answer is still good (or it landed), and its session (if any) is not revoked: nothing
--- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the service knows
+-- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the scope's place
+-- among KEYS[5..] from 0; the service knows
 -- what it asked); {3} when the session is revoked (checked before anything else);
 -- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
 -- nonce already has that many open reservations (under the session, or at all). Only {0}
@@ -83,12 +84,13 @@ for i = 5, #KEYS do
   s.cost_limit, s.ops_limit, s.ttl, s.field, s.name, legacy, at =
     struct.unpack('>I8I8I8Bc0Bc0B', ARGV[7], at)
   if legacy == 1 then
-    s.legacy = policy_prefix(KEYS[1]) .. 'budget:' .. s.name
+    -- (`s:0x…` in records: the key was `sender:0x…`.)
+    s.legacy = policy_prefix(KEYS[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
   end
   scopes[i] = s
 end
 if at ~= #ARGV[7] + 1 then
-  error('reserve.lua: ' .. #ARGV[7] .. ' bytes of scope limits for ' .. (#KEYS - 4) .. ' scopes')
+  error('reserve.lua: ' .. #ARGV[7] .. ' bytes of scope arguments for ' .. (#KEYS - 4) .. ' scopes')
 end
 -- Records past their grace are forgotten (any still open was never released: its charge stays,
 -- counted over rather than under), so a nonce's key holds only live ones.
@@ -126,10 +128,6 @@ end
 
 local session_key = session and KEYS[4] or nil
 
--- The scope names of KEYS[5..] (what a record lists, and an exhausted budget is reported by).
-local function scope_name(i)
-  return scopes[i].name
-end
 
 -- A counter is made to live `ttl` seconds more, by Redis' clock (a replica's clock does not
 -- decide how long a counter lives), when it is new, or when that is more than EXTEND_SLACK
@@ -166,7 +164,7 @@ end
 if rec and rec.state == OPEN then
   local same_scopes = #rec.scopes == #KEYS - 4
   for i = 5, #KEYS do
-    same_scopes = same_scopes and rec.scopes[i - 4] == scope_name(i)
+    same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i].name
   end
   if same_scopes and rec.session == session_key then
     -- The stored answer is about to expire: extend this reservation to a fresh one. Both
@@ -188,14 +186,15 @@ if rec and rec.state == OPEN then
     -- brought back (nothing is charged here).
     for i = 5, #KEYS do
       local s = scopes[i]
-      -- (`cost`: a counter an earlier version wrote in its own format.)
+      -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
       local c = redis.call('HMGET', KEYS[i], 'until', s.field, 'cost')
       local noted = (c[2] or c[3]) and extension(false, tonumber(c[1] or '0'), s.ttl)
       if noted then
         redis.call('HSET', KEYS[i], 'until', noted)
         redis.call('EXPIRE', KEYS[i], s.ttl, 'GT')
-      elseif not c[2] and s.legacy then
-        -- A sender counted by an earlier version, in the key it kept (if still there).
+      end
+      if s.legacy then
+        -- What an earlier version counted of the sender, in the key it kept, counts as long.
         redis.call('EXPIRE', s.legacy, s.ttl, 'GT')
       end
     end
@@ -232,7 +231,7 @@ end
 local counters = {}
 for i = 5, #KEYS do
   local s = scopes[i]
-  local used, new
+  local used, new, legacy_seen
   if s.field == COUNTER then
     -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
     used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
@@ -245,6 +244,7 @@ for i = 5, #KEYS do
     if s.legacy then
       local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops', 'open')
       used[3], used[4], used[5] = legacy[1], legacy[2], legacy[3]
+      legacy_seen = legacy[1] or legacy[2]
     end
   end
   local own_cost, own_ops, own_open = counter_unpack(used[2])
@@ -259,6 +259,7 @@ for i = 5, #KEYS do
     new = new,
     field = s.field,
     ttl = s.ttl,
+    legacy = legacy_seen and s.legacy,
   }
   counters[i] = c
   local cost_limit, ops_limit = s.cost_limit, s.ops_limit
@@ -266,10 +267,10 @@ for i = 5, #KEYS do
   -- (none) is never reached.
   local cost_cap = math.min(cost_limit, MAX_EXACT)
   if c.cost + cost > cost_cap then
-    return {2, scope_name(i), 'cost', string.format('%d', cost_cap), string.format('%d', c.cost)}
+    return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap), string.format('%d', c.cost)}
   end
   if c.ops + 1 > ops_limit then
-    return {2, scope_name(i), 'ops', string.format('%d', ops_limit), string.format('%d', c.ops)}
+    return {2, string.format('%d', i - 5), 'ops', string.format('%d', ops_limit), string.format('%d', c.ops)}
   end
 end
 
@@ -305,6 +306,10 @@ for i = 5, #KEYS do
     end
   else
     redis.call('HSET', KEYS[i], c.field, packed)
+  end
+  if c.legacy then
+    -- What an earlier version counted of the sender, in the key it kept, counts as long.
+    redis.call('EXPIRE', c.legacy, c.ttl, 'GT')
   end
 end
 if session then
