@@ -252,9 +252,9 @@ fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
 /// The ledger's scripts as one library of Redis Functions: `lib.lua`'s helpers, then each of
 /// `reserve.lua`, `settle.lua` and `release.lua` as a function of `(KEYS, ARGV)`. A library's
 /// helpers are made once, when it loads; an `EVALSHA` ran the whole text, helpers included, on
-/// every call, and took 14 % more of redis-server's CPU per reservation (paired rounds of the
-/// same operations, docs/performance.md). The names carry a hash of the code, so replicas of
-/// different versions on one Redis each call their own.
+/// every call: the function takes 14 % less of redis-server's CPU per reservation (paired
+/// rounds of the same operations, docs/performance.md). The names carry a hash of the code,
+/// so replicas of different versions on one Redis each call their own.
 struct Library {
     /// The library's code, for `FUNCTION LOAD`.
     code: String,
@@ -343,11 +343,11 @@ impl RedisLedger {
         }
     }
 
-    /// The service's ledger on `conn`. The first replica of this layout to run notes Redis'
-    /// time in [`LAYOUT_SINCE_KEY`]; a replica of an earlier version, running beside it during
-    /// an upgrade, counts senders in keys of their own, which are read only in the windows
-    /// begun before that time (and the margin): a replica of an earlier version still running
-    /// when the next window begins is not seen by this one (docs/operations.md: upgrading).
+    /// The service's ledger on `conn`, its library of functions loaded. The first replica of
+    /// this layout to run notes Redis' time in [`LAYOUT_SINCE_KEY`]: a version before 0.3
+    /// counted senders in keys of their own, which are read only in windows begun before that
+    /// time (plus the margin) and in budgets without a period. A replica of such a version
+    /// must not run beside this one (docs/operations.md, upgrading to 0.3).
     pub async fn connect(conn: RedisConn) -> Result<Self, StoreError> {
         let mut c = conn.clone();
         let (now, _): (u64, u64) = redis::cmd("TIME")

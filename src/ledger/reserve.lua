@@ -59,8 +59,8 @@
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
 -- answer is still good (or it landed), and its session (if any) is not revoked: nothing
 -- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the scope's place
--- among KEYS[5..] from 0; the service knows
--- what it asked); {3} when the session is revoked (checked before anything else);
+-- among KEYS[5..], from 0; the service knows what it asked); {3} when the session is revoked
+-- (checked before anything else);
 -- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
 -- nonce already has that many open reservations (under the session, or at all). Only {0}
 -- outside check-only mode changes anything.
@@ -127,7 +127,6 @@ if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= r
 end
 
 local session_key = session and KEYS[4] or nil
-
 
 -- A counter is made to live `ttl` seconds more, by Redis' clock (a replica's clock does not
 -- decide how long a counter lives), when it is new, or when that is more than EXTEND_SLACK
@@ -238,7 +237,7 @@ for i = 5, #KEYS do
     new = not (used[2] or used[3] or used[4])
   else
     -- A sender: its field in the window's hash (new when the hash has no `until`), plus what
-    -- an earlier version counted in the key it kept (a replica of it may still be running).
+    -- an earlier version counted in the key it kept (in a window begun before 0.3 ran).
     used = redis.call('HMGET', KEYS[i], 'until', s.field)
     new = not used[1]
     if s.legacy then
@@ -267,10 +266,12 @@ for i = 5, #KEYS do
   -- (none) is never reached.
   local cost_cap = math.min(cost_limit, MAX_EXACT)
   if c.cost + cost > cost_cap then
-    return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap), string.format('%d', c.cost)}
+    return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap),
+      string.format('%d', c.cost)}
   end
   if c.ops + 1 > ops_limit then
-    return {2, string.format('%d', i - 5), 'ops', string.format('%d', ops_limit), string.format('%d', c.ops)}
+    return {2, string.format('%d', i - 5), 'ops', string.format('%d', ops_limit),
+      string.format('%d', c.ops)}
   end
 end
 
