@@ -311,7 +311,8 @@ async fn call<T: redis::FromRedisValue>(
     cmd: &redis::Cmd,
 ) -> Result<T, StoreError> {
     match cmd.query_async(conn).await {
-        Err(e) if e.to_string().contains("Function not found") => {
+        // Redis' answer exactly (`ERR Function not found`): no error a function raises reads so.
+        Err(e) if e.detail() == Some("Function not found") => {
             load_library(conn).await?;
             cmd.query_async(conn).await.map_err(unavailable)
         }
