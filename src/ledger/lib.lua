@@ -306,9 +306,13 @@ end
 
 -- Close an open reservation record (unpacked; the caller saves it), once: 'settle' it to
 -- `actual` gwei (the operation ran), or 'release' it (it never will: its cost, its op count and
--- its token spending come back). Every key it touches carries the {policy} hash tag of `key`
--- (one Cluster slot). Returns 1 if closed now, 0 if already closed.
-local function close_record(key, r, mode, actual)
+-- its token spending come back). What comes back is queued in `returns`, for give_back once the
+-- record is saved: a script that fails midway keeps what it wrote (a Cluster refusing a key
+-- whose slot is migrating, say), and a record saved closed with a cost not given back counts
+-- over, where a cost given back with the record left open would be given back again by the
+-- next try. Every key touched carries the {policy} hash tag of `key` (one Cluster slot).
+-- Returns 1 if closed now, 0 if already closed.
+local function close_record(key, r, mode, actual, returns)
   if r.state ~= OPEN then
     return 0
   end
@@ -318,21 +322,35 @@ local function close_record(key, r, mode, actual)
   local prefix = policy_prefix(key)
   local ops = (mode == 'settle') and 0 or -1
   for _, name in ipairs(r.scopes) do
-    counter_add(prefix, name, actual - r.cost, ops, -r.cost)
+    returns[#returns + 1] = {prefix, name, actual - r.cost, ops, -r.cost}
   end
-  if mode ~= 'settle' and r.session and redis.call('EXISTS', r.session) == 1 then
-    for _, t in ipairs(r.spend) do
-      local spent = redis.call('HGET', r.session, t[1]) or '0'
-      redis.call('HSET', r.session, t[1], dec_sub(spent, t[2]))
-    end
+  if mode ~= 'settle' and r.session then
+    returns[#returns + 1] = {session = r.session, spend = r.spend}
   end
   r.state = (mode == 'settle') and SETTLED or RELEASED
   return 1
 end
 
+-- What close_record queued, given back (after the records are saved).
+local function give_back(returns)
+  for _, g in ipairs(returns) do
+    if g.session then
+      if redis.call('EXISTS', g.session) == 1 then
+        for _, t in ipairs(g.spend) do
+          local spent = redis.call('HGET', g.session, t[1]) or '0'
+          redis.call('HSET', g.session, t[1], dec_sub(spent, t[2]))
+        end
+      end
+    else
+      counter_add(g[1], g[2], g[3], g[4], g[5])
+    end
+  end
+end
+
 -- A released reservation whose operation landed after all (the release went by a block time
 -- that a reorg undid, or the watcher came late): charge its cost back, once (the caller saves
--- it). Returns 1 if charged now, 0 if the record is not released.
+-- it, after: a failure between counts over, never under). Returns 1 if charged now, 0 if the
+-- record is not released.
 local function charge_back(key, r, actual)
   if r.state ~= RELEASED then
     return 0

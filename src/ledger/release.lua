@@ -26,12 +26,12 @@ for i = 1, #slice - 19, 20 do
   if not seen[id] then
     seen[id] = true
     local nonce = nonces .. id
-    local entries, closed = load_nonce(nonce), 0
+    local entries, closed, returns = load_nonce(nonce), 0, {}
     for _, e in ipairs(entries) do
       local r = e[2]
       if r.state == OPEN then
         if r.valid_until < confirmed then
-          closed = closed + close_record(nonce, r, 'release', 0)
+          closed = closed + close_record(nonce, r, 'release', 0, returns)
         elseif math.floor(r.valid_until / BUCKET_SECS) <= bucket then
           -- Still valid, and listed here (a later validUntil is listed in its own bucket).
           left = left + 1
@@ -40,6 +40,7 @@ for i = 1, #slice - 19, 20 do
     end
     if closed > 0 then
       save_nonce(nonce, entries)
+      give_back(returns)
       released = released + closed
     end
   end

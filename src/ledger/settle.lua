@@ -47,6 +47,7 @@ if ARGV[1] == 'probe' then
 end
 local actual = tonumber(ARGV[3])
 local settled, released, charged = 0, 0, 0
+local returns = {}
 -- A released record with the event's hash landed after all: charged back, also when the probe
 -- saw it open (another replica's watcher released it since).
 if released_match and not match and ARGV[4] ~= 'none' then
@@ -54,12 +55,13 @@ if released_match and not match and ARGV[4] ~= 'none' then
 end
 for _, e in ipairs(open) do
   if ARGV[4] == 'none' or e == match then
-    settled = settled + close_record(KEYS[1], e[2], 'settle', actual)
+    settled = settled + close_record(KEYS[1], e[2], 'settle', actual, returns)
   else
-    released = released + close_record(KEYS[1], e[2], 'release', 0)
+    released = released + close_record(KEYS[1], e[2], 'release', 0, returns)
   end
 end
 if settled + released + charged > 0 then
   save_nonce(KEYS[1], entries)
 end
+give_back(returns)
 return {settled, released, charged}

@@ -929,6 +929,62 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
     Ok(())
 }
 
+/// A settlement or release that fails midway (a Cluster refusing a key whose slot is
+/// migrating, here a counter of the wrong type) keeps what it wrote: the record is saved closed
+/// before any cost is given back, so the next try gives back nothing twice (counted over,
+/// never under).
+#[tokio::test]
+async fn a_closing_that_fails_midway_gives_nothing_back_twice() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let scopes = || vec![scope("a", Some(1000), None), scope("b", Some(1000), None)];
+    let policies = vec!["p".to_owned()];
+    for (op, close) in [(1u8, "settle"), (2, "release")] {
+        let r = Reservation {
+            answer: answer(op, NOW + 600 + u64::from(op) * 1000),
+            ..reservation(op, 100, scopes())
+        };
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        // Counter `b` broken: the script fails after giving `a` its part back.
+        let kept: Vec<(Vec<u8>, Vec<u8>)> = redis::cmd("HGETALL")
+            .arg("sp:{p}:budget:b")
+            .query_async(&mut c)
+            .await?;
+        redis::pipe()
+            .del("sp:{p}:budget:b")
+            .ignore()
+            .set("sp:{p}:budget:b", "not a hash")
+            .ignore()
+            .query_async::<()>(&mut c)
+            .await?;
+        let at = NOW + 601 + u64::from(op) * 1000;
+        let failed = match close {
+            "settle" => ledger.settle(&policies, &landing(op, 30)).await.is_err(),
+            _ => ledger.release_expired(&policies, at).await.is_err(),
+        };
+        assert!(failed, "{close}: the broken counter fails the script");
+        let mut p = redis::pipe();
+        p.del("sp:{p}:budget:b").ignore();
+        for (field, value) in &kept {
+            p.hset("sp:{p}:budget:b", field, value).ignore();
+        }
+        p.query_async::<()>(&mut c).await?;
+        // The next try finds the record closed.
+        match close {
+            "settle" => {
+                let again = ledger.settle(&policies, &landing(op, 30)).await?;
+                assert_eq!((again.settled, again.superseded), (0, 0), "{again:?}");
+            }
+            _ => assert_eq!(ledger.release_expired(&policies, at).await?, 0),
+        }
+    }
+    // `a`: op 1 settled at 30 once, op 2 released once; `b` kept both at their worst case.
+    assert_eq!(ledger.usage("p", "a").await?, (30, 1));
+    assert_eq!(ledger.usage("p", "b").await?, (200, 2));
+    Ok(())
+}
+
 /// The ledger's scripts are a library of Redis Functions: a Redis that lost it (restarted
 /// without persistence, a new Cluster node, `FUNCTION FLUSH`) gets it again on the next call,
 /// and the call is made once.
