@@ -274,14 +274,16 @@ fn library() -> &'static Library {
             include_str!("settle.lua"),
             include_str!("release.lua"),
         ];
-        let digest = alloy::primitives::keccak256([lib, bodies[0], bodies[1], bodies[2]].concat());
+        // Each function: a script's text as the body of a function of (KEYS, ARGV).
+        const REGISTER: &str = "redis.register_function('NAME', function(KEYS, ARGV)\nBODY\nend)\n";
+        // The tag covers every byte of the code but itself.
+        let digest =
+            alloy::primitives::keccak256([REGISTER, lib, bodies[0], bodies[1], bodies[2]].concat());
         let tag = hex::encode(&digest[..6]);
         let names = ["reserve", "settle", "release"].map(|f| format!("sp_{f}_{tag}"));
         let mut code = format!("#!lua name=sp_ledger_{tag}\n{lib}\n");
         for (name, body) in names.iter().zip(bodies) {
-            code.push_str(&format!(
-                "redis.register_function('{name}', function(KEYS, ARGV)\n{body}\nend)\n"
-            ));
+            code.push_str(&REGISTER.replacen("NAME", name, 1).replacen("BODY", body, 1));
         }
         let [reserve, settle, release] = names;
         Library {
@@ -305,16 +307,26 @@ fn fcall(function: &str, keys: &[&[u8]]) -> redis::Cmd {
 
 /// Run a call of the ledger's library; where Redis has no such function (never loaded, lost in
 /// a restart without persistence, a new Cluster node), load the library on every primary and
-/// call again (the call did nothing: it never ran).
+/// call again (the call did nothing: it never ran). One load at a time in this process: the
+/// calls that found no function while it loads try again once it is done, and load only if
+/// they still find none.
 async fn call<T: redis::FromRedisValue>(
     conn: &mut RedisConn,
     cmd: &redis::Cmd,
 ) -> Result<T, StoreError> {
+    static LOADING: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    // Redis' answer exactly (`ERR Function not found`): no error a function raises reads so.
+    let missing = |e: &redis::RedisError| e.detail() == Some("Function not found");
     match cmd.query_async(conn).await {
-        // Redis' answer exactly (`ERR Function not found`): no error a function raises reads so.
-        Err(e) if e.detail() == Some("Function not found") => {
-            load_library(conn).await?;
-            cmd.query_async(conn).await.map_err(unavailable)
+        Err(e) if missing(&e) => {
+            let _one = LOADING.lock().await;
+            match cmd.query_async(conn).await {
+                Err(e) if missing(&e) => {
+                    load_library(conn).await?;
+                    cmd.query_async(conn).await.map_err(unavailable)
+                }
+                other => other.map_err(unavailable),
+            }
         }
         other => other.map_err(unavailable),
     }
