@@ -12,7 +12,7 @@
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
 //! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations) and `spent:<token>` totals |
-//! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock): windows begun before it may have senders counted the old way ([`LAYOUT_SINCE_KEY`]) |
+//! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock; 0 on a Redis no earlier version ran on): windows begun before it may have senders counted the old way ([`LAYOUT_SINCE_KEY`]) |
 //!
 //! Ids and hashes are raw bytes: landing ids and idempotency ids are the first 20 bytes of
 //! their keccak keys, userOpHashes their first 8 (they only tell the few reservations of one
@@ -38,7 +38,7 @@ pub struct RedisLedger {
     /// A sender's counter in a window begun before this time (unix seconds: the time in
     /// [`LAYOUT_SINCE_KEY`] plus `LEGACY_MARGIN_SECS`), or in a budget without a period, may
     /// also be in the key a version before 0.3 kept it in (`legacy_key`), which `reserve.lua`
-    /// then reads too. `u64::MAX`: every window.
+    /// then reads too. `u64::MAX`: every window; 0: none (no earlier version ran on this Redis).
     legacy_before: u64,
 }
 
@@ -357,29 +357,40 @@ impl RedisLedger {
     }
 
     /// The service's ledger on `conn`, its library of functions loaded. The first replica of
-    /// this layout to run notes Redis' time in [`LAYOUT_SINCE_KEY`]: a version before 0.3
-    /// counted senders in keys of their own, which are read only in windows begun before that
-    /// time (plus the margin) and in budgets without a period. A replica of such a version
-    /// must not run beside this one (docs/operations.md, upgrading to 0.3).
+    /// this layout to run notes Redis' time in [`LAYOUT_SINCE_KEY`] (0 if no replica has used
+    /// this Redis before): a version before 0.3 counted senders in keys of their own, which
+    /// are read only in windows begun before that time (plus the margin) and in budgets
+    /// without a period. A replica of such a version must not run beside this one
+    /// (docs/operations.md, upgrading to 0.3).
     pub async fn connect(conn: RedisConn) -> Result<Self, StoreError> {
         let mut c = conn.clone();
         let (now, _): (u64, u64) = redis::cmd("TIME")
             .query_async(&mut c)
             .await
             .map_err(unavailable)?;
+        // A Redis no replica has served yet (none published a policy set) holds no counter of
+        // an earlier layout: 0, no window to read the old keys in.
+        let served: bool = c
+            .exists(crate::policy::publish::CURRENT)
+            .await
+            .map_err(unavailable)?;
+        let first = if served { now } else { 0 };
         // The first replica's time stays: NX, and GET answers what was there.
         let noted: Option<u64> = redis::cmd("SET")
             .arg(LAYOUT_SINCE_KEY)
-            .arg(now)
+            .arg(first)
             .arg("NX")
             .arg("GET")
             .query_async(&mut c)
             .await
             .map_err(unavailable)?;
-        let since = noted.unwrap_or(now);
+        let since = noted.unwrap_or(first);
         load_library(&mut conn.clone()).await?;
         Ok(Self {
-            legacy_before: since.saturating_add(LEGACY_MARGIN_SECS),
+            legacy_before: match since {
+                0 => 0,
+                since => since.saturating_add(LEGACY_MARGIN_SECS),
+            },
             ..Self::new(conn)
         })
     }
@@ -404,8 +415,11 @@ impl RedisLedger {
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
         for s in &r.scopes {
             let slot = counter_slot(&r.policy, &s.name);
-            // A window begun since the first replica of 0.3 ran has no sender counted the old way.
-            let legacy = slot.sender && s.starts_at.is_none_or(|start| start < self.legacy_before);
+            // A window begun since the first replica of 0.3 ran has no sender counted the old
+            // way, nor has any window of a Redis no earlier version ran on.
+            let legacy = slot.sender
+                && self.legacy_before > 0
+                && s.starts_at.is_none_or(|start| start < self.legacy_before);
             for n in [
                 s.cost_limit.unwrap_or(u64::MAX),
                 s.ops_limit.unwrap_or(u64::MAX),

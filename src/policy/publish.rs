@@ -13,7 +13,9 @@ use redis::AsyncCommands;
 use super::file::Sources;
 use crate::session::StoreError;
 
-const CURRENT: &str = "sp:policies:current";
+/// The version in force. Every replica with Redis publishes one when it starts (since before
+/// 0.2): a Redis without it has served no replica yet.
+pub(crate) const CURRENT: &str = "sp:policies:current";
 
 fn set_key(version: B256) -> String {
     format!("sp:policies:set:{version}")

@@ -68,6 +68,11 @@ fn landing(op: u8, actual: u64) -> Landing {
     }
 }
 
+/// The key of op `op`'s nonce (its records) under policy `p`.
+fn nonce_of(op: u8) -> Vec<u8> {
+    [&b"sp:{p}:n:"[..], &[op ^ 0x40; 20]].concat()
+}
+
 /// What settling an event of a nonce we know did.
 fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     Settled {
@@ -1456,6 +1461,46 @@ async fn a_sender_counter_an_earlier_version_kept_still_counts() -> TestResult {
     let conn =
         session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
     let mut c = conn.clone();
+    let since_key = session_paymaster::ledger::redis::LAYOUT_SINCE_KEY;
+    let name = "sender:0x1111111111111111111111111111111111111111:20833";
+    let legacy = format!("sp:{{p}}:budget:{name}");
+    // On a Redis no replica has served (no policy set published), nothing of 0.2 is read: a
+    // sender's old key, even in a budget without a period, is not there to count.
+    let fresh = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    let noted: u64 = redis::cmd("GET").arg(since_key).query_async(&mut c).await?;
+    assert_eq!(noted, 0);
+    redis::cmd("HSET")
+        .arg(&legacy)
+        .arg("cost")
+        .arg(1_000_000)
+        .query_async::<i64>(&mut c)
+        .await?;
+    for starts_at in [Some(0), None] {
+        let r = Reservation {
+            policy: "p".into(),
+            ..reservation(
+                9,
+                10,
+                vec![Scope {
+                    starts_at,
+                    ..scope(name, Some(250), None)
+                }],
+            )
+        };
+        assert_eq!(fresh.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        let _: () = redis::cmd("DEL")
+            .arg(nonce_of(9))
+            .query_async(&mut c)
+            .await?;
+    }
+    // A Redis a 0.2 replica served (it published its policies) before the first 0.3 one.
+    redis::pipe()
+        .del(&[since_key, legacy.as_str(), "sp:{p}:budget:sender:20833"][..])
+        .ignore()
+        .set("sp:policies:current", "0x01")
+        .ignore()
+        .query_async::<()>(&mut c)
+        .await?;
     let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
     let since: u64 = redis::cmd("GET")
         .arg(session_paymaster::ledger::redis::LAYOUT_SINCE_KEY)
@@ -1473,8 +1518,6 @@ async fn a_sender_counter_an_earlier_version_kept_still_counts() -> TestResult {
         .query_async(&mut c)
         .await?;
     assert_eq!(kept, since - 100);
-    let name = "sender:0x1111111111111111111111111111111111111111:20833";
-    let legacy = format!("sp:{{p}}:budget:{name}");
     let sender = |starts_at: u64| Scope {
         starts_at: Some(starts_at),
         ..scope(name, Some(250), None)
@@ -1499,7 +1542,7 @@ async fn a_sender_counter_an_earlier_version_kept_still_counts() -> TestResult {
          return #entries",
         include_str!("../../src/ledger/lib.lua")
     ))
-    .key([&b"sp:{p}:n:"[..], &[0x41; 20]].concat())
+    .key(nonce_of(1))
     .invoke_async(&mut c)
     .await?;
     assert_eq!(renamed, 1);
