@@ -53,7 +53,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
     let (bare50, bare99) = percentiles(bare);
 
     // A reservation in three scopes.
-    let ledger = Ledger::Redis(RedisLedger::new(conn.clone()));
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
     let scope = |name: &str| Scope {
         name: name.into(),
         rule: name.into(),

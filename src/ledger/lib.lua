@@ -1,4 +1,6 @@
--- Shared by reserve.lua, settle.lua and release.lua (prepended to each when loaded): uint256
+-- Shared by reserve.lua, settle.lua and release.lua: the head of the ledger's library of Redis
+-- Functions (ledger::redis::library), run once when the library loads, before the three
+-- functions (each script's text the body of one). uint256
 -- amounts as decimal strings, key lifetimes, the packed reservation record, and closing one.
 --
 -- Token amounts are uint256: they do not fit Redis integers or Lua numbers, so they are kept as
@@ -310,8 +312,7 @@ end
 -- record is saved: a script that fails midway keeps what it wrote (a Cluster refusing a key
 -- whose slot is migrating, say), and a record saved closed with a cost not given back counts
 -- over, where a cost given back with the record left open would be given back again by the
--- next try. Every key touched carries the {policy} hash tag of `key` (one Cluster slot).
--- Returns 1 if closed now, 0 if already closed.
+-- next try. Returns 1 if closed now, 0 if already closed.
 local function close_record(key, r, mode, actual, returns)
   if r.state ~= OPEN then
     return 0
@@ -331,7 +332,8 @@ local function close_record(key, r, mode, actual, returns)
   return 1
 end
 
--- What close_record queued, given back (after the records are saved).
+-- What close_record queued, given back (after the records are saved). Every key touched
+-- carries the {policy} hash tag of the record's key (one Cluster slot).
 local function give_back(returns)
   for _, g in ipairs(returns) do
     if g.session then

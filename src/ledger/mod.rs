@@ -67,9 +67,10 @@ pub struct Scope {
     pub expires_at: u64,
     /// Unix time a periodic budget starts afresh (`None`: it never resets).
     pub resets_at: Option<u64>,
-    /// Unix time the current window of a periodic budget began (`None`: no period). The Redis
-    /// ledger reads a sender's counter as versions before 0.3 kept it only for windows begun
-    /// before the first replica of 0.3 ran (`RedisLedger::connect`).
+    /// Unix time the current window of a periodic budget began (`None`: no period). On a Redis
+    /// a version before 0.3 served, the Redis ledger also reads a sender's counter as such a
+    /// version kept it, in windows begun before the first replica of 0.3 ran and in budgets
+    /// without a period (`RedisLedger::connect`).
     pub starts_at: Option<u64>,
 }
 

@@ -19,7 +19,7 @@
 //! nonce apart). A reservation without a session, charged to a sender and a policy budget,
 //! takes under 400 bytes: its entry in the nonce's string and 20 bytes of a bucket; with a
 //! sender new in the window, its field of the window's hash too, about 510 in all (`cargo test
-//! --test it ledger::a_reservation_takes_at_most_400_bytes`).
+//! --test it ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender`).
 
 use std::collections::BTreeMap;
 
@@ -37,7 +37,7 @@ pub struct RedisLedger {
     conn: RedisConn,
     /// A sender's counter in a window begun before this time (unix seconds: the time in
     /// [`LAYOUT_SINCE_KEY`] plus `LEGACY_MARGIN_SECS`), or in a budget without a period, may
-    /// also be in the key a version before 0.3 kept it in (`legacy_key`), which `reserve.lua`
+    /// also be in the key a version before 0.3 kept it in (`budget_key` of its name), which `reserve.lua`
     /// then reads too. `u64::MAX`: every window; 0: none (no earlier version ran on this Redis).
     legacy_before: u64,
 }
@@ -75,7 +75,7 @@ fn budget_key(policy: &str, scope: &str) -> String {
 /// 20 bytes, of one hash per policy and window shared by every sender (`sp:{P}:budget:sender…`,
 /// the name without the address), so a new sender makes no key and sets no TTL; every other
 /// scope's is field `c` of its own hash. Before 0.3 a sender's counter was a hash of its own
-/// under its full name (`legacy_key`). A record lists the scopes it was counted in by `record`
+/// under its full name (`budget_key` of it). A record lists the scopes it was counted in by `record`
 /// names, which tell apart a sender counted this way (`s:0x…`, short: a record is stored per
 /// reservation) from one counted in its own key (`sender:0x…`, a record of 0.2), so that each
 /// is closed where it was counted (`counter_of` in `lib.lua`, which must agree).
@@ -100,12 +100,6 @@ fn sender_scope(name: &str) -> Option<(Vec<u8>, &str)> {
     }
     let raw = hex::decode(&rest[..40]).ok()?;
     Some((raw, &rest[40..]))
-}
-
-/// Where a version before 0.3 kept sender scope `name`'s counter: a hash of its own, decimal
-/// fields.
-fn legacy_key(policy: &str, name: &str) -> String {
-    budget_key(policy, name)
 }
 
 /// The name a record lists scope `name` by (see [`CounterSlot`]).
@@ -724,8 +718,10 @@ impl RedisLedger {
     async fn counter(&self, policy: &str, scope: &str) -> Result<Counter, StoreError> {
         let mut conn = self.conn.clone();
         let slot = counter_slot(policy, scope);
+        // A sender's as a version before 0.3 kept it: a hash of its own under the scope's name
+        // (reserve.lua builds the same key from the record name, `s:0x…` for `sender:0x…`).
         let legacy = match slot.sender {
-            true => legacy_key(policy, scope),
+            true => budget_key(policy, scope),
             false => slot.key.clone(),
         };
         type Legacy = (Option<i64>, Option<i64>, Option<i64>);

@@ -52,8 +52,9 @@
 -- HGET of its status), per scope HMGET and HSET of one field (and EXPIRE when the counter's
 -- hash is new or is to live longer: a new sender makes a field, not a key), TIME once, then
 -- SET and APPEND (the bucket's TTL and index entry are written by the reservation that
--- creates the bucket, once per 10 s per policy). In a window begun before the first replica
--- of 0.3 ran, a sender's counter also has an HMGET of the key an earlier version kept.
+-- creates the bucket, once per 10 s per policy). On a Redis 0.2 served, in a window begun
+-- before the first replica of 0.3 ran (or a budget without a period), a sender's counter also
+-- has an HMGET of the key an earlier version kept.
 --
 -- Returns {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
@@ -237,7 +238,7 @@ for i = 5, #KEYS do
     new = not (used[2] or used[3] or used[4])
   else
     -- A sender: its field in the window's hash (new when the hash has no `until`), plus what
-    -- an earlier version counted in the key it kept (in a window begun before 0.3 ran).
+    -- an earlier version counted in the key it kept (where the service says it may have).
     used = redis.call('HMGET', KEYS[i], 'until', s.field)
     new = not used[1]
     if s.legacy then

@@ -84,13 +84,17 @@ fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     }
 }
 
-/// A Redis ledger on `redis`, and a connection of its own for looking at the keys.
+/// A Redis ledger on `redis`, opened as the service opens it, and a connection of its own for
+/// looking at the keys.
 async fn redis_ledger(
     redis: &TestRedis,
 ) -> TestResult<(Ledger, session_paymaster::session::redis::RedisConn)> {
     let conn =
         session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    Ok((Ledger::Redis(RedisLedger::new(conn.clone())), conn))
+    Ok((
+        Ledger::Redis(RedisLedger::connect(conn.clone()).await?),
+        conn,
+    ))
 }
 
 /// The counter `pm` (as the deposit's: it lives as long as the answers it sums), to live
@@ -680,7 +684,7 @@ async fn redis_cluster_ledger_contract() -> TestResult {
     let cluster = crate::helpers::TestRedisCluster::start().await?;
     let conn =
         session_paymaster::session::redis::connect(&cluster.url, Duration::from_secs(2)).await?;
-    ledger_contract(Ledger::Redis(RedisLedger::new(conn))).await
+    ledger_contract(Ledger::Redis(RedisLedger::connect(conn).await?)).await
 }
 
 /// The whole service on a 3-master Cluster: 200 concurrent sponsorships against a budget for
@@ -1512,7 +1516,7 @@ async fn a_sender_counter_an_earlier_version_kept_still_counts() -> TestResult {
         .arg(-100)
         .query_async::<i64>(&mut c)
         .await?;
-    let _again = RedisLedger::connect(conn.clone()).await?;
+    let again = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
     let kept: u64 = redis::cmd("GET")
         .arg(session_paymaster::ledger::redis::LAYOUT_SINCE_KEY)
         .query_async(&mut c)
@@ -1599,6 +1603,31 @@ async fn a_sender_counter_an_earlier_version_kept_still_counts() -> TestResult {
             .await?,
         Outcome::Reserved
     );
+    // Each replica goes by the time noted first: the second one's bound is `since - 100` plus
+    // the margin, so a window begun at `since + 250` is past it there, not for the first.
+    let other = "sender:0x2222222222222222222222222222222222222222:20833";
+    redis::cmd("HSET")
+        .arg(format!("sp:{{p}}:budget:{other}"))
+        .arg("cost")
+        .arg(1000)
+        .query_async::<i64>(&mut c)
+        .await?;
+    let late = || Scope {
+        starts_at: Some(since + 250),
+        ..scope(other, Some(250), None)
+    };
+    assert!(matches!(
+        ledger
+            .reserve(&reservation(7, 10, vec![late()]), false, NOW)
+            .await?,
+        Outcome::Exhausted(_)
+    ));
+    assert_eq!(
+        again
+            .reserve(&reservation(8, 10, vec![late()]), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
     Ok(())
 }
 
@@ -1675,7 +1704,7 @@ async fn an_extended_reservation_extends_its_counters_in_memory() -> TestResult 
 /// until 0.3 (650 bytes in all), a field of the window's hash now (430-510 measured, as the
 /// hash's and the keyspace's tables double).
 #[tokio::test]
-async fn a_reservation_takes_at_most_400_bytes() -> TestResult {
+async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestResult {
     let redis = TestRedis::start().await?;
     let (ledger, conn) = redis_ledger(&redis).await?;
     let mut c = conn.clone();
