@@ -21,6 +21,7 @@
 //! sender new in the window, its field of the window's hash too, about 510 in all (`cargo test
 //! --test it ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender`).
 
+use std::borrow::Cow;
 use std::collections::BTreeMap;
 
 use alloy::primitives::{Address, B256, U256};
@@ -79,12 +80,12 @@ fn budget_key(policy: &str, scope: &str) -> String {
 /// names, which tell apart a sender counted this way (`s:0x…`, short: a record is stored per
 /// reservation) from one counted in its own key (`sender:0x…`, a record of 0.2), so that each
 /// is closed where it was counted (`counter_of` in `lib.lua`, which must agree).
-struct CounterSlot {
+struct CounterSlot<'a> {
     key: String,
-    field: Vec<u8>,
-    /// A sender's: `legacy_key` is where a version before 0.3 kept it.
+    field: Cow<'static, [u8]>,
+    /// A sender's (a version before 0.3 kept it under `budget_key` of its name).
     sender: bool,
-    record: String,
+    record: Cow<'a, str>,
 }
 
 /// The packed totals' field of a scope's own hash (`COUNTER` in `lib.lua`).
@@ -102,27 +103,19 @@ fn sender_scope(name: &str) -> Option<(Vec<u8>, &str)> {
     Some((raw, &rest[40..]))
 }
 
-/// The name a record lists scope `name` by (see [`CounterSlot`]).
-fn record_name(name: &str) -> std::borrow::Cow<'_, str> {
-    match sender_scope(name) {
-        Some(_) => format!("s{}", &name["sender".len()..]).into(),
-        None => name.into(),
-    }
-}
-
-fn counter_slot(policy: &str, name: &str) -> CounterSlot {
+fn counter_slot<'a>(policy: &str, name: &'a str) -> CounterSlot<'a> {
     match sender_scope(name) {
         Some((raw, rest)) => CounterSlot {
             key: format!("sp:{{{policy}}}:budget:sender{rest}"),
-            field: raw,
+            field: raw.into(),
             sender: true,
-            record: record_name(name).into_owned(),
+            record: format!("s{}", &name["sender".len()..]).into(),
         },
         None => CounterSlot {
             key: budget_key(policy, name),
-            field: COUNTER_FIELD.to_vec(),
+            field: COUNTER_FIELD.into(),
             sender: false,
-            record: name.to_owned(),
+            record: name.into(),
         },
     }
 }
@@ -197,18 +190,23 @@ fn short(out: &mut Vec<u8>, field: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// The open record of a new reservation, packed as `lib.lua`'s `pack_record` packs it: the
-/// script stores it as it is, so the hot path packs nothing in Lua. The two packers must agree
-/// byte for byte (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of each
-/// shape in Lua and compares); settlement, release and extension unpack it in Lua.
-fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
+/// A new reservation's entry in its nonce's key, as `lib.lua`'s `entry` frames it: its
+/// idempotency id, then its open record packed as `lib.lua`'s `pack_record` packs it, each
+/// scope by its name in records (`slots`, in `r.scopes`' order). The script stores it as it is,
+/// so the hot path packs nothing in Lua. The two packers must agree byte for byte
+/// (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of each shape in Lua
+/// and compares); settlement, release and extension unpack it in Lua.
+fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreError> {
     let window = r.answer.window;
     let span = u32::try_from(window.valid_until.saturating_sub(window.valid_after))
         .map_err(|_| unavailable("a validity window over 2^32 seconds"))?;
     if window.valid_until >= 1 << 48 {
         return Err(unavailable("validUntil over 2^48"));
     }
-    let mut out = Vec::with_capacity(160);
+    let mut out = Vec::with_capacity(192);
+    short(&mut out, &r.op_key[..20])?;
+    out.extend_from_slice(&[0, 0]); // the record's length, once packed
+    let start = out.len();
     out.push(0); // open
     out.extend_from_slice(&r.cost_gwei.to_be_bytes());
     out.extend_from_slice(&window.valid_until.to_be_bytes()[2..]);
@@ -218,9 +216,9 @@ fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
     for h in &r.user_op_hashes {
         out.extend_from_slice(&h[..8]);
     }
-    out.push(u8::try_from(r.scopes.len()).map_err(|_| unavailable("over 255 scopes"))?);
-    for s in &r.scopes {
-        short(&mut out, &pack_name(&record_name(&s.name)))?;
+    out.push(u8::try_from(slots.len()).map_err(|_| unavailable("over 255 scopes"))?);
+    for slot in slots {
+        short(&mut out, &pack_name(&slot.record))?;
     }
     match &r.session {
         Some(session) => {
@@ -237,9 +235,9 @@ fn pack_record(r: &Reservation) -> Result<Vec<u8>, StoreError> {
         }
         None => out.push(0),
     }
-    if out.len() > usize::from(u16::MAX) {
-        return Err(unavailable("ledger record over 65535 bytes"));
-    }
+    let len = u16::try_from(out.len() - start)
+        .map_err(|_| unavailable("ledger record over 65535 bytes"))?;
+    out[start - 2..start].copy_from_slice(&len.to_be_bytes());
     Ok(out)
 }
 
@@ -402,13 +400,16 @@ impl RedisLedger {
         let index = index_key(&r.policy);
         let bucket_key = bucket_key(&r.policy, bucket);
         let session = r.session.as_ref().map(|s| session_key(&r.policy, s.id));
-        let mut slots = Vec::with_capacity(r.scopes.len());
+        let slots: Vec<CounterSlot> = r
+            .scopes
+            .iter()
+            .map(|s| counter_slot(&r.policy, &s.name))
+            .collect();
         // ARGV[7], per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
         // and the scope's name in records (u8-length-prefixed), and 1 if the key an earlier
         // version kept a sender's counter in is to be read too.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
-        for s in &r.scopes {
-            let slot = counter_slot(&r.policy, &s.name);
+        for (s, slot) in r.scopes.iter().zip(&slots) {
             // A window begun since the first replica of 0.3 ran has no sender counted the old
             // way, nor has any window of a Redis no earlier version ran on.
             let legacy = slot.sender
@@ -424,7 +425,6 @@ impl RedisLedger {
             short(&mut scopes, &slot.field)?;
             short(&mut scopes, slot.record.as_bytes())?;
             scopes.push(u8::from(legacy));
-            slots.push(slot.key);
         }
         let mut keys: Vec<&[u8]> = vec![
             &nonce,
@@ -432,21 +432,15 @@ impl RedisLedger {
             bucket_key.as_bytes(),
             session.as_deref().map_or(&nonce[..], str::as_bytes),
         ];
-        keys.extend(slots.iter().map(String::as_bytes));
+        keys.extend(slots.iter().map(|s| s.key.as_bytes()));
         let mut cmd = fcall(&library().reserve, &keys);
         let spend = r
             .session
             .as_ref()
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
-        // ARGV[6]: the new record's whole entry in the nonce's key (`entry` in `lib.lua`).
-        let record = pack_record(r)?;
-        let mut entry = Vec::with_capacity(record.len() + 23);
-        short(&mut entry, &r.op_key[..20])?;
-        let len = u16::try_from(record.len())
-            .map_err(|_| unavailable("ledger record over 65535 bytes"))?;
-        entry.extend_from_slice(&len.to_be_bytes());
-        entry.extend_from_slice(&record);
+        // ARGV[6]: the new record's whole entry in the nonce's key.
+        let entry = pack_entry(r, &slots)?;
         // reserve.lua's ARGV[2], in its order: big-endian u64s that Lua unpacks without parsing.
         let numbers: [u64; 14] = [
             u64::from(check_only),
@@ -726,7 +720,7 @@ impl RedisLedger {
         };
         type Legacy = (Option<i64>, Option<i64>, Option<i64>);
         let (packed, (cost, ops, open)): (Option<Vec<u8>>, Legacy) = redis::pipe()
-            .hget(&slot.key, &slot.field)
+            .hget(&slot.key, &*slot.field)
             .cmd("HMGET")
             .arg(&legacy)
             .arg("cost")
@@ -803,7 +797,12 @@ mod tests {
         ] {
             let slot = counter_slot("p", &name);
             assert_eq!(
-                (slot.key.as_str(), slot.field, slot.sender, slot.record),
+                (
+                    slot.key.as_str(),
+                    slot.field.into_owned(),
+                    slot.sender,
+                    slot.record.into_owned()
+                ),
                 (key, field, true, record)
             );
         }
@@ -817,7 +816,12 @@ mod tests {
         ] {
             let slot = counter_slot("p", &name);
             assert_eq!(
-                (slot.key, slot.field, slot.sender, slot.record.as_str()),
+                (
+                    slot.key,
+                    slot.field.into_owned(),
+                    slot.sender,
+                    &*slot.record
+                ),
                 (
                     budget_key("p", &name),
                     COUNTER_FIELD.to_vec(),
