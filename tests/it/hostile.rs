@@ -1116,3 +1116,62 @@ async fn an_absurd_worst_case_cannot_break_the_counters() -> TestResult {
     }
     Ok(())
 }
+
+/// A sender's budget is a field, the sender's 20 bytes, of one Redis hash its window shares
+/// with every sender (ledger 0.3), and the sender is the field of it a stranger picks. Senders
+/// one byte apart (the first, the last) each spend their own budget only, however many share
+/// the hash; the refusal names the refused sender's own scope and its own count; the same
+/// sender under another policy has another counter.
+#[tokio::test]
+async fn a_senders_budget_is_its_own_in_its_windows_shared_hash() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let policy = |id: &str| {
+        (
+            format!("{id}.toml"),
+            format!(
+                "id = \"{id}\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+                 [budgets]\nsender = {{ ops = 2, period = \"1d\" }}\n\
+                 [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
+            ),
+        )
+    };
+    let (app, _dir) = app_with(&redis, &[policy("senders"), policy("others")]).await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = |id: &str| json!({ "sponsorshipPolicyId": id });
+    let one_byte_off = |at: usize| {
+        let mut a = [0x5e; 20];
+        a[at] = 0x5f;
+        Address::from(a)
+    };
+    let senders = [SENDER, one_byte_off(0), one_byte_off(19)];
+    let mut nonce = 0;
+    let mut next = |sender: Address| {
+        nonce += 1;
+        counter_op(sender, nonce, "increment()").to_json()
+    };
+    for sender in senders {
+        for _ in 0..2 {
+            let v = sponsor(&app, &next(sender), ep07, ctx("senders")).await?;
+            assert!(v.get("result").is_some(), "{sender}: {v}");
+        }
+    }
+    let day = unix_now() / 86_400;
+    for sender in senders {
+        let v = sponsor(&app, &next(sender), ep07, ctx("senders")).await?;
+        assert_eq!(reason(&v), "budget_exhausted", "{sender}: {v}");
+        let data = &v["error"]["data"];
+        assert_eq!(
+            data["scope"],
+            json!(format!("sender:0x{}:{day}", alloy::hex::encode(sender))),
+            "{v}"
+        );
+        assert_eq!(
+            (&data["used"], &data["limit"]),
+            (&json!(2), &json!(2)),
+            "{v}"
+        );
+    }
+    let v = sponsor(&app, &next(SENDER), ep07, ctx("others")).await?;
+    assert!(v.get("result").is_some(), "another policy's counter: {v}");
+    Ok(())
+}
