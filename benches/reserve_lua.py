@@ -12,6 +12,7 @@ quotes it.
     python3 benches/reserve_lua.py parts [N=20000]
     python3 benches/reserve_lua.py cuts [N=20000]
     python3 benches/reserve_lua.py ab DIR_A DIR_B [N=10000]
+    python3 benches/reserve_lua.py variants [N=10000]
 
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
@@ -28,17 +29,22 @@ It also prints redis-server's CPU time per operation (/proc/<pid>/schedstat) and
 the two checkouts' in each round (both ran in it, one after the other, so what drifts between
 rounds cancels), which resolves differences of a few percent. A checkout whose ledger is a
 library of Redis Functions runs as one (FCALL), an earlier one with EVALSHA.
+`variants` does the same with this checkout against itself, run two ways: its scripts with
+EVALSHA (lib.lua's helpers made on every call) against FCALL as the service runs them; then
+senders' 0.2 keys not read against read (missing, as on a Redis 0.2 served in a window it
+left no key in).
 """
 import os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
 
-MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ('parts', 'cuts', 'ab') else None
+MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ('parts', 'cuts', 'ab', 'variants') else None
 ARGS = sys.argv[2:] if MODE else sys.argv[1:]
 AB_DIRS = ARGS[:2] if MODE == 'ab' else []
 if MODE == 'ab':
     if len(AB_DIRS) != 2:
         sys.exit('usage: reserve_lua.py ab DIR_A DIR_B [N]')
     ARGS = ARGS[2:]
-N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab': 10000}[MODE]
+N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab': 10000,
+                               'variants': 10000}[MODE]
 # `ab`'s rounds (each runs both checkouts): ROUNDS=21 in the environment for finer ratios.
 ROUNDS = int(os.environ.get('ROUNDS', '9'))
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
@@ -100,8 +106,9 @@ def short(b):
     return bytes([len(b)]) + b
 
 
-def operations(sha, n):
-    """The arguments ledger::redis::reserve sends for a new operation of a new sender."""
+def operations(sha, n, old_keys=False):
+    """The arguments ledger::redis::reserve sends for a new operation of a new sender (with
+    `old_keys`, where it has reserve.lua read the sender's 0.2 key too)."""
     now = int(time.time())
     valid_until, valid_after = now + 600, now - 60
     sig = bytes(range(65))
@@ -132,7 +139,7 @@ def operations(sha, n):
         numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30, 0,
                               86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
         limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) + short(field) + short(name)
-                          + b'\x00' for _, field, name in slots)
+                          + bytes([old_keys and name.startswith(b's:')]) for _, field, name in slots)
         entry = short(op_id) + struct.pack('>H', len(record)) + record
         args = [op_id, numbers, sig, op_id[:8], landing, entry, limits]
         out.append(['EVALSHA', sha, len(keys)] + keys + args)
@@ -295,15 +302,29 @@ def ab(r, versions, pid, rounds=ROUNDS):
           % (statistics.median(ratios), ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]))
 
 
+def variants(r, pid):
+    """`ab` of this checkout against itself, run two ways (see the module's text)."""
+    import functools
+    lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
+    reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
+    print('A: EVALSHA, B: FCALL')
+    ab(r, [('A (EVALSHA)', operations, lib, reserve, False),
+           ('B (FCALL)', operations, lib, reserve, True)], pid)
+    print('A: 0.2 keys not read, B: read (FCALL)')
+    ab(r, [('A (not read)', operations, lib, reserve, True),
+           ('B (read)', functools.partial(operations, old_keys=True), lib, reserve, True)], pid)
+
+
 def main():
     port = free_port()
     versions = ab_versions() if MODE == 'ab' else None
+    pinned = MODE in ('ab', 'variants')
     # `ab` pins redis-server and this driver to a core each, where two are allowed and taskset is.
     cores = sorted(os.sched_getaffinity(0))
-    pin = MODE == 'ab' and len(cores) >= 2 and shutil.which('taskset') is not None
+    pin = pinned and len(cores) >= 2 and shutil.which('taskset') is not None
     if pin:
         os.sched_setaffinity(0, {cores[0]})
-    if MODE == 'ab':
+    if pinned:
         print('redis-server on core %d, this driver on core %d' % (cores[1], cores[0]) if pin
               else 'not pinned (one core allowed, or no taskset)')
     with tempfile.TemporaryDirectory() as d:
@@ -319,6 +340,8 @@ def main():
                 return cuts(r)
             if MODE == 'ab':
                 return ab(r, versions, server.pid)
+            if MODE == 'variants':
+                return variants(r, server.pid)
             lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
             reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, head_lib, body, function in (

@@ -244,8 +244,8 @@ fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreEr
 /// The ledger's scripts as one library of Redis Functions: `lib.lua`'s helpers, then each of
 /// `reserve.lua`, `settle.lua` and `release.lua` as a function of `(KEYS, ARGV)`. A library's
 /// helpers are made once, when it loads; an `EVALSHA` ran the whole text, helpers included, on
-/// every call: the function takes 14 % less of redis-server's CPU per reservation (paired
-/// rounds of the same operations, docs/performance.md). The names carry a hash of the code,
+/// every call: the function takes about 8 % less of redis-server's CPU per reservation
+/// (`ROUNDS=21 python3 benches/reserve_lua.py variants`, docs/performance.md). The names carry a hash of the code,
 /// so replicas of different versions on one Redis each call their own.
 struct Library {
     /// The library's code, for `FUNCTION LOAD`.
