@@ -141,7 +141,7 @@ def operations(sha, n, old_keys=False):
         limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) + short(field) + short(name)
                           + bytes([old_keys and name.startswith(b's:')]) for _, field, name in slots)
         entry = short(op_id) + struct.pack('>H', len(record)) + record
-        args = [op_id, numbers, sig, op_id[:8], landing, entry, limits]
+        args = [numbers, entry, limits]
         out.append(['EVALSHA', sha, len(keys)] + keys + args)
     return out
 
@@ -178,13 +178,13 @@ def commandstats(r):
 FMT = "string.format('%d', 123456 + i)"
 PIECES = [
     ('an empty script, no arguments', b'return {0}', False),
-    ('an empty script, the 7 arguments', b'return {0}', True),
+    ('an empty script, the 3 arguments', b'return {0}', True),
     ('9 redis.call GET of a missing key', b"for i = 1, 9 do redis.call('GET', KEYS[1]) end return {0}", True),
     ('8 string.format %d', ("local s for i = 1, 8 do s = %s end return {0}" % FMT).encode(), True),
     ('8 tonumber of a decimal', b"local s for i = 1, 8 do s = tonumber('1000000000000000') end return {0}", True),
     ('HSET of an existing key', b"redis.call('HSET', KEYS[6], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
     ('HSET creating a key', b"redis.call('HSET', KEYS[1], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
-    ('SET EX creating a key', b"redis.call('SET', KEYS[1], ARGV[6], 'EX', 1000) return {0}", True),
+    ('SET EX creating a key', b"redis.call('SET', KEYS[1], ARGV[2], 'EX', 1000) return {0}", True),
 ]
 
 
@@ -210,7 +210,7 @@ CUTS = [
     ('arguments unpacked', 'local stored = load_nonce'),
     ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
     ('the session status and a repeat checked', 'local session_key = session and KEYS[4] or nil'),
-    ('open reservations counted', 'local counters = {}'),
+    ('open reservations counted', "-- Each scope's counter, read into"),
     ('counters read and checked (HMGET, unpack)', 'local totals = {}'),
     ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session then\n  for _, t in ipairs(totals)'),
     ('the record written (SET, APPEND): the whole script', None),

@@ -272,6 +272,32 @@ local function has_hash(r, hash)
   return false
 end
 
+-- reserve.lua's packed numbers (ARGV[1]: fourteen big-endian u64) and one scope's arguments
+-- (ARGV[3]). (Written out: the library's own code runs without Lua's `string` when it loads.)
+local RESERVE_NUMBERS = '>I8I8I8I8I8I8I8I8I8I8I8I8I8I8'
+local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
+
+-- A counter is made to live longer only when that gains more than this many seconds: the
+-- TTLs the service sends for one end differ by a second from one call to the next, and some
+-- ends move every second (the deposit's, a budget's without an end). Its life may fall short
+-- of the latest end by this much; every end already has an hour of grace.
+local EXTEND_SLACK = 60
+
+-- A counter is made to live `ttl` seconds more, by Redis' clock (a replica's clock does not
+-- decide how long a counter lives), when it is new, or when that is more than EXTEND_SLACK
+-- past `noted`, its `until` (how long it was last made to live; 0 when an earlier version
+-- wrote it). `now` is Redis' TIME in seconds if the caller has read it, else nil (read here,
+-- once per call: the caller keeps the second value). Returns its new `until` (a number: Redis
+-- writes an integer below 2^53 as all its digits), or nil: it lives long enough, no TTL to
+-- set; and `now`.
+local function extension(now, new, noted, ttl)
+  now = now or tonumber(redis.call('TIME')[1])
+  if not new and now + ttl <= noted + EXTEND_SLACK then
+    return nil, now
+  end
+  return now + ttl, now
+end
+
 -- The entries of a nonce's key: a list of {id, record} (records unpacked).
 local function load_nonce(key)
   local data = redis.call('GET', key)
@@ -304,6 +330,39 @@ local function save_nonce(key, entries)
     parts[#parts + 1] = e[2].entry or entry(e[1], pack_record(e[2]))
   end
   redis.call('SET', key, table.concat(parts), 'KEEPTTL')
+end
+
+-- A new entry's answer (an entry as the service packs it, see reserve.lua's ARGV[2]): its
+-- signature and its userOpHash prefixes.
+local function entry_answer(entry)
+  local _, _, _, _, _, _, sig, n, pos = struct.unpack('>Bc0HBI8I6I4c65B', entry)
+  local hashes = {}
+  for i = 1, n do
+    hashes[i], pos = struct.unpack('>c8', entry, pos)
+  end
+  return sig, hashes
+end
+
+-- reserve.lua's writes of a reservation: the nonce's records (`entries`; nil for a nonce whose
+-- key is new: its one entry is ARGV[2]), live `nonce_ttl` or longer; its expiry bucket lists
+-- it (`bucket`: the bucket's number, false when the nonce is already listed there), the
+-- bucket is indexed, all live long enough. A bucket's TTL is the same for every record in it
+-- (its end plus grace), so the reservation that creates it sets it and indexes it (and trims
+-- the index below `trim_below`); release.lua deletes a bucket and its index entry together,
+-- so an existing bucket is always indexed.
+local function schedule(KEYS, ARGV, entries, nonce_ttl, bucket, bucket_ttl, trim_below)
+  if entries then
+    save_nonce(KEYS[1], entries)
+    extend_ttl(KEYS[1], nonce_ttl)
+  else
+    redis.call('SET', KEYS[1], ARGV[2], 'EX', nonce_ttl)
+  end
+  -- (The nonce's 20-byte id ends its key.)
+  if bucket and redis.call('APPEND', KEYS[3], string.sub(KEYS[1], -20)) == 20 then
+    redis.call('EXPIRE', KEYS[3], bucket_ttl)
+    redis.call('ZADD', KEYS[2], bucket, bucket)
+    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', trim_below))
+  end
 end
 
 -- Close an open reservation record (unpacked; the caller saves it), once: 'settle' it to

@@ -405,7 +405,7 @@ impl RedisLedger {
             .iter()
             .map(|s| counter_slot(&r.policy, &s.name))
             .collect();
-        // ARGV[7], per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
+        // ARGV[3], per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
         // and the scope's name in records (u8-length-prefixed), and 1 if the key an earlier
         // version kept a sender's counter in is to be read too.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
@@ -439,9 +439,10 @@ impl RedisLedger {
             .as_ref()
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
-        // ARGV[6]: the new record's whole entry in the nonce's key.
+        // ARGV[2]: the new record's whole entry in the nonce's key (its id, signature and
+        // hashes, which reserve.lua reads from it).
         let entry = pack_entry(r, &slots)?;
-        // reserve.lua's ARGV[2], in its order: big-endian u64s that Lua unpacks without parsing.
+        // reserve.lua's ARGV[1], in its order: big-endian u64s that Lua unpacks without parsing.
         let numbers: [u64; 14] = [
             u64::from(check_only),
             r.cost_gwei,
@@ -459,18 +460,7 @@ impl RedisLedger {
             super::MAX_OPEN_PER_NONCE_ANY as u64,
         ];
         let numbers: Vec<u8> = numbers.iter().flat_map(|n| n.to_be_bytes()).collect();
-        let hashes: Vec<u8> = r
-            .user_op_hashes
-            .iter()
-            .flat_map(|h| h[..8].iter().copied())
-            .collect();
-        cmd.arg(&r.op_key[..20])
-            .arg(numbers)
-            .arg(r.answer.signature.as_slice())
-            .arg(hashes)
-            .arg(&r.landing_key[..20])
-            .arg(entry)
-            .arg(scopes);
+        cmd.arg(numbers).arg(entry).arg(scopes);
         for t in spend {
             cmd.arg(spent_field(t.token))
                 .arg(t.amount.to_string())

@@ -13,9 +13,8 @@
 --           plus settled ones at their actual cost; ops; open, the open part of cost), and
 --           `until`: when the key was last made to expire,
 --           by Redis' clock (TIME + TTL), so that a reservation whose counter already lives long
---           enough sets no TTL (see EXTEND_SLACK)
--- ARGV[1]   the operation's idempotency id (20 bytes)
--- ARGV[2]   14 numbers, each a big-endian u64, in this order (struct.unpack reads them
+--           enough sets no TTL (EXTEND_SLACK in lib.lua)
+-- ARGV[1]   14 numbers, each a big-endian u64, in this order (struct.unpack reads them
 --           without parsing decimals, which cost Lua more than the commands they feed):
 --             check_only    1: check only (ERC-7677 stub), reserve nothing
 --             cost          gwei to reserve (rounded up from wei)
@@ -35,18 +34,18 @@
 --             forget_below  records whose validUntil is below it have outlived their grace and
 --                           are dropped from the nonce's key (as the memory ledger forgets them)
 --             max_open      most open reservations one nonce may have, whatever the session
--- ARGV[3]   the signature (65 bytes): with the window, the answer a repeat gets
--- ARGV[4]   the userOpHashes the answer may land with, 8 bytes (their first) each: one, or on
---           EntryPoint v0.9 two (the signature inline or in the suffix)
--- ARGV[5]   the nonce's 20-byte id (what the expiry bucket lists)
--- ARGV[6]   the new open record's entry (ARGV[1] and the record, framed as lib.lua's `entry`
---           frames them), packed by the service as pack_record would pack it
--- ARGV[7]   per scope (in KEYS order), three big-endian u64: cost limit and ops limit (2^64 - 1:
+-- ARGV[2]   the new open record's entry: the operation's idempotency id (20 bytes) and the
+--           record, framed as lib.lua's `entry` frames them, packed by the service as
+--           pack_record would pack it. Its signature (65 bytes, with the window the answer a
+--           repeat gets) and its userOpHash prefixes (8 bytes each: one, or on EntryPoint v0.9
+--           two, the signature inline or in the suffix) extend a reservation (entry_answer).
+--           The nonce's 20-byte id, which the expiry bucket lists, ends KEYS[1].
+-- ARGV[3]   per scope (in KEYS order), three big-endian u64: cost limit and ops limit (2^64 - 1:
 --           none; a counter never reaches it), and the counter's TTL (s); two u8-length-
 --           prefixed strings: the counter's field and the scope's name in records (counter_of
 --           in lib.lua); and a u8, 1 for a sender whose counter a version before 0.3 may have
 --           kept in a key of its own (`sp:{P}:budget:sender:0x…`: read and summed), else 0
--- ARGV[8..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
+-- ARGV[4..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
 -- HGET of its status), per scope HMGET and HSET of one field (and EXPIRE when the counter's
@@ -68,30 +67,26 @@
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
--- A counter is made to live longer only when that gains more than this many seconds: the
--- TTLs the service sends for one end differ by a second from one call to the next, and some
--- ends move every second (the deposit's, a budget's without an end). Its life may fall short
--- of the latest end by this much; every end already has an hour of grace.
-local EXTEND_SLACK = 60
-
 local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
   session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
-  struct.unpack('>' .. string.rep('I8', 14), ARGV[2])
+  struct.unpack(RESERVE_NUMBERS, ARGV[1])
 check_only = check_only == 1
+-- The operation's idempotency id: the new entry's.
+local op_id = struct.unpack('>Bc0', ARGV[2])
 local session = session_flag == 1
 local scopes, at = {}, 1
 for i = 5, #KEYS do
   local s, legacy = {}, 0
   s.cost_limit, s.ops_limit, s.ttl, s.field, s.name, legacy, at =
-    struct.unpack('>I8I8I8Bc0Bc0B', ARGV[7], at)
+    struct.unpack(SCOPE_FORMAT, ARGV[3], at)
   if legacy == 1 then
     -- (`s:0x…` in records: the key was `sender:0x…`.)
     s.legacy = policy_prefix(KEYS[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
   end
   scopes[i] = s
 end
-if at ~= #ARGV[7] + 1 then
-  error('reserve.lua: ' .. #ARGV[7] .. ' bytes of scope arguments for ' .. (#KEYS - 4) .. ' scopes')
+if at ~= #ARGV[3] + 1 then
+  error('reserve.lua: ' .. #ARGV[3] .. ' bytes of scope arguments for ' .. (#KEYS - 4) .. ' scopes')
 end
 -- Records past their grace are forgotten (any still open was never released: its charge stays,
 -- counted over rather than under), so a nonce's key holds only live ones.
@@ -106,7 +101,7 @@ end
 local mine, rec = nil, nil
 local listed = false
 for i, e in ipairs(entries) do
-  if e[1] == ARGV[1] then
+  if e[1] == op_id then
     mine, rec = i, e[2]
   end
   -- The nonce is already listed in this signature's expiry bucket (and, with an open record
@@ -129,37 +124,8 @@ end
 
 local session_key = session and KEYS[4] or nil
 
--- A counter is made to live `ttl` seconds more, by Redis' clock (a replica's clock does not
--- decide how long a counter lives), when it is new, or when that is more than EXTEND_SLACK
--- past `noted`, its `until` (how long it was last made to live; 0 when an earlier version
--- wrote it). Returns its new `until` (a number: Redis writes an integer below 2^53 as all its
--- digits), or nil: it lives long enough, no TTL to set.
+-- Redis' TIME in seconds, once read (see extension in lib.lua).
 local redis_now = nil
-local function extension(new, noted, ttl)
-  redis_now = redis_now or tonumber(redis.call('TIME')[1])
-  if not new and redis_now + ttl <= noted + EXTEND_SLACK then
-    return nil
-  end
-  return redis_now + ttl
-end
-
--- Write the nonce's records; its expiry bucket lists it, the bucket is indexed, all live
--- long enough. A bucket's TTL is the same for every record in it (its end plus grace), so the
--- reservation that creates it sets it and indexes it (and trims the index); release.lua deletes
--- a bucket and its index entry together, so an existing bucket is always indexed.
-local function schedule()
-  if fresh_key then
-    redis.call('SET', KEYS[1], ARGV[6], 'EX', nonce_ttl)
-  else
-    save_nonce(KEYS[1], entries)
-    extend_ttl(KEYS[1], nonce_ttl)
-  end
-  if not listed and redis.call('APPEND', KEYS[3], ARGV[5]) == #ARGV[5] then
-    redis.call('EXPIRE', KEYS[3], bucket_ttl)
-    redis.call('ZADD', KEYS[2], bucket, bucket)
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', trim_below))
-  end
-end
 
 if rec and rec.state == OPEN then
   local same_scopes = #rec.scopes == #KEYS - 4
@@ -175,20 +141,24 @@ if rec and rec.state == OPEN then
     if check_only then
       return {0}
     end
-    for i = 1, #ARGV[4], 8 do
-      rec.hashes[#rec.hashes + 1] = string.sub(ARGV[4], i, i + 7)
+    local sig, hashes = entry_answer(ARGV[2])
+    for _, h in ipairs(hashes) do
+      rec.hashes[#rec.hashes + 1] = h
     end
     while #rec.hashes > MAX_HASHES do
       table.remove(rec.hashes, 1)
     end
-    rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, ARGV[3]
+    rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, sig
     -- Its counters live as long as it now may land (and settle), a counter gone is not
     -- brought back (nothing is charged here).
     for i = 5, #KEYS do
       local s = scopes[i]
       -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
       local c = redis.call('HMGET', KEYS[i], 'until', s.field, 'cost')
-      local noted = (c[2] or c[3]) and extension(false, tonumber(c[1] or '0'), s.ttl)
+      local noted = nil
+      if c[2] or c[3] then
+        noted, redis_now = extension(redis_now, false, tonumber(c[1] or '0'), s.ttl)
+      end
       if noted then
         redis.call('HSET', KEYS[i], 'until', noted)
         redis.call('EXPIRE', KEYS[i], s.ttl, 'GT')
@@ -198,14 +168,15 @@ if rec and rec.state == OPEN then
         redis.call('EXPIRE', s.legacy, s.ttl, 'GT')
       end
     end
-    schedule()
+    schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket,
+      bucket_ttl, trim_below)
     return {0}
   end
   -- Another budget window or another session than the reservation was made in: it stays as it
   -- is (its signature may still land) under a field of its own, and this request is a new
   -- reservation, checked and charged where it is made now.
   if not check_only then
-    entries[mine][1] = ARGV[1] .. struct.pack('>I6', rec.valid_until)
+    entries[mine][1] = op_id .. struct.pack('>I6', rec.valid_until)
     mine = nil
   end
 end
@@ -214,7 +185,7 @@ end
 -- whose proof a stranger may have seen, its budget), and make the nonce's key longer.
 local open, open_mine = 0, 0
 for _, e in ipairs(entries) do
-  if e[1] ~= ARGV[1] and e[2].state == OPEN then
+  if e[1] ~= op_id and e[2].state == OPEN then
     open = open + 1
     if session and e[2].session == KEYS[4] then
       open_mine = open_mine + 1
@@ -228,19 +199,19 @@ if session and open_mine >= max_mine then
   return {5, string.format('%d', open_mine)}
 end
 
-local counters = {}
+-- Each scope's counter, read into its scope's table (one table a scope per call).
 for i = 5, #KEYS do
   local s = scopes[i]
-  local used, new, legacy_seen
+  local used, legacy_seen
   if s.field == COUNTER then
     -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
     used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
-    new = not (used[2] or used[3] or used[4])
+    s.new = not (used[2] or used[3] or used[4])
   else
     -- A sender: its field in the window's hash (new when the hash has no `until`), plus what
     -- an earlier version counted in the key it kept (where the service says it may have).
     used = redis.call('HMGET', KEYS[i], 'until', s.field)
-    new = not used[1]
+    s.new = not used[1]
     if s.legacy then
       local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops', 'open')
       used[3], used[4], used[5] = legacy[1], legacy[2], legacy[3]
@@ -248,36 +219,28 @@ for i = 5, #KEYS do
     end
   end
   local own_cost, own_ops, own_open = counter_unpack(used[2])
-  local c = {
-    own_cost = own_cost,
-    own_ops = own_ops,
-    own_open = own_open,
-    -- The totals, with the decimal fields of an earlier version.
-    cost = plus(own_cost, used[3]),
-    ops = plus(own_ops, used[4]),
-    noted = tonumber(used[1] or '0'), -- `until`: 0 for a counter an earlier version wrote
-    new = new,
-    field = s.field,
-    ttl = s.ttl,
-    legacy = legacy_seen and s.legacy,
-  }
-  counters[i] = c
+  s.own_cost, s.own_ops, s.own_open = own_cost, own_ops, own_open
+  -- The totals, with the decimal fields of an earlier version.
+  local total_cost, total_ops = plus(own_cost, used[3]), plus(own_ops, used[4])
+  s.noted = tonumber(used[1] or '0') -- `until`: 0 for a counter an earlier version wrote
+  -- The key an earlier version kept is made to live as long only where it counted something.
+  s.legacy = legacy_seen and s.legacy
   local cost_limit, ops_limit = s.cost_limit, s.ops_limit
   -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
   -- (none) is never reached.
   local cost_cap = math.min(cost_limit, MAX_EXACT)
-  if c.cost + cost > cost_cap then
+  if total_cost + cost > cost_cap then
     return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap),
-      string.format('%d', c.cost)}
+      string.format('%d', total_cost)}
   end
-  if c.ops + 1 > ops_limit then
+  if total_ops + 1 > ops_limit then
     return {2, string.format('%d', i - 5), 'ops', string.format('%d', ops_limit),
-      string.format('%d', c.ops)}
+      string.format('%d', total_ops)}
   end
 end
 
 local totals = {}
-for t = 8, #ARGV, 3 do
+for t = 4, #ARGV, 3 do
   local field, amount, limit = ARGV[t], ARGV[t + 1], ARGV[t + 2]
   local spent = redis.call('HGET', KEYS[4], field) or '0'
   local total = dec_add(spent, amount)
@@ -296,9 +259,10 @@ end
 -- the same counter with a later end), and, in the common case of a counter already living
 -- long enough, gets none (see extension).
 for i = 5, #KEYS do
-  local c = counters[i]
+  local c = scopes[i]
   local packed = struct.pack(COUNTER_FORMAT, c.own_cost + cost, c.own_ops + 1, c.own_open + cost)
-  local noted = extension(c.new, c.noted, c.ttl)
+  local noted
+  noted, redis_now = extension(redis_now, c.new, c.noted, c.ttl)
   if noted then
     redis.call('HSET', KEYS[i], c.field, packed, 'until', noted)
     if c.new then
@@ -320,13 +284,14 @@ if session then
   end
   redis.call('EXPIRE', KEYS[4], session_ttl)
 end
--- The new record's entry is ARGV[6], made by the service; save_nonce writes it as it is.
-local record = {entry = ARGV[6]}
+-- The new record's entry is ARGV[2], made by the service; save_nonce writes it as it is.
+local record = {entry = ARGV[2]}
 if mine then
   -- A released record of this operation (its signature expired unused): replaced.
   entries[mine][2] = record
 else
-  entries[#entries + 1] = {ARGV[1], record}
+  entries[#entries + 1] = {op_id, record}
 end
-schedule()
+schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket, bucket_ttl,
+  trim_below)
 return {0}
