@@ -12,6 +12,7 @@ quotes it.
     python3 benches/reserve_lua.py parts [N=20000]
     python3 benches/reserve_lua.py cuts [N=20000]
     python3 benches/reserve_lua.py ab DIR_A DIR_B [N=10000]
+    BATCH=8 python3 benches/reserve_lua.py ab DIR_A DIR_B    # B's operations 8 to a call
     python3 benches/reserve_lua.py variants [N=10000]
 
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
@@ -28,7 +29,10 @@ medians 13 % apart: smaller differences in the medians are noise.
 It also prints redis-server's CPU time per operation (/proc/<pid>/schedstat) and the ratio of
 the two checkouts' in each round (both ran in it, one after the other, so what drifts between
 rounds cancels), which resolves differences of a few percent. A checkout whose ledger is a
-library of Redis Functions runs as one (FCALL), an earlier one with EVALSHA.
+library of Redis Functions runs as one (FCALL), an earlier one with EVALSHA. With BATCH=k, a
+checkout whose reserve.lua takes several operations a call (its operations() file has
+batched()) gets k to a call, as the service's ledger sends what waited for a policy's call in
+flight; the other one each alone.
 `variants` does the same with this checkout against itself, run two ways: its scripts with
 EVALSHA (lib.lua's helpers made on every call) against FCALL as the service runs them; then
 senders' 0.2 keys not read against read (missing, as on a Redis 0.2 served in a window it
@@ -47,6 +51,8 @@ N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab':
                                'variants': 10000}[MODE]
 # `ab`'s rounds (each runs both checkouts): ROUNDS=21 in the environment for finer ratios.
 ROUNDS = int(os.environ.get('ROUNDS', '9'))
+# `ab`: operations a call, for a checkout whose reserve.lua takes several (BATCH=8).
+BATCH = int(os.environ.get('BATCH', '1'))
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
@@ -98,7 +104,11 @@ class Redis:
             batch = commands[i:i + 100]
             self.sock.sendall(b''.join(self.enc(*c) for c in batch))
             for _ in batch:
-                refused += self.read() != [b'0']
+                reply = self.read()
+                # A call of several operations answers a reply each (since reserve.lua takes
+                # them in batches), one before.
+                replies = reply if reply and isinstance(reply[0], list) else [reply]
+                refused += sum(r != [b'0'] for r in replies)
         return refused
 
 
@@ -142,7 +152,23 @@ def operations(sha, n, old_keys=False):
                           + bytes([old_keys and name.startswith(b's:')]) for _, field, name in slots)
         entry = short(op_id) + struct.pack('>H', len(record)) + record
         args = [numbers, entry, limits]
-        out.append(['EVALSHA', sha, len(keys)] + keys + args)
+        # One operation a call, framed: its count of keys and of arguments.
+        out.append(['EVALSHA', sha, len(keys)] + keys + [bytes([len(keys), len(args)])] + args)
+    return out
+
+
+def batched(commands, k):
+    """operations()' calls, k operations to a call (as the service's ledger sends several
+    reservations of one policy together)."""
+    out = []
+    for i in range(0, len(commands), k):
+        keys, frame, args = [], b'', []
+        for c in commands[i:i + k]:
+            n = int(c[2])
+            keys += c[3:3 + n]
+            frame += c[3 + n]
+            args += c[4 + n:]
+        out.append(commands[i][:2] + [len(keys)] + keys + [frame] + args)
     return out
 
 
@@ -178,13 +204,13 @@ def commandstats(r):
 FMT = "string.format('%d', 123456 + i)"
 PIECES = [
     ('an empty script, no arguments', b'return {0}', False),
-    ('an empty script, the 3 arguments', b'return {0}', True),
+    ('an empty script, the 4 arguments', b'return {0}', True),
     ('9 redis.call GET of a missing key', b"for i = 1, 9 do redis.call('GET', KEYS[1]) end return {0}", True),
     ('8 string.format %d', ("local s for i = 1, 8 do s = %s end return {0}" % FMT).encode(), True),
     ('8 tonumber of a decimal', b"local s for i = 1, 8 do s = tonumber('1000000000000000') end return {0}", True),
     ('HSET of an existing key', b"redis.call('HSET', KEYS[6], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
     ('HSET creating a key', b"redis.call('HSET', KEYS[1], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
-    ('SET EX creating a key', b"redis.call('SET', KEYS[1], ARGV[2], 'EX', 1000) return {0}", True),
+    ('SET EX creating a key', b"redis.call('SET', KEYS[1], ARGV[3], 'EX', 1000) return {0}", True),
 ]
 
 
@@ -256,8 +282,11 @@ def ab_versions():
         if not hasattr(module, 'operations'):
             sys.exit('ab: %s has no operations() to build arguments with' % paths[0])
         lib, reserve = (open(p, 'rb').read() for p in paths[1:])
-        versions.append(('%s (%s)' % ('AB'[i], d), module.operations, lib, reserve,
-                         uses_functions(d)))
+        operations = module.operations
+        if BATCH > 1 and hasattr(module, 'batched'):
+            operations = (lambda ops, batched: lambda sha, n: batched(ops(sha, n), BATCH))(
+                module.operations, module.batched)
+        versions.append(('%s (%s)' % ('AB'[i], d), operations, lib, reserve, uses_functions(d)))
     return versions
 
 

@@ -26,6 +26,7 @@
 //! [`memory`] and [`redis`] implement the same semantics; `tests/it/ledger.rs` runs one suite
 //! against both.
 
+mod batch;
 pub mod memory;
 pub mod redis;
 

@@ -1,4 +1,6 @@
-//! The ledger in Redis: one `FCALL` of `reserve.lua` per sponsorship. The three scripts are one
+//! The ledger in Redis: one `FCALL` of `reserve.lua` per sponsorship, or under load one for
+//! several sponsorships of a policy (those that waited for its call in flight, see
+//! `ledger::batch`). The three scripts are one
 //! library of Redis Functions (see `library`), loaded when the service connects and again
 //! whenever a Redis answers that it has no such function (a restart without persistence, a new
 //! Cluster node). Keys, all but the last under the policy's `{policy}` hash tag so one
@@ -23,10 +25,12 @@
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
+use std::sync::Arc;
 
 use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
 
+use super::batch::{Batches, MAX_BATCH};
 use super::{Exhausted, Landing, Outcome, Reservation, Resource, Settled, SpendExceeded};
 use crate::session::StoreError;
 use crate::session::redis::RedisConn;
@@ -36,6 +40,8 @@ use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
 #[derive(Clone)]
 pub struct RedisLedger {
     conn: RedisConn,
+    /// Reservations of a policy that wait for its call in flight, sent together in the next.
+    batches: Arc<Batches<ReserveOp, redis::Value>>,
     /// A sender's counter in a window begun before this time (unix seconds: the time in
     /// [`LAYOUT_SINCE_KEY`] plus `LEGACY_MARGIN_SECS`), or in a budget without a period, may
     /// also be in the key a version before 0.3 kept it in (`budget_key` of its name), which `reserve.lua`
@@ -297,6 +303,37 @@ fn fcall(function: &str, keys: &[&[u8]]) -> redis::Cmd {
     cmd
 }
 
+/// One reservation's part of a call of `reserve.lua`: its keys and its arguments.
+struct ReserveOp {
+    keys: Vec<Vec<u8>>,
+    args: Vec<Vec<u8>>,
+}
+
+/// `FCALL` of `reserve.lua` for `ops` (at most [`MAX_BATCH`]), in turn: their keys, then the
+/// frame (each one's count of keys and of arguments, a byte each), then their arguments.
+fn reserve_call(ops: &[ReserveOp]) -> Result<redis::Cmd, StoreError> {
+    debug_assert!(ops.len() <= MAX_BATCH);
+    let mut cmd = redis::cmd("FCALL");
+    cmd.arg(&library().reserve)
+        .arg(ops.iter().map(|op| op.keys.len()).sum::<usize>());
+    let mut frame = Vec::with_capacity(ops.len() * 2);
+    for op in ops {
+        for key in &op.keys {
+            cmd.arg(key.as_slice());
+        }
+        for n in [op.keys.len(), op.args.len()] {
+            frame.push(u8::try_from(n).map_err(|_| unavailable("over 255 keys or arguments"))?);
+        }
+    }
+    cmd.arg(frame);
+    for op in ops {
+        for arg in &op.args {
+            cmd.arg(arg.as_slice());
+        }
+    }
+    Ok(cmd)
+}
+
 /// Run a call of the ledger's library; where Redis has no such function (never loaded, lost in
 /// a restart without persistence, a new Cluster node), load the library on every primary and
 /// call again (the call did nothing: it never ran). One load at a time in this process: the
@@ -342,8 +379,13 @@ impl RedisLedger {
     /// 0.3 kept it in, in every window: for tools and tests. The service opens its ledger with
     /// [`RedisLedger::connect`].
     pub fn new(conn: RedisConn) -> Self {
+        let calls = conn.clone();
         Self {
             conn,
+            batches: Batches::new(Arc::new(move |ops| {
+                let mut conn = calls.clone();
+                Box::pin(async move { call(&mut conn, &reserve_call(&ops)?).await })
+            })),
             legacy_before: u64::MAX,
         }
     }
@@ -393,7 +435,6 @@ impl RedisLedger {
         check_only: bool,
         now: u64,
     ) -> Result<Outcome, StoreError> {
-        let mut conn = self.conn.clone();
         let ttl = |at: u64| ttl_secs(at, now);
         let nonce = nonce_key(&r.policy, r.landing_key);
         let bucket = r.answer.window.valid_until / BUCKET_SECS;
@@ -426,14 +467,12 @@ impl RedisLedger {
             short(&mut scopes, slot.record.as_bytes())?;
             scopes.push(u8::from(legacy));
         }
-        let mut keys: Vec<&[u8]> = vec![
-            &nonce,
-            index.as_bytes(),
-            bucket_key.as_bytes(),
-            session.as_deref().map_or(&nonce[..], str::as_bytes),
-        ];
-        keys.extend(slots.iter().map(|s| s.key.as_bytes()));
-        let mut cmd = fcall(&library().reserve, &keys);
+        let mut keys: Vec<Vec<u8>> = Vec::with_capacity(4 + slots.len());
+        keys.push(nonce.clone());
+        keys.push(index.into_bytes());
+        keys.push(bucket_key.into_bytes());
+        keys.push(session.map_or(nonce, String::into_bytes));
+        keys.extend(slots.iter().map(|s| s.key.as_bytes().to_vec()));
         let spend = r
             .session
             .as_ref()
@@ -460,13 +499,25 @@ impl RedisLedger {
             super::MAX_OPEN_PER_NONCE_ANY as u64,
         ];
         let numbers: Vec<u8> = numbers.iter().flat_map(|n| n.to_be_bytes()).collect();
-        cmd.arg(numbers).arg(entry).arg(scopes);
+        let mut args = Vec::with_capacity(3 + 3 * spend.len());
+        args.extend([numbers, entry, scopes]);
         for t in spend {
-            cmd.arg(spent_field(t.token))
-                .arg(t.amount.to_string())
-                .arg(t.limit.to_string());
+            args.extend([
+                spent_field(t.token).into_bytes(),
+                t.amount.to_string().into_bytes(),
+                t.limit.to_string().into_bytes(),
+            ]);
         }
-        let reply: Vec<redis::Value> = call(&mut conn, &cmd).await?;
+        // The call's frame counts each operation's keys and arguments in a byte.
+        if keys.len() > 255 || args.len() > 255 {
+            return Err(unavailable("a reservation of over 255 keys or arguments"));
+        }
+        // Its own reply, from the call it went in with any others of its policy.
+        let reply = self
+            .batches
+            .submit(&r.policy, ReserveOp { keys, args })
+            .await?;
+        let reply: Vec<redis::Value> = redis::from_redis_value(reply).map_err(unavailable)?;
         let text = |i: usize| -> Result<String, StoreError> {
             redis::from_redis_value(reply.get(i).cloned().unwrap_or(redis::Value::Nil))
                 .map_err(unavailable)
@@ -519,6 +570,8 @@ impl RedisLedger {
                 }))
             }
             3 => Ok(Outcome::SessionRevoked),
+            // An error of this operation's (the others of its call went on).
+            9 => Err(unavailable(format!("reserve.lua: {}", text(1)?))),
             5 => Ok(Outcome::NoncePending),
             4 => {
                 let field = text(1)?;

@@ -1,5 +1,12 @@
--- Reserve an operation's worst-case cost in every budget scope, atomically (DESIGN §1, §5).
--- Loaded after lib.lua (which describes the packed record).
+-- Reserve an operation's worst-case cost in every budget scope, atomically (DESIGN §1, §5);
+-- several operations of one policy in one call, in turn. Loaded after lib.lua (which
+-- describes the packed record).
+--
+-- The call's KEYS are each operation's keys in turn, its ARGV[1] frames them: per operation, a
+-- u8 count of its keys and a u8 count of its arguments, which follow ARGV[1] in turn. Returns
+-- one reply per operation, in order (below; {9, message} when the operation failed with an
+-- error, which leaves the others as they are). An operation's keys and arguments, as `reserve`
+-- below takes them:
 --
 -- KEYS[1]   the key of the operation's (EntryPoint, sender, nonce): its reservation records
 --           (see lib.lua); settlement finds them here
@@ -55,7 +62,7 @@
 -- before the first replica of 0.3 ran (or a budget without a period), a sender's counter also
 -- has an HMGET of the key an earlier version kept.
 --
--- Returns {0} when reserved (or, in check-only mode, when it would fit);
+-- An operation's reply: {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
 -- answer is still good (or it landed), and its session (if any) is not revoked: nothing
 -- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the scope's place
@@ -67,231 +74,285 @@
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
-local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
-  session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
-  struct.unpack(RESERVE_NUMBERS, ARGV[1])
-check_only = check_only == 1
--- The operation's idempotency id: the new entry's.
-local op_id = struct.unpack('>Bc0', ARGV[2])
-local session = session_flag == 1
-local scopes, at = {}, 1
-for i = 5, #KEYS do
-  local s, legacy = {}, 0
-  s.cost_limit, s.ops_limit, s.ttl, s.field, s.name, legacy, at =
-    struct.unpack(SCOPE_FORMAT, ARGV[3], at)
-  if legacy == 1 then
-    -- (`s:0x…` in records: the key was `sender:0x…`.)
-    s.legacy = policy_prefix(KEYS[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
-  end
-  scopes[i] = s
-end
-if at ~= #ARGV[3] + 1 then
-  error('reserve.lua: ' .. #ARGV[3] .. ' bytes of scope arguments for ' .. (#KEYS - 4) .. ' scopes')
-end
--- Records past their grace are forgotten (any still open was never released: its charge stays,
--- counted over rather than under), so a nonce's key holds only live ones.
-local stored = load_nonce(KEYS[1])
-local fresh_key = #stored == 0
-local entries = {}
-for _, e in ipairs(stored) do
-  if e[2].valid_until >= forget_below then
-    entries[#entries + 1] = e
-  end
-end
-local mine, rec = nil, nil
-local listed = false
-for i, e in ipairs(entries) do
-  if e[1] == op_id then
-    mine, rec = i, e[2]
-  end
-  -- The nonce is already listed in this signature's expiry bucket (and, with an open record
-  -- there, the bucket cannot have been dropped).
-  if e[2].state == OPEN and math.floor(e[2].valid_until / BUCKET_SECS) == bucket then
-    listed = true
-  end
-end
--- A revoked session gets nothing, not even the answer an operation of it was given before
--- (replicas serve grants from copies that may not show the revocation yet: this is the check).
-if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
-  return {3}
-end
-if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= refresh
-    or rec.valid_until >= valid_until))) then
-  -- Landed (a repeat can change nothing), still valid long enough, or valid longer than a
-  -- fresh answer would be: the same answer.
-  return {1, string.format('%d', rec.valid_until), string.format('%d', rec.valid_after), rec.sig}
-end
-
-local session_key = session and KEYS[4] or nil
-
--- Redis' TIME in seconds, once read (see extension in lib.lua).
-local redis_now = nil
-
-if rec and rec.state == OPEN then
-  local same_scopes = #rec.scopes == #KEYS - 4
+-- `shared`: what the operations of one call share: `now`, Redis' TIME in seconds once read
+-- (extension in lib.lua); `counters[key][field]`, a counter's HMGET reply as the operations
+-- before this one left it (they write through: Redis holds the same).
+local function reserve(KEYS, ARGV, shared)
+  local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
+    session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
+    struct.unpack(RESERVE_NUMBERS, ARGV[1])
+  check_only = check_only == 1
+  -- The operation's idempotency id: the new entry's.
+  local op_id = struct.unpack('>Bc0', ARGV[2])
+  local session = session_flag == 1
+  local scopes, at = {}, 1
   for i = 5, #KEYS do
-    same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i].name
+    local s, legacy = {}, 0
+    s.cost_limit, s.ops_limit, s.ttl, s.field, s.name, legacy, at =
+      struct.unpack(SCOPE_FORMAT, ARGV[3], at)
+    if legacy == 1 then
+      -- (`s:0x…` in records: the key was `sender:0x…`.)
+      s.legacy = policy_prefix(KEYS[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
+    end
+    scopes[i] = s
   end
-  if same_scopes and rec.session == session_key then
-    -- The stored answer is about to expire: extend this reservation to a fresh one. Both
-    -- signatures stay valid for a while, but they are for one operation and one nonce, so one
-    -- charge covers both; it is released only once the later has expired, and the event of
-    -- either settles it (the record keeps the latest MAX_HASHES hashes; an event matching none
-    -- settles every open reservation of its nonce, so a dropped hash over-counts, never under).
-    if check_only then
+  if at ~= #ARGV[3] + 1 then
+    error('reserve.lua: ' .. #ARGV[3] .. ' bytes of scope arguments for ' .. (#KEYS - 4) .. ' scopes')
+  end
+  -- Records past their grace are forgotten (any still open was never released: its charge stays,
+  -- counted over rather than under), so a nonce's key holds only live ones.
+  local stored = load_nonce(KEYS[1])
+  local fresh_key = #stored == 0
+  local entries = {}
+  for _, e in ipairs(stored) do
+    if e[2].valid_until >= forget_below then
+      entries[#entries + 1] = e
+    end
+  end
+  local mine, rec = nil, nil
+  local listed = false
+  for i, e in ipairs(entries) do
+    if e[1] == op_id then
+      mine, rec = i, e[2]
+    end
+    -- The nonce is already listed in this signature's expiry bucket (and, with an open record
+    -- there, the bucket cannot have been dropped).
+    if e[2].state == OPEN and math.floor(e[2].valid_until / BUCKET_SECS) == bucket then
+      listed = true
+    end
+  end
+  -- A revoked session gets nothing, not even the answer an operation of it was given before
+  -- (replicas serve grants from copies that may not show the revocation yet: this is the check).
+  if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
+    return {3}
+  end
+  if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= refresh
+      or rec.valid_until >= valid_until))) then
+    -- Landed (a repeat can change nothing), still valid long enough, or valid longer than a
+    -- fresh answer would be: the same answer.
+    return {1, string.format('%d', rec.valid_until), string.format('%d', rec.valid_after), rec.sig}
+  end
+
+  local session_key = session and KEYS[4] or nil
+
+  if rec and rec.state == OPEN then
+    local same_scopes = #rec.scopes == #KEYS - 4
+    for i = 5, #KEYS do
+      same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i].name
+    end
+    if same_scopes and rec.session == session_key then
+      -- The stored answer is about to expire: extend this reservation to a fresh one. Both
+      -- signatures stay valid for a while, but they are for one operation and one nonce, so one
+      -- charge covers both; it is released only once the later has expired, and the event of
+      -- either settles it (the record keeps the latest MAX_HASHES hashes; an event matching none
+      -- settles every open reservation of its nonce, so a dropped hash over-counts, never under).
+      if check_only then
+        return {0}
+      end
+      local sig, hashes = entry_answer(ARGV[2])
+      for _, h in ipairs(hashes) do
+        rec.hashes[#rec.hashes + 1] = h
+      end
+      while #rec.hashes > MAX_HASHES do
+        table.remove(rec.hashes, 1)
+      end
+      rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, sig
+      -- Its counters live as long as it now may land (and settle), a counter gone is not
+      -- brought back (nothing is charged here).
+      for i = 5, #KEYS do
+        local s = scopes[i]
+        -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
+        local c = redis.call('HMGET', KEYS[i], 'until', s.field, 'cost')
+        local noted = nil
+        if c[2] or c[3] then
+          noted, shared.now = extension(shared.now, false, tonumber(c[1] or '0'), s.ttl)
+        end
+        if noted then
+          redis.call('HSET', KEYS[i], 'until', noted)
+          redis.call('EXPIRE', KEYS[i], s.ttl, 'GT')
+        end
+        if s.legacy then
+          -- What an earlier version counted of the sender, in the key it kept, counts as long.
+          redis.call('EXPIRE', s.legacy, s.ttl, 'GT')
+        end
+      end
+      schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket,
+        bucket_ttl, trim_below)
       return {0}
     end
-    local sig, hashes = entry_answer(ARGV[2])
-    for _, h in ipairs(hashes) do
-      rec.hashes[#rec.hashes + 1] = h
+    -- Another budget window or another session than the reservation was made in: it stays as it
+    -- is (its signature may still land) under a field of its own, and this request is a new
+    -- reservation, checked and charged where it is made now.
+    if not check_only then
+      entries[mine][1] = op_id .. struct.pack('>I6', rec.valid_until)
+      mine = nil
     end
-    while #rec.hashes > MAX_HASHES do
-      table.remove(rec.hashes, 1)
-    end
-    rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, sig
-    -- Its counters live as long as it now may land (and settle), a counter gone is not
-    -- brought back (nothing is charged here).
-    for i = 5, #KEYS do
-      local s = scopes[i]
-      -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
-      local c = redis.call('HMGET', KEYS[i], 'until', s.field, 'cost')
-      local noted = nil
-      if c[2] or c[3] then
-        noted, redis_now = extension(redis_now, false, tonumber(c[1] or '0'), s.ttl)
-      end
-      if noted then
-        redis.call('HSET', KEYS[i], 'until', noted)
-        redis.call('EXPIRE', KEYS[i], s.ttl, 'GT')
-      end
-      if s.legacy then
-        -- What an earlier version counted of the sender, in the key it kept, counts as long.
-        redis.call('EXPIRE', s.legacy, s.ttl, 'GT')
+  end
+
+  -- Only one reservation of a nonce can land: more open ones only hold budget (under a session
+  -- whose proof a stranger may have seen, its budget), and make the nonce's key longer.
+  local open, open_mine = 0, 0
+  for _, e in ipairs(entries) do
+    if e[1] ~= op_id and e[2].state == OPEN then
+      open = open + 1
+      if session and e[2].session == KEYS[4] then
+        open_mine = open_mine + 1
       end
     end
-    schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket,
-      bucket_ttl, trim_below)
+  end
+  if open >= max_open then
+    return {5, string.format('%d', open)}
+  end
+  if session and open_mine >= max_mine then
+    return {5, string.format('%d', open_mine)}
+  end
+
+  -- Each scope's counter, read into its scope's table (one table a scope per operation), or
+  -- taken from what an operation before it in this call read and wrote (`shared.counters`).
+  for i = 5, #KEYS do
+    local s = scopes[i]
+    local known = shared.counters[KEYS[i]]
+    if not known then
+      known = {}
+      shared.counters[KEYS[i]] = known
+    end
+    local used = known[s.field]
+    if not used then
+      if s.field == COUNTER then
+        -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
+        used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
+      else
+        -- A sender: its field in the window's hash, plus what an earlier version counted in the
+        -- key it kept (where the service says it may have).
+        used = redis.call('HMGET', KEYS[i], 'until', s.field)
+        if s.legacy then
+          local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops', 'open')
+          used[3], used[4], used[5] = legacy[1], legacy[2], legacy[3]
+          used.legacy_seen = legacy[1] or legacy[2]
+        end
+      end
+      known[s.field] = used
+    end
+    s.used = used
+    if s.field == COUNTER then
+      s.new = not (used[2] or used[3] or used[4])
+    else
+      -- (New when the window's hash has no `until`.)
+      s.new = not used[1]
+    end
+    local own_cost, own_ops, own_open = counter_unpack(used[2])
+    s.own_cost, s.own_ops, s.own_open = own_cost, own_ops, own_open
+    -- The totals, with the decimal fields of an earlier version.
+    local total_cost, total_ops = plus(own_cost, used[3]), plus(own_ops, used[4])
+    s.noted = tonumber(used[1] or '0') -- `until`: 0 for a counter an earlier version wrote
+    -- The key an earlier version kept is made to live as long only where it counted something.
+    s.legacy = used.legacy_seen and s.legacy
+    local cost_limit, ops_limit = s.cost_limit, s.ops_limit
+    -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
+    -- (none) is never reached.
+    local cost_cap = math.min(cost_limit, MAX_EXACT)
+    if total_cost + cost > cost_cap then
+      return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap),
+        string.format('%d', total_cost)}
+    end
+    if total_ops + 1 > ops_limit then
+      return {2, string.format('%d', i - 5), 'ops', string.format('%d', ops_limit),
+        string.format('%d', total_ops)}
+    end
+  end
+
+  local totals = {}
+  for t = 4, #ARGV, 3 do
+    local field, amount, limit = ARGV[t], ARGV[t + 1], ARGV[t + 2]
+    local spent = redis.call('HGET', KEYS[4], field) or '0'
+    local total = dec_add(spent, amount)
+    if dec_cmp(total, limit) > 0 then
+      return {4, field, limit, spent, amount}
+    end
+    totals[#totals + 1] = {field, amount, total}
+  end
+
+  if check_only then
     return {0}
   end
-  -- Another budget window or another session than the reservation was made in: it stays as it
-  -- is (its signature may still land) under a field of its own, and this request is a new
-  -- reservation, checked and charged where it is made now.
-  if not check_only then
-    entries[mine][1] = op_id .. struct.pack('>I6', rec.valid_until)
-    mine = nil
-  end
-end
 
--- Only one reservation of a nonce can land: more open ones only hold budget (under a session
--- whose proof a stranger may have seen, its budget), and make the nonce's key longer.
-local open, open_mine = 0, 0
-for _, e in ipairs(entries) do
-  if e[1] ~= op_id and e[2].state == OPEN then
-    open = open + 1
-    if session and e[2].session == KEYS[4] then
-      open_mine = open_mine + 1
+  -- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
+  -- window's end is not in its name alone: a policy republished with another period may name
+  -- the same counter with a later end), and, in the common case of a counter already living
+  -- long enough, gets none (see extension).
+  for i = 5, #KEYS do
+    local c = scopes[i]
+    local packed = struct.pack(COUNTER_FORMAT, c.own_cost + cost, c.own_ops + 1, c.own_open + cost)
+    local noted
+    noted, shared.now = extension(shared.now, c.new, c.noted, c.ttl)
+    if noted then
+      redis.call('HSET', KEYS[i], c.field, packed, 'until', noted)
+      if c.new then
+        redis.call('EXPIRE', KEYS[i], c.ttl)
+      else
+        redis.call('EXPIRE', KEYS[i], c.ttl, 'GT')
+      end
+      c.used[1] = noted
+    else
+      redis.call('HSET', KEYS[i], c.field, packed)
+    end
+    -- What the next operation of this call reads (written through: the hash holds it already).
+    c.used[2] = packed
+    if c.legacy then
+      -- What an earlier version counted of the sender, in the key it kept, counts as long.
+      redis.call('EXPIRE', c.legacy, c.ttl, 'GT')
     end
   end
-end
-if open >= max_open then
-  return {5, string.format('%d', open)}
-end
-if session and open_mine >= max_mine then
-  return {5, string.format('%d', open_mine)}
-end
-
--- Each scope's counter, read into its scope's table (one table a scope per call).
-for i = 5, #KEYS do
-  local s = scopes[i]
-  local used, legacy_seen
-  if s.field == COUNTER then
-    -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
-    used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
-    s.new = not (used[2] or used[3] or used[4])
+  if session then
+    for _, t in ipairs(totals) do
+      redis.call('HSET', KEYS[4], t[1], t[3])
+    end
+    redis.call('EXPIRE', KEYS[4], session_ttl)
+  end
+  -- The new record's entry is ARGV[2], made by the service; save_nonce writes it as it is.
+  local record = {entry = ARGV[2]}
+  if mine then
+    -- A released record of this operation (its signature expired unused): replaced.
+    entries[mine][2] = record
   else
-    -- A sender: its field in the window's hash (new when the hash has no `until`), plus what
-    -- an earlier version counted in the key it kept (where the service says it may have).
-    used = redis.call('HMGET', KEYS[i], 'until', s.field)
-    s.new = not used[1]
-    if s.legacy then
-      local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops', 'open')
-      used[3], used[4], used[5] = legacy[1], legacy[2], legacy[3]
-      legacy_seen = legacy[1] or legacy[2]
-    end
+    entries[#entries + 1] = {op_id, record}
   end
-  local own_cost, own_ops, own_open = counter_unpack(used[2])
-  s.own_cost, s.own_ops, s.own_open = own_cost, own_ops, own_open
-  -- The totals, with the decimal fields of an earlier version.
-  local total_cost, total_ops = plus(own_cost, used[3]), plus(own_ops, used[4])
-  s.noted = tonumber(used[1] or '0') -- `until`: 0 for a counter an earlier version wrote
-  -- The key an earlier version kept is made to live as long only where it counted something.
-  s.legacy = legacy_seen and s.legacy
-  local cost_limit, ops_limit = s.cost_limit, s.ops_limit
-  -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
-  -- (none) is never reached.
-  local cost_cap = math.min(cost_limit, MAX_EXACT)
-  if total_cost + cost > cost_cap then
-    return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap),
-      string.format('%d', total_cost)}
-  end
-  if total_ops + 1 > ops_limit then
-    return {2, string.format('%d', i - 5), 'ops', string.format('%d', ops_limit),
-      string.format('%d', total_ops)}
-  end
-end
-
-local totals = {}
-for t = 4, #ARGV, 3 do
-  local field, amount, limit = ARGV[t], ARGV[t + 1], ARGV[t + 2]
-  local spent = redis.call('HGET', KEYS[4], field) or '0'
-  local total = dec_add(spent, amount)
-  if dec_cmp(total, limit) > 0 then
-    return {4, field, limit, spent, amount}
-  end
-  totals[#totals + 1] = {field, amount, total}
-end
-
-if check_only then
+  schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket, bucket_ttl,
+    trim_below)
   return {0}
 end
 
--- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
--- window's end is not in its name alone: a policy republished with another period may name
--- the same counter with a later end), and, in the common case of a counter already living
--- long enough, gets none (see extension).
-for i = 5, #KEYS do
-  local c = scopes[i]
-  local packed = struct.pack(COUNTER_FORMAT, c.own_cost + cost, c.own_ops + 1, c.own_open + cost)
-  local noted
-  noted, redis_now = extension(redis_now, c.new, c.noted, c.ttl)
-  if noted then
-    redis.call('HSET', KEYS[i], c.field, packed, 'until', noted)
-    if c.new then
-      redis.call('EXPIRE', KEYS[i], c.ttl)
-    else
-      redis.call('EXPIRE', KEYS[i], c.ttl, 'GT')
-    end
-  else
-    redis.call('HSET', KEYS[i], c.field, packed)
-  end
-  if c.legacy then
-    -- What an earlier version counted of the sender, in the key it kept, counts as long.
-    redis.call('EXPIRE', c.legacy, c.ttl, 'GT')
-  end
+-- The operations of the call in turn, each in a protected call: an error (a script error, a
+-- command Redis refused) fails that operation alone, with what it wrote before it kept (as a
+-- call of its own would), and is answered {9, message}. What each operation reads of a counter
+-- is what the operations before it wrote (`shared.counters`, kept by the function above).
+local frame, replies = ARGV[1], {}
+-- The frame first: a call whose keys and arguments it does not add up to runs nothing.
+local key_total, arg_total = 0, 0
+for at = 1, #frame - 1, 2 do
+  local key_count, arg_count = string.byte(frame, at, at + 1)
+  key_total, arg_total = key_total + key_count, arg_total + arg_count
 end
-if session then
-  for _, t in ipairs(totals) do
-    redis.call('HSET', KEYS[4], t[1], t[3])
+if #frame % 2 ~= 0 or key_total ~= #KEYS or arg_total ~= #ARGV - 1 then
+  error('reserve.lua: a frame of ' .. #frame .. ' bytes for ' .. key_total .. ' keys and '
+    .. arg_total .. ' arguments, given ' .. #KEYS .. ' and ' .. (#ARGV - 1))
+end
+local shared = {now = nil, counters = {}}
+local next_key, next_arg = 1, 2
+for at = 1, #frame - 1, 2 do
+  local key_count, arg_count = string.byte(frame, at, at + 1)
+  local keys, args = {}, {}
+  for i = 1, key_count do
+    keys[i] = KEYS[next_key + i - 1]
   end
-  redis.call('EXPIRE', KEYS[4], session_ttl)
+  for i = 1, arg_count do
+    args[i] = ARGV[next_arg + i - 1]
+  end
+  next_key, next_arg = next_key + key_count, next_arg + arg_count
+  local ok, reply = pcall(reserve, keys, args, shared)
+  if not ok then
+    reply = {9, type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
+  end
+  replies[#replies + 1] = reply
 end
--- The new record's entry is ARGV[2], made by the service; save_nonce writes it as it is.
-local record = {entry = ARGV[2]}
-if mine then
-  -- A released record of this operation (its signature expired unused): replaced.
-  entries[mine][2] = record
-else
-  entries[#entries + 1] = {op_id, record}
-end
-schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket, bucket_ttl,
-  trim_below)
-return {0}
+return replies

@@ -867,41 +867,13 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
         .await?;
     let client = redis::Client::open(redis.url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
-    let parse = |info: &str| -> BTreeMap<String, u64> {
-        info.lines()
-            .filter_map(|l| l.strip_prefix("cmdstat_"))
-            .filter_map(|l| {
-                let (cmd, rest) = l.split_once(':')?;
-                Some((
-                    cmd.to_owned(),
-                    rest.split("calls=")
-                        .nth(1)?
-                        .split(',')
-                        .next()?
-                        .parse()
-                        .ok()?,
-                ))
-            })
-            .filter(|(cmd, _)| cmd != "info")
-            .collect()
-    };
-    let before = parse(
-        &redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async::<String>(&mut conn)
-            .await?,
-    );
+    let before = command_calls(&mut conn).await?;
     for i in 0..5 {
         apps[0]
             .result("pm_sponsorUserOperation", json!([op_json(1000 + i), ep]))
             .await?;
     }
-    let after = parse(
-        &redis::cmd("INFO")
-            .arg("commandstats")
-            .query_async::<String>(&mut conn)
-            .await?,
-    );
+    let after = command_calls(&mut conn).await?;
     let delta: BTreeMap<&str, u64> = after
         .iter()
         .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
@@ -935,6 +907,128 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
         expected.extend([("zadd", 1), ("zremrangebyscore", 1)]);
     }
     assert_eq!(delta, expected, "Redis commands for 5 sponsorships");
+    Ok(())
+}
+
+/// How many times Redis ran each command (`INFO commandstats`), but `INFO`.
+async fn command_calls(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> TestResult<BTreeMap<String, u64>> {
+    let info: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(info
+        .lines()
+        .filter_map(|l| l.strip_prefix("cmdstat_"))
+        .filter_map(|l| {
+            let (cmd, rest) = l.split_once(':')?;
+            let calls = rest
+                .split("calls=")
+                .nth(1)?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()?;
+            Some((cmd.to_owned(), calls))
+        })
+        .filter(|(cmd, _)| cmd != "info")
+        .collect())
+}
+
+/// Reservations of one policy made at once go to Redis together, several to a call
+/// (`ledger::batch`), and each is counted as a call of its own would count it: 32 at once, of
+/// four senders with three operations each, reserve exactly three of each, with the
+/// counters each read after the operations before it in its call wrote them.
+#[tokio::test]
+async fn reservations_made_together_share_calls_and_count_exactly() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut stats = client.get_multiplexed_async_connection().await?;
+    let before = command_calls(&mut stats).await?;
+    let sender = |i: u8| scope(&format!("sender:0x{:040x}:20833", i % 4), None, Some(3));
+    let tasks: Vec<_> = (0..32u8)
+        .map(|i| {
+            let ledger = ledger.clone();
+            let r = reservation(i + 1, 7, vec![sender(i), scope("pm", Some(1000), None)]);
+            tokio::spawn(async move { ledger.reserve(&r, false, NOW).await })
+        })
+        .collect();
+    let mut reserved = 0;
+    for task in tasks {
+        match task.await?? {
+            Outcome::Reserved => reserved += 1,
+            Outcome::Exhausted(e) => {
+                assert_eq!((e.resource, e.limit, e.used), (Resource::Ops, 3, 3));
+                assert!(e.scope.starts_with("sender:"), "{e:?}");
+            }
+            other => return Err(format!("{other:?}").into()),
+        }
+    }
+    assert_eq!(reserved, 12, "three of each of four senders");
+    for i in 0..4 {
+        assert_eq!(ledger.usage("p", &sender(i).name).await?, (21, 3));
+    }
+    assert_eq!(ledger.usage("p", "pm").await?, (84, 12));
+    let after = command_calls(&mut stats).await?;
+    let calls =
+        after.get("fcall").copied().unwrap_or(0) - before.get("fcall").copied().unwrap_or(0);
+    assert!((2..32).contains(&calls), "32 reservations in {calls} calls");
+    // The senders' window hash, new in the first call, got its TTL there.
+    let mut c = conn.clone();
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("sp:{p}:budget:sender:20833")
+        .query_async(&mut c)
+        .await?;
+    assert!(ttl > 0, "TTL {ttl}");
+    Ok(())
+}
+
+/// An operation that fails in `reserve.lua` (here the key an earlier version kept its sender's
+/// counter in is of another type) fails alone: the others of its call are reserved, and it
+/// charges nothing.
+#[tokio::test]
+async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    // `new`: every sender's key of an earlier version is read too.
+    let ledger = std::sync::Arc::new(Ledger::Redis(RedisLedger::connect(conn.clone()).await?));
+    let old = std::sync::Arc::new(Ledger::Redis(RedisLedger::new(conn.clone())));
+    let bad = "0x00000000000000000000000000000000000000bb";
+    let good = "0x00000000000000000000000000000000000000aa";
+    let mut c = conn.clone();
+    redis::cmd("SET")
+        .arg(format!("sp:{{p}}:budget:sender:{bad}:20833"))
+        .arg("not a hash")
+        .query_async::<()>(&mut c)
+        .await?;
+    let sender = |who: &str| scope(&format!("sender:{who}:20833"), None, Some(100));
+    let tasks: Vec<_> = (0..9u8)
+        .map(|i| {
+            let ledger = old.clone();
+            let who = if i == 4 { bad } else { good };
+            let r = reservation(i + 1, 5, vec![sender(who), scope("pm", None, None)]);
+            tokio::spawn(async move { ledger.reserve(&r, false, NOW).await })
+        })
+        .collect();
+    let mut reserved = 0;
+    for (i, task) in tasks.into_iter().enumerate() {
+        match task.await? {
+            Ok(Outcome::Reserved) if i != 4 => reserved += 1,
+            Err(e) if i == 4 => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
+            other => return Err(format!("op {i}: {other:?}").into()),
+        }
+    }
+    assert_eq!(reserved, 8);
+    assert_eq!(ledger.usage("p", &sender(good).name).await?, (40, 8));
+    assert_eq!(
+        ledger.usage("p", "pm").await?,
+        (40, 8),
+        "the failed one charged nothing"
+    );
     Ok(())
 }
 
