@@ -12,7 +12,7 @@ quotes it.
     python3 benches/reserve_lua.py parts [N=20000]
     python3 benches/reserve_lua.py cuts [N=20000]
     python3 benches/reserve_lua.py ab DIR_A DIR_B [N=10000]
-    BATCH=8 python3 benches/reserve_lua.py ab DIR_A DIR_B    # B's operations 8 to a call
+    BATCH=8 python3 benches/reserve_lua.py ab DIR_A DIR_B    # 8 operations a call (see below)
     python3 benches/reserve_lua.py variants [N=10000]
 
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
@@ -235,10 +235,10 @@ def parts(r):
 CUTS = [
     ('arguments unpacked', 'local stored = load_nonce'),
     ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
-    ('the session status and a repeat checked', 'local session_key = session and KEYS[4] or nil'),
+    ('the session status and a repeat checked', 'local session_key = session and keys[4] or nil'),
     ('open reservations counted', "-- Each scope's counter, read into"),
     ('counters read and checked (HMGET, unpack)', 'local totals = {}'),
-    ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session then\n  for _, t in ipairs(totals)'),
+    ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session then\n    for _, t in ipairs(totals)'),
     ('the record written (SET, APPEND): the whole script', None),
 ]
 
@@ -250,7 +250,10 @@ def cuts(r):
     for _ in range(3):
         for label, marker in CUTS:
             body = lib + (script if marker is None else
-                          script[:script.index(marker)] + '\ndo return {0} end\n')
+                          # (Each operation returns there; the rest stays, so the function
+                          # that runs each operation still closes.)
+                          script[:script.index(marker)] + 'do return {0} end\n'
+                          + script[script.index(marker):])
             sha = r.call('SCRIPT', 'LOAD', body.encode())
             r.call('FLUSHALL')
             r.call('CONFIG', 'RESETSTAT')

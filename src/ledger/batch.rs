@@ -1,16 +1,21 @@
-//! Calls of one policy's reservations gathered into one: while a policy's call is in flight,
-//! the reservations that come for it wait, and go together in the next call, at most
+//! Calls of one policy's reservations gathered into one: the reservations that come for a
+//! policy while its calls are in flight wait, and go together in the next call, at most
 //! [`MAX_BATCH`] to a call (`reserve.lua` takes them in turn, each as a call of its own would).
 //! Nothing waits for a timer: a reservation that finds no call of its policy in flight goes at
-//! once, alone. Under load the calls of a policy come back with several waiting, and Redis runs
-//! one `FCALL` for them: its dispatch, and the reads of a counter they share, once
-//! (docs/performance.md).
+//! once, alone. Under load a policy's calls come back with several waiting, and Redis runs one
+//! `FCALL` for them: its dispatch, `TIME` and the reads of the counters they share, once
+//! (docs/performance.md, "What changed").
 //!
-//! The calls run in a task of their own, not in the request that started them: a client that
-//! hangs up does not cancel the call of the others, and a policy never stays marked in flight.
-//! One call of a policy is in flight at a time in a process (each replica has its own).
+//! At most [`MAX_IN_FLIGHT`] calls of a policy are in flight at once (a full batch does not
+//! wait for a free one while fewer are), and at most [`MAX_WAITING`] reservations wait: beyond,
+//! a reservation is refused at once (fail closed, retryable) rather than queued without end.
+//! So a reservation waits for a few calls at most before its own, each bounded by the Redis
+//! timeout; one whose client hung up meanwhile is dropped before its call, not reserved.
+//!
+//! The calls run in tasks of their own, not in the requests that started them: a client that
+//! hangs up cancels no one else's call. Each ledger (each replica) gathers its own.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
@@ -22,18 +27,30 @@ use crate::session::StoreError;
 /// Most reservations in one call.
 pub(super) const MAX_BATCH: usize = 16;
 
-/// What runs a call: the operations in order, their replies in the same order (as many), or
+/// Most calls of one policy in flight at once.
+pub(super) const MAX_IN_FLIGHT: usize = 4;
+
+/// Most reservations of one policy waiting for a call.
+pub(super) const MAX_WAITING: usize = 4 * MAX_BATCH;
+
+/// What makes a call: the operations in order, their replies in the same order (as many), or
 /// one error for all of them.
-pub(super) type Run<Op, Reply> = Arc<
+pub(super) type CallFn<Op, Reply> = Arc<
     dyn Fn(Vec<Op>) -> Pin<Box<dyn Future<Output = Result<Vec<Reply>, StoreError>> + Send>>
         + Send
         + Sync,
 >;
 
-/// The policies with a call in flight, and what waits for each.
+/// The policies with calls in flight, and what waits for each.
 pub(super) struct Batches<Op, Reply> {
-    waiting: Mutex<HashMap<String, Vec<Waiter<Op, Reply>>>>,
-    run: Run<Op, Reply>,
+    policies: Mutex<HashMap<String, Policy<Op, Reply>>>,
+    call: CallFn<Op, Reply>,
+}
+
+/// A policy with calls in flight (a policy with none has no entry).
+struct Policy<Op, Reply> {
+    in_flight: usize,
+    waiting: VecDeque<Waiter<Op, Reply>>,
 }
 
 struct Waiter<Op, Reply> {
@@ -42,10 +59,10 @@ struct Waiter<Op, Reply> {
 }
 
 impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
-    pub(super) fn new(run: Run<Op, Reply>) -> Arc<Self> {
+    pub(super) fn new(call: CallFn<Op, Reply>) -> Arc<Self> {
         Arc::new(Self {
-            waiting: Mutex::new(HashMap::new()),
-            run,
+            policies: Mutex::new(HashMap::new()),
+            call,
         })
     }
 
@@ -57,24 +74,39 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
     ) -> Result<Reply, StoreError> {
         let (answer, reply) = oneshot::channel();
         let waiter = Waiter { op, answer };
-        let lead = {
-            let mut waiting = self.lock();
-            match waiting.get_mut(policy) {
-                Some(queue) => {
-                    queue.push(waiter);
-                    None
-                }
+        let start = {
+            let mut policies = self.lock();
+            match policies.get_mut(policy) {
                 None => {
-                    waiting.insert(policy.to_owned(), Vec::new());
-                    Some(waiter)
+                    policies.insert(
+                        policy.to_owned(),
+                        Policy {
+                            in_flight: 1,
+                            waiting: VecDeque::new(),
+                        },
+                    );
+                    Some(vec![waiter])
+                }
+                Some(p) if p.waiting.len() >= MAX_WAITING => {
+                    return Err(StoreError::Unavailable(format!(
+                        "the ledger has {MAX_WAITING} reservations of this policy waiting"
+                    )));
+                }
+                Some(p) => {
+                    p.waiting.push_back(waiter);
+                    // A full batch goes now if a call may still be in flight.
+                    (p.waiting.len() >= MAX_BATCH && p.in_flight < MAX_IN_FLIGHT).then(|| {
+                        p.in_flight += 1;
+                        take(&mut p.waiting)
+                    })
                 }
             }
         };
-        if let Some(waiter) = lead {
-            tokio::spawn(Arc::clone(self).drive(policy.to_owned(), vec![waiter]));
+        if let Some(batch) = start {
+            tokio::spawn(Arc::clone(self).drive(policy.to_owned(), batch));
         }
         // The driving task answers every waiter it takes (a sender dropped unanswered means
-        // that task died: the call's outcome is unknown, refused like a Redis error).
+        // that task ended abnormally: the call's outcome is unknown, refused like a Redis error).
         reply.await.unwrap_or_else(|_| {
             Err(StoreError::Unavailable(
                 "the ledger's call ended without an answer".into(),
@@ -82,70 +114,226 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
         })
     }
 
-    /// Runs `batch`, then what waited for `policy` meanwhile, until nothing waits.
+    /// Runs `batch`, then what waits for `policy`, until nothing does.
     async fn drive(self: Arc<Self>, policy: String, mut batch: Vec<Waiter<Op, Reply>>) {
-        // Should the call panic, the policy is no longer in flight and what waits for it is
-        // refused (its senders dropped), rather than waiting for ever.
-        let _unmark = Unmark {
+        let mut flight = Flight {
             batches: &self,
             policy: &policy,
+            landed: false,
         };
         loop {
             let (ops, answers): (Vec<Op>, Vec<_>) =
                 batch.drain(..).map(|w| (w.op, w.answer)).unzip();
             let count = ops.len();
-            match (self.run)(ops).await {
-                Ok(replies) if replies.len() == count => {
+            let replies = match (self.call)(ops).await {
+                Ok(replies) if replies.len() == count => Ok(replies),
+                Ok(replies) => Err(StoreError::Unavailable(format!(
+                    "{} replies to a call of {count} reservations",
+                    replies.len()
+                ))),
+                Err(e) => Err(e),
+            };
+            match replies {
+                Ok(replies) => {
                     for (answer, reply) in answers.into_iter().zip(replies) {
                         let _ = answer.send(Ok(reply));
                     }
                 }
-                Ok(replies) => {
-                    let e = format!("{} replies to a call of {count}", replies.len());
-                    for answer in answers {
-                        let _ = answer.send(Err(StoreError::Unavailable(e.clone())));
-                    }
-                }
                 Err(e) => {
                     for answer in answers {
-                        let _ = answer.send(Err(match &e {
-                            StoreError::Unavailable(why) => StoreError::Unavailable(why.clone()),
-                            StoreError::Corrupt(id) => StoreError::Corrupt(*id),
-                        }));
+                        let _ = answer.send(Err(e.clone()));
                     }
                 }
             }
-            let mut waiting = self.lock();
-            let Some(queue) = waiting.get_mut(&policy) else {
+            let mut policies = self.lock();
+            let Some(p) = policies.get_mut(&policy) else {
+                // (Only a flight that ended abnormally removes an entry with calls in flight.)
+                flight.landed = true;
                 return;
             };
-            if queue.is_empty() {
-                waiting.remove(&policy);
+            batch = take(&mut p.waiting);
+            if batch.is_empty() {
+                p.in_flight -= 1;
+                if p.in_flight == 0 {
+                    policies.remove(&policy);
+                }
+                flight.landed = true;
                 return;
             }
-            let take = queue.len().min(MAX_BATCH);
-            batch.extend(queue.drain(..take));
         }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Vec<Waiter<Op, Reply>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy<Op, Reply>>> {
         // A panic elsewhere while it was held leaves the map as it was between two statements.
-        self.waiting
+        self.policies
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
-/// Unmarks a policy whose driving task unwinds (see `Batches::drive`).
-struct Unmark<'a, Op: Send + 'static, Reply: Send + 'static> {
-    batches: &'a Batches<Op, Reply>,
-    policy: &'a str,
+/// The next call's waiters: up to MAX_BATCH, skipping those whose client is gone (their
+/// operations are not reserved).
+fn take<Op, Reply>(waiting: &mut VecDeque<Waiter<Op, Reply>>) -> Vec<Waiter<Op, Reply>> {
+    let mut batch = Vec::with_capacity(waiting.len().min(MAX_BATCH));
+    while batch.len() < MAX_BATCH
+        && let Some(w) = waiting.pop_front()
+    {
+        if !w.answer.is_closed() {
+            batch.push(w);
+        }
+    }
+    batch
 }
 
-impl<Op: Send + 'static, Reply: Send + 'static> Drop for Unmark<'_, Op, Reply> {
+/// A call in flight of a driving task: should the task end otherwise than by running out of
+/// waiters (its call panicked, the runtime dropped it), the call no longer counts as in flight,
+/// and when none is left, what waits is refused (its senders dropped) rather than waiting for
+/// ever.
+struct Flight<'a, Op: Send + 'static, Reply: Send + 'static> {
+    batches: &'a Batches<Op, Reply>,
+    policy: &'a str,
+    landed: bool,
+}
+
+impl<Op: Send + 'static, Reply: Send + 'static> Drop for Flight<'_, Op, Reply> {
     fn drop(&mut self) {
-        if std::thread::panicking() {
-            self.batches.lock().remove(self.policy);
+        if self.landed {
+            return;
         }
+        let mut policies = self.batches.lock();
+        if let Some(p) = policies.get_mut(self.policy) {
+            p.in_flight = p.in_flight.saturating_sub(1);
+            if p.in_flight == 0 {
+                policies.remove(self.policy);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::sync::atomic::{AtomicUsize, Ordering};
+
+    use tokio::sync::Semaphore;
+
+    use super::*;
+
+    /// Batches whose calls echo their operations, each call waiting for a permit of `gate`
+    /// (but those of operations from 1000 on);
+    /// `sizes` records each call's size.
+    fn echo(gate: Arc<Semaphore>, sizes: Arc<Mutex<Vec<usize>>>) -> Arc<Batches<u32, u32>> {
+        Batches::new(Arc::new(move |ops: Vec<u32>| {
+            let (gate, sizes) = (gate.clone(), sizes.clone());
+            Box::pin(async move {
+                // (Operations from 1000 on are another policy's, never held.)
+                let _permit = if ops.iter().all(|&op| op >= 1000) {
+                    None
+                } else {
+                    Some(
+                        gate.acquire()
+                            .await
+                            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
+                    )
+                };
+                sizes
+                    .lock()
+                    .unwrap_or_else(std::sync::PoisonError::into_inner)
+                    .push(ops.len());
+                Ok(ops)
+            })
+        }))
+    }
+
+    async fn settle() {
+        for _ in 0..50 {
+            tokio::task::yield_now().await;
+        }
+    }
+
+    #[tokio::test]
+    async fn waiters_go_together_each_with_its_own_reply() -> Result<(), StoreError> {
+        let gate = Arc::new(Semaphore::new(0));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batches = echo(gate.clone(), sizes.clone());
+        let tasks: Vec<_> = (0..40u32)
+            .map(|i| {
+                let b = batches.clone();
+                tokio::spawn(async move { b.submit("p", i).await })
+            })
+            .collect();
+        settle().await;
+        gate.add_permits(1000);
+        for (i, task) in tasks.into_iter().enumerate() {
+            let reply = task
+                .await
+                .map_err(|e| StoreError::Unavailable(e.to_string()))??;
+            assert_eq!(reply as usize, i, "each its own reply");
+        }
+        let mut sizes = sizes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        sizes.sort_unstable();
+        // The first alone; the 16th waiter started a second call; the rest after them.
+        assert_eq!(sizes, vec![1, 7, 16, 16]);
+        assert!(batches.lock().is_empty(), "nothing left in flight");
+        Ok(())
+    }
+
+    #[tokio::test]
+    async fn a_failed_call_fails_each_of_its_reservations_and_no_more() {
+        let calls = Arc::new(AtomicUsize::new(0));
+        let counted = calls.clone();
+        let batches: Arc<Batches<u32, u32>> = Batches::new(Arc::new(move |ops: Vec<u32>| {
+            let n = counted.fetch_add(1, Ordering::SeqCst);
+            Box::pin(async move {
+                match n {
+                    0 => Err(StoreError::Unavailable("down".into())),
+                    1 => Ok(vec![0; ops.len() + 1]),
+                    2 => panic!("a call that panics"),
+                    _ => Ok(ops),
+                }
+            })
+        }));
+        for expected in ["down", "2 replies to a call of 1", "without an answer"] {
+            match batches.submit("p", 1).await {
+                Err(StoreError::Unavailable(why)) => assert!(why.contains(expected), "{why}"),
+                other => panic!("{other:?}"),
+            }
+        }
+        // The policy is not left in flight by the call that panicked.
+        assert_eq!(batches.submit("p", 7).await.ok(), Some(7));
+        assert!(batches.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn what_waits_is_bounded_and_policies_do_not_wait_for_each_other() {
+        let gate = Arc::new(Semaphore::new(0));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batches = echo(gate.clone(), sizes.clone());
+        let total = MAX_IN_FLIGHT * MAX_BATCH + MAX_WAITING + 5;
+        let tasks: Vec<_> = (0..total as u32)
+            .map(|i| {
+                let b = batches.clone();
+                tokio::spawn(async move { b.submit("p", i).await })
+            })
+            .collect();
+        settle().await;
+        // Another policy's call goes while p's are all stuck.
+        let other = batches.clone();
+        let q = tokio::spawn(async move { other.submit("q", 5000).await });
+        assert_eq!(q.await.ok().and_then(Result::ok), Some(5000));
+        gate.add_permits(10_000);
+        let mut refused = 0;
+        for task in tasks {
+            match task.await {
+                Ok(Ok(_)) => {}
+                Ok(Err(StoreError::Unavailable(why))) if why.contains("waiting") => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        // In flight: one call of 1 and three of MAX_BATCH (the 4th full batch found no room);
+        // then MAX_WAITING wait; the rest are refused.
+        assert_eq!(refused, total - (1 + 3 * MAX_BATCH + MAX_WAITING));
     }
 }

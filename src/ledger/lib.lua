@@ -1,7 +1,8 @@
--- Shared by reserve.lua, settle.lua and release.lua: the head of the ledger's library of Redis
--- Functions (ledger::redis::library), run once when the library loads, before the three
--- functions (each script's text the body of one). uint256
--- amounts as decimal strings, key lifetimes, the packed reservation record, and closing one.
+-- The head of the ledger's library of Redis Functions (ledger::redis::library), run once when
+-- the library loads, before the three functions reserve.lua, settle.lua and release.lua (each
+-- script's text the body of one): uint256 amounts as decimal strings, key lifetimes, the
+-- packed reservation record, and closing one, which they share; reserve.lua's formats and
+-- writes, made here so that they are made once.
 --
 -- Token amounts are uint256: they do not fit Redis integers or Lua numbers, so they are kept as
 -- decimal strings without leading zeros ("0" for zero) and added, subtracted and compared here.
@@ -272,8 +273,8 @@ local function has_hash(r, hash)
   return false
 end
 
--- reserve.lua's packed numbers (ARGV[1]: fourteen big-endian u64) and one scope's arguments
--- (ARGV[3]). (Written out: the library's own code runs without Lua's `string` when it loads.)
+-- reserve.lua's packed numbers (an operation's args[1]: fourteen big-endian u64) and one
+-- scope's arguments (its args[3]). (Written out: the library's own code runs without Lua's `string` when it loads.)
 local RESERVE_NUMBERS = '>I8I8I8I8I8I8I8I8I8I8I8I8I8I8'
 local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
 
@@ -332,36 +333,26 @@ local function save_nonce(key, entries)
   redis.call('SET', key, table.concat(parts), 'KEEPTTL')
 end
 
--- A new entry's answer (an entry as the service packs it, see reserve.lua's ARGV[2]): its
--- signature and its userOpHash prefixes.
-local function entry_answer(entry)
-  local _, _, _, _, _, _, sig, n, pos = struct.unpack('>Bc0HBI8I6I4c65B', entry)
-  local hashes = {}
-  for i = 1, n do
-    hashes[i], pos = struct.unpack('>c8', entry, pos)
-  end
-  return sig, hashes
-end
-
--- reserve.lua's writes of a reservation: the nonce's records (`entries`; nil for a nonce whose
--- key is new: its one entry is ARGV[2]), live `nonce_ttl` or longer; its expiry bucket lists
--- it (`bucket`: the bucket's number, false when the nonce is already listed there), the
--- bucket is indexed, all live long enough. A bucket's TTL is the same for every record in it
--- (its end plus grace), so the reservation that creates it sets it and indexes it (and trims
--- the index below `trim_below`); release.lua deletes a bucket and its index entry together,
--- so an existing bucket is always indexed.
-local function schedule(KEYS, ARGV, entries, nonce_ttl, bucket, bucket_ttl, trim_below)
-  if entries then
-    save_nonce(KEYS[1], entries)
-    extend_ttl(KEYS[1], nonce_ttl)
+-- reserve.lua's writes of a reservation (`keys` and `args` an operation's, as reserve.lua
+-- describes them): the nonce's records, `entries` (a nonce whose key is new, `fresh`, has one,
+-- `args[2]`, written as it is), live `nonce_ttl` or longer; its expiry bucket lists it (unless
+-- it is `listed` there already), the bucket is indexed, all live long enough. A bucket's TTL is
+-- the same for every record in it (its end plus grace), so the reservation that creates it sets
+-- it and indexes it (and trims the index below `trim_below`); release.lua deletes a bucket and
+-- its index entry together, so an existing bucket is always indexed.
+local function schedule(keys, args, fresh, entries, nonce_ttl, listed, bucket, bucket_ttl,
+    trim_below)
+  if fresh then
+    redis.call('SET', keys[1], args[2], 'EX', nonce_ttl)
   else
-    redis.call('SET', KEYS[1], ARGV[2], 'EX', nonce_ttl)
+    save_nonce(keys[1], entries)
+    extend_ttl(keys[1], nonce_ttl)
   end
   -- (The nonce's 20-byte id ends its key.)
-  if bucket and redis.call('APPEND', KEYS[3], string.sub(KEYS[1], -20)) == 20 then
-    redis.call('EXPIRE', KEYS[3], bucket_ttl)
-    redis.call('ZADD', KEYS[2], bucket, bucket)
-    redis.call('ZREMRANGEBYSCORE', KEYS[2], '-inf', '(' .. string.format('%d', trim_below))
+  if not listed and redis.call('APPEND', keys[3], string.sub(keys[1], -20)) == 20 then
+    redis.call('EXPIRE', keys[3], bucket_ttl)
+    redis.call('ZADD', keys[2], bucket, bucket)
+    redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', '(' .. string.format('%d', trim_below))
   end
 end
 

@@ -1,9 +1,8 @@
 //! The ledger in Redis: one `FCALL` of `reserve.lua` per sponsorship, or under load one for
-//! several sponsorships of a policy (those that waited for its call in flight, see
-//! `ledger::batch`). The three scripts are one
-//! library of Redis Functions (see `library`), loaded when the service connects and again
-//! whenever a Redis answers that it has no such function (a restart without persistence, a new
-//! Cluster node). Keys, all but the last under the policy's `{policy}` hash tag so one
+//! several sponsorships of a policy (those that waited for its calls in flight, see
+//! `ledger::batch`). The three scripts are one library of Redis Functions (see `library`),
+//! loaded when the service connects and again whenever a Redis answers that it has no such
+//! function (a restart without persistence, a new Cluster node). Keys, all but the last under the policy's `{policy}` hash tag so one
 //! reservation's keys share one Cluster slot:
 //!
 //! | key | type | holds |
@@ -303,35 +302,46 @@ fn fcall(function: &str, keys: &[&[u8]]) -> redis::Cmd {
     cmd
 }
 
+/// `reserve.lua`'s reply for an operation that failed with an error (`FAILED` there).
+const RESERVE_FAILED: i64 = 9;
+
 /// One reservation's part of a call of `reserve.lua`: its keys and its arguments.
 struct ReserveOp {
     keys: Vec<Vec<u8>>,
     args: Vec<Vec<u8>>,
 }
 
+impl ReserveOp {
+    /// The call's frame counts each operation's keys and arguments in a byte.
+    fn new(keys: Vec<Vec<u8>>, args: Vec<Vec<u8>>) -> Result<Self, StoreError> {
+        if keys.len() > 255 || args.len() > 255 {
+            return Err(unavailable("a reservation of over 255 keys or arguments"));
+        }
+        Ok(Self { keys, args })
+    }
+}
+
 /// `FCALL` of `reserve.lua` for `ops` (at most [`MAX_BATCH`]), in turn: their keys, then the
 /// frame (each one's count of keys and of arguments, a byte each), then their arguments.
-fn reserve_call(ops: &[ReserveOp]) -> Result<redis::Cmd, StoreError> {
+fn reserve_call(ops: &[ReserveOp]) -> redis::Cmd {
     debug_assert!(ops.len() <= MAX_BATCH);
-    let mut cmd = redis::cmd("FCALL");
-    cmd.arg(&library().reserve)
-        .arg(ops.iter().map(|op| op.keys.len()).sum::<usize>());
-    let mut frame = Vec::with_capacity(ops.len() * 2);
-    for op in ops {
-        for key in &op.keys {
-            cmd.arg(key.as_slice());
-        }
-        for n in [op.keys.len(), op.args.len()] {
-            frame.push(u8::try_from(n).map_err(|_| unavailable("over 255 keys or arguments"))?);
-        }
-    }
+    let keys: Vec<&[u8]> = ops
+        .iter()
+        .flat_map(|op| op.keys.iter().map(Vec::as_slice))
+        .collect();
+    let mut cmd = fcall(&library().reserve, &keys);
+    // (ReserveOp::new keeps both counts below 256.)
+    let frame: Vec<u8> = ops
+        .iter()
+        .flat_map(|op| [op.keys.len() as u8, op.args.len() as u8])
+        .collect();
     cmd.arg(frame);
     for op in ops {
         for arg in &op.args {
             cmd.arg(arg.as_slice());
         }
     }
-    Ok(cmd)
+    cmd
 }
 
 /// Run a call of the ledger's library; where Redis has no such function (never loaded, lost in
@@ -384,7 +394,7 @@ impl RedisLedger {
             conn,
             batches: Batches::new(Arc::new(move |ops| {
                 let mut conn = calls.clone();
-                Box::pin(async move { call(&mut conn, &reserve_call(&ops)?).await })
+                Box::pin(async move { call(&mut conn, &reserve_call(&ops)).await })
             })),
             legacy_before: u64::MAX,
         }
@@ -508,14 +518,10 @@ impl RedisLedger {
                 t.limit.to_string().into_bytes(),
             ]);
         }
-        // The call's frame counts each operation's keys and arguments in a byte.
-        if keys.len() > 255 || args.len() > 255 {
-            return Err(unavailable("a reservation of over 255 keys or arguments"));
-        }
         // Its own reply, from the call it went in with any others of its policy.
         let reply = self
             .batches
-            .submit(&r.policy, ReserveOp { keys, args })
+            .submit(&r.policy, ReserveOp::new(keys, args)?)
             .await?;
         let reply: Vec<redis::Value> = redis::from_redis_value(reply).map_err(unavailable)?;
         let text = |i: usize| -> Result<String, StoreError> {
@@ -570,9 +576,6 @@ impl RedisLedger {
                 }))
             }
             3 => Ok(Outcome::SessionRevoked),
-            // An error of this operation's (the others of its call went on).
-            9 => Err(unavailable(format!("reserve.lua: {}", text(1)?))),
-            5 => Ok(Outcome::NoncePending),
             4 => {
                 let field = text(1)?;
                 let charge = spend
@@ -587,6 +590,9 @@ impl RedisLedger {
                     requested: amount(4)?,
                 }))
             }
+            5 => Ok(Outcome::NoncePending),
+            // An error of this operation's (the others of its call went on).
+            RESERVE_FAILED => Err(unavailable(format!("reserve.lua: {}", text(1)?))),
             other => Err(unavailable(format!(
                 "unexpected reply {other} from reserve.lua"
             ))),

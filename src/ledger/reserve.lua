@@ -4,24 +4,24 @@
 --
 -- The call's KEYS are each operation's keys in turn, its ARGV[1] frames them: per operation, a
 -- u8 count of its keys and a u8 count of its arguments, which follow ARGV[1] in turn. Returns
--- one reply per operation, in order (below; {9, message} when the operation failed with an
--- error, which leaves the others as they are). An operation's keys and arguments, as `reserve`
--- below takes them:
+-- one reply per operation, in order (below; {FAILED, message} when the operation failed with
+-- an error, which leaves the others as they are). An operation's `keys` and `args`, as
+-- `reserve` below takes them:
 --
--- KEYS[1]   the key of the operation's (EntryPoint, sender, nonce): its reservation records
+-- keys[1]   the key of the operation's (EntryPoint, sender, nonce): its reservation records
 --           (see lib.lua); settlement finds them here
--- KEYS[2]   the policy's expiry index: a sorted set of expiry buckets (10 s of validUntil each)
--- KEYS[3]   the expiry bucket of this signature's validUntil: a string of 20-byte nonce ids
--- KEYS[4]   the session's state (hash: `status`, `spent:<token>` decimal totals), or, without
---           a session, KEYS[1] again (unused)
--- KEYS[5..] per budget scope, the hash its counter is a field of (counter_of in lib.lua: a
+-- keys[2]   the policy's expiry index: a sorted set of expiry buckets (10 s of validUntil each)
+-- keys[3]   the expiry bucket of this signature's validUntil: a string of 20-byte nonce ids
+-- keys[4]   the session's state (hash: `status`, `spent:<token>` decimal totals), or, without
+--           a session, keys[1] again (unused)
+-- keys[5..] per budget scope, the hash its counter is a field of (counter_of in lib.lua: a
 --           sender's window's hash, shared by its senders, or the scope's own): the packed
 --           totals (COUNTER in lib.lua: cost, gwei: open reservations at their worst case
 --           plus settled ones at their actual cost; ops; open, the open part of cost), and
 --           `until`: when the key was last made to expire,
 --           by Redis' clock (TIME + TTL), so that a reservation whose counter already lives long
 --           enough sets no TTL (EXTEND_SLACK in lib.lua)
--- ARGV[1]   14 numbers, each a big-endian u64, in this order (struct.unpack reads them
+-- args[1]   14 numbers, each a big-endian u64, in this order (struct.unpack reads them
 --           without parsing decimals, which cost Lua more than the commands they feed):
 --             check_only    1: check only (ERC-7677 stub), reserve nothing
 --             cost          gwei to reserve (rounded up from wei)
@@ -41,24 +41,25 @@
 --             forget_below  records whose validUntil is below it have outlived their grace and
 --                           are dropped from the nonce's key (as the memory ledger forgets them)
 --             max_open      most open reservations one nonce may have, whatever the session
--- ARGV[2]   the new open record's entry: the operation's idempotency id (20 bytes) and the
+-- args[2]   the new open record's entry: the operation's idempotency id (20 bytes) and the
 --           record, framed as lib.lua's `entry` frames them, packed by the service as
 --           pack_record would pack it. Its signature (65 bytes, with the window the answer a
 --           repeat gets) and its userOpHash prefixes (8 bytes each: one, or on EntryPoint v0.9
---           two, the signature inline or in the suffix) extend a reservation (entry_answer).
---           The nonce's 20-byte id, which the expiry bucket lists, ends KEYS[1].
--- ARGV[3]   per scope (in KEYS order), three big-endian u64: cost limit and ops limit (2^64 - 1:
+--           two, the signature inline or in the suffix) extend a reservation.
+--           The nonce's 20-byte id, which the expiry bucket lists, ends keys[1].
+-- args[3]   per scope (in keys order), three big-endian u64: cost limit and ops limit (2^64 - 1:
 --           none; a counter never reaches it), and the counter's TTL (s); two u8-length-
 --           prefixed strings: the counter's field and the scope's name in records (counter_of
 --           in lib.lua); and a u8, 1 for a sender whose counter a version before 0.3 may have
 --           kept in a key of its own (`sp:{P}:budget:sender:0x…`: read and summed), else 0
--- ARGV[4..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
+-- args[4..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
--- HGET of its status), per scope HMGET and HSET of one field (and EXPIRE when the counter's
--- hash is new or is to live longer: a new sender makes a field, not a key), TIME once, then
--- SET and APPEND (the bucket's TTL and index entry are written by the reservation that
--- creates the bucket, once per 10 s per policy). On a Redis 0.2 served, in a window begun
+-- HGET of its status), per scope HMGET (none for a counter an operation before it in the call
+-- read) and HSET of one field (and EXPIRE when the counter's hash is new or is to live longer:
+-- a new sender makes a field, not a key), TIME once a call, then SET and APPEND (the bucket's
+-- TTL and index entry are written by the reservation that creates the bucket, once per 10 s
+-- per policy). On a Redis 0.2 served, in a window begun
 -- before the first replica of 0.3 ran (or a budget without a period), a sender's counter also
 -- has an HMGET of the key an earlier version kept.
 --
@@ -66,7 +67,7 @@
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
 -- answer is still good (or it landed), and its session (if any) is not revoked: nothing
 -- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the scope's place
--- among KEYS[5..], from 0; the service knows what it asked); {3} when the session is revoked
+-- among keys[5..], from 0; the service knows what it asked); {3} when the session is revoked
 -- (checked before anything else);
 -- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
 -- nonce already has that many open reservations (under the session, or at all). Only {0}
@@ -74,34 +75,42 @@
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
+--
 -- `shared`: what the operations of one call share: `now`, Redis' TIME in seconds once read
--- (extension in lib.lua); `counters[key][field]`, a counter's HMGET reply as the operations
--- before this one left it (they write through: Redis holds the same).
-local function reserve(KEYS, ARGV, shared)
+-- (extension in lib.lua); `counters[key]`, a counter's hash as the operations before this one
+-- read and left it: `until` (its `until`, or nil when it has none) and per field read, `c`
+-- (the packed totals, or nil), and for a scope's own hash the decimal `cost`, `ops` of an
+-- earlier version (which no reservation writes). Each write updates it as soon as Redis
+-- has it, so it is what Redis holds. What an earlier version kept in a sender's own key is
+-- read afresh by each operation (only a sender so flagged reads it).
+-- The reply of an operation that failed with an error (ledger::redis::RESERVE_FAILED).
+local FAILED = 9
+
+local function reserve(keys, args, shared)
   local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
     session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
-    struct.unpack(RESERVE_NUMBERS, ARGV[1])
+    struct.unpack(RESERVE_NUMBERS, args[1])
   check_only = check_only == 1
   -- The operation's idempotency id: the new entry's.
-  local op_id = struct.unpack('>Bc0', ARGV[2])
+  local op_id = struct.unpack('>Bc0', args[2])
   local session = session_flag == 1
   local scopes, at = {}, 1
-  for i = 5, #KEYS do
+  for i = 5, #keys do
     local s, legacy = {}, 0
     s.cost_limit, s.ops_limit, s.ttl, s.field, s.name, legacy, at =
-      struct.unpack(SCOPE_FORMAT, ARGV[3], at)
+      struct.unpack(SCOPE_FORMAT, args[3], at)
     if legacy == 1 then
       -- (`s:0x…` in records: the key was `sender:0x…`.)
-      s.legacy = policy_prefix(KEYS[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
+      s.legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
     end
     scopes[i] = s
   end
-  if at ~= #ARGV[3] + 1 then
-    error('reserve.lua: ' .. #ARGV[3] .. ' bytes of scope arguments for ' .. (#KEYS - 4) .. ' scopes')
+  if at ~= #args[3] + 1 then
+    error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4) .. ' scopes')
   end
   -- Records past their grace are forgotten (any still open was never released: its charge stays,
   -- counted over rather than under), so a nonce's key holds only live ones.
-  local stored = load_nonce(KEYS[1])
+  local stored = load_nonce(keys[1])
   local fresh_key = #stored == 0
   local entries = {}
   for _, e in ipairs(stored) do
@@ -123,7 +132,7 @@ local function reserve(KEYS, ARGV, shared)
   end
   -- A revoked session gets nothing, not even the answer an operation of it was given before
   -- (replicas serve grants from copies that may not show the revocation yet: this is the check).
-  if session and redis.call('HGET', KEYS[4], 'status') == 'revoked' then
+  if session and redis.call('HGET', keys[4], 'status') == 'revoked' then
     return {3}
   end
   if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= refresh
@@ -133,11 +142,11 @@ local function reserve(KEYS, ARGV, shared)
     return {1, string.format('%d', rec.valid_until), string.format('%d', rec.valid_after), rec.sig}
   end
 
-  local session_key = session and KEYS[4] or nil
+  local session_key = session and keys[4] or nil
 
   if rec and rec.state == OPEN then
-    local same_scopes = #rec.scopes == #KEYS - 4
-    for i = 5, #KEYS do
+    local same_scopes = #rec.scopes == #keys - 4
+    for i = 5, #keys do
       same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i].name
     end
     if same_scopes and rec.session == session_key then
@@ -149,35 +158,39 @@ local function reserve(KEYS, ARGV, shared)
       if check_only then
         return {0}
       end
-      local sig, hashes = entry_answer(ARGV[2])
-      for _, h in ipairs(hashes) do
+      -- The fresh answer: the signature and hashes of the new record's entry.
+      local _, body = struct.unpack('>Bc0Hc0', args[2])
+      local fresh = unpack_record(body)
+      for _, h in ipairs(fresh.hashes) do
         rec.hashes[#rec.hashes + 1] = h
       end
       while #rec.hashes > MAX_HASHES do
         table.remove(rec.hashes, 1)
       end
-      rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, sig
+      rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, fresh.sig
       -- Its counters live as long as it now may land (and settle), a counter gone is not
       -- brought back (nothing is charged here).
-      for i = 5, #KEYS do
+      for i = 5, #keys do
         local s = scopes[i]
         -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
-        local c = redis.call('HMGET', KEYS[i], 'until', s.field, 'cost')
+        local c = redis.call('HMGET', keys[i], 'until', s.field, 'cost')
         local noted = nil
         if c[2] or c[3] then
           noted, shared.now = extension(shared.now, false, tonumber(c[1] or '0'), s.ttl)
         end
         if noted then
-          redis.call('HSET', KEYS[i], 'until', noted)
-          redis.call('EXPIRE', KEYS[i], s.ttl, 'GT')
+          redis.call('HSET', keys[i], 'until', noted)
+          if shared.counters[keys[i]] then
+            shared.counters[keys[i]]['until'] = noted
+          end
+          redis.call('EXPIRE', keys[i], s.ttl, 'GT')
         end
         if s.legacy then
           -- What an earlier version counted of the sender, in the key it kept, counts as long.
           redis.call('EXPIRE', s.legacy, s.ttl, 'GT')
         end
       end
-      schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket,
-        bucket_ttl, trim_below)
+      schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
       return {0}
     end
     -- Another budget window or another session than the reservation was made in: it stays as it
@@ -195,7 +208,7 @@ local function reserve(KEYS, ARGV, shared)
   for _, e in ipairs(entries) do
     if e[1] ~= op_id and e[2].state == OPEN then
       open = open + 1
-      if session and e[2].session == KEYS[4] then
+      if session and e[2].session == keys[4] then
         open_mine = open_mine + 1
       end
     end
@@ -207,46 +220,49 @@ local function reserve(KEYS, ARGV, shared)
     return {5, string.format('%d', open_mine)}
   end
 
-  -- Each scope's counter, read into its scope's table (one table a scope per operation), or
-  -- taken from what an operation before it in this call read and wrote (`shared.counters`).
-  for i = 5, #KEYS do
+  -- Each scope's counter, read into its scope's table (one table a scope per operation): as an
+  -- operation before it in this call left it (`shared.counters`), or from Redis.
+  for i = 5, #keys do
     local s = scopes[i]
-    local known = shared.counters[KEYS[i]]
-    if not known then
-      known = {}
-      shared.counters[KEYS[i]] = known
-    end
-    local used = known[s.field]
+    local known = shared.counters[keys[i]]
+    local used = known and known[s.field]
     if not used then
+      local got
       if s.field == COUNTER then
         -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
-        used = redis.call('HMGET', KEYS[i], 'until', COUNTER, 'cost', 'ops', 'open')
+        got = redis.call('HMGET', keys[i], 'until', COUNTER, 'cost', 'ops')
+        used = {c = got[2], cost = got[3], ops = got[4]}
       else
-        -- A sender: its field in the window's hash, plus what an earlier version counted in the
-        -- key it kept (where the service says it may have).
-        used = redis.call('HMGET', KEYS[i], 'until', s.field)
-        if s.legacy then
-          local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops', 'open')
-          used[3], used[4], used[5] = legacy[1], legacy[2], legacy[3]
-          used.legacy_seen = legacy[1] or legacy[2]
-        end
+        -- A sender: its field in the window's hash.
+        got = redis.call('HMGET', keys[i], 'until', s.field)
+        used = {c = got[2]}
       end
+      known = known or {}
+      known['until'] = got[1] and tonumber(got[1])
       known[s.field] = used
+      shared.counters[keys[i]] = known
     end
-    s.used = used
+    s.known, s.used = known, used
+    -- New: a scope's own hash with no totals, a window's hash with no `until`.
     if s.field == COUNTER then
-      s.new = not (used[2] or used[3] or used[4])
+      s.new = not (used.c or used.cost or used.ops)
     else
-      -- (New when the window's hash has no `until`.)
-      s.new = not used[1]
+      s.new = not known['until']
     end
-    local own_cost, own_ops, own_open = counter_unpack(used[2])
+    local old_cost, old_ops = used.cost, used.ops
+    if s.legacy then
+      -- What an earlier version counted of the sender in the key it kept (where the service
+      -- says it may have), read by every operation that may count it.
+      local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops')
+      old_cost, old_ops = legacy[1], legacy[2]
+      -- That key is made to live as long only where it counted something.
+      s.legacy = (old_cost or old_ops) and s.legacy
+    end
+    local own_cost, own_ops, own_open = counter_unpack(used.c)
     s.own_cost, s.own_ops, s.own_open = own_cost, own_ops, own_open
     -- The totals, with the decimal fields of an earlier version.
-    local total_cost, total_ops = plus(own_cost, used[3]), plus(own_ops, used[4])
-    s.noted = tonumber(used[1] or '0') -- `until`: 0 for a counter an earlier version wrote
-    -- The key an earlier version kept is made to live as long only where it counted something.
-    s.legacy = used.legacy_seen and s.legacy
+    local total_cost, total_ops = plus(own_cost, old_cost), plus(own_ops, old_ops)
+    s.noted = known['until'] or 0 -- `until`: 0 for a counter an earlier version wrote
     local cost_limit, ops_limit = s.cost_limit, s.ops_limit
     -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
     -- (none) is never reached.
@@ -262,9 +278,9 @@ local function reserve(KEYS, ARGV, shared)
   end
 
   local totals = {}
-  for t = 4, #ARGV, 3 do
-    local field, amount, limit = ARGV[t], ARGV[t + 1], ARGV[t + 2]
-    local spent = redis.call('HGET', KEYS[4], field) or '0'
+  for t = 4, #args, 3 do
+    local field, amount, limit = args[t], args[t + 1], args[t + 2]
+    local spent = redis.call('HGET', keys[4], field) or '0'
     local total = dec_add(spent, amount)
     if dec_cmp(total, limit) > 0 then
       return {4, field, limit, spent, amount}
@@ -280,24 +296,24 @@ local function reserve(KEYS, ARGV, shared)
   -- window's end is not in its name alone: a policy republished with another period may name
   -- the same counter with a later end), and, in the common case of a counter already living
   -- long enough, gets none (see extension).
-  for i = 5, #KEYS do
+  for i = 5, #keys do
     local c = scopes[i]
     local packed = struct.pack(COUNTER_FORMAT, c.own_cost + cost, c.own_ops + 1, c.own_open + cost)
     local noted
     noted, shared.now = extension(shared.now, c.new, c.noted, c.ttl)
+    -- What the next operation of this call reads, set as soon as Redis holds it.
     if noted then
-      redis.call('HSET', KEYS[i], c.field, packed, 'until', noted)
+      redis.call('HSET', keys[i], c.field, packed, 'until', noted)
+      c.used.c, c.known['until'] = packed, noted
       if c.new then
-        redis.call('EXPIRE', KEYS[i], c.ttl)
+        redis.call('EXPIRE', keys[i], c.ttl)
       else
-        redis.call('EXPIRE', KEYS[i], c.ttl, 'GT')
+        redis.call('EXPIRE', keys[i], c.ttl, 'GT')
       end
-      c.used[1] = noted
     else
-      redis.call('HSET', KEYS[i], c.field, packed)
+      redis.call('HSET', keys[i], c.field, packed)
+      c.used.c = packed
     end
-    -- What the next operation of this call reads (written through: the hash holds it already).
-    c.used[2] = packed
     if c.legacy then
       -- What an earlier version counted of the sender, in the key it kept, counts as long.
       redis.call('EXPIRE', c.legacy, c.ttl, 'GT')
@@ -305,20 +321,19 @@ local function reserve(KEYS, ARGV, shared)
   end
   if session then
     for _, t in ipairs(totals) do
-      redis.call('HSET', KEYS[4], t[1], t[3])
+      redis.call('HSET', keys[4], t[1], t[3])
     end
-    redis.call('EXPIRE', KEYS[4], session_ttl)
+    redis.call('EXPIRE', keys[4], session_ttl)
   end
-  -- The new record's entry is ARGV[2], made by the service; save_nonce writes it as it is.
-  local record = {entry = ARGV[2]}
+  -- The new record's entry is args[2], made by the service; save_nonce writes it as it is.
+  local record = {entry = args[2]}
   if mine then
     -- A released record of this operation (its signature expired unused): replaced.
     entries[mine][2] = record
   else
     entries[#entries + 1] = {op_id, record}
   end
-  schedule(KEYS, ARGV, (not fresh_key) and entries or nil, nonce_ttl, not listed and bucket, bucket_ttl,
-    trim_below)
+  schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
   return {0}
 end
 
@@ -351,7 +366,7 @@ for at = 1, #frame - 1, 2 do
   next_key, next_arg = next_key + key_count, next_arg + arg_count
   local ok, reply = pcall(reserve, keys, args, shared)
   if not ok then
-    reply = {9, type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
+    reply = {FAILED, type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
   end
   replies[#replies + 1] = reply
 end

@@ -39,7 +39,7 @@ fn forgotten(grant: &SessionGrant, now: u64) -> bool {
 }
 
 /// A store failure: the request fails closed (no signature), retryably.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum StoreError {
     /// Redis unreachable, too slow, or answered an error.
     #[error("session store unavailable: {0}")]

@@ -1,4 +1,5 @@
-//! Step 8: the one atomic ledger step (DESIGN §1, §5). In one `FCALL` (or one critical
+//! Step 8: the one atomic ledger step (DESIGN §1, §5). In one `FCALL` (under load shared with
+//! other reservations of the policy, each an atomic step of its own; or one critical
 //! section in memory): the session's status (a revocation that has answered is never followed
 //! by a signature, nor by an answer given before it); the answer already given for the same
 //! operation, if still valid long enough; the worst-case cost in every budget scope; the

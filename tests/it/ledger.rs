@@ -975,7 +975,10 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
     let after = command_calls(&mut stats).await?;
     let calls =
         after.get("fcall").copied().unwrap_or(0) - before.get("fcall").copied().unwrap_or(0);
-    assert!((2..32).contains(&calls), "32 reservations in {calls} calls");
+    // The first alone (no call in flight); the 31 that waited for it, 16 and then 15 (at most
+    // MAX_BATCH a call). The test's runtime has one thread: every task submits before the first
+    // call's task runs.
+    assert_eq!(calls, 3, "32 reservations in {calls} calls");
     // The senders' window hash, new in the first call, got its TTL there.
     let mut c = conn.clone();
     let ttl: i64 = redis::cmd("TTL")
@@ -986,48 +989,150 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
     Ok(())
 }
 
-/// An operation that fails in `reserve.lua` (here the key an earlier version kept its sender's
-/// counter in is of another type) fails alone: the others of its call are reserved, and it
-/// charges nothing.
+/// What one call may hold besides new operations, each as a call of its own would answer it:
+/// the same operation twice (reserved once, then its answer), a stub (checked, nothing
+/// reserved), and two operations of one session whose token cap fits only the first.
+#[tokio::test]
+async fn a_call_of_several_answers_each_as_alone() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, _) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut stats = client.get_multiplexed_async_connection().await?;
+    let before = command_calls(&mut stats).await?;
+    let token = Address::repeat_byte(0x70);
+    let unit = U256::from(10u64).pow(U256::from(18u64));
+    let under = |op: u8| Reservation {
+        session: Some(SessionCharge {
+            id: B256::repeat_byte(0x5e),
+            expires_at: NOW + 7200,
+            spend: vec![TokenCharge {
+                token,
+                amount: unit * U256::from(2u64),
+                limit: unit * U256::from(3u64),
+                rule: "session.permissions.spend[0]".into(),
+            }],
+        }),
+        ..reservation(op, 10, vec![pm(4200)])
+    };
+    // The first goes alone (no call in flight); the others wait for it, and go in one call.
+    let calls = [
+        (reservation(1, 10, vec![pm(4200)]), false),
+        (reservation(2, 10, vec![pm(4200)]), false),
+        (reservation(2, 10, vec![pm(4200)]), false),
+        (reservation(3, 10, vec![pm(4200)]), true),
+        (under(4), false),
+        (under(5), false),
+    ];
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|(r, stub)| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.reserve(&r, stub, NOW).await })
+        })
+        .collect();
+    let mut answers = Vec::new();
+    for task in tasks {
+        answers.push(task.await??);
+    }
+    assert_eq!(
+        answers[..5],
+        vec![
+            Outcome::Reserved,
+            Outcome::Reserved,
+            Outcome::Existing(answer(2, NOW + 600)),
+            Outcome::Reserved,
+            Outcome::Reserved,
+        ]
+    );
+    let Outcome::SpendExceeded(e) = &answers[5] else {
+        return Err(format!("{:?}", answers[5]).into());
+    };
+    assert_eq!(
+        (e.spent, e.requested),
+        (unit * U256::from(2u64), unit * U256::from(2u64))
+    );
+    assert_eq!(
+        ledger.usage("p", "pm").await?,
+        (30, 3),
+        "ops 1, 2 and 4: the repeat and the stub reserved nothing"
+    );
+    let after = command_calls(&mut stats).await?;
+    assert_eq!(
+        after["fcall"] - before.get("fcall").copied().unwrap_or(0),
+        2
+    );
+    Ok(())
+}
+
+/// An operation that fails in `reserve.lua` fails alone, and what it wrote stays written: here
+/// its expiry bucket is a key of another type, so it fails after its counters were charged
+/// (the `APPEND` after them). It is refused (fail closed); its charge stays (counted over,
+/// never under), and the operations after it in its call see it: of nine operations of a
+/// sender allowed six, the first alone and eight in one call, five are reserved, one fails
+/// with its charge kept, three find the budget spent.
 #[tokio::test]
 async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
-    // `new`: every sender's key of an earlier version is read too.
-    let ledger = std::sync::Arc::new(Ledger::Redis(RedisLedger::connect(conn.clone()).await?));
-    let old = std::sync::Arc::new(Ledger::Redis(RedisLedger::new(conn.clone())));
-    let bad = "0x00000000000000000000000000000000000000bb";
-    let good = "0x00000000000000000000000000000000000000aa";
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut stats = client.get_multiplexed_async_connection().await?;
+    let before = command_calls(&mut stats).await?;
+    // The failing operation's answer ends 100 s after the others', in a bucket of its own.
+    let failing = 4;
     let mut c = conn.clone();
-    redis::cmd("SET")
-        .arg(format!("sp:{{p}}:budget:sender:{bad}:20833"))
-        .arg("not a hash")
+    redis::cmd("HSET")
+        .arg(format!("sp:{{p}}:x:{}", (NOW + 700) / 10))
+        .arg("not")
+        .arg("a string")
         .query_async::<()>(&mut c)
         .await?;
-    let sender = |who: &str| scope(&format!("sender:{who}:20833"), None, Some(100));
+    let sender = scope(
+        "sender:0x00000000000000000000000000000000000000aa:20833",
+        None,
+        Some(6),
+    );
     let tasks: Vec<_> = (0..9u8)
         .map(|i| {
-            let ledger = old.clone();
-            let who = if i == 4 { bad } else { good };
-            let r = reservation(i + 1, 5, vec![sender(who), scope("pm", None, None)]);
+            let ledger = ledger.clone();
+            let mut r = reservation(i + 1, 5, vec![sender.clone(), scope("pm", None, None)]);
+            if i == failing {
+                r.answer = answer(i + 1, NOW + 700);
+            }
             tokio::spawn(async move { ledger.reserve(&r, false, NOW).await })
         })
         .collect();
-    let mut reserved = 0;
+    let mut answers = Vec::new();
     for (i, task) in tasks.into_iter().enumerate() {
         match task.await? {
-            Ok(Outcome::Reserved) if i != 4 => reserved += 1,
-            Err(e) if i == 4 => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
+            Err(e) if i == usize::from(failing) => {
+                assert!(e.to_string().contains("WRONGTYPE"), "{e}");
+                answers.push("failed");
+            }
+            Ok(Outcome::Reserved) => answers.push("reserved"),
+            Ok(Outcome::Exhausted(e)) if e.used == 6 => answers.push("spent"),
             other => return Err(format!("op {i}: {other:?}").into()),
         }
     }
-    assert_eq!(reserved, 8);
-    assert_eq!(ledger.usage("p", &sender(good).name).await?, (40, 8));
     assert_eq!(
-        ledger.usage("p", "pm").await?,
-        (40, 8),
-        "the failed one charged nothing"
+        answers,
+        [
+            "reserved", "reserved", "reserved", "reserved", "failed", "reserved", "spent", "spent",
+            "spent"
+        ]
+    );
+    assert_eq!(
+        ledger.usage("p", &sender.name).await?,
+        (30, 6),
+        "the failed one's charge kept"
+    );
+    assert_eq!(ledger.usage("p", "pm").await?, (30, 6));
+    let after = command_calls(&mut stats).await?;
+    // The first alone (no call in flight), the eight that waited for it in one.
+    assert_eq!(
+        after["fcall"] - before.get("fcall").copied().unwrap_or(0),
+        2
     );
     Ok(())
 }
