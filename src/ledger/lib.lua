@@ -274,7 +274,8 @@ local function has_hash(r, hash)
 end
 
 -- reserve.lua's packed numbers (an operation's args[1]: fourteen big-endian u64) and one
--- scope's arguments (its args[3]). (Written out: the library's own code runs without Lua's `string` when it loads.)
+-- scope's arguments (its args[3]). (Written out: the library's own code runs without Lua's
+-- `string` when it loads.)
 local RESERVE_NUMBERS = '>I8I8I8I8I8I8I8I8I8I8I8I8I8I8'
 local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
 

@@ -106,7 +106,8 @@ local function reserve(keys, args, shared)
     scopes[i] = s
   end
   if at ~= #args[3] + 1 then
-    error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4) .. ' scopes')
+    error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4)
+      .. ' scopes')
   end
   -- Records past their grace are forgotten (any still open was never released: its charge stays,
   -- counted over rather than under), so a nonce's key holds only live ones.
@@ -339,8 +340,9 @@ end
 
 -- The operations of the call in turn, each in a protected call: an error (a script error, a
 -- command Redis refused) fails that operation alone, with what it wrote before it kept (as a
--- call of its own would), and is answered {9, message}. What each operation reads of a counter
--- is what the operations before it wrote (`shared.counters`, kept by the function above).
+-- call of its own would), and is answered {FAILED, message}. What each operation reads of a
+-- counter is what the operations before it wrote (`shared.counters`, kept by the function
+-- above).
 local frame, replies = ARGV[1], {}
 -- The frame first: a call whose keys and arguments it does not add up to runs nothing.
 local key_total, arg_total = 0, 0
