@@ -152,6 +152,9 @@ struct Load {
     /// Reads redis-server made off its sockets (`total_reads_processed`): below one per request
     /// when the service's commands reach it several to a read (pipelined on its connection).
     redis_reads: u64,
+    /// `FCALL`s redis-server ran (`INFO commandstats`): the ledger's calls, several
+    /// sponsorships of a policy to a call under load (`ledger::batch`).
+    redis_fcalls: u64,
     /// F measured just before and just after this load (their mean): the ratios of this row
     /// are to it, so that the machine's speed drifting over a run moves both sides alike.
     floor: Duration,
@@ -167,6 +170,13 @@ impl Load {
     fn reads_per_request(&self) -> f64 {
         (self.redis_reads as f64 / self.requests.max(1) as f64 * 100.0).round() / 100.0
     }
+    /// Requests per `FCALL` (0 without one).
+    fn requests_per_fcall(&self) -> f64 {
+        if self.redis_fcalls == 0 {
+            return 0.0;
+        }
+        (self.requests as f64 / self.redis_fcalls as f64 * 10.0).round() / 10.0
+    }
     fn json(&self, evalsha: Duration) -> Value {
         let floor = self.floor;
         let us = |d: Duration| (d.as_secs_f64() * 1e7).round() / 10.0;
@@ -180,6 +190,7 @@ impl Load {
             "redis_cpu_x_evalsha": ratio(self.per_request(self.redis_cpu), evalsha),
             "redis_bytes_per_request": self.redis_bytes / i64::try_from(self.requests.max(1)).unwrap_or(1),
             "redis_reads_per_request": self.reads_per_request(),
+            "requests_per_fcall": self.requests_per_fcall(),
             "generator_cpu_us": us(self.per_request(self.generator_cpu)),
             "floor_k256_us": us(floor),
         })
@@ -249,6 +260,20 @@ impl Redis {
 
     fn used_memory(&self) -> Result<i64, Error> {
         self.info_field("memory", "used_memory")
+    }
+
+    fn fcalls(&self) -> Result<u64, Error> {
+        let stats = self.cli(&["INFO", "commandstats"])?;
+        Ok(stats
+            .lines()
+            .find_map(|l| {
+                l.strip_prefix("cmdstat_fcall:calls=")?
+                    .split(',')
+                    .next()?
+                    .parse()
+                    .ok()
+            })
+            .unwrap_or(0))
     }
 
     fn reads(&self) -> Result<u64, Error> {
@@ -828,9 +853,9 @@ fn measured(
 ) -> Result<Load, Error> {
     bracketed(|| {
         let svc0 = service.proc.cpu()?;
-        let (r0, m0, reads0) = match redis {
-            Some(r) => (r.cpu()?, r.used_memory()?, r.reads()?),
-            None => (Duration::ZERO, 0, 0),
+        let (r0, m0, reads0, fcalls0) = match redis {
+            Some(r) => (r.cpu()?, r.used_memory()?, r.reads()?, r.fcalls()?),
+            None => (Duration::ZERO, 0, 0, 0),
         };
         let mut load = load()?;
         load.service_cpu = service.proc.cpu()? - svc0;
@@ -841,6 +866,7 @@ fn measured(
                 .reads()?
                 .checked_sub(reads0)
                 .ok_or("redis-server's read count went back during a load (restarted?)")?;
+            load.redis_fcalls = r.fcalls()?.saturating_sub(fcalls0);
         }
         Ok(load)
     })
@@ -918,15 +944,16 @@ fn row(name: &str, l: &Load, evalsha: Duration) {
     // Without Redis (the embedded default) its columns are blank.
     let redis = if l.redis_cpu > Duration::ZERO || l.redis_bytes != 0 {
         format!(
-            "redis {:>5.1}us = {:>4.2}x F = {:>4.1}x EVALSHA  {:>5} B/op {:>4.2} reads/op",
+            "redis {:>5.1}us = {:>4.2}x F = {:>4.1}x EVALSHA  {:>5} B/op {:>4.2} reads/op {:>4.1} op/FCALL",
             us(l.redis_cpu),
             ratio(per(l.redis_cpu), floor),
             ratio(per(l.redis_cpu), evalsha),
             l.redis_bytes / i64::try_from(l.requests.max(1)).unwrap_or(1),
             l.reads_per_request(),
+            l.requests_per_fcall(),
         )
     } else {
-        format!("{:<65}", "redis -")
+        format!("{:<78}", "redis -")
     };
     let generator = if l.generator_cpu > Duration::ZERO {
         format!("  (generator {:.1}us)", us(l.generator_cpu))
