@@ -87,12 +87,16 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
                     );
                     Some(vec![waiter])
                 }
-                Some(p) if p.waiting.len() >= MAX_WAITING => {
-                    return Err(StoreError::Unavailable(format!(
-                        "the ledger has {MAX_WAITING} reservations of this policy waiting"
-                    )));
-                }
                 Some(p) => {
+                    if p.waiting.len() >= MAX_WAITING {
+                        // Those whose clients hung up hold no place.
+                        p.waiting.retain(|w| !w.answer.is_closed());
+                        if p.waiting.len() >= MAX_WAITING {
+                            return Err(StoreError::Unavailable(format!(
+                                "the ledger has {MAX_WAITING} reservations of this policy waiting"
+                            )));
+                        }
+                    }
                     p.waiting.push_back(waiter);
                     // A full batch goes now if a call may still be in flight.
                     (p.waiting.len() >= MAX_BATCH && p.in_flight < MAX_IN_FLIGHT).then(|| {
@@ -103,7 +107,13 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
             }
         };
         if let Some(batch) = start {
-            tokio::spawn(Arc::clone(self).drive(policy.to_owned(), batch));
+            // Counted in flight above: from here the flight ends only through its guard.
+            let flight = Flight {
+                batches: Arc::clone(self),
+                policy: policy.to_owned(),
+                landed: false,
+            };
+            tokio::spawn(flight.drive(batch));
         }
         // The driving task answers every waiter it takes (a sender dropped unanswered means
         // that task ended abnormally: the call's outcome is unknown, refused like a Redis error).
@@ -114,18 +124,23 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
         })
     }
 
-    /// Runs `batch`, then what waits for `policy`, until nothing does.
-    async fn drive(self: Arc<Self>, policy: String, mut batch: Vec<Waiter<Op, Reply>>) {
-        let mut flight = Flight {
-            batches: &self,
-            policy: &policy,
-            landed: false,
-        };
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy<Op, Reply>>> {
+        // A panic elsewhere while it was held leaves the map as it was between two statements.
+        self.policies
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+    }
+}
+
+impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
+    /// Runs `batch`, then what waits for the policy, until nothing does.
+    async fn drive(mut self, mut batch: Vec<Waiter<Op, Reply>>) {
+        let batches = Arc::clone(&self.batches);
         loop {
             let (ops, answers): (Vec<Op>, Vec<_>) =
                 batch.drain(..).map(|w| (w.op, w.answer)).unzip();
             let count = ops.len();
-            let replies = match (self.call)(ops).await {
+            let replies = match (batches.call)(ops).await {
                 Ok(replies) if replies.len() == count => Ok(replies),
                 Ok(replies) => Err(StoreError::Unavailable(format!(
                     "{} replies to a call of {count} reservations",
@@ -145,29 +160,22 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
                     }
                 }
             }
-            let mut policies = self.lock();
-            let Some(p) = policies.get_mut(&policy) else {
+            let mut policies = batches.lock();
+            let Some(p) = policies.get_mut(&self.policy) else {
                 // (Only a flight that ended abnormally removes an entry with calls in flight.)
-                flight.landed = true;
+                self.landed = true;
                 return;
             };
             batch = take(&mut p.waiting);
             if batch.is_empty() {
                 p.in_flight -= 1;
                 if p.in_flight == 0 {
-                    policies.remove(&policy);
+                    policies.remove(&self.policy);
                 }
-                flight.landed = true;
+                self.landed = true;
                 return;
             }
         }
-    }
-
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, Policy<Op, Reply>>> {
-        // A panic elsewhere while it was held leaves the map as it was between two statements.
-        self.policies
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 }
 
@@ -185,26 +193,26 @@ fn take<Op, Reply>(waiting: &mut VecDeque<Waiter<Op, Reply>>) -> Vec<Waiter<Op, 
     batch
 }
 
-/// A call in flight of a driving task: should the task end otherwise than by running out of
-/// waiters (its call panicked, the runtime dropped it), the call no longer counts as in flight,
-/// and when none is left, what waits is refused (its senders dropped) rather than waiting for
-/// ever.
-struct Flight<'a, Op: Send + 'static, Reply: Send + 'static> {
-    batches: &'a Batches<Op, Reply>,
-    policy: &'a str,
+/// A call of a policy's in flight, counted when it starts (under the lock), and its driving
+/// task: should the task end otherwise than by running out of waiters (its call panicked, the
+/// runtime dropped it, even before it first ran), the call no longer counts as in flight, and
+/// when none is left, what waits is refused (its senders dropped) rather than waiting for ever.
+struct Flight<Op: Send + 'static, Reply: Send + 'static> {
+    batches: Arc<Batches<Op, Reply>>,
+    policy: String,
     landed: bool,
 }
 
-impl<Op: Send + 'static, Reply: Send + 'static> Drop for Flight<'_, Op, Reply> {
+impl<Op: Send + 'static, Reply: Send + 'static> Drop for Flight<Op, Reply> {
     fn drop(&mut self) {
         if self.landed {
             return;
         }
         let mut policies = self.batches.lock();
-        if let Some(p) = policies.get_mut(self.policy) {
+        if let Some(p) = policies.get_mut(&self.policy) {
             p.in_flight = p.in_flight.saturating_sub(1);
             if p.in_flight == 0 {
-                policies.remove(self.policy);
+                policies.remove(&self.policy);
             }
         }
     }
@@ -304,6 +312,46 @@ mod tests {
         // The policy is not left in flight by the call that panicked.
         assert_eq!(batches.submit("p", 7).await.ok(), Some(7));
         assert!(batches.lock().is_empty());
+    }
+
+    #[tokio::test]
+    async fn waiters_whose_clients_hung_up_hold_no_place_and_are_not_called() {
+        let gate = Arc::new(Semaphore::new(0));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batches = echo(gate.clone(), sizes.clone());
+        // Every call in flight, MAX_WAITING waiting.
+        let in_flight = 1 + (MAX_IN_FLIGHT - 1) * MAX_BATCH;
+        let tasks: Vec<_> = (0..(in_flight + MAX_WAITING) as u32)
+            .map(|i| {
+                let b = batches.clone();
+                tokio::spawn(async move { b.submit("p", i).await })
+            })
+            .collect();
+        settle().await;
+        // The waiting ones' clients hang up.
+        for task in &tasks[in_flight..] {
+            task.abort();
+        }
+        settle().await;
+        let b = batches.clone();
+        let late = tokio::spawn(async move { b.submit("p", 777).await });
+        settle().await;
+        gate.add_permits(10_000);
+        assert_eq!(
+            late.await.ok().and_then(Result::ok),
+            Some(777),
+            "not refused"
+        );
+        for task in tasks.into_iter().take(in_flight) {
+            assert!(matches!(task.await, Ok(Ok(_))));
+        }
+        // The calls: those in flight, then the late one alone.
+        let called: usize = sizes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .iter()
+            .sum();
+        assert_eq!(called, in_flight + 1);
     }
 
     #[tokio::test]

@@ -343,17 +343,19 @@ end
 -- its index entry together, so an existing bucket is always indexed.
 local function schedule(keys, args, fresh, entries, nonce_ttl, listed, bucket, bucket_ttl,
     trim_below)
-  if fresh then
-    redis.call('SET', keys[1], args[2], 'EX', nonce_ttl)
-  else
-    save_nonce(keys[1], entries)
-    extend_ttl(keys[1], nonce_ttl)
-  end
+  -- Listed first: a failure between leaves a bucket naming a nonce with no record of it (the
+  -- release finds nothing), never a record no bucket lists (never released: counted over).
   -- (The nonce's 20-byte id ends its key.)
   if not listed and redis.call('APPEND', keys[3], string.sub(keys[1], -20)) == 20 then
     redis.call('EXPIRE', keys[3], bucket_ttl)
     redis.call('ZADD', keys[2], bucket, bucket)
     redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', '(' .. string.format('%d', trim_below))
+  end
+  if fresh then
+    redis.call('SET', keys[1], args[2], 'EX', nonce_ttl)
+  else
+    save_nonce(keys[1], entries)
+    extend_ttl(keys[1], nonce_ttl)
   end
 end
 

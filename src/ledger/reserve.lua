@@ -57,7 +57,7 @@
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
 -- HGET of its status), per scope HMGET (none for a counter an operation before it in the call
 -- read) and HSET of one field (and EXPIRE when the counter's hash is new or is to live longer:
--- a new sender makes a field, not a key), TIME once a call, then SET and APPEND (the bucket's
+-- a new sender makes a field, not a key), TIME once a call, then APPEND and SET (the bucket's
 -- TTL and index entry are written by the reservation that creates the bucket, once per 10 s
 -- per policy). On a Redis 0.2 served, in a window begun
 -- before the first replica of 0.3 ran (or a budget without a period), a sender's counter also

@@ -1067,8 +1067,8 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
 
 /// An operation that fails in `reserve.lua` fails alone, and what it wrote stays written: here
 /// its expiry bucket is a key of another type, so it fails after its counters were charged
-/// (the `APPEND` after them). It is refused (fail closed); its charge stays (counted over,
-/// never under), and the operations after it in its call see it: of nine operations of a
+/// (the `APPEND` after them), before its record. It is refused (fail closed); its charge stays
+/// (counted over, never under), and the operations after it in its call see it: of nine operations of a
 /// sender allowed six, the first alone and eight in one call, five are reserved, one fails
 /// with its charge kept, three find the budget spent.
 #[tokio::test]
