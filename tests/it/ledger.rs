@@ -936,6 +936,38 @@ async fn command_calls(
         .collect())
 }
 
+/// How many `FCALL`s Redis has run.
+async fn fcalls(redis: &TestRedis) -> TestResult<u64> {
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    Ok(command_calls(&mut conn)
+        .await?
+        .get("fcall")
+        .copied()
+        .unwrap_or(0))
+}
+
+/// The reservations (each `(reservation, check only)`) made at once, each in a task of its own
+/// (on the test's one thread, all submit before the first call's task runs), and their
+/// outcomes in order.
+async fn reserve_at_once(
+    ledger: &std::sync::Arc<Ledger>,
+    calls: Vec<(Reservation, bool)>,
+) -> TestResult<Vec<Result<Outcome, session_paymaster::session::StoreError>>> {
+    let tasks: Vec<_> = calls
+        .into_iter()
+        .map(|(r, check_only)| {
+            let ledger = ledger.clone();
+            tokio::spawn(async move { ledger.reserve(&r, check_only, NOW).await })
+        })
+        .collect();
+    let mut out = Vec::new();
+    for task in tasks {
+        out.push(task.await?);
+    }
+    Ok(out)
+}
+
 /// Reservations of one policy made at once go to Redis together, several to a call
 /// (`ledger::batch`), and each is counted as a call of its own would count it: 32 at once, of
 /// four senders with three operations each, reserve exactly three of each, with the
@@ -945,20 +977,17 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
     let redis = TestRedis::start().await?;
     let (ledger, conn) = redis_ledger(&redis).await?;
     let ledger = std::sync::Arc::new(ledger);
-    let client = redis::Client::open(redis.url.as_str())?;
-    let mut stats = client.get_multiplexed_async_connection().await?;
-    let before = command_calls(&mut stats).await?;
+    let before = fcalls(&redis).await?;
     let sender = |i: u8| scope(&format!("sender:0x{:040x}:20833", i % 4), None, Some(3));
-    let tasks: Vec<_> = (0..32u8)
+    let calls = (0..32u8)
         .map(|i| {
-            let ledger = ledger.clone();
             let r = reservation(i + 1, 7, vec![sender(i), scope("pm", Some(1000), None)]);
-            tokio::spawn(async move { ledger.reserve(&r, false, NOW).await })
+            (r, false)
         })
         .collect();
     let mut reserved = 0;
-    for task in tasks {
-        match task.await?? {
+    for outcome in reserve_at_once(&ledger, calls).await? {
+        match outcome? {
             Outcome::Reserved => reserved += 1,
             Outcome::Exhausted(e) => {
                 assert_eq!((e.resource, e.limit, e.used), (Resource::Ops, 3, 3));
@@ -972,12 +1001,9 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (21, 3));
     }
     assert_eq!(ledger.usage("p", "pm").await?, (84, 12));
-    let after = command_calls(&mut stats).await?;
-    let calls =
-        after.get("fcall").copied().unwrap_or(0) - before.get("fcall").copied().unwrap_or(0);
     // The first alone (no call in flight); the 31 that waited for it, 16 and then 15 (at most
-    // MAX_BATCH a call). The test's runtime has one thread: every task submits before the first
-    // call's task runs.
+    // MAX_BATCH a call).
+    let calls = fcalls(&redis).await? - before;
     assert_eq!(calls, 3, "32 reservations in {calls} calls");
     // The senders' window hash, new in the first call, got its TTL there.
     let mut c = conn.clone();
@@ -997,9 +1023,7 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
     let redis = TestRedis::start().await?;
     let (ledger, _) = redis_ledger(&redis).await?;
     let ledger = std::sync::Arc::new(ledger);
-    let client = redis::Client::open(redis.url.as_str())?;
-    let mut stats = client.get_multiplexed_async_connection().await?;
-    let before = command_calls(&mut stats).await?;
+    let before = fcalls(&redis).await?;
     let token = Address::repeat_byte(0x70);
     let unit = U256::from(10u64).pow(U256::from(18u64));
     let under = |op: u8| Reservation {
@@ -1016,7 +1040,7 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         ..reservation(op, 10, vec![pm(4200)])
     };
     // The first goes alone (no call in flight); the others wait for it, and go in one call.
-    let calls = [
+    let calls = vec![
         (reservation(1, 10, vec![pm(4200)]), false),
         (reservation(2, 10, vec![pm(4200)]), false),
         (reservation(2, 10, vec![pm(4200)]), false),
@@ -1024,17 +1048,10 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         (under(4), false),
         (under(5), false),
     ];
-    let tasks: Vec<_> = calls
+    let answers = reserve_at_once(&ledger, calls)
+        .await?
         .into_iter()
-        .map(|(r, stub)| {
-            let ledger = ledger.clone();
-            tokio::spawn(async move { ledger.reserve(&r, stub, NOW).await })
-        })
-        .collect();
-    let mut answers = Vec::new();
-    for task in tasks {
-        answers.push(task.await??);
-    }
+        .collect::<Result<Vec<_>, _>>()?;
     assert_eq!(
         answers[..5],
         vec![
@@ -1057,11 +1074,7 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         (30, 3),
         "ops 1, 2 and 4: the repeat and the stub reserved nothing"
     );
-    let after = command_calls(&mut stats).await?;
-    assert_eq!(
-        after["fcall"] - before.get("fcall").copied().unwrap_or(0),
-        2
-    );
+    assert_eq!(fcalls(&redis).await? - before, 2);
     Ok(())
 }
 
@@ -1076,9 +1089,7 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
     let redis = TestRedis::start().await?;
     let (ledger, conn) = redis_ledger(&redis).await?;
     let ledger = std::sync::Arc::new(ledger);
-    let client = redis::Client::open(redis.url.as_str())?;
-    let mut stats = client.get_multiplexed_async_connection().await?;
-    let before = command_calls(&mut stats).await?;
+    let before = fcalls(&redis).await?;
     // The failing operation's answer ends 100 s after the others', in a bucket of its own.
     let failing = 4;
     let mut c = conn.clone();
@@ -1093,19 +1104,22 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
         None,
         Some(6),
     );
-    let tasks: Vec<_> = (0..9u8)
+    let calls = (0..9u8)
         .map(|i| {
-            let ledger = ledger.clone();
             let mut r = reservation(i + 1, 5, vec![sender.clone(), scope("pm", None, None)]);
             if i == failing {
                 r.answer = answer(i + 1, NOW + 700);
             }
-            tokio::spawn(async move { ledger.reserve(&r, false, NOW).await })
+            (r, false)
         })
         .collect();
     let mut answers = Vec::new();
-    for (i, task) in tasks.into_iter().enumerate() {
-        match task.await? {
+    for (i, outcome) in reserve_at_once(&ledger, calls)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        match outcome {
             Err(e) if i == usize::from(failing) => {
                 assert!(e.to_string().contains("WRONGTYPE"), "{e}");
                 answers.push("failed");
@@ -1128,12 +1142,8 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
         "the failed one's charge kept"
     );
     assert_eq!(ledger.usage("p", "pm").await?, (30, 6));
-    let after = command_calls(&mut stats).await?;
     // The first alone (no call in flight), the eight that waited for it in one.
-    assert_eq!(
-        after["fcall"] - before.get("fcall").copied().unwrap_or(0),
-        2
-    );
+    assert_eq!(fcalls(&redis).await? - before, 2);
     Ok(())
 }
 
