@@ -239,7 +239,7 @@ CUTS = [
     ('open reservations counted', "-- Each scope's counter, read into"),
     ('counters read and checked (HMGET, unpack)', 'local totals = {}'),
     ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session then\n    for _, t in ipairs(totals)'),
-    ('the record written (SET, APPEND): the whole script', None),
+    ('the record written (APPEND, SET): the whole script', None),
 ]
 
 

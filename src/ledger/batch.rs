@@ -162,7 +162,7 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
             }
             let mut policies = batches.lock();
             let Some(p) = policies.get_mut(&self.policy) else {
-                // (Only a flight that ended abnormally removes an entry with calls in flight.)
+                // (Defensive: while this flight is counted, no one removes its policy's entry.)
                 self.landed = true;
                 return;
             };
@@ -282,7 +282,8 @@ mod tests {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         sizes.sort_unstable();
-        // The first alone; the 16th waiter started a second call; the rest after them.
+        // The first alone; the 16th and the 32nd waiter each started a call of 16; the last 7
+        // went when the first call landed.
         assert_eq!(sizes, vec![1, 7, 16, 16]);
         assert!(batches.lock().is_empty(), "nothing left in flight");
         Ok(())

@@ -2,8 +2,8 @@
 //! several sponsorships of a policy (those that waited for its calls in flight, see
 //! `ledger::batch`). The three scripts are one library of Redis Functions (see `library`),
 //! loaded when the service connects and again whenever a Redis answers that it has no such
-//! function (a restart without persistence, a new Cluster node). Keys, all but the last under the policy's `{policy}` hash tag so one
-//! reservation's keys share one Cluster slot:
+//! function (a restart without persistence, a new Cluster node). Keys, all but the last under
+//! the policy's `{policy}` hash tag so one reservation's keys share one Cluster slot:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -456,7 +456,7 @@ impl RedisLedger {
             .iter()
             .map(|s| counter_slot(&r.policy, &s.name))
             .collect();
-        // ARGV[3], per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
+        // An operation's args[3] (see reserve.lua), per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
         // and the scope's name in records (u8-length-prefixed), and 1 if the key an earlier
         // version kept a sender's counter in is to be read too.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
@@ -488,10 +488,10 @@ impl RedisLedger {
             .as_ref()
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
-        // ARGV[2]: the new record's whole entry in the nonce's key (its id, signature and
+        // Its args[2]: the new record's whole entry in the nonce's key (its id, signature and
         // hashes, which reserve.lua reads from it).
         let entry = pack_entry(r, &slots)?;
-        // reserve.lua's ARGV[1], in its order: big-endian u64s that Lua unpacks without parsing.
+        // Its args[1], in reserve.lua's order: big-endian u64s that Lua unpacks without parsing.
         let numbers: [u64; 14] = [
             u64::from(check_only),
             r.cost_gwei,

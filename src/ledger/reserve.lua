@@ -75,7 +75,10 @@
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
---
+
+-- The reply of an operation that failed with an error (ledger::redis::RESERVE_FAILED).
+local FAILED = 9
+
 -- `shared`: what the operations of one call share: `now`, Redis' TIME in seconds once read
 -- (extension in lib.lua); `counters[key]`, a counter's hash as the operations before this one
 -- read and left it: `until` (its `until`, or nil when it has none) and per field read, `c`
@@ -83,9 +86,6 @@
 -- earlier version (which no reservation writes). Each write updates it as soon as Redis
 -- has it, so it is what Redis holds. What an earlier version kept in a sender's own key is
 -- read afresh by each operation (only a sender so flagged reads it).
--- The reply of an operation that failed with an error (ledger::redis::RESERVE_FAILED).
-local FAILED = 9
-
 local function reserve(keys, args, shared)
   local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
     session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =

@@ -970,7 +970,7 @@ async fn reserve_at_once(
 
 /// Reservations of one policy made at once go to Redis together, several to a call
 /// (`ledger::batch`), and each is counted as a call of its own would count it: 32 at once, of
-/// four senders with three operations each, reserve exactly three of each, with the
+/// four senders allowed three operations each, reserve exactly three of each, with the
 /// counters each read after the operations before it in its call wrote them.
 #[tokio::test]
 async fn reservations_made_together_share_calls_and_count_exactly() -> TestResult {
@@ -1001,8 +1001,8 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (21, 3));
     }
     assert_eq!(ledger.usage("p", "pm").await?, (84, 12));
-    // The first alone (no call in flight); the 31 that waited for it, 16 and then 15 (at most
-    // MAX_BATCH a call).
+    // The first alone (no call in flight); of the 31 that waited for it, 16 as a full batch
+    // while it was in flight (at most MAX_BATCH a call), then the 15 left.
     let calls = fcalls(&redis).await? - before;
     assert_eq!(calls, 3, "32 reservations in {calls} calls");
     // The senders' window hash, new in the first call, got its TTL there.
