@@ -96,9 +96,13 @@ local function reserve(keys, args, shared)
   local session = session_flag == 1
   local scopes, at = {}, 1
   for i = 5, #keys do
-    local s, legacy = {}, 0
-    s.cost_limit, s.ops_limit, s.ttl, s.field, s.name, legacy, at =
-      struct.unpack(SCOPE_FORMAT, args[3], at)
+    local cost_limit, ops_limit, ttl, field, name, legacy
+    cost_limit, ops_limit, ttl, field, name, legacy, at = struct.unpack(SCOPE_FORMAT, args[3], at)
+    -- Every field the steps below set, in the constructor: the table is made at its size once,
+    -- not grown (and rehashed) field by field.
+    local s = {cost_limit = cost_limit, ops_limit = ops_limit, ttl = ttl, field = field,
+      name = name, legacy = false, known = false, used = false, new = false, own_cost = 0,
+      own_ops = 0, own_open = 0, noted = 0}
     if legacy == 1 then
       -- (`s:0x…` in records: the key was `sender:0x…`.)
       s.legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
@@ -238,7 +242,7 @@ local function reserve(keys, args, shared)
         got = redis.call('HMGET', keys[i], 'until', s.field)
         used = {c = got[2]}
       end
-      known = known or {}
+      known = known or {['until'] = false}
       known['until'] = got[1] and tonumber(got[1])
       known[s.field] = used
       shared.counters[keys[i]] = known
@@ -326,13 +330,16 @@ local function reserve(keys, args, shared)
     end
     redis.call('EXPIRE', keys[4], session_ttl)
   end
-  -- The new record's entry is args[2], made by the service; save_nonce writes it as it is.
-  local record = {entry = args[2]}
-  if mine then
-    -- A released record of this operation (its signature expired unused): replaced.
-    entries[mine][2] = record
-  else
-    entries[#entries + 1] = {op_id, record}
+  -- The new record's entry is args[2], made by the service; save_nonce writes it as it is (and
+  -- a nonce's new key is it alone).
+  if not fresh_key then
+    local record = {entry = args[2]}
+    if mine then
+      -- A released record of this operation (its signature expired unused): replaced.
+      entries[mine][2] = record
+    else
+      entries[#entries + 1] = {op_id, record}
+    end
   end
   schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
   return {0}
@@ -358,13 +365,9 @@ local shared = {now = nil, counters = {}}
 local next_key, next_arg = 1, 2
 for at = 1, #frame - 1, 2 do
   local key_count, arg_count = string.byte(frame, at, at + 1)
-  local keys, args = {}, {}
-  for i = 1, key_count do
-    keys[i] = KEYS[next_key + i - 1]
-  end
-  for i = 1, arg_count do
-    args[i] = ARGV[next_arg + i - 1]
-  end
+  -- (A table made from a list of values is made at its size once.)
+  local keys = {unpack(KEYS, next_key, next_key + key_count - 1)}
+  local args = {unpack(ARGV, next_arg, next_arg + arg_count - 1)}
   next_key, next_arg = next_key + key_count, next_arg + arg_count
   local ok, reply = pcall(reserve, keys, args, shared)
   if not ok then
