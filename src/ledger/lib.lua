@@ -279,6 +279,10 @@ end
 local RESERVE_NUMBERS = '>I8I8I8I8I8I8I8I8I8I8I8I8I8I8'
 local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
 
+-- reserve.lua's reply for an operation reserved (or, checked only, that would fit): one table
+-- for every such reply (Redis only reads it).
+local RESERVED = {0}
+
 -- A counter is made to live longer only when that gains more than this many seconds: the
 -- TTLs the service sends for one end differ by a second from one call to the next, and some
 -- ends move every second (the deposit's, a budget's without an end). Its life may fall short

@@ -81,11 +81,11 @@ local FAILED = 9
 
 -- `shared`: what the operations of one call share: `now`, Redis' TIME in seconds once read
 -- (extension in lib.lua); `counters[key]`, a counter's hash as the operations before this one
--- read and left it: `until` (its `until`, or nil when it has none) and per field read, `c`
--- (the packed totals, or nil), and for a scope's own hash the decimal `cost`, `ops` of an
--- earlier version (which no reservation writes). Each write updates it as soon as Redis
--- has it, so it is what Redis holds. What an earlier version kept in a sender's own key is
--- read afresh by each operation (only a sender so flagged reads it).
+-- read and left it: `until` (false when it has none), each field read (its packed totals, or
+-- false), and for a scope's own hash the decimal `cost` and `ops` of an earlier version (which
+-- no reservation writes). Each write updates it as soon as Redis has it, so it is what Redis
+-- holds. What an earlier version kept in a sender's own key is read afresh by each operation
+-- (only a sender so flagged reads it).
 local function reserve(keys, args, shared)
   local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
     session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
@@ -101,13 +101,13 @@ local function reserve(keys, args, shared)
     -- Every field the steps below set, in the constructor: the table is made at its size once,
     -- not grown (and rehashed) field by field.
     local s = {cost_limit = cost_limit, ops_limit = ops_limit, ttl = ttl, field = field,
-      name = name, legacy = false, known = false, used = false, new = false, own_cost = 0,
+      name = name, legacy = false, known = false, new = false, own_cost = 0,
       own_ops = 0, own_open = 0, noted = 0}
     if legacy == 1 then
       -- (`s:0x…` in records: the key was `sender:0x…`.)
       s.legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
     end
-    scopes[i] = s
+    scopes[i - 4] = s
   end
   if at ~= #args[3] + 1 then
     error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4)
@@ -152,7 +152,7 @@ local function reserve(keys, args, shared)
   if rec and rec.state == OPEN then
     local same_scopes = #rec.scopes == #keys - 4
     for i = 5, #keys do
-      same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i].name
+      same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i - 4].name
     end
     if same_scopes and rec.session == session_key then
       -- The stored answer is about to expire: extend this reservation to a fresh one. Both
@@ -161,7 +161,7 @@ local function reserve(keys, args, shared)
       -- either settles it (the record keeps the latest MAX_HASHES hashes; an event matching none
       -- settles every open reservation of its nonce, so a dropped hash over-counts, never under).
       if check_only then
-        return {0}
+        return RESERVED
       end
       -- The fresh answer: the signature and hashes of the new record's entry.
       local _, body = struct.unpack('>Bc0Hc0', args[2])
@@ -176,7 +176,7 @@ local function reserve(keys, args, shared)
       -- Its counters live as long as it now may land (and settle), a counter gone is not
       -- brought back (nothing is charged here).
       for i = 5, #keys do
-        local s = scopes[i]
+        local s = scopes[i - 4]
         -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
         local c = redis.call('HMGET', keys[i], 'until', s.field, 'cost')
         local noted = nil
@@ -196,7 +196,7 @@ local function reserve(keys, args, shared)
         end
       end
       schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
-      return {0}
+      return RESERVED
     end
     -- Another budget window or another session than the reservation was made in: it stays as it
     -- is (its signature may still land) under a field of its own, and this request is a new
@@ -225,36 +225,34 @@ local function reserve(keys, args, shared)
     return {5, string.format('%d', open_mine)}
   end
 
-  -- Each scope's counter, read into its scope's table (one table a scope per operation): as an
-  -- operation before it in this call left it (`shared.counters`), or from Redis.
+  -- Each scope's counter, as an operation before it in this call left it (`shared.counters`),
+  -- or read from Redis.
   for i = 5, #keys do
-    local s = scopes[i]
+    local s = scopes[i - 4]
     local known = shared.counters[keys[i]]
-    local used = known and known[s.field]
-    if not used then
-      local got
+    if not known or known[s.field] == nil then
       if s.field == COUNTER then
         -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
-        got = redis.call('HMGET', keys[i], 'until', COUNTER, 'cost', 'ops')
-        used = {c = got[2], cost = got[3], ops = got[4]}
+        local got = redis.call('HMGET', keys[i], 'until', COUNTER, 'cost', 'ops')
+        known = {['until'] = got[1] and tonumber(got[1]), c = got[2], cost = got[3],
+          ops = got[4]}
       else
         -- A sender: its field in the window's hash.
-        got = redis.call('HMGET', keys[i], 'until', s.field)
-        used = {c = got[2]}
+        local got = redis.call('HMGET', keys[i], 'until', s.field)
+        known = known or {['until'] = false}
+        known['until'] = got[1] and tonumber(got[1])
+        known[s.field] = got[2]
       end
-      known = known or {['until'] = false}
-      known['until'] = got[1] and tonumber(got[1])
-      known[s.field] = used
       shared.counters[keys[i]] = known
     end
-    s.known, s.used = known, used
+    s.known = known
     -- New: a scope's own hash with no totals, a window's hash with no `until`.
     if s.field == COUNTER then
-      s.new = not (used.c or used.cost or used.ops)
+      s.new = not (known.c or known.cost or known.ops)
     else
       s.new = not known['until']
     end
-    local old_cost, old_ops = used.cost, used.ops
+    local old_cost, old_ops = known.cost, known.ops
     if s.legacy then
       -- What an earlier version counted of the sender in the key it kept (where the service
       -- says it may have), read by every operation that may count it.
@@ -263,7 +261,7 @@ local function reserve(keys, args, shared)
       -- That key is made to live as long only where it counted something.
       s.legacy = (old_cost or old_ops) and s.legacy
     end
-    local own_cost, own_ops, own_open = counter_unpack(used.c)
+    local own_cost, own_ops, own_open = counter_unpack(known[s.field])
     s.own_cost, s.own_ops, s.own_open = own_cost, own_ops, own_open
     -- The totals, with the decimal fields of an earlier version.
     local total_cost, total_ops = plus(own_cost, old_cost), plus(own_ops, old_ops)
@@ -294,7 +292,7 @@ local function reserve(keys, args, shared)
   end
 
   if check_only then
-    return {0}
+    return RESERVED
   end
 
   -- A new counter gets its TTL; an existing one keeps the longer of its own and this one (a
@@ -302,14 +300,14 @@ local function reserve(keys, args, shared)
   -- the same counter with a later end), and, in the common case of a counter already living
   -- long enough, gets none (see extension).
   for i = 5, #keys do
-    local c = scopes[i]
+    local c = scopes[i - 4]
     local packed = struct.pack(COUNTER_FORMAT, c.own_cost + cost, c.own_ops + 1, c.own_open + cost)
     local noted
     noted, shared.now = extension(shared.now, c.new, c.noted, c.ttl)
     -- What the next operation of this call reads, set as soon as Redis holds it.
     if noted then
       redis.call('HSET', keys[i], c.field, packed, 'until', noted)
-      c.used.c, c.known['until'] = packed, noted
+      c.known[c.field], c.known['until'] = packed, noted
       if c.new then
         redis.call('EXPIRE', keys[i], c.ttl)
       else
@@ -317,14 +315,16 @@ local function reserve(keys, args, shared)
       end
     else
       redis.call('HSET', keys[i], c.field, packed)
-      c.used.c = packed
+      c.known[c.field] = packed
     end
     if c.legacy then
       -- What an earlier version counted of the sender, in the key it kept, counts as long.
       redis.call('EXPIRE', c.legacy, c.ttl, 'GT')
     end
   end
-  if session then
+  -- The session's state lives to the session's end (the grant's, fixed for its id): set when
+  -- its totals are written; otherwise it holds nothing this operation changed.
+  if session and #totals > 0 then
     for _, t in ipairs(totals) do
       redis.call('HSET', keys[4], t[1], t[3])
     end
@@ -342,7 +342,7 @@ local function reserve(keys, args, shared)
     end
   end
   schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
-  return {0}
+  return RESERVED
 end
 
 -- The operations of the call in turn, each in a protected call: an error (a script error, a

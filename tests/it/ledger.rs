@@ -1078,6 +1078,65 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
     Ok(())
 }
 
+/// A session's state (its token totals) lives to the session's end, set when totals are
+/// written; an operation of the session that writes none (no token cap) leaves it as it is:
+/// the session's end is the grant's, fixed for its id, so there is nothing to extend.
+#[tokio::test]
+async fn a_sessions_totals_live_to_its_end() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let id = B256::repeat_byte(0x5e);
+    let key = format!("sp:{{p}}:session:{id}");
+    let under = |op: u8, spend: Vec<TokenCharge>| Reservation {
+        session: Some(SessionCharge {
+            id,
+            expires_at: NOW + 7200,
+            spend,
+        }),
+        ..reservation(op, 10, vec![])
+    };
+    let capped = || {
+        vec![TokenCharge {
+            token: Address::repeat_byte(0x70),
+            amount: U256::from(5u64),
+            limit: U256::from(100u64),
+            rule: "session.permissions.spend[0]".into(),
+        }]
+    };
+    let ttl = async |c: &mut session_paymaster::session::redis::RedisConn| -> TestResult<i64> {
+        Ok(redis::cmd("TTL").arg(&key).query_async(c).await?)
+    };
+    assert_eq!(
+        ledger.reserve(&under(1, capped()), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert!((7190..=7200).contains(&ttl(&mut c).await?));
+    // As if an hour had passed: an operation without a cap changes neither totals nor TTL.
+    redis::cmd("EXPIRE")
+        .arg(&key)
+        .arg(3600)
+        .query_async::<()>(&mut c)
+        .await?;
+    assert_eq!(
+        ledger.reserve(&under(2, vec![]), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert!((3590..=3600).contains(&ttl(&mut c).await?));
+    assert_eq!(
+        ledger.reserve(&under(3, capped()), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert!((7190..=7200).contains(&ttl(&mut c).await?));
+    let spent: String = redis::cmd("HGET")
+        .arg(&key)
+        .arg(format!("spent:{}", Address::repeat_byte(0x70)))
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(spent, "10");
+    Ok(())
+}
+
 /// An operation that fails in `reserve.lua` fails alone, and what it wrote stays written: here
 /// its expiry bucket is a key of another type, so it fails after its counters were charged
 /// (the `APPEND` after them), before its record. It is refused (fail closed); its charge stays
