@@ -250,8 +250,8 @@ fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreEr
 /// `reserve.lua`, `settle.lua` and `release.lua` as a function of `(KEYS, ARGV)`. A library's
 /// helpers are made once, when it loads; an `EVALSHA` ran the whole text, helpers included, on
 /// every call: the function takes about 8 % less of redis-server's CPU per reservation
-/// (`ROUNDS=21 python3 benches/reserve_lua.py variants`, docs/performance.md). The names carry a hash of the code,
-/// so replicas of different versions on one Redis each call their own.
+/// (`ROUNDS=21 python3 benches/reserve_lua.py variants`, docs/performance.md). The names carry
+/// a hash of the code, so replicas of different versions on one Redis each call their own.
 struct Library {
     /// The library's code, for `FUNCTION LOAD`.
     code: String,
@@ -456,9 +456,9 @@ impl RedisLedger {
             .iter()
             .map(|s| counter_slot(&r.policy, &s.name))
             .collect();
-        // An operation's args[3] (see reserve.lua), per scope: cost limit, ops limit (u64::MAX: none), TTL, the counter's field
-        // and the scope's name in records (u8-length-prefixed), and 1 if the key an earlier
-        // version kept a sender's counter in is to be read too.
+        // An operation's args[3] (see reserve.lua), per scope: cost limit, ops limit (u64::MAX:
+        // none), TTL, the counter's field and the scope's name in records (u8-length-prefixed),
+        // and 1 if the key an earlier version kept a sender's counter in is to be read too.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
         for (s, slot) in r.scopes.iter().zip(&slots) {
             // A window begun since the first replica of 0.3 ran has no sender counted the old
@@ -477,20 +477,23 @@ impl RedisLedger {
             short(&mut scopes, slot.record.as_bytes())?;
             scopes.push(u8::from(legacy));
         }
+        // Its args[2]: the new record's whole entry in the nonce's key (its id, signature and
+        // hashes, which reserve.lua reads from it).
+        let entry = pack_entry(r, &slots)?;
+        // Its keys (the slots' moved in); without a session the nonce's again in the session's
+        // place (unused there).
+        let session = match session {
+            Some(key) => key.into_bytes(),
+            None => nonce.clone(),
+        };
         let mut keys: Vec<Vec<u8>> = Vec::with_capacity(4 + slots.len());
-        keys.push(nonce.clone());
-        keys.push(index.into_bytes());
-        keys.push(bucket_key.into_bytes());
-        keys.push(session.map_or(nonce, String::into_bytes));
-        keys.extend(slots.iter().map(|s| s.key.as_bytes().to_vec()));
+        keys.extend([nonce, index.into_bytes(), bucket_key.into_bytes(), session]);
+        keys.extend(slots.into_iter().map(|s| s.key.into_bytes()));
         let spend = r
             .session
             .as_ref()
             .map(|s| s.spend.as_slice())
             .unwrap_or_default();
-        // Its args[2]: the new record's whole entry in the nonce's key (its id, signature and
-        // hashes, which reserve.lua reads from it).
-        let entry = pack_entry(r, &slots)?;
         // Its args[1], in reserve.lua's order: big-endian u64s that Lua unpacks without parsing.
         let numbers: [u64; 14] = [
             u64::from(check_only),
