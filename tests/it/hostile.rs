@@ -1175,3 +1175,86 @@ async fn a_senders_budget_is_its_own_in_its_windows_shared_hash() -> TestResult 
     assert!(v.get("result").is_some(), "another policy's counter: {v}");
     Ok(())
 }
+
+/// Flood one policy while Redis is slow, to grow what the service holds for it without end
+/// (under load a policy's reservations wait for its calls in flight, `ledger::batch`), or to
+/// get reserved what the service refused. Redis pauses its writes for 4 s and 200 requests of
+/// one policy come meanwhile: 1 + 3 x 16 go in the 4 calls a replica may have in flight, 64
+/// wait, and the other 87 are refused at once (`store_unavailable`, retryable), never sent
+/// to Redis; once it is back, the 113 are signed, and the budget counts exactly those.
+#[tokio::test]
+async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = TempDir::new("hostile");
+    std::fs::write(
+        dir.0.join("flood.toml"),
+        format!(
+            "id = \"flood\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+             [budgets]\npolicy = {{ ops = 1000, period = \"1d\" }}\n\
+             [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
+        ),
+    )?;
+    let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
+    c.policies_dir = dir.0.clone();
+    c.redis_url = Some(redis.url.clone());
+    // Longer than the pause: the calls in flight wait for Redis, not time out.
+    c.redis_timeout = std::time::Duration::from_secs(10);
+    let app = TestApp::spawn(c).await?;
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(4000)
+        .arg("WRITE")
+        .query_async::<()>(&mut conn)
+        .await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    // One client for all (a client each would spend the pause making clients).
+    let http = reqwest::Client::new();
+    let tasks: Vec<_> = (0..200u64)
+        .map(|i| {
+            let (url, http) = (app.url.clone(), http.clone());
+            let sender = Address::from_word(B256::from(U256::from(0x5e00 + i)));
+            let body = json!({
+                "jsonrpc": "2.0", "id": i, "method": "pm_sponsorUserOperation",
+                "params": [counter_op(sender, 0, "increment()").to_json(), ep07,
+                           { "sponsorshipPolicyId": "flood" }]
+            });
+            tokio::spawn(async move {
+                let v = http
+                    .post(url)
+                    .json(&body)
+                    .send()
+                    .await?
+                    .json::<Value>()
+                    .await?;
+                Ok::<_, reqwest::Error>(v)
+            })
+        })
+        .collect();
+    let (mut signed, mut refused) = (0u64, 0u64);
+    for task in tasks {
+        let v = task.await??;
+        if v["result"]["paymasterData"].is_string() {
+            signed += 1;
+        } else {
+            assert_eq!(reason(&v), "store_unavailable", "{v}");
+            refused += 1;
+        }
+    }
+    // Exactly the bound: had the refused waited, they would have been signed once Redis was
+    // back (the budget allows 1000).
+    assert_eq!((signed, refused), (1 + 3 * 16 + 64, 200 - 113));
+    let day = unix_now() / 86_400;
+    let (_, ops) = app
+        .state
+        .sponsor
+        .ledger()
+        .usage("flood", &format!("policy:{day}"))
+        .await?;
+    assert_eq!(
+        ops, signed,
+        "the budget counts what was signed, none of what was refused"
+    );
+    Ok(())
+}
