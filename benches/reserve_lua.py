@@ -18,8 +18,9 @@ quotes it.
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
 `cuts` runs reserve.lua itself cut short after each of its steps (a return there), on the
-same operations, each median of 3 interleaved rounds: what each step adds. Both run their
-scripts with EVALSHA, lib.lua's helpers made on every call (a function's are made once).
+same operations, each median of 3 interleaved rounds: what each step adds (as a function, as
+the service runs it; BATCH=10 for ten operations a call). `parts` runs its scripts with
+EVALSHA, lib.lua's helpers made on every call (a function's are made once).
 `ab` times the reserve.lua of two checkouts (e.g. a `git worktree` of another commit), each
 with its own copy of this file's `operations` (a change may change the arguments), in turn in
 one redis-server, 9 rounds, the order swapped every round; where two cores are allowed,
@@ -118,7 +119,10 @@ def short(b):
 
 def operations(sha, n, old_keys=False):
     """The arguments ledger::redis::reserve sends for a new operation of a new sender (with
-    `old_keys`, where it has reserve.lua read the sender's 0.2 key too)."""
+    `old_keys`, where it has reserve.lua read the sender's 0.2 key too). With SESSIONS=G in the
+    environment, the bench's session load instead: operation i under session i % G + 1 (its
+    account the sender, a new nonce each), charged to the session's budget too."""
+    sessions = int(os.environ.get('SESSIONS', '0'))
     now = int(time.time())
     valid_until, valid_after = now + 600, now - 60
     sig = bytes(range(65))
@@ -127,27 +131,38 @@ def operations(sha, n, old_keys=False):
         op_id = struct.pack('>Q', i) + b'\x01' * 12
         landing = struct.pack('>Q', i) + b'\x02' * 12
         nonce = b'sp:{bench}:n:' + landing
-        sender = b'\x01' + struct.pack('>Q', i + 1).rjust(20, b'\x00')  # pack_name of 0x<40 hex>
+        account = i % sessions + 1 if sessions else i + 1
+        raw_sender = struct.pack('>Q', account).rjust(20, b'\x00')
+        sender = b'\x01' + raw_sender  # pack_name of 0x<40 hex>
         # Each scope's name in records (ledger::redis::record_name: `s:0x…` a sender's), packed.
-        scopes = [(b's:0x%040x:20789' % (i + 1), b's:' + sender + b':20789'),
+        scopes = [(b's:0x%040x:20789' % account, b's:' + sender + b':20789'),
                   (b'policy:692', b'policy:692')]
-        record = (b'\x00' + struct.pack('>Q', 780000) + struct.pack('>Q', valid_until)[2:]
-                  + struct.pack('>I', valid_until - valid_after) + sig + b'\x01' + op_id[:8]
-                  + bytes([len(scopes)]) + b''.join(short(packed) for _, packed in scopes) + b'\x00')
-        bucket = valid_until // 10
-        keys = [nonce, b'sp:{bench}:x', b'sp:{bench}:x:%d' % bucket, nonce]
         # Where each counter lives (ledger::redis::counter_slot): the sender's is its field in
         # the window's hash (a window begun after the layout's first start: the key it had
         # before 0.3 is not read), the policy's its own.
-        raw_sender = struct.pack('>Q', i + 1).rjust(20, b'\x00')
         slots = [(b'sp:{bench}:budget:sender:20789', raw_sender, scopes[0][0]),
                  (b'sp:{bench}:budget:policy:692', b'c', scopes[1][0])]
+        tail = b'\x00'
+        state = nonce
+        if sessions:
+            raw_session = struct.pack('>Q', account).rjust(32, b'\x00')
+            name = b'session:0x%064x' % account
+            scopes.insert(0, (name, b'session:\x02' + raw_session))
+            slots.insert(0, (b'sp:{bench}:budget:' + name, b'c', name))
+            state = b'sp:{bench}:session:0x%064x' % account
+            # A session's record: its state key (packed), no token amounts.
+            tail = b'\x01' + short(b'sp:{bench}:session:\x02' + raw_session) + b'\x00'
+        record = (b'\x00' + struct.pack('>Q', 780000) + struct.pack('>Q', valid_until)[2:]
+                  + struct.pack('>I', valid_until - valid_after) + sig + b'\x01' + op_id[:8]
+                  + bytes([len(scopes)]) + b''.join(short(packed) for _, packed in scopes) + tail)
+        bucket = valid_until // 10
+        keys = [nonce, b'sp:{bench}:x', b'sp:{bench}:x:%d' % bucket, state]
         keys += [key for key, _, _ in slots]
         # reserve.lua's NUMBERS: check_only, cost, nonce TTL, window, refresh bound, session,
         # session TTL, most open under a session, bucket, bucket TTL, trim and expiry bounds,
         # most open per nonce.
-        numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30, 0,
-                              86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
+        numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30,
+                              int(bool(sessions)), 86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
         limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) + short(field) + short(name)
                           + bytes([old_keys and name.startswith(b's:')]) for _, field, name in slots)
         entry = short(op_id) + struct.pack('>H', len(record)) + record
@@ -233,34 +248,42 @@ def parts(r):
 
 # reserve.lua cut after these steps (the text before each marker runs, then `return {0}`).
 CUTS = [
+    ('the call, each operation begun', '  local check_only, cost, nonce_ttl'),
+    ('its numbers unpacked', '  check_only = check_only == 1'),
     ('arguments unpacked', 'local stored = load_nonce'),
     ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
     ('the session status and a repeat checked', 'local session_key = session and keys[4] or nil'),
-    ('open reservations counted', "-- Each scope's counter, read into"),
+    ('open reservations counted', "-- Each scope's counter, as an operation"),
     ('counters read and checked (HMGET, unpack)', 'local totals = {}'),
-    ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session then\n    for _, t in ipairs(totals)'),
+    ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session and #totals > 0 then'),
     ('the record written (APPEND, SET): the whole script', None),
 ]
 
 
 def cuts(r):
-    lib = open(os.path.join(LUA, 'lib.lua')).read()
-    script = open(os.path.join(LUA, 'reserve.lua')).read()
+    lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
+    script = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
     results = {}
     for _ in range(3):
         for label, marker in CUTS:
-            body = lib + (script if marker is None else
-                          # (Each operation returns there; the rest stays, so the function
-                          # that runs each operation still closes.)
-                          script[:script.index(marker)] + 'do return {0} end\n'
-                          + script[script.index(marker):])
-            sha = r.call('SCRIPT', 'LOAD', body.encode())
+            marker = marker and marker.encode()
+            body = (script if marker is None else
+                    # (Each operation returns there; the rest stays, so the loop that runs
+                    # each operation still closes.)
+                    script[:script.index(marker)] + b'do return {0} end\n'
+                    + script[script.index(marker):])
+            # As the service runs it: a function of a library, BATCH operations a call.
+            head = load(r, lib, body, True)
             r.call('FLUSHALL')
+            ops = operations('unused', N)
+            if BATCH > 1:
+                ops = batched(ops, BATCH)
             r.call('CONFIG', 'RESETSTAT')
-            r.pipelined(operations(sha, N))
-            results.setdefault(label, []).append(commandstats(r)['evalsha'][1])
+            r.pipelined([head + op[2:] for op in ops])
+            calls, us = commandstats(r)['fcall']
+            results.setdefault(label, []).append(round(us * calls / N, 2))
     for label, runs in results.items():
-        print('%-52s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
+        print('%-52s %6.2f us per operation (median of %s)' % (label, statistics.median(runs), runs))
 
 
 def ab_versions():
@@ -382,14 +405,19 @@ def main():
                     ('lib.lua alone, same arguments', lib, b'return {0}', False)):
                 r.call('FLUSHALL')
                 head = load(r, head_lib, body, function)
+                ops = operations('unused', N)
+                if BATCH > 1:
+                    ops = batched(ops, BATCH)
                 r.call('CONFIG', 'RESETSTAT')
-                refused = r.pipelined([head + op[2:] for op in operations('unused', N)])
+                before = cpu_ns(server.pid)
+                refused = r.pipelined([head + op[2:] for op in ops])
+                used = cpu_ns(server.pid) - before
                 if refused:
                     sys.exit('%s: %d operations not reserved' % (label, refused))
                 stats = commandstats(r)
                 kind = head[0].lower()
-                print('%-34s %6.2f us per %s (%d calls)' % (label, stats[kind][1], head[0],
-                                                             stats[kind][0]))
+                print('%-34s %6.2f us per %s (%d calls), %.2f us of redis-server CPU per operation'
+                      % (label, stats[kind][1], head[0], stats[kind][0], used / 1000 / N))
                 for name, (calls, us) in sorted(stats.items()):
                     if name not in (kind, 'config|resetstat', 'script|load', 'function|load',
                                     'flushall', 'info'):

@@ -279,6 +279,13 @@ end
 local RESERVE_NUMBERS = '>I8I8I8I8I8I8I8I8I8I8I8I8I8I8'
 local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
 
+-- The slots of reserve.lua's list for one scope: its arguments (SCOPE_FORMAT: cost and ops
+-- limits, TTL, counter field, name in records; the key an earlier version kept the sender's
+-- counter in, or false), then what reading its counter finds (the counter's hash as the call
+-- knows it, whether it is new, its packed totals, its `until`).
+local S_COST_LIMIT, S_OPS_LIMIT, S_TTL, S_FIELD, S_NAME, S_LEGACY = 1, 2, 3, 4, 5, 6
+local S_KNOWN, S_NEW, S_OWN_COST, S_OWN_OPS, S_OWN_OPEN, S_NOTED = 7, 8, 9, 10, 11, 12
+
 -- reserve.lua's reply for an operation reserved (or, checked only, that would fit): one table
 -- for every such reply (Redis only reads it).
 local RESERVED = {0}
@@ -304,13 +311,9 @@ local function extension(now, new, noted, ttl)
   return now + ttl, now
 end
 
--- The entries of a nonce's key: a list of {id, record} (records unpacked).
-local function load_nonce(key)
-  local data = redis.call('GET', key)
+-- The entries of a nonce's key's value: a list of {id, record} (records unpacked).
+local function parse_nonce(data)
   local entries, pos = {}, 1
-  if not data then
-    return entries
-  end
   while pos <= #data do
     local id, body
     id, pos = struct.unpack('>Bc0', data, pos)
@@ -319,6 +322,19 @@ local function load_nonce(key)
   end
   return entries
 end
+
+-- The entries of a nonce's key (see parse_nonce), none if it has none.
+local function load_nonce(key)
+  local data = redis.call('GET', key)
+  if not data then
+    return {}
+  end
+  return parse_nonce(data)
+end
+
+-- An empty list, shared: reserve.lua's for a nonce with no records, or an operation with no
+-- token amounts (it never adds to it).
+local NO_ENTRIES = {}
 
 -- One entry of a nonce's key: the id and the packed record.
 local function entry(id, body)

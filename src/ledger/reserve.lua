@@ -98,16 +98,15 @@ local function reserve(keys, args, shared)
   for i = 5, #keys do
     local cost_limit, ops_limit, ttl, field, name, legacy
     cost_limit, ops_limit, ttl, field, name, legacy, at = struct.unpack(SCOPE_FORMAT, args[3], at)
-    -- Every field the steps below set, in the constructor: the table is made at its size once,
-    -- not grown (and rehashed) field by field.
-    local s = {cost_limit = cost_limit, ops_limit = ops_limit, ttl = ttl, field = field,
-      name = name, legacy = false, known = false, new = false, own_cost = 0,
-      own_ops = 0, own_open = 0, noted = 0}
     if legacy == 1 then
       -- (`s:0x…` in records: the key was `sender:0x…`.)
-      s.legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(s.name, #'s' + 1)
+      legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(name, #'s' + 1)
+    else
+      legacy = false
     end
-    scopes[i - 4] = s
+    -- A list, its slots named in lib.lua (S_FIELD, …), every one the steps below set given
+    -- here: made at its size once, which costs Lua a third of a table of named fields.
+    scopes[i - 4] = {cost_limit, ops_limit, ttl, field, name, legacy, false, false, 0, 0, 0, 0}
   end
   if at ~= #args[3] + 1 then
     error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4)
@@ -115,12 +114,16 @@ local function reserve(keys, args, shared)
   end
   -- Records past their grace are forgotten (any still open was never released: its charge stays,
   -- counted over rather than under), so a nonce's key holds only live ones.
-  local stored = load_nonce(keys[1])
-  local fresh_key = #stored == 0
-  local entries = {}
-  for _, e in ipairs(stored) do
-    if e[2].valid_until >= forget_below then
-      entries[#entries + 1] = e
+  local data = redis.call('GET', keys[1])
+  local fresh_key = not data
+  -- (A nonce's new key: the shared empty list, which nothing below adds to.)
+  local entries = NO_ENTRIES
+  if data then
+    entries = {}
+    for _, e in ipairs(parse_nonce(data)) do
+      if e[2].valid_until >= forget_below then
+        entries[#entries + 1] = e
+      end
     end
   end
   local mine, rec = nil, nil
@@ -152,7 +155,7 @@ local function reserve(keys, args, shared)
   if rec and rec.state == OPEN then
     local same_scopes = #rec.scopes == #keys - 4
     for i = 5, #keys do
-      same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i - 4].name
+      same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i - 4][S_NAME]
     end
     if same_scopes and rec.session == session_key then
       -- The stored answer is about to expire: extend this reservation to a fresh one. Both
@@ -178,21 +181,21 @@ local function reserve(keys, args, shared)
       for i = 5, #keys do
         local s = scopes[i - 4]
         -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
-        local c = redis.call('HMGET', keys[i], 'until', s.field, 'cost')
+        local c = redis.call('HMGET', keys[i], 'until', s[S_FIELD], 'cost')
         local noted = nil
         if c[2] or c[3] then
-          noted, shared.now = extension(shared.now, false, tonumber(c[1] or '0'), s.ttl)
+          noted, shared.now = extension(shared.now, false, tonumber(c[1] or '0'), s[S_TTL])
         end
         if noted then
           redis.call('HSET', keys[i], 'until', noted)
           if shared.counters[keys[i]] then
             shared.counters[keys[i]]['until'] = noted
           end
-          redis.call('EXPIRE', keys[i], s.ttl, 'GT')
+          redis.call('EXPIRE', keys[i], s[S_TTL], 'GT')
         end
-        if s.legacy then
+        if s[S_LEGACY] then
           -- What an earlier version counted of the sender, in the key it kept, counts as long.
-          redis.call('EXPIRE', s.legacy, s.ttl, 'GT')
+          redis.call('EXPIRE', s[S_LEGACY], s[S_TTL], 'GT')
         end
       end
       schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
@@ -230,43 +233,43 @@ local function reserve(keys, args, shared)
   for i = 5, #keys do
     local s = scopes[i - 4]
     local known = shared.counters[keys[i]]
-    if not known or known[s.field] == nil then
-      if s.field == COUNTER then
+    if not known or known[s[S_FIELD]] == nil then
+      if s[S_FIELD] == COUNTER then
         -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
         local got = redis.call('HMGET', keys[i], 'until', COUNTER, 'cost', 'ops')
         known = {['until'] = got[1] and tonumber(got[1]), c = got[2], cost = got[3],
           ops = got[4]}
       else
         -- A sender: its field in the window's hash.
-        local got = redis.call('HMGET', keys[i], 'until', s.field)
+        local got = redis.call('HMGET', keys[i], 'until', s[S_FIELD])
         known = known or {['until'] = false}
         known['until'] = got[1] and tonumber(got[1])
-        known[s.field] = got[2]
+        known[s[S_FIELD]] = got[2]
       end
       shared.counters[keys[i]] = known
     end
-    s.known = known
+    s[S_KNOWN] = known
     -- New: a scope's own hash with no totals, a window's hash with no `until`.
-    if s.field == COUNTER then
-      s.new = not (known.c or known.cost or known.ops)
+    if s[S_FIELD] == COUNTER then
+      s[S_NEW] = not (known.c or known.cost or known.ops)
     else
-      s.new = not known['until']
+      s[S_NEW] = not known['until']
     end
     local old_cost, old_ops = known.cost, known.ops
-    if s.legacy then
+    if s[S_LEGACY] then
       -- What an earlier version counted of the sender in the key it kept (where the service
       -- says it may have), read by every operation that may count it.
-      local legacy = redis.call('HMGET', s.legacy, 'cost', 'ops')
+      local legacy = redis.call('HMGET', s[S_LEGACY], 'cost', 'ops')
       old_cost, old_ops = legacy[1], legacy[2]
       -- That key is made to live as long only where it counted something.
-      s.legacy = (old_cost or old_ops) and s.legacy
+      s[S_LEGACY] = (old_cost or old_ops) and s[S_LEGACY]
     end
-    local own_cost, own_ops, own_open = counter_unpack(known[s.field])
-    s.own_cost, s.own_ops, s.own_open = own_cost, own_ops, own_open
+    local own_cost, own_ops, own_open = counter_unpack(known[s[S_FIELD]])
+    s[S_OWN_COST], s[S_OWN_OPS], s[S_OWN_OPEN] = own_cost, own_ops, own_open
     -- The totals, with the decimal fields of an earlier version.
     local total_cost, total_ops = plus(own_cost, old_cost), plus(own_ops, old_ops)
-    s.noted = known['until'] or 0 -- `until`: 0 for a counter an earlier version wrote
-    local cost_limit, ops_limit = s.cost_limit, s.ops_limit
+    s[S_NOTED] = known['until'] or 0 -- `until`: 0 for a counter an earlier version wrote
+    local cost_limit, ops_limit = s[S_COST_LIMIT], s[S_OPS_LIMIT]
     -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
     -- (none) is never reached.
     local cost_cap = math.min(cost_limit, MAX_EXACT)
@@ -280,7 +283,7 @@ local function reserve(keys, args, shared)
     end
   end
 
-  local totals = {}
+  local totals = #args > 3 and {} or NO_ENTRIES
   for t = 4, #args, 3 do
     local field, amount, limit = args[t], args[t + 1], args[t + 2]
     local spent = redis.call('HGET', keys[4], field) or '0'
@@ -301,25 +304,26 @@ local function reserve(keys, args, shared)
   -- long enough, gets none (see extension).
   for i = 5, #keys do
     local c = scopes[i - 4]
-    local packed = struct.pack(COUNTER_FORMAT, c.own_cost + cost, c.own_ops + 1, c.own_open + cost)
+    local packed = struct.pack(COUNTER_FORMAT, c[S_OWN_COST] + cost, c[S_OWN_OPS] + 1,
+      c[S_OWN_OPEN] + cost)
     local noted
-    noted, shared.now = extension(shared.now, c.new, c.noted, c.ttl)
+    noted, shared.now = extension(shared.now, c[S_NEW], c[S_NOTED], c[S_TTL])
     -- What the next operation of this call reads, set as soon as Redis holds it.
     if noted then
-      redis.call('HSET', keys[i], c.field, packed, 'until', noted)
-      c.known[c.field], c.known['until'] = packed, noted
-      if c.new then
-        redis.call('EXPIRE', keys[i], c.ttl)
+      redis.call('HSET', keys[i], c[S_FIELD], packed, 'until', noted)
+      c[S_KNOWN][c[S_FIELD]], c[S_KNOWN]['until'] = packed, noted
+      if c[S_NEW] then
+        redis.call('EXPIRE', keys[i], c[S_TTL])
       else
-        redis.call('EXPIRE', keys[i], c.ttl, 'GT')
+        redis.call('EXPIRE', keys[i], c[S_TTL], 'GT')
       end
     else
-      redis.call('HSET', keys[i], c.field, packed)
-      c.known[c.field] = packed
+      redis.call('HSET', keys[i], c[S_FIELD], packed)
+      c[S_KNOWN][c[S_FIELD]] = packed
     end
-    if c.legacy then
+    if c[S_LEGACY] then
       -- What an earlier version counted of the sender, in the key it kept, counts as long.
-      redis.call('EXPIRE', c.legacy, c.ttl, 'GT')
+      redis.call('EXPIRE', c[S_LEGACY], c[S_TTL], 'GT')
     end
   end
   -- The session's state lives to the session's end (the grant's, fixed for its id): set when
