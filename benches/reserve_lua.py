@@ -250,11 +250,11 @@ def parts(r):
 CUTS = [
     ('the call, each operation begun', '  local check_only, cost, nonce_ttl'),
     ('its numbers unpacked', '  check_only = check_only == 1'),
-    ('arguments unpacked', 'local stored = load_nonce'),
+    ('arguments unpacked', "local data = redis.call('GET', keys[1])"),
     ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
     ('the session status and a repeat checked', 'local session_key = session and keys[4] or nil'),
     ('open reservations counted', "-- Each scope's counter, as an operation"),
-    ('counters read and checked (HMGET, unpack)', 'local totals = {}'),
+    ('counters read and checked (HMGET, unpack)', 'local totals = #args > 3'),
     ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session and #totals > 0 then'),
     ('the record written (APPEND, SET): the whole script', None),
 ]
