@@ -286,6 +286,73 @@ local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
 local S_COST_LIMIT, S_OPS_LIMIT, S_TTL, S_FIELD, S_NAME, S_LEGACY = 1, 2, 3, 4, 5, 6
 local S_KNOWN, S_NEW, S_OWN_COST, S_OWN_OPS, S_OWN_OPEN, S_NOTED = 7, 8, 9, 10, 11, 12
 
+-- The scopes of one reserve.lua operation (`keys` and `args` as reserve.lua describes them),
+-- each a list of the slots above.
+local function parse_scopes(keys, args)
+  local scopes, at = {}, 1
+  for i = 5, #keys do
+    local cost_limit, ops_limit, ttl, field, name, legacy
+    cost_limit, ops_limit, ttl, field, name, legacy, at = struct.unpack(SCOPE_FORMAT, args[3], at)
+    if legacy == 1 then
+      -- (`s:0x…` in records: the key was `sender:0x…`.)
+      legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(name, #'s' + 1)
+    else
+      legacy = false
+    end
+    -- Every slot the steps of reserve.lua set, given here: a list made at its size once, which
+    -- costs Lua a third of a table of named fields.
+    scopes[i - 4] = {cost_limit, ops_limit, ttl, field, name, legacy, false, false, 0, 0, 0, 0}
+  end
+  if at ~= #args[3] + 1 then
+    error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4)
+      .. ' scopes')
+  end
+  return scopes
+end
+
+-- The senders' fields of a window's hash that several operations of one reserve.lua call
+-- (`ops`: each {keys, args, scopes}) read, with its `until`, in one HMGET, into the call's
+-- `counters` (reserve.lua's `shared.counters`: a field read and missing is false, one not
+-- read nil). A hash that cannot be read (a key of another type) is left out: the operations
+-- that need it read it themselves, and fail alone.
+local function prefetch_senders(ops, counters)
+  local fields, order = {}, {}
+  for _, op in ipairs(ops) do
+    for j, s in ipairs(op[3]) do
+      if s[S_FIELD] ~= COUNTER then
+        local key = op[1][j + 4]
+        local f = fields[key]
+        if not f then
+          f = {'until'}
+          fields[key] = f
+          order[#order + 1] = key
+        end
+        f[#f + 1] = s[S_FIELD]
+      end
+    end
+  end
+  for _, key in ipairs(order) do
+    local f = fields[key]
+    if #f > 2 then
+      local ok, got = pcall(redis.call, 'HMGET', key, unpack(f))
+      if ok then
+        local known = {['until'] = got[1] and tonumber(got[1])}
+        for k = 2, #f do
+          known[f[k]] = got[k] or false
+        end
+        counters[key] = known
+      end
+    end
+  end
+end
+
+-- The reply of an operation that failed with an error (ledger::redis::RESERVE_FAILED).
+local FAILED = 9
+
+local function failed(err)
+  return {FAILED, type(err) == 'table' and tostring(err.err) or tostring(err)}
+end
+
 -- reserve.lua's reply for an operation reserved (or, checked only, that would fit): one table
 -- for every such reply (Redis only reads it).
 local RESERVED = {0}

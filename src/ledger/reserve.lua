@@ -76,9 +76,7 @@
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
 
--- The reply of an operation that failed with an error (ledger::redis::RESERVE_FAILED).
-local FAILED = 9
-
+-- `scopes`: its scopes, as parse_scopes (lib.lua) read them from args[3].
 -- `shared`: what the operations of one call share: `now`, Redis' TIME in seconds once read
 -- (extension in lib.lua); `counters[key]`, a counter's hash as the operations before this one
 -- read and left it: `until` (false when it has none), each field read (its packed totals, or
@@ -86,32 +84,14 @@ local FAILED = 9
 -- no reservation writes). Each write updates it as soon as Redis has it, so it is what Redis
 -- holds. What an earlier version kept in a sender's own key is read afresh by each operation
 -- (only a sender so flagged reads it).
-local function reserve(keys, args, shared)
+local function reserve(keys, args, scopes, shared)
   local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
     session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
     struct.unpack(RESERVE_NUMBERS, args[1])
   check_only = check_only == 1
-  -- The operation's idempotency id: the new entry's.
-  local op_id = struct.unpack('>Bc0', args[2])
+  -- The operation's idempotency id, the new entry's: read where the nonce has records.
+  local op_id = nil
   local session = session_flag == 1
-  local scopes, at = {}, 1
-  for i = 5, #keys do
-    local cost_limit, ops_limit, ttl, field, name, legacy
-    cost_limit, ops_limit, ttl, field, name, legacy, at = struct.unpack(SCOPE_FORMAT, args[3], at)
-    if legacy == 1 then
-      -- (`s:0x…` in records: the key was `sender:0x…`.)
-      legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(name, #'s' + 1)
-    else
-      legacy = false
-    end
-    -- A list, its slots named in lib.lua (S_FIELD, …), every one the steps below set given
-    -- here: made at its size once, which costs Lua a third of a table of named fields.
-    scopes[i - 4] = {cost_limit, ops_limit, ttl, field, name, legacy, false, false, 0, 0, 0, 0}
-  end
-  if at ~= #args[3] + 1 then
-    error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4)
-      .. ' scopes')
-  end
   -- Records past their grace are forgotten (any still open was never released: its charge stays,
   -- counted over rather than under), so a nonce's key holds only live ones.
   local data = redis.call('GET', keys[1])
@@ -119,6 +99,7 @@ local function reserve(keys, args, shared)
   -- (A nonce's new key: the shared empty list, which nothing below adds to.)
   local entries = NO_ENTRIES
   if data then
+    op_id = struct.unpack('>Bc0', args[2])
     entries = {}
     for _, e in ipairs(parse_nonce(data)) do
       if e[2].valid_until >= forget_below then
@@ -365,7 +346,9 @@ if #frame % 2 ~= 0 or key_total ~= #KEYS or arg_total ~= #ARGV - 1 then
   error('reserve.lua: a frame of ' .. #frame .. ' bytes for ' .. key_total .. ' keys and '
     .. arg_total .. ' arguments, given ' .. #KEYS .. ' and ' .. (#ARGV - 1))
 end
-local shared = {now = nil, counters = {}}
+-- Each operation's keys, arguments and scopes (an operation whose scopes do not parse fails
+-- alone); then the senders' fields of each window's hash that several of them read, at once.
+local ops = {}
 local next_key, next_arg = 1, 2
 for at = 1, #frame - 1, 2 do
   local key_count, arg_count = string.byte(frame, at, at + 1)
@@ -373,10 +356,18 @@ for at = 1, #frame - 1, 2 do
   local keys = {unpack(KEYS, next_key, next_key + key_count - 1)}
   local args = {unpack(ARGV, next_arg, next_arg + arg_count - 1)}
   next_key, next_arg = next_key + key_count, next_arg + arg_count
-  local ok, reply = pcall(reserve, keys, args, shared)
-  if not ok then
-    reply = {FAILED, type(reply) == 'table' and tostring(reply.err) or tostring(reply)}
+  local ok, scopes = pcall(parse_scopes, keys, args)
+  if ok then
+    ops[#ops + 1] = {keys, args, scopes, #replies + 1}
+    replies[#replies + 1] = false
+  else
+    replies[#replies + 1] = failed(scopes)
   end
-  replies[#replies + 1] = reply
+end
+local shared = {now = nil, counters = {}}
+prefetch_senders(ops, shared.counters)
+for _, op in ipairs(ops) do
+  local ok, reply = pcall(reserve, op[1], op[2], op[3], shared)
+  replies[op[4]] = ok and reply or failed(reply)
 end
 return replies
