@@ -1206,6 +1206,55 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
     Ok(())
 }
 
+/// The senders' fields that several operations of a call read are read at once, one `HMGET`
+/// per window's hash, before they run; a hash that cannot be read (here a key of another type)
+/// fails only the operations that read it, each alone, with nothing charged: of eight
+/// operations at once, four in a sound window and four in a broken one, the four in the sound
+/// window are reserved and counted, and the policy counts only them.
+#[tokio::test]
+async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    let mut c = conn.clone();
+    redis::cmd("SET")
+        .arg("sp:{p}:budget:sender:20834")
+        .arg("not a hash")
+        .query_async::<()>(&mut c)
+        .await?;
+    let sender = |i: u8| {
+        let window = if i % 2 == 0 { 20833 } else { 20834 };
+        scope(&format!("sender:0x{:040x}:{window}", i + 1), None, Some(10))
+    };
+    let calls = (0..8u8)
+        .map(|i| {
+            (
+                reservation(i + 1, 5, vec![sender(i), scope("pm", None, None)]),
+                false,
+            )
+        })
+        .collect();
+    let before = fcalls(&redis).await?;
+    for (i, outcome) in reserve_at_once(&ledger, calls)
+        .await?
+        .into_iter()
+        .enumerate()
+    {
+        match outcome {
+            Ok(Outcome::Reserved) if i % 2 == 0 => {}
+            Err(e) if i % 2 == 1 => assert!(e.to_string().contains("WRONGTYPE"), "{e}"),
+            other => return Err(format!("op {i}: {other:?}").into()),
+        }
+    }
+    for i in (0..8u8).step_by(2) {
+        assert_eq!(ledger.usage("p", &sender(i).name).await?, (5, 1));
+    }
+    assert_eq!(ledger.usage("p", "pm").await?, (20, 4));
+    // The first alone (no call in flight), the seven that waited for it in one.
+    assert_eq!(fcalls(&redis).await? - before, 2);
+    Ok(())
+}
+
 /// A settlement or release that fails midway (a Cluster refusing a key whose slot is
 /// migrating, here a counter of the wrong type) keeps what it wrote: the record is saved closed
 /// before any cost is given back, so the next try gives back nothing twice (counted over,
