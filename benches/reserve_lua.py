@@ -18,8 +18,9 @@ quotes it.
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
 `cuts` runs reserve.lua itself cut short after each of its steps (a return there), on the
-same operations, each median of 3 interleaved rounds: what each step adds (as a function, as
-the service runs it; BATCH=10 for ten operations a call). `parts` runs its scripts with
+same operations, each median of 3 interleaved rounds (ROUNDS=k for more): what each step adds
+to redis-server's CPU time (as a function, as the service runs it; BATCH=10 for ten operations
+a call). `parts` runs its scripts with
 EVALSHA, lib.lua's helpers made on every call (a function's are made once).
 `ab` times the reserve.lua of two checkouts (e.g. a `git worktree` of another commit), each
 with its own copy of this file's `operations` (a change may change the arguments), in turn in
@@ -260,11 +261,11 @@ CUTS = [
 ]
 
 
-def cuts(r):
+def cuts(r, pid):
     lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
     script = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
     results = {}
-    for _ in range(3):
+    for _ in range(ROUNDS if 'ROUNDS' in os.environ else 3):
         for label, marker in CUTS:
             marker = marker and marker.encode()
             body = (script if marker is None else
@@ -279,11 +280,12 @@ def cuts(r):
             if BATCH > 1:
                 ops = batched(ops, BATCH)
             r.call('CONFIG', 'RESETSTAT')
+            before = cpu_ns(pid)
             r.pipelined([head + op[2:] for op in ops])
-            calls, us = commandstats(r)['fcall']
-            results.setdefault(label, []).append(round(us * calls / N, 2))
+            results.setdefault(label, []).append(round((cpu_ns(pid) - before) / 1000 / N, 2))
     for label, runs in results.items():
-        print('%-52s %6.2f us per operation (median of %s)' % (label, statistics.median(runs), runs))
+        print('%-52s %6.2f us of redis-server CPU per operation (median of %s)'
+              % (label, statistics.median(runs), runs))
 
 
 def ab_versions():
@@ -392,7 +394,7 @@ def main():
             if MODE == 'parts':
                 return parts(r)
             if MODE == 'cuts':
-                return cuts(r)
+                return cuts(r, server.pid)
             if MODE == 'ab':
                 return ab(r, versions, server.pid)
             if MODE == 'variants':
