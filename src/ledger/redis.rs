@@ -302,7 +302,7 @@ fn fcall(function: &str, keys: &[&[u8]]) -> redis::Cmd {
     cmd
 }
 
-/// `reserve.lua`'s reply for an operation that failed with an error (`FAILED` there).
+/// `reserve.lua`'s reply for an operation that failed with an error (`FAILED` in `lib.lua`).
 const RESERVE_FAILED: i64 = 9;
 
 /// One reservation's part of a call of `reserve.lua`: its keys and its arguments.

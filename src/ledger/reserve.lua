@@ -56,12 +56,13 @@
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
 -- HGET of its status), per scope HMGET (none for a counter an operation before it in the call
--- read) and HSET of one field (and EXPIRE when the counter's hash is new or is to live longer:
--- a new sender makes a field, not a key), TIME once a call, then APPEND and SET (the bucket's
--- TTL and index entry are written by the reservation that creates the bucket, once per 10 s
--- per policy). On a Redis 0.2 served, in a window begun
--- before the first replica of 0.3 ran (or a budget without a period), a sender's counter also
--- has an HMGET of the key an earlier version kept.
+-- read; the senders of a window's hash that several operations of the call read are read in
+-- one HMGET before the first runs, prefetch_senders in lib.lua) and HSET of one field (and
+-- EXPIRE when the counter's hash is new or is to live longer: a new sender makes a field, not
+-- a key), TIME once a call, then APPEND and SET (the bucket's TTL and index entry are written
+-- by the reservation that creates the bucket, once per 10 s per policy). On a Redis 0.2
+-- served, in a window begun before the first replica of 0.3 ran (or a budget without a
+-- period), a sender's counter also has an HMGET of the key an earlier version kept.
 --
 -- An operation's reply: {0} when reserved (or, in check-only mode, when it would fit);
 -- {1, validUntil, validAfter, signature} when this operation was already reserved and its
@@ -76,19 +77,31 @@
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
 
+-- An empty list, shared by the operations of a call: a nonce's with no records, the token
+-- totals of an operation with none. Writing to it is an error (a library function cannot make
+-- it: `setmetatable` is not there while the library loads).
+local EMPTY = setmetatable({}, {__newindex = function()
+  error('reserve.lua: EMPTY is shared, never written')
+end})
+
 -- `scopes`: its scopes, as parse_scopes (lib.lua) read them from args[3].
 -- `shared`: what the operations of one call share: `now`, Redis' TIME in seconds once read
--- (extension in lib.lua); `counters[key]`, a counter's hash as the operations before this one
--- read and left it: `until` (false when it has none), each field read (its packed totals, or
--- false), and for a scope's own hash the decimal `cost` and `ops` of an earlier version (which
--- no reservation writes). Each write updates it as soon as Redis has it, so it is what Redis
--- holds. What an earlier version kept in a sender's own key is read afresh by each operation
--- (only a sender so flagged reads it).
+-- (extension in lib.lua); `counters[key]`, a counter's hash as prefetch_senders and the
+-- operations before this one read and left it: `until` (false or nil when it has none), each
+-- field read (its packed totals, or false: read and missing; nil: not read), and for a scope's
+-- own hash the decimal `cost` and `ops` of an earlier version (which no reservation writes).
+-- Each write updates it as soon as Redis has it, so it is what Redis holds. What an earlier
+-- version kept in a sender's own key is read afresh by each operation (only a sender so
+-- flagged reads it).
 local function reserve(keys, args, scopes, shared)
   local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
     session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
     struct.unpack(RESERVE_NUMBERS, args[1])
   check_only = check_only == 1
+  -- The new entry (written as it is to a nonce's new key) holds at least its framing.
+  if #args[2] < 23 then
+    error('reserve.lua: an entry of ' .. #args[2] .. ' bytes')
+  end
   -- The operation's idempotency id, the new entry's: read where the nonce has records.
   local op_id = nil
   local session = session_flag == 1
@@ -97,7 +110,7 @@ local function reserve(keys, args, scopes, shared)
   local data = redis.call('GET', keys[1])
   local fresh_key = not data
   -- (A nonce's new key: the shared empty list, which nothing below adds to.)
-  local entries = NO_ENTRIES
+  local entries = EMPTY
   if data then
     op_id = struct.unpack('>Bc0', args[2])
     entries = {}
@@ -264,7 +277,7 @@ local function reserve(keys, args, scopes, shared)
     end
   end
 
-  local totals = #args > 3 and {} or NO_ENTRIES
+  local totals = #args > 3 and {} or EMPTY
   for t = 4, #args, 3 do
     local field, amount, limit = args[t], args[t + 1], args[t + 2]
     local spent = redis.call('HGET', keys[4], field) or '0'
@@ -284,27 +297,27 @@ local function reserve(keys, args, scopes, shared)
   -- the same counter with a later end), and, in the common case of a counter already living
   -- long enough, gets none (see extension).
   for i = 5, #keys do
-    local c = scopes[i - 4]
-    local packed = struct.pack(COUNTER_FORMAT, c[S_OWN_COST] + cost, c[S_OWN_OPS] + 1,
-      c[S_OWN_OPEN] + cost)
+    local s = scopes[i - 4]
+    local packed = struct.pack(COUNTER_FORMAT, s[S_OWN_COST] + cost, s[S_OWN_OPS] + 1,
+      s[S_OWN_OPEN] + cost)
     local noted
-    noted, shared.now = extension(shared.now, c[S_NEW], c[S_NOTED], c[S_TTL])
+    noted, shared.now = extension(shared.now, s[S_NEW], s[S_NOTED], s[S_TTL])
     -- What the next operation of this call reads, set as soon as Redis holds it.
     if noted then
-      redis.call('HSET', keys[i], c[S_FIELD], packed, 'until', noted)
-      c[S_KNOWN][c[S_FIELD]], c[S_KNOWN]['until'] = packed, noted
-      if c[S_NEW] then
-        redis.call('EXPIRE', keys[i], c[S_TTL])
+      redis.call('HSET', keys[i], s[S_FIELD], packed, 'until', noted)
+      s[S_KNOWN][s[S_FIELD]], s[S_KNOWN]['until'] = packed, noted
+      if s[S_NEW] then
+        redis.call('EXPIRE', keys[i], s[S_TTL])
       else
-        redis.call('EXPIRE', keys[i], c[S_TTL], 'GT')
+        redis.call('EXPIRE', keys[i], s[S_TTL], 'GT')
       end
     else
-      redis.call('HSET', keys[i], c[S_FIELD], packed)
-      c[S_KNOWN][c[S_FIELD]] = packed
+      redis.call('HSET', keys[i], s[S_FIELD], packed)
+      s[S_KNOWN][s[S_FIELD]] = packed
     end
-    if c[S_LEGACY] then
+    if s[S_LEGACY] then
       -- What an earlier version counted of the sender, in the key it kept, counts as long.
-      redis.call('EXPIRE', c[S_LEGACY], c[S_TTL], 'GT')
+      redis.call('EXPIRE', s[S_LEGACY], s[S_TTL], 'GT')
     end
   end
   -- The session's state lives to the session's end (the grant's, fixed for its id): set when
@@ -330,11 +343,6 @@ local function reserve(keys, args, scopes, shared)
   return RESERVED
 end
 
--- The operations of the call in turn, each in a protected call: an error (a script error, a
--- command Redis refused) fails that operation alone, with what it wrote before it kept (as a
--- call of its own would), and is answered {FAILED, message}. What each operation reads of a
--- counter is what the operations before it wrote (`shared.counters`, kept by the function
--- above).
 local frame, replies = ARGV[1], {}
 -- The frame first: a call whose keys and arguments it does not add up to runs nothing.
 local key_total, arg_total = 0, 0
@@ -347,7 +355,7 @@ if #frame % 2 ~= 0 or key_total ~= #KEYS or arg_total ~= #ARGV - 1 then
     .. arg_total .. ' arguments, given ' .. #KEYS .. ' and ' .. (#ARGV - 1))
 end
 -- Each operation's keys, arguments and scopes (an operation whose scopes do not parse fails
--- alone); then the senders' fields of each window's hash that several of them read, at once.
+-- alone, answered {FAILED, message}).
 local ops = {}
 local next_key, next_arg = 1, 2
 for at = 1, #frame - 1, 2 do
@@ -356,18 +364,23 @@ for at = 1, #frame - 1, 2 do
   local keys = {unpack(KEYS, next_key, next_key + key_count - 1)}
   local args = {unpack(ARGV, next_arg, next_arg + arg_count - 1)}
   next_key, next_arg = next_key + key_count, next_arg + arg_count
-  local ok, scopes = pcall(parse_scopes, keys, args)
+  local ok, got = pcall(parse_scopes, keys, args)
   if ok then
-    ops[#ops + 1] = {keys, args, scopes, #replies + 1}
+    ops[#ops + 1] = {keys = keys, args = args, scopes = got, reply = #replies + 1}
     replies[#replies + 1] = false
   else
-    replies[#replies + 1] = failed(scopes)
+    replies[#replies + 1] = failed(got)
   end
 end
+-- Then the senders' fields of each window's hash that several operations read, at once; then
+-- the operations in turn, each in a protected call: an error (a script error, a command Redis
+-- refused) fails that operation alone, with what it wrote before it kept (as a call of its own
+-- would), and is answered {FAILED, message}. What each operation reads of a counter is what
+-- the operations before it wrote (`shared.counters`, kept by the function above).
 local shared = {now = nil, counters = {}}
 prefetch_senders(ops, shared.counters)
 for _, op in ipairs(ops) do
-  local ok, reply = pcall(reserve, op[1], op[2], op[3], shared)
-  replies[op[4]] = ok and reply or failed(reply)
+  local ok, reply = pcall(reserve, op.keys, op.args, op.scopes, shared)
+  replies[op.reply] = ok and reply or failed(reply)
 end
 return replies
