@@ -1207,10 +1207,12 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
 }
 
 /// The senders' fields that several operations of a call read are read at once, one `HMGET`
-/// per window's hash, before they run; a hash that cannot be read (here a key of another type)
-/// fails only the operations that read it, each alone, with nothing charged: of eight
-/// operations at once, four in a sound window and four in a broken one, the four in the sound
-/// window are reserved and counted, and the policy counts only them.
+/// per window's hash, before they run (counted below), and each operation counts on what the
+/// ones before it charged; a hash that cannot be read (here a key of another type) fails only
+/// the operations that read it, each alone, with nothing charged, not even in the scope before
+/// it: of eight operations at once, four in a sound window (three senders, one of them also in
+/// the first call) and four in a broken one, the four in the sound window are reserved and
+/// counted, and the policy counts only them.
 #[tokio::test]
 async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -1223,18 +1225,23 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
         .query_async::<()>(&mut c)
         .await?;
     let sender = |i: u8| {
-        let window = if i % 2 == 0 { 20833 } else { 20834 };
-        scope(&format!("sender:0x{:040x}:{window}", i + 1), None, Some(10))
+        let window = if i.is_multiple_of(2) { 20833 } else { 20834 };
+        // (Op 2 is op 0's sender again; the others are one each.)
+        let account = if i == 2 { 1 } else { i + 1 };
+        scope(&format!("sender:0x{account:040x}:{window}"), None, Some(10))
     };
     let calls = (0..8u8)
         .map(|i| {
             (
-                reservation(i + 1, 5, vec![sender(i), scope("pm", None, None)]),
+                reservation(i + 1, 5, vec![scope("pm", None, None), sender(i)]),
                 false,
             )
         })
         .collect();
-    let before = fcalls(&redis).await?;
+    let mut stats = redis::Client::open(redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let before = command_calls(&mut stats).await?;
     for (i, outcome) in reserve_at_once(&ledger, calls)
         .await?
         .into_iter()
@@ -1246,12 +1253,20 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
             other => return Err(format!("op {i}: {other:?}").into()),
         }
     }
-    for i in (0..8u8).step_by(2) {
+    let after = command_calls(&mut stats).await?;
+    let calls =
+        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    // The first alone (no call in flight), the seven that waited for it in one.
+    assert_eq!(calls("fcall"), 2);
+    // The first: `pm` and its sender. The seven: each window's senders at once (the broken
+    // one's fails), then `pm` once, and each operation of the broken window its own sender
+    // (failing). Read one by one, the sound window's three senders would take three, not one.
+    assert_eq!(calls("hmget"), 2 + 2 + 1 + 4);
+    assert_eq!(ledger.usage("p", &sender(0).name).await?, (10, 2));
+    for i in [4, 6] {
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (5, 1));
     }
     assert_eq!(ledger.usage("p", "pm").await?, (20, 4));
-    // The first alone (no call in flight), the seven that waited for it in one.
-    assert_eq!(fcalls(&redis).await? - before, 2);
     Ok(())
 }
 
