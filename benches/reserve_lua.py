@@ -4,24 +4,32 @@
 Starts redis-server on a free port, loads lib.lua + reserve.lua as the service does (a library
 of Redis Functions since 0.3, see ledger::redis::library), sends N distinct new operations (a
 new sender each, one shared policy counter: the bench's sponsor load) pipelined 100 at a time,
-and prints redis-server's microseconds per call and per nested command (INFO commandstats),
-then the same for an empty script given the same arguments. docs/performance.md ("Redis CPU")
-quotes it.
+and prints redis-server's microseconds per call and per nested command (INFO commandstats)
+and its CPU time per operation, then the same for an empty script given the same arguments.
+docs/performance.md ("Redis CPU") quotes it.
 
     python3 benches/reserve_lua.py [N=50000]
+    BATCH=10 python3 benches/reserve_lua.py              # 10 operations a call (see below)
+    SESSIONS=2000 BATCH=10 python3 benches/reserve_lua.py  # the session load (see below)
     python3 benches/reserve_lua.py parts [N=20000]
     python3 benches/reserve_lua.py cuts [N=20000]
     python3 benches/reserve_lua.py ab DIR_A DIR_B [N=10000]
     BATCH=8 python3 benches/reserve_lua.py ab DIR_A DIR_B    # 8 operations a call (see below)
     python3 benches/reserve_lua.py variants [N=10000]
+    SESSIONS=2000 BATCH=10 python3 benches/reserve_lua.py commands [N=20000]
 
+SESSIONS=G (any mode) sends the bench's session load instead: operation i under session
+i % G + 1, its account the sender (a new nonce each), charged to the session's budget too; G
+below N makes sessions come round, as grants do in the HTTP bench. (`ab` builds each
+checkout's operations with its own copy of this file: one from before SESSIONS sends the
+sponsor load whatever it says, and the two sides then run different loads.)
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
-load's arguments (or none) that only run a piece, each median of 4 interleaved rounds.
+load's arguments (or none) that only run a piece, each median of 4 interleaved rounds, with
+EVALSHA (lib.lua's helpers made on every call; a function's are made once).
 `cuts` runs reserve.lua itself cut short after each of its steps (a return there), on the
 same operations, each median of 3 interleaved rounds (ROUNDS=k for more): what each step adds
 to redis-server's CPU time (as a function, as the service runs it; BATCH=10 for ten operations
-a call). `parts` runs its scripts with
-EVALSHA, lib.lua's helpers made on every call (a function's are made once).
+a call).
 `ab` times the reserve.lua of two checkouts (e.g. a `git worktree` of another commit), each
 with its own copy of this file's `operations` (a change may change the arguments), in turn in
 one redis-server, 9 rounds, the order swapped every round; where two cores are allowed,
@@ -35,6 +43,11 @@ library of Redis Functions runs as one (FCALL), an earlier one with EVALSHA. Wit
 checkout whose reserve.lua takes several operations a call (its operations() file has
 batched()) gets k to a call, as the service's ledger sends what waited for a policy's call in
 flight; the other one each alone.
+`commands` runs, on the same calls, reserve.lua against a script that runs the commands a new
+operation under a session runs in the common case, one after the other with nothing between
+(what the script would cost with no logic of its own), and against an empty script: medians
+of ROUNDS rounds (3 unless given), redis-server's CPU time per operation. It sends the session
+load (SESSIONS=2000 unless given).
 `variants` does the same with this checkout against itself, run two ways: its scripts with
 EVALSHA (lib.lua's helpers made on every call) against FCALL as the service runs them; then
 senders' 0.2 keys not read against read (missing, as on a Redis 0.2 served in a window it
@@ -42,7 +55,8 @@ left no key in).
 """
 import os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
 
-MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in ('parts', 'cuts', 'ab', 'variants') else None
+MODES = ('parts', 'cuts', 'ab', 'variants', 'commands')
+MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in MODES else None
 ARGS = sys.argv[2:] if MODE else sys.argv[1:]
 AB_DIRS = ARGS[:2] if MODE == 'ab' else []
 if MODE == 'ab':
@@ -50,10 +64,13 @@ if MODE == 'ab':
         sys.exit('usage: reserve_lua.py ab DIR_A DIR_B [N]')
     ARGS = ARGS[2:]
 N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab': 10000,
-                               'variants': 10000}[MODE]
-# `ab`'s rounds (each runs both checkouts): ROUNDS=21 in the environment for finer ratios.
+                               'variants': 10000, 'commands': 20000}[MODE]
+# Rounds: `ab`'s (each runs both checkouts; ROUNDS=21 in the environment for finer ratios),
+# `cuts`' (3 unless given).
 ROUNDS = int(os.environ.get('ROUNDS', '9'))
-# `ab`: operations a call, for a checkout whose reserve.lua takes several (BATCH=8).
+CUT_ROUNDS = int(os.environ.get('ROUNDS', '3'))
+# Operations a call, for a checkout whose reserve.lua takes several (BATCH=8): `ab`, `cuts`
+# and the plain run.
 BATCH = int(os.environ.get('BATCH', '1'))
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
@@ -249,9 +266,8 @@ def parts(r):
 
 # reserve.lua cut after these steps (the text before each marker runs, then `return {0}`).
 CUTS = [
-    ('the call, each operation begun', '  local check_only, cost, nonce_ttl'),
-    ('its numbers unpacked', '  check_only = check_only == 1'),
-    ('arguments unpacked', "local data = redis.call('GET', keys[1])"),
+    ('frame read, scopes parsed, shared senders read (HMGET)', '  local check_only, cost, nonce_ttl'),
+    ('its numbers unpacked', "local data = redis.call('GET', keys[1])"),
     ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
     ('the session status and a repeat checked', 'local session_key = session and keys[4] or nil'),
     ('open reservations counted', "-- Each scope's counter, as an operation"),
@@ -265,12 +281,12 @@ def cuts(r, pid):
     lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
     script = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
     results = {}
-    for _ in range(ROUNDS if 'ROUNDS' in os.environ else 3):
+    for _ in range(CUT_ROUNDS):
         for label, marker in CUTS:
             marker = marker and marker.encode()
             body = (script if marker is None else
-                    # (Each operation returns there; the rest stays, so the loop that runs
-                    # each operation still closes.)
+                    # (Each marker is inside the function that runs one operation: it
+                    # returns there, and the rest stays, so that the function still closes.)
                     script[:script.index(marker)] + b'do return {0} end\n'
                     + script[script.index(marker):])
             # As the service runs it: a function of a library, BATCH operations a call.
@@ -279,7 +295,6 @@ def cuts(r, pid):
             ops = operations('unused', N)
             if BATCH > 1:
                 ops = batched(ops, BATCH)
-            r.call('CONFIG', 'RESETSTAT')
             before = cpu_ns(pid)
             r.pipelined([head + op[2:] for op in ops])
             results.setdefault(label, []).append(round((cpu_ns(pid) - before) / 1000 / N, 2))
@@ -372,6 +387,50 @@ def variants(r, pid):
            ('B (read)', functools.partial(operations, old_keys=True), lib, reserve, True)], pid)
 
 
+# The commands a new operation of an existing session runs in the common case (an existing
+# sender and policy counter, a new nonce, a bucket that exists), one after the other with no
+# logic: reserve.lua's floor.
+COMMANDS_ONLY = b"""
+local frame = ARGV[1]
+local k, a = 1, 2
+for at = 1, #frame - 1, 2 do
+  local key_count, arg_count = string.byte(frame, at, at + 1)
+  redis.call('GET', KEYS[k])
+  redis.call('HGET', KEYS[k + 3], 'status')
+  redis.call('HMGET', KEYS[k + 4], 'until', 'c', 'cost', 'ops')
+  redis.call('HMGET', KEYS[k + 5], 'until', 'abcdefghijabcdefghij')
+  redis.call('HSET', KEYS[k + 4], 'c', 'abcdefghabcdefghabcdefgh')
+  redis.call('HSET', KEYS[k + 5], 'abcdefghijabcdefghij', 'abcdefghabcdefghabcdefgh')
+  redis.call('HSET', KEYS[k + 6], 'c', 'abcdefghabcdefghabcdefgh')
+  redis.call('APPEND', KEYS[k + 2], 'abcdefghijabcdefghij')
+  redis.call('SET', KEYS[k], ARGV[a + 1], 'EX', 4200)
+  k, a = k + key_count, a + arg_count
+end
+return {}
+"""
+
+
+def commands_alone(r, pid):
+    os.environ.setdefault('SESSIONS', '2000')
+    lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
+    reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
+    results = {}
+    for _ in range(int(os.environ.get('ROUNDS', '3'))):
+        for label, body in (('reserve.lua', reserve), ('its commands alone', COMMANDS_ONLY),
+                            ('an empty script, same arguments', b'return {}')):
+            r.call('FLUSHALL')
+            head = load(r, lib, body, True)
+            ops = operations('unused', N)
+            if BATCH > 1:
+                ops = batched(ops, BATCH)
+            before = cpu_ns(pid)
+            r.pipelined([head + op[2:] for op in ops])
+            results.setdefault(label, []).append(round((cpu_ns(pid) - before) / 1000 / N, 2))
+    for label, runs in results.items():
+        print('%-34s %6.2f us of redis-server CPU per operation (median of %s)'
+              % (label, statistics.median(runs), runs))
+
+
 def main():
     port = free_port()
     versions = ab_versions() if MODE == 'ab' else None
@@ -399,6 +458,8 @@ def main():
                 return ab(r, versions, server.pid)
             if MODE == 'variants':
                 return variants(r, server.pid)
+            if MODE == 'commands':
+                return commands_alone(r, server.pid)
             lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
             reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, head_lib, body, function in (
