@@ -289,18 +289,28 @@ def cuts(r, pid):
                     # returns there, and the rest stays, so that the function still closes.)
                     script[:script.index(marker)] + b'do return {0} end\n'
                     + script[script.index(marker):])
-            # As the service runs it: a function of a library, BATCH operations a call.
-            head = load(r, lib, body, True)
-            r.call('FLUSHALL')
-            ops = operations('unused', N)
-            if BATCH > 1:
-                ops = batched(ops, BATCH)
-            before = cpu_ns(pid)
-            r.pipelined([head + op[2:] for op in ops])
-            results.setdefault(label, []).append(round((cpu_ns(pid) - before) / 1000 / N, 2))
+            results.setdefault(label, []).append(cpu_per_operation(r, pid, lib, body))
+    print_medians(results, 52)
+
+
+def cpu_per_operation(r, pid, lib, body):
+    """redis-server's CPU time per operation (us) for N new operations in a flushed keyspace,
+    `body` run as the service runs reserve.lua: a function of a library after lib.lua, BATCH
+    operations a call."""
+    head = load(r, lib, body, True)
+    r.call('FLUSHALL')
+    ops = operations('unused', N)
+    if BATCH > 1:
+        ops = batched(ops, BATCH)
+    before = cpu_ns(pid)
+    r.pipelined([head + op[2:] for op in ops])
+    return round((cpu_ns(pid) - before) / 1000 / N, 2)
+
+
+def print_medians(results, width):
     for label, runs in results.items():
-        print('%-52s %6.2f us of redis-server CPU per operation (median of %s)'
-              % (label, statistics.median(runs), runs))
+        print('%-*s %6.2f us of redis-server CPU per operation (median of %s)'
+              % (width, label, statistics.median(runs), runs))
 
 
 def ab_versions():
@@ -418,17 +428,8 @@ def commands_alone(r, pid):
     for _ in range(int(os.environ.get('ROUNDS', '3'))):
         for label, body in (('reserve.lua', reserve), ('its commands alone', COMMANDS_ONLY),
                             ('an empty script, same arguments', b'return {}')):
-            r.call('FLUSHALL')
-            head = load(r, lib, body, True)
-            ops = operations('unused', N)
-            if BATCH > 1:
-                ops = batched(ops, BATCH)
-            before = cpu_ns(pid)
-            r.pipelined([head + op[2:] for op in ops])
-            results.setdefault(label, []).append(round((cpu_ns(pid) - before) / 1000 / N, 2))
-    for label, runs in results.items():
-        print('%-34s %6.2f us of redis-server CPU per operation (median of %s)'
-              % (label, statistics.median(runs), runs))
+            results.setdefault(label, []).append(cpu_per_operation(r, pid, lib, body))
+    print_medians(results, 34)
 
 
 def main():
