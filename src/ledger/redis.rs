@@ -104,7 +104,7 @@ fn sender_scope(name: &str) -> Option<(Vec<u8>, &str)> {
     if digits != 40 {
         return None;
     }
-    let raw = hex::decode(&rest[..40]).ok()?;
+    let raw = alloy::hex::decode(&rest[..40]).ok()?;
     Some((raw, &rest[40..]))
 }
 
@@ -150,7 +150,7 @@ fn session_key(policy: &str, session: B256) -> String {
 /// Hash field of a session's total of `token`.
 /// Lowercase hex: the ledger stores an address in a name as its 20 bytes.
 fn spent_field(token: Address) -> String {
-    format!("spent:0x{}", hex::encode(token))
+    format!("spent:0x{}", alloy::hex::encode(token))
 }
 
 /// A name as `lib.lua`'s `pack_name` stores it: each lowercase `0x` + 40 or 64 hex digits (an
@@ -169,7 +169,9 @@ fn pack_name(name: &str) -> Vec<u8> {
             if run > 0 {
                 let hex = &bytes[i + 2..i + 2 + run];
                 let lower = !hex.iter().any(u8::is_ascii_uppercase);
-                match hex::decode(hex) {
+                // (const-hex's vectorised decoder: a record packs two or three names a
+                // sponsorship.)
+                match alloy::hex::decode(hex) {
                     Ok(raw) if lower && (run == 40 || run == 64) => {
                         out.push(if run == 40 { 1 } else { 2 });
                         out.extend_from_slice(&raw);

@@ -267,7 +267,8 @@ impl Sponsor {
         };
         if let Some(b) = &policy.budgets.sender {
             // Lowercase hex: the ledger stores an address in a scope name as its 20 bytes.
-            let sender = hex::encode(sender);
+            // (const-hex's vectorised encoder, not the `hex` crate's char by char.)
+            let sender = alloy::hex::encode(sender);
             scopes.push(windowed(
                 b,
                 on_chain(format!("sender:0x{sender}")),
