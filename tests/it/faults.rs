@@ -14,19 +14,10 @@ use serde_json::{Value, json};
 use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
 use session_paymaster::userop::EntryPointVersion;
 
-use crate::helpers::{COUNTER, TempDir, TestRedis, TestResult, counter_op};
+use crate::helpers::{TempDir, TestRedis, TestResult, counter_op, counter_policy_dir};
 
 fn budgeted_dir() -> TestResult<TempDir> {
-    let dir = TempDir::new("faults");
-    std::fs::write(
-        dir.0.join("budgeted.toml"),
-        format!(
-            "id = \"budgeted\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
-             [budgets]\npolicy = {{ ops = 100000, period = \"1d\" }}\n\
-             [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
-        ),
-    )?;
-    Ok(dir)
+    counter_policy_dir("faults", "budgeted", 100_000)
 }
 
 /// The real binary, killed outright on drop (or by [`Service::kill`]).

@@ -61,6 +61,23 @@ impl Drop for TempDir {
     }
 }
 
+/// The policy file `id` that sponsors `increment()` of [`COUNTER`] on chain 31337's EntryPoint
+/// v0.7, at most `ops` operations a day across all senders.
+pub fn counter_policy(id: &str, ops: u64) -> String {
+    format!(
+        "id = \"{id}\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+         [budgets]\npolicy = {{ ops = {ops}, period = \"1d\" }}\n\
+         [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
+    )
+}
+
+/// A policies directory (`tag` names it) holding only [`counter_policy`] `id`, as `<id>.toml`.
+pub fn counter_policy_dir(tag: &str, id: &str, ops: u64) -> TestResult<TempDir> {
+    let dir = TempDir::new(tag);
+    std::fs::write(dir.0.join(format!("{id}.toml")), counter_policy(id, ops))?;
+    Ok(dir)
+}
+
 /// anvil on a free port, killed on drop.
 pub struct TestAnvil {
     child: Child,

@@ -20,7 +20,8 @@ use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
 use crate::helpers::{
-    COUNTER, Stack, TempDir, TestApp, TestRedis, TestResult, config, counter_op, repo_dir,
+    COUNTER, Stack, TempDir, TestApp, TestRedis, TestResult, config, counter_op, counter_policy,
+    counter_policy_dir, repo_dir,
 };
 use crate::sessions::{
     TOKEN, create_session, grant_request, proof, proof_until, revoke, transfer_op,
@@ -1088,11 +1089,7 @@ async fn variants_of_one_nonce_hold_a_bounded_budget() -> TestResult {
 #[tokio::test]
 async fn an_absurd_worst_case_cannot_break_the_counters() -> TestResult {
     let redis = TestRedis::start().await?;
-    let policy = format!(
-        "id = \"ops-only\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
-         [budgets]\npolicy = {{ ops = 100, period = \"1d\" }}\n\
-         [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
-    );
+    let policy = counter_policy("ops-only", 100);
     let (app, _dir) = app_with(&redis, &[("ops-only.toml".into(), policy)]).await?;
     let ep07 = ep(EntryPointVersion::V0_7);
     let ctx = json!({ "sponsorshipPolicyId": "ops-only" });
@@ -1185,15 +1182,7 @@ async fn a_senders_budget_is_its_own_in_its_windows_shared_hash() -> TestResult 
 #[tokio::test]
 async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResult {
     let redis = TestRedis::start().await?;
-    let dir = TempDir::new("hostile");
-    std::fs::write(
-        dir.0.join("flood.toml"),
-        format!(
-            "id = \"flood\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
-             [budgets]\npolicy = {{ ops = 1000, period = \"1d\" }}\n\
-             [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
-        ),
-    )?;
+    let dir = counter_policy_dir("hostile", "flood", 1000)?;
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.policies_dir = dir.0.clone();
     c.redis_url = Some(redis.url.clone());

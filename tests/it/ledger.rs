@@ -17,7 +17,9 @@ use session_paymaster::signer::KeySource;
 use session_paymaster::userop::EntryPointVersion;
 use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 
-use crate::helpers::{COUNTER, TempDir, TestApp, TestRedis, TestResult, config, counter_op};
+use crate::helpers::{
+    TempDir, TestApp, TestRedis, TestResult, config, counter_op, counter_policy_dir,
+};
 
 const NOW: u64 = 1_800_000_000;
 
@@ -99,6 +101,26 @@ async fn redis_ledger(
 
 /// The counter `pm` (as the deposit's: it lives as long as the answers it sums), to live
 /// `lives` seconds past NOW.
+/// A reservation's charge under session `id` (its grant ending two hours after NOW), with
+/// its token amounts.
+fn session_charge(id: B256, spend: Vec<TokenCharge>) -> Option<SessionCharge> {
+    Some(SessionCharge {
+        id,
+        expires_at: NOW + 7200,
+        spend,
+    })
+}
+
+/// `amount` of `token` against the session's first cap, `limit`.
+fn token_charge(token: Address, amount: U256, limit: U256) -> TokenCharge {
+    TokenCharge {
+        token,
+        amount,
+        limit,
+        rule: "session.permissions.spend[0]".into(),
+    }
+}
+
 fn pm(lives: u64) -> Scope {
     Scope {
         expires_at: NOW + lives,
@@ -446,11 +468,7 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     let variant = |op: u8, session: Option<u8>| Reservation {
         policy: "r".into(),
         landing_key: B256::repeat_byte(0x77),
-        session: session.map(|id| SessionCharge {
-            id: B256::repeat_byte(id),
-            expires_at: NOW + 7200,
-            spend: vec![],
-        }),
+        session: session.and_then(|id| session_charge(B256::repeat_byte(id), vec![])),
         ..reservation(op, 1, vec![])
     };
     for op in 50..50 + MAX_OPEN_PER_NONCE as u8 {
@@ -559,16 +577,7 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
     let limit = unit * U256::from(3u64);
     let under = |op: u8, amount: U256| Reservation {
         policy: "s".into(),
-        session: Some(SessionCharge {
-            id,
-            expires_at: NOW + 7200,
-            spend: vec![TokenCharge {
-                token,
-                amount,
-                limit,
-                rule: "session.permissions.spend[0]".into(),
-            }],
-        }),
+        session: session_charge(id, vec![token_charge(token, amount, limit)]),
         ..reservation(op, 10, vec![])
     };
     let policies = vec!["s".to_owned()];
@@ -709,15 +718,7 @@ async fn concurrent_sponsorships_sign_exactly_the_budget_on_redis_cluster() -> T
 const K: u64 = 7;
 
 fn budget_dir() -> TestResult<TempDir> {
-    let dir = TempDir::new("budgets");
-    std::fs::write(
-        dir.0.join("budgeted.toml"),
-        format!(
-            "id = \"budgeted\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\n[budgets]\npolicy = {{ ops = {K}, period = \"1d\" }}\n\n\
-             [[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"increment()\"]\n"
-        ),
-    )?;
-    Ok(dir)
+    counter_policy_dir("budgets", "budgeted", K)
 }
 
 fn op_json(nonce: u64) -> Value {
@@ -1027,16 +1028,14 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
     let token = Address::repeat_byte(0x70);
     let unit = U256::from(10u64).pow(U256::from(18u64));
     let under = |op: u8| Reservation {
-        session: Some(SessionCharge {
-            id: B256::repeat_byte(0x5e),
-            expires_at: NOW + 7200,
-            spend: vec![TokenCharge {
+        session: session_charge(
+            B256::repeat_byte(0x5e),
+            vec![token_charge(
                 token,
-                amount: unit * U256::from(2u64),
-                limit: unit * U256::from(3u64),
-                rule: "session.permissions.spend[0]".into(),
-            }],
-        }),
+                unit * U256::from(2u64),
+                unit * U256::from(3u64),
+            )],
+        ),
         ..reservation(op, 10, vec![pm(4200)])
     };
     // The first goes alone (no call in flight); the others wait for it, and go in one call.
@@ -1089,20 +1088,15 @@ async fn a_sessions_totals_live_to_its_end() -> TestResult {
     let id = B256::repeat_byte(0x5e);
     let key = format!("sp:{{p}}:session:{id}");
     let under = |op: u8, spend: Vec<TokenCharge>| Reservation {
-        session: Some(SessionCharge {
-            id,
-            expires_at: NOW + 7200,
-            spend,
-        }),
+        session: session_charge(id, spend),
         ..reservation(op, 10, vec![])
     };
     let capped = || {
-        vec![TokenCharge {
-            token: Address::repeat_byte(0x70),
-            amount: U256::from(5u64),
-            limit: U256::from(100u64),
-            rule: "session.permissions.spend[0]".into(),
-        }]
+        vec![token_charge(
+            Address::repeat_byte(0x70),
+            U256::from(5u64),
+            U256::from(100u64),
+        )]
     };
     let ttl = async |c: &mut session_paymaster::session::redis::RedisConn| -> TestResult<i64> {
         Ok(redis::cmd("TTL").arg(&key).query_async(c).await?)
@@ -2110,16 +2104,14 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
     let (ledger, conn) = redis_ledger(&redis).await?;
     let under_session = Reservation {
         policy: "p".into(),
-        session: Some(SessionCharge {
-            id: B256::repeat_byte(0x5e),
-            expires_at: NOW + 7200,
-            spend: vec![TokenCharge {
-                token: Address::repeat_byte(0x70),
-                amount: U256::from(10u64).pow(U256::from(30u64)),
-                limit: U256::MAX,
-                rule: "session.permissions.spend[0]".into(),
-            }],
-        }),
+        session: session_charge(
+            B256::repeat_byte(0x5e),
+            vec![token_charge(
+                Address::repeat_byte(0x70),
+                U256::from(10u64).pow(U256::from(30u64)),
+                U256::MAX,
+            )],
+        ),
         // Two hashes: a v0.9 answer (signature inline or in the suffix).
         user_op_hashes: vec![B256::repeat_byte(0xa1), B256::repeat_byte(0xa2)],
         ..reservation(
@@ -2166,11 +2158,7 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
     );
     // A session without token caps, and no scopes.
     let bare_session = Reservation {
-        session: Some(SessionCharge {
-            id: B256::repeat_byte(0x6e),
-            expires_at: NOW + 7200,
-            spend: vec![],
-        }),
+        session: session_charge(B256::repeat_byte(0x6e), vec![]),
         ..reservation(11, 2, vec![])
     };
     let script = format!(

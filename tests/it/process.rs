@@ -318,16 +318,7 @@ fn chains_from_the_config_file() -> TestResult {
 #[tokio::test]
 async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
-    let dir = TempDir::new("no-settlement");
-    std::fs::write(
-        dir.0.join("budgeted.toml"),
-        format!(
-            "id = \"budgeted\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
-             [budgets]\npolicy = {{ ops = 5, period = \"1d\" }}\n\
-             [[allow]]\ntarget = \"{}\"\nfunctions = [\"increment()\"]\n",
-            crate::helpers::COUNTER
-        ),
-    )?;
+    let dir = crate::helpers::counter_policy_dir("no-settlement", "budgeted", 5)?;
     let serve = |extra: &[&str], port: u16| {
         let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
         cmd.args(["serve", "--listen", &format!("127.0.0.1:{port}")])
