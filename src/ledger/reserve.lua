@@ -344,18 +344,9 @@ local function reserve(keys, args, scopes, shared)
 end
 
 local frame, replies = ARGV[1], {}
--- The frame first: a call whose keys and arguments it does not add up to runs nothing.
-local key_total, arg_total = 0, 0
-for at = 1, #frame - 1, 2 do
-  local key_count, arg_count = string.byte(frame, at, at + 1)
-  key_total, arg_total = key_total + key_count, arg_total + arg_count
-end
-if #frame % 2 ~= 0 or key_total ~= #KEYS or arg_total ~= #ARGV - 1 then
-  error('reserve.lua: a frame of ' .. #frame .. ' bytes for ' .. key_total .. ' keys and '
-    .. arg_total .. ' arguments, given ' .. #KEYS .. ' and ' .. (#ARGV - 1))
-end
--- Each operation's keys, arguments and scopes (an operation whose scopes do not parse fails
--- alone, answered {FAILED, message}).
+-- Each operation's keys, arguments and scopes, as the frame counts them (an operation whose
+-- scopes do not parse fails alone, answered {FAILED, message}); nothing runs before the frame
+-- is read whole: a call whose keys and arguments it does not add up to runs nothing.
 local ops = {}
 local next_key, next_arg = 1, 2
 for at = 1, #frame - 1, 2 do
@@ -371,6 +362,10 @@ for at = 1, #frame - 1, 2 do
   else
     replies[#replies + 1] = failed(got)
   end
+end
+if #frame % 2 ~= 0 or next_key ~= #KEYS + 1 or next_arg ~= #ARGV + 1 then
+  error('reserve.lua: a frame of ' .. #frame .. ' bytes for ' .. (next_key - 1) .. ' keys and '
+    .. (next_arg - 2) .. ' arguments, given ' .. #KEYS .. ' and ' .. (#ARGV - 1))
 end
 -- Then the senders' fields of each window's hash that several operations read, at once; then
 -- the operations in turn, each in a protected call: an error (a script error, a command Redis

@@ -1264,6 +1264,54 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
     Ok(())
 }
 
+/// A call of `reserve.lua` whose frame does not add up to its keys and arguments (a frame cut
+/// short, one naming an argument more than sent, one of odd length) runs nothing: it is refused
+/// whole, before any operation runs, and Redis holds what it held.
+#[tokio::test]
+async fn a_call_whose_frame_does_not_add_up_runs_nothing() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    // One reservation: the library is loaded, and Redis holds its keys.
+    let r = reservation(1, 10, vec![pm(4200)]);
+    assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    let functions: redis::Value = redis::cmd("FUNCTION")
+        .arg("LIST")
+        .query_async(&mut c)
+        .await?;
+    let functions = format!("{functions:?}");
+    let at = functions
+        .find("sp_reserve_")
+        .ok_or("no reserve function loaded")?;
+    let reserve = &functions[at..at + "sp_reserve_".len() + 12];
+    let keys: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query_async(&mut c).await?;
+    let (numbers, entry, scopes) = (vec![0u8; 112], vec![0u8; 23], Vec::<u8>::new());
+    // Each: the frame, then the arguments after it (one key, `sp:{p}:n:x`, in every call).
+    for (frame, args) in [
+        (vec![1u8], vec![&numbers, &entry, &scopes]),
+        (vec![1u8, 4], vec![&numbers, &entry, &scopes]),
+        (vec![1u8, 3, 0], vec![&numbers, &entry, &scopes]),
+        (vec![2u8, 3], vec![&numbers, &entry, &scopes]),
+    ] {
+        let mut cmd = redis::cmd("FCALL");
+        cmd.arg(reserve).arg(1).arg("sp:{p}:n:x").arg(&frame);
+        for a in args {
+            cmd.arg(a.as_slice());
+        }
+        let err = match cmd.query_async::<redis::Value>(&mut c).await {
+            Err(e) => e,
+            Ok(v) => return Err(format!("the frame {frame:?} ran: {v:?}").into()),
+        };
+        assert!(err.to_string().contains("reserve.lua: a frame of"), "{err}");
+    }
+    let after: Vec<Vec<u8>> = redis::cmd("KEYS").arg("*").query_async(&mut c).await?;
+    assert_eq!(
+        (after.len(), ledger.usage("p", "pm").await?),
+        (keys.len(), (10, 1))
+    );
+    Ok(())
+}
+
 /// A settlement or release that fails midway (a Cluster refusing a key whose slot is
 /// migrating, here a counter of the wrong type) keeps what it wrote: the record is saved closed
 /// before any cost is given back, so the next try gives back nothing twice (counted over,
