@@ -17,6 +17,7 @@ docs/performance.md ("Redis CPU") quotes it.
     BATCH=8 python3 benches/reserve_lua.py ab DIR_A DIR_B    # 8 operations a call (see below)
     python3 benches/reserve_lua.py variants [N=10000]
     SESSIONS=2000 BATCH=10 python3 benches/reserve_lua.py commands [N=20000]
+    BATCH=10 python3 benches/reserve_lua.py bounds [N=20000]
 
 SESSIONS=G (any mode) sends the bench's session load instead: operation i under session
 i % G + 1, its account the sender (a new nonce each), charged to the session's budget too; G
@@ -48,14 +49,18 @@ operation under a session runs in the common case, one after the other with noth
 (what the script would cost with no logic of its own), and against an empty script: medians
 of ROUNDS rounds (3 unless given), redis-server's CPU time per operation. It sends the session
 load (SESSIONS=2000 unless given).
+`bounds` runs `ab` of this checkout's reserve.lua against itself with commands skipped (the
+session's status `HGET`; then it, the senders' and the policy's `HSET`s and the `APPEND`):
+wrong scripts, a bound on what sparing those commands could give; then against itself given
+random ids instead of the bench's zero-padded ones. Under SESSIONS=2000 unless given.
 `variants` does the same with this checkout against itself, run two ways: its scripts with
 EVALSHA (lib.lua's helpers made on every call) against FCALL as the service runs them; then
 senders' 0.2 keys not read against read (missing, as on a Redis 0.2 served in a window it
 left no key in).
 """
-import os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
+import hashlib, os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
 
-MODES = ('parts', 'cuts', 'ab', 'variants', 'commands')
+MODES = ('parts', 'cuts', 'ab', 'variants', 'commands', 'bounds')
 MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in MODES else None
 ARGS = sys.argv[2:] if MODE else sys.argv[1:]
 AB_DIRS = ARGS[:2] if MODE == 'ab' else []
@@ -64,7 +69,7 @@ if MODE == 'ab':
         sys.exit('usage: reserve_lua.py ab DIR_A DIR_B [N]')
     ARGS = ARGS[2:]
 N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab': 10000,
-                               'variants': 10000, 'commands': 20000}[MODE]
+                               'variants': 10000, 'commands': 20000, 'bounds': 20000}[MODE]
 # Rounds: `ab`'s (each runs both checkouts; ROUNDS=21 in the environment for finer ratios),
 # `cuts`' (3 unless given).
 ROUNDS = int(os.environ.get('ROUNDS', '9'))
@@ -135,7 +140,7 @@ def short(b):
     return bytes([len(b)]) + b
 
 
-def operations(sha, n, old_keys=False):
+def operations(sha, n, old_keys=False, random_ids=False):
     """The arguments ledger::redis::reserve sends for a new operation of a new sender (with
     `old_keys`, where it has reserve.lua read the sender's 0.2 key too). With SESSIONS=G in the
     environment, the bench's session load instead: operation i under session i % G + 1 (its
@@ -151,9 +156,11 @@ def operations(sha, n, old_keys=False):
         nonce = b'sp:{bench}:n:' + landing
         account = i % sessions + 1 if sessions else i + 1
         raw_sender = struct.pack('>Q', account).rjust(20, b'\x00')
+        if random_ids:
+            raw_sender = hashlib.sha256(b'a%d' % account).digest()[:20]
         sender = b'\x01' + raw_sender  # pack_name of 0x<40 hex>
         # Each scope's name in records (ledger::redis::record_name: `s:0x…` a sender's), packed.
-        scopes = [(b's:0x%040x:20789' % account, b's:' + sender + b':20789'),
+        scopes = [(b's:0x' + raw_sender.hex().encode() + b':20789', b's:' + sender + b':20789'),
                   (b'policy:692', b'policy:692')]
         # Where each counter lives (ledger::redis::counter_slot): the sender's is its field in
         # the window's hash (a window begun after the layout's first start: the key it had
@@ -164,10 +171,12 @@ def operations(sha, n, old_keys=False):
         state = nonce
         if sessions:
             raw_session = struct.pack('>Q', account).rjust(32, b'\x00')
-            name = b'session:0x%064x' % account
+            if random_ids:
+                raw_session = hashlib.sha256(b's%d' % account).digest()
+            name = b'session:0x' + raw_session.hex().encode()
             scopes.insert(0, (name, b'session:\x02' + raw_session))
             slots.insert(0, (b'sp:{bench}:budget:' + name, b'c', name))
-            state = b'sp:{bench}:session:0x%064x' % account
+            state = b'sp:{bench}:session:0x' + raw_session.hex().encode()
             # A session's record: its state key (packed), no token amounts.
             tail = b'\x01' + short(b'sp:{bench}:session:\x02' + raw_session) + b'\x00'
         record = (b'\x00' + struct.pack('>Q', 780000) + struct.pack('>Q', valid_until)[2:]
@@ -244,6 +253,10 @@ PIECES = [
     ('HSET of an existing key', b"redis.call('HSET', KEYS[6], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
     ('HSET creating a key', b"redis.call('HSET', KEYS[1], 'c', struct.pack('>i8i8i8', 1, 1, 1)) return {0}", True),
     ('SET EX creating a key', b"redis.call('SET', KEYS[1], ARGV[3], 'EX', 1000) return {0}", True),
+    ('3 tables of 12 named fields', b"local t for i = 1, 3 do t = {a = 1, b = 2, c = 3, d = 4, "
+     b"e = 5, f = 6, g = 7, h = 8, i = 9, j = 10, k = 11, l = 12} end return {0}", True),
+    ('3 lists of 12 values', b"local t for i = 1, 3 do t = {1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12} "
+     b"end return {0}", True),
 ]
 
 
@@ -420,6 +433,45 @@ return {}
 """
 
 
+# `bounds`: reserve.lua edited so that it skips commands (wrong, a bound on what sparing them
+# could give), each edit (file, text, replacement) as applied to this checkout.
+NO_STATUS = ('reserve.lua', b"if session and redis.call('HGET', keys[4], 'status') == 'revoked' then",
+             b"if false then")
+BOUNDS = [
+    ("the session's status HGET skipped", [NO_STATUS]),
+    ("the status HGET, the senders' and policy's HSETs and the APPEND skipped", [
+        NO_STATUS,
+        ('reserve.lua', b"      redis.call('HSET', keys[i], s[S_FIELD], packed)\n",
+         b"      if session and i == 5 then redis.call('HSET', keys[i], s[S_FIELD], packed) end\n"),
+        ('lib.lua', b"if not listed and redis.call('APPEND', keys[3], string.sub(keys[1], -20)) == 20",
+         b"if not listed and false"),
+    ]),
+]
+
+
+def bounds(r, pid):
+    """This checkout's reserve.lua against itself edited (BOUNDS), then against itself given
+    random ids instead of zero-padded ones, `ab` each, under SESSIONS=2000 unless given."""
+    import functools
+    os.environ.setdefault('SESSIONS', '2000')
+    sources = {f: open(os.path.join(LUA, f), 'rb').read() for f in ('lib.lua', 'reserve.lua')}
+    ops = operations if BATCH == 1 else (lambda sha, n: batched(operations(sha, n), BATCH))
+    for label, edits in BOUNDS:
+        edited = dict(sources)
+        for f, old, new in edits:
+            if edited[f].count(old) != 1:
+                sys.exit('bounds: %s no longer holds %r' % (f, old))
+            edited[f] = edited[f].replace(old, new)
+        print('A: reserve.lua, B: %s' % label)
+        ab(r, [('A', ops, sources['lib.lua'], sources['reserve.lua'], True),
+               ('B', ops, edited['lib.lua'], edited['reserve.lua'], True)], pid)
+    random = functools.partial(operations, random_ids=True)
+    print('A: the bench\'s ids, B: random ones')
+    ab(r, [('A', ops, sources['lib.lua'], sources['reserve.lua'], True),
+           ('B', random if BATCH == 1 else (lambda sha, n: batched(random(sha, n), BATCH)),
+            sources['lib.lua'], sources['reserve.lua'], True)], pid)
+
+
 def commands_alone(r, pid):
     os.environ.setdefault('SESSIONS', '2000')
     lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
@@ -435,7 +487,7 @@ def commands_alone(r, pid):
 def main():
     port = free_port()
     versions = ab_versions() if MODE == 'ab' else None
-    pinned = MODE in ('ab', 'variants')
+    pinned = MODE in ('ab', 'variants', 'bounds')
     # `ab` pins redis-server and this driver to a core each, where two are allowed and taskset is.
     cores = sorted(os.sched_getaffinity(0))
     pin = pinned and len(cores) >= 2 and shutil.which('taskset') is not None
@@ -461,6 +513,8 @@ def main():
                 return variants(r, server.pid)
             if MODE == 'commands':
                 return commands_alone(r, server.pid)
+            if MODE == 'bounds':
+                return bounds(r, server.pid)
             lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
             reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, head_lib, body, function in (
