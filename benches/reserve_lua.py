@@ -174,11 +174,12 @@ def operations(sha, n, old_keys=False, random_ids=False):
             if random_ids:
                 raw_session = hashlib.sha256(b's%d' % account).digest()
             name = b'session:0x' + raw_session.hex().encode()
-            scopes.insert(0, (name, b'session:\x02' + raw_session))
+            # (In a record that gives its session's id, its budget's name is one byte.)
+            scopes.insert(0, (name, b'\x03'))
             slots.insert(0, (b'sp:{bench}:budget:' + name, b'c', name))
             state = b'sp:{bench}:session:0x' + raw_session.hex().encode()
-            # A session's record: its state key (packed), no token amounts.
-            tail = b'\x01' + short(b'sp:{bench}:session:\x02' + raw_session) + b'\x00'
+            # A session's record: its id (which names its state key), no token amounts.
+            tail = b'\x02' + raw_session + b'\x00'
         record = (b'\x00' + struct.pack('>Q', 780000) + struct.pack('>Q', valid_until)[2:]
                   + struct.pack('>I', valid_until - valid_after) + sig + b'\x01' + op_id[:8]
                   + bytes([len(scopes)]) + b''.join(short(packed) for _, packed in scopes) + tail)

@@ -75,6 +75,11 @@ pub struct Scope {
     pub starts_at: Option<u64>,
 }
 
+/// The name of a session's budget scope (its counter's, and how records list it).
+pub fn session_scope_name(id: B256) -> String {
+    format!("session:{id}")
+}
+
 /// How long before its `validUntil` a stored answer is still handed out again. A repeat of an
 /// operation whose signature expires sooner gets a fresh answer instead (when that one is valid
 /// longer), and the reservation is extended to it in the same atomic step: one charge covers

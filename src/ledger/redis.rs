@@ -17,10 +17,11 @@
 //!
 //! Ids and hashes are raw bytes: landing ids and idempotency ids are the first 20 bytes of
 //! their keccak keys, userOpHashes their first 8 (they only tell the few reservations of one
-//! nonce apart). A reservation without a session, charged to a sender and a policy budget,
-//! takes under 400 bytes: its entry in the nonce's string and 20 bytes of a bucket; with a
-//! sender new in the window, its field of the window's hash too, about 510 in all (`cargo test
-//! --test it ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender`).
+//! nonce apart). A reservation charged to a sender and a policy budget, with or without a
+//! session (whose record names it by its id), takes under 400 bytes: its entry in the nonce's
+//! string and 20 bytes of a bucket; with a sender new in the window, its field of the window's
+//! hash too, about 510 in all (`cargo test --test it
+//! ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender`).
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
@@ -197,6 +198,14 @@ fn short(out: &mut Vec<u8>, field: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
+/// A record's session byte when the record gives the session's 32-byte id (`SESSION_ID` in
+/// `lib.lua`).
+const SESSION_ID: u8 = 2;
+
+/// In a record that gives its session's id, the name that stands for its budget's,
+/// [`super::session_scope_name`] (`SESSION_SCOPE` in `lib.lua`).
+const SESSION_SCOPE: u8 = 3;
+
 /// A new reservation's entry in its nonce's key, as `lib.lua`'s `entry` frames it: its
 /// idempotency id, then its open record packed as `lib.lua`'s `pack_record` packs it, each
 /// scope by its name in records (`slots`, in `r.scopes`' order). The script stores it as it is,
@@ -224,13 +233,20 @@ fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreEr
         out.extend_from_slice(&h[..8]);
     }
     out.push(u8::try_from(slots.len()).map_err(|_| unavailable("over 255 scopes"))?);
+    // Under a session, its budget's name stands as one byte (SESSION_SCOPE in lib.lua).
+    let session_scope = r.session.as_ref().map(|s| super::session_scope_name(s.id));
     for slot in slots {
-        short(&mut out, &pack_name(&slot.record))?;
+        if session_scope.as_deref() == Some(&*slot.record) {
+            short(&mut out, &[SESSION_SCOPE])?;
+        } else {
+            short(&mut out, &pack_name(&slot.record))?;
+        }
     }
     match &r.session {
         Some(session) => {
-            out.push(1);
-            short(&mut out, &pack_name(&session_key(&r.policy, session.id)))?;
+            // Its id, which with the policy names its state key (SESSION_ID in lib.lua).
+            out.push(SESSION_ID);
+            out.extend_from_slice(session.id.as_slice());
             out.push(
                 u8::try_from(session.spend.len())
                     .map_err(|_| unavailable("over 255 token caps"))?,

@@ -114,7 +114,7 @@ local function reserve(keys, args, scopes, shared)
   if data then
     op_id = struct.unpack('>Bc0', args[2])
     entries = {}
-    for _, e in ipairs(parse_nonce(data)) do
+    for _, e in ipairs(parse_nonce(keys[1], data)) do
       if e[2].valid_until >= forget_below then
         entries[#entries + 1] = e
       end
@@ -162,7 +162,7 @@ local function reserve(keys, args, scopes, shared)
       end
       -- The fresh answer: the signature and hashes of the new record's entry.
       local _, body = struct.unpack('>Bc0Hc0', args[2])
-      local fresh = unpack_record(body)
+      local fresh = unpack_record(body, policy_prefix(keys[1]))
       for _, h in ipairs(fresh.hashes) do
         rec.hashes[#rec.hashes + 1] = h
       end

@@ -11,7 +11,7 @@ use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::ledger::redis::RedisLedger;
 use session_paymaster::ledger::{
     Exhausted, Landing, Ledger, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY, Outcome, Reservation,
-    Resource, Scope, SessionCharge, Settled, SpendExceeded, TokenCharge,
+    Resource, Scope, SessionCharge, Settled, SpendExceeded, TokenCharge, session_scope_name,
 };
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::EntryPointVersion;
@@ -99,8 +99,6 @@ async fn redis_ledger(
     ))
 }
 
-/// The counter `pm` (as the deposit's: it lives as long as the answers it sums), to live
-/// `lives` seconds past NOW.
 /// A reservation's charge under session `id` (its grant ending two hours after NOW), with
 /// its token amounts.
 fn session_charge(id: B256, spend: Vec<TokenCharge>) -> Option<SessionCharge> {
@@ -121,6 +119,8 @@ fn token_charge(token: Address, amount: U256, limit: U256) -> TokenCharge {
     }
 }
 
+/// The counter `pm` (as the deposit's: it lives as long as the answers it sums), to live
+/// `lives` seconds past NOW.
 fn pm(lives: u64) -> Scope {
     Scope {
         expires_at: NOW + lives,
@@ -2105,12 +2105,23 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
         ),
     ];
     let n = 10_000u64;
-    // Ops `from..from + count`, of sender 0 or each of a new sender.
-    let reserve_many = async |from: u64, count: u64, new_senders: bool| -> TestResult {
+    let session = B256::repeat_byte(0x5e);
+    #[derive(Clone, Copy, PartialEq)]
+    enum Ops {
+        OneSender,
+        NewSenders,
+        // Sender 0's, under one session with a budget (the session load's shape).
+        UnderSession,
+    }
+    // Ops `from..from + count`.
+    let reserve_many = async |from: u64, count: u64, ops: Ops| -> TestResult {
         for i in from..from + count {
             let mut scopes = scopes.clone();
-            if new_senders {
+            if ops == Ops::NewSenders {
                 scopes[0].name = sender(i);
+            }
+            if ops == Ops::UnderSession {
+                scopes.insert(0, scope(&session_scope_name(session), Some(1 << 50), None));
             }
             let r = Reservation {
                 policy: "dev-counter".into(),
@@ -2118,6 +2129,9 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
                 landing_key: alloy::primitives::keccak256((i ^ u64::MAX).to_be_bytes()),
                 user_op_hashes: vec![alloy::primitives::keccak256((i ^ 7).to_be_bytes())],
                 answer: answer(7, NOW + 600),
+                session: (ops == Ops::UnderSession)
+                    .then(|| session_charge(session, vec![]))
+                    .flatten(),
                 ..reservation(0, 123_456, scopes)
             };
             assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
@@ -2126,19 +2140,31 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
     };
     // The scope counters are shared; what grows is per reservation (and, as the keys grow in
     // number, the keyspace's tables: each batch doubles them once).
-    reserve_many(0, 1, false).await?;
+    reserve_many(0, 1, Ops::OneSender).await?;
     let before = used().await?;
-    reserve_many(1, n, false).await?;
+    reserve_many(1, n, Ops::OneSender).await?;
     let middle = used().await?;
-    reserve_many(n + 1, n, true).await?;
+    reserve_many(n + 1, n, Ops::NewSenders).await?;
     let after = used().await?;
+    // (The session's counter made first: what grows is per reservation.)
+    reserve_many(2 * n + 1, 1, Ops::UnderSession).await?;
+    let session_before = used().await?;
+    reserve_many(2 * n + 2, n, Ops::UnderSession).await?;
+    let session_after = used().await?;
     let per_op = |from: u64, to: u64| (to as i64 - from as i64) / n as i64;
     let (per, per_new) = (per_op(before, middle), per_op(middle, after));
-    eprintln!("{per} bytes per reservation, {per_new} with a new sender each");
+    let per_session = per_op(session_before, session_after);
+    eprintln!(
+        "{per} bytes per reservation, {per_new} with a new sender each, {per_session} under a session"
+    );
     assert!((1..=400).contains(&per), "{per} bytes per reservation");
     assert!(
         (1..=550).contains(&per_new),
         "{per_new} bytes per reservation of a new sender"
+    );
+    assert!(
+        (1..=400).contains(&per_session),
+        "{per_session} bytes per reservation under a session"
     );
     Ok(())
 }
@@ -2225,5 +2251,88 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
         assert!(stored.len() > 100, "op {op}: {} bytes", stored.len());
         assert_eq!(hex::encode(&repacked), hex::encode(&stored), "op {op}");
     }
+    Ok(())
+}
+
+/// A record of 0.3.0 under a session named its state key and its budget in full; this version
+/// writes the session's id alone (56 bytes fewer, and the policy's name). A 0.3.0 record is
+/// still repeated, released and settled where it was counted: its budget and its token totals
+/// come back.
+#[tokio::test]
+async fn a_session_record_of_0_3_0_still_closes_where_it_was_counted() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let id = B256::repeat_byte(0x5e);
+    let budget = session_scope_name(id);
+    let token = Address::repeat_byte(0x70);
+    let under = |op: u8, valid_until: u64| Reservation {
+        session: session_charge(
+            id,
+            vec![token_charge(token, U256::from(40u64), U256::from(1000u64))],
+        ),
+        answer: answer(op, valid_until),
+        ..reservation(
+            op,
+            30,
+            vec![scope(&budget, Some(1000), None), scope("pol", None, None)],
+        )
+    };
+    // Released after NOW + 10; settled.
+    let (released, settles) = (under(1, NOW + 10), under(2, NOW + 600));
+    // Each reserved, then written back as 0.3.0 packed it: the state key in full (lib.lua still
+    // packs a record that came so, SESSION_KEY, and leaves its scope names in full).
+    let as_0_3 = format!(
+        "{}\nlocal e = load_nonce(KEYS[1])\nfor _, x in ipairs(e) do x[2].session_id = nil end\nsave_nonce(KEYS[1], e)",
+        include_str!("../../src/ledger/lib.lua")
+    );
+    for r in [&released, &settles] {
+        assert_eq!(ledger.reserve(r, false, NOW).await?, Outcome::Reserved);
+        let key = nonce_of(r.op_key[0]);
+        let now: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+        assert!(
+            !now.windows(8).any(|w| w == b"session:"),
+            "this version names neither the state key nor the budget"
+        );
+        redis::Script::new(&as_0_3)
+            .key(&key)
+            .invoke_async::<()>(&mut c)
+            .await?;
+        let then: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
+        assert!(
+            then.windows(15).any(|w| w == b"sp:{p}:session:")
+                && then.len() == now.len() + 56 + "p".len(),
+            "0.3.0's record: {} bytes, this version's {}",
+            then.len(),
+            now.len()
+        );
+    }
+    assert_eq!(ledger.usage("p", &budget).await?, (60, 2));
+    assert_eq!(
+        ledger.session_spent("p", id).await?,
+        BTreeMap::from([(token, U256::from(80u64))])
+    );
+    // A repeat finds its 0.3.0 record the same reservation.
+    assert!(matches!(
+        ledger.reserve(&settles, false, NOW).await?,
+        Outcome::Existing(_)
+    ));
+    let policies = vec!["p".to_owned()];
+    assert_eq!(ledger.release_expired(&policies, NOW + 11).await?, 1);
+    assert_eq!(
+        ledger.settle(&policies, &landing(2, 7)).await?,
+        settled(1, 0, true)
+    );
+    assert_eq!(
+        ledger.usage("p", &budget).await?,
+        (7, 1),
+        "the released one given back, the settled one at its cost"
+    );
+    assert_eq!(ledger.usage("p", "pol").await?, (7, 1));
+    assert_eq!(
+        ledger.session_spent("p", id).await?,
+        BTreeMap::from([(token, U256::from(40u64))]),
+        "the released one's spending given back"
+    );
     Ok(())
 }
