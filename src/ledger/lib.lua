@@ -78,22 +78,30 @@ end
 --   validUntil − validAfter u32, signature [65], n u8 + n userOpHash prefixes [8] (the
 --   latest MAX_HASHES; 64 bits tell a nonce's few reservations apart),
 --   n u8 + n scope names (u8 length + bytes; the budget key is `sp:{P}:budget:<name>`),
---   session u8, then with a session: SESSION_ID (2): the session's 32-byte id, its state key
---   being `sp:{P}:session:0x<id>` of the nonce key's policy, and a scope name of the one byte
---   SESSION_SCOPE standing for `session:0x<id>` (its budget); or SESSION_KEY (1, as 0.3.0 wrote
---   records): its state key (u8 length + bytes), scope names in full; then n u8 + n token
---   amounts (field and decimal amount, each u8 length + bytes). Names are packed by pack_name.
--- The service packs a new reservation's record the same way (ledger::redis::pack_record and
+--   session u8: NO_SESSION (0), or under a session SESSION_BY_ID (2): the session's 32-byte
+--   id, its state key being `sp:{P}:session:0x<id>` of the nonce key's policy, and a scope name
+--   of the one byte SESSION_SCOPE standing for `session:0x<id>` (its budget); or
+--   SESSION_BY_KEY (1, as 0.3.0 wrote every record, and 0.3.1 on a Redis 0.3.0 served, see
+--   ledger::redis::SESSION_RECORDS_BY_ID_KEY): its state key (u8 length + bytes), scope names
+--   in full; then n u8 + n token amounts (field and decimal amount, each u8 length + bytes).
+--   Names are packed by pack_name.
+-- The service packs a new reservation's record the same way (ledger::redis::pack_entry and
 -- pack_name mirror pack_record and pack_name here; a test compares them byte for byte).
 local OPEN, SETTLED, RELEASED = 0, 1, 2
 
--- A record's session byte: none, its state key in full (records of 0.3.0), its id (56 bytes
--- and the policy's name fewer than the key and the budget's name in full: a reservation under
--- a session took 448 bytes of Redis, and takes 352, `cargo test --test it
--- ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender -- --nocapture`).
-local NO_SESSION, SESSION_KEY, SESSION_ID = 0, 1, 2
--- In a record with SESSION_ID, the scope name that stands for `session:0x<id>`.
+-- A record's session byte. By id, the record is 56 bytes and the policy's name shorter than
+-- by key: a reservation under a session takes 352 bytes of Redis, 439 by key (`cargo test
+-- --test it ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender --
+-- --nocapture`).
+local NO_SESSION, SESSION_BY_KEY, SESSION_BY_ID = 0, 1, 2
+-- In a record by id, the scope name that stands for its session's budget. (Byte 3: pack_name's
+-- markers are 1 and 2, and no scope name is one byte.)
 local SESSION_SCOPE = '\3'
+
+-- `sp:{P}:` of any key of policy P.
+local function policy_prefix(key)
+  return string.match(key, '^(sp:{[^}]*}:)')
+end
 
 -- Seconds of validUntil one expiry bucket covers (ledger::redis::BUCKET_SECS).
 local BUCKET_SECS = 10
@@ -115,16 +123,20 @@ local function pack_name(name)
   end))
 end
 
+-- The lowercase hex digits of raw bytes.
+local function hex_of(raw)
+  return (string.gsub(raw, '.', function(ch)
+    return string.format('%02x', string.byte(ch))
+  end))
+end
+
 local function unpack_name(s)
   local out, i = {}, 1
   while i <= #s do
     local c = string.byte(s, i)
     if c == 1 or c == 2 then
       local n = (c == 1) and 20 or 32
-      local hex = string.gsub(string.sub(s, i + 1, i + n), '.', function(ch)
-        return string.format('%02x', string.byte(ch))
-      end)
-      out[#out + 1] = '0x' .. hex
+      out[#out + 1] = '0x' .. hex_of(string.sub(s, i + 1, i + n))
       i = i + 1 + n
     else
       out[#out + 1] = string.char(c)
@@ -134,17 +146,15 @@ local function unpack_name(s)
   return table.concat(out)
 end
 
--- The hex digits of a raw id (lowercase).
-local function hex_of(raw)
-  return (string.gsub(raw, '.', function(ch)
-    return string.format('%02x', string.byte(ch))
-  end))
+-- The name of the budget of the session whose raw id is `id` (ledger::session_scope_name).
+local function session_scope_of(id)
+  return 'session:0x' .. hex_of(id)
 end
 
--- A record (its packed bytes) of a nonce key of the policy whose keys start with `prefix`.
--- `r.session` is the session's state key (nil without a session), `r.session_id` its raw id
--- where the record gave it so (SESSION_ID, which pack_record writes back).
-local function unpack_record(data, prefix)
+-- A record (its packed bytes) of nonce key `key`. `r.session` is the session's state key (nil
+-- without a session); `r.session_id` its raw id where the record is by id (SESSION_BY_ID,
+-- which pack_record keeps).
+local function unpack_record(data, key)
   local r, n, pos = {}, 0, 1
   local span
   r.state, r.cost, r.valid_until, span, r.sig, n, pos = struct.unpack('>BI8I6I4c65B', data)
@@ -162,20 +172,20 @@ local function unpack_record(data, prefix)
   end
   local session
   session, pos = struct.unpack('>B', data, pos)
-  local hex = nil
-  if session == SESSION_ID then
+  local budget = nil
+  if session == SESSION_BY_ID then
     r.session_id, pos = struct.unpack('>c32', data, pos)
-    hex = hex_of(r.session_id)
-    r.session = prefix .. 'session:0x' .. hex
-  elseif session == SESSION_KEY then
-    local key
-    key, pos = struct.unpack('>Bc0', data, pos)
-    r.session = unpack_name(key)
+    r.session = policy_prefix(key) .. 'session:0x' .. hex_of(r.session_id)
+    budget = session_scope_of(r.session_id)
+  elseif session == SESSION_BY_KEY then
+    local state
+    state, pos = struct.unpack('>Bc0', data, pos)
+    r.session = unpack_name(state)
   end
   for i, name in ipairs(r.scopes) do
-    -- (SESSION_SCOPE is a name only in a record that gives its session's id.)
-    if hex and name == SESSION_SCOPE then
-      r.scopes[i] = 'session:0x' .. hex
+    -- (SESSION_SCOPE is a name only in a record by id.)
+    if budget and name == SESSION_SCOPE then
+      r.scopes[i] = budget
     else
       r.scopes[i] = unpack_name(name)
     end
@@ -211,19 +221,19 @@ local function pack_record(r)
   if #r.scopes > 255 or #r.spend > 255 then
     error('ledger record with over 255 scopes or token amounts')
   end
-  local session_scope = r.session_id and 'session:0x' .. hex_of(r.session_id)
+  local budget = r.session_id and session_scope_of(r.session_id)
   for _, name in ipairs(r.scopes) do
-    if name == session_scope then
+    if name == budget then
       parts[#parts + 1] = short(SESSION_SCOPE)
     else
       parts[#parts + 1] = short(pack_name(name))
     end
   end
   if r.session_id then
-    parts[#parts + 1] = struct.pack('>B', SESSION_ID) .. r.session_id
+    parts[#parts + 1] = struct.pack('>B', SESSION_BY_ID) .. r.session_id
       .. struct.pack('>B', #r.spend)
   elseif r.session then
-    parts[#parts + 1] = struct.pack('>B', SESSION_KEY) .. short(pack_name(r.session))
+    parts[#parts + 1] = struct.pack('>B', SESSION_BY_KEY) .. short(pack_name(r.session))
       .. struct.pack('>B', #r.spend)
   else
     parts[#parts + 1] = struct.pack('>B', NO_SESSION)
@@ -303,11 +313,6 @@ local function counter_add(prefix, name, cost, ops, open)
   end
   local c, o, p = counter_unpack(v)
   redis.call('HSET', key, field, struct.pack(COUNTER_FORMAT, c + cost, o + ops, p + open))
-end
-
--- `sp:{P}:` of any key of policy P.
-local function policy_prefix(key)
-  return string.match(key, '^(sp:{[^}]*}:)')
 end
 
 local function has_hash(r, hash)
@@ -429,12 +434,12 @@ end
 
 -- The entries of the value of nonce key `key`: a list of {id, record} (records unpacked).
 local function parse_nonce(key, data)
-  local entries, pos, prefix = {}, 1, policy_prefix(key)
+  local entries, pos = {}, 1
   while pos <= #data do
     local id, body
     id, pos = struct.unpack('>Bc0', data, pos)
     body, pos = struct.unpack('>Hc0', data, pos)
-    entries[#entries + 1] = {id, unpack_record(body, prefix)}
+    entries[#entries + 1] = {id, unpack_record(body, key)}
   end
   return entries
 end

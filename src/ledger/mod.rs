@@ -75,7 +75,8 @@ pub struct Scope {
     pub starts_at: Option<u64>,
 }
 
-/// The name of a session's budget scope (its counter's, and how records list it).
+/// The name of a session's budget scope (its counter's; a record by id lists it as one byte,
+/// see `lib.lua`).
 pub fn session_scope_name(id: B256) -> String {
     format!("session:{id}")
 }

@@ -2,8 +2,8 @@
 //! several sponsorships of a policy (those that waited for its calls in flight, see
 //! `ledger::batch`). The three scripts are one library of Redis Functions (see `library`),
 //! loaded when the service connects and again whenever a Redis answers that it has no such
-//! function (a restart without persistence, a new Cluster node). Keys, all but the last under
-//! the policy's `{policy}` hash tag so one reservation's keys share one Cluster slot:
+//! function (a restart without persistence, a new Cluster node). Keys, all but the last two
+//! under the policy's `{policy}` hash tag so one reservation's keys share one Cluster slot:
 //!
 //! | key | type | holds |
 //! |---|---|---|
@@ -13,6 +13,7 @@
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
 //! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations) and `spent:<token>` totals |
+//! | `sp:ledger:session-records-by-id` | string | set once no 0.3.0 replica may run: records under a session name it by id ([`SESSION_RECORDS_BY_ID_KEY`]) |
 //! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock; 0 on a Redis no earlier version ran on): windows begun before it may have senders counted the old way ([`LAYOUT_SINCE_KEY`]) |
 //!
 //! Ids and hashes are raw bytes: landing ids and idempotency ids are the first 20 bytes of
@@ -47,10 +48,21 @@ pub struct RedisLedger {
     /// also be in the key a version before 0.3 kept it in (`budget_key` of its name), which `reserve.lua`
     /// then reads too. `u64::MAX`: every window; 0: none (no earlier version ran on this Redis).
     legacy_before: u64,
+    /// Whether a reservation's record names its session by id (`SESSION_BY_ID` in `lib.lua`),
+    /// or by its state key in full, as 0.3.0 did and still reads ([`SESSION_RECORDS_BY_ID_KEY`]).
+    session_records_by_id: bool,
 }
 
 /// Where Redis keeps the time the first replica of this ledger layout ran (`RedisLedger::connect`).
 pub const LAYOUT_SINCE_KEY: &str = "sp:ledger:sender-windows-since";
+
+/// Set when no replica of 0.3.0 may run on this Redis any more: replicas that start after it
+/// is set name a reservation's session in its record by id. 0.3.0 reads such a record as one
+/// without a session (and so would under-count the session, charging a released operation
+/// that landed after all back to no session). The first replica of a Redis no earlier version
+/// served sets it; on one 0.3.0 served, the operator does once the last 0.3.0 replica has
+/// stopped (docs/operations.md, upgrading from 0.3.0 to 0.3.1).
+pub const SESSION_RECORDS_BY_ID_KEY: &str = "sp:ledger:session-records-by-id";
 
 /// How long after the time in [`LAYOUT_SINCE_KEY`] (Redis' clock) a window may begin (by a
 /// replica's clock) and still be read as one an earlier version may have written to: the
@@ -198,21 +210,23 @@ fn short(out: &mut Vec<u8>, field: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A record's session byte when the record gives the session's 32-byte id (`SESSION_ID` in
-/// `lib.lua`).
-const SESSION_ID: u8 = 2;
+/// A record's session byte (`NO_SESSION`, `SESSION_BY_KEY`, `SESSION_BY_ID` in `lib.lua`).
+const NO_SESSION: u8 = 0;
+const SESSION_BY_KEY: u8 = 1;
+const SESSION_BY_ID: u8 = 2;
 
-/// In a record that gives its session's id, the name that stands for its budget's,
+/// In a record by id, the name that stands for its session's budget,
 /// [`super::session_scope_name`] (`SESSION_SCOPE` in `lib.lua`).
 const SESSION_SCOPE: u8 = 3;
 
 /// A new reservation's entry in its nonce's key, as `lib.lua`'s `entry` frames it: its
-/// idempotency id, then its open record packed as `lib.lua`'s `pack_record` packs it, each
-/// scope by its name in records (`slots`, in `r.scopes`' order). The script stores it as it is,
-/// so the hot path packs nothing in Lua. The two packers must agree byte for byte
-/// (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of each shape in Lua
-/// and compares); settlement, release and extension unpack it in Lua.
-fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreError> {
+/// idempotency id, then its open record packed as `lib.lua`'s `pack_record` packs it: each
+/// scope by its name in records (`slots`, in `r.scopes`' order), its session `by_id` (its
+/// budget's name then one byte) or by its state key (as 0.3.0 did, [`SESSION_RECORDS_BY_ID_KEY`]).
+/// The script stores it as it is, so the hot path packs nothing in Lua. The two packers must
+/// agree byte for byte (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of
+/// each shape in Lua and compares); settlement, release and extension unpack it in Lua.
+fn pack_entry(r: &Reservation, slots: &[CounterSlot], by_id: bool) -> Result<Vec<u8>, StoreError> {
     let window = r.answer.window;
     let span = u32::try_from(window.valid_until.saturating_sub(window.valid_after))
         .map_err(|_| unavailable("a validity window over 2^32 seconds"))?;
@@ -233,10 +247,14 @@ fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreEr
         out.extend_from_slice(&h[..8]);
     }
     out.push(u8::try_from(slots.len()).map_err(|_| unavailable("over 255 scopes"))?);
-    // Under a session, its budget's name stands as one byte (SESSION_SCOPE in lib.lua).
-    let session_scope = r.session.as_ref().map(|s| super::session_scope_name(s.id));
+    // By id, the session's budget's name is one byte.
+    let budget = r
+        .session
+        .as_ref()
+        .filter(|_| by_id)
+        .map(|s| super::session_scope_name(s.id));
     for slot in slots {
-        if session_scope.as_deref() == Some(&*slot.record) {
+        if budget.as_deref() == Some(&*slot.record) {
             short(&mut out, &[SESSION_SCOPE])?;
         } else {
             short(&mut out, &pack_name(&slot.record))?;
@@ -244,9 +262,14 @@ fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreEr
     }
     match &r.session {
         Some(session) => {
-            // Its id, which with the policy names its state key (SESSION_ID in lib.lua).
-            out.push(SESSION_ID);
-            out.extend_from_slice(session.id.as_slice());
+            if by_id {
+                // Its id, which with the policy names its state key.
+                out.push(SESSION_BY_ID);
+                out.extend_from_slice(session.id.as_slice());
+            } else {
+                out.push(SESSION_BY_KEY);
+                short(&mut out, &pack_name(&session_key(&r.policy, session.id)))?;
+            }
             out.push(
                 u8::try_from(session.spend.len())
                     .map_err(|_| unavailable("over 255 token caps"))?,
@@ -256,7 +279,7 @@ fn pack_entry(r: &Reservation, slots: &[CounterSlot]) -> Result<Vec<u8>, StoreEr
                 short(&mut out, t.amount.to_string().as_bytes())?;
             }
         }
-        None => out.push(0),
+        None => out.push(NO_SESSION),
     }
     let len = u16::try_from(out.len() - start)
         .map_err(|_| unavailable("ledger record over 65535 bytes"))?;
@@ -415,6 +438,7 @@ impl RedisLedger {
                 Box::pin(async move { call(&mut conn, &reserve_call(&ops)).await })
             })),
             legacy_before: u64::MAX,
+            session_records_by_id: true,
         }
     }
 
@@ -447,12 +471,33 @@ impl RedisLedger {
             .await
             .map_err(unavailable)?;
         let since = noted.unwrap_or(first);
+        // Records by id from the start on a Redis no earlier version served; on one that was,
+        // once the operator says no 0.3.0 replica runs (SESSION_RECORDS_BY_ID_KEY).
+        if !served {
+            let _: () = redis::cmd("SET")
+                .arg(SESSION_RECORDS_BY_ID_KEY)
+                .arg(now)
+                .arg("NX")
+                .query_async(&mut c)
+                .await
+                .map_err(unavailable)?;
+        }
+        let session_records_by_id: bool = c
+            .exists(SESSION_RECORDS_BY_ID_KEY)
+            .await
+            .map_err(unavailable)?;
+        if !session_records_by_id {
+            tracing::info!(
+                "records under sessions are written as 0.3.0 wrote them, until {SESSION_RECORDS_BY_ID_KEY} is set (docs/operations.md)"
+            );
+        }
         load_library(&mut conn.clone()).await?;
         Ok(Self {
             legacy_before: match since {
                 0 => 0,
                 since => since.saturating_add(LEGACY_MARGIN_SECS),
             },
+            session_records_by_id,
             ..Self::new(conn)
         })
     }
@@ -497,7 +542,7 @@ impl RedisLedger {
         }
         // Its args[2]: the new record's whole entry in the nonce's key (its id, signature and
         // hashes, which reserve.lua reads from it).
-        let entry = pack_entry(r, &slots)?;
+        let entry = pack_entry(r, &slots, self.session_records_by_id)?;
         // Its keys (the slots' moved in); without a session the nonce's again in the session's
         // place (unused there).
         let session = match session {

@@ -162,7 +162,7 @@ local function reserve(keys, args, scopes, shared)
       end
       -- The fresh answer: the signature and hashes of the new record's entry.
       local _, body = struct.unpack('>Bc0Hc0', args[2])
-      local fresh = unpack_record(body, policy_prefix(keys[1]))
+      local fresh = unpack_record(body, keys[1])
       for _, h in ipairs(fresh.hashes) do
         rec.hashes[#rec.hashes + 1] = h
       end

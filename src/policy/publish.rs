@@ -15,7 +15,7 @@ use crate::session::StoreError;
 
 /// The version in force. Every replica with Redis publishes one when it starts (since before
 /// 0.2): a Redis without it has served no replica yet.
-pub(crate) const CURRENT: &str = "sp:policies:current";
+pub const CURRENT: &str = "sp:policies:current";
 
 fn set_key(version: B256) -> String {
     format!("sp:policies:set:{version}")

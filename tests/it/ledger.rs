@@ -9,6 +9,7 @@ use alloy::primitives::{Address, B256, U256};
 use serde_json::{Value, json};
 use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::ledger::redis::RedisLedger;
+use session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
 use session_paymaster::ledger::{
     Exhausted, Landing, Ledger, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY, Outcome, Reservation,
     Resource, Scope, SessionCharge, Settled, SpendExceeded, TokenCharge, session_scope_name,
@@ -2076,7 +2077,8 @@ async fn an_extended_reservation_extends_its_counters_in_memory() -> TestResult 
 /// nonce's string and 20 bytes of an expiry bucket now, measured the same way: at most 400.
 /// A reservation of a sender new in the window adds the sender's counter: a key of its own
 /// until 0.3 (650 bytes in all), a field of the window's hash now (430-510 measured, as the
-/// hash's and the keyspace's tables double).
+/// hash's and the keyspace's tables double). Under a session (without token caps), at most
+/// 400 too with its record by id (0.3.0's record by key: printed).
 #[tokio::test]
 async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -2113,8 +2115,8 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
         // Sender 0's, under one session with a budget (the session load's shape).
         UnderSession,
     }
-    // Ops `from..from + count`.
-    let reserve_many = async |from: u64, count: u64, ops: Ops| -> TestResult {
+    // Ops `from..from + count`, by `ledger`.
+    let reserve_many = async |ledger: &Ledger, from: u64, count: u64, ops: Ops| -> TestResult {
         for i in from..from + count {
             let mut scopes = scopes.clone();
             if ops == Ops::NewSenders {
@@ -2129,9 +2131,11 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
                 landing_key: alloy::primitives::keccak256((i ^ u64::MAX).to_be_bytes()),
                 user_op_hashes: vec![alloy::primitives::keccak256((i ^ 7).to_be_bytes())],
                 answer: answer(7, NOW + 600),
-                session: (ops == Ops::UnderSession)
-                    .then(|| session_charge(session, vec![]))
-                    .flatten(),
+                session: if ops == Ops::UnderSession {
+                    session_charge(session, vec![])
+                } else {
+                    None
+                },
                 ..reservation(0, 123_456, scopes)
             };
             assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
@@ -2140,22 +2144,35 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
     };
     // The scope counters are shared; what grows is per reservation (and, as the keys grow in
     // number, the keyspace's tables: each batch doubles them once).
-    reserve_many(0, 1, Ops::OneSender).await?;
+    reserve_many(&ledger, 0, 1, Ops::OneSender).await?;
     let before = used().await?;
-    reserve_many(1, n, Ops::OneSender).await?;
+    reserve_many(&ledger, 1, n, Ops::OneSender).await?;
     let middle = used().await?;
-    reserve_many(n + 1, n, Ops::NewSenders).await?;
+    reserve_many(&ledger, n + 1, n, Ops::NewSenders).await?;
     let after = used().await?;
-    // (The session's counter made first: what grows is per reservation.)
-    reserve_many(2 * n + 1, 1, Ops::UnderSession).await?;
-    let session_before = used().await?;
-    reserve_many(2 * n + 2, n, Ops::UnderSession).await?;
-    let session_after = used().await?;
-    let per_op = |from: u64, to: u64| (to as i64 - from as i64) / n as i64;
-    let (per, per_new) = (per_op(before, middle), per_op(middle, after));
-    let per_session = per_op(session_before, session_after);
+    // Under a session, its records by id, then by key as 0.3.0 wrote them (the session's
+    // counter made first: what grows is per reservation). Half as many each, so that the
+    // keyspace's tables (doubling at 32,768 keys) double in neither.
+    let half = n / 2;
+    reserve_many(&ledger, 2 * n + 1, 1, Ops::UnderSession).await?;
+    let by_id_before = used().await?;
+    reserve_many(&ledger, 2 * n + 2, half, Ops::UnderSession).await?;
+    let by_id_after = used().await?;
+    let by_key = ledger_as_after_0_3_0(&redis).await?;
+    let by_key_before = used().await?;
+    reserve_many(&by_key, 3 * n, half, Ops::UnderSession).await?;
+    let by_key_after = used().await?;
+    let per_op = |from: u64, to: u64, n: u64| (to as i64 - from as i64) / n as i64;
+    let (per, per_new) = (per_op(before, middle, n), per_op(middle, after, n));
+    let per_session = per_op(by_id_before, by_id_after, half);
+    let per_session_by_key = per_op(by_key_before, by_key_after, half);
     eprintln!(
-        "{per} bytes per reservation, {per_new} with a new sender each, {per_session} under a session"
+        "{per} bytes per reservation, {per_new} with a new sender each, {per_session} under a \
+         session ({per_session_by_key} with 0.3.0's records)"
+    );
+    assert!(
+        per_session_by_key > per_session,
+        "0.3.0's records under a session: {per_session_by_key} bytes"
     );
     assert!((1..=400).contains(&per), "{per} bytes per reservation");
     assert!(
@@ -2240,7 +2257,19 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
         include_str!("../../src/ledger/lib.lua")
     );
     let mut c = conn.clone();
-    for (op, r) in [(9u8, under_session), (10, plain), (11, bare_session)] {
+    // And under a session by key, as 0.3.0 packed records (and 0.3.1 on a Redis 0.3.0 served).
+    let by_key = ledger_as_after_0_3_0(&redis).await?;
+    let under_session_by_key = Reservation {
+        op_key: B256::repeat_byte(12),
+        landing_key: B256::repeat_byte(12 ^ 0x40),
+        ..under_session.clone()
+    };
+    for (ledger, op, r) in [
+        (&ledger, 9u8, under_session),
+        (&ledger, 10, plain),
+        (&ledger, 11, bare_session),
+        (&by_key, 12, under_session_by_key),
+    ] {
         assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
         let key = [b"sp:{p}:n:".as_slice(), &B256::repeat_byte(op ^ 0x40)[..20]].concat();
         let stored: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
@@ -2254,85 +2283,129 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
     Ok(())
 }
 
-/// A record of 0.3.0 under a session named its state key and its budget in full; this version
-/// writes the session's id alone (56 bytes fewer, and the policy's name). A 0.3.0 record is
-/// still repeated, released and settled where it was counted: its budget and its token totals
-/// come back.
-#[tokio::test]
-async fn a_session_record_of_0_3_0_still_closes_where_it_was_counted() -> TestResult {
-    let redis = TestRedis::start().await?;
-    let (ledger, conn) = redis_ledger(&redis).await?;
+/// 0.3.0's record of a reservation under a session (`git show 38d8e07:src/ledger/lib.lua`,
+/// `entry(id, pack_record(r))` of `under(2, NOW + 600)`'s record below, its session `0x5e…`):
+/// the state key and the budget's name in full.
+const SESSION_RECORD_OF_0_3_0: &str = "14020202020202020202020202020202020202020200de00000000000000001e00006b49d458000002940202020202020202020202020202020202020202020202020202020202020202020202020202020202020202020202020202020202020202020202020202020202018282828282828282022973657373696f6e3a025e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e03706f6c013073703a7b707d3a73657373696f6e3a025e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e5e011b7370656e743a017070707070707070707070707070707070707070023430";
+
+/// A ledger on `redis` opened as on a Redis 0.3.0 served (it published a policy set) and no
+/// operator said yet that no 0.3.0 replica runs: its records under a session are 0.3.0's.
+async fn ledger_as_after_0_3_0(redis: &TestRedis) -> TestResult<Ledger> {
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
     let mut c = conn.clone();
-    let id = B256::repeat_byte(0x5e);
-    let budget = session_scope_name(id);
+    redis::cmd("SET")
+        .arg(session_paymaster::policy::publish::CURRENT)
+        .arg("0x00")
+        .query_async::<()>(&mut c)
+        .await?;
+    redis::cmd("DEL")
+        .arg(SESSION_RECORDS_BY_ID_KEY)
+        .query_async::<()>(&mut c)
+        .await?;
+    Ok(Ledger::Redis(RedisLedger::connect(conn).await?))
+}
+
+/// Under a session, a record names the session by its state key and its budget in full as
+/// 0.3.0 did, byte for byte, on a Redis 0.3.0 served; by its id and one byte (56 bytes fewer,
+/// and the policy's name) once the operator sets SESSION_RECORDS_BY_ID_KEY, or on a Redis no
+/// earlier version served. Each is repeated, extended, released, settled and charged back
+/// where it was counted: its budget and its token totals.
+#[tokio::test]
+async fn a_session_record_by_key_as_0_3_0_wrote_it_or_by_id_closes_where_it_was_counted()
+-> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let mut c = conn.clone();
+    let by_key = ledger_as_after_0_3_0(&redis).await?;
+    redis::cmd("SET")
+        .arg(SESSION_RECORDS_BY_ID_KEY)
+        .arg(NOW)
+        .query_async::<()>(&mut c)
+        .await?;
+    let by_id = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
     let token = Address::repeat_byte(0x70);
-    let under = |op: u8, valid_until: u64| Reservation {
-        session: session_charge(
-            id,
-            vec![token_charge(token, U256::from(40u64), U256::from(1000u64))],
-        ),
-        answer: answer(op, valid_until),
-        ..reservation(
-            op,
-            30,
-            vec![scope(&budget, Some(1000), None), scope("pol", None, None)],
-        )
-    };
-    // Released after NOW + 10; settled.
-    let (released, settles) = (under(1, NOW + 10), under(2, NOW + 600));
-    // Each reserved, then written back as 0.3.0 packed it: the state key in full (lib.lua still
-    // packs a record that came so, SESSION_KEY, and leaves its scope names in full).
-    let as_0_3 = format!(
-        "{}\nlocal e = load_nonce(KEYS[1])\nfor _, x in ipairs(e) do x[2].session_id = nil end\nsave_nonce(KEYS[1], e)",
-        include_str!("../../src/ledger/lib.lua")
-    );
-    for r in [&released, &settles] {
-        assert_eq!(ledger.reserve(r, false, NOW).await?, Outcome::Reserved);
-        let key = nonce_of(r.op_key[0]);
-        let now: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
-        assert!(
-            !now.windows(8).any(|w| w == b"session:"),
-            "this version names neither the state key nor the budget"
-        );
-        redis::Script::new(&as_0_3)
-            .key(&key)
-            .invoke_async::<()>(&mut c)
-            .await?;
-        let then: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut c).await?;
-        assert!(
-            then.windows(15).any(|w| w == b"sp:{p}:session:")
-                && then.len() == now.len() + 56 + "p".len(),
-            "0.3.0's record: {} bytes, this version's {}",
-            then.len(),
-            now.len()
-        );
-    }
-    assert_eq!(ledger.usage("p", &budget).await?, (60, 2));
-    assert_eq!(
-        ledger.session_spent("p", id).await?,
-        BTreeMap::from([(token, U256::from(80u64))])
-    );
-    // A repeat finds its 0.3.0 record the same reservation.
-    assert!(matches!(
-        ledger.reserve(&settles, false, NOW).await?,
-        Outcome::Existing(_)
-    ));
     let policies = vec!["p".to_owned()];
-    assert_eq!(ledger.release_expired(&policies, NOW + 11).await?, 1);
-    assert_eq!(
-        ledger.settle(&policies, &landing(2, 7)).await?,
-        settled(1, 0, true)
-    );
-    assert_eq!(
-        ledger.usage("p", &budget).await?,
-        (7, 1),
-        "the released one given back, the settled one at its cost"
-    );
-    assert_eq!(ledger.usage("p", "pol").await?, (7, 1));
-    assert_eq!(
-        ledger.session_spent("p", id).await?,
-        BTreeMap::from([(token, U256::from(40u64))]),
-        "the released one's spending given back"
-    );
+    // Session `id`'s ops `first` (released, then landing after all) and `first + 1` (settled).
+    for (ledger, id, first) in [(&by_key, 0x5e, 1u8), (&by_id, 0x6e, 3)] {
+        let id = B256::repeat_byte(id);
+        let budget = session_scope_name(id);
+        let under = |op: u8, valid_until: u64| Reservation {
+            session: session_charge(
+                id,
+                vec![token_charge(token, U256::from(40u64), U256::from(1000u64))],
+            ),
+            answer: answer(op, valid_until),
+            ..reservation(
+                op,
+                30,
+                vec![scope(&budget, Some(1000), None), scope("pol", None, None)],
+            )
+        };
+        let (released, settles) = (under(first, NOW + 10), under(first + 1, NOW + 600));
+        for r in [&released, &settles] {
+            assert_eq!(ledger.reserve(r, false, NOW).await?, Outcome::Reserved);
+        }
+        let record: Vec<u8> = redis::cmd("GET")
+            .arg(nonce_of(first + 1))
+            .query_async(&mut c)
+            .await?;
+        if first == 1 {
+            assert_eq!(hex::encode(&record), SESSION_RECORD_OF_0_3_0);
+        } else {
+            assert_eq!(
+                record.len(),
+                SESSION_RECORD_OF_0_3_0.len() / 2 - 56 - "p".len()
+            );
+            assert!(
+                !record.windows(8).any(|w| w == b"session:"),
+                "by id: neither the state key nor the budget named"
+            );
+        }
+        let counted = async |cost: u64, ops: u64, spent: u64| -> TestResult {
+            assert_eq!(ledger.usage("p", &budget).await?, (cost, ops));
+            assert_eq!(
+                ledger.session_spent("p", id).await?,
+                BTreeMap::from([(token, U256::from(spent))])
+            );
+            Ok(())
+        };
+        counted(60, 2, 80).await?;
+        assert_eq!(
+            ledger.reserve(&settles, false, NOW).await?,
+            Outcome::Existing(answer(first + 1, NOW + 600)),
+            "repeated"
+        );
+        // Asked again when its answer is about to expire: extended to a fresh one, in its
+        // session and scopes, charged nothing more.
+        let fresh = Reservation {
+            answer: answer(first + 1, NOW + 900),
+            ..settles.clone()
+        };
+        assert_eq!(
+            ledger.reserve(&fresh, false, NOW + 580).await?,
+            Outcome::Reserved
+        );
+        counted(60, 2, 80).await?;
+        assert_eq!(ledger.release_expired(&policies, NOW + 11).await?, 1);
+        counted(30, 1, 40).await?;
+        assert_eq!(
+            ledger.settle(&policies, &landing(first + 1, 7)).await?,
+            settled(1, 0, true)
+        );
+        counted(7, 1, 40).await?;
+        assert_eq!(
+            ledger
+                .settle(&policies, &landing(first, 9))
+                .await?
+                .charged_back,
+            1,
+            "the released one landed after all"
+        );
+        counted(16, 2, 80).await?;
+    }
+    // Both sessions' operations in the policy's budget.
+    assert_eq!(by_id.usage("p", "pol").await?, (32, 4));
     Ok(())
 }
