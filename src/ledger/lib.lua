@@ -181,6 +181,9 @@ local function unpack_record(data, key)
     local state
     state, pos = struct.unpack('>Bc0', data, pos)
     r.session = unpack_name(state)
+  elseif session ~= NO_SESSION then
+    -- (A later format: read as none, its session would be given back nothing, or charged.)
+    error('ledger record with session byte ' .. session)
   end
   for i, name in ipairs(r.scopes) do
     -- (SESSION_SCOPE is a name only in a record by id.)

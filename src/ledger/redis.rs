@@ -57,11 +57,12 @@ pub struct RedisLedger {
 pub const LAYOUT_SINCE_KEY: &str = "sp:ledger:sender-windows-since";
 
 /// Set when no replica of 0.3.0 may run on this Redis any more: replicas that start after it
-/// is set name a reservation's session in its record by id. 0.3.0 reads such a record as one
-/// without a session (and so would under-count the session, charging a released operation
-/// that landed after all back to no session). The first replica of a Redis no earlier version
-/// served sets it; on one 0.3.0 served, the operator does once the last 0.3.0 replica has
-/// stopped (docs/operations.md, upgrading from 0.3.0 to 0.3.1).
+/// is set name a reservation's session in its record by id (while no library of 0.3.0's ledger
+/// is loaded either). 0.3.0 reads such a record as one without a session, and so would
+/// under-count the session (charging a released operation that landed after all back to no
+/// session). The first replica of a Redis no replica used before sets it; on one 0.3.0 served,
+/// the operator does once the last 0.3.0 replica has stopped (docs/operations.md, upgrading
+/// from 0.3.0 to 0.3.1).
 pub const SESSION_RECORDS_BY_ID_KEY: &str = "sp:ledger:session-records-by-id";
 
 /// How long after the time in [`LAYOUT_SINCE_KEY`] (Redis' clock) a window may begin (by a
@@ -425,10 +426,53 @@ async fn load_library(conn: &mut RedisConn) -> Result<(), StoreError> {
         .map_err(unavailable)
 }
 
+/// What marks a ledger library that reads records by id (`SESSION_BY_ID` in `lib.lua`, whose
+/// code every library of the ledger carries).
+const RECORDS_BY_ID_MARK: &str = "SESSION_BY_ID";
+
+/// The names of the ledger's libraries in a `FUNCTION LIST LIBRARYNAME sp_ledger_* WITHCODE`
+/// reply whose code cannot read a record by id (builds before 0.3.1). A reply of another shape
+/// names one (`?`): nothing is taken for granted.
+fn libraries_without_records_by_id(reply: &redis::Value) -> Vec<String> {
+    use redis::Value;
+    let text = |v: &Value| match v {
+        Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+        Value::SimpleString(s) => Some(s.clone()),
+        _ => None,
+    };
+    let Value::Array(libraries) = reply else {
+        return vec!["?".into()];
+    };
+    let mut out = Vec::new();
+    for library in libraries {
+        // Each library a map: RESP2 sends it as a flat array of names and values.
+        let pairs: Vec<(&Value, &Value)> = match library {
+            Value::Array(flat) => flat
+                .chunks(2)
+                .filter_map(|p| Some((p.first()?, p.get(1)?)))
+                .collect(),
+            Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+            _ => Vec::new(),
+        };
+        let field = |name: &str| {
+            pairs
+                .iter()
+                .find(|(k, _)| text(k).as_deref() == Some(name))
+                .and_then(|(_, v)| text(v))
+        };
+        let reads_by_id =
+            field("library_code").is_some_and(|code| code.contains(RECORDS_BY_ID_MARK));
+        if !reads_by_id {
+            out.push(field("library_name").unwrap_or_else(|| "?".into()));
+        }
+    }
+    out
+}
+
 impl RedisLedger {
     /// A ledger on `conn` that reads, besides each sender's counter, the key versions before
-    /// 0.3 kept it in, in every window: for tools and tests. The service opens its ledger with
-    /// [`RedisLedger::connect`].
+    /// 0.3 kept it in, in every window, and writes records under a session by key, as 0.3.0
+    /// did: for tools and tests. The service opens its ledger with [`RedisLedger::connect`].
     pub fn new(conn: RedisConn) -> Self {
         let calls = conn.clone();
         Self {
@@ -438,7 +482,7 @@ impl RedisLedger {
                 Box::pin(async move { call(&mut conn, &reserve_call(&ops)).await })
             })),
             legacy_before: u64::MAX,
-            session_records_by_id: true,
+            session_records_by_id: false,
         }
     }
 
@@ -447,7 +491,9 @@ impl RedisLedger {
     /// this Redis before): a version before 0.3 counted senders in keys of their own, which
     /// are read only in windows begun before that time (plus the margin) and in budgets
     /// without a period. A replica of such a version must not run beside this one
-    /// (docs/operations.md, upgrading to 0.3).
+    /// (docs/operations.md, upgrading to 0.3). It writes records under a session by id where
+    /// [`SESSION_RECORDS_BY_ID_KEY`] is set and no library of a ledger that cannot read them
+    /// is loaded, else by key (as 0.3.0 did).
     pub async fn connect(conn: RedisConn) -> Result<Self, StoreError> {
         let mut c = conn.clone();
         let (now, _): (u64, u64) = redis::cmd("TIME")
@@ -471,9 +517,13 @@ impl RedisLedger {
             .await
             .map_err(unavailable)?;
         let since = noted.unwrap_or(first);
-        // Records by id from the start on a Redis no earlier version served; on one that was,
-        // once the operator says no 0.3.0 replica runs (SESSION_RECORDS_BY_ID_KEY).
-        if !served {
+        // Records by id from the start on a Redis no replica used before this one (it noted
+        // the layout's time first, on a Redis with no policy set published); on any other,
+        // once the operator says no 0.3.0 replica runs (SESSION_RECORDS_BY_ID_KEY). And in
+        // either case only while no library of a ledger that cannot read them is loaded: a
+        // replica of that build may still run (it loads its library when it starts, and again
+        // when it finds it gone).
+        if !served && noted.is_none() {
             let _: () = redis::cmd("SET")
                 .arg(SESSION_RECORDS_BY_ID_KEY)
                 .arg(now)
@@ -482,13 +532,28 @@ impl RedisLedger {
                 .await
                 .map_err(unavailable)?;
         }
-        let session_records_by_id: bool = c
+        let said: bool = c
             .exists(SESSION_RECORDS_BY_ID_KEY)
             .await
             .map_err(unavailable)?;
-        if !session_records_by_id {
+        let libraries: redis::Value = redis::cmd("FUNCTION")
+            .arg("LIST")
+            .arg("LIBRARYNAME")
+            .arg("sp_ledger_*")
+            .arg("WITHCODE")
+            .query_async(&mut c)
+            .await
+            .map_err(unavailable)?;
+        let earlier = libraries_without_records_by_id(&libraries);
+        let session_records_by_id = said && earlier.is_empty();
+        if !said {
             tracing::info!(
                 "records under sessions are written as 0.3.0 wrote them, until {SESSION_RECORDS_BY_ID_KEY} is set (docs/operations.md)"
+            );
+        } else if !earlier.is_empty() {
+            tracing::warn!(
+                libraries = ?earlier,
+                "records under sessions are written as 0.3.0 wrote them while Redis has the library of a ledger that cannot read them by id: FUNCTION DELETE each once no replica of its build runs (docs/operations.md)"
             );
         }
         load_library(&mut conn.clone()).await?;

@@ -2407,5 +2407,122 @@ async fn a_session_record_by_key_as_0_3_0_wrote_it_or_by_id_closes_where_it_was_
     }
     // Both sessions' operations in the policy's budget.
     assert_eq!(by_id.usage("p", "pol").await?, (32, 4));
+    // As replicas restart once the key is set: a record by key extended by a replica writing
+    // by id (and the other way round) stays the kind it was, charged once.
+    let id = B256::repeat_byte(0x7e);
+    let budget = session_scope_name(id);
+    for (first, then, op) in [(&by_key, &by_id, 5u8), (&by_id, &by_key, 6)] {
+        let r = Reservation {
+            session: session_charge(id, vec![]),
+            ..reservation(op, 30, vec![scope(&budget, Some(1000), None)])
+        };
+        assert_eq!(first.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        let fresh = Reservation {
+            answer: answer(op, NOW + 900),
+            ..r.clone()
+        };
+        assert_eq!(
+            then.reserve(&fresh, false, NOW + 580).await?,
+            Outcome::Reserved
+        );
+        let record: Vec<u8> = redis::cmd("GET")
+            .arg(nonce_of(op))
+            .query_async(&mut c)
+            .await?;
+        assert_eq!(
+            record.windows(15).any(|w| w == b"sp:{p}:session:"),
+            op == 5,
+            "op {op}: the kind it was made"
+        );
+    }
+    assert_eq!(
+        by_id.usage("p", &budget).await?,
+        (60, 2),
+        "each charged once"
+    );
+    Ok(())
+}
+
+/// A record whose session byte this version does not know (a later format) is an error, not a
+/// record without a session: read so, its session would be given back nothing, or charged
+/// nothing. The settlement fails and leaves the counters as they were.
+#[tokio::test]
+async fn a_record_of_an_unknown_session_kind_is_refused() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let r = reservation(1, 30, vec![scope("pol", None, None)]);
+    assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    let mut record: Vec<u8> = redis::cmd("GET")
+        .arg(nonce_of(1))
+        .query_async(&mut c)
+        .await?;
+    // Without a session, its last byte is the session's: 0.
+    assert_eq!(record.last(), Some(&0));
+    if let Some(last) = record.last_mut() {
+        *last = 7;
+    }
+    redis::cmd("SET")
+        .arg(nonce_of(1))
+        .arg(&record)
+        .arg("KEEPTTL")
+        .query_async::<()>(&mut c)
+        .await?;
+    let policies = vec!["p".to_owned()];
+    assert!(ledger.settle(&policies, &landing(1, 7)).await.is_err());
+    assert_eq!(
+        ledger.usage("p", "pol").await?,
+        (30, 1),
+        "counted as it was"
+    );
+    Ok(())
+}
+
+/// A library of a ledger that cannot read records by id (0.3.0's, which a replica of it loads
+/// when it starts and again when it finds it gone) keeps records by key, whatever the key says:
+/// such a replica may run.
+#[tokio::test]
+async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let mut c = conn.clone();
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(
+            "#!lua name=sp_ledger_000000030000\n\
+             redis.register_function('sp_reserve_000000030000', function() return 0 end)",
+        )
+        .query_async::<()>(&mut c)
+        .await?;
+    let id = B256::repeat_byte(0x5e);
+    let record_of = async |ledger: &Ledger, op: u8| -> TestResult<Vec<u8>> {
+        let r = Reservation {
+            session: session_charge(id, vec![]),
+            ..reservation(op, 30, vec![scope(&session_scope_name(id), None, None)])
+        };
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        Ok(redis::cmd("GET")
+            .arg(nonce_of(op))
+            .query_async(&mut conn.clone())
+            .await?)
+    };
+    // A Redis no replica used: the key is set, but the library is there.
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    let exists: bool = redis::cmd("EXISTS")
+        .arg(SESSION_RECORDS_BY_ID_KEY)
+        .query_async(&mut c)
+        .await?;
+    assert!(exists);
+    let by_key = record_of(&ledger, 1).await?;
+    assert!(by_key.windows(15).any(|w| w == b"sp:{p}:session:"));
+    redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg("sp_ledger_000000030000")
+        .query_async::<()>(&mut c)
+        .await?;
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    let by_id = record_of(&ledger, 2).await?;
+    assert_eq!(by_id.len() + 56 + "p".len(), by_key.len());
     Ok(())
 }
