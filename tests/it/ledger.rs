@@ -694,7 +694,26 @@ async fn redis_cluster_ledger_contract() -> TestResult {
     let cluster = crate::helpers::TestRedisCluster::start().await?;
     let conn =
         session_paymaster::session::redis::connect(&cluster.url, Duration::from_secs(2)).await?;
-    ledger_contract(Ledger::Redis(RedisLedger::connect(conn).await?)).await
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    // On a Cluster too, its first replica writes records under a session by id (the library
+    // list read, the key set). (Policy `cl`: the contract's counts are of `p`.)
+    let id = B256::repeat_byte(0x5e);
+    let r = Reservation {
+        policy: "cl".into(),
+        session: session_charge(id, vec![]),
+        ..reservation(0x31, 30, vec![scope(&session_scope_name(id), None, None)])
+    };
+    assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    let record: Vec<u8> = redis::cmd("GET")
+        .arg([&b"sp:{cl}:n:"[..], &[0x31 ^ 0x40; 20]].concat())
+        .query_async(&mut conn.clone())
+        .await?;
+    assert!(
+        record.len() > 100 && !record.windows(8).any(|w| w == b"session:"),
+        "by id: {} bytes",
+        record.len()
+    );
+    ledger_contract(ledger).await
 }
 
 /// The whole service on a 3-master Cluster: 200 concurrent sponsorships against a budget for
