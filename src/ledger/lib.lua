@@ -81,7 +81,8 @@ end
 --   session u8: NO_SESSION (0), or under a session SESSION_BY_ID (2): the session's 32-byte
 --   id, its state key being `sp:{P}:session:0x<id>` of the nonce key's policy, and a scope name
 --   of the one byte SESSION_SCOPE standing for `session:0x<id>` (its budget); or
---   SESSION_BY_KEY (1, as 0.3.0 wrote every record, and 0.3.1 on a Redis 0.3.0 served, see
+--   SESSION_BY_KEY (1, as 0.3.0 wrote every record, and 0.3.1 does until the operator says
+--   no 0.3.0 replica runs, and while a library of 0.3.0's ledger is loaded, see
 --   ledger::redis::SESSION_RECORDS_BY_ID_KEY): its state key (u8 length + bytes), scope names
 --   in full; then n u8 + n token amounts (field and decimal amount, each u8 length + bytes).
 --   Names are packed by pack_name.
@@ -94,6 +95,9 @@ local OPEN, SETTLED, RELEASED = 0, 1, 2
 -- --test it ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender --
 -- --nocapture`).
 local NO_SESSION, SESSION_BY_KEY, SESSION_BY_ID = 0, 1, 2
+-- The line below tells a replica that this library reads records by id (it writes them only
+-- while every ledger library loaded does: ledger::redis::RECORDS_BY_ID_MARK). Keep it as is.
+-- records-by-id: this ledger reads records under a session by id
 -- In a record by id, the scope name that stands for its session's budget. (Byte 3: pack_name's
 -- markers are 1 and 2, and no scope name is one byte.)
 local SESSION_SCOPE = '\3'

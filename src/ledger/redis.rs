@@ -211,9 +211,11 @@ fn short(out: &mut Vec<u8>, field: &[u8]) -> Result<(), StoreError> {
     Ok(())
 }
 
-/// A record's session byte (`NO_SESSION`, `SESSION_BY_KEY`, `SESSION_BY_ID` in `lib.lua`).
+/// A record's session byte without a session (`NO_SESSION` in `lib.lua`).
 const NO_SESSION: u8 = 0;
+/// A record's session byte when its session's state key follows (`SESSION_BY_KEY`).
 const SESSION_BY_KEY: u8 = 1;
+/// A record's session byte when its session's 32-byte id follows (`SESSION_BY_ID`).
 const SESSION_BY_ID: u8 = 2;
 
 /// In a record by id, the name that stands for its session's budget,
@@ -222,11 +224,12 @@ const SESSION_SCOPE: u8 = 3;
 
 /// A new reservation's entry in its nonce's key, as `lib.lua`'s `entry` frames it: its
 /// idempotency id, then its open record packed as `lib.lua`'s `pack_record` packs it: each
-/// scope by its name in records (`slots`, in `r.scopes`' order), its session `by_id` (its
-/// budget's name then one byte) or by its state key (as 0.3.0 did, [`SESSION_RECORDS_BY_ID_KEY`]).
-/// The script stores it as it is, so the hot path packs nothing in Lua. The two packers must
-/// agree byte for byte (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of
-/// each shape in Lua and compares); settlement, release and extension unpack it in Lua.
+/// scope by its name in records (`slots`, in `r.scopes`' order); its session, `by_id`, by its
+/// 32-byte id with its budget's name as one byte, or else by its state key with every name in
+/// full (as 0.3.0 did, [`SESSION_RECORDS_BY_ID_KEY`]). The script stores it as it is, so the
+/// hot path packs nothing in Lua. The two packers must agree byte for byte
+/// (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of each shape in Lua
+/// and compares); settlement, release and extension unpack it in Lua.
 fn pack_entry(r: &Reservation, slots: &[CounterSlot], by_id: bool) -> Result<Vec<u8>, StoreError> {
     let window = r.answer.window;
     let span = u32::try_from(window.valid_until.saturating_sub(window.valid_after))
@@ -426,47 +429,87 @@ async fn load_library(conn: &mut RedisConn) -> Result<(), StoreError> {
         .map_err(unavailable)
 }
 
-/// What marks a ledger library that reads records by id (`SESSION_BY_ID` in `lib.lua`, whose
-/// code every library of the ledger carries).
-const RECORDS_BY_ID_MARK: &str = "SESSION_BY_ID";
+/// The line every library of the ledger that reads records under a session by id carries
+/// (in `lib.lua`; `library_code_marks_that_it_reads_records_by_id` checks it is there).
+const RECORDS_BY_ID_MARK: &str =
+    "\n-- records-by-id: this ledger reads records under a session by id\n";
 
-/// The names of the ledger's libraries in a `FUNCTION LIST LIBRARYNAME sp_ledger_* WITHCODE`
-/// reply whose code cannot read a record by id (builds before 0.3.1). A reply of another shape
-/// names one (`?`): nothing is taken for granted.
-fn libraries_without_records_by_id(reply: &redis::Value) -> Vec<String> {
+/// `FUNCTION LIST LIBRARYNAME sp_ledger_* WITHCODE` on every primary: one reply each.
+async fn ledger_libraries(conn: &RedisConn) -> Result<Vec<redis::Value>, StoreError> {
+    let mut cmd = redis::cmd("FUNCTION");
+    cmd.arg("LIST")
+        .arg("LIBRARYNAME")
+        .arg("sp_ledger_*")
+        .arg("WITHCODE");
+    match conn.clone() {
+        RedisConn::Single(mut c) => Ok(vec![cmd.query_async(&mut c).await.map_err(unavailable)?]),
+        RedisConn::Cluster(mut c) => {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            // (Without a response policy: each node's reply under its address.)
+            let replies = c
+                .route_command(
+                    cmd,
+                    RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
+                )
+                .await
+                .map_err(unavailable)?;
+            match replies {
+                redis::Value::Map(pairs) => Ok(pairs.into_iter().map(|(_, v)| v).collect()),
+                other => Ok(vec![other]),
+            }
+        }
+    }
+}
+
+/// The names of the ledger's libraries in `FUNCTION LIST LIBRARYNAME sp_ledger_* WITHCODE`
+/// replies (one a node) whose code does not carry [`RECORDS_BY_ID_MARK`] (builds before 0.3.1);
+/// what a reply of another shape is, where one is.
+fn libraries_without_records_by_id(replies: &[redis::Value]) -> Result<Vec<String>, String> {
     use redis::Value;
     let text = |v: &Value| match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
         Value::SimpleString(s) => Some(s.clone()),
+        Value::VerbatimString { text, .. } => Some(text.clone()),
         _ => None,
     };
-    let Value::Array(libraries) = reply else {
-        return vec!["?".into()];
-    };
     let mut out = Vec::new();
-    for library in libraries {
-        // Each library a map: RESP2 sends it as a flat array of names and values.
-        let pairs: Vec<(&Value, &Value)> = match library {
-            Value::Array(flat) => flat
-                .chunks(2)
-                .filter_map(|p| Some((p.first()?, p.get(1)?)))
-                .collect(),
-            Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
-            _ => Vec::new(),
+    for reply in replies {
+        let Value::Array(libraries) = reply else {
+            return Err(format!(
+                "FUNCTION LIST answered {:.200}",
+                format!("{reply:?}")
+            ));
         };
-        let field = |name: &str| {
-            pairs
-                .iter()
-                .find(|(k, _)| text(k).as_deref() == Some(name))
-                .and_then(|(_, v)| text(v))
-        };
-        let reads_by_id =
-            field("library_code").is_some_and(|code| code.contains(RECORDS_BY_ID_MARK));
-        if !reads_by_id {
-            out.push(field("library_name").unwrap_or_else(|| "?".into()));
+        for library in libraries {
+            // Each library a map: RESP2 sends it as a flat array of names and values.
+            let pairs: Vec<(&Value, &Value)> = match library {
+                Value::Array(flat) => flat
+                    .chunks(2)
+                    .filter_map(|p| Some((p.first()?, p.get(1)?)))
+                    .collect(),
+                Value::Map(pairs) => pairs.iter().map(|(k, v)| (k, v)).collect(),
+                other => {
+                    return Err(format!(
+                        "FUNCTION LIST listed {:.200}",
+                        format!("{other:?}")
+                    ));
+                }
+            };
+            let field = |name: &str| {
+                pairs
+                    .iter()
+                    .find(|(k, _)| text(k).as_deref() == Some(name))
+                    .and_then(|(_, v)| text(v))
+            };
+            let (Some(name), Some(code)) = (field("library_name"), field("library_code")) else {
+                return Err("FUNCTION LIST listed a library without its name or code".into());
+            };
+            if !code.contains(RECORDS_BY_ID_MARK) && !out.contains(&name) {
+                out.push(name);
+            }
         }
     }
-    out
+    Ok(out)
 }
 
 impl RedisLedger {
@@ -536,24 +579,27 @@ impl RedisLedger {
             .exists(SESSION_RECORDS_BY_ID_KEY)
             .await
             .map_err(unavailable)?;
-        let libraries: redis::Value = redis::cmd("FUNCTION")
-            .arg("LIST")
-            .arg("LIBRARYNAME")
-            .arg("sp_ledger_*")
-            .arg("WITHCODE")
-            .query_async(&mut c)
-            .await
-            .map_err(unavailable)?;
-        let earlier = libraries_without_records_by_id(&libraries);
-        let session_records_by_id = said && earlier.is_empty();
-        if !said {
-            tracing::info!(
-                "records under sessions are written as 0.3.0 wrote them, until {SESSION_RECORDS_BY_ID_KEY} is set (docs/operations.md)"
-            );
-        } else if !earlier.is_empty() {
-            tracing::warn!(
+        let earlier = libraries_without_records_by_id(&ledger_libraries(&conn).await?);
+        let session_records_by_id = said && earlier.as_ref().is_ok_and(Vec::is_empty);
+        match &earlier {
+            Ok(earlier) if !earlier.is_empty() => tracing::warn!(
                 libraries = ?earlier,
-                "records under sessions are written as 0.3.0 wrote them while Redis has the library of a ledger that cannot read them by id: FUNCTION DELETE each once no replica of its build runs (docs/operations.md)"
+                "Redis has the library of a ledger that cannot read records under a session by id: FUNCTION DELETE each on every primary once no replica of its build runs (docs/operations.md)"
+            ),
+            Ok(_) => {}
+            Err(why) => tracing::warn!(%why, "the ledger's libraries could not be read"),
+        }
+        if session_records_by_id {
+            tracing::info!("records under sessions are written by id");
+        } else {
+            tracing::info!(
+                "records under sessions are written as 0.3.0 wrote them (by key): {SESSION_RECORDS_BY_ID_KEY} {}, and a library of 0.3.0's ledger {} (docs/operations.md)",
+                if said { "is set" } else { "is not set" },
+                match &earlier {
+                    Ok(e) if e.is_empty() => "is not loaded",
+                    Ok(_) => "is loaded",
+                    Err(_) => "may be loaded",
+                }
             );
         }
         load_library(&mut conn.clone()).await?;
@@ -948,6 +994,55 @@ fn unpack_counter(packed: &[u8]) -> Option<[i64; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn library_code_marks_that_it_reads_records_by_id() {
+        assert!(library().code.contains(RECORDS_BY_ID_MARK));
+    }
+
+    /// `FUNCTION LIST … WITHCODE` replies, RESP2 and RESP3: a library without the mark is named
+    /// (once, whichever node lists it), a reply of another shape is an error (records by key).
+    #[test]
+    fn earlier_ledger_libraries_are_named() {
+        use redis::Value;
+        let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
+        let resp2 = |name: &str, code: &str| {
+            Value::Array(vec![s("library_name"), s(name), s("library_code"), s(code)])
+        };
+        let resp3 = |name: &str, code: &str| {
+            Value::Map(vec![
+                (s("library_name"), s(name)),
+                (s("library_code"), s(code)),
+            ])
+        };
+        let ours = format!("#!lua name=sp_ledger_1{RECORDS_BY_ID_MARK}");
+        // The mark in a comment of other words, or the constant's name alone, is no mark.
+        let old = "#!lua name=sp_ledger_0\nlocal SESSION_BY_ID -- records-by-id\n";
+        assert_eq!(
+            libraries_without_records_by_id(&[
+                Value::Array(vec![resp2("sp_ledger_1", &ours), resp2("sp_ledger_0", old)]),
+                Value::Array(vec![resp3("sp_ledger_0", old)]),
+                Value::Array(vec![]),
+            ]),
+            Ok(vec!["sp_ledger_0".to_owned()])
+        );
+        assert_eq!(
+            libraries_without_records_by_id(&[Value::Array(vec![resp3("sp_ledger_1", &ours)])]),
+            Ok(vec![])
+        );
+        // (A node's error comes as a value of its own kind, not an array.)
+        for odd in [
+            Value::Nil,
+            Value::Int(1),
+            Value::Array(vec![Value::Int(1)]),
+            Value::Array(vec![Value::Array(vec![s("library_name"), s("x")])]),
+        ] {
+            assert!(
+                libraries_without_records_by_id(std::slice::from_ref(&odd)).is_err(),
+                "{odd:?}"
+            );
+        }
+    }
 
     /// Where each kind of scope name is counted, and what a record lists it by (`counter_of` in
     /// `lib.lua` reads the record names back: `ledger::sender_counters_share_their_windows_hash`

@@ -694,25 +694,45 @@ async fn redis_cluster_ledger_contract() -> TestResult {
     let cluster = crate::helpers::TestRedisCluster::start().await?;
     let conn =
         session_paymaster::session::redis::connect(&cluster.url, Duration::from_secs(2)).await?;
-    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
-    // On a Cluster too, its first replica writes records under a session by id (the library
-    // list read, the key set). (Policy `cl`: the contract's counts are of `p`.)
-    let id = B256::repeat_byte(0x5e);
-    let r = Reservation {
-        policy: "cl".into(),
-        session: session_charge(id, vec![]),
-        ..reservation(0x31, 30, vec![scope(&session_scope_name(id), None, None)])
-    };
-    assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
-    let record: Vec<u8> = redis::cmd("GET")
-        .arg([&b"sp:{cl}:n:"[..], &[0x31 ^ 0x40; 20]].concat())
-        .query_async(&mut conn.clone())
+    // Records under a session by id on a Cluster too, once no primary has a library of an
+    // earlier ledger: one on the last primary alone keeps them by key. (Policy `cl`: the
+    // contract's counts are of `p`.)
+    let last = cluster.url.rsplit(',').next().unwrap_or_default();
+    let mut node = redis::Client::open(last)?
+        .get_multiplexed_async_connection()
         .await?;
-    assert!(
-        record.len() > 100 && !record.windows(8).any(|w| w == b"session:"),
-        "by id: {} bytes",
-        record.len()
-    );
+    let earlier = "sp_ledger_000000030000";
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(format!(
+            "#!lua name={earlier}\nredis.register_function('sp_reserve_000000030000', function() return 0 end)"
+        ))
+        .query_async::<()>(&mut node)
+        .await?;
+    let id = B256::repeat_byte(0x5e);
+    let record_of = async |ledger: &Ledger, op: u8| -> TestResult<Vec<u8>> {
+        let r = Reservation {
+            policy: "cl".into(),
+            session: session_charge(id, vec![]),
+            ..reservation(op, 30, vec![scope(&session_scope_name(id), None, None)])
+        };
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+        Ok(redis::cmd("GET")
+            .arg([&b"sp:{cl}:n:"[..], &[op ^ 0x40; 20]].concat())
+            .query_async(&mut conn.clone())
+            .await?)
+    };
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    let by_key = record_of(&ledger, 0x31).await?;
+    assert!(by_key.windows(16).any(|w| w == b"sp:{cl}:session:"));
+    redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg(earlier)
+        .query_async::<()>(&mut node)
+        .await?;
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    let by_id = record_of(&ledger, 0x32).await?;
+    assert_eq!(by_id.len(), by_key.len() - 56 - "cl".len());
     ledger_contract(ledger).await
 }
 
@@ -2297,6 +2317,11 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
             .invoke_async(&mut c)
             .await?;
         assert!(stored.len() > 100, "op {op}: {} bytes", stored.len());
+        assert_eq!(
+            stored.windows(15).any(|w| w == b"sp:{p}:session:"),
+            op == 12,
+            "op {op}: by key only through the ledger writing by key"
+        );
         assert_eq!(hex::encode(&repacked), hex::encode(&stored), "op {op}");
     }
     Ok(())
@@ -2488,7 +2513,13 @@ async fn a_record_of_an_unknown_session_kind_is_refused() -> TestResult {
         .query_async::<()>(&mut c)
         .await?;
     let policies = vec!["p".to_owned()];
-    assert!(ledger.settle(&policies, &landing(1, 7)).await.is_err());
+    let refused = ledger.settle(&policies, &landing(1, 7)).await;
+    assert!(
+        refused
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("ledger record with session byte 7")),
+        "{refused:?}"
+    );
     assert_eq!(
         ledger.usage("p", "pol").await?,
         (30, 1),
