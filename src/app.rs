@@ -212,6 +212,8 @@ impl AppState {
             loop {
                 tick.tick().await;
                 state.refresh_policies().await;
+                // (And whether a replica of 0.3.0 may run: records under sessions by key then.)
+                state.sponsor.ledger().check_record_kind().await;
             }
         })
     }

@@ -347,6 +347,14 @@ impl Ledger {
         }
     }
 
+    /// Read again whether records under a session may be written by id (Redis: see
+    /// [`redis::RedisLedger::check_record_kind`]; in memory there is no earlier version).
+    pub async fn check_record_kind(&self) {
+        if let Self::Redis(l) = self {
+            l.check_record_kind().await;
+        }
+    }
+
     /// Release every open reservation of `policies` whose `validUntil` is before
     /// `confirmed_time` (a confirmed block's timestamp). Returns how many were released.
     pub async fn release_expired(

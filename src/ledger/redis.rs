@@ -27,6 +27,7 @@
 use std::borrow::Cow;
 use std::collections::BTreeMap;
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
@@ -49,8 +50,13 @@ pub struct RedisLedger {
     /// then reads too. `u64::MAX`: every window; 0: none (no earlier version ran on this Redis).
     legacy_before: u64,
     /// Whether a reservation's record names its session by id (`SESSION_BY_ID` in `lib.lua`),
-    /// or by its state key in full, as 0.3.0 did and still reads ([`SESSION_RECORDS_BY_ID_KEY`]).
-    session_records_by_id: bool,
+    /// or by its state key in full, as 0.3.0 did and still reads ([`SESSION_RECORDS_BY_ID_KEY`]):
+    /// [`RedisLedger::check_record_kind`] sets it when the ledger connects, and again on every
+    /// poll of the policy source.
+    session_records_by_id: Arc<AtomicBool>,
+    /// The ledger libraries this replica has read the code of, and whether each reads records by
+    /// id (a library's name carries a hash of its code, so what it says never changes).
+    libraries_read: Arc<std::sync::Mutex<BTreeMap<String, bool>>>,
 }
 
 /// Where Redis keeps the time the first replica of this ledger layout ran (`RedisLedger::connect`).
@@ -434,17 +440,35 @@ async fn load_library(conn: &mut RedisConn) -> Result<(), StoreError> {
 const RECORDS_BY_ID_MARK: &str =
     "\n-- records-by-id: this ledger reads records under a session by id\n";
 
-/// `FUNCTION LIST LIBRARYNAME sp_ledger_* WITHCODE` on every primary: one reply each.
-async fn ledger_libraries(conn: &RedisConn) -> Result<Vec<redis::Value>, StoreError> {
+/// `FUNCTION LIST LIBRARYNAME <pattern>` (`WITHCODE` if `code`) on every primary: one reply
+/// each. On a Cluster, fewer replies than primaries serving slots is an error: a primary not
+/// asked may hold what the others do not.
+async fn function_list(
+    conn: &RedisConn,
+    pattern: &str,
+    code: bool,
+) -> Result<Vec<redis::Value>, String> {
     let mut cmd = redis::cmd("FUNCTION");
-    cmd.arg("LIST")
-        .arg("LIBRARYNAME")
-        .arg("sp_ledger_*")
-        .arg("WITHCODE");
+    cmd.arg("LIST").arg("LIBRARYNAME").arg(pattern);
+    if code {
+        cmd.arg("WITHCODE");
+    }
     match conn.clone() {
-        RedisConn::Single(mut c) => Ok(vec![cmd.query_async(&mut c).await.map_err(unavailable)?]),
+        RedisConn::Single(mut c) => Ok(vec![
+            cmd.query_async(&mut c).await.map_err(|e| e.to_string())?,
+        ]),
         RedisConn::Cluster(mut c) => {
             use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            let info: String = redis::cmd("CLUSTER")
+                .arg("INFO")
+                .query_async(&mut c)
+                .await
+                .map_err(|e| e.to_string())?;
+            let primaries = info
+                .lines()
+                .find_map(|l| l.strip_prefix("cluster_size:"))
+                .and_then(|n| n.trim().parse::<usize>().ok())
+                .ok_or("CLUSTER INFO named no cluster_size")?;
             // (Without a response policy: each node's reply under its address.)
             let replies = c
                 .route_command(
@@ -452,19 +476,27 @@ async fn ledger_libraries(conn: &RedisConn) -> Result<Vec<redis::Value>, StoreEr
                     RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllMasters, None)),
                 )
                 .await
-                .map_err(unavailable)?;
-            match replies {
-                redis::Value::Map(pairs) => Ok(pairs.into_iter().map(|(_, v)| v).collect()),
-                other => Ok(vec![other]),
+                .map_err(|e| e.to_string())?;
+            let redis::Value::Map(pairs) = replies else {
+                return Err(format!(
+                    "FUNCTION LIST answered {:.200}",
+                    format!("{replies:?}")
+                ));
+            };
+            if pairs.len() < primaries {
+                return Err(format!(
+                    "FUNCTION LIST answered by {} of {primaries} primaries",
+                    pairs.len()
+                ));
             }
+            Ok(pairs.into_iter().map(|(_, v)| v).collect())
         }
     }
 }
 
-/// The names of the ledger's libraries in `FUNCTION LIST LIBRARYNAME sp_ledger_* WITHCODE`
-/// replies (one a node) whose code does not carry [`RECORDS_BY_ID_MARK`] (builds before 0.3.1);
-/// what a reply of another shape is, where one is.
-fn libraries_without_records_by_id(replies: &[redis::Value]) -> Result<Vec<String>, String> {
+/// The libraries `FUNCTION LIST` replies (one a node) list: each name, and its code where the
+/// replies hold it (`WITHCODE`); what a reply of another shape is, where one is.
+fn listed_libraries(replies: &[redis::Value]) -> Result<Vec<(String, Option<String>)>, String> {
     use redis::Value;
     let text = |v: &Value| match v {
         Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
@@ -501,12 +533,22 @@ fn libraries_without_records_by_id(replies: &[redis::Value]) -> Result<Vec<Strin
                     .find(|(k, _)| text(k).as_deref() == Some(name))
                     .and_then(|(_, v)| text(v))
             };
-            let (Some(name), Some(code)) = (field("library_name"), field("library_code")) else {
-                return Err("FUNCTION LIST listed a library without its name or code".into());
-            };
-            if !code.contains(RECORDS_BY_ID_MARK) && !out.contains(&name) {
-                out.push(name);
-            }
+            let name =
+                field("library_name").ok_or("FUNCTION LIST listed a library without its name")?;
+            out.push((name, field("library_code")));
+        }
+    }
+    Ok(out)
+}
+
+/// The names of the ledger's libraries in `FUNCTION LIST … WITHCODE` replies whose code does not
+/// carry [`RECORDS_BY_ID_MARK`] (builds before it), once each.
+fn libraries_without_records_by_id(replies: &[redis::Value]) -> Result<Vec<String>, String> {
+    let mut out = Vec::new();
+    for (name, code) in listed_libraries(replies)? {
+        let code = code.ok_or_else(|| format!("FUNCTION LIST listed {name} without its code"))?;
+        if !code.contains(RECORDS_BY_ID_MARK) && !out.contains(&name) {
+            out.push(name);
         }
     }
     Ok(out)
@@ -525,8 +567,85 @@ impl RedisLedger {
                 Box::pin(async move { call(&mut conn, &reserve_call(&ops)).await })
             })),
             legacy_before: u64::MAX,
-            session_records_by_id: false,
+            session_records_by_id: Arc::new(AtomicBool::new(false)),
+            libraries_read: Arc::default(),
         }
+    }
+
+    /// Whether this replica may write records under a session by id, read afresh: the operator
+    /// said no 0.3.0 replica runs ([`SESSION_RECORDS_BY_ID_KEY`]), and no primary has a
+    /// library of a ledger that cannot read them (a 0.3.0 replica loads its own when it starts,
+    /// and again when it finds it gone). Anything it cannot read counts as such a library.
+    /// Says so in the log when it changes; the service calls it on every poll of the policy
+    /// source, so a 0.3.0 replica started later turns records by id off within one poll.
+    pub async fn check_record_kind(&self) -> bool {
+        self.read_record_kind(false).await
+    }
+
+    /// [`Self::check_record_kind`], saying which kind in the log when `announce`, else only
+    /// when it changes.
+    async fn read_record_kind(&self, announce: bool) -> bool {
+        let mut c = self.conn.clone();
+        let said = c.exists::<_, bool>(SESSION_RECORDS_BY_ID_KEY).await;
+        let earlier = match function_list(&self.conn, "sp_ledger_*", false).await {
+            Ok(replies) => self.libraries_without_records_by_id(&replies).await,
+            Err(e) => Err(e),
+        };
+        let by_id = matches!(said, Ok(true)) && earlier.as_ref().is_ok_and(Vec::is_empty);
+        let was = self.session_records_by_id.swap(by_id, Ordering::Relaxed);
+        if announce || by_id != was {
+            match (&said, &earlier) {
+                _ if by_id => tracing::info!("records under sessions are written by id"),
+                (Ok(false), _) => tracing::info!(
+                    "records under sessions are written as 0.3.0 wrote them (by key) until {SESSION_RECORDS_BY_ID_KEY} is set (docs/operations.md)"
+                ),
+                (Err(e), _) => {
+                    tracing::warn!(error = %e, "records under sessions are written by key: {SESSION_RECORDS_BY_ID_KEY} could not be read")
+                }
+                (_, Ok(earlier)) => tracing::warn!(
+                    libraries = ?earlier,
+                    "records under sessions are written by key: Redis has the library of a ledger that cannot read them by id; FUNCTION DELETE each on every primary once no replica of its build runs (docs/operations.md)"
+                ),
+                (_, Err(why)) => {
+                    tracing::warn!(%why, "records under sessions are written by key: the ledger's libraries could not be read")
+                }
+            }
+        }
+        by_id
+    }
+
+    /// Of the libraries `replies` name (`FUNCTION LIST` without code), those that cannot read
+    /// records by id, each one's code read once.
+    async fn libraries_without_records_by_id(
+        &self,
+        replies: &[redis::Value],
+    ) -> Result<Vec<String>, String> {
+        let mut earlier = Vec::new();
+        for (name, _) in listed_libraries(replies)? {
+            let known = self
+                .libraries_read
+                .lock()
+                .map_err(|_| "a lock was poisoned")?
+                .get(&name)
+                .copied();
+            let reads_by_id = match known {
+                Some(r) => r,
+                None => {
+                    // (The name is the exact pattern: `sp_ledger_` and hex digits.)
+                    let code = function_list(&self.conn, &name, true).await?;
+                    let r = libraries_without_records_by_id(&code)?.is_empty();
+                    self.libraries_read
+                        .lock()
+                        .map_err(|_| "a lock was poisoned")?
+                        .insert(name.clone(), r);
+                    r
+                }
+            };
+            if !reads_by_id && !earlier.contains(&name) {
+                earlier.push(name);
+            }
+        }
+        Ok(earlier)
     }
 
     /// The service's ledger on `conn`, its library of functions loaded. The first replica of
@@ -575,42 +694,16 @@ impl RedisLedger {
                 .await
                 .map_err(unavailable)?;
         }
-        let said: bool = c
-            .exists(SESSION_RECORDS_BY_ID_KEY)
-            .await
-            .map_err(unavailable)?;
-        let earlier = libraries_without_records_by_id(&ledger_libraries(&conn).await?);
-        let session_records_by_id = said && earlier.as_ref().is_ok_and(Vec::is_empty);
-        match &earlier {
-            Ok(earlier) if !earlier.is_empty() => tracing::warn!(
-                libraries = ?earlier,
-                "Redis has the library of a ledger that cannot read records under a session by id: FUNCTION DELETE each on every primary once no replica of its build runs (docs/operations.md)"
-            ),
-            Ok(_) => {}
-            Err(why) => tracing::warn!(%why, "the ledger's libraries could not be read"),
-        }
-        if session_records_by_id {
-            tracing::info!("records under sessions are written by id");
-        } else {
-            tracing::info!(
-                "records under sessions are written as 0.3.0 wrote them (by key): {SESSION_RECORDS_BY_ID_KEY} {}, and a library of 0.3.0's ledger {} (docs/operations.md)",
-                if said { "is set" } else { "is not set" },
-                match &earlier {
-                    Ok(e) if e.is_empty() => "is not loaded",
-                    Ok(_) => "is loaded",
-                    Err(_) => "may be loaded",
-                }
-            );
-        }
         load_library(&mut conn.clone()).await?;
-        Ok(Self {
+        let ledger = Self {
             legacy_before: match since {
                 0 => 0,
                 since => since.saturating_add(LEGACY_MARGIN_SECS),
             },
-            session_records_by_id,
             ..Self::new(conn)
-        })
+        };
+        ledger.read_record_kind(true).await;
+        Ok(ledger)
     }
 
     pub(super) async fn reserve(
@@ -653,7 +746,11 @@ impl RedisLedger {
         }
         // Its args[2]: the new record's whole entry in the nonce's key (its id, signature and
         // hashes, which reserve.lua reads from it).
-        let entry = pack_entry(r, &slots, self.session_records_by_id)?;
+        let entry = pack_entry(
+            r,
+            &slots,
+            self.session_records_by_id.load(Ordering::Relaxed),
+        )?;
         // Its keys (the slots' moved in); without a session the nonce's again in the session's
         // place (unused there).
         let session = match session {

@@ -170,6 +170,9 @@ local function reserve(keys, args, scopes, shared)
         table.remove(rec.hashes, 1)
       end
       rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, fresh.sig
+      -- Its session named as the fresh entry names it: by id or by key, as the replica that
+      -- extends it may now write (a record kept by id would outlive a switch back to by key).
+      rec.session_id = fresh.session_id
       -- Its counters live as long as it now may land (and settle), a counter gone is not
       -- brought back (nothing is charged here).
       for i = 5, #keys do

@@ -2451,8 +2451,8 @@ async fn a_session_record_by_key_as_0_3_0_wrote_it_or_by_id_closes_where_it_was_
     }
     // Both sessions' operations in the policy's budget.
     assert_eq!(by_id.usage("p", "pol").await?, (32, 4));
-    // As replicas restart once the key is set: a record by key extended by a replica writing
-    // by id (and the other way round) stays the kind it was, charged once.
+    // As replicas switch once the key is set (or back): a record by key extended by a replica
+    // writing by id becomes one by id, and the other way round, charged once.
     let id = B256::repeat_byte(0x7e);
     let budget = session_scope_name(id);
     for (first, then, op) in [(&by_key, &by_id, 5u8), (&by_id, &by_key, 6)] {
@@ -2475,8 +2475,8 @@ async fn a_session_record_by_key_as_0_3_0_wrote_it_or_by_id_closes_where_it_was_
             .await?;
         assert_eq!(
             record.windows(15).any(|w| w == b"sp:{p}:session:"),
-            op == 5,
-            "op {op}: the kind it was made"
+            op == 6,
+            "op {op}: the kind of the replica that extended it"
         );
     }
     assert_eq!(
@@ -2537,14 +2537,17 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
     let conn =
         session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
     let mut c = conn.clone();
-    redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg(
-            "#!lua name=sp_ledger_000000030000\n\
-             redis.register_function('sp_reserve_000000030000', function() return 0 end)",
-        )
-        .query_async::<()>(&mut c)
-        .await?;
+    let load_earlier = async |c: &mut session_paymaster::session::redis::RedisConn| {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg(
+                "#!lua name=sp_ledger_000000030000\n\
+                 redis.register_function('sp_reserve_000000030000', function() return 0 end)",
+            )
+            .query_async::<()>(c)
+            .await
+    };
+    load_earlier(&mut c).await?;
     let id = B256::repeat_byte(0x5e);
     let record_of = async |ledger: &Ledger, op: u8| -> TestResult<Vec<u8>> {
         let r = Reservation {
@@ -2574,5 +2577,10 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
     let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
     let by_id = record_of(&ledger, 2).await?;
     assert_eq!(by_id.len() + 56 + "p".len(), by_key.len());
+    // A 0.3.0 replica started later loads its library again: the next check (the service's
+    // every poll of the policy source) turns records by id off.
+    load_earlier(&mut c).await?;
+    ledger.check_record_kind().await;
+    assert_eq!(record_of(&ledger, 3).await?.len(), by_key.len());
     Ok(())
 }
