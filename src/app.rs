@@ -212,8 +212,23 @@ impl AppState {
             loop {
                 tick.tick().await;
                 state.refresh_policies().await;
-                // (And whether a replica of 0.3.0 may run: records under sessions by key then.)
-                state.sponsor.ledger().check_record_kind().await;
+            }
+        })
+    }
+
+    /// Read again, every `every`, whether a replica of 0.3.0 may run on the ledger's Redis
+    /// (records under sessions are then written by key: `RedisLedger::refresh_record_kind`).
+    pub fn spawn_record_kind_watcher(
+        self: &Arc<Self>,
+        every: Duration,
+    ) -> tokio::task::JoinHandle<()> {
+        let state = Arc::clone(self);
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(every);
+            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+            loop {
+                tick.tick().await;
+                state.sponsor.ledger().refresh_record_kind().await;
             }
         })
     }

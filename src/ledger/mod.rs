@@ -348,10 +348,10 @@ impl Ledger {
     }
 
     /// Read again whether records under a session may be written by id (Redis: see
-    /// [`redis::RedisLedger::check_record_kind`]; in memory there is no earlier version).
-    pub async fn check_record_kind(&self) {
+    /// [`redis::RedisLedger::refresh_record_kind`]; in memory there is no earlier version).
+    pub async fn refresh_record_kind(&self) {
         if let Self::Redis(l) = self {
-            l.check_record_kind().await;
+            l.refresh_record_kind().await;
         }
     }
 

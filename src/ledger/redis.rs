@@ -51,12 +51,14 @@ pub struct RedisLedger {
     legacy_before: u64,
     /// Whether a reservation's record names its session by id (`SESSION_BY_ID` in `lib.lua`),
     /// or by its state key in full, as 0.3.0 did and still reads ([`SESSION_RECORDS_BY_ID_KEY`]):
-    /// [`RedisLedger::check_record_kind`] sets it when the ledger connects, and again on every
+    /// [`RedisLedger::refresh_record_kind`] sets it when the ledger connects, and again on every
     /// poll of the policy source.
     session_records_by_id: Arc<AtomicBool>,
     /// The ledger libraries this replica has read the code of, and whether each reads records by
     /// id (a library's name carries a hash of its code, so what it says never changes).
     libraries_read: Arc<std::sync::Mutex<BTreeMap<String, bool>>>,
+    /// Why records are written by key ("" while by id), as last logged.
+    record_kind_why: Arc<std::sync::Mutex<String>>,
 }
 
 /// Where Redis keeps the time the first replica of this ledger layout ran (`RedisLedger::connect`).
@@ -541,17 +543,17 @@ fn listed_libraries(replies: &[redis::Value]) -> Result<Vec<(String, Option<Stri
     Ok(out)
 }
 
-/// The names of the ledger's libraries in `FUNCTION LIST … WITHCODE` replies whose code does not
-/// carry [`RECORDS_BY_ID_MARK`] (builds before it), once each.
-fn libraries_without_records_by_id(replies: &[redis::Value]) -> Result<Vec<String>, String> {
-    let mut out = Vec::new();
-    for (name, code) in listed_libraries(replies)? {
-        let code = code.ok_or_else(|| format!("FUNCTION LIST listed {name} without its code"))?;
-        if !code.contains(RECORDS_BY_ID_MARK) && !out.contains(&name) {
-            out.push(name);
-        }
-    }
-    Ok(out)
+/// Whether library `name`, in `FUNCTION LIST LIBRARYNAME <name> WITHCODE` replies (one a node),
+/// reads records by id: its code carries [`RECORDS_BY_ID_MARK`]. Not listed with its code (gone
+/// since it was listed, say): an error, nothing known.
+fn reads_records_by_id(replies: &[redis::Value], name: &str) -> Result<bool, String> {
+    let listed = listed_libraries(replies)?;
+    let code = listed
+        .iter()
+        .find(|(n, _)| n == name)
+        .and_then(|(_, code)| code.as_deref())
+        .ok_or_else(|| format!("{name}: its code could not be read"))?;
+    Ok(code.contains(RECORDS_BY_ID_MARK))
 }
 
 impl RedisLedger {
@@ -569,6 +571,7 @@ impl RedisLedger {
             legacy_before: u64::MAX,
             session_records_by_id: Arc::new(AtomicBool::new(false)),
             libraries_read: Arc::default(),
+            record_kind_why: Arc::default(),
         }
     }
 
@@ -576,50 +579,52 @@ impl RedisLedger {
     /// said no 0.3.0 replica runs ([`SESSION_RECORDS_BY_ID_KEY`]), and no primary has a
     /// library of a ledger that cannot read them (a 0.3.0 replica loads its own when it starts,
     /// and again when it finds it gone). Anything it cannot read counts as such a library.
-    /// Says so in the log when it changes; the service calls it on every poll of the policy
-    /// source, so a 0.3.0 replica started later turns records by id off within one poll.
-    pub async fn check_record_kind(&self) -> bool {
+    /// Logs which kind and why when that changes; the service calls it on every poll of the
+    /// policy source, so a 0.3.0 replica started later turns records by id off within one poll.
+    pub async fn refresh_record_kind(&self) -> bool {
         self.read_record_kind(false).await
     }
 
-    /// [`Self::check_record_kind`], saying which kind in the log when `announce`, else only
-    /// when it changes.
+    /// [`Self::refresh_record_kind`], logging which kind and why when `announce`, else only
+    /// when the why changes.
     async fn read_record_kind(&self, announce: bool) -> bool {
         let mut c = self.conn.clone();
         let said = c.exists::<_, bool>(SESSION_RECORDS_BY_ID_KEY).await;
         let earlier = match function_list(&self.conn, "sp_ledger_*", false).await {
-            Ok(replies) => self.libraries_without_records_by_id(&replies).await,
+            Ok(replies) => self.earlier_libraries(&replies).await,
             Err(e) => Err(e),
         };
         let by_id = matches!(said, Ok(true)) && earlier.as_ref().is_ok_and(Vec::is_empty);
-        let was = self.session_records_by_id.swap(by_id, Ordering::Relaxed);
-        if announce || by_id != was {
-            match (&said, &earlier) {
-                _ if by_id => tracing::info!("records under sessions are written by id"),
-                (Ok(false), _) => tracing::info!(
-                    "records under sessions are written as 0.3.0 wrote them (by key) until {SESSION_RECORDS_BY_ID_KEY} is set (docs/operations.md)"
-                ),
-                (Err(e), _) => {
-                    tracing::warn!(error = %e, "records under sessions are written by key: {SESSION_RECORDS_BY_ID_KEY} could not be read")
-                }
-                (_, Ok(earlier)) => tracing::warn!(
-                    libraries = ?earlier,
-                    "records under sessions are written by key: Redis has the library of a ledger that cannot read them by id; FUNCTION DELETE each on every primary once no replica of its build runs (docs/operations.md)"
-                ),
-                (_, Err(why)) => {
-                    tracing::warn!(%why, "records under sessions are written by key: the ledger's libraries could not be read")
-                }
+        self.session_records_by_id.store(by_id, Ordering::Relaxed);
+        let why = match (&said, &earlier) {
+            _ if by_id => String::new(),
+            (Err(e), _) => format!("{SESSION_RECORDS_BY_ID_KEY} could not be read ({e})"),
+            (_, Err(e)) => format!("the ledger's libraries could not be read ({e})"),
+            (_, Ok(earlier)) if !earlier.is_empty() => format!(
+                "Redis has the library of a ledger that cannot read them by id, {earlier:?}: FUNCTION DELETE each on every primary once no replica of its build runs"
+            ),
+            _ => format!("{SESSION_RECORDS_BY_ID_KEY} is not set"),
+        };
+        let changed = self
+            .record_kind_why
+            .lock()
+            .map(|mut last| std::mem::replace(&mut *last, why.clone()) != why)
+            .unwrap_or(true);
+        if announce || changed {
+            if by_id {
+                tracing::info!("records under sessions are written by id");
+            } else {
+                tracing::warn!(
+                    "records under sessions are written as 0.3.0 wrote them (by key): {why} (docs/operations.md, upgrading from 0.3.0)"
+                );
             }
         }
         by_id
     }
 
     /// Of the libraries `replies` name (`FUNCTION LIST` without code), those that cannot read
-    /// records by id, each one's code read once.
-    async fn libraries_without_records_by_id(
-        &self,
-        replies: &[redis::Value],
-    ) -> Result<Vec<String>, String> {
+    /// records by id, each one's code read once (a library's name carries a hash of its code).
+    async fn earlier_libraries(&self, replies: &[redis::Value]) -> Result<Vec<String>, String> {
         let mut earlier = Vec::new();
         for (name, _) in listed_libraries(replies)? {
             let known = self
@@ -631,9 +636,9 @@ impl RedisLedger {
             let reads_by_id = match known {
                 Some(r) => r,
                 None => {
-                    // (The name is the exact pattern: `sp_ledger_` and hex digits.)
-                    let code = function_list(&self.conn, &name, true).await?;
-                    let r = libraries_without_records_by_id(&code)?.is_empty();
+                    // (The name as the pattern: only the library of this very name is read.)
+                    let replies = function_list(&self.conn, &name, true).await?;
+                    let r = reads_records_by_id(&replies, &name)?;
                     self.libraries_read
                         .lock()
                         .map_err(|_| "a lock was poisoned")?
@@ -1097,10 +1102,11 @@ mod tests {
         assert!(library().code.contains(RECORDS_BY_ID_MARK));
     }
 
-    /// `FUNCTION LIST … WITHCODE` replies, RESP2 and RESP3: a library without the mark is named
-    /// (once, whichever node lists it), a reply of another shape is an error (records by key).
+    /// `FUNCTION LIST` replies, RESP2 and RESP3, one a node: every library listed by name; a
+    /// library reads records by id only if listed with its code carrying the mark; a reply of
+    /// another shape, or a library gone since it was listed, is an error (records by key).
     #[test]
-    fn earlier_ledger_libraries_are_named() {
+    fn ledger_libraries_are_read_from_function_list() {
         use redis::Value;
         let s = |t: &str| Value::BulkString(t.as_bytes().to_vec());
         let resp2 = |name: &str, code: &str| {
@@ -1115,27 +1121,42 @@ mod tests {
         let ours = format!("#!lua name=sp_ledger_1{RECORDS_BY_ID_MARK}");
         // The mark in a comment of other words, or the constant's name alone, is no mark.
         let old = "#!lua name=sp_ledger_0\nlocal SESSION_BY_ID -- records-by-id\n";
+        let nodes = [
+            Value::Array(vec![resp2("sp_ledger_1", &ours), resp2("sp_ledger_0", old)]),
+            Value::Array(vec![resp3("sp_ledger_0", old)]),
+            Value::Array(vec![]),
+        ];
         assert_eq!(
-            libraries_without_records_by_id(&[
-                Value::Array(vec![resp2("sp_ledger_1", &ours), resp2("sp_ledger_0", old)]),
-                Value::Array(vec![resp3("sp_ledger_0", old)]),
-                Value::Array(vec![]),
-            ]),
-            Ok(vec!["sp_ledger_0".to_owned()])
+            listed_libraries(&nodes).map(|l| l.into_iter().map(|(n, _)| n).collect::<Vec<_>>()),
+            Ok(vec![
+                "sp_ledger_1".into(),
+                "sp_ledger_0".into(),
+                "sp_ledger_0".into()
+            ])
         );
-        assert_eq!(
-            libraries_without_records_by_id(&[Value::Array(vec![resp3("sp_ledger_1", &ours)])]),
-            Ok(vec![])
+        assert_eq!(reads_records_by_id(&nodes, "sp_ledger_1"), Ok(true));
+        assert_eq!(reads_records_by_id(&nodes, "sp_ledger_0"), Ok(false));
+        assert!(
+            reads_records_by_id(&nodes, "sp_ledger_2").is_err(),
+            "not listed"
+        );
+        let names_only = [Value::Array(vec![Value::Array(vec![
+            s("library_name"),
+            s("sp_ledger_1"),
+        ])])];
+        assert!(
+            reads_records_by_id(&names_only, "sp_ledger_1").is_err(),
+            "no code"
         );
         // (A node's error comes as a value of its own kind, not an array.)
         for odd in [
             Value::Nil,
             Value::Int(1),
             Value::Array(vec![Value::Int(1)]),
-            Value::Array(vec![Value::Array(vec![s("library_name"), s("x")])]),
+            Value::Array(vec![Value::Array(vec![s("library_code"), s("x")])]),
         ] {
             assert!(
-                libraries_without_records_by_id(std::slice::from_ref(&odd)).is_err(),
+                listed_libraries(std::slice::from_ref(&odd)).is_err(),
                 "{odd:?}"
             );
         }

@@ -2580,7 +2580,7 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
     // A 0.3.0 replica started later loads its library again: the next check (the service's
     // every poll of the policy source) turns records by id off.
     load_earlier(&mut c).await?;
-    ledger.check_record_kind().await;
+    ledger.refresh_record_kind().await;
     assert_eq!(record_of(&ledger, 3).await?.len(), by_key.len());
     Ok(())
 }
