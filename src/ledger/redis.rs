@@ -51,8 +51,8 @@ pub struct RedisLedger {
     legacy_before: u64,
     /// Whether a reservation's record names its session by id (`SESSION_BY_ID` in `lib.lua`),
     /// or by its state key in full, as 0.3.0 did and still reads ([`SESSION_RECORDS_BY_ID_KEY`]):
-    /// [`RedisLedger::refresh_record_kind`] sets it when the ledger connects, and again on every
-    /// poll of the policy source.
+    /// [`RedisLedger::refresh_record_kind`] sets it when the ledger connects, and again every
+    /// `--policy-poll` (`AppState::spawn_record_kind_watcher`).
     session_records_by_id: Arc<AtomicBool>,
     /// The ledger libraries this replica has read the code of, and whether each reads records by
     /// id (a library's name carries a hash of its code, so what it says never changes).
@@ -579,8 +579,8 @@ impl RedisLedger {
     /// said no 0.3.0 replica runs ([`SESSION_RECORDS_BY_ID_KEY`]), and no primary has a
     /// library of a ledger that cannot read them (a 0.3.0 replica loads its own when it starts,
     /// and again when it finds it gone). Anything it cannot read counts as such a library.
-    /// Logs which kind and why when that changes; the service calls it on every poll of the
-    /// policy source, so a 0.3.0 replica started later turns records by id off within one poll.
+    /// Logs which kind and why when that changes; the service calls it every `--policy-poll`,
+    /// so a 0.3.0 replica started later turns records by id off within one poll.
     pub async fn refresh_record_kind(&self) -> bool {
         self.read_record_kind(false).await
     }
