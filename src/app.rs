@@ -201,19 +201,33 @@ impl AppState {
 }
 
 impl AppState {
-    /// Keep the policy set in step: poll the published version in Redis (every replica then
-    /// serves the same set), or the policy directory under the embedded default. A set that
-    /// does not load completely never replaces the working one.
-    pub fn spawn_policy_watcher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+    /// Run `step` with this state every `every`, in a task of its own (a tick missed is run
+    /// late, not twice).
+    fn spawn_every<F, Fut>(
+        self: &Arc<Self>,
+        every: Duration,
+        step: F,
+    ) -> tokio::task::JoinHandle<()>
+    where
+        F: Fn(Arc<Self>) -> Fut + Send + 'static,
+        Fut: std::future::Future<Output = ()> + Send,
+    {
         let state = Arc::clone(self);
         tokio::spawn(async move {
             let mut tick = tokio::time::interval(every);
             tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
             loop {
                 tick.tick().await;
-                state.refresh_policies().await;
+                step(Arc::clone(&state)).await;
             }
         })
+    }
+
+    /// Keep the policy set in step: poll the published version in Redis (every replica then
+    /// serves the same set), or the policy directory under the embedded default. A set that
+    /// does not load completely never replaces the working one.
+    pub fn spawn_policy_watcher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
+        self.spawn_every(every, |state| async move { state.refresh_policies().await })
     }
 
     /// Read again, every `every`, whether a replica of 0.3.0 may run on the ledger's Redis
@@ -222,14 +236,8 @@ impl AppState {
         self: &Arc<Self>,
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        let state = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
-            loop {
-                tick.tick().await;
-                state.sponsor.ledger().refresh_record_kind().await;
-            }
+        self.spawn_every(every, |state| async move {
+            state.sponsor.ledger().refresh_record_kind().await
         })
     }
 
@@ -238,13 +246,8 @@ impl AppState {
         self: &Arc<Self>,
         every: Duration,
     ) -> tokio::task::JoinHandle<()> {
-        let state = Arc::clone(self);
-        tokio::spawn(async move {
-            let mut tick = tokio::time::interval(every);
-            loop {
-                tick.tick().await;
-                state.sponsor.limits().evict_stale();
-            }
+        self.spawn_every(every, |state| async move {
+            state.sponsor.limits().evict_stale()
         })
     }
 
