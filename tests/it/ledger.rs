@@ -120,6 +120,60 @@ fn token_charge(token: Address, amount: U256, limit: U256) -> TokenCharge {
     }
 }
 
+/// The name of a ledger library that cannot read records under a session by id, as 0.3.0's
+/// (`load_earlier_library`).
+const EARLIER_LIBRARY: &str = "sp_ledger_000000030000";
+
+/// Load [`EARLIER_LIBRARY`] where `c` leads (a node, or every primary through a Cluster's
+/// connection), as a 0.3.0 replica loads its own when it starts.
+async fn load_earlier_library(c: &mut impl redis::aio::ConnectionLike) -> redis::RedisResult<()> {
+    redis::cmd("FUNCTION")
+        .arg("LOAD")
+        .arg(format!(
+            "#!lua name={EARLIER_LIBRARY}\nredis.register_function('sp_reserve_000000030000', function() return 0 end)"
+        ))
+        .query_async(c)
+        .await
+}
+
+/// `FUNCTION DELETE` of [`EARLIER_LIBRARY`] where `c` leads.
+async fn delete_earlier_library(c: &mut impl redis::aio::ConnectionLike) -> redis::RedisResult<()> {
+    redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg(EARLIER_LIBRARY)
+        .query_async(c)
+        .await
+}
+
+/// Op `op` of policy `policy` under session `id` (its budget its one scope), reserved by
+/// `ledger`: its nonce's stored string.
+async fn session_record(
+    ledger: &Ledger,
+    conn: &session_paymaster::session::redis::RedisConn,
+    policy: &str,
+    id: B256,
+    op: u8,
+) -> TestResult<Vec<u8>> {
+    let r = Reservation {
+        policy: policy.into(),
+        session: session_charge(id, vec![]),
+        ..reservation(op, 30, vec![scope(&session_scope_name(id), None, None)])
+    };
+    assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    let key = [format!("sp:{{{policy}}}:n:").as_bytes(), &[op ^ 0x40; 20]].concat();
+    Ok(redis::cmd("GET")
+        .arg(key)
+        .query_async(&mut conn.clone())
+        .await?)
+}
+
+/// Whether a nonce's stored string names a session of `policy` by its state key in full (a
+/// record by key, as 0.3.0 wrote every record).
+fn names_state_key(record: &[u8], policy: &str) -> bool {
+    let state = format!("sp:{{{policy}}}:session:");
+    record.windows(state.len()).any(|w| w == state.as_bytes())
+}
+
 /// The counter `pm` (as the deposit's: it lives as long as the answers it sums), to live
 /// `lives` seconds past NOW.
 fn pm(lives: u64) -> Scope {
@@ -701,38 +755,16 @@ async fn redis_cluster_ledger_contract() -> TestResult {
     let mut node = redis::Client::open(last)?
         .get_multiplexed_async_connection()
         .await?;
-    let earlier = "sp_ledger_000000030000";
-    redis::cmd("FUNCTION")
-        .arg("LOAD")
-        .arg(format!(
-            "#!lua name={earlier}\nredis.register_function('sp_reserve_000000030000', function() return 0 end)"
-        ))
-        .query_async::<()>(&mut node)
-        .await?;
+    load_earlier_library(&mut node).await?;
     let id = B256::repeat_byte(0x5e);
-    let record_of = async |ledger: &Ledger, op: u8| -> TestResult<Vec<u8>> {
-        let r = Reservation {
-            policy: "cl".into(),
-            session: session_charge(id, vec![]),
-            ..reservation(op, 30, vec![scope(&session_scope_name(id), None, None)])
-        };
-        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
-        Ok(redis::cmd("GET")
-            .arg([&b"sp:{cl}:n:"[..], &[op ^ 0x40; 20]].concat())
-            .query_async(&mut conn.clone())
-            .await?)
-    };
     let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
-    let by_key = record_of(&ledger, 0x31).await?;
-    assert!(by_key.windows(16).any(|w| w == b"sp:{cl}:session:"));
-    redis::cmd("FUNCTION")
-        .arg("DELETE")
-        .arg(earlier)
-        .query_async::<()>(&mut node)
-        .await?;
+    let record = session_record(&ledger, &conn, "cl", id, 0x31).await?;
+    assert!(names_state_key(&record, "cl"));
+    delete_earlier_library(&mut node).await?;
     let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
-    let by_id = record_of(&ledger, 0x32).await?;
-    assert_eq!(by_id.len(), by_key.len() - 56 - "cl".len());
+    let by_id = session_record(&ledger, &conn, "cl", id, 0x32).await?;
+    assert!(!names_state_key(&by_id, "cl"));
+    assert_eq!(by_id.len(), record.len() - 56 - "cl".len());
     ledger_contract(ledger).await
 }
 
@@ -2318,7 +2350,7 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
             .await?;
         assert!(stored.len() > 100, "op {op}: {} bytes", stored.len());
         assert_eq!(
-            stored.windows(15).any(|w| w == b"sp:{p}:session:"),
+            names_state_key(&stored, "p"),
             op == 12,
             "op {op}: by key only through the ledger writing by key"
         );
@@ -2474,7 +2506,7 @@ async fn a_session_record_by_key_as_0_3_0_wrote_it_or_by_id_closes_where_it_was_
             .query_async(&mut c)
             .await?;
         assert_eq!(
-            record.windows(15).any(|w| w == b"sp:{p}:session:"),
+            names_state_key(&record, "p"),
             op == 6,
             "op {op}: the kind of the replica that extended it"
         );
@@ -2537,29 +2569,8 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
     let conn =
         session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
     let mut c = conn.clone();
-    let load_earlier = async |c: &mut session_paymaster::session::redis::RedisConn| {
-        redis::cmd("FUNCTION")
-            .arg("LOAD")
-            .arg(
-                "#!lua name=sp_ledger_000000030000\n\
-                 redis.register_function('sp_reserve_000000030000', function() return 0 end)",
-            )
-            .query_async::<()>(c)
-            .await
-    };
-    load_earlier(&mut c).await?;
+    load_earlier_library(&mut c).await?;
     let id = B256::repeat_byte(0x5e);
-    let record_of = async |ledger: &Ledger, op: u8| -> TestResult<Vec<u8>> {
-        let r = Reservation {
-            session: session_charge(id, vec![]),
-            ..reservation(op, 30, vec![scope(&session_scope_name(id), None, None)])
-        };
-        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
-        Ok(redis::cmd("GET")
-            .arg(nonce_of(op))
-            .query_async(&mut conn.clone())
-            .await?)
-    };
     // A Redis no replica used: the key is set, but the library is there.
     let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
     let exists: bool = redis::cmd("EXISTS")
@@ -2567,20 +2578,20 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
         .query_async(&mut c)
         .await?;
     assert!(exists);
-    let by_key = record_of(&ledger, 1).await?;
-    assert!(by_key.windows(15).any(|w| w == b"sp:{p}:session:"));
-    redis::cmd("FUNCTION")
-        .arg("DELETE")
-        .arg("sp_ledger_000000030000")
-        .query_async::<()>(&mut c)
-        .await?;
+    let record = session_record(&ledger, &conn, "p", id, 1).await?;
+    assert!(names_state_key(&record, "p"));
+    delete_earlier_library(&mut c).await?;
     let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
-    let by_id = record_of(&ledger, 2).await?;
-    assert_eq!(by_id.len() + 56 + "p".len(), by_key.len());
-    // A 0.3.0 replica started later loads its library again: the next check (the service's
-    // every poll of the policy source) turns records by id off.
-    load_earlier(&mut c).await?;
+    let by_id = session_record(&ledger, &conn, "p", id, 2).await?;
+    assert!(!names_state_key(&by_id, "p"));
+    assert_eq!(by_id.len() + 56 + "p".len(), record.len());
+    // A 0.3.0 replica started later loads its library again: the next check (the service's,
+    // every `--policy-poll`) turns records by id off.
+    load_earlier_library(&mut c).await?;
     ledger.refresh_record_kind().await;
-    assert_eq!(record_of(&ledger, 3).await?.len(), by_key.len());
+    assert!(names_state_key(
+        &session_record(&ledger, &conn, "p", id, 3).await?,
+        "p"
+    ));
     Ok(())
 }
