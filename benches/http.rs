@@ -14,12 +14,13 @@
 //! ([`Burner`]), and the embedded default (no Redis).
 //!
 //! Loads, in order (`ONLY=name,...` picks some): `chainid`, `sponsor` (closed loop, Redis
-//! budgets), `open` (the open loop and its controls), `session` (under session grants),
-//! `pimlico` (ERC-7677 `pm_getPaymasterData`, ours and `@pimlico/mock-paymaster`'s, the same
-//! bodies; skipped without node), `embedded` (the embedded default before and after a fill). Knobs (environment): `SECS` per
-//! load (default 8), `GRANTS` (session grants created before the session load, default
-//! 20000), `MEMORY_FILL` (sponsorships made on the embedded default before its second window,
-//! default 200000), `RATE` (the open loop's rate; default half of what `sponsor` reached),
+//! budgets), `open` (the open loop and its controls), `session` (under session grants; then
+//! the paths without and under sessions, each an open loop at one rate, 0.6 of what sessions
+//! reached), `pimlico` (ERC-7677 `pm_getPaymasterData`, ours and `@pimlico/mock-paymaster`'s,
+//! the same bodies; skipped without node), `embedded` (the embedded default before and after a
+//! fill). Knobs (environment): `SECS` per load (default 8), `GRANTS` (session grants created
+//! before the session load, default 20000), `MEMORY_FILL` (sponsorships made on the embedded
+//! default before its second window, default 200000), `RATE` (the open loop's rate; default half of what `sponsor` reached),
 //! `DEBUG_STALLS` (print each open-loop answer over 10 ms with its due time and wall-clock
 //! time, to see whether slow answers come in bursts). Run with `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
@@ -1096,6 +1097,10 @@ async fn main() -> Result<(), Error> {
         // On an empty keyspace: grown by the loads before, its table would double during the
         // grants (a step of megabytes that says nothing about a grant).
         redis.cli(&["FLUSHALL"])?;
+        // What the first replica of a Redis set, which the flush took: without it the
+        // replica's next look at the ledger's state goes back to 0.3.0's records by key.
+        let by_id = session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
+        redis.cli(&["SET", by_id, "1"])?;
         let m0 = redis.used_memory()?;
         let t = Instant::now();
         create_grants(&service, grants).await?;
@@ -1128,6 +1133,32 @@ async fn main() -> Result<(), Error> {
             format!("sponsor under sessions ({grants} grants)"),
             "sponsor_session",
             sess.clone(),
+        ));
+        base += sess.requests + 1;
+        // The two paths at one rate, below what sessions reached, one after the other on the
+        // same keyspace: a closed loop's CPU per request moves with its rate (fewer requests
+        // share each wake-up and each read of a socket at a lower one), so the closed loops'
+        // ratios above compare the paths at different rates. These two do not, as long as
+        // both keep up with it (their req/s): an open loop whose answers take longer than its
+        // connections can cover falls behind, and is then a closed loop at a lower rate.
+        let same = (sess.rate() * 0.6).max(1.0);
+        let without = measured(&service, Some(&redis), || {
+            open_loop(service.port, &template, base, 0, same, secs)
+        })?;
+        base += without.requests + 1;
+        rows.push((
+            format!("  without sessions, open loop at {same:.0}/s"),
+            "sponsor_redis_same_rate",
+            without,
+        ));
+        let under = measured(&service, Some(&redis), || {
+            open_loop(service.port, &template, base, grants, same, secs)
+        })?;
+        base += under.requests + 1;
+        rows.push((
+            "  under sessions, same loop".to_string(),
+            "sponsor_session_same_rate",
+            under,
         ));
     }
     // ERC-7677's pm_getPaymasterData, ours (sender and policy budgets in Redis) and
