@@ -15,14 +15,15 @@
 //!
 //! Loads, in order (`ONLY=name,...` picks some): `chainid`, `sponsor` (closed loop, Redis
 //! budgets), `open` (the open loop and its controls), `session` (under session grants; then
-//! the paths without and under sessions, each an open loop at one rate, 0.6 of what sessions
-//! reached), `pimlico` (ERC-7677 `pm_getPaymasterData`, ours and `@pimlico/mock-paymaster`'s,
-//! the same bodies; skipped without node), `embedded` (the embedded default before and after a
-//! fill). Knobs (environment): `SECS` per load (default 8), `GRANTS` (session grants created
-//! before the session load, default 20000), `MEMORY_FILL` (sponsorships made on the embedded
-//! default before its second window, default 200000), `RATE` (the open loop's rate; default half of what `sponsor` reached),
-//! `DEBUG_STALLS` (print each open-loop answer over 10 ms with its due time and wall-clock
-//! time, to see whether slow answers come in bursts). Run with `scripts/bench`.
+//! the paths under and without sessions, each an open loop at one rate: `SAME_RATE` of the
+//! session load's req/s, default 0.6), `pimlico` (ERC-7677 `pm_getPaymasterData`, ours and
+//! `@pimlico/mock-paymaster`'s, the same bodies; skipped without node), `embedded` (the
+//! embedded default before and after a fill). Knobs (environment): `SECS` per load (default
+//! 8), `GRANTS` (session grants created before the session load, default 20000),
+//! `MEMORY_FILL` (sponsorships made on the embedded default before its second window, default
+//! 200000), `RATE` (the `open` load's rate; default half of what `sponsor` reached),
+//! `SAME_RATE`, `DEBUG_STALLS` (print each open-loop answer over 10 ms with its due time and
+//! wall-clock time, to see whether slow answers come in bursts). Run with `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
 
 use std::io::Write;
@@ -74,6 +75,14 @@ fn env_u64(name: &str, default: u64) -> u64 {
     std::env::var(name)
         .ok()
         .and_then(|v| v.parse().ok())
+        .unwrap_or(default)
+}
+
+fn env_f64(name: &str, default: f64) -> f64 {
+    std::env::var(name)
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .filter(|v: &f64| v.is_finite() && *v > 0.0)
         .unwrap_or(default)
 }
 
@@ -1029,7 +1038,7 @@ async fn main() -> Result<(), Error> {
         let full = measured(&service, Some(&redis), || {
             wrk(&url, &template, base, 0, secs)
         })?;
-        base += full.requests + 1;
+        base += full.requests + u64::from(CONNECTIONS);
         rows.push((
             "sponsor, Redis budgets (sender, policy)".to_string(),
             "sponsor_redis",
@@ -1041,7 +1050,7 @@ async fn main() -> Result<(), Error> {
         let half = measured(&service, Some(&redis), || {
             open_loop(service.port, &template, base, 0, rate, secs)
         })?;
-        base += half.requests + 1;
+        base += half.requests + u64::from(CONNECTIONS);
         rows.push((
             format!("  same, open loop at {rate:.0}/s"),
             "sponsor_redis_open_loop",
@@ -1097,10 +1106,13 @@ async fn main() -> Result<(), Error> {
         // On an empty keyspace: grown by the loads before, its table would double during the
         // grants (a step of megabytes that says nothing about a grant).
         redis.cli(&["FLUSHALL"])?;
-        // What the first replica of a Redis set, which the flush took: without it the
-        // replica's next look at the ledger's state goes back to 0.3.0's records by key.
+        // The flush deleted the key the first replica of a fresh Redis sets (ledger::redis):
+        // replicas read it again on every poll of the policy source (2 s), and without it the
+        // session load would write records by key, as 0.3.0 did. Only its existence is read.
+        // The wait covers a poll that fell between the flush and the write.
         let by_id = session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
         redis.cli(&["SET", by_id, "1"])?;
+        tokio::time::sleep(Duration::from_millis(2_100)).await;
         let m0 = redis.used_memory()?;
         let t = Instant::now();
         create_grants(&service, grants).await?;
@@ -1134,31 +1146,48 @@ async fn main() -> Result<(), Error> {
             "sponsor_session",
             sess.clone(),
         ));
-        base += sess.requests + 1;
+        base += sess.requests + u64::from(CONNECTIONS);
         // The two paths at one rate, below what sessions reached, one after the other on the
         // same keyspace: a closed loop's CPU per request moves with its rate (fewer requests
         // share each wake-up and each read of a socket at a lower one), so the closed loops'
         // ratios above compare the paths at different rates. These two do not, as long as
-        // both keep up with it (their req/s): an open loop whose answers take longer than its
-        // connections can cover falls behind, and is then a closed loop at a lower rate.
-        let same = (sess.rate() * 0.6).max(1.0);
-        let without = measured(&service, Some(&redis), || {
-            open_loop(service.port, &template, base, 0, same, secs)
-        })?;
-        base += without.requests + 1;
-        rows.push((
-            format!("  without sessions, open loop at {same:.0}/s"),
-            "sponsor_redis_same_rate",
-            without,
-        ));
+        // both keep up with it: an open loop whose answers take longer than its connections
+        // can cover falls behind (said in its row), and is then a closed loop at a lower rate.
+        // Sessions first, while the grant copies the closed loop made are fresh (a copy is
+        // served for 10 s): a first pass reading every grant from Redis would be counted in
+        // the session row alone.
+        let same = (sess.rate() * env_f64("SAME_RATE", 0.6)).max(1.0);
+        let behind = |l: &Load| {
+            if l.rate() < 0.97 * same {
+                format!(", fell behind: {:.0}/s", l.rate())
+            } else {
+                String::new()
+            }
+        };
+        let reads0 = grant_reads(&service).await?;
         let under = measured(&service, Some(&redis), || {
             open_loop(service.port, &template, base, grants, same, secs)
         })?;
-        base += under.requests + 1;
+        let reads = grant_reads(&service).await?;
+        let (copies, store) = (reads.0 - reads0.0, reads.1 - reads0.1);
+        base += under.requests + u64::from(CONNECTIONS);
         rows.push((
-            "  under sessions, same loop".to_string(),
+            format!(
+                "  under sessions, open loop at {same:.0}/s ({:.0} % copies{})",
+                100.0 * copies as f64 / (copies + store).max(1) as f64,
+                behind(&under)
+            ),
             "sponsor_session_same_rate",
             under,
+        ));
+        let without = measured(&service, Some(&redis), || {
+            open_loop(service.port, &template, base, 0, same, secs)
+        })?;
+        base += without.requests + u64::from(CONNECTIONS);
+        rows.push((
+            format!("  without sessions, same loop{}", behind(&without)),
+            "sponsor_redis_same_rate",
+            without,
         ));
     }
     // ERC-7677's pm_getPaymasterData, ours (sender and policy budgets in Redis) and
@@ -1167,7 +1196,7 @@ async fn main() -> Result<(), Error> {
     if want("pimlico") {
         let data = paymaster_data_template()?;
         let ours = measured(&service, Some(&redis), || wrk(&url, &data, base, 0, secs))?;
-        base += ours.requests + 1;
+        base += ours.requests + u64::from(CONNECTIONS);
         rows.push((
             "pm_getPaymasterData, Redis budgets".to_string(),
             "paymaster_data_redis",
@@ -1178,7 +1207,7 @@ async fn main() -> Result<(), Error> {
                 let mock_url = format!("http://127.0.0.1:{}/", mock.port);
                 // Warmed up as ours was by the loads before (node compiles as it goes).
                 let warm = wrk(&mock_url, &data, base, 0, 2)?;
-                base += warm.requests + 1;
+                base += warm.requests + u64::from(CONNECTIONS);
                 let theirs = bracketed(|| {
                     let cpu0 = mock.cpu()?;
                     let mut load = wrk(&mock_url, &data, base, 0, secs)?;
@@ -1207,15 +1236,15 @@ async fn main() -> Result<(), Error> {
             "embedded_first",
             first.clone(),
         ));
-        let fill_from = first.requests + 1;
+        // (Past each load's unanswered requests too: wrk numbers what it sends.)
+        let mut next = first.requests + u64::from(CONNECTIONS);
         let mut filled = 0;
         while filled < memory_fill {
-            let l = wrk(&url, &template, fill_from + filled, 0, 10)?;
-            filled += l.requests + 1;
+            let l = wrk(&url, &template, next, 0, 10)?;
+            filled += l.requests;
+            next += l.requests + u64::from(CONNECTIONS);
         }
-        let later = measured(&service, None, || {
-            wrk(&url, &template, fill_from + filled, 0, secs)
-        })?;
+        let later = measured(&service, None, || wrk(&url, &template, next, 0, secs))?;
         rows.push((
             format!("embedded default, after {filled} more"),
             "embedded_after_fill",
