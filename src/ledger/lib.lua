@@ -13,6 +13,11 @@ local MAX_EXACT = 9007199254740991
 -- How many userOpHashes a reservation extended many times keeps (the latest).
 local MAX_HASHES = 8
 
+-- Most live records one nonce's key holds, whatever their state (ledger::MAX_RECORDS_PER_NONCE):
+-- released and landed ones stay until their grace ends, and every call on the nonce reads them
+-- all.
+local MAX_RECORDS = 64
+
 local function dec_cmp(a, b)
   if #a ~= #b then
     return #a < #b and -1 or 1

@@ -10,7 +10,8 @@ use alloy::sol_types::SolValue;
 
 use super::{
     Exhausted, Landing, MAX_EXACT_GWEI, MAX_HASHES, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY,
-    Outcome, REFRESH_MARGIN_SECS, Reservation, Resource, Scope, Settled, SpendExceeded,
+    MAX_RECORDS_PER_NONCE, Outcome, REFRESH_MARGIN_SECS, Reservation, Resource, Scope, Settled,
+    SpendExceeded,
 };
 use crate::userop::paymaster_data::PaymasterData;
 
@@ -85,6 +86,11 @@ impl<K: Part + Eq + std::hash::Hash, V> Parts<K, V> {
 
     fn entry(&mut self, key: K) -> std::collections::hash_map::Entry<'_, K, V> {
         self.0[key.part()].entry(key)
+    }
+
+    #[cfg(test)]
+    fn len(&self) -> usize {
+        self.0.iter().map(HashMap::len).sum()
     }
 }
 
@@ -196,6 +202,8 @@ impl MemoryLedger {
         }
         let scope_names: Vec<String> = r.scopes.iter().map(|s| s.name.clone()).collect();
         let charge_session = r.session.as_ref().map(|s| s.id);
+        // A released record of this operation is replaced below; anything else adds one.
+        let adds = !matches!(existing, Some((State::Released, _)));
         if let Some((State::Open, stored)) = existing {
             let same = inner
                 .reservations
@@ -246,6 +254,15 @@ impl MemoryLedger {
                 );
                 inner.reservations.insert(kept, rec);
             }
+        }
+        // As reserve.lua: a nonce keeps at most so many live records (an open one of another
+        // window or session stays, under a key of its own, and this one is added).
+        let records = inner
+            .landings
+            .get(&(r.policy.clone(), r.landing_key))
+            .map_or(0, Vec::len);
+        if adds && records >= MAX_RECORDS_PER_NONCE {
+            return Outcome::NonceFull(u64::try_from(records).unwrap_or(u64::MAX));
         }
         // As reserve.lua: a nonce holds at most so many open reservations, and fewer per session.
         let open_sessions: Vec<Option<B256>> = inner
@@ -512,8 +529,13 @@ impl Inner {
             match item {
                 Expiring::Counter(policy, scope) => {
                     let key = (policy, scope);
-                    if self.counters.get(&key).is_some_and(|c| c.expires_at <= now) {
-                        self.counters.remove(&key);
+                    match self.counters.get(&key).map(|c| c.expires_at) {
+                        Some(at) if at <= now => {
+                            self.counters.remove(&key);
+                        }
+                        // Made to live longer since: its one entry moves to its end.
+                        Some(at) => self.expire_at(at, Expiring::Counter(key.0, key.1)),
+                        None => {}
                     }
                 }
                 Expiring::Session(policy, id) => {
@@ -555,15 +577,22 @@ impl Inner {
     }
 
     /// A counter's lifetime only ever grows (as `EXPIRE … GT` in Redis); a counter gone is not
-    /// brought back.
+    /// brought back. A counter has one entry in the expiry heap, made with it and moved to its
+    /// end when it comes due (`prune`): an end that moves every second (a budget without a
+    /// period lives ten years from now; the deposit's scope as long as the latest signature)
+    /// would otherwise add an entry per reservation, each kept until its own far end.
     fn extend_counter(&mut self, policy: &str, s: &Scope) {
         let key = (policy.to_owned(), s.name.clone());
         let Some(c) = self.counters.get_mut(&key) else {
             return;
         };
         if s.expires_at > c.expires_at {
+            // (A new counter's end is 0: it has no entry yet.)
+            let scheduled = c.expires_at != 0;
             c.expires_at = s.expires_at;
-            self.expire_at(s.expires_at, Expiring::Counter(key.0, key.1));
+            if !scheduled {
+                self.expire_at(s.expires_at, Expiring::Counter(key.0, key.1));
+            }
         }
     }
 
@@ -649,5 +678,70 @@ impl Inner {
             }
         }
         true
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::userop::paymaster_data::ValidityWindow;
+
+    /// A budget whose end moves every second (one without a period lives ten years from now)
+    /// keeps one entry in the expiry heap, not one per reservation: each would stay ten years.
+    #[test]
+    fn a_counter_whose_end_moves_keeps_one_expiry_entry() {
+        const NOW: u64 = 1_800_000_000;
+        const TEN_YEARS: u64 = 10 * 365 * 86_400;
+        let ledger = MemoryLedger::new();
+        let reservation = |i: u64, now: u64| Reservation {
+            policy: "p".into(),
+            op_key: keccak256(i.to_be_bytes()),
+            landing_key: keccak256([i.to_be_bytes(), 1u64.to_be_bytes()].concat()),
+            cost_gwei: 1,
+            scopes: vec![Scope {
+                name: "policy".into(),
+                rule: "p.budgets.policy".into(),
+                cost_limit: None,
+                ops_limit: None,
+                expires_at: now + TEN_YEARS,
+                resets_at: None,
+                starts_at: None,
+            }],
+            user_op_hashes: vec![keccak256([i.to_be_bytes(), 2u64.to_be_bytes()].concat())],
+            answer: PaymasterData {
+                window: ValidityWindow {
+                    valid_after: now - 60,
+                    valid_until: now + 10,
+                },
+                signature: [0; 65],
+            },
+            session: None,
+            expires_at: now + 10 + super::super::GRACE_SECS,
+        };
+        // A reservation a second for two hours: each forgotten an hour after its end.
+        for i in 0..7_200 {
+            let now = NOW + i;
+            assert_eq!(
+                ledger.reserve_now(&reservation(i, now), now),
+                Outcome::Reserved
+            );
+        }
+        let inner = ledger.lock();
+        let counted = inner.reservations.len() + inner.counters.len() + inner.sessions.len();
+        assert_eq!(inner.counters.len(), 1);
+        assert!(
+            inner.expiry.len() <= counted,
+            "{} expiry entries for {counted} things that expire",
+            inner.expiry.len()
+        );
+        let end = inner
+            .counters
+            .get(&("p".to_owned(), "policy".to_owned()))
+            .map(|c| c.expires_at);
+        assert_eq!(
+            end,
+            Some(NOW + 7_199 + TEN_YEARS),
+            "its end moved with each"
+        );
     }
 }

@@ -99,6 +99,14 @@ pub const MAX_OPEN_PER_NONCE: usize = 4;
 /// fewer would make that cheaper, more would let one key grow.
 pub const MAX_OPEN_PER_NONCE_ANY: usize = 16;
 
+/// Most live records one (EntryPoint, sender, nonce) keeps, whatever their state: released and
+/// landed ones stay until their signature's end plus [`GRACE_SECS`] (a late event still finds
+/// them), and every reservation, stub, settlement and release of the nonce reads them all. A
+/// new one beyond is refused ([`Outcome::NonceFull`]): without the cap, a client cycling
+/// short-lived variants of one operation (released as they expire, their budget given back)
+/// would grow that work without bound. `MAX_RECORDS` in `lib.lua`.
+pub const MAX_RECORDS_PER_NONCE: usize = 64;
+
 /// How many userOpHashes a reservation extended many times keeps (the latest): an event that
 /// matches none settles every open reservation of its nonce, so a dropped one over-counts.
 pub const MAX_HASHES: usize = 8;
@@ -277,6 +285,9 @@ pub enum Outcome {
     /// The operation's nonce already has [`MAX_OPEN_PER_NONCE`] open reservations under the
     /// session: nothing changed.
     NoncePending,
+    /// The operation's nonce already keeps this many live records ([`MAX_RECORDS_PER_NONCE`]),
+    /// and this one would add one: nothing changed.
+    NonceFull(u64),
 }
 
 /// Where budgets are kept.

@@ -870,6 +870,7 @@ impl RedisLedger {
                 }))
             }
             5 => Ok(Outcome::NoncePending),
+            6 => Ok(Outcome::NonceFull(number(1)?)),
             // An error of this operation's (the others of its call went on).
             RESERVE_FAILED => Err(unavailable(format!("reserve.lua: {}", text(1)?))),
             other => Err(unavailable(format!(
@@ -1100,6 +1101,16 @@ mod tests {
     #[test]
     fn library_code_marks_that_it_reads_records_by_id() {
         assert!(library().code.contains(RECORDS_BY_ID_MARK));
+    }
+
+    /// The scripts' cap on a nonce's records is the one the service names in its refusals.
+    #[test]
+    fn lib_lua_caps_a_nonce_at_max_records_per_nonce() {
+        let line = format!(
+            "\nlocal MAX_RECORDS = {}\n",
+            super::super::MAX_RECORDS_PER_NONCE
+        );
+        assert!(include_str!("lib.lua").contains(&line));
     }
 
     /// `FUNCTION LIST` replies, RESP2 and RESP3, one a node: every library listed by name; a

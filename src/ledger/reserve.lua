@@ -71,7 +71,8 @@
 -- among keys[5..], from 0; the service knows what it asked); {3} when the session is revoked
 -- (checked before anything else);
 -- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
--- nonce already has that many open reservations (under the session, or at all). Only {0}
+-- nonce already has that many open reservations (under the session, or at all); {6, records}
+-- when it already has MAX_RECORDS live records (lib.lua) and this would add one. Only {0}
 -- outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
@@ -205,6 +206,15 @@ local function reserve(keys, args, scopes, shared)
       entries[mine][1] = op_id .. struct.pack('>I6', rec.valid_until)
       mine = nil
     end
+  end
+
+  -- A new record beyond MAX_RECORDS live ones is refused: released and landed records stay
+  -- until their grace ends (a late event still finds them), so without it a client cycling
+  -- short-lived variants would grow the key, and the work of every call on it, without bound.
+  -- (A released record of this operation is replaced, not added; an open one of another window
+  -- or session stays, and this one is added.)
+  if (not mine or rec.state == OPEN) and #entries >= MAX_RECORDS then
+    return {6, string.format('%d', #entries)}
   end
 
   -- Only one reservation of a nonce can land: more open ones only hold budget (under a session

@@ -15,8 +15,9 @@ use super::decode::Decoded;
 use super::deposit::paymaster_scope;
 use super::{Decision, Reason, Rejection, Run, Sponsor, SponsorError, SponsorRequest};
 use crate::ledger::{
-    GRACE_SECS, MAX_EXACT_GWEI, MAX_OPEN_PER_NONCE, Outcome, Reservation, Scope, SessionCharge,
-    TokenCharge, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor,
+    GRACE_SECS, MAX_EXACT_GWEI, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY, MAX_RECORDS_PER_NONCE,
+    Outcome, Reservation, Scope, SessionCharge, TokenCharge, landing_key, wei_to_gwei_ceil,
+    wei_to_gwei_floor,
 };
 use crate::policy::calldata::Call;
 use crate::policy::{Budget, Policy};
@@ -152,7 +153,19 @@ pub(super) async fn reserve(
             Reason::NoncePending,
             "ledger",
             format!(
-                "sender {} already has {MAX_OPEN_PER_NONCE} sponsorships of nonce {} under this session that may still land",
+                "sender {} already has as many sponsorships of nonce {} that may still land as one \
+                 nonce may hold ({MAX_OPEN_PER_NONCE} under one session, {MAX_OPEN_PER_NONCE_ANY} in all)",
+                req.op.sender, req.op.nonce
+            ),
+        )
+        .into()),
+        Outcome::NonceFull(records) => Err(Rejection::new(
+            Reason::NoncePending,
+            "ledger",
+            format!(
+                "sender {} already has {records} sponsorships of nonce {} on record (at most \
+                 {MAX_RECORDS_PER_NONCE}; each is kept until {GRACE_SECS} s after its signature's end): \
+                 retry once one of them lands or is forgotten",
                 req.op.sender, req.op.nonce
             ),
         )

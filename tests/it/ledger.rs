@@ -11,8 +11,9 @@ use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::ledger::redis::RedisLedger;
 use session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
 use session_paymaster::ledger::{
-    Exhausted, Landing, Ledger, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY, Outcome, Reservation,
-    Resource, Scope, SessionCharge, Settled, SpendExceeded, TokenCharge, session_scope_name,
+    Exhausted, GRACE_SECS, Landing, Ledger, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY,
+    MAX_RECORDS_PER_NONCE, Outcome, Reservation, Resource, Scope, SessionCharge, Settled,
+    SpendExceeded, TokenCharge, session_scope_name,
 };
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::EntryPointVersion;
@@ -356,7 +357,68 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     late_events_charge_back(&ledger).await?;
     landings_by_nonce(&ledger).await?;
     expiring_answers_are_replaced(&ledger).await?;
+    a_nonce_keeps_at_most_max_records(&ledger).await?;
     sessions_in_the_atomic_step(&ledger).await
+}
+
+/// Released records stay until their grace ends, so a client cycling short-lived variants of
+/// one operation (each released as it expires, its budget given back) would grow its nonce's
+/// records, which every call on the nonce reads, without bound: beyond MAX_RECORDS_PER_NONCE
+/// live records a new one is refused, stubs included, until the oldest are forgotten.
+async fn a_nonce_keeps_at_most_max_records(ledger: &Ledger) -> TestResult {
+    let policies = vec!["m".to_owned()];
+    let budget = || vec![scope("s", Some(1_000_000), None)];
+    // Op `op` of the one nonce, reserved at `at`, valid for ten seconds.
+    let variant = |op: u8, at: u64| Reservation {
+        policy: "m".into(),
+        landing_key: B256::repeat_byte(0x99),
+        answer: answer(op, at + 10),
+        expires_at: at + 10 + GRACE_SECS,
+        ..reservation(op, 7, budget())
+    };
+    // Cycles of MAX_OPEN_PER_NONCE_ANY variants, each released once it has expired.
+    let per_cycle = MAX_OPEN_PER_NONCE_ANY as u8;
+    let cycles = (MAX_RECORDS_PER_NONCE / MAX_OPEN_PER_NONCE_ANY) as u8;
+    for cycle in 0..cycles {
+        let at = NOW + 100 * u64::from(cycle);
+        for op in 0..per_cycle {
+            assert_eq!(
+                ledger
+                    .reserve(&variant(cycle * per_cycle + op, at), false, at)
+                    .await?,
+                Outcome::Reserved,
+                "cycle {cycle}, variant {op}"
+            );
+        }
+        assert_eq!(
+            ledger.release_expired(&policies, at + 11).await?,
+            usize::from(per_cycle)
+        );
+    }
+    assert_eq!(ledger.usage("m", "s").await?, (0, 0), "all released");
+    let at = NOW + 100 * u64::from(cycles);
+    let next = cycles * per_cycle;
+    let full = Outcome::NonceFull(MAX_RECORDS_PER_NONCE as u64);
+    assert_eq!(ledger.reserve(&variant(next, at), false, at).await?, full);
+    assert_eq!(
+        ledger.reserve(&variant(next, at), true, at).await?,
+        full,
+        "stubs too"
+    );
+    assert_eq!(ledger.usage("m", "s").await?, (0, 0), "nothing charged");
+    // A released operation asked again replaces its record: allowed.
+    assert_eq!(
+        ledger.reserve(&variant(0, at), false, at).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.usage("m", "s").await?, (7, 1));
+    // Once the first cycle's records are past their grace, there is room again.
+    let later = NOW + 10 + GRACE_SECS + 1;
+    assert_eq!(
+        ledger.reserve(&variant(next, later), false, later).await?,
+        Outcome::Reserved
+    );
+    Ok(())
 }
 
 /// A reservation released as expired whose operation lands after all (a reorg undid the block
