@@ -204,7 +204,7 @@ impl MemoryLedger {
         let charge_session = r.session.as_ref().map(|s| s.id);
         // A released record of this operation is replaced below; anything else adds one.
         let adds = !matches!(existing, Some((State::Released, _)));
-        if let Some((State::Open, stored)) = existing {
+        if let Some((State::Open, _)) = &existing {
             let same = inner
                 .reservations
                 .get(&key)
@@ -235,42 +235,33 @@ impl MemoryLedger {
                 }
                 return Outcome::Reserved;
             }
-            // Another window or session: the reservation stays as it is under a key of its own,
-            // and this request is a new one (see reserve.lua).
-            if !check_only && let Some(rec) = inner.reservations.remove(&key) {
-                let kept = (
-                    r.policy.clone(),
-                    keccak256((r.op_key, U256::from(stored.window.valid_until)).abi_encode()),
-                );
-                if let Some(ops) = inner.landings.get_mut(&(r.policy.clone(), r.landing_key)) {
-                    ops.retain(|op| *op != r.op_key);
-                    ops.push(kept.1);
-                }
-                let valid_until = stored.window.valid_until;
-                inner.open_move(&r.policy, (valid_until, r.op_key), (valid_until, kept.1));
-                inner.expire_at(
-                    rec.expires_at,
-                    Expiring::Reservation(kept.0.clone(), kept.1),
-                );
-                inner.reservations.insert(kept, rec);
+        }
+        // Another window or session (an open record that is not the same): it stays as it is
+        // under a key of its own, and this request is a new one (see reserve.lua); done once
+        // every check below has passed, as reserve.lua writes nothing it refuses.
+        let renamed = matches!(existing, Some((State::Open, _)));
+        // As reserve.lua: a nonce keeps at most so many live records; a new one that would pass
+        // the cap makes room by dropping the released records of the earliest validUntil, and
+        // is refused when none is released.
+        let landing = (r.policy.clone(), r.landing_key);
+        let records: Vec<B256> = inner.landings.get(&landing).cloned().unwrap_or_default();
+        let mut evict = None;
+        if adds && records.len() >= MAX_RECORDS_PER_NONCE {
+            evict = records
+                .iter()
+                .filter_map(|op| inner.reservations.get(&(r.policy.clone(), *op)))
+                .filter(|rec| rec.state == State::Released)
+                .map(|rec| rec.answer.window.valid_until)
+                .min();
+            if evict.is_none() {
+                return Outcome::NonceFull(u64::try_from(records.len()).unwrap_or(u64::MAX));
             }
         }
-        // As reserve.lua: a nonce keeps at most so many live records (an open one of another
-        // window or session stays, under a key of its own, and this one is added).
-        let records = inner
-            .landings
-            .get(&(r.policy.clone(), r.landing_key))
-            .map_or(0, Vec::len);
-        if adds && records >= MAX_RECORDS_PER_NONCE {
-            return Outcome::NonceFull(u64::try_from(records).unwrap_or(u64::MAX));
-        }
-        // As reserve.lua: a nonce holds at most so many open reservations, and fewer per session.
-        let open_sessions: Vec<Option<B256>> = inner
-            .landings
-            .get(&(r.policy.clone(), r.landing_key))
-            .into_iter()
-            .flatten()
-            .filter(|op| **op != r.op_key)
+        // As reserve.lua: a nonce holds at most so many open reservations, and fewer per session
+        // (this operation's own open record counts when it is to stay under a key of its own).
+        let open_sessions: Vec<Option<B256>> = records
+            .iter()
+            .filter(|op| renamed || **op != r.op_key)
             .filter_map(|op| {
                 inner
                     .reservations
@@ -334,6 +325,45 @@ impl MemoryLedger {
         }
         if check_only {
             return Outcome::Reserved;
+        }
+        if let (true, Some(rec)) = (renamed, inner.reservations.remove(&key)) {
+            let valid_until = rec.answer.window.valid_until;
+            let kept = (
+                r.policy.clone(),
+                keccak256((r.op_key, U256::from(valid_until)).abi_encode()),
+            );
+            // In its place, as reserve.lua renames it.
+            if let Some(ops) = inner.landings.get_mut(&landing) {
+                for op in ops.iter_mut().filter(|op| **op == r.op_key) {
+                    *op = kept.1;
+                }
+            }
+            inner.open_move(&r.policy, (valid_until, r.op_key), (valid_until, kept.1));
+            inner.expire_at(
+                rec.expires_at,
+                Expiring::Reservation(kept.0.clone(), kept.1),
+            );
+            inner.reservations.insert(kept, rec);
+        }
+        if let Some(oldest) = evict {
+            let dropped: Vec<B256> = records
+                .iter()
+                .filter(|op| {
+                    inner
+                        .reservations
+                        .get(&(r.policy.clone(), **op))
+                        .is_some_and(|rec| {
+                            rec.state == State::Released && rec.answer.window.valid_until == oldest
+                        })
+                })
+                .copied()
+                .collect();
+            for op in &dropped {
+                inner.reservations.remove(&(r.policy.clone(), *op));
+            }
+            if let Some(ops) = inner.landings.get_mut(&landing) {
+                ops.retain(|op| !dropped.contains(op));
+            }
         }
         for s in &r.scopes {
             let c = inner

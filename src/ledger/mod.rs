@@ -101,10 +101,14 @@ pub const MAX_OPEN_PER_NONCE_ANY: usize = 16;
 
 /// Most live records one (EntryPoint, sender, nonce) keeps, whatever their state: released and
 /// landed ones stay until their signature's end plus [`GRACE_SECS`] (a late event still finds
-/// them), and every reservation, stub, settlement and release of the nonce reads them all. A
-/// new one beyond is refused ([`Outcome::NonceFull`]): without the cap, a client cycling
-/// short-lived variants of one operation (released as they expire, their budget given back)
-/// would grow that work without bound. `MAX_RECORDS` in `lib.lua`.
+/// them), and every reservation, stub, settlement and release of the nonce reads them all.
+/// Without the cap, a client cycling short-lived variants of one operation (released as they
+/// expire, their budget given back) would grow that work without bound. A new record that
+/// would pass it makes room: the released records of the earliest validUntil are dropped (only
+/// a reorg deeper than the watcher's confirmations could still land one, and its event would
+/// match no record); with none released it is refused ([`Outcome::NonceFull`]: at most
+/// [`MAX_OPEN_PER_NONCE_ANY`] are open, so the nonce has landed). Dropping rather than refusing
+/// keeps a stranger who fills someone's nonce from blocking it. `MAX_RECORDS` in `lib.lua`.
 pub const MAX_RECORDS_PER_NONCE: usize = 64;
 
 /// How many userOpHashes a reservation extended many times keeps (the latest): an event that
@@ -286,7 +290,7 @@ pub enum Outcome {
     /// session: nothing changed.
     NoncePending,
     /// The operation's nonce already keeps this many live records ([`MAX_RECORDS_PER_NONCE`]),
-    /// and this one would add one: nothing changed.
+    /// none of them released, and this one would add one: nothing changed.
     NonceFull(u64),
 }
 

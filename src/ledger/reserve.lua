@@ -72,8 +72,8 @@
 -- (checked before anything else);
 -- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
 -- nonce already has that many open reservations (under the session, or at all); {6, records}
--- when it already has MAX_RECORDS live records (lib.lua) and this would add one. Only {0}
--- outside check-only mode changes anything.
+-- when it already has MAX_RECORDS live records (lib.lua), none of them released, and this
+-- would add one. Only {0} outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
 -- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
@@ -208,13 +208,33 @@ local function reserve(keys, args, scopes, shared)
     end
   end
 
-  -- A new record beyond MAX_RECORDS live ones is refused: released and landed records stay
-  -- until their grace ends (a late event still finds them), so without it a client cycling
-  -- short-lived variants would grow the key, and the work of every call on it, without bound.
-  -- (A released record of this operation is replaced, not added; an open one of another window
-  -- or session stays, and this one is added.)
+  -- A nonce keeps at most MAX_RECORDS live records. Released and landed ones stay until their
+  -- grace ends (a late event still finds them), so a client cycling short-lived variants, each
+  -- released as it expires, would grow the key, and the work of every call on it, without
+  -- bound. A new record that would pass the cap makes room: the released records of the
+  -- earliest validUntil leave (their cost was given back; only a reorg deeper than the
+  -- watcher's confirmations could still land one, whose event would then match no record).
+  -- With none released (open ones are capped below; a landed one means the nonce is used) it
+  -- is refused. (A released record of this operation is replaced, not added; an open one of
+  -- another window or session stays, and this one is added. In this block `mine` is nil
+  -- unless this is a check, which writes nothing.)
   if (not mine or rec.state == OPEN) and #entries >= MAX_RECORDS then
-    return {6, string.format('%d', #entries)}
+    local oldest = nil
+    for _, e in ipairs(entries) do
+      if e[2].state == RELEASED and (not oldest or e[2].valid_until < oldest) then
+        oldest = e[2].valid_until
+      end
+    end
+    if not oldest then
+      return {6, string.format('%d', #entries)}
+    end
+    local kept = {}
+    for _, e in ipairs(entries) do
+      if e[2].state ~= RELEASED or e[2].valid_until ~= oldest then
+        kept[#kept + 1] = e
+      end
+    end
+    entries = kept
   end
 
   -- Only one reservation of a nonce can land: more open ones only hold budget (under a session

@@ -163,10 +163,10 @@ pub(super) async fn reserve(
             Reason::NoncePending,
             "ledger",
             format!(
-                "sender {} already has {records} sponsorships of nonce {} on record (at most \
-                 {MAX_RECORDS_PER_NONCE}; each is kept until {GRACE_SECS} s after its signature's end): \
-                 retry once one of them lands or is forgotten",
-                req.op.sender, req.op.nonce
+                "nonce {} of sender {} has {records} sponsorships on record, none of them \
+                 released (at most {MAX_RECORDS_PER_NONCE}; a landed one is kept until \
+                 {GRACE_SECS} s after its signature's end): it has landed, use the next nonce",
+                req.op.nonce, req.op.sender
             ),
         )
         .into()),

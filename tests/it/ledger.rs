@@ -363,18 +363,26 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
 
 /// Released records stay until their grace ends, so a client cycling short-lived variants of
 /// one operation (each released as it expires, its budget given back) would grow its nonce's
-/// records, which every call on the nonce reads, without bound: beyond MAX_RECORDS_PER_NONCE
-/// live records a new one is refused, stubs included, until the oldest are forgotten.
+/// records, which every call on the nonce reads, without bound: a nonce keeps at most
+/// MAX_RECORDS_PER_NONCE live records. A new one makes room by dropping the released records of
+/// the earliest validUntil (a stranger filling someone's nonce blocks nothing); with none
+/// released it is refused, stubs included.
 async fn a_nonce_keeps_at_most_max_records(ledger: &Ledger) -> TestResult {
     let policies = vec!["m".to_owned()];
     let budget = || vec![scope("s", Some(1_000_000), None)];
-    // Op `op` of the one nonce, reserved at `at`, valid for ten seconds.
-    let variant = |op: u8, at: u64| Reservation {
+    // Op `op` of nonce `nonce`, reserved at `at`, valid for ten seconds.
+    let variant = |op: u8, nonce: u8, at: u64| Reservation {
         policy: "m".into(),
-        landing_key: B256::repeat_byte(0x99),
+        landing_key: B256::repeat_byte(nonce),
         answer: answer(op, at + 10),
         expires_at: at + 10 + GRACE_SECS,
         ..reservation(op, 7, budget())
+    };
+    // Op `op` of nonce `nonce` landing.
+    let landed = |op: u8, nonce: u8| Landing {
+        landing_key: B256::repeat_byte(nonce),
+        user_op_hash: B256::repeat_byte(op ^ 0x80),
+        actual_gwei: 5,
     };
     // Cycles of MAX_OPEN_PER_NONCE_ANY variants, each released once it has expired.
     let per_cycle = MAX_OPEN_PER_NONCE_ANY as u8;
@@ -384,7 +392,7 @@ async fn a_nonce_keeps_at_most_max_records(ledger: &Ledger) -> TestResult {
         for op in 0..per_cycle {
             assert_eq!(
                 ledger
-                    .reserve(&variant(cycle * per_cycle + op, at), false, at)
+                    .reserve(&variant(cycle * per_cycle + op, 0x99, at), false, at)
                     .await?,
                 Outcome::Reserved,
                 "cycle {cycle}, variant {op}"
@@ -396,26 +404,59 @@ async fn a_nonce_keeps_at_most_max_records(ledger: &Ledger) -> TestResult {
         );
     }
     assert_eq!(ledger.usage("m", "s").await?, (0, 0), "all released");
+    // Full: the next one drops the first cycle's records (the earliest validUntil).
     let at = NOW + 100 * u64::from(cycles);
     let next = cycles * per_cycle;
-    let full = Outcome::NonceFull(MAX_RECORDS_PER_NONCE as u64);
-    assert_eq!(ledger.reserve(&variant(next, at), false, at).await?, full);
     assert_eq!(
-        ledger.reserve(&variant(next, at), true, at).await?,
-        full,
-        "stubs too"
+        ledger.reserve(&variant(next, 0x99, at), true, at).await?,
+        Outcome::Reserved,
+        "a stub: room would be made"
     );
-    assert_eq!(ledger.usage("m", "s").await?, (0, 0), "nothing charged");
-    // A released operation asked again replaces its record: allowed.
     assert_eq!(
-        ledger.reserve(&variant(0, at), false, at).await?,
+        ledger.reserve(&variant(next, 0x99, at), false, at).await?,
         Outcome::Reserved
     );
     assert_eq!(ledger.usage("m", "s").await?, (7, 1));
-    // Once the first cycle's records are past their grace, there is room again.
+    // A late event of a record kept is charged back; one of a dropped record matches none.
+    let kept = ledger.settle(&policies, &landed(per_cycle, 0x99)).await?;
+    assert_eq!((kept.hash_matched, kept.charged_back), (true, 1));
+    let dropped = ledger.settle(&policies, &landed(0, 0x99)).await?;
+    assert_eq!((dropped.hash_matched, dropped.charged_back), (false, 0));
+
+    // A nonce whose records are all landed (none released: nothing to drop) takes no more.
+    // (Other ops: an op names its nonce.)
+    let first = 100;
+    for op in first..first + MAX_RECORDS_PER_NONCE as u8 {
+        assert_eq!(
+            ledger.reserve(&variant(op, 0x9a, NOW), false, NOW).await?,
+            Outcome::Reserved
+        );
+        assert_eq!(
+            ledger.settle(&policies, &landed(op, 0x9a)).await?.settled,
+            1
+        );
+    }
+    let used = ledger.usage("m", "s").await?;
+    let full = Outcome::NonceFull(MAX_RECORDS_PER_NONCE as u64);
+    let last = first + MAX_RECORDS_PER_NONCE as u8;
+    assert_eq!(
+        ledger
+            .reserve(&variant(last, 0x9a, NOW), false, NOW)
+            .await?,
+        full
+    );
+    assert_eq!(
+        ledger.reserve(&variant(last, 0x9a, NOW), true, NOW).await?,
+        full,
+        "stubs too"
+    );
+    assert_eq!(ledger.usage("m", "s").await?, used, "nothing charged");
+    // Once they are past their grace, there is room again.
     let later = NOW + 10 + GRACE_SECS + 1;
     assert_eq!(
-        ledger.reserve(&variant(next, later), false, later).await?,
+        ledger
+            .reserve(&variant(last, 0x9a, later), false, later)
+            .await?,
         Outcome::Reserved
     );
     Ok(())
