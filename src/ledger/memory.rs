@@ -258,10 +258,10 @@ impl MemoryLedger {
             }
         }
         // As reserve.lua: a nonce holds at most so many open reservations, and fewer per session
-        // (this operation's own open record counts when it is to stay under a key of its own).
+        // (this operation's own open record, here, is one that is to stay under a key of its own:
+        // it counts, in a check too).
         let open_sessions: Vec<Option<B256>> = records
             .iter()
-            .filter(|op| renamed || **op != r.op_key)
             .filter_map(|op| {
                 inner
                     .reservations

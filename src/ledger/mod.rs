@@ -287,7 +287,7 @@ pub enum Outcome {
     /// A session token cap would be exceeded: nothing changed.
     SpendExceeded(SpendExceeded),
     /// The operation's nonce already has [`MAX_OPEN_PER_NONCE`] open reservations under the
-    /// session: nothing changed.
+    /// session, or [`MAX_OPEN_PER_NONCE_ANY`] in all: nothing changed.
     NoncePending,
     /// The operation's nonce already keeps this many live records ([`MAX_RECORDS_PER_NONCE`]),
     /// none of them released, and this one would add one: nothing changed.

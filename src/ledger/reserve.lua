@@ -239,9 +239,11 @@ local function reserve(keys, args, scopes, shared)
 
   -- Only one reservation of a nonce can land: more open ones only hold budget (under a session
   -- whose proof a stranger may have seen, its budget), and make the nonce's key longer.
+  -- (This operation's own open record, here, is one of another window or session, which stays
+  -- under an id of its own: it counts, in a check too, where it is not renamed.)
   local open, open_mine = 0, 0
   for _, e in ipairs(entries) do
-    if e[1] ~= op_id and e[2].state == OPEN then
+    if e[2].state == OPEN then
       open = open + 1
       if session and e[2].session == keys[4] then
         open_mine = open_mine + 1

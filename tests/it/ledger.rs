@@ -358,7 +358,50 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     landings_by_nonce(&ledger).await?;
     expiring_answers_are_replaced(&ledger).await?;
     a_nonce_keeps_at_most_max_records(&ledger).await?;
+    a_stub_counts_the_open_records_its_request_would(&ledger).await?;
     sessions_in_the_atomic_step(&ledger).await
+}
+
+/// An operation whose open record is of another budget window keeps that record under an id of
+/// its own and adds one: its stub counts that record among the nonce's open ones, as the signed
+/// request does (reserve.lua renames it only when it writes).
+async fn a_stub_counts_the_open_records_its_request_would(ledger: &Ledger) -> TestResult {
+    let op = |op: u8, window: &str| Reservation {
+        policy: "w".into(),
+        landing_key: B256::repeat_byte(0x9b),
+        ..reservation(op, 1, vec![scope(window, None, None)])
+    };
+    let others = MAX_OPEN_PER_NONCE_ANY as u8 - 1;
+    for other in 0..others {
+        assert_eq!(
+            ledger.reserve(&op(200 + other, "day1"), false, NOW).await?,
+            Outcome::Reserved
+        );
+    }
+    // The sixteenth open record, its answer about to expire a few seconds later.
+    let expiring = Reservation {
+        answer: answer(250, NOW + 20),
+        ..op(250, "day1")
+    };
+    assert_eq!(
+        ledger.reserve(&expiring, false, NOW).await?,
+        Outcome::Reserved
+    );
+    // Asked again in the next window, for a fresh answer: its record stays, and a seventeenth
+    // would be open.
+    let later = NOW + 5;
+    let fresh = Reservation {
+        answer: answer(250, later + 600),
+        ..op(250, "day2")
+    };
+    for check_only in [true, false] {
+        assert_eq!(
+            ledger.reserve(&fresh, check_only, later).await?,
+            Outcome::NoncePending,
+            "check only: {check_only}"
+        );
+    }
+    Ok(())
 }
 
 /// Released records stay until their grace ends, so a client cycling short-lived variants of
