@@ -13,7 +13,10 @@ use alloy::sol;
 use alloy::sol_types::{SolCall, SolValue};
 use serde_json::{Value, json};
 use session_paymaster::app::unix_now;
-use session_paymaster::ledger::{GRACE_SECS, Outcome, Reservation, SessionCharge, landing_key};
+use session_paymaster::ledger::{
+    GRACE_SECS, MAX_OPEN_PER_NONCE_ANY, MAX_RECORDS_PER_NONCE, Outcome, Reservation, SessionCharge,
+    landing_key,
+};
 use session_paymaster::session::{GrantSource, SessionStatus};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
@@ -1080,6 +1083,70 @@ async fn variants_of_one_nonce_hold_a_bounded_budget() -> TestResult {
         sponsor(&app, &transfer_op(account, 1, 13).to_json(), ep07, ctx).await?["result"]
             .is_object()
     );
+    Ok(())
+}
+
+/// Found in review: a nonce's records were capped only while open. Released ones stay an hour
+/// past their end (a late event still finds them), so a client cycling variants of one
+/// operation with `validForSeconds: 1`, each released as it expired and its budget given back,
+/// grew the nonce's Redis key, which every call on the nonce reads, without bound. A nonce now
+/// keeps at most MAX_RECORDS_PER_NONCE records, and a full one drops its oldest released ones:
+/// whoever filled it blocks nothing, and another operation of that nonce is still sponsored.
+#[tokio::test]
+async fn cycled_variants_of_one_nonce_keep_its_records_bounded() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let policy = counter_policy("cycled", 1_000);
+    let (app, _dir) = app_with(&redis, &[("cycled.toml".into(), policy)]).await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = json!({ "sponsorshipPolicyId": "cycled", "validForSeconds": 1 });
+    let nonce = 21;
+    let variant = |tip: u128| {
+        UserOperation {
+            max_priority_fee_per_gas: tip,
+            ..counter_op(SENDER, nonce, "increment()")
+        }
+        .to_json()
+    };
+    let ledger = app.state.sponsor.ledger();
+    let policies = vec!["cycled".to_owned()];
+    let mut tip = 1;
+    for cycle in 0..MAX_RECORDS_PER_NONCE / MAX_OPEN_PER_NONCE_ANY + 2 {
+        for _ in 0..MAX_OPEN_PER_NONCE_ANY {
+            let v = sponsor(&app, &variant(tip), ep07, ctx.clone()).await?;
+            assert!(
+                v["result"]["paymasterData"].is_string(),
+                "cycle {cycle}, tip {tip}: {v}"
+            );
+            tip += 1;
+        }
+        // Released once a confirmed block is past their end, as the watcher would.
+        assert_eq!(
+            ledger.release_expired(&policies, unix_now() + 5).await?,
+            MAX_OPEN_PER_NONCE_ANY
+        );
+    }
+    // The nonce's key: its entries are a u8-prefixed id and a u16-prefixed record each.
+    let landing = landing_key(31337, ep07, SENDER, U256::from(nonce));
+    let key = [&b"sp:{cycled}:n:"[..], &landing[..20]].concat();
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let data: Vec<u8> = redis::cmd("GET").arg(&key).query_async(&mut conn).await?;
+    let (mut records, mut at) = (0, 0);
+    while at < data.len() {
+        at += 1 + usize::from(data[at]);
+        let body = data.get(at..at + 2).ok_or("a truncated entry")?;
+        at += 2 + usize::from(u16::from_be_bytes([body[0], body[1]]));
+        records += 1;
+    }
+    assert_eq!(at, data.len(), "whole entries");
+    assert!(
+        (1..=MAX_RECORDS_PER_NONCE).contains(&records),
+        "{records} records in the nonce's key after {} variants",
+        tip - 1
+    );
+    // Another operation of that nonce (the account's own, say) is still sponsored.
+    let own = sponsor(&app, &variant(tip), ep07, ctx).await?;
+    assert!(own["result"]["paymasterData"].is_string(), "{own}");
     Ok(())
 }
 
