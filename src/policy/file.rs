@@ -109,6 +109,8 @@ struct PerOpFile {
     max_verification_gas_limit: Option<u64>,
     #[serde(default)]
     max_call_gas_limit: Option<u64>,
+    #[serde(default)]
+    max_pre_verification_gas: Option<u64>,
 }
 
 #[derive(Deserialize)]
@@ -372,6 +374,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
     let per_op = PerOpLimits {
         max_verification_gas_limit: file.per_op.max_verification_gas_limit,
         max_call_gas_limit: file.per_op.max_call_gas_limit,
+        max_pre_verification_gas: file.per_op.max_pre_verification_gas,
         max_cost: amount(&file.per_op.max_cost, "max_cost"),
         max_fee_per_gas: amount(&file.per_op.max_fee_per_gas, "max_fee_per_gas"),
         max_priority_fee_per_gas: amount(
@@ -747,6 +750,7 @@ active_until = 2030-01-01T00:00:00Z
 max_cost = "0.002 ether"
 max_fee_per_gas = "100 gwei"
 max_priority_fee_per_gas = 3000000000
+max_pre_verification_gas = 120000
 
 [[allow]]
 target = "0x1111111111111111111111111111111111111111"
@@ -767,6 +771,7 @@ max_value = "0"
             p.per_op.max_priority_fee_per_gas,
             Some(U256::from(3_000_000_000u64))
         );
+        assert_eq!(p.per_op.max_pre_verification_gas, Some(120_000));
         let FunctionFilter::Selectors(sel) = &p.allow[0].functions else {
             panic!("selectors")
         };
@@ -802,7 +807,7 @@ max_value = "0"
         assert!(errs.iter().any(|e| e.contains("bananas")), "{errs:?}");
         assert!(
             errs.iter()
-                .any(|e| e.contains("0x1234") && e.starts_with("p.toml:14:")),
+                .any(|e| e.contains("0x1234") && e.starts_with("p.toml:15:")),
             "{errs:?}"
         );
     }

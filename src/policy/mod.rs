@@ -108,6 +108,9 @@ pub struct PerOpLimits {
     pub max_verification_gas_limit: Option<u64>,
     /// `callGasLimit` cap.
     pub max_call_gas_limit: Option<u64>,
+    /// `preVerificationGas` cap: the EntryPoint pays it in full, used or not, to whoever
+    /// submits the bundle (who may be the client).
+    pub max_pre_verification_gas: Option<u64>,
     /// Worst-case cost (DESIGN §3).
     pub max_cost: Option<U256>,
     /// `maxFeePerGas` cap.
@@ -284,6 +287,12 @@ impl Policy {
                 "per_op.max_call_gas_limit",
                 ctx.op.call_gas_limit,
                 self.per_op.max_call_gas_limit,
+            ),
+            (
+                "pre_verification_gas",
+                "per_op.max_pre_verification_gas",
+                u128::try_from(ctx.op.pre_verification_gas).unwrap_or(u128::MAX),
+                self.per_op.max_pre_verification_gas,
             ),
         ];
         for (name, setting, value, cap) in gas_caps {
@@ -472,6 +481,7 @@ mod tests {
                 max_priority_fee_per_gas: Some(U256::from(10u64)),
                 max_verification_gas_limit: Some(500),
                 max_call_gas_limit: Some(600),
+                max_pre_verification_gas: Some(700),
             },
             budgets: Budgets::default(),
             rate_per_sender: None,
@@ -587,6 +597,11 @@ mod tests {
             (
                 "call gas",
                 |op, _, _, _, _| op.call_gas_limit = 601,
+                Some((Reason::GasLimitTooHigh, None)),
+            ),
+            (
+                "pre-verification gas",
+                |op, _, _, _, _| op.pre_verification_gas = U256::from(701u64),
                 Some((Reason::GasLimitTooHigh, None)),
             ),
             (

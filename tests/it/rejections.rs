@@ -36,7 +36,8 @@ fn policies() -> TestResult<TempDir> {
             format!(
                 "chains = [31337]\nentry_points = [\"0.7\"]\n[senders]\ndeny = [\"{DENIED}\"]\n[per_op]\n\
                  max_cost = \"0.01 ether\"\nmax_fee_per_gas = \"10 gwei\"\nmax_priority_fee_per_gas = \"2 gwei\"\n\
-                 max_call_gas_limit = 150000\nmax_verification_gas_limit = 250000\n"
+                 max_call_gas_limit = 150000\nmax_verification_gas_limit = 250000\n\
+                 max_pre_verification_gas = 2000000\n"
             ),
         ),
         (
@@ -197,6 +198,13 @@ async fn every_policy_rejection_reason_over_http() -> TestResult {
             "",
             Box::new(|o| o.pre_verification_gas = U256::from(1_700_000)),
             "cost_too_high",
+            None,
+        ),
+        (
+            "strict",
+            "",
+            Box::new(|o| o.pre_verification_gas = U256::from(2_000_001)),
+            "gas_limit_too_high",
             None,
         ),
         (
