@@ -184,8 +184,9 @@ local function unpack_record(data, key)
   local budget = nil
   if session == SESSION_BY_ID then
     r.session_id, pos = struct.unpack('>c32', data, pos)
-    r.session = policy_prefix(key) .. 'session:0x' .. hex_of(r.session_id)
     budget = session_scope_of(r.session_id)
+    -- (`sp:{P}:session:0x<id>`: the budget's name after the policy's prefix.)
+    r.session = policy_prefix(key) .. budget
   elseif session == SESSION_BY_KEY then
     local state
     state, pos = struct.unpack('>Bc0', data, pos)

@@ -244,31 +244,25 @@ impl MemoryLedger {
         // the cap makes room by dropping the released records of the earliest validUntil, and
         // is refused when none is released.
         let landing = (r.policy.clone(), r.landing_key);
-        let records: Vec<B256> = inner.landings.get(&landing).cloned().unwrap_or_default();
+        let count = inner.landings.get(&landing).map_or(0, Vec::len);
         let mut evict = None;
-        if adds && records.len() >= MAX_RECORDS_PER_NONCE {
-            evict = records
-                .iter()
-                .filter_map(|op| inner.reservations.get(&(r.policy.clone(), *op)))
-                .filter(|rec| rec.state == State::Released)
-                .map(|rec| rec.answer.window.valid_until)
+        if adds && count >= MAX_RECORDS_PER_NONCE {
+            evict = inner
+                .records_of(&landing)
+                .filter(|(_, rec)| rec.state == State::Released)
+                .map(|(_, rec)| rec.answer.window.valid_until)
                 .min();
             if evict.is_none() {
-                return Outcome::NonceFull(u64::try_from(records.len()).unwrap_or(u64::MAX));
+                return Outcome::NonceFull(u64::try_from(count).unwrap_or(u64::MAX));
             }
         }
         // As reserve.lua: a nonce holds at most so many open reservations, and fewer per session
         // (this operation's own open record, here, is one that is to stay under a key of its own:
         // it counts, in a check too).
-        let open_sessions: Vec<Option<B256>> = records
-            .iter()
-            .filter_map(|op| {
-                inner
-                    .reservations
-                    .get(&(r.policy.clone(), *op))
-                    .filter(|rec| rec.state == State::Open)
-                    .map(|rec| rec.session)
-            })
+        let open_sessions: Vec<Option<B256>> = inner
+            .records_of(&landing)
+            .filter(|(_, rec)| rec.state == State::Open)
+            .map(|(_, rec)| rec.session)
             .collect();
         if open_sessions.len() >= MAX_OPEN_PER_NONCE_ANY {
             return Outcome::NoncePending;
@@ -326,7 +320,7 @@ impl MemoryLedger {
         if check_only {
             return Outcome::Reserved;
         }
-        if let (true, Some(rec)) = (renamed, inner.reservations.remove(&key)) {
+        if renamed && let Some(rec) = inner.reservations.remove(&key) {
             let valid_until = rec.answer.window.valid_until;
             let kept = (
                 r.policy.clone(),
@@ -346,17 +340,12 @@ impl MemoryLedger {
             inner.reservations.insert(kept, rec);
         }
         if let Some(oldest) = evict {
-            let dropped: Vec<B256> = records
-                .iter()
-                .filter(|op| {
-                    inner
-                        .reservations
-                        .get(&(r.policy.clone(), **op))
-                        .is_some_and(|rec| {
-                            rec.state == State::Released && rec.answer.window.valid_until == oldest
-                        })
+            let dropped: Vec<B256> = inner
+                .records_of(&landing)
+                .filter(|(_, rec)| {
+                    rec.state == State::Released && rec.answer.window.valid_until == oldest
                 })
-                .copied()
+                .map(|(op, _)| op)
                 .collect();
             for op in &dropped {
                 inner.reservations.remove(&(r.policy.clone(), *op));
@@ -604,6 +593,19 @@ impl Inner {
                 }
             }
         }
+    }
+
+    /// The records of nonce `landing` (a policy and a landing key), with the op keys they are
+    /// kept under.
+    fn records_of<'a>(
+        &'a self,
+        landing: &'a PolicyKey,
+    ) -> impl Iterator<Item = (B256, &'a Record)> {
+        self.landings
+            .get(landing)
+            .into_iter()
+            .flatten()
+            .filter_map(|op| Some((*op, self.reservations.get(&(landing.0.clone(), *op))?)))
     }
 
     /// A counter's lifetime only ever grows (as `EXPIRE … GT` in Redis); a counter gone is not
