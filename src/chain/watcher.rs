@@ -457,6 +457,9 @@ impl Watcher {
                 } else if done.settled > 0 && !done.hash_matched {
                     tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, settled = done.settled, "landed operation's hash matches none we reserved: settled every reservation of its nonce at its cost");
                 }
+                if done.ambiguous {
+                    tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, settled = done.settled, charged_back = done.charged_back, "reservations of several operations of one nonce carry the landed hash's first 8 bytes (ground on purpose, most likely): every one was charged");
+                }
                 if done.charged_back > 0 {
                     tracing::warn!(user_op_hash = %e.userOpHash, sender = %e.sender, nonce = %e.nonce, "an operation whose reservation was released landed after all: its cost is charged back");
                 }

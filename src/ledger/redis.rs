@@ -915,11 +915,12 @@ impl RedisLedger {
                 .arg(&landing.user_op_hash[..8])
                 .arg(landing.actual_gwei)
                 .arg(found);
-            let (settled, superseded, charged): (usize, usize, usize) =
+            let (settled, superseded, charged, ambiguous): (usize, usize, usize, u8) =
                 call(&mut conn, &cmd).await?;
             out.settled += settled;
             out.superseded += superseded;
             out.charged_back += charged;
+            out.ambiguous |= ambiguous == 1;
         }
         out.hash_matched |= out.charged_back > 0;
         Ok(out)

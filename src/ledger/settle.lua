@@ -18,43 +18,86 @@
 -- settle, by ARGV[4]: 'open': the matching record is settled to the actual cost and every other
 -- open record of the nonce released; 'released': the matching released record (its signature
 -- was thought expired, yet it landed) has its cost charged back, and the open ones are
--- released (also under 'open', for a match released since the probe); 'none' (the EntryPoint hashed the operation differently from us): every open record
--- of the nonce is settled to the actual cost, a cost counted more than once rather than
--- forgotten. Returns {settled, released, charged back}. Closed records are skipped: reading an
--- event twice changes nothing.
+-- released (also under 'open', for a match released since the probe); 'none' (the EntryPoint
+-- hashed the operation differently from us): every open record of the nonce is settled to the
+-- actual cost, a cost counted more than once rather than forgotten. Returns {settled,
+-- released, charged back, ambiguous}. Closed records are skipped: reading an event twice
+-- changes nothing.
+--
+-- Records keep only the first 8 bytes of each hash (lib.lua). On EntryPoint v0.9 the hash of an
+-- operation whose signature of ours sits in the suffix leaves that signature out, so a client
+-- can compute it before asking us to sign, and grind two operations of one nonce whose prefixes
+-- agree (about 2^32 hashes each): a harmless one reserved first, and one that spends (under a
+-- session with token caps, or charged to a session's budget). Were the first match settled,
+-- the harmless one would be charged at the landed one's cost and the one that landed released:
+-- its session's spending and budget given back. So where the records carrying the hash are of
+-- more than one operation (their ids' first 20 bytes: a record kept aside adds its window; one
+-- operation's records are one answer extended, or kept aside, and one charge covers them),
+-- every one of them is charged: the open ones settled at the actual cost (or, with none open,
+-- the released ones charged back), `ambiguous` 1. A cost is counted twice, never forgotten. (A
+-- full hash names one operation: the memory ledger, which keeps full hashes, never meets it.)
 local entries = load_nonce(KEYS[1])
-local open, match, released_match = {}, nil, nil
+-- The open records; the open and the released ones whose hashes include the event's (a record
+-- keeps the userOpHash of every answer it was extended to), and how many operations each of
+-- those lists is of.
+local open, open_matches, released_matches = {}, {}, {}
+local function count_operations(list)
+  local seen, n = {}, 0
+  for _, e in ipairs(list) do
+    local op = string.sub(e[1], 1, 20)
+    if not seen[op] then
+      seen[op], n = true, n + 1
+    end
+  end
+  return n
+end
 for _, e in ipairs(entries) do
-  -- A record keeps the userOpHash of every answer it was extended to.
-  local matches = has_hash(e[2], ARGV[2])
   if e[2].state == OPEN then
     open[#open + 1] = e
-    if matches and not match then
-      match = e
+    if has_hash(e[2], ARGV[2]) then
+      open_matches[#open_matches + 1] = e
     end
-  elseif e[2].state == RELEASED and matches and not released_match then
-    released_match = e
+  elseif e[2].state == RELEASED and has_hash(e[2], ARGV[2]) then
+    released_matches[#released_matches + 1] = e
   end
 end
 if ARGV[1] == 'probe' then
   local found = 0
-  if match then
+  if #open_matches > 0 then
     found = 1
-  elseif released_match then
+  elseif #released_matches > 0 then
     found = 2
   end
   return {found, #entries}
 end
 local actual = tonumber(ARGV[3])
 local settled, released, charged = 0, 0, 0
+local ambiguous = 0
+-- The open records settled: the match, or every match where they are of several operations.
+local settle = {}
+if count_operations(open_matches) > 1 then
+  ambiguous = 1
+  for _, e in ipairs(open_matches) do
+    settle[e] = true
+  end
+elseif open_matches[1] then
+  settle[open_matches[1]] = true
+end
 local returns = {}
 -- A released record with the event's hash landed after all: charged back, also when the probe
--- saw it open (another replica's watcher released it since).
-if released_match and not match and ARGV[4] ~= 'none' then
-  charged = charge_back(KEYS[1], released_match[2], actual)
+-- saw it open (another replica's watcher released it since); every one where they are of
+-- several operations.
+if #open_matches == 0 and #released_matches > 0 and ARGV[4] ~= 'none' then
+  local back = {released_matches[1]}
+  if count_operations(released_matches) > 1 then
+    ambiguous, back = 1, released_matches
+  end
+  for _, e in ipairs(back) do
+    charged = charged + charge_back(KEYS[1], e[2], actual)
+  end
 end
 for _, e in ipairs(open) do
-  if ARGV[4] == 'none' or e == match then
+  if ARGV[4] == 'none' or settle[e] then
     settled = settled + close_record(KEYS[1], e[2], 'settle', actual, returns)
   else
     released = released + close_record(KEYS[1], e[2], 'release', 0, returns)
@@ -64,4 +107,4 @@ if settled + released + charged > 0 then
   save_nonce(KEYS[1], entries)
 end
 give_back(returns)
-return {settled, released, charged}
+return {settled, released, charged, ambiguous}

@@ -85,6 +85,7 @@ fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
         hash_matched,
         charged_back: 0,
         known: true,
+        ambiguous: false,
     }
 }
 
@@ -359,7 +360,115 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     expiring_answers_are_replaced(&ledger).await?;
     a_nonce_keeps_at_most_max_records(&ledger).await?;
     a_stub_counts_the_open_records_its_request_would(&ledger).await?;
+    a_ground_hash_prefix_charges_every_operation_that_carries_it(&ledger).await?;
     sessions_in_the_atomic_step(&ledger).await
+}
+
+/// Two operations of one nonce whose hashes share their first 8 bytes (all a record keeps in
+/// Redis: on EntryPoint v0.9 a client can grind such a pair before we sign, settle.lua): the
+/// one that did not land must not be settled in place of the one that did, which would then
+/// be released, its session's spending and budget given back. Redis charges every operation
+/// the prefix names (counted twice, never forgotten); memory keeps full hashes and settles the
+/// one exactly. Open, then both released before a late event.
+async fn a_ground_hash_prefix_charges_every_operation_that_carries_it(
+    ledger: &Ledger,
+) -> TestResult {
+    let full_hashes = matches!(ledger, Ledger::Memory(_));
+    let policies = vec!["g".to_owned()];
+    let token = Address::repeat_byte(0x71);
+    let id = B256::repeat_byte(0x6a);
+    let unit = U256::from(10u64).pow(U256::from(18u64));
+    let budget = session_scope_name(id);
+    // A hash of 8 bytes shared by the pair and 24 of the operation's own.
+    let hash = |own: u8| B256::from_slice(&[[0xa5; 8].as_slice(), &[own; 24]].concat());
+    // Op `op` of nonce `nonce`, valid until `valid_until`, with hash `hash(op)`: the harmless
+    // one without a session, the one that spends under session `id`.
+    let harmless = |op: u8, nonce: u8, valid_until: u64| Reservation {
+        policy: "g".into(),
+        landing_key: B256::repeat_byte(nonce),
+        user_op_hashes: vec![hash(op)],
+        answer: answer(op, valid_until),
+        expires_at: valid_until + GRACE_SECS,
+        ..reservation(op, 7, vec![scope("all", None, None)])
+    };
+    let spending = |op: u8, nonce: u8, valid_until: u64| Reservation {
+        session: session_charge(id, vec![token_charge(token, unit, unit * U256::from(9u64))]),
+        scopes: vec![scope("all", None, None), scope(&budget, Some(1_000), None)],
+        ..harmless(op, nonce, valid_until)
+    };
+    let landed = |op: u8, nonce: u8| Landing {
+        landing_key: B256::repeat_byte(nonce),
+        user_op_hash: hash(op),
+        actual_gwei: 5,
+    };
+    for r in [
+        harmless(0x61, 0x77, NOW + 600),
+        spending(0x62, 0x77, NOW + 600),
+    ] {
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    }
+    let done = ledger.settle(&policies, &landed(0x62, 0x77)).await?;
+    // What landed stays charged: its spending, and its session's budget at its cost.
+    assert_eq!(
+        ledger.session_spent("g", id).await?,
+        BTreeMap::from([(token, unit)])
+    );
+    assert_eq!(ledger.usage("g", &budget).await?, (5, 1));
+    assert_eq!(
+        (
+            done.settled,
+            done.superseded,
+            done.hash_matched,
+            done.ambiguous
+        ),
+        if full_hashes {
+            (1, 1, true, false)
+        } else {
+            (2, 0, true, true)
+        }
+    );
+    assert_eq!(
+        ledger.usage("g", "all").await?,
+        if full_hashes { (5, 1) } else { (10, 2) }
+    );
+
+    // Both released (their signatures expired unused, by a block time a reorg then undid),
+    // and the one that spends landed after all: charged back, with the harmless one in Redis.
+    for r in [
+        harmless(0x63, 0x78, NOW + 10),
+        spending(0x64, 0x78, NOW + 10),
+    ] {
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    }
+    assert_eq!(ledger.release_expired(&policies, NOW + 11).await?, 2);
+    assert_eq!(
+        ledger.session_spent("g", id).await?,
+        BTreeMap::from([(token, unit)])
+    );
+    let done = ledger.settle(&policies, &landed(0x64, 0x78)).await?;
+    assert_eq!(
+        (
+            done.settled,
+            done.charged_back,
+            done.hash_matched,
+            done.ambiguous
+        ),
+        if full_hashes {
+            (0, 1, true, false)
+        } else {
+            (0, 2, true, true)
+        }
+    );
+    assert_eq!(
+        ledger.session_spent("g", id).await?,
+        BTreeMap::from([(token, unit * U256::from(2u64))])
+    );
+    assert_eq!(ledger.usage("g", &budget).await?, (10, 2));
+    assert_eq!(
+        ledger.usage("g", "all").await?,
+        if full_hashes { (10, 2) } else { (20, 4) }
+    );
+    Ok(())
 }
 
 /// An operation whose open record is of another budget window keeps that record under an id of
