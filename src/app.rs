@@ -143,6 +143,10 @@ impl AppState {
                 tracing::warn!(published = %current, directory = %directory_version, "the policy directory differs from the published set: serving the published set (see /readyz; --publish-policies or `policies push` to publish the directory)");
             }
         }
+        // Before signing under a policy: every replica's watcher then settles its reservations.
+        ledger
+            .serve_policies(&policy_ids(&policies), unix_now())
+            .await?;
         let mut bundlers = Vec::new();
         for chain in &config.chains {
             if let Some(url) = &chain.bundler_url {
@@ -364,7 +368,20 @@ impl AppState {
                 };
                 match publish::fetch(conn, published).await {
                     Ok(Some(sources)) => {
-                        live.offer(load_sources(Path::new("redis"), sources));
+                        let loaded = load_sources(Path::new("redis"), sources);
+                        // Noted as served before this replica signs under it (every watcher
+                        // then settles its reservations); not noted, the set waits a poll.
+                        if let Ok(set) = &loaded
+                            && let Err(e) = self
+                                .sponsor
+                                .ledger()
+                                .serve_policies(&policy_ids(set), unix_now())
+                                .await
+                        {
+                            tracing::warn!(error = %e, version = %published, "cannot note the published policy set's policies as served: it waits for the next poll");
+                            return;
+                        }
+                        live.offer(loaded);
                     }
                     Ok(None) => {
                         tracing::warn!(version = %published, "published policy set is missing")
@@ -568,6 +585,11 @@ pub fn heap_gets_huge_pages(thp_enabled: &str, allow_thp: Option<&str>) -> bool 
             || v.trim_start().parse::<i64>() == Ok(0)
     });
     thp_enabled.contains("[always]") && !off
+}
+
+/// The ids of a set's policies.
+fn policy_ids(set: &crate::policy::PolicySet) -> Vec<String> {
+    set.iter().map(|p| p.id.clone()).collect()
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).

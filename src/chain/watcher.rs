@@ -330,8 +330,11 @@ impl Watcher {
 
     /// Read each paymaster's deposit, and sum the open worst cases charged to it, for
     /// admission (see [`crate::sponsor::deposit`]) and the metrics.
-    async fn read_deposits(&self, sponsor: &Sponsor) -> Result<(), WatchError> {
-        let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
+    async fn read_deposits(
+        &self,
+        sponsor: &Sponsor,
+        policies: &[String],
+    ) -> Result<(), WatchError> {
         for (entry_point, paymaster) in &self.pairs {
             let wei = IEntryPoint::new(*entry_point, &self.provider)
                 .balanceOf(*paymaster)
@@ -339,7 +342,7 @@ impl Watcher {
                 .await
                 .map_err(rpc)?;
             let open =
-                open_against_deposit(sponsor.ledger(), &policies, self.chain_id, *entry_point)
+                open_against_deposit(sponsor.ledger(), policies, self.chain_id, *entry_point)
                     .await
                     .map_err(store)?;
             let deposit = wei_to_gwei_floor(wei);
@@ -371,17 +374,17 @@ impl Watcher {
     /// failure does not stop settlement, nor a log failure the deposits.
     pub async fn poll_once(&self, sponsor: &Sponsor) -> Result<Poll, WatchError> {
         self.check_chain().await?;
-        let deposits = self.read_deposits(sponsor).await;
-        let mut poll = self.read_logs(sponsor).await?;
-        poll.released = self.release(sponsor, poll.to_block).await?;
+        let policies = watched_policies(sponsor).await?;
+        let deposits = self.read_deposits(sponsor, &policies).await;
+        let mut poll = self.read_logs(sponsor, &policies).await?;
+        poll.released = self.release(sponsor, &policies, poll.to_block).await?;
         deposits?;
         Ok(poll)
     }
 
-    async fn read_logs(&self, sponsor: &Sponsor) -> Result<Poll, WatchError> {
+    async fn read_logs(&self, sponsor: &Sponsor, policies: &[String]) -> Result<Poll, WatchError> {
         let head = self.provider.get_block_number().await.map_err(rpc)?;
         let confirmed = head.saturating_sub(self.confirmations);
-        let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
         let mut poll = Poll::default();
         let mut from = match self.cursor.get().await? {
             Some(mark) if self.reorganised(mark).await? => {
@@ -402,7 +405,7 @@ impl Watcher {
                 from
             }
             Some(mark) => mark.number + 1,
-            None => self.first_block(sponsor, &policies, confirmed).await?,
+            None => self.first_block(sponsor, policies, confirmed).await?,
         };
         poll.to_block = from.saturating_sub(1);
         while from <= confirmed && !self.entry_points.is_empty() {
@@ -447,7 +450,7 @@ impl Watcher {
                 };
                 let done = sponsor
                     .ledger()
-                    .settle(&policies, &landing)
+                    .settle(policies, &landing)
                     .await
                     .map_err(store)?;
                 // Already closed (read again after a rewind, or by another replica's watcher)
@@ -567,7 +570,12 @@ impl Watcher {
     /// Release the reservations whose `validUntil` is before the time of the block that
     /// cannot be reorganised away, and whose logs were read (up to `read_to`): an operation that
     /// landed before that time has then been settled, not released, whatever its hash.
-    async fn release(&self, sponsor: &Sponsor, read_to: u64) -> Result<usize, WatchError> {
+    async fn release(
+        &self,
+        sponsor: &Sponsor,
+        policies: &[String],
+        read_to: u64,
+    ) -> Result<usize, WatchError> {
         let tag = match self.finality {
             Finality::Finalized => BlockNumberOrTag::Finalized,
             Finality::Depth(depth) => {
@@ -593,11 +601,22 @@ impl Watcher {
         if time == 0 {
             return Ok(0);
         }
-        let policies: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
         sponsor
             .ledger()
-            .release_expired(&policies, time)
+            .release_expired(policies, time)
             .await
             .map_err(store)
     }
+}
+
+/// The policies a poll settles and releases: this replica's, and every other one whose
+/// reservations may still be open or land (`Ledger::watched_policies`: another replica's during
+/// a rolling change of the set, or one removed with operations in flight).
+async fn watched_policies(sponsor: &Sponsor) -> Result<Vec<String>, WatchError> {
+    let serving: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
+    sponsor
+        .ledger()
+        .watched_policies(&serving, crate::app::unix_now())
+        .await
+        .map_err(store)
 }

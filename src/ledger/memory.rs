@@ -2,7 +2,7 @@
 //! (`tests/it/ledger.rs` runs one suite against both).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
 use std::sync::{Mutex, MutexGuard};
 
 use alloy::primitives::{Address, B256, U256, keccak256};
@@ -107,6 +107,9 @@ struct Inner {
     /// Open reservations per policy, by validUntil: release on expiry and the oldest open one
     /// without a scan.
     open_index: HashMap<String, BTreeSet<(u64, B256)>>,
+    /// Every policy reserved under: watched, whether the set in force still has it or not
+    /// (`watched_policies`; a few ids, as many as the policy sets this process served).
+    reserved_under: HashSet<String>,
     /// When each counter, record and session state may be forgotten (as Redis TTLs). Lazy: an
     /// entry whose item was extended or removed since is skipped when it comes up.
     expiry: BinaryHeap<Reverse<(u64, Expiring)>>,
@@ -408,6 +411,9 @@ impl MemoryLedger {
         if !ops.contains(&r.op_key) {
             ops.push(r.op_key);
         }
+        if !inner.reserved_under.contains(&r.policy) {
+            inner.reserved_under.insert(r.policy.clone());
+        }
         Outcome::Reserved
     }
 
@@ -484,6 +490,20 @@ impl MemoryLedger {
             })
             .collect();
         expired.iter().filter(|k| inner.close(k, None)).count()
+    }
+
+    /// `serving`, and every other policy reserved under (see `Ledger::watched_policies`).
+    pub(super) fn watched_policies(&self, serving: &[String]) -> Vec<String> {
+        let inner = self.lock();
+        let mut out = serving.to_vec();
+        let mut others: Vec<&String> = inner
+            .reserved_under
+            .iter()
+            .filter(|p| !serving.contains(p))
+            .collect();
+        others.sort();
+        out.extend(others.into_iter().cloned());
+        out
     }
 
     pub(super) fn oldest_open(&self, policies: &[String]) -> Option<u64> {

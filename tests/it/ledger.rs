@@ -2850,3 +2850,57 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
     ));
     Ok(())
 }
+
+/// Every replica's watcher settles the policies any replica served, and a policy leaves that
+/// set only once no replica noted serving it for a day and none of its reservations is open;
+/// the embedded default watches every policy it reserved under.
+#[tokio::test]
+async fn watchers_watch_every_policy_served_until_it_retires() -> TestResult {
+    use session_paymaster::ledger::redis::{RETIRED_AFTER_SECS, SERVED_POLICIES_KEY};
+
+    let redis = TestRedis::start().await?;
+    let (ledger, mut conn) = redis_ledger(&redis).await?;
+    let old = NOW - RETIRED_AFTER_SECS - 1;
+    let names = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
+    ledger
+        .serve_policies(&names(&["gone", "open"]), old)
+        .await?;
+    ledger.serve_policies(&names(&["recent"]), NOW - 60).await?;
+    let open = Reservation {
+        policy: "open".into(),
+        answer: answer(0x31, NOW + 10),
+        expires_at: NOW + 10 + GRACE_SECS,
+        ..reservation(0x31, 5, vec![scope("all", None, None)])
+    };
+    assert_eq!(ledger.reserve(&open, false, NOW).await?, Outcome::Reserved);
+    assert_eq!(
+        ledger.watched_policies(&names(&["p"]), NOW).await?,
+        names(&["p", "open", "recent"]),
+        "`gone` retired; `open` still has a reservation open; `recent` was served lately"
+    );
+    let served: Vec<String> =
+        redis::AsyncCommands::zrange(&mut conn, SERVED_POLICIES_KEY, 0, -1).await?;
+    assert_eq!(served, names(&["open", "recent", "p"]));
+    assert_eq!(
+        ledger.release_expired(&names(&["open"]), NOW + 11).await?,
+        1
+    );
+    assert_eq!(
+        ledger.watched_policies(&names(&["p"]), NOW).await?,
+        names(&["p", "recent"])
+    );
+    // A replica that serves a policy again keeps it, however long it was away.
+    ledger.serve_policies(&names(&["gone"]), NOW).await?;
+    assert_eq!(
+        ledger.watched_policies(&names(&["p"]), NOW + 1).await?,
+        names(&["p", "recent", "gone"])
+    );
+
+    let memory = Ledger::Memory(MemoryLedger::new());
+    assert_eq!(memory.reserve(&open, false, NOW).await?, Outcome::Reserved);
+    assert_eq!(
+        memory.watched_policies(&names(&["p"]), NOW).await?,
+        names(&["p", "open"])
+    );
+    Ok(())
+}

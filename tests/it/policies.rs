@@ -199,3 +199,59 @@ async fn replicas_follow_the_set_published_in_redis() -> TestResult {
     );
     Ok(())
 }
+
+/// A replica notes the policies of its set as served in Redis before it serves them, at start
+/// and when a published set comes into force, so that every replica's watcher settles their
+/// reservations, also one whose own set lacks them
+/// (`watcher::a_policy_not_served_here_still_settles_on_redis`).
+#[tokio::test]
+async fn replicas_note_the_policies_they_serve_before_serving_them() -> TestResult {
+    use session_paymaster::ledger::redis::SERVED_POLICIES_KEY;
+
+    let redis = TestRedis::start().await?;
+    let dir = policy_dir()?;
+    let a = app(&dir, Some(&redis)).await?;
+    let mut conn =
+        session_paymaster::session::redis::connect(&redis.url, std::time::Duration::from_secs(2))
+            .await?;
+    let served = |conn: &mut session_paymaster::session::redis::RedisConn| {
+        let mut conn = conn.clone();
+        async move {
+            let mut ids: Vec<String> =
+                redis::AsyncCommands::zrange(&mut conn, SERVED_POLICIES_KEY, 0, -1).await?;
+            ids.sort();
+            TestResult::Ok(ids)
+        }
+    };
+    let mut ids: Vec<String> = a
+        .state
+        .sponsor
+        .policies()
+        .iter()
+        .map(|p| p.id.clone())
+        .collect();
+    ids.sort();
+    assert!(ids.contains(&"dev-counter".to_owned()));
+    assert_eq!(served(&mut conn).await?, ids, "at start");
+
+    // A set with one more policy, published: noted when it comes into force here.
+    edit(
+        &dir,
+        "dev-counter.toml",
+        "id = \"dev-counter\"",
+        "id = \"dev-counter-2\"",
+    )?;
+    std::fs::copy(
+        repo_dir().join("policies/dev-counter.toml"),
+        dir.0.join("dev-counter-1.toml"),
+    )?;
+    let sources = read_dir_sources(&dir.0).map_err(|e| format!("{e:?}"))?;
+    let set = load_sources(&dir.0, sources.clone()).map_err(|e| format!("{e:?}"))?;
+    publish::push(&conn, set.version(), &sources).await?;
+    a.state.refresh_policies().await;
+    assert_eq!(a.state.sponsor.policies().version(), set.version());
+    ids.push("dev-counter-2".to_owned());
+    ids.sort();
+    assert_eq!(served(&mut conn).await?, ids, "the new set's");
+    Ok(())
+}

@@ -513,3 +513,56 @@ async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
     assert!(stderr.contains("serves chain 5, not 31337"), "{stderr}");
     Ok(())
 }
+
+/// A policy this replica does not serve still has reservations: removed from the set with
+/// operations in flight, or another replica's during a rolling change of the published set (or
+/// one this replica's version refuses). The watcher read only its own set: it ignored their
+/// events and moved the shared cursor past them, and the reservations were released later,
+/// the costs of what landed forgotten. It now settles every policy a replica served (Redis) or
+/// reserved under (memory).
+async fn a_policy_not_served_here_still_settles(
+    redis: Option<&crate::helpers::TestRedis>,
+) -> TestResult {
+    use crate::e2e::User;
+
+    let dir = crate::e2e::budgeted_policies()?;
+    let stack =
+        crate::helpers::Stack::start_with(Some(dir.0.clone()), redis.map(|r| r.url.clone()))
+            .await?;
+    let actual = {
+        let user = User::new(&stack, EntryPointVersion::V0_7).await?;
+        let event = user.submit(&user.sponsored(user.op_json()).await?).await?;
+        session_paymaster::ledger::wei_to_gwei_ceil(event.actualGasCost)
+    };
+    // The set without dev-counter, in force here.
+    std::fs::remove_file(dir.0.join("dev-counter.toml"))?;
+    let sponsor = &stack.app.state.sponsor;
+    assert!(
+        sponsor
+            .live_policies()
+            .offer(session_paymaster::policy::file::load_dir(&dir.0))
+    );
+    assert!(sponsor.policies().iter().all(|p| p.id != "dev-counter"));
+    let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
+    assert_eq!(
+        sponsor
+            .ledger()
+            .usage("dev-counter", &crate::helpers::policy_day_scope())
+            .await?,
+        (actual, 1)
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_policy_not_served_here_still_settles_on_redis() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    a_policy_not_served_here_still_settles(Some(&redis)).await
+}
+
+#[tokio::test]
+async fn a_policy_not_served_here_still_settles_in_memory() -> TestResult {
+    a_policy_not_served_here_still_settles(None).await
+}
