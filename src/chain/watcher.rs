@@ -411,6 +411,11 @@ impl Watcher {
         while from <= confirmed && !self.entry_points.is_empty() {
             let span = self.range.load(Ordering::Relaxed).clamp(1, self.max_range);
             let to = confirmed.min(from + span - 1);
+            // The hash of the range's last block, read before its logs and again after: one
+            // that changed between (a reorganisation deeper than the confirmations, or the
+            // backends of a load-balanced RPC on different forks) would have the cursor name
+            // one fork over logs read from another, and the reorganisation never seen.
+            let before = self.block_hash(to).await?;
             let filter = Filter::new()
                 .address(self.entry_points.clone())
                 .event_signature(UserOperationEvent::SIGNATURE_HASH)
@@ -470,18 +475,35 @@ impl Watcher {
                 poll.superseded += done.superseded;
                 poll.charged_back += done.charged_back;
             }
-            // The cursor moves only after the range's settlements are stored.
-            let hash = self
-                .provider
-                .get_block_by_number(to.into())
-                .await
-                .map_err(rpc)?
-                .map(|b| b.header.hash);
-            self.cursor.set(Mark { number: to, hash }).await?;
+            // The cursor moves only after the range's settlements are stored, and only if the
+            // range's last block is the one its logs were read under: otherwise the range is
+            // read again at the next poll (what was settled of it stays, closed once).
+            let after = self.block_hash(to).await?;
+            if after != before {
+                tracing::warn!(block = to, %before, %after, "the range's last block changed while its logs were read: reading the range again at the next poll");
+                return Ok(poll);
+            }
+            self.cursor
+                .set(Mark {
+                    number: to,
+                    hash: Some(after),
+                })
+                .await?;
             poll.to_block = to;
             from = to + 1;
         }
         Ok(poll)
+    }
+
+    /// The hash of block `number`. A node without it (a load-balanced RPC's backend that lags)
+    /// fails the poll: a cursor stored without a hash would never see that block reorganised.
+    async fn block_hash(&self, number: u64) -> Result<B256, WatchError> {
+        self.provider
+            .get_block_by_number(number.into())
+            .await
+            .map_err(rpc)?
+            .map(|b| b.header.hash)
+            .ok_or_else(|| WatchError::Rpc(format!("the node has no block {number} yet")))
     }
 
     /// Whether the block the cursor names now has another hash.

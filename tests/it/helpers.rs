@@ -694,6 +694,11 @@ pub struct RpcProxy {
     pub url: String,
     pub up: Arc<std::sync::atomic::AtomicBool>,
     pub max_log_blocks: Arc<std::sync::atomic::AtomicU64>,
+    /// `eth_getBlockByNumber` of a block number answers `null` (a backend that lags).
+    pub missing_blocks: Arc<std::sync::atomic::AtomicBool>,
+    /// The `eth_getBlockByNumber` of a block number that comes this many from now (1: the
+    /// next) answers another hash (a backend on another fork); 0: none.
+    pub other_hash_in: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl RpcProxy {
@@ -704,18 +709,32 @@ impl RpcProxy {
         let url = format!("http://{}", listener.local_addr()?);
         let up = Arc::new(AtomicBool::new(true));
         let max_log_blocks = Arc::new(AtomicU64::new(u64::MAX));
+        let missing_blocks = Arc::new(AtomicBool::new(false));
+        let other_hash_in = Arc::new(AtomicU64::new(0));
         let (up2, max2) = (up.clone(), max_log_blocks.clone());
+        let (missing2, other2) = (missing_blocks.clone(), other_hash_in.clone());
         let client = reqwest::Client::new();
         let app = axum::Router::new().route(
             "/",
             axum::routing::post(move |body: axum::Json<Value>| {
                 let (client, upstream) = (client.clone(), upstream.clone());
                 let (up, max) = (up2.clone(), max2.load(Ordering::Relaxed));
+                let (missing, other) = (missing2.clone(), other2.clone());
                 async move {
                     let body = body.0;
                     if !up.load(Ordering::Relaxed) {
                         return (axum::http::StatusCode::BAD_GATEWAY, axum::Json(Value::Null));
                     }
+                    let by_number = body["method"] == json!("eth_getBlockByNumber")
+                        && body["params"][0].as_str().is_some_and(|b| b.starts_with("0x"));
+                    if by_number && missing.load(Ordering::Relaxed) {
+                        let none = json!({ "jsonrpc": "2.0", "id": body["id"], "result": null });
+                        return (axum::http::StatusCode::OK, axum::Json(none));
+                    }
+                    let other_hash = by_number
+                        && other
+                            .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
+                            == Ok(1);
                     if body["method"] == json!("eth_getLogs") {
                         let block = |f: &str| {
                             body["params"][0][f]
@@ -732,10 +751,13 @@ impl RpcProxy {
                             return (axum::http::StatusCode::OK, axum::Json(refusal));
                         }
                     }
-                    let answer = match client.post(&upstream).json(&body).send().await {
+                    let mut answer = match client.post(&upstream).json(&body).send().await {
                         Ok(r) => r.json::<Value>().await.unwrap_or(Value::Null),
                         Err(_) => Value::Null,
                     };
+                    if other_hash && answer["result"].is_object() {
+                        answer["result"]["hash"] = json!(format!("0x{}", "5e".repeat(32)));
+                    }
                     (axum::http::StatusCode::OK, axum::Json(answer))
                 }
             }),
@@ -747,6 +769,8 @@ impl RpcProxy {
             url,
             up,
             max_log_blocks,
+            missing_blocks,
+            other_hash_in,
         })
     }
 }
