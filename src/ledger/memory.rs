@@ -141,6 +141,8 @@ enum State {
 #[derive(Debug)]
 struct Record {
     state: State,
+    /// The operation's idempotency key: its key here, but for a record kept aside (renamed).
+    op: B256,
     landing_key: B256,
     cost: u64,
     scopes: Vec<String>,
@@ -394,6 +396,7 @@ impl MemoryLedger {
             key,
             Record {
                 state: State::Open,
+                op: r.op_key,
                 landing_key: r.landing_key,
                 cost: r.cost_gwei,
                 scopes: scope_names,
@@ -428,20 +431,23 @@ impl MemoryLedger {
                 .map(|op| (policy.clone(), *op))
                 .collect()
         };
-        let first = |inner: &Inner, keys: &[PolicyKey], state: State| {
-            keys.iter()
-                .find(|k| {
-                    inner.reservations.get(k).is_some_and(|r| {
-                        r.state == state && r.user_op_hashes.contains(&landing.user_op_hash)
-                    })
-                })
-                .cloned()
+        // The operation of a record in `state` carrying the event's hash.
+        let matched = |inner: &Inner, k: &PolicyKey, state: State| {
+            inner
+                .reservations
+                .get(k)
+                .filter(|r| r.state == state && r.user_op_hashes.contains(&landing.user_op_hash))
+                .map(|r| r.op)
         };
         // As settle.lua: where the event's hash is (an open record anywhere, else only a
-        // released one, else nowhere) decides, then each policy settles.
+        // released one, else nowhere) decides, then each policy settles, per operation.
         let all: Vec<PolicyKey> = policies.iter().flat_map(|p| records(&inner, p)).collect();
-        let open_found = first(&inner, &all, State::Open).is_some();
-        let released_found = first(&inner, &all, State::Released).is_some();
+        let open_found = all
+            .iter()
+            .any(|k| matched(&inner, k, State::Open).is_some());
+        let released_found = all
+            .iter()
+            .any(|k| matched(&inner, k, State::Released).is_some());
         let none = !open_found && !released_found;
         let mut out = Settled {
             hash_matched: open_found,
@@ -450,12 +456,30 @@ impl MemoryLedger {
         };
         for policy in policies {
             let keys = records(&inner, policy);
-            let matched = first(&inner, &keys, State::Open);
-            if matched.is_none()
-                && !none
-                && let Some(k) = first(&inner, &keys, State::Released)
-            {
-                out.charged_back += usize::from(inner.charge_back(&k, landing.actual_gwei));
+            // Each operation's first open match, settled; each other operation's first
+            // released match, charged back.
+            let (mut settle, mut settled_ops) = (Vec::new(), Vec::new());
+            for k in &keys {
+                if let Some(op) = matched(&inner, k, State::Open)
+                    && !settled_ops.contains(&op)
+                {
+                    settled_ops.push(op);
+                    settle.push(k.clone());
+                }
+            }
+            let (mut back, mut back_ops) = (Vec::new(), Vec::new());
+            for k in keys.iter().filter(|_| !none) {
+                if let Some(op) = matched(&inner, k, State::Released)
+                    && !settled_ops.contains(&op)
+                    && !back_ops.contains(&op)
+                {
+                    back_ops.push(op);
+                    back.push(k.clone());
+                }
+            }
+            out.ambiguous |= settle.len() + back.len() > 1;
+            for k in &back {
+                out.charged_back += usize::from(inner.charge_back(k, landing.actual_gwei));
             }
             let open: Vec<PolicyKey> = keys
                 .into_iter()
@@ -467,7 +491,7 @@ impl MemoryLedger {
                 })
                 .collect();
             for k in &open {
-                if none || matched.as_ref() == Some(k) {
+                if none || settle.contains(k) {
                     out.settled += usize::from(inner.close(k, Some(landing.actual_gwei)));
                 } else {
                     out.superseded += usize::from(inner.close(k, None));

@@ -221,8 +221,9 @@ pub struct Settled {
     /// Whether any reservation (open or closed) of the event's nonce is known.
     pub known: bool,
     /// Whether the reservations whose hash matched the event's were of more than one
-    /// operation, so that every one of them was charged (settle.lua: the Redis ledger keeps
-    /// 8 bytes of each hash, which a client can grind on EntryPoint v0.9; never in memory).
+    /// operation, so that each of them was charged (settle.lua: the Redis ledger keeps 8 bytes
+    /// of each hash, which a client can grind on EntryPoint v0.9; the memory ledger keeps full
+    /// hashes, which name one operation).
     pub ambiguous: bool,
 }
 

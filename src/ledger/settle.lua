@@ -30,26 +30,28 @@
 -- agree (about 2^32 hashes each): a harmless one reserved first, and one that spends (under a
 -- session with token caps, or charged to a session's budget). Were the first match settled,
 -- the harmless one would be charged at the landed one's cost and the one that landed released:
--- its session's spending and budget given back. So where the records carrying the hash are of
--- more than one operation (their ids' first 20 bytes: a record kept aside adds its window; one
--- operation's records are one answer extended, or kept aside, and one charge covers them),
--- every one of them is charged: the open ones settled at the actual cost (or, with none open,
--- the released ones charged back), `ambiguous` 1. A cost is counted twice, never forgotten. (A
--- full hash names one operation: the memory ledger, which keeps full hashes, never meets it.)
+-- its session's spending and budget given back. So the matches are taken per operation (their
+-- ids' first 20 bytes: a record kept aside adds its window; one charge covers an operation):
+-- each operation's first open match is settled at the actual cost (its other records
+-- released), and each operation with no open match has its first released match charged back
+-- (unless 'none'); where they are of more than one operation, `ambiguous` is 1. A cost is
+-- counted twice, never forgotten. (The memory ledger keeps full hashes, which name one
+-- operation, and takes them the same way.)
 local entries = load_nonce(KEYS[1])
 -- The open records; the open and the released ones whose hashes include the event's (a record
--- keeps the userOpHash of every answer it was extended to), and how many operations each of
--- those lists is of.
+-- keeps the userOpHash of every answer it was extended to).
 local open, open_matches, released_matches = {}, {}, {}
-local function count_operations(list)
-  local seen, n = {}, 0
+-- The first record of each operation in `list`, in order.
+local function first_of_each(list)
+  local seen, firsts = {}, {}
   for _, e in ipairs(list) do
     local op = string.sub(e[1], 1, 20)
     if not seen[op] then
-      seen[op], n = true, n + 1
+      seen[op] = true
+      firsts[#firsts + 1] = e
     end
   end
-  return n
+  return firsts
 end
 for _, e in ipairs(entries) do
   if e[2].state == OPEN then
@@ -73,28 +75,28 @@ end
 local actual = tonumber(ARGV[3])
 local settled, released, charged = 0, 0, 0
 local ambiguous = 0
--- The open records settled: the match, or every match where they are of several operations.
-local settle = {}
-if count_operations(open_matches) > 1 then
-  ambiguous = 1
-  for _, e in ipairs(open_matches) do
-    settle[e] = true
+-- Each operation's first open match, settled; each other operation's first released match
+-- (one whose op has no open match: landed after all), charged back, also when the probe saw it
+-- open (another replica's watcher released it since).
+local settle, has_open = {}, {}
+local firsts = first_of_each(open_matches)
+for _, e in ipairs(firsts) do
+  settle[e], has_open[string.sub(e[1], 1, 20)] = true, true
+end
+local back = {}
+if ARGV[4] ~= 'none' then
+  for _, e in ipairs(first_of_each(released_matches)) do
+    if not has_open[string.sub(e[1], 1, 20)] then
+      back[#back + 1] = e
+    end
   end
-elseif open_matches[1] then
-  settle[open_matches[1]] = true
+end
+if #firsts + #back > 1 then
+  ambiguous = 1
 end
 local returns = {}
--- A released record with the event's hash landed after all: charged back, also when the probe
--- saw it open (another replica's watcher released it since); every one where they are of
--- several operations.
-if #open_matches == 0 and #released_matches > 0 and ARGV[4] ~= 'none' then
-  local back = {released_matches[1]}
-  if count_operations(released_matches) > 1 then
-    ambiguous, back = 1, released_matches
-  end
-  for _, e in ipairs(back) do
-    charged = charged + charge_back(KEYS[1], e[2], actual)
-  end
+for _, e in ipairs(back) do
+  charged = charged + charge_back(KEYS[1], e[2], actual)
 end
 for _, e in ipairs(open) do
   if ARGV[4] == 'none' or settle[e] then

@@ -369,7 +369,8 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
 /// one that did not land must not be settled in place of the one that did, which would then
 /// be released, its session's spending and budget given back. Redis charges every operation
 /// the prefix names (counted twice, never forgotten); memory keeps full hashes and settles the
-/// one exactly. Open, then both released before a late event.
+/// one exactly, and one operation's records are charged once. Open; then both released before
+/// a late event; then the harmless one open and the other released before it landed.
 async fn a_ground_hash_prefix_charges_every_operation_that_carries_it(
     ledger: &Ledger,
 ) -> TestResult {
@@ -401,8 +402,15 @@ async fn a_ground_hash_prefix_charges_every_operation_that_carries_it(
         user_op_hash: hash(op),
         actual_gwei: 5,
     };
+    // The harmless one twice: its first answer about to expire, asked again under another
+    // session, it is kept aside and a second record added (one charge covers both).
+    let again = Reservation {
+        session: session_charge(B256::repeat_byte(0x6b), vec![]),
+        ..harmless(0x61, 0x77, NOW + 600)
+    };
     for r in [
-        harmless(0x61, 0x77, NOW + 600),
+        harmless(0x61, 0x77, NOW + 20),
+        again,
         spending(0x62, 0x77, NOW + 600),
     ] {
         assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
@@ -422,9 +430,9 @@ async fn a_ground_hash_prefix_charges_every_operation_that_carries_it(
             done.ambiguous
         ),
         if full_hashes {
-            (1, 1, true, false)
+            (1, 2, true, false)
         } else {
-            (2, 0, true, true)
+            (2, 1, true, true)
         }
     );
     assert_eq!(
@@ -467,6 +475,39 @@ async fn a_ground_hash_prefix_charges_every_operation_that_carries_it(
     assert_eq!(
         ledger.usage("g", "all").await?,
         if full_hashes { (10, 2) } else { (20, 4) }
+    );
+
+    // The harmless one open, the one that spends released and landed after all: charged back,
+    // with the harmless one settled in Redis.
+    for r in [
+        harmless(0x65, 0x79, NOW + 600),
+        spending(0x66, 0x79, NOW + 10),
+    ] {
+        assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
+    }
+    assert_eq!(ledger.release_expired(&policies, NOW + 11).await?, 1);
+    let done = ledger.settle(&policies, &landed(0x66, 0x79)).await?;
+    assert_eq!(
+        ledger.session_spent("g", id).await?,
+        BTreeMap::from([(token, unit * U256::from(3u64))])
+    );
+    assert_eq!(ledger.usage("g", &budget).await?, (15, 3));
+    assert_eq!(
+        (
+            done.settled,
+            done.superseded,
+            done.charged_back,
+            done.ambiguous
+        ),
+        if full_hashes {
+            (0, 1, 1, false)
+        } else {
+            (1, 0, 1, true)
+        }
+    );
+    assert_eq!(
+        ledger.usage("g", "all").await?,
+        if full_hashes { (15, 3) } else { (30, 6) }
     );
     Ok(())
 }
@@ -945,13 +986,22 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
         BTreeMap::from([(token, unit * U256::from(2u64))])
     );
     short_lived.op_key = B256::repeat_byte(43);
+    short_lived.user_op_hashes = vec![B256::repeat_byte(43 ^ 0x80)];
     assert_eq!(
         ledger.reserve(&short_lived, false, NOW).await?,
         Outcome::Reserved
     );
-    // The same nonce and hash as the released one, which is skipped: the open one settles.
+    // Another operation of the released one's nonce lands: it settles, the released one stays.
     assert_eq!(
-        ledger.settle(&policies, &landing(42, 1)).await?,
+        ledger
+            .settle(
+                &policies,
+                &Landing {
+                    user_op_hash: B256::repeat_byte(43 ^ 0x80),
+                    ..landing(42, 1)
+                }
+            )
+            .await?,
         settled(1, 0, true),
         "settled: the spending stays"
     );
