@@ -144,9 +144,7 @@ impl AppState {
             }
         }
         // Before signing under a policy: every replica's watcher then settles its reservations.
-        ledger
-            .serve_policies(&policy_ids(&policies), unix_now())
-            .await?;
+        ledger.serve_policies(&policies.ids(), unix_now()).await?;
         let mut bundlers = Vec::new();
         for chain in &config.chains {
             if let Some(url) = &chain.bundler_url {
@@ -358,6 +356,16 @@ impl AppState {
                 }
             },
             Some(conn) => {
+                // Noted on every poll, whatever the chain does: a policy no replica noted for a
+                // day leaves the watchers once it has nothing open (Ledger::retire_policies).
+                if let Err(e) = self
+                    .sponsor
+                    .ledger()
+                    .serve_policies(&live.current().ids(), unix_now())
+                    .await
+                {
+                    tracing::warn!(error = %e, "cannot note this replica's policies as served");
+                }
                 let published = match publish::current_version(conn).await {
                     Ok(Some(v)) if v != current => v,
                     Ok(_) => return,
@@ -375,7 +383,7 @@ impl AppState {
                             && let Err(e) = self
                                 .sponsor
                                 .ledger()
-                                .serve_policies(&policy_ids(set), unix_now())
+                                .serve_policies(&set.ids(), unix_now())
                                 .await
                         {
                             tracing::warn!(error = %e, version = %published, "cannot note the published policy set's policies as served: it waits for the next poll");
@@ -585,11 +593,6 @@ pub fn heap_gets_huge_pages(thp_enabled: &str, allow_thp: Option<&str>) -> bool 
             || v.trim_start().parse::<i64>() == Ok(0)
     });
     thp_enabled.contains("[always]") && !off
-}
-
-/// The ids of a set's policies.
-fn policy_ids(set: &crate::policy::PolicySet) -> Vec<String> {
-    set.iter().map(|p| p.id.clone()).collect()
 }
 
 /// Seconds since the Unix epoch (0 if the clock is before it).

@@ -161,7 +161,8 @@ pub struct StatusReport {
 
 /// Read every paymaster `chain` (one of `config`'s) names through `rpc_url`: the node must
 /// serve that chain; the signer is the configured key's (none for a dev signer); the open
-/// reservations come from Redis when configured, over the policies of the policy directory.
+/// reservations come from Redis when configured, over the policies of the policy directory and
+/// every other one a replica served (as the watchers count them).
 pub async fn report(
     config: &Config,
     chain: &ChainConfig,
@@ -196,13 +197,21 @@ pub async fn report(
         None => None,
     };
     let policies: Vec<String> = load_dir(&config.policies_dir)
-        .map(|set| set.iter().map(|p| p.id.clone()).collect())
+        .map(|set| set.ids())
         .map_err(|_| {
             format!(
                 "the policies in {} do not load",
                 config.policies_dir.display()
             )
         })?;
+    // As the watchers count them: every policy a replica served, not only the directory's.
+    let policies = match &ledger {
+        Some(ledger) => ledger
+            .watched_policies(&policies)
+            .await
+            .map_err(|e| e.to_string())?,
+        None => policies,
+    };
     let mut paymasters = Vec::new();
     for ep in &chain.entry_points {
         let Some(paymaster) = ep.paymaster else {

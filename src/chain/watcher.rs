@@ -330,11 +330,8 @@ impl Watcher {
 
     /// Read each paymaster's deposit, and sum the open worst cases charged to it, for
     /// admission (see [`crate::sponsor::deposit`]) and the metrics.
-    async fn read_deposits(
-        &self,
-        sponsor: &Sponsor,
-        policies: &[String],
-    ) -> Result<(), WatchError> {
+    async fn read_deposits(&self, sponsor: &Sponsor) -> Result<(), WatchError> {
+        let policies = watched_policies(sponsor).await?;
         for (entry_point, paymaster) in &self.pairs {
             let wei = IEntryPoint::new(*entry_point, &self.provider)
                 .balanceOf(*paymaster)
@@ -342,7 +339,7 @@ impl Watcher {
                 .await
                 .map_err(rpc)?;
             let open =
-                open_against_deposit(sponsor.ledger(), policies, self.chain_id, *entry_point)
+                open_against_deposit(sponsor.ledger(), &policies, self.chain_id, *entry_point)
                     .await
                     .map_err(store)?;
             let deposit = wei_to_gwei_floor(wei);
@@ -374,17 +371,30 @@ impl Watcher {
     /// failure does not stop settlement, nor a log failure the deposits.
     pub async fn poll_once(&self, sponsor: &Sponsor) -> Result<Poll, WatchError> {
         self.check_chain().await?;
-        let policies = watched_policies(sponsor).await?;
-        let deposits = self.read_deposits(sponsor, &policies).await;
-        let mut poll = self.read_logs(sponsor, &policies).await?;
+        let serving = sponsor.policies().ids();
+        let retired = sponsor
+            .ledger()
+            .retire_policies(&serving, unix_now())
+            .await
+            .map_err(store)?;
+        for policy in retired {
+            tracing::info!(%policy, "no replica noted serving this policy for a day and none of its reservations is open: the watchers leave it");
+        }
+        let deposits = self.read_deposits(sponsor).await;
+        let (mut poll, policies) = self.read_logs(sponsor).await?;
         poll.released = self.release(sponsor, &policies, poll.to_block).await?;
         deposits?;
         Ok(poll)
     }
 
-    async fn read_logs(&self, sponsor: &Sponsor, policies: &[String]) -> Result<Poll, WatchError> {
+    /// The confirmed blocks since the cursor, settled; and the policies they were settled in,
+    /// read after the head: every policy noted before an operation of it was signed, and so
+    /// before it landed in a block up to the head, is among them.
+    async fn read_logs(&self, sponsor: &Sponsor) -> Result<(Poll, Vec<String>), WatchError> {
         let head = self.provider.get_block_number().await.map_err(rpc)?;
         let confirmed = head.saturating_sub(self.confirmations);
+        let watched = watched_policies(sponsor).await?;
+        let policies = watched.as_slice();
         let mut poll = Poll::default();
         let mut from = match self.cursor.get().await? {
             Some(mark) if self.reorganised(mark).await? => {
@@ -481,7 +491,7 @@ impl Watcher {
             let after = self.block_hash(to).await?;
             if after != before {
                 tracing::warn!(block = to, %before, %after, "the range's last block changed while its logs were read: reading the range again at the next poll");
-                return Ok(poll);
+                return Ok((poll, watched));
             }
             self.cursor
                 .set(Mark {
@@ -492,7 +502,7 @@ impl Watcher {
             poll.to_block = to;
             from = to + 1;
         }
-        Ok(poll)
+        Ok((poll, watched))
     }
 
     /// The hash of block `number`. A node without it (a load-balanced RPC's backend that lags)
@@ -635,10 +645,16 @@ impl Watcher {
 /// reservations may still be open or land (`Ledger::watched_policies`: another replica's during
 /// a rolling change of the set, or one removed with operations in flight).
 async fn watched_policies(sponsor: &Sponsor) -> Result<Vec<String>, WatchError> {
-    let serving: Vec<String> = sponsor.policies().iter().map(|p| p.id.clone()).collect();
     sponsor
         .ledger()
-        .watched_policies(&serving, crate::app::unix_now())
+        .watched_policies(&sponsor.policies().ids())
         .await
         .map_err(store)
+}
+
+/// Seconds since the Unix epoch, by this replica's clock (0 before it).
+fn unix_now() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs())
 }

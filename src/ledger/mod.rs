@@ -375,9 +375,10 @@ impl Ledger {
         }
     }
 
-    /// Note that this replica serves `policies` (their ids), before it signs under any of them:
-    /// every replica's watcher then settles and releases their reservations, also one whose
-    /// own set lacks them (see [`Self::watched_policies`]). In memory, reserving notes it.
+    /// Note that this replica serves `policies` (their ids), before it signs under any of them
+    /// and again on every policy poll: every replica's watcher then settles and releases their
+    /// reservations, also one whose own set lacks them (see [`Self::watched_policies`]). In
+    /// memory, reserving notes it.
     pub async fn serve_policies(&self, policies: &[String], now: u64) -> Result<(), StoreError> {
         match self {
             Self::Memory(_) => Ok(()),
@@ -386,20 +387,31 @@ impl Ledger {
     }
 
     /// The policies whose reservations a watcher settles and releases: `serving` (this
-    /// replica's set, noted as served now), and every other policy a replica served (Redis)
-    /// or reserved under (memory) whose reservations may still be open or land. A watcher that
-    /// read only its own set ignored the events of a policy another replica serves (during a
-    /// rolling change of the set, or a replica refusing a new one), or one removed with
-    /// operations in flight, and moved the shared cursor past them: their reservations were
-    /// then released, the costs of operations that landed forgotten.
-    pub async fn watched_policies(
+    /// replica's set), and every other policy a replica noted serving (Redis) or reserved under
+    /// (memory), whose reservations may still be open or land. A watcher that read only its own
+    /// set ignored the events of a policy another replica serves (during a rolling change of
+    /// the set, or a replica refusing a new one), or one removed with operations in flight, and
+    /// moved the shared cursor past them: their reservations were then released, the costs of
+    /// operations that landed forgotten.
+    pub async fn watched_policies(&self, serving: &[String]) -> Result<Vec<String>, StoreError> {
+        match self {
+            Self::Memory(m) => Ok(m.watched_policies(serving)),
+            Self::Redis(l) => l.watched_policies(serving).await,
+        }
+    }
+
+    /// Stop watching the policies no replica noted serving for [`redis::RETIRED_AFTER_SECS`]
+    /// (replicas note theirs on every policy poll) that have no open reservation left (no
+    /// expiry index), other than `serving`; the ids retired. In memory, none is (a process
+    /// reserves under as many policies as its sets ever held).
+    pub async fn retire_policies(
         &self,
         serving: &[String],
         now: u64,
     ) -> Result<Vec<String>, StoreError> {
         match self {
-            Self::Memory(m) => Ok(m.watched_policies(serving)),
-            Self::Redis(l) => l.watched_policies(serving, now).await,
+            Self::Memory(_) => Ok(Vec::new()),
+            Self::Redis(l) => l.retire_policies(serving, now).await,
         }
     }
 

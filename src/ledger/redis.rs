@@ -73,22 +73,16 @@ pub const LAYOUT_SINCE_KEY: &str = "sp:ledger:sender-windows-since";
 /// from 0.3.0 to 0.3.1).
 pub const SESSION_RECORDS_BY_ID_KEY: &str = "sp:ledger:session-records-by-id";
 
-/// The policies replicas served, a sorted set: each id scored with the last time (Unix
-/// seconds, a replica's clock) a replica noted it served it, when its set came into force and
-/// on every watcher poll. Every replica's watcher settles and releases the reservations of
-/// all of them (`Ledger::watched_policies`), also those its own set lacks.
+/// The policies replicas served, a sorted set: each id scored with the latest time (Unix
+/// seconds, a replica's clock) a replica noted it served it: at start, before a published set
+/// comes into force, and on every policy poll. Every replica's watcher settles and releases
+/// the reservations of all of them (`Ledger::watched_policies`), also those its own set lacks.
 pub const SERVED_POLICIES_KEY: &str = "sp:ledger:policies";
 
 /// A policy that no replica noted serving for this long, and that has no open reservation left
 /// (no expiry index: every one settled or released), leaves [`SERVED_POLICIES_KEY`]: its
 /// records are closed, and gone within their grace.
 pub const RETIRED_AFTER_SECS: u64 = 86_400;
-
-/// Remove policy `ARGV[1]` from the served set `KEYS[1]` if no replica noted it since
-/// `ARGV[2]` (one that serves it again meanwhile keeps it).
-const RETIRE_SCRIPT: &str = "local at = redis.call('ZSCORE', KEYS[1], ARGV[1])\n\
-    if at and tonumber(at) <= tonumber(ARGV[2]) then return redis.call('ZREM', KEYS[1], ARGV[1]) end\n\
-    return 0";
 
 /// How long after the time in [`LAYOUT_SINCE_KEY`] (Redis' clock) a window may begin (by a
 /// replica's clock) and still be read as one an earlier version may have written to: the
@@ -1034,8 +1028,9 @@ impl RedisLedger {
         if policies.is_empty() {
             return Ok(());
         }
+        // GT: a replica whose clock is behind never makes a policy look served longer ago.
         let mut cmd = redis::cmd("ZADD");
-        cmd.arg(SERVED_POLICIES_KEY);
+        cmd.arg(SERVED_POLICIES_KEY).arg("GT");
         for policy in policies {
             cmd.arg(now).arg(policy);
         }
@@ -1049,40 +1044,56 @@ impl RedisLedger {
     pub(super) async fn watched_policies(
         &self,
         serving: &[String],
-        now: u64,
     ) -> Result<Vec<String>, StoreError> {
-        self.serve_policies(serving, now).await?;
-        let mut conn = self.conn.clone();
-        let served: Vec<(String, u64)> = conn
-            .zrange_withscores(SERVED_POLICIES_KEY, 0, -1)
+        let served: Vec<String> = self
+            .conn
+            .clone()
+            .zrange(SERVED_POLICIES_KEY, 0, -1)
             .await
             .map_err(unavailable)?;
         let mut out = serving.to_vec();
-        let retired_by = now.saturating_sub(RETIRED_AFTER_SECS);
-        for (policy, at) in served {
-            if out.contains(&policy) {
-                continue;
+        for policy in served {
+            if !out.contains(&policy) {
+                out.push(policy);
             }
-            if at <= retired_by {
-                let indexed: bool = conn.exists(index_key(&policy)).await.map_err(unavailable)?;
-                if !indexed {
-                    let mut retire = redis::cmd("EVAL");
-                    retire
-                        .arg(RETIRE_SCRIPT)
-                        .arg(1)
-                        .arg(SERVED_POLICIES_KEY)
-                        .arg(&policy)
-                        .arg(retired_by);
-                    let removed: i64 = retire.query_async(&mut conn).await.map_err(unavailable)?;
-                    if removed == 1 {
-                        tracing::info!(%policy, "no replica served this policy for a day and none of its reservations is open: the watchers leave it");
-                        continue;
-                    }
-                }
-            }
-            out.push(policy);
         }
         Ok(out)
+    }
+
+    pub(super) async fn retire_policies(
+        &self,
+        serving: &[String],
+        now: u64,
+    ) -> Result<Vec<String>, StoreError> {
+        let mut conn = self.conn.clone();
+        let retired_by = now.saturating_sub(RETIRED_AFTER_SECS);
+        let stale: Vec<String> = conn
+            .zrangebyscore(SERVED_POLICIES_KEY, "-inf", retired_by)
+            .await
+            .map_err(unavailable)?;
+        let mut retired = Vec::new();
+        for policy in stale {
+            if serving.contains(&policy) {
+                continue;
+            }
+            let indexed: bool = conn.exists(index_key(&policy)).await.map_err(unavailable)?;
+            if indexed {
+                continue;
+            }
+            let removed: i64 = redis::cmd("EVAL")
+                .arg(include_str!("retire.lua"))
+                .arg(1)
+                .arg(SERVED_POLICIES_KEY)
+                .arg(&policy)
+                .arg(retired_by)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            if removed == 1 {
+                retired.push(policy);
+            }
+        }
+        Ok(retired)
     }
 
     /// From the expiry index: the start of the earliest bucket that still lists an open

@@ -431,6 +431,11 @@ impl PolicySet {
         self.policies.iter()
     }
 
+    /// Every policy's id, in order.
+    pub fn ids(&self) -> Vec<String> {
+        self.policies.iter().map(|p| p.id.clone()).collect()
+    }
+
     /// How many policies are loaded.
     pub fn len(&self) -> usize {
         self.policies.len()
