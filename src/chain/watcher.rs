@@ -486,12 +486,14 @@ impl Watcher {
                 poll.charged_back += done.charged_back;
             }
             // The cursor moves only after the range's settlements are stored, and only if the
-            // range's last block is the one its logs were read under: otherwise the range is
-            // read again at the next poll (what was settled of it stays, closed once).
+            // range's last block is the one its logs were read under: otherwise the poll fails
+            // (the watcher backs off and reports its lag) and the range is read again at the
+            // next one (what was settled of it stays, closed once).
             let after = self.block_hash(to).await?;
             if after != before {
-                tracing::warn!(block = to, %before, %after, "the range's last block changed while its logs were read: reading the range again at the next poll");
-                return Ok((poll, watched));
+                return Err(WatchError::Rpc(format!(
+                    "block {to} changed while the logs up to it were read ({before} then {after}): the range is read again"
+                )));
             }
             self.cursor
                 .set(Mark {

@@ -571,13 +571,15 @@ async fn a_policy_not_served_here_still_settles_in_memory() -> TestResult {
 /// between (a reorganisation deeper than the confirmations, or a load-balanced RPC's backends
 /// on two forks) left the cursor naming one fork over the logs of another, so the
 /// reorganisation was never seen; and a node without the block (a backend that lags) left a
-/// cursor without a hash, never checked again. The range is now read again in both cases.
+/// cursor without a hash, never checked again. Either now fails the poll, and the range is
+/// read again.
 #[tokio::test]
 async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResult {
+    use session_paymaster::chain::watcher::WatchError;
     use std::sync::atomic::Ordering;
 
     let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, _) = landed_op(&redis).await?;
+    let (stack, _dir, actual) = landed_op(&redis).await?;
     mine(&stack, 3).await?;
     let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
     let provider = ProviderBuilder::new()
@@ -585,28 +587,35 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
         .erased();
     let head = provider.get_block_number().await?;
     let sponsor = &stack.app.state.sponsor;
+    let used = || async {
+        sponsor
+            .ledger()
+            .usage("dev-counter", &crate::helpers::policy_day_scope())
+            .await
+    };
+    // From block 0 without a cursor: one range, to the head.
     let watcher = crate::helpers::dev_watcher(provider, sponsor.chain(31337)?);
 
     proxy.missing_blocks.store(true, Ordering::Relaxed);
-    assert!(
-        watcher.poll_once(sponsor).await.is_err(),
-        "no block, no cursor"
-    );
+    match watcher.poll_once(sponsor).await {
+        Err(WatchError::Rpc(m)) if m.contains(&format!("has no block {head}")) => {}
+        other => panic!("a missing block fails the poll: {other:?}"),
+    }
     proxy.missing_blocks.store(false, Ordering::Relaxed);
-    // The range's last block read after its logs answers another hash (the one range's first
-    // block lookup is its last block's, before the logs; the second, after them).
+    // The range's last block, read after its logs, answers another hash (its first block
+    // lookup is that block before the logs, the second after them).
     proxy.other_hash_in.store(2, Ordering::Relaxed);
-    let poll = watcher.poll_once(sponsor).await?;
-    assert_eq!(
-        (poll.settled, poll.to_block),
-        (1, 0),
-        "settled, but the cursor did not move: {poll:?}"
-    );
+    match watcher.poll_once(sponsor).await {
+        Err(WatchError::Rpc(m)) if m.contains(&format!("block {head} changed")) => {}
+        other => panic!("a changed block fails the poll: {other:?}"),
+    }
+    assert_eq!(used().await?, (actual, 1), "what it settled stays");
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!(
         (poll.settled, poll.to_block),
         (0, head),
         "read again (closed once), and on: {poll:?}"
     );
+    assert_eq!(used().await?, (actual, 1));
     Ok(())
 }
