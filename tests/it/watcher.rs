@@ -72,22 +72,32 @@ async fn a_chain_rpc_outage_keeps_replicas_ready_and_backs_off() -> TestResult {
     Ok(())
 }
 
-/// anvil with the local stack, Redis, and dev-counter with a policy budget (so sponsorships are
-/// reserved); one operation of a v0.7 user sponsored and landed.
+/// anvil with the local stack, Redis (or the embedded default without), and dev-counter with a
+/// policy budget (so sponsorships are reserved); one operation of a v0.7 user sponsored and
+/// landed, and its actual cost in gwei.
 async fn landed_op(
-    redis: &crate::helpers::TestRedis,
+    redis: Option<&crate::helpers::TestRedis>,
 ) -> TestResult<(crate::helpers::Stack, crate::helpers::TempDir, u64)> {
     use crate::e2e::User;
 
     let dir = crate::e2e::budgeted_policies()?;
     let stack =
-        crate::helpers::Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
+        crate::helpers::Stack::start_with(Some(dir.0.clone()), redis.map(|r| r.url.clone()))
+            .await?;
     let actual = {
         let user = User::new(&stack, EntryPointVersion::V0_7).await?;
         let event = user.submit(&user.sponsored(user.op_json()).await?).await?;
         session_paymaster::ledger::wei_to_gwei_ceil(event.actualGasCost)
     };
     Ok((stack, dir, actual))
+}
+
+/// What dev-counter's policy budget has counted (cost in gwei, operations).
+async fn day_usage(sponsor: &session_paymaster::sponsor::Sponsor) -> TestResult<(u64, u64)> {
+    Ok(sponsor
+        .ledger()
+        .usage("dev-counter", &crate::helpers::policy_day_scope())
+        .await?)
 }
 
 async fn mine(stack: &crate::helpers::Stack, blocks: u64) -> TestResult {
@@ -106,7 +116,7 @@ async fn mine(stack: &crate::helpers::Stack, blocks: u64) -> TestResult {
 #[tokio::test]
 async fn a_watcher_without_cursor_starts_before_the_oldest_open_reservation() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, actual) = landed_op(&redis).await?;
+    let (stack, _dir, actual) = landed_op(Some(&redis)).await?;
     mine(&stack, 50).await?;
     let sponsor = &stack.app.state.sponsor;
     let watcher = Watcher::new(
@@ -119,13 +129,7 @@ async fn a_watcher_without_cursor_starts_before_the_oldest_open_reservation() ->
     .with_finality(session_paymaster::chain::watcher::Finality::Depth(2));
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!(poll.settled, 1, "{poll:?}");
-    assert_eq!(
-        sponsor
-            .ledger()
-            .usage("dev-counter", &crate::helpers::policy_day_scope())
-            .await?,
-        (actual, 1)
-    );
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
     Ok(())
 }
 
@@ -134,7 +138,7 @@ async fn a_watcher_without_cursor_starts_before_the_oldest_open_reservation() ->
 #[tokio::test]
 async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, actual) = landed_op(&redis).await?;
+    let (stack, _dir, actual) = landed_op(Some(&redis)).await?;
     mine(&stack, 30).await?;
     let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
     proxy
@@ -147,13 +151,7 @@ async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
     let watcher = crate::helpers::dev_watcher(provider, sponsor.chain(31337)?);
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!(poll.settled, 1, "{poll:?}");
-    assert_eq!(
-        sponsor
-            .ledger()
-            .usage("dev-counter", &crate::helpers::policy_day_scope())
-            .await?,
-        (actual, 1)
-    );
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
     Ok(())
 }
 
@@ -162,7 +160,7 @@ async fn log_ranges_narrow_while_the_provider_refuses() -> TestResult {
 #[tokio::test]
 async fn deposits_are_read_while_logs_fail() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, _) = landed_op(&redis).await?;
+    let (stack, _dir, _) = landed_op(Some(&redis)).await?;
     let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
     proxy
         .max_log_blocks
@@ -197,7 +195,7 @@ async fn deposits_are_read_while_logs_fail() -> TestResult {
 #[tokio::test]
 async fn a_reorganised_cursor_block_is_read_again() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, _) = landed_op(&redis).await?;
+    let (stack, _dir, _) = landed_op(Some(&redis)).await?;
     let provider = &stack.anvil.provider;
     let snapshot: Value = provider.raw_request("evm_snapshot".into(), ()).await?;
     mine(&stack, 3).await?;
@@ -523,17 +521,7 @@ async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
 async fn a_policy_not_served_here_still_settles(
     redis: Option<&crate::helpers::TestRedis>,
 ) -> TestResult {
-    use crate::e2e::User;
-
-    let dir = crate::e2e::budgeted_policies()?;
-    let stack =
-        crate::helpers::Stack::start_with(Some(dir.0.clone()), redis.map(|r| r.url.clone()))
-            .await?;
-    let actual = {
-        let user = User::new(&stack, EntryPointVersion::V0_7).await?;
-        let event = user.submit(&user.sponsored(user.op_json()).await?).await?;
-        session_paymaster::ledger::wei_to_gwei_ceil(event.actualGasCost)
-    };
+    let (stack, dir, actual) = landed_op(redis).await?;
     // The set without dev-counter, in force here.
     std::fs::remove_file(dir.0.join("dev-counter.toml"))?;
     let sponsor = &stack.app.state.sponsor;
@@ -546,13 +534,7 @@ async fn a_policy_not_served_here_still_settles(
     let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
-    assert_eq!(
-        sponsor
-            .ledger()
-            .usage("dev-counter", &crate::helpers::policy_day_scope())
-            .await?,
-        (actual, 1)
-    );
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
     Ok(())
 }
 
@@ -579,7 +561,7 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
     use std::sync::atomic::Ordering;
 
     let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, actual) = landed_op(&redis).await?;
+    let (stack, _dir, actual) = landed_op(Some(&redis)).await?;
     mine(&stack, 3).await?;
     let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
     let provider = ProviderBuilder::new()
@@ -587,12 +569,6 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
         .erased();
     let head = provider.get_block_number().await?;
     let sponsor = &stack.app.state.sponsor;
-    let used = || async {
-        sponsor
-            .ledger()
-            .usage("dev-counter", &crate::helpers::policy_day_scope())
-            .await
-    };
     // From block 0 without a cursor: one range, to the head.
     let watcher = crate::helpers::dev_watcher(provider, sponsor.chain(31337)?);
 
@@ -609,13 +585,17 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
         Err(WatchError::Rpc(m)) if m.contains(&format!("block {head} changed")) => {}
         other => panic!("a changed block fails the poll: {other:?}"),
     }
-    assert_eq!(used().await?, (actual, 1), "what it settled stays");
+    assert_eq!(
+        day_usage(sponsor).await?,
+        (actual, 1),
+        "what it settled stays"
+    );
     let poll = watcher.poll_once(sponsor).await?;
     assert_eq!(
         (poll.settled, poll.to_block),
         (0, head),
         "read again (closed once), and on: {poll:?}"
     );
-    assert_eq!(used().await?, (actual, 1));
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
     Ok(())
 }
