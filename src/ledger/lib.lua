@@ -10,7 +10,8 @@
 -- The largest integer Lua numbers (doubles) hold exactly: budget counters stay below it.
 local MAX_EXACT = 9007199254740991
 
--- How many userOpHashes a reservation extended many times keeps (the latest).
+-- How many userOpHashes one reservation keeps (ledger::MAX_HASHES): an answer that would pass it
+-- is a new reservation, the old one kept aside (reserve.lua).
 local MAX_HASHES = 8
 
 -- Most live records one nonce's key holds, whatever their state (ledger::MAX_RECORDS_PER_NONCE):
@@ -80,8 +81,9 @@ end
 -- kept aside, see reserve.lua). A string, not a hash: records are longer than a hash keeps
 -- compact, and most nonces have one. A record is packed (big-endian):
 --   state u8 (0 open, 1 settled, 2 released), cost u64 (gwei), validUntil u48,
---   validUntil − validAfter u32, signature [65], n u8 + n userOpHash prefixes [8] (the
---   latest MAX_HASHES; 64 bits tell a nonce's few reservations apart),
+--   validUntil − validAfter u32, signature [65], n u8 + n userOpHash prefixes [8] (of every
+--   answer it was extended to, at most MAX_HASHES: reserve.lua keeps a record aside rather
+--   than drop one; 64 bits tell a nonce's few reservations apart, settle.lua),
 --   n u8 + n scope names (u8 length + bytes; the budget key is `sp:{P}:budget:<name>`),
 --   session u8: NO_SESSION (0), or under a session SESSION_BY_ID (2): the session's 32-byte
 --   id, its state key being `sp:{P}:session:0x<id>` of the nonce key's policy, and a scope name

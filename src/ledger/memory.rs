@@ -210,18 +210,18 @@ impl MemoryLedger {
         // A released record of this operation is replaced below; anything else adds one.
         let adds = !matches!(existing, Some((State::Released, _)));
         if let Some((State::Open, _)) = &existing {
-            let same = inner
-                .reservations
-                .get(&key)
-                .is_some_and(|rec| rec.scopes == scope_names && rec.session == charge_session);
+            let same = inner.reservations.get(&key).is_some_and(|rec| {
+                rec.scopes == scope_names
+                    && rec.session == charge_session
+                    && rec.user_op_hashes.len() + r.user_op_hashes.len() <= MAX_HASHES
+            });
             if same {
-                // About to expire: extend this reservation to the fresh answer (see reserve.lua).
+                // About to expire: extend this reservation to the fresh answer (see reserve.lua;
+                // one whose hashes would pass MAX_HASHES is kept aside instead, below).
                 if !check_only && let Some(rec) = inner.reservations.get_mut(&key) {
                     let before = rec.answer.window.valid_until;
                     rec.answer = r.answer.clone();
                     rec.user_op_hashes.extend(&r.user_op_hashes);
-                    let excess = rec.user_op_hashes.len().saturating_sub(MAX_HASHES);
-                    rec.user_op_hashes.drain(..excess);
                     rec.expires_at = rec.expires_at.max(r.expires_at);
                     let expires_at = rec.expires_at;
                     inner.open_move(
@@ -241,9 +241,10 @@ impl MemoryLedger {
                 return Outcome::Reserved;
             }
         }
-        // Another window or session (an open record that is not the same): it stays as it is
-        // under a key of its own, and this request is a new one (see reserve.lua); done once
-        // every check below has passed, as reserve.lua writes nothing it refuses.
+        // Another window or session, or extended as often as it keeps hashes (an open record
+        // that is not the same): it stays as it is under a key of its own, and this request is
+        // a new one (see reserve.lua); done once every check below has passed, as reserve.lua
+        // writes nothing it refuses.
         let renamed = matches!(existing, Some((State::Open, _)));
         // As reserve.lua: a nonce keeps at most so many live records; a new one that would pass
         // the cap makes room by dropping the released records of the earliest validUntil, and

@@ -111,8 +111,11 @@ pub const MAX_OPEN_PER_NONCE_ANY: usize = 16;
 /// keeps a stranger who fills someone's nonce from blocking it. `MAX_RECORDS` in `lib.lua`.
 pub const MAX_RECORDS_PER_NONCE: usize = 64;
 
-/// How many userOpHashes a reservation extended many times keeps (the latest): an event that
-/// matches none settles every open reservation of its nonce, so a dropped one over-counts.
+/// How many userOpHashes one reservation keeps: an answer that would pass it is a new
+/// reservation, the old one kept aside, rather than one extended and a hash dropped (an answer
+/// whose hash a record dropped would land unknown to it, and a client that ground another
+/// operation of the nonce to the same 8 bytes would have that one settled in its place, see
+/// settle.lua). `MAX_HASHES` in `lib.lua`.
 pub const MAX_HASHES: usize = 8;
 
 /// Budget counters stay below this many gwei (2^53 − 1), the largest integer Lua numbers hold

@@ -152,23 +152,25 @@ local function reserve(keys, args, scopes, shared)
     for i = 5, #keys do
       same_scopes = same_scopes and rec.scopes[i - 4] == scopes[i - 4][S_NAME]
     end
-    if same_scopes and rec.session == session_key then
+    -- The fresh answer: the signature and hashes of the new record's entry.
+    local _, body = struct.unpack('>Bc0Hc0', args[2])
+    local fresh = unpack_record(body, keys[1])
+    if same_scopes and rec.session == session_key
+        and #rec.hashes + #fresh.hashes <= MAX_HASHES then
       -- The stored answer is about to expire: extend this reservation to a fresh one. Both
       -- signatures stay valid for a while, but they are for one operation and one nonce, so one
       -- charge covers both; it is released only once the later has expired, and the event of
-      -- either settles it (the record keeps the latest MAX_HASHES hashes; an event matching none
-      -- settles every open reservation of its nonce, so a dropped hash over-counts, never under).
+      -- either settles it: the record keeps the hash of every answer it was extended to. One
+      -- whose hashes would pass MAX_HASHES is kept aside instead, as one of another window
+      -- (below), and this request is a new reservation: a record that dropped the hash of an
+      -- answer still valid would not know that answer's event, which then, where a client ground
+      -- another operation of the nonce to the same 8 bytes (settle.lua), settles that one and
+      -- releases this one, its costs given back.
       if check_only then
         return RESERVED
       end
-      -- The fresh answer: the signature and hashes of the new record's entry.
-      local _, body = struct.unpack('>Bc0Hc0', args[2])
-      local fresh = unpack_record(body, keys[1])
       for _, h in ipairs(fresh.hashes) do
         rec.hashes[#rec.hashes + 1] = h
-      end
-      while #rec.hashes > MAX_HASHES do
-        table.remove(rec.hashes, 1)
       end
       rec.valid_until, rec.valid_after, rec.sig = valid_until, valid_after, fresh.sig
       -- Its session named as the fresh entry names it: by id or by key, as the replica that
@@ -199,9 +201,10 @@ local function reserve(keys, args, scopes, shared)
       schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
       return RESERVED
     end
-    -- Another budget window or another session than the reservation was made in: it stays as it
-    -- is (its signature may still land) under a field of its own, and this request is a new
-    -- reservation, checked and charged where it is made now.
+    -- Another budget window or another session than the reservation was made in, or a record
+    -- extended as often as it keeps hashes: it stays as it is (its signature may still land)
+    -- under a field of its own, and this request is a new reservation, checked and charged where
+    -- it is made now.
     if not check_only then
       entries[mine][1] = op_id .. struct.pack('>I6', rec.valid_until)
       mine = nil

@@ -361,7 +361,88 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     a_nonce_keeps_at_most_max_records(&ledger).await?;
     a_stub_counts_the_open_records_its_request_would(&ledger).await?;
     a_ground_hash_prefix_charges_every_operation_that_carries_it(&ledger).await?;
+    an_answer_past_max_hashes_is_a_new_reservation(&ledger).await?;
     sessions_in_the_atomic_step(&ledger).await
+}
+
+/// A reservation extended as often as it keeps hashes is kept aside, and the next answer is a
+/// new reservation. It dropped its oldest hashes instead: an answer still valid then landed
+/// unknown to its record, and where a client had ground another operation of the nonce to that
+/// answer's 8 bytes (on EntryPoint v0.9, two hashes an answer, after four extensions), Redis
+/// settled that one and released this one, its session's spending given back.
+async fn an_answer_past_max_hashes_is_a_new_reservation(ledger: &Ledger) -> TestResult {
+    let policies = vec!["h".to_owned()];
+    let token = Address::repeat_byte(0x72);
+    let id = B256::repeat_byte(0x6c);
+    let unit = U256::from(10u64).pow(U256::from(18u64));
+    let budget = session_scope_name(id);
+    // A hash of 8 bytes `prefix` and 24 bytes `own`.
+    let h = |prefix: u8, own: u8| B256::from_slice(&[[prefix; 8].as_slice(), &[own; 24]].concat());
+    // Answer `i` (1 to 5) of the operation that spends: two hashes, as on v0.9; the first
+    // answer's first one shares its 8 bytes with the harmless operation's.
+    let spending = |i: u8| Reservation {
+        policy: "h".into(),
+        landing_key: B256::repeat_byte(0x7a),
+        user_op_hashes: vec![
+            if i == 1 {
+                h(0xa5, 0x11)
+            } else {
+                h(0xb0 + i, 1)
+            },
+            h(0xc0 + i, 2),
+        ],
+        answer: answer(0x51, NOW + 20 + u64::from(i)),
+        expires_at: NOW + 20 + u64::from(i) + GRACE_SECS,
+        session: session_charge(id, vec![token_charge(token, unit, unit * U256::from(9u64))]),
+        ..reservation(
+            0x51,
+            7,
+            vec![scope("all", None, None), scope(&budget, None, None)],
+        )
+    };
+    for i in 1..=5 {
+        assert_eq!(
+            ledger.reserve(&spending(i), false, NOW).await?,
+            Outcome::Reserved,
+            "answer {i}"
+        );
+    }
+    assert_eq!(
+        ledger.usage("h", &budget).await?,
+        (14, 2),
+        "four answers in one reservation (eight hashes), the fifth a new one"
+    );
+    let harmless = Reservation {
+        policy: "h".into(),
+        landing_key: B256::repeat_byte(0x7a),
+        user_op_hashes: vec![h(0xa5, 0x22)],
+        ..reservation(0x52, 7, vec![scope("all", None, None)])
+    };
+    assert_eq!(
+        ledger.reserve(&harmless, false, NOW).await?,
+        Outcome::Reserved
+    );
+    let landed = Landing {
+        landing_key: B256::repeat_byte(0x7a),
+        user_op_hash: h(0xa5, 0x11),
+        actual_gwei: 5,
+    };
+    let done = ledger.settle(&policies, &landed).await?;
+    // The first answer landed: its record (kept aside) is settled, the fifth's released.
+    assert_eq!(
+        ledger.session_spent("h", id).await?,
+        BTreeMap::from([(token, unit)])
+    );
+    assert_eq!(ledger.usage("h", &budget).await?, (5, 1));
+    assert_eq!(
+        (done.settled, done.superseded, done.ambiguous),
+        if matches!(ledger, Ledger::Memory(_)) {
+            (1, 2, false)
+        } else {
+            (2, 1, true)
+        }
+    );
+    Ok(())
 }
 
 /// Two operations of one nonce whose hashes share their first 8 bytes (all a record keeps in
