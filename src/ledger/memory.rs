@@ -440,12 +440,19 @@ impl MemoryLedger {
                 .filter(|r| r.state == state && r.user_op_hashes.contains(&landing.user_op_hash))
                 .map(|r| r.op)
         };
-        // As settle.lua: where the event's hash is (an open record anywhere, else only a
-        // released one, else nowhere) decides, then each policy settles, per operation.
+        // Whether a settled record among `keys` carries the event's hash: the event, read before.
+        let read_before = |inner: &Inner, keys: &[PolicyKey]| {
+            keys.iter()
+                .any(|k| matched(inner, k, State::Settled).is_some())
+        };
+        // As settle.lua: where the event's hash is (an open record anywhere, or a settled one;
+        // else only a released one, else nowhere) decides, then each policy settles, per
+        // operation.
         let all: Vec<PolicyKey> = policies.iter().flat_map(|p| records(&inner, p)).collect();
         let open_found = all
             .iter()
-            .any(|k| matched(&inner, k, State::Open).is_some());
+            .any(|k| matched(&inner, k, State::Open).is_some())
+            || read_before(&inner, &all);
         let released_found = all
             .iter()
             .any(|k| matched(&inner, k, State::Released).is_some());
@@ -458,9 +465,11 @@ impl MemoryLedger {
         for policy in policies {
             let keys = records(&inner, policy);
             // Each operation's first open match, settled; each other operation's first
-            // released match, charged back.
+            // released match, charged back. Read before: neither (the open records, made
+            // since, are released).
+            let again = read_before(&inner, &keys);
             let (mut settle, mut settled_ops) = (Vec::new(), Vec::new());
-            for k in &keys {
+            for k in keys.iter().filter(|_| !again) {
                 if let Some(op) = matched(&inner, k, State::Open)
                     && !settled_ops.contains(&op)
                 {
@@ -469,7 +478,7 @@ impl MemoryLedger {
                 }
             }
             let (mut back, mut back_ops) = (Vec::new(), Vec::new());
-            for k in keys.iter().filter(|_| !none) {
+            for k in keys.iter().filter(|_| !none && !again) {
                 if let Some(op) = matched(&inner, k, State::Released)
                     && !settled_ops.contains(&op)
                     && !back_ops.contains(&op)

@@ -13,8 +13,8 @@
 -- ARGV[4]   where some policy holds the event's hash: 'open' (an open record), 'released' (only
 --           a released one), or 'none'
 --
--- probe: returns {1 if an open record here has the event's hash, 2 if only a released one has,
--- else 0; how many records of the nonce are here}.
+-- probe: returns {1 if an open record here has the event's hash (or a settled one: the event
+-- read before), 2 if only a released one has, else 0; how many records of the nonce are here}.
 -- settle, by ARGV[4]: 'open': the matching record is settled to the actual cost and every other
 -- open record of the nonce released; 'released': the matching released record (its signature
 -- was thought expired, yet it landed) has its cost charged back, and the open ones are
@@ -39,8 +39,10 @@
 -- operation, and takes them the same way.)
 local entries = load_nonce(KEYS[1])
 -- The open records; the open and the released ones whose hashes include the event's (a record
--- keeps the userOpHash of every answer it was extended to).
+-- keeps the userOpHash of every answer it was extended to); whether a settled one does (this
+-- event, read before: after a rewind, or by two watchers).
 local open, open_matches, released_matches = {}, {}, {}
+local read_before = false
 -- The first record of each operation in `list`, in order.
 local function first_of_each(list)
   local seen, firsts = {}, {}
@@ -61,11 +63,21 @@ for _, e in ipairs(entries) do
     end
   elseif e[2].state == RELEASED and has_hash(e[2], ARGV[2]) then
     released_matches[#released_matches + 1] = e
+  elseif e[2].state == SETTLED and has_hash(e[2], ARGV[2]) then
+    read_before = true
   end
+end
+-- Read before, the event was settled then, and every record of the nonce open then was closed:
+-- one open now was made since (a client may ask for an operation of a nonce that has landed),
+-- cannot land, and is released; nothing is settled or charged back again. (Taken for no match,
+-- it would have settled every such record at the event's cost: a stranger's request for a
+-- sender's landed nonce, charged to that sender for good.)
+if read_before then
+  open_matches, released_matches = {}, {}
 end
 if ARGV[1] == 'probe' then
   local found = 0
-  if #open_matches > 0 then
+  if #open_matches > 0 or read_before then
     found = 1
   elseif #released_matches > 0 then
     found = 2

@@ -323,8 +323,8 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     );
     assert_eq!(
         ledger.settle(&all, &landing(10, 30)).await?,
-        settled(0, 0, false),
-        "never twice"
+        settled(0, 0, true),
+        "never twice (its settled record names the event)"
     );
     assert_eq!(
         ledger.settle(&all, &landing(0x42, 1)).await?,
@@ -362,7 +362,45 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     a_stub_counts_the_open_records_its_request_would(&ledger).await?;
     a_ground_hash_prefix_charges_every_operation_that_carries_it(&ledger).await?;
     an_answer_past_max_hashes_is_a_new_reservation(&ledger).await?;
+    an_event_read_again_settles_nothing_new(&ledger).await?;
     sessions_in_the_atomic_step(&ledger).await
+}
+
+/// An event read again (after a rewind, or by two watchers over one range) found its settled
+/// record no match, and took the event for one we hashed differently: it settled every open
+/// record of the nonce at its cost, among them any a stranger had asked for since (anyone may
+/// ask for an operation of a landed nonce), charged to the sender for good. Now those are
+/// released and nothing is charged again.
+async fn an_event_read_again_settles_nothing_new(ledger: &Ledger) -> TestResult {
+    let policies = vec!["rr".to_owned()];
+    let op = |op: u8| Reservation {
+        policy: "rr".into(),
+        landing_key: B256::repeat_byte(0x7c),
+        ..reservation(op, 7, vec![scope("sender", None, None)])
+    };
+    let event = Landing {
+        landing_key: B256::repeat_byte(0x7c),
+        user_op_hash: B256::repeat_byte(0x93 ^ 0x80),
+        actual_gwei: 5,
+    };
+    assert_eq!(
+        ledger.reserve(&op(0x93), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.settle(&policies, &event).await?, settled(1, 0, true));
+    // A stranger asks for another operation of the landed nonce: held, as any request is.
+    assert_eq!(
+        ledger.reserve(&op(0x94), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(ledger.usage("rr", "sender").await?, (12, 2));
+    assert_eq!(ledger.settle(&policies, &event).await?, settled(0, 1, true));
+    assert_eq!(
+        ledger.usage("rr", "sender").await?,
+        (5, 1),
+        "released, not charged"
+    );
+    Ok(())
 }
 
 /// A reservation extended as often as it keeps hashes is kept aside, and the next answer is a
