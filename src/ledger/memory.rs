@@ -465,11 +465,15 @@ impl MemoryLedger {
         for policy in policies {
             let keys = records(&inner, policy);
             // Each operation's first open match, settled; each other operation's first
-            // released match, charged back. Read before: neither (the open records, made
-            // since, are released).
-            let again = read_before(&inner, &keys);
-            let (mut settle, mut settled_ops) = (Vec::new(), Vec::new());
-            for k in keys.iter().filter(|_| !again) {
+            // released match, charged back; but none of an operation whose settled record
+            // carries the hash (the event, read before: charged then). With no other match, the
+            // open records (made since) are released.
+            let landed: Vec<B256> = keys
+                .iter()
+                .filter_map(|k| matched(&inner, k, State::Settled))
+                .collect();
+            let (mut settle, mut settled_ops) = (Vec::new(), landed.clone());
+            for k in &keys {
                 if let Some(op) = matched(&inner, k, State::Open)
                     && !settled_ops.contains(&op)
                 {
@@ -478,7 +482,7 @@ impl MemoryLedger {
                 }
             }
             let (mut back, mut back_ops) = (Vec::new(), Vec::new());
-            for k in keys.iter().filter(|_| !none && !again) {
+            for k in keys.iter().filter(|_| !none) {
                 if let Some(op) = matched(&inner, k, State::Released)
                     && !settled_ops.contains(&op)
                     && !back_ops.contains(&op)

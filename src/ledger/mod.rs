@@ -219,7 +219,8 @@ pub struct Settled {
     /// Released reservations whose operation landed after all (their release went by a block
     /// time a reorg undid, or the watcher came late): their cost charged back.
     pub charged_back: usize,
-    /// Whether one reservation's userOpHash equals the event's.
+    /// Whether one reservation's userOpHash equals the event's (a settled one too: the event
+    /// read before).
     pub hash_matched: bool,
     /// Whether any reservation (open or closed) of the event's nonce is known.
     pub known: bool,

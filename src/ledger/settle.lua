@@ -21,8 +21,8 @@
 -- released (also under 'open', for a match released since the probe); 'none' (the EntryPoint
 -- hashed the operation differently from us): every open record of the nonce is settled to the
 -- actual cost, a cost counted more than once rather than forgotten. Returns {settled,
--- released, charged back, ambiguous}. Closed records are skipped: reading an event twice
--- changes nothing.
+-- released, charged back, ambiguous}. Closed records are skipped: reading an event again
+-- charges nothing again (below).
 --
 -- Records keep only the first 8 bytes of each hash (lib.lua). On EntryPoint v0.9 the hash of an
 -- operation whose signature of ours sits in the suffix leaves that signature out, so a client
@@ -39,10 +39,10 @@
 -- operation, and takes them the same way.)
 local entries = load_nonce(KEYS[1])
 -- The open records; the open and the released ones whose hashes include the event's (a record
--- keeps the userOpHash of every answer it was extended to); whether a settled one does (this
--- event, read before: after a rewind, or by two watchers).
+-- keeps the userOpHash of every answer it was extended to); the operations of the settled ones
+-- that do (this event, read before: after a rewind, or by two watchers over one range).
 local open, open_matches, released_matches = {}, {}, {}
-local read_before = false
+local landed, read_before = {}, false
 -- The first record of each operation in `list`, in order.
 local function first_of_each(list)
   local seen, firsts = {}, {}
@@ -64,16 +64,30 @@ for _, e in ipairs(entries) do
   elseif e[2].state == RELEASED and has_hash(e[2], ARGV[2]) then
     released_matches[#released_matches + 1] = e
   elseif e[2].state == SETTLED and has_hash(e[2], ARGV[2]) then
-    read_before = true
+    landed[string.sub(e[1], 1, 20)], read_before = true, true
   end
 end
--- Read before, the event was settled then, and every record of the nonce open then was closed:
--- one open now was made since (a client may ask for an operation of a nonce that has landed),
--- cannot land, and is released; nothing is settled or charged back again. (Taken for no match,
--- it would have settled every such record at the event's cost: a stranger's request for a
--- sender's landed nonce, charged to that sender for good.)
+-- An operation with a settled record carrying the hash was charged when the event was read
+-- before: its other records are not matches (they are released with the rest). Where no
+-- other operation's record matches, the event was read before whole, and every record of the
+-- nonce open then was closed then: one open now was made since (anyone may ask for an
+-- operation of a nonce that has landed), cannot land, and is released; nothing is settled or
+-- charged back again. (Taken for no match, it would have settled every such record at the
+-- event's cost: a stranger's request for a sender's landed nonce, charged to that sender for
+-- good.) Where another operation's record matches (in Redis, 8 bytes ground to agree, and a
+-- reorganisation that landed it in place of the one settled), the matches go on as below.
 if read_before then
-  open_matches, released_matches = {}, {}
+  local function not_landed(list)
+    local kept = {}
+    for _, e in ipairs(list) do
+      if not landed[string.sub(e[1], 1, 20)] then
+        kept[#kept + 1] = e
+      end
+    end
+    return kept
+  end
+  open_matches, released_matches = not_landed(open_matches), not_landed(released_matches)
+  read_before = #open_matches == 0 and #released_matches == 0
 end
 if ARGV[1] == 'probe' then
   local found = 0

@@ -489,7 +489,8 @@ async fn an_answer_past_max_hashes_is_a_new_reservation(ledger: &Ledger) -> Test
 /// be released, its session's spending and budget given back. Redis charges every operation
 /// the prefix names (counted twice, never forgotten); memory keeps full hashes and settles the
 /// one exactly, and one operation's records are charged once. Open; then both released before
-/// a late event; then the harmless one open and the other released before it landed.
+/// a late event; then the harmless one open and the other released before it landed; then the
+/// harmless one settled and the other landed in its place.
 async fn a_ground_hash_prefix_charges_every_operation_that_carries_it(
     ledger: &Ledger,
 ) -> TestResult {
@@ -627,6 +628,29 @@ async fn a_ground_hash_prefix_charges_every_operation_that_carries_it(
     assert_eq!(
         ledger.usage("g", "all").await?,
         if full_hashes { (15, 3) } else { (30, 6) }
+    );
+
+    // The harmless one landed and settled; the one that spends, asked for since, lands in its
+    // place (a reorganisation): the settled record's 8 bytes do not make its event one read
+    // before, and it is settled.
+    let h = harmless(0x67, 0x7d, NOW + 600);
+    assert_eq!(ledger.reserve(&h, false, NOW).await?, Outcome::Reserved);
+    ledger.settle(&policies, &landed(0x67, 0x7d)).await?;
+    let s = spending(0x68, 0x7d, NOW + 600);
+    assert_eq!(ledger.reserve(&s, false, NOW).await?, Outcome::Reserved);
+    let done = ledger.settle(&policies, &landed(0x68, 0x7d)).await?;
+    assert_eq!(
+        ledger.session_spent("g", id).await?,
+        BTreeMap::from([(token, unit * U256::from(4u64))])
+    );
+    assert_eq!(ledger.usage("g", &budget).await?, (20, 4));
+    assert_eq!(
+        (done.settled, done.superseded, done.ambiguous),
+        (1, 0, false)
+    );
+    assert_eq!(
+        ledger.usage("g", "all").await?,
+        if full_hashes { (25, 5) } else { (40, 8) }
     );
     Ok(())
 }
