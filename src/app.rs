@@ -364,7 +364,9 @@ impl AppState {
                     .serve_policies(&live.current().ids(), unix_now())
                     .await
                 {
+                    // (Redis is most likely down: its other reads would fail the same way.)
                     tracing::warn!(error = %e, "cannot note this replica's policies as served");
+                    return;
                 }
                 let published = match publish::current_version(conn).await {
                     Ok(Some(v)) if v != current => v,
