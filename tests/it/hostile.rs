@@ -1051,6 +1051,48 @@ async fn a_refreshed_answer_keeps_every_signature_of_it_reserved() -> TestResult
     Ok(())
 }
 
+/// Found in review: a reservation refreshed again and again kept only its latest 8 hashes, so
+/// the first answers, still valid, could land unknown to it (and, with another operation of the
+/// nonce ground to the same 8 bytes on EntryPoint v0.9, have that one settled in its place:
+/// `ledger::*_ledger_contract`). Through HTTP: eight answers of one operation, each asked for
+/// with a window just under the refresh margin, extend one reservation; the ninth is a new one,
+/// charged again, and the first stays open beside it.
+#[tokio::test]
+async fn an_answer_refreshed_past_its_records_hashes_is_reserved_again() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[budgeted_counter()]).await?;
+    let op = counter_op(SENDER, 12, "increment()").to_json();
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = |secs: u64| json!({ "sponsorshipPolicyId": "budgeted", "validForSeconds": secs });
+    let ledger = app.state.sponsor.ledger();
+    let scope = crate::helpers::policy_day_scope();
+    let mut answers = Vec::new();
+    let mut one_worst_case = 0;
+    // One hash an answer on v0.7: eight fill a record.
+    for secs in 21..=29 {
+        let v = sponsor(&app, &op, ep07, ctx(secs)).await?;
+        assert!(v["result"]["paymasterData"].is_string(), "{secs} s: {v}");
+        assert!(
+            !answers.contains(&v["result"]),
+            "a fresh answer at {secs} s"
+        );
+        answers.push(v["result"].clone());
+        let ops = ledger.usage("budgeted", &scope).await?.1;
+        assert_eq!(
+            ops,
+            if secs < 29 { 1 } else { 2 },
+            "after the answer of {secs} s"
+        );
+        if secs == 21 {
+            one_worst_case = ledger.open("budgeted", &scope).await?;
+        }
+    }
+    // Both open at their worst case: the record of the first eight answers was kept, not closed.
+    assert!(one_worst_case > 0);
+    assert_eq!(ledger.open("budgeted", &scope).await?, 2 * one_worst_case);
+    Ok(())
+}
+
 /// Found in review: variants of one operation under a session (other fees, or other paymaster
 /// gas kept by the client; one observed proof is enough) each reserved their worst case,
 /// though only one can land: they could tie up the whole session budget. One nonce holds at
