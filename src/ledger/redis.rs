@@ -356,6 +356,12 @@ fn library() -> &'static Library {
     })
 }
 
+/// retire.lua, run as the session store runs its scripts (`EVALSHA`, loaded when missing).
+fn retire_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(include_str!("retire.lua")))
+}
+
 /// `FCALL function numkeys keys… args…`.
 fn fcall(function: &str, keys: &[&[u8]]) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
@@ -1080,13 +1086,11 @@ impl RedisLedger {
             if indexed {
                 continue;
             }
-            let removed: i64 = redis::cmd("EVAL")
-                .arg(include_str!("retire.lua"))
-                .arg(1)
-                .arg(SERVED_POLICIES_KEY)
+            let removed: i64 = retire_script()
+                .key(SERVED_POLICIES_KEY)
                 .arg(&policy)
                 .arg(retired_by)
-                .query_async(&mut conn)
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
             if removed == 1 {
