@@ -2,7 +2,7 @@
 //! (`tests/it/ledger.rs` runs one suite against both).
 
 use std::cmp::Reverse;
-use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap, HashSet};
+use std::collections::{BTreeMap, BTreeSet, BinaryHeap, HashMap};
 use std::sync::{Mutex, MutexGuard};
 
 use alloy::primitives::{Address, B256, U256, keccak256};
@@ -105,11 +105,9 @@ struct Inner {
     /// `(policy, session id)` → what reservations check and record on the session.
     sessions: HashMap<PolicyKey, SessionState>,
     /// Open reservations per policy, by validUntil: release on expiry and the oldest open one
-    /// without a scan.
+    /// without a scan. A policy keeps its entry once it has reserved, empty or not: its keys
+    /// are every policy reserved under (`watched_policies`).
     open_index: HashMap<String, BTreeSet<(u64, B256)>>,
-    /// Every policy reserved under: watched, whether the set in force still has it or not
-    /// (`watched_policies`; a few ids, as many as the policy sets this process served).
-    reserved_under: HashSet<String>,
     /// When each counter, record and session state may be forgotten (as Redis TTLs). Lazy: an
     /// entry whose item was extended or removed since is skipped when it comes up.
     expiry: BinaryHeap<Reverse<(u64, Expiring)>>,
@@ -415,9 +413,6 @@ impl MemoryLedger {
         if !ops.contains(&r.op_key) {
             ops.push(r.op_key);
         }
-        if !inner.reserved_under.contains(&r.policy) {
-            inner.reserved_under.insert(r.policy.clone());
-        }
         Outcome::Reserved
     }
 
@@ -535,8 +530,8 @@ impl MemoryLedger {
         let inner = self.lock();
         let mut out = serving.to_vec();
         let mut others: Vec<&String> = inner
-            .reserved_under
-            .iter()
+            .open_index
+            .keys()
             .filter(|p| !serving.contains(p))
             .collect();
         others.sort();
