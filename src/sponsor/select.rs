@@ -33,6 +33,10 @@ pub(super) fn choose<'p>(
             session_policy(policies, grant, named, ctx.chain_id)?
         }
         (None, Some(id)) => {
+            // The key's list first: to a key limited to some policies, every other id, loaded
+            // or not, is the same refusal (which ids another tenant's policies have is not
+            // this key's to learn).
+            check_allowed(id, req.allowed_policies)?;
             let policy = policies.get(id).ok_or_else(|| {
                 Rejection::new(
                     Reason::UnknownPolicy,
@@ -40,7 +44,6 @@ pub(super) fn choose<'p>(
                     format!("unknown sponsorship policy `{}`", crate::wire::echo(id)),
                 )
             })?;
-            check_allowed(policy, req.allowed_policies)?;
             if policy.require_session {
                 return Err(Rejection::new(
                     Reason::SessionRequired,
@@ -138,13 +141,17 @@ fn candidates<'p>(
     })
 }
 
-/// An API key may be limited to some policies.
-fn check_allowed(policy: &Policy, allowed: Option<&[String]>) -> Result<(), Rejection> {
+/// An API key may be limited to some policies: policy `id` (named by the client, loaded or
+/// not) must be one of them.
+fn check_allowed(id: &str, allowed: Option<&[String]>) -> Result<(), Rejection> {
     match allowed {
-        Some(ids) if !ids.contains(&policy.id) => Err(Rejection::new(
+        Some(ids) if !ids.iter().any(|allowed| allowed == id) => Err(Rejection::new(
             Reason::PolicyNotAllowed,
             "apiKey.policies",
-            format!("this API key may not use policy `{}`", policy.id),
+            format!(
+                "this API key may not use policy `{}`",
+                crate::wire::echo(id)
+            ),
         )),
         _ => Ok(()),
     }

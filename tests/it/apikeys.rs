@@ -208,6 +208,31 @@ async fn a_key_reads_nothing_of_other_tenants() -> TestResult {
     .await?;
     assert_eq!(v["result"].as_array().map(Vec::len), Some(1), "{v}");
     assert_eq!(v["result"][0]["sponsorshipPolicyId"], json!("dev-counter"));
+
+    // Whether another tenant's policy id exists is not this key's to learn: a loaded policy it
+    // may not use and an id nothing loads get the same refusal, in sponsorship and explanation.
+    let ids = ["game-moves", "no-such-policy"];
+    for method in ["pm_sponsorUserOperation", "pm_explainSponsorship"] {
+        let mut answers = Vec::new();
+        for id in ids {
+            let (status, v) = post(
+                &app.url,
+                Some(&shop_key),
+                &call(
+                    method,
+                    json!([op_json(), ep, { "sponsorshipPolicyId": id }]),
+                ),
+            )
+            .await?;
+            // The id is the client's own, echoed; the rest must not tell the two apart.
+            answers.push((status, v.to_string().replace(id, "<id>")));
+        }
+        assert!(
+            answers[0].1.contains("policy_not_allowed"),
+            "{method}: {answers:?}"
+        );
+        assert_eq!(answers[0], answers[1], "{method}");
+    }
     Ok(())
 }
 
