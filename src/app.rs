@@ -436,23 +436,38 @@ impl AppState {
             ),
         };
         let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
-        let policies = self.sponsor.policies();
+        let mut policies = self.policy_status();
+        // Whether a set was refused, not why, and no policy's id: the errors name policies,
+        // rules and addresses of every tenant, and this endpoint asks for no credential (the
+        // log and `GET /admin/policies` have them).
+        policies["refusedSet"] = json!(!policies["refusedSet"].is_null());
+        if let Some(p) = policies.as_object_mut() {
+            p.remove("ids");
+        }
         (
             ready,
             json!({
                 "ready": ready,
                 "redis": redis,
-                "policies": {
-                    "version": policies.version(),
-                    "count": policies.len(),
-                    "refusedSet": self.sponsor.live_policies().last_error(),
-                    "directoryVersion": self.directory_version,
-                    "directoryDiffers": self.directory_differs(),
-                },
+                "policies": policies,
                 "signer": self.sponsor.signer().address(),
                 "watcher": watcher,
             }),
         )
+    }
+
+    /// The policy set in force, and the errors of the last set refused since (null when none):
+    /// `GET /admin/policies`; `/readyz` says only whether there are any.
+    pub(crate) fn policy_status(&self) -> Value {
+        let policies = self.sponsor.policies();
+        json!({
+            "version": policies.version(),
+            "count": policies.len(),
+            "ids": policies.ids(),
+            "refusedSet": self.sponsor.live_policies().last_error(),
+            "directoryVersion": self.directory_version,
+            "directoryDiffers": self.directory_differs(),
+        })
     }
 }
 

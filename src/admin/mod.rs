@@ -1,5 +1,6 @@
-//! The admin REST API: session grants (`/admin/sessions`), behind a bearer token whose
-//! SHA-256 the config holds. A missing or wrong token gets a bare 401, saying neither which.
+//! The admin REST API: session grants (`/admin/sessions`) and the policy set's state
+//! (`/admin/policies`), behind a bearer token whose SHA-256 the config holds. A missing or
+//! wrong token gets a bare 401, saying neither which.
 //!
 //! | method and path | answer |
 //! |---|---|
@@ -7,6 +8,7 @@
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
 //! | `GET /admin/sessions?account=0x…&cursor=N&limit=N` | 200 `{sessions, nextCursor}` |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
+//! | `GET /admin/policies` | 200 `{version, count, ids, refusedSet, directoryVersion, directoryDiffers}` (`refusedSet`: the last refused set's errors, or null) |
 //!
 //! A store failure answers 503 and changes nothing.
 
@@ -35,6 +37,7 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
     Router::new()
         .route("/admin/sessions", get(list).post(create))
         .route("/admin/sessions/{id}", get(fetch).delete(revoke))
+        .route("/admin/policies", get(policies))
         .route_layer(middleware::from_fn_with_state(state, authenticate))
 }
 
@@ -113,6 +116,10 @@ async fn create(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
         ),
         Err(e) => store_failed(e),
     }
+}
+
+async fn policies(State(state): State<Arc<AppState>>) -> Response {
+    axum::Json(state.policy_status()).into_response()
 }
 
 async fn fetch(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {

@@ -8,7 +8,10 @@ use session_paymaster::policy::publish;
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::EntryPointVersion;
 
-use crate::helpers::{TempDir, TestApp, TestRedis, TestResult, config, counter_op, repo_dir};
+use crate::helpers::{
+    ADMIN_TOKEN, TempDir, TestApp, TestRedis, TestResult, config, counter_op, repo_dir,
+};
+use crate::sessions::admin;
 
 /// A private copy of the shipped policies.
 fn policy_dir() -> TestResult<TempDir> {
@@ -76,24 +79,45 @@ async fn directory_edits_reload_and_a_broken_set_never_replaces_the_working_one(
     let v2 = app.state.sponsor.policies().version();
     assert_ne!(v1, v2);
 
-    // A typo in any file: the whole new set is refused, the working set stays, /readyz says why.
+    // A typo in any file: the whole new set is refused, the working set stays. /readyz (which
+    // asks for no credential) says that a set was refused; the admin API says why.
     edit(&dir, "game-moves.toml", "max_validity", "max_validty")?;
     app.state.refresh_policies().await;
     assert_eq!(app.state.sponsor.policies().version(), v2);
     assert_eq!(outcome(&app, "reset()").await?, "");
     let (status, ready) = readyz(&app).await?;
     assert_eq!(status, 200, "the working set still serves");
+    assert_eq!(ready["policies"]["refusedSet"], json!(true), "{ready}");
+    let text = ready.to_string();
+    for secret in ["max_validty", "game-moves", "dev-counter"] {
+        assert!(!text.contains(secret), "/readyz shows `{secret}`: {ready}");
+    }
+    let (status, set) = admin(&app, "GET", "/admin/policies", None, Some(ADMIN_TOKEN)).await?;
+    assert_eq!(status, 200, "{set}");
     assert!(
-        ready["policies"]["refusedSet"]
+        set["refusedSet"]
             .as_str()
             .is_some_and(|e| e.contains("max_validty")),
-        "{ready}"
+        "{set}"
     );
+    assert_eq!(set["version"], json!(v2));
+    assert!(
+        set["ids"]
+            .as_array()
+            .is_some_and(|ids| ids.contains(&json!("game-moves"))),
+        "{set}"
+    );
+    for token in [None, Some("wrong")] {
+        let (status, _) = admin(&app, "GET", "/admin/policies", None, token).await?;
+        assert_eq!(status, 401);
+    }
 
     edit(&dir, "game-moves.toml", "max_validty", "max_validity")?;
     app.state.refresh_policies().await;
     let (_, ready) = readyz(&app).await?;
-    assert_eq!(ready["policies"]["refusedSet"], Value::Null);
+    assert_eq!(ready["policies"]["refusedSet"], json!(false));
+    let (_, set) = admin(&app, "GET", "/admin/policies", None, Some(ADMIN_TOKEN)).await?;
+    assert_eq!(set["refusedSet"], Value::Null, "{set}");
     assert_eq!(
         ready["policies"]["version"],
         json!(app.state.sponsor.policies().version())
@@ -177,7 +201,7 @@ async fn replicas_follow_the_set_published_in_redis() -> TestResult {
         a.state.sponsor.policies().version(),
         b.state.sponsor.policies().version()
     );
-    assert!(readyz(&a).await?.1["policies"]["refusedSet"].is_string());
+    assert_eq!(readyz(&a).await?.1["policies"]["refusedSet"], json!(true));
 
     // `policies push` of a valid set switches every replica.
     let sources = read_dir_sources(&dir_a.0).map_err(|e| format!("{e:?}"))?;
