@@ -147,7 +147,7 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         };
         let t = Instant::now();
         sponsor
-            .sponsor(req, session_paymaster::app::unix_now())
+            .sponsor(req, session_paymaster::clock::unix_now())
             .await?;
         whole.push(t.elapsed());
     }

@@ -20,6 +20,7 @@ use tokio::net::TcpListener;
 use crate::admin;
 use crate::apikey::ApiKeys;
 use crate::chain::watcher::Watcher;
+use crate::clock::unix_now;
 use crate::config::Config;
 use crate::ledger::Ledger;
 use crate::ledger::memory::MemoryLedger;
@@ -610,13 +611,6 @@ pub fn heap_gets_huge_pages(thp_enabled: &str, allow_thp: Option<&str>) -> bool 
             || v.trim_start().parse::<i64>() == Ok(0)
     });
     thp_enabled.contains("[always]") && !off
-}
-
-/// Seconds since the Unix epoch (0 if the clock is before it).
-pub fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }
 
 /// `session-paymaster healthcheck`, the container's HEALTHCHECK: `GET /healthz` of the service

@@ -15,6 +15,7 @@
 //! - [`chain`]: deployment of the contracts (local stacks, and `deploy` for real chains); the
 //!   settlement watcher; `status`, what the chain says of the paymasters; the one outgoing
 //!   JSON-RPC client (chain nodes, bundlers).
+//! - [`clock`]: the wall clock, in the seconds the EntryPoint counts.
 //! - [`config`]: `serve`'s options: flags, `SP_*` environment, configuration file.
 //! - [`ledger`]: budgets: atomic reservations in every scope, settlement (memory, Redis).
 //! - [`metrics`]: Prometheus metrics (`/metrics`).
@@ -33,6 +34,7 @@ pub mod admin;
 pub mod apikey;
 pub mod app;
 pub mod chain;
+pub mod clock;
 pub mod config;
 pub mod ledger;
 pub mod metrics;

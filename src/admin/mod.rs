@@ -25,7 +25,8 @@ use serde::Deserialize;
 use serde_json::{Value, json};
 
 use crate::apikey::sha256_matches;
-use crate::app::{AppState, unix_now};
+use crate::app::AppState;
+use crate::clock::unix_now;
 use crate::session::StoreError;
 use crate::session::grant::{FieldIssue, SessionGrant};
 

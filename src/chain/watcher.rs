@@ -28,6 +28,7 @@ use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
+use crate::clock::unix_now;
 use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
 use crate::sponsor::deposit::open_against_deposit;
 use crate::sponsor::{ChainServed, Sponsor, VALID_AFTER_SKEW_SECS};
@@ -652,11 +653,4 @@ async fn watched_policies(sponsor: &Sponsor) -> Result<Vec<String>, WatchError> 
         .watched_policies(&sponsor.policies().ids())
         .await
         .map_err(store)
-}
-
-/// Seconds since the Unix epoch, by this replica's clock (0 before it).
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
 }

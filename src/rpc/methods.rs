@@ -6,7 +6,8 @@ use serde_json::{Value, json};
 
 use super::error::RpcError;
 use crate::apikey::ApiKey;
-use crate::app::{AppState, unix_now};
+use crate::app::AppState;
+use crate::clock::unix_now;
 use crate::session::SessionStatus;
 use crate::sponsor::{
     Mode, Reason, Rejection, RequestContext, Sponsor, SponsorError, SponsorRequest, Sponsorship,

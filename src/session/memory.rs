@@ -5,7 +5,8 @@ use std::sync::RwLock;
 
 use alloy::primitives::{Address, B256};
 
-use super::{Page, SessionGrant, SessionStatus, forgotten, unix_now};
+use super::{Page, SessionGrant, SessionStatus, forgotten};
+use crate::clock::unix_now;
 
 /// Grants by id, and per account in creation order.
 #[derive(Debug, Default)]

@@ -26,13 +26,6 @@ pub use self::grant::{SessionGrant, SessionStatus};
 /// grant for a day; then both stores forget it (its id is unknown, refused like any unknown id).
 pub const RETAIN_SECS: u64 = 86_400;
 
-/// Unix time now.
-fn unix_now() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| d.as_secs())
-}
-
 /// Whether `grant` is past the time it is kept.
 fn forgotten(grant: &SessionGrant, now: u64) -> bool {
     grant.valid_until.saturating_add(RETAIN_SECS) < now

@@ -25,8 +25,8 @@ use redis::cluster_async::ClusterConnection;
 use super::cache::GrantCache;
 use super::{
     GrantSource, Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError, codec, forgotten,
-    unix_now,
 };
+use crate::clock::unix_now;
 
 /// Redis-backed session store.
 #[derive(Clone)]

@@ -38,7 +38,7 @@ pub fn free_port() -> u16 {
 
 /// The scope of a policy-wide daily budget today (`policy:<day>`).
 pub fn policy_day_scope() -> String {
-    format!("policy:{}", session_paymaster::app::unix_now() / 86_400)
+    format!("policy:{}", session_paymaster::clock::unix_now() / 86_400)
 }
 
 /// A private temporary directory, removed on drop.

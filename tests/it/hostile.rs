@@ -12,7 +12,7 @@ use alloy::signers::local::PrivateKeySigner;
 use alloy::sol;
 use alloy::sol_types::{SolCall, SolValue};
 use serde_json::{Value, json};
-use session_paymaster::app::unix_now;
+use session_paymaster::clock::unix_now;
 use session_paymaster::ledger::{
     GRACE_SECS, MAX_OPEN_PER_NONCE_ANY, MAX_RECORDS_PER_NONCE, Outcome, Reservation, SessionCharge,
     landing_key,

@@ -1296,7 +1296,7 @@ async fn exactly_k_of_200(apps: &[TestApp]) -> TestResult {
         }
     }
     assert_eq!((signed, exhausted), (K, 200 - K));
-    let day = session_paymaster::app::unix_now() / 86_400;
+    let day = session_paymaster::clock::unix_now() / 86_400;
     let (_, ops) = apps[0]
         .state
         .sponsor
@@ -1342,7 +1342,7 @@ async fn a_repeated_operation_gets_the_same_answer_and_reserves_once() -> TestRe
         .result("pm_sponsorUserOperation", json!([op_json(1), ep]))
         .await?;
     assert_eq!(first, again, "same paymasterData from either replica");
-    let day = session_paymaster::app::unix_now() / 86_400;
+    let day = session_paymaster::clock::unix_now() / 86_400;
     let (_, ops) = apps[0]
         .state
         .sponsor
@@ -1991,7 +1991,7 @@ async fn session_status_shows_budgets() -> TestResult {
     std::fs::write(&policy, text)?;
     let apps = apps(1, None, &dir).await?;
     let account = Address::repeat_byte(0x11);
-    let now = session_paymaster::app::unix_now();
+    let now = session_paymaster::clock::unix_now();
     let body = json!({
         "account": account, "sessionKey": account, "chainId": 31337, "policy": "budgeted",
         "validAfter": now - 5, "validUntil": now + 3600, "budget": { "ops": 3 }

@@ -121,7 +121,7 @@ pub(crate) fn proof(
     op: &UserOperation,
     session: B256,
 ) -> TestResult<Value> {
-    proof_until(key, op, session, session_paymaster::app::unix_now() + 600)
+    proof_until(key, op, session, session_paymaster::clock::unix_now() + 600)
 }
 
 pub(crate) fn proof_until(
