@@ -1258,11 +1258,12 @@ async fn main() -> Result<(), Error> {
     let floor = floors[1];
     let cores = std::thread::available_parallelism().map_or(0, |n| n.get());
     println!(
-        "limits: F = one bare k256 signature {:.1}us (median of {:.1?}; each row's ratios use the F measured around its load, its last column); one bare EVALSHA costs redis-server {:.1}us = {:.2}x F; {cores} cores",
+        "limits: F = one bare k256 signature {:.1}us (median of {:.1?}; each row's ratios use the F measured around its load, its last column); one bare EVALSHA costs redis-server {:.1}us = {:.2}x F; {cores} cores; Redis persistence {}",
         floor.as_secs_f64() * 1e6,
         floors,
         evalsha.as_secs_f64() * 1e6,
         ratio(evalsha, floor),
+        redis.0.persistence(),
     );
     for (label, key, load) in &rows {
         row(label, load, evalsha);
@@ -1300,6 +1301,7 @@ async fn main() -> Result<(), Error> {
         json!(evalsha.as_secs_f64() * 1e6),
     );
     results.insert("cores".into(), json!(cores));
+    results.insert("redis_persistence".into(), json!(redis.0.persistence()));
     println!("BENCH_JSON {}", Value::Object(results));
     let _ = std::fs::remove_dir_all(&policies);
     Ok(())

@@ -35,10 +35,13 @@ pub(crate) fn counter_op(sender: Address, nonce: u64) -> UserOperation {
 
 type Error = Box<dyn std::error::Error + Send + Sync>;
 
-/// redis-server on a free port (no persistence, `noeviction` as production), killed on drop.
+/// redis-server on a free port (`noeviction` as production), killed on drop. No persistence,
+/// unless `APPENDFSYNC` is set (`always`, as docs/operations.md recommends, `everysec` or `no`):
+/// then an append-only file in a directory of its own, removed on drop.
 pub(crate) struct RedisServer {
     child: std::process::Child,
     port: u16,
+    dir: Option<std::path::PathBuf>,
 }
 
 impl RedisServer {
@@ -47,13 +50,31 @@ impl RedisServer {
         let port = std::net::TcpListener::bind("127.0.0.1:0")?
             .local_addr()?
             .port();
-        let child = std::process::Command::new("redis-server")
-            .args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
-            .args(["--save", "", "--appendonly", "no"])
+        let mut cmd = std::process::Command::new("redis-server");
+        cmd.args(["--port", &port.to_string(), "--bind", "127.0.0.1"])
+            .args(["--save", ""])
             .args(["--maxmemory-policy", "noeviction"])
-            .stdout(std::process::Stdio::null())
-            .spawn()?;
-        let redis = Self { child, port };
+            .stdout(std::process::Stdio::null());
+        let fsync = std::env::var("APPENDFSYNC").ok().filter(|v| !v.is_empty());
+        let dir = match &fsync {
+            Some(mode) => {
+                if !["always", "everysec", "no"].contains(&mode.as_str()) {
+                    return Err(format!("APPENDFSYNC={mode}: always, everysec or no").into());
+                }
+                let dir = std::env::temp_dir().join(format!("sp-bench-redis-{port}"));
+                std::fs::create_dir_all(&dir)?;
+                cmd.args(["--appendonly", "yes", "--appendfsync", mode])
+                    .arg("--dir")
+                    .arg(&dir);
+                Some(dir)
+            }
+            None => {
+                cmd.args(["--appendonly", "no"]);
+                None
+            }
+        };
+        let child = cmd.spawn()?;
+        let redis = Self { child, port, dir };
         for _ in 0..100 {
             if redis.cli(&["PING"]).is_ok_and(|o| o == "PONG") {
                 return Ok(redis);
@@ -61,6 +82,17 @@ impl RedisServer {
             std::thread::sleep(std::time::Duration::from_millis(50));
         }
         Err("redis-server did not start".into())
+    }
+
+    /// Its `appendfsync` (`APPENDFSYNC`), or "off" without persistence.
+    pub(crate) fn persistence(&self) -> String {
+        match &self.dir {
+            Some(_) => format!(
+                "appendfsync {}",
+                std::env::var("APPENDFSYNC").unwrap_or_default()
+            ),
+            None => "off".into(),
+        }
     }
 
     pub(crate) fn port(&self) -> u16 {
@@ -89,5 +121,8 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        if let Some(dir) = &self.dir {
+            let _ = std::fs::remove_dir_all(dir);
+        }
     }
 }
