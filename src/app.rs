@@ -160,20 +160,24 @@ impl AppState {
                 bundlers.push((chain.chain_id, client));
             }
         }
+        let sponsor = Sponsor::new(
+            config
+                .chains
+                .iter()
+                .map(|c| (c.chain_id, c.entry_points.clone()))
+                .collect(),
+            policies,
+            signer,
+            sessions,
+            ledger,
+            RateLimits::new(config.rate_per_key),
+        )
+        .with_deposit_margin(config.deposit_margin);
+        // Before signing for a paymaster: every replica's watcher of its chain then reads its
+        // events.
+        sponsor.serve_paymasters(unix_now()).await?;
         Ok(Self {
-            sponsor: Sponsor::new(
-                config
-                    .chains
-                    .iter()
-                    .map(|c| (c.chain_id, c.entry_points.clone()))
-                    .collect(),
-                policies,
-                signer,
-                sessions,
-                ledger,
-                RateLimits::new(config.rate_per_key),
-            )
-            .with_deposit_margin(config.deposit_margin),
+            sponsor,
             sponsor_name: config.sponsor_name.clone(),
             max_body_bytes: config.max_body_bytes,
             api_keys: ApiKeys::new(config.api_keys.clone()),
@@ -367,6 +371,12 @@ impl AppState {
                 {
                     // (Redis is most likely down: its other reads would fail the same way.)
                     tracing::warn!(error = %e, "cannot note this replica's policies as served");
+                    return;
+                }
+                // And its paymasters: a pair leaves the watchers a day after the last note
+                // (Watcher::watched_pairs).
+                if let Err(e) = self.sponsor.serve_paymasters(unix_now()).await {
+                    tracing::warn!(error = %e, "cannot note this replica's paymasters as served");
                     return;
                 }
                 let published = match publish::current_version(conn).await {

@@ -29,7 +29,8 @@ use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
 use crate::clock::unix_now;
-use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
+use crate::ledger::redis::RETIRED_AFTER_SECS;
+use crate::ledger::{GRACE_SECS, Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
 use crate::sponsor::deposit::open_against_deposit;
 use crate::sponsor::{ChainServed, Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
@@ -180,9 +181,8 @@ pub struct Poll {
 #[derive(Debug)]
 pub struct Watcher {
     provider: DynProvider,
-    entry_points: Vec<Address>,
-    paymasters: Vec<B256>,
-    /// (EntryPoint, our paymaster) pairs, for deposits.
+    /// (EntryPoint, our paymaster) pairs: their deposits are read; their events, and those of
+    /// every pair another replica signs for (`Ledger::watched_paymasters`), settled.
     pairs: Vec<(Address, Address)>,
     low_deposit: U256,
     confirmations: u64,
@@ -252,23 +252,9 @@ impl Watcher {
         cursor: Cursor,
     ) -> Self {
         chain.deposits.track();
-        let with_paymaster: Vec<_> = chain
-            .entry_points
-            .iter()
-            .filter(|e| e.paymaster.is_some())
-            .collect();
         Self {
             provider,
-            entry_points: with_paymaster.iter().map(|e| e.address).collect(),
-            paymasters: with_paymaster
-                .iter()
-                .filter_map(|e| e.paymaster)
-                .map(|p| p.into_word())
-                .collect(),
-            pairs: with_paymaster
-                .iter()
-                .filter_map(|e| Some((e.address, e.paymaster?)))
-                .collect(),
+            pairs: chain.paymaster_pairs(),
             low_deposit: U256::ZERO,
             confirmations,
             finality: Finality::Finalized,
@@ -396,6 +382,14 @@ impl Watcher {
         let confirmed = head.saturating_sub(self.confirmations);
         let watched = watched_policies(sponsor).await?;
         let policies = watched.as_slice();
+        // Read after the head too: a pair is noted before anything is signed for it.
+        let pairs = self.watched_pairs(sponsor).await?;
+        let mut entry_points: Vec<Address> = pairs.iter().map(|p| p.0).collect();
+        let mut paymasters: Vec<B256> = pairs.iter().map(|p| p.1.into_word()).collect();
+        entry_points.sort();
+        entry_points.dedup();
+        paymasters.sort();
+        paymasters.dedup();
         let mut poll = Poll::default();
         let mut from = match self.cursor.get().await? {
             Some(mark) if self.reorganised(mark).await? => {
@@ -419,7 +413,7 @@ impl Watcher {
             None => self.first_block(sponsor, policies, confirmed).await?,
         };
         poll.to_block = from.saturating_sub(1);
-        while from <= confirmed && !self.entry_points.is_empty() {
+        while from <= confirmed && !pairs.is_empty() {
             let span = self.range.load(Ordering::Relaxed).clamp(1, self.max_range);
             let to = confirmed.min(from + span - 1);
             // The hash of the range's last block, read before its logs and again after: one
@@ -427,10 +421,12 @@ impl Watcher {
             // backends of a load-balanced RPC on different forks) would have the cursor name
             // one fork over logs read from another, and the reorganisation never seen.
             let before = self.block_hash(to).await?;
+            // (Each EntryPoint with each paymaster: a pair of another EntryPoint's paymaster
+            // matches no landing key of ours.)
             let filter = Filter::new()
-                .address(self.entry_points.clone())
+                .address(entry_points.clone())
                 .event_signature(UserOperationEvent::SIGNATURE_HASH)
-                .topic3(self.paymasters.clone())
+                .topic3(paymasters.clone())
                 .from_block(from)
                 .to_block(to);
             let logs = match self.provider.get_logs(&filter).await {
@@ -506,6 +502,27 @@ impl Watcher {
             from = to + 1;
         }
         Ok((poll, watched))
+    }
+
+    /// The (EntryPoint, paymaster) pairs whose events are read: this replica's, and those any
+    /// replica noted signing for recently enough that one of its signatures may still land (a
+    /// day, or the longest validity this replica's policies grant and the grace, if longer).
+    async fn watched_pairs(
+        &self,
+        sponsor: &Sponsor,
+    ) -> Result<Vec<(Address, Address)>, WatchError> {
+        let longest = sponsor
+            .policies()
+            .iter()
+            .map(|p| p.max_validity.as_secs())
+            .max()
+            .unwrap_or(0);
+        let keep = RETIRED_AFTER_SECS.max(longest.saturating_add(GRACE_SECS));
+        sponsor
+            .ledger()
+            .watched_paymasters(self.chain_id, &self.pairs, unix_now().saturating_sub(keep))
+            .await
+            .map_err(store)
     }
 
     /// The hash of block `number`. A node without it (a load-balanced RPC's backend that lags)

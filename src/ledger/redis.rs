@@ -84,6 +84,12 @@ pub const SERVED_POLICIES_KEY: &str = "sp:ledger:policies";
 /// records are closed, and gone within their grace.
 pub const RETIRED_AFTER_SECS: u64 = 86_400;
 
+/// The (EntryPoint, paymaster) pairs replicas signed for on a chain, a sorted set per chain
+/// (this prefix and the chain id): members `<EntryPoint>:<paymaster>` (0x-hex addresses), each
+/// scored with the latest time a replica noted it signs for them, as in [`SERVED_POLICIES_KEY`]
+/// (`Ledger::watched_paymasters`).
+pub const SERVED_PAYMASTERS_PREFIX: &str = "sp:ledger:paymasters:";
+
 /// How long after the time in [`LAYOUT_SINCE_KEY`] (Redis' clock) a window may begin (by a
 /// replica's clock) and still be read as one an earlier version may have written to: the
 /// replicas' clocks and Redis' differ by less.
@@ -1061,6 +1067,63 @@ impl RedisLedger {
         for policy in served {
             if !out.contains(&policy) {
                 out.push(policy);
+            }
+        }
+        Ok(out)
+    }
+
+    pub(super) async fn serve_paymasters(
+        &self,
+        chain_id: u64,
+        pairs: &[(Address, Address)],
+        now: u64,
+    ) -> Result<(), StoreError> {
+        if pairs.is_empty() {
+            return Ok(());
+        }
+        // GT, as for policies: a clock behind never makes a pair look noted longer ago.
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(format!("{SERVED_PAYMASTERS_PREFIX}{chain_id}"))
+            .arg("GT");
+        for (entry_point, paymaster) in pairs {
+            cmd.arg(now).arg(format!("{entry_point:#x}:{paymaster:#x}"));
+        }
+        let _: i64 = cmd
+            .query_async(&mut self.conn.clone())
+            .await
+            .map_err(unavailable)?;
+        Ok(())
+    }
+
+    pub(super) async fn watched_paymasters(
+        &self,
+        chain_id: u64,
+        own: &[(Address, Address)],
+        since: u64,
+    ) -> Result<Vec<(Address, Address)>, StoreError> {
+        let key = format!("{SERVED_PAYMASTERS_PREFIX}{chain_id}");
+        let mut conn = self.conn.clone();
+        // Pairs nobody noted since `since` are dropped: their signatures have all expired.
+        let _: i64 = conn
+            .zrembyscore(&key, "-inf", format!("({since}"))
+            .await
+            .map_err(unavailable)?;
+        let noted: Vec<String> = conn
+            .zrangebyscore(&key, since, "+inf")
+            .await
+            .map_err(unavailable)?;
+        let mut out = own.to_vec();
+        for member in noted {
+            // Only replicas write it; one that does not parse is read as a failure (a pair
+            // left unread would have its reservations released), never skipped.
+            let pair = member
+                .split_once(':')
+                .and_then(|(e, p)| Some((e.parse().ok()?, p.parse().ok()?)))
+                .ok_or_else(|| {
+                    StoreError::Unavailable(format!("{key} holds `{member}`, not a pair"))
+                })?;
+            if !out.contains(&pair) {
+                out.push(pair);
             }
         }
         Ok(out)

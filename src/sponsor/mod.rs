@@ -281,6 +281,17 @@ pub struct ChainServed {
     pub deposits: DepositGuard,
 }
 
+impl ChainServed {
+    /// (EntryPoint, our paymaster) of each EntryPoint with a paymaster: what this replica signs
+    /// for on the chain.
+    pub fn paymaster_pairs(&self) -> Vec<(Address, Address)> {
+        self.entry_points
+            .iter()
+            .filter_map(|e| Some((e.address, e.paymaster?)))
+            .collect()
+    }
+}
+
 impl Sponsor {
     /// Assemble the pipeline for `chains` (each with its EntryPoints).
     pub fn new(
@@ -345,6 +356,17 @@ impl Sponsor {
     /// The chains served, in configuration order.
     pub fn chains(&self) -> &[ChainServed] {
         &self.chains
+    }
+
+    /// Note, for every chain served, the (EntryPoint, paymaster) pairs this replica signs for
+    /// (`Ledger::serve_paymasters`): before it signs, and again on every policy poll.
+    pub async fn serve_paymasters(&self, now: u64) -> Result<(), StoreError> {
+        for chain in &self.chains {
+            self.ledger
+                .serve_paymasters(chain.chain_id, &chain.paymaster_pairs(), now)
+                .await?;
+        }
+        Ok(())
     }
 
     /// The chain `chain_id`, or why it is not served.

@@ -549,6 +549,31 @@ async fn a_policy_not_served_here_still_settles_in_memory() -> TestResult {
     a_policy_not_served_here_still_settles(None).await
 }
 
+/// Replicas share one cursor per chain, but each watcher read the events of its own paymasters
+/// only: a replica whose `--paymaster-v07` is another (a rolling change of the paymaster, or a
+/// restart with a new one while signatures of the old can still land) moved the cursor past
+/// the events of the paymaster another replica signed for, and their reservations were then
+/// released, the costs of what landed forgotten. Every watcher now reads every pair a replica
+/// noted signing for.
+#[tokio::test]
+async fn a_paymaster_not_configured_here_still_settles() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let (stack, dir, actual) = landed_op(Some(&redis)).await?;
+    let mut c = config(
+        [Some(Address::repeat_byte(0x77)), None, None],
+        KeySource::Ephemeral,
+    );
+    c.policies_dir = dir.0.clone();
+    c.redis_url = Some(redis.url.clone());
+    let other = TestApp::spawn(c).await?;
+    let sponsor = &other.state.sponsor;
+    let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
+    Ok(())
+}
+
 /// A range's logs and its last block's hash were read in two calls: a block that changed
 /// between (a reorganisation deeper than the confirmations, or a load-balanced RPC's backends
 /// on two forks) left the cursor naming one fork over the logs of another, so the
