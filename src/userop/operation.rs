@@ -400,12 +400,18 @@ impl UserOperation {
     }
 
     /// Worst-case cost in wei if sponsored with `gas` (DESIGN §3): what the ledger reserves.
+    /// Saturating: `preVerificationGas` is a client's 256-bit value, and a sum that wrapped
+    /// would reserve next to nothing (the EntryPoint refuses gas values above 120 bits, but a
+    /// cost must never be computed below what it is).
     pub fn max_cost(&self, gas: PaymasterGas) -> U256 {
-        let total_gas = self.pre_verification_gas
-            + U256::from(self.verification_gas_limit)
-            + U256::from(self.call_gas_limit)
-            + U256::from(gas.verification)
-            + U256::from(gas.post_op);
+        let total_gas = [
+            U256::from(self.verification_gas_limit),
+            U256::from(self.call_gas_limit),
+            U256::from(gas.verification),
+            U256::from(gas.post_op),
+        ]
+        .into_iter()
+        .fold(self.pre_verification_gas, U256::saturating_add);
         total_gas.saturating_mul(U256::from(self.max_fee_per_gas))
     }
 
@@ -702,6 +708,22 @@ mod tests {
         let expected =
             U256::from(50_000u64 + 200_000 + 100_000 + 40_000) * U256::from(2_000_000_000u64);
         assert_eq!(op.max_cost(gas), expected);
+        Ok(())
+    }
+
+    #[test]
+    fn max_cost_saturates_rather_than_wrapping() -> Result<(), FieldError> {
+        let mut op = UserOperation::from_json(&sample())?;
+        let gas = PaymasterGas {
+            verification: 40_000,
+            post_op: 0,
+        };
+        // The other gas fields add up past 2^256 - 1: a wrapping sum would be about 300,000
+        // gas.
+        op.pre_verification_gas = U256::MAX - U256::from(10u64);
+        assert_eq!(op.max_cost(gas), U256::MAX);
+        op.max_fee_per_gas = 1;
+        assert_eq!(op.max_cost(gas), U256::MAX);
         Ok(())
     }
 }
