@@ -260,7 +260,17 @@ fn decode_account_call(
         Erc7579Account::executeCall::SELECTOR => {
             let c = Erc7579Account::executeCall::abi_decode_validate(data)
                 .map_err(malformed("ERC-7579 execute"))?;
-            decode_7579(c.mode, &c.executionCalldata)?
+            let calls = decode_7579(c.mode, &c.executionCalldata)?;
+            // ERC-7821 accounts (Solady's among them) share the selector and the batch mode,
+            // and run a call to address(0) as a call to the account itself: with any data, a
+            // self-call no rule would see. An ERC-7579 account's call there does nothing.
+            if calls.iter().any(|c| c.target.is_zero()) {
+                return Err(bad(
+                    "ERC-7579 execute",
+                    "a call to address(0) (an ERC-7821 account runs it as a call to itself)",
+                ));
+            }
+            calls
         }
         Safe4337Module::executeUserOpCall::SELECTOR => {
             let c = Safe4337Module::executeUserOpCall::abi_decode_validate(data)
@@ -578,6 +588,37 @@ mod tests {
         }
         .abi_encode();
         assert!(decode(&short, SENDER).is_err());
+        // A call to address(0), alone or in a batch: an ERC-7821 account runs it as a call to
+        // itself.
+        let to_zero = [
+            Address::ZERO.as_slice(),
+            &[0; 32],
+            &[0xde, 0xad, 0xbe, 0xef],
+        ]
+        .concat();
+        let batch = vec![
+            BatchCall {
+                target,
+                value: U256::ZERO,
+                data: vec![1, 2, 3, 4].into(),
+            },
+            BatchCall {
+                target: Address::ZERO,
+                value: U256::ZERO,
+                data: vec![0xde, 0xad, 0xbe, 0xef].into(),
+            },
+        ];
+        for (m, exec) in [(mode(0), to_zero), (mode(0x01), batch.abi_encode())] {
+            let data = Erc7579Account::executeCall {
+                mode: m,
+                executionCalldata: exec.into(),
+            }
+            .abi_encode();
+            assert!(
+                matches!(decode(&data, SENDER), Err(CalldataError::Malformed { .. })),
+                "{m}"
+            );
+        }
     }
 
     fn multisend(calls: &[(u8, Call)]) -> Bytes {
@@ -713,7 +754,9 @@ mod tests {
             prop::collection::vec(any::<u8>(), 0..80),
         )
             .prop_map(|(a, v, d)| Call::new(Address::from(a), U256::from(v), d.into()))
-            .prop_filter("not a self-call", |c| c.target != SENDER)
+            .prop_filter("not a self-call, nor one to address(0)", |c| {
+                c.target != SENDER && !c.target.is_zero()
+            })
     }
 
     proptest! {
