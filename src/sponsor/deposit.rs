@@ -5,9 +5,10 @@
 //!
 //! The deposit and the open total (the `paymaster:<EntryPoint>` scope that every reservation is
 //! also charged to, summed over the policies) are read by the settlement watcher each poll;
-//! between two polls this replica adds what it reserved itself. Other replicas' reservations
-//! are seen at the next poll: the margin covers them. Without a watcher the deposit is unknown
-//! and nothing is refused here.
+//! between two polls this replica adds what it reserved itself, and what it admitted and is
+//! still reserving (a [`Hold`]: requests in flight at once each see the others). Other
+//! replicas' reservations are seen at the next poll: the margin covers them. Without a watcher
+//! the deposit is unknown and nothing is refused here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -42,6 +43,8 @@ struct Entry {
     open: AtomicU64,
     /// What this replica reserved since, gwei.
     local: AtomicU64,
+    /// What this replica admitted and is reserving now (its holds), gwei.
+    pending: AtomicU64,
 }
 
 /// The deposits of the paymasters served, as the admission check sees them.
@@ -103,34 +106,75 @@ impl DepositGuard {
         }
     }
 
-    /// Whether `cost` (gwei) more fits under the deposit less the margin.
-    pub fn admit(&self, entry_point: Address, cost: u64) -> Result<(), DepositShort> {
+    /// Whether `cost` (gwei) more fits under the deposit less the margin, counting what this
+    /// replica is reserving now; if so, it is held (counted) until the [`Hold`] is dropped or
+    /// [kept](Hold::reserved). A check that reserves nothing (a stub) drops it at once.
+    pub fn admit(&self, entry_point: Address, cost: u64) -> Result<Hold<'_>, DepositShort> {
+        let none = Hold { entry: None, cost };
         let Some(e) = self.entries.get(&entry_point) else {
-            return Ok(());
+            return Ok(none);
         };
         let deposit = e.deposit.load(Ordering::Relaxed);
         if deposit == u64::MAX {
-            return Ok(());
+            return Ok(none);
         }
-        let open = e
-            .open
-            .load(Ordering::Relaxed)
-            .saturating_add(e.local.load(Ordering::Relaxed));
         let usable = deposit - deposit / 100 * self.margin_percent;
-        if open.saturating_add(cost) > usable {
-            return Err(DepositShort {
-                deposit,
-                open,
-                requested: cost,
+        // Checked and held in one step: two requests in flight cannot both take the last room.
+        let held = e
+            .pending
+            .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
+                let open = e
+                    .open
+                    .load(Ordering::Relaxed)
+                    .saturating_add(e.local.load(Ordering::Relaxed))
+                    .saturating_add(pending);
+                (open.saturating_add(cost) <= usable).then(|| pending.saturating_add(cost))
             });
+        match held {
+            Ok(_) => Ok(Hold {
+                entry: Some(e),
+                cost,
+            }),
+            Err(pending) => Err(DepositShort {
+                deposit,
+                open: e
+                    .open
+                    .load(Ordering::Relaxed)
+                    .saturating_add(e.local.load(Ordering::Relaxed))
+                    .saturating_add(pending),
+                requested: cost,
+            }),
         }
-        Ok(())
     }
+}
 
-    /// This replica reserved `cost` (gwei) on `entry_point`'s paymaster.
-    pub fn reserved(&self, entry_point: Address, cost: u64) {
-        if let Some(e) = self.entries.get(&entry_point) {
-            e.local.fetch_add(cost, Ordering::Relaxed);
+/// An admitted cost this replica is reserving: counted against the deposit until dropped, or
+/// kept as reserved.
+#[derive(Debug)]
+#[must_use = "dropping a hold gives its room back"]
+pub struct Hold<'a> {
+    entry: Option<&'a Entry>,
+    cost: u64,
+}
+
+impl Hold<'_> {
+    /// The ledger reserved it: counted as this replica's until the watcher's next sum.
+    pub fn reserved(self) {
+        if let Some(e) = self.entry {
+            // Counted as reserved before the hold leaves: the total never dips in between.
+            e.local.fetch_add(self.cost, Ordering::AcqRel);
+        }
+    }
+}
+
+impl Drop for Hold<'_> {
+    fn drop(&mut self) {
+        if let Some(e) = self.entry {
+            let _ = e
+                .pending
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
+                    Some(p.saturating_sub(self.cost))
+                });
         }
     }
 }
@@ -152,23 +196,63 @@ mod tests {
     fn admits_up_to_the_deposit_less_the_margin() {
         let ep = Address::repeat_byte(1);
         let guard = DepositGuard::new([ep], 10);
-        assert_eq!(guard.admit(ep, u64::MAX - 1), Ok(()), "unknown deposit");
+        assert!(guard.admit(ep, u64::MAX - 1).is_ok(), "unknown deposit");
         guard.observe(ep, 1000, 500);
-        assert_eq!(guard.admit(ep, 400), Ok(()));
-        guard.reserved(ep, 400);
+        guard.admit(ep, 400).expect("fits").reserved();
         assert_eq!(
-            guard.admit(ep, 1),
-            Err(DepositShort {
+            guard.admit(ep, 1).err(),
+            Some(DepositShort {
                 deposit: 1000,
                 open: 900,
                 requested: 1
             })
         );
         guard.observe(ep, 1000, 100);
-        assert_eq!(
-            guard.admit(ep, 800),
-            Ok(()),
+        assert!(
+            guard.admit(ep, 800).is_ok(),
             "the watcher's sum replaces ours"
         );
+    }
+
+    /// Requests in flight at once each see what the others hold: admitted one by one and
+    /// checked against the deposit only after all were admitted, every one of 100 passed.
+    #[test]
+    fn requests_in_flight_share_the_room_left() {
+        let ep = Address::repeat_byte(1);
+        let guard = DepositGuard::new([ep], 10);
+        guard.observe(ep, 1000, 0);
+        let holds: Vec<_> = (0..100).filter_map(|_| guard.admit(ep, 100).ok()).collect();
+        assert_eq!(holds.len(), 9, "900 gwei usable, 100 each");
+        let short = guard.admit(ep, 100).err();
+        assert_eq!(short.map(|s| s.open), Some(900));
+        // Two kept as reserved, the others dropped (refused by the ledger, or stubs).
+        let mut holds = holds.into_iter();
+        for hold in holds.by_ref().take(2) {
+            hold.reserved();
+        }
+        drop(holds);
+        let again: Vec<_> = (0..100).filter_map(|_| guard.admit(ep, 100).ok()).collect();
+        assert_eq!(again.len(), 7, "200 reserved, 700 left");
+    }
+
+    #[test]
+    fn holds_are_shared_between_threads() {
+        let ep = Address::repeat_byte(1);
+        let guard = DepositGuard::new([ep], 0);
+        guard.observe(ep, 1000, 0);
+        let admitted = std::sync::atomic::AtomicU64::new(0);
+        std::thread::scope(|s| {
+            for _ in 0..4 {
+                s.spawn(|| {
+                    for _ in 0..100 {
+                        if let Ok(hold) = guard.admit(ep, 7) {
+                            hold.reserved();
+                            admitted.fetch_add(1, Ordering::Relaxed);
+                        }
+                    }
+                });
+            }
+        });
+        assert_eq!(admitted.load(Ordering::Relaxed), 1000 / 7);
     }
 }

@@ -47,8 +47,10 @@ pub(super) async fn reserve(
         return Ok(data);
     }
     let cost_gwei = wei_to_gwei_ceil(decoded.max_cost);
-    if tracking_deposit {
-        deposits
+    // Counted against the deposit from here until the ledger answers (dropped on any other
+    // outcome than a reservation).
+    let hold = if tracking_deposit {
+        let hold = deposits
             .admit(req.entry_point, cost_gwei)
             .map_err(|short| {
                 Rejection::new(
@@ -72,7 +74,10 @@ pub(super) async fn reserve(
             resets_at: None,
             starts_at: None,
         });
-    }
+        Some(hold)
+    } else {
+        None
+    };
     // Only absurd gas fields under a policy without a cost cap get here.
     if cost_gwei > MAX_EXACT_GWEI {
         return Err(Rejection::new(
@@ -125,8 +130,8 @@ pub(super) async fn reserve(
     sponsor.metrics.reserve_seconds.observe(started.elapsed());
     match outcome? {
         Outcome::Reserved => {
-            if !check_only && tracking_deposit {
-                deposits.reserved(req.entry_point, cost_gwei);
+            if let Some(hold) = hold.filter(|_| !check_only) {
+                hold.reserved();
             }
             Ok(data)
         }

@@ -789,7 +789,7 @@ async fn concurrent_spending_never_exceeds_the_limit() -> TestResult {
 }
 
 /// Run futures concurrently on the test runtime.
-async fn futures_join_all<F: std::future::Future + Send + 'static>(
+pub(crate) async fn futures_join_all<F: std::future::Future + Send + 'static>(
     futs: impl Iterator<Item = F>,
 ) -> Vec<F::Output>
 where

@@ -290,6 +290,63 @@ async fn sponsorship_stops_before_the_deposit_runs_dry() -> TestResult {
     Ok(())
 }
 
+/// The deposit check and the count of what a replica reserved were two steps with the ledger's
+/// round trip between: sponsorships in flight at once each passed the check before any was
+/// counted, and together promised the deposit several times over. Each now holds its worst
+/// case from the check until the ledger answers.
+#[tokio::test]
+async fn sponsorships_in_flight_at_once_share_the_deposit() -> TestResult {
+    use alloy::primitives::U256;
+    use session_paymaster::ledger::wei_to_gwei_ceil;
+    use session_paymaster::userop::paymaster_data::PaymasterGas;
+
+    let redis = crate::helpers::TestRedis::start().await?;
+    let stack = crate::helpers::Stack::start_with(None, Some(redis.url.clone())).await?;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = memory_watcher(&stack)?
+        .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
+    let op = |n: u8| counter_op(Address::repeat_byte(n), 0, "increment()");
+    let worst = wei_to_gwei_ceil(op(1).max_cost(PaymasterGas::for_op_size(op(1).hashed_len())));
+    // A deposit whose 90 % holds two and a half worst cases.
+    let keep = U256::from(worst * 25 / 9 + 1) * U256::from(1_000_000_000u64);
+    let paymaster = stack.version(EntryPointVersion::V0_7).paymaster;
+    let deposit = U256::from(10u64).pow(U256::from(19u64));
+    IWithdraw::new(paymaster, &stack.anvil.provider)
+        .withdrawTo(stack.bundler, deposit - keep)
+        .from(stack.bundler)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    watcher.poll_once(sponsor).await?;
+
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let requests = (1..=32u8).map(|n| {
+        let url = stack.app.url.clone();
+        let body = json!({
+            "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+            "params": [op(n).to_json(), ep]
+        });
+        async move {
+            let resp = reqwest::Client::new().post(url).json(&body).send().await?;
+            resp.json::<Value>().await
+        }
+    });
+    let answers = crate::sessions::futures_join_all(requests).await;
+    assert_eq!(answers.len(), 32);
+    let mut signed = 0;
+    for v in answers {
+        let v = v?;
+        if v["result"]["paymasterData"].is_string() {
+            signed += 1;
+        } else {
+            assert_eq!(v["error"]["data"]["reason"], json!("deposit_low"), "{v}");
+        }
+    }
+    assert_eq!(signed, 2, "two worst cases fit");
+    Ok(())
+}
+
 /// A watcher on the stack's node (its cursor in memory): from its making on, sponsorships are
 /// counted against the paymaster's deposit.
 fn memory_watcher(stack: &crate::helpers::Stack) -> TestResult<Watcher> {
