@@ -195,8 +195,11 @@ pub fn decode(call_data: &[u8], sender: Address) -> Result<Vec<Call>, CalldataEr
     Ok(out)
 }
 
-/// Strict (validating) ABI decoding throughout: an encoding the account might read differently
-/// is refused.
+/// Validating ABI decoding throughout (alloy's `abi_decode_validate`): values with dirty bits
+/// (an address's high bytes, a bool above 1) are refused. Offsets are followed from the same
+/// bases as Solidity's decoder and the accounts' own assembly follow them, so a layout that is
+/// not canonical (gaps, overlaps, trailing bytes) decodes to what the account reads; data out of
+/// bounds is refused.
 fn decode_account_call(
     data: &[u8],
     sender: Address,

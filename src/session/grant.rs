@@ -708,12 +708,25 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
             };
             if let (Some(token), Some(limit)) = (f.address("token", true), f.amount("limit", true))
             {
+                // A cap applies to calls to the token's address: one on an address no call
+                // targets as a token would cap nothing, while the grant reads as capped.
+                if token.is_zero() || token == NATIVE_PLACEHOLDER {
+                    f.issues.push(issue(
+                        &format!("{}.token", f.path),
+                        "not a token contract (native value is capped per call by `maxValue`)",
+                    ));
+                    continue;
+                }
                 perms.spend.push(SpendLimit { token, limit });
             }
         }
     }
     Some(perms)
 }
+
+/// The address wallets and aggregators use for native ether in token lists (no contract).
+const NATIVE_PLACEHOLDER: Address =
+    alloy::primitives::address!("0xEeeeeEeeeEeEeeEeEeEeeEEEeeeeEeeeeeeeEEeE");
 
 fn parse_budget(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<SessionBudget> {
     let obj = object(v, "$.budget", issues)?;
@@ -972,5 +985,28 @@ mod tests {
             (g.session_id, g.status),
             (B256::repeat_byte(3), SessionStatus::Active)
         );
+    }
+
+    /// A spend cap on an address no call targets as a token (the zero address, the native
+    /// placeholder wallets use) would cap nothing while the grant reads as capped.
+    #[test]
+    fn a_spend_cap_must_name_a_token_contract() {
+        let grant = |token: &str| {
+            let body = json!({
+                "account": ACCOUNT, "sessionKey": ACCOUNT, "chainId": 31337, "policy": "p",
+                "validAfter": 10, "validUntil": 50,
+                "permissions": { "spend": [{ "token": token, "limit": "100" }] }
+            });
+            SessionGrant::from_request(&body, 0, || B256::ZERO)
+        };
+        for token in [
+            "0x0000000000000000000000000000000000000000",
+            "0xEeeeeEeeeEeEeeEeEeEeeEEEeeeeEeeeeeeeEEeE",
+            "0xeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeeee",
+        ] {
+            let issues = grant(token).expect_err(token);
+            assert_eq!(issues[0].path, "$.permissions.spend[0].token", "{token}");
+        }
+        assert!(grant("0x1111111111111111111111111111111111111111").is_ok());
     }
 }
