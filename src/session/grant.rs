@@ -712,7 +712,7 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                 // targets as a token would cap nothing, while the grant reads as capped.
                 if token.is_zero() || token == NATIVE_PLACEHOLDER {
                     f.issues.push(issue(
-                        &format!("{}.token", f.path),
+                        format!("{}.token", f.path),
                         "not a token contract (native value is capped per call by `maxValue`)",
                     ));
                     continue;
