@@ -26,6 +26,7 @@ use crate::ledger::Ledger;
 use crate::ledger::memory::MemoryLedger;
 use crate::ledger::redis::RedisLedger;
 use crate::metrics::Scrape;
+use crate::policy::PolicySet;
 use crate::policy::file::{PolicyFileError, load_sources, read_dir_sources, version_of};
 use crate::policy::publish;
 use crate::ratelimit::RateLimits;
@@ -175,7 +176,7 @@ impl AppState {
         .with_deposit_margin(config.deposit_margin);
         // Before signing for a paymaster: every replica's watcher of its chain then reads its
         // events.
-        sponsor.serve_paymasters(unix_now()).await?;
+        serve_paymasters(&sponsor, &sponsor.policies(), unix_now()).await?;
         Ok(Self {
             sponsor,
             sponsor_name: config.sponsor_name.clone(),
@@ -373,9 +374,8 @@ impl AppState {
                     tracing::warn!(error = %e, "cannot note this replica's policies as served");
                     return;
                 }
-                // And its paymasters: a pair leaves the watchers a day after the last note
-                // (Watcher::watched_pairs).
-                if let Err(e) = self.sponsor.serve_paymasters(unix_now()).await {
+                // And its paymasters, as signing until the set's longest validity from now.
+                if let Err(e) = serve_paymasters(&self.sponsor, &live.current(), unix_now()).await {
                     tracing::warn!(error = %e, "cannot note this replica's paymasters as served");
                     return;
                 }
@@ -391,13 +391,17 @@ impl AppState {
                     Ok(Some(sources)) => {
                         let loaded = load_sources(Path::new("redis"), sources);
                         // Noted as served before this replica signs under it (every watcher
-                        // then settles its reservations); not noted, the set waits a poll.
+                        // then settles its reservations), and its paymasters as signing for as
+                        // long as its validity; not noted, the set waits a poll.
                         if let Ok(set) = &loaded
-                            && let Err(e) = self
-                                .sponsor
-                                .ledger()
-                                .serve_policies(&set.ids(), unix_now())
-                                .await
+                            && let Err(e) = async {
+                                self.sponsor
+                                    .ledger()
+                                    .serve_policies(&set.ids(), unix_now())
+                                    .await?;
+                                serve_paymasters(&self.sponsor, set, unix_now()).await
+                            }
+                            .await
                         {
                             tracing::warn!(error = %e, version = %published, "cannot note the published policy set's policies as served: it waits for the next poll");
                             return;
@@ -447,14 +451,17 @@ impl AppState {
             ),
         };
         let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
-        let mut policies = self.policy_status();
+        let set = self.sponsor.policies();
         // Whether a set was refused, not why, and no policy's id: the errors name policies,
         // rules and addresses of every tenant, and this endpoint asks for no credential (the
-        // log and `GET /admin/policies` have them).
-        policies["refusedSet"] = json!(!policies["refusedSet"].is_null());
-        if let Some(p) = policies.as_object_mut() {
-            p.remove("ids");
-        }
+        // log and `GET /admin/policies` have them). Each field is listed here on purpose.
+        let policies = json!({
+            "version": set.version(),
+            "count": set.len(),
+            "refusedSet": self.sponsor.live_policies().last_error().is_some(),
+            "directoryVersion": self.directory_version,
+            "directoryDiffers": self.directory_differs(),
+        });
         (
             ready,
             json!({
@@ -467,19 +474,36 @@ impl AppState {
         )
     }
 
-    /// The policy set in force, and the errors of the last set refused since (null when none):
-    /// `GET /admin/policies`; `/readyz` says only whether there are any.
+    /// `GET /admin/policies`: the policy set in force, its ids, and the errors of the last set
+    /// refused since (null when none; `/readyz` says only whether there are any).
     pub(crate) fn policy_status(&self) -> Value {
-        let policies = self.sponsor.policies();
+        let set = self.sponsor.policies();
         json!({
-            "version": policies.version(),
-            "count": policies.len(),
-            "ids": policies.ids(),
-            "refusedSet": self.sponsor.live_policies().last_error(),
+            "version": set.version(),
+            "count": set.len(),
+            "ids": set.ids(),
+            "refusedErrors": self.sponsor.live_policies().last_error(),
             "directoryVersion": self.directory_version,
             "directoryDiffers": self.directory_differs(),
         })
     }
+}
+
+/// Note the (EntryPoint, paymaster) pairs of every chain `sponsor` serves
+/// (`Ledger::serve_paymasters`), as signing, until it notes them again, signatures that land no
+/// later than `now` plus the longest validity of `set` and the grace hour (which covers the
+/// policy poll between two notes and replicas' clocks).
+async fn serve_paymasters(sponsor: &Sponsor, set: &PolicySet, now: u64) -> Result<(), StoreError> {
+    let until = now
+        .saturating_add(set.longest_validity())
+        .saturating_add(crate::ledger::GRACE_SECS);
+    for chain in sponsor.chains() {
+        sponsor
+            .ledger()
+            .serve_paymasters(chain.chain_id, &chain.paymaster_pairs(), until)
+            .await?;
+    }
+    Ok(())
 }
 
 /// The wait before the next watcher poll: `every`, doubled per consecutive failure up to a

@@ -8,7 +8,7 @@
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
 //! | `GET /admin/sessions?account=0x…&cursor=N&limit=N` | 200 `{sessions, nextCursor}` |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
-//! | `GET /admin/policies` | 200 `{version, count, ids, refusedSet, directoryVersion, directoryDiffers}` (`refusedSet`: the last refused set's errors, or null) |
+//! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null) |
 //!
 //! A store failure answers 503 and changes nothing.
 

@@ -29,8 +29,7 @@ use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
 use crate::clock::unix_now;
-use crate::ledger::redis::RETIRED_AFTER_SECS;
-use crate::ledger::{GRACE_SECS, Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
+use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
 use crate::sponsor::deposit::open_against_deposit;
 use crate::sponsor::{ChainServed, Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
@@ -319,22 +318,24 @@ impl Watcher {
     /// admission (see [`crate::sponsor::deposit`]) and the metrics.
     async fn read_deposits(&self, sponsor: &Sponsor) -> Result<(), WatchError> {
         let policies = watched_policies(sponsor).await?;
+        let deposits = &sponsor
+            .chain(self.chain_id)
+            .map_err(|e| WatchError::Store(e.to_string()))?
+            .deposits;
         for (entry_point, paymaster) in &self.pairs {
             let wei = IEntryPoint::new(*entry_point, &self.provider)
                 .balanceOf(*paymaster)
                 .call()
                 .await
                 .map_err(rpc)?;
+            // What this replica counted before the sum is read: the sum includes it.
+            let counted = deposits.counted(*entry_point);
             let open =
                 open_against_deposit(sponsor.ledger(), &policies, self.chain_id, *entry_point)
                     .await
                     .map_err(store)?;
             let deposit = wei_to_gwei_floor(wei);
-            sponsor
-                .chain(self.chain_id)
-                .map_err(|e| WatchError::Store(e.to_string()))?
-                .deposits
-                .observe(*entry_point, deposit, open);
+            deposits.observe(*entry_point, deposit, open, counted);
             let low = wei < self.low_deposit;
             if low {
                 tracing::warn!(%entry_point, %paymaster, deposit = %wei, threshold = %self.low_deposit, "paymaster deposit is low: top it up");
@@ -504,23 +505,15 @@ impl Watcher {
         Ok((poll, watched))
     }
 
-    /// The (EntryPoint, paymaster) pairs whose events are read: this replica's, and those any
-    /// replica noted signing for recently enough that one of its signatures may still land (a
-    /// day, or the longest validity this replica's policies grant and the grace, if longer).
+    /// The (EntryPoint, paymaster) pairs whose events are read: this replica's, and every pair
+    /// a replica noted signing for whose signatures may still land in a block not read yet.
     async fn watched_pairs(
         &self,
         sponsor: &Sponsor,
     ) -> Result<Vec<(Address, Address)>, WatchError> {
-        let longest = sponsor
-            .policies()
-            .iter()
-            .map(|p| p.max_validity.as_secs())
-            .max()
-            .unwrap_or(0);
-        let keep = RETIRED_AFTER_SECS.max(longest.saturating_add(GRACE_SECS));
         sponsor
             .ledger()
-            .watched_paymasters(self.chain_id, &self.pairs, unix_now().saturating_sub(keep))
+            .watched_paymasters(self.chain_id, &self.pairs)
             .await
             .map_err(store)
     }
@@ -570,12 +563,7 @@ impl Watcher {
         else {
             return Ok(confirmed);
         };
-        let longest = sponsor
-            .policies()
-            .iter()
-            .map(|p| p.max_validity.as_secs())
-            .max()
-            .unwrap_or(0);
+        let longest = sponsor.policies().longest_validity();
         let since = oldest.saturating_sub(longest + VALID_AFTER_SKEW_SECS);
         let block = self.block_at(since, confirmed).await?;
         tracing::info!(
@@ -648,6 +636,19 @@ impl Watcher {
                 return Ok(0);
             };
             block = read;
+        }
+        // A pair whose signatures all expired before this block (final, and read) has no
+        // event left in a block not read.
+        let forgotten = sponsor
+            .ledger()
+            .forget_paymasters(self.chain_id, block.header.timestamp)
+            .await
+            .map_err(store)?;
+        if forgotten > 0 {
+            tracing::info!(
+                forgotten,
+                "paymasters no replica signs for any more, whose signatures have all expired: the watchers leave them"
+            );
         }
         let time = self.clock.read_up_to(self.slot, block.header.timestamp);
         if time == 0 {

@@ -420,37 +420,48 @@ impl Ledger {
     }
 
     /// Note that this replica signs for `pairs` (EntryPoint, paymaster) on chain `chain_id`,
-    /// before it signs for any of them and again on every policy poll: every replica's watcher
-    /// of that chain then reads their events (see [`Self::watched_paymasters`]). In memory, one
-    /// process's pairs are its watcher's own.
+    /// and that no signature it makes before it notes them again can land after `until`
+    /// (now, its longest validity, and a margin): before it signs for any of them, and again on
+    /// every policy poll. Every replica's watcher of that chain then reads their events until
+    /// a final block it read is later than `until` (see [`Self::watched_paymasters`],
+    /// [`Self::forget_paymasters`]). In memory, one process's pairs are its watcher's own.
     pub async fn serve_paymasters(
         &self,
         chain_id: u64,
         pairs: &[(Address, Address)],
-        now: u64,
+        until: u64,
     ) -> Result<(), StoreError> {
         match self {
             Self::Memory(_) => Ok(()),
-            Self::Redis(l) => l.serve_paymasters(chain_id, pairs, now).await,
+            Self::Redis(l) => l.serve_paymasters(chain_id, pairs, until).await,
         }
     }
 
     /// The (EntryPoint, paymaster) pairs whose events a watcher of chain `chain_id` reads:
-    /// `own` (its replica's), and every other pair a replica noted signing for since `since`
-    /// (Redis; older notes are dropped). Replicas share one cursor per chain: a watcher that
-    /// read only its own pairs moved it past the events of a paymaster another replica signs
-    /// for (a rolling change of `--paymaster-v0x`), or one this replica signed for before a
-    /// restart with another, and their reservations were then released, the costs of
-    /// operations that landed forgotten.
+    /// `own` (its replica's), and every pair a replica noted signing for (Redis) that is not
+    /// forgotten yet. Replicas share one cursor per chain: a watcher that read only its own
+    /// pairs moved it past the events of a paymaster another replica signs for (a rolling
+    /// change of `--paymaster-v0x`), or one this replica signed for before a restart with
+    /// another, and their reservations were then released, the costs of operations that
+    /// landed forgotten.
     pub async fn watched_paymasters(
         &self,
         chain_id: u64,
         own: &[(Address, Address)],
-        since: u64,
     ) -> Result<Vec<(Address, Address)>, StoreError> {
         match self {
             Self::Memory(_) => Ok(own.to_vec()),
-            Self::Redis(l) => l.watched_paymasters(chain_id, own, since).await,
+            Self::Redis(l) => l.watched_paymasters(chain_id, own).await,
+        }
+    }
+
+    /// Forget the pairs noted on chain `chain_id` whose signatures can land no later than
+    /// `before`: the time of a final block the watchers have read, so every block one of
+    /// them can land in was read with them. How many were forgotten.
+    pub async fn forget_paymasters(&self, chain_id: u64, before: u64) -> Result<usize, StoreError> {
+        match self {
+            Self::Memory(_) => Ok(0),
+            Self::Redis(l) => l.forget_paymasters(chain_id, before).await,
         }
     }
 

@@ -85,10 +85,14 @@ pub const SERVED_POLICIES_KEY: &str = "sp:ledger:policies";
 pub const RETIRED_AFTER_SECS: u64 = 86_400;
 
 /// The (EntryPoint, paymaster) pairs replicas signed for on a chain, a sorted set per chain
-/// (this prefix and the chain id): members `<EntryPoint>:<paymaster>` (0x-hex addresses), each
-/// scored with the latest time a replica noted it signs for them, as in [`SERVED_POLICIES_KEY`]
-/// (`Ledger::watched_paymasters`).
+/// (this prefix and the chain id): members `<EntryPoint>:<paymaster>` (lowercase 0x-hex), each
+/// scored with the latest time until which a replica said a signature of its may land
+/// (`Ledger::serve_paymasters`, `Ledger::watched_paymasters`).
 pub const SERVED_PAYMASTERS_PREFIX: &str = "sp:ledger:paymasters:";
+
+fn served_paymasters_key(chain_id: u64) -> String {
+    format!("{SERVED_PAYMASTERS_PREFIX}{chain_id}")
+}
 
 /// How long after the time in [`LAYOUT_SINCE_KEY`] (Redis' clock) a window may begin (by a
 /// replica's clock) and still be read as one an earlier version may have written to: the
@@ -1032,101 +1036,114 @@ impl RedisLedger {
         Ok(out)
     }
 
+    /// `ZADD GT` of `members` at `score` to the sorted set `key` (none: nothing): a replica
+    /// whose clock is behind never lowers a member's score.
+    async fn note_served(
+        &self,
+        key: &str,
+        members: impl IntoIterator<Item = String>,
+        score: u64,
+    ) -> Result<(), StoreError> {
+        let mut cmd = redis::cmd("ZADD");
+        cmd.arg(key).arg("GT");
+        let mut any = false;
+        for member in members {
+            cmd.arg(score).arg(member);
+            any = true;
+        }
+        if any {
+            let _: i64 = cmd
+                .query_async(&mut self.conn.clone())
+                .await
+                .map_err(unavailable)?;
+        }
+        Ok(())
+    }
+
+    /// `own`, then every member of the sorted set `key` not among them, parsed by `parse`
+    /// (a member that does not parse fails the read).
+    async fn read_served<T: PartialEq + Clone>(
+        &self,
+        key: &str,
+        own: &[T],
+        parse: impl Fn(&str) -> Option<T>,
+    ) -> Result<Vec<T>, StoreError> {
+        let served: Vec<String> = self
+            .conn
+            .clone()
+            .zrange(key, 0, -1)
+            .await
+            .map_err(unavailable)?;
+        let mut out = own.to_vec();
+        for member in served {
+            let item = parse(&member).ok_or_else(|| {
+                StoreError::Unavailable(format!("{key} holds `{member}`, which does not parse"))
+            })?;
+            if !out.contains(&item) {
+                out.push(item);
+            }
+        }
+        Ok(out)
+    }
+
     pub(super) async fn serve_policies(
         &self,
         policies: &[String],
         now: u64,
     ) -> Result<(), StoreError> {
-        if policies.is_empty() {
-            return Ok(());
-        }
-        // GT: a replica whose clock is behind never makes a policy look served longer ago.
-        let mut cmd = redis::cmd("ZADD");
-        cmd.arg(SERVED_POLICIES_KEY).arg("GT");
-        for policy in policies {
-            cmd.arg(now).arg(policy);
-        }
-        let _: i64 = cmd
-            .query_async(&mut self.conn.clone())
+        self.note_served(SERVED_POLICIES_KEY, policies.iter().cloned(), now)
             .await
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     pub(super) async fn watched_policies(
         &self,
         serving: &[String],
     ) -> Result<Vec<String>, StoreError> {
-        let served: Vec<String> = self
-            .conn
-            .clone()
-            .zrange(SERVED_POLICIES_KEY, 0, -1)
+        self.read_served(SERVED_POLICIES_KEY, serving, |p| Some(p.to_owned()))
             .await
-            .map_err(unavailable)?;
-        let mut out = serving.to_vec();
-        for policy in served {
-            if !out.contains(&policy) {
-                out.push(policy);
-            }
-        }
-        Ok(out)
     }
 
     pub(super) async fn serve_paymasters(
         &self,
         chain_id: u64,
         pairs: &[(Address, Address)],
-        now: u64,
+        until: u64,
     ) -> Result<(), StoreError> {
-        if pairs.is_empty() {
-            return Ok(());
-        }
-        // GT, as for policies: a clock behind never makes a pair look noted longer ago.
-        let mut cmd = redis::cmd("ZADD");
-        cmd.arg(format!("{SERVED_PAYMASTERS_PREFIX}{chain_id}"))
-            .arg("GT");
-        for (entry_point, paymaster) in pairs {
-            cmd.arg(now).arg(format!("{entry_point:#x}:{paymaster:#x}"));
-        }
-        let _: i64 = cmd
-            .query_async(&mut self.conn.clone())
+        let members = pairs.iter().map(|(e, p)| format!("{e:#x}:{p:#x}"));
+        self.note_served(&served_paymasters_key(chain_id), members, until)
             .await
-            .map_err(unavailable)?;
-        Ok(())
     }
 
     pub(super) async fn watched_paymasters(
         &self,
         chain_id: u64,
         own: &[(Address, Address)],
-        since: u64,
     ) -> Result<Vec<(Address, Address)>, StoreError> {
-        let key = format!("{SERVED_PAYMASTERS_PREFIX}{chain_id}");
-        let mut conn = self.conn.clone();
-        // Pairs nobody noted since `since` are dropped: their signatures have all expired.
-        let _: i64 = conn
-            .zrembyscore(&key, "-inf", format!("({since}"))
+        // Only replicas write it; one member that does not parse fails the read (a pair left
+        // unread would have its reservations released), never skipped.
+        self.read_served(&served_paymasters_key(chain_id), own, |member| {
+            let (e, p) = member.split_once(':')?;
+            Some((e.parse().ok()?, p.parse().ok()?))
+        })
+        .await
+    }
+
+    pub(super) async fn forget_paymasters(
+        &self,
+        chain_id: u64,
+        before: u64,
+    ) -> Result<usize, StoreError> {
+        let removed: usize = self
+            .conn
+            .clone()
+            .zrembyscore(
+                served_paymasters_key(chain_id),
+                "-inf",
+                format!("({before}"),
+            )
             .await
             .map_err(unavailable)?;
-        let noted: Vec<String> = conn
-            .zrangebyscore(&key, since, "+inf")
-            .await
-            .map_err(unavailable)?;
-        let mut out = own.to_vec();
-        for member in noted {
-            // Only replicas write it; one that does not parse is read as a failure (a pair
-            // left unread would have its reservations released), never skipped.
-            let pair = member
-                .split_once(':')
-                .and_then(|(e, p)| Some((e.parse().ok()?, p.parse().ok()?)))
-                .ok_or_else(|| {
-                    StoreError::Unavailable(format!("{key} holds `{member}`, not a pair"))
-                })?;
-            if !out.contains(&pair) {
-                out.push(pair);
-            }
-        }
-        Ok(out)
+        Ok(removed)
     }
 
     pub(super) async fn retire_policies(

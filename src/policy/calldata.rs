@@ -266,7 +266,8 @@ fn decode_account_call(
             let calls = decode_7579(c.mode, &c.executionCalldata)?;
             // ERC-7821 accounts (Solady's among them) share the selector and the batch mode,
             // and run a call to address(0) as a call to the account itself: with any data, a
-            // self-call no rule would see. An ERC-7579 account's call there does nothing.
+            // self-call no rule would see. An ERC-7579 account's call there only burns the
+            // value it sends.
             if calls.iter().any(|c| c.target.is_zero()) {
                 return Err(bad(
                     "ERC-7579 execute",

@@ -431,6 +431,16 @@ impl PolicySet {
         self.policies.iter()
     }
 
+    /// The longest `max_validity` of its policies (s; 0 with none): no signature made under
+    /// this set lives longer.
+    pub fn longest_validity(&self) -> u64 {
+        self.policies
+            .iter()
+            .map(|p| p.max_validity.as_secs())
+            .max()
+            .unwrap_or(0)
+    }
+
     /// Every policy's id, in order.
     pub fn ids(&self) -> Vec<String> {
         self.policies.iter().map(|p| p.id.clone()).collect()

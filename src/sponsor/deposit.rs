@@ -7,8 +7,10 @@
 //! also charged to, summed over the policies) are read by the settlement watcher each poll;
 //! between two polls this replica adds what it reserved itself, and what it admitted and is
 //! still reserving (a [`Hold`]: requests in flight at once each see the others). Other
-//! replicas' reservations are seen at the next poll: the margin covers them. Without a watcher
-//! the deposit is unknown and nothing is refused here.
+//! replicas' reservations are seen at the next poll: the margin covers them, as it covers a
+//! request dropped after the ledger wrote its reservation (its client gone, or a timeout),
+//! whose hold is given back and whose reservation is counted from the next poll. Without a
+//! watcher the deposit is unknown and nothing is refused here.
 
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
@@ -97,12 +99,28 @@ impl DepositGuard {
         self.tracking.load(Ordering::Relaxed)
     }
 
-    /// The watcher read `deposit` and summed `open` (both gwei) for `entry_point`'s paymaster.
-    pub fn observe(&self, entry_point: Address, deposit: u64, open: u64) {
+    /// What this replica has counted as reserved on `entry_point`'s paymaster since the last
+    /// [`Self::observe`], gwei: taken by the watcher before it sums the open reservations.
+    pub fn counted(&self, entry_point: Address) -> u64 {
+        self.entries
+            .get(&entry_point)
+            .map_or(0, |e| e.local.load(Ordering::Acquire))
+    }
+
+    /// The watcher read `deposit` and summed `open` (both gwei) for `entry_point`'s paymaster,
+    /// having taken [`Self::counted`] = `counted` before it began the sum: that much of this
+    /// replica's count is in the sum now, and what it counted since stays counted (a
+    /// reservation made while the sum was read is counted twice until the next poll, rather
+    /// than not at all).
+    pub fn observe(&self, entry_point: Address, deposit: u64, open: u64, counted: u64) {
         if let Some(e) = self.entries.get(&entry_point) {
             e.deposit.store(deposit, Ordering::Relaxed);
-            e.open.store(open, Ordering::Relaxed);
-            e.local.store(0, Ordering::Relaxed);
+            e.open.store(open, Ordering::Release);
+            let _ = e
+                .local
+                .fetch_update(Ordering::AcqRel, Ordering::Acquire, |l| {
+                    Some(l.saturating_sub(counted))
+                });
         }
     }
 
@@ -123,12 +141,8 @@ impl DepositGuard {
         let held = e
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                let open = e
-                    .open
-                    .load(Ordering::Relaxed)
-                    .saturating_add(e.local.load(Ordering::Relaxed))
-                    .saturating_add(pending);
-                (open.saturating_add(cost) <= usable).then(|| pending.saturating_add(cost))
+                (e.committed(pending).saturating_add(cost) <= usable)
+                    .then(|| pending.saturating_add(cost))
             });
         match held {
             Ok(_) => Ok(Hold {
@@ -137,14 +151,21 @@ impl DepositGuard {
             }),
             Err(pending) => Err(DepositShort {
                 deposit,
-                open: e
-                    .open
-                    .load(Ordering::Relaxed)
-                    .saturating_add(e.local.load(Ordering::Relaxed))
-                    .saturating_add(pending),
+                open: e.committed(pending),
                 requested: cost,
             }),
         }
+    }
+}
+
+impl Entry {
+    /// What the deposit is promised to, gwei: the open reservations the watcher summed, this
+    /// replica's since, and `pending` (its holds).
+    fn committed(&self, pending: u64) -> u64 {
+        self.open
+            .load(Ordering::Relaxed)
+            .saturating_add(self.local.load(Ordering::Relaxed))
+            .saturating_add(pending)
     }
 }
 
@@ -197,7 +218,7 @@ mod tests {
         let ep = Address::repeat_byte(1);
         let guard = DepositGuard::new([ep], 10);
         assert!(guard.admit(ep, u64::MAX - 1).is_ok(), "unknown deposit");
-        guard.observe(ep, 1000, 500);
+        guard.observe(ep, 1000, 500, 0);
         guard.admit(ep, 400).expect("fits").reserved();
         assert_eq!(
             guard.admit(ep, 1).err(),
@@ -207,20 +228,20 @@ mod tests {
                 requested: 1
             })
         );
-        guard.observe(ep, 1000, 100);
+        guard.observe(ep, 1000, 100, guard.counted(ep));
         assert!(
             guard.admit(ep, 800).is_ok(),
-            "the watcher's sum replaces ours"
+            "the watcher's sum replaces what was counted before it"
         );
     }
 
-    /// Requests in flight at once each see what the others hold: admitted one by one and
-    /// checked against the deposit only after all were admitted, every one of 100 passed.
+    /// Requests in flight at once each see what the others hold: of 100 admitted before any is
+    /// reserved, 9 fit; once 2 are kept and the rest given back, 7 more do.
     #[test]
     fn requests_in_flight_share_the_room_left() {
         let ep = Address::repeat_byte(1);
         let guard = DepositGuard::new([ep], 10);
-        guard.observe(ep, 1000, 0);
+        guard.observe(ep, 1000, 0, 0);
         let holds: Vec<_> = (0..100).filter_map(|_| guard.admit(ep, 100).ok()).collect();
         assert_eq!(holds.len(), 9, "900 gwei usable, 100 each");
         let short = guard.admit(ep, 100).err();
@@ -239,7 +260,7 @@ mod tests {
     fn holds_are_shared_between_threads() {
         let ep = Address::repeat_byte(1);
         let guard = DepositGuard::new([ep], 0);
-        guard.observe(ep, 1000, 0);
+        guard.observe(ep, 1000, 0, 0);
         let admitted = std::sync::atomic::AtomicU64::new(0);
         std::thread::scope(|s| {
             for _ in 0..4 {

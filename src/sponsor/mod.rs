@@ -358,17 +358,6 @@ impl Sponsor {
         &self.chains
     }
 
-    /// Note, for every chain served, the (EntryPoint, paymaster) pairs this replica signs for
-    /// (`Ledger::serve_paymasters`): before it signs, and again on every policy poll.
-    pub async fn serve_paymasters(&self, now: u64) -> Result<(), StoreError> {
-        for chain in &self.chains {
-            self.ledger
-                .serve_paymasters(chain.chain_id, &chain.paymaster_pairs(), now)
-                .await?;
-        }
-        Ok(())
-    }
-
     /// The chain `chain_id`, or why it is not served.
     pub fn chain(&self, chain_id: u64) -> Result<&ChainServed, SponsorError> {
         self.chains

@@ -47,8 +47,18 @@ pub(super) async fn reserve(
         return Ok(data);
     }
     let cost_gwei = wei_to_gwei_ceil(decoded.max_cost);
-    // Counted against the deposit from here until the ledger answers (dropped on any other
-    // outcome than a reservation).
+    // Only absurd gas fields under a policy without a cost cap get here.
+    if cost_gwei > MAX_EXACT_GWEI {
+        return Err(Rejection::new(
+            Reason::CostTooHigh,
+            "budgets",
+            format!("a worst case of {cost_gwei} gwei is more than any budget counts"),
+        )
+        .into());
+    }
+    let check_only = run != Run::Sign;
+    // A signing run's worst case is counted against the deposit from here until the ledger
+    // answers (kept if it reserves, given back otherwise); a check holds nothing.
     let hold = if tracking_deposit {
         let hold = deposits
             .admit(req.entry_point, cost_gwei)
@@ -74,19 +84,10 @@ pub(super) async fn reserve(
             resets_at: None,
             starts_at: None,
         });
-        Some(hold)
+        (!check_only).then_some(hold)
     } else {
         None
     };
-    // Only absurd gas fields under a policy without a cost cap get here.
-    if cost_gwei > MAX_EXACT_GWEI {
-        return Err(Rejection::new(
-            Reason::CostTooHigh,
-            "budgets",
-            format!("a worst case of {cost_gwei} gwei is more than any budget counts"),
-        )
-        .into());
-    }
     let reservation = Reservation {
         policy: policy.id.clone(),
         op_key: idempotency_key(
@@ -124,13 +125,12 @@ pub(super) async fn reserve(
         }),
         expires_at: data.window.valid_until.saturating_add(GRACE_SECS),
     };
-    let check_only = run != Run::Sign;
     let started = Instant::now();
     let outcome = sponsor.ledger.reserve(&reservation, check_only, now).await;
     sponsor.metrics.reserve_seconds.observe(started.elapsed());
     match outcome? {
         Outcome::Reserved => {
-            if let Some(hold) = hold.filter(|_| !check_only) {
+            if let Some(hold) = hold {
                 hold.reserved();
             }
             Ok(data)

@@ -85,8 +85,9 @@ fn session_policy<'p>(
             Reason::PolicyMismatch,
             "context.sponsorshipPolicyId",
             format!(
-                "the session is granted under `{}`, not `{id}`",
-                grant.policy
+                "the session is granted under `{}`, not `{}`",
+                grant.policy,
+                crate::wire::echo(id)
             ),
         ));
     }

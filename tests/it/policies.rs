@@ -95,7 +95,7 @@ async fn directory_edits_reload_and_a_broken_set_never_replaces_the_working_one(
     let (status, set) = admin(&app, "GET", "/admin/policies", None, Some(ADMIN_TOKEN)).await?;
     assert_eq!(status, 200, "{set}");
     assert!(
-        set["refusedSet"]
+        set["refusedErrors"]
             .as_str()
             .is_some_and(|e| e.contains("max_validty")),
         "{set}"
@@ -117,7 +117,7 @@ async fn directory_edits_reload_and_a_broken_set_never_replaces_the_working_one(
     let (_, ready) = readyz(&app).await?;
     assert_eq!(ready["policies"]["refusedSet"], json!(false));
     let (_, set) = admin(&app, "GET", "/admin/policies", None, Some(ADMIN_TOKEN)).await?;
-    assert_eq!(set["refusedSet"], Value::Null, "{set}");
+    assert_eq!(set["refusedErrors"], Value::Null, "{set}");
     assert_eq!(
         ready["policies"]["version"],
         json!(app.state.sponsor.policies().version())

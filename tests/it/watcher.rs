@@ -230,27 +230,12 @@ alloy::sol! {
 /// whose worst case would pass the deposit less its margin are refused (`deposit_low`).
 #[tokio::test]
 async fn sponsorship_stops_before_the_deposit_runs_dry() -> TestResult {
-    use alloy::primitives::U256;
-    use session_paymaster::ledger::wei_to_gwei_ceil;
-    use session_paymaster::userop::paymaster_data::PaymasterGas;
-
     let stack = crate::helpers::Stack::start().await?;
     let sponsor = &stack.app.state.sponsor;
     let watcher = memory_watcher(&stack)?
         .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
     let op = |nonce: u64| counter_op(Address::repeat_byte(0x11), nonce, "increment()");
-    let worst = wei_to_gwei_ceil(op(0).max_cost(PaymasterGas::for_op_size(op(0).hashed_len())));
-    // Leave a deposit whose 90 % holds two and a half worst cases.
-    let keep = U256::from(worst * 25 / 9 + 1) * U256::from(1_000_000_000u64);
-    let paymaster = stack.version(EntryPointVersion::V0_7).paymaster;
-    let deposit = U256::from(10u64).pow(U256::from(19u64));
-    IWithdraw::new(paymaster, &stack.anvil.provider)
-        .withdrawTo(stack.bundler, deposit - keep)
-        .from(stack.bundler)
-        .send()
-        .await?
-        .get_receipt()
-        .await?;
+    let worst = leave_two_and_a_half_worst_cases(&stack, &op(0)).await?;
     watcher.poll_once(sponsor).await?;
 
     let ep = EntryPointVersion::V0_7.canonical_address();
@@ -296,28 +281,13 @@ async fn sponsorship_stops_before_the_deposit_runs_dry() -> TestResult {
 /// case from the check until the ledger answers.
 #[tokio::test]
 async fn sponsorships_in_flight_at_once_share_the_deposit() -> TestResult {
-    use alloy::primitives::U256;
-    use session_paymaster::ledger::wei_to_gwei_ceil;
-    use session_paymaster::userop::paymaster_data::PaymasterGas;
-
     let redis = crate::helpers::TestRedis::start().await?;
     let stack = crate::helpers::Stack::start_with(None, Some(redis.url.clone())).await?;
     let sponsor = &stack.app.state.sponsor;
     let watcher = memory_watcher(&stack)?
         .with_finality(session_paymaster::chain::watcher::Finality::Depth(0));
     let op = |n: u8| counter_op(Address::repeat_byte(n), 0, "increment()");
-    let worst = wei_to_gwei_ceil(op(1).max_cost(PaymasterGas::for_op_size(op(1).hashed_len())));
-    // A deposit whose 90 % holds two and a half worst cases.
-    let keep = U256::from(worst * 25 / 9 + 1) * U256::from(1_000_000_000u64);
-    let paymaster = stack.version(EntryPointVersion::V0_7).paymaster;
-    let deposit = U256::from(10u64).pow(U256::from(19u64));
-    IWithdraw::new(paymaster, &stack.anvil.provider)
-        .withdrawTo(stack.bundler, deposit - keep)
-        .from(stack.bundler)
-        .send()
-        .await?
-        .get_receipt()
-        .await?;
+    leave_two_and_a_half_worst_cases(&stack, &op(1)).await?;
     watcher.poll_once(sponsor).await?;
 
     let ep = EntryPointVersion::V0_7.canonical_address();
@@ -345,6 +315,30 @@ async fn sponsorships_in_flight_at_once_share_the_deposit() -> TestResult {
     }
     assert_eq!(signed, 2, "two worst cases fit");
     Ok(())
+}
+
+/// Withdraw the stack's v0.7 paymaster deposit down to what, less its 10 % margin, holds two
+/// and a half worst cases of `op`; that worst case, gwei.
+async fn leave_two_and_a_half_worst_cases(
+    stack: &crate::helpers::Stack,
+    op: &session_paymaster::userop::UserOperation,
+) -> TestResult<u64> {
+    use alloy::primitives::U256;
+    use session_paymaster::ledger::wei_to_gwei_ceil;
+    use session_paymaster::userop::paymaster_data::PaymasterGas;
+
+    let worst = wei_to_gwei_ceil(op.max_cost(PaymasterGas::for_op_size(op.hashed_len())));
+    let keep = U256::from(worst * 25 / 9 + 1) * U256::from(1_000_000_000u64);
+    let paymaster = stack.version(EntryPointVersion::V0_7).paymaster;
+    let deposit = U256::from(10u64).pow(U256::from(19u64));
+    IWithdraw::new(paymaster, &stack.anvil.provider)
+        .withdrawTo(stack.bundler, deposit - keep)
+        .from(stack.bundler)
+        .send()
+        .await?
+        .get_receipt()
+        .await?;
+    Ok(worst)
 }
 
 /// A watcher on the stack's node (its cursor in memory): from its making on, sponsorships are
