@@ -251,9 +251,11 @@ impl UserOperation {
             call_data: wire::data("callData", wire::required(obj, "callData")?)?,
             call_gas_limit: q128("callGasLimit")?,
             verification_gas_limit: q128("verificationGasLimit")?,
+            // Packed as a uint256, but every EntryPoint refuses a gas value above 120 bits
+            // (AA94): an operation with one can never land.
             pre_verification_gas: wire::optional(obj, "preVerificationGas")
                 .map_or(Ok(U256::ZERO), |v| {
-                    wire::quantity("preVerificationGas", v, 256)
+                    wire::quantity("preVerificationGas", v, 120)
                 })?,
             max_fee_per_gas: q128("maxFeePerGas")?,
             max_priority_fee_per_gas: q128("maxPriorityFeePerGas")?,
@@ -473,7 +475,7 @@ mod tests {
             factory_data in prop::collection::vec(any::<u8>(), 1..64),
             call_data in prop::collection::vec(any::<u8>(), 0..256),
             gas in any::<[u128; 4]>(),
-            pvg in any::<[u8; 32]>(),
+            pvg in any::<[u8; 15]>(),
             paymaster in prop::option::of((any::<[u8; 20]>(), any::<[u128; 2]>(), prop::collection::vec(any::<u8>(), 0..100), prop::option::of(prop::collection::vec(any::<u8>(), 1..70)))),
             signature in prop::collection::vec(any::<u8>(), 0..70),
             delegate in prop::option::of((any::<[u8; 20]>(), 2usize..=20, any::<u64>())),
@@ -503,7 +505,8 @@ mod tests {
                 call_data: call_data.into(),
                 call_gas_limit: gas[0],
                 verification_gas_limit: gas[1],
-                pre_verification_gas: U256::from_be_bytes(pvg),
+                // At most 120 bits, as parsing takes it.
+                pre_verification_gas: U256::from_be_slice(&pvg),
                 max_fee_per_gas: gas[2],
                 max_priority_fee_per_gas: gas[3],
                 paymaster: paymaster.map(|(a, g, d, s)| PaymasterFields {
@@ -709,6 +712,23 @@ mod tests {
             U256::from(50_000u64 + 200_000 + 100_000 + 40_000) * U256::from(2_000_000_000u64);
         assert_eq!(op.max_cost(gas), expected);
         Ok(())
+    }
+
+    #[test]
+    fn pre_verification_gas_fits_what_the_entry_point_takes() {
+        let with = |pvg: &str| {
+            let mut v = sample();
+            v["preVerificationGas"] = json!(pvg);
+            UserOperation::from_json(&v)
+        };
+        assert!(with(&format!("0x{}", "f".repeat(30))).is_ok(), "2^120 - 1");
+        assert_eq!(
+            with(&format!("0x1{}", "0".repeat(30)))
+                .err()
+                .map(|e| e.field().to_owned()),
+            Some("preVerificationGas".to_owned()),
+            "2^120"
+        );
     }
 
     #[test]
