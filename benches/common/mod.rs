@@ -41,7 +41,8 @@ type Error = Box<dyn std::error::Error + Send + Sync>;
 pub(crate) struct RedisServer {
     child: std::process::Child,
     port: u16,
-    dir: Option<std::path::PathBuf>,
+    /// The append-only file's directory and `appendfsync`, with persistence.
+    aof: Option<(std::path::PathBuf, String)>,
 }
 
 impl RedisServer {
@@ -56,17 +57,17 @@ impl RedisServer {
             .args(["--maxmemory-policy", "noeviction"])
             .stdout(std::process::Stdio::null());
         let fsync = std::env::var("APPENDFSYNC").ok().filter(|v| !v.is_empty());
-        let dir = match &fsync {
+        let aof = match fsync {
             Some(mode) => {
                 if !["always", "everysec", "no"].contains(&mode.as_str()) {
                     return Err(format!("APPENDFSYNC={mode}: always, everysec or no").into());
                 }
                 let dir = std::env::temp_dir().join(format!("sp-bench-redis-{port}"));
                 std::fs::create_dir_all(&dir)?;
-                cmd.args(["--appendonly", "yes", "--appendfsync", mode])
+                cmd.args(["--appendonly", "yes", "--appendfsync", &mode])
                     .arg("--dir")
                     .arg(&dir);
-                Some(dir)
+                Some((dir, mode))
             }
             None => {
                 cmd.args(["--appendonly", "no"]);
@@ -74,7 +75,7 @@ impl RedisServer {
             }
         };
         let child = cmd.spawn()?;
-        let redis = Self { child, port, dir };
+        let redis = Self { child, port, aof };
         for _ in 0..100 {
             if redis.cli(&["PING"]).is_ok_and(|o| o == "PONG") {
                 return Ok(redis);
@@ -86,11 +87,8 @@ impl RedisServer {
 
     /// Its `appendfsync` (`APPENDFSYNC`), or "off" without persistence.
     pub(crate) fn persistence(&self) -> String {
-        match &self.dir {
-            Some(_) => format!(
-                "appendfsync {}",
-                std::env::var("APPENDFSYNC").unwrap_or_default()
-            ),
+        match &self.aof {
+            Some((_, mode)) => format!("appendfsync {mode}"),
             None => "off".into(),
         }
     }
@@ -121,7 +119,7 @@ impl Drop for RedisServer {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
-        if let Some(dir) = &self.dir {
+        if let Some((dir, _)) = &self.aof {
             let _ = std::fs::remove_dir_all(dir);
         }
     }
