@@ -115,6 +115,10 @@ async fn run(url: &str) -> Result<(), Box<dyn std::error::Error>> {
         ledger,
         session_paymaster::ratelimit::RateLimits::new(None),
     );
+    // As `serve` does before it signs: the watchers then read its paymaster's events.
+    sponsor
+        .serve_paymasters(&sponsor.policies(), session_paymaster::clock::unix_now())
+        .await?;
     let context = RequestContext::default();
     let fcalls = |info: &str| -> u64 {
         info.lines()

@@ -26,7 +26,6 @@ use crate::ledger::Ledger;
 use crate::ledger::memory::MemoryLedger;
 use crate::ledger::redis::RedisLedger;
 use crate::metrics::Scrape;
-use crate::policy::PolicySet;
 use crate::policy::file::{PolicyFileError, load_sources, read_dir_sources, version_of};
 use crate::policy::publish;
 use crate::ratelimit::RateLimits;
@@ -176,7 +175,9 @@ impl AppState {
         .with_deposit_margin(config.deposit_margin);
         // Before signing for a paymaster: every replica's watcher of its chain then reads its
         // events.
-        serve_paymasters(&sponsor, &sponsor.policies(), unix_now()).await?;
+        sponsor
+            .serve_paymasters(&sponsor.policies(), unix_now())
+            .await?;
         Ok(Self {
             sponsor,
             sponsor_name: config.sponsor_name.clone(),
@@ -375,7 +376,11 @@ impl AppState {
                     return;
                 }
                 // And its paymasters, as signing until the set's longest validity from now.
-                if let Err(e) = serve_paymasters(&self.sponsor, &live.current(), unix_now()).await {
+                if let Err(e) = self
+                    .sponsor
+                    .serve_paymasters(&live.current(), unix_now())
+                    .await
+                {
                     tracing::warn!(error = %e, "cannot note this replica's paymasters as served");
                     return;
                 }
@@ -399,7 +404,7 @@ impl AppState {
                                     .ledger()
                                     .serve_policies(&set.ids(), unix_now())
                                     .await?;
-                                serve_paymasters(&self.sponsor, set, unix_now()).await
+                                self.sponsor.serve_paymasters(set, unix_now()).await
                             }
                             .await
                         {
@@ -487,23 +492,6 @@ impl AppState {
             "directoryDiffers": self.directory_differs(),
         })
     }
-}
-
-/// Note the (EntryPoint, paymaster) pairs of every chain `sponsor` serves
-/// (`Ledger::serve_paymasters`), as signing, until it notes them again, signatures that land no
-/// later than `now` plus the longest validity of `set` and the grace hour (which covers the
-/// policy poll between two notes and replicas' clocks).
-async fn serve_paymasters(sponsor: &Sponsor, set: &PolicySet, now: u64) -> Result<(), StoreError> {
-    let until = now
-        .saturating_add(set.longest_validity())
-        .saturating_add(crate::ledger::GRACE_SECS);
-    for chain in sponsor.chains() {
-        sponsor
-            .ledger()
-            .serve_paymasters(chain.chain_id, &chain.paymaster_pairs(), until)
-            .await?;
-    }
-    Ok(())
 }
 
 /// The wait before the next watcher poll: `every`, doubled per consecutive failure up to a

@@ -112,8 +112,9 @@ pub struct ServeArgs {
     pub admin_listen: Option<SocketAddr>,
 
     /// How often the policy set is checked for changes (the directory, or the set published in
-    /// Redis).
-    #[arg(long, env = "SP_POLICY_POLL", default_value = "2s", value_parser = humantime::parse_duration)]
+    /// Redis), and this replica's policies and paymasters noted for the watchers (at most 10
+    /// minutes: a replica whose paymasters were not noted for the grace hour stops signing).
+    #[arg(long, env = "SP_POLICY_POLL", default_value = "2s", value_parser = parse_policy_poll)]
     pub policy_poll: Duration,
 
     /// Chain RPC URL. With it, a watcher settles budget reservations from the paymasters'
@@ -280,6 +281,18 @@ impl Config {
 }
 
 /// Each EntryPoint and each paymaster of one chain serves one version.
+/// `--policy-poll`: a duration from 1 ms to 10 minutes.
+fn parse_policy_poll(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d.is_zero() || d > Duration::from_secs(600) {
+        return Err(format!(
+            "`{s}`: between 1ms and 10m (replicas note their paymasters for the settlement \
+             watchers on every poll)"
+        ));
+    }
+    Ok(d)
+}
+
 fn check_chain_entry_points(entry_points: &[EntryPointConfig]) -> Result<(), String> {
     for (i, a) in entry_points.iter().enumerate() {
         for b in &entry_points[i + 1..] {
@@ -688,5 +701,19 @@ impl ServeArgs {
         );
         put("log_format", s(self.log_format.clone()));
         t.to_string()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn policy_poll_is_bounded() {
+        assert_eq!(parse_policy_poll("2s"), Ok(Duration::from_secs(2)));
+        assert_eq!(parse_policy_poll("10m"), Ok(Duration::from_secs(600)));
+        for refused in ["0s", "11m", "2h", "soon"] {
+            assert!(parse_policy_poll(refused).is_err(), "{refused}");
+        }
     }
 }

@@ -424,16 +424,21 @@ impl Ledger {
     /// (now, its longest validity, and a margin): before it signs for any of them, and again on
     /// every policy poll. Every replica's watcher of that chain then reads their events until
     /// a final block it read is later than `until` (see [`Self::watched_paymasters`],
-    /// [`Self::forget_paymasters`]). In memory, one process's pairs are its watcher's own.
+    /// [`Self::forget_paymasters`]). Returns the time up to which the watchers are sure to
+    /// read their events: `until`; in memory, where one process's pairs are its watcher's own,
+    /// any time (`u64::MAX`).
     pub async fn serve_paymasters(
         &self,
         chain_id: u64,
         pairs: &[(Address, Address)],
         until: u64,
-    ) -> Result<(), StoreError> {
+    ) -> Result<u64, StoreError> {
         match self {
-            Self::Memory(_) => Ok(()),
-            Self::Redis(l) => l.serve_paymasters(chain_id, pairs, until).await,
+            Self::Memory(_) => Ok(u64::MAX),
+            Self::Redis(l) => {
+                l.serve_paymasters(chain_id, pairs, until).await?;
+                Ok(until)
+            }
         }
     }
 

@@ -314,7 +314,7 @@ async fn estimate_gas(
         })?;
         wire::quantity(field, v, bits).map_err(|e| RpcError::internal(request_id, &e))
     };
-    op.pre_verification_gas = quantity("preVerificationGas", 256)?;
+    op.pre_verification_gas = quantity("preVerificationGas", 120)?;
     op.verification_gas_limit = quantity("verificationGasLimit", 128)?.to::<u128>();
     op.call_gas_limit = quantity("callGasLimit", 128)?.to::<u128>();
     tracing::debug!(request_id, "gas estimated by the bundler");

@@ -125,10 +125,20 @@ impl DepositGuard {
     }
 
     /// Whether `cost` (gwei) more fits under the deposit less the margin, counting what this
-    /// replica is reserving now; if so, it is held (counted) until the [`Hold`] is dropped or
-    /// [kept](Hold::reserved). A check that reserves nothing (a stub) drops it at once.
-    pub fn admit(&self, entry_point: Address, cost: u64) -> Result<Hold<'_>, DepositShort> {
-        let none = Hold { entry: None, cost };
+    /// replica is reserving now. If so and `hold`, it is held (counted) until the [`Hold`] is
+    /// [kept](Hold::reserved), [given back](Hold::refused) or dropped; a check that reserves
+    /// nothing (a stub, an explanation) passes `false` and holds nothing.
+    pub fn admit(
+        &self,
+        entry_point: Address,
+        cost: u64,
+        hold: bool,
+    ) -> Result<Hold<'_>, DepositShort> {
+        let none = Hold {
+            entry: None,
+            cost,
+            in_flight: false,
+        };
         let Some(e) = self.entries.get(&entry_point) else {
             return Ok(none);
         };
@@ -141,13 +151,20 @@ impl DepositGuard {
         let held = e
             .pending
             .fetch_update(Ordering::AcqRel, Ordering::Acquire, |pending| {
-                (e.committed(pending).saturating_add(cost) <= usable)
-                    .then(|| pending.saturating_add(cost))
+                (e.committed(pending).saturating_add(cost) <= usable).then(|| {
+                    if hold {
+                        pending.saturating_add(cost)
+                    } else {
+                        pending
+                    }
+                })
             });
         match held {
+            Ok(_) if !hold => Ok(none),
             Ok(_) => Ok(Hold {
                 entry: Some(e),
                 cost,
+                in_flight: false,
             }),
             Err(pending) => Err(DepositShort {
                 deposit,
@@ -169,28 +186,43 @@ impl Entry {
     }
 }
 
-/// An admitted cost this replica is reserving: counted against the deposit until dropped, or
-/// kept as reserved.
+/// An admitted cost this replica is reserving: counted against the deposit until it is kept
+/// as reserved or given back. Once [sent](Hold::sent) to the ledger, a hold dropped without an
+/// answer (the ledger failed or timed out, or the request was dropped while it waited) is
+/// kept as reserved: the ledger may have written the reservation.
 #[derive(Debug)]
 #[must_use = "dropping a hold gives its room back"]
 pub struct Hold<'a> {
     entry: Option<&'a Entry>,
     cost: u64,
+    in_flight: bool,
 }
 
 impl Hold<'_> {
+    /// The reservation is being sent to the ledger.
+    pub fn sent(&mut self) {
+        self.in_flight = true;
+    }
+
     /// The ledger reserved it: counted as this replica's until the watcher's next sum.
-    pub fn reserved(self) {
-        if let Some(e) = self.entry {
-            // Counted as reserved before the hold leaves: the total never dips in between.
-            e.local.fetch_add(self.cost, Ordering::AcqRel);
-        }
+    pub fn reserved(mut self) {
+        self.in_flight = true;
+    }
+
+    /// The ledger answered without reserving it (a repeat, a budget, a revocation): its room
+    /// is given back.
+    pub fn refused(mut self) {
+        self.in_flight = false;
     }
 }
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         if let Some(e) = self.entry {
+            if self.in_flight {
+                // Counted as reserved before the hold leaves: the total never dips between.
+                e.local.fetch_add(self.cost, Ordering::AcqRel);
+            }
             let _ = e
                 .pending
                 .fetch_update(Ordering::AcqRel, Ordering::Acquire, |p| {
@@ -217,11 +249,14 @@ mod tests {
     fn admits_up_to_the_deposit_less_the_margin() {
         let ep = Address::repeat_byte(1);
         let guard = DepositGuard::new([ep], 10);
-        assert!(guard.admit(ep, u64::MAX - 1).is_ok(), "unknown deposit");
+        assert!(
+            guard.admit(ep, u64::MAX - 1, true).is_ok(),
+            "unknown deposit"
+        );
         guard.observe(ep, 1000, 500, 0);
-        guard.admit(ep, 400).expect("fits").reserved();
+        guard.admit(ep, 400, true).expect("fits").reserved();
         assert_eq!(
-            guard.admit(ep, 1).err(),
+            guard.admit(ep, 1, true).err(),
             Some(DepositShort {
                 deposit: 1000,
                 open: 900,
@@ -230,30 +265,48 @@ mod tests {
         );
         guard.observe(ep, 1000, 100, guard.counted(ep));
         assert!(
-            guard.admit(ep, 800).is_ok(),
+            guard.admit(ep, 800, true).is_ok(),
             "the watcher's sum replaces what was counted before it"
         );
     }
 
     /// Requests in flight at once each see what the others hold: of 100 admitted before any is
-    /// reserved, 9 fit; once 2 are kept and the rest given back, 7 more do.
+    /// reserved, 9 fit; once 2 are kept, 1 is left unanswered and the rest given back, 6 more
+    /// do.
     #[test]
     fn requests_in_flight_share_the_room_left() {
         let ep = Address::repeat_byte(1);
         let guard = DepositGuard::new([ep], 10);
         guard.observe(ep, 1000, 0, 0);
-        let holds: Vec<_> = (0..100).filter_map(|_| guard.admit(ep, 100).ok()).collect();
+        let holds: Vec<_> = (0..100)
+            .filter_map(|_| guard.admit(ep, 100, true).ok())
+            .collect();
         assert_eq!(holds.len(), 9, "900 gwei usable, 100 each");
-        let short = guard.admit(ep, 100).err();
+        let short = guard.admit(ep, 100, true).err();
         assert_eq!(short.map(|s| s.open), Some(900));
-        // Two kept as reserved, the others dropped (refused by the ledger, or stubs).
+        // A check holds nothing.
+        assert!(guard.admit(ep, 100, false).is_err());
+        // Two kept as reserved, one sent and left without an answer (kept too: the ledger may
+        // have written it), the others refused by the ledger.
         let mut holds = holds.into_iter();
         for hold in holds.by_ref().take(2) {
             hold.reserved();
         }
-        drop(holds);
-        let again: Vec<_> = (0..100).filter_map(|_| guard.admit(ep, 100).ok()).collect();
-        assert_eq!(again.len(), 7, "200 reserved, 700 left");
+        let mut unanswered = holds.next().expect("a third");
+        unanswered.sent();
+        drop(unanswered);
+        for hold in holds {
+            hold.refused();
+        }
+        let again: Vec<_> = (0..100)
+            .filter_map(|_| guard.admit(ep, 100, true).ok())
+            .collect();
+        assert_eq!(again.len(), 6, "300 counted, 600 left");
+        drop(again);
+        assert!(
+            guard.admit(ep, 100, false).is_ok(),
+            "a check passes while room is left"
+        );
     }
 
     #[test]
@@ -266,7 +319,7 @@ mod tests {
             for _ in 0..4 {
                 s.spawn(|| {
                     for _ in 0..100 {
-                        if let Ok(hold) = guard.admit(ep, 7) {
+                        if let Ok(hold) = guard.admit(ep, 7, true) {
                             hold.reserved();
                             admitted.fetch_add(1, Ordering::Relaxed);
                         }

@@ -34,6 +34,7 @@ mod sign;
 mod window;
 
 use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
 
 use alloy::primitives::{Address, B256, Bytes};
 use serde_json::Value;
@@ -279,9 +280,17 @@ pub struct ChainServed {
     pub entry_points: Vec<EntryPointConfig>,
     /// The paymasters' deposits, as admission sees them (its watcher fills them in).
     pub deposits: DepositGuard,
+    /// Until when (Unix s) the watchers are sure to read this chain's paymasters' events, as
+    /// last noted ([`Sponsor::serve_paymasters`]): no signature is made to outlast it.
+    paymasters_noted_until: AtomicU64,
 }
 
 impl ChainServed {
+    /// Until when the watchers are sure to read the events of this chain's paymasters.
+    pub fn paymasters_noted_until(&self) -> u64 {
+        self.paymasters_noted_until.load(Ordering::Acquire)
+    }
+
     /// (EntryPoint, our paymaster) of each EntryPoint with a paymaster: what this replica signs
     /// for on the chain.
     pub fn paymaster_pairs(&self) -> Vec<(Address, Address)> {
@@ -302,6 +311,12 @@ impl Sponsor {
         ledger: Ledger,
         limits: RateLimits,
     ) -> Self {
+        // In memory the process's own watcher reads its own paymasters, whenever; with Redis,
+        // nothing is signed before [`Self::serve_paymasters`] noted them.
+        let noted_until = match ledger {
+            Ledger::Memory(_) => u64::MAX,
+            Ledger::Redis(_) => 0,
+        };
         Self {
             chains: chains
                 .into_iter()
@@ -312,6 +327,7 @@ impl Sponsor {
                         deposit::DEFAULT_MARGIN_PERCENT,
                     ),
                     entry_points,
+                    paymasters_noted_until: AtomicU64::new(noted_until),
                 })
                 .collect(),
             policies: LivePolicies::new(policies),
@@ -356,6 +372,29 @@ impl Sponsor {
     /// The chains served, in configuration order.
     pub fn chains(&self) -> &[ChainServed] {
         &self.chains
+    }
+
+    /// Note the (EntryPoint, paymaster) pairs of every chain served (`Ledger::serve_paymasters`),
+    /// as signing, until they are noted again, signatures that land no later than `now` plus
+    /// the longest validity of `set` and the grace hour (which covers the policy poll between
+    /// two notes and the replicas' clocks): at start, before `set` comes into force, and on
+    /// every policy poll. A signature that would outlast the last note is refused
+    /// (`sponsor::reserve`): a replica that cannot note them (its Redis key's node down) stops
+    /// signing before a watcher could forget them.
+    pub async fn serve_paymasters(&self, set: &PolicySet, now: u64) -> Result<(), StoreError> {
+        let until = now
+            .saturating_add(set.longest_validity())
+            .saturating_add(GRACE_SECS);
+        for chain in &self.chains {
+            let noted = self
+                .ledger
+                .serve_paymasters(chain.chain_id, &chain.paymaster_pairs(), until)
+                .await?;
+            chain
+                .paymasters_noted_until
+                .fetch_max(noted, Ordering::AcqRel);
+        }
+        Ok(())
     }
 
     /// The chain `chain_id`, or why it is not served.

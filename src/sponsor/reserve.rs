@@ -21,7 +21,7 @@ use crate::ledger::{
 };
 use crate::policy::calldata::Call;
 use crate::policy::{Budget, Policy};
-use crate::session::SessionGrant;
+use crate::session::{SessionGrant, StoreError};
 use crate::userop::EntryPointVersion;
 use crate::userop::hash::user_op_hash_with;
 use crate::userop::paymaster_data::{PaymasterData, PaymasterGas, PaymasterLayout};
@@ -40,7 +40,8 @@ pub(super) async fn reserve(
 ) -> Result<PaymasterData, SponsorError> {
     let Decision { policy, grant, .. } = *decision;
     let mut scopes = Sponsor::scopes(policy, grant, req.op.sender, req.chain_id, now);
-    let deposits = &sponsor.chain(req.chain_id)?.deposits;
+    let chain = sponsor.chain(req.chain_id)?;
+    let deposits = &chain.deposits;
     let tracking_deposit = deposits.tracking();
     // Without budgets, a session or a watched deposit there is nothing to count or re-check.
     if scopes.is_empty() && grant.is_none() && !tracking_deposit {
@@ -57,19 +58,33 @@ pub(super) async fn reserve(
         .into());
     }
     let check_only = run != Run::Sign;
+    // Every watcher reads this paymaster's events for as long as this replica last said its
+    // signatures may land: none is made to outlast that (the note failed for a grace hour).
+    if !check_only && data.window.valid_until > chain.paymasters_noted_until() {
+        return Err(SponsorError::Store(StoreError::Unavailable(
+            "this replica could not note its paymasters for the settlement watchers lately".into(),
+        )));
+    }
     // A signing run's worst case is counted against the deposit from here until the ledger
-    // answers (kept if it reserves, given back otherwise); a check holds nothing.
-    let hold = if tracking_deposit {
+    // answers (kept if it reserves, or if no answer comes; given back otherwise); a check
+    // holds nothing. The refusal names no total: the open reservations are every tenant's.
+    let mut hold = if tracking_deposit {
         let hold = deposits
-            .admit(req.entry_point, cost_gwei)
+            .admit(req.entry_point, cost_gwei, !check_only)
             .map_err(|short| {
+                tracing::debug!(
+                    deposit_gwei = short.deposit,
+                    open_gwei = short.open,
+                    requested_gwei = short.requested,
+                    "deposit_low"
+                );
                 Rejection::new(
                     Reason::DepositLow,
                     "paymaster.deposit",
                     format!(
-                        "the paymaster's EntryPoint deposit ({} gwei) less its margin does not cover \
-                         this operation ({} gwei) on top of the open reservations ({} gwei)",
-                        short.deposit, short.requested, short.open
+                        "the paymaster's EntryPoint deposit less its margin does not cover this \
+                         operation ({} gwei) on top of the open reservations",
+                        short.requested
                     ),
                 )
             })?;
@@ -84,7 +99,7 @@ pub(super) async fn reserve(
             resets_at: None,
             starts_at: None,
         });
-        (!check_only).then_some(hold)
+        Some(hold)
     } else {
         None
     };
@@ -125,16 +140,21 @@ pub(super) async fn reserve(
         }),
         expires_at: data.window.valid_until.saturating_add(GRACE_SECS),
     };
+    if let Some(hold) = &mut hold {
+        hold.sent();
+    }
     let started = Instant::now();
     let outcome = sponsor.ledger.reserve(&reservation, check_only, now).await;
     sponsor.metrics.reserve_seconds.observe(started.elapsed());
-    match outcome? {
-        Outcome::Reserved => {
-            if let Some(hold) = hold {
-                hold.reserved();
-            }
-            Ok(data)
-        }
+    // (A ledger failure returns here with the hold still sent: kept, as it may have written.)
+    let outcome = outcome?;
+    match (&outcome, hold) {
+        (Outcome::Reserved, Some(hold)) => hold.reserved(),
+        (_, Some(hold)) => hold.refused(),
+        (_, None) => {}
+    }
+    match outcome {
+        Outcome::Reserved => Ok(data),
         // The same operation again: the answer signed for it, nothing reserved twice.
         Outcome::Existing(_) if check_only => Ok(data),
         Outcome::Existing(answer) => Ok(answer),

@@ -625,6 +625,52 @@ async fn a_paymaster_not_configured_here_still_settles() -> TestResult {
     Ok(())
 }
 
+/// A replica notes its paymasters at start and on every policy poll, as signing until its
+/// longest validity and the grace hour from then; one whose notes fail (the node of their
+/// Redis key down) stops signing before a watcher could forget its paymasters. (In process,
+/// with a later clock: an hour without a note.)
+#[tokio::test]
+async fn a_replica_whose_paymasters_are_not_noted_signs_nothing_that_outlasts_the_note()
+-> TestResult {
+    use session_paymaster::clock::unix_now;
+    use session_paymaster::ledger::GRACE_SECS;
+    use session_paymaster::sponsor::{Mode, RequestContext, SponsorError, SponsorRequest};
+
+    let redis = crate::helpers::TestRedis::start().await?;
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
+    c.redis_url = Some(redis.url.clone());
+    // Budgets: a reservation is made (without one, nothing is left for a watcher to settle).
+    let dir = crate::e2e::budgeted_policies()?;
+    c.policies_dir = dir.0.clone();
+    let app = TestApp::spawn(c).await?;
+    let sponsor = &app.state.sponsor;
+    let context = RequestContext::default();
+    let op = |n: u64| counter_op(Address::repeat_byte(0x11), n, "increment()");
+    let (first, second) = (op(0), op(1));
+    let req = |op| SponsorRequest {
+        chain_id: 31337,
+        op,
+        entry_point: EntryPointVersion::V0_7.canonical_address(),
+        context: &context,
+        mode: Mode::Final,
+        keep_client_gas: false,
+        allowed_policies: None,
+    };
+    let now = unix_now();
+    assert!(sponsor.sponsor(req(&first), now).await.is_ok());
+    let later = now + GRACE_SECS + 60;
+    match sponsor.sponsor(req(&second), later).await {
+        Err(SponsorError::Store(e)) => assert!(e.to_string().contains("paymasters"), "{e}"),
+        other => panic!("signed past the last note: {other:?}"),
+    }
+    sponsor.serve_paymasters(&sponsor.policies(), later).await?;
+    assert!(sponsor.sponsor(req(&second), later).await.is_ok());
+    Ok(())
+}
+
 /// A range's logs and its last block's hash were read in two calls: a block that changed
 /// between (a reorganisation deeper than the confirmations, or a load-balanced RPC's backends
 /// on two forks) left the cursor naming one fork over the logs of another, so the
