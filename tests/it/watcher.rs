@@ -582,11 +582,7 @@ async fn a_policy_not_served_here_still_settles(
             .offer(session_paymaster::policy::file::load_dir(&dir.0))
     );
     assert!(sponsor.policies().iter().all(|p| p.id != "dev-counter"));
-    let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
-    let poll = watcher.poll_once(sponsor).await?;
-    assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
-    assert_eq!(day_usage(sponsor).await?, (actual, 1));
-    Ok(())
+    a_poll_settles_the_landed_op(&stack, sponsor, actual).await
 }
 
 #[tokio::test]
@@ -598,6 +594,19 @@ async fn a_policy_not_served_here_still_settles_on_redis() -> TestResult {
 #[tokio::test]
 async fn a_policy_not_served_here_still_settles_in_memory() -> TestResult {
     a_policy_not_served_here_still_settles(None).await
+}
+
+/// A watcher of `sponsor`'s chain, from block 0, settles `landed_op`'s operation at `actual`.
+async fn a_poll_settles_the_landed_op(
+    stack: &crate::helpers::Stack,
+    sponsor: &session_paymaster::sponsor::Sponsor,
+    actual: u64,
+) -> TestResult {
+    let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
+    Ok(())
 }
 
 /// Replicas share one cursor per chain, but each watcher read the events of its own paymasters
@@ -618,11 +627,7 @@ async fn a_paymaster_not_configured_here_still_settles() -> TestResult {
     c.redis_url = Some(redis.url.clone());
     let other = TestApp::spawn(c).await?;
     let sponsor = &other.state.sponsor;
-    let watcher = crate::helpers::dev_watcher(stack.anvil.provider.clone(), sponsor.chain(31337)?);
-    let poll = watcher.poll_once(sponsor).await?;
-    assert_eq!((poll.settled, poll.ignored), (1, 0), "{poll:?}");
-    assert_eq!(day_usage(sponsor).await?, (actual, 1));
-    Ok(())
+    a_poll_settles_the_landed_op(&stack, sponsor, actual).await
 }
 
 /// A replica notes its paymasters at start and on every policy poll, as signing until its
