@@ -364,25 +364,25 @@ impl AppState {
             },
             Some(conn) => {
                 // Noted on every poll, whatever the chain does: a policy no replica noted for a
-                // day leaves the watchers once it has nothing open (Ledger::retire_policies).
+                // day leaves the watchers once it has nothing open (Ledger::retire_policies);
+                // the paymasters, as signing until the set's longest validity from now (without
+                // it for the grace hour, this replica stops signing). Each is tried whatever the
+                // other did (on a Cluster their keys live on different nodes), and neither
+                // stops a new set from being fetched.
                 if let Err(e) = self
                     .sponsor
                     .ledger()
                     .serve_policies(&live.current().ids(), unix_now())
                     .await
                 {
-                    // (Redis is most likely down: its other reads would fail the same way.)
                     tracing::warn!(error = %e, "cannot note this replica's policies as served");
-                    return;
                 }
-                // And its paymasters, as signing until the set's longest validity from now.
                 if let Err(e) = self
                     .sponsor
                     .serve_paymasters(&live.current(), unix_now())
                     .await
                 {
                     tracing::warn!(error = %e, "cannot note this replica's paymasters as served");
-                    return;
                 }
                 let published = match publish::current_version(conn).await {
                     Ok(Some(v)) if v != current => v,
@@ -395,21 +395,23 @@ impl AppState {
                 match publish::fetch(conn, published).await {
                     Ok(Some(sources)) => {
                         let loaded = load_sources(Path::new("redis"), sources);
-                        // Noted as served before this replica signs under it (every watcher
-                        // then settles its reservations), and its paymasters as signing for as
-                        // long as its validity; not noted, the set waits a poll.
-                        if let Ok(set) = &loaded
-                            && let Err(e) = async {
-                                self.sponsor
-                                    .ledger()
-                                    .serve_policies(&set.ids(), unix_now())
-                                    .await?;
-                                self.sponsor.serve_paymasters(set, unix_now()).await
+                        // Its policies noted as served before this replica signs under them
+                        // (every watcher then settles their reservations); not noted, the set
+                        // waits a poll. Its paymasters as signing for as long as its validity:
+                        // not noted, signatures that would outlast the last note are refused.
+                        if let Ok(set) = &loaded {
+                            if let Err(e) = self
+                                .sponsor
+                                .ledger()
+                                .serve_policies(&set.ids(), unix_now())
+                                .await
+                            {
+                                tracing::warn!(error = %e, version = %published, "cannot note the published policy set's policies as served: it waits for the next poll");
+                                return;
                             }
-                            .await
-                        {
-                            tracing::warn!(error = %e, version = %published, "cannot note the published policy set's policies as served: it waits for the next poll");
-                            return;
+                            if let Err(e) = self.sponsor.serve_paymasters(set, unix_now()).await {
+                                tracing::warn!(error = %e, version = %published, "cannot note this replica's paymasters for the published set");
+                            }
                         }
                         live.offer(loaded);
                     }
@@ -422,8 +424,9 @@ impl AppState {
         }
     }
 
-    /// `/readyz`: Redis reachable (when configured), the policy set in force and any refused
-    /// one, the signer.
+    /// `/readyz`: Redis reachable (when configured), the policy set in force and whether one
+    /// was refused, whether the paymasters' last note covers what this replica signs, the
+    /// signer.
     async fn readiness(&self) -> (bool, Value) {
         let redis = match &self.redis {
             None => json!("not configured"),
@@ -455,8 +458,17 @@ impl AppState {
                     .collect(),
             ),
         };
-        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
         let set = self.sponsor.policies();
+        // Signing stops where the paymasters' last note does not cover a signature's validity
+        // (`Sponsor::serve_paymasters`): such a replica takes no traffic.
+        let signs_until = unix_now().saturating_add(set.longest_validity());
+        let paymasters_noted = self
+            .sponsor
+            .chains()
+            .iter()
+            .all(|c| c.paymasters_noted_until() >= signs_until);
+        let ready =
+            !redis.as_str().is_some_and(|s| s.starts_with("unreachable")) && paymasters_noted;
         // Whether a set was refused, not why, and no policy's id: the errors name policies,
         // rules and addresses of every tenant, and this endpoint asks for no credential (the
         // log and `GET /admin/policies` have them). Each field is listed here on purpose.
@@ -473,6 +485,7 @@ impl AppState {
                 "ready": ready,
                 "redis": redis,
                 "policies": policies,
+                "paymastersNoted": paymasters_noted,
                 "signer": self.sponsor.signer().address(),
                 "watcher": watcher,
             }),

@@ -280,11 +280,10 @@ impl Config {
     }
 }
 
-/// Each EntryPoint and each paymaster of one chain serves one version.
 /// `--policy-poll`: a duration from 1 ms to 10 minutes.
 fn parse_policy_poll(s: &str) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d.is_zero() || d > Duration::from_secs(600) {
+    if d < Duration::from_millis(1) || d > Duration::from_secs(600) {
         return Err(format!(
             "`{s}`: between 1ms and 10m (replicas note their paymasters for the settlement \
              watchers on every poll)"
@@ -293,6 +292,7 @@ fn parse_policy_poll(s: &str) -> Result<Duration, String> {
     Ok(d)
 }
 
+/// Each EntryPoint and each paymaster of one chain serves one version.
 fn check_chain_entry_points(entry_points: &[EntryPointConfig]) -> Result<(), String> {
     for (i, a) in entry_points.iter().enumerate() {
         for b in &entry_points[i + 1..] {
@@ -712,7 +712,7 @@ mod tests {
     fn policy_poll_is_bounded() {
         assert_eq!(parse_policy_poll("2s"), Ok(Duration::from_secs(2)));
         assert_eq!(parse_policy_poll("10m"), Ok(Duration::from_secs(600)));
-        for refused in ["0s", "11m", "2h", "soon"] {
+        for refused in ["0s", "1ns", "11m", "2h", "soon"] {
             assert!(parse_policy_poll(refused).is_err(), "{refused}");
         }
     }

@@ -126,8 +126,8 @@ impl DepositGuard {
 
     /// Whether `cost` (gwei) more fits under the deposit less the margin, counting what this
     /// replica is reserving now. If so and `hold`, it is held (counted) until the [`Hold`] is
-    /// [kept](Hold::reserved), [given back](Hold::refused) or dropped; a check that reserves
-    /// nothing (a stub, an explanation) passes `false` and holds nothing.
+    /// [kept](Hold::reserved) or dropped (given back); a check that reserves nothing (a stub,
+    /// an explanation) passes `false` and holds nothing.
     pub fn admit(
         &self,
         entry_point: Address,
@@ -137,7 +137,7 @@ impl DepositGuard {
         let none = Hold {
             entry: None,
             cost,
-            in_flight: false,
+            kept: false,
         };
         let Some(e) = self.entries.get(&entry_point) else {
             return Ok(none);
@@ -164,7 +164,7 @@ impl DepositGuard {
             Ok(_) => Ok(Hold {
                 entry: Some(e),
                 cost,
-                in_flight: false,
+                kept: false,
             }),
             Err(pending) => Err(DepositShort {
                 deposit,
@@ -186,40 +186,31 @@ impl Entry {
     }
 }
 
-/// An admitted cost this replica is reserving: counted against the deposit until it is kept
-/// as reserved or given back. Once [sent](Hold::sent) to the ledger, a hold dropped without an
-/// answer (the ledger failed or timed out, or the request was dropped while it waited) is
-/// kept as reserved: the ledger may have written the reservation.
+/// An admitted cost this replica is reserving: counted against the deposit until it is
+/// [kept](Hold::reserved) as reserved, or given back (dropped: the ledger refused it, failed,
+/// or the request was dropped while it waited). A request dropped after the ledger wrote its
+/// reservation is thus counted from the watcher's next sum, as another replica's is: the
+/// margin's (keeping it instead would let a client that hangs up, or a request refused
+/// before it reached the ledger, hold room for nothing until that sum).
 #[derive(Debug)]
 #[must_use = "dropping a hold gives its room back"]
 pub struct Hold<'a> {
     entry: Option<&'a Entry>,
     cost: u64,
-    in_flight: bool,
+    kept: bool,
 }
 
 impl Hold<'_> {
-    /// The reservation is being sent to the ledger.
-    pub fn sent(&mut self) {
-        self.in_flight = true;
-    }
-
     /// The ledger reserved it: counted as this replica's until the watcher's next sum.
     pub fn reserved(mut self) {
-        self.in_flight = true;
-    }
-
-    /// The ledger answered without reserving it (a repeat, a budget, a revocation): its room
-    /// is given back.
-    pub fn refused(mut self) {
-        self.in_flight = false;
+        self.kept = true;
     }
 }
 
 impl Drop for Hold<'_> {
     fn drop(&mut self) {
         if let Some(e) = self.entry {
-            if self.in_flight {
+            if self.kept {
                 // Counted as reserved before the hold leaves: the total never dips between.
                 e.local.fetch_add(self.cost, Ordering::AcqRel);
             }
@@ -271,8 +262,7 @@ mod tests {
     }
 
     /// Requests in flight at once each see what the others hold: of 100 admitted before any is
-    /// reserved, 9 fit; once 2 are kept, 1 is left unanswered and the rest given back, 6 more
-    /// do.
+    /// reserved, 9 fit; once 2 are kept and the rest given back, 7 more do.
     #[test]
     fn requests_in_flight_share_the_room_left() {
         let ep = Address::repeat_byte(1);
@@ -286,22 +276,16 @@ mod tests {
         assert_eq!(short.map(|s| s.open), Some(900));
         // A check holds nothing.
         assert!(guard.admit(ep, 100, false).is_err());
-        // Two kept as reserved, one sent and left without an answer (kept too: the ledger may
-        // have written it), the others refused by the ledger.
+        // Two kept as reserved, the others given back (refused by the ledger, or dropped).
         let mut holds = holds.into_iter();
         for hold in holds.by_ref().take(2) {
             hold.reserved();
         }
-        let mut unanswered = holds.next().expect("a third");
-        unanswered.sent();
-        drop(unanswered);
-        for hold in holds {
-            hold.refused();
-        }
+        drop(holds);
         let again: Vec<_> = (0..100)
             .filter_map(|_| guard.admit(ep, 100, true).ok())
             .collect();
-        assert_eq!(again.len(), 6, "300 counted, 600 left");
+        assert_eq!(again.len(), 7, "200 counted, 700 left");
         drop(again);
         assert!(
             guard.admit(ep, 100, false).is_ok(),

@@ -66,9 +66,9 @@ pub(super) async fn reserve(
         )));
     }
     // A signing run's worst case is counted against the deposit from here until the ledger
-    // answers (kept if it reserves, or if no answer comes; given back otherwise); a check
-    // holds nothing. The refusal names no total: the open reservations are every tenant's.
-    let mut hold = if tracking_deposit {
+    // answers (kept if it reserves, given back otherwise); a check holds nothing. The refusal
+    // names no total: the open reservations are every tenant's.
+    let hold = if tracking_deposit {
         let hold = deposits
             .admit(req.entry_point, cost_gwei, !check_only)
             .map_err(|short| {
@@ -140,21 +140,16 @@ pub(super) async fn reserve(
         }),
         expires_at: data.window.valid_until.saturating_add(GRACE_SECS),
     };
-    if let Some(hold) = &mut hold {
-        hold.sent();
-    }
     let started = Instant::now();
     let outcome = sponsor.ledger.reserve(&reservation, check_only, now).await;
     sponsor.metrics.reserve_seconds.observe(started.elapsed());
-    // (A ledger failure returns here with the hold still sent: kept, as it may have written.)
-    let outcome = outcome?;
-    match (&outcome, hold) {
-        (Outcome::Reserved, Some(hold)) => hold.reserved(),
-        (_, Some(hold)) => hold.refused(),
-        (_, None) => {}
-    }
-    match outcome {
-        Outcome::Reserved => Ok(data),
+    match outcome? {
+        Outcome::Reserved => {
+            if let Some(hold) = hold {
+                hold.reserved();
+            }
+            Ok(data)
+        }
         // The same operation again: the answer signed for it, nothing reserved twice.
         Outcome::Existing(_) if check_only => Ok(data),
         Outcome::Existing(answer) => Ok(answer),
