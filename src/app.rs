@@ -425,8 +425,8 @@ impl AppState {
     }
 
     /// `/readyz`: Redis reachable (when configured), the policy set in force and whether one
-    /// was refused, whether the paymasters' last note covers what this replica signs, the
-    /// signer.
+    /// was refused, per chain whether the paymasters' last note covers what this replica signs,
+    /// the signer.
     async fn readiness(&self) -> (bool, Value) {
         let redis = match &self.redis {
             None => json!("not configured"),
@@ -459,16 +459,23 @@ impl AppState {
             ),
         };
         let set = self.sponsor.policies();
-        // Signing stops where the paymasters' last note does not cover a signature's validity
-        // (`Sponsor::serve_paymasters`): such a replica takes no traffic.
+        // Reported, never failing readiness: signing stops where the paymasters' last note does
+        // not cover a signature's validity (`Sponsor::serve_paymasters`), but every replica
+        // notes the same key, so its node down would take them all out of service at once,
+        // stubs and the other chains with them.
         let signs_until = unix_now().saturating_add(set.longest_validity());
-        let paymasters_noted = self
+        let paymasters_noted: serde_json::Map<String, Value> = self
             .sponsor
             .chains()
             .iter()
-            .all(|c| c.paymasters_noted_until() >= signs_until);
-        let ready =
-            !redis.as_str().is_some_and(|s| s.starts_with("unreachable")) && paymasters_noted;
+            .map(|c| {
+                (
+                    c.chain_id.to_string(),
+                    json!(c.paymasters_noted_until() >= signs_until),
+                )
+            })
+            .collect();
+        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
         // Whether a set was refused, not why, and no policy's id: the errors name policies,
         // rules and addresses of every tenant, and this endpoint asks for no credential (the
         // log and `GET /admin/policies` have them). Each field is listed here on purpose.

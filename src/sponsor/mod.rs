@@ -385,16 +385,24 @@ impl Sponsor {
         let until = now
             .saturating_add(set.longest_validity())
             .saturating_add(GRACE_SECS);
+        // Each chain's pairs are a key of their own (on a Cluster, maybe on a node of their
+        // own): one that fails does not keep the others from being noted.
+        let mut failed = None;
         for chain in &self.chains {
-            let noted = self
+            match self
                 .ledger
                 .serve_paymasters(chain.chain_id, &chain.paymaster_pairs(), until)
-                .await?;
-            chain
-                .paymasters_noted_until
-                .fetch_max(noted, Ordering::AcqRel);
+                .await
+            {
+                Ok(noted) => {
+                    chain
+                        .paymasters_noted_until
+                        .fetch_max(noted, Ordering::AcqRel);
+                }
+                Err(e) => failed = failed.or(Some(e)),
+            }
         }
-        Ok(())
+        failed.map_or(Ok(()), Err)
     }
 
     /// The chain `chain_id`, or why it is not served.

@@ -116,7 +116,11 @@ async fn directory_edits_reload_and_a_broken_set_never_replaces_the_working_one(
     app.state.refresh_policies().await;
     let (_, ready) = readyz(&app).await?;
     assert_eq!(ready["policies"]["refusedSet"], json!(false));
-    assert_eq!(ready["paymastersNoted"], json!(true), "{ready}");
+    assert_eq!(
+        ready["paymastersNoted"],
+        json!({ "31337": true }),
+        "{ready}"
+    );
     let (_, set) = admin(&app, "GET", "/admin/policies", None, Some(ADMIN_TOKEN)).await?;
     assert_eq!(set["refusedErrors"], Value::Null, "{set}");
     assert_eq!(
