@@ -392,6 +392,11 @@ impl Watcher {
         paymasters.sort();
         paymasters.dedup();
         let mut poll = Poll::default();
+        // The cursor's block, checked again once the first range after it is read: a
+        // reorganisation deeper than the confirmations between the check below and that read
+        // would have the range read on a fork that does not hold the cursor's block, and the
+        // blocks it replaced never read again.
+        let mut cursor_block = None;
         let mut from = match self.cursor.get().await? {
             Some(mark) if self.reorganised(mark).await? => {
                 poll.reorg = true;
@@ -410,7 +415,10 @@ impl Watcher {
                 );
                 from
             }
-            Some(mark) => mark.number + 1,
+            Some(mark) => {
+                cursor_block = Some(mark);
+                mark.number + 1
+            }
             None => self.first_block(sponsor, policies, confirmed).await?,
         };
         poll.to_block = from.saturating_sub(1);
@@ -491,6 +499,14 @@ impl Watcher {
             if after != before {
                 return Err(WatchError::Rpc(format!(
                     "block {to} changed while the logs up to it were read ({before} then {after}): the range is read again"
+                )));
+            }
+            if let Some(mark) = cursor_block.take()
+                && self.reorganised(mark).await?
+            {
+                return Err(WatchError::Rpc(format!(
+                    "the cursor's block {} changed while the range after it was read: the next poll reads again from further back",
+                    mark.number
                 )));
             }
             self.cursor

@@ -724,5 +724,19 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
         "read again (closed once), and on: {poll:?}"
     );
     assert_eq!(day_usage(sponsor).await?, (actual, 1));
+
+    // With a cursor: the cursor's block, read again after the next range's logs, answers
+    // another hash (a reorganisation deeper than the confirmations since the poll checked it:
+    // its lookups are the cursor's block, the range's last block before and after the logs,
+    // then the cursor's block again). The range was read on a fork without the cursor's
+    // block: the poll fails, and the cursor stays.
+    mine(&stack, 2).await?;
+    proxy.other_hash_in.store(4, Ordering::Relaxed);
+    match watcher.poll_once(sponsor).await {
+        Err(WatchError::Rpc(m)) if m.contains(&format!("cursor's block {head} changed")) => {}
+        other => panic!("a cursor block that changed fails the poll: {other:?}"),
+    }
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!(poll.to_block, head + 2, "{poll:?}");
     Ok(())
 }
