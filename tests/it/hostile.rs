@@ -1356,3 +1356,91 @@ async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResu
     );
     Ok(())
 }
+
+mod erc7579 {
+    alloy::sol! {
+        function execute(bytes32 mode, bytes executionCalldata);
+    }
+}
+
+/// Found in review: three fields a stranger writes that reached the ledger or a grant while no
+/// EntryPoint or account would treat them as the checks did, each refused now at the boundary:
+/// - a `preVerificationGas` above 120 bits (every EntryPoint refuses it, AA94; its wrapping sum
+///   made the worst case next to nothing): `-32602` on the field, not a policy's refusal;
+/// - a call to `address(0)` in ERC-7579 `execute`, which an ERC-7821 account (the same selector
+///   and batch mode) runs as a call to itself: refused even under a policy that lists `0x0`;
+/// - a session `spend` cap on `0x0` or the native placeholder, which no token call targets:
+///   refused by the admin API rather than stored as a cap that caps nothing.
+#[tokio::test]
+async fn fields_no_entry_point_or_account_runs_as_checked_are_refused() -> TestResult {
+    use crate::helpers::ADMIN_TOKEN;
+    use alloy::primitives::FixedBytes;
+
+    let redis = TestRedis::start().await?;
+    let zero_target = (
+        "zero.toml".to_owned(),
+        "id = \"zero\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+         [[allow]]\ntarget = \"0x0000000000000000000000000000000000000000\"\nfunctions = [\"*\"]\n"
+            .to_owned(),
+    );
+    let (app, _dir) = app_with(&redis, &[budgeted_counter(), zero_target]).await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+
+    let mut op = counter_op(SENDER, 0, "increment()").to_json();
+    op["preVerificationGas"] = json!(format!("0x1{}", "0".repeat(30)));
+    let v = sponsor(
+        &app,
+        &op,
+        ep07,
+        json!({ "sponsorshipPolicyId": "budgeted" }),
+    )
+    .await?;
+    assert_eq!(
+        (
+            v["error"]["code"].clone(),
+            v["error"]["data"]["field"].clone()
+        ),
+        (json!(-32602), json!("preVerificationGas")),
+        "{v}"
+    );
+
+    let mut single = Address::ZERO.to_vec();
+    single.extend_from_slice(&[0; 32]);
+    single.extend_from_slice(&keccak256("owner()")[..4]);
+    let call = erc7579::executeCall {
+        mode: FixedBytes::ZERO,
+        executionCalldata: single.into(),
+    }
+    .abi_encode();
+    let v = sponsor(
+        &app,
+        &op_calling(call, 1),
+        ep07,
+        json!({ "sponsorshipPolicyId": "zero" }),
+    )
+    .await?;
+    assert_eq!(reason(&v), "malformed_calldata", "{v}");
+
+    for token in [
+        Address::ZERO.to_string(),
+        "0xEeeeeEeeeEeEeeEeEeEeeEEEeeeeEeeeeeeeEEeE".to_owned(),
+    ] {
+        let mut body = grant_request(SENDER, Address::repeat_byte(0xb1), "budgeted");
+        body["permissions"] = json!({ "spend": [{ "token": token, "limit": "1" }] });
+        let (status, v) = crate::sessions::admin(
+            &app,
+            "POST",
+            "/admin/sessions",
+            Some(body),
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+        assert_eq!(status, 400, "{token}: {v}");
+        assert_eq!(
+            v["issues"][0]["path"],
+            json!("$.permissions.spend[0].token"),
+            "{v}"
+        );
+    }
+    Ok(())
+}
