@@ -383,8 +383,14 @@ impl Watcher {
         let confirmed = head.saturating_sub(self.confirmations);
         let watched = watched_policies(sponsor).await?;
         let policies = watched.as_slice();
-        // Read after the head too: a pair is noted before anything is signed for it.
-        let pairs = self.watched_pairs(sponsor).await?;
+        // Read after the head too: a pair is noted before anything is signed for it. This
+        // replica's, and every pair a replica noted whose signatures may still land in a block
+        // not read yet.
+        let pairs = sponsor
+            .ledger()
+            .watched_paymasters(self.chain_id, &self.pairs)
+            .await
+            .map_err(store)?;
         let mut entry_points: Vec<Address> = pairs.iter().map(|p| p.0).collect();
         let mut paymasters: Vec<B256> = pairs.iter().map(|p| p.1.into_word()).collect();
         entry_points.sort();
@@ -519,19 +525,6 @@ impl Watcher {
             from = to + 1;
         }
         Ok((poll, watched))
-    }
-
-    /// The (EntryPoint, paymaster) pairs whose events are read: this replica's, and every pair
-    /// a replica noted signing for whose signatures may still land in a block not read yet.
-    async fn watched_pairs(
-        &self,
-        sponsor: &Sponsor,
-    ) -> Result<Vec<(Address, Address)>, WatchError> {
-        sponsor
-            .ledger()
-            .watched_paymasters(self.chain_id, &self.pairs)
-            .await
-            .map_err(store)
     }
 
     /// The hash of block `number`. A node without it (a load-balanced RPC's backend that lags)
