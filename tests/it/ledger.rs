@@ -3154,7 +3154,15 @@ async fn watchers_read_every_paymaster_noted_until_its_signatures_expire() -> Te
         NOW,
     )
     .await?;
-    assert!(ledger.watched_paymasters(1, &[]).await.is_err());
+    let err = ledger
+        .watched_paymasters(1, &[])
+        .await
+        .err()
+        .map(|e| e.to_string());
+    assert!(
+        err.as_deref().is_some_and(|e| e.contains("0x12:nope")),
+        "{err:?}"
+    );
 
     let memory = Ledger::Memory(MemoryLedger::new());
     memory.serve_paymasters(1, &[pair(1)], NOW).await?;
