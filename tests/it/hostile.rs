@@ -1407,19 +1407,36 @@ async fn fields_no_entry_point_or_account_runs_as_checked_are_refused() -> TestR
     let mut single = Address::ZERO.to_vec();
     single.extend_from_slice(&[0; 32]);
     single.extend_from_slice(&keccak256("owner()")[..4]);
-    let call = erc7579::executeCall {
-        mode: FixedBytes::ZERO,
-        executionCalldata: single.into(),
-    }
+    let owner = Bytes::from(keccak256("owner()")[..4].to_vec());
+    let batch = vec![Call {
+        target: Address::ZERO,
+        value: U256::ZERO,
+        data: owner,
+    }]
     .abi_encode();
-    let v = sponsor(
-        &app,
-        &op_calling(call, 1),
-        ep07,
-        json!({ "sponsorshipPolicyId": "zero" }),
-    )
-    .await?;
-    assert_eq!(reason(&v), "malformed_calldata", "{v}");
+    let mut batch_mode = [0u8; 32];
+    batch_mode[0] = 0x01;
+    for (nonce, (mode, exec)) in [
+        (FixedBytes::ZERO, Bytes::from(single)),
+        (FixedBytes::from(batch_mode), Bytes::from(batch)),
+    ]
+    .into_iter()
+    .enumerate()
+    {
+        let call = erc7579::executeCall {
+            mode,
+            executionCalldata: exec,
+        }
+        .abi_encode();
+        let v = sponsor(
+            &app,
+            &op_calling(call, 1 + nonce as u64),
+            ep07,
+            json!({ "sponsorshipPolicyId": "zero" }),
+        )
+        .await?;
+        assert_eq!(reason(&v), "malformed_calldata", "mode {mode}: {v}");
+    }
 
     for token in [
         Address::ZERO.to_string(),
