@@ -1,6 +1,5 @@
 //! The service: state built from config, the HTTP router, and the server loop.
 
-use std::future::Future;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 
@@ -15,7 +14,6 @@ use axum::http::StatusCode;
 use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use serde_json::{Value, json};
-use tokio::net::TcpListener;
 
 use crate::admin;
 use crate::apikey::ApiKeys;
@@ -617,25 +615,6 @@ pub fn router(state: Arc<AppState>) -> Router {
 /// The admin API alone, for its own listener (`--admin-listen`).
 pub fn admin_router(state: Arc<AppState>) -> Router {
     admin::router(state.clone()).with_state(state)
-}
-
-/// Serve `router` on `listener` until `shutdown` resolves, then finish in-flight requests.
-pub async fn run(
-    listener: TcpListener,
-    router: Router,
-    shutdown: impl Future<Output = ()> + Send + 'static,
-) -> std::io::Result<()> {
-    use axum::serve::ListenerExt;
-    // Answers go out as they are written: with Nagle's algorithm a response written in two
-    // parts, or while the client has not yet acknowledged the last one, can wait for its ACK.
-    let listener = listener.tap_io(|tcp| {
-        if let Err(e) = tcp.set_nodelay(true) {
-            tracing::debug!("TCP_NODELAY not set on an accepted connection: {e}");
-        }
-    });
-    axum::serve(listener, router)
-        .with_graceful_shutdown(shutdown)
-        .await
 }
 
 /// Whether this process's heap gets transparent huge pages: the kernel gives them to every

@@ -190,6 +190,21 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_MAX_BODY_BYTES", default_value_t = 256 * 1024)]
     pub max_body_bytes: usize,
 
+    /// Longest a request's headers may take to arrive, and a kept-alive connection may sit
+    /// idle; then the connection is closed (1 s to 10 min).
+    #[arg(long, env = "SP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_connection_timeout)]
+    pub header_timeout: Duration,
+
+    /// Longest a request may take from its headers to its answer, its body included; then it
+    /// is answered HTTP 408 (1 s to 10 min).
+    #[arg(long, env = "SP_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_connection_timeout)]
+    pub request_timeout: Duration,
+
+    /// Most client connections open at once, per listener (further ones wait in the kernel's
+    /// backlog); keep it under the process's open-file limit.
+    #[arg(long, env = "SP_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    pub max_connections: u32,
+
     /// Log format: `text` or `json`.
     #[arg(long, env = "SP_LOG_FORMAT", default_value = "text", value_parser = ["text", "json"])]
     pub log_format: String,
@@ -278,6 +293,15 @@ impl Config {
         }
         Ok(())
     }
+}
+
+/// `--header-timeout`, `--request-timeout`: a duration from 1 s to 10 minutes.
+fn parse_connection_timeout(s: &str) -> Result<Duration, String> {
+    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
+    if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
+        return Err(format!("`{s}`: between 1s and 10m"));
+    }
+    Ok(d)
 }
 
 /// `--policy-poll`: a duration from 1 ms to 10 minutes.
@@ -566,6 +590,15 @@ fn toml_scalar(v: &toml::Value) -> Result<String, String> {
 }
 
 impl ServeArgs {
+    /// What one client may hold of each listener.
+    pub fn connection_limits(&self) -> crate::server::ConnectionLimits {
+        crate::server::ConnectionLimits {
+            header_timeout: self.header_timeout,
+            request_timeout: self.request_timeout,
+            max_connections: self.max_connections as usize,
+        }
+    }
+
     /// The effective configuration as TOML, secrets masked (a Redis password), for
     /// `--print-config`: the same keys the configuration file takes.
     pub fn effective(&self) -> String {
@@ -699,6 +732,18 @@ impl ServeArgs {
             "max_body_bytes",
             toml::Value::Integer(i64::try_from(self.max_body_bytes).unwrap_or(i64::MAX)),
         );
+        put(
+            "header_timeout",
+            s(humantime::format_duration(self.header_timeout).to_string()),
+        );
+        put(
+            "request_timeout",
+            s(humantime::format_duration(self.request_timeout).to_string()),
+        );
+        put(
+            "max_connections",
+            toml::Value::Integer(i64::from(self.max_connections)),
+        );
         put("log_format", s(self.log_format.clone()));
         t.to_string()
     }
@@ -707,6 +752,18 @@ impl ServeArgs {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn connection_timeouts_are_bounded() {
+        assert_eq!(parse_connection_timeout("30s"), Ok(Duration::from_secs(30)));
+        assert_eq!(
+            parse_connection_timeout("10m"),
+            Ok(Duration::from_secs(600))
+        );
+        for refused in ["0s", "999ms", "11m", "never"] {
+            assert!(parse_connection_timeout(refused).is_err(), "{refused}");
+        }
+    }
 
     #[test]
     fn policy_poll_is_bounded() {

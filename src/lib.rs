@@ -42,6 +42,7 @@ pub mod policy;
 pub mod ratelimit;
 pub mod rejection;
 pub mod rpc;
+pub mod server;
 pub mod session;
 pub mod signer;
 pub mod sponsor;

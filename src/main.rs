@@ -13,7 +13,7 @@ use session_paymaster::chain::watcher::{Cursor, ReleaseClock, Watcher};
 use session_paymaster::config::{Config, ServeArgs};
 use session_paymaster::policy::file::{PolicyFileError, load_dir, load_sources, read_dir_sources};
 use session_paymaster::policy::publish;
-use session_paymaster::signer;
+use session_paymaster::{server, signer};
 use sha2::Digest;
 
 /// mimalloc: `scripts/bench` found glibc's malloc and free at a tenth of a sponsorship's CPU.
@@ -589,6 +589,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    let limits = args.connection_limits();
     let admin = match args.admin_listen {
         None => None,
         Some(addr) => {
@@ -596,14 +597,15 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
                 .await
                 .map_err(|e| format!("bind admin {addr}: {e}"))?;
             tracing::info!(address = %addr, "admin API listening");
-            Some(tokio::spawn(app::run(
+            Some(tokio::spawn(server::run(
                 admin_listener,
                 app::admin_router(state.clone()),
                 stopped(stop_rx.clone()),
+                limits,
             )))
         }
     };
-    app::run(listener, app::router(state), stopped(stop_rx))
+    server::run(listener, app::router(state), stopped(stop_rx), limits)
         .await
         .map_err(|e| format!("server: {e}"))?;
     if let Some(admin) = admin {

@@ -13,6 +13,7 @@ use serde_json::{Value, json};
 use session_paymaster::app::{self, AppState};
 use session_paymaster::chain::deploy::{Artifacts, DevStack, deploy_dev_stack};
 use session_paymaster::config::{ChainConfig, Config, EntryPointConfig};
+use session_paymaster::server::{self, ConnectionLimits};
 use session_paymaster::signer::{KeySource, keygen};
 use session_paymaster::userop::EntryPointVersion;
 use sha2::{Digest, Sha256};
@@ -164,15 +165,25 @@ pub struct TestApp {
 
 impl TestApp {
     pub async fn spawn(config: Config) -> TestResult<Self> {
+        Self::spawn_with_limits(config, ConnectionLimits::default()).await
+    }
+
+    /// The service, its connections held to `limits`.
+    pub async fn spawn_with_limits(config: Config, limits: ConnectionLimits) -> TestResult<Self> {
         let state = Arc::new(AppState::build(&config).await?);
         let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
         let url = format!("http://{}", listener.local_addr()?);
         let (tx, rx) = oneshot::channel::<()>();
         let serve_state = state.clone();
         tokio::spawn(async move {
-            let _ = app::run(listener, app::router(serve_state), async {
-                let _ = rx.await;
-            })
+            let _ = server::run(
+                listener,
+                app::router(serve_state),
+                async {
+                    let _ = rx.await;
+                },
+                limits,
+            )
             .await;
         });
         Ok(Self {

@@ -10,6 +10,8 @@ use session_paymaster::userop::hash::paymaster_hash;
 use session_paymaster::userop::paymaster_data::{PaymasterData, STUB_SIGNATURE};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
+use session_paymaster::server::ConnectionLimits;
+
 use crate::helpers::{TestApp, TestResult, config};
 
 sol! {
@@ -598,6 +600,90 @@ async fn a_body_over_the_limit_gets_a_json_rpc_error() -> TestResult {
         .post(&json!({ "jsonrpc": "2.0", "id": 2, "method": "eth_chainId" }).to_string())
         .await?;
     assert_eq!((status, v["result"].clone()), (200, json!("0x7a69")));
+    Ok(())
+}
+
+/// A client that opens connections and never finishes a request holds nothing for long: its
+/// headers, and a kept-alive connection's next request, have `header_timeout`; its body goes
+/// under `request_timeout` (HTTP 408); connections past the cap wait in the kernel's backlog
+/// until one closes. (axum's `serve`, before, gave hyper no timer: each held its socket for
+/// ever, so a few thousand exhausted the process's file descriptors before any key was checked.)
+#[tokio::test]
+async fn slow_idle_and_surplus_connections_are_bounded() -> TestResult {
+    use std::time::{Duration, Instant};
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    use tokio::net::TcpStream;
+
+    let limits = ConnectionLimits {
+        header_timeout: Duration::from_secs(1),
+        request_timeout: Duration::from_secs(2),
+        max_connections: 2,
+    };
+    let app = TestApp::spawn_with_limits(
+        config([Some(PM07), None, None], KeySource::Ephemeral),
+        limits,
+    )
+    .await?;
+    let addr = app.url.trim_start_matches("http://").to_owned();
+    // Everything the server writes until it closes the connection (a test failure after 5 s).
+    async fn until_closed(conn: &mut TcpStream) -> TestResult<String> {
+        let mut got = Vec::new();
+        match tokio::time::timeout(Duration::from_secs(5), conn.read_to_end(&mut got)).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) if e.kind() == std::io::ErrorKind::ConnectionReset => {}
+            Ok(Err(e)) => return Err(e.into()),
+            Err(_) => return Err("the connection was still open after 5 s".into()),
+        }
+        Ok(String::from_utf8_lossy(&got).into_owned())
+    }
+    let chain_id = r#"{"jsonrpc":"2.0","id":1,"method":"eth_chainId"}"#;
+
+    // Headers begun, never finished: closed, unanswered.
+    let mut conn = TcpStream::connect(&addr).await?;
+    conn.write_all(b"POST / HTTP/1.1\r\nHost: x\r\nContent-Ty")
+        .await?;
+    assert_eq!(until_closed(&mut conn).await?, "");
+
+    // A body that stops short of its length: 408, and closed.
+    let mut conn = TcpStream::connect(&addr).await?;
+    let head = format!(
+        "POST / HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        chain_id.len()
+    );
+    conn.write_all(head.as_bytes()).await?;
+    conn.write_all(&chain_id.as_bytes()[..10]).await?;
+    let answer = until_closed(&mut conn).await?;
+    assert!(answer.starts_with("HTTP/1.1 408"), "{answer}");
+    assert!(answer.contains(r#""reason":"request_timeout""#), "{answer}");
+
+    // A request answered, then the kept-alive connection left idle: closed after the answer.
+    let mut conn = TcpStream::connect(&addr).await?;
+    conn.write_all(format!("{head}{chain_id}").as_bytes())
+        .await?;
+    let answer = until_closed(&mut conn).await?;
+    assert!(answer.starts_with("HTTP/1.1 200"), "{answer}");
+    assert!(answer.contains(r#""result":"0x7a69""#), "{answer}");
+
+    // Two connections held open (the cap): a third is answered only once one of them is closed
+    // by its header timeout.
+    let held = [
+        TcpStream::connect(&addr).await?,
+        TcpStream::connect(&addr).await?,
+    ];
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let started = Instant::now();
+    let mut third = TcpStream::connect(&addr).await?;
+    third
+        .write_all(format!("{head}{chain_id}").as_bytes())
+        .await?;
+    let answer = until_closed(&mut third).await?;
+    assert!(answer.contains(r#""result":"0x7a69""#), "{answer}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(500),
+        "the third connection was served at once, past the cap: {:?}",
+        started.elapsed()
+    );
+    drop(held);
     Ok(())
 }
 
