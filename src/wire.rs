@@ -148,8 +148,13 @@ pub const ECHO_MAX_CHARS: usize = 64;
 /// A client's text as errors echo it: at most [`ECHO_MAX_CHARS`] characters, so an answer never
 /// grows with what was sent (a 100 KiB policy id or method name).
 pub fn echo(text: &str) -> String {
-    match text.char_indices().nth(ECHO_MAX_CHARS) {
-        Some((cut, _)) => format!("{}…", &text[..cut]),
+    cut(text, ECHO_MAX_CHARS)
+}
+
+/// `text`'s first `max_chars` characters, and `…` if there were more.
+pub fn cut(text: &str, max_chars: usize) -> String {
+    match text.char_indices().nth(max_chars) {
+        Some((at, _)) => format!("{}…", &text[..at]),
         None => text.to_owned(),
     }
 }

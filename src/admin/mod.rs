@@ -92,7 +92,17 @@ async fn create(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
             message: "body is not JSON".into(),
         }]);
     };
-    let grant = match SessionGrant::from_request(&body, unix_now(), random_id) {
+    // Drawn before parsing, used only where the request names no id: an id nobody can guess
+    // or nothing (a clock's would be guessable, and session ids are credentials of a kind).
+    let mut fresh = [0u8; 32];
+    if let Err(e) = getrandom::fill(&mut fresh) {
+        tracing::error!(error = %e, "no randomness for a session id");
+        return error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "no randomness for a new session id; retry, or name one in sessionId",
+        );
+    }
+    let grant = match SessionGrant::from_request(&body, unix_now(), || B256::from(fresh)) {
         Ok(g) => g,
         Err(issues) => return invalid(issues),
     };
@@ -180,18 +190,4 @@ async fn list(State(state): State<Arc<AppState>>, Query(q): Query<ListQuery>) ->
         }
         Err(e) => store_failed(e),
     }
-}
-
-/// A fresh random session id.
-fn random_id() -> B256 {
-    let mut id = [0u8; 32];
-    // getrandom only fails without an OS RNG; an id from the clock then still differs per call
-    // site, and a collision is refused by the store (409), never overwritten.
-    if getrandom::fill(&mut id).is_err() {
-        let nanos = std::time::SystemTime::now()
-            .duration_since(std::time::UNIX_EPOCH)
-            .map_or(0, |d| d.as_nanos());
-        id[..16].copy_from_slice(&nanos.to_be_bytes());
-    }
-    B256::from(id)
 }

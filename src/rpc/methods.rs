@@ -141,13 +141,14 @@ pub(crate) async fn call(
             let chain = chain_of(state, path_chain)?;
             let (op, entry_point) = op_and_entry_point(params)?;
             let context = RequestContext::from_json(params.get(2))?;
-            Ok(state
+            state
                 .sponsor
                 .explain(
                     request(key, chain, &op, entry_point, &context, Mode::Final),
                     unix_now(),
                 )
-                .await)
+                .await
+                .map_err(|e| RpcError::from_sponsor(e, request_id, &[]))
         }
         other => Err(RpcError::method_not_found(other)),
     }
@@ -294,7 +295,8 @@ async fn estimate_gas(
         // The bundler's own refusal is the client's to read; a transport failure is ours
         // (its text may carry the bundler URL and key): logged, and named only by kind.
         let reason = match e.as_error_resp() {
-            Some(refusal) => refusal.message.to_string(),
+            // (Cut: a revert's data, which the account's code chooses, may be long.)
+            Some(refusal) => crate::wire::cut(&refusal.message, 512),
             None => {
                 tracing::warn!(request_id, error = %crate::chain::client::error_chain(&e), "the bundler did not answer");
                 format!("the bundler did not answer (request {request_id})")

@@ -446,11 +446,15 @@ impl Sponsor {
 
     /// What [`Self::sponsor`] would decide and why: the decoded calls, every check of every
     /// policy considered (and of the session), and the decision; budgets and token caps are
-    /// checked, nothing is reserved or signed.
-    pub async fn explain(&self, req: SponsorRequest<'_>, now: u64) -> Value {
+    /// checked, nothing is reserved or signed. A failure of ours (the store, the signer) is no
+    /// decision: it is the error, answered as every method answers it (its text, which may
+    /// name Redis' nodes, only in the log).
+    pub async fn explain(&self, req: SponsorRequest<'_>, now: u64) -> Result<Value, SponsorError> {
         let mut trace = Trace::on();
-        let outcome = self.run(req, now, Run::Explain, &mut trace).await;
-        trace.into_json(outcome)
+        match self.run(req, now, Run::Explain, &mut trace).await {
+            Err(e @ (SponsorError::Store(_) | SponsorError::Signer(_))) => Err(e),
+            outcome => Ok(trace.into_json(outcome)),
+        }
     }
 
     /// Revoke a session: first where reservations see it (so no signature follows once this

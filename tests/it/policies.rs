@@ -221,11 +221,24 @@ async fn replicas_follow_the_set_published_in_redis() -> TestResult {
     drop(redis);
     let (status, ready) = readyz(&a).await?;
     assert_eq!(status, 503, "{ready}");
-    assert!(
-        ready["redis"]
-            .as_str()
-            .is_some_and(|s| s.starts_with("unreachable"))
+    // Only that: Redis' error (its address, the connection refused) is for the log.
+    assert_eq!(ready["redis"], json!("unreachable"), "{ready}");
+    // So is it in an explanation, which needs the session's grant from Redis: the error every
+    // method answers a store failure with (it was the explanation's `error`, Redis' text).
+    let op = counter_op(Address::repeat_byte(0x11), 0, "increment()");
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "pm_explainSponsorship",
+        "params": [op.to_json(), EntryPointVersion::V0_7.canonical_address(),
+                   { "sessionId": format!("{}", alloy::primitives::B256::repeat_byte(0x5e)) }]
+    });
+    let v = a.post(&body.to_string()).await?.1;
+    assert_eq!(v["error"]["code"], json!(-32004), "{v}");
+    assert_eq!(
+        v["error"]["data"]["reason"],
+        json!("store_unavailable"),
+        "{v}"
     );
+    assert!(!v.to_string().contains("127.0.0.1"), "{v}");
     Ok(())
 }
 
