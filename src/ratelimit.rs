@@ -1,7 +1,11 @@
 //! Rate limits (GCRA, with `governor`): per API key (`--rate-per-key`), and per sender and per
 //! session as each policy's `[rate]` says. Keyed limiters live in memory, one per (policy,
 //! scope, rate); keys fully replenished are evicted by [`RateLimits::evict_stale`] (run every
-//! minute by `serve`), so memory stays bounded by the keys active within one window.
+//! minute by `serve`), so memory stays bounded by the keys active within one window, and each
+//! limiter tracks at most [`MAX_TRACKED`] keys: a new sender per request (anyone with a key may
+//! name any sender a policy admits) under a `per_sender = "10/d"` would otherwise add an entry
+//! a request, kept a day. A limiter that is full refuses every request under it (`rate_limited`,
+//! fail closed) until the next eviction makes room.
 //!
 //! Limits are per instance: N replicas allow N times the rate (DESIGN keeps Redis for money,
 //! not for rate limits; budgets are what bound spending).
@@ -9,6 +13,7 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::num::NonZeroU32;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -31,9 +36,15 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
+/// Most keys one limiter tracks (an entry is about 100 bytes).
+pub const MAX_TRACKED: usize = 1 << 20;
+
 fn quota(rate: Rate) -> Option<Quota> {
     let burst = NonZeroU32::new(rate.count)?;
-    Quota::with_period(rate.per / rate.count).map(|q| q.allow_burst(burst))
+    // (A rate over one a nanosecond is refused at parsing; were one here, it would be held to
+    // one a nanosecond rather than become no limit at all.)
+    Quota::with_period((rate.per / rate.count).max(Duration::from_nanos(1)))
+        .map(|q| q.allow_burst(burst))
 }
 
 /// The keys a policy's limiters are keyed by.
@@ -47,11 +58,23 @@ enum Subject {
 /// new policy set gets a new limiter.
 type PolicyLimit = (String, &'static str, Rate);
 
+/// A policy's limiter, and whether it was full when last looked at (its size is summed over
+/// its shards' locks: looked at every `every` checks, and at each eviction, so it may pass its
+/// cap by that many keys).
+struct PolicyLimiter<C: Clock> {
+    keyed: Keyed<Subject, C>,
+    checks: AtomicUsize,
+    every: usize,
+    full: AtomicBool,
+}
+
 /// All rate limiters of one instance.
 pub struct RateLimits<C: Clock = DefaultClock> {
     clock: C,
     per_key: Option<Keyed<String, C>>,
-    by_policy: Mutex<HashMap<PolicyLimit, Arc<Keyed<Subject, C>>>>,
+    by_policy: Mutex<HashMap<PolicyLimit, Arc<PolicyLimiter<C>>>>,
+    /// Most keys a policy's limiter tracks ([`MAX_TRACKED`]).
+    max_tracked: usize,
 }
 
 impl<C: Clock + Clone> std::fmt::Debug for RateLimits<C> {
@@ -79,7 +102,14 @@ impl<C: Clock + Clone> RateLimits<C> {
             clock,
             per_key,
             by_policy: Mutex::new(HashMap::new()),
+            max_tracked: MAX_TRACKED,
         }
+    }
+
+    /// The same, each policy's limiter tracking at most `max` keys.
+    pub fn with_max_tracked(mut self, max: usize) -> Self {
+        self.max_tracked = max;
+        self
     }
 
     fn check<K: Hash + Eq + Clone>(
@@ -107,7 +137,7 @@ impl<C: Clock + Clone> RateLimits<C> {
         policy: &str,
         scope: &'static str,
         rate: Rate,
-    ) -> Option<Arc<Keyed<Subject, C>>> {
+    ) -> Option<Arc<PolicyLimiter<C>>> {
         let mut map = self
             .by_policy
             .lock()
@@ -116,10 +146,12 @@ impl<C: Clock + Clone> RateLimits<C> {
         if let Some(l) = map.get(&key) {
             return Some(Arc::clone(l));
         }
-        let limiter = Arc::new(RateLimiter::dashmap_with_clock(
-            quota(rate)?,
-            self.clock.clone(),
-        ));
+        let limiter = Arc::new(PolicyLimiter {
+            keyed: RateLimiter::dashmap_with_clock(quota(rate)?, self.clock.clone()),
+            checks: AtomicUsize::new(0),
+            every: (self.max_tracked / 4096).clamp(1, 256),
+            full: AtomicBool::new(false),
+        });
         map.insert(key, Arc::clone(&limiter));
         Some(limiter)
     }
@@ -131,11 +163,35 @@ impl<C: Clock + Clone> RateLimits<C> {
         sender: Address,
         session: Option<B256>,
     ) -> Result<(), Limited> {
+        // A full limiter cannot tell a key it tracks from a new one without adding it: it
+        // refuses all until `evict_stale` (every minute) makes room.
+        let full = |limiter: &PolicyLimiter<C>, scope: &str| {
+            if limiter
+                .checks
+                .fetch_add(1, Ordering::Relaxed)
+                .is_multiple_of(limiter.every)
+            {
+                let tracked = limiter.keyed.len();
+                let full = tracked >= self.max_tracked;
+                if full && !limiter.full.swap(true, Ordering::Relaxed) {
+                    tracing::warn!(policy = %policy.id, scope, tracked, "rate limiter full: refusing every request under it until its next eviction");
+                }
+                limiter.full.store(full, Ordering::Relaxed);
+            }
+            if !limiter.full.load(Ordering::Relaxed) {
+                return Ok(());
+            }
+            Err(Limited {
+                scope: format!("{}.rate.{scope} (limiter full)", policy.id),
+                retry_after: Duration::from_secs(60),
+            })
+        };
         if let Some(limiter) = policy
             .rate_per_sender
             .and_then(|r| self.limiter(&policy.id, "per_sender", r))
         {
-            self.check(&limiter, &Subject::Sender(sender), || {
+            full(&limiter, "per_sender")?;
+            self.check(&limiter.keyed, &Subject::Sender(sender), || {
                 format!("{}.rate.per_sender", policy.id)
             })?;
         }
@@ -145,7 +201,8 @@ impl<C: Clock + Clone> RateLimits<C> {
                 .rate_per_session
                 .and_then(|r| self.limiter(&policy.id, "per_session", r)),
         ) {
-            self.check(&limiter, &Subject::Session(id), || {
+            full(&limiter, "per_session")?;
+            self.check(&limiter.keyed, &Subject::Session(id), || {
                 format!("{}.rate.per_session", policy.id)
             })?;
         }
@@ -163,8 +220,10 @@ impl<C: Clock + Clone> RateLimits<C> {
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
         for l in map.values() {
-            l.retain_recent();
-            l.shrink_to_fit();
+            l.keyed.retain_recent();
+            l.keyed.shrink_to_fit();
+            l.full
+                .store(l.keyed.len() >= self.max_tracked, Ordering::Relaxed);
         }
     }
 
@@ -174,7 +233,8 @@ impl<C: Clock + Clone> RateLimits<C> {
             .by_policy
             .lock()
             .unwrap_or_else(std::sync::PoisonError::into_inner);
-        self.per_key.as_ref().map_or(0, |l| l.len()) + map.values().map(|l| l.len()).sum::<usize>()
+        self.per_key.as_ref().map_or(0, |l| l.len())
+            + map.values().map(|l| l.keyed.len()).sum::<usize>()
     }
 
     /// Whether no key is tracked.
@@ -236,6 +296,26 @@ functions = ["*"]
                 .scope,
             "p.rate.per_session"
         );
+    }
+
+    #[test]
+    fn a_full_limiter_refuses_until_evicted() {
+        let clock = FakeRelativeClock::default();
+        let limits = RateLimits::with_clock(None, clock.clone()).with_max_tracked(3);
+        let p = policy();
+        let sender = |i: u8| Address::repeat_byte(i);
+        for i in 1..=3 {
+            assert!(limits.check_policy(&p, sender(i), None).is_ok());
+        }
+        // A fourth sender, and one already tracked: refused, the limiter full.
+        for i in [4, 1] {
+            let hit = limits.check_policy(&p, sender(i), None).unwrap_err();
+            assert_eq!(hit.scope, "p.rate.per_sender (limiter full)");
+        }
+        assert_eq!(limits.len(), 3);
+        clock.advance(Duration::from_secs(61));
+        limits.evict_stale();
+        assert!(limits.check_policy(&p, sender(4), None).is_ok());
     }
 
     #[test]

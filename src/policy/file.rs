@@ -713,6 +713,10 @@ pub fn parse_rate(s: &str) -> Result<Rate, String> {
             .filter(|d| !d.is_zero())
             .ok_or_else(err)?,
     };
+    // GCRA spaces requests by `per / count`: under a nanosecond would be no spacing at all.
+    if per / count < Duration::from_nanos(1) {
+        return Err(format!("rate `{s}` is over one a nanosecond"));
+    }
     Ok(Rate { count, per })
 }
 
@@ -864,6 +868,12 @@ max_value = "0"
             })
         );
         assert_eq!(p.senders.deny.len(), 1);
+        // Over one a nanosecond would space nothing (it used to be no limit at all).
+        assert!(parse_rate("1000000000/s").is_ok());
+        assert!(
+            parse_rate("2000000000/s").is_err_and(|e| e.contains("one a nanosecond")),
+            "refused"
+        );
 
         let bad = src
             .replace("ops = 500 }", "ops = 500, period = \"1d\" }")
