@@ -143,7 +143,49 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreErr
         .await
         .map_err(unavailable)?;
     check_version(&info)?;
+    let memory: redis::Value = redis::cmd("INFO")
+        .arg("memory")
+        .query_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
+    check_eviction(&memory)?;
     Ok(conn)
+}
+
+/// Refuse a Redis (any node of a Cluster) that evicts keys when full: `maxmemory` set and a
+/// `maxmemory-policy` other than `noeviction`. Budget counters, reservation records and session
+/// states all have TTLs, so even a `volatile-*` policy would drop them under memory pressure:
+/// costs forgotten, budgets whole again, revocations undone. A node whose `INFO memory` names
+/// neither (a managed Redis hiding them) passes, with a warning.
+fn check_eviction(info: &redis::Value) -> Result<(), StoreError> {
+    let mut texts = Vec::new();
+    collect_text(info, &mut texts);
+    let field = |text: &str, name: &str| {
+        text.lines()
+            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+    };
+    let mut seen = false;
+    for text in &texts {
+        let (Some(max), Some(policy)) =
+            (field(text, "maxmemory:"), field(text, "maxmemory_policy:"))
+        else {
+            continue;
+        };
+        seen = true;
+        if max != "0" && policy != "noeviction" {
+            return Err(StoreError::Unavailable(format!(
+                "Redis evicts keys when full (maxmemory {max}, maxmemory-policy {policy}): \
+                 budget counters and reservations would be dropped and their costs forgotten; \
+                 set maxmemory-policy noeviction (docs/operations.md)"
+            )));
+        }
+    }
+    if !seen {
+        tracing::warn!(
+            "Redis' INFO memory names no maxmemory policy: make sure it is noeviction (docs/operations.md)"
+        );
+    }
+    Ok(())
 }
 
 /// The Redis 7.0 check of [`connect`], on every node's `INFO server` answer `info` holds.
@@ -448,6 +490,33 @@ mod tests {
 
     #[test]
     fn redis_older_than_7_is_refused_on_any_node() {
+        let memory = |max: &str, policy: &str| {
+            redis::Value::BulkString(
+                format!("# Memory\r\nused_memory:1000\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n")
+                    .into_bytes(),
+            )
+        };
+        assert!(check_eviction(&memory("0", "noeviction")).is_ok());
+        assert!(
+            check_eviction(&memory("0", "allkeys-lru")).is_ok(),
+            "no limit: nothing evicted"
+        );
+        assert!(check_eviction(&memory("104857600", "noeviction")).is_ok());
+        for policy in ["volatile-lru", "allkeys-lru", "volatile-ttl"] {
+            assert!(
+                check_eviction(&memory("104857600", policy))
+                    .is_err_and(|e| e.to_string().contains(policy)),
+                "{policy}"
+            );
+        }
+        assert!(
+            check_eviction(&redis::Value::Array(vec![
+                memory("0", "noeviction"),
+                memory("1000", "volatile-lru")
+            ]))
+            .is_err(),
+            "one node of a Cluster"
+        );
         assert!(check_version(&info("7.0.15")).is_ok());
         assert!(check_version(&info("8.2.1")).is_ok());
         assert!(check_version(&info("6.2.14")).is_err());

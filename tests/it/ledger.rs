@@ -3173,3 +3173,36 @@ async fn watchers_read_every_paymaster_noted_until_its_signatures_expire() -> Te
     );
     Ok(())
 }
+
+/// A Redis that evicts keys when full (`maxmemory` set, a policy other than `noeviction`) would
+/// drop budget counters, reservations and revocations, which all have TTLs, under memory
+/// pressure: costs forgotten. The service refuses to start on one.
+#[tokio::test]
+async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let connect = || session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2));
+    let mut conn = connect().await?;
+    for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "volatile-lru")] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async::<()>(&mut conn)
+            .await?;
+    }
+    match connect().await {
+        Err(e) => assert!(e.to_string().contains("volatile-lru"), "{e}"),
+        Ok(_) => panic!("a Redis that evicts keys was taken"),
+    }
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory-policy")
+        .arg("noeviction")
+        .query_async::<()>(&mut conn)
+        .await?;
+    assert!(
+        connect().await.is_ok(),
+        "a full noeviction Redis refuses writes: fail closed"
+    );
+    Ok(())
+}
