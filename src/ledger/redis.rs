@@ -1002,13 +1002,18 @@ impl RedisLedger {
     ) -> Result<(), StoreError> {
         let mut conn = self.conn.clone();
         let key = session_key(policy, session);
-        // Status first: a key left without its TTL by a failure in between is harmless.
-        let _: () = conn
-            .hset(&key, "status", "revoked")
-            .await
-            .map_err(unavailable)?;
         let ttl = i64::try_from(ttl_secs(expires_at, now)).unwrap_or(i64::MAX);
-        let _: () = conn.expire(&key, ttl).await.map_err(unavailable)?;
+        // Status and TTL in one step: two commands left, on a failure between them, a key that
+        // never expires and an admin told 503 for a revocation that had been written.
+        let _: i64 = redis::Script::new(
+            "redis.call('HSET', KEYS[1], 'status', 'revoked') \
+             redis.call('EXPIRE', KEYS[1], ARGV[1]) return 1",
+        )
+        .key(&key)
+        .arg(ttl)
+        .invoke_async(&mut conn)
+        .await
+        .map_err(unavailable)?;
         Ok(())
     }
 
