@@ -15,6 +15,15 @@ use crate::userop::UserOperation;
 /// Most tokens one grant may cap.
 pub const MAX_SPEND_LIMITS: usize = 32;
 
+/// Most `allow` rules a grant lists, and functions a rule lists: a grant is stored whole, read
+/// on every sponsorship under it and kept in up to 65,536 copies per replica, so its size is
+/// bounded whatever a dapp's backend passes through.
+pub const MAX_ALLOW_RULES: usize = 64;
+/// See [`MAX_ALLOW_RULES`].
+pub const MAX_FUNCTIONS_PER_RULE: usize = 64;
+/// Longest function signature a rule lists, in bytes.
+pub const MAX_FUNCTION_CHARS: usize = 256;
+
 /// Whether a session may still be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "lowercase")]
@@ -634,6 +643,13 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                 "empty: omit it to inherit the policy's rules",
             ));
         }
+        if items.len() > MAX_ALLOW_RULES {
+            issues.push(issue(
+                "$.permissions.allow",
+                format!("at most {MAX_ALLOW_RULES} rules"),
+            ));
+            return None;
+        }
         let mut rules = Vec::new();
         for (i, item) in items.iter().enumerate() {
             let path = format!("$.permissions.allow[{i}]");
@@ -649,11 +665,20 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
             let target = f.address("target", true);
             let max_value = f.amount("maxValue", false).unwrap_or_default();
             let functions: Vec<String> = match f.get("functions", true).cloned() {
+                Some(Value::Array(fs)) if fs.len() > MAX_FUNCTIONS_PER_RULE => {
+                    f.issues.push(issue(
+                        format!("{path}.functions"),
+                        format!("at most {MAX_FUNCTIONS_PER_RULE} functions"),
+                    ));
+                    Vec::new()
+                }
                 Some(Value::Array(fs)) if !fs.is_empty() => fs
                     .iter()
                     .enumerate()
                     .filter_map(|(j, x)| {
-                        let s = x.as_str().filter(|s| *s == "*" || selector_of(s).is_some());
+                        let s = x.as_str().filter(|s| {
+                            s.len() <= MAX_FUNCTION_CHARS && (*s == "*" || selector_of(s).is_some())
+                        });
                         if s.is_none() {
                             f.issues.push(issue(format!("{path}.functions[{j}]"), "expected a signature like `transfer(address,uint256)`, a selector, or \"*\""));
                         }
@@ -985,6 +1010,52 @@ mod tests {
             (g.session_id, g.status),
             (B256::repeat_byte(3), SessionStatus::Active)
         );
+    }
+
+    /// A grant's size is bounded: rules, functions a rule, a function's length.
+    #[test]
+    fn a_grants_permissions_are_bounded() {
+        let grant = |rules: usize, functions: usize, chars: usize| {
+            let allow: Vec<Value> = (0..rules)
+                .map(|i| {
+                    let fs: Vec<String> = (0..functions)
+                        .map(|j| {
+                            format!(
+                                "f{j}({})",
+                                "uint256,".repeat(chars / 8).trim_end_matches(',')
+                            )
+                        })
+                        .collect();
+                    json!({ "target": format!("0x{:040x}", i + 1), "functions": fs })
+                })
+                .collect();
+            let body = json!({
+                "account": ACCOUNT, "sessionKey": ACCOUNT, "chainId": 31337, "policy": "p",
+                "validAfter": 0, "validUntil": 50, "permissions": { "allow": allow }
+            });
+            SessionGrant::from_request(&body, 0, || B256::ZERO).map_err(|issues| {
+                issues
+                    .into_iter()
+                    .map(|i| format!("{}: {}", i.path, i.message))
+                    .collect::<Vec<_>>()
+            })
+        };
+        let ok = grant(MAX_ALLOW_RULES, MAX_FUNCTIONS_PER_RULE, 200);
+        assert!(ok.is_ok(), "{:?}", ok.err());
+        let refused = |r: Result<SessionGrant, Vec<String>>, says: &str| {
+            assert!(
+                r.as_ref()
+                    .is_err_and(|e| e.iter().any(|m| m.contains(says))),
+                "{says}: {:?}",
+                r.err()
+            );
+        };
+        refused(grant(MAX_ALLOW_RULES + 1, 1, 10), "at most 64 rules");
+        refused(
+            grant(1, MAX_FUNCTIONS_PER_RULE + 1, 10),
+            "at most 64 functions",
+        );
+        refused(grant(1, 1, MAX_FUNCTION_CHARS + 8), "functions[0]");
     }
 
     /// A spend cap on an address no call targets as a token (the zero address, the native
