@@ -63,7 +63,17 @@ pub struct AppState {
     /// Version of the set in this replica's own directory at start.
     directory_version: alloy::primitives::B256,
     request_seq: AtomicU64,
+    /// What `/metrics` last read of the policy-wide budgets, and when (it asks for no
+    /// credential: a scrape flood costs Redis at most one read per budget every
+    /// [`BUDGETS_SCRAPE_MAX_AGE`]).
+    budgets_scraped: tokio::sync::Mutex<Option<(std::time::Instant, Budgets)>>,
 }
+
+/// `(policy, chain, resource, remaining)` of each policy-wide budget (`Scrape::budgets`).
+type Budgets = Vec<(String, u64, &'static str, u64)>;
+
+/// Longest `/metrics` shows the budgets it read before reading them again.
+const BUDGETS_SCRAPE_MAX_AGE: Duration = Duration::from_secs(5);
 
 /// One chain's settlement watcher, as `/readyz` and the metrics report it.
 #[derive(Debug)]
@@ -198,6 +208,7 @@ impl AppState {
             policies_dir: config.policies_dir.clone(),
             directory_version,
             request_seq: AtomicU64::new(u64::from_be_bytes(seed) >> 16),
+            budgets_scraped: tokio::sync::Mutex::new(None),
         })
     }
 
@@ -524,12 +535,9 @@ fn watcher_delay(every: Duration, failures: u32) -> Duration {
     every.saturating_mul(1 << failures.min(16)).min(cap)
 }
 
-async fn metrics(State(state): State<Arc<AppState>>) -> Response {
-    let sponsor = &state.sponsor;
-    let policies = sponsor.policies();
-    // What is left of each policy-wide budget in its current window (a store failure leaves
-    // the series out rather than failing the scrape).
-    let now = unix_now();
+/// What is left of each policy-wide budget in its current window (a store failure leaves the
+/// series out rather than failing the scrape).
+async fn read_budgets(sponsor: &Sponsor, policies: &crate::policy::PolicySet, now: u64) -> Budgets {
     let mut budgets = Vec::new();
     let served: Vec<u64> = sponsor.chains().iter().map(|c| c.chain_id).collect();
     let mut pairs = Vec::new();
@@ -557,6 +565,25 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
             }
         }
     }
+    budgets
+}
+
+async fn metrics(State(state): State<Arc<AppState>>) -> Response {
+    let sponsor = &state.sponsor;
+    let policies = sponsor.policies();
+    let now = unix_now();
+    // One scrape reads the budgets at a time, the others wait for it and show what it read.
+    let budgets = {
+        let mut scraped = state.budgets_scraped.lock().await;
+        match &*scraped {
+            Some((at, budgets)) if at.elapsed() < BUDGETS_SCRAPE_MAX_AGE => budgets.clone(),
+            _ => {
+                let budgets = read_budgets(sponsor, &policies, now).await;
+                *scraped = Some((std::time::Instant::now(), budgets.clone()));
+                budgets
+            }
+        }
+    };
     // The most lagging chain's.
     let watcher_lag = state
         .watchers
