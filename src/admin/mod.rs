@@ -6,7 +6,7 @@
 //! |---|---|
 //! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken |
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
-//! | `GET /admin/sessions?account=0x…&cursor=N&limit=N` | 200 `{sessions, nextCursor}` |
+//! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset) |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
 //! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null) |
 //!
@@ -27,8 +27,8 @@ use serde_json::{Value, json};
 use crate::apikey::sha256_matches;
 use crate::app::AppState;
 use crate::clock::unix_now;
-use crate::session::StoreError;
 use crate::session::grant::{FieldIssue, SessionGrant};
+use crate::session::{Cursor, StoreError};
 
 /// Most sessions per page.
 pub const MAX_PAGE: usize = 100;
@@ -161,7 +161,7 @@ async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> R
 #[derive(Deserialize)]
 struct ListQuery {
     account: Option<String>,
-    cursor: Option<u64>,
+    cursor: Option<String>,
     limit: Option<usize>,
 }
 
@@ -178,16 +178,27 @@ async fn list(State(state): State<Arc<AppState>>, Query(q): Query<ListQuery>) ->
         }]);
     };
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let cursor = match q.cursor.as_deref().map(str::parse::<Cursor>) {
+        None => Cursor::Offset(0),
+        Some(Ok(c)) => c,
+        Some(Err(())) => {
+            return invalid(vec![FieldIssue {
+                path: "cursor".into(),
+                message: "query parameter `cursor` must be a `nextCursor` this API gave".into(),
+            }]);
+        }
+    };
     match state
         .sponsor
         .sessions()
-        .list_by_account(account, q.cursor.unwrap_or(0), limit)
+        .list_by_account(account, cursor, limit)
         .await
     {
-        Ok(page) => {
-            axum::Json(json!({ "sessions": page.sessions, "nextCursor": page.next_cursor }))
-                .into_response()
-        }
+        Ok(page) => axum::Json(json!({
+            "sessions": page.sessions,
+            "nextCursor": page.next_cursor.map(|c| c.to_string()),
+        }))
+        .into_response(),
         Err(e) => store_failed(e),
     }
 }

@@ -5,7 +5,7 @@ use std::sync::RwLock;
 
 use alloy::primitives::{Address, B256};
 
-use super::{Page, SessionGrant, SessionStatus, forgotten};
+use super::{Cursor, ListPlace, Page, SessionGrant, SessionStatus, forgotten};
 use crate::clock::unix_now;
 
 /// Grants by id, and per account in creation order.
@@ -18,24 +18,39 @@ pub struct MemorySessions {
 struct Inner {
     by_id: HashMap<B256, SessionGrant>,
     by_account: BTreeMap<Address, Vec<B256>>,
+    /// Grants held when every account's forgotten grants are next swept out.
+    next_sweep: usize,
 }
 
+/// Fewest grants held before the first sweep.
+const FIRST_SWEEP: usize = 1024;
+
 impl Inner {
-    /// Forget `account`'s grants past the time they are kept, as the Redis store does when the
-    /// account gets a new grant (only that account's: another account's listing keeps its
-    /// offsets).
+    /// Forget `account`'s grants past the time they are kept, and, each time the grants held
+    /// have doubled since the last sweep, every account's (as the Redis store drops the ended
+    /// grants of the index bucket a new grant goes into): a grant per account that never gets
+    /// another one stays no longer than that. Listings resume after a grant's place
+    /// ([`Cursor::After`]), which nothing leaving shifts.
     fn prune(&mut self, account: Address, now: u64) {
-        let Some(ids) = self.by_account.get_mut(&account) else {
-            return;
-        };
         let by_id = &mut self.by_id;
-        ids.retain(|id| {
-            let gone = by_id.get(id).is_none_or(|g| forgotten(g, now));
-            if gone {
-                by_id.remove(id);
-            }
-            !gone
+        if let Some(ids) = self.by_account.get_mut(&account) {
+            ids.retain(|id| {
+                let gone = by_id.get(id).is_none_or(|g| forgotten(g, now));
+                if gone {
+                    by_id.remove(id);
+                }
+                !gone
+            });
+        }
+        if by_id.len() < self.next_sweep.max(FIRST_SWEEP) {
+            return;
+        }
+        by_id.retain(|_, g| !forgotten(g, now));
+        self.by_account.retain(|_, ids| {
+            ids.retain(|id| by_id.contains_key(id));
+            !ids.is_empty()
         });
+        self.next_sweep = by_id.len().saturating_mul(2);
     }
 }
 
@@ -90,24 +105,73 @@ impl MemorySessions {
         Some(grant.clone())
     }
 
-    pub(super) fn list_by_account(&self, account: Address, cursor: u64, limit: usize) -> Page {
+    pub(super) fn list_by_account(&self, account: Address, cursor: Cursor, limit: usize) -> Page {
         let inner = self.read();
-        let ids = inner
+        let mut grants: Vec<&SessionGrant> = inner
             .by_account
             .get(&account)
             .map(Vec::as_slice)
-            .unwrap_or_default();
-        let start = usize::try_from(cursor).unwrap_or(usize::MAX).min(ids.len());
-        let end = start.saturating_add(limit).min(ids.len());
+            .unwrap_or_default()
+            .iter()
+            .filter_map(|id| inner.by_id.get(id))
+            .collect();
+        grants.sort_by_key(|g| ListPlace::of(g));
+        let start = match cursor {
+            Cursor::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX).min(grants.len()),
+            Cursor::After(place) => grants.partition_point(|g| ListPlace::of(g) <= place),
+        };
+        let end = start.saturating_add(limit).min(grants.len());
+        let page = &grants[start..end];
         let now = unix_now();
         Page {
-            sessions: ids[start..end]
+            sessions: page
                 .iter()
-                .filter_map(|id| inner.by_id.get(id))
                 .filter(|g| !forgotten(g, now))
-                .cloned()
+                .map(|g| (*g).clone())
                 .collect(),
-            next_cursor: (end < ids.len()).then_some(end as u64),
+            next_cursor: page
+                .last()
+                .filter(|_| end < grants.len())
+                .map(|g| Cursor::After(ListPlace::of(g))),
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::session::SessionStatus;
+
+    fn ended(i: u32) -> SessionGrant {
+        let mut account = [0u8; 20];
+        account[..4].copy_from_slice(&i.to_be_bytes());
+        let mut id = [0u8; 32];
+        id[..4].copy_from_slice(&i.to_be_bytes());
+        SessionGrant {
+            session_id: B256::from(id),
+            account: Address::from(account),
+            session_key: Address::repeat_byte(0x5e),
+            chain_id: 1,
+            policy: "p".into(),
+            valid_after: 0,
+            valid_until: 1_000_000,
+            status: SessionStatus::Active,
+            permissions: None,
+            budget: None,
+            created_at: 1,
+        }
+    }
+
+    /// Accounts that each get one grant, ended: they leave once the grants held have doubled,
+    /// not only when their own account gets another.
+    #[test]
+    fn ended_grants_of_other_accounts_are_swept() {
+        let store = MemorySessions::new();
+        for i in 0..5_000 {
+            assert!(store.create(&ended(i)));
+        }
+        let inner = store.read();
+        assert!(inner.by_id.len() <= FIRST_SWEEP, "{}", inner.by_id.len());
+        assert_eq!(inner.by_account.len(), inner.by_id.len());
     }
 }

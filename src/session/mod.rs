@@ -67,7 +67,84 @@ pub struct Page {
     /// Sessions, oldest first.
     pub sessions: Vec<SessionGrant>,
     /// Pass as `cursor` for the next page; `None` on the last.
-    pub next_cursor: Option<u64>,
+    pub next_cursor: Option<Cursor>,
+}
+
+/// Where a listing of an account's grants resumes.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Cursor {
+    /// After this many entries (the cursors before 0.3.5 gave, still taken; and in Redis, within
+    /// the grants 0.1 wrote, which come first). Entries that leave meanwhile shift it.
+    Offset(u64),
+    /// After this grant's place in the account's order: creation time, then the time it is
+    /// forgotten, then id (as its Redis index member orders it). Grants that leave meanwhile
+    /// (ended ones leave as any grant is created) shift nothing.
+    After(ListPlace),
+}
+
+/// A grant's place in its account's listing (see [`Cursor::After`]).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub struct ListPlace {
+    /// Creation time (Unix s, saturated to u32).
+    pub created_at: u32,
+    forget_at: u32,
+    id: B256,
+}
+
+impl ListPlace {
+    /// `grant`'s place.
+    pub fn of(grant: &SessionGrant) -> Self {
+        let u32_of = |t: u64| u32::try_from(t).unwrap_or(u32::MAX);
+        Self {
+            created_at: u32_of(grant.created_at),
+            forget_at: u32_of(grant.valid_until.saturating_add(RETAIN_SECS)),
+            id: grant.session_id,
+        }
+    }
+
+    /// Its 40 bytes, as they follow the account in its index member.
+    pub fn to_bytes(self) -> [u8; 40] {
+        let mut out = [0u8; 40];
+        out[..4].copy_from_slice(&self.created_at.to_be_bytes());
+        out[4..8].copy_from_slice(&self.forget_at.to_be_bytes());
+        out[8..].copy_from_slice(self.id.as_slice());
+        out
+    }
+
+    /// The place of its 40 bytes (as they follow the account in an index member).
+    pub(crate) fn from_bytes(b: &[u8]) -> Option<Self> {
+        let b: &[u8; 40] = b.try_into().ok()?;
+        Some(Self {
+            created_at: u32::from_be_bytes([b[0], b[1], b[2], b[3]]),
+            forget_at: u32::from_be_bytes([b[4], b[5], b[6], b[7]]),
+            id: B256::from_slice(&b[8..]),
+        })
+    }
+}
+
+impl std::str::FromStr for Cursor {
+    type Err = ();
+
+    /// A decimal offset, or `0x` and a place's 80 hex digits.
+    fn from_str(s: &str) -> Result<Self, ()> {
+        if let Some(hex) = s.strip_prefix("0x") {
+            let bytes = alloy::hex::decode(hex).map_err(|_| ())?;
+            return ListPlace::from_bytes(&bytes).map(Self::After).ok_or(());
+        }
+        if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
+            return Err(());
+        }
+        s.parse().map(Self::Offset).map_err(|_| ())
+    }
+}
+
+impl std::fmt::Display for Cursor {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Offset(n) => write!(f, "{n}"),
+            Self::After(place) => write!(f, "0x{}", alloy::hex::encode(place.to_bytes())),
+        }
+    }
 }
 
 /// Where grants live: in this process (embedded default) or in Redis (shared by replicas).
@@ -121,7 +198,7 @@ impl SessionStore {
     pub async fn list_by_account(
         &self,
         account: Address,
-        cursor: u64,
+        cursor: Cursor,
         limit: usize,
     ) -> Result<Page, StoreError> {
         match self {

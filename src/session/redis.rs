@@ -5,7 +5,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
-//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants; an account's ended grants leave when it gets a new one (`index.lua`) |
+//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`Cursor::After`]); every ended grant's member leaves as any grant goes into its bucket (`index.lua`) |
 //!
 //! About 330 bytes of Redis per grant over a million of them (`scripts/bench`,
 //! docs/performance.md). Grants written by 0.1 (`sp:session:{<id>}` hashes of JSON,
@@ -24,7 +24,8 @@ use redis::cluster_async::ClusterConnection;
 
 use super::cache::GrantCache;
 use super::{
-    GrantSource, Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError, codec, forgotten,
+    Cursor, GrantSource, ListPlace, Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError,
+    codec, forgotten,
 };
 use crate::clock::unix_now;
 
@@ -417,28 +418,41 @@ impl RedisSessions {
     pub(super) async fn list_by_account(
         &self,
         account: Address,
-        cursor: u64,
+        cursor: Cursor,
         limit: usize,
     ) -> Result<Page, StoreError> {
         let mut conn = self.conn.clone();
-        // Grants of the old layout (older than any new one) come first.
+        // Grants of the old layout (older than any new one) come first, by offset.
         let legacy: Vec<String> = conn
             .zrange(legacy_account_key(account), 0, -1)
             .await
             .map_err(unavailable)?;
-        let skip_legacy = usize::try_from(cursor).unwrap_or(usize::MAX);
-        // (id, creation time its index member names: None for the old layout's list).
-        let mut ids: Vec<(B256, Option<u64>)> = legacy
+        let skip_legacy = match cursor {
+            Cursor::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            Cursor::After(_) => usize::MAX,
+        };
+        // (id, creation time its index member names: None for the old layout's list; the
+        // member's place, to resume after).
+        let mut ids: Vec<(B256, Option<u64>, Option<ListPlace>)> = legacy
             .iter()
             .skip(skip_legacy)
-            .filter_map(|id| id.parse().ok().map(|id| (id, None)))
+            .filter_map(|id| id.parse().ok().map(|id| (id, None, None)))
             .take(limit.saturating_add(1))
             .collect();
         if ids.len() <= limit {
             // One more than asked tells whether another page follows.
-            let offset = cursor.saturating_sub(legacy.len() as u64);
             let want = limit.saturating_add(1) - ids.len();
-            let min = [b"[".as_slice(), account.as_slice()].concat();
+            let (min, offset) = match cursor {
+                // Past the place given: nothing that left since shifts where this resumes.
+                Cursor::After(place) => (
+                    [b"(".as_slice(), account.as_slice(), &place.to_bytes()].concat(),
+                    0,
+                ),
+                Cursor::Offset(n) => (
+                    [b"[".as_slice(), account.as_slice()].concat(),
+                    n.saturating_sub(legacy.len() as u64),
+                ),
+            };
             let max = [b"[".as_slice(), account.as_slice(), &[0xff; 40]].concat();
             let members: Vec<Vec<u8>> = redis::cmd("ZRANGE")
                 .arg(index_key(account))
@@ -451,14 +465,27 @@ impl RedisSessions {
                 .query_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            ids.extend(members.iter().filter(|m| m.len() == 60).map(|m| {
-                let created = u32::from_be_bytes([m[20], m[21], m[22], m[23]]);
-                (B256::from_slice(&m[28..]), Some(u64::from(created)))
+            ids.extend(members.iter().filter(|m| m.len() == 60).filter_map(|m| {
+                let place = ListPlace::from_bytes(&m[20..])?;
+                Some((
+                    B256::from_slice(&m[28..]),
+                    Some(u64::from(place.created_at)),
+                    Some(place),
+                ))
             }));
         }
         let more = ids.len() > limit;
+        // The last entry of this page: where the next resumes (an offset within the old
+        // layout's list).
+        let next_cursor = more.then(|| match ids[..limit].last() {
+            Some((_, _, Some(place))) => Cursor::After(*place),
+            _ => Cursor::Offset(match cursor {
+                Cursor::Offset(n) => n.saturating_add(limit as u64),
+                Cursor::After(_) => limit as u64,
+            }),
+        });
         let mut sessions = Vec::with_capacity(limit.min(ids.len()));
-        for (id, created) in ids.into_iter().take(limit) {
+        for (id, created, _) in ids.into_iter().take(limit) {
             // Only the grant its member was written for: not one stored under a reused id for
             // another account, nor a member left by a create that lost its SET NX.
             if let Some(grant) = self.get(id).await?
@@ -470,7 +497,7 @@ impl RedisSessions {
         }
         Ok(Page {
             sessions,
-            next_cursor: more.then_some(cursor + limit as u64),
+            next_cursor,
         })
     }
 }

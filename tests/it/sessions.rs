@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use session_paymaster::session::grant::{SessionGrant, SessionStatus, proof_digest};
 use session_paymaster::session::memory::MemorySessions;
 use session_paymaster::session::redis::RedisSessions;
-use session_paymaster::session::{SessionStore, StoreError};
+use session_paymaster::session::{Cursor, SessionStore, StoreError};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
@@ -275,17 +275,52 @@ async fn admin_api_authenticates_validates_and_narrows() -> TestResult {
     )
     .await?;
     assert_eq!(page1["sessions"].as_array().map(Vec::len), Some(2));
-    assert_eq!(page1["nextCursor"], json!(2));
+    // The second grant's place (creation time, end, id), which nothing leaving shifts.
+    let next = page1["nextCursor"].as_str().ok_or("a cursor")?;
+    assert_eq!(next.len(), 82, "{next}");
+    let last = page1["sessions"][1]["sessionId"].as_str().ok_or("an id")?;
+    assert!(
+        next.ends_with(&last[2..]),
+        "{next} names the page's last grant"
+    );
     let (_, page2) = admin(
         &app,
         "GET",
-        &format!("/admin/sessions?account={account}&limit=2&cursor=2"),
+        &format!("/admin/sessions?account={account}&limit=2&cursor={next}"),
         None,
         Some(ADMIN_TOKEN),
     )
     .await?;
-    assert_eq!(page2["sessions"][0]["sessionId"], json!(ids[2]));
+    assert_eq!(page2["sessions"].as_array().map(Vec::len), Some(1));
     assert_eq!(page2["nextCursor"], Value::Null);
+    let mut listed: Vec<Value> = [&page1, &page2]
+        .iter()
+        .flat_map(|p| p["sessions"].as_array().cloned().unwrap_or_default())
+        .map(|g| g["sessionId"].clone())
+        .collect();
+    listed.sort_by_key(Value::to_string);
+    let mut created: Vec<Value> = ids.iter().map(|id| json!(id)).collect();
+    created.sort_by_key(Value::to_string);
+    assert_eq!(listed, created, "each grant listed once");
+    // An offset (the cursors before 0.3.5) is still taken; anything else is refused.
+    let page = |cursor: String| {
+        let path = format!("/admin/sessions?account={account}&limit=2&cursor={cursor}");
+        let app = &app;
+        async move { admin(app, "GET", &path, None, Some(ADMIN_TOKEN)).await }
+    };
+    assert_eq!(
+        page("2".into()).await?.1["sessions"][0]["sessionId"],
+        page2["sessions"][0]["sessionId"]
+    );
+    for bad in [
+        "-1".into(),
+        "0x12".into(),
+        "two".into(),
+        format!("{next}00"),
+    ] {
+        let (status, v) = page(bad.clone()).await?;
+        assert_eq!(status, 400, "{bad}: {v}");
+    }
 
     let (status, v) = admin(
         &app,
@@ -468,24 +503,49 @@ async fn store_contract(store: SessionStore) -> TestResult {
     store
         .create(&grant(5, Address::repeat_byte(0x43), 1))
         .await?;
-    let p1 = store.list_by_account(account, 0, 3).await?;
-    assert_eq!(
-        p1.sessions
-            .iter()
-            .map(|s| s.session_id[0])
-            .collect::<Vec<_>>(),
-        vec![1, 2, 3]
-    );
-    assert_eq!(p1.next_cursor, Some(3));
-    let p2 = store.list_by_account(account, 3, 3).await?;
-    assert_eq!(
-        p2.sessions
-            .iter()
-            .map(|s| s.session_id[0])
-            .collect::<Vec<_>>(),
-        vec![4]
-    );
+    let ids = |p: &session_paymaster::session::Page| -> Vec<u8> {
+        p.sessions.iter().map(|s| s.session_id[0]).collect()
+    };
+    let p1 = store.list_by_account(account, Cursor::Offset(0), 3).await?;
+    assert_eq!(ids(&p1), vec![1, 2, 3]);
+    let next = p1.next_cursor.ok_or("more")?;
+    assert!(matches!(next, Cursor::After(_)), "{next:?}");
+    let p2 = store.list_by_account(account, next, 3).await?;
+    assert_eq!(ids(&p2), vec![4]);
     assert_eq!(p2.next_cursor, None);
+    assert_eq!(
+        ids(&store.list_by_account(account, Cursor::Offset(3), 3).await?),
+        vec![4],
+        "an offset, as cursors were before 0.3.5"
+    );
+    // A listing resumes after the last grant it showed, whatever left meanwhile: an ended grant
+    // listed first leaves as the account gets a new one, and an offset would then skip one.
+    let busy = Address::repeat_byte(0x45);
+    let gone_soon = SessionGrant {
+        valid_until: 1_000_000,
+        ..grant(0x70, busy, 5)
+    };
+    for (i, id) in [0x71u8, 0x72, 0x73].into_iter().enumerate() {
+        store.create(&grant(id, busy, 20 + i as u64)).await?;
+    }
+    // (Created last, listed first: no creation since has dropped it yet.)
+    store.create(&gone_soon).await?;
+    let q1 = store.list_by_account(busy, Cursor::Offset(0), 2).await?;
+    assert_eq!(
+        ids(&q1),
+        vec![0x71],
+        "the ended grant takes a place, not shown"
+    );
+    store.create(&grant(0x74, busy, 30)).await?;
+    let q2 = store
+        .list_by_account(busy, q1.next_cursor.ok_or("more")?, 2)
+        .await?;
+    assert_eq!(ids(&q2), vec![0x72, 0x73], "nothing skipped");
+    assert_eq!(
+        ids(&store.list_by_account(busy, Cursor::Offset(2), 2).await?),
+        vec![0x73, 0x74],
+        "an offset skips 0x72: the ended grant left"
+    );
     let revoked = store.revoke(g.session_id).await?.ok_or("revoked")?;
     assert_eq!(revoked.status, SessionStatus::Revoked);
     assert_eq!(
@@ -509,7 +569,7 @@ async fn store_contract(store: SessionStore) -> TestResult {
     assert_eq!(store.revoke(ended.session_id).await?, None);
     assert!(
         store
-            .list_by_account(ended.account, 0, 10)
+            .list_by_account(ended.account, Cursor::Offset(0), 10)
             .await?
             .sessions
             .is_empty()
@@ -529,6 +589,51 @@ async fn redis_store_contract() -> TestResult {
         RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?,
     ))
     .await
+}
+
+/// An account that gets one grant and never another left its index member for as long as any
+/// account of its bucket (one of 65,536) got new grants: Redis grew by a member per account for
+/// good. Every ended member of the bucket now leaves as any grant goes into it.
+#[tokio::test]
+async fn ended_grants_leave_the_index_whatever_their_account() -> TestResult {
+    use alloy::primitives::keccak256;
+    let redis = TestRedis::start().await?;
+    let store =
+        SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let once = Address::repeat_byte(0x46);
+    let bucket = keccak256(once)[..2].to_vec();
+    // Another account in the same bucket.
+    let other = (1u64..)
+        .map(|i| Address::left_padding_from(&i.to_be_bytes()))
+        .find(|a| keccak256(a)[..2] == bucket[..])
+        .ok_or("an account")?;
+    let ended = SessionGrant {
+        valid_until: 1_000_000,
+        ..grant(0x61, once, 5)
+    };
+    store.create(&ended).await?;
+    let key = [b"sp:ga:".as_slice(), &bucket].concat();
+    let mut conn = redis::Client::open(redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let members = |conn: &mut redis::aio::MultiplexedConnection| {
+        let key = key.clone();
+        let mut conn = conn.clone();
+        async move {
+            redis::cmd("ZCARD")
+                .arg(key)
+                .query_async::<u64>(&mut conn)
+                .await
+        }
+    };
+    assert_eq!(members(&mut conn).await?, 1);
+    store.create(&grant(0x62, other, 6)).await?;
+    assert_eq!(
+        members(&mut conn).await?,
+        1,
+        "the other account's ended member left"
+    );
+    Ok(())
 }
 
 /// Grants written before 0.2 (a hash of JSON and status per grant, a sorted set per account)
@@ -571,12 +676,21 @@ async fn grants_of_the_old_layout_are_read_revoked_and_listed() -> TestResult {
         p.sessions.iter().map(|s| s.session_id[0]).collect()
     };
     assert_eq!(
-        ids(store.list_by_account(account, 0, 10).await?),
+        ids(store
+            .list_by_account(account, Cursor::Offset(0), 10)
+            .await?),
         vec![1, 2]
     );
-    let page = store.list_by_account(account, 0, 1).await?;
-    assert_eq!((ids(page.clone()), page.next_cursor), (vec![1], Some(1)));
-    assert_eq!(ids(store.list_by_account(account, 1, 1).await?), vec![2]);
+    // Within the old layout's list a page ends at an offset; past it, at a place.
+    let page = store.list_by_account(account, Cursor::Offset(0), 1).await?;
+    assert_eq!(
+        (ids(page.clone()), page.next_cursor),
+        (vec![1], Some(Cursor::Offset(1)))
+    );
+    assert_eq!(
+        ids(store.list_by_account(account, Cursor::Offset(1), 1).await?),
+        vec![2]
+    );
     let revoked = store.revoke(old.session_id).await?.ok_or("known")?;
     assert_eq!(revoked.status, SessionStatus::Revoked);
     assert_eq!(
