@@ -1,4 +1,5 @@
-//! The service: state built from config, the HTTP router, and the server loop.
+//! The service: state built from config, the HTTP router and its handlers, and the background
+//! tasks (the server loop is [`crate::server`]).
 
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};

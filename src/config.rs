@@ -192,17 +192,17 @@ pub struct ServeArgs {
 
     /// Longest a request's headers may take to arrive, and a kept-alive connection may sit
     /// idle; then the connection is closed (1 s to 10 min).
-    #[arg(long, env = "SP_HEADER_TIMEOUT", default_value = "30s", value_parser = parse_connection_timeout)]
+    #[arg(long, env = "SP_HEADER_TIMEOUT", default_value = crate::server::DEFAULT_HEADER_TIMEOUT, value_parser = parse_connection_timeout)]
     pub header_timeout: Duration,
 
     /// Longest a request may take from its headers to its answer, its body included; then it
     /// is answered HTTP 408 (1 s to 10 min).
-    #[arg(long, env = "SP_REQUEST_TIMEOUT", default_value = "30s", value_parser = parse_connection_timeout)]
+    #[arg(long, env = "SP_REQUEST_TIMEOUT", default_value = crate::server::DEFAULT_REQUEST_TIMEOUT, value_parser = parse_connection_timeout)]
     pub request_timeout: Duration,
 
     /// Most client connections open at once, per listener (further ones wait in the kernel's
     /// backlog); keep it under the process's open-file limit.
-    #[arg(long, env = "SP_MAX_CONNECTIONS", default_value_t = 10_000, value_parser = clap::value_parser!(u32).range(1..))]
+    #[arg(long, env = "SP_MAX_CONNECTIONS", default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 
     /// Log format: `text` or `json`.
@@ -295,25 +295,29 @@ impl Config {
     }
 }
 
-/// `--header-timeout`, `--request-timeout`: a duration from 1 s to 10 minutes.
-fn parse_connection_timeout(s: &str) -> Result<Duration, String> {
+/// A duration from `min` to `max`, or why not.
+fn bounded_duration(s: &str, min: Duration, max: Duration) -> Result<Duration, String> {
     let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d < Duration::from_secs(1) || d > Duration::from_secs(600) {
-        return Err(format!("`{s}`: between 1s and 10m"));
+    if d < min || d > max {
+        return Err(format!(
+            "`{s}`: between {} and {}",
+            humantime::format_duration(min),
+            humantime::format_duration(max)
+        ));
     }
     Ok(d)
 }
 
+/// `--header-timeout`, `--request-timeout`: a duration from 1 s to 10 minutes.
+fn parse_connection_timeout(s: &str) -> Result<Duration, String> {
+    bounded_duration(s, Duration::from_secs(1), Duration::from_secs(600))
+}
+
 /// `--policy-poll`: a duration from 1 ms to 10 minutes.
 fn parse_policy_poll(s: &str) -> Result<Duration, String> {
-    let d = humantime::parse_duration(s).map_err(|e| e.to_string())?;
-    if d < Duration::from_millis(1) || d > Duration::from_secs(600) {
-        return Err(format!(
-            "`{s}`: between 1ms and 10m (replicas note their paymasters for the settlement \
-             watchers on every poll)"
-        ));
-    }
-    Ok(d)
+    bounded_duration(s, Duration::from_millis(1), Duration::from_secs(600)).map_err(|e| {
+        format!("{e} (replicas note their paymasters for the settlement watchers on every poll)")
+    })
 }
 
 /// Each EntryPoint and each paymaster of one chain serves one version.
@@ -590,7 +594,7 @@ fn toml_scalar(v: &toml::Value) -> Result<String, String> {
 }
 
 impl ServeArgs {
-    /// What one client may hold of each listener.
+    /// What the clients of each listener may hold of it.
     pub fn connection_limits(&self) -> crate::server::ConnectionLimits {
         crate::server::ConnectionLimits {
             header_timeout: self.header_timeout,

@@ -10,8 +10,8 @@
 //! # Layout
 //! - [`admin`]: the admin REST API (session grants), behind a bearer token.
 //! - [`apikey`]: API keys of dapp backends (SHA-256 hashes, policies each may use).
-//! - [`app`]: state built from config, `router(state)`, `run(listener, router, shutdown)`,
-//!   background tasks (policy watcher, settlement watcher, rate-limit eviction).
+//! - [`app`]: state built from config, `router(state)`, background tasks (policy watcher,
+//!   settlement watcher, rate-limit eviction).
 //! - [`chain`]: deployment of the contracts (local stacks, and `deploy` for real chains); the
 //!   settlement watcher; `status`, what the chain says of the paymasters; the one outgoing
 //!   JSON-RPC client (chain nodes, bundlers).
@@ -24,6 +24,8 @@
 //! - [`rejection`]: why an operation is refused: the [`rejection::Reason`] enum, one wire
 //!   name and one docs row each.
 //! - [`rpc`]: JSON-RPC envelope, methods, and the one error-code table.
+//! - [`server`]: the HTTP server loop, `run(listener, router, shutdown, limits)`: deadlines for
+//!   headers, idle connections and requests, a cap on connections.
 //! - [`session`]: session grants, their stores (memory, Redis, the shared Redis connection).
 //! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing.
 //! - [`sponsor`]: one sponsorship from request to signature, as a pipeline of named steps.

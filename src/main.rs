@@ -589,7 +589,9 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let limits = args.connection_limits();
+    let limits = args
+        .connection_limits()
+        .within_open_files(1 + usize::from(args.admin_listen.is_some()));
     let admin = match args.admin_listen {
         None => None,
         Some(addr) => {

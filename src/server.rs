@@ -11,7 +11,9 @@
 
 use std::convert::Infallible;
 use std::future::Future;
+use std::pin::Pin;
 use std::sync::Arc;
+use std::task::{Context, Poll};
 use std::time::Duration;
 
 use axum::Router;
@@ -22,33 +24,41 @@ use hyper::body::Incoming;
 use hyper::server::conn::http1;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
-use serde_json::json;
-use tokio::net::TcpListener;
+use tokio::io::{AsyncRead, AsyncWrite, ReadBuf};
+use tokio::net::{TcpListener, TcpStream};
 use tokio::sync::Semaphore;
 use tower::Service;
 
-use crate::rpc::error::UNAVAILABLE;
-
-/// What one client may hold of the server (`--header-timeout`, `--request-timeout`,
-/// `--max-connections`).
+/// What a listener's clients may hold of it (`--header-timeout`, `--request-timeout`,
+/// `--max-connections`): the cap is the listener's, shared by all its clients (no per-client
+/// share: docs/security.md, "Still open").
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct ConnectionLimits {
     /// Longest a request's headers may take to arrive, counted from when the connection is
     /// ready for them (so also how long a kept-alive connection may sit idle); then it is closed.
     pub header_timeout: Duration,
     /// Longest a request may take from its headers to its answer, its body's reading included;
-    /// then it is answered HTTP 408 and the connection closed.
+    /// then it is answered a plain HTTP 408 and the connection closed.
     pub request_timeout: Duration,
     /// Most connections open at once; further ones wait in the kernel's backlog.
     pub max_connections: usize,
 }
 
+/// `--header-timeout`'s default.
+pub const DEFAULT_HEADER_TIMEOUT: &str = "30s";
+/// `--request-timeout`'s default.
+pub const DEFAULT_REQUEST_TIMEOUT: &str = "30s";
+/// `--max-connections`' default.
+pub const DEFAULT_MAX_CONNECTIONS: u32 = 10_000;
+
 impl Default for ConnectionLimits {
+    /// The flags' defaults.
     fn default() -> Self {
+        let secs = |d: &str| humantime::parse_duration(d).unwrap_or(Duration::from_secs(30));
         Self {
-            header_timeout: Duration::from_secs(30),
-            request_timeout: Duration::from_secs(30),
-            max_connections: 10_000,
+            header_timeout: secs(DEFAULT_HEADER_TIMEOUT),
+            request_timeout: secs(DEFAULT_REQUEST_TIMEOUT),
+            max_connections: DEFAULT_MAX_CONNECTIONS as usize,
         }
     }
 }
@@ -94,7 +104,10 @@ pub async fn run(
         let service = hyper::service::service_fn(move |req: Request<Incoming>| {
             answer(router.clone(), req, limits.request_timeout)
         });
-        let connection = graceful.watch(http.serve_connection(TokioIo::new(tcp), service));
+        // An answer the client does not read for as long as a request may take closes the
+        // connection (hyper reads no further request meanwhile, so no header timeout runs).
+        let io = TokioIo::new(WriteDeadline::new(tcp, limits.request_timeout));
+        let connection = graceful.watch(http.serve_connection(io, service));
         tokio::spawn(async move {
             if let Err(e) = connection.await {
                 tracing::debug!("connection ended: {e}");
@@ -103,13 +116,152 @@ pub async fn run(
         });
     }
     drop(listener);
-    graceful.shutdown().await;
+    // Every connection ends within a request's and an idle connection's deadlines; one that
+    // somehow does not is not waited for.
+    let longest = limits.header_timeout.saturating_add(limits.request_timeout);
+    if tokio::time::timeout(longest, graceful.shutdown())
+        .await
+        .is_err()
+    {
+        tracing::warn!("connections still open {longest:?} after shutdown began: dropped");
+    }
     Ok(())
 }
 
-/// `router`'s answer to `req`, or HTTP 408 once `limit` has passed (the request's future is
-/// dropped: what it reserved stays reserved, released when its signature expires or settled
-/// when it lands, as for a client that hangs up).
+/// Files this process keeps open besides client connections (Redis, chain RPC and bundler
+/// connections, the policy directory, logs), counted off its open-file limit.
+const OPEN_FILES_KEPT: u64 = 256;
+
+impl ConnectionLimits {
+    /// These limits, with `max_connections` lowered (with a warning) so that `listeners` full
+    /// listeners stay within this process's open-file limit (`ulimit -n`): past it, `accept`
+    /// fails before the cap does, and so does every new connection to Redis or the chain.
+    pub fn within_open_files(mut self, listeners: usize) -> Self {
+        let Some(soft) = std::fs::read_to_string("/proc/self/limits")
+            .ok()
+            .and_then(|t| open_file_limit(&t))
+        else {
+            return self;
+        };
+        let listeners = u64::try_from(listeners.max(1)).unwrap_or(u64::MAX);
+        let room = usize::try_from(soft.saturating_sub(OPEN_FILES_KEPT) / listeners)
+            .unwrap_or(usize::MAX)
+            .max(1);
+        if self.max_connections > room {
+            tracing::warn!(
+                max_connections = self.max_connections,
+                open_file_limit = soft,
+                lowered_to = room,
+                "--max-connections does not fit the open-file limit: lowered (raise `ulimit -n`)"
+            );
+            self.max_connections = room;
+        }
+        self
+    }
+}
+
+/// The soft open-file limit in `/proc/self/limits`' text (`None`: unlimited or not given).
+fn open_file_limit(limits: &str) -> Option<u64> {
+    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
+    line["Max open files".len()..]
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// A client connection whose writes must make progress: one the peer keeps pending (a full
+/// receive window: it reads nothing) for `limit` fails, and the connection closes.
+struct WriteDeadline {
+    io: TcpStream,
+    limit: Duration,
+    stalled: Option<Pin<Box<tokio::time::Sleep>>>,
+}
+
+impl WriteDeadline {
+    fn new(io: TcpStream, limit: Duration) -> Self {
+        Self {
+            io,
+            limit,
+            stalled: None,
+        }
+    }
+
+    /// `polled`, or a timeout once writes have been pending for `limit`.
+    fn progress<T>(
+        &mut self,
+        cx: &mut Context<'_>,
+        polled: Poll<std::io::Result<T>>,
+    ) -> Poll<std::io::Result<T>> {
+        if polled.is_ready() {
+            self.stalled = None;
+            return polled;
+        }
+        let limit = self.limit;
+        let stalled = self
+            .stalled
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(limit)));
+        match stalled.as_mut().poll(cx) {
+            Poll::Ready(()) => Poll::Ready(Err(std::io::Error::new(
+                std::io::ErrorKind::TimedOut,
+                "the client read nothing of its answer",
+            ))),
+            Poll::Pending => Poll::Pending,
+        }
+    }
+}
+
+impl AsyncRead for WriteDeadline {
+    fn poll_read(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &mut ReadBuf<'_>,
+    ) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_read(cx, buf)
+    }
+}
+
+impl AsyncWrite for WriteDeadline {
+    fn poll_write(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        buf: &[u8],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write(cx, buf);
+        this.progress(cx, polled)
+    }
+
+    fn poll_write_vectored(
+        self: Pin<&mut Self>,
+        cx: &mut Context<'_>,
+        bufs: &[std::io::IoSlice<'_>],
+    ) -> Poll<std::io::Result<usize>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_write_vectored(cx, bufs);
+        this.progress(cx, polled)
+    }
+
+    fn is_write_vectored(&self) -> bool {
+        self.io.is_write_vectored()
+    }
+
+    fn poll_flush(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        let this = self.get_mut();
+        let polled = Pin::new(&mut this.io).poll_flush(cx);
+        this.progress(cx, polled)
+    }
+
+    fn poll_shutdown(self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<std::io::Result<()>> {
+        Pin::new(&mut self.get_mut().io).poll_shutdown(cx)
+    }
+}
+
+/// `router`'s answer to `req`, or once `limit` has passed a plain HTTP 408 that closes the
+/// connection, as a proxy in front would answer: the cut is the transport's, so it carries no
+/// JSON-RPC error (the request may not have been read far enough to have an id). The
+/// request's future is dropped: what it reserved stays reserved, released when its signature
+/// expires or settled when it lands, as for a client that hangs up.
 async fn answer(
     mut router: Router,
     req: Request<Incoming>,
@@ -118,16 +270,8 @@ async fn answer(
     match tokio::time::timeout(limit, router.call(req.map(Body::new))).await {
         Ok(answered) => answered,
         Err(_) => {
-            let body = json!({
-                "jsonrpc": "2.0",
-                "id": null,
-                "error": {
-                    "code": UNAVAILABLE,
-                    "message": format!("request timed out after {}", humantime::format_duration(limit)),
-                    "data": { "reason": "request_timeout" },
-                },
-            });
-            let mut resp = (StatusCode::REQUEST_TIMEOUT, axum::Json(body)).into_response();
+            tracing::warn!("request timed out: not answered within --request-timeout");
+            let mut resp = (StatusCode::REQUEST_TIMEOUT, "request timed out\n").into_response();
             resp.headers_mut().insert(
                 header::CONNECTION,
                 header::HeaderValue::from_static("close"),
@@ -150,4 +294,24 @@ async fn accept_failed(e: std::io::Error) {
     }
     tracing::error!("accept failed: {e}");
     tokio::time::sleep(Duration::from_secs(1)).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_open_file_limit_is_read_from_proc() {
+        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
+                    Max processes             95493                95493                processes \n\
+                    Max open files            1024                 524288               files     \n";
+        assert_eq!(open_file_limit(text), Some(1024));
+        assert_eq!(
+            open_file_limit(
+                "Max open files            unlimited            unlimited            files\n"
+            ),
+            None
+        );
+        assert_eq!(open_file_limit(""), None);
+    }
 }
