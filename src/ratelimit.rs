@@ -4,8 +4,11 @@
 //! minute by `serve`), so memory stays bounded by the keys active within one window, and each
 //! limiter tracks at most [`MAX_TRACKED`] keys: a new sender per request (anyone with a key may
 //! name any sender a policy admits) under a `per_sender = "10/d"` would otherwise add an entry
-//! a request, kept a day. A limiter that is full refuses every request under it (`rate_limited`,
-//! fail closed) until the next eviction makes room.
+//! a request, kept hours (a key leaves once its allowance is whole again). A limiter that is
+//! full stops limiting until an eviction makes room: it cannot tell a key it tracks from a new
+//! one without adding it, and refusing every request would let one client (with a key that
+//! may sit in a dapp's web page) shut a policy down for hours. Rates are not what bounds money:
+//! the budgets in the ledger do, full limiter or not.
 //!
 //! Limits are per instance: N replicas allow N times the rate (DESIGN keeps Redis for money,
 //! not for rate limits; budgets are what bound spending).
@@ -163,9 +166,8 @@ impl<C: Clock + Clone> RateLimits<C> {
         sender: Address,
         session: Option<B256>,
     ) -> Result<(), Limited> {
-        // A full limiter cannot tell a key it tracks from a new one without adding it: it
-        // refuses all until `evict_stale` (every minute) makes room.
-        let full = |limiter: &PolicyLimiter<C>, scope: &str| {
+        // Whether `limiter` limits: not while it is full (see the module doc).
+        let limiting = |limiter: &PolicyLimiter<C>, scope: &str| {
             if limiter
                 .checks
                 .fetch_add(1, Ordering::Relaxed)
@@ -174,23 +176,17 @@ impl<C: Clock + Clone> RateLimits<C> {
                 let tracked = limiter.keyed.len();
                 let full = tracked >= self.max_tracked;
                 if full && !limiter.full.swap(true, Ordering::Relaxed) {
-                    tracing::warn!(policy = %policy.id, scope, tracked, "rate limiter full: refusing every request under it until its next eviction");
+                    tracing::warn!(policy = %policy.id, scope, tracked, "rate limiter full: not limiting until its next eviction makes room (budgets still bound spending)");
                 }
                 limiter.full.store(full, Ordering::Relaxed);
             }
-            if !limiter.full.load(Ordering::Relaxed) {
-                return Ok(());
-            }
-            Err(Limited {
-                scope: format!("{}.rate.{scope} (limiter full)", policy.id),
-                retry_after: Duration::from_secs(60),
-            })
+            !limiter.full.load(Ordering::Relaxed)
         };
         if let Some(limiter) = policy
             .rate_per_sender
             .and_then(|r| self.limiter(&policy.id, "per_sender", r))
+            && limiting(&limiter, "per_sender")
         {
-            full(&limiter, "per_sender")?;
             self.check(&limiter.keyed, &Subject::Sender(sender), || {
                 format!("{}.rate.per_sender", policy.id)
             })?;
@@ -200,8 +196,8 @@ impl<C: Clock + Clone> RateLimits<C> {
             policy
                 .rate_per_session
                 .and_then(|r| self.limiter(&policy.id, "per_session", r)),
-        ) {
-            full(&limiter, "per_session")?;
+        ) && limiting(&limiter, "per_session")
+        {
             self.check(&limiter.keyed, &Subject::Session(id), || {
                 format!("{}.rate.per_session", policy.id)
             })?;
@@ -299,23 +295,32 @@ functions = ["*"]
     }
 
     #[test]
-    fn a_full_limiter_refuses_until_evicted() {
+    fn a_full_limiter_stops_growing_and_limiting_until_evicted() {
         let clock = FakeRelativeClock::default();
         let limits = RateLimits::with_clock(None, clock.clone()).with_max_tracked(3);
         let p = policy();
         let sender = |i: u8| Address::repeat_byte(i);
-        for i in 1..=3 {
-            assert!(limits.check_policy(&p, sender(i), None).is_ok());
+        for _ in 0..3 {
+            assert!(limits.check_policy(&p, sender(1), None).is_ok());
         }
-        // A fourth sender, and one already tracked: refused, the limiter full.
-        for i in [4, 1] {
-            let hit = limits.check_policy(&p, sender(i), None).unwrap_err();
-            assert_eq!(hit.scope, "p.rate.per_sender (limiter full)");
-        }
-        assert_eq!(limits.len(), 3);
+        assert!(limits.check_policy(&p, sender(2), None).is_ok());
+        assert!(limits.check_policy(&p, sender(3), None).is_ok());
+        // Full: a fourth sender is not tracked, and the first is not limited (3/min used).
+        assert!(limits.check_policy(&p, sender(4), None).is_ok());
+        assert!(limits.check_policy(&p, sender(1), None).is_ok());
+        assert_eq!(limits.len(), 3, "no key added while full");
         clock.advance(Duration::from_secs(61));
         limits.evict_stale();
-        assert!(limits.check_policy(&p, sender(4), None).is_ok());
+        for _ in 0..3 {
+            assert!(limits.check_policy(&p, sender(1), None).is_ok());
+        }
+        assert_eq!(
+            limits
+                .check_policy(&p, sender(1), None)
+                .map_err(|l| l.scope),
+            Err("p.rate.per_sender".to_owned()),
+            "limiting again once evicted"
+        );
     }
 
     #[test]
