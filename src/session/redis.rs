@@ -138,22 +138,36 @@ impl redis::aio::ConnectionLike for RedisConn {
 /// `EXPIRE … GT` (7.0), and a script that fails half-way keeps what it wrote.
 pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
     let mut conn = open(url, timeout).await?;
-    let info: redis::Value = redis::cmd("INFO")
-        .arg("server")
-        .query_async(&mut conn)
-        .await
-        .map_err(unavailable)?;
-    check_version(&info)?;
-    let memory: redis::Value = redis::cmd("INFO")
-        .arg("memory")
-        .query_async(&mut conn)
-        .await
-        .map_err(unavailable)?;
-    check_eviction(&memory)?;
+    check_version(&info_of_every_node(&mut conn, "server").await?)?;
+    check_eviction(&info_of_every_node(&mut conn, "memory").await?)?;
     Ok(conn)
 }
 
-/// Refuse a Redis (any node of a Cluster) that evicts keys when full: `maxmemory` set and a
+/// `INFO <section>` of the Redis, or of every node of a Cluster, replicas included (a replica
+/// becomes a primary at a failover; redis-rs routes `INFO` to the primaries alone): one answer
+/// per node, by address.
+async fn info_of_every_node(
+    conn: &mut RedisConn,
+    section: &str,
+) -> Result<redis::Value, StoreError> {
+    let mut info = redis::cmd("INFO");
+    info.arg(section);
+    match conn {
+        RedisConn::Single(c) => info.query_async(c).await,
+        RedisConn::Cluster(c) => {
+            use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
+            c.route_command(
+                info,
+                RoutingInfo::MultiNode((MultipleNodeRoutingInfo::AllNodes, None)),
+            )
+            .await
+        }
+    }
+    .map_err(unavailable)
+}
+
+/// Refuse a Redis (any node of a Cluster, as [`connect`] reads them at start: a node added or a
+/// policy changed later is not seen) that evicts keys when full: `maxmemory` set and a
 /// `maxmemory-policy` other than `noeviction`. Budget counters, reservation records and session
 /// states all have TTLs, so even a `volatile-*` policy would drop them under memory pressure:
 /// costs forgotten, budgets whole again, revocations undone. A node whose `INFO memory` names
@@ -516,7 +530,7 @@ mod tests {
     }
 
     #[test]
-    fn redis_older_than_7_is_refused_on_any_node() {
+    fn a_redis_that_evicts_keys_is_refused_on_any_node() {
         let memory = |max: &str, policy: &str| {
             redis::Value::BulkString(
                 format!("# Memory\r\nused_memory:1000\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n")
@@ -544,6 +558,10 @@ mod tests {
             .is_err(),
             "one node of a Cluster"
         );
+    }
+
+    #[test]
+    fn redis_older_than_7_is_refused_on_any_node() {
         assert!(check_version(&info("7.0.15")).is_ok());
         assert!(check_version(&info("8.2.1")).is_ok());
         assert!(check_version(&info("6.2.14")).is_err());

@@ -3212,9 +3212,27 @@ async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
         .arg("noeviction")
         .query_async::<()>(&mut conn)
         .await?;
-    assert!(
-        connect().await.is_ok(),
-        "a full noeviction Redis refuses writes: fail closed"
-    );
+    assert!(connect().await.is_ok(), "noeviction is taken");
+    // On a Cluster every node is read: one of three set to evict is enough to refuse it.
+    let cluster = crate::helpers::TestRedisCluster::start().await?;
+    let connect =
+        || session_paymaster::session::redis::connect(&cluster.url, Duration::from_secs(2));
+    assert!(connect().await.is_ok());
+    let last = cluster.url.rsplit(',').next().ok_or("a node")?;
+    let mut node = redis::Client::open(last)?
+        .get_multiplexed_async_connection()
+        .await?;
+    for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "allkeys-lru")] {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg(name)
+            .arg(value)
+            .query_async::<()>(&mut node)
+            .await?;
+    }
+    match connect().await {
+        Err(e) => assert!(e.to_string().contains("allkeys-lru"), "{e}"),
+        Ok(_) => panic!("a Cluster with a node that evicts keys was taken"),
+    }
     Ok(())
 }
