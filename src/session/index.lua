@@ -3,25 +3,32 @@
 -- `account(20) ‖ createdAt u32 ‖ expiry u32 ‖ session id(32)`, big-endian (60 bytes: Redis
 -- keeps a bucket of up to 128 of them compact). ARGV[1] = the new member, ARGV[2] = now,
 -- ARGV[3] = the new grant's TTL, seconds.
--- Every member of the bucket whose grant is forgotten (its expiry passed) leaves here, whatever
--- its account: an account that never gets another grant would otherwise keep its members for
--- as long as any account of the bucket gets new ones (listings resume after a member, not at an
--- offset, so none shifts). A bucket holds about the live grants of its accounts; it lives as
--- long as its longest-lived grant.
+-- Members whose grant is forgotten (their expiry passed) leave here: the account's own, and
+-- those among SAMPLE members of the bucket drawn at random, whatever their account (one that
+-- never gets another grant would otherwise keep its member for as long as any account of the
+-- bucket gets new ones). Each grant created then removes about SAMPLE times the bucket's share
+-- of ended members, so they stay a small share of it, and the work a call does is bounded by
+-- the account's grants and SAMPLE, not by the bucket. Listings resume after a member, not at an
+-- offset, so none shifts. The bucket lives as long as its longest-lived grant.
+local SAMPLE = 64
+local account = string.sub(ARGV[1], 1, 20)
 local now = tonumber(ARGV[2])
+local function ended(m)
+  return #m == 60 and struct.unpack('>I4', m, 25) < now
+end
 local gone = {}
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], 0, -1)) do
-  if #m == 60 and struct.unpack('>I4', m, 25) < now then
-    gone[#gone + 1] = m
-  end
-  -- (ZREM takes them in slices, well under Lua's limit on unpacked arguments.)
-  if #gone == 1000 then
-    redis.call('ZREM', KEYS[1], unpack(gone))
-    gone = {}
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], '[' .. account, '[' .. account .. string.rep('\255', 40), 'BYLEX')) do
+  if ended(m) then
+    gone[m] = true
   end
 end
-if #gone > 0 then
-  redis.call('ZREM', KEYS[1], unpack(gone))
+for _, m in ipairs(redis.call('ZRANDMEMBER', KEYS[1], SAMPLE)) do
+  if ended(m) then
+    gone[m] = true
+  end
+end
+for m in pairs(gone) do
+  redis.call('ZREM', KEYS[1], m)
 end
 redis.call('ZADD', KEYS[1], 0, ARGV[1])
 if redis.call('TTL', KEYS[1]) < tonumber(ARGV[3]) then
