@@ -15,14 +15,16 @@ use crate::userop::UserOperation;
 /// Most tokens one grant may cap.
 pub const MAX_SPEND_LIMITS: usize = 32;
 
-/// Most `allow` rules a grant lists, and functions a rule lists: a grant is stored whole, read
-/// on every sponsorship under it and kept in up to 65,536 copies per replica, so its size is
-/// bounded whatever a dapp's backend passes through.
+/// Most `allow` rules a grant lists: a grant is stored whole, read on every sponsorship under it
+/// and kept in up to 65,536 copies per replica, so its size is bounded whatever a dapp's
+/// backend passes through (with the caps below, its rules take at most about 10 KiB).
 pub const MAX_ALLOW_RULES: usize = 64;
-/// See [`MAX_ALLOW_RULES`].
+/// Most functions one rule lists (see [`MAX_ALLOW_RULES`]).
 pub const MAX_FUNCTIONS_PER_RULE: usize = 64;
 /// Longest function signature a rule lists, in bytes.
-pub const MAX_FUNCTION_CHARS: usize = 256;
+pub const MAX_FUNCTION_BYTES: usize = 256;
+/// Most bytes of function signatures a grant lists, over all its rules.
+pub const MAX_GRANT_FUNCTION_BYTES: usize = 8192;
 
 /// Whether a session may still be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -651,6 +653,7 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
             return None;
         }
         let mut rules = Vec::new();
+        let mut function_bytes = 0usize;
         for (i, item) in items.iter().enumerate() {
             let path = format!("$.permissions.allow[{i}]");
             let Some(o) = object(item, &path, issues) else {
@@ -676,11 +679,14 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                     .iter()
                     .enumerate()
                     .filter_map(|(j, x)| {
-                        let s = x.as_str().filter(|s| {
-                            s.len() <= MAX_FUNCTION_CHARS && (*s == "*" || selector_of(s).is_some())
-                        });
+                        let at = format!("{path}.functions[{j}]");
+                        if x.as_str().is_some_and(|s| s.len() > MAX_FUNCTION_BYTES) {
+                            f.issues.push(issue(at, format!("at most {MAX_FUNCTION_BYTES} bytes")));
+                            return None;
+                        }
+                        let s = x.as_str().filter(|s| *s == "*" || selector_of(s).is_some());
                         if s.is_none() {
-                            f.issues.push(issue(format!("{path}.functions[{j}]"), "expected a signature like `transfer(address,uint256)`, a selector, or \"*\""));
+                            f.issues.push(issue(at, "expected a signature like `transfer(address,uint256)`, a selector, or \"*\""));
                         }
                         s.map(str::to_owned)
                     })
@@ -691,6 +697,7 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                 }
                 None => Vec::new(),
             };
+            function_bytes += functions.iter().map(String::len).sum::<usize>();
             if let Some(target) = target {
                 if rules.iter().any(|r: &SessionAllow| r.target == target) {
                     issues.push(issue(
@@ -704,6 +711,15 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                     max_value,
                 });
             }
+        }
+        if function_bytes > MAX_GRANT_FUNCTION_BYTES {
+            issues.push(issue(
+                "$.permissions.allow",
+                format!(
+                    "{function_bytes} bytes of function signatures: at most {MAX_GRANT_FUNCTION_BYTES} in all"
+                ),
+            ));
+            return None;
         }
         perms.allow = Some(rules);
     }
@@ -1012,18 +1028,17 @@ mod tests {
         );
     }
 
-    /// A grant's size is bounded: rules, functions a rule, a function's length.
+    /// A grant's size is bounded: rules, functions a rule, a function's bytes, and all of them.
     #[test]
     fn a_grants_permissions_are_bounded() {
         let grant = |rules: usize, functions: usize, chars: usize| {
             let allow: Vec<Value> = (0..rules)
                 .map(|i| {
+                    // Signatures of exactly `chars` bytes: `f<j>_aaa…()`.
                     let fs: Vec<String> = (0..functions)
                         .map(|j| {
-                            format!(
-                                "f{j}({})",
-                                "uint256,".repeat(chars / 8).trim_end_matches(',')
-                            )
+                            let head = format!("f{j}_");
+                            format!("{head}{}()", "a".repeat(chars - head.len() - 2))
                         })
                         .collect();
                     json!({ "target": format!("0x{:040x}", i + 1), "functions": fs })
@@ -1040,8 +1055,10 @@ mod tests {
                     .collect::<Vec<_>>()
             })
         };
-        let ok = grant(MAX_ALLOW_RULES, MAX_FUNCTIONS_PER_RULE, 200);
+        // 64 rules of 2 functions of 64 bytes: 8,192 bytes in all, the most a grant takes.
+        let ok = grant(MAX_ALLOW_RULES, 2, 64);
         assert!(ok.is_ok(), "{:?}", ok.err());
+        assert!(grant(1, MAX_FUNCTIONS_PER_RULE, 64).is_ok());
         let refused = |r: Result<SessionGrant, Vec<String>>, says: &str| {
             assert!(
                 r.as_ref()
@@ -1055,7 +1072,9 @@ mod tests {
             grant(1, MAX_FUNCTIONS_PER_RULE + 1, 10),
             "at most 64 functions",
         );
-        refused(grant(1, 1, MAX_FUNCTION_CHARS + 8), "functions[0]");
+        refused(grant(MAX_ALLOW_RULES, 3, 64), "at most 8192 in all");
+        assert!(grant(1, 1, MAX_FUNCTION_BYTES).is_ok(), "256 bytes");
+        refused(grant(1, 1, MAX_FUNCTION_BYTES + 1), "at most 256 bytes");
     }
 
     /// A spend cap on an address no call targets as a token (the zero address, the native
