@@ -28,7 +28,7 @@ use crate::apikey::sha256_matches;
 use crate::app::AppState;
 use crate::clock::unix_now;
 use crate::session::grant::{FieldIssue, SessionGrant};
-use crate::session::{Cursor, StoreError};
+use crate::session::{ListCursor, StoreError};
 
 /// Most sessions per page.
 pub const MAX_PAGE: usize = 100;
@@ -178,13 +178,13 @@ async fn list(State(state): State<Arc<AppState>>, Query(q): Query<ListQuery>) ->
         }]);
     };
     let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
-    let cursor = match q.cursor.as_deref().map(str::parse::<Cursor>) {
-        None => Cursor::Offset(0),
+    let cursor = match q.cursor.as_deref().map(str::parse::<ListCursor>) {
+        None => ListCursor::Offset(0),
         Some(Ok(c)) => c,
-        Some(Err(())) => {
+        Some(Err(e)) => {
             return invalid(vec![FieldIssue {
                 path: "cursor".into(),
-                message: "query parameter `cursor` must be a `nextCursor` this API gave".into(),
+                message: e.to_string(),
             }]);
         }
     };

@@ -372,6 +372,12 @@ fn retire_script() -> &'static redis::Script {
     SCRIPT.get_or_init(|| redis::Script::new(include_str!("retire.lua")))
 }
 
+/// revoke_session.lua, run as retire.lua is.
+fn revoke_session_script() -> &'static redis::Script {
+    static SCRIPT: std::sync::OnceLock<redis::Script> = std::sync::OnceLock::new();
+    SCRIPT.get_or_init(|| redis::Script::new(include_str!("revoke_session.lua")))
+}
+
 /// `FCALL function numkeys keys… args…`.
 fn fcall(function: &str, keys: &[&[u8]]) -> redis::Cmd {
     let mut cmd = redis::cmd("FCALL");
@@ -1003,17 +1009,12 @@ impl RedisLedger {
         let mut conn = self.conn.clone();
         let key = session_key(policy, session);
         let ttl = i64::try_from(ttl_secs(expires_at, now)).unwrap_or(i64::MAX);
-        // Status and TTL in one step: two commands left, on a failure between them, a key that
-        // never expires and an admin told 503 for a revocation that had been written.
-        let _: i64 = redis::Script::new(
-            "redis.call('HSET', KEYS[1], 'status', 'revoked') \
-             redis.call('EXPIRE', KEYS[1], ARGV[1]) return 1",
-        )
-        .key(&key)
-        .arg(ttl)
-        .invoke_async(&mut conn)
-        .await
-        .map_err(unavailable)?;
+        let _: i64 = revoke_session_script()
+            .key(&key)
+            .arg(ttl)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
         Ok(())
     }
 

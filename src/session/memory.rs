@@ -5,7 +5,7 @@ use std::sync::RwLock;
 
 use alloy::primitives::{Address, B256};
 
-use super::{Cursor, ListPlace, Page, SessionGrant, SessionStatus, forgotten};
+use super::{ListCursor, ListPlace, Page, SessionGrant, SessionStatus, forgotten};
 use crate::clock::unix_now;
 
 /// Grants by id, and per account in creation order.
@@ -30,7 +30,7 @@ impl Inner {
     /// have doubled since the last sweep, every account's (as the Redis store drops the ended
     /// grants of the index bucket a new grant goes into): a grant per account that never gets
     /// another one stays no longer than that. Listings resume after a grant's place
-    /// ([`Cursor::After`]), which nothing leaving shifts.
+    /// ([`ListCursor::After`]), which nothing leaving shifts.
     fn prune(&mut self, account: Address, now: u64) {
         let by_id = &mut self.by_id;
         if let Some(ids) = self.by_account.get_mut(&account) {
@@ -105,7 +105,12 @@ impl MemorySessions {
         Some(grant.clone())
     }
 
-    pub(super) fn list_by_account(&self, account: Address, cursor: Cursor, limit: usize) -> Page {
+    pub(super) fn list_by_account(
+        &self,
+        account: Address,
+        cursor: ListCursor,
+        limit: usize,
+    ) -> Page {
         let inner = self.read();
         let mut grants: Vec<&SessionGrant> = inner
             .by_account
@@ -117,8 +122,8 @@ impl MemorySessions {
             .collect();
         grants.sort_by_key(|g| ListPlace::of(g));
         let start = match cursor {
-            Cursor::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX).min(grants.len()),
-            Cursor::After(place) => grants.partition_point(|g| ListPlace::of(g) <= place),
+            ListCursor::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX).min(grants.len()),
+            ListCursor::After(place) => grants.partition_point(|g| ListPlace::of(g) <= place),
         };
         let end = start.saturating_add(limit).min(grants.len());
         let page = &grants[start..end];
@@ -132,7 +137,7 @@ impl MemorySessions {
             next_cursor: page
                 .last()
                 .filter(|_| end < grants.len())
-                .map(|g| Cursor::After(ListPlace::of(g))),
+                .map(|g| ListCursor::After(ListPlace::of(g))),
         }
     }
 }

@@ -67,12 +67,12 @@ pub struct Page {
     /// Sessions, oldest first.
     pub sessions: Vec<SessionGrant>,
     /// Pass as `cursor` for the next page; `None` on the last.
-    pub next_cursor: Option<Cursor>,
+    pub next_cursor: Option<ListCursor>,
 }
 
 /// Where a listing of an account's grants resumes.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Cursor {
+pub enum ListCursor {
     /// After this many entries (the cursors before 0.3.5 gave, still taken; and in Redis, within
     /// the grants 0.1 wrote, which come first). Entries that leave meanwhile shift it.
     Offset(u64),
@@ -82,11 +82,10 @@ pub enum Cursor {
     After(ListPlace),
 }
 
-/// A grant's place in its account's listing (see [`Cursor::After`]).
+/// A grant's place in its account's listing (see [`ListCursor::After`]).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
 pub struct ListPlace {
-    /// Creation time (Unix s, saturated to u32).
-    pub created_at: u32,
+    created_at: u32,
     forget_at: u32,
     id: B256,
 }
@@ -100,6 +99,11 @@ impl ListPlace {
             forget_at: u32_of(grant.valid_until.saturating_add(RETAIN_SECS)),
             id: grant.session_id,
         }
+    }
+
+    /// The grant's creation time (Unix s, saturated to 32 bits).
+    pub fn created_at(self) -> u64 {
+        u64::from(self.created_at)
     }
 
     /// Its 40 bytes, as they follow the account in its index member.
@@ -122,23 +126,30 @@ impl ListPlace {
     }
 }
 
-impl std::str::FromStr for Cursor {
-    type Err = ();
+/// A `cursor` that is neither an offset nor a place this API gave.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, thiserror::Error)]
+#[error("a cursor is a `nextCursor` this API gave (or an offset)")]
+pub struct InvalidCursor;
+
+impl std::str::FromStr for ListCursor {
+    type Err = InvalidCursor;
 
     /// A decimal offset, or `0x` and a place's 80 hex digits.
-    fn from_str(s: &str) -> Result<Self, ()> {
+    fn from_str(s: &str) -> Result<Self, InvalidCursor> {
         if let Some(hex) = s.strip_prefix("0x") {
-            let bytes = alloy::hex::decode(hex).map_err(|_| ())?;
-            return ListPlace::from_bytes(&bytes).map(Self::After).ok_or(());
+            let bytes = alloy::hex::decode(hex).map_err(|_| InvalidCursor)?;
+            return ListPlace::from_bytes(&bytes)
+                .map(Self::After)
+                .ok_or(InvalidCursor);
         }
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
-            return Err(());
+            return Err(InvalidCursor);
         }
-        s.parse().map(Self::Offset).map_err(|_| ())
+        s.parse().map(Self::Offset).map_err(|_| InvalidCursor)
     }
 }
 
-impl std::fmt::Display for Cursor {
+impl std::fmt::Display for ListCursor {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
             Self::Offset(n) => write!(f, "{n}"),
@@ -198,7 +209,7 @@ impl SessionStore {
     pub async fn list_by_account(
         &self,
         account: Address,
-        cursor: Cursor,
+        cursor: ListCursor,
         limit: usize,
     ) -> Result<Page, StoreError> {
         match self {

@@ -5,7 +5,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
-//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`Cursor::After`]); ended grants' members leave as grants go into the bucket: the new grant's account's, and those of a random 64 (`index.lua`) |
+//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`ListCursor::After`]); ended grants' members leave as grants go into the bucket: the new grant's account's, and those of a random 64 (`index.lua`) |
 //!
 //! About 330 bytes of Redis per grant over a million of them (`scripts/bench`,
 //! docs/performance.md). Grants written by 0.1 (`sp:session:{<id>}` hashes of JSON,
@@ -24,7 +24,7 @@ use redis::cluster_async::ClusterConnection;
 
 use super::cache::GrantCache;
 use super::{
-    Cursor, GrantSource, ListPlace, Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError,
+    GrantSource, ListCursor, ListPlace, Page, RETAIN_SECS, SessionGrant, SessionStatus, StoreError,
     codec, forgotten,
 };
 use crate::clock::unix_now;
@@ -60,16 +60,10 @@ fn index_key(account: Address) -> Vec<u8> {
     [b"sp:ga:".as_slice(), &keccak256(account)[..2]].concat()
 }
 
-/// The grant's member in its account's index bucket (see the module's table).
-fn index_member(grant: &SessionGrant, expires_at: u64) -> Vec<u8> {
-    let u32_of = |t: u64| u32::try_from(t).unwrap_or(u32::MAX).to_be_bytes();
-    [
-        grant.account.as_slice(),
-        &u32_of(grant.created_at),
-        &u32_of(expires_at),
-        grant.session_id.as_slice(),
-    ]
-    .concat()
+/// The grant's member in its account's index bucket (see the module's table): the account,
+/// then the grant's place in its listing (creation, the time it is forgotten, id).
+fn index_member(grant: &SessionGrant) -> Vec<u8> {
+    [grant.account.as_slice(), &ListPlace::of(grant).to_bytes()].concat()
 }
 
 /// Layout before 0.2: a hash of `grant` (JSON) and `status`.
@@ -325,7 +319,7 @@ impl RedisSessions {
         let _: i64 = self
             .index
             .key(index_key(grant.account))
-            .arg(index_member(grant, expires_at))
+            .arg(index_member(grant))
             .arg(now)
             .arg(ttl)
             .invoke_async(&mut conn)
@@ -432,7 +426,7 @@ impl RedisSessions {
     pub(super) async fn list_by_account(
         &self,
         account: Address,
-        cursor: Cursor,
+        cursor: ListCursor,
         limit: usize,
     ) -> Result<Page, StoreError> {
         let mut conn = self.conn.clone();
@@ -442,15 +436,14 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         let skip_legacy = match cursor {
-            Cursor::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX),
-            Cursor::After(_) => usize::MAX,
+            ListCursor::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX),
+            ListCursor::After(_) => usize::MAX,
         };
-        // (id, creation time its index member names: None for the old layout's list; the
-        // member's place, to resume after).
-        let mut ids: Vec<(B256, Option<u64>, Option<ListPlace>)> = legacy
+        // (id, its index member's place: None for the old layout's list).
+        let mut ids: Vec<(B256, Option<ListPlace>)> = legacy
             .iter()
             .skip(skip_legacy)
-            .filter_map(|id| id.parse().ok().map(|id| (id, None, None)))
+            .filter_map(|id| id.parse().ok().map(|id| (id, None)))
             .take(limit.saturating_add(1))
             .collect();
         if ids.len() <= limit {
@@ -458,11 +451,11 @@ impl RedisSessions {
             let want = limit.saturating_add(1) - ids.len();
             let (min, offset) = match cursor {
                 // Past the place given: nothing that left since shifts where this resumes.
-                Cursor::After(place) => (
+                ListCursor::After(place) => (
                     [b"(".as_slice(), account.as_slice(), &place.to_bytes()].concat(),
                     0,
                 ),
-                Cursor::Offset(n) => (
+                ListCursor::Offset(n) => (
                     [b"[".as_slice(), account.as_slice()].concat(),
                     n.saturating_sub(legacy.len() as u64),
                 ),
@@ -480,31 +473,27 @@ impl RedisSessions {
                 .await
                 .map_err(unavailable)?;
             ids.extend(members.iter().filter(|m| m.len() == 60).filter_map(|m| {
-                let place = ListPlace::from_bytes(&m[20..])?;
-                Some((
-                    B256::from_slice(&m[28..]),
-                    Some(u64::from(place.created_at)),
-                    Some(place),
-                ))
+                ListPlace::from_bytes(&m[20..])
+                    .map(|place| (B256::from_slice(&m[28..]), Some(place)))
             }));
         }
         let more = ids.len() > limit;
         // The last entry of this page: where the next resumes (an offset within the old
         // layout's list).
         let next_cursor = more.then(|| match ids[..limit].last() {
-            Some((_, _, Some(place))) => Cursor::After(*place),
-            _ => Cursor::Offset(match cursor {
-                Cursor::Offset(n) => n.saturating_add(limit as u64),
-                Cursor::After(_) => limit as u64,
+            Some((_, Some(place))) => ListCursor::After(*place),
+            _ => ListCursor::Offset(match cursor {
+                ListCursor::Offset(n) => n.saturating_add(limit as u64),
+                ListCursor::After(_) => limit as u64,
             }),
         });
         let mut sessions = Vec::with_capacity(limit.min(ids.len()));
-        for (id, created, _) in ids.into_iter().take(limit) {
+        for (id, place) in ids.into_iter().take(limit) {
             // Only the grant its member was written for: not one stored under a reused id for
             // another account, nor a member left by a create that lost its SET NX.
             if let Some(grant) = self.get(id).await?
                 && grant.account == account
-                && created.is_none_or(|c| c == grant.created_at.min(u64::from(u32::MAX)))
+                && place.is_none_or(|p| p.created_at() == grant.created_at.min(u64::from(u32::MAX)))
             {
                 sessions.push(grant);
             }

@@ -2060,21 +2060,30 @@ async fn metrics_show_budget_remaining() -> TestResult {
         format!("sp_budget_remaining{{policy=\"budgeted\",chain=\"31337\",resource=\"ops\"}} {n}")
     };
     assert!(text.contains(&remaining(K - 2)), "{text}");
-    // `/metrics` asks for no credential: scrapes read the budgets from Redis at most every 5 s,
-    // the ones between show what the last read (a third sponsorship is not seen yet).
-    let started = std::time::Instant::now();
+    // `/metrics` asks for no credential: scrapes read the budgets from the ledger at most every
+    // 5 s, the ones between show what the last read (a third sponsorship is not seen yet)...
+    let scraped = std::time::Instant::now();
     apps[0]
         .result("pm_sponsorUserOperation", json!([op_json(2), ep]))
         .await?;
-    for _ in 0..20 {
-        let text = reqwest::get(format!("{}/metrics", apps[0].url))
+    let scrape = || async {
+        reqwest::get(format!("{}/metrics", apps[0].url))
             .await?
             .text()
-            .await?;
-        if started.elapsed() < std::time::Duration::from_secs(4) {
-            assert!(text.contains(&remaining(K - 2)), "{text}");
+            .await
+    };
+    for _ in 0..20 {
+        let text = scrape().await?;
+        if scraped.elapsed() >= std::time::Duration::from_secs(5) {
+            return Err("20 scrapes took 5 s: too slow to tell a cached value".into());
         }
+        assert!(text.contains(&remaining(K - 2)), "{text}");
     }
+    // ... and the first after them reads it.
+    tokio::time::sleep(std::time::Duration::from_secs(5).saturating_sub(scraped.elapsed())).await;
+    tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    let text = scrape().await?;
+    assert!(text.contains(&remaining(K - 3)), "{text}");
     Ok(())
 }
 

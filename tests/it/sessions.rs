@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use session_paymaster::session::grant::{SessionGrant, SessionStatus, proof_digest};
 use session_paymaster::session::memory::MemorySessions;
 use session_paymaster::session::redis::RedisSessions;
-use session_paymaster::session::{Cursor, SessionStore, StoreError};
+use session_paymaster::session::{ListCursor, SessionStore, StoreError};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
@@ -506,15 +506,19 @@ async fn store_contract(store: SessionStore) -> TestResult {
     let ids = |p: &session_paymaster::session::Page| -> Vec<u8> {
         p.sessions.iter().map(|s| s.session_id[0]).collect()
     };
-    let p1 = store.list_by_account(account, Cursor::Offset(0), 3).await?;
+    let p1 = store
+        .list_by_account(account, ListCursor::Offset(0), 3)
+        .await?;
     assert_eq!(ids(&p1), vec![1, 2, 3]);
     let next = p1.next_cursor.ok_or("more")?;
-    assert!(matches!(next, Cursor::After(_)), "{next:?}");
+    assert!(matches!(next, ListCursor::After(_)), "{next:?}");
     let p2 = store.list_by_account(account, next, 3).await?;
     assert_eq!(ids(&p2), vec![4]);
     assert_eq!(p2.next_cursor, None);
     assert_eq!(
-        ids(&store.list_by_account(account, Cursor::Offset(3), 3).await?),
+        ids(&store
+            .list_by_account(account, ListCursor::Offset(3), 3)
+            .await?),
         vec![4],
         "an offset, as cursors were before 0.3.5"
     );
@@ -530,7 +534,9 @@ async fn store_contract(store: SessionStore) -> TestResult {
     }
     // (Created last, listed first: no creation since has dropped it yet.)
     store.create(&gone_soon).await?;
-    let q1 = store.list_by_account(busy, Cursor::Offset(0), 2).await?;
+    let q1 = store
+        .list_by_account(busy, ListCursor::Offset(0), 2)
+        .await?;
     assert_eq!(
         ids(&q1),
         vec![0x71],
@@ -542,7 +548,9 @@ async fn store_contract(store: SessionStore) -> TestResult {
         .await?;
     assert_eq!(ids(&q2), vec![0x72, 0x73], "nothing skipped");
     assert_eq!(
-        ids(&store.list_by_account(busy, Cursor::Offset(2), 2).await?),
+        ids(&store
+            .list_by_account(busy, ListCursor::Offset(2), 2)
+            .await?),
         vec![0x73, 0x74],
         "an offset skips 0x72: the ended grant left"
     );
@@ -569,7 +577,7 @@ async fn store_contract(store: SessionStore) -> TestResult {
     assert_eq!(store.revoke(ended.session_id).await?, None);
     assert!(
         store
-            .list_by_account(ended.account, Cursor::Offset(0), 10)
+            .list_by_account(ended.account, ListCursor::Offset(0), 10)
             .await?
             .sessions
             .is_empty()
@@ -685,18 +693,22 @@ async fn grants_of_the_old_layout_are_read_revoked_and_listed() -> TestResult {
     };
     assert_eq!(
         ids(store
-            .list_by_account(account, Cursor::Offset(0), 10)
+            .list_by_account(account, ListCursor::Offset(0), 10)
             .await?),
         vec![1, 2]
     );
     // Within the old layout's list a page ends at an offset; past it, at a place.
-    let page = store.list_by_account(account, Cursor::Offset(0), 1).await?;
+    let page = store
+        .list_by_account(account, ListCursor::Offset(0), 1)
+        .await?;
     assert_eq!(
         (ids(page.clone()), page.next_cursor),
-        (vec![1], Some(Cursor::Offset(1)))
+        (vec![1], Some(ListCursor::Offset(1)))
     );
     assert_eq!(
-        ids(store.list_by_account(account, Cursor::Offset(1), 1).await?),
+        ids(store
+            .list_by_account(account, ListCursor::Offset(1), 1)
+            .await?),
         vec![2]
     );
     let revoked = store.revoke(old.session_id).await?.ok_or("known")?;
