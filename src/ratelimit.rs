@@ -39,7 +39,7 @@ pub struct Limited {
     pub retry_after: Duration,
 }
 
-/// Most keys one limiter tracks (an entry is about 100 bytes).
+/// Most keys one limiter tracks.
 pub const MAX_TRACKED: usize = 1 << 20;
 
 fn quota(rate: Rate) -> Option<Quota> {
