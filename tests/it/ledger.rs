@@ -3200,27 +3200,27 @@ async fn watchers_read_every_paymaster_noted_until_its_signatures_expire() -> Te
 /// pressure: costs forgotten. The service refuses to start on one.
 #[tokio::test]
 async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
+    /// `CONFIG SET maxmemory 100mb maxmemory-policy <policy>` on `conn`.
+    async fn evicting(conn: &mut impl redis::aio::ConnectionLike, policy: &str) -> TestResult {
+        redis::cmd("CONFIG")
+            .arg("SET")
+            .arg("maxmemory")
+            .arg("100mb")
+            .arg("maxmemory-policy")
+            .arg(policy)
+            .query_async::<()>(conn)
+            .await?;
+        Ok(())
+    }
     let redis = TestRedis::start().await?;
     let connect = || session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2));
     let mut conn = connect().await?;
-    for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "volatile-lru")] {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .query_async::<()>(&mut conn)
-            .await?;
-    }
+    evicting(&mut conn, "volatile-lru").await?;
     match connect().await {
         Err(e) => assert!(e.to_string().contains("volatile-lru"), "{e}"),
         Ok(_) => panic!("a Redis that evicts keys was taken"),
     }
-    redis::cmd("CONFIG")
-        .arg("SET")
-        .arg("maxmemory-policy")
-        .arg("noeviction")
-        .query_async::<()>(&mut conn)
-        .await?;
+    evicting(&mut conn, "noeviction").await?;
     assert!(connect().await.is_ok(), "noeviction is taken");
     // On a Cluster every node is read: one of three set to evict is enough to refuse it.
     let cluster = crate::helpers::TestRedisCluster::start().await?;
@@ -3231,14 +3231,7 @@ async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
     let mut node = redis::Client::open(last)?
         .get_multiplexed_async_connection()
         .await?;
-    for (name, value) in [("maxmemory", "100mb"), ("maxmemory-policy", "allkeys-lru")] {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg(name)
-            .arg(value)
-            .query_async::<()>(&mut node)
-            .await?;
-    }
+    evicting(&mut node, "allkeys-lru").await?;
     match connect().await {
         Err(e) => assert!(e.to_string().contains("allkeys-lru"), "{e}"),
         Ok(_) => panic!("a Cluster with a node that evicts keys was taken"),

@@ -603,6 +603,18 @@ async fn a_body_over_the_limit_gets_a_json_rpc_error() -> TestResult {
     Ok(())
 }
 
+/// The service with short connection deadlines (headers and idle 1 s, a request 2 s) and at
+/// most `max_connections`.
+async fn app_with_deadlines(max_connections: usize) -> TestResult<TestApp> {
+    let limits = ConnectionLimits {
+        header_timeout: std::time::Duration::from_secs(1),
+        request_timeout: std::time::Duration::from_secs(2),
+        max_connections,
+    };
+    let config = config([Some(PM07), None, None], KeySource::Ephemeral);
+    TestApp::spawn_with_limits(config, limits).await
+}
+
 /// A client that opens connections and never finishes a request holds nothing for long: its
 /// headers, and a kept-alive connection's next request, have `header_timeout`; its body goes
 /// under `request_timeout` (HTTP 408); connections past the cap wait in the kernel's backlog
@@ -614,16 +626,7 @@ async fn slow_idle_and_surplus_connections_are_bounded() -> TestResult {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     use tokio::net::TcpStream;
 
-    let limits = ConnectionLimits {
-        header_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(2),
-        max_connections: 2,
-    };
-    let app = TestApp::spawn_with_limits(
-        config([Some(PM07), None, None], KeySource::Ephemeral),
-        limits,
-    )
-    .await?;
+    let app = app_with_deadlines(2).await?;
     let addr = app.url.trim_start_matches("http://").to_owned();
     // Everything the server writes until it closes the connection (a test failure after 5 s).
     async fn until_closed(conn: &mut TcpStream) -> TestResult<String> {
@@ -696,16 +699,7 @@ async fn a_client_that_never_reads_its_answers_is_dropped() -> TestResult {
     use std::time::Duration;
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
-    let limits = ConnectionLimits {
-        header_timeout: Duration::from_secs(1),
-        request_timeout: Duration::from_secs(2),
-        max_connections: 4,
-    };
-    let app = TestApp::spawn_with_limits(
-        config([Some(PM07), None, None], KeySource::Ephemeral),
-        limits,
-    )
-    .await?;
+    let app = app_with_deadlines(4).await?;
     let socket = tokio::net::TcpSocket::new_v4()?;
     socket.set_recv_buffer_size(4096)?;
     let conn = socket
