@@ -3,13 +3,13 @@
 -- `account(20) ‖ createdAt u32 ‖ expiry u32 ‖ session id(32)`, big-endian (60 bytes: Redis
 -- keeps a bucket of up to 128 of them compact). ARGV[1] = the new member, ARGV[2] = now,
 -- ARGV[3] = the new grant's TTL, seconds.
--- Members whose grant is forgotten (their expiry passed) leave here: the account's own, and
--- those among SAMPLE members of the bucket drawn at random, whatever their account (one that
--- never gets another grant would otherwise keep its member for as long as any account of the
--- bucket gets new ones). Each grant created then removes about SAMPLE times the bucket's share
--- of ended members, so they stay a small share of it, and the work a call does is bounded by
--- the account's grants and SAMPLE, not by the bucket. Listings resume after a member, not at an
--- offset, so none shifts. The bucket lives as long as its longest-lived grant.
+-- Members whose grant is forgotten (their expiry passed) leave here: those among the account's
+-- SAMPLE oldest, and among SAMPLE members of the bucket drawn at random, whatever their account
+-- (one that never gets another grant would otherwise keep its member for as long as any
+-- account of the bucket gets new ones). Each grant created then removes about SAMPLE times the
+-- bucket's share of ended members, so they stay a small share of it, and the work a call does
+-- is bounded by SAMPLE, not by the bucket or the account. Listings resume after a member, not
+-- at an offset, so none shifts. The bucket lives as long as its longest-lived grant.
 local SAMPLE = 64
 local account = string.sub(ARGV[1], 1, 20)
 local now = tonumber(ARGV[2])
@@ -17,7 +17,9 @@ local function ended(m)
   return #m == 60 and struct.unpack('>I4', m, 25) < now
 end
 local gone = {}
-for _, m in ipairs(redis.call('ZRANGE', KEYS[1], '[' .. account, '[' .. account .. string.rep('\255', 40), 'BYLEX')) do
+-- (The account's oldest SAMPLE: ended grants are mostly its oldest, and an account with
+-- thousands of live grants costs no more.)
+for _, m in ipairs(redis.call('ZRANGE', KEYS[1], '[' .. account, '[' .. account .. string.rep('\255', 40), 'BYLEX', 'LIMIT', 0, SAMPLE)) do
   if ended(m) then
     gone[m] = true
   end

@@ -145,7 +145,12 @@ impl std::str::FromStr for ListCursor {
         if s.is_empty() || !s.bytes().all(|b| b.is_ascii_digit()) {
             return Err(InvalidCursor);
         }
-        s.parse().map(Self::Offset).map_err(|_| InvalidCursor)
+        // (Redis takes an offset up to i64::MAX.)
+        s.parse::<u64>()
+            .ok()
+            .filter(|&n| i64::try_from(n).is_ok())
+            .map(Self::Offset)
+            .ok_or(InvalidCursor)
     }
 }
 

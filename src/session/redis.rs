@@ -5,7 +5,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
-//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`ListCursor::After`]); ended grants' members leave as grants go into the bucket: the new grant's account's, and those of a random 64 (`index.lua`) |
+//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`ListCursor::After`]); ended grants' members leave as grants go into the bucket: among the new grant's account's 64 oldest, and among a random 64 (`index.lua`) |
 //!
 //! About 330 bytes of Redis per grant over a million of them (`scripts/bench`,
 //! docs/performance.md). Grants written by 0.1 (`sp:session:{<id>}` hashes of JSON,
@@ -146,7 +146,7 @@ async fn info_of_every_node(
 ) -> Result<redis::Value, StoreError> {
     let mut info = redis::cmd("INFO");
     info.arg(section);
-    match conn {
+    let answers = match conn {
         RedisConn::Single(c) => info.query_async(c).await,
         RedisConn::Cluster(c) => {
             use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
@@ -157,7 +157,24 @@ async fn info_of_every_node(
             .await
         }
     }
-    .map_err(unavailable)
+    .map_err(unavailable)?;
+    // A node that answered an error (loading, refusing the credentials) was not checked.
+    if let Some(e) = node_error(&answers) {
+        return Err(StoreError::Unavailable(format!(
+            "a Redis node answered INFO {section} with an error: {e}"
+        )));
+    }
+    Ok(answers)
+}
+
+/// The first error a node answered among `answers`.
+fn node_error(answers: &redis::Value) -> Option<String> {
+    match answers {
+        redis::Value::ServerError(e) => Some(format!("{e:?}")),
+        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().find_map(node_error),
+        redis::Value::Map(pairs) => pairs.iter().find_map(|(_, v)| node_error(v)),
+        _ => None,
+    }
 }
 
 /// Refuse a Redis (any node of a Cluster, as [`connect`] reads them at start: a node added or a
@@ -516,6 +533,20 @@ mod tests {
             format!("# Server\r\nredis_version:{version}\r\nredis_mode:standalone\r\n")
                 .into_bytes(),
         )
+    }
+
+    #[test]
+    fn a_node_that_answers_info_with_an_error_is_found() -> redis::RedisResult<()> {
+        let loading = redis::parse_redis_value(b"-LOADING Redis is loading the dataset\r\n")?;
+        assert!(matches!(loading, Value::ServerError(_)), "{loading:?}");
+        let ok = Value::BulkString(b"# Memory\r\nmaxmemory:0\r\n".to_vec());
+        assert_eq!(node_error(&ok), None);
+        let nodes = Value::Map(vec![
+            (Value::SimpleString("10.0.0.1:6379".into()), ok),
+            (Value::SimpleString("10.0.0.2:6379".into()), loading),
+        ]);
+        assert!(node_error(&nodes).is_some_and(|e| e.contains("loading")));
+        Ok(())
     }
 
     #[test]

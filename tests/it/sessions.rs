@@ -317,6 +317,7 @@ async fn admin_api_authenticates_validates_and_narrows() -> TestResult {
         "0x12".into(),
         "two".into(),
         format!("{next}00"),
+        u64::MAX.to_string(),
     ] {
         let (status, v) = page(bad.clone()).await?;
         assert_eq!(status, 400, "{bad}: {v}");
