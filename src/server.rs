@@ -7,7 +7,8 @@
 //! process's file descriptors before any API key is checked, and nobody is served. Here each
 //! connection has a deadline for every request's headers (which hyper also applies to a kept-
 //! alive connection waiting for its next request), each request a deadline for its whole
-//! answer, body read included, and the connections open at once a cap.
+//! answer, body read included, each answer a deadline for the client to read it
+//! (`WriteDeadline`), and the connections open at once a cap that fits the open-file limit.
 
 use std::convert::Infallible;
 use std::future::Future;
