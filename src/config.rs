@@ -200,8 +200,8 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_REQUEST_TIMEOUT", default_value = crate::server::DEFAULT_REQUEST_TIMEOUT, value_parser = parse_connection_timeout)]
     pub request_timeout: Duration,
 
-    /// Most client connections open at once, per listener (further ones wait in the kernel's
-    /// backlog); keep it under the process's open-file limit.
+    /// Most client connections open at once on the main listener (the admin listener holds at
+    /// most 64; further ones wait in the kernel's backlog); lowered to fit the open-file limit.
     #[arg(long, env = "SP_MAX_CONNECTIONS", default_value_t = crate::server::DEFAULT_MAX_CONNECTIONS, value_parser = clap::value_parser!(u32).range(1..))]
     pub max_connections: u32,
 

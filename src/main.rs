@@ -589,9 +589,11 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
-    let limits = args
-        .connection_limits()
-        .within_open_files(1 + usize::from(args.admin_listen.is_some()));
+    let admin_limits = args.connection_limits().for_admin();
+    let limits = args.connection_limits().within_open_files(
+        args.admin_listen
+            .map_or(0, |_| admin_limits.max_connections),
+    );
     let admin = match args.admin_listen {
         None => None,
         Some(addr) => {
@@ -603,7 +605,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
                 admin_listener,
                 app::admin_router(state.clone()),
                 stopped(stop_rx.clone()),
-                limits,
+                admin_limits,
             )))
         }
     };

@@ -134,20 +134,18 @@ pub async fn run(
 const OPEN_FILES_KEPT: u64 = 256;
 
 impl ConnectionLimits {
-    /// These limits, with `max_connections` lowered (with a warning) so that `listeners` full
-    /// listeners stay within this process's open-file limit (`ulimit -n`): past it, `accept`
-    /// fails before the cap does, and so does every new connection to Redis or the chain.
-    pub fn within_open_files(mut self, listeners: usize) -> Self {
+    /// These limits, with `max_connections` lowered (with a warning) so that a full listener,
+    /// and `reserved` connections of others (the admin listener's), stay within this process's
+    /// open-file limit (`ulimit -n`): past it, `accept` fails before the cap does, and so does
+    /// every new connection to Redis or the chain.
+    pub fn within_open_files(mut self, reserved: usize) -> Self {
         let Some(soft) = std::fs::read_to_string("/proc/self/limits")
             .ok()
             .and_then(|t| open_file_limit(&t))
         else {
             return self;
         };
-        let listeners = u64::try_from(listeners.max(1)).unwrap_or(u64::MAX);
-        let room = usize::try_from(soft.saturating_sub(OPEN_FILES_KEPT) / listeners)
-            .unwrap_or(usize::MAX)
-            .max(1);
+        let room = room_for_connections(soft, reserved);
         if self.max_connections > room {
             tracing::warn!(
                 max_connections = self.max_connections,
@@ -159,6 +157,29 @@ impl ConnectionLimits {
         }
         self
     }
+
+    /// The admin listener's (`--admin-listen`): these, with at most [`ADMIN_MAX_CONNECTIONS`].
+    pub fn for_admin(self) -> Self {
+        Self {
+            max_connections: self.max_connections.min(ADMIN_MAX_CONNECTIONS),
+            ..self
+        }
+    }
+}
+
+/// Most connections the admin listener holds: an operator's tools, not the public.
+pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+
+/// Client connections a listener may hold under a soft open-file limit of `soft`, with
+/// `reserved` taken by other listeners (at least one).
+fn room_for_connections(soft: u64, reserved: usize) -> usize {
+    let reserved = u64::try_from(reserved).unwrap_or(u64::MAX);
+    usize::try_from(
+        soft.saturating_sub(OPEN_FILES_KEPT)
+            .saturating_sub(reserved),
+    )
+    .unwrap_or(usize::MAX)
+    .max(1)
 }
 
 /// The soft open-file limit in `/proc/self/limits`' text (`None`: unlimited or not given).
@@ -314,5 +335,8 @@ mod tests {
             None
         );
         assert_eq!(open_file_limit(""), None);
+        assert_eq!(room_for_connections(1024, 0), 768);
+        assert_eq!(room_for_connections(1024, ADMIN_MAX_CONNECTIONS), 704);
+        assert_eq!(room_for_connections(100, 0), 1, "at least one");
     }
 }
