@@ -456,11 +456,16 @@ impl RedisSessions {
             ListCursor::Offset(n) => usize::try_from(n).unwrap_or(usize::MAX),
             ListCursor::After(_) => usize::MAX,
         };
-        // (id, its index member's place: None for the old layout's list).
-        let mut ids: Vec<(B256, Option<ListPlace>)> = legacy
+        // (id, where a page that ends on it resumes: past its index member's place, or, in the
+        // old layout's list, which only an offset reads, past its offset).
+        let mut ids: Vec<(B256, ListCursor)> = legacy
             .iter()
+            .enumerate()
             .skip(skip_legacy)
-            .filter_map(|id| id.parse().ok().map(|id| (id, None)))
+            .filter_map(|(at, id)| {
+                let past = u64::try_from(at).map_or(u64::MAX, |at| at.saturating_add(1));
+                id.parse().ok().map(|id| (id, ListCursor::Offset(past)))
+            })
             .take(limit.saturating_add(1))
             .collect();
         if ids.len() <= limit {
@@ -491,26 +496,23 @@ impl RedisSessions {
                 .map_err(unavailable)?;
             ids.extend(members.iter().filter(|m| m.len() == 60).filter_map(|m| {
                 ListPlace::from_bytes(&m[20..])
-                    .map(|place| (B256::from_slice(&m[28..]), Some(place)))
+                    .map(|place| (B256::from_slice(&m[28..]), ListCursor::After(place)))
             }));
         }
         let more = ids.len() > limit;
-        // The last entry of this page: where the next resumes (an offset within the old
-        // layout's list).
-        let next_cursor = more.then(|| match ids[..limit].last() {
-            Some((_, Some(place))) => ListCursor::After(*place),
-            _ => ListCursor::Offset(match cursor {
-                ListCursor::Offset(n) => n.saturating_add(limit as u64),
-                ListCursor::After(_) => limit as u64,
-            }),
-        });
+        let next_cursor = more.then(|| ids[limit - 1].1);
         let mut sessions = Vec::with_capacity(limit.min(ids.len()));
-        for (id, place) in ids.into_iter().take(limit) {
+        for (id, resume) in ids.into_iter().take(limit) {
             // Only the grant its member was written for: not one stored under a reused id for
             // another account, nor a member left by a create that lost its SET NX.
             if let Some(grant) = self.get(id).await?
                 && grant.account == account
-                && place.is_none_or(|p| p.created_at() == grant.created_at.min(u64::from(u32::MAX)))
+                && match resume {
+                    ListCursor::After(place) => {
+                        place.created_at() == grant.created_at.min(u64::from(u32::MAX))
+                    }
+                    ListCursor::Offset(_) => true,
+                }
             {
                 sessions.push(grant);
             }
