@@ -175,10 +175,10 @@ impl<C: Clock + Clone> RateLimits<C> {
             {
                 let tracked = limiter.keyed.len();
                 let full = tracked >= self.max_tracked;
-                if full && !limiter.full.swap(true, Ordering::Relaxed) {
+                let was_full = limiter.full.swap(full, Ordering::Relaxed);
+                if full && !was_full {
                     tracing::warn!(policy = %policy.id, scope, tracked, "rate limiter full: not limiting until its next eviction makes room (budgets still bound spending)");
                 }
-                limiter.full.store(full, Ordering::Relaxed);
             }
             !limiter.full.load(Ordering::Relaxed)
         };
