@@ -17,7 +17,7 @@ pub const MAX_SPEND_LIMITS: usize = 32;
 
 /// Most `allow` rules a grant lists: a grant is stored whole, read on every sponsorship under it
 /// and kept in up to 65,536 copies per replica, so its size is bounded whatever a dapp's
-/// backend passes through (with the caps below, its rules take at most about 10 KiB).
+/// backend passes through (the caps below: 8,192 bytes of signatures, and 64 targets and values).
 pub const MAX_ALLOW_RULES: usize = 64;
 /// Most functions one rule lists (see [`MAX_ALLOW_RULES`]).
 pub const MAX_FUNCTIONS_PER_RULE: usize = 64;

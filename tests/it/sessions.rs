@@ -202,6 +202,43 @@ async fn admin_api_authenticates_validates_and_narrows() -> TestResult {
         assert!(paths.contains(&expected), "{expected} in {paths:?}");
     }
 
+    // Grants a stranger's permissions could make huge (a dapp backend passing its users'
+    // through): too many rules, too many functions, too long a signature. 400, by path.
+    let long = format!("f{}()", "a".repeat(300));
+    let huge = [
+        (
+            json!({ "allow": (1..=65).map(|i| json!({ "target": Address::with_last_byte(i), "functions": ["*"] })).collect::<Vec<_>>() }),
+            "$.permissions.allow",
+        ),
+        (
+            json!({ "allow": [{ "target": COUNTER, "functions": vec!["*"; 65] }] }),
+            "$.permissions.allow[0].functions",
+        ),
+        (
+            json!({ "allow": [{ "target": COUNTER, "functions": [long] }] }),
+            "$.permissions.allow[0].functions[0]",
+        ),
+    ];
+    for (permissions, path) in huge {
+        let mut big = body.clone();
+        big["permissions"] = permissions;
+        let (status, v) = admin(
+            &app,
+            "POST",
+            "/admin/sessions",
+            Some(big),
+            Some(ADMIN_TOKEN),
+        )
+        .await?;
+        assert_eq!(
+            (status, v["issues"][0]["path"].clone()),
+            (400, json!(path)),
+            "{v}"
+        );
+        let message = v["issues"][0]["message"].as_str().unwrap_or("");
+        assert!(message.starts_with("at most"), "{v}");
+    }
+
     // Wider than the policy: refused, not clipped.
     let cases = [
         (
