@@ -249,14 +249,15 @@ impl AppState {
         self.spawn_every(every, |state| async move { state.refresh_policies().await })
     }
 
-    /// Read again, every `every`, whether a replica of 0.3.0 may run on the ledger's Redis
-    /// (records under sessions are then written by key: `RedisLedger::refresh_record_kind`).
-    pub fn spawn_record_kind_watcher(
-        self: &Arc<Self>,
-        every: Duration,
-    ) -> tokio::task::JoinHandle<()> {
+    /// Read again, every `every`, what the ledger's Redis allows: whether a replica of 0.3.0
+    /// may run on it (records under sessions are then written by key:
+    /// `RedisLedger::refresh_record_kind`), and whether it would evict keys when full
+    /// (reservations are then refused: `RedisLedger::refresh_eviction`).
+    pub fn spawn_ledger_watcher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         self.spawn_every(every, |state| async move {
-            state.sponsor.ledger().refresh_record_kind().await
+            let ledger = state.sponsor.ledger();
+            ledger.refresh_record_kind().await;
+            ledger.refresh_eviction().await;
         })
     }
 
@@ -490,7 +491,13 @@ impl AppState {
                 )
             })
             .collect();
-        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
+        // Reservations are refused while Redis would evict keys (`RedisLedger::refresh_eviction`).
+        let redis = if redis == "ok" && self.sponsor.ledger().evicts_keys() {
+            json!("evicts keys")
+        } else {
+            redis
+        };
+        let ready = redis == "ok" || redis == "not configured";
         // Whether a set was refused, not why, and no policy's id: the errors name policies,
         // rules and addresses of every tenant, and this endpoint asks for no credential (the
         // log and `GET /admin/policies` have them). Each field is listed here on purpose.

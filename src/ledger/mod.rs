@@ -379,6 +379,19 @@ impl Ledger {
         }
     }
 
+    /// Read again whether Redis would evict keys when full, refusing reservations while it would
+    /// (see [`redis::RedisLedger::refresh_eviction`]; memory evicts nothing).
+    pub async fn refresh_eviction(&self) {
+        if let Self::Redis(l) = self {
+            l.refresh_eviction().await;
+        }
+    }
+
+    /// Whether reservations are refused because Redis would evict keys when full.
+    pub fn evicts_keys(&self) -> bool {
+        matches!(self, Self::Redis(l) if l.evicts_keys())
+    }
+
     /// Note that this replica serves `policies` (their ids), before it signs under any of them
     /// and again on every policy poll: every replica's watcher then settles and releases their
     /// reservations, also one whose own set lacks them (see [`Self::watched_policies`]). In

@@ -52,13 +52,18 @@ pub struct RedisLedger {
     /// Whether a reservation's record names its session by id (`SESSION_BY_ID` in `lib.lua`),
     /// or by its state key in full, as 0.3.0 did and still reads ([`SESSION_RECORDS_BY_ID_KEY`]):
     /// [`RedisLedger::refresh_record_kind`] sets it when the ledger connects, and again every
-    /// `--policy-poll` (`AppState::spawn_record_kind_watcher`).
+    /// `--policy-poll` (`AppState::spawn_ledger_watcher`).
     session_records_by_id: Arc<AtomicBool>,
     /// The ledger libraries this replica has read the code of, and whether each reads records by
     /// id (a library's name carries a hash of its code, so what it says never changes).
     libraries_read: Arc<std::sync::Mutex<BTreeMap<String, bool>>>,
     /// Why records are written by key ("" while by id), as last logged.
     record_kind_why: Arc<std::sync::Mutex<String>>,
+    /// Set while Redis would evict keys when full: every reservation is then refused
+    /// ([`RedisLedger::refresh_eviction`]).
+    evicts: Arc<AtomicBool>,
+    /// What the last eviction check found ("" when no node would evict), as last logged.
+    eviction_why: Arc<std::sync::Mutex<String>>,
 }
 
 /// Where Redis keeps the time the first replica of this ledger layout ran (`RedisLedger::connect`).
@@ -605,7 +610,53 @@ impl RedisLedger {
             session_records_by_id: Arc::new(AtomicBool::new(false)),
             libraries_read: Arc::default(),
             record_kind_why: Arc::default(),
+            evicts: Arc::default(),
+            eviction_why: Arc::default(),
         }
+    }
+
+    /// Read again whether Redis would evict keys when full (any node of a Cluster that answers,
+    /// replicas included: `session::redis::eviction`), which `session::redis::connect` refused
+    /// at start: a `CONFIG SET` since, a node added or one that did not answer then may. While
+    /// one would, every reservation is refused, checks included (fail closed: a counter or a
+    /// record evicted is a cost forgotten, a revocation undone), and `/readyz` says so; they
+    /// resume once none would. A check that cannot read every node changes nothing (Redis
+    /// unreachable fails reservations anyway; the next check reads again). Logs what it found
+    /// when that changes; the service calls it every `--policy-poll`. Returns whether
+    /// reservations are refused.
+    pub async fn refresh_eviction(&self) -> bool {
+        let mut conn = self.conn.clone();
+        let found = crate::session::redis::eviction(&mut conn).await;
+        if let Ok(why) = &found {
+            self.evicts.store(why.is_some(), Ordering::Relaxed);
+        }
+        let now = match &found {
+            Ok(None) => String::new(),
+            Ok(Some(why)) => why.clone(),
+            Err(e) => format!("unchecked: {e}"),
+        };
+        let changed = self
+            .eviction_why
+            .lock()
+            .map(|mut last| std::mem::replace(&mut *last, now.clone()) != now)
+            .unwrap_or(true);
+        if changed {
+            match &found {
+                Ok(None) => tracing::info!("Redis evicts no keys: reservations are taken"),
+                Ok(Some(why)) => tracing::error!("reservations refused: {why}"),
+                Err(e) => tracing::warn!(
+                    error = %e,
+                    "whether Redis evicts keys could not be read of every node; read again next poll"
+                ),
+            }
+        }
+        self.evicts.load(Ordering::Relaxed)
+    }
+
+    /// Whether reservations are refused because Redis would evict keys when full, as the last
+    /// [`Self::refresh_eviction`] found.
+    pub fn evicts_keys(&self) -> bool {
+        self.evicts.load(Ordering::Relaxed)
     }
 
     /// Whether this replica may write records under a session by id, read afresh: the operator
@@ -750,6 +801,13 @@ impl RedisLedger {
         check_only: bool,
         now: u64,
     ) -> Result<Outcome, StoreError> {
+        if self.evicts_keys() {
+            return Err(StoreError::Unavailable(
+                "Redis evicts keys when full: reservations are refused until its \
+                 maxmemory-policy is noeviction (docs/operations.md)"
+                    .into(),
+            ));
+        }
         let ttl = |at: u64| ttl_secs(at, now);
         let nonce = nonce_key(&r.policy, r.landing_key);
         let bucket = r.answer.window.valid_until / BUCKET_SECS;

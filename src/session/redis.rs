@@ -133,8 +133,18 @@ impl redis::aio::ConnectionLike for RedisConn {
 pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
     let mut conn = open(url, timeout).await?;
     check_version(&info_of_every_node(&mut conn, "server").await?)?;
-    check_eviction(&info_of_every_node(&mut conn, "memory").await?)?;
+    if let Some(why) = eviction(&mut conn).await? {
+        return Err(StoreError::Unavailable(why));
+    }
     Ok(conn)
+}
+
+/// Why the Redis behind `conn` (any node of a Cluster, replicas included, that answers now)
+/// would evict keys when full, or `None` when none would: read at [`connect`], and again every
+/// `--policy-poll` by the ledger, which refuses reservations meanwhile
+/// (`RedisLedger::refresh_eviction`). An `Err` when `INFO` could not be read of every node.
+pub async fn eviction(conn: &mut RedisConn) -> Result<Option<String>, StoreError> {
+    Ok(evicts(&info_of_every_node(conn, "memory").await?))
 }
 
 /// `INFO <section>` of the Redis, or of every node of a Cluster, replicas included (a replica
@@ -177,13 +187,12 @@ fn node_error(answers: &redis::Value) -> Option<String> {
     }
 }
 
-/// Refuse a Redis (any node of a Cluster, as [`connect`] reads them at start: a node added or a
-/// policy changed later is not seen) that evicts keys when full: `maxmemory` set and a
-/// `maxmemory-policy` other than `noeviction`. Budget counters, reservation records and session
-/// states all have TTLs, so even a `volatile-*` policy would drop them under memory pressure:
-/// costs forgotten, budgets whole again, revocations undone. A node whose `INFO memory` names
-/// neither (a managed Redis hiding them) passes, with a warning.
-fn check_eviction(info: &redis::Value) -> Result<(), StoreError> {
+/// Why a Redis whose nodes' `INFO memory` answers `info` holds evicts keys when full, if one
+/// does: `maxmemory` set and a `maxmemory-policy` other than `noeviction`. Budget counters,
+/// reservation records and session states all have TTLs, so even a `volatile-*` policy would
+/// drop them under memory pressure: costs forgotten, budgets whole again, revocations undone.
+/// A node whose answer names neither (a managed Redis hiding them) passes, with a warning.
+fn evicts(info: &redis::Value) -> Option<String> {
     let mut texts = Vec::new();
     collect_text(info, &mut texts);
     let field = |text: &str, name: &str| {
@@ -199,11 +208,11 @@ fn check_eviction(info: &redis::Value) -> Result<(), StoreError> {
         };
         seen = true;
         if max != "0" && policy != "noeviction" {
-            return Err(StoreError::Unavailable(format!(
+            return Some(format!(
                 "Redis evicts keys when full (maxmemory {max}, maxmemory-policy {policy}): \
                  budget counters and reservations would be dropped and their costs forgotten; \
                  set maxmemory-policy noeviction (docs/operations.md)"
-            )));
+            ));
         }
     }
     if !seen {
@@ -211,7 +220,7 @@ fn check_eviction(info: &redis::Value) -> Result<(), StoreError> {
             "Redis' INFO memory names no maxmemory policy: make sure it is noeviction (docs/operations.md)"
         );
     }
-    Ok(())
+    None
 }
 
 /// The Redis 7.0 check of [`connect`], on every node's `INFO server` answer `info` holds.
@@ -559,25 +568,24 @@ mod tests {
                     .into_bytes(),
             )
         };
-        assert!(check_eviction(&memory("0", "noeviction")).is_ok());
+        assert!(evicts(&memory("0", "noeviction")).is_none());
         assert!(
-            check_eviction(&memory("0", "allkeys-lru")).is_ok(),
+            evicts(&memory("0", "allkeys-lru")).is_none(),
             "no limit: nothing evicted"
         );
-        assert!(check_eviction(&memory("104857600", "noeviction")).is_ok());
+        assert!(evicts(&memory("104857600", "noeviction")).is_none());
         for policy in ["volatile-lru", "allkeys-lru", "volatile-ttl"] {
             assert!(
-                check_eviction(&memory("104857600", policy))
-                    .is_err_and(|e| e.to_string().contains(policy)),
+                evicts(&memory("104857600", policy)).is_some_and(|why| why.contains(policy)),
                 "{policy}"
             );
         }
         assert!(
-            check_eviction(&redis::Value::Array(vec![
+            evicts(&redis::Value::Array(vec![
                 memory("0", "noeviction"),
                 memory("1000", "volatile-lru")
             ]))
-            .is_err(),
+            .is_some(),
             "one node of a Cluster"
         );
     }

@@ -3198,20 +3198,21 @@ async fn watchers_read_every_paymaster_noted_until_its_signatures_expire() -> Te
 /// A Redis that evicts keys when full (`maxmemory` set, a policy other than `noeviction`) would
 /// drop budget counters, reservations and revocations, which all have TTLs, under memory
 /// pressure: costs forgotten. The service refuses to start on one.
+/// `CONFIG SET maxmemory 100mb maxmemory-policy <policy>` on `conn`.
+async fn evicting(conn: &mut impl redis::aio::ConnectionLike, policy: &str) -> TestResult {
+    redis::cmd("CONFIG")
+        .arg("SET")
+        .arg("maxmemory")
+        .arg("100mb")
+        .arg("maxmemory-policy")
+        .arg(policy)
+        .query_async::<()>(conn)
+        .await?;
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
-    /// `CONFIG SET maxmemory 100mb maxmemory-policy <policy>` on `conn`.
-    async fn evicting(conn: &mut impl redis::aio::ConnectionLike, policy: &str) -> TestResult {
-        redis::cmd("CONFIG")
-            .arg("SET")
-            .arg("maxmemory")
-            .arg("100mb")
-            .arg("maxmemory-policy")
-            .arg(policy)
-            .query_async::<()>(conn)
-            .await?;
-        Ok(())
-    }
     let redis = TestRedis::start().await?;
     let connect = || session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2));
     let mut conn = connect().await?;
@@ -3236,5 +3237,72 @@ async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
         Err(e) => assert!(e.to_string().contains("allkeys-lru"), "{e}"),
         Ok(_) => panic!("a Cluster with a node that evicts keys was taken"),
     }
+    Ok(())
+}
+
+/// A Redis set to evict keys after the service started (`CONFIG SET`, or a node that did not
+/// answer at start) would drop counters and records under memory pressure: from the next check
+/// every reservation is refused, `/readyz` says why, and once it evicts nothing again they are
+/// taken again.
+#[tokio::test]
+async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = budget_dir()?;
+    let apps = apps(1, Some(&redis), &dir).await?;
+    let app = &apps[0];
+    // The task `serve` runs every --policy-poll.
+    let watcher = app.state.spawn_ledger_watcher(Duration::from_millis(100));
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    let readyz = || async {
+        let r = reqwest::get(format!("{}/readyz", app.url)).await?;
+        Ok::<_, reqwest::Error>((r.status().as_u16(), r.json::<Value>().await?))
+    };
+    // Until `redis` reads `want` (at most 5 s of checks), then its status and answer.
+    let until = |want: &'static str| async move {
+        for _ in 0..50 {
+            let (status, body) = readyz().await?;
+            if body["redis"] == want {
+                return Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body));
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        Err(format!("/readyz never said redis: {want}").into())
+    };
+    assert_eq!(until("ok").await?.0, 200);
+    app.result("pm_sponsorUserOperation", json!([op_json(0), ep]))
+        .await?;
+    let mut conn = redis::Client::open(redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    evicting(&mut conn, "volatile-ttl").await?;
+    let (status, body) = until("evicts keys").await?;
+    assert_eq!((status, &body["ready"]), (503, &json!(false)), "{body}");
+    for method in ["pm_sponsorUserOperation", "pm_getPaymasterStubData"] {
+        let params = if method == "pm_sponsorUserOperation" {
+            json!([op_json(1), ep])
+        } else {
+            json!([op_json(1), ep, "0x7a69", {}])
+        };
+        let e = app.error(method, params).await?;
+        assert_eq!(e["code"], -32004, "{method}: {e}");
+        assert_eq!(e["data"]["reason"], "store_unavailable", "{method}: {e}");
+    }
+    // Nothing was counted meanwhile: one operation of K.
+    let text = reqwest::get(format!("{}/metrics", app.url))
+        .await?
+        .text()
+        .await?;
+    assert!(
+        text.contains(&format!(
+            "sp_budget_remaining{{policy=\"budgeted\",chain=\"31337\",resource=\"ops\"}} {}",
+            K - 1
+        )),
+        "{text}"
+    );
+    evicting(&mut conn, "noeviction").await?;
+    assert_eq!(until("ok").await?.0, 200);
+    app.result("pm_sponsorUserOperation", json!([op_json(1), ep]))
+        .await?;
+    watcher.abort();
     Ok(())
 }
