@@ -589,6 +589,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     let stopped = |mut rx: tokio::sync::watch::Receiver<bool>| async move {
         let _ = rx.wait_for(|stop| *stop).await;
     };
+    server::raise_open_files();
     let admin_limits = args.connection_limits().for_admin();
     let limits = args.connection_limits().within_open_files(
         args.admin_listen

@@ -182,6 +182,41 @@ fn room_for_connections(soft: u64, reserved: usize) -> usize {
     .max(1)
 }
 
+/// Most open files [`raise_open_files`] asks for: room for `--max-connections`' default many
+/// times over, short of what a kernel may refuse (`fs.nr_open`, 1,048,576 by default).
+const OPEN_FILES_WANTED: u64 = 1 << 20;
+
+/// Raise this process's soft open-file limit (`ulimit -Sn`) to its hard limit, at most
+/// [`OPEN_FILES_WANTED`], as servers do at start: many hosts start services at a soft 1,024
+/// under a much higher hard limit (systemd's default: 524,288), which would hold the main
+/// listener to about 770 connections ([`ConnectionLimits::within_open_files`], which reads the
+/// limit after this). Logged when raised, or when it cannot be.
+pub fn raise_open_files() {
+    #[cfg(unix)]
+    {
+        use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
+        let now = getrlimit(Resource::Nofile);
+        let wanted = now
+            .maximum
+            .map_or(OPEN_FILES_WANTED, |hard| hard.min(OPEN_FILES_WANTED));
+        let Some(soft) = now.current.filter(|&soft| soft < wanted) else {
+            return;
+        };
+        match setrlimit(
+            Resource::Nofile,
+            Rlimit {
+                current: Some(wanted),
+                maximum: now.maximum,
+            },
+        ) {
+            Ok(()) => tracing::info!(from = soft, to = wanted, "open-file limit raised"),
+            Err(e) => {
+                tracing::warn!(error = %e, soft, wanted, "the open-file limit could not be raised")
+            }
+        }
+    }
+}
+
 /// The soft open-file limit in `/proc/self/limits`' text (`None`: unlimited or not given).
 fn open_file_limit(limits: &str) -> Option<u64> {
     let line = limits.lines().find(|l| l.starts_with("Max open files"))?;

@@ -360,3 +360,53 @@ async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResu
     child.wait()?;
     Ok(())
 }
+
+/// Started at a soft open-file limit of 1,024 under a hard one of 4,096 (systemd starts services
+/// so), `serve` raises the soft limit to the hard one: `--max-connections` would otherwise be
+/// lowered to about 770.
+#[tokio::test]
+async fn serve_raises_its_soft_open_file_limit_to_the_hard_one() -> TestResult {
+    let port = crate::helpers::free_port();
+    let mut child = Command::new("sh")
+        .args([
+            "-c",
+            "ulimit -Sn 1024 && ulimit -Hn 4096 && exec \"$@\"",
+            "sh",
+        ])
+        .arg(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .current_dir(repo_dir())
+        .env_remove("SP_REDIS_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    let client = reqwest::Client::new();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while client
+        .get(format!("http://127.0.0.1:{port}/healthz"))
+        .send()
+        .await
+        .is_err()
+    {
+        if Instant::now() > deadline || child.try_wait()?.is_some() {
+            let _ = child.kill();
+            let mut err = String::new();
+            if let Some(mut e) = child.stderr.take() {
+                e.read_to_string(&mut err)?;
+            }
+            return Err(format!("serve did not start: {err}").into());
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    // (`exec`: the shell's pid is the service's.)
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id()))?;
+    child.kill()?;
+    child.wait()?;
+    let line = limits
+        .lines()
+        .find(|l| l.starts_with("Max open files"))
+        .ok_or("no open-file line")?;
+    let numbers: Vec<&str> = line["Max open files".len()..].split_whitespace().collect();
+    assert_eq!(numbers.get(..2), Some(&["4096", "4096"][..]), "{line}");
+    Ok(())
+}
