@@ -491,13 +491,15 @@ impl AppState {
                 )
             })
             .collect();
-        // Reservations are refused while Redis would evict keys (`RedisLedger::refresh_eviction`).
-        let redis = if redis == "ok" && self.sponsor.ledger().evicts_keys() {
+        let ready = !redis.as_str().is_some_and(|s| s.starts_with("unreachable"));
+        // Reported, never failing readiness: reservations are refused while Redis would evict
+        // keys, or has (`RedisLedger::refresh_eviction`), on every replica alike, but policies
+        // without budgets, session status and the admin API (revocations) still work.
+        let redis = if redis == "ok" && self.sponsor.ledger().refusing_for_eviction() {
             json!("evicts keys")
         } else {
             redis
         };
-        let ready = redis == "ok" || redis == "not configured";
         // Whether a set was refused, not why, and no policy's id: the errors name policies,
         // rules and addresses of every tenant, and this endpoint asks for no credential (the
         // log and `GET /admin/policies` have them). Each field is listed here on purpose.
@@ -606,6 +608,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         watcher_lag,
         budgets,
         directory_differs: state.directory_differs(),
+        refusing_for_eviction: sponsor.ledger().refusing_for_eviction(),
     });
     (
         [(

@@ -86,6 +86,8 @@ pub struct Scrape {
     pub budgets: Vec<(String, u64, &'static str, u64)>,
     /// Whether this replica's policy directory differs from the published set it serves.
     pub directory_differs: bool,
+    /// Whether reservations are refused because Redis evicts keys, or has.
+    pub refusing_for_eviction: bool,
 }
 
 /// A latency histogram in seconds.
@@ -128,6 +130,7 @@ pub struct Metrics {
     watcher_ignored_events: Counter,
     watcher_lag_seconds: Gauge,
     directory_differs: Gauge,
+    refusing_for_eviction: Gauge,
 }
 
 impl Default for Metrics {
@@ -150,6 +153,7 @@ impl Default for Metrics {
             watcher_ignored_events: Counter::default(),
             watcher_lag_seconds: Gauge::default(),
             directory_differs: Gauge::default(),
+            refusing_for_eviction: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -222,6 +226,11 @@ impl Default for Metrics {
             "sp_policy_directory_differs",
             "1 when this replica's policy directory differs from the published set it serves",
             m.directory_differs.clone(),
+        );
+        r.register(
+            "sp_ledger_refusing_eviction",
+            "1 while every reservation is refused because a Redis node evicts keys when full, or has evicted some",
+            m.refusing_for_eviction.clone(),
         );
         r.register(
             "sp_watcher_lag_seconds",
@@ -311,6 +320,8 @@ impl Metrics {
             .set(gauge(scrape.rate_limit_keys as u64));
         self.directory_differs
             .set(i64::from(scrape.directory_differs));
+        self.refusing_for_eviction
+            .set(i64::from(scrape.refusing_for_eviction));
         if let Some(lag) = scrape.watcher_lag {
             self.watcher_lag_seconds.set(gauge(lag));
         }
@@ -351,6 +362,7 @@ mod tests {
             watcher_lag: Some(3),
             budgets: vec![("p".into(), 8453, "ops", 9)],
             directory_differs: true,
+            refusing_for_eviction: true,
         });
         for line in [
             "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"ok\"} 2",
@@ -364,6 +376,7 @@ mod tests {
             "sp_budget_remaining{policy=\"p\",chain=\"8453\",resource=\"ops\"} 9",
             "sp_watcher_lag_seconds 3",
             "sp_policy_directory_differs 1",
+            "sp_ledger_refusing_eviction 1",
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }

@@ -139,10 +139,7 @@ impl ConnectionLimits {
     /// open-file limit (`ulimit -n`): past it, `accept` fails before the cap does, and so does
     /// every new connection to Redis or the chain.
     pub fn within_open_files(mut self, reserved: usize) -> Self {
-        let Some(soft) = std::fs::read_to_string("/proc/self/limits")
-            .ok()
-            .and_then(|t| open_file_limit(&t))
-        else {
+        let Some(soft) = open_file_limit() else {
             return self;
         };
         let room = room_for_connections(soft, reserved);
@@ -151,7 +148,7 @@ impl ConnectionLimits {
                 max_connections = self.max_connections,
                 open_file_limit = soft,
                 lowered_to = room,
-                "--max-connections does not fit the open-file limit: lowered (raise `ulimit -n`)"
+                "--max-connections does not fit the open-file limit: lowered (raise the hard open-file limit: LimitNOFILE=, --ulimit nofile=)"
             );
             self.max_connections = room;
         }
@@ -183,22 +180,30 @@ fn room_for_connections(soft: u64, reserved: usize) -> usize {
 }
 
 /// Most open files [`raise_open_files`] asks for: room for `--max-connections`' default many
-/// times over, short of what a kernel may refuse (`fs.nr_open`, 1,048,576 by default).
+/// times over, and the most a Linux process may have by default (`fs.nr_open`).
 const OPEN_FILES_WANTED: u64 = 1 << 20;
 
 /// Raise this process's soft open-file limit (`ulimit -Sn`) to its hard limit, at most
-/// [`OPEN_FILES_WANTED`], as servers do at start: many hosts start services at a soft 1,024
-/// under a much higher hard limit (systemd's default: 524,288), which would hold the main
-/// listener to about 770 connections ([`ConnectionLimits::within_open_files`], which reads the
-/// limit after this). Logged when raised, or when it cannot be.
+/// [`OPEN_FILES_WANTED`] and the kernel's `fs.nr_open`, as servers do at start: many hosts
+/// start services at a soft 1,024 under a much higher hard limit (systemd's default: 524,288),
+/// which would hold the main listener to about 770 connections
+/// ([`ConnectionLimits::within_open_files`], which reads the limit after this). Logged when
+/// raised, or when it cannot be.
 pub fn raise_open_files() {
     #[cfg(unix)]
     {
         use rustix::process::{Resource, Rlimit, getrlimit, setrlimit};
         let now = getrlimit(Resource::Nofile);
+        // (An unlimited hard limit still stops at `fs.nr_open`, where Linux has one.)
+        let nr_open = std::fs::read_to_string("/proc/sys/fs/nr_open")
+            .ok()
+            .and_then(|t| t.trim().parse::<u64>().ok())
+            .unwrap_or(u64::MAX);
         let wanted = now
             .maximum
-            .map_or(OPEN_FILES_WANTED, |hard| hard.min(OPEN_FILES_WANTED));
+            .unwrap_or(u64::MAX)
+            .min(OPEN_FILES_WANTED)
+            .min(nr_open);
         let Some(soft) = now.current.filter(|&soft| soft < wanted) else {
             return;
         };
@@ -217,14 +222,16 @@ pub fn raise_open_files() {
     }
 }
 
-/// The soft open-file limit in `/proc/self/limits`' text (`None`: unlimited or not given).
-fn open_file_limit(limits: &str) -> Option<u64> {
-    let line = limits.lines().find(|l| l.starts_with("Max open files"))?;
-    line["Max open files".len()..]
-        .split_whitespace()
-        .next()?
-        .parse()
-        .ok()
+/// This process's soft open-file limit (`None`: unlimited, or not a Unix).
+fn open_file_limit() -> Option<u64> {
+    #[cfg(unix)]
+    {
+        rustix::process::getrlimit(rustix::process::Resource::Nofile).current
+    }
+    #[cfg(not(unix))]
+    {
+        None
+    }
 }
 
 /// A client connection whose writes must make progress: one the peer keeps pending (a full
@@ -358,18 +365,7 @@ mod tests {
     use super::*;
 
     #[test]
-    fn the_open_file_limit_is_read_from_proc() {
-        let text = "Limit                     Soft Limit           Hard Limit           Units     \n\
-                    Max processes             95493                95493                processes \n\
-                    Max open files            1024                 524288               files     \n";
-        assert_eq!(open_file_limit(text), Some(1024));
-        assert_eq!(
-            open_file_limit(
-                "Max open files            unlimited            unlimited            files\n"
-            ),
-            None
-        );
-        assert_eq!(open_file_limit(""), None);
+    fn the_room_for_connections_leaves_files_for_the_rest() {
         assert_eq!(room_for_connections(1024, 0), 768);
         assert_eq!(room_for_connections(1024, ADMIN_MAX_CONNECTIONS), 704);
         assert_eq!(room_for_connections(100, 0), 1, "at least one");

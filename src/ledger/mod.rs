@@ -379,17 +379,17 @@ impl Ledger {
         }
     }
 
-    /// Read again whether Redis would evict keys when full, refusing reservations while it would
-    /// (see [`redis::RedisLedger::refresh_eviction`]; memory evicts nothing).
+    /// Read again whether Redis would evict keys when full, or has, refusing reservations while
+    /// so (see [`redis::RedisLedger::refresh_eviction`]; memory evicts nothing).
     pub async fn refresh_eviction(&self) {
         if let Self::Redis(l) = self {
             l.refresh_eviction().await;
         }
     }
 
-    /// Whether reservations are refused because Redis would evict keys when full.
-    pub fn evicts_keys(&self) -> bool {
-        matches!(self, Self::Redis(l) if l.evicts_keys())
+    /// Whether reservations are refused because Redis would evict keys when full, or has.
+    pub fn refusing_for_eviction(&self) -> bool {
+        matches!(self, Self::Redis(l) if l.refusing_for_eviction())
     }
 
     /// Note that this replica serves `policies` (their ids), before it signs under any of them

@@ -58,12 +58,32 @@ pub struct RedisLedger {
     /// id (a library's name carries a hash of its code, so what it says never changes).
     libraries_read: Arc<std::sync::Mutex<BTreeMap<String, bool>>>,
     /// Why records are written by key ("" while by id), as last logged.
-    record_kind_why: Arc<std::sync::Mutex<String>>,
-    /// Set while Redis would evict keys when full: every reservation is then refused
+    record_kind_why: LastSaid,
+    /// Set while Redis would evict keys when full, or has: every reservation is then refused
     /// ([`RedisLedger::refresh_eviction`]).
-    evicts: Arc<AtomicBool>,
-    /// What the last eviction check found ("" when no node would evict), as last logged.
-    eviction_why: Arc<std::sync::Mutex<String>>,
+    refusing_for_eviction: Arc<AtomicBool>,
+    /// What the last eviction check found ("" when nothing), as last logged.
+    eviction_said: LastSaid,
+}
+
+/// What a check run every poll last logged, so that it logs again only when that changes.
+#[derive(Clone, Default)]
+struct LastSaid(Arc<std::sync::Mutex<String>>);
+
+impl LastSaid {
+    /// Whether `now` differs from what was last said (then noted as said).
+    fn changed(&self, now: &str) -> bool {
+        self.0
+            .lock()
+            .map(|mut last| {
+                let changed = *last != now;
+                if changed {
+                    now.clone_into(&mut last);
+                }
+                changed
+            })
+            .unwrap_or(true)
+    }
 }
 
 /// Where Redis keeps the time the first replica of this ledger layout ran (`RedisLedger::connect`).
@@ -609,54 +629,60 @@ impl RedisLedger {
             legacy_before: u64::MAX,
             session_records_by_id: Arc::new(AtomicBool::new(false)),
             libraries_read: Arc::default(),
-            record_kind_why: Arc::default(),
-            evicts: Arc::default(),
-            eviction_why: Arc::default(),
+            record_kind_why: LastSaid::default(),
+            refusing_for_eviction: Arc::default(),
+            eviction_said: LastSaid::default(),
         }
     }
 
-    /// Read again whether Redis would evict keys when full (any node of a Cluster that answers,
-    /// replicas included: `session::redis::eviction`), which `session::redis::connect` refused
-    /// at start: a `CONFIG SET` since, a node added or one that did not answer then may. While
-    /// one would, every reservation is refused, checks included (fail closed: a counter or a
-    /// record evicted is a cost forgotten, a revocation undone), and `/readyz` says so; they
-    /// resume once none would. A check that cannot read every node changes nothing (Redis
+    /// Read again what every node of Redis says of eviction (`session::redis::eviction`), which
+    /// `session::redis::connect` checked at start: a `CONFIG SET` since, a node added or one that
+    /// did not answer then may evict keys when full, or may have. While one would, or has, every
+    /// reservation is refused, checks included (fail closed: a counter or a record evicted is a
+    /// cost forgotten, a revocation undone), and `/readyz` and `sp_ledger_refusing_eviction` say
+    /// so; they resume once every node answers without such a finding. A node that answers an
+    /// error, or an `INFO` that fails as a whole, leaves what the last check found (Redis
     /// unreachable fails reservations anyway; the next check reads again). Logs what it found
-    /// when that changes; the service calls it every `--policy-poll`. Returns whether
-    /// reservations are refused.
-    pub async fn refresh_eviction(&self) -> bool {
+    /// when that changes; the service calls it every `--policy-poll`.
+    pub async fn refresh_eviction(&self) {
         let mut conn = self.conn.clone();
-        let found = crate::session::redis::eviction(&mut conn).await;
-        if let Ok(why) = &found {
-            self.evicts.store(why.is_some(), Ordering::Relaxed);
-        }
-        let now = match &found {
-            Ok(None) => String::new(),
-            Ok(Some(why)) => why.clone(),
-            Err(e) => format!("unchecked: {e}"),
+        let found = crate::session::redis::eviction(&mut conn)
+            .await
+            .unwrap_or_else(|e| crate::session::redis::Eviction {
+                unread: Some(e.to_string()),
+                ..Default::default()
+            });
+        let refusing = match (&found.why, &found.unread) {
+            (Some(_), _) => true,
+            (None, None) => false,
+            (None, Some(_)) => self.refusing_for_eviction(),
         };
-        let changed = self
-            .eviction_why
-            .lock()
-            .map(|mut last| std::mem::replace(&mut *last, now.clone()) != now)
-            .unwrap_or(true);
-        if changed {
-            match &found {
-                Ok(None) => tracing::info!("Redis evicts no keys: reservations are taken"),
-                Ok(Some(why)) => tracing::error!("reservations refused: {why}"),
-                Err(e) => tracing::warn!(
-                    error = %e,
-                    "whether Redis evicts keys could not be read of every node; read again next poll"
-                ),
-            }
+        self.refusing_for_eviction
+            .store(refusing, Ordering::Relaxed);
+        let said = format!(
+            "{refusing} {:?} {:?} {}",
+            found.why, found.unread, found.hidden
+        );
+        if !self.eviction_said.changed(&said) {
+            return;
         }
-        self.evicts.load(Ordering::Relaxed)
+        match (&found.why, &found.unread) {
+            (Some(why), _) => tracing::error!("reservations refused: {why}"),
+            (None, Some(unread)) => tracing::warn!(
+                refusing,
+                "eviction unchecked on a Redis node ({unread}): reservations stay as the last check left them; read again next poll"
+            ),
+            (None, None) => tracing::info!("no Redis node evicts keys: reservations are taken"),
+        }
+        if found.hidden {
+            tracing::warn!("{}", crate::session::redis::HIDDEN_POLICY);
+        }
     }
 
-    /// Whether reservations are refused because Redis would evict keys when full, as the last
-    /// [`Self::refresh_eviction`] found.
-    pub fn evicts_keys(&self) -> bool {
-        self.evicts.load(Ordering::Relaxed)
+    /// Whether reservations are refused because Redis would evict keys when full, or has, as
+    /// the last [`Self::refresh_eviction`] found.
+    pub fn refusing_for_eviction(&self) -> bool {
+        self.refusing_for_eviction.load(Ordering::Relaxed)
     }
 
     /// Whether this replica may write records under a session by id, read afresh: the operator
@@ -689,11 +715,7 @@ impl RedisLedger {
             ),
             _ => format!("{SESSION_RECORDS_BY_ID_KEY} is not set"),
         };
-        let changed = self
-            .record_kind_why
-            .lock()
-            .map(|mut last| std::mem::replace(&mut *last, why.clone()) != why)
-            .unwrap_or(true);
+        let changed = self.record_kind_why.changed(&why);
         if announce || changed {
             if by_id {
                 tracing::info!("records under sessions are written by id");
@@ -801,10 +823,10 @@ impl RedisLedger {
         check_only: bool,
         now: u64,
     ) -> Result<Outcome, StoreError> {
-        if self.evicts_keys() {
+        if self.refusing_for_eviction() {
             return Err(StoreError::Unavailable(
-                "Redis evicts keys when full: reservations are refused until its \
-                 maxmemory-policy is noeviction (docs/operations.md)"
+                "Redis evicts keys, or has: reservations are refused until no node does \
+                 (docs/operations.md)"
                     .into(),
             ));
         }

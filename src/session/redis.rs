@@ -132,31 +132,71 @@ impl redis::aio::ConnectionLike for RedisConn {
 /// `EXPIRE … GT` (7.0), and a script that fails half-way keeps what it wrote.
 pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
     let mut conn = open(url, timeout).await?;
-    check_version(&info_of_every_node(&mut conn, "server").await?)?;
-    if let Some(why) = eviction(&mut conn).await? {
+    check_version(&info_of_every_node(&mut conn, &["server"]).await?)?;
+    let found = eviction(&mut conn).await?;
+    if let Some(why) = found.why.or(found.unread) {
         return Err(StoreError::Unavailable(why));
+    }
+    if found.hidden {
+        tracing::warn!("{HIDDEN_POLICY}");
     }
     Ok(conn)
 }
 
-/// Why the Redis behind `conn` (any node of a Cluster, replicas included, that answers now)
-/// would evict keys when full, or `None` when none would: read at [`connect`], and again every
-/// `--policy-poll` by the ledger, which refuses reservations meanwhile
-/// (`RedisLedger::refresh_eviction`). An `Err` when `INFO` could not be read of every node.
-pub async fn eviction(conn: &mut RedisConn) -> Result<Option<String>, StoreError> {
-    Ok(evicts(&info_of_every_node(conn, "memory").await?))
+/// What every node of the Redis behind `conn` (a Cluster's replicas included) says of
+/// eviction, read at [`connect`] (which refuses any finding but `hidden`) and again every
+/// `--policy-poll` by the ledger, which refuses reservations while one would evict keys or has
+/// (`RedisLedger::refresh_eviction`). `Err` when `INFO` failed as a whole.
+pub async fn eviction(conn: &mut RedisConn) -> Result<Eviction, StoreError> {
+    Ok(eviction_in(
+        &info_of_nodes(conn, &["memory", "stats"]).await?,
+    ))
 }
 
-/// `INFO <section>` of the Redis, or of every node of a Cluster, replicas included (a replica
-/// becomes a primary at a failover; redis-rs routes `INFO` to the primaries alone): one answer
-/// per node, by address.
+/// What the nodes' `INFO memory stats` answers say of eviction ([`eviction`]).
+#[derive(Debug, Default, Clone, PartialEq, Eq)]
+pub struct Eviction {
+    /// Why keys would be, or were, evicted, on the first node found: `maxmemory` set with a
+    /// `maxmemory-policy` other than `noeviction`, or `evicted_keys` above 0 (since the node
+    /// started or its last `CONFIG RESETSTAT`). Budget counters, reservation records and
+    /// session states all have TTLs, so even a `volatile-*` policy drops them under memory
+    /// pressure: costs forgotten, budgets whole again, revocations undone.
+    pub why: Option<String>,
+    /// A node that answered an error (loading, `INFO` refused): not checked.
+    pub unread: Option<String>,
+    /// A node whose answer names no maxmemory policy (a managed Redis hiding it): passed.
+    pub hidden: bool,
+}
+
+/// The warning for [`Eviction::hidden`].
+pub const HIDDEN_POLICY: &str = "a Redis node's INFO memory names no maxmemory policy: make sure it is noeviction (docs/operations.md)";
+
+/// `INFO <sections>` of every node, errors refused ([`info_of_nodes`]).
 async fn info_of_every_node(
     conn: &mut RedisConn,
-    section: &str,
+    sections: &[&str],
+) -> Result<redis::Value, StoreError> {
+    let answers = info_of_nodes(conn, sections).await?;
+    // A node that answered an error (loading, refusing the credentials) was not checked.
+    if let Some(e) = node_error(&answers) {
+        return Err(StoreError::Unavailable(format!(
+            "a Redis node answered INFO {} with an error: {e}",
+            sections.join(" ")
+        )));
+    }
+    Ok(answers)
+}
+
+/// `INFO <sections>` of the Redis, or of every node of a Cluster, replicas included (a replica
+/// becomes a primary at a failover; redis-rs routes `INFO` to the primaries alone): one answer
+/// per node, by address, a node's error among them.
+async fn info_of_nodes(
+    conn: &mut RedisConn,
+    sections: &[&str],
 ) -> Result<redis::Value, StoreError> {
     let mut info = redis::cmd("INFO");
-    info.arg(section);
-    let answers = match conn {
+    info.arg(sections);
+    match conn {
         RedisConn::Single(c) => info.query_async(c).await,
         RedisConn::Cluster(c) => {
             use redis::cluster_routing::{MultipleNodeRoutingInfo, RoutingInfo};
@@ -167,14 +207,7 @@ async fn info_of_every_node(
             .await
         }
     }
-    .map_err(unavailable)?;
-    // A node that answered an error (loading, refusing the credentials) was not checked.
-    if let Some(e) = node_error(&answers) {
-        return Err(StoreError::Unavailable(format!(
-            "a Redis node answered INFO {section} with an error: {e}"
-        )));
-    }
-    Ok(answers)
+    .map_err(unavailable)
 }
 
 /// The first error a node answered among `answers`.
@@ -187,40 +220,44 @@ fn node_error(answers: &redis::Value) -> Option<String> {
     }
 }
 
-/// Why a Redis whose nodes' `INFO memory` answers `info` holds evicts keys when full, if one
-/// does: `maxmemory` set and a `maxmemory-policy` other than `noeviction`. Budget counters,
-/// reservation records and session states all have TTLs, so even a `volatile-*` policy would
-/// drop them under memory pressure: costs forgotten, budgets whole again, revocations undone.
-/// A node whose answer names neither (a managed Redis hiding them) passes, with a warning.
-fn evicts(info: &redis::Value) -> Option<String> {
+/// [`Eviction`] of the nodes' `INFO memory stats` answers `info` holds, each judged alone.
+fn eviction_in(info: &redis::Value) -> Eviction {
     let mut texts = Vec::new();
     collect_text(info, &mut texts);
     let field = |text: &str, name: &str| {
         text.lines()
             .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
     };
-    let mut seen = false;
-    for text in &texts {
-        let (Some(max), Some(policy)) =
-            (field(text, "maxmemory:"), field(text, "maxmemory_policy:"))
-        else {
-            continue;
-        };
-        seen = true;
-        if max != "0" && policy != "noeviction" {
-            return Some(format!(
+    let mut found = Eviction {
+        unread: node_error(info).map(|e| format!("a Redis node answered INFO with an error: {e}")),
+        ..Eviction::default()
+    };
+    // (A Cluster's answer is keyed by the nodes' addresses, which `collect_text` takes too.)
+    for text in texts.iter().filter(|t| t.contains("# Memory")) {
+        let evicted = field(text, "evicted_keys:").filter(|n| n != "0");
+        let why = match (field(text, "maxmemory:"), field(text, "maxmemory_policy:")) {
+            (Some(max), Some(policy)) if max != "0" && policy != "noeviction" => Some(format!(
                 "Redis evicts keys when full (maxmemory {max}, maxmemory-policy {policy}): \
                  budget counters and reservations would be dropped and their costs forgotten; \
                  set maxmemory-policy noeviction (docs/operations.md)"
-            ));
+            )),
+            (Some(_), Some(_)) => evicted.map(|n| {
+                format!(
+                    "Redis evicted {n} keys since it started (or since CONFIG RESETSTAT): \
+                     budget counters, reservations or revocations may be gone; once the ledger \
+                     is checked, CONFIG RESETSTAT on that node (docs/operations.md)"
+                )
+            }),
+            _ => {
+                found.hidden = true;
+                None
+            }
+        };
+        if found.why.is_none() {
+            found.why = why;
         }
     }
-    if !seen {
-        tracing::warn!(
-            "Redis' INFO memory names no maxmemory policy: make sure it is noeviction (docs/operations.md)"
-        );
-    }
-    None
+    found
 }
 
 /// The Redis 7.0 check of [`connect`], on every node's `INFO server` answer `info` holds.
@@ -561,33 +598,66 @@ mod tests {
     }
 
     #[test]
-    fn a_redis_that_evicts_keys_is_refused_on_any_node() {
-        let memory = |max: &str, policy: &str| {
+    fn a_redis_that_evicts_or_evicted_keys_is_found_on_any_node() -> redis::RedisResult<()> {
+        let memory = |max: &str, policy: &str, evicted: u64| {
             redis::Value::BulkString(
-                format!("# Memory\r\nused_memory:1000\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n")
-                    .into_bytes(),
+                format!(
+                    "# Memory\r\nused_memory:1000\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n\r\n# Stats\r\nexpired_keys:7\r\nevicted_keys:{evicted}\r\n"
+                )
+                .into_bytes(),
             )
         };
-        assert!(evicts(&memory("0", "noeviction")).is_none());
-        assert!(
-            evicts(&memory("0", "allkeys-lru")).is_none(),
+        let why = |info: &redis::Value| eviction_in(info).why;
+        assert_eq!(
+            eviction_in(&memory("0", "noeviction", 0)),
+            Eviction::default()
+        );
+        assert_eq!(
+            why(&memory("0", "allkeys-lru", 0)),
+            None,
             "no limit: nothing evicted"
         );
-        assert!(evicts(&memory("104857600", "noeviction")).is_none());
+        assert_eq!(why(&memory("104857600", "noeviction", 0)), None);
         for policy in ["volatile-lru", "allkeys-lru", "volatile-ttl"] {
             assert!(
-                evicts(&memory("104857600", policy)).is_some_and(|why| why.contains(policy)),
+                why(&memory("104857600", policy, 0)).is_some_and(|why| why.contains(policy)),
                 "{policy}"
             );
         }
         assert!(
-            evicts(&redis::Value::Array(vec![
-                memory("0", "noeviction"),
-                memory("1000", "volatile-lru")
-            ]))
-            .is_some(),
-            "one node of a Cluster"
+            why(&memory("0", "noeviction", 3)).is_some_and(|why| why.contains("evicted 3 keys")),
+            "keys evicted before the policy was set back"
         );
+        // A Cluster answers per node, by address: each node is judged alone.
+        let nodes = |a: redis::Value, b: redis::Value| {
+            Value::Map(vec![
+                (Value::SimpleString("10.0.0.1:6379".into()), a),
+                (Value::SimpleString("10.0.0.2:6379".into()), b),
+            ])
+        };
+        let clean = eviction_in(&nodes(
+            memory("0", "noeviction", 0),
+            memory("0", "noeviction", 0),
+        ));
+        assert_eq!(clean, Eviction::default(), "node addresses are no answers");
+        assert!(
+            why(&nodes(
+                memory("0", "noeviction", 0),
+                memory("1000", "volatile-lru", 0)
+            ))
+            .is_some()
+        );
+        // A node that answers an error is unread; the others are still judged.
+        let loading = redis::parse_redis_value(b"-LOADING Redis is loading the dataset\r\n")?;
+        let found = eviction_in(&nodes(loading.clone(), memory("0", "noeviction", 0)));
+        assert!(found.why.is_none() && found.unread.is_some_and(|e| e.contains("loading")));
+        let found = eviction_in(&nodes(loading, memory("1000", "allkeys-lru", 0)));
+        assert!(found.why.is_some() && found.unread.is_some());
+        // A node that hides its policy passes, marked.
+        let hidden = redis::Value::BulkString(b"# Memory\r\nused_memory:1000\r\n".to_vec());
+        let found = eviction_in(&nodes(hidden, memory("0", "noeviction", 0)));
+        assert_eq!((found.why, found.hidden), (None, true));
+        Ok(())
     }
 
     #[test]

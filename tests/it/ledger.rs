@@ -3195,15 +3195,16 @@ async fn watchers_read_every_paymaster_noted_until_its_signatures_expire() -> Te
     Ok(())
 }
 
-/// A Redis that evicts keys when full (`maxmemory` set, a policy other than `noeviction`) would
-/// drop budget counters, reservations and revocations, which all have TTLs, under memory
-/// pressure: costs forgotten. The service refuses to start on one.
-/// `CONFIG SET maxmemory 100mb maxmemory-policy <policy>` on `conn`.
-async fn evicting(conn: &mut impl redis::aio::ConnectionLike, policy: &str) -> TestResult {
+/// `CONFIG SET maxmemory <max> maxmemory-policy <policy>` on `conn`.
+async fn config_memory(
+    conn: &mut impl redis::aio::ConnectionLike,
+    max: &str,
+    policy: &str,
+) -> TestResult {
     redis::cmd("CONFIG")
         .arg("SET")
         .arg("maxmemory")
-        .arg("100mb")
+        .arg(max)
         .arg("maxmemory-policy")
         .arg(policy)
         .query_async::<()>(conn)
@@ -3211,6 +3212,14 @@ async fn evicting(conn: &mut impl redis::aio::ConnectionLike, policy: &str) -> T
     Ok(())
 }
 
+/// `CONFIG SET maxmemory 100mb maxmemory-policy <policy>` on `conn`.
+async fn evicting(conn: &mut impl redis::aio::ConnectionLike, policy: &str) -> TestResult {
+    config_memory(conn, "100mb", policy).await
+}
+
+/// A Redis that evicts keys when full (`maxmemory` set, a policy other than `noeviction`) would
+/// drop budget counters, reservations and revocations, which all have TTLs, under memory
+/// pressure: costs forgotten. The service refuses to start on one.
 #[tokio::test]
 async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -3242,8 +3251,9 @@ async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
 
 /// A Redis set to evict keys after the service started (`CONFIG SET`, or a node that did not
 /// answer at start) would drop counters and records under memory pressure: from the next check
-/// every reservation is refused, `/readyz` says why, and once it evicts nothing again they are
-/// taken again.
+/// every reservation is refused (replicas stay ready: `/readyz` and a gauge say why). Keys it
+/// evicted meanwhile keep them refused after the policy is set back, until the operator clears
+/// the count (`CONFIG RESETSTAT`).
 #[tokio::test]
 async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -3257,41 +3267,49 @@ async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops()
         let r = reqwest::get(format!("{}/readyz", app.url)).await?;
         Ok::<_, reqwest::Error>((r.status().as_u16(), r.json::<Value>().await?))
     };
-    // Until `redis` reads `want` (at most 5 s of checks), then its status and answer.
+    // Until `redis` reads `want` (at most 5 s of checks).
     let until = |want: &'static str| async move {
         for _ in 0..50 {
             let (status, body) = readyz().await?;
             if body["redis"] == want {
-                return Ok::<_, Box<dyn std::error::Error + Send + Sync>>((status, body));
+                assert_eq!((status, &body["ready"]), (200, &json!(true)), "{body}");
+                return Ok::<_, Box<dyn std::error::Error + Send + Sync>>(());
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
         Err(format!("/readyz never said redis: {want}").into())
     };
-    assert_eq!(until("ok").await?.0, 200);
+    let metrics = || async {
+        reqwest::get(format!("{}/metrics", app.url))
+            .await?
+            .text()
+            .await
+    };
+    let refused = || async {
+        for method in ["pm_sponsorUserOperation", "pm_getPaymasterStubData"] {
+            let params = if method == "pm_sponsorUserOperation" {
+                json!([op_json(1), ep])
+            } else {
+                json!([op_json(1), ep, "0x7a69", {}])
+            };
+            let e = app.error(method, params).await?;
+            assert_eq!(e["code"], -32004, "{method}: {e}");
+            assert_eq!(e["data"]["reason"], "store_unavailable", "{method}: {e}");
+        }
+        Ok::<_, Box<dyn std::error::Error + Send + Sync>>(())
+    };
+    until("ok").await?;
     app.result("pm_sponsorUserOperation", json!([op_json(0), ep]))
         .await?;
     let mut conn = redis::Client::open(redis.url.as_str())?
         .get_multiplexed_async_connection()
         .await?;
     evicting(&mut conn, "volatile-ttl").await?;
-    let (status, body) = until("evicts keys").await?;
-    assert_eq!((status, &body["ready"]), (503, &json!(false)), "{body}");
-    for method in ["pm_sponsorUserOperation", "pm_getPaymasterStubData"] {
-        let params = if method == "pm_sponsorUserOperation" {
-            json!([op_json(1), ep])
-        } else {
-            json!([op_json(1), ep, "0x7a69", {}])
-        };
-        let e = app.error(method, params).await?;
-        assert_eq!(e["code"], -32004, "{method}: {e}");
-        assert_eq!(e["data"]["reason"], "store_unavailable", "{method}: {e}");
-    }
+    until("evicts keys").await?;
+    refused().await?;
+    let text = metrics().await?;
+    assert!(text.contains("sp_ledger_refusing_eviction 1"), "{text}");
     // Nothing was counted meanwhile: one operation of K.
-    let text = reqwest::get(format!("{}/metrics", app.url))
-        .await?
-        .text()
-        .await?;
     assert!(
         text.contains(&format!(
             "sp_budget_remaining{{policy=\"budgeted\",chain=\"31337\",resource=\"ops\"}} {}",
@@ -3299,8 +3317,33 @@ async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops()
         )),
         "{text}"
     );
-    evicting(&mut conn, "noeviction").await?;
-    assert_eq!(until("ok").await?.0, 200);
+    // Full, it evicts (the ledger's keys among others); set back, the evictions still count.
+    config_memory(&mut conn, "1", "allkeys-random").await?;
+    let _: Result<(), _> = redis::cmd("SET")
+        .arg("filler")
+        .arg("x")
+        .query_async(&mut conn)
+        .await;
+    let stats: String = redis::cmd("INFO")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await?;
+    assert!(
+        stats
+            .lines()
+            .any(|l| l.starts_with("evicted_keys:") && l != "evicted_keys:0"),
+        "{stats}"
+    );
+    config_memory(&mut conn, "0", "noeviction").await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    until("evicts keys").await?;
+    refused().await?;
+    redis::cmd("CONFIG")
+        .arg("RESETSTAT")
+        .query_async::<()>(&mut conn)
+        .await?;
+    until("ok").await?;
+    assert!(metrics().await?.contains("sp_ledger_refusing_eviction 0"));
     app.result("pm_sponsorUserOperation", json!([op_json(1), ep]))
         .await?;
     watcher.abort();
