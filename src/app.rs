@@ -154,7 +154,9 @@ impl AppState {
             }
         }
         // Before signing under a policy: every replica's watcher then settles its reservations.
-        ledger.serve_policies(&policies.ids(), unix_now()).await?;
+        ledger
+            .serve_policies(&policies.ids(), policies.longest_validity(), unix_now())
+            .await?;
         let mut bundlers = Vec::new();
         for chain in &config.chains {
             if let Some(url) = &chain.bundler_url {
@@ -383,7 +385,11 @@ impl AppState {
                 if let Err(e) = self
                     .sponsor
                     .ledger()
-                    .serve_policies(&live.current().ids(), unix_now())
+                    .serve_policies(
+                        &live.current().ids(),
+                        live.current().longest_validity(),
+                        unix_now(),
+                    )
                     .await
                 {
                     tracing::warn!(error = %e, "cannot note this replica's policies as served");
@@ -414,7 +420,7 @@ impl AppState {
                             if let Err(e) = self
                                 .sponsor
                                 .ledger()
-                                .serve_policies(&set.ids(), unix_now())
+                                .serve_policies(&set.ids(), set.longest_validity(), unix_now())
                                 .await
                             {
                                 tracing::warn!(error = %e, version = %published, "cannot note the published policy set's policies as served: it waits for the next poll");

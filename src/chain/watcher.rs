@@ -29,7 +29,9 @@ use alloy::sol_types::SolEvent;
 use redis::AsyncCommands;
 
 use crate::clock::unix_now;
-use crate::ledger::{Landing, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor};
+use crate::ledger::{
+    GRACE_SECS, Landing, MAX_HASHES, landing_key, wei_to_gwei_ceil, wei_to_gwei_floor,
+};
 use crate::sponsor::deposit::open_against_deposit;
 use crate::sponsor::{ChainServed, Sponsor, VALID_AFTER_SKEW_SECS};
 use crate::userop::IEntryPoint;
@@ -552,9 +554,12 @@ impl Watcher {
     }
 
     /// Where a watcher without a cursor starts: `start_block` if given; else the first block
-    /// at or after the time the oldest open reservation can have been made (its `validUntil`
-    /// less the longest validity any policy grants, and the `validAfter` skew); else, with
-    /// nothing open, the confirmed head.
+    /// at or after the time the oldest open reservation's first answer can have been made;
+    /// else, with nothing open, the confirmed head. That time is its `validUntil` less, per
+    /// answer a reservation may have been extended to ([`MAX_HASHES`]), the longest validity
+    /// any policy granted (this replica's set's, or any a replica noted serving: another
+    /// replica's policy, one since removed or shortened) and the grace within which an expired
+    /// answer may still be extended, and less the `validAfter` skew.
     async fn first_block(
         &self,
         sponsor: &Sponsor,
@@ -572,8 +577,19 @@ impl Watcher {
         else {
             return Ok(confirmed);
         };
-        let longest = sponsor.policies().longest_validity();
-        let since = oldest.saturating_sub(longest + VALID_AFTER_SKEW_SECS);
+        let longest = sponsor.policies().longest_validity().max(
+            sponsor
+                .ledger()
+                .longest_validity_noted()
+                .await
+                .map_err(store)?,
+        );
+        let per_answer = longest.saturating_add(GRACE_SECS);
+        let since = oldest.saturating_sub(
+            per_answer
+                .saturating_mul(MAX_HASHES as u64)
+                .saturating_add(VALID_AFTER_SKEW_SECS),
+        );
         let block = self.block_at(since, confirmed).await?;
         tracing::info!(
             block,

@@ -392,14 +392,30 @@ impl Ledger {
         matches!(self, Self::Redis(l) if l.refusing_for_eviction())
     }
 
-    /// Note that this replica serves `policies` (their ids), before it signs under any of them
-    /// and again on every policy poll: every replica's watcher then settles and releases their
-    /// reservations, also one whose own set lacks them (see [`Self::watched_policies`]). In
-    /// memory, reserving notes it.
-    pub async fn serve_policies(&self, policies: &[String], now: u64) -> Result<(), StoreError> {
+    /// Note that this replica serves `policies` (their ids), whose longest `max_validity` is
+    /// `longest_validity` (s), before it signs under any of them and again on every policy poll:
+    /// every replica's watcher then settles and releases their reservations, also one whose own
+    /// set lacks them (see [`Self::watched_policies`]), and one without a cursor goes back far
+    /// enough for their signatures ([`Self::longest_validity_noted`]). In memory, reserving
+    /// notes the policy, and a watcher's cursor lives as long as its reservations.
+    pub async fn serve_policies(
+        &self,
+        policies: &[String],
+        longest_validity: u64,
+        now: u64,
+    ) -> Result<(), StoreError> {
         match self {
             Self::Memory(_) => Ok(()),
-            Self::Redis(l) => l.serve_policies(policies, now).await,
+            Self::Redis(l) => l.serve_policies(policies, longest_validity, now).await,
+        }
+    }
+
+    /// The longest `max_validity` (s) any replica noted serving ([`Self::serve_policies`]; 0
+    /// in memory, where the watcher's cursor starts with the process, before any reservation).
+    pub async fn longest_validity_noted(&self) -> Result<u64, StoreError> {
+        match self {
+            Self::Memory(_) => Ok(0),
+            Self::Redis(l) => l.longest_validity_noted().await,
         }
     }
 

@@ -104,6 +104,13 @@ pub const SESSION_RECORDS_BY_ID_KEY: &str = "sp:ledger:session-records-by-id";
 /// the reservations of all of them (`Ledger::watched_policies`), also those its own set lacks.
 pub const SERVED_POLICIES_KEY: &str = "sp:ledger:policies";
 
+/// The longest `max_validity` (s) of any policy set a replica served, a sorted set of one member
+/// (`validity`) scored with it, only ever raised (`ZADD GT`): noted with the policies served,
+/// before a set comes into force. A watcher without a cursor goes back by it, not only by its
+/// own set's (another replica's policy, one since removed or shortened, may have signed for
+/// longer): `Ledger::longest_validity_noted`.
+pub const LONGEST_VALIDITY_KEY: &str = "sp:ledger:longest-validity";
+
 /// A policy that no replica noted serving for this long, and that has no open reservation left
 /// (no expiry index: every one settled or released), leaves [`SERVED_POLICIES_KEY`]: its
 /// records are closed, and gone within their grace.
@@ -1175,10 +1182,28 @@ impl RedisLedger {
     pub(super) async fn serve_policies(
         &self,
         policies: &[String],
+        longest_validity: u64,
         now: u64,
     ) -> Result<(), StoreError> {
         self.note_served(SERVED_POLICIES_KEY, policies.iter().cloned(), now)
+            .await?;
+        self.note_served(
+            LONGEST_VALIDITY_KEY,
+            ["validity".to_owned()],
+            longest_validity,
+        )
+        .await
+    }
+
+    pub(super) async fn longest_validity_noted(&self) -> Result<u64, StoreError> {
+        let score: Option<f64> = self
+            .conn
+            .clone()
+            .zscore(LONGEST_VALIDITY_KEY, "validity")
             .await
+            .map_err(unavailable)?;
+        // (Seconds, far below 2^53: exact as a score.)
+        Ok(score.map_or(0, |s| s as u64))
     }
 
     pub(super) async fn watched_policies(

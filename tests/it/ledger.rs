@@ -3079,11 +3079,15 @@ async fn watchers_watch_every_policy_served_until_it_retires() -> TestResult {
     let names = |v: &[&str]| v.iter().map(|s| (*s).to_owned()).collect::<Vec<_>>();
     let set = |v: Vec<String>| v.into_iter().collect::<BTreeSet<_>>();
     ledger
-        .serve_policies(&names(&["gone", "open", "mine"]), old)
+        .serve_policies(&names(&["gone", "open", "mine"]), 600, old)
         .await?;
-    ledger.serve_policies(&names(&["recent"]), NOW - 60).await?;
-    // A replica whose clock is behind does not make one look served longer ago.
-    ledger.serve_policies(&names(&["recent"]), old).await?;
+    ledger
+        .serve_policies(&names(&["recent"]), 86_400, NOW - 60)
+        .await?;
+    // A replica whose clock is behind does not make one look served longer ago, nor one of
+    // shorter validity the longest noted shorter.
+    ledger.serve_policies(&names(&["recent"]), 60, old).await?;
+    assert_eq!(ledger.longest_validity_noted().await?, 86_400);
     let open = Reservation {
         policy: "open".into(),
         answer: answer(0x31, NOW + 10),
@@ -3112,7 +3116,7 @@ async fn watchers_watch_every_policy_served_until_it_retires() -> TestResult {
         names(&["open"])
     );
     // A replica that serves a policy again keeps it, however long it was away.
-    ledger.serve_policies(&names(&["gone"]), NOW).await?;
+    ledger.serve_policies(&names(&["gone"]), 600, NOW).await?;
     assert!(
         ledger
             .retire_policies(&names(&["mine"]), NOW + 1)

@@ -133,6 +133,62 @@ async fn a_watcher_without_cursor_starts_before_the_oldest_open_reservation() ->
     Ok(())
 }
 
+/// A watcher without a cursor went back from the oldest open reservation by its own set's
+/// longest validity only: an operation signed under a longer one (another replica's policy, or
+/// one since removed or shortened) that landed before that was never read, and its reservation
+/// was released at `validUntil`. It now goes back by the longest validity any replica noted
+/// serving too (found by review).
+#[tokio::test]
+async fn a_watcher_without_cursor_goes_back_by_the_longest_validity_served() -> TestResult {
+    use crate::e2e::User;
+    use session_paymaster::policy::file::{load_sources, read_dir_sources};
+
+    let redis = crate::helpers::TestRedis::start().await?;
+    let dir = crate::e2e::budgeted_policies()?;
+    let file = dir.0.join("dev-counter.toml");
+    let text = std::fs::read_to_string(&file)?;
+    assert!(text.contains("max_validity = \"10m\""), "{text}");
+    std::fs::write(
+        &file,
+        text.replace("max_validity = \"10m\"", "max_validity = \"2d\""),
+    )?;
+    let stack =
+        crate::helpers::Stack::start_with(Some(dir.0.clone()), Some(redis.url.clone())).await?;
+    let actual = {
+        let user = User::new(&stack, EntryPointVersion::V0_7).await?;
+        let event = user.submit(&user.sponsored(user.op_json()).await?).await?;
+        session_paymaster::ledger::wei_to_gwei_ceil(event.actualGasCost)
+    };
+    mine(&stack, 50).await?;
+    // The policy shortened to a minute, published and in force.
+    std::fs::write(
+        &file,
+        text.replace("max_validity = \"10m\"", "max_validity = \"1m\""),
+    )?;
+    let sources = read_dir_sources(&dir.0).map_err(|e| format!("{e:?}"))?;
+    let set = load_sources(&dir.0, sources.clone()).map_err(|e| format!("{e:?}"))?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    session_paymaster::policy::publish::push(&conn, set.version(), &sources).await?;
+    stack.app.state.refresh_policies().await;
+    let sponsor = &stack.app.state.sponsor;
+    assert_eq!(sponsor.policies().version(), set.version());
+    // (The set's other policies: ten minutes at most.)
+    assert_eq!(sponsor.policies().longest_validity(), 600);
+    let watcher = Watcher::new(
+        stack.anvil.provider.clone(),
+        sponsor.chain(31337)?,
+        2,
+        None,
+        Cursor::memory(),
+    )
+    .with_finality(session_paymaster::chain::watcher::Finality::Depth(2));
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!(poll.settled, 1, "{poll:?}");
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
+    Ok(())
+}
+
 /// `eth_getLogs` spanned a fixed 1,000 blocks; providers that cap ranges or results refused
 /// every poll. The range now halves while refused (and grows back after successes).
 #[tokio::test]
