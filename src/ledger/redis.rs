@@ -643,13 +643,14 @@ impl RedisLedger {
     }
 
     /// Read again what every node of Redis says of eviction (`session::redis::eviction`), which
-    /// `session::redis::connect` checked at start: a `CONFIG SET` since, a node added or one that
-    /// did not answer then may evict keys when full, or may have. While one would, or has, every
+    /// [`Self::connect`] checked at start: a `CONFIG SET` since, a node added or one that did
+    /// not answer then may evict keys when full, or may have. While one would, or has, every
     /// reservation is refused, checks included (fail closed: a counter or a record evicted is a
     /// cost forgotten, a revocation undone), and `/readyz` and `sp_ledger_refusing_eviction` say
     /// so; they resume once every node answers without such a finding. A node that answers an
-    /// error, or an `INFO` that fails as a whole, leaves what the last check found (Redis
-    /// unreachable fails reservations anyway; the next check reads again). Logs what it found
+    /// error, or an `INFO` that fails as a whole (on a Cluster, one node unreachable fails it
+    /// for every node), leaves what the last check found (the next check reads again; keys a
+    /// node evicted meanwhile are still counted once every node answers). Logs what it found
     /// when that changes; the service calls it every `--policy-poll`.
     pub async fn refresh_eviction(&self) {
         let mut conn = self.conn.clone();
@@ -776,6 +777,15 @@ impl RedisLedger {
     /// is loaded, else by key (as 0.3.0 did).
     pub async fn connect(conn: RedisConn) -> Result<Self, StoreError> {
         let mut c = conn.clone();
+        // No ledger on a Redis that evicts keys, or did (`refresh_eviction` reads it again
+        // every poll); the commands that only read or publish connect without this check.
+        let found = crate::session::redis::eviction(&mut c).await?;
+        if let Some(why) = found.why.or(found.unread) {
+            return Err(StoreError::Unavailable(why));
+        }
+        if found.hidden {
+            tracing::warn!("{}", crate::session::redis::HIDDEN_POLICY);
+        }
         let (now, _): (u64, u64) = redis::cmd("TIME")
             .query_async(&mut c)
             .await

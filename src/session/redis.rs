@@ -133,43 +133,48 @@ impl redis::aio::ConnectionLike for RedisConn {
 pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreError> {
     let mut conn = open(url, timeout).await?;
     check_version(&info_of_every_node(&mut conn, &["server"]).await?)?;
-    let found = eviction(&mut conn).await?;
-    if let Some(why) = found.why.or(found.unread) {
-        return Err(StoreError::Unavailable(why));
-    }
-    if found.hidden {
-        tracing::warn!("{HIDDEN_POLICY}");
-    }
     Ok(conn)
 }
 
-/// What every node of the Redis behind `conn` (a Cluster's replicas included) says of
-/// eviction, read at [`connect`] (which refuses any finding but `hidden`) and again every
-/// `--policy-poll` by the ledger, which refuses reservations while one would evict keys or has
-/// (`RedisLedger::refresh_eviction`). `Err` when `INFO` failed as a whole.
+/// Where operators acknowledge keys a node evicted, once they checked the ledger: a hash of
+/// the node's `run_id` (from `INFO server`; a new one each start) to the `evicted_keys` count
+/// acknowledged. A node counts as having evicted keys only above it ([`eviction`]). Managed
+/// services that refuse `CONFIG RESETSTAT` are cleared this way.
+pub const EVICTIONS_ACKNOWLEDGED_KEY: &str = "sp:ledger:evictions-acknowledged";
+
+/// What every node of the Redis behind `conn` (a Cluster's replicas included) says of eviction:
+/// read by the ledger when `serve` starts (which refuses any finding but `hidden`) and again
+/// every `--policy-poll`, refusing reservations while one would evict keys or has
+/// (`RedisLedger::refresh_eviction`). `Err` when `INFO`, or the acknowledgements, could not be
+/// read as a whole: on a Cluster, one node unreachable fails the whole `INFO`.
 pub async fn eviction(conn: &mut RedisConn) -> Result<Eviction, StoreError> {
-    Ok(eviction_in(
-        &info_of_nodes(conn, &["memory", "stats"]).await?,
-    ))
+    let info = info_of_nodes(conn, &["server", "memory", "stats"]).await?;
+    let acknowledged: HashMap<String, u64> = conn
+        .hgetall(EVICTIONS_ACKNOWLEDGED_KEY)
+        .await
+        .map_err(unavailable)?;
+    Ok(eviction_in(&info, &acknowledged))
 }
 
-/// What the nodes' `INFO memory stats` answers say of eviction ([`eviction`]).
+/// What the nodes' `INFO server memory stats` answers say of eviction ([`eviction`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Eviction {
     /// Why keys would be, or were, evicted, on the first node found: `maxmemory` set with a
-    /// `maxmemory-policy` other than `noeviction`, or `evicted_keys` above 0 (since the node
-    /// started or its last `CONFIG RESETSTAT`). Budget counters, reservation records and
-    /// session states all have TTLs, so even a `volatile-*` policy drops them under memory
-    /// pressure: costs forgotten, budgets whole again, revocations undone.
+    /// `maxmemory-policy` other than `noeviction`, or more `evicted_keys` (since the node
+    /// started or its last `CONFIG RESETSTAT`) than [`EVICTIONS_ACKNOWLEDGED_KEY`] holds for
+    /// it. Budget counters, reservation records and session states all have TTLs, so even a
+    /// `volatile-*` policy drops them under memory pressure: costs forgotten, budgets whole
+    /// again, revocations undone.
     pub why: Option<String>,
     /// A node that answered an error (loading, `INFO` refused): not checked.
     pub unread: Option<String>,
-    /// A node whose answer names no maxmemory policy (a managed Redis hiding it): passed.
+    /// A node whose answer names no maxmemory policy or no evicted-key count (a managed Redis
+    /// hiding them): passed.
     pub hidden: bool,
 }
 
 /// The warning for [`Eviction::hidden`].
-pub const HIDDEN_POLICY: &str = "a Redis node's INFO memory names no maxmemory policy: make sure it is noeviction (docs/operations.md)";
+pub const HIDDEN_POLICY: &str = "a Redis node's INFO names no maxmemory policy or no evicted_keys: make sure it is noeviction (docs/operations.md)";
 
 /// `INFO <sections>` of every node, errors refused ([`info_of_nodes`]).
 async fn info_of_every_node(
@@ -220,32 +225,35 @@ fn node_error(answers: &redis::Value) -> Option<String> {
     }
 }
 
-/// [`Eviction`] of the nodes' `INFO memory stats` answers `info` holds, each judged alone.
-fn eviction_in(info: &redis::Value) -> Eviction {
-    let mut texts = Vec::new();
-    collect_text(info, &mut texts);
-    let field = |text: &str, name: &str| {
-        text.lines()
-            .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
-    };
-    let mut found = Eviction {
-        unread: node_error(info).map(|e| format!("a Redis node answered INFO with an error: {e}")),
-        ..Eviction::default()
-    };
-    // (A Cluster's answer is keyed by the nodes' addresses, which `collect_text` takes too.)
-    for text in texts.iter().filter(|t| t.contains("# Memory")) {
-        let evicted = field(text, "evicted_keys:").filter(|n| n != "0");
-        let why = match (field(text, "maxmemory:"), field(text, "maxmemory_policy:")) {
-            (Some(max), Some(policy)) if max != "0" && policy != "noeviction" => Some(format!(
-                "Redis evicts keys when full (maxmemory {max}, maxmemory-policy {policy}): \
-                 budget counters and reservations would be dropped and their costs forgotten; \
-                 set maxmemory-policy noeviction (docs/operations.md)"
-            )),
-            (Some(_), Some(_)) => evicted.map(|n| {
+/// [`Eviction`] of the nodes' `INFO server memory stats` answers `info` holds, each judged
+/// alone, with the evicted-key counts `acknowledged` by `run_id`.
+fn eviction_in(info: &redis::Value, acknowledged: &HashMap<String, u64>) -> Eviction {
+    let mut found = Eviction::default();
+    for (node, answer) in node_answers(info) {
+        let at = if node.is_empty() {
+            String::new()
+        } else {
+            format!(" {node}")
+        };
+        let text = match answer {
+            Ok(text) => text,
+            Err(e) => {
+                found
+                    .unread
+                    .get_or_insert(format!("Redis node{at} answered INFO with an error: {e}"));
+                continue;
+            }
+        };
+        let field = |name: &str| {
+            text.lines()
+                .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
+        };
+        let policy_why = match (field("maxmemory:"), field("maxmemory_policy:")) {
+            (Some(max), Some(policy)) => (max != "0" && policy != "noeviction").then(|| {
                 format!(
-                    "Redis evicted {n} keys since it started (or since CONFIG RESETSTAT): \
-                     budget counters, reservations or revocations may be gone; once the ledger \
-                     is checked, CONFIG RESETSTAT on that node (docs/operations.md)"
+                    "Redis{at} evicts keys when full (maxmemory {max}, maxmemory-policy \
+                     {policy}): budget counters and reservations would be dropped and their \
+                     costs forgotten; set maxmemory-policy noeviction (docs/operations.md)"
                 )
             }),
             _ => {
@@ -253,11 +261,48 @@ fn eviction_in(info: &redis::Value) -> Eviction {
                 None
             }
         };
-        if found.why.is_none() {
-            found.why = why;
-        }
+        let Some(evicted) = field("evicted_keys:").and_then(|n| n.parse::<u64>().ok()) else {
+            found.hidden = true;
+            found.why = found.why.take().or(policy_why);
+            continue;
+        };
+        let run_id = field("run_id:").unwrap_or_default();
+        let evicted_why = (evicted > acknowledged.get(&run_id).copied().unwrap_or(0)).then(|| {
+            format!(
+                "Redis{at} evicted {evicted} keys since it started (or since CONFIG RESETSTAT): \
+                 budget counters, reservations or revocations may be gone; once the ledger is \
+                 checked, acknowledge them (HSET {EVICTIONS_ACKNOWLEDGED_KEY} {run_id} \
+                 {evicted}, or CONFIG RESETSTAT on that node; docs/operations.md)"
+            )
+        });
+        found.why = found.why.take().or(policy_why).or(evicted_why);
     }
     found
+}
+
+/// Each node's answer in `info` (one Redis: its answer, by ""; a Cluster: a map by address):
+/// its text, or the error it answered.
+fn node_answers(info: &redis::Value) -> Vec<(String, Result<String, String>)> {
+    fn text(v: &redis::Value) -> Option<String> {
+        match v {
+            redis::Value::BulkString(b) => Some(String::from_utf8_lossy(b).into_owned()),
+            redis::Value::SimpleString(s) | redis::Value::VerbatimString { text: s, .. } => {
+                Some(s.clone())
+            }
+            _ => None,
+        }
+    }
+    let answer = |v: &redis::Value| match v {
+        redis::Value::ServerError(e) => Err(format!("{e:?}")),
+        other => text(other).ok_or_else(|| "an answer that is no text".to_owned()),
+    };
+    match info {
+        redis::Value::Map(pairs) => pairs
+            .iter()
+            .map(|(node, v)| (text(node).unwrap_or_default(), answer(v)))
+            .collect(),
+        one => vec![(String::new(), answer(one))],
+    }
 }
 
 /// The Redis 7.0 check of [`connect`], on every node's `INFO server` answer `info` holds.
@@ -599,63 +644,87 @@ mod tests {
 
     #[test]
     fn a_redis_that_evicts_or_evicted_keys_is_found_on_any_node() -> redis::RedisResult<()> {
-        let memory = |max: &str, policy: &str, evicted: u64| {
+        let info = |max: &str, policy: &str, evicted: u64| {
             redis::Value::BulkString(
                 format!(
-                    "# Memory\r\nused_memory:1000\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n\r\n# Stats\r\nexpired_keys:7\r\nevicted_keys:{evicted}\r\n"
+                    "# Server\r\nredis_version:7.0.15\r\nrun_id:r1\r\n\r\n# Memory\r\nused_memory:1000\r\nmaxmemory:{max}\r\nmaxmemory_policy:{policy}\r\n\r\n# Stats\r\nexpired_keys:7\r\nevicted_keys:{evicted}\r\n"
                 )
                 .into_bytes(),
             )
         };
-        let why = |info: &redis::Value| eviction_in(info).why;
+        let none = HashMap::new();
+        let why = |v: &redis::Value| eviction_in(v, &none).why;
         assert_eq!(
-            eviction_in(&memory("0", "noeviction", 0)),
+            eviction_in(&info("0", "noeviction", 0), &none),
             Eviction::default()
         );
         assert_eq!(
-            why(&memory("0", "allkeys-lru", 0)),
+            why(&info("0", "allkeys-lru", 0)),
             None,
             "no limit: nothing evicted"
         );
-        assert_eq!(why(&memory("104857600", "noeviction", 0)), None);
+        assert_eq!(why(&info("104857600", "noeviction", 0)), None);
         for policy in ["volatile-lru", "allkeys-lru", "volatile-ttl"] {
             assert!(
-                why(&memory("104857600", policy, 0)).is_some_and(|why| why.contains(policy)),
+                why(&info("104857600", policy, 0)).is_some_and(|why| why.contains(policy)),
                 "{policy}"
             );
         }
-        assert!(
-            why(&memory("0", "noeviction", 3)).is_some_and(|why| why.contains("evicted 3 keys")),
-            "keys evicted before the policy was set back"
+        // Keys evicted before the policy was set back, until acknowledged for that run.
+        assert!(why(&info("0", "noeviction", 3)).is_some_and(|why| why.contains("evicted 3 keys")));
+        let acknowledged = HashMap::from([("r1".to_owned(), 3)]);
+        assert_eq!(
+            eviction_in(&info("0", "noeviction", 3), &acknowledged).why,
+            None
         );
-        // A Cluster answers per node, by address: each node is judged alone.
+        assert!(
+            eviction_in(&info("0", "noeviction", 4), &acknowledged)
+                .why
+                .is_some()
+        );
+        let other_run = HashMap::from([("r0".to_owned(), 3)]);
+        assert!(
+            eviction_in(&info("0", "noeviction", 3), &other_run)
+                .why
+                .is_some()
+        );
+        // A Cluster answers per node, by address: each node is judged alone, and named.
         let nodes = |a: redis::Value, b: redis::Value| {
             Value::Map(vec![
-                (Value::SimpleString("10.0.0.1:6379".into()), a),
-                (Value::SimpleString("10.0.0.2:6379".into()), b),
+                (Value::BulkString(b"10.0.0.1:6379".to_vec()), a),
+                (Value::BulkString(b"10.0.0.2:6379".to_vec()), b),
             ])
         };
-        let clean = eviction_in(&nodes(
-            memory("0", "noeviction", 0),
-            memory("0", "noeviction", 0),
-        ));
-        assert_eq!(clean, Eviction::default(), "node addresses are no answers");
+        let clean = nodes(info("0", "noeviction", 0), info("0", "noeviction", 0));
+        assert_eq!(eviction_in(&clean, &none), Eviction::default());
         assert!(
             why(&nodes(
-                memory("0", "noeviction", 0),
-                memory("1000", "volatile-lru", 0)
+                info("0", "noeviction", 0),
+                info("1000", "volatile-lru", 0)
             ))
-            .is_some()
+            .is_some_and(|why| why.contains("10.0.0.2:6379"))
         );
         // A node that answers an error is unread; the others are still judged.
         let loading = redis::parse_redis_value(b"-LOADING Redis is loading the dataset\r\n")?;
-        let found = eviction_in(&nodes(loading.clone(), memory("0", "noeviction", 0)));
+        let found = eviction_in(&nodes(loading.clone(), info("0", "noeviction", 0)), &none);
         assert!(found.why.is_none() && found.unread.is_some_and(|e| e.contains("loading")));
-        let found = eviction_in(&nodes(loading, memory("1000", "allkeys-lru", 0)));
+        let found = eviction_in(&nodes(loading, info("1000", "allkeys-lru", 0)), &none);
         assert!(found.why.is_some() && found.unread.is_some());
-        // A node that hides its policy passes, marked.
-        let hidden = redis::Value::BulkString(b"# Memory\r\nused_memory:1000\r\n".to_vec());
-        let found = eviction_in(&nodes(hidden, memory("0", "noeviction", 0)));
+        // A node that hides its policy passes, marked, but not its evicted keys; one whose
+        // answer holds nothing of either is marked too.
+        let hidden = |evicted: &str| {
+            redis::Value::BulkString(
+                format!("# Memory\r\nused_memory:1000\r\n# Stats\r\n{evicted}").into_bytes(),
+            )
+        };
+        let found = eviction_in(
+            &nodes(hidden("evicted_keys:0\r\n"), info("0", "noeviction", 0)),
+            &none,
+        );
+        assert_eq!((found.why, found.hidden), (None, true));
+        let found = eviction_in(&hidden("evicted_keys:5\r\n"), &none);
+        assert!(found.why.is_some_and(|why| why.contains("evicted 5 keys")) && found.hidden);
+        let found = eviction_in(&Value::BulkString(b"# Keyspace\r\n".to_vec()), &none);
         assert_eq!((found.why, found.hidden), (None, true));
         Ok(())
     }

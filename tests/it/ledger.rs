@@ -3226,27 +3226,34 @@ async fn evicting(conn: &mut impl redis::aio::ConnectionLike, policy: &str) -> T
 /// pressure: costs forgotten. The service refuses to start on one.
 #[tokio::test]
 async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
+    use session_paymaster::ledger::redis::RedisLedger;
+    use session_paymaster::session::redis::connect;
+
     let redis = TestRedis::start().await?;
-    let connect = || session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2));
-    let mut conn = connect().await?;
+    let ledger =
+        || async { RedisLedger::connect(connect(&redis.url, Duration::from_secs(2)).await?).await };
+    let mut conn = connect(&redis.url, Duration::from_secs(2)).await?;
     evicting(&mut conn, "volatile-lru").await?;
-    match connect().await {
+    match ledger().await {
         Err(e) => assert!(e.to_string().contains("volatile-lru"), "{e}"),
         Ok(_) => panic!("a Redis that evicts keys was taken"),
     }
+    // The commands that only read or publish (`status`, `policies push`) still connect.
+    connect(&redis.url, Duration::from_secs(2)).await?;
     evicting(&mut conn, "noeviction").await?;
-    assert!(connect().await.is_ok(), "noeviction is taken");
+    assert!(ledger().await.is_ok(), "noeviction is taken");
     // On a Cluster every node is read: one of three set to evict is enough to refuse it.
     let cluster = crate::helpers::TestRedisCluster::start().await?;
-    let connect =
-        || session_paymaster::session::redis::connect(&cluster.url, Duration::from_secs(2));
-    assert!(connect().await.is_ok());
+    let ledger = || async {
+        RedisLedger::connect(connect(&cluster.url, Duration::from_secs(2)).await?).await
+    };
+    assert!(ledger().await.is_ok());
     let last = cluster.url.rsplit(',').next().ok_or("a node")?;
     let mut node = redis::Client::open(last)?
         .get_multiplexed_async_connection()
         .await?;
     evicting(&mut node, "allkeys-lru").await?;
-    match connect().await {
+    match ledger().await {
         Err(e) => assert!(e.to_string().contains("allkeys-lru"), "{e}"),
         Ok(_) => panic!("a Cluster with a node that evicts keys was taken"),
     }
@@ -3256,8 +3263,8 @@ async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
 /// A Redis set to evict keys after the service started (`CONFIG SET`, or a node that did not
 /// answer at start) would drop counters and records under memory pressure: from the next check
 /// every reservation is refused (replicas stay ready: `/readyz` and a gauge say why). Keys it
-/// evicted meanwhile keep them refused after the policy is set back, until the operator clears
-/// the count (`CONFIG RESETSTAT`).
+/// evicted meanwhile keep them refused after the policy is set back, until the operator
+/// acknowledges them.
 #[tokio::test]
 async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -3342,9 +3349,25 @@ async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops()
     tokio::time::sleep(Duration::from_millis(500)).await;
     until("evicts keys").await?;
     refused().await?;
-    redis::cmd("CONFIG")
-        .arg("RESETSTAT")
-        .query_async::<()>(&mut conn)
+    // The operator checked the ledger: those evictions acknowledged (for this run of the node;
+    // `CONFIG RESETSTAT` would do too, where a managed Redis allows it).
+    let info: String = redis::cmd("INFO")
+        .arg("server")
+        .arg("stats")
+        .query_async(&mut conn)
+        .await?;
+    let field = |name: &str| {
+        info.lines()
+            .find_map(|l| l.strip_prefix(name))
+            .map(str::trim)
+            .map(str::to_owned)
+            .ok_or(format!("no {name} in {info}"))
+    };
+    let _: () = redis::cmd("HSET")
+        .arg(session_paymaster::session::redis::EVICTIONS_ACKNOWLEDGED_KEY)
+        .arg(field("run_id:")?)
+        .arg(field("evicted_keys:")?)
+        .query_async(&mut conn)
         .await?;
     until("ok").await?;
     assert!(metrics().await?.contains("sp_ledger_refusing_eviction 0"));

@@ -338,6 +338,15 @@ async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResu
 
     let port = crate::helpers::free_port();
     let mut child = serve(&["--no-settlement"], port).spawn()?;
+    healthy(&mut child, port, "with --no-settlement").await?;
+    child.kill()?;
+    child.wait()?;
+    Ok(())
+}
+
+/// Wait (at most 20 s) until the `serve` of `child` on `port` answers `/healthz`; if it exits
+/// or does not answer, kill it and fail with what it wrote to its (piped) stderr.
+async fn healthy(child: &mut std::process::Child, port: u16, what: &str) -> TestResult {
     let deadline = Instant::now() + Duration::from_secs(20);
     let client = reqwest::Client::new();
     while client
@@ -352,12 +361,10 @@ async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResu
             if let Some(mut e) = child.stderr.take() {
                 e.read_to_string(&mut err)?;
             }
-            return Err(format!("did not start with --no-settlement: {err}").into());
+            return Err(format!("did not start {what}: {err}").into());
         }
-        tokio::time::sleep(Duration::from_millis(100)).await;
+        tokio::time::sleep(Duration::from_millis(50)).await;
     }
-    child.kill()?;
-    child.wait()?;
     Ok(())
 }
 
@@ -386,24 +393,7 @@ async fn serve_raises_its_soft_open_file_limit_to_the_hard_one() -> TestResult {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    let client = reqwest::Client::new();
-    let deadline = Instant::now() + Duration::from_secs(20);
-    while client
-        .get(format!("http://127.0.0.1:{port}/healthz"))
-        .send()
-        .await
-        .is_err()
-    {
-        if Instant::now() > deadline || child.try_wait()?.is_some() {
-            let _ = child.kill();
-            let mut err = String::new();
-            if let Some(mut e) = child.stderr.take() {
-                e.read_to_string(&mut err)?;
-            }
-            return Err(format!("serve did not start: {err}").into());
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
+    healthy(&mut child, port, "under ulimit").await?;
     // (`exec`: the shell's pid is the service's.)
     let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id()))?;
     child.kill()?;

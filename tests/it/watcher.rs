@@ -100,6 +100,19 @@ async fn day_usage(sponsor: &session_paymaster::sponsor::Sponsor) -> TestResult<
         .await?)
 }
 
+/// A watcher of the stack's chain with no cursor stored yet (two confirmations, finality two
+/// blocks deep).
+fn cursorless_watcher(stack: &crate::helpers::Stack) -> TestResult<Watcher> {
+    Ok(Watcher::new(
+        stack.anvil.provider.clone(),
+        stack.app.state.sponsor.chain(31337)?,
+        2,
+        None,
+        Cursor::memory(),
+    )
+    .with_finality(session_paymaster::chain::watcher::Finality::Depth(2)))
+}
+
 async fn mine(stack: &crate::helpers::Stack, blocks: u64) -> TestResult {
     let _: Value = stack
         .anvil
@@ -119,15 +132,7 @@ async fn a_watcher_without_cursor_starts_before_the_oldest_open_reservation() ->
     let (stack, _dir, actual) = landed_op(Some(&redis)).await?;
     mine(&stack, 50).await?;
     let sponsor = &stack.app.state.sponsor;
-    let watcher = Watcher::new(
-        stack.anvil.provider.clone(),
-        sponsor.chain(31337)?,
-        2,
-        None,
-        Cursor::memory(),
-    )
-    .with_finality(session_paymaster::chain::watcher::Finality::Depth(2));
-    let poll = watcher.poll_once(sponsor).await?;
+    let poll = cursorless_watcher(&stack)?.poll_once(sponsor).await?;
     assert_eq!(poll.settled, 1, "{poll:?}");
     assert_eq!(day_usage(sponsor).await?, (actual, 1));
     Ok(())
@@ -175,15 +180,7 @@ async fn a_watcher_without_cursor_goes_back_by_the_longest_validity_served() -> 
     assert_eq!(sponsor.policies().version(), set.version());
     // (The set's other policies: ten minutes at most.)
     assert_eq!(sponsor.policies().longest_validity(), 600);
-    let watcher = Watcher::new(
-        stack.anvil.provider.clone(),
-        sponsor.chain(31337)?,
-        2,
-        None,
-        Cursor::memory(),
-    )
-    .with_finality(session_paymaster::chain::watcher::Finality::Depth(2));
-    let poll = watcher.poll_once(sponsor).await?;
+    let poll = cursorless_watcher(&stack)?.poll_once(sponsor).await?;
     assert_eq!(poll.settled, 1, "{poll:?}");
     assert_eq!(day_usage(sponsor).await?, (actual, 1));
     Ok(())
