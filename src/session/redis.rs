@@ -136,41 +136,74 @@ pub async fn connect(url: &str, timeout: Duration) -> Result<RedisConn, StoreErr
     Ok(conn)
 }
 
-/// Where operators acknowledge keys a node evicted, once they checked the ledger: a hash of
-/// the node's `run_id` (from `INFO server`; a new one each start) to the `evicted_keys` count
-/// acknowledged. A node counts as having evicted keys only above it ([`eviction`]). Managed
-/// services that refuse `CONFIG RESETSTAT` are cleared this way.
+/// The keys each run of a node was seen to have evicted: a hash of the node's `run_id` (from
+/// `INFO server`; a new one each start) to the highest `evicted_keys` count a check read of it.
+/// Kept after the node restarts or fails over, so that what it evicted still counts until
+/// acknowledged ([`EVICTIONS_ACKNOWLEDGED_KEY`]).
+pub const EVICTIONS_SEEN_KEY: &str = "sp:ledger:evictions-seen";
+
+/// Where operators acknowledge the keys a node evicted, once they checked the ledger: a hash of
+/// `run_id` to exactly the count [`EVICTIONS_SEEN_KEY`] holds for it (a larger one would let
+/// that many more go unseen, and is refused too).
 pub const EVICTIONS_ACKNOWLEDGED_KEY: &str = "sp:ledger:evictions-acknowledged";
 
 /// What every node of the Redis behind `conn` (a Cluster's replicas included) says of eviction:
 /// read by the ledger when `serve` starts (which refuses any finding but `hidden`) and again
-/// every `--policy-poll`, refusing reservations while one would evict keys or has
-/// (`RedisLedger::refresh_eviction`). `Err` when `INFO`, or the acknowledgements, could not be
-/// read as a whole: on a Cluster, one node unreachable fails the whole `INFO`.
+/// every `--policy-poll`, refusing reservations while one would evict keys or any run of a node
+/// evicted keys not acknowledged (`RedisLedger::refresh_eviction`). Counts read above those
+/// seen before are noted in [`EVICTIONS_SEEN_KEY`]. `Err` when `INFO` or the counts seen could
+/// not be read as a whole: on a Cluster, one node unreachable fails the whole `INFO`.
 pub async fn eviction(conn: &mut RedisConn) -> Result<Eviction, StoreError> {
     let info = info_of_nodes(conn, &["server", "memory", "stats"]).await?;
-    let acknowledged: HashMap<String, u64> = conn
-        .hgetall(EVICTIONS_ACKNOWLEDGED_KEY)
-        .await
-        .map_err(unavailable)?;
-    Ok(eviction_in(&info, &acknowledged))
+    let seen = counts(
+        conn.hgetall(EVICTIONS_SEEN_KEY)
+            .await
+            .map_err(unavailable)?,
+    );
+    // Unreadable, nothing is acknowledged: refused rather than passed.
+    let acknowledged = counts(
+        conn.hgetall(EVICTIONS_ACKNOWLEDGED_KEY)
+            .await
+            .unwrap_or_default(),
+    );
+    let found = eviction_in(&info, &seen, &acknowledged);
+    for (run, count) in &found.counted {
+        if seen.get(run).is_none_or(|was| was < count) {
+            let _: () = conn
+                .hset(EVICTIONS_SEEN_KEY, run, count)
+                .await
+                .map_err(unavailable)?;
+        }
+    }
+    Ok(found)
+}
+
+/// A hash of counts, as text: a value that is no count is left out (it acknowledges nothing).
+fn counts(fields: HashMap<String, String>) -> HashMap<String, u64> {
+    fields
+        .into_iter()
+        .filter_map(|(run, n)| Some((run, n.trim().parse().ok()?)))
+        .collect()
 }
 
 /// What the nodes' `INFO server memory stats` answers say of eviction ([`eviction`]).
 #[derive(Debug, Default, Clone, PartialEq, Eq)]
 pub struct Eviction {
-    /// Why keys would be, or were, evicted, on the first node found: `maxmemory` set with a
-    /// `maxmemory-policy` other than `noeviction`, or more `evicted_keys` (since the node
-    /// started or its last `CONFIG RESETSTAT`) than [`EVICTIONS_ACKNOWLEDGED_KEY`] holds for
-    /// it. Budget counters, reservation records and session states all have TTLs, so even a
-    /// `volatile-*` policy drops them under memory pressure: costs forgotten, budgets whole
-    /// again, revocations undone.
+    /// Why keys would be, or were, evicted, on the first node or run found: `maxmemory` not
+    /// shown as 0 with a `maxmemory-policy` other than `noeviction`, or evicted keys (a node's
+    /// `evicted_keys` now, or any count seen of a run before) not acknowledged. Budget
+    /// counters, reservation records and session states all have TTLs, so even a `volatile-*`
+    /// policy drops them under memory pressure: costs forgotten, budgets whole again,
+    /// revocations undone.
     pub why: Option<String>,
-    /// A node that answered an error (loading, `INFO` refused): not checked.
+    /// A node that answered an error (loading, `INFO` refused) or a count that does not parse,
+    /// or no node at all: not checked.
     pub unread: Option<String>,
     /// A node whose answer names no maxmemory policy or no evicted-key count (a managed Redis
-    /// hiding them): passed.
+    /// hiding them): passed on what it does show.
     pub hidden: bool,
+    /// The evicted-key count above 0 of each node that answered, by `run_id`.
+    pub counted: Vec<(String, u64)>,
 }
 
 /// The warning for [`Eviction::hidden`].
@@ -226,10 +259,19 @@ fn node_error(answers: &redis::Value) -> Option<String> {
 }
 
 /// [`Eviction`] of the nodes' `INFO server memory stats` answers `info` holds, each judged
-/// alone, with the evicted-key counts `acknowledged` by `run_id`.
-fn eviction_in(info: &redis::Value, acknowledged: &HashMap<String, u64>) -> Eviction {
+/// alone, with the counts `seen` of earlier runs and those `acknowledged`, by `run_id`.
+fn eviction_in(
+    info: &redis::Value,
+    seen: &HashMap<String, u64>,
+    acknowledged: &HashMap<String, u64>,
+) -> Eviction {
     let mut found = Eviction::default();
-    for (node, answer) in node_answers(info) {
+    let answers = node_answers(info);
+    if answers.is_empty() {
+        found.unread = Some("no Redis node answered INFO".into());
+    }
+    let mut nodes_of_runs = HashMap::new();
+    for (node, answer) in answers {
         let at = if node.is_empty() {
             String::new()
         } else {
@@ -248,34 +290,69 @@ fn eviction_in(info: &redis::Value, acknowledged: &HashMap<String, u64>) -> Evic
             text.lines()
                 .find_map(|l| l.strip_prefix(name).map(|v| v.trim().to_owned()))
         };
-        let policy_why = match (field("maxmemory:"), field("maxmemory_policy:")) {
-            (Some(max), Some(policy)) => (max != "0" && policy != "noeviction").then(|| {
-                format!(
+        match (field("maxmemory:"), field("maxmemory_policy:")) {
+            (max, Some(policy)) if max.as_deref() != Some("0") && policy != "noeviction" => {
+                let max = max.unwrap_or_else(|| "not shown".into());
+                found.why.get_or_insert(format!(
                     "Redis{at} evicts keys when full (maxmemory {max}, maxmemory-policy \
                      {policy}): budget counters and reservations would be dropped and their \
                      costs forgotten; set maxmemory-policy noeviction (docs/operations.md)"
-                )
-            }),
-            _ => {
-                found.hidden = true;
-                None
+                ));
             }
+            (_, Some(_)) => {}
+            (_, None) => found.hidden = true,
+        }
+        let evicted = match field("evicted_keys:").map(|n| n.parse::<u64>()) {
+            None => {
+                found.hidden = true;
+                continue;
+            }
+            Some(Err(_)) => {
+                found.unread.get_or_insert(format!(
+                    "Redis node{at} shows an evicted_keys that is no count"
+                ));
+                continue;
+            }
+            Some(Ok(0)) => continue,
+            Some(Ok(n)) => n,
         };
-        let Some(evicted) = field("evicted_keys:").and_then(|n| n.parse::<u64>().ok()) else {
-            found.hidden = true;
-            found.why = found.why.take().or(policy_why);
+        match field("run_id:").filter(|r| !r.is_empty()) {
+            Some(run) => {
+                nodes_of_runs.insert(run.clone(), at);
+                found.counted.push((run, evicted));
+            }
+            None => {
+                found.why.get_or_insert(format!(
+                    "Redis{at} evicted {evicted} keys and shows no run_id to acknowledge them \
+                     by: budget counters, reservations or revocations may be gone"
+                ));
+            }
+        }
+    }
+    // Every run seen to evict, this one's count the highest read of it.
+    let mut runs: std::collections::BTreeMap<&str, u64> =
+        seen.iter().map(|(run, n)| (run.as_str(), *n)).collect();
+    for (run, n) in &found.counted {
+        let was = runs.entry(run).or_default();
+        *was = (*was).max(*n);
+    }
+    for (run, evicted) in runs.into_iter().filter(|(_, n)| *n > 0) {
+        let acked = acknowledged.get(run).copied();
+        if acked == Some(evicted) {
             continue;
+        }
+        let at = nodes_of_runs.get(run).map_or("", String::as_str);
+        let more = match acked {
+            Some(acked) if acked > evicted => format!(
+                " ({acked} acknowledged, more than were seen: that many more would go unseen)"
+            ),
+            _ => String::new(),
         };
-        let run_id = field("run_id:").unwrap_or_default();
-        let evicted_why = (evicted > acknowledged.get(&run_id).copied().unwrap_or(0)).then(|| {
-            format!(
-                "Redis{at} evicted {evicted} keys since it started (or since CONFIG RESETSTAT): \
-                 budget counters, reservations or revocations may be gone; once the ledger is \
-                 checked, acknowledge them (HSET {EVICTIONS_ACKNOWLEDGED_KEY} {run_id} \
-                 {evicted}, or CONFIG RESETSTAT on that node; docs/operations.md)"
-            )
-        });
-        found.why = found.why.take().or(policy_why).or(evicted_why);
+        found.why.get_or_insert(format!(
+            "Redis{at} (run {run}) evicted {evicted} keys{more}: budget counters, reservations \
+             or revocations may be gone; once the ledger is checked, acknowledge exactly them: \
+             HSET {EVICTIONS_ACKNOWLEDGED_KEY} {run} {evicted} (docs/operations.md)"
+        ));
     }
     found
 }
@@ -653,9 +730,18 @@ mod tests {
             )
         };
         let none = HashMap::new();
-        let why = |v: &redis::Value| eviction_in(v, &none).why;
+        let judge = |v: &redis::Value, seen: &[(&str, u64)], acked: &[(&str, u64)]| {
+            let map = |pairs: &[(&str, u64)]| {
+                pairs
+                    .iter()
+                    .map(|(r, n)| ((*r).to_owned(), *n))
+                    .collect::<HashMap<_, _>>()
+            };
+            eviction_in(v, &map(seen), &map(acked))
+        };
+        let why = |v: &redis::Value| eviction_in(v, &none, &none).why;
         assert_eq!(
-            eviction_in(&info("0", "noeviction", 0), &none),
+            judge(&info("0", "noeviction", 0), &[], &[]),
             Eviction::default()
         );
         assert_eq!(
@@ -670,24 +756,58 @@ mod tests {
                 "{policy}"
             );
         }
-        // Keys evicted before the policy was set back, until acknowledged for that run.
-        assert!(why(&info("0", "noeviction", 3)).is_some_and(|why| why.contains("evicted 3 keys")));
-        let acknowledged = HashMap::from([("r1".to_owned(), 3)]);
+        // Keys evicted before the policy was set back, until acknowledged exactly, for that run.
+        let found = judge(&info("0", "noeviction", 3), &[], &[]);
+        assert!(found.why.is_some_and(|why| why.contains("evicted 3 keys")));
+        assert_eq!(found.counted, vec![("r1".to_owned(), 3)], "noted as seen");
         assert_eq!(
-            eviction_in(&info("0", "noeviction", 3), &acknowledged).why,
+            judge(&info("0", "noeviction", 3), &[], &[("r1", 3)]).why,
             None
         );
         assert!(
-            eviction_in(&info("0", "noeviction", 4), &acknowledged)
+            judge(&info("0", "noeviction", 4), &[], &[("r1", 3)])
                 .why
                 .is_some()
         );
-        let other_run = HashMap::from([("r0".to_owned(), 3)]);
         assert!(
-            eviction_in(&info("0", "noeviction", 3), &other_run)
+            judge(&info("0", "noeviction", 3), &[], &[("r1", 50)])
+                .why
+                .is_some_and(|why| why.contains("more than were seen")),
+            "an acknowledgement above the count would let more go unseen"
+        );
+        assert!(
+            judge(&info("0", "noeviction", 3), &[], &[("r0", 3)])
                 .why
                 .is_some()
         );
+        // A run seen to evict before (the node restarted, or failed over) counts until
+        // acknowledged, and the highest count of a run is the one to acknowledge.
+        let restarted = info("0", "noeviction", 0);
+        assert!(
+            judge(&restarted, &[("r0", 5)], &[])
+                .why
+                .is_some_and(|why| why.contains("r0"))
+        );
+        assert_eq!(judge(&restarted, &[("r0", 5)], &[("r0", 5)]).why, None);
+        assert!(
+            judge(&info("0", "noeviction", 2), &[("r1", 5)], &[("r1", 2)])
+                .why
+                .is_some()
+        );
+        // No run_id to acknowledge by: refused.
+        let anonymous = Value::BulkString(
+            b"# Memory\r\nmaxmemory:0\r\nmaxmemory_policy:noeviction\r\n# Stats\r\nevicted_keys:2\r\n".to_vec(),
+        );
+        assert!(
+            judge(&anonymous, &[], &[("", 2)])
+                .why
+                .is_some_and(|why| why.contains("no run_id"))
+        );
+        // An evicting policy whose maxmemory is not shown is refused.
+        let no_max = Value::BulkString(
+            b"# Server\r\nrun_id:r1\r\n# Memory\r\nmaxmemory_policy:allkeys-lru\r\n# Stats\r\nevicted_keys:0\r\n".to_vec(),
+        );
+        assert!(why(&no_max).is_some());
         // A Cluster answers per node, by address: each node is judged alone, and named.
         let nodes = |a: redis::Value, b: redis::Value| {
             Value::Map(vec![
@@ -696,7 +816,7 @@ mod tests {
             ])
         };
         let clean = nodes(info("0", "noeviction", 0), info("0", "noeviction", 0));
-        assert_eq!(eviction_in(&clean, &none), Eviction::default());
+        assert_eq!(judge(&clean, &[], &[]), Eviction::default());
         assert!(
             why(&nodes(
                 info("0", "noeviction", 0),
@@ -704,28 +824,51 @@ mod tests {
             ))
             .is_some_and(|why| why.contains("10.0.0.2:6379"))
         );
-        // A node that answers an error is unread; the others are still judged.
+        assert!(
+            judge(&Value::Map(vec![]), &[], &[]).unread.is_some(),
+            "no node answered"
+        );
+        // A node that answers an error, or a count that does not parse, is unread; the others
+        // are still judged.
         let loading = redis::parse_redis_value(b"-LOADING Redis is loading the dataset\r\n")?;
-        let found = eviction_in(&nodes(loading.clone(), info("0", "noeviction", 0)), &none);
+        let found = judge(
+            &nodes(loading.clone(), info("0", "noeviction", 0)),
+            &[],
+            &[],
+        );
         assert!(found.why.is_none() && found.unread.is_some_and(|e| e.contains("loading")));
-        let found = eviction_in(&nodes(loading, info("1000", "allkeys-lru", 0)), &none);
+        let found = judge(&nodes(loading, info("1000", "allkeys-lru", 0)), &[], &[]);
         assert!(found.why.is_some() && found.unread.is_some());
+        let garbled = Value::BulkString(
+            b"# Memory\r\nmaxmemory:0\r\nmaxmemory_policy:noeviction\r\n# Stats\r\nevicted_keys:x\r\n".to_vec(),
+        );
+        assert!(judge(&garbled, &[], &[]).unread.is_some());
         // A node that hides its policy passes, marked, but not its evicted keys; one whose
         // answer holds nothing of either is marked too.
         let hidden = |evicted: &str| {
             redis::Value::BulkString(
-                format!("# Memory\r\nused_memory:1000\r\n# Stats\r\n{evicted}").into_bytes(),
+                format!(
+                    "# Server\r\nrun_id:r2\r\n# Memory\r\nused_memory:1000\r\n# Stats\r\n{evicted}"
+                )
+                .into_bytes(),
             )
         };
-        let found = eviction_in(
+        let found = judge(
             &nodes(hidden("evicted_keys:0\r\n"), info("0", "noeviction", 0)),
-            &none,
+            &[],
+            &[],
         );
         assert_eq!((found.why, found.hidden), (None, true));
-        let found = eviction_in(&hidden("evicted_keys:5\r\n"), &none);
+        let found = judge(&hidden("evicted_keys:5\r\n"), &[], &[]);
         assert!(found.why.is_some_and(|why| why.contains("evicted 5 keys")) && found.hidden);
-        let found = eviction_in(&Value::BulkString(b"# Keyspace\r\n".to_vec()), &none);
+        let found = judge(&Value::BulkString(b"# Keyspace\r\n".to_vec()), &[], &[]);
         assert_eq!((found.why, found.hidden), (None, true));
+        // Acknowledgements that are no count acknowledge nothing.
+        let read = counts(HashMap::from([
+            ("r1".to_owned(), "3".to_owned()),
+            ("r2".to_owned(), "three".to_owned()),
+        ]));
+        assert_eq!(read, HashMap::from([("r1".to_owned(), 3)]));
         Ok(())
     }
 

@@ -3263,11 +3263,12 @@ async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
 /// A Redis set to evict keys after the service started (`CONFIG SET`, or a node that did not
 /// answer at start) would drop counters and records under memory pressure: from the next check
 /// every reservation is refused (replicas stay ready: `/readyz` and a gauge say why). Keys it
-/// evicted meanwhile keep them refused after the policy is set back, until the operator
-/// acknowledges them.
+/// evicted meanwhile keep them refused after the policy is set back, and after a restart,
+/// until the operator acknowledges exactly them.
 #[tokio::test]
 async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops() -> TestResult {
-    let redis = TestRedis::start().await?;
+    // (With its append-only file: what was seen evicted outlives a restart.)
+    let mut redis = TestRedis::start_persistent().await?;
     let dir = budget_dir()?;
     let apps = apps(1, Some(&redis), &dir).await?;
     let app = &apps[0];
@@ -3349,26 +3350,43 @@ async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops()
     tokio::time::sleep(Duration::from_millis(500)).await;
     until("evicts keys").await?;
     refused().await?;
-    // The operator checked the ledger: those evictions acknowledged (for this run of the node;
-    // `CONFIG RESETSTAT` would do too, where a managed Redis allows it).
+    // Restarted, the node is a new run that evicted nothing: what the last run evicted still
+    // counts, until the operator, having checked the ledger, acknowledges exactly that.
     let info: String = redis::cmd("INFO")
         .arg("server")
-        .arg("stats")
         .query_async(&mut conn)
         .await?;
-    let field = |name: &str| {
-        info.lines()
-            .find_map(|l| l.strip_prefix(name))
-            .map(str::trim)
-            .map(str::to_owned)
-            .ok_or(format!("no {name} in {info}"))
+    let run = info
+        .lines()
+        .find_map(|l| l.strip_prefix("run_id:"))
+        .map(str::trim)
+        .map(str::to_owned)
+        .ok_or(format!("no run_id in {info}"))?;
+    redis.restart().await?;
+    let mut conn = redis::Client::open(redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    until("evicts keys").await?;
+    refused().await?;
+    let seen: std::collections::HashMap<String, u64> = redis::cmd("HGETALL")
+        .arg(session_paymaster::session::redis::EVICTIONS_SEEN_KEY)
+        .query_async(&mut conn)
+        .await?;
+    let evicted = *seen.get(&run).ok_or(format!("{run} not in {seen:?}"))?;
+    assert!(evicted > 0, "{seen:?}");
+    let acknowledge = |n: u64| {
+        redis::cmd("HSET")
+            .arg(session_paymaster::session::redis::EVICTIONS_ACKNOWLEDGED_KEY)
+            .arg(&run)
+            .arg(n)
+            .clone()
     };
-    let _: () = redis::cmd("HSET")
-        .arg(session_paymaster::session::redis::EVICTIONS_ACKNOWLEDGED_KEY)
-        .arg(field("run_id:")?)
-        .arg(field("evicted_keys:")?)
-        .query_async(&mut conn)
-        .await?;
+    // More than were seen would let that many more go unseen: refused too.
+    let _: () = acknowledge(evicted + 10).query_async(&mut conn).await?;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    until("evicts keys").await?;
+    let _: () = acknowledge(evicted).query_async(&mut conn).await?;
     until("ok").await?;
     assert!(metrics().await?.contains("sp_ledger_refusing_eviction 0"));
     app.result("pm_sponsorUserOperation", json!([op_json(1), ep]))
