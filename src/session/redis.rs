@@ -248,14 +248,11 @@ async fn info_of_nodes(
     .map_err(unavailable)
 }
 
-/// The first error a node answered among `answers`.
+/// The first error a node answered among `answers` (or an answer that is no text).
 fn node_error(answers: &redis::Value) -> Option<String> {
-    match answers {
-        redis::Value::ServerError(e) => Some(format!("{e:?}")),
-        redis::Value::Array(items) | redis::Value::Set(items) => items.iter().find_map(node_error),
-        redis::Value::Map(pairs) => pairs.iter().find_map(|(_, v)| node_error(v)),
-        _ => None,
-    }
+    node_answers(answers)
+        .into_iter()
+        .find_map(|(_, answer)| answer.err())
 }
 
 /// [`Eviction`] of the nodes' `INFO server memory stats` answers `info` holds, each judged
@@ -384,8 +381,10 @@ fn node_answers(info: &redis::Value) -> Vec<(String, Result<String, String>)> {
 
 /// The Redis 7.0 check of [`connect`], on every node's `INFO server` answer `info` holds.
 fn check_version(info: &redis::Value) -> Result<(), StoreError> {
-    let mut texts = Vec::new();
-    collect_text(info, &mut texts);
+    let texts: Vec<String> = node_answers(info)
+        .into_iter()
+        .filter_map(|(_, answer)| answer.ok())
+        .collect();
     let versions: Vec<&str> = texts
         .iter()
         .flat_map(|t| t.lines())
@@ -410,23 +409,6 @@ fn check_version(info: &redis::Value) -> Result<(), StoreError> {
         }
     }
     Ok(())
-}
-
-fn collect_text(v: &redis::Value, out: &mut Vec<String>) {
-    match v {
-        redis::Value::BulkString(b) => out.push(String::from_utf8_lossy(b).into_owned()),
-        redis::Value::SimpleString(s) | redis::Value::VerbatimString { text: s, .. } => {
-            out.push(s.clone())
-        }
-        redis::Value::Array(items) | redis::Value::Set(items) => {
-            items.iter().for_each(|i| collect_text(i, out))
-        }
-        redis::Value::Map(pairs) => pairs.iter().for_each(|(k, v)| {
-            collect_text(k, out);
-            collect_text(v, out);
-        }),
-        _ => {}
-    }
 }
 
 /// `TCP_NODELAY` (redis-rs leaves it off): calls are pipelined on one connection, and with
