@@ -3260,6 +3260,52 @@ async fn a_redis_that_evicts_keys_is_refused() -> TestResult {
     Ok(())
 }
 
+/// A check that cannot read a node (here `INFO` refused to the service's user) changes
+/// nothing: refused reservations stay refused however the policy changes meanwhile, and are
+/// taken again only once a check reads every node without a finding.
+#[tokio::test]
+async fn an_unread_eviction_check_leaves_the_last_finding() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = budget_dir()?;
+    let apps = apps(1, Some(&redis), &dir).await?;
+    let ledger = apps[0].state.sponsor.ledger();
+    let mut conn = redis::Client::open(redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let acl = |rule: &'static str| {
+        redis::cmd("ACL")
+            .arg("SETUSER")
+            .arg("default")
+            .arg(rule)
+            .clone()
+    };
+    evicting(&mut conn, "allkeys-lru").await?;
+    ledger.refresh_eviction().await;
+    assert!(ledger.refusing_for_eviction());
+    let _: () = acl("-info").query_async(&mut conn).await?;
+    evicting(&mut conn, "noeviction").await?;
+    ledger.refresh_eviction().await;
+    assert!(ledger.refusing_for_eviction(), "unread: still refused");
+    let _: () = acl("+info").query_async(&mut conn).await?;
+    ledger.refresh_eviction().await;
+    assert!(
+        !ledger.refusing_for_eviction(),
+        "read, nothing found: taken again"
+    );
+    // And the other way: taken while unread, whatever the policy became.
+    let _: () = acl("-info").query_async(&mut conn).await?;
+    evicting(&mut conn, "allkeys-lru").await?;
+    ledger.refresh_eviction().await;
+    assert!(
+        !ledger.refusing_for_eviction(),
+        "unread: the last finding stands"
+    );
+    let _: () = acl("+info").query_async(&mut conn).await?;
+    ledger.refresh_eviction().await;
+    assert!(ledger.refusing_for_eviction());
+    Ok(())
+}
+
 /// A Redis set to evict keys after the service started (`CONFIG SET`, or a node that did not
 /// answer at start) would drop counters and records under memory pressure: from the next check
 /// every reservation is refused (replicas stay ready: `/readyz` and a gauge say why). Keys it
