@@ -2,7 +2,7 @@
 //! tasks (the server loop is [`crate::server`]).
 
 use std::sync::Arc;
-use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use std::path::{Path, PathBuf};
 use std::time::Duration;
@@ -261,6 +261,44 @@ impl AppState {
             ledger.refresh_record_kind().await;
             ledger.refresh_eviction().await;
         })
+    }
+
+    /// With sessions in Redis, read the revocation feed every `every`, so that this replica's
+    /// copies of grants may be served past [`session::cache::MAX_AGE`] (`session::cache`).
+    /// Logged when reads start failing (copies then fall back to that age) and when they
+    /// recover.
+    pub fn spawn_revocation_follower(
+        self: &Arc<Self>,
+        every: Duration,
+    ) -> Option<tokio::task::JoinHandle<()>> {
+        if !matches!(self.sponsor.sessions(), SessionStore::Redis(_)) {
+            return None;
+        }
+        let failing = Arc::new(AtomicBool::new(false));
+        Some(self.spawn_every(every, move |state| {
+            let failing = Arc::clone(&failing);
+            async move {
+                let SessionStore::Redis(sessions) = state.sponsor.sessions() else {
+                    return;
+                };
+                match sessions.follow_revocations().await {
+                    Ok(_) => {
+                        if failing.swap(false, Ordering::Relaxed) {
+                            tracing::info!("the revocation feed is read again");
+                        }
+                    }
+                    Err(e) => {
+                        if !failing.swap(true, Ordering::Relaxed) {
+                            tracing::warn!(
+                                error = %e,
+                                "cannot follow the revocation feed: copies of grants are served for {} s at most until it is read again",
+                                session::cache::MAX_AGE.as_secs()
+                            );
+                        }
+                    }
+                }
+            }
+        }))
     }
 
     /// Forget rate-limit keys that are whole again, every `every` (bounds their memory).

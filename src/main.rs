@@ -525,6 +525,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     }
     state.spawn_policy_watcher(args.policy_poll);
     state.spawn_ledger_watcher(args.policy_poll);
+    state.spawn_revocation_follower(args.policy_poll);
     state.spawn_rate_limit_eviction(std::time::Duration::from_secs(60));
     // Releases wait for every chain's watcher (see ReleaseClock).
     let clock = ReleaseClock::new(config.chains.len());

@@ -10,13 +10,28 @@
 //!   stubs and explanations included, before anything else it does (even handing back an
 //!   answer given before): a revoked session is refused there whatever the copy says.
 //!
-//! What a copy older than a revocation does change, for at most [`MAX_AGE`] (the replica that
-//! revoked forgets its copy once the status is written; a read in flight then may leave one):
+//! What a copy older than a revocation does change, until this replica drops it (the replica
+//! that revoked drops its own once the status is written; a read in flight then may leave one):
 //! the request passes the grant's own checks, counts against its rate limits and is signed (the
 //! signature is dropped when the ledger refuses) before `session_revoked` comes back, and an
-//! explanation shows the grant's checks as passed. Two things the ledger does not see also wait up to [`MAX_AGE`]: a grant
-//! key deleted by hand (revoke instead: docs/operations.md), and, on a Redis Cluster, a
-//! revocation whose ledger write a failover lost while the grant's own write survived.
+//! explanation shows the grant's checks as passed. Two things the ledger does not see also wait
+//! that long: a grant key deleted by hand (revoke instead: docs/operations.md), and, on a Redis
+//! Cluster, a revocation whose ledger write a failover lost while the grant's own write
+//! survived.
+//!
+//! How long a copy is served:
+//! - [`MAX_AGE`] (10 s) after its read, whatever else happens.
+//! - Up to [`MAX_AGE_FOLLOWED`] (5 min) while this replica follows the revocation feed (every
+//!   revocation is written to a stream that each replica reads every `--policy-poll`,
+//!   `RedisSessions::follow_revocations`, dropping the copies it names): only while a read of
+//!   the feed that began within the last [`MAX_AGE`] succeeded, in an unbroken run of such
+//!   reads that began before the copy's read (a revocation after the copy was read is then
+//!   after the feed's place), and only if no revocation was seen between the copy's read and
+//!   its keeping (a revocation that overtook the read in flight). So a revocation reaches every
+//!   copy within a read of the feed (two seconds by default), or the copy falls back to
+//!   [`MAX_AGE`]: the feed not read (Redis unreachable, a poll slower than [`MAX_AGE`]), lost
+//!   (emptied, or behind this replica's place after a failover) or given more revocations at
+//!   once than it keeps copies.
 //!
 //! Bounded: at most [`CAPACITY`] grants, in two generations (a grant read again moves to the
 //! newer one, keeping its age; when the newer is full the older is dropped). Unknown ids are not
@@ -33,8 +48,12 @@ use super::SessionGrant;
 /// Most grants kept (both generations together).
 pub(crate) const CAPACITY: usize = 65_536;
 
-/// Longest a copy is served (see the module doc for what a stale one changes).
+/// Longest a copy is served when this replica does not follow the revocation feed (see the
+/// module doc for what a stale one changes).
 pub(crate) const MAX_AGE: Duration = Duration::from_secs(10);
+
+/// Longest a copy is served while this replica follows the revocation feed (module doc).
+pub(crate) const MAX_AGE_FOLLOWED: Duration = Duration::from_secs(300);
 
 /// Copies of grants by id (see the module doc).
 #[derive(Debug)]
@@ -48,12 +67,37 @@ pub(crate) struct GrantCache {
 struct Generations {
     newer: HashMap<B256, Kept>,
     older: HashMap<B256, Kept>,
+    /// The unbroken run of successful reads of the revocation feed, if one is on.
+    follow: Option<Follow>,
+    /// Revocations seen so far (the feed's and this replica's own): a read that saw a different
+    /// count when it began than its copy finds when kept was overtaken by one.
+    revocations: u64,
+}
+
+/// An unbroken run of successful reads of the revocation feed: each began within [`MAX_AGE`]
+/// of the one before.
+#[derive(Debug, Clone, Copy)]
+struct Follow {
+    /// When the first began (a copy read before then may predate the feed's place).
+    since: Instant,
+    /// When the last began: every revocation written before then has dropped its copies.
+    last: Instant,
 }
 
 #[derive(Debug, Clone)]
 struct Kept {
     grant: Arc<SessionGrant>,
     read_at: Instant,
+    /// No revocation was seen between its read and its keeping (it may outlive [`MAX_AGE`]).
+    unovertaken: bool,
+}
+
+/// What a read of a grant from the store noted when it began ([`GrantCache::ticket`]), for
+/// keeping its copy.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct Ticket {
+    read_at: Instant,
+    revocations: u64,
 }
 
 impl Default for GrantCache {
@@ -71,10 +115,21 @@ impl GrantCache {
         }
     }
 
-    /// The copy of grant `id` read at most [`MAX_AGE`] before `now`.
+    /// The copy of grant `id`, if it may still be served at `now` (module doc).
     pub(crate) fn get(&self, id: B256, now: Instant) -> Option<Arc<SessionGrant>> {
         let mut g = self.lock();
-        let fresh = |c: &Kept| now.saturating_duration_since(c.read_at) <= MAX_AGE;
+        // While the feed is followed, copies read since its run began may live longer.
+        let followed_since = g
+            .follow
+            .filter(|f| now.saturating_duration_since(f.last) <= MAX_AGE)
+            .map(|f| f.since);
+        let fresh = |c: &Kept| {
+            let age = now.saturating_duration_since(c.read_at);
+            age <= MAX_AGE
+                || (age <= MAX_AGE_FOLLOWED
+                    && c.unovertaken
+                    && followed_since.is_some_and(|since| c.read_at >= since))
+        };
         if let Some(c) = g.newer.get(&id) {
             if fresh(c) {
                 return Some(c.grant.clone());
@@ -90,20 +145,66 @@ impl GrantCache {
         Some(grant)
     }
 
-    /// Keep a copy of grant `id`, read from the store at `read_at`.
-    pub(crate) fn insert(&self, id: B256, grant: Arc<SessionGrant>, read_at: Instant) {
+    /// What a read of a grant from the store that begins at `now` notes, to keep its copy.
+    pub(crate) fn ticket(&self, now: Instant) -> Ticket {
+        Ticket {
+            read_at: now,
+            revocations: self.lock().revocations,
+        }
+    }
+
+    /// Keep a copy of grant `id`, read from the store by the read that took `ticket`.
+    pub(crate) fn insert(&self, id: B256, grant: Arc<SessionGrant>, ticket: Ticket) {
         let mut g = self.lock();
         g.older.remove(&id);
-        let dropped = self.put(&mut g, id, Kept { grant, read_at });
+        let unovertaken = g.revocations == ticket.revocations;
+        let copy = Kept {
+            grant,
+            read_at: ticket.read_at,
+            unovertaken,
+        };
+        let dropped = self.put(&mut g, id, copy);
         drop(g);
         drop(dropped);
     }
 
-    /// Drop the copy of grant `id` (this replica revokes or creates it).
+    /// Drop the copy of grant `id` (this replica creates it).
     pub(crate) fn forget(&self, id: B256) {
         let mut g = self.lock();
         g.newer.remove(&id);
         g.older.remove(&id);
+    }
+
+    /// Drop the copies of these revoked grants (read from the feed, or revoked here); reads in
+    /// flight keep theirs for [`MAX_AGE`] only.
+    pub(crate) fn revoked(&self, ids: &[B256]) {
+        let mut g = self.lock();
+        g.revocations = g.revocations.wrapping_add(1);
+        for id in ids {
+            g.newer.remove(id);
+            g.older.remove(id);
+        }
+    }
+
+    /// A read of the revocation feed that began at `began` succeeded, every revocation in it
+    /// seen ([`Self::revoked`]): it extends the run of such reads, or begins one.
+    pub(crate) fn followed(&self, began: Instant) {
+        let mut g = self.lock();
+        g.follow = match g.follow {
+            Some(f) if began.saturating_duration_since(f.last) <= MAX_AGE && began >= f.last => {
+                Some(Follow { last: began, ..f })
+            }
+            _ => Some(Follow {
+                since: began,
+                last: began,
+            }),
+        };
+    }
+
+    /// The feed could not be read, or may have lost revocations: copies fall back to
+    /// [`MAX_AGE`] until a new run of reads, and those read before it stay there.
+    pub(crate) fn unfollowed(&self) {
+        self.lock().follow = None;
     }
 
     /// Copies kept (both generations).
@@ -167,7 +268,7 @@ mod tests {
     fn a_copy_is_served_until_it_is_too_old() {
         let cache = GrantCache::default();
         let t0 = Instant::now();
-        cache.insert(B256::repeat_byte(1), grant(1), t0);
+        cache.insert(B256::repeat_byte(1), grant(1), cache.ticket(t0));
         assert_eq!(
             cache
                 .get(B256::repeat_byte(1), t0 + MAX_AGE)
@@ -191,7 +292,7 @@ mod tests {
         let cache = GrantCache::with_capacity(4);
         let t0 = Instant::now();
         for n in 0..100 {
-            cache.insert(B256::repeat_byte(n), grant(n), t0);
+            cache.insert(B256::repeat_byte(n), grant(n), cache.ticket(t0));
             // Grant 0 is read between inserts: it stays however many others pass through.
             assert!(cache.get(B256::repeat_byte(0), t0).is_some(), "after {n}");
             assert!(cache.len() <= 4, "{} copies after {n}", cache.len());
@@ -205,10 +306,10 @@ mod tests {
         let cache = GrantCache::with_capacity(4);
         let t0 = Instant::now();
         let id = B256::repeat_byte(1);
-        cache.insert(id, grant(1), t0);
+        cache.insert(id, grant(1), cache.ticket(t0));
         for (n, tenth) in (2u8..=9).zip(0u32..) {
             // Others pass through; the copy moves between generations as it is read.
-            cache.insert(B256::repeat_byte(n), grant(n), t0);
+            cache.insert(B256::repeat_byte(n), grant(n), cache.ticket(t0));
             assert!(
                 cache.get(id, t0 + MAX_AGE / 10 * tenth).is_some(),
                 "read {n}"
@@ -227,7 +328,7 @@ mod tests {
         let cache = GrantCache::with_capacity(4);
         let t0 = Instant::now();
         for n in 1..=3 {
-            cache.insert(B256::repeat_byte(n), grant(n), t0);
+            cache.insert(B256::repeat_byte(n), grant(n), cache.ticket(t0));
         }
         // 1 and 2 are in the older generation now, 3 in the newer.
         cache.forget(B256::repeat_byte(1));
@@ -235,5 +336,114 @@ mod tests {
         assert!(cache.get(B256::repeat_byte(1), t0).is_none());
         assert!(cache.get(B256::repeat_byte(3), t0).is_none());
         assert!(cache.get(B256::repeat_byte(2), t0).is_some());
+    }
+
+    /// A cache following the feed from `t0`, read again every 2 s until `until`.
+    fn following(cache: &GrantCache, t0: Instant, until: Duration) {
+        let mut at = Duration::ZERO;
+        while at <= until {
+            cache.followed(t0 + at);
+            at += Duration::from_secs(2);
+        }
+    }
+
+    #[test]
+    fn a_copy_lives_longer_while_the_feed_is_followed_and_not_past_it() {
+        let cache = GrantCache::default();
+        let t0 = Instant::now();
+        let id = B256::repeat_byte(1);
+        cache.followed(t0);
+        let read = t0 + Duration::from_millis(1);
+        cache.insert(id, grant(1), cache.ticket(read));
+        following(&cache, t0, MAX_AGE_FOLLOWED + MAX_AGE);
+        let late = read + MAX_AGE_FOLLOWED;
+        assert!(
+            cache.get(id, late).is_some(),
+            "followed: served to its longer age"
+        );
+        assert!(
+            cache.get(id, late + Duration::from_millis(1)).is_none(),
+            "and not past it"
+        );
+    }
+
+    #[test]
+    fn a_copy_falls_back_to_max_age_when_the_feed_is_not_read() {
+        let t0 = Instant::now();
+        let id = B256::repeat_byte(1);
+        // The feed's last read began more than MAX_AGE ago: not followed any more.
+        let cache = GrantCache::default();
+        cache.followed(t0);
+        cache.insert(id, grant(1), cache.ticket(t0));
+        assert!(cache.get(id, t0 + MAX_AGE).is_some());
+        assert!(
+            cache
+                .get(id, t0 + MAX_AGE + Duration::from_millis(1))
+                .is_none()
+        );
+        // Reads resume: a run begins again, but a copy read before it stays at MAX_AGE.
+        let cache = GrantCache::default();
+        cache.followed(t0);
+        cache.insert(id, grant(1), cache.ticket(t0));
+        let resumed = t0 + MAX_AGE + Duration::from_secs(1);
+        cache.followed(resumed);
+        assert!(
+            cache.get(id, resumed + Duration::from_secs(1)).is_none(),
+            "read in a run that broke"
+        );
+        // A read that failed ends the run at once.
+        let cache = GrantCache::default();
+        following(&cache, t0, Duration::from_secs(20));
+        cache.insert(id, grant(1), cache.ticket(t0 + Duration::from_secs(1)));
+        cache.unfollowed();
+        assert!(cache.get(id, t0 + Duration::from_secs(12)).is_none());
+    }
+
+    #[test]
+    fn a_copy_read_before_the_feed_was_followed_keeps_max_age() {
+        let cache = GrantCache::default();
+        let t0 = Instant::now();
+        let id = B256::repeat_byte(1);
+        cache.insert(id, grant(1), cache.ticket(t0));
+        following(
+            &cache,
+            t0 + Duration::from_millis(1),
+            Duration::from_secs(60),
+        );
+        assert!(cache.get(id, t0 + MAX_AGE).is_some());
+        assert!(
+            cache
+                .get(id, t0 + MAX_AGE + Duration::from_millis(1))
+                .is_none()
+        );
+    }
+
+    #[test]
+    fn a_revocation_drops_its_copy_and_one_in_flight_keeps_max_age() {
+        let cache = GrantCache::default();
+        let t0 = Instant::now();
+        following(&cache, t0, Duration::from_secs(60));
+        let (revoked, other, in_flight) = (
+            B256::repeat_byte(1),
+            B256::repeat_byte(2),
+            B256::repeat_byte(3),
+        );
+        cache.insert(revoked, grant(1), cache.ticket(t0));
+        cache.insert(other, grant(2), cache.ticket(t0));
+        // A read begins, a revocation is seen, then the read's copy is kept.
+        let ticket = cache.ticket(t0);
+        cache.revoked(&[revoked]);
+        cache.insert(in_flight, grant(3), ticket);
+        let later = t0 + MAX_AGE + Duration::from_secs(1);
+        assert!(cache.get(revoked, t0).is_none(), "dropped");
+        assert!(
+            cache.get(other, later).is_some(),
+            "the others stay followed"
+        );
+        assert!(cache.get(in_flight, t0 + MAX_AGE).is_some());
+        assert!(
+            cache.get(in_flight, later).is_none(),
+            "overtaken by a revocation: MAX_AGE only"
+        );
     }
 }

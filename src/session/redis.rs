@@ -14,7 +14,7 @@
 //! unknown in the new layout; docs/operations.md has the upgrade notes. 0.3 drops that path.
 
 use std::collections::HashMap;
-use std::sync::Arc;
+use std::sync::{Arc, Mutex, PoisonError};
 use std::time::{Duration, Instant};
 
 use alloy::primitives::{Address, B256, keccak256};
@@ -35,9 +35,112 @@ pub struct RedisSessions {
     conn: RedisConn,
     /// The sponsorship path's copies of grants ([`super::cache`]).
     cache: Arc<GrantCache>,
+    /// Where this replica has read the revocation feed to (`follow_revocations`); `None` before
+    /// its first read.
+    feed_place: Arc<Mutex<Option<StreamId>>>,
     revoke: redis::Script,
     revoke_legacy: redis::Script,
+    /// revoked.lua: a revocation written to the feed.
+    announce: redis::Script,
     index: redis::Script,
+}
+
+/// The revocation feed: a stream, an entry per revocation (field `id`, the grant's 32 bytes),
+/// that every replica reads to drop its copies of revoked grants (`super::cache`); see
+/// [`FeedEntry`].
+pub const REVOCATIONS_KEY: &str = "sp:g:revocations";
+
+/// How long the feed keeps an entry (by Redis' clock): as long as a copy may be served, and a
+/// minute more.
+const REVOCATIONS_KEPT: Duration =
+    Duration::from_secs(super::cache::MAX_AGE_FOLLOWED.as_secs() + 60);
+
+/// Entries read from the feed per round trip.
+const FEED_PAGE: usize = 1024;
+
+/// What a read of the revocation feed found.
+enum Followed {
+    /// Its end, from which this replica now reads.
+    Began,
+    /// Every revocation since this replica's last read, this many (their copies dropped).
+    Read(usize),
+    /// Not what this replica read before (emptied, behind it after a failover, an entry this
+    /// service did not write) or too many revocations at once: this replica begins again at
+    /// its end, and revocations before may be unknown to it.
+    Lost,
+}
+
+/// A stream entry's id, `<ms>-<seq>`, in the order Redis gives them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+struct StreamId(u64, u64);
+
+impl StreamId {
+    /// Below every entry: an empty feed's end.
+    const ZERO: Self = Self(0, 0);
+
+    fn parse(s: &[u8]) -> Option<Self> {
+        let s = std::str::from_utf8(s).ok()?;
+        let (ms, seq) = s.split_once('-')?;
+        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+    }
+}
+
+impl std::fmt::Display for StreamId {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "{}-{}", self.0, self.1)
+    }
+}
+
+/// An entry of the revocation feed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum FeedEntry {
+    /// A revocation (field `id`: the grant's 32 bytes).
+    Revoked(B256),
+    /// Written by the first replica to follow an empty feed (field `begin`), so that a feed
+    /// emptied later (a Redis restarted without persistence, flushed) is below every place read.
+    Begin,
+    /// Neither: not written by this service.
+    Unknown,
+}
+
+/// The entries of an `XRANGE` or `XREVRANGE` answer, each with its id.
+fn stream_entries(v: &redis::Value) -> Result<Vec<(StreamId, FeedEntry)>, StoreError> {
+    use redis::Value;
+    let malformed =
+        || StoreError::Unavailable("the revocation feed answered a malformed reply".into());
+    let entries = match v {
+        Value::Array(entries) => entries,
+        Value::Nil => return Ok(Vec::new()),
+        _ => return Err(malformed()),
+    };
+    entries
+        .iter()
+        .map(|entry| {
+            let Value::Array(parts) = entry else {
+                return Err(malformed());
+            };
+            let [Value::BulkString(at), fields] = parts.as_slice() else {
+                return Err(malformed());
+            };
+            let at = StreamId::parse(at).ok_or_else(malformed)?;
+            let pairs: Vec<(&Value, &Value)> = match fields {
+                Value::Array(flat) => flat
+                    .chunks_exact(2)
+                    .map(|pair| (&pair[0], &pair[1]))
+                    .collect(),
+                Value::Map(map) => map.iter().map(|(k, v)| (k, v)).collect(),
+                _ => return Err(malformed()),
+            };
+            let entry = match pairs.as_slice() {
+                [(Value::BulkString(k), Value::BulkString(v))] if k == b"id" && v.len() == 32 => {
+                    FeedEntry::Revoked(B256::from_slice(v))
+                }
+                [(Value::BulkString(k), _)] if k == b"begin" => FeedEntry::Begin,
+                _ => FeedEntry::Unknown,
+            };
+            Ok((at, entry))
+        })
+        .collect()
 }
 
 impl std::fmt::Debug for RedisSessions {
@@ -455,8 +558,10 @@ impl RedisSessions {
         Self {
             conn,
             cache: Arc::default(),
+            feed_place: Arc::default(),
             revoke: redis::Script::new(include_str!("revoke.lua")),
             revoke_legacy: redis::Script::new(include_str!("revoke_legacy.lua")),
+            announce: redis::Script::new(include_str!("revoked.lua")),
             index: redis::Script::new(include_str!("index.lua")),
         }
     }
@@ -534,11 +639,12 @@ impl RedisSessions {
             let live = Some(grant).filter(|g| !forgotten(g, unix_now()));
             return Ok((live, GrantSource::Copy));
         }
+        let ticket = self.cache.ticket(read_at);
         let Some(grant) = self.get(id).await? else {
             return Ok((None, GrantSource::Store));
         };
         let grant = Arc::new(grant);
-        self.cache.insert(id, grant.clone(), read_at);
+        self.cache.insert(id, grant.clone(), ticket);
         Ok((Some(grant), GrantSource::Store))
     }
 
@@ -582,12 +688,168 @@ impl RedisSessions {
                 .await
                 .map_err(unavailable)?;
         }
-        // Once the status is written (a read in flight before then may still leave a copy).
-        self.cache.forget(id);
+        // Once the status is written (a read in flight before then keeps its copy for
+        // MAX_AGE only).
+        self.cache.revoked(&[id]);
         if found == 0 {
             return Ok(None);
         }
+        // Then the other replicas drop theirs (`follow_revocations`). Not written, the
+        // revocation still stands (the ledger refuses the session), but their copies would
+        // outlive it: the caller is told, and a retry writes it (revoking again changes nothing
+        // else).
+        self.announce
+            .key(REVOCATIONS_KEY)
+            .arg(id.as_slice())
+            .arg(REVOCATIONS_KEPT.as_secs())
+            .invoke_async::<()>(&mut conn)
+            .await
+            .map_err(unavailable)?;
         self.get(id).await
+    }
+
+    /// Read the revocation feed from where this replica last read it, and drop the copies of
+    /// grants it names (`super::cache`); `Ok(n)`: read, `n` revocations new. The first read
+    /// only finds the feed's end. Copies are served past [`MAX_AGE`](super::cache::MAX_AGE) only
+    /// while these reads go on succeeding; one that fails, or finds the feed lost or too far
+    /// ahead, stops that until reads begin again.
+    pub async fn follow_revocations(&self) -> Result<usize, StoreError> {
+        let began = Instant::now();
+        let got = self.read_revocations().await;
+        match got {
+            Ok(Followed::Began) => {
+                // Revocations from the feed's end on are read: copies read from now on.
+                self.cache.followed(Instant::now());
+                Ok(0)
+            }
+            Ok(Followed::Read(read)) => {
+                self.cache.followed(began);
+                Ok(read)
+            }
+            Ok(Followed::Lost) => {
+                self.cache.unfollowed();
+                Err(StoreError::Unavailable(
+                    "the revocation feed was lost or ran ahead of this replica; following it anew"
+                        .into(),
+                ))
+            }
+            Err(e) => {
+                self.cache.unfollowed();
+                Err(e)
+            }
+        }
+    }
+
+    async fn read_revocations(&self) -> Result<Followed, StoreError> {
+        let mut conn = self.conn.clone();
+        let place = *self
+            .feed_place
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner);
+        let Some(mut place) = place else {
+            // Where the feed ends now: every revocation after this is read.
+            let newest: redis::Value = redis::cmd("XREVRANGE")
+                .arg(REVOCATIONS_KEY)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let end = match stream_entries(&newest)?.first() {
+                Some(e) => e.0,
+                None => {
+                    // An empty feed gets an entry, so that one emptied later is seen to be.
+                    let at: String = redis::cmd("XADD")
+                        .arg(REVOCATIONS_KEY)
+                        .arg("*")
+                        .arg("begin")
+                        .arg(1)
+                        .query_async(&mut conn)
+                        .await
+                        .map_err(unavailable)?;
+                    StreamId::parse(at.as_bytes()).ok_or_else(|| {
+                        StoreError::Unavailable("the revocation feed gave a malformed id".into())
+                    })?
+                }
+            };
+            self.set_feed_place(end);
+            return Ok(Followed::Began);
+        };
+        let mut read = 0;
+        loop {
+            // The feed's newest entry with the page: one below this replica's place means
+            // the stream was emptied or lost entries (a failover), revocations with it.
+            let (newest, page): (redis::Value, redis::Value) = redis::pipe()
+                .cmd("XREVRANGE")
+                .arg(REVOCATIONS_KEY)
+                .arg("+")
+                .arg("-")
+                .arg("COUNT")
+                .arg(1)
+                .cmd("XRANGE")
+                .arg(REVOCATIONS_KEY)
+                .arg(format!("({place}"))
+                .arg("+")
+                .arg("COUNT")
+                .arg(FEED_PAGE)
+                .query_async(&mut conn)
+                .await
+                .map_err(unavailable)?;
+            let end = stream_entries(&newest)?
+                .first()
+                .map_or(StreamId::ZERO, |e| e.0);
+            if end < place {
+                return Ok(self.lost());
+            }
+            let entries = stream_entries(&page)?;
+            // Each page's revocations drop their copies before the place moves past them.
+            let mut ids = Vec::with_capacity(entries.len());
+            let mut unknown = false;
+            for (at, entry) in &entries {
+                match entry {
+                    FeedEntry::Revoked(id) => ids.push(*id),
+                    FeedEntry::Begin => {}
+                    // Not one this service wrote: whatever it named is unknown.
+                    FeedEntry::Unknown => unknown = true,
+                }
+                place = *at;
+            }
+            if !ids.is_empty() {
+                self.cache.revoked(&ids);
+            }
+            read += ids.len();
+            if unknown {
+                return Ok(self.lost());
+            }
+            self.set_feed_place(place);
+            if entries.len() < FEED_PAGE {
+                return Ok(Followed::Read(read));
+            }
+            if read >= super::cache::CAPACITY {
+                // More revocations at once than copies kept: reading on is no better than
+                // serving every copy for MAX_AGE only, from the feed's end on.
+                return Ok(self.lost());
+            }
+        }
+    }
+
+    /// The feed is not what this replica read before: the next read begins anew at its end
+    /// (and writes an entry there if it is empty).
+    fn lost(&self) -> Followed {
+        *self
+            .feed_place
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = None;
+        Followed::Lost
+    }
+
+    fn set_feed_place(&self, at: StreamId) {
+        *self
+            .feed_place
+            .lock()
+            .unwrap_or_else(PoisonError::into_inner) = Some(at);
     }
 
     pub(super) async fn list_by_account(

@@ -17,7 +17,7 @@ use session_paymaster::ledger::{
     GRACE_SECS, MAX_OPEN_PER_NONCE_ANY, MAX_RECORDS_PER_NONCE, Outcome, Reservation, SessionCharge,
     landing_key,
 };
-use session_paymaster::session::{GrantSource, SessionStatus};
+use session_paymaster::session::{GrantSource, SessionStatus, StoreError};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
@@ -990,6 +990,94 @@ async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestRes
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in:\n{text}");
     }
+    Ok(())
+}
+
+/// With copies served for up to five minutes while the revocation feed is followed
+/// (`session::cache`), a revocation on one replica must reach another's copy through the feed
+/// (the ledger refuses the session either way; the copy decides whether the grant's own checks
+/// and the signing run). And a feed this replica cannot trust (emptied, or an entry this
+/// service did not write) must break its run of reads, so that copies fall back to 10 s.
+#[tokio::test]
+async fn a_revocation_reaches_another_replicas_copy_through_the_feed() -> TestResult {
+    use session_paymaster::session::SessionStore;
+    use session_paymaster::session::redis::REVOCATIONS_KEY;
+    let redis = TestRedis::start().await?;
+    let policies = [token_policy("tokens", "")];
+    let (a, _dir_a) = app_with(&redis, &policies).await?;
+    let (b, _dir_b) = app_with(&redis, &policies).await?;
+    let SessionStore::Redis(a_sessions) = a.state.sponsor.sessions() else {
+        return Err("replica a keeps its sessions in Redis".into());
+    };
+    let account = Address::repeat_byte(0xa9);
+    let (first, second) = (
+        capped_session(&a, account, "tokens", 100).await?,
+        capped_session(&a, account, "tokens", 100).await?,
+    );
+    // The first read finds the feed's end (nothing before it is read); an empty feed gets an
+    // entry, so that a feed emptied later is below every replica's place.
+    assert_eq!(a_sessions.follow_revocations().await?, 0);
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let length: u64 = redis::cmd("XLEN")
+        .arg(REVOCATIONS_KEY)
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(length, 1);
+    let store = a.state.sponsor.sessions();
+    for id in [first, second] {
+        assert_eq!(store.get_for_sponsorship(id).await?.1, GrantSource::Store);
+        assert_eq!(store.get_for_sponsorship(id).await?.1, GrantSource::Copy);
+    }
+
+    let (status, _) = revoke(&b, first).await?;
+    assert_eq!(status, 200);
+    // b wrote the revocation to the feed, the grant's id as it is.
+    type Entry = (String, Vec<(Vec<u8>, Vec<u8>)>);
+    let feed: Vec<Entry> = redis::cmd("XRANGE")
+        .arg(REVOCATIONS_KEY)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(feed.len(), 2, "{feed:?}");
+    assert_eq!(feed[1].1, vec![(b"id".to_vec(), first.to_vec())]);
+    // Until a reads the feed its copy stands (the ledger refuses the session meanwhile);
+    // once it has, a reads the revoked grant from Redis, and keeps its other copy.
+    assert_eq!(store.get_for_sponsorship(first).await?.1, GrantSource::Copy);
+    assert_eq!(a_sessions.follow_revocations().await?, 1);
+    let (grant, source) = store.get_for_sponsorship(first).await?;
+    assert_eq!(source, GrantSource::Store);
+    assert_eq!(grant.ok_or("first")?.status, SessionStatus::Revoked);
+    assert_eq!(
+        store.get_for_sponsorship(second).await?.1,
+        GrantSource::Copy
+    );
+    assert_eq!(a_sessions.follow_revocations().await?, 0, "read once");
+
+    // The feed emptied (a Redis flushed, or behind a after a failover): a stops following,
+    // then follows again from the feed's end. Twice: the second time no revocation came
+    // since a began again, its place the entry its own first read wrote.
+    for _ in 0..2 {
+        let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await?;
+        let lost = a_sessions.follow_revocations().await;
+        assert!(
+            matches!(&lost, Err(StoreError::Unavailable(m)) if m.contains("revocation feed was lost")),
+            "{lost:?}"
+        );
+        assert_eq!(a_sessions.follow_revocations().await?, 0);
+        assert_eq!(a_sessions.follow_revocations().await?, 0);
+    }
+    // An entry this service did not write names nothing it can drop: the same.
+    let _: String = redis::cmd("XADD")
+        .arg(REVOCATIONS_KEY)
+        .arg("*")
+        .arg("id")
+        .arg("not a grant id")
+        .query_async(&mut conn)
+        .await?;
+    assert!(a_sessions.follow_revocations().await.is_err());
+    assert_eq!(a_sessions.follow_revocations().await?, 0);
     Ok(())
 }
 

@@ -344,6 +344,49 @@ async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResu
     Ok(())
 }
 
+/// `serve` with Redis follows the revocation feed every `--policy-poll` (`session::cache`):
+/// an entry it cannot use makes it say that copies of grants fall back to 10 s.
+#[tokio::test]
+async fn serve_follows_the_revocation_feed() -> TestResult {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let dir = crate::helpers::counter_policy_dir("feed", "budgeted", 5)?;
+    let port = crate::helpers::free_port();
+    let mut child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .arg("--policies")
+        .arg(&dir.0)
+        .args(["--redis-url", &redis.url, "--no-settlement"])
+        .args(["--policy-poll", "100ms"])
+        .env_remove("SP_RPC_URL")
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .spawn()?;
+    healthy(&mut child, port, "with Redis").await?;
+    // Past its first read of the feed (which only finds the end), an entry it did not write.
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: String = redis::cmd("XADD")
+        .arg(session_paymaster::session::redis::REVOCATIONS_KEY)
+        .arg("*")
+        .arg("id")
+        .arg("not a grant id")
+        .query_async(&mut conn)
+        .await?;
+    tokio::time::sleep(Duration::from_millis(1000)).await;
+    child.kill()?;
+    child.wait()?;
+    let mut err = String::new();
+    child
+        .stderr
+        .take()
+        .ok_or("stderr")?
+        .read_to_string(&mut err)?;
+    assert!(err.contains("cannot follow the revocation feed"), "{err}");
+    assert!(err.contains("the revocation feed is read again"), "{err}");
+    Ok(())
+}
+
 /// Wait (at most 20 s) until the `serve` of `child` on `port` answers `/healthz`; if it exits
 /// or does not answer, kill it and fail with what it wrote to its (piped) stderr.
 async fn healthy(child: &mut std::process::Child, port: u16, what: &str) -> TestResult {

@@ -13,7 +13,7 @@ use serde_json::{Value, json};
 use session_paymaster::session::grant::{SessionGrant, SessionStatus, proof_digest};
 use session_paymaster::session::memory::MemorySessions;
 use session_paymaster::session::redis::RedisSessions;
-use session_paymaster::session::{ListCursor, SessionStore, StoreError};
+use session_paymaster::session::{GrantSource, ListCursor, SessionStore, StoreError};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::{EntryPointVersion, UserOperation};
 
@@ -774,6 +774,36 @@ async fn redis_cluster_store_contract() -> TestResult {
         RedisSessions::connect(&cluster.url, Duration::from_secs(2)).await?,
     ))
     .await
+}
+
+/// The revocation feed on a Redis Cluster: written by one replica's revoke (a script of one
+/// key), read by another's (a pipeline of two reads of one key), which drops its copy.
+#[tokio::test]
+async fn revocations_are_followed_on_a_redis_cluster() -> TestResult {
+    let cluster = crate::helpers::TestRedisCluster::start().await?;
+    let one = RedisSessions::connect(&cluster.url, Duration::from_secs(2)).await?;
+    let two =
+        SessionStore::Redis(RedisSessions::connect(&cluster.url, Duration::from_secs(2)).await?);
+    let SessionStore::Redis(follower) = &two else {
+        unreachable!()
+    };
+    let g = grant(1, Address::repeat_byte(0x44), 10);
+    assert!(SessionStore::Redis(one.clone()).create(&g).await?);
+    assert_eq!(follower.follow_revocations().await?, 0);
+    assert_eq!(
+        two.get_for_sponsorship(g.session_id).await?.1,
+        GrantSource::Store
+    );
+    assert_eq!(
+        two.get_for_sponsorship(g.session_id).await?.1,
+        GrantSource::Copy
+    );
+    SessionStore::Redis(one).revoke(g.session_id).await?;
+    assert_eq!(follower.follow_revocations().await?, 1);
+    let (got, source) = two.get_for_sponsorship(g.session_id).await?;
+    assert_eq!(source, GrantSource::Store);
+    assert_eq!(got.ok_or("the grant")?.status, SessionStatus::Revoked);
+    Ok(())
 }
 
 #[tokio::test]
