@@ -201,6 +201,14 @@ impl GrantCache {
         };
     }
 
+    /// Whether copies may be served past [`MAX_AGE`] at `now`: a run of reads of the feed is on,
+    /// its last begun within [`MAX_AGE`].
+    pub(crate) fn following(&self, now: Instant) -> bool {
+        self.lock()
+            .follow
+            .is_some_and(|f| now.saturating_duration_since(f.last) <= MAX_AGE)
+    }
+
     /// The feed could not be read, or may have lost revocations: copies fall back to
     /// [`MAX_AGE`] until a new run of reads, and those read before it stay there.
     pub(crate) fn unfollowed(&self) {

@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
 //! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`ListCursor::After`]); ended grants' members leave as grants go into the bucket: among the new grant's account's 64 oldest, and among a random 64 (`index.lua`) |
+//! | `sp:g:revocations` | stream | the revocation feed: an entry per revocation (field `id`, the grant's 32 bytes; `begin` marks where a first reader found it empty), kept [`REVOCATIONS_KEPT`] by Redis' clock; every replica reads it every `--policy-poll` to drop its copies of revoked grants ([`RedisSessions::follow_revocations`]) |
 //!
 //! About 330 bytes of Redis per grant over a million of them (`scripts/bench`,
 //! docs/performance.md). Grants written by 0.1 (`sp:session:{<id>}` hashes of JSON,
@@ -37,11 +38,13 @@ pub struct RedisSessions {
     cache: Arc<GrantCache>,
     /// Where this replica has read the revocation feed to (`follow_revocations`); `None` before
     /// its first read.
-    feed_place: Arc<Mutex<Option<StreamId>>>,
+    feed_place: Arc<Mutex<Option<Place>>>,
     revoke: redis::Script,
     revoke_legacy: redis::Script,
     /// revoked.lua: a revocation written to the feed.
     announce: redis::Script,
+    /// follow.lua: a read of the feed.
+    follow: redis::Script,
     index: redis::Script,
 }
 
@@ -55,8 +58,23 @@ pub const REVOCATIONS_KEY: &str = "sp:g:revocations";
 const REVOCATIONS_KEPT: Duration =
     Duration::from_secs(super::cache::MAX_AGE_FOLLOWED.as_secs() + 60);
 
+/// The same in milliseconds (a stream id's first part).
+const REVOCATIONS_KEPT_MS: u64 = REVOCATIONS_KEPT.as_secs() * 1000;
+
+/// Most entries the feed keeps, whatever Redis' clock does (a reader behind by more begins
+/// again).
+const REVOCATIONS_MAX: u64 = 100_000;
+
 /// Entries read from the feed per round trip.
 const FEED_PAGE: usize = 1024;
+
+/// Where a replica has read the feed to: the entry, and how many entries the feed had been
+/// given up to it (XINFO's `entries-added`), so that entries removed after it are seen to be.
+#[derive(Debug, Clone, Copy)]
+struct Place {
+    at: StreamId,
+    counted: u64,
+}
 
 /// What a read of the revocation feed found.
 enum Followed {
@@ -562,6 +580,7 @@ impl RedisSessions {
             revoke: redis::Script::new(include_str!("revoke.lua")),
             revoke_legacy: redis::Script::new(include_str!("revoke_legacy.lua")),
             announce: redis::Script::new(include_str!("revoked.lua")),
+            follow: redis::Script::new(include_str!("follow.lua")),
             index: redis::Script::new(include_str!("index.lua")),
         }
     }
@@ -691,10 +710,8 @@ impl RedisSessions {
         // Once the status is written (a read in flight before then keeps its copy for
         // MAX_AGE only).
         self.cache.revoked(&[id]);
-        if found == 0 {
-            return Ok(None);
-        }
-        // Then the other replicas drop theirs (`follow_revocations`). Not written, the
+        // Then the other replicas drop theirs (`follow_revocations`), an unknown id's too (a
+        // grant whose key was deleted by hand may still be copied). Not written, the
         // revocation still stands (the ledger refuses the session), but their copies would
         // outlive it: the caller is told, and a retry writes it (revoking again changes nothing
         // else).
@@ -702,9 +719,13 @@ impl RedisSessions {
             .key(REVOCATIONS_KEY)
             .arg(id.as_slice())
             .arg(REVOCATIONS_KEPT.as_secs())
+            .arg(REVOCATIONS_MAX)
             .invoke_async::<()>(&mut conn)
             .await
             .map_err(unavailable)?;
+        if found == 0 {
+            return Ok(None);
+        }
         self.get(id).await
     }
 
@@ -740,91 +761,83 @@ impl RedisSessions {
         }
     }
 
+    /// Whether this replica follows the revocation feed now (its copies may outlive
+    /// [`MAX_AGE`](super::cache::MAX_AGE)).
+    pub fn follows_revocations(&self) -> bool {
+        self.cache.following(Instant::now())
+    }
+
     async fn read_revocations(&self) -> Result<Followed, StoreError> {
         let mut conn = self.conn.clone();
-        let place = *self
+        let held = *self
             .feed_place
             .lock()
             .unwrap_or_else(PoisonError::into_inner);
-        let Some(mut place) = place else {
+        let malformed =
+            || StoreError::Unavailable("the revocation feed answered a malformed reply".into());
+        let Some(Place {
+            mut at,
+            mut counted,
+        }) = held
+        else {
             // Where the feed ends now: every revocation after this is read.
-            let newest: redis::Value = redis::cmd("XREVRANGE")
-                .arg(REVOCATIONS_KEY)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .query_async(&mut conn)
+            let (added, _, _, newest): (u64, u8, redis::Value, String) = self
+                .follow
+                .key(REVOCATIONS_KEY)
+                .arg("")
+                .arg(FEED_PAGE)
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            let end = match stream_entries(&newest)?.first() {
-                Some(e) => e.0,
-                None => {
-                    // An empty feed gets an entry, so that one emptied later is seen to be.
-                    let at: String = redis::cmd("XADD")
-                        .arg(REVOCATIONS_KEY)
-                        .arg("*")
-                        .arg("begin")
-                        .arg(1)
-                        .query_async(&mut conn)
-                        .await
-                        .map_err(unavailable)?;
-                    StreamId::parse(at.as_bytes()).ok_or_else(|| {
-                        StoreError::Unavailable("the revocation feed gave a malformed id".into())
-                    })?
-                }
-            };
-            self.set_feed_place(end);
+            let at = StreamId::parse(newest.as_bytes()).ok_or_else(malformed)?;
+            self.set_feed_place(Place { at, counted: added });
             return Ok(Followed::Began);
         };
         let mut read = 0;
         loop {
-            // The feed's newest entry with the page: one below this replica's place means
-            // the stream was emptied or lost entries (a failover), revocations with it.
-            let (newest, page): (redis::Value, redis::Value) = redis::pipe()
-                .cmd("XREVRANGE")
-                .arg(REVOCATIONS_KEY)
-                .arg("+")
-                .arg("-")
-                .arg("COUNT")
-                .arg(1)
-                .cmd("XRANGE")
-                .arg(REVOCATIONS_KEY)
-                .arg(format!("({place}"))
-                .arg("+")
-                .arg("COUNT")
+            let (added, here, page, newest): (u64, u8, redis::Value, String) = self
+                .follow
+                .key(REVOCATIONS_KEY)
+                .arg(at.to_string())
                 .arg(FEED_PAGE)
-                .query_async(&mut conn)
+                .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
-            let end = stream_entries(&newest)?
-                .first()
-                .map_or(StreamId::ZERO, |e| e.0);
-            if end < place {
+            let newest = StreamId::parse(newest.as_bytes()).unwrap_or(StreamId::ZERO);
+            // The entry at this replica's place is gone: trimmed, when it is older than the
+            // feed keeps (no revocation since, then one); otherwise the feed was emptied or
+            // lost entries (a failover), revocations with them.
+            let trimmed = at.0.saturating_add(REVOCATIONS_KEPT_MS) < newest.0;
+            if here == 0 && !trimmed {
                 return Ok(self.lost());
             }
             let entries = stream_entries(&page)?;
             // Each page's revocations drop their copies before the place moves past them.
             let mut ids = Vec::with_capacity(entries.len());
             let mut unknown = false;
-            for (at, entry) in &entries {
+            for (id, entry) in &entries {
                 match entry {
-                    FeedEntry::Revoked(id) => ids.push(*id),
+                    FeedEntry::Revoked(grant) => ids.push(*grant),
                     FeedEntry::Begin => {}
                     // Not one this service wrote: whatever it named is unknown.
                     FeedEntry::Unknown => unknown = true,
                 }
-                place = *at;
+                at = *id;
             }
             if !ids.is_empty() {
                 self.cache.revoked(&ids);
             }
             read += ids.len();
-            if unknown {
+            counted += entries.len() as u64;
+            // Every entry added since the place is in the pages read, or some were removed
+            // (trimmed unread, the feed emptied and written again) or never reached this
+            // Redis: revocations may be missing.
+            let whole = entries.len() < FEED_PAGE;
+            if unknown || (whole && counted != added) {
                 return Ok(self.lost());
             }
-            self.set_feed_place(place);
-            if entries.len() < FEED_PAGE {
+            self.set_feed_place(Place { at, counted });
+            if whole {
                 return Ok(Followed::Read(read));
             }
             if read >= super::cache::CAPACITY {
@@ -845,11 +858,11 @@ impl RedisSessions {
         Followed::Lost
     }
 
-    fn set_feed_place(&self, at: StreamId) {
+    fn set_feed_place(&self, place: Place) {
         *self
             .feed_place
             .lock()
-            .unwrap_or_else(PoisonError::into_inner) = Some(at);
+            .unwrap_or_else(PoisonError::into_inner) = Some(place);
     }
 
     pub(super) async fn list_by_account(

@@ -466,7 +466,9 @@ impl Sponsor {
         now: u64,
     ) -> Result<Option<SessionGrant>, StoreError> {
         let Some(grant) = self.sessions.get(id).await? else {
-            return Ok(None);
+            // Unknown here, but other replicas may hold a copy (its key deleted by hand): the
+            // revocation feed tells them to drop it.
+            return self.sessions.revoke(id).await;
         };
         self.ledger
             .revoke_session(

@@ -1055,20 +1055,32 @@ async fn a_revocation_reaches_another_replicas_copy_through_the_feed() -> TestRe
     );
     assert_eq!(a_sessions.follow_revocations().await?, 0, "read once");
 
+    assert!(a_sessions.follows_revocations());
     // The feed emptied (a Redis flushed, or behind a after a failover): a stops following,
     // then follows again from the feed's end. Twice: the second time no revocation came
-    // since a began again, its place the entry its own first read wrote.
-    for _ in 0..2 {
+    // since a began again, its place the entry its own first read wrote. Then emptied and
+    // written again (a revocation) before a reads it: the same.
+    for revoke_after_flush in [false, false, true] {
         let _: () = redis::cmd("FLUSHALL").query_async(&mut conn).await?;
+        if revoke_after_flush {
+            let (status, _) = revoke(&b, second).await?;
+            assert_eq!(status, 404, "flushed");
+        }
         let lost = a_sessions.follow_revocations().await;
         assert!(
             matches!(&lost, Err(StoreError::Unavailable(m)) if m.contains("revocation feed was lost")),
             "{lost:?}"
         );
+        assert!(!a_sessions.follows_revocations(), "copies back to 10 s");
         assert_eq!(a_sessions.follow_revocations().await?, 0);
+        assert!(a_sessions.follows_revocations());
         assert_eq!(a_sessions.follow_revocations().await?, 0);
     }
-    // An entry this service did not write names nothing it can drop: the same.
+    // An unknown id's revocation is still written (a copy of a grant deleted by hand).
+    let (status, _) = revoke(&b, second).await?;
+    assert_eq!(status, 404);
+    assert_eq!(a_sessions.follow_revocations().await?, 1);
+    // An entry this service did not write names nothing it can drop: the same as lost.
     let _: String = redis::cmd("XADD")
         .arg(REVOCATIONS_KEY)
         .arg("*")
@@ -1077,6 +1089,7 @@ async fn a_revocation_reaches_another_replicas_copy_through_the_feed() -> TestRe
         .query_async(&mut conn)
         .await?;
     assert!(a_sessions.follow_revocations().await.is_err());
+    assert!(!a_sessions.follows_revocations());
     assert_eq!(a_sessions.follow_revocations().await?, 0);
     Ok(())
 }
