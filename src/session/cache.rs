@@ -15,11 +15,12 @@
 //! the request passes the grant's own checks, counts against its rate limits and is signed (the
 //! signature is dropped when the ledger refuses) before `session_revoked` comes back, and an
 //! explanation shows the grant's checks as passed. Two things the ledger does not see also wait
-//! that long: a grant key deleted by hand (revoke instead: docs/operations.md), and, on a Redis
-//! Cluster, a revocation whose ledger write a failover lost while the grant's own write
-//! survived.
+//! that long (up to [`MAX_AGE_FOLLOWED`]): a grant key deleted by hand (revoke its id anyway,
+//! which writes the feed below: docs/operations.md), and, on a Redis Cluster, a revocation whose
+//! ledger write and feed entry a failover lost while the grant's own write survived.
 //!
-//! How long a copy is served:
+//! How long a copy is served (at most; a revocation this replica sees, or eviction, drops it
+//! sooner):
 //! - [`MAX_AGE`] (10 s) after its read, whatever else happens.
 //! - Up to [`MAX_AGE_FOLLOWED`] (5 min) while this replica follows the revocation feed (every
 //!   revocation is written to a stream that each replica reads every `--policy-poll`,
@@ -28,10 +29,11 @@
 //!   reads that began before the copy's read (a revocation after the copy was read is then
 //!   after the feed's place), and only if no revocation was seen between the copy's read and
 //!   its keeping (a revocation that overtook the read in flight). So a revocation reaches every
-//!   copy within a read of the feed (two seconds by default), or the copy falls back to
+//!   copy within a read of the feed (one `--policy-poll`: 2 s by default), or the copy falls back to
 //!   [`MAX_AGE`]: the feed not read (Redis unreachable, a poll slower than [`MAX_AGE`]), lost
-//!   (emptied, or behind this replica's place after a failover) or given more revocations at
-//!   once than it keeps copies.
+//!   (emptied, trimmed unread, or short after a failover: `follow.lua` counts it) or given more
+//!   revocations at once than it keeps copies. A `--policy-poll` above [`MAX_AGE`] keeps every
+//!   copy at [`MAX_AGE`]. One reader at a time: reads of the feed must not overlap.
 //!
 //! Bounded: at most [`CAPACITY`] grants, in two generations (a grant read again moves to the
 //! newer one, keeping its age; when the newer is full the older is dropped). Unknown ids are not

@@ -645,9 +645,9 @@ impl RedisSessions {
         Ok(grant.filter(|g| !forgotten(g, unix_now())))
     }
 
-    /// The grant with this id for a sponsorship: this replica's copy when it read it within
-    /// [`MAX_AGE`](super::cache::MAX_AGE), else [`Self::get`] (and a copy kept). Why a stale
-    /// copy costs no money: [`super::cache`].
+    /// The grant with this id for a sponsorship: this replica's copy while it may be served
+    /// ([`super::cache`]: 10 s, or up to 5 minutes while the revocation feed is followed),
+    /// else [`Self::get`] (and a copy kept). Why a stale copy costs no money: [`super::cache`].
     pub(super) async fn get_for_sponsorship(
         &self,
         id: B256,
