@@ -70,7 +70,7 @@ struct Generations {
     newer: HashMap<B256, Kept>,
     older: HashMap<B256, Kept>,
     /// The unbroken run of successful reads of the revocation feed, if one is on.
-    follow: Option<Follow>,
+    follow: Option<FollowRun>,
     /// Revocations seen so far (the feed's and this replica's own): a read that saw a different
     /// count when it began than its copy finds when kept was overtaken by one.
     revocations: u64,
@@ -79,7 +79,7 @@ struct Generations {
 /// An unbroken run of successful reads of the revocation feed: each began within [`MAX_AGE`]
 /// of the one before.
 #[derive(Debug, Clone, Copy)]
-struct Follow {
+struct FollowRun {
     /// When the first began (a copy read before then may predate the feed's place).
     since: Instant,
     /// When the last began: every revocation written before then has dropped its copies.
@@ -194,9 +194,9 @@ impl GrantCache {
         let mut g = self.lock();
         g.follow = match g.follow {
             Some(f) if began.saturating_duration_since(f.last) <= MAX_AGE && began >= f.last => {
-                Some(Follow { last: began, ..f })
+                Some(FollowRun { last: began, ..f })
             }
-            _ => Some(Follow {
+            _ => Some(FollowRun {
                 since: began,
                 last: began,
             }),
@@ -349,7 +349,7 @@ mod tests {
     }
 
     /// A cache following the feed from `t0`, read again every 2 s until `until`.
-    fn following(cache: &GrantCache, t0: Instant, until: Duration) {
+    fn follow_every_2s(cache: &GrantCache, t0: Instant, until: Duration) {
         let mut at = Duration::ZERO;
         while at <= until {
             cache.followed(t0 + at);
@@ -365,7 +365,7 @@ mod tests {
         cache.followed(t0);
         let read = t0 + Duration::from_millis(1);
         cache.insert(id, grant(1), cache.ticket(read));
-        following(&cache, t0, MAX_AGE_FOLLOWED + MAX_AGE);
+        follow_every_2s(&cache, t0, MAX_AGE_FOLLOWED + MAX_AGE);
         let late = read + MAX_AGE_FOLLOWED;
         assert!(
             cache.get(id, late).is_some(),
@@ -403,7 +403,7 @@ mod tests {
         );
         // A read that failed ends the run at once.
         let cache = GrantCache::default();
-        following(&cache, t0, Duration::from_secs(20));
+        follow_every_2s(&cache, t0, Duration::from_secs(20));
         cache.insert(id, grant(1), cache.ticket(t0 + Duration::from_secs(1)));
         cache.unfollowed();
         assert!(cache.get(id, t0 + Duration::from_secs(12)).is_none());
@@ -415,7 +415,7 @@ mod tests {
         let t0 = Instant::now();
         let id = B256::repeat_byte(1);
         cache.insert(id, grant(1), cache.ticket(t0));
-        following(
+        follow_every_2s(
             &cache,
             t0 + Duration::from_millis(1),
             Duration::from_secs(60),
@@ -432,7 +432,7 @@ mod tests {
     fn a_revocation_drops_its_copy_and_one_in_flight_keeps_max_age() {
         let cache = GrantCache::default();
         let t0 = Instant::now();
-        following(&cache, t0, Duration::from_secs(60));
+        follow_every_2s(&cache, t0, Duration::from_secs(60));
         let (revoked, other, in_flight) = (
             B256::repeat_byte(1),
             B256::repeat_byte(2),

@@ -77,9 +77,9 @@ struct Place {
 }
 
 /// What a read of the revocation feed found.
-enum Followed {
+enum FeedRead {
     /// Its end, from which this replica now reads.
-    Began,
+    AtEnd,
     /// Every revocation since this replica's last read, this many (their copies dropped).
     Read(usize),
     /// Not what this replica read before (emptied, behind it after a failover, an entry this
@@ -90,22 +90,28 @@ enum Followed {
 
 /// A stream entry's id, `<ms>-<seq>`, in the order Redis gives them.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
-struct StreamId(u64, u64);
+struct StreamId {
+    ms: u64,
+    seq: u64,
+}
 
 impl StreamId {
     /// Below every entry: an empty feed's end.
-    const ZERO: Self = Self(0, 0);
+    const ZERO: Self = Self { ms: 0, seq: 0 };
 
     fn parse(s: &[u8]) -> Option<Self> {
         let s = std::str::from_utf8(s).ok()?;
         let (ms, seq) = s.split_once('-')?;
-        Some(Self(ms.parse().ok()?, seq.parse().ok()?))
+        Some(Self {
+            ms: ms.parse().ok()?,
+            seq: seq.parse().ok()?,
+        })
     }
 }
 
 impl std::fmt::Display for StreamId {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        write!(f, "{}-{}", self.0, self.1)
+        write!(f, "{}-{}", self.ms, self.seq)
     }
 }
 
@@ -116,7 +122,7 @@ enum FeedEntry {
     Revoked(B256),
     /// Written by the first replica to follow an empty feed (field `begin`), so that a feed
     /// emptied later (a Redis restarted without persistence, flushed) is below every place read.
-    Begin,
+    Marker,
     /// Neither: not written by this service.
     Unknown,
 }
@@ -153,7 +159,7 @@ fn stream_entries(v: &redis::Value) -> Result<Vec<(StreamId, FeedEntry)>, StoreE
                 [(Value::BulkString(k), Value::BulkString(v))] if k == b"id" && v.len() == 32 => {
                     FeedEntry::Revoked(B256::from_slice(v))
                 }
-                [(Value::BulkString(k), _)] if k == b"begin" => FeedEntry::Begin,
+                [(Value::BulkString(k), _)] if k == b"begin" => FeedEntry::Marker,
                 _ => FeedEntry::Unknown,
             };
             Ok((at, entry))
@@ -738,16 +744,16 @@ impl RedisSessions {
         let began = Instant::now();
         let got = self.read_revocations().await;
         match got {
-            Ok(Followed::Began) => {
+            Ok(FeedRead::AtEnd) => {
                 // Revocations from the feed's end on are read: copies read from now on.
                 self.cache.followed(Instant::now());
                 Ok(0)
             }
-            Ok(Followed::Read(read)) => {
+            Ok(FeedRead::Read(read)) => {
                 self.cache.followed(began);
                 Ok(read)
             }
-            Ok(Followed::Lost) => {
+            Ok(FeedRead::Lost) => {
                 self.cache.unfollowed();
                 Err(StoreError::Unavailable(
                     "the revocation feed was lost or ran ahead of this replica; following it anew"
@@ -767,7 +773,7 @@ impl RedisSessions {
         self.cache.following(Instant::now())
     }
 
-    async fn read_revocations(&self) -> Result<Followed, StoreError> {
+    async fn read_revocations(&self) -> Result<FeedRead, StoreError> {
         let mut conn = self.conn.clone();
         let held = *self
             .feed_place
@@ -791,7 +797,7 @@ impl RedisSessions {
                 .map_err(unavailable)?;
             let at = StreamId::parse(newest.as_bytes()).ok_or_else(malformed)?;
             self.set_feed_place(Place { at, counted: added });
-            return Ok(Followed::Began);
+            return Ok(FeedRead::AtEnd);
         };
         let mut read = 0;
         loop {
@@ -807,7 +813,7 @@ impl RedisSessions {
             // The entry at this replica's place is gone: trimmed, when it is older than the
             // feed keeps (no revocation since, then one); otherwise the feed was emptied or
             // lost entries (a failover), revocations with them.
-            let trimmed = at.0.saturating_add(REVOCATIONS_KEPT_MS) < newest.0;
+            let trimmed = at.ms.saturating_add(REVOCATIONS_KEPT_MS) < newest.ms;
             if here == 0 && !trimmed {
                 return Ok(self.lost());
             }
@@ -818,7 +824,7 @@ impl RedisSessions {
             for (id, entry) in &entries {
                 match entry {
                     FeedEntry::Revoked(grant) => ids.push(*grant),
-                    FeedEntry::Begin => {}
+                    FeedEntry::Marker => {}
                     // Not one this service wrote: whatever it named is unknown.
                     FeedEntry::Unknown => unknown = true,
                 }
@@ -838,7 +844,7 @@ impl RedisSessions {
             }
             self.set_feed_place(Place { at, counted });
             if whole {
-                return Ok(Followed::Read(read));
+                return Ok(FeedRead::Read(read));
             }
             if read >= super::cache::CAPACITY {
                 // More revocations at once than copies kept: reading on is no better than
@@ -850,12 +856,12 @@ impl RedisSessions {
 
     /// The feed is not what this replica read before: the next read begins anew at its end
     /// (and writes an entry there if it is empty).
-    fn lost(&self) -> Followed {
+    fn lost(&self) -> FeedRead {
         *self
             .feed_place
             .lock()
             .unwrap_or_else(PoisonError::into_inner) = None;
-        Followed::Lost
+        FeedRead::Lost
     }
 
     fn set_feed_place(&self, place: Place) {
