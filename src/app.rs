@@ -653,6 +653,10 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         budgets,
         directory_differs: state.directory_differs(),
         refusing_for_eviction: sponsor.ledger().refusing_for_eviction(),
+        revocations_followed: match sponsor.sessions() {
+            SessionStore::Redis(sessions) => Some(sessions.follows_revocations()),
+            SessionStore::Memory(_) => None,
+        },
     });
     (
         [(

@@ -88,6 +88,9 @@ pub struct Scrape {
     pub directory_differs: bool,
     /// Whether reservations are refused because Redis evicts keys, or has.
     pub refusing_for_eviction: bool,
+    /// With sessions in Redis, whether this replica follows the revocation feed (its grant
+    /// copies may then live up to 5 minutes; else 10 s).
+    pub revocations_followed: Option<bool>,
 }
 
 /// A latency histogram in seconds.
@@ -131,6 +134,7 @@ pub struct Metrics {
     watcher_lag_seconds: Gauge,
     directory_differs: Gauge,
     refusing_for_eviction: Gauge,
+    revocations_followed: Gauge,
 }
 
 impl Default for Metrics {
@@ -154,6 +158,7 @@ impl Default for Metrics {
             watcher_lag_seconds: Gauge::default(),
             directory_differs: Gauge::default(),
             refusing_for_eviction: Gauge::default(),
+            revocations_followed: Gauge::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -231,6 +236,11 @@ impl Default for Metrics {
             "sp_ledger_refusing_eviction",
             "1 while every reservation is refused because a Redis node evicts keys when full, or has evicted some",
             m.refusing_for_eviction.clone(),
+        );
+        r.register(
+            "sp_session_revocations_followed",
+            "1 while this replica follows the revocation feed (its copies of session grants may live up to 5 minutes), 0 while it does not (10 s); absent without sessions in Redis",
+            m.revocations_followed.clone(),
         );
         r.register(
             "sp_watcher_lag_seconds",
@@ -322,6 +332,9 @@ impl Metrics {
             .set(i64::from(scrape.directory_differs));
         self.refusing_for_eviction
             .set(i64::from(scrape.refusing_for_eviction));
+        if let Some(followed) = scrape.revocations_followed {
+            self.revocations_followed.set(i64::from(followed));
+        }
         if let Some(lag) = scrape.watcher_lag {
             self.watcher_lag_seconds.set(gauge(lag));
         }
@@ -363,6 +376,7 @@ mod tests {
             budgets: vec![("p".into(), 8453, "ops", 9)],
             directory_differs: true,
             refusing_for_eviction: true,
+            revocations_followed: Some(true),
         });
         for line in [
             "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"ok\"} 2",
@@ -377,6 +391,7 @@ mod tests {
             "sp_watcher_lag_seconds 3",
             "sp_policy_directory_differs 1",
             "sp_ledger_refusing_eviction 1",
+            "sp_session_revocations_followed 1",
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }

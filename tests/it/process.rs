@@ -411,8 +411,19 @@ async fn serve_follows_the_revocation_feed() -> TestResult {
         }
         heard.push(line);
     }
+    // Following again, and saying so.
+    let metrics = reqwest::get(format!("http://127.0.0.1:{port}/metrics"))
+        .await?
+        .text()
+        .await?;
     child.kill()?;
     child.wait()?;
+    assert!(
+        metrics
+            .lines()
+            .any(|l| l == "sp_session_revocations_followed 1"),
+        "{metrics}"
+    );
     assert!(
         wanted.is_empty(),
         "not said, in order: {wanted:?}; said:\n{}",
