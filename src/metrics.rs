@@ -239,7 +239,7 @@ impl Default for Metrics {
         );
         r.register(
             "sp_session_revocations_followed",
-            "1 while this replica follows the revocation feed (its copies of session grants may live up to 5 minutes), 0 while it does not (10 s); absent without sessions in Redis",
+            "With sessions in Redis: 1 while this replica follows the revocation feed (its copies of session grants may live up to 5 minutes), 0 while it does not (10 s). Always 0 without sessions in Redis (no copies)",
             m.revocations_followed.clone(),
         );
         r.register(

@@ -33,7 +33,7 @@
 //!   [`MAX_AGE`]: the feed not read (Redis unreachable, a poll slower than [`MAX_AGE`]), lost
 //!   (emptied, trimmed unread, or short after a failover: `follow.lua` counts it) or given more
 //!   revocations at once than it keeps copies. A `--policy-poll` above [`MAX_AGE`] keeps every
-//!   copy at [`MAX_AGE`]. One reader at a time: reads of the feed must not overlap.
+//!   copy at [`MAX_AGE`]. One reader at a time (`RedisSessions` holds a lock for each read).
 //!
 //! Bounded: at most [`CAPACITY`] grants, in two generations (a grant read again moves to the
 //! newer one, keeping its age; when the newer is full the older is dropped). Unknown ids are not

@@ -39,6 +39,8 @@ pub struct RedisSessions {
     /// Where this replica has read the revocation feed to (`follow_revocations`); `None` before
     /// its first read.
     feed_place: Arc<Mutex<Option<Place>>>,
+    /// Held for each read of the feed: one reader at a time (two would move the place back).
+    feed_reader: Arc<tokio::sync::Mutex<()>>,
     revoke: redis::Script,
     revoke_legacy: redis::Script,
     /// revoked.lua: a revocation written to the feed.
@@ -70,10 +72,25 @@ const FEED_PAGE: usize = 1024;
 
 /// Where a replica has read the feed to: the entry, and how many entries the feed had been
 /// given up to it (XINFO's `entries-added`), so that entries removed after it are seen to be.
+///
+/// And the run id of the Redis that answered, since one that took over (a failover, a
+/// restart) may hold that entry but not all after it.
 #[derive(Debug, Clone, Copy)]
 struct Place {
     at: StreamId,
     counted: u64,
+    run_id: RunId,
+}
+
+/// A Redis run id: 40 hex digits (`INFO server`), kept as they are.
+type RunId = [u8; 40];
+
+fn run_of(run_id: &str) -> RunId {
+    let mut kept = [0; 40];
+    for (k, b) in kept.iter_mut().zip(run_id.bytes()) {
+        *k = b;
+    }
+    kept
 }
 
 /// What a read of the revocation feed found.
@@ -583,6 +600,7 @@ impl RedisSessions {
             conn,
             cache: Arc::default(),
             feed_place: Arc::default(),
+            feed_reader: Arc::default(),
             revoke: redis::Script::new(include_str!("revoke.lua")),
             revoke_legacy: redis::Script::new(include_str!("revoke_legacy.lua")),
             announce: redis::Script::new(include_str!("revoked.lua")),
@@ -741,6 +759,7 @@ impl RedisSessions {
     /// while these reads go on succeeding; one that fails, or finds the feed lost or too far
     /// ahead, stops that until reads begin again.
     pub async fn follow_revocations(&self) -> Result<usize, StoreError> {
+        let _reading = self.feed_reader.lock().await;
         let began = Instant::now();
         let got = self.read_revocations().await;
         match got {
@@ -784,10 +803,11 @@ impl RedisSessions {
         let Some(Place {
             mut at,
             mut counted,
+            run_id: held_run,
         }) = held
         else {
             // Where the feed ends now: every revocation after this is read.
-            let (added, _, _, newest): (u64, u8, redis::Value, String) = self
+            let (added, _, _, newest, run_id): (u64, u8, redis::Value, String, String) = self
                 .follow
                 .key(REVOCATIONS_KEY)
                 .arg("")
@@ -796,12 +816,16 @@ impl RedisSessions {
                 .await
                 .map_err(unavailable)?;
             let at = StreamId::parse(newest.as_bytes()).ok_or_else(malformed)?;
-            self.set_feed_place(Place { at, counted: added });
+            self.set_feed_place(Place {
+                at,
+                counted: added,
+                run_id: run_of(&run_id),
+            });
             return Ok(FeedRead::AtEnd);
         };
         let mut read = 0;
         loop {
-            let (added, here, page, newest): (u64, u8, redis::Value, String) = self
+            let (added, here, page, newest, run_id): (u64, u8, redis::Value, String, String) = self
                 .follow
                 .key(REVOCATIONS_KEY)
                 .arg(at.to_string())
@@ -809,6 +833,11 @@ impl RedisSessions {
                 .invoke_async(&mut conn)
                 .await
                 .map_err(unavailable)?;
+            // Another Redis answers (a failover, a restart): it may hold the place's entry but
+            // not every one after it, which nothing else here would show.
+            if run_of(&run_id) != held_run {
+                return Ok(self.lost());
+            }
             let newest = StreamId::parse(newest.as_bytes()).unwrap_or(StreamId::ZERO);
             // The entry at this replica's place is gone: trimmed, when it is older than the
             // feed keeps (no revocation since, then one); otherwise the feed was emptied or
@@ -842,7 +871,11 @@ impl RedisSessions {
             if unknown || (whole && counted != added) {
                 return Ok(self.lost());
             }
-            self.set_feed_place(Place { at, counted });
+            self.set_feed_place(Place {
+                at,
+                counted,
+                run_id: held_run,
+            });
             if whole {
                 return Ok(FeedRead::Read(read));
             }

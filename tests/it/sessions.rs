@@ -806,6 +806,108 @@ async fn revocations_are_followed_on_a_redis_cluster() -> TestResult {
     Ok(())
 }
 
+/// The revocation feed tells what it may lose from what it may not: its place's entry trimmed
+/// for age (no revocation for 6 minutes, then one) is no loss; an unread entry removed is, and
+/// so is another Redis answering (a restart here: a failover may keep the place's entry but not
+/// those after it). A loss puts copies back to 10 s once; reads then begin anew.
+#[tokio::test]
+async fn the_revocation_feed_tells_a_trim_from_a_loss() -> TestResult {
+    use session_paymaster::session::redis::REVOCATIONS_KEY;
+    let mut redis = TestRedis::start_persistent().await?;
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let writer =
+        SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let reader = RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?;
+    let lost = |r: &Result<usize, StoreError>| matches!(r, Err(StoreError::Unavailable(m)) if m.contains("revocation feed was lost"));
+    // The feed's only entry 7 minutes old: the reader's place.
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)?
+        .as_millis();
+    let old: String = redis::cmd("XADD")
+        .arg(REVOCATIONS_KEY)
+        .arg(format!("{}-0", now_ms - 420_000))
+        .arg("begin")
+        .arg(1)
+        .query_async(&mut conn)
+        .await?;
+    assert_eq!(reader.follow_revocations().await?, 0);
+    // A revocation, and the old entry trimmed (exactly, as `~` trims whole nodes).
+    writer.revoke(B256::repeat_byte(0x51)).await?;
+    let _: u64 = redis::cmd("XTRIM")
+        .arg(REVOCATIONS_KEY)
+        .arg("MINID")
+        .arg(format!("{}", now_ms - 360_000))
+        .query_async(&mut conn)
+        .await?;
+    let gone: Vec<redis::Value> = redis::cmd("XRANGE")
+        .arg(REVOCATIONS_KEY)
+        .arg(&old)
+        .arg(&old)
+        .query_async(&mut conn)
+        .await?;
+    assert!(gone.is_empty(), "the place's entry is trimmed");
+    assert_eq!(
+        reader.follow_revocations().await?,
+        1,
+        "a trim for age is no loss"
+    );
+    assert!(reader.follows_revocations());
+
+    // An unread revocation deleted: lost (the count is short), then read anew.
+    writer.revoke(B256::repeat_byte(0x52)).await?;
+    writer.revoke(B256::repeat_byte(0x53)).await?;
+    type Entry = (String, Vec<(String, Vec<u8>)>);
+    let newest: Vec<Entry> = redis::cmd("XRANGE")
+        .arg(REVOCATIONS_KEY)
+        .arg("-")
+        .arg("+")
+        .query_async(&mut conn)
+        .await?;
+    let unread = &newest[newest.len() - 2].0;
+    let _: u64 = redis::cmd("XDEL")
+        .arg(REVOCATIONS_KEY)
+        .arg(unread)
+        .query_async(&mut conn)
+        .await?;
+    assert!(
+        lost(&reader.follow_revocations().await),
+        "an unread entry removed"
+    );
+    assert!(!reader.follows_revocations());
+    assert_eq!(reader.follow_revocations().await?, 0);
+    assert_eq!(reader.follow_revocations().await?, 0);
+    assert!(reader.follows_revocations());
+
+    // Redis restarted with its data: another run answers. Lost once, then read on.
+    redis.restart().await?;
+    let mut tries = 0;
+    let after = loop {
+        match reader.follow_revocations().await {
+            // (Reconnecting.)
+            Err(StoreError::Unavailable(m))
+                if !m.contains("revocation feed was lost") && tries < 100 =>
+            {
+                tries += 1;
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            other => break other,
+        }
+    };
+    assert!(lost(&after), "{after:?}");
+    assert_eq!(reader.follow_revocations().await?, 0);
+    // (The writer's connection, unused since the restart, reconnects on its first command.)
+    for _ in 0..100 {
+        if writer.get(B256::ZERO).await.is_ok() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    writer.revoke(B256::repeat_byte(0x54)).await?;
+    assert_eq!(reader.follow_revocations().await?, 1);
+    Ok(())
+}
+
 #[tokio::test]
 async fn revocation_is_seen_by_another_instance_sharing_redis() -> TestResult {
     let redis = TestRedis::start().await?;
