@@ -31,7 +31,7 @@
 //!   its keeping (a revocation that overtook the read in flight). So a revocation reaches every
 //!   copy within a read of the feed (one `--policy-poll`: 2 s by default), or the copy falls back to
 //!   [`MAX_AGE`]: the feed not read (Redis unreachable, a poll slower than [`MAX_AGE`]), lost
-//!   (emptied, trimmed unread, or short after a failover: `follow.lua` counts it) or given more
+//!   (emptied, trimmed unread, or another Redis answering after a failover or restart: `follow.lua` counts it and names the Redis) or given more
 //!   revocations at once than it keeps copies. A `--policy-poll` above [`MAX_AGE`] keeps every
 //!   copy at [`MAX_AGE`]. One reader at a time (`RedisSessions` holds a lock for each read).
 //!
