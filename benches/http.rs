@@ -23,7 +23,10 @@
 //! `MEMORY_FILL` (sponsorships made on the embedded default before its second window, default
 //! 200000), `RATE` (the `open` load's rate; default half of what `sponsor` reached),
 //! `SAME_RATE`, `DEBUG_STALLS` (print each open-loop answer over 10 ms with its due time and
-//! wall-clock time, to see whether slow answers come in bursts). Run with `scripts/bench`.
+//! wall-clock time, to see whether slow answers come in bursts), `COMMANDS` (print, under each
+//! row with Redis, the commands redis-server ran per request and their µs each, from `INFO
+//! commandstats`: what of its CPU the commands took, the rest being its sockets and event
+//! loop). Run with `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
 
 use std::io::Write;
@@ -284,6 +287,22 @@ impl Redis {
                     .ok()
             })
             .unwrap_or(0))
+    }
+
+    /// `INFO commandstats`: per command, its calls and microseconds so far.
+    fn command_stats(&self) -> Result<Vec<(String, u64, u64)>, Error> {
+        let stats = self.cli(&["INFO", "commandstats"])?;
+        Ok(stats
+            .lines()
+            .filter_map(|l| {
+                let (name, rest) = l.strip_prefix("cmdstat_")?.split_once(':')?;
+                let field = |f: &str| -> Option<u64> {
+                    rest.split(',')
+                        .find_map(|kv| kv.strip_prefix(f)?.parse().ok())
+                };
+                Some((name.to_owned(), field("calls=")?, field("usec=")?))
+            })
+            .collect())
     }
 
     fn reads(&self) -> Result<u64, Error> {
@@ -867,6 +886,11 @@ fn measured(
             Some(r) => (r.cpu()?, r.used_memory()?, r.reads()?, r.fcalls()?),
             None => (Duration::ZERO, 0, 0, 0),
         };
+        let commands = std::env::var("COMMANDS").is_ok();
+        let stats0 = match redis {
+            Some(r) if commands => r.command_stats()?,
+            _ => Vec::new(),
+        };
         let mut load = load()?;
         load.service_cpu = service.proc.cpu()? - svc0;
         if let Some(r) = redis {
@@ -877,9 +901,42 @@ fn measured(
                 .checked_sub(reads0)
                 .ok_or("redis-server's read count went back during a load (restarted?)")?;
             load.redis_fcalls = r.fcalls()?.saturating_sub(fcalls0);
+            if commands {
+                print_commands(&stats0, &r.command_stats()?, &load);
+            }
         }
         Ok(load)
     })
+}
+
+/// `COMMANDS`: the commands redis-server ran during a load (`INFO commandstats` before and
+/// after, the `INFO` and `CLIENT` calls of the bench itself left out), per request: calls and
+/// µs, then what they add up to against redis-server's CPU per request. (An `FCALL`'s µs
+/// include the commands it ran, which are listed too.)
+fn print_commands(before: &[(String, u64, u64)], after: &[(String, u64, u64)], load: &Load) {
+    let n = load.requests.max(1) as f64;
+    let mut top_level = 0.0;
+    for (name, calls, usec) in after {
+        let (c0, u0) = before
+            .iter()
+            .find(|(b, ..)| b == name)
+            .map_or((0, 0), |(_, c, u)| (*c, *u));
+        let (calls, usec) = (calls.saturating_sub(c0), usec.saturating_sub(u0));
+        if calls == 0 || name == "info" || name.starts_with("client") {
+            continue;
+        }
+        println!(
+            "    {name:<20} {:>6.2} per request, {:>6.2} us each, {:>6.2} us per request",
+            calls as f64 / n,
+            usec as f64 / calls as f64,
+            usec as f64 / n
+        );
+        top_level += usec as f64 / n;
+    }
+    println!(
+        "    redis-server CPU per request {:.1} us; its commands' µs as counted above (nested ones twice) {top_level:.1}",
+        load.per_request(load.redis_cpu).as_secs_f64() * 1e6
+    );
 }
 
 /// Run `load` between two measurements of F: its ratios are to their mean (measured outside

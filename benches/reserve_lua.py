@@ -18,6 +18,7 @@ docs/performance.md ("Redis CPU") quotes it.
     python3 benches/reserve_lua.py variants [N=10000]
     SESSIONS=2000 BATCH=10 python3 benches/reserve_lua.py commands [N=20000]
     BATCH=10 python3 benches/reserve_lua.py bounds [N=20000]
+    python3 benches/reserve_lua.py costs [N=100000]
 
 SESSIONS=G (any mode) sends the bench's session load instead: operation i under session
 i % G + 1, its account the sender (a new nonce each), charged to the session's budget too; G
@@ -53,6 +54,11 @@ load (SESSIONS=2000 unless given).
 session's status `HGET`; then it, the senders' and the policy's `HSET`s and the `APPEND`):
 wrong scripts, a bound on what sparing those commands could give; then against itself given
 random ids instead of the bench's zero-padded ones. Under SESSIONS=2000 unless given.
+`costs` prices single pieces of what reserve.lua does, each run N times in a loop inside one
+script (redis-server's clock around the loop, median of 3): a command called from Lua (its
+arguments made Redis strings, its reply made Lua values), `struct.unpack` of one scope's
+arguments, a table of one scope's twelve slots, a `pcall`. What a step of `cuts` adds, divided
+by these, says how many such pieces it is worth.
 `variants` does the same with this checkout against itself, run two ways: its scripts with
 EVALSHA (lib.lua's helpers made on every call) against FCALL as the service runs them; then
 senders' 0.2 keys not read against read (missing, as on a Redis 0.2 served in a window it
@@ -60,7 +66,7 @@ left no key in).
 """
 import hashlib, os, shutil, socket, statistics, struct, subprocess, sys, tempfile, time
 
-MODES = ('parts', 'cuts', 'ab', 'variants', 'commands', 'bounds')
+MODES = ('parts', 'cuts', 'ab', 'variants', 'commands', 'bounds', 'costs')
 MODE = sys.argv[1] if len(sys.argv) > 1 and sys.argv[1] in MODES else None
 ARGS = sys.argv[2:] if MODE else sys.argv[1:]
 AB_DIRS = ARGS[:2] if MODE == 'ab' else []
@@ -69,7 +75,8 @@ if MODE == 'ab':
         sys.exit('usage: reserve_lua.py ab DIR_A DIR_B [N]')
     ARGS = ARGS[2:]
 N = int(ARGS[0]) if ARGS else {None: 50000, 'parts': 20000, 'cuts': 20000, 'ab': 10000,
-                               'variants': 10000, 'commands': 20000, 'bounds': 20000}[MODE]
+                               'variants': 10000, 'commands': 20000, 'bounds': 20000,
+                               'costs': 100000}[MODE]
 # Rounds: `ab`'s (each runs both checkouts; ROUNDS=21 in the environment for finer ratios),
 # `cuts`' (3 unless given).
 ROUNDS = int(os.environ.get('ROUNDS', '9'))
@@ -485,6 +492,50 @@ def commands_alone(r, pid):
     print_medians(results, 34)
 
 
+# `costs`: (label, Lua run N times in a loop; `key` is a session budget's key holding a packed
+# counter, `packed` and `scope` a packed counter and one scope's arguments as reserve.lua gets
+# them).
+COSTS = [
+    ('an empty loop', ''),
+    ("redis.call('GET') of a missing key", "local x = redis.call('GET', key .. 'n')"),
+    ("redis.call('HGET') of a missing field", "local x = redis.call('HGET', key, 'status')"),
+    ("redis.call('HMGET') of four fields", "local x = redis.call('HMGET', key, 'until', 'c', 'cost', 'ops')"),
+    ("redis.call('HSET') of one field", "redis.call('HSET', key, 'c', packed)"),
+    ("redis.call('TIME')", "local x = redis.call('TIME')"),
+    ('struct.pack of a counter', "local x = struct.pack('>i8i8i8', i, 2, 3)"),
+    ("struct.unpack of a scope's arguments", "local a, b, c, d, e, f, g = struct.unpack(SCOPE_FORMAT, scope, 1)"),
+    ("a scope's table of twelve slots", "local x = {1, 2, 3, 'a', 'b', false, false, false, 0, 0, 0, 0}"),
+    ('a pcall of a function', 'local ok, x = pcall(f, 1, 2)'),
+    ("string.format('%d')", "local x = string.format('%d', i)"),
+]
+
+
+def costs(r):
+    results = {}
+    for _ in range(3):
+        for label, piece in COSTS:
+            script = '''
+local n = tonumber(ARGV[1])
+local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
+local key = 'sp:{bench}:budget:session:0x' .. string.rep('ab', 32)
+local packed = struct.pack('>i8i8i8', 1, 2, 3)
+redis.call('HSET', key, 'c', packed, 'until', '1234567890')
+local scope = struct.pack(SCOPE_FORMAT, 2^53, 1000, 3600, 20, string.rep('a', 20), 10,
+  's:0x' .. string.rep('ab', 20), 0)
+local f = function(a, b) return a end
+local t0 = redis.call('TIME')
+for i = 1, n do
+  %s
+end
+local t1 = redis.call('TIME')
+return tostring(((t1[1] - t0[1]) * 1e6 + (t1[2] - t0[2])) / n * 1000)
+''' % piece
+            results.setdefault(label, []).append(float(r.call('EVAL', script, 0, N)))
+    for label, runs in results.items():
+        print('%-40s %7.0f ns (median of %s)' % (label, statistics.median(runs),
+                                                  [round(x) for x in runs]))
+
+
 def main():
     port = free_port()
     versions = ab_versions() if MODE == 'ab' else None
@@ -516,6 +567,8 @@ def main():
                 return commands_alone(r, server.pid)
             if MODE == 'bounds':
                 return bounds(r, server.pid)
+            if MODE == 'costs':
+                return costs(r)
             lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
             reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, head_lib, body, function in (
