@@ -908,6 +908,75 @@ async fn the_revocation_feed_tells_a_trim_from_a_loss() -> TestResult {
     Ok(())
 }
 
+/// The revocation feed read a page at a time: a replica behind by more than a page
+/// (`FEED_PAGE`, 1,024 entries) reads every page in one follow, and drops its copy of a grant
+/// revoked on the last page; one behind by as many revocations as it keeps copies (65,536,
+/// `session::cache`'s capacity) stops there: lost, copies back to 10 s, then read anew from
+/// the feed's end.
+#[tokio::test]
+async fn the_revocation_feed_is_read_page_by_page_up_to_the_copies_kept() -> TestResult {
+    use session_paymaster::session::redis::REVOCATIONS_KEY;
+    let redis = TestRedis::start().await?;
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let writer =
+        SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let reader =
+        SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let SessionStore::Redis(follower) = &reader else {
+        unreachable!()
+    };
+    // `n` revocations of other grants, as the service writes them (`id`: 32 bytes), in one go.
+    let revocations = |n: u32| {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(
+            "for i = 1, tonumber(ARGV[1]) do \
+               redis.call('XADD', KEYS[1], '*', 'id', string.rep('\\0', 28) .. struct.pack('>I4', i)) \
+             end",
+        )
+        .arg(1)
+        .arg(REVOCATIONS_KEY)
+        .arg(n);
+        cmd
+    };
+    let g = grant(0x5a, Address::repeat_byte(0x45), 10);
+    assert!(writer.create(&g).await?);
+    assert_eq!(follower.follow_revocations().await?, 0);
+    assert_eq!(
+        reader.get_for_sponsorship(g.session_id).await?.1,
+        GrantSource::Store
+    );
+    assert_eq!(
+        reader.get_for_sponsorship(g.session_id).await?.1,
+        GrantSource::Copy
+    );
+
+    // Three pages: 2,500 others, then this grant's revocation, last.
+    let _: () = revocations(2_500).query_async(&mut conn).await?;
+    writer.revoke(g.session_id).await?;
+    assert_eq!(follower.follow_revocations().await?, 2_501);
+    assert!(follower.follows_revocations());
+    let (got, source) = reader.get_for_sponsorship(g.session_id).await?;
+    assert_eq!(source, GrantSource::Store, "its copy dropped");
+    assert_eq!(got.ok_or("the grant")?.status, SessionStatus::Revoked);
+    // The place moved to the last page's end: one more is one more.
+    writer.revoke(B256::repeat_byte(0x5b)).await?;
+    assert_eq!(follower.follow_revocations().await?, 1);
+
+    // As many at once as copies are kept: no better than copies held to 10 s, from the end on.
+    let _: () = revocations(65_536).query_async(&mut conn).await?;
+    assert!(matches!(
+        follower.follow_revocations().await,
+        Err(StoreError::Unavailable(m)) if m.contains("revocation feed was lost")
+    ));
+    assert!(!follower.follows_revocations());
+    assert_eq!(follower.follow_revocations().await?, 0);
+    assert!(follower.follows_revocations());
+    writer.revoke(B256::repeat_byte(0x5c)).await?;
+    assert_eq!(follower.follow_revocations().await?, 1);
+    Ok(())
+}
+
 #[tokio::test]
 async fn revocation_is_seen_by_another_instance_sharing_redis() -> TestResult {
     let redis = TestRedis::start().await?;
