@@ -23,10 +23,10 @@
 //! `MEMORY_FILL` (sponsorships made on the embedded default before its second window, default
 //! 200000), `RATE` (the `open` load's rate; default half of what `sponsor` reached),
 //! `SAME_RATE`, `DEBUG_STALLS` (print each open-loop answer over 10 ms with its due time and
-//! wall-clock time, to see whether slow answers come in bursts), `COMMANDS` (print, under each
-//! row with Redis, the commands redis-server ran per request and their µs each, from `INFO
-//! commandstats`: what of its CPU the commands took, the rest being its sockets and event
-//! loop). Run with `scripts/bench`.
+//! wall-clock time, to see whether slow answers come in bursts), `COMMANDS=1` (print, under
+//! each row with Redis, the commands redis-server ran per request and their µs, from `INFO
+//! commandstats`: how much of its CPU the scripts and the commands took, the rest being its
+//! sockets and event loop; see `command_lines`). Run with `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
 
 use std::io::Write;
@@ -171,6 +171,8 @@ struct Load {
     /// F measured just before and just after this load (their mean): the ratios of this row
     /// are to it, so that the machine's speed drifting over a run moves both sides alike.
     floor: Duration,
+    /// `COMMANDS`: the lines printed under this row (see `command_lines`).
+    commands: Vec<String>,
 }
 
 impl Load {
@@ -886,7 +888,7 @@ fn measured(
             Some(r) => (r.cpu()?, r.used_memory()?, r.reads()?, r.fcalls()?),
             None => (Duration::ZERO, 0, 0, 0),
         };
-        let commands = std::env::var("COMMANDS").is_ok();
+        let commands = std::env::var_os("COMMANDS").is_some_and(|v| !v.is_empty() && v != "0");
         let stats0 = match redis {
             Some(r) if commands => r.command_stats()?,
             _ => Vec::new(),
@@ -902,7 +904,7 @@ fn measured(
                 .ok_or("redis-server's read count went back during a load (restarted?)")?;
             load.redis_fcalls = r.fcalls()?.saturating_sub(fcalls0);
             if commands {
-                print_commands(&stats0, &r.command_stats()?, &load);
+                load.commands = command_lines(&stats0, &r.command_stats()?, &load);
             }
         }
         Ok(load)
@@ -910,12 +912,20 @@ fn measured(
 }
 
 /// `COMMANDS`: the commands redis-server ran during a load (`INFO commandstats` before and
-/// after, the `INFO` and `CLIENT` calls of the bench itself left out), per request: calls and
-/// µs, then what they add up to against redis-server's CPU per request. (An `FCALL`'s µs
-/// include the commands it ran, which are listed too.)
-fn print_commands(before: &[(String, u64, u64)], after: &[(String, u64, u64)], load: &Load) {
+/// after, the `INFO` and `CLIENT` calls of the bench itself left out), each with its calls and
+/// µs per request and µs per call, then two sums per request: the script calls (`FCALL`,
+/// `EVALSHA`, `EVAL`: their µs include the commands they ran, which are listed too) and every
+/// other command (the grant `GET`s sent alone, say, are among the `get`s listed, but counted
+/// here), against redis-server's CPU per request. Commandstats' µs are wall time inside the
+/// command: on a busy machine a command preempted meanwhile counts more than its CPU.
+fn command_lines(
+    before: &[(String, u64, u64)],
+    after: &[(String, u64, u64)],
+    load: &Load,
+) -> Vec<String> {
     let n = load.requests.max(1) as f64;
-    let mut top_level = 0.0;
+    let (mut scripts, mut nested_or_alone) = (0.0, 0.0);
+    let mut lines = Vec::new();
     for (name, calls, usec) in after {
         let (c0, u0) = before
             .iter()
@@ -925,18 +935,24 @@ fn print_commands(before: &[(String, u64, u64)], after: &[(String, u64, u64)], l
         if calls == 0 || name == "info" || name.starts_with("client") {
             continue;
         }
-        println!(
-            "    {name:<20} {:>6.2} per request, {:>6.2} us each, {:>6.2} us per request",
+        let per_request = usec as f64 / n;
+        lines.push(format!(
+            "    {name:<20} {:>6.2} calls per request, {:>7.2} µs per call, {:>6.2} µs per request",
             calls as f64 / n,
             usec as f64 / calls as f64,
-            usec as f64 / n
-        );
-        top_level += usec as f64 / n;
+            per_request
+        ));
+        if matches!(name.as_str(), "fcall" | "evalsha" | "eval") {
+            scripts += per_request;
+        } else {
+            nested_or_alone += per_request;
+        }
     }
-    println!(
-        "    redis-server CPU per request {:.1} us; its commands' µs as counted above (nested ones twice) {top_level:.1}",
+    lines.push(format!(
+        "    per request: redis-server CPU {:.1} µs; script calls {scripts:.1} µs (with the commands they ran); the other commands listed {nested_or_alone:.1} µs (run by the scripts, or alone)",
         load.per_request(load.redis_cpu).as_secs_f64() * 1e6
-    );
+    ));
+    lines
 }
 
 /// Run `load` between two measurements of F: its ratios are to their mean (measured outside
@@ -1044,6 +1060,9 @@ fn row(name: &str, l: &Load, evalsha: Duration) {
         },
         floor.as_secs_f64() * 1e6,
     );
+    for line in &l.commands {
+        println!("{line}");
+    }
 }
 
 #[tokio::main]

@@ -55,7 +55,8 @@ session's status `HGET`; then it, the senders' and the policy's `HSET`s and the 
 wrong scripts, a bound on what sparing those commands could give; then against itself given
 random ids instead of the bench's zero-padded ones. Under SESSIONS=2000 unless given.
 `costs` prices single pieces of what reserve.lua does, each run N times in a loop inside one
-script (redis-server's clock around the loop, median of 3): a command called from Lua (its
+script (redis-server's clock around the loop, median of 3, less an empty loop's): a command
+called from Lua (its
 arguments made Redis strings, its reply made Lua values), `struct.unpack` of one scope's
 arguments, a table of one scope's twelve slots, a `pcall`. What a step of `cuts` adds, divided
 by these, says how many such pieces it is worth.
@@ -497,7 +498,7 @@ def commands_alone(r, pid):
 # them).
 COSTS = [
     ('an empty loop', ''),
-    ("redis.call('GET') of a missing key", "local x = redis.call('GET', key .. 'n')"),
+    ("redis.call('GET') of a missing key", "local x = redis.call('GET', missing)"),
     ("redis.call('HGET') of a missing field", "local x = redis.call('HGET', key, 'status')"),
     ("redis.call('HMGET') of four fields", "local x = redis.call('HMGET', key, 'until', 'c', 'cost', 'ops')"),
     ("redis.call('HSET') of one field", "redis.call('HSET', key, 'c', packed)"),
@@ -518,10 +519,11 @@ def costs(r):
 local n = tonumber(ARGV[1])
 local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
 local key = 'sp:{bench}:budget:session:0x' .. string.rep('ab', 32)
+local missing = key .. 'n'
 local packed = struct.pack('>i8i8i8', 1, 2, 3)
 redis.call('HSET', key, 'c', packed, 'until', '1234567890')
-local scope = struct.pack(SCOPE_FORMAT, 2^53, 1000, 3600, 20, string.rep('a', 20), 10,
-  's:0x' .. string.rep('ab', 20), 0)
+local name = 's:0x' .. string.rep('ab', 20)
+local scope = struct.pack(SCOPE_FORMAT, 2^53, 1000, 3600, 20, string.rep('a', 20), #name, name, 0)
 local f = function(a, b) return a end
 local t0 = redis.call('TIME')
 for i = 1, n do
@@ -531,9 +533,11 @@ local t1 = redis.call('TIME')
 return tostring(((t1[1] - t0[1]) * 1e6 + (t1[2] - t0[2])) / n * 1000)
 ''' % piece
             results.setdefault(label, []).append(float(r.call('EVAL', script, 0, N)))
+    empty = statistics.median(results.pop('an empty loop'))
+    print('each piece, beyond an empty loop (%.0f ns an iteration):' % empty)
     for label, runs in results.items():
-        print('%-40s %7.0f ns (median of %s)' % (label, statistics.median(runs),
-                                                  [round(x) for x in runs]))
+        print('%-40s %7.0f ns (median of %s)' % (label, statistics.median(runs) - empty,
+                                                  [round(x - empty) for x in runs]))
 
 
 def main():

@@ -951,10 +951,13 @@ async fn the_revocation_feed_is_read_page_by_page_up_to_the_copies_kept() -> Tes
         GrantSource::Copy
     );
 
-    // Three pages: 2,500 others, then this grant's revocation, last.
+    // Three pages (FEED_PAGE 1,024): 2,500 others, then this grant's revocation, last; each
+    // page one run of follow.lua (an EVALSHA).
     let _: () = revocations(2_500).query_async(&mut conn).await?;
     writer.revoke(g.session_id).await?;
+    let before = evalshas(&mut conn).await?;
     assert_eq!(follower.follow_revocations().await?, 2_501);
+    assert_eq!(evalshas(&mut conn).await? - before, 3, "three pages");
     assert!(follower.follows_revocations());
     let (got, source) = reader.get_for_sponsorship(g.session_id).await?;
     assert_eq!(source, GrantSource::Store, "its copy dropped");
@@ -964,17 +967,39 @@ async fn the_revocation_feed_is_read_page_by_page_up_to_the_copies_kept() -> Tes
     assert_eq!(follower.follow_revocations().await?, 1);
 
     // As many at once as copies are kept: no better than copies held to 10 s, from the end on.
+    // It stops after the 64th full page, as many as copies are kept: not at a later page (a
+    // count found short, an entry not understood), which would be a 65th read.
     let _: () = revocations(65_536).query_async(&mut conn).await?;
+    let before = evalshas(&mut conn).await?;
     assert!(matches!(
         follower.follow_revocations().await,
         Err(StoreError::Unavailable(m)) if m.contains("revocation feed was lost")
     ));
+    assert_eq!(evalshas(&mut conn).await? - before, 64);
     assert!(!follower.follows_revocations());
     assert_eq!(follower.follow_revocations().await?, 0);
     assert!(follower.follows_revocations());
     writer.revoke(B256::repeat_byte(0x5c)).await?;
     assert_eq!(follower.follow_revocations().await?, 1);
     Ok(())
+}
+
+/// How many `EVALSHA`s this Redis has run (`INFO commandstats`).
+async fn evalshas(conn: &mut redis::aio::MultiplexedConnection) -> TestResult<u64> {
+    let stats: String = redis::cmd("INFO")
+        .arg("commandstats")
+        .query_async(conn)
+        .await?;
+    Ok(stats
+        .lines()
+        .find_map(|l| {
+            l.strip_prefix("cmdstat_evalsha:calls=")?
+                .split(',')
+                .next()?
+                .parse()
+                .ok()
+        })
+        .unwrap_or(0))
 }
 
 #[tokio::test]
