@@ -925,7 +925,7 @@ fn command_lines(
 ) -> Vec<String> {
     let n = load.requests.max(1) as f64;
     let (mut scripts, mut nested_or_alone) = (0.0, 0.0);
-    let mut lines = Vec::new();
+    let mut lines: Vec<(f64, String)> = Vec::new();
     for (name, calls, usec) in after {
         let (c0, u0) = before
             .iter()
@@ -936,11 +936,14 @@ fn command_lines(
             continue;
         }
         let per_request = usec as f64 / n;
-        lines.push(format!(
-            "    {name:<20} {:>6.2} calls per request, {:>7.2} µs per call, {:>6.2} µs per request",
-            calls as f64 / n,
-            usec as f64 / calls as f64,
-            per_request
+        lines.push((
+            per_request,
+            format!(
+                "    {name:<20} {:>6.2} calls per request, {:>7.2} µs per call, {:>6.2} µs per request",
+                calls as f64 / n,
+                usec as f64 / calls as f64,
+                per_request
+            ),
         ));
         if matches!(name.as_str(), "fcall" | "evalsha" | "eval") {
             scripts += per_request;
@@ -948,6 +951,9 @@ fn command_lines(
             nested_or_alone += per_request;
         }
     }
+    // The costliest first.
+    lines.sort_by(|a, b| b.0.total_cmp(&a.0));
+    let mut lines: Vec<String> = lines.into_iter().map(|(_, line)| line).collect();
     lines.push(format!(
         "    per request: redis-server CPU {:.1} µs; script calls {scripts:.1} µs (with the commands they ran); the other commands listed {nested_or_alone:.1} µs (run by the scripts, or alone)",
         load.per_request(load.redis_cpu).as_secs_f64() * 1e6

@@ -1094,6 +1094,72 @@ async fn a_revocation_reaches_another_replicas_copy_through_the_feed() -> TestRe
     Ok(())
 }
 
+/// A revocation whose feed cannot be written (here `sp:g:revocations` made a string by hand)
+/// answers 503 and says it may stand in part: it does, the ledger and the grant already refuse
+/// the session, and no replica follows the feed meanwhile (copies back to 10 s). Once the key
+/// is mended, the retry answers 200.
+#[tokio::test]
+async fn a_revocation_whose_feed_write_fails_already_stands_and_says_so() -> TestResult {
+    use session_paymaster::session::SessionStore;
+    use session_paymaster::session::redis::REVOCATIONS_KEY;
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[token_policy("tokens", "")]).await?;
+    let SessionStore::Redis(sessions) = app.state.sponsor.sessions() else {
+        return Err("sessions in Redis".into());
+    };
+    let account = Address::repeat_byte(0xaa);
+    let session = capped_session(&app, account, "tokens", 100).await?;
+    let ctx = json!({ "sessionId": session });
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let v = sponsor(
+        &app,
+        &transfer_op(account, 1, 1).to_json(),
+        ep07,
+        ctx.clone(),
+    )
+    .await?;
+    assert!(v["result"]["paymasterData"].is_string(), "{v}");
+    assert_eq!(sessions.follow_revocations().await?, 0);
+    assert!(sessions.follows_revocations());
+
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let _: () = redis::cmd("DEL")
+        .arg(REVOCATIONS_KEY)
+        .query_async(&mut conn)
+        .await?;
+    let _: () = redis::cmd("SET")
+        .arg(REVOCATIONS_KEY)
+        .arg("not a stream")
+        .query_async(&mut conn)
+        .await?;
+    let (status, body) = revoke(&app, session).await?;
+    assert_eq!(status, 503, "{body}");
+    let said = body["error"].as_str().unwrap_or_default();
+    assert!(
+        said.contains("may be written in part") && said.contains("retry"),
+        "{body}"
+    );
+    assert!(!said.contains("WRONGTYPE"), "no Redis internals: {body}");
+    // It stands: the grant reads revoked, and the ledger refuses the session.
+    let grant = app.state.sponsor.sessions().get(session).await?;
+    assert_eq!(grant.ok_or("the grant")?.status, SessionStatus::Revoked);
+    let v = sponsor(&app, &transfer_op(account, 1, 2).to_json(), ep07, ctx).await?;
+    assert_eq!(reason(&v), "session_revoked", "{v}");
+    // The feed cannot be read either: copies are held to 10 s.
+    assert!(sessions.follow_revocations().await.is_err());
+    assert!(!sessions.follows_revocations());
+
+    let _: () = redis::cmd("DEL")
+        .arg(REVOCATIONS_KEY)
+        .query_async(&mut conn)
+        .await?;
+    let (status, body) = revoke(&app, session).await?;
+    assert_eq!(status, 200, "{body}");
+    assert_eq!(body["status"], json!("revoked"), "{body}");
+    Ok(())
+}
+
 /// Session ids a stranger makes up must not fill a replica's grant copies: only grants found are
 /// kept (`session::cache`), so an unknown id is looked up in Redis every time and leaves nothing.
 #[tokio::test]
