@@ -1432,7 +1432,7 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
 }
 
 /// How many times Redis ran each command (`INFO commandstats`), but `INFO`.
-async fn command_calls(
+pub(crate) async fn command_calls(
     conn: &mut redis::aio::MultiplexedConnection,
 ) -> TestResult<BTreeMap<String, u64>> {
     let info: String = redis::cmd("INFO")
