@@ -140,15 +140,7 @@ async fn fetch(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Re
     match state.sponsor.sessions().get(id).await {
         Ok(Some(grant)) => axum::Json(grant).into_response(),
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {id}")),
-        // A revocation is written in steps (the ledger's session state, the grant, the feed
-        // other replicas read): one that failed may stand in part, and a retry writes the rest.
-        Err(e) => {
-            tracing::warn!(session = %id, error = %e, "revocation failed closed");
-            error(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "session store unavailable: the revocation may be written in part (the session may already be refused); retry, revoking again changes nothing else",
-            )
-        }
+        Err(e) => store_failed(e),
     }
 }
 

@@ -1097,7 +1097,8 @@ async fn a_revocation_reaches_another_replicas_copy_through_the_feed() -> TestRe
 /// A revocation whose feed cannot be written (here `sp:g:revocations` made a string by hand)
 /// answers 503 and says it may stand in part: it does, the ledger and the grant already refuse
 /// the session, and no replica follows the feed meanwhile (copies back to 10 s). Once the key
-/// is mended, the retry answers 200.
+/// is mended, the retry answers 200. A grant read that fails keeps the plain 503 (nothing was
+/// written).
 #[tokio::test]
 async fn a_revocation_whose_feed_write_fails_already_stands_and_says_so() -> TestResult {
     use session_paymaster::session::SessionStore;
@@ -1157,6 +1158,24 @@ async fn a_revocation_whose_feed_write_fails_already_stands_and_says_so() -> Tes
     let (status, body) = revoke(&app, session).await?;
     assert_eq!(status, 200, "{body}");
     assert_eq!(body["status"], json!("revoked"), "{body}");
+
+    // A read that fails (a grant's key of another type) wrote nothing, and says so.
+    let odd = B256::repeat_byte(0x5d);
+    let _: () = redis::cmd("HSET")
+        .arg([b"sp:g:".as_slice(), odd.as_slice()].concat())
+        .arg("x")
+        .arg(1)
+        .query_async(&mut conn)
+        .await?;
+    let path = format!("/admin/sessions/{odd}");
+    let (status, body) =
+        crate::sessions::admin(&app, "GET", &path, None, Some(crate::helpers::ADMIN_TOKEN)).await?;
+    assert_eq!(status, 503, "{body}");
+    assert_eq!(
+        body["error"],
+        json!("session store unavailable: nothing was changed, retry"),
+        "{body}"
+    );
     Ok(())
 }
 
