@@ -56,10 +56,9 @@ wrong scripts, a bound on what sparing those commands could give; then against i
 random ids instead of the bench's zero-padded ones. Under SESSIONS=2000 unless given.
 `costs` prices single pieces of what reserve.lua does, each run N times in a loop inside one
 script (redis-server's clock around the loop, median of 3, less an empty loop's): a command
-called from Lua (its
-arguments made Redis strings, its reply made Lua values), `struct.unpack` of one scope's
-arguments, a table of one scope's twelve slots, a `pcall`. What a step of `cuts` adds, divided
-by these, says how many such pieces it is worth.
+called from Lua (its arguments made Redis strings, its reply made Lua values), `struct.unpack`
+of one scope's arguments, a table of one scope's twelve slots, a `pcall`. What a step of
+`cuts` adds, divided by these, says how many such pieces it is worth.
 `variants` does the same with this checkout against itself, run two ways: its scripts with
 EVALSHA (lib.lua's helpers made on every call) against FCALL as the service runs them; then
 senders' 0.2 keys not read against read (missing, as on a Redis 0.2 served in a window it
