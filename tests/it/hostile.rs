@@ -1033,13 +1033,7 @@ async fn a_revocation_reaches_another_replicas_copy_through_the_feed() -> TestRe
     let (status, _) = revoke(&b, first).await?;
     assert_eq!(status, 200);
     // b wrote the revocation to the feed, the grant's id as it is.
-    type Entry = (String, Vec<(Vec<u8>, Vec<u8>)>);
-    let feed: Vec<Entry> = redis::cmd("XRANGE")
-        .arg(REVOCATIONS_KEY)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await?;
+    let feed = crate::sessions::feed_entries(&mut conn).await?;
     assert_eq!(feed.len(), 2, "{feed:?}");
     assert_eq!(feed[1].1, vec![(b"id".to_vec(), first.to_vec())]);
     // Until a reads the feed its copy stands (the ledger refuses the session meanwhile);

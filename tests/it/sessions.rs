@@ -52,6 +52,18 @@ pub(crate) async fn revoke(app: &TestApp, session: B256) -> TestResult<(u16, Val
     .await
 }
 
+/// The revocation feed's entries as Redis holds them: (id, [(field, value)]).
+pub(crate) async fn feed_entries(
+    conn: &mut redis::aio::MultiplexedConnection,
+) -> TestResult<Vec<(String, Vec<(Vec<u8>, Vec<u8>)>)>> {
+    Ok(redis::cmd("XRANGE")
+        .arg(session_paymaster::session::redis::REVOCATIONS_KEY)
+        .arg("-")
+        .arg("+")
+        .query_async(conn)
+        .await?)
+}
+
 /// An admin request; returns status and JSON body (Null when empty).
 pub(crate) async fn admin(
     app: &TestApp,
@@ -857,13 +869,7 @@ async fn the_revocation_feed_tells_a_trim_from_a_loss() -> TestResult {
     // An unread revocation deleted: lost (the count is short), then read anew.
     writer.revoke(B256::repeat_byte(0x52)).await?;
     writer.revoke(B256::repeat_byte(0x53)).await?;
-    type Entry = (String, Vec<(String, Vec<u8>)>);
-    let newest: Vec<Entry> = redis::cmd("XRANGE")
-        .arg(REVOCATIONS_KEY)
-        .arg("-")
-        .arg("+")
-        .query_async(&mut conn)
-        .await?;
+    let newest = feed_entries(&mut conn).await?;
     let unread = &newest[newest.len() - 2].0;
     let _: u64 = redis::cmd("XDEL")
         .arg(REVOCATIONS_KEY)
