@@ -4,11 +4,14 @@
 //! Wallet), ERC-7579 `execute(bytes32,bytes)` (single, batch, static, delegatecall), Safe4337Module
 //! `executeUserOp[WithErrorString]`, and the canonical Safe MultiSend contracts reached through a
 //! delegatecall. A call from the account to itself is decoded again (nested batches), to a bounded
-//! depth. Anything else is rejected, never guessed.
+//! depth. Anything else is rejected, never guessed. What one `callData` decodes to is bounded too
+//! ([`MAX_CALLS`], [`COPIES_PER_BYTE`]): the ABI lets array entries point at the same data, so a
+//! few kilobytes nested a few levels deep would otherwise name billions of calls.
 
 use alloy::primitives::{Address, Bytes, FixedBytes, U256, address};
 use alloy::sol;
 use alloy::sol_types::SolCall;
+use alloy::sol_types::abi::AbiDecoderConfig;
 
 sol! {
     /// SimpleAccount (all versions): `execute(address,uint256,bytes)`.
@@ -66,6 +69,21 @@ pub const KNOWN_MULTISEND: [Address; 4] = [
 
 /// How deep self-calls and MultiSend are followed.
 pub const MAX_DEPTH: usize = 4;
+
+/// Most calls one `callData` decodes to, every level of nesting counted (a self-call's batch
+/// counts its own calls, and they count what they run). Accounts' batches are rarely above a
+/// few dozen calls.
+pub const MAX_CALLS: usize = 1024;
+
+/// Most bytes of calls decoding one `callData` may copy, per byte of it. A level of nesting
+/// copies what it decodes once, a MultiSend level twice (its argument, then its transactions),
+/// so no layout without repeated offsets comes near it at [`MAX_DEPTH`]; array entries whose
+/// offsets point at the same data again (which the ABI allows, and accounts' decoders follow:
+/// they are decoded, not refused) copy it once per entry, and soon pass it.
+pub const COPIES_PER_BYTE: usize = 2 * (MAX_DEPTH + 1);
+
+/// Added to that bound: room for the decoder's own bookkeeping of a short `callData`.
+const COPY_SLACK: usize = 64 * 1024;
 
 /// How the account calls.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -172,12 +190,25 @@ pub enum CalldataError {
     /// Self-calls or MultiSend nested deeper than [`MAX_DEPTH`].
     #[error("calls nested deeper than {MAX_DEPTH} levels")]
     TooDeep,
+    /// More calls than [`MAX_CALLS`].
+    #[error("callData decodes to more than {MAX_CALLS} calls (those of nested batches counted)")]
+    TooManyCalls,
+    /// More bytes of calls than [`COPIES_PER_BYTE`] times the `callData`'s size.
+    #[error(
+        "callData decodes to more than {COPIES_PER_BYTE} times its size in calls' data (array \
+         entries whose offsets point at the same data again)"
+    )]
+    TooManyBytes,
 }
 
 fn malformed(shape: &'static str) -> impl Fn(alloy::sol_types::Error) -> CalldataError {
-    move |e| CalldataError::Malformed {
-        shape,
-        reason: e.to_string(),
+    move |e| match e {
+        // The decoder's limit is what the budget has left (Budget::config).
+        alloy::sol_types::Error::MemoryLimitExceeded(_) => CalldataError::TooManyBytes,
+        e => CalldataError::Malformed {
+            shape,
+            reason: e.to_string(),
+        },
     }
 }
 
@@ -191,11 +222,53 @@ fn bad(shape: &'static str, reason: &str) -> CalldataError {
 /// Decode the `callData` an account `sender` receives from the EntryPoint into the calls it makes.
 pub fn decode(call_data: &[u8], sender: Address) -> Result<Vec<Call>, CalldataError> {
     let mut out = Vec::new();
-    decode_account_call(call_data, sender, 0, &mut out)?;
+    let mut budget = Budget {
+        calls: MAX_CALLS,
+        bytes: call_data
+            .len()
+            .saturating_mul(COPIES_PER_BYTE)
+            .saturating_add(COPY_SLACK),
+    };
+    decode_account_call(call_data, sender, 0, &mut budget, &mut out)?;
     Ok(out)
 }
 
-/// Validating ABI decoding throughout (alloy's `abi_decode_validate`): values with dirty bits
+/// What decoding one `callData` may still make: calls, and bytes copied. Every ABI decode runs
+/// with the bytes left as its memory limit (alloy's decoder charges each `bytes` value it reads,
+/// again when a second offset points at it, before it copies any), and what it made is then
+/// charged here.
+struct Budget {
+    calls: usize,
+    bytes: usize,
+}
+
+impl Budget {
+    /// Validating ABI decoding (dirty bits refused), within the bytes left.
+    fn config(&self) -> AbiDecoderConfig {
+        AbiDecoderConfig::new()
+            .validate(true)
+            .memory_limit(self.bytes)
+    }
+
+    fn take_bytes(&mut self, n: usize) -> Result<(), CalldataError> {
+        self.bytes = self
+            .bytes
+            .checked_sub(n)
+            .ok_or(CalldataError::TooManyBytes)?;
+        Ok(())
+    }
+
+    /// Calls one level decoded, with their data.
+    fn take(&mut self, calls: &[Call]) -> Result<(), CalldataError> {
+        self.calls = self
+            .calls
+            .checked_sub(calls.len())
+            .ok_or(CalldataError::TooManyCalls)?;
+        self.take_bytes(calls.iter().map(|c| c.data.len()).sum())
+    }
+}
+
+/// Validating ABI decoding throughout (`Budget::config`): values with dirty bits
 /// (an address's high bytes, a bool above 1) are refused. Offsets are followed from the same
 /// bases as Solidity's decoder and the accounts' own assembly follow them, so a layout that is
 /// not canonical (gaps, overlaps, trailing bytes) decodes to what the account reads; data out of
@@ -204,6 +277,7 @@ fn decode_account_call(
     data: &[u8],
     sender: Address,
     depth: usize,
+    budget: &mut Budget,
     out: &mut Vec<Call>,
 ) -> Result<(), CalldataError> {
     if depth > MAX_DEPTH {
@@ -217,14 +291,15 @@ fn decode_account_call(
     };
     let calls: Vec<Call> = match selector {
         SimpleAccount::executeCall::SELECTOR => {
-            let c = SimpleAccount::executeCall::abi_decode_validate(data)
+            let c = SimpleAccount::executeCall::abi_decode_with_config(data, budget.config())
                 .map_err(malformed("execute"))?;
             vec![Call::new(c.dest, c.value, c.func)]
         }
         SimpleAccountV06::executeBatchCall::SELECTOR => {
             let shape = "executeBatch(address[],bytes[])";
-            let c = SimpleAccountV06::executeBatchCall::abi_decode_validate(data)
-                .map_err(malformed(shape))?;
+            let c =
+                SimpleAccountV06::executeBatchCall::abi_decode_with_config(data, budget.config())
+                    .map_err(malformed(shape))?;
             if c.dest.len() != c.func.len() {
                 return Err(bad(shape, "array lengths differ"));
             }
@@ -236,8 +311,9 @@ fn decode_account_call(
         }
         SimpleAccountV07::executeBatchCall::SELECTOR => {
             let shape = "executeBatch(address[],uint256[],bytes[])";
-            let c = SimpleAccountV07::executeBatchCall::abi_decode_validate(data)
-                .map_err(malformed(shape))?;
+            let c =
+                SimpleAccountV07::executeBatchCall::abi_decode_with_config(data, budget.config())
+                    .map_err(malformed(shape))?;
             // SimpleAccount v0.7: `value.length == 0 || value.length == func.length`.
             if c.dest.len() != c.func.len()
                 || !(c.value.is_empty() || c.value.len() == c.func.len())
@@ -253,17 +329,18 @@ fn decode_account_call(
                 .collect()
         }
         SimpleAccountV08::executeBatchCall::SELECTOR => {
-            let c = SimpleAccountV08::executeBatchCall::abi_decode_validate(data)
-                .map_err(malformed("executeBatch((address,uint256,bytes)[])"))?;
+            let c =
+                SimpleAccountV08::executeBatchCall::abi_decode_with_config(data, budget.config())
+                    .map_err(malformed("executeBatch((address,uint256,bytes)[])"))?;
             c.calls
                 .into_iter()
                 .map(|c| Call::new(c.target, c.value, c.data))
                 .collect()
         }
         Erc7579Account::executeCall::SELECTOR => {
-            let c = Erc7579Account::executeCall::abi_decode_validate(data)
+            let c = Erc7579Account::executeCall::abi_decode_with_config(data, budget.config())
                 .map_err(malformed("ERC-7579 execute"))?;
-            let calls = decode_7579(c.mode, &c.executionCalldata)?;
+            let calls = decode_7579(c.mode, &c.executionCalldata, budget)?;
             // ERC-7821 accounts (Solady's among them) share the selector and the batch mode,
             // and run a call to address(0) as a call to the account itself: with any data, a
             // self-call no rule would see. An ERC-7579 account's call there only burns the
@@ -277,8 +354,9 @@ fn decode_account_call(
             calls
         }
         Safe4337Module::executeUserOpCall::SELECTOR => {
-            let c = Safe4337Module::executeUserOpCall::abi_decode_validate(data)
-                .map_err(malformed("Safe executeUserOp"))?;
+            let c =
+                Safe4337Module::executeUserOpCall::abi_decode_with_config(data, budget.config())
+                    .map_err(malformed("Safe executeUserOp"))?;
             vec![safe_call(
                 c.to,
                 c.value,
@@ -288,8 +366,11 @@ fn decode_account_call(
             )?]
         }
         Safe4337Module::executeUserOpWithErrorStringCall::SELECTOR => {
-            let c = Safe4337Module::executeUserOpWithErrorStringCall::abi_decode_validate(data)
-                .map_err(malformed("Safe executeUserOpWithErrorString"))?;
+            let c = Safe4337Module::executeUserOpWithErrorStringCall::abi_decode_with_config(
+                data,
+                budget.config(),
+            )
+            .map_err(malformed("Safe executeUserOpWithErrorString"))?;
             vec![safe_call(
                 c.to,
                 c.value,
@@ -305,8 +386,9 @@ fn decode_account_call(
             )));
         }
     };
+    budget.take(&calls)?;
     for call in calls {
-        expand(call, sender, depth, out)?;
+        expand(call, sender, depth, budget, out)?;
     }
     Ok(())
 }
@@ -317,6 +399,7 @@ fn expand(
     call: Call,
     sender: Address,
     depth: usize,
+    budget: &mut Budget,
     out: &mut Vec<Call>,
 ) -> Result<(), CalldataError> {
     if call.target == sender
@@ -324,7 +407,7 @@ fn expand(
         && call.value.is_zero()
         && call.data.len() >= 4
     {
-        return decode_account_call(&call.data, sender, depth + 1, out);
+        return decode_account_call(&call.data, sender, depth + 1, budget, out);
     }
     if call.kind == CallKind::DelegateCall
         && KNOWN_MULTISEND.contains(&call.target)
@@ -335,10 +418,13 @@ fn expand(
         if depth + 1 > MAX_DEPTH {
             return Err(CalldataError::TooDeep);
         }
-        let m = MultiSend::multiSendCall::abi_decode_validate(&call.data)
+        let m = MultiSend::multiSendCall::abi_decode_with_config(&call.data, budget.config())
             .map_err(malformed("multiSend"))?;
-        for inner in decode_multisend(&m.transactions)? {
-            expand(inner, sender, depth + 1, out)?;
+        budget.take_bytes(m.transactions.len())?;
+        let inner = decode_multisend(&m.transactions)?;
+        budget.take(&inner)?;
+        for inner in inner {
+            expand(inner, sender, depth + 1, budget, out)?;
         }
         return Ok(());
     }
@@ -349,7 +435,11 @@ fn expand(
 /// ERC-7579 mode: byte 0 call type (0x00 single, 0x01 batch, 0xfe static, 0xff delegatecall),
 /// byte 1 exec type (0x00 revert, 0x01 try); the rest selects account-specific modes, which
 /// we do not decode unless zero.
-fn decode_7579(mode: FixedBytes<32>, exec: &[u8]) -> Result<Vec<Call>, CalldataError> {
+fn decode_7579(
+    mode: FixedBytes<32>,
+    exec: &[u8],
+    budget: &Budget,
+) -> Result<Vec<Call>, CalldataError> {
     const SHAPE: &str = "ERC-7579 execute";
     if mode[1] > 0x01 {
         return Err(bad(SHAPE, "unknown exec type"));
@@ -375,7 +465,7 @@ fn decode_7579(mode: FixedBytes<32>, exec: &[u8]) -> Result<Vec<Call>, CalldataE
         0x00 => single(CallKind::Call),
         0xfe => single(CallKind::StaticCall),
         0x01 => {
-            let calls = <alloy::sol_types::sol_data::Array<BatchCall> as alloy::sol_types::SolType>::abi_decode_validate(exec)
+            let calls = <alloy::sol_types::sol_data::Array<BatchCall> as alloy::sol_types::SolType>::abi_decode_with_config(exec, budget.config())
                 .map_err(malformed(SHAPE))?;
             Ok(calls
                 .into_iter()
@@ -709,6 +799,95 @@ mod tests {
         }
         .abi_encode();
         assert_eq!(decode(&deeper, SENDER), Err(CalldataError::TooDeep));
+    }
+
+    /// `executeBatch((address,uint256,bytes)[])` of `n` entries whose offsets all point at one
+    /// call (`target`, no value, `data`): no encoder writes it, and Solidity's decoder (so the
+    /// account) reads it as that call `n` times.
+    fn aliased_batch(n: usize, target: Address, data: &[u8]) -> Vec<u8> {
+        let word = |v: usize| U256::from(v).to_be_bytes::<32>();
+        let mut out = SimpleAccountV08::executeBatchCall::SELECTOR.to_vec();
+        out.extend(word(0x20));
+        out.extend(word(n));
+        for _ in 0..n {
+            out.extend(word(32 * n));
+        }
+        out.extend([0; 12]);
+        out.extend(target.as_slice());
+        out.extend(word(0));
+        out.extend(word(0x60));
+        out.extend(word(data.len()));
+        out.extend(data);
+        out.resize(out.len() + data.len().next_multiple_of(32) - data.len(), 0);
+        out
+    }
+
+    /// Found in review: entries of a batch may point at the same data, and each level of self-
+    /// calls multiplied the calls of the one below, so 2.4 kB named 8^5 = 32,768 calls (7.5 kB,
+    /// 40^5: a hundred million, gigabytes, before any policy ran).
+    #[test]
+    fn repeated_offsets_cannot_multiply_calls_or_bytes() {
+        let leaf = Address::repeat_byte(0x12);
+        // Decoded as the account reads it.
+        assert_eq!(
+            decode(&aliased_batch(4, leaf, &[0xde, 0xad]), SENDER).unwrap(),
+            vec![Call::new(leaf, U256::ZERO, vec![0xde, 0xad].into()); 4]
+        );
+        let mut nested = aliased_batch(8, leaf, &[]);
+        for _ in 0..MAX_DEPTH {
+            nested = aliased_batch(8, SENDER, &nested);
+        }
+        assert!(nested.len() < 2_400, "{} bytes", nested.len());
+        assert_eq!(
+            decode(&nested, SENDER).map(|c| c.len()),
+            Err(CalldataError::TooManyBytes)
+        );
+        // The calls' count alone: a level of 1024 entries naming an empty call (32 kB), then
+        // one more.
+        let wide = |n| aliased_batch(n, leaf, &[]);
+        assert_eq!(
+            decode(&wide(MAX_CALLS), SENDER).map(|c| c.len()),
+            Ok(MAX_CALLS)
+        );
+        assert_eq!(
+            decode(&wide(MAX_CALLS + 1), SENDER),
+            Err(CalldataError::TooManyCalls)
+        );
+        // One level copying 64 kB 64 times.
+        assert_eq!(
+            decode(&aliased_batch(64, leaf, &[0xab; 64 * 1024]), SENDER),
+            Err(CalldataError::TooManyBytes)
+        );
+        // What an encoder writes passes both bounds: 1024 calls of 100 bytes, nested to the
+        // deepest level followed, inside a MultiSend.
+        let call = Call::new(leaf, U256::ZERO, vec![7; 100].into());
+        let mut data = SimpleAccountV08::executeBatchCall {
+            calls: vec![
+                BatchCall {
+                    target: call.target,
+                    value: call.value,
+                    data: call.data.clone(),
+                };
+                MAX_CALLS - MAX_DEPTH
+            ],
+        }
+        .abi_encode();
+        data = Safe4337Module::executeUserOpCall {
+            to: KNOWN_MULTISEND[2],
+            value: U256::ZERO,
+            data: multisend(&[(0, Call::new(SENDER, U256::ZERO, data.into()))]),
+            operation: 1,
+        }
+        .abi_encode();
+        for _ in 0..MAX_DEPTH - 2 {
+            data = SimpleAccount::executeCall {
+                dest: SENDER,
+                value: U256::ZERO,
+                func: data.into(),
+            }
+            .abi_encode();
+        }
+        assert_eq!(decode(&data, SENDER), Ok(vec![call; MAX_CALLS - MAX_DEPTH]));
     }
 
     #[test]

@@ -111,7 +111,10 @@ pub(super) fn decode(sponsor: &Sponsor, req: SponsorRequest<'_>) -> Result<Decod
     let calls = calldata::decode(&op.call_data, op.sender).map_err(|e| {
         let reason = match e {
             CalldataError::UnknownAccountCall(_) => Reason::UnknownAccountCall,
-            CalldataError::Malformed { .. } | CalldataError::TooDeep => Reason::MalformedCalldata,
+            CalldataError::Malformed { .. }
+            | CalldataError::TooDeep
+            | CalldataError::TooManyCalls
+            | CalldataError::TooManyBytes => Reason::MalformedCalldata,
         };
         Rejection::new(reason, "callData", e.to_string())
     })?;

@@ -1641,3 +1641,77 @@ async fn fields_no_entry_point_or_account_runs_as_checked_are_refused() -> TestR
     }
     Ok(())
 }
+
+/// Found in review: a batch's entries may point at the same call (the ABI allows it, and the
+/// account's decoder follows it), and each level of self-calls multiplied the calls of the one
+/// below, so a few kilobytes named millions of calls (7.5 kB, a hundred million: gigabytes)
+/// before any policy ran, in every method that decodes. Here 3.6 kB of five levels of sixteen
+/// entries name 16^5 = 1,048,576 `increment()`s: refused as malformed by each method, and the
+/// replica serves the next request.
+#[tokio::test]
+async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(
+        &redis,
+        &[("ops-only.toml".into(), counter_policy("ops-only", 100))],
+    )
+    .await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = json!({ "sponsorshipPolicyId": "ops-only" });
+    let word = |v: usize| U256::from(v).to_be_bytes::<32>();
+    let (entries, mut call_data, mut target) =
+        (16, keccak256("increment()")[..4].to_vec(), COUNTER);
+    for _ in 0..5 {
+        // executeBatch((address,uint256,bytes)[]): every entry's offset names the one call,
+        // (target, 0, call_data), after them.
+        let mut level = keccak256("executeBatch((address,uint256,bytes)[])")[..4].to_vec();
+        level.extend(word(0x20));
+        level.extend(word(entries));
+        for _ in 0..entries {
+            level.extend(word(32 * entries));
+        }
+        level.extend([0; 12]);
+        level.extend(target.as_slice());
+        for w in [0, 0x60, call_data.len()] {
+            level.extend(word(w));
+        }
+        level.extend(&call_data);
+        level.resize(level.len().next_multiple_of(32), 0);
+        (call_data, target) = (level, SENDER);
+    }
+    assert!(call_data.len() < 3_700, "{} bytes", call_data.len());
+    let bomb = op_calling(call_data, 14);
+
+    let v = sponsor(&app, &bomb, ep07, ctx.clone()).await?;
+    assert_eq!(reason(&v), "malformed_calldata", "{v}");
+    let detail = v["error"]["data"]["detail"].as_str().unwrap_or("");
+    assert!(detail.contains("offsets point at the same data"), "{v}");
+    let stub = app
+        .error(
+            "pm_getPaymasterStubData",
+            json!([bomb, ep07, "0x7a69", ctx]),
+        )
+        .await?;
+    assert_eq!(
+        stub["data"]["reason"],
+        json!("malformed_calldata"),
+        "{stub}"
+    );
+    let explained = app
+        .result("pm_explainSponsorship", json!([bomb, ep07, ctx]))
+        .await?;
+    assert_eq!(
+        explained["rejection"]["reason"],
+        json!("malformed_calldata"),
+        "{explained}"
+    );
+    let v = sponsor(
+        &app,
+        &counter_op(SENDER, 15, "increment()").to_json(),
+        ep07,
+        ctx,
+    )
+    .await?;
+    assert!(v["result"]["paymasterData"].is_string(), "{v}");
+    Ok(())
+}
