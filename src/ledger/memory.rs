@@ -292,11 +292,10 @@ impl MemoryLedger {
                     requested,
                 })
             };
-            // As in Redis: counters stay exact integers in Lua numbers.
-            let limit = s
-                .cost_limit
-                .map_or(MAX_EXACT_GWEI, |l| l.min(MAX_EXACT_GWEI));
-            if cost.saturating_add(r.cost_gwei) > limit {
+            // As in Redis: counters stay exact integers in Lua numbers (see MAX_EXACT_GWEI).
+            if let Some(limit) = s.cost_limit.map(|l| l.min(MAX_EXACT_GWEI))
+                && cost.saturating_add(r.cost_gwei) > limit
+            {
                 return exhausted(Resource::Cost, limit, cost, r.cost_gwei);
             }
             if let Some(limit) = s.ops_limit.filter(|&l| ops.saturating_add(1) > l) {
@@ -363,7 +362,8 @@ impl MemoryLedger {
                 .counters
                 .entry((r.policy.clone(), s.name.clone()))
                 .or_default();
-            c.cost = c.cost.saturating_add(r.cost_gwei);
+            // (Without a cost limit it stays at the most a counter holds, as in Redis.)
+            c.cost = c.cost.saturating_add(r.cost_gwei).min(MAX_EXACT_GWEI);
             c.open = c.open.saturating_add(r.cost_gwei);
             c.ops = c.ops.saturating_add(1);
             inner.extend_counter(&r.policy, s);

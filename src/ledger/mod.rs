@@ -119,7 +119,9 @@ pub const MAX_RECORDS_PER_NONCE: usize = 64;
 pub const MAX_HASHES: usize = 8;
 
 /// Budget counters stay below this many gwei (2^53 − 1), the largest integer Lua numbers hold
-/// exactly: a reservation that would pass it is refused as an exhausted budget.
+/// exactly: a reservation that would pass it is refused as an exhausted budget in a scope with
+/// a cost limit. A scope without one (the deposit's, which lives as long as operations keep
+/// coming) counts its cost up to it and stays there, never refused for it.
 pub const MAX_EXACT_GWEI: u64 = (1 << 53) - 1;
 
 /// A reservation request.

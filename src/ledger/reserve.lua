@@ -74,8 +74,9 @@
 -- nonce already has that many open reservations (under the session, or at all); {6, records}
 -- when it already has MAX_RECORDS live records (lib.lua), none of them released, and this
 -- would add one. Only {0} outside check-only mode changes anything.
--- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget),
--- exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
+-- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget in a
+-- scope with a cost limit; a scope without one counts cost up to it and stays there), exact in
+-- Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
 
 -- An empty list, shared by the operations of a call: a nonce's with no records, the token
@@ -302,11 +303,13 @@ local function reserve(keys, args, scopes, shared)
     local total_cost, total_ops = plus(own_cost, old_cost), plus(own_ops, old_ops)
     s[S_NOTED] = known['until'] or 0 -- `until`: 0 for a counter an earlier version wrote
     local cost_limit, ops_limit = s[S_COST_LIMIT], s[S_OPS_LIMIT]
-    -- Counters stay exact integers in Lua (below 2^53), whatever the limits; a limit of 2^64 - 1
-    -- (none) is never reached.
-    local cost_cap = math.min(cost_limit, MAX_EXACT)
-    if total_cost + cost > cost_cap then
-      return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap),
+    -- Counters stay exact integers in Lua (below 2^53): the service sends a cost limit of at most
+    -- MAX_EXACT, and 2^64 - 1 for none. A scope without one counts its cost up to MAX_EXACT and
+    -- stays there (below), never refused for it: the deposit's counter (`pm:`) lives as long as
+    -- operations keep coming, and would otherwise refuse every one once its lifetime's costs
+    -- passed 2^53 gwei. (A limit of 2^64 - 1 for ops is never reached.)
+    if cost_limit <= MAX_EXACT and total_cost + cost > cost_limit then
+      return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_limit),
         string.format('%d', total_cost)}
     end
     if total_ops + 1 > ops_limit then
@@ -336,8 +339,10 @@ local function reserve(keys, args, scopes, shared)
   -- long enough, gets none (see extension).
   for i = 5, #keys do
     local s = scopes[i - 4]
-    local packed = struct.pack(COUNTER_FORMAT, s[S_OWN_COST] + cost, s[S_OWN_OPS] + 1,
-      s[S_OWN_OPEN] + cost)
+    -- (At most MAX_EXACT: a scope without a cost limit stays there, see above; for one with a
+    -- limit this changes nothing.)
+    local packed = struct.pack(COUNTER_FORMAT, math.min(s[S_OWN_COST] + cost, MAX_EXACT),
+      s[S_OWN_OPS] + 1, s[S_OWN_OPEN] + cost)
     local noted
     noted, shared.now = extension(shared.now, s[S_NEW], s[S_NOTED], s[S_TTL])
     -- What the next operation of this call reads, set as soon as Redis holds it.

@@ -1045,19 +1045,43 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
         "the other can never land"
     );
 
-    // Counters stay exact: past 2^53 gwei a reservation is refused as an exhausted budget.
-    let huge = |op: u8| Reservation {
+    // Counters stay exact: past 2^53 gwei a reservation is refused as an exhausted budget where
+    // the scope has a cost limit (one above 2^53 included).
+    let huge = |op: u8, scope: Scope| Reservation {
         policy: "x".into(),
-        ..reservation(op, 5_000_000_000_000_000, vec![scope("x", None, Some(10))])
+        ..reservation(op, 5_000_000_000_000_000, vec![scope])
     };
+    let capped = || scope("x", Some(1 << 60), Some(10));
     assert_eq!(
-        ledger.reserve(&huge(80), false, NOW).await?,
+        ledger.reserve(&huge(80, capped()), false, NOW).await?,
         Outcome::Reserved
     );
-    let Outcome::Exhausted(e) = ledger.reserve(&huge(81), false, NOW).await? else {
+    let Outcome::Exhausted(e) = ledger.reserve(&huge(81, capped()), false, NOW).await? else {
         return Err("past 2^53".into());
     };
     assert_eq!((e.resource, e.limit), (Resource::Cost, (1 << 53) - 1));
+    // Found in review: a scope without a cost limit was refused there too, and the deposit's
+    // (`pm:`), which lives as long as operations keep coming, would then refuse every operation
+    // once its lifetime's costs passed 2^53 gwei (nine million of the chain's coin: a month of
+    // a busy sponsor where the coin is cheap). It counts up to 2^53 and stays there; what
+    // comes back comes off that.
+    let open = || scope("y", None, Some(10));
+    for op in [82, 83] {
+        assert_eq!(
+            ledger.reserve(&huge(op, open()), false, NOW).await?,
+            Outcome::Reserved,
+            "{op}"
+        );
+    }
+    assert_eq!(ledger.usage("x", "y").await?, ((1 << 53) - 1, 2));
+    assert_eq!(
+        ledger.settle(&["x".to_owned()], &landing(83, 7)).await?,
+        settled(1, 0, true)
+    );
+    assert_eq!(
+        ledger.usage("x", "y").await?,
+        ((1 << 53) - 1 - 5_000_000_000_000_000 + 7, 2)
+    );
     Ok(())
 }
 
