@@ -9,6 +9,8 @@
 
 -- The largest integer Lua numbers (doubles) hold exactly: budget counters stay below it.
 local MAX_EXACT = 9007199254740991
+-- A limit of none, as the service sends it (2^64 - 1, which a Lua number holds as 2^64).
+local NO_LIMIT = 18446744073709551615
 
 -- How many userOpHashes one reservation keeps (ledger::MAX_HASHES): an answer that would pass it
 -- is a new reservation, the old one kept aside (reserve.lua).

@@ -277,7 +277,9 @@ impl MemoryLedger {
             return Outcome::NoncePending;
         }
         for s in &r.scopes {
-            let Counter { cost, ops, .. } = inner
+            let Counter {
+                cost, ops, open, ..
+            } = inner
                 .counters
                 .get(&(r.policy.clone(), s.name.clone()))
                 .copied()
@@ -293,10 +295,14 @@ impl MemoryLedger {
                 })
             };
             // As in Redis: counters stay exact integers in Lua numbers (see MAX_EXACT_GWEI).
-            if let Some(limit) = s.cost_limit.map(|l| l.min(MAX_EXACT_GWEI))
-                && cost.saturating_add(r.cost_gwei) > limit
-            {
-                return exhausted(Resource::Cost, limit, cost, r.cost_gwei);
+            match s.cost_cap() {
+                Some(limit) if cost.saturating_add(r.cost_gwei) > limit => {
+                    return exhausted(Resource::Cost, limit, cost, r.cost_gwei);
+                }
+                None if open.saturating_add(r.cost_gwei) > MAX_EXACT_GWEI => {
+                    return exhausted(Resource::Cost, MAX_EXACT_GWEI, open, r.cost_gwei);
+                }
+                _ => {}
             }
             if let Some(limit) = s.ops_limit.filter(|&l| ops.saturating_add(1) > l) {
                 return exhausted(Resource::Ops, limit, ops, 1);

@@ -75,6 +75,14 @@ pub struct Scope {
     pub starts_at: Option<u64>,
 }
 
+impl Scope {
+    /// The cost a reservation may bring this scope's counter to: its limit, at most
+    /// [`MAX_EXACT_GWEI`]; none without a limit (then only what is open is held to it).
+    pub fn cost_cap(&self) -> Option<u64> {
+        self.cost_limit.map(|l| l.min(MAX_EXACT_GWEI))
+    }
+}
+
 /// The name of a session's budget scope (its counter's; a record by id lists it as one byte,
 /// see `lib.lua`).
 pub fn session_scope_name(id: B256) -> String {
@@ -119,9 +127,11 @@ pub const MAX_RECORDS_PER_NONCE: usize = 64;
 pub const MAX_HASHES: usize = 8;
 
 /// Budget counters stay below this many gwei (2^53 − 1), the largest integer Lua numbers hold
-/// exactly: a reservation that would pass it is refused as an exhausted budget in a scope with
-/// a cost limit. A scope without one (the deposit's, which lives as long as operations keep
-/// coming) counts its cost up to it and stays there, never refused for it.
+/// exactly: a reservation that would take a scope's cost past it (or past its limit) is refused
+/// as an exhausted budget. A scope without a cost limit is refused only where its open
+/// reservations would pass it: its cost counts up to it and stays there. (Its counter may live
+/// as long as operations keep coming, as the deposit's does, and its lifetime's costs pass 2^53
+/// gwei, nine million of the chain's coin; refusing on those refused every operation after.)
 pub const MAX_EXACT_GWEI: u64 = (1 << 53) - 1;
 
 /// A reservation request.

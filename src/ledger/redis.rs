@@ -33,9 +33,7 @@ use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
 
 use super::batch::{Batches, MAX_BATCH};
-use super::{
-    Exhausted, Landing, MAX_EXACT_GWEI, Outcome, Reservation, Resource, Settled, SpendExceeded,
-};
+use super::{Exhausted, Landing, Outcome, Reservation, Resource, Settled, SpendExceeded};
 use crate::session::StoreError;
 use crate::session::redis::RedisConn;
 use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
@@ -860,8 +858,8 @@ impl RedisLedger {
             .iter()
             .map(|s| counter_slot(&r.policy, &s.name))
             .collect();
-        // An operation's args[3] (see reserve.lua), per scope: cost limit (at most MAX_EXACT_GWEI,
-        // a counter's most; u64::MAX: none), ops limit (u64::MAX: none), TTL, the counter's field and the scope's name in records (u8-length-prefixed),
+        // An operation's args[3] (see reserve.lua), per scope: cost limit (Scope::cost_cap;
+        // u64::MAX: none), ops limit (u64::MAX: none), TTL, the counter's field and the scope's name in records (u8-length-prefixed),
         // and 1 if the key an earlier version kept a sender's counter in is to be read too.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
         for (s, slot) in r.scopes.iter().zip(&slots) {
@@ -871,7 +869,7 @@ impl RedisLedger {
                 && self.legacy_before > 0
                 && s.starts_at.is_none_or(|start| start < self.legacy_before);
             for n in [
-                s.cost_limit.map_or(u64::MAX, |l| l.min(MAX_EXACT_GWEI)),
+                s.cost_cap().unwrap_or(u64::MAX),
                 s.ops_limit.unwrap_or(u64::MAX),
                 ttl(s.expires_at),
             ] {

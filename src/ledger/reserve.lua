@@ -74,9 +74,9 @@
 -- nonce already has that many open reservations (under the session, or at all); {6, records}
 -- when it already has MAX_RECORDS live records (lib.lua), none of them released, and this
 -- would add one. Only {0} outside check-only mode changes anything.
--- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget in a
--- scope with a cost limit; a scope without one counts cost up to it and stays there), exact in
--- Lua; counters are packed back as 64-bit integers, and replies written with %d, never
+-- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget; a
+-- scope without a cost limit holds its open reservations to it, and counts cost up to it and
+-- stays there), exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
 -- as floats.
 
 -- An empty list, shared by the operations of a call: a nonce's with no records, the token
@@ -303,14 +303,20 @@ local function reserve(keys, args, scopes, shared)
     local total_cost, total_ops = plus(own_cost, old_cost), plus(own_ops, old_ops)
     s[S_NOTED] = known['until'] or 0 -- `until`: 0 for a counter an earlier version wrote
     local cost_limit, ops_limit = s[S_COST_LIMIT], s[S_OPS_LIMIT]
-    -- Counters stay exact integers in Lua (below 2^53): the service sends a cost limit of at most
-    -- MAX_EXACT, and 2^64 - 1 for none. A scope without one counts its cost up to MAX_EXACT and
-    -- stays there (below), never refused for it: the deposit's counter (`pm:`) lives as long as
-    -- operations keep coming, and would otherwise refuse every one once its lifetime's costs
-    -- passed 2^53 gwei. (A limit of 2^64 - 1 for ops is never reached.)
-    if cost_limit <= MAX_EXACT and total_cost + cost > cost_limit then
-      return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_limit),
-        string.format('%d', total_cost)}
+    -- Counters stay exact integers in Lua (below 2^53, MAX_EXACT_GWEI in ledger/mod.rs): a cost
+    -- limit counts as at most MAX_EXACT (the service sends it so), and 2^64 - 1 is none (it
+    -- unpacks as 2^64). A scope without one is refused only where its open reservations would
+    -- pass MAX_EXACT, and its cost counts up to MAX_EXACT and stays there (below). (A limit of
+    -- 2^64 - 1 for ops is never reached.)
+    if cost_limit < NO_LIMIT then
+      local cost_cap = math.min(cost_limit, MAX_EXACT)
+      if total_cost + cost > cost_cap then
+        return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap),
+          string.format('%d', total_cost)}
+      end
+    elseif own_open + cost > MAX_EXACT then
+      return {2, string.format('%d', i - 5), 'cost', string.format('%d', MAX_EXACT),
+        string.format('%d', own_open)}
     end
     if total_ops + 1 > ops_limit then
       return {2, string.format('%d', i - 5), 'ops', string.format('%d', ops_limit),

@@ -1062,18 +1062,33 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     assert_eq!((e.resource, e.limit), (Resource::Cost, (1 << 53) - 1));
     // Found in review: a scope without a cost limit was refused there too, and the deposit's
     // (`pm:`), which lives as long as operations keep coming, would then refuse every operation
-    // once its lifetime's costs passed 2^53 gwei (nine million of the chain's coin: a month of
-    // a busy sponsor where the coin is cheap). It counts up to 2^53 and stays there; what
-    // comes back comes off that.
+    // once its lifetime's costs passed 2^53 gwei (nine million of the chain's coin). It is
+    // refused only where what is open would pass 2^53; its cost counts up to 2^53 and stays
+    // there, and what comes back comes off that.
     let open = || scope("y", None, Some(10));
-    for op in [82, 83] {
-        assert_eq!(
-            ledger.reserve(&huge(op, open()), false, NOW).await?,
-            Outcome::Reserved,
-            "{op}"
-        );
-    }
+    let huge_y = |op| huge(op, open());
+    assert_eq!(
+        ledger.reserve(&huge_y(82), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger
+            .settle(&["x".to_owned()], &landing(82, 5_000_000_000_000_000))
+            .await?,
+        settled(1, 0, true)
+    );
+    assert_eq!(
+        ledger.reserve(&huge_y(83), false, NOW).await?,
+        Outcome::Reserved
+    );
     assert_eq!(ledger.usage("x", "y").await?, ((1 << 53) - 1, 2));
+    let Outcome::Exhausted(e) = ledger.reserve(&huge_y(84), false, NOW).await? else {
+        return Err("open past 2^53".into());
+    };
+    assert_eq!(
+        (e.resource, e.limit, e.used),
+        (Resource::Cost, (1 << 53) - 1, 5_000_000_000_000_000)
+    );
     assert_eq!(
         ledger.settle(&["x".to_owned()], &landing(83, 7)).await?,
         settled(1, 0, true)
@@ -1081,6 +1096,10 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     assert_eq!(
         ledger.usage("x", "y").await?,
         ((1 << 53) - 1 - 5_000_000_000_000_000 + 7, 2)
+    );
+    assert_eq!(
+        ledger.reserve(&huge_y(84), false, NOW).await?,
+        Outcome::Reserved
     );
     Ok(())
 }
