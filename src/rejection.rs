@@ -32,7 +32,8 @@ macro_rules! reasons {
 reasons! {
     /// `callData` is no account call this paymaster decodes.
     UnknownAccountCall => "unknown_account_call",
-    /// A known account call whose arguments do not decode.
+    /// A known account call whose arguments do not decode, calls nested too deep, or a
+    /// `callData` past the decoder's bounds (too many calls, too many bytes copied).
     MalformedCalldata => "malformed_calldata",
     /// The operation makes no call (an empty batch): nothing a policy could have meant to pay.
     NoCalls => "no_calls",

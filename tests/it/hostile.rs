@@ -1645,9 +1645,9 @@ async fn fields_no_entry_point_or_account_runs_as_checked_are_refused() -> TestR
 /// Found in review: a batch's entries may point at the same call (the ABI allows it, and the
 /// account's decoder follows it), and each level of self-calls multiplied the calls of the one
 /// below, so a few kilobytes named millions of calls (7.5 kB, a hundred million: gigabytes)
-/// before any policy ran, in every method that decodes. Here 3.6 kB of five levels of sixteen
-/// entries name 16^5 = 1,048,576 `increment()`s: refused as malformed by each method, and the
-/// replica serves the next request.
+/// before any policy ran, in every method that decodes. Here 3,684 bytes of five levels of
+/// sixteen entries name 16^5 = 1,048,576 `increment()`s: refused as malformed by each method,
+/// and the replica serves the next request.
 #[tokio::test]
 async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -1661,10 +1661,12 @@ async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult
     let word = |v: usize| U256::from(v).to_be_bytes::<32>();
     let (entries, mut call_data, mut target) =
         (16, keccak256("increment()")[..4].to_vec(), COUNTER);
+    let selector =
+        session_paymaster::policy::calldata::SimpleAccountV08::executeBatchCall::SELECTOR;
     for _ in 0..5 {
         // executeBatch((address,uint256,bytes)[]): every entry's offset names the one call,
         // (target, 0, call_data), after them.
-        let mut level = keccak256("executeBatch((address,uint256,bytes)[])")[..4].to_vec();
+        let mut level = selector.to_vec();
         level.extend(word(0x20));
         level.extend(word(entries));
         for _ in 0..entries {
@@ -1676,16 +1678,24 @@ async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult
             level.extend(word(w));
         }
         level.extend(&call_data);
-        level.resize(level.len().next_multiple_of(32), 0);
+        level.resize(
+            level.len() + call_data.len().next_multiple_of(32) - call_data.len(),
+            0,
+        );
         (call_data, target) = (level, SENDER);
     }
-    assert!(call_data.len() < 3_700, "{} bytes", call_data.len());
+    assert_eq!(call_data.len(), 3_684);
     let bomb = op_calling(call_data, 14);
 
     let v = sponsor(&app, &bomb, ep07, ctx.clone()).await?;
     assert_eq!(reason(&v), "malformed_calldata", "{v}");
-    let detail = v["error"]["data"]["detail"].as_str().unwrap_or("");
-    assert!(detail.contains("offsets point at the same data"), "{v}");
+    let detail = &v["error"]["data"]["detail"];
+    assert!(
+        detail
+            .as_str()
+            .is_some_and(|d| d.contains("offsets point at the same data")),
+        "{v}"
+    );
     let stub = app
         .error(
             "pm_getPaymasterStubData",
@@ -1697,6 +1707,7 @@ async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult
         json!("malformed_calldata"),
         "{stub}"
     );
+    assert_eq!(&stub["data"]["detail"], detail, "{stub}");
     let explained = app
         .result("pm_explainSponsorship", json!([bomb, ep07, ctx]))
         .await?;
@@ -1705,6 +1716,7 @@ async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult
         json!("malformed_calldata"),
         "{explained}"
     );
+    assert_eq!(&explained["rejection"]["detail"], detail, "{explained}");
     let v = sponsor(
         &app,
         &counter_op(SENDER, 15, "increment()").to_json(),
