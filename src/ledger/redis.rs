@@ -859,8 +859,9 @@ impl RedisLedger {
             .map(|s| counter_slot(&r.policy, &s.name))
             .collect();
         // An operation's args[3] (see reserve.lua), per scope: cost limit (Scope::cost_cap;
-        // u64::MAX: none), ops limit (u64::MAX: none), TTL, the counter's field and the scope's name in records (u8-length-prefixed),
-        // and 1 if the key an earlier version kept a sender's counter in is to be read too.
+        // u64::MAX: none), ops limit (u64::MAX: none), TTL, the counter's field and the scope's
+        // name in records (u8-length-prefixed), and 1 if the key an earlier version kept a
+        // sender's counter in is to be read too.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
         for (s, slot) in r.scopes.iter().zip(&slots) {
             // A window begun since the first replica of 0.3 ran has no sender counted the old

@@ -76,8 +76,8 @@
 -- would add one. Only {0} outside check-only mode changes anything.
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget; a
 -- scope without a cost limit holds its open reservations to it, and counts cost up to it and
--- stays there), exact in Lua; counters are packed back as 64-bit integers, and replies written with %d, never
--- as floats.
+-- stays there), exact in Lua; counters are packed back as 64-bit integers, and replies written
+-- with %d, never as floats.
 
 -- An empty list, shared by the operations of a call: a nonce's with no records, the token
 -- totals of an operation with none. Writing to it is an error (a library function cannot make
