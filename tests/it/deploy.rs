@@ -69,13 +69,14 @@ async fn forge_deploy_script_lands_at_the_predicted_address() -> TestResult {
 /// Longest one `forge script` of Deploy.s.sol may take (it takes about a second).
 const FORGE_LIMIT: std::time::Duration = std::time::Duration::from_secs(120);
 
-/// On a new anvil, the EntryPoint of `version` at its address, then `forge script` of
-/// Deploy.s.sol, and its paymaster checked at the address `deploy` predicts. `Some(printed)`:
-/// forge did not end within [`FORGE_LIMIT`] (killed; what it printed).
-async fn deploy_and_check(version: EntryPointVersion) -> TestResult<Option<String>> {
-    let anvil = TestAnvil::start().await?;
-    let from = anvil.account().await?;
-    let artifacts = Artifacts::new(contracts_dir());
+/// The EntryPoint of `version`, created on `anvil` by `from` through the deterministic
+/// deployer, checked at its canonical address.
+async fn canonical_entry_point(
+    anvil: &TestAnvil,
+    from: Address,
+    artifacts: &Artifacts,
+    version: EntryPointVersion,
+) -> TestResult<Address> {
     let ep = create2(
         &anvil.provider,
         from,
@@ -89,6 +90,17 @@ async fn deploy_and_check(version: EntryPointVersion) -> TestResult<Option<Strin
         version.spec().package_entry_point,
         "EntryPoint v{version}"
     );
+    Ok(ep)
+}
+
+/// On a new anvil, the EntryPoint of `version` at its address, then `forge script` of
+/// Deploy.s.sol, and its paymaster checked at the address `deploy` predicts. `Some(printed)`:
+/// forge did not end within [`FORGE_LIMIT`] (killed; what it printed).
+async fn deploy_and_check(version: EntryPointVersion) -> TestResult<Option<String>> {
+    let anvil = TestAnvil::start().await?;
+    let from = anvil.account().await?;
+    let artifacts = Artifacts::new(contracts_dir());
+    let ep = canonical_entry_point(&anvil, from, &artifacts, version).await?;
 
     let (owner, signer) = (Address::repeat_byte(0x0d), Address::repeat_byte(0x5e));
     let predicted = artifacts.session_paymaster_address(version, ep, owner, &[signer])?;
@@ -287,14 +299,7 @@ async fn deploy_is_predicted_idempotent_and_tops_up() -> TestResult {
     let unlocked = anvil.account().await?;
     let artifacts = Artifacts::new(contracts_dir());
     let version = EntryPointVersion::V0_7;
-    let ep = create2(
-        &anvil.provider,
-        unlocked,
-        entry_point_salt(version),
-        &artifacts.entry_point(version)?,
-        "EntryPoint",
-    )
-    .await?;
+    let ep = canonical_entry_point(&anvil, unlocked, &artifacts, version).await?;
     // A fresh operator key, funded by the node's account.
     let operator = PrivateKeySigner::random();
     let ether = U256::from(10u64).pow(U256::from(18u64));
