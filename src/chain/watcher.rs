@@ -22,7 +22,7 @@ use std::sync::{Arc, Mutex};
 
 use crate::session::redis::RedisConn;
 use alloy::eips::BlockNumberOrTag;
-use alloy::primitives::{Address, B256, U256};
+use alloy::primitives::{Address, B256, BloomInput, U256};
 use alloy::providers::{DynProvider, Provider};
 use alloy::rpc::types::Filter;
 use alloy::sol_types::SolEvent;
@@ -43,6 +43,11 @@ pub const DEFAULT_LOG_RANGE: u64 = 1000;
 /// How far back the watcher reads again when the cursor block was reorganised away (at least:
 /// back to the block after the final one when that is further back).
 pub const REORG_REWIND: u64 = 128;
+
+/// How far below the head a range's blocks are checked against what its logs answer held
+/// (`Watcher::check_coverage`): a load-balanced RPC's backend that lags lacks the blocks near
+/// the head, and may answer `eth_getLogs` over them with none rather than an error.
+pub const LAG_CHECK_DEPTH: u64 = 256;
 
 /// What can go wrong polling.
 #[derive(Debug, thiserror::Error)]
@@ -437,7 +442,7 @@ impl Watcher {
             // that changed between (a reorganisation deeper than the confirmations, or the
             // backends of a load-balanced RPC on different forks) would have the cursor name
             // one fork over logs read from another, and the reorganisation never seen.
-            let before = self.block_hash(to).await?;
+            let before_block = self.block_header(to).await?;
             // (Each EntryPoint with each paymaster: a pair of another EntryPoint's paymaster
             // matches no landing key of ours.)
             let filter = Filter::new()
@@ -464,6 +469,9 @@ impl Watcher {
                 }
                 Err(e) => return Err(rpc(e)),
             };
+            // The range's last block with an event in the answer: a node answered it, so it
+            // held every block up to there.
+            let last_event = logs.iter().filter_map(|l| l.block_number).max();
             for log in logs {
                 let entry_point = log.address();
                 let Ok(event) = log.log_decode::<UserOperationEvent>() else {
@@ -504,6 +512,7 @@ impl Watcher {
             // (the watcher backs off and reports its lag) and the range is read again at the
             // next one (what was settled of it stays, closed once).
             let after = self.block_hash(to).await?;
+            let before = before_block.hash;
             if after != before {
                 return Err(WatchError::Rpc(format!(
                     "block {to} changed while the logs up to it were read ({before} then {after}): the range is read again"
@@ -517,6 +526,10 @@ impl Watcher {
                     mark.number
                 )));
             }
+            let after_last_event = last_event.map_or(from, |n| n.saturating_add(1));
+            let checked = after_last_event.max(head.saturating_sub(LAG_CHECK_DEPTH));
+            self.check_coverage(checked, to, &before_block, &entry_points, &paymasters)
+                .await?;
             self.cursor
                 .set(Mark {
                     number: to,
@@ -532,12 +545,67 @@ impl Watcher {
     /// The hash of block `number`. A node without it (a load-balanced RPC's backend that lags)
     /// fails the poll: a cursor stored without a hash would never see that block reorganised.
     async fn block_hash(&self, number: u64) -> Result<B256, WatchError> {
+        Ok(self.block_header(number).await?.hash)
+    }
+
+    /// Block `number`'s hash and logs bloom; a node without it fails the poll (as above).
+    async fn block_header(&self, number: u64) -> Result<BlockSummary, WatchError> {
         self.provider
             .get_block_by_number(number.into())
             .await
             .map_err(rpc)?
-            .map(|b| b.header.hash)
+            .map(|b| BlockSummary {
+                hash: b.header.hash,
+                bloom: b.header.logs_bloom,
+            })
             .ok_or_else(|| WatchError::Rpc(format!("the node has no block {number} yet")))
+    }
+
+    /// That the logs answer of a range held every event of ours in blocks `from..=to` (those
+    /// after its last event, near the head; `last` is block `to`'s): a load-balanced RPC's
+    /// backend that lags behind the one that answered the head and the block reads may answer
+    /// `eth_getLogs` over blocks it does not have yet with no logs rather than an error, and
+    /// the cursor would move past events never read (their reservations released later, the
+    /// costs forgotten). Each block whose bloom may hold such an event (the EntryPoint's
+    /// address, the event's topic and a paymaster's) has its logs read again by its hash
+    /// (EIP-234), which a node without the block refuses: a refusal, or any event found so,
+    /// fails the poll, and the range is read again. An answer of none is a bloom's false
+    /// positive.
+    async fn check_coverage(
+        &self,
+        from: u64,
+        to: u64,
+        last: &BlockSummary,
+        entry_points: &[Address],
+        paymasters: &[B256],
+    ) -> Result<(), WatchError> {
+        for number in from..=to {
+            let block = if number == to {
+                *last
+            } else {
+                self.block_header(number).await?
+            };
+            if !may_hold_events(&block.bloom, entry_points, paymasters) {
+                continue;
+            }
+            let filter = Filter::new()
+                .address(entry_points.to_vec())
+                .event_signature(UserOperationEvent::SIGNATURE_HASH)
+                .topic3(paymasters.to_vec())
+                .at_block_hash(block.hash);
+            let found = self.provider.get_logs(&filter).await.map_err(|e| {
+                WatchError::Rpc(format!(
+                    "the logs of block {number} could not be read by its hash ({e}): a backend that lags; the range is read again"
+                ))
+            })?;
+            if !found.is_empty() {
+                return Err(WatchError::Rpc(format!(
+                    "block {number} holds {} events of ours that the range's logs did not: a backend that lags; the range is read again",
+                    found.len()
+                )));
+            }
+        }
+        Ok(())
     }
 
     /// Whether the block the cursor names now has another hash.
@@ -696,4 +764,62 @@ async fn watched_policies(sponsor: &Sponsor) -> Result<Vec<String>, WatchError> 
         .watched_policies(&sponsor.policies().ids())
         .await
         .map_err(store)
+}
+
+/// What the watcher reads of a block: its hash, and its logs bloom.
+#[derive(Clone, Copy)]
+struct BlockSummary {
+    hash: B256,
+    bloom: alloy::primitives::Bloom,
+}
+
+/// Whether a block's logs bloom may hold a `UserOperationEvent` of one of `entry_points` for
+/// one of `paymasters` (its third topic). False: it holds none.
+fn may_hold_events(
+    bloom: &alloy::primitives::Bloom,
+    entry_points: &[Address],
+    paymasters: &[B256],
+) -> bool {
+    let has = |bytes: &[u8]| bloom.contains_input(BloomInput::Raw(bytes));
+    has(UserOperationEvent::SIGNATURE_HASH.as_slice())
+        && entry_points.iter().any(|a| has(a.as_slice()))
+        && paymasters.iter().any(|p| has(p.as_slice()))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A bloom holds an event of ours only with the EntryPoint, the event's topic and one of
+    /// our paymasters all in it.
+    #[test]
+    fn a_bloom_may_hold_our_events_only_with_all_three() {
+        let (entry_point, paymaster) = (Address::repeat_byte(0xe7), Address::repeat_byte(0x9a));
+        let topic = paymaster.into_word();
+        let topics = [
+            UserOperationEvent::SIGNATURE_HASH,
+            B256::repeat_byte(1),
+            B256::repeat_byte(2),
+            topic,
+        ];
+        let mut bloom = alloy::primitives::Bloom::default();
+        bloom.accrue_raw_log(entry_point, &topics);
+        assert!(may_hold_events(&bloom, &[entry_point], &[topic]));
+        let other = Address::repeat_byte(0x33);
+        assert!(
+            !may_hold_events(&bloom, &[other], &[topic]),
+            "another EntryPoint"
+        );
+        assert!(
+            !may_hold_events(&bloom, &[entry_point], &[other.into_word()]),
+            "another paymaster"
+        );
+        let mut no_event = alloy::primitives::Bloom::default();
+        no_event.accrue_raw_log(entry_point, &[B256::repeat_byte(3), topic]);
+        assert!(
+            !may_hold_events(&no_event, &[entry_point], &[topic]),
+            "another event"
+        );
+        assert!(!may_hold_events(&bloom, &[], &[topic]), "no pair watched");
+    }
 }

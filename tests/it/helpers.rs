@@ -715,6 +715,9 @@ pub struct RpcProxy {
     /// The `eth_getBlockByNumber` of a block number that comes this many from now (1: the
     /// next) answers another hash (a backend on another fork); 0: none.
     pub other_hash_in: Arc<std::sync::atomic::AtomicU64>,
+    /// `eth_getLogs` answers as a backend that lags behind the blocks asked for: none over a
+    /// range, an error for a block hash it does not know.
+    pub logs_lag: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RpcProxy {
@@ -727,8 +730,10 @@ impl RpcProxy {
         let max_log_blocks = Arc::new(AtomicU64::new(u64::MAX));
         let missing_blocks = Arc::new(AtomicBool::new(false));
         let other_hash_in = Arc::new(AtomicU64::new(0));
+        let logs_lag = Arc::new(AtomicBool::new(false));
         let (up2, max2) = (up.clone(), max_log_blocks.clone());
         let (missing2, other2) = (missing_blocks.clone(), other_hash_in.clone());
+        let lag2 = logs_lag.clone();
         let client = reqwest::Client::new();
         let app = axum::Router::new().route(
             "/",
@@ -736,6 +741,7 @@ impl RpcProxy {
                 let (client, upstream) = (client.clone(), upstream.clone());
                 let (up, max) = (up2.clone(), max2.load(Ordering::Relaxed));
                 let (missing, other) = (missing2.clone(), other2.clone());
+                let lag = lag2.load(Ordering::Relaxed);
                 async move {
                     let body = body.0;
                     if !up.load(Ordering::Relaxed) {
@@ -751,6 +757,17 @@ impl RpcProxy {
                         && other
                             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                             == Ok(1);
+                    if body["method"] == json!("eth_getLogs") && lag {
+                        let answer = if body["params"][0]["blockHash"].is_string() {
+                            json!({
+                                "jsonrpc": "2.0", "id": body["id"],
+                                "error": { "code": -32000, "message": "unknown block" }
+                            })
+                        } else {
+                            json!({ "jsonrpc": "2.0", "id": body["id"], "result": [] })
+                        };
+                        return (axum::http::StatusCode::OK, axum::Json(answer));
+                    }
                     if body["method"] == json!("eth_getLogs") {
                         let block = |f: &str| {
                             body["params"][0][f]
@@ -787,6 +804,7 @@ impl RpcProxy {
             max_log_blocks,
             missing_blocks,
             other_hash_in,
+            logs_lag,
         })
     }
 }

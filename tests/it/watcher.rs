@@ -740,6 +740,49 @@ async fn a_replica_whose_paymasters_are_not_noted_signs_nothing_that_outlasts_th
     Ok(())
 }
 
+/// A load-balanced RPC's backend that lags may answer `eth_getLogs` over blocks it does not
+/// have yet with no logs rather than an error, while another answers the head and the block
+/// reads: the cursor moved past the landed operation, whose reservation was then released and
+/// its cost forgotten (found by review). A block whose bloom may hold an event of ours now has
+/// its logs read again by its hash, which such a backend refuses: the poll fails, and the
+/// range is read again once the backend has caught up.
+#[tokio::test]
+async fn a_backend_that_lags_behind_the_logs_asked_for_fails_the_poll() -> TestResult {
+    use session_paymaster::chain::watcher::WatchError;
+    use std::sync::atomic::Ordering;
+
+    let redis = crate::helpers::TestRedis::start().await?;
+    let (stack, _dir, actual) = landed_op(Some(&redis)).await?;
+    mine(&stack, 3).await?;
+    let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
+    let provider = ProviderBuilder::new()
+        .connect_http(proxy.url.parse()?)
+        .erased();
+    let head = provider.get_block_number().await?;
+    let sponsor = &stack.app.state.sponsor;
+    let watcher = crate::helpers::dev_watcher(provider, sponsor.chain(31337)?);
+
+    let reserved = day_usage(sponsor).await?;
+    assert!(reserved.0 > actual, "open at its worst case: {reserved:?}");
+    proxy.logs_lag.store(true, Ordering::Relaxed);
+    match watcher.poll_once(sponsor).await {
+        Err(WatchError::Rpc(m)) if m.contains("a backend that lags") => {}
+        other => panic!("logs answered without the landed block pass the poll: {other:?}"),
+    }
+    assert_eq!(day_usage(sponsor).await?, reserved, "nothing settled yet");
+    proxy.logs_lag.store(false, Ordering::Relaxed);
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.to_block), (1, head), "{poll:?}");
+    assert_eq!(day_usage(sponsor).await?, (actual, 1));
+    // The blocks after it hold no event of ours: their blooms say so, and nothing is read
+    // again (a backend lagging now would go unnoticed there, and need not be noticed).
+    mine(&stack, 2).await?;
+    proxy.logs_lag.store(true, Ordering::Relaxed);
+    let poll = watcher.poll_once(sponsor).await?;
+    assert_eq!((poll.settled, poll.to_block), (0, head + 2), "{poll:?}");
+    Ok(())
+}
+
 /// A range's logs and its last block's hash were read in two calls: a block that changed
 /// between (a reorganisation deeper than the confirmations, or a load-balanced RPC's backends
 /// on two forks) left the cursor naming one fork over the logs of another, so the
