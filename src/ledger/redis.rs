@@ -928,10 +928,20 @@ impl RedisLedger {
                 t.limit.to_string().into_bytes(),
             ]);
         }
-        // Its own reply, from the call it went in with any others of its policy.
+        // Its own reply, from the call it went in with any others of its policy. Checks
+        // (stubs, explanations: free to ask, rated per key only) wait apart from signing runs,
+        // each with their own bound, so that a flood of them cannot fill the queue signing
+        // runs wait in. (A policy id has no space.)
+        let lane;
+        let queue = if check_only {
+            lane = format!("{} checks", r.policy);
+            lane.as_str()
+        } else {
+            r.policy.as_str()
+        };
         let reply = self
             .batches
-            .submit(&r.policy, ReserveOp::new(keys, args)?)
+            .submit(queue, ReserveOp::new(keys, args)?)
             .await?;
         let reply: Vec<redis::Value> = redis::from_redis_value(reply).map_err(unavailable)?;
         let text = |i: usize| -> Result<String, StoreError> {

@@ -1601,7 +1601,8 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         ),
         ..reservation(op, 10, vec![pm(4200)])
     };
-    // The first goes alone (no call in flight); the others wait for it, and go in one call.
+    // The first goes alone (no call in flight); the others wait for it, and go in one call,
+    // but for the stub: checks wait apart, and it goes alone in a call of its own.
     let calls = vec![
         (reservation(1, 10, vec![pm(4200)]), false),
         (reservation(2, 10, vec![pm(4200)]), false),
@@ -1636,7 +1637,36 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         (30, 3),
         "ops 1, 2 and 4: the repeat and the stub reserved nothing"
     );
-    assert_eq!(fcalls(&redis).await? - before, 2);
+    assert_eq!(fcalls(&redis).await? - before, 3);
+    Ok(())
+}
+
+/// Checks (stubs, explanations) are free to ask and rated per key only: a flood of them filled
+/// the queue a policy's reservations wait in, and its signing runs were refused
+/// (`store_unavailable`) while it lasted (found by review). They wait apart now, each kind
+/// with its own bound.
+#[tokio::test]
+async fn a_flood_of_checks_leaves_signing_runs_their_own_queue() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, _) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    // More checks than four calls in flight and the queue hold, then one signing run.
+    let mut calls: Vec<_> = (1..=130u8)
+        .map(|i| (reservation(i, 10, vec![pm(4200)]), true))
+        .collect();
+    calls.push((reservation(131, 10, vec![pm(4200)]), false));
+    let answers = reserve_at_once(&ledger, calls).await?;
+    let refused = answers[..130]
+        .iter()
+        .filter(|a| matches!(a, Err(e) if e.to_string().contains("waiting")))
+        .count();
+    assert!(refused > 0, "the checks overflowed their queue");
+    assert_eq!(
+        answers[130].as_ref().map_err(ToString::to_string),
+        Ok(&Outcome::Reserved),
+        "the signing run, after {refused} checks refused"
+    );
+    assert_eq!(ledger.usage("p", "pm").await?, (10, 1));
     Ok(())
 }
 
