@@ -101,13 +101,34 @@ pub(crate) async fn call(
                 .into());
             }
             let policies = state.sponsor.policies();
+            let ids = ids
+                .iter()
+                .map(|id| {
+                    id.as_str().ok_or_else(|| {
+                        FieldError::invalid("sponsorshipPolicyIds", "expected strings")
+                    })
+                })
+                .collect::<Result<Vec<_>, _>>()?;
+            // Each id is a full check (the operation decoded and hashed again): only the ids
+            // that could answer are run, each once. An unknown id, or one the key may not use,
+            // would be refused anyway, and says nothing either way (another tenant's id looks
+            // like none).
+            let may_use = |id: &str| {
+                policies.get(id).is_some()
+                    && key
+                        .and_then(|k| k.policies.as_deref())
+                        .is_none_or(|allowed| allowed.iter().any(|p| p == id))
+            };
+            let mut run: Vec<&str> = Vec::with_capacity(ids.len());
+            for id in ids {
+                if may_use(id) && !run.contains(&id) {
+                    run.push(id);
+                }
+            }
             let mut willing = Vec::new();
-            for (i, id) in ids.iter().enumerate() {
-                let id = id.as_str().ok_or_else(|| {
-                    FieldError::invalid("sponsorshipPolicyIds", "expected strings")
-                })?;
-                // Each id is a full check: each counts against the key's rate, as a call would
-                // (the first was counted with the call itself).
+            for (i, id) in run.into_iter().enumerate() {
+                // Each counts against the key's rate, as a call would (the first was counted
+                // with the call itself).
                 if i > 0
                     && let Some(k) = key
                 {
