@@ -35,9 +35,12 @@
 //!   revocations at once than it keeps copies. A `--policy-poll` above [`MAX_AGE`] keeps every
 //!   copy at [`MAX_AGE`]. One reader at a time (`RedisSessions` holds a lock for each read).
 //!
-//! Bounded: at most [`CAPACITY`] grants, in two generations (a grant read again moves to the
-//! newer one, keeping its age; when the newer is full the older is dropped). Unknown ids are not
-//! remembered: they cost their round trip every time, and cannot fill it.
+//! Bounded: at most [`CAPACITY`] grants, and about [`CAPACITY_BYTES`] of them, in two
+//! generations (a grant read again moves to the newer one, keeping its age; when the newer is
+//! full, by count or by bytes, the older is dropped). A grant's bytes are bounded when it is
+//! made (`session::grant`: 64 rules, 256 functions, 8 KiB of signatures), but the largest take
+//! tens of times a usual one's. Unknown ids are not remembered: they cost their round trip
+//! every time, and cannot fill it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -49,6 +52,11 @@ use super::SessionGrant;
 
 /// Most grants kept (both generations together).
 pub(crate) const CAPACITY: usize = 65_536;
+
+/// About the most bytes of grants kept (both generations together; [`weight`]): 65,536 usual
+/// grants (a few hundred bytes each) fit many times over, the largest a grant can be about
+/// 12,000.
+pub(crate) const CAPACITY_BYTES: usize = 256 << 20;
 
 /// Longest a copy is served when this replica does not follow the revocation feed (see the
 /// module doc for what a stale one changes).
@@ -63,12 +71,17 @@ pub(crate) struct GrantCache {
     generations: Mutex<Generations>,
     /// Grants per generation.
     per_generation: usize,
+    /// Bytes of grants per generation ([`weight`]).
+    bytes_per_generation: usize,
 }
 
 #[derive(Debug, Default)]
 struct Generations {
     newer: HashMap<B256, Kept>,
     older: HashMap<B256, Kept>,
+    /// The bytes of the grants put in the newer generation since it began (those removed from
+    /// it since still counted: an upper bound).
+    newer_bytes: usize,
     /// The unbroken run of successful reads of the revocation feed, if one is on.
     follow: Option<FollowRun>,
     /// Revocations seen so far (the feed's and this replica's own): a read that saw a different
@@ -108,12 +121,40 @@ impl Default for GrantCache {
     }
 }
 
+/// About the bytes a copy of `grant` holds: the grant, its strings and lists.
+pub(crate) fn weight(grant: &SessionGrant) -> usize {
+    use std::mem::size_of;
+    let permissions = grant.permissions.as_ref().map_or(0, |p| {
+        let allow = p.allow.as_deref().unwrap_or_default();
+        allow
+            .iter()
+            .map(|r| {
+                size_of::<super::grant::SessionAllow>()
+                    + r.functions
+                        .iter()
+                        .map(|f| size_of::<String>() + f.len())
+                        .sum::<usize>()
+            })
+            .sum::<usize>()
+            + p.spend.len() * size_of::<super::grant::SpendLimit>()
+    });
+    size_of::<SessionGrant>() + grant.policy.len() + permissions
+}
+
 impl GrantCache {
-    /// A cache of at most `capacity` grants (rounded down to an even number, at least 2).
+    /// A cache of at most `capacity` grants (rounded down to an even number, at least 2) and
+    /// about [`CAPACITY_BYTES`] of them.
     pub(crate) fn with_capacity(capacity: usize) -> Self {
+        Self::with_limits(capacity, CAPACITY_BYTES)
+    }
+
+    /// A cache of at most `capacity` grants and about `bytes` of them (each halved per
+    /// generation).
+    pub(crate) fn with_limits(capacity: usize, bytes: usize) -> Self {
         Self {
             generations: Mutex::default(),
             per_generation: (capacity / 2).max(1),
+            bytes_per_generation: (bytes / 2).max(1),
         }
     }
 
@@ -230,16 +271,20 @@ impl GrantCache {
         self.len() == 0
     }
 
-    /// Put `copy` in the newer generation; when that is full it becomes the older one, and the
-    /// older one is returned, to be freed once the lock is released (tens of thousands of
-    /// grants: no request waits on that).
+    /// Put `copy` in the newer generation; when that is full (by count, or by bytes with this
+    /// copy) it becomes the older one, and the older one is returned, to be freed once the lock
+    /// is released (tens of thousands of grants: no request waits on that).
     #[must_use]
     fn put(&self, g: &mut Generations, id: B256, copy: Kept) -> Option<HashMap<B256, Kept>> {
         let mut dropped = None;
-        if g.newer.len() >= self.per_generation && !g.newer.contains_key(&id) {
+        let bytes = weight(&copy.grant);
+        let full = g.newer.len() >= self.per_generation && !g.newer.contains_key(&id);
+        if full || (!g.newer.is_empty() && g.newer_bytes + bytes > self.bytes_per_generation) {
             let newer = std::mem::take(&mut g.newer);
             dropped = Some(std::mem::replace(&mut g.older, newer));
+            g.newer_bytes = 0;
         }
+        g.newer_bytes += bytes;
         g.newer.insert(id, copy);
         dropped
     }
@@ -309,6 +354,46 @@ mod tests {
         }
         assert!(cache.get(B256::repeat_byte(99), t0).is_some());
         assert!(cache.get(B256::repeat_byte(50), t0).is_none(), "evicted");
+    }
+
+    /// Copies of large grants are bounded by their bytes before their count (found by review:
+    /// 65,536 copies of the largest grants a dapp's backend may pass through took gigabytes).
+    #[test]
+    fn it_holds_about_its_bytes_whatever_the_count() {
+        use crate::session::grant::{Permissions, SessionAllow};
+
+        let big = |n: u8| {
+            let functions = (0..256)
+                .map(|j| format!("f{j}_{}()", "a".repeat(26)))
+                .collect();
+            let allow = vec![SessionAllow {
+                target: Default::default(),
+                functions,
+                max_value: Default::default(),
+            }];
+            let mut g = (*grant(n)).clone();
+            g.permissions = Some(Permissions {
+                allow: Some(allow),
+                spend: Vec::new(),
+            });
+            Arc::new(g)
+        };
+        let one = weight(&big(0));
+        assert!(one > 256 * 32, "{one} bytes");
+        assert!(weight(&grant(0)) < 300, "{} bytes", weight(&grant(0)));
+        // Room for 10 by count, 4 by bytes.
+        let cache = GrantCache::with_limits(10, 4 * one);
+        let t0 = Instant::now();
+        for n in 0..50 {
+            cache.insert(B256::repeat_byte(n), big(n), cache.ticket(t0));
+            assert!(cache.len() <= 4, "{} copies after {n}", cache.len());
+        }
+        assert!(cache.get(B256::repeat_byte(49), t0).is_some());
+        // Small ones still fill it by count.
+        for n in 50..100 {
+            cache.insert(B256::repeat_byte(n), grant(n), cache.ticket(t0));
+        }
+        assert_eq!(cache.len(), 10);
     }
 
     #[test]

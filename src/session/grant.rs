@@ -17,7 +17,8 @@ pub const MAX_SPEND_LIMITS: usize = 32;
 
 /// Most `allow` rules a grant lists: a grant is stored whole, read on every sponsorship under it
 /// and kept in up to 65,536 copies per replica, so its size is bounded whatever a dapp's
-/// backend passes through (the caps below: 8,192 bytes of signatures, and 64 targets and values).
+/// backend passes through (the caps below: 8,192 bytes of signatures, 256 functions, and 64
+/// targets and values).
 pub const MAX_ALLOW_RULES: usize = 64;
 /// Most functions one rule lists (see [`MAX_ALLOW_RULES`]).
 pub const MAX_FUNCTIONS_PER_RULE: usize = 64;
@@ -25,6 +26,11 @@ pub const MAX_FUNCTIONS_PER_RULE: usize = 64;
 pub const MAX_FUNCTION_BYTES: usize = 256;
 /// Most bytes of function signatures a grant lists, over all its rules.
 pub const MAX_GRANT_FUNCTION_BYTES: usize = 8192;
+/// Longest a session may run from its creation (since 0.3.9): ten years.
+pub const MAX_SESSION_SECS: u64 = 10 * 365 * 86_400;
+/// Most functions a grant lists, over all its rules (each a string of its own in every copy:
+/// since 0.3.9; short signatures fitted thousands in the bytes above).
+pub const MAX_GRANT_FUNCTIONS: usize = 256;
 
 /// Whether a session may still be used.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -309,6 +315,11 @@ impl SessionGrant {
                     .push(issue("$.validUntil", "must be after validAfter"));
             } else if u <= now {
                 f.issues.push(issue("$.validUntil", "is in the past"));
+            } else if u > now.saturating_add(MAX_SESSION_SECS) {
+                // (Past 2106 a listing's 32-bit times saturate, and its index member would
+                // never be seen to end.)
+                f.issues
+                    .push(issue("$.validUntil", "at most ten years from now"));
             }
         }
         let permissions = f
@@ -471,6 +482,10 @@ impl SessionGrant {
             return Ok(());
         };
         if let Some(allow) = &perms.allow {
+            // Each rule's selectors, made once per operation when a call first needs them (a
+            // signature's is a keccak: an operation of 1,024 calls would otherwise make one per
+            // call and listed function).
+            let mut selectors: Vec<Option<Selectors>> = vec![None; allow.len()];
             for (i, call) in calls.iter().enumerate() {
                 let Some((j, rule)) = allow
                     .iter()
@@ -484,12 +499,11 @@ impl SessionGrant {
                     )
                     .at_call(i));
                 };
-                let func_ok = rule.functions.iter().any(|f| {
-                    f == "*"
-                        || call
-                            .selector()
-                            .is_some_and(|sel| selector_of(f) == Some(sel))
-                });
+                let listed = selectors[j].get_or_insert_with(|| Selectors::of(&rule.functions));
+                let func_ok = listed.any
+                    || call
+                        .selector()
+                        .is_some_and(|sel| listed.selectors.contains(&sel));
                 if !func_ok {
                     return Err(reject(
                         Reason::SessionFunctionNotAllowed,
@@ -618,6 +632,22 @@ pub fn proof_digest(
 }
 
 /// The selector a function entry names: `0x12345678` or a canonical signature.
+/// What a rule's `functions` allow: every function (`*`), or these selectors.
+#[derive(Clone)]
+struct Selectors {
+    any: bool,
+    selectors: Vec<FixedBytes<4>>,
+}
+
+impl Selectors {
+    fn of(functions: &[String]) -> Self {
+        Self {
+            any: functions.iter().any(|f| f == "*"),
+            selectors: functions.iter().filter_map(|f| selector_of(f)).collect(),
+        }
+    }
+}
+
 fn selector_of(f: &str) -> Option<FixedBytes<4>> {
     match f.strip_prefix("0x") {
         Some(h) => hex::decode(h)
@@ -675,24 +705,45 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                     ));
                     Vec::new()
                 }
-                Some(Value::Array(fs)) if !fs.is_empty() => fs
-                    .iter()
-                    .enumerate()
-                    .filter_map(|(j, x)| {
-                        let at = format!("{path}.functions[{j}]");
-                        if x.as_str().is_some_and(|s| s.len() > MAX_FUNCTION_BYTES) {
-                            f.issues.push(issue(at, format!("at most {MAX_FUNCTION_BYTES} bytes")));
-                            return None;
-                        }
-                        let s = x.as_str().filter(|s| *s == "*" || selector_of(s).is_some());
-                        if s.is_none() {
-                            f.issues.push(issue(at, "expected a signature like `transfer(address,uint256)`, a selector, or \"*\""));
-                        }
-                        s.map(str::to_owned)
-                    })
-                    .collect(),
+                Some(Value::Array(fs)) if !fs.is_empty() => {
+                    // Each function once (a selector however spelled), and `*` alone: a copy of
+                    // the grant is kept per replica, and every call checked against its list.
+                    let mut seen: Vec<FixedBytes<4>> = Vec::new();
+                    let listed: Vec<String> = fs
+                        .iter()
+                        .enumerate()
+                        .filter_map(|(j, x)| {
+                            let at = format!("{path}.functions[{j}]");
+                            if x.as_str().is_some_and(|s| s.len() > MAX_FUNCTION_BYTES) {
+                                f.issues.push(issue(at, format!("at most {MAX_FUNCTION_BYTES} bytes")));
+                                return None;
+                            }
+                            let s = x.as_str().filter(|s| *s == "*" || selector_of(s).is_some());
+                            let Some(s) = s else {
+                                f.issues.push(issue(at, "expected a signature like `transfer(address,uint256)`, a selector, or \"*\""));
+                                return None;
+                            };
+                            if s == "*" && fs.len() > 1 {
+                                f.issues.push(issue(at, "\"*\" allows every function: list it alone"));
+                                return None;
+                            }
+                            if let Some(sel) = selector_of(s) {
+                                if seen.contains(&sel) {
+                                    f.issues.push(issue(at, format!("selector {sel} listed twice")));
+                                    return None;
+                                }
+                                seen.push(sel);
+                            }
+                            Some(s.to_owned())
+                        })
+                        .collect();
+                    listed
+                }
                 Some(_) => {
-                    f.issues.push(issue(format!("{path}.functions"), "expected a non-empty array"));
+                    f.issues.push(issue(
+                        format!("{path}.functions"),
+                        "expected a non-empty array",
+                    ));
                     Vec::new()
                 }
                 None => Vec::new(),
@@ -718,6 +769,14 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                 format!(
                     "{function_bytes} bytes of function signatures: at most {MAX_GRANT_FUNCTION_BYTES} in all"
                 ),
+            ));
+            return None;
+        }
+        let functions: usize = rules.iter().map(|r| r.functions.len()).sum();
+        if functions > MAX_GRANT_FUNCTIONS {
+            issues.push(issue(
+                "$.permissions.allow",
+                format!("{functions} functions: at most {MAX_GRANT_FUNCTIONS} in all"),
             ));
             return None;
         }
@@ -1020,11 +1079,60 @@ mod tests {
         let issues = SessionGrant::from_request(&body, 0, || B256::ZERO).unwrap_err();
         assert_eq!(issues[0].path, "$.validUntil");
         let mut ok = body.clone();
+        ok["validUntil"] = json!(MAX_SESSION_SECS + 1);
+        let issues = SessionGrant::from_request(&ok, 0, || B256::ZERO).unwrap_err();
+        assert_eq!(
+            (issues[0].path.as_str(), issues[0].message.as_str()),
+            ("$.validUntil", "at most ten years from now")
+        );
+        ok["validUntil"] = json!(MAX_SESSION_SECS);
+        assert!(SessionGrant::from_request(&ok, 0, || B256::ZERO).is_ok());
         ok["validUntil"] = json!(50);
         let g = SessionGrant::from_request(&ok, 0, || B256::repeat_byte(3)).unwrap();
         assert_eq!(
             (g.session_id, g.status),
             (B256::repeat_byte(3), SessionStatus::Active)
+        );
+    }
+
+    /// A rule lists each function once, however spelled, and `*` alone: a copy of the grant is
+    /// kept per replica and every call checked against its lists (found by review: 64 `*`s a
+    /// rule, or one function 63 times over before the one that matched, each call a keccak).
+    #[test]
+    fn a_rule_lists_each_function_once_and_star_alone() {
+        let issues = |functions: Value| -> Vec<String> {
+            let body = json!({
+                "account": ACCOUNT, "sessionKey": ACCOUNT, "chainId": 31337, "policy": "p",
+                "validAfter": 0, "validUntil": 50,
+                "permissions": { "allow": [{ "target": ACCOUNT, "functions": functions }] }
+            });
+            match SessionGrant::from_request(&body, 0, || B256::ZERO) {
+                Ok(_) => Vec::new(),
+                Err(issues) => issues
+                    .into_iter()
+                    .map(|i| format!("{}: {}", i.path, i.message))
+                    .collect(),
+            }
+        };
+        let increment = format!("0x{}", hex::encode(&keccak256("increment()")[..4]));
+        assert_eq!(
+            issues(json!(["increment()", increment])),
+            vec![format!(
+                "$.permissions.allow[0].functions[1]: selector {increment} listed twice"
+            )]
+        );
+        assert_eq!(
+            issues(json!(["*", "*"])),
+            vec![
+                "$.permissions.allow[0].functions[0]: \"*\" allows every function: list it alone",
+                "$.permissions.allow[0].functions[1]: \"*\" allows every function: list it alone",
+            ]
+        );
+        assert_eq!(issues(json!(["increment()", "*"])).len(), 1);
+        assert_eq!(issues(json!(["*"])), Vec::<String>::new());
+        assert_eq!(
+            issues(json!(["increment()", "decrement()"])),
+            Vec::<String>::new()
         );
     }
 
@@ -1058,6 +1166,8 @@ mod tests {
         // 64 rules of 2 functions of 64 bytes: 8,192 bytes in all, the most a grant takes.
         let ok = grant(MAX_ALLOW_RULES, 2, 64);
         assert!(ok.is_ok(), "{:?}", ok.err());
+        // 64 rules of 4 functions, 256 in all (of 10 bytes: 2,560); of 5, 320.
+        assert!(grant(MAX_ALLOW_RULES, 4, 10).is_ok());
         assert!(grant(1, MAX_FUNCTIONS_PER_RULE, 64).is_ok());
         let refused = |r: Result<SessionGrant, Vec<String>>, says: &str| {
             assert!(
@@ -1068,6 +1178,10 @@ mod tests {
             );
         };
         refused(grant(MAX_ALLOW_RULES + 1, 1, 10), "at most 64 rules");
+        refused(
+            grant(MAX_ALLOW_RULES, 5, 10),
+            "320 functions: at most 256 in all",
+        );
         refused(
             grant(1, MAX_FUNCTIONS_PER_RULE + 1, 10),
             "at most 64 functions",
