@@ -55,8 +55,11 @@ pub struct AppState {
     pub bundlers: Vec<(u64, alloy::rpc::client::RpcClient)>,
     /// How long estimation waits for it.
     pub bundler_timeout: std::time::Duration,
-    /// SHA-256 of the admin bearer token; `None`: admin API closed.
+    /// SHA-256 of the admin bearer token (every policy's sessions, and their status); `None`:
+    /// none.
     pub admin_token_sha256: Option<B256>,
+    /// Tenants' admin keys: each the sessions of its policies only.
+    pub admin_keys: crate::apikey::ApiKeys,
     admin_on_main: bool,
     /// Shared Redis connection, when configured.
     redis: Option<RedisConn>,
@@ -206,6 +209,7 @@ impl AppState {
             bundler_timeout: config.bundler_timeout,
             bundlers,
             admin_token_sha256: config.admin_token_sha256,
+            admin_keys: crate::apikey::ApiKeys::new(config.admin_keys.clone()),
             admin_on_main: config.admin_on_main,
             redis,
             policies_dir: config.policies_dir.clone(),

@@ -106,6 +106,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_ADMIN_TOKEN_SHA256")]
     pub admin_token_sha256: Option<B256>,
 
+    /// A tenant's admin key: `name:sha256hex:policy,policy` (see `admin-token --name
+    /// --policies`): the admin API's sessions of those policies only, no policy status. Repeat
+    /// for more, or separate them with `;` in the environment.
+    #[arg(long = "admin-key", env = "SP_ADMIN_KEYS", value_delimiter = ';')]
+    pub admin_keys: Vec<ApiKey>,
+
     /// Serve the admin API on this address (e.g. an internal interface) instead of the main
     /// listener.
     #[arg(long, env = "SP_ADMIN_LISTEN")]
@@ -261,8 +267,10 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Redis timeout.
     pub redis_timeout: Duration,
-    /// SHA-256 of the admin token; `None`: admin API closed.
+    /// SHA-256 of the admin token; `None`: none (the admin API is closed without admin keys).
     pub admin_token_sha256: Option<B256>,
+    /// Tenants' admin keys, each limited to its policies.
+    pub admin_keys: Vec<ApiKey>,
     /// Whether the admin API is served on the main listener (no separate admin address).
     pub admin_on_main: bool,
 }
@@ -467,6 +475,7 @@ impl From<&ServeArgs> for Config {
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
             admin_token_sha256: args.admin_token_sha256,
+            admin_keys: args.admin_keys.clone(),
             admin_on_main: args.admin_listen.is_none(),
         }
     }
@@ -713,15 +722,21 @@ impl ServeArgs {
                 toml::Value::Integer(i64::try_from(b).unwrap_or(i64::MAX)),
             );
         }
-        let keys = self.api_keys.iter().map(|k| {
-            let scope = k
-                .policies
-                .as_ref()
-                .map(|p| format!(":{}", p.join(",")))
-                .unwrap_or_default();
-            s(format!("{}:{}{scope}", k.name, k.sha256))
-        });
-        put("api_key", toml::Value::Array(keys.collect()));
+        let keys = |keys: &[ApiKey]| {
+            let keys = keys.iter().map(|k| {
+                let scope = k
+                    .policies
+                    .as_ref()
+                    .map(|p| format!(":{}", p.join(",")))
+                    .unwrap_or_default();
+                s(format!("{}:{}{scope}", k.name, k.sha256))
+            });
+            toml::Value::Array(keys.collect())
+        };
+        put("api_key", keys(&self.api_keys));
+        if !self.admin_keys.is_empty() {
+            put("admin_key", keys(&self.admin_keys));
+        }
         if let Some(r) = self.rate_per_key {
             put(
                 "rate_per_key",

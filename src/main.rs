@@ -70,8 +70,16 @@ enum Command {
     /// the `serve` configuration lines) as JSON. The sending key comes from an environment
     /// variable or a file, never from a flag's value.
     Deploy(Box<DeployArgs>),
-    /// Create an admin API token: prints the token (once) and the SHA-256 the config takes.
-    AdminToken,
+    /// Create an admin API token: prints the token (once) and the SHA-256 the config takes;
+    /// with `--name` (and `--policies`), a tenant's admin key, limited to its policies.
+    AdminToken {
+        /// A tenant's key: its name, shown in logs (prints an `--admin-key` value).
+        #[arg(long)]
+        name: Option<String>,
+        /// The policies a tenant's key reaches the sessions of (comma-separated).
+        #[arg(long, value_delimiter = ',', requires = "name")]
+        policies: Vec<String>,
+    },
     /// Probe a running service's `/healthz` (the container's HEALTHCHECK: the image has no
     /// curl). Exits 0 when it answers 200 within 3 s, 1 otherwise.
     Healthcheck {
@@ -203,7 +211,7 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(*args),
         Command::Status(args) => run_printing(status_async(*args)),
         Command::Deploy(args) => run_printing(deploy_async(*args)),
-        Command::AdminToken => admin_token(),
+        Command::AdminToken { name, policies } => admin_token(name.as_deref(), &policies),
         Command::Healthcheck { listen } => match session_paymaster::app::healthcheck(listen) {
             Ok(()) => ExitCode::SUCCESS,
             Err(e) => {
@@ -335,7 +343,17 @@ fn apikey_new(name: &str, policies: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-fn admin_token() -> ExitCode {
+fn admin_token(name: Option<&str>, policies: &[String]) -> ExitCode {
+    if name.is_some_and(|n| n.is_empty() || n.contains([':', ';'])) {
+        eprintln!("error: --name must be non-empty, without `:` or `;`");
+        return ExitCode::FAILURE;
+    }
+    if name.is_some() && policies.is_empty() {
+        eprintln!(
+            "error: a tenant's admin key needs --policies (the operator's token, without --name, reaches every policy)"
+        );
+        return ExitCode::FAILURE;
+    }
     let mut bytes = [0u8; 32];
     if let Err(e) = getrandom::fill(&mut bytes) {
         eprintln!("error: random number generator: {e}");
@@ -347,7 +365,14 @@ fn admin_token() -> ExitCode {
         "token (shown once; clients send `Authorization: Bearer <token>`):\n{}",
         token.as_str()
     );
-    println!("config:\nSP_ADMIN_TOKEN_SHA256=0x{}", hex::encode(hash));
+    match name {
+        Some(name) => println!(
+            "config:\n--admin-key {name}:0x{}:{}",
+            hex::encode(hash),
+            policies.join(",")
+        ),
+        None => println!("config:\nSP_ADMIN_TOKEN_SHA256=0x{}", hex::encode(hash)),
+    }
     ExitCode::SUCCESS
 }
 
@@ -659,7 +684,13 @@ fn log_startup(state: &AppState, config: &Config) {
     } else {
         tracing::info!(keys = config.api_keys.len(), "API keys required");
     }
-    if config.admin_token_sha256.is_none() {
+    if !config.admin_keys.is_empty() {
+        tracing::info!(
+            keys = config.admin_keys.len(),
+            "tenants' admin keys configured"
+        );
+    }
+    if config.admin_token_sha256.is_none() && config.admin_keys.is_empty() {
         tracing::warn!(
             "admin API closed: no --admin-token-sha256 (create one with `session-paymaster admin-token`)"
         );

@@ -2,6 +2,12 @@
 //! (`/admin/policies`), behind a bearer token whose SHA-256 the config holds. A missing or
 //! wrong token gets a bare 401, saying neither which.
 //!
+//! The operator's token (`--admin-token-sha256`) reaches every policy's sessions. A tenant's
+//! admin key (`--admin-key name:sha256:policies`) reaches only the sessions of its policies:
+//! to it another tenant's session is no session (404), another tenant's policy no policy
+//! (400, as an unknown one), a listing shows only its own (a page may so hold fewer than its
+//! `limit`), and `/admin/policies`, every tenant's, answers 403.
+//!
 //! | method and path | answer |
 //! |---|---|
 //! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken |
@@ -16,7 +22,7 @@ use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
 use axum::Router;
-use axum::extract::{Path, Query, Request, State};
+use axum::extract::{Extension, Path, Query, Request, State};
 use axum::http::{StatusCode, header};
 use axum::middleware::{self, Next};
 use axum::response::{IntoResponse, Response};
@@ -42,16 +48,60 @@ pub fn router(state: Arc<AppState>) -> Router<Arc<AppState>> {
         .route_layer(middleware::from_fn_with_state(state, authenticate))
 }
 
-async fn authenticate(State(state): State<Arc<AppState>>, req: Request, next: Next) -> Response {
+/// What the request's credential reaches: every policy (the operator's token), or a tenant's
+/// admin key's policies.
+#[derive(Debug, Clone)]
+struct Scope {
+    /// The admin key's name (for logs); `None`: the operator's token.
+    key: Option<String>,
+    /// Its policies; `None`: all.
+    policies: Option<Vec<String>>,
+}
+
+impl Scope {
+    fn reaches(&self, policy: &str) -> bool {
+        self.policies
+            .as_ref()
+            .is_none_or(|ps| ps.iter().any(|p| p == policy))
+    }
+
+    fn who(&self) -> &str {
+        self.key.as_deref().unwrap_or("operator")
+    }
+}
+
+async fn authenticate(
+    State(state): State<Arc<AppState>>,
+    mut req: Request,
+    next: Next,
+) -> Response {
     let token = req
         .headers()
         .get(header::AUTHORIZATION)
         .and_then(|v| v.to_str().ok())
         .and_then(|v| v.strip_prefix("Bearer "));
-    match (token, &state.admin_token_sha256) {
-        (Some(token), Some(expected)) if sha256_matches(token, expected) => next.run(req).await,
-        _ => StatusCode::UNAUTHORIZED.into_response(),
-    }
+    let Some(token) = token else {
+        return StatusCode::UNAUTHORIZED.into_response();
+    };
+    // Both compared whatever the first finds (each in constant time).
+    let operator = state
+        .admin_token_sha256
+        .as_ref()
+        .is_some_and(|expected| sha256_matches(token, expected));
+    let tenant = state.admin_keys.authenticate(token);
+    let scope = match (operator, tenant) {
+        (true, _) => Scope {
+            key: None,
+            policies: None,
+        },
+        (false, Some(k)) => Scope {
+            key: Some(k.name.clone()),
+            policies: k.policies.clone(),
+        },
+        (false, None) => return StatusCode::UNAUTHORIZED.into_response(),
+    };
+    req.extensions_mut().insert(scope);
+    next.run(req).await
 }
 
 fn error(status: StatusCode, message: impl Into<String>) -> Response {
@@ -85,7 +135,11 @@ fn bad_id() -> Response {
     )
 }
 
-async fn create(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> Response {
+async fn create(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    body: axum::body::Bytes,
+) -> Response {
     let Ok(body) = serde_json::from_slice::<Value>(&body) else {
         return invalid(vec![FieldIssue {
             path: "$".into(),
@@ -107,7 +161,11 @@ async fn create(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
         Err(issues) => return invalid(issues),
     };
     let policies = state.sponsor.policies();
-    let Some(policy) = policies.get(&grant.policy) else {
+    // (Another tenant's policy is no policy to this key.)
+    let Some(policy) = policies
+        .get(&grant.policy)
+        .filter(|_| scope.reaches(&grant.policy))
+    else {
         return invalid(vec![FieldIssue {
             path: "$.policy".into(),
             message: format!("unknown policy `{}`", grant.policy),
@@ -118,7 +176,7 @@ async fn create(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
     }
     match state.sponsor.sessions().create(&grant).await {
         Ok(true) => {
-            tracing::info!(session = %grant.session_id, account = %grant.account, policy = %grant.policy, "session created");
+            tracing::info!(session = %grant.session_id, account = %grant.account, policy = %grant.policy, by = scope.who(), "session created");
             (StatusCode::CREATED, axum::Json(grant)).into_response()
         }
         Ok(false) => error(
@@ -129,28 +187,54 @@ async fn create(State(state): State<Arc<AppState>>, body: axum::body::Bytes) -> 
     }
 }
 
-async fn policies(State(state): State<Arc<AppState>>) -> Response {
+async fn policies(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+) -> Response {
+    if scope.policies.is_some() {
+        // Every tenant's ids, and the errors of every tenant's files.
+        return error(
+            StatusCode::FORBIDDEN,
+            "the policy set's status needs the operator's admin token",
+        );
+    }
     axum::Json(state.policy_status()).into_response()
 }
 
-async fn fetch(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn fetch(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Response {
     let Some(id) = parse_id(&id) else {
         return bad_id();
     };
     match state.sponsor.sessions().get(id).await {
-        Ok(Some(grant)) => axum::Json(grant).into_response(),
-        Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {id}")),
+        Ok(Some(grant)) if scope.reaches(&grant.policy) => axum::Json(grant).into_response(),
+        Ok(_) => error(StatusCode::NOT_FOUND, format!("no session {id}")),
         Err(e) => store_failed(e),
     }
 }
 
-async fn revoke(State(state): State<Arc<AppState>>, Path(id): Path<String>) -> Response {
+async fn revoke(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    Path(id): Path<String>,
+) -> Response {
     let Some(id) = parse_id(&id) else {
         return bad_id();
     };
+    if scope.policies.is_some() {
+        // A tenant revokes only its own: the grant is read first (its policy never changes).
+        match state.sponsor.sessions().get(id).await {
+            Ok(Some(grant)) if scope.reaches(&grant.policy) => {}
+            Ok(_) => return error(StatusCode::NOT_FOUND, format!("no session {id}")),
+            Err(e) => return store_failed(e),
+        }
+    }
     match state.sponsor.revoke_session(id, unix_now()).await {
         Ok(Some(grant)) => {
-            tracing::info!(session = %id, "session revoked");
+            tracing::info!(session = %id, by = scope.who(), "session revoked");
             axum::Json(grant).into_response()
         }
         Ok(None) => error(StatusCode::NOT_FOUND, format!("no session {id}")),
@@ -173,7 +257,11 @@ struct ListQuery {
     limit: Option<usize>,
 }
 
-async fn list(State(state): State<Arc<AppState>>, Query(q): Query<ListQuery>) -> Response {
+async fn list(
+    State(state): State<Arc<AppState>>,
+    Extension(scope): Extension<Scope>,
+    Query(q): Query<ListQuery>,
+) -> Response {
     let Some(account) = q
         .account
         .as_deref()
@@ -202,11 +290,19 @@ async fn list(State(state): State<Arc<AppState>>, Query(q): Query<ListQuery>) ->
         .list_by_account(account, cursor, limit)
         .await
     {
-        Ok(page) => axum::Json(json!({
-            "sessions": page.sessions,
-            "nextCursor": page.next_cursor.map(|c| c.to_string()),
-        }))
-        .into_response(),
+        Ok(page) => {
+            // The page's cursor is where it ended, whatever this key may see of it.
+            let sessions: Vec<_> = page
+                .sessions
+                .into_iter()
+                .filter(|g| scope.reaches(&g.policy))
+                .collect();
+            axum::Json(json!({
+                "sessions": sessions,
+                "nextCursor": page.next_cursor.map(|c| c.to_string()),
+            }))
+            .into_response()
+        }
         Err(e) => store_failed(e),
     }
 }

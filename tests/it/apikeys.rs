@@ -308,3 +308,113 @@ async fn validating_many_policies_costs_as_many_calls() -> TestResult {
     );
     Ok(())
 }
+
+/// `admin-token --name --policies`, run as an operator would; returns (token, config value).
+fn new_admin_key(name: &str, policies: &str) -> TestResult<(String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args(["admin-token", "--name", name, "--policies", policies])
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
+    let text = String::from_utf8(out.stdout)?;
+    let lines: Vec<&str> = text.lines().collect();
+    let token = lines.get(1).ok_or("token line")?.to_string();
+    let config = lines
+        .get(3)
+        .and_then(|l| l.strip_prefix("--admin-key "))
+        .ok_or("config line")?
+        .to_string();
+    Ok((token, config))
+}
+
+/// The admin API had one token for every policy, and the docs send each dapp backend to it to
+/// create its sessions: one tenant could read, list and revoke another's sessions, and read
+/// every policy id and file error (found by review). A tenant's admin key reaches the sessions
+/// of its policies only: another's session is no session, another's policy no policy, and the
+/// policy set's status is the operator's.
+#[tokio::test]
+async fn a_tenants_admin_key_reaches_only_its_policies_sessions() -> TestResult {
+    use crate::helpers::ADMIN_TOKEN;
+    use crate::sessions::{admin, grant_request};
+
+    let (games, games_cfg) = new_admin_key("games", "game-moves")?;
+    let (shop, shop_cfg) = new_admin_key("shop", "dev-counter")?;
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
+    c.admin_keys = vec![games_cfg.parse::<ApiKey>()?, shop_cfg.parse::<ApiKey>()?];
+    let app = TestApp::spawn(c).await?;
+    let (account, key) = (Address::repeat_byte(0xa1), Address::repeat_byte(0xb2));
+
+    // Each creates under its own policy only; another's reads as unknown.
+    let (status, v) = admin(
+        &app,
+        "POST",
+        "/admin/sessions",
+        Some(grant_request(account, key, "game-moves")),
+        Some(&games),
+    )
+    .await?;
+    assert_eq!(status, 201, "{v}");
+    let id = v["sessionId"].as_str().ok_or("sessionId")?.to_string();
+    let mut refusals = Vec::new();
+    for policy in ["game-moves", "no-such-policy"] {
+        let (status, v) = admin(
+            &app,
+            "POST",
+            "/admin/sessions",
+            Some(grant_request(account, key, policy)),
+            Some(&shop),
+        )
+        .await?;
+        refusals.push((status, v.to_string().replace(policy, "<id>")));
+    }
+    assert_eq!(refusals[0].0, 400, "{refusals:?}");
+    assert_eq!(refusals[0], refusals[1], "another's policy is no policy");
+
+    // The other tenant: no such session, in reading, revoking and listing.
+    let path = format!("/admin/sessions/{id}");
+    let unknown = format!("/admin/sessions/0x{}", "ee".repeat(32));
+    for method in ["GET", "DELETE"] {
+        let (status, v) = admin(&app, method, &path, None, Some(&shop)).await?;
+        let (_, none) = admin(&app, method, &unknown, None, Some(&shop)).await?;
+        assert_eq!(status, 404, "{method}: {v}");
+        assert_eq!(
+            v.to_string().replace(&id, "<id>"),
+            none.to_string()
+                .replace(&format!("0x{}", "ee".repeat(32)), "<id>"),
+            "{method}"
+        );
+    }
+    let listing = format!("/admin/sessions?account={account}");
+    let (_, v) = admin(&app, "GET", &listing, None, Some(&shop)).await?;
+    assert_eq!(v["sessions"], json!([]), "{v}");
+    let (_, v) = admin(&app, "GET", &path, None, Some(ADMIN_TOKEN)).await?;
+    assert_eq!(
+        v["status"],
+        json!("active"),
+        "not revoked by the other: {v}"
+    );
+
+    // The policy set's status is every tenant's: the operator's only.
+    let (status, _) = admin(&app, "GET", "/admin/policies", None, Some(&shop)).await?;
+    assert_eq!(status, 403);
+    let (status, _) = admin(&app, "GET", "/admin/policies", None, Some(ADMIN_TOKEN)).await?;
+    assert_eq!(status, 200);
+
+    // Its own tenant lists, reads and revokes it.
+    let (_, v) = admin(&app, "GET", &listing, None, Some(&games)).await?;
+    assert_eq!(v["sessions"][0]["sessionId"], json!(id), "{v}");
+    let (status, v) = admin(&app, "DELETE", &path, None, Some(&games)).await?;
+    assert_eq!(
+        (status, v["status"].clone()),
+        (200, json!("revoked")),
+        "{v}"
+    );
+    // The operator's token reaches every policy's; a wrong token nothing.
+    let (status, _) = admin(&app, "GET", &path, None, Some(ADMIN_TOKEN)).await?;
+    assert_eq!(status, 200);
+    let (status, _) = admin(&app, "GET", &path, None, Some("sp_wrong")).await?;
+    assert_eq!(status, 401);
+    Ok(())
+}

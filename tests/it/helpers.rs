@@ -330,6 +330,7 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
         redis_url: None,
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),
+        admin_keys: Vec::new(),
         admin_on_main: true,
     }
 }
