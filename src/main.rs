@@ -343,6 +343,44 @@ fn apikey_new(name: &str, policies: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
+/// Each paymaster configured for `chain` serves the EntryPoint it is configured with, where its
+/// node answers within 5 s: our signature is valid at the paymaster's own EntryPoint, whose
+/// events the watcher would not read, so an operation sent there would land unsettled (its
+/// reservation released, its cost forgotten) wherever that paymaster has a deposit too. One
+/// that does not answer (not deployed yet, a node down) is logged, and serve goes on.
+async fn check_paymasters(
+    provider: &alloy::providers::DynProvider,
+    chain: &session_paymaster::config::ChainConfig,
+) -> Result<(), String> {
+    use session_paymaster::userop::ISessionPaymaster;
+
+    for ep in &chain.entry_points {
+        let Some(paymaster) = ep.paymaster else {
+            continue;
+        };
+        let pm = ISessionPaymaster::new(paymaster, provider);
+        let read = pm.entryPoint();
+        match tokio::time::timeout(std::time::Duration::from_secs(5), read.call()).await {
+            Ok(Ok(serves)) if serves != ep.address => {
+                return Err(format!(
+                    "the paymaster {paymaster} configured for EntryPoint {v} ({a}) on chain {c}                      serves EntryPoint {serves}: its signatures would land where the watcher                      does not read; configure the paymaster deployed for {a}",
+                    v = ep.version,
+                    a = ep.address,
+                    c = chain.chain_id
+                ));
+            }
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => {
+                tracing::warn!(chain_id = chain.chain_id, %paymaster, entry_point = %ep.address, error = %e, "could not read the paymaster's EntryPoint (is it deployed?)");
+            }
+            Err(_) => {
+                tracing::warn!(chain_id = chain.chain_id, %paymaster, "the node did not say the paymaster's EntryPoint within 5 s");
+            }
+        }
+    }
+    Ok(())
+}
+
 fn admin_token(name: Option<&str>, policies: &[String]) -> ExitCode {
     if name.is_some_and(|n| n.is_empty() || n.contains([':', ';'])) {
         eprintln!("error: --name must be non-empty, without `:` or `;`");
@@ -575,6 +613,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
                 c = chain.chain_id
             ));
         }
+        check_paymasters(&provider, chain).await?;
         let cursor = match state.redis() {
             Some(conn) => Cursor::redis(conn.clone(), chain.chain_id),
             None => Cursor::memory(),

@@ -627,6 +627,49 @@ async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
     Ok(())
 }
 
+/// A paymaster configured for an EntryPoint it does not serve: our signatures are valid at the
+/// paymaster's own EntryPoint, whose events the watcher would not read, so an operation sent
+/// there landed unsettled, its reservation released (found by review). `serve` refuses to
+/// start on it.
+#[tokio::test]
+async fn serve_refuses_a_paymaster_of_another_entry_point() -> TestResult {
+    let stack = crate::helpers::Stack::start().await?;
+    let v08 = stack.version(EntryPointVersion::V0_8);
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args([
+            "serve",
+            "--listen",
+            "127.0.0.1:0",
+            "--rpc-url",
+            &stack.anvil.url,
+            "--paymaster-v07",
+            &v08.paymaster.to_string(),
+        ])
+        .current_dir(crate::helpers::repo_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().ok_or("stderr")?, &mut stderr)?;
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    assert!(
+        stderr.contains(&format!("serves EntryPoint {}", v08.entry_point)),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 /// A policy this replica does not serve still has reservations: removed from the set with
 /// operations in flight, or another replica's during a rolling change of the published set (or
 /// one this replica's version refuses). The watcher read only its own set: it ignored their
