@@ -108,6 +108,7 @@ pub(super) async fn reserve(
         op_key: idempotency_key(
             req.chain_id,
             req.entry_point,
+            decoded.paymaster,
             req.op,
             &decoded.digests,
             decoded.gas,
@@ -317,10 +318,14 @@ impl Sponsor {
 
 /// Idempotency key of an operation (DESIGN §5): chain, EntryPoint, and the operation without
 /// its paymaster data and signature (an EIP-7702 account's delegate included), but with the
-/// paymaster gas limits the answer commits to.
+/// paymaster gas limits the answer commits to, and (since 0.3.9) the paymaster it is signed
+/// for: after the paymaster configured changes, a repeat got the answer stored for the old
+/// one, which the new one's address beside it made invalid (`AA34`) until it was about to
+/// expire (found by review).
 fn idempotency_key(
     chain_id: u64,
     entry_point: Address,
+    paymaster: Address,
     op: &UserOperation,
     digests: &OpDigests,
     gas: PaymasterGas,
@@ -330,6 +335,7 @@ fn idempotency_key(
             op.bound_fields(chain_id, entry_point, digests),
             U256::from(gas.verification),
             U256::from(gas.post_op),
+            paymaster,
         )
             .abi_encode(),
     )

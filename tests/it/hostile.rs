@@ -1727,3 +1727,40 @@ async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult
     assert!(v["result"]["paymasterData"].is_string(), "{v}");
     Ok(())
 }
+
+/// A repeat after the paymaster configured changed (a rotation, replicas of both sharing
+/// Redis) got the answer stored for the old paymaster beside the new one's address: its
+/// signature covers the old address, so the operation failed (`AA34`) until that answer was
+/// about to expire (found by review). The paymaster is part of an operation's identity now: the
+/// new one's answer is its own.
+#[tokio::test]
+async fn a_repeat_after_the_paymaster_changes_is_signed_for_the_new_one() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let dir = crate::e2e::budgeted_policies()?;
+    let app = |paymaster: Address| {
+        let mut c = config([Some(paymaster), None, None], KeySource::Ephemeral);
+        c.policies_dir = dir.0.clone();
+        c.redis_url = Some(redis.url.clone());
+        TestApp::spawn(c)
+    };
+    let (old, new) = (app(PM07).await?, app(Address::repeat_byte(0x17)).await?);
+    let op = counter_op(SENDER, 0, "increment()").to_json();
+    let entry_point = ep(EntryPointVersion::V0_7);
+    let first = sponsor(&old, &op, entry_point, json!({})).await?;
+    let again = sponsor(&old, &op, entry_point, json!({})).await?;
+    assert_eq!(
+        first["result"], again["result"],
+        "a repeat, the same answer"
+    );
+    let rotated = sponsor(&new, &op, entry_point, json!({})).await?;
+    assert_eq!(
+        rotated["result"]["paymaster"],
+        json!(Address::repeat_byte(0x17)),
+        "{rotated}"
+    );
+    assert_ne!(
+        rotated["result"]["paymasterData"], first["result"]["paymasterData"],
+        "signed anew for the new paymaster, not the old one's answer: {rotated}"
+    );
+    Ok(())
+}
