@@ -254,7 +254,8 @@ async fn revoke(
 struct ListQuery {
     account: Option<String>,
     cursor: Option<String>,
-    limit: Option<usize>,
+    /// Read as text: a number that does not parse gets this API's 400, naming the parameter.
+    limit: Option<String>,
 }
 
 async fn list(
@@ -273,7 +274,16 @@ async fn list(
             message: "query parameter `account` must be an address".into(),
         }]);
     };
-    let limit = q.limit.unwrap_or(50).clamp(1, MAX_PAGE);
+    let limit = match q.limit.as_deref().map(str::parse::<usize>) {
+        None => 50,
+        Some(Ok(n)) => n.clamp(1, MAX_PAGE),
+        Some(Err(_)) => {
+            return invalid(vec![FieldIssue {
+                path: "limit".into(),
+                message: format!("query parameter `limit` must be a number (1 to {MAX_PAGE})"),
+            }]);
+        }
+    };
     let cursor = match q.cursor.as_deref().map(str::parse::<ListCursor>) {
         None => ListCursor::Offset(0),
         Some(Ok(c)) => c,

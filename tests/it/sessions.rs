@@ -371,6 +371,16 @@ async fn admin_api_authenticates_validates_and_narrows() -> TestResult {
         let (status, v) = page(bad.clone()).await?;
         assert_eq!(status, 400, "{bad}: {v}");
     }
+    // A limit that is no number: this API's 400, naming it (axum's plain text before).
+    for bad in ["-1", "two", "1e3"] {
+        let path = format!("/admin/sessions?account={account}&limit={bad}");
+        let (status, v) = admin(&app, "GET", &path, None, Some(ADMIN_TOKEN)).await?;
+        assert_eq!(
+            (status, v["issues"][0]["path"].clone()),
+            (400, json!("limit")),
+            "{bad}: {v}"
+        );
+    }
 
     let (status, v) = admin(
         &app,
