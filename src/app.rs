@@ -131,7 +131,11 @@ impl AppState {
             ),
             Some(conn) => (
                 SessionStore::Redis(RedisSessions::new(conn.clone())),
-                Ledger::Redis(RedisLedger::connect(conn.clone()).await?),
+                Ledger::Redis(
+                    RedisLedger::connect(conn.clone())
+                        .await?
+                        .with_replica_wait(config.redis_wait),
+                ),
             ),
         };
         // With Redis, every replica serves the published set. This replica's valid directory

@@ -101,6 +101,17 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_REDIS_TIMEOUT", default_value = "500ms", value_parser = humantime::parse_duration)]
     pub redis_timeout: Duration,
 
+    /// Replicas of Redis that must acknowledge each reservation call and each revocation
+    /// (`WAIT`) before the service signs or answers: a failover then loses none of them (see
+    /// docs/operations.md, "Redis failover"). 0, the default, waits for none.
+    #[arg(long, env = "SP_REDIS_WAIT_REPLICAS", default_value_t = 0)]
+    pub redis_wait_replicas: u32,
+
+    /// How long a reservation call or revocation waits for those replicas; then it fails
+    /// closed (`-32004`, the admin API's 503). Below `--redis-timeout`.
+    #[arg(long, env = "SP_REDIS_WAIT_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
+    pub redis_wait_timeout: Duration,
+
     /// SHA-256 (hex) of the admin API bearer token (see `admin-token`). Without it the admin
     /// API answers 401 to everything.
     #[arg(long, env = "SP_ADMIN_TOKEN_SHA256")]
@@ -267,6 +278,8 @@ pub struct Config {
     pub redis_url: Option<String>,
     /// Redis timeout.
     pub redis_timeout: Duration,
+    /// Replicas each reservation call and revocation waits for; `None`: none.
+    pub redis_wait: Option<crate::ledger::redis::ReplicaWait>,
     /// SHA-256 of the admin token; `None`: none (the admin API is closed without admin keys).
     pub admin_token_sha256: Option<B256>,
     /// Tenants' admin keys, each limited to its policies.
@@ -474,6 +487,12 @@ impl From<&ServeArgs> for Config {
             bundler_timeout: args.bundler_timeout,
             redis_url: args.redis_url.clone(),
             redis_timeout: args.redis_timeout,
+            redis_wait: (args.redis_wait_replicas > 0).then_some(
+                crate::ledger::redis::ReplicaWait {
+                    replicas: args.redis_wait_replicas,
+                    timeout: args.redis_wait_timeout,
+                },
+            ),
             admin_token_sha256: args.admin_token_sha256,
             admin_keys: args.admin_keys.clone(),
             admin_on_main: args.admin_listen.is_none(),
@@ -677,6 +696,16 @@ impl ServeArgs {
             "redis_timeout",
             s(humantime::format_duration(self.redis_timeout).to_string()),
         );
+        if self.redis_wait_replicas > 0 {
+            put(
+                "redis_wait_replicas",
+                toml::Value::Integer(i64::from(self.redis_wait_replicas)),
+            );
+            put(
+                "redis_wait_timeout",
+                s(humantime::format_duration(self.redis_wait_timeout).to_string()),
+            );
+        }
         if let Some(h) = self.admin_token_sha256 {
             put("admin_token_sha256", s(h.to_string()));
         }

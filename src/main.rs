@@ -554,6 +554,20 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             args.listen
         ));
     }
+    if let Some(wait) = config.redis_wait {
+        if config.redis_url.is_none() {
+            return Err(
+                "--redis-wait-replicas waits for Redis' replicas: it needs --redis-url".into(),
+            );
+        }
+        if wait.timeout >= args.redis_timeout {
+            return Err(format!(
+                "--redis-wait-timeout ({}) must be below --redis-timeout ({}): the client would give up on the wait first",
+                humantime::format_duration(wait.timeout),
+                humantime::format_duration(args.redis_timeout)
+            ));
+        }
+    }
     // Refused before anything is built (or published to Redis).
     if config.chains.len() > 1 && args.watch_from_block.is_some() {
         return Err(

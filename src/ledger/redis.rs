@@ -38,10 +38,48 @@ use crate::session::StoreError;
 use crate::session::redis::RedisConn;
 use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
 
+/// How many of Redis' replicas must hold a reservation or a revocation before the service
+/// acts on it (`--redis-wait-replicas`), and how long it waits for them (`WAIT`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct ReplicaWait {
+    /// Replicas (at least 1).
+    pub replicas: u32,
+    /// Longest wait; then the write fails closed (it stands on the primary, counted).
+    pub timeout: std::time::Duration,
+}
+
+/// `WAIT`: that `wait.replicas` replicas acknowledged every write this connection sent so far
+/// (on a Cluster, every primary's). A write a failover would lose (the primary gone before a
+/// replica had it) is a reservation forgotten, its cost with it, or a revocation undone: with
+/// the wait, nothing is signed or answered revoked before a replica holds it. One that times
+/// out fails closed: the write stands on the primary (a reservation counted until it expires,
+/// a retry gets its answer once the replicas have it).
+async fn replicated(conn: &mut RedisConn, wait: ReplicaWait) -> Result<(), StoreError> {
+    // (0 would wait for ever.)
+    let ms = u64::try_from(wait.timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let acknowledged: i64 = redis::cmd("WAIT")
+        .arg(wait.replicas)
+        .arg(ms)
+        .query_async(conn)
+        .await
+        .map_err(unavailable)?;
+    if acknowledged < i64::from(wait.replicas) {
+        return Err(StoreError::Unavailable(format!(
+            "{acknowledged} of the {} Redis replicas waited for (--redis-wait-replicas) acknowledged the write within {ms} ms; it stands on the primary, retry",
+            wait.replicas
+        )));
+    }
+    Ok(())
+}
+
 /// Redis-backed ledger.
 #[derive(Clone)]
 pub struct RedisLedger {
     conn: RedisConn,
+    /// Replicas each reservation call and revocation waits for (none: `None`).
+    wait: Option<ReplicaWait>,
     /// Reservations of a policy that wait for its call in flight, sent together in the next.
     batches: Arc<Batches<ReserveOp, redis::Value>>,
     /// A sender's counter in a window begun before this time (unix seconds: the time in
@@ -439,6 +477,25 @@ impl ReserveOp {
     }
 }
 
+/// The calls of reservations gathered per policy (`ledger::batch`), on `conn`, each followed by
+/// a wait for replicas where one is asked for: a call's replies are given only once they hold
+/// it (a wait that fails fails every reservation of the call, closed).
+fn reserve_batches(
+    conn: RedisConn,
+    wait: Option<ReplicaWait>,
+) -> Arc<Batches<ReserveOp, redis::Value>> {
+    Batches::new(Arc::new(move |ops| {
+        let mut conn = conn.clone();
+        Box::pin(async move {
+            let replies = call(&mut conn, &reserve_call(&ops)).await?;
+            if let Some(wait) = wait {
+                replicated(&mut conn, wait).await?;
+            }
+            Ok(replies)
+        })
+    }))
+}
+
 /// `FCALL` of `reserve.lua` for `ops` (at most [`MAX_BATCH`]), in turn: their keys, then the
 /// frame (each one's count of keys and of arguments, a byte each), then their arguments.
 fn reserve_call(ops: &[ReserveOp]) -> redis::Cmd {
@@ -626,13 +683,10 @@ impl RedisLedger {
     /// 0.3 kept it in, in every window, and writes records under a session by key, as 0.3.0
     /// did: for tools and tests. The service opens its ledger with [`RedisLedger::connect`].
     pub fn new(conn: RedisConn) -> Self {
-        let calls = conn.clone();
         Self {
+            batches: reserve_batches(conn.clone(), None),
             conn,
-            batches: Batches::new(Arc::new(move |ops| {
-                let mut conn = calls.clone();
-                Box::pin(async move { call(&mut conn, &reserve_call(&ops)).await })
-            })),
+            wait: None,
             legacy_before: u64::MAX,
             session_records_by_id: Arc::new(AtomicBool::new(false)),
             libraries_read: Arc::default(),
@@ -640,6 +694,15 @@ impl RedisLedger {
             refusing_for_eviction: Arc::default(),
             eviction_said: LastSaid::default(),
         }
+    }
+
+    /// This ledger with its reservation calls and revocations waiting for `wait` (`None`: for
+    /// no replica), see [`ReplicaWait`].
+    #[must_use]
+    pub fn with_replica_wait(mut self, wait: Option<ReplicaWait>) -> Self {
+        self.batches = reserve_batches(self.conn.clone(), wait);
+        self.wait = wait;
+        self
     }
 
     /// Read again what every node of Redis says of eviction (`session::redis::eviction`), which
@@ -1123,6 +1186,9 @@ impl RedisLedger {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
+        if let Some(wait) = self.wait {
+            replicated(&mut conn, wait).await?;
+        }
         Ok(())
     }
 

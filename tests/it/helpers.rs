@@ -331,6 +331,7 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),
         admin_keys: Vec::new(),
+        redis_wait: None,
         admin_on_main: true,
     }
 }
@@ -437,6 +438,9 @@ pub struct TestRedis {
     pub url: String,
     port: u16,
     data: Option<TempDir>,
+    /// A replica's directory: the sync it receives is written there, not in the working
+    /// directory (where every redis-server started would load it).
+    _scratch: Option<TempDir>,
 }
 
 impl TestRedis {
@@ -449,21 +453,90 @@ impl TestRedis {
         Self::spawn(Some(TempDir::new("redis-aof"))).await
     }
 
+    /// A replica of `primary`, once the primary counts it online (what `WAIT` counts).
+    pub async fn start_replica_of(primary: &TestRedis) -> TestResult<Self> {
+        let replica = Self::spawn_with(None, Some(primary.port)).await?;
+        let client = redis::Client::open(primary.url.as_str())?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        let online = format!("port={},state=online", replica.port);
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Instant::now() < deadline {
+            let info: String = redis::cmd("INFO")
+                .arg("replication")
+                .query_async(&mut c)
+                .await?;
+            if info.contains(&online) {
+                replica.caught_up(primary).await?;
+                return Ok(replica);
+            }
+            tokio::time::sleep(Duration::from_millis(25)).await;
+        }
+        Err("the primary did not count its replica online".into())
+    }
+
+    /// Once this replica acknowledges a write to `primary` (it may be loading its first sync,
+    /// or catching up after a pause): a write, then `WAIT` of up to 10 s for it.
+    pub async fn caught_up(&self, primary: &TestRedis) -> TestResult {
+        let client = redis::Client::open(primary.url.as_str())?;
+        let mut c = client.get_multiplexed_async_connection().await?;
+        let _: () = redis::cmd("SET")
+            .arg("test:replica-caught-up")
+            .arg(self.port)
+            .query_async(&mut c)
+            .await?;
+        let acknowledged: i64 = redis::cmd("WAIT")
+            .arg(1)
+            .arg(10_000)
+            .query_async(&mut c)
+            .await?;
+        if acknowledged < 1 {
+            return Err("the replica acknowledged nothing within 10 s".into());
+        }
+        Ok(())
+    }
+
+    /// Stop the server's process (`SIGSTOP`): connections stay open, nothing is answered or
+    /// acknowledged, as a replica that stalls.
+    pub fn pause(&self) -> TestResult {
+        let ok = Command::new("kill")
+            .args(["-STOP", &self.child.id().to_string()])
+            .status()?
+            .success();
+        if ok { Ok(()) } else { Err("kill -STOP".into()) }
+    }
+
+    /// Let a paused server go on (`SIGCONT`).
+    pub fn resume(&self) -> TestResult {
+        let ok = Command::new("kill")
+            .args(["-CONT", &self.child.id().to_string()])
+            .status()?
+            .success();
+        if ok { Ok(()) } else { Err("kill -CONT".into()) }
+    }
+
     async fn spawn(data: Option<TempDir>) -> TestResult<Self> {
+        Self::spawn_with(data, None).await
+    }
+
+    async fn spawn_with(data: Option<TempDir>, replica_of: Option<u16>) -> TestResult<Self> {
         let mut last_err = String::new();
+        let scratch = replica_of.map(|_| TempDir::new("redis-replica"));
+        let replica = replica_of.zip(scratch.as_ref().map(|d| d.0.clone()));
         for _ in 0..5 {
             let port = free_port();
-            match Self::launch(port, data.as_ref()) {
+            match Self::launch(port, data.as_ref(), replica.as_ref()) {
                 Ok(child) => {
                     let mut redis = Self {
                         child,
                         url: format!("redis://127.0.0.1:{port}"),
                         port,
                         data: None,
+                        _scratch: None,
                     };
                     match redis.wait_ready().await {
                         Ok(()) => {
                             redis.data = data;
+                            redis._scratch = scratch;
                             return Ok(redis);
                         }
                         Err(e) => last_err = e.to_string(),
@@ -475,7 +548,12 @@ impl TestRedis {
         Err(format!("redis-server did not start: {last_err}").into())
     }
 
-    fn launch(port: u16, data: Option<&TempDir>) -> TestResult<Child> {
+    /// `replica_of`: the primary's port, and the replica's own directory.
+    fn launch(
+        port: u16,
+        data: Option<&TempDir>,
+        replica_of: Option<&(u16, PathBuf)>,
+    ) -> TestResult<Child> {
         let mut cmd = Command::new("redis-server");
         cmd.args([
             "--port",
@@ -484,7 +562,14 @@ impl TestRedis {
             "127.0.0.1",
             "--save",
             "",
+            // (A replica's first sync starts at once, not after the default 5 s.)
+            "--repl-diskless-sync-delay",
+            "0",
         ]);
+        if let Some((primary, dir)) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string(), "--dir"])
+                .arg(dir);
+        }
         match data {
             Some(dir) => cmd
                 .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
@@ -527,7 +612,7 @@ impl TestRedis {
     /// Start it again on the same port, with the same append-only file.
     pub async fn restart(&mut self) -> TestResult {
         self.kill();
-        self.child = Self::launch(self.port, self.data.as_ref())?;
+        self.child = Self::launch(self.port, self.data.as_ref(), None)?;
         self.wait_ready().await
     }
 }

@@ -3513,3 +3513,127 @@ async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops()
     watcher.abort();
     Ok(())
 }
+
+/// A Redis failover loses the writes its replicas had not received: a reservation (its cost
+/// forgotten once its operation lands unmatched) or a revocation (the session usable again).
+/// With `--redis-wait-replicas`, nothing is signed or answered revoked before the replicas
+/// acknowledge it: a replica that stalls fails the call closed (`Unavailable`), the write
+/// standing on the primary, counted; a retry once it is back gets the reservation's answer.
+#[tokio::test]
+async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestResult {
+    use session_paymaster::ledger::redis::ReplicaWait;
+    use session_paymaster::session::StoreError;
+
+    let primary = TestRedis::start().await?;
+    let replica = TestRedis::start_replica_of(&primary).await?;
+    let conn =
+        session_paymaster::session::redis::connect(&primary.url, Duration::from_secs(10)).await?;
+    // A replica that answers is given seconds (the machine may be busy); one that stalls, a
+    // fifth of one.
+    let waiting = |timeout: Duration| {
+        let conn = conn.clone();
+        async move {
+            let wait = ReplicaWait {
+                replicas: 1,
+                timeout,
+            };
+            let ledger = RedisLedger::connect(conn).await?;
+            TestResult::Ok(Ledger::Redis(ledger.with_replica_wait(Some(wait))))
+        }
+    };
+    let patient = waiting(Duration::from_secs(5)).await?;
+    let hasty = waiting(Duration::from_millis(200)).await?;
+    let not_waiting = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    let mut on_replica = redis::Client::open(replica.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let scopes = || vec![pm(4200)];
+
+    // Acknowledged: the replica holds the record when the answer comes.
+    assert_eq!(
+        patient
+            .reserve(&reservation(1, 10, scopes()), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    let keys: Vec<String> = redis::cmd("KEYS")
+        .arg("sp:{p}:n:*")
+        .query_async(&mut on_replica)
+        .await?;
+    assert_eq!(keys.len(), 1, "on the replica: {keys:?}");
+
+    // A replica that stalls: the call fails closed, its reservation counted on the primary.
+    replica.pause()?;
+    let stalled = hasty
+        .reserve(&reservation(2, 10, scopes()), false, NOW)
+        .await;
+    let unanswered = not_waiting
+        .reserve(&reservation(3, 10, scopes()), false, NOW)
+        .await;
+    let session = B256::repeat_byte(0x5e);
+    let revoked = hasty.revoke_session("p", session, NOW + 7200, NOW).await;
+    replica.resume()?;
+    assert!(
+        matches!(&stalled, Err(StoreError::Unavailable(m)) if m.contains("0 of the 1 Redis replicas")),
+        "signed before a replica held it: {stalled:?}"
+    );
+    assert_eq!(waiting_usage(&patient).await?, (30, 3), "counted over");
+    // Without the wait it is answered.
+    assert_eq!(unanswered?, Outcome::Reserved);
+    assert!(
+        matches!(&revoked, Err(StoreError::Unavailable(m)) if m.contains("replicas")),
+        "{revoked:?}"
+    );
+
+    // Back: the retry gets the reservation's answer, and the revocation stands.
+    replica.caught_up(&primary).await?;
+    assert_eq!(
+        patient
+            .reserve(&reservation(2, 10, scopes()), false, NOW)
+            .await?,
+        Outcome::Existing(answer(2, NOW + 600))
+    );
+    patient
+        .revoke_session("p", session, NOW + 7200, NOW)
+        .await?;
+    let status: Option<String> = redis::cmd("HGET")
+        .arg(format!("sp:{{p}}:session:{session}"))
+        .arg("status")
+        .query_async(&mut on_replica)
+        .await?;
+    assert_eq!(status.as_deref(), Some("revoked"));
+
+    // Through the service: `-32004`, then the answer.
+    let dir = crate::e2e::budgeted_policies()?;
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
+    c.policies_dir = dir.0.clone();
+    c.redis_url = Some(primary.url.clone());
+    // (Below the service's Redis timeout, 500 ms here.)
+    c.redis_wait = Some(ReplicaWait {
+        replicas: 1,
+        timeout: Duration::from_millis(300),
+    });
+    let app = crate::helpers::TestApp::spawn(c).await?;
+    let op = crate::helpers::counter_op(Address::repeat_byte(0x11), 0, "increment()");
+    let body = json!({
+        "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+        "params": [op.to_json(), EntryPointVersion::V0_7.canonical_address(), {}]
+    })
+    .to_string();
+    replica.pause()?;
+    let (_, stalled) = app.post(&body).await?;
+    replica.resume()?;
+    assert_eq!(stalled["error"]["code"], json!(-32004), "{stalled}");
+    replica.caught_up(&primary).await?;
+    let (_, v) = app.post(&body).await?;
+    assert!(v["result"]["paymasterData"].is_string(), "{v}");
+    Ok(())
+}
+
+/// Policy `p`'s `pm` counter.
+async fn waiting_usage(ledger: &Ledger) -> TestResult<(u64, u64)> {
+    Ok(ledger.usage("p", "pm").await?)
+}
