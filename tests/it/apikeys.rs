@@ -13,22 +13,37 @@ use crate::helpers::{TestApp, TestResult, config, counter_op};
 
 /// `apikey new`, run as an operator would; returns (key, config value).
 fn new_key(name: &str, policies: &str) -> TestResult<(String, String)> {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
-    cmd.args(["apikey", "new", "--name", name]);
+    let mut args = vec!["apikey", "new", "--name", name];
     if !policies.is_empty() {
-        cmd.args(["--policies", policies]);
+        args.extend(["--policies", policies]);
     }
-    let out = cmd.output()?;
-    assert!(out.status.success());
+    credential(&args, "--api-key ")
+}
+
+/// `admin-token --name --policies`, run as an operator would; returns (token, config value).
+fn new_admin_key(name: &str, policies: &str) -> TestResult<(String, String)> {
+    credential(
+        &["admin-token", "--name", name, "--policies", policies],
+        "--admin-key ",
+    )
+}
+
+/// The credential a command prints (its second line) and its config value (the fourth, after
+/// `flag`).
+fn credential(args: &[&str], flag: &str) -> TestResult<(String, String)> {
+    let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args(args)
+        .output()?;
+    assert!(out.status.success(), "{out:?}");
     let text = String::from_utf8(out.stdout)?;
     let lines: Vec<&str> = text.lines().collect();
-    let key = lines.get(1).ok_or("key line")?.to_string();
+    let secret = lines.get(1).ok_or("credential line")?.to_string();
     let config = lines
         .get(3)
-        .and_then(|l| l.strip_prefix("--api-key "))
+        .and_then(|l| l.strip_prefix(flag))
         .ok_or("config line")?
         .to_string();
-    Ok((key, config))
+    Ok((secret, config))
 }
 
 fn op_json() -> Value {
@@ -307,23 +322,6 @@ async fn validating_many_policies_costs_as_many_calls() -> TestResult {
         "{v}"
     );
     Ok(())
-}
-
-/// `admin-token --name --policies`, run as an operator would; returns (token, config value).
-fn new_admin_key(name: &str, policies: &str) -> TestResult<(String, String)> {
-    let out = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
-        .args(["admin-token", "--name", name, "--policies", policies])
-        .output()?;
-    assert!(out.status.success(), "{out:?}");
-    let text = String::from_utf8(out.stdout)?;
-    let lines: Vec<&str> = text.lines().collect();
-    let token = lines.get(1).ok_or("token line")?.to_string();
-    let config = lines
-        .get(3)
-        .and_then(|l| l.strip_prefix("--admin-key "))
-        .ok_or("config line")?
-        .to_string();
-    Ok((token, config))
 }
 
 /// The admin API had one token for every policy, and the docs send each dapp backend to it to

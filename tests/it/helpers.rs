@@ -498,20 +498,24 @@ impl TestRedis {
     /// Stop the server's process (`SIGSTOP`): connections stay open, nothing is answered or
     /// acknowledged, as a replica that stalls.
     pub fn pause(&self) -> TestResult {
-        let ok = Command::new("kill")
-            .args(["-STOP", &self.child.id().to_string()])
-            .status()?
-            .success();
-        if ok { Ok(()) } else { Err("kill -STOP".into()) }
+        self.signal("-STOP")
     }
 
     /// Let a paused server go on (`SIGCONT`).
     pub fn resume(&self) -> TestResult {
-        let ok = Command::new("kill")
-            .args(["-CONT", &self.child.id().to_string()])
+        self.signal("-CONT")
+    }
+
+    fn signal(&self, signal: &str) -> TestResult {
+        let sent = Command::new("kill")
+            .args([signal, &self.child.id().to_string()])
             .status()?
             .success();
-        if ok { Ok(()) } else { Err("kill -CONT".into()) }
+        if sent {
+            Ok(())
+        } else {
+            Err(format!("kill {signal}").into())
+        }
     }
 
     async fn spawn(data: Option<TempDir>) -> TestResult<Self> {
