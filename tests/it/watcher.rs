@@ -760,6 +760,41 @@ async fn a_replica_whose_paymasters_are_not_noted_signs_nothing_that_outlasts_th
     Ok(())
 }
 
+/// A landed operation three blocks below the head, and a watcher without a cursor that reads
+/// the chain through a proxy (`RpcProxy`) that can play a node's faults.
+struct Proxied {
+    _redis: crate::helpers::TestRedis,
+    stack: crate::helpers::Stack,
+    _dir: crate::helpers::TempDir,
+    /// The operation's actual cost, gwei.
+    actual: u64,
+    proxy: crate::helpers::RpcProxy,
+    /// The head when the watcher was made.
+    head: u64,
+    watcher: Watcher,
+}
+
+async fn landed_behind_a_proxy() -> TestResult<Proxied> {
+    let redis = crate::helpers::TestRedis::start().await?;
+    let (stack, dir, actual) = landed_op(Some(&redis)).await?;
+    mine(&stack, 3).await?;
+    let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
+    let provider = ProviderBuilder::new()
+        .connect_http(proxy.url.parse()?)
+        .erased();
+    let head = provider.get_block_number().await?;
+    let watcher = crate::helpers::dev_watcher(provider, stack.app.state.sponsor.chain(31337)?);
+    Ok(Proxied {
+        _redis: redis,
+        stack,
+        _dir: dir,
+        actual,
+        proxy,
+        head,
+        watcher,
+    })
+}
+
 /// A load-balanced RPC's backend that lags may answer `eth_getLogs` over blocks it does not
 /// have yet with no logs rather than an error, while another answers the head and the block
 /// reads: the cursor moved past the landed operation, whose reservation was then released and
@@ -771,16 +806,16 @@ async fn a_backend_that_lags_behind_the_logs_asked_for_fails_the_poll() -> TestR
     use session_paymaster::chain::watcher::WatchError;
     use std::sync::atomic::Ordering;
 
-    let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, actual) = landed_op(Some(&redis)).await?;
-    mine(&stack, 3).await?;
-    let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
-    let provider = ProviderBuilder::new()
-        .connect_http(proxy.url.parse()?)
-        .erased();
-    let head = provider.get_block_number().await?;
+    let Proxied {
+        stack,
+        actual,
+        proxy,
+        head,
+        watcher,
+        _redis,
+        _dir,
+    } = landed_behind_a_proxy().await?;
     let sponsor = &stack.app.state.sponsor;
-    let watcher = crate::helpers::dev_watcher(provider, sponsor.chain(31337)?);
 
     let reserved = day_usage(sponsor).await?;
     assert!(reserved.0 > actual, "open at its worst case: {reserved:?}");
@@ -814,17 +849,17 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
     use session_paymaster::chain::watcher::WatchError;
     use std::sync::atomic::Ordering;
 
-    let redis = crate::helpers::TestRedis::start().await?;
-    let (stack, _dir, actual) = landed_op(Some(&redis)).await?;
-    mine(&stack, 3).await?;
-    let proxy = crate::helpers::RpcProxy::start(stack.anvil.url.clone()).await?;
-    let provider = ProviderBuilder::new()
-        .connect_http(proxy.url.parse()?)
-        .erased();
-    let head = provider.get_block_number().await?;
-    let sponsor = &stack.app.state.sponsor;
     // From block 0 without a cursor: one range, to the head.
-    let watcher = crate::helpers::dev_watcher(provider, sponsor.chain(31337)?);
+    let Proxied {
+        stack,
+        actual,
+        proxy,
+        head,
+        watcher,
+        _redis,
+        _dir,
+    } = landed_behind_a_proxy().await?;
+    let sponsor = &stack.app.state.sponsor;
 
     proxy.missing_blocks.store(true, Ordering::Relaxed);
     match watcher.poll_once(sponsor).await {
