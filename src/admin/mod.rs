@@ -34,7 +34,7 @@ use crate::apikey::sha256_matches;
 use crate::app::AppState;
 use crate::clock::unix_now;
 use crate::session::grant::{FieldIssue, SessionGrant};
-use crate::session::{ListCursor, StoreError};
+use crate::session::{ListCursor, ListPlace, StoreError};
 
 /// Most sessions per page.
 pub const MAX_PAGE: usize = 100;
@@ -294,25 +294,72 @@ async fn list(
             }]);
         }
     };
-    match state
-        .sponsor
-        .sessions()
-        .list_by_account(account, cursor, limit)
-        .await
-    {
-        Ok(page) => {
-            // The page's cursor is where it ended, whatever this key may see of it.
-            let sessions: Vec<_> = page
-                .sessions
-                .into_iter()
-                .filter(|g| scope.reaches(&g.policy))
-                .collect();
-            axum::Json(json!({
-                "sessions": sessions,
-                "nextCursor": page.next_cursor.map(|c| c.to_string()),
-            }))
-            .into_response()
-        }
+    let sessions = state.sponsor.sessions();
+    let page = match &scope.policies {
+        None => sessions
+            .list_by_account(account, cursor, limit)
+            .await
+            .map(Some),
+        Some(_) => tenant_page(sessions, &scope, account, cursor, limit).await,
+    };
+    match page {
+        Ok(Some(page)) => axum::Json(json!({
+            "sessions": page.sessions,
+            "nextCursor": page.next_cursor.map(|c| c.to_string()),
+        }))
+        .into_response(),
+        Ok(None) => error(
+            StatusCode::SERVICE_UNAVAILABLE,
+            format!(
+                "over {TENANT_SCAN} sessions of other tenants follow on this account: the operator's token lists them"
+            ),
+        ),
         Err(e) => store_failed(e),
+    }
+}
+
+/// Most grants one tenant's listing request reads past (others' included) before it gives up.
+const TENANT_SCAN: usize = 100_000;
+
+/// A page of `scope`'s own grants of `account`: the store's pages read from `cursor` until
+/// `limit` of them, or the end. Its cursor is the place of its own last grant: the place of
+/// another tenant's would name that grant (its id and times). `None`: [`TENANT_SCAN`] grants
+/// read without reaching either.
+async fn tenant_page(
+    sessions: &crate::session::SessionStore,
+    scope: &Scope,
+    account: Address,
+    mut cursor: ListCursor,
+    limit: usize,
+) -> Result<Option<crate::session::Page>, StoreError> {
+    let mut own = Vec::new();
+    let mut read = 0;
+    loop {
+        let page = sessions.list_by_account(account, cursor, MAX_PAGE).await?;
+        read += page.sessions.len();
+        for grant in page.sessions {
+            if !scope.reaches(&grant.policy) {
+                continue;
+            }
+            if own.len() == limit {
+                // One more of its own follows: the next page starts after the last given.
+                let next = own.last().map(|g| ListCursor::After(ListPlace::of(g)));
+                return Ok(Some(crate::session::Page {
+                    sessions: own,
+                    next_cursor: next,
+                }));
+            }
+            own.push(grant);
+        }
+        match page.next_cursor {
+            None => {
+                return Ok(Some(crate::session::Page {
+                    sessions: own,
+                    next_cursor: None,
+                }));
+            }
+            Some(_) if read >= TENANT_SCAN => return Ok(None),
+            Some(next) => cursor = next,
+        }
     }
 }

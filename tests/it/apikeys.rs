@@ -333,6 +333,7 @@ async fn validating_many_policies_costs_as_many_calls() -> TestResult {
 async fn a_tenants_admin_key_reaches_only_its_policies_sessions() -> TestResult {
     use crate::helpers::ADMIN_TOKEN;
     use crate::sessions::{admin, grant_request};
+    let key_address = || Address::repeat_byte(0xb3);
 
     let (games, games_cfg) = new_admin_key("games", "game-moves")?;
     let (shop, shop_cfg) = new_admin_key("shop", "dev-counter")?;
@@ -399,6 +400,61 @@ async fn a_tenants_admin_key_reaches_only_its_policies_sessions() -> TestResult 
     assert_eq!(status, 403);
     let (status, _) = admin(&app, "GET", "/admin/policies", None, Some(ADMIN_TOKEN)).await?;
     assert_eq!(status, 200);
+
+    // Listings page through both tenants' grants of the account: each sees its own, and no
+    // cursor names the other's (a cursor is a grant's place: its times and id).
+    let create = |key: String, policy: &'static str| {
+        let app = &app;
+        async move {
+            let body = grant_request(account, key_address(), policy);
+            let (status, v) = admin(app, "POST", "/admin/sessions", Some(body), Some(&key)).await?;
+            assert_eq!(status, 201, "{v}");
+            TestResult::Ok(v["sessionId"].as_str().ok_or("sessionId")?.to_string())
+        }
+    };
+    let theirs = create(shop.clone(), "dev-counter").await?;
+    let second = create(games.clone(), "game-moves").await?;
+    let walk = |key: String| {
+        let (app, listing) = (&app, listing.clone());
+        async move {
+            let (mut ids, mut cursors, mut cursor) = (Vec::new(), Vec::new(), None::<String>);
+            loop {
+                let page = match &cursor {
+                    Some(c) => format!("{listing}&limit=1&cursor={c}"),
+                    None => format!("{listing}&limit=1"),
+                };
+                let (status, v) = admin(app, "GET", &page, None, Some(&key)).await?;
+                assert_eq!(status, 200, "{v}");
+                for g in v["sessions"].as_array().ok_or("sessions")? {
+                    ids.push(g["sessionId"].as_str().ok_or("id")?.to_string());
+                }
+                match v["nextCursor"].as_str() {
+                    Some(c) => {
+                        cursors.push(c.to_string());
+                        cursor = Some(c.to_string());
+                    }
+                    None => break,
+                }
+            }
+            TestResult::Ok((ids, cursors))
+        }
+    };
+    let (ids, cursors) = walk(games.clone()).await?;
+    assert_eq!(ids, vec![id.clone(), second], "its own, in order");
+    let (shop_ids, shop_cursors) = walk(shop.clone()).await?;
+    assert_eq!(shop_ids, vec![theirs.clone()]);
+    for c in cursors {
+        assert!(
+            !c.contains(&theirs[2..]),
+            "a games cursor names shop's grant: {c}"
+        );
+    }
+    for c in shop_cursors {
+        assert!(
+            !c.contains(&id[2..]),
+            "a shop cursor names games' grant: {c}"
+        );
+    }
 
     // Its own tenant lists, reads and revokes it.
     let (_, v) = admin(&app, "GET", &listing, None, Some(&games)).await?;
