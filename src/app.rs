@@ -129,14 +129,18 @@ impl AppState {
                 SessionStore::Memory(MemorySessions::new()),
                 Ledger::Memory(MemoryLedger::new()),
             ),
-            Some(conn) => (
-                SessionStore::Redis(RedisSessions::new(conn.clone())),
-                Ledger::Redis(
-                    RedisLedger::connect(conn.clone())
-                        .await?
-                        .with_replica_wait(config.redis_wait),
-                ),
-            ),
+            Some(conn) => {
+                let mut ledger = RedisLedger::connect(conn.clone()).await?;
+                if let (Some(wait), Some(url)) = (config.redis_wait, &config.redis_url) {
+                    // A connection of their own for the calls that wait for replicas.
+                    let waited = session::redis::connect(url, config.redis_timeout).await?;
+                    ledger = ledger.with_replica_wait(wait, waited);
+                }
+                (
+                    SessionStore::Redis(RedisSessions::new(conn.clone())),
+                    Ledger::Redis(ledger),
+                )
+            }
         };
         // With Redis, every replica serves the published set. This replica's valid directory
         // becomes it only if none is published yet, or when told to (`--publish-policies`, as

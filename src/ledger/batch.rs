@@ -12,9 +12,10 @@
 //! So a reservation waits for a few calls at most before its own, each bounded by the Redis
 //! timeout; one whose client hung up meanwhile is dropped before its call, not reserved.
 //!
-//! A policy's checks (stubs, explanations: `check_only`) are gathered apart from its signing
-//! runs, under a name of their own (`RedisLedger::reserve`): each kind has its own calls in
-//! flight and its own bound on those waiting, so a flood of checks refuses no signing run.
+//! The Redis ledger gathers a policy's checks (stubs, explanations: `check_only`) apart from its
+//! signing runs, in a `Batches` of their own: each has its own calls in flight and its own bound
+//! on those waiting (a policy so has up to twice the figures below), so a flood of checks
+//! refuses no signing run.
 //!
 //! The calls run in tasks of their own, not in the requests that started them: a client that
 //! hangs up cancels no one else's call. Each ledger (each replica) gathers its own.

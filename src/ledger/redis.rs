@@ -48,18 +48,40 @@ pub struct ReplicaWait {
     pub timeout: std::time::Duration,
 }
 
-/// `WAIT`: that `wait.replicas` replicas acknowledged every write this connection sent so far
-/// (on a Cluster, every primary's). A write a failover would lose (the primary gone before a
-/// replica had it) is a reservation forgotten, its cost with it, or a revocation undone: with
-/// the wait, nothing is signed or answered revoked before a replica holds it. One that times
-/// out fails closed: the write stands on the primary (a reservation counted until it expires,
-/// a retry gets its answer once the replicas have it).
-async fn replicated(conn: &mut RedisConn, wait: ReplicaWait) -> Result<(), StoreError> {
+/// That `wait.replicas` replicas hold everything written to the primary of `slot`'s keys (a
+/// key of the policy's: `sp:{P}:…`) so far: a write of a marker key in that slot, then
+/// `WAIT` (on a Cluster, every primary's), in one pipeline. `WAIT` covers the writes of its own
+/// connection only, up to its last: the marker makes that last write come after whatever
+/// this call found already written, by this replica or another (a retry answered with the
+/// reservation another replica made, whose own wait failed, writes nothing else), and on
+/// whatever connection the pipeline runs (one made again since the call). A write a failover
+/// would lose (the primary gone before a replica had it) is a reservation forgotten, its cost
+/// with it, or a revocation undone: with the wait, nothing is signed or answered revoked before
+/// a replica holds it. One that times out fails closed: the write stands on the primary (a
+/// reservation counted until it expires, a retry gets its answer once the replicas have it).
+async fn replicated(
+    conn: &mut RedisConn,
+    wait: ReplicaWait,
+    slot: &[u8],
+) -> Result<(), StoreError> {
     // (0 would wait for ever.)
     let ms = u64::try_from(wait.timeout.as_millis())
         .unwrap_or(u64::MAX)
         .max(1);
-    let acknowledged: i64 = redis::cmd("WAIT")
+    let prefix_end = slot
+        .windows(2)
+        .position(|w| w == b"}:")
+        .map(|i| i + 2)
+        .ok_or_else(|| unavailable("a ledger key without its policy's slot"))?;
+    let mut marker = slot[..prefix_end].to_vec();
+    marker.extend_from_slice(b"replicated");
+    let (_, acknowledged): ((), i64) = redis::pipe()
+        .cmd("SET")
+        .arg(marker)
+        .arg(1)
+        .arg("EX")
+        .arg(3600)
+        .cmd("WAIT")
         .arg(wait.replicas)
         .arg(ms)
         .query_async(conn)
@@ -78,10 +100,16 @@ async fn replicated(conn: &mut RedisConn, wait: ReplicaWait) -> Result<(), Store
 #[derive(Clone)]
 pub struct RedisLedger {
     conn: RedisConn,
-    /// Replicas each reservation call and revocation waits for (none: `None`).
-    wait: Option<ReplicaWait>,
-    /// Reservations of a policy that wait for its call in flight, sent together in the next.
+    /// Replicas each signing run's call and each revocation waits for, and the connection they
+    /// go on (one of their own: Redis holds a connection's later commands while it waits, and
+    /// every other request of this replica goes on `conn`); `None`: none.
+    wait: Option<(ReplicaWait, RedisConn)>,
+    /// Signing runs of a policy that wait for its call in flight, sent together in the next.
     batches: Arc<Batches<ReserveOp, redis::Value>>,
+    /// Its checks (stubs, explanations: free to ask, rated per key only), apart, with bounds of
+    /// their own, so that a flood of them refuses no signing run; they write nothing, and wait
+    /// for no replica.
+    checks: Arc<Batches<ReserveOp, redis::Value>>,
     /// A sender's counter in a window begun before this time (unix seconds: the time in
     /// [`LAYOUT_SINCE_KEY`] plus `LEGACY_MARGIN_SECS`), or in a budget without a period, may
     /// also be in the key a version before 0.3 kept it in (`budget_key` of its name), which `reserve.lua`
@@ -489,7 +517,9 @@ fn reserve_batches(
         Box::pin(async move {
             let replies = call(&mut conn, &reserve_call(&ops)).await?;
             if let Some(wait) = wait {
-                replicated(&mut conn, wait).await?;
+                // (A call's operations are of one policy: its first key names the slot.)
+                let slot = ops.first().and_then(|op| op.keys.first());
+                replicated(&mut conn, wait, slot.map_or(&[][..], Vec::as_slice)).await?;
             }
             Ok(replies)
         })
@@ -685,6 +715,7 @@ impl RedisLedger {
     pub fn new(conn: RedisConn) -> Self {
         Self {
             batches: reserve_batches(conn.clone(), None),
+            checks: reserve_batches(conn.clone(), None),
             conn,
             wait: None,
             legacy_before: u64::MAX,
@@ -696,12 +727,12 @@ impl RedisLedger {
         }
     }
 
-    /// This ledger with its reservation calls and revocations waiting for `wait` (`None`: for
-    /// no replica), see [`ReplicaWait`].
+    /// This ledger with its signing runs' calls and its revocations waiting for `wait`, on
+    /// `conn`, a connection to the same Redis kept for them (see [`ReplicaWait`]).
     #[must_use]
-    pub fn with_replica_wait(mut self, wait: Option<ReplicaWait>) -> Self {
-        self.batches = reserve_batches(self.conn.clone(), wait);
-        self.wait = wait;
+    pub fn with_replica_wait(mut self, wait: ReplicaWait, conn: RedisConn) -> Self {
+        self.batches = reserve_batches(conn.clone(), Some(wait));
+        self.wait = Some((wait, conn));
         self
     }
 
@@ -991,20 +1022,15 @@ impl RedisLedger {
                 t.limit.to_string().into_bytes(),
             ]);
         }
-        // Its own reply, from the call it went in with any others of its policy. Checks
-        // (stubs, explanations: free to ask, rated per key only) wait apart from signing runs,
-        // each with their own bound, so that a flood of them cannot fill the queue signing
-        // runs wait in. (A policy id has no space.)
-        let lane;
-        let queue = if check_only {
-            lane = format!("{} checks", r.policy);
-            lane.as_str()
+        // Its own reply, from the call it went in with any others of its policy (its checks
+        // with its checks).
+        let batches = if check_only {
+            &self.checks
         } else {
-            r.policy.as_str()
+            &self.batches
         };
-        let reply = self
-            .batches
-            .submit(queue, ReserveOp::new(keys, args)?)
+        let reply = batches
+            .submit(&r.policy, ReserveOp::new(keys, args)?)
             .await?;
         let reply: Vec<redis::Value> = redis::from_redis_value(reply).map_err(unavailable)?;
         let text = |i: usize| -> Result<String, StoreError> {
@@ -1177,7 +1203,10 @@ impl RedisLedger {
         expires_at: u64,
         now: u64,
     ) -> Result<(), StoreError> {
-        let mut conn = self.conn.clone();
+        let mut conn = match &self.wait {
+            Some((_, waited)) => waited.clone(),
+            None => self.conn.clone(),
+        };
         let key = session_key(policy, session);
         let ttl = i64::try_from(ttl_secs(expires_at, now)).unwrap_or(i64::MAX);
         let _: i64 = revoke_session_script()
@@ -1186,8 +1215,8 @@ impl RedisLedger {
             .invoke_async(&mut conn)
             .await
             .map_err(unavailable)?;
-        if let Some(wait) = self.wait {
-            replicated(&mut conn, wait).await?;
+        if let Some((wait, _)) = self.wait {
+            replicated(&mut conn, wait, key.as_bytes()).await?;
         }
         Ok(())
     }

@@ -3530,6 +3530,7 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         session_paymaster::session::redis::connect(&primary.url, Duration::from_secs(10)).await?;
     // A replica that answers is given seconds (the machine may be busy); one that stalls, a
     // fifth of one.
+    let url = primary.url.as_str();
     let waiting = |timeout: Duration| {
         let conn = conn.clone();
         async move {
@@ -3537,12 +3538,17 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
                 replicas: 1,
                 timeout,
             };
-            let ledger = RedisLedger::connect(conn).await?;
-            TestResult::Ok(Ledger::Redis(ledger.with_replica_wait(Some(wait))))
+            let ledger = RedisLedger::connect(conn.clone()).await?;
+            // (The waits on a connection of their own, as the service keeps them.)
+            let waited =
+                session_paymaster::session::redis::connect(url, Duration::from_secs(10)).await?;
+            TestResult::Ok(Ledger::Redis(ledger.with_replica_wait(wait, waited)))
         }
     };
     let patient = waiting(Duration::from_secs(5)).await?;
     let hasty = waiting(Duration::from_millis(200)).await?;
+    // Another service replica's ledger, on connections of its own.
+    let other = waiting(Duration::from_millis(200)).await?;
     let not_waiting = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
     let mut on_replica = redis::Client::open(replica.url.as_str())?
         .get_multiplexed_async_connection()
@@ -3562,10 +3568,22 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         .await?;
     assert_eq!(keys.len(), 1, "on the replica: {keys:?}");
 
-    // A replica that stalls: the call fails closed, its reservation counted on the primary.
+    // A replica that stalls (having acknowledged everything written before): the call fails
+    // closed, its reservation counted on the primary.
+    replica.caught_up(&primary).await?;
     replica.pause()?;
     let stalled = hasty
         .reserve(&reservation(2, 10, scopes()), false, NOW)
+        .await;
+    // Its retry through another service replica finds the reservation made, and writes
+    // nothing of its own: its wait still covers that reservation (found by review: a wait
+    // covers its own connection's writes only, and that one had made none).
+    let retried = other
+        .reserve(&reservation(2, 10, scopes()), false, NOW)
+        .await;
+    // A check writes nothing, and waits for no replica.
+    let checked = hasty
+        .reserve(&reservation(4, 10, scopes()), true, NOW)
         .await;
     let unanswered = not_waiting
         .reserve(&reservation(3, 10, scopes()), false, NOW)
@@ -3577,6 +3595,11 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         matches!(&stalled, Err(StoreError::Unavailable(m)) if m.contains("0 of the 1 Redis replicas")),
         "signed before a replica held it: {stalled:?}"
     );
+    assert!(
+        matches!(&retried, Err(StoreError::Unavailable(m)) if m.contains("0 of the 1 Redis replicas")),
+        "its answer handed out by another replica before a replica held it: {retried:?}"
+    );
+    assert_eq!(checked?, Outcome::Reserved, "checked, without waiting");
     assert_eq!(waiting_usage(&patient).await?, (30, 3), "counted over");
     // Without the wait it is answered.
     assert_eq!(unanswered?, Outcome::Reserved);
