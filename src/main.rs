@@ -363,7 +363,9 @@ async fn check_paymasters(
         match tokio::time::timeout(std::time::Duration::from_secs(5), read.call()).await {
             Ok(Ok(serves)) if serves != ep.address => {
                 return Err(format!(
-                    "the paymaster {paymaster} configured for EntryPoint {v} ({a}) on chain {c}                      serves EntryPoint {serves}: its signatures would land where the watcher                      does not read; configure the paymaster deployed for {a}",
+                    "the paymaster {paymaster} configured for EntryPoint {v} ({a}) on chain {c} \
+                     serves EntryPoint {serves}: its signatures would land where the watcher \
+                     does not read; configure the paymaster deployed for {a}",
                     v = ep.version,
                     a = ep.address,
                     c = chain.chain_id
@@ -554,6 +556,18 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             args.listen
         ));
     }
+    // A tenant's admin key without policies would reach every policy's sessions and status,
+    // the operator's token's reach.
+    if let Some(k) = config
+        .admin_keys
+        .iter()
+        .find(|k| k.policies.as_ref().is_none_or(Vec::is_empty))
+    {
+        return Err(format!(
+            "admin key `{}` (--admin-key) names no policies: a tenant's key is `name:sha256:policy,…` (see `admin-token --name … --policies …`); the operator's is --admin-token-sha256",
+            k.name
+        ));
+    }
     if let Some(wait) = config.redis_wait {
         if config.redis_url.is_none() {
             return Err(
@@ -575,6 +589,27 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
              out (each watcher starts before its chain's oldest open reservation)"
                 .into(),
         );
+    }
+    // Each chain's node, checked before anything is built (or published, or noted in Redis
+    // for the watchers): a node of another chain is refused now if it answers (if it does not
+    // yet, the watcher checks before it reads anything), and so is a paymaster of another
+    // EntryPoint.
+    for chain in &config.chains {
+        let Some(url) = &chain.rpc_url else {
+            continue;
+        };
+        let provider = session_paymaster::chain::client::provider(url)?;
+        if let Ok(Ok(serves)) =
+            tokio::time::timeout(std::time::Duration::from_secs(5), provider.get_chain_id()).await
+            && serves != chain.chain_id
+        {
+            return Err(format!(
+                "the rpc_url (--rpc-url) of chain {c} serves chain {serves}, not {c}: settlement \
+                 would read another chain",
+                c = chain.chain_id
+            ));
+        }
+        check_paymasters(&provider, chain).await?;
     }
     let state = Arc::new(
         AppState::build(&config)
@@ -615,19 +650,6 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             continue;
         };
         let provider = session_paymaster::chain::client::provider(url)?;
-        // A node of another chain is refused now if it answers; if it does not yet, the
-        // watcher checks before it reads anything.
-        if let Ok(Ok(serves)) =
-            tokio::time::timeout(std::time::Duration::from_secs(5), provider.get_chain_id()).await
-            && serves != chain.chain_id
-        {
-            return Err(format!(
-                "the rpc_url (--rpc-url) of chain {c} serves chain {serves}, not {c}: settlement \
-                 would read another chain",
-                c = chain.chain_id
-            ));
-        }
-        check_paymasters(&provider, chain).await?;
         let cursor = match state.redis() {
             Some(conn) => Cursor::redis(conn.clone(), chain.chain_id),
             None => Cursor::memory(),

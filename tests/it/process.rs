@@ -494,3 +494,45 @@ async fn serve_raises_its_soft_open_file_limit_to_the_hard_one() -> TestResult {
     assert_eq!(numbers.get(..2), Some(&["4096", "4096"][..]), "{line}");
     Ok(())
 }
+
+/// `serve` with `args` (from the repository, on a free port, with no `SP_*` variable of this
+/// environment and no configuration file) exits with a failure within 30 s (bounded: were its
+/// check to miss, serve would run on); its stderr.
+pub(crate) async fn serve_refuses(args: &[&str]) -> TestResult<String> {
+    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+        .args(["serve", "--config", "/dev/null", "--listen", "127.0.0.1:0"])
+        .args(args)
+        .env_clear()
+        .envs(std::env::vars().filter(|(k, _)| !k.starts_with("SP_")))
+        .current_dir(crate::helpers::repo_dir())
+        .stdout(std::process::Stdio::null())
+        .stderr(std::process::Stdio::piped())
+        .spawn()?;
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let status = loop {
+        if let Some(status) = serve.try_wait()? {
+            break Some(status);
+        }
+        if std::time::Instant::now() > deadline {
+            let _ = serve.kill();
+            break None;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    };
+    let mut stderr = String::new();
+    std::io::Read::read_to_string(&mut serve.stderr.take().ok_or("stderr")?, &mut stderr)?;
+    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
+    Ok(stderr)
+}
+
+/// A tenant's admin key without policies would reach every policy's sessions and the policy
+/// set's status, as the operator's token does (found by review: the config took
+/// `--admin-key name:sha256`, the API key format): `serve` refuses it.
+#[tokio::test]
+async fn serve_refuses_an_admin_key_without_policies() -> TestResult {
+    let key = format!("shop:0x{}", "ab".repeat(32));
+    let stderr = serve_refuses(&["--admin-key", &key]).await?;
+    assert!(stderr.contains("admin key `shop`"), "{stderr}");
+    assert!(stderr.contains("names no policies"), "{stderr}");
+    Ok(())
+}

@@ -597,36 +597,9 @@ async fn a_node_of_another_chain_settles_and_releases_nothing() -> TestResult {
     );
 
     // (Bounded: were the check to miss, serve would run on.)
-    let stderr = serve_refuses(&["--rpc-url", &stack.anvil.url]).await?;
+    let stderr = crate::process::serve_refuses(&["--rpc-url", &stack.anvil.url]).await?;
     assert!(stderr.contains("serves chain 5, not 31337"), "{stderr}");
     Ok(())
-}
-
-/// `serve` with `args` (from the repository, on a free port) exits with a failure within
-/// 30 s (bounded: were its check to miss, serve would run on); its stderr.
-async fn serve_refuses(args: &[&str]) -> TestResult<String> {
-    let mut serve = std::process::Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
-        .args(["serve", "--listen", "127.0.0.1:0"])
-        .args(args)
-        .current_dir(crate::helpers::repo_dir())
-        .stdout(std::process::Stdio::null())
-        .stderr(std::process::Stdio::piped())
-        .spawn()?;
-    let deadline = std::time::Instant::now() + Duration::from_secs(30);
-    let status = loop {
-        if let Some(status) = serve.try_wait()? {
-            break Some(status);
-        }
-        if std::time::Instant::now() > deadline {
-            let _ = serve.kill();
-            break None;
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    };
-    let mut stderr = String::new();
-    std::io::Read::read_to_string(&mut serve.stderr.take().ok_or("stderr")?, &mut stderr)?;
-    assert!(status.is_some_and(|s| !s.success()), "{stderr}");
-    Ok(stderr)
 }
 
 /// A paymaster configured for an EntryPoint it does not serve: our signatures are valid at the
@@ -638,8 +611,13 @@ async fn serve_refuses_a_paymaster_of_another_entry_point() -> TestResult {
     let stack = crate::helpers::Stack::start().await?;
     let v08 = stack.version(EntryPointVersion::V0_8);
     let paymaster = v08.paymaster.to_string();
-    let stderr =
-        serve_refuses(&["--rpc-url", &stack.anvil.url, "--paymaster-v07", &paymaster]).await?;
+    let stderr = crate::process::serve_refuses(&[
+        "--rpc-url",
+        &stack.anvil.url,
+        "--paymaster-v07",
+        &paymaster,
+    ])
+    .await?;
     assert!(
         stderr.contains(&format!("serves EntryPoint {}", v08.entry_point)),
         "{stderr}"
