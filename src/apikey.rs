@@ -47,6 +47,12 @@ impl std::str::FromStr for ApiKey {
     }
 }
 
+/// Whether a credential limited to the policies `allowed` (`None`: every one) reaches policy
+/// `id`: an API key's (its `policies`) or a tenant's admin key's.
+pub fn reaches(allowed: Option<&[String]>, id: &str) -> bool {
+    allowed.is_none_or(|ids| ids.iter().any(|p| p == id))
+}
+
 /// Whether SHA-256(`token`) equals `expected`, compared in constant time.
 pub fn sha256_matches(token: &str, expected: &B256) -> bool {
     let digest = Sha256::digest(token.as_bytes());

@@ -5,16 +5,17 @@
 //! The operator's token (`--admin-token-sha256`) reaches every policy's sessions. A tenant's
 //! admin key (`--admin-key name:sha256:policies`) reaches only the sessions of its policies:
 //! to it another tenant's session is no session (404), another tenant's policy no policy
-//! (400, as an unknown one), a listing shows only its own (a page may so hold fewer than its
-//! `limit`), and `/admin/policies`, every tenant's, answers 403.
+//! (400, as an unknown one), a listing shows only its own (read on past the others' to fill
+//! its page, its cursor its own last grant's place), and `/admin/policies`, every tenant's,
+//! answers 403.
 //!
 //! | method and path | answer |
 //! |---|---|
 //! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken |
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
-//! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset) |
+//! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key past 100,000 others' grants |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
-//! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null) |
+//! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null); 403 to a tenant's key |
 //!
 //! A store failure answers 503 and changes nothing.
 
@@ -60,9 +61,7 @@ struct Scope {
 
 impl Scope {
     fn reaches(&self, policy: &str) -> bool {
-        self.policies
-            .as_ref()
-            .is_none_or(|ps| ps.iter().any(|p| p == policy))
+        crate::apikey::reaches(self.policies.as_deref(), policy)
     }
 
     fn who(&self) -> &str {
@@ -280,7 +279,9 @@ async fn list(
         Some(Err(_)) => {
             return invalid(vec![FieldIssue {
                 path: "limit".into(),
-                message: format!("query parameter `limit` must be a number (1 to {MAX_PAGE})"),
+                message: format!(
+                    "query parameter `limit` must be a number (taken as 1 to {MAX_PAGE})"
+                ),
             }]);
         }
     };

@@ -113,12 +113,9 @@ pub(crate) async fn call(
             // that could answer are run, each once. An unknown id, or one the key may not use,
             // would be refused anyway, and says nothing either way (another tenant's id looks
             // like none).
-            let may_use = |id: &str| {
-                policies.get(id).is_some()
-                    && key
-                        .and_then(|k| k.policies.as_deref())
-                        .is_none_or(|allowed| allowed.iter().any(|p| p == id))
-            };
+            let allowed = key.and_then(|k| k.policies.as_deref());
+            let may_use =
+                |id: &str| policies.get(id).is_some() && crate::apikey::reaches(allowed, id);
             let mut run: Vec<&str> = Vec::with_capacity(ids.len());
             for id in ids {
                 if may_use(id) && !run.contains(&id) {
@@ -191,7 +188,7 @@ async fn session_status(
         .get(id)
         .await
         .map_err(|e| RpcError::from_sponsor(e.into(), request_id, &[]))?
-        .filter(|g| allowed.is_none_or(|ids| ids.contains(&g.policy)))
+        .filter(|g| crate::apikey::reaches(allowed, &g.policy))
         .ok_or_else(|| {
             RpcError::from_sponsor(
                 SponsorError::Rejected(Rejection::new(

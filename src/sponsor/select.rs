@@ -102,9 +102,7 @@ fn first_accepting<'p>(
     trace: &mut Trace,
 ) -> Result<&'p Policy, SponsorError> {
     let mut rejections = Vec::new();
-    for policy in
-        candidates(policies, ctx).filter(|p| allowed.is_none_or(|ids| ids.contains(&p.id)))
-    {
+    for policy in candidates(policies, ctx).filter(|p| crate::apikey::reaches(allowed, &p.id)) {
         match rules::check(policy, ctx, trace) {
             Ok(()) => return Ok(policy),
             Err(r) => rejections.push(r),
@@ -146,7 +144,7 @@ fn candidates<'p>(
 /// not) must be one of them.
 fn check_allowed(id: &str, allowed: Option<&[String]>) -> Result<(), Rejection> {
     match allowed {
-        Some(ids) if !ids.iter().any(|allowed| allowed == id) => Err(Rejection::new(
+        Some(_) if !crate::apikey::reaches(allowed, id) => Err(Rejection::new(
             Reason::PolicyNotAllowed,
             "apiKey.policies",
             format!(
