@@ -16,6 +16,10 @@
 //!   the node's `finalized` block, or one `depth` blocks behind the head. If one is released and
 //!   its operation lands after all, the event charges its cost back.
 //! - Deposits are read on their own, so low-deposit alerts go on while logs fail.
+//! - A range's last block is read before its logs and after (a block that changed fails the
+//!   poll), and its blocks after the logs answer's last event, near the head, whose bloom may
+//!   hold an event of ours are read again by hash (EIP-234): a load-balanced node's backend
+//!   that lags may answer logs it does not have with none ([`LAG_CHECK_DEPTH`]).
 
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
@@ -595,7 +599,7 @@ impl Watcher {
                 .at_block_hash(block.hash);
             let found = self.provider.get_logs(&filter).await.map_err(|e| {
                 WatchError::Rpc(format!(
-                    "the logs of block {number} could not be read by its hash ({e}): a backend that lags; the range is read again"
+                    "the logs of block {number} could not be read by its hash ({e}): a backend that lags behind it (the range is read again), or an RPC without EIP-234 `blockHash` log filters (the watcher needs them: use one that has them)"
                 ))
             })?;
             if !found.is_empty() {

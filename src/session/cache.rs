@@ -54,8 +54,8 @@ use super::SessionGrant;
 pub(crate) const CAPACITY: usize = 65_536;
 
 /// About the most bytes of grants kept (both generations together; [`weight`]): 65,536 usual
-/// grants (a few hundred bytes each) fit many times over, the largest a grant can be about
-/// 12,000.
+/// grants (a few hundred bytes each) fit many times over, and about 12,000 of the largest a
+/// grant can be (about 21 KiB each: `tests::the_largest_grant_weighs_about_21_kib`).
 pub(crate) const CAPACITY_BYTES: usize = 256 << 20;
 
 /// Longest a copy is served when this replica does not follow the revocation feed (see the
@@ -278,6 +278,10 @@ impl GrantCache {
     fn put(&self, g: &mut Generations, id: B256, copy: Kept) -> Option<HashMap<B256, Kept>> {
         let mut dropped = None;
         let bytes = weight(&copy.grant);
+        // (A copy replaced in the newer generation no longer counts.)
+        if let Some(old) = g.newer.get(&id) {
+            g.newer_bytes = g.newer_bytes.saturating_sub(weight(&old.grant));
+        }
         let full = g.newer.len() >= self.per_generation && !g.newer.contains_key(&id);
         if full || (!g.newer.is_empty() && g.newer_bytes + bytes > self.bytes_per_generation) {
             let newer = std::mem::take(&mut g.newer);
@@ -394,6 +398,45 @@ mod tests {
             cache.insert(B256::repeat_byte(n), grant(n), cache.ticket(t0));
         }
         assert_eq!(cache.len(), 10);
+    }
+
+    /// The largest grant `session::grant` lets be made: 64 rules, 256 functions of 8,192 bytes
+    /// in all, 32 token caps.
+    #[test]
+    fn the_largest_grant_weighs_about_21_kib() {
+        use crate::session::grant::{
+            MAX_ALLOW_RULES, MAX_GRANT_FUNCTION_BYTES, MAX_GRANT_FUNCTIONS, MAX_SPEND_LIMITS,
+            Permissions, SessionAllow, SpendLimit,
+        };
+
+        let per_function = MAX_GRANT_FUNCTION_BYTES / MAX_GRANT_FUNCTIONS;
+        let per_rule = MAX_GRANT_FUNCTIONS / MAX_ALLOW_RULES;
+        let allow = (0..MAX_ALLOW_RULES)
+            .map(|i| SessionAllow {
+                target: Default::default(),
+                functions: (0..per_rule)
+                    .map(|j| {
+                        let head = format!("f{i}_{j}_");
+                        format!("{head}{}()", "a".repeat(per_function - head.len() - 2))
+                    })
+                    .collect(),
+                max_value: Default::default(),
+            })
+            .collect();
+        let mut g = (*grant(1)).clone();
+        g.policy = "p".repeat(64);
+        g.permissions = Some(Permissions {
+            allow: Some(allow),
+            spend: (0..MAX_SPEND_LIMITS)
+                .map(|_| SpendLimit {
+                    token: Default::default(),
+                    limit: Default::default(),
+                })
+                .collect(),
+        });
+        let w = weight(&g);
+        assert!((19 << 10..=23 << 10).contains(&w), "{w} bytes");
+        assert_eq!(CAPACITY_BYTES / w / 1000, 12, "{w} bytes");
     }
 
     #[test]

@@ -319,7 +319,7 @@ impl SessionGrant {
                 // (Past 2106 a listing's 32-bit times saturate, and its index member would
                 // never be seen to end.)
                 f.issues
-                    .push(issue("$.validUntil", "at most ten years from now"));
+                    .push(issue("$.validUntil", "must be at most ten years from now"));
             }
         }
         let permissions = f
@@ -631,7 +631,6 @@ pub fn proof_digest(
     )
 }
 
-/// The selector a function entry names: `0x12345678` or a canonical signature.
 /// What a rule's `functions` allow: every function (`*`), or these selectors.
 #[derive(Clone)]
 struct Selectors {
@@ -648,6 +647,7 @@ impl Selectors {
     }
 }
 
+/// The selector a function entry names: `0x12345678` or a canonical signature.
 fn selector_of(f: &str) -> Option<FixedBytes<4>> {
     match f.strip_prefix("0x") {
         Some(h) => hex::decode(h)
@@ -718,8 +718,9 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                                 f.issues.push(issue(at, format!("at most {MAX_FUNCTION_BYTES} bytes")));
                                 return None;
                             }
-                            let s = x.as_str().filter(|s| *s == "*" || selector_of(s).is_some());
-                            let Some(s) = s else {
+                            let s = x.as_str();
+                            let selector = s.and_then(selector_of);
+                            let Some(s) = s.filter(|s| *s == "*" || selector.is_some()) else {
                                 f.issues.push(issue(at, "expected a signature like `transfer(address,uint256)`, a selector, or \"*\""));
                                 return None;
                             };
@@ -727,7 +728,7 @@ fn parse_permissions(v: &Value, issues: &mut Vec<FieldIssue>) -> Option<Permissi
                                 f.issues.push(issue(at, "\"*\" allows every function: list it alone"));
                                 return None;
                             }
-                            if let Some(sel) = selector_of(s) {
+                            if let Some(sel) = selector {
                                 if seen.contains(&sel) {
                                     f.issues.push(issue(at, format!("selector {sel} listed twice")));
                                     return None;
@@ -1083,7 +1084,7 @@ mod tests {
         let issues = SessionGrant::from_request(&ok, 0, || B256::ZERO).unwrap_err();
         assert_eq!(
             (issues[0].path.as_str(), issues[0].message.as_str()),
-            ("$.validUntil", "at most ten years from now")
+            ("$.validUntil", "must be at most ten years from now")
         );
         ok["validUntil"] = json!(MAX_SESSION_SECS);
         assert!(SessionGrant::from_request(&ok, 0, || B256::ZERO).is_ok());

@@ -438,8 +438,8 @@ pub struct TestRedis {
     pub url: String,
     port: u16,
     data: Option<TempDir>,
-    /// A replica's directory: the sync it receives is written there, not in the working
-    /// directory (where every redis-server started would load it).
+    /// Its directory when it keeps no append-only file (`data`): what it writes (a replica's
+    /// first sync) goes there, not in the working directory.
     _scratch: Option<TempDir>,
 }
 
@@ -524,11 +524,13 @@ impl TestRedis {
 
     async fn spawn_with(data: Option<TempDir>, replica_of: Option<u16>) -> TestResult<Self> {
         let mut last_err = String::new();
-        let scratch = replica_of.map(|_| TempDir::new("redis-replica"));
-        let replica = replica_of.zip(scratch.as_ref().map(|d| d.0.clone()));
+        // A directory of its own whatever it keeps: nothing it writes (a replica's first sync)
+        // lands in the working directory, where every redis-server started there would load it.
+        let scratch = data.is_none().then(|| TempDir::new("redis"));
         for _ in 0..5 {
             let port = free_port();
-            match Self::launch(port, data.as_ref(), replica.as_ref()) {
+            let dir = data.as_ref().or(scratch.as_ref()).ok_or("a directory")?;
+            match Self::launch(port, dir, data.is_some(), replica_of) {
                 Ok(child) => {
                     let mut redis = Self {
                         child,
@@ -552,11 +554,13 @@ impl TestRedis {
         Err(format!("redis-server did not start: {last_err}").into())
     }
 
-    /// `replica_of`: the primary's port, and the replica's own directory.
+    /// In `dir`, with an append-only file there if `persistent`; a replica of the primary on
+    /// port `replica_of` if given.
     fn launch(
         port: u16,
-        data: Option<&TempDir>,
-        replica_of: Option<&(u16, PathBuf)>,
+        dir: &TempDir,
+        persistent: bool,
+        replica_of: Option<u16>,
     ) -> TestResult<Child> {
         let mut cmd = Command::new("redis-server");
         cmd.args([
@@ -569,17 +573,16 @@ impl TestRedis {
             // (A replica's first sync starts at once, not after the default 5 s.)
             "--repl-diskless-sync-delay",
             "0",
-        ]);
-        if let Some((primary, dir)) = replica_of {
-            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string(), "--dir"])
-                .arg(dir);
+            "--appendonly",
+            if persistent { "yes" } else { "no" },
+            "--appendfsync",
+            "always",
+            "--dir",
+        ])
+        .arg(&dir.0);
+        if let Some(primary) = replica_of {
+            cmd.args(["--replicaof", "127.0.0.1", &primary.to_string()]);
         }
-        match data {
-            Some(dir) => cmd
-                .args(["--appendonly", "yes", "--appendfsync", "always", "--dir"])
-                .arg(&dir.0),
-            None => cmd.args(["--appendonly", "no"]),
-        };
         Ok(cmd
             .stdout(Stdio::null())
             .stderr(Stdio::null())
@@ -616,7 +619,12 @@ impl TestRedis {
     /// Start it again on the same port, with the same append-only file.
     pub async fn restart(&mut self) -> TestResult {
         self.kill();
-        self.child = Self::launch(self.port, self.data.as_ref(), None)?;
+        let dir = self
+            .data
+            .as_ref()
+            .or(self._scratch.as_ref())
+            .ok_or("a directory")?;
+        self.child = Self::launch(self.port, dir, self.data.is_some(), None)?;
         self.wait_ready().await
     }
 }

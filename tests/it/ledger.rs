@@ -1580,8 +1580,9 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
 }
 
 /// What one call may hold besides new operations, each as a call of its own would answer it:
-/// the same operation twice (reserved once, then its answer), a stub (checked, nothing
-/// reserved), and two operations of one session whose token cap fits only the first.
+/// the same operation twice (reserved once, then its answer) and two operations of one session
+/// whose token cap fits only the first; and a stub made with them (checked, nothing reserved),
+/// which goes in a call of its own (checks wait apart).
 #[tokio::test]
 async fn a_call_of_several_answers_each_as_alone() -> TestResult {
     let redis = TestRedis::start().await?;
