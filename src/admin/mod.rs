@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken |
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
-//! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key past 100,000 others' grants |
+//! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key that finds no page of its own in 1,000 grants |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
 //! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null); 403 to a tenant's key |
 //!
@@ -312,20 +312,23 @@ async fn list(
         Ok(None) => error(
             StatusCode::SERVICE_UNAVAILABLE,
             format!(
-                "over {TENANT_SCAN} sessions of other tenants follow on this account: the operator's token lists them"
+                "too many sessions of other tenants on this account to find a page of yours in {} (their ids are not this key's to see): the operator's token lists them",
+                TENANT_PAGES * MAX_PAGE
             ),
         ),
         Err(e) => store_failed(e),
     }
 }
 
-/// Most grants one tenant's listing request reads past (others' included) before it gives up.
-const TENANT_SCAN: usize = 100_000;
+/// Most store pages (of [`MAX_PAGE`] grants) one tenant's listing request reads: each costs the
+/// store a round trip per grant.
+const TENANT_PAGES: usize = 10;
 
 /// A page of `scope`'s own grants of `account`: the store's pages read from `cursor` until
 /// `limit` of them, or the end. Its cursor is the place of its own last grant: the place of
-/// another tenant's would name that grant (its id and times). `None`: [`TENANT_SCAN`] grants
-/// read without reaching either.
+/// another tenant's would name that grant (its id and times). `None`: [`TENANT_PAGES`] read
+/// without reaching either. (A place skips the grants of 0.1's layout, which only an offset
+/// reaches: a tenant's page that ends among them skips the rest of them.)
 async fn tenant_page(
     sessions: &crate::session::SessionStore,
     scope: &Scope,
@@ -334,10 +337,10 @@ async fn tenant_page(
     limit: usize,
 ) -> Result<Option<crate::session::Page>, StoreError> {
     let mut own = Vec::new();
-    let mut read = 0;
+    let mut pages = 0;
     loop {
         let page = sessions.list_by_account(account, cursor, MAX_PAGE).await?;
-        read += page.sessions.len();
+        pages += 1;
         for grant in page.sessions {
             if !scope.reaches(&grant.policy) {
                 continue;
@@ -359,7 +362,7 @@ async fn tenant_page(
                     next_cursor: None,
                 }));
             }
-            Some(_) if read >= TENANT_SCAN => return Ok(None),
+            Some(_) if pages >= TENANT_PAGES => return Ok(None),
             Some(next) => cursor = next,
         }
     }

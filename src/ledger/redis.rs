@@ -48,39 +48,65 @@ pub struct ReplicaWait {
     pub timeout: std::time::Duration,
 }
 
-/// That `wait.replicas` replicas hold everything written to the primary of `slot`'s keys (a
-/// key of the policy's: `sp:{P}:…`) so far: a write of a marker key in that slot, then
-/// `WAIT` (on a Cluster, every primary's), in one pipeline. `WAIT` covers the writes of its own
-/// connection only, up to its last: the marker makes that last write come after whatever
-/// this call found already written, by this replica or another (a retry answered with the
-/// reservation another replica made, whose own wait failed, writes nothing else), and on
-/// whatever connection the pipeline runs (one made again since the call). A write a failover
-/// would lose (the primary gone before a replica had it) is a reservation forgotten, its cost
-/// with it, or a revocation undone: with the wait, nothing is signed or answered revoked before
-/// a replica holds it. One that times out fails closed: the write stands on the primary (a
-/// reservation counted until it expires, a retry gets its answer once the replicas have it).
+/// What a call that waits for replicas wrote, for [`replicated`] to find on the primary before
+/// it waits: each reservation answered (its nonce key and 20-byte operation id), or a session
+/// state revoked.
+enum Written<'a> {
+    Reservations(Vec<(&'a [u8], &'a [u8])>),
+    Revoked(&'a str),
+}
+
+/// `confirm.lua`'s text (`EVAL`: Redis keeps it compiled by its hash).
+const CONFIRM: &str = include_str!("confirm.lua");
+
+/// That `wait.replicas` replicas hold what a call `written` (keys of one policy, so of one
+/// slot): `confirm.lua`, which finds it on the primary the pipeline reaches and writes a marker
+/// key of the policy (`sp:{P}:replicated`), then `WAIT` for that marker, in one pipeline.
+/// `WAIT` covers the writes of its own connection only, up to its last: the marker makes that
+/// last write come after what the call wrote or found (a retry answered with the reservation
+/// another service replica made, whose own wait failed, writes nothing else); and the
+/// confirmation makes it the same primary's (after a failover the pipeline may reach a promoted
+/// replica that never had the write, whose replicas would acknowledge the marker alone). A
+/// write a failover would lose is a reservation forgotten, its cost with it, or a revocation
+/// undone: with the wait, nothing is signed or answered revoked before a replica holds it. One
+/// not found, or not acknowledged in time, fails closed: what was written stands where it
+/// stands (a reservation counted until it expires; a retry gets its answer once the replicas
+/// have it).
 async fn replicated(
     conn: &mut RedisConn,
     wait: ReplicaWait,
-    slot: &[u8],
+    written: Written<'_>,
 ) -> Result<(), StoreError> {
-    // (0 would wait for ever.)
-    let ms = u64::try_from(wait.timeout.as_millis())
-        .unwrap_or(u64::MAX)
-        .max(1);
-    let prefix_end = slot
+    let (keys, wants): (Vec<&[u8]>, Vec<&[u8]>) = match &written {
+        Written::Reservations(records) => records.iter().copied().unzip(),
+        Written::Revoked(key) => (vec![key.as_bytes()], vec![b"revoked".as_slice()]),
+    };
+    // (Nothing answered: nothing to wait for.)
+    let Some(first) = keys.first() else {
+        return Ok(());
+    };
+    // The marker: `sp:{P}:` of the first key (a policy id has no `}`), then `replicated`.
+    let prefix_end = first
         .windows(2)
         .position(|w| w == b"}:")
         .map(|i| i + 2)
         .ok_or_else(|| unavailable("a ledger key without its policy's slot"))?;
-    let mut marker = slot[..prefix_end].to_vec();
+    let mut marker = first[..prefix_end].to_vec();
     marker.extend_from_slice(b"replicated");
-    let (_, acknowledged): ((), i64) = redis::pipe()
-        .cmd("SET")
-        .arg(marker)
-        .arg(1)
-        .arg("EX")
-        .arg(3600)
+    // (0 would wait for ever.)
+    let ms = u64::try_from(wait.timeout.as_millis())
+        .unwrap_or(u64::MAX)
+        .max(1);
+    let mut confirm = redis::cmd("EVAL");
+    confirm.arg(CONFIRM).arg(keys.len() + 1).arg(marker);
+    for key in &keys {
+        confirm.arg(*key);
+    }
+    for want in &wants {
+        confirm.arg(*want);
+    }
+    let (_, acknowledged): (i64, i64) = redis::pipe()
+        .add_command(confirm)
         .cmd("WAIT")
         .arg(wait.replicas)
         .arg(ms)
@@ -515,11 +541,27 @@ fn reserve_batches(
     Batches::new(Arc::new(move |ops| {
         let mut conn = conn.clone();
         Box::pin(async move {
-            let replies = call(&mut conn, &reserve_call(&ops)).await?;
+            let replies: Vec<redis::Value> = call(&mut conn, &reserve_call(&ops)).await?;
             if let Some(wait) = wait {
-                // (A call's operations are of one policy: its first key names the slot.)
-                let slot = ops.first().and_then(|op| op.keys.first());
-                replicated(&mut conn, wait, slot.map_or(&[][..], Vec::as_slice)).await?;
+                // Those reserved, or answered with a reservation made before (codes 0 and 1):
+                // their records, each under its nonce key, with its operation's id (the entry's
+                // first field, after its length byte). The others sign nothing.
+                let answered = ops
+                    .iter()
+                    .zip(&replies)
+                    .filter(|(_, reply)| {
+                        let code = match reply {
+                            redis::Value::Array(fields) => fields.first(),
+                            _ => None,
+                        };
+                        matches!(code, Some(redis::Value::Int(0 | 1)))
+                    })
+                    .filter_map(|(op, _)| {
+                        let id = op.args.get(1).and_then(|entry| entry.get(1..21))?;
+                        Some((op.keys.first()?.as_slice(), id))
+                    })
+                    .collect();
+                replicated(&mut conn, wait, Written::Reservations(answered)).await?;
             }
             Ok(replies)
         })
@@ -1216,7 +1258,7 @@ impl RedisLedger {
             .await
             .map_err(unavailable)?;
         if let Some((wait, _)) = self.wait {
-            replicated(&mut conn, wait, key.as_bytes()).await?;
+            replicated(&mut conn, wait, Written::Revoked(&key)).await?;
         }
         Ok(())
     }

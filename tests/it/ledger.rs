@@ -3661,3 +3661,67 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
 async fn waiting_usage(ledger: &Ledger) -> TestResult<(u64, u64)> {
     Ok(ledger.usage("p", "pm").await?)
 }
+
+/// A wait for replicas first confirms that the primary it reaches holds what the call wrote
+/// (`src/ledger/confirm.lua`): after a failover between the call and its wait, the wait may
+/// reach a promoted replica that never had the write, whose replicas would acknowledge the
+/// marker alone, and a lost reservation would be signed (found by review). Missing, the script
+/// fails and writes nothing; found, it writes the marker the wait covers.
+#[tokio::test]
+async fn a_wait_confirms_the_write_is_on_the_primary_it_reaches() -> TestResult {
+    const CONFIRM: &str = include_str!("../../src/ledger/confirm.lua");
+    let redis = TestRedis::start().await?;
+    let mut c = redis::Client::open(redis.url.as_str())?
+        .get_multiplexed_async_connection()
+        .await?;
+    let (marker, nonce, state) = ("sp:{p}:replicated", "sp:{p}:n:x", "sp:{p}:session:0x5e");
+    let id = [7u8; 20];
+    let confirm = |key: &'static str, want: Vec<u8>| {
+        let mut cmd = redis::cmd("EVAL");
+        cmd.arg(CONFIRM).arg(2).arg(marker).arg(key).arg(want);
+        cmd
+    };
+    let missing: redis::RedisResult<i64> = confirm(nonce, id.to_vec()).query_async(&mut c).await;
+    assert!(
+        missing
+            .as_ref()
+            .is_err_and(|e| e.to_string().contains("not on this primary")),
+        "{missing:?}"
+    );
+    let other: Vec<u8> = [&[20u8][..], &[8u8; 20], b"record"].concat();
+    let _: () = redis::cmd("SET")
+        .arg(nonce)
+        .arg(&other)
+        .query_async(&mut c)
+        .await?;
+    let another: redis::RedisResult<i64> = confirm(nonce, id.to_vec()).query_async(&mut c).await;
+    assert!(another.is_err(), "another operation's record: {another:?}");
+    let exists: bool = redis::cmd("EXISTS").arg(marker).query_async(&mut c).await?;
+    assert!(!exists, "nothing written");
+    let ours: Vec<u8> = [&other[..], &[20u8][..], &id, b"record"].concat();
+    let _: () = redis::cmd("SET")
+        .arg(nonce)
+        .arg(&ours)
+        .query_async(&mut c)
+        .await?;
+    let found: i64 = confirm(nonce, id.to_vec()).query_async(&mut c).await?;
+    assert_eq!(found, 1);
+    let exists: bool = redis::cmd("EXISTS").arg(marker).query_async(&mut c).await?;
+    assert!(exists, "the marker the wait covers");
+    // A revocation: the session state's status.
+    let unrevoked: redis::RedisResult<i64> = confirm(state, b"revoked".to_vec())
+        .query_async(&mut c)
+        .await;
+    assert!(unrevoked.is_err(), "{unrevoked:?}");
+    let _: () = redis::cmd("HSET")
+        .arg(state)
+        .arg("status")
+        .arg("revoked")
+        .query_async(&mut c)
+        .await?;
+    let revoked: i64 = confirm(state, b"revoked".to_vec())
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(revoked, 1);
+    Ok(())
+}
