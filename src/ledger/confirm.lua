@@ -3,8 +3,10 @@
 -- between the two (the call's primary lost, a replica without its write promoted, the client
 -- sent here) would otherwise have the replicas acknowledge a marker, and not the write.
 -- KEYS[1]: the marker (`sp:{P}:replicated`); KEYS[2..]: the keys written, each with ARGV[i - 1]:
--- `revoked` for a session state whose status must be it, else a reservation's 20-byte
--- operation id its nonce key must hold. One that does not: an error, nothing written.
+-- `revoked` for a session state whose status must be it, else the 65-byte signature a
+-- reservation is answered with, which its record in the nonce key must hold (a record extended
+-- or replaced keeps its operation's id: the id would find the record as it was before). One
+-- that does not: an error, nothing written.
 for i = 2, #KEYS do
   local want = ARGV[i - 1]
   if want == 'revoked' then

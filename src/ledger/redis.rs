@@ -49,8 +49,8 @@ pub struct ReplicaWait {
 }
 
 /// What a call that waits for replicas wrote, for [`replicated`] to find on the primary before
-/// it waits: each reservation answered (its nonce key and 20-byte operation id), or a session
-/// state revoked.
+/// it waits: each reservation answered (its nonce key and the 65-byte signature it is answered
+/// with, unique to that answer), or a session state revoked.
 enum Written<'a> {
     Reservations(Vec<(&'a [u8], &'a [u8])>),
     Revoked(&'a str),
@@ -544,23 +544,39 @@ fn reserve_batches(
             let replies: Vec<redis::Value> = call(&mut conn, &reserve_call(&ops)).await?;
             if let Some(wait) = wait {
                 // Those reserved, or answered with a reservation made before (codes 0 and 1):
-                // their records, each under its nonce key, with its operation's id (the entry's
-                // first field, after its length byte). The others sign nothing.
-                let answered = ops
-                    .iter()
-                    .zip(&replies)
-                    .filter(|(_, reply)| {
-                        let code = match reply {
-                            redis::Value::Array(fields) => fields.first(),
+                // each by the signature it is answered with, under its nonce key, which the
+                // record holds (an extended or replaced record keeps its operation's id, so the
+                // id would find the record as it was before). The others sign nothing.
+                let mut answered = Vec::new();
+                for (op, reply) in ops.iter().zip(&replies) {
+                    let fields = match reply {
+                        redis::Value::Array(fields) => fields.as_slice(),
+                        _ => &[],
+                    };
+                    let signature = match fields.first() {
+                        // The new record's signature: its entry's bytes 42..107 (the id's
+                        // length and 20 bytes, the record's u16 length, state u8, cost u64,
+                        // validUntil u48, span u32: pack_entry).
+                        Some(redis::Value::Int(0)) => op.args.get(1).and_then(|e| e.get(42..107)),
+                        // The stored answer's.
+                        Some(redis::Value::Int(1)) => match fields.get(3) {
+                            Some(redis::Value::BulkString(sig)) => Some(sig.as_slice()),
                             _ => None,
-                        };
-                        matches!(code, Some(redis::Value::Int(0 | 1)))
-                    })
-                    .filter_map(|(op, _)| {
-                        let id = op.args.get(1).and_then(|entry| entry.get(1..21))?;
-                        Some((op.keys.first()?.as_slice(), id))
-                    })
-                    .collect();
+                        },
+                        _ => continue,
+                    };
+                    let (Some(key), Some(signature)) = (op.keys.first(), signature) else {
+                        return Err(unavailable(
+                            "an answer of reserve.lua without its signature",
+                        ));
+                    };
+                    answered.push((key.as_slice(), signature));
+                }
+                if replies.len() != ops.len() {
+                    return Err(unavailable(
+                        "reserve.lua answered another count of operations",
+                    ));
+                }
                 replicated(&mut conn, wait, Written::Reservations(answered)).await?;
             }
             Ok(replies)

@@ -3665,8 +3665,10 @@ async fn waiting_usage(ledger: &Ledger) -> TestResult<(u64, u64)> {
 /// A wait for replicas first confirms that the primary it reaches holds what the call wrote
 /// (`src/ledger/confirm.lua`): after a failover between the call and its wait, the wait may
 /// reach a promoted replica that never had the write, whose replicas would acknowledge the
-/// marker alone, and a lost reservation would be signed (found by review). Missing, the script
-/// fails and writes nothing; found, it writes the marker the wait covers.
+/// marker alone, and a lost reservation would be signed (found by review). It looks for the
+/// signature the answer gives, unique to it: an extended or replaced record keeps its
+/// operation's id, so the id would find the record as it was before (found by review).
+/// Missing, the script fails and writes nothing; found, it writes the marker the wait covers.
 #[tokio::test]
 async fn a_wait_confirms_the_write_is_on_the_primary_it_reaches() -> TestResult {
     const CONFIRM: &str = include_str!("../../src/ledger/confirm.lua");
@@ -3675,36 +3677,44 @@ async fn a_wait_confirms_the_write_is_on_the_primary_it_reaches() -> TestResult 
         .get_multiplexed_async_connection()
         .await?;
     let (marker, nonce, state) = ("sp:{p}:replicated", "sp:{p}:n:x", "sp:{p}:session:0x5e");
-    let id = [7u8; 20];
+    let (id, signature) = ([7u8; 20], [0x51u8; 65]);
     let confirm = |key: &'static str, want: Vec<u8>| {
         let mut cmd = redis::cmd("EVAL");
         cmd.arg(CONFIRM).arg(2).arg(marker).arg(key).arg(want);
         cmd
     };
-    let missing: redis::RedisResult<i64> = confirm(nonce, id.to_vec()).query_async(&mut c).await;
+    let record = |signature: &[u8]| [&[20u8][..], &id, b"head", signature, b"tail"].concat();
+    let missing: redis::RedisResult<i64> =
+        confirm(nonce, signature.to_vec()).query_async(&mut c).await;
     assert!(
         missing
             .as_ref()
             .is_err_and(|e| e.to_string().contains("not on this primary")),
         "{missing:?}"
     );
-    let other: Vec<u8> = [&[20u8][..], &[8u8; 20], b"record"].concat();
+    // The operation's record as it was before this answer (another signature).
+    let before = record(&[0x52u8; 65]);
     let _: () = redis::cmd("SET")
         .arg(nonce)
-        .arg(&other)
+        .arg(&before)
         .query_async(&mut c)
         .await?;
-    let another: redis::RedisResult<i64> = confirm(nonce, id.to_vec()).query_async(&mut c).await;
-    assert!(another.is_err(), "another operation's record: {another:?}");
+    let earlier: redis::RedisResult<i64> =
+        confirm(nonce, signature.to_vec()).query_async(&mut c).await;
+    assert!(
+        earlier.is_err(),
+        "the record before the answer: {earlier:?}"
+    );
     let exists: bool = redis::cmd("EXISTS").arg(marker).query_async(&mut c).await?;
     assert!(!exists, "nothing written");
-    let ours: Vec<u8> = [&other[..], &[20u8][..], &id, b"record"].concat();
     let _: () = redis::cmd("SET")
         .arg(nonce)
-        .arg(&ours)
+        .arg(record(&signature))
         .query_async(&mut c)
         .await?;
-    let found: i64 = confirm(nonce, id.to_vec()).query_async(&mut c).await?;
+    let found: i64 = confirm(nonce, signature.to_vec())
+        .query_async(&mut c)
+        .await?;
     assert_eq!(found, 1);
     let exists: bool = redis::cmd("EXISTS").arg(marker).query_async(&mut c).await?;
     assert!(exists, "the marker the wait covers");
