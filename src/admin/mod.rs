@@ -13,7 +13,7 @@
 //! |---|---|
 //! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken |
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
-//! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key that finds no page of its own in 1,000 grants |
+//! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key that finds none of its own in 1,000 grants, more following |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
 //! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null); 403 to a tenant's key |
 //!
@@ -326,8 +326,8 @@ const TENANT_PAGES: usize = 10;
 
 /// A page of `scope`'s own grants of `account`: the store's pages read from `cursor` until
 /// `limit` of them, or the end. Its cursor is the place of its own last grant: the place of
-/// another tenant's would name that grant (its id and times). `None`: [`TENANT_PAGES`] read
-/// without reaching either. (A place skips the grants of 0.1's layout, which only an offset
+/// another tenant's would name that grant (its id and times). After [`TENANT_PAGES`] without
+/// reaching either, the grants of its own found so far; `None` if none. (A place skips the grants of 0.1's layout, which only an offset
 /// reaches: a tenant's page that ends among them skips the rest of them.)
 async fn tenant_page(
     sessions: &crate::session::SessionStore,
@@ -362,7 +362,14 @@ async fn tenant_page(
                     next_cursor: None,
                 }));
             }
-            Some(_) if pages >= TENANT_PAGES => return Ok(None),
+            // What it found so far, if anything (the next request reads on after it).
+            Some(_) if pages >= TENANT_PAGES => {
+                let next = own.last().map(|g| ListCursor::After(ListPlace::of(g)));
+                return Ok(next.map(|next| crate::session::Page {
+                    sessions: own,
+                    next_cursor: Some(next),
+                }));
+            }
             Some(next) => cursor = next,
         }
     }

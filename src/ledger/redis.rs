@@ -383,6 +383,10 @@ const SESSION_SCOPE: u8 = 3;
 /// hot path packs nothing in Lua. The two packers must agree byte for byte
 /// (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of each shape in Lua
 /// and compares); settlement, release and extension unpack it in Lua.
+/// Where [`pack_entry`] puts the answer's signature: after the id's length and 20 bytes, the
+/// record's u16 length, its state u8, cost u64, validUntil u48 and span u32.
+const ENTRY_SIGNATURE: std::ops::Range<usize> = 42..107;
+
 fn pack_entry(r: &Reservation, slots: &[CounterSlot], by_id: bool) -> Result<Vec<u8>, StoreError> {
     let window = r.answer.window;
     let span = u32::try_from(window.valid_until.saturating_sub(window.valid_after))
@@ -547,6 +551,11 @@ fn reserve_batches(
                 // each by the signature it is answered with, under its nonce key, which the
                 // record holds (an extended or replaced record keeps its operation's id, so the
                 // id would find the record as it was before). The others sign nothing.
+                if replies.len() != ops.len() {
+                    return Err(unavailable(
+                        "reserve.lua answered another count of operations",
+                    ));
+                }
                 let mut answered = Vec::new();
                 for (op, reply) in ops.iter().zip(&replies) {
                     let fields = match reply {
@@ -554,10 +563,10 @@ fn reserve_batches(
                         _ => &[],
                     };
                     let signature = match fields.first() {
-                        // The new record's signature: its entry's bytes 42..107 (the id's
-                        // length and 20 bytes, the record's u16 length, state u8, cost u64,
-                        // validUntil u48, span u32: pack_entry).
-                        Some(redis::Value::Int(0)) => op.args.get(1).and_then(|e| e.get(42..107)),
+                        // The new record's, in its entry.
+                        Some(redis::Value::Int(0)) => {
+                            op.args.get(1).and_then(|e| e.get(ENTRY_SIGNATURE))
+                        }
                         // The stored answer's.
                         Some(redis::Value::Int(1)) => match fields.get(3) {
                             Some(redis::Value::BulkString(sig)) => Some(sig.as_slice()),
@@ -571,11 +580,6 @@ fn reserve_batches(
                         ));
                     };
                     answered.push((key.as_slice(), signature));
-                }
-                if replies.len() != ops.len() {
-                    return Err(unavailable(
-                        "reserve.lua answered another count of operations",
-                    ));
                 }
                 replicated(&mut conn, wait, Written::Reservations(answered)).await?;
             }
@@ -1554,6 +1558,35 @@ fn unpack_counter(packed: &[u8]) -> Option<[i64; 3]> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    /// The wait for replicas finds a new record by its signature, where [`ENTRY_SIGNATURE`]
+    /// says `pack_entry` puts it.
+    #[test]
+    fn an_entry_holds_its_signature_where_the_wait_looks() {
+        use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
+
+        let signature = [0x5a; 65];
+        let r = Reservation {
+            policy: "p".into(),
+            op_key: B256::repeat_byte(1),
+            landing_key: B256::repeat_byte(2),
+            cost_gwei: 7,
+            scopes: Vec::new(),
+            user_op_hashes: vec![B256::repeat_byte(3)],
+            answer: PaymasterData {
+                window: ValidityWindow {
+                    valid_after: 1_800_000_000,
+                    valid_until: 1_800_000_600,
+                },
+                signature,
+            },
+            session: None,
+            expires_at: 1_800_004_200,
+        };
+        let entry = pack_entry(&r, &[], true).expect("packed");
+        assert_eq!(entry[ENTRY_SIGNATURE], signature);
+        assert_eq!(&entry[1..21], &r.op_key[..20]);
+    }
 
     #[test]
     fn library_code_marks_that_it_reads_records_by_id() {
