@@ -295,6 +295,16 @@ async fn list(
             }]);
         }
     };
+    // An offset counts every tenant's grants of the account: a tenant's key takes places only
+    // (the `nextCursor`s it is given), and an offset of 0, the start.
+    if scope.policies.is_some() && matches!(cursor, ListCursor::Offset(n) if n > 0) {
+        return invalid(vec![FieldIssue {
+            path: "cursor".into(),
+            message:
+                "an offset counts other tenants' sessions too: pass the nextCursor a page gave"
+                    .into(),
+        }]);
+    }
     let sessions = state.sponsor.sessions();
     let page = match &scope.policies {
         None => sessions

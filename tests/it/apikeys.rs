@@ -439,6 +439,20 @@ async fn a_tenants_admin_key_reaches_only_its_policies_sessions() -> TestResult 
             TestResult::Ok((ids, cursors))
         }
     };
+    // An offset would count the other's grants: refused to a tenant.
+    let (status, v) = admin(
+        &app,
+        "GET",
+        &format!("{listing}&cursor=1"),
+        None,
+        Some(&games),
+    )
+    .await?;
+    assert_eq!(
+        (status, v["issues"][0]["path"].clone()),
+        (400, json!("cursor")),
+        "{v}"
+    );
     let (mut ids, cursors) = walk(games.clone()).await?;
     // (Grants of one second are listed by id.)
     ids.sort();
