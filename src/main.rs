@@ -383,6 +383,50 @@ async fn check_paymasters(
     Ok(())
 }
 
+/// The node takes EIP-234 `blockHash` filters in `eth_getLogs`, which the watcher needs (it
+/// reads again by hash the blocks near the head whose bloom may hold an event of ours, and
+/// fails the poll where it cannot: settlement and releases would stall). Asked of a block 64
+/// behind the head (a backend that lags a little still has it); a node that answers an error
+/// refuses the start, one that does not answer within 5 s is logged.
+async fn check_block_hash_filters(
+    provider: &alloy::providers::DynProvider,
+    chain_id: u64,
+) -> Result<(), String> {
+    let five = std::time::Duration::from_secs(5);
+    let probe = async {
+        let head = provider.get_block_number().await?;
+        let block = provider
+            .get_block_by_number(head.saturating_sub(64).into())
+            .await?;
+        let Some(block) = block else {
+            return Ok(None);
+        };
+        let filter = alloy::rpc::types::Filter::new()
+            .address(Address::ZERO)
+            .at_block_hash(block.header.hash);
+        provider.get_logs(&filter).await.map(|_| Some(()))
+    };
+    match tokio::time::timeout(five, probe).await {
+        Ok(Err(e)) if e.as_error_resp().is_some() => Err(format!(
+            "the rpc_url (--rpc-url) of chain {chain_id} refuses eth_getLogs by blockHash \
+             (EIP-234: {e}), which the settlement watcher needs: use a node or provider that \
+             takes it"
+        )),
+        Ok(Ok(_)) => Ok(()),
+        Ok(Err(e)) => {
+            tracing::warn!(chain_id, error = %e, "could not ask the node for logs by block hash");
+            Ok(())
+        }
+        Err(_) => {
+            tracing::warn!(
+                chain_id,
+                "the node did not answer logs by block hash within 5 s"
+            );
+            Ok(())
+        }
+    }
+}
+
 fn admin_token(name: Option<&str>, policies: &[String]) -> ExitCode {
     if name.is_some_and(|n| n.is_empty() || n.contains([':', ';'])) {
         eprintln!("error: --name must be non-empty, without `:` or `;`");
@@ -610,6 +654,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             ));
         }
         check_paymasters(&provider, chain).await?;
+        check_block_hash_filters(&provider, chain.chain_id).await?;
     }
     let state = Arc::new(
         AppState::build(&config)

@@ -625,6 +625,25 @@ async fn serve_refuses_a_paymaster_of_another_entry_point() -> TestResult {
     Ok(())
 }
 
+/// The watcher reads logs again by block hash (EIP-234) near the head; a node that refuses
+/// such filters would stall settlement and releases at the first bloom that matched, long
+/// after start. `serve` asks at start, and refuses such a node.
+#[tokio::test]
+async fn serve_refuses_a_node_without_block_hash_log_filters() -> TestResult {
+    use std::sync::atomic::Ordering;
+
+    let anvil = crate::helpers::TestAnvil::start().await?;
+    let proxy = crate::helpers::RpcProxy::start(anvil.url.clone()).await?;
+    // (It answers an error to a filter by block hash, as such a node does.)
+    proxy.logs_lag.store(true, Ordering::Relaxed);
+    let stderr = crate::process::serve_refuses(&["--rpc-url", &proxy.url]).await?;
+    assert!(
+        stderr.contains("refuses eth_getLogs by blockHash"),
+        "{stderr}"
+    );
+    Ok(())
+}
+
 /// A policy this replica does not serve still has reservations: removed from the set with
 /// operations in flight, or another replica's during a rolling change of the published set (or
 /// one this replica's version refuses). The watcher read only its own set: it ignored their
