@@ -373,7 +373,8 @@ async fn check_paymasters(
             }
             Ok(Ok(_)) => {}
             Ok(Err(e)) => {
-                tracing::warn!(chain_id = chain.chain_id, %paymaster, entry_point = %ep.address, error = %e, "could not read the paymaster's EntryPoint (is it deployed?)");
+                let error = session_paymaster::chain::client::error_chain(&e);
+                tracing::warn!(chain_id = chain.chain_id, %paymaster, entry_point = %ep.address, error, "could not read the paymaster's EntryPoint (is it deployed?)");
             }
             Err(_) => {
                 tracing::warn!(chain_id = chain.chain_id, %paymaster, "the node did not say the paymaster's EntryPoint within 5 s");
@@ -386,45 +387,74 @@ async fn check_paymasters(
 /// The node takes EIP-234 `blockHash` filters in `eth_getLogs`, which the watcher needs (it
 /// reads again by hash the blocks near the head whose bloom may hold an event of ours, and
 /// fails the poll where it cannot: settlement and releases would stall). Asked of a block 64
-/// behind the head (a backend that lags a little still has it); a node that answers an error
-/// refuses the start, one that does not answer within 5 s is logged.
+/// behind the head (a backend that lags a little still has it), twice a second apart: an
+/// answer that the filter is not taken (method or parameters refused, or naming `blockHash`)
+/// refuses the start; anything else (a node down, slow or rate-limiting, a backend without
+/// the block) is logged, and the watcher finds out at its polls.
 async fn check_block_hash_filters(
     provider: &alloy::providers::DynProvider,
     chain_id: u64,
 ) -> Result<(), String> {
-    let five = std::time::Duration::from_secs(5);
-    let probe = async {
+    use session_paymaster::chain::client::error_chain;
+
+    let block = async {
         let head = provider.get_block_number().await?;
-        let block = provider
+        provider
             .get_block_by_number(head.saturating_sub(64).into())
-            .await?;
-        let Some(block) = block else {
-            return Ok(None);
-        };
-        let filter = alloy::rpc::types::Filter::new()
-            .address(Address::ZERO)
-            .at_block_hash(block.header.hash);
-        provider.get_logs(&filter).await.map(|_| Some(()))
+            .await
     };
-    match tokio::time::timeout(five, probe).await {
-        Ok(Err(e)) if e.as_error_resp().is_some() => Err(format!(
-            "the rpc_url (--rpc-url) of chain {chain_id} refuses eth_getLogs by blockHash \
-             (EIP-234: {e}), which the settlement watcher needs: use a node or provider that \
-             takes it"
-        )),
-        Ok(Ok(_)) => Ok(()),
-        Ok(Err(e)) => {
-            tracing::warn!(chain_id, error = %e, "could not ask the node for logs by block hash");
-            Ok(())
-        }
-        Err(_) => {
+    let five = std::time::Duration::from_secs(5);
+    let hash = match tokio::time::timeout(five, block).await {
+        Ok(Ok(Some(block))) => block.header.hash,
+        other => {
+            let why = match other {
+                Ok(Err(e)) => error_chain(&e),
+                Ok(Ok(None)) => "no block 64 behind its head".into(),
+                _ => "no answer within 5 s".into(),
+            };
             tracing::warn!(
                 chain_id,
-                "the node did not answer logs by block hash within 5 s"
+                why,
+                "could not ask the node for logs by block hash"
             );
-            Ok(())
+            return Ok(());
         }
+    };
+    let filter = alloy::rpc::types::Filter::new()
+        .address(Address::ZERO)
+        .at_block_hash(hash);
+    let mut last = String::new();
+    for attempt in 0..2 {
+        if attempt > 0 {
+            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
+        }
+        let e = match tokio::time::timeout(five, provider.get_logs(&filter)).await {
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(e)) => e,
+            Err(_) => {
+                last = "no answer within 5 s".into();
+                continue;
+            }
+        };
+        let refused = e.as_error_resp().is_some_and(|r| {
+            matches!(r.code, -32601 | -32602) || r.message.to_lowercase().contains("blockhash")
+        });
+        if refused {
+            return Err(format!(
+                "the rpc_url (--rpc-url) of chain {chain_id} refuses eth_getLogs by blockHash \
+                 (EIP-234: {}), which the settlement watcher needs: use a node or provider \
+                 that takes it",
+                error_chain(&e)
+            ));
+        }
+        last = error_chain(&e);
     }
+    tracing::warn!(
+        chain_id,
+        why = last,
+        "could not ask the node for logs by block hash"
+    );
+    Ok(())
 }
 
 fn admin_token(name: Option<&str>, policies: &[String]) -> ExitCode {

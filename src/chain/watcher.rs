@@ -599,7 +599,8 @@ impl Watcher {
                 .at_block_hash(block.hash);
             let found = self.provider.get_logs(&filter).await.map_err(|e| {
                 WatchError::Rpc(format!(
-                    "the logs of block {number} could not be read by its hash ({e}): a backend that lags behind it (the range is read again), or an RPC without EIP-234 `blockHash` log filters (the watcher needs them: use one that has them)"
+                    "the logs of block {number} could not be read by its hash ({}): a backend that lags behind it (the range is read again), or an RPC without EIP-234 `blockHash` log filters (the watcher needs them: use one that has them)",
+                    super::client::error_chain(&e)
                 ))
             })?;
             if !found.is_empty() {

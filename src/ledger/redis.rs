@@ -375,6 +375,10 @@ const SESSION_BY_ID: u8 = 2;
 /// [`super::session_scope_name`] (`SESSION_SCOPE` in `lib.lua`).
 const SESSION_SCOPE: u8 = 3;
 
+/// Where [`pack_entry`] puts the answer's signature: after the id's length and 20 bytes, the
+/// record's u16 length, its state u8, cost u64, validUntil u48 and span u32.
+const ENTRY_SIGNATURE: std::ops::Range<usize> = 42..107;
+
 /// A new reservation's entry in its nonce's key, as `lib.lua`'s `entry` frames it: its
 /// idempotency id, then its open record packed as `lib.lua`'s `pack_record` packs it: each
 /// scope by its name in records (`slots`, in `r.scopes`' order); its session, `by_id`, by its
@@ -383,10 +387,6 @@ const SESSION_SCOPE: u8 = 3;
 /// hot path packs nothing in Lua. The two packers must agree byte for byte
 /// (`ledger::the_service_packs_records_as_lib_lua_does` repacks records of each shape in Lua
 /// and compares); settlement, release and extension unpack it in Lua.
-/// Where [`pack_entry`] puts the answer's signature: after the id's length and 20 bytes, the
-/// record's u16 length, its state u8, cost u64, validUntil u48 and span u32.
-const ENTRY_SIGNATURE: std::ops::Range<usize> = 42..107;
-
 fn pack_entry(r: &Reservation, slots: &[CounterSlot], by_id: bool) -> Result<Vec<u8>, StoreError> {
     let window = r.answer.window;
     let span = u32::try_from(window.valid_until.saturating_sub(window.valid_after))

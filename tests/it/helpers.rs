@@ -816,6 +816,9 @@ pub struct RpcProxy {
     /// `eth_getLogs` answers as a backend that lags behind the blocks asked for: none over a
     /// range, an error for a block hash it does not know.
     pub logs_lag: Arc<std::sync::atomic::AtomicBool>,
+    /// `eth_getLogs` by block hash answers that the parameter is not taken (`-32602`), as a
+    /// node without EIP-234 does.
+    pub no_block_hash_filter: Arc<std::sync::atomic::AtomicBool>,
 }
 
 impl RpcProxy {
@@ -829,6 +832,8 @@ impl RpcProxy {
         let missing_blocks = Arc::new(AtomicBool::new(false));
         let other_hash_in = Arc::new(AtomicU64::new(0));
         let logs_lag = Arc::new(AtomicBool::new(false));
+        let no_block_hash_filter = Arc::new(AtomicBool::new(false));
+        let refuse2 = no_block_hash_filter.clone();
         let (up2, max2) = (up.clone(), max_log_blocks.clone());
         let (missing2, other2) = (missing_blocks.clone(), other_hash_in.clone());
         let lag2 = logs_lag.clone();
@@ -840,6 +845,7 @@ impl RpcProxy {
                 let (up, max) = (up2.clone(), max2.load(Ordering::Relaxed));
                 let (missing, other) = (missing2.clone(), other2.clone());
                 let lag = lag2.load(Ordering::Relaxed);
+                let refuse_hash = refuse2.load(Ordering::Relaxed);
                 async move {
                     let body = body.0;
                     if !up.load(Ordering::Relaxed) {
@@ -855,6 +861,16 @@ impl RpcProxy {
                         && other
                             .fetch_update(Ordering::Relaxed, Ordering::Relaxed, |n| n.checked_sub(1))
                             == Ok(1);
+                    if body["method"] == json!("eth_getLogs")
+                        && refuse_hash
+                        && body["params"][0]["blockHash"].is_string()
+                    {
+                        let refusal = json!({
+                            "jsonrpc": "2.0", "id": body["id"],
+                            "error": { "code": -32602, "message": "invalid params: unknown field `blockHash`" }
+                        });
+                        return (axum::http::StatusCode::OK, axum::Json(refusal));
+                    }
                     if body["method"] == json!("eth_getLogs") && lag {
                         let answer = if body["params"][0]["blockHash"].is_string() {
                             json!({
@@ -903,6 +919,7 @@ impl RpcProxy {
             missing_blocks,
             other_hash_in,
             logs_lag,
+            no_block_hash_filter,
         })
     }
 }

@@ -634,8 +634,7 @@ async fn serve_refuses_a_node_without_block_hash_log_filters() -> TestResult {
 
     let anvil = crate::helpers::TestAnvil::start().await?;
     let proxy = crate::helpers::RpcProxy::start(anvil.url.clone()).await?;
-    // (It answers an error to a filter by block hash, as such a node does.)
-    proxy.logs_lag.store(true, Ordering::Relaxed);
+    proxy.no_block_hash_filter.store(true, Ordering::Relaxed);
     let stderr = crate::process::serve_refuses(&["--rpc-url", &proxy.url]).await?;
     assert!(
         stderr.contains("refuses eth_getLogs by blockHash"),
