@@ -343,120 +343,6 @@ fn apikey_new(name: &str, policies: &[String]) -> ExitCode {
     ExitCode::SUCCESS
 }
 
-/// Each paymaster configured for `chain` serves the EntryPoint it is configured with, where its
-/// node answers within 5 s: our signature is valid at the paymaster's own EntryPoint, whose
-/// events the watcher would not read, so an operation sent there would land unsettled (its
-/// reservation released, its cost forgotten) wherever that paymaster has a deposit too. One
-/// that does not answer (not deployed yet, a node down) is logged, and serve goes on.
-async fn check_paymasters(
-    provider: &alloy::providers::DynProvider,
-    chain: &session_paymaster::config::ChainConfig,
-) -> Result<(), String> {
-    use session_paymaster::userop::ISessionPaymaster;
-
-    for ep in &chain.entry_points {
-        let Some(paymaster) = ep.paymaster else {
-            continue;
-        };
-        let pm = ISessionPaymaster::new(paymaster, provider);
-        let read = pm.entryPoint();
-        match tokio::time::timeout(std::time::Duration::from_secs(5), read.call()).await {
-            Ok(Ok(serves)) if serves != ep.address => {
-                return Err(format!(
-                    "the paymaster {paymaster} configured for EntryPoint {v} ({a}) on chain {c} \
-                     serves EntryPoint {serves}: its signatures would land where the watcher \
-                     does not read; configure the paymaster deployed for {a}",
-                    v = ep.version,
-                    a = ep.address,
-                    c = chain.chain_id
-                ));
-            }
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => {
-                let error = session_paymaster::chain::client::error_chain(&e);
-                tracing::warn!(chain_id = chain.chain_id, %paymaster, entry_point = %ep.address, error, "could not read the paymaster's EntryPoint (is it deployed?)");
-            }
-            Err(_) => {
-                tracing::warn!(chain_id = chain.chain_id, %paymaster, "the node did not say the paymaster's EntryPoint within 5 s");
-            }
-        }
-    }
-    Ok(())
-}
-
-/// The node takes EIP-234 `blockHash` filters in `eth_getLogs`, which the watcher needs (it
-/// reads again by hash the blocks near the head whose bloom may hold an event of ours, and
-/// fails the poll where it cannot: settlement and releases would stall). Asked of a block 64
-/// behind the head (a backend that lags a little still has it), twice a second apart: an
-/// answer that the filter is not taken (method or parameters refused, or naming `blockHash`)
-/// refuses the start; anything else (a node down, slow or rate-limiting, a backend without
-/// the block) is logged, and the watcher finds out at its polls.
-async fn check_block_hash_filters(
-    provider: &alloy::providers::DynProvider,
-    chain_id: u64,
-) -> Result<(), String> {
-    use session_paymaster::chain::client::error_chain;
-
-    let block = async {
-        let head = provider.get_block_number().await?;
-        provider
-            .get_block_by_number(head.saturating_sub(64).into())
-            .await
-    };
-    let five = std::time::Duration::from_secs(5);
-    let hash = match tokio::time::timeout(five, block).await {
-        Ok(Ok(Some(block))) => block.header.hash,
-        other => {
-            let why = match other {
-                Ok(Err(e)) => error_chain(&e),
-                Ok(Ok(None)) => "no block 64 behind its head".into(),
-                _ => "no answer within 5 s".into(),
-            };
-            tracing::warn!(
-                chain_id,
-                why,
-                "could not ask the node for logs by block hash"
-            );
-            return Ok(());
-        }
-    };
-    let filter = alloy::rpc::types::Filter::new()
-        .address(Address::ZERO)
-        .at_block_hash(hash);
-    let mut last = String::new();
-    for attempt in 0..2 {
-        if attempt > 0 {
-            tokio::time::sleep(std::time::Duration::from_secs(1)).await;
-        }
-        let e = match tokio::time::timeout(five, provider.get_logs(&filter)).await {
-            Ok(Ok(_)) => return Ok(()),
-            Ok(Err(e)) => e,
-            Err(_) => {
-                last = "no answer within 5 s".into();
-                continue;
-            }
-        };
-        let refused = e.as_error_resp().is_some_and(|r| {
-            matches!(r.code, -32601 | -32602) || r.message.to_lowercase().contains("blockhash")
-        });
-        if refused {
-            return Err(format!(
-                "the rpc_url (--rpc-url) of chain {chain_id} refuses eth_getLogs by blockHash \
-                 (EIP-234: {}), which the settlement watcher needs: use a node or provider \
-                 that takes it",
-                error_chain(&e)
-            ));
-        }
-        last = error_chain(&e);
-    }
-    tracing::warn!(
-        chain_id,
-        why = last,
-        "could not ask the node for logs by block hash"
-    );
-    Ok(())
-}
-
 fn admin_token(name: Option<&str>, policies: &[String]) -> ExitCode {
     if name.is_some_and(|n| n.is_empty() || n.contains([':', ';'])) {
         eprintln!("error: --name must be non-empty, without `:` or `;`");
@@ -665,26 +551,9 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
         );
     }
     // Each chain's node, checked before anything is built (or published, or noted in Redis
-    // for the watchers): a node of another chain is refused now if it answers (if it does not
-    // yet, the watcher checks before it reads anything), and so is a paymaster of another
-    // EntryPoint.
+    // for the watchers).
     for chain in &config.chains {
-        let Some(url) = &chain.rpc_url else {
-            continue;
-        };
-        let provider = session_paymaster::chain::client::provider(url)?;
-        if let Ok(Ok(serves)) =
-            tokio::time::timeout(std::time::Duration::from_secs(5), provider.get_chain_id()).await
-            && serves != chain.chain_id
-        {
-            return Err(format!(
-                "the rpc_url (--rpc-url) of chain {c} serves chain {serves}, not {c}: settlement \
-                 would read another chain",
-                c = chain.chain_id
-            ));
-        }
-        check_paymasters(&provider, chain).await?;
-        check_block_hash_filters(&provider, chain.chain_id).await?;
+        session_paymaster::chain::preflight::check_node(chain).await?;
     }
     let state = Arc::new(
         AppState::build(&config)
