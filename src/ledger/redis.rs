@@ -547,45 +547,50 @@ fn reserve_batches(
         Box::pin(async move {
             let replies: Vec<redis::Value> = call(&mut conn, &reserve_call(&ops)).await?;
             if let Some(wait) = wait {
-                // Those reserved, or answered with a reservation made before (codes 0 and 1):
-                // each by the signature it is answered with, under its nonce key, which the
-                // record holds (an extended or replaced record keeps its operation's id, so the
-                // id would find the record as it was before). The others sign nothing.
-                if replies.len() != ops.len() {
-                    return Err(unavailable(
-                        "reserve.lua answered another count of operations",
-                    ));
-                }
-                let mut answered = Vec::new();
-                for (op, reply) in ops.iter().zip(&replies) {
-                    let fields = match reply {
-                        redis::Value::Array(fields) => fields.as_slice(),
-                        _ => &[],
-                    };
-                    let signature = match fields.first() {
-                        // The new record's, in its entry.
-                        Some(redis::Value::Int(0)) => {
-                            op.args.get(1).and_then(|e| e.get(ENTRY_SIGNATURE))
-                        }
-                        // The stored answer's.
-                        Some(redis::Value::Int(1)) => match fields.get(3) {
-                            Some(redis::Value::BulkString(sig)) => Some(sig.as_slice()),
-                            _ => None,
-                        },
-                        _ => continue,
-                    };
-                    let (Some(key), Some(signature)) = (op.keys.first(), signature) else {
-                        return Err(unavailable(
-                            "an answer of reserve.lua without its signature",
-                        ));
-                    };
-                    answered.push((key.as_slice(), signature));
-                }
-                replicated(&mut conn, wait, Written::Reservations(answered)).await?;
+                replicated(&mut conn, wait, answered(&ops, &replies)?).await?;
             }
             Ok(replies)
         })
     }))
+}
+
+/// The reservations of a call that signing answers (codes 0, reserved, and 1, a reservation
+/// made before), each by its nonce key and the signature it is answered with, which its record
+/// holds (an extended or replaced record keeps its operation's id, so the id would find the
+/// record as it was before the answer). The others sign nothing.
+fn answered<'a>(
+    ops: &'a [ReserveOp],
+    replies: &'a [redis::Value],
+) -> Result<Written<'a>, StoreError> {
+    if replies.len() != ops.len() {
+        return Err(unavailable(
+            "reserve.lua answered another count of operations",
+        ));
+    }
+    let mut answered = Vec::new();
+    for (op, reply) in ops.iter().zip(replies) {
+        let fields = match reply {
+            redis::Value::Array(fields) => fields.as_slice(),
+            _ => &[],
+        };
+        let signature = match fields.first() {
+            // The new record's, in its entry.
+            Some(redis::Value::Int(0)) => op.args.get(1).and_then(|e| e.get(ENTRY_SIGNATURE)),
+            // The stored answer's.
+            Some(redis::Value::Int(1)) => match fields.get(3) {
+                Some(redis::Value::BulkString(sig)) => Some(sig.as_slice()),
+                _ => None,
+            },
+            _ => continue,
+        };
+        let (Some(key), Some(signature)) = (op.keys.first(), signature) else {
+            return Err(unavailable(
+                "an answer of reserve.lua without its signature",
+            ));
+        };
+        answered.push((key.as_slice(), signature));
+    }
+    Ok(Written::Reservations(answered))
 }
 
 /// `FCALL` of `reserve.lua` for `ops` (at most [`MAX_BATCH`]), in turn: their keys, then the
