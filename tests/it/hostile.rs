@@ -1702,21 +1702,16 @@ async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult
             json!([bomb, ep07, "0x7a69", ctx]),
         )
         .await?;
-    assert_eq!(
-        stub["data"]["reason"],
-        json!("malformed_calldata"),
-        "{stub}"
-    );
-    assert_eq!(&stub["data"]["detail"], detail, "{stub}");
     let explained = app
         .result("pm_explainSponsorship", json!([bomb, ep07, ctx]))
         .await?;
-    assert_eq!(
-        explained["rejection"]["reason"],
-        json!("malformed_calldata"),
-        "{explained}"
-    );
-    assert_eq!(&explained["rejection"]["detail"], detail, "{explained}");
+    for refusal in [&stub["data"], &explained["rejection"]] {
+        assert_eq!(
+            (&refusal["reason"], &refusal["detail"]),
+            (&json!("malformed_calldata"), detail),
+            "{refusal}"
+        );
+    }
     let v = sponsor(
         &app,
         &counter_op(SENDER, 15, "increment()").to_json(),

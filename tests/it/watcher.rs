@@ -759,6 +759,7 @@ async fn a_replica_whose_paymasters_are_not_noted_signs_nothing_that_outlasts_th
 /// A landed operation three blocks below the head, and a watcher without a cursor that reads
 /// the chain through a proxy (`RpcProxy`) that can play a node's faults.
 struct Proxied {
+    /// (Kept: its drop stops the Redis the stack uses.)
     _redis: crate::helpers::TestRedis,
     stack: crate::helpers::Stack,
     _dir: crate::helpers::TempDir,
@@ -802,34 +803,26 @@ async fn a_backend_that_lags_behind_the_logs_asked_for_fails_the_poll() -> TestR
     use session_paymaster::chain::watcher::WatchError;
     use std::sync::atomic::Ordering;
 
-    let Proxied {
-        stack,
-        actual,
-        proxy,
-        head,
-        watcher,
-        _redis,
-        _dir,
-    } = landed_behind_a_proxy().await?;
-    let sponsor = &stack.app.state.sponsor;
+    let p = landed_behind_a_proxy().await?;
+    let (sponsor, head, actual) = (&p.stack.app.state.sponsor, p.head, p.actual);
 
     let reserved = day_usage(sponsor).await?;
     assert!(reserved.0 > actual, "open at its worst case: {reserved:?}");
-    proxy.logs_lag.store(true, Ordering::Relaxed);
-    match watcher.poll_once(sponsor).await {
+    p.proxy.logs_lag.store(true, Ordering::Relaxed);
+    match p.watcher.poll_once(sponsor).await {
         Err(WatchError::Rpc(m)) if m.contains("a backend that lags") => {}
         other => panic!("logs answered without the landed block pass the poll: {other:?}"),
     }
     assert_eq!(day_usage(sponsor).await?, reserved, "nothing settled yet");
-    proxy.logs_lag.store(false, Ordering::Relaxed);
-    let poll = watcher.poll_once(sponsor).await?;
+    p.proxy.logs_lag.store(false, Ordering::Relaxed);
+    let poll = p.watcher.poll_once(sponsor).await?;
     assert_eq!((poll.settled, poll.to_block), (1, head), "{poll:?}");
     assert_eq!(day_usage(sponsor).await?, (actual, 1));
     // The blocks after it hold no event of ours: their blooms say so, and nothing is read
     // again (a backend lagging now would go unnoticed there, and need not be noticed).
-    mine(&stack, 2).await?;
-    proxy.logs_lag.store(true, Ordering::Relaxed);
-    let poll = watcher.poll_once(sponsor).await?;
+    mine(&p.stack, 2).await?;
+    p.proxy.logs_lag.store(true, Ordering::Relaxed);
+    let poll = p.watcher.poll_once(sponsor).await?;
     assert_eq!((poll.settled, poll.to_block), (0, head + 2), "{poll:?}");
     Ok(())
 }
@@ -846,27 +839,19 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
     use std::sync::atomic::Ordering;
 
     // From block 0 without a cursor: one range, to the head.
-    let Proxied {
-        stack,
-        actual,
-        proxy,
-        head,
-        watcher,
-        _redis,
-        _dir,
-    } = landed_behind_a_proxy().await?;
-    let sponsor = &stack.app.state.sponsor;
+    let p = landed_behind_a_proxy().await?;
+    let (sponsor, head, actual) = (&p.stack.app.state.sponsor, p.head, p.actual);
 
-    proxy.missing_blocks.store(true, Ordering::Relaxed);
-    match watcher.poll_once(sponsor).await {
+    p.proxy.missing_blocks.store(true, Ordering::Relaxed);
+    match p.watcher.poll_once(sponsor).await {
         Err(WatchError::Rpc(m)) if m.contains(&format!("has no block {head}")) => {}
         other => panic!("a missing block fails the poll: {other:?}"),
     }
-    proxy.missing_blocks.store(false, Ordering::Relaxed);
+    p.proxy.missing_blocks.store(false, Ordering::Relaxed);
     // The range's last block, read after its logs, answers another hash (its first block
     // lookup is that block before the logs, the second after them).
-    proxy.other_hash_in.store(2, Ordering::Relaxed);
-    match watcher.poll_once(sponsor).await {
+    p.proxy.other_hash_in.store(2, Ordering::Relaxed);
+    match p.watcher.poll_once(sponsor).await {
         Err(WatchError::Rpc(m)) if m.contains(&format!("block {head} changed")) => {}
         other => panic!("a changed block fails the poll: {other:?}"),
     }
@@ -875,7 +860,7 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
         (actual, 1),
         "what it settled stays"
     );
-    let poll = watcher.poll_once(sponsor).await?;
+    let poll = p.watcher.poll_once(sponsor).await?;
     assert_eq!(
         (poll.settled, poll.to_block),
         (0, head),
@@ -888,13 +873,13 @@ async fn a_range_whose_last_block_changes_while_read_is_read_again() -> TestResu
     // its lookups are the cursor's block, the range's last block before and after the logs,
     // then the cursor's block again). The range was read on a fork without the cursor's
     // block: the poll fails, and the cursor stays.
-    mine(&stack, 2).await?;
-    proxy.other_hash_in.store(4, Ordering::Relaxed);
-    match watcher.poll_once(sponsor).await {
+    mine(&p.stack, 2).await?;
+    p.proxy.other_hash_in.store(4, Ordering::Relaxed);
+    match p.watcher.poll_once(sponsor).await {
         Err(WatchError::Rpc(m)) if m.contains(&format!("cursor's block {head} changed")) => {}
         other => panic!("a cursor block that changed fails the poll: {other:?}"),
     }
-    let poll = watcher.poll_once(sponsor).await?;
+    let poll = p.watcher.poll_once(sponsor).await?;
     assert_eq!(poll.to_block, head + 2, "{poll:?}");
     Ok(())
 }
