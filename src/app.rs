@@ -61,6 +61,7 @@ pub struct AppState {
     /// Tenants' admin keys: each the sessions of its policies only.
     pub admin_keys: crate::apikey::ApiKeys,
     admin_on_main: bool,
+    metrics_on_main: bool,
     /// Shared Redis connection, when configured.
     redis: Option<RedisConn>,
     policies_dir: PathBuf,
@@ -219,6 +220,7 @@ impl AppState {
             admin_token_sha256: config.admin_token_sha256,
             admin_keys: crate::apikey::ApiKeys::new(config.admin_keys.clone()),
             admin_on_main: config.admin_on_main,
+            metrics_on_main: config.metrics_on_main,
             redis,
             policies_dir: config.policies_dir.clone(),
             directory_version,
@@ -705,8 +707,12 @@ pub fn router(state: Arc<AppState>) -> Router {
             post(rpc::handle_chain).layer(DefaultBodyLimit::disable()),
         )
         .route("/healthz", get(|| async { "ok" }))
-        .route("/readyz", get(readyz))
-        .route("/metrics", get(metrics));
+        .route("/readyz", get(readyz));
+    let router = if state.metrics_on_main {
+        router.route("/metrics", get(metrics))
+    } else {
+        router
+    };
     let router = if state.admin_on_main {
         router.merge(admin::router(state.clone()))
     } else {
@@ -715,9 +721,25 @@ pub fn router(state: Arc<AppState>) -> Router {
     router.with_state(state)
 }
 
-/// The admin API alone, for its own listener (`--admin-listen`).
-pub fn admin_router(state: Arc<AppState>) -> Router {
-    admin::router(state.clone()).with_state(state)
+/// The admin API alone, for its own listener (`--admin-listen`); with `metrics`, `/metrics`
+/// too (`--metrics-listen` at the same address).
+pub fn admin_router(state: Arc<AppState>, metrics: bool) -> Router {
+    let router = admin::router(state.clone());
+    let router = if metrics {
+        router.route("/metrics", get(self::metrics))
+    } else {
+        router
+    };
+    router.with_state(state)
+}
+
+/// `/metrics` (and `/healthz`, for the probes of that address) alone, for their own listener
+/// (`--metrics-listen`).
+pub fn metrics_router(state: Arc<AppState>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok" }))
+        .with_state(state)
 }
 
 /// Whether this process's heap gets transparent huge pages: the kernel gives them to every

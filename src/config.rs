@@ -128,6 +128,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_ADMIN_LISTEN")]
     pub admin_listen: Option<SocketAddr>,
 
+    /// Serve `/metrics` on this address (an internal interface, or `--admin-listen`'s own)
+    /// instead of the main listener: its budget gauges name every policy and what it has left,
+    /// which tenants reaching the main listener should not read.
+    #[arg(long, env = "SP_METRICS_LISTEN")]
+    pub metrics_listen: Option<SocketAddr>,
+
     /// How often the policy set is checked for changes (the directory, or the set published in
     /// Redis), and this replica's policies and paymasters noted for the watchers (at most 10
     /// minutes: a replica whose paymasters were not noted for the grace hour stops signing).
@@ -286,6 +292,8 @@ pub struct Config {
     pub admin_keys: Vec<ApiKey>,
     /// Whether the admin API is served on the main listener (no separate admin address).
     pub admin_on_main: bool,
+    /// Whether `/metrics` is served on the main listener (no separate metrics address).
+    pub metrics_on_main: bool,
 }
 
 impl Config {
@@ -496,6 +504,7 @@ impl From<&ServeArgs> for Config {
             admin_token_sha256: args.admin_token_sha256,
             admin_keys: args.admin_keys.clone(),
             admin_on_main: args.admin_listen.is_none(),
+            metrics_on_main: args.metrics_listen.is_none(),
         }
     }
 }
@@ -711,6 +720,9 @@ impl ServeArgs {
         }
         if let Some(a) = self.admin_listen {
             put("admin_listen", s(a.to_string()));
+        }
+        if let Some(a) = self.metrics_listen {
+            put("metrics_listen", s(a.to_string()));
         }
         put(
             "policy_poll",

@@ -560,7 +560,7 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
             .await
             .map_err(|e| format!("cannot start: {e}"))?,
     );
-    log_startup(&state, &config);
+    log_startup(&state, &config, args.listen);
     // Reservations in Redis that nothing settles stay at their worst case for good: say so at
     // start rather than find the budgets full later. The embedded default (memory) keeps
     // starting, with its warning below.
@@ -636,38 +636,51 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
     };
     server::raise_open_files();
     let admin_limits = args.connection_limits().for_admin();
+    // `/metrics` at the admin listener's own address is served there; at any other, by a
+    // listener of its own, held to the admin listener's connections.
+    let metrics_with_admin =
+        args.metrics_listen.is_some() && args.metrics_listen == args.admin_listen;
+    let metrics_alone = args.metrics_listen.filter(|_| !metrics_with_admin);
     let limits = args.connection_limits().within_open_files(
-        args.admin_listen
-            .map_or(0, |_| admin_limits.max_connections),
+        [args.admin_listen, metrics_alone].iter().flatten().count() * admin_limits.max_connections,
     );
-    let admin = match args.admin_listen {
-        None => None,
-        Some(addr) => {
-            let admin_listener = tokio::net::TcpListener::bind(addr)
-                .await
-                .map_err(|e| format!("bind admin {addr}: {e}"))?;
-            tracing::info!(address = %addr, "admin API listening");
-            Some(tokio::spawn(server::run(
-                admin_listener,
-                app::admin_router(state.clone()),
+    let mut side = Vec::new();
+    for (addr, what, router) in [
+        (
+            args.admin_listen,
+            "admin API",
+            app::admin_router(state.clone(), metrics_with_admin),
+        ),
+        (metrics_alone, "metrics", app::metrics_router(state.clone())),
+    ] {
+        let Some(addr) = addr else { continue };
+        let side_listener = tokio::net::TcpListener::bind(addr)
+            .await
+            .map_err(|e| format!("bind {what} {addr}: {e}"))?;
+        tracing::info!(address = %addr, "{what} listening");
+        side.push((
+            what,
+            tokio::spawn(server::run(
+                side_listener,
+                router,
                 stopped(stop_rx.clone()),
                 admin_limits,
-            )))
-        }
-    };
+            )),
+        ));
+    }
     server::run(listener, app::router(state), stopped(stop_rx), limits)
         .await
         .map_err(|e| format!("server: {e}"))?;
-    if let Some(admin) = admin {
-        admin
+    for (what, server) in side {
+        server
             .await
-            .map_err(|e| format!("admin server: {e}"))?
-            .map_err(|e| format!("admin server: {e}"))?;
+            .map_err(|e| format!("{what} server: {e}"))?
+            .map_err(|e| format!("{what} server: {e}"))?;
     }
     Ok(())
 }
 
-fn log_startup(state: &AppState, config: &Config) {
+fn log_startup(state: &AppState, config: &Config, listen: std::net::SocketAddr) {
     let signer = state.sponsor.signer();
     if signer.is_ephemeral() {
         tracing::warn!(
@@ -712,6 +725,16 @@ fn log_startup(state: &AppState, config: &Config) {
     if config.admin_token_sha256.is_none() && config.admin_keys.is_empty() {
         tracing::warn!(
             "admin API closed: no --admin-token-sha256 (create one with `session-paymaster admin-token`)"
+        );
+    }
+    // Tenants (keys limited to some policies) reaching the main listener would read every
+    // policy's budgets there.
+    if config.metrics_on_main
+        && !listen.ip().is_loopback()
+        && config.api_keys.iter().any(|k| k.policies.is_some())
+    {
+        tracing::warn!(
+            "/metrics is served on the main listener, which tenants' API keys reach: it names every policy and its budgets' remaining amounts; give --metrics-listen an internal address (or --admin-listen's)"
         );
     }
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");

@@ -333,6 +333,7 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
         admin_keys: Vec::new(),
         redis_wait: None,
         admin_on_main: true,
+        metrics_on_main: true,
     }
 }
 
