@@ -401,7 +401,8 @@ fn decode_account_call(
 }
 
 /// A self-call re-enters the account: decode what it runs. A delegatecall to a known MultiSend
-/// runs its packed transactions as the account. Everything else is a leaf.
+/// runs its packed transactions as the account. Any other call to the account itself is
+/// refused; everything else is a leaf.
 fn expand(
     call: Call,
     sender: Address,
@@ -434,6 +435,17 @@ fn expand(
             expand(inner, sender, depth + 1, budget, out)?;
         }
         return Ok(());
+    }
+    // A call to the account itself that is not decoded above (with value, static, a
+    // delegatecall, or without a function) re-enters it unseen: an account that lets itself
+    // call its own `execute` with value runs what that wraps, which no rule would check. (A
+    // plain self-call of value 0 to anything but an execution function is refused above.)
+    if call.target == sender {
+        return Err(bad(
+            "self-call",
+            "a call to the account itself with value, static, as a delegatecall or without a \
+             function: only plain calls of value 0 to its execution functions are decoded",
+        ));
     }
     out.push(call);
     Ok(())
@@ -528,6 +540,14 @@ fn decode_multisend(mut packed: &[u8]) -> Result<Vec<Call>, CalldataError> {
             return Err(bad(SHAPE, "truncated transaction header"));
         }
         let to = Address::from_slice(&packed[1..21]);
+        // MultiSend 1.5 runs a transaction to address(0) as one to the Safe itself: with any
+        // data, a self-call no rule would see.
+        if to.is_zero() {
+            return Err(bad(
+                SHAPE,
+                "a transaction to address(0) (MultiSend 1.5 runs it as a call to the Safe itself)",
+            ));
+        }
         let value = U256::from_be_slice(&packed[21..53]);
         let len = U256::from_be_slice(&packed[53..85]);
         let len = usize::try_from(len)
@@ -779,6 +799,88 @@ mod tests {
             assert!(decode_multisend(&t[..t.len().saturating_sub(3)]).is_err());
         }
         assert!(decode_multisend(&multisend(&[(2, a)])[68..]).is_err());
+    }
+
+    /// A MultiSend transaction to address(0), which MultiSend 1.5 runs as a call to the Safe
+    /// itself, is refused (found by review).
+    #[test]
+    fn a_multisend_transaction_to_address_zero_is_refused() {
+        let zero = Call::new(Address::ZERO, U256::ZERO, vec![1, 2, 3, 4].into());
+        let data = Safe4337Module::executeUserOpCall {
+            to: KNOWN_MULTISEND[2],
+            value: U256::ZERO,
+            data: multisend(&[(0, zero)]),
+            operation: 1,
+        }
+        .abi_encode();
+        assert!(
+            matches!(decode(&data, SENDER), Err(CalldataError::Malformed { shape: "multiSend", ref reason }) if reason.contains("address(0)")),
+            "{:?}",
+            decode(&data, SENDER)
+        );
+    }
+
+    /// A call to the account itself that is not decoded (with value, static, a delegatecall,
+    /// or without a function) is refused: an account that accepts a payable self-call of its
+    /// own `execute` would run what that wraps unchecked (found by review).
+    #[test]
+    fn a_self_call_that_is_not_decoded_is_refused() {
+        let hidden = SimpleAccount::executeCall {
+            dest: Address::repeat_byte(7),
+            value: U256::ZERO,
+            func: vec![9, 9, 9, 9].into(),
+        }
+        .abi_encode();
+        let self_call = |value: u64, func: Vec<u8>| {
+            SimpleAccount::executeCall {
+                dest: SENDER,
+                value: U256::from(value),
+                func: func.into(),
+            }
+            .abi_encode()
+        };
+        let safe = |operation: u8| {
+            Safe4337Module::executeUserOpCall {
+                to: SENDER,
+                value: U256::ZERO,
+                data: hidden.clone().into(),
+                operation,
+            }
+            .abi_encode()
+        };
+        let static_self = Erc7579Account::executeCall {
+            mode: mode(0xfe),
+            executionCalldata: [SENDER.as_slice(), &[0; 32], &hidden].concat().into(),
+        }
+        .abi_encode();
+        for (what, data) in [
+            ("with value", self_call(1, hidden.clone())),
+            ("with value, no function", self_call(1, Vec::new())),
+            ("no function", self_call(0, vec![1, 2])),
+            ("a Safe delegatecall", safe(1)),
+            ("an ERC-7579 static call", static_self),
+        ] {
+            assert!(
+                matches!(
+                    decode(&data, SENDER),
+                    Err(CalldataError::Malformed {
+                        shape: "self-call",
+                        ..
+                    })
+                ),
+                "{what}: {:?}",
+                decode(&data, SENDER)
+            );
+        }
+        // A plain self-call of value 0 is still decoded.
+        assert_eq!(
+            decode(&self_call(0, hidden), SENDER).unwrap(),
+            vec![Call::new(
+                Address::repeat_byte(7),
+                U256::ZERO,
+                vec![9, 9, 9, 9].into()
+            )]
+        );
     }
 
     #[test]

@@ -1759,3 +1759,61 @@ async fn a_repeat_after_the_paymaster_changes_is_signed_for_the_new_one() -> Tes
     );
     Ok(())
 }
+
+/// Found in review: a call of the account to itself that the decoder does not follow (one with
+/// value) was a leaf call to the sender, so under a policy allowing calls to the sender it was
+/// signed, while an account that lets itself call its own `execute` (payable) runs whatever
+/// that wraps, which no rule saw. Refused now through HTTP; a plain self-call of value 0 is
+/// still followed (and its wrapped call checked).
+#[tokio::test]
+async fn a_self_call_the_decoder_does_not_follow_is_refused() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let selfish = (
+        "selfish.toml".to_owned(),
+        format!(
+            "id = \"selfish\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+             [[allow]]\ntarget = \"{SENDER}\"\nfunctions = [\"*\"]\nmax_value = \"1\"\n"
+        ),
+    );
+    let (app, _dir) = app_with(&redis, &[budgeted_counter(), selfish]).await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let hidden = executeCall {
+        dest: Address::repeat_byte(0x77),
+        value: U256::ZERO,
+        func: keccak256("drain()")[..4].to_vec().into(),
+    }
+    .abi_encode();
+    let wrapping = |value: u64| {
+        executeCall {
+            dest: SENDER,
+            value: U256::from(value),
+            func: hidden.clone().into(),
+        }
+        .abi_encode()
+    };
+    let v = sponsor(
+        &app,
+        &op_calling(wrapping(1), 1),
+        ep07,
+        json!({ "sponsorshipPolicyId": "selfish" }),
+    )
+    .await?;
+    assert_eq!(reason(&v), "malformed_calldata", "{v}");
+    assert!(
+        v["error"]["data"]["detail"]
+            .as_str()
+            .is_some_and(|m| m.contains("the account itself")),
+        "{v}"
+    );
+    // Of value 0 it is followed: the wrapped call is what the policy judges (and refuses).
+    let v = sponsor(
+        &app,
+        &op_calling(wrapping(0), 2),
+        ep07,
+        json!({ "sponsorshipPolicyId": "selfish" }),
+    )
+    .await?;
+    assert!(v["error"].is_object(), "{v}");
+    assert_ne!(reason(&v), "malformed_calldata", "{v}");
+    Ok(())
+}
