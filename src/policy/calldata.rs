@@ -60,6 +60,8 @@ sol! {
 
 /// The canonical MultiSend deployments (Safe v1.3.0 and v1.4.1, same address on every chain).
 /// Only these are decoded through a delegatecall: other code run by delegatecall could do anything.
+/// (MultiSend 1.5 runs a transaction to address(0) as one to the Safe itself: `decode_multisend`
+/// refuses those, which adding its address here needs.)
 pub const KNOWN_MULTISEND: [Address; 4] = [
     address!("0x40A2aCCbd92BCA938b02010E17A5b8929b49130D"), // MultiSendCallOnly 1.3.0
     address!("0xA238CBeb142c10Ef7Ad8442C6D1f9E89e07e7761"), // MultiSend 1.3.0
@@ -439,7 +441,8 @@ fn expand(
     // A call to the account itself that is not decoded above (with value, static, a
     // delegatecall, or without a function) re-enters it unseen: an account that lets itself
     // call its own `execute` with value runs what that wraps, which no rule would check. (A
-    // plain self-call of value 0 to anything but an execution function is refused above.)
+    // plain self-call of value 0 to anything but an execution function is refused by
+    // `decode_account_call`, as an unknown account call.)
     if call.target == sender {
         return Err(bad(
             "self-call",
@@ -857,6 +860,7 @@ mod tests {
             ("with value", self_call(1, hidden.clone())),
             ("with value, no function", self_call(1, Vec::new())),
             ("no function", self_call(0, vec![1, 2])),
+            ("empty, of value 0", self_call(0, Vec::new())),
             ("a Safe delegatecall", safe(1)),
             ("an ERC-7579 static call", static_self),
         ] {
