@@ -52,12 +52,15 @@ WORKDIR /etc/session-paymaster
 # MIMALLOC_ALLOW_THP=0: no transparent huge pages for the heap, even on a host whose
 # transparent_hugepage is `always` (a 2 MiB page fault stalls every request behind it;
 # docs/performance.md).
+# /metrics names every policy and its budgets, and asks for no credential: on a port of its
+# own, which only the scraper's network should reach (4337 then answers its path 405).
 ENV SP_LISTEN=0.0.0.0:4337 \
+    SP_METRICS_LISTEN=0.0.0.0:9464 \
     SP_POLICIES=/etc/session-paymaster/policies \
     SP_LOG_FORMAT=json \
     MIMALLOC_ALLOW_THP=0
 USER 10001:10001
-EXPOSE 4337
+EXPOSE 4337 9464
 # The binary probes its own /healthz: the image has no curl.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=10s --retries=3 \
   CMD ["session-paymaster", "healthcheck"]

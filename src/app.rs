@@ -706,10 +706,10 @@ pub fn router(state: Arc<AppState>) -> Router {
             "/rpc/{chain}",
             post(rpc::handle_chain).layer(DefaultBodyLimit::disable()),
         )
-        .route("/healthz", get(|| async { "ok" }))
+        .route("/healthz", get(healthz))
         .route("/readyz", get(readyz));
     let router = if state.metrics_on_main {
-        router.route("/metrics", get(metrics))
+        router.merge(metrics_routes())
     } else {
         router
     };
@@ -721,12 +721,24 @@ pub fn router(state: Arc<AppState>) -> Router {
     router.with_state(state)
 }
 
-/// The admin API alone, for its own listener (`--admin-listen`); with `metrics`, `/metrics`
-/// too (`--metrics-listen` at the same address).
-pub fn admin_router(state: Arc<AppState>, metrics: bool) -> Router {
+async fn healthz() -> &'static str {
+    "ok"
+}
+
+/// `/metrics`, which asks for no credential.
+fn metrics_routes() -> Router<Arc<AppState>> {
+    Router::new().route("/metrics", get(metrics))
+}
+
+/// The admin API alone, for its own listener (`--admin-listen`); `with_metrics`: `/metrics`
+/// and `/healthz` too (`--metrics-listen` at the same address). Those are merged after the
+/// admin routes took their authentication layer, so they ask for no credential.
+pub fn admin_router(state: Arc<AppState>, with_metrics: bool) -> Router {
     let router = admin::router(state.clone());
-    let router = if metrics {
-        router.route("/metrics", get(self::metrics))
+    let router = if with_metrics {
+        router
+            .merge(metrics_routes())
+            .route("/healthz", get(healthz))
     } else {
         router
     };
@@ -736,9 +748,8 @@ pub fn admin_router(state: Arc<AppState>, metrics: bool) -> Router {
 /// `/metrics` (and `/healthz`, for the probes of that address) alone, for their own listener
 /// (`--metrics-listen`).
 pub fn metrics_router(state: Arc<AppState>) -> Router {
-    Router::new()
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok" }))
+    metrics_routes()
+        .route("/healthz", get(healthz))
         .with_state(state)
 }
 

@@ -630,7 +630,59 @@ fn toml_scalar(v: &toml::Value) -> Result<String, String> {
     }
 }
 
+/// Where `/metrics` is served.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum MetricsAt {
+    /// The main listener (no `--metrics-listen`).
+    Main,
+    /// The admin listener (`--metrics-listen` is `--admin-listen`'s address).
+    Admin,
+    /// A listener of its own.
+    Own(SocketAddr),
+}
+
+/// The listeners `serve` opens besides the main one, and what each serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Listeners {
+    /// The admin API's own (`--admin-listen`); `None`: on the main listener.
+    pub admin: Option<SocketAddr>,
+    /// `/metrics`'.
+    pub metrics: MetricsAt,
+}
+
 impl ServeArgs {
+    /// The listeners these arguments ask for: `/metrics` joins the admin listener when
+    /// `--metrics-listen` names its address (port 0 excepted: two such are two listeners).
+    /// Two listeners on one port (the same address, or an unspecified one and any other) are
+    /// refused here, before anything starts, rather than by a failed bind.
+    pub fn listeners(&self) -> Result<Listeners, String> {
+        let metrics = match self.metrics_listen {
+            None => MetricsAt::Main,
+            Some(m) if Some(m) == self.admin_listen && m.port() != 0 => MetricsAt::Admin,
+            Some(m) => MetricsAt::Own(m),
+        };
+        let mut bound = vec![("--listen", self.listen)];
+        bound.extend(self.admin_listen.map(|a| ("--admin-listen", a)));
+        if let MetricsAt::Own(m) = metrics {
+            bound.push(("--metrics-listen", m));
+        }
+        for (i, (flag, a)) in bound.iter().enumerate() {
+            for (other, b) in &bound[..i] {
+                let overlap =
+                    a.ip() == b.ip() || a.ip().is_unspecified() || b.ip().is_unspecified();
+                if a.port() != 0 && a.port() == b.port() && overlap {
+                    return Err(format!(
+                        "{flag} {a} and {other} {b} would listen on one port: give each its own (--metrics-listen may be --admin-listen's address, to serve /metrics there)"
+                    ));
+                }
+            }
+        }
+        Ok(Listeners {
+            admin: self.admin_listen,
+            metrics,
+        })
+    }
+
     /// What the clients of each listener may hold of it.
     pub fn connection_limits(&self) -> crate::server::ConnectionLimits {
         crate::server::ConnectionLimits {
@@ -823,6 +875,92 @@ mod tests {
         for refused in ["0s", "999ms", "11m", "never"] {
             assert!(parse_connection_timeout(refused).is_err(), "{refused}");
         }
+    }
+
+    /// `--metrics-listen` joins the admin listener at its address (not at port 0), and two
+    /// listeners on one port are refused before anything starts.
+    #[test]
+    fn listeners_join_or_refuse_as_their_addresses_say() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let listeners = |args: &[&str]| {
+            let cli = <Cli as clap::Parser>::try_parse_from(
+                ["serve", "--listen", "0.0.0.0:4337"].iter().chain(args),
+            )
+            .map_err(|e| e.to_string())?;
+            cli.serve.listeners()
+        };
+        let at = |a: &str| a.parse::<SocketAddr>().unwrap();
+        assert_eq!(
+            listeners(&[]),
+            Ok(Listeners {
+                admin: None,
+                metrics: MetricsAt::Main
+            })
+        );
+        let joined = [
+            "--admin-listen",
+            "10.0.0.1:9000",
+            "--metrics-listen",
+            "10.0.0.1:9000",
+        ];
+        assert_eq!(
+            listeners(&joined),
+            Ok(Listeners {
+                admin: Some(at("10.0.0.1:9000")),
+                metrics: MetricsAt::Admin
+            })
+        );
+        let own = [
+            "--admin-listen",
+            "10.0.0.1:9000",
+            "--metrics-listen",
+            "10.0.0.1:9464",
+        ];
+        assert_eq!(
+            listeners(&own).map(|l| l.metrics),
+            Ok(MetricsAt::Own(at("10.0.0.1:9464")))
+        );
+        let any_port = [
+            "--admin-listen",
+            "127.0.0.1:0",
+            "--metrics-listen",
+            "127.0.0.1:0",
+        ];
+        assert_eq!(
+            listeners(&any_port).map(|l| l.metrics),
+            Ok(MetricsAt::Own(at("127.0.0.1:0")))
+        );
+        for clash in [
+            &["--metrics-listen", "0.0.0.0:4337"][..],
+            &["--metrics-listen", "127.0.0.1:4337"],
+            &["--admin-listen", "10.0.0.1:4337"],
+            &[
+                "--admin-listen",
+                "0.0.0.0:9000",
+                "--metrics-listen",
+                "127.0.0.1:9000",
+            ],
+        ] {
+            let refused = listeners(clash).unwrap_err();
+            assert!(
+                refused.contains("would listen on one port"),
+                "{clash:?}: {refused}"
+            );
+        }
+        // Another address on another interface may share a port.
+        assert!(
+            listeners(&[
+                "--admin-listen",
+                "10.0.0.1:9000",
+                "--metrics-listen",
+                "10.0.0.2:9000"
+            ])
+            .is_ok()
+        );
     }
 
     #[test]

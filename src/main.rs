@@ -510,6 +510,7 @@ fn serve(args: ServeArgs) -> ExitCode {
 
 async fn serve_async(args: ServeArgs) -> Result<(), String> {
     let config = Config::from(&args);
+    let listeners = args.listeners()?;
     if config.api_keys.is_empty() && !args.listen.ip().is_loopback() {
         return Err(format!(
             "no API key configured: refusing to serve {} keyless; configure --api-key (see `session-paymaster apikey new`) or listen on loopback",
@@ -635,21 +636,25 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
         let _ = rx.wait_for(|stop| *stop).await;
     };
     server::raise_open_files();
-    let admin_limits = args.connection_limits().for_admin();
-    // `/metrics` at the admin listener's own address is served there; at any other, by a
-    // listener of its own, held to the admin listener's connections.
-    let metrics_with_admin =
-        args.metrics_listen.is_some() && args.metrics_listen == args.admin_listen;
-    let metrics_alone = args.metrics_listen.filter(|_| !metrics_with_admin);
+    // The admin API's and `/metrics`' own listeners (`Listeners`), each with a cap of
+    // connections of its own, taken off the main listener's share of open files.
+    let side_limits = args.connection_limits().for_side_listener();
+    let metrics_alone = match listeners.metrics {
+        session_paymaster::config::MetricsAt::Own(addr) => Some(addr),
+        _ => None,
+    };
     let limits = args.connection_limits().within_open_files(
-        [args.admin_listen, metrics_alone].iter().flatten().count() * admin_limits.max_connections,
+        [listeners.admin, metrics_alone].iter().flatten().count() * side_limits.max_connections,
     );
     let mut side = Vec::new();
     for (addr, what, router) in [
         (
-            args.admin_listen,
+            listeners.admin,
             "admin API",
-            app::admin_router(state.clone(), metrics_with_admin),
+            app::admin_router(
+                state.clone(),
+                listeners.metrics == session_paymaster::config::MetricsAt::Admin,
+            ),
         ),
         (metrics_alone, "metrics", app::metrics_router(state.clone())),
     ] {
@@ -657,14 +662,15 @@ async fn serve_async(args: ServeArgs) -> Result<(), String> {
         let side_listener = tokio::net::TcpListener::bind(addr)
             .await
             .map_err(|e| format!("bind {what} {addr}: {e}"))?;
-        tracing::info!(address = %addr, "{what} listening");
+        let bound = side_listener.local_addr().unwrap_or(addr);
+        tracing::info!(address = %bound, "{what} listening");
         side.push((
             what,
             tokio::spawn(server::run(
                 side_listener,
                 router,
                 stopped(stop_rx.clone()),
-                admin_limits,
+                side_limits,
             )),
         ));
     }
@@ -727,14 +733,14 @@ fn log_startup(state: &AppState, config: &Config, listen: std::net::SocketAddr) 
             "admin API closed: no --admin-token-sha256 (create one with `session-paymaster admin-token`)"
         );
     }
-    // Tenants (keys limited to some policies) reaching the main listener would read every
-    // policy's budgets there.
-    if config.metrics_on_main
-        && !listen.ip().is_loopback()
-        && config.api_keys.iter().any(|k| k.policies.is_some())
-    {
+    // `/metrics` asks for no credential: whoever reaches a main listener that is not loopback
+    // reads every policy and its budgets' remaining amounts there (tenants each other's).
+    if config.metrics_on_main && !listen.ip().is_loopback() {
+        let tenants =
+            !config.admin_keys.is_empty() || config.api_keys.iter().any(|k| k.policies.is_some());
         tracing::warn!(
-            "/metrics is served on the main listener, which tenants' API keys reach: it names every policy and its budgets' remaining amounts; give --metrics-listen an internal address (or --admin-listen's)"
+            tenants,
+            "/metrics is served on the main listener, to anyone who reaches it: it names every policy and its budgets' remaining amounts; give --metrics-listen an internal address (or --admin-listen's), or route only the JSON-RPC paths to this listener"
         );
     }
     let thp = std::fs::read_to_string("/sys/kernel/mm/transparent_hugepage/enabled");

@@ -135,7 +135,7 @@ const OPEN_FILES_KEPT: u64 = 256;
 
 impl ConnectionLimits {
     /// These limits, with `max_connections` lowered (with a warning) so that a full listener,
-    /// and `reserved` connections of others (the admin listener's), stay within this process's
+    /// and `reserved` connections of others (the admin and metrics listeners'), stay within this process's
     /// open-file limit (`ulimit -n`): past it, `accept` fails before the cap does, and so does
     /// every new connection to Redis or the chain.
     pub fn within_open_files(mut self, reserved: usize) -> Self {
@@ -155,17 +155,19 @@ impl ConnectionLimits {
         self
     }
 
-    /// The admin listener's (`--admin-listen`): these, with at most [`ADMIN_MAX_CONNECTIONS`].
-    pub fn for_admin(self) -> Self {
+    /// Those of a listener besides the main one (`--admin-listen`, `--metrics-listen`): these,
+    /// with at most [`SIDE_MAX_CONNECTIONS`].
+    pub fn for_side_listener(self) -> Self {
         Self {
-            max_connections: self.max_connections.min(ADMIN_MAX_CONNECTIONS),
+            max_connections: self.max_connections.min(SIDE_MAX_CONNECTIONS),
             ..self
         }
     }
 }
 
-/// Most connections the admin listener holds: an operator's tools, not the public.
-pub const ADMIN_MAX_CONNECTIONS: usize = 64;
+/// Most connections each listener besides the main one holds (the admin API's, `/metrics`'):
+/// an operator's tools and scrapers, not the public.
+pub const SIDE_MAX_CONNECTIONS: usize = 64;
 
 /// Client connections a listener may hold under a soft open-file limit of `soft`, with
 /// `reserved` taken by other listeners (at least one).
@@ -367,7 +369,7 @@ mod tests {
     #[test]
     fn the_room_for_connections_leaves_files_for_the_rest() {
         assert_eq!(room_for_connections(1024, 0), 768);
-        assert_eq!(room_for_connections(1024, ADMIN_MAX_CONNECTIONS), 704);
+        assert_eq!(room_for_connections(1024, SIDE_MAX_CONNECTIONS), 704);
         assert_eq!(room_for_connections(100, 0), 1, "at least one");
     }
 }
