@@ -36,6 +36,12 @@ use crate::session::{SessionStore, StoreError};
 use crate::signer::{Signer, SignerError};
 use crate::sponsor::Sponsor;
 
+/// Most gas estimations one replica has the bundlers run at once (`pm_sponsorUserOperation`
+/// without gas limits). Each holds a request to the bundler for up to `--bundler-timeout`, and
+/// a refused estimation charges nothing: without the bound, one client's concurrent requests
+/// were as many requests to the operator's bundler (and sockets to it).
+pub const MAX_ESTIMATES_IN_FLIGHT: usize = 64;
+
 /// Shared state of every request.
 #[derive(Debug)]
 pub struct AppState {
@@ -55,6 +61,9 @@ pub struct AppState {
     pub bundlers: Vec<(u64, alloy::rpc::client::RpcClient)>,
     /// How long estimation waits for it.
     pub bundler_timeout: std::time::Duration,
+    /// Estimations this replica asks of the bundlers at once: one more is refused at once
+    /// rather than queued ([`MAX_ESTIMATES_IN_FLIGHT`]).
+    pub estimates: tokio::sync::Semaphore,
     /// SHA-256 of the admin bearer token (every policy's sessions, and their status); `None`:
     /// none.
     pub admin_token_sha256: Option<B256>,
@@ -216,6 +225,7 @@ impl AppState {
                 })
                 .collect(),
             bundler_timeout: config.bundler_timeout,
+            estimates: tokio::sync::Semaphore::new(MAX_ESTIMATES_IN_FLIGHT),
             bundlers,
             admin_token_sha256: config.admin_token_sha256,
             admin_keys: crate::apikey::ApiKeys::new(config.admin_keys.clone()),

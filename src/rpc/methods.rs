@@ -293,6 +293,22 @@ async fn estimate_gas(
         request_id,
     )
     .await?;
+    // (After the stub: an operation no policy takes asks nothing of the bundler.)
+    let Ok(_estimating) = state.estimates.try_acquire() else {
+        return Err(RpcError {
+            data: Some(json!({
+                "reason": Reason::EstimationFailed.as_str(),
+                "detail": format!(
+                    "this replica already has {} estimations at the bundler: retry, or send gas limits",
+                    crate::app::MAX_ESTIMATES_IN_FLIGHT
+                ),
+            })),
+            ..RpcError::new(
+                super::error::REJECTED,
+                "gas estimation by the bundler failed",
+            )
+        });
+    };
     let mut probe = op.clone();
     probe.paymaster = Some(stub.data.fields(stub.paymaster, stub.gas, stub.layout));
     let estimate = tokio::time::timeout(

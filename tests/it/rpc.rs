@@ -965,3 +965,53 @@ async fn invented_methods_do_not_grow_the_metrics() -> TestResult {
     );
     Ok(())
 }
+
+/// Estimations wait for the bundler at most `MAX_ESTIMATES_IN_FLIGHT` at a time per replica:
+/// beyond, one is refused at once (nothing charged either way) rather than sent. Before, a
+/// client's concurrent requests without gas limits were as many requests held open at the
+/// operator's bundler (found by review).
+#[tokio::test]
+async fn estimations_at_the_bundler_are_bounded() -> TestResult {
+    use session_paymaster::app::MAX_ESTIMATES_IN_FLIGHT;
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
+    let bundler_url = format!("http://{}", listener.local_addr()?);
+    let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
+    let counted = accepted.clone();
+    let silent = tokio::spawn(async move {
+        let mut held = Vec::new();
+        while let Ok((socket, _)) = listener.accept().await {
+            counted.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+            held.push(socket);
+        }
+    });
+    let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
+    c.chains[0].bundler_url = Some(bundler_url);
+    c.bundler_timeout = std::time::Duration::from_secs(3);
+    let app = std::sync::Arc::new(TestApp::spawn(c).await?);
+    let asked = MAX_ESTIMATES_IN_FLIGHT + 36;
+    let mut calls = tokio::task::JoinSet::new();
+    for _ in 0..asked {
+        let app = app.clone();
+        calls.spawn(async move {
+            app.error("pm_sponsorUserOperation", json!([unestimated_op(), ep07()]))
+                .await
+        });
+    }
+    let mut busy = 0;
+    while let Some(err) = calls.join_next().await {
+        let err = err??;
+        assert_eq!(err["data"]["reason"], json!("estimation_failed"), "{err}");
+        busy += usize::from(
+            err["data"]["detail"]
+                .as_str()
+                .is_some_and(|d| d.contains("estimations at the bundler")),
+        );
+    }
+    silent.abort();
+    let reached = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    assert_eq!(
+        (reached, busy),
+        (MAX_ESTIMATES_IN_FLIGHT, asked - MAX_ESTIMATES_IN_FLIGHT)
+    );
+    Ok(())
+}
