@@ -35,6 +35,10 @@ pub const METHODS: [&str; 8] = [
 /// Most calls one batch may carry.
 pub const MAX_BATCH: usize = 100;
 
+/// Most `pm_explainSponsorship` calls one batch may carry (each answer is up to tens of
+/// kilobytes: `sponsor::explain`); the others of the batch get `-32600`.
+pub const MAX_EXPLAINS_PER_BATCH: usize = 10;
+
 /// `POST /`: one call or a batch. Each call of a batch gets its own result or error, in order;
 /// notifications (no `id`) get none. Every log line of the request carries its id. Methods
 /// without a chain parameter serve the one chain configured (with several, a path must name it).
@@ -159,7 +163,24 @@ async fn handle_body(
         }
         Value::Array(calls) => {
             let mut out = Vec::with_capacity(calls.len());
+            let mut explains = 0;
             for call in &calls {
+                if call["method"] == "pm_explainSponsorship" {
+                    explains += 1;
+                    if explains > MAX_EXPLAINS_PER_BATCH {
+                        let msg = format!(
+                            "invalid request: a batch holds at most {MAX_EXPLAINS_PER_BATCH} pm_explainSponsorship calls"
+                        );
+                        // (A notification, without an id, is answered nothing.)
+                        if let Some(id) = call.get("id") {
+                            out.push(error_response(
+                                id.clone(),
+                                RpcError::new(INVALID_REQUEST, msg),
+                            ));
+                        }
+                        continue;
+                    }
+                }
                 out.extend(handle_call(state, key, chain, call, request_id).await);
             }
             reply((!out.is_empty()).then_some(Value::Array(out)))

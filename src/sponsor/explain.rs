@@ -6,12 +6,22 @@ use serde_json::{Value, json};
 use super::decode::Decoded;
 use super::{Rejection, SponsorError, Sponsorship};
 
+/// Most decoded calls an explanation lists (`callCount` says how many there were). One
+/// `callData` may make 1,024 calls, and each listed costs its answer about 200 bytes.
+pub const MAX_CALLS_SHOWN: usize = 64;
+
+/// Most checks an explanation lists (`checksOmitted` counts the others; its `decision` and
+/// `rejection` stay whole). Each policy tried checks every call: without the bound, 1,024
+/// calls under a few policies made an answer of megabytes from 2 KB of `callData`.
+pub const MAX_CHECKS_SHOWN: usize = 128;
+
 /// What a run records (nothing unless on).
 #[derive(Debug, Default)]
 pub(super) struct Trace {
     on: bool,
     decoded: Option<Value>,
     checks: Vec<Value>,
+    checks_omitted: usize,
 }
 
 impl Trace {
@@ -38,6 +48,7 @@ impl Trace {
         let calls: Vec<Value> = d
             .calls
             .iter()
+            .take(MAX_CALLS_SHOWN)
             .map(|c| {
                 let mut v = json!({
                     "target": c.target,
@@ -52,6 +63,7 @@ impl Trace {
             })
             .collect();
         self.decoded = Some(json!({
+            "callCount": d.calls.len(),
             "calls": calls,
             "paymasterVerificationGasLimit": d.gas.verification.to_string(),
             "maxCost": d.max_cost.to_string(),
@@ -60,6 +72,10 @@ impl Trace {
 
     pub(super) fn record(&mut self, policy: &str, check: &str, outcome: &Result<(), Rejection>) {
         if !self.on {
+            return;
+        }
+        if self.checks.len() >= MAX_CHECKS_SHOWN {
+            self.checks_omitted += 1;
             return;
         }
         let mut v = json!({ "policy": policy, "check": check, "passed": outcome.is_ok() });
@@ -74,6 +90,9 @@ impl Trace {
         let mut out = match self.decoded {
             Some(mut decoded) => {
                 decoded["checks"] = json!(self.checks);
+                if self.checks_omitted > 0 {
+                    decoded["checksOmitted"] = json!(self.checks_omitted);
+                }
                 decoded
             }
             None => json!({}),

@@ -25,6 +25,7 @@
 mod decode;
 pub mod deposit;
 mod explain;
+pub use explain::{MAX_CALLS_SHOWN, MAX_CHECKS_SHOWN};
 mod rate;
 mod reserve;
 mod rules;

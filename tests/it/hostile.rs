@@ -1642,30 +1642,17 @@ async fn fields_no_entry_point_or_account_runs_as_checked_are_refused() -> TestR
     Ok(())
 }
 
-/// Found in review: a batch's entries may point at the same call (the ABI allows it, and the
-/// account's decoder follows it), and each level of self-calls multiplied the calls of the one
-/// below, so a few kilobytes named millions of calls (7.5 kB, a hundred million: gigabytes)
-/// before any policy ran, in every method that decodes. Here 3,684 bytes of five levels of
-/// sixteen entries name 16^5 = 1,048,576 `increment()`s: refused as malformed by each method,
-/// and the replica serves the next request.
-#[tokio::test]
-async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult {
-    let redis = TestRedis::start().await?;
-    let (app, _dir) = app_with(
-        &redis,
-        &[("ops-only.toml".into(), counter_policy("ops-only", 100))],
-    )
-    .await?;
-    let ep07 = ep(EntryPointVersion::V0_7);
-    let ctx = json!({ "sponsorshipPolicyId": "ops-only" });
+/// SENDER's `executeBatch((address,uint256,bytes)[])` callData nested `entries.len()` levels
+/// deep, the innermost first: each level's entries all name, by their offsets, one call after
+/// them (no encoder writes it; Solidity's decoder, so the account, reads it as that call each
+/// time): at the innermost level `(target, 0, data)`, above it a call of SENDER to itself of the
+/// level below.
+fn aliased_levels(entries: &[usize], target: Address, data: &[u8]) -> Vec<u8> {
     let word = |v: usize| U256::from(v).to_be_bytes::<32>();
-    let (entries, mut call_data, mut target) =
-        (16, keccak256("increment()")[..4].to_vec(), COUNTER);
+    let (mut call_data, mut target) = (data.to_vec(), target);
     let selector =
         session_paymaster::policy::calldata::SimpleAccountV08::executeBatchCall::SELECTOR;
-    for _ in 0..5 {
-        // executeBatch((address,uint256,bytes)[]): every entry's offset names the one call,
-        // (target, 0, call_data), after them.
+    for &entries in entries {
         let mut level = selector.to_vec();
         level.extend(word(0x20));
         level.extend(word(entries));
@@ -1684,6 +1671,26 @@ async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult
         );
         (call_data, target) = (level, SENDER);
     }
+    call_data
+}
+
+/// Found in review: a batch's entries may point at the same call (the ABI allows it, and the
+/// account's decoder follows it), and each level of self-calls multiplied the calls of the one
+/// below, so a few kilobytes named millions of calls (7.5 kB, a hundred million: gigabytes)
+/// before any policy ran, in every method that decodes. Here 3,684 bytes of five levels of
+/// sixteen entries name 16^5 = 1,048,576 `increment()`s: refused as malformed by each method,
+/// and the replica serves the next request.
+#[tokio::test]
+async fn a_calldata_bomb_is_refused_by_every_method_that_decodes() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(
+        &redis,
+        &[("ops-only.toml".into(), counter_policy("ops-only", 100))],
+    )
+    .await?;
+    let ep07 = ep(EntryPointVersion::V0_7);
+    let ctx = json!({ "sponsorshipPolicyId": "ops-only" });
+    let call_data = aliased_levels(&[16; 5], COUNTER, &keccak256("increment()")[..4]);
     assert_eq!(call_data.len(), 3_684);
     let bomb = op_calling(call_data, 14);
 
@@ -1814,5 +1821,64 @@ async fn a_self_call_the_decoder_does_not_follow_is_refused() -> TestResult {
     )
     .await?;
     assert_eq!(reason(&v), "target_not_allowed", "{v}");
+    Ok(())
+}
+
+/// Found in review: `pm_explainSponsorship` listed every decoded call and every check of every
+/// policy tried, and a batch held up to 100 of them: 2.4 KB of `callData` making 1,024 calls
+/// answered megabytes, which a client reading slowly held in memory. An explanation now lists
+/// at most `MAX_CALLS_SHOWN` calls and `MAX_CHECKS_SHOWN` checks (with their counts), and a
+/// batch holds at most `MAX_EXPLAINS_PER_BATCH` explanations.
+#[tokio::test]
+async fn an_explanation_stays_small_whatever_the_call_data_makes() -> TestResult {
+    use session_paymaster::rpc::MAX_EXPLAINS_PER_BATCH;
+    use session_paymaster::sponsor::{MAX_CALLS_SHOWN, MAX_CHECKS_SHOWN};
+    let redis = TestRedis::start().await?;
+    let (app, _dir) = app_with(&redis, &[budgeted_counter()]).await?;
+    // 32 self-calls, each of 31 calls to a target no rule allows: 992 calls (1,024 counted
+    // with the self-calls, the most one `callData` may make).
+    let call_data = aliased_levels(&[31, 32], Address::repeat_byte(0x77), &[1, 2, 3, 4]);
+    let op = op_calling(call_data, 1);
+    let asked = MAX_EXPLAINS_PER_BATCH + 2;
+    let batch: Vec<Value> = (0..asked)
+        .map(|i| {
+            json!({ "jsonrpc": "2.0", "id": i, "method": "pm_explainSponsorship",
+                    "params": [op, ep(EntryPointVersion::V0_7), {}] })
+        })
+        .collect();
+    let (_, answers) = app.post(&Value::Array(batch).to_string()).await?;
+    let body = answers.to_string();
+    let answers = answers.as_array().ok_or("not a batch answer")?;
+    assert_eq!(answers.len(), asked);
+    for (i, a) in answers.iter().enumerate() {
+        if i < MAX_EXPLAINS_PER_BATCH {
+            let r = &a["result"];
+            assert_eq!(
+                (
+                    r["decision"].clone(),
+                    r["callCount"].clone(),
+                    r["calls"].as_array().map(Vec::len),
+                    r["checks"].as_array().map(Vec::len),
+                ),
+                (
+                    json!("rejected"),
+                    json!(992),
+                    Some(MAX_CALLS_SHOWN),
+                    Some(MAX_CHECKS_SHOWN)
+                ),
+                "{}",
+                session_paymaster::wire::cut(&a.to_string(), 2000)
+            );
+            assert!(
+                r["checksOmitted"].as_u64().is_some_and(|n| n > 1000),
+                "{}",
+                r["checksOmitted"]
+            );
+        } else {
+            assert_eq!(a["error"]["code"], json!(-32600), "{a}");
+        }
+    }
+    // (Before: 6.6 MB for these twelve.)
+    assert!(body.len() < 600_000, "{} bytes", body.len());
     Ok(())
 }
