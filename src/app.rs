@@ -36,11 +36,65 @@ use crate::session::{SessionStore, StoreError};
 use crate::signer::{Signer, SignerError};
 use crate::sponsor::Sponsor;
 
-/// Most gas estimations one replica has the bundlers run at once (`pm_sponsorUserOperation`
-/// without gas limits). Each holds a request to the bundler for up to `--bundler-timeout`, and
-/// a refused estimation charges nothing: without the bound, one client's concurrent requests
-/// were as many requests to the operator's bundler (and sockets to it).
+/// Most gas estimations one replica has a chain's bundler run at once
+/// (`pm_sponsorUserOperation` without gas limits). Each holds a request to the bundler for up to
+/// `--bundler-timeout`, and one that fails charges nothing: without the bound, one client's
+/// concurrent requests were as many requests to the operator's bundler (and sockets to it).
 pub const MAX_ESTIMATES_IN_FLIGHT: usize = 64;
+
+/// Most of those one API key holds (without keys, every client counts as one), so that one
+/// client cannot take them all from the others.
+pub const MAX_ESTIMATES_PER_KEY: usize = 16;
+
+/// The gas estimations in flight at one chain's bundler: at most [`MAX_ESTIMATES_IN_FLIGHT`],
+/// at most [`MAX_ESTIMATES_PER_KEY`] of them one API key's. One more is refused at once, not
+/// queued.
+#[derive(Debug)]
+pub struct EstimateSlots {
+    /// Taken in all (permits of [`MAX_ESTIMATES_IN_FLIGHT`]).
+    all: std::sync::Arc<tokio::sync::Semaphore>,
+    /// Per API key name (a configured key: a bounded set).
+    keys:
+        std::sync::Mutex<std::collections::HashMap<String, std::sync::Arc<tokio::sync::Semaphore>>>,
+}
+
+/// An estimation's slots, given back when dropped.
+pub struct EstimateSlot {
+    _key: tokio::sync::OwnedSemaphorePermit,
+    _all: tokio::sync::OwnedSemaphorePermit,
+}
+
+impl EstimateSlots {
+    fn new() -> Self {
+        Self {
+            all: std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ESTIMATES_IN_FLIGHT)),
+            keys: std::sync::Mutex::default(),
+        }
+    }
+
+    /// A slot for an estimation asked with API key `key` (`""` without keys), or which bound
+    /// is full.
+    pub fn try_take(&self, key: &str) -> Result<EstimateSlot, String> {
+        let per_key = {
+            let mut keys = self
+                .keys
+                .lock()
+                .map_err(|_| "a lock was poisoned".to_owned())?;
+            keys.entry(key.to_owned())
+                .or_insert_with(|| {
+                    std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ESTIMATES_PER_KEY))
+                })
+                .clone()
+        };
+        let _key = per_key.try_acquire_owned().map_err(|_| {
+            format!("this API key already has {MAX_ESTIMATES_PER_KEY} estimations at the bundler")
+        })?;
+        let _all = self.all.clone().try_acquire_owned().map_err(|_| {
+            format!("this replica already has {MAX_ESTIMATES_IN_FLIGHT} estimations at the bundler")
+        })?;
+        Ok(EstimateSlot { _key, _all })
+    }
+}
 
 /// Shared state of every request.
 #[derive(Debug)]
@@ -57,13 +111,11 @@ pub struct AppState {
     /// successfully (unix seconds; 0: no watcher), and how stale that may get before it is
     /// reported lagging.
     watchers: Vec<WatcherHealth>,
-    /// Per chain, the bundler that estimates gas for operations sent without limits.
-    pub bundlers: Vec<(u64, alloy::rpc::client::RpcClient)>,
+    /// Per chain, the bundler that estimates gas for operations sent without limits, and the
+    /// estimations in flight there.
+    pub bundlers: Vec<(u64, alloy::rpc::client::RpcClient, EstimateSlots)>,
     /// How long estimation waits for it.
     pub bundler_timeout: std::time::Duration,
-    /// Estimations this replica asks of the bundlers at once: one more is refused at once
-    /// rather than queued ([`MAX_ESTIMATES_IN_FLIGHT`]).
-    pub estimates: tokio::sync::Semaphore,
     /// SHA-256 of the admin bearer token (every policy's sessions, and their status); `None`:
     /// none.
     pub admin_token_sha256: Option<B256>,
@@ -189,7 +241,7 @@ impl AppState {
                     ),
                 )
                 .map_err(StartupError::Config)?;
-                bundlers.push((chain.chain_id, client));
+                bundlers.push((chain.chain_id, client, EstimateSlots::new()));
             }
         }
         let sponsor = Sponsor::new(
@@ -225,7 +277,6 @@ impl AppState {
                 })
                 .collect(),
             bundler_timeout: config.bundler_timeout,
-            estimates: tokio::sync::Semaphore::new(MAX_ESTIMATES_IN_FLIGHT),
             bundlers,
             admin_token_sha256: config.admin_token_sha256,
             admin_keys: crate::apikey::ApiKeys::new(config.admin_keys.clone()),

@@ -10,7 +10,7 @@
 //! | -32001 | unsupported chain or EntryPoint           | `{reason, supported}`                   |
 //! | -32002 | no paymaster configured for the EntryPoint| `{reason, entryPointVersion}`           |
 //! | -32003 | sponsorship rejected                      | `{reason, rule, detail, callIndex?}`    |
-//! | -32004 | a dependency failed, nothing was signed   | `{reason, retryable: true, requestId}`  |
+//! | -32004 | a dependency failed, nothing was signed   | `{reason, retryable: true, requestId?}` |
 //! | -32005 | missing or unknown API key (HTTP 401)     | `{reason: \"unauthorized\"}`              |
 //! | -32006 | rate limited (HTTP 429 for a single call)  | `{reason, scope, retryAfterMs}`         |
 //!
@@ -101,6 +101,30 @@ impl RpcError {
         Self {
             data: Some(json!({ "requestId": request_id })),
             ..Self::new(INTERNAL_ERROR, "internal error")
+        }
+    }
+
+    /// `-32003` `estimation_failed`: the bundler refused the operation, or did not answer
+    /// (`detail` says which, never its URL).
+    pub fn estimation_failed(detail: String) -> Self {
+        Self {
+            data: Some(json!({
+                "reason": crate::rejection::Reason::EstimationFailed.as_str(),
+                "detail": detail,
+            })),
+            ..Self::new(REJECTED, "gas estimation by the bundler failed")
+        }
+    }
+
+    /// `-32004` `estimation_busy`: this replica already has as many estimations at the
+    /// bundler as it allows (in all, or for this API key); nothing was asked of it.
+    pub fn estimation_busy(detail: String) -> Self {
+        Self {
+            data: Some(json!({ "reason": "estimation_busy", "retryable": true, "detail": detail })),
+            ..Self::new(
+                UNAVAILABLE,
+                "temporarily unavailable: gas estimation is busy, retry or send gas limits",
+            )
         }
     }
 

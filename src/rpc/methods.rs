@@ -276,7 +276,7 @@ async fn estimate_gas(
     context: &RequestContext,
     request_id: &str,
 ) -> Result<(), RpcError> {
-    let Some((_, bundler)) = state.bundlers.iter().find(|(c, _)| *c == chain) else {
+    let Some((_, bundler, slots)) = state.bundlers.iter().find(|(c, ..)| *c == chain) else {
         return Err(FieldError::invalid(
             "callGasLimit",
             format!(
@@ -294,21 +294,9 @@ async fn estimate_gas(
     )
     .await?;
     // (After the stub: an operation no policy takes asks nothing of the bundler.)
-    let Ok(_estimating) = state.estimates.try_acquire() else {
-        return Err(RpcError {
-            data: Some(json!({
-                "reason": Reason::EstimationFailed.as_str(),
-                "detail": format!(
-                    "this replica already has {} estimations at the bundler: retry, or send gas limits",
-                    crate::app::MAX_ESTIMATES_IN_FLIGHT
-                ),
-            })),
-            ..RpcError::new(
-                super::error::REJECTED,
-                "gas estimation by the bundler failed",
-            )
-        });
-    };
+    let _slot = slots
+        .try_take(key.map_or("", |k| k.name.as_str()))
+        .map_err(RpcError::estimation_busy)?;
     let mut probe = op.clone();
     probe.paymaster = Some(stub.data.fields(stub.paymaster, stub.gas, stub.layout));
     let estimate = tokio::time::timeout(
@@ -336,13 +324,7 @@ async fn estimate_gas(
                 format!("the bundler did not answer (request {request_id})")
             }
         };
-        RpcError {
-            data: Some(json!({ "reason": Reason::EstimationFailed.as_str(), "detail": reason })),
-            ..RpcError::new(
-                super::error::REJECTED,
-                "gas estimation by the bundler failed",
-            )
-        }
+        RpcError::estimation_failed(reason)
     })?;
     let quantity = |field: &str, bits| -> Result<U256, RpcError> {
         let v = estimate.get(field).ok_or_else(|| {

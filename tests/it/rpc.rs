@@ -966,13 +966,16 @@ async fn invented_methods_do_not_grow_the_metrics() -> TestResult {
     Ok(())
 }
 
-/// Estimations wait for the bundler at most `MAX_ESTIMATES_IN_FLIGHT` at a time per replica:
-/// beyond, one is refused at once (nothing charged either way) rather than sent. Before, a
-/// client's concurrent requests without gas limits were as many requests held open at the
-/// operator's bundler (found by review).
+/// Estimations wait at a chain's bundler at most `MAX_ESTIMATES_IN_FLIGHT` at a time per
+/// replica, at most `MAX_ESTIMATES_PER_KEY` of them one API key's: beyond, one is refused at
+/// once (`-32004` `estimation_busy`, nothing charged) rather than sent, and the slots come back
+/// when the estimations end. Before, a client's concurrent requests without gas limits were as
+/// many requests held open at the operator's bundler (found by review).
 #[tokio::test]
 async fn estimations_at_the_bundler_are_bounded() -> TestResult {
-    use session_paymaster::app::MAX_ESTIMATES_IN_FLIGHT;
+    use session_paymaster::apikey::ApiKey;
+    use session_paymaster::app::{MAX_ESTIMATES_IN_FLIGHT, MAX_ESTIMATES_PER_KEY};
+    use sha2::{Digest, Sha256};
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await?;
     let bundler_url = format!("http://{}", listener.local_addr()?);
     let accepted = std::sync::Arc::new(std::sync::atomic::AtomicUsize::new(0));
@@ -984,34 +987,68 @@ async fn estimations_at_the_bundler_are_bounded() -> TestResult {
             held.push(socket);
         }
     });
+    // Five keys, each asking for more than its share: together more than the replica's.
+    let secrets: Vec<String> = (0..5).map(|i| format!("sp_estimate_key_{i}")).collect();
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.chains[0].bundler_url = Some(bundler_url);
     c.bundler_timeout = std::time::Duration::from_secs(3);
-    let app = std::sync::Arc::new(TestApp::spawn(c).await?);
-    let asked = MAX_ESTIMATES_IN_FLIGHT + 36;
+    c.api_keys = secrets
+        .iter()
+        .enumerate()
+        .map(|(i, secret)| ApiKey {
+            name: format!("k{i}"),
+            sha256: B256::from_slice(&Sha256::digest(secret)),
+            policies: None,
+        })
+        .collect();
+    let app = TestApp::spawn(c).await?;
+    let estimate = |secret: String| {
+        let url = app.url.clone();
+        async move {
+            let body = json!({ "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
+                               "params": [unestimated_op(), ep07()] });
+            let resp = reqwest::Client::new()
+                .post(url)
+                .bearer_auth(secret)
+                .json(&body)
+                .send()
+                .await?;
+            Ok::<Value, reqwest::Error>(resp.json::<Value>().await?["error"].clone())
+        }
+    };
+    let per_key = MAX_ESTIMATES_PER_KEY + 4;
     let mut calls = tokio::task::JoinSet::new();
-    for _ in 0..asked {
-        let app = app.clone();
-        calls.spawn(async move {
-            app.error("pm_sponsorUserOperation", json!([unestimated_op(), ep07()]))
-                .await
-        });
+    for secret in &secrets {
+        for _ in 0..per_key {
+            calls.spawn(estimate(secret.clone()));
+        }
     }
-    let mut busy = 0;
+    let (mut timed_out, mut busy) = (0, 0);
     while let Some(err) = calls.join_next().await {
         let err = err??;
-        assert_eq!(err["data"]["reason"], json!("estimation_failed"), "{err}");
-        busy += usize::from(
-            err["data"]["detail"]
-                .as_str()
-                .is_some_and(|d| d.contains("estimations at the bundler")),
-        );
+        match (err["code"].as_i64(), err["data"]["reason"].as_str()) {
+            (Some(-32003), Some("estimation_failed")) => timed_out += 1,
+            (Some(-32004), Some("estimation_busy")) => busy += 1,
+            _ => return Err(format!("neither: {err}").into()),
+        }
     }
-    silent.abort();
     let reached = accepted.load(std::sync::atomic::Ordering::SeqCst);
+    let asked = secrets.len() * per_key;
     assert_eq!(
-        (reached, busy),
-        (MAX_ESTIMATES_IN_FLIGHT, asked - MAX_ESTIMATES_IN_FLIGHT)
+        (reached, timed_out, busy),
+        (
+            MAX_ESTIMATES_IN_FLIGHT,
+            MAX_ESTIMATES_IN_FLIGHT,
+            asked - MAX_ESTIMATES_IN_FLIGHT
+        )
     );
+    // The slots came back: the next estimation reaches the bundler.
+    let err = estimate(secrets[0].clone()).await?;
+    assert_eq!(err["data"]["reason"], json!("estimation_failed"), "{err}");
+    assert_eq!(
+        accepted.load(std::sync::atomic::Ordering::SeqCst),
+        MAX_ESTIMATES_IN_FLIGHT + 1
+    );
+    silent.abort();
     Ok(())
 }
