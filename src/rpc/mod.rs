@@ -171,12 +171,15 @@ async fn handle_body(
                         let msg = format!(
                             "invalid request: a batch holds at most {MAX_EXPLAINS_PER_BATCH} pm_explainSponsorship calls"
                         );
-                        // (A notification, without an id, is answered nothing.)
+                        // (A notification, without an id, is answered nothing; an id of
+                        // another type is answered as null, as `handle_call` answers it.)
                         if let Some(id) = call.get("id") {
-                            out.push(error_response(
-                                id.clone(),
-                                RpcError::new(INVALID_REQUEST, msg),
-                            ));
+                            let id = if id.is_string() || id.is_number() {
+                                id.clone()
+                            } else {
+                                Value::Null
+                            };
+                            out.push(error_response(id, RpcError::new(INVALID_REQUEST, msg)));
                         }
                         continue;
                     }

@@ -7,12 +7,14 @@ use super::decode::Decoded;
 use super::{Rejection, SponsorError, Sponsorship};
 
 /// Most decoded calls an explanation lists (`callCount` says how many there were). One
-/// `callData` may make 1,024 calls, and each listed costs its answer about 200 bytes.
+/// `callData` may make about a thousand calls, and each listed costs its answer about 200
+/// bytes.
 pub const MAX_CALLS_SHOWN: usize = 64;
 
 /// Most checks an explanation lists (`checksOmitted` counts the others; its `decision` and
-/// `rejection` stay whole). Each policy tried checks every call: without the bound, 1,024
-/// calls under a few policies made an answer of megabytes from 2 KB of `callData`.
+/// `rejection` stay whole), besides the first failed check of each policy tried past them, which
+/// is always listed. Each policy tried checks every call: without the bound, a thousand calls
+/// under a few policies made an answer of megabytes from 2 KB of `callData`.
 pub const MAX_CHECKS_SHOWN: usize = 128;
 
 /// What a run records (nothing unless on).
@@ -22,6 +24,8 @@ pub(super) struct Trace {
     decoded: Option<Value>,
     checks: Vec<Value>,
     checks_omitted: usize,
+    /// The policies whose first failed check is listed.
+    failures_listed: Vec<String>,
 }
 
 impl Trace {
@@ -74,9 +78,13 @@ impl Trace {
         if !self.on {
             return;
         }
-        if self.checks.len() >= MAX_CHECKS_SHOWN {
+        let first_failure = outcome.is_err() && !self.failures_listed.iter().any(|p| p == policy);
+        if self.checks.len() >= MAX_CHECKS_SHOWN && !first_failure {
             self.checks_omitted += 1;
             return;
+        }
+        if first_failure {
+            self.failures_listed.push(policy.to_owned());
         }
         let mut v = json!({ "policy": policy, "check": check, "passed": outcome.is_ok() });
         if let Err(r) = outcome {
@@ -90,9 +98,7 @@ impl Trace {
         let mut out = match self.decoded {
             Some(mut decoded) => {
                 decoded["checks"] = json!(self.checks);
-                if self.checks_omitted > 0 {
-                    decoded["checksOmitted"] = json!(self.checks_omitted);
-                }
+                decoded["checksOmitted"] = json!(self.checks_omitted);
                 decoded
             }
             None => json!({}),

@@ -1858,14 +1858,8 @@ async fn an_explanation_stays_small_whatever_the_call_data_makes() -> TestResult
                     r["decision"].clone(),
                     r["callCount"].clone(),
                     r["calls"].as_array().map(Vec::len),
-                    r["checks"].as_array().map(Vec::len),
                 ),
-                (
-                    json!("rejected"),
-                    json!(992),
-                    Some(MAX_CALLS_SHOWN),
-                    Some(MAX_CHECKS_SHOWN)
-                ),
+                (json!("rejected"), json!(992), Some(MAX_CALLS_SHOWN)),
                 "{}",
                 session_paymaster::wire::cut(&a.to_string(), 2000)
             );
@@ -1873,6 +1867,29 @@ async fn an_explanation_stays_small_whatever_the_call_data_makes() -> TestResult
                 r["checksOmitted"].as_u64().is_some_and(|n| n > 1000),
                 "{}",
                 r["checksOmitted"]
+            );
+            // The decision's rejection is whole, and each policy tried shows a failed check.
+            assert_eq!(
+                r["rejection"]["reason"],
+                json!("no_matching_policy"),
+                "{}",
+                r["rejection"]
+            );
+            let checks = r["checks"].as_array().ok_or("checks")?;
+            let failed: std::collections::BTreeSet<&str> = checks
+                .iter()
+                .filter(|c| c["passed"] == json!(false))
+                .filter_map(|c| c["policy"].as_str())
+                .collect();
+            let tried: std::collections::BTreeSet<&str> =
+                checks.iter().filter_map(|c| c["policy"].as_str()).collect();
+            assert!(tried.len() > 1 && failed == tried, "{tried:?} {failed:?}");
+            // The first 128 checks, then one a further policy.
+            assert!(
+                (MAX_CHECKS_SHOWN..=MAX_CHECKS_SHOWN + tried.len()).contains(&checks.len()),
+                "{} checks of {} policies",
+                checks.len(),
+                tried.len()
             );
         } else {
             assert_eq!(a["error"]["code"], json!(-32600), "{a}");
