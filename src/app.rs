@@ -42,8 +42,8 @@ use crate::sponsor::Sponsor;
 /// concurrent requests were as many requests to the operator's bundler (and sockets to it).
 pub const MAX_ESTIMATES_IN_FLIGHT: usize = 64;
 
-/// Most of those one API key holds (without keys, every client counts as one), so that one
-/// client cannot take them all from the others.
+/// Most of those one API key holds, so that one client cannot take them all from the others
+/// (keys of one name share them; without keys, every client counts as one key).
 pub const MAX_ESTIMATES_PER_KEY: usize = 16;
 
 /// The gas estimations in flight at one chain's bundler: at most [`MAX_ESTIMATES_IN_FLIGHT`],
@@ -79,7 +79,7 @@ impl EstimateSlots {
             let mut keys = self
                 .keys
                 .lock()
-                .map_err(|_| "a lock was poisoned".to_owned())?;
+                .unwrap_or_else(std::sync::PoisonError::into_inner);
             keys.entry(key.to_owned())
                 .or_insert_with(|| {
                     std::sync::Arc::new(tokio::sync::Semaphore::new(MAX_ESTIMATES_PER_KEY))

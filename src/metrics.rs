@@ -33,13 +33,14 @@ const OUTCOMES: [&str; 13] = [
 ];
 
 /// Reasons of the error codes other than -32003 (whose reasons are [`Reason`]s).
-const OTHER_REASONS: [&str; 7] = [
+const OTHER_REASONS: [&str; 8] = [
     "rate_limited",
     "unauthorized",
     "unsupported_chain",
     "unsupported_entry_point",
     "paymaster_not_configured",
     "store_unavailable",
+    "estimation_busy",
     "invalid_params",
 ];
 

@@ -10,7 +10,7 @@
 //! | -32001 | unsupported chain or EntryPoint           | `{reason, supported}`                   |
 //! | -32002 | no paymaster configured for the EntryPoint| `{reason, entryPointVersion}`           |
 //! | -32003 | sponsorship rejected                      | `{reason, rule, detail, callIndex?}`    |
-//! | -32004 | a dependency failed, nothing was signed   | `{reason, retryable: true, requestId?}` |
+//! | -32004 | a dependency failed, nothing was signed   | `{reason, retryable: true, requestId or detail}` |
 //! | -32005 | missing or unknown API key (HTTP 401)     | `{reason: \"unauthorized\"}`              |
 //! | -32006 | rate limited (HTTP 429 for a single call)  | `{reason, scope, retryAfterMs}`         |
 //!

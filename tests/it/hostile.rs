@@ -1897,5 +1897,38 @@ async fn an_explanation_stays_small_whatever_the_call_data_makes() -> TestResult
     }
     // (Before: 6.6 MB for these twelve.)
     assert!(body.len() < 600_000, "{} bytes", body.len());
+
+    // A small explanation omits nothing, and says so; a refused one answers an id of another
+    // type as null, as every call does.
+    let small = op_calling(
+        executeCall {
+            dest: COUNTER,
+            value: U256::ZERO,
+            func: keccak256("increment()")[..4].to_vec().into(),
+        }
+        .abi_encode(),
+        2,
+    );
+    let mut batch: Vec<Value> = (0..=MAX_EXPLAINS_PER_BATCH)
+        .map(|i| {
+            json!({ "jsonrpc": "2.0", "id": i, "method": "pm_explainSponsorship",
+                    "params": [small, ep(EntryPointVersion::V0_7), {}] })
+        })
+        .collect();
+    batch[MAX_EXPLAINS_PER_BATCH]["id"] = json!({ "an": "object" });
+    let (_, answers) = app.post(&Value::Array(batch).to_string()).await?;
+    assert_eq!(
+        answers[0]["result"]["checksOmitted"],
+        json!(0),
+        "{}",
+        answers[0]
+    );
+    assert_eq!(
+        (
+            answers[MAX_EXPLAINS_PER_BATCH]["id"].clone(),
+            answers[MAX_EXPLAINS_PER_BATCH]["error"]["code"].clone()
+        ),
+        (Value::Null, json!(-32600))
+    );
     Ok(())
 }

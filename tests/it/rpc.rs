@@ -1017,37 +1017,54 @@ async fn estimations_at_the_bundler_are_bounded() -> TestResult {
         }
     };
     let per_key = MAX_ESTIMATES_PER_KEY + 4;
-    let mut calls = tokio::task::JoinSet::new();
-    for secret in &secrets {
-        for _ in 0..per_key {
-            calls.spawn(estimate(secret.clone()));
+    // `per_key` estimations of each of `keys` at once: (timed out at the bundler, refused for
+    // the key's share, refused for the replica's).
+    let run = async |keys: &[String]| -> TestResult<(usize, usize, usize)> {
+        let mut calls = tokio::task::JoinSet::new();
+        for secret in keys {
+            for _ in 0..per_key {
+                calls.spawn(estimate(secret.clone()));
+            }
         }
-    }
-    let (mut timed_out, mut busy) = (0, 0);
-    while let Some(err) = calls.join_next().await {
-        let err = err??;
-        match (err["code"].as_i64(), err["data"]["reason"].as_str()) {
-            (Some(-32003), Some("estimation_failed")) => timed_out += 1,
-            (Some(-32004), Some("estimation_busy")) => busy += 1,
-            _ => return Err(format!("neither: {err}").into()),
+        let mut found = (0, 0, 0);
+        while let Some(err) = calls.join_next().await {
+            let err = err??;
+            let detail = err["data"]["detail"].as_str().unwrap_or_default();
+            match (err["code"].as_i64(), err["data"]["reason"].as_str()) {
+                (Some(-32003), Some("estimation_failed")) => found.0 += 1,
+                (Some(-32004), Some("estimation_busy")) if detail.contains("API key") => {
+                    found.1 += 1;
+                }
+                (Some(-32004), Some("estimation_busy")) => found.2 += 1,
+                _ => return Err(format!("neither: {err}").into()),
+            }
         }
-    }
-    let reached = accepted.load(std::sync::atomic::Ordering::SeqCst);
-    let asked = secrets.len() * per_key;
+        Ok(found)
+    };
+    let reached = || accepted.load(std::sync::atomic::Ordering::SeqCst);
+    // One key alone: its share.
     assert_eq!(
-        (reached, timed_out, busy),
+        run(&secrets[..1]).await?,
+        (MAX_ESTIMATES_PER_KEY, per_key - MAX_ESTIMATES_PER_KEY, 0)
+    );
+    assert_eq!(reached(), MAX_ESTIMATES_PER_KEY);
+    // Five keys: the replica's bound (each key within its share).
+    let (timed_out, for_key, for_replica) = run(&secrets).await?;
+    assert_eq!(
+        (timed_out, for_key + for_replica),
         (
             MAX_ESTIMATES_IN_FLIGHT,
-            MAX_ESTIMATES_IN_FLIGHT,
-            asked - MAX_ESTIMATES_IN_FLIGHT
+            secrets.len() * per_key - MAX_ESTIMATES_IN_FLIGHT
         )
     );
+    assert!(for_replica > 0, "{for_key} {for_replica}");
+    assert_eq!(reached(), MAX_ESTIMATES_PER_KEY + MAX_ESTIMATES_IN_FLIGHT);
     // The slots came back: the next estimation reaches the bundler.
     let err = estimate(secrets[0].clone()).await?;
     assert_eq!(err["data"]["reason"], json!("estimation_failed"), "{err}");
     assert_eq!(
-        accepted.load(std::sync::atomic::Ordering::SeqCst),
-        MAX_ESTIMATES_IN_FLIGHT + 1
+        reached(),
+        MAX_ESTIMATES_PER_KEY + MAX_ESTIMATES_IN_FLIGHT + 1
     );
     silent.abort();
     Ok(())
