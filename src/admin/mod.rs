@@ -11,7 +11,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken |
+//! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken; 429 its policy's `max_sessions` live |
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
 //! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key that finds none of its own in 1,000 grants, more following |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
@@ -35,7 +35,7 @@ use crate::apikey::sha256_matches;
 use crate::app::AppState;
 use crate::clock::unix_now;
 use crate::session::grant::{FieldIssue, SessionGrant};
-use crate::session::{ListCursor, ListPlace, StoreError};
+use crate::session::{Created, ListCursor, ListPlace, StoreError};
 
 /// Most sessions per page.
 pub const MAX_PAGE: usize = 100;
@@ -173,14 +173,26 @@ async fn create(
     if let Err(issues) = grant.check_within(policy) {
         return invalid(issues);
     }
-    match state.sponsor.sessions().create(&grant).await {
-        Ok(true) => {
+    match state
+        .sponsor
+        .sessions()
+        .create_within(&grant, policy.max_sessions)
+        .await
+    {
+        Ok(Created::Created) => {
             tracing::info!(session = %grant.session_id, account = %grant.account, policy = %grant.policy, by = scope.who(), "session created");
             (StatusCode::CREATED, axum::Json(grant)).into_response()
         }
-        Ok(false) => error(
+        Ok(Created::Exists) => error(
             StatusCode::CONFLICT,
             format!("session {} exists", grant.session_id),
+        ),
+        Ok(Created::Full { live }) => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "policy `{}` has {live} live sessions, its max_sessions: one more can be created once one ends",
+                grant.policy
+            ),
         ),
         Err(e) => store_failed(e),
     }

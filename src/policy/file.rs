@@ -41,6 +41,8 @@ struct PolicyFile {
     #[serde(default)]
     active_until: Option<Spanned<toml::value::Datetime>>,
     #[serde(default)]
+    max_sessions: Option<Spanned<u64>>,
+    #[serde(default)]
     per_op: PerOpFile,
     #[serde(default)]
     budgets: BudgetsFile,
@@ -555,6 +557,15 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         ));
     }
 
+    if let Some(m) = &file.max_sessions
+        && *m.get_ref() == 0
+    {
+        errors.push(at(
+            m.span(),
+            "max_sessions must be at least 1 (leave it out for no bound)".into(),
+        ));
+    }
+
     if !errors.is_empty() {
         return Err(errors);
     }
@@ -567,6 +578,7 @@ pub fn parse(path: &Path, src: &str) -> Result<Policy, Vec<PolicyFileError>> {
         require_session_proof: file.require_session_proof,
         max_validity,
         active_until,
+        max_sessions: file.max_sessions.map(Spanned::into_inner),
         per_op,
         budgets,
         rate_per_sender,
@@ -785,6 +797,30 @@ max_value = "0"
             FixedBytes::<4>::from_slice(&keccak256("makeMove(uint256,uint8)")[..4])
         );
         Ok(())
+    }
+
+    #[test]
+    fn max_sessions_is_at_least_one() {
+        let with = |n: u64| {
+            GOOD.replace(
+                "active_until = 2030-01-01T00:00:00Z",
+                &format!("active_until = 2030-01-01T00:00:00Z\nmax_sessions = {n}"),
+            )
+        };
+        assert_eq!(
+            parse(Path::new("p.toml"), &with(1000)).map(|p| p.max_sessions),
+            Ok(Some(1000))
+        );
+        assert_eq!(
+            parse(Path::new("p.toml"), GOOD).map(|p| p.max_sessions),
+            Ok(None)
+        );
+        let errs = errors(&with(0));
+        assert!(
+            errs.iter()
+                .any(|e| e.contains("max_sessions must be at least 1")),
+            "{errs:?}"
+        );
     }
 
     #[test]

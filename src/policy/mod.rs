@@ -38,6 +38,9 @@ pub struct Policy {
     pub max_validity: Duration,
     /// Unix time after which it sponsors nothing (and no signature outlives it).
     pub active_until: Option<u64>,
+    /// Most session grants under it live at once (`None`: no bound): the admin API refuses
+    /// one more.
+    pub max_sessions: Option<u64>,
     /// Per-operation caps.
     pub per_op: PerOpLimits,
     /// Spending budgets per scope (enforced by the budget ledger).
@@ -490,6 +493,7 @@ mod tests {
             require_session_proof: false,
             max_validity: Duration::from_secs(600),
             active_until: Some(2_000),
+            max_sessions: None,
             per_op: PerOpLimits {
                 max_cost: Some(U256::from(1_000_000u64)),
                 max_fee_per_gas: Some(U256::from(100u64)),

@@ -20,6 +20,9 @@ struct Inner {
     by_account: BTreeMap<Address, Vec<B256>>,
     /// Grants held when every account's forgotten grants are next swept out.
     next_sweep: usize,
+    /// Per policy, how many grants end on each UTC day (`super::end_day`): its live grants
+    /// are those of today and after.
+    live: HashMap<String, BTreeMap<u64, u64>>,
 }
 
 /// Fewest grants held before the first sweep.
@@ -74,19 +77,27 @@ impl MemorySessions {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
     }
 
-    pub(super) fn create(&self, grant: &SessionGrant) -> bool {
+    pub(super) fn create(&self, grant: &SessionGrant, most: Option<u64>) -> super::Created {
+        let now = unix_now();
         let mut inner = self.write();
-        inner.prune(grant.account, unix_now());
+        inner.prune(grant.account, now);
         if inner.by_id.contains_key(&grant.session_id) {
-            return false;
+            return super::Created::Exists;
         }
+        let days = inner.live.entry(grant.policy.clone()).or_default();
+        *days = days.split_off(&super::end_day(now));
+        let live: u64 = days.values().sum();
+        if most.is_some_and(|most| live >= most) {
+            return super::Created::Full { live };
+        }
+        *days.entry(super::end_day(grant.valid_until)).or_default() += 1;
         inner.by_id.insert(grant.session_id, grant.clone());
         inner
             .by_account
             .entry(grant.account)
             .or_default()
             .push(grant.session_id);
-        true
+        super::Created::Created
     }
 
     pub(super) fn get(&self, id: B256) -> Option<SessionGrant> {
@@ -173,7 +184,10 @@ mod tests {
     fn ended_grants_of_other_accounts_are_swept() {
         let store = MemorySessions::new();
         for i in 0..5_000 {
-            assert!(store.create(&ended(i)));
+            assert_eq!(
+                store.create(&ended(i), None),
+                super::super::Created::Created
+            );
         }
         let inner = store.read();
         assert!(inner.by_id.len() <= FIRST_SWEEP, "{}", inner.by_id.len());

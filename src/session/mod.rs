@@ -172,12 +172,44 @@ pub enum SessionStore {
     Redis(redis::RedisSessions),
 }
 
+/// What [`SessionStore::create_within`] did.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Created {
+    /// Stored.
+    Created,
+    /// The id is taken: nothing was written over.
+    Exists,
+    /// Its policy already has this many live grants, its most: nothing was stored.
+    Full {
+        /// The policy's live grants.
+        live: u64,
+    },
+}
+
+/// The UTC day (days since the epoch) in which a grant valid until `valid_until` ends: a
+/// policy's live grants are counted by it ([`SessionStore::create_within`]).
+fn end_day(valid_until: u64) -> u64 {
+    valid_until / 86_400
+}
+
 impl SessionStore {
     /// Store a new grant; `false` when the id is taken (nothing is overwritten).
     pub async fn create(&self, grant: &SessionGrant) -> Result<bool, StoreError> {
+        Ok(self.create_within(grant, None).await? == Created::Created)
+    }
+
+    /// Store a new grant unless its policy already has `most` grants live (created and not
+    /// ended: a revoked one counts until its `validUntil`, and a grant counts until the end
+    /// of the UTC day it ends in); `None`: no bound. Every grant is counted, bound or not, so
+    /// that a bound set later counts those created before it.
+    pub async fn create_within(
+        &self,
+        grant: &SessionGrant,
+        most: Option<u64>,
+    ) -> Result<Created, StoreError> {
         match self {
-            Self::Memory(m) => Ok(m.create(grant)),
-            Self::Redis(r) => r.create(grant).await,
+            Self::Memory(m) => Ok(m.create(grant, most)),
+            Self::Redis(r) => r.create(grant, most).await,
         }
     }
 

@@ -48,6 +48,8 @@ pub struct RedisSessions {
     /// follow.lua: a read of the feed.
     follow: redis::Script,
     index: redis::Script,
+    /// live.lua: a new grant counted among its policy's live ones.
+    live: redis::Script,
 }
 
 /// The revocation feed: a stream, an entry per revocation (field `id`, the grant's 32 bytes),
@@ -192,6 +194,11 @@ impl std::fmt::Debug for RedisSessions {
 
 fn unavailable(e: redis::RedisError) -> StoreError {
     StoreError::Unavailable(e.to_string())
+}
+
+/// A policy's count of live grants, by the UTC day they end (live.lua).
+fn live_key(policy: &str) -> String {
+    format!("sp:{{{policy}}}:grants-live")
 }
 
 fn grant_key(id: B256) -> Vec<u8> {
@@ -606,6 +613,7 @@ impl RedisSessions {
             announce: redis::Script::new(include_str!("revoked.lua")),
             follow: redis::Script::new(include_str!("follow.lua")),
             index: redis::Script::new(include_str!("index.lua")),
+            live: redis::Script::new(include_str!("live.lua")),
         }
     }
 
@@ -614,7 +622,11 @@ impl RedisSessions {
         Ok(Self::new(connect(url, timeout).await?))
     }
 
-    pub(super) async fn create(&self, grant: &SessionGrant) -> Result<bool, StoreError> {
+    pub(super) async fn create(
+        &self,
+        grant: &SessionGrant,
+        most: Option<u64>,
+    ) -> Result<super::Created, StoreError> {
         let mut conn = self.conn.clone();
         let now = unix_now();
         let expires_at = grant.valid_until.saturating_add(RETAIN_SECS);
@@ -626,7 +638,23 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         if legacy {
-            return Ok(false);
+            return Ok(super::Created::Exists);
+        }
+        // Counted first: a grant counted and then not stored (its id taken: given back below;
+        // a failure between: kept) counts over, never under.
+        let day = super::end_day(grant.valid_until);
+        let (counted, live): (i64, u64) = self
+            .live
+            .key(live_key(&grant.policy))
+            .arg(super::end_day(now))
+            .arg(day)
+            .arg(most.unwrap_or(0))
+            .arg(ttl)
+            .invoke_async(&mut conn)
+            .await
+            .map_err(unavailable)?;
+        if counted != 1 {
+            return Ok(super::Created::Full { live });
         }
         // Listed first: a member whose grant was never stored (this SET NX lost, or failed) is
         // harmless, since a listing shows only grants whose account and creation time match
@@ -651,11 +679,13 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         if created.is_none() {
-            return Ok(false);
+            // (Best effort: a failure here leaves it counted.)
+            let _: redis::RedisResult<i64> = conn.hincr(live_key(&grant.policy), day, -1).await;
+            return Ok(super::Created::Exists);
         }
         // A copy of an earlier grant of this id (its key deleted by hand) is not served here.
         self.cache.forget(grant.session_id);
-        Ok(true)
+        Ok(super::Created::Created)
     }
 
     pub(super) async fn get(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {

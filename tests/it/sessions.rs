@@ -1205,3 +1205,74 @@ where
     }
     out
 }
+
+/// A policy's `max_sessions` bounds its live grants: one more is refused (429) until one ends,
+/// a create refused for its taken id takes no place, and (in Redis) days that have ended leave
+/// the count. Without it a tenant's admin key could create grants until Redis was full, every
+/// tenant's reservations then refused (found by review).
+async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestResult {
+    let dir = crate::helpers::TempDir::new("max-sessions");
+    std::fs::write(
+        dir.0.join("few.toml"),
+        format!(
+            "id = \"few\"\nchains = [31337]\nentry_points = [\"0.7\"]\nrequire_session = true\n\
+             max_sessions = 3\n\n[[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"*\"]\n"
+        ),
+    )?;
+    let mut c = config([Some(PM07), None, None], KeySource::Ephemeral);
+    c.policies_dir = dir.0.clone();
+    c.redis_url = redis.map(|r| r.url.clone());
+    let app = TestApp::spawn(c).await?;
+    if let Some(r) = redis {
+        // Grants that ended yesterday count no more (and leave the count).
+        let mut conn = redis::Client::open(r.url.clone())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let _: () = redis::cmd("HSET")
+            .arg("sp:{few}:grants-live")
+            .arg(now() / 86_400 - 1)
+            .arg(100)
+            .query_async(&mut conn)
+            .await?;
+    }
+    let post = |n: u8, id: Option<B256>| {
+        let mut body = grant_request(Address::repeat_byte(n), Address::repeat_byte(0xb0), "few");
+        if let Some(id) = id {
+            body["sessionId"] = json!(id);
+        }
+        admin(
+            &app,
+            "POST",
+            "/admin/sessions",
+            Some(body),
+            Some(ADMIN_TOKEN),
+        )
+    };
+    let first = B256::repeat_byte(0x51);
+    let mut statuses = vec![post(1, Some(first)).await?.0];
+    // The same id again: 409, and its place is not taken.
+    statuses.push(post(2, Some(first)).await?.0);
+    for n in 3..=5 {
+        statuses.push(post(n, None).await?.0);
+    }
+    let (_, full) = post(6, None).await?;
+    assert_eq!(statuses, [201, 409, 201, 201, 429]);
+    assert!(
+        full["error"]
+            .as_str()
+            .is_some_and(|e| e.contains("3 live sessions")),
+        "{full}"
+    );
+    Ok(())
+}
+
+#[tokio::test]
+async fn a_policys_live_sessions_are_bounded_in_memory() -> TestResult {
+    a_policys_live_sessions_are_bounded(None).await
+}
+
+#[tokio::test]
+async fn a_policys_live_sessions_are_bounded_in_redis() -> TestResult {
+    let redis = TestRedis::start().await?;
+    a_policys_live_sessions_are_bounded(Some(&redis)).await
+}
