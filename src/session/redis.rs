@@ -6,6 +6,7 @@
 //! |---|---|---|
 //! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
 //! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`ListCursor::After`]); ended grants' members leave as grants go into the bucket: among the new grant's account's 64 oldest, and among a random 64 (`index.lua`) |
+//! | `sp:{<policy>}:grants-live` | hash | the policy's live grants (its `max_sessions`): `total`, `swept` (the last day whose ended days left it) and per UTC end day how many grants end then, at most about 3,650 days; a create reads a few fields, and once a day walks them (`live.lua`) |
 //! | `sp:g:revocations` | stream | the revocation feed: an entry per revocation (field `id`, the grant's 32 bytes; `begin` marks where a first reader found it empty), kept [`REVOCATIONS_KEPT`] by Redis' clock; every replica reads it every `--policy-poll` to drop its copies of revoked grants ([`RedisSessions::follow_revocations`]) |
 //!
 //! About 330 bytes of Redis per grant over a million of them (`scripts/bench`,
@@ -646,6 +647,7 @@ impl RedisSessions {
         let (counted, live): (i64, u64) = self
             .live
             .key(live_key(&grant.policy))
+            .arg("count")
             .arg(super::end_day(now))
             .arg(day)
             .arg(most.unwrap_or(0))
@@ -680,7 +682,14 @@ impl RedisSessions {
             .map_err(unavailable)?;
         if created.is_none() {
             // (Best effort: a failure here leaves it counted.)
-            let _: redis::RedisResult<i64> = conn.hincr(live_key(&grant.policy), day, -1).await;
+            let _: redis::RedisResult<i64> = self
+                .live
+                .key(live_key(&grant.policy))
+                .arg("back")
+                .arg(super::end_day(now))
+                .arg(day)
+                .invoke_async(&mut conn)
+                .await;
             return Ok(super::Created::Exists);
         }
         // A copy of an earlier grant of this id (its key deleted by hand) is not served here.

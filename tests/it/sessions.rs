@@ -1232,6 +1232,8 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
             .arg("sp:{few}:grants-live")
             .arg(now() / 86_400 - 1)
             .arg(100)
+            .arg("total")
+            .arg(100)
             .query_async(&mut conn)
             .await?;
     }
@@ -1252,10 +1254,11 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
     let mut statuses = vec![post(1, Some(first)).await?.0];
     // The same id again: 409, and its place is not taken.
     statuses.push(post(2, Some(first)).await?.0);
-    for n in 3..=5 {
+    for n in 3..=4 {
         statuses.push(post(n, None).await?.0);
     }
-    let (_, full) = post(6, None).await?;
+    let (status, full) = post(6, None).await?;
+    statuses.push(status);
     assert_eq!(statuses, [201, 409, 201, 201, 429]);
     assert!(
         full["error"]
@@ -1263,6 +1266,21 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
             .is_some_and(|e| e.contains("3 live sessions")),
         "{full}"
     );
+    if let Some(r) = redis {
+        // Three counted, yesterday's day gone, a lifetime set.
+        let mut conn = redis::Client::open(r.url.clone())?
+            .get_multiplexed_async_connection()
+            .await?;
+        let key = "sp:{few}:grants-live";
+        let (total, yesterday, ttl): (Option<u64>, Option<u64>, i64) = redis::pipe()
+            .hget(key, "total")
+            .hget(key, now() / 86_400 - 1)
+            .ttl(key)
+            .query_async(&mut conn)
+            .await?;
+        assert_eq!((total, yesterday), (Some(3), None));
+        assert!(ttl > 0, "{ttl}");
+    }
     Ok(())
 }
 
