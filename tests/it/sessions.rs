@@ -1280,6 +1280,17 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
             .await?;
         assert_eq!((total, yesterday), (Some(3), None));
         assert!(ttl > 0, "{ttl}");
+        // The days' counts add up to the total (the give-back took from both).
+        let fields: Vec<(String, i64)> = redis::cmd("HGETALL")
+            .arg(key)
+            .query_async(&mut conn)
+            .await?;
+        let days: i64 = fields
+            .iter()
+            .filter(|(f, _)| f.parse::<u64>().is_ok())
+            .map(|(_, n)| n)
+            .sum();
+        assert_eq!(days, 3, "{fields:?}");
     }
     Ok(())
 }
