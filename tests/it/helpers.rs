@@ -449,6 +449,13 @@ impl TestRedis {
         Self::spawn(None).await
     }
 
+    /// A connection of its own to this server.
+    pub async fn conn(&self) -> TestResult<redis::aio::MultiplexedConnection> {
+        Ok(redis::Client::open(self.url.as_str())?
+            .get_multiplexed_async_connection()
+            .await?)
+    }
+
     /// With an append-only file.
     pub async fn start_persistent() -> TestResult<Self> {
         Self::spawn(Some(TempDir::new("redis-aof"))).await
@@ -457,8 +464,7 @@ impl TestRedis {
     /// A replica of `primary`, once the primary counts it online (what `WAIT` counts).
     pub async fn start_replica_of(primary: &TestRedis) -> TestResult<Self> {
         let replica = Self::spawn_with(None, Some(primary.port)).await?;
-        let client = redis::Client::open(primary.url.as_str())?;
-        let mut c = client.get_multiplexed_async_connection().await?;
+        let mut c = primary.conn().await?;
         let online = format!("port={},state=online", replica.port);
         let deadline = Instant::now() + Duration::from_secs(10);
         while Instant::now() < deadline {
@@ -478,8 +484,7 @@ impl TestRedis {
     /// Once this replica acknowledges a write to `primary` (it may be loading its first sync,
     /// or catching up after a pause): a write, then `WAIT` of up to 10 s for it.
     pub async fn caught_up(&self, primary: &TestRedis) -> TestResult {
-        let client = redis::Client::open(primary.url.as_str())?;
-        let mut c = client.get_multiplexed_async_connection().await?;
+        let mut c = primary.conn().await?;
         let _: () = redis::cmd("SET")
             .arg("test:replica-caught-up")
             .arg(self.port)

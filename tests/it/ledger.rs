@@ -1826,9 +1826,7 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
             )
         })
         .collect();
-    let mut stats = redis::Client::open(redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut stats = redis.conn().await?;
     let before = command_calls(&mut stats).await?;
     for (i, outcome) in reserve_at_once(&ledger, calls)
         .await?
@@ -3343,9 +3341,7 @@ async fn an_unread_eviction_check_leaves_the_last_finding() -> TestResult {
     let dir = budget_dir()?;
     let apps = apps(1, Some(&redis), &dir).await?;
     let ledger = apps[0].state.sponsor.ledger();
-    let mut conn = redis::Client::open(redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn = redis.conn().await?;
     let acl = |rule: &'static str| {
         redis::cmd("ACL")
             .arg("SETUSER")
@@ -3433,9 +3429,7 @@ async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops()
     until("ok").await?;
     app.result("pm_sponsorUserOperation", json!([op_json(0), ep]))
         .await?;
-    let mut conn = redis::Client::open(redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn = redis.conn().await?;
     evicting(&mut conn, "volatile-ttl").await?;
     until("evicts keys").await?;
     refused().await?;
@@ -3483,9 +3477,7 @@ async fn a_redis_that_starts_evicting_keys_refuses_reservations_until_it_stops()
         .map(str::to_owned)
         .ok_or(format!("no run_id in {info}"))?;
     redis.restart().await?;
-    let mut conn = redis::Client::open(redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn = redis.conn().await?;
     tokio::time::sleep(Duration::from_millis(500)).await;
     until("evicts keys").await?;
     refused().await?;
@@ -3551,9 +3543,7 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
     // Another service replica's ledger, on connections of its own.
     let other = waiting(Duration::from_millis(200)).await?;
     let not_waiting = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
-    let mut on_replica = redis::Client::open(replica.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut on_replica = replica.conn().await?;
     let scopes = || vec![pm(4200)];
 
     // Acknowledged: the replica holds the record when the answer comes.
@@ -3676,9 +3666,7 @@ async fn waiting_usage(ledger: &Ledger) -> TestResult<(u64, u64)> {
 async fn a_wait_confirms_the_write_is_on_the_primary_it_reaches() -> TestResult {
     const CONFIRM: &str = include_str!("../../src/ledger/confirm.lua");
     let redis = TestRedis::start().await?;
-    let mut c = redis::Client::open(redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut c = redis.conn().await?;
     let (marker, nonce, state) = ("sp:{p}:replicated", "sp:{p}:n:x", "sp:{p}:session:0x5e");
     let (id, signature) = ([7u8; 20], [0x51u8; 65]);
     let confirm = |key: &'static str, want: Vec<u8>| {

@@ -685,9 +685,7 @@ async fn ended_grants_leave_the_index_whatever_their_account() -> TestResult {
         })
         .await?;
     let key = [b"sp:ga:".as_slice(), &bucket].concat();
-    let mut conn = redis::Client::open(redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn = redis.conn().await?;
     let owners = |members: Vec<Vec<u8>>| -> Vec<Address> {
         members
             .iter()
@@ -1225,9 +1223,7 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
     let app = TestApp::spawn(c).await?;
     if let Some(r) = redis {
         // Grants that ended yesterday count no more (and leave the count).
-        let mut conn = redis::Client::open(r.url.clone())?
-            .get_multiplexed_async_connection()
-            .await?;
+        let mut conn = r.conn().await?;
         let _: () = redis::cmd("HSET")
             .arg("sp:{few}:grants-live")
             .arg(now() / 86_400 - 1)
@@ -1268,9 +1264,7 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
     );
     if let Some(r) = redis {
         // Three counted, yesterday's day gone, a lifetime set.
-        let mut conn = redis::Client::open(r.url.clone())?
-            .get_multiplexed_async_connection()
-            .await?;
+        let mut conn = r.conn().await?;
         let key = "sp:{few}:grants-live";
         let (total, yesterday, ttl): (Option<u64>, Option<u64>, i64) = redis::pipe()
             .hget(key, "total")

@@ -346,9 +346,7 @@ async fn sponsorships_in_flight_at_once_share_the_deposit() -> TestResult {
     let ep = EntryPointVersion::V0_7.canonical_address();
     // Redis holds its writes for a moment, so that all 32 are in flight at once whatever the
     // machine's load (the reservation script writes).
-    let mut conn = redis::Client::open(redis.url.as_str())?
-        .get_multiplexed_async_connection()
-        .await?;
+    let mut conn = redis.conn().await?;
     let _: () = redis::cmd("CLIENT")
         .arg("PAUSE")
         .arg(500)
