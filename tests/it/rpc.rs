@@ -991,7 +991,9 @@ async fn estimations_at_the_bundler_are_bounded() -> TestResult {
     let secrets: Vec<String> = (0..5).map(|i| format!("sp_estimate_key_{i}")).collect();
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.chains[0].bundler_url = Some(bundler_url);
-    c.bundler_timeout = std::time::Duration::from_secs(3);
+    // (Long enough for every request's checks to reach the bound before the first ends, on a
+    // slow runner.)
+    c.bundler_timeout = std::time::Duration::from_secs(5);
     c.api_keys = secrets
         .iter()
         .enumerate()
