@@ -155,10 +155,13 @@ async fn create(
             "no randomness for a new session id; retry, or name one in sessionId",
         );
     }
-    let grant = match SessionGrant::from_request(&body, unix_now(), || B256::from(fresh)) {
+    let mut grant = match SessionGrant::from_request(&body, unix_now(), || B256::from(fresh)) {
         Ok(g) => g,
         Err(issues) => return invalid(issues),
     };
+    // Its budget counted in its end day's hash where every replica reads such a grant (fixed
+    // for the grant from here on).
+    grant.shared_budget = state.sponsor.ledger().sessions_share_budgets();
     let policies = state.sponsor.policies();
     // (Another tenant's policy is no policy to this key.)
     let Some(policy) = policies

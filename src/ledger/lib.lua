@@ -107,6 +107,11 @@ local NO_SESSION, SESSION_BY_KEY, SESSION_BY_ID = 0, 1, 2
 -- The line below tells a replica that this library reads records by id (it writes them only
 -- while every ledger library loaded does: ledger::redis::RECORDS_BY_ID_MARK). Keep it as is.
 -- records-by-id: this ledger reads records under a session by id
+-- The line below tells a replica that the replicas of this library read session grants whose
+-- budget is shared (version 2: ledger::redis::SHARED_BUDGETS_MARK; such a budget is counted as
+-- a sender of a window is, see counter_of, so every library since 0.3 closes it where it was
+-- counted). Keep it as is.
+-- shared-session-budgets: this ledger's replicas read grants whose budget is shared
 -- In a record by id, the scope name that stands for its session's budget. (Byte 3: pack_name's
 -- markers are 1 and 2, and no scope name is one byte.)
 local SESSION_SCOPE = '\3'

@@ -35,7 +35,7 @@ use std::collections::BTreeMap;
 use alloy::primitives::{Address, B256, U256, keccak256};
 use alloy::sol_types::SolValue;
 
-use crate::session::StoreError;
+use crate::session::{SessionGrant, StoreError};
 use crate::userop::paymaster_data::PaymasterData;
 
 /// How long reservation records and budget counters outlive the window they count.
@@ -83,10 +83,27 @@ impl Scope {
     }
 }
 
-/// The name of a session's budget scope (its counter's; a record by id lists it as one byte,
-/// see `lib.lua`).
+/// The name of the budget scope of a session whose counter is a key of its own (a grant of
+/// version 1; a record by id lists it as one byte, see `lib.lua`).
 pub fn session_scope_name(id: B256) -> String {
     format!("session:{id}")
+}
+
+/// The name of the budget scope of session `grant`. Where its counter is shared
+/// ([`SessionGrant::shared_budget`]), `session:<end day>:0x<id>`: in Redis a field of one hash
+/// of its policy's sessions that end that UTC day (`ledger::redis::counter_slot`), so a new
+/// session makes no key and sets no TTL, and the sessions of one call are read in one command;
+/// else [`session_scope_name`]. Fixed for the grant, so every replica counts it in one place.
+pub fn session_budget_scope(grant: &SessionGrant) -> String {
+    if grant.shared_budget {
+        format!(
+            "session:{}:{}",
+            crate::session::end_day(grant.valid_until),
+            grant.session_id
+        )
+    } else {
+        session_scope_name(grant.session_id)
+    }
 }
 
 /// How long before its `validUntil` a stored answer is still handed out again. A repeat of an
@@ -383,7 +400,18 @@ impl Ledger {
         }
     }
 
-    /// Read again whether records under a session may be written by id (Redis: see
+    /// Whether a new session's budget is to be counted in its end day's shared hash
+    /// ([`SessionGrant::shared_budget`], [`session_budget_scope`]): in Redis once every replica
+    /// reads such grants (see [`redis::RedisLedger::refresh_record_kind`]); in memory always.
+    pub fn sessions_share_budgets(&self) -> bool {
+        match self {
+            Self::Memory(_) => true,
+            Self::Redis(l) => l.shared_session_budgets(),
+        }
+    }
+
+    /// Read again whether records under a session may be written by id, and whether new
+    /// sessions may share their budget's counter (Redis: see
     /// [`redis::RedisLedger::refresh_record_kind`]; in memory there is no earlier version).
     pub async fn refresh_record_kind(&self) {
         if let Self::Redis(l) = self {

@@ -9,6 +9,7 @@
 //! |---|---|---|
 //! | `sp:{<policy>}:budget:<scope>` | hash | a scope's counter, field `c`: cost (gwei), ops and open (gwei), packed as three big-endian i64 (plus the decimal `cost`, `ops` and `open` of versions before 0.3, see `COUNTER` in `lib.lua`), and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
 //! | `sp:{<policy>}:budget:sender[:c<chain>][:<window>]` | hash | every sender's counter of a window: field the sender's 20 bytes, packed as `c` above; and `until` (see `counter_slot`; before 0.3, a hash per sender, `…:budget:sender:0x<sender>…`) |
+//! | `sp:{<policy>}:budget:sender:d<day>` | hash | the counters of the policy's sessions that end UTC day `<day>` and whose grant shares its budget's (version 2, since 0.3.11): field the session id's first 20 bytes, packed as `c` above; and `until` (named as a sender's window is, so every library closes them; see `counter_slot`). A session of version 1 keeps `…:budget:session:0x<id>` |
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
@@ -146,11 +147,18 @@ pub struct RedisLedger {
     /// [`RedisLedger::refresh_record_kind`] sets it when the ledger connects, and again every
     /// `--policy-poll` (`AppState::spawn_ledger_watcher`).
     session_records_by_id: Arc<AtomicBool>,
-    /// The ledger libraries this replica has read the code of, and whether each reads records by
-    /// id (a library's name carries a hash of its code, so what it says never changes).
-    libraries_read: Arc<std::sync::Mutex<BTreeMap<String, bool>>>,
+    /// Whether new session grants may share their budget's counter (grant version 2,
+    /// `SessionGrant::shared_budget`): where records are written by id and every ledger library
+    /// loaded is of a replica that reads such grants ([`SHARED_BUDGETS_MARK`]). Set with
+    /// `session_records_by_id`.
+    shared_session_budgets: Arc<AtomicBool>,
+    /// The ledger libraries this replica has read the code of, and what each one's marks say
+    /// (a library's name carries a hash of its code, so what it says never changes).
+    libraries_read: Arc<std::sync::Mutex<BTreeMap<String, Marks>>>,
     /// Why records are written by key ("" while by id), as last logged.
     record_kind_why: LastSaid,
+    /// Why new grants keep a budget key of their own ("" while they share), as last logged.
+    shared_budgets_why: LastSaid,
     /// Set while Redis would evict keys when full, or has: every reservation is then refused
     /// ([`RedisLedger::refresh_eviction`]).
     refusing_for_eviction: Arc<AtomicBool>,
@@ -275,7 +283,32 @@ fn sender_scope(name: &str) -> Option<(Vec<u8>, &str)> {
     Some((raw, &rest[40..]))
 }
 
+/// A shared session budget's name (`session:<end day>:0x<64 hex>`,
+/// [`super::session_budget_scope`]): its day's digits and the id's first 40 hex digits.
+fn shared_session_scope(name: &str) -> Option<(&str, &str)> {
+    let (day, id) = name.strip_prefix("session:")?.split_once(":0x")?;
+    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
+    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
+    (!day.is_empty() && digits(day) && id.len() == 64 && hex(id)).then(|| (day, &id[..40]))
+}
+
 fn counter_slot<'a>(policy: &str, name: &'a str) -> CounterSlot<'a> {
+    // A shared session budget is counted as a sender of a window is: a field of 20 bytes (the
+    // id's first 20: ids of one policy sharing those share a counter, which counts over, never
+    // under), in one hash of the policy's sessions that end that day,
+    // `sp:{P}:budget:sender:d<day>` (a sender's window is `:c<chain>` and `:<number>`, never
+    // `:d`). Its record name has the sender's form, `s:0x<40 hex>:d<day>`, which `counter_of`
+    // has read since 0.3, so the library of every version since closes it where it was
+    // counted. (Short: a record is stored per reservation; `:session:<day>` took a reservation
+    // under a session from 384 to 448 bytes of Redis.)
+    if let Some((day, id)) = shared_session_scope(name) {
+        return CounterSlot {
+            key: format!("sp:{{{policy}}}:budget:sender:d{day}"),
+            field: alloy::hex::decode(id).unwrap_or_default().into(),
+            sender: false,
+            record: format!("s:0x{}:d{day}", id.to_ascii_lowercase()).into(),
+        };
+    }
     match sender_scope(name) {
         Some((raw, rest)) => CounterSlot {
             key: format!("sp:{{{policy}}}:budget:sender{rest}"),
@@ -657,9 +690,25 @@ async fn load_library(conn: &mut RedisConn) -> Result<(), StoreError> {
 }
 
 /// The line every library of the ledger that reads records under a session by id carries
-/// (in `lib.lua`; `library_code_marks_that_it_reads_records_by_id` checks it is there).
+/// (in `lib.lua`; `library_code_carries_its_marks` checks it is there).
 const RECORDS_BY_ID_MARK: &str =
     "\n-- records-by-id: this ledger reads records under a session by id\n";
+
+/// The line every library of a ledger whose replicas read session grants of version 2 (a
+/// session's budget counted in its end day's hash, since 0.3.11) carries. Earlier replicas
+/// refuse such a grant; 0.3.0 read any version as its own (and would count such a session in a
+/// key of its own beside the shared counter), which the records-by-id gate rules out.
+const SHARED_BUDGETS_MARK: &str =
+    "\n-- shared-session-budgets: this ledger's replicas read grants whose budget is shared\n";
+
+/// What a ledger library's code says of the replicas that load it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+struct Marks {
+    /// It reads records under a session by id ([`RECORDS_BY_ID_MARK`]).
+    by_id: bool,
+    /// Its replicas read grants whose budget is shared ([`SHARED_BUDGETS_MARK`]).
+    shared_budgets: bool,
+}
 
 /// `FUNCTION LIST LIBRARYNAME <pattern>` (`WITHCODE` if `code`) on every primary: one reply
 /// each. On a Cluster, fewer replies than primaries serving slots is an error: a primary not
@@ -762,17 +811,20 @@ fn listed_libraries(replies: &[redis::Value]) -> Result<Vec<(String, Option<Stri
     Ok(out)
 }
 
-/// Whether library `name`, in `FUNCTION LIST LIBRARYNAME <name> WITHCODE` replies (one a node),
-/// reads records by id: its code carries [`RECORDS_BY_ID_MARK`]. Not listed with its code (gone
-/// since it was listed, say): an error, nothing known.
-fn reads_records_by_id(replies: &[redis::Value], name: &str) -> Result<bool, String> {
+/// What library `name`, in `FUNCTION LIST LIBRARYNAME <name> WITHCODE` replies (one a node),
+/// says of its replicas: the marks its code carries. Not listed with its code (gone since it
+/// was listed, say): an error, nothing known.
+fn library_marks(replies: &[redis::Value], name: &str) -> Result<Marks, String> {
     let listed = listed_libraries(replies)?;
     let code = listed
         .iter()
         .find(|(n, _)| n == name)
         .and_then(|(_, code)| code.as_deref())
         .ok_or_else(|| format!("{name}: its code could not be read"))?;
-    Ok(code.contains(RECORDS_BY_ID_MARK))
+    Ok(Marks {
+        by_id: code.contains(RECORDS_BY_ID_MARK),
+        shared_budgets: code.contains(SHARED_BUDGETS_MARK),
+    })
 }
 
 impl RedisLedger {
@@ -787,8 +839,10 @@ impl RedisLedger {
             wait: None,
             legacy_before: u64::MAX,
             session_records_by_id: Arc::new(AtomicBool::new(false)),
+            shared_session_budgets: Arc::new(AtomicBool::new(false)),
             libraries_read: Arc::default(),
             record_kind_why: LastSaid::default(),
+            shared_budgets_why: LastSaid::default(),
             refusing_for_eviction: Arc::default(),
             eviction_said: LastSaid::default(),
         }
@@ -859,7 +913,12 @@ impl RedisLedger {
     /// library of a ledger that cannot read them (a 0.3.0 replica loads its own when it starts,
     /// and again when it finds it gone). Anything it cannot read counts as such a library.
     /// Logs which kind and why when that changes; the service calls it every `--policy-poll`,
-    /// so a 0.3.0 replica started later turns records by id off within one poll.
+    /// so a 0.3.0 replica started later turns records by id off within one poll. Reads with
+    /// them whether new session grants may share their budget's counter
+    /// ([`Self::shared_session_budgets`]): where records are by id and every library loaded
+    /// carries [`SHARED_BUDGETS_MARK`] (a replica of 0.3.1 to 0.3.10 started later turns it
+    /// off within one poll; the grants that already share keep sharing, and such a replica
+    /// refuses them).
     pub async fn refresh_record_kind(&self) -> bool {
         self.read_record_kind(false).await
     }
@@ -873,9 +932,18 @@ impl RedisLedger {
             Ok(replies) => self.earlier_libraries(&replies).await,
             Err(e) => Err(e),
         };
-        let by_id = matches!(said, Ok(true)) && earlier.as_ref().is_ok_and(Vec::is_empty);
+        let lacking = |mark: fn(&Marks) -> bool| {
+            earlier.as_ref().map(|e| {
+                e.iter()
+                    .filter(|(_, m)| !mark(m))
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let not_by_id = lacking(|m| m.by_id);
+        let by_id = matches!(said, Ok(true)) && not_by_id.as_ref().is_ok_and(Vec::is_empty);
         self.session_records_by_id.store(by_id, Ordering::Relaxed);
-        let why = match (&said, &earlier) {
+        let why = match (&said, &not_by_id) {
             _ if by_id => String::new(),
             (Err(e), _) => format!("{SESSION_RECORDS_BY_ID_KEY} could not be read ({e})"),
             (_, Err(e)) => format!("the ledger's libraries could not be read ({e})"),
@@ -884,6 +952,30 @@ impl RedisLedger {
             ),
             _ => format!("{SESSION_RECORDS_BY_ID_KEY} is not set"),
         };
+        // Grants whose budget is shared, only where no replica may count such a session in a
+        // key of its own: none of 0.3.0 (records by id) and none that refuses the grant.
+        let not_shared = lacking(|m| m.shared_budgets);
+        let shared = by_id && not_shared.as_ref().is_ok_and(Vec::is_empty);
+        self.shared_session_budgets.store(shared, Ordering::Relaxed);
+        let shared_why = match &not_shared {
+            _ if shared => String::new(),
+            _ if !by_id => "records under sessions are written by key".to_owned(),
+            Ok(earlier) => format!(
+                "Redis has the library of a ledger whose replicas refuse such grants, {earlier:?}: FUNCTION DELETE each on every primary once no replica of its build runs"
+            ),
+            Err(e) => format!("the ledger's libraries could not be read ({e})"),
+        };
+        if announce || self.shared_budgets_why.changed(&shared_why) {
+            if shared {
+                tracing::info!(
+                    "new sessions share their budget's counter (one hash a policy and end day)"
+                );
+            } else {
+                tracing::warn!(
+                    "new sessions keep a budget key of their own, as 0.3.10 made them: {shared_why} (docs/operations.md, upgrading to 0.3.11)"
+                );
+            }
+        }
         let changed = self.record_kind_why.changed(&why);
         if announce || changed {
             if by_id {
@@ -897,10 +989,13 @@ impl RedisLedger {
         by_id
     }
 
-    /// Of the libraries `replies` name (`FUNCTION LIST` without code), those that cannot read
-    /// records by id, each one's code read once (a library's name carries a hash of its code).
-    async fn earlier_libraries(&self, replies: &[redis::Value]) -> Result<Vec<String>, String> {
-        let mut earlier = Vec::new();
+    /// Of the libraries `replies` name (`FUNCTION LIST` without code), those that lack a mark,
+    /// with their marks, each one's code read once (a library's name carries a hash of its code).
+    async fn earlier_libraries(
+        &self,
+        replies: &[redis::Value],
+    ) -> Result<Vec<(String, Marks)>, String> {
+        let mut earlier: Vec<(String, Marks)> = Vec::new();
         for (name, _) in listed_libraries(replies)? {
             let known = self
                 .libraries_read
@@ -908,24 +1003,31 @@ impl RedisLedger {
                 .map_err(|_| "a lock was poisoned")?
                 .get(&name)
                 .copied();
-            let reads_by_id = match known {
-                Some(r) => r,
+            let marks = match known {
+                Some(m) => m,
                 None => {
                     // (The name as the pattern: only the library of this very name is read.)
                     let replies = function_list(&self.conn, &name, true).await?;
-                    let r = reads_records_by_id(&replies, &name)?;
+                    let m = library_marks(&replies, &name)?;
                     self.libraries_read
                         .lock()
                         .map_err(|_| "a lock was poisoned")?
-                        .insert(name.clone(), r);
-                    r
+                        .insert(name.clone(), m);
+                    m
                 }
             };
-            if !reads_by_id && !earlier.contains(&name) {
-                earlier.push(name);
+            let complete = marks.by_id && marks.shared_budgets;
+            if !complete && !earlier.iter().any(|(n, _)| *n == name) {
+                earlier.push((name, marks));
             }
         }
         Ok(earlier)
+    }
+
+    /// Whether new session grants may share their budget's counter, as the last
+    /// [`Self::refresh_record_kind`] found.
+    pub fn shared_session_budgets(&self) -> bool {
+        self.shared_session_budgets.load(Ordering::Relaxed)
     }
 
     /// The service's ledger on `conn`, its library of functions loaded. The first replica of
@@ -1594,8 +1696,9 @@ mod tests {
     }
 
     #[test]
-    fn library_code_marks_that_it_reads_records_by_id() {
+    fn library_code_carries_its_marks() {
         assert!(library().code.contains(RECORDS_BY_ID_MARK));
+        assert!(library().code.contains(SHARED_BUDGETS_MARK));
     }
 
     /// The scripts' cap on a nonce's records is the one the service names in its refusals.
@@ -1627,9 +1730,13 @@ mod tests {
         let ours = format!("#!lua name=sp_ledger_1{RECORDS_BY_ID_MARK}");
         // The mark in a comment of other words, or the constant's name alone, is no mark.
         let old = "#!lua name=sp_ledger_0\nlocal SESSION_BY_ID -- records-by-id\n";
+        let newest = format!("#!lua name=sp_ledger_3{RECORDS_BY_ID_MARK}{SHARED_BUDGETS_MARK}");
         let nodes = [
             Value::Array(vec![resp2("sp_ledger_1", &ours), resp2("sp_ledger_0", old)]),
-            Value::Array(vec![resp3("sp_ledger_0", old)]),
+            Value::Array(vec![
+                resp3("sp_ledger_0", old),
+                resp3("sp_ledger_3", &newest),
+            ]),
             Value::Array(vec![]),
         ];
         assert_eq!(
@@ -1637,21 +1744,26 @@ mod tests {
             Ok(vec![
                 "sp_ledger_1".into(),
                 "sp_ledger_0".into(),
-                "sp_ledger_0".into()
+                "sp_ledger_0".into(),
+                "sp_ledger_3".into()
             ])
         );
-        assert_eq!(reads_records_by_id(&nodes, "sp_ledger_1"), Ok(true));
-        assert_eq!(reads_records_by_id(&nodes, "sp_ledger_0"), Ok(false));
-        assert!(
-            reads_records_by_id(&nodes, "sp_ledger_2").is_err(),
-            "not listed"
-        );
+        let marks = |by_id, shared_budgets| {
+            Ok(Marks {
+                by_id,
+                shared_budgets,
+            })
+        };
+        assert_eq!(library_marks(&nodes, "sp_ledger_1"), marks(true, false));
+        assert_eq!(library_marks(&nodes, "sp_ledger_0"), marks(false, false));
+        assert_eq!(library_marks(&nodes, "sp_ledger_3"), marks(true, true));
+        assert!(library_marks(&nodes, "sp_ledger_2").is_err(), "not listed");
         let names_only = [Value::Array(vec![Value::Array(vec![
             s("library_name"),
             s("sp_ledger_1"),
         ])])];
         assert!(
-            reads_records_by_id(&names_only, "sp_ledger_1").is_err(),
+            library_marks(&names_only, "sp_ledger_1").is_err(),
             "no code"
         );
         // (A node's error comes as a value of its own kind, not an array.)
@@ -1705,13 +1817,38 @@ mod tests {
                 (key, field, true, record)
             );
         }
-        // Not a sender's: 41 or 39 digits, no `0x`, another scope.
+        // A shared session budget: a 20-byte field of its end day's hash, named in records as
+        // a sender of that hash would be (no earlier key of its own is read).
+        let id = format!("{a}{}", "2".repeat(24));
+        let session = format!("session:20791:0x{id}");
+        let slot = counter_slot("p", &session);
+        assert_eq!(
+            (
+                slot.key.as_str(),
+                slot.field.into_owned(),
+                slot.sender,
+                slot.record.into_owned()
+            ),
+            (
+                "sp:{p}:budget:sender:d20791",
+                vec![0x11; 20],
+                false,
+                format!("s:0x{a}:d20791")
+            )
+        );
+        // Not a sender's: 41 or 39 digits, no `0x`, another scope (a session's of a key of its
+        // own among them).
         for name in [
             format!("sender:0x{a}1:20833"),
             format!("sender:0x{}:20833", &a[1..]),
             format!("sender:{a}:20833"),
             "policy:20833".to_owned(),
             format!("session:0x{a}{a}0000"),
+            // (Nor a shared session's: no day, a day not digits, 63 or 65 digits.)
+            format!("session::0x{id}"),
+            format!("session:2o791:0x{id}"),
+            format!("session:20791:0x{}", &id[..63]),
+            format!("session:20791:0x{id}0"),
         ] {
             let slot = counter_slot("p", &name);
             assert_eq!(

@@ -320,6 +320,7 @@ mod tests {
             permissions: None,
             budget: None,
             created_at: 0,
+            shared_budget: false,
         })
     }
 

@@ -3,7 +3,7 @@
 //!
 //! ```text
 //! status u8 ('a' active; anything else: revoked)   <- the one byte revocation rewrites
-//! version u8 (1)
+//! version u8 (1; 2: its budget's counter is shared, `SessionGrant::shared_budget`)
 //! account [20] ‖ session key [20]
 //! chainId u64 ‖ validAfter u64 ‖ validUntil u64 ‖ createdAt u64   (big-endian)
 //! policy: u8 length ‖ bytes
@@ -22,7 +22,12 @@ use super::{SessionGrant, SessionStatus, StoreError};
 pub(super) const ACTIVE: u8 = b'a';
 /// The status byte of a revoked grant.
 pub(super) const REVOKED: u8 = b'r';
+/// The version of a grant whose budget's counter is a key of its own.
 const VERSION: u8 = 1;
+/// The version of a grant whose budget's counter is a field of its end day's hash (since
+/// 0.3.11). Versions 0.3.1 to 0.3.10 refuse it as corrupt, so they never count such a session
+/// in a key of its own beside the replicas that count it in the shared hash.
+const VERSION_SHARED_BUDGET: u8 = 2;
 /// Bytes before the policy id.
 const FIXED: usize = 2 + 20 + 20 + 4 * 8;
 
@@ -44,7 +49,11 @@ pub(super) fn encode(grant: &SessionGrant) -> Result<Vec<u8>, StoreError> {
         SessionStatus::Active => ACTIVE,
         SessionStatus::Revoked => REVOKED,
     });
-    out.push(VERSION);
+    out.push(if grant.shared_budget {
+        VERSION_SHARED_BUDGET
+    } else {
+        VERSION
+    });
     out.extend_from_slice(grant.account.as_slice());
     out.extend_from_slice(grant.session_key.as_slice());
     for n in [
@@ -70,7 +79,7 @@ pub(super) fn encode(grant: &SessionGrant) -> Result<Vec<u8>, StoreError> {
 /// The grant `id` stored as `data`; anything that does not parse is [`StoreError::Corrupt`].
 pub(super) fn decode(id: B256, data: &[u8]) -> Result<SessionGrant, StoreError> {
     let corrupt = || StoreError::Corrupt(id);
-    if data.len() < FIXED + 1 || data[1] != VERSION {
+    if data.len() < FIXED + 1 || ![VERSION, VERSION_SHARED_BUDGET].contains(&data[1]) {
         return Err(corrupt());
     }
     let u64_at = |at: usize| {
@@ -105,6 +114,7 @@ pub(super) fn decode(id: B256, data: &[u8]) -> Result<SessionGrant, StoreError> 
         },
         permissions: narrowing.permissions,
         budget: narrowing.budget,
+        shared_budget: data[1] == VERSION_SHARED_BUDGET,
     })
 }
 
@@ -128,6 +138,7 @@ mod tests {
             permissions: None,
             budget: None,
             created_at: 1_789_999_999,
+            shared_budget: false,
         }
     }
 
@@ -137,6 +148,21 @@ mod tests {
         let data = encode(&g)?;
         assert!(data.len() < 100, "{} bytes", data.len());
         assert_eq!(decode(g.session_id, &data)?, g);
+        Ok(())
+    }
+
+    #[test]
+    fn a_grant_with_a_shared_budget_is_version_2_and_round_trips() -> Result<(), StoreError> {
+        let own = grant();
+        assert_eq!(encode(&own)?[1], 1);
+        let shared = SessionGrant {
+            shared_budget: true,
+            ..grant()
+        };
+        let data = encode(&shared)?;
+        assert_eq!(data[1], 2);
+        assert_eq!(decode(shared.session_id, &data)?, shared);
+        assert_eq!(decode(own.session_id, &encode(&own)?)?, own);
         Ok(())
     }
 
@@ -177,12 +203,14 @@ mod tests {
                 Err(StoreError::Corrupt(_))
             ));
         }
-        let mut v2 = data.clone();
-        v2[1] = 2;
-        assert!(matches!(
-            decode(g.session_id, &v2),
-            Err(StoreError::Corrupt(_))
-        ));
+        for version in [0, 3, 255] {
+            let mut later = data.clone();
+            later[1] = version;
+            assert!(matches!(
+                decode(g.session_id, &later),
+                Err(StoreError::Corrupt(_))
+            ));
+        }
         let mut tail = encode(&g)?;
         tail.extend_from_slice(b"{not json");
         assert!(matches!(

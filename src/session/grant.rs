@@ -70,6 +70,12 @@ pub struct SessionGrant {
     pub budget: Option<SessionBudget>,
     /// Unix time it was created.
     pub created_at: u64,
+    /// Whether its budget's counter is a field of one hash of its policy's sessions that end
+    /// the same UTC day (grant version 2, since 0.3.11) rather than a key of its own: fixed
+    /// when it is created, so that every replica counts it in one place
+    /// ([`crate::ledger::session_scope_name`]). Not in the admin API's JSON.
+    #[serde(skip)]
+    pub shared_budget: bool,
 }
 
 /// What the session key may do beyond (within) the policy.
@@ -358,6 +364,9 @@ impl SessionGrant {
                 permissions,
                 budget,
                 created_at: now,
+                // (Set by the admin API where every replica reads such grants:
+                // `Ledger::sessions_share_budgets`.)
+                shared_budget: false,
             }),
             _ => Err(issues),
         }
@@ -883,6 +892,7 @@ mod tests {
             }),
             budget: None,
             created_at: 0,
+            shared_budget: false,
         }
     }
 

@@ -175,6 +175,7 @@ mod tests {
             permissions: None,
             budget: None,
             created_at: 1,
+            shared_budget: false,
         }
     }
 

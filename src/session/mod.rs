@@ -187,8 +187,9 @@ pub enum Created {
 }
 
 /// The UTC day (days since the epoch) in which a grant valid until `valid_until` ends: a
-/// policy's live grants are counted by it ([`SessionStore::create_within`]).
-fn end_day(valid_until: u64) -> u64 {
+/// policy's live grants are counted by it ([`SessionStore::create_within`]), and a shared
+/// session budget's counter in its hash ([`crate::ledger::session_budget_scope`]).
+pub(crate) fn end_day(valid_until: u64) -> u64 {
     valid_until / 86_400
 }
 

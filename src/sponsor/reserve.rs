@@ -257,7 +257,7 @@ impl Sponsor {
             let ops = min(p.and_then(|b| b.ops), g.and_then(|b| b.ops));
             if cost.is_some() || ops.is_some() {
                 scopes.push(Scope {
-                    name: crate::ledger::session_scope_name(grant.session_id),
+                    name: crate::ledger::session_budget_scope(grant),
                     rule: format!("{}.budgets.session", policy.id),
                     cost_limit: cost,
                     ops_limit: ops,

@@ -13,8 +13,9 @@ use session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
 use session_paymaster::ledger::{
     Exhausted, GRACE_SECS, Landing, Ledger, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY,
     MAX_RECORDS_PER_NONCE, Outcome, Reservation, Resource, Scope, SessionCharge, Settled,
-    SpendExceeded, TokenCharge, session_scope_name,
+    SpendExceeded, TokenCharge, session_budget_scope, session_scope_name,
 };
+use session_paymaster::session::{SessionGrant, SessionStatus};
 use session_paymaster::signer::KeySource;
 use session_paymaster::userop::EntryPointVersion;
 use session_paymaster::userop::paymaster_data::{PaymasterData, ValidityWindow};
@@ -110,6 +111,25 @@ fn session_charge(id: B256, spend: Vec<TokenCharge>) -> Option<SessionCharge> {
         expires_at: NOW + 7200,
         spend,
     })
+}
+
+/// A grant of policy `p` for session `id`, valid until `valid_until`, its budget `shared` or
+/// of a key of its own.
+fn session_grant(id: B256, valid_until: u64, shared: bool) -> SessionGrant {
+    SessionGrant {
+        session_id: id,
+        account: Address::from_slice(&id[..20]),
+        session_key: Address::from_slice(&id[12..]),
+        chain_id: 1,
+        policy: "p".into(),
+        valid_after: NOW - 60,
+        valid_until,
+        status: SessionStatus::Active,
+        permissions: None,
+        budget: None,
+        created_at: NOW - 60,
+        shared_budget: shared,
+    }
 }
 
 /// `amount` of `token` against the session's first cap, `limit`.
@@ -2090,9 +2110,15 @@ async fn session_status_shows_budgets() -> TestResult {
         .result("pm_getSessionStatus", json!([session]))
         .await?;
     let budgets = status["budgets"].as_array().ok_or("budgets")?;
+    // (A session created on a Redis every replica of which reads shared budgets: its
+    // counter's name has its end day.)
     assert_eq!(
         budgets[0]["scope"],
-        json!(format!("session:{}", session.as_str().ok_or("id")?))
+        json!(format!(
+            "session:{}:{}",
+            (now + 3600) / 86_400,
+            session.as_str().ok_or("id")?
+        ))
     );
     assert_eq!(
         budgets[0]["ops"],
@@ -2110,6 +2136,97 @@ async fn session_status_shows_budgets() -> TestResult {
         json!({ "limit": K, "used": 1, "remaining": K - 1 })
     );
     assert_eq!(budgets[1]["resetsAt"], json!((now / 86_400 + 1) * 86_400));
+    Ok(())
+}
+
+/// A session's grant says where its budget is counted, for good: one created while Redis holds
+/// the library of a replica that would refuse a shared one (0.3.10's, say) keeps a key of its
+/// own, on every replica and after the upgrade ends; one created once no such library is
+/// loaded is counted in its end day's hash. Two replicas count each session in one place.
+#[tokio::test]
+async fn a_sessions_budget_stays_where_its_grant_put_it() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let mut c = conn.clone();
+    load_earlier_library(&mut c).await?;
+    let dir = budget_dir()?;
+    let policy = dir.0.join("budgeted.toml");
+    let text = std::fs::read_to_string(&policy)?
+        .replace("[budgets]\n", "[budgets]\nsession = { ops = 4 }\n");
+    std::fs::write(&policy, text)?;
+    let now = session_paymaster::clock::unix_now();
+    let create = async |app: &TestApp, account: Address| -> TestResult<Value> {
+        let resp = reqwest::Client::new()
+            .post(format!("{}/admin/sessions", app.url))
+            .header(
+                "authorization",
+                format!("Bearer {}", crate::helpers::ADMIN_TOKEN),
+            )
+            .json(&json!({
+                "account": account, "sessionKey": account, "chainId": 31337,
+                "policy": "budgeted", "validAfter": now - 5, "validUntil": now + 3600
+            }))
+            .send()
+            .await?;
+        assert_eq!(resp.status().as_u16(), 201);
+        Ok(resp.json::<Value>().await?["sessionId"].clone())
+    };
+    let budget = async |app: &TestApp, session: &Value| -> TestResult<(Value, Value)> {
+        let status = app.result("pm_getSessionStatus", json!([session])).await?;
+        Ok((
+            status["budgets"][0]["scope"].clone(),
+            status["budgets"][0]["ops"]["used"].clone(),
+        ))
+    };
+    let first = apps(1, Some(&redis), &dir).await?.remove(0);
+    let own = create(&first, Address::repeat_byte(0x11)).await?;
+    let own_id = own.as_str().ok_or("id")?;
+    delete_earlier_library(&mut c).await?;
+    let second = apps(1, Some(&redis), &dir).await?.remove(0);
+    let shared = create(&second, Address::repeat_byte(0x11)).await?;
+    let shared_id = shared.as_str().ok_or("id")?;
+    let day = (now + 3600) / 86_400;
+    let ep = EntryPointVersion::V0_7.canonical_address();
+    // Each session sponsored by the replica that did not create it.
+    for (app, session, nonce) in [(&second, &own, 1), (&first, &shared, 2)] {
+        app.result(
+            "pm_sponsorUserOperation",
+            json!([op_json(nonce), ep, { "sessionId": session }]),
+        )
+        .await?;
+    }
+    for app in [&first, &second] {
+        assert_eq!(
+            budget(app, &own).await?,
+            (json!(format!("session:{own_id}")), json!(1))
+        );
+        assert_eq!(
+            budget(app, &shared).await?,
+            (json!(format!("session:{day}:{shared_id}")), json!(1))
+        );
+    }
+    let exists = async |c: &mut session_paymaster::session::redis::RedisConn, key: String| {
+        redis::cmd("EXISTS").arg(key).query_async::<i64>(c).await
+    };
+    assert_eq!(
+        exists(&mut c, format!("sp:{{budgeted}}:budget:session:{own_id}")).await?,
+        1
+    );
+    assert_eq!(
+        exists(
+            &mut c,
+            format!("sp:{{budgeted}}:budget:session:{shared_id}")
+        )
+        .await?,
+        0
+    );
+    let field: Option<Vec<u8>> = redis::cmd("HGET")
+        .arg(format!("sp:{{budgeted}}:budget:sender:d{day}"))
+        .arg(&alloy::hex::decode(shared_id)?[..20])
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(field.map(|f| f.len()), Some(24), "its packed counter");
     Ok(())
 }
 
@@ -2441,6 +2558,98 @@ async fn sender_counters_share_their_windows_hash() -> TestResult {
     Ok(())
 }
 
+/// A session whose grant shares its budget (version 2) is counted in a field of one hash of
+/// its policy's sessions that end the same UTC day: no key per session, the hash living to the
+/// latest end it was given; reserved, refused, settled and released there, each session apart.
+/// A session of version 1 keeps its key.
+#[tokio::test]
+async fn shared_session_budgets_are_fields_of_their_end_days_hash() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let policies = vec!["p".to_owned()];
+    let day = (NOW + 7200) / 86_400;
+    // Two sessions ending that day, hours apart; a third of version 1.
+    let grant =
+        |id: u8, valid_until, shared| session_grant(B256::repeat_byte(id), valid_until, shared);
+    let (x, y, own) = (
+        grant(0x51, day * 86_400 + 60, true),
+        grant(0x52, day * 86_400 + 80_000, true),
+        grant(0x53, day * 86_400 + 60, false),
+    );
+    let budget = |g: &SessionGrant| Scope {
+        expires_at: g.valid_until + GRACE_SECS,
+        ..scope(&session_budget_scope(g), Some(250), None)
+    };
+    assert_eq!(
+        budget(&x).name,
+        format!("session:{day}:{}", x.session_id),
+        "the end day in its name"
+    );
+    assert_eq!(budget(&own).name, session_scope_name(own.session_id));
+    let under = |op: u8, g: &SessionGrant| Reservation {
+        session: session_charge(g.session_id, vec![]),
+        ..reservation(op, 100, vec![budget(g)])
+    };
+    for (op, g) in [(1, &x), (2, &y), (3, &x), (4, &own)] {
+        assert_eq!(
+            ledger.reserve(&under(op, g), false, NOW).await?,
+            Outcome::Reserved
+        );
+    }
+    let Outcome::Exhausted(e) = ledger.reserve(&under(5, &x), false, NOW).await? else {
+        return Err("x is over its budget".into());
+    };
+    assert_eq!((e.scope, e.used), (budget(&x).name, 200));
+    // One hash for the day: a field per session and `until`; no key per shared session.
+    let key = format!("sp:{{p}}:budget:sender:d{day}");
+    let mut fields: Vec<Vec<u8>> = redis::cmd("HKEYS").arg(&key).query_async(&mut c).await?;
+    fields.sort();
+    assert_eq!(
+        fields,
+        vec![vec![0x51; 20], vec![0x52; 20], b"until".to_vec()],
+        "{key}"
+    );
+    let exists = async |c: &mut session_paymaster::session::redis::RedisConn, key: String| {
+        redis::cmd("EXISTS").arg(key).query_async::<i64>(c).await
+    };
+    assert_eq!(
+        exists(&mut c, format!("sp:{{p}}:budget:session:{}", x.session_id)).await?,
+        0
+    );
+    assert_eq!(
+        exists(&mut c, format!("sp:{{p}}:budget:{}", budget(&x).name)).await?,
+        0
+    );
+    assert_eq!(
+        exists(
+            &mut c,
+            format!("sp:{{p}}:budget:session:{}", own.session_id)
+        )
+        .await?,
+        1,
+        "version 1 keeps its key"
+    );
+    // It lives to the later session's end (plus grace), whichever reserved first.
+    let ttl: i64 = redis::cmd("TTL").arg(&key).query_async(&mut c).await?;
+    let latest = i64::try_from(y.valid_until + GRACE_SECS - NOW)?;
+    assert!(ttl > latest - 60 && ttl <= latest, "{ttl} against {latest}");
+    // Settled and released in its field, the other session untouched.
+    assert_eq!(
+        ledger.settle(&policies, &landing(1, 30)).await?,
+        settled(1, 0, true)
+    );
+    let usage = async |g: &SessionGrant| ledger.usage("p", &budget(g).name).await;
+    assert_eq!(usage(&x).await?, (130, 2));
+    assert_eq!(usage(&y).await?, (100, 1));
+    assert_eq!(ledger.open("p", &budget(&x).name).await?, 100);
+    assert_eq!(ledger.release_expired(&policies, NOW + 601).await?, 3);
+    assert_eq!(usage(&x).await?, (30, 1), "released");
+    assert_eq!(usage(&y).await?, (0, 0), "released");
+    assert_eq!(usage(&own).await?, (0, 0), "released");
+    Ok(())
+}
+
 /// Before 0.3 a sender's counter was a hash of its own (`sp:{P}:budget:sender:0x…:<window>`,
 /// decimal fields). In a window begun before the first replica of 0.3 ran, a replica of an
 /// earlier version may have counted (or, during the upgrade, still count) the sender there:
@@ -2724,9 +2933,12 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
     enum Ops {
         OneSender,
         NewSenders,
-        // Sender 0's, under one session with a budget (the session load's shape).
+        // Sender 0's, under one session with a budget of its own key (a grant of version 1).
         UnderSession,
+        // The same, the session's budget shared (version 2: the session load's shape).
+        UnderSharedSession,
     }
+    let shared = session_budget_scope(&session_grant(session, NOW + 7200, true));
     // Ops `from..from + count`, by `ledger`.
     let reserve_many = async |ledger: &Ledger, from: u64, count: u64, ops: Ops| -> TestResult {
         for i in from..from + count {
@@ -2734,8 +2946,12 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
             if ops == Ops::NewSenders {
                 scopes[0].name = sender(i);
             }
-            if ops == Ops::UnderSession {
-                scopes.insert(0, scope(&session_scope_name(session), Some(1 << 50), None));
+            match ops {
+                Ops::UnderSession => {
+                    scopes.insert(0, scope(&session_scope_name(session), Some(1 << 50), None));
+                }
+                Ops::UnderSharedSession => scopes.insert(0, scope(&shared, Some(1 << 50), None)),
+                Ops::OneSender | Ops::NewSenders => {}
             }
             let r = Reservation {
                 policy: "dev-counter".into(),
@@ -2743,10 +2959,9 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
                 landing_key: alloy::primitives::keccak256((i ^ u64::MAX).to_be_bytes()),
                 user_op_hashes: vec![alloy::primitives::keccak256((i ^ 7).to_be_bytes())],
                 answer: answer(7, NOW + 600),
-                session: if ops == Ops::UnderSession {
-                    session_charge(session, vec![])
-                } else {
-                    None
+                session: match ops {
+                    Ops::UnderSession | Ops::UnderSharedSession => session_charge(session, vec![]),
+                    Ops::OneSender | Ops::NewSenders => None,
                 },
                 ..reservation(0, 123_456, scopes)
             };
@@ -2762,14 +2977,19 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
     let middle = used().await?;
     reserve_many(&ledger, n + 1, n, Ops::NewSenders).await?;
     let after = used().await?;
-    // Under a session, its records by id, then by key as 0.3.0 wrote them (the session's
-    // counter made first: what grows is per reservation). Half as many each, so that the
-    // keyspace's tables (doubling at 32,768 keys) double in neither.
-    let half = n / 2;
+    // Under a session, its records by id, with its budget shared and not, then by key as 0.3.0
+    // wrote them (the session's counter made first: what grows is per reservation). Half or a
+    // quarter as many each, so that the keyspace's tables (doubling at 32,768 keys) double in
+    // none.
+    let (half, quarter) = (n / 2, n / 4);
     reserve_many(&ledger, 2 * n + 1, 1, Ops::UnderSession).await?;
     let by_id_before = used().await?;
     reserve_many(&ledger, 2 * n + 2, half, Ops::UnderSession).await?;
     let by_id_after = used().await?;
+    reserve_many(&ledger, 2 * n + half + 2, 1, Ops::UnderSharedSession).await?;
+    let shared_before = used().await?;
+    reserve_many(&ledger, 2 * n + half + 3, quarter, Ops::UnderSharedSession).await?;
+    let shared_after = used().await?;
     let by_key = ledger_as_after_0_3_0(&redis).await?;
     let by_key_before = used().await?;
     reserve_many(&by_key, 3 * n, half, Ops::UnderSession).await?;
@@ -2778,9 +2998,10 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
     let (per, per_new) = (per_op(before, middle, n), per_op(middle, after, n));
     let per_session = per_op(by_id_before, by_id_after, half);
     let per_session_by_key = per_op(by_key_before, by_key_after, half);
+    let per_shared = per_op(shared_before, shared_after, quarter);
     eprintln!(
         "{per} bytes per reservation, {per_new} with a new sender each, {per_session} under a \
-         session ({per_session_by_key} with 0.3.0's records)"
+         session ({per_shared} with its budget shared, {per_session_by_key} with 0.3.0's records)"
     );
     assert!(
         per_session_by_key > per_session,
@@ -2794,6 +3015,10 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
     assert!(
         (1..=400).contains(&per_session),
         "{per_session} bytes per reservation under a session"
+    );
+    assert!(
+        (1..=400).contains(&per_shared),
+        "{per_shared} bytes per reservation under a session whose budget is shared"
     );
     Ok(())
 }
@@ -2864,6 +3089,20 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
         session: session_charge(B256::repeat_byte(0x6e), vec![]),
         ..reservation(11, 2, vec![])
     };
+    // A session whose budget is shared (its name in records a sender's form).
+    let shared = B256::repeat_byte(0x7e);
+    let shared_session = Reservation {
+        session: session_charge(shared, vec![]),
+        ..reservation(
+            13,
+            3,
+            vec![scope(
+                &session_budget_scope(&session_grant(shared, NOW + 7200, true)),
+                None,
+                None,
+            )],
+        )
+    };
     let script = format!(
         "{}\nlocal e = load_nonce(KEYS[1])[1]\nreturn entry(e[1], pack_record(e[2]))",
         include_str!("../../src/ledger/lib.lua")
@@ -2881,6 +3120,7 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
         (&ledger, 10, plain),
         (&ledger, 11, bare_session),
         (&by_key, 12, under_session_by_key),
+        (&ledger, 13, shared_session),
     ] {
         assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
         let key = [b"sp:{p}:n:".as_slice(), &B256::repeat_byte(op ^ 0x40)[..20]].concat();

@@ -538,6 +538,7 @@ fn grant(id: u8, account: Address, created_at: u64) -> SessionGrant {
         permissions: None,
         budget: None,
         created_at,
+        shared_budget: false,
     }
 }
 
