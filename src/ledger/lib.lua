@@ -359,37 +359,51 @@ local SCOPE_FORMAT = '>I8I8I8Bc0Bc0B'
 -- packed totals, its `until`).
 local S_COST_LIMIT, S_OPS_LIMIT, S_TTL, S_FIELD, S_NAME, S_LEGACY = 1, 2, 3, 4, 5, 6
 local S_KNOWN, S_NEW, S_OWN_COST, S_OWN_OPS, S_OWN_OPEN, S_NOTED = 7, 8, 9, 10, 11, 12
+-- Where the scope is the budget of a session that shares it (its counter a field of its end
+-- day's hash), the field of that hash that holds the session's status: its counter's field
+-- and `r` (ledger::redis::STATUS_SUFFIX); else false.
+local S_STATUS = 13
+local STATUS_SUFFIX = 'r'
 
 -- The scopes of one reserve.lua operation (`keys` and `args` as reserve.lua describes them),
 -- each a list of the slots above.
+-- An operation's scopes, and the place among them of the one whose hash holds its session's
+-- status (nil: the session's state key holds it, or there is no session). A scope's last
+-- argument byte: 1 for a sender an earlier version may have counted in a key of its own, 2
+-- for the budget of the operation's session where its hash holds the session's status.
 local function parse_scopes(keys, args)
-  local scopes, at = {}, 1
+  local scopes, at, status_at = {}, 1, nil
   for i = 5, #keys do
-    local cost_limit, ops_limit, ttl, field, name, legacy
-    cost_limit, ops_limit, ttl, field, name, legacy, at = struct.unpack(SCOPE_FORMAT, args[3], at)
-    if legacy == 1 then
+    local cost_limit, ops_limit, ttl, field, name, kind
+    cost_limit, ops_limit, ttl, field, name, kind, at = struct.unpack(SCOPE_FORMAT, args[3], at)
+    local legacy, status = false, false
+    if kind == 1 then
       -- (`s:0x…` in records: the key was `sender:0x…`.)
       legacy = policy_prefix(keys[1]) .. 'budget:sender' .. string.sub(name, #'s' + 1)
-    else
-      legacy = false
+    elseif kind == 2 and not status_at and field ~= COUNTER then
+      status, status_at = field .. STATUS_SUFFIX, i - 4
+    elseif kind ~= 0 then
+      error('reserve.lua: scope ' .. (i - 4) .. ' of kind ' .. kind)
     end
     -- Every slot the steps of reserve.lua set, given here: a list made at its size once,
     -- cheaper than a table of named fields (`python3 benches/reserve_lua.py parts`: three of
     -- twelve named fields 1.3 µs, three lists of twelve 0.8 µs, over an empty script).
-    scopes[i - 4] = {cost_limit, ops_limit, ttl, field, name, legacy, false, false, 0, 0, 0, 0}
+    scopes[i - 4] = {cost_limit, ops_limit, ttl, field, name, legacy, false, false, 0, 0, 0, 0,
+      status}
   end
   if at ~= #args[3] + 1 then
     error('reserve.lua: ' .. #args[3] .. ' bytes of scope arguments for ' .. (#keys - 4)
       .. ' scopes')
   end
-  return scopes
+  return scopes, status_at
 end
 
 -- The senders' fields of a window's hash that several operations of one reserve.lua call
 -- (`ops`: each with its `keys` and `scopes`) read, with its `until`, in one HMGET, into the call's
 -- `counters` (reserve.lua's `shared.counters`: a field read and missing is false, one not
--- read nil). A hash that cannot be read (a key of another type) is left out: the operations
--- that need it read it themselves, and fail alone.
+-- read nil); a session's status field where its budget's hash holds it (S_STATUS) with them.
+-- A hash that cannot be read (a key of another type) is left out: the operations that need it
+-- read it themselves, and fail alone.
 local function prefetch_senders(ops, counters)
   local fields, order = {}, {}
   for _, op in ipairs(ops) do
@@ -403,6 +417,9 @@ local function prefetch_senders(ops, counters)
           order[#order + 1] = key
         end
         f[#f + 1] = s[S_FIELD]
+        if s[S_STATUS] then
+          f[#f + 1] = s[S_STATUS]
+        end
       end
     end
   end

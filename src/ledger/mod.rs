@@ -371,11 +371,14 @@ impl Ledger {
     }
 
     /// Mark a session revoked where reservations see it: every reservation after this returns
-    /// [`Outcome::SessionRevoked`]. `expires_at`: the session's end plus grace.
+    /// [`Outcome::SessionRevoked`]. `budget`: the name of its budget's scope
+    /// ([`session_budget_scope`]; a shared one's hash holds the status too); `expires_at`: the
+    /// session's end plus grace.
     pub async fn revoke_session(
         &self,
         policy: &str,
         session: B256,
+        budget: &str,
         expires_at: u64,
         now: u64,
     ) -> Result<(), StoreError> {
@@ -384,7 +387,10 @@ impl Ledger {
                 m.revoke_session(policy, session, expires_at);
                 Ok(())
             }
-            Self::Redis(l) => l.revoke_session(policy, session, expires_at, now).await,
+            Self::Redis(l) => {
+                l.revoke_session(policy, session, budget, expires_at, now)
+                    .await
+            }
         }
     }
 

@@ -292,6 +292,17 @@ fn shared_session_scope(name: &str) -> Option<(&str, &str)> {
     (!day.is_empty() && digits(day) && id.len() == 64 && hex(id)).then(|| (day, &id[..40]))
 }
 
+/// Whether `name` is the shared budget of `session`, whose hash then holds the session's status
+/// too: field [`STATUS_SUFFIX`] after the counter's (read by `reserve.lua`, written by
+/// `revoke_session.lua`).
+fn holds_status(name: &str, session: B256) -> bool {
+    shared_session_scope(name).is_some() && name.ends_with(&format!(":{session}"))
+}
+
+/// What follows a shared session budget's field, in its end day's hash, to name the field of
+/// the session's status (`STATUS_SUFFIX` in `lib.lua`).
+const STATUS_SUFFIX: &[u8] = b"r";
+
 fn counter_slot<'a>(policy: &str, name: &'a str) -> CounterSlot<'a> {
     // A shared session budget is counted as a sender of a window is: a field of 20 bytes (the
     // id's first 20: ids of one policy sharing those share a counter, which counts over, never
@@ -1123,8 +1134,9 @@ impl RedisLedger {
             .collect();
         // An operation's args[3] (see reserve.lua), per scope: cost limit (Scope::cost_cap;
         // u64::MAX: none), ops limit (u64::MAX: none), TTL, the counter's field and the scope's
-        // name in records (u8-length-prefixed), and 1 if the key an earlier version kept a
-        // sender's counter in is to be read too.
+        // name in records (u8-length-prefixed), and its kind: 1 if the key an earlier version
+        // kept a sender's counter in is to be read too, 2 for the budget of the operation's
+        // session where its hash holds the session's status (a shared one), else 0.
         let mut scopes = Vec::with_capacity(r.scopes.len() * 96);
         for (s, slot) in r.scopes.iter().zip(&slots) {
             // A window begun since the first replica of 0.3 ran has no sender counted the old
@@ -1132,6 +1144,10 @@ impl RedisLedger {
             let legacy = slot.sender
                 && self.legacy_before > 0
                 && s.starts_at.is_none_or(|start| start < self.legacy_before);
+            let status = r
+                .session
+                .as_ref()
+                .is_some_and(|session| holds_status(&s.name, session.id));
             for n in [
                 s.cost_cap().unwrap_or(u64::MAX),
                 s.ops_limit.unwrap_or(u64::MAX),
@@ -1141,7 +1157,11 @@ impl RedisLedger {
             }
             short(&mut scopes, &slot.field)?;
             short(&mut scopes, slot.record.as_bytes())?;
-            scopes.push(u8::from(legacy));
+            scopes.push(match (legacy, status) {
+                (true, _) => 1,
+                (false, true) => 2,
+                (false, false) => 0,
+            });
         }
         // Its args[2]: the new record's whole entry in the nonce's key (its id, signature and
         // hashes, which reserve.lua reads from it).
@@ -1369,6 +1389,7 @@ impl RedisLedger {
         &self,
         policy: &str,
         session: B256,
+        budget: &str,
         expires_at: u64,
         now: u64,
     ) -> Result<(), StoreError> {
@@ -1378,12 +1399,16 @@ impl RedisLedger {
         };
         let key = session_key(policy, session);
         let ttl = i64::try_from(ttl_secs(expires_at, now)).unwrap_or(i64::MAX);
-        let _: i64 = revoke_session_script()
-            .key(&key)
-            .arg(ttl)
-            .invoke_async(&mut conn)
-            .await
-            .map_err(unavailable)?;
+        let mut script = revoke_session_script().key(&key);
+        script.arg(ttl);
+        // A shared budget's hash holds the status too: reservations read it there.
+        if holds_status(budget, session) {
+            let slot = counter_slot(policy, budget);
+            script
+                .key(&slot.key)
+                .arg([&*slot.field, STATUS_SUFFIX].concat());
+        }
+        let _: i64 = script.invoke_async(&mut conn).await.map_err(unavailable)?;
         if let Some((wait, _)) = self.wait {
             replicated(&mut conn, wait, Written::Revoked(&key)).await?;
         }

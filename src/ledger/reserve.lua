@@ -13,7 +13,8 @@
 -- keys[2]   the policy's expiry index: a sorted set of expiry buckets (10 s of validUntil each)
 -- keys[3]   the expiry bucket of this signature's validUntil: a string of 20-byte nonce ids
 -- keys[4]   the session's state (hash: `status`, `spent:<token>` decimal totals), or, without
---           a session, keys[1] again (unused)
+--           a session, keys[1] again (unused); where the session's budget is shared its
+--           status is also a field of that budget's hash (args[3]), which is read instead
 -- keys[5..] per budget scope, the hash its counter is a field of (counter_of in lib.lua: a
 --           sender's window's hash, shared by its senders, or the scope's own): the packed
 --           totals (COUNTER in lib.lua: cost, gwei: open reservations at their worst case
@@ -51,11 +52,15 @@
 --           none; a counter never reaches it), and the counter's TTL (s); two u8-length-
 --           prefixed strings: the counter's field and the scope's name in records (counter_of
 --           in lib.lua); and a u8, 1 for a sender whose counter a version before 0.3 may have
---           kept in a key of its own (`sp:{P}:budget:sender:0x…`: read and summed), else 0
+--           kept in a key of its own (`sp:{P}:budget:sender:0x…`: read and summed), 2 for the
+--           budget of the operation's session where its hash also holds the session's status
+--           (a session whose budget is shared: the field's 20 bytes and `r`, S_STATUS in
+--           lib.lua), else 0
 -- args[4..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
 -- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
--- HGET of its status), per scope HMGET (none for a counter an operation before it in the call
+-- HGET of its status, or, where its budget is shared, nothing more: its status is read with
+-- its counter), per scope HMGET (none for a counter an operation before it in the call
 -- read; the senders of a window's hash that several operations of the call read are read in
 -- one HMGET before the first runs, prefetch_senders in lib.lua) and HSET of one field (and
 -- EXPIRE when the counter's hash is new or is to live longer: a new sender makes a field, not
@@ -95,7 +100,7 @@ end})
 -- Each write updates it as soon as Redis has it, so it is what Redis holds. What an earlier
 -- version kept in a sender's own key is read afresh by each operation (only a sender so
 -- flagged reads it).
-local function reserve(keys, args, scopes, shared)
+local function reserve(keys, args, scopes, status_at, shared)
   local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
     session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
     struct.unpack(RESERVE_NUMBERS, args[1])
@@ -136,7 +141,22 @@ local function reserve(keys, args, scopes, shared)
   end
   -- A revoked session gets nothing, not even the answer an operation of it was given before
   -- (replicas serve grants from copies that may not show the revocation yet: this is the check).
-  if session and redis.call('HGET', keys[4], 'status') == 'revoked' then
+  -- Its status is in its state key, or, where its budget is shared (`status_at`), a field of
+  -- its budget's hash, read with its counter and `until` (unless prefetch_senders did).
+  if status_at then
+    local s, key = scopes[status_at], keys[status_at + 4]
+    local known = shared.counters[key]
+    if not known or known[s[S_STATUS]] == nil then
+      local got = redis.call('HMGET', key, 'until', s[S_FIELD], s[S_STATUS])
+      known = known or {}
+      known['until'] = got[1] and tonumber(got[1])
+      known[s[S_FIELD]], known[s[S_STATUS]] = got[2] or false, got[3] or false
+      shared.counters[key] = known
+    end
+    if known[s[S_STATUS]] == 'revoked' then
+      return {3}
+    end
+  elseif session and redis.call('HGET', keys[4], 'status') == 'revoked' then
     return {3}
   end
   if rec and (rec.state == SETTLED or (rec.state == OPEN and (rec.valid_until >= refresh
@@ -404,9 +424,10 @@ for at = 1, #frame - 1, 2 do
   local keys = {unpack(KEYS, next_key, next_key + key_count - 1)}
   local args = {unpack(ARGV, next_arg, next_arg + arg_count - 1)}
   next_key, next_arg = next_key + key_count, next_arg + arg_count
-  local ok, got = pcall(parse_scopes, keys, args)
+  local ok, got, status_at = pcall(parse_scopes, keys, args)
   if ok then
-    ops[#ops + 1] = {keys = keys, args = args, scopes = got, reply = #replies + 1}
+    ops[#ops + 1] = {keys = keys, args = args, scopes = got, status_at = status_at,
+      reply = #replies + 1}
     replies[#replies + 1] = false
   else
     replies[#replies + 1] = failed(got)
@@ -424,7 +445,7 @@ end
 local shared = {now = nil, counters = {}}
 prefetch_senders(ops, shared.counters)
 for _, op in ipairs(ops) do
-  local ok, reply = pcall(reserve, op.keys, op.args, op.scopes, shared)
+  local ok, reply = pcall(reserve, op.keys, op.args, op.scopes, op.status_at, shared)
   replies[op.reply] = ok and reply or failed(reply)
 end
 return replies

@@ -475,6 +475,7 @@ impl Sponsor {
             .revoke_session(
                 &grant.policy,
                 id,
+                &crate::ledger::session_budget_scope(&grant),
                 grant.valid_until.saturating_add(GRACE_SECS),
                 now,
             )

@@ -928,10 +928,17 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
 /// the revocation, and every request under a grant runs it, signed ones, stubs and explanations
 /// alike, before it hands back even an answer given earlier. A guard written with the copies
 /// (before them, each request read the grant from Redis): without the ledger's check it fails.
+/// With and without a session budget: where the session's budget is shared (its grant of
+/// version 2), the ledger reads its status in that budget's hash, else in its state key.
 #[tokio::test]
 async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestResult {
+    copy_of_a_grant_revoked_elsewhere_signs_nothing("").await?;
+    copy_of_a_grant_revoked_elsewhere_signs_nothing("[budgets]\nsession = { ops = 100 }").await
+}
+
+async fn copy_of_a_grant_revoked_elsewhere_signs_nothing(extra: &str) -> TestResult {
     let redis = TestRedis::start().await?;
-    let policies = [token_policy("tokens", "")];
+    let policies = [token_policy("tokens", extra)];
     let (a, _dir_a) = app_with(&redis, &policies).await?;
     let (b, _dir_b) = app_with(&redis, &policies).await?;
     let account = Address::repeat_byte(0xa7);

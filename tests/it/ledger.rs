@@ -383,7 +383,8 @@ async fn ledger_contract(ledger: Ledger) -> TestResult {
     a_ground_hash_prefix_charges_every_operation_that_carries_it(&ledger).await?;
     an_answer_past_max_hashes_is_a_new_reservation(&ledger).await?;
     an_event_read_again_settles_nothing_new(&ledger).await?;
-    sessions_in_the_atomic_step(&ledger).await
+    sessions_in_the_atomic_step(&ledger).await?;
+    a_shared_budgets_session_is_revoked_in_the_atomic_step(&ledger).await
 }
 
 /// An event read again (after a rewind, or by two watchers over one range) found its settled
@@ -1124,6 +1125,63 @@ async fn expiring_answers_are_replaced(ledger: &Ledger) -> TestResult {
     Ok(())
 }
 
+/// A session whose budget is shared (its status in its budget's hash, in Redis): revoked, it
+/// is refused from the next reservation on, a repeat and a check too, whether the operation
+/// is charged to its budget or not (a policy without a session budget has no such scope).
+/// Another session of the same day's hash is not.
+async fn a_shared_budgets_session_is_revoked_in_the_atomic_step(ledger: &Ledger) -> TestResult {
+    let (id, other) = (B256::repeat_byte(0x5f), B256::repeat_byte(0x60));
+    let budget = |id: B256| {
+        let g = session_grant(id, NOW + 7200, true);
+        Scope {
+            expires_at: NOW + 7200 + GRACE_SECS,
+            ..scope(&session_budget_scope(&g), Some(1000), None)
+        }
+    };
+    let under = |op: u8, id: B256, scopes: Vec<Scope>| Reservation {
+        policy: "t".into(),
+        session: session_charge(id, vec![]),
+        ..reservation(op, 10, scopes)
+    };
+    let charged = under(50, id, vec![budget(id)]);
+    assert_eq!(
+        ledger.reserve(&charged, false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert_eq!(
+        ledger
+            .reserve(&under(51, other, vec![budget(other)]), false, NOW)
+            .await?,
+        Outcome::Reserved
+    );
+    ledger
+        .revoke_session("t", id, &budget(id).name, NOW + 7200, NOW)
+        .await?;
+    for (r, check_only) in [
+        (under(52, id, vec![budget(id)]), false),
+        (under(52, id, vec![budget(id)]), true),
+        (charged, false),
+        (under(53, id, vec![]), false),
+    ] {
+        assert_eq!(
+            ledger.reserve(&r, check_only, NOW).await?,
+            Outcome::SessionRevoked,
+            "op {} {check_only}",
+            r.op_key[0]
+        );
+    }
+    assert_eq!(
+        ledger
+            .reserve(&under(54, other, vec![budget(other)]), false, NOW)
+            .await?,
+        Outcome::Reserved,
+        "another session of that day"
+    );
+    assert_eq!(ledger.usage("t", &budget(id).name).await?, (10, 1));
+    assert_eq!(ledger.usage("t", &budget(other).name).await?, (20, 2));
+    Ok(())
+}
+
 /// Under a session: revocation is seen by the reservation itself, and token spending is
 /// cumulative (uint256, beyond any integer Redis or Lua has), checked and recorded in the same
 /// step, given back when the reservation is released, kept when it is settled.
@@ -1218,7 +1276,9 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
     let open = under(45, U256::ZERO);
     assert_eq!(ledger.reserve(&open, false, NOW).await?, Outcome::Reserved);
     // Revoked: the very next reservation under it is refused, even one that fits.
-    ledger.revoke_session("s", id, NOW + 7200, NOW).await?;
+    ledger
+        .revoke_session("s", id, &session_scope_name(id), NOW + 7200, NOW)
+        .await?;
     assert_eq!(
         ledger.reserve(&under(44, U256::ZERO), false, NOW).await?,
         Outcome::SessionRevoked
@@ -1234,7 +1294,9 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
         Outcome::SessionRevoked
     );
     // Revoking again with an end past what Redis takes as a TTL: idempotent, no error.
-    ledger.revoke_session("s", id, u64::MAX, NOW).await?;
+    ledger
+        .revoke_session("s", id, &session_scope_name(id), u64::MAX, NOW)
+        .await?;
     assert_eq!(
         ledger.reserve(&under(44, U256::ZERO), true, NOW).await?,
         Outcome::SessionRevoked,
@@ -2650,6 +2712,90 @@ async fn shared_session_budgets_are_fields_of_their_end_days_hash() -> TestResul
     Ok(())
 }
 
+/// A revocation of a session whose budget is shared, in Redis: its status is a field of the day's
+/// hash (beside its state key's), which lives at least to the session's end plus grace, even
+/// when the revocation made it and a session ending sooner reserves in it next; the operations
+/// of one call read the statuses with the counters (`prefetch_senders`), each refused or
+/// reserved as alone.
+#[tokio::test]
+async fn a_shared_budgets_revocation_is_read_with_its_counter() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let mut c = conn.clone();
+    let day = (NOW + 7200) / 86_400;
+    let (late, early) = (day * 86_400 + 80_000, day * 86_400 + 60);
+    let budget = |id: u8, end: u64| Scope {
+        expires_at: end + GRACE_SECS,
+        ..scope(
+            &session_budget_scope(&session_grant(B256::repeat_byte(id), end, true)),
+            Some(1000),
+            None,
+        )
+    };
+    // Revoked before any reservation: the revocation makes the hash.
+    ledger
+        .revoke_session(
+            "p",
+            B256::repeat_byte(0x71),
+            &budget(0x71, late).name,
+            late + GRACE_SECS,
+            NOW,
+        )
+        .await?;
+    let key = format!("sp:{{p}}:budget:sender:d{day}");
+    let status: Option<String> = redis::cmd("HGET")
+        .arg(&key)
+        .arg([[0x71; 20].as_slice(), b"r"].concat())
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(status.as_deref(), Some("revoked"));
+    let state: Option<String> = redis::cmd("HGET")
+        .arg(format!("sp:{{p}}:session:{}", B256::repeat_byte(0x71)))
+        .arg("status")
+        .query_async(&mut c)
+        .await?;
+    assert_eq!(state.as_deref(), Some("revoked"), "its state key too");
+    let ttl = async |c: &mut session_paymaster::session::redis::RedisConn| -> TestResult<i64> {
+        Ok(redis::cmd("TTL").arg(&key).query_async(c).await?)
+    };
+    let lives = i64::try_from(late + GRACE_SECS - NOW)?;
+    assert!((lives - 60..=lives).contains(&ttl(&mut c).await?));
+    // A session ending sooner reserves in it: the hash keeps its life.
+    let under = |op: u8, id: u8, end: u64| Reservation {
+        session: session_charge(B256::repeat_byte(id), vec![]),
+        ..reservation(op, 10, vec![budget(id, end)])
+    };
+    assert_eq!(
+        ledger.reserve(&under(1, 0x72, early), false, NOW).await?,
+        Outcome::Reserved
+    );
+    assert!((lives - 60..=lives).contains(&ttl(&mut c).await?));
+    // Together in calls: the revoked session's operations refused, the others' reserved.
+    let ledger = std::sync::Arc::new(ledger);
+    let calls = (0..24u8)
+        .map(|i| {
+            let id = [0x71, 0x72, 0x73][usize::from(i % 3)];
+            (
+                under(10 + i, id, if id == 0x73 { late } else { early }),
+                false,
+            )
+        })
+        .collect();
+    let outcomes = reserve_at_once(&ledger, calls).await?;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        let want = if i % 3 == 0 {
+            Outcome::SessionRevoked
+        } else {
+            Outcome::Reserved
+        };
+        assert_eq!(outcome?, want, "op {i}");
+    }
+    assert_eq!(ledger.usage("p", &budget(0x72, early).name).await?, (90, 9));
+    assert_eq!(ledger.usage("p", &budget(0x73, late).name).await?, (80, 8));
+    assert_eq!(ledger.usage("p", &budget(0x71, late).name).await?, (0, 0));
+    Ok(())
+}
+
 /// Before 0.3 a sender's counter was a hash of its own (`sp:{P}:budget:sender:0x…:<window>`,
 /// decimal fields). In a window begun before the first replica of 0.3 ran, a replica of an
 /// earlier version may have counted (or, during the upgrade, still count) the sender there:
@@ -3823,7 +3969,9 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         .reserve(&reservation(3, 10, scopes()), false, NOW)
         .await;
     let session = B256::repeat_byte(0x5e);
-    let revoked = hasty.revoke_session("p", session, NOW + 7200, NOW).await;
+    let revoked = hasty
+        .revoke_session("p", session, &session_scope_name(session), NOW + 7200, NOW)
+        .await;
     replica.resume()?;
     assert!(
         matches!(&stalled, Err(StoreError::Unavailable(m)) if m.contains("0 of the 1 Redis replicas")),
@@ -3851,7 +3999,7 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         Outcome::Existing(answer(2, NOW + 600))
     );
     patient
-        .revoke_session("p", session, NOW + 7200, NOW)
+        .revoke_session("p", session, &session_scope_name(session), NOW + 7200, NOW)
         .await?;
     let status: Option<String> = redis::cmd("HGET")
         .arg(format!("sp:{{p}}:session:{session}"))
