@@ -9,11 +9,11 @@
 //! |---|---|---|
 //! | `sp:{<policy>}:budget:<scope>` | hash | a scope's counter, field `c`: cost (gwei), ops and open (gwei), packed as three big-endian i64 (plus the decimal `cost`, `ops` and `open` of versions before 0.3, see `COUNTER` in `lib.lua`), and `until` (when Redis last made it expire, unix seconds by its own clock; see `reserve.lua`) |
 //! | `sp:{<policy>}:budget:sender[:c<chain>][:<window>]` | hash | every sender's counter of a window: field the sender's 20 bytes, packed as `c` above; and `until` (see `counter_slot`; before 0.3, a hash per sender, `…:budget:sender:0x<sender>…`) |
-//! | `sp:{<policy>}:budget:sender:d<day>` | hash | the counters of the policy's sessions that end UTC day `<day>` and whose grant shares its budget's (version 2, since 0.3.11): field the session id's first 20 bytes, packed as `c` above; and `until` (named as a sender's window is, so every library closes them; see `counter_slot`). A session of version 1 keeps `…:budget:session:0x<id>` |
+//! | `sp:{<policy>}:budget:sender:d<day>` | hash | the counters of the policy's sessions that end UTC day `<day>` and whose grant shares its budget's (version 2, since 0.3.11): field the first 20 bytes of the session id's keccak-256, packed as `c` above, and beside it that field and `r`: `revoked` once the session is; and `until` (named as a sender's window is, so every library closes them; see `counter_slot`). A session of version 1 keeps `…:budget:session:0x<id>` |
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
-//! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations) and `spent:<token>` totals |
+//! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations, where its budget is not shared) and `spent:<token>` totals |
 //! | `sp:ledger:session-records-by-id` | string | set once no 0.3.0 replica may run: records under a session name it by id ([`SESSION_RECORDS_BY_ID_KEY`]) |
 //! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock; 0 on a Redis no earlier version ran on): windows begun before it may have senders counted the old way ([`LAYOUT_SINCE_KEY`]) |
 //!
@@ -284,19 +284,19 @@ fn sender_scope(name: &str) -> Option<(Vec<u8>, &str)> {
 }
 
 /// A shared session budget's name (`session:<end day>:0x<64 hex>`,
-/// [`super::session_budget_scope`]): its day's digits and the id's first 40 hex digits.
-fn shared_session_scope(name: &str) -> Option<(&str, &str)> {
+/// [`super::session_budget_scope`]): its day's digits and the session's id.
+fn shared_session_scope(name: &str) -> Option<(&str, B256)> {
     let (day, id) = name.strip_prefix("session:")?.split_once(":0x")?;
-    let digits = |s: &str| s.bytes().all(|b| b.is_ascii_digit());
-    let hex = |s: &str| s.bytes().all(|b| b.is_ascii_hexdigit());
-    (!day.is_empty() && digits(day) && id.len() == 64 && hex(id)).then(|| (day, &id[..40]))
+    let digits = !day.is_empty() && day.bytes().all(|b| b.is_ascii_digit());
+    let hex = id.len() == 64 && id.bytes().all(|b| b.is_ascii_hexdigit());
+    Some((day, id.parse().ok()?)).filter(|_| digits && hex)
 }
 
 /// Whether `name` is the shared budget of `session`, whose hash then holds the session's status
 /// too: field [`STATUS_SUFFIX`] after the counter's (read by `reserve.lua`, written by
 /// `revoke_session.lua`).
 fn holds_status(name: &str, session: B256) -> bool {
-    shared_session_scope(name).is_some() && name.ends_with(&format!(":{session}"))
+    shared_session_scope(name).is_some_and(|(_, id)| id == session)
 }
 
 /// What follows a shared session budget's field, in its end day's hash, to name the field of
@@ -304,20 +304,24 @@ fn holds_status(name: &str, session: B256) -> bool {
 const STATUS_SUFFIX: &[u8] = b"r";
 
 fn counter_slot<'a>(policy: &str, name: &'a str) -> CounterSlot<'a> {
-    // A shared session budget is counted as a sender of a window is: a field of 20 bytes (the
-    // id's first 20: ids of one policy sharing those share a counter, which counts over, never
-    // under), in one hash of the policy's sessions that end that day,
-    // `sp:{P}:budget:sender:d<day>` (a sender's window is `:c<chain>` and `:<number>`, never
-    // `:d`). Its record name has the sender's form, `s:0x<40 hex>:d<day>`, which `counter_of`
-    // has read since 0.3, so the library of every version since closes it where it was
-    // counted. (Short: a record is stored per reservation; `:session:<day>` took a reservation
-    // under a session from 384 to 448 bytes of Redis.)
+    // A shared session budget is counted as a sender of a window is: a field of 20 bytes, in
+    // one hash of the policy's sessions that end that day, `sp:{P}:budget:sender:d<day>` (a
+    // sender's window is `:c<chain>` and `:<number>`, never `:d`). The field is the first 20
+    // bytes of the id's keccak-256, not of the id: a tenant may name its sessions' ids, and
+    // one that shares a policy with another and knew one of its ids could otherwise make a
+    // session of its own that drains that one's budget, or revokes it. Its record name has the
+    // sender's form, `s:0x<40 hex>:d<day>`, which `counter_of` has read since 0.3, so the
+    // library of every version since closes it where it was counted. (Short: a record is
+    // stored per reservation; `:session:<day>` took a reservation under a session from 384 to
+    // 448 bytes of Redis.)
     if let Some((day, id)) = shared_session_scope(name) {
+        let field = alloy::primitives::keccak256(id)[..20].to_vec();
+        let record = format!("s:0x{}:d{day}", alloy::hex::encode(&field));
         return CounterSlot {
             key: format!("sp:{{{policy}}}:budget:sender:d{day}"),
-            field: alloy::hex::decode(id).unwrap_or_default().into(),
+            field: field.into(),
             sender: false,
-            record: format!("s:0x{}:d{day}", id.to_ascii_lowercase()).into(),
+            record: record.into(),
         };
     }
     match sender_scope(name) {
@@ -1842,11 +1846,12 @@ mod tests {
                 (key, field, true, record)
             );
         }
-        // A shared session budget: a 20-byte field of its end day's hash, named in records as
-        // a sender of that hash would be (no earlier key of its own is read).
+        // A shared session budget: a 20-byte field of its end day's hash, the id's keccak's,
+        // named in records as a sender of that hash would be (no earlier key of its own read).
         let id = format!("{a}{}", "2".repeat(24));
         let session = format!("session:20791:0x{id}");
         let slot = counter_slot("p", &session);
+        let hashed = alloy::primitives::keccak256(alloy::hex::decode(&id).expect("hex"));
         assert_eq!(
             (
                 slot.key.as_str(),
@@ -1856,9 +1861,9 @@ mod tests {
             ),
             (
                 "sp:{p}:budget:sender:d20791",
-                vec![0x11; 20],
+                hashed[..20].to_vec(),
                 false,
-                format!("s:0x{a}:d20791")
+                format!("s:0x{}:d20791", alloy::hex::encode(&hashed[..20]))
             )
         );
         // Not a sender's: 41 or 39 digits, no `0x`, another scope (a session's of a key of its
