@@ -328,8 +328,10 @@ impl AppState {
 
     /// Read again, every `every`, what the ledger's Redis allows: whether a replica of 0.3.0
     /// may run on it (records under sessions are then written by key:
-    /// `RedisLedger::refresh_record_kind`), and whether it would evict keys when full
-    /// (reservations are then refused: `RedisLedger::refresh_eviction`).
+    /// `RedisLedger::refresh_record_kind`), whether one of an earlier version than 0.3.11 may
+    /// (new session grants then keep a budget key of their own, the same call), and whether it
+    /// would evict keys when full (reservations are then refused:
+    /// `RedisLedger::refresh_eviction`).
     pub fn spawn_ledger_watcher(self: &Arc<Self>, every: Duration) -> tokio::task::JoinHandle<()> {
         self.spawn_every(every, |state| async move {
             let ledger = state.sponsor.ledger();

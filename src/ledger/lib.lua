@@ -89,7 +89,9 @@ end
 --   n u8 + n scope names (u8 length + bytes; the budget key is `sp:{P}:budget:<name>`),
 --   session u8: NO_SESSION (0), or under a session SESSION_BY_ID (2): the session's 32-byte
 --   id, its state key being `sp:{P}:session:0x<id>` of the nonce key's policy, and a scope name
---   of the one byte SESSION_SCOPE standing for `session:0x<id>` (its budget); or
+--   of the one byte SESSION_SCOPE standing for `session:0x<id>` (its budget, where its grant
+--   keeps it in a key of its own: a budget shared in its end day's hash is named in full,
+--   `s:0x<20 bytes>:d<day>`, see counter_of); or
 --   SESSION_BY_KEY (1, as 0.3.0 wrote every record, and 0.3.1 does until the operator says
 --   no 0.3.0 replica runs, and while a library of 0.3.0's ledger is loaded, see
 --   ledger::redis::SESSION_RECORDS_BY_ID_KEY): its state key (u8 length + bytes), scope names
@@ -100,9 +102,9 @@ end
 local OPEN, SETTLED, RELEASED = 0, 1, 2
 
 -- A record's session byte. By id, the record is 56 bytes and the policy's name shorter than
--- by key: a reservation under a session takes 352 bytes of Redis, 439 by key (`cargo test
--- --test it ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender --
--- --nocapture`).
+-- by key: a reservation under a session takes 352 bytes of Redis, 439 by key, 384 by id with
+-- the session's budget shared (its name in full) (`cargo test --test it
+-- ledger::a_reservation_takes_at_most_400_bytes_550_with_a_new_sender -- --nocapture`).
 local NO_SESSION, SESSION_BY_KEY, SESSION_BY_ID = 0, 1, 2
 -- The line below tells a replica that this library reads records by id (it writes them only
 -- while every ledger library loaded does: ledger::redis::RECORDS_BY_ID_MARK). Keep it as is.
@@ -366,11 +368,11 @@ local S_STATUS = 13
 local STATUS_SUFFIX = 'r'
 
 -- The scopes of one reserve.lua operation (`keys` and `args` as reserve.lua describes them),
--- each a list of the slots above.
--- An operation's scopes, and the place among them of the one whose hash holds its session's
--- status (nil: the session's state key holds it, or there is no session). A scope's last
--- argument byte: 1 for a sender an earlier version may have counted in a key of its own, 2
--- for the budget of the operation's session where its hash holds the session's status.
+-- each a list of the slots above, and the place among them of the one whose hash holds the
+-- operation's session's status (nil: its state key holds it, or there is no session). A
+-- scope's last argument byte: 1 for a sender an earlier version may have counted in a key of
+-- its own, 2 for the budget of the operation's session where its hash holds the session's
+-- status (a shared one), else 0; another is an error (the operation fails alone).
 local function parse_scopes(keys, args)
   local scopes, at, status_at = {}, 1, nil
   for i = 5, #keys do
@@ -387,7 +389,8 @@ local function parse_scopes(keys, args)
     end
     -- Every slot the steps of reserve.lua set, given here: a list made at its size once,
     -- cheaper than a table of named fields (`python3 benches/reserve_lua.py parts`: three of
-    -- twelve named fields 1.3 µs, three lists of twelve 0.8 µs, over an empty script).
+    -- twelve named fields 1.3 µs, three lists of twelve 0.8 µs, over an empty script; thirteen
+    -- slots since the status's).
     scopes[i - 4] = {cost_limit, ops_limit, ttl, field, name, legacy, false, false, 0, 0, 0, 0,
       status}
   end
@@ -401,7 +404,8 @@ end
 -- The senders' fields of a window's hash that several operations of one reserve.lua call
 -- (`ops`: each with its `keys` and `scopes`) read, with its `until`, in one HMGET, into the call's
 -- `counters` (reserve.lua's `shared.counters`: a field read and missing is false, one not
--- read nil); a session's status field where its budget's hash holds it (S_STATUS) with them.
+-- read nil); a session's status field where its budget's hash holds it (S_STATUS) with them,
+-- so such a scope is read here even by one operation alone (its field and status are two).
 -- A hash that cannot be read (a key of another type) is left out: the operations that need it
 -- read it themselves, and fail alone.
 local function prefetch_senders(ops, counters)

@@ -370,25 +370,20 @@ impl Ledger {
         }
     }
 
-    /// Mark a session revoked where reservations see it: every reservation after this returns
-    /// [`Outcome::SessionRevoked`]. `budget`: the name of its budget's scope
-    /// ([`session_budget_scope`]; a shared one's hash holds the status too); `expires_at`: the
-    /// session's end plus grace.
-    pub async fn revoke_session(
-        &self,
-        policy: &str,
-        session: B256,
-        budget: &str,
-        expires_at: u64,
-        now: u64,
-    ) -> Result<(), StoreError> {
+    /// Mark session `grant` revoked where reservations see it, until its end plus grace: every
+    /// reservation after this returns [`Outcome::SessionRevoked`]. (In Redis where its budget
+    /// is shared, reservations read its status in that budget's hash, which this writes too:
+    /// [`session_budget_scope`] of the grant decides, as it decides where it is charged.)
+    pub async fn revoke_session(&self, grant: &SessionGrant, now: u64) -> Result<(), StoreError> {
+        let (policy, id) = (grant.policy.as_str(), grant.session_id);
+        let expires_at = grant.valid_until.saturating_add(GRACE_SECS);
         match self {
             Self::Memory(m) => {
-                m.revoke_session(policy, session, expires_at);
+                m.revoke_session(policy, id, expires_at);
                 Ok(())
             }
             Self::Redis(l) => {
-                l.revoke_session(policy, session, budget, expires_at, now)
+                l.revoke_session(policy, id, &session_budget_scope(grant), expires_at, now)
                     .await
             }
         }

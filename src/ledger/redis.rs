@@ -148,9 +148,8 @@ pub struct RedisLedger {
     /// `--policy-poll` (`AppState::spawn_ledger_watcher`).
     session_records_by_id: Arc<AtomicBool>,
     /// Whether new session grants may share their budget's counter (grant version 2,
-    /// `SessionGrant::shared_budget`): where records are written by id and every ledger library
-    /// loaded is of a replica that reads such grants ([`SHARED_BUDGETS_MARK`]). Set with
-    /// `session_records_by_id`.
+    /// `SessionGrant::shared_budget`): where every ledger library loaded is of a replica that
+    /// reads such grants ([`SHARED_BUDGETS_MARK`]). Set with `session_records_by_id`.
     shared_session_budgets: Arc<AtomicBool>,
     /// The ledger libraries this replica has read the code of, and what each one's marks say
     /// (a library's name carries a hash of its code, so what it says never changes).
@@ -710,9 +709,10 @@ const RECORDS_BY_ID_MARK: &str =
     "\n-- records-by-id: this ledger reads records under a session by id\n";
 
 /// The line every library of a ledger whose replicas read session grants of version 2 (a
-/// session's budget counted in its end day's hash, since 0.3.11) carries. Earlier replicas
-/// refuse such a grant; 0.3.0 read any version as its own (and would count such a session in a
-/// key of its own beside the shared counter), which the records-by-id gate rules out.
+/// session's budget counted in its end day's hash, since 0.3.11) carries. Replicas of every
+/// earlier version refuse such a grant (as corrupt): new grants are made so only while no
+/// library without the line is loaded, so that sessions are not refused by a replica of a
+/// rolling upgrade.
 const SHARED_BUDGETS_MARK: &str =
     "\n-- shared-session-budgets: this ledger's replicas read grants whose budget is shared\n";
 
@@ -930,10 +930,10 @@ impl RedisLedger {
     /// Logs which kind and why when that changes; the service calls it every `--policy-poll`,
     /// so a 0.3.0 replica started later turns records by id off within one poll. Reads with
     /// them whether new session grants may share their budget's counter
-    /// ([`Self::shared_session_budgets`]): where records are by id and every library loaded
-    /// carries [`SHARED_BUDGETS_MARK`] (a replica of 0.3.1 to 0.3.10 started later turns it
-    /// off within one poll; the grants that already share keep sharing, and such a replica
-    /// refuses them).
+    /// ([`Self::shared_session_budgets`]): where every library loaded carries
+    /// [`SHARED_BUDGETS_MARK`] (a replica of an earlier version started later turns it off
+    /// within one poll; the grants that already share keep sharing, and such a replica refuses
+    /// them).
     pub async fn refresh_record_kind(&self) -> bool {
         self.read_record_kind(false).await
     }
@@ -967,18 +967,18 @@ impl RedisLedger {
             ),
             _ => format!("{SESSION_RECORDS_BY_ID_KEY} is not set"),
         };
-        // Grants whose budget is shared, only where no replica may count such a session in a
-        // key of its own: none of 0.3.0 (records by id) and none that refuses the grant.
+        // Grants whose budget is shared, only where no replica that would refuse them may run
+        // (every earlier version refuses a grant of another version: such a session is
+        // refused there, never counted in a key of its own).
         let not_shared = lacking(|m| m.shared_budgets);
-        let shared = by_id && not_shared.as_ref().is_ok_and(Vec::is_empty);
+        let shared = not_shared.as_ref().is_ok_and(Vec::is_empty);
         self.shared_session_budgets.store(shared, Ordering::Relaxed);
         let shared_why = match &not_shared {
             _ if shared => String::new(),
-            _ if !by_id => "records under sessions are written by key".to_owned(),
+            Err(e) => format!("the ledger's libraries could not be read ({e})"),
             Ok(earlier) => format!(
                 "Redis has the library of a ledger whose replicas refuse such grants, {earlier:?}: FUNCTION DELETE each on every primary once no replica of its build runs"
             ),
-            Err(e) => format!("the ledger's libraries could not be read ({e})"),
         };
         if announce || self.shared_budgets_why.changed(&shared_why) {
             if shared {
@@ -1414,6 +1414,9 @@ impl RedisLedger {
         }
         let _: i64 = script.invoke_async(&mut conn).await.map_err(unavailable)?;
         if let Some((wait, _)) = self.wait {
+            // (It confirms the state key's status alone: the one script wrote both, so a
+            // primary that holds one holds the other. Split them, and confirm.lua must check
+            // both.)
             replicated(&mut conn, wait, Written::Revoked(&key)).await?;
         }
         Ok(())

@@ -142,7 +142,8 @@ local function reserve(keys, args, scopes, status_at, shared)
   -- A revoked session gets nothing, not even the answer an operation of it was given before
   -- (replicas serve grants from copies that may not show the revocation yet: this is the check).
   -- Its status is in its state key, or, where its budget is shared (`status_at`), a field of
-  -- its budget's hash, read with its counter and `until` (unless prefetch_senders did).
+  -- its budget's hash, which prefetch_senders read with the counters (the read here is for a
+  -- hash it could not read: a key of another type, whose error fails this operation alone).
   if status_at then
     local s, key = scopes[status_at], keys[status_at + 4]
     local known = shared.counters[key]

@@ -25,8 +25,8 @@ pub(super) const REVOKED: u8 = b'r';
 /// The version of a grant whose budget's counter is a key of its own.
 const VERSION: u8 = 1;
 /// The version of a grant whose budget's counter is a field of its end day's hash (since
-/// 0.3.11). Versions 0.3.1 to 0.3.10 refuse it as corrupt, so they never count such a session
-/// in a key of its own beside the replicas that count it in the shared hash.
+/// 0.3.11). Every earlier version refuses it as corrupt, so none counts such a session in a key
+/// of its own beside the replicas that count it in the shared hash.
 const VERSION_SHARED_BUDGET: u8 = 2;
 /// Bytes before the policy id.
 const FIXED: usize = 2 + 20 + 20 + 4 * 8;

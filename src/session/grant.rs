@@ -73,7 +73,7 @@ pub struct SessionGrant {
     /// Whether its budget's counter is a field of one hash of its policy's sessions that end
     /// the same UTC day (grant version 2, since 0.3.11) rather than a key of its own: fixed
     /// when it is created, so that every replica counts it in one place
-    /// ([`crate::ledger::session_scope_name`]). Not in the admin API's JSON.
+    /// ([`crate::ledger::session_budget_scope`]). Not in the admin API's JSON.
     #[serde(skip)]
     pub shared_budget: bool,
 }

@@ -471,15 +471,7 @@ impl Sponsor {
             // revocation feed tells them to drop it.
             return self.sessions.revoke(id).await;
         };
-        self.ledger
-            .revoke_session(
-                &grant.policy,
-                id,
-                &crate::ledger::session_budget_scope(&grant),
-                grant.valid_until.saturating_add(GRACE_SECS),
-                now,
-            )
-            .await?;
+        self.ledger.revoke_session(&grant, now).await?;
         self.sessions.revoke(id).await
     }
 

@@ -349,3 +349,63 @@ fn layouts(version: EntryPointVersion) -> &'static [PaymasterLayout] {
         &[PaymasterLayout::Inline]
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use std::path::Path;
+
+    use alloy::primitives::{Address, B256};
+
+    use super::Sponsor;
+    use crate::session::{SessionGrant, SessionStatus};
+
+    /// A shared session budget is counted in `sp:{P}:budget:sender:d<day>`, a key of the form
+    /// a sender's window hash has (`ledger::redis::counter_slot`): no sender or policy scope may
+    /// ever be named `…:d<digits>`, in any shape of policy, or it would share that hash.
+    #[test]
+    fn no_sender_or_policy_scope_is_named_as_a_days_sessions_are() {
+        let grant = SessionGrant {
+            session_id: B256::repeat_byte(0x5e),
+            account: Address::repeat_byte(1),
+            session_key: Address::repeat_byte(2),
+            chain_id: 8453,
+            policy: "p".into(),
+            valid_after: 0,
+            valid_until: 1_800_086_400,
+            status: SessionStatus::Active,
+            permissions: None,
+            budget: None,
+            created_at: 0,
+            shared_budget: true,
+        };
+        for (chains, period) in [
+            ("[8453]", ""),
+            ("[8453]", ", period = \"1d\""),
+            ("[8453, 1]", ""),
+            ("[8453, 1]", ", period = \"1h\""),
+        ] {
+            let text = format!(
+                "id = \"p\"\nchains = {chains}\nentry_points = [\"0.7\"]\n\
+                 [budgets]\nsession = {{ ops = 5 }}\nsender = {{ ops = 5{period} }}\n\
+                 policy = {{ ops = 5{period} }}\n[[allow]]\ntarget = \"{}\"\nfunctions = [\"*\"]\n",
+                Address::repeat_byte(3)
+            );
+            let policy = crate::policy::file::parse(Path::new("p.toml"), &text)
+                .unwrap_or_else(|e| panic!("{e:?}"));
+            let scopes = Sponsor::scopes(&policy, Some(&grant), grant.account, 8453, 1_800_000_000);
+            assert_eq!(scopes.len(), 3, "{chains} {period}");
+            assert!(
+                scopes[0].name.starts_with("session:20834:0x"),
+                "{}",
+                scopes[0].name
+            );
+            for s in &scopes[1..] {
+                let days = s.name.split(':').any(|part| {
+                    part.strip_prefix('d')
+                        .is_some_and(|d| !d.is_empty() && d.bytes().all(|b| b.is_ascii_digit()))
+                });
+                assert!(!days, "{}", s.name);
+            }
+        }
+    }
+}

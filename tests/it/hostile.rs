@@ -958,7 +958,12 @@ async fn copy_of_a_grant_revoked_elsewhere_signs_nothing(extra: &str) -> TestRes
         .get_for_sponsorship(session)
         .await?;
     assert_eq!(source, GrantSource::Copy);
-    assert_eq!(copy.ok_or("a's copy")?.status, SessionStatus::Active);
+    let copy = copy.ok_or("a's copy")?;
+    assert_eq!(copy.status, SessionStatus::Active);
+    assert!(
+        copy.shared_budget,
+        "a grant of version 2 on a Redis of this build alone"
+    );
 
     let v = sponsor(&a, &transfer_op(account, 1, 2).to_json(), ep07, ctx.clone()).await?;
     assert_eq!(reason(&v), "session_revoked", "{v}");

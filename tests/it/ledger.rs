@@ -1163,7 +1163,13 @@ async fn a_shared_budgets_session_is_revoked_in_the_atomic_step(ledger: &Ledger)
         Outcome::Reserved
     );
     ledger
-        .revoke_session("t", id, &budget(id).name, NOW + 7200, NOW)
+        .revoke_session(
+            &SessionGrant {
+                policy: "t".into(),
+                ..session_grant(id, NOW + 7200, true)
+            },
+            NOW,
+        )
         .await?;
     for (r, check_only) in [
         (under(52, id, vec![budget(id)]), false),
@@ -1285,7 +1291,13 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
     assert_eq!(ledger.reserve(&open, false, NOW).await?, Outcome::Reserved);
     // Revoked: the very next reservation under it is refused, even one that fits.
     ledger
-        .revoke_session("s", id, &session_scope_name(id), NOW + 7200, NOW)
+        .revoke_session(
+            &SessionGrant {
+                policy: "s".into(),
+                ..session_grant(id, NOW + 7200, false)
+            },
+            NOW,
+        )
         .await?;
     assert_eq!(
         ledger.reserve(&under(44, U256::ZERO), false, NOW).await?,
@@ -1303,7 +1315,13 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
     );
     // Revoking again with an end past what Redis takes as a TTL: idempotent, no error.
     ledger
-        .revoke_session("s", id, &session_scope_name(id), u64::MAX, NOW)
+        .revoke_session(
+            &SessionGrant {
+                policy: "s".into(),
+                ..session_grant(id, u64::MAX, false)
+            },
+            NOW,
+        )
         .await?;
     assert_eq!(
         ledger.reserve(&under(44, U256::ZERO), true, NOW).await?,
@@ -2210,7 +2228,7 @@ async fn session_status_shows_budgets() -> TestResult {
 }
 
 /// A session's grant says where its budget is counted, for good: one created while Redis holds
-/// the library of a replica that would refuse a shared one (0.3.10's, say) keeps a key of its
+/// the library of a replica that would refuse a shared one keeps a key of its
 /// own, on every replica and after the upgrade ends; one created once no such library is
 /// loaded is counted in its end day's hash. Two replicas count each session in one place.
 #[tokio::test]
@@ -2744,13 +2762,7 @@ async fn a_shared_budgets_revocation_is_read_with_its_counter() -> TestResult {
     };
     // Revoked before any reservation: the revocation makes the hash.
     ledger
-        .revoke_session(
-            "p",
-            B256::repeat_byte(0x71),
-            &budget(0x71, late).name,
-            late + GRACE_SECS,
-            NOW,
-        )
+        .revoke_session(&session_grant(B256::repeat_byte(0x71), late, true), NOW)
         .await?;
     let key = format!("sp:{{p}}:budget:sender:d{day}");
     let status: Option<String> = redis::cmd("HGET")
@@ -3533,6 +3545,44 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
     Ok(())
 }
 
+/// New grants share their budget only while no ledger library of a replica that would refuse
+/// them is loaded: 0.3.10's reads records by id but lacks the shared-budget mark, and keeps
+/// new grants of version 1 (records still by id) until it is deleted; loaded again (its
+/// replica started later), the next poll turns sharing off.
+#[tokio::test]
+async fn shared_budgets_wait_until_no_library_without_their_mark_is_loaded() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let conn =
+        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let mut c = conn.clone();
+    let library = "sp_ledger_000000031000";
+    let load = async |c: &mut session_paymaster::session::redis::RedisConn| {
+        redis::cmd("FUNCTION")
+            .arg("LOAD")
+            .arg(format!(
+                "#!lua name={library}\n-- records-by-id: this ledger reads records under a session by id\nredis.register_function('sp_reserve_000000031000', function() return 0 end)"
+            ))
+            .query_async::<String>(c)
+            .await
+    };
+    load(&mut c).await?;
+    let ledger = Ledger::Redis(RedisLedger::connect(conn.clone()).await?);
+    assert!(!ledger.sessions_share_budgets());
+    let by_id = session_record(&ledger, &conn, "p", B256::repeat_byte(0x5e), 1).await?;
+    assert!(!names_state_key(&by_id, "p"), "records by id all the same");
+    redis::cmd("FUNCTION")
+        .arg("DELETE")
+        .arg(library)
+        .query_async::<()>(&mut c)
+        .await?;
+    ledger.refresh_record_kind().await;
+    assert!(ledger.sessions_share_budgets());
+    load(&mut c).await?;
+    ledger.refresh_record_kind().await;
+    assert!(!ledger.sessions_share_budgets());
+    Ok(())
+}
+
 /// Every replica's watcher settles the policies any replica served, and a policy leaves that
 /// set only once no replica noted serving it for a day and none of its reservations is open;
 /// the embedded default watches every policy it reserved under.
@@ -3980,7 +4030,7 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         .await;
     let session = B256::repeat_byte(0x5e);
     let revoked = hasty
-        .revoke_session("p", session, &session_scope_name(session), NOW + 7200, NOW)
+        .revoke_session(&session_grant(session, NOW + 7200, false), NOW)
         .await;
     replica.resume()?;
     assert!(
@@ -4009,11 +4059,21 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         Outcome::Existing(answer(2, NOW + 600))
     );
     patient
-        .revoke_session("p", session, &session_scope_name(session), NOW + 7200, NOW)
+        .revoke_session(&session_grant(session, NOW + 7200, false), NOW)
         .await?;
     let status: Option<String> = redis::cmd("HGET")
         .arg(format!("sp:{{p}}:session:{session}"))
         .arg("status")
+        .query_async(&mut on_replica)
+        .await?;
+    assert_eq!(status.as_deref(), Some("revoked"));
+    // A session whose budget is shared: its status in the day's hash is on the replica once
+    // the revocation answers (written by the script the wait confirms).
+    let shared = session_grant(B256::repeat_byte(0x5d), NOW + 7200, true);
+    patient.revoke_session(&shared, NOW).await?;
+    let status: Option<String> = redis::cmd("HGET")
+        .arg(format!("sp:{{p}}:budget:sender:d{}", (NOW + 7200) / 86_400))
+        .arg([field_of(shared.session_id), b"r".to_vec()].concat())
         .query_async(&mut on_replica)
         .await?;
     assert_eq!(status.as_deref(), Some("revoked"));
