@@ -22,7 +22,9 @@ docs/performance.md ("Redis CPU") quotes it.
 
 SESSIONS=G (any mode) sends the bench's session load instead: operation i under session
 i % G + 1, its account the sender (a new nonce each), charged to the session's budget too; G
-below N makes sessions come round, as grants do in the HTTP bench. (`ab` builds each
+below N makes sessions come round, as grants do in the HTTP bench. Each session's budget is
+shared (a grant of version 2, since 0.3.11: a field of its end day's hash, its status beside
+it); SESSION_KEYS=1 gives each a key of its own, as grants of version 1 have. (`ab` builds each
 checkout's operations with its own copy of this file: one from before SESSIONS sends the
 sponsor load whatever it says, and the two sides then run different loads.)
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
@@ -172,18 +174,31 @@ def operations(sha, n, old_keys=False, random_ids=False):
         # Where each counter lives (ledger::redis::counter_slot): the sender's is its field in
         # the window's hash (a window begun after the layout's first start: the key it had
         # before 0.3 is not read), the policy's its own.
-        slots = [(b'sp:{bench}:budget:sender:20789', raw_sender, scopes[0][0]),
-                 (b'sp:{bench}:budget:policy:692', b'c', scopes[1][0])]
+        # (Each slot's last value its kind byte: 1 for a sender whose 0.2 key is read too, 2 for
+        # a session's shared budget whose hash holds its status.)
+        slots = [(b'sp:{bench}:budget:sender:20789', raw_sender, scopes[0][0],
+                  int(old_keys)),
+                 (b'sp:{bench}:budget:policy:692', b'c', scopes[1][0], 0)]
         tail = b'\x00'
         state = nonce
         if sessions:
             raw_session = struct.pack('>Q', account).rjust(32, b'\x00')
             if random_ids:
                 raw_session = hashlib.sha256(b's%d' % account).digest()
-            name = b'session:0x' + raw_session.hex().encode()
-            # (In a record that gives its session's id, its budget's name is one byte.)
-            scopes.insert(0, (name, b'\x03'))
-            slots.insert(0, (b'sp:{bench}:budget:' + name, b'c', name))
+            if os.environ.get('SESSION_KEYS'):
+                # A grant of version 1 (before 0.3.11): its budget a key of its own, named in a
+                # record that gives its session's id by one byte.
+                name = b'session:0x' + raw_session.hex().encode()
+                scopes.insert(0, (name, b'\x03'))
+                slots.insert(0, (b'sp:{bench}:budget:' + name, b'c', name, 0))
+            else:
+                # Version 2 (ledger::redis::counter_slot): a field of its end day's hash, the
+                # first 20 bytes of its id's keccak-256 (sha3's here: any 20 bytes cost the
+                # same), its status beside it, its name in records a sender's form.
+                field = hashlib.sha3_256(raw_session).digest()[:20]
+                name = b's:0x' + field.hex().encode() + b':d20790'
+                scopes.insert(0, (name, b's:\x01' + field + b':d20790'))
+                slots.insert(0, (b'sp:{bench}:budget:sender:d20790', field, name, 2))
             state = b'sp:{bench}:session:0x' + raw_session.hex().encode()
             # A session's record: its id (which names its state key), no token amounts.
             tail = b'\x02' + raw_session + b'\x00'
@@ -192,14 +207,14 @@ def operations(sha, n, old_keys=False, random_ids=False):
                   + bytes([len(scopes)]) + b''.join(short(packed) for _, packed in scopes) + tail)
         bucket = valid_until // 10
         keys = [nonce, b'sp:{bench}:x', b'sp:{bench}:x:%d' % bucket, state]
-        keys += [key for key, _, _ in slots]
+        keys += [key for key, _, _, _ in slots]
         # reserve.lua's NUMBERS: check_only, cost, nonce TTL, window, refresh bound, session,
         # session TTL, most open under a session, bucket, bucket TTL, trim and expiry bounds,
         # most open per nonce.
         numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30,
                               int(bool(sessions)), 86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
         limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) + short(field) + short(name)
-                          + bytes([old_keys and name.startswith(b's:')]) for _, field, name in slots)
+                          + bytes([kind]) for _, field, name, kind in slots)
         entry = short(op_id) + struct.pack('>H', len(record)) + record
         args = [numbers, entry, limits]
         # One operation a call, framed: its count of keys and of arguments.
@@ -427,10 +442,9 @@ local k, a = 1, 2
 for at = 1, #frame - 1, 2 do
   local key_count, arg_count = string.byte(frame, at, at + 1)
   redis.call('GET', KEYS[k])
-  redis.call('HGET', KEYS[k + 3], 'status')
-  redis.call('HMGET', KEYS[k + 4], 'until', 'c', 'cost', 'ops')
+  redis.call('HMGET', KEYS[k + 4], 'until', 'abcdefghijabcdefghij', 'abcdefghijabcdefghijr')
   redis.call('HMGET', KEYS[k + 5], 'until', 'abcdefghijabcdefghij')
-  redis.call('HSET', KEYS[k + 4], 'c', 'abcdefghabcdefghabcdefgh')
+  redis.call('HSET', KEYS[k + 4], 'abcdefghijabcdefghij', 'abcdefghabcdefghabcdefgh')
   redis.call('HSET', KEYS[k + 5], 'abcdefghijabcdefghij', 'abcdefghabcdefghabcdefgh')
   redis.call('HSET', KEYS[k + 6], 'c', 'abcdefghabcdefghabcdefgh')
   redis.call('APPEND', KEYS[k + 2], 'abcdefghijabcdefghij')
@@ -443,8 +457,7 @@ return {}
 
 # `bounds`: reserve.lua edited so that it skips commands (wrong, a bound on what sparing them
 # could give), each edit (file, text, replacement) as applied to this checkout.
-NO_STATUS = ('reserve.lua', b"if session and redis.call('HGET', keys[4], 'status') == 'revoked' then",
-             b"if false then")
+NO_STATUS = ('reserve.lua', b"    if known[s[S_STATUS]] == 'revoked' then", b"    if false then")
 BOUNDS = [
     ("the session's status HGET skipped", [NO_STATUS]),
     ("the status HGET, the senders' and policy's HSETs and the APPEND skipped", [
