@@ -13,7 +13,7 @@
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
-//! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations, where its budget is not shared) and `spent:<token>` totals |
+//! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations; where the session's budget is shared they read it beside its counter instead, `…:budget:sender:d<day>` above) and `spent:<token>` totals |
 //! | `sp:ledger:session-records-by-id` | string | set once no 0.3.0 replica may run: records under a session name it by id ([`SESSION_RECORDS_BY_ID_KEY`]) |
 //! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock; 0 on a Redis no earlier version ran on): windows begun before it may have senders counted the old way ([`LAYOUT_SINCE_KEY`]) |
 //!
@@ -716,6 +716,62 @@ const RECORDS_BY_ID_MARK: &str =
 const SHARED_BUDGETS_MARK: &str =
     "\n-- shared-session-budgets: this ledger's replicas read grants whose budget is shared\n";
 
+/// What this replica writes, as what Redis holds allows ([`RedisLedger::refresh_record_kind`]),
+/// each with why not ("" when it does).
+#[derive(Debug, PartialEq, Eq)]
+struct Layout {
+    /// Records under a session by id.
+    by_id: bool,
+    why: String,
+    /// New session grants whose budget is shared (version 2).
+    shared: bool,
+    shared_why: String,
+}
+
+impl Layout {
+    /// From whether [`SESSION_RECORDS_BY_ID_KEY`] is set (`said`) and the libraries loaded that
+    /// lack a mark (`earlier`; anything unread is neither).
+    fn of(said: &Result<bool, String>, earlier: &Result<Vec<(String, Marks)>, String>) -> Self {
+        let lacking = |mark: fn(&Marks) -> bool| {
+            earlier.as_ref().map(|e| {
+                e.iter()
+                    .filter(|(_, m)| !mark(m))
+                    .map(|(n, _)| n.as_str())
+                    .collect::<Vec<_>>()
+            })
+        };
+        let not_by_id = lacking(|m| m.by_id);
+        let by_id = matches!(said, Ok(true)) && not_by_id.as_ref().is_ok_and(Vec::is_empty);
+        let why = match (said, &not_by_id) {
+            _ if by_id => String::new(),
+            (Err(e), _) => format!("{SESSION_RECORDS_BY_ID_KEY} could not be read ({e})"),
+            (_, Err(e)) => format!("the ledger's libraries could not be read ({e})"),
+            (_, Ok(earlier)) if !earlier.is_empty() => format!(
+                "Redis has the library of a ledger that cannot read them by id, {earlier:?}: FUNCTION DELETE each on every primary once no replica of its build runs"
+            ),
+            _ => format!("{SESSION_RECORDS_BY_ID_KEY} is not set"),
+        };
+        // Grants whose budget is shared, only where no replica that would refuse them may run
+        // (every earlier version refuses a grant of another version: such a session is
+        // refused there, never counted in a key of its own).
+        let not_shared = lacking(|m| m.shared_budgets);
+        let shared = not_shared.as_ref().is_ok_and(Vec::is_empty);
+        let shared_why = match &not_shared {
+            _ if shared => String::new(),
+            Err(e) => format!("the ledger's libraries could not be read ({e})"),
+            Ok(earlier) => format!(
+                "Redis has the library of a ledger whose replicas refuse such grants, {earlier:?}: FUNCTION DELETE each on every primary once no replica of its build runs"
+            ),
+        };
+        Self {
+            by_id,
+            why,
+            shared,
+            shared_why,
+        }
+    }
+}
+
 /// What a ledger library's code says of the replicas that load it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 struct Marks {
@@ -942,44 +998,22 @@ impl RedisLedger {
     /// when the why changes.
     async fn read_record_kind(&self, announce: bool) -> bool {
         let mut c = self.conn.clone();
-        let said = c.exists::<_, bool>(SESSION_RECORDS_BY_ID_KEY).await;
+        let said = c
+            .exists::<_, bool>(SESSION_RECORDS_BY_ID_KEY)
+            .await
+            .map_err(|e| e.to_string());
         let earlier = match function_list(&self.conn, "sp_ledger_*", false).await {
             Ok(replies) => self.earlier_libraries(&replies).await,
             Err(e) => Err(e),
         };
-        let lacking = |mark: fn(&Marks) -> bool| {
-            earlier.as_ref().map(|e| {
-                e.iter()
-                    .filter(|(_, m)| !mark(m))
-                    .map(|(n, _)| n.as_str())
-                    .collect::<Vec<_>>()
-            })
-        };
-        let not_by_id = lacking(|m| m.by_id);
-        let by_id = matches!(said, Ok(true)) && not_by_id.as_ref().is_ok_and(Vec::is_empty);
+        let Layout {
+            by_id,
+            why,
+            shared,
+            shared_why,
+        } = Layout::of(&said, &earlier);
         self.session_records_by_id.store(by_id, Ordering::Relaxed);
-        let why = match (&said, &not_by_id) {
-            _ if by_id => String::new(),
-            (Err(e), _) => format!("{SESSION_RECORDS_BY_ID_KEY} could not be read ({e})"),
-            (_, Err(e)) => format!("the ledger's libraries could not be read ({e})"),
-            (_, Ok(earlier)) if !earlier.is_empty() => format!(
-                "Redis has the library of a ledger that cannot read them by id, {earlier:?}: FUNCTION DELETE each on every primary once no replica of its build runs"
-            ),
-            _ => format!("{SESSION_RECORDS_BY_ID_KEY} is not set"),
-        };
-        // Grants whose budget is shared, only where no replica that would refuse them may run
-        // (every earlier version refuses a grant of another version: such a session is
-        // refused there, never counted in a key of its own).
-        let not_shared = lacking(|m| m.shared_budgets);
-        let shared = not_shared.as_ref().is_ok_and(Vec::is_empty);
         self.shared_session_budgets.store(shared, Ordering::Relaxed);
-        let shared_why = match &not_shared {
-            _ if shared => String::new(),
-            Err(e) => format!("the ledger's libraries could not be read ({e})"),
-            Ok(earlier) => format!(
-                "Redis has the library of a ledger whose replicas refuse such grants, {earlier:?}: FUNCTION DELETE each on every primary once no replica of its build runs"
-            ),
-        };
         if announce || self.shared_budgets_why.changed(&shared_why) {
             if shared {
                 tracing::info!(
@@ -1725,6 +1759,48 @@ mod tests {
         let entry = pack_entry(&r, &[], true).expect("packed");
         assert_eq!(entry[ENTRY_SIGNATURE], signature);
         assert_eq!(&entry[1..21], &r.op_key[..20]);
+    }
+
+    /// Records by id need the key and every library's by-id mark; shared budgets every
+    /// library's shared mark alone; libraries that cannot be read allow neither, and each
+    /// refusal says why.
+    #[test]
+    fn the_layout_follows_the_libraries_loaded() {
+        let marks = |by_id, shared_budgets| Marks {
+            by_id,
+            shared_budgets,
+        };
+        let set: Result<bool, String> = Ok(true);
+        let none = Ok(vec![]);
+        let ten = Ok(vec![("sp_ledger_10".to_owned(), marks(true, false))]);
+        let zero = Ok(vec![("sp_ledger_0".to_owned(), marks(false, false))]);
+        let unread = Err("down".to_owned());
+        let all = Layout::of(&set, &none);
+        assert_eq!(
+            all,
+            Layout {
+                by_id: true,
+                why: String::new(),
+                shared: true,
+                shared_why: String::new()
+            }
+        );
+        let l = Layout::of(&set, &ten);
+        assert!(l.by_id && !l.shared, "{l:?}");
+        assert!(l.shared_why.contains("sp_ledger_10"), "{l:?}");
+        let l = Layout::of(&set, &zero);
+        assert!(!l.by_id && !l.shared, "{l:?}");
+        assert!(l.why.contains("sp_ledger_0") && l.shared_why.contains("sp_ledger_0"));
+        let l = Layout::of(&Ok(false), &none);
+        assert!(!l.by_id && l.shared, "{l:?}");
+        assert!(l.why.contains("is not set"), "{l:?}");
+        let l = Layout::of(&set, &unread);
+        assert!(!l.by_id && !l.shared, "{l:?}");
+        assert!(l.why.contains("could not be read (down)"), "{l:?}");
+        assert!(l.shared_why.contains("could not be read (down)"), "{l:?}");
+        let l = Layout::of(&Err("gone".to_owned()), &none);
+        assert!(!l.by_id && l.shared, "{l:?}");
+        assert!(l.why.contains("could not be read (gone)"), "{l:?}");
     }
 
     #[test]
