@@ -53,13 +53,14 @@ operation under a session runs in the common case, one after the other with noth
 of ROUNDS rounds (3 unless given), redis-server's CPU time per operation. It sends the session
 load (SESSIONS=2000 unless given).
 `bounds` runs `ab` of this checkout's reserve.lua against itself with commands skipped (the
-session's status `HGET`; then it, the senders' and the policy's `HSET`s and the `APPEND`):
+session's status read: its fields in the shared hash's `HMGET`, or its state key's `HGET`;
+then it, the senders' and the policy's `HSET`s and the `APPEND`):
 wrong scripts, a bound on what sparing those commands could give; then against itself given
 random ids instead of the bench's zero-padded ones. Under SESSIONS=2000 unless given.
 `costs` prices single pieces of what reserve.lua does, each run N times in a loop inside one
 script (redis-server's clock around the loop, median of 3, less an empty loop's): a command
 called from Lua (its arguments made Redis strings, its reply made Lua values), `struct.unpack`
-of one scope's arguments, a table of one scope's twelve slots, a `pcall`. What a step of
+of one scope's arguments, a table of one scope's thirteen slots, a `pcall`. What a step of
 `cuts` adds, divided by these, says how many such pieces it is worth.
 `variants` does the same with this checkout against itself, run two ways: its scripts with
 EVALSHA (lib.lua's helpers made on every call) against FCALL as the service runs them; then
@@ -435,7 +436,8 @@ def variants(r, pid):
 
 # The commands a new operation of an existing session runs in the common case (an existing
 # sender and policy counter, a new nonce, a bucket that exists), one after the other with no
-# logic: reserve.lua's floor.
+# logic: reserve.lua's floor. The session's budget shared (version 2: its status read with its
+# counter); under SESSION_KEYS=1 reserve.lua also runs the status `HGET` this leaves out.
 COMMANDS_ONLY = b"""
 local frame = ARGV[1]
 local k, a = 1, 2
@@ -457,11 +459,17 @@ return {}
 
 # `bounds`: reserve.lua edited so that it skips commands (wrong, a bound on what sparing them
 # could give), each edit (file, text, replacement) as applied to this checkout.
-NO_STATUS = ('reserve.lua', b"    if known[s[S_STATUS]] == 'revoked' then", b"    if false then")
+NO_STATUS = [
+    # A shared budget's status: not read with the counters, nor checked.
+    ('lib.lua', b"        if s[S_STATUS] then\n          f[#f + 1] = s[S_STATUS]\n        end\n", b""),
+    ('reserve.lua', b"  if status_at then\n", b"  if false then\n"),
+    # A session's state key's (SESSION_KEYS=1, or a session without a budget).
+    ('reserve.lua', b"  elseif session and redis.call('HGET', keys[4], 'status') == 'revoked' then",
+     b"  elseif false then"),
+]
 BOUNDS = [
-    ("the session's status HGET skipped", [NO_STATUS]),
-    ("the status HGET, the senders' and policy's HSETs and the APPEND skipped", [
-        NO_STATUS,
+    ("the session's status read skipped", NO_STATUS),
+    ("the status read, the senders' and policy's HSETs and the APPEND skipped", NO_STATUS + [
         ('reserve.lua', b"      redis.call('HSET', keys[i], s[S_FIELD], packed)\n",
          b"      if session and i == 5 then redis.call('HSET', keys[i], s[S_FIELD], packed) end\n"),
         ('lib.lua', b"if not listed and redis.call('APPEND', keys[3], string.sub(keys[1], -20)) == 20",
@@ -517,7 +525,7 @@ COSTS = [
     ("redis.call('TIME')", "local x = redis.call('TIME')"),
     ('struct.pack of a counter', "local x = struct.pack('>i8i8i8', i, 2, 3)"),
     ("struct.unpack of a scope's arguments", "local a, b, c, d, e, f, g = struct.unpack(SCOPE_FORMAT, scope, 1)"),
-    ("a scope's table of twelve slots", "local x = {1, 2, 3, 'a', 'b', false, false, false, 0, 0, 0, 0}"),
+    ("a scope's table of thirteen slots", "local x = {1, 2, 3, 'a', 'b', false, false, false, 0, 0, 0, 0, false}"),
     ('a pcall of a function', 'local ok, x = pcall(f, 1, 2)'),
     ("string.format('%d')", "local x = string.format('%d', i)"),
 ]

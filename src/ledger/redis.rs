@@ -13,7 +13,7 @@
 //! | `sp:{<policy>}:n:<landing id>` | string | the reservations of one (EntryPoint, sender, nonce): per operation (20-byte idempotency id) a packed record (see `lib.lua`): state, cost, the signed answer, userOpHashes, scopes, session and spend |
 //! | `sp:{<policy>}:x:<bucket>` | string | 20-byte landing ids of the signatures whose validUntil falls in this 10 s bucket, for release on expiry |
 //! | `sp:{<policy>}:x` | sorted set | the expiry buckets |
-//! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations; where the session's budget is shared they read it beside its counter instead, `…:budget:sender:d<day>` above) and `spent:<token>` totals |
+//! | `sp:{<policy>}:session:<id>` | hash | the session's `status` (revocation seen by reservations; one charged to the session's shared budget reads it beside that budget's counter instead, `…:budget:sender:d<day>` above, where revocation writes it too) and `spent:<token>` totals |
 //! | `sp:ledger:session-records-by-id` | string | set once no 0.3.0 replica may run: records under a session name it by id ([`SESSION_RECORDS_BY_ID_KEY`]) |
 //! | `sp:ledger:sender-windows-since` | string | when the first replica of this layout ran (Redis' clock; 0 on a Redis no earlier version ran on): windows begun before it may have senders counted the old way ([`LAYOUT_SINCE_KEY`]) |
 //!

@@ -3288,7 +3288,18 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
         (&ledger, 10, plain),
         (&ledger, 11, bare_session),
         (&by_key, 12, under_session_by_key),
-        (&ledger, 13, shared_session),
+        (&ledger, 13, shared_session.clone()),
+        // (By key too: sharing needs no records by id.)
+        (
+            &by_key,
+            14,
+            Reservation {
+                op_key: B256::repeat_byte(14),
+                landing_key: B256::repeat_byte(14 ^ 0x40),
+                user_op_hashes: vec![B256::repeat_byte(14 ^ 0x80)],
+                ..shared_session.clone()
+            },
+        ),
     ] {
         assert_eq!(ledger.reserve(&r, false, NOW).await?, Outcome::Reserved);
         let key = [b"sp:{p}:n:".as_slice(), &B256::repeat_byte(op ^ 0x40)[..20]].concat();
@@ -3300,11 +3311,28 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
         assert!(stored.len() > 100, "op {op}: {} bytes", stored.len());
         assert_eq!(
             names_state_key(&stored, "p"),
-            op == 12,
+            op == 12 || op == 14,
             "op {op}: by key only through the ledger writing by key"
         );
         assert_eq!(hex::encode(&repacked), hex::encode(&stored), "op {op}");
     }
+    // Both records of the shared session close in its field: the one by key settled, the one
+    // by id released.
+    let name = &shared_session.scopes[0].name;
+    assert_eq!(ledger.usage("p", name).await?, (6, 2));
+    assert_eq!(
+        by_key
+            .settle(&["p".to_owned()], &landing(14, 1))
+            .await?
+            .settled,
+        1
+    );
+    assert_eq!(ledger.usage("p", name).await?, (4, 2));
+    assert_eq!(
+        ledger.release_expired(&["p".to_owned()], NOW + 601).await?,
+        5
+    );
+    assert_eq!(ledger.usage("p", name).await?, (1, 1));
     Ok(())
 }
 
@@ -3546,9 +3574,10 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
 }
 
 /// New grants share their budget only while no ledger library of a replica that would refuse
-/// them is loaded: 0.3.10's reads records by id but lacks the shared-budget mark, and keeps
-/// new grants of version 1 (records still by id) until it is deleted; loaded again (its
-/// replica started later), the next poll turns sharing off.
+/// them is loaded: 0.3.10's reads records by id but lacks the shared-budget mark, and holds
+/// sharing off (`sessions_share_budgets`, which the admin API reads to make a grant of version
+/// 1 or 2; records still by id) until it is deleted; loaded again (its replica started later),
+/// the next poll turns sharing off.
 #[tokio::test]
 async fn shared_budgets_wait_until_no_library_without_their_mark_is_loaded() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -4032,6 +4061,8 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
     let revoked = hasty
         .revoke_session(&session_grant(session, NOW + 7200, false), NOW)
         .await;
+    let shared = session_grant(B256::repeat_byte(0x5d), NOW + 7200, true);
+    let revoked_shared = hasty.revoke_session(&shared, NOW).await;
     replica.resume()?;
     assert!(
         matches!(&stalled, Err(StoreError::Unavailable(m)) if m.contains("0 of the 1 Redis replicas")),
@@ -4048,6 +4079,10 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
     assert!(
         matches!(&revoked, Err(StoreError::Unavailable(m)) if m.contains("replicas")),
         "{revoked:?}"
+    );
+    assert!(
+        matches!(&revoked_shared, Err(StoreError::Unavailable(m)) if m.contains("replicas")),
+        "{revoked_shared:?}"
     );
 
     // Back: the retry gets the reservation's answer, and the revocation stands.
@@ -4067,9 +4102,9 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         .query_async(&mut on_replica)
         .await?;
     assert_eq!(status.as_deref(), Some("revoked"));
-    // A session whose budget is shared: its status in the day's hash is on the replica once
-    // the revocation answers (written by the script the wait confirms).
-    let shared = session_grant(B256::repeat_byte(0x5d), NOW + 7200, true);
+    // A session whose budget is shared: refused above while the replica stalled, and its
+    // status in the day's hash is on the replica once the revocation answers (written by the
+    // script the wait confirms).
     patient.revoke_session(&shared, NOW).await?;
     let status: Option<String> = redis::cmd("HGET")
         .arg(format!("sp:{{p}}:budget:sender:d{}", (NOW + 7200) / 86_400))
