@@ -449,10 +449,15 @@ impl TestRedis {
         Self::spawn(None).await
     }
 
-    /// A connection of its own to this server.
+    /// A connection of its own to this server, which waits up to 15 s for an answer (redis-rs
+    /// gives up after 500 ms by default: on a busy runner `caught_up`'s `WAIT` for a replica's
+    /// first sync took longer, and `start_replica_of` failed with `timed out`: two runs in
+    /// eight of the replica-wait test with three busy loops beside it, none in ten since).
     pub async fn conn(&self) -> TestResult<redis::aio::MultiplexedConnection> {
+        let config =
+            redis::AsyncConnectionConfig::new().set_response_timeout(Some(Duration::from_secs(15)));
         Ok(redis::Client::open(self.url.as_str())?
-            .get_multiplexed_async_connection()
+            .get_multiplexed_async_connection_with_config(&config)
             .await?)
     }
 
