@@ -265,6 +265,10 @@ struct CounterSlot<'a> {
     /// A sender's (a version before 0.3 kept it under `budget_key` of its name).
     sender: bool,
     record: Cow<'a, str>,
+    /// The session whose shared budget this is: its hash holds the session's status too,
+    /// field [`STATUS_SUFFIX`] after the counter's (read by `reserve.lua`, written by
+    /// `revoke_session.lua`).
+    shared_session: Option<B256>,
 }
 
 /// The packed totals' field of a scope's own hash (`COUNTER` in `lib.lua`).
@@ -291,13 +295,6 @@ fn shared_session_scope(name: &str) -> Option<(&str, B256)> {
     Some((day, id.parse().ok()?)).filter(|_| digits && hex)
 }
 
-/// Whether `name` is the shared budget of `session`, whose hash then holds the session's status
-/// too: field [`STATUS_SUFFIX`] after the counter's (read by `reserve.lua`, written by
-/// `revoke_session.lua`).
-fn holds_status(name: &str, session: B256) -> bool {
-    shared_session_scope(name).is_some_and(|(_, id)| id == session)
-}
-
 /// What follows a shared session budget's field, in its end day's hash, to name the field of
 /// the session's status (`STATUS_SUFFIX` in `lib.lua`).
 const STATUS_SUFFIX: &[u8] = b"r";
@@ -321,6 +318,7 @@ fn counter_slot<'a>(policy: &str, name: &'a str) -> CounterSlot<'a> {
             field: field.into(),
             sender: false,
             record: record.into(),
+            shared_session: Some(id),
         };
     }
     match sender_scope(name) {
@@ -329,12 +327,14 @@ fn counter_slot<'a>(policy: &str, name: &'a str) -> CounterSlot<'a> {
             field: raw.into(),
             sender: true,
             record: format!("s{}", &name["sender".len()..]).into(),
+            shared_session: None,
         },
         None => CounterSlot {
             key: budget_key(policy, name),
             field: COUNTER_FIELD.into(),
             sender: false,
             record: name.into(),
+            shared_session: None,
         },
     }
 }
@@ -1182,10 +1182,11 @@ impl RedisLedger {
             let legacy = slot.sender
                 && self.legacy_before > 0
                 && s.starts_at.is_none_or(|start| start < self.legacy_before);
+            // (The slot parsed the name already: no second parse on the signing path.)
             let status = r
                 .session
                 .as_ref()
-                .is_some_and(|session| holds_status(&s.name, session.id));
+                .is_some_and(|session| slot.shared_session == Some(session.id));
             for n in [
                 s.cost_cap().unwrap_or(u64::MAX),
                 s.ops_limit.unwrap_or(u64::MAX),
@@ -1440,8 +1441,8 @@ impl RedisLedger {
         let mut script = revoke_session_script().key(&key);
         script.arg(ttl);
         // A shared budget's hash holds the status too: reservations read it there.
-        if holds_status(budget, session) {
-            let slot = counter_slot(policy, budget);
+        let slot = counter_slot(policy, budget);
+        if slot.shared_session == Some(session) {
             script
                 .key(&slot.key)
                 .arg([&*slot.field, STATUS_SUFFIX].concat());
@@ -1932,6 +1933,10 @@ mod tests {
         let slot = counter_slot("p", &session);
         let hashed = alloy::primitives::keccak256(alloy::hex::decode(&id).expect("hex"));
         assert_eq!(
+            slot.shared_session.map(|s| s.to_string()),
+            Some(format!("0x{id}"))
+        );
+        assert_eq!(
             (
                 slot.key.as_str(),
                 slot.field.into_owned(),
@@ -1960,6 +1965,7 @@ mod tests {
             format!("session:20791:0x{id}0"),
         ] {
             let slot = counter_slot("p", &name);
+            assert_eq!(slot.shared_session, None, "{name}");
             assert_eq!(
                 (
                     slot.key,
