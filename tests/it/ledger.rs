@@ -113,15 +113,15 @@ fn session_charge(id: B256, spend: Vec<TokenCharge>) -> Option<SessionCharge> {
     })
 }
 
-/// A grant of policy `p` for session `id`, valid until `valid_until`, its budget `shared` or
-/// of a key of its own.
-fn session_grant(id: B256, valid_until: u64, shared: bool) -> SessionGrant {
+/// A grant of `policy` for session `id`, valid until `valid_until`, its budget `shared` or of
+/// a key of its own.
+fn session_grant(policy: &str, id: B256, valid_until: u64, shared: bool) -> SessionGrant {
     SessionGrant {
         session_id: id,
         account: Address::from_slice(&id[..20]),
         session_key: Address::from_slice(&id[12..]),
         chain_id: 1,
-        policy: "p".into(),
+        policy: policy.into(),
         valid_after: NOW - 60,
         valid_until,
         status: SessionStatus::Active,
@@ -1140,7 +1140,7 @@ async fn a_shared_budgets_session_is_revoked_in_the_atomic_step(ledger: &Ledger)
     let mut other = id;
     other[31] = 0x60;
     let budget = |id: B256| {
-        let g = session_grant(id, NOW + 7200, true);
+        let g = session_grant("t", id, NOW + 7200, true);
         Scope {
             expires_at: NOW + 7200 + GRACE_SECS,
             ..scope(&session_budget_scope(&g), Some(1000), None)
@@ -1163,13 +1163,7 @@ async fn a_shared_budgets_session_is_revoked_in_the_atomic_step(ledger: &Ledger)
         Outcome::Reserved
     );
     ledger
-        .revoke_session(
-            &SessionGrant {
-                policy: "t".into(),
-                ..session_grant(id, NOW + 7200, true)
-            },
-            NOW,
-        )
+        .revoke_session(&session_grant("t", id, NOW + 7200, true), NOW)
         .await?;
     for (r, check_only) in [
         (under(52, id, vec![budget(id)]), false),
@@ -1291,13 +1285,7 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
     assert_eq!(ledger.reserve(&open, false, NOW).await?, Outcome::Reserved);
     // Revoked: the very next reservation under it is refused, even one that fits.
     ledger
-        .revoke_session(
-            &SessionGrant {
-                policy: "s".into(),
-                ..session_grant(id, NOW + 7200, false)
-            },
-            NOW,
-        )
+        .revoke_session(&session_grant("s", id, NOW + 7200, false), NOW)
         .await?;
     assert_eq!(
         ledger.reserve(&under(44, U256::ZERO), false, NOW).await?,
@@ -1315,13 +1303,7 @@ async fn sessions_in_the_atomic_step(ledger: &Ledger) -> TestResult {
     );
     // Revoking again with an end past what Redis takes as a TTL: idempotent, no error.
     ledger
-        .revoke_session(
-            &SessionGrant {
-                policy: "s".into(),
-                ..session_grant(id, u64::MAX, false)
-            },
-            NOW,
-        )
+        .revoke_session(&session_grant("s", id, u64::MAX, false), NOW)
         .await?;
     assert_eq!(
         ledger.reserve(&under(44, U256::ZERO), true, NOW).await?,
@@ -2658,8 +2640,9 @@ async fn shared_session_budgets_are_fields_of_their_end_days_hash() -> TestResul
     let policies = vec!["p".to_owned()];
     let day = (NOW + 7200) / 86_400;
     // Two sessions ending that day, hours apart; a third of version 1.
-    let grant =
-        |id: u8, valid_until, shared| session_grant(B256::repeat_byte(id), valid_until, shared);
+    let grant = |id: u8, valid_until, shared| {
+        session_grant("p", B256::repeat_byte(id), valid_until, shared)
+    };
     let (x, y, own) = (
         grant(0x51, day * 86_400 + 60, true),
         grant(0x52, day * 86_400 + 80_000, true),
@@ -2755,14 +2738,17 @@ async fn a_shared_budgets_revocation_is_read_with_its_counter() -> TestResult {
     let budget = |id: u8, end: u64| Scope {
         expires_at: end + GRACE_SECS,
         ..scope(
-            &session_budget_scope(&session_grant(B256::repeat_byte(id), end, true)),
+            &session_budget_scope(&session_grant("p", B256::repeat_byte(id), end, true)),
             Some(1000),
             None,
         )
     };
     // Revoked before any reservation: the revocation makes the hash.
     ledger
-        .revoke_session(&session_grant(B256::repeat_byte(0x71), late, true), NOW)
+        .revoke_session(
+            &session_grant("p", B256::repeat_byte(0x71), late, true),
+            NOW,
+        )
         .await?;
     let key = format!("sp:{{p}}:budget:sender:d{day}");
     let status: Option<String> = redis::cmd("HGET")
@@ -3106,7 +3092,7 @@ async fn a_reservation_takes_at_most_400_bytes_550_with_a_new_sender() -> TestRe
         // The same, the session's budget shared (version 2: the session load's shape).
         UnderSharedSession,
     }
-    let shared = session_budget_scope(&session_grant(session, NOW + 7200, true));
+    let shared = session_budget_scope(&session_grant("p", session, NOW + 7200, true));
     // Ops `from..from + count`, by `ledger`.
     let reserve_many = async |ledger: &Ledger, from: u64, count: u64, ops: Ops| -> TestResult {
         for i in from..from + count {
@@ -3265,7 +3251,7 @@ async fn the_service_packs_records_as_lib_lua_does() -> TestResult {
             13,
             3,
             vec![scope(
-                &session_budget_scope(&session_grant(shared, NOW + 7200, true)),
+                &session_budget_scope(&session_grant("p", shared, NOW + 7200, true)),
                 None,
                 None,
             )],
@@ -4059,9 +4045,9 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         .await;
     let session = B256::repeat_byte(0x5e);
     let revoked = hasty
-        .revoke_session(&session_grant(session, NOW + 7200, false), NOW)
+        .revoke_session(&session_grant("p", session, NOW + 7200, false), NOW)
         .await;
-    let shared = session_grant(B256::repeat_byte(0x5d), NOW + 7200, true);
+    let shared = session_grant("p", B256::repeat_byte(0x5d), NOW + 7200, true);
     let revoked_shared = hasty.revoke_session(&shared, NOW).await;
     replica.resume()?;
     assert!(
@@ -4094,7 +4080,7 @@ async fn reservations_and_revocations_wait_for_the_replicas_asked_for() -> TestR
         Outcome::Existing(answer(2, NOW + 600))
     );
     patient
-        .revoke_session(&session_grant(session, NOW + 7200, false), NOW)
+        .revoke_session(&session_grant("p", session, NOW + 7200, false), NOW)
         .await?;
     let status: Option<String> = redis::cmd("HGET")
         .arg(format!("sp:{{p}}:session:{session}"))
