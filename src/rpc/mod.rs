@@ -163,33 +163,17 @@ async fn handle_body(
         }
         Value::Array(calls) => {
             let mut out = Vec::with_capacity(calls.len());
-            let mut explains = 0;
+            let mut explains_left = MAX_EXPLAINS_PER_BATCH;
             for call in &calls {
-                if call["method"] == "pm_explainSponsorship" {
-                    explains += 1;
-                    if explains > MAX_EXPLAINS_PER_BATCH {
-                        let msg = format!(
-                            "invalid request: a batch holds at most {MAX_EXPLAINS_PER_BATCH} pm_explainSponsorship calls"
-                        );
-                        // (A notification, without an id, is answered nothing; an id of
-                        // another type is answered as null, as `handle_call` answers it.)
-                        if let Some(id) = call.get("id") {
-                            let id = if id.is_string() || id.is_number() {
-                                id.clone()
-                            } else {
-                                Value::Null
-                            };
-                            out.push(error_response(id, RpcError::new(INVALID_REQUEST, msg)));
-                        }
-                        continue;
-                    }
-                }
-                out.extend(handle_call(state, key, chain, call, request_id).await);
+                let answer = handle_call(state, key, chain, call, request_id, &mut explains_left);
+                out.extend(answer.await);
             }
             reply((!out.is_empty()).then_some(Value::Array(out)))
         }
         call => {
-            let answer = handle_call(state, key, chain, &call, request_id).await;
+            let mut explains_left = MAX_EXPLAINS_PER_BATCH;
+            let answer =
+                handle_call(state, key, chain, &call, request_id, &mut explains_left).await;
             let limited = answer
                 .as_ref()
                 .is_some_and(|a| a["error"]["code"] == json!(RATE_LIMITED));
@@ -222,12 +206,16 @@ fn envelope(id: Value, member: &str, body: Value) -> Value {
     Value::Object(obj)
 }
 
+/// One call of a request; `explains_left`: how many more `pm_explainSponsorship` calls the
+/// request may make (one more is refused with `-32600`, as any invalid call is answered,
+/// counted and logged).
 async fn handle_call(
     state: &AppState,
     key: Option<&ApiKey>,
     chain: Option<u64>,
     call: &Value,
     request_id: &str,
+    explains_left: &mut usize,
 ) -> Option<Value> {
     let invalid = |id: Value, why: &str| {
         Some(error_response(
@@ -269,9 +257,22 @@ async fn handle_call(
         Some(_) => return invalid(reply_id, "`params` must be an array or an object"),
     };
     let started = std::time::Instant::now();
-    let outcome = match key.map(|k| state.sponsor.limits().check_api_key(&k.name)) {
-        Some(Err(limited)) => Err(RpcError::rate_limited(&limited)),
-        _ => methods::call(state, key, chain, method, params, request_id).await,
+    let explain = method == "pm_explainSponsorship";
+    let outcome = if explain && *explains_left == 0 {
+        Err(RpcError::new(
+            INVALID_REQUEST,
+            format!(
+                "invalid request: a batch holds at most {MAX_EXPLAINS_PER_BATCH} pm_explainSponsorship calls"
+            ),
+        ))
+    } else {
+        if explain {
+            *explains_left -= 1;
+        }
+        match key.map(|k| state.sponsor.limits().check_api_key(&k.name)) {
+            Some(Err(limited)) => Err(RpcError::rate_limited(&limited)),
+            _ => methods::call(state, key, chain, method, params, request_id).await,
+        }
     };
     let metrics = state.sponsor.metrics();
     match &outcome {

@@ -1910,8 +1910,9 @@ async fn an_explanation_stays_small_whatever_the_call_data_makes() -> TestResult
     // (6.6 MB for these twelve with the bounds lifted: a record, measured once.)
     assert!(body.len() < 600_000, "{} bytes", body.len());
 
-    // A small explanation omits nothing, and says so; a refused one answers an id of another
-    // type as null, as every call does.
+    // A small explanation omits nothing, and says so; past the cap, one with an id of another
+    // type is answered with a null id and a notification is answered nothing, as every call
+    // is; and each refused one is counted among the requests.
     let small = op_calling(
         executeCall {
             dest: COUNTER,
@@ -1928,7 +1929,48 @@ async fn an_explanation_stays_small_whatever_the_call_data_makes() -> TestResult
         })
         .collect();
     batch[MAX_EXPLAINS_PER_BATCH]["id"] = json!({ "an": "object" });
+    let mut notification = batch[0].clone();
+    notification.as_object_mut().ok_or("a call")?.remove("id");
+    batch.push(notification);
+    let mut last = batch[0].clone();
+    last["id"] = json!("last");
+    batch.push(last);
+    let counted = |text: &str| {
+        text.lines()
+            .find(|l| {
+                l.starts_with("sp_requests_total{")
+                    && l.contains("method=\"pm_explainSponsorship\"")
+                    && l.contains("outcome=\"-32600\"")
+            })
+            .and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+            .unwrap_or(0)
+    };
+    let metrics = async || -> TestResult<String> {
+        Ok(reqwest::get(format!("{}/metrics", app.url))
+            .await?
+            .text()
+            .await?)
+    };
+    let before = counted(&metrics().await?);
     let (_, answers) = app.post(&Value::Array(batch).to_string()).await?;
+    let answers = answers.as_array().ok_or("not a batch answer")?;
+    assert_eq!(
+        answers.len(),
+        MAX_EXPLAINS_PER_BATCH + 2,
+        "the notification unanswered"
+    );
+    assert_eq!(
+        (
+            answers[MAX_EXPLAINS_PER_BATCH + 1]["id"].clone(),
+            answers[MAX_EXPLAINS_PER_BATCH + 1]["error"]["code"].clone()
+        ),
+        (json!("last"), json!(-32600))
+    );
+    assert_eq!(
+        counted(&metrics().await?) - before,
+        2,
+        "the two past the cap"
+    );
     assert_eq!(
         answers[0]["result"]["checksOmitted"],
         json!(0),
