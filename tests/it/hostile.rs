@@ -1555,12 +1555,21 @@ mod erc7579 {
     }
 }
 
+mod safe {
+    alloy::sol! {
+        function executeUserOp(address to, uint256 value, bytes data, uint8 operation);
+        function multiSend(bytes transactions);
+    }
+}
+
 /// Found in review: three fields a stranger writes that reached the ledger or a grant while no
 /// EntryPoint or account would treat them as the checks did, each refused now at the boundary:
 /// - a `preVerificationGas` above 120 bits (every EntryPoint refuses it, AA94; its wrapping sum
 ///   made the worst case next to nothing): `-32602` on the field, not a policy's refusal;
 /// - a call to `address(0)` in ERC-7579 `execute`, which an ERC-7821 account (the same selector
 ///   and batch mode) runs as a call to itself: refused even under a policy that lists `0x0`;
+///   and a Safe's MultiSend transaction to `address(0)`, which MultiSend 1.5 runs as one to the
+///   Safe itself;
 /// - a session `spend` cap on `0x0` or the native placeholder, which no token call targets:
 ///   refused by the admin API rather than stored as a cap that caps nothing.
 #[tokio::test]
@@ -1629,6 +1638,38 @@ async fn fields_no_entry_point_or_account_runs_as_checked_are_refused() -> TestR
         .await?;
         assert_eq!(reason(&v), "malformed_calldata", "mode {mode}: {v}");
     }
+    // A Safe delegatecalling the canonical MultiSend 1.4.1 with one transaction, to 0x0: its
+    // packed form (operation, to, value, data length, data).
+    let mut packed = vec![0u8];
+    packed.extend_from_slice(Address::ZERO.as_slice());
+    packed.extend_from_slice(&U256::ZERO.to_be_bytes::<32>());
+    packed.extend_from_slice(&U256::from(4u64).to_be_bytes::<32>());
+    packed.extend_from_slice(&keccak256("owner()")[..4]);
+    let multi_send = safe::executeUserOpCall {
+        to: session_paymaster::policy::calldata::KNOWN_MULTISEND[3],
+        value: U256::ZERO,
+        data: safe::multiSendCall {
+            transactions: packed.into(),
+        }
+        .abi_encode()
+        .into(),
+        operation: 1,
+    }
+    .abi_encode();
+    let v = sponsor(
+        &app,
+        &op_calling(multi_send, 3),
+        ep07,
+        json!({ "sponsorshipPolicyId": "zero" }),
+    )
+    .await?;
+    assert_eq!(reason(&v), "malformed_calldata", "multiSend to 0x0: {v}");
+    assert!(
+        v["error"]["data"]["detail"]
+            .as_str()
+            .is_some_and(|m| m.contains("address(0)")),
+        "{v}"
+    );
 
     for token in [
         Address::ZERO.to_string(),
