@@ -901,66 +901,42 @@ mod tests {
                 metrics: MetricsAt::Main
             })
         );
-        let joined = [
-            "--admin-listen",
-            "10.0.0.1:9000",
-            "--metrics-listen",
-            "10.0.0.1:9000",
-        ];
+        // Both side listeners given.
+        let pair = |admin: &str, metrics: &str| {
+            listeners(&["--admin-listen", admin, "--metrics-listen", metrics])
+        };
         assert_eq!(
-            listeners(&joined),
+            pair("10.0.0.1:9000", "10.0.0.1:9000"),
             Ok(Listeners {
                 admin: Some(at("10.0.0.1:9000")),
                 metrics: MetricsAt::Admin
             })
         );
-        let own = [
-            "--admin-listen",
-            "10.0.0.1:9000",
-            "--metrics-listen",
-            "10.0.0.1:9464",
-        ];
-        assert_eq!(
-            listeners(&own).map(|l| l.metrics),
-            Ok(MetricsAt::Own(at("10.0.0.1:9464")))
-        );
-        let any_port = [
-            "--admin-listen",
-            "127.0.0.1:0",
-            "--metrics-listen",
-            "127.0.0.1:0",
-        ];
-        assert_eq!(
-            listeners(&any_port).map(|l| l.metrics),
-            Ok(MetricsAt::Own(at("127.0.0.1:0")))
-        );
-        for clash in [
-            &["--metrics-listen", "0.0.0.0:4337"][..],
-            &["--metrics-listen", "127.0.0.1:4337"],
-            &["--admin-listen", "10.0.0.1:4337"],
-            &[
-                "--admin-listen",
-                "0.0.0.0:9000",
-                "--metrics-listen",
-                "127.0.0.1:9000",
-            ],
+        for (admin, metrics) in [
+            ("10.0.0.1:9000", "10.0.0.1:9464"),
+            ("127.0.0.1:0", "127.0.0.1:0"),
+            // Another address on another interface may share a port.
+            ("10.0.0.1:9000", "10.0.0.2:9000"),
         ] {
-            let refused = listeners(clash).unwrap_err();
-            assert!(
-                refused.contains("would listen on one port"),
-                "{clash:?}: {refused}"
+            assert_eq!(
+                pair(admin, metrics).map(|l| l.metrics),
+                Ok(MetricsAt::Own(at(metrics))),
+                "{admin} {metrics}"
             );
         }
-        // Another address on another interface may share a port.
-        assert!(
-            listeners(&[
-                "--admin-listen",
-                "10.0.0.1:9000",
-                "--metrics-listen",
-                "10.0.0.2:9000"
-            ])
-            .is_ok()
-        );
+        let clashes = [
+            listeners(&["--metrics-listen", "0.0.0.0:4337"]),
+            listeners(&["--metrics-listen", "127.0.0.1:4337"]),
+            listeners(&["--admin-listen", "10.0.0.1:4337"]),
+            pair("0.0.0.0:9000", "127.0.0.1:9000"),
+        ];
+        for (i, clash) in clashes.into_iter().enumerate() {
+            let refused = clash.unwrap_err();
+            assert!(
+                refused.contains("would listen on one port"),
+                "{i}: {refused}"
+            );
+        }
     }
 
     #[test]
