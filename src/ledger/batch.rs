@@ -42,8 +42,11 @@ pub(super) const MAX_BATCH: usize = 32;
 /// about a tenth more of redis-server's CPU a sponsorship in the closed loop).
 pub(super) const MAX_IN_FLIGHT: usize = 1;
 
-/// Most reservations of one policy waiting for a call (with a full call in flight, 128 held).
-pub(super) const MAX_WAITING: usize = 3 * MAX_BATCH;
+/// Most reservations of one policy waiting for a call: sixteen calls' worth, about 10 ms of
+/// Redis' work, so that a burst against a healthy Redis waits (400 requests at once to one
+/// replica were refused a tenth with four calls' worth), while a stalled one still refuses at
+/// once what comes past them.
+pub(super) const MAX_WAITING: usize = 16 * MAX_BATCH;
 
 /// What makes a call: the operations in order, their replies in the same order (as many), or
 /// one error for all of them.

@@ -1476,10 +1476,10 @@ async fn a_senders_budget_is_its_own_in_its_windows_shared_hash() -> TestResult 
 
 /// Flood one policy while Redis is slow, to grow what the service holds for it without end
 /// (under load a policy's reservations wait for its calls in flight, `ledger::batch`), or to
-/// get reserved what the service refused. Redis pauses its writes for 4 s and 200 requests of
-/// one policy come meanwhile: the first goes in the one call a replica may have in flight, 96
-/// wait, and the other 103 are refused at once (`store_unavailable`, retryable), never sent
-/// to Redis; once it is back, the 97 are signed, and the budget counts exactly those.
+/// get reserved what the service refused. Redis pauses its writes for 4 s and 600 requests of
+/// one policy come meanwhile: the first goes in the one call a replica may have in flight, 512
+/// wait, and the other 87 are refused at once (`store_unavailable`, retryable), never sent
+/// to Redis; once it is back, the 513 are signed, and the budget counts exactly those.
 #[tokio::test]
 async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -1501,7 +1501,7 @@ async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResu
     let ep07 = ep(EntryPointVersion::V0_7);
     // One client for all (a client each would spend the pause making clients).
     let http = reqwest::Client::new();
-    let tasks: Vec<_> = (0..200u64)
+    let tasks: Vec<_> = (0..600u64)
         .map(|i| {
             let (url, http) = (app.url.clone(), http.clone());
             let sender = Address::from_word(B256::from(U256::from(0x5e00 + i)));
@@ -1534,7 +1534,7 @@ async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResu
     }
     // Exactly the bound: had the refused waited, they would have been signed once Redis was
     // back (the budget allows 1000).
-    assert_eq!((signed, refused), (1 + 96, 200 - 97));
+    assert_eq!((signed, refused), (1 + 512, 600 - 513));
     let day = unix_now() / 86_400;
     let (_, ops) = app
         .state

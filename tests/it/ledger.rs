@@ -1365,7 +1365,7 @@ async fn concurrent_sponsorships_sign_exactly_the_budget_on_redis_cluster() -> T
     // debug-built replicas keep two cores busy, and the default 500 ms would fail some closed.
     c.redis_timeout = Duration::from_secs(5);
     let apps = vec![TestApp::spawn(c.clone()).await?, TestApp::spawn(c).await?];
-    exactly_k_of_200(&apps).await
+    exactly_k_of(&apps, 200).await
 }
 
 const K: u64 = 7;
@@ -1393,9 +1393,9 @@ async fn apps(n: usize, redis: Option<&TestRedis>, dir: &TempDir) -> TestResult<
     Ok(out)
 }
 
-/// 200 distinct sponsorships at once against a budget of K operations.
-async fn exactly_k_of_200(apps: &[TestApp]) -> TestResult {
-    let tasks: Vec<_> = (0..200u64)
+/// `n` distinct sponsorships at once against a budget of K operations.
+async fn exactly_k_of(apps: &[TestApp], n: u64) -> TestResult {
+    let tasks: Vec<_> = (0..n)
         .map(|i| {
             let url = apps[i as usize % apps.len()].url.clone();
             let body = json!({
@@ -1428,7 +1428,7 @@ async fn exactly_k_of_200(apps: &[TestApp]) -> TestResult {
             exhausted += 1;
         }
     }
-    assert_eq!((signed, exhausted), (K, 200 - K));
+    assert_eq!((signed, exhausted), (K, n - K));
     let day = session_paymaster::clock::unix_now() / 86_400;
     let (_, ops) = apps[0]
         .state
@@ -1443,7 +1443,7 @@ async fn exactly_k_of_200(apps: &[TestApp]) -> TestResult {
 #[tokio::test]
 async fn concurrent_sponsorships_sign_exactly_the_budget_in_memory() -> TestResult {
     let dir = budget_dir()?;
-    exactly_k_of_200(&apps(1, None, &dir).await?).await
+    exactly_k_of(&apps(1, None, &dir).await?, 200).await
 }
 
 #[tokio::test]
@@ -1451,7 +1451,19 @@ async fn concurrent_sponsorships_sign_exactly_the_budget_on_two_instances_sharin
 -> TestResult {
     let redis = TestRedis::start().await?;
     let dir = budget_dir()?;
-    exactly_k_of_200(&apps(2, Some(&redis), &dir).await?).await
+    exactly_k_of(&apps(2, Some(&redis), &dir).await?, 200).await
+}
+
+/// A burst of 400 sponsorships of one policy at one replica, against a healthy Redis: each is
+/// answered on its merits (K signed, the rest `budget_exhausted`), none refused as
+/// `store_unavailable` for want of room to wait for the policy's call in flight (a tenth were,
+/// when a policy's reservations had room for 4 calls' worth: `ledger::batch::MAX_WAITING`).
+#[tokio::test]
+async fn a_burst_at_one_replica_waits_for_a_healthy_redis_rather_than_being_refused() -> TestResult
+{
+    let redis = TestRedis::start().await?;
+    let dir = budget_dir()?;
+    exactly_k_of(&apps(1, Some(&redis), &dir).await?, 400).await
 }
 
 #[tokio::test]
@@ -1741,19 +1753,20 @@ async fn a_flood_of_checks_leaves_signing_runs_their_own_queue() -> TestResult {
     let redis = TestRedis::start().await?;
     let (ledger, _) = redis_ledger(&redis).await?;
     let ledger = std::sync::Arc::new(ledger);
-    // More checks than the call in flight and the queue hold (1 + 96), then one signing run.
-    let mut calls: Vec<_> = (1..=130u8)
-        .map(|i| (reservation(i, 10, vec![pm(4200)]), true))
+    // More checks than the call in flight and the queue hold (1 + 512: checks of 250
+    // operations in turn, each check alone reserving nothing), then one signing run.
+    let mut calls: Vec<_> = (0..600u16)
+        .map(|i| (reservation((i % 250 + 1) as u8, 10, vec![pm(4200)]), true))
         .collect();
-    calls.push((reservation(131, 10, vec![pm(4200)]), false));
+    calls.push((reservation(251, 10, vec![pm(4200)]), false));
     let answers = reserve_at_once(&ledger, calls).await?;
-    let refused = answers[..130]
+    let refused = answers[..600]
         .iter()
         .filter(|a| matches!(a, Err(e) if e.to_string().contains("waiting")))
         .count();
     assert!(refused > 0, "the checks overflowed their queue");
     assert_eq!(
-        answers[130].as_ref().map_err(ToString::to_string),
+        answers[600].as_ref().map_err(ToString::to_string),
         Ok(&Outcome::Reserved),
         "the signing run, after {refused} checks refused"
     );
