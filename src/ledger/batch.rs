@@ -6,11 +6,16 @@
 //! `FCALL` for them: its dispatch, `TIME` and the reads of the counters they share, once
 //! (docs/performance.md, "What changed").
 //!
-//! At most [`MAX_IN_FLIGHT`] calls of a policy are in flight at once (a full batch does not
-//! wait for a free one while fewer are), and at most [`MAX_WAITING`] reservations wait: beyond,
-//! a reservation is refused at once (fail closed, retryable) rather than queued without end.
-//! So a reservation waits for a few calls at most before its own, each bounded by the Redis
-//! timeout; one whose client hung up meanwhile is dropped before its call, not reserved.
+//! A policy has one call in flight, and a second only for a full batch ([`MAX_IN_FLIGHT`]): a
+//! call that lands while another is in flight takes what waits only if that fills a call, else
+//! it leaves it to the other. So under load each call carries as many as came during the one
+//! before (what redis-server's CPU per reservation falls with), and only a policy whose
+//! reservations come faster than one call a round trip takes them has two. At most
+//! [`MAX_WAITING`] reservations wait: beyond, a reservation is refused at once (fail closed,
+//! retryable) rather than queued without end. So a reservation waits for at most
+//! `MAX_WAITING / MAX_BATCH / MAX_IN_FLIGHT` (8) rounds of calls before its own, each bounded
+//! by the Redis timeout; one whose client hung up meanwhile is dropped before its call, not
+//! reserved.
 //!
 //! The Redis ledger gathers a policy's checks (stubs, explanations: `check_only`) apart from its
 //! signing runs, in a `Batches` of their own: each has its own calls in flight and its own bound
@@ -29,24 +34,24 @@ use tokio::sync::oneshot;
 
 use crate::session::StoreError;
 
-/// Most reservations in one call.
-pub(super) const MAX_BATCH: usize = 32;
+/// Most reservations in one call (32 take redis-server about 0.6 ms).
+pub const MAX_BATCH: usize = 32;
 
-/// Most calls of one policy in flight at once. One: what comes for the policy while its call
-/// is in flight waits for the next, and each call carries more. redis-server's CPU per
-/// reservation falls with the reservations a call carries, well beyond the script's own
-/// dispatch (each call is a wake-up, a socket read and a reply write on a busy machine, and
-/// the script's state cold again), and the next call leaves as soon as one lands: a policy's
-/// rate is at most MAX_BATCH a round trip, tens of thousands a second a replica even with a
-/// millisecond to Redis (docs/performance.md, "What changed": 4 in flight, 16 a call, took
-/// about a tenth more of redis-server's CPU a sponsorship in the closed loop).
-pub(super) const MAX_IN_FLIGHT: usize = 1;
+/// Most calls of one policy in flight at once: one, and a second only while a full batch
+/// waits (the module doc). Each call is a wake-up of redis-server, a socket read and a reply
+/// write on a busy machine, with the script's state cold again, which costs it far more than
+/// the script's own dispatch: fewer, fuller calls cost it less a reservation. With up to 4
+/// calls of 16, each taking what waited when it landed, calls carried half as many and
+/// redis-server took 5-7 % more CPU a sponsorship in the closed loop (docs/performance.md, "A
+/// run", 0.3.12, and "What changed"). Two full calls a round trip keep a policy's rate where 4
+/// of 16 had it.
+pub const MAX_IN_FLIGHT: usize = 2;
 
 /// Most reservations of one policy waiting for a call: sixteen calls' worth, about 10 ms of
 /// Redis' work, so that a burst against a healthy Redis waits (400 requests at once to one
-/// replica were refused a tenth with four calls' worth), while a stalled one still refuses at
-/// once what comes past them.
-pub(super) const MAX_WAITING: usize = 16 * MAX_BATCH;
+/// replica: 23-25 refused with 64 waiting, as 0.3.11 had, none with this), while a stalled one
+/// still refuses at once what comes past them.
+pub const MAX_WAITING: usize = 16 * MAX_BATCH;
 
 /// What makes a call: the operations in order, their replies in the same order (as many), or
 /// one error for all of them.
@@ -151,6 +156,7 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
     /// Runs `batch`, then what waits for the policy, until nothing does.
     async fn drive(mut self, mut batch: Vec<Waiter<Op, Reply>>) {
         let batches = Arc::clone(&self.batches);
+        let mut failed = None;
         loop {
             let (ops, answers): (Vec<Op>, Vec<_>) =
                 batch.drain(..).map(|w| (w.op, w.answer)).unzip();
@@ -173,6 +179,7 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
                     for answer in answers {
                         let _ = answer.send(Err(e.clone()));
                     }
+                    failed = Some(e);
                 }
             }
             let mut policies = batches.lock();
@@ -181,7 +188,23 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
                 self.landed = true;
                 return;
             };
-            batch = take(&mut p.waiting);
+            if let Some(e) = failed.take() {
+                // A call fails whole only for what Redis did to it (a timeout, a lost
+                // connection, a refusal of every write, replicas that did not acknowledge):
+                // what waits would fail the same way, each call after its own timeout, the
+                // last after MAX_WAITING / MAX_BATCH of them. It is refused now, as it would be
+                // once the queue is full (nothing of it was sent).
+                for w in p.waiting.drain(..) {
+                    let _ = w.answer.send(Err(e.clone()));
+                }
+            }
+            // A second call in flight goes on only with a full batch; else what waits goes in
+            // the other's next call.
+            batch = if p.in_flight > 1 && p.waiting.len() < MAX_BATCH {
+                Vec::new()
+            } else {
+                take(&mut p.waiting)
+            };
             if batch.is_empty() {
                 p.in_flight -= 1;
                 if p.in_flight == 0 {
@@ -242,22 +265,19 @@ mod tests {
     use super::*;
 
     /// Batches whose calls echo their operations, each call waiting for a permit of `gate`
-    /// (but those of operations from 1000 on);
+    /// and using it up (but those of operations from 1000 on): a permit lets one call land;
     /// `sizes` records each call's size.
     fn echo(gate: Arc<Semaphore>, sizes: Arc<Mutex<Vec<usize>>>) -> Arc<Batches<u32, u32>> {
         Batches::new(Arc::new(move |ops: Vec<u32>| {
             let (gate, sizes) = (gate.clone(), sizes.clone());
             Box::pin(async move {
                 // (Operations from 1000 on are another policy's, never held.)
-                let _permit = if ops.iter().all(|&op| op >= 1000) {
-                    None
-                } else {
-                    Some(
-                        gate.acquire()
-                            .await
-                            .map_err(|e| StoreError::Unavailable(e.to_string()))?,
-                    )
-                };
+                if ops.iter().any(|&op| op < 1000) {
+                    gate.acquire()
+                        .await
+                        .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                        .forget();
+                }
                 sizes
                     .lock()
                     .unwrap_or_else(std::sync::PoisonError::into_inner)
@@ -278,7 +298,8 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let batches = echo(gate.clone(), sizes.clone());
-        let tasks: Vec<_> = (0..40u32)
+        let n = MAX_BATCH + 8;
+        let tasks: Vec<_> = (0..n as u32)
             .map(|i| {
                 let b = batches.clone();
                 tokio::spawn(async move { b.submit("p", i).await })
@@ -297,11 +318,129 @@ mod tests {
             .unwrap_or_else(std::sync::PoisonError::into_inner)
             .clone();
         sizes.sort_unstable();
-        // The first alone (no call in flight); then, when it landed, MAX_BATCH (32) of the
-        // 39 that waited for it, then the last 7 (one call in flight at a time).
-        assert_eq!(sizes, vec![1, 7, 32]);
+        // The first alone (no call in flight); the MAX_BATCH that waited next filled a call,
+        // which went at once as a second in flight; the last 7 in one call after them.
+        let mut expected = vec![1, n - 1 - MAX_BATCH, MAX_BATCH];
+        expected.sort_unstable();
+        assert_eq!(sizes, expected);
         assert!(batches.lock().is_empty(), "nothing left in flight");
         Ok(())
+    }
+
+    /// A second call in flight is for a full batch only: one that lands while the other is in
+    /// flight leaves what waits (less than a full batch) to the other's next call.
+    #[tokio::test]
+    async fn a_second_call_in_flight_goes_for_a_full_batch_and_no_further() {
+        let gate = Arc::new(Semaphore::new(0));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batches = echo(gate.clone(), sizes.clone());
+        let submit = |from: u32, count: u32| -> Vec<_> {
+            (from..from + count)
+                .map(|i| {
+                    let b = batches.clone();
+                    tokio::spawn(async move { b.submit("p", i).await })
+                })
+                .collect()
+        };
+        // A call of 1, a full one of MAX_BATCH beside it, then 5 waiting.
+        let mut tasks = submit(0, 1 + MAX_BATCH as u32 + 5);
+        settle().await;
+        assert_eq!(batches.lock()["p"].in_flight, 2);
+        // The call of 1 lands (the gate's permits go in turn): the 5 stay waiting.
+        gate.add_permits(1);
+        settle().await;
+        {
+            let policies = batches.lock();
+            assert_eq!(
+                (policies["p"].in_flight, policies["p"].waiting.len()),
+                (1, 5)
+            );
+        }
+        // 3 more come; then the full call lands, and takes the 8 in one call.
+        tasks.extend(submit(100, 3));
+        settle().await;
+        gate.add_permits(1000);
+        for task in tasks {
+            assert!(matches!(task.await, Ok(Ok(_))));
+        }
+        let sizes = sizes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert_eq!(sizes, vec![1, MAX_BATCH, 8]);
+        assert!(batches.lock().is_empty());
+    }
+
+    /// A call that fails whole (Redis timed out, say) refuses with its error what waits for it
+    /// too, at once, rather than each waiting call failing after a timeout of its own.
+    #[tokio::test]
+    async fn a_failed_call_refuses_what_waits_for_it() {
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (held, counted) = (gate.clone(), calls.clone());
+        let batches: Arc<Batches<u32, u32>> = Batches::new(Arc::new(move |_ops: Vec<u32>| {
+            let (gate, calls) = (held.clone(), counted.clone());
+            Box::pin(async move {
+                calls.fetch_add(1, Ordering::SeqCst);
+                gate.acquire()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                    .forget();
+                Err(StoreError::Unavailable("timed out".into()))
+            })
+        }));
+        let tasks: Vec<_> = (0..6u32)
+            .map(|i| {
+                let b = batches.clone();
+                tokio::spawn(async move { b.submit("p", i).await })
+            })
+            .collect();
+        settle().await;
+        gate.add_permits(1);
+        for task in tasks {
+            // (Sent in a call of their own, they would wait for a permit that never comes.)
+            let answer = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
+            match answer {
+                Ok(Ok(Err(StoreError::Unavailable(why)))) => assert_eq!(why, "timed out"),
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!(
+            calls.load(Ordering::SeqCst),
+            1,
+            "the 5 waiting were not sent"
+        );
+        assert!(batches.lock().is_empty());
+        // The next goes as usual.
+        gate.add_permits(1);
+        assert!(batches.submit("p", 9).await.is_err());
+        assert_eq!(calls.load(Ordering::SeqCst), 2);
+    }
+
+    /// A burst of 400 at a policy whose call is held waits, none refused (0.3.11's 4 calls of
+    /// 16 and 64 waiting held 113, and refused 287).
+    #[tokio::test]
+    async fn a_burst_of_400_waits_for_a_held_call() {
+        let gate = Arc::new(Semaphore::new(0));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let batches = echo(gate.clone(), sizes.clone());
+        let tasks: Vec<_> = (0..400u32)
+            .map(|i| {
+                let b = batches.clone();
+                tokio::spawn(async move { b.submit("p", i).await })
+            })
+            .collect();
+        settle().await;
+        gate.add_permits(1000);
+        for (i, task) in tasks.into_iter().enumerate() {
+            assert_eq!(task.await.ok().and_then(Result::ok), Some(i as u32));
+        }
+        let sizes = sizes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone();
+        assert_eq!(sizes.iter().sum::<usize>(), 400);
+        assert!(sizes.iter().all(|&n| n <= MAX_BATCH), "{sizes:?}");
     }
 
     #[tokio::test]
@@ -335,7 +474,7 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let batches = echo(gate.clone(), sizes.clone());
-        // Every call in flight, MAX_WAITING waiting.
+        // Both calls in flight (one of 1, one full), MAX_WAITING waiting.
         let in_flight = 1 + (MAX_IN_FLIGHT - 1) * MAX_BATCH;
         let tasks: Vec<_> = (0..(in_flight + MAX_WAITING) as u32)
             .map(|i| {
@@ -396,8 +535,8 @@ mod tests {
                 other => panic!("{other:?}"),
             }
         }
-        // In flight: one call of 1 and, while more may be, full batches of MAX_BATCH (the next
-        // full batch found no room); then MAX_WAITING wait; the rest are refused.
+        // In flight: one call of 1 and a full one of MAX_BATCH (the next full batch found no
+        // room); then MAX_WAITING wait; the rest are refused.
         assert_eq!(
             refused,
             total - (1 + (MAX_IN_FLIGHT - 1) * MAX_BATCH + MAX_WAITING)

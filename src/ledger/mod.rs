@@ -30,6 +30,10 @@ mod batch;
 pub mod memory;
 pub mod redis;
 
+/// How the Redis ledger gathers a policy's reservations into calls, and how many it holds
+/// (`ledger::batch`; the same again for its checks).
+pub use batch::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING};
+
 use std::collections::BTreeMap;
 
 use alloy::primitives::{Address, B256, U256, keccak256};

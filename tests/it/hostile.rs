@@ -1476,32 +1476,41 @@ async fn a_senders_budget_is_its_own_in_its_windows_shared_hash() -> TestResult 
 
 /// Flood one policy while Redis is slow, to grow what the service holds for it without end
 /// (under load a policy's reservations wait for its calls in flight, `ledger::batch`), or to
-/// get reserved what the service refused. Redis pauses its writes for 4 s and 600 requests of
-/// one policy come meanwhile: the first goes in the one call a replica may have in flight, 512
-/// wait, and the other 87 are refused at once (`store_unavailable`, retryable), never sent
-/// to Redis; once it is back, the 513 are signed, and the budget counts exactly those.
+/// get reserved what the service refused. Redis pauses its writes and 600 requests of one
+/// policy come meanwhile: the first goes in a call alone, the next 32 fill a second call in
+/// flight, 512 wait (`ledger::MAX_IN_FLIGHT`, `MAX_BATCH`, `MAX_WAITING`), and the other 55
+/// are refused at once (`store_unavailable`, retryable), never sent to Redis; once it is back,
+/// the 545 are signed, and the budget counts exactly those. (Redis stays paused until the 55
+/// refusals are in, however long 600 requests take to come on a slow machine.)
 #[tokio::test]
 async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResult {
+    use session_paymaster::ledger::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING};
+    // (1,200 sockets in this process: the client's and the service's.)
+    session_paymaster::server::raise_open_files();
+    let held = (1 + (MAX_IN_FLIGHT - 1) * MAX_BATCH + MAX_WAITING) as u64;
+    let (total, over) = (held + 55, 55);
     let redis = TestRedis::start().await?;
     let dir = counter_policy_dir("hostile", "flood", 1000)?;
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.policies_dir = dir.0.clone();
     c.redis_url = Some(redis.url.clone());
     // Longer than the pause: the calls in flight wait for Redis, not time out.
-    c.redis_timeout = std::time::Duration::from_secs(10);
+    c.redis_timeout = std::time::Duration::from_secs(120);
     let app = TestApp::spawn(c).await?;
     let client = redis::Client::open(redis.url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     redis::cmd("CLIENT")
         .arg("PAUSE")
-        .arg(4000)
+        .arg(120_000)
         .arg("WRITE")
         .query_async::<()>(&mut conn)
         .await?;
     let ep07 = ep(EntryPointVersion::V0_7);
-    // One client for all (a client each would spend the pause making clients).
+    // One client for all (a client each would spend the pause making clients); the answers as
+    // they come.
     let http = reqwest::Client::new();
-    let tasks: Vec<_> = (0..600u64)
+    let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
+    let tasks: Vec<_> = (0..total)
         .map(|i| {
             let (url, http) = (app.url.clone(), http.clone());
             let sender = Address::from_word(B256::from(U256::from(0x5e00 + i)));
@@ -1510,6 +1519,7 @@ async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResu
                 "params": [counter_op(sender, 0, "increment()").to_json(), ep07,
                            { "sponsorshipPolicyId": "flood" }]
             });
+            let answers = answers.clone();
             tokio::spawn(async move {
                 let v = http
                     .post(url)
@@ -1518,23 +1528,42 @@ async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResu
                     .await?
                     .json::<Value>()
                     .await?;
-                Ok::<_, reqwest::Error>(v)
+                let _ = answers.send(v);
+                Ok::<_, reqwest::Error>(())
             })
         })
         .collect();
+    drop(answers);
     let (mut signed, mut refused) = (0u64, 0u64);
-    for task in tasks {
-        let v = task.await??;
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(100);
+    let mut unpaused = false;
+    while let Ok(Some(v)) = tokio::time::timeout_at(deadline, answered.recv()).await {
         if v["result"]["paymasterData"].is_string() {
             signed += 1;
         } else {
             assert_eq!(reason(&v), "store_unavailable", "{v}");
             refused += 1;
         }
+        if refused == over && !unpaused {
+            // Every request is in: the held ones wait, the rest were refused.
+            assert_eq!(signed, 0, "nothing signed while Redis is paused");
+            redis::cmd("CLIENT")
+                .arg("UNPAUSE")
+                .query_async::<()>(&mut conn)
+                .await?;
+            unpaused = true;
+        }
+    }
+    assert!(
+        unpaused,
+        "by the deadline: {refused} refused, {signed} signed"
+    );
+    for task in tasks {
+        task.await??;
     }
     // Exactly the bound: had the refused waited, they would have been signed once Redis was
     // back (the budget allows 1000).
-    assert_eq!((signed, refused), (1 + 512, 600 - 513));
+    assert_eq!((signed, refused), (held, over));
     let day = unix_now() / 86_400;
     let (_, ops) = app
         .state
