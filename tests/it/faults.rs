@@ -3,7 +3,7 @@
 //! reservation, and everything recovers without restarting the service. (A Redis restart from
 //! its append-only file is `ledger::redis_restart_with_aof_keeps_budgets_and_fails_closed_meanwhile`.)
 
-use std::process::{Child, Command, Stdio};
+use std::process::{Command, Stdio};
 use std::sync::Arc;
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
@@ -14,32 +14,16 @@ use serde_json::{Value, json};
 use session_paymaster::chain::watcher::{Cursor, Finality, Watcher};
 use session_paymaster::userop::EntryPointVersion;
 
-use crate::helpers::{TempDir, TestRedis, TestResult, counter_op, counter_policy_dir};
+use crate::helpers::{KillOnDrop, TempDir, TestRedis, TestResult, counter_op, counter_policy_dir};
 
 fn budgeted_dir() -> TestResult<TempDir> {
     counter_policy_dir("faults", "budgeted", 100_000)
 }
 
-/// The real binary, killed outright on drop (or by [`Service::kill`]).
+/// The real binary, killed outright on drop (or by `child.kill()`).
 struct Service {
-    child: Child,
+    child: KillOnDrop,
     url: String,
-}
-
-impl Service {
-    /// `kill -9`: no shutdown, nothing flushed.
-    fn kill(&mut self) -> TestResult {
-        self.child.kill()?;
-        self.child.wait()?;
-        Ok(())
-    }
-}
-
-impl Drop for Service {
-    fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
-    }
 }
 
 /// The real binary on Redis, serving `dir`; its log goes to `dir/serve.log`.
@@ -62,7 +46,7 @@ async fn serve(dir: &TempDir, redis: &str, key_file: &std::path::Path) -> TestRe
         .stderr(std::fs::File::create(&log)?)
         .spawn()?;
     let mut service = Service {
-        child,
+        child: KillOnDrop(child),
         url: format!("http://127.0.0.1:{port}"),
     };
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -70,7 +54,7 @@ async fn serve(dir: &TempDir, redis: &str, key_file: &std::path::Path) -> TestRe
         .await
         .is_err()
     {
-        if Instant::now() > deadline || service.child.try_wait()?.is_some() {
+        if Instant::now() > deadline || service.child.0.try_wait()?.is_some() {
             return Err(format!(
                 "service did not start: {}",
                 std::fs::read_to_string(&log).unwrap_or_default()
@@ -123,7 +107,7 @@ async fn kill_9_mid_burst_leaves_no_signature_without_its_reservation() -> TestR
     while signed.lock().map(|s| s.len()).unwrap_or(0) < 20 && Instant::now() < deadline {
         tokio::time::sleep(Duration::from_millis(2)).await;
     }
-    service.kill()?;
+    service.child.kill()?;
     for t in tasks {
         let _ = t.await;
     }

@@ -42,6 +42,36 @@ pub fn policy_day_scope() -> String {
     format!("policy:{}", session_paymaster::clock::unix_now() / 86_400)
 }
 
+/// A child process (the real binary, say) killed and reaped when dropped, so that an assertion
+/// that fails leaves no process holding its ports.
+pub struct KillOnDrop(pub Child);
+
+impl KillOnDrop {
+    /// `kill -9`: no shutdown, nothing flushed.
+    pub fn kill(&mut self) -> TestResult {
+        self.0.kill()?;
+        self.0.wait()?;
+        Ok(())
+    }
+
+    /// Kill it; what it wrote to its stderr, where that was piped.
+    pub fn stop(mut self) -> TestResult<String> {
+        self.kill()?;
+        let mut stderr = String::new();
+        if let Some(mut e) = self.0.stderr.take() {
+            std::io::Read::read_to_string(&mut e, &mut stderr)?;
+        }
+        Ok(stderr)
+    }
+}
+
+impl Drop for KillOnDrop {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
 /// A private temporary directory, removed on drop.
 pub struct TempDir(pub PathBuf);
 

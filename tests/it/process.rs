@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 use serde_json::{Value, json};
 use sha2::{Digest, Sha256};
 
-use crate::helpers::{ADMIN_TOKEN, TempDir, TestResult, counter_op, repo_dir};
+use crate::helpers::{ADMIN_TOKEN, KillOnDrop, TempDir, TestResult, counter_op, repo_dir};
 
 #[tokio::test]
 async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestResult {
@@ -22,7 +22,7 @@ async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestRe
     let api_key = "sp_process_test_key_0123456789";
     let port = crate::helpers::free_port();
     let log_path = dir.0.join("serve.log");
-    let mut child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+    let child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--policies")
         .arg(repo_dir().join("policies"))
@@ -44,6 +44,7 @@ async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestRe
         .stdout(Stdio::null())
         .stderr(std::fs::File::create(&log_path)?)
         .spawn()?;
+    let mut child = KillOnDrop(child);
     let url = format!("http://127.0.0.1:{port}");
     let client = reqwest::Client::new();
     let deadline = Instant::now() + Duration::from_secs(20);
@@ -128,7 +129,7 @@ async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestRe
         tokio::time::sleep(Duration::from_millis(1)).await;
     }
     let status = Command::new("kill")
-        .args(["-TERM", &child.id().to_string()])
+        .args(["-TERM", &child.0.id().to_string()])
         .status()?;
     assert!(status.success());
     let mut answered = 0;
@@ -143,7 +144,7 @@ async fn sigterm_finishes_in_flight_requests_and_no_secret_is_logged() -> TestRe
     }
     let deadline = Instant::now() + Duration::from_secs(10);
     let exit = loop {
-        if let Some(s) = child.try_wait()? {
+        if let Some(s) = child.0.try_wait()? {
             break s;
         }
         assert!(Instant::now() < deadline, "did not stop after SIGTERM");
@@ -337,10 +338,9 @@ async fn budgets_on_redis_without_settlement_need_an_explicit_flag() -> TestResu
     assert!(stderr.contains("--no-settlement"), "{stderr}");
 
     let port = crate::helpers::free_port();
-    let mut child = serve(&["--no-settlement"], port).spawn()?;
-    healthy(&mut child, port, "with --no-settlement").await?;
+    let mut child = KillOnDrop(serve(&["--no-settlement"], port).spawn()?);
+    healthy(&mut child.0, port, "with --no-settlement").await?;
     child.kill()?;
-    child.wait()?;
     Ok(())
 }
 
@@ -351,7 +351,7 @@ async fn serve_follows_the_revocation_feed() -> TestResult {
     let redis = crate::helpers::TestRedis::start().await?;
     let dir = crate::helpers::counter_policy_dir("feed", "budgeted", 5)?;
     let port = crate::helpers::free_port();
-    let mut child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
+    let child = Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
         .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
         .arg("--policies")
         .arg(&dir.0)
@@ -361,9 +361,10 @@ async fn serve_follows_the_revocation_feed() -> TestResult {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    healthy(&mut child, port, "with Redis").await?;
+    let mut child = KillOnDrop(child);
+    healthy(&mut child.0, port, "with Redis").await?;
     // Its lines as they come, to wait for what it says rather than for a fixed time.
-    let stderr = child.stderr.take().ok_or("stderr")?;
+    let stderr = child.0.stderr.take().ok_or("stderr")?;
     let (lines, said) = std::sync::mpsc::channel();
     std::thread::spawn(move || {
         for line in std::io::BufRead::lines(std::io::BufReader::new(stderr)).map_while(Result::ok) {
@@ -417,7 +418,6 @@ async fn serve_follows_the_revocation_feed() -> TestResult {
         .text()
         .await?;
     child.kill()?;
-    child.wait()?;
     assert!(
         metrics
             .lines()
@@ -468,7 +468,7 @@ async fn serve_raises_its_soft_open_file_limit_to_the_hard_one() -> TestResult {
         return Ok(());
     }
     let port = crate::helpers::free_port();
-    let mut child = Command::new("sh")
+    let child = Command::new("sh")
         .args([
             "-c",
             "ulimit -Sn 1024 && ulimit -Hn 4096 && exec \"$@\"",
@@ -481,11 +481,11 @@ async fn serve_raises_its_soft_open_file_limit_to_the_hard_one() -> TestResult {
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .spawn()?;
-    healthy(&mut child, port, "under ulimit").await?;
+    let mut child = KillOnDrop(child);
+    healthy(&mut child.0, port, "under ulimit").await?;
     // (`exec`: the shell's pid is the service's.)
-    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.id()))?;
+    let limits = std::fs::read_to_string(format!("/proc/{}/limits", child.0.id()))?;
     child.kill()?;
-    child.wait()?;
     let line = limits
         .lines()
         .find(|l| l.starts_with("Max open files"))
@@ -543,26 +543,6 @@ async fn serve_refuses_an_admin_key_without_policies() -> TestResult {
 /// not loopback and still serves `/metrics` is warned of at start, and only then.
 #[tokio::test]
 async fn metrics_and_admin_leave_the_main_listener_for_their_own() -> TestResult {
-    /// A `serve` child, killed when dropped (an assertion that fails leaves no process
-    /// holding the ports).
-    struct Serving(std::process::Child);
-    impl Drop for Serving {
-        fn drop(&mut self) {
-            let _ = self.0.kill();
-            let _ = self.0.wait();
-        }
-    }
-    impl Serving {
-        /// Stop it; what it wrote to stderr.
-        fn stop(mut self) -> TestResult<String> {
-            self.0.kill()?;
-            let mut stderr = String::new();
-            if let Some(mut e) = self.0.stderr.take() {
-                e.read_to_string(&mut stderr)?;
-            }
-            Ok(stderr)
-        }
-    }
     let client = reqwest::Client::new();
     let status = |url: String, token: bool| {
         let mut req = client.get(url);
@@ -573,8 +553,8 @@ async fn metrics_and_admin_leave_the_main_listener_for_their_own() -> TestResult
     };
     let token_sha = format!("0x{}", hex::encode(Sha256::digest(ADMIN_TOKEN)));
     let [main, admin, metrics] = [(); 3].map(|()| crate::helpers::free_port());
-    let start = async |flags: &[(&str, String)]| -> TestResult<Serving> {
-        let mut child = Serving(
+    let start = async |flags: &[(&str, String)]| -> TestResult<KillOnDrop> {
+        let mut child = KillOnDrop(
             Command::new(env!("CARGO_BIN_EXE_session-paymaster"))
                 .args(["serve", "--config", "/dev/null"])
                 .args(
