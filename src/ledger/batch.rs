@@ -287,6 +287,26 @@ mod tests {
         }))
     }
 
+    /// `ids` submitted to policy `p` at once, each in a task of its own.
+    fn submit_all(
+        batches: &Arc<Batches<u32, u32>>,
+        ids: std::ops::Range<u32>,
+    ) -> Vec<tokio::task::JoinHandle<Result<u32, StoreError>>> {
+        ids.map(|i| {
+            let b = batches.clone();
+            tokio::spawn(async move { b.submit("p", i).await })
+        })
+        .collect()
+    }
+
+    /// The sizes of the calls made so far, in order.
+    fn calls_made(sizes: &Mutex<Vec<usize>>) -> Vec<usize> {
+        sizes
+            .lock()
+            .unwrap_or_else(std::sync::PoisonError::into_inner)
+            .clone()
+    }
+
     async fn settle() {
         for _ in 0..50 {
             tokio::task::yield_now().await;
@@ -299,12 +319,7 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let batches = echo(gate.clone(), sizes.clone());
         let n = MAX_BATCH + 8;
-        let tasks: Vec<_> = (0..n as u32)
-            .map(|i| {
-                let b = batches.clone();
-                tokio::spawn(async move { b.submit("p", i).await })
-            })
-            .collect();
+        let tasks = submit_all(&batches, 0..n as u32);
         settle().await;
         gate.add_permits(1000);
         for (i, task) in tasks.into_iter().enumerate() {
@@ -313,10 +328,7 @@ mod tests {
                 .map_err(|e| StoreError::Unavailable(e.to_string()))??;
             assert_eq!(reply as usize, i, "each its own reply");
         }
-        let mut sizes = sizes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let mut sizes = calls_made(&sizes);
         sizes.sort_unstable();
         // The first alone (no call in flight); the MAX_BATCH that waited next filled a call,
         // which went at once as a second in flight; the last 7 in one call after them.
@@ -334,16 +346,8 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let batches = echo(gate.clone(), sizes.clone());
-        let submit = |from: u32, count: u32| -> Vec<_> {
-            (from..from + count)
-                .map(|i| {
-                    let b = batches.clone();
-                    tokio::spawn(async move { b.submit("p", i).await })
-                })
-                .collect()
-        };
         // A call of 1, a full one of MAX_BATCH beside it, then 5 waiting.
-        let mut tasks = submit(0, 1 + MAX_BATCH as u32 + 5);
+        let mut tasks = submit_all(&batches, 0..1 + MAX_BATCH as u32 + 5);
         settle().await;
         assert_eq!(batches.lock()["p"].in_flight, 2);
         // The call of 1 lands (the gate's permits go in turn): the 5 stay waiting.
@@ -357,16 +361,13 @@ mod tests {
             );
         }
         // 3 more come; then the full call lands, and takes the 8 in one call.
-        tasks.extend(submit(100, 3));
+        tasks.extend(submit_all(&batches, 100..103));
         settle().await;
         gate.add_permits(1000);
         for task in tasks {
             assert!(matches!(task.await, Ok(Ok(_))));
         }
-        let sizes = sizes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let sizes = calls_made(&sizes);
         assert_eq!(sizes, vec![1, MAX_BATCH, 8]);
         assert!(batches.lock().is_empty());
     }
@@ -389,12 +390,7 @@ mod tests {
                 Err(StoreError::Unavailable("timed out".into()))
             })
         }));
-        let tasks: Vec<_> = (0..6u32)
-            .map(|i| {
-                let b = batches.clone();
-                tokio::spawn(async move { b.submit("p", i).await })
-            })
-            .collect();
+        let tasks = submit_all(&batches, 0..6u32);
         settle().await;
         gate.add_permits(1);
         for task in tasks {
@@ -424,21 +420,13 @@ mod tests {
         let gate = Arc::new(Semaphore::new(0));
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let batches = echo(gate.clone(), sizes.clone());
-        let tasks: Vec<_> = (0..400u32)
-            .map(|i| {
-                let b = batches.clone();
-                tokio::spawn(async move { b.submit("p", i).await })
-            })
-            .collect();
+        let tasks = submit_all(&batches, 0..400u32);
         settle().await;
         gate.add_permits(1000);
         for (i, task) in tasks.into_iter().enumerate() {
             assert_eq!(task.await.ok().and_then(Result::ok), Some(i as u32));
         }
-        let sizes = sizes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .clone();
+        let sizes = calls_made(&sizes);
         assert_eq!(sizes.iter().sum::<usize>(), 400);
         assert!(sizes.iter().all(|&n| n <= MAX_BATCH), "{sizes:?}");
     }
@@ -476,12 +464,7 @@ mod tests {
         let batches = echo(gate.clone(), sizes.clone());
         // Both calls in flight (one of 1, one full), MAX_WAITING waiting.
         let in_flight = 1 + (MAX_IN_FLIGHT - 1) * MAX_BATCH;
-        let tasks: Vec<_> = (0..(in_flight + MAX_WAITING) as u32)
-            .map(|i| {
-                let b = batches.clone();
-                tokio::spawn(async move { b.submit("p", i).await })
-            })
-            .collect();
+        let tasks = submit_all(&batches, 0..(in_flight + MAX_WAITING) as u32);
         settle().await;
         // The waiting ones' clients hang up.
         for task in &tasks[in_flight..] {
@@ -501,11 +484,7 @@ mod tests {
             assert!(matches!(task.await, Ok(Ok(_))));
         }
         // The calls: those in flight, then the late one alone.
-        let called: usize = sizes
-            .lock()
-            .unwrap_or_else(std::sync::PoisonError::into_inner)
-            .iter()
-            .sum();
+        let called: usize = calls_made(&sizes).iter().sum();
         assert_eq!(called, in_flight + 1);
     }
 
@@ -515,12 +494,7 @@ mod tests {
         let sizes = Arc::new(Mutex::new(Vec::new()));
         let batches = echo(gate.clone(), sizes.clone());
         let total = MAX_IN_FLIGHT * MAX_BATCH + MAX_WAITING + 5;
-        let tasks: Vec<_> = (0..total as u32)
-            .map(|i| {
-                let b = batches.clone();
-                tokio::spawn(async move { b.submit("p", i).await })
-            })
-            .collect();
+        let tasks = submit_all(&batches, 0..total as u32);
         settle().await;
         // Another policy's call goes while p's are all stuck.
         let other = batches.clone();
