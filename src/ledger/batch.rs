@@ -14,8 +14,8 @@
 //! [`MAX_WAITING`] reservations wait: beyond, a reservation is refused at once (fail closed,
 //! retryable) rather than queued without end. So a reservation waits for at most
 //! `MAX_WAITING / MAX_BATCH / MAX_IN_FLIGHT` (8) rounds of calls before its own, each bounded
-//! by the Redis timeout; one whose client hung up meanwhile is dropped before its call, not
-//! reserved.
+//! by the Redis timeout, and after two calls in a row that fail whole what waits is refused
+//! at once; one whose client hung up meanwhile is dropped before its call, not reserved.
 //!
 //! The Redis ledger gathers a policy's checks (stubs, explanations: `check_only`) apart from its
 //! signing runs, in a `Batches` of their own: each has its own calls in flight and its own bound
@@ -156,6 +156,8 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
     /// Runs `batch`, then what waits for the policy, until nothing does.
     async fn drive(mut self, mut batch: Vec<Waiter<Op, Reply>>) {
         let batches = Arc::clone(&self.batches);
+        // This flight's calls that failed whole, in a row (the last one's error).
+        let mut failed_in_a_row = 0;
         let mut failed = None;
         loop {
             let (ops, answers): (Vec<Op>, Vec<_>) =
@@ -171,11 +173,13 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
             };
             match replies {
                 Ok(replies) => {
+                    failed_in_a_row = 0;
                     for (answer, reply) in answers.into_iter().zip(replies) {
                         let _ = answer.send(Ok(reply));
                     }
                 }
                 Err(e) => {
+                    failed_in_a_row += 1;
                     for answer in answers {
                         let _ = answer.send(Err(e.clone()));
                     }
@@ -188,12 +192,17 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
                 self.landed = true;
                 return;
             };
-            if let Some(e) = failed.take() {
+            if let Some(e) = failed.take().filter(|_| failed_in_a_row >= 2) {
                 // A call fails whole only for what Redis did to it (a timeout, a lost
-                // connection, a refusal of every write, replicas that did not acknowledge):
-                // what waits would fail the same way, each call after its own timeout, the
-                // last after MAX_WAITING / MAX_BATCH of them. It is refused now, as it would be
-                // once the queue is full (nothing of it was sent).
+                // connection, a refusal of every write, replicas that did not acknowledge).
+                // After one such call the next goes as usual (the failure may have passed);
+                // after two in a row, what waits would most likely fail the same way, each
+                // call after its own timeout, the last after MAX_WAITING / MAX_BATCH of them:
+                // it is refused now, as it would be once the queue is full (nothing of it was
+                // sent).
+                let e = StoreError::Unavailable(format!(
+                    "not sent to Redis: the calls before it failed ({e})"
+                ));
                 for w in p.waiting.drain(..) {
                     let _ = w.answer.send(Err(e.clone()));
                 }
@@ -372,10 +381,11 @@ mod tests {
         assert!(batches.lock().is_empty());
     }
 
-    /// A call that fails whole (Redis timed out, say) refuses with its error what waits for it
-    /// too, at once, rather than each waiting call failing after a timeout of its own.
+    /// After two calls in a row fail whole (Redis timed out, say), what waits is refused at
+    /// once, rather than each call of it failing after a timeout of its own; after one, the
+    /// next call goes as usual.
     #[tokio::test]
-    async fn a_failed_call_refuses_what_waits_for_it() {
+    async fn two_failed_calls_in_a_row_refuse_what_waits() {
         let gate = Arc::new(Semaphore::new(0));
         let calls = Arc::new(AtomicUsize::new(0));
         let (held, counted) = (gate.clone(), calls.clone());
@@ -390,27 +400,40 @@ mod tests {
                 Err(StoreError::Unavailable("timed out".into()))
             })
         }));
-        let tasks = submit_all(&batches, 0..6u32);
+        // A call of 1, 31 waiting (less than a full batch: no second call).
+        let mut tasks = submit_all(&batches, 0..32);
         settle().await;
+        // It fails; the 31 go in the next call, and 20 more wait for it.
         gate.add_permits(1);
+        settle().await;
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the next call went");
+        tasks.extend(submit_all(&batches, 100..120));
+        settle().await;
+        // It fails too: the 20 are refused, not sent.
+        gate.add_permits(1);
+        let mut refused = 0;
         for task in tasks {
             // (Sent in a call of their own, they would wait for a permit that never comes.)
             let answer = tokio::time::timeout(std::time::Duration::from_secs(5), task).await;
             match answer {
-                Ok(Ok(Err(StoreError::Unavailable(why)))) => assert_eq!(why, "timed out"),
+                Ok(Ok(Err(StoreError::Unavailable(why)))) if why == "timed out" => {}
+                Ok(Ok(Err(StoreError::Unavailable(why)))) if why.starts_with("not sent") => {
+                    refused += 1;
+                }
                 other => panic!("{other:?}"),
             }
         }
+        assert_eq!(refused, 20);
         assert_eq!(
             calls.load(Ordering::SeqCst),
-            1,
-            "the 5 waiting were not sent"
+            2,
+            "the 20 waiting were not sent"
         );
         assert!(batches.lock().is_empty());
         // The next goes as usual.
         gate.add_permits(1);
         assert!(batches.submit("p", 9).await.is_err());
-        assert_eq!(calls.load(Ordering::SeqCst), 2);
+        assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
     /// A burst of 400 at a policy whose call is held waits, none refused (0.3.11's 4 calls of

@@ -1494,9 +1494,14 @@ async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResu
     let mut c = config([Some(PM07), Some(PM08), Some(PM09)], KeySource::Ephemeral);
     c.policies_dir = dir.0.clone();
     c.redis_url = Some(redis.url.clone());
-    // Longer than the pause: the calls in flight wait for Redis, not time out.
+    // Longer than the pause: the calls in flight wait for Redis, and the requests for them,
+    // not time out.
     c.redis_timeout = std::time::Duration::from_secs(120);
-    let app = TestApp::spawn(c).await?;
+    let limits = session_paymaster::server::ConnectionLimits {
+        request_timeout: std::time::Duration::from_secs(300),
+        ..Default::default()
+    };
+    let app = TestApp::spawn_with_limits(c, limits).await?;
     let client = redis::Client::open(redis.url.as_str())?;
     let mut conn = client.get_multiplexed_async_connection().await?;
     redis::cmd("CLIENT")
