@@ -14,8 +14,8 @@
 //! [`MAX_WAITING`] reservations wait: beyond, a reservation is refused at once (fail closed,
 //! retryable) rather than queued without end. So a reservation waits for at most
 //! `MAX_WAITING / MAX_BATCH / MAX_IN_FLIGHT` (8) rounds of calls before its own, each bounded
-//! by the Redis timeout, and after two calls in a row that fail whole what waits is refused
-//! at once; one whose client hung up meanwhile is dropped before its call, not reserved.
+//! by the Redis timeout, and after two of the policy's calls in a row that fail whole what
+//! waits is refused at once; one whose client hung up meanwhile is dropped before its call, not reserved.
 //!
 //! The Redis ledger gathers a policy's checks (stubs, explanations: `check_only`) apart from its
 //! signing runs, in a `Batches` of their own: each has its own calls in flight and its own bound
@@ -71,6 +71,8 @@ pub(super) struct Batches<Op, Reply> {
 struct Policy<Op, Reply> {
     in_flight: usize,
     waiting: VecDeque<Waiter<Op, Reply>>,
+    /// Its calls that failed whole, in a row, as they landed (any that did not resets it).
+    failed_in_a_row: usize,
 }
 
 struct Waiter<Op, Reply> {
@@ -103,6 +105,7 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
                         Policy {
                             in_flight: 1,
                             waiting: VecDeque::new(),
+                            failed_in_a_row: 0,
                         },
                     );
                     Some(vec![waiter])
@@ -156,9 +159,6 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
     /// Runs `batch`, then what waits for the policy, until nothing does.
     async fn drive(mut self, mut batch: Vec<Waiter<Op, Reply>>) {
         let batches = Arc::clone(&self.batches);
-        // This flight's calls that failed whole, in a row (the last one's error).
-        let mut failed_in_a_row = 0;
-        let mut failed = None;
         loop {
             let (ops, answers): (Vec<Op>, Vec<_>) =
                 batch.drain(..).map(|w| (w.op, w.answer)).unzip();
@@ -171,37 +171,42 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
                 ))),
                 Err(e) => Err(e),
             };
-            match replies {
+            // (The error of a call that failed whole.)
+            let failed = match replies {
                 Ok(replies) => {
-                    failed_in_a_row = 0;
                     for (answer, reply) in answers.into_iter().zip(replies) {
                         let _ = answer.send(Ok(reply));
                     }
+                    None
                 }
                 Err(e) => {
-                    failed_in_a_row += 1;
                     for answer in answers {
                         let _ = answer.send(Err(e.clone()));
                     }
-                    failed = Some(e);
+                    Some(e)
                 }
-            }
+            };
             let mut policies = batches.lock();
             let Some(p) = policies.get_mut(&self.policy) else {
                 // (Defensive: while this flight is counted, no one removes its policy's entry.)
                 self.landed = true;
                 return;
             };
-            if let Some(e) = failed.take().filter(|_| failed_in_a_row >= 2) {
+            p.failed_in_a_row = if failed.is_some() {
+                p.failed_in_a_row + 1
+            } else {
+                0
+            };
+            if let Some(e) = failed.filter(|_| p.failed_in_a_row >= 2) {
                 // A call fails whole only for what Redis did to it (a timeout, a lost
                 // connection, a refusal of every write, replicas that did not acknowledge).
-                // After one such call the next goes as usual (the failure may have passed);
-                // after two in a row, what waits would most likely fail the same way, each
-                // call after its own timeout, the last after MAX_WAITING / MAX_BATCH of them:
-                // it is refused now, as it would be once the queue is full (nothing of it was
+                // After one such call of the policy's the next goes as usual (the failure may
+                // have passed); after two in a row (of either call in flight), what waits would
+                // most likely fail the same way, each round of calls after its own timeout: it
+                // is refused now, as it would be once the queue is full (nothing of it was
                 // sent).
                 let e = StoreError::Unavailable(format!(
-                    "not sent to Redis: the calls before it failed ({e})"
+                    "not sent to Redis: the calls before it failed (the last: {e})"
                 ));
                 for w in p.waiting.drain(..) {
                     let _ = w.answer.send(Err(e.clone()));
@@ -434,6 +439,51 @@ mod tests {
         gate.add_permits(1);
         assert!(batches.submit("p", 9).await.is_err());
         assert_eq!(calls.load(Ordering::SeqCst), 3);
+    }
+
+    /// A call that does not fail ends a run of failures: calls that fail, succeed, fail and
+    /// succeed refuse nothing they were not sent with.
+    #[tokio::test]
+    async fn a_call_that_lands_ends_a_run_of_failures() {
+        let gate = Arc::new(Semaphore::new(0));
+        let calls = Arc::new(AtomicUsize::new(0));
+        let (held, counted) = (gate.clone(), calls.clone());
+        let batches: Arc<Batches<u32, u32>> = Batches::new(Arc::new(move |ops: Vec<u32>| {
+            let (gate, calls) = (held.clone(), counted.clone());
+            Box::pin(async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                gate.acquire()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                    .forget();
+                if n % 2 == 0 {
+                    Err(StoreError::Unavailable("timed out".into()))
+                } else {
+                    Ok(ops)
+                }
+            })
+        }));
+        // A call of 1, then each time it lands 10 more waiting for the next.
+        let mut tasks = submit_all(&batches, 0..1);
+        for round in 1..=3u32 {
+            settle().await;
+            tasks.extend(submit_all(&batches, round * 100..round * 100 + 10));
+            settle().await;
+            gate.add_permits(1);
+        }
+        settle().await;
+        gate.add_permits(1);
+        let (mut failed, mut landed) = (0, 0);
+        for task in tasks {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+                Ok(Ok(Ok(_))) => landed += 1,
+                Ok(Ok(Err(StoreError::Unavailable(why)))) if why == "timed out" => failed += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        // Calls of 1 (failed), 10 (landed), 10 (failed), 10 (landed).
+        assert_eq!((failed, landed), (11, 20));
+        assert_eq!(calls.load(Ordering::SeqCst), 4);
     }
 
     /// A burst of 400 at a policy whose call is held waits, none refused (0.3.11's 4 calls of
