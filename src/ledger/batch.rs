@@ -301,6 +301,31 @@ mod tests {
         }))
     }
 
+    /// Batches whose calls, counted in `calls`, each wait for a permit of `gate` and use it
+    /// up, then fail whole ("timed out") where `fails` says so of their number (from 0), else
+    /// echo their operations.
+    fn gated(
+        gate: Arc<Semaphore>,
+        calls: Arc<AtomicUsize>,
+        fails: fn(usize) -> bool,
+    ) -> Arc<Batches<u32, u32>> {
+        Batches::new(Arc::new(move |ops: Vec<u32>| {
+            let (gate, calls) = (gate.clone(), calls.clone());
+            Box::pin(async move {
+                let n = calls.fetch_add(1, Ordering::SeqCst);
+                gate.acquire()
+                    .await
+                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
+                    .forget();
+                if fails(n) {
+                    Err(StoreError::Unavailable("timed out".into()))
+                } else {
+                    Ok(ops)
+                }
+            })
+        }))
+    }
+
     /// `ids` submitted to policy `p` at once, each in a task of its own.
     fn submit_all(
         batches: &Arc<Batches<u32, u32>>,
@@ -391,20 +416,8 @@ mod tests {
     /// next call goes as usual.
     #[tokio::test]
     async fn two_failed_calls_in_a_row_refuse_what_waits() {
-        let gate = Arc::new(Semaphore::new(0));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let (held, counted) = (gate.clone(), calls.clone());
-        let batches: Arc<Batches<u32, u32>> = Batches::new(Arc::new(move |_ops: Vec<u32>| {
-            let (gate, calls) = (held.clone(), counted.clone());
-            Box::pin(async move {
-                calls.fetch_add(1, Ordering::SeqCst);
-                gate.acquire()
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                    .forget();
-                Err(StoreError::Unavailable("timed out".into()))
-            })
-        }));
+        let (gate, calls) = (Arc::new(Semaphore::new(0)), Arc::new(AtomicUsize::new(0)));
+        let batches = gated(gate.clone(), calls.clone(), |_| true);
         // A call of 1, 31 waiting (less than a full batch: no second call).
         let mut tasks = submit_all(&batches, 0..32);
         settle().await;
@@ -445,24 +458,9 @@ mod tests {
     /// succeed refuse nothing they were not sent with.
     #[tokio::test]
     async fn a_call_that_lands_ends_a_run_of_failures() {
-        let gate = Arc::new(Semaphore::new(0));
-        let calls = Arc::new(AtomicUsize::new(0));
-        let (held, counted) = (gate.clone(), calls.clone());
-        let batches: Arc<Batches<u32, u32>> = Batches::new(Arc::new(move |ops: Vec<u32>| {
-            let (gate, calls) = (held.clone(), counted.clone());
-            Box::pin(async move {
-                let n = calls.fetch_add(1, Ordering::SeqCst);
-                gate.acquire()
-                    .await
-                    .map_err(|e| StoreError::Unavailable(e.to_string()))?
-                    .forget();
-                if n % 2 == 0 {
-                    Err(StoreError::Unavailable("timed out".into()))
-                } else {
-                    Ok(ops)
-                }
-            })
-        }));
+        let (gate, calls) = (Arc::new(Semaphore::new(0)), Arc::new(AtomicUsize::new(0)));
+        // The 1st, 3rd, … fail.
+        let batches = gated(gate.clone(), calls.clone(), |n| n % 2 == 0);
         // A call of 1, then each time it lands 10 more waiting for the next.
         let mut tasks = submit_all(&batches, 0..1);
         for round in 1..=3u32 {
