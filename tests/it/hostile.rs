@@ -54,6 +54,11 @@ fn reason(v: &Value) -> &str {
     v["error"]["data"]["reason"].as_str().unwrap_or("")
 }
 
+/// An error's `data.detail` ("" without one).
+fn detail(v: &Value) -> &str {
+    v["error"]["data"]["detail"].as_str().unwrap_or("")
+}
+
 async fn sponsor(app: &TestApp, op: &Value, entry_point: Address, ctx: Value) -> TestResult<Value> {
     let body = json!({
         "jsonrpc": "2.0", "id": 1, "method": "pm_sponsorUserOperation",
@@ -1698,12 +1703,7 @@ async fn fields_no_entry_point_or_account_runs_as_checked_are_refused() -> TestR
     )
     .await?;
     assert_eq!(reason(&v), "malformed_calldata", "multiSend to 0x0: {v}");
-    assert!(
-        v["error"]["data"]["detail"]
-            .as_str()
-            .is_some_and(|m| m.contains("address(0)")),
-        "{v}"
-    );
+    assert!(detail(&v).contains("address(0)"), "{v}");
 
     for token in [
         Address::ZERO.to_string(),
@@ -1893,12 +1893,7 @@ async fn a_self_call_the_decoder_does_not_follow_is_refused() -> TestResult {
     )
     .await?;
     assert_eq!(reason(&v), "malformed_calldata", "{v}");
-    assert!(
-        v["error"]["data"]["detail"]
-            .as_str()
-            .is_some_and(|m| m.contains("the account itself")),
-        "{v}"
-    );
+    assert!(detail(&v).contains("the account itself"), "{v}");
     // Of value 0 it is followed: the wrapped call is what the policy judges (and refuses).
     let v = sponsor(
         &app,

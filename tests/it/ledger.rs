@@ -90,13 +90,19 @@ fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     }
 }
 
+/// A connection to `redis` as the service makes it.
+async fn ledger_conn(
+    redis: &TestRedis,
+) -> TestResult<session_paymaster::session::redis::RedisConn> {
+    Ok(session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?)
+}
+
 /// A Redis ledger on `redis`, opened as the service opens it, and a connection of its own for
 /// looking at the keys.
 async fn redis_ledger(
     redis: &TestRedis,
 ) -> TestResult<(Ledger, session_paymaster::session::redis::RedisConn)> {
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let conn = ledger_conn(redis).await?;
     Ok((
         Ledger::Redis(RedisLedger::connect(conn.clone()).await?),
         conn,
@@ -2237,8 +2243,7 @@ async fn session_status_shows_budgets() -> TestResult {
 #[tokio::test]
 async fn a_sessions_budget_stays_where_its_grant_put_it() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let conn = ledger_conn(&redis).await?;
     let mut c = conn.clone();
     load_earlier_library(&mut c).await?;
     let dir = budget_dir()?;
@@ -2833,8 +2838,7 @@ async fn a_shared_budgets_revocation_is_read_with_its_counter() -> TestResult {
 #[tokio::test]
 async fn a_sender_counter_an_earlier_version_kept_still_counts() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let conn = ledger_conn(&redis).await?;
     let mut c = conn.clone();
     let since_key = session_paymaster::ledger::redis::LAYOUT_SINCE_KEY;
     let name = "sender:0x1111111111111111111111111111111111111111:20833";
@@ -3351,8 +3355,7 @@ const SESSION_RECORD_OF_0_3_0: &str = "14020202020202020202020202020202020202020
 /// A ledger on `redis` opened as on a Redis 0.3.0 served (it published a policy set) and no
 /// operator said yet that no 0.3.0 replica runs: its records under a session are 0.3.0's.
 async fn ledger_as_after_0_3_0(redis: &TestRedis) -> TestResult<Ledger> {
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let conn = ledger_conn(redis).await?;
     let mut c = conn.clone();
     redis::cmd("SET")
         .arg(session_paymaster::policy::publish::CURRENT)
@@ -3375,8 +3378,7 @@ async fn ledger_as_after_0_3_0(redis: &TestRedis) -> TestResult<Ledger> {
 async fn a_session_record_by_key_as_0_3_0_wrote_it_or_by_id_closes_where_it_was_counted()
 -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let conn = ledger_conn(&redis).await?;
     let mut c = conn.clone();
     let by_key = ledger_as_after_0_3_0(&redis).await?;
     redis::cmd("SET")
@@ -3550,8 +3552,7 @@ async fn a_record_of_an_unknown_session_kind_is_refused() -> TestResult {
 #[tokio::test]
 async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let conn = ledger_conn(&redis).await?;
     let mut c = conn.clone();
     load_earlier_library(&mut c).await?;
     let id = B256::repeat_byte(0x5e);
@@ -3588,8 +3589,7 @@ async fn records_by_id_wait_until_no_earlier_ledger_library_is_loaded() -> TestR
 #[tokio::test]
 async fn shared_budgets_wait_until_no_library_without_their_mark_is_loaded() -> TestResult {
     let redis = TestRedis::start().await?;
-    let conn =
-        session_paymaster::session::redis::connect(&redis.url, Duration::from_secs(2)).await?;
+    let conn = ledger_conn(&redis).await?;
     let mut c = conn.clone();
     let library = "sp_ledger_000000031000";
     let load = async |c: &mut session_paymaster::session::redis::RedisConn| {
