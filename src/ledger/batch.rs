@@ -48,9 +48,12 @@ pub const MAX_BATCH: usize = 32;
 pub const MAX_IN_FLIGHT: usize = 2;
 
 /// Most reservations of one policy waiting for a call: sixteen calls' worth, about 10 ms of
-/// Redis' work, so that a burst against a healthy Redis waits (400 requests at once to one
-/// replica: 23-25 refused with 64 waiting, as 0.3.11 had, none with this), while a stalled one
-/// still refuses at once what comes past them.
+/// Redis' work, so that a burst against a healthy Redis waits, while a stalled one still
+/// refuses at once what comes past them. (400 requests at once at one replica: 23-25 refused
+/// with 64 waiting, as 0.3.11 had, in three runs of a copy of the HTTP test
+/// `a_burst_at_one_replica_waits_for_a_healthy_redis_rather_than_being_refused` that counted
+/// the answers; the test fails with those bounds. With every call held, as in
+/// `a_burst_of_400_waits_for_a_held_call` below, they held 1 + 3 x 16 + 64 and refused 287.)
 pub const MAX_WAITING: usize = 16 * MAX_BATCH;
 
 /// What makes a call: the operations in order, their replies in the same order (as many), or
