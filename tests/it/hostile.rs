@@ -1482,11 +1482,13 @@ async fn a_senders_budget_is_its_own_in_its_windows_shared_hash() -> TestResult 
 /// Flood one policy while Redis is slow, to grow what the service holds for it without end
 /// (under load a policy's reservations wait for its calls in flight, `ledger::batch`), or to
 /// get reserved what the service refused. Redis pauses its writes and 600 requests of one
-/// policy come meanwhile: the first goes in a call alone, the next 32 fill a second call in
-/// flight, 512 wait (`ledger::MAX_IN_FLIGHT`, `MAX_BATCH`, `MAX_WAITING`), and the other 55
-/// are refused at once (`store_unavailable`, retryable), never sent to Redis; once it is back,
-/// the 545 are signed, and the budget counts exactly those. (Redis stays paused until the 55
-/// refusals are in, however long 600 requests take to come on a slow machine.)
+/// policy come meanwhile: the first goes in a call alone (the others are sent once Redis holds
+/// it: else those that came while its task yielded would go in it too, `ledger::batch`), the
+/// next 32 fill a second call in flight, 512 wait (`ledger::MAX_IN_FLIGHT`, `MAX_BATCH`,
+/// `MAX_WAITING`), and the other 55 are refused at once (`store_unavailable`, retryable),
+/// never sent to Redis; once it is back, the 545 are signed, and the budget counts exactly
+/// those. (Redis stays paused until the 55 refusals are in, however long 600 requests take to
+/// come on a slow machine.)
 #[tokio::test]
 async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResult {
     use session_paymaster::ledger::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING};
@@ -1520,29 +1522,47 @@ async fn a_flood_of_one_policy_while_redis_is_slow_waits_in_bounds() -> TestResu
     // they come.
     let http = reqwest::Client::new();
     let (answers, mut answered) = tokio::sync::mpsc::unbounded_channel();
-    let tasks: Vec<_> = (0..total)
-        .map(|i| {
-            let (url, http) = (app.url.clone(), http.clone());
-            let sender = Address::from_word(B256::from(U256::from(0x5e00 + i)));
-            let body = json!({
-                "jsonrpc": "2.0", "id": i, "method": "pm_sponsorUserOperation",
-                "params": [counter_op(sender, 0, "increment()").to_json(), ep07,
-                           { "sponsorshipPolicyId": "flood" }]
-            });
-            let answers = answers.clone();
-            tokio::spawn(async move {
-                let v = http
-                    .post(url)
-                    .json(&body)
-                    .send()
-                    .await?
-                    .json::<Value>()
-                    .await?;
-                let _ = answers.send(v);
-                Ok::<_, reqwest::Error>(())
-            })
+    let send = |i: u64| {
+        let (url, http) = (app.url.clone(), http.clone());
+        let sender = Address::from_word(B256::from(U256::from(0x5e00 + i)));
+        let body = json!({
+            "jsonrpc": "2.0", "id": i, "method": "pm_sponsorUserOperation",
+            "params": [counter_op(sender, 0, "increment()").to_json(), ep07,
+                       { "sponsorshipPolicyId": "flood" }]
+        });
+        let answers = answers.clone();
+        tokio::spawn(async move {
+            let v = http
+                .post(url)
+                .json(&body)
+                .send()
+                .await?
+                .json::<Value>()
+                .await?;
+            let _ = answers.send(v);
+            Ok::<_, reqwest::Error>(())
         })
-        .collect();
+    };
+    let mut tasks = vec![send(0)];
+    // Redis holds the first call (its client blocked by the pause, `flags=b`).
+    let held_in_redis = async || -> TestResult<bool> {
+        let clients: String = redis::cmd("CLIENT")
+            .arg("LIST")
+            .query_async(&mut conn.clone())
+            .await?;
+        Ok(clients
+            .lines()
+            .any(|l| l.contains(" flags=b ") && l.contains(" cmd=fcall ")))
+    };
+    let wait_until = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+    while !held_in_redis().await? {
+        assert!(
+            tokio::time::Instant::now() < wait_until,
+            "the first call never reached Redis"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+    }
+    tasks.extend((1..total).map(send));
     drop(answers);
     let (mut signed, mut refused) = (0u64, 0u64);
     let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(100);

@@ -1679,11 +1679,11 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (21, 3));
     }
     assert_eq!(ledger.usage("p", "pm").await?, (84, 12));
-    // The first alone (no call in flight), then the 31 that waited for it (one call of a
-    // policy in flight at a time, at most MAX_BATCH, 32, a call).
+    // All in one call (at most MAX_BATCH, 32): the first's task yielded before its call went
+    // (ledger::batch), and the 31 came meanwhile.
     let calls = fcalls(&redis).await? - before;
-    assert_eq!(calls, 2, "32 reservations in {calls} calls");
-    // The senders' window hash, new in the first call, got its TTL there.
+    assert_eq!(calls, 1, "32 reservations in {calls} calls");
+    // The senders' window hash, new in that call, got its TTL there.
     let mut c = conn.clone();
     let ttl: i64 = redis::cmd("TTL")
         .arg("sp:{p}:budget:sender:20833")
@@ -1716,8 +1716,8 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         ),
         ..reservation(op, 10, vec![pm(4200)])
     };
-    // The first goes alone (no call in flight); the others wait for it, and go in one call,
-    // but for the stub: checks wait apart, and it goes alone in a call of its own.
+    // They go in one call (the first's task yields before its call goes, and the others come
+    // meanwhile), but for the stub: checks wait apart, and it goes in a call of its own.
     let calls = vec![
         (reservation(1, 10, vec![pm(4200)]), false),
         (reservation(2, 10, vec![pm(4200)]), false),
@@ -1752,7 +1752,7 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         (30, 3),
         "ops 1, 2 and 4: the repeat and the stub reserved nothing"
     );
-    assert_eq!(fcalls(&redis).await? - before, 3);
+    assert_eq!(fcalls(&redis).await? - before, 2);
     Ok(())
 }
 
@@ -1845,8 +1845,8 @@ async fn a_sessions_totals_live_to_its_end() -> TestResult {
 /// An operation that fails in `reserve.lua` fails alone, and what it wrote stays written: here
 /// its expiry bucket is a key of another type, so it fails after its counters were charged
 /// (the `APPEND` after them), before its record. It is refused (fail closed); its charge stays
-/// (counted over, never under), and the operations after it in its call see it: of nine operations of a
-/// sender allowed six, the first alone and eight in one call, five are reserved, one fails
+/// (counted over, never under), and the operations after it in its call see it: of nine
+/// operations of a sender allowed six, in one call, five are reserved, one fails
 /// with its charge kept, three find the budget spent.
 #[tokio::test]
 async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> TestResult {
@@ -1906,8 +1906,8 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
         "the failed one's charge kept"
     );
     assert_eq!(ledger.usage("p", "pm").await?, (30, 6));
-    // The first alone (no call in flight), the eight that waited for it in one.
-    assert_eq!(fcalls(&redis).await? - before, 2);
+    // All nine in one call (the first's task yielded before it went, and the eight came).
+    assert_eq!(fcalls(&redis).await? - before, 1);
     Ok(())
 }
 
@@ -1915,8 +1915,8 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
 /// per window's hash, before they run (counted below), and each operation counts on what the
 /// ones before it charged; a hash that cannot be read (here a key of another type) fails only
 /// the operations that read it, each alone, with nothing charged, not even in the scope before
-/// it: of eight operations at once, four in a sound window (three senders, one of them also in
-/// the first call) and four in a broken one, the four in the sound window are reserved and
+/// it: of eight operations at once, four in a sound window (three senders, one of them twice)
+/// and four in a broken one, the four in the sound window are reserved and
 /// counted, and the policy counts only them.
 #[tokio::test]
 async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult {
@@ -1959,12 +1959,12 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
     let after = command_calls(&mut stats).await?;
     let calls =
         |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
-    // The first alone (no call in flight), the seven that waited for it in one.
-    assert_eq!(calls("fcall"), 2);
-    // The first: `pm` and its sender. The seven: each window's senders at once (the broken
-    // one's fails), then `pm` once, and each operation of the broken window its own sender
-    // (failing). Read one by one, the sound window's three senders would take three, not one.
-    assert_eq!(calls("hmget"), 2 + 2 + 1 + 4);
+    // All eight in one call (the first's task yielded before it went, and the seven came).
+    assert_eq!(calls("fcall"), 1);
+    // Each window's senders at once (the broken one's fails), then `pm` once, and each
+    // operation of the broken window its own sender (failing). Read one by one, the sound
+    // window's three senders would take three, not one.
+    assert_eq!(calls("hmget"), 2 + 1 + 4);
     assert_eq!(ledger.usage("p", &sender(0).name).await?, (10, 2));
     for i in [4, 6] {
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (5, 1));
