@@ -504,6 +504,46 @@ mod tests {
         assert_eq!(calls.load(Ordering::SeqCst), 3);
     }
 
+    /// The run of failures is the policy's, counted across its calls in flight: the call of 1
+    /// fails, then the full call beside it fails too, and the 5 that waited meanwhile are
+    /// refused unsent (two in a row); what either call carried gets its own call's error.
+    #[tokio::test]
+    async fn failures_of_two_calls_in_flight_count_as_a_run() {
+        let (gate, calls) = (Arc::new(Semaphore::new(0)), Arc::new(AtomicUsize::new(0)));
+        let batches = gated(gate.clone(), calls.clone(), |_| true);
+        // A call of 1, a full one beside it, then 5 waiting.
+        let mut tasks = submit_all(&batches, 0..1);
+        settle().await;
+        tasks.extend(submit_all(&batches, 1..1 + MAX_BATCH as u32));
+        settle().await;
+        tasks.extend(submit_all(&batches, 100..105));
+        settle().await;
+        assert_eq!(batches.lock()["p"].in_flight, 2);
+        // The call of 1 fails: one failure, and it leaves the 5 to the other call.
+        gate.add_permits(1);
+        settle().await;
+        {
+            let policies = batches.lock();
+            let p = &policies["p"];
+            assert_eq!((p.in_flight, p.waiting.len(), p.failed_in_a_row), (1, 5, 1));
+        }
+        // The full one fails: two in a row.
+        gate.add_permits(1);
+        let (mut failed, mut refused) = (0, 0);
+        for task in tasks {
+            match tokio::time::timeout(std::time::Duration::from_secs(5), task).await {
+                Ok(Ok(Err(StoreError::Unavailable(why)))) if why == "timed out" => failed += 1,
+                Ok(Ok(Err(StoreError::Unavailable(why)))) if why.starts_with("not sent") => {
+                    refused += 1;
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        assert_eq!((failed, refused), (1 + MAX_BATCH, 5));
+        assert_eq!(calls.load(Ordering::SeqCst), 2, "the 5 were not sent");
+        assert!(batches.lock().is_empty());
+    }
+
     /// A call that does not fail ends a run of failures: calls that fail, succeed, fail and
     /// succeed refuse nothing they were not sent with.
     #[tokio::test]
