@@ -2,10 +2,11 @@
 //! policy while its calls are in flight wait, and go together in the next call, at most
 //! [`MAX_BATCH`] to a call (`reserve.lua` takes them in turn, each as a call of its own would).
 //! Nothing waits for a timer: a reservation that finds no call of its policy in flight starts
-//! one at once. Before a call goes (unless it is full) its task yields once to the runtime
+//! one at once. Before a call goes (unless it is full) its task yields to the runtime
 //! (`tokio::task::yield_now`: it runs again once the worker has run the tasks ready and polled
-//! for I/O), and the call takes the reservations that came meanwhile: a few microseconds when
-//! the service is idle, the service's own queue of ready work under load. Under load a
+//! for I/O), and the call takes the reservations that came meanwhile; again while each round
+//! brings some, up to [`MAX_YIELDS`] rounds. That costs a few microseconds when the service is
+//! idle, and under load the service's own queue of ready work, no timer. Under load a
 //! policy's calls come back with several waiting, and Redis runs one `FCALL` for them: its
 //! dispatch, `TIME` and the reads of the counters they share, once (docs/performance.md,
 //! "What changed").
@@ -59,6 +60,15 @@ pub const MAX_IN_FLIGHT: usize = 2;
 /// the answers; the test fails with those bounds. With every call held, as in
 /// `a_burst_of_400_waits_for_a_held_call` below, they held 1 + 3 x 16 + 64 and refused 287.)
 pub const MAX_WAITING: usize = 16 * MAX_BATCH;
+
+/// Most rounds of the runtime's ready tasks a call's task lets run before its call goes
+/// (`tokio::task::yield_now`, the module doc), the second and third only while the round before
+/// brought reservations: enough for what the service has in hand to reach the call. Under load
+/// calls carried 20 reservations with none, 26 with one, 28-29 with up to three, and
+/// redis-server's CPU a sponsorship fell with them, about 3 % and 5 % under sessions; at one
+/// rate (open loop) from 5-6 to 8-9 a call and 9-11 % less (docs/performance.md, "A run",
+/// 0.3.13). When idle the first round brings nothing, and the call goes after it.
+const MAX_YIELDS: usize = 3;
 
 /// What makes a call: the operations in order, their replies in the same order (as many), or
 /// one error for all of them.
@@ -169,11 +179,19 @@ impl<Op: Send + 'static, Reply: Send + 'static> Flight<Op, Reply> {
         loop {
             // Before a call that is not full, the tasks ready on this worker run (and it polls
             // for I/O) first: those that come to reserve for the policy meanwhile go in it.
-            if batch.len() < MAX_BATCH {
+            // Again while each round brings some, up to MAX_YIELDS rounds.
+            for _ in 0..MAX_YIELDS {
+                if batch.len() >= MAX_BATCH {
+                    break;
+                }
+                let before = batch.len();
                 tokio::task::yield_now().await;
                 let mut policies = batches.lock();
                 if let Some(p) = policies.get_mut(&self.policy) {
                     top_up(&mut batch, &mut p.waiting);
+                }
+                if batch.len() == before {
+                    break;
                 }
             }
             let (ops, answers): (Vec<Op>, Vec<_>) =
@@ -399,8 +417,8 @@ mod tests {
         Ok(())
     }
 
-    /// A call's task yields once before its call goes (unless full): what comes meanwhile
-    /// goes in it. Here 5 wait while a call of 1 is in flight; it lands, and 4 more come
+    /// A call's task yields before its call goes (unless full): what comes meanwhile goes in
+    /// it. Here 5 wait while a call of 1 is in flight; it lands, and 4 more come
     /// right after it does (ready to run behind its task, as requests read off sockets then
     /// are): the next call takes all 9. Without the yield it takes the 5, and the 4 go in a
     /// call of their own.
