@@ -1647,9 +1647,10 @@ async fn reserve_at_once(
 }
 
 /// Reservations of one policy made at once go to Redis together, several to a call
-/// (`ledger::batch`), and each is counted as a call of its own would count it: 32 at once, of
+/// (`ledger::batch`), and each is counted as a call of its own would count it: 40 at once, of
 /// four senders allowed three operations each, reserve exactly three of each, with the
-/// counters each read after the operations before it in its call wrote them.
+/// counters each read after the operations before it, in its call or the call before, wrote
+/// them.
 #[tokio::test]
 async fn reservations_made_together_share_calls_and_count_exactly() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -1657,7 +1658,7 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
     let ledger = std::sync::Arc::new(ledger);
     let before = fcalls(&redis).await?;
     let sender = |i: u8| scope(&format!("sender:0x{:040x}:20833", i % 4), None, Some(3));
-    let calls = (0..32u8)
+    let calls = (0..40u8)
         .map(|i| {
             let r = reservation(i + 1, 7, vec![sender(i), scope("pm", Some(1000), None)]);
             (r, false)
@@ -1679,10 +1680,11 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (21, 3));
     }
     assert_eq!(ledger.usage("p", "pm").await?, (84, 12));
-    // All in one call (at most MAX_BATCH, 32): the first's task yielded before its call went
-    // (ledger::batch), and the 31 came meanwhile.
+    // Two calls: the 32 after the first filled one (at most MAX_BATCH, 32), which went at
+    // once beside the first's; the first's task yielded before its call went (ledger::batch),
+    // which took the 7 after them.
     let calls = fcalls(&redis).await? - before;
-    assert_eq!(calls, 1, "32 reservations in {calls} calls");
+    assert_eq!(calls, 2, "40 reservations in {calls} calls");
     // The senders' window hash, new in that call, got its TTL there.
     let mut c = conn.clone();
     let ttl: i64 = redis::cmd("TTL")
@@ -1716,8 +1718,8 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         ),
         ..reservation(op, 10, vec![pm(4200)])
     };
-    // They go in one call (the first's task yields before its call goes, and the others come
-    // meanwhile), but for the stub: checks wait apart, and it goes in a call of its own.
+    // They go in one call (the first's task yields before its call goes, and takes the others,
+    // waiting by then), but for the stub: checks wait apart, and it goes in a call of its own.
     let calls = vec![
         (reservation(1, 10, vec![pm(4200)]), false),
         (reservation(2, 10, vec![pm(4200)]), false),
@@ -1906,7 +1908,8 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
         "the failed one's charge kept"
     );
     assert_eq!(ledger.usage("p", "pm").await?, (30, 6));
-    // All nine in one call (the first's task yielded before it went, and the eight came).
+    // All nine in one call (the first's task yielded before it went, and took the eight,
+    // waiting by then).
     assert_eq!(fcalls(&redis).await? - before, 1);
     Ok(())
 }
@@ -1959,7 +1962,8 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
     let after = command_calls(&mut stats).await?;
     let calls =
         |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
-    // All eight in one call (the first's task yielded before it went, and the seven came).
+    // All eight in one call (the first's task yielded before it went, and took the seven,
+    // waiting by then).
     assert_eq!(calls("fcall"), 1);
     // Each window's senders at once (the broken one's fails), then `pm` once, and each
     // operation of the broken window its own sender (failing). Read one by one, the sound
