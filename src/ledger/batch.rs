@@ -6,14 +6,14 @@
 //! (`tokio::task::yield_now`), and the call takes the reservations that came meanwhile; again
 //! while each round brings some, up to [`MAX_YIELDS`] rounds. In tokio 1.54 a task that yields
 //! runs again once its worker has no task ready (or at its upkeep, every 61 tasks run), after
-//! polling for I/O where it can: so a call waits for the work the service already has in hand
-//! (under load, requests just read reach their reservation meanwhile), and when idle for one
-//! empty round (not measured apart: the open loops' p50s did not move). This is the
-//! scheduler's behaviour, not a documented promise: `a_call_takes_what_comes_while_its_task_yields`
-//! below fails if a tokio upgrade changes it. Under load a
-//! policy's calls come back with several waiting, and Redis runs one `FCALL` for them: its
-//! dispatch, `TIME` and the reads of the counters they share, once (docs/performance.md,
-//! "What changed").
+//! polling for I/O where it can, and before the tasks that poll made ready: so the first round
+//! lets run the work the service already has in hand, and the next ones the requests just
+//! read, which reach their reservation meanwhile. When idle a call waits for one empty round
+//! (not measured apart: the open loops' p50s did not move). This is the scheduler's behaviour,
+//! not a documented promise: `a_call_takes_what_comes_while_its_task_yields` below fails if a
+//! tokio upgrade changes it. Under load a policy's calls come back with several waiting, and
+//! Redis runs one `FCALL` for them: its dispatch, `TIME` and the reads of the counters they
+//! share, once (docs/performance.md, "What changed").
 //!
 //! A policy has one call in flight, and a second only for a full batch ([`MAX_IN_FLIGHT`]): a
 //! call that lands while another is in flight takes what waits only if that fills a call, else
