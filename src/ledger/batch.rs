@@ -18,13 +18,14 @@
 //! A policy has one call in flight, and a second only for a full batch ([`MAX_IN_FLIGHT`]): a
 //! call that lands while another is in flight takes what waits only if that fills a call, else
 //! it leaves it to the other. So under load each call carries as many as came during the one
-//! before and during its yields (what redis-server's CPU per reservation falls with), and only a policy whose
-//! reservations come faster than one call a round trip takes them has two. At most
-//! [`MAX_WAITING`] reservations wait: beyond, a reservation is refused at once (fail closed,
-//! retryable) rather than queued without end. So a reservation waits for at most
+//! before and during its yields (what redis-server's CPU per reservation falls with), and only
+//! a policy whose reservations come faster than one call a round trip takes them has two. At
+//! most [`MAX_WAITING`] reservations wait: beyond, a reservation is refused at once (fail
+//! closed, retryable) rather than queued without end. So a reservation waits for at most
 //! `MAX_WAITING / MAX_BATCH / MAX_IN_FLIGHT` (8) rounds of calls before its own, each bounded
 //! by the Redis timeout, and after two of the policy's calls in a row that fail whole what
-//! waits is refused at once; one whose client hung up meanwhile is dropped before its call, not reserved.
+//! waits is refused at once; one whose client hung up meanwhile (or while its call yields) is
+//! dropped before its call, not reserved.
 //!
 //! The Redis ledger gathers a policy's checks (stubs, explanations: `check_only`) apart from its
 //! signing runs, in a `Batches` of their own: each has its own calls in flight and its own bound
