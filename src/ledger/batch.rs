@@ -9,7 +9,7 @@
 //! polling for I/O where it can, and before the tasks that poll made ready: so the first round
 //! lets run the work the service already has in hand, and the next ones the requests just
 //! read, which reach their reservation meanwhile. When idle a call waits for one empty round
-//! (not measured apart: the open loops' p50s did not move). This is the scheduler's behaviour,
+//! (at 300 sponsorships a second the p50 rose by 0.02-0.09 ms). This is the scheduler's behaviour,
 //! not a documented promise: `a_call_takes_what_comes_while_its_task_yields` below fails if a
 //! tokio upgrade changes it. Under load a policy's calls come back with several waiting, and
 //! Redis runs one `FCALL` for them: its dispatch, `TIME` and the reads of the counters they
