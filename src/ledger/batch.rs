@@ -345,12 +345,18 @@ mod tests {
 
     use super::*;
 
-    /// Batches whose calls echo their operations, each call waiting for a permit of `gate`
-    /// and using it up (but those of operations from 1000 on): a permit lets one call land;
-    /// `sizes` records each call's size.
-    fn echo(gate: Arc<Semaphore>, sizes: Arc<Mutex<Vec<usize>>>) -> Arc<Batches<u32, u32>> {
-        Batches::new(Arc::new(move |ops: Vec<u32>| {
-            let (gate, sizes) = (gate.clone(), sizes.clone());
+    /// The sizes of the calls made, in order.
+    type Sizes = Arc<Mutex<Vec<usize>>>;
+
+    /// A gate with no permits, the sizes of the calls made, and batches whose calls echo their
+    /// operations, each call waiting for a permit of the gate and using it up (but those of
+    /// operations from 1000 on): a permit lets one call land.
+    fn echo() -> (Arc<Semaphore>, Sizes, Arc<Batches<u32, u32>>) {
+        let gate = Arc::new(Semaphore::new(0));
+        let sizes = Arc::new(Mutex::new(Vec::new()));
+        let (held, made) = (gate.clone(), sizes.clone());
+        let batches = Batches::new(Arc::new(move |ops: Vec<u32>| {
+            let (gate, sizes) = (held.clone(), made.clone());
             Box::pin(async move {
                 // (Operations from 1000 on are another policy's, never held.)
                 if ops.iter().any(|&op| op < 1000) {
@@ -365,7 +371,24 @@ mod tests {
                     .push(ops.len());
                 Ok(ops)
             })
-        }))
+        }));
+        (gate, sizes, batches)
+    }
+
+    /// How many of `tasks` were reserved and how many refused for want of room to wait
+    /// (anything else fails the test).
+    async fn reserved_and_refused(
+        tasks: Vec<tokio::task::JoinHandle<Result<u32, StoreError>>>,
+    ) -> (usize, usize) {
+        let (mut reserved, mut refused) = (0, 0);
+        for task in tasks {
+            match task.await {
+                Ok(Ok(_)) => reserved += 1,
+                Ok(Err(StoreError::Unavailable(why))) if why.contains("waiting") => refused += 1,
+                other => panic!("{other:?}"),
+            }
+        }
+        (reserved, refused)
     }
 
     /// Batches whose calls, counted in `calls`, each wait for a permit of `gate` and use it
@@ -436,9 +459,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_go_together_each_with_its_own_reply() -> Result<(), StoreError> {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, sizes, batches) = echo();
         let n = MAX_BATCH + 8;
         let tasks = submit_all(&batches, 0..n as u32);
         settle().await;
@@ -465,9 +486,7 @@ mod tests {
     /// then 3. (It shows two rounds or more, not the third.)
     #[tokio::test]
     async fn a_call_takes_what_comes_while_its_task_yields() {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, sizes, batches) = echo();
         let mut tasks = submit_all(&batches, 0..1);
         settle().await;
         tasks.extend(submit_all(&batches, 1..6));
@@ -492,9 +511,7 @@ mod tests {
     /// flight leaves what waits (less than a full batch) to the other's next call.
     #[tokio::test]
     async fn a_second_call_in_flight_goes_for_a_full_batch_and_no_further() {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, sizes, batches) = echo();
         let mut tasks = a_call_of_1_a_full_one_and_5_waiting(&batches).await;
         // The call of 1 lands (the gate's permits go in turn): the 5 stay waiting.
         gate.add_permits(1);
@@ -630,9 +647,7 @@ mod tests {
     /// 16 and 64 waiting held 113, and refused 287).
     #[tokio::test]
     async fn a_burst_of_400_waits_for_a_held_call() {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, sizes, batches) = echo();
         let tasks = submit_all(&batches, 0..400u32);
         settle().await;
         gate.add_permits(1000);
@@ -672,9 +687,7 @@ mod tests {
 
     #[tokio::test]
     async fn waiters_whose_clients_hung_up_hold_no_place_and_are_not_called() {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, sizes, batches) = echo();
         // Both calls in flight (one of 1, one full), MAX_WAITING waiting.
         let in_flight = 1 + (MAX_IN_FLIGHT - 1) * MAX_BATCH;
         let mut tasks = submit_all(&batches, 0..1);
@@ -707,9 +720,7 @@ mod tests {
     /// of 1 lands and takes the 5 waiting, which hang up before its task runs again.
     #[tokio::test]
     async fn waiters_that_hang_up_while_their_call_yields_are_not_sent() {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, sizes, batches) = echo();
         let first = submit_all(&batches, 0..1);
         settle().await;
         // 5 submitted from this task, each polled once (so waiting), dropped below.
@@ -741,22 +752,13 @@ mod tests {
     /// in calls of at most MAX_BATCH, and the rest refused.
     #[tokio::test]
     async fn a_flood_holds_at_most_two_full_calls_and_the_queue() {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, sizes, batches) = echo();
         let mut tasks = submit_all(&batches, 0..600);
         settle().await;
         tasks.extend(submit_all(&batches, 600..700));
         settle().await;
         gate.add_permits(10_000);
-        let (mut reserved, mut refused) = (0, 0);
-        for task in tasks {
-            match task.await {
-                Ok(Ok(_)) => reserved += 1,
-                Ok(Err(StoreError::Unavailable(why))) if why.contains("waiting") => refused += 1,
-                other => panic!("{other:?}"),
-            }
-        }
+        let (reserved, refused) = reserved_and_refused(tasks).await;
         let held = MAX_IN_FLIGHT * MAX_BATCH + MAX_WAITING;
         assert_eq!((reserved, refused), (held, 700 - held));
         let sizes = calls_made(&sizes);
@@ -766,9 +768,7 @@ mod tests {
 
     #[tokio::test]
     async fn what_waits_is_bounded_and_policies_do_not_wait_for_each_other() {
-        let gate = Arc::new(Semaphore::new(0));
-        let sizes = Arc::new(Mutex::new(Vec::new()));
-        let batches = echo(gate.clone(), sizes.clone());
+        let (gate, _, batches) = echo();
         let total = MAX_IN_FLIGHT * MAX_BATCH + MAX_WAITING + 5;
         let mut tasks = submit_all(&batches, 0..1);
         settle().await;
@@ -779,14 +779,7 @@ mod tests {
         let q = tokio::spawn(async move { other.submit("q", 5000).await });
         assert_eq!(q.await.ok().and_then(Result::ok), Some(5000));
         gate.add_permits(10_000);
-        let mut refused = 0;
-        for task in tasks {
-            match task.await {
-                Ok(Ok(_)) => {}
-                Ok(Err(StoreError::Unavailable(why))) if why.contains("waiting") => refused += 1,
-                other => panic!("{other:?}"),
-            }
-        }
+        let (_, refused) = reserved_and_refused(tasks).await;
         // In flight: one call of 1 and a full one of MAX_BATCH (the next full batch found no
         // room); then MAX_WAITING wait; the rest are refused.
         assert_eq!(
