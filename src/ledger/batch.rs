@@ -34,10 +34,14 @@
 //!
 //! The calls run in tasks of their own, not in the requests that started them: a client that
 //! hangs up cancels no one else's call. Each ledger (each replica) gathers its own.
+//!
+//! Each `Batches` counts the calls it made and the reservations they carried ([`Sent`]): over
+//! the calls, how full they are, which the load and the yields decide (`/metrics`).
 
 use std::collections::{HashMap, VecDeque};
 use std::future::Future;
 use std::pin::Pin;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use tokio::sync::oneshot;
@@ -89,6 +93,19 @@ pub(super) type CallFn<Op, Reply> = Arc<
 pub(super) struct Batches<Op, Reply> {
     policies: Mutex<HashMap<String, Policy<Op, Reply>>>,
     call: CallFn<Op, Reply>,
+    /// Calls made, and the reservations they carried ([`Batches::sent`]).
+    calls: AtomicU64,
+    carried: AtomicU64,
+}
+
+/// Calls made and the reservations they carried, since the ledger was made: how full calls
+/// are (`/metrics`), which the yields before a call and the load decide.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Sent {
+    /// Calls that went to Redis (whatever their outcome).
+    pub calls: u64,
+    /// Reservations those calls carried.
+    pub reservations: u64,
 }
 
 /// A policy with calls in flight (a policy with none has no entry).
@@ -109,7 +126,18 @@ impl<Op: Send + 'static, Reply: Send + 'static> Batches<Op, Reply> {
         Arc::new(Self {
             policies: Mutex::new(HashMap::new()),
             call,
+            calls: AtomicU64::new(0),
+            carried: AtomicU64::new(0),
         })
+    }
+
+    /// The calls made so far and the reservations they carried (two counters read apart: a
+    /// call made meanwhile may be in one and not yet in the other).
+    pub(super) fn sent(&self) -> Sent {
+        Sent {
+            calls: self.calls.load(Ordering::Relaxed),
+            reservations: self.carried.load(Ordering::Relaxed),
+        }
     }
 
     /// `op`'s reply, from the call it went in.
@@ -265,6 +293,8 @@ async fn call<Op, Reply>(
 ) -> Option<StoreError> {
     let (ops, answers): (Vec<Op>, Vec<_>) = batch.drain(..).map(|w| (w.op, w.answer)).unzip();
     let count = ops.len();
+    batches.carried.fetch_add(count as u64, Ordering::Relaxed);
+    batches.calls.fetch_add(1, Ordering::Relaxed);
     let replies = match (batches.call)(ops).await {
         Ok(replies) if replies.len() == count => Ok(replies),
         Ok(replies) => Err(StoreError::Unavailable(format!(
@@ -504,6 +534,13 @@ mod tests {
             assert!(matches!(task.await, Ok(Ok(_))));
         }
         assert_eq!(calls_made(&sizes), vec![1, 12]);
+        assert_eq!(
+            batches.sent(),
+            Sent {
+                calls: 2,
+                reservations: 13
+            }
+        );
         assert!(batches.lock().is_empty());
     }
 
@@ -744,6 +781,14 @@ mod tests {
         }
         settle().await;
         assert_eq!(calls_made(&sizes), vec![1]);
+        // (Nor counted as sent: `/metrics` shows what Redis ran.)
+        assert_eq!(
+            batches.sent(),
+            Sent {
+                calls: 1,
+                reservations: 1
+            }
+        );
         assert!(batches.lock().is_empty());
     }
 

@@ -32,7 +32,7 @@ pub mod redis;
 
 /// How the Redis ledger gathers a policy's reservations into calls, and how many it holds
 /// (`ledger::batch`; the same again for its checks).
-pub use batch::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING};
+pub use batch::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING, Sent};
 
 use std::collections::BTreeMap;
 
@@ -435,6 +435,16 @@ impl Ledger {
     /// Whether reservations are refused because Redis would evict keys when full, or has.
     pub fn refusing_for_eviction(&self) -> bool {
         matches!(self, Self::Redis(l) if l.refusing_for_eviction())
+    }
+
+    /// The calls of Redis' reserve script made so far and the reservations they carried,
+    /// signing runs' then checks' ([`redis::RedisLedger::calls`]); none in memory, which makes
+    /// no calls.
+    pub fn calls(&self) -> Option<(Sent, Sent)> {
+        match self {
+            Self::Memory(_) => None,
+            Self::Redis(l) => Some(l.calls()),
+        }
     }
 
     /// Note that this replica serves `policies` (their ids), whose longest `max_validity` is

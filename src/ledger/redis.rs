@@ -33,7 +33,7 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
 
-use super::batch::{Batches, MAX_BATCH};
+use super::batch::{Batches, MAX_BATCH, Sent};
 use super::{Exhausted, Landing, Outcome, Reservation, Resource, Settled, SpendExceeded};
 use crate::session::StoreError;
 use crate::session::redis::RedisConn;
@@ -977,6 +977,13 @@ impl RedisLedger {
     /// the last [`Self::refresh_eviction`] found.
     pub fn refusing_for_eviction(&self) -> bool {
         self.refusing_for_eviction.load(Ordering::Relaxed)
+    }
+
+    /// The calls of `reserve.lua` this ledger (and its clones) made so far and the
+    /// reservations they carried: signing runs', then checks' (each gathered apart,
+    /// `ledger::batch`).
+    pub fn calls(&self) -> (Sent, Sent) {
+        (self.batches.sent(), self.checks.sent())
     }
 
     /// Whether this replica may write records under a session by id, read afresh: the operator
