@@ -7,7 +7,7 @@
 //! the ones served are `other`, outcomes are our error codes, reasons are [`Reason`] wire names
 //! (and the few reasons of other error codes). A client cannot grow the exposition.
 
-use std::sync::atomic::AtomicU64;
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::Duration;
 
 use prometheus_client::encoding::EncodeLabelSet;
@@ -17,6 +17,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
+use crate::ledger::Sent;
 use crate::rejection::Reason;
 use crate::rpc::METHODS;
 use crate::session::GrantSource;
@@ -67,6 +68,11 @@ struct EntryPointLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct KindLabels {
+    kind: &'static str,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 struct BudgetLabels {
     policy: String,
     chain: u64,
@@ -92,6 +98,9 @@ pub struct Scrape {
     /// With sessions in Redis, whether this replica follows the revocation feed (its grant
     /// copies may then live up to 5 minutes; else 10 s).
     pub revocations_followed: Option<bool>,
+    /// With the ledger in Redis, its calls of the reserve script so far and the reservations
+    /// they carried: signing runs', then checks' (`Ledger::calls`).
+    pub ledger_calls: Option<(Sent, Sent)>,
 }
 
 /// A latency histogram in seconds.
@@ -136,6 +145,8 @@ pub struct Metrics {
     directory_differs: Gauge,
     refusing_for_eviction: Gauge,
     revocations_followed: Gauge,
+    ledger_calls: Family<KindLabels, Counter>,
+    ledger_call_reservations: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -160,6 +171,8 @@ impl Default for Metrics {
             directory_differs: Gauge::default(),
             refusing_for_eviction: Gauge::default(),
             revocations_followed: Gauge::default(),
+            ledger_calls: Family::default(),
+            ledger_call_reservations: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -242,6 +255,16 @@ impl Default for Metrics {
             "sp_session_revocations_followed",
             "With sessions in Redis: 1 while this replica follows the revocation feed (its copies of session grants may live up to 5 minutes), 0 while it does not (10 s). Always 0 without sessions in Redis (no copies)",
             m.revocations_followed.clone(),
+        );
+        r.register(
+            "sp_ledger_calls",
+            "Calls of the Redis ledger's reserve script, by kind: signing runs (sign) or checks (stubs, explanations)",
+            m.ledger_calls.clone(),
+        );
+        r.register(
+            "sp_ledger_call_reservations",
+            "Reservations those calls carried (over sp_ledger_calls: how full calls are)",
+            m.ledger_call_reservations.clone(),
         );
         r.register(
             "sp_watcher_lag_seconds",
@@ -339,6 +362,21 @@ impl Metrics {
         if let Some(lag) = scrape.watcher_lag {
             self.watcher_lag_seconds.set(gauge(lag));
         }
+        // The ledger keeps the totals; each counter is brought up to its total (two scrapes at
+        // once cannot add a call twice, nor take one back).
+        if let Some((sign, check)) = scrape.ledger_calls {
+            for (kind, sent) in [("sign", sign), ("check", check)] {
+                let labels = KindLabels { kind };
+                self.ledger_calls
+                    .get_or_create(&labels)
+                    .inner()
+                    .fetch_max(sent.calls, Ordering::Relaxed);
+                self.ledger_call_reservations
+                    .get_or_create(&labels)
+                    .inner()
+                    .fetch_max(sent.reservations, Ordering::Relaxed);
+            }
+        }
         // A policy removed since the last scrape has no budget any more.
         self.budget_remaining.clear();
         for (policy, chain, resource, remaining) in &scrape.budgets {
@@ -378,6 +416,16 @@ mod tests {
             directory_differs: true,
             refusing_for_eviction: true,
             revocations_followed: Some(true),
+            ledger_calls: Some((
+                Sent {
+                    calls: 3,
+                    reservations: 70,
+                },
+                Sent {
+                    calls: 1,
+                    reservations: 2,
+                },
+            )),
         });
         for line in [
             "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"ok\"} 2",
@@ -393,9 +441,32 @@ mod tests {
             "sp_policy_directory_differs 1",
             "sp_ledger_refusing_eviction 1",
             "sp_session_revocations_followed 1",
+            "sp_ledger_calls_total{kind=\"sign\"} 3",
+            "sp_ledger_call_reservations_total{kind=\"sign\"} 70",
+            "sp_ledger_calls_total{kind=\"check\"} 1",
+            "sp_ledger_call_reservations_total{kind=\"check\"} 2",
         ] {
             assert!(text.contains(line), "missing `{line}` in\n{text}");
         }
+        // Each counter is brought up to the ledger's total: never back, and once per call.
+        let calls = |sign: u64| Scrape {
+            ledger_calls: Some((
+                Sent {
+                    calls: sign,
+                    reservations: 70,
+                },
+                Sent::default(),
+            )),
+            ..Scrape::default()
+        };
+        assert!(
+            m.render(&calls(2))
+                .contains("sp_ledger_calls_total{kind=\"sign\"} 3")
+        );
+        assert!(
+            m.render(&calls(5))
+                .contains("sp_ledger_calls_total{kind=\"sign\"} 5")
+        );
     }
 
     /// Client text never becomes a label: 99 more invented methods and reasons after the first

@@ -12,7 +12,7 @@ use session_paymaster::ledger::redis::RedisLedger;
 use session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
 use session_paymaster::ledger::{
     Exhausted, GRACE_SECS, Landing, Ledger, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY,
-    MAX_RECORDS_PER_NONCE, Outcome, Reservation, Resource, Scope, SessionCharge, Settled,
+    MAX_RECORDS_PER_NONCE, Outcome, Reservation, Resource, Scope, Sent, SessionCharge, Settled,
     SpendExceeded, TokenCharge, session_budget_scope, session_scope_name,
 };
 use session_paymaster::session::{SessionGrant, SessionStatus};
@@ -1464,7 +1464,7 @@ async fn concurrent_sponsorships_sign_exactly_the_budget_on_two_instances_sharin
 /// answered on its merits (K signed, the rest `budget_exhausted`), none refused as
 /// `store_unavailable` for want of room to wait for the policy's calls in flight (23-25 were
 /// with 0.3.11's 64 waiting, `ledger::MAX_WAITING`), and they went to Redis together (fewer
-/// calls than sponsorships: they did come at once).
+/// calls than sponsorships: they did come at once, and `/metrics` says so).
 #[tokio::test]
 async fn a_burst_at_one_replica_waits_for_a_healthy_redis_rather_than_being_refused() -> TestResult
 {
@@ -1475,6 +1475,18 @@ async fn a_burst_at_one_replica_waits_for_a_healthy_redis_rather_than_being_refu
     exactly_k_of(&apps, 400).await?;
     let calls = fcalls(&redis).await? - before;
     assert!(calls < 400, "{calls} calls");
+    // `/metrics` counts the calls Redis ran and the 400 they carried: how full they were.
+    let text = reqwest::get(format!("{}/metrics", apps[0].url))
+        .await?
+        .text()
+        .await?;
+    for line in [
+        format!("sp_ledger_calls_total{{kind=\"sign\"}} {calls}"),
+        "sp_ledger_call_reservations_total{kind=\"sign\"} 400".to_owned(),
+        "sp_ledger_calls_total{kind=\"check\"} 0".to_owned(),
+    ] {
+        assert!(text.contains(&line), "no `{line}` in {text}");
+    }
     Ok(())
 }
 
@@ -1625,6 +1637,15 @@ async fn fcalls(redis: &TestRedis) -> TestResult<u64> {
         .unwrap_or(0))
 }
 
+/// What a ledger counts of its calls (`Ledger::calls`, `/metrics`): `calls` made, carrying
+/// `reservations`.
+fn sent(calls: u64, reservations: u64) -> Sent {
+    Sent {
+        calls,
+        reservations,
+    }
+}
+
 /// The reservations (each `(reservation, check only)`) made at once, each in a task of its own
 /// (on the test's one thread, all submit before the first call's task runs), and their
 /// outcomes in order.
@@ -1685,6 +1706,8 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
     // which took the 7 after them.
     let calls = fcalls(&redis).await? - before;
     assert_eq!(calls, 2, "40 reservations in {calls} calls");
+    // What the ledger counts of its calls (`/metrics`) is what Redis ran.
+    assert_eq!(ledger.calls(), Some((sent(2, 40), sent(0, 0))));
     // The senders' window hash, new in that call, got its TTL there.
     let mut c = conn.clone();
     let ttl: i64 = redis::cmd("TTL")
@@ -1755,6 +1778,8 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
         "ops 1, 2 and 4: the repeat and the stub reserved nothing"
     );
     assert_eq!(fcalls(&redis).await? - before, 2);
+    // (The signing runs' call of 5, the stub's of 1, as the ledger counts them.)
+    assert_eq!(ledger.calls(), Some((sent(1, 5), sent(1, 1))));
     Ok(())
 }
 
@@ -2349,6 +2374,8 @@ async fn metrics_show_budget_remaining() -> TestResult {
         format!("sp_budget_remaining{{policy=\"budgeted\",chain=\"31337\",resource=\"ops\"}} {n}")
     };
     assert!(text.contains(&remaining(K - 2)), "{text}");
+    // The embedded ledger makes no calls to count (the Redis one's: the burst test).
+    assert!(!text.contains("sp_ledger_call"), "{text}");
     // `/metrics` asks for no credential: scrapes read the budgets from the ledger at most every
     // 5 s, the ones between show what the last read (a third sponsorship is not seen yet)...
     let scraped = std::time::Instant::now();
