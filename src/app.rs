@@ -730,7 +730,7 @@ async fn metrics(State(state): State<Arc<AppState>>) -> Response {
         budgets,
         directory_differs: state.directory_differs(),
         refusing_for_eviction: sponsor.ledger().refusing_for_eviction(),
-        ledger_calls: sponsor.ledger().calls(),
+        ledger_calls: sponsor.ledger().call_counts(),
         revocations_followed: match sponsor.sessions() {
             SessionStore::Redis(sessions) => Some(sessions.follows_revocations()),
             SessionStore::Memory(_) => None,

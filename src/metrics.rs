@@ -1,7 +1,8 @@
 //! Prometheus metrics at `GET /metrics` (OpenMetrics text), on the `prometheus-client` crate:
 //! requests by method and outcome, rejections by reason, latency histograms (whole request,
-//! budget reservation, signing), the settlement watcher's health, and gauges set at scrape time
-//! (policies, rate-limit keys, budget left, paymaster deposits).
+//! budget reservation, signing), the settlement watcher's health, gauges set at scrape time
+//! (policies, rate-limit keys, budget left, paymaster deposits), and counters brought up at
+//! scrape time to totals the ledger keeps (its calls to Redis and what they carried).
 //!
 //! Every label value comes from a closed set, never verbatim from a client: methods outside
 //! the ones served are `other`, outcomes are our error codes, reasons are [`Reason`] wire names
@@ -17,7 +18,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::Histogram;
 use prometheus_client::registry::Registry;
 
-use crate::ledger::Sent;
+use crate::ledger::LedgerCalls;
 use crate::rejection::Reason;
 use crate::rpc::METHODS;
 use crate::session::GrantSource;
@@ -98,9 +99,9 @@ pub struct Scrape {
     /// With sessions in Redis, whether this replica follows the revocation feed (its grant
     /// copies may then live up to 5 minutes; else 10 s).
     pub revocations_followed: Option<bool>,
-    /// With the ledger in Redis, its calls of the reserve script so far and the reservations
-    /// they carried: signing runs', then checks' (`Ledger::calls`).
-    pub ledger_calls: Option<(Sent, Sent)>,
+    /// With the ledger in Redis, its calls of the reserve script so far and the operations
+    /// they carried, by kind (`Ledger::call_counts`).
+    pub ledger_calls: Option<LedgerCalls>,
 }
 
 /// A latency histogram in seconds.
@@ -146,7 +147,7 @@ pub struct Metrics {
     refusing_for_eviction: Gauge,
     revocations_followed: Gauge,
     ledger_calls: Family<KindLabels, Counter>,
-    ledger_call_reservations: Family<KindLabels, Counter>,
+    ledger_call_operations: Family<KindLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -172,7 +173,7 @@ impl Default for Metrics {
             refusing_for_eviction: Gauge::default(),
             revocations_followed: Gauge::default(),
             ledger_calls: Family::default(),
-            ledger_call_reservations: Family::default(),
+            ledger_call_operations: Family::default(),
         };
         let r = &mut m.registry;
         r.register(
@@ -258,13 +259,13 @@ impl Default for Metrics {
         );
         r.register(
             "sp_ledger_calls",
-            "Calls of the Redis ledger's reserve script, by kind: signing runs (sign) or checks (stubs, explanations)",
+            "Calls of the Redis ledger's reserve script this replica made (failed ones too), by kind: signing runs (sign) or checks (stubs, explanations)",
             m.ledger_calls.clone(),
         );
         r.register(
-            "sp_ledger_call_reservations",
-            "Reservations those calls carried (over sp_ledger_calls: how full calls are)",
-            m.ledger_call_reservations.clone(),
+            "sp_ledger_call_operations",
+            "Operations in calls of the Redis ledger's reserve script, whatever their answer (repeats, refusals and checks too), by kind; over sp_ledger_calls_total, operations per call",
+            m.ledger_call_operations.clone(),
         );
         r.register(
             "sp_watcher_lag_seconds",
@@ -364,17 +365,19 @@ impl Metrics {
         }
         // The ledger keeps the totals; each counter is brought up to its total (two scrapes at
         // once cannot add a call twice, nor take one back).
-        if let Some((sign, check)) = scrape.ledger_calls {
-            for (kind, sent) in [("sign", sign), ("check", check)] {
-                let labels = KindLabels { kind };
+        if let Some(calls) = scrape.ledger_calls {
+            for (kind, counts) in calls.by_kind() {
+                let labels = KindLabels {
+                    kind: kind.as_str(),
+                };
                 self.ledger_calls
                     .get_or_create(&labels)
                     .inner()
-                    .fetch_max(sent.calls, Ordering::Relaxed);
-                self.ledger_call_reservations
+                    .fetch_max(counts.calls, Ordering::Relaxed);
+                self.ledger_call_operations
                     .get_or_create(&labels)
                     .inner()
-                    .fetch_max(sent.reservations, Ordering::Relaxed);
+                    .fetch_max(counts.operations, Ordering::Relaxed);
             }
         }
         // A policy removed since the last scrape has no budget any more.
@@ -399,6 +402,7 @@ impl Metrics {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::ledger::CallCounts;
 
     #[test]
     fn renders_counters_and_histograms() {
@@ -416,16 +420,16 @@ mod tests {
             directory_differs: true,
             refusing_for_eviction: true,
             revocations_followed: Some(true),
-            ledger_calls: Some((
-                Sent {
+            ledger_calls: Some(LedgerCalls {
+                sign: CallCounts {
                     calls: 3,
-                    reservations: 70,
+                    operations: 70,
                 },
-                Sent {
+                check: CallCounts {
                     calls: 1,
-                    reservations: 2,
+                    operations: 2,
                 },
-            )),
+            }),
         });
         for line in [
             "sp_requests_total{method=\"pm_sponsorUserOperation\",outcome=\"ok\"} 2",
@@ -442,31 +446,35 @@ mod tests {
             "sp_ledger_refusing_eviction 1",
             "sp_session_revocations_followed 1",
             "sp_ledger_calls_total{kind=\"sign\"} 3",
-            "sp_ledger_call_reservations_total{kind=\"sign\"} 70",
+            "sp_ledger_call_operations_total{kind=\"sign\"} 70",
             "sp_ledger_calls_total{kind=\"check\"} 1",
-            "sp_ledger_call_reservations_total{kind=\"check\"} 2",
+            "sp_ledger_call_operations_total{kind=\"check\"} 2",
         ] {
-            assert!(text.contains(line), "missing `{line}` in\n{text}");
+            assert!(
+                text.lines().any(|l| l == line),
+                "missing `{line}` in\n{text}"
+            );
         }
-        // Each counter is brought up to the ledger's total: never back, and once per call.
-        let calls = |sign: u64| Scrape {
-            ledger_calls: Some((
-                Sent {
-                    calls: sign,
-                    reservations: 70,
-                },
-                Sent::default(),
-            )),
-            ..Scrape::default()
+        // Each counter is brought up to the ledger's total: a scrape of the same total again
+        // adds nothing, a lower one (read before a scrape that ran first) takes nothing back.
+        let scraped = |sign_calls: u64| {
+            let text = m.render(&Scrape {
+                ledger_calls: Some(LedgerCalls {
+                    sign: CallCounts {
+                        calls: sign_calls,
+                        operations: 70,
+                    },
+                    check: CallCounts::default(),
+                }),
+                ..Scrape::default()
+            });
+            text.lines()
+                .find_map(|l| l.strip_prefix("sp_ledger_calls_total{kind=\"sign\"} "))
+                .map(str::to_owned)
         };
-        assert!(
-            m.render(&calls(2))
-                .contains("sp_ledger_calls_total{kind=\"sign\"} 3")
-        );
-        assert!(
-            m.render(&calls(5))
-                .contains("sp_ledger_calls_total{kind=\"sign\"} 5")
-        );
+        assert_eq!(scraped(3).as_deref(), Some("3"));
+        assert_eq!(scraped(2).as_deref(), Some("3"));
+        assert_eq!(scraped(5).as_deref(), Some("5"));
     }
 
     /// Client text never becomes a label: 99 more invented methods and reasons after the first

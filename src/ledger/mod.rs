@@ -32,7 +32,8 @@ pub mod redis;
 
 /// How the Redis ledger gathers a policy's reservations into calls, and how many it holds
 /// (`ledger::batch`; the same again for its checks).
-pub use batch::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING, Sent};
+pub use batch::CallCounts;
+pub use batch::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING};
 
 use std::collections::BTreeMap;
 
@@ -336,6 +337,42 @@ pub enum Outcome {
     NonceFull(u64),
 }
 
+/// Which of a ledger's calls ([`LedgerCalls`]): a policy's signing runs and its checks are
+/// gathered apart (`ledger::batch`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum CallKind {
+    /// Signing runs: what reserves.
+    Sign,
+    /// Checks: stubs and explanations, which reserve nothing.
+    Check,
+}
+
+impl CallKind {
+    /// Its label value (`sp_ledger_calls`): `sign` or `check`.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Self::Sign => "sign",
+            Self::Check => "check",
+        }
+    }
+}
+
+/// The calls of Redis' reserve script a ledger made, by kind ([`Ledger::call_counts`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct LedgerCalls {
+    /// Its signing runs'.
+    pub sign: CallCounts,
+    /// Its checks'.
+    pub check: CallCounts,
+}
+
+impl LedgerCalls {
+    /// Each kind's counts.
+    pub fn by_kind(&self) -> [(CallKind, CallCounts); 2] {
+        [(CallKind::Sign, self.sign), (CallKind::Check, self.check)]
+    }
+}
+
 /// Where budgets are kept.
 #[derive(Debug)]
 pub enum Ledger {
@@ -437,13 +474,12 @@ impl Ledger {
         matches!(self, Self::Redis(l) if l.refusing_for_eviction())
     }
 
-    /// The calls of Redis' reserve script made so far and the reservations they carried,
-    /// signing runs' then checks' ([`redis::RedisLedger::calls`]); none in memory, which makes
-    /// no calls.
-    pub fn calls(&self) -> Option<(Sent, Sent)> {
+    /// The calls of Redis' reserve script made so far and the operations they carried
+    /// ([`redis::RedisLedger::call_counts`]); none in memory, which makes no calls.
+    pub fn call_counts(&self) -> Option<LedgerCalls> {
         match self {
             Self::Memory(_) => None,
-            Self::Redis(l) => Some(l.calls()),
+            Self::Redis(l) => Some(l.call_counts()),
         }
     }
 

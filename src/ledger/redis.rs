@@ -33,8 +33,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use alloy::primitives::{Address, B256, U256};
 use redis::AsyncCommands;
 
-use super::batch::{Batches, MAX_BATCH, Sent};
-use super::{Exhausted, Landing, Outcome, Reservation, Resource, Settled, SpendExceeded};
+use super::batch::{Batches, MAX_BATCH};
+use super::{
+    CallCounts, Exhausted, Landing, LedgerCalls, Outcome, Reservation, Resource, Settled,
+    SpendExceeded,
+};
 use crate::session::StoreError;
 use crate::session::redis::RedisConn;
 use crate::userop::paymaster_data::{PaymasterData, ValidityWindow};
@@ -923,6 +926,8 @@ impl RedisLedger {
     /// `conn`, a connection to the same Redis kept for them (see [`ReplicaWait`]).
     #[must_use]
     pub fn with_replica_wait(mut self, wait: ReplicaWait, conn: RedisConn) -> Self {
+        // (Before any reservation: the new calls' counts start again from none.)
+        debug_assert_eq!(self.batches.counts(), CallCounts::default());
         self.batches = reserve_batches(conn.clone(), Some(wait));
         self.wait = Some((wait, conn));
         self
@@ -979,11 +984,13 @@ impl RedisLedger {
         self.refusing_for_eviction.load(Ordering::Relaxed)
     }
 
-    /// The calls of `reserve.lua` this ledger (and its clones) made so far and the
-    /// reservations they carried: signing runs', then checks' (each gathered apart,
-    /// `ledger::batch`).
-    pub fn calls(&self) -> (Sent, Sent) {
-        (self.batches.sent(), self.checks.sent())
+    /// The calls of `reserve.lua` this ledger (and its clones) made so far and the operations
+    /// they carried, its signing runs' and its checks' (each gathered apart, `ledger::batch`).
+    pub fn call_counts(&self) -> LedgerCalls {
+        LedgerCalls {
+            sign: self.batches.counts(),
+            check: self.checks.counts(),
+        }
     }
 
     /// Whether this replica may write records under a session by id, read afresh: the operator

@@ -11,9 +11,9 @@ use session_paymaster::ledger::memory::MemoryLedger;
 use session_paymaster::ledger::redis::RedisLedger;
 use session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
 use session_paymaster::ledger::{
-    Exhausted, GRACE_SECS, Landing, Ledger, MAX_OPEN_PER_NONCE, MAX_OPEN_PER_NONCE_ANY,
-    MAX_RECORDS_PER_NONCE, Outcome, Reservation, Resource, Scope, Sent, SessionCharge, Settled,
-    SpendExceeded, TokenCharge, session_budget_scope, session_scope_name,
+    CallCounts, Exhausted, GRACE_SECS, Landing, Ledger, LedgerCalls, MAX_OPEN_PER_NONCE,
+    MAX_OPEN_PER_NONCE_ANY, MAX_RECORDS_PER_NONCE, Outcome, Reservation, Resource, Scope,
+    SessionCharge, Settled, SpendExceeded, TokenCharge, session_budget_scope, session_scope_name,
 };
 use session_paymaster::session::{SessionGrant, SessionStatus};
 use session_paymaster::signer::KeySource;
@@ -1475,17 +1475,18 @@ async fn a_burst_at_one_replica_waits_for_a_healthy_redis_rather_than_being_refu
     exactly_k_of(&apps, 400).await?;
     let calls = fcalls(&redis).await? - before;
     assert!(calls < 400, "{calls} calls");
-    // `/metrics` counts the calls Redis ran and the 400 they carried: how full they were.
+    // `/metrics` counts those calls and the 400 operations they carried (K reserved, the rest
+    // refused there for the budget): how full they were.
     let text = reqwest::get(format!("{}/metrics", apps[0].url))
         .await?
         .text()
         .await?;
     for line in [
         format!("sp_ledger_calls_total{{kind=\"sign\"}} {calls}"),
-        "sp_ledger_call_reservations_total{kind=\"sign\"} 400".to_owned(),
+        "sp_ledger_call_operations_total{kind=\"sign\"} 400".to_owned(),
         "sp_ledger_calls_total{kind=\"check\"} 0".to_owned(),
     ] {
-        assert!(text.contains(&line), "no `{line}` in {text}");
+        assert!(text.lines().any(|l| l == line), "no `{line}` in {text}");
     }
     Ok(())
 }
@@ -1637,13 +1638,14 @@ async fn fcalls(redis: &TestRedis) -> TestResult<u64> {
         .unwrap_or(0))
 }
 
-/// What a ledger counts of its calls (`Ledger::calls`, `/metrics`): `calls` made, carrying
-/// `reservations`.
-fn sent(calls: u64, reservations: u64) -> Sent {
-    Sent {
-        calls,
-        reservations,
-    }
+/// What a Redis ledger counts of its calls (`Ledger::call_counts`, `/metrics`): its signing
+/// runs' and its checks', each `(calls, operations)`.
+fn call_counts(sign: (u64, u64), check: (u64, u64)) -> Option<LedgerCalls> {
+    let counts = |(calls, operations)| CallCounts { calls, operations };
+    Some(LedgerCalls {
+        sign: counts(sign),
+        check: counts(check),
+    })
 }
 
 /// The reservations (each `(reservation, check only)`) made at once, each in a task of its own
@@ -1707,7 +1709,7 @@ async fn reservations_made_together_share_calls_and_count_exactly() -> TestResul
     let calls = fcalls(&redis).await? - before;
     assert_eq!(calls, 2, "40 reservations in {calls} calls");
     // What the ledger counts of its calls (`/metrics`) is what Redis ran.
-    assert_eq!(ledger.calls(), Some((sent(2, 40), sent(0, 0))));
+    assert_eq!(ledger.call_counts(), call_counts((2, 40), (0, 0)));
     // The senders' window hash, new in that call, got its TTL there.
     let mut c = conn.clone();
     let ttl: i64 = redis::cmd("TTL")
@@ -1779,7 +1781,7 @@ async fn a_call_of_several_answers_each_as_alone() -> TestResult {
     );
     assert_eq!(fcalls(&redis).await? - before, 2);
     // (The signing runs' call of 5, the stub's of 1, as the ledger counts them.)
-    assert_eq!(ledger.calls(), Some((sent(1, 5), sent(1, 1))));
+    assert_eq!(ledger.call_counts(), call_counts((1, 5), (1, 1)));
     Ok(())
 }
 
