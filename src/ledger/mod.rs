@@ -32,8 +32,10 @@ pub mod redis;
 
 /// How the Redis ledger gathers a policy's reservations into calls, and how many it holds
 /// (`ledger::batch`; the same again for its checks).
-pub use batch::CallCounts;
 pub use batch::{MAX_BATCH, MAX_IN_FLIGHT, MAX_WAITING};
+
+/// How many calls the Redis ledger made and what they carried ([`Ledger::call_counts`]).
+pub use batch::CallCounts;
 
 use std::collections::BTreeMap;
 
