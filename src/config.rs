@@ -15,6 +15,11 @@ use crate::policy::Rate;
 use crate::signer::KeySource;
 use crate::userop::EntryPointVersion;
 
+/// `--tenant-max-sessions`' default: 10,000 live grants a policy without `max_sessions`. A
+/// tenant may then store up to about twice that (a grant is kept a day past its end): usually
+/// under 10 MiB of Redis, at most about 420 MiB with the largest grants (docs/policies.md).
+pub const DEFAULT_TENANT_MAX_SESSIONS: u64 = 10_000;
+
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -122,6 +127,15 @@ pub struct ServeArgs {
     /// for more, or separate them with `;` in the environment.
     #[arg(long = "admin-key", env = "SP_ADMIN_KEYS", value_delimiter = ';')]
     pub admin_keys: Vec<ApiKey>,
+
+    /// Most live session grants a tenant's admin key may create under a policy that sets no
+    /// `max_sessions` (counted over every creator of the policy's grants; the operator's token
+    /// is held only by the policy's own `max_sessions`). A grant takes about half a kilobyte of
+    /// Redis, up to about 21 KiB with the largest permissions: without a bound one tenant could
+    /// fill Redis, and a full Redis refuses every tenant's reservations. 0: no bound (before
+    /// 0.3.14).
+    #[arg(long, env = "SP_TENANT_MAX_SESSIONS", default_value_t = DEFAULT_TENANT_MAX_SESSIONS)]
+    pub tenant_max_sessions: u64,
 
     /// Serve the admin API on this address (e.g. an internal interface) instead of the main
     /// listener.
@@ -290,6 +304,9 @@ pub struct Config {
     pub admin_token_sha256: Option<B256>,
     /// Tenants' admin keys, each limited to its policies.
     pub admin_keys: Vec<ApiKey>,
+    /// Most live grants a tenant's admin key may create under a policy without
+    /// `max_sessions` (`--tenant-max-sessions`); `None`: no bound.
+    pub tenant_max_sessions: Option<u64>,
     /// Whether the admin API is served on the main listener (no separate admin address).
     pub admin_on_main: bool,
     /// Whether `/metrics` is served on the main listener (no separate metrics address).
@@ -503,6 +520,7 @@ impl From<&ServeArgs> for Config {
             ),
             admin_token_sha256: args.admin_token_sha256,
             admin_keys: args.admin_keys.clone(),
+            tenant_max_sessions: (args.tenant_max_sessions > 0).then_some(args.tenant_max_sessions),
             admin_on_main: args.admin_listen.is_none(),
             metrics_on_main: args.metrics_listen.is_none(),
         }
@@ -830,6 +848,10 @@ impl ServeArgs {
         if !self.admin_keys.is_empty() {
             put("admin_key", keys(&self.admin_keys));
         }
+        put(
+            "tenant_max_sessions",
+            toml::Value::Integer(i64::try_from(self.tenant_max_sessions).unwrap_or(i64::MAX)),
+        );
         if let Some(r) = self.rate_per_key {
             put(
                 "rate_per_key",

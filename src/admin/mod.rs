@@ -11,7 +11,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken; 429 its policy's `max_sessions` live |
+//! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken; 429 its policy's `max_sessions` live (a tenant's key, where the policy sets none: `--tenant-max-sessions`) |
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
 //! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key that finds none of its own in 1,000 grants, more following |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
@@ -176,12 +176,15 @@ async fn create(
     if let Err(issues) = grant.check_within(policy) {
         return invalid(issues);
     }
-    match state
-        .sponsor
-        .sessions()
-        .create_within(&grant, policy.max_sessions)
-        .await
-    {
+    // A tenant's key is held by --tenant-max-sessions where the policy sets no bound of its own
+    // (one tenant filling Redis would have every tenant's reservations refused).
+    let tenant_default = policy.max_sessions.is_none() && scope.key.is_some();
+    let most = if tenant_default {
+        state.tenant_max_sessions
+    } else {
+        policy.max_sessions
+    };
+    match state.sponsor.sessions().create_within(&grant, most).await {
         Ok(Created::Created) => {
             tracing::info!(session = %grant.session_id, account = %grant.account, policy = %grant.policy, by = scope.who(), "session created");
             (StatusCode::CREATED, axum::Json(grant)).into_response()
@@ -189,6 +192,13 @@ async fn create(
         Ok(Created::Exists) => error(
             StatusCode::CONFLICT,
             format!("session {} exists", grant.session_id),
+        ),
+        Ok(Created::Full { live }) if tenant_default => error(
+            StatusCode::TOO_MANY_REQUESTS,
+            format!(
+                "policy `{}` has {live} live sessions, the most a tenant's key may create under a policy without max_sessions (the operator's --tenant-max-sessions): one more can be created once one ends",
+                grant.policy
+            ),
         ),
         Ok(Created::Full { live }) => error(
             StatusCode::TOO_MANY_REQUESTS,

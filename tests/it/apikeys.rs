@@ -324,6 +324,68 @@ async fn validating_many_policies_costs_as_many_calls() -> TestResult {
     Ok(())
 }
 
+/// A tenant's admin key had no bound on the grants it created under a policy without
+/// `max_sessions`: one tenant could fill Redis, and a full Redis refuses every tenant's
+/// reservations. It is held by `--tenant-max-sessions` there (two here), counted over the
+/// policy's live grants; the operator's token is not; and where the policy sets its own
+/// `max_sessions`, that holds the tenant, above the default or below it.
+#[tokio::test]
+async fn a_tenants_sessions_are_bounded_where_its_policy_sets_no_bound() -> TestResult {
+    use crate::helpers::ADMIN_TOKEN;
+    use crate::sessions::{admin, grant_request};
+    let dir = crate::helpers::TempDir::new("tenant-max-sessions");
+    for (id, bound) in [("open", ""), ("few", "max_sessions = 3\n")] {
+        std::fs::write(
+            dir.0.join(format!("{id}.toml")),
+            format!(
+                "id = \"{id}\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
+                 require_session = true\n{bound}\n[[allow]]\ntarget = \"{}\"\n\
+                 functions = [\"*\"]\n",
+                Address::repeat_byte(0xc0)
+            ),
+        )?;
+    }
+    let (shop, shop_cfg) = new_admin_key("shop", "open,few")?;
+    let mut c = config(
+        [Some(Address::repeat_byte(7)), None, None],
+        KeySource::Ephemeral,
+    );
+    c.policies_dir = dir.0.clone();
+    c.admin_keys = vec![shop_cfg.parse::<ApiKey>()?];
+    c.tenant_max_sessions = Some(2);
+    let app = TestApp::spawn(c).await?;
+    let post = |n: u8, policy: &'static str, token: String| {
+        let app = &app;
+        async move {
+            let body = grant_request(Address::repeat_byte(n), Address::repeat_byte(0xb2), policy);
+            admin(app, "POST", "/admin/sessions", Some(body), Some(&token)).await
+        }
+    };
+    let mut open = Vec::new();
+    for n in 1..=2 {
+        open.push(post(n, "open", shop.clone()).await?.0);
+    }
+    let (status, full) = post(3, "open", shop.clone()).await?;
+    open.push(status);
+    // The operator's token: the policy's own bound alone (none), past the tenants' default;
+    // the tenant is still held, the operator's grant counted with its own.
+    open.push(post(4, "open", ADMIN_TOKEN.into()).await?.0);
+    open.push(post(5, "open", shop.clone()).await?.0);
+    assert_eq!(open, [201, 201, 429, 201, 429]);
+    let error = full["error"].as_str().unwrap_or_default();
+    assert!(
+        error.contains("has 2 live sessions") && error.contains("--tenant-max-sessions"),
+        "{full}"
+    );
+    // A policy's own max_sessions (3) holds the tenant instead of the default (2).
+    let mut few = Vec::new();
+    for n in 11..=14 {
+        few.push(post(n, "few", shop.clone()).await?.0);
+    }
+    assert_eq!(few, [201, 201, 201, 429]);
+    Ok(())
+}
+
 /// The admin API had one token for every policy, and the docs send each dapp backend to it to
 /// create its sessions: one tenant could read, list and revoke another's sessions, and read
 /// every policy id and file error (found by review). A tenant's admin key reaches the sessions

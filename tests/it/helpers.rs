@@ -361,6 +361,7 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),
         admin_keys: Vec::new(),
+        tenant_max_sessions: Some(session_paymaster::config::DEFAULT_TENANT_MAX_SESSIONS),
         redis_wait: None,
         admin_on_main: true,
         metrics_on_main: true,
