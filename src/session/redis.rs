@@ -633,13 +633,19 @@ impl RedisSessions {
         let expires_at = grant.valid_until.saturating_add(RETAIN_SECS);
         // A TTL Redis takes (a `validUntil` centuries ahead is kept for a century).
         let ttl = expires_at.saturating_sub(now).clamp(1, 100 * 365 * 86_400);
-        // An id a grant of the old layout still holds is taken too.
-        let legacy: bool = conn
-            .exists(legacy_session_key(grant.session_id))
-            .await
-            .map_err(unavailable)?;
-        if legacy {
-            return Ok(super::Created::Exists);
+        // An id taken (or held by a grant of the old layout) is refused before anything is
+        // written: each refused create would otherwise leave its member in an account's index
+        // until its own `validUntil` (up to ten years ahead), Redis growing without a bound by
+        // requests that create nothing (found by review). A create that loses a race for the id
+        // below takes its member back.
+        for key in [
+            grant_key(grant.session_id),
+            legacy_session_key(grant.session_id).into_bytes(),
+        ] {
+            let taken: bool = conn.exists(key).await.map_err(unavailable)?;
+            if taken {
+                return Ok(super::Created::Exists);
+            }
         }
         // Counted first: a grant counted and then not stored (its id taken: given back below;
         // a failure between: kept) counts over, never under.
@@ -661,10 +667,11 @@ impl RedisSessions {
         // Listed first: a member whose grant was never stored (this SET NX lost, or failed) is
         // harmless, since a listing shows only grants whose account and creation time match
         // their member; a grant stored but not listed would be live and out of sight.
+        let member = index_member(grant);
         let _: i64 = self
             .index
             .key(index_key(grant.account))
-            .arg(index_member(grant))
+            .arg(&member)
             .arg(now)
             .arg(ttl)
             .invoke_async(&mut conn)
@@ -681,7 +688,8 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         if created.is_none() {
-            // (Best effort: a failure here leaves it counted.)
+            // Another create took the id since the check above. (Best effort: a failure here
+            // leaves it counted, or its member listed: over, never under.)
             let _: redis::RedisResult<i64> = self
                 .live
                 .key(live_key(&grant.policy))
@@ -690,11 +698,32 @@ impl RedisSessions {
                 .arg(day)
                 .invoke_async(&mut conn)
                 .await;
+            self.unlist_loser(grant, &member).await;
             return Ok(super::Created::Exists);
         }
         // A copy of an earlier grant of this id (its key deleted by hand) is not served here.
         self.cache.forget(grant.session_id);
         Ok(super::Created::Created)
+    }
+
+    /// Takes back the index `member` a create of `grant` wrote before it lost its id to another
+    /// create, unless it is the winner's own (the same account, times and id: then it lists
+    /// that grant). Best effort: a failure leaves it until its expiry, which listings skip.
+    async fn unlist_loser(&self, grant: &SessionGrant, member: &[u8]) {
+        let mut conn = self.conn.clone();
+        match self.get(grant.session_id).await {
+            Ok(Some(winner)) if index_member(&winner) == member => return,
+            // Another grant's, or none's (the winner gone already): this member lists nothing.
+            Ok(_) => {}
+            Err(e) => {
+                tracing::warn!(session = %grant.session_id, error = %e, "cannot read the grant a create lost its id to; its index member stays until it ends");
+                return;
+            }
+        }
+        let removed: redis::RedisResult<i64> = conn.zrem(index_key(grant.account), member).await;
+        if let Err(e) = removed {
+            tracing::warn!(session = %grant.session_id, error = %e, "cannot take back a lost create's index member; it stays until it ends");
+        }
     }
 
     pub(super) async fn get(&self, id: B256) -> Result<Option<SessionGrant>, StoreError> {

@@ -1290,6 +1290,93 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
     Ok(())
 }
 
+/// A create refused for its taken id writes nothing: it counted the grant and listed it under
+/// its account before finding the id taken, and the member stayed until the refused grant's own
+/// `validUntil` (up to ten years), so a tenant's key could grow Redis without a bound by 409s
+/// (found by review). Nor does a create that loses a race for a new id to another keep its
+/// member (each round: one created, the rest 409, whatever the order they reached Redis in).
+#[tokio::test]
+async fn a_create_refused_for_its_id_leaves_nothing_in_redis() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let mut c = config([Some(PM07), None, None], KeySource::Ephemeral);
+    c.redis_url = Some(redis.url.clone());
+    let app = TestApp::spawn(c).await?;
+    let conn = redis.conn().await?;
+    // Every account index member, and the policy's live count.
+    let listed_and_live = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let buckets: Vec<Vec<u8>> = redis::cmd("KEYS")
+            .arg("sp:ga:*")
+            .query_async(&mut conn)
+            .await?;
+        let mut members = 0;
+        for b in buckets {
+            let n: u64 = redis::cmd("ZCARD").arg(b).query_async(&mut conn).await?;
+            members += n;
+        }
+        let live: Option<u64> = redis::cmd("HGET")
+            .arg("sp:{dev-counter}:grants-live")
+            .arg("total")
+            .query_async(&mut conn)
+            .await?;
+        TestResult::Ok((members, live.unwrap_or(0)))
+    };
+    let post = |n: u16, id: B256| {
+        let mut body = grant_request(
+            Address::left_padding_from(&n.to_be_bytes()),
+            Address::repeat_byte(0xb0),
+            "dev-counter",
+        );
+        body["sessionId"] = json!(id);
+        body["validUntil"] = json!(now() + 3600 + u64::from(n));
+        let app = &app;
+        async move {
+            let (status, _) = admin(
+                app,
+                "POST",
+                "/admin/sessions",
+                Some(body),
+                Some(ADMIN_TOKEN),
+            )
+            .await?;
+            TestResult::Ok(status)
+        }
+    };
+    let taken = B256::repeat_byte(0x71);
+    assert_eq!(post(1, taken).await?, 201);
+    // The same id again and again, each time for another account and end: refused before any
+    // write (no script runs: the count, the listing).
+    let writes = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let calls = crate::ledger::command_calls(&mut conn).await?;
+        TestResult::Ok(["evalsha", "eval", "set", "zadd", "hincrby"].map(|c| calls.get(c).copied()))
+    };
+    let before = writes(conn.clone()).await?;
+    for n in 2..52 {
+        assert_eq!(post(n, taken).await?, 409);
+    }
+    assert_eq!(writes(conn.clone()).await?, before);
+    assert_eq!(listed_and_live(conn.clone()).await?, (1, 1));
+    // Rounds of creates of one new id at once.
+    for round in 0..20u16 {
+        let id = B256::left_padding_from(&(1000 + round).to_be_bytes());
+        let n = 1000 + round * 10;
+        let at_once = tokio::join!(
+            post(n, id),
+            post(n + 1, id),
+            post(n + 2, id),
+            post(n + 3, id),
+            post(n + 4, id),
+            post(n + 5, id)
+        );
+        let mut statuses = [
+            at_once.0?, at_once.1?, at_once.2?, at_once.3?, at_once.4?, at_once.5?,
+        ];
+        statuses.sort_unstable();
+        assert_eq!(statuses, [201, 409, 409, 409, 409, 409], "round {round}");
+    }
+    assert_eq!(listed_and_live(conn).await?, (21, 21));
+    Ok(())
+}
+
 #[tokio::test]
 async fn a_policys_live_sessions_are_bounded_in_memory() -> TestResult {
     a_policys_live_sessions_are_bounded(None).await
