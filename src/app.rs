@@ -121,9 +121,9 @@ pub struct AppState {
     pub admin_token_sha256: Option<B256>,
     /// Tenants' admin keys: each the sessions of its policies only.
     pub admin_keys: crate::apikey::ApiKeys,
-    /// Most live grants a tenant's admin key may create under a policy without `max_sessions`
-    /// (`--tenant-max-sessions`); `None`: no bound.
-    pub tenant_max_sessions: Option<u64>,
+    /// The bound on a policy's live grants that a tenant's admin key meets where the policy
+    /// sets no `max_sessions` (`--tenant-default-max-sessions`); `None`: none.
+    pub tenant_default_max_sessions: Option<std::num::NonZeroU64>,
     admin_on_main: bool,
     metrics_on_main: bool,
     /// Shared Redis connection, when configured.
@@ -283,7 +283,7 @@ impl AppState {
             bundlers,
             admin_token_sha256: config.admin_token_sha256,
             admin_keys: crate::apikey::ApiKeys::new(config.admin_keys.clone()),
-            tenant_max_sessions: config.tenant_max_sessions,
+            tenant_default_max_sessions: config.tenant_default_max_sessions,
             admin_on_main: config.admin_on_main,
             metrics_on_main: config.metrics_on_main,
             redis,

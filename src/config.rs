@@ -15,10 +15,9 @@ use crate::policy::Rate;
 use crate::signer::KeySource;
 use crate::userop::EntryPointVersion;
 
-/// `--tenant-max-sessions`' default: 10,000 live grants a policy without `max_sessions`. A
-/// tenant may then store up to about twice that (a grant is kept a day past its end): usually
-/// under 10 MiB of Redis, at most about 420 MiB with the largest grants (docs/policies.md).
-pub const DEFAULT_TENANT_MAX_SESSIONS: u64 = 10_000;
+/// `--tenant-default-max-sessions`' default: the example `max_sessions` of docs/policies.md,
+/// which also says what a tenant may store under it.
+pub const TENANT_DEFAULT_MAX_SESSIONS: u64 = 10_000;
 
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
@@ -128,14 +127,14 @@ pub struct ServeArgs {
     #[arg(long = "admin-key", env = "SP_ADMIN_KEYS", value_delimiter = ';')]
     pub admin_keys: Vec<ApiKey>,
 
-    /// Most live session grants a tenant's admin key may create under a policy that sets no
-    /// `max_sessions` (counted over every creator of the policy's grants; the operator's token
-    /// is held only by the policy's own `max_sessions`). A grant takes about half a kilobyte of
-    /// Redis, up to about 21 KiB with the largest permissions: without a bound one tenant could
-    /// fill Redis, and a full Redis refuses every tenant's reservations. 0: no bound (before
-    /// 0.3.14).
-    #[arg(long, env = "SP_TENANT_MAX_SESSIONS", default_value_t = DEFAULT_TENANT_MAX_SESSIONS)]
-    pub tenant_max_sessions: u64,
+    /// The `max_sessions` a tenant's admin key meets under a policy that sets none: it creates
+    /// a grant there only while the policy has fewer live grants, anyone's (the operator's and
+    /// other tenants' sharing the policy count too), each policy apart. The operator's token is
+    /// held only by a policy's own `max_sessions`. Without a bound one tenant could fill Redis,
+    /// and a full Redis refuses every tenant's reservations (docs/policies.md: what a tenant may
+    /// store under it). 0: none, as before 0.3.14.
+    #[arg(long, env = "SP_TENANT_DEFAULT_MAX_SESSIONS", default_value_t = TENANT_DEFAULT_MAX_SESSIONS)]
+    pub tenant_default_max_sessions: u64,
 
     /// Serve the admin API on this address (e.g. an internal interface) instead of the main
     /// listener.
@@ -304,9 +303,9 @@ pub struct Config {
     pub admin_token_sha256: Option<B256>,
     /// Tenants' admin keys, each limited to its policies.
     pub admin_keys: Vec<ApiKey>,
-    /// Most live grants a tenant's admin key may create under a policy without
-    /// `max_sessions` (`--tenant-max-sessions`); `None`: no bound.
-    pub tenant_max_sessions: Option<u64>,
+    /// The bound on a policy's live grants that a tenant's admin key meets where the policy
+    /// sets no `max_sessions` (`--tenant-default-max-sessions`); `None`: none.
+    pub tenant_default_max_sessions: Option<std::num::NonZeroU64>,
     /// Whether the admin API is served on the main listener (no separate admin address).
     pub admin_on_main: bool,
     /// Whether `/metrics` is served on the main listener (no separate metrics address).
@@ -520,7 +519,9 @@ impl From<&ServeArgs> for Config {
             ),
             admin_token_sha256: args.admin_token_sha256,
             admin_keys: args.admin_keys.clone(),
-            tenant_max_sessions: (args.tenant_max_sessions > 0).then_some(args.tenant_max_sessions),
+            tenant_default_max_sessions: std::num::NonZeroU64::new(
+                args.tenant_default_max_sessions,
+            ),
             admin_on_main: args.admin_listen.is_none(),
             metrics_on_main: args.metrics_listen.is_none(),
         }
@@ -849,8 +850,10 @@ impl ServeArgs {
             put("admin_key", keys(&self.admin_keys));
         }
         put(
-            "tenant_max_sessions",
-            toml::Value::Integer(i64::try_from(self.tenant_max_sessions).unwrap_or(i64::MAX)),
+            "tenant_default_max_sessions",
+            toml::Value::Integer(
+                i64::try_from(self.tenant_default_max_sessions).unwrap_or(i64::MAX),
+            ),
         );
         if let Some(r) = self.rate_per_key {
             put(
@@ -897,6 +900,29 @@ mod tests {
         for refused in ["0s", "999ms", "11m", "never"] {
             assert!(parse_connection_timeout(refused).is_err(), "{refused}");
         }
+    }
+
+    /// `--tenant-default-max-sessions`: 10,000 unless given, and 0 is no bound at all (not a
+    /// bound of none, which would refuse every tenant's create).
+    #[test]
+    fn the_tenants_default_bound_is_on_unless_turned_off() {
+        #[derive(clap::Parser)]
+        struct Cli {
+            #[command(flatten)]
+            serve: ServeArgs,
+        }
+        let bound = |args: &[&str]| {
+            <Cli as clap::Parser>::try_parse_from(["serve"].iter().chain(args))
+                .map(|cli| Config::from(&cli.serve).tenant_default_max_sessions)
+                .map_err(|e| e.to_string())
+        };
+        assert_eq!(bound(&[]), Ok(std::num::NonZeroU64::new(10_000)));
+        assert_eq!(bound(&["--tenant-default-max-sessions", "0"]), Ok(None));
+        assert_eq!(
+            bound(&["--tenant-default-max-sessions", "25"]),
+            Ok(std::num::NonZeroU64::new(25))
+        );
+        assert!(bound(&["--tenant-default-max-sessions", "-1"]).is_err());
     }
 
     /// `--metrics-listen` joins the admin listener at its address (not at port 0), and two

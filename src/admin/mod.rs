@@ -11,7 +11,7 @@
 //!
 //! | method and path | answer |
 //! |---|---|
-//! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken; 429 its policy's `max_sessions` live (a tenant's key, where the policy sets none: `--tenant-max-sessions`) |
+//! | `POST /admin/sessions` | 201 + grant; 400 `{error, issues: [{path, message}]}`; 409 id taken; 429 its policy's `max_sessions` live (a tenant's key, where the policy sets none: `--tenant-default-max-sessions`) |
 //! | `GET /admin/sessions/{id}` | 200 + grant; 404 |
 //! | `GET /admin/sessions?account=0x…&cursor=C&limit=N` | 200 `{sessions, nextCursor}` (`C`: a `nextCursor` given, or an offset; `N` clamped to 1..100); 400 a parameter that does not parse; 503 to a tenant's key that finds none of its own in 1,000 grants, more following |
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
@@ -19,6 +19,7 @@
 //!
 //! A store failure answers 503 and changes nothing.
 
+use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
@@ -66,6 +67,11 @@ impl Scope {
 
     fn who(&self) -> &str {
         self.key.as_deref().unwrap_or("operator")
+    }
+
+    /// Whether it is a tenant's admin key (limited to its policies), not the operator's token.
+    fn is_tenant(&self) -> bool {
+        self.policies.is_some()
     }
 }
 
@@ -176,13 +182,13 @@ async fn create(
     if let Err(issues) = grant.check_within(policy) {
         return invalid(issues);
     }
-    // A tenant's key is held by --tenant-max-sessions where the policy sets no bound of its own
-    // (one tenant filling Redis would have every tenant's reservations refused).
-    let tenant_default = policy.max_sessions.is_none() && scope.key.is_some();
-    let most = if tenant_default {
-        state.tenant_max_sessions
-    } else {
-        policy.max_sessions
+    // The most live grants the policy may have for this create: its own max_sessions, else for
+    // a tenant's key --tenant-default-max-sessions (one tenant filling Redis would have every
+    // tenant's reservations refused), else none.
+    let most = match (policy.max_sessions, scope.is_tenant()) {
+        (Some(most), _) => Some(most),
+        (None, true) => state.tenant_default_max_sessions.map(NonZeroU64::get),
+        (None, false) => None,
     };
     match state.sponsor.sessions().create_within(&grant, most).await {
         Ok(Created::Created) => {
@@ -193,20 +199,22 @@ async fn create(
             StatusCode::CONFLICT,
             format!("session {} exists", grant.session_id),
         ),
-        Ok(Created::Full { live }) if tenant_default => error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "policy `{}` has {live} live sessions, the most a tenant's key may create under a policy without max_sessions (the operator's --tenant-max-sessions): one more can be created once one ends",
-                grant.policy
-            ),
-        ),
-        Ok(Created::Full { live }) => error(
-            StatusCode::TOO_MANY_REQUESTS,
-            format!(
-                "policy `{}` has {live} live sessions, its max_sessions: one more can be created once one ends",
-                grant.policy
-            ),
-        ),
+        Ok(Created::Full { live }) => {
+            let bound = match policy.max_sessions {
+                Some(most) => format!("its max_sessions is {most}"),
+                None => format!(
+                    "a tenant's key creates under it only below {} (the operator's --tenant-default-max-sessions, for policies without max_sessions)",
+                    most.unwrap_or(0)
+                ),
+            };
+            error(
+                StatusCode::TOO_MANY_REQUESTS,
+                format!(
+                    "policy `{}` has {live} live sessions, and {bound}: one more can be created once one leaves the count (at the end of the UTC day it ends in; revoking one does not)",
+                    grant.policy
+                ),
+            )
+        }
         Err(e) => store_failed(e),
     }
 }
@@ -215,7 +223,7 @@ async fn policies(
     State(state): State<Arc<AppState>>,
     Extension(scope): Extension<Scope>,
 ) -> Response {
-    if scope.policies.is_some() {
+    if scope.is_tenant() {
         // Every tenant's ids, and the errors of every tenant's files.
         return error(
             StatusCode::FORBIDDEN,
@@ -248,7 +256,7 @@ async fn revoke(
     let Some(id) = parse_id(&id) else {
         return bad_id();
     };
-    if scope.policies.is_some() {
+    if scope.is_tenant() {
         // A tenant revokes only its own: the grant is read first (its policy never changes).
         match state.sponsor.sessions().get(id).await {
             Ok(Some(grant)) if scope.reaches(&grant.policy) => {}
@@ -322,7 +330,7 @@ async fn list(
     };
     // An offset counts every tenant's grants of the account: a tenant's key takes places only
     // (the `nextCursor`s it is given), and an offset of 0, the start.
-    if scope.policies.is_some() && matches!(cursor, ListCursor::Offset(n) if n > 0) {
+    if scope.is_tenant() && matches!(cursor, ListCursor::Offset(n) if n > 0) {
         return invalid(vec![FieldIssue {
             path: "cursor".into(),
             message:

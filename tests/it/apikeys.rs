@@ -326,63 +326,61 @@ async fn validating_many_policies_costs_as_many_calls() -> TestResult {
 
 /// A tenant's admin key had no bound on the grants it created under a policy without
 /// `max_sessions`: one tenant could fill Redis, and a full Redis refuses every tenant's
-/// reservations. It is held by `--tenant-max-sessions` there (two here), counted over the
-/// policy's live grants; the operator's token is not; and where the policy sets its own
-/// `max_sessions`, that holds the tenant, above the default or below it.
+/// reservations. There it meets `--tenant-default-max-sessions` (two here), counted over the
+/// policy's live grants, the operator's too; the operator's token does not; and a policy's own
+/// `max_sessions` holds the tenant instead, below the default (1) or above it (3).
 #[tokio::test]
 async fn a_tenants_sessions_are_bounded_where_its_policy_sets_no_bound() -> TestResult {
-    use crate::helpers::ADMIN_TOKEN;
+    use crate::helpers::{ADMIN_TOKEN, session_policy};
     use crate::sessions::{admin, grant_request};
-    let dir = crate::helpers::TempDir::new("tenant-max-sessions");
-    for (id, bound) in [("open", ""), ("few", "max_sessions = 3\n")] {
-        std::fs::write(
-            dir.0.join(format!("{id}.toml")),
-            format!(
-                "id = \"{id}\"\nchains = [31337]\nentry_points = [\"0.7\"]\n\
-                 require_session = true\n{bound}\n[[allow]]\ntarget = \"{}\"\n\
-                 functions = [\"*\"]\n",
-                Address::repeat_byte(0xc0)
-            ),
-        )?;
+    let dir = crate::helpers::TempDir::new("tenant-default-max-sessions");
+    for (id, bound) in [("open", None), ("one", Some(1)), ("few", Some(3))] {
+        std::fs::write(dir.0.join(format!("{id}.toml")), session_policy(id, bound))?;
     }
-    let (shop, shop_cfg) = new_admin_key("shop", "open,few")?;
+    let (shop, shop_cfg) = new_admin_key("shop", "open,one,few")?;
     let mut c = config(
         [Some(Address::repeat_byte(7)), None, None],
         KeySource::Ephemeral,
     );
     c.policies_dir = dir.0.clone();
     c.admin_keys = vec![shop_cfg.parse::<ApiKey>()?];
-    c.tenant_max_sessions = Some(2);
+    c.tenant_default_max_sessions = std::num::NonZeroU64::new(2);
     let app = TestApp::spawn(c).await?;
-    let post = |n: u8, policy: &'static str, token: String| {
-        let app = &app;
-        async move {
-            let body = grant_request(Address::repeat_byte(n), Address::repeat_byte(0xb2), policy);
-            admin(app, "POST", "/admin/sessions", Some(body), Some(&token)).await
-        }
+    let post = |n: u8, policy: &'static str, token: &'static str| {
+        let body = grant_request(Address::repeat_byte(n), Address::repeat_byte(0xb2), policy);
+        admin(&app, "POST", "/admin/sessions", Some(body), Some(token))
     };
-    let mut open = Vec::new();
-    for n in 1..=2 {
-        open.push(post(n, "open", shop.clone()).await?.0);
-    }
-    let (status, full) = post(3, "open", shop.clone()).await?;
+    // (The tenant's token as the operator's is: for the test's length.)
+    let shop: &'static str = Box::leak(shop.into_boxed_str());
+    // The operator's grant counts against the tenant's room; the operator is held by nothing.
+    let mut open = vec![post(1, "open", ADMIN_TOKEN).await?.0];
+    open.push(post(2, "open", shop).await?.0);
+    let (status, full) = post(3, "open", shop).await?;
     open.push(status);
-    // The operator's token: the policy's own bound alone (none), past the tenants' default;
-    // the tenant is still held, the operator's grant counted with its own.
-    open.push(post(4, "open", ADMIN_TOKEN.into()).await?.0);
-    open.push(post(5, "open", shop.clone()).await?.0);
-    assert_eq!(open, [201, 201, 429, 201, 429]);
+    open.push(post(4, "open", ADMIN_TOKEN).await?.0);
+    assert_eq!(open, [201, 201, 429, 201]);
     let error = full["error"].as_str().unwrap_or_default();
     assert!(
-        error.contains("has 2 live sessions") && error.contains("--tenant-max-sessions"),
+        error.contains("has 2 live sessions")
+            && error.contains("only below 2 (the operator's --tenant-default-max-sessions"),
         "{full}"
     );
-    // A policy's own max_sessions (3) holds the tenant instead of the default (2).
-    let mut few = Vec::new();
-    for n in 11..=14 {
-        few.push(post(n, "few", shop.clone()).await?.0);
+    // A policy's own max_sessions holds the tenant instead of the default (2): 1, then 3.
+    let mut own = Vec::new();
+    for (n, policy) in [
+        (11, "one"),
+        (12, "one"),
+        (21, "few"),
+        (22, "few"),
+        (23, "few"),
+    ] {
+        own.push(post(n, policy, shop).await?.0);
     }
-    assert_eq!(few, [201, 201, 201, 429]);
+    let (status, full) = post(24, "few", shop).await?;
+    own.push(status);
+    assert_eq!(own, [201, 429, 201, 201, 201, 429]);
+    let error = full["error"].as_str().unwrap_or_default();
+    assert!(error.contains("its max_sessions is 3"), "{full}");
     Ok(())
 }
 

@@ -102,6 +102,16 @@ pub fn counter_policy(id: &str, ops: u64) -> String {
     )
 }
 
+/// The policy file `id` that sponsors any function of [`COUNTER`] on chain 31337's EntryPoint
+/// v0.7, only under a session grant, with at most `max_sessions` grants live if given.
+pub fn session_policy(id: &str, max_sessions: Option<u64>) -> String {
+    let bound = max_sessions.map_or(String::new(), |n| format!("max_sessions = {n}\n"));
+    format!(
+        "id = \"{id}\"\nchains = [31337]\nentry_points = [\"0.7\"]\nrequire_session = true\n\
+         {bound}\n[[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"*\"]\n"
+    )
+}
+
 /// A policies directory (`tag` names it) holding only [`counter_policy`] `id`, as `<id>.toml`.
 pub fn counter_policy_dir(tag: &str, id: &str, ops: u64) -> TestResult<TempDir> {
     let dir = TempDir::new(tag);
@@ -361,7 +371,9 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
         redis_timeout: Duration::from_millis(500),
         admin_token_sha256: Some(B256::from_slice(&Sha256::digest(ADMIN_TOKEN.as_bytes()))),
         admin_keys: Vec::new(),
-        tenant_max_sessions: Some(session_paymaster::config::DEFAULT_TENANT_MAX_SESSIONS),
+        tenant_default_max_sessions: std::num::NonZeroU64::new(
+            session_paymaster::config::TENANT_DEFAULT_MAX_SESSIONS,
+        ),
         redis_wait: None,
         admin_on_main: true,
         metrics_on_main: true,

@@ -1213,10 +1213,7 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
     let dir = crate::helpers::TempDir::new("max-sessions");
     std::fs::write(
         dir.0.join("few.toml"),
-        format!(
-            "id = \"few\"\nchains = [31337]\nentry_points = [\"0.7\"]\nrequire_session = true\n\
-             max_sessions = 3\n\n[[allow]]\ntarget = \"{COUNTER}\"\nfunctions = [\"*\"]\n"
-        ),
+        crate::helpers::session_policy("few", Some(3)),
     )?;
     let mut c = config([Some(PM07), None, None], KeySource::Ephemeral);
     c.policies_dir = dir.0.clone();
