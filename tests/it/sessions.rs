@@ -110,15 +110,20 @@ pub(crate) fn grant_request(account: Address, key: Address, policy: &str) -> Val
     })
 }
 
-pub(crate) async fn create_session(app: &TestApp, body: Value) -> TestResult<B256> {
-    let (status, v) = admin(
+/// `POST /admin/sessions` of `body` with the operator's token: the status and the answer.
+async fn post_session(app: &TestApp, body: Value) -> TestResult<(u16, Value)> {
+    admin(
         app,
         "POST",
         "/admin/sessions",
         Some(body),
         Some(ADMIN_TOKEN),
     )
-    .await?;
+    .await
+}
+
+pub(crate) async fn create_session(app: &TestApp, body: Value) -> TestResult<B256> {
+    let (status, v) = post_session(app, body).await?;
     assert_eq!(status, 201, "{v}");
     Ok(v["sessionId"].as_str().ok_or("sessionId")?.parse()?)
 }
@@ -1326,17 +1331,7 @@ async fn a_create_refused_for_its_id_leaves_nothing_in_redis() -> TestResult {
         body["sessionId"] = json!(id);
         body["validUntil"] = json!(now() + 3600 + u64::from(n));
         let app = &app;
-        async move {
-            let (status, _) = admin(
-                app,
-                "POST",
-                "/admin/sessions",
-                Some(body),
-                Some(ADMIN_TOKEN),
-            )
-            .await?;
-            TestResult::Ok(status)
-        }
+        async move { TestResult::Ok(post_session(app, body).await?.0) }
     };
     let taken = B256::repeat_byte(0x71);
     assert_eq!(post(1, taken).await?, 201);
