@@ -688,17 +688,11 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         if created.is_none() {
-            // Another create took the id since the check above. (Best effort: a failure here
-            // leaves it counted, or its member listed: over, never under.)
-            let _: redis::RedisResult<i64> = self
-                .live
-                .key(live_key(&grant.policy))
-                .arg("back")
-                .arg(super::end_day(now))
-                .arg(day)
-                .invoke_async(&mut conn)
-                .await;
-            self.unlist_loser(grant, &member).await;
+            // Another create took the id since the check above: its member is taken back, then
+            // its count, in a task of its own (a client that hangs up meanwhile cancels this
+            // request, not that), awaited.
+            let (this, lost) = (self.clone(), grant.clone());
+            let _ = tokio::spawn(async move { this.lose(&lost, &member, now).await }).await;
             return Ok(super::Created::Exists);
         }
         // A copy of an earlier grant of this id (its key deleted by hand) is not served here.
@@ -706,23 +700,39 @@ impl RedisSessions {
         Ok(super::Created::Created)
     }
 
-    /// Takes back the index `member` a create of `grant` wrote before it lost its id to another
-    /// create, unless it is the winner's own (the same account, times and id: then it lists
-    /// that grant). Best effort: a failure leaves it until its expiry, which listings skip.
-    async fn unlist_loser(&self, grant: &SessionGrant, member: &[u8]) {
+    /// What a create of `grant` (at `now`) wrote before it lost its id to another create, taken
+    /// back: its index `member` (unless it is the winner's own, the same account, times and id,
+    /// which lists that grant), then its place in the policy's count. Best effort, in that
+    /// order: a member that stays (a failure, logged) keeps its count, so the policy's bound
+    /// covers what it holds; a count that stays counts over, never under.
+    async fn lose(&self, grant: &SessionGrant, member: &[u8], now: u64) {
         let mut conn = self.conn.clone();
         match self.get(grant.session_id).await {
-            Ok(Some(winner)) if index_member(&winner) == member => return,
+            Ok(Some(winner)) if index_member(&winner) == member => {}
             // Another grant's, or none's (the winner gone already): this member lists nothing.
-            Ok(_) => {}
+            Ok(_) => {
+                let removed: redis::RedisResult<i64> =
+                    conn.zrem(index_key(grant.account), member).await;
+                if let Err(e) = removed {
+                    tracing::warn!(session = %grant.session_id, error = %e, "cannot take back a lost create's index member; it stays, counted, until it ends");
+                    return;
+                }
+            }
             Err(e) => {
-                tracing::warn!(session = %grant.session_id, error = %e, "cannot read the grant a create lost its id to; its index member stays until it ends");
+                tracing::warn!(session = %grant.session_id, error = %e, "cannot read the grant a create lost its id to; its index member stays, counted, until it ends");
                 return;
             }
         }
-        let removed: redis::RedisResult<i64> = conn.zrem(index_key(grant.account), member).await;
-        if let Err(e) = removed {
-            tracing::warn!(session = %grant.session_id, error = %e, "cannot take back a lost create's index member; it stays until it ends");
+        let back: redis::RedisResult<i64> = self
+            .live
+            .key(live_key(&grant.policy))
+            .arg("back")
+            .arg(super::end_day(now))
+            .arg(super::end_day(grant.valid_until))
+            .invoke_async(&mut conn)
+            .await;
+        if let Err(e) = back {
+            tracing::warn!(session = %grant.session_id, error = %e, "cannot give back a lost create's place in its policy's count; it counts until its day ends");
         }
     }
 

@@ -1296,7 +1296,8 @@ async fn a_policys_live_sessions_are_bounded(redis: Option<&TestRedis>) -> TestR
 /// its account before finding the id taken, and the member stayed until the refused grant's own
 /// `validUntil` (up to ten years), so a tenant's key could grow Redis without a bound by 409s
 /// (found by review). Nor does a create that loses a race for a new id to another keep its
-/// member (each round: one created, the rest 409, whatever the order they reached Redis in).
+/// member or its count (each round: one created, the rest 409, whatever the order they reached
+/// Redis in), unless the member is the winner's own.
 #[tokio::test]
 async fn a_create_refused_for_its_id_leaves_nothing_in_redis() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -1347,25 +1348,50 @@ async fn a_create_refused_for_its_id_leaves_nothing_in_redis() -> TestResult {
     }
     assert_eq!(writes(conn.clone()).await?, before);
     assert_eq!(listed_and_live(conn.clone()).await?, (1, 1));
-    // Rounds of creates of one new id at once.
+    // Rounds of six creates of one new id at once: their answers, in order.
+    let at_once = |id: B256, n: [u16; 6]| async move {
+        let got = tokio::join!(
+            post(n[0], id),
+            post(n[1], id),
+            post(n[2], id),
+            post(n[3], id),
+            post(n[4], id),
+            post(n[5], id)
+        );
+        let mut statuses = [got.0?, got.1?, got.2?, got.3?, got.4?, got.5?];
+        statuses.sort_unstable();
+        TestResult::Ok(statuses)
+    };
+    let zrems = |mut conn: redis::aio::MultiplexedConnection| async move {
+        let calls = crate::ledger::command_calls(&mut conn).await?;
+        TestResult::Ok(calls.get("zrem").copied().unwrap_or(0))
+    };
+    let before = zrems(conn.clone()).await?;
     for round in 0..20u16 {
         let id = B256::left_padding_from(&(1000 + round).to_be_bytes());
         let n = 1000 + round * 10;
-        let at_once = tokio::join!(
-            post(n, id),
-            post(n + 1, id),
-            post(n + 2, id),
-            post(n + 3, id),
-            post(n + 4, id),
-            post(n + 5, id)
-        );
-        let mut statuses = [
-            at_once.0?, at_once.1?, at_once.2?, at_once.3?, at_once.4?, at_once.5?,
-        ];
-        statuses.sort_unstable();
+        let statuses = at_once(id, [n, n + 1, n + 2, n + 3, n + 4, n + 5]).await?;
         assert_eq!(statuses, [201, 409, 409, 409, 409, 409], "round {round}");
     }
-    assert_eq!(listed_and_live(conn).await?, (21, 21));
+    assert_eq!(listed_and_live(conn.clone()).await?, (21, 21));
+    // (Losers got past the check of the id: they took their members back.)
+    assert!(zrems(conn.clone()).await? > before, "no create lost a race");
+    // Six of one body (an account, an end, likely the same second): the losers' members are
+    // the winner's own, which stays, and lists it.
+    let id = B256::repeat_byte(0x72);
+    assert_eq!(at_once(id, [7; 6]).await?, [201, 409, 409, 409, 409, 409]);
+    assert_eq!(listed_and_live(conn).await?, (22, 22));
+    let account = Address::left_padding_from(&7u16.to_be_bytes());
+    let (status, page) = admin(
+        &app,
+        "GET",
+        &format!("/admin/sessions?account={account}"),
+        None,
+        Some(ADMIN_TOKEN),
+    )
+    .await?;
+    assert_eq!(status, 200, "{page}");
+    assert_eq!(page["sessions"][0]["sessionId"], json!(id), "{page}");
     Ok(())
 }
 
