@@ -101,11 +101,6 @@ impl ListPlace {
         }
     }
 
-    /// The grant's creation time (Unix s, saturated to 32 bits).
-    pub fn created_at(self) -> u64 {
-        u64::from(self.created_at)
-    }
-
     /// Its 40 bytes, as they follow the account in its index member.
     pub fn to_bytes(self) -> [u8; 40] {
         let mut out = [0u8; 40];

@@ -5,7 +5,7 @@
 //! | key | type | holds |
 //! |---|---|---|
 //! | `sp:g:<session id, 32 raw bytes>` | string | the grant, packed (see [`super::codec`]); revocation rewrites its first byte. It expires [`RETAIN_SECS`](super::RETAIN_SECS) after the grant ends |
-//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`ListCursor::After`]); ended grants' members leave as grants go into the bucket: among the new grant's account's 64 oldest, and among a random 64 (`index.lua`) |
+//! | `sp:ga:<first 2 bytes of keccak256(account)>` | sorted set | per grant `account ‖ createdAt ‖ expiry ‖ id` (60 bytes, scores 0: ordered by account, then creation), for listing an account's grants (a listing resumes after a member, [`ListCursor::After`]); ended grants' members leave as grants go into the bucket: among the new grant's account's 64 oldest, and among a random 64 (`index.lua`); a create that loses its id to another takes its own back |
 //! | `sp:{<policy>}:grants-live` | hash | the policy's live grants (its `max_sessions`): `total`, `swept` (the last day whose ended days left it) and per UTC end day how many grants end then, at most about 3,650 days; a create reads a few fields, and once a day walks them (`live.lua`) |
 //! | `sp:g:revocations` | stream | the revocation feed: an entry per revocation (field `id`, the grant's 32 bytes; `begin` marks where a first reader found it empty), kept [`REVOCATIONS_KEPT`] by Redis' clock; every replica reads it every `--policy-poll` to drop its copies of revoked grants ([`RedisSessions::follow_revocations`]) |
 //!
@@ -13,7 +13,13 @@
 //! docs/performance.md). Grants written by 0.1 (`sp:session:{<id>}` hashes of JSON,
 //! `sp:account-sessions:<account>` sorted sets) are still read, revoked and listed (an
 //! account's old grants first: they are older), at the cost of one more round trip for ids
-//! unknown in the new layout; docs/operations.md has the upgrade notes. 0.3 drops that path.
+//! unknown in the new layout, and a new grant may not take an id one of them holds;
+//! docs/operations.md has the upgrade notes.
+//!
+//! A create: the id checked free (in both layouts) before anything is written; the grant
+//! counted in its policy's live grants (`live.lua`, refused there past its bound); listed
+//! under its account (`index.lua`); stored (`SET NX`). One that loses the id to another create
+//! at that last step takes its listing and its count back ([`RedisSessions::undo_lost_create`]).
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};
@@ -623,7 +629,24 @@ impl RedisSessions {
         Ok(Self::new(connect(url, timeout).await?))
     }
 
+    /// Stores a new grant, its policy holding at most `most` live (see the module doc), in a
+    /// task of its own, awaited: a request cancelled meanwhile (its client gone, its deadline
+    /// past) stops none of its steps, so no count or listing is left behind half-made.
     pub(super) async fn create(
+        &self,
+        grant: &SessionGrant,
+        most: Option<u64>,
+    ) -> Result<super::Created, StoreError> {
+        let (this, new) = (self.clone(), grant.clone());
+        tokio::spawn(async move { this.create_steps(&new, most).await })
+            .await
+            .unwrap_or_else(|e| {
+                tracing::error!(session = %grant.session_id, error = %e, "a session create's task ended abnormally; what it wrote, it keeps (counted)");
+                Err(StoreError::Unavailable("the create ended abnormally".into()))
+            })
+    }
+
+    async fn create_steps(
         &self,
         grant: &SessionGrant,
         most: Option<u64>,
@@ -636,8 +659,8 @@ impl RedisSessions {
         // An id taken (or held by a grant of the old layout) is refused before anything is
         // written: each refused create would otherwise leave its member in an account's index
         // until its own `validUntil` (up to ten years ahead), Redis growing without a bound by
-        // requests that create nothing (found by review). A create that loses a race for the id
-        // below takes its member back.
+        // requests that create nothing (found by review). One that loses a race for the id
+        // below takes back what it wrote.
         for key in [
             grant_key(grant.session_id),
             legacy_session_key(grant.session_id).into_bytes(),
@@ -647,8 +670,9 @@ impl RedisSessions {
                 return Ok(super::Created::Exists);
             }
         }
-        // Counted first: a grant counted and then not stored (its id taken: given back below;
-        // a failure between: kept) counts over, never under.
+        // Counted first: a grant counted and then not stored (its id taken: given back below
+        // once its member is; a failure or a cancelled request between: kept) counts over,
+        // never under, so the bound covers every member written.
         let day = super::end_day(grant.valid_until);
         let (counted, live): (i64, u64) = self
             .live
@@ -662,11 +686,22 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         if counted != 1 {
-            return Ok(super::Created::Full { live });
+            // (An id another create took meanwhile is taken, as the memory store answers.)
+            let taken: bool = conn
+                .exists(grant_key(grant.session_id))
+                .await
+                .map_err(unavailable)?;
+            return Ok(if taken {
+                super::Created::Exists
+            } else {
+                super::Created::Full { live }
+            });
         }
-        // Listed first: a member whose grant was never stored (this SET NX lost, or failed) is
-        // harmless, since a listing shows only grants whose account and creation time match
-        // their member; a grant stored but not listed would be live and out of sight.
+        // Listed first: a member whose grant was never stored (this SET NX lost, or failed)
+        // shows nothing in a listing, which shows only grants whose account and creation time
+        // match their member (one of a lost create is taken back below; one a failure leaves
+        // stays, counted, until it ends); a grant stored but not listed would be live and out
+        // of sight.
         let member = index_member(grant);
         let _: i64 = self
             .index
@@ -688,11 +723,8 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         if created.is_none() {
-            // Another create took the id since the check above: its member is taken back, then
-            // its count, in a task of its own (a client that hangs up meanwhile cancels this
-            // request, not that), awaited.
-            let (this, lost) = (self.clone(), grant.clone());
-            let _ = tokio::spawn(async move { this.lose(&lost, &member, now).await }).await;
+            // Another create took the id since the check above.
+            self.undo_lost_create(grant, &member, now, day).await;
             return Ok(super::Created::Exists);
         }
         // A copy of an earlier grant of this id (its key deleted by hand) is not served here.
@@ -700,12 +732,13 @@ impl RedisSessions {
         Ok(super::Created::Created)
     }
 
-    /// What a create of `grant` (at `now`) wrote before it lost its id to another create, taken
-    /// back: its index `member` (unless it is the winner's own, the same account, times and id,
-    /// which lists that grant), then its place in the policy's count. Best effort, in that
-    /// order: a member that stays (a failure, logged) keeps its count, so the policy's bound
-    /// covers what it holds; a count that stays counts over, never under.
-    async fn lose(&self, grant: &SessionGrant, member: &[u8], now: u64) {
+    /// What a create of `grant` (at `now`, ending on UTC day `day`) wrote before it lost its id
+    /// to another create, taken back: its index `member` (unless it is the winner's own, the
+    /// same account, times and id, which lists that grant), then its place in the policy's
+    /// count. Best effort, in that order: a member that stays (a failure, logged) keeps its
+    /// count, so the policy's bound covers what it holds; a count that stays counts over, never
+    /// under.
+    async fn undo_lost_create(&self, grant: &SessionGrant, member: &[u8], now: u64, day: u64) {
         let mut conn = self.conn.clone();
         match self.get(grant.session_id).await {
             Ok(Some(winner)) if index_member(&winner) == member => {}
@@ -728,7 +761,7 @@ impl RedisSessions {
             .key(live_key(&grant.policy))
             .arg("back")
             .arg(super::end_day(now))
-            .arg(super::end_day(grant.valid_until))
+            .arg(day)
             .invoke_async(&mut conn)
             .await;
         if let Err(e) = back {
@@ -1046,13 +1079,12 @@ impl RedisSessions {
         let mut sessions = Vec::with_capacity(limit.min(ids.len()));
         for (id, resume) in ids.into_iter().take(limit) {
             // Only the grant its member was written for: not one stored under a reused id for
-            // another account, nor a member left by a create that lost its SET NX.
+            // another account, nor the winner again through a member a create that lost its SET
+            // NX left (the same account and id, another creation time or end).
             if let Some(grant) = self.get(id).await?
                 && grant.account == account
                 && match resume {
-                    ListCursor::After(place) => {
-                        place.created_at() == grant.created_at.min(u64::from(u32::MAX))
-                    }
+                    ListCursor::After(place) => place == ListPlace::of(&grant),
                     ListCursor::Offset(_) => true,
                 }
             {
