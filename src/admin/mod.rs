@@ -19,7 +19,6 @@
 //!
 //! A store failure answers 503 and changes nothing.
 
-use std::num::NonZeroU64;
 use std::sync::Arc;
 
 use alloy::primitives::{Address, B256};
@@ -185,11 +184,16 @@ async fn create(
     // The most live grants the policy may have for this create: its own max_sessions, else for
     // a tenant's key --tenant-default-max-sessions (one tenant filling Redis would have every
     // tenant's reservations refused), else none.
-    let most = match (policy.max_sessions, scope.is_tenant()) {
-        (Some(most), _) => Some(most),
-        (None, true) => state.tenant_default_max_sessions.map(NonZeroU64::get),
+    let bound = match (policy.max_sessions, scope.is_tenant()) {
+        (Some(most), _) => Some(Bound::Policy(most)),
+        (None, true) => state
+            .tenant_default_max_sessions
+            .map(|most| Bound::TenantDefault(most.get())),
         (None, false) => None,
     };
+    let most = bound.map(|b| match b {
+        Bound::Policy(most) | Bound::TenantDefault(most) => most,
+    });
     match state.sponsor.sessions().create_within(&grant, most).await {
         Ok(Created::Created) => {
             tracing::info!(session = %grant.session_id, account = %grant.account, policy = %grant.policy, by = scope.who(), "session created");
@@ -200,12 +204,13 @@ async fn create(
             format!("session {} exists", grant.session_id),
         ),
         Ok(Created::Full { live }) => {
-            let bound = match policy.max_sessions {
-                Some(most) => format!("its max_sessions is {most}"),
-                None => format!(
-                    "a tenant's key creates under it only below {} (the operator's --tenant-default-max-sessions, for policies without max_sessions)",
-                    most.unwrap_or(0)
+            let bound = match bound {
+                Some(Bound::Policy(most)) => format!("its max_sessions is {most}"),
+                Some(Bound::TenantDefault(most)) => format!(
+                    "a tenant's key creates under it only below {most} (the operator's --tenant-default-max-sessions, for policies without max_sessions)"
                 ),
+                // (A store answers Full only to a create it was given a bound for.)
+                None => "its bound".to_owned(),
             };
             error(
                 StatusCode::TOO_MANY_REQUESTS,
@@ -217,6 +222,15 @@ async fn create(
         }
         Err(e) => store_failed(e),
     }
+}
+
+/// What holds a create's policy to a number of live grants (`POST /admin/sessions`).
+#[derive(Debug, Clone, Copy)]
+enum Bound {
+    /// The policy's own `max_sessions`.
+    Policy(u64),
+    /// A tenant's key under a policy without one: `--tenant-default-max-sessions`.
+    TenantDefault(u64),
 }
 
 async fn policies(

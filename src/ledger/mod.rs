@@ -350,7 +350,8 @@ pub enum CallKind {
 }
 
 impl CallKind {
-    /// Its label value (`sp_ledger_calls`): `sign` or `check`.
+    /// Its `kind` label value in `sp_ledger_calls_total` and `sp_ledger_call_operations_total`:
+    /// `sign` or `check`.
     pub fn as_str(self) -> &'static str {
         match self {
             Self::Sign => "sign",

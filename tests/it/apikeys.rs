@@ -346,12 +346,14 @@ async fn a_tenants_sessions_are_bounded_where_its_policy_sets_no_bound() -> Test
     c.admin_keys = vec![shop_cfg.parse::<ApiKey>()?];
     c.tenant_default_max_sessions = std::num::NonZeroU64::new(2);
     let app = TestApp::spawn(c).await?;
-    let post = |n: u8, policy: &'static str, token: &'static str| {
-        let body = grant_request(Address::repeat_byte(n), Address::repeat_byte(0xb2), policy);
-        admin(&app, "POST", "/admin/sessions", Some(body), Some(token))
+    let post = |n: u8, policy: &'static str, token: &str| {
+        let (app, token) = (&app, token.to_owned());
+        async move {
+            let body = grant_request(Address::repeat_byte(n), Address::repeat_byte(0xb2), policy);
+            admin(app, "POST", "/admin/sessions", Some(body), Some(&token)).await
+        }
     };
-    // (The tenant's token as the operator's is: for the test's length.)
-    let shop: &'static str = Box::leak(shop.into_boxed_str());
+    let shop = shop.as_str();
     // The operator's grant counts against the tenant's room; the operator is held by nothing.
     let mut open = vec![post(1, "open", ADMIN_TOKEN).await?.0];
     open.push(post(2, "open", shop).await?.0);
