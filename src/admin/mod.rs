@@ -17,7 +17,8 @@
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
 //! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null); 403 to a tenant's key |
 //!
-//! A store failure answers 503 and changes nothing.
+//! A store failure answers 503: retry (a create or revocation it interrupted may have taken
+//! effect; a create retried with its `sessionId` then answers 409, a revocation is idempotent).
 
 use std::sync::Arc;
 
@@ -124,7 +125,7 @@ fn store_failed(e: StoreError) -> Response {
     tracing::warn!(error = %e, "admin request failed closed");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
-        "session store unavailable: nothing was changed, retry",
+        "session store unavailable: retry (what it interrupted may have taken effect: a create retried with its sessionId answers 409 if it was stored, and a revocation may be repeated)",
     )
 }
 

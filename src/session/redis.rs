@@ -57,7 +57,15 @@ pub struct RedisSessions {
     index: redis::Script,
     /// live.lua: a new grant counted among its policy's live ones.
     live: redis::Script,
+    /// A place for each create in flight ([`MAX_CREATES_IN_FLIGHT`]).
+    creates: Arc<tokio::sync::Semaphore>,
 }
+
+/// Most creates of grants one replica has in flight. Each runs in a task of its own, which a
+/// client that hangs up leaves running (`RedisSessions::create`): without a bound a flood of
+/// creates whose clients leave at once would pile up tasks while Redis is slow. One more is
+/// refused at once (the admin API's 503), as a store failure is.
+pub const MAX_CREATES_IN_FLIGHT: usize = 256;
 
 /// The revocation feed: a stream, an entry per revocation (field `id`, the grant's 32 bytes),
 /// that every replica reads to drop its copies of revoked grants (`super::cache`); see
@@ -621,7 +629,15 @@ impl RedisSessions {
             follow: redis::Script::new(include_str!("follow.lua")),
             index: redis::Script::new(include_str!("index.lua")),
             live: redis::Script::new(include_str!("live.lua")),
+            creates: Arc::new(tokio::sync::Semaphore::new(MAX_CREATES_IN_FLIGHT)),
         }
+    }
+
+    /// The same, with at most `n` creates in flight (tests).
+    #[must_use]
+    pub fn with_max_creates(mut self, n: usize) -> Self {
+        self.creates = Arc::new(tokio::sync::Semaphore::new(n));
+        self
     }
 
     /// Connect to `url` (see [`connect`]).
@@ -631,14 +647,24 @@ impl RedisSessions {
 
     /// Stores a new grant, its policy holding at most `most` live (see the module doc), in a
     /// task of its own, awaited: a request cancelled meanwhile (its client gone, its deadline
-    /// past) stops none of its steps, so no count or listing is left behind half-made.
+    /// past) stops none of its steps, so no count or listing is left behind half-made. At most
+    /// [`MAX_CREATES_IN_FLIGHT`] at once (or [`Self::with_max_creates`]'s); one more is refused.
     pub(super) async fn create(
         &self,
         grant: &SessionGrant,
         most: Option<u64>,
     ) -> Result<super::Created, StoreError> {
+        let Ok(place) = Arc::clone(&self.creates).try_acquire_owned() else {
+            return Err(StoreError::Unavailable(format!(
+                "{MAX_CREATES_IN_FLIGHT} creates of grants already in flight at this replica"
+            )));
+        };
         let (this, new) = (self.clone(), grant.clone());
-        tokio::spawn(async move { this.create_steps(&new, most).await })
+        tokio::spawn(async move {
+            let created = this.create_steps(&new, most).await;
+            drop(place);
+            created
+        })
             .await
             .unwrap_or_else(|e| {
                 tracing::error!(session = %grant.session_id, error = %e, "a session create's task ended abnormally; what it wrote, it keeps (counted)");

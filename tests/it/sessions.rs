@@ -665,6 +665,52 @@ async fn redis_store_contract() -> TestResult {
     .await
 }
 
+/// Each create of a grant runs in a task of its own, which a client that hangs up leaves
+/// running (found by review: a flood of them piled up tasks while Redis was slow): a replica
+/// has at most `MAX_CREATES_IN_FLIGHT` (one here), and one more is refused at once rather than
+/// queued; the place comes back when its create ends.
+#[tokio::test]
+async fn creates_in_flight_at_a_replica_are_bounded() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let store = std::sync::Arc::new(SessionStore::Redis(
+        RedisSessions::connect(&redis.url, Duration::from_secs(5))
+            .await?
+            .with_max_creates(1),
+    ));
+    let mut conn = redis.conn().await?;
+    // Redis answers no one for a second and a half.
+    redis::cmd("CLIENT")
+        .arg("PAUSE")
+        .arg(1500)
+        .query_async::<()>(&mut conn)
+        .await?;
+    let held = {
+        let store = store.clone();
+        tokio::spawn(async move {
+            store
+                .create(&grant(0x81, Address::repeat_byte(0x81), 10))
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    let refused = store
+        .create(&grant(0x82, Address::repeat_byte(0x82), 10))
+        .await;
+    assert!(!held.is_finished(), "refused while the first was in flight");
+    assert!(
+        matches!(&refused, Err(StoreError::Unavailable(why)) if why.contains("in flight")),
+        "{refused:?}"
+    );
+    assert!(held.await??, "the first created once Redis answers");
+    assert!(
+        store
+            .create(&grant(0x83, Address::repeat_byte(0x83), 10))
+            .await?,
+        "its place came back"
+    );
+    Ok(())
+}
+
 /// An account that gets one grant and never another left its index member for as long as any
 /// account of its bucket (one of 65,536) got new grants: Redis grew by a member per account for
 /// good. Ended members of the bucket now leave as any grant goes into it (those of a random
