@@ -17,8 +17,10 @@
 //! | `DELETE /admin/sessions/{id}` | 200 + revoked grant (idempotent); 404 |
 //! | `GET /admin/policies` | 200 `{version, count, ids, refusedErrors, directoryVersion, directoryDiffers}` (`refusedErrors`: the last refused set's errors, or null); 403 to a tenant's key |
 //!
-//! A store failure answers 503: retry (a create or revocation it interrupted may have taken
-//! effect; a create retried with its `sessionId` then answers 409, a revocation is idempotent).
+//! A store failure answers 503: retry. A create answered 503 (or 408, its deadline past) may
+//! still be stored, since its steps run to their end in a task of their own: one that names its
+//! `sessionId` is retried safely (409 once stored). A revocation may stand in part, and is
+//! repeated safely.
 
 use std::sync::Arc;
 
@@ -125,7 +127,7 @@ fn store_failed(e: StoreError) -> Response {
     tracing::warn!(error = %e, "admin request failed closed");
     error(
         StatusCode::SERVICE_UNAVAILABLE,
-        "session store unavailable: retry (what it interrupted may have taken effect: a create retried with its sessionId answers 409 if it was stored, and a revocation may be repeated)",
+        "session store unavailable: retry",
     )
 }
 
@@ -192,9 +194,7 @@ async fn create(
             .map(|most| Bound::TenantDefault(most.get())),
         (None, false) => None,
     };
-    let most = bound.map(|b| match b {
-        Bound::Policy(most) | Bound::TenantDefault(most) => most,
-    });
+    let most = bound.map(Bound::most);
     match state.sponsor.sessions().create_within(&grant, most).await {
         Ok(Created::Created) => {
             tracing::info!(session = %grant.session_id, account = %grant.account, policy = %grant.policy, by = scope.who(), "session created");
@@ -221,7 +221,13 @@ async fn create(
                 ),
             )
         }
-        Err(e) => store_failed(e),
+        Err(e) => {
+            tracing::warn!(session = %grant.session_id, error = %e, "session create failed closed");
+            error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                "session store unavailable: the session may or may not have been stored; retry with the same sessionId (409 once it is)",
+            )
+        }
     }
 }
 
@@ -232,6 +238,15 @@ enum Bound {
     Policy(u64),
     /// A tenant's key under a policy without one: `--tenant-default-max-sessions`.
     TenantDefault(u64),
+}
+
+impl Bound {
+    /// The most live grants it allows.
+    fn most(self) -> u64 {
+        match self {
+            Self::Policy(most) | Self::TenantDefault(most) => most,
+        }
+    }
 }
 
 async fn policies(

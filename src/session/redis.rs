@@ -57,14 +57,14 @@ pub struct RedisSessions {
     index: redis::Script,
     /// live.lua: a new grant counted among its policy's live ones.
     live: redis::Script,
-    /// A place for each create in flight ([`MAX_CREATES_IN_FLIGHT`]).
-    creates: Arc<tokio::sync::Semaphore>,
+    /// A place for each create in flight, and how many there are ([`MAX_CREATES_IN_FLIGHT`]).
+    creates: (Arc<tokio::sync::Semaphore>, usize),
 }
 
 /// Most creates of grants one replica has in flight. Each runs in a task of its own, which a
 /// client that hangs up leaves running (`RedisSessions::create`): without a bound a flood of
 /// creates whose clients leave at once would pile up tasks while Redis is slow. One more is
-/// refused at once (the admin API's 503), as a store failure is.
+/// refused at once (the admin API's 503), as a store failure is. Not a setting.
 pub const MAX_CREATES_IN_FLIGHT: usize = 256;
 
 /// The revocation feed: a stream, an entry per revocation (field `id`, the grant's 32 bytes),
@@ -629,14 +629,18 @@ impl RedisSessions {
             follow: redis::Script::new(include_str!("follow.lua")),
             index: redis::Script::new(include_str!("index.lua")),
             live: redis::Script::new(include_str!("live.lua")),
-            creates: Arc::new(tokio::sync::Semaphore::new(MAX_CREATES_IN_FLIGHT)),
+            creates: (
+                Arc::new(tokio::sync::Semaphore::new(MAX_CREATES_IN_FLIGHT)),
+                MAX_CREATES_IN_FLIGHT,
+            ),
         }
     }
 
     /// The same, with at most `n` creates in flight (tests).
+    #[doc(hidden)]
     #[must_use]
     pub fn with_max_creates(mut self, n: usize) -> Self {
-        self.creates = Arc::new(tokio::sync::Semaphore::new(n));
+        self.creates = (Arc::new(tokio::sync::Semaphore::new(n)), n);
         self
     }
 
@@ -647,23 +651,25 @@ impl RedisSessions {
 
     /// Stores a new grant, its policy holding at most `most` live (see the module doc), in a
     /// task of its own, awaited: a request cancelled meanwhile (its client gone, its deadline
-    /// past) stops none of its steps, so no count or listing is left behind half-made. At most
+    /// past) stops none of its steps, so it leaves nothing a Redis failure at the same step
+    /// would not (a counted grant, listed or not: over, never under). At most
     /// [`MAX_CREATES_IN_FLIGHT`] at once (or [`Self::with_max_creates`]'s); one more is refused.
     pub(super) async fn create(
         &self,
         grant: &SessionGrant,
         most: Option<u64>,
     ) -> Result<super::Created, StoreError> {
-        let Ok(place) = Arc::clone(&self.creates).try_acquire_owned() else {
+        let (places, count) = &self.creates;
+        let Ok(place) = Arc::clone(places).try_acquire_owned() else {
             return Err(StoreError::Unavailable(format!(
-                "{MAX_CREATES_IN_FLIGHT} creates of grants already in flight at this replica"
+                "{count} creates of grants already in flight at this replica"
             )));
         };
         let (this, new) = (self.clone(), grant.clone());
         tokio::spawn(async move {
-            let created = this.create_steps(&new, most).await;
-            drop(place);
-            created
+            // (The place is held until the task ends, however it ends: dropped with it.)
+            let _place = place;
+            this.create_steps(&new, most).await
         })
             .await
             .unwrap_or_else(|e| {
@@ -697,7 +703,7 @@ impl RedisSessions {
             }
         }
         // Counted first: a grant counted and then not stored (its id taken: given back below
-        // once its member is; a failure or a cancelled request between: kept) counts over,
+        // once its member is; a failure between, or the process stopping: kept) counts over,
         // never under, so the bound covers every member written.
         let day = super::end_day(grant.valid_until);
         let (counted, live): (i64, u64) = self
@@ -724,10 +730,10 @@ impl RedisSessions {
             });
         }
         // Listed first: a member whose grant was never stored (this SET NX lost, or failed)
-        // shows nothing in a listing, which shows only grants whose account and creation time
-        // match their member (one of a lost create is taken back below; one a failure leaves
-        // stays, counted, until it ends); a grant stored but not listed would be live and out
-        // of sight.
+        // shows nothing in a listing, which shows only grants whose account and place (creation
+        // time, end, id) match their member (one of a lost create is taken back below; one a
+        // failure leaves stays, counted, until it ends); a grant stored but not listed would be
+        // live and out of sight.
         let member = index_member(grant);
         let _: i64 = self
             .index
