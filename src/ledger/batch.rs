@@ -465,6 +465,11 @@ mod tests {
         .collect()
     }
 
+    /// What `Batches::counts` says of `calls` carrying `operations`.
+    fn sent(calls: u64, operations: u64) -> CallCounts {
+        CallCounts { calls, operations }
+    }
+
     /// The sizes of the calls made so far, in order.
     fn calls_made(sizes: &Mutex<Vec<usize>>) -> Vec<usize> {
         sizes
@@ -541,13 +546,7 @@ mod tests {
             assert!(matches!(task.await, Ok(Ok(_))));
         }
         assert_eq!(calls_made(&sizes), vec![1, 12]);
-        assert_eq!(
-            batches.counts(),
-            CallCounts {
-                calls: 2,
-                operations: 13
-            }
-        );
+        assert_eq!(batches.counts(), sent(2, 13));
         assert!(batches.lock().is_empty());
     }
 
@@ -655,13 +654,7 @@ mod tests {
         assert_eq!((failed, refused), (1 + MAX_BATCH, 5));
         assert_eq!(calls.load(Ordering::SeqCst), 2, "the 5 were not sent");
         // Calls that failed count as made; the refused, never sent, do not.
-        assert_eq!(
-            batches.counts(),
-            CallCounts {
-                calls: 2,
-                operations: 1 + MAX_BATCH as u64
-            }
-        );
+        assert_eq!(batches.counts(), sent(2, 1 + MAX_BATCH as u64));
         assert!(batches.lock().is_empty());
     }
 
@@ -797,13 +790,7 @@ mod tests {
         settle().await;
         assert_eq!(calls_made(&sizes), vec![1]);
         // (Nor counted: `/metrics` shows the calls made and what they carried.)
-        assert_eq!(
-            batches.counts(),
-            CallCounts {
-                calls: 1,
-                operations: 1
-            }
-        );
+        assert_eq!(batches.counts(), sent(1, 1));
         assert!(batches.lock().is_empty());
     }
 
