@@ -515,26 +515,26 @@ local function save_nonce(key, entries)
   redis.call('SET', key, table.concat(parts), 'KEEPTTL')
 end
 
--- reserve.lua's writes of a reservation (`keys` and `args` an operation's, as reserve.lua
--- describes them): the nonce's records, `entries` (a nonce whose key is new, `fresh`, has one,
--- `args[2]`, written as it is), live `nonce_ttl` or longer; its expiry bucket lists it (unless
+-- reserve.lua's writes of a reservation (`keys` an operation's, as reserve.lua describes them):
+-- the nonce's records, `entries` (a nonce whose key is new, `fresh`, has one, its args[2],
+-- which reserve.lua wrote up front), live `nonce_ttl` or longer; its expiry bucket lists it (unless
 -- it is `listed` there already), the bucket is indexed, all live long enough. A bucket's TTL is
 -- the same for every record in it (its end plus grace), so the reservation that creates it sets
 -- it and indexes it (and trims the index below `trim_below`); release.lua deletes a bucket and
 -- its index entry together, so an existing bucket is always indexed.
-local function schedule(keys, args, fresh, entries, nonce_ttl, listed, bucket, bucket_ttl,
-    trim_below)
-  -- Listed first: a failure between leaves a bucket naming a nonce with no record of it (the
-  -- release finds nothing), never a record no bucket lists (never released: counted over).
-  -- (The nonce's 20-byte id ends its key.)
+local function schedule(keys, fresh, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
+  -- Listed before a nonce's records are saved: a failure between leaves a bucket naming a
+  -- nonce with no record of it (the release finds nothing), never a record no bucket lists
+  -- (never released: counted over). (A failure here after a new key was written up front
+  -- fails the operation, and reserve.lua's call removes the key.) (The nonce's 20-byte id
+  -- ends its key.)
   if not listed and redis.call('APPEND', keys[3], string.sub(keys[1], -20)) == 20 then
     redis.call('EXPIRE', keys[3], bucket_ttl)
     redis.call('ZADD', keys[2], bucket, bucket)
     redis.call('ZREMRANGEBYSCORE', keys[2], '-inf', '(' .. string.format('%d', trim_below))
   end
-  if fresh then
-    redis.call('SET', keys[1], args[2], 'EX', nonce_ttl)
-  else
+  -- (A nonce's new key holds the new record already: reserve.lua wrote it up front.)
+  if not fresh then
     save_nonce(keys[1], entries)
     extend_ttl(keys[1], nonce_ttl)
   end

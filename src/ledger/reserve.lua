@@ -58,13 +58,15 @@
 --           lib.lua), else 0
 -- args[4..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
--- The common case, a new operation of a new nonce, runs few commands: GET (and under a session
+-- The common case, a new operation of a new nonce, runs few commands: SET … NX GET, which
+-- writes the new record (removed again if the operation is not reserved; a check runs GET)
+-- (and under a session
 -- HGET of its status, or, where its budget is shared, nothing more: its status is read with
 -- its counter), per scope HMGET (none for a counter an operation before it in the call
 -- read; the senders of a window's hash that several operations of the call read are read in
 -- one HMGET before the first runs, prefetch_senders in lib.lua) and HSET of one field (and
 -- EXPIRE when the counter's hash is new or is to live longer: a new sender makes a field, not
--- a key), TIME once a call, then APPEND and SET (the bucket's TTL and index entry are written
+-- a key), TIME once a call, then APPEND (the bucket's TTL and index entry are written
 -- by the reservation that creates the bucket, once per 10 s per policy). On a Redis 0.2
 -- served, in a window begun before the first replica of 0.3 ran (or a budget without a
 -- period), a sender's counter also has an HMGET of the key an earlier version kept.
@@ -112,10 +114,23 @@ local function reserve(keys, args, scopes, status_at, shared)
   -- The operation's idempotency id, the new entry's: read where the nonce has records.
   local op_id = nil
   local session = session_flag == 1
+  -- The nonce's key. Where it has none, a reservation (not a check) writes the new record's
+  -- entry to a new key in the same command (`SET … NX GET`: a missing key's lookup once, where a
+  -- `GET` and, at the end, a `SET` took it twice), before anything is checked: the call removes
+  -- it unless this operation is reserved (`shared.placed`, below), so a refusal or an error
+  -- leaves no record, as it left none before.
+  local data
+  if check_only then
+    data = redis.call('GET', keys[1])
+  else
+    data = redis.call('SET', keys[1], args[2], 'NX', 'GET', 'EX', nonce_ttl)
+    if not data then
+      shared.placed = keys[1]
+    end
+  end
+  local fresh_key = not data
   -- Records past their grace are forgotten (any still open was never released: its charge stays,
   -- counted over rather than under), so a nonce's key holds only live ones.
-  local data = redis.call('GET', keys[1])
-  local fresh_key = not data
   -- (A nonce's new key: the shared empty list, which nothing below adds to.)
   local entries = EMPTY
   if data then
@@ -220,7 +235,7 @@ local function reserve(keys, args, scopes, status_at, shared)
           redis.call('EXPIRE', s[S_LEGACY], s[S_TTL], 'GT')
         end
       end
-      schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
+      schedule(keys, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
       return RESERVED
     end
     -- Another budget window or another session than the reservation was made in, or a record
@@ -409,7 +424,7 @@ local function reserve(keys, args, scopes, status_at, shared)
       entries[#entries + 1] = {op_id, record}
     end
   end
-  schedule(keys, args, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
+  schedule(keys, fresh_key, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
   return RESERVED
 end
 
@@ -443,10 +458,20 @@ end
 -- refused) fails that operation alone, with what it wrote before it kept (as a call of its own
 -- would), and is answered {FAILED, message}. What each operation reads of a counter is what
 -- the operations before it wrote (`shared.counters`, kept by the function above).
-local shared = {now = nil, counters = {}}
+-- `shared.placed`: the key of a nonce the operation running wrote its new record to, up front
+-- (reserve above); removed unless it was reserved. (A `DEL` that failed would stop the call
+-- with an error, every operation of it answered as failed; it does not fail for a key this
+-- call has just written.)
+local shared = {now = nil, counters = {}, placed = nil}
 prefetch_senders(ops, shared.counters)
 for _, op in ipairs(ops) do
   local ok, reply = pcall(reserve, op.keys, op.args, op.scopes, op.status_at, shared)
+  if shared.placed then
+    if not ok or reply ~= RESERVED then
+      redis.call('DEL', shared.placed)
+    end
+    shared.placed = nil
+  end
   replies[op.reply] = ok and reply or failed(reply)
 end
 return replies

@@ -90,6 +90,25 @@ fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     }
 }
 
+/// Which of ops `ops` hold records in Redis (their nonces' keys under policy `p`, see
+/// [`nonce_of`]).
+async fn nonces_held(
+    c: &mut impl redis::aio::ConnectionLike,
+    ops: impl IntoIterator<Item = u8>,
+) -> TestResult<Vec<u8>> {
+    let mut held = Vec::new();
+    for op in ops {
+        let exists: u64 = redis::cmd("EXISTS")
+            .arg(nonce_of(op))
+            .query_async(c)
+            .await?;
+        if exists == 1 {
+            held.push(op);
+        }
+    }
+    Ok(held)
+}
+
 /// A connection to `redis` as the service makes it.
 async fn ledger_conn(
     redis: &TestRedis,
@@ -1570,10 +1589,10 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
         .map(|(k, v)| (k.as_str(), v - before.get(k).copied().unwrap_or(0)))
         .filter(|(_, d)| *d > 0)
         .collect();
-    // Per run of reserve.lua with one scope and no session, a new nonce: GET the nonce's
-    // records (none), HMGET the scope's counters, TIME (Redis' clock, to see whether the
-    // counter lives long enough), HSET the counters, SET the new record with its TTL, APPEND
-    // the nonce to its expiry bucket. No EXPIRE of the scope: the first call gave it its TTL
+    // Per run of reserve.lua with one scope and no session, a new nonce: SET … NX GET the
+    // nonce's key (none: the new record written with its TTL, in the same command), HMGET the
+    // scope's counters, TIME (Redis' clock, to see whether the counter lives long enough), HSET
+    // the counters, APPEND the nonce to its expiry bucket. No EXPIRE of the scope: the first call gave it its TTL
     // and noted it (`until`), and these need it no longer. The bucket exists (the first call
     // made it, with its TTL and index entry), unless a 10 s boundary passed meanwhile: then one
     // call makes the next (EXPIRE it, ZADD it, trim). The budget's day may end meanwhile too:
@@ -1584,7 +1603,6 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
     assert!((new_bucket..=new_bucket + 1).contains(&expire), "{delta:?}");
     let mut expected = BTreeMap::from([
         ("fcall", 5),
-        ("get", 5),
         ("hmget", 5),
         ("time", 5),
         ("hset", 5),
@@ -1938,6 +1956,26 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
     // All nine in one call (the first's task yielded before it went, and took the eight,
     // waiting by then).
     assert_eq!(fcalls(&redis).await? - before, 1);
+    // Each operation's new record is written as its call begins (`SET … NX GET`): the failed
+    // one's and the refused ones' are gone, so none of them is a reservation.
+    assert_eq!(nonces_held(&mut c, 1..=9).await?, [1, 2, 3, 4, 6]);
+    // Its bucket mended, the failed operation asked again is refused for the budget its
+    // failure charged, not answered as reserved with the signature of a record never counted.
+    redis::cmd("DEL")
+        .arg(format!("sp:{{p}}:x:{}", (NOW + 700) / 10))
+        .query_async::<()>(&mut c)
+        .await?;
+    let mut again = reservation(
+        failing + 1,
+        5,
+        vec![sender.clone(), scope("pm", None, None)],
+    );
+    again.answer = answer(failing + 1, NOW + 700);
+    match ledger.reserve(&again, false, NOW).await? {
+        Outcome::Exhausted(e) if e.used == 6 => {}
+        other => return Err(format!("the failed operation again: {other:?}").into()),
+    }
+    assert_eq!(nonces_held(&mut c, 1..=9).await?, [1, 2, 3, 4, 6]);
     Ok(())
 }
 
@@ -2001,6 +2039,18 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (5, 1));
     }
     assert_eq!(ledger.usage("p", "pm").await?, (20, 4));
+    // The failed operations' new records, written as the call began, are gone.
+    assert_eq!(nonces_held(&mut c, 1..=8).await?, [1, 3, 5, 7]);
+    // The window mended, one of them asked again is a new reservation, charged: not the
+    // answer of a record its failure left.
+    redis::cmd("DEL")
+        .arg("sp:{p}:budget:sender:20834")
+        .query_async::<()>(&mut c)
+        .await?;
+    let again = reservation(2, 5, vec![scope("pm", None, None), sender(1)]);
+    assert_eq!(ledger.reserve(&again, false, NOW).await?, Outcome::Reserved);
+    assert_eq!(ledger.usage("p", &sender(1).name).await?, (5, 1));
+    assert_eq!(ledger.usage("p", "pm").await?, (25, 5));
     Ok(())
 }
 
