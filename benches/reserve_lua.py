@@ -301,16 +301,17 @@ def parts(r):
         print('%-36s %6.2f us per EVALSHA (median of %s)' % (label, statistics.median(runs), runs))
 
 
-# reserve.lua cut after these steps (the text before each marker runs, then `return {0}`).
+# reserve.lua cut after these steps (the text before each marker runs, then `return {0}`: a
+# reserved operation's reply, so the new record a cut after its `SET … NX GET` wrote stays).
 CUTS = [
     ('frame read, scopes parsed, shared senders read (HMGET)', '  local check_only, cost, nonce_ttl'),
-    ('its numbers unpacked', "local data = redis.call('GET', keys[1])"),
-    ("the nonce's records read (GET)", 'local mine, rec = nil, nil'),
+    ('its numbers unpacked', "  -- The nonce's key. Where it has none"),
+    ("the nonce's key written or read (SET NX GET)", 'local mine, rec = nil, nil'),
     ('the session status and a repeat checked', 'local session_key = session and keys[4] or nil'),
     ('open reservations counted', "-- Each scope's counter, as an operation"),
     ('counters read and checked (HMGET, unpack)', 'local totals = #args > 3'),
     ('counters written (HSET, TIME, EXPIRE of a new one)', 'if session and #totals > 0 then'),
-    ('the record written (APPEND, SET): the whole script', None),
+    ('the record listed (APPEND): the whole script', None),
 ]
 
 
@@ -443,14 +444,13 @@ local frame = ARGV[1]
 local k, a = 1, 2
 for at = 1, #frame - 1, 2 do
   local key_count, arg_count = string.byte(frame, at, at + 1)
-  redis.call('GET', KEYS[k])
+  redis.call('SET', KEYS[k], ARGV[a + 1], 'NX', 'GET', 'EX', 4200)
   redis.call('HMGET', KEYS[k + 4], 'until', 'abcdefghijabcdefghij', 'abcdefghijabcdefghijr')
   redis.call('HMGET', KEYS[k + 5], 'until', 'abcdefghijabcdefghij')
   redis.call('HSET', KEYS[k + 4], 'abcdefghijabcdefghij', 'abcdefghabcdefghabcdefgh')
   redis.call('HSET', KEYS[k + 5], 'abcdefghijabcdefghij', 'abcdefghabcdefghabcdefgh')
   redis.call('HSET', KEYS[k + 6], 'c', 'abcdefghabcdefghabcdefgh')
   redis.call('APPEND', KEYS[k + 2], 'abcdefghijabcdefghij')
-  redis.call('SET', KEYS[k], ARGV[a + 1], 'EX', 4200)
   k, a = k + key_count, a + arg_count
 end
 return {}

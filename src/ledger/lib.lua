@@ -516,18 +516,20 @@ local function save_nonce(key, entries)
 end
 
 -- reserve.lua's writes of a reservation (`keys` an operation's, as reserve.lua describes them):
--- the nonce's records, `entries` (a nonce whose key is new, `fresh`, has one, its args[2],
--- which reserve.lua wrote up front), live `nonce_ttl` or longer; its expiry bucket lists it (unless
--- it is `listed` there already), the bucket is indexed, all live long enough. A bucket's TTL is
--- the same for every record in it (its end plus grace), so the reservation that creates it sets
--- it and indexes it (and trims the index below `trim_below`); release.lua deletes a bucket and
--- its index entry together, so an existing bucket is always indexed.
+-- the nonce's records, `entries`, live `nonce_ttl` or longer (for a nonce whose key is new,
+-- `fresh`, unused: reserve.lua wrote its one record, its args[2], as it began); its expiry
+-- bucket lists it (unless it is `listed` there already), the bucket is indexed, all live long
+-- enough. A bucket's TTL is the same for every record in it (its end plus grace), so the
+-- reservation that creates it sets it and indexes it (and trims the index below
+-- `trim_below`); release.lua deletes a bucket and its index entry together, so an existing
+-- bucket is always indexed.
 local function schedule(keys, fresh, entries, nonce_ttl, listed, bucket, bucket_ttl, trim_below)
   -- Listed before a nonce's records are saved: a failure between leaves a bucket naming a
   -- nonce with no record of it (the release finds nothing), never a record no bucket lists
-  -- (never released: counted over). (A failure here after a new key was written up front
-  -- fails the operation, and reserve.lua's call removes the key.) (The nonce's 20-byte id
-  -- ends its key.)
+  -- (never released: counted over). A nonce's new key was written before this, as its
+  -- operation began: a failure here fails the operation, and reserve.lua's call deletes the
+  -- key, which so holds a record only once it is listed. (The nonce's 20-byte id ends its
+  -- key.)
   if not listed and redis.call('APPEND', keys[3], string.sub(keys[1], -20)) == 20 then
     redis.call('EXPIRE', keys[3], bucket_ttl)
     redis.call('ZADD', keys[2], bucket, bucket)

@@ -58,11 +58,11 @@
 --           lib.lua), else 0
 -- args[4..] per token cap, three values: field (`spent:<token>`), amount, limit (decimal)
 --
--- The common case, a new operation of a new nonce, runs few commands: SET … NX GET, which
--- writes the new record (removed again if the operation is not reserved; a check runs GET)
--- (and under a session
--- HGET of its status, or, where its budget is shared, nothing more: its status is read with
--- its counter), per scope HMGET (none for a counter an operation before it in the call
+-- The common case, a new operation of a new nonce, runs few commands: SET … NX GET of the
+-- nonce's key, which writes the new record there as the operation begins (and, if the
+-- operation is then not reserved, a DEL of it; a check runs a GET instead), and under a
+-- session HGET of its status (or, where its budget is shared, nothing more: its status is
+-- read with its counter), per scope HMGET (none for a counter an operation before it in the call
 -- read; the senders of a window's hash that several operations of the call read are read in
 -- one HMGET before the first runs, prefetch_senders in lib.lua) and HSET of one field (and
 -- EXPIRE when the counter's hash is new or is to live longer: a new sender makes a field, not
@@ -76,11 +76,12 @@
 -- answer is still good (or it landed), and its session (if any) is not revoked: nothing
 -- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the scope's place
 -- among keys[5..], from 0; the service knows what it asked); {3} when the session is revoked
--- (checked before anything else);
+-- (checked before anything else is read);
 -- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
 -- nonce already has that many open reservations (under the session, or at all); {6, records}
 -- when it already has MAX_RECORDS live records (lib.lua), none of them released, and this
--- would add one. Only {0} outside check-only mode changes anything.
+-- would add one. Only {0} outside check-only mode changes anything (a refusal of a new nonce
+-- writes its key as it begins and deletes it: nothing stays).
 -- Numbers of gwei stay below 2^53 (MAX_EXACT: larger is refused like an exhausted budget; a
 -- scope without a cost limit holds its open reservations to it, and counts cost up to it and
 -- stays there), exact in Lua; counters are packed back as 64-bit integers, and replies written
@@ -101,7 +102,8 @@ end})
 -- own hash the decimal `cost` and `ops` of an earlier version (which no reservation writes).
 -- Each write updates it as soon as Redis has it, so it is what Redis holds. What an earlier
 -- version kept in a sender's own key is read afresh by each operation (only a sender so
--- flagged reads it).
+-- flagged reads it). `placed`, set here: the nonce's key, where this operation wrote its new
+-- record to it as it began (the call deletes it unless the reply is {0}, below).
 local function reserve(keys, args, scopes, status_at, shared)
   local check_only, cost, nonce_ttl, valid_until, valid_after, refresh, session_flag,
     session_ttl, max_mine, bucket, bucket_ttl, trim_below, forget_below, max_open =
@@ -413,8 +415,8 @@ local function reserve(keys, args, scopes, status_at, shared)
     end
     redis.call('EXPIRE', keys[4], session_ttl)
   end
-  -- The new record's entry is args[2], made by the service; save_nonce writes it as it is (and
-  -- a nonce's new key is it alone).
+  -- The new record's entry is args[2], made by the service; save_nonce writes it as it is (a
+  -- nonce's new key holds it already, written as the operation began).
   if not fresh_key then
     local record = {entry = args[2]}
     if mine then
@@ -456,18 +458,22 @@ end
 -- Then the senders' fields of each window's hash that several operations read, at once; then
 -- the operations in turn, each in a protected call: an error (a script error, a command Redis
 -- refused) fails that operation alone, with what it wrote before it kept (as a call of its own
--- would), and is answered {FAILED, message}. What each operation reads of a counter is what
--- the operations before it wrote (`shared.counters`, kept by the function above).
--- `shared.placed`: the key of a nonce the operation running wrote its new record to, up front
--- (reserve above); removed unless it was reserved. (A `DEL` that failed would stop the call
--- with an error, every operation of it answered as failed; it does not fail for a key this
--- call has just written.)
+-- would), but for the new key it wrote as it began (`shared.placed`), and is answered
+-- {FAILED, message}. What each operation reads of a counter is what the operations before it
+-- wrote (`shared.counters`, kept by the function above).
+-- An operation's new key is deleted unless its reply is {0}, reserved (every other reply
+-- refuses, and a check writes none): a record left by a refusal or a failure would hold a
+-- signed answer no counter charged, which a repeat of the operation would be given. The `DEL`
+-- is outside the protected call, so that if it failed the whole call would fail (every
+-- operation answered as failed), but that would leave the key: it does not fail for a key of
+-- this call's slot that the call has just written (`DEL` is not refused for memory, and a
+-- function that has written cannot be killed).
 local shared = {now = nil, counters = {}, placed = nil}
 prefetch_senders(ops, shared.counters)
 for _, op in ipairs(ops) do
   local ok, reply = pcall(reserve, op.keys, op.args, op.scopes, op.status_at, shared)
   if shared.placed then
-    if not ok or reply ~= RESERVED then
+    if not ok or reply[1] ~= 0 then
       redis.call('DEL', shared.placed)
     end
     shared.placed = nil

@@ -90,8 +90,7 @@ fn settled(settled: usize, superseded: usize, hash_matched: bool) -> Settled {
     }
 }
 
-/// Which of ops `ops` hold records in Redis (their nonces' keys under policy `p`, see
-/// [`nonce_of`]).
+/// The ops among `ops` whose nonce's key (under policy `p`, [`nonce_of`]) exists in Redis.
 async fn nonces_held(
     c: &mut impl redis::aio::ConnectionLike,
     ops: impl IntoIterator<Item = u8>,
@@ -1592,8 +1591,9 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
     // Per run of reserve.lua with one scope and no session, a new nonce: SET … NX GET the
     // nonce's key (none: the new record written with its TTL, in the same command), HMGET the
     // scope's counters, TIME (Redis' clock, to see whether the counter lives long enough), HSET
-    // the counters, APPEND the nonce to its expiry bucket. No EXPIRE of the scope: the first call gave it its TTL
-    // and noted it (`until`), and these need it no longer. The bucket exists (the first call
+    // the counters, APPEND the nonce to its expiry bucket; no DEL (each is reserved). No
+    // EXPIRE of the scope: the first call gave it its TTL and noted it (`until`), and these
+    // need it no longer. The bucket exists (the first call
     // made it, with its TTL and index entry), unless a 10 s boundary passed meanwhile: then one
     // call makes the next (EXPIRE it, ZADD it, trim). The budget's day may end meanwhile too:
     // then one call makes the next day's counter (its EXPIRE).
@@ -1889,9 +1889,10 @@ async fn a_sessions_totals_live_to_its_end() -> TestResult {
     Ok(())
 }
 
-/// An operation that fails in `reserve.lua` fails alone, and what it wrote stays written: here
-/// its expiry bucket is a key of another type, so it fails after its counters were charged
-/// (the `APPEND` after them), before its record. It is refused (fail closed); its charge stays
+/// An operation that fails in `reserve.lua` fails alone, and what it wrote stays written but
+/// its new record: here its expiry bucket is a key of another type, so it fails after its
+/// counters were charged (the `APPEND` after them), and the record written as it began is
+/// deleted. It is refused (fail closed); its charge stays
 /// (counted over, never under), and the operations after it in its call see it: of nine
 /// operations of a sender allowed six, in one call, five are reserved, one fails
 /// with its charge kept, three find the budget spent.
@@ -1956,11 +1957,12 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
     // All nine in one call (the first's task yielded before it went, and took the eight,
     // waiting by then).
     assert_eq!(fcalls(&redis).await? - before, 1);
-    // Each operation's new record is written as its call begins (`SET … NX GET`): the failed
-    // one's and the refused ones' are gone, so none of them is a reservation.
+    // Each operation's new record is written as the operation begins (`SET … NX GET`): the
+    // failed one's and the refused ones' are gone, so none of them is a reservation.
     assert_eq!(nonces_held(&mut c, 1..=9).await?, [1, 2, 3, 4, 6]);
     // Its bucket mended, the failed operation asked again is refused for the budget its
-    // failure charged, not answered as reserved with the signature of a record never counted.
+    // failure charged, not answered with the signature of its record, which no expiry bucket
+    // lists (its charge never released).
     redis::cmd("DEL")
         .arg(format!("sp:{{p}}:x:{}", (NOW + 700) / 10))
         .query_async::<()>(&mut c)
@@ -1976,6 +1978,45 @@ async fn a_reservation_that_fails_leaves_the_others_of_its_call_reserved() -> Te
         other => return Err(format!("the failed operation again: {other:?}").into()),
     }
     assert_eq!(nonces_held(&mut c, 1..=9).await?, [1, 2, 3, 4, 6]);
+    Ok(())
+}
+
+/// Two operations of one nonce in one call (two variants of an operation, say), the first
+/// refused for its budget after it wrote its nonce's new key as it began (`SET … NX GET`): the
+/// call deletes that key before the second runs, so the second is a reservation of its own,
+/// charged, alone in the nonce's key, and its landing settles it and nothing else. Had the
+/// first's record stayed, it would sit open beside the second with no charge, and the landing
+/// would supersede it, giving back a cost never counted.
+#[tokio::test]
+async fn a_refused_operation_leaves_no_record_for_the_next_of_its_nonce() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, mut c) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    let before = fcalls(&redis).await?;
+    let capped = scope("pm", Some(50), None);
+    let first = reservation(1, 100, vec![capped.clone()]);
+    let second = Reservation {
+        landing_key: first.landing_key,
+        ..reservation(2, 10, vec![capped.clone()])
+    };
+    let outcomes = reserve_at_once(&ledger, vec![(first, false), (second, false)]).await?;
+    match &outcomes[..] {
+        [Ok(Outcome::Exhausted(e)), Ok(Outcome::Reserved)] if e.used == 0 => {}
+        other => return Err(format!("{other:?}").into()),
+    }
+    assert_eq!(fcalls(&redis).await? - before, 1, "both in one call");
+    assert_eq!(ledger.usage("p", "pm").await?, (10, 1));
+    assert_eq!(nonces_held(&mut c, [1]).await?, [1], "the second's record");
+    let landed = Landing {
+        landing_key: B256::repeat_byte(1 ^ 0x40),
+        user_op_hash: B256::repeat_byte(2 ^ 0x80),
+        actual_gwei: 7,
+    };
+    assert_eq!(
+        ledger.settle(&["p".to_owned()], &landed).await?,
+        settled(1, 0, true)
+    );
+    assert_eq!(ledger.usage("p", "pm").await?, (7, 1));
     Ok(())
 }
 
@@ -2039,7 +2080,7 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
         assert_eq!(ledger.usage("p", &sender(i).name).await?, (5, 1));
     }
     assert_eq!(ledger.usage("p", "pm").await?, (20, 4));
-    // The failed operations' new records, written as the call began, are gone.
+    // The failed operations' new records, written as each began, are gone.
     assert_eq!(nonces_held(&mut c, 1..=8).await?, [1, 3, 5, 7]);
     // The window mended, one of them asked again is a new reservation, charged: not the
     // answer of a record its failure left.
