@@ -438,7 +438,10 @@ def variants(r, pid):
 # The commands a new operation of an existing session runs in the common case (an existing
 # sender and policy counter, a new nonce, a bucket that exists), one after the other with no
 # logic: reserve.lua's floor. The session's budget shared (version 2: its status read with its
-# counter); under SESSION_KEYS=1 reserve.lua also runs the status `HGET` this leaves out.
+# counter); under SESSION_KEYS=1 reserve.lua also runs the status `HGET` this leaves out. Each
+# operation as a call of its own would run them: at BATCH=k it reads its two hashes itself,
+# where reserve.lua reads a call's fields of each hash in one `HMGET`, and it leaves out what
+# a call runs once (`TIME`, the policy counter's `HMGET`).
 COMMANDS_ONLY = b"""
 local frame = ARGV[1]
 local k, a = 1, 2

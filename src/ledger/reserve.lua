@@ -76,7 +76,7 @@
 -- answer is still good (or it landed), and its session (if any) is not revoked: nothing
 -- changes; {2, scope, resource, limit, used} when a budget would be exceeded (the scope's place
 -- among keys[5..], from 0; the service knows what it asked); {3} when the session is revoked
--- (checked before anything else is read);
+-- (checked before any other check or answer, so even a repeat gets nothing);
 -- {4, field, limit, spent, requested} when a token cap would be exceeded; {5, open} when the
 -- nonce already has that many open reservations (under the session, or at all); {6, records}
 -- when it already has MAX_RECORDS live records (lib.lua), none of them released, and this
