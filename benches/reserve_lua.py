@@ -15,6 +15,7 @@ docs/performance.md ("Redis CPU") quotes it.
     python3 benches/reserve_lua.py cuts [N=20000]
     python3 benches/reserve_lua.py ab DIR_A DIR_B [N=10000]
     BATCH=8 python3 benches/reserve_lua.py ab DIR_A DIR_B    # 8 operations a call (see below)
+    REFUSE=1 BATCH=28 python3 benches/reserve_lua.py ab DIR_A DIR_B  # every one refused
     python3 benches/reserve_lua.py variants [N=10000]
     SESSIONS=2000 BATCH=10 python3 benches/reserve_lua.py commands [N=20000]
     BATCH=10 python3 benches/reserve_lua.py bounds [N=20000]
@@ -27,6 +28,9 @@ shared (a grant of version 2, since 0.3.11: a field of its end day's hash, its s
 it); SESSION_KEYS=1 gives each a key of its own, as grants of version 1 have. (`ab` builds each
 checkout's operations with its own copy of this file: one from before SESSIONS sends the
 sponsor load whatever it says, and the two sides then run different loads.)
+REFUSE=1 (`ab`) has every operation refused for the policy's budget (its limit 1 gwei), each
+for a new nonce: what a refusal costs. Both checkouts' `operations` must know REFUSE (this
+file's since 0.3.15; a copy can be patched): `ab` stops unless every operation is refused.
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds, with
 EVALSHA (lib.lua's helpers made on every call; a function's are made once).
@@ -87,6 +91,9 @@ CUT_ROUNDS = int(os.environ.get('ROUNDS', '3'))
 # Operations a call, for a checkout whose reserve.lua takes several (BATCH=8): `ab`, `cuts`
 # and the plain run.
 BATCH = int(os.environ.get('BATCH', '1'))
+# REFUSE=1 (`ab`): every operation refused for the policy's budget (its limit 1 gwei), each a
+# new nonce: what a refusal costs (since 0.3.15 it writes the new key and deletes it).
+REFUSE = bool(os.environ.get('REFUSE'))
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
@@ -156,6 +163,7 @@ def operations(sha, n, old_keys=False, random_ids=False):
     environment, the bench's session load instead: operation i under session i % G + 1 (its
     account the sender, a new nonce each), charged to the session's budget too."""
     sessions = int(os.environ.get('SESSIONS', '0'))
+    refuse = bool(os.environ.get('REFUSE'))
     now = int(time.time())
     valid_until, valid_after = now + 600, now - 60
     sig = bytes(range(65))
@@ -214,7 +222,9 @@ def operations(sha, n, old_keys=False, random_ids=False):
         # most open per nonce.
         numbers = struct.pack('>14Q', 0, 780000, 4200, valid_until, valid_after, now + 30,
                               int(bool(sessions)), 86400, 4, bucket, 4209, (now - 3600) // 10, now - 3600, 16)
-        limits = b''.join(struct.pack('>3Q', 10**15, 10**6, 62399) + short(field) + short(name)
+        # (REFUSE=1: the policy's cost limit 1 gwei, so every operation is refused there.)
+        limits = b''.join(struct.pack('>3Q', 1 if refuse and field == b'c' else 10**15, 10**6,
+                                      62399) + short(field) + short(name)
                           + bytes([kind]) for _, field, name, kind in slots)
         entry = short(op_id) + struct.pack('>H', len(record)) + record
         args = [numbers, entry, limits]
@@ -407,8 +417,8 @@ def ab(r, versions, pid, rounds=ROUNDS):
             before = cpu_ns(pid)
             refused = r.pipelined(ops)
             used = cpu_ns(pid) - before
-            if refused:
-                sys.exit('%s: %d operations not reserved' % (label, refused))
+            if refused != (N if REFUSE else 0):
+                sys.exit('%s: %d operations of %d not reserved' % (label, refused, N))
             results.setdefault(label, []).append(commandstats(r)[head[0].lower()][1])
             cpu.setdefault(label, []).append(round(used / 1000 / N, 2))
     for label, runs in results.items():
