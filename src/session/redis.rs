@@ -693,14 +693,17 @@ impl RedisSessions {
         // until its own `validUntil` (up to ten years ahead), Redis growing without a bound by
         // requests that create nothing (found by review). One that loses a race for the id
         // below takes back what it wrote.
-        for key in [
-            grant_key(grant.session_id),
-            legacy_session_key(grant.session_id).into_bytes(),
-        ] {
-            let taken: bool = conn.exists(key).await.map_err(unavailable)?;
-            if taken {
-                return Ok(super::Created::Exists);
-            }
+        // (One `EXISTS` of both keys, which counts those that exist; a Cluster's client asks
+        // each key's node and adds the counts.)
+        let taken: u64 = conn
+            .exists(&[
+                grant_key(grant.session_id),
+                legacy_session_key(grant.session_id).into_bytes(),
+            ])
+            .await
+            .map_err(unavailable)?;
+        if taken > 0 {
+            return Ok(super::Created::Exists);
         }
         // Counted first: a grant counted and then not stored (its id taken: given back below
         // once its member is; a failure between, or the process stopping: kept) counts over,
