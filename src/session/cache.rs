@@ -1,5 +1,6 @@
-//! The sponsorship path's copies of grants it read from Redis, so that a session key's next
-//! operations skip the grant's round trip (a `GET` per sponsorship otherwise).
+//! The sponsorship path's copies of grants it read from Redis, or that this replica created
+//! (kept as a read at the moment of its write would decode them), so that a session key's
+//! next operations skip the grant's round trip (a `GET` per sponsorship otherwise).
 //!
 //! A copy never decides whether money is spent under a grant:
 //! - A grant never changes once written (its id is taken with `SET NX`) except by revocation,
@@ -211,7 +212,7 @@ impl GrantCache {
         drop(dropped);
     }
 
-    /// Drop the copy of grant `id` (this replica creates it).
+    /// Drop the copy of grant `id`.
     pub(crate) fn forget(&self, id: B256) {
         let mut g = self.lock();
         g.newer.remove(&id);

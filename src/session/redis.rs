@@ -748,9 +748,13 @@ impl RedisSessions {
             .await
             .map_err(unavailable)?;
         // SET NX: a concurrent create of the same id loses here, and nothing is overwritten.
+        let encoded = codec::encode(grant)?;
+        // The copy kept below counts as read from here (`super::cache`): a revocation that
+        // answers from now on either drops it or finds it overtaken.
+        let ticket = self.cache.ticket(Instant::now());
         let created: Option<String> = redis::cmd("SET")
             .arg(grant_key(grant.session_id))
-            .arg(codec::encode(grant)?)
+            .arg(&encoded)
             .arg("NX")
             .arg("EX")
             .arg(ttl)
@@ -762,8 +766,14 @@ impl RedisSessions {
             self.undo_lost_create(grant, &member, now, day).await;
             return Ok(super::Created::Exists);
         }
-        // A copy of an earlier grant of this id (its key deleted by hand) is not served here.
-        self.cache.forget(grant.session_id);
+        // This replica's copy is what it wrote, as a read would decode it: the session's first
+        // sponsorships here skip the grant's round trip (one `GET` among every grant in Redis,
+        // docs/performance.md). It replaces any copy of an earlier grant of this id (its key
+        // deleted by hand).
+        match codec::decode(grant.session_id, &encoded) {
+            Ok(copy) => self.cache.insert(grant.session_id, Arc::new(copy), ticket),
+            Err(_) => self.cache.forget(grant.session_id),
+        }
         Ok(super::Created::Created)
     }
 

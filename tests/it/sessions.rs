@@ -992,6 +992,77 @@ async fn the_revocation_feed_tells_a_trim_from_a_loss() -> TestResult {
     Ok(())
 }
 
+/// A replica keeps a copy of each grant it creates, as a read would decode it: the session's
+/// sponsorships there never read Redis for it, while another replica reads it once. Its own
+/// revocation drops the copy (the next read finds the grant revoked); a grant created again
+/// under the id after its key was deleted by hand replaces it.
+#[tokio::test]
+async fn a_replica_serves_the_grants_it_created_from_its_copy() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let client = redis::Client::open(redis.url.as_str())?;
+    let mut conn = client.get_multiplexed_async_connection().await?;
+    let creator =
+        SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let other =
+        SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let g = SessionGrant {
+        permissions: Some(serde_json::from_value(serde_json::json!({
+            "allow": [{
+                "target": Address::repeat_byte(0x70),
+                "functions": ["transfer(address,uint256)"],
+                "maxValue": "5",
+            }],
+            "spend": [{ "token": Address::repeat_byte(0x71), "limit": "100" }],
+        }))?),
+        budget: Some(serde_json::from_value(serde_json::json!({ "ops": 7 }))?),
+        shared_budget: true,
+        ..grant(0x61, Address::repeat_byte(0x46), 10)
+    };
+    assert!(creator.create(&g).await?);
+    let gets =
+        |calls: std::collections::BTreeMap<String, u64>| calls.get("get").copied().unwrap_or(0);
+    let before = gets(crate::ledger::command_calls(&mut conn).await?);
+    for _ in 0..3 {
+        let (copy, source) = creator.get_for_sponsorship(g.session_id).await?;
+        assert_eq!(source, GrantSource::Copy);
+        assert_eq!(*copy.ok_or("the copy")?, g, "what was written");
+    }
+    assert_eq!(
+        gets(crate::ledger::command_calls(&mut conn).await?),
+        before,
+        "no GET"
+    );
+    assert_eq!(
+        other.get_for_sponsorship(g.session_id).await?.1,
+        GrantSource::Store
+    );
+    assert_eq!(
+        other.get_for_sponsorship(g.session_id).await?.1,
+        GrantSource::Copy
+    );
+    assert_eq!(
+        gets(crate::ledger::command_calls(&mut conn).await?),
+        before + 1
+    );
+
+    creator.revoke(g.session_id).await?;
+    let (got, source) = creator.get_for_sponsorship(g.session_id).await?;
+    assert_eq!(source, GrantSource::Store, "its copy dropped");
+    assert_eq!(got.ok_or("the grant")?.status, SessionStatus::Revoked);
+
+    // Its key deleted by hand, the id created again for another account: the new copy.
+    let _: () = redis::cmd("DEL")
+        .arg([b"sp:g:".as_slice(), g.session_id.as_slice()].concat())
+        .query_async(&mut conn)
+        .await?;
+    let again = grant(0x61, Address::repeat_byte(0x47), 11);
+    assert!(creator.create(&again).await?);
+    let (copy, source) = creator.get_for_sponsorship(g.session_id).await?;
+    assert_eq!(source, GrantSource::Copy);
+    assert_eq!(*copy.ok_or("the copy")?, again);
+    Ok(())
+}
+
 /// The revocation feed read a page at a time: a replica behind by more than a page
 /// (`FEED_PAGE`, 1,024 entries) reads every page in one follow, and drops its copy of a grant
 /// revoked on the last page; one behind by as many revocations as it keeps copies (65,536,
