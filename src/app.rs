@@ -202,7 +202,9 @@ impl AppState {
                     ledger = ledger.with_replica_wait(wait, waited);
                 }
                 (
-                    SessionStore::Redis(RedisSessions::new(conn.clone())),
+                    SessionStore::Redis(
+                        RedisSessions::new(conn.clone()).with_copies(config.session_copies),
+                    ),
                     Ledger::Redis(ledger),
                 )
             }

@@ -116,6 +116,14 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_REDIS_WAIT_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub redis_wait_timeout: Duration,
 
+    /// Most session grants each replica keeps copies of (those it read for sponsorships and
+    /// those it created), so that their sponsorships skip the grant's read from Redis; about
+    /// 4 KiB of memory a copy at most on average (usual grants take a few hundred bytes).
+    /// Raise it toward the sessions a replica serves within 5 minutes (docs/operations.md).
+    #[arg(long, env = "SP_SESSION_COPIES", default_value_t = crate::session::cache::CAPACITY,
+        value_parser = parse_session_copies)]
+    pub session_copies: usize,
+
     /// SHA-256 (hex) of the admin API bearer token (see `admin-token`). Without it the admin
     /// API answers 401 to everything.
     #[arg(long, env = "SP_ADMIN_TOKEN_SHA256")]
@@ -299,6 +307,8 @@ pub struct Config {
     pub redis_timeout: Duration,
     /// Replicas each reservation call and revocation waits for; `None`: none.
     pub redis_wait: Option<crate::ledger::redis::ReplicaWait>,
+    /// Most grants each replica keeps copies of (with Redis; `--session-copies`).
+    pub session_copies: usize,
     /// SHA-256 of the admin token; `None`: none (the admin API is closed without admin keys).
     pub admin_token_sha256: Option<B256>,
     /// Tenants' admin keys, each limited to its policies.
@@ -359,6 +369,14 @@ fn parse_connection_timeout(s: &str) -> Result<Duration, String> {
 }
 
 /// `--policy-poll`: a duration from 1 ms to 10 minutes.
+/// `--session-copies`: 2 to 100,000,000.
+fn parse_session_copies(s: &str) -> Result<usize, String> {
+    match s.parse::<usize>() {
+        Ok(n) if (2..=100_000_000).contains(&n) => Ok(n),
+        _ => Err(format!("{s:?}: a count of copies from 2 to 100000000")),
+    }
+}
+
 fn parse_policy_poll(s: &str) -> Result<Duration, String> {
     bounded_duration(s, Duration::from_millis(1), Duration::from_secs(600)).map_err(|e| {
         format!("{e} (replicas note their paymasters for the settlement watchers on every poll)")
@@ -517,6 +535,7 @@ impl From<&ServeArgs> for Config {
                     timeout: args.redis_wait_timeout,
                 },
             ),
+            session_copies: args.session_copies,
             admin_token_sha256: args.admin_token_sha256,
             admin_keys: args.admin_keys.clone(),
             tenant_default_max_sessions: std::num::NonZeroU64::new(
@@ -786,6 +805,12 @@ impl ServeArgs {
                 s(humantime::format_duration(self.redis_wait_timeout).to_string()),
             );
         }
+        if self.session_copies != crate::session::cache::CAPACITY {
+            put(
+                "session_copies",
+                toml::Value::Integer(i64::try_from(self.session_copies).unwrap_or(i64::MAX)),
+            );
+        }
         if let Some(h) = self.admin_token_sha256 {
             put("admin_token_sha256", s(h.to_string()));
         }
@@ -984,6 +1009,15 @@ mod tests {
                 refused.contains("would listen on one port"),
                 "{i}: {refused}"
             );
+        }
+    }
+
+    #[test]
+    fn session_copies_are_bounded() {
+        assert_eq!(parse_session_copies("2"), Ok(2));
+        assert_eq!(parse_session_copies("1000000"), Ok(1_000_000));
+        for refused in ["0", "1", "100000001", "-5", "1e6", ""] {
+            assert!(parse_session_copies(refused).is_err(), "{refused}");
         }
     }
 

@@ -51,8 +51,8 @@ use alloy::primitives::B256;
 
 use super::SessionGrant;
 
-/// Most grants kept (both generations together).
-pub(crate) const CAPACITY: usize = 65_536;
+/// Most grants kept (both generations together) by default (`--session-copies`).
+pub const CAPACITY: usize = 65_536;
 
 /// About the most bytes of grants kept (both generations together; [`weight`]): 65,536 usual
 /// grants (a few hundred bytes each) fit many times over, and about 12,000 of the largest a
@@ -149,6 +149,17 @@ impl GrantCache {
         Self::with_limits(capacity, CAPACITY_BYTES)
     }
 
+    /// A cache of at most `copies` grants (`--session-copies`) and about 4 KiB of them a copy
+    /// on average, [`CAPACITY_BYTES`] at least: the default's bytes, scaled with its count.
+    pub(crate) fn sized(copies: usize) -> Self {
+        Self::with_limits(
+            copies,
+            copies
+                .saturating_mul(CAPACITY_BYTES / CAPACITY)
+                .max(CAPACITY_BYTES),
+        )
+    }
+
     /// A cache of at most `capacity` grants and about `bytes` of them (each halved per
     /// generation).
     pub(crate) fn with_limits(capacity: usize, bytes: usize) -> Self {
@@ -157,6 +168,11 @@ impl GrantCache {
             per_generation: (capacity / 2).max(1),
             bytes_per_generation: (bytes / 2).max(1),
         }
+    }
+
+    /// Most grants kept (both generations together).
+    pub(crate) fn capacity(&self) -> usize {
+        self.per_generation * 2
     }
 
     /// The copy of grant `id`, if it may still be served at `now` (module doc).
@@ -439,6 +455,23 @@ mod tests {
         let w = weight(&g);
         assert!((19 << 10..=23 << 10).contains(&w), "{w} bytes");
         assert_eq!(CAPACITY_BYTES / w / 1000, 12, "{w} bytes");
+    }
+
+    #[test]
+    fn sized_scales_its_bytes_with_its_count() {
+        let default = GrantCache::sized(CAPACITY);
+        assert_eq!(default.capacity(), CAPACITY);
+        assert_eq!(default.bytes_per_generation * 2, CAPACITY_BYTES);
+        let small = GrantCache::sized(1_000);
+        assert_eq!(small.capacity(), 1_000);
+        assert_eq!(
+            small.bytes_per_generation * 2,
+            CAPACITY_BYTES,
+            "never below"
+        );
+        let large = GrantCache::sized(1_000_000);
+        assert_eq!(large.capacity(), 1_000_000);
+        assert_eq!(large.bytes_per_generation * 2, 1_000_000 * 4_096);
     }
 
     #[test]

@@ -636,6 +636,15 @@ impl RedisSessions {
         }
     }
 
+    /// The same, keeping copies of at most `copies` grants (`--session-copies`, at least 2;
+    /// [`super::cache`]) instead of [`CAPACITY`](super::cache::CAPACITY). Before any clone:
+    /// clones share the copies.
+    #[must_use]
+    pub fn with_copies(mut self, copies: usize) -> Self {
+        self.cache = Arc::new(GrantCache::sized(copies.max(2)));
+        self
+    }
+
     /// The same, with at most `n` creates in flight (tests).
     #[doc(hidden)]
     #[must_use]
@@ -1035,7 +1044,7 @@ impl RedisSessions {
             if whole {
                 return Ok(FeedRead::Read(read));
             }
-            if read >= super::cache::CAPACITY {
+            if read >= self.cache.capacity() {
                 // More revocations at once than copies kept: reading on is no better than
                 // serving every copy for MAX_AGE only, from the feed's end on.
                 return Ok(self.lost());

@@ -375,6 +375,7 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
             session_paymaster::config::TENANT_DEFAULT_MAX_SESSIONS,
         ),
         redis_wait: None,
+        session_copies: session_paymaster::session::cache::CAPACITY,
         admin_on_main: true,
         metrics_on_main: true,
     }

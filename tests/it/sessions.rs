@@ -1141,6 +1141,26 @@ async fn the_revocation_feed_is_read_page_by_page_up_to_the_copies_kept() -> Tes
     assert!(follower.follows_revocations());
     writer.revoke(B256::repeat_byte(0x5c)).await?;
     assert_eq!(follower.follow_revocations().await?, 1);
+
+    // `--session-copies 2048`: the same at that many, two pages.
+    let small = RedisSessions::connect(&redis.url, Duration::from_secs(2))
+        .await?
+        .with_copies(2_048);
+    assert_eq!(small.follow_revocations().await?, 0);
+    let _: () = revocations(2_048).query_async(&mut conn).await?;
+    let before = evalshas(&mut conn).await?;
+    assert!(matches!(
+        small.follow_revocations().await,
+        Err(StoreError::Unavailable(m)) if m.contains("revocation feed was lost")
+    ));
+    assert_eq!(evalshas(&mut conn).await? - before, 2);
+    assert_eq!(small.follow_revocations().await?, 0);
+    let _: () = revocations(2_047).query_async(&mut conn).await?;
+    assert_eq!(
+        small.follow_revocations().await?,
+        2_047,
+        "one fewer is read"
+    );
     Ok(())
 }
 
