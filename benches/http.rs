@@ -26,7 +26,10 @@
 //! wall-clock time, to see whether slow answers come in bursts), `COMMANDS=1` (print, under
 //! each row with Redis, the commands redis-server ran per request and their µs, from `INFO
 //! commandstats`: how much of its CPU the scripts and the commands took, the rest being its
-//! sockets and event loop; see `command_lines`). Run with `scripts/bench`.
+//! sockets and event loop; see `command_lines`), `COPIES` (the service's `--session-copies`),
+//! `GRANTS_AT=other` (the grants created at another replica, so that this one reads each from
+//! Redis first: without it, the replica that created them holds copies), `SETTLE` (seconds to
+//! wait after the grants are created). Run with `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
 
 use std::io::Write;
@@ -124,6 +127,17 @@ impl Proc {
     /// CPU time (user + system, every thread) the process has used so far.
     fn cpu(&self) -> Result<Duration, Error> {
         cpu_of(&self.0.id().to_string())
+    }
+
+    /// Resident memory (bytes, `VmRSS` of `/proc/<pid>/status`).
+    fn rss(&self) -> Result<i64, Error> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", self.0.id()))?;
+        let kib: i64 = status
+            .lines()
+            .find_map(|l| l.strip_prefix("VmRSS:"))
+            .and_then(|v| v.trim().trim_end_matches("kB").trim().parse().ok())
+            .ok_or("no VmRSS")?;
+        Ok(kib * 1024)
     }
 }
 
@@ -372,6 +386,9 @@ impl Service {
             .stderr(Stdio::inherit());
         if let Some(redis) = redis {
             cmd.args(["--redis-url", &redis.url(), "--no-settlement"]);
+        }
+        if let Ok(copies) = std::env::var("COPIES") {
+            cmd.args(["--session-copies", &copies]);
         }
         let mut service = Self {
             proc: Proc(cmd.spawn()?),
@@ -1191,28 +1208,48 @@ async fn main() -> Result<(), Error> {
         // The flush deleted the key the first replica of a fresh Redis sets (ledger::redis):
         // replicas read it again on every poll of the policy source (2 s), and without it the
         // session load would write records by key, as 0.3.0 did. Only its existence is read.
-        // The wait covers a poll that fell between the flush and the write.
+        // The wait covers a poll that fell between the flush and the write, and the next: the
+        // flush emptied the revocation feed, which the replica then finds lost at a poll and
+        // follows anew at the one after (copies of grants kept before that live 10 s only).
         let by_id = session_paymaster::ledger::redis::SESSION_RECORDS_BY_ID_KEY;
         redis.cli(&["SET", by_id, "1"])?;
-        tokio::time::sleep(Duration::from_millis(2_100)).await;
+        tokio::time::sleep(Duration::from_millis(4_200)).await;
         let m0 = redis.used_memory()?;
+        let rss0 = service.proc.rss()?;
         let t = Instant::now();
-        create_grants(&service, grants).await?;
-        let per_grant = (redis.used_memory()? - m0) / i64::try_from(grants.max(1))?;
+        // The replica that creates a grant keeps a copy of it (0.3.16); `GRANTS_AT=other`
+        // creates them at another replica, so that this one reads each from Redis once.
+        let elsewhere = std::env::var("GRANTS_AT").is_ok_and(|v| v == "other");
+        if elsewhere {
+            create_grants(&Service::start(&policies, Some(&redis))?, grants).await?;
+        } else {
+            create_grants(&service, grants).await?;
+        }
+        let n = i64::try_from(grants.max(1))?;
+        let per_grant = (redis.used_memory()? - m0) / n;
+        let rss_per_grant = (service.proc.rss()? - rss0) / n;
         println!(
-            "created {grants} session grants in {:.1?}: {per_grant} B of Redis memory per grant",
+            "created {grants} session grants{} in {:.1?}: {per_grant} B of Redis memory per grant, {rss_per_grant} B of this replica's",
+            if elsewhere { " at another replica" } else { "" },
             t.elapsed()
         );
         results.insert(
             "grants".into(),
-            json!({ "count": grants, "bytes_per_grant": per_grant }),
+            json!({ "count": grants, "bytes_per_grant": per_grant, "created_elsewhere": elsewhere, "service_rss_per_grant": rss_per_grant }),
         );
+        // `SETTLE=<seconds>`: a pause before the load, for Redis to finish moving its keyspace
+        // to a larger table (a million grants pass 2^20 keys near their end: every command
+        // during the move looks in both tables and moves a step).
+        let settle = env_u64("SETTLE", 0);
+        if settle > 0 {
+            tokio::time::sleep(Duration::from_secs(settle)).await;
+        }
         let reads0 = grant_reads(&service).await?;
         let sess = measured(&service, Some(&redis), || {
             wrk(&url, &template, base, grants, secs)
         })?;
-        // Each replica keeps copies of the grants it read (session::cache, 10 s each): under
-        // this load a grant comes round every GRANTS / rate seconds.
+        // Each replica keeps copies of the grants it read or created (session::cache, 10 s
+        // each, up to 5 minutes while it follows the revocation feed).
         let reads = grant_reads(&service).await?;
         let (copies, store) = (reads.0 - reads0.0, reads.1 - reads0.1);
         println!(
