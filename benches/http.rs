@@ -1227,11 +1227,18 @@ async fn main() -> Result<(), Error> {
         }
         let n = i64::try_from(grants.max(1))?;
         let per_grant = (redis.used_memory()? - m0) / n;
-        let rss_per_grant = (service.proc.rss()? - rss0) / n;
+        // This replica's memory per copy it keeps (none when another created them).
+        let kept = grants.min(env_u64("COPIES", 65_536)).max(1);
+        let rss_per_grant = (service.proc.rss()? - rss0) / i64::try_from(kept)?;
         println!(
-            "created {grants} session grants{} in {:.1?}: {per_grant} B of Redis memory per grant, {rss_per_grant} B of this replica's",
+            "created {grants} session grants{} in {:.1?}: {per_grant} B of Redis memory per grant{}",
             if elsewhere { " at another replica" } else { "" },
-            t.elapsed()
+            t.elapsed(),
+            if elsewhere {
+                String::new()
+            } else {
+                format!(", {rss_per_grant} B of this replica's per copy it keeps ({kept})")
+            }
         );
         results.insert(
             "grants".into(),

@@ -19,6 +19,13 @@ use crate::userop::EntryPointVersion;
 /// which also says what a tenant may store under it.
 pub const TENANT_DEFAULT_MAX_SESSIONS: u64 = 10_000;
 
+/// `--session-copies`' default: the grant copies each replica kept before it was a setting.
+pub const DEFAULT_SESSION_COPIES: usize = crate::session::cache::CAPACITY;
+
+/// `--session-copies`' most: a generation of copies is one map, grown and freed whole
+/// (`session::cache`), under the lock every sponsorship's grant lookup takes.
+pub const MAX_SESSION_COPIES: usize = 10_000_000;
+
 /// Flags of `serve`.
 #[derive(Debug, Clone, Args)]
 pub struct ServeArgs {
@@ -116,11 +123,12 @@ pub struct ServeArgs {
     #[arg(long, env = "SP_REDIS_WAIT_TIMEOUT", default_value = "100ms", value_parser = humantime::parse_duration)]
     pub redis_wait_timeout: Duration,
 
-    /// Most session grants each replica keeps copies of (those it read for sponsorships and
-    /// those it created), so that their sponsorships skip the grant's read from Redis; about
-    /// 4 KiB of memory a copy at most on average (usual grants take a few hundred bytes).
-    /// Raise it toward the sessions a replica serves within 5 minutes (docs/operations.md).
-    #[arg(long, env = "SP_SESSION_COPIES", default_value_t = crate::session::cache::CAPACITY,
+    /// With Redis: most session grants each replica keeps copies of (those it read for
+    /// sponsorships and those it created), so that their sponsorships skip the grant's read
+    /// from Redis; about 4 KiB of memory a copy at most on average (usual grants take a few
+    /// hundred bytes). Raise it toward the sessions a replica serves within 5 minutes
+    /// (docs/operations.md). At most 10,000,000.
+    #[arg(long, env = "SP_SESSION_COPIES", default_value_t = DEFAULT_SESSION_COPIES,
         value_parser = parse_session_copies)]
     pub session_copies: usize,
 
@@ -368,15 +376,17 @@ fn parse_connection_timeout(s: &str) -> Result<Duration, String> {
     bounded_duration(s, Duration::from_secs(1), Duration::from_secs(600))
 }
 
-/// `--policy-poll`: a duration from 1 ms to 10 minutes.
-/// `--session-copies`: 2 to 100,000,000.
+/// `--session-copies`: 2 to [`MAX_SESSION_COPIES`].
 fn parse_session_copies(s: &str) -> Result<usize, String> {
     match s.parse::<usize>() {
-        Ok(n) if (2..=100_000_000).contains(&n) => Ok(n),
-        _ => Err(format!("{s:?}: a count of copies from 2 to 100000000")),
+        Ok(n) if (2..=MAX_SESSION_COPIES).contains(&n) => Ok(n),
+        _ => Err(format!(
+            "`{s}`: a count of grants from 2 to {MAX_SESSION_COPIES}"
+        )),
     }
 }
 
+/// `--policy-poll`: a duration from 1 ms to 10 minutes.
 fn parse_policy_poll(s: &str) -> Result<Duration, String> {
     bounded_duration(s, Duration::from_millis(1), Duration::from_secs(600)).map_err(|e| {
         format!("{e} (replicas note their paymasters for the settlement watchers on every poll)")
@@ -805,12 +815,10 @@ impl ServeArgs {
                 s(humantime::format_duration(self.redis_wait_timeout).to_string()),
             );
         }
-        if self.session_copies != crate::session::cache::CAPACITY {
-            put(
-                "session_copies",
-                toml::Value::Integer(i64::try_from(self.session_copies).unwrap_or(i64::MAX)),
-            );
-        }
+        put(
+            "session_copies",
+            toml::Value::Integer(i64::try_from(self.session_copies).unwrap_or(i64::MAX)),
+        );
         if let Some(h) = self.admin_token_sha256 {
             put("admin_token_sha256", s(h.to_string()));
         }
@@ -1016,7 +1024,8 @@ mod tests {
     fn session_copies_are_bounded() {
         assert_eq!(parse_session_copies("2"), Ok(2));
         assert_eq!(parse_session_copies("1000000"), Ok(1_000_000));
-        for refused in ["0", "1", "100000001", "-5", "1e6", ""] {
+        assert_eq!(parse_session_copies("10000000"), Ok(MAX_SESSION_COPIES));
+        for refused in ["0", "1", "10000001", "-5", "1e6", ""] {
             assert!(parse_session_copies(refused).is_err(), "{refused}");
         }
     }

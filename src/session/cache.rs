@@ -36,9 +36,11 @@
 //!   revocations at once than it keeps copies. A `--policy-poll` above [`MAX_AGE`] keeps every
 //!   copy at [`MAX_AGE`]. One reader at a time (`RedisSessions` holds a lock for each read).
 //!
-//! Bounded: at most [`CAPACITY`] grants, and about [`CAPACITY_BYTES`] of them, in two
-//! generations (a grant read again moves to the newer one, keeping its age; when the newer is
-//! full, by count or by bytes, the older is dropped). A grant's bytes are bounded when it is
+//! Bounded: at most `--session-copies` grants ([`CAPACITY`] by default), and about 4 KiB a
+//! copy of them ([`CAPACITY_BYTES`] at least; [`weight`] leaves out each entry's map and
+//! bookkeeping, a hundred bytes or so), in two generations (a grant read again moves to the
+//! newer one, keeping its age; when the newer is full, by count or by bytes, the whole older
+//! one is dropped). A grant's bytes are bounded when it is
 //! made (`session::grant`: 64 rules, 256 functions, 8 KiB of signatures), but the largest take
 //! tens of times a usual one's. Unknown ids are not remembered: they cost their round trip
 //! every time, and cannot fill it.
@@ -52,7 +54,7 @@ use alloy::primitives::B256;
 use super::SessionGrant;
 
 /// Most grants kept (both generations together) by default (`--session-copies`).
-pub const CAPACITY: usize = 65_536;
+pub(crate) const CAPACITY: usize = 65_536;
 
 /// About the most bytes of grants kept (both generations together; [`weight`]): 65,536 usual
 /// grants (a few hundred bytes each) fit many times over, and about 12,000 of the largest a
@@ -149,8 +151,9 @@ impl GrantCache {
         Self::with_limits(capacity, CAPACITY_BYTES)
     }
 
-    /// A cache of at most `copies` grants (`--session-copies`) and about 4 KiB of them a copy
-    /// on average, [`CAPACITY_BYTES`] at least: the default's bytes, scaled with its count.
+    /// A cache of at most `copies` grants (`--session-copies`; rounded down to an even number)
+    /// and about 4 KiB of them a copy on average, [`CAPACITY_BYTES`] at least: the default's
+    /// bytes, scaled with its count.
     pub(crate) fn sized(copies: usize) -> Self {
         Self::with_limits(
             copies,

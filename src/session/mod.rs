@@ -10,7 +10,7 @@
 //! - [`memory`] and [`redis`]: the two stores behind [`SessionStore`]; `codec`: a grant as Redis
 //!   stores it; [`cache`]: the copies of grants a replica keeps for sponsorships.
 
-pub mod cache;
+pub(crate) mod cache;
 mod codec;
 pub mod grant;
 pub mod memory;

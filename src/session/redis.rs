@@ -637,8 +637,8 @@ impl RedisSessions {
     }
 
     /// The same, keeping copies of at most `copies` grants (`--session-copies`, at least 2;
-    /// [`super::cache`]) instead of [`CAPACITY`](super::cache::CAPACITY). Before any clone:
-    /// clones share the copies.
+    /// [`super::cache`]) instead of the default 65,536. Call it before cloning: clones made
+    /// before keep the copies they share.
     #[must_use]
     pub fn with_copies(mut self, copies: usize) -> Self {
         self.cache = Arc::new(GrantCache::sized(copies.max(2)));
@@ -1044,9 +1044,11 @@ impl RedisSessions {
             if whole {
                 return Ok(FeedRead::Read(read));
             }
-            if read >= self.cache.capacity() {
-                // More revocations at once than copies kept: reading on is no better than
-                // serving every copy for MAX_AGE only, from the feed's end on.
+            if read >= self.cache.capacity().min(REVOCATIONS_MAX as usize) {
+                // More revocations at once than copies kept (checked a page at a time), or
+                // than the feed keeps (revocations written as fast as they are read): reading
+                // on is no better than serving every copy for MAX_AGE only, from the feed's end
+                // on.
                 return Ok(self.lost());
             }
         }

@@ -375,7 +375,7 @@ pub fn config(paymasters: [Option<Address>; 3], signer: KeySource) -> Config {
             session_paymaster::config::TENANT_DEFAULT_MAX_SESSIONS,
         ),
         redis_wait: None,
-        session_copies: session_paymaster::session::cache::CAPACITY,
+        session_copies: session_paymaster::config::DEFAULT_SESSION_COPIES,
         admin_on_main: true,
         metrics_on_main: true,
     }

@@ -928,26 +928,33 @@ async fn a_request_in_flight_during_revocation_is_not_signed_after_it() -> TestR
     Ok(())
 }
 
-/// A replica keeps a copy of each grant it read (`session::cache`, for up to 10 s), so it does
+/// A replica keeps a copy of each grant it read or created (`session::cache`, for up to 10 s), so it does
 /// not see another replica's revocation at once. Its copy must not decide: the ledger step reads
 /// the revocation, and every request under a grant runs it, signed ones, stubs and explanations
 /// alike, before it hands back even an answer given earlier. A guard written with the copies
 /// (before them, each request read the grant from Redis): without the ledger's check it fails.
 /// With and without a session budget: where the session's budget is shared (its grant of
-/// version 2), the ledger reads its status in that budget's hash, else in its state key.
+/// version 2), the ledger reads its status in that budget's hash, else in its state key. And
+/// with the copy a read (the grant created at b) as well as a create (at a) kept.
 #[tokio::test]
 async fn a_replicas_copy_of_a_grant_revoked_elsewhere_signs_nothing() -> TestResult {
-    copy_of_a_grant_revoked_elsewhere_signs_nothing("").await?;
-    copy_of_a_grant_revoked_elsewhere_signs_nothing("[budgets]\nsession = { ops = 100 }").await
+    copy_of_a_grant_revoked_elsewhere_signs_nothing("", false).await?;
+    copy_of_a_grant_revoked_elsewhere_signs_nothing("[budgets]\nsession = { ops = 100 }", false)
+        .await?;
+    copy_of_a_grant_revoked_elsewhere_signs_nothing("", true).await
 }
 
-async fn copy_of_a_grant_revoked_elsewhere_signs_nothing(extra: &str) -> TestResult {
+async fn copy_of_a_grant_revoked_elsewhere_signs_nothing(
+    extra: &str,
+    created_at_b: bool,
+) -> TestResult {
     let redis = TestRedis::start().await?;
     let policies = [token_policy("tokens", extra)];
     let (a, _dir_a) = app_with(&redis, &policies).await?;
     let (b, _dir_b) = app_with(&redis, &policies).await?;
     let account = Address::repeat_byte(0xa7);
-    let session = capped_session(&a, account, "tokens", 100).await?;
+    let creator = if created_at_b { &b } else { &a };
+    let session = capped_session(creator, account, "tokens", 100).await?;
     let ctx = json!({ "sessionId": session });
     let ep07 = ep(EntryPointVersion::V0_7);
     let v = sponsor(&a, &transfer_op(account, 1, 1).to_json(), ep07, ctx.clone()).await?;
@@ -996,17 +1003,28 @@ async fn copy_of_a_grant_revoked_elsewhere_signs_nothing(extra: &str) -> TestRes
     assert_eq!(reason(&v), "session_revoked", "{v}");
     // Nothing was spent under it after the revocation: the first transfer's 1 only.
     assert_eq!(spent(&b, session).await?, json!("1"));
-    // Every request took a's copy, the one it kept when it created the grant: none read Redis.
+    // The first request read the grant from Redis and the four after the revocation took
+    // a's copy; where a created the grant, all five took the copy it kept then.
     let text = reqwest::get(format!("{}/metrics", a.url))
         .await?
         .text()
         .await?;
-    assert!(
-        text.lines()
-            .any(|l| l == "sp_session_grant_reads_total{source=\"copy\"} 5"),
+    let reads: &[&str] = if created_at_b {
+        &[
+            "sp_session_grant_reads_total{source=\"store\"} 1",
+            "sp_session_grant_reads_total{source=\"copy\"} 4",
+        ]
+    } else {
+        &["sp_session_grant_reads_total{source=\"copy\"} 5"]
+    };
+    for line in reads {
+        assert!(text.lines().any(|l| l == *line), "{line} in:\n{text}");
+    }
+    assert_eq!(
+        text.contains("source=\"store\"} "),
+        created_at_b,
         "in:\n{text}"
     );
-    assert!(!text.contains("source=\"store\"} "), "in:\n{text}");
     Ok(())
 }
 

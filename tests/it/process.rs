@@ -194,6 +194,7 @@ fn configuration_layers_and_print_config() -> TestResult {
             "SP_CONFIG",
             "SP_NO_SETTLEMENT",
             "SP_PUBLISH_POLICIES",
+            "SP_SESSION_COPIES",
         ] {
             cmd.env_remove(var);
         }
@@ -207,9 +208,13 @@ fn configuration_layers_and_print_config() -> TestResult {
             String::from_utf8(out.stderr)?,
         ))
     };
-    let (ok, printed, err) = run(&[("SP_CHAIN_ID", "10")], &["--sponsor-name", "flag"])?;
+    let (ok, printed, err) = run(
+        &[("SP_CHAIN_ID", "10"), ("SP_SESSION_COPIES", "200000")],
+        &["--sponsor-name", "flag"],
+    )?;
     assert!(ok, "{err}");
     let effective: toml::Table = printed.parse()?;
+    assert_eq!(effective["session_copies"].as_integer(), Some(200_000));
     assert_eq!(
         effective["chain_id"].as_integer(),
         Some(10),
@@ -248,6 +253,9 @@ fn configuration_layers_and_print_config() -> TestResult {
     let (ok, again, err) = run(&[], &[])?;
     assert!(ok, "{err}");
     assert_eq!(again.parse::<toml::Table>()?, effective);
+
+    let (ok, _, err) = run(&[("SP_SESSION_COPIES", "1")], &[])?;
+    assert!(!ok && err.contains("from 2 to 10000000"), "{err}");
 
     std::fs::write(&file, "chain_idd = 1\n")?;
     let (ok, _, err) = run(&[], &[])?;

@@ -1032,9 +1032,13 @@ async fn a_replica_serves_the_grants_it_created_from_its_copy() -> TestResult {
         before,
         "no GET"
     );
+    // Another replica reads it from Redis once: the same grant as the creator's copy.
+    let (read, source) = other.get_for_sponsorship(g.session_id).await?;
+    assert_eq!(source, GrantSource::Store);
     assert_eq!(
-        other.get_for_sponsorship(g.session_id).await?.1,
-        GrantSource::Store
+        read,
+        creator.get_for_sponsorship(g.session_id).await?.0,
+        "the copy is what a read finds"
     );
     assert_eq!(
         other.get_for_sponsorship(g.session_id).await?.1,
@@ -1065,9 +1069,9 @@ async fn a_replica_serves_the_grants_it_created_from_its_copy() -> TestResult {
 
 /// The revocation feed read a page at a time: a replica behind by more than a page
 /// (`FEED_PAGE`, 1,024 entries) reads every page in one follow, and drops its copy of a grant
-/// revoked on the last page; one behind by as many revocations as it keeps copies (65,536,
-/// `session::cache`'s capacity) stops there: lost, copies back to 10 s, then read anew from
-/// the feed's end.
+/// revoked on the last page; one behind by as many revocations as it keeps copies (65,536 by
+/// default, 2,048 with `--session-copies 2048`) stops there: lost, copies back to 10 s, then
+/// read anew from the feed's end.
 #[tokio::test]
 async fn the_revocation_feed_is_read_page_by_page_up_to_the_copies_kept() -> TestResult {
     use session_paymaster::session::redis::REVOCATIONS_KEY;
