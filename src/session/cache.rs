@@ -40,10 +40,9 @@
 //! copy of them ([`CAPACITY_BYTES`] at least; [`weight`] leaves out each entry's map and
 //! bookkeeping, a hundred bytes or so), in two generations (a grant read again moves to the
 //! newer one, keeping its age; when the newer is full, by count or by bytes, the whole older
-//! one is dropped). A grant's bytes are bounded when it is
-//! made (`session::grant`: 64 rules, 256 functions, 8 KiB of signatures), but the largest take
-//! tens of times a usual one's. Unknown ids are not remembered: they cost their round trip
-//! every time, and cannot fill it.
+//! one is dropped). A grant's bytes are bounded when it is made (`session::grant`: 64 rules,
+//! 256 functions, 8 KiB of signatures), but the largest take tens of times a usual one's.
+//! Unknown ids are not remembered: they cost their round trip every time, and cannot fill it.
 
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex, PoisonError};

@@ -16,9 +16,9 @@ use crate::userop::UserOperation;
 pub const MAX_SPEND_LIMITS: usize = 32;
 
 /// Most `allow` rules a grant lists: a grant is stored whole, read on every sponsorship under it
-/// and kept in up to `--session-copies` copies per replica (65,536 by default), so its size is bounded whatever a dapp's
-/// backend passes through (the caps below: 8,192 bytes of signatures, 256 functions, and 64
-/// targets and values).
+/// and kept in up to `--session-copies` copies per replica (65,536 by default), so its size is
+/// bounded whatever a dapp's backend passes through (the caps below: 8,192 bytes of
+/// signatures, 256 functions, and 64 targets and values).
 pub const MAX_ALLOW_RULES: usize = 64;
 /// Most functions one rule lists (see [`MAX_ALLOW_RULES`]).
 pub const MAX_FUNCTIONS_PER_RULE: usize = 64;
