@@ -18,7 +18,11 @@
 //! explanation shows the grant's checks as passed. Two things the ledger does not see also wait
 //! that long (up to [`MAX_AGE_FOLLOWED`]): a grant key deleted by hand (revoke its id anyway,
 //! which writes the feed below: docs/operations.md), and, on a Redis Cluster, a revocation whose
-//! ledger write and feed entry a failover lost while the grant's own write survived.
+//! ledger write and feed entry a failover lost while the grant's own write survived. The same
+//! holds for a copy of an earlier grant of the id once another is created under it (its key
+//! deleted by hand, or lost in a failover): the ledger reads a revocation where the revoked
+//! grant's policy and end day place it, which the copy's may not, so a revocation of the new
+//! grant reaches a replica holding the old copy through the feed only.
 //!
 //! How long a copy is served (at most; a revocation this replica sees, or eviction, drops it
 //! sooner):
@@ -143,6 +147,22 @@ pub(crate) fn weight(grant: &SessionGrant) -> usize {
     size_of::<SessionGrant>() + grant.policy.len() + permissions
 }
 
+/// Most copies a dropped generation frees where it was dropped: a larger one (millions of
+/// grants with a `--session-copies` in the millions) is freed on tokio's blocking pool, so
+/// that the request that filled the newer generation, and the tasks behind it on its worker,
+/// do not wait for it.
+const FREE_INLINE: usize = 8_192;
+
+/// Free a generation [`GrantCache::put`] dropped (after the lock is released).
+fn free(dropped: Option<HashMap<B256, Kept>>) {
+    match (dropped, tokio::runtime::Handle::try_current()) {
+        (Some(d), Ok(runtime)) if d.len() > FREE_INLINE => {
+            runtime.spawn_blocking(move || drop(d));
+        }
+        (d, _) => drop(d),
+    }
+}
+
 impl GrantCache {
     /// A cache of at most `capacity` grants (rounded down to an even number, at least 2) and
     /// about [`CAPACITY_BYTES`] of them.
@@ -203,7 +223,7 @@ impl GrantCache {
         let grant = c.grant.clone();
         let dropped = self.put(&mut g, id, c);
         drop(g);
-        drop(dropped);
+        free(dropped);
         Some(grant)
     }
 
@@ -227,7 +247,7 @@ impl GrantCache {
         };
         let dropped = self.put(&mut g, id, copy);
         drop(g);
-        drop(dropped);
+        free(dropped);
     }
 
     /// Drop the copy of grant `id`.
@@ -457,6 +477,31 @@ mod tests {
         let w = weight(&g);
         assert!((19 << 10..=23 << 10).contains(&w), "{w} bytes");
         assert_eq!(CAPACITY_BYTES / w / 1000, 12, "{w} bytes");
+    }
+
+    /// A generation larger than [`FREE_INLINE`] dropped within a runtime is still freed (on the
+    /// blocking pool): nothing holds its grants after.
+    #[tokio::test]
+    async fn a_large_dropped_generation_is_freed() {
+        let n = FREE_INLINE + 1;
+        let cache = GrantCache::with_capacity(2 * n);
+        let now = Instant::now();
+        let first = grant(0);
+        cache.insert(B256::ZERO, first.clone(), cache.ticket(now));
+        // Two generations of n each, then one more: the first generation goes.
+        for i in 1..=2 * n {
+            let id = B256::from(alloy::primitives::U256::from(i));
+            cache.insert(id, grant(1), cache.ticket(now));
+        }
+        assert!(cache.get(B256::ZERO, now).is_none());
+        let deadline = Instant::now() + Duration::from_secs(10);
+        while Arc::strong_count(&first) > 1 {
+            assert!(
+                Instant::now() < deadline,
+                "the dropped generation was not freed"
+            );
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
     }
 
     #[test]

@@ -993,9 +993,10 @@ async fn the_revocation_feed_tells_a_trim_from_a_loss() -> TestResult {
 }
 
 /// A replica keeps a copy of each grant it creates, as a read would decode it: the session's
-/// sponsorships there never read Redis for it, while another replica reads it once. Its own
-/// revocation drops the copy (the next read finds the grant revoked); a grant created again
-/// under the id after its key was deleted by hand replaces it.
+/// sponsorships there never read Redis for it, while another replica reads it once. Another
+/// replica's revocation reaches the copy through the revocation feed, and its own revocation
+/// drops the copy (the next read finds the grant revoked); a grant created again under the id
+/// after its key was deleted by hand replaces it.
 #[tokio::test]
 async fn a_replica_serves_the_grants_it_created_from_its_copy() -> TestResult {
     let redis = TestRedis::start().await?;
@@ -1005,6 +1006,11 @@ async fn a_replica_serves_the_grants_it_created_from_its_copy() -> TestResult {
         SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
     let other =
         SessionStore::Redis(RedisSessions::connect(&redis.url, Duration::from_secs(2)).await?);
+    let SessionStore::Redis(follower) = &creator else {
+        unreachable!()
+    };
+    // The creator's run of reads of the feed begins before its creates.
+    assert_eq!(follower.follow_revocations().await?, 0);
     let g = SessionGrant {
         permissions: Some(serde_json::from_value(serde_json::json!({
             "allow": [{
@@ -1049,8 +1055,26 @@ async fn a_replica_serves_the_grants_it_created_from_its_copy() -> TestResult {
         before + 1
     );
 
-    creator.revoke(g.session_id).await?;
+    // Revoked at the other replica: the creator's copy stands until it reads the feed.
+    other.revoke(g.session_id).await?;
+    assert_eq!(
+        creator.get_for_sponsorship(g.session_id).await?.1,
+        GrantSource::Copy
+    );
+    assert_eq!(follower.follow_revocations().await?, 1);
     let (got, source) = creator.get_for_sponsorship(g.session_id).await?;
+    assert_eq!(source, GrantSource::Store, "its copy dropped");
+    assert_eq!(got.ok_or("the grant")?.status, SessionStatus::Revoked);
+
+    // Its own revocation drops its copy at once.
+    let h = grant(0x62, Address::repeat_byte(0x46), 10);
+    assert!(creator.create(&h).await?);
+    assert_eq!(
+        creator.get_for_sponsorship(h.session_id).await?.1,
+        GrantSource::Copy
+    );
+    creator.revoke(h.session_id).await?;
+    let (got, source) = creator.get_for_sponsorship(h.session_id).await?;
     assert_eq!(source, GrantSource::Store, "its copy dropped");
     assert_eq!(got.ok_or("the grant")?.status, SessionStatus::Revoked);
 
