@@ -250,6 +250,30 @@ impl GrantCache {
         free(dropped);
     }
 
+    /// Keep a copy of grant `id`, created by this replica with the write that took `ticket`,
+    /// only if the newer generation has room for it: a create never drops the copies of grants
+    /// read for sponsorships (another tenant's, say) to keep its own. Without room, any copy
+    /// of an earlier grant of the id is dropped all the same. Whether it was kept.
+    pub(crate) fn insert_created(
+        &self,
+        id: B256,
+        grant: Arc<SessionGrant>,
+        ticket: Ticket,
+    ) -> bool {
+        let mut g = self.lock();
+        let replaced = g.newer.get(&id).map_or(0, |old| weight(&old.grant));
+        let full = g.newer.len() >= self.per_generation && !g.newer.contains_key(&id);
+        let bytes = g.newer_bytes.saturating_sub(replaced) + weight(&grant);
+        if full || (!g.newer.is_empty() && bytes > self.bytes_per_generation) {
+            g.newer.remove(&id);
+            g.older.remove(&id);
+            return false;
+        }
+        drop(g);
+        self.insert(id, grant, ticket);
+        true
+    }
+
     /// Drop the copy of grant `id`.
     pub(crate) fn forget(&self, id: B256) {
         let mut g = self.lock();
@@ -502,6 +526,32 @@ mod tests {
             );
             tokio::time::sleep(Duration::from_millis(10)).await;
         }
+    }
+
+    /// A create keeps its copy only where the newer generation has room: it never pushes out
+    /// copies read for sponsorships, and without room an earlier grant's copy of the id goes.
+    #[test]
+    fn a_created_copy_never_pushes_others_out() {
+        let cache = GrantCache::with_capacity(4);
+        let now = Instant::now();
+        let id = |n: u8| B256::repeat_byte(n);
+        assert!(cache.insert_created(id(1), grant(1), cache.ticket(now)));
+        cache.insert(id(2), grant(2), cache.ticket(now));
+        // The newer generation (2) is full: 3 is not kept, and 1 and 2 stay.
+        assert!(!cache.insert_created(id(3), grant(3), cache.ticket(now)));
+        assert!(cache.get(id(3), now).is_none());
+        assert!(cache.get(id(1), now).is_some() && cache.get(id(2), now).is_some());
+        // A read's copy still turns the generations over; then a create has room again.
+        cache.insert(id(4), grant(4), cache.ticket(now));
+        assert!(cache.insert_created(id(5), grant(5), cache.ticket(now)));
+        assert_eq!(cache.len(), 4);
+        // Without room (the newer generation: 4 and 5), a copy of an earlier grant of the id
+        // (2, in the older) is dropped, not kept stale.
+        assert!(!cache.insert_created(id(2), grant(6), cache.ticket(now)));
+        assert_eq!(cache.len(), 3);
+        assert!(cache.get(id(2), now).is_none());
+        // Replacing a copy in the newer generation needs no more room.
+        assert!(cache.insert_created(id(5), grant(5), cache.ticket(now)));
     }
 
     #[test]

@@ -777,10 +777,14 @@ impl RedisSessions {
         }
         // This replica's copy is what it wrote, as a read would decode it: the session's first
         // sponsorships here skip the grant's round trip (one `GET` among every grant in Redis,
-        // docs/performance.md). It replaces any copy of an earlier grant of this id (its key
+        // docs/performance.md). Kept only where the copies have room (a create pushes none
+        // out); it replaces, or else drops, any copy of an earlier grant of this id (its key
         // deleted by hand).
         match codec::decode(grant.session_id, &encoded) {
-            Ok(copy) => self.cache.insert(grant.session_id, Arc::new(copy), ticket),
+            Ok(copy) => {
+                self.cache
+                    .insert_created(grant.session_id, Arc::new(copy), ticket);
+            }
             Err(_) => self.cache.forget(grant.session_id),
         }
         Ok(super::Created::Created)
