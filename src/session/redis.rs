@@ -777,9 +777,9 @@ impl RedisSessions {
         }
         // This replica's copy is what it wrote, as a read would decode it: the session's first
         // sponsorships here skip the grant's round trip (one `GET` among every grant in Redis,
-        // docs/performance.md). Kept only where the copies have room (a create pushes none
-        // out); it replaces, or else drops, any copy of an earlier grant of this id (its key
-        // deleted by hand).
+        // docs/performance.md). Kept only where the newer generation of copies has room (a
+        // create does not itself drop the older); it replaces, or else drops, any copy of an
+        // earlier grant of this id (its key deleted by hand).
         match codec::decode(grant.session_id, &encoded) {
             Ok(copy) => {
                 self.cache
