@@ -241,17 +241,7 @@ impl GrantCache {
 
     /// Keep a copy of grant `id`, read from the store by the read that took `ticket`.
     pub(crate) fn insert(&self, id: B256, grant: Arc<SessionGrant>, ticket: Ticket) {
-        let mut g = self.lock();
-        g.older.remove(&id);
-        let unovertaken = g.revocations == ticket.revocations;
-        let copy = Kept {
-            grant,
-            read_at: ticket.read_at,
-            unovertaken,
-        };
-        let dropped = self.put(&mut g, id, copy);
-        drop(g);
-        free(dropped);
+        self.keep(id, grant, ticket, false);
     }
 
     /// Keep a copy of grant `id`, created by this replica with the write that took `ticket`,
@@ -266,16 +256,24 @@ impl GrantCache {
         grant: Arc<SessionGrant>,
         ticket: Ticket,
     ) -> bool {
+        self.keep(id, grant, ticket, true)
+    }
+
+    /// [`Self::insert`], or with `only_with_room` [`Self::insert_created`]: the check and the
+    /// keeping under one lock, so that nothing fills the newer generation between them.
+    fn keep(
+        &self,
+        id: B256,
+        grant: Arc<SessionGrant>,
+        ticket: Ticket,
+        only_with_room: bool,
+    ) -> bool {
         let mut g = self.lock();
-        let replaced = g.newer.get(&id).map_or(0, |old| weight(&old.grant));
-        let full = g.newer.len() >= self.per_generation && !g.newer.contains_key(&id);
-        let bytes = g.newer_bytes.saturating_sub(replaced) + weight(&grant);
         g.older.remove(&id);
-        if full || (!g.newer.is_empty() && bytes > self.bytes_per_generation) {
+        if only_with_room && self.turns_over(&g, &id, weight(&grant)) {
             g.newer.remove(&id);
             return false;
         }
-        // Under the same lock as the check: nothing fills the newer generation meanwhile.
         let copy = Kept {
             grant,
             read_at: ticket.read_at,
@@ -283,7 +281,10 @@ impl GrantCache {
         };
         let dropped = self.put(&mut g, id, copy);
         drop(g);
-        debug_assert!(dropped.is_none(), "a create turned the generations over");
+        debug_assert!(
+            !only_with_room || dropped.is_none(),
+            "a create turned the generations over"
+        );
         free(dropped);
         true
     }
@@ -355,19 +356,27 @@ impl GrantCache {
     fn put(&self, g: &mut Generations, id: B256, copy: Kept) -> Option<HashMap<B256, Kept>> {
         let mut dropped = None;
         let bytes = weight(&copy.grant);
-        // (A copy replaced in the newer generation no longer counts.)
-        if let Some(old) = g.newer.get(&id) {
-            g.newer_bytes = g.newer_bytes.saturating_sub(weight(&old.grant));
-        }
-        let full = g.newer.len() >= self.per_generation && !g.newer.contains_key(&id);
-        if full || (!g.newer.is_empty() && g.newer_bytes + bytes > self.bytes_per_generation) {
+        if self.turns_over(g, &id, bytes) {
             let newer = std::mem::take(&mut g.newer);
             dropped = Some(std::mem::replace(&mut g.older, newer));
             g.newer_bytes = 0;
+        } else if let Some(old) = g.newer.get(&id) {
+            // (A copy replaced in the newer generation no longer counts.)
+            g.newer_bytes = g.newer_bytes.saturating_sub(weight(&old.grant));
         }
         g.newer_bytes += bytes;
         g.newer.insert(id, copy);
         dropped
+    }
+
+    /// Whether putting a copy of `bytes` for `id` in the newer generation turns the
+    /// generations over: the newer is full by count (unless it holds `id` already, replaced
+    /// in place), or by bytes with this copy in place of any it replaces.
+    fn turns_over(&self, g: &Generations, id: &B256, bytes: usize) -> bool {
+        let replaced = g.newer.get(id).map_or(0, |old| weight(&old.grant));
+        let full = g.newer.len() >= self.per_generation && !g.newer.contains_key(id);
+        full || (!g.newer.is_empty()
+            && g.newer_bytes.saturating_sub(replaced) + bytes > self.bytes_per_generation)
     }
 
     /// A copy is only ever replaced whole, so a panic elsewhere while it was locked leaves

@@ -641,7 +641,7 @@ impl RedisSessions {
     /// before keep the copies they share.
     #[must_use]
     pub fn with_copies(mut self, copies: usize) -> Self {
-        self.cache = Arc::new(GrantCache::sized(copies.max(2)));
+        self.cache = Arc::new(GrantCache::sized(copies));
         self
     }
 
