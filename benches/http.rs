@@ -1227,22 +1227,26 @@ async fn main() -> Result<(), Error> {
         }
         let n = i64::try_from(grants.max(1))?;
         let per_grant = (redis.used_memory()? - m0) / n;
-        // This replica's memory per copy it keeps (none when another created them).
-        let kept = grants.min(env_u64("COPIES", 65_536)).max(1);
-        let rss_per_grant = (service.proc.rss()? - rss0) / i64::try_from(kept)?;
+        // This replica's memory per copy it keeps (none when another created them): a create's
+        // copy goes in the newer half of its copies only (session::cache).
+        let copies = env_u64(
+            "COPIES",
+            session_paymaster::config::DEFAULT_SESSION_COPIES as u64,
+        );
+        let kept = grants.min(copies / 2).max(1);
+        let rss_per_copy =
+            (!elsewhere).then_some((service.proc.rss()? - rss0) / i64::try_from(kept)?);
         println!(
             "created {grants} session grants{} in {:.1?}: {per_grant} B of Redis memory per grant{}",
             if elsewhere { " at another replica" } else { "" },
             t.elapsed(),
-            if elsewhere {
-                String::new()
-            } else {
-                format!(", {rss_per_grant} B of this replica's per copy it keeps ({kept})")
-            }
+            rss_per_copy.map_or(String::new(), |b| format!(
+                ", {b} B of this replica's per copy it keeps ({kept})"
+            ))
         );
         results.insert(
             "grants".into(),
-            json!({ "count": grants, "bytes_per_grant": per_grant, "created_elsewhere": elsewhere, "service_rss_per_grant": rss_per_grant }),
+            json!({ "count": grants, "bytes_per_grant": per_grant, "created_elsewhere": elsewhere, "service_rss_per_copy": rss_per_copy }),
         );
         // `SETTLE=<seconds>`: a pause before the load, for Redis to finish moving its keyspace
         // to a larger table (a million grants pass 2^20 keys near their end: every command
