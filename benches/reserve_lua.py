@@ -20,6 +20,7 @@ docs/performance.md ("Redis CPU") quotes it.
     SESSIONS=2000 BATCH=10 python3 benches/reserve_lua.py commands [N=20000]
     BATCH=10 python3 benches/reserve_lua.py bounds [N=20000]
     python3 benches/reserve_lua.py costs [N=100000]
+    COUNT=instructions ROUNDS=1 SESSIONS=20000 BATCH=28 python3 benches/reserve_lua.py ab A B 5000
 
 SESSIONS=G (any mode) sends the bench's session load instead: operation i under session
 i % G + 1, its account the sender (a new nonce each), charged to the session's budget too; G
@@ -31,6 +32,15 @@ sponsor load whatever it says, and the two sides then run different loads.)
 REFUSE=1 (`ab`) has every operation refused for the policy's budget (its limit 1 gwei), each
 for a new nonce: what a refusal costs. Both checkouts' `operations` must know REFUSE (this
 file's since 0.3.15; a copy can be patched): `ab` stops unless every operation is refused.
+COUNT=instructions (any mode that measures redis-server's CPU: the plain run, `cuts`, `ab`,
+`variants`, `commands`, `bounds`) runs redis-server under valgrind's callgrind and counts the
+instructions it runs instead of its CPU time (thousands an operation where the others say
+us; the µs of calls and commands it prints are then callgrind's, fifty times slower; `parts`
+and `costs` time inside Redis and are not for it). The same from run to run within half a
+percent, where on a shared machine CPU time moves by 15 % a round: what resolves a change of
+a few percent in the Lua (ROUNDS=1 is enough; cache misses it does not count). redis-server
+runs with `--hz 1` and no active rehashing, so that its timers' work, more the slower a
+script runs under callgrind, counts for little. Needs valgrind (Debian package).
 `parts` prices the pieces instead (what docs/performance.md quotes): scripts given the sponsor
 load's arguments (or none) that only run a piece, each median of 4 interleaved rounds, with
 EVALSHA (lib.lua's helpers made on every call; a function's are made once).
@@ -94,6 +104,9 @@ BATCH = int(os.environ.get('BATCH', '1'))
 # REFUSE=1 (`ab`): every operation refused for the policy's budget (its limit 1 gwei), each a
 # new nonce: what a refusal costs (since 0.3.15 it writes the new key and deletes it).
 REFUSE = bool(os.environ.get('REFUSE'))
+# COUNT=instructions: redis-server's instructions (callgrind), not its CPU time.
+INSTRUCTIONS = os.environ.get('COUNT') == 'instructions'
+COST = 'k instructions of redis-server' if INSTRUCTIONS else 'us of redis-server CPU'
 LUA = os.path.join(os.path.dirname(os.path.abspath(__file__)), '..', 'src', 'ledger')
 
 
@@ -104,8 +117,8 @@ def free_port():
 
 
 class Redis:
-    def __init__(self, port):
-        for _ in range(100):
+    def __init__(self, port, tries=100):
+        for _ in range(tries):
             try:
                 self.sock = socket.create_connection(('127.0.0.1', port))
                 break
@@ -357,7 +370,7 @@ def cpu_per_operation(r, pid, lib, body):
 
 def print_medians(results, width):
     for label, runs in results.items():
-        print('%-*s %6.2f us of redis-server CPU per operation (median of %s)'
+        print(('%-*s %6.2f ' + COST + ' per operation (median of %s)')
               % (width, label, statistics.median(runs), runs))
 
 
@@ -391,10 +404,43 @@ def ab_versions():
     return versions
 
 
+# Under COUNT=instructions: the instructions counted so far, and the directory callgrind dumps
+# its counts to (main sets it).
+counted = {'total': 0, 'dir': None}
+
+
+def callgrind_control(*args):
+    """`callgrind_control ARGS`, or exits saying what failed."""
+    done = subprocess.run(['callgrind_control', *args], stdout=subprocess.DEVNULL,
+                          stderr=subprocess.PIPE)
+    if done.returncode != 0:
+        sys.exit('callgrind_control %s failed: %s' % (' '.join(args), done.stderr.decode()))
+
+
+def instructions(pid):
+    """The instructions redis-server (under callgrind, COUNT=instructions) has run since its
+    counting was turned on: what it counted since the last dump, dumped now, added to what the
+    dumps before counted. (A dump's `totals:` line ends it: read once it is there.)"""
+    done = set(os.listdir(counted['dir']))
+    callgrind_control('-d', str(pid))
+    for _ in range(600):
+        for name in sorted(set(os.listdir(counted['dir'])) - done):
+            if name.startswith('cg.out'):
+                with open(os.path.join(counted['dir'], name)) as f:
+                    for line in f:
+                        if line.startswith('totals:'):
+                            counted['total'] += int(line.split()[1])
+                            return counted['total']
+        time.sleep(0.1)
+    sys.exit('callgrind wrote no whole dump of redis-server in 60 s')
+
+
 def cpu_ns(pid):
     """Nanoseconds the process's main thread has run on a CPU (/proc/<pid>/schedstat's first
     field), or, on a kernel without schedstats, the whole process's user and system time
-    (/proc/<pid>/stat, in clock ticks)."""
+    (/proc/<pid>/stat, in clock ticks); under COUNT=instructions, its instructions."""
+    if INSTRUCTIONS:
+        return instructions(pid)
     try:
         with open('/proc/%d/schedstat' % pid) as f:
             return int(f.read().split()[0])
@@ -423,12 +469,12 @@ def ab(r, versions, pid, rounds=ROUNDS):
             cpu.setdefault(label, []).append(round(used / 1000 / N, 2))
     for label, runs in results.items():
         print('%-40s %6.2f us per call (median of %s)' % (label, statistics.median(runs), runs))
-        print('%-40s %6.2f us of redis-server CPU per operation (median of %s)'
+        print(('%-40s %6.2f ' + COST + ' per operation (median of %s)')
               % ('', statistics.median(cpu[label]), cpu[label]))
     # Each round ran both, one after the other: their ratio cancels what drifts between rounds.
     (a, ca), (b, cb) = cpu.items()
     ratios = sorted(y / x for x, y in zip(ca, cb))
-    print('B / A, redis-server CPU, paired by round: median %.3f (middle half %.3f-%.3f)'
+    print(('B / A, redis-server ' + ('instructions' if INSTRUCTIONS else 'CPU') + ', paired by round: median %.3f (middle half %.3f-%.3f)')
           % (statistics.median(ratios), ratios[len(ratios) // 4], ratios[(3 * len(ratios)) // 4]))
 
 
@@ -586,12 +632,30 @@ def main():
         print('redis-server on core %d, this driver on core %d' % (cores[1], cores[0]) if pin
               else 'not pinned (one core allowed, or no taskset)')
     with tempfile.TemporaryDirectory() as d:
+        counted['dir'] = d
+        if INSTRUCTIONS:
+            missing = [c for c in ('valgrind', 'callgrind_control') if not shutil.which(c)]
+            if missing:
+                sys.exit('COUNT=instructions needs %s (Debian package valgrind)'
+                         % ' and '.join(missing))
         server = subprocess.Popen((['taskset', '-c', str(cores[1])] if pin else [])
+                                  + (['valgrind', '--tool=callgrind', '--instr-atstart=no',
+                                      '--callgrind-out-file=' + os.path.join(d, 'cg.out')]
+                                     if INSTRUCTIONS else [])
                                   + ['redis-server', '--port', str(port), '--save', '',
-                                     '--appendonly', 'no', '--dir', d],
-                                  stdout=subprocess.DEVNULL)
+                                     '--appendonly', 'no', '--dir', d]
+                                  # (Counting instructions: little of redis-server's timers'
+                                  # work, which under callgrind does more the slower a script
+                                  # runs.)
+                                  + (['--hz', '1', '--activerehashing', 'no']
+                                     if INSTRUCTIONS else []),
+                                  stdout=subprocess.DEVNULL,
+                                  stderr=open(os.path.join(d, 'valgrind.log'), 'wb')
+                                  if INSTRUCTIONS else None)
         try:
-            r = Redis(port)
+            r = Redis(port, tries=600 if INSTRUCTIONS else 100)
+            if INSTRUCTIONS:
+                callgrind_control('--instr=on', str(server.pid))
             if MODE == 'parts':
                 return parts(r)
             if MODE == 'cuts':
@@ -625,7 +689,7 @@ def main():
                     sys.exit('%s: %d operations not reserved' % (label, refused))
                 stats = commandstats(r)
                 kind = head[0].lower()
-                print('%-34s %6.2f us per %s (%d calls), %.2f us of redis-server CPU per operation'
+                print(('%-34s %6.2f us per %s (%d calls), %.2f ' + COST + ' per operation')
                       % (label, stats[kind][1], head[0], stats[kind][0], used / 1000 / N))
                 for name, (calls, us) in sorted(stats.items()):
                     if name not in (kind, 'config|resetstat', 'script|load', 'function|load',
