@@ -497,7 +497,9 @@ def variants(r, pid):
 # counter); under SESSION_KEYS=1 reserve.lua also runs the status `HGET` this leaves out. Each
 # operation as a call of its own would run them: at BATCH=k it reads its two hashes itself,
 # where reserve.lua reads a call's fields of each hash in one `HMGET`, and it leaves out what
-# a call runs once (`TIME`, the policy counter's `HMGET`).
+# a call runs once (`TIME`, the policy counter's `HMGET`); and it writes each counter with an
+# `HSET` of its own, where since 0.3.17 reserve.lua writes a call's fields of each hash in one
+# (at BATCH=k, no longer a floor of reserve.lua's commands).
 COMMANDS_ONLY = b"""
 local frame = ARGV[1]
 local k, a = 1, 2
@@ -529,8 +531,12 @@ NO_STATUS = [
 BOUNDS = [
     ("the session's status read skipped", NO_STATUS),
     ("the status read, the senders' and policy's HSETs and the APPEND skipped", NO_STATUS + [
-        ('reserve.lua', b"      redis.call('HSET', keys[i], s[S_FIELD], packed)\n",
-         b"      if session and i == 5 then redis.call('HSET', keys[i], s[S_FIELD], packed) end\n"),
+        # (A call of one operation writes as it charges, one of several holds its writes.)
+        ('reserve.lua', b"        redis.call('HSET', keys[i], s[S_FIELD], packed)\n",
+         b"        if session and i == 5 then redis.call('HSET', keys[i], s[S_FIELD], packed) end\n"),
+        ('reserve.lua', b"      if not w then\n        w = {}\n        writes[keys[i]] = w\n",
+         b"      if not (session and i == 5) then\n        w = {}\n      elseif not w then\n"
+         b"        w = {}\n        writes[keys[i]] = w\n"),
         ('lib.lua', b"if not listed and redis.call('APPEND', keys[3], string.sub(keys[1], -20)) == 20",
          b"if not listed and false"),
     ]),

@@ -64,10 +64,13 @@
 -- session HGET of its status (or, where its budget is shared, nothing more: its status is
 -- read with its counter), per scope HMGET (none for a counter an operation before it in the call
 -- read; the senders of a window's hash that several operations of the call read are read in
--- one HMGET before the first runs, prefetch_senders in lib.lua) and HSET of one field (and
--- EXPIRE when the counter's hash is new or is to live longer: a new sender makes a field, not
--- a key), TIME once a call, then APPEND (the bucket's TTL and index entry are written
--- by the reservation that creates the bucket, once per 10 s per policy). On a Redis 0.2
+-- one HMGET before the first runs, prefetch_senders in lib.lua; a sender's field alone, an HGET,
+-- of a hash the call read already), HSET of each counter (and EXPIRE when its hash is new or is
+-- to live longer: a new sender makes a field, not a key), TIME once a call, then APPEND (the
+-- bucket's TTL and index entry are written by the reservation that creates the bucket, once
+-- per 10 s per policy). In a call of several operations the counters' HSETs and EXPIREs are
+-- held until its operations have all run, then made one HSET per hash, of every field they
+-- changed (write_counters in lib.lua). On a Redis 0.2
 -- served, in a window begun before the first replica of 0.3 ran (or a budget without a
 -- period), a sender's counter also has an HMGET of the key an earlier version kept.
 --
@@ -100,7 +103,12 @@ end})
 -- operations before this one read and left it: `until` (false or nil when it has none), each
 -- field read (its packed totals, or false: read and missing; nil: not read), and for a scope's
 -- own hash the decimal `cost` and `ops` of an earlier version (which no reservation writes).
--- Each write updates it as soon as Redis has it, so it is what Redis holds. What an earlier
+-- Each charge updates it, so it is what Redis holds once the call writes its charges
+-- (`writes` and `expires`: write_counters in lib.lua, after the last operation):
+-- what it knows of a hash stands, and a read from Redis adds only what it does not know.
+-- `ttl` and `ttl_text`: the last nonce's TTL and its text (a number given to a command is
+-- printed with `%.17g`, about 1 % of redis-server's work a reservation; the operations of a
+-- call share their TTL, their signatures' window less the time). What an earlier
 -- version kept in a sender's own key is read afresh by each operation (only a sender so
 -- flagged reads it). `placed`, set here: the nonce's key, where this operation wrote its new
 -- record to it as it began (the call deletes it unless the reply is {0}, below).
@@ -125,7 +133,11 @@ local function reserve(keys, args, scopes, status_at, shared)
   if check_only then
     data = redis.call('GET', keys[1])
   else
-    data = redis.call('SET', keys[1], args[2], 'NX', 'GET', 'EX', nonce_ttl)
+    -- (Its TTL as text, made once for the operations of a call that share it: `ttl` below.)
+    if shared.ttl ~= nonce_ttl then
+      shared.ttl, shared.ttl_text = nonce_ttl, string.format('%d', nonce_ttl)
+    end
+    data = redis.call('SET', keys[1], args[2], 'NX', 'GET', 'EX', shared.ttl_text)
     if not data then
       shared.placed = keys[1]
     end
@@ -166,10 +178,15 @@ local function reserve(keys, args, scopes, status_at, shared)
     local known = shared.counters[key]
     if not known or known[s[S_STATUS]] == nil then
       local got = redis.call('HMGET', key, 'until', s[S_FIELD], s[S_STATUS])
-      known = known or {}
-      known['until'] = got[1] and tonumber(got[1])
-      known[s[S_FIELD]], known[s[S_STATUS]] = got[2] or false, got[3] or false
-      shared.counters[key] = known
+      -- (What the call knows of the hash stands: it may hold charges not yet written.)
+      if not known then
+        known = {['until'] = got[1] and tonumber(got[1])}
+        shared.counters[key] = known
+      end
+      if known[s[S_FIELD]] == nil then
+        known[s[S_FIELD]] = got[2] or false
+      end
+      known[s[S_STATUS]] = got[3] or false
     end
     if known[s[S_STATUS]] == 'revoked' then
       return {3}
@@ -216,7 +233,11 @@ local function reserve(keys, args, scopes, status_at, shared)
       -- extends it may now write (a record kept by id would outlive a switch back to by key).
       rec.session_id = fresh.session_id
       -- Its counters live as long as it now may land (and settle), a counter gone is not
-      -- brought back (nothing is charged here).
+      -- brought back (nothing is charged here). Read from Redis, which first gets what the call
+      -- holds (rare: an answer about to expire): a counter's hash new in the call would read as
+      -- gone and not be extended, and its held EXPIRE, made after this one's `GT`, would
+      -- shorten it again.
+      write_counters(shared)
       for i = 5, #keys do
         local s = scopes[i - 4]
         -- (`cost`: a scope's own hash as an earlier version wrote it; never in a window's.)
@@ -306,18 +327,24 @@ local function reserve(keys, args, scopes, status_at, shared)
     local known = shared.counters[keys[i]]
     if not known or known[s[S_FIELD]] == nil then
       if s[S_FIELD] == COUNTER then
-        -- The scope's own hash (with the decimal fields, if an earlier version wrote it).
+        -- The scope's own hash (with the decimal fields, if an earlier version wrote it, which
+        -- no reservation writes); its counter, false where it has none (not read again).
         local got = redis.call('HMGET', keys[i], 'until', COUNTER, 'cost', 'ops')
-        known = {['until'] = got[1] and tonumber(got[1]), c = got[2], cost = got[3],
-          ops = got[4]}
+        if not known then
+          known = {['until'] = got[1] and tonumber(got[1])}
+          shared.counters[keys[i]] = known
+        end
+        known.c, known.cost, known.ops = got[2] or false, got[3], got[4]
+      elseif known then
+        -- A sender's field of a window's hash the call knows: the field alone (its `until`, as
+        -- the call knows it, may be one not yet written).
+        known[s[S_FIELD]] = redis.call('HGET', keys[i], s[S_FIELD]) or false
       else
         -- A sender: its field in the window's hash.
         local got = redis.call('HMGET', keys[i], 'until', s[S_FIELD])
-        known = known or {['until'] = false}
-        known['until'] = got[1] and tonumber(got[1])
-        known[s[S_FIELD]] = got[2]
+        known = {['until'] = got[1] and tonumber(got[1]), [s[S_FIELD]] = got[2] or false}
+        shared.counters[keys[i]] = known
       end
-      shared.counters[keys[i]] = known
     end
     s[S_KNOWN] = known
     -- New: a scope's own hash with no totals, a window's hash with no `until`.
@@ -347,7 +374,8 @@ local function reserve(keys, args, scopes, status_at, shared)
     -- pass MAX_EXACT, and its cost counts up to MAX_EXACT and stays there (below). (A limit of
     -- 2^64 - 1 for ops is never reached.)
     if cost_limit < NO_LIMIT then
-      local cost_cap = math.min(cost_limit, MAX_EXACT)
+      -- (Compared, not math.min: a C function's call costs Lua more than the comparison.)
+      local cost_cap = cost_limit < MAX_EXACT and cost_limit or MAX_EXACT
       if total_cost + cost > cost_cap then
         return {2, string.format('%d', i - 5), 'cost', string.format('%d', cost_cap),
           string.format('%d', total_cost)}
@@ -385,22 +413,49 @@ local function reserve(keys, args, scopes, status_at, shared)
     local s = scopes[i - 4]
     -- (At most MAX_EXACT: a scope without a cost limit stays there, see above; for one with a
     -- limit this changes nothing.)
-    local packed = struct.pack(COUNTER_FORMAT, math.min(s[S_OWN_COST] + cost, MAX_EXACT),
+    local own_cost = s[S_OWN_COST] + cost
+    local packed = struct.pack(COUNTER_FORMAT, own_cost < MAX_EXACT and own_cost or MAX_EXACT,
       s[S_OWN_OPS] + 1, s[S_OWN_OPEN] + cost)
     local noted
     noted, shared.now = extension(shared.now, s[S_NEW], s[S_NOTED], s[S_TTL])
-    -- What the next operation of this call reads, set as soon as Redis holds it.
+    -- What the next operation of this call reads.
+    s[S_KNOWN][s[S_FIELD]] = packed
     if noted then
-      redis.call('HSET', keys[i], s[S_FIELD], packed, 'until', noted)
-      s[S_KNOWN][s[S_FIELD]], s[S_KNOWN]['until'] = packed, noted
-      if s[S_NEW] then
-        redis.call('EXPIRE', keys[i], s[S_TTL])
+      s[S_KNOWN]['until'] = noted
+    end
+    local writes = shared.writes
+    if not writes then
+      -- The only operation of its call: written now (held, it costs more than it spares).
+      if noted then
+        redis.call('HSET', keys[i], s[S_FIELD], packed, 'until', noted)
+        if s[S_NEW] then
+          redis.call('EXPIRE', keys[i], s[S_TTL])
+        else
+          redis.call('EXPIRE', keys[i], s[S_TTL], 'GT')
+        end
       else
-        redis.call('EXPIRE', keys[i], s[S_TTL], 'GT')
+        redis.call('HSET', keys[i], s[S_FIELD], packed)
       end
     else
-      redis.call('HSET', keys[i], s[S_FIELD], packed)
-      s[S_KNOWN][s[S_FIELD]] = packed
+      -- Held until the call's operations have all run (write_counters in lib.lua).
+      local w = writes[keys[i]]
+      if not w then
+        w = {}
+        writes[keys[i]] = w
+        writes[#writes + 1] = keys[i]
+      end
+      if s[S_FIELD] == COUNTER then
+        w.own = true
+      else
+        local n = #w
+        w[n + 1], w[n + 2] = s[S_FIELD], packed
+      end
+      if noted then
+        w.noted = true
+        local expires = shared.expires or {}
+        shared.expires = expires
+        expires[#expires + 1] = {keys[i], s[S_TTL], not s[S_NEW]}
+      end
     end
     if s[S_LEGACY] then
       -- What an earlier version counted of the sender, in the key it kept, counts as long.
@@ -457,10 +512,10 @@ if #frame % 2 ~= 0 or next_key ~= #KEYS + 1 or next_arg ~= #ARGV + 1 then
 end
 -- Then the senders' fields of each window's hash that several operations read, at once; then
 -- the operations in turn, each in a protected call: an error (a script error, a command Redis
--- refused) fails that operation alone, with what it wrote before it kept (as a call of its own
--- would), but for the new key it wrote as it began (`shared.placed`), and is answered
--- {FAILED, message}. What each operation reads of a counter is what the operations before it
--- wrote (`shared.counters`, kept by the function above).
+-- refused) fails that operation alone, with what it wrote or charged before it kept (as a call
+-- of its own would), but for the new key it wrote as it began (`shared.placed`), and is
+-- answered {FAILED, message}. What each operation reads of a counter is what the operations
+-- before it charged (`shared.counters`, kept by the function above; written at the end).
 -- An operation's new key is deleted unless its reply is {0}, reserved (every other reply
 -- refuses, and a check writes none): a record left by a refusal or a failure would hold a
 -- signed answer no counter charged, which a repeat of the operation would be given. The `DEL`
@@ -468,7 +523,8 @@ end
 -- operation answered as failed), but that would leave the key: it does not fail for a key of
 -- this call's slot that the call has just written (`DEL` is not refused for memory, and a
 -- function that has written cannot be killed).
-local shared = {now = nil, counters = {}, placed = nil}
+local shared = {now = nil, counters = {}, placed = nil, ttl = nil, ttl_text = nil,
+  writes = #ops > 1 and {} or nil, expires = nil}
 prefetch_senders(ops, shared.counters)
 for _, op in ipairs(ops) do
   local ok, reply = pcall(reserve, op.keys, op.args, op.scopes, op.status_at, shared)
@@ -480,4 +536,9 @@ for _, op in ipairs(ops) do
   end
   replies[op.reply] = ok and reply or failed(reply)
 end
+-- The counters charged, written, after the last operation (write_counters in lib.lua, which
+-- cannot fail: see there). Were it to fail, the call would fail whole, every operation answered
+-- as failed, with the records of those reserved written and their charges not: a repeat would
+-- be given their answers uncharged.
+write_counters(shared)
 return replies

@@ -1673,11 +1673,20 @@ async fn reserve_at_once(
     ledger: &std::sync::Arc<Ledger>,
     calls: Vec<(Reservation, bool)>,
 ) -> TestResult<Vec<Result<Outcome, session_paymaster::session::StoreError>>> {
+    reserve_at_once_at(ledger, calls, NOW).await
+}
+
+/// [`reserve_at_once`] at time `now`.
+async fn reserve_at_once_at(
+    ledger: &std::sync::Arc<Ledger>,
+    calls: Vec<(Reservation, bool)>,
+    now: u64,
+) -> TestResult<Vec<Result<Outcome, session_paymaster::session::StoreError>>> {
     let tasks: Vec<_> = calls
         .into_iter()
         .map(|(r, check_only)| {
             let ledger = ledger.clone();
-            tokio::spawn(async move { ledger.reserve(&r, check_only, NOW).await })
+            tokio::spawn(async move { ledger.reserve(&r, check_only, now).await })
         })
         .collect();
     let mut out = Vec::new();
@@ -2092,6 +2101,172 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
     assert_eq!(ledger.reserve(&again, false, NOW).await?, Outcome::Reserved);
     assert_eq!(ledger.usage("p", &sender(1).name).await?, (5, 1));
     assert_eq!(ledger.usage("p", "pm").await?, (25, 5));
+    Ok(())
+}
+
+/// A call writes each counter hash its operations charged once, after they have all run (one
+/// `HSET` of every field they changed, `write_counters` in `lib.lua`), not once a scope an
+/// operation; what each operation counts on is what those before it charged, and a hash new in
+/// the call gets its TTL after it exists. Eight operations at once, each of its own sender in
+/// one window and all of the policy's `pm` (both hashes new): the seventh refused by its
+/// sender's ops limit, charging nothing; the eighth's sender limited to what the fourth (the
+/// same sender) leaves, so it is refused, as it is only if the fourth's charge is counted. Then
+/// eight more on the same hashes: again two `HSET`s, and no TTL set.
+#[tokio::test]
+async fn a_call_writes_each_counter_hash_once() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    let mut c = conn.clone();
+    let sender = |account: u64, ops: Option<u64>| {
+        scope(&format!("sender:0x{account:040x}:20833"), None, ops)
+    };
+    let op = |i: u8| {
+        let s = match i {
+            6 => sender(6, Some(0)),
+            // The fourth's sender, one op allowed: the fourth took it.
+            7 => sender(3, Some(1)),
+            _ => sender(u64::from(i), Some(1)),
+        };
+        (
+            reservation(i + 1, 5, vec![scope("pm", None, None), s]),
+            false,
+        )
+    };
+    let mut stats = redis.conn().await?;
+    let before = command_calls(&mut stats).await?;
+    let outcomes = reserve_at_once(&ledger, (0..8u8).map(op).collect()).await?;
+    for (i, outcome) in outcomes.into_iter().enumerate() {
+        match outcome {
+            Ok(Outcome::Reserved) if i < 6 => {}
+            // Each for its sender's ops (scope 1): the seventh's limit 0, the eighth's 1, taken.
+            Ok(Outcome::Exhausted(e))
+                if i >= 6
+                    && e.scope == sender(if i == 6 { 6 } else { 3 }, None).name
+                    && e.resource == Resource::Ops
+                    && e.used == u64::from(i == 7) => {}
+            other => return Err(format!("op {i}: {other:?}").into()),
+        }
+    }
+    let after = command_calls(&mut stats).await?;
+    let calls =
+        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    assert_eq!(calls("fcall"), 1);
+    assert_eq!(
+        calls("hset"),
+        2,
+        "one HSET per hash, not per operation and scope"
+    );
+    // Each new hash's TTL, once, and the new expiry bucket's. (Their order, after the `HSET`s,
+    // is what the TTLs below show: an `EXPIRE` of a hash not yet written sets none.)
+    assert_eq!(calls("expire"), 3);
+    assert_eq!(calls("zadd"), 1);
+    for key in ["sp:{p}:budget:pm", "sp:{p}:budget:sender:20833"] {
+        let ttl: i64 = redis::cmd("TTL").arg(key).query_async(&mut c).await?;
+        assert!(ttl > 0, "{key}: TTL {ttl}");
+    }
+    assert_eq!(ledger.usage("p", "pm").await?, (30, 6));
+    for i in 0..6 {
+        assert_eq!(
+            ledger.usage("p", &sender(i, None).name).await?,
+            (5, 1),
+            "sender {i}"
+        );
+    }
+    assert_eq!(ledger.usage("p", &sender(6, None).name).await?, (0, 0));
+    assert_eq!(nonces_held(&mut c, 1..=8).await?, [1, 2, 3, 4, 5, 6]);
+    // Eight more, new senders of the same window: the hashes exist and live long enough.
+    let before = command_calls(&mut stats).await?;
+    let more = (0..8u8)
+        .map(|i| {
+            let s = sender(100 + u64::from(i), None);
+            (
+                reservation(i + 101, 5, vec![scope("pm", None, None), s]),
+                false,
+            )
+        })
+        .collect();
+    for outcome in reserve_at_once(&ledger, more).await? {
+        assert_eq!(outcome?, Outcome::Reserved);
+    }
+    let after = command_calls(&mut stats).await?;
+    let calls =
+        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    assert_eq!(calls("fcall"), 1);
+    assert_eq!(calls("hset"), 2);
+    assert_eq!(calls("expire"), 0);
+    assert_eq!(ledger.usage("p", "pm").await?, (70, 14));
+    Ok(())
+}
+
+/// A reservation extended to a fresh answer in a call among new ones (`reserve_then_refresh`'s
+/// op 1, between two new operations charging its counter, which was gone and the first makes
+/// anew): the extension reads the counter from Redis, which first gets what the operations
+/// before it in the call charged (otherwise held until the call ends, `write_counters`), and
+/// the counter lives as long as the fresh answer may land; every charge counted once.
+#[tokio::test]
+async fn a_call_extends_a_reservation_among_new_ones() -> TestResult {
+    let redis = TestRedis::start().await?;
+    let (ledger, conn) = redis_ledger(&redis).await?;
+    let ledger = std::sync::Arc::new(ledger);
+    let mut c = conn.clone();
+    let first = reservation(1, 5, vec![pm(600 + 3600)]);
+    assert_eq!(ledger.reserve(&first, false, NOW).await?, Outcome::Reserved);
+    let later = NOW + 590;
+    let lives = 590 + 1600 + 3600;
+    let fresh = Reservation {
+        answer: answer(1, later + 1600),
+        expires_at: later + 1600 + session_paymaster::ledger::GRACE_SECS,
+        ..reservation(1, 5, vec![pm(lives)])
+    };
+    // (Their counter's end is one it already lives to: they do not extend it.)
+    let new = |op: u8| Reservation {
+        answer: answer(op, later + 600),
+        ..reservation(op, 5, vec![pm(600 + 3600 - 590)])
+    };
+    // Op 1's counter gone meanwhile: op 2 makes it anew, in the call.
+    redis::cmd("DEL")
+        .arg("sp:{p}:budget:pm")
+        .query_async::<i64>(&mut c)
+        .await?;
+    let mut stats = redis.conn().await?;
+    let before = command_calls(&mut stats).await?;
+    let calls = vec![(new(2), false), (fresh, false), (new(3), false)];
+    for outcome in reserve_at_once_at(&ledger, calls, later).await? {
+        assert_eq!(outcome?, Outcome::Reserved);
+    }
+    let after = command_calls(&mut stats).await?;
+    let calls =
+        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    assert_eq!(calls("fcall"), 1);
+    // Op 2's charge, written (with the new hash's TTL) before the extension reads; the
+    // extension's `until`; op 3's charge at the end.
+    assert_eq!(calls("hset"), 3);
+    assert_eq!(ledger.usage("p", "pm").await?, (10, 2), "ops 2 and 3");
+    // The new counter extended to the fresh answer's end. (Op 2's charge held to the end, the
+    // extension would find no counter, and op 2's `EXPIRE` would then give it op 2's end.)
+    let ttl: i64 = redis::cmd("TTL")
+        .arg("sp:{p}:budget:pm")
+        .query_async(&mut c)
+        .await?;
+    assert!(
+        (5195..=5200).contains(&ttl),
+        "extended with the answer: {ttl}"
+    );
+    // Each nonce's key its own TTL (the call's operations do not share one here).
+    for (op, lives) in [
+        (1, 1600 + session_paymaster::ledger::GRACE_SECS),
+        (3, 4200 - 590),
+    ] {
+        let ttl: i64 = redis::cmd("TTL")
+            .arg(nonce_of(op))
+            .query_async(&mut c)
+            .await?;
+        assert!(
+            (lives - 5..=lives).contains(&(ttl as u64)),
+            "op {op}: {ttl}"
+        );
+    }
     Ok(())
 }
 
