@@ -508,7 +508,8 @@ local function write_counters(shared)
         w[n + 1], w[n + 2] = 'until', known['until']
         n = n + 2
       end
-      -- (In pieces of at most UNPACK_MAX values: `unpack` fails past Lua's stack, about 8,000.)
+      -- (In pieces of at most UNPACK_MAX values, an even number, so that a field and its value
+      -- go together: `unpack` fails past Lua's stack, about 8,000.)
       for at = 1, n, UNPACK_MAX do
         local last = at + UNPACK_MAX - 1
         redis.call('HSET', key, unpack(w, at, last < n and last or n))
