@@ -2219,7 +2219,8 @@ async fn a_call_extends_a_reservation_among_new_ones() -> TestResult {
         expires_at: later + 1600 + session_paymaster::ledger::GRACE_SECS,
         ..reservation(1, 5, vec![pm(lives)])
     };
-    // (Their counter's end is one it already lives to: they do not extend it.)
+    // (Their counter's end, 3,020 s on, is sooner than the fresh answer's: the counter lives
+    // as long as that only if the extension extends it.)
     let new = |op: u8| Reservation {
         answer: answer(op, later + 600),
         ..reservation(op, 5, vec![pm(600 + 3600 - 590)])
