@@ -35,8 +35,8 @@ file's since 0.3.15; a copy can be patched): `ab` stops unless every operation i
 COUNT=instructions (any mode that measures redis-server's CPU: the plain run, `cuts`, `ab`,
 `variants`, `commands`, `bounds`) runs redis-server under valgrind's callgrind and counts the
 instructions it runs instead of its CPU time (thousands an operation where the others say
-us; the µs of calls and commands it prints are then callgrind's, fifty times slower; `parts`
-and `costs` time inside Redis and are not for it). The same from run to run within half a
+us; the µs of calls and commands it prints are then callgrind's, fifty times slower; `costs`
+counts each piece's instructions; `parts` times inside Redis and is not for it). The same from run to run within half a
 percent, where on a shared machine CPU time moves by 15 % a round: what resolves a change of
 a few percent in the Lua (ROUNDS=1 is enough; cache misses it does not count). redis-server
 runs with `--hz 1` and no active rehashing, so that its timers' work, more the slower a
@@ -593,12 +593,25 @@ COSTS = [
     ("a scope's table of thirteen slots", "local x = {1, 2, 3, 'a', 'b', false, false, false, 0, 0, 0, 0, false}"),
     ('a pcall of a function', 'local ok, x = pcall(f, 1, 2)'),
     ("string.format('%d')", "local x = string.format('%d', i)"),
+    ('an empty table', 'local x = {}'),
+    ('a table of five values', 'local x = {f, f, f, 1, 2}'),
+    ('a table of five named fields', 'local x = {a = f, b = f, c = f, d = 1, e = 2}'),
+    ("struct.unpack of three scopes' arguments at once",
+     "local a, b, c, d, e, f, g, a2, b2, c2, d2, e2, f2, g2, a3, b3, c3, d3, e3, f3, g3 = "
+     "struct.unpack(SCOPE3, scope3, 1)"),
+    ('tonumber of a decimal string', "local x = tonumber('1234567890')"),
+    ('a call of a C function (math.min)', 'local x = math.min(i, 5)'),
+    ("redis.call('HSET') of a new field (a number) into a growing hash",
+     "redis.call('HSET', missing, i, packed)"),
 ]
 
 
-def costs(r):
+def costs(r, pid):
+    """Each of COSTS, N times in a loop in one script: timed by Redis' clock inside it, median
+    of 3, or under COUNT=instructions redis-server's instructions for the whole script, once
+    (the same each time); less an empty loop's."""
     results = {}
-    for _ in range(3):
+    for _ in range(1 if INSTRUCTIONS else 3):
         for label, piece in COSTS:
             script = '''
 local n = tonumber(ARGV[1])
@@ -609,7 +622,10 @@ local packed = struct.pack('>i8i8i8', 1, 2, 3)
 redis.call('HSET', key, 'c', packed, 'until', '1234567890')
 local name = 's:0x' .. string.rep('ab', 20)
 local scope = struct.pack(SCOPE_FORMAT, 2^53, 1000, 3600, 20, string.rep('a', 20), #name, name, 0)
+local scope3 = scope .. scope .. scope
+local SCOPE3 = SCOPE_FORMAT .. SCOPE_FORMAT:sub(2) .. SCOPE_FORMAT:sub(2)
 local f = function(a, b) return a end
+redis.call('DEL', missing)
 local t0 = redis.call('TIME')
 for i = 1, n do
   %s
@@ -617,12 +633,17 @@ end
 local t1 = redis.call('TIME')
 return tostring(((t1[1] - t0[1]) * 1e6 + (t1[2] - t0[2])) / n * 1000)
 ''' % piece
-            results.setdefault(label, []).append(float(r.call('EVAL', script, 0, N)))
+            before = cpu_ns(pid) if INSTRUCTIONS else 0
+            took = float(r.call('EVAL', script, 0, N))
+            if INSTRUCTIONS:
+                took = (cpu_ns(pid) - before) / N
+            results.setdefault(label, []).append(took)
+    unit = 'instructions' if INSTRUCTIONS else 'ns'
     empty = statistics.median(results.pop('an empty loop'))
-    print('each piece, beyond an empty loop (%.0f ns an iteration):' % empty)
+    print('each piece, beyond an empty loop (%.0f %s an iteration):' % (empty, unit))
     for label, runs in results.items():
-        print('%-40s %7.0f ns (median of %s)' % (label, statistics.median(runs) - empty,
-                                                  [round(x - empty) for x in runs]))
+        print('%-40s %7.0f %s (median of %s)' % (label, statistics.median(runs) - empty, unit,
+                                                 [round(x - empty) for x in runs]))
 
 
 def main():
@@ -675,7 +696,7 @@ def main():
             if MODE == 'bounds':
                 return bounds(r, server.pid)
             if MODE == 'costs':
-                return costs(r)
+                return costs(r, server.pid)
             lib = open(os.path.join(LUA, 'lib.lua'), 'rb').read()
             reserve = open(os.path.join(LUA, 'reserve.lua'), 'rb').read()
             for label, head_lib, body, function in (

@@ -479,7 +479,7 @@ end
 -- of every field its operations changed, once they have all run, where each operation wrote
 -- each of its scopes' counters with an HSET of its own (the policy's counter, a field every
 -- operation of the call changes, as often as the call has operations). Each HSET called from
--- Lua costs redis-server about 3,000 instructions before it writes anything; held, a call of
+-- Lua costs redis-server about 3,500 instructions before it writes anything; held, a call of
 -- 28 reservations under sessions takes 6 % fewer instructions a reservation (0.3.17 in
 -- docs/performance.md). `shared`, the call's (reserve.lua): `writes`, the hashes in the
 -- order first charged, and `writes[key]`, a hash's senders' fields and their packed totals in
