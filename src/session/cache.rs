@@ -271,7 +271,10 @@ impl GrantCache {
         let mut g = self.lock();
         g.older.remove(&id);
         if only_with_room && self.turns_over(&g, &id, weight(&grant)) {
-            g.newer.remove(&id);
+            // (A copy dropped from the newer generation no longer counts.)
+            if let Some(old) = g.newer.remove(&id) {
+                g.newer_bytes = g.newer_bytes.saturating_sub(weight(&old.grant));
+            }
             return false;
         }
         let copy = Kept {
@@ -587,6 +590,19 @@ mod tests {
         assert!(
             cache.insert_created(id(2), grant(2), cache.ticket(now)),
             "a replacement fits"
+        );
+        assert_eq!(cache.len(), 2);
+        // A larger grant of 2 does not fit in 2's place: 2's copy goes, and so do its bytes,
+        // which leaves room for 3.
+        let larger = Arc::new(SessionGrant {
+            policy: "p".repeat(2 * one),
+            ..(*grant(2)).clone()
+        });
+        assert!(!cache.insert_created(id(2), larger, cache.ticket(now)));
+        assert!(cache.get(id(2), now).is_none());
+        assert!(
+            cache.insert_created(id(3), grant(3), cache.ticket(now)),
+            "the dropped copy's bytes no longer count"
         );
         assert_eq!(cache.len(), 2);
     }
