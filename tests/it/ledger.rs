@@ -1619,6 +1619,11 @@ async fn a_sponsorship_is_one_fcall() -> TestResult {
     Ok(())
 }
 
+/// How many times Redis ran `cmd` between two [`command_calls`].
+fn ran(before: &BTreeMap<String, u64>, after: &BTreeMap<String, u64>, cmd: &str) -> u64 {
+    after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0)
+}
+
 /// How many times Redis ran each command (`INFO commandstats`), but `INFO`.
 pub(crate) async fn command_calls(
     conn: &mut redis::aio::MultiplexedConnection,
@@ -2075,8 +2080,7 @@ async fn a_window_that_cannot_be_read_fails_only_its_operations() -> TestResult 
         }
     }
     let after = command_calls(&mut stats).await?;
-    let calls =
-        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    let calls = |cmd: &str| ran(&before, &after, cmd);
     // All eight in one call (the first's task yielded before it went, and took the seven,
     // waiting by then).
     assert_eq!(calls("fcall"), 1);
@@ -2149,8 +2153,7 @@ async fn a_call_writes_each_counter_hash_once() -> TestResult {
         }
     }
     let after = command_calls(&mut stats).await?;
-    let calls =
-        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    let calls = |cmd: &str| ran(&before, &after, cmd);
     assert_eq!(calls("fcall"), 1);
     assert_eq!(
         calls("hset"),
@@ -2190,8 +2193,7 @@ async fn a_call_writes_each_counter_hash_once() -> TestResult {
         assert_eq!(outcome?, Outcome::Reserved);
     }
     let after = command_calls(&mut stats).await?;
-    let calls =
-        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    let calls = |cmd: &str| ran(&before, &after, cmd);
     assert_eq!(calls("fcall"), 1);
     assert_eq!(calls("hset"), 2);
     assert_eq!(calls("expire"), 0);
@@ -2237,8 +2239,7 @@ async fn a_call_extends_a_reservation_among_new_ones() -> TestResult {
         assert_eq!(outcome?, Outcome::Reserved);
     }
     let after = command_calls(&mut stats).await?;
-    let calls =
-        |cmd: &str| after.get(cmd).copied().unwrap_or(0) - before.get(cmd).copied().unwrap_or(0);
+    let calls = |cmd: &str| ran(&before, &after, cmd);
     assert_eq!(calls("fcall"), 1);
     // Op 2's charge, written (with the new hash's TTL) before the extension reads; the
     // extension's `until`; op 3's charge at the end.
