@@ -162,6 +162,24 @@ pub struct OpContext<'a> {
     pub now: u64,
 }
 
+/// One of a policy's checks, as `explain` names it.
+#[derive(Debug, Clone, Copy)]
+enum Check {
+    /// A check of the whole operation (`chain`, `sender`, `max_cost`, ...).
+    Named(&'static str),
+    /// The allow rules over the operation's call at this index (`calls[i]`).
+    Call(usize),
+}
+
+impl std::fmt::Display for Check {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            Self::Named(name) => f.write_str(name),
+            Self::Call(i) => write!(f, "calls[{i}]"),
+        }
+    }
+}
+
 impl Policy {
     /// Accept the operation or name the first rule it breaks.
     pub fn check(&self, ctx: &OpContext<'_>) -> Result<(), Rejection> {
@@ -180,18 +198,20 @@ impl Policy {
     /// (`pm_explainSponsorship`).
     pub fn explain(&self, ctx: &OpContext<'_>) -> Vec<(String, Result<(), Rejection>)> {
         let mut all = Vec::new();
-        self.evaluate(ctx, &mut |name, outcome| {
-            all.push((name, outcome));
+        self.evaluate(ctx, &mut |check, outcome| {
+            all.push((check.to_string(), outcome));
             ControlFlow::Continue(())
         });
         all
     }
 
-    /// Run the checks in order, handing each outcome to `visit`, which may stop the run.
+    /// Run the checks in order, handing each outcome to `visit`, which may stop the run. A
+    /// check's name is only made into text where it is shown (`explain`): `check`, on every
+    /// sponsorship, allocates nothing for the checks that pass.
     fn evaluate(
         &self,
         ctx: &OpContext<'_>,
-        visit: &mut dyn FnMut(String, Result<(), Rejection>) -> ControlFlow<()>,
+        visit: &mut dyn FnMut(Check, Result<(), Rejection>) -> ControlFlow<()>,
     ) {
         let reject = |reason, setting: &str, detail: String| {
             Rejection::new(reason, format!("{}.{setting}", self.id), detail)
@@ -199,13 +219,13 @@ impl Policy {
         let ok_or = |pass: bool, r: &dyn Fn() -> Rejection| if pass { Ok(()) } else { Err(r()) };
         macro_rules! visit {
             ($name:expr, $outcome:expr) => {
-                if visit($name.into(), $outcome).is_break() {
+                if visit($name, $outcome).is_break() {
                     return;
                 }
             };
         }
         visit!(
-            "chain",
+            Check::Named("chain"),
             ok_or(self.chains.contains(&ctx.chain_id), &|| {
                 reject(
                     Reason::ChainNotAllowed,
@@ -215,7 +235,7 @@ impl Policy {
             })
         );
         visit!(
-            "entry_point",
+            Check::Named("entry_point"),
             ok_or(self.entry_points.contains(&ctx.version), &|| {
                 reject(
                     Reason::EntryPointNotAllowed,
@@ -225,7 +245,7 @@ impl Policy {
             })
         );
         visit!(
-            "active",
+            Check::Named("active"),
             ok_or(
                 self.active_until.is_none_or(|until| ctx.now < until),
                 &|| {
@@ -239,7 +259,7 @@ impl Policy {
         );
         let sender = ctx.op.sender;
         visit!(
-            "sender",
+            Check::Named("sender"),
             if self.senders.deny.contains(&sender) {
                 Err(reject(
                     Reason::SenderDenied,
@@ -257,7 +277,7 @@ impl Policy {
             }
         );
         visit!(
-            "factory",
+            Check::Named("factory"),
             match ctx.op.factory {
                 Some(factory) if !self.factories.contains(&factory) => Err(reject(
                     Reason::FactoryNotAllowed,
@@ -268,7 +288,7 @@ impl Policy {
             }
         );
         visit!(
-            "delegate",
+            Check::Named("delegate"),
             match ctx.op.eip7702.as_ref().map(|e| e.auth.address) {
                 Some(delegate) if !self.delegates.contains(&delegate) => Err(reject(
                     Reason::DelegateNotAllowed,
@@ -300,7 +320,7 @@ impl Policy {
         ];
         for (name, setting, value, cap) in gas_caps {
             visit!(
-                name,
+                Check::Named(name),
                 match cap.filter(|&cap| value > u128::from(cap)) {
                     Some(cap) => Err(reject(
                         Reason::GasLimitTooHigh,
@@ -336,7 +356,7 @@ impl Policy {
         ];
         for (name, reason, setting, value, cap) in caps {
             visit!(
-                name,
+                Check::Named(name),
                 match cap.filter(|cap| value > *cap) {
                     Some(cap) => Err(reject(
                         reason,
@@ -354,7 +374,7 @@ impl Policy {
                     call_index: Some(i),
                     ..reject(reason, &setting, detail)
                 });
-            visit!(format!("calls[{i}]"), outcome);
+            visit!(Check::Call(i), outcome);
         }
     }
 
