@@ -2,6 +2,7 @@
 //! Param and result shapes are documented in docs/rpc.md.
 
 use alloy::primitives::{Address, U256};
+use serde::Serialize;
 use serde_json::{Value, json};
 
 use super::error::RpcError;
@@ -18,6 +19,74 @@ use crate::wire::{self, FieldError, to_quantity};
 /// Most policy ids one `pm_validateSponsorshipPolicies` call may name (each is a full check).
 pub(crate) const MAX_VALIDATE_POLICIES: usize = 20;
 
+/// A method's result: a JSON tree, or a sponsorship's paymaster fields, which the sponsorship
+/// methods write out as they are (no tree of owned keys and strings to build, write and drop on
+/// every sponsorship).
+#[derive(Debug, Serialize)]
+#[serde(untagged)]
+#[expect(
+    clippy::large_enum_variant,
+    reason = "made once a call and moved once: a box would be the allocation this saves"
+)]
+pub(crate) enum Output {
+    /// Any other result.
+    Json(Value),
+    /// `pm_sponsorUserOperation`, `pm_getPaymasterStubData`, `pm_getPaymasterData`.
+    Paymaster(PaymasterReply),
+}
+
+/// The paymaster fields every sponsorship method returns (unpacked form; with
+/// `paymasterSignature` in the v0.9 suffix layout), and what each method adds.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "camelCase")]
+pub(crate) struct PaymasterReply {
+    paymaster: Hex<Address>,
+    paymaster_data: Shown<alloy::primitives::Bytes>,
+    paymaster_verification_gas_limit: Hex<u128>,
+    paymaster_post_op_gas_limit: Hex<u128>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    paymaster_signature: Option<Shown<alloy::primitives::Bytes>>,
+    /// `pm_sponsorUserOperation` (Pimlico's shape): the operation's gas limits echoed.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pre_verification_gas: Option<Hex<U256>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    verification_gas_limit: Option<Hex<u128>>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    call_gas_limit: Option<Hex<u128>>,
+    /// `pm_getPaymasterStubData` (ERC-7677): `false`, and who sponsors.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    is_final: Option<bool>,
+    #[serde(skip_serializing_if = "Option::is_none")]
+    sponsor: Option<SponsorInfo>,
+}
+
+/// ERC-7677's `sponsor` of a stub.
+#[derive(Debug, Serialize)]
+struct SponsorInfo {
+    name: String,
+}
+
+/// A number written as a `0x` quantity, as [`to_quantity`] writes it (and an address as
+/// lowercase hex), without a string made first.
+#[derive(Debug)]
+struct Hex<T>(T);
+
+impl<T: std::fmt::LowerHex> Serialize for Hex<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&format_args!("{:#x}", self.0))
+    }
+}
+
+/// A value written as its `Display` text, without a string made first.
+#[derive(Debug)]
+struct Shown<T>(T);
+
+impl<T: std::fmt::Display> Serialize for Shown<T> {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_str(&self.0)
+    }
+}
+
 /// Run `method` with `params` on the chain the path names (`path_chain`, or none); `request_id`
 /// tags internal errors.
 pub(crate) async fn call(
@@ -27,7 +96,7 @@ pub(crate) async fn call(
     method: &str,
     params: &[Value],
     request_id: &str,
-) -> Result<Value, RpcError> {
+) -> Result<Output, RpcError> {
     // A path that names a chain not served is refused whatever the method.
     if let Some(chain) = path_chain {
         state
@@ -36,11 +105,13 @@ pub(crate) async fn call(
             .map_err(|e| RpcError::from_sponsor(e, "", &[]))?;
     }
     match method {
-        "eth_chainId" => Ok(json!(to_quantity(chain_of(state, path_chain)?))),
-        "pm_supportedEntryPoints" => Ok(json!(supported_entry_points(
+        "eth_chainId" => Ok(Output::Json(json!(to_quantity(chain_of(
+            state, path_chain
+        )?)))),
+        "pm_supportedEntryPoints" => Ok(Output::Json(json!(supported_entry_points(
             state,
             chain_of(state, path_chain)?
-        ))),
+        )))),
         "pm_sponsorUserOperation" => {
             let chain = chain_of(state, path_chain)?;
             let (mut op, entry_point) = op_and_entry_point(params)?;
@@ -56,11 +127,12 @@ pub(crate) async fn call(
             )
             .await?;
             // Pimlico's shape: the paymaster fields, and the op's gas limits echoed.
-            let mut result = paymaster_fields(&s);
-            result["preVerificationGas"] = Value::String(to_quantity(op.pre_verification_gas));
-            result["verificationGasLimit"] = Value::String(to_quantity(op.verification_gas_limit));
-            result["callGasLimit"] = Value::String(to_quantity(op.call_gas_limit));
-            Ok(result)
+            Ok(Output::Paymaster(PaymasterReply {
+                pre_verification_gas: Some(Hex(op.pre_verification_gas)),
+                verification_gas_limit: Some(Hex(op.verification_gas_limit)),
+                call_gas_limit: Some(Hex(op.call_gas_limit)),
+                ..paymaster_fields(&s)
+            }))
         }
         "pm_getPaymasterStubData" => {
             let (chain, op, entry_point, context) = erc7677_params(state, path_chain, params)?;
@@ -70,10 +142,13 @@ pub(crate) async fn call(
                 request_id,
             )
             .await?;
-            let mut result = paymaster_fields(&s);
-            result["isFinal"] = json!(false);
-            result["sponsor"] = json!({ "name": state.sponsor_name });
-            Ok(result)
+            Ok(Output::Paymaster(PaymasterReply {
+                is_final: Some(false),
+                sponsor: Some(SponsorInfo {
+                    name: state.sponsor_name.clone(),
+                }),
+                ..paymaster_fields(&s)
+            }))
         }
         "pm_getPaymasterData" => {
             let (chain, op, entry_point, context) = erc7677_params(state, path_chain, params)?;
@@ -81,9 +156,13 @@ pub(crate) async fn call(
                 keep_client_gas: true,
                 ..request(key, chain, &op, entry_point, &context, Mode::Final)
             };
-            Ok(paymaster_fields(&sponsor(state, req, request_id).await?))
+            Ok(Output::Paymaster(paymaster_fields(
+                &sponsor(state, req, request_id).await?,
+            )))
         }
-        "pm_getSessionStatus" => session_status(state, key, params, request_id).await,
+        "pm_getSessionStatus" => session_status(state, key, params, request_id)
+            .await
+            .map(Output::Json),
         "pm_validateSponsorshipPolicies" => {
             // Pimlico's method: which of the named policies would sponsor this operation.
             let chain = chain_of(state, path_chain)?;
@@ -153,7 +232,7 @@ pub(crate) async fn call(
                     }));
                 }
             }
-            Ok(json!(willing))
+            Ok(Output::Json(json!(willing)))
         }
         "pm_explainSponsorship" => {
             let chain = chain_of(state, path_chain)?;
@@ -166,6 +245,7 @@ pub(crate) async fn call(
                     unix_now(),
                 )
                 .await
+                .map(Output::Json)
                 .map_err(|e| RpcError::from_sponsor(e, request_id, &[]))
         }
         other => Err(RpcError::method_not_found(other)),
@@ -358,23 +438,21 @@ fn request<'a>(
     }
 }
 
-/// The paymaster fields every sponsorship method returns (unpacked form; with
-/// `paymasterSignature` in the v0.9 suffix layout).
-fn paymaster_fields(s: &Sponsorship) -> Value {
+/// The paymaster fields every sponsorship method returns, and nothing else.
+fn paymaster_fields(s: &Sponsorship) -> PaymasterReply {
     let fields = s.data.fields(s.paymaster, s.gas, s.layout);
-    let mut v = serde_json::Map::new();
-    let mut put = |name: &str, value: String| v.insert(name.to_owned(), Value::String(value));
-    put("paymaster", format!("{:#x}", fields.paymaster));
-    put("paymasterData", fields.data.to_string());
-    put(
-        "paymasterVerificationGasLimit",
-        to_quantity(fields.gas.verification),
-    );
-    put("paymasterPostOpGasLimit", to_quantity(fields.gas.post_op));
-    if let Some(signature) = fields.signature {
-        put("paymasterSignature", signature.to_string());
+    PaymasterReply {
+        paymaster: Hex(fields.paymaster),
+        paymaster_data: Shown(fields.data),
+        paymaster_verification_gas_limit: Hex(fields.gas.verification),
+        paymaster_post_op_gas_limit: Hex(fields.gas.post_op),
+        paymaster_signature: fields.signature.map(Shown),
+        pre_verification_gas: None,
+        verification_gas_limit: None,
+        call_gas_limit: None,
+        is_final: None,
+        sponsor: None,
     }
-    Value::Object(v)
 }
 
 /// The EntryPoints served on `chain` (none on a chain not served).
@@ -488,5 +566,65 @@ mod tests {
             })
             .collect();
         assert_eq!(dispatched, super::super::METHODS.to_vec());
+    }
+
+    /// The written reply is what the tree of strings it replaced wrote: lowercase `0x` hex,
+    /// quantities without leading zeros (`0x0` for none), and each method's fields only.
+    #[test]
+    fn paymaster_replies_write_each_methods_fields_as_quantities() {
+        use super::{Hex, Output, PaymasterReply, Shown, SponsorInfo};
+        use alloy::primitives::{Bytes, U256, address};
+        use serde_json::json;
+
+        let fields = || PaymasterReply {
+            paymaster: Hex(address!("00000000000000000000000000000000000AbCdE")),
+            paymaster_data: Shown(Bytes::from(vec![0x00, 0xab, 0x01])),
+            paymaster_verification_gas_limit: Hex(0x1_0000),
+            paymaster_post_op_gas_limit: Hex(0),
+            paymaster_signature: None,
+            pre_verification_gas: None,
+            verification_gas_limit: None,
+            call_gas_limit: None,
+            is_final: None,
+            sponsor: None,
+        };
+        let written = |reply| serde_json::to_value(Output::Paymaster(reply)).expect("writes");
+        let base = json!({
+            "paymaster": "0x00000000000000000000000000000000000abcde",
+            "paymasterData": "0x00ab01",
+            "paymasterVerificationGasLimit": "0x10000",
+            "paymasterPostOpGasLimit": "0x0",
+        });
+        assert_eq!(written(fields()), base);
+
+        let mut sponsored = base.clone();
+        sponsored["paymasterSignature"] = json!("0x");
+        sponsored["preVerificationGas"] = json!("0xc350");
+        sponsored["verificationGasLimit"] = json!("0x1");
+        sponsored["callGasLimit"] = json!("0xffffffffffffffffffffffffffffffff");
+        let reply = PaymasterReply {
+            paymaster_signature: Some(Shown(Bytes::new())),
+            pre_verification_gas: Some(Hex(U256::from(50_000))),
+            verification_gas_limit: Some(Hex(1)),
+            call_gas_limit: Some(Hex(u128::MAX)),
+            ..fields()
+        };
+        assert_eq!(written(reply), sponsored);
+
+        let mut stub = base;
+        stub["isFinal"] = json!(false);
+        stub["sponsor"] = json!({"name": "a \"quoted\" sponsor"});
+        let reply = PaymasterReply {
+            is_final: Some(false),
+            sponsor: Some(SponsorInfo {
+                name: "a \"quoted\" sponsor".into(),
+            }),
+            ..fields()
+        };
+        assert_eq!(written(reply), stub);
+        assert_eq!(
+            serde_json::to_value(Output::Json(json!([1]))).expect("writes"),
+            json!([1])
+        );
     }
 }

@@ -8,8 +8,9 @@ use std::sync::Arc;
 
 use axum::body::Body;
 use axum::extract::{Path, RawQuery, State};
-use axum::http::{HeaderMap, StatusCode, header};
+use axum::http::{HeaderMap, HeaderValue, StatusCode, header};
 use axum::response::{IntoResponse, Response};
+use serde::Serialize;
 use serde_json::{Value, json};
 use tracing::Instrument;
 
@@ -162,22 +163,26 @@ async fn handle_body(
             )))
         }
         Value::Array(calls) => {
-            let mut out = Vec::with_capacity(calls.len());
+            let mut out = b"[".to_vec();
             let mut explains_left = MAX_EXPLAINS_PER_BATCH;
             for call in &calls {
                 let answer = handle_call(state, key, chain, call, request_id, &mut explains_left);
-                out.extend(answer.await);
+                if let Some(answer) = answer.await {
+                    if out.len() > 1 {
+                        out.push(b',');
+                    }
+                    out.extend_from_slice(&answer.json);
+                }
             }
-            reply((!out.is_empty()).then_some(Value::Array(out)))
+            out.push(b']');
+            reply((out.len() > 2).then_some(out))
         }
         call => {
             let mut explains_left = MAX_EXPLAINS_PER_BATCH;
             let answer =
                 handle_call(state, key, chain, &call, request_id, &mut explains_left).await;
-            let limited = answer
-                .as_ref()
-                .is_some_and(|a| a["error"]["code"] == json!(RATE_LIMITED));
-            let mut resp = reply(answer);
+            let limited = answer.as_ref().is_some_and(|a| a.rate_limited);
+            let mut resp = reply(answer.map(|a| a.json));
             if limited {
                 *resp.status_mut() = StatusCode::TOO_MANY_REQUESTS;
             }
@@ -186,24 +191,54 @@ async fn handle_body(
     }
 }
 
-fn reply(body: Option<Value>) -> Response {
+/// One call's answer, written out.
+struct Answer {
+    /// The response object's JSON text.
+    json: Vec<u8>,
+    /// Whether the call was refused for a rate limit (HTTP 429 when it came alone).
+    rate_limited: bool,
+}
+
+/// `body` (JSON text) as the HTTP answer, or 204 for a request of notifications only.
+fn reply(body: Option<Vec<u8>>) -> Response {
     match body {
-        Some(v) => axum::Json(v).into_response(),
+        Some(json) => (
+            [(
+                header::CONTENT_TYPE,
+                HeaderValue::from_static("application/json"),
+            )],
+            json,
+        )
+            .into_response(),
         None => StatusCode::NO_CONTENT.into_response(),
     }
 }
 
-fn error_response(id: Value, err: RpcError) -> Value {
-    envelope(id, "error", err.to_json())
+fn error_response(id: Value, err: RpcError) -> Vec<u8> {
+    envelope(&id, "error", &err.to_json())
 }
 
-/// `{"jsonrpc": "2.0", "id": id, <member>: body}`, `body` moved in (`json!` would copy it).
-fn envelope(id: Value, member: &str, body: Value) -> Value {
-    let mut obj = serde_json::Map::new();
-    obj.insert("jsonrpc".to_owned(), Value::String("2.0".to_owned()));
-    obj.insert("id".to_owned(), id);
-    obj.insert(member.to_owned(), body);
-    Value::Object(obj)
+/// `{"jsonrpc":"2.0","id":id,<member>:body}`, written straight into one buffer (no tree of the
+/// response is built). Should `body` fail to write (none of the results can: every map key is
+/// a string and every value's text is infallible), the call is answered with an internal error.
+fn envelope(id: &Value, member: &str, body: &impl Serialize) -> Vec<u8> {
+    let mut out = Vec::with_capacity(512);
+    out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
+    // (A `Value` always writes.)
+    let _ = serde_json::to_writer(&mut out, id);
+    let head = out.len();
+    out.extend_from_slice(b",\"");
+    out.extend_from_slice(member.as_bytes());
+    out.extend_from_slice(b"\":");
+    if let Err(e) = serde_json::to_writer(&mut out, body) {
+        tracing::error!(error = %e, "a result could not be written");
+        out.truncate(head);
+        let err = RpcError::new(error::INTERNAL_ERROR, "internal error");
+        out.extend_from_slice(b",\"error\":");
+        let _ = serde_json::to_writer(&mut out, &err.to_json());
+    }
+    out.push(b'}');
+    out
 }
 
 /// One call of a request; `explains_left`: how many more `pm_explainSponsorship` calls the
@@ -216,12 +251,15 @@ async fn handle_call(
     call: &Value,
     request_id: &str,
     explains_left: &mut usize,
-) -> Option<Value> {
+) -> Option<Answer> {
     let invalid = |id: Value, why: &str| {
-        Some(error_response(
-            id,
-            RpcError::new(INVALID_REQUEST, format!("invalid request: {why}")),
-        ))
+        Some(Answer {
+            json: error_response(
+                id,
+                RpcError::new(INVALID_REQUEST, format!("invalid request: {why}")),
+            ),
+            rate_limited: false,
+        })
     };
     let Some(obj) = call.as_object() else {
         return invalid(Value::Null, "expected a JSON-RPC 2.0 call object");
@@ -244,14 +282,15 @@ async fn handle_call(
         Some(Value::Array(p)) => p,
         // Named params are a valid JSON-RPC shape that these methods do not take.
         Some(Value::Object(_)) => {
-            return id.map(|id| {
-                error_response(
+            return id.map(|id| Answer {
+                json: error_response(
                     id,
                     RpcError::new(
                         INVALID_PARAMS,
                         "invalid params: these methods take positional params (an array)",
                     ),
-                )
+                ),
+                rate_limited: false,
             });
         }
         Some(_) => return invalid(reply_id, "`params` must be an array or an object"),
@@ -296,7 +335,13 @@ async fn handle_call(
     // A notification (no `id`) gets no response (JSON-RPC 2.0 §4.1).
     let id = id?;
     Some(match outcome {
-        Ok(result) => envelope(id, "result", result),
-        Err(e) => error_response(id, e),
+        Ok(result) => Answer {
+            json: envelope(&id, "result", &result),
+            rate_limited: false,
+        },
+        Err(e) => Answer {
+            rate_limited: e.code == RATE_LIMITED,
+            json: error_response(id, e),
+        },
     })
 }

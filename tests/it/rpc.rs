@@ -534,6 +534,42 @@ async fn json_rpc_envelope_errors_and_batches() -> TestResult {
         (204, Value::Null),
         "a lone notification gets no body"
     );
+    let (status, v) = app
+        .post(r#"[{"jsonrpc":"2.0","method":"eth_chainId"},{"jsonrpc":"2.0","method":"nope"}]"#)
+        .await?;
+    assert_eq!(
+        (status, v),
+        (204, Value::Null),
+        "a batch of notifications gets no body"
+    );
+
+    // Answers are JSON, the envelope written as JSON-RPC 2.0 has it, alone or in a batch.
+    for body in [
+        r#"{"jsonrpc":"2.0","id":"x\"y","method":"eth_chainId"}"#,
+        r#"[{"jsonrpc":"2.0","id":null,"method":"eth_chainId"}]"#,
+    ] {
+        let resp = reqwest::Client::new()
+            .post(&app.url)
+            .header("content-type", "application/json")
+            .body(body)
+            .send()
+            .await?;
+        assert_eq!(
+            resp.headers().get("content-type").map(|v| v.as_bytes()),
+            Some(b"application/json".as_slice())
+        );
+        let v: Value = resp.json().await?;
+        let answer = if body.starts_with('[') { &v[0] } else { &v };
+        let id = if body.starts_with('[') {
+            Value::Null
+        } else {
+            json!("x\"y")
+        };
+        assert_eq!(
+            answer,
+            &json!({"jsonrpc": "2.0", "id": id, "result": "0x7a69"})
+        );
+    }
     Ok(())
 }
 
