@@ -10,7 +10,7 @@ use std::fmt;
 use std::io::Write as _;
 use std::path::{Path, PathBuf};
 
-use alloy::primitives::{Address, B256, eip191_hash_message};
+use alloy::primitives::{Address, B256, keccak256};
 use k256::ecdsa::SigningKey;
 use zeroize::Zeroizing;
 
@@ -119,7 +119,11 @@ impl Signer {
     /// Sign `hash` with the EIP-191 personal-message prefix, as SessionPaymaster verifies it
     /// (`MessageHashUtils.toEthSignedMessageHash`): `r ‖ s ‖ v`, low s, v ∈ {27, 28}.
     pub fn sign_eip191(&self, hash: B256) -> Result<[u8; 65], SignerError> {
-        let digest = eip191_hash_message(hash);
+        // `eip191_hash_message(hash)`, its 60-byte message on the stack rather than in a Vec.
+        let mut message = [0u8; EIP191_PREFIX.len() + 32];
+        message[..EIP191_PREFIX.len()].copy_from_slice(EIP191_PREFIX);
+        message[EIP191_PREFIX.len()..].copy_from_slice(hash.as_slice());
+        let digest = keccak256(message);
         let (sig, recid) = self
             .key
             .sign_prehash_recoverable(digest.as_slice())
@@ -130,6 +134,9 @@ impl Signer {
         Ok(out)
     }
 }
+
+/// EIP-191's prefix of a 32-byte personal message.
+const EIP191_PREFIX: &[u8] = b"\x19Ethereum Signed Message:\n32";
 
 fn parse_hex_key(text: &str, origin: &str) -> Result<SigningKey, SignerError> {
     let invalid = || SignerError::Invalid {
@@ -177,7 +184,7 @@ pub fn keygen(path: &Path) -> Result<Address, SignerError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use alloy::primitives::{U256, keccak256};
+    use alloy::primitives::{U256, eip191_hash_message, keccak256};
     use k256::ecdsa::{RecoveryId, Signature, VerifyingKey};
 
     #[test]

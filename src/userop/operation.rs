@@ -345,10 +345,12 @@ impl UserOperation {
     /// the initCode: its hash, or for an EIP-7702 account its delegate's (see
     /// [`Eip7702::delegate_hash`]), so that the signature binds the code that will run.
     pub fn entry_point_init_code_hash(&self) -> B256 {
-        self.eip7702.as_ref().map_or_else(
-            || alloy::primitives::keccak256(self.init_code()),
-            Eip7702::delegate_hash,
-        )
+        match (&self.eip7702, self.factory) {
+            (Some(e), _) => e.delegate_hash(),
+            // No initCode (most operations): the hash of no bytes, not hashed again each time.
+            (None, None) => alloy::primitives::utils::KECCAK256_EMPTY,
+            (None, Some(_)) => alloy::primitives::keccak256(self.init_code()),
+        }
     }
 
     /// Bytes the paymaster hashes during validation (`initCode` and `callData`): what its
@@ -524,6 +526,17 @@ mod tests {
         #[test]
         fn rpc_form_round_trips(op in arb_op()) {
             prop_assert_eq!(UserOperation::from_json(&op.to_json())?, op);
+        }
+
+        /// The initCode hash, whose empty case is a constant, is the hash of what the
+        /// EntryPoint reads: the packed initCode, or an EIP-7702 account's delegate.
+        #[test]
+        fn the_init_code_hash_is_of_the_packed_init_code(op in arb_op()) {
+            let expected = match &op.eip7702 {
+                Some(e) => alloy::primitives::keccak256(e.auth.address),
+                None => alloy::primitives::keccak256(&op.pack(None).initCode),
+            };
+            prop_assert_eq!(op.entry_point_init_code_hash(), expected);
         }
 
         /// Packing places every field where the EntryPoint reads it (UserOperationLib).
