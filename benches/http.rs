@@ -29,7 +29,11 @@
 //! sockets and event loop; see `command_lines`), `COPIES` (the service's `--session-copies`),
 //! `GRANTS_AT=other` (the grants created at another replica, so that this one reads each from
 //! Redis first: without it, the replica that created them holds copies), `SETTLE` (seconds to
-//! wait after the grants are created). Run with `scripts/bench`.
+//! wait after the grants are created), `COUNT=instructions` (the service runs under valgrind's
+//! callgrind, and each row adds the thousands of instructions it ran per request: the same from
+//! run to run where its CPU time moves by a tenth, so two builds compare to a percent; its CPU
+//! columns are then callgrind's, about fifty times slower: use `GRANTS=2000` or so). Run with
+//! `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
 
 use std::io::Write;
@@ -187,6 +191,9 @@ struct Load {
     floor: Duration,
     /// `COMMANDS`: the lines printed under this row (see `command_lines`).
     commands: Vec<String>,
+    /// `COUNT=instructions`: the service's instructions per request it answered (of those the
+    /// service answered, by its metrics, which a closed loop's count misses the last few of).
+    service_instructions: Option<f64>,
 }
 
 impl Load {
@@ -222,6 +229,7 @@ impl Load {
             "requests_per_fcall": self.requests_per_fcall(),
             "generator_cpu_us": us(self.per_request(self.generator_cpu)),
             "floor_k256_us": us(floor),
+            "service_instructions_per_request": self.service_instructions.map(f64::round),
         })
     }
 }
@@ -363,13 +371,58 @@ impl Redis {
 struct Service {
     proc: Proc,
     port: u16,
+    /// `COUNT=instructions`: where callgrind writes its dumps, and the instructions the dumps
+    /// read so far held.
+    counted: Option<(PathBuf, std::cell::Cell<u64>)>,
+}
+
+impl Drop for Service {
+    /// Under `COUNT=instructions`, callgrind's dumps go with the service.
+    fn drop(&mut self) {
+        if let Some((dir, _)) = &self.counted {
+            let _ = self.proc.0.kill();
+            let _ = self.proc.0.wait();
+            let _ = std::fs::remove_dir_all(dir);
+        }
+    }
+}
+
+/// Whether `COUNT=instructions` runs the service under callgrind.
+fn counting_instructions() -> bool {
+    std::env::var("COUNT").is_ok_and(|v| v == "instructions")
 }
 
 impl Service {
     fn start(policies: &Path, redis: Option<&Redis>) -> Result<Self, Error> {
         let port = free_port()?;
         let token_hash = hex::encode(sha2::Sha256::digest(ADMIN_TOKEN));
-        let mut cmd = Command::new(env!("CARGO_BIN_EXE_session-paymaster"));
+        let bin = env!("CARGO_BIN_EXE_session-paymaster");
+        let counted = if counting_instructions() {
+            for tool in ["valgrind", "callgrind_control"] {
+                if Command::new("which").arg(tool).output()?.stdout.is_empty() {
+                    return Err(format!(
+                        "COUNT=instructions needs {tool} (Debian package valgrind)"
+                    )
+                    .into());
+                }
+            }
+            let dir = std::env::temp_dir().join(format!("sp-bench-callgrind-{port}"));
+            std::fs::create_dir_all(&dir)?;
+            Some((dir, std::cell::Cell::new(0)))
+        } else {
+            None
+        };
+        let mut cmd = match &counted {
+            Some((dir, _)) => {
+                let mut cmd = Command::new("valgrind");
+                cmd.arg("--tool=callgrind")
+                    .arg(format!("--callgrind-out-file={}/cg.out", dir.display()))
+                    .arg(format!("--log-file={}/valgrind.log", dir.display()))
+                    .arg(bin);
+                cmd
+            }
+            None => Command::new(bin),
+        };
         cmd.arg("serve")
             .args(["--listen", &format!("127.0.0.1:{port}")])
             .args(["--policies", &policies.display().to_string()])
@@ -393,11 +446,80 @@ impl Service {
         let mut service = Self {
             proc: Proc(cmd.spawn()?),
             port,
+            counted,
         };
-        if listening(&mut service.proc, port, Duration::from_secs(10))? {
+        let within = Duration::from_secs(if service.counted.is_some() { 120 } else { 10 });
+        if listening(&mut service.proc, port, within)? {
             return Ok(service);
         }
         Err("the service did not start".into())
+    }
+
+    /// `COUNT=instructions`: the instructions the service has run so far (callgrind's dump,
+    /// taken now, added to the dumps before), once it has answered every request it took (its
+    /// `sp_requests_total` still for half a second), with that count of requests; `None` when
+    /// not counting.
+    fn instructions(&self) -> Result<Option<(u64, u64)>, Error> {
+        let Some((dir, total)) = &self.counted else {
+            return Ok(None);
+        };
+        let mut requests = self.requests_answered()?;
+        loop {
+            std::thread::sleep(Duration::from_millis(500));
+            let now = self.requests_answered()?;
+            if now == requests {
+                break;
+            }
+            requests = now;
+        }
+        let before = std::fs::read_dir(dir)?
+            .map(|e| e.map(|e| e.file_name()))
+            .collect::<Result<Vec<_>, _>>()?;
+        let done = Command::new("callgrind_control")
+            .args(["-d", &self.proc.0.id().to_string()])
+            .output()?;
+        if !done.status.success() {
+            return Err(format!(
+                "callgrind_control failed: {}",
+                String::from_utf8_lossy(&done.stderr)
+            )
+            .into());
+        }
+        for _ in 0..600 {
+            for entry in std::fs::read_dir(dir)? {
+                let name = entry?.file_name();
+                if before.contains(&name) || !name.to_string_lossy().starts_with("cg.out") {
+                    continue;
+                }
+                // A dump's `totals:` line ends it: read once it is there.
+                let text = std::fs::read_to_string(dir.join(&name))?;
+                if let Some(n) = text.lines().find_map(|l| l.strip_prefix("totals:")) {
+                    total.set(total.get() + n.trim().parse::<u64>()?);
+                    return Ok(Some((total.get(), requests)));
+                }
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        Err("callgrind wrote no whole dump of the service in 60 s".into())
+    }
+
+    /// The requests the service has answered (the sum of its `sp_requests_total`), read with
+    /// a plain HTTP/1.0 GET (the loads' own clients are async).
+    fn requests_answered(&self) -> Result<u64, Error> {
+        use std::io::Read;
+        let mut conn = std::net::TcpStream::connect(("127.0.0.1", self.port))?;
+        conn.write_all(b"GET /metrics HTTP/1.0\r\n\r\n")?;
+        let mut text = String::new();
+        conn.read_to_string(&mut text)?;
+        let mut sum = 0.0;
+        for line in text.lines().filter(|l| l.starts_with("sp_requests_total")) {
+            sum += line
+                .rsplit_once(' ')
+                .ok_or("odd metrics line")?
+                .1
+                .parse::<f64>()?;
+        }
+        Ok(sum as u64)
     }
 
     fn url(&self) -> String {
@@ -910,7 +1032,12 @@ fn measured(
             Some(r) if commands => r.command_stats()?,
             _ => Vec::new(),
         };
+        let counted0 = service.instructions()?;
         let mut load = load()?;
+        if let (Some((i0, n0)), Some((i1, n1))) = (counted0, service.instructions()?) {
+            load.service_instructions =
+                Some((i1 - i0) as f64 / (n1.saturating_sub(n0)).max(1) as f64);
+        }
         load.service_cpu = service.proc.cpu()? - svc0;
         if let Some(r) = redis {
             load.redis_cpu = r.cpu()? - r0;
@@ -1083,6 +1210,12 @@ fn row(name: &str, l: &Load, evalsha: Duration) {
         },
         floor.as_secs_f64() * 1e6,
     );
+    if let Some(n) = l.service_instructions {
+        println!(
+            "    the service ran {:.1}k instructions per request it answered (callgrind)",
+            n / 1e3
+        );
+    }
     for line in &l.commands {
         println!("{line}");
     }
