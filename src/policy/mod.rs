@@ -218,8 +218,8 @@ impl Policy {
         };
         let ok_or = |pass: bool, r: &dyn Fn() -> Rejection| if pass { Ok(()) } else { Err(r()) };
         macro_rules! visit {
-            ($name:expr, $outcome:expr) => {
-                if visit($name, $outcome).is_break() {
+            ($check:expr, $outcome:expr) => {
+                if visit($check, $outcome).is_break() {
                     return;
                 }
             };

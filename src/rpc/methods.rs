@@ -26,7 +26,7 @@ pub(crate) const MAX_VALIDATE_POLICIES: usize = 20;
 #[serde(untagged)]
 #[expect(
     clippy::large_enum_variant,
-    reason = "made once a call and moved once: a box would be the allocation this saves"
+    reason = "one a call, moved a few times: a box would add back an allocation a sponsorship"
 )]
 pub(crate) enum Output {
     /// Any other result.
@@ -44,16 +44,17 @@ pub(crate) struct PaymasterReply {
     paymaster_data: Shown<alloy::primitives::Bytes>,
     paymaster_verification_gas_limit: Hex<u128>,
     paymaster_post_op_gas_limit: Hex<u128>,
+    /// v0.9's suffix layout only.
     #[serde(skip_serializing_if = "Option::is_none")]
     paymaster_signature: Option<Shown<alloy::primitives::Bytes>>,
-    /// `pm_sponsorUserOperation` (Pimlico's shape): the operation's gas limits echoed.
+    // `pm_sponsorUserOperation` only (Pimlico's shape): the operation's gas limits echoed.
     #[serde(skip_serializing_if = "Option::is_none")]
     pre_verification_gas: Option<Hex<U256>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     verification_gas_limit: Option<Hex<u128>>,
     #[serde(skip_serializing_if = "Option::is_none")]
     call_gas_limit: Option<Hex<u128>>,
-    /// `pm_getPaymasterStubData` (ERC-7677): `false`, and who sponsors.
+    // `pm_getPaymasterStubData` only (ERC-7677): `isFinal: false`, and who sponsors.
     #[serde(skip_serializing_if = "Option::is_none")]
     is_final: Option<bool>,
     #[serde(skip_serializing_if = "Option::is_none")]

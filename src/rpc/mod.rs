@@ -214,31 +214,38 @@ fn reply(body: Option<Vec<u8>>) -> Response {
     }
 }
 
+/// The answer of a call that failed with `err`.
 fn error_response(id: Value, err: RpcError) -> Vec<u8> {
-    envelope(&id, "error", &err.to_json())
+    // (An id and an error object are `Value`s, which always write: the fallback is never used.)
+    envelope(&id, "error", &err.to_json()).unwrap_or_else(|_| UNWRITABLE.to_vec())
+}
+
+/// What [`error_response`] answers should an error object ever fail to write.
+const UNWRITABLE: &[u8] =
+    br#"{"jsonrpc":"2.0","id":null,"error":{"code":-32603,"message":"internal error"}}"#;
+
+/// The answer of a call that returned `result`. Should it fail to write (none can: every map
+/// key is a string, and every value's text is infallible), the call is answered as any internal
+/// error is, with the request id (`-32603`), the cause in the log.
+fn result_response(id: Value, result: &impl Serialize, request_id: &str) -> Vec<u8> {
+    envelope(&id, "result", result).unwrap_or_else(|e| {
+        let cause = format!("a result could not be written: {e}");
+        error_response(id, RpcError::internal(request_id, &cause))
+    })
 }
 
 /// `{"jsonrpc":"2.0","id":id,<member>:body}`, written straight into one buffer (no tree of the
-/// response is built). Should `body` fail to write (none of the results can: every map key is
-/// a string and every value's text is infallible), the call is answered with an internal error.
-fn envelope(id: &Value, member: &str, body: &impl Serialize) -> Vec<u8> {
+/// answer is built).
+fn envelope(id: &Value, member: &str, body: &impl Serialize) -> Result<Vec<u8>, serde_json::Error> {
     let mut out = Vec::with_capacity(512);
     out.extend_from_slice(br#"{"jsonrpc":"2.0","id":"#);
-    // (A `Value` always writes.)
-    let _ = serde_json::to_writer(&mut out, id);
-    let head = out.len();
+    serde_json::to_writer(&mut out, id)?;
     out.extend_from_slice(b",\"");
     out.extend_from_slice(member.as_bytes());
     out.extend_from_slice(b"\":");
-    if let Err(e) = serde_json::to_writer(&mut out, body) {
-        tracing::error!(error = %e, "a result could not be written");
-        out.truncate(head);
-        let err = RpcError::new(error::INTERNAL_ERROR, "internal error");
-        out.extend_from_slice(b",\"error\":");
-        let _ = serde_json::to_writer(&mut out, &err.to_json());
-    }
+    serde_json::to_writer(&mut out, body)?;
     out.push(b'}');
-    out
+    Ok(out)
 }
 
 /// One call of a request; `explains_left`: how many more `pm_explainSponsorship` calls the
@@ -336,7 +343,7 @@ async fn handle_call(
     let id = id?;
     Some(match outcome {
         Ok(result) => Answer {
-            json: envelope(&id, "result", &result),
+            json: result_response(id, &result, request_id),
             rate_limited: false,
         },
         Err(e) => Answer {
@@ -344,4 +351,41 @@ async fn handle_call(
             json: error_response(id, e),
         },
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use serde::Serialize;
+    use serde::ser::{Error, SerializeMap, Serializer};
+    use serde_json::{Value, json};
+
+    use super::{UNWRITABLE, result_response};
+
+    /// A result that fails after writing part of itself.
+    struct HalfWritten;
+
+    impl Serialize for HalfWritten {
+        fn serialize<S: Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+            let mut map = s.serialize_map(None)?;
+            map.serialize_entry("paymaster", "0x")?;
+            Err(S::Error::custom("cannot"))
+        }
+    }
+
+    #[test]
+    fn a_result_that_fails_to_write_is_answered_as_an_internal_error() {
+        let answer: Value =
+            serde_json::from_slice(&result_response(json!("x\"y"), &HalfWritten, "req-7"))
+                .expect("an answer is JSON");
+        assert_eq!(
+            answer,
+            json!({
+                "jsonrpc": "2.0",
+                "id": "x\"y",
+                "error": {"code": -32603, "message": "internal error", "data": {"requestId": "req-7"}}
+            })
+        );
+        let fallback: Value = serde_json::from_slice(UNWRITABLE).expect("the fallback is JSON");
+        assert_eq!(fallback["error"]["code"], json!(-32603));
+    }
 }

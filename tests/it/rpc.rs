@@ -72,6 +72,16 @@ fn unestimated_op() -> Value {
     op
 }
 
+/// An answer's member names, sorted.
+fn members(v: &Value) -> Vec<&str> {
+    let mut names: Vec<&str> = v
+        .as_object()
+        .map(|o| o.keys().map(String::as_str).collect())
+        .unwrap_or_default();
+    names.sort_unstable();
+    names
+}
+
 fn now() -> u64 {
     std::time::SystemTime::now()
         .duration_since(std::time::UNIX_EPOCH)
@@ -148,6 +158,18 @@ async fn sponsor_signs_the_paymaster_hash_with_the_policy_window() -> TestResult
     assert_eq!(r["preVerificationGas"], json!("0xc350"));
     assert_eq!(r["verificationGasLimit"], json!("0x30d40"));
     assert_eq!(r["callGasLimit"], json!("0x186a0"));
+    assert_eq!(
+        members(&r),
+        [
+            "callGasLimit",
+            "paymaster",
+            "paymasterData",
+            "paymasterPostOpGasLimit",
+            "paymasterVerificationGasLimit",
+            "preVerificationGas",
+            "verificationGasLimit"
+        ]
+    );
 
     let data = session_paymaster::wire::data("paymasterData", &r["paymasterData"])?;
     let pd = PaymasterData::decode(&data)?;
@@ -220,6 +242,17 @@ async fn erc7677_stub_has_final_length_and_sponsor() -> TestResult {
     assert_eq!(r["isFinal"], json!(false));
     assert_eq!(r["sponsor"], json!({"name": "test sponsor"}));
     assert_eq!(r["paymasterPostOpGasLimit"], json!("0x0"));
+    assert_eq!(
+        members(&r),
+        [
+            "isFinal",
+            "paymaster",
+            "paymasterData",
+            "paymasterPostOpGasLimit",
+            "paymasterVerificationGasLimit",
+            "sponsor"
+        ]
+    );
     let data = session_paymaster::wire::data("paymasterData", &r["paymasterData"])?;
     assert_eq!(data.len(), 77, "stub has the final length");
     assert_eq!(&data[12..], &STUB_SIGNATURE[..]);
@@ -247,6 +280,15 @@ async fn get_paymaster_data_signs_over_the_clients_paymaster_gas() -> TestResult
         .result("pm_getPaymasterData", json!([o, ep07(), "0x7a69", {}]))
         .await?;
     assert_eq!(r["paymasterVerificationGasLimit"], json!("0x11170"));
+    assert_eq!(
+        members(&r),
+        [
+            "paymaster",
+            "paymasterData",
+            "paymasterPostOpGasLimit",
+            "paymasterVerificationGasLimit"
+        ]
+    );
 
     o["paymasterVerificationGasLimit"] = json!("0x2710"); // 10000: too little to validate
     let err = app
@@ -542,11 +584,31 @@ async fn json_rpc_envelope_errors_and_batches() -> TestResult {
         (204, Value::Null),
         "a batch of notifications gets no body"
     );
+    let (status, v) = app
+        .post(
+            r#"[{"jsonrpc":"2.0","method":"eth_chainId"},{"jsonrpc":"2.0","id":9,"method":"eth_chainId"}]"#,
+        )
+        .await?;
+    assert_eq!(
+        (status, v),
+        (
+            200,
+            json!([{"jsonrpc": "2.0", "id": 9, "result": "0x7a69"}])
+        ),
+        "a notification first answers nothing, and the call after it its own answer"
+    );
 
     // Answers are JSON, the envelope written as JSON-RPC 2.0 has it, alone or in a batch.
-    for body in [
-        r#"{"jsonrpc":"2.0","id":"x\"y","method":"eth_chainId"}"#,
-        r#"[{"jsonrpc":"2.0","id":null,"method":"eth_chainId"}]"#,
+    let answer = |id| json!({"jsonrpc": "2.0", "id": id, "result": "0x7a69"});
+    for (body, expected) in [
+        (
+            r#"{"jsonrpc":"2.0","id":"x\"y","method":"eth_chainId"}"#,
+            answer(json!("x\"y")),
+        ),
+        (
+            r#"[{"jsonrpc":"2.0","id":null,"method":"eth_chainId"}]"#,
+            json!([answer(Value::Null)]),
+        ),
     ] {
         let resp = reqwest::Client::new()
             .post(&app.url)
@@ -558,17 +620,7 @@ async fn json_rpc_envelope_errors_and_batches() -> TestResult {
             resp.headers().get("content-type").map(|v| v.as_bytes()),
             Some(b"application/json".as_slice())
         );
-        let v: Value = resp.json().await?;
-        let answer = if body.starts_with('[') { &v[0] } else { &v };
-        let id = if body.starts_with('[') {
-            Value::Null
-        } else {
-            json!("x\"y")
-        };
-        assert_eq!(
-            answer,
-            &json!({"jsonrpc": "2.0", "id": id, "result": "0x7a69"})
-        );
+        assert_eq!(resp.json::<Value>().await?, expected);
     }
     Ok(())
 }
@@ -600,16 +652,39 @@ async fn explain_lists_every_check_and_the_decoded_calls() -> TestResult {
         .await?;
     assert_eq!(v["decision"], json!("rejected"));
     assert_eq!(v["rejection"]["reason"], json!("fee_too_high"));
-    let failed: Vec<&str> = v["checks"]
+    let failed: Vec<(&str, &str)> = v["checks"]
         .as_array()
         .ok_or("checks")?
         .iter()
         .filter(|c| c["passed"] == json!(false))
-        .filter_map(|c| c["rejection"]["reason"].as_str())
+        .filter_map(|c| Some((c["check"].as_str()?, c["rejection"]["reason"].as_str()?)))
         .collect();
     assert_eq!(
         failed,
-        vec!["fee_too_high", "cost_too_high", "function_not_allowed"]
+        vec![
+            ("max_fee_per_gas", "fee_too_high"),
+            ("max_cost", "cost_too_high"),
+            ("calls[0]", "function_not_allowed")
+        ]
+    );
+    // Each of the policy's checks by name, in order, once.
+    let named: Vec<&str> = v["checks"]
+        .as_array()
+        .ok_or("checks")?
+        .iter()
+        .filter(|c| c["policy"] == json!("dev-counter"))
+        .filter_map(|c| c["check"].as_str())
+        .collect();
+    assert_eq!(
+        named[..6],
+        [
+            "chain",
+            "entry_point",
+            "active",
+            "sender",
+            "factory",
+            "delegate"
+        ]
     );
     // Nothing was signed: no paymasterData in an explanation.
     assert!(v.get("paymasterData").is_none());
