@@ -345,11 +345,13 @@ impl UserOperation {
     /// the initCode: its hash, or for an EIP-7702 account its delegate's (see
     /// [`Eip7702::delegate_hash`]), so that the signature binds the code that will run.
     pub fn entry_point_init_code_hash(&self) -> B256 {
-        match (&self.eip7702, self.factory) {
-            (Some(e), _) => e.delegate_hash(),
+        if let Some(e) = &self.eip7702 {
+            return e.delegate_hash();
+        }
+        match self.init_code() {
             // No initCode (most operations): the hash of no bytes, not hashed again each time.
-            (None, None) => alloy::primitives::utils::KECCAK256_EMPTY,
-            (None, Some(_)) => alloy::primitives::keccak256(self.init_code()),
+            code if code.is_empty() => alloy::primitives::utils::KECCAK256_EMPTY,
+            code => alloy::primitives::keccak256(code),
         }
     }
 
