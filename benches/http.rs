@@ -32,8 +32,8 @@
 //! wait after the grants are created), `COUNT=instructions` (the service runs under valgrind's
 //! callgrind, and each row adds the thousands of instructions it ran per request: the same from
 //! run to run where its CPU time moves by a tenth, so two builds compare to a percent; its CPU
-//! columns are then callgrind's, about fifty times slower: use `GRANTS=2000` or so). Run with
-//! `scripts/bench`.
+//! columns are then callgrind's, about fifty times slower: use `GRANTS=2000` or so; with
+//! `KEEP_DUMPS=1` callgrind's dumps stay for `callgrind_annotate`). Run with `scripts/bench`.
 //! Asserts nothing; prints one table and one `BENCH_JSON` line.
 
 use std::io::Write;
@@ -371,18 +371,28 @@ impl Redis {
 struct Service {
     proc: Proc,
     port: u16,
-    /// `COUNT=instructions`: where callgrind writes its dumps, and the instructions the dumps
-    /// read so far held.
-    counted: Option<(PathBuf, std::cell::Cell<u64>)>,
+    /// `COUNT=instructions`: the service's count under callgrind.
+    counted: Option<Counted>,
+}
+
+/// Where callgrind writes the service's dumps, and the instructions those read so far held.
+struct Counted {
+    dir: PathBuf,
+    total: std::cell::Cell<u64>,
 }
 
 impl Drop for Service {
-    /// Under `COUNT=instructions`, callgrind's dumps go with the service.
+    /// Under `COUNT=instructions`, callgrind's dumps go with the service, unless `KEEP_DUMPS`
+    /// asks to read them (`callgrind_annotate`): each load's is the dump taken after it.
     fn drop(&mut self) {
-        if let Some((dir, _)) = &self.counted {
+        if let Some(Counted { dir, .. }) = &self.counted {
             let _ = self.proc.0.kill();
             let _ = self.proc.0.wait();
-            let _ = std::fs::remove_dir_all(dir);
+            if std::env::var_os("KEEP_DUMPS").is_some() {
+                eprintln!("callgrind's dumps of the service: {}", dir.display());
+            } else {
+                let _ = std::fs::remove_dir_all(dir);
+            }
         }
     }
 }
@@ -406,14 +416,20 @@ impl Service {
                     .into());
                 }
             }
-            let dir = std::env::temp_dir().join(format!("sp-bench-callgrind-{port}"));
-            std::fs::create_dir_all(&dir)?;
-            Some((dir, std::cell::Cell::new(0)))
+            // Made here, not found (`create_dir` fails on anything already there): no one
+            // else's files or links among the dumps.
+            let dir = std::env::temp_dir()
+                .join(format!("sp-bench-callgrind-{}-{port}", std::process::id()));
+            std::fs::create_dir(&dir)?;
+            Some(Counted {
+                dir,
+                total: std::cell::Cell::new(0),
+            })
         } else {
             None
         };
         let mut cmd = match &counted {
-            Some((dir, _)) => {
+            Some(Counted { dir, .. }) => {
                 let mut cmd = Command::new("valgrind");
                 cmd.arg("--tool=callgrind")
                     .arg(format!("--callgrind-out-file={}/cg.out", dir.display()))
@@ -460,7 +476,7 @@ impl Service {
     /// `sp_requests_total` still for half a second), with that count of requests; `None` when
     /// not counting.
     fn instructions(&self) -> Result<Option<(u64, u64)>, Error> {
-        let Some((dir, total)) = &self.counted else {
+        let Some(Counted { dir, total }) = &self.counted else {
             return Ok(None);
         };
         let mut requests = self.requests_answered()?;
@@ -491,9 +507,12 @@ impl Service {
                 if before.contains(&name) || !name.to_string_lossy().starts_with("cg.out") {
                     continue;
                 }
-                // A dump's `totals:` line ends it: read once it is there.
+                // A dump's `totals:` line ends it: read once it is there, whole.
                 let text = std::fs::read_to_string(dir.join(&name))?;
-                if let Some(n) = text.lines().find_map(|l| l.strip_prefix("totals:")) {
+                let whole = text.ends_with('\n');
+                if let Some(n) = text.lines().find_map(|l| l.strip_prefix("totals:"))
+                    && whole
+                {
                     total.set(total.get() + n.trim().parse::<u64>()?);
                     return Ok(Some((total.get(), requests)));
                 }
@@ -1035,8 +1054,13 @@ fn measured(
         let counted0 = service.instructions()?;
         let mut load = load()?;
         if let (Some((i0, n0)), Some((i1, n1))) = (counted0, service.instructions()?) {
-            load.service_instructions =
-                Some((i1 - i0) as f64 / (n1.saturating_sub(n0)).max(1) as f64);
+            let answered = n1.saturating_sub(n0);
+            if answered == 0 {
+                return Err(
+                    "the service answered no request of the load (COUNT=instructions)".into(),
+                );
+            }
+            load.service_instructions = Some((i1 - i0) as f64 / answered as f64);
         }
         load.service_cpu = service.proc.cpu()? - svc0;
         if let Some(r) = redis {
