@@ -164,18 +164,21 @@ async fn handle_body(
         }
         Value::Array(calls) => {
             let mut out = b"[".to_vec();
+            let mut answered = 0;
             let mut explains_left = MAX_EXPLAINS_PER_BATCH;
             for call in &calls {
                 let answer = handle_call(state, key, chain, call, request_id, &mut explains_left);
                 if let Some(answer) = answer.await {
-                    if out.len() > 1 {
+                    if answered > 0 {
                         out.push(b',');
                     }
                     out.extend_from_slice(&answer.json);
+                    answered += 1;
                 }
             }
             out.push(b']');
-            reply((out.len() > 2).then_some(out))
+            // Notifications only: no body (JSON-RPC 2.0 §6).
+            reply((answered > 0).then_some(out))
         }
         call => {
             let mut explains_left = MAX_EXPLAINS_PER_BATCH;
