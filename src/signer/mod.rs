@@ -4,7 +4,9 @@
 //! secp256k1 key. A remote signer (KMS) is the second implementation this module will grow
 //! when it is needed. The key never prints: `Debug` shows the address only, and the secret is
 //! zeroized on drop (k256's `SigningKey` is `ZeroizeOnDrop`; the hex text it came from is
-//! held in `Zeroizing`).
+//! held in `Zeroizing`). Signatures are k256's, the nonce inverted faster ([`ecdsa`]).
+
+mod ecdsa;
 
 use std::fmt;
 use std::io::Write as _;
@@ -124,10 +126,7 @@ impl Signer {
         message[..EIP191_PREFIX.len()].copy_from_slice(EIP191_PREFIX);
         message[EIP191_PREFIX.len()..].copy_from_slice(hash.as_slice());
         let digest = keccak256(message);
-        let (sig, recid) = self
-            .key
-            .sign_prehash_recoverable(digest.as_slice())
-            .map_err(|_| SignerError::Sign)?;
+        let (sig, recid) = ecdsa::sign_prehash(&self.key, &digest).ok_or(SignerError::Sign)?;
         let mut out = [0u8; 65];
         out[..64].copy_from_slice(&sig.to_bytes());
         out[64] = 27 + u8::from(recid.is_y_odd());
