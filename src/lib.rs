@@ -27,7 +27,8 @@
 //! - [`server`]: the HTTP server loop, `run(listener, router, shutdown, limits)`: deadlines for
 //!   headers, idle connections and requests, a cap on connections.
 //! - [`session`]: session grants, their stores (memory, Redis, the shared Redis connection).
-//! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing.
+//! - [`signer`]: the paymaster key: where it comes from, EIP-191 signing (k256's ECDSA, the
+//!   nonce inverted blinded: `signer::ecdsa`).
 //! - [`sponsor`]: one sponsorship from request to signature, as a pipeline of named steps.
 //! - [`userop`]: user operations (RPC and packed forms), hashes, paymaster data.
 //! - [`wire`]: strict parsing of JSON-RPC hex quantities, data and addresses.
