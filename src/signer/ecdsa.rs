@@ -2,35 +2,43 @@
 //! nonce's inverse made in about a seventh of the time.
 //!
 //! `SigningKey::sign_prehash_recoverable` takes the nonce k from RFC 6979, inverts it by
-//! Fermat's little theorem (an addition chain of about 270 scalar multiplications, in constant
-//! time) and computes `R = k·G`, `r = R.x mod n`, `s = k⁻¹·(z + r·d)`, then the low s. The
-//! inversion is 14 µs of its 48 (this machine, 2026-12). [`sign_prehash`] runs the same
-//! steps, k256's own (`SignPrimitive::try_sign_prehashed`, which takes the nonce as any type
-//! that inverts itself), and hands it a [`BlindedNonce`]: k is multiplied by a fresh random
-//! scalar b, the product inverted in variable time (Lehmer's extended gcd, ruint's `inv_mod`,
-//! about 1.4 µs; with b drawn and the two multiplications, about 2 µs) and multiplied by b
-//! again, `k⁻¹ = b·(k·b)⁻¹`.
+//! Fermat's little theorem (an addition chain of about 290 scalar squarings and
+//! multiplications, in constant time) and computes `R = k·G`, `r = R.x mod n`,
+//! `s = k⁻¹·(z + r·d)`, then the low s. The inversion is about a quarter of its time
+//! (docs/performance.md). [`sign_prehash`] runs the same steps, k256's own (`SignPrimitive::
+//! try_sign_prehashed`, which takes the nonce as any type that inverts itself), and hands it a
+//! [`BlindedNonce`]: k is multiplied by a secret blinding factor b, the product inverted in
+//! variable time (Lehmer's extended gcd, ruint's `inv_mod`) and multiplied by b again,
+//! `k⁻¹ = b·(k·b)⁻¹`: with b made, about a seventh of the constant-time inversion's time.
 //!
 //! Why the variable-time step leaks nothing of k (whose bits would give the key away to a
-//! lattice attack): it only ever sees `k·b`, which for a uniform secret b is uniform and
-//! independent of k; the two multiplications are k256's, in constant time; b comes from the
-//! OS's random source for each signature and is dropped with it. The inverse is checked
-//! (`k·k⁻¹ = 1`) before it is used; without a blinding factor (the random source failed) or
-//! should the check fail, k256's constant-time inversion is used. The nonce is RFC 6979's
-//! either way, so the signature is exactly k256's (tests compare the two). Like k256's own
-//! path, the nonce and its inverse are not zeroized after use.
+//! lattice attack): it only ever sees `k·b`, and b is a fresh secret for every hash signed,
+//! keccak-256 of the key, the hash and 32 bytes of the OS's random source ([`blinding_factor`],
+//! as RFC 6979 §3.6 hedges a nonce): for b unknown and independent of k, `k·b` is uniform and
+//! independent of k. The key in the hash keeps b secret should the random source fail or
+//! repeat itself (a cloned VM): the same hash then gives the same k and b, so the same `k·b`,
+//! nothing new. The two multiplications are k256's, in constant time, and the inverse is
+//! checked (`k·k⁻¹ = 1`) before use; should the check fail, k256's constant-time inversion is
+//! used (and logged). The nonce is RFC 6979's either way, so the signature is exactly k256's
+//! (tests compare the two). Like k256's own path, the nonce and its inverse are not zeroized
+//! after use; the key's bytes hashed for b are.
 
-use alloy::primitives::{B256, U256};
+use alloy::primitives::{B256, U256 as Uint, keccak256};
 use k256::ecdsa::hazmat::SignPrimitive;
 use k256::ecdsa::{RecoveryId, Signature, SigningKey};
 use k256::elliptic_curve::PrimeField;
 use k256::elliptic_curve::ops::{Invert, Reduce};
-use k256::elliptic_curve::subtle::{ConstantTimeEq as _, CtOption};
-use k256::{FieldBytes, Scalar};
+use k256::elliptic_curve::subtle::{Choice, ConstantTimeEq as _, CtOption};
+use k256::{FieldBytes, NonZeroScalar, Scalar};
+use zeroize::Zeroizing;
 
-/// The order n of secp256k1's group, big-endian: RFC 6979's `q`.
+/// The order n of secp256k1's group, big-endian: RFC 6979's `q` (a test checks it against
+/// k256's).
 const ORDER: [u8; 32] =
     alloy::primitives::hex!("fffffffffffffffffffffffffffffffebaaedce6af48a03bbfd25e8cd0364141");
+
+/// n as ruint's integer (alloy's `U256`; `k256::U256` is crypto-bigint's), for `inv_mod`.
+const ORDER_UINT: Uint = Uint::from_be_bytes(ORDER);
 
 /// Sign `prehash` (already a 32-byte hash: it is the field element, as k256's `bits2field`
 /// takes it) with `key`: low-s signature and recovery id, the same as
@@ -43,32 +51,54 @@ pub(super) fn sign_prehash(key: &SigningKey, prehash: &B256) -> Option<(Signatur
     // `from_repr` always takes it.
     let k = rfc6979::generate_k::<k256::sha2::Sha256, _>(&d.to_repr(), &ORDER.into(), &z, &[]);
     let k = Option::<Scalar>::from(Scalar::from_repr(k))?;
-    let (signature, recid) = d.try_sign_prehashed(BlindedNonce::new(k), &z).ok()?;
+    let nonce = BlindedNonce {
+        k,
+        blind: blinding_factor(d, &z),
+    };
+    let (signature, recid) = d.try_sign_prehashed(nonce, &z).ok()?;
     Some((signature, recid?))
 }
 
-/// A nonce and its blinding factor (none if the random source failed): inverted as the
-/// module's comment says.
+/// A nonce and its blinding factor (`None` only where the hash gave zero, about 2⁻²⁵⁶):
+/// inverted as the module's comment says.
 struct BlindedNonce {
     k: Scalar,
     blind: Option<Scalar>,
 }
 
-impl BlindedNonce {
-    fn new(k: Scalar) -> Self {
-        Self {
-            k,
-            blind: random_scalar(),
-        }
+/// What [`blinding_factor`] hashes before the key, so its hash is no other of the key's.
+/// With the key, the hash and 32 random bytes it fits one keccak block (135 bytes).
+const BLINDING_TAG: &[u8] = b"session-paymaster nonce blinding v1";
+
+/// The blinding factor of the nonce of `z` signed by `d`: [`hedged_blinding_factor`] of 32
+/// bytes of the OS's random source. Where the source fails, its bytes are zeros (logged once):
+/// b is then a secret function of the key and the hash, still unknown to whoever times the
+/// inversion.
+fn blinding_factor(d: &NonZeroScalar, z: &FieldBytes) -> Option<Scalar> {
+    let mut random = Zeroizing::new([0u8; 32]);
+    if let Err(error) = getrandom::fill(random.as_mut_slice()) {
+        random.fill(0);
+        static LOGGED: std::sync::Once = std::sync::Once::new();
+        LOGGED.call_once(|| {
+            tracing::warn!(%error, "the OS random source failed: signatures' nonces are blinded by a hash of the key and the operation alone");
+        });
     }
+    hedged_blinding_factor(d, z, &random)
 }
 
-/// A uniform nonzero scalar from the OS's random source (32 bytes reduced mod n: the bias is
-/// under 2⁻¹²⁷), or `None` if the source fails.
-fn random_scalar() -> Option<Scalar> {
-    let mut bytes = FieldBytes::default();
-    getrandom::fill(&mut bytes).ok()?;
-    let scalar = <Scalar as Reduce<k256::U256>>::reduce_bytes(&bytes);
+/// keccak-256 of the tag, the key, the hash and `random`, reduced mod n (the bias is under
+/// 2⁻¹²⁷); `None` for zero.
+fn hedged_blinding_factor(d: &NonZeroScalar, z: &FieldBytes, random: &[u8; 32]) -> Option<Scalar> {
+    const KEY: usize = BLINDING_TAG.len();
+    const HASH: usize = KEY + 32;
+    const RANDOM: usize = HASH + 32;
+    let mut input = Zeroizing::new([0u8; RANDOM + 32]);
+    input[..KEY].copy_from_slice(BLINDING_TAG);
+    input[KEY..HASH].copy_from_slice(&d.to_repr());
+    input[HASH..RANDOM].copy_from_slice(z);
+    input[RANDOM..].copy_from_slice(random);
+    let digest = Zeroizing::new(keccak256(input.as_slice()).0);
+    let scalar = <Scalar as Reduce<k256::U256>>::reduce_bytes(&(*digest).into());
     (!bool::from(scalar.is_zero())).then_some(scalar)
 }
 
@@ -82,18 +112,24 @@ impl Invert for BlindedNonce {
     type Output = CtOption<Scalar>;
 
     fn invert(&self) -> CtOption<Scalar> {
-        match self.blind.and_then(|blind| blinded_inverse(self.k, blind)) {
-            Some(inverse) => CtOption::new(inverse, 1.into()),
-            None => self.k.invert(),
+        if let Some(blind) = self.blind {
+            if let Some(inverse) = blinded_inverse(self.k, blind) {
+                return CtOption::new(inverse, Choice::from(1));
+            }
+            // Not for a nonzero k and b: ruint's inverse was wrong.
+            tracing::error!(
+                "the blinded inverse of a signature's nonce was wrong: k256's inversion used"
+            );
         }
+        self.k.invert()
     }
 }
 
 /// `b·(k·b)⁻¹`, the product inverted in variable time; `None` for a zero k, or should the
 /// result not be k's inverse.
 fn blinded_inverse(k: Scalar, blind: Scalar) -> Option<Scalar> {
-    let blinded = U256::from_be_bytes((k * blind).to_bytes().into());
-    let inverse = blinded.inv_mod(U256::from_be_bytes(ORDER))?;
+    let blinded = Uint::from_be_bytes((k * blind).to_bytes().into());
+    let inverse = blinded.inv_mod(ORDER_UINT)?;
     let inverse = Option::<Scalar>::from(Scalar::from_repr(inverse.to_be_bytes().into()))? * blind;
     bool::from((inverse * k).ct_eq(&Scalar::ONE)).then_some(inverse)
 }
@@ -116,14 +152,16 @@ mod tests {
         /// The signature and recovery id are k256's, for any key and prehash.
         #[test]
         fn signatures_are_k256s(seed in any::<[u8; 32]>(), prehash in any::<[u8; 32]>()) {
-            let Some(key) = key(&seed) else { return Ok(()) };
+            let key = key(&seed);
+            prop_assume!(key.is_some());
+            let key = key.expect("assumed");
             let ours = sign_prehash(&key, &B256::from(prehash)).expect("signs");
             let k256s = key.sign_prehash_recoverable(&prehash).expect("k256 signs");
             prop_assert_eq!(ours, k256s);
         }
 
-        /// The blinded inverse is the inverse, whatever the blinding factor; without one it is
-        /// k256's constant-time inverse.
+        /// The blinded inverse is the inverse, for arbitrary blinding factors; without one it
+        /// is k256's constant-time inverse.
         #[test]
         fn a_blinded_nonce_inverts_to_the_nonces_inverse(
             k in any::<[u8; 32]>(),
@@ -140,6 +178,46 @@ mod tests {
         }
     }
 
+    /// The blinding factor is fresh for each signature, even of one hash by one key; without
+    /// randomness it is still a function of both the key and the hash (and nonzero).
+    #[test]
+    fn the_blinding_factor_is_fresh_and_depends_on_the_key_and_hash() {
+        let (one, two) = (
+            NonZeroScalar::new(Scalar::ONE),
+            NonZeroScalar::new(-Scalar::ONE),
+        );
+        let (one, two) = (one.expect("nonzero"), two.expect("nonzero"));
+        let (z, other_z) = (FieldBytes::from([1u8; 32]), FieldBytes::from([2u8; 32]));
+        let drawn = blinding_factor(&one, &z).expect("nonzero");
+        assert_ne!(
+            Some(drawn),
+            blinding_factor(&one, &z),
+            "a fresh factor each time"
+        );
+        let zeros = [0u8; 32];
+        let fixed = hedged_blinding_factor(&one, &z, &zeros).expect("nonzero");
+        assert_eq!(hedged_blinding_factor(&one, &z, &zeros), Some(fixed));
+        assert_ne!(
+            hedged_blinding_factor(&two, &z, &zeros),
+            Some(fixed),
+            "the key"
+        );
+        assert_ne!(
+            hedged_blinding_factor(&one, &other_z, &zeros),
+            Some(fixed),
+            "the hash"
+        );
+        assert_ne!(
+            hedged_blinding_factor(&one, &z, &[1u8; 32]),
+            Some(fixed),
+            "the random bytes"
+        );
+        assert_ne!(fixed, Scalar::ONE);
+        // The factor a signature draws is one the fast inversion takes.
+        let k = Scalar::from(7u64);
+        assert_eq!(blinded_inverse(k, drawn), Option::from(k.invert()));
+    }
+
     /// The edges of the scalar range: k = 1, k = n − 1 (its own inverse), and a blinding
     /// factor of n − 1; and a zero nonce has no inverse, blinded or not.
     #[test]
@@ -151,11 +229,18 @@ mod tests {
             (minus_one, minus_one),
         ] {
             let inverse = blinded_inverse(k, blind).expect("inverts");
-            assert!(bool::from((inverse * k).ct_eq(&Scalar::ONE)));
+            assert_eq!(Some(inverse), Option::from(k.invert()));
         }
+        assert_eq!(blinded_inverse(minus_one, minus_one), Some(minus_one));
         assert_eq!(
             <[u8; 32]>::from(minus_one.to_bytes()),
-            (U256::from_be_bytes(ORDER) - U256::from(1)).to_be_bytes::<32>()
+            (ORDER_UINT - Uint::from(1)).to_be_bytes::<32>()
+        );
+        assert_eq!(
+            FieldBytes::from(ORDER),
+            k256::elliptic_curve::FieldBytesEncoding::<k256::Secp256k1>::encode_field_bytes(
+                &<k256::Secp256k1 as k256::elliptic_curve::Curve>::ORDER
+            )
         );
         assert_eq!(blinded_inverse(Scalar::ZERO, Scalar::ONE), None);
         let zero = BlindedNonce {

@@ -4,7 +4,7 @@
 //! secp256k1 key. A remote signer (KMS) is the second implementation this module will grow
 //! when it is needed. The key never prints: `Debug` shows the address only, and the secret is
 //! zeroized on drop (k256's `SigningKey` is `ZeroizeOnDrop`; the hex text it came from is
-//! held in `Zeroizing`). Signatures are k256's, the nonce inverted faster ([`ecdsa`]).
+//! held in `Zeroizing`). Signatures are k256's, the nonce inverted faster (`ecdsa`).
 
 mod ecdsa;
 
