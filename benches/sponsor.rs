@@ -1,4 +1,4 @@
-//! Cost of one sponsorship, as a ratio to its floor measured in the same run: one bare k256
+//! Cost of one sponsorship, as a ratio to a limit measured in the same run: one bare k256
 //! ECDSA signature (DESIGN §1: the hot path is one signature plus decoding and checks). The
 //! service's own signature (k256's, its nonce inverted faster since 0.3.19: `signer::ecdsa`)
 //! is a row too, so a sponsorship below 1.0x is no surprise.
