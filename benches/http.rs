@@ -6,7 +6,7 @@
 //! service's and redis-server's CPU are given in F; measured just before and just after each
 //! load, whose row uses their mean, since a shared machine's speed drifts by a third within a
 //! run; the service's own signature, k256's with its nonce inverted faster since 0.3.19, is
-//! about 0.75 F, and the `limits` line gives it as this bench's build makes it) and one
+//! about 0.8 F, and the `limits` line gives it as this bench's build makes it) and one
 //! bare `EVALSHA` of an empty script under the same kind of load (redis-server's floor per
 //! script call, also given as its own ratio).
 //! Latency at half the measured maximum comes from an open-loop schedule (requests are sent
@@ -1566,7 +1566,7 @@ async fn main() -> Result<(), Error> {
 
     floors.push(k256_floor()?);
     signatures.push(bench_build_signature()?);
-    // Each signature over the F measured just before it: F drifts by half within a run.
+    // Each signature over the F measured just before it: F drifts within a run.
     let mut signature_ratios: Vec<f64> = floors
         .iter()
         .zip(&signatures)

@@ -1,5 +1,5 @@
 //! ECDSA over secp256k1 of a 32-byte prehash: k256's signature, byte for byte, with the
-//! nonce's inverse made in about a seventh of the time.
+//! nonce's inverse made in a fraction of the time (docs/performance.md).
 //!
 //! `SigningKey::sign_prehash_recoverable` takes the nonce k from RFC 6979, inverts it by
 //! Fermat's little theorem (an addition chain of about 290 scalar squarings and
@@ -9,7 +9,7 @@
 //! try_sign_prehashed`, which takes the nonce as any type that inverts itself), and hands it a
 //! [`BlindedNonce`]: k is multiplied by a secret blinding factor b, the product inverted in
 //! variable time (Lehmer's extended gcd, ruint's `inv_mod`) and multiplied by b again,
-//! `k⁻¹ = b·(k·b)⁻¹`: with b made, about a seventh of the constant-time inversion's time.
+//! `k⁻¹ = b·(k·b)⁻¹`.
 //!
 //! Why the variable-time step leaks nothing of k (whose bits would give the key away to a
 //! lattice attack): it only ever sees `k·b`, and b is a fresh secret for every hash signed,
@@ -20,8 +20,8 @@
 //! nothing new. The two multiplications are k256's, in constant time, and the inverse is
 //! checked (`k·k⁻¹ = 1`) before use; should the check fail, k256's constant-time inversion is
 //! used (and logged). The nonce is RFC 6979's either way, so the signature is exactly k256's
-//! (tests compare the two). Like k256's own path, the nonce and its inverse are not zeroized
-//! after use; the key's bytes hashed for b are.
+//! (tests compare the two). The buffer the key is copied into for b is zeroized; like k256's
+//! own path, the nonce, its inverse and other temporaries (keccak's state among them) are not.
 
 use alloy::primitives::{B256, U256 as Uint, keccak256};
 use k256::ecdsa::hazmat::SignPrimitive;
@@ -59,6 +59,14 @@ pub(super) fn sign_prehash(key: &SigningKey, prehash: &B256) -> Option<(Signatur
     Some((signature, recid?))
 }
 
+#[cfg(test)]
+thread_local! {
+    /// The blinding factor of this thread's last nonce inverted the fast way: tests read it to
+    /// see that signing takes that way, with a fresh factor (the signature alone cannot show
+    /// it: the slow way gives the same bytes).
+    static LAST_BLIND: std::cell::Cell<Option<Scalar>> = const { std::cell::Cell::new(None) };
+}
+
 /// A nonce and its blinding factor (`None` only where the hash gave zero, about 2⁻²⁵⁶):
 /// inverted as the module's comment says.
 struct BlindedNonce {
@@ -67,8 +75,9 @@ struct BlindedNonce {
 }
 
 /// What [`blinding_factor`] hashes before the key, so its hash is no other of the key's.
-/// With the key, the hash and 32 random bytes it fits one keccak block (135 bytes).
+/// With the key, the hash and 32 random bytes, 131 bytes: one keccak block (at most 135).
 const BLINDING_TAG: &[u8] = b"session-paymaster nonce blinding v1";
+const _: () = assert!(BLINDING_TAG.len() + 96 <= 135);
 
 /// The blinding factor of the nonce of `z` signed by `d`: [`hedged_blinding_factor`] of 32
 /// bytes of the OS's random source. Where the source fails, its bytes are zeros (logged once):
@@ -114,6 +123,8 @@ impl Invert for BlindedNonce {
     fn invert(&self) -> CtOption<Scalar> {
         if let Some(blind) = self.blind {
             if let Some(inverse) = blinded_inverse(self.k, blind) {
+                #[cfg(test)]
+                LAST_BLIND.set(Some(blind));
                 return CtOption::new(inverse, Choice::from(1));
             }
             // Not for a nonzero k and b: ruint's inverse was wrong.
@@ -155,7 +166,9 @@ mod tests {
             let key = key(&seed);
             prop_assume!(key.is_some());
             let key = key.expect("assumed");
+            LAST_BLIND.set(None);
             let ours = sign_prehash(&key, &B256::from(prehash)).expect("signs");
+            prop_assert!(LAST_BLIND.take().is_some(), "the nonce inverted the fast way");
             let k256s = key.sign_prehash_recoverable(&prehash).expect("k256 signs");
             prop_assert_eq!(ours, k256s);
         }
@@ -176,6 +189,23 @@ mod tests {
             let unblinded = BlindedNonce { k, blind: None }.invert();
             prop_assert_eq!(Option::<Scalar>::from(unblinded), Some(expected));
         }
+    }
+
+    /// Signing inverts its nonce the fast way, blinded by a factor fresh each time, even for
+    /// one hash by one key.
+    #[test]
+    fn signing_blinds_its_nonce_afresh() -> Result<(), Box<dyn std::error::Error>> {
+        let key = SigningKey::from_slice(keccak256("session-paymaster").as_slice())?;
+        let prehash = keccak256("an operation");
+        let mut blinds = Vec::new();
+        for _ in 0..2 {
+            LAST_BLIND.set(None);
+            sign_prehash(&key, &prehash).ok_or("signs")?;
+            blinds.push(LAST_BLIND.take().ok_or("the fast way")?);
+        }
+        assert_ne!(blinds[0], blinds[1]);
+        assert!(!blinds.contains(&Scalar::ONE));
+        Ok(())
     }
 
     /// The blinding factor is fresh for each signature, even of one hash by one key; without
@@ -212,7 +242,6 @@ mod tests {
             Some(fixed),
             "the random bytes"
         );
-        assert_ne!(fixed, Scalar::ONE);
         // The factor a signature draws is one the fast inversion takes.
         let k = Scalar::from(7u64);
         assert_eq!(blinded_inverse(k, drawn), Option::from(k.invert()));
