@@ -4,7 +4,7 @@
 //! `SigningKey::sign_prehash_recoverable` takes the nonce k from RFC 6979, inverts it by
 //! Fermat's little theorem (an addition chain of about 290 scalar squarings and
 //! multiplications, in constant time) and computes `R = k·G`, `r = R.x mod n`,
-//! `s = k⁻¹·(z + r·d)`, then the low s. The inversion is about a quarter of its time
+//! `s = k⁻¹·(z + r·d)`, then the low s. The inversion is a quarter to a third of its time
 //! (docs/performance.md). [`sign_prehash`] runs the same steps, k256's own (`SignPrimitive::
 //! try_sign_prehashed`, which takes the nonce as any type that inverts itself), and hands it a
 //! [`BlindedNonce`]: k is multiplied by a secret blinding factor b, the product inverted in
