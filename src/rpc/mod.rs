@@ -202,6 +202,16 @@ struct Answer {
     rate_limited: bool,
 }
 
+impl Answer {
+    /// The answer of a call that failed with `err`.
+    fn error(id: Value, err: RpcError) -> Self {
+        Self {
+            rate_limited: err.code == RATE_LIMITED,
+            json: error_response(id, err),
+        }
+    }
+}
+
 /// `body` (JSON text) as the HTTP answer, or 204 for a request of notifications only.
 fn reply(body: Option<Vec<u8>>) -> Response {
     match body {
@@ -263,13 +273,10 @@ async fn handle_call(
     explains_left: &mut usize,
 ) -> Option<Answer> {
     let invalid = |id: Value, why: &str| {
-        Some(Answer {
-            json: error_response(
-                id,
-                RpcError::new(INVALID_REQUEST, format!("invalid request: {why}")),
-            ),
-            rate_limited: false,
-        })
+        Some(Answer::error(
+            id,
+            RpcError::new(INVALID_REQUEST, format!("invalid request: {why}")),
+        ))
     };
     let Some(obj) = call.as_object() else {
         return invalid(Value::Null, "expected a JSON-RPC 2.0 call object");
@@ -292,15 +299,14 @@ async fn handle_call(
         Some(Value::Array(p)) => p,
         // Named params are a valid JSON-RPC shape that these methods do not take.
         Some(Value::Object(_)) => {
-            return id.map(|id| Answer {
-                json: error_response(
+            return id.map(|id| {
+                Answer::error(
                     id,
                     RpcError::new(
                         INVALID_PARAMS,
                         "invalid params: these methods take positional params (an array)",
                     ),
-                ),
-                rate_limited: false,
+                )
             });
         }
         Some(_) => return invalid(reply_id, "`params` must be an array or an object"),
@@ -349,10 +355,7 @@ async fn handle_call(
             json: result_response(id, &result, request_id),
             rate_limited: false,
         },
-        Err(e) => Answer {
-            rate_limited: e.code == RATE_LIMITED,
-            json: error_response(id, e),
-        },
+        Err(e) => Answer::error(id, e),
     })
 }
 
